@@ -1,0 +1,35 @@
+"""cublas_grouped: Mixture-of-Experts expert layers as grouped GEMMs on NVIDIA GPUs.
+
+cuBLAS through ctypes, small NVRTC kernels for routing, gather, scatter and
+activations, CuPy arrays in and out, no torch dependency.
+"""
+
+from ._arrays import SUPPORTED_DTYPES
+from ._config import Algorithm, ComputePrecision, GroupedGemmConfig
+from ._cublas import CublasError, CublasUnavailableError
+from ._device import DeviceInfo, device_info
+from ._executor import GroupedGemmExecutor, RowLayout
+from ._gmm import gmm
+from ._kernels import KernelCompileError
+from ._select import ProblemStats, TuningTable, choose_chunk_rows, select_algorithm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Algorithm",
+    "ComputePrecision",
+    "CublasError",
+    "CublasUnavailableError",
+    "DeviceInfo",
+    "GroupedGemmConfig",
+    "GroupedGemmExecutor",
+    "KernelCompileError",
+    "ProblemStats",
+    "RowLayout",
+    "SUPPORTED_DTYPES",
+    "TuningTable",
+    "choose_chunk_rows",
+    "device_info",
+    "gmm",
+    "select_algorithm",
+]

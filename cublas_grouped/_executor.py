@@ -1,0 +1,366 @@
+"""Layer 4: run a grouped GEMM with one of several cuBLAS strategies.
+
+:class:`GroupedGemmExecutor` owns no GPU memory itself: the cuBLAS handle,
+workspace and scratch buffers come from :mod:`._device`, one set per (device,
+thread, stream), so one executor may be used from several threads at once.
+
+Vocabulary: *rows* is the operand whose rows are grouped by expert (``a``),
+*weights* the per-expert matrices (``b``), *out* the result. A
+:class:`RowLayout` says where each expert's rows start in the rows/out
+buffers: packed back to back (``align=1``, what ``gmm`` takes), each expert
+padded to a multiple of ``align`` rows (the chunked layout), or every expert
+at ``e * stride`` (the padded strided layout).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _cublas, _kernels
+from ._arrays import ArrayView, as_cupy, cuda_dtype, view
+from ._config import Algorithm, GroupedGemmConfig, compute_type_for
+from ._device import DeviceInfo, device_info, resolve_stream, resources
+from ._plan import GemmPlan, check_group_sizes, host_group_sizes, plan_gmm
+from ._select import ProblemStats, capacity_for, choose_chunk_rows, select_algorithm
+
+__all__ = ["GroupedGemmExecutor", "RowLayout", "Operands"]
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where expert e's rows start in the rows/out buffers.
+
+    - ``stride``: at ``e * stride`` (padded strided layout, ``[E, stride, K]``);
+    - ``slot_stride``: at ``slot(e) * slot_stride``, slot(e) = number of
+      non-empty experts before e (the fixed-capacity decode layout);
+    - otherwise packed, each expert's block rounded up to a multiple of ``align``.
+    """
+
+    align: int = 1
+    stride: int = 0
+    slot_stride: int = 0
+
+    def offsets(self, sizes: np.ndarray) -> np.ndarray:
+        offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        if self.stride:
+            offsets[:] = np.arange(len(sizes) + 1) * self.stride
+        elif self.slot_stride:
+            np.cumsum((sizes > 0) * self.slot_stride, out=offsets[1:])
+        else:
+            np.cumsum(-(-sizes // self.align) * self.align, out=offsets[1:])
+        return offsets
+
+
+@dataclass(frozen=True)
+class Operands:
+    """Device addresses and byte strides of the three operands.
+
+    Each operand's address for a group at row ``r`` of expert ``e`` is
+    ``base + r * row_bytes + e * expert_bytes``.
+    """
+
+    a: int
+    a_row_bytes: int
+    a_expert_bytes: int
+    b: int
+    b_row_bytes: int
+    b_expert_bytes: int
+    c: int
+    c_row_bytes: int
+    c_expert_bytes: int
+
+    @classmethod
+    def for_plan(cls, plan: GemmPlan, a: int, b: int, c: int, itemsize: int) -> Operands:
+        n, k = plan.n, plan.k
+        if plan.trans_a:
+            return cls(a, k * itemsize, 0, b, n * itemsize, 0, c, 0, k * n * itemsize)
+        return cls(a, k * itemsize, 0, b, 0, k * n * itemsize, c, n * itemsize, 0)
+
+    def at(self, row: int, expert: int) -> tuple[int, int, int]:
+        return (self.a + row * self.a_row_bytes + expert * self.a_expert_bytes,
+                self.b + row * self.b_row_bytes + expert * self.b_expert_bytes,
+                self.c + row * self.c_row_bytes + expert * self.c_expert_bytes)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _is_host(obj) -> bool:
+    return not (hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack__")) or isinstance(
+        obj, np.ndarray)
+
+
+class GroupedGemmExecutor:
+    """Runs grouped GEMMs on one device with a :class:`GroupedGemmConfig`.
+
+    Parameters
+    ----------
+    device : int or None
+        CUDA device ordinal; ``None`` is CuPy's current device when first used.
+    config : GroupedGemmConfig, dict or None
+    device_info : DeviceInfo, optional
+        Capabilities to plan for instead of querying the GPU (for planning
+        and tests on machines without one). Executing still needs a GPU.
+    """
+
+    def __init__(self, device: int | None = None, config=None, *, device_info: DeviceInfo | None = None):
+        if device is not None and (isinstance(device, bool) or not isinstance(device, int)):
+            device = getattr(device, "id", device)
+            if not isinstance(device, int):
+                raise TypeError(f"device must be an int ordinal or None; got {type(device).__name__}")
+        self.config = GroupedGemmConfig.coerce(config)
+        self._device = device
+        self._info = device_info
+
+    # -- capabilities -------------------------------------------------------
+    @property
+    def device_info(self) -> DeviceInfo:
+        """Capabilities of the executor's device (queried once)."""
+        if self._info is None:
+            self._info = device_info(self._device)
+        return self._info
+
+    @property
+    def device_id(self) -> int:
+        return self._device if self._device is not None else self.device_info.device_id
+
+    def supports_grouped_gemm(self) -> bool:
+        """Whether ``cublasGemmGroupedBatchedEx`` is available (cuBLAS >= 12.5)."""
+        return self.device_info.supports_grouped_gemm()
+
+    def select_algorithm(self, batch_size: int, active_experts: int, *, num_experts: int | None = None,
+                         n: int = 4096, k: int = 4096, dtype: str = "bfloat16", max_rows: int | None = None,
+                         padded_layouts: bool = False) -> Algorithm:
+        """Algorithm for ``batch_size`` rows spread over ``active_experts`` experts.
+
+        The configured algorithm wins unless it is AUTO; a fixed algorithm
+        the device cannot run falls back as :meth:`execute` would.
+        """
+        fixed = self.config.algorithm
+        if fixed is not Algorithm.AUTO:
+            return self._fallback(fixed)
+        stats = ProblemStats(num_experts or max(active_experts, 1), active_experts, batch_size,
+                             max_rows if max_rows is not None else batch_size, n, k, dtype)
+        return select_algorithm(stats, self.device_info, padded_layouts=padded_layouts)
+
+    def _fallback(self, algorithm: Algorithm) -> Algorithm:
+        if algorithm is Algorithm.CUBLAS_GROUPED and not self.supports_grouped_gemm():
+            _warn_once(
+                f"cublasGemmGroupedBatchedEx needs cuBLAS >= 12.5 but {self.device_info.cublas_version} "
+                "is loaded; running SEQUENTIAL instead")
+            return Algorithm.SEQUENTIAL
+        return algorithm
+
+    def _check_dtype_supported(self, dtype: np.dtype) -> None:
+        if dtype.name == "bfloat16" and not self.device_info.supports_bfloat16():
+            raise ValueError(f"bfloat16 needs SM 8.0 or newer; device {self.device_id} is SM "
+                             f"{self.device_info.sm[0]}.{self.device_info.sm[1]}")
+
+    def _compute_type(self, dtype: np.dtype) -> int:
+        return compute_type_for(dtype, self.config.compute_precision, self.config.use_tensor_cores)
+
+    # -- public entry points -------------------------------------------------
+    def execute_grouped(self, a, b, group_sizes, *, trans_a: bool = False, trans_b: bool = False,
+                        out=None, stream=None):
+        """One ``cublasGemmGroupedBatchedEx`` call (SEQUENTIAL, with a one-time
+        warning, where cuBLAS is older than 12.5). Same arguments as :func:`gmm`."""
+        return self.execute(a, b, group_sizes, trans_a=trans_a, trans_b=trans_b, out=out,
+                            stream=stream, algorithm=Algorithm.CUBLAS_GROUPED)
+
+    def execute_sequential(self, a, b, group_sizes, *, trans_a: bool = False, trans_b: bool = False,
+                           out=None, stream=None):
+        """One ``cublasGemmEx`` per non-empty group. Same arguments as :func:`gmm`."""
+        return self.execute(a, b, group_sizes, trans_a=trans_a, trans_b=trans_b, out=out,
+                            stream=stream, algorithm=Algorithm.SEQUENTIAL)
+
+    def execute(self, a, b, group_sizes, *, trans_a: bool = False, trans_b: bool = False, out=None,
+                stream=None, algorithm: Algorithm | str | None = None):
+        """Grouped GEMM on packed rows; see :func:`cublas_grouped.gmm` for the semantics.
+
+        Returns ``out`` (allocated when ``None``).
+        """
+        a_v, b_v = view(a, "a"), view(b, "b")
+        cuda_dtype(a_v.dtype, "a")
+        cuda_dtype(b_v.dtype, "b")
+        on_device = not _is_host(group_sizes)
+        if on_device:
+            sizes_v = view(group_sizes, "group_sizes")
+            if sizes_v.ndim != 1 or sizes_v.dtype.kind not in "iu":
+                raise ValueError(f"group_sizes must be a 1-D integer array; got {sizes_v.dtype} {sizes_v.shape}")
+            num_groups = sizes_v.shape[0]
+            host_sizes = None
+        else:
+            num_groups = len(group_sizes) if trans_a else (b_v.shape[0] if b_v.ndim == 3 else None)
+            host_sizes = host_group_sizes(group_sizes, num_groups if num_groups is not None else len(group_sizes))
+        plan = plan_gmm(a_v, b_v, host_sizes, trans_a=trans_a, trans_b=trans_b, num_experts=num_groups)
+        out_v = self._check_out(out, plan, a_v)
+        self._check_dtype_supported(a_v.dtype)
+        algorithm = Algorithm(algorithm) if algorithm is not None else self.config.algorithm
+        if algorithm in (Algorithm.CHUNKED_BATCHED, Algorithm.PADDED_STRIDED):
+            raise ValueError(f"algorithm={algorithm.name} needs the padded row layout of the MoE layer; "
+                             "gmm on packed rows supports AUTO, CUBLAS_GROUPED and SEQUENTIAL")
+        # Checks done: GPU work from here on.
+        import cupy
+
+        stream_handle = resolve_stream(stream)
+        device_id = a_v.device if a_v.device is not None else self.device_id
+        res = resources(device_id, stream_handle)
+        with cupy.cuda.Device(device_id), res.cupy_stream:
+            sizes_dev = None
+            if on_device:
+                sizes_dev = as_cupy(group_sizes, "group_sizes")
+                # cuBLAS takes sizes on the host: this copy waits for the stream.
+                host = cupy.asnumpy(sizes_dev, stream=res.cupy_stream)
+                res.cupy_stream.synchronize()
+                sizes = check_group_sizes(host.astype(np.int64), plan.num_experts, plan.total_rows)
+                plan = plan_gmm(a_v, b_v, sizes, trans_a=trans_a, trans_b=trans_b, num_experts=num_groups)
+            if out_v is None:
+                out = cupy.empty(plan.out_shape, dtype=a_v.dtype)
+                out_v = view(out, "out")
+            if plan.trans_a and len(plan.active) < plan.num_experts:
+                # Empty groups take no part in the GEMM: their a^T b is zero.
+                empty = np.flatnonzero(plan.sizes == 0)
+                as_cupy(out_v)[cupy.asarray(empty)] = 0
+            if len(plan.active) == 0:
+                return out
+            if algorithm is Algorithm.AUTO:
+                stats = ProblemStats.from_sizes(plan.sizes, plan.n, plan.k, a_v.dtype.name)
+                algorithm = select_algorithm(stats, self.device_info, padded_layouts=False)
+            algorithm = self._fallback(algorithm)
+            ops = Operands.for_plan(plan, a_v.ptr, b_v.ptr, out_v.ptr, a_v.itemsize)
+            self.run(plan, ops, a_v.dtype, algorithm, res, sizes_dev=sizes_dev)
+        return out
+
+    def _check_out(self, out, plan: GemmPlan, a_v: ArrayView) -> ArrayView | None:
+        if out is None:
+            return None
+        out_v = view(out, "out")
+        if out_v.shape != plan.out_shape:
+            raise ValueError(f"out must have shape {plan.out_shape}; got {out_v.shape}")
+        if out_v.dtype != a_v.dtype:
+            raise TypeError(f"out must have dtype {a_v.dtype}; got {out_v.dtype}")
+        if not out_v.is_c_contiguous():
+            raise ValueError(f"out must be C-contiguous; got strides {out_v.strides}")
+        if out_v.ptr % out_v.itemsize:
+            raise ValueError(f"out is misaligned: address {out_v.ptr:#x}")
+        if a_v.device is not None and out_v.device is not None and out_v.device != a_v.device:
+            raise ValueError(f"out is on device {out_v.device} but a is on device {a_v.device}")
+        return out_v
+
+    # -- algorithms ------------------------------------------------------------
+    def run(self, plan: GemmPlan, ops: Operands, dtype: np.dtype, algorithm: Algorithm, res, *,
+            layout: RowLayout = RowLayout(), sizes_dev=None) -> None:
+        """Run a validated plan with ``algorithm`` on ``res``'s stream (no checks)."""
+        handle = res.bind(self.config.workspace_mb << 20)
+        data_type = cuda_dtype(dtype, "a")
+        compute = self._compute_type(dtype)
+        if not self.config.use_tensor_cores:
+            _cublas.set_math_mode(handle, _cublas.MathMode.PEDANTIC)
+        try:
+            if algorithm is Algorithm.SEQUENTIAL:
+                self._sequential(plan, ops, layout, handle, data_type, compute)
+            elif algorithm is Algorithm.CUBLAS_GROUPED:
+                self._grouped(plan, ops, layout, handle, data_type, compute, res, sizes_dev)
+            elif algorithm is Algorithm.CHUNKED_BATCHED:
+                chunk = layout.align
+                self._chunked(plan, ops, layout, chunk, handle, data_type, compute, res, sizes_dev)
+            elif algorithm is Algorithm.PADDED_STRIDED:
+                self._strided(plan, ops, layout, handle, data_type, compute)
+            else:
+                raise ValueError(f"cannot run algorithm {algorithm}")
+        finally:
+            if not self.config.use_tensor_cores:
+                _cublas.set_math_mode(handle, _cublas.MathMode.DEFAULT)
+
+    def _sequential(self, plan, ops, layout, handle, data_type, compute) -> None:
+        offsets = layout.offsets(plan.sizes)
+        for e in plan.active:
+            rows = int(plan.sizes[e])
+            d = plan.dims(rows)
+            a_ptr, b_ptr, c_ptr = ops.at(int(offsets[e]), int(e))
+            # cuBLAS A is the weights side, B the rows side (see _plan).
+            _cublas.gemm_ex(handle, d.transa, d.transb, d.m, d.n, d.k, 1.0, b_ptr, data_type, d.lda,
+                            a_ptr, data_type, d.ldb, 0.0, c_ptr, data_type, d.ldc, compute)
+
+    def _device_sizes(self, plan, res, sizes_dev):
+        """int32 row counts on the device (uploaded when only the host has them)."""
+        import cupy
+
+        if sizes_dev is not None:
+            return sizes_dev if sizes_dev.dtype == cupy.int32 else sizes_dev.astype(cupy.int32)
+        return res.upload("sizes", plan.sizes.astype(np.int32))
+
+    def build_pointers(self, res, sizes_dev, ops: Operands, layout: RowLayout, *, chunk_rows: int = 0,
+                       num_problems: int, num_slots: int = 0, scratch_c: int = 0, row_offsets=None):
+        """Device arrays of A/B/C pointers, one per problem, written by ``build_pointers``."""
+        if layout.stride:
+            raise ValueError("the padded strided layout needs no pointer arrays")
+        num_entries = max(num_problems, num_slots)
+        buf = res.buffer("pointers", 3 * 8 * max(num_entries, 1))
+        ptrs = buf[: 3 * 8 * num_entries].view(np.uint64)
+        a_arr, b_arr, c_arr = ptrs[:num_entries], ptrs[num_entries:2 * num_entries], ptrs[2 * num_entries:]
+        kernel = _kernels.get_kernel("pointers", "build_pointers", _kernels.arch_for(self.device_info.sm))
+        i32, i64, u64 = np.int32, np.int64, np.uint64
+        args = (
+            np.intp(sizes_dev.data.ptr), i32(len(sizes_dev)), i32(layout.align),
+            i32(layout.slot_stride), i32(chunk_rows), i32(num_slots),
+            u64(ops.a), i64(ops.a_row_bytes), i64(ops.a_expert_bytes),
+            u64(ops.b), i64(ops.b_row_bytes), i64(ops.b_expert_bytes),
+            u64(ops.c), i64(ops.c_row_bytes), i64(ops.c_expert_bytes), u64(scratch_c),
+            np.intp(a_arr.data.ptr), np.intp(b_arr.data.ptr), np.intp(c_arr.data.ptr),
+            np.intp(row_offsets.data.ptr if row_offsets is not None else 0),
+        )
+        _kernels.launch(res.launch_stream, kernel, 1, 1024, args)
+        return a_arr, b_arr, c_arr
+
+    def _grouped(self, plan, ops, layout, handle, data_type, compute, res, sizes_dev) -> None:
+        sizes32 = self._device_sizes(plan, res, sizes_dev)
+        count = len(plan.active)
+        a_arr, b_arr, c_arr = self.build_pointers(res, sizes32, ops, layout, num_problems=count)
+        host = plan.dims_arrays(plan.sizes[plan.active])
+        ones = np.ones(count, dtype=np.int32)
+        alpha = np.ones(count, dtype=np.float32)
+        beta = np.zeros(count, dtype=np.float32)
+        addr = lambda x: x.ctypes.data  # noqa: E731 - host arrays stay alive in this frame
+        _cublas.gemm_grouped_batched_ex(
+            handle, addr(host["transa"]), addr(host["transb"]), addr(host["m"]), addr(host["n"]),
+            addr(host["k"]), addr(alpha), b_arr.data.ptr, data_type, addr(host["lda"]),
+            a_arr.data.ptr, data_type, addr(host["ldb"]), addr(beta), c_arr.data.ptr, data_type,
+            addr(host["ldc"]), count, addr(ones), compute)
+
+    def _chunked(self, plan, ops, layout, chunk, handle, data_type, compute, res, sizes_dev) -> None:
+        sizes32 = self._device_sizes(plan, res, sizes_dev)
+        count = int((-(-plan.sizes // chunk)).sum())
+        a_arr, b_arr, c_arr = self.build_pointers(res, sizes32, ops, layout, chunk_rows=chunk,
+                                                  num_problems=count)
+        d = plan.dims(chunk)
+        _cublas.gemm_batched_ex(handle, d.transa, d.transb, d.m, d.n, d.k, 1.0, b_arr.data.ptr, data_type,
+                                d.lda, a_arr.data.ptr, data_type, d.ldb, 0.0, c_arr.data.ptr, data_type,
+                                d.ldc, count, compute)
+
+    def _strided(self, plan, ops, layout, handle, data_type, compute) -> None:
+        cap = layout.stride
+        d = plan.dims(cap)
+        itemsize = np.dtype(np.float32).itemsize if data_type == _cublas.DataType.R_32F else 2
+        _cublas.gemm_strided_batched_ex(
+            handle, d.transa, d.transb, d.m, d.n, d.k, 1.0,
+            ops.b, data_type, d.lda, ops.b_expert_bytes // itemsize,
+            ops.a, data_type, d.ldb, cap * ops.a_row_bytes // itemsize,
+            0.0, ops.c, data_type, d.ldc, cap * ops.c_row_bytes // itemsize, plan.num_experts, compute)
+
+    def layout_for(self, algorithm: Algorithm, sizes: np.ndarray) -> RowLayout:
+        """Row layout an algorithm needs for these host sizes."""
+        if algorithm is Algorithm.CHUNKED_BATCHED:
+            return RowLayout(align=self.config.chunk_rows or choose_chunk_rows(sizes))
+        if algorithm is Algorithm.PADDED_STRIDED:
+            return RowLayout(stride=capacity_for(sizes))
+        return RowLayout()

@@ -1,0 +1,74 @@
+"""The functional grouped GEMM: ``gmm(a, b, group_sizes)``."""
+
+from __future__ import annotations
+
+import threading
+
+from ._config import Algorithm, ComputePrecision, GroupedGemmConfig, coerce_enum
+from ._executor import GroupedGemmExecutor
+
+__all__ = ["gmm"]
+
+_executors: dict[tuple, GroupedGemmExecutor] = {}
+_lock = threading.Lock()
+
+
+def _executor(compute, algorithm) -> GroupedGemmExecutor:
+    key = (compute, algorithm)
+    executor = _executors.get(key)
+    if executor is None:
+        with _lock:
+            executor = _executors.setdefault(key, GroupedGemmExecutor(
+                config=GroupedGemmConfig(algorithm=algorithm, compute_precision=compute)))
+    return executor
+
+
+def gmm(a, b, group_sizes, *, trans_a: bool = False, trans_b: bool = False, out=None,
+        compute: ComputePrecision | str | None = None, algorithm: Algorithm | str = Algorithm.AUTO,
+        stream=None):
+    """Grouped matrix product with row-major (NumPy) semantics.
+
+    Parameters
+    ----------
+    a : GPU array [M, K]
+        Rows grouped contiguously: group e is ``a[o_e:o_e + m_e]`` with
+        ``o_e = sum(group_sizes[:e])``.
+    b : GPU array
+        ``[E, K, N]`` weights (``[E, N, K]``, the ``nn.Linear`` layout, with
+        ``trans_b=True``). With ``trans_a=True``: ``[M, N]`` rows grouped like ``a``.
+    group_sizes : sequence of int, NumPy array, or GPU integer array, length E
+        Rows per group; zeros allowed anywhere; must sum to M. A GPU array is
+        copied to the host (cuBLAS takes sizes there), which waits for the
+        stream's earlier work: pass host sizes to avoid that synchronization.
+    trans_a : bool
+        K-grouped product for weight gradients: ``out[e] = a_e.T @ b_e``,
+        ``out`` is ``[E, K, N]``; empty groups give zeros.
+    trans_b : bool
+        ``b`` is ``[E, N, K]`` and ``b[e].T`` is used.
+    out : GPU array, optional
+        Result buffer (``[M, N]``, or ``[E, K, N]`` with ``trans_a``), C-contiguous,
+        same dtype; allocated when omitted. Never touched if an argument is invalid.
+    compute : ComputePrecision or str, optional
+        For float32 inputs: "fp32" (default), "tf32", "fp16", "bf16". float16
+        and bfloat16 inputs always accumulate in float32.
+    algorithm : Algorithm or str
+        "auto" (default), "cublas_grouped" or "sequential".
+    stream : optional
+        ``None`` (CuPy's current stream), a CuPy or ``cuda.core`` stream, any
+        ``__cuda_stream__`` object, or an integer ``cudaStream_t``.
+
+    Returns
+    -------
+    The result array (``out`` when given). With M = 0 the result has zero rows
+    (``trans_a``: all zeros).
+
+    Notes
+    -----
+    Runs asynchronously on ``stream``; the only synchronization is the copy of
+    device-resident ``group_sizes``. Host arrays are refused with ``TypeError``;
+    shape, dtype, device and layout errors raise before any GPU work.
+    """
+    precision = coerce_enum(ComputePrecision, compute if compute is not None else "fp32", "compute")
+    algorithm = coerce_enum(Algorithm, algorithm, "algorithm")
+    return _executor(precision, algorithm).execute(
+        a, b, group_sizes, trans_a=trans_a, trans_b=trans_b, out=out, stream=stream)

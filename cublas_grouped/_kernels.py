@@ -1,0 +1,184 @@
+"""Layer 2: compile the CUDA sources under ``kernels/`` with NVRTC and launch them.
+
+Each ``kernels/<name>.cu`` is one NVRTC program, compiled through ``cuda.core``
+for the exact architecture of the device it runs on (``sm_80``, ``sm_90``...).
+Compiled programs are cached in memory per (file, architecture) and on disk in
+a ``cuda.core.utils.FileStreamProgramCache`` whose key covers the source, the
+options and the NVRTC version, so a stale or foreign entry is never reused.
+
+The disk cache lives in ``$CUBLAS_GROUPED_CACHE_DIR`` when that is set, else in
+``~/.cache/cublas_grouped/kernels``. Setting ``CUBLAS_GROUPED_CACHE_DIR=off``
+disables it (compiles then happen once per process).
+
+Kernels are looked up by plain ``extern "C"`` names, so a cached cubin needs no
+C++ name mapping.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from importlib import resources
+from pathlib import Path
+
+__all__ = [
+    "KernelCompileError",
+    "kernel_dir",
+    "kernel_files",
+    "load_source",
+    "compile_source",
+    "get_kernel",
+    "launch",
+    "arch_for",
+]
+
+_CACHE_ENV = "CUBLAS_GROUPED_CACHE_DIR"
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+class KernelCompileError(RuntimeError):
+    """NVRTC rejected one of the package's kernel sources; the message has the log."""
+
+
+def kernel_dir() -> Path:
+    """Directory holding the ``.cu`` sources.
+
+    In an installed wheel the top-level ``kernels/`` folder is shipped as the
+    package ``cublas_grouped.kernels``; in a source checkout it sits beside the
+    package directory.
+    """
+    try:
+        installed = resources.files("cublas_grouped.kernels")
+        path = Path(str(installed))
+        if path.is_dir() and any(path.glob("*.cu")):
+            return path
+    except (ModuleNotFoundError, TypeError):
+        pass
+    source_tree = Path(__file__).resolve().parent.parent / "kernels"
+    if source_tree.is_dir():
+        return source_tree
+    raise FileNotFoundError(
+        "cublas_grouped's CUDA sources were not found: neither the installed "
+        f"package data 'cublas_grouped/kernels' nor {source_tree} exists"
+    )
+
+
+def kernel_files() -> list[str]:
+    """Names (without ``.cu``) of every kernel source file."""
+    return sorted(p.stem for p in kernel_dir().glob("*.cu"))
+
+
+def load_source(name: str) -> str:
+    """Source of ``kernels/<name>.cu`` with its local ``#include "x.cuh"`` inlined.
+
+    Inlining here (instead of passing an include path to NVRTC) keeps the
+    whole program in one string, which is what the disk cache keys on.
+    """
+    root = kernel_dir()
+    seen: set[str] = set()
+
+    def expand(text: str) -> str:
+        def repl(match: re.Match) -> str:
+            header = match.group(1)
+            if header in seen:
+                return ""
+            seen.add(header)
+            return expand((root / header).read_text())
+
+        return _INCLUDE.sub(repl, text)
+
+    return expand((root / f"{name}.cu").read_text())
+
+
+_lock = threading.Lock()
+_compiled: dict[tuple[str, str], object] = {}
+_disk_cache = None
+_disk_cache_ready = False
+
+
+def _program_cache():
+    """The shared FileStreamProgramCache, or None when disabled/unavailable."""
+    global _disk_cache, _disk_cache_ready
+    if _disk_cache_ready:
+        return _disk_cache
+    _disk_cache_ready = True
+    location = os.environ.get(_CACHE_ENV)
+    if location and location.lower() in ("off", "0", "none"):
+        return None
+    path = Path(location) if location else Path.home() / ".cache" / "cublas_grouped" / "kernels"
+    try:
+        from cuda.core.utils import FileStreamProgramCache
+
+        _disk_cache = FileStreamProgramCache(path, max_size_bytes=256 << 20)
+    except OSError:
+        # An unwritable cache directory must not stop the library: compile in memory.
+        _disk_cache = None
+    return _disk_cache
+
+
+def arch_for(compute_capability: tuple[int, int]) -> str:
+    """NVRTC architecture string for a compute capability, e.g. (9, 0) -> 'sm_90'."""
+    major, minor = compute_capability
+    return f"sm_{major}{minor}"
+
+
+def compile_source(name: str, arch: str):
+    """Compile ``kernels/<name>.cu`` for ``arch`` and return the ``ObjectCode``.
+
+    Needs NVRTC but no GPU. Results are cached in memory and on disk.
+
+    Raises
+    ------
+    KernelCompileError
+        With the NVRTC log, if the source does not compile.
+    """
+    key = (name, arch)
+    obj = _compiled.get(key)
+    if obj is not None:
+        return obj
+    with _lock:
+        obj = _compiled.get(key)
+        if obj is not None:
+            return obj
+        from cuda.core import Program, ProgramOptions
+
+        source = load_source(name)
+        options = ProgramOptions(arch=arch, std="c++17", name=f"{name}.cu")
+        try:
+            program = Program(source, code_type="c++", options=options)
+            cache = _program_cache()
+            if cache is not None:
+                obj = program.compile("cubin", cache=cache)
+            else:
+                obj = program.compile("cubin")
+        except Exception as exc:
+            raise KernelCompileError(f"NVRTC failed to compile kernels/{name}.cu for {arch}:\n{exc}") from exc
+        _compiled[key] = obj
+        return obj
+
+
+_kernels: dict[tuple[str, str, str], object] = {}
+
+
+def get_kernel(name: str, kernel: str, arch: str):
+    """The launchable ``cuda.core.Kernel`` ``kernel`` from ``kernels/<name>.cu``."""
+    key = (name, kernel, arch)
+    found = _kernels.get(key)
+    if found is None:
+        found = compile_source(name, arch).get_kernel(kernel)
+        _kernels[key] = found
+    return found
+
+
+def launch(stream, kernel, grid, block, args, shmem: int = 0) -> None:
+    """Launch ``kernel`` on ``stream`` (anything with ``__cuda_stream__``).
+
+    ``args`` must already be typed (NumPy scalars for integers and pointers),
+    so that each parameter has the width the kernel declares.
+    """
+    from cuda.core import LaunchConfig
+    from cuda.core import launch as core_launch
+
+    config = LaunchConfig(grid=grid, block=block, shmem_size=shmem)
+    core_launch(stream, config, kernel, *args)

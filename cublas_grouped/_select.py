@@ -1,0 +1,212 @@
+"""Choose the GEMM algorithm for one call: built-in rules, refined by a tuning table.
+
+The rules encode what was measured on an H100 (../shared/DESIGN.md):
+``cublasGemmGroupedBatchedEx`` is steady but slow for large problems; a loop of
+``cublasGemmEx`` is near peak when experts are few and large; one
+``cublasGemmBatchedEx`` over equal row chunks wins on many mid-sized experts.
+A tuning table measured on the actual GPU (``python -m cublas_grouped.tune``)
+overrides the rules for shapes it covers: the nearest measured shape (in log
+space over experts, active experts, rows per expert, N and K) decides.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._config import Algorithm
+from ._device import DeviceInfo
+
+__all__ = [
+    "ProblemStats",
+    "TuningTable",
+    "select_algorithm",
+    "allowed_algorithms",
+    "choose_chunk_rows",
+    "tuning_table_path",
+    "load_tuning_table",
+]
+
+CHUNK_CANDIDATES = (256, 128, 64, 32)
+# A chunk size is accepted when padding adds at most this fraction of rows.
+MAX_CHUNK_PADDING = 0.10
+# A tuning entry farther than this (sum of squared log2 ratios) does not apply.
+MAX_TABLE_DISTANCE = 2.0
+
+
+@dataclass(frozen=True)
+class ProblemStats:
+    """What the choice depends on, cheap to compute from the host row counts."""
+
+    num_experts: int
+    active_experts: int
+    total_rows: int
+    max_rows: int
+    n: int
+    k: int
+    dtype: str = "bfloat16"
+
+    @property
+    def mean_rows(self) -> float:
+        return self.total_rows / self.active_experts if self.active_experts else 0.0
+
+    @classmethod
+    def from_sizes(cls, sizes: np.ndarray, n: int, k: int, dtype: str) -> ProblemStats:
+        active = int(np.count_nonzero(sizes))
+        return cls(len(sizes), active, int(sizes.sum()), int(sizes.max(initial=0)), n, k, dtype)
+
+    def features(self) -> np.ndarray:
+        return np.log2(np.array([self.num_experts, max(self.active_experts, 1), self.mean_rows + 1,
+                                 self.n, self.k], dtype=np.float64))
+
+
+@dataclass
+class TuningTable:
+    """Measured times per shape for one (GPU name, cuBLAS version)."""
+
+    gpu: str
+    cublas_version: int
+    entries: list[dict]
+
+    def __post_init__(self):
+        self._by_dtype: dict[str, tuple[np.ndarray, list[dict]]] = {}
+        for entry in self.entries:
+            feats = ProblemStats(entry["num_experts"], entry["active_experts"],
+                                 int(entry["mean_rows"] * entry["active_experts"]), 0,
+                                 entry["n"], entry["k"], entry["dtype"]).features()
+            rows, items = self._by_dtype.setdefault(entry["dtype"], ([], []))
+            rows.append(feats)
+            items.append(entry)
+        self._by_dtype = {d: (np.array(r), i) for d, (r, i) in self._by_dtype.items()}
+
+    def nearest(self, stats: ProblemStats) -> dict | None:
+        found = self._by_dtype.get(stats.dtype)
+        if found is None:
+            return None
+        feats, items = found
+        dist = ((feats - stats.features()) ** 2).sum(axis=1)
+        best = int(np.argmin(dist))
+        return items[best] if dist[best] <= MAX_TABLE_DISTANCE else None
+
+    @classmethod
+    def load(cls, path: Path) -> TuningTable:
+        data = json.loads(Path(path).read_text())
+        return cls(data["gpu"], int(data["cublas_version"]), list(data["entries"]))
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"gpu": self.gpu, "cublas_version": self.cublas_version,
+                                   "entries": self.entries}, indent=1))
+        os.replace(tmp, path)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def tuning_table_path(device: DeviceInfo, user: bool = True) -> Path:
+    """Where the table for ``device`` lives.
+
+    ``user=True``: ``$CUBLAS_GROUPED_TUNING_DIR`` or ``~/.cache/cublas_grouped/tuning``
+    (what ``python -m cublas_grouped.tune`` writes). ``user=False``: the tables
+    shipped inside the package.
+    """
+    name = f"{_slug(device.name)}-cublas{device.cublas_version}.json"
+    if user:
+        root = os.environ.get("CUBLAS_GROUPED_TUNING_DIR")
+        base = Path(root) if root else Path.home() / ".cache" / "cublas_grouped" / "tuning"
+    else:
+        base = Path(__file__).resolve().parent / "tuning"
+    return base / name
+
+
+_tables: dict[tuple[str, int], TuningTable | None] = {}
+
+
+def load_tuning_table(device: DeviceInfo) -> TuningTable | None:
+    """The user's table for this GPU and cuBLAS, else the shipped one, else None (cached)."""
+    key = (device.name, device.cublas_version)
+    if key not in _tables:
+        table = None
+        for user in (True, False):
+            path = tuning_table_path(device, user)
+            if path.is_file():
+                try:
+                    table = TuningTable.load(path)
+                    break
+                except (ValueError, KeyError, OSError):
+                    continue  # a broken table is ignored, not trusted
+        _tables[key] = table
+    return _tables[key]
+
+
+def allowed_algorithms(device: DeviceInfo, *, padded_layouts: bool) -> list[Algorithm]:
+    """Algorithms that can run here. The chunked and padded ones need a layout only
+    the MoE layer (or a caller laying rows out that way) provides."""
+    allowed = [Algorithm.SEQUENTIAL]
+    if device.supports_grouped_gemm():
+        allowed.insert(0, Algorithm.CUBLAS_GROUPED)
+    if padded_layouts:
+        allowed += [Algorithm.CHUNKED_BATCHED, Algorithm.PADDED_STRIDED]
+    return allowed
+
+
+def _rule(stats: ProblemStats, allowed: list[Algorithm]) -> Algorithm:
+    mean = stats.mean_rows
+    if Algorithm.SEQUENTIAL in allowed and stats.active_experts <= 16 and mean >= 512:
+        return Algorithm.SEQUENTIAL  # few large GEMMs: each runs near peak, few launches
+    if Algorithm.CHUNKED_BATCHED in allowed and mean >= 64:
+        return Algorithm.CHUNKED_BATCHED
+    if Algorithm.CUBLAS_GROUPED in allowed:
+        return Algorithm.CUBLAS_GROUPED
+    return Algorithm.SEQUENTIAL
+
+
+def select_algorithm(stats: ProblemStats, device: DeviceInfo, *, padded_layouts: bool = False,
+                     table: TuningTable | None | bool = True) -> Algorithm:
+    """The algorithm to run for ``stats`` on ``device``.
+
+    ``table=True`` loads the tuning table for the device (if any); pass a
+    :class:`TuningTable`, or ``None``/``False`` for the built-in rules only.
+    """
+    allowed = allowed_algorithms(device, padded_layouts=padded_layouts)
+    if table is True:
+        table = load_tuning_table(device)
+    if table and stats.active_experts:
+        entry = table.nearest(stats)
+        if entry is not None:
+            times = {Algorithm(name): t for name, t in entry["times_ms"].items()
+                     if t is not None and Algorithm(name) in allowed}
+            if times:
+                return min(times, key=times.get)
+    return _rule(stats, allowed)
+
+
+def choose_chunk_rows(sizes: np.ndarray) -> int:
+    """Largest chunk (fewer, bigger GEMMs) whose padding stays under 10% of the rows."""
+    total = int(sizes.sum())
+    if total == 0:
+        return CHUNK_CANDIDATES[-1]
+    for chunk in CHUNK_CANDIDATES:
+        padded = int((-(-sizes // chunk) * chunk).sum())
+        if padded - total <= MAX_CHUNK_PADDING * total:
+            return chunk
+    return CHUNK_CANDIDATES[-1]
+
+
+def padded_rows(sizes: np.ndarray, align: int) -> int:
+    """Rows of the layout where each group starts at a multiple of ``align``."""
+    return int((-(-sizes // align) * align).sum())
+
+
+def capacity_for(sizes: np.ndarray, multiple: int = 8) -> int:
+    """Per-expert capacity of the padded strided layout: the largest group, rounded up."""
+    return max(multiple, int(math.ceil(int(sizes.max(initial=0)) / multiple) * multiple))

@@ -1,0 +1,101 @@
+// activation.cu: the elementwise step between the two expert GEMMs: optional
+// per-expert bias, then SiLU / GELU / ReLU, gated (act(gate) * up) or not.
+//
+// Kernel (X = float / f16_t / bf16_t, names suffixed _f32 / _f16 / _bf16):
+//
+//   expert_activation_{f32,f16,bf16}(const X* h, int inter, int gated, int act,
+//                                    const X* bias, const int* row_to_pair,
+//                                    const int* topk_ids, int num_rows, X* out)
+//     h      [num_rows, W] with W = gated ? 2 * inter : inter (GEMM 1 output;
+//            when gated, columns [0, inter) are the gate, [inter, 2*inter)
+//            the up projection).
+//     bias   [E, W] or null. Expert of row r: e = topk_ids[row_to_pair[r]]
+//            (topk_ids is only read when bias is non-null).
+//     act    0 = SiLU z * sigmoid(z), 1 = exact GELU 0.5 z (1 + erf(z / sqrt 2)),
+//            2 = ReLU (NaN propagates).
+//     out    [num_rows, inter]: with z = h[r] (+ bias[e]) in fp32,
+//            gated: act(z[:inter]) * z[inter:]; otherwise act(z).
+//            Rows with row_to_pair[r] < 0 (padding) are written as zeros.
+//     h and out may not overlap.
+//
+//   Launch: one block per row, grid-stride over rows (any grid size; suggested
+//   min(num_rows, 65535)), block 128 threads suggested (any multiple of 32).
+//   Uses 16-byte loads/stores when inter * sizeof(X) % 16 == 0 and h, out and
+//   bias (if given) are 16-byte aligned; scalar accesses otherwise.
+
+#include "common.cuh"
+
+__device__ __forceinline__ float apply_act(float z, int act) {
+    if (act == 0) return z / (1.0f + expf(-z));
+    if (act == 1) return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
+    return z < 0.0f ? 0.0f : z;  // written so that NaN stays NaN
+}
+
+template <class T>
+__device__ __forceinline__ void expert_activation_impl(const T* __restrict__ h, int inter, int gated,
+                                                       int act, const T* __restrict__ bias,
+                                                       const int* __restrict__ row_to_pair,
+                                                       const int* __restrict__ topk_ids,
+                                                       int num_rows, T* __restrict__ out) {
+    const long long I = inter;
+    const long long W = gated ? 2 * I : I;
+    // Row starts of h are multiples of W = I or 2I elements, and the up half
+    // starts I elements in, so 16-byte alignment of I * sizeof(T) covers all.
+    const bool vec = rows_vectorizable<T>(I, h, out, bias);
+
+    for (int r = blockIdx.x; r < num_rows; r += gridDim.x) {
+        const int p = row_to_pair[r];
+        T* o = out + static_cast<long long>(r) * I;
+        if (p < 0) {
+            copy_row<T>(o, nullptr, I, vec);
+            continue;
+        }
+        const T* hr = h + static_cast<long long>(r) * W;
+        const T* br = bias != nullptr ? bias + static_cast<long long>(topk_ids[p]) * W : nullptr;
+
+        if (vec) {
+            constexpr int N = Vec16<T>::N;
+            for (long long i = static_cast<long long>(threadIdx.x) * N; i < I;
+                 i += static_cast<long long>(blockDim.x) * N) {
+                const Vec16<T> g = load_vec16(hr + i);
+                Vec16<T> u, bg, bu, res;
+                if (gated) u = load_vec16(hr + I + i);
+                if (br != nullptr) {
+                    bg = load_vec16(br + i);
+                    if (gated) bu = load_vec16(br + I + i);
+                }
+#pragma unroll
+                for (int k = 0; k < N; ++k) {
+                    float zg = to_float(g.e[k]);
+                    if (br != nullptr) zg += to_float(bg.e[k]);
+                    float y = apply_act(zg, act);
+                    if (gated) {
+                        float zu = to_float(u.e[k]);
+                        if (br != nullptr) zu += to_float(bu.e[k]);
+                        y *= zu;
+                    }
+                    res.e[k] = from_float<T>(y);
+                }
+                store_vec16(o + i, res);
+            }
+        } else {
+            for (long long i = threadIdx.x; i < I; i += blockDim.x) {
+                float zg = load_as_float(hr + i);
+                if (br != nullptr) zg += load_as_float(br + i);
+                float y = apply_act(zg, act);
+                if (gated) {
+                    float zu = load_as_float(hr + I + i);
+                    if (br != nullptr) zu += load_as_float(br + I + i);
+                    y *= zu;
+                }
+                store_from_float(o + i, y);
+            }
+        }
+    }
+}
+
+#define EXPERT_ACTIVATION_PARAMS(X)                                                       \
+    (const X* h, int inter, int gated, int act, const X* bias, const int* row_to_pair, \
+     const int* topk_ids, int num_rows, X* out)
+DEFINE_KERNEL_3TYPES(expert_activation, EXPERT_ACTIVATION_PARAMS,
+                     (h, inter, gated, act, bias, row_to_pair, topk_ids, num_rows, out))

@@ -1,0 +1,110 @@
+// combine.cu: back from expert order to token order after GEMM 2.
+//
+// Kernels (X = float / f16_t / bf16_t, names suffixed _f32 / _f16 / _bf16):
+//
+//   combine_rows_{f32,f16,bf16}(const X* y, int hidden, const int* pair_to_row,
+//                               const float* topk_weights, const int* topk_ids,
+//                               const X* bias, int num_tokens, int top_k, X* out)
+//     y            [num_rows, hidden], expert-ordered GEMM 2 output.
+//     pair_to_row  [num_tokens * top_k]; a negative entry (a dropped pair)
+//                  contributes nothing.
+//     topk_weights [num_tokens, top_k] fp32, or null for weight 1.
+//     topk_ids     [num_tokens, top_k], read only when bias is non-null.
+//     bias         [E, hidden] or null.
+//     out          [num_tokens, hidden]:
+//                  out[t] = sum_{j = 0..k-1, in order} w[t, j] *
+//                           (y[pair_to_row[t*k + j]] + bias[ids[t*k + j]])
+//                  accumulated in fp32 and rounded once. Each output element
+//                  is owned by one thread: no atomics, bitwise deterministic.
+//     out may not overlap y.
+//
+//   scatter_rows_{f32,f16,bf16}(const X* y, int hidden, const int* pair_to_row,
+//                               int num_pairs, X* out)
+//     out [num_pairs, hidden]: out[p] = y[pair_to_row[p]] bit for bit, zeros
+//     where pair_to_row[p] < 0.
+//
+//   Launch (both): one block per output row, grid-stride over rows (any grid
+//   size; suggested min(rows, 65535)), block 128 threads suggested (any
+//   multiple of 32). 16-byte loads/stores when hidden * sizeof(X) % 16 == 0
+//   and y, out and bias (if given) are 16-byte aligned; scalar otherwise.
+
+#include "common.cuh"
+
+template <class T>
+__device__ __forceinline__ void combine_rows_impl(const T* __restrict__ y, int hidden,
+                                                  const int* __restrict__ pair_to_row,
+                                                  const float* __restrict__ topk_weights,
+                                                  const int* __restrict__ topk_ids,
+                                                  const T* __restrict__ bias, int num_tokens,
+                                                  int top_k, T* __restrict__ out) {
+    const long long H = hidden;
+    const bool vec = rows_vectorizable<T>(H, y, out, bias);
+
+    for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+        const long long pair0 = static_cast<long long>(t) * top_k;
+        T* o = out + t * H;
+        // The k rows' indices, weights and ids are the same for every thread
+        // of the block: these loads are broadcasts served by L1.
+        if (vec) {
+            constexpr int N = Vec16<T>::N;
+            for (long long i = static_cast<long long>(threadIdx.x) * N; i < H;
+                 i += static_cast<long long>(blockDim.x) * N) {
+                float acc[N];
+#pragma unroll
+                for (int k = 0; k < N; ++k) acc[k] = 0.0f;
+                for (int j = 0; j < top_k; ++j) {
+                    const int row = pair_to_row[pair0 + j];
+                    if (row < 0) continue;
+                    const float w = topk_weights != nullptr ? topk_weights[pair0 + j] : 1.0f;
+                    const Vec16<T> v = load_vec16(y + row * H + i);
+                    if (bias != nullptr) {
+                        const Vec16<T> b = load_vec16(bias + topk_ids[pair0 + j] * H + i);
+#pragma unroll
+                        for (int k = 0; k < N; ++k) acc[k] += w * (to_float(v.e[k]) + to_float(b.e[k]));
+                    } else {
+#pragma unroll
+                        for (int k = 0; k < N; ++k) acc[k] += w * to_float(v.e[k]);
+                    }
+                }
+                Vec16<T> res;
+#pragma unroll
+                for (int k = 0; k < N; ++k) res.e[k] = from_float<T>(acc[k]);
+                store_vec16(o + i, res);
+            }
+        } else {
+            for (long long i = threadIdx.x; i < H; i += blockDim.x) {
+                float acc = 0.0f;
+                for (int j = 0; j < top_k; ++j) {
+                    const int row = pair_to_row[pair0 + j];
+                    if (row < 0) continue;
+                    const float w = topk_weights != nullptr ? topk_weights[pair0 + j] : 1.0f;
+                    float v = load_as_float(y + row * H + i);
+                    if (bias != nullptr) v += load_as_float(bias + topk_ids[pair0 + j] * H + i);
+                    acc += w * v;
+                }
+                store_from_float(o + i, acc);
+            }
+        }
+    }
+}
+
+template <class T>
+__device__ __forceinline__ void scatter_rows_impl(const T* __restrict__ y, int hidden,
+                                                  const int* __restrict__ pair_to_row,
+                                                  int num_pairs, T* __restrict__ out) {
+    const bool vec = rows_vectorizable<T>(hidden, y, out);
+    for (int p = blockIdx.x; p < num_pairs; p += gridDim.x) {
+        const int row = pair_to_row[p];
+        const T* src = row >= 0 ? y + static_cast<long long>(row) * hidden : nullptr;
+        copy_row(out + static_cast<long long>(p) * hidden, src, hidden, vec);
+    }
+}
+
+#define COMBINE_ROWS_PARAMS(X)                                                         \
+    (const X* y, int hidden, const int* pair_to_row, const float* topk_weights,        \
+     const int* topk_ids, const X* bias, int num_tokens, int top_k, X* out)
+DEFINE_KERNEL_3TYPES(combine_rows, COMBINE_ROWS_PARAMS,
+                     (y, hidden, pair_to_row, topk_weights, topk_ids, bias, num_tokens, top_k, out))
+
+#define SCATTER_ROWS_PARAMS(X) (const X* y, int hidden, const int* pair_to_row, int num_pairs, X* out)
+DEFINE_KERNEL_3TYPES(scatter_rows, SCATTER_ROWS_PARAMS, (y, hidden, pair_to_row, num_pairs, out))

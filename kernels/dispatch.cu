@@ -1,0 +1,181 @@
+// dispatch.cu: stable counting sort of (token, choice) pairs by expert, and
+// the gather of token rows into expert order.
+//
+// Pairs p = t * top_k + j (token-major). The sort runs in three launches over
+// nb = ceil(num_pairs / PAIRS_PER_BLOCK) blocks of pairs, and is stable (pairs
+// of one expert keep token order) and deterministic (no atomics whose order
+// could change a result):
+//   1. expert_block_histogram: count of each expert in each block of pairs.
+//   2. expert_column_scan:     exclusive scan of those counts down the blocks,
+//                              plus each expert's total (counts).
+//   (the caller, e.g. build_pointers in pointers.cu, turns counts into
+//    row_offsets[E + 1], possibly with padding between experts)
+//   3. assign_rows:            each pair's row in the expert-ordered buffer.
+//
+//   #define DISPATCH_THREADS 256   threads per block for all three kernels
+//   #define PAIRS_PER_BLOCK 1024   pairs per block (kernels 1 and 3)
+//
+// Kernels:
+//
+//   expert_block_histogram(const int* topk_ids, int num_pairs, int num_experts,
+//                          int* block_counts)
+//     grid nb, block DISPATCH_THREADS, no dynamic shared memory.
+//     block_counts [nb, E]: every entry written (zeros included):
+//     block_counts[b, e] = #{p in block b : topk_ids[p] == e}.
+//
+//   expert_column_scan(int* block_counts, int num_blocks, int num_experts,
+//                      int* counts)
+//     grid E (one block per expert), block DISPATCH_THREADS, no dynamic
+//     shared memory. In place: block_counts[b, e] becomes
+//     sum_{b' < b} block_counts[b', e]; counts[e] = column total.
+//
+//   assign_rows(const int* topk_ids, int num_pairs, int num_experts,
+//               const int* block_base, const int* row_offsets,
+//               int* pair_to_row, int* row_to_pair)
+//     grid nb, block DISPATCH_THREADS.
+//     Dynamic shared memory: (DISPATCH_THREADS / 32 + 1) * num_experts * 4
+//     = 9 * num_experts * 4 bytes (36 KiB for E = 1024; above 48 KiB, i.e.
+//     E > 1365, the caller must raise the kernel's shared memory limit).
+//     block_base [nb, E] is the output of expert_column_scan; row_offsets
+//     [E + 1] the first row of each expert. For pair p of expert e:
+//       row = row_offsets[e] + #{q < p : topk_ids[q] == e}
+//       pair_to_row[p] = row, row_to_pair[row] = p.
+//     Pairs whose id is outside [0, E) are skipped (pair_to_row[p] is left
+//     untouched). Rows never assigned keep what the caller put there (-1).
+//
+//   gather_rows_{f32,f16,bf16}(const X* x, int hidden, const int* row_to_pair,
+//                              int top_k, int num_rows, X* out)
+//     out[r, :] = x[row_to_pair[r] / top_k, :], zeros when row_to_pair[r] < 0.
+//     One block per row, grid-stride over rows: any grid size works
+//     (suggested min(num_rows, 65535)), block 128 (any multiple of 32).
+//     Uses 16-byte loads/stores when hidden * sizeof(X) % 16 == 0 and x and
+//     out are 16-byte aligned; element copies otherwise. Bit-exact copy.
+
+#include "common.cuh"
+
+#define DISPATCH_THREADS 256
+#define PAIRS_PER_BLOCK 1024
+#define DISPATCH_WARPS (DISPATCH_THREADS / 32)
+#define PAIRS_PER_THREAD (PAIRS_PER_BLOCK / DISPATCH_THREADS)
+
+// The histogram keeps one counter per expert in static shared memory; more
+// experts than this are handled in several passes over the block's pairs.
+#define HIST_CHUNK 2048
+
+extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
+    expert_block_histogram(const int* __restrict__ topk_ids, int num_pairs, int num_experts,
+                           int* __restrict__ block_counts) {
+    __shared__ int hist[HIST_CHUNK];
+    const long long first = static_cast<long long>(blockIdx.x) * PAIRS_PER_BLOCK;
+    // Each thread loads its pairs once (coalesced: consecutive threads read
+    // consecutive ids) and reuses them for every expert chunk.
+    int ids[PAIRS_PER_THREAD];
+#pragma unroll
+    for (int i = 0; i < PAIRS_PER_THREAD; ++i) {
+        const long long p = first + i * DISPATCH_THREADS + threadIdx.x;
+        ids[i] = p < num_pairs ? topk_ids[p] : -1;
+    }
+    int* out = block_counts + static_cast<long long>(blockIdx.x) * num_experts;
+    for (int base = 0; base < num_experts; base += HIST_CHUNK) {
+        const int n = min(HIST_CHUNK, num_experts - base);
+        for (int e = threadIdx.x; e < n; e += DISPATCH_THREADS) hist[e] = 0;
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < PAIRS_PER_THREAD; ++i) {
+            const int e = ids[i] - base;
+            // Shared atomics: the order of increments cannot change a count.
+            if (e >= 0 && e < n) atomicAdd(&hist[e], 1);
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < n; e += DISPATCH_THREADS) out[base + e] = hist[e];
+        __syncthreads();  // hist is cleared again by the next chunk
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
+    expert_column_scan(int* __restrict__ block_counts, int num_blocks, int num_experts,
+                       int* __restrict__ counts) {
+    __shared__ int scratch[SCAN_SCRATCH_INTS];
+    const int e = blockIdx.x;
+    if (e >= num_experts) return;
+    // Column e is strided by E; nb is small (pairs / 1024), so the strided
+    // reads cost little next to the other passes.
+    const int total =
+        block_exclusive_scan_strided(block_counts + e, num_blocks, num_experts, scratch);
+    if (threadIdx.x == 0) counts[e] = total;
+}
+
+extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
+    assign_rows(const int* __restrict__ topk_ids, int num_pairs, int num_experts,
+                const int* __restrict__ block_base, const int* __restrict__ row_offsets,
+                int* __restrict__ pair_to_row, int* __restrict__ row_to_pair) {
+    // Shared layout (ints): next_row[E] | warp_counts[DISPATCH_WARPS][E].
+    //   next_row[e]       first row of the next pair of expert e in this
+    //                     block (global row, so no addition needed later).
+    //   warp_counts[w][e] pairs of expert e in warp w in the current round.
+    extern __shared__ int dispatch_smem[];
+    const int E = num_experts;
+    int* next_row = dispatch_smem;
+    int* warp_counts = dispatch_smem + E;
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int* base = block_base + static_cast<long long>(blockIdx.x) * E;
+    for (int e = threadIdx.x; e < E; e += DISPATCH_THREADS) next_row[e] = row_offsets[e] + base[e];
+    for (int i = threadIdx.x; i < DISPATCH_WARPS * E; i += DISPATCH_THREADS) warp_counts[i] = 0;
+    __syncthreads();
+
+    const unsigned lanes_below = (1u << lane) - 1u;
+    const long long first = static_cast<long long>(blockIdx.x) * PAIRS_PER_BLOCK;
+    // Rounds of DISPATCH_THREADS consecutive pairs; within a round pair order
+    // is (warp, lane) order, so ranking by (earlier rounds, earlier warps,
+    // lower lanes) reproduces pair order exactly.
+    for (int round = 0; round < PAIRS_PER_THREAD; ++round) {
+        const long long p = first + round * DISPATCH_THREADS + threadIdx.x;
+        int e = p < num_pairs ? topk_ids[p] : -1;
+        if (e < 0 || e >= E) e = -1;  // invalid ids take no row
+
+        // Lanes of this warp holding the same expert, and our rank among them.
+        const unsigned peers = __match_any_sync(0xffffffffu, e);
+        const int rank = __popc(peers & lanes_below);
+        const bool leader = rank == 0;
+        if (e >= 0 && leader) warp_counts[warp * E + e] = __popc(peers);
+        __syncthreads();
+
+        int row = 0;
+        if (e >= 0) {
+            row = next_row[e] + rank;
+            for (int w = 0; w < warp; ++w) row += warp_counts[w * E + e];
+        }
+        __syncthreads();  // all reads of next_row done before it moves on
+
+        if (e >= 0) {
+            pair_to_row[p] = row;
+            row_to_pair[row] = static_cast<int>(p);
+            if (leader) {
+                // Sum of per-warp counts: the order of the adds cannot change
+                // the result. The leader also clears its entry, so the next
+                // round starts from zeros without a full clear.
+                atomicAdd(&next_row[e], __popc(peers));
+                warp_counts[warp * E + e] = 0;
+            }
+        }
+        __syncthreads();
+    }
+}
+
+template <class T>
+__device__ __forceinline__ void gather_rows_impl(const T* __restrict__ x, int hidden,
+                                                 const int* __restrict__ row_to_pair, int top_k,
+                                                 int num_rows, T* __restrict__ out) {
+    const bool vec = rows_vectorizable<T>(hidden, x, out);
+    for (int r = blockIdx.x; r < num_rows; r += gridDim.x) {
+        const int p = row_to_pair[r];
+        const T* src = p >= 0 ? x + static_cast<long long>(p / top_k) * hidden : nullptr;
+        copy_row(out + static_cast<long long>(r) * hidden, src, hidden, vec);
+    }
+}
+
+#define GATHER_ROWS_PARAMS(X) \
+    (const X* x, int hidden, const int* row_to_pair, int top_k, int num_rows, X* out)
+DEFINE_KERNEL_3TYPES(gather_rows, GATHER_ROWS_PARAMS, (x, hidden, row_to_pair, top_k, num_rows, out))

@@ -1,0 +1,138 @@
+// pointers.cu: per-expert row offsets and the device pointer arrays that the
+// batched / grouped cuBLAS calls read, built on the GPU from the per-expert
+// row counts so that no count has to travel to the host.
+//
+// Kernel:
+//
+//   build_pointers(const int* counts, int num_experts, int align,
+//                  int slot_stride, int chunk_rows, int num_slots,
+//                  unsigned long long a_base, long long a_row_bytes, long long a_expert_bytes,
+//                  unsigned long long b_base, long long b_row_bytes, long long b_expert_bytes,
+//                  unsigned long long c_base, long long c_row_bytes, long long c_expert_bytes,
+//                  unsigned long long scratch_c,
+//                  unsigned long long* a_ptrs, unsigned long long* b_ptrs,
+//                  unsigned long long* c_ptrs, int* row_offsets)
+//
+//   Launch: exactly ONE block of POINTER_THREADS = 1024 threads (the kernel
+//   scans across the block; any other block count gives wrong results), no
+//   dynamic shared memory. Experts are processed in tiles of 1024, so any E
+//   works.
+//
+//   Row offset of expert e (first row of its rows in the row buffer):
+//     slot_stride > 0: off_e = slot(e) * slot_stride, slot(e) = number of
+//                      experts j < e with counts[j] > 0 (fixed-capacity slots
+//                      for the active experts only).
+//     otherwise:       off_e = sum_{j<e} roundup(counts[j], max(align, 1)).
+//   row_offsets [E + 1] (skipped when null): off_0 .. off_{E-1}, then the
+//   total (slot mode: num_active * slot_stride).
+//
+//   Problems (one GEMM each), in expert-id order:
+//     chunk_rows == 0: one per non-empty expert, starting at row off_e.
+//     chunk_rows > 0:  ceil(counts[e] / chunk_rows) per expert, chunk c
+//                      starting at row off_e + c * chunk_rows.
+//   For problem q at row r of expert e:
+//     a_ptrs[q] = a_base + r * a_row_bytes + e * a_expert_bytes
+//     b_ptrs[q] = b_base + r * b_row_bytes + e * b_expert_bytes
+//     c_ptrs[q] = c_base + r * c_row_bytes + e * c_expert_bytes
+//   (the caller zeroes the row or the expert stride of each operand).
+//   Problems nprob .. num_slots - 1 (when num_slots > nprob) become idle
+//   GEMMs: a = a_base, b = b pointer of the last real problem (b_base if
+//   none, so idle GEMMs re-read weights already in L2), c = scratch_c.
+//   The pointer arrays must hold max(nprob, num_slots) entries.
+
+#include "common.cuh"
+
+#define POINTER_THREADS 1024
+
+extern "C" __global__ void __launch_bounds__(POINTER_THREADS)
+    build_pointers(const int* __restrict__ counts, int num_experts, int align, int slot_stride,
+                   int chunk_rows, int num_slots, unsigned long long a_base,
+                   long long a_row_bytes, long long a_expert_bytes, unsigned long long b_base,
+                   long long b_row_bytes, long long b_expert_bytes, unsigned long long c_base,
+                   long long c_row_bytes, long long c_expert_bytes, unsigned long long scratch_c,
+                   unsigned long long* __restrict__ a_ptrs, unsigned long long* __restrict__ b_ptrs,
+                   unsigned long long* __restrict__ c_ptrs, int* __restrict__ row_offsets) {
+    __shared__ int scratch[SCAN_SCRATCH_INTS];
+    // Per tile: the first problem and the first row of each expert of the
+    // tile, plus a sentinel, so that the tile's problems can be spread
+    // evenly over the threads (one expert may own thousands of chunks).
+    __shared__ int tile_prob[POINTER_THREADS + 1];
+    __shared__ int tile_off[POINTER_THREADS];
+
+    if (align < 1) align = 1;
+    const int tid = threadIdx.x;
+    int row_carry = 0;   // rows (or slots) before the current tile
+    int prob_carry = 0;  // problems before the current tile
+
+    for (int tile = 0; tile < num_experts; tile += POINTER_THREADS) {
+        const int e = tile + tid;
+        const int c = e < num_experts ? counts[e] : 0;
+        int rows;
+        if (slot_stride > 0) {
+            rows = c > 0 ? 1 : 0;  // scanned in slots, scaled below
+        } else {
+            rows = (c + align - 1) / align * align;
+        }
+        int nprob;
+        if (chunk_rows > 0) {
+            nprob = (c + chunk_rows - 1) / chunk_rows;
+        } else {
+            nprob = c > 0 ? 1 : 0;
+        }
+        int rows_total, prob_total;
+        const int rows_ex = block_exclusive_scan(rows, &rows_total, scratch);
+        const int prob_ex = block_exclusive_scan(nprob, &prob_total, scratch);
+
+        int off = row_carry + rows_ex;
+        if (slot_stride > 0) off *= slot_stride;
+        if (e < num_experts && row_offsets != nullptr) row_offsets[e] = off;
+        tile_off[tid] = off;
+        tile_prob[tid] = prob_carry + prob_ex;
+        if (tid == 0) tile_prob[POINTER_THREADS] = prob_carry + prob_total;
+        __syncthreads();
+
+        // Emit the tile's problems, one per thread in turn. Problem q
+        // belongs to the last expert slot s of the tile with
+        // tile_prob[s] <= q (binary search; empty experts have
+        // tile_prob[s] == tile_prob[s + 1] and are skipped by taking the
+        // last such s).
+        const int q_end = prob_carry + prob_total;
+        for (int q = prob_carry + tid; q < q_end; q += POINTER_THREADS) {
+            int lo = 0, hi = POINTER_THREADS - 1;
+            while (lo < hi) {
+                const int mid = (lo + hi + 1) >> 1;
+                if (tile_prob[mid] <= q) {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            const long long ex = tile + lo;
+            const long long chunk = q - tile_prob[lo];
+            const long long r =
+                static_cast<long long>(tile_off[lo]) + chunk * static_cast<long long>(chunk_rows);
+            a_ptrs[q] = a_base + static_cast<unsigned long long>(r * a_row_bytes + ex * a_expert_bytes);
+            b_ptrs[q] = b_base + static_cast<unsigned long long>(r * b_row_bytes + ex * b_expert_bytes);
+            c_ptrs[q] = c_base + static_cast<unsigned long long>(r * c_row_bytes + ex * c_expert_bytes);
+        }
+
+        row_carry += rows_total;
+        prob_carry += prob_total;
+        __syncthreads();  // tile_* are rewritten by the next tile
+    }
+
+    if (tid == 0 && row_offsets != nullptr) {
+        row_offsets[num_experts] = slot_stride > 0 ? row_carry * slot_stride : row_carry;
+    }
+
+    if (num_slots > prob_carry) {
+        // __syncthreads makes this block's global writes above visible to
+        // all of its threads (the last loop iteration ended with one).
+        const unsigned long long idle_b = prob_carry > 0 ? b_ptrs[prob_carry - 1] : b_base;
+        for (int q = prob_carry + tid; q < num_slots; q += POINTER_THREADS) {
+            a_ptrs[q] = a_base;
+            b_ptrs[q] = idle_b;
+            c_ptrs[q] = scratch_c;
+        }
+    }
+}

@@ -1,0 +1,53 @@
+"""Shared fixtures: GPU detection, fake GPU arrays for argument checks without a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def _gpu_count() -> int:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return 0
+
+
+HAS_GPU = _gpu_count() > 0
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (none found)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class FakeGpuArray:
+    """Exposes __cuda_array_interface__ with a made-up device pointer.
+
+    Argument checks read only this interface, so every error path can be
+    tested without a GPU; any attempt to touch the memory would crash, which
+    is exactly what the checks must prevent.
+    """
+
+    def __init__(self, shape, dtype=np.float32, ptr=0x7F0000000000, strides=None, device=0):
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self._ptr = ptr
+        self._strides = strides
+        self.device = type("Dev", (), {"id": device})()
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self._ptr, False),
+                "strides": self._strides, "version": 3}
+
+
+@pytest.fixture
+def fake():
+    return FakeGpuArray

@@ -1,0 +1,126 @@
+"""Host-side planning and algorithm selection, with faked device capabilities (CPU)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from cublas_grouped import Algorithm, DeviceInfo, GroupedGemmExecutor, ProblemStats, TuningTable
+from cublas_grouped import choose_chunk_rows, select_algorithm
+from cublas_grouped._arrays import view
+from cublas_grouped._cublas import Op
+from cublas_grouped._executor import Operands, RowLayout
+from cublas_grouped._plan import plan_gmm
+
+
+def test_offsets_and_active(fake):
+    plan = plan_gmm(view(fake((10, 8)), "a"), view(fake((4, 8, 16)), "b"), np.array([3, 0, 7, 0]),
+                    trans_a=False, trans_b=False)
+    assert plan.offsets.tolist() == [0, 3, 3, 10, 10]
+    assert plan.active.tolist() == [0, 2]
+    assert plan.out_shape == (10, 16)
+
+
+def test_column_major_mapping(fake):
+    a, b = view(fake((10, 8)), "a"), view(fake((4, 8, 16)), "b")
+    normal = plan_gmm(a, b, np.array([3, 0, 7, 0]), trans_a=False, trans_b=False).dims(3)
+    # Y^T [16, 3] = W^T [16, 8] @ X^T [8, 3]; W row-major [8, 16] is col-major [16, 8], ld 16.
+    assert (normal.transa, normal.transb, normal.m, normal.n, normal.k) == (Op.N, Op.N, 16, 3, 8)
+    assert (normal.lda, normal.ldb, normal.ldc) == (16, 8, 16)
+    tb = plan_gmm(a, view(fake((4, 16, 8)), "b"), np.array([3, 0, 7, 0]), trans_a=False, trans_b=True).dims(3)
+    assert (tb.transa, tb.lda, tb.m, tb.n, tb.k) == (Op.T, 8, 16, 3, 8)
+    ta = plan_gmm(a, view(fake((10, 16)), "b"), np.array([3, 0, 7, 0]), trans_a=True, trans_b=False,
+                  num_experts=4)
+    assert ta.out_shape == (4, 8, 16)
+    d = ta.dims(7)  # out_e^T [16, 8] = b_e^T [16, 7] @ a_e [7, 8]
+    assert (d.transa, d.transb, d.m, d.n, d.k, d.lda, d.ldb, d.ldc) == (Op.N, Op.T, 16, 8, 7, 16, 8, 16)
+    arrays = ta.dims_arrays(np.array([3, 7]))
+    assert arrays["k"].tolist() == [3, 7] and arrays["n"].tolist() == [8, 8]
+    assert arrays["k"].dtype == np.int32
+
+
+def test_operand_addresses():
+    ops = Operands(a=1000, a_row_bytes=16, a_expert_bytes=0, b=5000, b_row_bytes=0, b_expert_bytes=256,
+                   c=9000, c_row_bytes=32, c_expert_bytes=0)
+    assert ops.at(3, 2) == (1000 + 48, 5000 + 512, 9000 + 96)
+
+
+def test_row_layouts():
+    sizes = np.array([5, 0, 130, 1])
+    assert RowLayout().offsets(sizes).tolist() == [0, 5, 5, 135, 136]
+    assert RowLayout(align=64).offsets(sizes).tolist() == [0, 64, 64, 256, 320]
+    assert RowLayout(stride=136).offsets(sizes).tolist() == [0, 136, 272, 408, 544]
+    assert RowLayout(slot_stride=8).offsets(sizes).tolist() == [0, 8, 8, 16, 24]
+
+
+def test_chunk_rows_choice():
+    assert choose_chunk_rows(np.array([1024, 2048, 512])) == 256  # no padding at all
+    assert choose_chunk_rows(np.array([300, 290, 310])) == 64  # 256 and 128 pad > 10%
+    assert choose_chunk_rows(np.array([1, 2, 3])) == 32
+    assert choose_chunk_rows(np.zeros(4, dtype=np.int64)) == 32
+
+
+DEVICES = {
+    "sm75-cublas12.4": DeviceInfo(sm=(7, 5), cublas_version=120400),
+    "sm80-cublas12.9": DeviceInfo(sm=(8, 0), cublas_version=120900),
+    "sm90-cublas13.1": DeviceInfo(sm=(9, 0), cublas_version=130100),
+    "sm100-cublas13.1": DeviceInfo(sm=(10, 0), cublas_version=130100),
+}
+MIXTRAL = ProblemStats(8, 8, 8192, 1200, 14336, 4096)
+QWEN = ProblemStats(128, 128, 32768, 400, 1536, 2048)
+DECODE = ProblemStats(128, 60, 128, 4, 1536, 2048)
+
+
+@pytest.mark.parametrize("name", DEVICES)
+def test_selection_rules(name):
+    dev = DEVICES[name]
+    grouped_ok = dev.cublas_version >= 120500
+    assert select_algorithm(MIXTRAL, dev, table=None) is Algorithm.SEQUENTIAL
+    assert select_algorithm(QWEN, dev, table=None, padded_layouts=True) is Algorithm.CHUNKED_BATCHED
+    packed = select_algorithm(QWEN, dev, table=None, padded_layouts=False)
+    assert packed is (Algorithm.CUBLAS_GROUPED if grouped_ok else Algorithm.SEQUENTIAL)
+    decode = select_algorithm(DECODE, dev, table=None, padded_layouts=True)
+    assert decode is (Algorithm.CUBLAS_GROUPED if grouped_ok else Algorithm.SEQUENTIAL)
+
+
+def test_table_overrides_rules_for_near_shapes_only():
+    entry = {"dtype": "bfloat16", "num_experts": 128, "active_experts": 128, "mean_rows": 256,
+             "n": 1536, "k": 2048, "times_ms": {"cublas_grouped": 0.5, "sequential": 2.0,
+                                                 "chunked_batched": 0.9, "padded_strided": None}}
+    table = TuningTable("fake", 130100, [entry])
+    dev = DEVICES["sm90-cublas13.1"]
+    assert select_algorithm(QWEN, dev, table=table, padded_layouts=True) is Algorithm.CUBLAS_GROUPED
+    # Only algorithms allowed here count: without padded layouts still grouped.
+    assert select_algorithm(QWEN, dev, table=table) is Algorithm.CUBLAS_GROUPED
+    # Far from every entry (Mixtral): the rules decide.
+    assert select_algorithm(MIXTRAL, dev, table=table) is Algorithm.SEQUENTIAL
+    # Another dtype: no entry applies.
+    fp32 = ProblemStats(128, 128, 32768, 400, 1536, 2048, "float32")
+    assert select_algorithm(fp32, dev, table=table, padded_layouts=True) is Algorithm.CHUNKED_BATCHED
+    # cuBLAS without the grouped entry point: the table's winner is not allowed.
+    old = DEVICES["sm75-cublas12.4"]
+    assert select_algorithm(QWEN, old, table=table, padded_layouts=True) is Algorithm.CHUNKED_BATCHED
+
+
+def test_table_round_trip(tmp_path):
+    entry = {"dtype": "float16", "num_experts": 8, "active_experts": 8, "mean_rows": 1024, "n": 4096,
+             "k": 4096, "times_ms": {"sequential": 1.0}}
+    TuningTable("gpu", 120900, [entry]).save(tmp_path / "t.json")
+    loaded = TuningTable.load(tmp_path / "t.json")
+    assert loaded.entries == [entry] and loaded.cublas_version == 120900
+
+
+def test_executor_selection_and_fallback_warning():
+    old = GroupedGemmExecutor(device=0, device_info=DEVICES["sm75-cublas12.4"],
+                              config={"algorithm": "cublas_grouped"})
+    assert not old.supports_grouped_gemm()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert old.select_algorithm(4096, 8) is Algorithm.SEQUENTIAL
+    assert any("needs cuBLAS >= 12.5" in str(w.message) for w in caught)
+    new = GroupedGemmExecutor(device=0, device_info=DEVICES["sm90-cublas13.1"])
+    assert new.supports_grouped_gemm()
+    assert new.select_algorithm(8192, 8, num_experts=8, n=14336, k=4096) is Algorithm.SEQUENTIAL
+    assert new.select_algorithm(64, 40, num_experts=128, n=1536, k=2048) is Algorithm.CUBLAS_GROUPED
