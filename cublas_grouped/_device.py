@@ -109,8 +109,8 @@ def resolve_stream(stream) -> int:
     )
 
 
-class _LaunchStream:
-    """Hands a raw stream handle to ``cuda.core.launch`` via ``__cuda_stream__``."""
+class _StreamProtocol:
+    """Presents a raw stream handle through ``__cuda_stream__`` (for CuPy)."""
 
     __slots__ = ("handle",)
 
@@ -130,7 +130,7 @@ class StreamResources:
     handle: int
     workspace: object = None
     buffers: dict = field(default_factory=dict)
-    launch_stream: _LaunchStream = None
+    launch_stream: object = None  # cuda.core Stream for kernel launches
     cupy_stream: object = None
     staging: list = field(default_factory=list)
     next_staging: int = 0
@@ -164,15 +164,16 @@ class StreamResources:
         host = np.ascontiguousarray(host)
         nbytes = host.nbytes
         if len(self.staging) < STAGING_SLOTS:
-            self.staging.append([None, None])
+            self.staging.append([None, None, 0])
         slot = self.staging[self.next_staging % len(self.staging)]
         self.next_staging += 1
-        pinned, event = slot
+        pinned, event, capacity = slot
         if event is not None:
             event.synchronize()  # the copy that last read this slot is done
-        if pinned is None or pinned.size < nbytes:
-            pinned = cupy.cuda.alloc_pinned_memory(max(nbytes, 4096))
-            slot[0] = pinned
+        if pinned is None or capacity < nbytes:
+            capacity = max(nbytes, 4096)
+            pinned = cupy.cuda.alloc_pinned_memory(capacity)
+            slot[0], slot[2] = pinned, capacity
         np.frombuffer(pinned, dtype=np.uint8, count=nbytes)[:] = host.view(np.uint8).reshape(-1)
         dev = self.buffer(name, nbytes)
         cupy.cuda.runtime.memcpyAsync(dev.data.ptr, pinned.ptr, nbytes,
@@ -236,8 +237,13 @@ def resources(device_id: int, stream: int) -> StreamResources:
         import cupy
 
         res = StreamResources(device_id, stream, _thread_handle(device_id))
-        res.launch_stream = _LaunchStream(stream)
-        res.cupy_stream = cupy.cuda.ExternalStream(stream, device_id)
+        from cuda.core import Stream
+
+        res.launch_stream = Stream.from_handle(stream)
+        if hasattr(cupy.cuda.Stream, "from_external"):
+            res.cupy_stream = cupy.cuda.Stream.from_external(_StreamProtocol(stream))
+        else:  # CuPy < 14
+            res.cupy_stream = cupy.cuda.ExternalStream(stream, device_id)
         per_stream[key] = res
     return res
 

@@ -30,8 +30,7 @@ def _typed(*names: str) -> set[str]:
 
 EXPECTED = {
     "routing.cu": _typed("route_topk"),
-    "dispatch.cu": {"expert_block_histogram", "expert_column_scan", "assign_rows"}
-    | _typed("gather_rows"),
+    "dispatch.cu": {"expert_block_histogram", "expert_column_scan", "assign_rows"} | _typed("gather_rows"),
     "pointers.cu": {"build_pointers"},
     "activation.cu": _typed("expert_activation"),
     "combine.cu": _typed("combine_rows", "scatter_rows"),
