@@ -11,7 +11,19 @@ from ._device import DeviceInfo, device_info
 from ._executor import GroupedGemmExecutor, RowLayout
 from ._gmm import gmm
 from ._kernels import KernelCompileError
+from ._moe import (
+    GroupedGemmInput,
+    StageTimer,
+    combine_output,
+    expert_gemm,
+    moe_forward,
+    prepare_input,
+    route,
+    scatter_output,
+)
 from ._select import ProblemStats, TuningTable, choose_chunk_rows, select_algorithm
+from ._static import StaticMoE
+from ._weights import ExpertWeightManager, ExpertWeights, MoEMLP
 
 __version__ = "0.1.0"
 
@@ -21,6 +33,18 @@ __all__ = [
     "CublasError",
     "CublasUnavailableError",
     "DeviceInfo",
+    "ExpertWeightManager",
+    "ExpertWeights",
+    "GroupedGemmInput",
+    "MoEMLP",
+    "StageTimer",
+    "StaticMoE",
+    "combine_output",
+    "expert_gemm",
+    "moe_forward",
+    "prepare_input",
+    "route",
+    "scatter_output",
     "GroupedGemmConfig",
     "GroupedGemmExecutor",
     "KernelCompileError",

@@ -107,8 +107,7 @@ def view(obj, name: str) -> ArrayView:
         return obj
     if isinstance(obj, np.ndarray):
         raise TypeError(
-            f"{name} is a NumPy array in host memory; pass a GPU array "
-            f"(e.g. cupy.asarray({name}))"
+            f"{name} is a NumPy array in host memory; pass a GPU array (e.g. cupy.asarray({name}))"
         )
     cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is None and hasattr(obj, "__dlpack__"):

@@ -79,8 +79,11 @@ class GroupedGemmConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "algorithm", coerce_enum(Algorithm, self.algorithm, "algorithm"))
-        object.__setattr__(self, "compute_precision",
-                           coerce_enum(ComputePrecision, self.compute_precision, "compute_precision"))
+        object.__setattr__(
+            self,
+            "compute_precision",
+            coerce_enum(ComputePrecision, self.compute_precision, "compute_precision"),
+        )
         if not isinstance(self.workspace_mb, int) or self.workspace_mb < 0:
             raise ValueError(f"workspace_mb must be a non-negative int; got {self.workspace_mb!r}")
         if self.chunk_rows is not None and (not isinstance(self.chunk_rows, int) or self.chunk_rows < 1):

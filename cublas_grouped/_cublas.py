@@ -131,27 +131,102 @@ _PROTOTYPES: dict[str, list] = {
     "cublasSetMathMode": [c_void_p, c_int],
     # handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
     # beta, C, Ctype, ldc, computeType, algo
-    "cublasGemmEx": [c_void_p, c_int, c_int, c_int, c_int, c_int, c_void_p,
-                     c_void_p, c_int, c_int, c_void_p, c_int, c_int,
-                     c_void_p, c_void_p, c_int, c_int, c_int, c_int],
+    "cublasGemmEx": [
+        c_void_p,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_void_p,
+        c_void_p,
+        c_int,
+        c_int,
+        c_void_p,
+        c_int,
+        c_int,
+        c_void_p,
+        c_void_p,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+    ],
     # as GemmEx with pointer arrays and batchCount before computeType
-    "cublasGemmBatchedEx": [c_void_p, c_int, c_int, c_int, c_int, c_int, c_void_p,
-                            c_void_p, c_int, c_int, c_void_p, c_int, c_int,
-                            c_void_p, c_void_p, c_int, c_int, c_int, c_int, c_int],
+    "cublasGemmBatchedEx": [
+        c_void_p,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_void_p,
+        c_void_p,
+        c_int,
+        c_int,
+        c_void_p,
+        c_int,
+        c_int,
+        c_void_p,
+        c_void_p,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+    ],
     # as GemmEx with a stride after each leading dimension and batchCount
-    "cublasGemmStridedBatchedEx": [c_void_p, c_int, c_int, c_int, c_int, c_int, c_void_p,
-                                   c_void_p, c_int, c_int, c_int64,
-                                   c_void_p, c_int, c_int, c_int64,
-                                   c_void_p, c_void_p, c_int, c_int, c_int64,
-                                   c_int, c_int, c_int],
+    "cublasGemmStridedBatchedEx": [
+        c_void_p,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        c_void_p,
+        c_void_p,
+        c_int,
+        c_int,
+        c_int64,
+        c_void_p,
+        c_int,
+        c_int,
+        c_int64,
+        c_void_p,
+        c_void_p,
+        c_int,
+        c_int,
+        c_int64,
+        c_int,
+        c_int,
+        c_int,
+    ],
     # handle, transa[], transb[], m[], n[], k[], alpha[], Aarray, Atype, lda[],
     # Barray, Btype, ldb[], beta[], Carray, Ctype, ldc[], group_count,
     # group_size[], computeType. Size arrays live on the host; the pointer
     # arrays live on the device.
-    "cublasGemmGroupedBatchedEx": [c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
-                                   c_void_p, c_void_p, c_void_p, c_int, c_void_p,
-                                   c_void_p, c_int, c_void_p, c_void_p, c_void_p,
-                                   c_int, c_void_p, c_int, c_void_p, c_int],
+    "cublasGemmGroupedBatchedEx": [
+        c_void_p,
+        c_void_p,
+        c_void_p,
+        c_void_p,
+        c_void_p,
+        c_void_p,
+        c_void_p,
+        c_void_p,
+        c_int,
+        c_void_p,
+        c_void_p,
+        c_int,
+        c_void_p,
+        c_void_p,
+        c_void_p,
+        c_int,
+        c_void_p,
+        c_int,
+        c_void_p,
+        c_int,
+    ],
 }
 REQUIRED_SYMBOLS = tuple(name for name in _PROTOTYPES if name != GROUPED_SYMBOL)
 
@@ -196,9 +271,7 @@ def load() -> ctypes.CDLL:
             fn.restype = c_int
         required_missing = sorted(missing - {GROUPED_SYMBOL})
         if required_missing:
-            raise CublasUnavailableError(
-                f"{loaded.abs_path} lacks {', '.join(required_missing)}"
-            )
+            raise CublasUnavailableError(f"{loaded.abs_path} lacks {', '.join(required_missing)}")
         _missing = frozenset(missing)
         _lib_path = loaded.abs_path
         _lib = lib
@@ -296,56 +369,165 @@ def _scalar(value: float, compute_type: int):
 _GEMM_DEFAULT = -1
 
 
-def gemm_ex(handle, transa, transb, m, n, k, alpha, a, a_type, lda, b, b_type, ldb,
-            beta, c, c_type, ldc, compute_type) -> None:
+def gemm_ex(
+    handle, transa, transb, m, n, k, alpha, a, a_type, lda, b, b_type, ldb, beta, c, c_type, ldc, compute_type
+) -> None:
     """``cublasGemmEx`` (column-major): C = alpha op(A) op(B) + beta C."""
     al, be = _scalar(alpha, compute_type), _scalar(beta, compute_type)
     _check(
         load().cublasGemmEx(
-            c_void_p(handle), transa, transb, m, n, k, ctypes.byref(al),
-            c_void_p(a), a_type, lda, c_void_p(b), b_type, ldb,
-            ctypes.byref(be), c_void_p(c), c_type, ldc, compute_type, _GEMM_DEFAULT,
+            c_void_p(handle),
+            transa,
+            transb,
+            m,
+            n,
+            k,
+            ctypes.byref(al),
+            c_void_p(a),
+            a_type,
+            lda,
+            c_void_p(b),
+            b_type,
+            ldb,
+            ctypes.byref(be),
+            c_void_p(c),
+            c_type,
+            ldc,
+            compute_type,
+            _GEMM_DEFAULT,
         ),
         "cublasGemmEx",
     )
 
 
-def gemm_batched_ex(handle, transa, transb, m, n, k, alpha, a_array, a_type, lda,
-                    b_array, b_type, ldb, beta, c_array, c_type, ldc, batch_count,
-                    compute_type) -> None:
+def gemm_batched_ex(
+    handle,
+    transa,
+    transb,
+    m,
+    n,
+    k,
+    alpha,
+    a_array,
+    a_type,
+    lda,
+    b_array,
+    b_type,
+    ldb,
+    beta,
+    c_array,
+    c_type,
+    ldc,
+    batch_count,
+    compute_type,
+) -> None:
     """``cublasGemmBatchedEx``: ``*_array`` are device arrays of device pointers."""
     al, be = _scalar(alpha, compute_type), _scalar(beta, compute_type)
     _check(
         load().cublasGemmBatchedEx(
-            c_void_p(handle), transa, transb, m, n, k, ctypes.byref(al),
-            c_void_p(a_array), a_type, lda, c_void_p(b_array), b_type, ldb,
-            ctypes.byref(be), c_void_p(c_array), c_type, ldc, batch_count,
-            compute_type, _GEMM_DEFAULT,
+            c_void_p(handle),
+            transa,
+            transb,
+            m,
+            n,
+            k,
+            ctypes.byref(al),
+            c_void_p(a_array),
+            a_type,
+            lda,
+            c_void_p(b_array),
+            b_type,
+            ldb,
+            ctypes.byref(be),
+            c_void_p(c_array),
+            c_type,
+            ldc,
+            batch_count,
+            compute_type,
+            _GEMM_DEFAULT,
         ),
         "cublasGemmBatchedEx",
     )
 
 
-def gemm_strided_batched_ex(handle, transa, transb, m, n, k, alpha, a, a_type, lda,
-                            stride_a, b, b_type, ldb, stride_b, beta, c, c_type, ldc,
-                            stride_c, batch_count, compute_type) -> None:
+def gemm_strided_batched_ex(
+    handle,
+    transa,
+    transb,
+    m,
+    n,
+    k,
+    alpha,
+    a,
+    a_type,
+    lda,
+    stride_a,
+    b,
+    b_type,
+    ldb,
+    stride_b,
+    beta,
+    c,
+    c_type,
+    ldc,
+    stride_c,
+    batch_count,
+    compute_type,
+) -> None:
     """``cublasGemmStridedBatchedEx``; strides are in elements."""
     al, be = _scalar(alpha, compute_type), _scalar(beta, compute_type)
     _check(
         load().cublasGemmStridedBatchedEx(
-            c_void_p(handle), transa, transb, m, n, k, ctypes.byref(al),
-            c_void_p(a), a_type, lda, stride_a, c_void_p(b), b_type, ldb, stride_b,
-            ctypes.byref(be), c_void_p(c), c_type, ldc, stride_c, batch_count,
-            compute_type, _GEMM_DEFAULT,
+            c_void_p(handle),
+            transa,
+            transb,
+            m,
+            n,
+            k,
+            ctypes.byref(al),
+            c_void_p(a),
+            a_type,
+            lda,
+            stride_a,
+            c_void_p(b),
+            b_type,
+            ldb,
+            stride_b,
+            ctypes.byref(be),
+            c_void_p(c),
+            c_type,
+            ldc,
+            stride_c,
+            batch_count,
+            compute_type,
+            _GEMM_DEFAULT,
         ),
         "cublasGemmStridedBatchedEx",
     )
 
 
-def gemm_grouped_batched_ex(handle, transa_array, transb_array, m_array, n_array,
-                            k_array, alpha_array, a_array, a_type, lda_array, b_array,
-                            b_type, ldb_array, beta_array, c_array, c_type, ldc_array,
-                            group_count, group_size, compute_type) -> None:
+def gemm_grouped_batched_ex(
+    handle,
+    transa_array,
+    transb_array,
+    m_array,
+    n_array,
+    k_array,
+    alpha_array,
+    a_array,
+    a_type,
+    lda_array,
+    b_array,
+    b_type,
+    ldb_array,
+    beta_array,
+    c_array,
+    c_type,
+    ldc_array,
+    group_count,
+    group_size,
+    compute_type,
+) -> None:
     """``cublasGemmGroupedBatchedEx`` (cuBLAS >= 12.5).
 
     The per-group arrays (``transa_array`` ... ``group_size``, alpha and beta)
@@ -356,17 +538,30 @@ def gemm_grouped_batched_ex(handle, transa_array, transb_array, m_array, n_array
     lib = load()
     if GROUPED_SYMBOL in _missing:
         raise CublasUnavailableError(
-            f"{GROUPED_SYMBOL} needs cuBLAS >= 12.5; the loaded library "
-            f"({_lib_path}) is version {version()}"
+            f"{GROUPED_SYMBOL} needs cuBLAS >= 12.5; the loaded library ({_lib_path}) is version {version()}"
         )
     _check(
         lib.cublasGemmGroupedBatchedEx(
-            c_void_p(handle), c_void_p(transa_array), c_void_p(transb_array),
-            c_void_p(m_array), c_void_p(n_array), c_void_p(k_array),
-            c_void_p(alpha_array), c_void_p(a_array), a_type, c_void_p(lda_array),
-            c_void_p(b_array), b_type, c_void_p(ldb_array), c_void_p(beta_array),
-            c_void_p(c_array), c_type, c_void_p(ldc_array), group_count,
-            c_void_p(group_size), compute_type,
+            c_void_p(handle),
+            c_void_p(transa_array),
+            c_void_p(transb_array),
+            c_void_p(m_array),
+            c_void_p(n_array),
+            c_void_p(k_array),
+            c_void_p(alpha_array),
+            c_void_p(a_array),
+            a_type,
+            c_void_p(lda_array),
+            c_void_p(b_array),
+            b_type,
+            c_void_p(ldb_array),
+            c_void_p(beta_array),
+            c_void_p(c_array),
+            c_type,
+            c_void_p(ldc_array),
+            group_count,
+            c_void_p(group_size),
+            compute_type,
         ),
         GROUPED_SYMBOL,
     )

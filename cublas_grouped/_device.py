@@ -15,7 +15,7 @@ from __future__ import annotations
 import atexit
 import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 from . import _cublas
 
@@ -57,7 +57,7 @@ def current_device() -> int:
     return cupy.cuda.runtime.getDevice()
 
 
-@lru_cache(maxsize=None)
+@cache
 def device_info(device_id: int | None = None) -> DeviceInfo:
     """Query the real device (cached per ordinal)."""
     import cupy
@@ -176,8 +176,9 @@ class StreamResources:
             slot[0], slot[2] = pinned, capacity
         np.frombuffer(pinned, dtype=np.uint8, count=nbytes)[:] = host.view(np.uint8).reshape(-1)
         dev = self.buffer(name, nbytes)
-        cupy.cuda.runtime.memcpyAsync(dev.data.ptr, pinned.ptr, nbytes,
-                                      cupy.cuda.runtime.memcpyHostToDevice, self.stream)
+        cupy.cuda.runtime.memcpyAsync(
+            dev.data.ptr, pinned.ptr, nbytes, cupy.cuda.runtime.memcpyHostToDevice, self.stream
+        )
         if slot[1] is None:
             slot[1] = cupy.cuda.Event(block=False, disable_timing=True)
         slot[1].record(self.cupy_stream)

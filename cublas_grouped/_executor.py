@@ -80,9 +80,11 @@ class Operands:
         return cls(a, k * itemsize, 0, b, 0, k * n * itemsize, c, n * itemsize, 0)
 
     def at(self, row: int, expert: int) -> tuple[int, int, int]:
-        return (self.a + row * self.a_row_bytes + expert * self.a_expert_bytes,
-                self.b + row * self.b_row_bytes + expert * self.b_expert_bytes,
-                self.c + row * self.c_row_bytes + expert * self.c_expert_bytes)
+        return (
+            self.a + row * self.a_row_bytes + expert * self.a_expert_bytes,
+            self.b + row * self.b_row_bytes + expert * self.b_expert_bytes,
+            self.c + row * self.c_row_bytes + expert * self.c_expert_bytes,
+        )
 
 
 _warned: set[str] = set()
@@ -96,7 +98,8 @@ def _warn_once(message: str) -> None:
 
 def _is_host(obj) -> bool:
     return not (hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack__")) or isinstance(
-        obj, np.ndarray)
+        obj, np.ndarray
+    )
 
 
 class GroupedGemmExecutor:
@@ -137,9 +140,18 @@ class GroupedGemmExecutor:
         """Whether ``cublasGemmGroupedBatchedEx`` is available (cuBLAS >= 12.5)."""
         return self.device_info.supports_grouped_gemm()
 
-    def select_algorithm(self, batch_size: int, active_experts: int, *, num_experts: int | None = None,
-                         n: int = 4096, k: int = 4096, dtype: str = "bfloat16", max_rows: int | None = None,
-                         padded_layouts: bool = False) -> Algorithm:
+    def select_algorithm(
+        self,
+        batch_size: int,
+        active_experts: int,
+        *,
+        num_experts: int | None = None,
+        n: int = 4096,
+        k: int = 4096,
+        dtype: str = "bfloat16",
+        max_rows: int | None = None,
+        padded_layouts: bool = False,
+    ) -> Algorithm:
         """Algorithm for ``batch_size`` rows spread over ``active_experts`` experts.
 
         The configured algorithm wins unless it is AUTO; a fixed algorithm
@@ -148,42 +160,80 @@ class GroupedGemmExecutor:
         fixed = self.config.algorithm
         if fixed is not Algorithm.AUTO:
             return self._fallback(fixed)
-        stats = ProblemStats(num_experts or max(active_experts, 1), active_experts, batch_size,
-                             max_rows if max_rows is not None else batch_size, n, k, dtype)
+        stats = ProblemStats(
+            num_experts or max(active_experts, 1),
+            active_experts,
+            batch_size,
+            max_rows if max_rows is not None else batch_size,
+            n,
+            k,
+            dtype,
+        )
         return select_algorithm(stats, self.device_info, padded_layouts=padded_layouts)
 
     def _fallback(self, algorithm: Algorithm) -> Algorithm:
         if algorithm is Algorithm.CUBLAS_GROUPED and not self.supports_grouped_gemm():
             _warn_once(
                 f"cublasGemmGroupedBatchedEx needs cuBLAS >= 12.5 but {self.device_info.cublas_version} "
-                "is loaded; running SEQUENTIAL instead")
+                "is loaded; running SEQUENTIAL instead"
+            )
             return Algorithm.SEQUENTIAL
         return algorithm
 
     def _check_dtype_supported(self, dtype: np.dtype) -> None:
         if dtype.name == "bfloat16" and not self.device_info.supports_bfloat16():
-            raise ValueError(f"bfloat16 needs SM 8.0 or newer; device {self.device_id} is SM "
-                             f"{self.device_info.sm[0]}.{self.device_info.sm[1]}")
+            raise ValueError(
+                f"bfloat16 needs SM 8.0 or newer; device {self.device_id} is SM "
+                f"{self.device_info.sm[0]}.{self.device_info.sm[1]}"
+            )
 
     def _compute_type(self, dtype: np.dtype) -> int:
         return compute_type_for(dtype, self.config.compute_precision, self.config.use_tensor_cores)
 
     # -- public entry points -------------------------------------------------
-    def execute_grouped(self, a, b, group_sizes, *, trans_a: bool = False, trans_b: bool = False,
-                        out=None, stream=None):
+    def execute_grouped(
+        self, a, b, group_sizes, *, trans_a: bool = False, trans_b: bool = False, out=None, stream=None
+    ):
         """One ``cublasGemmGroupedBatchedEx`` call (SEQUENTIAL, with a one-time
         warning, where cuBLAS is older than 12.5). Same arguments as :func:`gmm`."""
-        return self.execute(a, b, group_sizes, trans_a=trans_a, trans_b=trans_b, out=out,
-                            stream=stream, algorithm=Algorithm.CUBLAS_GROUPED)
+        return self.execute(
+            a,
+            b,
+            group_sizes,
+            trans_a=trans_a,
+            trans_b=trans_b,
+            out=out,
+            stream=stream,
+            algorithm=Algorithm.CUBLAS_GROUPED,
+        )
 
-    def execute_sequential(self, a, b, group_sizes, *, trans_a: bool = False, trans_b: bool = False,
-                           out=None, stream=None):
+    def execute_sequential(
+        self, a, b, group_sizes, *, trans_a: bool = False, trans_b: bool = False, out=None, stream=None
+    ):
         """One ``cublasGemmEx`` per non-empty group. Same arguments as :func:`gmm`."""
-        return self.execute(a, b, group_sizes, trans_a=trans_a, trans_b=trans_b, out=out,
-                            stream=stream, algorithm=Algorithm.SEQUENTIAL)
+        return self.execute(
+            a,
+            b,
+            group_sizes,
+            trans_a=trans_a,
+            trans_b=trans_b,
+            out=out,
+            stream=stream,
+            algorithm=Algorithm.SEQUENTIAL,
+        )
 
-    def execute(self, a, b, group_sizes, *, trans_a: bool = False, trans_b: bool = False, out=None,
-                stream=None, algorithm: Algorithm | str | None = None):
+    def execute(
+        self,
+        a,
+        b,
+        group_sizes,
+        *,
+        trans_a: bool = False,
+        trans_b: bool = False,
+        out=None,
+        stream=None,
+        algorithm: Algorithm | str | None = None,
+    ):
         """Grouped GEMM on packed rows; see :func:`cublas_grouped.gmm` for the semantics.
 
         Returns ``out`` (allocated when ``None``).
@@ -195,19 +245,25 @@ class GroupedGemmExecutor:
         if on_device:
             sizes_v = view(group_sizes, "group_sizes")
             if sizes_v.ndim != 1 or sizes_v.dtype.kind not in "iu":
-                raise ValueError(f"group_sizes must be a 1-D integer array; got {sizes_v.dtype} {sizes_v.shape}")
+                raise ValueError(
+                    f"group_sizes must be a 1-D integer array; got {sizes_v.dtype} {sizes_v.shape}"
+                )
             num_groups = sizes_v.shape[0]
             host_sizes = None
         else:
             num_groups = len(group_sizes) if trans_a else (b_v.shape[0] if b_v.ndim == 3 else None)
-            host_sizes = host_group_sizes(group_sizes, num_groups if num_groups is not None else len(group_sizes))
+            host_sizes = host_group_sizes(
+                group_sizes, num_groups if num_groups is not None else len(group_sizes)
+            )
         plan = plan_gmm(a_v, b_v, host_sizes, trans_a=trans_a, trans_b=trans_b, num_experts=num_groups)
         out_v = self._check_out(out, plan, a_v)
         self._check_dtype_supported(a_v.dtype)
         algorithm = Algorithm(algorithm) if algorithm is not None else self.config.algorithm
         if algorithm in (Algorithm.CHUNKED_BATCHED, Algorithm.PADDED_STRIDED):
-            raise ValueError(f"algorithm={algorithm.name} needs the padded row layout of the MoE layer; "
-                             "gmm on packed rows supports AUTO, CUBLAS_GROUPED and SEQUENTIAL")
+            raise ValueError(
+                f"algorithm={algorithm.name} needs the padded row layout of the MoE layer; "
+                "gmm on packed rows supports AUTO, CUBLAS_GROUPED and SEQUENTIAL"
+            )
         # Checks done: GPU work from here on.
         import cupy
 
@@ -257,8 +313,17 @@ class GroupedGemmExecutor:
         return out_v
 
     # -- algorithms ------------------------------------------------------------
-    def run(self, plan: GemmPlan, ops: Operands, dtype: np.dtype, algorithm: Algorithm, res, *,
-            layout: RowLayout = RowLayout(), sizes_dev=None) -> None:
+    def run(
+        self,
+        plan: GemmPlan,
+        ops: Operands,
+        dtype: np.dtype,
+        algorithm: Algorithm,
+        res,
+        *,
+        layout: RowLayout = RowLayout(),
+        sizes_dev=None,
+    ) -> None:
         """Run a validated plan with ``algorithm`` on ``res``'s stream (no checks)."""
         handle = res.bind(self.config.workspace_mb << 20)
         data_type = cuda_dtype(dtype, "a")
@@ -288,8 +353,26 @@ class GroupedGemmExecutor:
             d = plan.dims(rows)
             a_ptr, b_ptr, c_ptr = ops.at(int(offsets[e]), int(e))
             # cuBLAS A is the weights side, B the rows side (see _plan).
-            _cublas.gemm_ex(handle, d.transa, d.transb, d.m, d.n, d.k, 1.0, b_ptr, data_type, d.lda,
-                            a_ptr, data_type, d.ldb, 0.0, c_ptr, data_type, d.ldc, compute)
+            _cublas.gemm_ex(
+                handle,
+                d.transa,
+                d.transb,
+                d.m,
+                d.n,
+                d.k,
+                1.0,
+                b_ptr,
+                data_type,
+                d.lda,
+                a_ptr,
+                data_type,
+                d.ldb,
+                0.0,
+                c_ptr,
+                data_type,
+                d.ldc,
+                compute,
+            )
 
     def _device_sizes(self, plan, res, sizes_dev):
         """int32 row counts on the device (uploaded when only the host has them)."""
@@ -299,24 +382,55 @@ class GroupedGemmExecutor:
             return sizes_dev if sizes_dev.dtype == cupy.int32 else sizes_dev.astype(cupy.int32)
         return res.upload("sizes", plan.sizes.astype(np.int32))
 
-    def build_pointers(self, res, sizes_dev, ops: Operands, layout: RowLayout, *, chunk_rows: int = 0,
-                       num_problems: int, num_slots: int = 0, scratch_c: int = 0, row_offsets=None):
+    def build_pointers(
+        self,
+        res,
+        sizes_dev,
+        ops: Operands,
+        layout: RowLayout,
+        *,
+        chunk_rows: int = 0,
+        num_problems: int,
+        num_slots: int = 0,
+        scratch_c: int = 0,
+        row_offsets=None,
+        pointer_arrays=None,
+    ):
         """Device arrays of A/B/C pointers, one per problem, written by ``build_pointers``."""
         if layout.stride:
             raise ValueError("the padded strided layout needs no pointer arrays")
         num_entries = max(num_problems, num_slots)
-        buf = res.buffer("pointers", 3 * 8 * max(num_entries, 1))
-        ptrs = buf[: 3 * 8 * num_entries].view(np.uint64)
-        a_arr, b_arr, c_arr = ptrs[:num_entries], ptrs[num_entries:2 * num_entries], ptrs[2 * num_entries:]
+        if pointer_arrays is None:
+            buf = res.buffer("pointers", 3 * 8 * max(num_entries, 1))
+            ptrs = buf[: 3 * 8 * num_entries].view(np.uint64)
+            pointer_arrays = (
+                ptrs[:num_entries],
+                ptrs[num_entries : 2 * num_entries],
+                ptrs[2 * num_entries :],
+            )
+        a_arr, b_arr, c_arr = pointer_arrays
         kernel = _kernels.get_kernel("pointers", "build_pointers", _kernels.arch_for(self.device_info.sm))
         i32, i64, u64 = np.int32, np.int64, np.uint64
         args = (
-            np.intp(sizes_dev.data.ptr), i32(len(sizes_dev)), i32(layout.align),
-            i32(layout.slot_stride), i32(chunk_rows), i32(num_slots),
-            u64(ops.a), i64(ops.a_row_bytes), i64(ops.a_expert_bytes),
-            u64(ops.b), i64(ops.b_row_bytes), i64(ops.b_expert_bytes),
-            u64(ops.c), i64(ops.c_row_bytes), i64(ops.c_expert_bytes), u64(scratch_c),
-            np.intp(a_arr.data.ptr), np.intp(b_arr.data.ptr), np.intp(c_arr.data.ptr),
+            np.intp(sizes_dev.data.ptr),
+            i32(len(sizes_dev)),
+            i32(layout.align),
+            i32(layout.slot_stride),
+            i32(chunk_rows),
+            i32(num_slots),
+            u64(ops.a),
+            i64(ops.a_row_bytes),
+            i64(ops.a_expert_bytes),
+            u64(ops.b),
+            i64(ops.b_row_bytes),
+            i64(ops.b_expert_bytes),
+            u64(ops.c),
+            i64(ops.c_row_bytes),
+            i64(ops.c_expert_bytes),
+            u64(scratch_c),
+            np.intp(a_arr.data.ptr),
+            np.intp(b_arr.data.ptr),
+            np.intp(c_arr.data.ptr),
             np.intp(row_offsets.data.ptr if row_offsets is not None else 0),
         )
         _kernels.launch(res.launch_stream, kernel, 1, 1024, args)
@@ -332,30 +446,73 @@ class GroupedGemmExecutor:
         beta = np.zeros(count, dtype=np.float32)
         addr = lambda x: x.ctypes.data  # noqa: E731 - host arrays stay alive in this frame
         _cublas.gemm_grouped_batched_ex(
-            handle, addr(host["transa"]), addr(host["transb"]), addr(host["m"]), addr(host["n"]),
-            addr(host["k"]), addr(alpha), b_arr.data.ptr, data_type, addr(host["lda"]),
-            a_arr.data.ptr, data_type, addr(host["ldb"]), addr(beta), c_arr.data.ptr, data_type,
-            addr(host["ldc"]), count, addr(ones), compute)
+            handle,
+            addr(host["transa"]),
+            addr(host["transb"]),
+            addr(host["m"]),
+            addr(host["n"]),
+            addr(host["k"]),
+            addr(alpha),
+            b_arr.data.ptr,
+            data_type,
+            addr(host["lda"]),
+            a_arr.data.ptr,
+            data_type,
+            addr(host["ldb"]),
+            addr(beta),
+            c_arr.data.ptr,
+            data_type,
+            addr(host["ldc"]),
+            count,
+            addr(ones),
+            compute,
+        )
 
     def _chunked(self, plan, ops, layout, chunk, handle, data_type, compute, res, sizes_dev) -> None:
         sizes32 = self._device_sizes(plan, res, sizes_dev)
         count = int((-(-plan.sizes // chunk)).sum())
-        a_arr, b_arr, c_arr = self.build_pointers(res, sizes32, ops, layout, chunk_rows=chunk,
-                                                  num_problems=count)
-        d = plan.dims(chunk)
-        _cublas.gemm_batched_ex(handle, d.transa, d.transb, d.m, d.n, d.k, 1.0, b_arr.data.ptr, data_type,
-                                d.lda, a_arr.data.ptr, data_type, d.ldb, 0.0, c_arr.data.ptr, data_type,
-                                d.ldc, count, compute)
+        a_arr, b_arr, c_arr = self.build_pointers(
+            res, sizes32, ops, layout, chunk_rows=chunk, num_problems=count
+        )
+        self.batched(handle, plan.dims(chunk), (a_arr, b_arr, c_arr), count, data_type, compute)
+
+    @staticmethod
+    def batched(handle, d, pointer_arrays, count, data_type, compute) -> None:
+        """One ``cublasGemmBatchedEx`` over device pointer arrays (rows, weights, out)."""
+        a_arr, b_arr, c_arr = pointer_arrays
+        _cublas.gemm_batched_ex(
+            handle, d.transa, d.transb, d.m, d.n, d.k, 1.0, b_arr.data.ptr, data_type, d.lda,
+            a_arr.data.ptr, data_type, d.ldb, 0.0, c_arr.data.ptr, data_type, d.ldc, count, compute,
+        )  # fmt: skip
 
     def _strided(self, plan, ops, layout, handle, data_type, compute) -> None:
         cap = layout.stride
         d = plan.dims(cap)
         itemsize = np.dtype(np.float32).itemsize if data_type == _cublas.DataType.R_32F else 2
         _cublas.gemm_strided_batched_ex(
-            handle, d.transa, d.transb, d.m, d.n, d.k, 1.0,
-            ops.b, data_type, d.lda, ops.b_expert_bytes // itemsize,
-            ops.a, data_type, d.ldb, cap * ops.a_row_bytes // itemsize,
-            0.0, ops.c, data_type, d.ldc, cap * ops.c_row_bytes // itemsize, plan.num_experts, compute)
+            handle,
+            d.transa,
+            d.transb,
+            d.m,
+            d.n,
+            d.k,
+            1.0,
+            ops.b,
+            data_type,
+            d.lda,
+            ops.b_expert_bytes // itemsize,
+            ops.a,
+            data_type,
+            d.ldb,
+            cap * ops.a_row_bytes // itemsize,
+            0.0,
+            ops.c,
+            data_type,
+            d.ldc,
+            cap * ops.c_row_bytes // itemsize,
+            plan.num_experts,
+            compute,
+        )
 
     def layout_for(self, algorithm: Algorithm, sizes: np.ndarray) -> RowLayout:
         """Row layout an algorithm needs for these host sizes."""

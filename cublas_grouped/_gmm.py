@@ -18,14 +18,25 @@ def _executor(compute, algorithm) -> GroupedGemmExecutor:
     executor = _executors.get(key)
     if executor is None:
         with _lock:
-            executor = _executors.setdefault(key, GroupedGemmExecutor(
-                config=GroupedGemmConfig(algorithm=algorithm, compute_precision=compute)))
+            executor = _executors.setdefault(
+                key,
+                GroupedGemmExecutor(config=GroupedGemmConfig(algorithm=algorithm, compute_precision=compute)),
+            )
     return executor
 
 
-def gmm(a, b, group_sizes, *, trans_a: bool = False, trans_b: bool = False, out=None,
-        compute: ComputePrecision | str | None = None, algorithm: Algorithm | str = Algorithm.AUTO,
-        stream=None):
+def gmm(
+    a,
+    b,
+    group_sizes,
+    *,
+    trans_a: bool = False,
+    trans_b: bool = False,
+    out=None,
+    compute: ComputePrecision | str | None = None,
+    algorithm: Algorithm | str = Algorithm.AUTO,
+    stream=None,
+):
     """Grouped matrix product with row-major (NumPy) semantics.
 
     Parameters
@@ -71,4 +82,5 @@ def gmm(a, b, group_sizes, *, trans_a: bool = False, trans_b: bool = False, out=
     precision = coerce_enum(ComputePrecision, compute if compute is not None else "fp32", "compute")
     algorithm = coerce_enum(Algorithm, algorithm, "algorithm")
     return _executor(precision, algorithm).execute(
-        a, b, group_sizes, trans_a=trans_a, trans_b=trans_b, out=out, stream=stream)
+        a, b, group_sizes, trans_a=trans_a, trans_b=trans_b, out=out, stream=stream
+    )

@@ -75,8 +75,10 @@ class GemmPlan:
         count = len(rows)
         rows32 = rows.astype(np.int32)
         probe = self.dims(1)
-        full = {name: np.full(count, getattr(probe, name), dtype=np.int32)
-                for name in ("transa", "transb", "m", "n", "k", "lda", "ldb", "ldc")}
+        full = {
+            name: np.full(count, getattr(probe, name), dtype=np.int32)
+            for name in ("transa", "transb", "m", "n", "k", "lda", "ldb", "ldc")
+        }
         # Exactly one of m/n/k carries the group's rows.
         full["k" if self.trans_a else "n"] = rows32
         return full
@@ -111,13 +113,24 @@ def _check_matrix(v: ArrayView, name: str, ndim: int) -> None:
     if v.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D; got shape {v.shape}")
     if not v.is_c_contiguous():
-        raise ValueError(f"{name} must be C-contiguous (row-major); got strides {v.strides} for shape {v.shape}")
+        raise ValueError(
+            f"{name} must be C-contiguous (row-major); got strides {v.strides} for shape {v.shape}"
+        )
     if v.ptr % v.itemsize:
-        raise ValueError(f"{name} is misaligned: address {v.ptr:#x} is not a multiple of its {v.itemsize}-byte element")
+        raise ValueError(
+            f"{name} is misaligned: address {v.ptr:#x} is not a multiple of its {v.itemsize}-byte element"
+        )
 
 
-def plan_gmm(a: ArrayView, b: ArrayView, sizes: np.ndarray | None, *, trans_a: bool, trans_b: bool,
-             num_experts: int | None = None) -> GemmPlan:
+def plan_gmm(
+    a: ArrayView,
+    b: ArrayView,
+    sizes: np.ndarray | None,
+    *,
+    trans_a: bool,
+    trans_b: bool,
+    num_experts: int | None = None,
+) -> GemmPlan:
     """Validate operand shapes and build the plan (``sizes=None``: not known yet, all zero)."""
     if trans_a and trans_b:
         raise ValueError("trans_a and trans_b cannot both be set: with trans_a, b holds rows [M, N]")

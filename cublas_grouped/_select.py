@@ -62,8 +62,12 @@ class ProblemStats:
         return cls(len(sizes), active, int(sizes.sum()), int(sizes.max(initial=0)), n, k, dtype)
 
     def features(self) -> np.ndarray:
-        return np.log2(np.array([self.num_experts, max(self.active_experts, 1), self.mean_rows + 1,
-                                 self.n, self.k], dtype=np.float64))
+        return np.log2(
+            np.array(
+                [self.num_experts, max(self.active_experts, 1), self.mean_rows + 1, self.n, self.k],
+                dtype=np.float64,
+            )
+        )
 
 
 @dataclass
@@ -77,9 +81,15 @@ class TuningTable:
     def __post_init__(self):
         self._by_dtype: dict[str, tuple[np.ndarray, list[dict]]] = {}
         for entry in self.entries:
-            feats = ProblemStats(entry["num_experts"], entry["active_experts"],
-                                 int(entry["mean_rows"] * entry["active_experts"]), 0,
-                                 entry["n"], entry["k"], entry["dtype"]).features()
+            feats = ProblemStats(
+                entry["num_experts"],
+                entry["active_experts"],
+                int(entry["mean_rows"] * entry["active_experts"]),
+                0,
+                entry["n"],
+                entry["k"],
+                entry["dtype"],
+            ).features()
             rows, items = self._by_dtype.setdefault(entry["dtype"], ([], []))
             rows.append(feats)
             items.append(entry)
@@ -103,8 +113,11 @@ class TuningTable:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"gpu": self.gpu, "cublas_version": self.cublas_version,
-                                   "entries": self.entries}, indent=1))
+        tmp.write_text(
+            json.dumps(
+                {"gpu": self.gpu, "cublas_version": self.cublas_version, "entries": self.entries}, indent=1
+            )
+        )
         os.replace(tmp, path)
 
 
@@ -170,8 +183,13 @@ def _rule(stats: ProblemStats, allowed: list[Algorithm]) -> Algorithm:
     return Algorithm.SEQUENTIAL
 
 
-def select_algorithm(stats: ProblemStats, device: DeviceInfo, *, padded_layouts: bool = False,
-                     table: TuningTable | None | bool = True) -> Algorithm:
+def select_algorithm(
+    stats: ProblemStats,
+    device: DeviceInfo,
+    *,
+    padded_layouts: bool = False,
+    table: TuningTable | None | bool = True,
+) -> Algorithm:
     """The algorithm to run for ``stats`` on ``device``.
 
     ``table=True`` loads the tuning table for the device (if any); pass a
@@ -183,8 +201,11 @@ def select_algorithm(stats: ProblemStats, device: DeviceInfo, *, padded_layouts:
     if table and stats.active_experts:
         entry = table.nearest(stats)
         if entry is not None:
-            times = {Algorithm(name): t for name, t in entry["times_ms"].items()
-                     if t is not None and Algorithm(name) in allowed}
+            times = {
+                Algorithm(name): t
+                for name, t in entry["times_ms"].items()
+                if t is not None and Algorithm(name) in allowed
+            }
             if times:
                 return min(times, key=times.get)
     return _rule(stats, allowed)

@@ -1,0 +1,147 @@
+"""Launch wrappers for the MoE kernels (routing, dispatch, activation, combine).
+
+One function per kernel: it picks the dtype variant, computes the grid and
+shared memory the kernel's header comment asks for, and types every argument.
+No checks happen here: callers validate first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _kernels
+
+__all__ = [
+    "ACTIVATIONS",
+    "route_topk",
+    "block_histogram",
+    "column_scan",
+    "assign_rows",
+    "gather_rows",
+    "expert_activation",
+    "combine_rows",
+    "scatter_rows",
+    "num_pair_blocks",
+]
+
+# Must match kernels/dispatch.cu and kernels/routing.cu.
+DISPATCH_THREADS = 256
+PAIRS_PER_BLOCK = 1024
+ROUTE_THREADS = 128
+ROUTE_WARPS = ROUTE_THREADS // 32
+ROW_THREADS = 128
+MAX_GRID = 65535
+
+ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}
+_SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+
+def _ptr(array) -> np.intp:
+    return np.intp(0 if array is None else array.data.ptr)
+
+
+def _kernel(file: str, name: str, arch: str, dtype=None):
+    if dtype is not None:
+        name = f"{name}_{_SUFFIX[np.dtype(dtype).name]}"
+    return _kernels.get_kernel(file, name, arch)
+
+
+def num_pair_blocks(num_pairs: int) -> int:
+    return max(1, -(-num_pairs // PAIRS_PER_BLOCK))
+
+
+def route_topk(stream, arch, logits, top_k, scoring, renormalize, weights, ids) -> None:
+    tokens, experts = logits.shape
+    kernel = _kernel("routing", "route_topk", arch, logits.dtype)
+    grid = max(1, -(-tokens // ROUTE_WARPS))
+    args = (
+        _ptr(logits),
+        np.int32(tokens),
+        np.int32(experts),
+        np.int32(top_k),
+        np.int32(scoring),
+        np.int32(renormalize),
+        _ptr(weights),
+        _ptr(ids),
+    )
+    _kernels.launch(stream, kernel, grid, ROUTE_THREADS, args, shmem=ROUTE_WARPS * experts * 4)
+
+
+def block_histogram(stream, arch, ids, num_pairs, num_experts, block_counts) -> None:
+    kernel = _kernel("dispatch", "expert_block_histogram", arch)
+    args = (_ptr(ids), np.int32(num_pairs), np.int32(num_experts), _ptr(block_counts))
+    _kernels.launch(stream, kernel, num_pair_blocks(num_pairs), DISPATCH_THREADS, args)
+
+
+def column_scan(stream, arch, block_counts, num_blocks, num_experts, counts) -> None:
+    kernel = _kernel("dispatch", "expert_column_scan", arch)
+    args = (_ptr(block_counts), np.int32(num_blocks), np.int32(num_experts), _ptr(counts))
+    _kernels.launch(stream, kernel, num_experts, DISPATCH_THREADS, args)
+
+
+def assign_rows(
+    stream, arch, ids, num_pairs, num_experts, block_base, row_offsets, pair_to_row, row_to_pair
+) -> None:
+    kernel = _kernel("dispatch", "assign_rows", arch)
+    args = (
+        _ptr(ids),
+        np.int32(num_pairs),
+        np.int32(num_experts),
+        _ptr(block_base),
+        _ptr(row_offsets),
+        _ptr(pair_to_row),
+        _ptr(row_to_pair),
+    )
+    shmem = (DISPATCH_THREADS // 32 + 1) * num_experts * 4
+    _kernels.launch(stream, kernel, num_pair_blocks(num_pairs), DISPATCH_THREADS, args, shmem=shmem)
+
+
+def _row_grid(rows: int) -> int:
+    return max(1, min(rows, MAX_GRID))
+
+
+def gather_rows(stream, arch, x, row_to_pair, top_k, out) -> None:
+    rows = out.shape[0]
+    kernel = _kernel("dispatch", "gather_rows", arch, x.dtype)
+    args = (_ptr(x), np.int32(x.shape[1]), _ptr(row_to_pair), np.int32(top_k), np.int32(rows), _ptr(out))
+    _kernels.launch(stream, kernel, _row_grid(rows), ROW_THREADS, args)
+
+
+def expert_activation(stream, arch, h, inter, gated, act, bias, row_to_pair, ids, out) -> None:
+    rows = out.shape[0]
+    kernel = _kernel("activation", "expert_activation", arch, h.dtype)
+    args = (
+        _ptr(h),
+        np.int32(inter),
+        np.int32(gated),
+        np.int32(act),
+        _ptr(bias),
+        _ptr(row_to_pair),
+        _ptr(ids),
+        np.int32(rows),
+        _ptr(out),
+    )
+    _kernels.launch(stream, kernel, _row_grid(rows), ROW_THREADS, args)
+
+
+def combine_rows(stream, arch, y, pair_to_row, weights, ids, bias, num_tokens, top_k, out) -> None:
+    kernel = _kernel("combine", "combine_rows", arch, y.dtype)
+    args = (
+        _ptr(y),
+        np.int32(y.shape[1]),
+        _ptr(pair_to_row),
+        _ptr(weights),
+        _ptr(ids),
+        _ptr(bias),
+        np.int32(num_tokens),
+        np.int32(top_k),
+        _ptr(out),
+    )
+    _kernels.launch(stream, kernel, _row_grid(num_tokens), ROW_THREADS, args)
+
+
+def scatter_rows(stream, arch, y, pair_to_row, out) -> None:
+    pairs = out.shape[0]
+    kernel = _kernel("combine", "scatter_rows", arch, y.dtype)
+    args = (_ptr(y), np.int32(y.shape[1]), _ptr(pair_to_row), np.int32(pairs), _ptr(out))
+    _kernels.launch(stream, kernel, _row_grid(pairs), ROW_THREADS, args)

@@ -1,0 +1,164 @@
+"""Packed expert weights and the MoE MLP module that holds them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._arrays import as_cupy, view
+
+__all__ = ["ExpertWeights", "ExpertWeightManager", "MoEMLP"]
+
+
+@dataclass
+class ExpertWeights:
+    """One projection of every expert, packed contiguously.
+
+    Attributes
+    ----------
+    weight : GPU array [E, K, N] (``[E, N, K]``, the ``nn.Linear`` layout, when ``trans_b``)
+    bias : GPU array [E, N] or None
+    trans_b : bool
+    """
+
+    weight: object
+    bias: object = None
+    trans_b: bool = False
+
+    def __post_init__(self):
+        w = view(self.weight, "weight")
+        if w.ndim != 3 or not w.is_c_contiguous():
+            raise ValueError(f"weight must be a C-contiguous 3-D array [E, K, N]; got shape {w.shape}")
+        if self.bias is not None:
+            b = view(self.bias, "bias")
+            if b.shape != (self.num_experts, self.out_features) or b.dtype != w.dtype:
+                raise ValueError(
+                    f"bias must be {w.dtype} [{self.num_experts}, {self.out_features}]; "
+                    f"got {b.dtype} {b.shape}"
+                )
+
+    @property
+    def num_experts(self) -> int:
+        return view(self.weight, "weight").shape[0]
+
+    @property
+    def out_features(self) -> int:
+        shape = view(self.weight, "weight").shape
+        return shape[1] if self.trans_b else shape[2]
+
+    @property
+    def in_features(self) -> int:
+        shape = view(self.weight, "weight").shape
+        return shape[2] if self.trans_b else shape[1]
+
+
+class ExpertWeightManager:
+    """Packs per-expert arrays into :class:`ExpertWeights`."""
+
+    @staticmethod
+    def load(weights, biases=None, *, trans_b: bool = False) -> ExpertWeights:
+        """Stack a list of per-expert ``[K, N]`` GPU arrays (``[N, K]`` with ``trans_b``)
+        and optional ``[N]`` biases into one contiguous ``[E, K, N]`` array."""
+        import cupy
+
+        if not weights:
+            raise ValueError("weights must hold at least one expert")
+        mats = [as_cupy(w, f"weights[{i}]") for i, w in enumerate(weights)]
+        first = mats[0]
+        for i, m in enumerate(mats):
+            if m.shape != first.shape or m.dtype != first.dtype or m.ndim != 2:
+                raise ValueError(
+                    f"weights[{i}] is {m.dtype} {m.shape}; expected 2-D {first.dtype} {first.shape}"
+                )
+        bias = None
+        if biases is not None:
+            if len(biases) != len(mats):
+                raise ValueError(f"biases has {len(biases)} entries for {len(mats)} experts")
+            bias = cupy.stack([as_cupy(b, f"biases[{i}]") for i, b in enumerate(biases)])
+        return ExpertWeights(cupy.ascontiguousarray(cupy.stack(mats)), bias, trans_b)
+
+
+class MoEMLP:
+    """A complete MoE block: router, routed experts, optional shared experts.
+
+    Parameters
+    ----------
+    router_weight : GPU array [H, E]; logits = x @ router_weight
+    w1 : ExpertWeights or array [E, H, 2I] (gate|up when gated)
+    w2 : ExpertWeights or array [E, I, H]
+    top_k : experts per token
+    shared_w1, shared_w2 : optional dense MLP every token goes through
+        ([H, 2Is] gate|up and [Is, H]); its output is added to the experts'.
+    scoring, renormalize : passed to :func:`route`
+    activation, gated : as in :func:`moe_forward`
+    """
+
+    def __init__(
+        self,
+        router_weight,
+        w1,
+        w2,
+        top_k: int,
+        *,
+        shared_w1=None,
+        shared_w2=None,
+        scoring: str = "softmax",
+        renormalize: bool = True,
+        activation: str = "silu",
+        gated: bool = True,
+    ):
+        self.w1 = w1 if isinstance(w1, ExpertWeights) else ExpertWeights(w1)
+        self.w2 = w2 if isinstance(w2, ExpertWeights) else ExpertWeights(w2)
+        if self.w1.trans_b != self.w2.trans_b:
+            raise ValueError("w1 and w2 must use the same layout (trans_b)")
+        r = view(router_weight, "router_weight")
+        if r.ndim != 2 or r.shape[1] != self.w1.num_experts:
+            raise ValueError(f"router_weight must be [H, {self.w1.num_experts}]; got {r.shape}")
+        if (shared_w1 is None) != (shared_w2 is None):
+            raise ValueError("shared_w1 and shared_w2 go together")
+        self.router_weight = router_weight
+        self.top_k = top_k
+        self.shared = None
+        if shared_w1 is not None:
+            # The shared MLP is a one-expert MoE that every token picks with weight 1.
+            self.shared = (as_cupy(shared_w1)[None], as_cupy(shared_w2)[None])
+        self.scoring, self.renormalize = scoring, renormalize
+        self.activation, self.gated = activation, gated
+
+    def __call__(self, x, *, stream=None, algorithm="auto"):
+        """Forward ``x`` [T, H] -> [T, H]."""
+        import cupy
+
+        from ._moe import moe_forward, route
+
+        logits = cupy.matmul(as_cupy(x, "x"), as_cupy(self.router_weight))
+        weights, ids = route(
+            logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize, stream=stream
+        )
+        out = moe_forward(
+            x,
+            ids,
+            weights,
+            self.w1.weight,
+            self.w2.weight,
+            b1=self.w1.bias,
+            b2=self.w2.bias,
+            activation=self.activation,
+            gated=self.gated,
+            trans_b=self.w1.trans_b,
+            algorithm=algorithm,
+            stream=stream,
+        )
+        if self.shared is not None:
+            tokens = out.shape[0]
+            ones = cupy.zeros((tokens, 1), dtype=cupy.int32)
+            out += moe_forward(
+                x,
+                ones,
+                None,
+                self.shared[0],
+                self.shared[1],
+                activation=self.activation,
+                gated=self.gated,
+                stream=stream,
+            )
+        return out

@@ -1,0 +1,224 @@
+"""The MoE layer and its kernels on the GPU against the float64 references."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import cublas_grouped as cg
+from cublas_grouped import testing as ref
+
+from gpu_util import check_close, device_random
+
+pytestmark = pytest.mark.gpu
+
+ALGORITHMS = ["cublas_grouped", "sequential", "chunked_batched", "padded_strided", "auto"]
+
+
+def routing(rng, tokens, experts, k, skew_zero=0):
+    """Random distinct top-k ids per token (some experts never chosen when skew_zero > 0)."""
+    import cupy
+
+    allowed = np.arange(experts)[skew_zero:] if experts - skew_zero >= k else np.arange(experts)
+    ids = np.stack([rng.choice(allowed, size=k, replace=False) for _ in range(tokens)]).astype(np.int32)
+    w = rng.random((tokens, k)).astype(np.float32)
+    w /= w.sum(axis=1, keepdims=True)
+    return cupy.asarray(ids), cupy.asarray(w), ids, w.astype(np.float64)
+
+
+@pytest.mark.parametrize("tokens, experts, k", [(1, 8, 2), (37, 16, 1), (200, 16, 16), (65536, 256, 8),
+                                                (300, 1024, 4)])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_route_matches_reference(tokens, experts, k, scoring):
+    rng = np.random.default_rng(tokens + experts)
+    logits, logits64 = device_random(rng, (tokens, experts), np.float32)
+    weights, ids = cg.route(logits, k, scoring=scoring)
+    ref_w, ref_ids = ref.route_ref(logits64.astype(np.float32), k, scoring=scoring)
+    import cupy
+
+    assert (cupy.asnumpy(ids) == ref_ids).all()
+    assert np.abs(cupy.asnumpy(weights) - ref_w).max() < 1e-5
+
+
+@pytest.mark.parametrize("tokens, experts, k", [(1, 8, 1), (1, 8, 8), (513, 64, 6), (65536, 256, 8)])
+@pytest.mark.parametrize("algorithm", ["cublas_grouped", "chunked_batched", "padded_strided"])
+def test_plan_gather_scatter(tokens, experts, k, algorithm):
+    import cupy
+
+    rng = np.random.default_rng(tokens * 7 + k)
+    ids, w, ids_h, _ = routing(rng, tokens, experts, k, skew_zero=experts // 4)
+    x, x64 = device_random(rng, (tokens, 64), ml_dtypes.bfloat16)
+    inp = cg.prepare_input(x, (w, ids), experts, algorithm=algorithm)
+    expected = ref.plan_ref(ids_h, experts)
+    assert (cupy.asnumpy(inp.tokens_per_expert) == expected["counts"]).all()
+    assert (inp.counts_host == expected["counts"]).all()
+    assert (inp.counts_host[: experts // 4] == 0).all()  # experts nobody picked
+    # Stable: within an expert, rows follow token order; every pair has its own row.
+    p2r = cupy.asnumpy(inp.pair_to_row)
+    r2p = cupy.asnumpy(inp.row_to_pair)
+    assert len(np.unique(p2r)) == tokens * k and (r2p[p2r] == np.arange(tokens * k)).all()
+    offsets = cupy.asnumpy(inp.expert_offsets)
+    rank = p2r - offsets[ids_h.reshape(-1)]
+    ref_rank = expected["pair_to_row"] - expected["row_offsets"][ids_h.reshape(-1)]
+    assert (rank == ref_rank).all()
+    gathered = cupy.asnumpy(inp.rows).astype(np.float64)
+    assert (gathered[p2r] == ref.gather_ref(x64, np.arange(tokens * k), k)).all()
+    assert (gathered[r2p < 0] == 0).all()
+    back = cg.scatter_output(inp.rows, inp)
+    assert (cupy.asnumpy(back).astype(np.float64) == np.repeat(x64, k, axis=0)).all()
+
+
+def _layer_case(rng, tokens, experts, k, hidden, inter, dtype, gated=True, bias=False):
+    width = 2 * inter if gated else inter
+    x, x64 = device_random(rng, (tokens, hidden), dtype)
+    w1, w1_64 = device_random(rng, (experts, hidden, width), dtype, scale=hidden**-0.5)
+    w2, w2_64 = device_random(rng, (experts, inter, hidden), dtype, scale=inter**-0.5)
+    b1 = b2 = b1_64 = b2_64 = None
+    if bias:
+        b1, b1_64 = device_random(rng, (experts, width), dtype, scale=0.1)
+        b2, b2_64 = device_random(rng, (experts, hidden), dtype, scale=0.1)
+    return (x, w1, w2, b1, b2), (x64, w1_64, w2_64, b1_64, b2_64)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (ml_dtypes.bfloat16, 2e-2), (np.float16, 2e-2)])
+def test_layer_matches_reference(algorithm, dtype, tol):
+    rng = np.random.default_rng(42)
+    tokens, experts, k = 300, 32, 4
+    ids, w, ids_h, w64 = routing(rng, tokens, experts, k, skew_zero=5)
+    (x, w1, w2, _, _), (x64, w1_64, w2_64, _, _) = _layer_case(rng, tokens, experts, k, 128, 96, dtype)
+    out = cg.moe_forward(x, ids, w, w1, w2, algorithm=algorithm)
+    expected = ref.moe_forward_ref(x64, ids_h, w64, w1_64, w2_64)
+    check_close(out, expected, tol, f"moe {algorithm} {np.dtype(dtype).name}")
+
+
+@pytest.mark.parametrize("activation, gated, bias", [("gelu", True, True), ("relu", False, True),
+                                                     ("silu", False, False), ("gelu", False, False)])
+def test_layer_activations_and_biases(activation, gated, bias):
+    rng = np.random.default_rng(9)
+    tokens, experts, k = 64, 8, 2
+    ids, w, ids_h, w64 = routing(rng, tokens, experts, k)
+    (x, w1, w2, b1, b2), (x64, w1_64, w2_64, b1_64, b2_64) = _layer_case(
+        rng, tokens, experts, k, 64, 48, np.float32, gated, bias)
+    out = cg.moe_forward(x, ids, w, w1, w2, b1=b1, b2=b2, activation=activation, gated=gated)
+    expected = ref.moe_forward_ref(x64, ids_h, w64, w1_64, w2_64, b1_64, b2_64, activation, gated)
+    check_close(out, expected, 1e-5, f"{activation} gated={gated} bias={bias}")
+
+
+def test_layer_is_deterministic_and_handles_one_token_and_k_equals_e():
+    import cupy
+
+    rng = np.random.default_rng(1)
+    for tokens, experts, k in [(1, 8, 8), (1, 128, 8), (4096, 128, 8)]:
+        ids, w, ids_h, w64 = routing(rng, tokens, experts, k)
+        (x, w1, w2, _, _), (x64, w1_64, w2_64, _, _) = _layer_case(rng, tokens, experts, k, 256, 64,
+                                                                    ml_dtypes.bfloat16)
+        first = cg.moe_forward(x, ids, w, w1, w2)
+        second = cg.moe_forward(x, ids, w, w1, w2)
+        assert (cupy.asnumpy(first).view(np.uint16) == cupy.asnumpy(second).view(np.uint16)).all()
+        if tokens <= 128:
+            check_close(first, ref.moe_forward_ref(x64, ids_h, w64, w1_64, w2_64), 2e-2, f"T={tokens}")
+
+
+def test_trans_b_weights_and_mlp_with_shared_expert():
+    import cupy
+
+    rng = np.random.default_rng(4)
+    tokens, experts, k, hidden, inter = 50, 8, 2, 64, 32
+    (x, w1, w2, _, _), (x64, w1_64, w2_64, _, _) = _layer_case(rng, tokens, experts, k, hidden, inter,
+                                                                np.float32)
+    router, router64 = device_random(rng, (hidden, experts), np.float32)
+    sw1, sw1_64 = device_random(rng, (hidden, 2 * inter), np.float32, scale=hidden**-0.5)
+    sw2, sw2_64 = device_random(rng, (inter, hidden), np.float32, scale=inter**-0.5)
+    lin1 = cg.ExpertWeightManager.load([cupy.ascontiguousarray(w1[e].T) for e in range(experts)], trans_b=True)
+    lin2 = cg.ExpertWeightManager.load([cupy.ascontiguousarray(w2[e].T) for e in range(experts)], trans_b=True)
+    mlp = cg.MoEMLP(router, lin1, lin2, k, shared_w1=sw1, shared_w2=sw2)
+    out = mlp(x)
+    logits = x64 @ router64
+    w_ref, ids_ref = ref.route_ref(logits, k)
+    expected = ref.moe_forward_ref(x64, ids_ref, w_ref, w1_64, w2_64)
+    expected += ref.moe_forward_ref(x64, np.zeros((tokens, 1), np.int32), np.ones((tokens, 1)),
+                                    sw1_64[None], sw2_64[None])
+    check_close(out, expected, 1e-5, "MoEMLP trans_b + shared")
+
+
+def test_out_of_range_ids_are_refused():
+    import cupy
+
+    rng = np.random.default_rng(2)
+    (x, w1, w2, _, _), _ = _layer_case(rng, 4, 8, 2, 32, 16, np.float32)
+    ids = cupy.asarray([[0, 1], [2, 9], [3, 4], [5, 6]], dtype=cupy.int32)
+    with pytest.raises(ValueError, match=r"topk_ids holds 1 ids outside \[0, 8\)"):
+        cg.moe_forward(x, ids, None, w1, w2)
+
+
+# -- static decode path ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tokens, experts, k", [(1, 128, 8), (16, 128, 8), (64, 256, 8), (16, 8, 2)])
+def test_static_graph_replay_matches_reference(tokens, experts, k):
+    import cupy
+
+    rng = np.random.default_rng(tokens + experts)
+    hidden, inter = 256, 128
+    (x, w1, w2, _, _), (_, w1_64, w2_64, _, _) = _layer_case(rng, tokens, experts, k, hidden, inter,
+                                                              ml_dtypes.bfloat16)
+    layer = cg.StaticMoE(w1, w2, k, max_tokens=64)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    x_buf = cupy.empty_like(x)
+    ids_buf = cupy.empty((tokens, k), dtype=cupy.int32)
+    w_buf = cupy.empty((tokens, k), dtype=cupy.float32)
+    ids, w, _, _ = routing(rng, tokens, experts, k)
+    x_buf[...] = x
+    ids_buf[...] = ids
+    w_buf[...] = w
+    with stream:
+        layer.forward(x_buf, ids_buf, w_buf)  # eager warm-up: compiles, sets the workspace
+        stream.begin_capture()
+        out = layer.forward(x_buf, ids_buf, w_buf)
+        graph = stream.end_capture()
+    for step in range(100):
+        ids, w, ids_h, w64 = routing(rng, tokens, experts, k, skew_zero=step % 3)
+        new_x, x64 = device_random(rng, (tokens, hidden), ml_dtypes.bfloat16)
+        with stream:
+            x_buf[...] = new_x
+            ids_buf[...] = ids
+            w_buf[...] = w
+            graph.launch(stream)
+        stream.synchronize()
+        check_close(out, ref.moe_forward_ref(x64, ids_h, w64, w1_64, w2_64), 2e-2, f"replay {step}")
+
+
+def test_static_matches_dynamic_and_capacity_is_enforced():
+    import cupy
+
+    rng = np.random.default_rng(8)
+    (x, w1, w2, b1, b2), _ = _layer_case(rng, 16, 32, 4, 128, 64, np.float32, bias=True)
+    ids, w, _, _ = routing(rng, 16, 32, 4)
+    layer = cg.StaticMoE(w1, w2, 4, max_tokens=16, b1=b1, b2=b2)
+    static = cupy.asnumpy(layer.forward(x, ids, w)).astype(np.float64)
+    dynamic = cupy.asnumpy(cg.moe_forward(x, ids, w, w1, w2, b1=b1, b2=b2)).astype(np.float64)
+    assert ref.rel_error(static, dynamic) < 1e-5
+    big = cupy.concatenate([x, x])
+    with pytest.raises(ValueError, match="x has 32 tokens but this StaticMoE was built for max_tokens=16"):
+        layer.forward(big, cupy.concatenate([ids, ids]), cupy.concatenate([w, w]))
+
+
+def test_dynamic_path_cannot_be_captured():
+    import cupy
+
+    rng = np.random.default_rng(3)
+    (x, w1, w2, _, _), _ = _layer_case(rng, 8, 8, 2, 32, 16, np.float32)
+    ids, w, _, _ = routing(rng, 8, 8, 2)
+    cg.moe_forward(x, ids, w, w1, w2)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            with pytest.raises(Exception):  # the counts' device-to-host copy is not capturable
+                cg.moe_forward(x, ids, w, w1, w2)
+        finally:
+            try:
+                stream.end_capture()
+            except Exception:
+                pass
