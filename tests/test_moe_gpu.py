@@ -37,8 +37,15 @@ def test_route_matches_reference(tokens, experts, k, scoring):
     ref_w, ref_ids = ref.route_ref(logits64.astype(np.float32), k, scoring=scoring)
     import cupy
 
-    assert (cupy.asnumpy(ids) == ref_ids).all()
-    assert np.abs(cupy.asnumpy(weights) - ref_w).max() < 1e-5
+    got_ids, got_w = cupy.asnumpy(ids), cupy.asnumpy(weights)
+    # fp32 scores may tie where float64 ones differ (sigmoid saturates near 1):
+    # ids must agree wherever the reference's top k+1 scores are clearly apart.
+    raw = ref.route_ref(logits64.astype(np.float32), min(k + 1, experts), scoring=scoring,
+                        renormalize=False)[0]
+    clear = (np.abs(np.diff(raw, axis=1)) > 1e-6).all(axis=1)
+    assert clear.mean() > 0.5
+    assert (got_ids[clear] == ref_ids[clear]).all()
+    assert np.abs(got_w - ref_w).max() < 1e-5
 
 
 @pytest.mark.parametrize("tokens, experts, k", [(1, 8, 1), (1, 8, 8), (513, 64, 6), (65536, 256, 8)])
@@ -53,7 +60,8 @@ def test_plan_gather_scatter(tokens, experts, k, algorithm):
     expected = ref.plan_ref(ids_h, experts)
     assert (cupy.asnumpy(inp.tokens_per_expert) == expected["counts"]).all()
     assert (inp.counts_host == expected["counts"]).all()
-    assert (inp.counts_host[: experts // 4] == 0).all()  # experts nobody picked
+    if experts - experts // 4 >= k:
+        assert (inp.counts_host[: experts // 4] == 0).all()  # experts nobody picked
     # Stable: within an expert, rows follow token order; every pair has its own row.
     p2r = cupy.asnumpy(inp.pair_to_row)
     r2p = cupy.asnumpy(inp.row_to_pair)
