@@ -44,8 +44,13 @@ class FakeGpuArray:
 
     @property
     def __cuda_array_interface__(self):
-        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self._ptr, False),
-                "strides": self._strides, "version": 3}
+        return {
+            "shape": self.shape,
+            "typestr": self.dtype.str,
+            "data": (self._ptr, False),
+            "strides": self._strides,
+            "version": 3,
+        }
 
 
 @pytest.fixture

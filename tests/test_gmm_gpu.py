@@ -7,11 +7,10 @@ import threading
 import ml_dtypes
 import numpy as np
 import pytest
+from gpu_util import TOLERANCE, check_close, device_random, poisoned, random_sizes
 
 from cublas_grouped import Algorithm, GroupedGemmExecutor, gmm
 from cublas_grouped.testing import gmm_ref, rel_error
-
-from gpu_util import TOLERANCE, check_close, device_random, poisoned, random_sizes
 
 pytestmark = pytest.mark.gpu
 
@@ -37,8 +36,12 @@ def test_gmm_matches_reference(dtype_name, trans_b, num_groups, algorithm):
     compute = "tf32" if dtype_name == "tf32" else None
     result = gmm(a, b, sizes.tolist(), trans_b=trans_b, out=out, compute=compute, algorithm=algorithm)
     assert result is out
-    check_close(out, gmm_ref(a64, b64, sizes, trans_b=trans_b), TOLERANCE[dtype_name],
-                f"{dtype_name} E={num_groups} trans_b={trans_b} {algorithm}")
+    check_close(
+        out,
+        gmm_ref(a64, b64, sizes, trans_b=trans_b),
+        TOLERANCE[dtype_name],
+        f"{dtype_name} E={num_groups} trans_b={trans_b} {algorithm}",
+    )
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])

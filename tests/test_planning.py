@@ -7,8 +7,15 @@ import warnings
 import numpy as np
 import pytest
 
-from cublas_grouped import Algorithm, DeviceInfo, GroupedGemmExecutor, ProblemStats, TuningTable
-from cublas_grouped import choose_chunk_rows, select_algorithm
+from cublas_grouped import (
+    Algorithm,
+    DeviceInfo,
+    GroupedGemmExecutor,
+    ProblemStats,
+    TuningTable,
+    choose_chunk_rows,
+    select_algorithm,
+)
 from cublas_grouped._arrays import view
 from cublas_grouped._cublas import Op
 from cublas_grouped._executor import Operands, RowLayout
@@ -16,8 +23,13 @@ from cublas_grouped._plan import plan_gmm
 
 
 def test_offsets_and_active(fake):
-    plan = plan_gmm(view(fake((10, 8)), "a"), view(fake((4, 8, 16)), "b"), np.array([3, 0, 7, 0]),
-                    trans_a=False, trans_b=False)
+    plan = plan_gmm(
+        view(fake((10, 8)), "a"),
+        view(fake((4, 8, 16)), "b"),
+        np.array([3, 0, 7, 0]),
+        trans_a=False,
+        trans_b=False,
+    )
     assert plan.offsets.tolist() == [0, 3, 3, 10, 10]
     assert plan.active.tolist() == [0, 2]
     assert plan.out_shape == (10, 16)
@@ -31,8 +43,9 @@ def test_column_major_mapping(fake):
     assert (normal.lda, normal.ldb, normal.ldc) == (16, 8, 16)
     tb = plan_gmm(a, view(fake((4, 16, 8)), "b"), np.array([3, 0, 7, 0]), trans_a=False, trans_b=True).dims(3)
     assert (tb.transa, tb.lda, tb.m, tb.n, tb.k) == (Op.T, 8, 16, 3, 8)
-    ta = plan_gmm(a, view(fake((10, 16)), "b"), np.array([3, 0, 7, 0]), trans_a=True, trans_b=False,
-                  num_experts=4)
+    ta = plan_gmm(
+        a, view(fake((10, 16)), "b"), np.array([3, 0, 7, 0]), trans_a=True, trans_b=False, num_experts=4
+    )
     assert ta.out_shape == (4, 8, 16)
     d = ta.dims(7)  # out_e^T [16, 8] = b_e^T [16, 7] @ a_e [7, 8]
     assert (d.transa, d.transb, d.m, d.n, d.k, d.lda, d.ldb, d.ldc) == (Op.N, Op.T, 16, 8, 7, 16, 8, 16)
@@ -42,8 +55,17 @@ def test_column_major_mapping(fake):
 
 
 def test_operand_addresses():
-    ops = Operands(a=1000, a_row_bytes=16, a_expert_bytes=0, b=5000, b_row_bytes=0, b_expert_bytes=256,
-                   c=9000, c_row_bytes=32, c_expert_bytes=0)
+    ops = Operands(
+        a=1000,
+        a_row_bytes=16,
+        a_expert_bytes=0,
+        b=5000,
+        b_row_bytes=0,
+        b_expert_bytes=256,
+        c=9000,
+        c_row_bytes=32,
+        c_expert_bytes=0,
+    )
     assert ops.at(3, 2) == (1000 + 48, 5000 + 512, 9000 + 96)
 
 
@@ -86,9 +108,20 @@ def test_selection_rules(name):
 
 
 def test_table_overrides_rules_for_near_shapes_only():
-    entry = {"dtype": "bfloat16", "num_experts": 128, "active_experts": 128, "mean_rows": 256,
-             "n": 1536, "k": 2048, "times_ms": {"cublas_grouped": 0.5, "sequential": 2.0,
-                                                 "chunked_batched": 0.9, "padded_strided": None}}
+    entry = {
+        "dtype": "bfloat16",
+        "num_experts": 128,
+        "active_experts": 128,
+        "mean_rows": 256,
+        "n": 1536,
+        "k": 2048,
+        "times_ms": {
+            "cublas_grouped": 0.5,
+            "sequential": 2.0,
+            "chunked_batched": 0.9,
+            "padded_strided": None,
+        },
+    }
     table = TuningTable("fake", 130100, [entry])
     dev = DEVICES["sm90-cublas13.1"]
     assert select_algorithm(QWEN, dev, table=table, padded_layouts=True) is Algorithm.CUBLAS_GROUPED
@@ -105,16 +138,24 @@ def test_table_overrides_rules_for_near_shapes_only():
 
 
 def test_table_round_trip(tmp_path):
-    entry = {"dtype": "float16", "num_experts": 8, "active_experts": 8, "mean_rows": 1024, "n": 4096,
-             "k": 4096, "times_ms": {"sequential": 1.0}}
+    entry = {
+        "dtype": "float16",
+        "num_experts": 8,
+        "active_experts": 8,
+        "mean_rows": 1024,
+        "n": 4096,
+        "k": 4096,
+        "times_ms": {"sequential": 1.0},
+    }
     TuningTable("gpu", 120900, [entry]).save(tmp_path / "t.json")
     loaded = TuningTable.load(tmp_path / "t.json")
     assert loaded.entries == [entry] and loaded.cublas_version == 120900
 
 
 def test_executor_selection_and_fallback_warning():
-    old = GroupedGemmExecutor(device=0, device_info=DEVICES["sm75-cublas12.4"],
-                              config={"algorithm": "cublas_grouped"})
+    old = GroupedGemmExecutor(
+        device=0, device_info=DEVICES["sm75-cublas12.4"], config={"algorithm": "cublas_grouped"}
+    )
     assert not old.supports_grouped_gemm()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
