@@ -36,6 +36,9 @@ __all__ = [
 CHUNK_CANDIDATES = (256, 128, 64, 32)
 # A chunk size is accepted when padding adds at most this fraction of rows.
 MAX_CHUNK_PADDING = 0.10
+# PADDED_STRIDED is taken from a table only while it computes at most this
+# many times the real rows (tables are measured on even loads).
+MAX_STRIDED_PADDING = 1.5
 # A tuning entry farther than this (sum of squared log2 ratios) does not apply.
 MAX_TABLE_DISTANCE = 2.0
 
@@ -51,6 +54,11 @@ class ProblemStats:
     n: int
     k: int
     dtype: str = "bfloat16"
+
+    @property
+    def padding_ratio(self) -> float:
+        """Rows the padded strided layout computes over the rows there are."""
+        return self.num_experts * self.max_rows / self.total_rows if self.total_rows else float("inf")
 
     @property
     def mean_rows(self) -> float:
@@ -206,6 +214,10 @@ def select_algorithm(
                 for name, t in entry["times_ms"].items()
                 if t is not None and Algorithm(name) in allowed
             }
+            # Tables are measured on even loads; padding every expert to the
+            # busiest one costs far more on a skewed load than it did there.
+            if stats.padding_ratio > MAX_STRIDED_PADDING:
+                times.pop(Algorithm.PADDED_STRIDED, None)
             if times:
                 return min(times, key=times.get)
     return _rule(stats, allowed)

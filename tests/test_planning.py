@@ -165,3 +165,21 @@ def test_executor_selection_and_fallback_warning():
     assert new.supports_grouped_gemm()
     assert new.select_algorithm(8192, 8, num_experts=8, n=14336, k=4096) is Algorithm.SEQUENTIAL
     assert new.select_algorithm(64, 40, num_experts=128, n=1536, k=2048) is Algorithm.CUBLAS_GROUPED
+
+
+def test_table_padded_strided_not_taken_for_skewed_loads():
+    entry = {
+        "dtype": "bfloat16",
+        "num_experts": 128,
+        "active_experts": 128,
+        "mean_rows": 256,
+        "n": 1536,
+        "k": 2048,
+        "times_ms": {"cublas_grouped": 0.9, "sequential": 2.0, "chunked_batched": 0.7, "padded_strided": 0.5},
+    }
+    table = TuningTable("fake", 130100, [entry])
+    dev = DEVICES["sm90-cublas13.1"]
+    even = ProblemStats(128, 128, 32768, 300, 1536, 2048)  # padding 1.17x
+    skewed = ProblemStats(128, 128, 32768, 1800, 1536, 2048)  # padding 7x
+    assert select_algorithm(even, dev, table=table, padded_layouts=True) is Algorithm.PADDED_STRIDED
+    assert select_algorithm(skewed, dev, table=table, padded_layouts=True) is Algorithm.CHUNKED_BATCHED
