@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import threading
-from importlib import resources
 from pathlib import Path
 
 __all__ = [
@@ -48,13 +47,9 @@ def kernel_dir() -> Path:
     package ``cublas_grouped.kernels``; in a source checkout it sits beside the
     package directory.
     """
-    try:
-        installed = resources.files("cublas_grouped.kernels")
-        path = Path(str(installed))
-        if path.is_dir() and any(path.glob("*.cu")):
-            return path
-    except (ModuleNotFoundError, TypeError):
-        pass
+    installed = Path(__file__).resolve().parent / "kernels"
+    if installed.is_dir() and any(installed.glob("*.cu")):
+        return installed
     source_tree = Path(__file__).resolve().parent.parent / "kernels"
     if source_tree.is_dir():
         return source_tree
