@@ -102,6 +102,21 @@ def _is_host(obj) -> bool:
     )
 
 
+def _zero_empty_groups(out_v: ArrayView, sizes: np.ndarray, stream: int) -> None:
+    """Zero ``out[e]`` of every empty group (they take no part in the GEMM, and
+    their ``a_e^T b_e`` is zero): one async memset per run of consecutive empty
+    groups, so no index array has to be uploaded."""
+    import cupy
+
+    empty = sizes == 0
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], empty.astype(np.int8), [0]))))
+    group_bytes = out_v.nbytes // len(sizes)
+    for start, stop in zip(edges[::2], edges[1::2]):
+        cupy.cuda.runtime.memsetAsync(
+            out_v.ptr + int(start) * group_bytes, 0, int(stop - start) * group_bytes, stream
+        )
+
+
 class GroupedGemmExecutor:
     """Runs grouped GEMMs on one device with a :class:`GroupedGemmConfig`.
 
@@ -187,7 +202,8 @@ class GroupedGemmExecutor:
                 f"{self.device_info.sm[0]}.{self.device_info.sm[1]}"
             )
 
-    def _compute_type(self, dtype: np.dtype) -> int:
+    def compute_type(self, dtype: np.dtype) -> int:
+        """cublasComputeType_t this executor uses for inputs of ``dtype``."""
         return compute_type_for(dtype, self.config.compute_precision, self.config.use_tensor_cores)
 
     # -- public entry points -------------------------------------------------
@@ -275,17 +291,14 @@ class GroupedGemmExecutor:
             if on_device:
                 sizes_dev = as_cupy(group_sizes, "group_sizes")
                 # cuBLAS takes sizes on the host: this copy waits for the stream.
-                host = cupy.asnumpy(sizes_dev, stream=res.cupy_stream)
-                res.cupy_stream.synchronize()
+                host = cupy.asnumpy(sizes_dev, stream=res.cupy_stream)  # blocking copy
                 sizes = check_group_sizes(host.astype(np.int64), plan.num_experts, plan.total_rows)
                 plan = plan_gmm(a_v, b_v, sizes, trans_a=trans_a, trans_b=trans_b, num_experts=num_groups)
             if out_v is None:
                 out = cupy.empty(plan.out_shape, dtype=a_v.dtype)
                 out_v = view(out, "out")
             if plan.trans_a and len(plan.active) < plan.num_experts:
-                # Empty groups take no part in the GEMM: their a^T b is zero.
-                empty = np.flatnonzero(plan.sizes == 0)
-                as_cupy(out_v)[cupy.asarray(empty)] = 0
+                _zero_empty_groups(out_v, plan.sizes, res.stream)
             if len(plan.active) == 0:
                 return out
             if algorithm is Algorithm.AUTO:
@@ -327,7 +340,7 @@ class GroupedGemmExecutor:
         """Run a validated plan with ``algorithm`` on ``res``'s stream (no checks)."""
         handle = res.bind(self.config.workspace_mb << 20)
         data_type = cuda_dtype(dtype, "a")
-        compute = self._compute_type(dtype)
+        compute = self.compute_type(dtype)
         if not self.config.use_tensor_cores:
             _cublas.set_math_mode(handle, _cublas.MathMode.PEDANTIC)
         try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _moe_kernels as K
-from ._arrays import as_cupy, view
+from ._arrays import as_cupy, cuda_dtype, view
 from ._device import resolve_stream, resources
 from ._executor import GroupedGemmExecutor, Operands, RowLayout
 from ._moe import _arch, _check_routing, _check_tokens, _device_of, _executor, check_layer_args
@@ -240,13 +240,11 @@ class StaticMoE:
         )
 
     def _gemm(self, res, arrays, tokens, slots, n, k) -> None:
-        from ._arrays import cuda_dtype
-
         dtype = self.w1.dtype
         handle = res.bind(self.executor.config.workspace_mb << 20)
         dims = self._plan(n, k).dims(tokens)
         self.executor.batched(
-            handle, dims, arrays, slots, cuda_dtype(dtype, "x"), self.executor._compute_type(dtype)
+            handle, dims, arrays, slots, cuda_dtype(dtype, "x"), self.executor.compute_type(dtype)
         )
 
 

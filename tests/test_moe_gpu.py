@@ -223,6 +223,10 @@ def test_static_matches_dynamic_and_capacity_is_enforced():
     big = cupy.concatenate([x, x])
     with pytest.raises(ValueError, match="x has 32 tokens but this StaticMoE was built for max_tokens=16"):
         layer.forward(big, cupy.concatenate([ids, ids]), cupy.concatenate([w, w]))
+    with pytest.raises(ValueError, match=r"x must be float32 \[T, 128\]; got float32 \(16, 64\)"):
+        layer.forward(x[:, :64].copy(), ids, w)
+    with pytest.raises(ValueError, match="topk_ids must have top_k=4 columns"):
+        layer.forward(x, ids[:, :2].copy(), w[:, :2].copy())
 
 
 def test_dynamic_path_cannot_be_captured():
