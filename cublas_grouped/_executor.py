@@ -43,6 +43,15 @@ class RowLayout:
     stride: int = 0
     slot_stride: int = 0
 
+    def algorithms(self) -> tuple[Algorithm, ...]:
+        """Algorithms that can run on rows laid out this way."""
+        if self.stride:
+            return (Algorithm.PADDED_STRIDED, Algorithm.SEQUENTIAL)
+        if self.slot_stride:
+            return (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL)
+        chunked = (Algorithm.CHUNKED_BATCHED,) if self.align > 1 else ()
+        return (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL, *chunked)
+
     def offsets(self, sizes: np.ndarray) -> np.ndarray:
         offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
         if self.stride:

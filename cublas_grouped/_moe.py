@@ -24,7 +24,7 @@ from ._device import resolve_stream, resources
 from ._executor import GroupedGemmExecutor, Operands, RowLayout
 from ._kernels import arch_for
 from ._plan import GemmPlan
-from ._select import ProblemStats, select_algorithm
+from ._select import ProblemStats, allowed_algorithms, best_measured, measured_times, select_algorithm
 
 __all__ = [
     "route",
@@ -223,13 +223,51 @@ class GroupedGemmInput:
         )
 
 
-def _choose(executor, algorithm, counts, n, k, dtype) -> Algorithm:
+def _choose_on_layout(executor, requested, first: Algorithm, layout, counts, n, k, dtype) -> Algorithm:
+    """Algorithm for a later GEMM on rows already laid out for ``first``.
+
+    With AUTO, the tuning table may prefer another algorithm that runs on the
+    same layout (the second expert GEMM has another shape than the first);
+    without a table entry, or with a fixed algorithm, ``first`` stays.
+    """
+    if coerce_enum(Algorithm, requested, "algorithm") is not Algorithm.AUTO:
+        return first
+    if executor.config.algorithm is not Algorithm.AUTO:
+        return first
+    stats = ProblemStats.from_sizes(counts, n, k, np.dtype(dtype).name)
+    runnable = set(layout.algorithms()) & set(allowed_algorithms(executor.device_info, padded_layouts=True))
+    best = best_measured(stats, executor.device_info, runnable)
+    return best if best is not None else first
+
+
+def _choose(executor, algorithm, counts, n, k, dtype, second_gemm=None) -> Algorithm:
+    """The first GEMM's algorithm, which fixes the row layout.
+
+    With AUTO and ``second_gemm`` = (N, K) of the GEMM that follows on the same
+    rows, the layout is chosen for the pair: the first algorithm's measured
+    time plus the best time of any algorithm that runs on its layout.
+    """
     algorithm = coerce_enum(Algorithm, algorithm, "algorithm")
     if algorithm is Algorithm.AUTO:
         algorithm = executor.config.algorithm
     if algorithm is Algorithm.AUTO:
-        stats = ProblemStats.from_sizes(counts, n, k, np.dtype(dtype).name)
-        algorithm = select_algorithm(stats, executor.device_info, padded_layouts=True)
+        info = executor.device_info
+        name = np.dtype(dtype).name
+        stats = ProblemStats.from_sizes(counts, n, k, name)
+        allowed = allowed_algorithms(info, padded_layouts=True)
+        first = measured_times(stats, info, allowed)
+        second = None
+        if first and second_gemm is not None:
+            second = measured_times(ProblemStats.from_sizes(counts, *second_gemm, name), info, allowed)
+        if first and second:
+
+            def pair_time(a: Algorithm) -> float:
+                on_layout = [second[b] for b in executor.layout_for(a, counts).algorithms() if b in second]
+                return first[a] + min(on_layout) if on_layout else float("inf")
+
+            algorithm = min(first, key=pair_time)
+        else:
+            algorithm = select_algorithm(stats, info, padded_layouts=True)
     return executor._fallback(algorithm)
 
 
@@ -284,7 +322,9 @@ def prepare_input(
         )
 
 
-def _prepare(res, executor, x, ids, weights, num_experts, algorithm, gemm_n, timer) -> GroupedGemmInput:
+def _prepare(
+    res, executor, x, ids, weights, num_experts, algorithm, gemm_n, timer, second_gemm=None
+) -> GroupedGemmInput:
     import cupy
 
     arch = _arch(res)
@@ -302,7 +342,7 @@ def _prepare(res, executor, x, ids, weights, num_experts, algorithm, gemm_n, tim
     counts_host = cupy.asnumpy(counts, stream=res.cupy_stream).astype(np.int64)  # the one sync
     if int(counts_host.sum()) != pairs:
         raise ValueError(f"topk_ids holds {pairs - int(counts_host.sum())} ids outside [0, {num_experts})")
-    chosen = _choose(executor, algorithm, counts_host, gemm_n, x.shape[1], x.dtype)
+    chosen = _choose(executor, algorithm, counts_host, gemm_n, x.shape[1], x.dtype, second_gemm)
     layout = executor.layout_for(chosen, counts_host)
     offsets_host = layout.offsets(counts_host)
     total_rows = int(offsets_host[-1])
@@ -365,7 +405,7 @@ def _check_weights(w, name: str, num_experts: int | None, k: int, trans_b: bool,
     return e, n
 
 
-def _run_gemm(executor, res, inp: GroupedGemmInput, rows, w, out, trans_b: bool) -> None:
+def _run_gemm(executor, res, inp: GroupedGemmInput, rows, w, out, trans_b: bool, algorithm=None) -> None:
     r, k = rows.shape
     n = out.shape[1]
     sizes = inp.counts_host
@@ -375,7 +415,13 @@ def _run_gemm(executor, res, inp: GroupedGemmInput, rows, w, out, trans_b: bool)
     ops = Operands.for_plan(plan, rows.data.ptr, w.data.ptr, out.data.ptr, rows.dtype.itemsize)
     if len(plan.active):
         executor.run(
-            plan, ops, rows.dtype, inp.algorithm, res, layout=inp.layout, sizes_dev=inp.tokens_per_expert
+            plan,
+            ops,
+            rows.dtype,
+            algorithm or inp.algorithm,
+            res,
+            layout=inp.layout,
+            sizes_dev=inp.tokens_per_expert,
         )
 
 
@@ -539,7 +585,9 @@ def moe_forward(
         _mark(timer, "start", res.cupy_stream)
         ids = as_cupy(topk_ids)
         weights = None if topk_weights is None else as_cupy(topk_weights)
-        inp = _prepare(res, executor, as_cupy(x_v), ids, weights, num_experts, algorithm, width, timer)
+        inp = _prepare(
+            res, executor, as_cupy(x_v), ids, weights, num_experts, algorithm, width, timer, (hidden, inter)
+        )
         rows = inp.rows.shape[0]
         h = cupy.empty((rows, width), dtype=inp.rows.dtype)
         _run_gemm(executor, res, inp, inp.rows, as_cupy(w1), h, trans_b)
@@ -561,7 +609,12 @@ def moe_forward(
             )
         _mark(timer, "activation", res.cupy_stream)
         y = cupy.empty((rows, hidden), dtype=h.dtype)
-        _run_gemm(executor, res, inp, act, as_cupy(w2), y, trans_b)
+        # Chosen while GEMM 1 runs: the down projection may prefer another
+        # algorithm on the same row layout.
+        second = _choose_on_layout(
+            executor, algorithm, inp.algorithm, inp.layout, inp.counts_host, hidden, inter, h.dtype
+        )
+        _run_gemm(executor, res, inp, act, as_cupy(w2), y, trans_b, second)
         _mark(timer, "gemm2", res.cupy_stream)
         out = cupy.empty((inp.num_tokens, hidden), dtype=h.dtype)
         if inp.num_tokens:

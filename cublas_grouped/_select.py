@@ -27,6 +27,8 @@ __all__ = [
     "ProblemStats",
     "TuningTable",
     "select_algorithm",
+    "best_measured",
+    "measured_times",
     "allowed_algorithms",
     "choose_chunk_rows",
     "tuning_table_path",
@@ -34,6 +36,7 @@ __all__ = [
 ]
 
 CHUNK_CANDIDATES = (256, 128, 64, 32)
+_CHUNKS = np.array(CHUNK_CANDIDATES, dtype=np.int64)
 # A chunk size is accepted when padding adds at most this fraction of rows.
 MAX_CHUNK_PADDING = 0.10
 # PADDED_STRIDED is taken from a table only while it computes at most this
@@ -69,10 +72,25 @@ class ProblemStats:
         active = int(np.count_nonzero(sizes))
         return cls(len(sizes), active, int(sizes.sum()), int(sizes.max(initial=0)), n, k, dtype)
 
+    @property
+    def skew(self) -> float:
+        """Busiest expert's rows over the mean (1 for an even load)."""
+        mean = self.mean_rows
+        return max(self.max_rows / mean, 1.0) if mean else 1.0
+
     def features(self) -> np.ndarray:
+        """log2 of (experts, active experts, mean rows + 1, N, K, skew): what the
+        table's distance is measured on."""
         return np.log2(
             np.array(
-                [self.num_experts, max(self.active_experts, 1), self.mean_rows + 1, self.n, self.k],
+                [
+                    self.num_experts,
+                    max(self.active_experts, 1),
+                    self.mean_rows + 1,
+                    self.n,
+                    self.k,
+                    self.skew,
+                ],
                 dtype=np.float64,
             )
         )
@@ -87,23 +105,23 @@ class TuningTable:
     entries: list[dict]
 
     def __post_init__(self):
-        self._by_dtype: dict[str, tuple[np.ndarray, list[dict]]] = {}
+        grouped: dict[str, tuple[list, list]] = {}
         for entry in self.entries:
-            feats = ProblemStats(
-                entry["num_experts"],
-                entry["active_experts"],
-                int(entry["mean_rows"] * entry["active_experts"]),
-                0,
-                entry["n"],
-                entry["k"],
-                entry["dtype"],
-            ).features()
-            rows, items = self._by_dtype.setdefault(entry["dtype"], ([], []))
-            rows.append(feats)
-            items.append(entry)
-        self._by_dtype = {d: (np.array(r), i) for d, (r, i) in self._by_dtype.items()}
+            active = entry["active_experts"]
+            total = int(round(entry["mean_rows"] * active))
+            # Tables written before max_rows was recorded count as even loads.
+            max_rows = entry.get("max_rows", int(math.ceil(entry["mean_rows"])))
+            stats = ProblemStats(
+                entry["num_experts"], active, total, max_rows, entry["n"], entry["k"], entry["dtype"]
+            )
+            times = {Algorithm(name): t for name, t in entry["times_ms"].items() if t is not None}
+            feats, items = grouped.setdefault(entry["dtype"], ([], []))
+            feats.append(stats.features())
+            items.append(times)
+        self._by_dtype = {d: (np.array(f), i) for d, (f, i) in grouped.items()}
 
-    def nearest(self, stats: ProblemStats) -> dict | None:
+    def nearest(self, stats: ProblemStats) -> dict[Algorithm, float] | None:
+        """Measured times (ms per algorithm) of the closest shape, or None if none is close."""
         found = self._by_dtype.get(stats.dtype)
         if found is None:
             return None
@@ -204,23 +222,36 @@ def select_algorithm(
     :class:`TuningTable`, or ``None``/``False`` for the built-in rules only.
     """
     allowed = allowed_algorithms(device, padded_layouts=padded_layouts)
+    best = best_measured(stats, device, allowed, table)
+    return best if best is not None else _rule(stats, allowed)
+
+
+def measured_times(
+    stats: ProblemStats, device: DeviceInfo, candidates, table: TuningTable | None | bool = True
+) -> dict[Algorithm, float] | None:
+    """Times (ms) of ``candidates`` at the tuning table's nearest shape, or None
+    when no table covers ``stats``."""
     if table is True:
         table = load_tuning_table(device)
-    if table and stats.active_experts:
-        entry = table.nearest(stats)
-        if entry is not None:
-            times = {
-                Algorithm(name): t
-                for name, t in entry["times_ms"].items()
-                if t is not None and Algorithm(name) in allowed
-            }
-            # Tables are measured on even loads; padding every expert to the
-            # busiest one costs far more on a skewed load than it did there.
-            if stats.padding_ratio > MAX_STRIDED_PADDING:
-                times.pop(Algorithm.PADDED_STRIDED, None)
-            if times:
-                return min(times, key=times.get)
-    return _rule(stats, allowed)
+    if not table or not stats.active_experts:
+        return None
+    measured = table.nearest(stats)
+    if measured is None:
+        return None
+    times = {alg: t for alg, t in measured.items() if alg in candidates}
+    # Padding every expert to the busiest one costs far more on a skewed load
+    # than the table's (mostly even) measurements show.
+    if stats.padding_ratio > MAX_STRIDED_PADDING:
+        times.pop(Algorithm.PADDED_STRIDED, None)
+    return times or None
+
+
+def best_measured(
+    stats: ProblemStats, device: DeviceInfo, candidates, table: TuningTable | None | bool = True
+) -> Algorithm | None:
+    """Fastest of ``candidates`` in the tuning table's nearest shape, or None."""
+    times = measured_times(stats, device, candidates, table)
+    return min(times, key=times.get) if times else None
 
 
 def choose_chunk_rows(sizes: np.ndarray) -> int:
@@ -228,11 +259,10 @@ def choose_chunk_rows(sizes: np.ndarray) -> int:
     total = int(sizes.sum())
     if total == 0:
         return CHUNK_CANDIDATES[-1]
-    for chunk in CHUNK_CANDIDATES:
-        padded = int((-(-sizes // chunk) * chunk).sum())
-        if padded - total <= MAX_CHUNK_PADDING * total:
-            return chunk
-    return CHUNK_CANDIDATES[-1]
+    # Padding rows each candidate adds, all candidates in one array operation.
+    padding = ((-sizes[None, :]) % _CHUNKS[:, None]).sum(axis=1)
+    fits = np.flatnonzero(padding <= MAX_CHUNK_PADDING * total)
+    return int(_CHUNKS[fits[0]]) if len(fits) else CHUNK_CANDIDATES[-1]
 
 
 def padded_rows(sizes: np.ndarray, align: int) -> int:

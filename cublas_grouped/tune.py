@@ -38,6 +38,7 @@ from .bench import (
     no_gpu_reason,
     random_normal,
     routing_weights,
+    skewed_routing,
     uniform_routing,
 )
 
@@ -66,6 +67,7 @@ class Shape:
     n: int
     k: int
     dtype: str
+    routing: str = "uniform"
 
     @property
     def weight_key(self) -> tuple:
@@ -91,7 +93,12 @@ def build_grid(quick: bool, dtypes: Sequence[str] = DTYPES) -> list[Shape]:
     for dtype in dtypes:
         for model, m in MODELS.items():
             for gemm, (n, k) in (("gemm1", (2 * m.inter, m.hidden)), ("gemm2", (m.hidden, m.inter))):
-                grid += [Shape(f"{model} {gemm} T={t}", m.experts, m.top_k, t, n, k, dtype) for t in tokens]
+                # Skewed loads too: which algorithm wins depends on how uneven the rows are.
+                grid += [
+                    Shape(f"{model} {gemm} T={t} {routing}", m.experts, m.top_k, t, n, k, dtype, routing)
+                    for t in tokens
+                    for routing in ("uniform", "skewed")
+                ]
         for n, k in QUICK_NK if quick else FULL_NK:
             for experts in GRID_EXPERTS:
                 top_k = max(1, min(8, experts // 4))
@@ -192,7 +199,8 @@ def _measure(shape: Shape, w, api, args, budget_bytes: int) -> dict:
     import cupy
 
     rng = np.random.default_rng(_case_seed(shape.label, args.seed))
-    ids_host = uniform_routing(shape.tokens, shape.experts, shape.top_k, rng)
+    route = skewed_routing if shape.routing == "skewed" else uniform_routing
+    ids_host = route(shape.tokens, shape.experts, shape.top_k, rng)
     wts_host = routing_weights(shape.tokens, shape.top_k, rng)
     counts = expert_counts(ids_host, shape.experts)
     ids, wts = cupy.asarray(ids_host), cupy.asarray(wts_host)

@@ -444,10 +444,12 @@ def test_time_ms_budget_never_drops_below_min_repeat(monkeypatch):
 def test_tune_grid():
     grid = tune.build_grid(quick=True)
     labels = {(s.label, s.dtype) for s in grid}
-    assert ("deepseek-v3 gemm1 T=4096", "bfloat16") in labels
-    assert ("qwen3-30b-a3b gemm2 T=16", "float16") in labels
-    ds1 = next(s for s in grid if s.label == "deepseek-v3 gemm1 T=16")
-    ds2 = next(s for s in grid if s.label == "deepseek-v3 gemm2 T=16")
+    assert ("deepseek-v3 gemm1 T=4096 uniform", "bfloat16") in labels
+    assert ("deepseek-v3 gemm1 T=4096 skewed", "bfloat16") in labels
+    assert ("qwen3-30b-a3b gemm2 T=16 uniform", "float16") in labels
+    ds1 = next(s for s in grid if s.label == "deepseek-v3 gemm1 T=16 uniform")
+    ds2 = next(s for s in grid if s.label == "deepseek-v3 gemm2 T=16 skewed")
+    assert (ds1.routing, ds2.routing) == ("uniform", "skewed")
     assert (ds1.n, ds1.k, ds1.experts, ds1.top_k) == (4096, 7168, 256, 8)
     assert (ds2.n, ds2.k) == (7168, 2048)
     synth = [s for s in grid if s.label.startswith("E=")]

@@ -183,3 +183,50 @@ def test_table_padded_strided_not_taken_for_skewed_loads():
     skewed = ProblemStats(128, 128, 32768, 1800, 1536, 2048)  # padding 7x
     assert select_algorithm(even, dev, table=table, padded_layouts=True) is Algorithm.PADDED_STRIDED
     assert select_algorithm(skewed, dev, table=table, padded_layouts=True) is Algorithm.CHUNKED_BATCHED
+
+
+def test_layer_chooses_the_layout_for_both_gemms(monkeypatch):
+    from cublas_grouped import _select
+    from cublas_grouped._moe import _choose, _choose_on_layout
+
+    def entry(n, k, times):
+        return {
+            "dtype": "bfloat16",
+            "num_experts": 128,
+            "active_experts": 128,
+            "mean_rows": 256,
+            "max_rows": 280,
+            "n": n,
+            "k": k,
+            "times_ms": times,
+        }
+
+    gemm1 = entry(
+        1536, 2048, {"cublas_grouped": 1.0, "sequential": 3.0, "chunked_batched": 0.9, "padded_strided": 0.8}
+    )
+    gemm2 = entry(
+        2048, 768, {"cublas_grouped": 0.3, "sequential": 2.0, "chunked_batched": 0.6, "padded_strided": 0.9}
+    )
+    dev = DeviceInfo(sm=(9, 0), cublas_version=130100, name="fake-joint")
+    monkeypatch.setitem(_select._tables, (dev.name, dev.cublas_version), TuningTable("x", 1, [gemm1, gemm2]))
+    executor = GroupedGemmExecutor(device=0, device_info=dev)
+    counts = np.full(128, 256)
+    counts[:8] = 270
+    # Alone, GEMM 1 would take padded strided (0.8); as a pair, chunked (0.9 + 0.3
+    # with grouped on the chunked layout) beats padded (0.8 + 0.9) and grouped (1.0 + 0.3).
+    assert (
+        select_algorithm(ProblemStats.from_sizes(counts, 1536, 2048, "bfloat16"), dev, padded_layouts=True)
+        is Algorithm.PADDED_STRIDED
+    )
+    first = _choose(executor, "auto", counts, 1536, 2048, "bfloat16", (2048, 768))
+    assert first is Algorithm.CHUNKED_BATCHED
+    layout = executor.layout_for(first, counts)
+    assert layout.algorithms() == (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL, Algorithm.CHUNKED_BATCHED)
+    second = _choose_on_layout(executor, "auto", first, layout, counts, 2048, 768, "bfloat16")
+    assert second is Algorithm.CUBLAS_GROUPED
+    # A fixed algorithm is never second-guessed.
+    assert (
+        _choose_on_layout(executor, "chunked_batched", first, layout, counts, 2048, 768, "bfloat16")
+        is Algorithm.CHUNKED_BATCHED
+    )
+    assert RowLayout(stride=300).algorithms() == (Algorithm.PADDED_STRIDED, Algorithm.SEQUENTIAL)
