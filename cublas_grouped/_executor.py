@@ -417,20 +417,22 @@ class GroupedGemmExecutor:
         scratch_c: int = 0,
         row_offsets=None,
         pointer_arrays=None,
-    ):
-        """Device arrays of A/B/C pointers, one per problem, written by ``build_pointers``."""
+    ) -> tuple[int, int, int]:
+        """Fill device arrays of A/B/C pointers, one entry per problem, with the
+        ``build_pointers`` kernel; returns the three arrays' device addresses.
+
+        ``pointer_arrays`` (three uint64 device arrays) are written when given,
+        else a reused per-stream buffer. Addresses, not array views, are passed
+        around because slicing device arrays costs host time on every call.
+        """
         if layout.stride:
             raise ValueError("the padded strided layout needs no pointer arrays")
         num_entries = max(num_problems, num_slots)
         if pointer_arrays is None:
-            buf = res.buffer("pointers", 3 * 8 * max(num_entries, 1))
-            ptrs = buf[: 3 * 8 * num_entries].view(np.uint64)
-            pointer_arrays = (
-                ptrs[:num_entries],
-                ptrs[num_entries : 2 * num_entries],
-                ptrs[2 * num_entries :],
-            )
-        a_arr, b_arr, c_arr = pointer_arrays
+            base = res.buffer("pointers", 3 * 8 * max(num_entries, 1)).data.ptr
+            a_arr, b_arr, c_arr = (base + i * 8 * num_entries for i in range(3))
+        else:
+            a_arr, b_arr, c_arr = (int(p.data.ptr) for p in pointer_arrays)
         kernel = _kernels.get_kernel("pointers", "build_pointers", _kernels.arch_for(self.device_info.sm))
         i32, i64, u64 = np.int32, np.int64, np.uint64
         args = (
@@ -450,9 +452,9 @@ class GroupedGemmExecutor:
             i64(ops.c_row_bytes),
             i64(ops.c_expert_bytes),
             u64(scratch_c),
-            np.intp(a_arr.data.ptr),
-            np.intp(b_arr.data.ptr),
-            np.intp(c_arr.data.ptr),
+            np.intp(a_arr),
+            np.intp(b_arr),
+            np.intp(c_arr),
             np.intp(row_offsets.data.ptr if row_offsets is not None else 0),
         )
         _kernels.launch(res.launch_stream, kernel, 1, 1024, args)
@@ -475,14 +477,14 @@ class GroupedGemmExecutor:
             addr(host["n"]),
             addr(host["k"]),
             addr(alpha),
-            b_arr.data.ptr,
+            b_arr,
             data_type,
             addr(host["lda"]),
-            a_arr.data.ptr,
+            a_arr,
             data_type,
             addr(host["ldb"]),
             addr(beta),
-            c_arr.data.ptr,
+            c_arr,
             data_type,
             addr(host["ldc"]),
             count,
@@ -500,11 +502,11 @@ class GroupedGemmExecutor:
 
     @staticmethod
     def batched(handle, d, pointer_arrays, count, data_type, compute) -> None:
-        """One ``cublasGemmBatchedEx`` over device pointer arrays (rows, weights, out)."""
+        """One ``cublasGemmBatchedEx`` over device pointer arrays (addresses: rows, weights, out)."""
         a_arr, b_arr, c_arr = pointer_arrays
         _cublas.gemm_batched_ex(
-            handle, d.transa, d.transb, d.m, d.n, d.k, 1.0, b_arr.data.ptr, data_type, d.lda,
-            a_arr.data.ptr, data_type, d.ldb, 0.0, c_arr.data.ptr, data_type, d.ldc, count, compute,
+            handle, d.transa, d.transb, d.m, d.n, d.k, 1.0, b_arr, data_type, d.lda,
+            a_arr, data_type, d.ldb, 0.0, c_arr, data_type, d.ldc, count, compute,
         )  # fmt: skip
 
     def _strided(self, plan, ops, layout, handle, data_type, compute) -> None:

@@ -551,6 +551,7 @@ def moe_forward(
     executor: GroupedGemmExecutor | None = None,
     stream=None,
     timer: StageTimer | None = None,
+    sync_free: bool = False,
 ):
     """The MoE expert layer: ``sum_j w[t,j] * (act(x_t @ w1[e] + b1[e]) @ w2[e] + b2[e])``.
 
@@ -567,10 +568,20 @@ def moe_forward(
     algorithm : GEMM algorithm for both expert GEMMs ("auto" chooses per call)
     timer : optional :class:`StageTimer` to split the time by stage
 
+    sync_free : bool
+        Run without copying anything to the host: every expert GEMM becomes one
+        batched call over ``min(E, T*k)`` fixed slots of T rows (the
+        :class:`StaticMoE` step, with buffers cached on the stream). Fastest for
+        decode-sized T (up to about 64 tokens, see docs/benchmarks.md); its
+        compute grows as ``T * min(E, T*k)``, so not for prefill. Expert ids are
+        not checked on this path: pairs with an id outside [0, E) add nothing.
+        ``algorithm`` and ``timer`` do not apply.
+
     Returns
     -------
     GPU array [T, H] of x's dtype. Deterministic: two runs give identical bits.
-    One small synchronizing copy (the per-expert counts) happens per call.
+    Without ``sync_free``, one small synchronizing copy (the per-expert counts)
+    happens per call.
     """
     x_v = _check_tokens(x)
     num_experts, hidden, inter, width = check_layer_args(
@@ -581,6 +592,27 @@ def moe_forward(
     import cupy
 
     res = resources(_device_of(x_v), resolve_stream(stream))
+    if sync_free:
+        from ._static import LayerSpec, cached_slot_buffers, slot_step
+
+        spec = LayerSpec(
+            num_experts,
+            hidden,
+            inter,
+            width,
+            view(topk_ids, "topk_ids").shape[1],
+            bool(gated),
+            activation,
+            bool(trans_b),
+        )
+        params = tuple(None if p is None else as_cupy(p) for p in (w1, w2, b1, b2))
+        with cupy.cuda.Device(res.device_id), res.cupy_stream:
+            out = cupy.empty((x_v.shape[0], hidden), dtype=x_v.dtype)
+            if x_v.shape[0]:
+                buf = cached_slot_buffers(res, spec, x_v.shape[0], x_v.dtype)
+                weights = None if topk_weights is None else as_cupy(topk_weights)
+                slot_step(res, executor, spec, buf, as_cupy(x_v), as_cupy(topk_ids), weights, params, out)
+        return out
     with cupy.cuda.Device(res.device_id), res.cupy_stream:
         _mark(timer, "start", res.cupy_stream)
         ids = as_cupy(topk_ids)

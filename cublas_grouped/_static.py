@@ -19,6 +19,8 @@ weight reads dominate, and padding rows cost little.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import numpy as np
 
 from . import _moe_kernels as K
@@ -78,53 +80,25 @@ class StaticMoE:
             raise ValueError(f"top_k must be an int in [1, {num_experts}]; got {top_k!r}")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int; got {max_tokens!r}")
-        self.w1, self.w2, self.b1, self.b2 = as_cupy(w1), as_cupy(w2), b1, b2
+        self.w1, self.w2 = as_cupy(w1), as_cupy(w2)
+        self.b1, self.b2 = (None if b is None else as_cupy(b) for b in (b1, b2))
         self.top_k, self.max_tokens = top_k, max_tokens
         self.activation, self.gated, self.trans_b = activation, gated, trans_b
         self.num_experts, self.hidden, self.inter, self.width = num_experts, hidden, inter, width
         self.executor = _executor(executor)
-        dtype = self.w1.dtype
-        slots = self.slots(max_tokens)
-        rows = slots * max_tokens
-        pairs = max_tokens * top_k
+        self.spec = LayerSpec(num_experts, hidden, inter, width, top_k, gated, activation, trans_b)
         with cupy.cuda.Device(self.w1.device.id):
-            self._block_counts = cupy.empty((K.num_pair_blocks(pairs), num_experts), dtype=cupy.int32)
-            self._counts = cupy.empty(num_experts, dtype=cupy.int32)
-            self._offsets = cupy.empty(num_experts + 1, dtype=cupy.int32)
-            self._pair_to_row = cupy.empty(pairs, dtype=cupy.int32)
-            self._row_to_pair = cupy.empty(rows, dtype=cupy.int32)
-            self._rows = cupy.empty((rows, hidden), dtype=dtype)
-            self._h = cupy.empty((rows, width), dtype=dtype)
-            self._act = cupy.empty((rows, inter), dtype=dtype)
-            self._y = cupy.empty((rows, hidden), dtype=dtype)
-            self._scratch = cupy.empty((max_tokens, max(width, hidden)), dtype=dtype)
-            self._ptrs = cupy.empty((2, 3, slots), dtype=cupy.uint64)
-            self._out = cupy.empty((max_tokens, hidden), dtype=dtype)
+            self._buffers = SlotBuffers.allocate(self.spec, max_tokens, self.w1.dtype)
+            self._out = cupy.empty((max_tokens, hidden), dtype=self.w1.dtype)
 
     def slots(self, tokens: int) -> int:
         """GEMM problems per step of ``tokens`` tokens: at most one per expert."""
-        return min(self.num_experts, tokens * self.top_k)
+        return self.spec.slots(tokens)
 
     @property
     def nbytes(self) -> int:
         """GPU memory held by this layer's buffers (weights not included)."""
-        return sum(
-            a.nbytes
-            for a in (
-                self._block_counts,
-                self._counts,
-                self._offsets,
-                self._pair_to_row,
-                self._row_to_pair,
-                self._rows,
-                self._h,
-                self._act,
-                self._y,
-                self._scratch,
-                self._ptrs,
-                self._out,
-            )
-        )
+        return self._buffers.nbytes + self._out.nbytes
 
     def forward(self, x, topk_ids, topk_weights=None, *, stream=None):
         """One step: ``x`` [T, H] with T <= max_tokens -> [T, H].
@@ -150,102 +124,158 @@ class StaticMoE:
         with cupy.cuda.Device(res.device_id), res.cupy_stream:
             out = self._out[:tokens]
             if tokens:
-                self._step(
+                slot_step(
                     res,
+                    self.executor,
+                    self.spec,
+                    self._buffers,
                     as_cupy(x_v),
                     as_cupy(topk_ids),
                     None if topk_weights is None else as_cupy(topk_weights),
-                    tokens,
+                    (self.w1, self.w2, self.b1, self.b2),
                     out,
                 )
         return out
 
-    def _step(self, res, x, ids, weights, tokens, out) -> None:
-        arch = _arch(res)
-        stream = res.launch_stream
-        k, e = self.top_k, self.num_experts
-        pairs, slots = tokens * k, self.slots(tokens)
-        rows = slots * tokens
-        nb = K.num_pair_blocks(pairs)
-        block_counts = self._block_counts[:nb]
-        pair_to_row, row_to_pair = self._pair_to_row[:pairs], self._row_to_pair[:rows]
-        pair_to_row.fill(-1)  # pairs with an out-of-range id stay -1 and add nothing
-        row_to_pair.fill(-1)
-        K.block_histogram(stream, arch, ids, pairs, e, block_counts)
-        K.column_scan(stream, arch, block_counts, nb, e, self._counts)
-        layout = RowLayout(slot_stride=tokens)
-        x_rows, h, act, y = self._rows[:rows], self._h[:rows], self._act[:rows], self._y[:rows]
-        ptrs1 = self._pointers(
-            res, 0, layout, slots, x_rows, self.w1, h, self.width, self.hidden, offsets=self._offsets
-        )
-        K.assign_rows(stream, arch, ids, pairs, e, block_counts, self._offsets, pair_to_row, row_to_pair)
-        K.gather_rows(stream, arch, x, row_to_pair, k, x_rows)
-        self._gemm(res, ptrs1, tokens, slots, self.width, self.hidden)
-        K.expert_activation(
-            stream,
-            arch,
-            h,
-            self.inter,
-            int(self.gated),
-            K.ACTIVATIONS[self.activation],
-            None if self.b1 is None else as_cupy(self.b1),
-            row_to_pair,
-            ids,
-            act,
-        )
-        ptrs2 = self._pointers(res, 1, layout, slots, act, self.w2, y, self.hidden, self.inter)
-        self._gemm(res, ptrs2, tokens, slots, self.hidden, self.inter)
-        K.combine_rows(
-            stream,
-            arch,
-            y,
-            pair_to_row,
-            weights,
-            ids,
-            None if self.b2 is None else as_cupy(self.b2),
-            tokens,
-            k,
-            out,
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Shape and options of an expert layer (what the slot step needs to know)."""
+
+    num_experts: int
+    hidden: int
+    inter: int
+    width: int  # first GEMM's output: 2 * inter when gated
+    top_k: int
+    gated: bool
+    activation: str
+    trans_b: bool
+
+    def slots(self, tokens: int) -> int:
+        """GEMM problems for ``tokens`` tokens: at most one per expert."""
+        return min(self.num_experts, tokens * self.top_k)
+
+    def plan(self, n: int, k: int) -> GemmPlan:
+        """Shape-only plan: the column-major mapping of a GEMM with N=n, K=k."""
+        empty = np.zeros(0, np.int64)
+        return GemmPlan(self.num_experts, 0, n, k, False, self.trans_b, empty, np.zeros(1, np.int64), empty)
+
+
+@dataclass
+class SlotBuffers:
+    """Every intermediate of a slot step, sized for ``max_tokens`` tokens."""
+
+    block_counts: object
+    counts: object
+    offsets: object
+    pair_to_row: object
+    row_to_pair: object
+    rows: object
+    h: object
+    act: object
+    y: object
+    scratch: object
+    pointers: object  # uint64 [2, 3, slots]: (GEMM 1, GEMM 2) x (rows, weights, out)
+
+    @classmethod
+    def allocate(cls, spec: LayerSpec, max_tokens: int, dtype) -> SlotBuffers:
+        import cupy
+
+        slots = spec.slots(max_tokens)
+        rows, pairs = slots * max_tokens, max_tokens * spec.top_k
+        i32 = cupy.int32
+        return cls(
+            cupy.empty((K.num_pair_blocks(pairs), spec.num_experts), dtype=i32),
+            cupy.empty(spec.num_experts, dtype=i32),
+            cupy.empty(spec.num_experts + 1, dtype=i32),
+            cupy.empty(pairs, dtype=i32),
+            cupy.empty(rows, dtype=i32),
+            cupy.empty((rows, spec.hidden), dtype=dtype),
+            cupy.empty((rows, spec.width), dtype=dtype),
+            cupy.empty((rows, spec.inter), dtype=dtype),
+            cupy.empty((rows, spec.hidden), dtype=dtype),
+            cupy.empty((max_tokens, max(spec.width, spec.hidden)), dtype=dtype),
+            cupy.empty((2, 3, slots), dtype=cupy.uint64),
         )
 
-    def _plan(self, n: int, k: int) -> GemmPlan:
-        """Shape-only plan: the column-major mapping for a GEMM with N=n, K=k."""
-        return GemmPlan(
-            self.num_experts,
-            0,
-            n,
-            k,
-            False,
-            self.trans_b,
-            np.zeros(0, np.int64),
-            np.zeros(1, np.int64),
-            np.zeros(0, np.int64),
-        )
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).nbytes for f in fields(self))
 
-    def _pointers(self, res, which, layout, slots, rows, w, out, n, k, offsets=None):
-        ops = Operands.for_plan(
-            self._plan(n, k), rows.data.ptr, w.data.ptr, out.data.ptr, rows.dtype.itemsize
-        )
-        arrays = tuple(self._ptrs[which, i, :slots] for i in range(3))
-        return self.executor.build_pointers(
+
+def cached_slot_buffers(res, spec: LayerSpec, tokens: int, dtype) -> SlotBuffers:
+    """Slot buffers kept on the stream's resources, grown to the largest step seen.
+
+    One set per (layer shape, dtype) and stream: later, smaller steps use a
+    slice of it, so varying decode batch sizes do not allocate again.
+    """
+    key = ("slot-buffers", spec, np.dtype(dtype).name)
+    cached = res.buffers.get(key)
+    if cached is None or cached[0] < tokens:
+        cached = (tokens, SlotBuffers.allocate(spec, tokens, dtype))
+        res.buffers[key] = cached
+    return cached[1]
+
+
+def slot_step(res, executor, spec: LayerSpec, buf: SlotBuffers, x, ids, weights, params, out) -> None:
+    """One sync-free layer step on ``res``'s stream: fixed sizes for a given T.
+
+    ``params`` = (w1, w2, b1, b2) as CuPy arrays (biases may be None).
+    """
+    w1, w2, b1, b2 = params
+    arch = _arch(res)
+    stream = res.launch_stream
+    tokens, k = ids.shape
+    e = spec.num_experts
+    pairs, slots = tokens * k, spec.slots(tokens)
+    rows = slots * tokens
+    nb = K.num_pair_blocks(pairs)
+    block_counts = buf.block_counts[:nb]
+    pair_to_row, row_to_pair = buf.pair_to_row[:pairs], buf.row_to_pair[:rows]
+    pair_to_row.fill(-1)  # pairs with an out-of-range id stay -1 and add nothing
+    row_to_pair.fill(-1)
+    K.block_histogram(stream, arch, ids, pairs, e, block_counts)
+    K.column_scan(stream, arch, block_counts, nb, e, buf.counts)
+    layout = RowLayout(slot_stride=tokens)
+    x_rows, h, act, y = buf.rows[:rows], buf.h[:rows], buf.act[:rows], buf.y[:rows]
+
+    def gemm(which, a, w, c, n, kk, offsets=None):
+        plan = spec.plan(n, kk)
+        ops = Operands.for_plan(plan, a.data.ptr, w.data.ptr, c.data.ptr, a.dtype.itemsize)
+        arrays = executor.build_pointers(
             res,
-            self._counts,
+            buf.counts,
             ops,
             layout,
             num_problems=0,
             num_slots=slots,
-            scratch_c=self._scratch.data.ptr,
+            scratch_c=buf.scratch.data.ptr,
             row_offsets=offsets,
-            pointer_arrays=arrays,
+            pointer_arrays=tuple(buf.pointers[which, i, :slots] for i in range(3)),
+        )
+        if offsets is not None:  # GEMM 1: rows are placed once the offsets exist
+            K.assign_rows(stream, arch, ids, pairs, e, block_counts, offsets, pair_to_row, row_to_pair)
+            K.gather_rows(stream, arch, x, row_to_pair, k, x_rows)
+        handle = res.bind(executor.config.workspace_mb << 20)
+        executor.batched(
+            handle, plan.dims(tokens), arrays, slots, cuda_dtype(a.dtype, "x"), executor.compute_type(a.dtype)
         )
 
-    def _gemm(self, res, arrays, tokens, slots, n, k) -> None:
-        dtype = self.w1.dtype
-        handle = res.bind(self.executor.config.workspace_mb << 20)
-        dims = self._plan(n, k).dims(tokens)
-        self.executor.batched(
-            handle, dims, arrays, slots, cuda_dtype(dtype, "x"), self.executor.compute_type(dtype)
-        )
+    gemm(0, x_rows, w1, h, spec.width, spec.hidden, offsets=buf.offsets)
+    K.expert_activation(
+        stream,
+        arch,
+        h,
+        spec.inter,
+        int(spec.gated),
+        K.ACTIVATIONS[spec.activation],
+        b1,
+        row_to_pair,
+        ids,
+        act,
+    )
+    gemm(1, act, w2, y, spec.hidden, spec.inter)
+    K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
 
 
 class _FakeIds:

@@ -986,7 +986,7 @@ class CaseRunner:
 
     def _gemm1_algorithm(self, method, xs, w1s, flops, nbytes, note) -> None:
         c = self.case
-        if method != "auto":
+        if method not in ("auto", "sync-free"):
             rows = layout_rows(method, self.counts)
             skip = self._fits(rows * (c.hidden + c.n1) * c.itemsize * len(xs))
             if skip:
@@ -1118,7 +1118,8 @@ class CaseRunner:
         w1s = [w1] + [w1.copy() for _ in range(sets - 1)] if copy_w else [w1]
         w2s = [w2] + [w2.copy() for _ in range(sets - 1)] if copy_w else [w2]
         note = None if sets == 1 or copy_w else "weights not rotated"
-        for method in ALGORITHMS + ("auto",):
+        methods = ALGORITHMS + ("auto",) + (("sync-free",) if c.phase == "decode" else ())
+        for method in methods:
             self._guarded("layer", method, lambda m=method: self._layer(m, xs, w1s, w2s, nbytes, note))
         route_ms: list[float | None] = [None]
         self._guarded("route", "route", lambda: route_ms.__setitem__(0, self._route(sets)))
@@ -1128,14 +1129,18 @@ class CaseRunner:
 
     def _layer(self, method, xs, w1s, w2s, nbytes, note) -> None:
         c = self.case
-        if method != "auto":
+        if method not in ("auto", "sync-free"):
             rows = layout_rows(method, self.counts)
             skip = self._fits(rows * (2 * c.hidden + c.n1 + c.inter) * c.itemsize * len(xs))
             if skip:
                 self._result("layer", method, error=skip)
                 return
         fwd = self.api.moe_forward
-        fn = lambda i: fwd(xs[i], self.ids, self.wts, w1s[i % len(w1s)], w2s[i % len(w2s)], algorithm=method)
+        if method == "sync-free":  # moe_forward's no-host-copy decode path (eager, not captured)
+            kw = {"sync_free": True}
+        else:
+            kw = {"algorithm": method}
+        fn = lambda i: fwd(xs[i], self.ids, self.wts, w1s[i % len(w1s)], w2s[i % len(w2s)], **kw)
         t = self._timing(fn, len(xs))
         chosen = None
         if method == "auto":

@@ -247,3 +247,40 @@ def test_dynamic_path_cannot_be_captured():
                 stream.end_capture()
             except Exception:
                 pass
+
+
+def test_sync_free_layer_matches_reference_at_every_step_size():
+    rng = np.random.default_rng(21)
+    experts, k, hidden, inter = 64, 4, 128, 64
+    (x, w1, w2, b1, b2), (x64, w1_64, w2_64, b1_64, b2_64) = _layer_case(
+        rng, 64, experts, k, hidden, inter, np.float32, bias=True
+    )
+    # Largest step first, then smaller ones that reuse a slice of its cached buffers.
+    for tokens in (64, 1, 16, 37, 64):
+        ids, w, ids_h, w64 = routing(rng, tokens, experts, k, skew_zero=tokens % 5)
+        out = cg.moe_forward(x[:tokens], ids, w, w1, w2, b1=b1, b2=b2, sync_free=True)
+        expected = ref.moe_forward_ref(x64[:tokens], ids_h, w64, w1_64, w2_64, b1_64, b2_64)
+        check_close(out, expected, 1e-5, f"sync_free T={tokens}")
+    # Larger than anything cached: the buffers grow.
+    ids, w, ids_h, w64 = routing(rng, 200, experts, k)
+    (x2, *_), (x2_64, *_) = _layer_case(rng, 200, experts, k, hidden, inter, np.float32)
+    out = cg.moe_forward(x2, ids, w, w1, w2, b1=b1, b2=b2, activation="gelu", sync_free=True)
+    expected = ref.moe_forward_ref(x2_64, ids_h, w64, w1_64, w2_64, b1_64, b2_64, "gelu")
+    check_close(out, expected, 1e-5, "sync_free T=200 gelu")
+
+
+def test_sync_free_layer_can_be_captured():
+    import cupy
+
+    rng = np.random.default_rng(22)
+    (x, w1, w2, _, _), (x64, w1_64, w2_64, _, _) = _layer_case(rng, 16, 32, 4, 64, 32, ml_dtypes.bfloat16)
+    ids, w, ids_h, w64 = routing(rng, 16, 32, 4)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        cg.moe_forward(x, ids, w, w1, w2, sync_free=True)  # warm-up outside the capture
+        stream.begin_capture()
+        out = cg.moe_forward(x, ids, w, w1, w2, sync_free=True)
+        graph = stream.end_capture()
+        graph.launch(stream)
+    stream.synchronize()
+    check_close(out, ref.moe_forward_ref(x64, ids_h, w64, w1_64, w2_64), 2e-2, "captured sync_free")
