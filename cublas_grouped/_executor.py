@@ -34,21 +34,16 @@ class RowLayout:
     """Where expert e's rows start in the rows/out buffers.
 
     - ``stride``: at ``e * stride`` (padded strided layout, ``[E, stride, K]``);
-    - ``slot_stride``: at ``slot(e) * slot_stride``, slot(e) = number of
-      non-empty experts before e (the fixed-capacity decode layout);
     - otherwise packed, each expert's block rounded up to a multiple of ``align``.
     """
 
     align: int = 1
     stride: int = 0
-    slot_stride: int = 0
 
     def algorithms(self) -> tuple[Algorithm, ...]:
         """Algorithms that can run on rows laid out this way."""
         if self.stride:
             return (Algorithm.PADDED_STRIDED, Algorithm.SEQUENTIAL)
-        if self.slot_stride:
-            return (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL)
         chunked = (Algorithm.CHUNKED_BATCHED,) if self.align > 1 else ()
         return (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL, *chunked)
 
@@ -56,8 +51,6 @@ class RowLayout:
         offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
         if self.stride:
             offsets[:] = np.arange(len(sizes) + 1) * self.stride
-        elif self.slot_stride:
-            np.cumsum((sizes > 0) * self.slot_stride, out=offsets[1:])
         else:
             np.cumsum(-(-sizes // self.align) * self.align, out=offsets[1:])
         return offsets
@@ -439,7 +432,7 @@ class GroupedGemmExecutor:
             np.intp(sizes_dev.data.ptr),
             i32(len(sizes_dev)),
             i32(layout.align),
-            i32(layout.slot_stride),
+            i32(0),  # the kernel's slot_stride mode: unused (chunks with an idle fill cover it)
             i32(chunk_rows),
             i32(num_slots),
             u64(ops.a),

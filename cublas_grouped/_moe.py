@@ -569,13 +569,13 @@ def moe_forward(
     timer : optional :class:`StageTimer` to split the time by stage
 
     sync_free : bool
-        Run without copying anything to the host: every expert GEMM becomes one
-        batched call over ``min(E, T*k)`` fixed slots of T rows (the
-        :class:`StaticMoE` step, with buffers cached on the stream). Fastest for
-        decode-sized T (up to about 64 tokens, see docs/benchmarks.md); its
-        compute grows as ``T * min(E, T*k)``, so not for prefill. Expert ids are
-        not checked on this path: pairs with an id outside [0, E) add nothing.
-        ``algorithm`` and ``timer`` do not apply.
+        Run without copying anything to the host: each expert GEMM becomes one
+        batched call over a fixed number of 16-row chunks, enough for any
+        routing (the :class:`StaticMoE` step, buffers cached on the stream).
+        Fastest for decode-sized T (see docs/benchmarks.md); the chunk count
+        grows with ``min(E, T*k)``, so it is not meant for prefill. Expert ids
+        are not checked on this path: pairs with an id outside [0, E) add
+        nothing. ``algorithm`` and ``timer`` do not apply.
 
     Returns
     -------

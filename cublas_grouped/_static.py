@@ -1,20 +1,21 @@
 """Sync-free decode: a fixed-capacity MoE layer that CUDA graphs can capture.
 
 The dynamic layer copies the per-expert counts to the host, because cuBLAS
-takes sizes there. This one never does. For a step of T tokens it reserves
-``S = min(E, T * k)`` *slots* of ``T`` rows each (no expert can get more than
-T rows: a token picks an expert at most once), and runs each GEMM as one
-``cublasGemmBatchedEx`` of S problems of T rows. A kernel on the device fills
-the slots' pointer arrays: slot s gets the s-th expert that has tokens; slots
-left over re-point at the last active expert's weights (already in L2) and
-write to a scratch buffer, so an expert without tokens costs no weight
-bandwidth. Every launch has fixed sizes for a given T, so a captured graph
-can be replayed with new tokens and new routing.
+takes sizes there. This one never does. For a step of T tokens, each expert's
+rows are cut into chunks of ``C = min(T, 16)`` rows, and every GEMM is one
+``cublasGemmBatchedEx`` over a fixed number of chunk problems: the most any
+routing can need, ``P = (T*k + min(E, T*k) * (C - 1)) // C``. A kernel on the
+device fills the pointer arrays from the counts: real chunks first, in expert
+order; the problems left over re-point at the last real chunk's weights
+(already in L2) and write to a scratch buffer, so an expert without tokens
+costs no weight bandwidth. Every launch has fixed sizes for a given T, so a
+captured graph can be replayed with new tokens and new routing, and no
+routing can overflow it.
 
-Memory: rows, GEMM 1 output, activation and GEMM 2 output for
-``S * T`` rows (``S = min(E, max_tokens * k)``), plus a few small index arrays.
-Compute: the GEMMs run ``S * T`` rows instead of ``T * k``; at decode sizes the
-weight reads dominate, and padding rows cost little.
+Memory: rows, GEMM 1 output, activation and GEMM 2 output for ``P * C`` rows
+(at most ``T*k + min(E, T*k) * 15``), plus a few small index arrays.
+Compute: the GEMMs run those ``P * C`` rows instead of ``T * k``; at decode
+sizes the weight reads dominate.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from ._moe import _arch, _check_routing, _check_tokens, _device_of, _executor, c
 from ._plan import GemmPlan
 
 __all__ = ["StaticMoE"]
+
+# Rows per GEMM problem of a fixed-capacity step (see LayerSpec.chunk).
+SLOT_CHUNK_ROWS = 16
 
 
 class StaticMoE:
@@ -91,10 +95,6 @@ class StaticMoE:
             self._buffers = SlotBuffers.allocate(self.spec, max_tokens, self.w1.dtype)
             self._out = cupy.empty((max_tokens, hidden), dtype=self.w1.dtype)
 
-    def slots(self, tokens: int) -> int:
-        """GEMM problems per step of ``tokens`` tokens: at most one per expert."""
-        return self.spec.slots(tokens)
-
     @property
     def nbytes(self) -> int:
         """GPU memory held by this layer's buffers (weights not included)."""
@@ -151,9 +151,23 @@ class LayerSpec:
     activation: str
     trans_b: bool
 
-    def slots(self, tokens: int) -> int:
-        """GEMM problems for ``tokens`` tokens: at most one per expert."""
-        return min(self.num_experts, tokens * self.top_k)
+    def chunk(self, tokens: int) -> int:
+        """Rows per GEMM problem for a step of ``tokens`` tokens.
+
+        16 rows is the row tile cuBLAS picks for such thin problems on Hopper,
+        so smaller chunks would leave the tile half empty, and larger ones
+        compute more padding rows.
+        """
+        return max(1, min(tokens, SLOT_CHUNK_ROWS))
+
+    def problems(self, tokens: int) -> int:
+        """Upper bound on the chunks any routing of ``tokens`` tokens needs.
+
+        Expert e needs ceil(m_e / C) chunks, at most (m_e + C - 1) / C; summed
+        over at most min(E, T*k) active experts whose m_e add up to T*k.
+        """
+        pairs, chunk = tokens * self.top_k, self.chunk(tokens)
+        return (pairs + min(self.num_experts, pairs) * (chunk - 1)) // chunk
 
     def plan(self, n: int, k: int) -> GemmPlan:
         """Shape-only plan: the column-major mapping of a GEMM with N=n, K=k."""
@@ -175,14 +189,14 @@ class SlotBuffers:
     act: object
     y: object
     scratch: object
-    pointers: object  # uint64 [2, 3, slots]: (GEMM 1, GEMM 2) x (rows, weights, out)
+    pointers: object  # uint64 [2, 3, problems]: (GEMM 1, GEMM 2) x (rows, weights, out)
 
     @classmethod
     def allocate(cls, spec: LayerSpec, max_tokens: int, dtype) -> SlotBuffers:
         import cupy
 
-        slots = spec.slots(max_tokens)
-        rows, pairs = slots * max_tokens, max_tokens * spec.top_k
+        slots = spec.problems(max_tokens)
+        rows, pairs = slots * spec.chunk(max_tokens), max_tokens * spec.top_k
         i32 = cupy.int32
         return cls(
             cupy.empty((K.num_pair_blocks(pairs), spec.num_experts), dtype=i32),
@@ -194,7 +208,7 @@ class SlotBuffers:
             cupy.empty((rows, spec.width), dtype=dtype),
             cupy.empty((rows, spec.inter), dtype=dtype),
             cupy.empty((rows, spec.hidden), dtype=dtype),
-            cupy.empty((max_tokens, max(spec.width, spec.hidden)), dtype=dtype),
+            cupy.empty((spec.chunk(max_tokens), max(spec.width, spec.hidden)), dtype=dtype),
             cupy.empty((2, 3, slots), dtype=cupy.uint64),
         )
 
@@ -227,8 +241,8 @@ def slot_step(res, executor, spec: LayerSpec, buf: SlotBuffers, x, ids, weights,
     stream = res.launch_stream
     tokens, k = ids.shape
     e = spec.num_experts
-    pairs, slots = tokens * k, spec.slots(tokens)
-    rows = slots * tokens
+    pairs, slots, chunk = tokens * k, spec.problems(tokens), spec.chunk(tokens)
+    rows = slots * chunk
     nb = K.num_pair_blocks(pairs)
     block_counts = buf.block_counts[:nb]
     pair_to_row, row_to_pair = buf.pair_to_row[:pairs], buf.row_to_pair[:rows]
@@ -236,7 +250,7 @@ def slot_step(res, executor, spec: LayerSpec, buf: SlotBuffers, x, ids, weights,
     row_to_pair.fill(-1)
     K.block_histogram(stream, arch, ids, pairs, e, block_counts)
     K.column_scan(stream, arch, block_counts, nb, e, buf.counts)
-    layout = RowLayout(slot_stride=tokens)
+    layout = RowLayout(align=chunk)
     x_rows, h, act, y = buf.rows[:rows], buf.h[:rows], buf.act[:rows], buf.y[:rows]
 
     def gemm(which, a, w, c, n, kk, offsets=None):
@@ -247,6 +261,7 @@ def slot_step(res, executor, spec: LayerSpec, buf: SlotBuffers, x, ids, weights,
             buf.counts,
             ops,
             layout,
+            chunk_rows=chunk,
             num_problems=0,
             num_slots=slots,
             scratch_c=buf.scratch.data.ptr,
@@ -258,7 +273,7 @@ def slot_step(res, executor, spec: LayerSpec, buf: SlotBuffers, x, ids, weights,
             K.gather_rows(stream, arch, x, row_to_pair, k, x_rows)
         handle = res.bind(executor.config.workspace_mb << 20)
         executor.batched(
-            handle, plan.dims(tokens), arrays, slots, cuda_dtype(a.dtype, "x"), executor.compute_type(a.dtype)
+            handle, plan.dims(chunk), arrays, slots, cuda_dtype(a.dtype, "x"), executor.compute_type(a.dtype)
         )
 
     gemm(0, x_rows, w1, h, spec.width, spec.hidden, offsets=buf.offsets)

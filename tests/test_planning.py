@@ -74,7 +74,6 @@ def test_row_layouts():
     assert RowLayout().offsets(sizes).tolist() == [0, 5, 5, 135, 136]
     assert RowLayout(align=64).offsets(sizes).tolist() == [0, 64, 64, 256, 320]
     assert RowLayout(stride=136).offsets(sizes).tolist() == [0, 136, 272, 408, 544]
-    assert RowLayout(slot_stride=8).offsets(sizes).tolist() == [0, 8, 8, 16, 24]
 
 
 def test_chunk_rows_choice():
