@@ -1,0 +1,85 @@
+"""The pointer-building kernel against a NumPy model of its contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cublas_grouped import GroupedGemmExecutor
+from cublas_grouped._device import resolve_stream, resources
+from cublas_grouped._executor import Operands, RowLayout
+
+pytestmark = pytest.mark.gpu
+
+OPS = Operands(
+    a=1 << 40,
+    a_row_bytes=64,
+    a_expert_bytes=0,
+    b=2 << 40,
+    b_row_bytes=0,
+    b_expert_bytes=4096,
+    c=3 << 40,
+    c_row_bytes=32,
+    c_expert_bytes=0,
+)
+SCRATCH = 4 << 40
+
+
+def expected(counts, chunk, num_slots):
+    """Compact chunk problems in expert order, then padded to num_slots by repeating each in place."""
+    offsets = np.concatenate(([0], np.cumsum(-(-counts // chunk) * chunk)))
+    problems = [
+        OPS.at(int(offsets[e]) + c * chunk, e)
+        for e in range(len(counts))
+        for c in range(-(-int(counts[e]) // chunk))
+    ]
+    nprob = len(problems)
+    if num_slots <= nprob:
+        return problems, offsets
+    out = []
+    for p in range(num_slots):
+        r = p * nprob // num_slots
+        first = p == 0 or (p - 1) * nprob // num_slots != r
+        a, b, c = problems[r]
+        out.append((a, b, c if first else SCRATCH))
+    return out, offsets
+
+
+@pytest.mark.parametrize(
+    "counts, chunk, num_slots",
+    [
+        ([3, 0, 17, 16, 0, 1], 16, 0),
+        ([3, 0, 17, 16, 0, 1], 16, 13),  # 5 real chunks spread over 13 slots
+        ([0] * 40 + [64] + [0] * 23, 16, 100),
+        (list(np.random.default_rng(0).integers(0, 40, 700)), 16, 3000),
+        ([1, 1, 1, 1], 1, 4),  # exactly full: no idle problem
+    ],
+)
+def test_build_pointers_chunks_and_spread(counts, chunk, num_slots):
+    import cupy
+
+    counts = np.asarray(counts, dtype=np.int64)
+    executor = GroupedGemmExecutor()
+    res = resources(executor.device_id, resolve_stream(None))
+    counts_dev = cupy.asarray(counts, dtype=cupy.int32)
+    entries = max(num_slots, int((-(-counts // chunk)).sum()))
+    arrays = tuple(cupy.zeros(entries, dtype=cupy.uint64) for _ in range(3))
+    offsets = cupy.zeros(len(counts) + 1, dtype=cupy.int32)
+    with res.cupy_stream:
+        executor.build_pointers(
+            res,
+            counts_dev,
+            OPS,
+            RowLayout(align=chunk),
+            chunk_rows=chunk,
+            num_problems=0,
+            num_slots=num_slots,
+            scratch_c=SCRATCH,
+            row_offsets=offsets,
+            pointer_arrays=arrays,
+        )
+    res.cupy_stream.synchronize()
+    want, want_offsets = expected(counts, chunk, num_slots)
+    got = list(zip(*(cupy.asnumpy(a).tolist() for a in arrays)))
+    assert got == [tuple(int(v) for v in w) for w in want]
+    assert cupy.asnumpy(offsets).tolist() == want_offsets.tolist()
