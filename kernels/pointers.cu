@@ -35,20 +35,14 @@
 //     b_ptrs[q] = b_base + r * b_row_bytes + e * b_expert_bytes
 //     c_ptrs[q] = c_base + r * c_row_bytes + e * c_expert_bytes
 //   (the caller zeroes the row or the expert stride of each operand).
-//   When num_slots > nprob, the list is padded to num_slots problems: each
-//   real problem q is followed by copies of itself that write to scratch_c
-//   (position p holds real problem floor(p * nprob / num_slots); the first
-//   position of each run is the real one). A copy runs next to its original,
-//   so its weight reads hit L2: idle slots cost no new weight bandwidth.
-//   Above 16384 slots (or with no real problem) the idle entries are
-//   a = a_base, b = the last real problem's b (b_base if none), c = scratch_c.
+//   Problems nprob .. num_slots - 1 (when num_slots > nprob) become idle
+//   GEMMs: a = a_base, b = b pointer of the last real problem (b_base if
+//   none, so idle GEMMs re-read weights already in L2), c = scratch_c.
 //   The pointer arrays must hold max(nprob, num_slots) entries.
 
 #include "common.cuh"
 
 #define POINTER_THREADS 1024
-// Slots each thread stages when spreading idle problems (num_slots <= 16384).
-#define SPREAD_PER_THREAD 16
 
 extern "C" __global__ void __launch_bounds__(POINTER_THREADS)
     build_pointers(const int* __restrict__ counts, int num_experts, int align, int slot_stride,
@@ -131,47 +125,14 @@ extern "C" __global__ void __launch_bounds__(POINTER_THREADS)
         row_offsets[num_experts] = slot_stride > 0 ? row_carry * slot_stride : row_carry;
     }
 
-    if (num_slots <= prob_carry) return;
-    // Fill up to num_slots problems. The extra (idle) problems must cost no
-    // new weight traffic: each one repeats a real problem (writing to
-    // scratch_c) and sits right after it, so that it runs alongside it and
-    // its weight reads hit L2. Positions p map to real problems
-    // r(p) = floor(p * nprob / num_slots): runs of equal r, whose first
-    // position is the real problem. (The last loop iteration ended with a
-    // __syncthreads, so the compact problems written above are visible.)
-    const long long nprob = prob_carry;
-    if (nprob == 0 || num_slots > POINTER_THREADS * SPREAD_PER_THREAD) {
-        // Nothing to repeat, or too many slots to stage in registers: idle
-        // problems re-read the last real problem's weights.
-        const unsigned long long idle_b = nprob > 0 ? b_ptrs[nprob - 1] : b_base;
+    if (num_slots > prob_carry) {
+        // __syncthreads makes this block's global writes above visible to
+        // all of its threads (the last loop iteration ended with one).
+        const unsigned long long idle_b = prob_carry > 0 ? b_ptrs[prob_carry - 1] : b_base;
         for (int q = prob_carry + tid; q < num_slots; q += POINTER_THREADS) {
             a_ptrs[q] = a_base;
             b_ptrs[q] = idle_b;
             c_ptrs[q] = scratch_c;
-        }
-        return;
-    }
-    // Read every source before any write: the spread is done in place.
-    unsigned long long sa[SPREAD_PER_THREAD], sb[SPREAD_PER_THREAD], sc[SPREAD_PER_THREAD];
-#pragma unroll
-    for (int j = 0; j < SPREAD_PER_THREAD; ++j) {
-        const long long q = tid + static_cast<long long>(j) * POINTER_THREADS;
-        if (q < num_slots) {
-            const long long r = q * nprob / num_slots;
-            const bool first = q == 0 || (q - 1) * nprob / num_slots != r;
-            sa[j] = a_ptrs[r];
-            sb[j] = b_ptrs[r];
-            sc[j] = first ? c_ptrs[r] : scratch_c;
-        }
-    }
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < SPREAD_PER_THREAD; ++j) {
-        const long long q = tid + static_cast<long long>(j) * POINTER_THREADS;
-        if (q < num_slots) {
-            a_ptrs[q] = sa[j];
-            b_ptrs[q] = sb[j];
-            c_ptrs[q] = sc[j];
         }
     }
 }
