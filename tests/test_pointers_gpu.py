@@ -26,33 +26,28 @@ SCRATCH = 4 << 40
 
 
 def expected(counts, chunk, num_slots):
-    """Compact chunk problems in expert order, then padded to num_slots by repeating each in place."""
+    """Compact chunk problems in expert order, then idle problems up to num_slots that
+    re-read the last real problem's weights and write to scratch."""
     offsets = np.concatenate(([0], np.cumsum(-(-counts // chunk) * chunk)))
     problems = [
         OPS.at(int(offsets[e]) + c * chunk, e)
         for e in range(len(counts))
         for c in range(-(-int(counts[e]) // chunk))
     ]
-    nprob = len(problems)
-    if num_slots <= nprob:
-        return problems, offsets
-    out = []
-    for p in range(num_slots):
-        r = p * nprob // num_slots
-        first = p == 0 or (p - 1) * nprob // num_slots != r
-        a, b, c = problems[r]
-        out.append((a, b, c if first else SCRATCH))
-    return out, offsets
+    idle_b = problems[-1][1] if problems else OPS.b
+    problems += [(OPS.a, idle_b, SCRATCH)] * max(0, num_slots - len(problems))
+    return problems, offsets
 
 
 @pytest.mark.parametrize(
     "counts, chunk, num_slots",
     [
         ([3, 0, 17, 16, 0, 1], 16, 0),
-        ([3, 0, 17, 16, 0, 1], 16, 13),  # 5 real chunks spread over 13 slots
+        ([3, 0, 17, 16, 0, 1], 16, 13),  # 5 real chunks, 8 idle ones
         ([0] * 40 + [64] + [0] * 23, 16, 100),
         (list(np.random.default_rng(0).integers(0, 40, 700)), 16, 3000),
         ([1, 1, 1, 1], 1, 4),  # exactly full: no idle problem
+        ([0, 0, 0], 16, 5),  # no real problem: idle ones read b itself
     ],
 )
 def test_build_pointers_chunks_and_spread(counts, chunk, num_slots):
