@@ -24,7 +24,7 @@ from ._device import resolve_stream, resources
 from ._executor import GroupedGemmExecutor, Operands, RowLayout
 from ._kernels import arch_for
 from ._plan import GemmPlan
-from ._select import ProblemStats, allowed_algorithms, best_measured, measured_times, select_algorithm
+from ._select import ProblemStats, choose_layer_algorithms, select_algorithm
 
 __all__ = [
     "route",
@@ -194,6 +194,9 @@ class GroupedGemmInput:
         The same counts on the host (what cuBLAS needs).
     algorithm : Algorithm
         The concrete GEMM algorithm the layout was made for.
+    second_algorithm : Algorithm or None
+        What AUTO picked for a following GEMM on the same layout (the MoE
+        layer's down projection), when the caller said its shape.
     layout : RowLayout
     """
 
@@ -211,6 +214,7 @@ class GroupedGemmInput:
     top_k: int
     num_experts: int
     stream: int
+    second_algorithm: Algorithm | None = None
 
     @property
     def expert_index(self):
@@ -223,52 +227,25 @@ class GroupedGemmInput:
         )
 
 
-def _choose_on_layout(executor, requested, first: Algorithm, layout, counts, n, k, dtype) -> Algorithm:
-    """Algorithm for a later GEMM on rows already laid out for ``first``.
+def _choose(executor, algorithm, counts, n, k, dtype, second_gemm=None) -> tuple[Algorithm, Algorithm]:
+    """(first GEMM's algorithm, which fixes the row layout; second GEMM's algorithm).
 
-    With AUTO, the tuning table may prefer another algorithm that runs on the
-    same layout (the second expert GEMM has another shape than the first);
-    without a table entry, or with a fixed algorithm, ``first`` stays.
-    """
-    if coerce_enum(Algorithm, requested, "algorithm") is not Algorithm.AUTO:
-        return first
-    if executor.config.algorithm is not Algorithm.AUTO:
-        return first
-    stats = ProblemStats.from_sizes(counts, n, k, np.dtype(dtype).name)
-    runnable = set(layout.algorithms()) & set(allowed_algorithms(executor.device_info, padded_layouts=True))
-    best = best_measured(stats, executor.device_info, runnable)
-    return best if best is not None else first
-
-
-def _choose(executor, algorithm, counts, n, k, dtype, second_gemm=None) -> Algorithm:
-    """The first GEMM's algorithm, which fixes the row layout.
-
-    With AUTO and ``second_gemm`` = (N, K) of the GEMM that follows on the same
-    rows, the layout is chosen for the pair: the first algorithm's measured
-    time plus the best time of any algorithm that runs on its layout.
+    A fixed algorithm (argument or executor config) serves both GEMMs. With
+    AUTO, :func:`choose_layer_algorithms` picks the pair when ``second_gemm``
+    = (N, K) of the following GEMM is given, else ``select_algorithm`` the first.
     """
     algorithm = coerce_enum(Algorithm, algorithm, "algorithm")
     if algorithm is Algorithm.AUTO:
         algorithm = executor.config.algorithm
-    if algorithm is Algorithm.AUTO:
-        info = executor.device_info
-        name = np.dtype(dtype).name
-        stats = ProblemStats.from_sizes(counts, n, k, name)
-        allowed = allowed_algorithms(info, padded_layouts=True)
-        first = measured_times(stats, info, allowed)
-        second = None
-        if first and second_gemm is not None:
-            second = measured_times(ProblemStats.from_sizes(counts, *second_gemm, name), info, allowed)
-        if first and second:
-
-            def pair_time(a: Algorithm) -> float:
-                on_layout = [second[b] for b in executor.layout_for(a, counts).algorithms() if b in second]
-                return first[a] + min(on_layout) if on_layout else float("inf")
-
-            algorithm = min(first, key=pair_time)
-        else:
-            algorithm = select_algorithm(stats, info, padded_layouts=True)
-    return executor._fallback(algorithm)
+    if algorithm is not Algorithm.AUTO:
+        chosen = executor._fallback(algorithm)
+        return chosen, chosen
+    info, name = executor.device_info, np.dtype(dtype).name
+    if second_gemm is not None:
+        first, second = choose_layer_algorithms(counts, (n, k), tuple(second_gemm), name, info)
+        return executor._fallback(first), executor._fallback(second)
+    first = select_algorithm(ProblemStats.from_sizes(counts, n, k, name), info, padded_layouts=True)
+    return executor._fallback(first), executor._fallback(first)
 
 
 def prepare_input(
@@ -342,7 +319,7 @@ def _prepare(
     counts_host = cupy.asnumpy(counts, stream=res.cupy_stream).astype(np.int64)  # the one sync
     if int(counts_host.sum()) != pairs:
         raise ValueError(f"topk_ids holds {pairs - int(counts_host.sum())} ids outside [0, {num_experts})")
-    chosen = _choose(executor, algorithm, counts_host, gemm_n, x.shape[1], x.dtype, second_gemm)
+    chosen, second = _choose(executor, algorithm, counts_host, gemm_n, x.shape[1], x.dtype, second_gemm)
     layout = executor.layout_for(chosen, counts_host)
     offsets_host = layout.offsets(counts_host)
     total_rows = int(offsets_host[-1])
@@ -386,6 +363,7 @@ def _prepare(
         top_k,
         num_experts,
         res.stream,
+        second,
     )
 
 
@@ -641,12 +619,8 @@ def moe_forward(
             )
         _mark(timer, "activation", res.cupy_stream)
         y = cupy.empty((rows, hidden), dtype=h.dtype)
-        # Chosen while GEMM 1 runs: the down projection may prefer another
-        # algorithm on the same row layout.
-        second = _choose_on_layout(
-            executor, algorithm, inp.algorithm, inp.layout, inp.counts_host, hidden, inter, h.dtype
-        )
-        _run_gemm(executor, res, inp, act, as_cupy(w2), y, trans_b, second)
+        # The down projection may run another algorithm on the same row layout.
+        _run_gemm(executor, res, inp, act, as_cupy(w2), y, trans_b, inp.second_algorithm)
         _mark(timer, "gemm2", res.cupy_stream)
         out = cupy.empty((inp.num_tokens, hidden), dtype=h.dtype)
         if inp.num_tokens:

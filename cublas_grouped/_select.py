@@ -28,6 +28,8 @@ __all__ = [
     "TuningTable",
     "select_algorithm",
     "best_measured",
+    "choose_layer_algorithms",
+    "algorithms_on_layout_of",
     "measured_times",
     "allowed_algorithms",
     "choose_chunk_rows",
@@ -252,6 +254,75 @@ def best_measured(
     """Fastest of ``candidates`` in the tuning table's nearest shape, or None."""
     times = measured_times(stats, device, candidates, table)
     return min(times, key=times.get) if times else None
+
+
+def algorithms_on_layout_of(first: Algorithm) -> tuple[Algorithm, ...]:
+    """Algorithms that can run on the row layout made for ``first``
+    (the same sets as :meth:`RowLayout.algorithms`)."""
+    if first is Algorithm.PADDED_STRIDED:
+        return (Algorithm.PADDED_STRIDED, Algorithm.SEQUENTIAL)
+    if first is Algorithm.CHUNKED_BATCHED:
+        return (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL, Algorithm.CHUNKED_BATCHED)
+    return (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL)
+
+
+_layer_choices: dict[tuple, tuple[Algorithm, Algorithm]] = {}
+
+
+def choose_layer_algorithms(
+    sizes: np.ndarray, first_nk: tuple[int, int], second_nk: tuple[int, int], dtype: str, device: DeviceInfo
+) -> tuple[Algorithm, Algorithm]:
+    """AUTO for an expert layer's two GEMMs on one row layout: (first, second).
+
+    The layout is made for the first GEMM's algorithm, so the pair is chosen
+    together: the first algorithm's measured time plus the best measured time
+    of any algorithm that runs on its layout. Without table entries for both
+    shapes, the built-in rules pick the first and the second follows it.
+
+    Decisions are memoized on a coarse key (log2 of active experts, mean rows
+    and skew in quarter steps), because this runs after the one host
+    synchronization of each layer call, where host time is GPU idle time.
+    """
+    active = int(np.count_nonzero(sizes))
+    total, largest = int(sizes.sum()), int(sizes.max(initial=0))
+    first_stats = ProblemStats(len(sizes), active, total, largest, *first_nk, dtype)
+    quarter = lambda v: round(4 * math.log2(max(v, 1e-9)))  # noqa: E731
+    key = (
+        device.name,
+        device.cublas_version,
+        dtype,
+        len(sizes),
+        first_nk,
+        second_nk,
+        quarter(max(active, 1)),
+        quarter(first_stats.mean_rows + 1),
+        quarter(first_stats.skew),
+        first_stats.padding_ratio > MAX_STRIDED_PADDING,
+    )
+    found = _layer_choices.get(key)
+    if found is not None:
+        return found
+    allowed = allowed_algorithms(device, padded_layouts=True)
+    first = measured_times(first_stats, device, allowed)
+    second = None
+    if first:
+        second_stats = ProblemStats(len(sizes), active, total, largest, *second_nk, dtype)
+        second = measured_times(second_stats, device, allowed)
+    if first and second:
+
+        def on_layout(a: Algorithm) -> tuple[float, Algorithm]:
+            options = [(second[b], b) for b in algorithms_on_layout_of(a) if b in second]
+            return min(options) if options else (math.inf, a)
+
+        choice = min(first, key=lambda a: first[a] + on_layout(a)[0])
+        found = (choice, on_layout(choice)[1] if on_layout(choice)[0] < math.inf else choice)
+    else:
+        choice = _rule(first_stats, allowed) if not first else min(first, key=first.get)
+        found = (choice, choice)
+    if len(_layer_choices) > 4096:
+        _layer_choices.clear()
+    _layer_choices[key] = found
+    return found
 
 
 def choose_chunk_rows(sizes: np.ndarray) -> int:

@@ -186,7 +186,8 @@ def test_table_padded_strided_not_taken_for_skewed_loads():
 
 def test_layer_chooses_the_layout_for_both_gemms(monkeypatch):
     from cublas_grouped import _select
-    from cublas_grouped._moe import _choose, _choose_on_layout
+    from cublas_grouped._moe import _choose
+    from cublas_grouped._select import algorithms_on_layout_of, choose_layer_algorithms
 
     def entry(n, k, times):
         return {
@@ -208,7 +209,6 @@ def test_layer_chooses_the_layout_for_both_gemms(monkeypatch):
     )
     dev = DeviceInfo(sm=(9, 0), cublas_version=130100, name="fake-joint")
     monkeypatch.setitem(_select._tables, (dev.name, dev.cublas_version), TuningTable("x", 1, [gemm1, gemm2]))
-    executor = GroupedGemmExecutor(device=0, device_info=dev)
     counts = np.full(128, 256)
     counts[:8] = 270
     # Alone, GEMM 1 would take padded strided (0.8); as a pair, chunked (0.9 + 0.3
@@ -217,18 +217,34 @@ def test_layer_chooses_the_layout_for_both_gemms(monkeypatch):
         select_algorithm(ProblemStats.from_sizes(counts, 1536, 2048, "bfloat16"), dev, padded_layouts=True)
         is Algorithm.PADDED_STRIDED
     )
-    first = _choose(executor, "auto", counts, 1536, 2048, "bfloat16", (2048, 768))
-    assert first is Algorithm.CHUNKED_BATCHED
-    layout = executor.layout_for(first, counts)
-    assert layout.algorithms() == (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL, Algorithm.CHUNKED_BATCHED)
-    second = _choose_on_layout(executor, "auto", first, layout, counts, 2048, 768, "bfloat16")
-    assert second is Algorithm.CUBLAS_GROUPED
-    # A fixed algorithm is never second-guessed.
-    assert (
-        _choose_on_layout(executor, "chunked_batched", first, layout, counts, 2048, 768, "bfloat16")
-        is Algorithm.CHUNKED_BATCHED
+    pair = (Algorithm.CHUNKED_BATCHED, Algorithm.CUBLAS_GROUPED)
+    assert choose_layer_algorithms(counts, (1536, 2048), (2048, 768), "bfloat16", dev) == pair
+    assert choose_layer_algorithms(counts, (1536, 2048), (2048, 768), "bfloat16", dev) == pair  # memoized
+    executor = GroupedGemmExecutor(device=0, device_info=dev)
+    assert _choose(executor, "auto", counts, 1536, 2048, "bfloat16", (2048, 768)) == pair
+    # A fixed algorithm serves both GEMMs.
+    fixed = Algorithm.SEQUENTIAL
+    assert _choose(executor, "sequential", counts, 1536, 2048, "bfloat16", (2048, 768)) == (fixed, fixed)
+    # The layout families agree with the layouts the executor makes.
+    for algorithm in (
+        Algorithm.CUBLAS_GROUPED,
+        Algorithm.SEQUENTIAL,
+        Algorithm.CHUNKED_BATCHED,
+        Algorithm.PADDED_STRIDED,
+    ):
+        layout = executor.layout_for(algorithm, counts)
+        assert set(layout.algorithms()) == set(algorithms_on_layout_of(algorithm))
+
+
+def test_layer_choice_without_table_follows_the_rules():
+    from cublas_grouped._select import choose_layer_algorithms
+
+    dev = DeviceInfo(sm=(9, 0), cublas_version=130100, name="no-table-gpu")
+    counts = np.full(8, 1024)
+    assert choose_layer_algorithms(counts, (28672, 4096), (4096, 14336), "bfloat16", dev) == (
+        Algorithm.SEQUENTIAL,
+        Algorithm.SEQUENTIAL,
     )
-    assert RowLayout(stride=300).algorithms() == (Algorithm.PADDED_STRIDED, Algorithm.SEQUENTIAL)
 
 
 @pytest.mark.parametrize("experts, top_k", [(8, 2), (128, 8), (256, 8), (4, 4)])
