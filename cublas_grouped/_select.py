@@ -38,9 +38,13 @@ __all__ = [
 ]
 
 CHUNK_CANDIDATES = (256, 128, 64, 32)
+# bf16 TFLOP/s of one cublasGemmBatchedEx over chunks of that many rows, at
+# 256-1024 rows per expert (H100, cuBLAS 13.1, 2026-11-26: Qwen3 and
+# DeepSeek-V3 expert shapes, no padding; see docs/design-notes.md). Thin
+# chunks leave the row tile mostly empty, so padding often costs less.
+CHUNK_TFLOPS = {256: 640.0, 128: 560.0, 64: 370.0, 32: 240.0}
 _CHUNKS = np.array(CHUNK_CANDIDATES, dtype=np.int64)
-# A chunk size is accepted when padding adds at most this fraction of rows.
-MAX_CHUNK_PADDING = 0.10
+_CHUNK_RATES = np.array([CHUNK_TFLOPS[c] for c in CHUNK_CANDIDATES])
 # PADDED_STRIDED is taken from a table only while it computes at most this
 # many times the real rows (tables are measured on even loads).
 MAX_STRIDED_PADDING = 1.5
@@ -326,14 +330,13 @@ def choose_layer_algorithms(
 
 
 def choose_chunk_rows(sizes: np.ndarray) -> int:
-    """Largest chunk (fewer, bigger GEMMs) whose padding stays under 10% of the rows."""
-    total = int(sizes.sum())
-    if total == 0:
+    """Chunk size with the least expected time: padded rows over the rate
+    batched GEMMs reach with that many rows per problem (CHUNK_TFLOPS)."""
+    if int(sizes.sum()) == 0:
         return CHUNK_CANDIDATES[-1]
-    # Padding rows each candidate adds, all candidates in one array operation.
-    padding = ((-sizes[None, :]) % _CHUNKS[:, None]).sum(axis=1)
-    fits = np.flatnonzero(padding <= MAX_CHUNK_PADDING * total)
-    return int(_CHUNKS[fits[0]]) if len(fits) else CHUNK_CANDIDATES[-1]
+    # Padded rows for every candidate at once, in one array operation.
+    padded = ((sizes[None, :] + _CHUNKS[:, None] - 1) // _CHUNKS[:, None] * _CHUNKS[:, None]).sum(axis=1)
+    return int(_CHUNKS[int(np.argmin(padded / _CHUNK_RATES))])
 
 
 def padded_rows(sizes: np.ndarray, align: int) -> int:
