@@ -525,3 +525,62 @@ def test_random_normal_rounds_to_bfloat16_on_the_device_side(monkeypatch):
     assert 0.1 < float(w.astype(np.float32).std()) < 0.15
     h = bench.random_normal((5, 8), "float16", 1.0, seed=1)
     assert h.dtype == np.float16 and h.shape == (5, 8) and np.abs(h).max() > 0
+
+
+def test_merge_passes_pools_samples_and_rescales_rates():
+    from cublas_grouped.bench import Result, merge_passes
+
+    def res(method, samples, **kw):
+        ms = float(np.median(samples))
+        return Result(
+            "c",
+            "m",
+            16,
+            "uniform",
+            "decode",
+            "gemm1",
+            method,
+            ms=ms,
+            tflops=100.0 / ms,
+            gbs=1000.0 / ms,
+            samples=list(samples),
+            **kw,
+        )
+
+    first = res("auto", [1.0, 1.0, 1.0])
+    second = res("auto", [3.0, 3.0, 3.0, 3.0])
+    failed = Result("c", "m", 16, "uniform", "decode", "gemm1", "dense", error="boom")
+    ok = res("dense", [2.0, 2.0])
+    graph = Result(
+        "c",
+        "m",
+        16,
+        "uniform",
+        "decode",
+        "graph",
+        "static-graph",
+        ms=2.0,
+        samples=[2.0],
+        extra={"floor_ms": 1.0, "floor_ratio": 0.5},
+    )
+    graph2 = Result(
+        "c",
+        "m",
+        16,
+        "uniform",
+        "decode",
+        "graph",
+        "static-graph",
+        ms=1.0,
+        samples=[1.0, 1.0],
+        extra={"floor_ms": 1.0},
+    )
+    merged = merge_passes([first, failed, graph, second, ok, graph2])
+    by = {(r.section, r.method): r for r in merged}
+    auto = by[("gemm1", "auto")]
+    assert auto.ms == 3.0 and len(auto.samples) == 7  # median of 1,1,1,3,3,3,3
+    assert auto.tflops == pytest.approx(100.0 / 3.0) and auto.gbs == pytest.approx(1000.0 / 3.0)
+    assert by[("gemm1", "dense")].error is None and by[("gemm1", "dense")].ms == 2.0
+    g = by[("graph", "static-graph")]
+    assert g.ms == 1.0 and g.extra["floor_ratio"] == 1.0 and g.note == "floor 1.000 ms = 100% of it"
+    assert len(merged) == 3
