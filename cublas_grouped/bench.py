@@ -1231,6 +1231,11 @@ class CaseRunner:
         r.extra.update(floor_ms=floor_ms, floor_ratio=floor_ms / t["median"])
 
 
+def _case_error(case: Case, section: str, message: str) -> Result:
+    """A whole section of a case that could not run, and why."""
+    return Result(case.name, case.model, case.tokens, case.routing, case.phase, section, "all", error=message)
+
+
 def merge_passes(results: Sequence[Result]) -> list[Result]:
     """Pool the samples of a case's repeated (section, method) measurements.
 
@@ -1288,35 +1293,13 @@ def run_all(cases: Sequence[Case], args: argparse.Namespace, api) -> tuple[list[
     for index, case in enumerate(cases, 1):
         elapsed = time.monotonic() - start
         if elapsed > limit_s:
-            results.append(
-                Result(
-                    case.name,
-                    case.model,
-                    case.tokens,
-                    case.routing,
-                    case.phase,
-                    "gemm1",
-                    "all",
-                    error=f"skipped: --max-minutes {args.max_minutes:g} reached",
-                )
-            )
+            results.append(_case_error(case, "gemm1", f"skipped: --max-minutes {args.max_minutes:g} reached"))
             continue
         t0 = time.monotonic()
         try:
             runner = CaseRunner(case, args, api, weights)
         except Exception as exc:
-            results.append(
-                Result(
-                    case.name,
-                    case.model,
-                    case.tokens,
-                    case.routing,
-                    case.phase,
-                    "gemm1",
-                    "all",
-                    error=f"setup: {_err(exc)}",
-                )
-            )
+            results.append(_case_error(case, "gemm1", f"setup: {_err(exc)}"))
             weights.clear()
             continue
         st = _routing_stats(runner)
@@ -1337,18 +1320,7 @@ def run_all(cases: Sequence[Case], args: argparse.Namespace, api) -> tuple[list[
             try:
                 body()
             except Exception as exc:  # setup of the section itself (weights, inputs)
-                runner.results.append(
-                    Result(
-                        case.name,
-                        case.model,
-                        case.tokens,
-                        case.routing,
-                        case.phase,
-                        section,
-                        "all",
-                        error=f"setup: {_err(exc)}",
-                    )
-                )
+                runner.results.append(_case_error(case, section, f"setup: {_err(exc)}"))
                 weights.clear()
         errors = sum(1 for r in runner.results if r.error and not r.error.startswith(("skipped", "n/a")))
         print(
