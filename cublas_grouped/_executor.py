@@ -24,7 +24,7 @@ from ._arrays import ArrayView, as_cupy, cuda_dtype, view
 from ._config import Algorithm, GroupedGemmConfig, compute_type_for
 from ._device import DeviceInfo, device_info, resolve_stream, resources
 from ._plan import GemmPlan, check_group_sizes, host_group_sizes, plan_gmm
-from ._select import ProblemStats, capacity_for, choose_chunk_rows, select_algorithm
+from ._select import ProblemStats, capacity_for, choose_chunk_rows, packed_chunks, select_algorithm
 
 __all__ = ["GroupedGemmExecutor", "RowLayout", "Operands"]
 
@@ -277,10 +277,15 @@ class GroupedGemmExecutor:
         out_v = self._check_out(out, plan, a_v)
         self._check_dtype_supported(a_v.dtype)
         algorithm = Algorithm(algorithm) if algorithm is not None else self.config.algorithm
-        if algorithm in (Algorithm.CHUNKED_BATCHED, Algorithm.PADDED_STRIDED):
+        if algorithm is Algorithm.PADDED_STRIDED:
             raise ValueError(
-                f"algorithm={algorithm.name} needs the padded row layout of the MoE layer; "
-                "gmm on packed rows supports AUTO, CUBLAS_GROUPED and SEQUENTIAL"
+                "algorithm=PADDED_STRIDED needs the padded row layout of the MoE layer; gmm on "
+                "packed rows supports AUTO, CUBLAS_GROUPED, SEQUENTIAL and CHUNKED_BATCHED"
+            )
+        if algorithm is Algorithm.CHUNKED_BATCHED and trans_a:
+            raise ValueError(
+                "algorithm=CHUNKED_BATCHED cannot run with trans_a: chunks would split the "
+                "reduction over each group's rows"
             )
         # Checks done: GPU work from here on.
         import cupy
@@ -305,7 +310,9 @@ class GroupedGemmExecutor:
                 return out
             if algorithm is Algorithm.AUTO:
                 stats = ProblemStats.from_sizes(plan.sizes, plan.n, plan.k, a_v.dtype.name)
-                algorithm = select_algorithm(stats, self.device_info, padded_layouts=False)
+                algorithm = select_algorithm(
+                    stats, self.device_info, padded_layouts=False, packed_chunks=not trans_a
+                )
             algorithm = self._fallback(algorithm)
             ops = Operands.for_plan(plan, a_v.ptr, b_v.ptr, out_v.ptr, a_v.itemsize)
             self.run(plan, ops, a_v.dtype, algorithm, res, sizes_dev=sizes_dev)
@@ -350,9 +357,10 @@ class GroupedGemmExecutor:
                 self._sequential(plan, ops, layout, handle, data_type, compute)
             elif algorithm is Algorithm.CUBLAS_GROUPED:
                 self._grouped(plan, ops, layout, handle, data_type, compute, res, sizes_dev)
+            elif algorithm is Algorithm.CHUNKED_BATCHED and layout.align == 1 and not layout.stride:
+                self._chunked_packed(plan, ops, handle, data_type, compute, res)
             elif algorithm is Algorithm.CHUNKED_BATCHED:
-                chunk = layout.align
-                self._chunked(plan, ops, layout, chunk, handle, data_type, compute, res, sizes_dev)
+                self._chunked(plan, ops, layout, layout.align, handle, data_type, compute, res, sizes_dev)
             elif algorithm is Algorithm.PADDED_STRIDED:
                 self._strided(plan, ops, layout, handle, data_type, compute)
             else:
@@ -455,35 +463,80 @@ class GroupedGemmExecutor:
 
     def _grouped(self, plan, ops, layout, handle, data_type, compute, res, sizes_dev) -> None:
         sizes32 = self._device_sizes(plan, res, sizes_dev)
-        count = len(plan.active)
-        a_arr, b_arr, c_arr = self.build_pointers(res, sizes32, ops, layout, num_problems=count)
-        host = plan.dims_arrays(plan.sizes[plan.active])
+        arrays = self.build_pointers(res, sizes32, ops, layout, num_problems=len(plan.active))
+        self._grouped_call(handle, plan, plan.sizes[plan.active], arrays, data_type, compute)
+
+    @staticmethod
+    def _grouped_call(handle, plan, rows: np.ndarray, arrays, data_type, compute) -> None:
+        """One ``cublasGemmGroupedBatchedEx``, one group per problem of ``rows`` rows."""
+        a_arr, b_arr, c_arr = arrays
+        count = len(rows)
+        host = plan.dims_arrays(rows)
         ones = np.ones(count, dtype=np.int32)
         alpha = np.ones(count, dtype=np.float32)
         beta = np.zeros(count, dtype=np.float32)
         addr = lambda x: x.ctypes.data  # noqa: E731 - host arrays stay alive in this frame
         _cublas.gemm_grouped_batched_ex(
-            handle,
-            addr(host["transa"]),
-            addr(host["transb"]),
-            addr(host["m"]),
-            addr(host["n"]),
-            addr(host["k"]),
-            addr(alpha),
-            b_arr,
-            data_type,
-            addr(host["lda"]),
-            a_arr,
-            data_type,
-            addr(host["ldb"]),
-            addr(beta),
-            c_arr,
-            data_type,
-            addr(host["ldc"]),
-            count,
-            addr(ones),
-            compute,
-        )
+            handle, addr(host["transa"]), addr(host["transb"]), addr(host["m"]), addr(host["n"]),
+            addr(host["k"]), addr(alpha), b_arr, data_type, addr(host["lda"]), a_arr, data_type,
+            addr(host["ldb"]), addr(beta), c_arr, data_type, addr(host["ldc"]), count, addr(ones), compute,
+        )  # fmt: skip
+
+    def _chunked_packed(self, plan, ops, handle, data_type, compute, res) -> None:
+        """CHUNKED_BATCHED on packed rows (``gmm``): groups of at least ``chunk``
+        rows run as chunks whose last one overlaps (see ``packed_chunks``);
+        smaller groups run in one grouped call (sequentially without one)."""
+        chunk = self.config.chunk_rows or choose_chunk_rows(plan.sizes)
+        starts, groups = packed_chunks(plan.sizes, plan.offsets, chunk)
+        if len(starts):
+            arrays = self._upload_pointers(res, "chunk-pointers", ops, starts, groups)
+            self.batched(handle, plan.dims(chunk), arrays, len(starts), data_type, compute)
+        small = np.flatnonzero((plan.sizes > 0) & (plan.sizes < chunk))
+        if not len(small):
+            return
+        if self.supports_grouped_gemm():
+            arrays = self._upload_pointers(res, "small-pointers", ops, plan.offsets[small], small)
+            self._grouped_call(handle, plan, plan.sizes[small], arrays, data_type, compute)
+        else:
+            for e in small:
+                d = plan.dims(int(plan.sizes[e]))
+                a_ptr, b_ptr, c_ptr = ops.at(int(plan.offsets[e]), int(e))
+                _cublas.gemm_ex(
+                    handle,
+                    d.transa,
+                    d.transb,
+                    d.m,
+                    d.n,
+                    d.k,
+                    1.0,
+                    b_ptr,
+                    data_type,
+                    d.lda,
+                    a_ptr,
+                    data_type,
+                    d.ldb,
+                    0.0,
+                    c_ptr,
+                    data_type,
+                    d.ldc,
+                    compute,
+                )
+
+    @staticmethod
+    def _upload_pointers(res, name: str, ops: Operands, rows: np.ndarray, experts: np.ndarray):
+        """Device pointer arrays (rows, weights, out) for problems at ``rows`` of
+        ``experts``, computed on the host and uploaded in one asynchronous copy."""
+        table = np.empty((3, len(rows)), dtype=np.uint64)
+        for i, (base, row_bytes, expert_bytes) in enumerate(
+            (
+                (ops.a, ops.a_row_bytes, ops.a_expert_bytes),
+                (ops.b, ops.b_row_bytes, ops.b_expert_bytes),
+                (ops.c, ops.c_row_bytes, ops.c_expert_bytes),
+            )
+        ):
+            table[i] = base + rows * row_bytes + experts * expert_bytes
+        base = res.upload(name, table).data.ptr
+        return base, base + 8 * len(rows), base + 16 * len(rows)
 
     def _chunked(self, plan, ops, layout, chunk, handle, data_type, compute, res, sizes_dev) -> None:
         sizes32 = self._device_sizes(plan, res, sizes_dev)

@@ -63,7 +63,11 @@ def gmm(
         For float32 inputs: "fp32" (default), "tf32", "fp16", "bf16". float16
         and bfloat16 inputs always accumulate in float32.
     algorithm : Algorithm or str
-        "auto" (default), "cublas_grouped" or "sequential".
+        "auto" (default), "cublas_grouped", "sequential" or "chunked_batched".
+        On packed rows, chunked_batched runs groups of at least one chunk as
+        equal row chunks (a group's last chunk overlaps its previous one, so
+        those rows are computed twice) and smaller groups in one grouped call;
+        it is not available with ``trans_a``.
     stream : optional
         ``None`` (CuPy's current stream), a CuPy or ``cuda.core`` stream, any
         ``__cuda_stream__`` object, or an integer ``cudaStream_t``.

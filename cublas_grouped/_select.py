@@ -29,6 +29,7 @@ __all__ = [
     "select_algorithm",
     "best_measured",
     "choose_layer_algorithms",
+    "packed_chunks",
     "algorithms_on_layout_of",
     "measured_times",
     "allowed_algorithms",
@@ -193,14 +194,23 @@ def load_tuning_table(device: DeviceInfo) -> TuningTable | None:
     return _tables[key]
 
 
-def allowed_algorithms(device: DeviceInfo, *, padded_layouts: bool) -> list[Algorithm]:
-    """Algorithms that can run here. The chunked and padded ones need a layout only
-    the MoE layer (or a caller laying rows out that way) provides."""
+def allowed_algorithms(
+    device: DeviceInfo, *, padded_layouts: bool, packed_chunks: bool = False
+) -> list[Algorithm]:
+    """Algorithms that can run here.
+
+    ``padded_layouts``: the rows are (or will be) laid out by the MoE layer,
+    so CHUNKED_BATCHED and PADDED_STRIDED can run. ``packed_chunks``: rows are
+    packed (``gmm``) but CHUNKED_BATCHED can still run, with overlapping last
+    chunks (not for the K-grouped product).
+    """
     allowed = [Algorithm.SEQUENTIAL]
     if device.supports_grouped_gemm():
         allowed.insert(0, Algorithm.CUBLAS_GROUPED)
+    if padded_layouts or packed_chunks:
+        allowed.append(Algorithm.CHUNKED_BATCHED)
     if padded_layouts:
-        allowed += [Algorithm.CHUNKED_BATCHED, Algorithm.PADDED_STRIDED]
+        allowed.append(Algorithm.PADDED_STRIDED)
     return allowed
 
 
@@ -221,13 +231,14 @@ def select_algorithm(
     *,
     padded_layouts: bool = False,
     table: TuningTable | None | bool = True,
+    packed_chunks: bool = False,
 ) -> Algorithm:
     """The algorithm to run for ``stats`` on ``device``.
 
     ``table=True`` loads the tuning table for the device (if any); pass a
     :class:`TuningTable`, or ``None``/``False`` for the built-in rules only.
     """
-    allowed = allowed_algorithms(device, padded_layouts=padded_layouts)
+    allowed = allowed_algorithms(device, padded_layouts=padded_layouts, packed_chunks=packed_chunks)
     best = best_measured(stats, device, allowed, table)
     return best if best is not None else _rule(stats, allowed)
 
@@ -337,6 +348,24 @@ def choose_chunk_rows(sizes: np.ndarray) -> int:
     # Padded rows for every candidate at once, in one array operation.
     padded = ((sizes[None, :] + _CHUNKS[:, None] - 1) // _CHUNKS[:, None] * _CHUNKS[:, None]).sum(axis=1)
     return int(_CHUNKS[int(np.argmin(padded / _CHUNK_RATES))])
+
+
+def packed_chunks(sizes: np.ndarray, offsets: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk problems over packed rows: (first row of each chunk, its group).
+
+    A group of m >= chunk rows gets ceil(m / chunk) chunks; when m is not a
+    multiple, its last chunk ends exactly at the group's last row and
+    overlaps the one before, so no chunk reads or writes another group's
+    rows (the overlapping rows are computed twice, with the same inputs).
+    Groups of fewer rows than ``chunk`` get no chunk: the caller runs them
+    another way.
+    """
+    big = np.flatnonzero(sizes >= chunk)
+    per_group = -(-sizes[big] // chunk)
+    groups = np.repeat(big, per_group)
+    index = np.arange(len(groups)) - np.repeat(np.cumsum(per_group) - per_group, per_group)
+    starts = offsets[groups] + np.minimum(index * chunk, sizes[groups] - chunk)
+    return starts.astype(np.int64), groups.astype(np.int64)
 
 
 def padded_rows(sizes: np.ndarray, align: int) -> int:

@@ -91,8 +91,10 @@ def test_bfloat16_needs_sm80(fake):
 
 
 def test_padded_algorithms_refused_on_packed_rows(fake, executor):
-    with pytest.raises(ValueError, match="CHUNKED_BATCHED needs the padded row layout"):
-        executor.execute(fake((4, 8)), fake((2, 8, 16)), [2, 2], algorithm="chunked_batched")
+    with pytest.raises(ValueError, match="PADDED_STRIDED needs the padded row layout"):
+        executor.execute(fake((4, 8)), fake((2, 8, 16)), [2, 2], algorithm="padded_strided")
+    with pytest.raises(ValueError, match="CHUNKED_BATCHED cannot run with trans_a"):
+        executor.execute(fake((4, 8)), fake((4, 16)), [2, 2], trans_a=True, algorithm="chunked_batched")
 
 
 def test_functional_gmm_checks_before_gpu(fake):

@@ -174,3 +174,26 @@ def test_threads_on_their_own_streams():
     assert not errors, errors
     for i in range(4):
         assert rel_error(results[i], problems[i][3]) <= 1e-5
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 16, 64, 256])
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_chunked_on_packed_rows(chunk_rows, dtype_name, trans_b):
+    rng = np.random.default_rng(41 if chunk_rows is None else chunk_rows)
+    dtype = DTYPES[dtype_name]
+    # Large groups (several chunks, last one overlapping), small ones, empty ones.
+    sizes = np.array([0, 700, 3, 64, 0, 129, 15, 1, 300, 0, 17, 1024])
+    total, k, n = int(sizes.sum()), 128, 96
+    a, a64 = device_random(rng, (total, k), dtype)
+    b_shape = (len(sizes), n, k) if trans_b else (len(sizes), k, n)
+    b, b64 = device_random(rng, b_shape, dtype)
+    out = poisoned((total, n), dtype)
+    executor = GroupedGemmExecutor(config={"algorithm": "chunked_batched", "chunk_rows": chunk_rows})
+    executor.execute(a, b, sizes, trans_b=trans_b, out=out)
+    check_close(
+        out,
+        gmm_ref(a64, b64, sizes, trans_b=trans_b),
+        TOLERANCE[dtype_name],
+        f"chunked on packed rows, chunk {chunk_rows}",
+    )

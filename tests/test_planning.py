@@ -85,6 +85,34 @@ def test_chunk_rows_choice():
     assert choose_chunk_rows(np.zeros(4, dtype=np.int64)) == 32
 
 
+def test_packed_chunks_stay_inside_their_group():
+    from cublas_grouped._select import packed_chunks
+
+    sizes = np.array([5, 0, 40, 16, 33, 15])
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    starts, groups = packed_chunks(sizes, offsets, 16)
+    # 40 rows at 5: chunks at 5, 21 and 29 (the last ends at row 44, overlapping);
+    # 16 rows: one chunk; 33 rows at 61: 61, 77, 78. Groups under 16 rows get none.
+    assert starts.tolist() == [5, 21, 29, 45, 61, 77, 78]
+    assert groups.tolist() == [2, 2, 2, 3, 4, 4, 4]
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        sizes = rng.integers(0, 300, 40)
+        offsets = np.concatenate(([0], np.cumsum(sizes)))
+        for chunk in (16, 64, 256):
+            starts, groups = packed_chunks(sizes, offsets, chunk)
+            assert (starts >= offsets[groups]).all()
+            assert (starts + chunk <= offsets[groups + 1]).all()  # never past its own group
+            covered = np.zeros(int(sizes.sum()), dtype=bool)
+            for st in starts:
+                covered[st : st + chunk] = True
+            big = np.flatnonzero(sizes >= chunk)
+            want = np.zeros_like(covered)
+            for e in big:
+                want[offsets[e] : offsets[e + 1]] = True
+            assert (covered == want).all()  # every row of every big group, nothing else
+
+
 DEVICES = {
     "sm75-cublas12.4": DeviceInfo(sm=(7, 5), cublas_version=120400),
     "sm80-cublas12.9": DeviceInfo(sm=(8, 0), cublas_version=120900),
@@ -104,6 +132,8 @@ def test_selection_rules(name):
     assert select_algorithm(QWEN, dev, table=None, padded_layouts=True) is Algorithm.CHUNKED_BATCHED
     packed = select_algorithm(QWEN, dev, table=None, padded_layouts=False)
     assert packed is (Algorithm.CUBLAS_GROUPED if grouped_ok else Algorithm.SEQUENTIAL)
+    chunks = select_algorithm(QWEN, dev, table=None, padded_layouts=False, packed_chunks=True)
+    assert chunks is Algorithm.CHUNKED_BATCHED
     decode = select_algorithm(DECODE, dev, table=None, padded_layouts=True)
     assert decode is (Algorithm.CUBLAS_GROUPED if grouped_ok else Algorithm.SEQUENTIAL)
 
