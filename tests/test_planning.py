@@ -277,24 +277,3 @@ def test_layer_choice_without_table_follows_the_rules():
         Algorithm.SEQUENTIAL,
         Algorithm.SEQUENTIAL,
     )
-
-
-@pytest.mark.parametrize("experts, top_k", [(8, 2), (128, 8), (256, 8), (4, 4)])
-@pytest.mark.parametrize("tokens", [1, 3, 16, 37, 64, 256])
-def test_fixed_capacity_bound_covers_the_worst_routing(experts, top_k, tokens):
-    from cublas_grouped._static import LayerSpec
-
-    spec = LayerSpec(experts, 8, 4, 8, top_k, True, "silu", False)
-    chunk, bound = spec.chunk(tokens), spec.problems(tokens)
-    rng = np.random.default_rng(tokens * experts)
-    worst = 0
-    for _ in range(200):  # random routings, and the most fragmented ones by construction
-        ids = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(tokens)])
-        counts = np.bincount(ids.ravel(), minlength=experts)
-        worst = max(worst, int((-(-counts // chunk)).sum()))
-    pairs = tokens * top_k
-    spread = np.full(min(experts, pairs), pairs // min(experts, pairs))
-    spread[: pairs % len(spread)] += 1  # as even as possible: the most partial chunks
-    worst = max(worst, int((-(-spread // chunk)).sum()))
-    assert worst <= bound
-    assert bound * chunk >= pairs
