@@ -27,6 +27,7 @@ __all__ = [
 # Must match kernels/dispatch.cu and kernels/routing.cu.
 DISPATCH_THREADS = 256
 PAIRS_PER_BLOCK = 1024
+SKIP_REPEATS = 1  # dispatch.cu's flag: a token's repeated expert id aliases its first row
 ROUTE_THREADS = 128
 ROUTE_WARPS = ROUTE_THREADS // 32
 ROW_THREADS = 128
@@ -67,9 +68,16 @@ def route_topk(stream, arch, logits, top_k, scoring, renormalize, weights, ids) 
     _kernels.launch(stream, kernel, grid, ROUTE_THREADS, args, shmem=ROUTE_WARPS * experts * 4)
 
 
-def block_histogram(stream, arch, ids, num_pairs, num_experts, block_counts) -> None:
+def block_histogram(stream, arch, ids, num_pairs, num_experts, block_counts, *, skip_repeats=False) -> None:
     kernel = _kernel("dispatch", "expert_block_histogram", arch)
-    args = (_ptr(ids), np.int32(num_pairs), np.int32(num_experts), _ptr(block_counts))
+    args = (
+        _ptr(ids),
+        np.int32(num_pairs),
+        np.int32(ids.shape[1]),
+        np.int32(num_experts),
+        np.int32(SKIP_REPEATS if skip_repeats else 0),
+        _ptr(block_counts),
+    )
     _kernels.launch(stream, kernel, num_pair_blocks(num_pairs), DISPATCH_THREADS, args)
 
 
@@ -80,17 +88,34 @@ def column_scan(stream, arch, block_counts, num_blocks, num_experts, counts) -> 
 
 
 def assign_rows(
-    stream, arch, ids, num_pairs, num_experts, block_base, row_offsets, pair_to_row, row_to_pair
+    stream,
+    arch,
+    ids,
+    num_pairs,
+    num_experts,
+    block_base,
+    row_offsets,
+    pair_to_row,
+    row_to_pair,
+    *,
+    skip_repeats=False,
+    dropped=None,
 ) -> None:
+    """Rows for every pair; ``row_to_pair``'s length is the row capacity the
+    kernel respects, and ``dropped`` (uint64 [1] or None) counts pairs that got none."""
     kernel = _kernel("dispatch", "assign_rows", arch)
     args = (
         _ptr(ids),
         np.int32(num_pairs),
+        np.int32(ids.shape[1]),
         np.int32(num_experts),
+        np.int32(SKIP_REPEATS if skip_repeats else 0),
         _ptr(block_base),
         _ptr(row_offsets),
+        np.int32(row_to_pair.shape[0]),
         _ptr(pair_to_row),
         _ptr(row_to_pair),
+        _ptr(dropped),
     )
     shmem = (DISPATCH_THREADS // 32 + 1) * num_experts * 4
     _kernels.launch(stream, kernel, num_pair_blocks(num_pairs), DISPATCH_THREADS, args, shmem=shmem)

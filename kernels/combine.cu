@@ -6,8 +6,9 @@
 //                               const float* topk_weights, const int* topk_ids,
 //                               const X* bias, int num_tokens, int top_k, X* out)
 //     y            [num_rows, hidden], expert-ordered GEMM 2 output.
-//     pair_to_row  [num_tokens * top_k]; a negative entry (a dropped pair)
-//                  contributes nothing.
+//     pair_to_row  [num_tokens * top_k]; -1 (a dropped pair) contributes
+//                  nothing; -2 - j' (a repeat, see dispatch.cu) reads the row
+//                  of the same token's choice j' < j, with this pair's weight.
 //     topk_weights [num_tokens, top_k] fp32, or null for weight 1.
 //     topk_ids     [num_tokens, top_k], read only when bias is non-null.
 //     bias         [E, hidden] or null.
@@ -29,6 +30,16 @@
 //   and y, out and bias (if given) are 16-byte aligned; scalar otherwise.
 
 #include "common.cuh"
+
+// Row of the choice j of the token whose first pair is pair0, following a
+// repeat's alias to the row of its first choice; negative when the pair
+// adds nothing.
+__device__ __forceinline__ int choice_row(const int* __restrict__ pair_to_row, long long pair0, int j) {
+    const int row = pair_to_row[pair0 + j];
+    if (row >= -1) return row;
+    const int first = -2 - row;
+    return first < j ? pair_to_row[pair0 + first] : -1;
+}
 
 template <class T>
 __device__ __forceinline__ void combine_rows_impl(const T* __restrict__ y, int hidden,
@@ -53,7 +64,7 @@ __device__ __forceinline__ void combine_rows_impl(const T* __restrict__ y, int h
 #pragma unroll
                 for (int k = 0; k < N; ++k) acc[k] = 0.0f;
                 for (int j = 0; j < top_k; ++j) {
-                    const int row = pair_to_row[pair0 + j];
+                    const int row = choice_row(pair_to_row, pair0, j);
                     if (row < 0) continue;
                     const float w = topk_weights != nullptr ? topk_weights[pair0 + j] : 1.0f;
                     const Vec16<T> v = load_vec16(y + row * H + i);
@@ -75,7 +86,7 @@ __device__ __forceinline__ void combine_rows_impl(const T* __restrict__ y, int h
             for (long long i = threadIdx.x; i < H; i += blockDim.x) {
                 float acc = 0.0f;
                 for (int j = 0; j < top_k; ++j) {
-                    const int row = pair_to_row[pair0 + j];
+                    const int row = choice_row(pair_to_row, pair0, j);
                     if (row < 0) continue;
                     const float w = topk_weights != nullptr ? topk_weights[pair0 + j] : 1.0f;
                     float v = load_as_float(y + row * H + i);

@@ -15,13 +15,24 @@
 //   #define DISPATCH_THREADS 256   threads per block for all three kernels
 //   #define PAIRS_PER_BLOCK 1024   pairs per block (kernels 1 and 3)
 //
+// Which pairs take a row. A pair takes no row when its id is outside
+// [0, E) (a "dropped" pair) or, with SKIP_REPEATS set in `flags`, when its
+// token already chose the same expert at a lower j (a "repeat": it aliases
+// the row of that first choice, so the expert computes the row once and the
+// combine adds it once per choice; the result is the same as giving the
+// repeat a row of its own). Kernels 1 and 3 must get the same top_k and
+// flags, so that the counts and the rows agree. With SKIP_REPEATS no expert
+// can get more than T rows, which the fixed-capacity step's bound relies on.
+//
+//   #define SKIP_REPEATS 1
+//
 // Kernels:
 //
-//   expert_block_histogram(const int* topk_ids, int num_pairs, int num_experts,
-//                          int* block_counts)
+//   expert_block_histogram(const int* topk_ids, int num_pairs, int top_k,
+//                          int num_experts, int flags, int* block_counts)
 //     grid nb, block DISPATCH_THREADS, no dynamic shared memory.
 //     block_counts [nb, E]: every entry written (zeros included):
-//     block_counts[b, e] = #{p in block b : topk_ids[p] == e}.
+//     block_counts[b, e] = #{p in block b taking a row : topk_ids[p] == e}.
 //
 //   expert_column_scan(int* block_counts, int num_blocks, int num_experts,
 //                      int* counts)
@@ -29,19 +40,28 @@
 //     shared memory. In place: block_counts[b, e] becomes
 //     sum_{b' < b} block_counts[b', e]; counts[e] = column total.
 //
-//   assign_rows(const int* topk_ids, int num_pairs, int num_experts,
-//               const int* block_base, const int* row_offsets,
-//               int* pair_to_row, int* row_to_pair)
+//   assign_rows(const int* topk_ids, int num_pairs, int top_k, int num_experts,
+//               int flags, const int* block_base, const int* row_offsets,
+//               int num_rows, int* pair_to_row, int* row_to_pair,
+//               unsigned long long* dropped)
 //     grid nb, block DISPATCH_THREADS.
 //     Dynamic shared memory: (DISPATCH_THREADS / 32 + 1) * num_experts * 4
 //     = 9 * num_experts * 4 bytes (36 KiB for E = 1024; above 48 KiB, i.e.
 //     E > 1365, the caller must raise the kernel's shared memory limit).
 //     block_base [nb, E] is the output of expert_column_scan; row_offsets
-//     [E + 1] the first row of each expert. For pair p of expert e:
-//       row = row_offsets[e] + #{q < p : topk_ids[q] == e}
+//     [E + 1] the first row of each expert; row_to_pair holds num_rows
+//     entries. For pair p of expert e that takes a row:
+//       row = row_offsets[e] + #{q < p taking a row : topk_ids[q] == e}
 //       pair_to_row[p] = row, row_to_pair[row] = p.
-//     Pairs whose id is outside [0, E) are skipped (pair_to_row[p] is left
-//     untouched). Rows never assigned keep what the caller put there (-1).
+//     Every pair_to_row entry is written:
+//       a dropped pair:          -1;
+//       a repeat of choice j':   -2 - j' (see combine.cu);
+//       a row >= num_rows:       -1, and the pair counts as dropped (the
+//                                caller's capacity was too small: no write
+//                                ever lands past row_to_pair).
+//     dropped (skipped when null): the number of dropped pairs is added to
+//     *dropped (one atomic add per warp; the count is order-independent).
+//     Rows never assigned keep what the caller put there (-1).
 //
 //   gather_rows_{f32,f16,bf16}(const X* x, int hidden, const int* row_to_pair,
 //                              int top_k, int num_rows, X* out)
@@ -57,14 +77,36 @@
 #define PAIRS_PER_BLOCK 1024
 #define DISPATCH_WARPS (DISPATCH_THREADS / 32)
 #define PAIRS_PER_THREAD (PAIRS_PER_BLOCK / DISPATCH_THREADS)
+#define SKIP_REPEATS 1
+
+// The expert pair p takes a row for, or -1 when it takes none: an id outside
+// [0, E), or (with SKIP_REPEATS) an expert its token already chose at a lower
+// j. *first_choice is that lower j for a repeat, else -1.
+__device__ __forceinline__ int pair_expert(const int* __restrict__ topk_ids, long long p, int top_k,
+                                           int num_experts, int flags, int* first_choice) {
+    *first_choice = -1;
+    const int e = topk_ids[p];
+    if (e < 0 || e >= num_experts) return -1;
+    if (flags & SKIP_REPEATS) {
+        const int j = static_cast<int>(p % top_k);
+        const int* token = topk_ids + (p - j);
+        for (int i = 0; i < j; ++i) {
+            if (token[i] == e) {
+                *first_choice = i;
+                return -1;
+            }
+        }
+    }
+    return e;
+}
 
 // The histogram keeps one counter per expert in static shared memory; more
 // experts than this are handled in several passes over the block's pairs.
 #define HIST_CHUNK 2048
 
 extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
-    expert_block_histogram(const int* __restrict__ topk_ids, int num_pairs, int num_experts,
-                           int* __restrict__ block_counts) {
+    expert_block_histogram(const int* __restrict__ topk_ids, int num_pairs, int top_k,
+                           int num_experts, int flags, int* __restrict__ block_counts) {
     __shared__ int hist[HIST_CHUNK];
     const long long first = static_cast<long long>(blockIdx.x) * PAIRS_PER_BLOCK;
     // Each thread loads its pairs once (coalesced: consecutive threads read
@@ -73,7 +115,8 @@ extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
 #pragma unroll
     for (int i = 0; i < PAIRS_PER_THREAD; ++i) {
         const long long p = first + i * DISPATCH_THREADS + threadIdx.x;
-        ids[i] = p < num_pairs ? topk_ids[p] : -1;
+        int repeat_of;
+        ids[i] = p < num_pairs ? pair_expert(topk_ids, p, top_k, num_experts, flags, &repeat_of) : -1;
     }
     int* out = block_counts + static_cast<long long>(blockIdx.x) * num_experts;
     for (int base = 0; base < num_experts; base += HIST_CHUNK) {
@@ -106,9 +149,10 @@ extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
 }
 
 extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
-    assign_rows(const int* __restrict__ topk_ids, int num_pairs, int num_experts,
-                const int* __restrict__ block_base, const int* __restrict__ row_offsets,
-                int* __restrict__ pair_to_row, int* __restrict__ row_to_pair) {
+    assign_rows(const int* __restrict__ topk_ids, int num_pairs, int top_k, int num_experts,
+                int flags, const int* __restrict__ block_base, const int* __restrict__ row_offsets,
+                int num_rows, int* __restrict__ pair_to_row, int* __restrict__ row_to_pair,
+                unsigned long long* __restrict__ dropped) {
     // Shared layout (ints): next_row[E] | warp_counts[DISPATCH_WARPS][E].
     //   next_row[e]       first row of the next pair of expert e in this
     //                     block (global row, so no addition needed later).
@@ -132,8 +176,9 @@ extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
     // lower lanes) reproduces pair order exactly.
     for (int round = 0; round < PAIRS_PER_THREAD; ++round) {
         const long long p = first + round * DISPATCH_THREADS + threadIdx.x;
-        int e = p < num_pairs ? topk_ids[p] : -1;
-        if (e < 0 || e >= E) e = -1;  // invalid ids take no row
+        const bool real = p < num_pairs;
+        int repeat_of = -1;
+        const int e = real ? pair_expert(topk_ids, p, top_k, num_experts, flags, &repeat_of) : -1;
 
         // Lanes of this warp holding the same expert, and our rank among them.
         const unsigned peers = __match_any_sync(0xffffffffu, e);
@@ -149,9 +194,15 @@ extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
         }
         __syncthreads();  // all reads of next_row done before it moves on
 
+        bool drop = real && e < 0 && repeat_of < 0;  // an id outside [0, E)
         if (e >= 0) {
-            pair_to_row[p] = row;
-            row_to_pair[row] = static_cast<int>(p);
+            if (row < num_rows) {
+                pair_to_row[p] = row;
+                row_to_pair[row] = static_cast<int>(p);
+            } else {
+                pair_to_row[p] = -1;  // past the caller's capacity: never written
+                drop = true;
+            }
             if (leader) {
                 // Sum of per-warp counts: the order of the adds cannot change
                 // the result. The leader also clears its entry, so the next
@@ -159,6 +210,12 @@ extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
                 atomicAdd(&next_row[e], __popc(peers));
                 warp_counts[warp * E + e] = 0;
             }
+        } else if (real) {
+            pair_to_row[p] = repeat_of >= 0 ? -2 - repeat_of : -1;
+        }
+        const unsigned drops = __ballot_sync(0xffffffffu, drop);
+        if (dropped != nullptr && lane == 0 && drops != 0u) {
+            atomicAdd(dropped, static_cast<unsigned long long>(__popc(drops)));
         }
         __syncthreads();
     }

@@ -5,7 +5,7 @@
 // Kernel:
 //
 //   build_pointers(const int* counts, int num_experts, int align,
-//                  int slot_stride, int chunk_rows, int num_slots,
+//                  int chunk_rows, int num_slots, int capacity,
 //                  unsigned long long a_base, long long a_row_bytes, long long a_expert_bytes,
 //                  unsigned long long b_base, long long b_row_bytes, long long b_expert_bytes,
 //                  unsigned long long c_base, long long c_row_bytes, long long c_expert_bytes,
@@ -19,12 +19,9 @@
 //   works.
 //
 //   Row offset of expert e (first row of its rows in the row buffer):
-//     slot_stride > 0: off_e = slot(e) * slot_stride, slot(e) = number of
-//                      experts j < e with counts[j] > 0 (fixed-capacity slots
-//                      for the active experts only).
-//     otherwise:       off_e = sum_{j<e} roundup(counts[j], max(align, 1)).
+//     off_e = sum_{j<e} roundup(counts[j], max(align, 1)).
 //   row_offsets [E + 1] (skipped when null): off_0 .. off_{E-1}, then the
-//   total (slot mode: num_active * slot_stride).
+//   total.
 //
 //   Problems (one GEMM each), in expert-id order:
 //     chunk_rows == 0: one per non-empty expert, starting at row off_e.
@@ -38,15 +35,21 @@
 //   Problems nprob .. num_slots - 1 (when num_slots > nprob) become idle
 //   GEMMs: a = a_base, b = b pointer of the last real problem (b_base if
 //   none, so idle GEMMs re-read weights already in L2), c = scratch_c.
-//   The pointer arrays must hold max(nprob, num_slots) entries.
+//
+//   capacity: the entries each pointer array holds. No entry at or past it
+//   is written, whatever the counts say: problems q >= capacity are left
+//   out (with chunk_rows = align, problem q covers rows [q * chunk_rows,
+//   (q + 1) * chunk_rows), so a caller whose row buffer holds
+//   capacity * chunk_rows rows drops exactly those rows too; see
+//   assign_rows in dispatch.cu).
 
 #include "common.cuh"
 
 #define POINTER_THREADS 1024
 
 extern "C" __global__ void __launch_bounds__(POINTER_THREADS)
-    build_pointers(const int* __restrict__ counts, int num_experts, int align, int slot_stride,
-                   int chunk_rows, int num_slots, unsigned long long a_base,
+    build_pointers(const int* __restrict__ counts, int num_experts, int align, int chunk_rows,
+                   int num_slots, int capacity, unsigned long long a_base,
                    long long a_row_bytes, long long a_expert_bytes, unsigned long long b_base,
                    long long b_row_bytes, long long b_expert_bytes, unsigned long long c_base,
                    long long c_row_bytes, long long c_expert_bytes, unsigned long long scratch_c,
@@ -61,18 +64,13 @@ extern "C" __global__ void __launch_bounds__(POINTER_THREADS)
 
     if (align < 1) align = 1;
     const int tid = threadIdx.x;
-    int row_carry = 0;   // rows (or slots) before the current tile
+    int row_carry = 0;   // rows before the current tile
     int prob_carry = 0;  // problems before the current tile
 
     for (int tile = 0; tile < num_experts; tile += POINTER_THREADS) {
         const int e = tile + tid;
         const int c = e < num_experts ? counts[e] : 0;
-        int rows;
-        if (slot_stride > 0) {
-            rows = c > 0 ? 1 : 0;  // scanned in slots, scaled below
-        } else {
-            rows = (c + align - 1) / align * align;
-        }
+        const int rows = (c + align - 1) / align * align;
         int nprob;
         if (chunk_rows > 0) {
             nprob = (c + chunk_rows - 1) / chunk_rows;
@@ -83,8 +81,7 @@ extern "C" __global__ void __launch_bounds__(POINTER_THREADS)
         const int rows_ex = block_exclusive_scan(rows, &rows_total, scratch);
         const int prob_ex = block_exclusive_scan(nprob, &prob_total, scratch);
 
-        int off = row_carry + rows_ex;
-        if (slot_stride > 0) off *= slot_stride;
+        const int off = row_carry + rows_ex;
         if (e < num_experts && row_offsets != nullptr) row_offsets[e] = off;
         tile_off[tid] = off;
         tile_prob[tid] = prob_carry + prob_ex;
@@ -96,7 +93,7 @@ extern "C" __global__ void __launch_bounds__(POINTER_THREADS)
         // tile_prob[s] <= q (binary search; empty experts have
         // tile_prob[s] == tile_prob[s + 1] and are skipped by taking the
         // last such s).
-        const int q_end = prob_carry + prob_total;
+        const int q_end = min(prob_carry + prob_total, capacity);
         for (int q = prob_carry + tid; q < q_end; q += POINTER_THREADS) {
             int lo = 0, hi = POINTER_THREADS - 1;
             while (lo < hi) {
@@ -122,14 +119,15 @@ extern "C" __global__ void __launch_bounds__(POINTER_THREADS)
     }
 
     if (tid == 0 && row_offsets != nullptr) {
-        row_offsets[num_experts] = slot_stride > 0 ? row_carry * slot_stride : row_carry;
+        row_offsets[num_experts] = row_carry;
     }
 
-    if (num_slots > prob_carry) {
+    const int idle_end = min(num_slots, capacity);
+    if (idle_end > prob_carry) {
         // __syncthreads makes this block's global writes above visible to
         // all of its threads (the last loop iteration ended with one).
         const unsigned long long idle_b = prob_carry > 0 ? b_ptrs[prob_carry - 1] : b_base;
-        for (int q = prob_carry + tid; q < num_slots; q += POINTER_THREADS) {
+        for (int q = prob_carry + tid; q < idle_end; q += POINTER_THREADS) {
             a_ptrs[q] = a_base;
             b_ptrs[q] = idle_b;
             c_ptrs[q] = scratch_c;

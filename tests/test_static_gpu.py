@@ -1,0 +1,259 @@
+"""Fixed-capacity decode on the GPU: every token count, rising and falling, for a
+few-large-expert and a many-small-expert layer, eager, graph-captured and
+sync-free, against float64, with every buffer poisoned before each step.
+
+Routings include the worst case for the chunk count (built by the CPU test of
+the bound), all tokens on the fewest experts, ids outside [0, E) and repeated
+ids within a token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gpu_util import check_close, device_random
+from test_capacity import routing_with_counts, worst_counts
+
+import cublas_grouped as cg
+from cublas_grouped import testing as ref
+
+pytestmark = pytest.mark.gpu
+
+MAX_TOKENS = 64
+# (name, experts, top_k, hidden, inter, biases)
+LAYERS = [("few-large", 8, 2, 256, 128, False), ("many-small", 64, 6, 128, 64, True)]
+# Every T, largest first, then rising and falling again: capacity needs are
+# not monotonic in T, and later steps reuse buffers sized earlier.
+STEPS = [MAX_TOKENS, *range(1, MAX_TOKENS), *range(MAX_TOKENS - 1, 0, -1)]
+
+
+def make_layer(rng, experts, hidden, inter, biases):
+    w1, w1_64 = device_random(rng, (experts, hidden, 2 * inter), np.float32, scale=hidden**-0.5)
+    w2, w2_64 = device_random(rng, (experts, inter, hidden), np.float32, scale=inter**-0.5)
+    if not biases:
+        return (w1, w2, None, None), (w1_64, w2_64, None, None)
+    b1, b1_64 = device_random(rng, (experts, 2 * inter), np.float32, scale=0.1)
+    b2, b2_64 = device_random(rng, (experts, hidden), np.float32, scale=0.1)
+    return (w1, w2, b1, b2), (w1_64, w2_64, b1_64, b2_64)
+
+
+def step_routing(rng, step, tokens, experts, k):
+    """Host ids and weights for one step: random, worst case, or crowded."""
+    kind = step % 3
+    if kind == 0:
+        ids = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)])
+    elif kind == 1:  # the most chunk problems any routing of T tokens needs
+        from cublas_grouped._static import LayerSpec
+
+        chunk = LayerSpec(experts, 8, 4, 8, k, True, "silu", False).chunk(tokens)
+        ids = routing_with_counts(worst_counts(experts, k, tokens, chunk), tokens, k)
+        ids = rng.permutation(experts)[ids]  # not always the low experts
+    else:  # every token on the same k experts
+        ids = np.tile(rng.choice(experts, k, replace=False), (tokens, 1))
+    w = rng.random((tokens, k)).astype(np.float32) + 0.05
+    return ids.astype(np.int32), w
+
+
+def poison(layer):
+    """NaN in every float buffer of the layer, and a wrong (in-bounds) row in
+    the index buffers, so a step that reads anything it did not write fails."""
+    import cupy
+
+    buf = layer._buffers
+    for array in (buf.rows, buf.h, buf.act, buf.y, buf.scratch, layer._out):
+        array.fill(np.nan)
+    for array in (buf.pair_to_row, buf.row_to_pair, buf.offsets, buf.counts):
+        array.fill(0)
+    buf.pointers.fill(0)  # a pointer left unwritten would fault
+    cupy.cuda.get_current_stream().synchronize()
+
+
+@pytest.mark.parametrize("name, experts, k, hidden, inter, biases", LAYERS)
+def test_static_eager_every_step_size(name, experts, k, hidden, inter, biases):
+    rng = np.random.default_rng(experts)
+    weights, weights64 = make_layer(rng, experts, hidden, inter, biases)
+    w1, w2, b1, b2 = weights
+    layer = cg.StaticMoE(w1, w2, k, max_tokens=MAX_TOKENS, b1=b1, b2=b2)
+    for step, tokens in enumerate(STEPS):
+        import cupy
+
+        x, x64 = device_random(rng, (tokens, hidden), np.float32)
+        ids, w = step_routing(rng, step, tokens, experts, k)
+        poison(layer)
+        out = layer.forward(x, cupy.asarray(ids), cupy.asarray(w))
+        expected = ref.moe_forward_ref(x64, ids, w, *weights64)
+        check_close(out, expected, 1e-5, f"{name} eager T={tokens} step {step}")
+    assert layer.dropped_pairs() == 0
+
+
+@pytest.mark.parametrize("name, experts, k, hidden, inter, biases", LAYERS)
+def test_static_graphs_every_step_size(name, experts, k, hidden, inter, biases):
+    import cupy
+
+    rng = np.random.default_rng(experts + 1)
+    weights, weights64 = make_layer(rng, experts, hidden, inter, biases)
+    w1, w2, b1, b2 = weights
+    layer = cg.StaticMoE(w1, w2, k, max_tokens=MAX_TOKENS, b1=b1, b2=b2)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    graphs = {}
+    with stream:
+        for tokens in STEPS[:MAX_TOKENS]:  # one graph per T, captured on buffers refilled in place
+            x_buf = cupy.zeros((tokens, hidden), dtype=cupy.float32)
+            ids_buf = cupy.zeros((tokens, k), dtype=cupy.int32)
+            ids_buf[:] = cupy.arange(k, dtype=cupy.int32)
+            w_buf = cupy.ones((tokens, k), dtype=cupy.float32)
+            layer.forward(x_buf, ids_buf, w_buf)  # eager first, outside the capture
+            stream.begin_capture()
+            out = layer.forward(x_buf, ids_buf, w_buf)
+            graphs[tokens] = (stream.end_capture(), x_buf, ids_buf, w_buf, out)
+    for step, tokens in enumerate(STEPS):
+        graph, x_buf, ids_buf, w_buf, out = graphs[tokens]
+        x, x64 = device_random(rng, (tokens, hidden), np.float32)
+        ids, w = step_routing(rng, step, tokens, experts, k)
+        with stream:
+            poison(layer)
+            x_buf[...] = x
+            ids_buf[...] = cupy.asarray(ids)
+            w_buf[...] = cupy.asarray(w)
+            graph.launch(stream)
+        stream.synchronize()
+        expected = ref.moe_forward_ref(x64, ids, w, *weights64)
+        check_close(out, expected, 1e-5, f"{name} graph T={tokens} step {step}")
+    assert layer.dropped_pairs() == 0
+
+
+@pytest.mark.parametrize("name, experts, k, hidden, inter, biases", LAYERS)
+def test_sync_free_every_step_size(name, experts, k, hidden, inter, biases):
+    import cupy
+
+    rng = np.random.default_rng(experts + 2)
+    weights, weights64 = make_layer(rng, experts, hidden, inter, biases)
+    w1, w2, b1, b2 = weights
+    dropped = cupy.zeros(1, dtype=cupy.uint64)
+    # A fresh stream: its cached buffers start empty and grow with the first step.
+    stream = cupy.cuda.Stream(non_blocking=True)
+    for step, tokens in enumerate([*range(1, MAX_TOKENS + 1), *STEPS]):
+        x, x64 = device_random(rng, (tokens, hidden), np.float32)
+        ids, w = step_routing(rng, step, tokens, experts, k)
+        ids_d, w_d = cupy.asarray(ids), cupy.asarray(w)
+        cupy.cuda.Device().synchronize()  # inputs written on another stream
+        out = cg.moe_forward(
+            x,
+            ids_d,
+            w_d,
+            w1,
+            w2,
+            b1=b1,
+            b2=b2,
+            sync_free=True,
+            dropped_pairs=dropped,
+            stream=stream,
+        )
+        stream.synchronize()
+        expected = ref.moe_forward_ref(x64, ids, w, *weights64)
+        check_close(out, expected, 1e-5, f"{name} sync_free T={tokens} step {step}")
+    assert int(dropped.get()[0]) == 0
+
+
+def _bad_ids(rng, tokens, experts, k):
+    """Distinct ids with about a quarter replaced by values outside [0, E)."""
+    ids = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)]).astype(np.int64)
+    bad = rng.random(ids.shape) < 0.25
+    ids[bad] = rng.choice([-1, -7, experts, experts + 3, 2**31 - 1], int(bad.sum()))
+    return ids.astype(np.int32), bad
+
+
+def test_out_of_range_ids_are_dropped_and_counted():
+    import cupy
+
+    rng = np.random.default_rng(5)
+    experts, k, hidden, inter = 16, 4, 64, 32
+    weights, weights64 = make_layer(rng, experts, hidden, inter, True)
+    w1, w2, b1, b2 = weights
+    layer = cg.StaticMoE(w1, w2, k, max_tokens=40, b1=b1, b2=b2)
+    counter = cupy.zeros(1, dtype=cupy.int64)
+    total = 0
+    for tokens in (1, 7, 23, 40):
+        x, x64 = device_random(rng, (tokens, hidden), np.float32)
+        ids, bad = _bad_ids(rng, tokens, experts, k)
+        w = rng.random((tokens, k)).astype(np.float32)
+        # Reference: a dropped pair adds nothing, as if its weight were zero.
+        ids_ok, w_ok = np.where(bad, 0, ids), np.where(bad, 0.0, w)
+        expected = ref.moe_forward_ref(x64, ids_ok, w_ok, *weights64)
+        out = layer.forward(x, cupy.asarray(ids), cupy.asarray(w))
+        check_close(out, expected, 1e-5, f"static with bad ids T={tokens}")
+        out = cg.moe_forward(
+            x, cupy.asarray(ids), cupy.asarray(w), w1, w2, b1=b1, b2=b2, sync_free=True, dropped_pairs=counter
+        )
+        check_close(out, expected, 1e-5, f"sync_free with bad ids T={tokens}")
+        total += int(bad.sum())
+    assert total > 0
+    assert int(counter.get()[0]) == total
+    assert layer.dropped_pairs() == total
+    with pytest.raises(
+        ValueError, match=rf"{total} \(token, expert\) pairs had an expert id outside \[0, 16\)"
+    ):
+        layer.check_routing()
+    assert layer.dropped_pairs(reset=True) == total
+    assert layer.dropped_pairs() == 0
+    layer.check_routing()  # nothing dropped since the reset
+
+
+def test_repeated_ids_count_once_per_choice():
+    """A token naming one expert twice gets its output twice, weighted, as on the
+    synchronizing path; the repeats cannot push an expert past T rows."""
+    import cupy
+
+    rng = np.random.default_rng(6)
+    experts, k, hidden, inter, tokens = 8, 2, 128, 64, 64
+    weights, weights64 = make_layer(rng, experts, hidden, inter, True)
+    w1, w2, b1, b2 = weights
+    layer = cg.StaticMoE(w1, w2, k, max_tokens=tokens, b1=b1, b2=b2)
+    # Expert 0 named twice by every token: with a row per pair it would need
+    # 2T rows, more than the T-row chunks leave room for.
+    crowded = np.zeros((tokens, k), dtype=np.int32)
+    mixed = np.stack([rng.choice(experts, k) for _ in range(tokens)]).astype(np.int32)  # some repeats
+    for ids in (crowded, mixed):
+        x, x64 = device_random(rng, (tokens, hidden), np.float32)
+        w = rng.random((tokens, k)).astype(np.float32)
+        expected = ref.moe_forward_ref(x64, ids, w, *weights64)
+        args = (x, cupy.asarray(ids), cupy.asarray(w))
+        check_close(layer.forward(*args), expected, 1e-5, "static with repeats")
+        check_close(
+            cg.moe_forward(*args, w1, w2, b1=b1, b2=b2, sync_free=True),
+            expected,
+            1e-5,
+            "sync_free with repeats",
+        )
+        check_close(cg.moe_forward(*args, w1, w2, b1=b1, b2=b2), expected, 1e-5, "dynamic with repeats")
+    assert layer.dropped_pairs() == 0
+
+
+def test_steps_on_two_streams_are_ordered():
+    """Eager steps of one layer on two streams: a step waits for the previous
+    one, so its buffers are not overwritten while that one still runs."""
+    import cupy
+
+    rng = np.random.default_rng(7)
+    experts, k, hidden, inter = 8, 2, 1024, 4096  # big enough that a step takes a while
+    weights, weights64 = make_layer(rng, experts, hidden, inter, False)
+    w1, w2, _, _ = weights
+    layer = cg.StaticMoE(w1, w2, k, max_tokens=64)
+    first, second = (cupy.cuda.Stream(non_blocking=True) for _ in range(2))
+    for step in range(4):
+        x1, _ = device_random(rng, (64, hidden), np.float32)
+        ids1, w1_ = step_routing(rng, step, 64, experts, k)
+        tokens = 17 + 11 * step
+        x2, x2_64 = device_random(rng, (tokens, hidden), np.float32)
+        ids2, w2_ = step_routing(rng, step + 1, tokens, experts, k)
+        args1 = (x1, cupy.asarray(ids1), cupy.asarray(w1_))
+        args2 = (x2, cupy.asarray(ids2), cupy.asarray(w2_))
+        cupy.cuda.Device().synchronize()  # inputs written on another stream
+        layer.forward(*args1, stream=first)  # still running...
+        out = layer.forward(*args2, stream=second)  # ...when this is queued
+        with second:
+            copy = out.copy()
+        second.synchronize()
+        check_close(
+            copy, ref.moe_forward_ref(x2_64, ids2, w2_, *weights64), 1e-5, f"second stream step {step}"
+        )
