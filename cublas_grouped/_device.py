@@ -19,7 +19,15 @@ from functools import cache
 
 from . import _cublas
 
-__all__ = ["DeviceInfo", "device_info", "current_device", "resolve_stream", "resources", "StreamResources"]
+__all__ = [
+    "DeviceInfo",
+    "device_info",
+    "current_device",
+    "resolve_stream",
+    "resources",
+    "stream_resources",
+    "StreamResources",
+]
 
 
 @dataclass(frozen=True)
@@ -52,18 +60,27 @@ class DeviceInfo:
 
 def current_device() -> int:
     """Ordinal of CuPy's current device."""
-    import cupy
+    from ._deps import cupy_on_gpu  # without a GPU: an error that says why
 
+    cupy = cupy_on_gpu()
     return cupy.cuda.runtime.getDevice()
 
 
-@cache
 def device_info(device_id: int | None = None) -> DeviceInfo:
-    """Query the real device (cached per ordinal)."""
-    import cupy
+    """Capabilities of device ``device_id`` (``None``: CuPy's current device).
 
-    if device_id is None:
-        device_id = current_device()
+    Cached per ordinal, never under ``None``: in a process that uses several
+    GPUs, ``None`` means whichever device is current at this call.
+    """
+    return _query_device(current_device() if device_id is None else int(device_id))
+
+
+@cache
+def _query_device(device_id: int) -> DeviceInfo:
+    from ._deps import cupy_on_gpu  # without a GPU: an error that says why
+
+    cupy = cupy_on_gpu()
+
     props = cupy.cuda.runtime.getDeviceProperties(device_id)
     name = props["name"]
     if isinstance(name, bytes):
@@ -77,16 +94,19 @@ def device_info(device_id: int | None = None) -> DeviceInfo:
     )
 
 
-def resolve_stream(stream) -> int:
+def resolve_stream(stream, device_id: int | None = None) -> int:
     """The raw ``cudaStream_t`` behind ``stream`` (0 is the legacy default stream).
 
-    Accepts ``None`` (CuPy's current stream), a CuPy stream, a ``cuda.core``
-    stream or anything with ``__cuda_stream__``, or an integer handle.
+    Accepts ``None`` (CuPy's current stream of ``device_id``, default the
+    current device: CuPy keeps one current stream per device), a CuPy stream,
+    a ``cuda.core`` stream or anything with ``__cuda_stream__``, or an integer
+    handle.
     """
     if stream is None:
         import cupy
 
-        return int(cupy.cuda.get_current_stream().ptr)
+        current = cupy.cuda.get_current_stream(-1 if device_id is None else device_id)
+        return int(current.ptr)
     if isinstance(stream, bool):
         raise TypeError("stream must be None, a stream object or an integer handle; got bool")
     if isinstance(stream, int):
@@ -107,6 +127,12 @@ def resolve_stream(stream) -> int:
         "stream must be None, a CuPy or cuda.core stream, an object with "
         f"__cuda_stream__, or an integer handle; got {type(stream).__name__}"
     )
+
+
+def stream_resources(device_id: int, stream) -> StreamResources:
+    """:func:`resources` for a call on ``device_id`` with the caller's ``stream``
+    (``None``: that device's current stream, whichever device is current)."""
+    return resources(device_id, resolve_stream(stream, device_id))
 
 
 class _StreamProtocol:

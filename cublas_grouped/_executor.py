@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _cublas, _kernels
+from . import _cublas, _device, _kernels
 from ._arrays import ArrayView, as_cupy, cuda_dtype, view
+from ._autotune import gmm_algorithm
 from ._config import Algorithm, GroupedGemmConfig, compute_type_for
-from ._device import DeviceInfo, device_info, resolve_stream, resources
+from ._device import DeviceInfo, resolve_stream, resources
 from ._plan import GemmPlan, check_group_sizes, host_group_sizes, plan_gmm
 from ._select import ProblemStats, capacity_for, choose_chunk_rows, packed_chunks, select_algorithm
 
@@ -125,11 +126,14 @@ class GroupedGemmExecutor:
     Parameters
     ----------
     device : int or None
-        CUDA device ordinal; ``None`` is CuPy's current device when first used.
+        CUDA device ordinal. ``None``: each call runs on its arrays' device
+        (else CuPy's current device) and plans with that device's
+        capabilities, so one executor serves every GPU of the process.
     config : GroupedGemmConfig, dict or None
     device_info : DeviceInfo, optional
         Capabilities to plan for instead of querying the GPU (for planning
-        and tests on machines without one). Executing still needs a GPU.
+        and tests on machines without one), on every device. Executing
+        still needs a GPU.
     """
 
     def __init__(self, device: int | None = None, config=None, *, device_info: DeviceInfo | None = None):
@@ -142,20 +146,29 @@ class GroupedGemmExecutor:
         self._info = device_info
 
     # -- capabilities -------------------------------------------------------
+    def info_for(self, device_id: int | None = None) -> DeviceInfo:
+        """Capabilities of ``device_id`` (default :attr:`device_id`), or the
+        ``device_info`` given at construction. Never kept: with several GPUs
+        each call must plan for its own device."""
+        if self._info is not None:
+            return self._info
+        return _device.device_info(self.device_id if device_id is None else device_id)
+
     @property
     def device_info(self) -> DeviceInfo:
-        """Capabilities of the executor's device (queried once)."""
-        if self._info is None:
-            self._info = device_info(self._device)
-        return self._info
+        """Capabilities of :attr:`device_id`."""
+        return self.info_for()
 
     @property
     def device_id(self) -> int:
-        return self._device if self._device is not None else self.device_info.device_id
+        """The ordinal given at construction, else CuPy's current device (at each use)."""
+        if self._device is not None:
+            return self._device
+        return self._info.device_id if self._info is not None else _device.current_device()
 
-    def supports_grouped_gemm(self) -> bool:
+    def supports_grouped_gemm(self, device_id: int | None = None) -> bool:
         """Whether ``cublasGemmGroupedBatchedEx`` is available (cuBLAS >= 12.5)."""
-        return self.device_info.supports_grouped_gemm()
+        return self.info_for(device_id).supports_grouped_gemm()
 
     def select_algorithm(
         self,
@@ -168,15 +181,17 @@ class GroupedGemmExecutor:
         dtype: str = "bfloat16",
         max_rows: int | None = None,
         padded_layouts: bool = False,
+        device: int | None = None,
     ) -> Algorithm:
-        """Algorithm for ``batch_size`` rows spread over ``active_experts`` experts.
+        """Algorithm for ``batch_size`` rows spread over ``active_experts`` experts
+        on ``device`` (default :attr:`device_id`).
 
         The configured algorithm wins unless it is AUTO; a fixed algorithm
         the device cannot run falls back as :meth:`execute` would.
         """
         fixed = self.config.algorithm
         if fixed is not Algorithm.AUTO:
-            return self._fallback(fixed)
+            return self._fallback(fixed, device)
         stats = ProblemStats(
             num_experts or max(active_experts, 1),
             active_experts,
@@ -186,22 +201,23 @@ class GroupedGemmExecutor:
             k,
             dtype,
         )
-        return select_algorithm(stats, self.device_info, padded_layouts=padded_layouts)
+        return select_algorithm(stats, self.info_for(device), padded_layouts=padded_layouts)
 
-    def _fallback(self, algorithm: Algorithm) -> Algorithm:
-        if algorithm is Algorithm.CUBLAS_GROUPED and not self.supports_grouped_gemm():
+    def _fallback(self, algorithm: Algorithm, device_id: int | None = None) -> Algorithm:
+        info = self.info_for(device_id)
+        if algorithm is Algorithm.CUBLAS_GROUPED and not info.supports_grouped_gemm():
             _warn_once(
-                f"cublasGemmGroupedBatchedEx needs cuBLAS >= 12.5 but {self.device_info.cublas_version} "
+                f"cublasGemmGroupedBatchedEx needs cuBLAS >= 12.5 but {info.cublas_version} "
                 "is loaded; running SEQUENTIAL instead"
             )
             return Algorithm.SEQUENTIAL
         return algorithm
 
-    def _check_dtype_supported(self, dtype: np.dtype) -> None:
-        if dtype.name == "bfloat16" and not self.device_info.supports_bfloat16():
+    def _check_dtype_supported(self, dtype: np.dtype, device_id: int) -> None:
+        info = self.info_for(device_id)
+        if dtype.name == "bfloat16" and not info.supports_bfloat16():
             raise ValueError(
-                f"bfloat16 needs SM 8.0 or newer; device {self.device_id} is SM "
-                f"{self.device_info.sm[0]}.{self.device_info.sm[1]}"
+                f"bfloat16 needs SM 8.0 or newer; device {device_id} is SM {info.sm[0]}.{info.sm[1]}"
             )
 
     def compute_type(self, dtype: np.dtype) -> int:
@@ -275,7 +291,9 @@ class GroupedGemmExecutor:
             )
         plan = plan_gmm(a_v, b_v, host_sizes, trans_a=trans_a, trans_b=trans_b, num_experts=num_groups)
         out_v = self._check_out(out, plan, a_v)
-        self._check_dtype_supported(a_v.dtype)
+        # The call's device: its capabilities decide, not those of the device used first.
+        device_id = a_v.device if a_v.device is not None else self.device_id
+        self._check_dtype_supported(a_v.dtype, device_id)
         algorithm = Algorithm(algorithm) if algorithm is not None else self.config.algorithm
         if algorithm is Algorithm.PADDED_STRIDED:
             raise ValueError(
@@ -290,9 +308,7 @@ class GroupedGemmExecutor:
         # Checks done: GPU work from here on.
         import cupy
 
-        stream_handle = resolve_stream(stream)
-        device_id = a_v.device if a_v.device is not None else self.device_id
-        res = resources(device_id, stream_handle)
+        res = resources(device_id, resolve_stream(stream, device_id))
         with cupy.cuda.Device(device_id), res.cupy_stream:
             sizes_dev = None
             if on_device:
@@ -304,16 +320,23 @@ class GroupedGemmExecutor:
             if out_v is None:
                 out = cupy.empty(plan.out_shape, dtype=a_v.dtype)
                 out_v = view(out, "out")
+            if out_v.nbytes == 0:
+                return out  # N = 0, M = 0, or K = 0 with trans_a: nothing to write
+            if plan.zero_product:
+                # cuBLAS refuses K = 0 (a zero leading dimension); the empty sum is zero.
+                cupy.cuda.runtime.memsetAsync(out_v.ptr, 0, out_v.nbytes, res.stream)
+                return out
             if plan.trans_a and len(plan.active) < plan.num_experts:
                 _zero_empty_groups(out_v, plan.sizes, res.stream)
             if len(plan.active) == 0:
                 return out
             if algorithm is Algorithm.AUTO:
-                stats = ProblemStats.from_sizes(plan.sizes, plan.n, plan.k, a_v.dtype.name)
-                algorithm = select_algorithm(
-                    stats, self.device_info, padded_layouts=False, packed_chunks=not trans_a
-                )
-            algorithm = self._fallback(algorithm)
+                # Tables, else (once per shape class) timing the candidates on scratch
+                # before this call, else the rules: see _autotune.
+                ops = Operands.for_plan(plan, a_v.ptr, b_v.ptr, out_v.ptr, a_v.itemsize)
+                info = self.info_for(device_id)
+                algorithm = gmm_algorithm(self, info, plan, ops, a_v.dtype, res, sizes_dev)
+            algorithm = self._fallback(algorithm, device_id)
             ops = Operands.for_plan(plan, a_v.ptr, b_v.ptr, out_v.ptr, a_v.itemsize)
             self.run(plan, ops, a_v.dtype, algorithm, res, sizes_dev=sizes_dev)
         return out
@@ -425,24 +448,36 @@ class GroupedGemmExecutor:
         ``pointer_arrays`` (three uint64 device arrays) are written when given,
         else a reused per-stream buffer. Addresses, not array views, are passed
         around because slicing device arrays costs host time on every call.
+        The kernel never writes past the entries the arrays hold (given
+        arrays: their length, which must be at least ``max(num_problems,
+        num_slots)`` or ``ValueError`` is raised; the per-stream buffer: that
+        maximum), whatever the device counts say.
         """
         if layout.stride:
             raise ValueError("the padded strided layout needs no pointer arrays")
         num_entries = max(num_problems, num_slots)
         if pointer_arrays is None:
-            base = res.buffer("pointers", 3 * 8 * max(num_entries, 1)).data.ptr
-            a_arr, b_arr, c_arr = (base + i * 8 * num_entries for i in range(3))
+            capacity = num_entries
+            base = res.buffer("pointers", 3 * 8 * max(capacity, 1)).data.ptr
+            a_arr, b_arr, c_arr = (base + i * 8 * capacity for i in range(3))
         else:
+            capacity = min(int(p.size) for p in pointer_arrays)
+            if capacity < num_entries:
+                raise ValueError(
+                    f"pointer arrays hold {capacity} entries but {num_entries} problems need them"
+                )
             a_arr, b_arr, c_arr = (int(p.data.ptr) for p in pointer_arrays)
-        kernel = _kernels.get_kernel("pointers", "build_pointers", _kernels.arch_for(self.device_info.sm))
+        # Compiled for the device of this call's stream, not the executor's first one.
+        arch = _kernels.arch_for(self.info_for(res.device_id).sm)
+        kernel = _kernels.get_kernel("pointers", "build_pointers", arch)
         i32, i64, u64 = np.int32, np.int64, np.uint64
         args = (
             np.intp(sizes_dev.data.ptr),
             i32(len(sizes_dev)),
             i32(layout.align),
-            i32(0),  # the kernel's slot_stride mode: unused (chunks with an idle fill cover it)
             i32(chunk_rows),
             i32(num_slots),
+            i32(capacity),
             u64(ops.a),
             i64(ops.a_row_bytes),
             i64(ops.a_expert_bytes),
@@ -494,7 +529,7 @@ class GroupedGemmExecutor:
         small = np.flatnonzero((plan.sizes > 0) & (plan.sizes < chunk))
         if not len(small):
             return
-        if self.supports_grouped_gemm():
+        if self.supports_grouped_gemm(res.device_id):
             arrays = self._upload_pointers(res, "small-pointers", ops, plan.offsets[small], small)
             self._grouped_call(handle, plan, plan.sizes[small], arrays, data_type, compute)
         else:

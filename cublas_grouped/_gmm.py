@@ -14,6 +14,8 @@ _lock = threading.Lock()
 
 
 def _executor(compute, algorithm) -> GroupedGemmExecutor:
+    # Built without a device: each call plans for its own arrays' device, so
+    # these executors serve every GPU of the process.
     key = (compute, algorithm)
     executor = _executors.get(key)
     if executor is None:
@@ -69,18 +71,21 @@ def gmm(
         those rows are computed twice) and smaller groups in one grouped call;
         it is not available with ``trans_a``.
     stream : optional
-        ``None`` (CuPy's current stream), a CuPy or ``cuda.core`` stream, any
-        ``__cuda_stream__`` object, or an integer ``cudaStream_t``.
+        ``None`` (CuPy's current stream of the arrays' device), a CuPy or
+        ``cuda.core`` stream, any ``__cuda_stream__`` object, or an integer
+        ``cudaStream_t``.
 
     Returns
     -------
-    The result array (``out`` when given). With M = 0 the result has zero rows
-    (``trans_a``: all zeros).
+    The result array (``out`` when given). Empty products give zeros, never an
+    error: M = 0 gives zero rows (``trans_a``: all zeros), K = 0 an ``[M, N]``
+    array of zeros (``trans_a``: an empty ``[E, 0, N]``), N = 0 an empty result.
 
     Notes
     -----
-    Runs asynchronously on ``stream``; the only synchronization is the copy of
-    device-resident ``group_sizes``. Host arrays are refused with ``TypeError``;
+    Runs asynchronously on ``stream``, on the arrays' device (the capabilities
+    and tuning table used are that device's); the only synchronization is the
+    copy of device-resident ``group_sizes``. Host arrays are refused with ``TypeError``;
     shape, dtype, device and layout errors raise before any GPU work.
     """
     precision = coerce_enum(ComputePrecision, compute if compute is not None else "fp32", "compute")

@@ -19,8 +19,9 @@ import numpy as np
 
 from . import _moe_kernels as K
 from ._arrays import ArrayView, as_cupy, cuda_dtype, view
+from ._autotune import layer_times
 from ._config import Algorithm, ComputePrecision, coerce_enum
-from ._device import resolve_stream, resources
+from ._device import stream_resources
 from ._executor import GroupedGemmExecutor, Operands, RowLayout
 from ._kernels import arch_for
 from ._plan import GemmPlan
@@ -39,6 +40,8 @@ __all__ = [
 
 SCORINGS = {"softmax": 0, "sigmoid": 1}
 MAX_EXPERTS = 1024
+# Pairs (T*k) and expert-ordered rows are int32 indices in the kernels.
+MAX_PAIRS = 2**31
 
 
 class StageTimer:
@@ -91,6 +94,11 @@ def _check_routing(topk_ids, topk_weights, num_tokens: int | None):
         raise ValueError("topk_ids must be C-contiguous")
     if num_tokens is not None and ids_v.shape[0] != num_tokens:
         raise ValueError(f"topk_ids has {ids_v.shape[0]} rows but x has {num_tokens} tokens")
+    if ids_v.shape[0] * ids_v.shape[1] >= MAX_PAIRS:
+        raise ValueError(
+            f"topk_ids has {ids_v.shape[0]} x {ids_v.shape[1]} = {ids_v.shape[0] * ids_v.shape[1]} "
+            "(token, expert) pairs; the kernels index pairs and rows with int32, so T*k must stay below 2**31"
+        )
     w_v = None
     if topk_weights is not None:
         w_v = view(topk_weights, "topk_weights")
@@ -143,7 +151,7 @@ def route(router_logits, top_k: int, *, scoring: str = "softmax", renormalize: b
         raise ValueError(f"scoring must be one of {sorted(SCORINGS)}; got {scoring!r}")
     import cupy
 
-    res = resources(_device_of(logits), resolve_stream(stream))
+    res = stream_resources(_device_of(logits), stream)
     with cupy.cuda.Device(res.device_id), res.cupy_stream:
         weights = cupy.empty((tokens, top_k), dtype=cupy.float32)
         ids = cupy.empty((tokens, top_k), dtype=cupy.int32)
@@ -198,6 +206,11 @@ class GroupedGemmInput:
         What AUTO picked for a following GEMM on the same layout (the MoE
         layer's down projection), when the caller said its shape.
     layout : RowLayout
+    stream : int
+        The stream :func:`prepare_input` ran on.
+    ready : cupy.cuda.Event or None
+        Recorded on ``stream`` when this input's arrays are complete; the later
+        steps, called on another stream, make it wait on this event.
     """
 
     rows: object
@@ -215,6 +228,7 @@ class GroupedGemmInput:
     num_experts: int
     stream: int
     second_algorithm: Algorithm | None = None
+    ready: object = None
 
     @property
     def expert_index(self):
@@ -227,25 +241,41 @@ class GroupedGemmInput:
         )
 
 
-def _choose(executor, algorithm, counts, n, k, dtype, second_gemm=None) -> tuple[Algorithm, Algorithm]:
+def _after_prepare(inp: GroupedGemmInput, res) -> None:
+    """Order work on ``res``'s stream after ``prepare_input``'s, when the streams
+    differ (a device-side wait: the host does not block)."""
+    if inp.ready is not None and res.stream != inp.stream:
+        res.cupy_stream.wait_event(inp.ready)
+
+
+def _choose(
+    executor, algorithm, counts, n, k, dtype, second_gemm=None, device_id=None
+) -> tuple[Algorithm, Algorithm]:
     """(first GEMM's algorithm, which fixes the row layout; second GEMM's algorithm).
 
     A fixed algorithm (argument or executor config) serves both GEMMs. With
     AUTO, :func:`choose_layer_algorithms` picks the pair when ``second_gemm``
-    = (N, K) of the following GEMM is given, else ``select_algorithm`` the first.
+    = (N, K) of the following GEMM is given, else ``select_algorithm`` the first,
+    from the tuning tables, else from timing the candidates once per shape class
+    on scratch (``_autotune.layer_times``), else from the rules.
+    Capabilities and tuning table are those of ``device_id`` (the call's device).
     """
     algorithm = coerce_enum(Algorithm, algorithm, "algorithm")
     if algorithm is Algorithm.AUTO:
         algorithm = executor.config.algorithm
     if algorithm is not Algorithm.AUTO:
-        chosen = executor._fallback(algorithm)
+        chosen = executor._fallback(algorithm, device_id)
         return chosen, chosen
-    info, name = executor.device_info, np.dtype(dtype).name
+    info, name = executor.info_for(device_id), np.dtype(dtype).name
+    times, times_key = layer_times(executor, info, Operands.for_plan, counts, dtype)
     if second_gemm is not None:
-        first, second = choose_layer_algorithms(counts, (n, k), tuple(second_gemm), name, info)
-        return executor._fallback(first), executor._fallback(second)
-    first = select_algorithm(ProblemStats.from_sizes(counts, n, k, name), info, padded_layouts=True)
-    return executor._fallback(first), executor._fallback(first)
+        first, second = choose_layer_algorithms(
+            counts, (n, k), tuple(second_gemm), name, info, times=times, times_key=times_key
+        )
+        return executor._fallback(first, device_id), executor._fallback(second, device_id)
+    stats = ProblemStats.from_sizes(counts, n, k, name)
+    first = select_algorithm(stats, info, padded_layouts=True, times=times)
+    return executor._fallback(first, device_id), executor._fallback(first, device_id)
 
 
 def prepare_input(
@@ -270,6 +300,16 @@ def prepare_input(
 
     The per-expert counts are copied to the host (one small synchronizing copy).
     Expert ids outside ``[0, num_experts)`` raise ``ValueError`` once the counts are known.
+
+    Streams: the input's arrays are complete on ``stream`` once an event
+    recorded at the end of this call (``ready``) fires. :func:`expert_gemm`,
+    :func:`scatter_output` and :func:`combine_output` called on another stream
+    make that stream wait on it, so each step may run on any stream of the
+    device. Each step's result is ready on the stream it was computed on: to
+    use it on another stream (this one, for instance), order it yourself
+    (record a ``cupy.cuda.Event`` there and ``wait_event`` it). Keep ``inp``
+    alive until work on other streams that reads it is done: CuPy's memory
+    pool may reuse freed memory on the stream that allocated it.
     """
     x_v = _check_tokens(tokens)
     topk_weights, topk_ids = routing
@@ -284,9 +324,9 @@ def prepare_input(
     executor = _executor(executor)
     import cupy
 
-    res = resources(_device_of(x_v), resolve_stream(stream))
+    res = stream_resources(_device_of(x_v), stream)
     with cupy.cuda.Device(res.device_id), res.cupy_stream:
-        return _prepare(
+        inp = _prepare(
             res,
             executor,
             as_cupy(x_v),
@@ -297,6 +337,9 @@ def prepare_input(
             gemm_n or x_v.shape[1],
             None,
         )
+        inp.ready = cupy.cuda.Event(block=False, disable_timing=True)
+        inp.ready.record(res.cupy_stream)
+    return inp
 
 
 def _prepare(
@@ -319,10 +362,17 @@ def _prepare(
     counts_host = cupy.asnumpy(counts, stream=res.cupy_stream).astype(np.int64)  # the one sync
     if int(counts_host.sum()) != pairs:
         raise ValueError(f"topk_ids holds {pairs - int(counts_host.sum())} ids outside [0, {num_experts})")
-    chosen, second = _choose(executor, algorithm, counts_host, gemm_n, x.shape[1], x.dtype, second_gemm)
+    chosen, second = _choose(
+        executor, algorithm, counts_host, gemm_n, x.shape[1], x.dtype, second_gemm, res.device_id
+    )
     layout = executor.layout_for(chosen, counts_host)
     offsets_host = layout.offsets(counts_host)
     total_rows = int(offsets_host[-1])
+    if total_rows >= MAX_PAIRS:
+        raise ValueError(
+            f"the {chosen.value} layout needs {total_rows} rows for {pairs} pairs; rows are int32 "
+            "indices in the kernels: choose another algorithm or fewer tokens"
+        )
     offsets = cupy.empty(num_experts + 1, dtype=cupy.int32)
     if layout.stride:
         offsets[:] = cupy.arange(num_experts + 1, dtype=cupy.int32) * layout.stride
@@ -414,7 +464,9 @@ def expert_gemm(
 ):
     """``rows @ weights[e]`` for every expert's rows, on the input's layout.
 
-    Returns a ``[R, N]`` array in the same expert order (padding rows undefined).
+    Returns a ``[R, N]`` array in the same expert order (padding rows undefined),
+    ready on ``stream``. On a stream other than :func:`prepare_input`'s, that
+    stream first waits for the input (see :func:`prepare_input`).
     """
     if not isinstance(inp, GroupedGemmInput):
         raise TypeError(f"inp must be a GroupedGemmInput from prepare_input; got {type(inp).__name__}")
@@ -433,39 +485,85 @@ def expert_gemm(
     executor = _executor(executor)
     import cupy
 
-    res = resources(inp.rows.device.id, resolve_stream(stream))
+    res = stream_resources(inp.rows.device.id, stream)
     with cupy.cuda.Device(res.device_id), res.cupy_stream:
+        _after_prepare(inp, res)
         if out is None:
             out = cupy.empty((inp.rows.shape[0], n), dtype=inp.rows.dtype)
         _run_gemm(executor, res, inp, inp.rows, as_cupy(weights), as_cupy(out), trans_b)
     return out
 
 
+def _check_expert_outputs(expert_outputs, inp) -> ArrayView:
+    """Checks shared by :func:`scatter_output` and :func:`combine_output`."""
+    if not isinstance(inp, GroupedGemmInput):
+        raise TypeError(f"inp must be a GroupedGemmInput from prepare_input; got {type(inp).__name__}")
+    y_v = view(expert_outputs, "expert_outputs")
+    rows = inp.rows.shape[0]
+    if y_v.ndim != 2 or y_v.shape[0] != rows:
+        raise ValueError(
+            f"expert_outputs must be 2-D [{rows}, N] (one row per gathered row); got {y_v.shape}"
+        )
+    cuda_dtype(y_v.dtype, "expert_outputs")
+    if not y_v.is_c_contiguous():
+        raise ValueError("expert_outputs must be C-contiguous")
+    if y_v.device is not None and y_v.device != inp.rows.device.id:
+        raise ValueError(f"expert_outputs is on device {y_v.device} but inp on device {inp.rows.device.id}")
+    return y_v
+
+
 def scatter_output(expert_outputs, inp: GroupedGemmInput, original_shape=None, *, stream=None):
     """Undo the permutation: ``[T * k, N]`` rows in token order (pair ``t*k + j``
-    at row ``t*k + j``), bit for bit; reshaped to ``original_shape`` if given."""
+    at row ``t*k + j``), bit for bit; reshaped to ``original_shape`` if given.
+
+    Ready on ``stream``, which first waits for :func:`prepare_input`'s work when
+    it is another stream; ``expert_outputs`` must already be ordered before
+    ``stream`` by the caller (see :func:`prepare_input`)."""
+    y_v = _check_expert_outputs(expert_outputs, inp)
+    pairs, n = inp.pair_to_row.shape[0], y_v.shape[1]
+    if original_shape is not None:
+        size = int(np.prod(original_shape, dtype=np.int64))
+        if size != pairs * n:
+            raise ValueError(
+                f"original_shape {tuple(original_shape)} holds {size} elements but the output has "
+                f"{pairs} x {n} = {pairs * n}"
+            )
     import cupy
 
-    y = as_cupy(expert_outputs, "expert_outputs")
-    if y.ndim != 2 or y.shape[0] != inp.rows.shape[0]:
-        raise ValueError(f"expert_outputs must be [{inp.rows.shape[0]}, N]; got {y.shape}")
-    res = resources(y.device.id, resolve_stream(stream))
+    res = stream_resources(inp.rows.device.id, stream)
     with cupy.cuda.Device(res.device_id), res.cupy_stream:
-        out = cupy.empty((inp.pair_to_row.shape[0], y.shape[1]), dtype=y.dtype)
+        _after_prepare(inp, res)
+        y = as_cupy(y_v)
+        out = cupy.empty((pairs, n), dtype=y.dtype)
         if out.shape[0]:
             K.scatter_rows(res.launch_stream, _arch(res), y, inp.pair_to_row, out)
     return out.reshape(original_shape) if original_shape is not None else out
 
 
 def combine_output(expert_outputs, inp: GroupedGemmInput, *, bias=None, weighted: bool = True, stream=None):
-    """``out[t] = sum_j w[t, j] * (y[row(t, j)] + bias[e])`` in fp32, deterministic (no atomics)."""
+    """``out[t] = sum_j w[t, j] * (y[row(t, j)] + bias[e])`` in fp32, deterministic (no atomics).
+
+    ``bias``: optional ``[E, N]`` array of ``expert_outputs``' dtype, C-contiguous.
+    Ready on ``stream``, which first waits for :func:`prepare_input`'s work when
+    it is another stream; ``expert_outputs`` must already be ordered before
+    ``stream`` by the caller (see :func:`prepare_input`).
+    """
+    y_v = _check_expert_outputs(expert_outputs, inp)
+    if not isinstance(weighted, bool):
+        raise TypeError(f"weighted must be a bool; got {type(weighted).__name__}")
+    if bias is not None:
+        b_v = view(bias, "bias")
+        want = (inp.num_experts, y_v.shape[1])
+        if b_v.shape != want or b_v.dtype != y_v.dtype or not b_v.is_c_contiguous():
+            raise ValueError(
+                f"bias must be a C-contiguous {y_v.dtype} array of shape {want}; got {b_v.dtype} {b_v.shape}"
+            )
     import cupy
 
-    y = as_cupy(expert_outputs, "expert_outputs")
-    if y.ndim != 2 or y.shape[0] != inp.rows.shape[0]:
-        raise ValueError(f"expert_outputs must be [{inp.rows.shape[0]}, N]; got {y.shape}")
-    res = resources(y.device.id, resolve_stream(stream))
+    res = stream_resources(inp.rows.device.id, stream)
     with cupy.cuda.Device(res.device_id), res.cupy_stream:
+        _after_prepare(inp, res)
+        y = as_cupy(y_v)
         out = cupy.empty((inp.num_tokens, y.shape[1]), dtype=y.dtype)
         if inp.num_tokens:
             K.combine_rows(
@@ -475,7 +573,7 @@ def combine_output(expert_outputs, inp: GroupedGemmInput, *, bias=None, weighted
                 inp.pair_to_row,
                 as_cupy(inp.topk_weights) if weighted and inp.topk_weights is not None else None,
                 inp.topk_ids,
-                bias,
+                None if bias is None else as_cupy(bias),
                 inp.num_tokens,
                 inp.top_k,
                 out,
@@ -513,6 +611,22 @@ def check_layer_args(x_v, topk_ids, topk_weights, w1, w2, b1, b2, activation, ga
     return num_experts, hidden, inter, width
 
 
+def _check_sync_free(tokens: int, dropped_pairs) -> None:
+    from ._static import MAX_STATIC_TOKENS  # _static builds on this module
+
+    if tokens > MAX_STATIC_TOKENS:
+        raise ValueError(
+            f"sync_free=True takes at most {MAX_STATIC_TOKENS} tokens (it is meant for decode and "
+            f"small prefill chunks); x has {tokens}"
+        )
+    if dropped_pairs is not None:
+        d_v = view(dropped_pairs, "dropped_pairs")
+        if d_v.shape != (1,) or d_v.dtype not in (np.dtype(np.uint64), np.dtype(np.int64)):
+            raise ValueError(
+                f"dropped_pairs must be a uint64 or int64 array of shape (1,); got {d_v.dtype} {d_v.shape}"
+            )
+
+
 def moe_forward(
     x,
     topk_ids,
@@ -530,6 +644,7 @@ def moe_forward(
     stream=None,
     timer: StageTimer | None = None,
     sync_free: bool = False,
+    dropped_pairs=None,
 ):
     """The MoE expert layer: ``sum_j w[t,j] * (act(x_t @ w1[e] + b1[e]) @ w2[e] + b2[e])``.
 
@@ -548,12 +663,17 @@ def moe_forward(
 
     sync_free : bool
         Run without copying anything to the host: each expert GEMM becomes one
-        batched call over a fixed number of 16-row chunks, enough for any
-        routing (the :class:`StaticMoE` step, buffers cached on the stream).
-        Fastest for decode-sized T (see docs/benchmarks.md); the chunk count
-        grows with ``min(E, T*k)``, so it is not meant for prefill. Expert ids
-        are not checked on this path: pairs with an id outside [0, E) add
-        nothing. ``algorithm`` and ``timer`` do not apply.
+        batched call over a fixed number of row chunks, enough for any routing
+        (the :class:`StaticMoE` step, buffers cached on the stream). Fastest
+        for decode-sized T (see docs/benchmarks.md); the chunk count grows
+        with ``min(E, T*k)``, so it is not meant for prefill. Expert ids are
+        not checked on the host on this path: a pair with an id outside
+        [0, E) adds nothing (count them with ``dropped_pairs``). ``algorithm``
+        and ``timer`` do not apply.
+    dropped_pairs : GPU array, optional
+        With ``sync_free`` only: a one-element uint64 or int64 array to which
+        the number of pairs with an expert id outside [0, E) is added, on the
+        stream, without a sync. Read it when convenient.
 
     Returns
     -------
@@ -566,10 +686,16 @@ def moe_forward(
         x_v, topk_ids, topk_weights, w1, w2, b1, b2, activation, gated, trans_b
     )
     coerce_enum(Algorithm, algorithm, "algorithm")
+    if sync_free:
+        _check_sync_free(x_v.shape[0], dropped_pairs)
+    elif dropped_pairs is not None:
+        raise ValueError(
+            "dropped_pairs applies only with sync_free=True (the synchronizing path raises on bad ids)"
+        )
     executor = _executor(executor)
     import cupy
 
-    res = resources(_device_of(x_v), resolve_stream(stream))
+    res = stream_resources(_device_of(x_v), stream)
     if sync_free:
         from ._static import LayerSpec, cached_slot_buffers, slot_step
 
@@ -589,7 +715,19 @@ def moe_forward(
             if x_v.shape[0]:
                 buf = cached_slot_buffers(res, spec, x_v.shape[0], x_v.dtype)
                 weights = None if topk_weights is None else as_cupy(topk_weights)
-                slot_step(res, executor, spec, buf, as_cupy(x_v), as_cupy(topk_ids), weights, params, out)
+                counter = None if dropped_pairs is None else as_cupy(dropped_pairs)
+                slot_step(
+                    res,
+                    executor,
+                    spec,
+                    buf,
+                    as_cupy(x_v),
+                    as_cupy(topk_ids),
+                    weights,
+                    params,
+                    out,
+                    dropped=counter,
+                )
         return out
     with cupy.cuda.Device(res.device_id), res.cupy_stream:
         _mark(timer, "start", res.cupy_stream)

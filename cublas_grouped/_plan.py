@@ -54,6 +54,13 @@ class GemmPlan:
     active: np.ndarray  # int64, ids of groups with rows, ascending
 
     @property
+    def zero_product(self) -> bool:
+        """Every output element is an empty sum (K = 0 without ``trans_a``): the
+        result is zeros and there is no GEMM to run (cuBLAS refuses K = 0, as a
+        zero leading dimension). With ``trans_a``, K = 0 gives an empty output."""
+        return self.k == 0 and not self.trans_a
+
+    @property
     def out_shape(self) -> tuple[int, ...]:
         if self.trans_a:
             return (self.num_experts, self.k, self.n)
@@ -112,7 +119,8 @@ def check_group_sizes(sizes: np.ndarray, num_experts: int, total_rows: int | Non
 def _check_matrix(v: ArrayView, name: str, ndim: int) -> None:
     if v.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D; got shape {v.shape}")
-    if not v.is_c_contiguous():
+    # An empty array has no memory to lay out (a [M, 0] slice keeps its parent's strides).
+    if v.size and not v.is_c_contiguous():
         raise ValueError(
             f"{name} must be C-contiguous (row-major); got strides {v.strides} for shape {v.shape}"
         )

@@ -125,40 +125,52 @@ class MoEMLP:
         self.activation, self.gated = activation, gated
 
     def __call__(self, x, *, stream=None, algorithm="auto"):
-        """Forward ``x`` [T, H] -> [T, H]."""
+        """Forward ``x`` [T, H] -> [T, H].
+
+        All of the call's work (router matmul, routing, experts, shared
+        experts and their sum) runs on ``stream`` (``None``: CuPy's current
+        stream of x's device), so the result is ready in that stream's order.
+        """
         import cupy
 
+        from ._device import current_device, stream_resources
         from ._moe import moe_forward, route
 
-        logits = cupy.matmul(as_cupy(x, "x"), as_cupy(self.router_weight))
-        weights, ids = route(
-            logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize, stream=stream
-        )
-        out = moe_forward(
-            x,
-            ids,
-            weights,
-            self.w1.weight,
-            self.w2.weight,
-            b1=self.w1.bias,
-            b2=self.w2.bias,
-            activation=self.activation,
-            gated=self.gated,
-            trans_b=self.w1.trans_b,
-            algorithm=algorithm,
-            stream=stream,
-        )
-        if self.shared is not None:
-            tokens = out.shape[0]
-            ones = cupy.zeros((tokens, 1), dtype=cupy.int32)
-            out += moe_forward(
+        x_v = view(x, "x")
+        device = x_v.device if x_v.device is not None else current_device()
+        res = stream_resources(device, stream)
+        # CuPy's own operations (matmul, zeros, +=) go to its current stream:
+        # make that the call's stream, or they would race with the kernels on it.
+        with cupy.cuda.Device(device), res.cupy_stream:
+            logits = cupy.matmul(as_cupy(x, "x"), as_cupy(self.router_weight))
+            weights, ids = route(
+                logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize, stream=res.stream
+            )
+            out = moe_forward(
                 x,
-                ones,
-                None,
-                self.shared[0],
-                self.shared[1],
+                ids,
+                weights,
+                self.w1.weight,
+                self.w2.weight,
+                b1=self.w1.bias,
+                b2=self.w2.bias,
                 activation=self.activation,
                 gated=self.gated,
-                stream=stream,
+                trans_b=self.w1.trans_b,
+                algorithm=algorithm,
+                stream=res.stream,
             )
+            if self.shared is not None:
+                tokens = out.shape[0]
+                ones = cupy.zeros((tokens, 1), dtype=cupy.int32)
+                out += moe_forward(
+                    x,
+                    ones,
+                    None,
+                    self.shared[0],
+                    self.shared[1],
+                    activation=self.activation,
+                    gated=self.gated,
+                    stream=res.stream,
+                )
         return out

@@ -197,3 +197,42 @@ def test_chunked_on_packed_rows(chunk_rows, dtype_name, trans_b):
         TOLERANCE[dtype_name],
         f"chunked on packed rows, chunk {chunk_rows}",
     )
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("algorithm", ["auto", "cublas_grouped", "sequential", "chunked_batched"])
+def test_k_zero_gives_zeros(trans_b, algorithm):
+    import cupy
+
+    sizes = np.array([3, 0, 5, 2])
+    a = cupy.empty((10, 0), dtype=cupy.float32)
+    b = cupy.empty((4, 8, 0) if trans_b else (4, 0, 8), dtype=cupy.float32)
+    ref = gmm_ref(np.zeros((10, 0)), np.zeros(b.shape), sizes, trans_b=trans_b)
+    out = poisoned((10, 8), np.float32)
+    assert gmm(a, b, sizes, trans_b=trans_b, out=out, algorithm=algorithm) is out
+    check_close(out, ref, 0.0, "K = 0 into a caller's out")
+    check_close(gmm(a, b, sizes, trans_b=trans_b, algorithm=algorithm), ref, 0.0, "K = 0, allocated")
+    # Device sizes, and a [M, 0] slice of a wider array (it keeps the parent's strides).
+    wide, _ = device_random(np.random.default_rng(19), (10, 16), np.float32)
+    out = poisoned((10, 8), np.float32)
+    gmm(wide[:, :0], b, cupy.asarray(sizes), trans_b=trans_b, out=out, algorithm=algorithm)
+    check_close(out, ref, 0.0, "K = 0 from a slice, device sizes")
+
+
+def test_empty_k_or_n_with_trans_a_and_n_zero():
+    import cupy
+
+    rng = np.random.default_rng(29)
+    sizes = [3, 0, 5, 2]
+    a, _ = device_random(rng, (10, 16), np.float32)
+    g, _ = device_random(rng, (10, 8), np.float32)
+    # K = 0 with trans_a: out[e] is [0, N].
+    assert gmm(a[:, :0], g, sizes, trans_a=True).shape == (4, 0, 8)
+    # N = 0: empty results, with and without trans_a.
+    b = cupy.empty((4, 16, 0), dtype=cupy.float32)
+    assert gmm(a, b, sizes).shape == (10, 0)
+    assert gmm(a, b, sizes, trans_b=False, out=cupy.empty((10, 0), dtype=cupy.float32)).shape == (10, 0)
+    assert gmm(a, g[:, :0], sizes, trans_a=True).shape == (4, 16, 0)
+    # Nothing else was disturbed: a normal call still matches its reference afterwards.
+    w, w64 = device_random(rng, (4, 16, 8), np.float32)
+    check_close(gmm(a, w, sizes), gmm_ref(cupy.asnumpy(a), w64, sizes), 1e-5, "after empty products")
