@@ -102,14 +102,14 @@ class StaticMoE:
             raise ValueError(f"top_k must be an int in [1, {num_experts}]; got {top_k!r}")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int; got {max_tokens!r}")
+        self.spec = LayerSpec(num_experts, hidden, inter, width, top_k, gated, activation, trans_b)
+        self.capacity = SlotCapacity.of(self.spec, max_tokens)  # raises before any GPU work
         self.w1, self.w2 = as_cupy(w1), as_cupy(w2)
         self.b1, self.b2 = (None if b is None else as_cupy(b) for b in (b1, b2))
         self.top_k, self.max_tokens = top_k, max_tokens
         self.activation, self.gated, self.trans_b = activation, gated, trans_b
         self.num_experts, self.hidden, self.inter, self.width = num_experts, hidden, inter, width
         self.executor = _executor(executor)
-        self.spec = LayerSpec(num_experts, hidden, inter, width, top_k, gated, activation, trans_b)
-        self.capacity = SlotCapacity.of(self.spec, max_tokens)  # raises before any allocation
         with cupy.cuda.Device(self.w1.device.id):
             self._buffers = SlotBuffers.allocate(self.spec, self.capacity, self.w1.dtype)
             self._out = cupy.empty((max_tokens, hidden), dtype=self.w1.dtype)

@@ -78,3 +78,42 @@ def test_build_pointers_chunks_and_spread(counts, chunk, num_slots):
     got = list(zip(*(cupy.asnumpy(a).tolist() for a in arrays)))
     assert got == [tuple(int(v) for v in w) for w in want]
     assert cupy.asnumpy(offsets).tolist() == want_offsets.tolist()
+
+
+def test_build_pointers_never_writes_past_its_arrays():
+    """Counts that need more problems than the arrays hold: the first entries are
+    the real problems, and nothing past the arrays' length is touched."""
+    import cupy
+
+    counts = np.array([40, 3, 0, 33, 17], dtype=np.int64)  # 3 + 1 + 3 + 2 = 9 chunks of 16
+    executor = GroupedGemmExecutor()
+    res = resources(executor.device_id, resolve_stream(None))
+    held, guard = 5, 4
+    full = tuple(cupy.full(held + guard, 7, dtype=cupy.uint64) for _ in range(3))
+    with res.cupy_stream:
+        executor.build_pointers(
+            res,
+            cupy.asarray(counts, dtype=cupy.int32),
+            OPS,
+            RowLayout(align=16),
+            chunk_rows=16,
+            num_problems=0,
+            num_slots=held,
+            scratch_c=SCRATCH,
+            pointer_arrays=tuple(a[:held] for a in full),
+        )
+        with pytest.raises(ValueError, match="pointer arrays hold 5 entries but 6 problems need them"):
+            executor.build_pointers(
+                res,
+                cupy.asarray(counts, dtype=cupy.int32),
+                OPS,
+                RowLayout(align=16),
+                chunk_rows=16,
+                num_problems=6,
+                pointer_arrays=tuple(a[:held] for a in full),
+            )
+    res.cupy_stream.synchronize()
+    want, _ = expected(counts, 16, 0)
+    got = list(zip(*(cupy.asnumpy(a).tolist() for a in full)))
+    assert got[:held] == [tuple(int(v) for v in w) for w in want[:held]]
+    assert got[held:] == [(7, 7, 7)] * guard

@@ -257,3 +257,53 @@ def test_steps_on_two_streams_are_ordered():
         check_close(
             copy, ref.moe_forward_ref(x2_64, ids2, w2_, *weights64), 1e-5, f"second stream step {step}"
         )
+
+
+def test_assign_rows_never_writes_past_its_row_capacity():
+    """A row buffer shorter than the counts need: the pairs whose rows fall past
+    it get -1 and are counted as dropped; nothing past the buffer is touched."""
+    import cupy
+
+    from cublas_grouped import _moe_kernels as K
+    from cublas_grouped._device import device_info
+    from cublas_grouped._kernels import arch_for
+
+    rng = np.random.default_rng(9)
+    tokens, experts, k = 300, 8, 2
+    ids_h = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)]).astype(np.int32)
+    plan = ref.plan_ref(ids_h, experts)
+    pairs, held, guard = tokens * k, tokens * k - 37, 16
+    arch = arch_for(device_info().sm)
+    stream = cupy.cuda.get_current_stream()
+    from cuda.core import Stream
+
+    launch_stream = Stream.from_handle(stream.ptr)
+    ids = cupy.asarray(ids_h)
+    nb = K.num_pair_blocks(pairs)
+    block_counts = cupy.empty((nb, experts), dtype=cupy.int32)
+    counts = cupy.empty(experts, dtype=cupy.int32)
+    K.block_histogram(launch_stream, arch, ids, pairs, experts, block_counts)
+    K.column_scan(launch_stream, arch, block_counts, nb, experts, counts)
+    offsets = cupy.asarray(plan["row_offsets"])
+    pair_to_row = cupy.full(pairs, 12345, dtype=cupy.int32)
+    row_to_pair = cupy.full(held + guard, -1, dtype=cupy.int32)
+    dropped = cupy.zeros(1, dtype=cupy.uint64)
+    K.assign_rows(
+        launch_stream,
+        arch,
+        ids,
+        pairs,
+        experts,
+        block_counts,
+        offsets,
+        pair_to_row,
+        row_to_pair[:held],
+        dropped=dropped,
+    )
+    stream.synchronize()
+    want = plan["pair_to_row"].astype(np.int64)
+    want[want >= held] = -1
+    assert cupy.asnumpy(pair_to_row).tolist() == want.tolist()
+    assert int(dropped.get()[0]) == pairs - held
+    assert (cupy.asnumpy(row_to_pair[held:]) == -1).all()
+    assert cupy.asnumpy(row_to_pair[:held]).tolist() == plan["row_to_pair"][:held].tolist()
