@@ -77,8 +77,10 @@ def test_gmm_on_device_1_after_device_0(dtype_name, algorithm):
             assert cg.gmm(a, b, sizes, out=out, algorithm=algorithm) is out
             check_close(out, ref, tol, f"gmm on device {device_id}")
             stream = cupy.cuda.Stream(non_blocking=True)
-            out = poisoned(ref.shape, dtype)
-            cg.gmm(a, b, cupy.asarray(sizes), out=out, algorithm=algorithm, stream=stream)
+            with stream:  # the output and the sizes are ready on the stream that reads them
+                out = poisoned(ref.shape, dtype)
+                sizes_dev = cupy.asarray(sizes)
+            cg.gmm(a, b, sizes_dev, out=out, algorithm=algorithm, stream=stream)
             stream.synchronize()
             check_close(out, ref, tol, f"gmm on device {device_id}, own stream, device sizes")
     # Arrays on device 1 while device 0 is current, with a stream of its own:

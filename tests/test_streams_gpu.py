@@ -59,6 +59,7 @@ def test_moe_mlp_runs_the_whole_call_on_its_stream():
     x = cupy.zeros_like(x_new)
     work = cupy.cuda.Stream(non_blocking=True)
     other = cupy.cuda.Stream(non_blocking=True)
+    cupy.cuda.runtime.deviceSynchronize()  # x is all zeros before either stream starts
     with work:
         spin()
         x[...] = x_new  # written on `work` only after the spin
@@ -106,9 +107,10 @@ def test_later_steps_on_another_stream_wait_for_prepare_input(monkeypatch, algor
     inp = cg.prepare_input(x, (w, ids), experts, algorithm=algorithm, stream=prep)
     assert inp.ready is not None and inp.stream == prep.ptr
     rows = inp.rows.shape[0]
-    with side:
-        y = cupy.asarray(rng.standard_normal((rows, n)).astype(np.float32))  # ready on `side`
-    h = cg.expert_gemm(inp, w1, out=poisoned((rows, n), np.float32), stream=side)
+    with side:  # both ready on `side`
+        y = cupy.asarray(rng.standard_normal((rows, n)).astype(np.float32))
+        h = poisoned((rows, n), np.float32)
+    assert cg.expert_gemm(inp, w1, out=h, stream=side) is h
     pairs = cg.scatter_output(h, inp, stream=side)
     combined = cg.combine_output(y, inp, stream=side)
     side.synchronize()  # waited for `prep` on the device, so everything is done
