@@ -6,7 +6,12 @@ The rules encode what was measured on an H100 (../shared/DESIGN.md):
 ``cublasGemmBatchedEx`` over equal row chunks wins on many mid-sized experts.
 A tuning table measured on the actual GPU (``python -m cublas_grouped.tune``)
 overrides the rules for shapes it covers: the nearest measured shape (in log
-space over experts, active experts, rows per expert, N and K) decides.
+space over experts, active experts, rows per expert, N, K and skew) decides.
+
+Which table: :func:`tuning_table_for` walks a fallback chain (the user's exact
+table, the shipped exact one, the same GPU with the nearest cuBLAS, the same
+architecture) and says why it took the one it took. Measuring on first sight,
+where no close table covers a shape, lives one layer up in ``_autotune``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import json
 import math
 import os
 import re
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +42,12 @@ __all__ = [
     "allowed_algorithms",
     "choose_chunk_rows",
     "tuning_table_path",
+    "tuning_table_for",
+    "is_close_table",
     "load_tuning_table",
+    "reset_tuning_cache",
+    "user_tuning_dir",
+    "TimesSource",
 ]
 
 CHUNK_CANDIDATES = (256, 128, 64, 32)
@@ -51,6 +63,15 @@ _CHUNK_RATES = np.array([CHUNK_TFLOPS[c] for c in CHUNK_CANDIDATES])
 MAX_STRIDED_PADDING = 1.5
 # A tuning entry farther than this (sum of squared log2 ratios) does not apply.
 MAX_TABLE_DISTANCE = 2.0
+# The tables that ship inside the package (one file per GPU name and cuBLAS version).
+SHIPPED_TUNING_DIR = Path(__file__).resolve().parent / "tuning"
+# Files of measurements made on first sight (``_autotune``): never a fallback table.
+AUTOTUNE_SUFFIX = ".autotune.json"
+# Hopper parts whose tables may lack ``sm`` (written before it was recorded).
+_HOPPER_NAME = re.compile(r"\bG?H(100|200|800|20)\b")
+
+# times(stats, candidates) -> {algorithm: ms} or None: where AUTO gets measured times.
+TimesSource = Callable[["ProblemStats", tuple], "dict | None"]
 
 
 @dataclass(frozen=True)
@@ -103,15 +124,42 @@ class ProblemStats:
         )
 
 
+def infer_sm(gpu: str) -> tuple[int, int] | None:
+    """SM version of a GPU known by name alone (the Hopper parts), else None.
+
+    Tables written before ``sm`` was recorded get their architecture this way;
+    any other old table counts as unknown architecture.
+    """
+    return (9, 0) if _HOPPER_NAME.search(gpu) else None
+
+
+def _parse_sm(value, gpu: str) -> tuple[int, int] | None:
+    if value is None:
+        return infer_sm(gpu)
+    try:
+        major, minor = (int(v) for v in (value.split(".") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        raise ValueError(f"sm must be [major, minor] like [9, 0]; got {value!r}") from None
+    return (major, minor)
+
+
 @dataclass
 class TuningTable:
-    """Measured times per shape for one (GPU name, cuBLAS version)."""
+    """Measured times per shape for one (GPU name, cuBLAS version, SM version).
+
+    ``sm`` is the architecture the table was measured on, ``(9, 0)`` for
+    Hopper; ``None`` reads it from the GPU name where that is an H100/H200 class
+    part, else leaves it unknown (such a table is never a same-architecture
+    fallback).
+    """
 
     gpu: str
     cublas_version: int
     entries: list[dict]
+    sm: tuple[int, int] | None = None
 
     def __post_init__(self):
+        self.sm = _parse_sm(self.sm, self.gpu)
         grouped: dict[str, tuple[list, list]] = {}
         for entry in self.entries:
             active = entry["active_experts"]
@@ -121,7 +169,7 @@ class TuningTable:
             stats = ProblemStats(
                 entry["num_experts"], active, total, max_rows, entry["n"], entry["k"], entry["dtype"]
             )
-            times = {Algorithm(name): t for name, t in entry["times_ms"].items() if t is not None}
+            times = {Algorithm(name): float(t) for name, t in entry["times_ms"].items() if t is not None}
             feats, items = grouped.setdefault(entry["dtype"], ([], []))
             feats.append(stats.features())
             items.append(times)
@@ -139,59 +187,156 @@ class TuningTable:
 
     @classmethod
     def load(cls, path: Path) -> TuningTable:
+        """Read a table; a malformed file raises ValueError, KeyError or TypeError."""
         data = json.loads(Path(path).read_text())
-        return cls(data["gpu"], int(data["cublas_version"]), list(data["entries"]))
+        if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+            raise ValueError(f"{path} is not a tuning table (no list of entries)")
+        return cls(str(data["gpu"]), int(data["cublas_version"]), data["entries"], data.get("sm"))
+
+    def to_json(self) -> dict:
+        """The table as written to disk."""
+        doc = {"gpu": self.gpu, "cublas_version": self.cublas_version}
+        if self.sm is not None:
+            doc["sm"] = list(self.sm)
+        doc["entries"] = self.entries
+        return doc
 
     def save(self, path: Path) -> None:
+        """Write atomically: a temporary file in the same folder, then a rename, so a
+        reader (or a second writer) never sees half a table."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {"gpu": self.gpu, "cublas_version": self.cublas_version, "entries": self.entries}, indent=1
-            )
-        )
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_json(), f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def tuning_table_path(device: DeviceInfo, user: bool = True) -> Path:
-    """Where the table for ``device`` lives.
+def user_tuning_dir() -> Path:
+    """``$CUBLAS_GROUPED_TUNING_DIR``, else ``~/.cache/cublas_grouped/tuning``: where
+    ``python -m cublas_grouped.tune`` and AUTO's measurements write."""
+    root = os.environ.get("CUBLAS_GROUPED_TUNING_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "cublas_grouped" / "tuning"
 
-    ``user=True``: ``$CUBLAS_GROUPED_TUNING_DIR`` or ``~/.cache/cublas_grouped/tuning``
-    (what ``python -m cublas_grouped.tune`` writes). ``user=False``: the tables
-    shipped inside the package.
+
+def tuning_table_path(device: DeviceInfo, user: bool = True) -> Path:
+    """Where the exact table for ``device`` (its GPU name and cuBLAS version) lives.
+
+    ``user=True``: in :func:`user_tuning_dir` (what ``python -m cublas_grouped.tune``
+    writes). ``user=False``: among the tables shipped inside the package.
     """
     name = f"{_slug(device.name)}-cublas{device.cublas_version}.json"
-    if user:
-        root = os.environ.get("CUBLAS_GROUPED_TUNING_DIR")
-        base = Path(root) if root else Path.home() / ".cache" / "cublas_grouped" / "tuning"
-    else:
-        base = Path(__file__).resolve().parent / "tuning"
-    return base / name
+    return (user_tuning_dir() if user else SHIPPED_TUNING_DIR) / name
 
 
-_tables: dict[tuple[str, int], TuningTable | None] = {}
+def _read_tables(folder: Path) -> list[tuple[Path, TuningTable]]:
+    """Every readable table in ``folder``, by file name; broken files are ignored, not trusted."""
+    try:
+        paths = sorted(p for p in folder.glob("*.json") if not p.name.endswith(AUTOTUNE_SUFFIX))
+    except OSError:
+        return []
+    tables = []
+    for path in paths:
+        try:
+            tables.append((path, TuningTable.load(path)))
+        except (ValueError, KeyError, TypeError, OSError):
+            continue
+    return tables
+
+
+def _version_distance(table: TuningTable, device: DeviceInfo) -> tuple[int, int]:
+    """How far a table's cuBLAS is from the device's: another major version first,
+    then the absolute difference of the version numbers (major*10000 + minor*100 + patch)."""
+    other_major = int(table.cublas_version // 10000 != device.cublas_version // 10000)
+    return (other_major, abs(table.cublas_version - device.cublas_version))
+
+
+def is_close_table(table: TuningTable | None, device: DeviceInfo) -> bool:
+    """Whether ``table`` was measured close enough to ``device`` to be trusted
+    over measuring: the same GPU name and the same cuBLAS major version.
+
+    Tables of another cuBLAS major (12 vs 13 pick different kernels) or of
+    another GPU of the same architecture are only fallbacks: AUTO uses them
+    where it cannot measure (see ``_autotune``).
+    """
+    return (
+        table is not None
+        and table.gpu == device.name
+        and table.cublas_version // 10000 == device.cublas_version // 10000
+    )
+
+
+def _choose_table(device: DeviceInfo, user_dir: Path, shipped_dir: Path) -> tuple[TuningTable | None, str]:
+    found = [(path, table, True) for path, table in _read_tables(user_dir)]
+    found += [(path, table, False) for path, table in _read_tables(shipped_dir)]
+    where = lambda path, user: f"{'user' if user else 'shipped'} table {path}"  # noqa: E731
+    running = f"{device.name}, cuBLAS {device.cublas_version}, SM {device.sm[0]}.{device.sm[1]}"
+    # 1-2: exact (GPU name and cuBLAS version), the user's before the shipped one.
+    for path, table, user in found:
+        if table.gpu == device.name and table.cublas_version == device.cublas_version:
+            return table, f"{where(path, user)}: exact match ({running})"
+    # 3: the same GPU, nearest cuBLAS; 4: another GPU of the same architecture.
+    same_gpu = [f for f in found if f[1].gpu == device.name]
+    same_arch = [f for f in found if f[1].gpu != device.name and f[1].sm is not None and f[1].sm == device.sm]
+    for group, what in ((same_gpu, "same GPU, nearest cuBLAS"), (same_arch, "same architecture")):
+        if group:
+            # Nearer cuBLAS first; at equal distance the user's table before the shipped
+            # one, then the newer cuBLAS.
+            path, table, user = min(
+                group, key=lambda f: (_version_distance(f[1], device), not f[2], -f[1].cublas_version)
+            )
+            return table, (
+                f"{where(path, user)}: {what} ({table.gpu}, cuBLAS {table.cublas_version}); running {running}"
+            )
+    return None, f"no table for {running} in {user_dir} or the shipped tables: built-in rules"
+
+
+_tables: dict[tuple, tuple[TuningTable | None, str]] = {}
+
+
+def tuning_table_for(device: DeviceInfo) -> tuple[TuningTable | None, str]:
+    """The tuning table AUTO uses on ``device``, and why: ``(table or None, reason)``.
+
+    Fallback order, first found wins:
+
+    1. the user's exact table (same GPU name and cuBLAS version, in
+       :func:`user_tuning_dir`);
+    2. the shipped exact table;
+    3. a table of the same GPU name with the nearest cuBLAS version: one of the
+       same major version before any other, then the smallest difference of
+       the version numbers (``major*10000 + minor*100 + patch``); at equal
+       distance the user's table before the shipped one, then the newer cuBLAS;
+    4. a table of another GPU of the same architecture (``sm``), ordered the
+       same way.
+
+    Broken files are skipped. Cached per (GPU name, cuBLAS version, SM version)
+    and tuning folders; :func:`reset_tuning_cache` forgets.
+    """
+    user_dir = os.environ.get("CUBLAS_GROUPED_TUNING_DIR")
+    key = (device.name, device.cublas_version, device.sm, user_dir, SHIPPED_TUNING_DIR)
+    found = _tables.get(key)
+    if found is None:
+        found = _tables[key] = _choose_table(device, user_tuning_dir(), SHIPPED_TUNING_DIR)
+    return found
 
 
 def load_tuning_table(device: DeviceInfo) -> TuningTable | None:
-    """The user's table for this GPU and cuBLAS, else the shipped one, else None (cached)."""
-    key = (device.name, device.cublas_version)
-    if key not in _tables:
-        table = None
-        for user in (True, False):
-            path = tuning_table_path(device, user)
-            if path.is_file():
-                try:
-                    table = TuningTable.load(path)
-                    break
-                except (ValueError, KeyError, OSError):
-                    continue  # a broken table is ignored, not trusted
-        _tables[key] = table
-    return _tables[key]
+    """The table :func:`tuning_table_for` picks for ``device``, or None (cached)."""
+    return tuning_table_for(device)[0]
+
+
+def reset_tuning_cache() -> None:
+    """Forget the cached tables and layer choices (after writing a new table, and in tests)."""
+    _tables.clear()
+    _layer_choices.clear()
 
 
 def allowed_algorithms(
@@ -232,15 +377,22 @@ def select_algorithm(
     padded_layouts: bool = False,
     table: TuningTable | None | bool = True,
     packed_chunks: bool = False,
+    times: TimesSource | None = None,
 ) -> Algorithm:
     """The algorithm to run for ``stats`` on ``device``.
 
-    ``table=True`` loads the tuning table for the device (if any); pass a
-    :class:`TuningTable`, or ``None``/``False`` for the built-in rules only.
+    ``table=True`` uses the table :func:`tuning_table_for` picks (if any); pass
+    a :class:`TuningTable`, or ``None``/``False`` for the built-in rules only.
+    ``times(stats, candidates)``, when given, replaces the table lookup (AUTO
+    passes one that may measure, see ``_autotune``).
     """
     allowed = allowed_algorithms(device, padded_layouts=padded_layouts, packed_chunks=packed_chunks)
-    best = best_measured(stats, device, allowed, table)
-    return best if best is not None else _rule(stats, allowed)
+    found = (
+        times(stats, tuple(allowed)) if times is not None else measured_times(stats, device, allowed, table)
+    )
+    if found:
+        return min(found, key=found.get)
+    return _rule(stats, allowed)
 
 
 def measured_times(
@@ -252,8 +404,13 @@ def measured_times(
         table = load_tuning_table(device)
     if not table or not stats.active_experts:
         return None
-    measured = table.nearest(stats)
-    if measured is None:
+    return usable_times(table.nearest(stats), stats, candidates)
+
+
+def usable_times(measured: dict | None, stats: ProblemStats, candidates) -> dict[Algorithm, float] | None:
+    """The times of ``measured`` that AUTO may act on for ``stats``: only ``candidates``,
+    and no PADDED_STRIDED on a load that padding would blow up. None when nothing is left."""
+    if not measured:
         return None
     times = {alg: t for alg, t in measured.items() if alg in candidates}
     # Padding every expert to the busiest one costs far more on a skewed load
@@ -285,7 +442,14 @@ _layer_choices: dict[tuple, tuple[Algorithm, Algorithm]] = {}
 
 
 def choose_layer_algorithms(
-    sizes: np.ndarray, first_nk: tuple[int, int], second_nk: tuple[int, int], dtype: str, device: DeviceInfo
+    sizes: np.ndarray,
+    first_nk: tuple[int, int],
+    second_nk: tuple[int, int],
+    dtype: str,
+    device: DeviceInfo,
+    *,
+    times: TimesSource | None = None,
+    times_key=None,
 ) -> tuple[Algorithm, Algorithm]:
     """AUTO for an expert layer's two GEMMs on one row layout: (first, second).
 
@@ -297,6 +461,10 @@ def choose_layer_algorithms(
     Decisions are memoized on a coarse key (log2 of active experts, mean rows
     and skew in quarter steps), because this runs after the one host
     synchronization of each layer call, where host time is GPU idle time.
+
+    ``times(stats, candidates)`` replaces the table lookup when given;
+    ``times_key`` is part of the memo key and must change whenever ``times``
+    may answer differently (new measurements).
     """
     active = int(np.count_nonzero(sizes))
     total, largest = int(sizes.sum()), int(sizes.max(initial=0))
@@ -305,6 +473,8 @@ def choose_layer_algorithms(
     key = (
         device.name,
         device.cublas_version,
+        device.sm,
+        times_key,
         dtype,
         len(sizes),
         first_nk,
@@ -318,11 +488,13 @@ def choose_layer_algorithms(
     if found is not None:
         return found
     allowed = allowed_algorithms(device, padded_layouts=True)
-    first = measured_times(first_stats, device, allowed)
+    if times is None:
+        times = lambda stats, candidates: measured_times(stats, device, candidates)  # noqa: E731
+    first = times(first_stats, tuple(allowed))
     second = None
     if first:
         second_stats = ProblemStats(len(sizes), active, total, largest, *second_nk, dtype)
-        second = measured_times(second_stats, device, allowed)
+        second = times(second_stats, tuple(allowed))
     if first and second:
 
         def on_layout(a: Algorithm) -> tuple[float, Algorithm]:

@@ -94,8 +94,9 @@ def time_ms(
     rotate: int | None = None,
     min_repeat: int | None = None,
     budget_ms: float | None = None,
+    stream=None,
 ) -> dict:
-    """Time ``fn(i)`` with CUDA events on the current CuPy stream.
+    """Time ``fn(i)`` with CUDA events on ``stream`` (default: the current CuPy stream).
 
     Parameters
     ----------
@@ -113,6 +114,8 @@ def time_ms(
         so that the timed calls take about ``budget_ms`` in all, judged from
         one timed probe call after the warm-up. Keeps huge cases affordable
         without dropping below a trustworthy sample count.
+    stream : cupy.cuda.Stream, optional
+        The stream ``fn`` enqueues its work on; the events are recorded there.
 
     Returns
     -------
@@ -125,7 +128,8 @@ def time_ms(
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1; got {repeat}")
     sets = max(1, int(rotate or 1))
-    stream = cupy.cuda.get_current_stream()
+    if stream is None:
+        stream = cupy.cuda.get_current_stream()
     call = 0
     for _ in range(max(0, warmup)):
         fn(call % sets)

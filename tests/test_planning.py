@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+from tuning_util import isolate_tuning, write_table
 
 from cublas_grouped import (
     Algorithm,
@@ -20,6 +21,13 @@ from cublas_grouped._arrays import view
 from cublas_grouped._cublas import Op
 from cublas_grouped._executor import Operands, RowLayout
 from cublas_grouped._plan import plan_gmm
+
+
+@pytest.fixture(autouse=True)
+def tuning_dirs(tmp_path, monkeypatch):
+    """Every test here plans against tables it writes itself (or none): no user
+    or shipped table, no measuring."""
+    return isolate_tuning(tmp_path, monkeypatch)
 
 
 def test_offsets_and_active(fake):
@@ -216,8 +224,7 @@ def test_table_padded_strided_not_taken_for_skewed_loads():
     assert select_algorithm(skewed, dev, table=table, padded_layouts=True) is Algorithm.CHUNKED_BATCHED
 
 
-def test_layer_chooses_the_layout_for_both_gemms(monkeypatch):
-    from cublas_grouped import _select
+def test_layer_chooses_the_layout_for_both_gemms(tuning_dirs):
     from cublas_grouped._moe import _choose
     from cublas_grouped._select import algorithms_on_layout_of, choose_layer_algorithms
 
@@ -240,7 +247,7 @@ def test_layer_chooses_the_layout_for_both_gemms(monkeypatch):
         2048, 768, {"cublas_grouped": 0.3, "sequential": 2.0, "chunked_batched": 0.6, "padded_strided": 0.9}
     )
     dev = DeviceInfo(sm=(9, 0), cublas_version=130100, name="fake-joint")
-    monkeypatch.setitem(_select._tables, (dev.name, dev.cublas_version), TuningTable("x", 1, [gemm1, gemm2]))
+    write_table(tuning_dirs[0], "joint.json", dev.name, dev.cublas_version, [gemm1, gemm2])
     counts = np.full(128, 256)
     counts[:8] = 270
     # Alone, GEMM 1 would take padded strided (0.8); as a pair, chunked (0.9 + 0.3
