@@ -25,19 +25,20 @@ Measuring happens only when all of these hold:
 - Fewer than ``MAX_CLASSES_PER_PROCESS`` shape classes were measured in this process.
 - The scratch fits in ``SCRATCH_FRACTION`` of the free device memory.
 
-Each candidate runs once untimed, then 2 to 5 times between CUDA events on the
-call's stream, the class taking about ``CLASS_BUDGET_MS`` of GPU time in all (a
-GEMM slower than its share still gets 2 timed calls). The runs write to scratch
+Each candidate runs once untimed, once to size the repeats, then 2 to 5 times
+between CUDA events on the call's stream, the class taking about
+``CLASS_BUDGET_MS`` of GPU time in all (a GEMM slower than its share still gets
+2 timed calls). The runs write to scratch
 memory taken straight from the driver (the caller's memory pool is not
 touched), never to the caller's output, and they finish before the real call.
 Results are written atomically (temporary file, then rename) into the user's
 tuning folder, ``CUBLAS_GROUPED_TUNING_DIR`` or ``~/.cache/cublas_grouped/tuning``.
 
 Why on by default: the shipped tables cover particular GPUs and cuBLAS
-versions; anywhere else AUTO would follow rules measured on one H100, which
-missed the best algorithm by 12-18% on an H200. The cost is bounded (tens of
-ms per new shape class, at most ``MAX_CLASSES_PER_PROCESS`` classes, once per
-machine since results are kept). Set ``CUBLAS_GROUPED_AUTOTUNE=0`` where the
+versions; anywhere else AUTO would follow a table measured elsewhere, or rules
+measured on one H100 (the rules alone missed the best algorithm by 12-18% on an
+H200). The cost is bounded (tens of ms per new shape class, at most
+``MAX_CLASSES_PER_PROCESS`` classes, once per machine since results are kept). Set ``CUBLAS_GROUPED_AUTOTUNE=0`` where the
 same inputs must pick the same algorithm on every machine, or where no first
 call may take longer than the others.
 """
@@ -352,9 +353,9 @@ def auto_times(
 def time_candidates(candidates, run, stream) -> dict[Algorithm, float]:
     """Median ms of ``run(algorithm)`` per candidate, CUDA events on ``stream``.
 
-    One untimed call first (cuBLAS heuristics, kernel compilation), then
-    between ``MIN_TIMED_CALLS`` and ``MAX_TIMED_CALLS`` timed calls, as many as
-    fit the candidate's share of ``CLASS_BUDGET_MS``. A candidate that fails is
+    One untimed call first (cuBLAS heuristics, kernel compilation), one timed
+    probe, then between ``MIN_TIMED_CALLS`` and ``MAX_TIMED_CALLS`` timed calls,
+    as many as fit the candidate's share of ``CLASS_BUDGET_MS`` by the probe. A candidate that fails is
     left out; when all fail, the last error is raised.
     """
     share = CLASS_BUDGET_MS / max(len(candidates), 1)

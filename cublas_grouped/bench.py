@@ -13,7 +13,10 @@ with CUDA events after warm-up (median of >= 20 runs):
   graph, against the floor set by reading the active experts' weights once.
 
 The table is printed last, followed by the targets, each PASS or MISS with the
-numbers behind it. Failures of one (case, method) are recorded and the run
+numbers behind it. Before the cases it prints the facts the numbers rest on: the
+HBM bandwidth used for %HBM and the decode floor, and where it came from
+(``--hbm-gbs``, the datasheet figure of a GPU known by name, or a measured
+device-to-device copy), and which tuning table AUTO uses and why. Failures of one (case, method) are recorded and the run
 goes on. ``--json`` keeps every sample and the environment.
 
 Everything up to the GPU work (argument parsing, cases, routing generation,
@@ -27,6 +30,7 @@ import contextlib
 import datetime
 import math
 import platform
+import re
 import sys
 import time
 import types
@@ -58,6 +62,9 @@ __all__ = [
     "gbs",
     "format_table",
     "evaluate_targets",
+    "datasheet_hbm_gbs",
+    "copy_gbs",
+    "resolve_hbm",
     "main",
 ]
 
@@ -88,6 +95,19 @@ DECODE_MAX_TOKENS = 128
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 OVERHEAD_STAGES = ("plan", "gather", "activation", "combine")
 GEMM_STAGES = ("gemm1", "gemm2")
+
+# HBM bandwidth by GPU name, GB/s from the datasheets: (name pattern, GB/s, part).
+# %HBM is judged against these peaks; a GPU not listed is judged against a copy measured at start.
+HBM_DATASHEET = (
+    (re.compile(r"\bH100 80GB HBM3\b"), 3350.0, "H100 SXM"),
+    (re.compile(r"\bH100 NVL\b"), 3900.0, "H100 NVL"),
+    (re.compile(r"\bH100 PCIe\b"), 2000.0, "H100 PCIe"),
+    (re.compile(r"(?<!G)H200\b"), 4800.0, "H200"),
+)
+# Used only when the GPU is unknown and the copy could not be measured.
+FALLBACK_HBM_GBS = 3350.0
+COPY_BYTES = 1 << 30
+COPY_REPEAT = 5
 
 # Targets from the issue. They are checked and reported, never tuned for.
 AUTO_TOLERANCE = 0.05
@@ -218,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--hbm-gbs",
         type=_positive(float),
-        default=3350.0,
-        help="HBM bandwidth in GB/s for %%HBM and the decode floor (default 3350, H100 SXM)",
+        default=None,
+        help="HBM bandwidth in GB/s for %%HBM and the decode floor (default: the datasheet figure of "
+        "a GPU known by name, H100 SXM 3350, H200 4800; else a device-to-device copy measured at start)",
     )
     run.add_argument(
         "--mem-gb",
@@ -727,6 +748,83 @@ def no_gpu_reason() -> str | None:
     except Exception as exc:
         return f"no CUDA device ({type(exc).__name__}: {exc})"
     return None if count > 0 else "no CUDA device found"
+
+
+def datasheet_hbm_gbs(gpu_name: str) -> tuple[float, str] | None:
+    """(GB/s, part) of a GPU whose HBM bandwidth is known by name, else None."""
+    for pattern, value, part in HBM_DATASHEET:
+        if pattern.search(gpu_name):
+            return value, part
+    return None
+
+
+def copy_gbs(nbytes: int, ms: float) -> float:
+    """Bandwidth of a device-to-device copy of ``nbytes`` that took ``ms``: every
+    byte is read once and written once, so ``2 * nbytes`` cross the HBM interface."""
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def measure_copy_gbs(nbytes: int = COPY_BYTES, repeat: int = COPY_REPEAT) -> float:
+    """HBM bandwidth seen by one ``cudaMemcpyAsync`` of ``nbytes`` device to device:
+    one untimed copy, then the median of ``repeat`` copies timed with CUDA events."""
+    import cupy
+
+    src = cupy.empty(nbytes, dtype=cupy.uint8)
+    dst = cupy.empty(nbytes, dtype=cupy.uint8)
+    src.fill(1)
+    stream = cupy.cuda.get_current_stream()
+    d2d = cupy.cuda.runtime.memcpyDeviceToDevice
+    to, frm = dst.data.ptr, src.data.ptr
+    t = time_ms(
+        lambda i: cupy.cuda.runtime.memcpyAsync(to, frm, nbytes, d2d, stream.ptr), warmup=1, repeat=repeat
+    )
+    del src, dst
+    free_pool()
+    return copy_gbs(nbytes, t["median"])
+
+
+def resolve_hbm(flag_gbs: float | None, gpu_name: str, measured_gbs: float | None) -> tuple[float, str]:
+    """The HBM bandwidth %HBM and the decode floor use, and where it comes from.
+
+    ``--hbm-gbs`` when given; else the datasheet figure of a GPU known by name;
+    else the measured copy; else ``FALLBACK_HBM_GBS`` (said so).
+    """
+    if flag_gbs is not None:
+        return float(flag_gbs), "--hbm-gbs"
+    known = datasheet_hbm_gbs(gpu_name)
+    if known is not None:
+        return known[0], f"datasheet figure of the {known[1]}, known by the GPU name"
+    if measured_gbs is not None:
+        return measured_gbs, (
+            f"measured: device-to-device copy of {COPY_BYTES >> 30} GiB, median of {COPY_REPEAT}, "
+            "bytes read + written"
+        )
+    return FALLBACK_HBM_GBS, "assumed (H100 SXM): the GPU is not known by name and the copy was not measured"
+
+
+def hbm_lines(
+    gbs: float, source: str, measured_gbs: float | None, copy_error: str | None = None
+) -> list[str]:
+    """What the benchmark says about the bandwidth it judges decode by."""
+    lines = [f"HBM bandwidth for %HBM and the decode floor: {gbs:.0f} GB/s ({source})"]
+    if measured_gbs is not None:
+        lines.append(
+            f"measured device-to-device copy: {measured_gbs:.0f} GB/s = {100 * measured_gbs / gbs:.0f}% of {gbs:.0f}"
+        )
+    elif copy_error:
+        lines.append(f"device-to-device copy not measured: {copy_error}")
+    return lines
+
+
+def _auto_lines() -> list[str]:
+    """Which tuning table AUTO uses on this GPU and why, and what it measured."""
+    try:
+        import cublas_grouped as cg
+        from cublas_grouped._autotune import describe_auto
+
+        return describe_auto(cg.device_info())
+    except Exception as exc:
+        return [f"AUTO tuning table: unknown ({_err(exc)})"]
 
 
 def _cupy_dtype(name: str) -> np.dtype:
@@ -1406,12 +1504,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cublas_grouped.bench: cannot run: {exc}", file=sys.stderr)
         return 2
     env = environment(argv)
+    measured, copy_error = None, None
+    try:
+        measured = measure_copy_gbs()
+    except Exception as exc:  # out of memory, say: the datasheet or the flag still serve
+        copy_error = _err(exc)
+    args.hbm_gbs, hbm_source = resolve_hbm(args.hbm_gbs, env.get("gpu", ""), measured)
+    env.update(hbm_gbs=args.hbm_gbs, hbm_source=hbm_source, hbm_copy_gbs=measured)
+    facts = hbm_lines(args.hbm_gbs, hbm_source, measured, copy_error) + _auto_lines()
     print(
         f"cublas_grouped.bench: {len(cases)} cases on {env.get('gpu', '?')} (cuBLAS "
         f"{env.get('cublas_version', '?')}), warm-up {args.warmup}, repeat {args.repeat}",
         file=sys.stderr,
     )
+    print("\n".join(facts), file=sys.stderr)
     results, stats = run_all(cases, args, api)
+    # Again after the run: AUTO may have measured shapes on first sight meanwhile.
+    env["auto_table"] = _auto_lines()
     if "torch" in sys.modules:
         env["torch"] = getattr(sys.modules["torch"], "__version__", "?")
     targets = evaluate_targets(results, args.hbm_gbs)
@@ -1429,6 +1538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{env.get('gpu', '?')}, cuBLAS {env.get('cublas_version', '?')}, {args.dtype}; "
         f"%HBM of {args.hbm_gbs:g} GB/s (decode rows)"
     )
+    print("\n".join(hbm_lines(args.hbm_gbs, hbm_source, measured, copy_error) + env["auto_table"]))
     print(format_table(results))
     print()
     print("Targets:")

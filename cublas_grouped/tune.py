@@ -10,7 +10,15 @@ shapes it covers (the nearest measured shape decides). This program times
 - synthetic grids of E in {8, 32, 64, 128, 256} experts x rows per expert;
 
 in bfloat16 and float16, and writes the table where AUTO looks for it
-(``tuning_table_path(device_info(), user=True)``) or to ``--out``.
+(``tuning_table_path(device_info(), user=True)``) or to ``--out``. The table
+records the GPU name, the cuBLAS version and the SM version, so that another
+GPU of the same architecture can fall back on it.
+
+A table to ship for a new GPU, in about five minutes (the benchmark's token
+counts, bfloat16 then float16; at most 10 minutes), written under its
+canonical name::
+
+    python -m cublas_grouped.tune --quick --out cublas_grouped/tuning/
 """
 
 from __future__ import annotations
@@ -42,10 +50,11 @@ from .bench import (
     uniform_routing,
 )
 
-__all__ = ["Shape", "build_grid", "parse_args", "summarize_entries", "main"]
+__all__ = ["Shape", "build_grid", "parse_args", "summarize_entries", "output_path", "make_table", "main"]
 
 FULL_TOKENS = (16, 64, 256, 1024, 4096, 16384)
-QUICK_TOKENS = (16, 256, 4096)
+# The benchmark's default token counts and 256: a quick table covers every default case.
+QUICK_TOKENS = (16, 64, 256, 4096, 16384)
 GRID_EXPERTS = (8, 32, 64, 128, 256)
 FULL_ROWS = (8, 32, 128, 512, 2048)
 QUICK_ROWS = (16, 128, 1024)
@@ -106,7 +115,9 @@ def build_grid(quick: bool, dtypes: Sequence[str] = DTYPES) -> list[Shape]:
                     # Tokens so that the mean rows per expert is r.
                     t = max(1, math.ceil(experts * r / top_k))
                     grid.append(Shape(f"E={experts} rows={r} N={n} K={k}", experts, top_k, t, n, k, dtype))
-    return sorted(grid, key=lambda s: (s.weight_key, s.tokens))
+    # The first dtype first (a run cut short by --max-minutes loses the later
+    # dtypes, not whole models); shapes sharing weights stay together.
+    return sorted(grid, key=lambda s: (dtypes.index(s.dtype), s.weight_key, s.tokens))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -116,9 +127,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Time every grouped-GEMM algorithm over a grid of MoE shapes on this GPU and write "
         "the tuning table that AUTO reads.",
     )
-    p.add_argument("--quick", action="store_true", help="smaller grid and fewer repeats (under 5 minutes)")
     p.add_argument(
-        "--out", default=None, help="where to write the table (default: the per-user path AUTO reads)"
+        "--quick",
+        action="store_true",
+        help="smaller grid (the benchmark's token counts) and fewer repeats: a few minutes",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="where to write the table: a file, or a folder (ending in / or existing) to write it "
+        "under its canonical name, e.g. cublas_grouped/tuning/ to ship it "
+        "(default: the per-user path AUTO reads)",
     )
     p.add_argument(
         "--dtypes", default=",".join(DTYPES), help="comma-separated, from bfloat16,float16,float32"
@@ -130,7 +149,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--max-minutes",
         type=float,
         default=None,
-        help="stop measuring after this long and write what was measured (default 4.5 with --quick, else 30)",
+        help="stop measuring after this long and write what was measured (default 10 with --quick, else 30)",
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -145,7 +164,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.repeat < 1 or args.warmup < 0:
         p.error("--repeat must be >= 1 and --warmup >= 0")
     if args.max_minutes is None:
-        args.max_minutes = 4.5 if args.quick else 30.0
+        args.max_minutes = 10.0 if args.quick else 30.0
     return args
 
 
@@ -192,6 +211,30 @@ def summarize_entries(entries: Sequence[dict], rule_choice=None) -> list[str]:
                 f"{mean:.1f}% slower on average, {worst:.1f}% at worst (the table fixes that)"
             )
     return lines
+
+
+def output_path(out: str | None, info) -> Path:
+    """Where ``--out`` puts the table of the GPU ``info`` (a ``DeviceInfo``).
+
+    None: the user's tuning folder, where AUTO looks first. A folder (an
+    existing one, or a path ending in ``/``): the table's canonical file name
+    (GPU name and cuBLAS version) inside it. Anything else: that file.
+    """
+    from ._select import tuning_table_path
+
+    if out is None:
+        return tuning_table_path(info, user=True)
+    path = Path(out)
+    if out.endswith(("/", "\\")) or path.is_dir():
+        return path / tuning_table_path(info, user=True).name
+    return path
+
+
+def make_table(info, entries: list[dict]):
+    """The tuning table of ``entries`` measured on ``info``: GPU name, cuBLAS and SM version."""
+    from ._select import TuningTable
+
+    return TuningTable(info.name, info.cublas_version, entries, sm=info.sm)
 
 
 def _measure(shape: Shape, w, api, args, budget_bytes: int) -> dict:
@@ -266,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         import cublas_grouped as cg
-        from cublas_grouped._select import select_algorithm, tuning_table_path
+        from cublas_grouped._select import reset_tuning_cache, select_algorithm
 
         api = cg
         for name in ("prepare_input", "expert_gemm", "TuningTable", "ProblemStats", "device_info"):
@@ -276,9 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cublas_grouped.tune: cannot run: {exc}", file=sys.stderr)
         return 2
     info = cg.device_info()
-    path = Path(args.out) if args.out else tuning_table_path(info, user=True)
+    path = output_path(args.out, info)
     print(
-        f"cublas_grouped.tune: {len(grid)} shapes on {info.name} (cuBLAS {info.cublas_version}), "
+        f"cublas_grouped.tune: {len(grid)} shapes on {info.name} (cuBLAS {info.cublas_version}, "
+        f"SM {info.sm[0]}.{info.sm[1]}), "
         f"warm-up {args.warmup}, repeat {args.repeat}",
         file=sys.stderr,
     )
@@ -323,8 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not entries:
         print("cublas_grouped.tune: nothing was measured; no table written", file=sys.stderr)
         return 1
-    table = cg.TuningTable(info.name, info.cublas_version, entries)
-    table.save(path)
+    make_table(info, entries).save(path)
+    reset_tuning_cache()  # AUTO in this process reads the new table
 
     def rule_choice(entry: dict) -> str:
         stats = cg.ProblemStats(

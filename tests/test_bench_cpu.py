@@ -466,7 +466,7 @@ def test_tune_grid():
 
 def test_tune_arguments():
     args = tune.parse_args(["--quick", "--out", "t.json", "--dtypes", "bfloat16"])
-    assert (args.warmup, args.repeat, args.max_minutes, args.dtypes) == (2, 10, 4.5, ["bfloat16"])
+    assert (args.warmup, args.repeat, args.max_minutes, args.dtypes) == (2, 10, 10.0, ["bfloat16"])
     assert tune.parse_args([]).repeat == 20
     with pytest.raises(SystemExit):
         tune.parse_args(["--dtypes", "int8"])
@@ -584,3 +584,138 @@ def test_merge_passes_pools_samples_and_rescales_rates():
     g = by[("graph", "static-graph")]
     assert g.ms == 1.0 and g.extra["floor_ratio"] == 1.0 and g.note == "floor 1.000 ms = 100% of it"
     assert len(merged) == 3
+
+
+def test_tune_quick_grid_covers_the_benchmark_and_orders_dtypes():
+    grid = tune.build_grid(quick=True)
+    bench_tokens = {c.tokens for c in bench.build_cases(bench.parse_args([]))}
+    for model in bench.MODELS:
+        assert bench_tokens <= {s.tokens for s in grid if s.label.startswith(model)}
+    # bfloat16 first: a run cut short by --max-minutes loses float16 shapes, not a model.
+    dtypes = [s.dtype for s in grid]
+    assert dtypes == sorted(dtypes, key=["bfloat16", "float16"].index)
+    assert [s.dtype for s in tune.build_grid(True, ["float16", "bfloat16"])][0] == "float16"
+
+
+def test_tune_output_path_and_table_record_the_gpu(tmp_path, monkeypatch):
+    from cublas_grouped import DeviceInfo
+
+    monkeypatch.setenv("CUBLAS_GROUPED_TUNING_DIR", str(tmp_path / "user"))
+    h200 = DeviceInfo(sm=(9, 0), cublas_version=130200, name="NVIDIA H200")
+    canonical = "nvidia-h200-cublas130200.json"
+    assert tune.output_path(None, h200) == tmp_path / "user" / canonical
+    assert tune.output_path("cublas_grouped/tuning/", h200).as_posix() == f"cublas_grouped/tuning/{canonical}"
+    assert tune.output_path(str(tmp_path), h200) == tmp_path / canonical  # an existing folder
+    assert tune.output_path(str(tmp_path / "t.json"), h200) == tmp_path / "t.json"
+    table = tune.make_table(h200, [])
+    assert (table.gpu, table.cublas_version, table.sm) == ("NVIDIA H200", 130200, (9, 0))
+    table.save(tmp_path / "t.json")
+    assert json.loads((tmp_path / "t.json").read_text())["sm"] == [9, 0]
+
+
+# -- HBM bandwidth and what AUTO uses ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", (3350.0, "H100 SXM")),
+        ("NVIDIA H100 NVL", (3900.0, "H100 NVL")),
+        ("NVIDIA H100 PCIe", (2000.0, "H100 PCIe")),
+        ("NVIDIA H200", (4800.0, "H200")),
+        ("NVIDIA H200 NVL", (4800.0, "H200")),
+        ("NVIDIA GH200 480GB", None),  # HBM3 or HBM3e by memory size: measured instead
+        ("NVIDIA A100-SXM4-80GB", None),
+        ("", None),
+    ],
+)
+def test_hbm_datasheet_by_name(name, expected):
+    assert bench.datasheet_hbm_gbs(name) == expected
+
+
+def test_copy_bandwidth_counts_bytes_read_and_written():
+    # 1 GiB read and 1 GiB written in 0.5 ms.
+    assert bench.copy_gbs(1 << 30, 0.5) == pytest.approx(2 * 2**30 / 0.5e-3 / 1e9)
+
+
+def test_hbm_source_precedence():
+    assert bench.resolve_hbm(4000.0, "NVIDIA H200", 4100.0) == (4000.0, "--hbm-gbs")
+    gbs, source = bench.resolve_hbm(None, "NVIDIA H200", 4100.0)
+    assert gbs == 4800.0 and source == "datasheet figure of the H200, known by the GPU name"
+    gbs, source = bench.resolve_hbm(None, "NVIDIA B200", 6900.0)
+    assert gbs == 6900.0 and source.startswith("measured: device-to-device copy of 1 GiB, median of 5")
+    gbs, source = bench.resolve_hbm(None, "NVIDIA B200", None)
+    assert gbs == bench.FALLBACK_HBM_GBS and source.startswith("assumed (H100 SXM)")
+    assert bench.parse_args([]).hbm_gbs is None and bench.parse_args(["--hbm-gbs", "4800"]).hbm_gbs == 4800.0
+
+
+def test_hbm_lines():
+    lines = bench.hbm_lines(4800.0, "datasheet", 4100.0)
+    assert lines == [
+        "HBM bandwidth for %HBM and the decode floor: 4800 GB/s (datasheet)",
+        "measured device-to-device copy: 4100 GB/s = 85% of 4800",
+    ]
+    assert bench.hbm_lines(3350.0, "--hbm-gbs", None, "OutOfMemoryError")[1] == (
+        "device-to-device copy not measured: OutOfMemoryError"
+    )
+
+
+def test_copy_is_measured_with_events_device_to_device(monkeypatch):
+    fake = _FakeClock()
+    copies = []
+
+    class Array:
+        def __init__(self, ptr):
+            self.data = types.SimpleNamespace(ptr=ptr)
+
+        def fill(self, value):
+            pass
+
+    ptrs = iter([0x1000, 0x2000])
+
+    def memcpy(dst, src, nbytes, kind, stream):
+        copies.append((dst, src, nbytes, kind, stream))
+        fake.now += 0.5
+
+    pool = types.SimpleNamespace(free_all_blocks=lambda: None)
+    stream = types.SimpleNamespace(ptr=7, synchronize=lambda: None)
+    fake.module.cuda.get_current_stream = lambda: stream
+    fake.module.cuda.runtime = types.SimpleNamespace(memcpyAsync=memcpy, memcpyDeviceToDevice=3)
+    fake.module.uint8 = np.uint8
+    fake.module.empty = lambda n, dtype: Array(next(ptrs))
+    fake.module.get_default_memory_pool = lambda: pool
+    fake.module.get_default_pinned_memory_pool = lambda: pool
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    gbs = bench.measure_copy_gbs()
+    assert copies[0] == (0x2000, 0x1000, 1 << 30, 3, 7)  # dst, src: one GiB device to device, on the stream
+    assert len(copies) == 1 + bench.COPY_REPEAT  # one untimed, then the timed ones
+    assert gbs == pytest.approx(bench.copy_gbs(1 << 30, 0.5))
+
+
+def test_main_prints_bandwidth_and_tuning_table(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "no_gpu_reason", lambda: None)
+    monkeypatch.setattr(bench, "_load_api", lambda: object())
+    monkeypatch.setattr(bench, "environment", lambda argv: {"gpu": "NVIDIA H200", "cublas_version": 130100})
+    monkeypatch.setattr(bench, "measure_copy_gbs", lambda: 4150.0)
+    monkeypatch.setattr(bench, "run_all", lambda cases, args, api: ([], []))
+    monkeypatch.setattr(
+        bench, "_auto_lines", lambda: ["AUTO tuning table: shipped table x.json: same architecture"]
+    )
+    assert bench.main(["--quick", "--no-torch"]) == 0
+    captured = capsys.readouterr()
+    for text in (captured.err, captured.out):
+        assert "HBM bandwidth for %HBM and the decode floor: 4800 GB/s (datasheet figure of the H200" in text
+        assert "measured device-to-device copy: 4150 GB/s = 86% of 4800" in text
+        assert "AUTO tuning table: shipped table x.json: same architecture" in text
+    monkeypatch.setattr(bench, "measure_copy_gbs", lambda: (_ for _ in ()).throw(MemoryError("no room")))
+    assert bench.main(["--quick", "--hbm-gbs", "3000"]) == 0
+    out = capsys.readouterr().out
+    assert "3000 GB/s (--hbm-gbs)" in out and "copy not measured: MemoryError: no room" in out
+
+
+def test_auto_lines_say_why_when_the_library_cannot_tell(monkeypatch):
+    import cublas_grouped as cg
+
+    def no_device():
+        raise RuntimeError("no CUDA device")
+
+    monkeypatch.setattr(cg, "device_info", no_device)
+    assert bench._auto_lines() == ["AUTO tuning table: unknown (RuntimeError: no CUDA device)"]

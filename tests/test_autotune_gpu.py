@@ -1,0 +1,156 @@
+"""AUTO measuring on first sight, on the GPU: it times the candidates, stores them,
+never writes the caller's output, never measures inside a graph capture, and the
+results stay right. Each test starts with no tables at all (empty user and
+shipped folders), so every shape is new."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from gpu_util import TOLERANCE, check_close, device_random, poisoned, random_sizes
+from tuning_util import isolate_tuning
+
+import cublas_grouped as cg
+from cublas_grouped import Algorithm, TuningTable
+from cublas_grouped import _autotune as at
+from cublas_grouped import testing as ref
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """No table anywhere, measuring on; returns the file AUTO stores measurements in."""
+    isolate_tuning(tmp_path, monkeypatch)
+    monkeypatch.setenv("CUBLAS_GROUPED_AUTOTUNE", "1")
+    return at.autotune_path(cg.device_info())
+
+
+def stored(path, layout):
+    if not path.exists():
+        return []
+    return [e for e in TuningTable.load(path).entries if e["layout"] == layout]
+
+
+def test_gmm_measures_once_stores_and_stays_right(fresh):
+    rng = np.random.default_rng(3)
+    sizes = random_sizes(rng, 64, 64 * 96)
+    total, k, n = int(sizes.sum()), 256, 192
+    a, a64 = device_random(rng, (total, k), ml_dtypes.bfloat16)
+    b, b64 = device_random(rng, (64, k, n), ml_dtypes.bfloat16)
+    out = cg.gmm(a, b, sizes, out=poisoned((total, n), ml_dtypes.bfloat16))
+    check_close(out, ref.gmm_ref(a64, b64, sizes), TOLERANCE["bfloat16"], "gmm after measuring")
+    entries = stored(fresh, "gmm")
+    assert len(entries) == 1
+    times = entries[0]["times_ms"]
+    assert set(times) == {"cublas_grouped", "sequential", "chunked_batched"}
+    assert all(0 < t < 1000 for t in times.values())
+    # The same shape class again: no new measurement, same result.
+    out2 = cg.gmm(a, b, sizes)
+    check_close(out2, ref.gmm_ref(a64, b64, sizes), TOLERANCE["bfloat16"], "gmm measured shape")
+    assert len(stored(fresh, "gmm")) == 1
+    assert "1 shape classes stored" in "\n".join(at.describe_auto(cg.device_info()))
+
+
+def test_measuring_never_writes_the_callers_output(fresh):
+    import cupy
+
+    from cublas_grouped._arrays import view
+    from cublas_grouped._device import resolve_stream, resources
+    from cublas_grouped._executor import GroupedGemmExecutor, Operands
+    from cublas_grouped._plan import plan_gmm
+
+    rng = np.random.default_rng(5)
+    sizes = np.array([40, 0, 300, 7, 129, 64], dtype=np.int64)
+    total, k, n = int(sizes.sum()), 128, 96
+    a, _ = device_random(rng, (total, k), np.float32)
+    b, _ = device_random(rng, (6, k, n), np.float32)
+    out = poisoned((total, n), np.float32)
+    a_v, b_v, out_v = view(a, "a"), view(b, "b"), view(out, "out")
+    plan = plan_gmm(a_v, b_v, sizes, trans_a=False, trans_b=False)
+    executor = GroupedGemmExecutor()
+    res = resources(a_v.device, resolve_stream(None))
+    ops = Operands.for_plan(plan, a_v.ptr, b_v.ptr, out_v.ptr, a_v.itemsize)
+    with res.cupy_stream:
+        chosen = at.gmm_algorithm(executor, cg.device_info(), plan, ops, a_v.dtype, res)
+    res.cupy_stream.synchronize()
+    assert chosen in (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL, Algorithm.CHUNKED_BATCHED)
+    assert len(stored(fresh, "gmm")) == 1  # it did measure
+    assert bool(cupy.isnan(out).all())  # and wrote nothing into out
+
+
+def test_layer_measures_both_gemms_and_stays_right(fresh):
+    import cupy
+
+    rng = np.random.default_rng(11)
+    tokens, experts, k, hidden, inter = 512, 16, 2, 256, 128
+    ids_h = np.stack([rng.choice(experts, size=k, replace=False) for _ in range(tokens)]).astype(np.int32)
+    w_h = rng.random((tokens, k)).astype(np.float32)
+    x, x64 = device_random(rng, (tokens, hidden), np.float32)
+    w1, w1_64 = device_random(rng, (experts, hidden, 2 * inter), np.float32, 1 / 16)
+    w2, w2_64 = device_random(rng, (experts, inter, hidden), np.float32, 1 / 11)
+    out = cg.moe_forward(x, cupy.asarray(ids_h), cupy.asarray(w_h), w1, w2)
+    check_close(out, ref.moe_forward_ref(x64, ids_h, w_h, w1_64, w2_64), 1e-5, "layer after measuring")
+    shapes = {(e["n"], e["k"]) for e in stored(fresh, "layer")}
+    assert shapes == {(2 * inter, hidden), (hidden, inter)}
+    for e in stored(fresh, "layer"):
+        assert {"cublas_grouped", "sequential", "chunked_batched"} <= set(e["times_ms"])
+    cg.moe_forward(x, cupy.asarray(ids_h), cupy.asarray(w_h), w1, w2)
+    assert len(stored(fresh, "layer")) == 2  # measured once
+
+
+def test_no_measuring_inside_graph_capture(fresh):
+    import cupy
+
+    rng = np.random.default_rng(8)
+    # Few large groups: the rules pick SEQUENTIAL (plain cublasGemmEx calls, capturable).
+    sizes = np.array([600, 0, 700, 520], dtype=np.int64)
+    total, k, n = int(sizes.sum()), 64, 48
+    a, a64 = device_random(rng, (total, k), np.float32)
+    b, b64 = device_random(rng, (4, k, n), np.float32)
+    out = cupy.zeros((total, n), dtype=np.float32)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    executor = cg.GroupedGemmExecutor()
+    with stream:
+        # The cuBLAS handle and workspace of this stream, made outside the capture.
+        executor.execute(a, b, sizes, out=out, algorithm="sequential", stream=stream)
+        stream.synchronize()
+        stream.begin_capture()
+        executor.execute(a, b, sizes, out=out, stream=stream)  # AUTO: rules, nothing timed
+        graph = stream.end_capture()
+    assert stored(fresh, "gmm") == []
+    out.fill(0)
+    graph.launch(stream)
+    stream.synchronize()
+    check_close(out, ref.gmm_ref(a64, b64, sizes), TOLERANCE["float32"], "captured AUTO")
+    executor.execute(a, b, sizes, out=out, stream=stream)  # outside the capture: measured
+    stream.synchronize()
+    assert len(stored(fresh, "gmm")) == 1
+
+
+def test_switched_off_measures_nothing(fresh, monkeypatch):
+    monkeypatch.setenv("CUBLAS_GROUPED_AUTOTUNE", "0")
+    rng = np.random.default_rng(1)
+    sizes = np.array([10, 20, 30], dtype=np.int64)
+    a, a64 = device_random(rng, (60, 32), np.float32)
+    b, b64 = device_random(rng, (3, 32, 16), np.float32)
+    out = cg.gmm(a, b, sizes)
+    check_close(out, ref.gmm_ref(a64, b64, sizes), TOLERANCE["float32"], "AUTO off")
+    assert not fresh.exists()
+
+
+def test_time_candidates_on_a_stream():
+    import cupy
+
+    x = cupy.ones((2048, 2048), dtype=cupy.float32)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    work = {Algorithm.SEQUENTIAL: 1, Algorithm.CUBLAS_GROUPED: 8}
+
+    def run(algorithm):
+        with stream:
+            for _ in range(work[algorithm]):
+                x @ x
+
+    times = at.time_candidates(tuple(work), run, stream)
+    assert 0 < times[Algorithm.SEQUENTIAL] < times[Algorithm.CUBLAS_GROUPED]
