@@ -7,6 +7,9 @@ activations, CuPy arrays in and out, no torch dependency.
 from ._arrays import SUPPORTED_DTYPES
 from ._config import Algorithm, ComputePrecision, GroupedGemmConfig
 from ._cublas import CublasError, CublasUnavailableError
+
+# Importing _deps stops a bare install (no cu12 / cu13 extra) with a message naming the extras.
+from ._deps import GpuUnavailableError, MissingDependencyError
 from ._device import DeviceInfo, device_info
 from ._executor import GroupedGemmExecutor, RowLayout
 from ._gmm import gmm
@@ -35,7 +38,9 @@ __all__ = [
     "DeviceInfo",
     "ExpertWeightManager",
     "ExpertWeights",
+    "GpuUnavailableError",
     "GroupedGemmInput",
+    "MissingDependencyError",
     "MoEMLP",
     "StageTimer",
     "StaticMoE",
