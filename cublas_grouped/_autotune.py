@@ -403,6 +403,15 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
+def _family(base: str, executor, dtype: np.dtype) -> str:
+    """The family a measurement stands for: float32 runs differently per compute
+    precision (FP32, TF32, ...) and math mode, so those are part of it."""
+    if dtype != np.float32:
+        return base
+    config = executor.config
+    return f"{base}-{config.compute_precision.value}" + ("" if config.use_tensor_cores else "-pedantic")
+
+
 def gmm_algorithm(executor, device: DeviceInfo, plan: GemmPlan, ops, dtype, res, sizes_dev=None) -> Algorithm:
     """AUTO for ``gmm`` on packed rows: the executor's AUTO branch.
 
@@ -412,7 +421,8 @@ def gmm_algorithm(executor, device: DeviceInfo, plan: GemmPlan, ops, dtype, res,
     """
     dtype = np.dtype(dtype)
     stats = ProblemStats.from_sizes(plan.sizes, plan.n, plan.k, dtype.name)
-    family = "gmm" + ("-trans_a" if plan.trans_a else "") + ("-trans_b" if plan.trans_b else "")
+    base = "gmm" + ("-trans_a" if plan.trans_a else "") + ("-trans_b" if plan.trans_b else "")
+    family = _family(base, executor, dtype)
 
     def measure(_stats, candidates):
         with _scratch(math.prod(plan.out_shape) * dtype.itemsize) as out_ptr:
@@ -467,7 +477,8 @@ def layer_times(executor, device: DeviceInfo, operands_for, counts: np.ndarray, 
     def measure(stats, candidates):
         return _measure_layer_gemm(executor, operands_for, counts, stats.n, stats.k, dtype, candidates)
 
-    times = lambda s, c: auto_times(s, device, c, family="layer", measure=measure)  # noqa: E731
+    family = _family("layer", executor, dtype)
+    times = lambda s, c: auto_times(s, device, c, family=family, measure=measure)  # noqa: E731
     return times, state_token()
 
 

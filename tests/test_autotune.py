@@ -223,6 +223,28 @@ def test_families_do_not_share_measurements(measuring):
     assert len(measure.calls) == 2
 
 
+def test_float32_measurements_are_kept_per_compute_precision():
+    fp32 = GroupedGemmExecutor(device=0, device_info=device())
+    tf32 = GroupedGemmExecutor(device=0, device_info=device(), config={"compute_precision": "tf32"})
+    pedantic = GroupedGemmExecutor(device=0, device_info=device(), config={"use_tensor_cores": False})
+    f32 = np.dtype(np.float32)
+    assert at._family("layer", fp32, f32) == "layer-fp32"
+    assert at._family("layer", tf32, f32) == "layer-tf32"
+    assert at._family("gmm", pedantic, f32) == "gmm-fp32-pedantic"
+    assert at._family("gmm", tf32, np.dtype(np.float16)) == "gmm"
+
+
+def test_shipped_tables_load_and_record_their_architecture():
+    paths = sorted(_select.SHIPPED_TUNING_DIR.glob("*.json"))
+    assert paths
+    for path in paths:
+        table = TuningTable.load(path)
+        assert json.loads(path.read_text())["sm"] == list(table.sm)
+        assert (
+            path.name == _select.tuning_table_path(device(table.gpu, table.cublas_version), user=False).name
+        )
+
+
 def test_close_table_covering_the_shape_wins(measuring):
     _, shipped = measuring
     write_table(shipped, "t.json", H100, 130100, [entry(times=times_of("sequential"))])

@@ -76,7 +76,7 @@ def test_measuring_never_writes_the_callers_output(fresh):
         chosen = at.gmm_algorithm(executor, cg.device_info(), plan, ops, a_v.dtype, res)
     res.cupy_stream.synchronize()
     assert chosen in (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL, Algorithm.CHUNKED_BATCHED)
-    assert len(stored(fresh, "gmm")) == 1  # it did measure
+    assert len(stored(fresh, "gmm-fp32")) == 1  # it did measure
     assert bool(cupy.isnan(out).all())  # and wrote nothing into out
 
 
@@ -92,12 +92,12 @@ def test_layer_measures_both_gemms_and_stays_right(fresh):
     w2, w2_64 = device_random(rng, (experts, inter, hidden), np.float32, 1 / 11)
     out = cg.moe_forward(x, cupy.asarray(ids_h), cupy.asarray(w_h), w1, w2)
     check_close(out, ref.moe_forward_ref(x64, ids_h, w_h, w1_64, w2_64), 1e-5, "layer after measuring")
-    shapes = {(e["n"], e["k"]) for e in stored(fresh, "layer")}
+    shapes = {(e["n"], e["k"]) for e in stored(fresh, "layer-fp32")}
     assert shapes == {(2 * inter, hidden), (hidden, inter)}
-    for e in stored(fresh, "layer"):
+    for e in stored(fresh, "layer-fp32"):
         assert {"cublas_grouped", "sequential", "chunked_batched"} <= set(e["times_ms"])
     cg.moe_forward(x, cupy.asarray(ids_h), cupy.asarray(w_h), w1, w2)
-    assert len(stored(fresh, "layer")) == 2  # measured once
+    assert len(stored(fresh, "layer-fp32")) == 2  # measured once
 
 
 def test_no_measuring_inside_graph_capture(fresh):
@@ -119,14 +119,14 @@ def test_no_measuring_inside_graph_capture(fresh):
         stream.begin_capture()
         executor.execute(a, b, sizes, out=out, stream=stream)  # AUTO: rules, nothing timed
         graph = stream.end_capture()
-    assert stored(fresh, "gmm") == []
+    assert stored(fresh, "gmm-fp32") == []
     out.fill(0)
     graph.launch(stream)
     stream.synchronize()
     check_close(out, ref.gmm_ref(a64, b64, sizes), TOLERANCE["float32"], "captured AUTO")
     executor.execute(a, b, sizes, out=out, stream=stream)  # outside the capture: measured
     stream.synchronize()
-    assert len(stored(fresh, "gmm")) == 1
+    assert len(stored(fresh, "gmm-fp32")) == 1
 
 
 def test_switched_off_measures_nothing(fresh, monkeypatch):
