@@ -263,9 +263,9 @@ def is_close_table(table: TuningTable | None, device: DeviceInfo) -> bool:
     """Whether ``table`` was measured close enough to ``device`` to be trusted
     over measuring: the same GPU name and the same cuBLAS major version.
 
-    Tables of another cuBLAS major (12 vs 13 pick different kernels) or of
-    another GPU of the same architecture are only fallbacks: AUTO uses them
-    where it cannot measure (see ``_autotune``).
+    Tables of another cuBLAS major (which may pick other kernels) or of
+    another GPU of the same architecture (other bandwidth and clocks) are only
+    fallbacks: AUTO uses them where it cannot measure (see ``_autotune``).
     """
     return (
         table is not None
