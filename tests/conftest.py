@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -18,6 +19,11 @@ def _gpu_count() -> int:
 
 
 HAS_GPU = _gpu_count() > 0
+
+# AUTO measures shapes no table covers and stores them in the user's tuning
+# folder: keep a test run's measurements out of the user's cache (and out of
+# the next run).
+os.environ.setdefault("CUBLAS_GROUPED_TUNING_DIR", tempfile.mkdtemp(prefix="cublas_grouped_tuning_"))
 
 if HAS_GPU and os.environ.get("CUBLAS_GROUPED_TEST_NO_POOL") == "1":
     # Under compute-sanitizer: with CuPy's pool, a write past an array lands in
