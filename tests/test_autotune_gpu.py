@@ -84,12 +84,14 @@ def test_layer_measures_both_gemms_and_stays_right(fresh):
     import cupy
 
     rng = np.random.default_rng(11)
-    tokens, experts, k, hidden, inter = 512, 16, 2, 256, 128
+    # GEMM 1 is N=1024, K=256 and GEMM 2 N=256, K=512: far enough apart (log2
+    # distance 2^2 + 1^2 = 5 > MAX_TABLE_DISTANCE) to be two shape classes.
+    tokens, experts, k, hidden, inter = 512, 16, 2, 256, 512
     ids_h = np.stack([rng.choice(experts, size=k, replace=False) for _ in range(tokens)]).astype(np.int32)
     w_h = rng.random((tokens, k)).astype(np.float32)
     x, x64 = device_random(rng, (tokens, hidden), np.float32)
     w1, w1_64 = device_random(rng, (experts, hidden, 2 * inter), np.float32, 1 / 16)
-    w2, w2_64 = device_random(rng, (experts, inter, hidden), np.float32, 1 / 11)
+    w2, w2_64 = device_random(rng, (experts, inter, hidden), np.float32, inter**-0.5)
     out = cg.moe_forward(x, cupy.asarray(ids_h), cupy.asarray(w_h), w1, w2)
     check_close(out, ref.moe_forward_ref(x64, ids_h, w_h, w1_64, w2_64), 1e-5, "layer after measuring")
     shapes = {(e["n"], e["k"]) for e in stored(fresh, "layer-fp32")}
