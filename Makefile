@@ -3,7 +3,7 @@
 PYTHON ?= python3
 OUT ?= .
 
-.PHONY: install test test-gpu lint format bench tune examples
+.PHONY: install test test-gpu lint format bench tune examples mutation kernel-mutants
 
 install:
 	$(PYTHON) -m pip install ".[cu12,test]"
@@ -30,3 +30,18 @@ tune:
 examples:
 	PYTHONPATH=. $(PYTHON) examples/moe_block.py
 	PYTHONPATH=. $(PYTHON) examples/compare_padded.py
+
+# Mutation testing of the host-side logic (mutmut, CPU suite; minutes, not CI).
+# Score and survivors: $(OUT)/mutation.json and docs/testing.md; mutants/ keeps
+# the run for `mutmut show NAME` (delete it when done).
+mutation:
+	rm -rf mutants
+	$(PYTHON) tools/mutation.py run
+	$(PYTHON) tools/mutation.py report --json $(OUT)/mutation.json
+
+# Kernel mutants on the GPU (tools/kernel_mutants.py): one-line kernel bugs, each
+# run alone against the GPU suite's fast subset. Table on stdout, JSON in $(OUT).
+# KM_ARGS="--shard 1/3" splits the run; KM_ARGS="--check" only compiles (no GPU).
+KM_ARGS ?=
+kernel-mutants:
+	$(PYTHON) tools/kernel_mutants.py $(KM_ARGS) --json $(OUT)/kernel_mutants.json

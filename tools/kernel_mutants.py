@@ -1,0 +1,428 @@
+"""Kernel mutants: realistic one-line bugs in kernels/*.cu, each run against the
+GPU suite's fast subset, to see which ones the tests catch.
+
+Each mutant is an exact (file, original line, replacement): the original line
+(compared without its indentation) must occur in the file exactly ``count``
+times, else the script stops and says so, because the source moved and the
+mutant list needs updating. A mutant is applied alone, to a temporary copy of
+the tree, and the copy's tests run with ``PYTHONPATH`` on the copy and the
+kernel disk cache off, so no cubin compiled from the real sources is reused.
+
+Usage::
+
+    python tools/kernel_mutants.py --check              # CPU: every mutant applies and compiles (NVRTC)
+    python tools/kernel_mutants.py --json OUT.json      # GPU: baseline, then every mutant
+    python tools/kernel_mutants.py --only routing-ties --json OUT.json
+    python tools/kernel_mutants.py --shard 1/3 --json OUT.json   # a third of the mutants
+
+Verdicts: ``killed`` (a test failed, or the process crashed), ``timeout``
+(ran past the limit, by default 3x the baseline: counted as killed, a hang is
+a detection), ``survived`` (the subset passed), ``not run`` (no GPU test ran,
+e.g. no GPU: never counted as survived), ``no compile`` (NVRTC rejected the
+mutant: the list needs fixing). Exit status 0 when every mutant that ran was
+killed, 1 when one survived, 2 on a setup error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: The GPU tests each mutant runs, in order (quick and sharp ones first; -x
+#: stops at the first failure, so a killed mutant costs little).
+DEFAULT_TESTS = (
+    "tests/test_kernel_edges_gpu.py",
+    "tests/test_pointers_gpu.py",
+    "tests/test_moe_gpu.py",
+    "tests/test_static_gpu.py",
+)
+
+_IGNORE = shutil.ignore_patterns(
+    ".git",
+    "mutants",
+    ".pytest_cache",
+    ".ruff_cache",
+    "__pycache__",
+    "build",
+    "dist",
+    "*.egg-info",
+    "out",
+    ".whl",
+)
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # under kernels/
+    original: str  # the line, without indentation
+    replacement: str  # without indentation (the original's is kept)
+    why: str  # the bug it stands for
+    count: int = 1  # occurrences of `original` in the file
+    occurrence: int = 1  # which one is mutated (1-based)
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    # routing.cu
+    Mutant(
+        "routing-max-reduction",
+        "routing.cu",
+        "for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));",
+        "for (int o = 8; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));",
+        "warp max reduction one step short: the two half-warps shift their exponents by different maxima",
+    ),
+    Mutant(
+        "routing-normalize-bound",
+        "routing.cu",
+        "for (int e = lane; e < E; e += 32) scores[e] *= inv;",
+        "for (int e = lane; e < E - 1; e += 32) scores[e] *= inv;",
+        "off-by-one bound: the last expert's softmax score is never divided by the sum",
+    ),
+    Mutant(
+        "routing-ties",
+        "routing.cu",
+        "return ka > kb || (ka == kb && ia < ib);",
+        "return ka > kb || (ka == kb && ia > ib);",
+        "ties go to the higher expert index (documented: the lower one)",
+    ),
+    Mutant(
+        "routing-sigmoid-sign",
+        "routing.cu",
+        "scores[e] = 1.0f / (1.0f + expf(-v));",
+        "scores[e] = 1.0f / (1.0f + expf(v));",
+        "sigmoid of -v: the ranking is reversed",
+    ),
+    # activation.cu
+    Mutant(
+        "activation-up-offset-vec",
+        "activation.cu",
+        "if (gated) u = load_vec16(hr + I + i);",
+        "if (gated) u = load_vec16(hr + i);",
+        "16-byte path reads the gate half as the up projection (missing +I offset)",
+    ),
+    Mutant(
+        "activation-up-offset-scalar",
+        "activation.cu",
+        "float zu = load_as_float(hr + I + i);",
+        "float zu = load_as_float(hr + i);",
+        "scalar path (inter * itemsize not a multiple of 16) reads the gate half as the up projection",
+    ),
+    # common.cuh
+    Mutant(
+        "common-bf16-round-half-up",
+        "common.cuh",
+        "u += 0x7fffu + ((u >> 16) & 1u);",
+        "u += 0x8000u;",
+        "float -> bf16 rounds ties up instead of to even",
+    ),
+    Mutant(
+        "common-warp-scan-lane",
+        "common.cuh",
+        "if (lane >= o) v += n;",
+        "if (lane > o) v += n;",
+        "warp inclusive scan: lane o skips the value o lanes below (scan offset)",
+    ),
+    # dispatch.cu: gather_rows and the row assignment
+    Mutant(
+        "gather-token-index",
+        "dispatch.cu",
+        "const T* src = p >= 0 ? x + static_cast<long long>(p / top_k) * hidden : nullptr;",
+        "const T* src = p >= 0 ? x + static_cast<long long>(p % top_k) * hidden : nullptr;",
+        "gather reads token p % k instead of p / k (wrong index)",
+    ),
+    Mutant(
+        "gather-grid-stride",
+        "dispatch.cu",
+        "for (int r = blockIdx.x; r < num_rows; r += gridDim.x) {",
+        "for (int r = blockIdx.x; r < num_rows; r += 2 * gridDim.x) {",
+        "grid-stride loop step doubled: rows past the grid are skipped every other sweep (T*k > 65535)",
+    ),
+    Mutant(
+        "dispatch-warp-prefix",
+        "dispatch.cu",
+        "for (int w = 0; w < warp; ++w) row += warp_counts[w * E + e];",
+        "for (int w = 0; w <= warp; ++w) row += warp_counts[w * E + e];",
+        "rank within the block counts its own warp too: rows shifted, gaps and collisions",
+    ),
+    Mutant(
+        "dispatch-capacity-bound",
+        "dispatch.cu",
+        "if (row < num_rows) {",
+        "if (row <= num_rows) {",
+        "capacity check off by one: one write past row_to_pair when the rows do not fit",
+    ),
+    # combine.cu: scatter_rows and combine_rows
+    Mutant(
+        "scatter-row-zero",
+        "combine.cu",
+        "const T* src = row >= 0 ? y + static_cast<long long>(row) * hidden : nullptr;",
+        "const T* src = row > 0 ? y + static_cast<long long>(row) * hidden : nullptr;",
+        "scatter treats row 0 as a dropped pair (< vs <=)",
+    ),
+    Mutant(
+        "combine-weight-index",
+        "combine.cu",
+        "const float w = topk_weights != nullptr ? topk_weights[pair0 + j] : 1.0f;",
+        "const float w = topk_weights != nullptr ? topk_weights[pair0] : 1.0f;",
+        "combine (16-byte path) weighs every choice with the first choice's weight",
+        count=2,
+        occurrence=1,
+    ),
+    # pointers.cu
+    Mutant(
+        "pointers-capacity-clamp",
+        "pointers.cu",
+        "const int q_end = min(prob_carry + prob_total, capacity);",
+        "const int q_end = prob_carry + prob_total;",
+        "pointer kernel ignores the arrays' capacity: writes past them when the counts need more problems",
+    ),
+)
+
+
+class SetupError(Exception):
+    pass
+
+
+@dataclass
+class Result:
+    name: str
+    file: str
+    line: int
+    original: str
+    replacement: str
+    why: str
+    verdict: str
+    seconds: float = 0.0
+    detail: str = ""
+    compiled: list = field(default_factory=list)
+
+
+def _indent(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
+def apply(mutant: Mutant, root: Path) -> int:
+    """Apply ``mutant`` to the tree at ``root``; returns the 1-based line number."""
+    path = root / "kernels" / mutant.file
+    lines = path.read_text().split("\n")
+    hits = [i for i, line in enumerate(lines) if line.strip() == mutant.original]
+    if len(hits) != mutant.count:
+        raise SetupError(
+            f"{mutant.name}: kernels/{mutant.file} has {len(hits)} lines equal to\n    {mutant.original}\n"
+            f"(expected {mutant.count}): the source changed, update the mutant list in tools/kernel_mutants.py"
+        )
+    i = hits[mutant.occurrence - 1]
+    lines[i] = _indent(lines[i]) + mutant.replacement
+    path.write_text("\n".join(lines))
+    return i + 1
+
+
+def _all_programs(root: Path) -> list[str]:
+    return sorted(p.stem for p in (root / "kernels").glob("*.cu"))
+
+
+def _programs(mutant: Mutant, root: Path) -> list[str]:
+    """The kernels/*.cu programs a change to ``mutant.file`` reaches (a header: all)."""
+    return [mutant.file[: -len(".cu")]] if mutant.file.endswith(".cu") else _all_programs(root)
+
+
+def _env(root: Path, cache: str = "off") -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["CUBLAS_GROUPED_CACHE_DIR"] = cache
+    env.pop("PYTEST_ADDOPTS", None)
+    return env
+
+
+_COMPILE = """
+import sys
+from pathlib import Path
+import cublas_grouped
+from cublas_grouped import _kernels
+root = Path(sys.argv[1]).resolve()
+assert Path(cublas_grouped.__file__).resolve().is_relative_to(root), cublas_grouped.__file__
+assert _kernels.kernel_dir().resolve() == root / "kernels", _kernels.kernel_dir()
+for name in sys.argv[3:]:
+    _kernels.compile_source(name, sys.argv[2])
+"""
+
+
+def compile_check(root: Path, programs: list[str], arch: str) -> str | None:
+    """None when every program compiles from the tree at ``root``, else NVRTC's message."""
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE, str(root), arch, *programs],
+        cwd=root,
+        env=_env(root),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        return (done.stderr or done.stdout).strip()[-3000:]
+    return None
+
+
+def _copy_tree(dest: Path) -> Path:
+    tree = dest / "tree"
+    shutil.copytree(ROOT, tree, ignore=_IGNORE, symlinks=True)
+    return tree
+
+
+def run_tests(root: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
+    """(verdict for the tree at ``root``, seconds, last output lines)."""
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "gpu", "-p", "no:cacheprovider", *tests]
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        command,
+        cwd=root,
+        env=_env(root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: a timeout kills it all
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return "timeout", time.monotonic() - start, out[-1500:]
+    seconds = time.monotonic() - start
+    tail = out[-1500:]
+    summary = out.strip().splitlines()[-1] if out.strip() else ""
+    if proc.returncode == 0:
+        if not re.search(r"\b\d+ passed\b", summary):
+            return "not run", seconds, tail  # everything skipped (no GPU) or deselected
+        return "survived", seconds, tail
+    if proc.returncode == 5:
+        return "not run", seconds, tail  # no tests collected
+    if proc.returncode in (2, 3, 4):
+        return "error", seconds, tail  # interrupted, internal error or usage error: not a kill
+    return "killed", seconds, tail
+
+
+def _select(args) -> list[Mutant]:
+    chosen = list(MUTANTS)
+    if args.only:
+        names = {m.name for m in MUTANTS}
+        unknown = set(args.only) - names
+        if unknown:
+            raise SetupError(f"unknown mutants {sorted(unknown)}; known: {sorted(names)}")
+        chosen = [m for m in MUTANTS if m.name in args.only]
+    if args.shard:
+        k, n = (int(v) for v in args.shard.split("/"))
+        if not 1 <= k <= n:
+            raise SetupError(f"--shard {args.shard}: expected K/N with 1 <= K <= N")
+        chosen = chosen[k - 1 :: n]
+    return chosen
+
+
+def _table(results: list[Result]) -> str:
+    rows = [("mutant", "where", "verdict", "s")]
+    rows += [(r.name, f"{r.file}:{r.line}", r.verdict, f"{r.seconds:.0f}") for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="only apply and compile every mutant (no GPU)")
+    parser.add_argument("--arch", default="sm_90", help="NVRTC architecture for --check (default sm_90)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
+    parser.add_argument("--shard", help="K/N: every N-th mutant starting at the K-th")
+    parser.add_argument("--tests", nargs="+", default=list(DEFAULT_TESTS), help="GPU test files or node ids")
+    parser.add_argument("--timeout", type=float, help="seconds per mutant (default: 3x the baseline, >= 120)")
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    args = parser.parse_args(argv)
+
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:28s} kernels/{m.file}\n    - {m.original}\n    + {m.replacement}\n      {m.why}")
+        return 0
+    try:
+        mutants = _select(args)
+        return _run(args, mutants)
+    except SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args, mutants: list[Mutant]) -> int:
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="kernel-mutants-") as tmp:
+        pristine = _copy_tree(Path(tmp))
+        arch = args.arch
+        if not args.check:
+            # The baseline: the unmutated tree must compile and pass, else no verdict means anything.
+            message = compile_check(pristine, _all_programs(pristine), arch)
+            if message is not None:
+                raise SetupError(f"the unmutated kernels do not compile:\n{message}")
+            timeout = args.timeout or 3600.0
+            verdict, seconds, tail = run_tests(pristine, args.tests, timeout)
+            print(f"baseline: {verdict} in {seconds:.0f} s", flush=True)
+            if verdict != "survived":
+                raise SetupError(f"the unmutated tree does not pass its GPU subset ({verdict}):\n{tail}")
+            timeout = args.timeout or max(120.0, 3.0 * seconds)
+        for m in mutants:
+            work = Path(tmp) / m.name
+            shutil.copytree(pristine, work, symlinks=True)
+            line = apply(m, work)
+            result = Result(m.name, f"kernels/{m.file}", line, m.original, m.replacement, m.why, "")
+            programs = _programs(m, work)
+            message = compile_check(work, programs, arch)
+            result.compiled = programs
+            if message is not None:
+                result.verdict, result.detail = "no compile", message
+            elif args.check:
+                result.verdict = "compiles"
+            else:
+                result.verdict, result.seconds, result.detail = run_tests(work, args.tests, timeout)
+            shutil.rmtree(work)
+            results.append(result)
+            print(
+                f"{m.name}: {result.verdict}" + (f" in {result.seconds:.0f} s" if result.seconds else ""),
+                flush=True,
+            )
+            if result.verdict in ("no compile", "error", "not run"):
+                print(result.detail, flush=True)
+    print()
+    print(_table(results))
+    ran = [r for r in results if r.verdict in ("killed", "timeout", "survived")]
+    killed = [r for r in ran if r.verdict != "survived"]
+    if not args.check:
+        print(f"\nkilled {len(killed)} of {len(ran)} mutants that ran ({len(results)} selected)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "mode": "check" if args.check else "gpu",
+                    "arch": arch if args.check else None,
+                    "tests": args.tests,
+                    "killed": len(killed),
+                    "ran": len(ran),
+                    "results": [asdict(r) for r in results],
+                },
+                indent=1,
+            )
+        )
+    if any(r.verdict == "no compile" for r in results):
+        return 2
+    return 1 if any(r.verdict == "survived" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

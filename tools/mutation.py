@@ -1,0 +1,482 @@
+"""Mutation testing of the host-side logic with mutmut, and its score.
+
+``make mutation`` runs ``python tools/mutation.py run`` (mutmut over the CPU
+suite, configured in pyproject.toml ``[tool.mutmut]``) and then ``report``:
+every mutant in scope with its status, the score with equivalent mutants
+excluded, and the survivors with the line they change. Not part of CI: a full
+run takes minutes on two cores.
+
+Scope (issue: tests that catch real bugs): planning and layouts (``_plan``),
+algorithm selection and the tuning lookup (``_select``), array views
+(``_arrays``), options (``_config``), the float64 references (``testing``),
+and the argument checks of the MoE layer (``_moe``: the ``_check_*``
+functions, ``check_layer_args`` and ``route`` up to its first GPU step).
+What runs on the GPU cannot be judged by CPU tests and is left out: lines of a
+``_moe`` function from its ``import cupy`` on, and ``_arrays.as_cupy``.
+
+Equivalent mutants (no input can tell them apart from the original) are listed
+in :data:`EQUIVALENT` with the reason, matched by function and by the exact
+line they change (not by mutmut's numbering, which moves when the source
+does), and left out of the score. docs/testing.md records the result.
+
+Usage::
+
+    python tools/mutation.py run [--max-children N]
+    python tools/mutation.py report [--json PATH] [--all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import fnmatch
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MUTANTS = ROOT / "mutants"
+
+#: mutmut mutant-name globs in scope (module path, then ``x_<function>`` or
+#: ``xǁ<Class>ǁ<method>`` as mutmut mangles them).
+SCOPE = (
+    "cublas_grouped._plan.*",
+    "cublas_grouped._select.*",
+    "cublas_grouped._arrays.*",
+    "cublas_grouped._config.*",
+    "cublas_grouped.testing.*",
+    "cublas_grouped._moe.x__check_*",
+    "cublas_grouped._moe.x_check_layer_args__*",
+    "cublas_grouped._moe.x_route__*",
+)
+#: Functions that only run with a real GPU array (CuPy), out of scope.
+GPU_ONLY = ("cublas_grouped._arrays.x_as_cupy",)
+#: Modules whose functions are cut at their first ``import cupy`` line.
+GPU_CUT_MODULES = ("cublas_grouped._moe",)
+
+#: (function, original line, mutated line, why no test can kill it). Lines are
+#: stripped; several changed lines are joined with " / ".
+EQUIVALENT: list[tuple[str, str, str, str]] = []
+
+
+def _equivalent(function: str, original: str, mutated: list[str], why: str) -> None:
+    EQUIVALENT.extend((f"cublas_grouped.{function}", original, m, why) for m in mutated)
+
+
+_TYPESTR = "if descr and isinstance(descr, (list, tuple)) and descr and descr[0]:"
+_equivalent(
+    "_arrays.x__dtype_from_typestr",
+    _TYPESTR,
+    [
+        "if descr and isinstance(descr, (list, tuple)) or descr and descr[0]:",
+        "if descr or isinstance(descr, (list, tuple)) and descr and descr[0]:",
+    ],
+    "agrees with the original for every descr the interface allows (a list of (name, typestr) "
+    "tuples); differs only for a descr of another type",
+)
+_equivalent(
+    "_config.x_coerce_enum",
+    "return kind(str(value).lower())",
+    ["return kind(None)", "return kind(str(value).upper())", "return kind(str(None).lower())"],
+    "the value path and the name path accept the same strings, because every member's value is its "
+    "lower-case name (test_enum_values_are_their_lower_case_names); with this path broken the name path answers",
+)
+_equivalent(
+    "_config.x_coerce_enum",
+    "if isinstance(value, str) and value.upper() in kind.__members__:",
+    ["if isinstance(value, str) and value.lower() in kind.__members__:"],
+    "the name path is only reached for strings the value path already refused, which no member name matches",
+)
+_equivalent(
+    "_config.x_coerce_enum",
+    "return kind[value.upper()]",
+    ["return kind[value.lower()]"],
+    "unreachable for a valid name: the value path accepts every member name first (see above)",
+)
+_ROUTE_DEF = (
+    'def x_route__mutmut_(router_logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = True, '
+    "stream=None):"
+)
+_equivalent(
+    "_moe.x_route",
+    _ROUTE_DEF,
+    [_ROUTE_DEF.replace("renormalize: bool = True", "renormalize: bool = False")],
+    "on the CPU: the default is read only by the kernel launch; killed on the GPU by "
+    "test_moe_gpu.py::test_route_matches_reference (route with the default against route_ref's)",
+)
+_HIDDEN = 'hidden = x_v.shape[1] if x_v is not None else view(w1, "w1").shape[2 if trans_b else 1]'
+_equivalent(
+    "_moe.x_check_layer_args",
+    _HIDDEN,
+    [_HIDDEN.replace('view(w1, "w1")', f"view(w1, {n})") for n in ("None", '"XXw1XX"', '"W1"')],
+    "the name is never shown: the line before views w1 with its name and raises first for a bad w1",
+)
+_equivalent(
+    "_plan.xǁGemmPlanǁdims_arrays",
+    "probe = self.dims(1)",
+    ["probe = self.dims(2)"],
+    "the only field of the probe that depends on the rows (n, or k with trans_a) is overwritten with the real rows",
+)
+_equivalent(
+    "_select.xǁProblemStatsǁfeatures",
+    "dtype=np.float64,",
+    ["dtype=None,"],
+    "np.array of Python floats is float64 anyway",
+)
+_equivalent(
+    "_select.xǁProblemStatsǁfeatures",
+    "dtype=np.float64, / )",
+    [")"],
+    "np.array of Python floats is float64 anyway",
+)
+_ENTRY = 'entry["num_experts"], active, total, max_rows, entry["n"], entry["k"], entry["dtype"]'
+_equivalent(
+    "_select.xǁTuningTableǁ__post_init__",
+    _ENTRY,
+    [_ENTRY.replace('entry["dtype"]', "None")],
+    "these stats only give features(), which ignore the dtype; entries are grouped by entry['dtype'] directly",
+)
+_equivalent(
+    "_select.xǁTuningTableǁ__post_init__",
+    _ENTRY + " / )",
+    [_ENTRY.replace(', entry["dtype"]', ", )")],
+    "these stats only give features(), which ignore the dtype; entries are grouped by entry['dtype'] directly",
+)
+_MKSTEMP = 'fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")'
+_equivalent(
+    "_select.xǁTuningTableǁsave",
+    _MKSTEMP,
+    [
+        _MKSTEMP.replace('prefix=path.name + "."', "prefix=None"),
+        _MKSTEMP.replace('suffix=".tmp"', "suffix=None"),
+        _MKSTEMP.replace('prefix=path.name + ".", ', ""),
+        _MKSTEMP.replace(', suffix=".tmp"', ", "),
+        _MKSTEMP.replace('path.name + "."', 'path.name + "XX.XX"'),
+        _MKSTEMP.replace('".tmp"', '"XX.tmpXX"'),
+        _MKSTEMP.replace('".tmp"', '".TMP"'),
+    ],
+    "only the temporary file's name changes; it stays in the table's folder and never ends in .json, "
+    "so no reader takes it for a table (test_table_load_and_atomic_save checks both)",
+)
+_equivalent(
+    "_select.xǁTuningTableǁsave",
+    "json.dump(self.to_json(), f, indent=1)",
+    [
+        "json.dump(self.to_json(), f, indent=None)",
+        "json.dump(self.to_json(), f, )",
+        "json.dump(self.to_json(), f, indent=2)",
+    ],
+    "indentation of the JSON file only; the content read back is the same",
+)
+_equivalent(
+    "_select.xǁTuningTableǁsave",
+    "Path(tmp).unlink(missing_ok=True)",
+    ["Path(tmp).unlink(missing_ok=None)", "Path(tmp).unlink(missing_ok=False)"],
+    "the temporary file always exists when it is removed (mkstemp made it; only the write or the rename failed)",
+)
+_LARGEST = "total, largest = int(sizes.sum()), int(sizes.max(initial=0))"
+_equivalent(
+    "_select.x_choose_layer_algorithms",
+    _LARGEST,
+    [_LARGEST.replace("initial=0", "initial=None"), _LARGEST.replace("initial=0", "initial=1")],
+    "initial only matters when every count is 0 (or there are none: a layer has at least one expert); "
+    "with no rows max_rows enters no decision (padding ratio inf, skew 1)",
+)
+_QUARTER = "quarter = lambda v: round(4 * math.log2(max(v, 1e-9)))  # noqa: E731"
+_equivalent(
+    "_select.x_choose_layer_algorithms",
+    _QUARTER,
+    [_QUARTER.replace("4 *", "5 *"), _QUARTER.replace("1e-9", "1.000000001")],
+    "memo granularity: finer buckets only cost cache hits; every argument of quarter() is >= 1, "
+    "so the clamp at 1e-9 or 1.000000001 never bites",
+)
+_equivalent(
+    "_select.x_choose_layer_algorithms",
+    "quarter(first_stats.mean_rows + 1),",
+    ["quarter(first_stats.mean_rows - 1),", "quarter(first_stats.mean_rows + 2),"],
+    "moves the memo's bucket edges by a row or two without making buckets coarser: which loads share a "
+    "cached decision is a cache granularity, not a documented value",
+)
+_equivalent(
+    "_select.x_choose_layer_algorithms",
+    "second = None",
+    ['second = ""'],
+    "both are falsy and second is only read as a truth value unless it was reassigned",
+)
+_FOUND = "found = (choice, on_layout(choice)[1] if on_layout(choice)[0] < math.inf else choice)"
+_equivalent(
+    "_select.x_choose_layer_algorithms",
+    _FOUND,
+    [
+        "found = (choice, on_layout(choice)[1] if (on_layout(choice)[0] < math.inf) or True else choice)",
+        "found = (choice, on_layout(choice)[1] if on_layout(None)[0] < math.inf else choice)",
+        "found = (choice, on_layout(choice)[1] if on_layout(choice)[0] <= math.inf else choice)",
+    ],
+    "when on_layout(choice) finds no time it returns (inf, choice), so both branches give choice",
+)
+_equivalent(
+    "_select.x_choose_layer_algorithms",
+    "if len(_layer_choices) > 4096:",
+    ["if len(_layer_choices) >= 4096:", "if len(_layer_choices) > 4097:"],
+    "when the memo is emptied (one entry sooner or later) changes cache hits, not decisions",
+)
+_equivalent(
+    "_select.x_capacity_for",
+    "return max(multiple, int(math.ceil(int(sizes.max(initial=0)) / multiple) * multiple))",
+    ["return max(multiple, int(math.ceil(int(sizes.max(initial=1)) / multiple) * multiple))"],
+    "a largest group of 1 instead of 0 still rounds to one multiple, which max(multiple, ...) gives anyway",
+)
+_equivalent(
+    "testing.x__apply_act",
+    "return np.where(z < 0.0, 0.0, z)",
+    ["return np.where(z <= 0.0, 0.0, z)"],
+    "differs only in the sign of a zero result (-0.0 vs 0.0 for z = -0.0), which compare equal",
+)
+_ARGSORT = 'ids = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]'
+_equivalent(
+    "testing.x_route_ref",
+    _ARGSORT,
+    ['ids = np.argsort(-scores, kind="stable")[:, :top_k]', _ARGSORT.replace('"stable"', '"STABLE"')],
+    "the default axis -1 is axis 1 of the 2-D scores; NumPy reads the sort kind case-insensitively",
+)
+_equivalent(
+    "testing.x_route_ref",
+    "weights = np.take_along_axis(scores, ids, axis=1)",
+    ["weights = np.take_along_axis(scores, ids, )"],
+    "the default axis -1 is axis 1 of the 2-D scores",
+)
+_equivalent(
+    "testing.x_plan_ref",
+    'order = np.argsort(ids, kind="stable")  # pairs in (expert, pair) order',
+    ['order = np.argsort(ids, kind="STABLE")  # pairs in (expert, pair) order'],
+    "NumPy reads the sort kind case-insensitively",
+)
+_RESHAPE_WHY = "NumPy infers any negative size, so reshape(-2) is reshape(-1)"
+_equivalent(
+    "testing.x_plan_ref",
+    "ids = np.asarray(topk_ids).reshape(-1).astype(np.int64)",
+    ["ids = np.asarray(topk_ids).reshape(-2).astype(np.int64)"],
+    _RESHAPE_WHY,
+)
+for _fn, _line in (
+    ("testing.x_gather_ref", "r2p = np.asarray(row_to_pair).astype(np.int64).reshape(-1)"),
+    ("testing.x_scatter_ref", "p2r = np.asarray(pair_to_row).astype(np.int64).reshape(-1)"),
+    ("testing.x_activation_ref", "re = np.asarray(row_expert).astype(np.int64).reshape(-1)"),
+    ("testing.x_gmm_ref", "sizes = np.asarray(group_sizes).astype(np.int64).reshape(-1)"),
+):
+    _equivalent(_fn, _line, [_line.replace("reshape(-1)", "reshape(-2)")], _RESHAPE_WHY)
+_equivalent(
+    "testing.x_gmm_ref",
+    "sizes = np.asarray(group_sizes).astype(np.int64).reshape(-1)",
+    ["sizes = np.asarray(group_sizes).astype(np.int64).reshape(None)"],
+    "sizes are only used through size, cumsum and element tests, which all flatten",
+)
+_INT_WHY = (
+    "an intermediate of float64 or platform int instead of int64 holds the same small integers "
+    "exactly; the results are cast to int32"
+)
+for _line in (
+    "counts = np.bincount(ids, minlength=num_experts).astype(np.int64)",
+    "row_offsets = np.zeros(num_experts + 1, dtype=np.int64)",
+    "first_of_expert = np.zeros(num_experts, dtype=np.int64)",
+    "rank = np.arange(ids.size, dtype=np.int64) - first_of_expert[sorted_ids]",
+    "row_to_pair = np.full(int(row_offsets[-1]), -1, dtype=np.int64)",
+):
+    _mutated = [_line.replace("dtype=np.int64", "dtype=None"), _line.replace(", dtype=np.int64", ", ")]
+    if "astype" in _line:
+        _mutated = [_line.replace("astype(np.int64)", "astype(None)")]
+    _equivalent("testing.x_plan_ref", _line, _mutated, _INT_WHY)
+_ZEROS_WHY = "np.zeros and np.full default to float64"
+for _fn, _line in (
+    ("testing.x_gather_ref", "out = np.zeros((r2p.size, x.shape[1]), dtype=np.float64)"),
+    ("testing.x_scatter_ref", "out = np.zeros((p2r.size, y.shape[1]), dtype=np.float64)"),
+    ("testing.x_combine_ref", "out = np.zeros((num_tokens, y.shape[1]), dtype=np.float64)"),
+    ("testing.x_gmm_ref", "out = np.zeros((num_groups, a.shape[1], b.shape[1]), dtype=np.float64)"),
+    ("testing.x_gmm_ref", "out = np.zeros((a.shape[0], w.shape[2]), dtype=np.float64)"),
+    ("testing.x_moe_forward_ref", "out = np.zeros((num_tokens, x.shape[1]), dtype=np.float64)"),
+):
+    _equivalent(
+        _fn,
+        _line,
+        [_line.replace("dtype=np.float64", "dtype=None"), _line.replace(", dtype=np.float64", ", ")],
+        _ZEROS_WHY,
+    )
+_equivalent(
+    "testing.x_moe_forward_ref",
+    'activation: str = "silu",',
+    ['activation: str = "SILU",'],
+    "activation names are read case-insensitively",
+)
+_equivalent(
+    "testing.x_moe_forward_ref",
+    "ids = np.asarray(topk_ids).astype(np.int64)",
+    ["ids = np.asarray(topk_ids).astype(None)"],
+    "float64 ids compare equal to the expert numbers and are only used through np.nonzero and comparisons",
+)
+_equivalent(
+    "testing.x_rel_error",
+    "if np.isnan(o).any() or np.isnan(r).any():",
+    ["if np.isnan(o).any() and np.isnan(r).any():"],
+    "a NaN on one side makes the difference NaN, which the next check turns into inf as well",
+)
+
+STATUS = {
+    1: "killed",
+    3: "killed",
+    0: "survived",
+    33: "no tests",
+    5: "no tests",
+    36: "timeout",
+    24: "timeout",
+}
+STATUS.update({-24: "timeout", 152: "timeout", 255: "timeout", -11: "segfault", -9: "segfault"})
+
+
+@dataclass
+class Mutant:
+    name: str
+    function: str
+    status: str
+    original: str
+    mutated: str
+    verdict: str  # killed / survived / equivalent / out of scope
+    reason: str = ""
+
+
+_MANGLED = re.compile(r"__mutmut_(orig|\d+)")
+
+
+def _mangled_function(name: str) -> str:
+    return name.rsplit("__mutmut_", 1)[0]
+
+
+def _changed_lines(lines: list[str], orig: tuple[int, int], mutant: tuple[int, int]) -> tuple[int, str, str]:
+    """(index of the first changed line in the function, original text, mutated text)."""
+    # The def lines differ by the mangled name only: compare without it.
+    a = [_MANGLED.sub("__mutmut_", s) for s in lines[orig[0] : orig[1]]]
+    b = [_MANGLED.sub("__mutmut_", s) for s in lines[mutant[0] : mutant[1]]]
+    matcher = difflib.SequenceMatcher(a=a, b=b, autojunk=False)
+    first, old, new = None, [], []
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            continue
+        first = i1 if first is None else first
+        old += [s.strip() for s in a[i1:i2]]
+        new += [s.strip() for s in b[j1:j2]]
+    return (first if first is not None else 0), " / ".join(old), " / ".join(new)
+
+
+def _gpu_cut(lines: list[str], orig: tuple[int, int]) -> int | None:
+    for i, line in enumerate(lines[orig[0] : orig[1]]):
+        if line.strip() == "import cupy":
+            return i
+    return None
+
+
+def collect() -> list[Mutant]:
+    """Every mutant mutmut generated for the scoped modules, with its verdict."""
+    found = []
+    for meta in sorted(MUTANTS.rglob("*.py.meta")):
+        source = meta.with_suffix("")
+        spans = json.loads(meta.with_suffix(".spans").read_text())["spans"]
+        lines = source.read_text().splitlines()
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if not any(fnmatch.fnmatchcase(name, g) for g in SCOPE):
+                continue
+            module, _, local = name.rpartition(".")
+            function = f"{module}.{_mangled_function(local)}"
+            orig_span = spans[f"{_mangled_function(local)}__mutmut_orig"]
+            at, old, new = _changed_lines(lines, orig_span, spans[local])
+            status = STATUS.get(code, "not checked" if code is None else f"exit {code}")
+            verdict = "killed" if status in ("killed", "timeout", "segfault") else "survived"
+            reason = ""
+            cut = _gpu_cut(lines, orig_span) if module in GPU_CUT_MODULES else None
+            if function in GPU_ONLY or (cut is not None and at >= cut):
+                verdict, reason = "out of scope", "GPU work (not testable on the CPU)"
+            elif verdict == "survived":
+                for func, eq_old, eq_new, why in EQUIVALENT:
+                    if func == function and eq_old == old and eq_new == new:
+                        verdict, reason = "equivalent", why
+                        break
+            found.append(Mutant(name, function, status, old, new, verdict, reason))
+    return found
+
+
+def report(args) -> int:
+    if not MUTANTS.is_dir():
+        print("no mutants/ folder: run `python tools/mutation.py run` first", file=sys.stderr)
+        return 2
+    mutants = collect()
+    by_function: dict[str, dict[str, int]] = {}
+    for m in mutants:
+        counts = by_function.setdefault(m.function, {})
+        counts[m.verdict] = counts.get(m.verdict, 0) + 1
+    verdicts = ("killed", "survived", "equivalent", "out of scope")
+    print(f"{'function':64s} " + " ".join(f"{v:>12s}" for v in verdicts))
+    for function, counts in sorted(by_function.items()):
+        print(f"{function:64s} " + " ".join(f"{counts.get(v, 0):12d}" for v in verdicts))
+    total = {v: sum(m.verdict == v for m in mutants) for v in verdicts}
+    scored = total["killed"] + total["survived"]
+    score = total["killed"] / scored if scored else 1.0
+    print()
+    print(
+        f"mutants: {len(mutants)} generated in scope, {total['out of scope']} GPU-only left out, "
+        f"{total['equivalent']} equivalent"
+    )
+    print(f"score: {total['killed']} killed / {scored} = {100 * score:.1f}%")
+    survivors = [m for m in mutants if m.verdict == "survived"]
+    if survivors:
+        print()
+        print("survivors:")
+        for m in survivors:
+            print(f"  {m.name} [{m.status}]\n      - {m.original}\n      + {m.mutated}")
+    if args.all:
+        print()
+        print("equivalent:")
+        for m in mutants:
+            if m.verdict == "equivalent":
+                print(f"  {m.name}: {m.reason}\n      - {m.original}\n      + {m.mutated}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "killed": total["killed"],
+                    "survived": total["survived"],
+                    "equivalent": total["equivalent"],
+                    "out_of_scope": total["out of scope"],
+                    "score": score,
+                    "mutants": [asdict(m) for m in mutants],
+                },
+                indent=1,
+            )
+        )
+    return 0
+
+
+def run(args) -> int:
+    env = dict(os.environ, CUBLAS_GROUPED_CACHE_DIR="off")
+    command = ["mutmut", "run", "--max-children", str(args.max_children), *SCOPE]
+    print(" ".join(command), flush=True)
+    done = subprocess.run(command, cwd=ROOT, env=env, check=False)
+    return done.returncode
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run mutmut on the scoped modules (minutes)")
+    p_run.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    p_report = sub.add_parser("report", help="score and survivors of the last run")
+    p_report.add_argument("--json", help="also write the result here")
+    p_report.add_argument("--all", action="store_true", help="also list the equivalent mutants")
+    args = parser.parse_args(argv)
+    return run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
