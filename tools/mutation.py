@@ -419,6 +419,15 @@ def report(args) -> int:
     print(f"{'function':64s} " + " ".join(f"{v:>12s}" for v in verdicts))
     for function, counts in sorted(by_function.items()):
         print(f"{function:64s} " + " ".join(f"{counts.get(v, 0):12d}" for v in verdicts))
+    by_module: dict[str, dict[str, int]] = {}
+    for m in mutants:
+        counts = by_module.setdefault(m.function.rsplit(".", 1)[0], {})
+        counts[m.verdict] = counts.get(m.verdict, 0) + 1
+    print()
+    for module, counts in sorted(by_module.items()):
+        scored_here = counts.get("killed", 0) + counts.get("survived", 0)
+        rate = 100 * counts.get("killed", 0) / scored_here if scored_here else 100.0
+        print(f"{module:64s} " + " ".join(f"{counts.get(v, 0):12d}" for v in verdicts) + f"   {rate:5.1f}%")
     total = {v: sum(m.verdict == v for m in mutants) for v in verdicts}
     scored = total["killed"] + total["survived"]
     score = total["killed"] / scored if scored else 1.0
@@ -440,6 +449,9 @@ def report(args) -> int:
         for m in mutants:
             if m.verdict == "equivalent":
                 print(f"  {m.name}: {m.reason}\n      - {m.original}\n      + {m.mutated}")
+    if args.markdown:
+        print()
+        print(_markdown(mutants))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
@@ -450,12 +462,40 @@ def report(args) -> int:
                     "equivalent": total["equivalent"],
                     "out_of_scope": total["out of scope"],
                     "score": score,
+                    "by_module": by_module,
                     "mutants": [asdict(m) for m in mutants],
                 },
                 indent=1,
             )
         )
     return 0
+
+
+def _display_name(function: str) -> str:
+    """``cublas_grouped._plan.xǁGemmPlanǁdims`` -> ``_plan.GemmPlan.dims``."""
+    module, _, local = function.rpartition(".")
+    local = local[2:].replace("ǁ", ".") if local.startswith(("x_", "xǁ")) else local
+    return f"{module.split('.', 1)[1]}.{local}"
+
+
+def _cell(text: str) -> str:
+    text = re.sub(r"def x[_ǁ](?:\w+ǁ)?(\w+?)__mutmut_\(", r"def \1(", text)
+    return "`" + text.replace("|", "\\|").replace("`", "'") + "`" if text else ""
+
+
+def _markdown(mutants: list[Mutant]) -> str:
+    """Survivors and equivalent mutants as Markdown tables (for docs/testing.md)."""
+    lines = ["| function | line | mutated to | why equivalent (or SURVIVED) |", "|---|---|---|---|"]
+    seen: dict[tuple, list[str]] = {}
+    for m in mutants:
+        if m.verdict in ("survived", "equivalent"):
+            key = (_display_name(m.function), m.original, m.verdict, m.reason)
+            seen.setdefault(key, []).append(m.mutated)
+    for (function, original, verdict, reason), mutated in seen.items():
+        why = "SURVIVED" if verdict == "survived" else reason
+        targets = "<br>".join(_cell(x) for x in mutated)
+        lines.append(f"| {function} | {_cell(original)} | {targets} | {why} |")
+    return "\n".join(lines)
 
 
 def run(args) -> int:
@@ -474,6 +514,9 @@ def main(argv=None) -> int:
     p_report = sub.add_parser("report", help="score and survivors of the last run")
     p_report.add_argument("--json", help="also write the result here")
     p_report.add_argument("--all", action="store_true", help="also list the equivalent mutants")
+    p_report.add_argument(
+        "--markdown", action="store_true", help="also print survivors and equivalents as Markdown"
+    )
     args = parser.parse_args(argv)
     return run(args) if args.command == "run" else report(args)
 
