@@ -213,7 +213,13 @@ def test_repeated_ids_count_once_per_choice():
     # 2T rows, more than the T-row chunks leave room for.
     crowded = np.zeros((tokens, k), dtype=np.int32)
     mixed = np.stack([rng.choice(experts, k) for _ in range(tokens)]).astype(np.int32)  # some repeats
-    for ids in (crowded, mixed):
+    # With a row per repeated pair, expert 0 would hold 65 rows (two T-row chunks)
+    # and experts 1-7 one chunk each: 9 chunks where the bound allows 8.
+    overflowing = np.zeros((tokens, k), dtype=np.int32)
+    overflowing[32] = (0, 1)
+    for t in range(33, tokens):
+        overflowing[t] = (1 + t % 7, 1 + (t + 1) % 7)
+    for ids in (crowded, mixed, overflowing):
         x, x64 = device_random(rng, (tokens, hidden), np.float32)
         w = rng.random((tokens, k)).astype(np.float32)
         expected = ref.moe_forward_ref(x64, ids, w, *weights64)

@@ -171,6 +171,27 @@ MUTANTS: tuple[Mutant, ...] = (
         "if (row <= num_rows) {",
         "capacity check off by one: one write past row_to_pair when the rows do not fit",
     ),
+    Mutant(
+        "dispatch-repeat-scan",
+        "dispatch.cu",
+        "for (int i = 0; i < j; ++i) {",
+        "for (int i = 0; i + 1 < j; ++i) {",
+        "repeat detection misses the choice just before: a repeated expert takes a second row",
+    ),
+    Mutant(
+        "dispatch-drop-count",
+        "dispatch.cu",
+        "bool drop = real && e < 0 && repeat_of < 0;  // an id outside [0, E)",
+        "bool drop = e < 0 && repeat_of < 0;  // an id outside [0, E)",
+        "the dropped-pair count includes the padding lanes past the last pair",
+    ),
+    Mutant(
+        "combine-repeat-alias",
+        "combine.cu",
+        "return first < j ? pair_to_row[pair0 + first] : -1;",
+        "return -1;",
+        "a repeated choice adds nothing instead of its first choice's row",
+    ),
     # combine.cu: scatter_rows and combine_rows
     Mutant(
         "scatter-row-zero",
