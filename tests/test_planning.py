@@ -191,7 +191,10 @@ def test_table_round_trip(tmp_path):
     assert loaded.entries == [entry] and loaded.cublas_version == 120900
 
 
-def test_executor_selection_and_fallback_warning():
+def test_executor_selection_and_fallback_warning(monkeypatch):
+    from cublas_grouped import _executor
+
+    monkeypatch.setattr(_executor, "_warned", set())  # the warning is once per process
     old = GroupedGemmExecutor(
         device=0, device_info=DEVICES["sm75-cublas12.4"], config={"algorithm": "cublas_grouped"}
     )
