@@ -4,17 +4,12 @@ cuBLAS through ctypes, small NVRTC kernels for routing, gather, scatter and
 activations, CuPy arrays in and out, no torch dependency.
 """
 
-from ._arrays import SUPPORTED_DTYPES
-from ._config import Algorithm, ComputePrecision, GroupedGemmConfig
-from ._cublas import CublasError, CublasUnavailableError
-
-# Importing _deps stops a bare install (no cu12 / cu13 extra) with a message naming the extras.
-from ._deps import GpuUnavailableError, MissingDependencyError
-from ._device import DeviceInfo, device_info
-from ._executor import GroupedGemmExecutor, RowLayout
-from ._gmm import gmm
-from ._kernels import KernelCompileError
-from ._moe import (
+from .gemm.config import Algorithm, ComputePrecision, GroupedGemmConfig
+from .gemm.executor import GroupedGemmExecutor, RowLayout
+from .gemm.gmm import gmm
+from .gemm.select import ProblemStats, TuningTable, choose_chunk_rows, select_algorithm
+from .moe.fixed_capacity import StaticMoE
+from .moe.layer import (
     GroupedGemmInput,
     StageTimer,
     combine_output,
@@ -24,9 +19,14 @@ from ._moe import (
     route,
     scatter_output,
 )
-from ._select import ProblemStats, TuningTable, choose_chunk_rows, select_algorithm
-from ._static import StaticMoE
-from ._weights import ExpertWeightManager, ExpertWeights, MoEMLP
+from .moe.modules import ExpertWeightManager, ExpertWeights, MoEMLP
+from .runtime.arrays import SUPPORTED_DTYPES
+from .runtime.cublas import CublasError, CublasUnavailableError
+
+# Importing _deps stops a bare install (no cu12 / cu13 extra) with a message naming the extras.
+from .runtime.deps import GpuUnavailableError, MissingDependencyError
+from .runtime.device import DeviceInfo, device_info
+from .runtime.nvrtc import KernelCompileError
 
 __version__ = "0.1.0"
 

@@ -22,8 +22,8 @@ def main() -> None:
     import ml_dtypes
 
     import cublas_grouped as cg
-    from cublas_grouped._timing import time_ms
-    from cublas_grouped.bench import skewed_routing, uniform_routing
+    from cublas_grouped.runtime.timing import time_ms
+    from cublas_grouped.tools.bench import skewed_routing, uniform_routing
 
     bf = ml_dtypes.bfloat16
     rng = np.random.default_rng(0)

@@ -29,9 +29,9 @@ def bmm(a, b):
     """
     import cupy
 
-    from cublas_grouped import _cublas
-    from cublas_grouped._arrays import cuda_dtype
-    from cublas_grouped._device import resolve_stream, resources
+    from cublas_grouped.runtime import cublas as _cublas
+    from cublas_grouped.runtime.arrays import cuda_dtype
+    from cublas_grouped.runtime.device import resolve_stream, resources
 
     e, c, k = a.shape
     n = b.shape[2]

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from tuning_util import entry, isolate_tuning, write_table
 
-from cublas_grouped import Algorithm, DeviceInfo, GroupedGemmExecutor, ProblemStats, TuningTable, _select
-from cublas_grouped import _autotune as at
-from cublas_grouped._select import is_close_table, reset_tuning_cache, tuning_table_for
+from cublas_grouped import Algorithm, DeviceInfo, GroupedGemmExecutor, ProblemStats, TuningTable
+from cublas_grouped.gemm import autotune as at
+from cublas_grouped.gemm import select as _select
+from cublas_grouped.gemm.select import is_close_table, reset_tuning_cache, tuning_table_for
 
 H100 = "NVIDIA H100 80GB HBM3"
 H200 = "NVIDIA H200"
@@ -438,7 +439,7 @@ def test_describe_auto(measuring, monkeypatch):
 
 # -- the MoE layer's call site ------------------------------------------------------------------------------------
 def test_layer_choice_uses_measurements_and_expires_memo_after_capture(measuring, monkeypatch):
-    from cublas_grouped._moe import _choose
+    from cublas_grouped.moe.layer import _choose
 
     capturing = [True]
     monkeypatch.setattr(at, "stream_is_capturing", lambda stream: capturing[0])
@@ -477,7 +478,7 @@ def test_layer_choice_uses_measurements_and_expires_memo_after_capture(measuring
 
 
 def test_layer_choice_does_not_measure_when_switched_off(measuring, monkeypatch):
-    from cublas_grouped._moe import _choose
+    from cublas_grouped.moe.layer import _choose
 
     monkeypatch.setenv("CUBLAS_GROUPED_AUTOTUNE", "0")
     monkeypatch.setattr(

@@ -13,8 +13,8 @@ from tuning_util import isolate_tuning
 
 import cublas_grouped as cg
 from cublas_grouped import Algorithm, TuningTable
-from cublas_grouped import _autotune as at
 from cublas_grouped import testing as ref
+from cublas_grouped.gemm import autotune as at
 
 pytestmark = pytest.mark.gpu
 
@@ -56,10 +56,10 @@ def test_gmm_measures_once_stores_and_stays_right(fresh):
 def test_measuring_never_writes_the_callers_output(fresh):
     import cupy
 
-    from cublas_grouped._arrays import view
-    from cublas_grouped._device import resolve_stream, resources
-    from cublas_grouped._executor import GroupedGemmExecutor, Operands
-    from cublas_grouped._plan import plan_gmm
+    from cublas_grouped.gemm.executor import GroupedGemmExecutor, Operands
+    from cublas_grouped.gemm.plan import plan_gmm
+    from cublas_grouped.runtime.arrays import view
+    from cublas_grouped.runtime.device import resolve_stream, resources
 
     rng = np.random.default_rng(5)
     sizes = np.array([40, 0, 300, 7, 129, 64], dtype=np.int64)

@@ -11,8 +11,10 @@ import types
 import numpy as np
 import pytest
 
-from cublas_grouped import _timing, bench, tune
-from cublas_grouped.bench import Case, Result
+from cublas_grouped.runtime import timing as _timing
+from cublas_grouped.tools import bench as bench
+from cublas_grouped.tools import tune as tune
+from cublas_grouped.tools.bench import Case, Result
 
 
 # -- arguments and cases -------------------------------------------------------------------------------------
@@ -528,7 +530,7 @@ def test_random_normal_rounds_to_bfloat16_on_the_device_side(monkeypatch):
 
 
 def test_merge_passes_pools_samples_and_rescales_rates():
-    from cublas_grouped.bench import Result, merge_passes
+    from cublas_grouped.tools.bench import Result, merge_passes
 
     def res(method, samples, **kw):
         ms = float(np.median(samples))

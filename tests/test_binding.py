@@ -6,8 +6,8 @@ import ctypes
 
 import pytest
 
-from cublas_grouped import _cublas
-from cublas_grouped._cublas import CublasError
+from cublas_grouped.runtime import cublas as _cublas
+from cublas_grouped.runtime.cublas import CublasError
 
 
 def test_library_loads_and_every_symbol_resolves():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cublas_grouped._static import MAX_STATIC_TOKENS, LayerSpec, SlotCapacity
+from cublas_grouped.moe.fixed_capacity import MAX_STATIC_TOKENS, LayerSpec, SlotCapacity
 
 EXPERTS_TOPK = [(8, 1), (8, 2), (16, 4), (32, 4), (64, 6), (128, 8), (160, 6), (256, 8)]
 

@@ -10,8 +10,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from cublas_grouped import Algorithm, DeviceInfo, GroupedGemmExecutor, _cublas, _device, _executor, _moe
-from cublas_grouped._executor import Operands, RowLayout
+from cublas_grouped import Algorithm, DeviceInfo, GroupedGemmExecutor
+from cublas_grouped.gemm import executor as _executor
+from cublas_grouped.gemm.executor import Operands, RowLayout
+from cublas_grouped.moe import layer as _moe
+from cublas_grouped.runtime import cublas as _cublas
+from cublas_grouped.runtime import device as _device
 
 # Two GPUs that differ in everything the library looks at.
 FAKE = {
@@ -48,7 +52,7 @@ def _stop_at_gpu_work(monkeypatch):
 
 
 def test_device_info_is_cached_per_ordinal_not_under_none(monkeypatch):
-    from cublas_grouped import _deps
+    from cublas_grouped.runtime import deps as _deps
 
     props = {
         0: {"name": b"fake H100", "major": 9, "minor": 0, "multiProcessorCount": 132},
@@ -153,7 +157,7 @@ def test_fallback_reads_the_calls_device(two_gpus, monkeypatch):
 
 
 def test_kernel_architecture_is_the_streams_device(two_gpus, monkeypatch):
-    from cublas_grouped import _kernels
+    from cublas_grouped.runtime import nvrtc as _kernels
 
     archs = []
 

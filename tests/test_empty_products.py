@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cublas_grouped import DeviceInfo, GroupedGemmExecutor, _executor
-from cublas_grouped._arrays import view
-from cublas_grouped._plan import plan_gmm
+from cublas_grouped import DeviceInfo, GroupedGemmExecutor
+from cublas_grouped.gemm import executor as _executor
+from cublas_grouped.gemm.plan import plan_gmm
+from cublas_grouped.runtime.arrays import view
 
 
 def _plan(fake, a_shape, b_shape, sizes, **kwargs):

@@ -38,7 +38,7 @@ _NOT_COPIED = shutil.ignore_patterns(
 
 
 def test_kernel_sources_found():
-    from cublas_grouped._kernels import kernel_dir, kernel_files
+    from cublas_grouped.runtime.nvrtc import kernel_dir, kernel_files
 
     assert {"pointers", "routing", "dispatch", "activation", "combine"} <= set(kernel_files())
     assert (kernel_dir() / "common.cuh").is_file()
@@ -94,8 +94,8 @@ def test_wheel_ships_kernels_tuning_tables_and_license(built_wheel):
 PROBE = """
 import json
 import cublas_grouped
-from cublas_grouped._kernels import kernel_dir, kernel_files
-from cublas_grouped._select import SHIPPED_TUNING_DIR
+from cublas_grouped.runtime.nvrtc import kernel_dir, kernel_files
+from cublas_grouped.gemm.select import SHIPPED_TUNING_DIR
 print(json.dumps({
     "package": cublas_grouped.__file__,
     "kernel_dir": str(kernel_dir()),
@@ -135,7 +135,7 @@ def test_bare_install_names_the_extras(module, name):
     out = _run_python(f"import sys; sys.modules[{module!r}] = None; import cublas_grouped")
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("cublas_grouped._deps.MissingDependencyError: "), out.stderr
+    assert last.startswith("cublas_grouped.runtime.deps.MissingDependencyError: "), out.stderr
     assert f"cublas_grouped needs {name}, which this installation lacks" in last
     assert 'pip install "cublas_grouped[cu12]"' in last and 'pip install "cublas_grouped[cu13]"' in last
     assert "ModuleNotFoundError" not in out.stderr
@@ -155,13 +155,13 @@ def test_without_a_gpu_device_info_says_so():
     out = _run_python("import cublas_grouped as cg; cg.device_info()")
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("cublas_grouped._deps.GpuUnavailableError: "), out.stderr
+    assert last.startswith("cublas_grouped.runtime.deps.GpuUnavailableError: "), out.stderr
     # This CPU machine has no driver, or a driver with no GPU: either way the message says what is missing.
     assert re.search(r"No NVIDIA driver was found|No NVIDIA GPU is visible", last), last
 
 
 def test_no_gpu_messages():
-    from cublas_grouped._deps import explain_no_gpu
+    from cublas_grouped.runtime.deps import explain_no_gpu
 
     no_driver = explain_no_gpu(
         "cudaErrorInsufficientDriver: CUDA driver version is insufficient", None, 12090
@@ -184,7 +184,7 @@ def test_no_gpu_messages():
 
 
 def test_no_gpu_message_names_cuda_visible_devices(monkeypatch):
-    from cublas_grouped._deps import explain_no_gpu
+    from cublas_grouped.runtime.deps import explain_no_gpu
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     text = explain_no_gpu("cudaErrorNoDevice", 12090, 12090)
@@ -194,7 +194,7 @@ def test_no_gpu_message_names_cuda_visible_devices(monkeypatch):
 def test_missing_libcublas_names_the_extras(monkeypatch):
     import cuda.pathfinder
 
-    from cublas_grouped import _cublas
+    from cublas_grouped.runtime import cublas as _cublas
 
     def not_found(name):
         raise RuntimeError(f"lib{name} not found")

@@ -19,17 +19,18 @@ import math
 import sys
 import types
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 import cublas_grouped as cg
-from cublas_grouped import _select
-from cublas_grouped._arrays import view
-from cublas_grouped._config import ComputePrecision, GroupedGemmConfig, compute_type_for
-from cublas_grouped._device import DeviceInfo
-from cublas_grouped._moe import _check_routing, check_layer_args
-from cublas_grouped._plan import plan_gmm
-from cublas_grouped._select import Algorithm, ProblemStats, TuningTable, select_algorithm
+from cublas_grouped.gemm import select as _select
+from cublas_grouped.gemm.config import ComputePrecision, GroupedGemmConfig, compute_type_for
+from cublas_grouped.gemm.plan import plan_gmm
+from cublas_grouped.gemm.select import Algorithm, ProblemStats, TuningTable, select_algorithm
+from cublas_grouped.moe.layer import _check_routing, check_layer_args
+from cublas_grouped.runtime.arrays import view
+from cublas_grouped.runtime.device import DeviceInfo
 
 # cuBLAS enum values (cublas_api.h), written out here rather than imported.
 OP_N, OP_T = 0, 1
@@ -261,7 +262,7 @@ def test_topk_contiguity_checked_both_ways(fake):
 
 
 def test_compute_type_table():
-    f32, f16, bf16 = np.dtype(np.float32), np.dtype(np.float16), cg._arrays.BFLOAT16
+    f32, f16, bf16 = np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)
     expected = {
         ComputePrecision.FP32: COMPUTE_32F,
         ComputePrecision.TF32: COMPUTE_32F_FAST_TF32,
@@ -298,7 +299,7 @@ def test_gmm_default_compute_is_full_fp32(fake, monkeypatch):
     # The executor a bare config builds, and the one the MoE layer shares.
     assert GroupedGemmConfig().compute_precision is ComputePrecision.FP32
     assert cg.GroupedGemmExecutor(device_info=H100).compute_type(np.float32) == COMPUTE_32F
-    from cublas_grouped._moe import _executor
+    from cublas_grouped.moe.layer import _executor
 
     assert _executor(None).compute_type(np.float32) == COMPUTE_32F
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import cublas_grouped as cg
-from cublas_grouped._moe import GroupedGemmInput, RowLayout, _check_routing, _check_sync_free
-from cublas_grouped._static import MAX_STATIC_TOKENS
+from cublas_grouped.moe.fixed_capacity import MAX_STATIC_TOKENS
+from cublas_grouped.moe.layer import GroupedGemmInput, RowLayout, _check_routing, _check_sync_free
 
 H, E, INTER = 16, 4, 8
 

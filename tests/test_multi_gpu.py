@@ -57,7 +57,7 @@ def test_device_info_follows_the_current_device():
         props = cupy.cuda.runtime.getDeviceProperties(device_id)
         assert info.device_id == device_id
         assert info.sm == (props["major"], props["minor"])
-    from cublas_grouped._gmm import _executor
+    from cublas_grouped.gemm.gmm import _executor
 
     shared = _executor(cg.ComputePrecision.FP32, cg.Algorithm.AUTO)
     assert [shared.info_for(d).device_id for d in (0, 1)] == [0, 1]

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 import cublas_grouped as cg
-from cublas_grouped import _arrays
 from cublas_grouped import testing as ref
-from cublas_grouped._arrays import BFLOAT16, view
-from cublas_grouped._config import Algorithm, ComputePrecision, GroupedGemmConfig, coerce_enum
-from cublas_grouped._moe import check_layer_args
-from cublas_grouped._plan import check_group_sizes, host_group_sizes, plan_gmm
+from cublas_grouped.gemm.config import Algorithm, ComputePrecision, GroupedGemmConfig, coerce_enum
+from cublas_grouped.gemm.plan import check_group_sizes, host_group_sizes, plan_gmm
+from cublas_grouped.moe.layer import check_layer_args
+from cublas_grouped.runtime import arrays as _arrays
+from cublas_grouped.runtime.arrays import BFLOAT16, view
 
 
 class GpuWorkStarted(Exception):
@@ -532,14 +532,14 @@ def test_gelu_without_scipy_uses_math_erf(monkeypatch):
 
 
 def test_check_routing_returns_none_without_weights(fake):
-    from cublas_grouped._moe import _check_routing
+    from cublas_grouped.moe.layer import _check_routing
 
     ids_v, w_v = _check_routing(fake((4, 2), np.int32), None, 4)
     assert ids_v.shape == (4, 2) and w_v is None
 
 
 def test_expert_output_and_counter_messages_are_exact(fake):
-    from cublas_grouped._moe import GroupedGemmInput, RowLayout, _check_expert_outputs, _check_sync_free
+    from cublas_grouped.moe.layer import GroupedGemmInput, RowLayout, _check_expert_outputs, _check_sync_free
 
     inp = GroupedGemmInput(
         rows=fake((12, 16)),
@@ -571,7 +571,7 @@ DEV = cg.DeviceInfo(sm=(9, 0), cublas_version=130100, name="NVIDIA H100 80GB HBM
 @pytest.fixture
 def tuning_dirs(tmp_path, monkeypatch):
     """Empty user and shipped tuning folders, no cached tables."""
-    from cublas_grouped import _select
+    from cublas_grouped.gemm import select as _select
 
     user, shipped = tmp_path / "user", tmp_path / "shipped"
     user.mkdir()
@@ -606,7 +606,7 @@ def _table_file(folder, name, gpu, version, entries=None, sm=(9, 0)):
 
 
 def test_problem_stats_from_sizes():
-    from cublas_grouped._select import ProblemStats
+    from cublas_grouped.gemm.select import ProblemStats
 
     stats = ProblemStats.from_sizes(np.array([0, 5, 0, 9]), 64, 32, "float16")
     assert stats == ProblemStats(4, 2, 14, 9, 64, 32, "float16")
@@ -617,7 +617,7 @@ def test_problem_stats_from_sizes():
 
 
 def test_table_features_use_active_experts_and_rows_plus_one():
-    from cublas_grouped._select import ProblemStats, TuningTable
+    from cublas_grouped.gemm.select import ProblemStats, TuningTable
 
     # Active experts 2 vs 1 is one log2 step; N and K twice: 1 + 1 + 1 = 3 > 2.
     table = TuningTable("t", 130100, [_entry(num_experts=8, active_experts=2, mean_rows=100)])
@@ -634,7 +634,7 @@ def test_table_features_use_active_experts_and_rows_plus_one():
 
 
 def test_table_entries_keep_their_skew():
-    from cublas_grouped._select import Algorithm, ProblemStats, TuningTable
+    from cublas_grouped.gemm.select import Algorithm, ProblemStats, TuningTable
 
     even = _entry(max_rows=255, times_ms={"cublas_grouped": 1.0, "sequential": 9.0})
     skewed = _entry(max_rows=4 * 255, times_ms={"cublas_grouped": 9.0, "sequential": 1.0})
@@ -652,7 +652,7 @@ def test_table_entries_keep_their_skew():
 
 
 def test_table_sm_forms():
-    from cublas_grouped._select import TuningTable
+    from cublas_grouped.gemm.select import TuningTable
 
     assert TuningTable("x", 1, [], sm="9.0").sm == (9, 0)
     assert TuningTable("x", 1, [], sm=[8, 6]).sm == (8, 6)
@@ -666,7 +666,7 @@ def test_table_load_and_atomic_save(tmp_path, monkeypatch):
     import json
     import os
 
-    from cublas_grouped._select import TuningTable
+    from cublas_grouped.gemm.select import TuningTable
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"gpu": "g", "cublas_version": 1, "entries": {}}))
@@ -700,7 +700,7 @@ def test_table_load_and_atomic_save(tmp_path, monkeypatch):
 
 
 def test_tuning_paths(tuning_dirs, monkeypatch, tmp_path):
-    from cublas_grouped import _select
+    from cublas_grouped.gemm import select as _select
 
     user, shipped = tuning_dirs
     odd = cg.DeviceInfo(sm=(9, 0), cublas_version=130100, name=" (NVIDIA H100 80GB HBM3) ")
@@ -714,7 +714,7 @@ def test_tuning_paths(tuning_dirs, monkeypatch, tmp_path):
 
 
 def test_a_broken_table_does_not_hide_the_next_one(tuning_dirs):
-    from cublas_grouped import _select
+    from cublas_grouped.gemm import select as _select
 
     user, _ = tuning_dirs
     (user / "a-broken.json").write_text("{not json")
@@ -724,7 +724,7 @@ def test_a_broken_table_does_not_hide_the_next_one(tuning_dirs):
 
 
 def test_fallback_reasons_and_version_order(tuning_dirs):
-    from cublas_grouped import _select
+    from cublas_grouped.gemm import select as _select
 
     user, shipped = tuning_dirs
     dev = cg.DeviceInfo(sm=(9, 0), cublas_version=130200, name=DEV.name)
@@ -756,7 +756,7 @@ def test_fallback_reasons_and_version_order(tuning_dirs):
 
 
 def test_closeness_at_major_version_edges():
-    from cublas_grouped._select import TuningTable, is_close_table
+    from cublas_grouped.gemm.select import TuningTable, is_close_table
 
     for table_version, device_version, close in (
         (130000, 130100, True),
@@ -773,7 +773,7 @@ def test_closeness_at_major_version_edges():
 
 
 def test_table_cache_follows_the_tuning_folder(tuning_dirs, tmp_path, monkeypatch):
-    from cublas_grouped import _select
+    from cublas_grouped.gemm import select as _select
 
     user, _ = tuning_dirs
     _table_file(user, "t.json", DEV.name, DEV.cublas_version, [_entry(n=111)])
@@ -786,8 +786,8 @@ def test_table_cache_follows_the_tuning_folder(tuning_dirs, tmp_path, monkeypatc
 
 
 def test_select_and_best_measured_defaults(tuning_dirs):
-    from cublas_grouped import _select
-    from cublas_grouped._select import Algorithm, ProblemStats, TuningTable
+    from cublas_grouped.gemm import select as _select
+    from cublas_grouped.gemm.select import Algorithm, ProblemStats, TuningTable
 
     stats = ProblemStats(128, 128, 128 * 255, 255, 1024, 2048)  # mean 255: chunked by the rules
     # Packed rows unless told otherwise: no CHUNKED_BATCHED by default.
@@ -817,8 +817,8 @@ def test_select_and_best_measured_defaults(tuning_dirs):
 
 
 def test_layer_choice_edge_cases(tuning_dirs):
-    from cublas_grouped import _select
-    from cublas_grouped._select import Algorithm
+    from cublas_grouped.gemm import select as _select
+    from cublas_grouped.gemm.select import Algorithm
 
     shapes = ((1024, 2048), (2048, 1024))
     sizes = np.full(64, 800)  # the rules would say CHUNKED_BATCHED
@@ -844,8 +844,8 @@ def test_layer_choice_edge_cases(tuning_dirs):
 
 
 def test_layer_choice_passes_the_dtype_and_memoizes(tuning_dirs):
-    from cublas_grouped import _select
-    from cublas_grouped._select import Algorithm
+    from cublas_grouped.gemm import select as _select
+    from cublas_grouped.gemm.select import Algorithm
 
     seen = []
 
@@ -862,8 +862,8 @@ def test_layer_choice_passes_the_dtype_and_memoizes(tuning_dirs):
 
 
 def test_layer_choice_memo_separates_one_and_two_active_experts(tuning_dirs):
-    from cublas_grouped import _select
-    from cublas_grouped._select import Algorithm
+    from cublas_grouped.gemm import select as _select
+    from cublas_grouped.gemm.select import Algorithm
 
     def times(stats, candidates):
         best = Algorithm.SEQUENTIAL if stats.active_experts == 1 else Algorithm.CUBLAS_GROUPED

@@ -17,10 +17,10 @@ from cublas_grouped import (
     choose_chunk_rows,
     select_algorithm,
 )
-from cublas_grouped._arrays import view
-from cublas_grouped._cublas import Op
-from cublas_grouped._executor import Operands, RowLayout
-from cublas_grouped._plan import plan_gmm
+from cublas_grouped.gemm.executor import Operands, RowLayout
+from cublas_grouped.gemm.plan import plan_gmm
+from cublas_grouped.runtime.arrays import view
+from cublas_grouped.runtime.cublas import Op
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +94,7 @@ def test_chunk_rows_choice():
 
 
 def test_packed_chunks_stay_inside_their_group():
-    from cublas_grouped._select import packed_chunks
+    from cublas_grouped.gemm.select import packed_chunks
 
     sizes = np.array([5, 0, 40, 16, 33, 15])
     offsets = np.concatenate(([0], np.cumsum(sizes)))
@@ -192,7 +192,7 @@ def test_table_round_trip(tmp_path):
 
 
 def test_executor_selection_and_fallback_warning(monkeypatch):
-    from cublas_grouped import _executor
+    from cublas_grouped.gemm import executor as _executor
 
     monkeypatch.setattr(_executor, "_warned", set())  # the warning is once per process
     old = GroupedGemmExecutor(
@@ -228,8 +228,8 @@ def test_table_padded_strided_not_taken_for_skewed_loads():
 
 
 def test_layer_chooses_the_layout_for_both_gemms(tuning_dirs):
-    from cublas_grouped._moe import _choose
-    from cublas_grouped._select import algorithms_on_layout_of, choose_layer_algorithms
+    from cublas_grouped.gemm.select import algorithms_on_layout_of, choose_layer_algorithms
+    from cublas_grouped.moe.layer import _choose
 
     def entry(n, k, times):
         return {
@@ -279,7 +279,7 @@ def test_layer_chooses_the_layout_for_both_gemms(tuning_dirs):
 
 
 def test_layer_choice_without_table_follows_the_rules():
-    from cublas_grouped._select import choose_layer_algorithms
+    from cublas_grouped.gemm.select import choose_layer_algorithms
 
     dev = DeviceInfo(sm=(9, 0), cublas_version=130100, name="no-table-gpu")
     counts = np.full(8, 1024)

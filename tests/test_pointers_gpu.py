@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cublas_grouped import GroupedGemmExecutor
-from cublas_grouped._device import resolve_stream, resources
-from cublas_grouped._executor import Operands, RowLayout
+from cublas_grouped.gemm.executor import Operands, RowLayout
+from cublas_grouped.runtime.device import resolve_stream, resources
 
 pytestmark = pytest.mark.gpu
 

@@ -79,7 +79,7 @@ def test_install_and_test_commands_are_the_ones_ci_runs():
 def test_bare_install_message_is_quoted_as_it_is():
     import sys
 
-    from cublas_grouped import _deps
+    from cublas_grouped.runtime import deps as _deps
 
     saved = {m: sys.modules.get(m) for m in ("cupy", "cuda.bindings")}
     try:

@@ -43,7 +43,7 @@ def step_routing(rng, step, tokens, experts, k):
     if kind == 0:
         ids = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)])
     elif kind == 1:  # the most chunk problems any routing of T tokens needs
-        from cublas_grouped._static import LayerSpec
+        from cublas_grouped.moe.fixed_capacity import LayerSpec
 
         chunk = LayerSpec(experts, 8, 4, 8, k, True, "silu", False).chunk(tokens)
         ids = routing_with_counts(worst_counts(experts, k, tokens, chunk), tokens, k)
@@ -270,9 +270,9 @@ def test_assign_rows_never_writes_past_its_row_capacity():
     it get -1 and are counted as dropped; nothing past the buffer is touched."""
     import cupy
 
-    from cublas_grouped import _moe_kernels as K
-    from cublas_grouped._device import device_info
-    from cublas_grouped._kernels import arch_for
+    from cublas_grouped.moe import kernels as K
+    from cublas_grouped.runtime.device import device_info
+    from cublas_grouped.runtime.nvrtc import arch_for
 
     rng = np.random.default_rng(9)
     tokens, experts, k = 300, 8, 2

@@ -10,8 +10,8 @@ import pytest
 from gpu_util import check_close, device_random, poisoned
 
 import cublas_grouped as cg
-from cublas_grouped import _moe_kernels
 from cublas_grouped import testing as ref
+from cublas_grouped.moe import kernels as _moe_kernels
 
 pytestmark = pytest.mark.gpu
 

@@ -11,7 +11,8 @@ def isolate_tuning(tmp_path, monkeypatch):
     shipped folder, measuring off (``CUBLAS_GROUPED_AUTOTUNE=0``), and no cached
     tables or measurements. Returns ``(user_dir, shipped_dir)``; the caller's
     ``monkeypatch`` undoes it all."""
-    from cublas_grouped import _autotune, _select
+    from cublas_grouped.gemm import autotune as _autotune
+    from cublas_grouped.gemm import select as _select
 
     user, shipped = tmp_path / "user", tmp_path / "shipped"
     user.mkdir()

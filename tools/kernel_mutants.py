@@ -279,7 +279,7 @@ _COMPILE = """
 import sys
 from pathlib import Path
 import cublas_grouped
-from cublas_grouped import _kernels
+from cublas_grouped.runtime import nvrtc as _kernels
 root = Path(sys.argv[1]).resolve()
 assert Path(cublas_grouped.__file__).resolve().is_relative_to(root), cublas_grouped.__file__
 assert _kernels.kernel_dir().resolve() == root / "kernels", _kernels.kernel_dir()

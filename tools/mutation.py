@@ -44,19 +44,19 @@ MUTANTS = ROOT / "mutants"
 #: mutmut mutant-name globs in scope (module path, then ``x_<function>`` or
 #: ``xǁ<Class>ǁ<method>`` as mutmut mangles them).
 SCOPE = (
-    "cublas_grouped._plan.*",
-    "cublas_grouped._select.*",
-    "cublas_grouped._arrays.*",
-    "cublas_grouped._config.*",
+    "cublas_grouped.gemm.plan.*",
+    "cublas_grouped.gemm.select.*",
+    "cublas_grouped.runtime.arrays.*",
+    "cublas_grouped.gemm.config.*",
     "cublas_grouped.testing.*",
-    "cublas_grouped._moe.x__check_*",
-    "cublas_grouped._moe.x_check_layer_args__*",
-    "cublas_grouped._moe.x_route__*",
+    "cublas_grouped.moe.layer.x__check_*",
+    "cublas_grouped.moe.layer.x_check_layer_args__*",
+    "cublas_grouped.moe.layer.x_route__*",
 )
 #: Functions that only run with a real GPU array (CuPy), out of scope.
-GPU_ONLY = ("cublas_grouped._arrays.x_as_cupy",)
+GPU_ONLY = ("cublas_grouped.runtime.arrays.x_as_cupy",)
 #: Modules whose functions are cut at their first ``import cupy`` line.
-GPU_CUT_MODULES = ("cublas_grouped._moe",)
+GPU_CUT_MODULES = ("cublas_grouped.moe.layer",)
 
 #: (function, original line, mutated line, why no test can kill it). Lines are
 #: stripped; several changed lines are joined with " / ".
@@ -472,7 +472,7 @@ def report(args) -> int:
 
 
 def _display_name(function: str) -> str:
-    """``cublas_grouped._plan.xǁGemmPlanǁdims`` -> ``_plan.GemmPlan.dims``."""
+    """``cublas_grouped.gemm.plan.xǁGemmPlanǁdims`` -> ``_plan.GemmPlan.dims``."""
     module, _, local = function.rpartition(".")
     local = local[2:].replace("ǁ", ".") if local.startswith(("x_", "xǁ")) else local
     return f"{module.split('.', 1)[1]}.{local}"

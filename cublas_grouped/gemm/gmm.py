@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from ._config import Algorithm, ComputePrecision, GroupedGemmConfig, coerce_enum
-from ._executor import GroupedGemmExecutor
+from .config import Algorithm, ComputePrecision, GroupedGemmConfig, coerce_enum
+from .executor import GroupedGemmExecutor
 
 __all__ = ["gmm"]
 

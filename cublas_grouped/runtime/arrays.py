@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from . import _cublas
+from . import cublas as _cublas
 
 __all__ = ["ArrayView", "view", "cuda_dtype", "SUPPORTED_DTYPES", "as_cupy"]
 

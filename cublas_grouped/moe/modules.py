@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._arrays import as_cupy, view
+from ..runtime.arrays import as_cupy, view
 
 __all__ = ["ExpertWeights", "ExpertWeightManager", "MoEMLP"]
 
@@ -133,8 +133,8 @@ class MoEMLP:
         """
         import cupy
 
-        from ._device import current_device, stream_resources
-        from ._moe import moe_forward, route
+        from ..runtime.device import current_device, stream_resources
+        from .layer import moe_forward, route
 
         x_v = view(x, "x")
         device = x_v.device if x_v.device is not None else current_device()

@@ -47,10 +47,11 @@ def kernel_dir() -> Path:
     package ``cublas_grouped.kernels``; in a source checkout it sits beside the
     package directory.
     """
-    installed = Path(__file__).resolve().parent / "kernels"
+    package = Path(__file__).resolve().parent.parent  # cublas_grouped/
+    installed = package / "kernels"
     if installed.is_dir() and any(installed.glob("*.cu")):
         return installed
-    source_tree = Path(__file__).resolve().parent.parent / "kernels"
+    source_tree = package.parent / "kernels"
     if source_tree.is_dir():
         return source_tree
     raise FileNotFoundError(

@@ -2,7 +2,7 @@
 
 Where AUTO gets the times it compares, for one call (:func:`auto_times`):
 
-1. a *close* tuning table (:func:`~cublas_grouped._select.is_close_table`: the
+1. a *close* tuning table (:func:`~cublas_grouped.gemm.select.is_close_table`: the
    same GPU name and the same cuBLAS major version) with an entry near the shape;
 2. this device's own measurements from earlier calls or processes (in memory,
    and in ``<tuning dir>/<gpu>-cublas<version>-sm<sm>.autotune.json``) near the shape;
@@ -55,10 +55,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ._config import Algorithm
-from ._device import DeviceInfo, resources
-from ._plan import GemmPlan
-from ._select import (
+from ..runtime.device import DeviceInfo, resources
+from ..runtime.timing import time_ms
+from .config import Algorithm
+from .plan import GemmPlan
+from .select import (
     MAX_STRIDED_PADDING,
     ProblemStats,
     TuningTable,
@@ -70,7 +71,6 @@ from ._select import (
     usable_times,
     user_tuning_dir,
 )
-from ._timing import time_ms
 
 __all__ = [
     "AUTOTUNE_ENV",
@@ -465,7 +465,7 @@ def _measure_layer_gemm(executor, operands_for, counts: np.ndarray, n: int, k: i
 
 def layer_times(executor, device: DeviceInfo, operands_for, counts: np.ndarray, dtype):
     """AUTO's times source for the MoE layer (``_moe._choose``): ``(times, times_key)``
-    for :func:`~cublas_grouped._select.choose_layer_algorithms` and ``select_algorithm``.
+    for :func:`~cublas_grouped.gemm.select.choose_layer_algorithms` and ``select_algorithm``.
 
     ``operands_for`` is ``Operands.for_plan`` (passed in, since this module sits
     below the executor). A measurement times one expert GEMM over ``counts`` on

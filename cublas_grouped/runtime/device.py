@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 from functools import cache
 
-from . import _cublas
+from . import cublas as _cublas
 
 __all__ = [
     "DeviceInfo",
@@ -60,7 +60,7 @@ class DeviceInfo:
 
 def current_device() -> int:
     """Ordinal of CuPy's current device."""
-    from ._deps import cupy_on_gpu  # without a GPU: an error that says why
+    from .deps import cupy_on_gpu  # without a GPU: an error that says why
 
     cupy = cupy_on_gpu()
     return cupy.cuda.runtime.getDevice()
@@ -77,7 +77,7 @@ def device_info(device_id: int | None = None) -> DeviceInfo:
 
 @cache
 def _query_device(device_id: int) -> DeviceInfo:
-    from ._deps import cupy_on_gpu  # without a GPU: an error that says why
+    from .deps import cupy_on_gpu  # without a GPU: an error that says why
 
     cupy = cupy_on_gpu()
 

@@ -17,15 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _moe_kernels as K
-from ._arrays import ArrayView, as_cupy, cuda_dtype, view
-from ._autotune import layer_times
-from ._config import Algorithm, ComputePrecision, coerce_enum
-from ._device import stream_resources
-from ._executor import GroupedGemmExecutor, Operands, RowLayout
-from ._kernels import arch_for
-from ._plan import GemmPlan
-from ._select import ProblemStats, choose_layer_algorithms, select_algorithm
+from ..gemm.autotune import layer_times
+from ..gemm.config import Algorithm, ComputePrecision, coerce_enum
+from ..gemm.executor import GroupedGemmExecutor, Operands, RowLayout
+from ..gemm.plan import GemmPlan
+from ..gemm.select import ProblemStats, choose_layer_algorithms, select_algorithm
+from ..runtime.arrays import ArrayView, as_cupy, cuda_dtype, view
+from ..runtime.device import stream_resources
+from ..runtime.nvrtc import arch_for
+from . import kernels as K
 
 __all__ = [
     "route",
@@ -78,7 +78,7 @@ def _mark(timer, name, stream):
 def _executor(executor: GroupedGemmExecutor | None) -> GroupedGemmExecutor:
     """The caller's executor, or the one ``gmm`` shares (AUTO, full precision)."""
     if executor is None:
-        from ._gmm import _executor as shared
+        from ..gemm.gmm import _executor as shared
 
         return shared(ComputePrecision.FP32, Algorithm.AUTO)
     return executor
@@ -172,13 +172,13 @@ def route(router_logits, top_k: int, *, scoring: str = "softmax", renormalize: b
 def _device_of(v: ArrayView) -> int:
     if v.device is not None:
         return v.device
-    from ._device import current_device
+    from ..runtime.device import current_device
 
     return current_device()
 
 
 def _arch(res) -> str:
-    from ._device import device_info
+    from ..runtime.device import device_info
 
     return arch_for(device_info(res.device_id).sm)
 
@@ -612,7 +612,7 @@ def check_layer_args(x_v, topk_ids, topk_weights, w1, w2, b1, b2, activation, ga
 
 
 def _check_sync_free(tokens: int, dropped_pairs) -> None:
-    from ._static import MAX_STATIC_TOKENS  # _static builds on this module
+    from .fixed_capacity import MAX_STATIC_TOKENS  # _static builds on this module
 
     if tokens > MAX_STATIC_TOKENS:
         raise ValueError(
@@ -697,7 +697,7 @@ def moe_forward(
 
     res = stream_resources(_device_of(x_v), stream)
     if sync_free:
-        from ._static import LayerSpec, cached_slot_buffers, slot_step
+        from .fixed_capacity import LayerSpec, cached_slot_buffers, slot_step
 
         spec = LayerSpec(
             num_experts,

@@ -19,13 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _cublas, _device, _kernels
-from ._arrays import ArrayView, as_cupy, cuda_dtype, view
-from ._autotune import gmm_algorithm
-from ._config import Algorithm, GroupedGemmConfig, compute_type_for
-from ._device import DeviceInfo, resolve_stream, resources
-from ._plan import GemmPlan, check_group_sizes, host_group_sizes, plan_gmm
-from ._select import ProblemStats, capacity_for, choose_chunk_rows, packed_chunks, select_algorithm
+from ..runtime import cublas as _cublas
+from ..runtime import device as _device
+from ..runtime import nvrtc as _kernels
+from ..runtime.arrays import ArrayView, as_cupy, cuda_dtype, view
+from ..runtime.device import DeviceInfo, resolve_stream, resources
+from .autotune import gmm_algorithm
+from .config import Algorithm, GroupedGemmConfig, compute_type_for
+from .plan import GemmPlan, check_group_sizes, host_group_sizes, plan_gmm
+from .select import ProblemStats, capacity_for, choose_chunk_rows, packed_chunks, select_algorithm
 
 __all__ = ["GroupedGemmExecutor", "RowLayout", "Operands"]
 

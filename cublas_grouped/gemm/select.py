@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._config import Algorithm
-from ._device import DeviceInfo
+from ..runtime.device import DeviceInfo
+from .config import Algorithm
 
 __all__ = [
     "ProblemStats",
@@ -64,7 +64,7 @@ MAX_STRIDED_PADDING = 1.5
 # A tuning entry farther than this (sum of squared log2 ratios) does not apply.
 MAX_TABLE_DISTANCE = 2.0
 # The tables that ship inside the package (one file per GPU name and cuBLAS version).
-SHIPPED_TUNING_DIR = Path(__file__).resolve().parent / "tuning"
+SHIPPED_TUNING_DIR = Path(__file__).resolve().parent.parent / "tuning"
 # Files of measurements made on first sight (``_autotune``): never a fallback table.
 AUTOTUNE_SUFFIX = ".autotune.json"
 # Hopper parts whose tables may lack ``sm`` (written before it was recorded).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _kernels
+from ..runtime import nvrtc as _kernels
 
 __all__ = [
     "ACTIVATIONS",

@@ -7,8 +7,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from ._arrays import BFLOAT16
-from ._cublas import ComputeType
+from ..runtime.arrays import BFLOAT16
+from ..runtime.cublas import ComputeType
 
 __all__ = ["Algorithm", "ComputePrecision", "GroupedGemmConfig", "compute_type_for"]
 

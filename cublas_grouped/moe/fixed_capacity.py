@@ -30,12 +30,12 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from . import _moe_kernels as K
-from ._arrays import as_cupy, cuda_dtype, view
-from ._device import resolve_stream, resources
-from ._executor import GroupedGemmExecutor, Operands, RowLayout
-from ._moe import _arch, _check_routing, _check_tokens, _device_of, _executor, check_layer_args
-from ._plan import GemmPlan
+from ..gemm.executor import GroupedGemmExecutor, Operands, RowLayout
+from ..gemm.plan import GemmPlan
+from ..runtime.arrays import as_cupy, cuda_dtype, view
+from ..runtime.device import resolve_stream, resources
+from . import kernels as K
+from .layer import _arch, _check_routing, _check_tokens, _device_of, _executor, check_layer_args
 
 __all__ = ["StaticMoE"]
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._arrays import ArrayView
-from ._cublas import Op
+from ..runtime.arrays import ArrayView
+from ..runtime.cublas import Op
 
 __all__ = ["GemmPlan", "CublasDims", "plan_gmm", "host_group_sizes", "check_group_sizes"]
 
