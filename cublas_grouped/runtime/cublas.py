@@ -1,10 +1,13 @@
-"""Layer 1: a thin, checked ctypes binding over the cuBLAS entry points we use.
+"""Layer 1: the cuBLAS binding, declared from one table of C prototypes.
 
-The library is found with ``cuda.pathfinder`` (CUDA 12 or 13 wheels, or a
-system toolkit) and loaded lazily, on first use. Every function here is a
-one-to-one wrapper: integer handles and pointers in, a ``CublasError`` out on
-any status other than ``CUBLAS_STATUS_SUCCESS``. Nothing here knows about
-arrays, row-major layouts or streams beyond their integer handles.
+:data:`PROTOTYPES` lists every entry point this package calls, with its
+parameters as the cuBLAS header names them; :func:`load` finds libcublas with
+``cuda.pathfinder`` (CUDA 12 or 13 wheels, or a system toolkit), once and
+lazily, and sets each function's ctypes prototype from that table. Above it
+sits one thin function per entry point: integer handles and pointers in, a
+:class:`CublasError` naming the status out on anything but
+``CUBLAS_STATUS_SUCCESS``. Nothing here knows about arrays, row-major layouts
+or streams beyond their integer handles.
 """
 
 from __future__ import annotations
@@ -12,10 +15,15 @@ from __future__ import annotations
 import ctypes
 import threading
 from ctypes import POINTER, c_double, c_int, c_int64, c_size_t, c_void_p
+from dataclasses import dataclass
 
 __all__ = [
     "CublasError",
     "CublasUnavailableError",
+    "Prototype",
+    "PROTOTYPES",
+    "REQUIRED_SYMBOLS",
+    "GROUPED_SYMBOL",
     "GROUPED_GEMM_MIN_VERSION",
     "Op",
     "DataType",
@@ -23,24 +31,19 @@ __all__ = [
     "MathMode",
     "load",
     "library_path",
+    "has_symbol",
     "version",
+    "get_property",
     "create",
     "destroy",
     "set_stream",
     "set_workspace",
     "set_math_mode",
-    "get_property",
     "gemm_ex",
     "gemm_batched_ex",
     "gemm_strided_batched_ex",
     "gemm_grouped_batched_ex",
-    "REQUIRED_SYMBOLS",
-    "GROUPED_SYMBOL",
 ]
-
-# cublasGemmGroupedBatchedEx first shipped in cuBLAS 12.5 (version 120500).
-GROUPED_GEMM_MIN_VERSION = 120500
-GROUPED_SYMBOL = "cublasGemmGroupedBatchedEx"
 
 
 class Op:
@@ -117,134 +120,167 @@ class CublasUnavailableError(RuntimeError):
     """libcublas could not be loaded, or lacks a function this package needs."""
 
 
-_VOIDP_P = POINTER(c_void_p)
-_INT_P = POINTER(c_int)
-
-# name -> argtypes. The status return type (int) is set for all of them.
-_PROTOTYPES: dict[str, list] = {
-    "cublasCreate_v2": [_VOIDP_P],
-    "cublasDestroy_v2": [c_void_p],
-    "cublasGetVersion_v2": [c_void_p, _INT_P],
-    "cublasGetProperty": [c_int, _INT_P],
-    "cublasSetStream_v2": [c_void_p, c_void_p],
-    "cublasSetWorkspace_v2": [c_void_p, c_void_p, c_size_t],
-    "cublasSetMathMode": [c_void_p, c_int],
-    # handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb,
-    # beta, C, Ctype, ldc, computeType, algo
-    "cublasGemmEx": [
-        c_void_p,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-        c_void_p,
-        c_void_p,
-        c_int,
-        c_int,
-        c_void_p,
-        c_int,
-        c_int,
-        c_void_p,
-        c_void_p,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-    ],
-    # as GemmEx with pointer arrays and batchCount before computeType
-    "cublasGemmBatchedEx": [
-        c_void_p,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-        c_void_p,
-        c_void_p,
-        c_int,
-        c_int,
-        c_void_p,
-        c_int,
-        c_int,
-        c_void_p,
-        c_void_p,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-    ],
-    # as GemmEx with a stride after each leading dimension and batchCount
-    "cublasGemmStridedBatchedEx": [
-        c_void_p,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-        c_void_p,
-        c_void_p,
-        c_int,
-        c_int,
-        c_int64,
-        c_void_p,
-        c_int,
-        c_int,
-        c_int64,
-        c_void_p,
-        c_void_p,
-        c_int,
-        c_int,
-        c_int64,
-        c_int,
-        c_int,
-        c_int,
-    ],
-    # handle, transa[], transb[], m[], n[], k[], alpha[], Aarray, Atype, lda[],
-    # Barray, Btype, ldb[], beta[], Carray, Ctype, ldc[], group_count,
-    # group_size[], computeType. Size arrays live on the host; the pointer
-    # arrays live on the device.
-    "cublasGemmGroupedBatchedEx": [
-        c_void_p,
-        c_void_p,
-        c_void_p,
-        c_void_p,
-        c_void_p,
-        c_void_p,
-        c_void_p,
-        c_void_p,
-        c_int,
-        c_void_p,
-        c_void_p,
-        c_int,
-        c_void_p,
-        c_void_p,
-        c_void_p,
-        c_int,
-        c_void_p,
-        c_int,
-        c_void_p,
-        c_int,
-    ],
+# The parameter types a prototype may use, as ctypes sees them. Enumerations
+# (cublasOperation_t, cudaDataType, cublasComputeType_t, ...) are C ints;
+# handles and streams are opaque pointers; "void*" is any host or device address.
+CTYPES: dict[str, type] = {
+    "int": c_int,
+    "enum": c_int,
+    "int64": c_int64,
+    "size_t": c_size_t,
+    "void*": c_void_p,
+    "handle": c_void_p,
+    "stream": c_void_p,
+    "int*": POINTER(c_int),
+    "handle*": POINTER(c_void_p),
 }
-REQUIRED_SYMBOLS = tuple(name for name in _PROTOTYPES if name != GROUPED_SYMBOL)
+
+
+@dataclass(frozen=True)
+class Prototype:
+    """One cuBLAS entry point as its C header declares it.
+
+    Attributes
+    ----------
+    params : str
+        Comma-separated ``"type name"`` pairs in the header's order and with
+        its names; each type is a key of :data:`CTYPES`.
+    since : int
+        First cuBLAS version (``major * 10000 + minor * 100``) that exports it;
+        0 for entry points every supported cuBLAS has, without which
+        :func:`load` refuses the library.
+    restype : type
+        ctypes return type: ``cublasStatus_t`` (a C int) for every entry here.
+    """
+
+    params: str
+    since: int = 0
+    restype: type = c_int
+
+    def _pairs(self) -> list[tuple[str, str]]:
+        pairs = []
+        for decl in self.params.split(","):
+            ctype, name = decl.split()
+            pairs.append((ctype, name))
+        return pairs
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The parameter names, in order."""
+        return tuple(name for _, name in self._pairs())
+
+    @property
+    def argtypes(self) -> tuple[type, ...]:
+        """The ctypes argument types, in order."""
+        return tuple(CTYPES[ctype] for ctype, _ in self._pairs())
+
+
+# cublasGemmGroupedBatchedEx first shipped in cuBLAS 12.5.
+GROUPED_GEMM_MIN_VERSION = 120500
+GROUPED_SYMBOL = "cublasGemmGroupedBatchedEx"
+
+#: Every cuBLAS entry point this package calls. For the GEMMs, ``alpha`` and
+#: ``beta`` point to host scalars; ``A``/``B``/``C`` are device addresses, or
+#: for the batched and grouped calls device arrays of device addresses; the
+#: grouped call's size arrays (``m_array`` ... ``group_size``) live on the host.
+PROTOTYPES: dict[str, Prototype] = {
+    "cublasCreate_v2": Prototype("handle* handle"),
+    "cublasDestroy_v2": Prototype("handle handle"),
+    "cublasGetProperty": Prototype("enum type, int* value"),
+    "cublasSetStream_v2": Prototype("handle handle, stream streamId"),
+    "cublasSetWorkspace_v2": Prototype("handle handle, void* workspace, size_t workspaceSizeInBytes"),
+    "cublasSetMathMode": Prototype("handle handle, enum mode"),
+    "cublasGemmEx": Prototype(
+        "handle handle, enum transa, enum transb, int m, int n, int k, void* alpha, "
+        "void* A, enum Atype, int lda, void* B, enum Btype, int ldb, void* beta, "
+        "void* C, enum Ctype, int ldc, enum computeType, enum algo"
+    ),
+    "cublasGemmBatchedEx": Prototype(
+        "handle handle, enum transa, enum transb, int m, int n, int k, void* alpha, "
+        "void* Aarray, enum Atype, int lda, void* Barray, enum Btype, int ldb, void* beta, "
+        "void* Carray, enum Ctype, int ldc, int batchCount, enum computeType, enum algo"
+    ),
+    "cublasGemmStridedBatchedEx": Prototype(
+        "handle handle, enum transa, enum transb, int m, int n, int k, void* alpha, "
+        "void* A, enum Atype, int lda, int64 strideA, void* B, enum Btype, int ldb, int64 strideB, "
+        "void* beta, void* C, enum Ctype, int ldc, int64 strideC, int batchCount, "
+        "enum computeType, enum algo"
+    ),
+    GROUPED_SYMBOL: Prototype(
+        "handle handle, void* transa_array, void* transb_array, void* m_array, void* n_array, "
+        "void* k_array, void* alpha_array, void* Aarray, enum Atype, void* lda_array, "
+        "void* Barray, enum Btype, void* ldb_array, void* beta_array, void* Carray, enum Ctype, "
+        "void* ldc_array, int group_count, void* group_size, enum computeType",
+        since=GROUPED_GEMM_MIN_VERSION,
+    ),
+}
+REQUIRED_SYMBOLS = tuple(name for name, proto in PROTOTYPES.items() if not proto.since)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _lib_path: str | None = None
+_functions: dict[str, object] = {}
 _missing: frozenset[str] = frozenset()
 
 
+def _lookup(lib, name: str):
+    # A library may export only the plain name of a ``_v2`` entry point
+    # (cuBLAS keeps both today); accept either, so one release's renaming does
+    # not break the other.
+    for candidate in (name, name.removesuffix("_v2")):
+        try:
+            return getattr(lib, candidate)
+        except AttributeError:
+            continue
+    return None
+
+
+def _version_text(value: int) -> str:
+    return f"{value // 10000}.{value // 100 % 100}"
+
+
+def _bind(lib, path: str) -> tuple[dict[str, object], frozenset[str]]:
+    """Set every prototype of :data:`PROTOTYPES` on ``lib``'s functions.
+
+    Returns the functions found and the names missing; raises
+    :class:`CublasUnavailableError` naming the functions and the library's
+    version when one of :data:`REQUIRED_SYMBOLS` is missing.
+    """
+    functions, missing = {}, set()
+    for name, proto in PROTOTYPES.items():
+        fn = _lookup(lib, name)
+        if fn is None:
+            missing.add(name)
+            continue
+        fn.argtypes = proto.argtypes
+        fn.restype = proto.restype
+        functions[name] = fn
+    required = sorted(missing.intersection(REQUIRED_SYMBOLS))
+    if required:
+        found = "of unknown version"
+        if "cublasGetProperty" in functions:
+            parts = []
+            for which in (0, 1, 2):
+                value = c_int()
+                functions["cublasGetProperty"](which, ctypes.byref(value))
+                parts.append(str(value.value))
+            found = "version " + ".".join(parts)
+        raise CublasUnavailableError(
+            f"{path} ({found}) lacks {', '.join(required)}, which cublas_grouped needs"
+        )
+    return functions, frozenset(missing)
+
+
 def load() -> ctypes.CDLL:
-    """Load libcublas once (thread-safe) and declare every prototype.
+    """Load libcublas once (thread-safe) and declare every prototype of :data:`PROTOTYPES`.
 
     Raises
     ------
     CublasUnavailableError
-        If the library cannot be found, or lacks one of ``REQUIRED_SYMBOLS``.
+        If the library cannot be found, or lacks one of ``REQUIRED_SYMBOLS``
+        (the message names them and the version found).
     """
-    global _lib, _lib_path, _missing
+    global _lib, _lib_path, _functions, _missing
     if _lib is not None:
         return _lib
     with _lock:
@@ -261,36 +297,10 @@ def load() -> ctypes.CDLL:
                 f"cuBLAS wheel): {exc}"
             ) from exc
         lib = ctypes.CDLL(loaded.abs_path)
-        missing = set()
-        for name, argtypes in _PROTOTYPES.items():
-            fn = _lookup(lib, name)
-            if fn is None:
-                missing.add(name)
-                continue
-            fn.argtypes = argtypes
-            fn.restype = c_int
-        required_missing = sorted(missing - {GROUPED_SYMBOL})
-        if required_missing:
-            raise CublasUnavailableError(f"{loaded.abs_path} lacks {', '.join(required_missing)}")
-        _missing = frozenset(missing)
+        _functions, _missing = _bind(lib, loaded.abs_path)
         _lib_path = loaded.abs_path
         _lib = lib
         return lib
-
-
-def _lookup(lib: ctypes.CDLL, name: str):
-    # A library may export only the plain name of a ``_v2`` entry point
-    # (cuBLAS keeps both today); accept either, so one release's renaming does
-    # not break the other.
-    for candidate in (name, name.removesuffix("_v2")):
-        try:
-            fn = getattr(lib, candidate)
-        except AttributeError:
-            continue
-        if candidate != name:
-            setattr(lib, name, fn)
-        return fn
-    return None
 
 
 def library_path() -> str:
@@ -301,20 +311,29 @@ def library_path() -> str:
 
 
 def has_symbol(name: str) -> bool:
-    """Whether the loaded libcublas exports ``name``."""
+    """Whether the loaded libcublas exports ``name`` (a key of :data:`PROTOTYPES`)."""
     load()
     return name not in _missing
 
 
-def _check(status: int, function: str) -> None:
+def _call(name: str, *args) -> None:
+    """Call entry point ``name`` with ``args``; raise on any status but success."""
+    load()
+    if name in _missing:
+        since = PROTOTYPES[name].since
+        raise CublasUnavailableError(
+            f"{name} needs cuBLAS >= {_version_text(since)}; the loaded library ({_lib_path}) "
+            f"is version {version()}"
+        )
+    status = _functions[name](*args)
     if status != 0:
-        raise CublasError(status, function)
+        raise CublasError(status, name.removesuffix("_v2"))
 
 
 def get_property(which: int) -> int:
     """``cublasGetProperty``: 0 major, 1 minor, 2 patch. Needs no GPU."""
     value = c_int()
-    _check(load().cublasGetProperty(which, ctypes.byref(value)), "cublasGetProperty")
+    _call("cublasGetProperty", which, ctypes.byref(value))
     return value.value
 
 
@@ -329,40 +348,37 @@ def version() -> int:
 def create() -> int:
     """``cublasCreate``: a new handle bound to the current device."""
     handle = c_void_p()
-    _check(load().cublasCreate_v2(ctypes.byref(handle)), "cublasCreate")
+    _call("cublasCreate_v2", ctypes.byref(handle))
     return int(handle.value or 0)
 
 
 def destroy(handle: int) -> None:
     """``cublasDestroy``."""
-    _check(load().cublasDestroy_v2(c_void_p(handle)), "cublasDestroy")
+    _call("cublasDestroy_v2", handle)
 
 
 def set_stream(handle: int, stream: int) -> None:
     """``cublasSetStream``: all later calls on ``handle`` run on ``stream``."""
-    _check(load().cublasSetStream_v2(c_void_p(handle), c_void_p(stream)), "cublasSetStream")
+    _call("cublasSetStream_v2", handle, stream)
 
 
 def set_workspace(handle: int, ptr: int, nbytes: int) -> None:
     """``cublasSetWorkspace``: a user-owned workspace for ``handle``."""
-    _check(
-        load().cublasSetWorkspace_v2(c_void_p(handle), c_void_p(ptr), c_size_t(nbytes)),
-        "cublasSetWorkspace",
-    )
+    _call("cublasSetWorkspace_v2", handle, ptr, nbytes)
 
 
 def set_math_mode(handle: int, mode: int) -> None:
     """``cublasSetMathMode``."""
-    _check(load().cublasSetMathMode(c_void_p(handle), mode), "cublasSetMathMode")
+    _call("cublasSetMathMode", handle, mode)
 
 
 def _scalar(value: float, compute_type: int):
-    """alpha/beta in the scale type cuBLAS expects for ``compute_type``."""
+    """alpha/beta, by reference, in the scale type cuBLAS expects for ``compute_type``."""
     if compute_type == ComputeType.C64F:
-        return c_double(value)
+        return ctypes.byref(c_double(value))
     if compute_type == ComputeType.C16F:
         raise ValueError("16-bit compute (half scale type) is not used by this package")
-    return ctypes.c_float(value)
+    return ctypes.byref(ctypes.c_float(value))
 
 
 # cuBLAS picks its own kernel; CUBLAS_GEMM_DEFAULT is the only algo we pass.
@@ -374,160 +390,44 @@ def gemm_ex(
 ) -> None:
     """``cublasGemmEx`` (column-major): C = alpha op(A) op(B) + beta C."""
     al, be = _scalar(alpha, compute_type), _scalar(beta, compute_type)
-    _check(
-        load().cublasGemmEx(
-            c_void_p(handle),
-            transa,
-            transb,
-            m,
-            n,
-            k,
-            ctypes.byref(al),
-            c_void_p(a),
-            a_type,
-            lda,
-            c_void_p(b),
-            b_type,
-            ldb,
-            ctypes.byref(be),
-            c_void_p(c),
-            c_type,
-            ldc,
-            compute_type,
-            _GEMM_DEFAULT,
-        ),
+    _call(
         "cublasGemmEx",
-    )
+        handle, transa, transb, m, n, k, al, a, a_type, lda, b, b_type, ldb, be, c, c_type, ldc,
+        compute_type, _GEMM_DEFAULT,
+    )  # fmt: skip
 
 
 def gemm_batched_ex(
-    handle,
-    transa,
-    transb,
-    m,
-    n,
-    k,
-    alpha,
-    a_array,
-    a_type,
-    lda,
-    b_array,
-    b_type,
-    ldb,
-    beta,
-    c_array,
-    c_type,
-    ldc,
-    batch_count,
-    compute_type,
-) -> None:
+    handle, transa, transb, m, n, k, alpha, a_array, a_type, lda, b_array, b_type, ldb, beta,
+    c_array, c_type, ldc, batch_count, compute_type,
+) -> None:  # fmt: skip
     """``cublasGemmBatchedEx``: ``*_array`` are device arrays of device pointers."""
     al, be = _scalar(alpha, compute_type), _scalar(beta, compute_type)
-    _check(
-        load().cublasGemmBatchedEx(
-            c_void_p(handle),
-            transa,
-            transb,
-            m,
-            n,
-            k,
-            ctypes.byref(al),
-            c_void_p(a_array),
-            a_type,
-            lda,
-            c_void_p(b_array),
-            b_type,
-            ldb,
-            ctypes.byref(be),
-            c_void_p(c_array),
-            c_type,
-            ldc,
-            batch_count,
-            compute_type,
-            _GEMM_DEFAULT,
-        ),
+    _call(
         "cublasGemmBatchedEx",
-    )
+        handle, transa, transb, m, n, k, al, a_array, a_type, lda, b_array, b_type, ldb, be,
+        c_array, c_type, ldc, batch_count, compute_type, _GEMM_DEFAULT,
+    )  # fmt: skip
 
 
 def gemm_strided_batched_ex(
-    handle,
-    transa,
-    transb,
-    m,
-    n,
-    k,
-    alpha,
-    a,
-    a_type,
-    lda,
-    stride_a,
-    b,
-    b_type,
-    ldb,
-    stride_b,
-    beta,
-    c,
-    c_type,
-    ldc,
-    stride_c,
-    batch_count,
-    compute_type,
-) -> None:
+    handle, transa, transb, m, n, k, alpha, a, a_type, lda, stride_a, b, b_type, ldb, stride_b,
+    beta, c, c_type, ldc, stride_c, batch_count, compute_type,
+) -> None:  # fmt: skip
     """``cublasGemmStridedBatchedEx``; strides are in elements."""
     al, be = _scalar(alpha, compute_type), _scalar(beta, compute_type)
-    _check(
-        load().cublasGemmStridedBatchedEx(
-            c_void_p(handle),
-            transa,
-            transb,
-            m,
-            n,
-            k,
-            ctypes.byref(al),
-            c_void_p(a),
-            a_type,
-            lda,
-            stride_a,
-            c_void_p(b),
-            b_type,
-            ldb,
-            stride_b,
-            ctypes.byref(be),
-            c_void_p(c),
-            c_type,
-            ldc,
-            stride_c,
-            batch_count,
-            compute_type,
-            _GEMM_DEFAULT,
-        ),
+    _call(
         "cublasGemmStridedBatchedEx",
-    )
+        handle, transa, transb, m, n, k, al, a, a_type, lda, stride_a, b, b_type, ldb, stride_b,
+        be, c, c_type, ldc, stride_c, batch_count, compute_type, _GEMM_DEFAULT,
+    )  # fmt: skip
 
 
 def gemm_grouped_batched_ex(
-    handle,
-    transa_array,
-    transb_array,
-    m_array,
-    n_array,
-    k_array,
-    alpha_array,
-    a_array,
-    a_type,
-    lda_array,
-    b_array,
-    b_type,
-    ldb_array,
-    beta_array,
-    c_array,
-    c_type,
-    ldc_array,
-    group_count,
-    group_size,
-    compute_type,
-) -> None:
+    handle, transa_array, transb_array, m_array, n_array, k_array, alpha_array, a_array, a_type,
+    lda_array, b_array, b_type, ldb_array, beta_array, c_array, c_type, ldc_array, group_count,
+    group_size, compute_type,
+) -> None:  # fmt: skip
     """``cublasGemmGroupedBatchedEx`` (cuBLAS >= 12.5).
 
     The per-group arrays (``transa_array`` ... ``group_size``, alpha and beta)
@@ -535,33 +435,9 @@ def gemm_grouped_batched_ex(
     call; ``a_array``, ``b_array`` and ``c_array`` are device arrays of device
     pointers, one per problem.
     """
-    lib = load()
-    if GROUPED_SYMBOL in _missing:
-        raise CublasUnavailableError(
-            f"{GROUPED_SYMBOL} needs cuBLAS >= 12.5; the loaded library ({_lib_path}) is version {version()}"
-        )
-    _check(
-        lib.cublasGemmGroupedBatchedEx(
-            c_void_p(handle),
-            c_void_p(transa_array),
-            c_void_p(transb_array),
-            c_void_p(m_array),
-            c_void_p(n_array),
-            c_void_p(k_array),
-            c_void_p(alpha_array),
-            c_void_p(a_array),
-            a_type,
-            c_void_p(lda_array),
-            c_void_p(b_array),
-            b_type,
-            c_void_p(ldb_array),
-            c_void_p(beta_array),
-            c_void_p(c_array),
-            c_type,
-            c_void_p(ldc_array),
-            group_count,
-            c_void_p(group_size),
-            compute_type,
-        ),
+    _call(
         GROUPED_SYMBOL,
-    )
+        handle, transa_array, transb_array, m_array, n_array, k_array, alpha_array, a_array, a_type,
+        lda_array, b_array, b_type, ldb_array, beta_array, c_array, c_type, ldc_array, group_count,
+        group_size, compute_type,
+    )  # fmt: skip
