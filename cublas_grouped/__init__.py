@@ -8,18 +8,11 @@ from .gemm.config import Algorithm, ComputePrecision, GroupedGemmConfig
 from .gemm.executor import GroupedGemmExecutor, RowLayout
 from .gemm.gmm import gmm
 from .gemm.select import ProblemStats, TuningTable, choose_chunk_rows, select_algorithm
-from .moe.fixed_capacity import StaticMoE
-from .moe.layer import (
-    GroupedGemmInput,
-    StageTimer,
-    combine_output,
-    expert_gemm,
-    moe_forward,
-    prepare_input,
-    route,
-    scatter_output,
-)
+from .moe.dispatch import DispatchPlan, combine_output, expert_gemm, prepare_input, scatter_output
+from .moe.fixed_capacity import FixedCapacityMoE
+from .moe.layer import StageTimer, moe_forward
 from .moe.modules import ExpertWeightManager, ExpertWeights, MoEMLP
+from .moe.routing import route
 from .runtime.arrays import SUPPORTED_DTYPES
 from .runtime.cublas import CublasError, CublasUnavailableError
 
@@ -39,11 +32,11 @@ __all__ = [
     "ExpertWeightManager",
     "ExpertWeights",
     "GpuUnavailableError",
-    "GroupedGemmInput",
+    "DispatchPlan",
     "MissingDependencyError",
     "MoEMLP",
     "StageTimer",
-    "StaticMoE",
+    "FixedCapacityMoE",
     "combine_output",
     "expert_gemm",
     "moe_forward",
@@ -62,3 +55,20 @@ __all__ = [
     "gmm",
     "select_algorithm",
 ]
+
+# Renamed public names: the old ones still work, with a DeprecationWarning, for one release.
+_RENAMED = {"StaticMoE": "FixedCapacityMoE", "GroupedGemmInput": "DispatchPlan"}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        import warnings
+
+        new = _RENAMED[name]
+        warnings.warn(
+            f"cublas_grouped.{name} is deprecated; use cublas_grouped.{new} (the old name goes in the next release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -439,7 +439,7 @@ def test_describe_auto(measuring, monkeypatch):
 
 # -- the MoE layer's call site ------------------------------------------------------------------------------------
 def test_layer_choice_uses_measurements_and_expires_memo_after_capture(measuring, monkeypatch):
-    from cublas_grouped.moe.layer import _choose
+    from cublas_grouped.moe.dispatch import choose_algorithms
 
     capturing = [True]
     monkeypatch.setattr(at, "stream_is_capturing", lambda stream: capturing[0])
@@ -465,20 +465,20 @@ def test_layer_choice_uses_measurements_and_expires_memo_after_capture(measuring
     dev = device("Unknown GPU")
     executor = GroupedGemmExecutor(device=0, device_info=dev)
     counts = np.full(128, 256)
-    rules = _choose(executor, "auto", counts, 1536, 2048, np.float32, (2048, 768))
+    rules = choose_algorithms(executor, "auto", counts, 1536, 2048, np.float32, (2048, 768))
     assert rules == (Algorithm.CHUNKED_BATCHED, Algorithm.CHUNKED_BATCHED) and seen == []
     capturing[0] = False
-    pair = _choose(executor, "auto", counts, 1536, 2048, np.float32, (2048, 768))
+    pair = choose_algorithms(executor, "auto", counts, 1536, 2048, np.float32, (2048, 768))
     assert pair == (Algorithm.CHUNKED_BATCHED, Algorithm.CUBLAS_GROUPED)
     assert [s[:2] for s in seen] == [(1536, 2048), (2048, 768)]
-    assert _choose(executor, "auto", counts, 1536, 2048, np.float32, (2048, 768)) == pair
+    assert choose_algorithms(executor, "auto", counts, 1536, 2048, np.float32, (2048, 768)) == pair
     assert len(seen) == 2  # measured once
     # The first GEMM alone (no second shape given): its own fastest.
-    assert _choose(executor, "auto", counts, 1536, 2048, np.float32)[0] is Algorithm.PADDED_STRIDED
+    assert choose_algorithms(executor, "auto", counts, 1536, 2048, np.float32)[0] is Algorithm.PADDED_STRIDED
 
 
 def test_layer_choice_does_not_measure_when_switched_off(measuring, monkeypatch):
-    from cublas_grouped.moe.layer import _choose
+    from cublas_grouped.moe.dispatch import choose_algorithms
 
     monkeypatch.setenv("CUBLAS_GROUPED_AUTOTUNE", "0")
     monkeypatch.setattr(
@@ -486,13 +486,13 @@ def test_layer_choice_does_not_measure_when_switched_off(measuring, monkeypatch)
     )
     executor = GroupedGemmExecutor(device=0, device_info=device("Unknown GPU"))
     counts = np.full(8, 1024)
-    assert _choose(executor, "auto", counts, 28672, 4096, np.float32, (4096, 14336)) == (
+    assert choose_algorithms(executor, "auto", counts, 28672, 4096, np.float32, (4096, 14336)) == (
         Algorithm.SEQUENTIAL,
         Algorithm.SEQUENTIAL,
     )
     monkeypatch.setenv("CUBLAS_GROUPED_AUTOTUNE", "maybe")
     with pytest.raises(ValueError, match="CUBLAS_GROUPED_AUTOTUNE must be 0 or 1"):
-        _choose(executor, "auto", counts, 28672, 4096, np.float32, (4096, 14336))
+        choose_algorithms(executor, "auto", counts, 28672, 4096, np.float32, (4096, 14336))
 
 
 # -- timing the candidates ----------------------------------------------------------------------------------------

@@ -13,13 +13,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cublas_grouped.moe.fixed_capacity import MAX_STATIC_TOKENS, LayerSpec, SlotCapacity
+from cublas_grouped.moe.checks import LayerShape
+from cublas_grouped.moe.fixed_capacity import MAX_FIXED_CAPACITY_TOKENS, ChunkCapacity, chunk_rows, max_chunks
 
 EXPERTS_TOPK = [(8, 1), (8, 2), (16, 4), (32, 4), (64, 6), (128, 8), (160, 6), (256, 8)]
 
 
-def spec(experts: int, top_k: int) -> LayerSpec:
-    return LayerSpec(experts, 8, 4, 8, top_k, True, "silu", False)
+def spec(experts: int, top_k: int) -> LayerShape:
+    return LayerShape(experts, 8, 4, 8, top_k, True, "silu", False, np.dtype(np.float32))
 
 
 def documented_chunk(experts: int, top_k: int, tokens: int) -> int:
@@ -62,11 +63,11 @@ def worst_counts(experts: int, top_k: int, tokens: int, chunk: int) -> np.ndarra
 
 def routing_with_counts(counts: np.ndarray, tokens: int, top_k: int) -> np.ndarray:
     """A [T, k] routing, ids distinct per token, whose experts get ``counts`` rows:
-    lay the experts' slots end to end and deal them to tokens round robin (an
-    expert's run of at most T slots never reaches one token twice)."""
-    slots = np.repeat(np.arange(len(counts)), counts)
-    assert len(slots) == tokens * top_k
-    ids = slots.reshape(top_k, tokens).T.copy()
+    lay the experts' rows end to end and deal them to tokens round robin (an
+    expert's run of at most T rows never reaches one token twice)."""
+    rows = np.repeat(np.arange(len(counts)), counts)
+    assert len(rows) == tokens * top_k
+    ids = rows.reshape(top_k, tokens).T.copy()
     assert all(len(set(row)) == top_k for row in ids.tolist())
     return ids.astype(np.int32)
 
@@ -75,20 +76,20 @@ def routing_with_counts(counts: np.ndarray, tokens: int, top_k: int) -> np.ndarr
 def test_chunk_rule_is_the_documented_one(experts, top_k):
     s = spec(experts, top_k)
     for tokens in range(1, 1025):
-        assert s.chunk(tokens) == documented_chunk(experts, top_k, tokens), tokens
+        assert chunk_rows(s, tokens) == documented_chunk(experts, top_k, tokens), tokens
     # The switch itself, from both sides: T*k = 8E stays thin, one token more does not.
     if (8 * experts) % top_k == 0 and 8 * experts // top_k > 16:
         edge = 8 * experts // top_k
-        assert s.chunk(edge) == 16 and s.chunk(edge + 1) == edge + 1
+        assert chunk_rows(s, edge) == 16 and chunk_rows(s, edge + 1) == edge + 1
 
 
 @pytest.mark.parametrize("experts, top_k", EXPERTS_TOPK)
 def test_problem_bound_is_reached_by_a_real_routing(experts, top_k):
     s = spec(experts, top_k)
     for tokens in range(1, 200):
-        chunk = s.chunk(tokens)
+        chunk = chunk_rows(s, tokens)
         ids = routing_with_counts(worst_counts(experts, top_k, tokens, chunk), tokens, top_k)
-        assert chunks_needed(ids, experts, chunk) == s.problems(tokens), tokens
+        assert chunks_needed(ids, experts, chunk) == max_chunks(s, tokens), tokens
 
 
 def _exhaustive_max_chunks(experts: int, top_k: int, tokens: int, chunk: int) -> int:
@@ -110,21 +111,21 @@ def _exhaustive_max_chunks(experts: int, top_k: int, tokens: int, chunk: int) ->
 def test_problem_bound_is_exact_in_small_spaces(experts, top_k):
     s = spec(experts, top_k)
     for tokens in range(1, 41):
-        want = _exhaustive_max_chunks(experts, top_k, tokens, s.chunk(tokens))
-        assert s.problems(tokens) == want, tokens
+        want = _exhaustive_max_chunks(experts, top_k, tokens, chunk_rows(s, tokens))
+        assert max_chunks(s, tokens) == want, tokens
 
 
 @pytest.mark.parametrize("experts, top_k", EXPERTS_TOPK)
 @pytest.mark.parametrize("max_tokens", [1, 17, 64, 300])
 def test_capacity_holds_every_step_up_to_max_tokens(experts, top_k, max_tokens):
     s = spec(experts, top_k)
-    cap = SlotCapacity.of(s, max_tokens)
+    cap = ChunkCapacity.of(s, max_tokens)
     assert cap.pairs == max_tokens * top_k
     for tokens in range(1, max_tokens + 1):
         chunk = documented_chunk(experts, top_k, tokens)
         ids = routing_with_counts(worst_counts(experts, top_k, tokens, chunk), tokens, top_k)
         problems = chunks_needed(ids, experts, chunk)
-        assert problems <= cap.problems, tokens
+        assert problems <= cap.chunks, tokens
         assert problems * chunk <= cap.rows, tokens
         assert chunk <= cap.chunk_rows, tokens
         cap.check_step(s, tokens)  # and the step check agrees
@@ -136,13 +137,13 @@ def test_the_reported_overflow_is_covered():
     s = spec(8, 2)
     ids = routing_with_counts(worst_counts(8, 2, 20, 16), 20, 2)
     assert chunks_needed(ids, 8, 16) == 10
-    cap = SlotCapacity.of(s, 64)
-    assert cap.problems >= 10 and cap.rows >= 8 * 64
+    cap = ChunkCapacity.of(s, 64)
+    assert cap.chunks >= 10 and cap.rows >= 8 * 64
 
 
 def test_a_step_past_the_capacity_is_refused():
     s = spec(8, 2)
-    cap = SlotCapacity.of(s, 16)
+    cap = ChunkCapacity.of(s, 16)
     cap.check_step(s, 16)
     with pytest.raises(RuntimeError, match="a step of 17 tokens needs 34 pairs"):
         cap.check_step(s, 17)
@@ -150,6 +151,6 @@ def test_a_step_past_the_capacity_is_refused():
 
 def test_max_tokens_limits():
     s = spec(8, 2)
-    assert SlotCapacity.of(s, MAX_STATIC_TOKENS).max_tokens == MAX_STATIC_TOKENS
+    assert ChunkCapacity.of(s, MAX_FIXED_CAPACITY_TOKENS).max_tokens == MAX_FIXED_CAPACITY_TOKENS
     with pytest.raises(ValueError, match="is too large"):
-        SlotCapacity.of(s, MAX_STATIC_TOKENS + 1)
+        ChunkCapacity.of(s, MAX_FIXED_CAPACITY_TOKENS + 1)

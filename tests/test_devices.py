@@ -13,7 +13,8 @@ import pytest
 from cublas_grouped import Algorithm, DeviceInfo, GroupedGemmExecutor
 from cublas_grouped.gemm import executor as _executor
 from cublas_grouped.gemm.executor import Operands, RowLayout
-from cublas_grouped.moe import layer as _moe
+from cublas_grouped.moe.checks import kernel_arch
+from cublas_grouped.moe.dispatch import choose_algorithms, wait_for_plan
 from cublas_grouped.runtime import cublas as _cublas
 from cublas_grouped.runtime import device as _device
 
@@ -150,9 +151,13 @@ def test_fallback_reads_the_calls_device(two_gpus, monkeypatch):
     # The MoE layer's choice of a fixed algorithm falls back on the layer's device only.
     counts = np.full(8, 64)
     grouped, sequential = Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL
-    assert _moe._choose(executor, "cublas_grouped", counts, 64, 64, np.float32, device_id=0) == (grouped,) * 2
     assert (
-        _moe._choose(executor, "cublas_grouped", counts, 64, 64, np.float32, device_id=1) == (sequential,) * 2
+        choose_algorithms(executor, "cublas_grouped", counts, 64, 64, np.float32, device_id=0)
+        == (grouped,) * 2
+    )
+    assert (
+        choose_algorithms(executor, "cublas_grouped", counts, 64, 64, np.float32, device_id=1)
+        == (sequential,) * 2
     )
 
 
@@ -174,7 +179,7 @@ def test_kernel_architecture_is_the_streams_device(two_gpus, monkeypatch):
             executor.build_pointers(
                 res, None, Operands(0, 0, 0, 0, 0, 0, 0, 0, 0), RowLayout(), num_problems=1
             )
-        assert _moe._arch(res) == archs[-1]
+        assert kernel_arch(res) == archs[-1]
     assert archs == ["sm_90", "sm_75"]
 
 
@@ -198,10 +203,10 @@ def test_step_by_step_waits_only_across_streams():
     waited = []
     stream = SimpleNamespace(wait_event=waited.append)
     inp = SimpleNamespace(ready="event", stream=7)
-    _moe._after_prepare(inp, SimpleNamespace(stream=7, cupy_stream=stream))
+    wait_for_plan(inp, SimpleNamespace(stream=7, cupy_stream=stream))
     assert waited == []
-    _moe._after_prepare(inp, SimpleNamespace(stream=9, cupy_stream=stream))
+    wait_for_plan(inp, SimpleNamespace(stream=9, cupy_stream=stream))
     assert waited == ["event"]
     # An input built by hand (no event) is the caller's to order.
-    _moe._after_prepare(SimpleNamespace(ready=None, stream=7), SimpleNamespace(stream=9, cupy_stream=stream))
+    wait_for_plan(SimpleNamespace(ready=None, stream=7), SimpleNamespace(stream=9, cupy_stream=stream))
     assert waited == ["event"]

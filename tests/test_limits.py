@@ -28,7 +28,7 @@ from cublas_grouped.gemm import select as _select
 from cublas_grouped.gemm.config import ComputePrecision, GroupedGemmConfig, compute_type_for
 from cublas_grouped.gemm.plan import plan_gmm
 from cublas_grouped.gemm.select import Algorithm, ProblemStats, TuningTable, select_algorithm
-from cublas_grouped.moe.layer import _check_routing, check_layer_args
+from cublas_grouped.moe.checks import check_layer_args, check_routing
 from cublas_grouped.runtime.arrays import view
 from cublas_grouped.runtime.device import DeviceInfo
 
@@ -153,8 +153,14 @@ def _layer(fake, experts, **changes):
     return args
 
 
+def layer_sizes(**args) -> tuple[int, int, int, int]:
+    """(E, H, I, width) of the LayerShape that check_layer_args returns."""
+    shape = check_layer_args(**args)
+    return shape.num_experts, shape.hidden, shape.inter, shape.width
+
+
 def test_check_layer_args_1024_experts_accepted_1025_refused(fake):
-    assert check_layer_args(**_layer(fake, 1024)) == (1024, H, INTER, 2 * INTER)
+    assert layer_sizes(**_layer(fake, 1024)) == (1024, H, INTER, 2 * INTER)
     with pytest.raises(ValueError, match="at most 1024 experts are supported; w1 has 1025"):
         check_layer_args(**_layer(fake, 1025))
     # The same through the public entry point: past the checks means GPU work.
@@ -172,17 +178,17 @@ def test_moe_forward_1024_experts_gets_past_the_checks(fake, no_gpu):
 def test_check_layer_args_results(fake):
     # Returned sizes, worked out from the shapes: gated [E, H, 2I], plain [E, H, I],
     # and the nn.Linear layouts with trans_b.
-    assert check_layer_args(**_layer(fake, 4, w1=fake((4, H, 10)), w2=fake((4, 10, H)), gated=False)) == (
+    assert layer_sizes(**_layer(fake, 4, w1=fake((4, H, 10)), w2=fake((4, 10, H)), gated=False)) == (
         4,
         H,
         10,
         10,
     )
     linear = _layer(fake, 4, w1=fake((4, 2 * INTER, H)), w2=fake((4, H, INTER)), trans_b=True)
-    assert check_layer_args(**linear) == (4, H, INTER, 2 * INTER)
+    assert layer_sizes(**linear) == (4, H, INTER, 2 * INTER)
     # Without x (the fixed-capacity path), hidden comes from w1: [E, H, .] or [E, ., H].
-    assert check_layer_args(**_layer(fake, 4, x_v=None)) == (4, H, INTER, 2 * INTER)
-    assert check_layer_args(**{**linear, "x_v": None}) == (4, H, INTER, 2 * INTER)
+    assert layer_sizes(**_layer(fake, 4, x_v=None)) == (4, H, INTER, 2 * INTER)
+    assert layer_sizes(**{**linear, "x_v": None}) == (4, H, INTER, 2 * INTER)
     # With x absent the dtype is w1's: a w2 of another dtype is refused.
     with pytest.raises(TypeError, match="w2 must have dtype float32 like x; got float16"):
         check_layer_args(**_layer(fake, 4, x_v=None, w2=fake((4, INTER, H), np.float16)))
@@ -239,15 +245,15 @@ def test_contiguity(fake, shape, strides, contiguous):
 
 def test_topk_contiguity_checked_both_ways(fake):
     ids, w = fake((T, K), np.int32), fake((T, K), np.float32)
-    ids_v, w_v = _check_routing(ids, w, T)
+    ids_v, w_v = check_routing(ids, w, T)
     assert ids_v.shape == (T, K) and w_v.shape == (T, K)
     # Column-major ids / weights (stride K*T... in bytes: 4 and 4*T).
     with pytest.raises(ValueError, match="^topk_ids must be C-contiguous$"):
-        _check_routing(fake((T, K), np.int32, strides=(4, 4 * T)), w, T)
+        check_routing(fake((T, K), np.int32, strides=(4, 4 * T)), w, T)
     with pytest.raises(ValueError, match="^topk_weights must be C-contiguous$"):
-        _check_routing(ids, fake((T, K), np.float32, strides=(4, 4 * T)), T)
+        check_routing(ids, fake((T, K), np.float32, strides=(4, 4 * T)), T)
     # k = 1: a column of any stride is contiguous.
-    _check_routing(fake((T, 1), np.int32, strides=(4, 400)), fake((T, 1), np.float32, strides=(4, 8)), T)
+    check_routing(fake((T, 1), np.int32, strides=(4, 400)), fake((T, 1), np.float32, strides=(4, 8)), T)
     # Through moe_forward, before any GPU work.
     layer = _layer(fake, 4)
     with pytest.raises(ValueError, match="^topk_ids must be C-contiguous$"):
@@ -299,9 +305,9 @@ def test_gmm_default_compute_is_full_fp32(fake, monkeypatch):
     # The executor a bare config builds, and the one the MoE layer shares.
     assert GroupedGemmConfig().compute_precision is ComputePrecision.FP32
     assert cg.GroupedGemmExecutor(device_info=H100).compute_type(np.float32) == COMPUTE_32F
-    from cublas_grouped.moe.layer import _executor
+    from cublas_grouped.moe.checks import executor_or_shared
 
-    assert _executor(None).compute_type(np.float32) == COMPUTE_32F
+    assert executor_or_shared(None).compute_type(np.float32) == COMPUTE_32F
 
 
 # --------------------------------------------------------------------------- the column-major mapping

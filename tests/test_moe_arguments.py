@@ -115,20 +115,20 @@ def test_prepare_input_errors(fake):
         cg.prepare_input(fake((T + 1, H)), (w, ids), E)
     with pytest.raises(ValueError, match="algorithm must be one of AUTO"):
         cg.prepare_input(x, (w, ids), E, algorithm="fastest")
-    with pytest.raises(TypeError, match="inp must be a GroupedGemmInput from prepare_input; got tuple"):
+    with pytest.raises(TypeError, match="inp must be a DispatchPlan from prepare_input; got tuple"):
         cg.expert_gemm((x, ids), fake((E, H, INTER)))
 
 
-def test_static_moe_construction_errors(fake):
+def test_fixed_capacity_moe_construction_errors(fake):
     w1, w2 = fake((E, H, 2 * INTER)), fake((E, INTER, H))
     with pytest.raises(ValueError, match=r"top_k must be an int in \[1, 4\]; got 5"):
-        cg.StaticMoE(w1, w2, 5, max_tokens=8)
+        cg.FixedCapacityMoE(w1, w2, 5, max_tokens=8)
     with pytest.raises(ValueError, match="max_tokens must be a positive int; got 0"):
-        cg.StaticMoE(w1, w2, 2, max_tokens=0)
+        cg.FixedCapacityMoE(w1, w2, 2, max_tokens=0)
     with pytest.raises(ValueError, match="w2 has 3 experts; expected 4"):
-        cg.StaticMoE(w1, fake((3, INTER, H)), 2, max_tokens=8)
+        cg.FixedCapacityMoE(w1, fake((3, INTER, H)), 2, max_tokens=8)
     with pytest.raises(ValueError, match="activation must be one of"):
-        cg.StaticMoE(w1, w2, 2, max_tokens=8, activation="tanh")
+        cg.FixedCapacityMoE(w1, w2, 2, max_tokens=8, activation="tanh")
 
 
 def test_weights_and_mlp_errors(fake):
@@ -145,3 +145,20 @@ def test_weights_and_mlp_errors(fake):
         cg.MoEMLP(fake((H, E)), w1, w2, 2, shared_w1=fake((H, 2 * INTER)))
     with pytest.raises(ValueError, match=r"w1 and w2 must use the same layout \(trans_b\)"):
         cg.MoEMLP(fake((H, E)), cg.ExpertWeights(w1, trans_b=True), w2, 2)
+
+
+def test_one_layer_shape_for_both_layers(fake):
+    """The dynamic layer's checks (from the arrays of a call) and the fixed-capacity
+    layer's (from its weights, before any tokens) build the same LayerShape."""
+    from cublas_grouped.moe.checks import LayerShape, check_layer_args, check_tokens, layer_shape
+
+    w1, w2, b1, b2 = fake((E, H, 2 * INTER)), fake((E, INTER, H)), fake((E, 2 * INTER)), fake((E, H))
+    x_v = check_tokens(fake((T, H)))
+    dynamic = check_layer_args(x_v, fake((T, K), np.int32), None, w1, w2, b1, b2, "gelu", True, False)
+    fixed = layer_shape(w1, w2, K, b1=b1, b2=b2, activation="gelu")
+    assert (
+        dynamic == fixed == LayerShape(E, H, INTER, 2 * INTER, K, True, "gelu", False, np.dtype(np.float32))
+    )
+    # A w1 that is not 3-D is refused by name before its H is read (no tokens to take H from).
+    with pytest.raises(ValueError, match=r"^w1 must be 3-D \[E, K, N\]"):
+        layer_shape(fake((H, 2 * INTER)), w2, K)

@@ -172,11 +172,11 @@ def test_out_of_range_ids_are_refused():
         cg.moe_forward(x, ids, None, w1, w2)
 
 
-# -- static decode path ---------------------------------------------------------------------------
+# -- fixed-capacity decode path -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("tokens, experts, k", [(1, 128, 8), (16, 128, 8), (64, 256, 8), (16, 8, 2)])
-def test_static_graph_replay_matches_reference(tokens, experts, k):
+def test_fixed_capacity_graph_replay_matches_reference(tokens, experts, k):
     import cupy
 
     rng = np.random.default_rng(tokens + experts)
@@ -184,7 +184,7 @@ def test_static_graph_replay_matches_reference(tokens, experts, k):
     (x, w1, w2, _, _), (_, w1_64, w2_64, _, _) = _layer_case(
         rng, tokens, experts, k, hidden, inter, ml_dtypes.bfloat16
     )
-    layer = cg.StaticMoE(w1, w2, k, max_tokens=64)
+    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=64)
     stream = cupy.cuda.Stream(non_blocking=True)
     x_buf = cupy.empty_like(x)
     ids_buf = cupy.empty((tokens, k), dtype=cupy.int32)
@@ -210,18 +210,20 @@ def test_static_graph_replay_matches_reference(tokens, experts, k):
         check_close(out, ref.moe_forward_ref(x64, ids_h, w64, w1_64, w2_64), 2e-2, f"replay {step}")
 
 
-def test_static_matches_dynamic_and_capacity_is_enforced():
+def test_fixed_capacity_matches_dynamic_and_capacity_is_enforced():
     import cupy
 
     rng = np.random.default_rng(8)
     (x, w1, w2, b1, b2), _ = _layer_case(rng, 16, 32, 4, 128, 64, np.float32, bias=True)
     ids, w, _, _ = routing(rng, 16, 32, 4)
-    layer = cg.StaticMoE(w1, w2, 4, max_tokens=16, b1=b1, b2=b2)
-    static = cupy.asnumpy(layer.forward(x, ids, w)).astype(np.float64)
+    layer = cg.FixedCapacityMoE(w1, w2, 4, max_tokens=16, b1=b1, b2=b2)
+    fixed = cupy.asnumpy(layer.forward(x, ids, w)).astype(np.float64)
     dynamic = cupy.asnumpy(cg.moe_forward(x, ids, w, w1, w2, b1=b1, b2=b2)).astype(np.float64)
-    assert ref.rel_error(static, dynamic) < 1e-5
+    assert ref.rel_error(fixed, dynamic) < 1e-5
     big = cupy.concatenate([x, x])
-    with pytest.raises(ValueError, match="x has 32 tokens but this StaticMoE was built for max_tokens=16"):
+    with pytest.raises(
+        ValueError, match="x has 32 tokens but this FixedCapacityMoE was built for max_tokens=16"
+    ):
         layer.forward(big, cupy.concatenate([ids, ids]), cupy.concatenate([w, w]))
     with pytest.raises(ValueError, match=r"x must be float32 \[T, 128\]; got float32 \(16, 64\)"):
         layer.forward(x[:, :64].copy(), ids, w)
@@ -249,7 +251,7 @@ def test_dynamic_path_cannot_be_captured():
                 pass
 
 
-def test_sync_free_layer_matches_reference_at_every_step_size():
+def test_fixed_capacity_layer_matches_reference_at_every_step_size():
     rng = np.random.default_rng(21)
     experts, k, hidden, inter = 64, 4, 128, 64
     (x, w1, w2, b1, b2), (x64, w1_64, w2_64, b1_64, b2_64) = _layer_case(
@@ -258,18 +260,18 @@ def test_sync_free_layer_matches_reference_at_every_step_size():
     # Largest step first, then smaller ones that reuse a slice of its cached buffers.
     for tokens in (64, 1, 16, 37, 64):
         ids, w, ids_h, w64 = routing(rng, tokens, experts, k, skew_zero=tokens % 5)
-        out = cg.moe_forward(x[:tokens], ids, w, w1, w2, b1=b1, b2=b2, sync_free=True)
+        out = cg.moe_forward(x[:tokens], ids, w, w1, w2, b1=b1, b2=b2, fixed_capacity=True)
         expected = ref.moe_forward_ref(x64[:tokens], ids_h, w64, w1_64, w2_64, b1_64, b2_64)
-        check_close(out, expected, 1e-5, f"sync_free T={tokens}")
+        check_close(out, expected, 1e-5, f"fixed_capacity T={tokens}")
     # Larger than anything cached: the buffers grow.
     ids, w, ids_h, w64 = routing(rng, 200, experts, k)
     (x2, *_), (x2_64, *_) = _layer_case(rng, 200, experts, k, hidden, inter, np.float32)
-    out = cg.moe_forward(x2, ids, w, w1, w2, b1=b1, b2=b2, activation="gelu", sync_free=True)
+    out = cg.moe_forward(x2, ids, w, w1, w2, b1=b1, b2=b2, activation="gelu", fixed_capacity=True)
     expected = ref.moe_forward_ref(x2_64, ids_h, w64, w1_64, w2_64, b1_64, b2_64, "gelu")
-    check_close(out, expected, 1e-5, "sync_free T=200 gelu")
+    check_close(out, expected, 1e-5, "fixed_capacity T=200 gelu")
 
 
-def test_sync_free_layer_can_be_captured():
+def test_fixed_capacity_layer_can_be_captured():
     import cupy
 
     rng = np.random.default_rng(22)
@@ -277,13 +279,13 @@ def test_sync_free_layer_can_be_captured():
     ids, w, ids_h, w64 = routing(rng, 16, 32, 4)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        cg.moe_forward(x, ids, w, w1, w2, sync_free=True)  # warm-up outside the capture
+        cg.moe_forward(x, ids, w, w1, w2, fixed_capacity=True)  # warm-up outside the capture
         stream.begin_capture()
-        out = cg.moe_forward(x, ids, w, w1, w2, sync_free=True)
+        out = cg.moe_forward(x, ids, w, w1, w2, fixed_capacity=True)
         graph = stream.end_capture()
         graph.launch(stream)
     stream.synchronize()
-    check_close(out, ref.moe_forward_ref(x64, ids_h, w64, w1_64, w2_64), 2e-2, "captured sync_free")
+    check_close(out, ref.moe_forward_ref(x64, ids_h, w64, w1_64, w2_64), 2e-2, "captured fixed_capacity")
 
 
 @pytest.mark.parametrize("algorithm", ["cublas_grouped", "chunked_batched", "padded_strided"])

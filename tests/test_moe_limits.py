@@ -1,5 +1,5 @@
 """Limits of the MoE layer, each tested from both sides, and the argument checks
-of the step-by-step outputs and the sync-free path (CPU, fake arrays)."""
+of the step-by-step outputs and the fixed-capacity path (CPU, fake arrays)."""
 
 from __future__ import annotations
 
@@ -7,29 +7,31 @@ import numpy as np
 import pytest
 
 import cublas_grouped as cg
-from cublas_grouped.moe.fixed_capacity import MAX_STATIC_TOKENS
-from cublas_grouped.moe.layer import GroupedGemmInput, RowLayout, _check_routing, _check_sync_free
+from cublas_grouped.moe.checks import check_routing
+from cublas_grouped.moe.fixed_capacity import MAX_FIXED_CAPACITY_TOKENS, check_fixed_capacity_args
 
 H, E, INTER = 16, 4, 8
 
 
 def test_pairs_limit_from_both_sides(fake):
-    _check_routing(fake((2**31 - 1, 1), np.int32), None, None)  # the largest accepted
-    _check_routing(fake((2**30 - 1, 2), np.int32), None, None)
+    check_routing(fake((2**31 - 1, 1), np.int32), None, None)  # the largest accepted
+    check_routing(fake((2**30 - 1, 2), np.int32), None, None)
     for shape in ((2**31, 1), (2**30, 2), (2**28, 8)):
         with pytest.raises(ValueError, match="T\\*k must stay below 2\\*\\*31"):
-            _check_routing(fake(shape, np.int32), None, None)
+            check_routing(fake(shape, np.int32), None, None)
     with pytest.raises(ValueError, match=r"topk_ids has 1073741824 x 2 = 2147483648 \(token, expert\) pairs"):
         cg.moe_forward(
             fake((2**30, H)), fake((2**30, 2), np.int32), None, fake((E, H, 2 * INTER)), fake((E, INTER, H))
         )
 
 
-def test_sync_free_token_limit_from_both_sides(fake):
-    _check_sync_free(MAX_STATIC_TOKENS, None)
-    with pytest.raises(ValueError, match=f"sync_free=True takes at most {MAX_STATIC_TOKENS} tokens"):
-        _check_sync_free(MAX_STATIC_TOKENS + 1, None)
-    tokens = MAX_STATIC_TOKENS + 1
+def test_fixed_capacity_token_limit_from_both_sides(fake):
+    check_fixed_capacity_args(MAX_FIXED_CAPACITY_TOKENS, None)
+    with pytest.raises(
+        ValueError, match=f"fixed_capacity=True takes at most {MAX_FIXED_CAPACITY_TOKENS} tokens"
+    ):
+        check_fixed_capacity_args(MAX_FIXED_CAPACITY_TOKENS + 1, None)
+    tokens = MAX_FIXED_CAPACITY_TOKENS + 1
     with pytest.raises(ValueError, match="takes at most"):
         cg.moe_forward(
             fake((tokens, H)),
@@ -37,14 +39,14 @@ def test_sync_free_token_limit_from_both_sides(fake):
             None,
             fake((E, H, 2 * INTER)),
             fake((E, INTER, H)),
-            sync_free=True,
+            fixed_capacity=True,
         )
 
 
-def test_static_capacity_limit_is_checked_before_any_gpu_work(fake):
+def test_fixed_capacity_limit_is_checked_before_any_gpu_work(fake):
     w1, w2 = fake((E, H, 2 * INTER)), fake((E, INTER, H))
-    with pytest.raises(ValueError, match=f"max_tokens={MAX_STATIC_TOKENS + 1} is too large"):
-        cg.StaticMoE(w1, w2, 2, max_tokens=MAX_STATIC_TOKENS + 1)
+    with pytest.raises(ValueError, match=f"max_tokens={MAX_FIXED_CAPACITY_TOKENS + 1} is too large"):
+        cg.FixedCapacityMoE(w1, w2, 2, max_tokens=MAX_FIXED_CAPACITY_TOKENS + 1)
 
 
 @pytest.mark.parametrize(
@@ -62,13 +64,13 @@ def test_static_capacity_limit_is_checked_before_any_gpu_work(fake):
 )
 def test_dropped_pairs_argument(fake, counter, match):
     with pytest.raises(ValueError, match=match):
-        _check_sync_free(4, fake(*counter))
-    _check_sync_free(4, fake((1,), np.int64))
-    _check_sync_free(4, fake((1,), np.uint64))
+        check_fixed_capacity_args(4, fake(*counter))
+    check_fixed_capacity_args(4, fake((1,), np.int64))
+    check_fixed_capacity_args(4, fake((1,), np.uint64))
 
 
-def test_dropped_pairs_needs_sync_free(fake):
-    with pytest.raises(ValueError, match="dropped_pairs applies only with sync_free=True"):
+def test_dropped_pairs_needs_fixed_capacity(fake):
+    with pytest.raises(ValueError, match="dropped_pairs applies only with fixed_capacity=True"):
         cg.moe_forward(
             fake((6, H)),
             fake((6, 2), np.int32),
@@ -81,8 +83,8 @@ def test_dropped_pairs_needs_sync_free(fake):
 
 @pytest.fixture
 def inp(fake):
-    """A GroupedGemmInput over fake arrays: 6 tokens, k = 2, 12 rows."""
-    return GroupedGemmInput(
+    """A DispatchPlan over fake arrays: 6 tokens, k = 2, 12 rows."""
+    return cg.DispatchPlan(
         rows=fake((12, H)),
         pair_to_row=fake((12,), np.int32),
         row_to_pair=fake((12,), np.int32),
@@ -92,7 +94,7 @@ def inp(fake):
         expert_offsets=fake((E + 1,), np.int32),
         counts_host=np.array([3, 3, 3, 3]),
         algorithm=cg.Algorithm.CUBLAS_GROUPED,
-        layout=RowLayout(),
+        layout=cg.RowLayout(),
         num_tokens=6,
         top_k=2,
         num_experts=E,
@@ -102,7 +104,7 @@ def inp(fake):
 
 @pytest.mark.parametrize("function", [cg.combine_output, cg.scatter_output])
 def test_output_checks(fake, inp, function):
-    with pytest.raises(TypeError, match="inp must be a GroupedGemmInput from prepare_input; got dict"):
+    with pytest.raises(TypeError, match="inp must be a DispatchPlan from prepare_input; got dict"):
         function(fake((12, H)), {})
     with pytest.raises(ValueError, match=r"expert_outputs must be 2-D \[12, N\]"):
         function(fake((11, H)), inp)

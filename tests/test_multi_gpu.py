@@ -57,9 +57,9 @@ def test_device_info_follows_the_current_device():
         props = cupy.cuda.runtime.getDeviceProperties(device_id)
         assert info.device_id == device_id
         assert info.sm == (props["major"], props["minor"])
-    from cublas_grouped.gemm.gmm import _executor
+    from cublas_grouped.gemm.gmm import shared_executor
 
-    shared = _executor(cg.ComputePrecision.FP32, cg.Algorithm.AUTO)
+    shared = shared_executor(cg.ComputePrecision.FP32, cg.Algorithm.AUTO)
     assert [shared.info_for(d).device_id for d in (0, 1)] == [0, 1]
 
 
@@ -97,7 +97,7 @@ def test_gmm_on_device_1_after_device_0(dtype_name, algorithm):
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize(
-    "algorithm", ["auto", "cublas_grouped", "chunked_batched", "padded_strided", "sync_free"]
+    "algorithm", ["auto", "cublas_grouped", "chunked_batched", "padded_strided", "fixed_capacity"]
 )
 def test_moe_forward_on_device_1_after_device_0(dtype_name, algorithm):
     import cupy
@@ -105,7 +105,7 @@ def test_moe_forward_on_device_1_after_device_0(dtype_name, algorithm):
     rng = np.random.default_rng(zlib.crc32(f"moe {dtype_name} {algorithm}".encode()))
     dtype = DTYPES[dtype_name]
     tol = 1e-5 if dtype_name == "float32" else 2e-2
-    kwargs = {"sync_free": True} if algorithm == "sync_free" else {"algorithm": algorithm}
+    kwargs = {"fixed_capacity": True} if algorithm == "fixed_capacity" else {"algorithm": algorithm}
     for device_id in (0, 1):
         with cupy.cuda.Device(device_id):
             (x, ids, w, w1, w2), expected = _layer_case(rng, dtype)

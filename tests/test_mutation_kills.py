@@ -24,7 +24,7 @@ import cublas_grouped as cg
 from cublas_grouped import testing as ref
 from cublas_grouped.gemm.config import Algorithm, ComputePrecision, GroupedGemmConfig, coerce_enum
 from cublas_grouped.gemm.plan import check_group_sizes, host_group_sizes, plan_gmm
-from cublas_grouped.moe.layer import check_layer_args
+from cublas_grouped.moe.checks import check_layer_args, check_routing
 from cublas_grouped.runtime import arrays as _arrays
 from cublas_grouped.runtime.arrays import BFLOAT16, view
 
@@ -299,13 +299,19 @@ def _args(fake, **changes):
     return args
 
 
+def layer_sizes(**args) -> tuple[int, int, int, int]:
+    """(E, H, I, width) of the LayerShape that check_layer_args returns."""
+    shape = check_layer_args(**args)
+    return shape.num_experts, shape.hidden, shape.inter, shape.width
+
+
 def test_layer_dimensions_in_both_layouts(fake):
-    assert check_layer_args(**_args(fake)) == (E3, H12, I5, 2 * I5)
+    assert layer_sizes(**_args(fake)) == (E3, H12, I5, 2 * I5)
     linear = _args(fake, w1=fake((E3, 2 * I5, H12)), w2=fake((E3, H12, I5)), trans_b=True)
-    assert check_layer_args(**linear) == (E3, H12, I5, 2 * I5)
+    assert layer_sizes(**linear) == (E3, H12, I5, 2 * I5)
     # Without x, H comes from w1 ([E, H, 2I], or [E, 2I, H] with trans_b).
-    assert check_layer_args(**{**_args(fake), "x_v": None}) == (E3, H12, I5, 2 * I5)
-    assert check_layer_args(**{**linear, "x_v": None}) == (E3, H12, I5, 2 * I5)
+    assert layer_sizes(**{**_args(fake), "x_v": None}) == (E3, H12, I5, 2 * I5)
+    assert layer_sizes(**{**linear, "x_v": None}) == (E3, H12, I5, 2 * I5)
     # trans_b applies to w2 as well: w2 in the other layout is refused.
     with pytest.raises(ValueError, match=r"^w2 has K=12 but its input has 5 columns$"):
         check_layer_args(**{**linear, "w2": fake((E3, I5, H12))})
@@ -339,7 +345,7 @@ def test_layer_messages_name_the_argument(fake):
         with pytest.raises(error, match=match):
             check_layer_args(**_args(fake, **change))
     # Contiguous biases of the right shape are accepted.
-    assert check_layer_args(**_args(fake, b1=fake((E3, 2 * I5)), b2=fake((E3, H12))))[0] == E3
+    assert check_layer_args(**_args(fake, b1=fake((E3, 2 * I5)), b2=fake((E3, H12)))).num_experts == E3
 
 
 def test_route_default_scoring_and_messages(fake, no_gpu):
@@ -532,16 +538,15 @@ def test_gelu_without_scipy_uses_math_erf(monkeypatch):
 
 
 def test_check_routing_returns_none_without_weights(fake):
-    from cublas_grouped.moe.layer import _check_routing
-
-    ids_v, w_v = _check_routing(fake((4, 2), np.int32), None, 4)
+    ids_v, w_v = check_routing(fake((4, 2), np.int32), None, 4)
     assert ids_v.shape == (4, 2) and w_v is None
 
 
 def test_expert_output_and_counter_messages_are_exact(fake):
-    from cublas_grouped.moe.layer import GroupedGemmInput, RowLayout, _check_expert_outputs, _check_sync_free
+    from cublas_grouped.moe.dispatch import check_expert_outputs
+    from cublas_grouped.moe.fixed_capacity import check_fixed_capacity_args
 
-    inp = GroupedGemmInput(
+    inp = cg.DispatchPlan(
         rows=fake((12, 16)),
         pair_to_row=fake((12,), np.int32),
         row_to_pair=fake((12,), np.int32),
@@ -551,16 +556,16 @@ def test_expert_output_and_counter_messages_are_exact(fake):
         expert_offsets=fake((5,), np.int32),
         counts_host=np.array([3, 3, 3, 3]),
         algorithm=Algorithm.CUBLAS_GROUPED,
-        layout=RowLayout(),
+        layout=cg.RowLayout(),
         num_tokens=6,
         top_k=2,
         num_experts=4,
         stream=0,
     )
     with pytest.raises(ValueError, match=r"^expert_outputs must be C-contiguous$"):
-        _check_expert_outputs(fake((12, 16), strides=(4, 48)), inp)
+        check_expert_outputs(fake((12, 16), strides=(4, 48)), inp)
     with pytest.raises(TypeError, match=r"^dropped_pairs is a NumPy array in host memory"):
-        _check_sync_free(4, np.zeros(1, np.uint64))
+        check_fixed_capacity_args(4, np.zeros(1, np.uint64))
 
 
 # --------------------------------------------------------------------------- selection and tuning tables

@@ -229,7 +229,7 @@ def test_table_padded_strided_not_taken_for_skewed_loads():
 
 def test_layer_chooses_the_layout_for_both_gemms(tuning_dirs):
     from cublas_grouped.gemm.select import algorithms_on_layout_of, choose_layer_algorithms
-    from cublas_grouped.moe.layer import _choose
+    from cublas_grouped.moe.dispatch import choose_algorithms
 
     def entry(n, k, times):
         return {
@@ -263,10 +263,13 @@ def test_layer_chooses_the_layout_for_both_gemms(tuning_dirs):
     assert choose_layer_algorithms(counts, (1536, 2048), (2048, 768), "bfloat16", dev) == pair
     assert choose_layer_algorithms(counts, (1536, 2048), (2048, 768), "bfloat16", dev) == pair  # memoized
     executor = GroupedGemmExecutor(device=0, device_info=dev)
-    assert _choose(executor, "auto", counts, 1536, 2048, "bfloat16", (2048, 768)) == pair
+    assert choose_algorithms(executor, "auto", counts, 1536, 2048, "bfloat16", (2048, 768)) == pair
     # A fixed algorithm serves both GEMMs.
     fixed = Algorithm.SEQUENTIAL
-    assert _choose(executor, "sequential", counts, 1536, 2048, "bfloat16", (2048, 768)) == (fixed, fixed)
+    assert choose_algorithms(executor, "sequential", counts, 1536, 2048, "bfloat16", (2048, 768)) == (
+        fixed,
+        fixed,
+    )
     # The layout families agree with the layouts the executor makes.
     for algorithm in (
         Algorithm.CUBLAS_GROUPED,

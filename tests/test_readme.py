@@ -57,7 +57,10 @@ def test_main_examples_run_as_written():
     assert any("cg.route(" in s and "cg.moe_forward(" in s and "moe_forward_ref(" in s for s in runnable)
     # The graph example: captured on a stream, inputs refilled in place, replayed, synchronized.
     assert any(
-        all(part in s for part in ("StaticMoE(", "begin_capture()", "cupy.copyto(", "graph.launch(stream)"))
+        all(
+            part in s
+            for part in ("FixedCapacityMoE(", "begin_capture()", "cupy.copyto(", "graph.launch(stream)")
+        )
         and "stream.synchronize()" in s
         for s in runnable
     )

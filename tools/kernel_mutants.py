@@ -52,9 +52,9 @@ DEFAULT_TESTS = (
     "tests/test_kernel_edges_gpu.py",
     "tests/test_pointers_gpu.py",
     "tests/test_moe_gpu.py",
-    "tests/test_static_gpu.py::test_assign_rows_never_writes_past_its_row_capacity",
-    "tests/test_static_gpu.py::test_out_of_range_ids_are_dropped_and_counted",
-    "tests/test_static_gpu.py::test_repeated_ids_count_once_per_choice",
+    "tests/test_fixed_capacity_gpu.py::test_assign_rows_never_writes_past_its_row_capacity",
+    "tests/test_fixed_capacity_gpu.py::test_out_of_range_ids_are_dropped_and_counted",
+    "tests/test_fixed_capacity_gpu.py::test_repeated_ids_count_once_per_choice",
 )
 
 _IGNORE = shutil.ignore_patterns(

@@ -6,13 +6,13 @@ every mutant in scope with its status, the score with equivalent mutants
 excluded, and the survivors with the line they change. Not part of CI: a full
 run takes minutes on two cores.
 
-Scope (issue: tests that catch real bugs): planning and layouts (``_plan``),
-algorithm selection and the tuning lookup (``_select``), array views
-(``_arrays``), options (``_config``), the float64 references (``testing``),
-and the argument checks of the MoE layer (``_moe``: the ``_check_*``
-functions, ``check_layer_args`` and ``route`` up to its first GPU step).
-What runs on the GPU cannot be judged by CPU tests and is left out: lines of a
-``_moe`` function from its ``import cupy`` on, and ``_arrays.as_cupy``.
+Scope (issue: tests that catch real bugs): planning and layouts (``gemm.plan``),
+algorithm selection (``gemm.select``) and the tuning lookup (``gemm.tables``),
+array views (``runtime.arrays``), options (``gemm.config``), the float64 references (``testing``),
+and the argument checks of the MoE layer (``moe/``: the ``check_*``
+functions, ``layer_shape`` and ``route`` up to its first GPU step).
+What runs on the GPU cannot be judged by CPU tests and is left out: lines of
+``route`` from its ``import cupy`` on, and ``runtime.arrays.as_cupy``.
 
 Equivalent mutants (no input can tell them apart from the original) are listed
 in :data:`EQUIVALENT` with the reason, matched by function and by the exact
@@ -46,17 +46,20 @@ MUTANTS = ROOT / "mutants"
 SCOPE = (
     "cublas_grouped.gemm.plan.*",
     "cublas_grouped.gemm.select.*",
+    "cublas_grouped.gemm.tables.*",
     "cublas_grouped.runtime.arrays.*",
     "cublas_grouped.gemm.config.*",
     "cublas_grouped.testing.*",
-    "cublas_grouped.moe.layer.x__check_*",
-    "cublas_grouped.moe.layer.x_check_layer_args__*",
-    "cublas_grouped.moe.layer.x_route__*",
+    "cublas_grouped.moe.checks.x_check_*",
+    "cublas_grouped.moe.checks.x_layer_shape__*",
+    "cublas_grouped.moe.dispatch.x_check_*",
+    "cublas_grouped.moe.fixed_capacity.x_check_*",
+    "cublas_grouped.moe.routing.x_route__*",
 )
 #: Functions that only run with a real GPU array (CuPy), out of scope.
 GPU_ONLY = ("cublas_grouped.runtime.arrays.x_as_cupy",)
 #: Modules whose functions are cut at their first ``import cupy`` line.
-GPU_CUT_MODULES = ("cublas_grouped.moe.layer",)
+GPU_CUT_MODULES = ("cublas_grouped.moe.routing",)
 
 #: (function, original line, mutated line, why no test can kill it). Lines are
 #: stripped; several changed lines are joined with " / ".
@@ -69,7 +72,7 @@ def _equivalent(function: str, original: str, mutated: list[str], why: str) -> N
 
 _TYPESTR = "if descr and isinstance(descr, (list, tuple)) and descr and descr[0]:"
 _equivalent(
-    "_arrays.x__dtype_from_typestr",
+    "runtime.arrays.x__dtype_from_typestr",
     _TYPESTR,
     [
         "if descr and isinstance(descr, (list, tuple)) or descr and descr[0]:",
@@ -79,20 +82,20 @@ _equivalent(
     "tuples); differs only for a descr of another type",
 )
 _equivalent(
-    "_config.x_coerce_enum",
+    "gemm.config.x_coerce_enum",
     "return kind(str(value).lower())",
     ["return kind(None)", "return kind(str(value).upper())", "return kind(str(None).lower())"],
     "the value path and the name path accept the same strings, because every member's value is its "
     "lower-case name (test_enum_values_are_their_lower_case_names); with this path broken the name path answers",
 )
 _equivalent(
-    "_config.x_coerce_enum",
+    "gemm.config.x_coerce_enum",
     "if isinstance(value, str) and value.upper() in kind.__members__:",
     ["if isinstance(value, str) and value.lower() in kind.__members__:"],
     "the name path is only reached for strings the value path already refused, which no member name matches",
 )
 _equivalent(
-    "_config.x_coerce_enum",
+    "gemm.config.x_coerce_enum",
     "return kind[value.upper()]",
     ["return kind[value.lower()]"],
     "unreachable for a valid name: the value path accepts every member name first (see above)",
@@ -102,53 +105,46 @@ _ROUTE_DEF = (
     "stream=None):"
 )
 _equivalent(
-    "_moe.x_route",
+    "moe.routing.x_route",
     _ROUTE_DEF,
     [_ROUTE_DEF.replace("renormalize: bool = True", "renormalize: bool = False")],
     "on the CPU: the default is read only by the kernel launch; killed on the GPU by "
     "test_moe_gpu.py::test_route_matches_reference (route with the default against route_ref's)",
 )
-_HIDDEN = 'hidden = x_v.shape[1] if x_v is not None else view(w1, "w1").shape[2 if trans_b else 1]'
 _equivalent(
-    "_moe.x_check_layer_args",
-    _HIDDEN,
-    [_HIDDEN.replace('view(w1, "w1")', f"view(w1, {n})") for n in ("None", '"XXw1XX"', '"W1"')],
-    "the name is never shown: the line before views w1 with its name and raises first for a bad w1",
-)
-_equivalent(
-    "_plan.xǁGemmPlanǁdims_arrays",
+    "gemm.plan.xǁGemmPlanǁdims_arrays",
     "probe = self.dims(1)",
     ["probe = self.dims(2)"],
     "the only field of the probe that depends on the rows (n, or k with trans_a) is overwritten with the real rows",
 )
 _equivalent(
-    "_select.xǁProblemStatsǁfeatures",
+    "gemm.plan.xǁProblemStatsǁfeatures",
     "dtype=np.float64,",
     ["dtype=None,"],
     "np.array of Python floats is float64 anyway",
 )
 _equivalent(
-    "_select.xǁProblemStatsǁfeatures",
+    "gemm.plan.xǁProblemStatsǁfeatures",
     "dtype=np.float64, / )",
     [")"],
     "np.array of Python floats is float64 anyway",
 )
 _ENTRY = 'entry["num_experts"], active, total, max_rows, entry["n"], entry["k"], entry["dtype"]'
 _equivalent(
-    "_select.xǁTuningTableǁ__post_init__",
+    "gemm.tables.xǁTuningTableǁ__post_init__",
     _ENTRY,
     [_ENTRY.replace('entry["dtype"]', "None")],
     "these stats only give features(), which ignore the dtype; entries are grouped by entry['dtype'] directly",
 )
 _equivalent(
-    "_select.xǁTuningTableǁ__post_init__",
+    "gemm.tables.xǁTuningTableǁ__post_init__",
     _ENTRY + " / )",
     [_ENTRY.replace(', entry["dtype"]', ", )")],
     "these stats only give features(), which ignore the dtype; entries are grouped by entry['dtype'] directly",
 )
 _MKSTEMP = 'fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")'
 _equivalent(
-    "_select.xǁTuningTableǁsave",
+    "gemm.tables.xǁTuningTableǁsave",
     _MKSTEMP,
     [
         _MKSTEMP.replace('prefix=path.name + "."', "prefix=None"),
@@ -163,7 +159,7 @@ _equivalent(
     "so no reader takes it for a table (test_table_load_and_atomic_save checks both)",
 )
 _equivalent(
-    "_select.xǁTuningTableǁsave",
+    "gemm.tables.xǁTuningTableǁsave",
     "json.dump(self.to_json(), f, indent=1)",
     [
         "json.dump(self.to_json(), f, indent=None)",
@@ -173,14 +169,14 @@ _equivalent(
     "indentation of the JSON file only; the content read back is the same",
 )
 _equivalent(
-    "_select.xǁTuningTableǁsave",
+    "gemm.tables.xǁTuningTableǁsave",
     "Path(tmp).unlink(missing_ok=True)",
     ["Path(tmp).unlink(missing_ok=None)", "Path(tmp).unlink(missing_ok=False)"],
     "the temporary file always exists when it is removed (mkstemp made it; only the write or the rename failed)",
 )
 _LARGEST = "total, largest = int(sizes.sum()), int(sizes.max(initial=0))"
 _equivalent(
-    "_select.x_choose_layer_algorithms",
+    "gemm.select.x_choose_layer_algorithms",
     _LARGEST,
     [_LARGEST.replace("initial=0", "initial=None"), _LARGEST.replace("initial=0", "initial=1")],
     "initial only matters when every count is 0 (or there are none: a layer has at least one expert); "
@@ -188,28 +184,28 @@ _equivalent(
 )
 _QUARTER = "quarter = lambda v: round(4 * math.log2(max(v, 1e-9)))  # noqa: E731"
 _equivalent(
-    "_select.x_choose_layer_algorithms",
+    "gemm.select.x_choose_layer_algorithms",
     _QUARTER,
     [_QUARTER.replace("4 *", "5 *"), _QUARTER.replace("1e-9", "1.000000001")],
     "memo granularity: finer buckets only cost cache hits; every argument of quarter() is >= 1, "
     "so the clamp at 1e-9 or 1.000000001 never bites",
 )
 _equivalent(
-    "_select.x_choose_layer_algorithms",
+    "gemm.select.x_choose_layer_algorithms",
     "quarter(first_stats.mean_rows + 1),",
     ["quarter(first_stats.mean_rows - 1),", "quarter(first_stats.mean_rows + 2),"],
     "moves the memo's bucket edges by a row or two without making buckets coarser: which loads share a "
     "cached decision is a cache granularity, not a documented value",
 )
 _equivalent(
-    "_select.x_choose_layer_algorithms",
+    "gemm.select.x_choose_layer_algorithms",
     "second = None",
     ['second = ""'],
     "both are falsy and second is only read as a truth value unless it was reassigned",
 )
 _FOUND = "found = (choice, on_layout(choice)[1] if on_layout(choice)[0] < math.inf else choice)"
 _equivalent(
-    "_select.x_choose_layer_algorithms",
+    "gemm.select.x_choose_layer_algorithms",
     _FOUND,
     [
         "found = (choice, on_layout(choice)[1] if (on_layout(choice)[0] < math.inf) or True else choice)",
@@ -219,13 +215,13 @@ _equivalent(
     "when on_layout(choice) finds no time it returns (inf, choice), so both branches give choice",
 )
 _equivalent(
-    "_select.x_choose_layer_algorithms",
+    "gemm.select.x_choose_layer_algorithms",
     "if len(_layer_choices) > 4096:",
     ["if len(_layer_choices) >= 4096:", "if len(_layer_choices) > 4097:"],
     "when the memo is emptied (one entry sooner or later) changes cache hits, not decisions",
 )
 _equivalent(
-    "_select.x_capacity_for",
+    "gemm.plan.x_capacity_for",
     "return max(multiple, int(math.ceil(int(sizes.max(initial=0)) / multiple) * multiple))",
     ["return max(multiple, int(math.ceil(int(sizes.max(initial=1)) / multiple) * multiple))"],
     "a largest group of 1 instead of 0 still rounds to one multiple, which max(multiple, ...) gives anyway",
@@ -472,7 +468,7 @@ def report(args) -> int:
 
 
 def _display_name(function: str) -> str:
-    """``cublas_grouped.gemm.plan.xǁGemmPlanǁdims`` -> ``_plan.GemmPlan.dims``."""
+    """``cublas_grouped.gemm.plan.xǁGemmPlanǁdims`` -> ``gemm.plan.GemmPlan.dims``."""
     module, _, local = function.rpartition(".")
     local = local[2:].replace("ǁ", ".") if local.startswith(("x_", "xǁ")) else local
     return f"{module.split('.', 1)[1]}.{local}"

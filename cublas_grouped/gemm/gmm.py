@@ -27,6 +27,9 @@ def _executor(compute, algorithm) -> GroupedGemmExecutor:
     return executor
 
 
+shared_executor = _executor  # public name for moe/ (added by the moe engineer until gemm/ renames _executor)
+
+
 def gmm(
     a,
     b,

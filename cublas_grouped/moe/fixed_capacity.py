@@ -1,27 +1,27 @@
-"""Sync-free decode: a fixed-capacity MoE layer that CUDA graphs can capture.
+"""Fixed-capacity decode: an MoE layer with no host sync, which CUDA graphs can capture.
 
 The dynamic layer copies the per-expert counts to the host, because cuBLAS
 takes sizes there. This one never does. For a step of T tokens, each expert's
-rows are cut into chunks of C rows (:meth:`LayerSpec.chunk`), and every GEMM
-is one ``cublasGemmBatchedEx`` over a fixed number of chunk problems, the
-most any routing can need (:meth:`LayerSpec.problems`). A kernel on the
-device fills the pointer arrays from the counts: real chunks first, in expert
-order; the problems left over re-point at the last real chunk's weights
-(already in L2) and write to a scratch buffer, so an expert without tokens
-costs no weight bandwidth. Every launch has fixed sizes for a given T, so a
-captured graph can be replayed with new tokens and new routing.
+rows are cut into chunks of C rows (:func:`chunk_rows`), and every GEMM is one
+``cublasGemmBatchedEx`` whose problems are the chunks, as many as any routing
+can need (:func:`max_chunks`). A kernel on the device fills the pointer
+arrays from the counts: real chunks first, in expert order; the problems left
+over re-point at the last real chunk's weights (already in L2) and write to a
+scratch buffer, so an expert without tokens costs no weight bandwidth. Every
+launch has fixed sizes for a given T, so a captured graph can be replayed
+with new tokens and new routing.
 
 Why no routing can overflow: a pair whose expert id is outside [0, E) takes
 no row (it is counted as dropped), and a token that names the same expert
 twice gets one row for it, which the combine adds once per choice (the same
 result as two rows). So no expert gets more than T rows, and the bound is
 exact. The buffers are sized for the largest need over every T up to the
-capacity (:class:`SlotCapacity`), because the need is not monotonic in T
+capacity (:class:`ChunkCapacity`), because the need is not monotonic in T
 (the chunk size changes with T). On top of that, the kernels take the length
 of every array they write and never write past it.
 
 Memory: rows, GEMM 1 output, activation and GEMM 2 output for
-``SlotCapacity.rows`` rows, plus a few small index arrays.
+``ChunkCapacity.rows`` rows, plus a few small index arrays.
 """
 
 from __future__ import annotations
@@ -35,15 +35,40 @@ from ..gemm.plan import GemmPlan
 from ..runtime.arrays import as_cupy, cuda_dtype, view
 from ..runtime.device import resolve_stream, resources
 from . import kernels as K
-from .layer import _arch, _check_routing, _check_tokens, _device_of, _executor, check_layer_args
+from .checks import (
+    LayerShape,
+    check_routing,
+    check_tokens,
+    device_of,
+    executor_or_shared,
+    kernel_arch,
+    layer_shape,
+)
 
-__all__ = ["StaticMoE"]
+__all__ = [
+    "CHUNK_ROWS",
+    "MAX_FIXED_CAPACITY_TOKENS",
+    "FixedCapacityMoE",
+    "ChunkCapacity",
+    "ChunkBuffers",
+    "chunk_rows",
+    "max_chunks",
+    "cached_chunk_buffers",
+    "check_fixed_capacity_args",
+    "fixed_capacity_step",
+]
 
-# Rows per GEMM problem of a fixed-capacity step (see LayerSpec.chunk).
-SLOT_CHUNK_ROWS = 16
+# Rows per chunk of a fixed-capacity step with many thin experts (see chunk_rows).
+CHUNK_ROWS = 16
+# Kernel arguments and row indices are int32.
+INT32_LIMIT = 2**31
+# Most tokens of one fixed-capacity step. Sizing walks every T up to the
+# capacity (about 1.5 us each); fixed capacity is for decode and small
+# prefill chunks, far below this.
+MAX_FIXED_CAPACITY_TOKENS = 2**18
 
 
-class StaticMoE:
+class FixedCapacityMoE:
     """MoE layer with a fixed token capacity and no host synchronization.
 
     Parameters
@@ -94,25 +119,23 @@ class StaticMoE:
     ):
         import cupy
 
-        fake_ids = _FakeIds((1, top_k))
-        num_experts, hidden, inter, width = check_layer_args(
-            None, fake_ids, None, w1, w2, b1, b2, activation, gated, trans_b
-        )
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, {num_experts}]; got {top_k!r}")
+        shape = layer_shape(w1, w2, top_k, b1=b1, b2=b2, activation=activation, gated=gated, trans_b=trans_b)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= shape.num_experts:
+            raise ValueError(f"top_k must be an int in [1, {shape.num_experts}]; got {top_k!r}")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int; got {max_tokens!r}")
-        self.spec = LayerSpec(num_experts, hidden, inter, width, top_k, gated, activation, trans_b)
-        self.capacity = SlotCapacity.of(self.spec, max_tokens)  # raises before any GPU work
+        self.shape = shape
+        self.capacity = ChunkCapacity.of(shape, max_tokens)  # raises before any GPU work
         self.w1, self.w2 = as_cupy(w1), as_cupy(w2)
         self.b1, self.b2 = (None if b is None else as_cupy(b) for b in (b1, b2))
         self.top_k, self.max_tokens = top_k, max_tokens
         self.activation, self.gated, self.trans_b = activation, gated, trans_b
-        self.num_experts, self.hidden, self.inter, self.width = num_experts, hidden, inter, width
-        self.executor = _executor(executor)
+        self.num_experts, self.hidden = shape.num_experts, shape.hidden
+        self.inter, self.width = shape.inter, shape.width
+        self.executor = executor_or_shared(executor)
         with cupy.cuda.Device(self.w1.device.id):
-            self._buffers = SlotBuffers.allocate(self.spec, self.capacity, self.w1.dtype)
-            self._out = cupy.empty((max_tokens, hidden), dtype=self.w1.dtype)
+            self._buffers = ChunkBuffers.allocate(shape, self.capacity)
+            self._out = cupy.empty((max_tokens, shape.hidden), dtype=shape.dtype)
             self._dropped = cupy.zeros(1, dtype=cupy.uint64)
         self._last_stream = None  # (StreamResources, Event) of the last eager step
 
@@ -127,12 +150,12 @@ class StaticMoE:
         The result is a view of a buffer owned by this layer, overwritten by
         the next call (so that a captured graph always writes the same memory).
         """
-        x_v = _check_tokens(x)
-        _check_routing(topk_ids, topk_weights, x_v.shape[0])
+        x_v = check_tokens(x)
+        check_routing(topk_ids, topk_weights, x_v.shape[0])
         tokens = x_v.shape[0]
         if tokens > self.max_tokens:
             raise ValueError(
-                f"x has {tokens} tokens but this StaticMoE was built for max_tokens="
+                f"x has {tokens} tokens but this FixedCapacityMoE was built for max_tokens="
                 f"{self.max_tokens}; build one with a larger capacity"
             )
         if x_v.shape[1] != self.hidden or x_v.dtype != self.w1.dtype:
@@ -141,17 +164,17 @@ class StaticMoE:
             raise ValueError(f"topk_ids must have top_k={self.top_k} columns")
         import cupy
 
-        res = resources(_device_of(x_v), resolve_stream(stream))
+        res = resources(device_of(x_v), resolve_stream(stream))
         with cupy.cuda.Device(res.device_id), res.cupy_stream:
             capturing = cupy.cuda.runtime.streamIsCapturing(res.stream) != 0
             if not capturing:
                 self._wait_for_last_step(res)
             out = self._out[:tokens]
             if tokens:
-                slot_step(
+                fixed_capacity_step(
                     res,
                     self.executor,
-                    self.spec,
+                    self.shape,
                     self._buffers,
                     as_cupy(x_v),
                     as_cupy(topk_ids),
@@ -208,112 +231,93 @@ class StaticMoE:
             )
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """Shape and options of an expert layer (what the slot step needs to know)."""
+def chunk_rows(shape: LayerShape, tokens: int) -> int:
+    """Rows per chunk (C) for a step of ``tokens`` tokens.
 
-    num_experts: int
-    hidden: int
-    inter: int
-    width: int  # first GEMM's output: 2 * inter when gated
-    top_k: int
-    gated: bool
-    activation: str
-    trans_b: bool
-
-    def chunk(self, tokens: int) -> int:
-        """Rows per GEMM problem for a step of ``tokens`` tokens.
-
-        Few, large experts (Mixtral: mean rows per expert ``T*k/E`` above half
-        a chunk, i.e. ``T*k > 8*E``) get one T-row problem each, so no
-        expert's weights are read twice. Many, thin experts (Qwen3,
-        DeepSeek-V3) get ``min(T, 16)``-row chunks: 16 is the row tile cuBLAS
-        picks for such thin problems on Hopper, and T-row problems would
-        compute mostly padding (measured: 4-6% faster at T=64).
-        """
-        if tokens * self.top_k > self.num_experts * SLOT_CHUNK_ROWS // 2:
-            return max(1, tokens)
-        return max(1, min(tokens, SLOT_CHUNK_ROWS))
-
-    def problems(self, tokens: int) -> int:
-        """The most chunks any routing of ``tokens`` tokens needs (exact).
-
-        With P = T*k pairs, A = min(E, P) experts that can be active and C
-        rows per chunk: each active expert's first chunk costs at least one
-        row, every further chunk C more, and no expert has more than T rows
-        (repeats share a row), so at most ``A + (P - A) // C`` chunks and at
-        most ``A * ceil(T / C)``. Routings reach the smaller of the two.
-        """
-        pairs, chunk = tokens * self.top_k, self.chunk(tokens)
-        active = min(self.num_experts, pairs)
-        return min(active + (pairs - active) // chunk, active * -(-tokens // chunk))
-
-    def plan(self, n: int, k: int) -> GemmPlan:
-        """Shape-only plan: the column-major mapping of a GEMM with N=n, K=k."""
-        empty = np.zeros(0, np.int64)
-        return GemmPlan(self.num_experts, 0, n, k, False, self.trans_b, empty, np.zeros(1, np.int64), empty)
+    Few, large experts (Mixtral: mean rows per expert ``T*k/E`` above half
+    a chunk, i.e. ``T*k > 8*E``) get one T-row chunk each, so no expert's
+    weights are read twice. Many, thin experts (Qwen3, DeepSeek-V3) get
+    ``min(T, 16)``-row chunks: 16 is the row tile cuBLAS picks for such thin
+    problems on Hopper, and T-row chunks would compute mostly padding
+    (measured: 4-6% faster at T=64).
+    """
+    if tokens * shape.top_k > shape.num_experts * CHUNK_ROWS // 2:
+        return max(1, tokens)
+    return max(1, min(tokens, CHUNK_ROWS))
 
 
-# Kernel arguments and row indices are int32.
-INT32_LIMIT = 2**31
-# Most tokens of one fixed-capacity step. Sizing walks every T up to the
-# capacity (about 1.5 us each); fixed capacity is for decode and small
-# prefill chunks, far below this.
-MAX_STATIC_TOKENS = 2**18
+def max_chunks(shape: LayerShape, tokens: int) -> int:
+    """The most chunks any routing of ``tokens`` tokens needs (exact).
+
+    With P = T*k pairs, A = min(E, P) experts that can be active and C
+    rows per chunk: each active expert's first chunk costs at least one
+    row, every further chunk C more, and no expert has more than T rows
+    (repeats share a row), so at most ``A + (P - A) // C`` chunks and at
+    most ``A * ceil(T / C)``. Routings reach the smaller of the two.
+    """
+    pairs, chunk = tokens * shape.top_k, chunk_rows(shape, tokens)
+    active = min(shape.num_experts, pairs)
+    return min(active + (pairs - active) // chunk, active * -(-tokens // chunk))
+
+
+def _gemm_plan(shape: LayerShape, n: int, k: int) -> GemmPlan:
+    """Shape-only plan: the column-major mapping of a GEMM with N=n, K=k."""
+    empty = np.zeros(0, np.int64)
+    return GemmPlan(shape.num_experts, 0, n, k, False, shape.trans_b, empty, np.zeros(1, np.int64), empty)
 
 
 @dataclass(frozen=True)
-class SlotCapacity:
+class ChunkCapacity:
     """What a fixed-capacity step's buffers hold: the largest need over every
     token count up to ``max_tokens`` (the need is not monotonic in T, because
     the chunk size changes with T)."""
 
     max_tokens: int
     pairs: int  # max_tokens * top_k
-    problems: int  # most chunk problems of any step
-    rows: int  # most rows (problems * chunk) of any step
+    chunks: int  # most chunks (problems of the batched GEMM) of any step
+    rows: int  # most rows (chunks * chunk rows) of any step
     chunk_rows: int  # largest chunk (the scratch output's rows)
 
     @classmethod
-    def of(cls, spec: LayerSpec, max_tokens: int) -> SlotCapacity:
+    def of(cls, shape: LayerShape, max_tokens: int) -> ChunkCapacity:
         """Capacity for every step of 1..``max_tokens`` tokens.
 
-        ``ValueError`` above :data:`MAX_STATIC_TOKENS` tokens or past the int32
-        limits of the kernels, before any allocation.
+        ``ValueError`` above :data:`MAX_FIXED_CAPACITY_TOKENS` tokens or past
+        the int32 limits of the kernels, before any allocation.
         """
-        pairs = max_tokens * spec.top_k
-        if max_tokens > MAX_STATIC_TOKENS or pairs >= INT32_LIMIT:
+        pairs = max_tokens * shape.top_k
+        if max_tokens > MAX_FIXED_CAPACITY_TOKENS or pairs >= INT32_LIMIT:
             raise ValueError(
                 f"max_tokens={max_tokens} is too large: a fixed-capacity step takes at most "
-                f"{MAX_STATIC_TOKENS} tokens and fewer than 2**31 (token, expert) pairs"
+                f"{MAX_FIXED_CAPACITY_TOKENS} tokens and fewer than 2**31 (token, expert) pairs"
             )
-        problems = rows = chunk = 0
+        chunks = rows = largest = 0
         for tokens in range(1, max_tokens + 1):  # every T: the need is not monotonic in T
-            step_chunk, step_problems = spec.chunk(tokens), spec.problems(tokens)
-            problems = max(problems, step_problems)
-            rows = max(rows, step_problems * step_chunk)
-            chunk = max(chunk, step_chunk)
+            chunk, step_chunks = chunk_rows(shape, tokens), max_chunks(shape, tokens)
+            chunks = max(chunks, step_chunks)
+            rows = max(rows, step_chunks * chunk)
+            largest = max(largest, chunk)
         if rows >= INT32_LIMIT:
             raise ValueError(f"max_tokens={max_tokens} needs {rows} rows; rows must stay below 2**31")
-        return cls(max_tokens, pairs, problems, rows, chunk)
+        return cls(max_tokens, pairs, chunks, rows, largest)
 
-    def check_step(self, spec: LayerSpec, tokens: int) -> None:
+    def check_step(self, shape: LayerShape, tokens: int) -> None:
         """Refuse a step the buffers cannot hold (an internal error: never truncate)."""
-        pairs, problems = tokens * spec.top_k, spec.problems(tokens)
-        rows, chunk = problems * spec.chunk(tokens), spec.chunk(tokens)
-        if pairs > self.pairs or problems > self.problems or rows > self.rows or chunk > self.chunk_rows:
+        pairs, chunks, chunk = tokens * shape.top_k, max_chunks(shape, tokens), chunk_rows(shape, tokens)
+        rows = chunks * chunk
+        if pairs > self.pairs or chunks > self.chunks or rows > self.rows or chunk > self.chunk_rows:
             raise RuntimeError(
-                f"a step of {tokens} tokens needs {pairs} pairs, {problems} problems, {rows} rows "
-                f"and {chunk}-row chunks but the buffers hold {self.pairs}, {self.problems}, "
+                f"a step of {tokens} tokens needs {pairs} pairs, {chunks} chunks, {rows} rows "
+                f"and {chunk}-row chunks but the buffers hold {self.pairs}, {self.chunks}, "
                 f"{self.rows} and {self.chunk_rows}"
             )
 
 
 @dataclass
-class SlotBuffers:
-    """Every intermediate of a slot step, sized by a :class:`SlotCapacity`."""
+class ChunkBuffers:
+    """Every intermediate of a fixed-capacity step, sized by a :class:`ChunkCapacity`."""
 
-    capacity: SlotCapacity
+    capacity: ChunkCapacity
     block_counts: object
     counts: object
     offsets: object
@@ -324,66 +328,83 @@ class SlotBuffers:
     act: object
     y: object
     scratch: object
-    pointers: object  # uint64 [2, 3, problems]: (GEMM 1, GEMM 2) x (rows, weights, out)
+    pointers: object  # uint64 [2, 3, chunks]: (GEMM 1, GEMM 2) x (rows, weights, out)
 
     @classmethod
-    def allocate(cls, spec: LayerSpec, capacity: SlotCapacity, dtype) -> SlotBuffers:
+    def allocate(cls, shape: LayerShape, capacity: ChunkCapacity) -> ChunkBuffers:
+        """Allocate every buffer on the current device, in ``shape.dtype``."""
         import cupy
 
-        rows, i32 = capacity.rows, cupy.int32
+        rows, i32, dtype = capacity.rows, cupy.int32, shape.dtype
         return cls(
             capacity,
-            cupy.empty((K.num_pair_blocks(capacity.pairs), spec.num_experts), dtype=i32),
-            cupy.empty(spec.num_experts, dtype=i32),
-            cupy.empty(spec.num_experts + 1, dtype=i32),
+            cupy.empty((K.num_pair_blocks(capacity.pairs), shape.num_experts), dtype=i32),
+            cupy.empty(shape.num_experts, dtype=i32),
+            cupy.empty(shape.num_experts + 1, dtype=i32),
             cupy.empty(capacity.pairs, dtype=i32),
             cupy.empty(rows, dtype=i32),
-            cupy.empty((rows, spec.hidden), dtype=dtype),
-            cupy.empty((rows, spec.width), dtype=dtype),
-            cupy.empty((rows, spec.inter), dtype=dtype),
-            cupy.empty((rows, spec.hidden), dtype=dtype),
-            cupy.empty((capacity.chunk_rows, max(spec.width, spec.hidden)), dtype=dtype),
-            cupy.empty((2, 3, capacity.problems), dtype=cupy.uint64),
+            cupy.empty((rows, shape.hidden), dtype=dtype),
+            cupy.empty((rows, shape.width), dtype=dtype),
+            cupy.empty((rows, shape.inter), dtype=dtype),
+            cupy.empty((rows, shape.hidden), dtype=dtype),
+            cupy.empty((capacity.chunk_rows, max(shape.width, shape.hidden)), dtype=dtype),
+            cupy.empty((2, 3, capacity.chunks), dtype=cupy.uint64),
         )
 
     @property
     def nbytes(self) -> int:
+        """GPU memory of every buffer."""
         return sum(getattr(self, f.name).nbytes for f in fields(self) if f.name != "capacity")
 
 
-def cached_slot_buffers(res, spec: LayerSpec, tokens: int, dtype) -> SlotBuffers:
-    """Slot buffers kept on the stream's resources for ``moe_forward(sync_free=True)``.
+def cached_chunk_buffers(res, shape: LayerShape, tokens: int) -> ChunkBuffers:
+    """Chunk buffers kept on the stream's resources for ``moe_forward(fixed_capacity=True)``.
 
-    One set per (layer shape, dtype) and stream, sized for every step up to
-    the largest T seen, rounded up to a power of two so that slowly rising
-    decode batch sizes reallocate only a few times.
+    One set per layer shape (dtype included) and stream, sized for every step
+    up to the largest T seen, rounded up to a power of two so that slowly
+    rising decode batch sizes reallocate only a few times.
     """
-    key = ("slot-buffers", spec, np.dtype(dtype).name)
+    key = ("chunk-buffers", shape)
     cached = res.buffers.get(key)
     if cached is None or cached.capacity.max_tokens < tokens:
-        capacity = SlotCapacity.of(spec, max(tokens, min(1 << (tokens - 1).bit_length(), MAX_STATIC_TOKENS)))
-        cached = SlotBuffers.allocate(spec, capacity, dtype)
+        max_tokens = max(tokens, min(1 << (tokens - 1).bit_length(), MAX_FIXED_CAPACITY_TOKENS))
+        cached = ChunkBuffers.allocate(shape, ChunkCapacity.of(shape, max_tokens))
         res.buffers[key] = cached
     return cached
 
 
-def slot_step(
-    res, executor, spec: LayerSpec, buf: SlotBuffers, x, ids, weights, params, out, *, dropped=None
+def check_fixed_capacity_args(tokens: int, dropped_pairs) -> None:
+    """Checks of ``moe_forward(fixed_capacity=True)``: the token count and the counter."""
+    if tokens > MAX_FIXED_CAPACITY_TOKENS:
+        raise ValueError(
+            f"fixed_capacity=True takes at most {MAX_FIXED_CAPACITY_TOKENS} tokens (it is meant for decode "
+            f"and small prefill chunks); x has {tokens}"
+        )
+    if dropped_pairs is not None:
+        d_v = view(dropped_pairs, "dropped_pairs")
+        if d_v.shape != (1,) or d_v.dtype not in (np.dtype(np.uint64), np.dtype(np.int64)):
+            raise ValueError(
+                f"dropped_pairs must be a uint64 or int64 array of shape (1,); got {d_v.dtype} {d_v.shape}"
+            )
+
+
+def fixed_capacity_step(
+    res, executor, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, params, out, *, dropped=None
 ) -> None:
-    """One sync-free layer step on ``res``'s stream: fixed sizes for a given T.
+    """One fixed-capacity layer step on ``res``'s stream: fixed sizes for a given T.
 
     ``params`` = (w1, w2, b1, b2) as CuPy arrays (biases may be None).
     ``dropped``: a uint64 [1] device counter to which pairs with an expert id
     outside [0, E) are added, or None.
     """
     w1, w2, b1, b2 = params
-    arch = _arch(res)
+    arch = kernel_arch(res)
     stream = res.launch_stream
     tokens, k = ids.shape
-    e = spec.num_experts
-    buf.capacity.check_step(spec, tokens)
-    pairs, slots, chunk = tokens * k, spec.problems(tokens), spec.chunk(tokens)
-    rows = slots * chunk
+    e = shape.num_experts
+    buf.capacity.check_step(shape, tokens)
+    pairs, chunks, chunk = tokens * k, max_chunks(shape, tokens), chunk_rows(shape, tokens)
+    rows = chunks * chunk
     nb = K.num_pair_blocks(pairs)
     block_counts = buf.block_counts[:nb]
     pair_to_row, row_to_pair = buf.pair_to_row[:pairs], buf.row_to_pair[:rows]
@@ -394,7 +415,7 @@ def slot_step(
     x_rows, h, act, y = buf.rows[:rows], buf.h[:rows], buf.act[:rows], buf.y[:rows]
 
     def gemm(which, a, w, c, n, kk, offsets=None):
-        plan = spec.plan(n, kk)
+        plan = _gemm_plan(shape, n, kk)
         ops = Operands.for_plan(plan, a.data.ptr, w.data.ptr, c.data.ptr, a.dtype.itemsize)
         arrays = executor.build_pointers(
             res,
@@ -403,7 +424,7 @@ def slot_step(
             layout,
             chunk_rows=chunk,
             num_problems=0,
-            num_slots=slots,
+            num_slots=chunks,
             scratch_c=buf.scratch.data.ptr,
             row_offsets=offsets,
             pointer_arrays=buf.pointers[which],
@@ -425,33 +446,21 @@ def slot_step(
             K.gather_rows(stream, arch, x, row_to_pair, k, x_rows)
         handle = res.bind(executor.config.workspace_mb << 20)
         executor.batched(
-            handle, plan.dims(chunk), arrays, slots, cuda_dtype(a.dtype, "x"), executor.compute_type(a.dtype)
+            handle, plan.dims(chunk), arrays, chunks, cuda_dtype(a.dtype, "x"), executor.compute_type(a.dtype)
         )
 
-    gemm(0, x_rows, w1, h, spec.width, spec.hidden, offsets=buf.offsets)
+    gemm(0, x_rows, w1, h, shape.width, shape.hidden, offsets=buf.offsets)
     K.expert_activation(
         stream,
         arch,
         h,
-        spec.inter,
-        int(spec.gated),
-        K.ACTIVATIONS[spec.activation],
+        shape.inter,
+        int(shape.gated),
+        K.ACTIVATIONS[shape.activation],
         b1,
         row_to_pair,
         ids,
         act,
     )
-    gemm(1, act, w2, y, spec.hidden, spec.inter)
+    gemm(1, act, w2, y, shape.hidden, shape.inter)
     K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
-
-
-class _FakeIds:
-    """Stands in for topk_ids when checking weights at construction (no tokens yet)."""
-
-    def __init__(self, shape):
-        self.shape = shape
-        self.dtype = np.dtype(np.int32)
-
-    @property
-    def __cuda_array_interface__(self):
-        return {"shape": self.shape, "typestr": "<i4", "data": (0, False), "strides": None, "version": 3}

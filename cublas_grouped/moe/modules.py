@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..runtime.arrays import as_cupy, view
+from ..runtime.device import stream_resources
+from .checks import device_of
+from .layer import moe_forward
+from .routing import route
 
 __all__ = ["ExpertWeights", "ExpertWeightManager", "MoEMLP"]
 
@@ -133,11 +137,7 @@ class MoEMLP:
         """
         import cupy
 
-        from ..runtime.device import current_device, stream_resources
-        from .layer import moe_forward, route
-
-        x_v = view(x, "x")
-        device = x_v.device if x_v.device is not None else current_device()
+        device = device_of(view(x, "x"))
         res = stream_resources(device, stream)
         # CuPy's own operations (matmul, zeros, +=) go to its current stream:
         # make that the call's stream, or they would race with the kernels on it.

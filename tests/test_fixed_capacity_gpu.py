@@ -1,6 +1,6 @@
 """Fixed-capacity decode on the GPU: every token count, rising and falling, for a
 few-large-expert and a many-small-expert layer, eager, graph-captured and
-sync-free, against float64, with every buffer poisoned before each step.
+through ``moe_forward(fixed_capacity=True)``, against float64, with every buffer poisoned before each step.
 
 Routings include the worst case for the chunk count (built by the CPU test of
 the bound), all tokens on the fewest experts, ids outside [0, E) and repeated
@@ -43,9 +43,10 @@ def step_routing(rng, step, tokens, experts, k):
     if kind == 0:
         ids = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)])
     elif kind == 1:  # the most chunk problems any routing of T tokens needs
-        from cublas_grouped.moe.fixed_capacity import LayerSpec
+        from cublas_grouped.moe.checks import LayerShape
+        from cublas_grouped.moe.fixed_capacity import chunk_rows
 
-        chunk = LayerSpec(experts, 8, 4, 8, k, True, "silu", False).chunk(tokens)
+        chunk = chunk_rows(LayerShape(experts, 8, 4, 8, k, True, "silu", False, np.dtype(np.float32)), tokens)
         ids = routing_with_counts(worst_counts(experts, k, tokens, chunk), tokens, k)
         ids = rng.permutation(experts)[ids]  # not always the low experts
     else:  # every token on the same k experts
@@ -69,11 +70,11 @@ def poison(layer):
 
 
 @pytest.mark.parametrize("name, experts, k, hidden, inter, biases", LAYERS)
-def test_static_eager_every_step_size(name, experts, k, hidden, inter, biases):
+def test_fixed_capacity_eager_every_step_size(name, experts, k, hidden, inter, biases):
     rng = np.random.default_rng(experts)
     weights, weights64 = make_layer(rng, experts, hidden, inter, biases)
     w1, w2, b1, b2 = weights
-    layer = cg.StaticMoE(w1, w2, k, max_tokens=MAX_TOKENS, b1=b1, b2=b2)
+    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=MAX_TOKENS, b1=b1, b2=b2)
     for step, tokens in enumerate(STEPS):
         import cupy
 
@@ -87,13 +88,13 @@ def test_static_eager_every_step_size(name, experts, k, hidden, inter, biases):
 
 
 @pytest.mark.parametrize("name, experts, k, hidden, inter, biases", LAYERS)
-def test_static_graphs_every_step_size(name, experts, k, hidden, inter, biases):
+def test_fixed_capacity_graphs_every_step_size(name, experts, k, hidden, inter, biases):
     import cupy
 
     rng = np.random.default_rng(experts + 1)
     weights, weights64 = make_layer(rng, experts, hidden, inter, biases)
     w1, w2, b1, b2 = weights
-    layer = cg.StaticMoE(w1, w2, k, max_tokens=MAX_TOKENS, b1=b1, b2=b2)
+    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=MAX_TOKENS, b1=b1, b2=b2)
     stream = cupy.cuda.Stream(non_blocking=True)
     graphs = {}
     with stream:
@@ -123,7 +124,7 @@ def test_static_graphs_every_step_size(name, experts, k, hidden, inter, biases):
 
 
 @pytest.mark.parametrize("name, experts, k, hidden, inter, biases", LAYERS)
-def test_sync_free_every_step_size(name, experts, k, hidden, inter, biases):
+def test_moe_forward_fixed_capacity_every_step_size(name, experts, k, hidden, inter, biases):
     import cupy
 
     rng = np.random.default_rng(experts + 2)
@@ -145,13 +146,13 @@ def test_sync_free_every_step_size(name, experts, k, hidden, inter, biases):
             w2,
             b1=b1,
             b2=b2,
-            sync_free=True,
+            fixed_capacity=True,
             dropped_pairs=dropped,
             stream=stream,
         )
         stream.synchronize()
         expected = ref.moe_forward_ref(x64, ids, w, *weights64)
-        check_close(out, expected, 1e-5, f"{name} sync_free T={tokens} step {step}")
+        check_close(out, expected, 1e-5, f"{name} fixed_capacity T={tokens} step {step}")
     assert int(dropped.get()[0]) == 0
 
 
@@ -170,7 +171,7 @@ def test_out_of_range_ids_are_dropped_and_counted():
     experts, k, hidden, inter = 16, 4, 64, 32
     weights, weights64 = make_layer(rng, experts, hidden, inter, True)
     w1, w2, b1, b2 = weights
-    layer = cg.StaticMoE(w1, w2, k, max_tokens=40, b1=b1, b2=b2)
+    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=40, b1=b1, b2=b2)
     counter = cupy.zeros(1, dtype=cupy.int64)
     total = 0
     for tokens in (1, 7, 23, 40):
@@ -181,11 +182,19 @@ def test_out_of_range_ids_are_dropped_and_counted():
         ids_ok, w_ok = np.where(bad, 0, ids), np.where(bad, 0.0, w)
         expected = ref.moe_forward_ref(x64, ids_ok, w_ok, *weights64)
         out = layer.forward(x, cupy.asarray(ids), cupy.asarray(w))
-        check_close(out, expected, 1e-5, f"static with bad ids T={tokens}")
+        check_close(out, expected, 1e-5, f"FixedCapacityMoE with bad ids T={tokens}")
         out = cg.moe_forward(
-            x, cupy.asarray(ids), cupy.asarray(w), w1, w2, b1=b1, b2=b2, sync_free=True, dropped_pairs=counter
+            x,
+            cupy.asarray(ids),
+            cupy.asarray(w),
+            w1,
+            w2,
+            b1=b1,
+            b2=b2,
+            fixed_capacity=True,
+            dropped_pairs=counter,
         )
-        check_close(out, expected, 1e-5, f"sync_free with bad ids T={tokens}")
+        check_close(out, expected, 1e-5, f"fixed_capacity with bad ids T={tokens}")
         total += int(bad.sum())
     assert total > 0
     assert int(counter.get()[0]) == total
@@ -208,7 +217,7 @@ def test_repeated_ids_count_once_per_choice():
     experts, k, hidden, inter, tokens = 8, 2, 128, 64, 64
     weights, weights64 = make_layer(rng, experts, hidden, inter, True)
     w1, w2, b1, b2 = weights
-    layer = cg.StaticMoE(w1, w2, k, max_tokens=tokens, b1=b1, b2=b2)
+    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=tokens, b1=b1, b2=b2)
     # Expert 0 named twice by every token: with a row per pair it would need
     # 2T rows, more than the T-row chunks leave room for.
     crowded = np.zeros((tokens, k), dtype=np.int32)
@@ -224,12 +233,12 @@ def test_repeated_ids_count_once_per_choice():
         w = rng.random((tokens, k)).astype(np.float32)
         expected = ref.moe_forward_ref(x64, ids, w, *weights64)
         args = (x, cupy.asarray(ids), cupy.asarray(w))
-        check_close(layer.forward(*args), expected, 1e-5, "static with repeats")
+        check_close(layer.forward(*args), expected, 1e-5, "FixedCapacityMoE with repeats")
         check_close(
-            cg.moe_forward(*args, w1, w2, b1=b1, b2=b2, sync_free=True),
+            cg.moe_forward(*args, w1, w2, b1=b1, b2=b2, fixed_capacity=True),
             expected,
             1e-5,
-            "sync_free with repeats",
+            "fixed_capacity with repeats",
         )
         check_close(cg.moe_forward(*args, w1, w2, b1=b1, b2=b2), expected, 1e-5, "dynamic with repeats")
     assert layer.dropped_pairs() == 0
@@ -244,7 +253,7 @@ def test_steps_on_two_streams_are_ordered():
     experts, k, hidden, inter = 8, 2, 1024, 4096  # big enough that a step takes a while
     weights, weights64 = make_layer(rng, experts, hidden, inter, False)
     w1, w2, _, _ = weights
-    layer = cg.StaticMoE(w1, w2, k, max_tokens=64)
+    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=64)
     first, second = (cupy.cuda.Stream(non_blocking=True) for _ in range(2))
     for step in range(4):
         x1, _ = device_random(rng, (64, hidden), np.float32)
