@@ -11,24 +11,34 @@
 //            the up projection).
 //     bias   [E, W] or null. Expert of row r: e = topk_ids[row_to_pair[r]]
 //            (topk_ids is only read when bias is non-null).
-//     act    0 = SiLU z * sigmoid(z), 1 = exact GELU 0.5 z (1 + erf(z / sqrt 2)),
-//            2 = ReLU (NaN propagates).
+//     act    ACT_SILU: SiLU z * sigmoid(z); ACT_GELU: exact GELU
+//            0.5 z (1 + erf(z / sqrt 2)); ACT_RELU: ReLU (NaN propagates).
 //     out    [num_rows, inter]: with z = h[r] (+ bias[e]) in fp32,
 //            gated: act(z[:inter]) * z[inter:]; otherwise act(z).
 //            Rows with row_to_pair[r] < 0 (padding) are written as zeros.
 //     h and out may not overlap.
 //
-//   Launch: one block per row, grid-stride over rows (any grid size; suggested
-//   min(num_rows, 65535)), block 128 threads suggested (any multiple of 32).
+//   Launch: one block per row, grid-stride over rows; any grid size and any
+//   block size work.
 //   Uses 16-byte loads/stores when inter * sizeof(X) % 16 == 0 and h, out and
 //   bias (if given) are 16-byte aligned; scalar accesses otherwise.
+//
+//   The activation codes ACT_SILU, ACT_GELU and ACT_RELU are shared with the
+//   launcher, which passes them as NVRTC defines (required, no defaults).
 
 #include "common.cuh"
 
+#if !defined(ACT_SILU) || !defined(ACT_GELU) || !defined(ACT_RELU)
+#error "ACT_SILU, ACT_GELU and ACT_RELU are not all defined: the launcher passes them as NVRTC defines"
+#endif
+#if ACT_SILU == ACT_GELU || ACT_SILU == ACT_RELU || ACT_GELU == ACT_RELU
+#error "the activation codes must differ"
+#endif
+
 __device__ __forceinline__ float apply_act(float z, int act) {
-    if (act == 0) return z / (1.0f + expf(-z));
-    if (act == 1) return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
-    return z < 0.0f ? 0.0f : z;  // written so that NaN stays NaN
+    if (act == ACT_SILU) return z / (1.0f + expf(-z));
+    if (act == ACT_GELU) return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
+    return z < 0.0f ? 0.0f : z;  // ACT_RELU, written so that NaN stays NaN
 }
 
 template <class T>

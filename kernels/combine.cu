@@ -24,10 +24,10 @@
 //     out [num_pairs, hidden]: out[p] = y[pair_to_row[p]] bit for bit, zeros
 //     where pair_to_row[p] < 0.
 //
-//   Launch (both): one block per output row, grid-stride over rows (any grid
-//   size; suggested min(rows, 65535)), block 128 threads suggested (any
-//   multiple of 32). 16-byte loads/stores when hidden * sizeof(X) % 16 == 0
-//   and y, out and bias (if given) are 16-byte aligned; scalar otherwise.
+//   Launch (both): one block per output row, grid-stride over rows; any grid
+//   size and any block size work. 16-byte loads/stores when
+//   hidden * sizeof(X) % 16 == 0 and y, out and bias (if given) are 16-byte
+//   aligned; scalar otherwise.
 
 #include "common.cuh"
 

@@ -12,8 +12,13 @@
 //    row_offsets[E + 1], possibly with padding between experts)
 //   3. assign_rows:            each pair's row in the expert-ordered buffer.
 //
-//   #define DISPATCH_THREADS 256   threads per block for all three kernels
-//   #define PAIRS_PER_BLOCK 1024   pairs per block (kernels 1 and 3)
+// Constants shared with the launcher, which passes them as NVRTC defines
+// (required, no defaults: the source stops with #error without them):
+//   DISPATCH_THREADS   threads per block of all three sort kernels (a
+//                      multiple of 32, at most 1024)
+//   PAIRS_PER_BLOCK    pairs per block (kernels 1 and 3; a multiple of
+//                      DISPATCH_THREADS)
+//   SKIP_REPEATS       the bit of `flags` that turns repeat detection on
 //
 // Which pairs take a row. A pair takes no row when its id is outside
 // [0, E) (a "dropped" pair) or, with SKIP_REPEATS set in `flags`, when its
@@ -23,8 +28,6 @@
 // repeat a row of its own). Kernels 1 and 3 must get the same top_k and
 // flags, so that the counts and the rows agree. With SKIP_REPEATS no expert
 // can get more than T rows, which the fixed-capacity step's bound relies on.
-//
-//   #define SKIP_REPEATS 1
 //
 // Kernels:
 //
@@ -46,8 +49,8 @@
 //               unsigned long long* dropped)
 //     grid nb, block DISPATCH_THREADS.
 //     Dynamic shared memory: (DISPATCH_THREADS / 32 + 1) * num_experts * 4
-//     = 9 * num_experts * 4 bytes (36 KiB for E = 1024; above 48 KiB, i.e.
-//     E > 1365, the caller must raise the kernel's shared memory limit).
+//     bytes (with 256 threads: 36 KiB for E = 1024; above 48 KiB the caller
+//     must raise the kernel's shared memory limit).
 //     block_base [nb, E] is the output of expert_column_scan; row_offsets
 //     [E + 1] the first row of each expert; row_to_pair holds num_rows
 //     entries. For pair p of expert e that takes a row:
@@ -66,18 +69,28 @@
 //   gather_rows_{f32,f16,bf16}(const X* x, int hidden, const int* row_to_pair,
 //                              int top_k, int num_rows, X* out)
 //     out[r, :] = x[row_to_pair[r] / top_k, :], zeros when row_to_pair[r] < 0.
-//     One block per row, grid-stride over rows: any grid size works
-//     (suggested min(num_rows, 65535)), block 128 (any multiple of 32).
+//     One block per row, grid-stride over rows; any grid size and any block
+//     size work.
 //     Uses 16-byte loads/stores when hidden * sizeof(X) % 16 == 0 and x and
 //     out are 16-byte aligned; element copies otherwise. Bit-exact copy.
 
 #include "common.cuh"
 
-#define DISPATCH_THREADS 256
-#define PAIRS_PER_BLOCK 1024
+#ifndef DISPATCH_THREADS
+#error "DISPATCH_THREADS is not defined: the launcher passes it as an NVRTC define"
+#endif
+#ifndef PAIRS_PER_BLOCK
+#error "PAIRS_PER_BLOCK is not defined: the launcher passes it as an NVRTC define"
+#endif
+#ifndef SKIP_REPEATS
+#error "SKIP_REPEATS is not defined: the launcher passes it as an NVRTC define"
+#endif
+#if DISPATCH_THREADS % 32 != 0 || DISPATCH_THREADS > 1024 || PAIRS_PER_BLOCK % DISPATCH_THREADS != 0
+#error "DISPATCH_THREADS must be a multiple of 32 up to 1024, and divide PAIRS_PER_BLOCK"
+#endif
+
 #define DISPATCH_WARPS (DISPATCH_THREADS / 32)
 #define PAIRS_PER_THREAD (PAIRS_PER_BLOCK / DISPATCH_THREADS)
-#define SKIP_REPEATS 1
 
 // The expert pair p takes a row for, or -1 when it takes none: an id outside
 // [0, E), or (with SKIP_REPEATS) an expert its token already chose at a lower
@@ -141,7 +154,7 @@ extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
     __shared__ int scratch[SCAN_SCRATCH_INTS];
     const int e = blockIdx.x;
     if (e >= num_experts) return;
-    // Column e is strided by E; nb is small (pairs / 1024), so the strided
+    // Column e is strided by E; nb is small (pairs / PAIRS_PER_BLOCK), so the strided
     // reads cost little next to the other passes.
     const int total =
         block_exclusive_scan_strided(block_counts + e, num_blocks, num_experts, scratch);

@@ -13,10 +13,11 @@
 //                  unsigned long long* a_ptrs, unsigned long long* b_ptrs,
 //                  unsigned long long* c_ptrs, int* row_offsets)
 //
-//   Launch: exactly ONE block of POINTER_THREADS = 1024 threads (the kernel
-//   scans across the block; any other block count gives wrong results), no
-//   dynamic shared memory. Experts are processed in tiles of 1024, so any E
-//   works.
+//   Launch: exactly ONE block of POINTER_THREADS threads (the kernel scans
+//   across the block; any other block count gives wrong results), no dynamic
+//   shared memory. Experts are processed in tiles of POINTER_THREADS, so any
+//   E works. POINTER_THREADS is shared with the launcher, which passes it as
+//   an NVRTC define (required, no default; a multiple of 32, at most 1024).
 //
 //   Row offset of expert e (first row of its rows in the row buffer):
 //     off_e = sum_{j<e} roundup(counts[j], max(align, 1)).
@@ -32,9 +33,10 @@
 //     b_ptrs[q] = b_base + r * b_row_bytes + e * b_expert_bytes
 //     c_ptrs[q] = c_base + r * c_row_bytes + e * c_expert_bytes
 //   (the caller zeroes the row or the expert stride of each operand).
-//   Problems nprob .. num_slots - 1 (when num_slots > nprob) become idle
-//   GEMMs: a = a_base, b = b pointer of the last real problem (b_base if
-//   none, so idle GEMMs re-read weights already in L2), c = scratch_c.
+//   With P problems in all, entries P .. min(num_slots, capacity) - 1 (when
+//   num_slots > P) become idle GEMMs: a = a_base, b = b pointer of the last
+//   real problem (b_base if none, so idle GEMMs re-read weights already in
+//   L2), c = scratch_c.
 //
 //   capacity: the entries each pointer array holds. No entry at or past it
 //   is written, whatever the counts say: problems q >= capacity are left
@@ -45,7 +47,12 @@
 
 #include "common.cuh"
 
-#define POINTER_THREADS 1024
+#ifndef POINTER_THREADS
+#error "POINTER_THREADS is not defined: the launcher passes it as an NVRTC define"
+#endif
+#if POINTER_THREADS % 32 != 0 || POINTER_THREADS > 1024
+#error "POINTER_THREADS must be a multiple of 32 up to 1024"
+#endif
 
 extern "C" __global__ void __launch_bounds__(POINTER_THREADS)
     build_pointers(const int* __restrict__ counts, int num_experts, int align, int chunk_rows,

@@ -6,9 +6,9 @@
 //                             int top_k, int scoring, int renormalize,
 //                             float* topk_weights, int* topk_ids)
 //     logits       [num_tokens, num_experts] row-major, read once.
-//     scoring      0 = softmax over all E logits (max-subtracted, fp32),
-//                  1 = sigmoid of each logit.
-//     renormalize  1 = divide the k selected scores by their sum.
+//     scoring      SCORE_SOFTMAX: softmax over all E logits (max-subtracted,
+//                  fp32); SCORE_SIGMOID: sigmoid of each logit.
+//     renormalize  nonzero: divide the k selected scores by their sum.
 //     topk_weights [num_tokens, top_k] fp32, written: selected scores in
 //                  descending order (renormalized if asked).
 //     topk_ids     [num_tokens, top_k] int32, written: the experts chosen.
@@ -17,14 +17,28 @@
 //     Requires 1 <= top_k <= num_experts (num_experts <= 1024 is what the
 //     caller guarantees; larger E works too if the shared memory fits).
 //
-//   Launch: one warp per token. blockDim = (ROUTE_THREADS = 128, 1, 1), i.e.
-//   4 tokens per block; gridDim.x = ceil(num_tokens / 4).
-//   Dynamic shared memory: 4 * num_experts * sizeof(float) bytes
-//   (ROUTE_WARPS * E * 4), one score row per warp. E = 1024 needs 16 KiB.
+//   Launch: one warp per token. blockDim = (ROUTE_THREADS, 1, 1), i.e.
+//   ROUTE_WARPS = ROUTE_THREADS / 32 tokens per block; gridDim.x =
+//   ceil(num_tokens / ROUTE_WARPS). Dynamic shared memory:
+//   ROUTE_WARPS * num_experts * sizeof(float) bytes, one score row per warp
+//   (4 warps and E = 1024 need 16 KiB).
+//
+//   ROUTE_THREADS (a multiple of 32, at most 1024) and the scoring codes
+//   SCORE_SOFTMAX and SCORE_SIGMOID are shared with the launcher, which
+//   passes them as NVRTC defines (required, no defaults).
 
 #include "common.cuh"
 
-#define ROUTE_THREADS 128
+#ifndef ROUTE_THREADS
+#error "ROUTE_THREADS is not defined: the launcher passes it as an NVRTC define"
+#endif
+#if ROUTE_THREADS % 32 != 0 || ROUTE_THREADS > 1024
+#error "ROUTE_THREADS must be a multiple of 32 up to 1024"
+#endif
+#if !defined(SCORE_SOFTMAX) || !defined(SCORE_SIGMOID) || SCORE_SOFTMAX == SCORE_SIGMOID
+#error "SCORE_SOFTMAX and SCORE_SIGMOID must be defined (NVRTC defines from the launcher) and differ"
+#endif
+
 #define ROUTE_WARPS (ROUTE_THREADS / 32)
 
 // Key used to rank scores: NaN sorts below every real score (scores are
@@ -56,7 +70,7 @@ __device__ __forceinline__ void route_topk_impl(const T* __restrict__ logits, in
 
     // 1. Logits to fp32 scores in shared memory (coalesced: lanes read
     //    consecutive elements).
-    if (scoring == 0) {
+    if (scoring == SCORE_SOFTMAX) {
         float m = -CG_INF;
         for (int e = lane; e < E; e += 32) {
             const float v = load_as_float(row + e);
@@ -77,7 +91,7 @@ __device__ __forceinline__ void route_topk_impl(const T* __restrict__ logits, in
         for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
         const float inv = 1.0f / sum;
         for (int e = lane; e < E; e += 32) scores[e] *= inv;
-    } else {
+    } else {  // SCORE_SIGMOID
         for (int e = lane; e < E; e += 32) {
             const float v = load_as_float(row + e);
             scores[e] = 1.0f / (1.0f + expf(-v));

@@ -4,6 +4,9 @@ The Python loader looks kernels up by plain name, so each file must export
 exactly-named extern "C" functions. We find them in the cubin's ELF symbol
 table (loading the cubin would need a driver). Local includes are inlined the
 same way the loader does it, since NVRTC runs without include paths.
+
+Every file compiles with the defines its launcher passes (the launchers'
+constants are the only copy); without one of them it must not compile.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ cuda_core = pytest.importorskip("cuda.core")
 Program = cuda_core.Program
 ProgramOptions = cuda_core.ProgramOptions
 
+from cublas_grouped.gemm import pointers as _pointers  # noqa: E402
+from cublas_grouped.moe import kernels as _moe_kernels  # noqa: E402
+from cublas_grouped.runtime import nvrtc  # noqa: E402
+
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+# What each launcher compiles its file with.
+DEFINES = {**_moe_kernels.DEFINES, "pointers": _pointers.DEFINES}
 ARCHES = ("sm_80", "sm_90")
 DTYPES = ("f32", "f16", "bf16")
 
@@ -78,6 +87,7 @@ def elf_function_symbols(blob: bytes) -> set[str]:
 
 def test_every_source_is_covered():
     assert sorted(p.name for p in KERNEL_DIR.glob("*.cu")) == sorted(EXPECTED)
+    assert sorted(f"{name}.cu" for name in DEFINES) == sorted(EXPECTED)
     assert (KERNEL_DIR / "common.cuh").is_file()
 
 
@@ -94,7 +104,8 @@ def test_only_local_common_include(name):
 def test_compiles_and_exports(name, arch):
     src = inline_includes(KERNEL_DIR / name)
     log = io.StringIO()
-    prog = Program(src, code_type="c++", options=ProgramOptions(arch=arch, std="c++17"))
+    macros = [(k, str(v)) for k, v in DEFINES[name.removesuffix(".cu")].items()] or None
+    prog = Program(src, code_type="c++", options=ProgramOptions(arch=arch, std="c++17", define_macro=macros))
     obj = prog.compile("cubin", logs=log)
     text = log.getvalue()
     assert "warning" not in text.lower(), text
@@ -105,14 +116,75 @@ def test_compiles_and_exports(name, arch):
     assert not [s for s in symbols if s.startswith("_Z") and "impl" in s]
 
 
-def test_dispatch_constants_documented():
-    # The Python side reads these values; the header comment and the code
-    # must agree.
-    text = (KERNEL_DIR / "dispatch.cu").read_text()
-    assert re.search(r"^#define DISPATCH_THREADS 256$", text, re.MULTILINE)
-    assert re.search(r"^#define PAIRS_PER_BLOCK 1024$", text, re.MULTILINE)
-    assert "#define DISPATCH_THREADS 256" in text.split("#include")[0]
-    assert "#define PAIRS_PER_BLOCK 1024" in text.split("#include")[0]
+def test_shared_constants_have_no_default_in_the_sources():
+    # A default in the source could silently disagree with the launcher.
+    for name, defines in DEFINES.items():
+        text = inline_includes(KERNEL_DIR / f"{name}.cu")
+        for macro in defines:
+            assert not re.search(rf"^[ \t]*#[ \t]*define[ \t]+{macro}\b", text, re.MULTILINE), (name, macro)
+            assert macro in text, f"{name}.cu never uses {macro}"
+
+
+@pytest.mark.parametrize(
+    "name,missing", [(name, macro) for name, defines in sorted(DEFINES.items()) for macro in defines]
+)
+def test_a_missing_define_stops_the_compile_and_is_named(name, missing):
+    defines = {k: v for k, v in DEFINES[name].items() if k != missing}
+    with pytest.raises(
+        nvrtc.KernelCompileError, match=rf"(?s)kernels/{name}\.cu for sm_90 .*#error.*{missing}"
+    ):
+        nvrtc.compile_source(name, "sm_90", defines)
+
+
+@pytest.mark.parametrize(
+    "name,defines,message",
+    [
+        ("dispatch", {"DISPATCH_THREADS": 100}, "a multiple of 32"),
+        ("dispatch", {"PAIRS_PER_BLOCK": 1000}, "divide PAIRS_PER_BLOCK"),
+        ("routing", {"ROUTE_THREADS": 2048}, "a multiple of 32 up to 1024"),
+        ("routing", {"SCORE_SIGMOID": 0}, "differ"),
+        ("pointers", {"POINTER_THREADS": 48}, "a multiple of 32 up to 1024"),
+        ("activation", {"ACT_RELU": 0}, "the activation codes must differ"),
+    ],
+)
+def test_inconsistent_defines_do_not_compile(name, defines, message):
+    with pytest.raises(nvrtc.KernelCompileError, match=message):
+        nvrtc.compile_source(name, "sm_90", {**DEFINES[name], **defines})
+
+
+def test_defines_key_both_caches(tmp_path, monkeypatch):
+    from cuda.core.utils import FileStreamProgramCache
+
+    monkeypatch.setattr(nvrtc, "_compiled", {})
+    monkeypatch.setattr(nvrtc, "_disk_cache", FileStreamProgramCache(tmp_path))
+    monkeypatch.setattr(nvrtc, "_disk_cache_ready", True)
+    base = DEFINES["dispatch"]
+    first = nvrtc.compile_source("dispatch", "sm_90", base)
+    # Same defines in another order and another mapping: the same program.
+    assert nvrtc.compile_source("dispatch", "sm_90", dict(reversed(list(base.items())))) is first
+    other = nvrtc.compile_source("dispatch", "sm_90", {**base, "DISPATCH_THREADS": 128})
+    assert other is not first and bytes(other.code) != bytes(first.code)
+    entries = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(entries) == 2
+    # A new process (empty memory cache) finds both on disk, each under its own defines.
+    monkeypatch.setattr(nvrtc, "_compiled", {})
+    assert bytes(nvrtc.compile_source("dispatch", "sm_90", base).code) == bytes(first.code)
+    assert len([p for p in tmp_path.rglob("*") if p.is_file()]) == 2
+
+
+@pytest.mark.parametrize(
+    "defines,error,message",
+    [
+        ({"A": True}, TypeError, "define A must be an int; got bool"),
+        ({"A": 1.0}, TypeError, "define A must be an int; got float"),
+        ({"1A": 1}, ValueError, "define name must be a C identifier; got '1A'"),
+    ],
+)
+def test_define_values_are_checked(defines, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        nvrtc.define_items(defines)
+    assert nvrtc.define_items({"B": 2, "A": 1}) == (("A", 1), ("B", 2))
+    assert nvrtc.define_items(None) == ()
 
 
 @pytest.mark.parametrize(
@@ -129,7 +201,8 @@ def test_row_kernels_use_128bit_accesses(name, kernels):
     src = inline_includes(KERNEL_DIR / name).encode()
     err, prog = nvrtc.nvrtcCreateProgram(src, name.encode(), 0, [], [])
     assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
-    opts = [b"--gpu-architecture=sm_90", b"-std=c++17"]
+    macros = [f"-D{k}={v}".encode() for k, v in DEFINES[name.removesuffix(".cu")].items()]
+    opts = [b"--gpu-architecture=sm_90", b"-std=c++17", *macros]
     (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
     err, size = nvrtc.nvrtcGetPTXSize(prog)

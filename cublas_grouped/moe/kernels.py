@@ -3,6 +3,10 @@
 One function per kernel: it picks the dtype variant, computes the grid and
 shared memory the kernel's header comment asks for, and types every argument.
 No checks happen here: callers validate first.
+
+The block sizes and flag bits below are the only copy: each kernel file is
+compiled with its entry of :data:`DEFINES` as NVRTC defines, and the sources
+refuse to compile without them.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from ..runtime import nvrtc as _kernels
 
 __all__ = [
     "ACTIVATIONS",
+    "SCORINGS",
+    "DEFINES",
     "route_topk",
     "block_histogram",
     "column_scan",
@@ -24,16 +30,36 @@ __all__ = [
     "num_pair_blocks",
 ]
 
-# Must match kernels/dispatch.cu and kernels/routing.cu.
-DISPATCH_THREADS = 256
-PAIRS_PER_BLOCK = 1024
+DISPATCH_THREADS = 256  # threads per block of dispatch.cu's three sort kernels
+PAIRS_PER_BLOCK = 1024  # (token, choice) pairs per block of those kernels
 SKIP_REPEATS = 1  # dispatch.cu's flag: a token's repeated expert id aliases its first row
-ROUTE_THREADS = 128
+ROUTE_THREADS = 128  # routing.cu: one warp per token, so 4 tokens per block
 ROUTE_WARPS = ROUTE_THREADS // 32
+# The row kernels (gather, activation, combine, scatter) take any block and
+# grid size: these two are the launcher's choice alone.
 ROW_THREADS = 128
 MAX_GRID = 65535
 
+#: The ``act`` argument of activation.cu and the ``scoring`` one of routing.cu.
 ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}
+SCORINGS = {"softmax": 0, "sigmoid": 1}
+
+#: NVRTC defines per kernels/<file>.cu: the constants each source shares with
+#: its launcher here. combine.cu shares none.
+DEFINES: dict[str, dict[str, int]] = {
+    "routing": {
+        "ROUTE_THREADS": ROUTE_THREADS,
+        "SCORE_SOFTMAX": SCORINGS["softmax"],
+        "SCORE_SIGMOID": SCORINGS["sigmoid"],
+    },
+    "dispatch": {
+        "DISPATCH_THREADS": DISPATCH_THREADS,
+        "PAIRS_PER_BLOCK": PAIRS_PER_BLOCK,
+        "SKIP_REPEATS": SKIP_REPEATS,
+    },
+    "activation": {f"ACT_{name.upper()}": code for name, code in ACTIVATIONS.items()},
+    "combine": {},
+}
 _SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
@@ -44,14 +70,16 @@ def _ptr(array) -> np.intp:
 def _kernel(file: str, name: str, arch: str, dtype=None):
     if dtype is not None:
         name = f"{name}_{_SUFFIX[np.dtype(dtype).name]}"
-    return _kernels.get_kernel(file, name, arch)
+    return _kernels.get_kernel(file, name, arch, defines=DEFINES[file])
 
 
 def num_pair_blocks(num_pairs: int) -> int:
+    """Blocks of ``PAIRS_PER_BLOCK`` pairs the sort kernels run over (at least one)."""
     return max(1, -(-num_pairs // PAIRS_PER_BLOCK))
 
 
 def route_topk(stream, arch, logits, top_k, scoring, renormalize, weights, ids) -> None:
+    """routing.cu ``route_topk``: top-k experts and weights of every token (one warp per token)."""
     tokens, experts = logits.shape
     kernel = _kernel("routing", "route_topk", arch, logits.dtype)
     grid = max(1, -(-tokens // ROUTE_WARPS))
@@ -69,6 +97,7 @@ def route_topk(stream, arch, logits, top_k, scoring, renormalize, weights, ids) 
 
 
 def block_histogram(stream, arch, ids, num_pairs, num_experts, block_counts, *, skip_repeats=False) -> None:
+    """dispatch.cu ``expert_block_histogram``: each expert's pairs in each block of pairs."""
     kernel = _kernel("dispatch", "expert_block_histogram", arch)
     args = (
         _ptr(ids),
@@ -82,6 +111,7 @@ def block_histogram(stream, arch, ids, num_pairs, num_experts, block_counts, *, 
 
 
 def column_scan(stream, arch, block_counts, num_blocks, num_experts, counts) -> None:
+    """dispatch.cu ``expert_column_scan``: block counts to block bases in place, and each expert's total."""
     kernel = _kernel("dispatch", "expert_column_scan", arch)
     args = (_ptr(block_counts), np.int32(num_blocks), np.int32(num_experts), _ptr(counts))
     _kernels.launch(stream, kernel, num_experts, DISPATCH_THREADS, args)
@@ -101,8 +131,9 @@ def assign_rows(
     skip_repeats=False,
     dropped=None,
 ) -> None:
-    """Rows for every pair; ``row_to_pair``'s length is the row capacity the
-    kernel respects, and ``dropped`` (uint64 [1] or None) counts pairs that got none."""
+    """dispatch.cu ``assign_rows``: rows for every pair; ``row_to_pair``'s length is the
+    row capacity the kernel respects, and ``dropped`` (uint64 [1] or None) counts pairs
+    that got none."""
     kernel = _kernel("dispatch", "assign_rows", arch)
     args = (
         _ptr(ids),
@@ -126,6 +157,7 @@ def _row_grid(rows: int) -> int:
 
 
 def gather_rows(stream, arch, x, row_to_pair, top_k, out) -> None:
+    """dispatch.cu ``gather_rows``: token rows of ``x`` into expert order (zeros for padding rows)."""
     rows = out.shape[0]
     kernel = _kernel("dispatch", "gather_rows", arch, x.dtype)
     args = (_ptr(x), np.int32(x.shape[1]), _ptr(row_to_pair), np.int32(top_k), np.int32(rows), _ptr(out))
@@ -133,6 +165,7 @@ def gather_rows(stream, arch, x, row_to_pair, top_k, out) -> None:
 
 
 def expert_activation(stream, arch, h, inter, gated, act, bias, row_to_pair, ids, out) -> None:
+    """activation.cu ``expert_activation``: optional bias, then the (gated) activation, row by row."""
     rows = out.shape[0]
     kernel = _kernel("activation", "expert_activation", arch, h.dtype)
     args = (
@@ -150,6 +183,7 @@ def expert_activation(stream, arch, h, inter, gated, act, bias, row_to_pair, ids
 
 
 def combine_rows(stream, arch, y, pair_to_row, weights, ids, bias, num_tokens, top_k, out) -> None:
+    """combine.cu ``combine_rows``: each token's k expert rows, weighted and summed in choice order."""
     kernel = _kernel("combine", "combine_rows", arch, y.dtype)
     args = (
         _ptr(y),
@@ -166,6 +200,7 @@ def combine_rows(stream, arch, y, pair_to_row, weights, ids, bias, num_tokens, t
 
 
 def scatter_rows(stream, arch, y, pair_to_row, out) -> None:
+    """combine.cu ``scatter_rows``: expert rows back to pair order, unweighted (zeros where dropped)."""
     pairs = out.shape[0]
     kernel = _kernel("combine", "scatter_rows", arch, y.dtype)
     args = (_ptr(y), np.int32(y.shape[1]), _ptr(pair_to_row), np.int32(pairs), _ptr(out))

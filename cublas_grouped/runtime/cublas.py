@@ -20,6 +20,7 @@ from dataclasses import dataclass
 __all__ = [
     "CublasError",
     "CublasUnavailableError",
+    "CTYPES",
     "Prototype",
     "PROTOTYPES",
     "REQUIRED_SYMBOLS",

@@ -2,9 +2,17 @@
 
 Each ``kernels/<name>.cu`` is one NVRTC program, compiled through ``cuda.core``
 for the exact architecture of the device it runs on (``sm_80``, ``sm_90``...).
-Compiled programs are cached in memory per (file, architecture) and on disk in
-a ``cuda.core.utils.FileStreamProgramCache`` whose key covers the source, the
-options and the NVRTC version, so a stale or foreign entry is never reused.
+The constants a kernel shares with its launcher (block sizes, flag bits) are
+written once, in the launcher's Python module, and reach the source as NVRTC
+defines (``get_kernel(..., defines={"ROUTE_THREADS": ROUTE_THREADS})``); the
+sources have no defaults and stop with ``#error`` when one is missing, so the
+two sides cannot drift.
+This module knows no kernel's constants: callers pass them.
+
+Compiled programs are cached in memory per (file, architecture, defines) and
+on disk in a ``cuda.core.utils.FileStreamProgramCache`` whose key covers the
+source, the options (the defines among them) and the NVRTC version, so a stale
+or foreign entry is never reused.
 
 The disk cache lives in ``$CUBLAS_GROUPED_CACHE_DIR`` when that is set, else in
 ``~/.cache/cublas_grouped/kernels``. Setting ``CUBLAS_GROUPED_CACHE_DIR=off``
@@ -19,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = [
@@ -26,6 +35,7 @@ __all__ = [
     "kernel_dir",
     "kernel_files",
     "load_source",
+    "define_items",
     "compile_source",
     "get_kernel",
     "launch",
@@ -88,7 +98,7 @@ def load_source(name: str) -> str:
 
 
 _lock = threading.Lock()
-_compiled: dict[tuple[str, str], object] = {}
+_compiled: dict[tuple, object] = {}
 _disk_cache = None
 _disk_cache_ready = False
 
@@ -119,17 +129,44 @@ def arch_for(compute_capability: tuple[int, int]) -> str:
     return f"sm_{major}{minor}"
 
 
-def compile_source(name: str, arch: str):
+Defines = tuple[tuple[str, int], ...]
+
+
+def define_items(defines: Mapping[str, int] | None) -> Defines:
+    """``defines`` as sorted ``(name, value)`` pairs: the form that keys the caches.
+
+    Raises
+    ------
+    ValueError
+        If a name is not a C identifier.
+    TypeError
+        If a value is not an int (bools are refused too: a flag is 0 or 1).
+    """
+    items = []
+    for name, value in sorted((defines or {}).items()):
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"define name must be a C identifier; got {name!r}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"define {name} must be an int; got {type(value).__name__} {value!r}")
+        items.append((name, int(value)))
+    return tuple(items)
+
+
+def compile_source(name: str, arch: str, defines: Mapping[str, int] | None = None):
     """Compile ``kernels/<name>.cu`` for ``arch`` and return the ``ObjectCode``.
 
-    Needs NVRTC but no GPU. Results are cached in memory and on disk.
+    ``defines`` (name -> int) are passed to NVRTC as ``-D name=value``; they
+    are the constants the source shares with its launcher, and part of both
+    cache keys. Needs NVRTC but no GPU. Results are cached in memory and on disk.
 
     Raises
     ------
     KernelCompileError
-        With the NVRTC log, if the source does not compile.
+        With the NVRTC log, if the source does not compile (a required define
+        that is missing stops it with an ``#error`` naming the define).
     """
-    key = (name, arch)
+    items = define_items(defines)
+    key = (name, arch, items)
     obj = _compiled.get(key)
     if obj is not None:
         return obj
@@ -140,7 +177,8 @@ def compile_source(name: str, arch: str):
         from cuda.core import Program, ProgramOptions
 
         source = load_source(name)
-        options = ProgramOptions(arch=arch, std="c++17", name=f"{name}.cu")
+        macros = [(macro, str(value)) for macro, value in items] or None
+        options = ProgramOptions(arch=arch, std="c++17", name=f"{name}.cu", define_macro=macros)
         try:
             program = Program(source, code_type="c++", options=options)
             cache = _program_cache()
@@ -149,20 +187,24 @@ def compile_source(name: str, arch: str):
             else:
                 obj = program.compile("cubin")
         except Exception as exc:
-            raise KernelCompileError(f"NVRTC failed to compile kernels/{name}.cu for {arch}:\n{exc}") from exc
+            given = ", ".join(f"{macro}={value}" for macro, value in items) or "none"
+            raise KernelCompileError(
+                f"NVRTC failed to compile kernels/{name}.cu for {arch} (defines: {given}):\n{exc}"
+            ) from exc
         _compiled[key] = obj
         return obj
 
 
-_kernels: dict[tuple[str, str, str], object] = {}
+_kernels: dict[tuple, object] = {}
 
 
-def get_kernel(name: str, kernel: str, arch: str):
-    """The launchable ``cuda.core.Kernel`` ``kernel`` from ``kernels/<name>.cu``."""
-    key = (name, kernel, arch)
+def get_kernel(name: str, kernel: str, arch: str, *, defines: Mapping[str, int] | None = None):
+    """The launchable ``cuda.core.Kernel`` ``kernel`` from ``kernels/<name>.cu``,
+    compiled for ``arch`` with ``defines`` (see :func:`compile_source`)."""
+    key = (name, kernel, arch, define_items(defines))
     found = _kernels.get(key)
     if found is None:
-        found = compile_source(name, arch).get_kernel(kernel)
+        found = compile_source(name, arch, defines).get_kernel(kernel)
         _kernels[key] = found
     return found
 

@@ -1,4 +1,4 @@
-"""CUDA-event timing shared by the benchmark and the tuner (``bench.py``, ``tune.py``).
+"""CUDA-event timing of GPU work, for the benchmark, the tuner and AUTO's measurements.
 
 Every timed call sits between two ``cupy.cuda.Event`` records on the current
 stream, so the number is GPU time from the first kernel of the call to the
