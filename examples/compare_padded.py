@@ -25,7 +25,7 @@ def bmm(a, b):
     """[E, C, K] @ [E, K, N] as one cuBLAS strided batched GEMM (what torch.bmm does).
 
     CuPy's matmul has no batched bfloat16 path, so the baseline calls cuBLAS
-    directly through this package's binding, row-major mapped as in _plan.
+    directly through this package's binding, row-major mapped as in cublas_grouped/gemm/plan.py.
     """
     import cupy
 

@@ -1,6 +1,7 @@
 """CPU tests of the benchmark and tuner: arguments, cases, routing generators, FLOP and
-byte counts, targets and table formatting, and the CUDA-event timer's bookkeeping
-(against a fake ``cupy``). Nothing here needs a GPU."""
+byte counts, targets and table formatting, the CUDA-event timers' bookkeeping and the
+round-robin order (against a fake ``cupy``), and how a section sets up, skips and
+records its methods. Nothing here needs a GPU."""
 
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ import numpy as np
 import pytest
 
 from cublas_grouped.runtime import timing as _timing
-from cublas_grouped.tools import bench as bench
 from cublas_grouped.tools import tune as tune
-from cublas_grouped.tools.bench import Case, Result
+from cublas_grouped.tools.bench import Case, Result, cli, gpu, report, workloads
+from cublas_grouped.tools.bench import section as bench_section
+from cublas_grouped.tools.bench import timing as bench_timing
 
 
 # -- arguments and cases -------------------------------------------------------------------------------------
 def test_defaults_cover_every_model_token_count_and_routing():
-    args = bench.parse_args([])
+    args = cli.parse_args([])
     assert (args.warmup, args.repeat, args.routings) == (5, 30, ["uniform", "skewed"])
-    cases = bench.build_cases(args)
+    cases = workloads.build_cases(args)
     assert len(cases) == 3 * 4 * 2
     assert {c.model for c in cases} == {"mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3"}
     assert sorted({c.tokens for c in cases}) == [16, 64, 4096, 16384]
@@ -39,7 +41,7 @@ def test_defaults_cover_every_model_token_count_and_routing():
     ],
 )
 def test_model_case_shapes(model, experts, top_k, hidden, inter):
-    cases = [c for c in bench.build_cases(bench.parse_args([])) if c.model == model]
+    cases = [c for c in workloads.build_cases(cli.parse_args([])) if c.model == model]
     assert cases
     for c in cases:
         assert (c.experts, c.top_k, c.hidden, c.inter, c.dtype) == (experts, top_k, hidden, inter, "bfloat16")
@@ -50,40 +52,40 @@ def test_model_case_shapes(model, experts, top_k, hidden, inter):
 
 
 def test_quick_keeps_4096_prefill_and_decode():
-    args = bench.parse_args(["--quick"])
+    args = cli.parse_args(["--quick"])
     assert (args.warmup, args.repeat) == (3, 20)
-    cases = bench.build_cases(args)
+    cases = workloads.build_cases(args)
     assert sorted({c.tokens for c in cases}) == [16, 64, 4096]
     assert len(cases) == 3 * 3 * 2
 
 
 def test_tokens_accept_commas_and_words():
-    args = bench.parse_args(["--tokens", "64,16", "4096", "--tokens", "16"])
+    args = cli.parse_args(["--tokens", "64,16", "4096", "--tokens", "16"])
     assert args.tokens == [16, 64, 4096]
     with pytest.raises(SystemExit):
-        bench.parse_args(["--tokens", "0"])
+        cli.parse_args(["--tokens", "0"])
     with pytest.raises(SystemExit):
-        bench.parse_args(["--tokens", "a,b"])
+        cli.parse_args(["--tokens", "a,b"])
 
 
 def test_routing_selection():
-    assert bench.parse_args(["--routing", "uniform"]).routings == ["uniform"]
-    assert bench.parse_args(["--skew"]).routings == ["skewed"]
-    cases = bench.build_cases(bench.parse_args(["--skew", "--quick"]))
+    assert cli.parse_args(["--routing", "uniform"]).routings == ["uniform"]
+    assert cli.parse_args(["--skew"]).routings == ["skewed"]
+    cases = workloads.build_cases(cli.parse_args(["--skew", "--quick"]))
     assert {c.routing for c in cases} == {"skewed"}
     with pytest.raises(SystemExit):
-        bench.parse_args(["--skew", "--routing", "uniform"])
+        cli.parse_args(["--skew", "--routing", "uniform"])
 
 
 def test_cases_filter_by_substring():
-    cases = bench.build_cases(bench.parse_args(["--cases", "qwen,mixtral", "--tokens", "16"]))
+    cases = workloads.build_cases(cli.parse_args(["--cases", "qwen,mixtral", "--tokens", "16"]))
     assert {c.model for c in cases} == {"qwen3-30b-a3b", "mixtral-8x7b"}
     with pytest.raises(SystemExit):
-        bench.parse_args(["--cases", "llama"])
+        cli.parse_args(["--cases", "llama"])
 
 
 def test_custom_case_from_flags():
-    args = bench.parse_args(
+    args = cli.parse_args(
         [
             "--experts",
             "64",
@@ -100,7 +102,7 @@ def test_custom_case_from_flags():
             "--skew",
         ]
     )
-    (case,) = bench.build_cases(args)
+    (case,) = workloads.build_cases(args)
     assert (case.experts, case.top_k, case.hidden, case.inter, case.tokens) == (64, 4, 1024, 512, 128)
     assert (case.dtype, case.routing, case.itemsize) == ("float16", "skewed", 2)
     assert case.model == "custom-e64k4h1024i512"
@@ -119,7 +121,7 @@ def test_custom_case_from_flags():
 )
 def test_bad_arguments_exit(argv, capsys):
     with pytest.raises(SystemExit) as info:
-        bench.parse_args(argv)
+        cli.parse_args(argv)
     assert info.value.code == 2
     assert "error" in capsys.readouterr().err
 
@@ -134,9 +136,9 @@ def _assert_distinct_rows(ids: np.ndarray, num_experts: int, top_k: int, tokens:
 @pytest.mark.parametrize("experts, top_k, min_ratio", [(8, 2, 2.0), (128, 8, 4.0), (256, 8, 4.0)])
 def test_skewed_routing_has_a_hot_expert(experts, top_k, min_ratio):
     tokens = 4096
-    ids = bench.skewed_routing(tokens, experts, top_k, np.random.default_rng(1), sigma=1.0)
+    ids = workloads.skewed_routing(tokens, experts, top_k, np.random.default_rng(1), sigma=1.0)
     _assert_distinct_rows(ids, experts, top_k, tokens)
-    counts = bench.expert_counts(ids, experts)
+    counts = workloads.expert_counts(ids, experts)
     assert counts.sum() == tokens * top_k
     mean = tokens * top_k / experts
     assert counts.max() >= min_ratio * mean, (counts.max(), mean)
@@ -146,23 +148,23 @@ def test_skewed_routing_has_a_hot_expert(experts, top_k, min_ratio):
 
 def test_uniform_routing_is_balanced():
     tokens, experts, top_k = 4096, 128, 8
-    ids = bench.uniform_routing(tokens, experts, top_k, np.random.default_rng(2))
+    ids = workloads.uniform_routing(tokens, experts, top_k, np.random.default_rng(2))
     _assert_distinct_rows(ids, experts, top_k, tokens)
-    counts = bench.expert_counts(ids, experts)
+    counts = workloads.expert_counts(ids, experts)
     assert counts.max() < 1.5 * tokens * top_k / experts
     assert counts.min() > 0
 
 
 def test_top_k_equal_to_experts_picks_all():
-    ids = bench.skewed_routing(5, 8, 8, np.random.default_rng(0))
+    ids = workloads.skewed_routing(5, 8, 8, np.random.default_rng(0))
     assert all(sorted(row) == list(range(8)) for row in ids.tolist())
     with pytest.raises(ValueError):
-        bench.uniform_routing(5, 4, 5, np.random.default_rng(0))
+        workloads.uniform_routing(5, 4, 5, np.random.default_rng(0))
 
 
 def test_popularity_is_lognormal_with_fixed_spread():
-    p1 = bench.expert_popularity(8, 1.0, np.random.default_rng(0))
-    p2 = bench.expert_popularity(8, 1.0, np.random.default_rng(99))
+    p1 = workloads.expert_popularity(8, 1.0, np.random.default_rng(0))
+    p2 = workloads.expert_popularity(8, 1.0, np.random.default_rng(99))
     assert p1.sum() == pytest.approx(1.0) and (p1 > 0).all()
     np.testing.assert_allclose(np.sort(p1), np.sort(p2))  # only the assignment to experts varies
     # log-popularity has the lognormal's sigma (stratified quantiles come close to 1).
@@ -173,15 +175,15 @@ def test_popularity_is_lognormal_with_fixed_spread():
 
 
 def test_routing_weights_and_reproducibility():
-    w = bench.routing_weights(100, 4, np.random.default_rng(0))
+    w = workloads.routing_weights(100, 4, np.random.default_rng(0))
     assert w.dtype == np.float32 and (w > 0).all()
     np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-6)
     case = Case("qwen3-30b-a3b", 64, 128, 8, 2048, 768, "skewed")
-    w1, ids1 = bench.make_routing(case, seed=3)
-    w2, ids2 = bench.make_routing(case, seed=3)
+    w1, ids1 = workloads.make_routing(case, seed=3)
+    w2, ids2 = workloads.make_routing(case, seed=3)
     np.testing.assert_array_equal(ids1, ids2)
     np.testing.assert_array_equal(w1, w2)
-    _, ids3 = bench.make_routing(case, seed=4)
+    _, ids3 = workloads.make_routing(case, seed=4)
     assert not np.array_equal(ids1, ids3)
 
 
@@ -189,40 +191,40 @@ def test_routing_weights_and_reproducibility():
 def test_flops_by_hand():
     mixtral = Case("mixtral-8x7b", 4096, 8, 2, 4096, 14336)
     # 2 * (4096 * 2) * 4096 * (2 * 14336)
-    assert bench.gemm1_flops(mixtral) == 1_924_145_348_608
+    assert workloads.gemm1_flops(mixtral) == 1_924_145_348_608
     # plus 2 * 8192 * 14336 * 4096 for the down projection
-    assert bench.layer_flops(mixtral) == 1_924_145_348_608 + 962_072_674_304
+    assert workloads.layer_flops(mixtral) == 1_924_145_348_608 + 962_072_674_304
     ungated = Case("x", 10, 4, 2, 8, 16, gated=False)
-    assert bench.gemm1_flops(ungated) == 2 * 20 * 8 * 16
-    assert bench.layer_flops(ungated) == 2 * 20 * 8 * 16 * 2
+    assert workloads.gemm1_flops(ungated) == 2 * 20 * 8 * 16
+    assert workloads.layer_flops(ungated) == 2 * 20 * 8 * 16 * 2
 
 
 def test_bytes_and_rates_by_hand():
     qwen = Case("qwen3-30b-a3b", 16, 128, 8, 2048, 768)
     # 100 active experts, bf16: w1 slices [2048, 1536]; w2 slices [768, 2048]
-    assert bench.gemm1_weight_bytes(qwen, 100) == 629_145_600
-    assert bench.layer_weight_bytes(qwen, 100) == 943_718_400
+    assert workloads.gemm1_weight_bytes(qwen, 100) == 629_145_600
+    assert workloads.layer_weight_bytes(qwen, 100) == 943_718_400
     fp32 = Case("x", 16, 4, 1, 8, 8, dtype="float32")
-    assert bench.gemm1_weight_bytes(fp32, 2) == 2 * 8 * 16 * 4
-    assert bench.tflops(1e12, 1.0) == pytest.approx(1000.0)
-    assert bench.tflops(1.924e12, 4.0) == pytest.approx(481.0)
-    assert bench.gbs(3.35e9, 1.0) == pytest.approx(3350.0)
-    assert bench.gbs(629_145_600, 0.25) == pytest.approx(2516.5824)
+    assert workloads.gemm1_weight_bytes(fp32, 2) == 2 * 8 * 16 * 4
+    assert workloads.tflops(1e12, 1.0) == pytest.approx(1000.0)
+    assert workloads.tflops(1.924e12, 4.0) == pytest.approx(481.0)
+    assert workloads.gbs(3.35e9, 1.0) == pytest.approx(3350.0)
+    assert workloads.gbs(629_145_600, 0.25) == pytest.approx(2516.5824)
 
 
 def test_layout_rows():
     counts = np.array([100, 0, 37, 3], dtype=np.int64)
-    assert bench.layout_rows("cublas_grouped", counts) == 140
-    assert bench.layout_rows("sequential", counts) == 140
-    assert bench.layout_rows("padded_strided", counts) == 4 * 104  # capacity rounds 100 up to 8s
-    chunked = bench.layout_rows("chunked_batched", counts)
+    assert workloads.layout_rows("cublas_grouped", counts) == 140
+    assert workloads.layout_rows("sequential", counts) == 140
+    assert workloads.layout_rows("padded_strided", counts) == 4 * 104  # capacity rounds 100 up to 8s
+    chunked = workloads.layout_rows("chunked_batched", counts)
     assert chunked >= 140 and chunked % 32 == 0
 
 
 def test_overhead_formula():
     stages = {"plan": 0.1, "gather": 0.2, "gemm1": 2.0, "activation": 0.3, "gemm2": 1.0, "combine": 0.4}
-    assert bench.overhead_pct(stages, route_ms=0.5) == pytest.approx(100 * 1.5 / 3.0)
-    assert bench.overhead_pct({"plan": 1.0}, 0.1) is None
+    assert report.overhead_pct(stages, route_ms=0.5) == pytest.approx(100 * 1.5 / 3.0)
+    assert report.overhead_pct({"plan": 1.0}, 0.1) is None
 
 
 # -- results: table, targets, JSON -------------------------------------------------------------------------
@@ -268,12 +270,12 @@ def _sample_results():
         ),
         _r(dec, "gemm1", "cublas_grouped", 0.30, gbs=2100.0, pct_hbm=62.7),
         _r(dec, "gemm1", "auto", error="RuntimeError: " + "x" * 200),
-        _r(dec, "graph", "static-graph", 0.40, gbs=2900.0, pct_hbm=86.6),
+        _r(dec, "graph", "fixed-capacity", 0.40, gbs=2900.0, pct_hbm=86.6),
     ]
 
 
 def test_table_rows_and_columns():
-    text = bench.format_table(_sample_results())
+    text = report.format_table(_sample_results())
     lines = text.splitlines()
     assert lines[0].split() == [
         "case",
@@ -304,13 +306,13 @@ def test_table_rows_and_columns():
 
 
 def test_split_section():
-    text = bench.format_split(_sample_results())
+    text = report.format_split(_sample_results())
     assert text.startswith("Layer stage split")
     assert "23.5" in text and "0.600" in text
 
 
 def test_targets_pass_and_miss():
-    lines = bench.evaluate_targets(_sample_results(), hbm_gbs=3350)
+    lines = report.evaluate_targets(_sample_results(), hbm_gbs=3350)
     text = "\n".join(lines)
     # gemm1: auto 0.83 vs best 0.80 (chunked) is +3.75%: within 5%.
     assert "AUTO within 5% of the best single algorithm (gemm1): 1/2 PASS" in text
@@ -329,17 +331,17 @@ def test_targets_pass_and_miss():
 
 def test_targets_skip_torch_when_missing():
     results = [r for r in _sample_results() if r.method != "torch"]
-    text = "\n".join(bench.evaluate_targets(results))
+    text = "\n".join(report.evaluate_targets(results))
     assert "AUTO >= torch._grouped_mm on prefill (gemm1): 0/0 PASS" in text
     assert "SKIP qwen3-30b-a3b/T4096/uniform: torch n/a (not run)" in text
 
 
 def test_json_keeps_every_number(tmp_path):
-    args = bench.parse_args(["--quick"])
+    args = cli.parse_args(["--quick"])
     path = tmp_path / "sub" / "bench.json"
     results = _sample_results()
     results[0].samples = [1.0, 0.9, 1.1]
-    bench.write_json(str(path), {"gpu": "fake"}, args, [{"name": "c"}], results, ["t"])
+    report.write_json(str(path), {"gpu": "fake"}, args, [{"name": "c"}], results, ["t"])
     doc = json.loads(path.read_text())
     assert doc["environment"] == {"gpu": "fake"}
     assert doc["settings"]["quick"] is True and doc["targets"] == ["t"]
@@ -349,7 +351,7 @@ def test_json_keeps_every_number(tmp_path):
 
 
 def test_plot_writes_or_explains(tmp_path):
-    message = bench.plot(str(tmp_path / "b.png"), _sample_results())
+    message = report.plot(str(tmp_path / "b.png"), _sample_results())
     if message is None:
         assert (tmp_path / "b.png").stat().st_size > 0
     else:
@@ -357,8 +359,8 @@ def test_plot_writes_or_explains(tmp_path):
 
 
 def test_main_without_gpu_exits_cleanly(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "no_gpu_reason", lambda: "no CUDA device found")
-    assert bench.main(["--quick"]) == 2
+    monkeypatch.setattr(cli, "no_gpu_reason", lambda: "no CUDA device found")
+    assert cli.main(["--quick"]) == 2
     err = capsys.readouterr().err
     assert "cannot run: no CUDA device found" in err and "Traceback" not in err
     monkeypatch.setattr(tune, "no_gpu_reason", lambda: "no CUDA device found")
@@ -442,6 +444,368 @@ def test_time_ms_budget_never_drops_below_min_repeat(monkeypatch):
     assert len(out["samples"]) == 30
 
 
+# -- round-robin timing ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 7])
+def test_round_order_balances_places_and_predecessors(count):
+    rounds = [bench_timing.round_order(count, r) for r in range(2 * count)]
+    assert all(sorted(order) == list(range(count)) for order in rounds)
+    # Every method sits at every place exactly twice in 2 * count rounds ...
+    for m in range(count):
+        assert sorted(order.index(m) for order in rounds) == sorted(list(range(count)) * 2)
+    # ... and, after the first place, follows each of its two neighbours alike.
+    if count > 2:
+        before = {
+            m: [order[order.index(m) - 1] for order in rounds if order.index(m) > 0] for m in range(count)
+        }
+        for m, preds in before.items():
+            assert set(preds) == {(m - 1) % count, (m + 1) % count}
+            assert preds.count((m - 1) % count) == preds.count((m + 1) % count)
+    assert bench_timing.round_order(3, 0) == [0, 1, 2] and bench_timing.round_order(3, 1) == [2, 1, 0]
+    assert bench_timing.round_order(3, 2) == [1, 2, 0] and bench_timing.round_order(3, 3) == [0, 2, 1]
+
+
+def _methods(fake, costs, log, fail_on=None):
+    """Methods that advance the fake clock by their cost and log (method, input set)."""
+
+    def make(m):
+        def fn(i):
+            if fail_on == (m, len([x for x in log if x[0] == m])):
+                raise RuntimeError(f"method {m} broke")
+            log.append((m, i))
+            fake.now += costs[m]
+
+        return fn
+
+    return [make(m) for m in range(len(costs))]
+
+
+def test_time_interleaved_calls_every_method_once_per_round(monkeypatch):
+    fake = _FakeClock()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    log = []
+    out = bench_timing.time_interleaved(
+        _methods(fake, [1.0, 2.0, 3.0], log), sets=[1, 2, 3], warmup=2, repeat=4
+    )
+    order = [m for m, _ in log]
+    # 2 warm-up rounds, then 4 timed rounds, each one call per method in round_order.
+    assert order == sum((bench_timing.round_order(3, r) for r in range(6)), [])
+    # Each method walks its own input sets, warm-up included.
+    assert [i for m, i in log if m == 2] == [0, 1, 2, 0, 1, 2]
+    assert [i for m, i in log if m == 1] == [0, 1, 0, 1, 0, 1]
+    # One event pair per call: each sample is that call alone.
+    assert [o["samples"] for o in out] == [[1.0] * 4, [2.0] * 4, [3.0] * 4]
+    assert bench_timing.time_interleaved([], warmup=1, repeat=1) == []
+
+
+def test_time_interleaved_is_fair_under_clock_drift(monkeypatch):
+    """Two methods of equal work on a GPU that slows down as it runs: timed one after
+    the other the second looks 40% slower; interleaved they come out equal."""
+    fake = _FakeClock()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+
+    def drifting(m):
+        def fn(i):
+            fake.now += 1.0 + 0.01 * fake.now  # each call slower than the one before
+
+        return fn
+
+    fns = [drifting(0), drifting(1)]
+    seq = bench_timing.time_sequential(fns, warmup=2, repeat=30)
+    assert seq[1]["median"] / seq[0]["median"] > 1.3
+    fake.now = 0.0
+    inter = bench_timing.time_interleaved(fns, warmup=2, repeat=30)
+    assert inter[1]["median"] / inter[0]["median"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_time_interleaved_drops_a_failing_method_and_times_the_rest(monkeypatch):
+    fake = _FakeClock()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    log = []
+    out = bench_timing.time_interleaved(_methods(fake, [1.0, 2.0], log, fail_on=(0, 3)), warmup=1, repeat=5)
+    assert isinstance(out[0], RuntimeError) and "method 0 broke" in str(out[0])
+    assert len([m for m, _ in log if m == 0]) == 3  # never called again after it failed
+    assert out[1]["samples"] == [2.0] * 5
+
+
+def test_time_interleaved_budget_shrinks_rounds_not_below_min_repeat(monkeypatch):
+    fake = _FakeClock()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    log = []
+    # Probe round: 100 + 300 ms; budget 1000 ms per method -> 2000 / 400 = 5 rounds, raised to 8.
+    out = bench_timing.time_interleaved(
+        _methods(fake, [100.0, 300.0], log), warmup=1, repeat=30, min_repeat=8, budget_ms=1000.0
+    )
+    assert [len(o["samples"]) for o in out] == [8, 8]
+    assert len(log) == 2 * (1 + 1 + 8)  # warm-up, probe, timed rounds
+    out = bench_timing.time_interleaved(
+        _methods(fake, [1.0, 1.0], log), warmup=0, repeat=30, min_repeat=8, budget_ms=1000.0
+    )
+    assert [len(o["samples"]) for o in out] == [30, 30]  # cheap methods keep every repeat
+
+
+class _Weights:
+    """A stand-in for WeightCache: sizes only."""
+
+    def __init__(self, **sizes):
+        self.sizes = dict(sizes)
+
+    def nbytes(self):
+        return sum(self.sizes.values())
+
+    def holds(self, which):
+        return which in self.sizes
+
+    def drop(self, which):
+        self.sizes.pop(which, None)
+
+
+def _section_runner(monkeypatch, fake, weights, mem_gb=1.0, timing="interleaved"):
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    monkeypatch.setattr(bench_section, "free_pool", lambda: None)
+    args = cli.parse_args(["--warmup", "1", "--repeat", "3", "--timing", timing])
+    args.mem_gb, args.hbm_gbs = mem_gb, 3350.0
+    case = Case("qwen3-30b-a3b", 4096, 128, 8, 2048, 768)
+    return bench_section.SectionRunner(case, args, weights)
+
+
+def test_section_sets_up_padded_last_skips_what_does_not_fit_and_keeps_the_order(monkeypatch):
+    fake = _FakeClock()
+    runner = _section_runner(monkeypatch, fake, _Weights(w1=300_000_000, w2=200_000_000))
+    setup_order, calls = [], []
+
+    def method(name, nbytes, cost=1.0):
+        def setup():
+            setup_order.append(name)
+            skip = runner.fits(nbytes)
+            if skip:
+                return runner.result("gemm1", name, error=skip)
+
+            def fn(i):
+                calls.append(name)
+                fake.now += cost
+
+            return bench_section.Timed(
+                name, fn, 1, lambda t: runner.measured("gemm1", name, t, 10**12, None), nbytes
+            )
+
+        return name, setup
+
+    def broken():
+        raise MemoryError("out of memory")
+
+    setups = [
+        method("cublas_grouped", 100_000_000),
+        method("padded_strided", 150_000_000),
+        method("auto", 100_000_000, cost=2.0),
+        ("dense", broken),
+        method("torch", 400_000_000),
+    ]
+    runner.run_section("gemm1", setups, held=50_000_000, spare=("w2",))
+    assert setup_order == ["cublas_grouped", "auto", "torch", "padded_strided"]
+    by = {r.method: r for r in runner.results}
+    assert [r.method for r in runner.results] == [
+        "cublas_grouped",
+        "padded_strided",
+        "auto",
+        "dense",
+        "torch",
+    ]
+    assert by["cublas_grouped"].ms == 1.0 and by["auto"].ms == 2.0 and by["auto"].tflops == 500.0
+    assert by["dense"].error == "MemoryError: out of memory"
+    # torch did not fit beside w1 + w2 + inputs + the two methods; dropping the spare w2 made room.
+    assert by["torch"].error is None and not runner.weights.holds("w2")
+    # Then padded (set up last) no longer fits: 300 + 50 + 100 + 100 + 400 + 150 MB > 1 GB.
+    assert by["padded_strided"].error.startswith("skipped: needs ~1.1 GB with the weights")
+    assert set(calls) == {"cublas_grouped", "auto", "torch"}
+    assert runner.held == 0 and runner.spare == ()
+
+
+def test_section_sequential_timing_runs_each_method_whole(monkeypatch):
+    fake = _FakeClock()
+    runner = _section_runner(monkeypatch, fake, _Weights(), timing="sequential")
+    calls = []
+
+    def method(name):
+        def fn(i):
+            calls.append(name)
+            fake.now += 1.0
+
+        return name, lambda: bench_section.Timed(
+            name, fn, 1, lambda t: runner.measured("layer", name, t, None, None)
+        )
+
+    runner.run_section("layer", [method("a"), method("b")])
+    assert "".join(c[0] for c in calls) == "a" * 4 + "b" * 4  # warm-up 1, then 3 timed, each
+    calls.clear()
+    runner.reverse = True
+    runner.run_section("layer", [method("a"), method("b")])
+    assert "".join(c[0] for c in calls) == "b" * 4 + "a" * 4
+    assert [r.method for r in runner.results] == ["a", "b", "a", "b"]
+
+
+def test_passes_default_follows_the_timing_scheme():
+    assert cli.parse_args([]).timing == "interleaved" and cli.parse_args([]).passes == 1
+    assert cli.parse_args(["--timing", "sequential"]).passes == 2
+    assert cli.parse_args(["--timing", "sequential", "--passes", "3"]).passes == 3
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--timing", "alternating"])
+
+
+class _FakeGpu(_FakeClock):
+    """NumPy standing in for CuPy, and a fake library API that logs each call and
+    advances the fake clock: enough to drive the whole runner on the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        gpu_self = self
+        self.log = []
+
+        class Rng:
+            def __init__(self, seed):
+                self.rng = np.random.default_rng(seed)
+
+            def standard_normal(self, size, dtype):
+                return self.rng.standard_normal(size).astype(dtype)
+
+        class Stream:
+            ptr = 0
+
+            def synchronize(self):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def begin_capture(self):
+                gpu_self.capturing = True
+
+            def end_capture(self):
+                gpu_self.capturing = False
+                return types.SimpleNamespace(launch=lambda stream=None: gpu_self.call("graph"))
+
+        pool = types.SimpleNamespace(free_all_blocks=lambda: None)
+
+        def matmul(a, b, out=None):
+            gpu_self.call("dense")
+            out[...] = (a.astype(np.float32) @ b.astype(np.float32)).astype(out.dtype)
+            return out
+
+        self.capturing = False
+        m = self.module
+        m.cuda.get_current_stream = lambda: Stream()
+        m.cuda.Stream = lambda non_blocking=False: Stream()
+        m.cuda.runtime = types.SimpleNamespace(deviceSynchronize=lambda: None)
+        m.asarray, m.empty, m.matmul = np.asarray, np.empty, matmul
+        m.float32, m.uint16, m.uint32 = np.float32, np.uint16, np.uint32
+        m.linalg = np.linalg
+        m.random = types.SimpleNamespace(default_rng=Rng)
+        m.get_default_memory_pool = m.get_default_pinned_memory_pool = lambda: pool
+
+    def call(self, what, ms=1.0):
+        if not self.capturing:
+            self.log.append(what)
+            self.now += ms
+
+    def api(self):
+        from cublas_grouped.gemm.plan import layout_for
+
+        gpu_self = self
+
+        def prepare_input(x, routing, experts, algorithm, gemm_n):
+            ids = np.asarray(routing[1])
+            counts = np.bincount(ids.reshape(-1), minlength=experts)
+            chosen = "cublas_grouped" if algorithm == "auto" else algorithm
+            layout = layout_for(chosen, counts)
+            rows = np.zeros((layout.rows(counts), x.shape[1]), dtype=x.dtype)
+            starts = layout.offsets(counts)
+            for e in range(experts):
+                tokens = np.flatnonzero((ids == e).any(axis=1))
+                rows[starts[e] : starts[e] + len(tokens)] = x[tokens]
+            return types.SimpleNamespace(
+                rows=rows, counts_host=counts, layout=layout, algorithm=chosen, tag=algorithm
+            )
+
+        def expert_gemm(inp, w, out=None):
+            gpu_self.call(inp.tag)
+            out = np.empty((inp.rows.shape[0], w.shape[2]), inp.rows.dtype) if out is None else out
+            starts = inp.layout.offsets(inp.counts_host)
+            for e, m in enumerate(inp.counts_host):
+                rows = inp.rows[starts[e] : starts[e] + m].astype(np.float32)
+                out[starts[e] : starts[e] + m] = (rows @ w[e].astype(np.float32)).astype(out.dtype)
+            return out
+
+        def moe_forward(x, ids, wts, w1, w2, algorithm="auto", timer=None, fixed_capacity=False):
+            gpu_self.call("fixed-capacity" if fixed_capacity else f"layer:{algorithm}")
+            return np.zeros_like(x)
+
+        class StageTimer:
+            def times_ms(self):
+                return {
+                    "plan": 0.1,
+                    "gather": 0.1,
+                    "gemm1": 1.0,
+                    "activation": 0.1,
+                    "gemm2": 0.5,
+                    "combine": 0.1,
+                }
+
+        class FixedCapacityMoE:
+            def __init__(self, w1, w2, top_k, max_tokens, gated=True, activation="silu"):
+                pass
+
+            def forward(self, x, ids, wts):
+                gpu_self.call("fixed-capacity-forward")
+
+        return types.SimpleNamespace(
+            prepare_input=prepare_input,
+            expert_gemm=expert_gemm,
+            moe_forward=moe_forward,
+            route=lambda logits, k: gpu_self.call("route"),
+            StageTimer=StageTimer,
+            FixedCapacityMoE=FixedCapacityMoE,
+            gmm=None,
+        )
+
+
+def test_run_all_times_every_method_round_robin_on_a_fake_gpu(monkeypatch):
+    from cublas_grouped.tools.bench import runner
+
+    fake = _FakeGpu()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    args = cli.parse_args(
+        ["--experts", "4", "--topk", "2", "--hidden", "8", "--inter", "16", "--tokens", "16,256"]
+        + ["--routing", "uniform", "--no-torch", "--warmup", "1", "--repeat", "3"]
+    )
+    args.hbm_gbs = 3350.0
+    cases = workloads.build_cases(args)
+    results, stats = runner.run_all(cases, args, fake.api())
+    assert [s["name"] for s in stats] == [c.name for c in cases]
+    assert [r for r in results if r.error] == []
+    decode = [f"{r.section}:{r.method}" for r in results if r.tokens == 16]
+    gemm1 = [f"gemm1:{m}" for m in (*workloads.ALGORITHMS, "auto", "dense")]
+    layer = [f"layer:{m}" for m in (*workloads.ALGORITHMS, "auto", "fixed-capacity")]
+    assert decode == gemm1 + layer + ["route:route", "split:auto", "graph:fixed-capacity"]
+    prefill = [f"{r.section}:{r.method}" for r in results if r.tokens == 256]
+    assert prefill == gemm1 + layer[:-1] + ["route:route", "split:auto"]
+    assert all(r.note is None or "CHECK FAILED" not in r.note for r in results)
+    # The first GEMM of the first case: one checked call per method at setup (padded
+    # last), then warm-up and timed rounds, each calling every method once.
+    methods = [*workloads.ALGORITHMS, "auto", "dense"]
+    first = fake.log[: 6 * 5]
+    assert first[:6] == ["cublas_grouped", "sequential", "chunked_batched", "auto", "dense", "padded_strided"]
+    rounds = [first[i : i + 6] for i in range(6, 30, 6)]
+    assert all(sorted(r) == sorted(methods) for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # the order rotates
+    assert "layer:fixed-capacity" not in fake.log and "fixed-capacity" in fake.log
+    text = report.format_table(results)
+    assert "layer:fixed-capacity" in text and "graph:fixed-capacity" in text and "sync-free" not in text
+    targets = "\n".join(report.evaluate_targets(results, args.hbm_gbs))
+    assert "(layer graph, w1+w2 bytes)" in targets
+
+
 # -- tuner -----------------------------------------------------------------------------------------------
 def test_tune_grid():
     grid = tune.build_grid(quick=True)
@@ -518,14 +882,14 @@ def test_random_normal_rounds_to_bfloat16_on_the_device_side(monkeypatch):
         random=types.SimpleNamespace(default_rng=Rng),
     )
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    w = bench.random_normal((3, 64, 32), "bfloat16", 0.125, seed=7)
+    w = gpu.random_normal((3, 64, 32), "bfloat16", 0.125, seed=7)
     assert w.shape == (3, 64, 32) and w.dtype == np.dtype(ml_dtypes.bfloat16)
     expected = (Rng(7).standard_normal((3, 64 * 32), np.float32) * np.float32(0.125)).astype(
         ml_dtypes.bfloat16
     )
     np.testing.assert_array_equal(w.reshape(3, -1), expected)  # round to nearest even, like a cast
     assert 0.1 < float(w.astype(np.float32).std()) < 0.15
-    h = bench.random_normal((5, 8), "float16", 1.0, seed=1)
+    h = gpu.random_normal((5, 8), "float16", 1.0, seed=1)
     assert h.dtype == np.float16 and h.shape == (5, 8) and np.abs(h).max() > 0
 
 
@@ -560,7 +924,7 @@ def test_merge_passes_pools_samples_and_rescales_rates():
         "uniform",
         "decode",
         "graph",
-        "static-graph",
+        "fixed-capacity",
         ms=2.0,
         samples=[2.0],
         extra={"floor_ms": 1.0, "floor_ratio": 0.5},
@@ -572,7 +936,7 @@ def test_merge_passes_pools_samples_and_rescales_rates():
         "uniform",
         "decode",
         "graph",
-        "static-graph",
+        "fixed-capacity",
         ms=1.0,
         samples=[1.0, 1.0],
         extra={"floor_ms": 1.0},
@@ -583,15 +947,15 @@ def test_merge_passes_pools_samples_and_rescales_rates():
     assert auto.ms == 3.0 and len(auto.samples) == 7  # median of 1,1,1,3,3,3,3
     assert auto.tflops == pytest.approx(100.0 / 3.0) and auto.gbs == pytest.approx(1000.0 / 3.0)
     assert by[("gemm1", "dense")].error is None and by[("gemm1", "dense")].ms == 2.0
-    g = by[("graph", "static-graph")]
+    g = by[("graph", "fixed-capacity")]
     assert g.ms == 1.0 and g.extra["floor_ratio"] == 1.0 and g.note == "floor 1.000 ms = 100% of it"
     assert len(merged) == 3
 
 
 def test_tune_quick_grid_covers_the_benchmark_and_orders_dtypes():
     grid = tune.build_grid(quick=True)
-    bench_tokens = {c.tokens for c in bench.build_cases(bench.parse_args([]))}
-    for model in bench.MODELS:
+    bench_tokens = {c.tokens for c in workloads.build_cases(cli.parse_args([]))}
+    for model in workloads.MODELS:
         assert bench_tokens <= {s.tokens for s in grid if s.label.startswith(model)}
     # bfloat16 first: a run cut short by --max-minutes loses float16 shapes, not a model.
     dtypes = [s.dtype for s in grid]
@@ -630,32 +994,32 @@ def test_tune_output_path_and_table_record_the_gpu(tmp_path, monkeypatch):
     ],
 )
 def test_hbm_datasheet_by_name(name, expected):
-    assert bench.datasheet_hbm_gbs(name) == expected
+    assert gpu.datasheet_hbm_gbs(name) == expected
 
 
 def test_copy_bandwidth_counts_bytes_read_and_written():
     # 1 GiB read and 1 GiB written in 0.5 ms.
-    assert bench.copy_gbs(1 << 30, 0.5) == pytest.approx(2 * 2**30 / 0.5e-3 / 1e9)
+    assert gpu.copy_gbs(1 << 30, 0.5) == pytest.approx(2 * 2**30 / 0.5e-3 / 1e9)
 
 
 def test_hbm_source_precedence():
-    assert bench.resolve_hbm(4000.0, "NVIDIA H200", 4100.0) == (4000.0, "--hbm-gbs")
-    gbs, source = bench.resolve_hbm(None, "NVIDIA H200", 4100.0)
+    assert gpu.resolve_hbm(4000.0, "NVIDIA H200", 4100.0) == (4000.0, "--hbm-gbs")
+    gbs, source = gpu.resolve_hbm(None, "NVIDIA H200", 4100.0)
     assert gbs == 4800.0 and source == "datasheet figure of the H200, known by the GPU name"
-    gbs, source = bench.resolve_hbm(None, "NVIDIA B200", 6900.0)
+    gbs, source = gpu.resolve_hbm(None, "NVIDIA B200", 6900.0)
     assert gbs == 6900.0 and source.startswith("measured: device-to-device copy of 1 GiB, median of 5")
-    gbs, source = bench.resolve_hbm(None, "NVIDIA B200", None)
-    assert gbs == bench.FALLBACK_HBM_GBS and source.startswith("assumed (H100 SXM)")
-    assert bench.parse_args([]).hbm_gbs is None and bench.parse_args(["--hbm-gbs", "4800"]).hbm_gbs == 4800.0
+    gbs, source = gpu.resolve_hbm(None, "NVIDIA B200", None)
+    assert gbs == gpu.FALLBACK_HBM_GBS and source.startswith("assumed (H100 SXM)")
+    assert cli.parse_args([]).hbm_gbs is None and cli.parse_args(["--hbm-gbs", "4800"]).hbm_gbs == 4800.0
 
 
 def test_hbm_lines():
-    lines = bench.hbm_lines(4800.0, "datasheet", 4100.0)
+    lines = gpu.hbm_lines(4800.0, "datasheet", 4100.0)
     assert lines == [
         "HBM bandwidth for %HBM and the decode floor: 4800 GB/s (datasheet)",
         "measured device-to-device copy: 4100 GB/s = 85% of 4800",
     ]
-    assert bench.hbm_lines(3350.0, "--hbm-gbs", None, "OutOfMemoryError")[1] == (
+    assert gpu.hbm_lines(3350.0, "--hbm-gbs", None, "OutOfMemoryError")[1] == (
         "device-to-device copy not measured: OutOfMemoryError"
     )
 
@@ -686,29 +1050,29 @@ def test_copy_is_measured_with_events_device_to_device(monkeypatch):
     fake.module.get_default_memory_pool = lambda: pool
     fake.module.get_default_pinned_memory_pool = lambda: pool
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
-    gbs = bench.measure_copy_gbs()
+    gbs = gpu.measure_copy_gbs()
     assert copies[0] == (0x2000, 0x1000, 1 << 30, 3, 7)  # dst, src: one GiB device to device, on the stream
-    assert len(copies) == 1 + bench.COPY_REPEAT  # one untimed, then the timed ones
-    assert gbs == pytest.approx(bench.copy_gbs(1 << 30, 0.5))
+    assert len(copies) == 1 + gpu.COPY_REPEAT  # one untimed, then the timed ones
+    assert gbs == pytest.approx(gpu.copy_gbs(1 << 30, 0.5))
 
 
 def test_main_prints_bandwidth_and_tuning_table(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "no_gpu_reason", lambda: None)
-    monkeypatch.setattr(bench, "_load_api", lambda: object())
-    monkeypatch.setattr(bench, "environment", lambda argv: {"gpu": "NVIDIA H200", "cublas_version": 130100})
-    monkeypatch.setattr(bench, "measure_copy_gbs", lambda: 4150.0)
-    monkeypatch.setattr(bench, "run_all", lambda cases, args, api: ([], []))
+    monkeypatch.setattr(cli, "no_gpu_reason", lambda: None)
+    monkeypatch.setattr(cli, "load_api", lambda: object())
+    monkeypatch.setattr(cli, "environment", lambda argv: {"gpu": "NVIDIA H200", "cublas_version": 130100})
+    monkeypatch.setattr(cli, "measure_copy_gbs", lambda: 4150.0)
+    monkeypatch.setattr(cli, "run_all", lambda cases, args, api: ([], []))
     monkeypatch.setattr(
-        bench, "_auto_lines", lambda: ["AUTO tuning table: shipped table x.json: same architecture"]
+        cli, "auto_table_lines", lambda: ["AUTO tuning table: shipped table x.json: same architecture"]
     )
-    assert bench.main(["--quick", "--no-torch"]) == 0
+    assert cli.main(["--quick", "--no-torch"]) == 0
     captured = capsys.readouterr()
     for text in (captured.err, captured.out):
         assert "HBM bandwidth for %HBM and the decode floor: 4800 GB/s (datasheet figure of the H200" in text
         assert "measured device-to-device copy: 4150 GB/s = 86% of 4800" in text
         assert "AUTO tuning table: shipped table x.json: same architecture" in text
-    monkeypatch.setattr(bench, "measure_copy_gbs", lambda: (_ for _ in ()).throw(MemoryError("no room")))
-    assert bench.main(["--quick", "--hbm-gbs", "3000"]) == 0
+    monkeypatch.setattr(cli, "measure_copy_gbs", lambda: (_ for _ in ()).throw(MemoryError("no room")))
+    assert cli.main(["--quick", "--hbm-gbs", "3000"]) == 0
     out = capsys.readouterr().out
     assert "3000 GB/s (--hbm-gbs)" in out and "copy not measured: MemoryError: no room" in out
 
@@ -720,4 +1084,13 @@ def test_auto_lines_say_why_when_the_library_cannot_tell(monkeypatch):
         raise RuntimeError("no CUDA device")
 
     monkeypatch.setattr(cg, "device_info", no_device)
-    assert bench._auto_lines() == ["AUTO tuning table: unknown (RuntimeError: no CUDA device)"]
+    assert cli.auto_table_lines() == ["AUTO tuning table: unknown (RuntimeError: no CUDA device)"]
+
+
+def test_the_bench_package_is_listed_for_the_wheel():
+    # setuptools ships only the packages pyproject.toml names; an unlisted one is missing from installs.
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    listed = text.split("packages = [", 1)[1].split("]", 1)[0]
+    assert '"cublas_grouped.tools"' in listed and '"cublas_grouped.tools.bench"' in listed

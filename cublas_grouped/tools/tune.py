@@ -34,17 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.timing import time_ms
-from .bench import (
+from .bench.gpu import describe_error, free_pool, no_gpu_reason, random_normal
+from .bench.workloads import (
     ALGORITHMS,
     DTYPE_BYTES,
     MODELS,
-    _case_seed,
-    _err,
+    case_seed,
     expert_counts,
-    free_pool,
     layout_rows,
-    no_gpu_reason,
-    random_normal,
     routing_weights,
     skewed_routing,
     uniform_routing,
@@ -220,7 +217,7 @@ def output_path(out: str | None, info) -> Path:
     existing one, or a path ending in ``/``): the table's canonical file name
     (GPU name and cuBLAS version) inside it. Anything else: that file.
     """
-    from ..gemm.select import tuning_table_path
+    from ..gemm.tables import tuning_table_path
 
     if out is None:
         return tuning_table_path(info, user=True)
@@ -232,7 +229,7 @@ def output_path(out: str | None, info) -> Path:
 
 def make_table(info, entries: list[dict]):
     """The tuning table of ``entries`` measured on ``info``: GPU name, cuBLAS and SM version."""
-    from ..gemm.select import TuningTable
+    from ..gemm.tables import TuningTable
 
     return TuningTable(info.name, info.cublas_version, entries, sm=info.sm)
 
@@ -241,13 +238,13 @@ def _measure(shape: Shape, w, api, args, budget_bytes: int) -> dict:
     """Time every algorithm on one shape; returns the table entry (with errors, if any)."""
     import cupy
 
-    rng = np.random.default_rng(_case_seed(shape.label, args.seed))
+    rng = np.random.default_rng(case_seed(shape.label, args.seed))
     route = skewed_routing if shape.routing == "skewed" else uniform_routing
     ids_host = route(shape.tokens, shape.experts, shape.top_k, rng)
     wts_host = routing_weights(shape.tokens, shape.top_k, rng)
     counts = expert_counts(ids_host, shape.experts)
     ids, wts = cupy.asarray(ids_host), cupy.asarray(wts_host)
-    x = random_normal((shape.tokens, shape.k), shape.dtype, 1.0, _case_seed(shape.label, args.seed + 1))
+    x = random_normal((shape.tokens, shape.k), shape.dtype, 1.0, case_seed(shape.label, args.seed + 1))
     itemsize = DTYPE_BYTES[shape.dtype]
     active = int(np.count_nonzero(counts))
     times: dict[str, float | None] = {}
@@ -277,7 +274,7 @@ def _measure(shape: Shape, w, api, args, budget_bytes: int) -> dict:
             times[algorithm] = t["median"]
         except Exception as exc:
             times[algorithm] = None
-            errors[algorithm] = _err(exc)
+            errors[algorithm] = describe_error(exc)
         finally:
             inp = out = None
             free_pool()
@@ -309,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         import cublas_grouped as cg
-        from cublas_grouped.gemm.select import reset_tuning_cache, select_algorithm
+
+        from ..gemm.select import reset_tuning_cache
 
         api = cg
         for name in ("prepare_input", "expert_gemm", "TuningTable", "ProblemStats", "device_info"):
@@ -344,12 +342,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     (shape.experts, shape.k, shape.n),
                     shape.dtype,
                     1.0 / math.sqrt(shape.k),
-                    _case_seed(f"tune:{shape.weight_key}", args.seed),
+                    case_seed(f"tune:{shape.weight_key}", args.seed),
                 )
                 key = shape.weight_key
             entry = _measure(shape, w, api, args, budget)
         except Exception as exc:
-            print(f"[{index}/{len(grid)}] {shape.label} {shape.dtype}: error {_err(exc)}", file=sys.stderr)
+            print(
+                f"[{index}/{len(grid)}] {shape.label} {shape.dtype}: error {describe_error(exc)}",
+                file=sys.stderr,
+            )
             key, w = None, None
             free_pool()
             continue
@@ -380,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             entry["k"],
             entry["dtype"],
         )
-        return select_algorithm(stats, info, padded_layouts=True, table=None).value
+        return cg.select_algorithm(stats, info, padded_layouts=True, table=None).value
 
     print(f"wrote {path} ({len(entries)} shapes)")
     if stopped:

@@ -1,0 +1,453 @@
+"""The benchmark's runner: the methods of each case, set up on the GPU and timed.
+
+Per case: the first expert GEMM (every algorithm, AUTO, a dense GEMM of the
+same FLOPs, ``torch._grouped_mm``), then the whole layer (every algorithm,
+AUTO and, for decode, the fixed-capacity path), each section's methods set up
+side by side and timed together (:mod:`.section`); then the routing kernel,
+AUTO's stage split and the fixed-capacity layer replayed from a CUDA graph,
+each timed on its own. Every failure of one (case, method) is recorded and
+the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+import types
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import numpy as np
+
+from ...runtime.timing import L2_BYTES, rotation_count
+from .gpu import WeightCache, describe_error, free_pool, random_normal
+from .report import GEMM_STAGES, OVERHEAD_STAGES, Result, merge_passes, overhead_pct
+from .section import SectionRunner, Timed
+from .workloads import (
+    ALGORITHMS,
+    Case,
+    case_seed,
+    expert_counts,
+    gemm1_flops,
+    gemm1_weight_bytes,
+    layer_flops,
+    layer_weight_bytes,
+    layout_rows,
+    make_routing,
+)
+
+__all__ = ["load_api", "CaseRunner", "run_all", "FIXED_CAPACITY"]
+
+# The method label of the fixed-capacity layer: eager in the layer section, a CUDA graph in "graph".
+FIXED_CAPACITY = "fixed-capacity"
+
+
+def load_api() -> types.SimpleNamespace:
+    """The library entry points the benchmark needs (an ``ImportError`` naming any that are missing)."""
+    import cublas_grouped as cg
+
+    names = (
+        "Algorithm",
+        "route",
+        "prepare_input",
+        "expert_gemm",
+        "moe_forward",
+        "StageTimer",
+        "FixedCapacityMoE",
+        "device_info",
+        "gmm",
+    )
+    missing = [n for n in names if n not in cg.__all__]
+    if missing:
+        raise ImportError(f"cublas_grouped lacks {', '.join(missing)}")
+    return types.SimpleNamespace(**{n: getattr(cg, n) for n in names})
+
+
+class CaseRunner(SectionRunner):
+    """Runs every method of one case on the GPU, turning each failure into a recorded error."""
+
+    def __init__(self, case: Case, args: argparse.Namespace, api, weights: WeightCache):
+        import cupy
+
+        super().__init__(case, args, weights)
+        self.cp = cupy
+        self.api = api
+        self.topk_weights_host, self.topk_ids_host = make_routing(case, args.seed, args.sigma)
+        self.counts = expert_counts(self.topk_ids_host, case.experts)
+        self.active = int(np.count_nonzero(self.counts))
+        self.ids = cupy.asarray(self.topk_ids_host)
+        self.wts = cupy.asarray(self.topk_weights_host)
+
+    def _sets(self, per_set_bytes: int, weight_bytes: int) -> tuple[int, bool]:
+        """Input sets to rotate, and whether the weights are copied per set too (only when small)."""
+        sets = rotation_count(per_set_bytes, l2_bytes=L2_BYTES, budget_bytes=1 << 30)
+        copy_weights = sets > 1 and weight_bytes * (sets - 1) <= (1 << 30)
+        return sets, copy_weights
+
+    def _inputs(self, sets: int):
+        c = self.case
+        return [
+            random_normal((c.tokens, c.hidden), c.dtype, 1.0, case_seed(c.name, self.args.seed + s))
+            for s in range(sets)
+        ]
+
+    def _check(self, inp, w, out) -> str | None:
+        """Compare one expert's first rows with a float32 product; a note when it disagrees."""
+        cp = self.cp
+        try:
+            counts = np.asarray(inp.counts_host)
+            e = int(np.argmax(counts))
+            m = int(min(counts[e], 64))
+            if m == 0:
+                return None
+            start = int(inp.layout.offsets(counts)[e])
+            a = inp.rows[start : start + m].astype(cp.float32)
+            ref = a @ w[e].astype(cp.float32)
+            got = out[start : start + m].astype(cp.float32)
+            err = float(cp.linalg.norm(got - ref) / max(float(cp.linalg.norm(ref)), 1e-30))
+        except Exception as exc:
+            return f"unchecked ({describe_error(exc)})"
+        tol = 1e-4 if self.case.dtype == "float32" else 3e-2
+        return None if err <= tol else f"CHECK FAILED rel.err {err:.2g}"
+
+    # -- first GEMM ----------------------------------------------------------------------------------------
+    def run_gemm1(self) -> None:
+        """The first expert GEMM: every algorithm, AUTO, a dense GEMM and torch, timed together."""
+        c = self.case
+        w1 = self.weights.get(c, "w1")
+        per_set = (c.tokens * c.hidden + c.pairs * (c.hidden + c.n1)) * c.itemsize
+        sets, copy_w = self._sets(per_set + gemm1_weight_bytes(c, self.active), w1.nbytes)
+        xs = self._inputs(sets)
+        w1s = [w1] + [w1.copy() for _ in range(sets - 1)] if copy_w else [w1]
+        note = None if sets == 1 or copy_w else "weights not rotated"
+        flops, nbytes = gemm1_flops(c), gemm1_weight_bytes(c, self.active)
+        setups = [
+            (m, lambda m=m: self._gemm1_algorithm(m, xs, w1s, flops, nbytes, note))
+            for m in ALGORITHMS + ("auto",)
+        ]
+        # The dense GEMM reads one [H, N1] matrix, not every active expert's.
+        dense_bytes = c.hidden * c.n1 * c.itemsize
+        setups.append(("dense", lambda: self._gemm1_dense(sets, w1, flops, dense_bytes)))
+        if not self.args.no_torch:
+            setups.append(("torch", lambda: self._gemm1_torch(xs, w1, flops, nbytes)))
+        held = sum(x.nbytes for x in xs) + sum(w.nbytes for w in w1s[1:])
+        try:
+            # w2 is not needed here: the layer section makes it again if it was dropped for room.
+            self.run_section("gemm1", setups, held=held, spare=("w2",))
+        finally:
+            torch = sys.modules.get("torch")
+            if torch is not None:
+                # torch's own caching allocator still holds the outputs (and any w1 copy).
+                torch.cuda.empty_cache()
+
+    def _gemm1_algorithm(self, method, xs, w1s, flops, nbytes, note) -> Timed | Result:
+        c = self.case
+        if method != "auto":
+            skip = self.fits(layout_rows(method, self.counts) * (c.hidden + c.n1) * c.itemsize * len(xs))
+            if skip:
+                return self.result("gemm1", method, error=skip)
+        inps = [
+            self.api.prepare_input(x, (self.wts, self.ids), c.experts, algorithm=method, gemm_n=c.n1)
+            for x in xs
+        ]
+        outs = [self.cp.empty((inp.rows.shape[0], c.n1), dtype=inp.rows.dtype) for inp in inps]
+        fn = lambda i: self.api.expert_gemm(inps[i], w1s[i % len(w1s)], out=outs[i])
+        fn(0)
+        check = self._check(inps[0], w1s[0], outs[0])
+        chosen = getattr(inps[0].algorithm, "value", str(inps[0].algorithm))
+        fell_back = f"ran {chosen}" if method != "auto" and chosen != method else None
+        notes = "; ".join(n for n in (note, fell_back, check) if n) or None
+        rows = int(inps[0].rows.shape[0])
+        finish = lambda t: self.measured(
+            "gemm1", method, t, flops, nbytes, algorithm=chosen, note=notes, extra={"rows": rows}
+        )
+        held = sum(inp.rows.nbytes + out.nbytes for inp, out in zip(inps, outs))
+        return Timed(method, fn, len(inps), finish, held)
+
+    def _gemm1_dense(self, sets, w1, flops, nbytes) -> Timed | Result:
+        cp, c = self.cp, self.case
+        skip = self.fits(c.pairs * (c.hidden + c.n1) * c.itemsize * sets)
+        if skip:
+            return self.result("gemm1", "dense", error=skip)
+        a = [
+            random_normal((c.pairs, c.hidden), c.dtype, 1.0, case_seed(c.name, 1000 + s)) for s in range(sets)
+        ]
+        b = w1[0]
+        outs = [cp.empty((c.pairs, c.n1), dtype=a[0].dtype) for _ in range(sets)]
+        note = "cupy.matmul"
+        fn = lambda i: cp.matmul(a[i], b, out=outs[i])
+        try:
+            fn(0)
+        except Exception as exc:
+            # Once, at setup: a CuPy without bf16 matmul still gets a dense ceiling, one cublasGemmEx.
+            sizes = np.array([c.pairs], dtype=np.int64)
+            b3 = w1[:1]
+            fn = lambda i: self.api.gmm(a[i], b3, sizes, out=outs[i], algorithm="sequential")
+            fn(0)
+            note = f"one cublasGemmEx (cupy.matmul: {describe_error(exc)})"
+        finish = lambda t: self.measured("gemm1", "dense", t, flops, nbytes, note=note)
+        return Timed("dense", fn, sets, finish, sum(x.nbytes for x in a + outs))
+
+    def _gemm1_torch(self, xs, w1, flops, nbytes) -> Timed | Result:
+        cp, c = self.cp, self.case
+        try:
+            import torch
+        except Exception as exc:
+            return self.result("gemm1", "torch", error=f"n/a: torch not importable ({describe_error(exc)})")
+        if not hasattr(torch, "_grouped_mm"):
+            return self.result("gemm1", "torch", error=f"n/a: torch {torch.__version__} has no _grouped_mm")
+        skip = self.fits(c.pairs * (c.hidden + c.n1) * c.itemsize * len(xs))
+        if skip:
+            return self.result("gemm1", "torch", error=skip)
+        inps = [
+            self.api.prepare_input(
+                x, (self.wts, self.ids), c.experts, algorithm="cublas_grouped", gemm_n=c.n1
+            )
+            for x in xs
+        ]
+        if inps[0].rows.shape[0] != c.pairs:
+            return self.result(
+                "gemm1", "torch", error="n/a: prepare_input gave padded rows, torch needs them packed"
+            )
+        offs = torch.from_dlpack(cp.asarray(np.cumsum(self.counts).astype(np.int32)))
+        mats = [torch.from_dlpack(inp.rows) for inp in inps]
+        b = torch.from_dlpack(w1)
+        held = sum(inp.rows.nbytes for inp in inps) + c.pairs * c.n1 * c.itemsize * len(xs)
+        note = "row-major w1"
+        stream_ptr = cp.cuda.get_current_stream().ptr
+        # On CuPy's current stream, so the CUDA events bracket torch's kernels too
+        # (the default stream, where torch runs anyway, needs no switch per call).
+        external = torch.cuda.ExternalStream(stream_ptr) if stream_ptr else None
+        on_stream = lambda: torch.cuda.stream(external) if external else contextlib.nullcontext()
+        with on_stream():
+            try:
+                out0 = torch._grouped_mm(mats[0], b, offs=offs)
+            except Exception as first:
+                skip = self.fits(w1.nbytes)
+                if skip:
+                    return self.result(
+                        "gemm1", "torch", error=f"n/a: {describe_error(first)}; column-major copy {skip}"
+                    )
+                # Once, at setup: some builds want mat_b column-major in its last two dims.
+                b = b.transpose(-2, -1).contiguous().transpose(-2, -1)
+                held += w1.nbytes
+                try:
+                    out0 = torch._grouped_mm(mats[0], b, offs=offs)
+                except Exception as second:
+                    return self.result("gemm1", "torch", error=f"n/a: {describe_error(second)}")
+                note = f"column-major w1 copy (row-major: {describe_error(first)})"
+            note += self._cross_check(inps[0], w1, out0)
+            del out0
+
+        def fn(i: int) -> None:
+            with on_stream():
+                torch._grouped_mm(mats[i], b, offs=offs)
+
+        note = f"torch {torch.__version__}, {note}"
+        finish = lambda t: self.measured("gemm1", "torch", t, flops, nbytes, note=note)
+        return Timed("torch", fn, len(mats), finish, held)
+
+    def _cross_check(self, inp, w1, torch_out) -> str:
+        """torch and cublas_grouped multiply the same packed rows: their results must agree."""
+        cp = self.cp
+        try:
+            ours = self.api.expert_gemm(inp, w1).astype(cp.float32)
+            theirs = cp.from_dlpack(torch_out.detach()).astype(cp.float32)
+            err = float(cp.linalg.norm(theirs - ours) / max(float(cp.linalg.norm(ours)), 1e-30))
+        except Exception as exc:
+            return f"; unchecked ({describe_error(exc)})"
+        return f"; CHECK FAILED vs cublas_grouped: rel.err {err:.2g}" if err > 3e-2 else ""
+
+    # -- whole layer ---------------------------------------------------------------------------------------
+    def run_layer(self) -> None:
+        """The whole layer per algorithm, AUTO and (decode) fixed capacity, timed together;
+        then the routing kernel, AUTO's stage split and the fixed-capacity graph."""
+        c = self.case
+        w1 = self.weights.get(c, "w1")
+        w2 = self.weights.get(c, "w2")
+        nbytes = layer_weight_bytes(c, self.active)
+        per_set = (2 * c.tokens * c.hidden + c.pairs * (2 * c.hidden + c.n1 + c.inter)) * c.itemsize
+        sets, copy_w = self._sets(per_set + nbytes, w1.nbytes + w2.nbytes)
+        xs = self._inputs(sets)
+        w1s = [w1] + [w1.copy() for _ in range(sets - 1)] if copy_w else [w1]
+        w2s = [w2] + [w2.copy() for _ in range(sets - 1)] if copy_w else [w2]
+        note = None if sets == 1 or copy_w else "weights not rotated"
+        methods = ALGORITHMS + ("auto",) + ((FIXED_CAPACITY,) if c.phase == "decode" else ())
+        setups = [(m, lambda m=m: self._layer(m, xs, w1s, w2s, nbytes, note)) for m in methods]
+        held = sum(x.nbytes for x in xs) + sum(w.nbytes for w in w1s[1:] + w2s[1:])
+        self.run_section("layer", setups, held=held)
+        route_ms: list[float | None] = [None]
+
+        def route() -> Result:
+            r = self._route(sets)
+            route_ms[0] = r.ms
+            return r
+
+        self.guarded("route", "route", route)
+        self.guarded("split", "auto", lambda: self._split(xs, w1s, w2s, route_ms[0]))
+        if c.phase == "decode":
+            self.guarded("graph", FIXED_CAPACITY, lambda: self._graph(xs, w1, w2, nbytes))
+
+    def _layer(self, method, xs, w1s, w2s, nbytes, note) -> Timed | Result:
+        c = self.case
+        if method not in ("auto", FIXED_CAPACITY):
+            rows = layout_rows(method, self.counts)
+            skip = self.fits(rows * (2 * c.hidden + c.n1 + c.inter) * c.itemsize * len(xs))
+            if skip:
+                return self.result("layer", method, error=skip)
+        fwd = self.api.moe_forward
+        if method == FIXED_CAPACITY:  # moe_forward's no-host-copy decode path (eager, not captured)
+            kw = {"fixed_capacity": True}
+        else:
+            kw = {"algorithm": method}
+        fn = lambda i: fwd(xs[i], self.ids, self.wts, w1s[i % len(w1s)], w2s[i % len(w2s)], **kw)
+        chosen = None
+        if method == "auto":
+            try:  # what AUTO picks for the first GEMM (a label only: the time stands)
+                probe = self.api.prepare_input(
+                    xs[0], (self.wts, self.ids), c.experts, algorithm="auto", gemm_n=c.n1
+                )
+                chosen = getattr(probe.algorithm, "value", str(probe.algorithm))
+                del probe
+            except Exception:
+                chosen = None
+        finish = lambda t: self.measured(
+            "layer", method, t, layer_flops(c), nbytes, algorithm=chosen, note=note
+        )
+        # moe_forward's buffers live for one call: the pool hands them to the next method's call.
+        return Timed(method, fn, len(xs), finish, 0)
+
+    def _route(self, sets: int) -> Result:
+        c = self.case
+        logits = [
+            random_normal((c.tokens, c.experts), "float32", 1.0, case_seed(c.name, 2000 + s))
+            for s in range(sets)
+        ]
+        t = self.time_one(lambda i: self.api.route(logits[i], c.top_k), sets)
+        return self.measured("route", "route", t, None, None)
+
+    def _split(self, xs, w1s, w2s, route_ms: float | None) -> Result:
+        cp = self.cp
+        runs = []
+        for i in range(max(10, min(self.args.repeat, 20))):
+            timer = self.api.StageTimer()
+            s = i % len(xs)
+            self.api.moe_forward(
+                xs[s], self.ids, self.wts, w1s[s % len(w1s)], w2s[s % len(w2s)], algorithm="auto", timer=timer
+            )
+            cp.cuda.runtime.deviceSynchronize()
+            runs.append(dict(timer.times_ms()))
+        stages = list(runs[0])
+        median = {s: float(np.median([r.get(s, 0.0) for r in runs])) for s in stages}
+        gemm = sum(median.get(s, 0.0) for s in GEMM_STAGES)
+        rest = sum(median.get(s, 0.0) for s in OVERHEAD_STAGES) + (route_ms or 0.0)
+        missing = [s for s in OVERHEAD_STAGES + GEMM_STAGES if s not in median]
+        return self.result(
+            "split",
+            "auto",
+            ms=sum(median.values()),
+            extra={
+                "stages_ms": median,
+                "route_ms": route_ms,
+                "overhead_pct": overhead_pct(median, route_ms),
+                "gemm_ms": gemm,
+                "non_gemm_ms": rest,
+                "runs": runs,
+            },
+            note=f"missing stages {missing}" if missing else None,
+        )
+
+    def _graph(self, xs, w1, w2, nbytes) -> Result:
+        cp, c = self.cp, self.case
+        layer = self.api.FixedCapacityMoE(w1, w2, c.top_k, c.tokens, gated=c.gated, activation="silu")
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:
+            layer.forward(xs[0], self.ids, self.wts)  # compiles and allocates outside the capture
+            stream.synchronize()
+            graphs = []
+            for x in xs:
+                stream.begin_capture()
+                layer.forward(x, self.ids, self.wts)
+                graphs.append(stream.end_capture())
+            t = self.time_one(lambda i: graphs[i].launch(stream), len(graphs))
+        floor_ms = nbytes / (self.args.hbm_gbs * 1e9) * 1e3
+        r = self.measured(
+            "graph",
+            FIXED_CAPACITY,
+            t,
+            layer_flops(c),
+            nbytes,
+            note=f"floor {floor_ms:.3f} ms = {100 * floor_ms / t['median']:.0f}% of it",
+        )
+        r.extra.update(floor_ms=floor_ms, floor_ratio=floor_ms / t["median"])
+        return r
+
+
+def _case_error(case: Case, section: str, message: str) -> Result:
+    """A whole section of a case that could not run, and why."""
+    return Result(case.name, case.model, case.tokens, case.routing, case.phase, section, "all", error=message)
+
+
+def _routing_stats(runner: CaseRunner) -> dict:
+    counts = runner.counts
+    mean = counts.sum() / len(counts)
+    return {
+        "active_experts": runner.active,
+        "max_rows": int(counts.max()),
+        "mean_rows": float(mean),
+        "max_over_mean": float(counts.max() / mean) if mean else 0.0,
+    }
+
+
+def run_all(cases: Sequence[Case], args: argparse.Namespace, api) -> tuple[list[Result], list[dict]]:
+    """Run every case; one progress line per case on stderr. Returns the results and case stats."""
+    results: list[Result] = []
+    stats: list[dict] = []
+    weights = WeightCache(args.seed)
+    start = time.monotonic()
+    limit_s = args.max_minutes * 60 if args.max_minutes and args.max_minutes > 0 else math.inf
+    for index, case in enumerate(cases, 1):
+        if time.monotonic() - start > limit_s:
+            results.append(_case_error(case, "gemm1", f"skipped: --max-minutes {args.max_minutes:g} reached"))
+            continue
+        t0 = time.monotonic()
+        try:
+            runner = CaseRunner(case, args, api, weights)
+        except Exception as exc:
+            results.append(_case_error(case, "gemm1", f"setup: {describe_error(exc)}"))
+            weights.clear()
+            continue
+        st = _routing_stats(runner)
+        stats.append({**asdict(case), "name": case.name, **st})
+        print(
+            f"[{index}/{len(cases)}] {case.name}: E={case.experts} k={case.top_k} H={case.hidden} "
+            f"I={case.inter} {case.dtype}, {st['active_experts']} active, busiest {st['max_rows']} rows "
+            f"= {st['max_over_mean']:.1f}x mean ...",
+            file=sys.stderr,
+            end="",
+            flush=True,
+        )
+        sections = [("gemm1", runner.run_gemm1), ("layer", runner.run_layer)]
+        for index_pass, (section, body) in ((p, sec) for p in range(args.passes) for sec in sections):
+            if section == "layer" and args.no_layer:
+                continue
+            runner.reverse = index_pass % 2 == 1
+            try:
+                body()
+            except Exception as exc:  # setup of the section itself (weights, inputs)
+                runner.results.append(_case_error(case, section, f"setup: {describe_error(exc)}"))
+                weights.clear()
+        errors = sum(1 for r in runner.results if r.error and not r.error.startswith(("skipped", "n/a")))
+        print(
+            f" {time.monotonic() - t0:.1f}s" + (f", {errors} errors" if errors else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        results.extend(merge_passes(runner.results))
+        del runner
+        free_pool()
+    weights.clear()
+    return results, stats
