@@ -275,16 +275,20 @@ def _env(root: Path, cache: str = "off") -> dict:
     return env
 
 
+# Each program compiles with the defines its launcher passes.
 _COMPILE = """
 import sys
 from pathlib import Path
 import cublas_grouped
+from cublas_grouped.gemm import pointers
+from cublas_grouped.moe import kernels
 from cublas_grouped.runtime import nvrtc as _kernels
 root = Path(sys.argv[1]).resolve()
 assert Path(cublas_grouped.__file__).resolve().is_relative_to(root), cublas_grouped.__file__
 assert _kernels.kernel_dir().resolve() == root / "kernels", _kernels.kernel_dir()
+defines = {**kernels.DEFINES, "pointers": pointers.DEFINES}
 for name in sys.argv[3:]:
-    _kernels.compile_source(name, sys.argv[2])
+    _kernels.compile_source(name, sys.argv[2], defines[name])
 """
 
 

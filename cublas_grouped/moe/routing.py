@@ -11,7 +11,8 @@ from .checks import MAX_EXPERTS, device_of, kernel_arch
 
 __all__ = ["SCORINGS", "route"]
 
-SCORINGS = {"softmax": 0, "sigmoid": 1}
+# The scoring codes routing.cu is compiled with (one copy, in kernels.py).
+SCORINGS = K.SCORINGS
 
 
 def route(router_logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = True, stream=None):
