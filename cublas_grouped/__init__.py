@@ -5,9 +5,11 @@ activations, CuPy arrays in and out, no torch dependency.
 """
 
 from .gemm.config import Algorithm, ComputePrecision, GroupedGemmConfig
-from .gemm.executor import GroupedGemmExecutor, RowLayout
+from .gemm.executor import GroupedGemmExecutor
 from .gemm.gmm import gmm
-from .gemm.select import ProblemStats, TuningTable, choose_chunk_rows, select_algorithm
+from .gemm.plan import ProblemStats, RowLayout, choose_chunk_rows
+from .gemm.select import select_algorithm
+from .gemm.tables import TuningTable
 from .moe.dispatch import DispatchPlan, combine_output, expert_gemm, prepare_input, scatter_output
 from .moe.fixed_capacity import FixedCapacityMoE
 from .moe.layer import StageTimer, moe_forward

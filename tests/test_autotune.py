@@ -14,8 +14,9 @@ from tuning_util import entry, isolate_tuning, write_table
 
 from cublas_grouped import Algorithm, DeviceInfo, GroupedGemmExecutor, ProblemStats, TuningTable
 from cublas_grouped.gemm import autotune as at
-from cublas_grouped.gemm import select as _select
-from cublas_grouped.gemm.select import is_close_table, reset_tuning_cache, tuning_table_for
+from cublas_grouped.gemm import tables as _tables
+from cublas_grouped.gemm.select import reset_tuning_cache
+from cublas_grouped.gemm.tables import is_close_table, tuning_table_for
 
 H100 = "NVIDIA H100 80GB HBM3"
 H200 = "NVIDIA H200"
@@ -236,13 +237,13 @@ def test_float32_measurements_are_kept_per_compute_precision():
 
 
 def test_shipped_tables_load_and_record_their_architecture():
-    paths = sorted(_select.SHIPPED_TUNING_DIR.glob("*.json"))
+    paths = sorted(_tables.SHIPPED_TUNING_DIR.glob("*.json"))
     assert paths
     for path in paths:
         table = TuningTable.load(path)
         assert json.loads(path.read_text())["sm"] == list(table.sm)
         assert (
-            path.name == _select.tuning_table_path(device(table.gpu, table.cublas_version), user=False).name
+            path.name == _tables.tuning_table_path(device(table.gpu, table.cublas_version), user=False).name
         )
 
 
@@ -555,4 +556,4 @@ def test_time_candidates_leaves_out_failures(monkeypatch):
 def test_select_module_keeps_its_public_names():
     # load_tuning_table is what the chain picked; the path of the exact user table is unchanged.
     dev = device()
-    assert _select.tuning_table_path(dev, user=False).name == "nvidia-h100-80gb-hbm3-cublas130100.json"
+    assert _tables.tuning_table_path(dev, user=False).name == "nvidia-h100-80gb-hbm3-cublas130100.json"

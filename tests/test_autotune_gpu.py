@@ -56,8 +56,8 @@ def test_gmm_measures_once_stores_and_stays_right(fresh):
 def test_measuring_never_writes_the_callers_output(fresh):
     import cupy
 
-    from cublas_grouped.gemm.executor import GroupedGemmExecutor, Operands
-    from cublas_grouped.gemm.plan import plan_gmm
+    from cublas_grouped.gemm.executor import GroupedGemmExecutor
+    from cublas_grouped.gemm.plan import Operands, plan_gmm
     from cublas_grouped.runtime.arrays import view
     from cublas_grouped.runtime.device import resolve_stream, resources
 

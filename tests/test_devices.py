@@ -12,7 +12,8 @@ import pytest
 
 from cublas_grouped import Algorithm, DeviceInfo, GroupedGemmExecutor
 from cublas_grouped.gemm import executor as _executor
-from cublas_grouped.gemm.executor import Operands, RowLayout
+from cublas_grouped.gemm.plan import Operands, RowLayout
+from cublas_grouped.gemm.pointers import build_pointers
 from cublas_grouped.moe.checks import kernel_arch
 from cublas_grouped.moe.dispatch import choose_algorithms, wait_for_plan
 from cublas_grouped.runtime import cublas as _cublas
@@ -144,9 +145,9 @@ def test_fallback_reads_the_calls_device(two_gpus, monkeypatch):
     monkeypatch.setitem(FAKE, 1, old)
     monkeypatch.setattr(_executor, "_warned", set())  # warned once per process: start afresh, leave no trace
     executor = GroupedGemmExecutor()
-    assert executor._fallback(Algorithm.CUBLAS_GROUPED, 0) is Algorithm.CUBLAS_GROUPED
+    assert executor.fallback(Algorithm.CUBLAS_GROUPED, 0) is Algorithm.CUBLAS_GROUPED
     with pytest.warns(RuntimeWarning, match="needs cuBLAS >= 12.5 but 120400"):
-        assert executor._fallback(Algorithm.CUBLAS_GROUPED, 1) is Algorithm.SEQUENTIAL
+        assert executor.fallback(Algorithm.CUBLAS_GROUPED, 1) is Algorithm.SEQUENTIAL
     assert not executor.supports_grouped_gemm(1) and executor.supports_grouped_gemm(0)
     # The MoE layer's choice of a fixed algorithm falls back on the layer's device only.
     counts = np.full(8, 64)
@@ -166,18 +167,17 @@ def test_kernel_architecture_is_the_streams_device(two_gpus, monkeypatch):
 
     archs = []
 
-    def get_kernel(name, kernel, arch):
+    def get_kernel(name, kernel, arch, **defines):
         archs.append(arch)
         raise _Stop
 
     monkeypatch.setattr(_kernels, "get_kernel", get_kernel)
     buffer = SimpleNamespace(data=SimpleNamespace(ptr=0x7F0000000000))
-    executor = GroupedGemmExecutor()
     for device_id in (0, 1):
         res = SimpleNamespace(device_id=device_id, buffer=lambda name, nbytes: buffer)
         with pytest.raises(_Stop):
-            executor.build_pointers(
-                res, None, Operands(0, 0, 0, 0, 0, 0, 0, 0, 0), RowLayout(), num_problems=1
+            build_pointers(
+                res, None, Operands(0, 0, 0, 0, 0, 0, 0, 0, 0), RowLayout.contiguous(), num_problems=1
             )
         assert kernel_arch(res) == archs[-1]
     assert archs == ["sm_90", "sm_75"]

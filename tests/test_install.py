@@ -95,7 +95,7 @@ PROBE = """
 import json
 import cublas_grouped
 from cublas_grouped.runtime.nvrtc import kernel_dir, kernel_files
-from cublas_grouped.gemm.select import SHIPPED_TUNING_DIR
+from cublas_grouped.gemm.tables import SHIPPED_TUNING_DIR
 print(json.dumps({
     "package": cublas_grouped.__file__,
     "kernel_dir": str(kernel_dir()),

@@ -24,10 +24,13 @@ import numpy as np
 import pytest
 
 import cublas_grouped as cg
+from cublas_grouped.gemm import plan as _layouts
 from cublas_grouped.gemm import select as _select
-from cublas_grouped.gemm.config import ComputePrecision, GroupedGemmConfig, compute_type_for
-from cublas_grouped.gemm.plan import plan_gmm
-from cublas_grouped.gemm.select import Algorithm, ProblemStats, TuningTable, select_algorithm
+from cublas_grouped.gemm import tables as _tables
+from cublas_grouped.gemm.config import Algorithm, ComputePrecision, GroupedGemmConfig, compute_type_for
+from cublas_grouped.gemm.plan import ProblemStats, plan_gmm
+from cublas_grouped.gemm.select import select_algorithm
+from cublas_grouped.gemm.tables import TuningTable
 from cublas_grouped.moe.checks import check_layer_args, check_routing
 from cublas_grouped.runtime.arrays import view
 from cublas_grouped.runtime.device import DeviceInfo
@@ -447,19 +450,19 @@ def expected_chunk(sizes):
     largest chunk on a tie (candidates are tried from the largest)."""
     if sum(int(m) for m in sizes) == 0:
         return 32
-    rates = _select.CHUNK_TFLOPS
+    rates = _layouts.CHUNK_TFLOPS
     return min((256, 128, 64, 32), key=lambda c: (chunk_time(sizes, c, rates), -c))
 
 
 def test_chunk_candidates_and_rates_as_documented():
-    assert _select.CHUNK_CANDIDATES == (256, 128, 64, 32)
-    assert set(_select.CHUNK_TFLOPS) == {256, 128, 64, 32}
+    assert _layouts.CHUNK_CANDIDATES == (256, 128, 64, 32)
+    assert set(_layouts.CHUNK_TFLOPS) == {256, 128, 64, 32}
 
 
 def test_choose_chunk_rows_every_single_expert_size():
     for m in range(0, 1100):
         sizes = np.array([m])
-        assert _select.choose_chunk_rows(sizes) == expected_chunk([m]), m
+        assert _layouts.choose_chunk_rows(sizes) == expected_chunk([m]), m
 
 
 def test_choose_chunk_rows_at_candidate_boundaries():
@@ -469,10 +472,10 @@ def test_choose_chunk_rows_at_candidate_boundaries():
             for experts in (1, 8, 128):
                 sizes = np.full(experts, chunk + delta)
                 sizes[rng.integers(0, experts)] = 0
-                assert _select.choose_chunk_rows(sizes) == expected_chunk(sizes), (chunk, delta, experts)
+                assert _layouts.choose_chunk_rows(sizes) == expected_chunk(sizes), (chunk, delta, experts)
     for _ in range(300):
         sizes = rng.integers(0, 700, rng.integers(1, 64))
-        assert _select.choose_chunk_rows(sizes) == expected_chunk(sizes), sizes
+        assert _layouts.choose_chunk_rows(sizes) == expected_chunk(sizes), sizes
 
 
 def _entry(**changes):
@@ -495,7 +498,7 @@ def _entry(**changes):
 
 
 def test_table_distance_limit_both_sides():
-    assert _select.MAX_TABLE_DISTANCE == 2.0
+    assert _tables.MAX_TABLE_DISTANCE == 2.0
     table = TuningTable("t", 130100, [_entry()])
     # N and K each twice the entry's: squared log2 distance 1 + 1 = 2.0, the limit.
     at_limit = ProblemStats(128, 128, 128 * 255, 255, 2048, 4096)
@@ -576,13 +579,13 @@ def test_layer_choice_memo_separates_different_loads(monkeypatch):
 
 
 def test_capacity_for_boundaries():
-    assert _select.capacity_for(np.array([0, 0])) == 8
-    assert _select.capacity_for(np.zeros(0, dtype=np.int64)) == 8
-    assert _select.capacity_for(np.array([3, 8])) == 8
-    assert _select.capacity_for(np.array([9, 1])) == 16
-    assert _select.capacity_for(np.array([16])) == 16
-    assert _select.capacity_for(np.array([17]), multiple=16) == 32
-    assert _select.capacity_for(np.array([1]), multiple=16) == 16
+    assert _layouts.capacity_for(np.array([0, 0])) == 8
+    assert _layouts.capacity_for(np.zeros(0, dtype=np.int64)) == 8
+    assert _layouts.capacity_for(np.array([3, 8])) == 8
+    assert _layouts.capacity_for(np.array([9, 1])) == 16
+    assert _layouts.capacity_for(np.array([16])) == 16
+    assert _layouts.capacity_for(np.array([17]), multiple=16) == 32
+    assert _layouts.capacity_for(np.array([1]), multiple=16) == 16
 
 
 def test_packed_chunk_boundaries():
@@ -591,7 +594,7 @@ def test_packed_chunk_boundaries():
     for chunk in (16, 32, 64):
         sizes = np.array([chunk - 1, chunk, chunk + 1, 2 * chunk])
         offsets = np.concatenate(([0], np.cumsum(sizes)))
-        starts, groups = _select.packed_chunks(sizes, offsets, chunk)
+        starts, groups = _layouts.packed_chunks(sizes, offsets, chunk)
         o = offsets
         assert groups.tolist() == [1, 2, 2, 3, 3]
         assert starts.tolist() == [o[1], o[2], o[2] + 1, o[3], o[3] + chunk]

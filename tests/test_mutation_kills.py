@@ -577,13 +577,14 @@ DEV = cg.DeviceInfo(sm=(9, 0), cublas_version=130100, name="NVIDIA H100 80GB HBM
 def tuning_dirs(tmp_path, monkeypatch):
     """Empty user and shipped tuning folders, no cached tables."""
     from cublas_grouped.gemm import select as _select
+    from cublas_grouped.gemm import tables as _tables
 
     user, shipped = tmp_path / "user", tmp_path / "shipped"
     user.mkdir()
     shipped.mkdir()
     monkeypatch.setenv("CUBLAS_GROUPED_TUNING_DIR", str(user))
-    monkeypatch.setattr(_select, "SHIPPED_TUNING_DIR", shipped)
-    monkeypatch.setattr(_select, "_tables", {})
+    monkeypatch.setattr(_tables, "SHIPPED_TUNING_DIR", shipped)
+    monkeypatch.setattr(_tables, "_cache", {})
     monkeypatch.setattr(_select, "_layer_choices", {})
     return user, shipped
 
@@ -611,7 +612,7 @@ def _table_file(folder, name, gpu, version, entries=None, sm=(9, 0)):
 
 
 def test_problem_stats_from_sizes():
-    from cublas_grouped.gemm.select import ProblemStats
+    from cublas_grouped import ProblemStats
 
     stats = ProblemStats.from_sizes(np.array([0, 5, 0, 9]), 64, 32, "float16")
     assert stats == ProblemStats(4, 2, 14, 9, 64, 32, "float16")
@@ -622,7 +623,7 @@ def test_problem_stats_from_sizes():
 
 
 def test_table_features_use_active_experts_and_rows_plus_one():
-    from cublas_grouped.gemm.select import ProblemStats, TuningTable
+    from cublas_grouped import ProblemStats, TuningTable
 
     # Active experts 2 vs 1 is one log2 step; N and K twice: 1 + 1 + 1 = 3 > 2.
     table = TuningTable("t", 130100, [_entry(num_experts=8, active_experts=2, mean_rows=100)])
@@ -639,7 +640,7 @@ def test_table_features_use_active_experts_and_rows_plus_one():
 
 
 def test_table_entries_keep_their_skew():
-    from cublas_grouped.gemm.select import Algorithm, ProblemStats, TuningTable
+    from cublas_grouped import Algorithm, ProblemStats, TuningTable
 
     even = _entry(max_rows=255, times_ms={"cublas_grouped": 1.0, "sequential": 9.0})
     skewed = _entry(max_rows=4 * 255, times_ms={"cublas_grouped": 9.0, "sequential": 1.0})
@@ -657,7 +658,7 @@ def test_table_entries_keep_their_skew():
 
 
 def test_table_sm_forms():
-    from cublas_grouped.gemm.select import TuningTable
+    from cublas_grouped import TuningTable
 
     assert TuningTable("x", 1, [], sm="9.0").sm == (9, 0)
     assert TuningTable("x", 1, [], sm=[8, 6]).sm == (8, 6)
@@ -671,7 +672,7 @@ def test_table_load_and_atomic_save(tmp_path, monkeypatch):
     import json
     import os
 
-    from cublas_grouped.gemm.select import TuningTable
+    from cublas_grouped import TuningTable
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"gpu": "g", "cublas_version": 1, "entries": {}}))
@@ -705,37 +706,37 @@ def test_table_load_and_atomic_save(tmp_path, monkeypatch):
 
 
 def test_tuning_paths(tuning_dirs, monkeypatch, tmp_path):
-    from cublas_grouped.gemm import select as _select
+    from cublas_grouped.gemm import tables as _tables
 
     user, shipped = tuning_dirs
     odd = cg.DeviceInfo(sm=(9, 0), cublas_version=130100, name=" (NVIDIA H100 80GB HBM3) ")
-    assert _select.tuning_table_path(odd) == user / "nvidia-h100-80gb-hbm3-cublas130100.json"
-    assert _select.tuning_table_path(odd, user=False) == shipped / "nvidia-h100-80gb-hbm3-cublas130100.json"
+    assert _tables.tuning_table_path(odd) == user / "nvidia-h100-80gb-hbm3-cublas130100.json"
+    assert _tables.tuning_table_path(odd, user=False) == shipped / "nvidia-h100-80gb-hbm3-cublas130100.json"
     titan = cg.DeviceInfo(sm=(7, 0), cublas_version=120900, name="NVIDIA TITAN X-")
-    assert _select.tuning_table_path(titan).name == "nvidia-titan-x-cublas120900.json"
+    assert _tables.tuning_table_path(titan).name == "nvidia-titan-x-cublas120900.json"
     monkeypatch.delenv("CUBLAS_GROUPED_TUNING_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert _select.user_tuning_dir() == tmp_path / "home" / ".cache" / "cublas_grouped" / "tuning"
+    assert _tables.user_tuning_dir() == tmp_path / "home" / ".cache" / "cublas_grouped" / "tuning"
 
 
 def test_a_broken_table_does_not_hide_the_next_one(tuning_dirs):
-    from cublas_grouped.gemm import select as _select
+    from cublas_grouped.gemm import tables as _tables
 
     user, _ = tuning_dirs
     (user / "a-broken.json").write_text("{not json")
     _table_file(user, "b-good.json", DEV.name, DEV.cublas_version)
-    table, why = _select.tuning_table_for(DEV)
+    table, why = _tables.tuning_table_for(DEV)
     assert table is not None and why.startswith(f"user table {user / 'b-good.json'}: exact match")
 
 
 def test_fallback_reasons_and_version_order(tuning_dirs):
-    from cublas_grouped.gemm import select as _select
+    from cublas_grouped.gemm import tables as _tables
 
     user, shipped = tuning_dirs
     dev = cg.DeviceInfo(sm=(9, 0), cublas_version=130200, name=DEV.name)
     path = _table_file(shipped, "a.json", DEV.name, 130000)
     _table_file(shipped, "b.json", DEV.name, 131000)
-    table, why = _select.tuning_table_for(dev)
+    table, why = _tables.tuning_table_for(dev)
     assert table.cublas_version == 130000  # same major, nearest
     assert why == (
         f"shipped table {path}: same GPU, nearest cuBLAS ({DEV.name}, cuBLAS 130000); "
@@ -746,22 +747,23 @@ def test_fallback_reasons_and_version_order(tuning_dirs):
         far = cg.DeviceInfo(sm=(9, 0), cublas_version=version, name=f"far-{version}")
         _table_file(shipped, f"c{version}.json", far.name, 121000)  # 9000-9200 away, cuBLAS 12
         _table_file(shipped, f"d{version}.json", far.name, 139900)  # 9700-9900 away, cuBLAS 13
-        assert _select.tuning_table_for(far)[0].cublas_version == 139900
+        assert _tables.tuning_table_for(far)[0].cublas_version == 139900
     # Equal distance: the newer cuBLAS.
     tie = cg.DeviceInfo(sm=(9, 0), cublas_version=130500, name="tie")
     _table_file(shipped, "e.json", "tie", 130400)
     _table_file(shipped, "f.json", "tie", 130600)
-    assert _select.tuning_table_for(tie)[0].cublas_version == 130600
+    assert _tables.tuning_table_for(tie)[0].cublas_version == 130600
     # Another GPU of the same architecture, with its reason.
     other = cg.DeviceInfo(sm=(9, 0), cublas_version=130100, name="NVIDIA H200")
-    arch_table, why = _select.tuning_table_for(other)
+    arch_table, why = _tables.tuning_table_for(other)
     assert ": same architecture (" in why and why.startswith("shipped table ")
     assert why.endswith("; running NVIDIA H200, cuBLAS 130100, SM 9.0")
     assert arch_table.gpu != "NVIDIA H200"
 
 
 def test_closeness_at_major_version_edges():
-    from cublas_grouped.gemm.select import TuningTable, is_close_table
+    from cublas_grouped import TuningTable
+    from cublas_grouped.gemm.tables import is_close_table
 
     for table_version, device_version, close in (
         (130000, 130100, True),
@@ -778,21 +780,21 @@ def test_closeness_at_major_version_edges():
 
 
 def test_table_cache_follows_the_tuning_folder(tuning_dirs, tmp_path, monkeypatch):
-    from cublas_grouped.gemm import select as _select
+    from cublas_grouped.gemm import tables as _tables
 
     user, _ = tuning_dirs
     _table_file(user, "t.json", DEV.name, DEV.cublas_version, [_entry(n=111)])
-    assert _select.tuning_table_for(DEV)[0].entries[0]["n"] == 111
+    assert _tables.tuning_table_for(DEV)[0].entries[0]["n"] == 111
     other = tmp_path / "other"
     other.mkdir()
     _table_file(other, "t.json", DEV.name, DEV.cublas_version, [_entry(n=222)])
     monkeypatch.setenv("CUBLAS_GROUPED_TUNING_DIR", str(other))
-    assert _select.tuning_table_for(DEV)[0].entries[0]["n"] == 222
+    assert _tables.tuning_table_for(DEV)[0].entries[0]["n"] == 222
 
 
 def test_select_and_best_measured_defaults(tuning_dirs):
+    from cublas_grouped import Algorithm, ProblemStats, TuningTable
     from cublas_grouped.gemm import select as _select
-    from cublas_grouped.gemm.select import Algorithm, ProblemStats, TuningTable
 
     stats = ProblemStats(128, 128, 128 * 255, 255, 1024, 2048)  # mean 255: chunked by the rules
     # Packed rows unless told otherwise: no CHUNKED_BATCHED by default.
@@ -822,8 +824,8 @@ def test_select_and_best_measured_defaults(tuning_dirs):
 
 
 def test_layer_choice_edge_cases(tuning_dirs):
+    from cublas_grouped import Algorithm
     from cublas_grouped.gemm import select as _select
-    from cublas_grouped.gemm.select import Algorithm
 
     shapes = ((1024, 2048), (2048, 1024))
     sizes = np.full(64, 800)  # the rules would say CHUNKED_BATCHED
@@ -849,8 +851,8 @@ def test_layer_choice_edge_cases(tuning_dirs):
 
 
 def test_layer_choice_passes_the_dtype_and_memoizes(tuning_dirs):
+    from cublas_grouped import Algorithm
     from cublas_grouped.gemm import select as _select
-    from cublas_grouped.gemm.select import Algorithm
 
     seen = []
 
@@ -867,8 +869,8 @@ def test_layer_choice_passes_the_dtype_and_memoizes(tuning_dirs):
 
 
 def test_layer_choice_memo_separates_one_and_two_active_experts(tuning_dirs):
+    from cublas_grouped import Algorithm
     from cublas_grouped.gemm import select as _select
-    from cublas_grouped.gemm.select import Algorithm
 
     def times(stats, candidates):
         best = Algorithm.SEQUENTIAL if stats.active_experts == 1 else Algorithm.CUBLAS_GROUPED

@@ -17,8 +17,7 @@ from cublas_grouped import (
     choose_chunk_rows,
     select_algorithm,
 )
-from cublas_grouped.gemm.executor import Operands, RowLayout
-from cublas_grouped.gemm.plan import plan_gmm
+from cublas_grouped.gemm.plan import Operands, RowLayout, layout_for, plan_gmm
 from cublas_grouped.runtime.arrays import view
 from cublas_grouped.runtime.cublas import Op
 
@@ -84,6 +83,57 @@ def test_row_layouts():
     assert RowLayout(stride=136).offsets(sizes).tolist() == [0, 136, 272, 408, 544]
 
 
+def test_row_layout_names():
+    sizes = np.array([5, 0, 130, 1])
+    # The named constructors are the (align, stride) forms above.
+    assert RowLayout.contiguous() == RowLayout()
+    assert RowLayout.chunk_aligned(64) == RowLayout(align=64)
+    assert RowLayout.padded(136) == RowLayout(stride=136)
+    assert [RowLayout.contiguous().kind, RowLayout.chunk_aligned(2).kind, RowLayout.padded(1).kind] == [
+        "grouped-contiguous",
+        "chunk-aligned",
+        "padded-capacity",
+    ]
+    assert RowLayout.chunk_aligned(1).kind == "grouped-contiguous"  # 1-row chunks align nothing
+    # Rows the buffers need: the last offset.
+    assert RowLayout.contiguous().rows(sizes) == 136
+    assert RowLayout.chunk_aligned(64).rows(sizes) == 320
+    assert RowLayout.padded(136).rows(sizes) == 544
+    assert RowLayout.chunk_aligned(64).rows(np.zeros(0, dtype=np.int64)) == 0
+    with pytest.raises(ValueError, match="^RowLayout needs align >= 1 and stride >= 0; got 0, 0$"):
+        RowLayout.chunk_aligned(0)
+    with pytest.raises(ValueError, match="^RowLayout needs align >= 1 and stride >= 0; got 1, -8$"):
+        RowLayout(stride=-8)
+    with pytest.raises(ValueError, match="^capacity must be at least 1; got 0$"):
+        RowLayout.padded(0)
+    RowLayout.chunk_aligned(1)  # the limits themselves are fine
+    RowLayout.padded(1)
+
+
+def test_layout_for_each_algorithm():
+    sizes = np.array([300, 290, 0, 310])  # choose_chunk_rows: 128; capacity: 312
+    grouped, seq = Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL
+    assert layout_for(grouped, sizes) == RowLayout.contiguous()
+    assert layout_for(seq, sizes) == RowLayout.contiguous()
+    assert layout_for(Algorithm.CHUNKED_BATCHED, sizes) == RowLayout.chunk_aligned(128)
+    assert layout_for(Algorithm.CHUNKED_BATCHED, sizes, chunk_rows=16) == RowLayout.chunk_aligned(16)
+    assert layout_for("chunked_batched", sizes, 32) == RowLayout.chunk_aligned(32)
+    assert layout_for(Algorithm.PADDED_STRIDED, sizes) == RowLayout.padded(312)
+    assert layout_for(Algorithm.PADDED_STRIDED, sizes, chunk_rows=16) == RowLayout.padded(312)
+    with pytest.raises(ValueError, match="^algorithm AUTO has no row layout: choose the algorithm first$"):
+        layout_for(Algorithm.AUTO, sizes)
+    # Which algorithms each layout serves, in the order they are listed.
+    assert RowLayout.contiguous().algorithms() == (grouped, seq)
+    assert RowLayout.chunk_aligned(128).algorithms() == (grouped, seq, Algorithm.CHUNKED_BATCHED)
+    assert RowLayout.padded(312).algorithms() == (Algorithm.PADDED_STRIDED, seq)
+    # The selection's layout families are these, whatever the sizes.
+    from cublas_grouped.gemm.select import algorithms_on_layout_of
+
+    assert algorithms_on_layout_of(grouped) == algorithms_on_layout_of(seq) == (grouped, seq)
+    assert algorithms_on_layout_of(Algorithm.CHUNKED_BATCHED) == (grouped, seq, Algorithm.CHUNKED_BATCHED)
+    assert algorithms_on_layout_of(Algorithm.PADDED_STRIDED) == (Algorithm.PADDED_STRIDED, seq)
+
+
 def test_chunk_rows_choice():
     assert choose_chunk_rows(np.array([1024, 2048, 512])) == 256  # no padding at all
     # 300 rows: 256-chunks pad to 512 (1.71x rows at 640 TFLOP/s), 128-chunks to
@@ -94,7 +144,7 @@ def test_chunk_rows_choice():
 
 
 def test_packed_chunks_stay_inside_their_group():
-    from cublas_grouped.gemm.select import packed_chunks
+    from cublas_grouped.gemm.plan import packed_chunks
 
     sizes = np.array([5, 0, 40, 16, 33, 15])
     offsets = np.concatenate(([0], np.cumsum(sizes)))

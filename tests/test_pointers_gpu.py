@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cublas_grouped import GroupedGemmExecutor
-from cublas_grouped.gemm.executor import Operands, RowLayout
-from cublas_grouped.runtime.device import resolve_stream, resources
+from cublas_grouped.gemm.plan import Operands, RowLayout
+from cublas_grouped.gemm.pointers import build_pointers
+from cublas_grouped.runtime.device import current_device, resolve_stream, resources
 
 pytestmark = pytest.mark.gpu
 
@@ -54,18 +54,17 @@ def test_build_pointers_chunks_and_spread(counts, chunk, num_slots):
     import cupy
 
     counts = np.asarray(counts, dtype=np.int64)
-    executor = GroupedGemmExecutor()
-    res = resources(executor.device_id, resolve_stream(None))
+    res = resources(current_device(), resolve_stream(None))
     counts_dev = cupy.asarray(counts, dtype=cupy.int32)
     entries = max(num_slots, int((-(-counts // chunk)).sum()))
     arrays = tuple(cupy.zeros(entries, dtype=cupy.uint64) for _ in range(3))
     offsets = cupy.zeros(len(counts) + 1, dtype=cupy.int32)
     with res.cupy_stream:
-        executor.build_pointers(
+        build_pointers(
             res,
             counts_dev,
             OPS,
-            RowLayout(align=chunk),
+            RowLayout.chunk_aligned(chunk),
             chunk_rows=chunk,
             num_problems=0,
             num_slots=num_slots,
@@ -86,16 +85,15 @@ def test_build_pointers_never_writes_past_its_arrays():
     import cupy
 
     counts = np.array([40, 3, 0, 33, 17], dtype=np.int64)  # 3 + 1 + 3 + 2 = 9 chunks of 16
-    executor = GroupedGemmExecutor()
-    res = resources(executor.device_id, resolve_stream(None))
+    res = resources(current_device(), resolve_stream(None))
     held, guard = 5, 4
     full = tuple(cupy.full(held + guard, 7, dtype=cupy.uint64) for _ in range(3))
     with res.cupy_stream:
-        executor.build_pointers(
+        build_pointers(
             res,
             cupy.asarray(counts, dtype=cupy.int32),
             OPS,
-            RowLayout(align=16),
+            RowLayout.chunk_aligned(16),
             chunk_rows=16,
             num_problems=0,
             num_slots=held,
@@ -103,11 +101,11 @@ def test_build_pointers_never_writes_past_its_arrays():
             pointer_arrays=tuple(a[:held] for a in full),
         )
         with pytest.raises(ValueError, match="pointer arrays hold 5 entries but 6 problems need them"):
-            executor.build_pointers(
+            build_pointers(
                 res,
                 cupy.asarray(counts, dtype=cupy.int32),
                 OPS,
-                RowLayout(align=16),
+                RowLayout.chunk_aligned(16),
                 chunk_rows=16,
                 num_problems=6,
                 pointer_arrays=tuple(a[:held] for a in full),

@@ -13,13 +13,14 @@ def isolate_tuning(tmp_path, monkeypatch):
     ``monkeypatch`` undoes it all."""
     from cublas_grouped.gemm import autotune as _autotune
     from cublas_grouped.gemm import select as _select
+    from cublas_grouped.gemm import tables as _tables
 
     user, shipped = tmp_path / "user", tmp_path / "shipped"
     user.mkdir()
     shipped.mkdir()
     monkeypatch.setenv("CUBLAS_GROUPED_TUNING_DIR", str(user))
     monkeypatch.setenv("CUBLAS_GROUPED_AUTOTUNE", "0")
-    monkeypatch.setattr(_select, "SHIPPED_TUNING_DIR", shipped)
+    monkeypatch.setattr(_tables, "SHIPPED_TUNING_DIR", shipped)
     _select.reset_tuning_cache()
     _autotune.reset_measurements()
     return user, shipped

@@ -2,7 +2,7 @@
 
 Where AUTO gets the times it compares, for one call (:func:`auto_times`):
 
-1. a *close* tuning table (:func:`~cublas_grouped.gemm.select.is_close_table`: the
+1. a *close* tuning table (:func:`~cublas_grouped.gemm.tables.is_close_table`: the
    same GPU name and the same cuBLAS major version) with an entry near the shape;
 2. this device's own measurements from earlier calls or processes (in memory,
    and in ``<tuning dir>/<gpu>-cublas<version>-sm<sm>.autotune.json``) near the shape;
@@ -58,19 +58,9 @@ import numpy as np
 from ..runtime.device import DeviceInfo, resources
 from ..runtime.timing import time_ms
 from .config import Algorithm
-from .plan import GemmPlan
-from .select import (
-    MAX_STRIDED_PADDING,
-    ProblemStats,
-    TuningTable,
-    _slug,
-    is_close_table,
-    measured_times,
-    select_algorithm,
-    tuning_table_for,
-    usable_times,
-    user_tuning_dir,
-)
+from .plan import GemmPlan, ProblemStats
+from .select import MAX_STRIDED_PADDING, measured_times, select_algorithm, usable_times
+from .tables import AUTOTUNE_SUFFIX, TuningTable, file_slug, is_close_table, tuning_table_for, user_tuning_dir
 
 __all__ = [
     "AUTOTUNE_ENV",
@@ -121,7 +111,7 @@ def autotune_enabled() -> bool:
 
 def autotune_path(device: DeviceInfo) -> Path:
     """The file holding AUTO's measurements for ``device`` (GPU name, cuBLAS version, SM)."""
-    name = f"{_slug(device.name)}-cublas{device.cublas_version}-sm{device.sm[0]}{device.sm[1]}.autotune.json"
+    name = f"{file_slug(device.name)}-cublas{device.cublas_version}-sm{device.sm[0]}{device.sm[1]}{AUTOTUNE_SUFFIX}"
     return user_tuning_dir() / name
 
 
@@ -413,7 +403,7 @@ def _family(base: str, executor, dtype: np.dtype) -> str:
 
 
 def gmm_algorithm(executor, device: DeviceInfo, plan: GemmPlan, ops, dtype, res, sizes_dev=None) -> Algorithm:
-    """AUTO for ``gmm`` on packed rows: the executor's AUTO branch.
+    """AUTO for ``gmm`` on grouped-contiguous rows: the executor's AUTO branch.
 
     ``device`` is the call's device; ``ops`` are the call's operands (an
     ``Operands``). A measurement reads the caller's ``a`` and ``b`` and writes
@@ -464,11 +454,11 @@ def _measure_layer_gemm(executor, operands_for, counts: np.ndarray, n: int, k: i
 
 
 def layer_times(executor, device: DeviceInfo, operands_for, counts: np.ndarray, dtype):
-    """AUTO's times source for the MoE layer (``_moe._choose``): ``(times, times_key)``
+    """AUTO's times source for the MoE layer: ``(times, times_key)``
     for :func:`~cublas_grouped.gemm.select.choose_layer_algorithms` and ``select_algorithm``.
 
-    ``operands_for`` is ``Operands.for_plan`` (passed in, since this module sits
-    below the executor). A measurement times one expert GEMM over ``counts`` on
+    ``operands_for`` is :meth:`.plan.Operands.for_plan` (or a stand-in, in
+    tests). A measurement times one expert GEMM over ``counts`` on
     scratch, on the current CuPy stream and device, which the caller has set to
     the layer's.
     """

@@ -1,96 +1,41 @@
-"""Layer 4: run a grouped GEMM with one of several cuBLAS strategies.
+"""Layer 4: the grouped GEMM executor: check the arguments, choose the
+algorithm, hand the plan to a back end.
 
 :class:`GroupedGemmExecutor` owns no GPU memory itself: the cuBLAS handle,
-workspace and scratch buffers come from :mod:`._device`, one set per (device,
-thread, stream), so one executor may be used from several threads at once.
-
-Vocabulary: *rows* is the operand whose rows are grouped by expert (``a``),
-*weights* the per-expert matrices (``b``), *out* the result. A
-:class:`RowLayout` says where each expert's rows start in the rows/out
-buffers: packed back to back (``align=1``, what ``gmm`` takes), each expert
-padded to a multiple of ``align`` rows (the chunked layout), or every expert
-at ``e * stride`` (the padded strided layout).
+workspace and scratch buffers come from ``runtime.device.resources``, one set
+per (device, thread, stream), so one executor may be used from several threads
+at once. What it runs is described in :mod:`.plan` (shapes, row layouts,
+addresses); how each algorithm runs lives in :mod:`.backends`; AUTO asks
+:mod:`.select` and :mod:`.autotune`.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..runtime import cublas as _cublas
 from ..runtime import device as _device
-from ..runtime import nvrtc as _kernels
 from ..runtime.arrays import ArrayView, as_cupy, cuda_dtype, view
 from ..runtime.device import DeviceInfo, resolve_stream, resources
+from ..runtime.nvrtc import arch_for
 from .autotune import gmm_algorithm
+from .backends import cublas as _cublas_backend
 from .config import Algorithm, GroupedGemmConfig, compute_type_for
-from .plan import GemmPlan, check_group_sizes, host_group_sizes, plan_gmm
-from .select import ProblemStats, capacity_for, choose_chunk_rows, packed_chunks, select_algorithm
+from .plan import (
+    GemmPlan,
+    Operands,
+    ProblemStats,
+    RowLayout,
+    check_group_sizes,
+    host_group_sizes,
+    layout_for,
+    plan_gmm,
+)
+from .pointers import build_pointers
+from .select import select_algorithm
 
-__all__ = ["GroupedGemmExecutor", "RowLayout", "Operands"]
-
-
-@dataclass(frozen=True)
-class RowLayout:
-    """Where expert e's rows start in the rows/out buffers.
-
-    - ``stride``: at ``e * stride`` (padded strided layout, ``[E, stride, K]``);
-    - otherwise packed, each expert's block rounded up to a multiple of ``align``.
-    """
-
-    align: int = 1
-    stride: int = 0
-
-    def algorithms(self) -> tuple[Algorithm, ...]:
-        """Algorithms that can run on rows laid out this way."""
-        if self.stride:
-            return (Algorithm.PADDED_STRIDED, Algorithm.SEQUENTIAL)
-        chunked = (Algorithm.CHUNKED_BATCHED,) if self.align > 1 else ()
-        return (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL, *chunked)
-
-    def offsets(self, sizes: np.ndarray) -> np.ndarray:
-        offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
-        if self.stride:
-            offsets[:] = np.arange(len(sizes) + 1) * self.stride
-        else:
-            np.cumsum(-(-sizes // self.align) * self.align, out=offsets[1:])
-        return offsets
-
-
-@dataclass(frozen=True)
-class Operands:
-    """Device addresses and byte strides of the three operands.
-
-    Each operand's address for a group at row ``r`` of expert ``e`` is
-    ``base + r * row_bytes + e * expert_bytes``.
-    """
-
-    a: int
-    a_row_bytes: int
-    a_expert_bytes: int
-    b: int
-    b_row_bytes: int
-    b_expert_bytes: int
-    c: int
-    c_row_bytes: int
-    c_expert_bytes: int
-
-    @classmethod
-    def for_plan(cls, plan: GemmPlan, a: int, b: int, c: int, itemsize: int) -> Operands:
-        n, k = plan.n, plan.k
-        if plan.trans_a:
-            return cls(a, k * itemsize, 0, b, n * itemsize, 0, c, 0, k * n * itemsize)
-        return cls(a, k * itemsize, 0, b, 0, k * n * itemsize, c, n * itemsize, 0)
-
-    def at(self, row: int, expert: int) -> tuple[int, int, int]:
-        return (
-            self.a + row * self.a_row_bytes + expert * self.a_expert_bytes,
-            self.b + row * self.b_row_bytes + expert * self.b_expert_bytes,
-            self.c + row * self.c_row_bytes + expert * self.c_expert_bytes,
-        )
-
+__all__ = ["GroupedGemmExecutor"]
 
 _warned: set[str] = set()
 
@@ -193,7 +138,7 @@ class GroupedGemmExecutor:
         """
         fixed = self.config.algorithm
         if fixed is not Algorithm.AUTO:
-            return self._fallback(fixed, device)
+            return self.fallback(fixed, device)
         stats = ProblemStats(
             num_experts or max(active_experts, 1),
             active_experts,
@@ -205,7 +150,10 @@ class GroupedGemmExecutor:
         )
         return select_algorithm(stats, self.info_for(device), padded_layouts=padded_layouts)
 
-    def _fallback(self, algorithm: Algorithm, device_id: int | None = None) -> Algorithm:
+    def fallback(self, algorithm: Algorithm, device_id: int | None = None) -> Algorithm:
+        """``algorithm``, or what runs in its place on ``device_id`` (default
+        :attr:`device_id`): SEQUENTIAL for CUBLAS_GROUPED where cuBLAS is older
+        than 12.5, with a one-time warning."""
         info = self.info_for(device_id)
         if algorithm is Algorithm.CUBLAS_GROUPED and not info.supports_grouped_gemm():
             _warn_once(
@@ -214,6 +162,8 @@ class GroupedGemmExecutor:
             )
             return Algorithm.SEQUENTIAL
         return algorithm
+
+    _fallback = fallback  # the old private name, until moe/ calls fallback
 
     def _check_dtype_supported(self, dtype: np.dtype, device_id: int) -> None:
         info = self.info_for(device_id)
@@ -270,7 +220,7 @@ class GroupedGemmExecutor:
         stream=None,
         algorithm: Algorithm | str | None = None,
     ):
-        """Grouped GEMM on packed rows; see :func:`cublas_grouped.gmm` for the semantics.
+        """Grouped GEMM on grouped-contiguous rows; see :func:`cublas_grouped.gmm` for the semantics.
 
         Returns ``out`` (allocated when ``None``).
         """
@@ -299,8 +249,8 @@ class GroupedGemmExecutor:
         algorithm = Algorithm(algorithm) if algorithm is not None else self.config.algorithm
         if algorithm is Algorithm.PADDED_STRIDED:
             raise ValueError(
-                "algorithm=PADDED_STRIDED needs the padded row layout of the MoE layer; gmm on "
-                "packed rows supports AUTO, CUBLAS_GROUPED, SEQUENTIAL and CHUNKED_BATCHED"
+                "algorithm=PADDED_STRIDED needs the padded row layout of the MoE layer (padded capacity); "
+                "gmm on grouped-contiguous rows supports AUTO, CUBLAS_GROUPED, SEQUENTIAL and CHUNKED_BATCHED"
             )
         if algorithm is Algorithm.CHUNKED_BATCHED and trans_a:
             raise ValueError(
@@ -334,11 +284,11 @@ class GroupedGemmExecutor:
                 return out
             if algorithm is Algorithm.AUTO:
                 # Tables, else (once per shape class) timing the candidates on scratch
-                # before this call, else the rules: see _autotune.
+                # before this call, else the rules: see .autotune.
                 ops = Operands.for_plan(plan, a_v.ptr, b_v.ptr, out_v.ptr, a_v.itemsize)
                 info = self.info_for(device_id)
                 algorithm = gmm_algorithm(self, info, plan, ops, a_v.dtype, res, sizes_dev)
-            algorithm = self._fallback(algorithm, device_id)
+            algorithm = self.fallback(algorithm, device_id)
             ops = Operands.for_plan(plan, a_v.ptr, b_v.ptr, out_v.ptr, a_v.itemsize)
             self.run(plan, ops, a_v.dtype, algorithm, res, sizes_dev=sizes_dev)
         return out
@@ -359,7 +309,7 @@ class GroupedGemmExecutor:
             raise ValueError(f"out is on device {out_v.device} but a is on device {a_v.device}")
         return out_v
 
-    # -- algorithms ------------------------------------------------------------
+    # -- dispatch to a back end --------------------------------------------------
     def run(
         self,
         plan: GemmPlan,
@@ -368,263 +318,43 @@ class GroupedGemmExecutor:
         algorithm: Algorithm,
         res,
         *,
-        layout: RowLayout = RowLayout(),
+        layout: RowLayout | None = None,
         sizes_dev=None,
     ) -> None:
-        """Run a validated plan with ``algorithm`` on ``res``'s stream (no checks)."""
-        handle = res.bind(self.config.workspace_mb << 20)
-        data_type = cuda_dtype(dtype, "a")
-        compute = self.compute_type(dtype)
-        if not self.config.use_tensor_cores:
-            _cublas.set_math_mode(handle, _cublas.MathMode.PEDANTIC)
-        try:
-            if algorithm is Algorithm.SEQUENTIAL:
-                self._sequential(plan, ops, layout, handle, data_type, compute)
-            elif algorithm is Algorithm.CUBLAS_GROUPED:
-                self._grouped(plan, ops, layout, handle, data_type, compute, res, sizes_dev)
-            elif algorithm is Algorithm.CHUNKED_BATCHED and layout.align == 1 and not layout.stride:
-                self._chunked_packed(plan, ops, handle, data_type, compute, res)
-            elif algorithm is Algorithm.CHUNKED_BATCHED:
-                self._chunked(plan, ops, layout, layout.align, handle, data_type, compute, res, sizes_dev)
-            elif algorithm is Algorithm.PADDED_STRIDED:
-                self._strided(plan, ops, layout, handle, data_type, compute)
-            else:
-                raise ValueError(f"cannot run algorithm {algorithm}")
-        finally:
-            if not self.config.use_tensor_cores:
-                _cublas.set_math_mode(handle, _cublas.MathMode.DEFAULT)
+        """Run a validated plan with a concrete ``algorithm`` on ``res``'s stream (no checks).
 
-    def _sequential(self, plan, ops, layout, handle, data_type, compute) -> None:
-        offsets = layout.offsets(plan.sizes)
-        for e in plan.active:
-            rows = int(plan.sizes[e])
-            d = plan.dims(rows)
-            a_ptr, b_ptr, c_ptr = ops.at(int(offsets[e]), int(e))
-            # cuBLAS A is the weights side, B the rows side (see _plan).
-            _cublas.gemm_ex(
-                handle,
-                d.transa,
-                d.transb,
-                d.m,
-                d.n,
-                d.k,
-                1.0,
-                b_ptr,
-                data_type,
-                d.lda,
-                a_ptr,
-                data_type,
-                d.ldb,
-                0.0,
-                c_ptr,
-                data_type,
-                d.ldc,
-                compute,
-            )
-
-    def _device_sizes(self, plan, res, sizes_dev):
-        """int32 row counts on the device (uploaded when only the host has them)."""
-        import cupy
-
-        if sizes_dev is not None:
-            return sizes_dev if sizes_dev.dtype == cupy.int32 else sizes_dev.astype(cupy.int32)
-        return res.upload("sizes", plan.sizes.astype(np.int32))
-
-    def build_pointers(
-        self,
-        res,
-        sizes_dev,
-        ops: Operands,
-        layout: RowLayout,
-        *,
-        chunk_rows: int = 0,
-        num_problems: int,
-        num_slots: int = 0,
-        scratch_c: int = 0,
-        row_offsets=None,
-        pointer_arrays=None,
-    ) -> tuple[int, int, int]:
-        """Fill device arrays of A/B/C pointers, one entry per problem, with the
-        ``build_pointers`` kernel; returns the three arrays' device addresses.
-
-        ``pointer_arrays`` (three uint64 device arrays) are written when given,
-        else a reused per-stream buffer. Addresses, not array views, are passed
-        around because slicing device arrays costs host time on every call.
-        The kernel never writes past the entries the arrays hold (given
-        arrays: their length, which must be at least ``max(num_problems,
-        num_slots)`` or ``ValueError`` is raised; the per-stream buffer: that
-        maximum), whatever the device counts say.
+        The one place that picks a back end: every algorithm is a cuBLAS
+        strategy today (:mod:`.backends.cublas`); a Hopper back end branches here.
         """
-        if layout.stride:
-            raise ValueError("the padded strided layout needs no pointer arrays")
-        num_entries = max(num_problems, num_slots)
-        if pointer_arrays is None:
-            capacity = num_entries
-            base = res.buffer("pointers", 3 * 8 * max(capacity, 1)).data.ptr
-            a_arr, b_arr, c_arr = (base + i * 8 * capacity for i in range(3))
-        else:
-            capacity = min(int(p.size) for p in pointer_arrays)
-            if capacity < num_entries:
-                raise ValueError(
-                    f"pointer arrays hold {capacity} entries but {num_entries} problems need them"
-                )
-            a_arr, b_arr, c_arr = (int(p.data.ptr) for p in pointer_arrays)
-        # Compiled for the device of this call's stream, not the executor's first one.
-        arch = _kernels.arch_for(self.info_for(res.device_id).sm)
-        kernel = _kernels.get_kernel("pointers", "build_pointers", arch)
-        i32, i64, u64 = np.int32, np.int64, np.uint64
-        args = (
-            np.intp(sizes_dev.data.ptr),
-            i32(len(sizes_dev)),
-            i32(layout.align),
-            i32(chunk_rows),
-            i32(num_slots),
-            i32(capacity),
-            u64(ops.a),
-            i64(ops.a_row_bytes),
-            i64(ops.a_expert_bytes),
-            u64(ops.b),
-            i64(ops.b_row_bytes),
-            i64(ops.b_expert_bytes),
-            u64(ops.c),
-            i64(ops.c_row_bytes),
-            i64(ops.c_expert_bytes),
-            u64(scratch_c),
-            np.intp(a_arr),
-            np.intp(b_arr),
-            np.intp(c_arr),
-            np.intp(row_offsets.data.ptr if row_offsets is not None else 0),
-        )
-        _kernels.launch(res.launch_stream, kernel, 1, 1024, args)
-        return a_arr, b_arr, c_arr
-
-    def _grouped(self, plan, ops, layout, handle, data_type, compute, res, sizes_dev) -> None:
-        sizes32 = self._device_sizes(plan, res, sizes_dev)
-        arrays = self.build_pointers(res, sizes32, ops, layout, num_problems=len(plan.active))
-        self._grouped_call(handle, plan, plan.sizes[plan.active], arrays, data_type, compute)
-
-    @staticmethod
-    def _grouped_call(handle, plan, rows: np.ndarray, arrays, data_type, compute) -> None:
-        """One ``cublasGemmGroupedBatchedEx``, one group per problem of ``rows`` rows."""
-        a_arr, b_arr, c_arr = arrays
-        count = len(rows)
-        host = plan.dims_arrays(rows)
-        ones = np.ones(count, dtype=np.int32)
-        alpha = np.ones(count, dtype=np.float32)
-        beta = np.zeros(count, dtype=np.float32)
-        addr = lambda x: x.ctypes.data  # noqa: E731 - host arrays stay alive in this frame
-        _cublas.gemm_grouped_batched_ex(
-            handle, addr(host["transa"]), addr(host["transb"]), addr(host["m"]), addr(host["n"]),
-            addr(host["k"]), addr(alpha), b_arr, data_type, addr(host["lda"]), a_arr, data_type,
-            addr(host["ldb"]), addr(beta), c_arr, data_type, addr(host["ldc"]), count, addr(ones), compute,
-        )  # fmt: skip
-
-    def _chunked_packed(self, plan, ops, handle, data_type, compute, res) -> None:
-        """CHUNKED_BATCHED on packed rows (``gmm``): groups of at least ``chunk``
-        rows run as chunks whose last one overlaps (see ``packed_chunks``);
-        smaller groups run in one grouped call (sequentially without one)."""
-        chunk = self.config.chunk_rows or choose_chunk_rows(plan.sizes)
-        starts, groups = packed_chunks(plan.sizes, plan.offsets, chunk)
-        if len(starts):
-            arrays = self._upload_pointers(res, "chunk-pointers", ops, starts, groups)
-            self.batched(handle, plan.dims(chunk), arrays, len(starts), data_type, compute)
-        small = np.flatnonzero((plan.sizes > 0) & (plan.sizes < chunk))
-        if not len(small):
-            return
-        if self.supports_grouped_gemm(res.device_id):
-            arrays = self._upload_pointers(res, "small-pointers", ops, plan.offsets[small], small)
-            self._grouped_call(handle, plan, plan.sizes[small], arrays, data_type, compute)
-        else:
-            for e in small:
-                d = plan.dims(int(plan.sizes[e]))
-                a_ptr, b_ptr, c_ptr = ops.at(int(plan.offsets[e]), int(e))
-                _cublas.gemm_ex(
-                    handle,
-                    d.transa,
-                    d.transb,
-                    d.m,
-                    d.n,
-                    d.k,
-                    1.0,
-                    b_ptr,
-                    data_type,
-                    d.lda,
-                    a_ptr,
-                    data_type,
-                    d.ldb,
-                    0.0,
-                    c_ptr,
-                    data_type,
-                    d.ldc,
-                    compute,
-                )
-
-    @staticmethod
-    def _upload_pointers(res, name: str, ops: Operands, rows: np.ndarray, experts: np.ndarray):
-        """Device pointer arrays (rows, weights, out) for problems at ``rows`` of
-        ``experts``, computed on the host and uploaded in one asynchronous copy."""
-        table = np.empty((3, len(rows)), dtype=np.uint64)
-        for i, (base, row_bytes, expert_bytes) in enumerate(
-            (
-                (ops.a, ops.a_row_bytes, ops.a_expert_bytes),
-                (ops.b, ops.b_row_bytes, ops.b_expert_bytes),
-                (ops.c, ops.c_row_bytes, ops.c_expert_bytes),
-            )
-        ):
-            table[i] = base + rows * row_bytes + experts * expert_bytes
-        base = res.upload(name, table).data.ptr
-        return base, base + 8 * len(rows), base + 16 * len(rows)
-
-    def _chunked(self, plan, ops, layout, chunk, handle, data_type, compute, res, sizes_dev) -> None:
-        sizes32 = self._device_sizes(plan, res, sizes_dev)
-        count = int((-(-plan.sizes // chunk)).sum())
-        a_arr, b_arr, c_arr = self.build_pointers(
-            res, sizes32, ops, layout, chunk_rows=chunk, num_problems=count
-        )
-        self.batched(handle, plan.dims(chunk), (a_arr, b_arr, c_arr), count, data_type, compute)
-
-    @staticmethod
-    def batched(handle, d, pointer_arrays, count, data_type, compute) -> None:
-        """One ``cublasGemmBatchedEx`` over device pointer arrays (addresses: rows, weights, out)."""
-        a_arr, b_arr, c_arr = pointer_arrays
-        _cublas.gemm_batched_ex(
-            handle, d.transa, d.transb, d.m, d.n, d.k, 1.0, b_arr, data_type, d.lda,
-            a_arr, data_type, d.ldb, 0.0, c_arr, data_type, d.ldc, count, compute,
-        )  # fmt: skip
-
-    def _strided(self, plan, ops, layout, handle, data_type, compute) -> None:
-        cap = layout.stride
-        d = plan.dims(cap)
-        itemsize = np.dtype(np.float32).itemsize if data_type == _cublas.DataType.R_32F else 2
-        _cublas.gemm_strided_batched_ex(
-            handle,
-            d.transa,
-            d.transb,
-            d.m,
-            d.n,
-            d.k,
-            1.0,
-            ops.b,
-            data_type,
-            d.lda,
-            ops.b_expert_bytes // itemsize,
-            ops.a,
-            data_type,
-            d.ldb,
-            cap * ops.a_row_bytes // itemsize,
-            0.0,
-            ops.c,
-            data_type,
-            d.ldc,
-            cap * ops.c_row_bytes // itemsize,
-            plan.num_experts,
-            compute,
+        info = self.info_for(res.device_id)
+        _cublas_backend.run(
+            plan,
+            ops,
+            dtype,
+            algorithm,
+            res,
+            config=self.config,
+            info=info,
+            layout=layout,
+            sizes_dev=sizes_dev,
         )
 
     def layout_for(self, algorithm: Algorithm, sizes: np.ndarray) -> RowLayout:
-        """Row layout an algorithm needs for these host sizes."""
-        if algorithm is Algorithm.CHUNKED_BATCHED:
-            return RowLayout(align=self.config.chunk_rows or choose_chunk_rows(sizes))
-        if algorithm is Algorithm.PADDED_STRIDED:
-            return RowLayout(stride=capacity_for(sizes))
-        return RowLayout()
+        """Row layout ``algorithm`` needs for these host sizes (:func:`.plan.layout_for`
+        with this executor's ``chunk_rows``)."""
+        return layout_for(algorithm, sizes, self.config.chunk_rows)
+
+    # Kept for moe/ until it calls gemm.pointers.build_pointers and
+    # gemm.backends.cublas.batched itself.
+    def build_pointers(
+        self, res, sizes_dev, ops: Operands, layout: RowLayout, **kwargs
+    ) -> tuple[int, int, int]:
+        """:func:`.pointers.build_pointers` compiled for this executor's view of ``res``'s device."""
+        arch = arch_for(self.info_for(res.device_id).sm)
+        return build_pointers(res, sizes_dev, ops, layout, arch=arch, **kwargs)
+
+    @staticmethod
+    def batched(handle, d, pointer_arrays, count, data_type, compute) -> None:
+        """One ``cublasGemmBatchedEx`` (see :func:`.backends.cublas.batched`)."""
+        call = _cublas_backend.CublasCall(handle, data_type, compute)
+        _cublas_backend.batched(call, d, pointer_arrays, count)

@@ -7,15 +7,19 @@ import threading
 from .config import Algorithm, ComputePrecision, GroupedGemmConfig, coerce_enum
 from .executor import GroupedGemmExecutor
 
-__all__ = ["gmm"]
+__all__ = ["gmm", "shared_executor"]
 
 _executors: dict[tuple, GroupedGemmExecutor] = {}
 _lock = threading.Lock()
 
 
-def _executor(compute, algorithm) -> GroupedGemmExecutor:
-    # Built without a device: each call plans for its own arrays' device, so
-    # these executors serve every GPU of the process.
+def shared_executor(compute: ComputePrecision, algorithm: Algorithm) -> GroupedGemmExecutor:
+    """The process-wide executor ``gmm`` uses for this compute precision and
+    algorithm (also the MoE layer's default).
+
+    Built without a device: each call plans for its own arrays' device, so
+    these executors serve every GPU of the process. Thread-safe.
+    """
     key = (compute, algorithm)
     executor = _executors.get(key)
     if executor is None:
@@ -25,9 +29,6 @@ def _executor(compute, algorithm) -> GroupedGemmExecutor:
                 GroupedGemmExecutor(config=GroupedGemmConfig(algorithm=algorithm, compute_precision=compute)),
             )
     return executor
-
-
-shared_executor = _executor  # public name for moe/ (added by the moe engineer until gemm/ renames _executor)
 
 
 def gmm(
@@ -69,7 +70,7 @@ def gmm(
         and bfloat16 inputs always accumulate in float32.
     algorithm : Algorithm or str
         "auto" (default), "cublas_grouped", "sequential" or "chunked_batched".
-        On packed rows, chunked_batched runs groups of at least one chunk as
+        On grouped-contiguous rows, chunked_batched runs groups of at least one chunk as
         equal row chunks (a group's last chunk overlaps its previous one, so
         those rows are computed twice) and smaller groups in one grouped call;
         it is not available with ``trans_a``.
@@ -93,6 +94,6 @@ def gmm(
     """
     precision = coerce_enum(ComputePrecision, compute if compute is not None else "fp32", "compute")
     algorithm = coerce_enum(Algorithm, algorithm, "algorithm")
-    return _executor(precision, algorithm).execute(
+    return shared_executor(precision, algorithm).execute(
         a, b, group_sizes, trans_a=trans_a, trans_b=trans_b, out=out, stream=stream
     )

@@ -1,23 +1,59 @@
-"""Host-side planning of a grouped GEMM: validate shapes, compute offsets, and map
-row-major problems onto cuBLAS's column-major calls.
+"""The plan of a grouped GEMM: shapes, row layouts, addresses, capacities.
 
 Everything here is plain NumPy and runs before any GPU work. This is the one
 place where the row-major (NumPy) semantics of the API meet cuBLAS's
 column-major convention: a row-major ``Y = X @ W`` is computed as the
 column-major ``Y^T = W^T @ X^T``, which is the same memory, so nothing is
-transposed or copied.
+transposed or copied (:class:`CublasDims`).
+
+Vocabulary: *rows* is the operand whose rows are grouped by expert (``a``),
+*weights* the per-expert matrices (``b``), *out* the result. Three row
+layouts say where expert e's rows start in the rows and out buffers
+(:class:`RowLayout`; :func:`layout_for` says which algorithm needs which):
+
+- *grouped-contiguous rows*: each expert's rows back to back, what ``gmm`` takes;
+- *chunk-aligned rows*: each expert's block rounded up to a multiple of C rows
+  (CHUNKED_BATCHED, and the fixed-capacity step of the MoE layer);
+- *padded capacity*: expert e at row ``e * capacity``, ``[E, capacity, K]``
+  (PADDED_STRIDED).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..runtime.arrays import ArrayView
 from ..runtime.cublas import Op
+from .config import Algorithm, coerce_enum
 
-__all__ = ["GemmPlan", "CublasDims", "plan_gmm", "host_group_sizes", "check_group_sizes"]
+__all__ = [
+    "GemmPlan",
+    "CublasDims",
+    "ProblemStats",
+    "RowLayout",
+    "Operands",
+    "layout_for",
+    "plan_gmm",
+    "host_group_sizes",
+    "check_group_sizes",
+    "capacity_for",
+    "packed_chunks",
+    "choose_chunk_rows",
+    "CHUNK_CANDIDATES",
+    "CHUNK_TFLOPS",
+]
+
+CHUNK_CANDIDATES = (256, 128, 64, 32)
+# bf16 TFLOP/s of one cublasGemmBatchedEx over chunks of that many rows, at
+# 256-1024 rows per expert (H100, cuBLAS 13.1, 2026-11-26: Qwen3 and
+# DeepSeek-V3 expert shapes, no padding; see docs/design-notes.md). Thin
+# chunks leave the row tile mostly empty, so padding often costs less.
+CHUNK_TFLOPS = {256: 640.0, 128: 560.0, 64: 370.0, 32: 240.0}
+_CHUNKS = np.array(CHUNK_CANDIDATES, dtype=np.int64)
+_CHUNK_RATES = np.array([CHUNK_TFLOPS[c] for c in CHUNK_CANDIDATES])
 
 
 @dataclass(frozen=True)
@@ -36,11 +72,12 @@ class CublasDims:
 
 @dataclass(frozen=True)
 class GemmPlan:
-    """Shapes and offsets of one ``gmm`` call.
+    """Shapes and offsets of one grouped GEMM.
 
     Normal mode: ``out[o_e:o_e+m_e] = a[o_e:o_e+m_e] @ b[e]`` (``b[e].T`` with
     ``trans_b``). K-grouped mode (``trans_a``): ``out[e] = a_e.T @ b_e`` where
     ``a_e``/``b_e`` are the rows of group e of ``a`` [M, K] and ``b`` [M, N].
+    ``offsets`` follow the row layout the rows are in (grouped-contiguous for ``gmm``).
     """
 
     num_experts: int
@@ -62,6 +99,7 @@ class GemmPlan:
 
     @property
     def out_shape(self) -> tuple[int, ...]:
+        """Shape of the result: ``[M, N]``, or ``[E, K, N]`` with ``trans_a``."""
         if self.trans_a:
             return (self.num_experts, self.k, self.n)
         return (self.total_rows, self.n)
@@ -89,6 +127,185 @@ class GemmPlan:
         # Exactly one of m/n/k carries the group's rows.
         full["k" if self.trans_a else "n"] = rows32
         return full
+
+
+@dataclass(frozen=True)
+class ProblemStats:
+    """What the choice of algorithm depends on, cheap to compute from the host row counts."""
+
+    num_experts: int
+    active_experts: int
+    total_rows: int
+    max_rows: int
+    n: int
+    k: int
+    dtype: str = "bfloat16"
+
+    @property
+    def padding_ratio(self) -> float:
+        """Rows the padded-capacity layout computes over the rows there are."""
+        return self.num_experts * self.max_rows / self.total_rows if self.total_rows else float("inf")
+
+    @property
+    def mean_rows(self) -> float:
+        """Rows per active expert."""
+        return self.total_rows / self.active_experts if self.active_experts else 0.0
+
+    @classmethod
+    def from_sizes(cls, sizes: np.ndarray, n: int, k: int, dtype: str) -> ProblemStats:
+        """Stats of per-expert row counts ``sizes`` for a GEMM of N = ``n``, K = ``k``."""
+        active = int(np.count_nonzero(sizes))
+        return cls(len(sizes), active, int(sizes.sum()), int(sizes.max(initial=0)), n, k, dtype)
+
+    @property
+    def skew(self) -> float:
+        """Busiest expert's rows over the mean (1 for an even load)."""
+        mean = self.mean_rows
+        return max(self.max_rows / mean, 1.0) if mean else 1.0
+
+    def features(self) -> np.ndarray:
+        """log2 of (experts, active experts, mean rows + 1, N, K, skew): what the
+        tuning tables' distance is measured on."""
+        return np.log2(
+            np.array(
+                [
+                    self.num_experts,
+                    max(self.active_experts, 1),
+                    self.mean_rows + 1,
+                    self.n,
+                    self.k,
+                    self.skew,
+                ],
+                dtype=np.float64,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where expert e's rows start in the rows and out buffers.
+
+    Build one with a named constructor: :meth:`contiguous` (grouped-contiguous
+    rows), :meth:`chunk_aligned` (each expert's block rounded up to a multiple
+    of ``align`` rows) or :meth:`padded` (expert e at ``e * stride``, the
+    ``[E, stride, K]`` padded-capacity layout). ``kernels/pointers.cu`` computes
+    the same offsets on the device (its ``align`` argument).
+
+    Attributes
+    ----------
+    align : int
+        Each expert's block is rounded up to a multiple of this many rows (1: none).
+    stride : int
+        When positive, expert e starts at row ``e * stride`` and ``align`` is unused.
+    """
+
+    align: int = 1
+    stride: int = 0
+
+    def __post_init__(self):
+        if self.align < 1 or self.stride < 0:
+            raise ValueError(f"RowLayout needs align >= 1 and stride >= 0; got {self.align}, {self.stride}")
+
+    @classmethod
+    def contiguous(cls) -> RowLayout:
+        """Grouped-contiguous rows: each expert's rows right after the previous expert's."""
+        return cls()
+
+    @classmethod
+    def chunk_aligned(cls, chunk_rows: int) -> RowLayout:
+        """Chunk-aligned rows: each expert's block padded to a multiple of ``chunk_rows``."""
+        return cls(align=chunk_rows)
+
+    @classmethod
+    def padded(cls, capacity: int) -> RowLayout:
+        """Padded capacity: expert e's rows at ``e * capacity``, ``capacity`` rows each."""
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1; got {capacity}")
+        return cls(stride=capacity)
+
+    @property
+    def kind(self) -> str:
+        """``"grouped-contiguous"``, ``"chunk-aligned"`` or ``"padded-capacity"``."""
+        if self.stride:
+            return "padded-capacity"
+        return "chunk-aligned" if self.align > 1 else "grouped-contiguous"
+
+    def algorithms(self) -> tuple[Algorithm, ...]:
+        """Algorithms that can run on rows laid out this way."""
+        if self.stride:
+            return (Algorithm.PADDED_STRIDED, Algorithm.SEQUENTIAL)
+        chunked = (Algorithm.CHUNKED_BATCHED,) if self.align > 1 else ()
+        return (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL, *chunked)
+
+    def offsets(self, sizes: np.ndarray) -> np.ndarray:
+        """First row of each expert, then the rows in all (int64 [E + 1])."""
+        offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        if self.stride:
+            offsets[:] = np.arange(len(sizes) + 1) * self.stride
+        elif self.align == 1:
+            np.cumsum(sizes, out=offsets[1:])  # gmm's every call: no rounding to pay for
+        else:
+            np.cumsum(-(-sizes // self.align) * self.align, out=offsets[1:])
+        return offsets
+
+    def rows(self, sizes: np.ndarray) -> int:
+        """Rows the rows and out buffers need for per-expert row counts ``sizes``."""
+        return int(self.offsets(sizes)[-1])
+
+
+def layout_for(algorithm: Algorithm, sizes: np.ndarray, chunk_rows: int | None = None) -> RowLayout:
+    """The row layout ``algorithm`` runs on, for per-expert row counts ``sizes``.
+
+    The one rule: PADDED_STRIDED takes padded capacity (:func:`capacity_for`
+    rows per expert); CHUNKED_BATCHED chunk-aligned rows of ``chunk_rows``
+    (default :func:`choose_chunk_rows`); CUBLAS_GROUPED and SEQUENTIAL
+    grouped-contiguous rows. Which algorithms a layout serves is
+    :meth:`RowLayout.algorithms`.
+    """
+    algorithm = coerce_enum(Algorithm, algorithm, "algorithm")
+    if algorithm is Algorithm.AUTO:
+        raise ValueError("algorithm AUTO has no row layout: choose the algorithm first")
+    if algorithm is Algorithm.CHUNKED_BATCHED:
+        return RowLayout.chunk_aligned(chunk_rows or choose_chunk_rows(sizes))
+    if algorithm is Algorithm.PADDED_STRIDED:
+        return RowLayout.padded(capacity_for(sizes))
+    return RowLayout.contiguous()
+
+
+@dataclass(frozen=True)
+class Operands:
+    """Device addresses and byte strides of the three operands.
+
+    Each operand's address for a group at row ``r`` of expert ``e`` is
+    ``base + r * row_bytes + e * expert_bytes``.
+    """
+
+    a: int
+    a_row_bytes: int
+    a_expert_bytes: int
+    b: int
+    b_row_bytes: int
+    b_expert_bytes: int
+    c: int
+    c_row_bytes: int
+    c_expert_bytes: int
+
+    @classmethod
+    def for_plan(cls, plan: GemmPlan, a: int, b: int, c: int, itemsize: int) -> Operands:
+        """Strides of ``plan``'s operands at addresses ``a`` (rows), ``b`` (weights), ``c`` (out)."""
+        n, k = plan.n, plan.k
+        if plan.trans_a:
+            return cls(a, k * itemsize, 0, b, n * itemsize, 0, c, 0, k * n * itemsize)
+        return cls(a, k * itemsize, 0, b, 0, k * n * itemsize, c, n * itemsize, 0)
+
+    def at(self, row, expert) -> tuple:
+        """Addresses (rows, weights, out) of a group at ``row`` of ``expert``
+        (ints, or NumPy arrays of many groups)."""
+        return (
+            self.a + row * self.a_row_bytes + expert * self.a_expert_bytes,
+            self.b + row * self.b_row_bytes + expert * self.b_expert_bytes,
+            self.c + row * self.c_row_bytes + expert * self.c_expert_bytes,
+        )
 
 
 def host_group_sizes(group_sizes, num_experts: int) -> np.ndarray:
@@ -139,7 +356,8 @@ def plan_gmm(
     trans_b: bool,
     num_experts: int | None = None,
 ) -> GemmPlan:
-    """Validate operand shapes and build the plan (``sizes=None``: not known yet, all zero)."""
+    """Validate operand shapes and build the plan on grouped-contiguous rows
+    (``sizes=None``: not known yet, all zero)."""
     if trans_a and trans_b:
         raise ValueError("trans_a and trans_b cannot both be set: with trans_a, b holds rows [M, N]")
     _check_matrix(a, "a", 2)
@@ -169,6 +387,41 @@ def plan_gmm(
         sizes = np.zeros(num_experts, dtype=np.int64)
     else:
         check_group_sizes(sizes, num_experts, total)
-    offsets = np.zeros(num_experts + 1, dtype=np.int64)
-    np.cumsum(sizes, out=offsets[1:])
+    offsets = RowLayout.contiguous().offsets(sizes)
     return GemmPlan(num_experts, total, n, k, trans_a, trans_b, sizes, offsets, np.flatnonzero(sizes))
+
+
+# -- capacities ----------------------------------------------------------------
+
+
+def capacity_for(sizes: np.ndarray, multiple: int = 8) -> int:
+    """Per-expert capacity of the padded-capacity layout: the largest group, rounded up."""
+    return max(multiple, int(math.ceil(int(sizes.max(initial=0)) / multiple) * multiple))
+
+
+def choose_chunk_rows(sizes: np.ndarray) -> int:
+    """C of the chunk-aligned layout with the least expected time: padded rows
+    over the rate batched GEMMs reach with that many rows per problem (CHUNK_TFLOPS)."""
+    if int(sizes.sum()) == 0:
+        return CHUNK_CANDIDATES[-1]
+    # Padded rows for every candidate at once, in one array operation.
+    padded = ((sizes[None, :] + _CHUNKS[:, None] - 1) // _CHUNKS[:, None] * _CHUNKS[:, None]).sum(axis=1)
+    return int(_CHUNKS[int(np.argmin(padded / _CHUNK_RATES))])
+
+
+def packed_chunks(sizes: np.ndarray, offsets: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk problems over grouped-contiguous rows: (first row of each chunk, its group).
+
+    A group of m >= chunk rows gets ceil(m / chunk) chunks; when m is not a
+    multiple, its last chunk ends exactly at the group's last row and
+    overlaps the one before, so no chunk reads or writes another group's
+    rows (the overlapping rows are computed twice, with the same inputs).
+    Groups of fewer rows than ``chunk`` get no chunk: the caller runs them
+    another way.
+    """
+    big = np.flatnonzero(sizes >= chunk)
+    per_group = -(-sizes[big] // chunk)
+    groups = np.repeat(big, per_group)
+    index = np.arange(len(groups)) - np.repeat(np.cumsum(per_group) - per_group, per_group)
+    starts = offsets[groups] + np.minimum(index * chunk, sizes[groups] - chunk)
+    return starts.astype(np.int64), groups.astype(np.int64)

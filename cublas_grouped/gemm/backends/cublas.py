@@ -1,0 +1,210 @@
+"""The cuBLAS back end: every algorithm as free functions over a validated plan.
+
+In cuBLAS's column-major terms each group computes ``out^T = op(W)^T @ rows^T``,
+so the cuBLAS A operand is the weights side and B the rows side (see
+:meth:`GemmPlan.dims`). Nothing here checks arguments or synchronizes: the
+executor checked, and every call is queued on the stream of ``res`` (the
+stream's resources from ``runtime.device.resources``).
+
+Which layout each algorithm runs on is :func:`.plan.layout_for`'s rule:
+
+- SEQUENTIAL: one ``cublasGemmEx`` per non-empty expert, on any layout;
+- CUBLAS_GROUPED: one ``cublasGemmGroupedBatchedEx``, grouped-contiguous or
+  chunk-aligned rows;
+- CHUNKED_BATCHED: one ``cublasGemmBatchedEx`` over C-row chunks of
+  chunk-aligned rows, or, on grouped-contiguous rows (``gmm``), over chunks
+  whose last one overlaps, with the smaller groups in one grouped call;
+- PADDED_STRIDED: one ``cublasGemmStridedBatchedEx`` over padded capacity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...runtime import cublas as _cublas
+from ...runtime.arrays import cuda_dtype
+from ...runtime.device import DeviceInfo
+from ...runtime.nvrtc import arch_for
+from ..config import Algorithm, GroupedGemmConfig, compute_type_for
+from ..plan import CublasDims, GemmPlan, Operands, RowLayout, choose_chunk_rows, packed_chunks
+from ..pointers import build_pointers, device_sizes, upload_pointers
+
+__all__ = [
+    "CublasCall",
+    "bound",
+    "run",
+    "sequential",
+    "grouped",
+    "chunk_aligned_batched",
+    "chunked_contiguous",
+    "padded_strided",
+    "batched",
+    "grouped_call",
+]
+
+
+@dataclass(frozen=True)
+class CublasCall:
+    """What the cuBLAS calls of one run share: the stream's handle, the
+    element type (cudaDataType_t) and the compute type (cublasComputeType_t)."""
+
+    handle: int
+    data_type: int
+    compute: int
+
+
+@contextlib.contextmanager
+def bound(res, dtype, config: GroupedGemmConfig) -> Iterator[CublasCall]:
+    """``res``'s cuBLAS handle set up for ``config`` (workspace, math mode) and
+    inputs of ``dtype``. Pedantic math (``use_tensor_cores=False``) is undone on
+    exit: the handle is shared by everything on the stream."""
+    handle = res.bind(config.workspace_mb << 20)
+    compute = compute_type_for(dtype, config.compute_precision, config.use_tensor_cores)
+    call = CublasCall(handle, cuda_dtype(dtype, "a"), compute)
+    if not config.use_tensor_cores:
+        _cublas.set_math_mode(handle, _cublas.MathMode.PEDANTIC)
+    try:
+        yield call
+    finally:
+        if not config.use_tensor_cores:
+            _cublas.set_math_mode(handle, _cublas.MathMode.DEFAULT)
+
+
+def run(
+    plan: GemmPlan,
+    ops: Operands,
+    dtype,
+    algorithm: Algorithm,
+    res,
+    *,
+    config: GroupedGemmConfig,
+    info: DeviceInfo,
+    layout: RowLayout | None = None,
+    sizes_dev=None,
+) -> None:
+    """Run ``plan`` with ``algorithm`` on rows laid out as ``layout``.
+
+    ``layout`` defaults to grouped-contiguous rows; ``info`` is the device of
+    ``res``'s stream; ``sizes_dev`` the row counts on the device when the
+    caller has them (else they are uploaded where a kernel needs them).
+    """
+    layout = layout or RowLayout.contiguous()
+    with bound(res, dtype, config) as call:
+        if algorithm is Algorithm.SEQUENTIAL:
+            sequential(call, plan, ops, layout)
+        elif algorithm is Algorithm.CUBLAS_GROUPED:
+            grouped(call, plan, ops, layout, res, sizes_dev=sizes_dev, arch=arch_for(info.sm))
+        elif algorithm is Algorithm.CHUNKED_BATCHED and layout.align == 1 and not layout.stride:
+            chunk = config.chunk_rows or choose_chunk_rows(plan.sizes)
+            chunked_contiguous(call, plan, ops, res, chunk, grouped_ok=info.supports_grouped_gemm())
+        elif algorithm is Algorithm.CHUNKED_BATCHED:
+            chunk_aligned_batched(call, plan, ops, layout, res, sizes_dev=sizes_dev, arch=arch_for(info.sm))
+        elif algorithm is Algorithm.PADDED_STRIDED:
+            padded_strided(call, plan, ops, layout)
+        else:
+            raise ValueError(f"cannot run algorithm {algorithm}")
+
+
+def _gemm_ex(call: CublasCall, d: CublasDims, a_ptr: int, b_ptr: int, c_ptr: int) -> None:
+    _cublas.gemm_ex(
+        call.handle, d.transa, d.transb, d.m, d.n, d.k, 1.0, b_ptr, call.data_type, d.lda,
+        a_ptr, call.data_type, d.ldb, 0.0, c_ptr, call.data_type, d.ldc, call.compute,
+    )  # fmt: skip
+
+
+def sequential(call: CublasCall, plan: GemmPlan, ops: Operands, layout: RowLayout, experts=None) -> None:
+    """One ``cublasGemmEx`` per expert of ``experts`` (default: every non-empty one)."""
+    offsets = layout.offsets(plan.sizes)
+    for e in plan.active if experts is None else experts:
+        a_ptr, b_ptr, c_ptr = ops.at(int(offsets[e]), int(e))
+        _gemm_ex(call, plan.dims(int(plan.sizes[e])), a_ptr, b_ptr, c_ptr)
+
+
+def grouped(
+    call: CublasCall, plan: GemmPlan, ops: Operands, layout: RowLayout, res, *, sizes_dev=None, arch=None
+) -> None:
+    """One ``cublasGemmGroupedBatchedEx``, one group per non-empty expert; the
+    pointers are built on the device from the counts."""
+    sizes32 = device_sizes(plan, res, sizes_dev)
+    arrays = build_pointers(res, sizes32, ops, layout, arch=arch, num_problems=len(plan.active))
+    grouped_call(call, plan, plan.sizes[plan.active], arrays)
+
+
+def grouped_call(call: CublasCall, plan: GemmPlan, rows: np.ndarray, arrays) -> None:
+    """One ``cublasGemmGroupedBatchedEx``, one group per problem of ``rows`` rows,
+    over device pointer arrays (addresses: rows, weights, out)."""
+    a_arr, b_arr, c_arr = arrays
+    count = len(rows)
+    host = plan.dims_arrays(rows)
+    ones = np.ones(count, dtype=np.int32)
+    alpha = np.ones(count, dtype=np.float32)
+    beta = np.zeros(count, dtype=np.float32)
+    addr = lambda x: x.ctypes.data  # noqa: E731 - host arrays stay alive in this frame
+    t = call.data_type
+    _cublas.gemm_grouped_batched_ex(
+        call.handle, addr(host["transa"]), addr(host["transb"]), addr(host["m"]), addr(host["n"]),
+        addr(host["k"]), addr(alpha), b_arr, t, addr(host["lda"]), a_arr, t,
+        addr(host["ldb"]), addr(beta), c_arr, t, addr(host["ldc"]), count, addr(ones), call.compute,
+    )  # fmt: skip
+
+
+def batched(call: CublasCall, d: CublasDims, pointer_arrays, count: int) -> None:
+    """One ``cublasGemmBatchedEx`` of ``count`` equal problems over device pointer
+    arrays (addresses: rows, weights, out)."""
+    a_arr, b_arr, c_arr = pointer_arrays
+    t = call.data_type
+    _cublas.gemm_batched_ex(
+        call.handle, d.transa, d.transb, d.m, d.n, d.k, 1.0, b_arr, t, d.lda,
+        a_arr, t, d.ldb, 0.0, c_arr, t, d.ldc, count, call.compute,
+    )  # fmt: skip
+
+
+def chunk_aligned_batched(
+    call: CublasCall, plan: GemmPlan, ops: Operands, layout: RowLayout, res, *, sizes_dev=None, arch=None
+) -> None:
+    """CHUNKED_BATCHED on chunk-aligned rows: every expert's block cut into
+    ``layout.align``-row chunks, all in one batched call."""
+    chunk = layout.align
+    sizes32 = device_sizes(plan, res, sizes_dev)
+    count = int((-(-plan.sizes // chunk)).sum())
+    arrays = build_pointers(res, sizes32, ops, layout, arch=arch, chunk_rows=chunk, num_problems=count)
+    batched(call, plan.dims(chunk), arrays, count)
+
+
+def chunked_contiguous(
+    call: CublasCall, plan: GemmPlan, ops: Operands, res, chunk: int, *, grouped_ok: bool
+) -> None:
+    """CHUNKED_BATCHED on grouped-contiguous rows (``gmm``): groups of at least
+    ``chunk`` rows run as chunks whose last one overlaps (see :func:`packed_chunks`);
+    smaller groups run in one grouped call (``grouped_ok``), else one by one."""
+    starts, groups = packed_chunks(plan.sizes, plan.offsets, chunk)
+    if len(starts):
+        arrays = upload_pointers(res, "chunk-pointers", ops, starts, groups)
+        batched(call, plan.dims(chunk), arrays, len(starts))
+    small = np.flatnonzero((plan.sizes > 0) & (plan.sizes < chunk))
+    if not len(small):
+        return
+    if grouped_ok:
+        arrays = upload_pointers(res, "small-pointers", ops, plan.offsets[small], small)
+        grouped_call(call, plan, plan.sizes[small], arrays)
+    else:
+        sequential(call, plan, ops, RowLayout.contiguous(), experts=small)
+
+
+def padded_strided(call: CublasCall, plan: GemmPlan, ops: Operands, layout: RowLayout) -> None:
+    """One ``cublasGemmStridedBatchedEx`` over padded capacity: every expert
+    computes ``layout.stride`` rows, padding included."""
+    cap = layout.stride
+    d = plan.dims(cap)
+    itemsize = np.dtype(np.float32).itemsize if call.data_type == _cublas.DataType.R_32F else 2
+    _cublas.gemm_strided_batched_ex(
+        call.handle, d.transa, d.transb, d.m, d.n, d.k, 1.0,
+        ops.b, call.data_type, d.lda, ops.b_expert_bytes // itemsize,
+        ops.a, call.data_type, d.ldb, cap * ops.a_row_bytes // itemsize,
+        0.0, ops.c, call.data_type, d.ldc, cap * ops.c_row_bytes // itemsize,
+        plan.num_experts, call.compute,
+    )  # fmt: skip

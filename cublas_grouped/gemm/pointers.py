@@ -1,0 +1,132 @@
+"""Device arrays of A/B/C pointers, one entry per GEMM problem, for the batched
+and grouped cuBLAS calls (which read their operands' addresses from the device).
+
+Two ways to fill them: :func:`build_pointers` runs ``kernels/pointers.cu`` on
+the device from the per-expert row counts (no count travels to the host; it
+also writes the row offsets of a grouped-contiguous or chunk-aligned layout);
+:func:`upload_pointers` computes them on the host when the problems are known
+there already. Addresses, not array views, are passed around because slicing
+device arrays costs host time on every call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..runtime import device as _device
+from ..runtime import nvrtc as _kernels
+from .plan import GemmPlan, Operands, RowLayout
+
+__all__ = ["build_pointers", "upload_pointers", "device_sizes", "POINTER_THREADS", "DEFINES"]
+
+# Threads of build_pointers' one block (a multiple of 32, at most 1024). The
+# only copy: kernels/pointers.cu gets it as an NVRTC define.
+POINTER_THREADS = 1024
+#: NVRTC defines of kernels/pointers.cu.
+DEFINES = {"POINTER_THREADS": POINTER_THREADS}
+
+
+def device_sizes(plan: GemmPlan, res, sizes_dev=None):
+    """int32 row counts on the device: ``sizes_dev`` (cast if needed), else
+    ``plan.sizes`` uploaded on ``res``'s stream."""
+    import cupy
+
+    if sizes_dev is not None:
+        return sizes_dev if sizes_dev.dtype == cupy.int32 else sizes_dev.astype(cupy.int32)
+    return res.upload("sizes", plan.sizes.astype(np.int32))
+
+
+def build_pointers(
+    res,
+    sizes_dev,
+    ops: Operands,
+    layout: RowLayout,
+    *,
+    arch: str | None = None,
+    chunk_rows: int = 0,
+    num_problems: int,
+    num_slots: int = 0,
+    scratch_c: int = 0,
+    row_offsets=None,
+    pointer_arrays=None,
+) -> tuple[int, int, int]:
+    """Fill device arrays of A/B/C pointers, one entry per problem, with the
+    ``build_pointers`` kernel on ``res``'s stream; returns the three arrays'
+    device addresses (rows, weights, out).
+
+    Parameters
+    ----------
+    res : the stream's resources (``runtime.device.resources``)
+    sizes_dev : int32 device array [E], rows per expert
+    ops : Operands
+    layout : RowLayout
+        Grouped-contiguous or chunk-aligned (padded capacity needs no pointers).
+    arch : str, optional
+        Architecture to compile for; default that of ``res``'s device.
+    chunk_rows : int
+        0: one problem per non-empty expert; C > 0: ceil(rows / C) problems
+        per expert, each C rows.
+    num_problems : int
+        Problems the arrays must hold.
+    num_slots : int
+        Entries from the last real problem up to ``num_slots`` become idle
+        GEMMs writing to ``scratch_c`` (the fixed-capacity step's fixed count).
+    row_offsets : int32 device array [E + 1], optional
+        Also written: the layout's first row of each expert, then the total.
+    pointer_arrays : three uint64 device arrays, optional
+        Written when given, else a reused per-stream buffer. The kernel never
+        writes past the entries the arrays hold (given arrays: their length,
+        which must be at least ``max(num_problems, num_slots)`` or ``ValueError``
+        is raised; the per-stream buffer: that maximum), whatever the device
+        counts say.
+    """
+    if layout.stride:
+        raise ValueError("the padded strided layout needs no pointer arrays")
+    num_entries = max(num_problems, num_slots)
+    if pointer_arrays is None:
+        capacity = num_entries
+        base = res.buffer("pointers", 3 * 8 * max(capacity, 1)).data.ptr
+        a_arr, b_arr, c_arr = (base + i * 8 * capacity for i in range(3))
+    else:
+        capacity = min(int(p.size) for p in pointer_arrays)
+        if capacity < num_entries:
+            raise ValueError(f"pointer arrays hold {capacity} entries but {num_entries} problems need them")
+        a_arr, b_arr, c_arr = (int(p.data.ptr) for p in pointer_arrays)
+    if arch is None:
+        # The device of this call's stream, not whichever device was used first.
+        arch = _kernels.arch_for(_device.device_info(res.device_id).sm)
+    kernel = _kernels.get_kernel("pointers", "build_pointers", arch, defines=DEFINES)
+    i32, i64, u64 = np.int32, np.int64, np.uint64
+    args = (
+        np.intp(sizes_dev.data.ptr),
+        i32(len(sizes_dev)),
+        i32(layout.align),
+        i32(chunk_rows),
+        i32(num_slots),
+        i32(capacity),
+        u64(ops.a),
+        i64(ops.a_row_bytes),
+        i64(ops.a_expert_bytes),
+        u64(ops.b),
+        i64(ops.b_row_bytes),
+        i64(ops.b_expert_bytes),
+        u64(ops.c),
+        i64(ops.c_row_bytes),
+        i64(ops.c_expert_bytes),
+        u64(scratch_c),
+        np.intp(a_arr),
+        np.intp(b_arr),
+        np.intp(c_arr),
+        np.intp(row_offsets.data.ptr if row_offsets is not None else 0),
+    )
+    _kernels.launch(res.launch_stream, kernel, 1, POINTER_THREADS, args)
+    return a_arr, b_arr, c_arr
+
+
+def upload_pointers(res, name: str, ops: Operands, rows: np.ndarray, experts: np.ndarray):
+    """Device pointer arrays (rows, weights, out) for problems at ``rows`` of
+    ``experts``, computed on the host and uploaded in one asynchronous copy into
+    ``res``'s buffer ``name``; returns the three arrays' device addresses."""
+    table = np.array(ops.at(rows, experts), dtype=np.uint64)  # [3, problems]
+    base = res.upload(name, table).data.ptr
+    return base, base + 8 * len(rows), base + 16 * len(rows)

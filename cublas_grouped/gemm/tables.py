@@ -1,0 +1,266 @@
+"""Tuning tables: measured times per shape, their files, and which table applies.
+
+A table holds, for one (GPU name, cuBLAS version, SM version), the time of
+each algorithm at a set of shapes (``python -m cublas_grouped.tune`` writes
+them). The nearest measured shape, in log space over experts, active experts,
+rows per expert, N, K and skew (:meth:`ProblemStats.features`), answers for a
+shape it covers. :func:`tuning_table_for` walks a fallback chain (the user's
+exact table, the shipped exact one, the same GPU with the nearest cuBLAS, the
+same architecture) and says why it took the one it took. What to do with the
+times is :mod:`.select`'s business; measuring on first sight is :mod:`.autotune`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.device import DeviceInfo
+from .config import Algorithm
+from .plan import ProblemStats
+
+__all__ = [
+    "TuningTable",
+    "MAX_TABLE_DISTANCE",
+    "SHIPPED_TUNING_DIR",
+    "AUTOTUNE_SUFFIX",
+    "infer_sm",
+    "file_slug",
+    "user_tuning_dir",
+    "tuning_table_path",
+    "tuning_table_for",
+    "is_close_table",
+    "load_tuning_table",
+    "forget_tables",
+]
+
+# A tuning entry farther than this (sum of squared log2 ratios) does not apply.
+MAX_TABLE_DISTANCE = 2.0
+# The tables that ship inside the package (one file per GPU name and cuBLAS version).
+SHIPPED_TUNING_DIR = Path(__file__).resolve().parent.parent / "tuning"
+# Files of measurements made on first sight (.autotune): never a fallback table.
+AUTOTUNE_SUFFIX = ".autotune.json"
+# Hopper parts whose tables may lack ``sm`` (written before it was recorded).
+_HOPPER_NAME = re.compile(r"\bG?H(100|200|800|20)\b")
+
+
+def infer_sm(gpu: str) -> tuple[int, int] | None:
+    """SM version of a GPU known by name alone (the Hopper parts), else None.
+
+    Tables written before ``sm`` was recorded get their architecture this way;
+    any other old table counts as unknown architecture.
+    """
+    return (9, 0) if _HOPPER_NAME.search(gpu) else None
+
+
+def _parse_sm(value, gpu: str) -> tuple[int, int] | None:
+    if value is None:
+        return infer_sm(gpu)
+    try:
+        major, minor = (int(v) for v in (value.split(".") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        raise ValueError(f"sm must be [major, minor] like [9, 0]; got {value!r}") from None
+    return (major, minor)
+
+
+@dataclass
+class TuningTable:
+    """Measured times per shape for one (GPU name, cuBLAS version, SM version).
+
+    ``sm`` is the architecture the table was measured on, ``(9, 0)`` for
+    Hopper; ``None`` reads it from the GPU name where that is an H100/H200 class
+    part, else leaves it unknown (such a table is never a same-architecture
+    fallback).
+    """
+
+    gpu: str
+    cublas_version: int
+    entries: list[dict]
+    sm: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        self.sm = _parse_sm(self.sm, self.gpu)
+        grouped: dict[str, tuple[list, list]] = {}
+        for entry in self.entries:
+            active = entry["active_experts"]
+            total = int(round(entry["mean_rows"] * active))
+            # Tables written before max_rows was recorded count as even loads.
+            max_rows = entry.get("max_rows", int(math.ceil(entry["mean_rows"])))
+            stats = ProblemStats(
+                entry["num_experts"], active, total, max_rows, entry["n"], entry["k"], entry["dtype"]
+            )
+            times = {Algorithm(name): float(t) for name, t in entry["times_ms"].items() if t is not None}
+            feats, items = grouped.setdefault(entry["dtype"], ([], []))
+            feats.append(stats.features())
+            items.append(times)
+        self._by_dtype = {d: (np.array(f), i) for d, (f, i) in grouped.items()}
+
+    def nearest(self, stats: ProblemStats) -> dict[Algorithm, float] | None:
+        """Measured times (ms per algorithm) of the closest shape, or None if none is close."""
+        found = self._by_dtype.get(stats.dtype)
+        if found is None:
+            return None
+        feats, items = found
+        dist = ((feats - stats.features()) ** 2).sum(axis=1)
+        best = int(np.argmin(dist))
+        return items[best] if dist[best] <= MAX_TABLE_DISTANCE else None
+
+    @classmethod
+    def load(cls, path: Path) -> TuningTable:
+        """Read a table; a malformed file raises ValueError, KeyError or TypeError."""
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+            raise ValueError(f"{path} is not a tuning table (no list of entries)")
+        return cls(str(data["gpu"]), int(data["cublas_version"]), data["entries"], data.get("sm"))
+
+    def to_json(self) -> dict:
+        """The table as written to disk."""
+        doc = {"gpu": self.gpu, "cublas_version": self.cublas_version}
+        if self.sm is not None:
+            doc["sm"] = list(self.sm)
+        doc["entries"] = self.entries
+        return doc
+
+    def save(self, path: Path) -> None:
+        """Write atomically: a temporary file in the same folder, then a rename, so a
+        reader (or a second writer) never sees half a table."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_json(), f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def file_slug(text: str) -> str:
+    """``text`` as part of a file name: lower case, other runs of characters as one ``-``."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def user_tuning_dir() -> Path:
+    """``$CUBLAS_GROUPED_TUNING_DIR``, else ``~/.cache/cublas_grouped/tuning``: where
+    ``python -m cublas_grouped.tune`` and AUTO's measurements write."""
+    root = os.environ.get("CUBLAS_GROUPED_TUNING_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "cublas_grouped" / "tuning"
+
+
+def tuning_table_path(device: DeviceInfo, user: bool = True) -> Path:
+    """Where the exact table for ``device`` (its GPU name and cuBLAS version) lives.
+
+    ``user=True``: in :func:`user_tuning_dir` (what ``python -m cublas_grouped.tune``
+    writes). ``user=False``: among the tables shipped inside the package.
+    """
+    name = f"{file_slug(device.name)}-cublas{device.cublas_version}.json"
+    return (user_tuning_dir() if user else SHIPPED_TUNING_DIR) / name
+
+
+def _read_tables(folder: Path) -> list[tuple[Path, TuningTable]]:
+    """Every readable table in ``folder``, by file name; broken files are ignored, not trusted."""
+    try:
+        paths = sorted(p for p in folder.glob("*.json") if not p.name.endswith(AUTOTUNE_SUFFIX))
+    except OSError:
+        return []
+    tables = []
+    for path in paths:
+        try:
+            tables.append((path, TuningTable.load(path)))
+        except (ValueError, KeyError, TypeError, OSError):
+            continue
+    return tables
+
+
+def _version_distance(table: TuningTable, device: DeviceInfo) -> tuple[int, int]:
+    """How far a table's cuBLAS is from the device's: another major version first,
+    then the absolute difference of the version numbers (major*10000 + minor*100 + patch)."""
+    other_major = int(table.cublas_version // 10000 != device.cublas_version // 10000)
+    return (other_major, abs(table.cublas_version - device.cublas_version))
+
+
+def is_close_table(table: TuningTable | None, device: DeviceInfo) -> bool:
+    """Whether ``table`` was measured close enough to ``device`` to be trusted
+    over measuring: the same GPU name and the same cuBLAS major version.
+
+    Tables of another cuBLAS major (which may pick other kernels) or of
+    another GPU of the same architecture (other bandwidth and clocks) are only
+    fallbacks: AUTO uses them where it cannot measure (see :mod:`.autotune`).
+    """
+    return (
+        table is not None
+        and table.gpu == device.name
+        and table.cublas_version // 10000 == device.cublas_version // 10000
+    )
+
+
+def _choose_table(device: DeviceInfo, user_dir: Path, shipped_dir: Path) -> tuple[TuningTable | None, str]:
+    found = [(path, table, True) for path, table in _read_tables(user_dir)]
+    found += [(path, table, False) for path, table in _read_tables(shipped_dir)]
+    where = lambda path, user: f"{'user' if user else 'shipped'} table {path}"  # noqa: E731
+    running = f"{device.name}, cuBLAS {device.cublas_version}, SM {device.sm[0]}.{device.sm[1]}"
+    # 1-2: exact (GPU name and cuBLAS version), the user's before the shipped one.
+    for path, table, user in found:
+        if table.gpu == device.name and table.cublas_version == device.cublas_version:
+            return table, f"{where(path, user)}: exact match ({running})"
+    # 3: the same GPU, nearest cuBLAS; 4: another GPU of the same architecture.
+    same_gpu = [f for f in found if f[1].gpu == device.name]
+    same_arch = [f for f in found if f[1].gpu != device.name and f[1].sm is not None and f[1].sm == device.sm]
+    for group, what in ((same_gpu, "same GPU, nearest cuBLAS"), (same_arch, "same architecture")):
+        if group:
+            # Nearer cuBLAS first; at equal distance the user's table before the shipped
+            # one, then the newer cuBLAS.
+            path, table, user = min(
+                group, key=lambda f: (_version_distance(f[1], device), not f[2], -f[1].cublas_version)
+            )
+            return table, (
+                f"{where(path, user)}: {what} ({table.gpu}, cuBLAS {table.cublas_version}); running {running}"
+            )
+    return None, f"no table for {running} in {user_dir} or the shipped tables: built-in rules"
+
+
+_cache: dict[tuple, tuple[TuningTable | None, str]] = {}
+
+
+def tuning_table_for(device: DeviceInfo) -> tuple[TuningTable | None, str]:
+    """The tuning table AUTO uses on ``device``, and why: ``(table or None, reason)``.
+
+    Fallback order, first found wins:
+
+    1. the user's exact table (same GPU name and cuBLAS version, in
+       :func:`user_tuning_dir`);
+    2. the shipped exact table;
+    3. a table of the same GPU name with the nearest cuBLAS version: one of the
+       same major version before any other, then the smallest difference of
+       the version numbers (``major*10000 + minor*100 + patch``); at equal
+       distance the user's table before the shipped one, then the newer cuBLAS;
+    4. a table of another GPU of the same architecture (``sm``), ordered the
+       same way.
+
+    Broken files are skipped. Cached per (GPU name, cuBLAS version, SM version)
+    and tuning folders; :func:`forget_tables` (or ``select.reset_tuning_cache``) forgets.
+    """
+    user_dir = os.environ.get("CUBLAS_GROUPED_TUNING_DIR")
+    key = (device.name, device.cublas_version, device.sm, user_dir, SHIPPED_TUNING_DIR)
+    found = _cache.get(key)
+    if found is None:
+        found = _cache[key] = _choose_table(device, user_tuning_dir(), SHIPPED_TUNING_DIR)
+    return found
+
+
+def load_tuning_table(device: DeviceInfo) -> TuningTable | None:
+    """The table :func:`tuning_table_for` picks for ``device``, or None (cached)."""
+    return tuning_table_for(device)[0]
+
+
+def forget_tables() -> None:
+    """Forget the cached table choices (after writing a new table, and in tests)."""
+    _cache.clear()
