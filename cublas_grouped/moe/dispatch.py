@@ -17,9 +17,9 @@ import numpy as np
 
 from ..gemm.autotune import layer_times
 from ..gemm.config import Algorithm, coerce_enum
-from ..gemm.executor import GroupedGemmExecutor, Operands, RowLayout
-from ..gemm.plan import GemmPlan
-from ..gemm.select import ProblemStats, choose_layer_algorithms, select_algorithm
+from ..gemm.executor import GroupedGemmExecutor
+from ..gemm.plan import GemmPlan, Operands, ProblemStats, RowLayout
+from ..gemm.select import choose_layer_algorithms, select_algorithm
 from ..runtime.arrays import ArrayView, as_cupy, cuda_dtype, view
 from ..runtime.device import stream_resources
 from . import kernels as K
@@ -139,7 +139,7 @@ def choose_algorithms(
     if algorithm is Algorithm.AUTO:
         algorithm = executor.config.algorithm
     if algorithm is not Algorithm.AUTO:
-        chosen = executor._fallback(algorithm, device_id)
+        chosen = executor.fallback(algorithm, device_id)
         return chosen, chosen
     info, name = executor.info_for(device_id), np.dtype(dtype).name
     times, times_key = layer_times(executor, info, Operands.for_plan, counts, dtype)
@@ -147,10 +147,10 @@ def choose_algorithms(
         first, second = choose_layer_algorithms(
             counts, (n, k), tuple(second_gemm), name, info, times=times, times_key=times_key
         )
-        return executor._fallback(first, device_id), executor._fallback(second, device_id)
+        return executor.fallback(first, device_id), executor.fallback(second, device_id)
     stats = ProblemStats.from_sizes(counts, n, k, name)
     first = select_algorithm(stats, info, padded_layouts=True, times=times)
-    return executor._fallback(first, device_id), executor._fallback(first, device_id)
+    return executor.fallback(first, device_id), executor.fallback(first, device_id)
 
 
 def prepare_input(

@@ -30,8 +30,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from ..gemm.executor import GroupedGemmExecutor, Operands, RowLayout
-from ..gemm.plan import GemmPlan
+from ..gemm.executor import GroupedGemmExecutor
+from ..gemm.plan import GemmPlan, Operands, RowLayout
 from ..runtime.arrays import as_cupy, cuda_dtype, view
 from ..runtime.device import resolve_stream, resources
 from . import kernels as K
@@ -411,7 +411,7 @@ def fixed_capacity_step(
     row_to_pair.fill(-1)  # rows of partial chunks stay -1: gathered as zeros
     K.block_histogram(stream, arch, ids, pairs, e, block_counts, skip_repeats=True)
     K.column_scan(stream, arch, block_counts, nb, e, buf.counts)
-    layout = RowLayout(align=chunk)
+    layout = RowLayout.chunk_aligned(chunk)
     x_rows, h, act, y = buf.rows[:rows], buf.h[:rows], buf.act[:rows], buf.y[:rows]
 
     def gemm(which, a, w, c, n, kk, offsets=None):
