@@ -163,8 +163,6 @@ class GroupedGemmExecutor:
             return Algorithm.SEQUENTIAL
         return algorithm
 
-    _fallback = fallback  # the old private name, until moe/ calls fallback
-
     def _check_dtype_supported(self, dtype: np.dtype, device_id: int) -> None:
         info = self.info_for(device_id)
         if dtype.name == "bfloat16" and not info.supports_bfloat16():
