@@ -5,7 +5,7 @@
 // Kernel:
 //
 //   build_pointers(const int* counts, int num_experts, int align,
-//                  int chunk_rows, int num_slots, int capacity,
+//                  int chunk_rows, int num_fixed, int capacity,
 //                  unsigned long long a_base, long long a_row_bytes, long long a_expert_bytes,
 //                  unsigned long long b_base, long long b_row_bytes, long long b_expert_bytes,
 //                  unsigned long long c_base, long long c_row_bytes, long long c_expert_bytes,
@@ -33,8 +33,8 @@
 //     b_ptrs[q] = b_base + r * b_row_bytes + e * b_expert_bytes
 //     c_ptrs[q] = c_base + r * c_row_bytes + e * c_expert_bytes
 //   (the caller zeroes the row or the expert stride of each operand).
-//   With P problems in all, entries P .. min(num_slots, capacity) - 1 (when
-//   num_slots > P) become idle GEMMs: a = a_base, b = b pointer of the last
+//   With P problems in all, entries P .. min(num_fixed, capacity) - 1 (when
+//   num_fixed > P) become idle GEMMs: a = a_base, b = b pointer of the last
 //   real problem (b_base if none, so idle GEMMs re-read weights already in
 //   L2), c = scratch_c.
 //
@@ -56,7 +56,7 @@
 
 extern "C" __global__ void __launch_bounds__(POINTER_THREADS)
     build_pointers(const int* __restrict__ counts, int num_experts, int align, int chunk_rows,
-                   int num_slots, int capacity, unsigned long long a_base,
+                   int num_fixed, int capacity, unsigned long long a_base,
                    long long a_row_bytes, long long a_expert_bytes, unsigned long long b_base,
                    long long b_row_bytes, long long b_expert_bytes, unsigned long long c_base,
                    long long c_row_bytes, long long c_expert_bytes, unsigned long long scratch_c,
@@ -96,7 +96,7 @@ extern "C" __global__ void __launch_bounds__(POINTER_THREADS)
         __syncthreads();
 
         // Emit the tile's problems, one per thread in turn. Problem q
-        // belongs to the last expert slot s of the tile with
+        // belongs to the last expert s of the tile with
         // tile_prob[s] <= q (binary search; empty experts have
         // tile_prob[s] == tile_prob[s + 1] and are skipped by taking the
         // last such s).
@@ -129,7 +129,7 @@ extern "C" __global__ void __launch_bounds__(POINTER_THREADS)
         row_offsets[num_experts] = row_carry;
     }
 
-    const int idle_end = min(num_slots, capacity);
+    const int idle_end = min(num_fixed, capacity);
     if (idle_end > prob_carry) {
         // __syncthreads makes this block's global writes above visible to
         // all of its threads (the last loop iteration ended with one).

@@ -25,8 +25,8 @@ OPS = Operands(
 SCRATCH = 4 << 40
 
 
-def expected(counts, chunk, num_slots):
-    """Compact chunk problems in expert order, then idle problems up to num_slots that
+def expected(counts, chunk, num_fixed):
+    """Compact chunk problems in expert order, then idle problems up to num_fixed that
     re-read the last real problem's weights and write to scratch."""
     offsets = np.concatenate(([0], np.cumsum(-(-counts // chunk) * chunk)))
     problems = [
@@ -35,12 +35,12 @@ def expected(counts, chunk, num_slots):
         for c in range(-(-int(counts[e]) // chunk))
     ]
     idle_b = problems[-1][1] if problems else OPS.b
-    problems += [(OPS.a, idle_b, SCRATCH)] * max(0, num_slots - len(problems))
+    problems += [(OPS.a, idle_b, SCRATCH)] * max(0, num_fixed - len(problems))
     return problems, offsets
 
 
 @pytest.mark.parametrize(
-    "counts, chunk, num_slots",
+    "counts, chunk, num_fixed",
     [
         ([3, 0, 17, 16, 0, 1], 16, 0),
         ([3, 0, 17, 16, 0, 1], 16, 13),  # 5 real chunks, 8 idle ones
@@ -50,13 +50,13 @@ def expected(counts, chunk, num_slots):
         ([0, 0, 0], 16, 5),  # no real problem: idle ones read b itself
     ],
 )
-def test_build_pointers_chunks_and_spread(counts, chunk, num_slots):
+def test_build_pointers_chunks_and_spread(counts, chunk, num_fixed):
     import cupy
 
     counts = np.asarray(counts, dtype=np.int64)
     res = resources(current_device(), resolve_stream(None))
     counts_dev = cupy.asarray(counts, dtype=cupy.int32)
-    entries = max(num_slots, int((-(-counts // chunk)).sum()))
+    entries = max(num_fixed, int((-(-counts // chunk)).sum()))
     arrays = tuple(cupy.zeros(entries, dtype=cupy.uint64) for _ in range(3))
     offsets = cupy.zeros(len(counts) + 1, dtype=cupy.int32)
     with res.cupy_stream:
@@ -67,13 +67,13 @@ def test_build_pointers_chunks_and_spread(counts, chunk, num_slots):
             RowLayout.chunk_aligned(chunk),
             chunk_rows=chunk,
             num_problems=0,
-            num_slots=num_slots,
+            num_fixed=num_fixed,
             scratch_c=SCRATCH,
             row_offsets=offsets,
             pointer_arrays=arrays,
         )
     res.cupy_stream.synchronize()
-    want, want_offsets = expected(counts, chunk, num_slots)
+    want, want_offsets = expected(counts, chunk, num_fixed)
     got = list(zip(*(cupy.asnumpy(a).tolist() for a in arrays)))
     assert got == [tuple(int(v) for v in w) for w in want]
     assert cupy.asnumpy(offsets).tolist() == want_offsets.tolist()
@@ -96,7 +96,7 @@ def test_build_pointers_never_writes_past_its_arrays():
             RowLayout.chunk_aligned(16),
             chunk_rows=16,
             num_problems=0,
-            num_slots=held,
+            num_fixed=held,
             scratch_c=SCRATCH,
             pointer_arrays=tuple(a[:held] for a in full),
         )

@@ -18,7 +18,6 @@ import numpy as np
 from ..runtime import device as _device
 from ..runtime.arrays import ArrayView, as_cupy, cuda_dtype, view
 from ..runtime.device import DeviceInfo, resolve_stream, resources
-from ..runtime.nvrtc import arch_for
 from .autotune import gmm_algorithm
 from .backends import cublas as _cublas_backend
 from .config import Algorithm, GroupedGemmConfig, compute_type_for
@@ -32,7 +31,6 @@ from .plan import (
     layout_for,
     plan_gmm,
 )
-from .pointers import build_pointers
 from .select import select_algorithm
 
 __all__ = ["GroupedGemmExecutor"]
@@ -341,18 +339,3 @@ class GroupedGemmExecutor:
         """Row layout ``algorithm`` needs for these host sizes (:func:`.plan.layout_for`
         with this executor's ``chunk_rows``)."""
         return layout_for(algorithm, sizes, self.config.chunk_rows)
-
-    # Kept for moe/ until it calls gemm.pointers.build_pointers and
-    # gemm.backends.cublas.batched itself.
-    def build_pointers(
-        self, res, sizes_dev, ops: Operands, layout: RowLayout, **kwargs
-    ) -> tuple[int, int, int]:
-        """:func:`.pointers.build_pointers` compiled for this executor's view of ``res``'s device."""
-        arch = arch_for(self.info_for(res.device_id).sm)
-        return build_pointers(res, sizes_dev, ops, layout, arch=arch, **kwargs)
-
-    @staticmethod
-    def batched(handle, d, pointer_arrays, count, data_type, compute) -> None:
-        """One ``cublasGemmBatchedEx`` (see :func:`.backends.cublas.batched`)."""
-        call = _cublas_backend.CublasCall(handle, data_type, compute)
-        _cublas_backend.batched(call, d, pointer_arrays, count)

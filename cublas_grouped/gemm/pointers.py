@@ -45,7 +45,7 @@ def build_pointers(
     arch: str | None = None,
     chunk_rows: int = 0,
     num_problems: int,
-    num_slots: int = 0,
+    num_fixed: int = 0,
     scratch_c: int = 0,
     row_offsets=None,
     pointer_arrays=None,
@@ -68,21 +68,21 @@ def build_pointers(
         per expert, each C rows.
     num_problems : int
         Problems the arrays must hold.
-    num_slots : int
-        Entries from the last real problem up to ``num_slots`` become idle
+    num_fixed : int
+        Entries from the last real problem up to ``num_fixed`` become idle
         GEMMs writing to ``scratch_c`` (the fixed-capacity step's fixed count).
     row_offsets : int32 device array [E + 1], optional
         Also written: the layout's first row of each expert, then the total.
     pointer_arrays : three uint64 device arrays, optional
         Written when given, else a reused per-stream buffer. The kernel never
         writes past the entries the arrays hold (given arrays: their length,
-        which must be at least ``max(num_problems, num_slots)`` or ``ValueError``
+        which must be at least ``max(num_problems, num_fixed)`` or ``ValueError``
         is raised; the per-stream buffer: that maximum), whatever the device
         counts say.
     """
     if layout.stride:
         raise ValueError("the padded strided layout needs no pointer arrays")
-    num_entries = max(num_problems, num_slots)
+    num_entries = max(num_problems, num_fixed)
     if pointer_arrays is None:
         capacity = num_entries
         base = res.buffer("pointers", 3 * 8 * max(capacity, 1)).data.ptr
@@ -102,7 +102,7 @@ def build_pointers(
         i32(len(sizes_dev)),
         i32(layout.align),
         i32(chunk_rows),
-        i32(num_slots),
+        i32(num_fixed),
         i32(capacity),
         u64(ops.a),
         i64(ops.a_row_bytes),

@@ -19,6 +19,7 @@ from ..gemm.autotune import layer_times
 from ..gemm.config import Algorithm, coerce_enum
 from ..gemm.executor import GroupedGemmExecutor
 from ..gemm.plan import GemmPlan, Operands, ProblemStats, RowLayout
+from ..gemm.pointers import build_pointers
 from ..gemm.select import choose_layer_algorithms, select_algorithm
 from ..runtime.arrays import ArrayView, as_cupy, cuda_dtype, view
 from ..runtime.device import stream_resources
@@ -259,11 +260,12 @@ def plan_dispatch(
     else:
         # build_pointers computes the padded offsets on the device; its pointer
         # output is discarded here (the GEMMs build their own).
-        executor.build_pointers(
+        build_pointers(
             res,
             counts,
             Operands(0, 0, 0, 0, 0, 0, 0, 0, 0),
             layout,
+            arch=arch,
             num_problems=int(np.count_nonzero(counts_host)),
             row_offsets=offsets,
         )

@@ -30,9 +30,11 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from ..gemm.backends.cublas import batched, bound
 from ..gemm.executor import GroupedGemmExecutor
 from ..gemm.plan import GemmPlan, Operands, RowLayout
-from ..runtime.arrays import as_cupy, cuda_dtype, view
+from ..gemm.pointers import build_pointers
+from ..runtime.arrays import as_cupy, view
 from ..runtime.device import resolve_stream, resources
 from . import kernels as K
 from .checks import (
@@ -417,14 +419,15 @@ def fixed_capacity_step(
     def gemm(which, a, w, c, n, kk, offsets=None):
         plan = _gemm_plan(shape, n, kk)
         ops = Operands.for_plan(plan, a.data.ptr, w.data.ptr, c.data.ptr, a.dtype.itemsize)
-        arrays = executor.build_pointers(
+        arrays = build_pointers(
             res,
             buf.counts,
             ops,
             layout,
+            arch=arch,
             chunk_rows=chunk,
             num_problems=0,
-            num_slots=chunks,
+            num_fixed=chunks,
             scratch_c=buf.scratch.data.ptr,
             row_offsets=offsets,
             pointer_arrays=buf.pointers[which],
@@ -444,10 +447,8 @@ def fixed_capacity_step(
                 dropped=dropped,
             )
             K.gather_rows(stream, arch, x, row_to_pair, k, x_rows)
-        handle = res.bind(executor.config.workspace_mb << 20)
-        executor.batched(
-            handle, plan.dims(chunk), arrays, chunks, cuda_dtype(a.dtype, "x"), executor.compute_type(a.dtype)
-        )
+        with bound(res, a.dtype, executor.config) as call:
+            batched(call, plan.dims(chunk), arrays, chunks)
 
     gemm(0, x_rows, w1, h, shape.width, shape.hidden, offsets=buf.offsets)
     K.expert_activation(
