@@ -96,17 +96,16 @@ def route_topk(stream, arch, logits, top_k, scoring, renormalize, weights, ids) 
     _kernels.launch(stream, kernel, grid, ROUTE_THREADS, args, shmem=ROUTE_WARPS * experts * 4)
 
 
+def _pair_args(ids, num_pairs, num_experts, skip_repeats) -> tuple:
+    """The arguments both pair kernels start with (they must agree on which pairs take rows)."""
+    flags = SKIP_REPEATS if skip_repeats else 0
+    return (_ptr(ids), np.int32(num_pairs), np.int32(ids.shape[1]), np.int32(num_experts), np.int32(flags))
+
+
 def block_histogram(stream, arch, ids, num_pairs, num_experts, block_counts, *, skip_repeats=False) -> None:
     """dispatch.cu ``expert_block_histogram``: each expert's pairs in each block of pairs."""
     kernel = _kernel("dispatch", "expert_block_histogram", arch)
-    args = (
-        _ptr(ids),
-        np.int32(num_pairs),
-        np.int32(ids.shape[1]),
-        np.int32(num_experts),
-        np.int32(SKIP_REPEATS if skip_repeats else 0),
-        _ptr(block_counts),
-    )
+    args = (*_pair_args(ids, num_pairs, num_experts, skip_repeats), _ptr(block_counts))
     _kernels.launch(stream, kernel, num_pair_blocks(num_pairs), DISPATCH_THREADS, args)
 
 
@@ -136,11 +135,7 @@ def assign_rows(
     that got none."""
     kernel = _kernel("dispatch", "assign_rows", arch)
     args = (
-        _ptr(ids),
-        np.int32(num_pairs),
-        np.int32(ids.shape[1]),
-        np.int32(num_experts),
-        np.int32(SKIP_REPEATS if skip_repeats else 0),
+        *_pair_args(ids, num_pairs, num_experts, skip_repeats),
         _ptr(block_base),
         _ptr(row_offsets),
         np.int32(row_to_pair.shape[0]),
