@@ -532,10 +532,31 @@ def test_time_candidates_warms_up_and_keeps_to_the_budget(monkeypatch):
 
     times = at.time_candidates((Algorithm.SEQUENTIAL, Algorithm.CUBLAS_GROUPED), run, clock.stream)
     assert times == {Algorithm.SEQUENTIAL: pytest.approx(0.1), Algorithm.CUBLAS_GROUPED: pytest.approx(50.0)}
-    # Fast: warm-up, probe, 5 timed. Slow (over its 5 ms share): warm-up, probe, 2 timed.
-    assert calls.count(Algorithm.SEQUENTIAL) == 1 + 1 + at.MAX_TIMED_CALLS
+    # Round-robin: a warm-up round, a probe round, then timed rounds; the slow one
+    # (50 ms, over the class's 10 ms) holds the rounds to the minimum for both.
+    assert calls.count(Algorithm.SEQUENTIAL) == 1 + 1 + at.MIN_TIMED_CALLS
     assert calls.count(Algorithm.CUBLAS_GROUPED) == 1 + 1 + at.MIN_TIMED_CALLS
     assert all(s is clock.stream for s in clock.streams)  # every event on the call's stream
+
+
+def test_time_candidates_times_round_robin_up_to_the_budget(monkeypatch):
+    clock = FakeClock(monkeypatch)
+    calls = []
+
+    def run(algorithm):
+        calls.append(algorithm)
+        clock.now += 0.1
+
+    pair = (Algorithm.SEQUENTIAL, Algorithm.CUBLAS_GROUPED)
+    times = at.time_candidates(pair, run, clock.stream)
+    assert times == {a: pytest.approx(0.1) for a in pair}
+    # Cheap calls: warm-up, probe, then the most timed rounds; no candidate twice in a row
+    # within a round, so each round calls both.
+    assert (
+        calls.count(Algorithm.SEQUENTIAL) == calls.count(Algorithm.CUBLAS_GROUPED) == 2 + at.MAX_TIMED_CALLS
+    )
+    rounds = [calls[i : i + 2] for i in range(0, len(calls), 2)]
+    assert all(sorted(r, key=str) == sorted(pair, key=str) for r in rounds)
 
 
 def test_time_candidates_leaves_out_failures(monkeypatch):

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from cublas_grouped.runtime import timing as _timing
+from cublas_grouped.runtime import timing as bench_timing
 from cublas_grouped.tools import tune as tune
 from cublas_grouped.tools.bench import Case, Result, cli, gpu, report, workloads
 from cublas_grouped.tools.bench import section as bench_section
-from cublas_grouped.tools.bench import timing as bench_timing
 
 
 # -- arguments and cases -------------------------------------------------------------------------------------

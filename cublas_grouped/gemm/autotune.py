@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.device import DeviceInfo, resources
-from ..runtime.timing import time_ms
+from ..runtime.timing import time_interleaved
 from .config import Algorithm
 from .plan import GemmPlan, ProblemStats
 from .select import MAX_STRIDED_PADDING, measured_times, select_algorithm, usable_times
@@ -343,30 +343,23 @@ def auto_times(
 def time_candidates(candidates, run, stream) -> dict[Algorithm, float]:
     """Median ms of ``run(algorithm)`` per candidate, CUDA events on ``stream``.
 
-    One untimed call first (cuBLAS heuristics, kernel compilation), one timed
-    probe, then between ``MIN_TIMED_CALLS`` and ``MAX_TIMED_CALLS`` timed calls,
-    as many as fit the candidate's share of ``CLASS_BUDGET_MS`` by the probe. A candidate that fails is
-    left out; when all fail, the last error is raised.
+    The candidates are timed round-robin (:func:`~cublas_grouped.runtime.timing.time_interleaved`),
+    so a clock that drifts while they run moves them alike: one untimed round
+    (cuBLAS heuristics, kernel compilation), one probe round, then between
+    ``MIN_TIMED_CALLS`` and ``MAX_TIMED_CALLS`` timed rounds, as many as fit
+    ``CLASS_BUDGET_MS`` by the probe. A candidate that fails is left out; when
+    all fail, the first error is raised.
     """
+    candidates = tuple(candidates)
     share = CLASS_BUDGET_MS / max(len(candidates), 1)
-    times: dict[Algorithm, float] = {}
-    error: Exception | None = None
-    for algorithm in candidates:
-        try:
-            t = time_ms(
-                lambda _i, a=algorithm: run(a),
-                warmup=1,
-                repeat=MAX_TIMED_CALLS,
-                min_repeat=MIN_TIMED_CALLS,
-                budget_ms=share,
-                stream=stream,
-            )
-        except Exception as exc:  # e.g. a cuBLAS status on this shape: the others still count
-            error = exc
-            continue
-        times[algorithm] = t["median"]
-    if not times and error is not None:
-        raise error
+    fns = [lambda _i, a=a: run(a) for a in candidates]
+    results = time_interleaved(
+        fns, warmup=1, repeat=MAX_TIMED_CALLS, min_repeat=MIN_TIMED_CALLS, budget_ms=share, stream=stream
+    )
+    times = {a: r["median"] for a, r in zip(candidates, results) if not isinstance(r, Exception)}
+    errors = [r for r in results if isinstance(r, Exception)]  # e.g. a cuBLAS status on this shape
+    if not times and errors:
+        raise errors[0]
     return times
 
 

@@ -14,10 +14,9 @@ import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ...runtime.timing import time_ms
+from ...runtime.timing import time_interleaved, time_ms, time_sequential
 from .gpu import WeightCache, describe_error, free_pool
 from .report import Result
-from .timing import time_interleaved, time_sequential
 from .workloads import Case, gbs, tflops
 
 __all__ = ["Timed", "SectionRunner", "SETUP_LAST", "BUDGET_MS"]
