@@ -23,13 +23,16 @@ Program = cuda_core.Program
 ProgramOptions = cuda_core.ProgramOptions
 
 from cublas_grouped.gemm import pointers as _pointers  # noqa: E402
+from cublas_grouped.gemm.backends import hopper as _hopper  # noqa: E402
 from cublas_grouped.moe import kernels as _moe_kernels  # noqa: E402
 from cublas_grouped.runtime import nvrtc  # noqa: E402
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 # What each launcher compiles its file with.
-DEFINES = {**_moe_kernels.DEFINES, "pointers": _pointers.DEFINES}
+DEFINES = {**_moe_kernels.DEFINES, "pointers": _pointers.DEFINES, "grouped_gemm_sm90": _hopper.DEFINES}
 ARCHES = ("sm_80", "sm_90")
+# Files that only build for one architecture (wgmma and TMA need sm_90a).
+ARCHES_OF = {"grouped_gemm_sm90.cu": (_hopper.ARCH,)}
 DTYPES = ("f32", "f16", "bf16")
 
 
@@ -43,6 +46,7 @@ EXPECTED = {
     "pointers.cu": {"build_pointers"},
     "activation.cu": _typed("expert_activation"),
     "combine.cu": _typed("combine_rows", "scatter_rows"),
+    "grouped_gemm_sm90.cu": {"grouped_tile_offsets", "grouped_gemm_nt_bf16", "grouped_gemm_nt_f16"},
 }
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
@@ -99,8 +103,9 @@ def test_only_local_common_include(name):
     assert not _ANY_INCLUDE.findall(inline_includes(KERNEL_DIR / name))
 
 
-@pytest.mark.parametrize("arch", ARCHES)
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize(
+    "name,arch", [(name, arch) for name in sorted(EXPECTED) for arch in ARCHES_OF.get(name, ARCHES)]
+)
 def test_compiles_and_exports(name, arch):
     src = inline_includes(KERNEL_DIR / name)
     log = io.StringIO()
@@ -145,6 +150,8 @@ def test_a_missing_define_stops_the_compile_and_is_named(name, missing):
         ("routing", {"SCORE_SIGMOID": 0}, "differ"),
         ("pointers", {"POINTER_THREADS": 48}, "a multiple of 32 up to 1024"),
         ("activation", {"ACT_RELU": 0}, "the activation codes must differ"),
+        ("grouped_gemm_sm90", {"SM90_BLOCK_N": 64}, "wgmma m64n128k16"),
+        ("grouped_gemm_sm90", {"SM90_TILE_THREADS": 1000}, "a multiple of 32, at most 1024"),
     ],
 )
 def test_inconsistent_defines_do_not_compile(name, defines, message):

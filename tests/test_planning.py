@@ -123,13 +123,18 @@ def test_layout_for_each_algorithm():
     with pytest.raises(ValueError, match="^algorithm AUTO has no row layout: choose the algorithm first$"):
         layout_for(Algorithm.AUTO, sizes)
     # Which algorithms each layout serves, in the order they are listed.
-    assert RowLayout.contiguous().algorithms() == (grouped, seq)
+    assert RowLayout.contiguous().algorithms() == (grouped, seq, Algorithm.SM90_GROUPED)
+    assert layout_for(Algorithm.SM90_GROUPED, sizes) == RowLayout.contiguous()
     assert RowLayout.chunk_aligned(128).algorithms() == (grouped, seq, Algorithm.CHUNKED_BATCHED)
     assert RowLayout.padded(312).algorithms() == (Algorithm.PADDED_STRIDED, seq)
     # The selection's layout families are these, whatever the sizes.
     from cublas_grouped.gemm.select import algorithms_on_layout_of
 
-    assert algorithms_on_layout_of(grouped) == algorithms_on_layout_of(seq) == (grouped, seq)
+    assert (
+        algorithms_on_layout_of(grouped)
+        == algorithms_on_layout_of(seq)
+        == (grouped, seq, Algorithm.SM90_GROUPED)
+    )
     assert algorithms_on_layout_of(Algorithm.CHUNKED_BATCHED) == (grouped, seq, Algorithm.CHUNKED_BATCHED)
     assert algorithms_on_layout_of(Algorithm.PADDED_STRIDED) == (Algorithm.PADDED_STRIDED, seq)
 

@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TESTS = (
     "tests/test_kernel_edges_gpu.py",
     "tests/test_pointers_gpu.py",
+    "tests/test_sm90_gpu.py",
     "tests/test_moe_gpu.py",
     "tests/test_fixed_capacity_gpu.py::test_assign_rows_never_writes_past_its_row_capacity",
     "tests/test_fixed_capacity_gpu.py::test_out_of_range_ids_are_dropped_and_counted",
@@ -192,6 +193,28 @@ MUTANTS: tuple[Mutant, ...] = (
         "return -1;",
         "a repeated choice adds nothing instead of its first choice's row",
     ),
+    # grouped_gemm_sm90.cu: the Hopper kernel's schedule, masks and descriptors
+    Mutant(
+        "sm90-group-search",
+        "grouped_gemm_sm90.cu",
+        "if (tile_offsets[mid] <= tile) {",
+        "if (tile_offsets[mid] < tile) {",
+        "a tile at its group's first tile is given to the group before",
+    ),
+    Mutant(
+        "sm90-row-mask",
+        "grouped_gemm_sm90.cu",
+        "const int row_end = min(row_offsets[g + 1], M);",
+        "const int row_end = min(row_offsets[g + 1] + 1, M);",
+        "a tile writes the next group's first row with this group's weights",
+    ),
+    Mutant(
+        "sm90-k-step",
+        "grouped_gemm_sm90.cu",
+        "wgmma_m64n128k16(T{}, acc, da + 2 * kk, db + 2 * kk, 1);",
+        "wgmma_m64n128k16(T{}, acc, da + 2 * kk, db, 1);",
+        "every 16-wide K step multiplies by the first K step of B",
+    ),
     # combine.cu: scatter_rows and combine_rows
     Mutant(
         "scatter-row-zero",
@@ -281,14 +304,16 @@ import sys
 from pathlib import Path
 import cublas_grouped
 from cublas_grouped.gemm import pointers
+from cublas_grouped.gemm.backends import hopper
 from cublas_grouped.moe import kernels
 from cublas_grouped.runtime import nvrtc as _kernels
 root = Path(sys.argv[1]).resolve()
 assert Path(cublas_grouped.__file__).resolve().is_relative_to(root), cublas_grouped.__file__
 assert _kernels.kernel_dir().resolve() == root / "kernels", _kernels.kernel_dir()
-defines = {**kernels.DEFINES, "pointers": pointers.DEFINES}
+defines = {**kernels.DEFINES, "pointers": pointers.DEFINES, "grouped_gemm_sm90": hopper.DEFINES}
+arches = {"grouped_gemm_sm90": hopper.ARCH}  # wgmma and TMA build for sm_90a only
 for name in sys.argv[3:]:
-    _kernels.compile_source(name, sys.argv[2], defines[name])
+    _kernels.compile_source(name, arches.get(name, sys.argv[2]), defines[name])
 """
 
 

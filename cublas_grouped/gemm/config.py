@@ -31,6 +31,13 @@ class Algorithm(str, enum.Enum):
     PADDED_STRIDED
         Each expert's rows padded to one capacity; one
         ``cublasGemmStridedBatchedEx``. Needs the ``[E, capacity, K]`` layout.
+    SM90_GROUPED
+        Our own Hopper kernel (TMA loads, wgmma; compiled with NVRTC for
+        sm_90a) over grouped-contiguous rows, reading the group sizes on the
+        device: no host copy even when they live there. SM 9.0 GPUs,
+        bfloat16/float16, weights in the ``[E, N, K]`` layout (``trans_b``),
+        K and N multiples of 8; anything else runs CUBLAS_GROUPED instead, with
+        a one-time warning. AUTO does not choose it yet.
     """
 
     AUTO = "auto"
@@ -38,6 +45,7 @@ class Algorithm(str, enum.Enum):
     SEQUENTIAL = "sequential"
     CHUNKED_BATCHED = "chunked_batched"
     PADDED_STRIDED = "padded_strided"
+    SM90_GROUPED = "sm90_grouped"
 
 
 class ComputePrecision(str, enum.Enum):

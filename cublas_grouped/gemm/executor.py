@@ -20,6 +20,7 @@ from ..runtime.arrays import ArrayView, as_cupy, cuda_dtype, view
 from ..runtime.device import DeviceInfo, resolve_stream, resources
 from .autotune import gmm_algorithm
 from .backends import cublas as _cublas_backend
+from .backends import hopper as _hopper_backend
 from .config import Algorithm, GroupedGemmConfig, compute_type_for
 from .plan import (
     GemmPlan,
@@ -259,6 +260,18 @@ class GroupedGemmExecutor:
         res = resources(device_id, resolve_stream(stream, device_id))
         with cupy.cuda.Device(device_id), res.cupy_stream:
             sizes_dev = None
+            if on_device and self._sizes_stay_on_device(algorithm, plan, a_v.dtype, device_id):
+                # The sm90 kernel reads the sizes where they are: no copy, no sync.
+                if out_v is None:
+                    out = cupy.empty(plan.out_shape, dtype=a_v.dtype)
+                    out_v = view(out, "out")
+                if out_v.nbytes and plan.zero_product:
+                    cupy.cuda.runtime.memsetAsync(out_v.ptr, 0, out_v.nbytes, res.stream)
+                elif out_v.nbytes:
+                    ops = Operands.for_plan(plan, a_v.ptr, b_v.ptr, out_v.ptr, a_v.itemsize)
+                    sizes_dev = as_cupy(group_sizes, "group_sizes")
+                    self.run(plan, ops, a_v.dtype, algorithm, res, sizes_dev=sizes_dev)
+                return out
             if on_device:
                 sizes_dev = as_cupy(group_sizes, "group_sizes")
                 # cuBLAS takes sizes on the host: this copy waits for the stream.
@@ -288,6 +301,15 @@ class GroupedGemmExecutor:
             ops = Operands.for_plan(plan, a_v.ptr, b_v.ptr, out_v.ptr, a_v.itemsize)
             self.run(plan, ops, a_v.dtype, algorithm, res, sizes_dev=sizes_dev)
         return out
+
+    def _sizes_stay_on_device(self, algorithm: Algorithm, plan: GemmPlan, dtype, device_id: int) -> bool:
+        """Whether device-resident group sizes can be used without copying them
+        to the host: only by SM90_GROUPED, where it runs. They are then not
+        checked (that needs the copy): negative sizes count as 0, no row at or
+        past M is written, and rows past the sizes' sum are left as they were."""
+        if algorithm is not Algorithm.SM90_GROUPED:
+            return False
+        return _hopper_backend.unsupported(self.info_for(device_id).sm, dtype, plan) is None
 
     def _check_out(self, out, plan: GemmPlan, a_v: ArrayView) -> ArrayView | None:
         if out is None:
@@ -319,10 +341,19 @@ class GroupedGemmExecutor:
     ) -> None:
         """Run a validated plan with a concrete ``algorithm`` on ``res``'s stream (no checks).
 
-        The one place that picks a back end: every algorithm is a cuBLAS
-        strategy today (:mod:`.backends.cublas`); a Hopper back end branches here.
+        The one place that picks a back end: SM90_GROUPED runs our Hopper
+        kernel (:mod:`.backends.hopper`) where it can, else, with a one-time
+        warning, CUBLAS_GROUPED on the same grouped-contiguous rows; every
+        other algorithm is a cuBLAS strategy (:mod:`.backends.cublas`).
         """
         info = self.info_for(res.device_id)
+        if algorithm is Algorithm.SM90_GROUPED:
+            reason = _hopper_backend.unsupported(info.sm, dtype, plan)
+            if reason is None:
+                _hopper_backend.grouped_contiguous(res, plan, ops, dtype, sizes_dev=sizes_dev)
+                return
+            _warn_once(f"algorithm SM90_GROUPED {reason}: running CUBLAS_GROUPED instead")
+            algorithm = self.fallback(Algorithm.CUBLAS_GROUPED, res.device_id)
         _cublas_backend.run(
             plan,
             ops,

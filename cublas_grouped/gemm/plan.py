@@ -234,8 +234,10 @@ class RowLayout:
         """Algorithms that can run on rows laid out this way."""
         if self.stride:
             return (Algorithm.PADDED_STRIDED, Algorithm.SEQUENTIAL)
-        chunked = (Algorithm.CHUNKED_BATCHED,) if self.align > 1 else ()
-        return (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL, *chunked)
+        if self.align > 1:
+            return (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL, Algorithm.CHUNKED_BATCHED)
+        # The sm90 kernel finds each group's rows from the sizes alone: back to back.
+        return (Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL, Algorithm.SM90_GROUPED)
 
     def offsets(self, sizes: np.ndarray) -> np.ndarray:
         """First row of each expert, then the rows in all (int64 [E + 1])."""

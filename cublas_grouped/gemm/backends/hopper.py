@@ -1,0 +1,193 @@
+"""Our own Hopper back end: ``kernels/grouped_gemm_sm90.cu`` (TMA loads, wgmma), compiled by NVRTC for sm_90a.
+
+What it runs (algorithm SM90_GROUPED): the grouped product on grouped-contiguous
+rows, ``out[o_g + r] = a[o_g + r] @ b[g].T`` with weights in the ``[E, N, K]``
+layout (``trans_b=True``), bfloat16 or float16 in and out, fp32 accumulation.
+The group sizes are read on the device: a tiny kernel turns them into row and
+tile offsets, and the GEMM's CTAs find their tile's group there, so nothing
+crosses to the host and the launch sizes depend only on M, N and E.
+
+This is the first, simple version: one warpgroup per 64 x 128 tile, a ring of
+shared-memory stages filled by TMA ahead of the wgmma, no warp specialization,
+no persistence (see docs/kernel-notes.md for where it stands). AUTO does not
+choose it until the benchmark shows it faster.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...runtime import nvrtc as _kernels
+from ...runtime.arrays import BFLOAT16
+from ..plan import GemmPlan, Operands
+from ..pointers import device_sizes
+
+__all__ = [
+    "ARCH",
+    "BLOCK_M",
+    "BLOCK_N",
+    "BLOCK_K",
+    "STAGES",
+    "DEFINES",
+    "SHARED_BYTES",
+    "unsupported",
+    "tile_schedule",
+    "max_tiles",
+    "grouped_contiguous",
+]
+
+# The one source of the kernel's tile shape: kernels/grouped_gemm_sm90.cu gets
+# these as NVRTC defines and refuses to compile without them.
+BLOCK_M = 64  # rows of a tile: one warpgroup's wgmma m64
+BLOCK_N = 128  # columns of a tile: wgmma n128
+BLOCK_K = 64  # K of one stage: 128 bytes of a 16-bit type, one row of the 128-byte swizzle
+STAGES = 4  # shared-memory stages filled ahead of the MMAs
+TILE_THREADS = 1024  # grouped_tile_offsets' one block
+MMA_THREADS = 128  # one warpgroup
+DEFINES = {
+    "SM90_BLOCK_M": BLOCK_M,
+    "SM90_BLOCK_N": BLOCK_N,
+    "SM90_BLOCK_K": BLOCK_K,
+    "SM90_STAGES": STAGES,
+    "SM90_TILE_THREADS": TILE_THREADS,
+}
+ARCH = "sm_90a"  # wgmma and TMA need the architecture-specific target
+# The ring, plus 1024 bytes to align it for the 128-byte swizzle.
+SHARED_BYTES = STAGES * (BLOCK_M + BLOCK_N) * BLOCK_K * 2 + 1024
+_SUFFIX = {"bfloat16": "bf16", "float16": "f16"}
+
+
+def unsupported(sm: tuple[int, int], dtype, plan: GemmPlan) -> str | None:
+    """Why this back end cannot run ``plan`` (None when it can)."""
+    if tuple(sm) != (9, 0):
+        return f"needs an SM 9.0 GPU (Hopper); this one is SM {sm[0]}.{sm[1]}"
+    if np.dtype(dtype).name not in _SUFFIX:
+        return f"takes bfloat16 or float16; got {np.dtype(dtype).name}"
+    if plan.trans_a:
+        return "does not run the K-grouped product (trans_a)"
+    if not plan.trans_b:
+        return "needs the weights in the [E, N, K] layout (trans_b=True)"
+    if plan.k % 8 or plan.n % 8:
+        return f"needs K and N to be multiples of 8 (16-byte rows); got K={plan.k}, N={plan.n}"
+    return None
+
+
+def max_tiles(total_rows: int, num_groups: int) -> int:
+    """Tiles of BLOCK_M rows the launch covers: the most any sizes summing to
+    ``total_rows`` over ``num_groups`` groups can need (one partial tile per group)."""
+    return -(-total_rows // BLOCK_M) + num_groups
+
+
+def tile_schedule(sizes: np.ndarray, block_m: int = BLOCK_M) -> np.ndarray:
+    """The kernel's tile schedule, on the host: one row (group, first row, rows)
+    per tile, in tile order (the CTA ``blockIdx.x`` of each), for tests.
+
+    Negative sizes count as 0, as on the device.
+    """
+    sizes = np.maximum(np.asarray(sizes, dtype=np.int64), 0)
+    row_offsets = np.concatenate(([0], np.cumsum(sizes)))
+    tiles = -(-sizes // block_m)
+    group = np.repeat(np.arange(len(sizes)), tiles)
+    index = np.arange(len(group)) - np.repeat(np.cumsum(tiles) - tiles, tiles)
+    first = row_offsets[group] + index * block_m
+    rows = np.minimum(block_m, row_offsets[group + 1] - first)
+    return np.stack([group, first, rows], axis=1).astype(np.int64).reshape(-1, 3)
+
+
+class _Matrix:
+    """A row-major device matrix seen through the CUDA array interface (16-bit
+    elements), so that cuda.core can describe it to TMA from a bare address."""
+
+    def __init__(self, ptr: int, rows: int, cols: int):
+        self.__cuda_array_interface__ = {
+            "shape": (rows, cols),
+            "typestr": "<u2",
+            "data": (ptr, False),
+            "strides": None,
+            "version": 3,
+        }
+
+
+def _tensor_map(ptr: int, rows: int, cols: int, box_rows: int, dtype):
+    """A tiled TMA descriptor of a [rows, cols] matrix: boxes of box_rows x BLOCK_K,
+    the 128-byte swizzle wgmma reads, zeros outside the matrix."""
+    # The enums are not re-exported by cuda.core 1.2; their module is.
+    from cuda.core._tensor_map import TensorMapOOBFill, TensorMapSwizzle
+    from cuda.core.utils import StridedMemoryView
+
+    view = StridedMemoryView.from_cuda_array_interface(_Matrix(ptr, rows, cols), stream_ptr=-1)
+    return view.as_tensor_map(
+        (box_rows, BLOCK_K),
+        data_type=np.dtype(dtype),
+        swizzle=TensorMapSwizzle.SWIZZLE_128B,
+        oob_fill=TensorMapOOBFill.NONE,  # NONE fills zeros (NAN_REQUEST_ZERO_FMA would fill NaN)
+    )
+
+
+_shared_set: set[tuple] = set()
+
+
+def _allow_shared_memory(kernel, device_id: int) -> None:
+    """Raise the kernel's dynamic shared memory limit to SHARED_BYTES (once per
+    kernel and device): above 48 KiB a launch needs the opt-in."""
+    key = (id(kernel), device_id)
+    if key in _shared_set:
+        return
+    from cuda.bindings import driver
+
+    attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    handle = kernel.handle
+    if isinstance(handle, driver.CUkernel):
+        (status,) = driver.cuKernelSetAttribute(attribute, SHARED_BYTES, handle, driver.CUdevice(device_id))
+    else:
+        (status,) = driver.cuFuncSetAttribute(handle, attribute, SHARED_BYTES)
+    if status != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(
+            f"could not allow {SHARED_BYTES} bytes of shared memory for the sm90 kernel: {status}"
+        )
+    _shared_set.add(key)
+
+
+def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=None) -> None:
+    """SM90_GROUPED: ``plan`` on ``res``'s stream (grouped-contiguous rows,
+    ``[E, N, K]`` weights); group sizes from ``sizes_dev`` (int32 on the device)
+    when given, else the plan's host sizes, uploaded. No host synchronization.
+
+    The caller checked :func:`unsupported`, and that M, N and K are not zero.
+    """
+    import cupy
+
+    dtype = np.dtype(dtype)
+    e, m, n, k = plan.num_experts, plan.total_rows, plan.n, plan.k
+    sizes = device_sizes(plan, res, sizes_dev)
+    offsets = res.buffer("sm90-offsets", 8 * (e + 1)).view(cupy.int32)
+    row_offsets, tile_offsets = offsets[: e + 1], offsets[e + 1 : 2 * (e + 1)]
+    stream = res.launch_stream
+
+    scan = _kernels.get_kernel("grouped_gemm_sm90", "grouped_tile_offsets", ARCH, defines=DEFINES)
+    args = (
+        np.intp(sizes.data.ptr),
+        np.int32(e),
+        np.intp(row_offsets.data.ptr),
+        np.intp(tile_offsets.data.ptr),
+    )
+    _kernels.launch(stream, scan, 1, TILE_THREADS, args)
+
+    name = f"grouped_gemm_nt_{_SUFFIX[dtype.name]}"
+    gemm = _kernels.get_kernel("grouped_gemm_sm90", name, ARCH, defines=DEFINES)
+    _allow_shared_memory(gemm, res.device_id)
+    tmap_a = _tensor_map(ops.a, m, k, BLOCK_M, BFLOAT16 if dtype == BFLOAT16 else dtype)
+    tmap_b = _tensor_map(ops.b, e * n, k, BLOCK_N, BFLOAT16 if dtype == BFLOAT16 else dtype)
+    args = (
+        tmap_a,
+        tmap_b,
+        np.intp(row_offsets.data.ptr),
+        np.intp(tile_offsets.data.ptr),
+        np.int32(e),
+        np.int32(m),
+        np.int32(n),
+        np.int32(k),
+        np.intp(ops.c),
+    )
+    grid = (max_tiles(m, e), -(-n // BLOCK_N))
+    _kernels.launch(stream, gemm, grid, MMA_THREADS, args, shmem=SHARED_BYTES)

@@ -1,0 +1,303 @@
+// grouped_gemm_sm90.cu: a grouped GEMM for Hopper (sm_90a): TMA bulk-tensor
+// loads into a shared-memory ring guarded by mbarriers, and wgmma with fp32
+// accumulators in registers. Group sizes are read on the device: nothing
+// crosses to the host.
+//
+//   out[o_g + r, :] = a[o_g + r, :] @ b[g]^T   for every group g, row r < m_g
+//
+//   a    [M, K]      rows grouped contiguously (group g at rows o_g .. o_g + m_g - 1)
+//   b    [E, N, K]   one K-major matrix per group (the nn.Linear layout), seen
+//                    by its tensor map as [E * N, K]
+//   out  [M, N]      row-major, the inputs' dtype (bf16 or fp16), fp32 accumulation
+//
+// Defines (the launcher, gemm/backends/hopper.py, is their one source):
+//   SM90_BLOCK_M        rows of a tile: 64, one warpgroup issuing wgmma m64
+//   SM90_BLOCK_N        columns of a tile: 128 (wgmma n128)
+//   SM90_BLOCK_K        K of one pipeline stage: 64 (128 bytes of a 16-bit
+//                       type: one row of the 128-byte swizzle)
+//   SM90_STAGES         shared-memory stages of the ring
+//   SM90_TILE_THREADS   threads of grouped_tile_offsets' one block
+//
+// Kernels:
+//
+//   grouped_tile_offsets(const int* sizes, int num_groups, int* row_offsets,
+//                        int* tile_offsets)
+//     ONE block of SM90_TILE_THREADS threads (a multiple of 32, at most 1024).
+//     row_offsets [E + 1]: exclusive prefix of max(sizes[g], 0), then the
+//     total; tile_offsets [E + 1]: exclusive prefix of
+//     ceil(max(sizes[g], 0) / SM90_BLOCK_M), then the total. Any E.
+//
+//   grouped_gemm_nt_{bf16,f16}(tmap_a, tmap_b, row_offsets, tile_offsets,
+//                              num_groups, M, N, K, out)
+//     tmap_a: tiled TMA map of a [M, K], box [SM90_BLOCK_M, SM90_BLOCK_K],
+//             128-byte swizzle; tmap_b: of b as [E * N, K], box
+//             [SM90_BLOCK_N, SM90_BLOCK_K], 128-byte swizzle. Both fill
+//             out-of-bounds elements with zeros (so a K tail adds nothing).
+//     Grid (x, y): x >= ceil(M / SM90_BLOCK_M) + E tiles (the most any sizes
+//     summing to M can need; CTAs past tile_offsets[E] exit), y =
+//     ceil(N / SM90_BLOCK_N). Block 128 threads (one warpgroup). Dynamic
+//     shared memory: SM90_STAGES * (SM90_BLOCK_M + SM90_BLOCK_N) *
+//     SM90_BLOCK_K * 2 + 1024 bytes (the 1024 align the ring for the swizzle).
+//     CTA x computes tile x of the schedule: the group g with
+//     tile_offsets[g] <= x < tile_offsets[g + 1], rows
+//     row_offsets[g] + (x - tile_offsets[g]) * SM90_BLOCK_M onwards, columns
+//     y * SM90_BLOCK_N onwards. Rows of the tile past the group's end (they
+//     belong to the next group) and columns past N are computed but never
+//     stored; no row at or past M is ever stored.
+//     Every output element is computed by one CTA in a fixed K order:
+//     bitwise deterministic.
+
+#include "common.cuh"
+
+#if !defined(SM90_BLOCK_M) || !defined(SM90_BLOCK_N) || !defined(SM90_BLOCK_K) || \
+    !defined(SM90_STAGES) || !defined(SM90_TILE_THREADS)
+#error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES and SM90_TILE_THREADS from its launcher"
+#endif
+#if SM90_BLOCK_M != 64 || SM90_BLOCK_N != 128 || SM90_BLOCK_K != 64
+#error "this kernel issues wgmma m64n128k16 over 64-wide K stages: SM90_BLOCK_M=64, SM90_BLOCK_N=128, SM90_BLOCK_K=64"
+#endif
+#if SM90_TILE_THREADS % 32 != 0 || SM90_TILE_THREADS > 1024
+#error "SM90_TILE_THREADS must be a multiple of 32, at most 1024"
+#endif
+
+#define SM90_MMA_THREADS 128
+#define SM90_A_STAGE_ELEMS (SM90_BLOCK_M * SM90_BLOCK_K)
+#define SM90_B_STAGE_ELEMS (SM90_BLOCK_N * SM90_BLOCK_K)
+#define SM90_STAGE_BYTES ((SM90_A_STAGE_ELEMS + SM90_B_STAGE_ELEMS) * 2)
+
+extern "C" __global__ void __launch_bounds__(SM90_TILE_THREADS)
+    grouped_tile_offsets(const int* __restrict__ sizes, int num_groups, int* __restrict__ row_offsets,
+                         int* __restrict__ tile_offsets) {
+    __shared__ int scratch[SCAN_SCRATCH_INTS];
+    int row_carry = 0, tile_carry = 0;
+    for (int base = 0; base < num_groups; base += SM90_TILE_THREADS) {
+        const int g = base + threadIdx.x;
+        const int m = g < num_groups ? max(sizes[g], 0) : 0;
+        int rows_total, tiles_total;
+        const int rows_ex = block_exclusive_scan(m, &rows_total, scratch);
+        const int tiles_ex = block_exclusive_scan((m + SM90_BLOCK_M - 1) / SM90_BLOCK_M, &tiles_total, scratch);
+        if (g < num_groups) {
+            row_offsets[g] = row_carry + rows_ex;
+            tile_offsets[g] = tile_carry + tiles_ex;
+        }
+        row_carry += rows_total;
+        tile_carry += tiles_total;
+    }
+    if (threadIdx.x == 0) {
+        row_offsets[num_groups] = row_carry;
+        tile_offsets[num_groups] = tile_carry;
+    }
+}
+
+// The opaque 128-byte CUtensorMap (NVRTC cannot include cuda.h to get it).
+struct __align__(64) TmaMap {
+    unsigned long long opaque[16];
+};
+
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbarrier_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void mbarrier_expect_bytes(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)),
+                 "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned phase) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT;\n"
+        "}\n" ::"r"(shared_address(bar)),
+        "r"(phase)
+        : "memory");
+}
+
+// One 2-D box of a tensor map into shared memory; completes on ``bar``.
+// x is the inner (contiguous) coordinate, y the row.
+__device__ __forceinline__ void tma_load_2d(void* dst, const TmaMap* map, unsigned long long* bar, int x,
+                                            int y) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+        "[%4];" ::"r"(shared_address(dst)),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(x), "r"(y), "r"(shared_address(bar))
+        : "memory");
+}
+
+// wgmma's shared-memory matrix descriptor of a K-major tile written by TMA
+// with the 128-byte swizzle: rows of 128 bytes, 8-row (1024-byte) atoms.
+// Bits 0-13 address >> 4, 16-29 leading byte offset >> 4 (unused for this
+// layout: 1), 32-45 stride byte offset >> 4 (1024 bytes between 8-row
+// groups: 64), 62-63 swizzle (1: 128 bytes).
+__device__ __forceinline__ unsigned long long smem_descriptor(const void* tile) {
+    const unsigned long long address = shared_address(tile);
+    return ((address & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+
+// D[64 x 128] += A[64 x 16] B[128 x 16]^T, both K-major in shared memory.
+// Accumulator layout (PTX, wgmma .m64nNk16 D fragment): thread t holds rows
+// 16 * (t / 32) + (t % 32) / 4 and that + 8, columns 8 * j + 2 * (t % 4) and
+// that + 1: d[4j] (row, col), d[4j + 1] (row, col + 1), d[4j + 2] (row + 8,
+// col), d[4j + 3] (row + 8, col + 1), for j = 0 .. 15.
+__device__ __forceinline__ void wgmma_m64n128k16(bf16_t, float (&d)[64], unsigned long long desc_a,
+                                                unsigned long long desc_b, int scale_d) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_m64n128k16(f16_t, float (&d)[64], unsigned long long desc_a,
+                                                unsigned long long desc_b, int scale_d) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+template <class T>
+__device__ __forceinline__ void grouped_gemm_nt_impl(const TmaMap* tmap_a, const TmaMap* tmap_b,
+                                                     const int* __restrict__ row_offsets,
+                                                     const int* __restrict__ tile_offsets, int num_groups,
+                                                     int M, int N, int K, T* __restrict__ out) {
+    extern __shared__ unsigned char smem_raw[];
+    __shared__ __align__(8) unsigned long long full[SM90_STAGES];
+
+    const int tile = blockIdx.x;
+    if (tile >= tile_offsets[num_groups]) return;  // the whole block: before any barrier
+    // The group of this tile: the last g with tile_offsets[g] <= tile (empty
+    // groups share their offset with the next one and are skipped).
+    int lo = 0, hi = num_groups - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (tile_offsets[mid] <= tile) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    const int g = lo;
+    const int row0 = row_offsets[g] + (tile - tile_offsets[g]) * SM90_BLOCK_M;
+    const int row_end = min(row_offsets[g + 1], M);
+    const int n0 = blockIdx.y * SM90_BLOCK_N;
+    const int b_row0 = g * N + n0;
+    const int num_k = (K + SM90_BLOCK_K - 1) / SM90_BLOCK_K;
+
+    // The ring starts on a 1024-byte boundary of the shared window: the
+    // 128-byte swizzle repeats every 8 rows of 128 bytes.
+    unsigned char* ring = smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023);
+    T* sa = reinterpret_cast<T*>(ring);
+    T* sb = reinterpret_cast<T*>(ring + SM90_STAGES * SM90_A_STAGE_ELEMS * 2);
+
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int s = 0; s < SM90_STAGES; ++s) mbarrier_init(&full[s], 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+
+    // Stage s of K step kt: one expect-bytes arrival, then both boxes.
+    auto issue = [&](int s, int kt) {
+        mbarrier_expect_bytes(&full[s], SM90_STAGE_BYTES);
+        tma_load_2d(sa + s * SM90_A_STAGE_ELEMS, tmap_a, &full[s], kt * SM90_BLOCK_K, row0);
+        tma_load_2d(sb + s * SM90_B_STAGE_ELEMS, tmap_b, &full[s], kt * SM90_BLOCK_K, b_row0);
+    };
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < SM90_STAGES && s < num_k; ++s) issue(s, s);
+    }
+
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+
+    for (int kt = 0; kt < num_k; ++kt) {
+        const int s = kt % SM90_STAGES;
+        mbarrier_wait(&full[s], (kt / SM90_STAGES) & 1);
+        const unsigned long long da = smem_descriptor(sa + s * SM90_A_STAGE_ELEMS);
+        const unsigned long long db = smem_descriptor(sb + s * SM90_B_STAGE_ELEMS);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < SM90_BLOCK_K / 16; ++kk) {
+            // 16 K-elements are 32 bytes further along each 128-byte row: +2 in
+            // the descriptor's address field (units of 16 bytes).
+            wgmma_m64n128k16(T{}, acc, da + 2 * kk, db + 2 * kk, 1);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        __syncthreads();  // every thread's wgmma has read stage s
+        if (threadIdx.x == 0 && kt + SM90_STAGES < num_k) issue(s, kt + SM90_STAGES);
+    }
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r_top = row0 + warp * 16 + (lane >> 2);
+    const int c_left = n0 + (lane & 3) * 2;
+#pragma unroll
+    for (int j = 0; j < SM90_BLOCK_N / 8; ++j) {
+        const int c = c_left + 8 * j;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = r_top + 8 * h;
+            if (r < row_end) {
+                T* o = out + static_cast<long long>(r) * N;
+                if (c < N) o[c] = from_float<T>(acc[4 * j + 2 * h]);
+                if (c + 1 < N) o[c + 1] = from_float<T>(acc[4 * j + 2 * h + 1]);
+            }
+        }
+    }
+}
+
+#define SM90_GEMM_KERNEL(suffix, T)                                                                        \
+    extern "C" __global__ void __launch_bounds__(SM90_MMA_THREADS) grouped_gemm_nt_##suffix(           \
+        const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_b,                  \
+        const int* __restrict__ row_offsets, const int* __restrict__ tile_offsets, int num_groups, int M, \
+        int N, int K, T* __restrict__ out) {                                                           \
+        grouped_gemm_nt_impl<T>(&tmap_a, &tmap_b, row_offsets, tile_offsets, num_groups, M, N, K, out);    \
+    }
+
+SM90_GEMM_KERNEL(bf16, bf16_t)
+SM90_GEMM_KERNEL(f16, f16_t)

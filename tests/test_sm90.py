@@ -1,0 +1,91 @@
+"""The sm90 back end on the CPU: its tile schedule against a model written
+differently, and which plans it takes."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from cublas_grouped.gemm.backends import hopper
+from cublas_grouped.gemm.plan import GemmPlan
+
+
+def test_tile_schedule_hand_worked():
+    # 64-row tiles: 5 rows (one partial tile), 130 rows from row 5 (two full, one
+    # of 2), 64 rows from row 135 (one full); empty groups get none.
+    got = hopper.tile_schedule(np.array([0, 5, 0, 130, 64]))
+    assert got.tolist() == [[1, 0, 5], [3, 5, 64], [3, 69, 64], [3, 133, 2], [4, 135, 64]]
+    assert hopper.tile_schedule(np.zeros(7, np.int64)).shape == (0, 3)
+    assert hopper.tile_schedule(np.array([-3, 2])).tolist() == [[1, 0, 2]]  # negative counts as 0
+    one = hopper.tile_schedule(np.array([0, 100_000, 0]))
+    assert len(one) == -(-100_000 // 64) and set(one[:, 0]) == {1}
+    assert one[-1].tolist() == [1, 99_968, 32]
+
+
+def _kernel_model(sizes, block_m):
+    """The kernel's own steps: prefix sums, then per CTA a search for the last
+    group whose tile offset is <= the CTA's tile."""
+    sizes = np.maximum(sizes, 0)
+    row_offsets = np.concatenate(([0], np.cumsum(sizes)))
+    tile_offsets = np.concatenate(([0], np.cumsum((sizes + block_m - 1) // block_m)))
+    out = []
+    for tile in range(hopper.max_tiles(int(row_offsets[-1]), len(sizes))):
+        if tile >= tile_offsets[-1]:
+            continue  # the CTA exits
+        g = int(np.searchsorted(tile_offsets[:-1], tile, side="right") - 1)
+        first = row_offsets[g] + (tile - tile_offsets[g]) * block_m
+        out.append([g, int(first), int(min(block_m, row_offsets[g + 1] - first))])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tile_schedule_covers_every_row_once(seed):
+    rng = np.random.default_rng(seed)
+    experts = [1, 8, 128, 1024, 1024, 3][seed]
+    sizes = rng.integers(0, 300, experts)
+    sizes[rng.random(experts) < 0.3] = 0
+    got = hopper.tile_schedule(sizes)
+    assert got.tolist() == _kernel_model(sizes, hopper.BLOCK_M)
+    covered = np.zeros(int(sizes.sum()), np.int64)
+    for g, first, rows in got:
+        assert 0 < rows <= hopper.BLOCK_M
+        covered[first : first + rows] += 1
+        assert first >= sizes[:g].sum() and first + rows <= sizes[: g + 1].sum()  # inside its group
+    assert (covered == 1).all()
+    assert len(got) <= hopper.max_tiles(int(sizes.sum()), experts)
+
+
+def _plan(trans_a=False, trans_b=True, n=256, k=512):
+    empty = np.zeros(0, np.int64)
+    return GemmPlan(4, 100, n, k, trans_a, trans_b, empty, np.zeros(1, np.int64), empty)
+
+
+def test_which_plans_it_takes():
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    assert hopper.unsupported((9, 0), bf16, _plan()) is None
+    assert hopper.unsupported((9, 0), np.float16, _plan()) is None
+    assert hopper.unsupported((8, 0), bf16, _plan()) == "needs an SM 9.0 GPU (Hopper); this one is SM 8.0"
+    assert hopper.unsupported((10, 0), bf16, _plan()).startswith("needs an SM 9.0 GPU")
+    assert hopper.unsupported((9, 0), np.float32, _plan()) == "takes bfloat16 or float16; got float32"
+    assert hopper.unsupported((9, 0), bf16, _plan(trans_a=True, trans_b=False)) == (
+        "does not run the K-grouped product (trans_a)"
+    )
+    assert hopper.unsupported((9, 0), bf16, _plan(trans_b=False)) == (
+        "needs the weights in the [E, N, K] layout (trans_b=True)"
+    )
+    assert hopper.unsupported((9, 0), bf16, _plan(n=260)).startswith("needs K and N to be multiples of 8")
+    assert hopper.unsupported((9, 0), bf16, _plan(k=12)).endswith("got K=12, N=256")
+    assert hopper.unsupported((9, 0), bf16, _plan(n=8, k=8)) is None
+
+
+def test_launch_constants_agree():
+    assert hopper.SHARED_BYTES == hopper.STAGES * (64 + 128) * 64 * 2 + 1024
+    assert hopper.SHARED_BYTES <= 227 * 1024  # the H100's opt-in limit per block
+    assert hopper.DEFINES == {
+        "SM90_BLOCK_M": hopper.BLOCK_M,
+        "SM90_BLOCK_N": hopper.BLOCK_N,
+        "SM90_BLOCK_K": hopper.BLOCK_K,
+        "SM90_STAGES": hopper.STAGES,
+        "SM90_TILE_THREADS": hopper.TILE_THREADS,
+    }
