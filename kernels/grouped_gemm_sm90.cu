@@ -11,8 +11,8 @@
 //   out  [M, N]      row-major, the inputs' dtype (bf16 or fp16), fp32 accumulation
 //
 // Defines (the launcher, gemm/backends/hopper.py, is their one source):
-//   SM90_BLOCK_M        rows of a tile: 64, one warpgroup issuing wgmma m64
-//   SM90_BLOCK_N        columns of a tile: 128 (wgmma n128)
+//   SM90_BLOCK_M        rows of a tile: 128, two math warpgroups of 64 rows (wgmma m64)
+//   SM90_BLOCK_N        columns of a tile: 256 (wgmma n256)
 //   SM90_BLOCK_K        K of one pipeline stage: 64 (128 bytes of a 16-bit
 //                       type: one row of the 128-byte swizzle)
 //   SM90_STAGES         shared-memory stages of the ring
@@ -33,15 +33,17 @@
 //             128-byte swizzle; tmap_b: of b as [E * N, K], box
 //             [SM90_BLOCK_N, SM90_BLOCK_K], 128-byte swizzle. Both fill
 //             out-of-bounds elements with zeros (so a K tail adds nothing).
-//     Grid (x, y): x >= ceil(M / SM90_BLOCK_M) + E tiles (the most any sizes
-//     summing to M can need; CTAs past tile_offsets[E] exit), y =
-//     ceil(N / SM90_BLOCK_N). Block 128 threads (one warpgroup). Dynamic
+//     Grid: x = (ceil(M / SM90_BLOCK_M) + E) * ceil(N / SM90_BLOCK_N) CTAs
+//     (the most tiles any sizes summing to M can need; CTAs past them exit). Block SM90_THREADS = 384 threads: warpgroup 0
+//     loads (one thread issues every TMA), warpgroups 1 and 2 multiply 64 rows
+//     each (warp specialization: the loads run ahead while the MMAs run). Dynamic
 //     shared memory: SM90_STAGES * (SM90_BLOCK_M + SM90_BLOCK_N) *
 //     SM90_BLOCK_K * 2 + 1024 bytes (the 1024 align the ring for the swizzle).
-//     CTA x computes tile x of the schedule: the group g with
-//     tile_offsets[g] <= x < tile_offsets[g + 1], rows
-//     row_offsets[g] + (x - tile_offsets[g]) * SM90_BLOCK_M onwards, columns
-//     y * SM90_BLOCK_N onwards. Rows of the tile past the group's end (they
+//     CTA x computes, with n_tiles = ceil(N / SM90_BLOCK_N), the tile of
+//     group g with tile_offsets[g] <= x / n_tiles < tile_offsets[g + 1]; with
+//     local = x - tile_offsets[g] * n_tiles and m_g tiles in the group, rows
+//     row_offsets[g] + (local % m_g) * SM90_BLOCK_M and columns
+//     (local / m_g) * SM90_BLOCK_N onwards (M tiles fastest, group by group). Rows of the tile past the group's end (they
 //     belong to the next group) and columns past N are computed but never
 //     stored; no row at or past M is ever stored.
 //     Every output element is computed by one CTA in a fixed K order:
@@ -53,14 +55,15 @@
     !defined(SM90_STAGES) || !defined(SM90_TILE_THREADS)
 #error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES and SM90_TILE_THREADS from its launcher"
 #endif
-#if SM90_BLOCK_M != 64 || SM90_BLOCK_N != 128 || SM90_BLOCK_K != 64
-#error "this kernel issues wgmma m64n128k16 over 64-wide K stages: SM90_BLOCK_M=64, SM90_BLOCK_N=128, SM90_BLOCK_K=64"
+#if SM90_BLOCK_M != 128 || SM90_BLOCK_N != 256 || SM90_BLOCK_K != 64
+#error "this kernel's two math warpgroups issue wgmma m64n256k16 over 64-wide K stages: SM90_BLOCK_M=128, SM90_BLOCK_N=256, SM90_BLOCK_K=64"
 #endif
 #if SM90_TILE_THREADS % 32 != 0 || SM90_TILE_THREADS > 1024
 #error "SM90_TILE_THREADS must be a multiple of 32, at most 1024"
 #endif
 
-#define SM90_MMA_THREADS 128
+#define SM90_MATH_WARPGROUPS 2
+#define SM90_THREADS (128 * (1 + SM90_MATH_WARPGROUPS))
 #define SM90_A_STAGE_ELEMS (SM90_BLOCK_M * SM90_BLOCK_K)
 #define SM90_B_STAGE_ELEMS (SM90_BLOCK_N * SM90_BLOCK_K)
 #define SM90_STAGE_BYTES ((SM90_A_STAGE_ELEMS + SM90_B_STAGE_ELEMS) * 2)
@@ -108,6 +111,10 @@ __device__ __forceinline__ void mbarrier_expect_bytes(unsigned long long* bar, u
                  : "memory");
 }
 
+__device__ __forceinline__ void mbarrier_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
+}
+
 __device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned phase) {
     asm volatile(
         "{\n"
@@ -143,26 +150,33 @@ __device__ __forceinline__ unsigned long long smem_descriptor(const void* tile) 
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
 
-// D[64 x 128] += A[64 x 16] B[128 x 16]^T, both K-major in shared memory.
+// D[64 x 256] += A[64 x 16] B[256 x 16]^T, both K-major in shared memory.
 // Accumulator layout (PTX, wgmma .m64nNk16 D fragment): thread t holds rows
 // 16 * (t / 32) + (t % 32) / 4 and that + 8, columns 8 * j + 2 * (t % 4) and
 // that + 1: d[4j] (row, col), d[4j + 1] (row, col + 1), d[4j + 2] (row + 8,
-// col), d[4j + 3] (row + 8, col + 1), for j = 0 .. 15.
-__device__ __forceinline__ void wgmma_m64n128k16(bf16_t, float (&d)[64], unsigned long long desc_a,
-                                                unsigned long long desc_b, int scale_d) {
+// col), d[4j + 3] (row + 8, col + 1), for j = 0 .. 31.
+__device__ __forceinline__ void wgmma_m64n256k16(bf16_t, float (&d)[128], unsigned long long desc_a,
+                                          unsigned long long desc_b, int scale_d) {
     asm volatile(
         "{\n"
         ".reg .pred p;\n"
-        "setp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "setp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
         "{"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, %64, %65, p, 1, 1, 0, 0;\n"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, 0;\n"
         "}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
@@ -171,23 +185,35 @@ __device__ __forceinline__ void wgmma_m64n128k16(bf16_t, float (&d)[64], unsigne
           "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
         : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
-__device__ __forceinline__ void wgmma_m64n128k16(f16_t, float (&d)[64], unsigned long long desc_a,
-                                                unsigned long long desc_b, int scale_d) {
+__device__ __forceinline__ void wgmma_m64n256k16(f16_t, float (&d)[128], unsigned long long desc_a,
+                                          unsigned long long desc_b, int scale_d) {
     asm volatile(
         "{\n"
         ".reg .pred p;\n"
-        "setp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "setp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
         "{"
         "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, %64, %65, p, 1, 1, 0, 0;\n"
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, 0;\n"
         "}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
@@ -196,7 +222,15 @@ __device__ __forceinline__ void wgmma_m64n128k16(f16_t, float (&d)[64], unsigned
           "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
         : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
@@ -206,25 +240,37 @@ __device__ __forceinline__ void grouped_gemm_nt_impl(const TmaMap* tmap_a, const
                                                      const int* __restrict__ tile_offsets, int num_groups,
                                                      int M, int N, int K, T* __restrict__ out) {
     extern __shared__ unsigned char smem_raw[];
+    // full[s]: stage s holds data (one arrival with the TMA byte count);
+    // empty[s]: both math warpgroups are done reading it (one arrival each).
     __shared__ __align__(8) unsigned long long full[SM90_STAGES];
+    __shared__ __align__(8) unsigned long long empty[SM90_STAGES];
 
-    const int tile = blockIdx.x;
-    if (tile >= tile_offsets[num_groups]) return;  // the whole block: before any barrier
-    // The group of this tile: the last g with tile_offsets[g] <= tile (empty
-    // groups share their offset with the next one and are skipped).
+    // CTA order: group by group, and within a group the M tiles fastest, so
+    // that CTAs running together share B's column tiles and A's row tiles
+    // (one group's A rows and a band of B's columns fit in L2 together).
+    const int n_tiles = (N + SM90_BLOCK_N - 1) / SM90_BLOCK_N;
+    const long long cta = blockIdx.x;
+    const int tile_row = static_cast<int>(cta / n_tiles);  // which group's tiles: tile_offsets scale
+    if (tile_row >= tile_offsets[num_groups]) return;     // the whole block: before any barrier
+    // The group: the last g with tile_offsets[g] <= tile_row (empty groups
+    // share their offset with the next one and are skipped).
     int lo = 0, hi = num_groups - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) >> 1;
-        if (tile_offsets[mid] <= tile) {
+        if (tile_offsets[mid] <= tile_row) {
             lo = mid;
         } else {
             hi = mid - 1;
         }
     }
     const int g = lo;
-    const int row0 = row_offsets[g] + (tile - tile_offsets[g]) * SM90_BLOCK_M;
+    const int m_tiles = tile_offsets[g + 1] - tile_offsets[g];
+    const long long local = cta - static_cast<long long>(tile_offsets[g]) * n_tiles;
+    const int m_tile = static_cast<int>(local % m_tiles);
+    const int n_tile = static_cast<int>(local / m_tiles);
+    const int row0 = row_offsets[g] + m_tile * SM90_BLOCK_M;
     const int row_end = min(row_offsets[g + 1], M);
-    const int n0 = blockIdx.y * SM90_BLOCK_N;
+    const int n0 = n_tile * SM90_BLOCK_N;
     const int b_row0 = g * N + n0;
     const int num_k = (K + SM90_BLOCK_K - 1) / SM90_BLOCK_K;
 
@@ -236,63 +282,80 @@ __device__ __forceinline__ void grouped_gemm_nt_impl(const TmaMap* tmap_a, const
 
     if (threadIdx.x == 0) {
 #pragma unroll
-        for (int s = 0; s < SM90_STAGES; ++s) mbarrier_init(&full[s], 1);
+        for (int s = 0; s < SM90_STAGES; ++s) {
+            mbarrier_init(&full[s], 1);
+            mbarrier_init(&empty[s], SM90_MATH_WARPGROUPS);
+        }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
-    __syncthreads();
+    __syncthreads();  // the last block-wide barrier: the roles split below
 
-    // Stage s of K step kt: one expect-bytes arrival, then both boxes.
-    auto issue = [&](int s, int kt) {
-        mbarrier_expect_bytes(&full[s], SM90_STAGE_BYTES);
-        tma_load_2d(sa + s * SM90_A_STAGE_ELEMS, tmap_a, &full[s], kt * SM90_BLOCK_K, row0);
-        tma_load_2d(sb + s * SM90_B_STAGE_ELEMS, tmap_b, &full[s], kt * SM90_BLOCK_K, b_row0);
-    };
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < SM90_STAGES && s < num_k; ++s) issue(s, s);
+    const int warpgroup = threadIdx.x / 128;
+    if (warpgroup == 0) {
+        // Loads: one thread fills each stage once both math warpgroups freed
+        // it. A fresh barrier counts as having completed the phase before
+        // phase 0, so the first pass over the ring does not wait.
+        if (threadIdx.x == 0) {
+            for (int kt = 0; kt < num_k; ++kt) {
+                const int s = kt % SM90_STAGES;
+                mbarrier_wait(&empty[s], ((kt / SM90_STAGES) & 1) ^ 1);
+                mbarrier_expect_bytes(&full[s], SM90_STAGE_BYTES);
+                tma_load_2d(sa + s * SM90_A_STAGE_ELEMS, tmap_a, &full[s], kt * SM90_BLOCK_K, row0);
+                tma_load_2d(sb + s * SM90_B_STAGE_ELEMS, tmap_b, &full[s], kt * SM90_BLOCK_K, b_row0);
+            }
+        }
+        return;
     }
 
-    float acc[64];
+    // Math warpgroup w (1 or 2) multiplies rows 64 * (w - 1) .. + 63 of the tile.
+    const int half = warpgroup - 1;
+    float acc[SM90_BLOCK_N / 2];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = 0.0f;
 
     for (int kt = 0; kt < num_k; ++kt) {
         const int s = kt % SM90_STAGES;
         mbarrier_wait(&full[s], (kt / SM90_STAGES) & 1);
-        const unsigned long long da = smem_descriptor(sa + s * SM90_A_STAGE_ELEMS);
+        // 64 rows of 128 bytes further down the A stage: 8 KiB, 1024-aligned.
+        const unsigned long long da = smem_descriptor(sa + s * SM90_A_STAGE_ELEMS + half * 64 * SM90_BLOCK_K);
         const unsigned long long db = smem_descriptor(sb + s * SM90_B_STAGE_ELEMS);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < SM90_BLOCK_K / 16; ++kk) {
             // 16 K-elements are 32 bytes further along each 128-byte row: +2 in
             // the descriptor's address field (units of 16 bytes).
-            wgmma_m64n128k16(T{}, acc, da + 2 * kk, db + 2 * kk, 1);
+            wgmma_m64n256k16(T{}, acc, da + 2 * kk, db + 2 * kk, 1);
         }
         wgmma_commit();
-        wgmma_wait_all();
-        __syncthreads();  // every thread's wgmma has read stage s
-        if (threadIdx.x == 0 && kt + SM90_STAGES < num_k) issue(s, kt + SM90_STAGES);
+        // The previous step's MMAs are done: its stage can be refilled while
+        // this step's run.
+        wgmma_wait<1>();
+        if (kt > 0 && (threadIdx.x & 127) == 0) mbarrier_arrive(&empty[(kt - 1) % SM90_STAGES]);
     }
+    wgmma_wait<0>();
 
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int r_top = row0 + warp * 16 + (lane >> 2);
+    const int warp = (threadIdx.x & 127) >> 5, lane = threadIdx.x & 31;
+    const int r_top = row0 + half * 64 + warp * 16 + (lane >> 2);
     const int c_left = n0 + (lane & 3) * 2;
 #pragma unroll
     for (int j = 0; j < SM90_BLOCK_N / 8; ++j) {
-        const int c = c_left + 8 * j;
+        const int c = c_left + 8 * j;  // even, and N % 8 == 0: (c, c + 1) are both in or both out
+        if (c >= N) continue;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int r = r_top + 8 * h;
             if (r < row_end) {
-                T* o = out + static_cast<long long>(r) * N;
-                if (c < N) o[c] = from_float<T>(acc[4 * j + 2 * h]);
-                if (c + 1 < N) o[c + 1] = from_float<T>(acc[4 * j + 2 * h + 1]);
+                // One 4-byte store of the pair (c, c + 1).
+                T pair[2] = {from_float<T>(acc[4 * j + 2 * h]), from_float<T>(acc[4 * j + 2 * h + 1])};
+                *reinterpret_cast<unsigned*>(out + static_cast<long long>(r) * N + c) =
+                    *reinterpret_cast<const unsigned*>(pair);
             }
         }
     }
 }
 
 #define SM90_GEMM_KERNEL(suffix, T)                                                                        \
-    extern "C" __global__ void __launch_bounds__(SM90_MMA_THREADS) grouped_gemm_nt_##suffix(           \
+    extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) grouped_gemm_nt_##suffix(            \
         const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_b,                  \
         const int* __restrict__ row_offsets, const int* __restrict__ tile_offsets, int num_groups, int M, \
         int N, int K, T* __restrict__ out) {                                                           \

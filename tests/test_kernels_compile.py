@@ -150,7 +150,7 @@ def test_a_missing_define_stops_the_compile_and_is_named(name, missing):
         ("routing", {"SCORE_SIGMOID": 0}, "differ"),
         ("pointers", {"POINTER_THREADS": 48}, "a multiple of 32 up to 1024"),
         ("activation", {"ACT_RELU": 0}, "the activation codes must differ"),
-        ("grouped_gemm_sm90", {"SM90_BLOCK_N": 64}, "wgmma m64n128k16"),
+        ("grouped_gemm_sm90", {"SM90_BLOCK_N": 128}, "wgmma m64n256k16"),
         ("grouped_gemm_sm90", {"SM90_TILE_THREADS": 1000}, "a multiple of 32, at most 1024"),
     ],
 )

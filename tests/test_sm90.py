@@ -14,13 +14,14 @@ from cublas_grouped.gemm.plan import GemmPlan
 def test_tile_schedule_hand_worked():
     # 64-row tiles: 5 rows (one partial tile), 130 rows from row 5 (two full, one
     # of 2), 64 rows from row 135 (one full); empty groups get none.
-    got = hopper.tile_schedule(np.array([0, 5, 0, 130, 64]))
+    got = hopper.tile_schedule(np.array([0, 5, 0, 130, 64]), block_m=64)
     assert got.tolist() == [[1, 0, 5], [3, 5, 64], [3, 69, 64], [3, 133, 2], [4, 135, 64]]
     assert hopper.tile_schedule(np.zeros(7, np.int64)).shape == (0, 3)
     assert hopper.tile_schedule(np.array([-3, 2])).tolist() == [[1, 0, 2]]  # negative counts as 0
-    one = hopper.tile_schedule(np.array([0, 100_000, 0]))
-    assert len(one) == -(-100_000 // 64) and set(one[:, 0]) == {1}
+    one = hopper.tile_schedule(np.array([0, 100_000, 0]), block_m=128)
+    assert len(one) == -(-100_000 // 128) and set(one[:, 0]) == {1}
     assert one[-1].tolist() == [1, 99_968, 32]
+    assert hopper.BLOCK_M == 128  # the kernel's tile (two math warpgroups of 64 rows)
 
 
 def _kernel_model(sizes, block_m):
@@ -80,7 +81,7 @@ def test_which_plans_it_takes():
 
 
 def test_launch_constants_agree():
-    assert hopper.SHARED_BYTES == hopper.STAGES * (64 + 128) * 64 * 2 + 1024
+    assert hopper.SHARED_BYTES == hopper.STAGES * (128 + 256) * 64 * 2 + 1024
     assert hopper.SHARED_BYTES <= 227 * 1024  # the H100's opt-in limit per block
     assert hopper.DEFINES == {
         "SM90_BLOCK_M": hopper.BLOCK_M,

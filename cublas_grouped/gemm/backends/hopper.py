@@ -7,10 +7,10 @@ The group sizes are read on the device: a tiny kernel turns them into row and
 tile offsets, and the GEMM's CTAs find their tile's group there, so nothing
 crosses to the host and the launch sizes depend only on M, N and E.
 
-This is the first, simple version: one warpgroup per 64 x 128 tile, a ring of
-shared-memory stages filled by TMA ahead of the wgmma, no warp specialization,
-no persistence (see docs/kernel-notes.md for where it stands). AUTO does not
-choose it until the benchmark shows it faster.
+Where it stands (docs/kernel-notes.md has the measurements): 128 x 256 tiles,
+a load warpgroup filling a ring of shared-memory stages ahead of two math
+warpgroups (warp specialization), one tile per CTA (no persistence yet), one
+tile shape. AUTO does not choose it until the benchmark shows it faster.
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ __all__ = [
 
 # The one source of the kernel's tile shape: kernels/grouped_gemm_sm90.cu gets
 # these as NVRTC defines and refuses to compile without them.
-BLOCK_M = 64  # rows of a tile: one warpgroup's wgmma m64
-BLOCK_N = 128  # columns of a tile: wgmma n128
+BLOCK_M = 128  # rows of a tile: two math warpgroups of wgmma m64
+BLOCK_N = 256  # columns of a tile: wgmma n256 (128 fp32 accumulators per thread)
 BLOCK_K = 64  # K of one stage: 128 bytes of a 16-bit type, one row of the 128-byte swizzle
-STAGES = 4  # shared-memory stages filled ahead of the MMAs
+STAGES = 4  # shared-memory stages the load warpgroup fills ahead of the MMAs (48 KiB each)
 TILE_THREADS = 1024  # grouped_tile_offsets' one block
-MMA_THREADS = 128  # one warpgroup
+THREADS = 384  # a load warpgroup and two math warpgroups
 DEFINES = {
     "SM90_BLOCK_M": BLOCK_M,
     "SM90_BLOCK_N": BLOCK_N,
@@ -189,5 +189,5 @@ def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=N
         np.int32(k),
         np.intp(ops.c),
     )
-    grid = (max_tiles(m, e), -(-n // BLOCK_N))
-    _kernels.launch(stream, gemm, grid, MMA_THREADS, args, shmem=SHARED_BYTES)
+    grid = max_tiles(m, e) * -(-n // BLOCK_N)  # one CTA per tile, group by group (see the kernel)
+    _kernels.launch(stream, gemm, grid, THREADS, args, shmem=SHARED_BYTES)
