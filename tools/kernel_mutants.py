@@ -197,8 +197,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-group-search",
         "grouped_gemm_sm90.cu",
-        "if (tile_offsets[mid] <= tile) {",
-        "if (tile_offsets[mid] < tile) {",
+        "if (tile_offsets[mid] <= tile_row) {",
+        "if (tile_offsets[mid] < tile_row) {",
         "a tile at its group's first tile is given to the group before",
     ),
     Mutant(
