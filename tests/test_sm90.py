@@ -90,3 +90,27 @@ def test_launch_constants_agree():
         "SM90_STAGES": hopper.STAGES,
         "SM90_TILE_THREADS": hopper.TILE_THREADS,
     }
+
+
+def test_a_refused_shared_memory_limit_is_an_error(monkeypatch):
+    """Above 48 KiB a launch needs the opt-in; if the driver refuses it, say so."""
+    import types
+
+    from cuda.bindings import driver
+
+    calls = []
+
+    def refuse(attribute, value, kernel, device):
+        calls.append((attribute, value, device))
+        return (driver.CUresult.CUDA_ERROR_INVALID_VALUE,)
+
+    monkeypatch.setattr(driver, "cuKernelSetAttribute", refuse)
+    monkeypatch.setattr(hopper, "_shared_set", set())
+    kernel = types.SimpleNamespace(handle=driver.CUkernel())
+    with pytest.raises(RuntimeError, match=f"could not allow {hopper.SHARED_BYTES} bytes of shared memory"):
+        hopper._allow_shared_memory(kernel, 0)
+    assert calls and calls[0][1] == hopper.SHARED_BYTES
+    monkeypatch.setattr(driver, "cuKernelSetAttribute", lambda *a: (driver.CUresult.CUDA_SUCCESS,))
+    hopper._allow_shared_memory(kernel, 0)
+    hopper._allow_shared_memory(kernel, 0)  # once per kernel and device: the second call asks nothing
+    assert len(hopper._shared_set) == 1
