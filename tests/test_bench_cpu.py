@@ -1062,6 +1062,7 @@ def test_main_prints_bandwidth_and_tuning_table(monkeypatch, capsys):
     monkeypatch.setattr(cli, "environment", lambda argv: {"gpu": "NVIDIA H200", "cublas_version": 130100})
     monkeypatch.setattr(cli, "measure_copy_gbs", lambda: 4150.0)
     monkeypatch.setattr(cli, "run_all", lambda cases, args, api: ([], []))
+    monkeypatch.setattr(cli, "run_host_section", lambda **kw: [])
     monkeypatch.setattr(
         cli, "auto_table_lines", lambda: ["AUTO tuning table: shipped table x.json: same architecture"]
     )
@@ -1094,3 +1095,36 @@ def test_the_bench_package_is_listed_for_the_wheel():
     text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     listed = text.split("packages = [", 1)[1].split("]", 1)[0]
     assert '"cublas_grouped.tools"' in listed and '"cublas_grouped.tools.bench"' in listed
+
+
+def test_host_section_flags_and_verdicts(monkeypatch, capsys, tmp_path):
+    from cublas_grouped.tools.bench import host
+
+    rows = [
+        {"name": "route T=1 E=128 k=8", "us": 14.0, "target_us": 15.0, "peer": False},
+        {"name": "gmm tiny, device sizes (auto)", "us": 26.0, "target_us": 25.0, "peer": False},
+        {"name": "torch.mm tiny", "us": 16.0, "target_us": None, "peer": True},
+    ]
+    text = host.format_host(rows)
+    assert "route T=1 E=128 k=8" in text and "<= 15: PASS" in text
+    assert "<= 25: MISS" in text and text.splitlines()[-1].rstrip().endswith("peer")
+    seen = {}
+    monkeypatch.setattr(cli, "no_gpu_reason", lambda: None)
+    monkeypatch.setattr(cli, "load_api", lambda: object())
+    monkeypatch.setattr(cli, "environment", lambda argv: {"gpu": "NVIDIA H100", "cublas_version": 130100})
+    monkeypatch.setattr(cli, "measure_copy_gbs", lambda: 3000.0)
+    monkeypatch.setattr(cli, "auto_table_lines", lambda: [])
+    monkeypatch.setattr(cli, "run_host_section", lambda **kw: seen.update(kw) or rows)
+    monkeypatch.setattr(cli, "run_all", lambda *a: (_ for _ in ()).throw(AssertionError("cases ran")))
+    path = tmp_path / "b.json"
+    assert cli.main(["--host-only", "--no-torch", "--host-profile", "p.txt", "--json", str(path)]) == 0
+    assert seen == {"profile_path": "p.txt", "torch_ok": False}
+    assert "<= 25: MISS" in capsys.readouterr().out
+    import json
+
+    assert [r["us"] for r in json.loads(path.read_text())["host_overhead_us"]] == [14.0, 26.0, 16.0]
+    monkeypatch.setattr(
+        cli, "run_host_section", lambda **kw: (_ for _ in ()).throw(AssertionError("host ran"))
+    )
+    monkeypatch.setattr(cli, "run_all", lambda cases, args, api: ([], []))
+    assert cli.main(["--quick", "--no-host"]) == 0

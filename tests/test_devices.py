@@ -172,6 +172,9 @@ def test_kernel_architecture_is_the_streams_device(two_gpus, monkeypatch):
         raise _Stop
 
     monkeypatch.setattr(_kernels, "get_kernel", get_kernel)
+    from cublas_grouped.gemm import pointers as _pointers
+
+    monkeypatch.setattr(_pointers, "_kernel_for", {})  # kernels found earlier in this process
     buffer = SimpleNamespace(data=SimpleNamespace(ptr=0x7F0000000000))
     for device_id in (0, 1):
         res = SimpleNamespace(device_id=device_id, buffer=lambda name, nbytes: buffer)

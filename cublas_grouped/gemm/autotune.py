@@ -28,9 +28,8 @@ Measuring happens only when all of these hold:
 Each candidate runs once untimed, once to size the repeats, then 2 to 5 times
 between CUDA events on the call's stream, the class taking about
 ``CLASS_BUDGET_MS`` of GPU time in all (a GEMM slower than its share still gets
-2 timed calls). The runs write to scratch
-memory taken straight from the driver (the caller's memory pool is not
-touched), never to the caller's output, and they finish before the real call.
+2 timed calls). The runs write to scratch memory taken straight from the driver
+(the caller's pool is untouched), never to the caller's output, and they finish before the real call.
 Results are written atomically (temporary file, then rename) into the user's
 tuning folder, ``CUBLAS_GROUPED_TUNING_DIR`` or ``~/.cache/cublas_grouped/tuning``.
 
@@ -59,7 +58,14 @@ from ..runtime.device import DeviceInfo, resources
 from ..runtime.timing import time_interleaved
 from .config import Algorithm
 from .plan import GemmPlan, ProblemStats
-from .select import MAX_STRIDED_PADDING, measured_times, select_algorithm, usable_times
+from .select import (
+    MAX_STRIDED_PADDING,
+    measured_times,
+    remembered,
+    select_algorithm,
+    tuning_state,
+    usable_times,
+)
 from .tables import AUTOTUNE_SUFFIX, TuningTable, file_slug, is_close_table, tuning_table_for, user_tuning_dir
 
 __all__ = [
@@ -403,9 +409,15 @@ def gmm_algorithm(executor, device: DeviceInfo, plan: GemmPlan, ops, dtype, res,
     its products to scratch in place of ``ops.c``, before the real call runs.
     """
     dtype = np.dtype(dtype)
-    stats = ProblemStats.from_sizes(plan.sizes, plan.n, plan.k, dtype.name)
     base = "gmm" + ("-trans_a" if plan.trans_a else "") + ("-trans_b" if plan.trans_b else "")
     family = _family(base, executor, dtype)
+    # A repeated call (same sizes and shapes, nothing measured since) repeats the choice.
+    key = (tuning_state(device), state_token(), family, dtype.name, plan.n, plan.k, plan.sizes.tobytes())
+    return remembered(key, lambda: _choose_gmm(executor, device, plan, ops, dtype, res, sizes_dev, family))
+
+
+def _choose_gmm(executor, device, plan, ops, dtype, res, sizes_dev, family) -> Algorithm:
+    stats = ProblemStats.from_sizes(plan.sizes, plan.n, plan.k, dtype.name)
 
     def measure(_stats, candidates):
         with _scratch(math.prod(plan.out_shape) * dtype.itemsize) as out_ptr:

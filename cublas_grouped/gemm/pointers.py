@@ -24,6 +24,7 @@ __all__ = ["build_pointers", "upload_pointers", "device_sizes", "POINTER_THREADS
 POINTER_THREADS = 1024
 #: NVRTC defines of kernels/pointers.cu.
 DEFINES = {"POINTER_THREADS": POINTER_THREADS}
+_kernel_for: dict[str, object] = {}  # arch -> the build_pointers Kernel (DEFINES never change)
 
 
 def device_sizes(plan: GemmPlan, res, sizes_dev=None):
@@ -95,7 +96,9 @@ def build_pointers(
     if arch is None:
         # The device of this call's stream, not whichever device was used first.
         arch = _kernels.arch_for(_device.device_info(res.device_id).sm)
-    kernel = _kernels.get_kernel("pointers", "build_pointers", arch, defines=DEFINES)
+    kernel = _kernel_for.get(arch)
+    if kernel is None:
+        kernel = _kernel_for[arch] = _kernels.get_kernel("pointers", "build_pointers", arch, defines=DEFINES)
     i32, i64, u64 = np.int32, np.int64, np.uint64
     args = (
         np.intp(sizes_dev.data.ptr),

@@ -16,6 +16,7 @@ picks the pair together.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -36,6 +37,9 @@ __all__ = [
     "reset_tuning_cache",
     "MAX_STRIDED_PADDING",
     "TimesSource",
+    "remembered",
+    "tuning_state",
+    "WEIGHT_BOUND_ROWS",
 ]
 
 # PADDED_STRIDED is taken from measured times only while it computes at most
@@ -49,9 +53,40 @@ TimesSource = Callable[["ProblemStats", tuple], "dict | None"]
 
 
 def reset_tuning_cache() -> None:
-    """Forget the cached tables and layer choices (after writing a new table, and in tests)."""
+    """Forget the cached tables and choices (after writing a new table, and in tests)."""
     forget_tables()
     _layer_choices.clear()
+    _exact_choices.clear()
+
+
+# Rows per active expert up to which an expert layer is bound by reading its
+# weights (bf16 on an H100 turns weight-bound below about 300 rows; 32 leaves a
+# wide margin): see choose_layer_algorithms.
+WEIGHT_BOUND_ROWS = 32
+
+# Choices for exactly these sizes and shapes, so that a repeated call (every
+# decode step of a model, every layer) skips the statistics and table lookups.
+# Keys carry everything the choice depends on; reset_tuning_cache clears them.
+_exact_choices: dict[tuple, object] = {}
+MAX_REMEMBERED = 4096
+
+
+def remembered(key: tuple, choose: Callable[[], object]):
+    """``choose()``, computed once per ``key`` (which must name every input of the
+    choice: device, tuning folder, measurement state, shapes, dtype, sizes)."""
+    found = _exact_choices.get(key)
+    if found is None:
+        found = choose()
+        if len(_exact_choices) >= MAX_REMEMBERED:
+            _exact_choices.clear()
+        _exact_choices[key] = found
+    return found
+
+
+def tuning_state(device: DeviceInfo) -> tuple:
+    """What a remembered choice on ``device`` depends on besides its shapes: the
+    device's identity and the user's tuning folder (read at each call)."""
+    return (device.name, device.cublas_version, device.sm, os.environ.get("CUBLAS_GROUPED_TUNING_DIR"))
 
 
 def allowed_algorithms(
@@ -170,6 +205,17 @@ def choose_layer_algorithms(
     of any algorithm that runs on its layout. Without table entries for both
     shapes, the built-in rules pick the first and the second follows it.
 
+    Weight-bound layers (at most :data:`WEIGHT_BOUND_ROWS` rows per active
+    expert: decode) take CUBLAS_GROUPED for both GEMMs, on grouped-contiguous
+    rows, before any table is asked. There every algorithm streams the same
+    weights at nearly the same rate (the tables' GEMM times differ by 2-3%),
+    and what separates them in a layer is what the tables do not see: the
+    work after the layer's one sync, while the GPU waits (padding rows to
+    gather, pointer arrays, one cuBLAS call per expert). Measured on an H100
+    (docs/benchmarks.md), CUBLAS_GROUPED was within 2% of the fastest layer on
+    every decode case of Mixtral, Qwen3-30B-A3B and DeepSeek-V3, while
+    table-led choices missed by up to 12%.
+
     Decisions are memoized on a coarse key (log2 of active experts, mean rows
     and skew in quarter steps), because this runs after the one host
     synchronization of each layer call, where host time is GPU idle time.
@@ -178,14 +224,21 @@ def choose_layer_algorithms(
     ``times_key`` is part of the memo key and must change whenever ``times``
     may answer differently (new measurements).
     """
+    exact = (tuning_state(device), times_key, dtype, first_nk, second_nk, sizes.dtype.str, sizes.tobytes())
+    return remembered(
+        exact, lambda: _choose_layer(sizes, first_nk, second_nk, dtype, device, times, times_key)
+    )
+
+
+def _choose_layer(sizes, first_nk, second_nk, dtype, device, times, times_key) -> tuple[Algorithm, Algorithm]:
     active = int(np.count_nonzero(sizes))
     total, largest = int(sizes.sum()), int(sizes.max(initial=0))
     first_stats = ProblemStats(len(sizes), active, total, largest, *first_nk, dtype)
+    if first_stats.mean_rows <= WEIGHT_BOUND_ROWS and device.supports_grouped_gemm():
+        return (Algorithm.CUBLAS_GROUPED, Algorithm.CUBLAS_GROUPED)
     quarter = lambda v: round(4 * math.log2(max(v, 1e-9)))  # noqa: E731
     key = (
-        device.name,
-        device.cublas_version,
-        device.sm,
+        tuning_state(device),
         times_key,
         dtype,
         len(sizes),

@@ -67,10 +67,18 @@ def _ptr(array) -> np.intp:
     return np.intp(0 if array is None else array.data.ptr)
 
 
+# (file, kernel, arch, dtype) -> Kernel: DEFINES are constants, so this skips
+# get_kernel's key building (sorting and checking the defines) on every launch.
+_found: dict[tuple, object] = {}
+
+
 def _kernel(file: str, name: str, arch: str, dtype=None):
-    if dtype is not None:
-        name = f"{name}_{_SUFFIX[np.dtype(dtype).name]}"
-    return _kernels.get_kernel(file, name, arch, defines=DEFINES[file])
+    key = (file, name, arch, dtype)
+    kernel = _found.get(key)
+    if kernel is None:
+        full = name if dtype is None else f"{name}_{_SUFFIX[np.dtype(dtype).name]}"
+        kernel = _found[key] = _kernels.get_kernel(file, full, arch, defines=DEFINES[file])
+    return kernel
 
 
 def num_pair_blocks(num_pairs: int) -> int:

@@ -97,6 +97,31 @@ def _device_of(obj) -> int | None:
     return None
 
 
+def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Strides in elements of a C-contiguous array of ``shape``."""
+    strides, acc = [], 1
+    for dim in reversed(shape):
+        strides.append(acc)
+        acc *= dim
+    return tuple(reversed(strides))
+
+
+_CUPY_NDARRAY = None
+
+
+def _cupy_ndarray():
+    """``cupy.ndarray``, or a stand-in type no object has when CuPy cannot be imported."""
+    global _CUPY_NDARRAY
+    if _CUPY_NDARRAY is None:
+        try:
+            import cupy
+
+            _CUPY_NDARRAY = cupy.ndarray
+        except Exception:  # no CuPy, or a broken install: the generic path reports it
+            _CUPY_NDARRAY = type("_NoCupy", (), {})
+    return _CUPY_NDARRAY
+
+
 def view(obj, name: str) -> ArrayView:
     """Describe ``obj`` as an :class:`ArrayView`, or raise a ``TypeError`` naming ``name``.
 
@@ -105,6 +130,18 @@ def view(obj, name: str) -> ArrayView:
     """
     if isinstance(obj, ArrayView):
         return obj
+    if type(obj) is _cupy_ndarray():
+        # CuPy's own attributes: exact dtype, no interface dict to build (the common case).
+        if obj.flags.c_contiguous:
+            # As the interface does: C-contiguous arrays (empty ones too, whose own
+            # strides may be zeros) get the canonical strides.
+            strides = _c_strides(obj.shape)
+        else:
+            itemsize = obj.dtype.itemsize
+            strides = tuple(s // itemsize for s in obj.strides)
+            if any(s * itemsize != b for s, b in zip(strides, obj.strides)):
+                raise ValueError(f"{name} has strides {obj.strides} that are not whole elements")
+        return ArrayView(obj.data.ptr, obj.shape, strides, obj.dtype, obj.device.id, obj)
     if isinstance(obj, np.ndarray):
         raise TypeError(
             f"{name} is a NumPy array in host memory; pass a GPU array (e.g. cupy.asarray({name}))"
@@ -127,11 +164,7 @@ def view(obj, name: str) -> ArrayView:
     ptr = int(cai["data"][0] or 0)
     raw_strides = cai.get("strides")
     if raw_strides is None:
-        strides, acc = [], 1
-        for dim in reversed(shape):
-            strides.append(acc)
-            acc *= dim
-        strides = tuple(reversed(strides))
+        strides = _c_strides(shape)
     else:
         if any(s % dtype.itemsize for s in raw_strides):
             raise ValueError(f"{name} has strides {tuple(raw_strides)} that are not whole elements")

@@ -217,16 +217,25 @@ class StreamResources:
         if self.workspace is None or self.workspace.nbytes < workspace_bytes:
             with cupy.cuda.Device(self.device_id):
                 self.workspace = cupy.empty(max(workspace_bytes, 1), dtype=cupy.uint8)
-        _cublas.set_stream(self.handle, self.stream)
-        # cublasSetStream resets the workspace to cuBLAS's own pool, so it is
-        # set again after every stream change.
-        if workspace_bytes:
-            _cublas.set_workspace(self.handle, self.workspace.data.ptr, self.workspace.nbytes)
+        # The handle is shared by this thread's streams on the device: rebind
+        # only when another stream or workspace was bound since (two cuBLAS
+        # calls saved on every repeated call).
+        wanted = (self.stream, self.workspace.data.ptr if workspace_bytes else 0, workspace_bytes)
+        if _bound.get(self.handle) != wanted:
+            _bound.pop(self.handle, None)  # unknown state if a call below raises
+            _cublas.set_stream(self.handle, self.stream)
+            # cublasSetStream resets the workspace to cuBLAS's own pool, so it is
+            # set again after every stream change.
+            if workspace_bytes:
+                _cublas.set_workspace(self.handle, self.workspace.data.ptr, self.workspace.nbytes)
+            _bound[self.handle] = wanted
         return self.handle
 
 
 # Pinned staging buffers per stream for host-to-device uploads of sizes.
 STAGING_SLOTS = 4
+# cuBLAS handle -> (stream, workspace address, workspace bytes) it is bound to now.
+_bound: dict[int, tuple[int, int, int]] = {}
 
 _registry_lock = threading.Lock()
 _all_handles: list[tuple[int, int]] = []  # (device, handle), destroyed at exit

@@ -30,6 +30,8 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+from . import launch as _fast
+
 __all__ = [
     "KernelCompileError",
     "kernel_dir",
@@ -210,13 +212,23 @@ def get_kernel(name: str, kernel: str, arch: str, *, defines: Mapping[str, int] 
 
 
 def launch(stream, kernel, grid, block, args, shmem: int = 0) -> None:
-    """Launch ``kernel`` on ``stream`` (anything with ``__cuda_stream__``).
+    """Launch ``kernel`` on ``stream`` (a raw handle, or anything with ``__cuda_stream__``).
 
     ``args`` must already be typed (NumPy scalars for integers and pointers),
-    so that each parameter has the width the kernel declares.
+    so that each parameter has the width the kernel declares. All-scalar
+    argument lists take the cheap driver path of :mod:`.launch`; others
+    (tensor maps) go through ``cuda.core``.
     """
+    handle = stream if isinstance(stream, int) else int(stream.handle)
+    if _fast.launch_scalars(handle, kernel, grid, block, args, shmem):
+        return
     from cuda.core import LaunchConfig
     from cuda.core import launch as core_launch
+
+    if isinstance(stream, int):
+        from cuda.core import Stream
+
+        stream = Stream.from_handle(stream)
 
     config = LaunchConfig(grid=grid, block=block, shmem_size=shmem)
     core_launch(stream, config, kernel, *args)

@@ -20,6 +20,7 @@ Which layout each algorithm runs on is :func:`.plan.layout_for`'s rule:
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -129,9 +130,44 @@ def grouped(
 ) -> None:
     """One ``cublasGemmGroupedBatchedEx``, one group per non-empty expert; the
     pointers are built on the device from the counts."""
-    sizes32 = device_sizes(plan, res, sizes_dev)
-    arrays = build_pointers(res, sizes32, ops, layout, arch=arch, num_problems=len(plan.active))
+    if sizes_dev is None:
+        # The counts are on the host only: one upload of the pointers themselves
+        # costs less host time than uploading the counts and launching the kernel.
+        starts = layout.offsets(plan.sizes)[plan.active]
+        arrays = upload_pointers(res, "grouped-pointers", ops, starts, plan.active)
+    else:
+        sizes32 = device_sizes(plan, res, sizes_dev)
+        arrays = build_pointers(res, sizes32, ops, layout, arch=arch, num_problems=len(plan.active))
     grouped_call(call, plan, plan.sizes[plan.active], arrays)
+
+
+_local = threading.local()
+
+
+def _group_arrays(plan: GemmPlan, rows: np.ndarray) -> dict[str, int]:
+    """Addresses of the host arrays of one grouped call (per-group dims, alpha, beta, group sizes),
+    from a per-thread cache: only the rows change between calls of one shape.
+    cuBLAS reads them during the call, so the next call may overwrite them."""
+    cache = getattr(_local, "group_arrays", None)
+    if cache is None:
+        cache = _local.group_arrays = {}
+    count = len(rows)
+    key = (count, plan.n, plan.k, plan.trans_a, plan.trans_b)
+    arrays = cache.get(key)
+    if arrays is None:
+        if len(cache) > 256:
+            cache.clear()
+        arrays = plan.dims_arrays(rows)
+        arrays["group_size"] = np.ones(count, dtype=np.int32)
+        arrays["alpha"] = np.ones(count, dtype=np.float32)
+        arrays["beta"] = np.zeros(count, dtype=np.float32)
+        # Their addresses, taken once (``ndarray.ctypes`` costs a microsecond each time).
+        arrays = {name: (a, a.ctypes.data) for name, a in arrays.items()}
+        cache[key] = arrays
+    else:
+        # Exactly one of m/n/k carries the group's rows (see GemmPlan.dims_arrays).
+        arrays["k" if plan.trans_a else "n"][0][:] = rows
+    return {name: address for name, (_, address) in arrays.items()}
 
 
 def grouped_call(call: CublasCall, plan: GemmPlan, rows: np.ndarray, arrays) -> None:
@@ -139,16 +175,11 @@ def grouped_call(call: CublasCall, plan: GemmPlan, rows: np.ndarray, arrays) -> 
     over device pointer arrays (addresses: rows, weights, out)."""
     a_arr, b_arr, c_arr = arrays
     count = len(rows)
-    host = plan.dims_arrays(rows)
-    ones = np.ones(count, dtype=np.int32)
-    alpha = np.ones(count, dtype=np.float32)
-    beta = np.zeros(count, dtype=np.float32)
-    addr = lambda x: x.ctypes.data  # noqa: E731 - host arrays stay alive in this frame
+    h = _group_arrays(plan, rows)  # addresses of arrays the per-thread cache keeps alive
     t = call.data_type
     _cublas.gemm_grouped_batched_ex(
-        call.handle, addr(host["transa"]), addr(host["transb"]), addr(host["m"]), addr(host["n"]),
-        addr(host["k"]), addr(alpha), b_arr, t, addr(host["lda"]), a_arr, t,
-        addr(host["ldb"]), addr(beta), c_arr, t, addr(host["ldc"]), count, addr(ones), call.compute,
+        call.handle, h["transa"], h["transb"], h["m"], h["n"], h["k"], h["alpha"], b_arr, t, h["lda"],
+        a_arr, t, h["ldb"], h["beta"], c_arr, t, h["ldc"], count, h["group_size"], call.compute,
     )  # fmt: skip
 
 

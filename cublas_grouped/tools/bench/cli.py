@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .gpu import describe_error, hbm_lines, measure_copy_gbs, no_gpu_reason, resolve_hbm
+from .host import format_host, run_host_section
 from .report import evaluate_targets, format_split, format_table, plot, write_json
 from .runner import load_api, run_all
 from .workloads import DTYPE_BYTES, MODELS, build_cases
@@ -131,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of routing and data")
     run.add_argument("--no-torch", action="store_true", help="do not try torch._grouped_mm")
     run.add_argument("--no-layer", action="store_true", help="time the first GEMM only")
+    host = p.add_argument_group("host overhead (CPU us per eager call on tiny problems)")
+    host.add_argument("--no-host", action="store_true", help="skip the host-overhead section")
+    host.add_argument("--host-only", action="store_true", help="run the host-overhead section only")
+    host.add_argument(
+        "--host-profile",
+        metavar="PATH",
+        default=None,
+        help="also write a cProfile report of each entry point",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", default=None, help="write every number and the environment")
     out.add_argument("--plot", metavar="PATH", default=None, help="bar chart of TFLOP/s (needs matplotlib)")
@@ -259,6 +269,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
     print("\n".join(facts), file=sys.stderr)
+    host_rows = []
+    if not args.no_host:
+        host_rows = run_host_section(profile_path=args.host_profile, torch_ok=not args.no_torch)
+        print(format_host(host_rows), file=sys.stderr)
+    if args.host_only:
+        if args.json:
+            write_json(args.json, env, args, {}, [], [], host=host_rows)
+        print(format_host(host_rows))
+        return 0
     results, stats = run_all(cases, args, api)
     # Again after the run: AUTO may have measured shapes on first sight meanwhile.
     env["auto_table"] = auto_table_lines()
@@ -266,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         env["torch"] = getattr(sys.modules["torch"], "__version__", "?")
     targets = evaluate_targets(results, args.hbm_gbs)
     if args.json:
-        write_json(args.json, env, args, stats, results, targets)
+        write_json(args.json, env, args, stats, results, targets, host=host_rows)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         message = plot(args.plot, results)
@@ -282,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(hbm_lines(args.hbm_gbs, hbm_source, measured, copy_error) + env["auto_table"]))
     print(format_table(results))
     print()
+    if host_rows:
+        print(format_host(host_rows))
+        print()
     print("Targets:")
     print("\n".join(targets))
     return 0

@@ -296,8 +296,9 @@ def write_json(
     stats: list[dict],
     results: list[Result],
     targets: list[str],
+    host: list[dict] | None = None,
 ) -> None:
-    """Every number, the settings and the environment, as JSON."""
+    """Every number, the settings and the environment, as JSON (``host``: the host-overhead rows)."""
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     doc = {
         "environment": env,
@@ -305,6 +306,7 @@ def write_json(
         "cases": stats,
         "results": [asdict(r) for r in results],
         "targets": targets,
+        "host_overhead_us": host or [],
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(doc, indent=1, default=str))

@@ -1,0 +1,137 @@
+"""Kernel launches with little host work: ``cuLaunchKernel`` through ctypes.
+
+A launch through ``cuda.core.launch`` costs about 11 us of host time (measured
+on the GPU machine's host, 2026-11-26, ``tools/host_probe.py``); calling the
+driver's ``cuLaunchKernel`` directly with the arguments packed into a reused
+buffer costs about 5 us. An eager MoE layer launches about ten kernels, so this
+is worth having.
+
+How: every kernel parameter of ours is a scalar (an integer, a pointer or a
+float) passed as a NumPy scalar whose width is the parameter's. The values are
+packed with one ``struct.pack_into`` into a buffer owned by (thread, kernel
+signature), and ``kernelParams`` points at each value in it; the driver copies
+the values during the call, so reusing the buffer for the next launch is safe.
+Launches with any other argument (a tensor map, say) go through
+``cuda.core``. The kernel runs in the driver's current context, as with
+``cuda.core``: the callers make it the device's primary context.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+import threading
+
+import numpy as np
+
+__all__ = ["launch_scalars", "LaunchError", "driver"]
+
+
+class LaunchError(RuntimeError):
+    """``cuLaunchKernel`` returned an error; the message names the kernel and the CUresult."""
+
+
+_driver = None
+_driver_lock = threading.Lock()
+
+
+def driver():
+    """The CUDA driver library (``libcuda``), loaded once."""
+    global _driver
+    if _driver is None:
+        with _driver_lock:
+            if _driver is None:
+                lib = ctypes.CDLL("libcuda.so.1")
+                lib.cuLaunchKernel.restype = ctypes.c_int
+                lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+                lib.cuGetErrorName.restype = ctypes.c_int
+                _driver = lib
+    return _driver
+
+
+def _error_name(status: int) -> str:
+    name = ctypes.c_char_p()
+    if driver().cuGetErrorName(status, ctypes.byref(name)) == 0 and name.value:
+        return name.value.decode()
+    return f"CUresult {status}"
+
+
+# NumPy scalar type -> struct code of the same width (native byte order).
+_CODES = {
+    np.int32: "i",
+    np.uint32: "I",
+    np.int64: "q",
+    np.uint64: "Q",
+    np.float32: "f",
+    np.float64: "d",
+}
+_CODES[np.intp] = "q" if np.dtype(np.intp).itemsize == 8 else "i"
+
+
+class _Packer:
+    """A reusable argument buffer for one argument signature, and its pointer array."""
+
+    __slots__ = ("fmt", "buffer", "pointers")
+
+    def __init__(self, codes: tuple[str, ...]):
+        # Each value at an offset aligned to its size, as the kernel's ABI would place it.
+        fmt, offsets, size = "=", [], 0
+        for code in codes:
+            width = struct.calcsize("=" + code)
+            pad = -size % width
+            fmt += "x" * pad + code
+            offsets.append(size + pad)
+            size += pad + width
+        self.fmt = struct.Struct(fmt)
+        self.buffer = ctypes.create_string_buffer(max(size, 8))
+        base = ctypes.addressof(self.buffer)
+        self.pointers = (ctypes.c_void_p * max(len(codes), 1))(*[base + o for o in offsets])
+
+
+_local = threading.local()
+# cuda.core Kernel -> its raw CUkernel handle (the kernels live as long as the process's cache).
+_handles: dict = {}
+
+
+def _packer_for(types: tuple) -> _Packer | None:
+    packers = getattr(_local, "packers", None)
+    if packers is None:
+        packers = _local.packers = {}
+    packer = packers.get(types)
+    if packer is None:
+        try:
+            codes = tuple(_CODES[t] for t in types)
+        except KeyError:
+            return None
+        packer = packers[types] = _Packer(codes)
+    return packer
+
+
+def launch_scalars(stream: int, kernel, grid, block, args, shmem: int = 0) -> bool:
+    """Launch ``kernel`` (a ``cuda.core`` Kernel) on the raw stream handle ``stream``
+    when every argument is a NumPy scalar of a known width; returns False, having
+    done nothing, when one is not (the caller then launches another way).
+
+    ``grid`` and ``block`` are ints or tuples of up to three ints.
+
+    Raises
+    ------
+    LaunchError
+        If the driver refuses the launch.
+    """
+    packer = _packer_for(tuple(map(type, args)))
+    if packer is None:
+        return False
+    gx, gy, gz = (grid, 1, 1) if isinstance(grid, int) else (tuple(grid) + (1, 1))[:3]
+    bx, by, bz = (block, 1, 1) if isinstance(block, int) else (tuple(block) + (1, 1))[:3]
+    handle = _handles.get(kernel)
+    if handle is None:
+        handle = _handles[kernel] = int(kernel.handle)
+    packer.fmt.pack_into(packer.buffer, 0, *args)
+    status = driver().cuLaunchKernel(handle, gx, gy, gz, bx, by, bz, shmem, stream, packer.pointers, None)
+    if status != 0:
+        raise LaunchError(
+            f"cuLaunchKernel failed for a kernel with {len(args)} arguments, grid {grid}, block {block}, "
+            f"{shmem} bytes of shared memory: {_error_name(status)}"
+        )
+    return True

@@ -1,0 +1,82 @@
+"""The cheap launch path (runtime/launch.py): argument packing and its fallbacks, on the CPU."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+from cublas_grouped.runtime import launch as L
+
+
+def _values(packer, codes):
+    out = []
+    for code, ptr in zip(codes, packer.pointers):
+        ctype = {"i": ctypes.c_int32, "I": ctypes.c_uint32, "q": ctypes.c_int64, "Q": ctypes.c_uint64,
+                 "f": ctypes.c_float, "d": ctypes.c_double}[code]  # fmt: skip
+        assert ptr % ctypes.sizeof(ctype) == 0, "each value sits at an offset aligned to its size"
+        out.append(ctype.from_address(ptr).value)
+    return out
+
+
+def test_packer_places_each_value_where_its_pointer_says():
+    args = (
+        np.int32(-7),
+        np.uint64(2**63 + 5),
+        np.int32(3),
+        np.float32(1.5),
+        np.intp(123456789012),
+        np.float64(-2.25),
+    )
+    types = tuple(map(type, args))
+    packer = L._packer_for(types)
+    packer.fmt.pack_into(packer.buffer, 0, *args)
+    codes = tuple(L._CODES[t] for t in types)
+    assert _values(packer, codes) == [-7, 2**63 + 5, 3, 1.5, 123456789012, -2.25]
+    # int32 then uint64: the uint64 starts 8 bytes in, after 4 bytes of padding
+    assert packer.pointers[1] - packer.pointers[0] == 8
+    assert L._packer_for(types) is packer, "one buffer per (thread, signature)"
+
+
+def test_other_arguments_fall_back_without_launching(monkeypatch):
+    monkeypatch.setattr(L, "driver", lambda: pytest.fail("the driver must not be called"))
+    assert L.launch_scalars(0, object(), 1, 32, (np.int32(1), object())) is False
+    assert L.launch_scalars(0, object(), 1, 32, (np.int32(1), 5)) is False  # a bare int has no width
+    assert L.launch_scalars(0, object(), 1, 32, (np.int16(1),)) is False
+
+
+class _FakeKernel:
+    handle = 0xABC
+
+
+class _FakeDriver:
+    def __init__(self, status):
+        self.status, self.calls = status, []
+
+    def cuLaunchKernel(self, *args):
+        self.calls.append(args)
+        return self.status
+
+    def cuGetErrorName(self, status, out):
+        ctypes.cast(out, ctypes.POINTER(ctypes.c_char_p))[0] = b"CUDA_ERROR_INVALID_VALUE"
+        return 0
+
+
+def test_launch_passes_grid_block_stream_and_shared_memory(monkeypatch):
+    fake = _FakeDriver(0)
+    monkeypatch.setattr(L, "driver", lambda: fake)
+    kernel = _FakeKernel()
+    assert L.launch_scalars(77, kernel, (3, 2), 128, (np.int32(4),), shmem=1024) is True
+    (call,) = fake.calls
+    assert call[:10] == (0xABC, 3, 2, 1, 128, 1, 1, 1024, 77, call[9])
+    assert ctypes.c_int32.from_address(call[9][0]).value == 4
+    assert call[10] is None
+
+
+def test_a_refused_launch_names_the_driver_error(monkeypatch):
+    monkeypatch.setattr(L, "driver", lambda: _FakeDriver(1))
+    with pytest.raises(L.LaunchError, match="CUDA_ERROR_INVALID_VALUE.*|grid 9"):
+        L.launch_scalars(0, _FakeKernel(), 9, 32, (np.int32(1),))
+    with pytest.raises(L.LaunchError, match="grid 9, block 32"):
+        L.launch_scalars(0, _FakeKernel(), 9, 32, (np.int32(1),))
