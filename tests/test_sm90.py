@@ -72,9 +72,9 @@ def test_which_plans_it_takes():
     assert hopper.unsupported((9, 0), bf16, _plan(trans_a=True, trans_b=False)) == (
         "does not run the K-grouped product (trans_a)"
     )
-    assert hopper.unsupported((9, 0), bf16, _plan(trans_b=False)) == (
-        "needs the weights in the [E, N, K] layout (trans_b=True)"
-    )
+    assert hopper.unsupported((9, 0), bf16, _plan(trans_b=False)) is None  # [E, K, N]: the nn kernels
+    assert hopper.unsupported((9, 0), np.float16, _plan(trans_b=False, n=8, k=8)) is None
+    assert hopper.unsupported((9, 0), bf16, _plan(trans_b=False, n=12)).endswith("got K=512, N=12")
     assert hopper.unsupported((9, 0), bf16, _plan(n=260)).startswith("needs K and N to be multiples of 8")
     assert hopper.unsupported((9, 0), bf16, _plan(k=12)).endswith("got K=12, N=256")
     assert hopper.unsupported((9, 0), bf16, _plan(n=8, k=8)) is None
@@ -114,3 +114,14 @@ def test_a_refused_shared_memory_limit_is_an_error(monkeypatch):
     hopper._allow_shared_memory(kernel, 0)
     hopper._allow_shared_memory(kernel, 0)  # once per kernel and device: the second call asks nothing
     assert len(hopper._shared_set) == 1
+
+
+def test_weights_layouts_and_their_tensor_maps():
+    """[E, N, K] weights: one 2-D map, a box of a tile's N rows; [E, K, N]: a 3-D
+    map (a K tail reads zeros, not the next group), boxes of 64 columns."""
+    nt, nn = _plan(n=392, k=200), _plan(trans_b=False, n=392, k=200)
+    assert hopper.weights_layout(nt) == "nt" and hopper.weights_layout(nn) == "nn"
+    assert hopper.b_map_shape(nt) == ((4 * 392, 200), (hopper.BLOCK_N, hopper.BLOCK_K))
+    assert hopper.b_map_shape(nn) == ((4, 200, 392), (1, hopper.BLOCK_K, hopper.B_SPAN))
+    # 64 16-bit columns are the 128 bytes of the swizzle; the boxes tile BLOCK_N.
+    assert hopper.B_SPAN * 2 == 128 and hopper.BLOCK_N % hopper.B_SPAN == 0

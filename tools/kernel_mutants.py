@@ -211,9 +211,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-k-step",
         "grouped_gemm_sm90.cu",
-        "wgmma_m64n256k16(T{}, acc, da + 2 * kk, db + 2 * kk, 1);",
-        "wgmma_m64n256k16(T{}, acc, da + 2 * kk, db, 1);",
-        "every 16-wide K step multiplies by the first K step of B",
+        "wgmma_m64n256k16<0>(T{}, acc, da + 2 * kk, db + 2 * kk, 1);",
+        "wgmma_m64n256k16<0>(T{}, acc, da + 2 * kk, db, 1);",
+        "every 16-wide K step multiplies by the first K step of B ([E, N, K] weights)",
     ),
     # combine.cu: scatter_rows and combine_rows
     Mutant(
