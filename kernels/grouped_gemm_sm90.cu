@@ -242,6 +242,23 @@ __device__ __forceinline__ void wgmma_wait() {
 SM90_WGMMA_M64N256K16(bf16_t, "bf16.bf16")
 SM90_WGMMA_M64N256K16(f16_t, "f16.f16")
 
+// Two fp32 values as one packed pair of 16-bit ones (lo in the low half), by
+// one hardware conversion (round to nearest even; NaN stays NaN). Branch-free
+// on purpose: a branch on accumulator values (common.cuh's software bf16
+// rounding tests for NaN) made ptxas serialize every wgmma of the bf16
+// kernels (its note C7520: "compiler-inserted WG.AR in divergent path"): each
+// wgmma waited for the one before, and wait_group 1 overlapped nothing.
+__device__ __forceinline__ unsigned pack_pair(bf16_t, float lo, float hi) {
+    unsigned packed;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed;
+}
+__device__ __forceinline__ unsigned pack_pair(f16_t, float lo, float hi) {
+    unsigned packed;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed;
+}
+
 // N_MAJOR_B: b is [E, K, N] (nn kernels), else [E, N, K] (nt kernels).
 template <class T, bool N_MAJOR_B>
 __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const TmaMap* tmap_b,
@@ -371,9 +388,8 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
             const int r = r_top + 8 * h;
             if (r < row_end) {
                 // One 4-byte store of the pair (c, c + 1).
-                T pair[2] = {from_float<T>(acc[4 * j + 2 * h]), from_float<T>(acc[4 * j + 2 * h + 1])};
                 *reinterpret_cast<unsigned*>(out + static_cast<long long>(r) * N + c) =
-                    *reinterpret_cast<const unsigned*>(pair);
+                    pack_pair(T{}, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
             }
         }
     }

@@ -125,3 +125,33 @@ def test_weights_layouts_and_their_tensor_maps():
     assert hopper.b_map_shape(nn) == ((4, 200, 392), (1, hopper.BLOCK_K, hopper.B_SPAN))
     # 64 16-bit columns are the 128 bytes of the swizzle; the boxes tile BLOCK_N.
     assert hopper.B_SPAN * 2 == 128 and hopper.BLOCK_N % hopper.B_SPAN == 0
+
+
+def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing():
+    """ptxas's verbose report of every sm90 kernel: no local-memory spills, and no
+    note C7520 (wgmma serialized: each MMA waits for the one before, as a branch
+    on accumulator values in the epilogue once caused in the bf16 kernels)."""
+    from cuda.core import Program, ProgramOptions
+
+    from cublas_grouped.runtime import nvrtc
+
+    macros = [(name, str(value)) for name, value in hopper.DEFINES.items()]
+    options = ProgramOptions(arch=hopper.ARCH, std="c++17", define_macro=macros, ptxas_options="-v")
+    program = Program(nvrtc.load_source("grouped_gemm_sm90"), code_type="c++", options=options)
+
+    class Log:
+        text = ""
+
+        def write(self, chunk):
+            self.text += chunk
+
+    log = Log()
+    program.compile("cubin", logs=log)
+    report = log.text
+    for kernel in ("nt_bf16", "nt_f16", "nn_bf16", "nn_f16"):
+        assert f"Compiling entry function 'grouped_gemm_{kernel}'" in report
+    assert "C7520" not in report, report
+    assert "spill stores" in report and not any(
+        "spill" in line and not line.strip().endswith("0 bytes spill stores, 0 bytes spill loads")
+        for line in report.splitlines()
+    ), report
