@@ -155,3 +155,47 @@ def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing():
         "spill" in line and not line.strip().endswith("0 bytes spill stores, 0 bytes spill loads")
         for line in report.splitlines()
     ), report
+
+
+def test_tensor_maps_are_cached_per_key_and_bounded(monkeypatch):
+    """A descriptor is built once per (device, pointer, shape, strides, dtype,
+    box); any change builds a new one; the least recently used go first."""
+    from collections import OrderedDict
+
+    built = []
+
+    def fake(ptr, shape, box, dtype):
+        built.append((ptr, shape, box, np.dtype(dtype).name))
+        return object()
+
+    monkeypatch.setattr(hopper, "_tensor_map", fake)
+    monkeypatch.setattr(hopper, "_maps", OrderedDict())
+    bf16 = ml_dtypes.bfloat16
+    first = hopper.tensor_map(0x1000, (300, 512), (128, 64), bf16, 0)
+    assert hopper.tensor_map(0x1000, [300, 512], (128, 64), bf16, 0) is first  # a hit builds nothing
+    assert built == [(0x1000, (300, 512), (128, 64), "bfloat16")]
+    changed = [
+        (0x2000, (300, 512), (128, 64), bf16, 0),  # another pointer
+        (0x1000, (301, 512), (128, 64), bf16, 0),  # another shape (rows)
+        (0x1000, (300, 520), (128, 64), bf16, 0),  # another shape (and strides)
+        (0x1000, (300, 512), (256, 64), bf16, 0),  # another box
+        (0x1000, (300, 512), (128, 64), np.float16, 0),  # another dtype
+        (0x1000, (300, 512), (128, 64), bf16, 1),  # another device
+        (0x1000, (1, 300, 512), (1, 64, 64), bf16, 0),  # another rank
+    ]
+    maps = [hopper.tensor_map(*args) for args in changed]
+    assert len(built) == 1 + len(changed)
+    assert len({id(m) for m in [first, *maps]}) == 1 + len(changed)
+    # The bound: filling the cache drops the least recently used entry first.
+    monkeypatch.setattr(hopper, "MAP_CACHE_SIZE", 3)
+    monkeypatch.setattr(hopper, "_maps", OrderedDict())
+    a = hopper.tensor_map(1, (8, 8), (8, 8), bf16, 0)
+    hopper.tensor_map(2, (8, 8), (8, 8), bf16, 0)
+    hopper.tensor_map(3, (8, 8), (8, 8), bf16, 0)
+    assert hopper.tensor_map(1, (8, 8), (8, 8), bf16, 0) is a  # 1 is now the most recent
+    hopper.tensor_map(4, (8, 8), (8, 8), bf16, 0)  # drops 2
+    assert len(hopper._maps) == 3
+    count = len(built)
+    assert hopper.tensor_map(1, (8, 8), (8, 8), bf16, 0) is a and len(built) == count
+    hopper.tensor_map(2, (8, 8), (8, 8), bf16, 0)
+    assert len(built) == count + 1  # 2 was dropped: built again

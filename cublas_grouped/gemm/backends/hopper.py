@@ -17,6 +17,9 @@ tile shape. AUTO does not choose it until the benchmark shows it faster.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import numpy as np
 
 from ...runtime import nvrtc as _kernels
@@ -38,6 +41,8 @@ __all__ = [
     "weights_layout",
     "b_map_shape",
     "max_tiles",
+    "MAP_CACHE_SIZE",
+    "tensor_map",
     "grouped_contiguous",
 ]
 
@@ -154,6 +159,42 @@ def _tensor_map(ptr: int, shape: tuple[int, ...], box: tuple[int, ...], dtype):
     )
 
 
+# Descriptors kept (least recently used dropped first): a layer's two GEMMs
+# over a few batch shapes and a model's layers need a few dozen; each is 128
+# bytes plus its Python object.
+MAP_CACHE_SIZE = 256
+_maps: OrderedDict[tuple, object] = OrderedDict()
+_maps_lock = threading.Lock()
+
+
+def tensor_map(ptr: int, shape: tuple[int, ...], box: tuple[int, ...], dtype, device_id: int):
+    """The TMA descriptor of :func:`_tensor_map`, built once per key and reused.
+
+    A descriptor is a pure function of the address, shape, strides (C-contiguous
+    here, so given by the shape), element type, box and swizzle (fixed here):
+    the key holds all of them and the device. It holds no reference to the
+    memory, so a reused descriptor of freed memory is only as wrong as the
+    pointer the caller passes; nothing else can go stale. Building one through
+    cuda.core costs host time on every call; a hit is a dictionary lookup.
+    """
+    shape, box = tuple(int(d) for d in shape), tuple(int(d) for d in box)
+    itemsize = np.dtype(dtype).itemsize
+    strides = tuple(int(np.prod(shape[i + 1 :], dtype=np.int64)) * itemsize for i in range(len(shape)))
+    key = (int(device_id), int(ptr), shape, strides, np.dtype(dtype).name, box)
+    with _maps_lock:
+        found = _maps.get(key)
+        if found is not None:
+            _maps.move_to_end(key)
+            return found
+    built = _tensor_map(ptr, shape, box, dtype)
+    with _maps_lock:
+        _maps[key] = built
+        _maps.move_to_end(key)
+        while len(_maps) > MAP_CACHE_SIZE:
+            _maps.popitem(last=False)
+    return built
+
+
 _shared_set: set[tuple] = set()
 
 
@@ -207,8 +248,8 @@ def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=N
     gemm = _kernels.get_kernel("grouped_gemm_sm90", name, ARCH, defines=DEFINES)
     _allow_shared_memory(gemm, res.device_id)
     element = BFLOAT16 if dtype == BFLOAT16 else dtype
-    tmap_a = _tensor_map(ops.a, (m, k), (BLOCK_M, BLOCK_K), element)
-    tmap_b = _tensor_map(ops.b, *b_map_shape(plan), element)
+    tmap_a = tensor_map(ops.a, (m, k), (BLOCK_M, BLOCK_K), element, res.device_id)
+    tmap_b = tensor_map(ops.b, *b_map_shape(plan), element, res.device_id)
     args = (
         tmap_a,
         tmap_b,
