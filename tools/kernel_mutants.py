@@ -215,6 +215,48 @@ MUTANTS: tuple[Mutant, ...] = (
         "wgmma_m64n256k16<0>(T{}, acc, da + 2 * kk, db, 1);",
         "every 16-wide K step multiplies by the first K step of B ([E, N, K] weights)",
     ),
+    Mutant(
+        "sm90-nn-k-step",
+        "grouped_gemm_sm90.cu",
+        "wgmma_m64n256k16<1>(T{}, acc, da + 2 * kk, db + 128 * kk, 1);",
+        "wgmma_m64n256k16<1>(T{}, acc, da + 2 * kk, db + 2 * kk, 1);",
+        "[E, K, N] weights: the K step advances along a row (K-major) instead of 16 rows down",
+    ),
+    Mutant(
+        "sm90-nn-not-transposed",
+        "grouped_gemm_sm90.cu",
+        "wgmma_m64n256k16<1>(T{}, acc, da + 2 * kk, db + 128 * kk, 1);",
+        "wgmma_m64n256k16<0>(T{}, acc, da + 2 * kk, db + 128 * kk, 1);",
+        "[E, K, N] weights read as K-major (imm-trans-b 0): B transposed within each 64 x 64 box",
+    ),
+    Mutant(
+        "sm90-nn-span-offset",
+        "grouped_gemm_sm90.cu",
+        "return ((address & 0x3FFFF) >> 4) | (static_cast<unsigned long long>(SM90_B_BOX_ELEMS * 2 / 16) << 16) |",
+        "return ((address & 0x3FFFF) >> 4) | (1ull << 16) |",
+        "N-major descriptor without the 8 KiB leading byte offset: the 64-column spans past the first are misread",
+    ),
+    Mutant(
+        "sm90-nn-box-column",
+        "grouped_gemm_sm90.cu",
+        "n0 + j * SM90_B_SPAN, kt * SM90_BLOCK_K, g);",
+        "n0, kt * SM90_BLOCK_K, g);",
+        "every 64-column box of an [E, K, N] tile loads the tile's first 64 columns",
+    ),
+    Mutant(
+        "sm90-nn-group",
+        "grouped_gemm_sm90.cu",
+        "n0 + j * SM90_B_SPAN, kt * SM90_BLOCK_K, g);",
+        "n0 + j * SM90_B_SPAN, kt * SM90_BLOCK_K, 0);",
+        "every group multiplies by group 0's [E, K, N] weights",
+    ),
+    Mutant(
+        "sm90-pack-order",
+        "grouped_gemm_sm90.cu",
+        'asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));',
+        'asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(lo), "f"(hi));',
+        "bf16 output pairs stored swapped: column c gets c + 1's value and back",
+    ),
     # combine.cu: scatter_rows and combine_rows
     Mutant(
         "scatter-row-zero",
