@@ -41,7 +41,10 @@
 //             128-byte swizzle: SM90_B_SPAN = 64 columns are the swizzle's
 //             128-byte row, so a 256-wide tile is 4 boxes per stage, each
 //             SM90_BLOCK_K rows of K by 64 columns of N (8 KiB), placed one
-//             after the other (the layout wgmma's N-major descriptor reads).
+//             after the other (the layout wgmma's N-major descriptor reads);
+//             boxes wholly past N are not loaded (nor counted in the stage's
+//             bytes), so no load depends on how TMA treats a box with no
+//             element inside the tensor.
 //     All maps fill out-of-bounds elements with zeros (so a K tail adds nothing).
 //     Grid: x = (ceil(M / SM90_BLOCK_M) + E) * ceil(N / SM90_BLOCK_N) CTAs
 //     (the most tiles any sizes summing to M can need; CTAs past them exit). Block SM90_THREADS = 384 threads: warpgroup 0
@@ -299,6 +302,13 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
     const int n0 = n_tile * SM90_BLOCK_N;
     const int b_row0 = g * N + n0;
     const int num_k = (K + SM90_BLOCK_K - 1) / SM90_BLOCK_K;
+    // [E, K, N] weights: the 64-column boxes that hold columns of N (the last
+    // tile may need fewer than 4); the stage's byte count follows. Boxes wholly
+    // past N are not loaded: their columns of the tile are never stored, and
+    // each output column reads only its own column of B.
+    const int b_boxes = min(SM90_BLOCK_N / SM90_B_SPAN, (N - n0 + SM90_B_SPAN - 1) / SM90_B_SPAN);
+    const unsigned stage_bytes =
+        N_MAJOR_B ? (SM90_A_STAGE_ELEMS + b_boxes * SM90_B_BOX_ELEMS) * 2 : SM90_STAGE_BYTES;
 
     // The ring starts on a 1024-byte boundary of the shared window: the
     // 128-byte swizzle repeats every 8 rows of 128 bytes.
@@ -325,13 +335,10 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
             for (int kt = 0; kt < num_k; ++kt) {
                 const int s = kt % SM90_STAGES;
                 mbarrier_wait(&empty[s], ((kt / SM90_STAGES) & 1) ^ 1);
-                mbarrier_expect_bytes(&full[s], SM90_STAGE_BYTES);
+                mbarrier_expect_bytes(&full[s], stage_bytes);
                 tma_load_2d(sa + s * SM90_A_STAGE_ELEMS, tmap_a, &full[s], kt * SM90_BLOCK_K, row0);
                 if (N_MAJOR_B) {
-                    // Four boxes of 64 columns; one wholly past N reads zeros
-                    // (and still counts its bytes), so the byte count holds.
-#pragma unroll
-                    for (int j = 0; j < SM90_BLOCK_N / SM90_B_SPAN; ++j) {
+                    for (int j = 0; j < b_boxes; ++j) {
                         tma_load_3d(sb + s * SM90_B_STAGE_ELEMS + j * SM90_B_BOX_ELEMS, tmap_b, &full[s],
                                     n0 + j * SM90_B_SPAN, kt * SM90_BLOCK_K, g);
                     }

@@ -244,6 +244,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "every 64-column box of an [E, K, N] tile loads the tile's first 64 columns",
     ),
     Mutant(
+        "sm90-nn-box-count",
+        "grouped_gemm_sm90.cu",
+        "const int b_boxes = min(SM90_BLOCK_N / SM90_B_SPAN, (N - n0 + SM90_B_SPAN - 1) / SM90_B_SPAN);",
+        "const int b_boxes = min(SM90_BLOCK_N / SM90_B_SPAN, (N - n0) / SM90_B_SPAN);",
+        "[E, K, N] weights: a last box partly inside N is not loaded (its columns read stale shared memory)",
+    ),
+    Mutant(
         "sm90-nn-group",
         "grouped_gemm_sm90.cu",
         "n0 + j * SM90_B_SPAN, kt * SM90_BLOCK_K, g);",
