@@ -52,6 +52,7 @@ DEFAULT_TESTS = (
     "tests/test_kernel_edges_gpu.py",
     "tests/test_pointers_gpu.py",
     "tests/test_sm90_gpu.py",
+    "tests/test_sm90_nn_gpu.py",
     "tests/test_moe_gpu.py",
     "tests/test_fixed_capacity_gpu.py::test_assign_rows_never_writes_past_its_row_capacity",
     "tests/test_fixed_capacity_gpu.py::test_out_of_range_ids_are_dropped_and_counted",
