@@ -177,10 +177,12 @@ def tensor_map(ptr: int, shape: tuple[int, ...], box: tuple[int, ...], dtype, de
     pointer the caller passes; nothing else can go stale. Building one through
     cuda.core costs host time on every call; a hit is a dictionary lookup.
     """
-    shape, box = tuple(int(d) for d in shape), tuple(int(d) for d in box)
-    itemsize = np.dtype(dtype).itemsize
-    strides = tuple(int(np.prod(shape[i + 1 :], dtype=np.int64)) * itemsize for i in range(len(shape)))
-    key = (int(device_id), int(ptr), shape, strides, np.dtype(dtype).name, box)
+    shape, box, dtype = tuple(map(int, shape)), tuple(map(int, box)), np.dtype(dtype)
+    strides, step = [], dtype.itemsize  # C-contiguous byte strides, innermost first
+    for extent in reversed(shape):
+        strides.append(step)
+        step *= extent
+    key = (int(device_id), int(ptr), shape, tuple(reversed(strides)), dtype.name, box)
     with _maps_lock:
         found = _maps.get(key)
         if found is not None:
