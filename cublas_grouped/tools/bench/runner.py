@@ -156,8 +156,8 @@ class CaseRunner(SectionRunner):
 
     def _gemm1_algorithm(self, method, xs, w1s, flops, nbytes, note) -> Timed | Result:
         c = self.case
-        if method in TIMED_ONLY and self.cannot_run(method):
-            return self.result("gemm1", method, error=self.cannot_run(method))
+        if method in TIMED_ONLY and (why := self.cannot_run(method)):
+            return self.result("gemm1", method, error=why)
         if method != "auto":
             skip = self.fits(layout_rows(method, self.counts) * (c.hidden + c.n1) * c.itemsize * len(xs))
             if skip:
@@ -306,8 +306,8 @@ class CaseRunner(SectionRunner):
 
     def _layer(self, method, xs, w1s, w2s, nbytes, note) -> Timed | Result:
         c = self.case
-        if method in TIMED_ONLY and self.cannot_run(method):
-            return self.result("layer", method, error=self.cannot_run(method))
+        if method in TIMED_ONLY and (why := self.cannot_run(method)):
+            return self.result("layer", method, error=why)
         if method not in ("auto", FIXED_CAPACITY):
             rows = layout_rows(method, self.counts)
             skip = self.fits(rows * (2 * c.hidden + c.n1 + c.inter) * c.itemsize * len(xs))
