@@ -3,11 +3,15 @@
 // accumulators in registers. Group sizes are read on the device: nothing
 // crosses to the host.
 //
-//   out[o_g + r, :] = a[o_g + r, :] @ b[g]^T   for every group g, row r < m_g
+//   out[o_g + r, :] = a[o_g + r, :] @ b[g]^T   for every group g, row r < m_g   (nt kernels)
+//   out[o_g + r, :] = a[o_g + r, :] @ b[g]     for every group g, row r < m_g   (nn kernels)
 //
 //   a    [M, K]      rows grouped contiguously (group g at rows o_g .. o_g + m_g - 1)
-//   b    [E, N, K]   one K-major matrix per group (the nn.Linear layout), seen
-//                    by its tensor map as [E * N, K]
+//   b    nt: [E, N, K], one K-major matrix per group (the nn.Linear layout),
+//            seen by its tensor map as [E * N, K];
+//        nn: [E, K, N], one N-major matrix per group (gmm's default layout),
+//            seen by its tensor map as the 3-D [E, K, N] (so a K tail reads
+//            zeros, not the next group's first rows)
 //   out  [M, N]      row-major, the inputs' dtype (bf16 or fp16), fp32 accumulation
 //
 // Defines (the launcher, gemm/backends/hopper.py, is their one source):
@@ -27,12 +31,21 @@
 //     total; tile_offsets [E + 1]: exclusive prefix of
 //     ceil(max(sizes[g], 0) / SM90_BLOCK_M), then the total. Any E.
 //
-//   grouped_gemm_nt_{bf16,f16}(tmap_a, tmap_b, row_offsets, tile_offsets,
-//                              num_groups, M, N, K, out)
+//   grouped_gemm_{nt,nn}_{bf16,f16}(tmap_a, tmap_b, row_offsets, tile_offsets,
+//                                   num_groups, M, N, K, out)
 //     tmap_a: tiled TMA map of a [M, K], box [SM90_BLOCK_M, SM90_BLOCK_K],
-//             128-byte swizzle; tmap_b: of b as [E * N, K], box
-//             [SM90_BLOCK_N, SM90_BLOCK_K], 128-byte swizzle. Both fill
-//             out-of-bounds elements with zeros (so a K tail adds nothing).
+//             128-byte swizzle.
+//     tmap_b, nt: of b as [E * N, K], box [SM90_BLOCK_N, SM90_BLOCK_K],
+//             128-byte swizzle (one load per stage).
+//     tmap_b, nn: of b as [E, K, N], box [1, SM90_BLOCK_K, SM90_B_SPAN],
+//             128-byte swizzle: SM90_B_SPAN = 64 columns are the swizzle's
+//             128-byte row, so a 256-wide tile is 4 boxes per stage, each
+//             SM90_BLOCK_K rows of K by 64 columns of N (8 KiB), placed one
+//             after the other (the layout wgmma's N-major descriptor reads);
+//             boxes wholly past N are not loaded (nor counted in the stage's
+//             bytes), so no load depends on how TMA treats a box with no
+//             element inside the tensor.
+//     All maps fill out-of-bounds elements with zeros (so a K tail adds nothing).
 //     Grid: x = (ceil(M / SM90_BLOCK_M) + E) * ceil(N / SM90_BLOCK_N) CTAs
 //     (the most tiles any sizes summing to M can need; CTAs past them exit). Block SM90_THREADS = 384 threads: warpgroup 0
 //     loads (one thread issues every TMA), warpgroups 1 and 2 multiply 64 rows
@@ -67,6 +80,10 @@
 #define SM90_A_STAGE_ELEMS (SM90_BLOCK_M * SM90_BLOCK_K)
 #define SM90_B_STAGE_ELEMS (SM90_BLOCK_N * SM90_BLOCK_K)
 #define SM90_STAGE_BYTES ((SM90_A_STAGE_ELEMS + SM90_B_STAGE_ELEMS) * 2)
+// Columns of N in one box of an N-major (nn) B tile: 64 16-bit elements, the
+// 128 bytes that the 128-byte swizzle permutes within.
+#define SM90_B_SPAN 64
+#define SM90_B_BOX_ELEMS (SM90_BLOCK_K * SM90_B_SPAN)
 
 extern "C" __global__ void __launch_bounds__(SM90_TILE_THREADS)
     grouped_tile_offsets(const int* __restrict__ sizes, int num_groups, int* __restrict__ row_offsets,
@@ -138,6 +155,16 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TmaMap* map, unsign
         : "memory");
 }
 
+// One 3-D box (x inner, then y, then z) into shared memory; completes on ``bar``.
+__device__ __forceinline__ void tma_load_3d(void* dst, const TmaMap* map, unsigned long long* bar, int x,
+                                            int y, int z) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];" ::"r"(shared_address(dst)),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(x), "r"(y), "r"(z), "r"(shared_address(bar))
+        : "memory");
+}
+
 // wgmma's shared-memory matrix descriptor of a K-major tile written by TMA
 // with the 128-byte swizzle: rows of 128 bytes, 8-row (1024-byte) atoms.
 // Bits 0-13 address >> 4, 16-29 leading byte offset >> 4 (unused for this
@@ -148,6 +175,18 @@ __device__ __forceinline__ unsigned long long smem_descriptor(const void* tile) 
     return ((address & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
 }
 
+// The descriptor of an N-major (MN-major) B tile with the 128-byte swizzle:
+// boxes of SM90_BLOCK_K K-rows by 64 N-columns (one 128-byte swizzled row per
+// K row), box after box. For MN-major swizzled layouts PTX defines the leading
+// byte offset as the step between 64-column spans of N (one box: 8 KiB, >> 4:
+// 512) and the stride byte offset as the step between groups of 8 K rows
+// (8 rows of 128 bytes: 1024, >> 4: 64).
+__device__ __forceinline__ unsigned long long smem_descriptor_n_major(const void* tile) {
+    const unsigned long long address = shared_address(tile);
+    return ((address & 0x3FFFF) >> 4) | (static_cast<unsigned long long>(SM90_B_BOX_ELEMS * 2 / 16) << 16) |
+           (64ull << 32) | (1ull << 62);
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
@@ -155,7 +194,9 @@ __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
 
-// D[64 x 256] += A[64 x 16] B[256 x 16]^T, both K-major in shared memory.
+// D[64 x 256] += A[64 x 16] B[16 x 256], A K-major in shared memory, B K-major
+// (TRANS_B = 0: stored as B^T, [256 x 16]) or N-major (TRANS_B = 1, wgmma's
+// imm-trans-b; 16-bit types only).
 // Accumulator layout (PTX, wgmma .m64nNk16 D fragment): thread t holds rows
 // 16 * (t / 32) + (t % 32) / 4 and that + 8, columns 8 * j + 2 * (t % 4) and
 // that + 1: d[4j] (row, col), d[4j + 1] (row, col + 1), d[4j + 2] (row + 8,
@@ -163,6 +204,7 @@ __device__ __forceinline__ void wgmma_wait() {
 // One wrapper per element type (TAG selects it in the template below; TYPES
 // is the PTX type pair of A and B).
 #define SM90_WGMMA_M64N256K16(TAG, TYPES)                                                                                      \
+    template <int TRANS_B>                                                                                                     \
     __device__ __forceinline__ void wgmma_m64n256k16(TAG, float (&d)[128], unsigned long long desc_a,                          \
                                                      unsigned long long desc_b, int scale_d) {                                 \
         asm volatile(                                                                                                          \
@@ -179,7 +221,7 @@ __device__ __forceinline__ void wgmma_wait() {
             "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                                 \
             "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "                     \
             "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"                   \
-            "}, %128, %129, p, 1, 1, 0, 0;\n"                                                                                  \
+            "}, %128, %129, p, 1, 1, 0, %131;\n"                                                                                \
             "}\n"                                                                                                              \
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                  \
               "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),            \
@@ -197,14 +239,32 @@ __device__ __forceinline__ void wgmma_wait() {
               "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),  \
               "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),  \
               "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])   \
-            : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                                                         \
+            : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));                                                          \
     }
 
 SM90_WGMMA_M64N256K16(bf16_t, "bf16.bf16")
 SM90_WGMMA_M64N256K16(f16_t, "f16.f16")
 
-template <class T>
-__device__ __forceinline__ void grouped_gemm_nt_impl(const TmaMap* tmap_a, const TmaMap* tmap_b,
+// Two fp32 values as one packed pair of 16-bit ones (lo in the low half), by
+// one hardware conversion (round to nearest even; NaN stays NaN). Branch-free
+// on purpose: a branch on accumulator values (common.cuh's software bf16
+// rounding tests for NaN) made ptxas serialize every wgmma of the bf16
+// kernels (its note C7520: "compiler-inserted WG.AR in divergent path"): each
+// wgmma waited for the one before, and wait_group 1 overlapped nothing.
+__device__ __forceinline__ unsigned pack_pair(bf16_t, float lo, float hi) {
+    unsigned packed;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed;
+}
+__device__ __forceinline__ unsigned pack_pair(f16_t, float lo, float hi) {
+    unsigned packed;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed;
+}
+
+// N_MAJOR_B: b is [E, K, N] (nn kernels), else [E, N, K] (nt kernels).
+template <class T, bool N_MAJOR_B>
+__device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const TmaMap* tmap_b,
                                                      const int* __restrict__ row_offsets,
                                                      const int* __restrict__ tile_offsets, int num_groups,
                                                      int M, int N, int K, T* __restrict__ out) {
@@ -242,6 +302,13 @@ __device__ __forceinline__ void grouped_gemm_nt_impl(const TmaMap* tmap_a, const
     const int n0 = n_tile * SM90_BLOCK_N;
     const int b_row0 = g * N + n0;
     const int num_k = (K + SM90_BLOCK_K - 1) / SM90_BLOCK_K;
+    // [E, K, N] weights: the 64-column boxes that hold columns of N (the last
+    // tile may need fewer than 4); the stage's byte count follows. Boxes wholly
+    // past N are not loaded: their columns of the tile are never stored, and
+    // each output column reads only its own column of B.
+    const int b_boxes = min(SM90_BLOCK_N / SM90_B_SPAN, (N - n0 + SM90_B_SPAN - 1) / SM90_B_SPAN);
+    const unsigned stage_bytes =
+        N_MAJOR_B ? (SM90_A_STAGE_ELEMS + b_boxes * SM90_B_BOX_ELEMS) * 2 : SM90_STAGE_BYTES;
 
     // The ring starts on a 1024-byte boundary of the shared window: the
     // 128-byte swizzle repeats every 8 rows of 128 bytes.
@@ -268,9 +335,16 @@ __device__ __forceinline__ void grouped_gemm_nt_impl(const TmaMap* tmap_a, const
             for (int kt = 0; kt < num_k; ++kt) {
                 const int s = kt % SM90_STAGES;
                 mbarrier_wait(&empty[s], ((kt / SM90_STAGES) & 1) ^ 1);
-                mbarrier_expect_bytes(&full[s], SM90_STAGE_BYTES);
+                mbarrier_expect_bytes(&full[s], stage_bytes);
                 tma_load_2d(sa + s * SM90_A_STAGE_ELEMS, tmap_a, &full[s], kt * SM90_BLOCK_K, row0);
-                tma_load_2d(sb + s * SM90_B_STAGE_ELEMS, tmap_b, &full[s], kt * SM90_BLOCK_K, b_row0);
+                if (N_MAJOR_B) {
+                    for (int j = 0; j < b_boxes; ++j) {
+                        tma_load_3d(sb + s * SM90_B_STAGE_ELEMS + j * SM90_B_BOX_ELEMS, tmap_b, &full[s],
+                                    n0 + j * SM90_B_SPAN, kt * SM90_BLOCK_K, g);
+                    }
+                } else {
+                    tma_load_2d(sb + s * SM90_B_STAGE_ELEMS, tmap_b, &full[s], kt * SM90_BLOCK_K, b_row0);
+                }
             }
         }
         return;
@@ -287,13 +361,19 @@ __device__ __forceinline__ void grouped_gemm_nt_impl(const TmaMap* tmap_a, const
         mbarrier_wait(&full[s], (kt / SM90_STAGES) & 1);
         // 64 rows of 128 bytes further down the A stage: 8 KiB, 1024-aligned.
         const unsigned long long da = smem_descriptor(sa + s * SM90_A_STAGE_ELEMS + half * 64 * SM90_BLOCK_K);
-        const unsigned long long db = smem_descriptor(sb + s * SM90_B_STAGE_ELEMS);
+        const unsigned long long db = N_MAJOR_B ? smem_descriptor_n_major(sb + s * SM90_B_STAGE_ELEMS)
+                                                : smem_descriptor(sb + s * SM90_B_STAGE_ELEMS);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < SM90_BLOCK_K / 16; ++kk) {
-            // 16 K-elements are 32 bytes further along each 128-byte row: +2 in
-            // the descriptor's address field (units of 16 bytes).
-            wgmma_m64n256k16(T{}, acc, da + 2 * kk, db + 2 * kk, 1);
+            // A (and a K-major B): 16 K-elements are 32 bytes further along each
+            // 128-byte row: +2 in the descriptor's address field (units of 16
+            // bytes). An N-major B: 16 K-rows of 128 bytes further down: +128.
+            if (N_MAJOR_B) {
+                wgmma_m64n256k16<1>(T{}, acc, da + 2 * kk, db + 128 * kk, 1);
+            } else {
+                wgmma_m64n256k16<0>(T{}, acc, da + 2 * kk, db + 2 * kk, 1);
+            }
         }
         wgmma_commit();
         // The previous step's MMAs are done: its stage can be refilled while
@@ -315,21 +395,23 @@ __device__ __forceinline__ void grouped_gemm_nt_impl(const TmaMap* tmap_a, const
             const int r = r_top + 8 * h;
             if (r < row_end) {
                 // One 4-byte store of the pair (c, c + 1).
-                T pair[2] = {from_float<T>(acc[4 * j + 2 * h]), from_float<T>(acc[4 * j + 2 * h + 1])};
                 *reinterpret_cast<unsigned*>(out + static_cast<long long>(r) * N + c) =
-                    *reinterpret_cast<const unsigned*>(pair);
+                    pack_pair(T{}, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
             }
         }
     }
 }
 
-#define SM90_GEMM_KERNEL(suffix, T)                                                                        \
-    extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) grouped_gemm_nt_##suffix(            \
-        const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_b,                  \
-        const int* __restrict__ row_offsets, const int* __restrict__ tile_offsets, int num_groups, int M, \
-        int N, int K, T* __restrict__ out) {                                                           \
-        grouped_gemm_nt_impl<T>(&tmap_a, &tmap_b, row_offsets, tile_offsets, num_groups, M, N, K, out);    \
+#define SM90_GEMM_KERNEL(name, T, N_MAJOR_B)                                                               \
+    extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1)                                          \
+        name(const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_b,                 \
+             const int* __restrict__ row_offsets, const int* __restrict__ tile_offsets, int num_groups, int M, \
+             int N, int K, T* __restrict__ out) {                                                          \
+        grouped_gemm_impl<T, N_MAJOR_B>(&tmap_a, &tmap_b, row_offsets, tile_offsets, num_groups, M, N, K,  \
+                                        out);                                                              \
     }
 
-SM90_GEMM_KERNEL(bf16, bf16_t)
-SM90_GEMM_KERNEL(f16, f16_t)
+SM90_GEMM_KERNEL(grouped_gemm_nt_bf16, bf16_t, false)
+SM90_GEMM_KERNEL(grouped_gemm_nt_f16, f16_t, false)
+SM90_GEMM_KERNEL(grouped_gemm_nn_bf16, bf16_t, true)
+SM90_GEMM_KERNEL(grouped_gemm_nn_f16, f16_t, true)

@@ -709,7 +709,7 @@ class _FakeGpu(_FakeClock):
             self.log.append(what)
             self.now += ms
 
-    def api(self):
+    def api(self, sm=(8, 0)):
         from cublas_grouped.gemm.plan import layout_for
 
         gpu_self = self
@@ -767,6 +767,7 @@ class _FakeGpu(_FakeClock):
             StageTimer=StageTimer,
             FixedCapacityMoE=FixedCapacityMoE,
             gmm=None,
+            device_info=lambda: types.SimpleNamespace(sm=sm),
         )
 
 
@@ -783,10 +784,14 @@ def test_run_all_times_every_method_round_robin_on_a_fake_gpu(monkeypatch):
     cases = workloads.build_cases(args)
     results, stats = runner.run_all(cases, args, fake.api())
     assert [s["name"] for s in stats] == [c.name for c in cases]
-    assert [r for r in results if r.error] == []
+    # Not an SM 9.0 GPU: the sm90 kernel is recorded as skipped, nothing else fails.
+    skipped = [r for r in results if r.error]
+    assert {(r.section, r.method) for r in skipped} == {("gemm1", "sm90_grouped"), ("layer", "sm90_grouped")}
+    assert all(r.error == "skipped: sm90_grouped needs an SM 9.0 GPU (this one is SM 8.0)" for r in skipped)
+    assert "sm90_grouped" not in fake.log and "layer:sm90_grouped" not in fake.log
     decode = [f"{r.section}:{r.method}" for r in results if r.tokens == 16]
-    gemm1 = [f"gemm1:{m}" for m in (*workloads.ALGORITHMS, "auto", "dense")]
-    layer = [f"layer:{m}" for m in (*workloads.ALGORITHMS, "auto", "fixed-capacity")]
+    gemm1 = [f"gemm1:{m}" for m in (*workloads.ALGORITHMS, *workloads.TIMED_ONLY, "auto", "dense")]
+    layer = [f"layer:{m}" for m in (*workloads.ALGORITHMS, *workloads.TIMED_ONLY, "auto", "fixed-capacity")]
     assert decode == gemm1 + layer + ["route:route", "split:auto", "graph:fixed-capacity"]
     prefill = [f"{r.section}:{r.method}" for r in results if r.tokens == 256]
     assert prefill == gemm1 + layer[:-1] + ["route:route", "split:auto"]
@@ -804,6 +809,37 @@ def test_run_all_times_every_method_round_robin_on_a_fake_gpu(monkeypatch):
     assert "layer:fixed-capacity" in text and "graph:fixed-capacity" in text and "sync-free" not in text
     targets = "\n".join(report.evaluate_targets(results, args.hbm_gbs))
     assert "(layer graph, w1+w2 bytes)" in targets
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_sm90_kernel_is_timed_on_sm90_in_both_sections(monkeypatch, dtype):
+    """On SM 9.0 the sm90 kernel is timed beside the others (gemm1 and layer) for
+    16-bit cases and skipped for float32; AUTO's targets never compare with it."""
+    from cublas_grouped.tools.bench import runner
+
+    fake = _FakeGpu()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    args = cli.parse_args(
+        ["--experts", "4", "--topk", "2", "--hidden", "8", "--inter", "16", "--tokens", "256"]
+        + ["--routing", "uniform", "--no-torch", "--warmup", "1", "--repeat", "3", "--dtype", dtype]
+    )
+    args.hbm_gbs = 3350.0
+    results, _ = runner.run_all(workloads.build_cases(args), args, fake.api(sm=(9, 0)))
+    sm90 = {r.section: r for r in results if r.method == "sm90_grouped"}
+    assert set(sm90) == {"gemm1", "layer"}
+    if dtype == "float32":
+        assert all(
+            r.error == "skipped: sm90_grouped takes bfloat16 or float16, not float32" for r in sm90.values()
+        )
+        return
+    assert all(r.error is None and r.ms > 0 for r in sm90.values())
+    assert "sm90_grouped" in fake.log and "layer:sm90_grouped" in fake.log
+    assert "sm90_grouped" in report.format_table(results)
+    # Make the kernel the fastest of all: AUTO is still judged against the algorithms it can choose.
+    for r in sm90.values():
+        r.ms = 1e-6
+    targets = "\n".join(report.evaluate_targets(results, args.hbm_gbs))
+    assert "sm90_grouped" not in targets
 
 
 # -- tuner -----------------------------------------------------------------------------------------------

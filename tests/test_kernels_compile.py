@@ -46,7 +46,13 @@ EXPECTED = {
     "pointers.cu": {"build_pointers"},
     "activation.cu": _typed("expert_activation"),
     "combine.cu": _typed("combine_rows", "scatter_rows"),
-    "grouped_gemm_sm90.cu": {"grouped_tile_offsets", "grouped_gemm_nt_bf16", "grouped_gemm_nt_f16"},
+    "grouped_gemm_sm90.cu": {
+        "grouped_tile_offsets",
+        "grouped_gemm_nt_bf16",
+        "grouped_gemm_nt_f16",
+        "grouped_gemm_nn_bf16",
+        "grouped_gemm_nn_f16",
+    },
 }
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)

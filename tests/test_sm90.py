@@ -72,9 +72,9 @@ def test_which_plans_it_takes():
     assert hopper.unsupported((9, 0), bf16, _plan(trans_a=True, trans_b=False)) == (
         "does not run the K-grouped product (trans_a)"
     )
-    assert hopper.unsupported((9, 0), bf16, _plan(trans_b=False)) == (
-        "needs the weights in the [E, N, K] layout (trans_b=True)"
-    )
+    assert hopper.unsupported((9, 0), bf16, _plan(trans_b=False)) is None  # [E, K, N]: the nn kernels
+    assert hopper.unsupported((9, 0), np.float16, _plan(trans_b=False, n=8, k=8)) is None
+    assert hopper.unsupported((9, 0), bf16, _plan(trans_b=False, n=12)).endswith("got K=512, N=12")
     assert hopper.unsupported((9, 0), bf16, _plan(n=260)).startswith("needs K and N to be multiples of 8")
     assert hopper.unsupported((9, 0), bf16, _plan(k=12)).endswith("got K=12, N=256")
     assert hopper.unsupported((9, 0), bf16, _plan(n=8, k=8)) is None
@@ -114,3 +114,88 @@ def test_a_refused_shared_memory_limit_is_an_error(monkeypatch):
     hopper._allow_shared_memory(kernel, 0)
     hopper._allow_shared_memory(kernel, 0)  # once per kernel and device: the second call asks nothing
     assert len(hopper._shared_set) == 1
+
+
+def test_weights_layouts_and_their_tensor_maps():
+    """[E, N, K] weights: one 2-D map, a box of a tile's N rows; [E, K, N]: a 3-D
+    map (a K tail reads zeros, not the next group), boxes of 64 columns."""
+    nt, nn = _plan(n=392, k=200), _plan(trans_b=False, n=392, k=200)
+    assert hopper.weights_layout(nt) == "nt" and hopper.weights_layout(nn) == "nn"
+    assert hopper.b_map_shape(nt) == ((4 * 392, 200), (hopper.BLOCK_N, hopper.BLOCK_K))
+    assert hopper.b_map_shape(nn) == ((4, 200, 392), (1, hopper.BLOCK_K, hopper.B_SPAN))
+    # 64 16-bit columns are the 128 bytes of the swizzle; the boxes tile BLOCK_N.
+    assert hopper.B_SPAN * 2 == 128 and hopper.BLOCK_N % hopper.B_SPAN == 0
+
+
+def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing():
+    """ptxas's verbose report of every sm90 kernel: no local-memory spills, and no
+    note C7520 (wgmma serialized: each MMA waits for the one before, as a branch
+    on accumulator values in the epilogue once caused in the bf16 kernels)."""
+    from cuda.core import Program, ProgramOptions
+
+    from cublas_grouped.runtime import nvrtc
+
+    macros = [(name, str(value)) for name, value in hopper.DEFINES.items()]
+    options = ProgramOptions(arch=hopper.ARCH, std="c++17", define_macro=macros, ptxas_options="-v")
+    program = Program(nvrtc.load_source("grouped_gemm_sm90"), code_type="c++", options=options)
+
+    class Log:
+        text = ""
+
+        def write(self, chunk):
+            self.text += chunk
+
+    log = Log()
+    program.compile("cubin", logs=log)
+    report = log.text
+    for kernel in ("nt_bf16", "nt_f16", "nn_bf16", "nn_f16"):
+        assert f"Compiling entry function 'grouped_gemm_{kernel}'" in report
+    assert "C7520" not in report, report
+    assert "spill stores" in report and not any(
+        "spill" in line and not line.strip().endswith("0 bytes spill stores, 0 bytes spill loads")
+        for line in report.splitlines()
+    ), report
+
+
+def test_tensor_maps_are_cached_per_key_and_bounded(monkeypatch):
+    """A descriptor is built once per (device, pointer, shape, strides, dtype,
+    box); any change builds a new one; the least recently used go first."""
+    from collections import OrderedDict
+
+    built = []
+
+    def fake(ptr, shape, box, dtype):
+        built.append((ptr, shape, box, np.dtype(dtype).name))
+        return object()
+
+    monkeypatch.setattr(hopper, "_tensor_map", fake)
+    monkeypatch.setattr(hopper, "_maps", OrderedDict())
+    bf16 = ml_dtypes.bfloat16
+    first = hopper.tensor_map(0x1000, (300, 512), (128, 64), bf16, 0)
+    assert hopper.tensor_map(0x1000, [300, 512], (128, 64), bf16, 0) is first  # a hit builds nothing
+    assert built == [(0x1000, (300, 512), (128, 64), "bfloat16")]
+    changed = [
+        (0x2000, (300, 512), (128, 64), bf16, 0),  # another pointer
+        (0x1000, (301, 512), (128, 64), bf16, 0),  # another shape (rows)
+        (0x1000, (300, 520), (128, 64), bf16, 0),  # another shape (and strides)
+        (0x1000, (300, 512), (256, 64), bf16, 0),  # another box
+        (0x1000, (300, 512), (128, 64), np.float16, 0),  # another dtype
+        (0x1000, (300, 512), (128, 64), bf16, 1),  # another device
+        (0x1000, (1, 300, 512), (1, 64, 64), bf16, 0),  # another rank
+    ]
+    maps = [hopper.tensor_map(*args) for args in changed]
+    assert len(built) == 1 + len(changed)
+    assert len({id(m) for m in [first, *maps]}) == 1 + len(changed)
+    # The bound: filling the cache drops the least recently used entry first.
+    monkeypatch.setattr(hopper, "MAP_CACHE_SIZE", 3)
+    monkeypatch.setattr(hopper, "_maps", OrderedDict())
+    a = hopper.tensor_map(1, (8, 8), (8, 8), bf16, 0)
+    hopper.tensor_map(2, (8, 8), (8, 8), bf16, 0)
+    hopper.tensor_map(3, (8, 8), (8, 8), bf16, 0)
+    assert hopper.tensor_map(1, (8, 8), (8, 8), bf16, 0) is a  # 1 is now the most recent
+    hopper.tensor_map(4, (8, 8), (8, 8), bf16, 0)  # drops 2
+    assert len(hopper._maps) == 3
+    count = len(built)
+    assert hopper.tensor_map(1, (8, 8), (8, 8), bf16, 0) is a and len(built) == count
+    hopper.tensor_map(2, (8, 8), (8, 8), bf16, 0)
+    assert len(built) == count + 1  # 2 was dropped: built again

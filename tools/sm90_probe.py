@@ -1,7 +1,10 @@
 """Development probe of the sm90 kernel: first-GEMM shapes of the benchmark's
-models with [E, N, K] weights, timed round-robin against the cuBLAS
-algorithms and a dense GEMM of equal FLOPs. For docs/kernel-notes.md; the
-benchmark (python -m cublas_grouped.bench) is the reference for claims.
+models, the kernel with [E, N, K] weights (K-major B, "sm90 nt") and with the
+same weights as [E, K, N] (N-major B, "sm90 nn"), timed round-robin against
+the cuBLAS algorithms ([E, N, K]) and a dense GEMM of equal FLOPs; then the
+host cost of a TMA descriptor, built and from the cache. For
+docs/kernel-notes.md; the benchmark (python -m cublas_grouped.bench) is the
+reference for claims.
 
     PYTHONPATH=. python tools/sm90_probe.py [--tokens 4096 16384]
 """
@@ -20,7 +23,7 @@ MODELS = {  # name: (experts, top_k, hidden, 2 * inter)
 }
 
 
-def probe(model: str, tokens: int, b, dt) -> None:
+def probe(model: str, tokens: int, b, b_kn, dt) -> None:
     """Time one case: every method round-robin, and print the rows."""
     import cupy
 
@@ -36,24 +39,54 @@ def probe(model: str, tokens: int, b, dt) -> None:
     flops = 2.0 * m * hidden * n1  # a dense [m, hidden] @ [hidden, n1] has the same
     algorithms = ("sm90_grouped", "cublas_grouped", "sequential", "chunked_batched")
     outs = {alg: cupy.empty((m, n1), dtype=dt) for alg in algorithms}
+    outs["sm90 nn"] = cupy.empty((m, n1), dtype=dt)
 
     def run(alg):
         return lambda i: cg.gmm(a, b, sizes, trans_b=True, out=outs[alg], algorithm=alg)
 
-    methods = {alg: run(alg) for alg in algorithms}
+    methods = {("sm90 nt" if alg == "sm90_grouped" else alg): run(alg) for alg in algorithms}
+    methods["sm90 nn"] = lambda i: cg.gmm(a, b_kn, sizes, out=outs["sm90 nn"], algorithm="sm90_grouped")
     dense_w = b[0]
     methods["dense"] = lambda i: cupy.matmul(a, dense_w.T)
     results = time_interleaved(list(methods.values()), warmup=3, repeat=20)
     base = outs["cublas_grouped"].astype(cupy.float32)
-    diff = outs["sm90_grouped"].astype(cupy.float32) - base
-    err = float(cupy.linalg.norm(diff) / cupy.linalg.norm(base))
+    errs = {}
+    for label, alg in (("nt", "sm90_grouped"), ("nn", "sm90 nn")):
+        diff = outs[alg].astype(cupy.float32) - base
+        errs[label] = float(cupy.linalg.norm(diff) / cupy.linalg.norm(base))
     case = f"{model} T={tokens}"
     for label, r in zip(methods, results):
         if isinstance(r, Exception):
             print(f"{case:22} {label:16} error {r}")
         else:
             print(f"{case:22} {label:16} {r['median']:8.3f} {flops / r['median'] / 1e9:8.1f}")
-    print(f"{'':22} sm90 vs cublas_grouped: relative difference {err:.2e}")
+    print(f"{'':22} vs cublas_grouped: relative difference sm90 nt {errs['nt']:.2e}, nn {errs['nn']:.2e}")
+    timed = dict(zip(methods, results))
+    nt, nn = timed["sm90 nt"], timed["sm90 nn"]
+    if not isinstance(nt, Exception) and not isinstance(nn, Exception):
+        print(f"{'':22} sm90 nn / nt time: {nn['median'] / nt['median']:.3f}")
+
+
+def host_cost() -> None:
+    """Host microseconds of one TMA descriptor: built through cuda.core, and
+    found in the back end's cache (what each sm90 call pays for its two)."""
+    import time
+
+    import cupy
+
+    from cublas_grouped.gemm.backends import hopper
+
+    x = cupy.empty((4096, 7168), dtype=ml_dtypes.bfloat16)
+    args = (x.data.ptr, (4096, 7168), (hopper.BLOCK_M, hopper.BLOCK_K), ml_dtypes.bfloat16)
+    for label, fn in (
+        ("built (cuda.core)", lambda: hopper._tensor_map(*args)),
+        ("cached (hit)", lambda: hopper.tensor_map(*args, 0)),
+    ):
+        fn()
+        start = time.perf_counter()
+        for _ in range(2000):
+            fn()
+        print(f"TMA descriptor, {label:18} {(time.perf_counter() - start) / 2000 * 1e6:8.2f} us")
 
 
 def main() -> None:
@@ -65,16 +98,20 @@ def main() -> None:
     args = parser.parse_args()
     dt = ml_dtypes.bfloat16
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    print(f"{name}, bf16, first expert GEMM, [E, N, K] weights, uniform routing; ms and TFLOP/s")
+    print(f"{name}, bf16, first expert GEMM, uniform routing; ms and TFLOP/s")
+    print("sm90 nt and the cuBLAS rows: [E, N, K] weights; sm90 nn: the same weights as [E, K, N]")
     print(f"{'case':22} {'method':16} {'ms':>8} {'TFLOP/s':>8}")
     for model in args.models:
         experts, _, hidden, n1 = MODELS[model]
         b = (cupy.random.standard_normal((experts, n1, hidden), dtype=cupy.float32) * hidden**-0.5).astype(dt)
+        cupy.get_default_memory_pool().free_all_blocks()  # the fp32 temporaries: DeepSeek-V3's are 60 GB
+        b_kn = cupy.ascontiguousarray(b.transpose(0, 2, 1))  # [E, K, N]: the same products
         for tokens in args.tokens:
-            probe(model, tokens, b, dt)
+            probe(model, tokens, b, b_kn, dt)
             cupy.get_default_memory_pool().free_all_blocks()
-        del b
+        del b, b_kn
         cupy.get_default_memory_pool().free_all_blocks()
+    host_cost()
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ class Algorithm(str, enum.Enum):
         Our own Hopper kernel (TMA loads, wgmma; compiled with NVRTC for
         sm_90a) over grouped-contiguous rows, reading the group sizes on the
         device: no host copy even when they live there. SM 9.0 GPUs,
-        bfloat16/float16, weights in the ``[E, N, K]`` layout (``trans_b``),
-        K and N multiples of 8; anything else runs CUBLAS_GROUPED instead, with
+        bfloat16/float16, weights in either layout (``[E, K, N]``, or
+        ``[E, N, K]`` with ``trans_b``), K and N multiples of 8; anything else
+        (float32, ``trans_a``, other GPUs) runs CUBLAS_GROUPED instead, with
         a one-time warning. AUTO does not choose it yet.
     """
 

@@ -1,8 +1,10 @@
 """Our own Hopper back end: ``kernels/grouped_gemm_sm90.cu`` (TMA loads, wgmma), compiled by NVRTC for sm_90a.
 
 What it runs (algorithm SM90_GROUPED): the grouped product on grouped-contiguous
-rows, ``out[o_g + r] = a[o_g + r] @ b[g].T`` with weights in the ``[E, N, K]``
-layout (``trans_b=True``), bfloat16 or float16 in and out, fp32 accumulation.
+rows, ``out[o_g + r] = a[o_g + r] @ b[g]`` with weights in the ``[E, K, N]``
+layout (gmm's default; wgmma reads them N-major), or ``a[o_g + r] @ b[g].T``
+with weights in the ``[E, N, K]`` layout (``trans_b=True``; K-major),
+bfloat16 or float16 in and out, fp32 accumulation.
 The group sizes are read on the device: a tiny kernel turns them into row and
 tile offsets, and the GEMM's CTAs find their tile's group there, so nothing
 crosses to the host and the launch sizes depend only on M, N and E.
@@ -14,6 +16,9 @@ tile shape. AUTO does not choose it until the benchmark shows it faster.
 """
 
 from __future__ import annotations
+
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -27,12 +32,17 @@ __all__ = [
     "BLOCK_M",
     "BLOCK_N",
     "BLOCK_K",
+    "B_SPAN",
     "STAGES",
     "DEFINES",
     "SHARED_BYTES",
     "unsupported",
     "tile_schedule",
+    "weights_layout",
+    "b_map_shape",
     "max_tiles",
+    "MAP_CACHE_SIZE",
+    "tensor_map",
     "grouped_contiguous",
 ]
 
@@ -41,6 +51,10 @@ __all__ = [
 BLOCK_M = 128  # rows of a tile: two math warpgroups of wgmma m64
 BLOCK_N = 256  # columns of a tile: wgmma n256 (128 fp32 accumulators per thread)
 BLOCK_K = 64  # K of one stage: 128 bytes of a 16-bit type, one row of the 128-byte swizzle
+# Columns of N in one TMA box of [E, K, N] weights: 64 16-bit elements are the
+# 128 bytes the swizzle works in, so a 256-column tile is 4 boxes per stage
+# (the kernel's SM90_B_SPAN; it is not a define because the swizzle fixes it).
+B_SPAN = 64
 STAGES = 4  # shared-memory stages the load warpgroup fills ahead of the MMAs (48 KiB each)
 TILE_THREADS = 1024  # grouped_tile_offsets' one block
 THREADS = 384  # a load warpgroup and two math warpgroups
@@ -65,11 +79,31 @@ def unsupported(sm: tuple[int, int], dtype, plan: GemmPlan) -> str | None:
         return f"takes bfloat16 or float16; got {np.dtype(dtype).name}"
     if plan.trans_a:
         return "does not run the K-grouped product (trans_a)"
-    if not plan.trans_b:
-        return "needs the weights in the [E, N, K] layout (trans_b=True)"
     if plan.k % 8 or plan.n % 8:
         return f"needs K and N to be multiples of 8 (16-byte rows); got K={plan.k}, N={plan.n}"
     return None
+
+
+def weights_layout(plan: GemmPlan) -> str:
+    """The kernel family for ``plan``'s weights: ``"nt"`` for ``[E, N, K]``
+    (``trans_b``, K-major), ``"nn"`` for ``[E, K, N]`` (N-major)."""
+    return "nt" if plan.trans_b else "nn"
+
+
+def b_map_shape(plan: GemmPlan) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, box) of the weights' TMA map, outermost first.
+
+    ``[E, N, K]``: the 2-D ``[E * N, K]`` with one box of BLOCK_N rows per stage
+    (a tile's rows past N read the next group's weights; those columns are
+    never stored). ``[E, K, N]``: the 3-D ``[E, K, N]`` with boxes of BLOCK_K
+    rows by B_SPAN columns, BLOCK_N / B_SPAN of them per stage; 3-D so that a
+    K tail reads zeros and not the next group's first rows (a 2-D
+    ``[E * K, N]`` map would rely on the zeros of ``a``, and 0 * inf is NaN).
+    """
+    e, n, k = plan.num_experts, plan.n, plan.k
+    if plan.trans_b:
+        return (e * n, k), (BLOCK_N, BLOCK_K)
+    return (e, k, n), (1, BLOCK_K, B_SPAN)
 
 
 def max_tiles(total_rows: int, num_groups: int) -> int:
@@ -94,13 +128,13 @@ def tile_schedule(sizes: np.ndarray, block_m: int = BLOCK_M) -> np.ndarray:
     return np.stack([group, first, rows], axis=1).astype(np.int64).reshape(-1, 3)
 
 
-class _Matrix:
-    """A row-major device matrix seen through the CUDA array interface (16-bit
+class _Tensor:
+    """A C-contiguous device tensor seen through the CUDA array interface (16-bit
     elements), so that cuda.core can describe it to TMA from a bare address."""
 
-    def __init__(self, ptr: int, rows: int, cols: int):
+    def __init__(self, ptr: int, shape: tuple[int, ...]):
         self.__cuda_array_interface__ = {
-            "shape": (rows, cols),
+            "shape": tuple(shape),
             "typestr": "<u2",
             "data": (ptr, False),
             "strides": None,
@@ -108,20 +142,59 @@ class _Matrix:
         }
 
 
-def _tensor_map(ptr: int, rows: int, cols: int, box_rows: int, dtype):
-    """A tiled TMA descriptor of a [rows, cols] matrix: boxes of box_rows x BLOCK_K,
-    the 128-byte swizzle wgmma reads, zeros outside the matrix."""
+def _tensor_map(ptr: int, shape: tuple[int, ...], box: tuple[int, ...], dtype):
+    """A tiled TMA descriptor of a C-contiguous tensor of ``shape``: boxes of
+    ``box`` (both outermost first), the 128-byte swizzle wgmma reads, zeros
+    outside the tensor."""
     # The enums are not re-exported by cuda.core 1.2; their module is.
     from cuda.core._tensor_map import TensorMapOOBFill, TensorMapSwizzle
     from cuda.core.utils import StridedMemoryView
 
-    view = StridedMemoryView.from_cuda_array_interface(_Matrix(ptr, rows, cols), stream_ptr=-1)
+    view = StridedMemoryView.from_cuda_array_interface(_Tensor(ptr, shape), stream_ptr=-1)
     return view.as_tensor_map(
-        (box_rows, BLOCK_K),
+        tuple(box),
         data_type=np.dtype(dtype),
         swizzle=TensorMapSwizzle.SWIZZLE_128B,
         oob_fill=TensorMapOOBFill.NONE,  # NONE fills zeros (NAN_REQUEST_ZERO_FMA would fill NaN)
     )
+
+
+# Descriptors kept (least recently used dropped first): a layer's two GEMMs
+# over a few batch shapes and a model's layers need a few dozen; each is 128
+# bytes plus its Python object.
+MAP_CACHE_SIZE = 256
+_maps: OrderedDict[tuple, object] = OrderedDict()
+_maps_lock = threading.Lock()
+
+
+def tensor_map(ptr: int, shape: tuple[int, ...], box: tuple[int, ...], dtype, device_id: int):
+    """The TMA descriptor of :func:`_tensor_map`, built once per key and reused.
+
+    A descriptor is a pure function of the address, shape, strides (C-contiguous
+    here, so given by the shape), element type, box and swizzle (fixed here):
+    the key holds all of them and the device. It holds no reference to the
+    memory, so a reused descriptor of freed memory is only as wrong as the
+    pointer the caller passes; nothing else can go stale. Building one through
+    cuda.core costs host time on every call; a hit is a dictionary lookup.
+    """
+    shape, box, dtype = tuple(map(int, shape)), tuple(map(int, box)), np.dtype(dtype)
+    strides, step = [], dtype.itemsize  # C-contiguous byte strides, innermost first
+    for extent in reversed(shape):
+        strides.append(step)
+        step *= extent
+    key = (int(device_id), int(ptr), shape, tuple(reversed(strides)), dtype.name, box)
+    with _maps_lock:
+        found = _maps.get(key)
+        if found is not None:
+            _maps.move_to_end(key)
+            return found
+    built = _tensor_map(ptr, shape, box, dtype)
+    with _maps_lock:
+        _maps[key] = built
+        _maps.move_to_end(key)
+        while len(_maps) > MAP_CACHE_SIZE:
+            _maps.popitem(last=False)
+    return built
 
 
 _shared_set: set[tuple] = set()
@@ -150,7 +223,7 @@ def _allow_shared_memory(kernel, device_id: int) -> None:
 
 def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=None) -> None:
     """SM90_GROUPED: ``plan`` on ``res``'s stream (grouped-contiguous rows,
-    ``[E, N, K]`` weights); group sizes from ``sizes_dev`` (int32 on the device)
+    ``[E, K, N]`` weights, or ``[E, N, K]`` with ``plan.trans_b``); group sizes from ``sizes_dev`` (int32 on the device)
     when given, else the plan's host sizes, uploaded. No host synchronization.
 
     The caller checked :func:`unsupported`, and that M, N and K are not zero.
@@ -173,11 +246,12 @@ def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=N
     )
     _kernels.launch(stream, scan, 1, TILE_THREADS, args)
 
-    name = f"grouped_gemm_nt_{_SUFFIX[dtype.name]}"
+    name = f"grouped_gemm_{weights_layout(plan)}_{_SUFFIX[dtype.name]}"
     gemm = _kernels.get_kernel("grouped_gemm_sm90", name, ARCH, defines=DEFINES)
     _allow_shared_memory(gemm, res.device_id)
-    tmap_a = _tensor_map(ops.a, m, k, BLOCK_M, BFLOAT16 if dtype == BFLOAT16 else dtype)
-    tmap_b = _tensor_map(ops.b, e * n, k, BLOCK_N, BFLOAT16 if dtype == BFLOAT16 else dtype)
+    element = BFLOAT16 if dtype == BFLOAT16 else dtype
+    tmap_a = tensor_map(ops.a, (m, k), (BLOCK_M, BLOCK_K), element, res.device_id)
+    tmap_b = tensor_map(ops.b, *b_map_shape(plan), element, res.device_id)
     args = (
         tmap_a,
         tmap_b,

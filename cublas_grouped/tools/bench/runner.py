@@ -28,6 +28,7 @@ from .report import GEMM_STAGES, OVERHEAD_STAGES, Result, merge_passes, overhead
 from .section import SectionRunner, Timed
 from .workloads import (
     ALGORITHMS,
+    TIMED_ONLY,
     Case,
     case_seed,
     expert_counts,
@@ -113,6 +114,16 @@ class CaseRunner(SectionRunner):
         tol = 1e-4 if self.case.dtype == "float32" else 3e-2
         return None if err <= tol else f"CHECK FAILED rel.err {err:.2g}"
 
+    def cannot_run(self, method: str) -> str | None:
+        """Why ``method`` (one of TIMED_ONLY: the sm90 kernel) cannot run on this
+        GPU and dtype, as a "skipped" error; None when it can."""
+        sm = tuple(self.api.device_info().sm)
+        if sm != (9, 0):
+            return f"skipped: {method} needs an SM 9.0 GPU (this one is SM {sm[0]}.{sm[1]})"
+        if self.case.dtype not in ("bfloat16", "float16"):
+            return f"skipped: {method} takes bfloat16 or float16, not {self.case.dtype}"
+        return None
+
     # -- first GEMM ----------------------------------------------------------------------------------------
     def run_gemm1(self) -> None:
         """The first expert GEMM: every algorithm, AUTO, a dense GEMM and torch, timed together."""
@@ -126,7 +137,7 @@ class CaseRunner(SectionRunner):
         flops, nbytes = gemm1_flops(c), gemm1_weight_bytes(c, self.active)
         setups = [
             (m, lambda m=m: self._gemm1_algorithm(m, xs, w1s, flops, nbytes, note))
-            for m in ALGORITHMS + ("auto",)
+            for m in ALGORITHMS + TIMED_ONLY + ("auto",)
         ]
         # The dense GEMM reads one [H, N1] matrix, not every active expert's.
         dense_bytes = c.hidden * c.n1 * c.itemsize
@@ -145,6 +156,8 @@ class CaseRunner(SectionRunner):
 
     def _gemm1_algorithm(self, method, xs, w1s, flops, nbytes, note) -> Timed | Result:
         c = self.case
+        if method in TIMED_ONLY and (why := self.cannot_run(method)):
+            return self.result("gemm1", method, error=why)
         if method != "auto":
             skip = self.fits(layout_rows(method, self.counts) * (c.hidden + c.n1) * c.itemsize * len(xs))
             if skip:
@@ -275,7 +288,7 @@ class CaseRunner(SectionRunner):
         w1s = [w1] + [w1.copy() for _ in range(sets - 1)] if copy_w else [w1]
         w2s = [w2] + [w2.copy() for _ in range(sets - 1)] if copy_w else [w2]
         note = None if sets == 1 or copy_w else "weights not rotated"
-        methods = ALGORITHMS + ("auto",) + ((FIXED_CAPACITY,) if c.phase == "decode" else ())
+        methods = ALGORITHMS + TIMED_ONLY + ("auto",) + ((FIXED_CAPACITY,) if c.phase == "decode" else ())
         setups = [(m, lambda m=m: self._layer(m, xs, w1s, w2s, nbytes, note)) for m in methods]
         held = sum(x.nbytes for x in xs) + sum(w.nbytes for w in w1s[1:] + w2s[1:])
         self.run_section("layer", setups, held=held)
@@ -293,6 +306,8 @@ class CaseRunner(SectionRunner):
 
     def _layer(self, method, xs, w1s, w2s, nbytes, note) -> Timed | Result:
         c = self.case
+        if method in TIMED_ONLY and (why := self.cannot_run(method)):
+            return self.result("layer", method, error=why)
         if method not in ("auto", FIXED_CAPACITY):
             rows = layout_rows(method, self.counts)
             skip = self.fits(rows * (2 * c.hidden + c.n1 + c.inter) * c.itemsize * len(xs))
