@@ -98,15 +98,19 @@ class _DLTensor(ctypes.Structure):
 _CAPSULE_OFFSETS = {b"dltensor": 0, b"dltensor_versioned": 32}
 
 
+# Private prototypes (the shared ctypes.pythonapi entries keep whatever others set).
+_capsule_is_valid = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_IsValid", ctypes.pythonapi)
+)
+_capsule_get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi)
+)
+
+
 def _capsule_pointer(capsule, name: bytes) -> int | None:
-    api = ctypes.pythonapi
-    api.PyCapsule_IsValid.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    api.PyCapsule_IsValid.restype = ctypes.c_int
-    if not api.PyCapsule_IsValid(capsule, name):
+    if not _capsule_is_valid(capsule, name):
         return None
-    api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-    api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-    return api.PyCapsule_GetPointer(capsule, name)
+    return _capsule_get_pointer(capsule, name)
 
 
 def dlpack_export_dtype(obj) -> np.dtype:
