@@ -294,3 +294,31 @@ def test_jax_cpu_capsules_carry_the_dtype(name):
     assert dlpack_export_dtype(x) == (BF16 if name == "bfloat16" else np.dtype(name))
     with pytest.raises(TypeError, match=r"^x is in host memory \(DLPack device type 1\)"):
         view(x, "x")
+
+
+def test_an_interface_without_a_typestr_for_the_type_falls_back_to_dlpack(monkeypatch):
+    # Older torch raised KeyError for bfloat16's interface; DLPack describes it.
+    imported = []
+
+    class OldTorchBf16:
+        @property
+        def __cuda_array_interface__(self):
+            raise KeyError("torch.bfloat16")
+
+        def __dlpack_device__(self):
+            return (2, 0)
+
+        def __dlpack__(self, stream=None):
+            raise AssertionError("the import goes through _from_dlpack")
+
+    class Imported:
+        dtype = BF16
+        __cuda_array_interface__ = {"shape": (2, 3), "typestr": "<V2", "data": (0x1000, False), "version": 3}
+
+    def from_dlpack(obj, name):
+        imported.append(name)
+        return Imported()
+
+    monkeypatch.setattr(_arrays, "_from_dlpack", from_dlpack)
+    v = view(OldTorchBf16(), "w1")
+    assert imported == ["w1"] and v.dtype == BF16 and v.shape == (2, 3)

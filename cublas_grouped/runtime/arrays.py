@@ -177,8 +177,13 @@ def _interface(obj):
     except RuntimeError:
         if not getattr(obj, "requires_grad", False):
             raise
-        obj = obj.detach()
-        return obj, obj.__cuda_array_interface__
+        return _interface(obj.detach())
+    except (KeyError, TypeError):
+        # An interface that cannot describe the type (older torch has no
+        # typestr for bfloat16): DLPack, when there is one, can.
+        if not hasattr(obj, "__dlpack__"):
+            raise
+        return obj, None
 
 
 @dataclass(frozen=True)
