@@ -318,13 +318,17 @@ def as_cupy(obj, name: str = "array"):
     v = view(obj, name)
     if isinstance(v.obj, cupy.ndarray):
         return v.obj
-    isz = v.itemsize
-    if v.size == 0:
-        return cupy.empty(v.shape, dtype=v.dtype)
-    # The bytes the view can reach, negative strides included.
-    lo = sum((d - 1) * s for d, s in zip(v.shape, v.strides) if s < 0)
-    hi = sum((d - 1) * s for d, s in zip(v.shape, v.strides) if s > 0)
+    shape, strides, isz = v.shape, v.strides, v.dtype.itemsize
+    if 0 in shape:
+        return cupy.empty(shape, dtype=v.dtype)
+    # The elements the view can reach, negative strides included.
+    lo = hi = 0
+    for d, s in zip(shape, strides):
+        if s < 0:
+            lo += (d - 1) * s
+        else:
+            hi += (d - 1) * s
     device = -1 if v.device is None else v.device  # -1: CuPy asks the driver
     mem = cupy.cuda.UnownedMemory(v.ptr + lo * isz, (hi - lo + 1) * isz, v.obj, device)
     ptr = cupy.cuda.MemoryPointer(mem, -lo * isz)
-    return cupy.ndarray(v.shape, v.dtype, ptr, strides=tuple(s * isz for s in v.strides))
+    return cupy.ndarray(shape, v.dtype, ptr, strides=tuple(s * isz for s in strides))
