@@ -12,8 +12,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from cublas_grouped.gemm.plan import host_group_sizes
 from cublas_grouped.runtime import arrays as _arrays
-from cublas_grouped.runtime.arrays import as_cupy, dlpack_dtype, dlpack_export_dtype, view
+from cublas_grouped.runtime.arrays import as_cupy, dlpack_dtype, dlpack_export_dtype, is_host_array, view
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -322,3 +323,23 @@ def test_an_interface_without_a_typestr_for_the_type_falls_back_to_dlpack(monkey
     monkeypatch.setattr(_arrays, "_from_dlpack", from_dlpack)
     v = view(OldTorchBf16(), "w1")
     assert imported == ["w1"] and v.dtype == BF16 and v.shape == (2, 3)
+
+
+def test_host_arrays_are_told_from_gpu_arrays(fake):
+    class HostDlpack:
+        def __dlpack_device__(self):
+            return (1, 0)
+
+        def __dlpack__(self, stream=None):
+            raise AssertionError("not exported")
+
+    assert is_host_array([1, 2]) and is_host_array(np.arange(3)) and is_host_array(HostDlpack())
+    assert not is_host_array(fake((3,), np.int64))
+    assert not is_host_array(TorchLikeTensor((3,), "<i8", 0, 64))
+
+
+def test_cpu_framework_sizes_count_as_host_sizes():
+    torch = pytest.importorskip("torch")
+    assert is_host_array(torch.tensor([1, 2]))
+    plan_sizes = host_group_sizes(torch.tensor([3, 0, 2]), 3)
+    assert plan_sizes.tolist() == [3, 0, 2]

@@ -305,6 +305,22 @@ def _from_dlpack(obj, name: str):
     return cupy.from_dlpack(obj)
 
 
+def is_host_array(obj) -> bool:
+    """Whether ``obj`` is host data (a sequence, NumPy, a torch CPU tensor, a JAX
+    CPU array) rather than a GPU array: where a host copy is wanted (sizes)."""
+    if isinstance(obj, np.ndarray):
+        return True
+    try:
+        if getattr(obj, "__cuda_array_interface__", None) is not None:
+            return False
+    except (RuntimeError, KeyError, TypeError):  # a GPU tensor that will not say (see _interface)
+        return False
+    device = getattr(obj, "__dlpack_device__", None)
+    if device is not None:
+        return int(device()[0]) not in _DLPACK_GPU_DEVICES
+    return not hasattr(obj, "__dlpack__")
+
+
 def as_cupy(obj, name: str = "array"):
     """``obj`` (any GPU array, or an :class:`ArrayView`) as a CuPy array over the
     same memory, with the dtype :func:`view` found (torch's bfloat16 included).
