@@ -172,7 +172,11 @@ def test_moe_forward_and_route_on_torch_tensors(dtype):
 
 def test_hf_example_agrees_with_the_blocks():
     pytest.importorskip("transformers")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Keep the caller's PYTHONPATH (transformers may come from a --target folder there).
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "hf_moe_block.py")],
         capture_output=True,
