@@ -147,15 +147,15 @@ def test_view_imports_dlpack_only_arrays_through_cupy(fake, monkeypatch):
     converted = fake((5, 3), np.float16)
     calls = []
 
-    def as_cupy(obj, name="array"):
+    def from_dlpack(obj, name):
         calls.append((obj, name))
         return converted
 
     class DlpackOnly:
         def __dlpack__(self, stream=None):
-            raise AssertionError("as_cupy does the import")
+            raise AssertionError("_from_dlpack does the import")
 
-    monkeypatch.setattr(_arrays, "as_cupy", as_cupy)
+    monkeypatch.setattr(_arrays, "_from_dlpack", from_dlpack)
     src = DlpackOnly()
     v = view(src, "weights")
     assert calls == [(src, "weights")]

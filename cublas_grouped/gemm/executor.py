@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 
 from ..runtime import device as _device
-from ..runtime.arrays import ArrayView, as_cupy, cuda_dtype, view
+from ..runtime.arrays import ArrayView, as_cupy, cuda_dtype, is_host_array, view
 from ..runtime.device import DeviceInfo, resolve_stream, resources
 from .autotune import gmm_algorithm
 from .backends import cublas as _cublas_backend
@@ -46,9 +46,7 @@ def _warn_once(message: str) -> None:
 
 
 def _is_host(obj) -> bool:
-    return not (hasattr(obj, "__cuda_array_interface__") or hasattr(obj, "__dlpack__")) or isinstance(
-        obj, np.ndarray
-    )
+    return is_host_array(obj)  # torch CPU tensors and JAX CPU arrays included
 
 
 def _zero_empty_groups(out_v: ArrayView, sizes: np.ndarray, stream: int) -> None:

@@ -2,12 +2,20 @@
 
 Validation works on the array's ``__cuda_array_interface__`` alone, so every
 argument check runs before any GPU work (and can be tested without a GPU).
-Arrays that only speak DLPack (JAX, for instance) are imported zero-copy
-through CuPy first.
+Arrays that only speak DLPack are imported zero-copy through CuPy first.
+
+Element types: CuPy and JAX carry a NumPy dtype, which wins. bfloat16 has no
+typestr of its own: torch publishes it as an untyped 2-byte void ('<V2'), so
+for such a typestr the type is read from the producer's DLPack export when it
+has one (DLPack's bfloat16 code says exactly what it is), else from the
+interface's ``descr``. The answer is kept per (array type, its dtype object),
+so the export happens once per type, not once per call. :func:`as_cupy` then
+wraps the same memory with that dtype: no copy, no second read of the interface.
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -15,7 +23,15 @@ import numpy as np
 
 from . import cublas as _cublas
 
-__all__ = ["ArrayView", "view", "cuda_dtype", "SUPPORTED_DTYPES", "as_cupy"]
+__all__ = [
+    "ArrayView",
+    "view",
+    "cuda_dtype",
+    "SUPPORTED_DTYPES",
+    "as_cupy",
+    "dlpack_dtype",
+    "dlpack_export_dtype",
+]
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -37,6 +53,137 @@ def _dtype_from_typestr(typestr: str, descr) -> np.dtype:
         if "bfloat16" in name or name in ("", "bf16"):
             return BFLOAT16
     return np.dtype(typestr)
+
+
+# dlpack.h's DLDataTypeCode values this library can meet (kDLOpaqueHandle = 3,
+# kDLComplex = 5 and the float8 codes have no dtype here).
+_DLPACK_KINDS = {0: "i", 1: "u", 2: "f", 6: "b"}
+DLPACK_BFLOAT = 4
+# DLDeviceType values of memory a GPU kernel can read: kDLCUDA, kDLCUDAManaged.
+_DLPACK_GPU_DEVICES = (2, 13)
+
+
+def dlpack_dtype(code: int, bits: int, lanes: int = 1) -> np.dtype:
+    """NumPy dtype of a DLPack ``DLDataType`` (bfloat16 included), or ``TypeError``."""
+    if lanes == 1 and bits % 8 == 0:
+        if code == DLPACK_BFLOAT and bits == 16:
+            return BFLOAT16
+        kind = _DLPACK_KINDS.get(code)
+        if kind is not None:
+            try:
+                return np.dtype(f"{kind}{bits // 8}")
+            except TypeError:
+                pass
+    raise TypeError(f"DLPack element type (code {code}, {bits} bits, {lanes} lanes) has no NumPy dtype here")
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    # dlpack.h's DLTensor, up to its dtype: all this module reads.
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device_type", ctypes.c_int32),
+        ("device_id", ctypes.c_int32),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+    ]
+
+
+# Where the DLTensor sits in each capsule's struct: first in DLManagedTensor
+# ("dltensor"); after version (2 x uint32), manager_ctx, deleter and flags
+# (8 bytes each) in DLManagedTensorVersioned ("dltensor_versioned").
+_CAPSULE_OFFSETS = {b"dltensor": 0, b"dltensor_versioned": 32}
+
+
+# Private prototypes (the shared ctypes.pythonapi entries keep whatever others set).
+_capsule_is_valid = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_IsValid", ctypes.pythonapi)
+)
+_capsule_get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi)
+)
+
+
+def _capsule_pointer(capsule, name: bytes) -> int | None:
+    if not _capsule_is_valid(capsule, name):
+        return None
+    return _capsule_get_pointer(capsule, name)
+
+
+def dlpack_export_dtype(obj) -> np.dtype:
+    """The element type ``obj`` states in its DLPack export (``obj.__dlpack__()``).
+
+    Only the capsule's ``DLTensor.dtype`` is read; the capsule is left
+    unconsumed, so the producer's own destructor frees it. On a GPU the export
+    asks for no stream synchronization (``stream=-1``): nothing is read from
+    the memory.
+    """
+    device = obj.__dlpack_device__()[0] if hasattr(obj, "__dlpack_device__") else None
+    try:
+        capsule = obj.__dlpack__(stream=-1) if device in _DLPACK_GPU_DEVICES else obj.__dlpack__()
+    except TypeError:  # a producer without the stream keyword
+        capsule = obj.__dlpack__()
+    for name, offset in _CAPSULE_OFFSETS.items():
+        ptr = _capsule_pointer(capsule, name)
+        if ptr:
+            t = _DLTensor.from_address(ptr + offset)
+            return dlpack_dtype(t.dtype.code, t.dtype.bits, t.dtype.lanes)
+    raise TypeError(f"{type(obj).__name__}.__dlpack__() returned no DLPack tensor capsule")
+
+
+# (array type, its own dtype object, typestr) -> NumPy dtype, for arrays whose
+# dtype is not a NumPy one (torch): filled on first sight of each.
+_FOREIGN_DTYPES: dict[tuple, np.dtype] = {}
+
+
+def _foreign_dtype(obj, cai: dict) -> np.dtype:
+    typestr = cai["typestr"]
+    own = getattr(obj, "dtype", None)
+    key = None
+    if own is not None:  # without a dtype object of its own, only the interface can say
+        try:
+            descr = cai.get("descr")
+            key = (type(obj), own, typestr, None if descr is None else repr(descr))
+            hash(key)
+        except TypeError:
+            key = None
+    dtype = _FOREIGN_DTYPES.get(key) if key is not None else None
+    if dtype is not None:
+        return dtype
+    dtype = None
+    if typestr[1:2] == "V" and hasattr(obj, "__dlpack__"):
+        # An untyped void: DLPack has a code for bfloat16, the typestr has none.
+        try:
+            dtype = dlpack_export_dtype(obj)
+        except Exception:  # a failed export leaves the interface's own word
+            dtype = None
+    if dtype is None:
+        dtype = _dtype_from_typestr(typestr, cai.get("descr"))
+    if key is not None:
+        _FOREIGN_DTYPES[key] = dtype
+    return dtype
+
+
+def _interface(obj):
+    """(object, its __cuda_array_interface__ or None). torch refuses the interface
+    of a tensor that requires grad: such a tensor is read through ``detach()``
+    (the same memory), since results here are plain arrays outside autograd
+    anyway (``cublas_grouped.torch`` has the differentiable functions)."""
+    try:
+        return obj, getattr(obj, "__cuda_array_interface__", None)
+    except RuntimeError:
+        if not getattr(obj, "requires_grad", False):
+            raise
+        return _interface(obj.detach())
+    except (KeyError, TypeError):
+        # An interface that cannot describe the type (older torch has no
+        # typestr for bfloat16): DLPack, when there is one, can.
+        if not hasattr(obj, "__dlpack__"):
+            raise
+        return obj, None
 
 
 @dataclass(frozen=True)
@@ -146,9 +293,9 @@ def view(obj, name: str) -> ArrayView:
         raise TypeError(
             f"{name} is a NumPy array in host memory; pass a GPU array (e.g. cupy.asarray({name}))"
         )
-    cai = getattr(obj, "__cuda_array_interface__", None)
+    obj, cai = _interface(obj)
     if cai is None and hasattr(obj, "__dlpack__"):
-        obj = as_cupy(obj, name)
+        obj = _from_dlpack(obj, name)
         cai = obj.__cuda_array_interface__
     if cai is None:
         raise TypeError(
@@ -158,9 +305,9 @@ def view(obj, name: str) -> ArrayView:
     shape = tuple(int(s) for s in cai["shape"])
     own = getattr(obj, "dtype", None)
     if isinstance(own, np.dtype):
-        dtype = own  # CuPy: exact, bfloat16 included
+        dtype = own  # CuPy, JAX: exact, bfloat16 included
     else:
-        dtype = _dtype_from_typestr(cai["typestr"], cai.get("descr"))
+        dtype = _foreign_dtype(obj, cai)
     ptr = int(cai["data"][0] or 0)
     raw_strides = cai.get("strides")
     if raw_strides is None:
@@ -181,16 +328,56 @@ def cuda_dtype(dtype: np.dtype, name: str) -> int:
         raise TypeError(f"{name} has dtype {np.dtype(dtype)}; supported: {supported}") from None
 
 
+def _from_dlpack(obj, name: str):
+    """A DLPack-only array as a CuPy array (zero-copy); host memory refused."""
+    device = obj.__dlpack_device__()[0] if hasattr(obj, "__dlpack_device__") else None
+    if device is not None and int(device) not in _DLPACK_GPU_DEVICES:
+        raise TypeError(f"{name} is in host memory (DLPack device type {int(device)}); pass a GPU array")
+    import cupy
+
+    return cupy.from_dlpack(obj)
+
+
+def is_host_array(obj) -> bool:
+    """Whether ``obj`` is host data (a sequence, NumPy, a torch CPU tensor, a JAX
+    CPU array) rather than a GPU array: where a host copy is wanted (sizes)."""
+    if isinstance(obj, np.ndarray):
+        return True
+    try:
+        if getattr(obj, "__cuda_array_interface__", None) is not None:
+            return False
+    except (RuntimeError, KeyError, TypeError):  # a GPU tensor that will not say (see _interface)
+        return False
+    device = getattr(obj, "__dlpack_device__", None)
+    if device is not None:
+        return int(device()[0]) not in _DLPACK_GPU_DEVICES
+    return not hasattr(obj, "__dlpack__")
+
+
 def as_cupy(obj, name: str = "array"):
-    """``obj`` as a CuPy array without copying (CAI or DLPack)."""
+    """``obj`` (any GPU array, or an :class:`ArrayView`) as a CuPy array over the
+    same memory, with the dtype :func:`view` found (torch's bfloat16 included).
+
+    No copy: a foreign array is wrapped as CuPy memory that keeps ``obj`` alive.
+    """
     import cupy
 
     if isinstance(obj, cupy.ndarray):
         return obj
-    if isinstance(obj, ArrayView):
-        obj = obj.obj
-    if hasattr(obj, "__cuda_array_interface__"):
-        return cupy.asarray(obj)
-    if hasattr(obj, "__dlpack__"):
-        return cupy.from_dlpack(obj)
-    raise TypeError(f"{name} is not a GPU array")
+    v = view(obj, name)
+    if isinstance(v.obj, cupy.ndarray):
+        return v.obj
+    shape, strides, isz = v.shape, v.strides, v.dtype.itemsize
+    if 0 in shape:
+        return cupy.empty(shape, dtype=v.dtype)
+    # The elements the view can reach, negative strides included.
+    lo = hi = 0
+    for d, s in zip(shape, strides):
+        if s < 0:
+            lo += (d - 1) * s
+        else:
+            hi += (d - 1) * s
+    device = -1 if v.device is None else v.device  # -1: CuPy asks the driver
+    mem = cupy.cuda.UnownedMemory(v.ptr + lo * isz, (hi - lo + 1) * isz, v.obj, device)
+    ptr = cupy.cuda.MemoryPointer(mem, -lo * isz)
+    return cupy.ndarray(shape, v.dtype, ptr, strides=tuple(s * isz for s in strides))

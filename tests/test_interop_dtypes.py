@@ -1,0 +1,345 @@
+"""How each framework's export is typed (CPU): DLPack codes, the CUDA array
+interface's untyped '<V2', which of the two wins, and the zero-copy CuPy wrap.
+
+Fakes stand in for GPU tensors; where torch or JAX is installed, their real
+(CPU) DLPack capsules are read too. No test needs either framework."""
+
+from __future__ import annotations
+
+import ctypes
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from cublas_grouped.gemm.plan import host_group_sizes
+from cublas_grouped.runtime import arrays as _arrays
+from cublas_grouped.runtime.arrays import as_cupy, dlpack_dtype, dlpack_export_dtype, is_host_array, view
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+# --------------------------------------------------------------------------- DLPack capsules made by hand
+
+
+class DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device_type", ctypes.c_int32),
+        ("device_id", ctypes.c_int32),
+        ("ndim", ctypes.c_int32),
+        ("dtype", DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class DLManagedTensor(ctypes.Structure):
+    _fields_ = [("dl_tensor", DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p)]
+
+
+class DLManagedTensorVersioned(ctypes.Structure):
+    _fields_ = [
+        ("major", ctypes.c_uint32),
+        ("minor", ctypes.c_uint32),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.c_void_p),
+        ("flags", ctypes.c_uint64),
+        ("dl_tensor", DLTensor),
+    ]
+
+
+_KEEP = []  # the structs and names the capsules point at stay alive for the test run
+
+
+def make_capsule(code: int, bits: int, lanes: int = 1, *, versioned: bool = False, device_type: int = 2):
+    shape = (ctypes.c_int64 * 1)(4)
+    managed = DLManagedTensorVersioned(1, 0) if versioned else DLManagedTensor()
+    managed.dl_tensor = DLTensor(
+        0x7F0000000000, device_type, 0, 1, DLDataType(code, bits, lanes), shape, None, 0
+    )
+    name = ctypes.create_string_buffer(b"dltensor_versioned" if versioned else b"dltensor")
+    _KEEP.extend([shape, managed, name])
+    new = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)(
+        ("PyCapsule_New", ctypes.pythonapi)
+    )
+    return new(ctypes.addressof(managed), ctypes.addressof(name), None)
+
+
+class TorchLikeTensor:
+    """What torch publishes for a CUDA tensor: an interface with '<V2' and no
+    descr for bfloat16, a dtype that is not NumPy's, and a DLPack export."""
+
+    def __init__(self, shape, typestr, dl_code, dl_bits, *, descr=None, dtype=None, strides=None):
+        self.shape = shape
+        self.dtype = dtype if dtype is not None else f"fake_torch.{dl_code}.{dl_bits}"
+        self.device = type("Dev", (), {"index": 0})()
+        self._cai = {"shape": shape, "typestr": typestr, "data": (0x7F0000001000, False), "version": 2}
+        self._cai["strides"] = strides
+        if descr is not None:
+            self._cai["descr"] = descr
+        self._dl = (dl_code, dl_bits)
+        self.exports = []
+
+    @property
+    def __cuda_array_interface__(self):
+        return self._cai
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    def __dlpack__(self, stream=None):
+        self.exports.append(stream)
+        return make_capsule(*self._dl)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dtype_cache(monkeypatch):
+    monkeypatch.setattr(_arrays, "_FOREIGN_DTYPES", {})
+
+
+# --------------------------------------------------------------------------- the mapping
+
+
+@pytest.mark.parametrize(
+    "code, bits, expected",
+    [
+        (4, 16, BF16),  # kDLBfloat
+        (2, 16, np.dtype(np.float16)),
+        (2, 32, np.dtype(np.float32)),
+        (2, 64, np.dtype(np.float64)),
+        (0, 32, np.dtype(np.int32)),
+        (0, 64, np.dtype(np.int64)),
+        (1, 8, np.dtype(np.uint8)),
+        (6, 8, np.dtype(np.bool_)),
+    ],
+)
+def test_dlpack_codes_map_to_numpy_dtypes(code, bits, expected):
+    assert dlpack_dtype(code, bits) == expected
+
+
+@pytest.mark.parametrize("code, bits, lanes", [(5, 64, 1), (3, 64, 1), (2, 32, 4), (4, 32, 1), (2, 12, 1)])
+def test_dlpack_codes_without_a_dtype_are_refused(code, bits, lanes):
+    with pytest.raises(TypeError, match=rf"^DLPack element type \(code {code}, {bits} bits, {lanes} lanes\)"):
+        dlpack_dtype(code, bits, lanes)
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+@pytest.mark.parametrize(
+    "code, bits, expected", [(4, 16, BF16), (2, 16, np.dtype(np.float16)), (2, 32, np.dtype(np.float32))]
+)
+def test_dtype_read_from_a_capsule(versioned, code, bits, expected):
+    class Producer:
+        def __dlpack_device__(self):
+            return (2, 0)
+
+        def __dlpack__(self, stream=None):
+            assert stream == -1  # a GPU export for metadata asks for no stream sync
+            return make_capsule(code, bits, versioned=versioned)
+
+    assert dlpack_export_dtype(Producer()) == expected
+
+
+def test_a_producer_that_returns_no_capsule_is_named():
+    class Odd:
+        def __dlpack__(self):
+            return object()
+
+    with pytest.raises(TypeError, match=r"^Odd.__dlpack__\(\) returned no DLPack tensor capsule$"):
+        dlpack_export_dtype(Odd())
+
+
+# --------------------------------------------------------------------------- which source wins
+
+
+def test_torch_bfloat16_is_typed_by_dlpack_not_as_void():
+    t = TorchLikeTensor((3, 4), "<V2", 4, 16)
+    v = view(t, "x")
+    assert v.dtype == BF16 and v.shape == (3, 4) and v.strides == (4, 1) and v.device == 0
+    assert t.exports == [-1]
+
+
+def test_dlpack_wins_over_a_void_typestr():
+    # A producer whose interface says only "2-byte void" while DLPack says float16:
+    # the more precise word is taken.
+    v = view(TorchLikeTensor((2, 2), "<V2", 2, 16), "x")
+    assert v.dtype == np.float16
+
+
+def test_typed_typestrs_never_export():
+    t = TorchLikeTensor((2, 2), "<f2", 2, 16)
+    assert view(t, "x").dtype == np.float16
+    assert t.exports == []  # a plain typestr says enough: no DLPack round trip
+
+
+def test_the_export_happens_once_per_array_type_and_dtype():
+    first = TorchLikeTensor((2, 2), "<V2", 4, 16, dtype="torch.bfloat16")
+    second = TorchLikeTensor((5, 2), "<V2", 4, 16, dtype="torch.bfloat16")
+    assert view(first, "a").dtype == BF16 and view(second, "b").dtype == BF16
+    assert first.exports == [-1] and second.exports == []
+
+
+def test_interface_marker_types_bfloat16_without_dlpack():
+    class MarkedOnly:
+        __cuda_array_interface__ = {
+            "shape": (2, 8),
+            "typestr": "|V2",
+            "descr": [("bfloat16", "|V2")],
+            "data": (0x7F0000000000, False),
+            "version": 3,
+        }
+
+    assert view(MarkedOnly(), "x").dtype == BF16
+
+
+def test_a_failed_export_falls_back_to_the_interface():
+    class Broken(TorchLikeTensor):
+        def __dlpack__(self, stream=None):
+            raise BufferError("cannot export")
+
+    assert view(Broken((2, 2), "<V2", 4, 16, descr=[("bfloat16", "<V2")]), "x").dtype == BF16
+    assert view(
+        Broken((2, 2), "<V2", 4, 16, descr=[("my_pair", "<V2")], dtype="other"), "x"
+    ).dtype == np.dtype("V2")
+
+
+def test_a_tensor_that_requires_grad_is_read_through_detach():
+    detached = TorchLikeTensor((3, 4), "<f4", 2, 32)
+
+    class NeedsGrad:
+        requires_grad = True
+
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad.")
+
+        def detach(self):
+            return detached
+
+    v = view(NeedsGrad(), "w1")
+    assert v.obj is detached and v.dtype == np.float32
+
+
+def test_other_interface_errors_propagate():
+    class Bad:
+        requires_grad = False
+
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="^boom$"):
+        view(Bad(), "x")
+
+
+def test_host_dlpack_arrays_are_refused_by_name():
+    class HostOnly:
+        def __dlpack_device__(self):
+            return (1, 0)
+
+        def __dlpack__(self, stream=None):
+            raise AssertionError("never exported")
+
+    with pytest.raises(
+        TypeError, match=r"^topk_ids is in host memory \(DLPack device type 1\); pass a GPU array$"
+    ):
+        view(HostOnly(), "topk_ids")
+
+
+# --------------------------------------------------------------------------- the CuPy wrap (no GPU needed to build it)
+
+
+def test_as_cupy_wraps_torch_bfloat16_as_bfloat16_not_void():
+    t = TorchLikeTensor((3, 4), "<V2", 4, 16)
+    a = as_cupy(t, "x")
+    assert a.dtype == BF16 and a.shape == (3, 4) and a.strides == (8, 2)
+    assert a.data.ptr == 0x7F0000001000
+
+
+def test_as_cupy_keeps_strides_and_reaches_below_the_pointer_for_negative_ones():
+    t = TorchLikeTensor((3, 4), "<f4", 2, 32, strides=(-16, 4))
+    a = as_cupy(t, "x")
+    assert a.strides == (-16, 4) and a.data.ptr == 0x7F0000001000
+    # The wrapped allocation starts two rows below element [0, 0] and spans all three.
+    assert a.data.mem.ptr == 0x7F0000001000 - 32 and a.data.mem.size == 48
+
+
+def test_as_cupy_of_a_view_reuses_its_dtype():
+    t = TorchLikeTensor((2, 2), "<V2", 4, 16)
+    v = view(t, "x")
+    assert as_cupy(v).dtype == BF16
+    assert t.exports == [-1]  # typed once, by the view
+
+
+# --------------------------------------------------------------------------- real exports, where the frameworks are installed
+
+
+@pytest.mark.parametrize("name", ["float32", "float16", "bfloat16"])
+def test_torch_cpu_capsules_carry_the_dtype(name):
+    torch = pytest.importorskip("torch")
+    t = torch.zeros(3, dtype=getattr(torch, name))
+    assert dlpack_export_dtype(t) == (BF16 if name == "bfloat16" else np.dtype(name))
+    with pytest.raises(TypeError, match=r"^x is in host memory \(DLPack device type 1\)"):
+        view(t, "x")
+
+
+@pytest.mark.parametrize("name", ["float32", "float16", "bfloat16"])
+def test_jax_cpu_capsules_carry_the_dtype(name):
+    jnp = pytest.importorskip("jax.numpy")
+    x = jnp.zeros(3, dtype=getattr(jnp, name))
+    assert dlpack_export_dtype(x) == (BF16 if name == "bfloat16" else np.dtype(name))
+    with pytest.raises(TypeError, match=r"^x is in host memory \(DLPack device type 1\)"):
+        view(x, "x")
+
+
+def test_an_interface_without_a_typestr_for_the_type_falls_back_to_dlpack(monkeypatch):
+    # Older torch raised KeyError for bfloat16's interface; DLPack describes it.
+    imported = []
+
+    class OldTorchBf16:
+        @property
+        def __cuda_array_interface__(self):
+            raise KeyError("torch.bfloat16")
+
+        def __dlpack_device__(self):
+            return (2, 0)
+
+        def __dlpack__(self, stream=None):
+            raise AssertionError("the import goes through _from_dlpack")
+
+    class Imported:
+        dtype = BF16
+        __cuda_array_interface__ = {"shape": (2, 3), "typestr": "<V2", "data": (0x1000, False), "version": 3}
+
+    def from_dlpack(obj, name):
+        imported.append(name)
+        return Imported()
+
+    monkeypatch.setattr(_arrays, "_from_dlpack", from_dlpack)
+    v = view(OldTorchBf16(), "w1")
+    assert imported == ["w1"] and v.dtype == BF16 and v.shape == (2, 3)
+
+
+def test_host_arrays_are_told_from_gpu_arrays(fake):
+    class HostDlpack:
+        def __dlpack_device__(self):
+            return (1, 0)
+
+        def __dlpack__(self, stream=None):
+            raise AssertionError("not exported")
+
+    assert is_host_array([1, 2]) and is_host_array(np.arange(3)) and is_host_array(HostDlpack())
+    assert not is_host_array(fake((3,), np.int64))
+    assert not is_host_array(TorchLikeTensor((3,), "<i8", 0, 64))
+
+
+def test_cpu_framework_sizes_count_as_host_sizes():
+    torch = pytest.importorskip("torch")
+    assert is_host_array(torch.tensor([1, 2]))
+    plan_sizes = host_group_sizes(torch.tensor([3, 0, 2]), 3)
+    assert plan_sizes.tolist() == [3, 0, 2]
