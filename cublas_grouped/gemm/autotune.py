@@ -56,7 +56,9 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.device import DeviceInfo, resources
+from ..runtime.files import exclusive_lock
 from ..runtime.timing import time_interleaved
+from . import tables as _tables
 from .config import Algorithm
 from .plan import GemmPlan, ProblemStats
 from .select import MAX_STRIDED_PADDING, measured_times, select_algorithm, usable_times
@@ -156,8 +158,9 @@ class _Store:
             table = TuningTable.load(path)
         except FileNotFoundError:
             return []
-        except (ValueError, KeyError, TypeError, OSError):
-            return []  # a broken file is ignored, then replaced on the next save
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            _tables.warn_ignored_file(path, str(exc))  # then replaced on the next save
+            return []
         same = (table.gpu, table.cublas_version, table.sm) == (
             self.device.name,
             self.device.cublas_version,
@@ -182,12 +185,14 @@ class _Store:
     def _save(self) -> None:
         # Merge with what other processes stored meanwhile; the rename is atomic,
         # so a reader sees the old file or the new one, never half of one.
-        on_disk = self._read(self.path)
-        seen = {_entry_key(e) for e in self.entries}
-        merged = self.entries + [e for e in on_disk if _entry_key(e) not in seen]
-        table = TuningTable(self.device.name, self.device.cublas_version, merged, self.device.sm)
         try:
-            table.save(self.path)
+            with exclusive_lock(self.path):  # other processes' read-merge-writes wait
+                on_disk = self._read(self.path)
+                seen = {_entry_key(e) for e in self.entries}
+                merged = self.entries + [e for e in on_disk if _entry_key(e) not in seen]
+                TuningTable(self.device.name, self.device.cublas_version, merged, self.device.sm).save(
+                    self.path
+                )
         except OSError as exc:
             _warn_once(
                 f"cublas_grouped AUTO could not store its measurements in {self.path} ({exc}); "

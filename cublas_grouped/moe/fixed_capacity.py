@@ -36,6 +36,7 @@ from ..gemm.plan import GemmPlan, Operands, RowLayout
 from ..gemm.pointers import build_pointers
 from ..runtime.arrays import as_cupy, view
 from ..runtime.device import resolve_stream, resources
+from ..runtime.oom import reports_out_of_memory
 from . import kernels as K
 from .checks import (
     LayerShape,
@@ -105,6 +106,7 @@ class FixedCapacityMoE:
     The result is overwritten by the next step.
     """
 
+    @reports_out_of_memory("FixedCapacityMoE")
     def __init__(
         self,
         w1,
@@ -146,6 +148,7 @@ class FixedCapacityMoE:
         """GPU memory held by this layer's buffers (weights not included)."""
         return self._buffers.nbytes + self._out.nbytes + self._dropped.nbytes
 
+    @reports_out_of_memory("FixedCapacityMoE.forward")
     def forward(self, x, topk_ids, topk_weights=None, *, stream=None):
         """One step: ``x`` [T, H] with T <= max_tokens -> [T, H].
 
