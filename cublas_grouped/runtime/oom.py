@@ -106,7 +106,7 @@ def out_of_memory(call: str, cause: BaseException, arrays: str = "") -> GpuOutOf
     where = f" on device {device}" if device is not None else ""
     operands = f" with {arrays}" if arrays else ""
     message = (
-        f"{call}{operands}: out of GPU memory {what}{where} ({type(cause).__name__}: {cause}). "
+        f"{call}{operands}: out of GPU memory {what}{where} ({type(cause).__name__}: {str(cause).rstrip('.')}). "
         "The call stopped before writing its result; free GPU memory (e.g. "
         "cupy.get_default_memory_pool().free_all_blocks()) or make the call smaller"
     )
