@@ -731,3 +731,61 @@ def test_the_entry_points_report_out_of_memory(fake, monkeypatch):
     ):
         cg.moe_forward(x, ids, None, w1, w2)
     assert cg.moe_forward.__wrapped__.__name__ == "moe_forward"  # the signature stays inspectable
+
+
+class _FakeArray:
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+
+
+class _FakeCupy:
+    """Enough of CuPy for ``StreamResources.buffer``: allocations above ``limit`` bytes fail."""
+
+    uint8 = np.uint8
+
+    def __init__(self, limit):
+        import cupy
+
+        self.error = cupy.cuda.memory.OutOfMemoryError  # the real class, before this fake replaces CuPy
+        self.limit, self.asked = limit, []
+        self.cuda = type("cuda", (), {"Device": staticmethod(lambda i: _NullContext())})
+
+    def empty(self, size, dtype=None):
+        self.asked.append(size)
+        if size > self.limit:
+            raise self.error(size, 0, self.limit)
+        return _FakeArray(size)
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_scratch_growth_falls_back_to_the_exact_size_and_recovers(monkeypatch):
+    import sys
+
+    from cublas_grouped.runtime.device import StreamResources
+
+    fake_cupy = _FakeCupy(limit=1600)
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    res = StreamResources(0, 7, 1)
+    assert res.buffer("pointers", 1000).nbytes == 1000
+    assert res.buffer("pointers", 1500).nbytes == 1500  # twice 1000 does not fit; exactly 1500 does
+    assert fake_cupy.asked == [1000, 3000, 1500]
+    with pytest.raises(MemoryError):
+        res.buffer("pointers", 5000)
+    assert "pointers" not in res.buffers  # no stale entry: the old buffer was given back first
+    assert res.buffer("pointers", 800).nbytes == 800
+
+
+def test_the_benchmark_reports_its_own_out_of_memory_with_bytes():
+    from cublas_grouped.tools.bench.gpu import describe_error
+
+    text = describe_error(_cupy_oom(1 << 30))
+    assert text.startswith("GpuOutOfMemoryError: the benchmark's buffers: out of GPU memory allocating")
+    assert "1,073,741,824 bytes (1.00 GiB)" in text
+    assert describe_error(ValueError("x\ny")) == "ValueError: x"
