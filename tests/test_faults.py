@@ -425,6 +425,23 @@ def test_a_sound_table_still_loads_every_time_form(tmp_path):
     assert table.nearest(QWEN) == {Algorithm.SEQUENTIAL: 2.0, Algorithm.CUBLAS_GROUPED: 0.5}
 
 
+@pytest.mark.parametrize(
+    "edge",
+    [
+        {"num_experts": 1, "active_experts": 1},
+        {"active_experts": 0, "mean_rows": 0, "max_rows": 0},
+        {"n": 1, "k": 1},
+        {"mean_rows": 0.5},
+        {"times_ms": {"sequential": 1e-6, "cublas_grouped": None, "sm90_grouped": 7}},
+    ],
+)
+def test_entries_at_the_edges_of_sound_still_load(tmp_path, edge):
+    path = tmp_path / "edge.json"
+    path.write_text(_doc([{**entry(), **edge}]))
+    assert tables.entry_problem({**entry(), **edge}) is None
+    assert len(tables.TuningTable.load(path).entries) == 1
+
+
 class _Measure:
     def __init__(self, fastest="chunked_batched", fail=None):
         self.calls, self.fastest, self.fail = 0, fastest, fail
