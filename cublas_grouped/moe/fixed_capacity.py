@@ -148,7 +148,6 @@ class FixedCapacityMoE:
         """GPU memory held by this layer's buffers (weights not included)."""
         return self._buffers.nbytes + self._out.nbytes + self._dropped.nbytes
 
-    @reports_out_of_memory("FixedCapacityMoE.forward")
     def forward(self, x, topk_ids, topk_weights=None, *, stream=None):
         """One step: ``x`` [T, H] with T <= max_tokens -> [T, H].
 

@@ -4,7 +4,7 @@ CuPy reports a failed allocation as ``cupy.cuda.memory.OutOfMemoryError``
 ("Out of memory allocating N bytes ..."), from deep inside whatever was being
 allocated; the CUDA runtime, the driver and cuBLAS report theirs as a status.
 :func:`reports_out_of_memory` wraps a public entry point (``gmm``,
-``moe_forward``, ``FixedCapacityMoE``) so that any of these becomes one
+``moe_forward``, building a ``FixedCapacityMoE``) so that any of these becomes one
 :class:`GpuOutOfMemoryError` saying which call failed, how many bytes were asked
 for (when the allocator says), on which device, and the shapes and dtypes of
 the call's array arguments, with the original error as its ``__cause__``.
