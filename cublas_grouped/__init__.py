@@ -21,7 +21,8 @@ from .runtime.cublas import CublasError, CublasUnavailableError
 # Importing _deps stops a bare install (no cu12 / cu13 extra) with a message naming the extras.
 from .runtime.deps import GpuUnavailableError, MissingDependencyError
 from .runtime.device import DeviceInfo, device_info
-from .runtime.nvrtc import KernelCompileError
+from .runtime.nvrtc import KernelCacheWarning, KernelCompileError, KernelLaunchError
+from .runtime.oom import GpuOutOfMemoryError
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,9 @@ __all__ = [
     "GroupedGemmConfig",
     "GroupedGemmExecutor",
     "KernelCompileError",
+    "KernelCacheWarning",
+    "KernelLaunchError",
+    "GpuOutOfMemoryError",
     "ProblemStats",
     "RowLayout",
     "SUPPORTED_DTYPES",

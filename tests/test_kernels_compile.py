@@ -166,10 +166,10 @@ def test_inconsistent_defines_do_not_compile(name, defines, message):
 
 
 def test_defines_key_both_caches(tmp_path, monkeypatch):
-    from cuda.core.utils import FileStreamProgramCache
+    from cublas_grouped.runtime.kernel_cache import KernelCache
 
     monkeypatch.setattr(nvrtc, "_compiled", {})
-    monkeypatch.setattr(nvrtc, "_disk_cache", FileStreamProgramCache(tmp_path))
+    monkeypatch.setattr(nvrtc, "_disk_cache", KernelCache(tmp_path))
     monkeypatch.setattr(nvrtc, "_disk_cache_ready", True)
     base = DEFINES["dispatch"]
     first = nvrtc.compile_source("dispatch", "sm_90", base)

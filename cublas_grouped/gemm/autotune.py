@@ -33,13 +33,12 @@ between CUDA events on the call's stream, the class taking about
 Results are written atomically (temporary file, then rename) into the user's
 tuning folder, ``CUBLAS_GROUPED_TUNING_DIR`` or ``~/.cache/cublas_grouped/tuning``.
 
-Why on by default: the shipped tables cover particular GPUs and cuBLAS
-versions; anywhere else AUTO would follow a table measured elsewhere, or rules
-measured on one H100 (the rules alone missed the best algorithm by 12-18% on an
-H200). The cost is bounded (tens of ms per new shape class, at most
-``MAX_CLASSES_PER_PROCESS`` classes, once per machine since results are kept). Set ``CUBLAS_GROUPED_AUTOTUNE=0`` where the
-same inputs must pick the same algorithm on every machine, or where no first
-call may take longer than the others.
+Why on by default: the shipped tables cover particular GPUs and cuBLAS versions;
+elsewhere AUTO would follow a table measured elsewhere, or rules measured on one
+H100 (the rules alone missed the best algorithm by 12-18% on an H200). The cost
+is bounded (tens of ms per new shape class, at most ``MAX_CLASSES_PER_PROCESS``,
+kept on disk). Set ``CUBLAS_GROUPED_AUTOTUNE=0`` where the same inputs must pick
+the same algorithm on every machine, or no first call may take longer.
 """
 
 from __future__ import annotations
@@ -55,17 +54,13 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.device import DeviceInfo, resources
+from ..runtime.files import exclusive_lock
 from ..runtime.timing import time_interleaved
+from . import select as _select
+from . import tables as _tables
 from .config import Algorithm
 from .plan import GemmPlan, ProblemStats
-from .select import (
-    MAX_STRIDED_PADDING,
-    measured_times,
-    remembered,
-    select_algorithm,
-    tuning_state,
-    usable_times,
-)
+from .select import MAX_STRIDED_PADDING, measured_times, select_algorithm, usable_times
 from .tables import AUTOTUNE_SUFFIX, TuningTable, file_slug, is_close_table, tuning_table_for, user_tuning_dir
 
 __all__ = [
@@ -162,8 +157,9 @@ class _Store:
             table = TuningTable.load(path)
         except FileNotFoundError:
             return []
-        except (ValueError, KeyError, TypeError, OSError):
-            return []  # a broken file is ignored, then replaced on the next save
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            _tables.warn_ignored_file(path, str(exc))  # then replaced on the next save
+            return []
         same = (table.gpu, table.cublas_version, table.sm) == (
             self.device.name,
             self.device.cublas_version,
@@ -188,12 +184,14 @@ class _Store:
     def _save(self) -> None:
         # Merge with what other processes stored meanwhile; the rename is atomic,
         # so a reader sees the old file or the new one, never half of one.
-        on_disk = self._read(self.path)
-        seen = {_entry_key(e) for e in self.entries}
-        merged = self.entries + [e for e in on_disk if _entry_key(e) not in seen]
-        table = TuningTable(self.device.name, self.device.cublas_version, merged, self.device.sm)
         try:
-            table.save(self.path)
+            with exclusive_lock(self.path):  # other processes' read-merge-writes wait
+                on_disk = self._read(self.path)
+                seen = {_entry_key(e) for e in self.entries}
+                merged = self.entries + [e for e in on_disk if _entry_key(e) not in seen]
+                TuningTable(self.device.name, self.device.cublas_version, merged, self.device.sm).save(
+                    self.path
+                )
         except OSError as exc:
             _warn_once(
                 f"cublas_grouped AUTO could not store its measurements in {self.path} ({exc}); "
@@ -202,10 +200,10 @@ class _Store:
 
 
 def _entry_key(entry: dict) -> tuple:
-    return tuple(
-        entry.get(f)
-        for f in ("layout", "dtype", "num_experts", "active_experts", "mean_rows", "max_rows", "n", "k")
-    )
+    return tuple(entry.get(f) for f in ("layout", "dtype", "num_experts", "active_experts", *_SHAPE))
+
+
+_SHAPE = ("mean_rows", "max_rows", "n", "k")
 
 
 _lock = threading.RLock()
@@ -412,8 +410,9 @@ def gmm_algorithm(executor, device: DeviceInfo, plan: GemmPlan, ops, dtype, res,
     base = "gmm" + ("-trans_a" if plan.trans_a else "") + ("-trans_b" if plan.trans_b else "")
     family = _family(base, executor, dtype)
     # A repeated call (same sizes and shapes, nothing measured since) repeats the choice.
-    key = (tuning_state(device), state_token(), family, dtype.name, plan.n, plan.k, plan.sizes.tobytes())
-    return remembered(key, lambda: _choose_gmm(executor, device, plan, ops, dtype, res, sizes_dev, family))
+    state = (_select.tuning_state(device), state_token(), family, dtype.name)
+    choose = lambda: _choose_gmm(executor, device, plan, ops, dtype, res, sizes_dev, family)  # noqa: E731
+    return _select.remembered((*state, plan.n, plan.k, plan.sizes.tobytes()), choose)
 
 
 def _choose_gmm(executor, device, plan, ops, dtype, res, sizes_dev, family) -> Algorithm:

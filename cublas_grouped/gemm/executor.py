@@ -285,9 +285,9 @@ class GroupedGemmExecutor:
                 # cuBLAS refuses K = 0 (a zero leading dimension); the empty sum is zero.
                 cupy.cuda.runtime.memsetAsync(out_v.ptr, 0, out_v.nbytes, res.stream)
                 return out
-            if plan.trans_a and len(plan.active) < plan.num_experts:
-                _zero_empty_groups(out_v, plan.sizes, res.stream)
             if len(plan.active) == 0:
+                if plan.trans_a:
+                    _zero_empty_groups(out_v, plan.sizes, res.stream)
                 return out
             if algorithm is Algorithm.AUTO:
                 # Tables, else (once per shape class) timing the candidates on scratch
@@ -298,6 +298,9 @@ class GroupedGemmExecutor:
             algorithm = self.fallback(algorithm, device_id)
             ops = Operands.for_plan(plan, a_v.ptr, b_v.ptr, out_v.ptr, a_v.itemsize)
             self.run(plan, ops, a_v.dtype, algorithm, res, sizes_dev=sizes_dev)
+            if plan.trans_a and len(plan.active) < plan.num_experts:
+                # After the GEMMs: a call that fails (out of memory) leaves out as it was.
+                _zero_empty_groups(out_v, plan.sizes, res.stream)
         return out
 
     def _sizes_stay_on_device(self, algorithm: Algorithm, plan: GemmPlan, dtype, device_id: int) -> bool:

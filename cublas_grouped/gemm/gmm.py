@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from ..runtime.oom import reports_out_of_memory
 from .config import Algorithm, ComputePrecision, GroupedGemmConfig, coerce_enum
 from .executor import GroupedGemmExecutor
 
@@ -31,6 +32,7 @@ def shared_executor(compute: ComputePrecision, algorithm: Algorithm) -> GroupedG
     return executor
 
 
+@reports_out_of_memory("gmm")
 def gmm(
     a,
     b,

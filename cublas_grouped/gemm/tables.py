@@ -17,6 +17,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,8 @@ __all__ = [
     "is_close_table",
     "load_tuning_table",
     "forget_tables",
+    "entry_problem",
+    "warn_ignored_file",
 ]
 
 # A tuning entry farther than this (sum of squared log2 ratios) does not apply.
@@ -114,11 +117,24 @@ class TuningTable:
 
     @classmethod
     def load(cls, path: Path) -> TuningTable:
-        """Read a table; a malformed file raises ValueError, KeyError or TypeError."""
-        data = json.loads(Path(path).read_text())
+        """Read a table; a malformed or damaged file raises ValueError naming it and what is wrong.
+
+        Every entry is checked (:func:`entry_problem`), so that a damaged file
+        cannot steer AUTO with, say, a zero or negative time.
+        """
+        try:
+            data = json.loads(Path(path).read_text())
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep
+            raise ValueError(f"{path} is not valid JSON ({type(exc).__name__}: {exc})") from None
         if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
             raise ValueError(f"{path} is not a tuning table (no list of entries)")
-        return cls(str(data["gpu"]), int(data["cublas_version"]), data["entries"], data.get("sm"))
+        if not isinstance(data.get("gpu"), str) or _count(data.get("cublas_version"), 0) is None:
+            raise ValueError(f"{path} is not a tuning table (gpu must be a string, cublas_version an int)")
+        for i, entry in enumerate(data["entries"]):
+            problem = entry_problem(entry)
+            if problem is not None:
+                raise ValueError(f"{path}: entry {i} {problem}")
+        return cls(data["gpu"], data["cublas_version"], data["entries"], data.get("sm"))
 
     def to_json(self) -> dict:
         """The table as written to disk."""
@@ -143,6 +159,48 @@ class TuningTable:
             raise
 
 
+def _count(value, low: int) -> int | None:
+    """``value`` when it is an int (not a bool) of at least ``low``, else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= low else None
+
+
+def _time(value) -> bool:
+    """Whether ``value`` can be a measured time: a finite number of ms above 0, or None (not measured)."""
+    if value is None:
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def entry_problem(entry) -> str | None:
+    """What is wrong with one table entry (None when nothing is): fields missing,
+    of the wrong type or out of range, an unknown algorithm, a time that is not
+    a positive finite number of milliseconds (or null)."""
+    if not isinstance(entry, dict):
+        return f"is a {type(entry).__name__}, not an object"
+    experts = _count(entry.get("num_experts"), 1)
+    if experts is None or _count(entry.get("active_experts"), 0) is None or entry["active_experts"] > experts:
+        return "needs num_experts >= 1 and 0 <= active_experts <= num_experts"
+    if _count(entry.get("n"), 1) is None or _count(entry.get("k"), 1) is None:
+        return "needs n and k >= 1"
+    rows = entry.get("mean_rows")
+    if not isinstance(rows, (int, float)) or isinstance(rows, bool) or not 0 <= rows < math.inf:
+        return f"has mean_rows {rows!r}; it must be a finite number >= 0"
+    if "max_rows" in entry and _count(entry["max_rows"], 0) is None:
+        return f"has max_rows {entry['max_rows']!r}; it must be an int >= 0"
+    if not isinstance(entry.get("dtype"), str):
+        return "needs a dtype name"
+    times = entry.get("times_ms")
+    if not isinstance(times, dict):
+        return "needs times_ms, an object of algorithm -> milliseconds"
+    known = {a.value for a in Algorithm} - {Algorithm.AUTO.value}
+    for name, value in times.items():
+        if name not in known:
+            return f"times an unknown algorithm {name!r}"
+        if not _time(value):
+            return f"has a time of {value!r} ms for {name}; it must be a positive finite number or null"
+    return None
+
+
 def file_slug(text: str) -> str:
     """``text`` as part of a file name: lower case, other runs of characters as one ``-``."""
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
@@ -165,8 +223,20 @@ def tuning_table_path(device: DeviceInfo, user: bool = True) -> Path:
     return (user_tuning_dir() if user else SHIPPED_TUNING_DIR) / name
 
 
+_warned_files: set[tuple[str, str]] = set()
+
+
+def warn_ignored_file(path: Path, problem: str) -> None:
+    """One ``RuntimeWarning`` per file and problem: the file is damaged and ignored."""
+    if (str(path), problem) not in _warned_files:
+        _warned_files.add((str(path), problem))
+        what = problem if str(path) in problem else f"{path}: {problem}"
+        warnings.warn(f"cublas_grouped ignores a damaged tuning file ({what})", RuntimeWarning, stacklevel=3)
+
+
 def _read_tables(folder: Path) -> list[tuple[Path, TuningTable]]:
-    """Every readable table in ``folder``, by file name; broken files are ignored, not trusted."""
+    """Every readable table in ``folder``, by file name; broken files are ignored
+    (with one warning each), not trusted."""
     try:
         paths = sorted(p for p in folder.glob("*.json") if not p.name.endswith(AUTOTUNE_SUFFIX))
     except OSError:
@@ -175,8 +245,8 @@ def _read_tables(folder: Path) -> list[tuple[Path, TuningTable]]:
     for path in paths:
         try:
             tables.append((path, TuningTable.load(path)))
-        except (ValueError, KeyError, TypeError, OSError):
-            continue
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            warn_ignored_file(path, str(exc))
     return tables
 
 

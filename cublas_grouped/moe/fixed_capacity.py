@@ -36,6 +36,7 @@ from ..gemm.plan import GemmPlan, Operands, RowLayout
 from ..gemm.pointers import build_pointers
 from ..runtime.arrays import as_cupy, view
 from ..runtime.device import resolve_stream, resources
+from ..runtime.oom import reports_out_of_memory
 from . import kernels as K
 from .checks import (
     LayerShape,
@@ -105,6 +106,7 @@ class FixedCapacityMoE:
     The result is overwritten by the next step.
     """
 
+    @reports_out_of_memory("FixedCapacityMoE")
     def __init__(
         self,
         w1,

@@ -20,6 +20,7 @@ from ..gemm.config import Algorithm, coerce_enum
 from ..gemm.executor import GroupedGemmExecutor
 from ..runtime.arrays import as_cupy
 from ..runtime.device import stream_resources
+from ..runtime.oom import reports_out_of_memory
 from . import kernels as K
 from .checks import check_layer_args, check_tokens, device_of, executor_or_shared, kernel_arch
 from .dispatch import mark_stage, plan_dispatch, run_expert_gemm
@@ -56,6 +57,7 @@ class StageTimer:
         return out
 
 
+@reports_out_of_memory("moe_forward")
 def moe_forward(
     x,
     topk_ids,
@@ -119,7 +121,7 @@ def moe_forward(
             "moe_forward(sync_free=...) is deprecated; use fixed_capacity=... (the old name goes "
             "in the next release)",
             DeprecationWarning,
-            stacklevel=2,
+            stacklevel=3,  # past the out-of-memory wrapper
         )
         fixed_capacity = fixed_capacity or bool(sync_free)
     x_v = check_tokens(x)

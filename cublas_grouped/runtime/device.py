@@ -172,8 +172,18 @@ class StreamResources:
         if buf is None or buf.nbytes < nbytes:
             # Grow geometrically so slowly rising sizes do not reallocate every call.
             size = max(nbytes, 2 * (buf.nbytes if buf is not None else 0), 256)
+            # The old buffer goes first (stream order keeps queued work safe: CuPy's
+            # pool hands its memory out again only behind that work), and where the
+            # doubled size does not fit, the exact size is tried.
+            self.buffers.pop(name, None)
+            buf = None
             with cupy.cuda.Device(self.device_id):
-                buf = cupy.empty(size, dtype=cupy.uint8)
+                try:
+                    buf = cupy.empty(size, dtype=cupy.uint8)
+                except MemoryError:
+                    if size <= max(nbytes, 256):
+                        raise
+                    buf = cupy.empty(max(nbytes, 256), dtype=cupy.uint8)
             self.buffers[name] = buf
         return buf
 

@@ -10,16 +10,24 @@ two sides cannot drift.
 This module knows no kernel's constants: callers pass them.
 
 Compiled programs are cached in memory per (file, architecture, defines) and
-on disk in a ``cuda.core.utils.FileStreamProgramCache`` whose key covers the
-source, the options (the defines among them) and the NVRTC version, so a stale
-or foreign entry is never reused.
+on disk in a :class:`~.kernel_cache.KernelCache`, keyed by the source, the
+options (the defines among them) and the NVRTC version, so a stale or foreign
+entry is never reused. Every disk entry carries a checksum and is checked
+before use; a damaged one is reported (a ``KernelCacheWarning`` naming the
+file), recompiled and replaced. So is an entry that passes the checks but that
+the driver refuses to load (:func:`get_kernel` then recompiles, and replaces
+the entry only when the fresh build loads). Writes are atomic, so processes
+can share one cache folder.
 
 The disk cache lives in ``$CUBLAS_GROUPED_CACHE_DIR`` when that is set, else in
 ``~/.cache/cublas_grouped/kernels``. Setting ``CUBLAS_GROUPED_CACHE_DIR=off``
-disables it (compiles then happen once per process).
+disables it (compiles then happen once per process). A location that cannot
+be used (no home folder, a path under a regular file, read-only, a full disk)
+gives one ``KernelCacheWarning`` and the process compiles in memory from then on.
 
 Kernels are looked up by plain ``extern "C"`` names, so a cached cubin needs no
-C++ name mapping.
+C++ name mapping. :func:`launch` names the kernel, grid and block in the
+:class:`KernelLaunchError` of a launch that fails.
 """
 
 from __future__ import annotations
@@ -27,13 +35,17 @@ from __future__ import annotations
 import os
 import re
 import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 from . import launch as _fast
+from .kernel_cache import KernelCache, KernelCacheWarning
 
 __all__ = [
     "KernelCompileError",
+    "KernelLaunchError",
+    "KernelCacheWarning",
     "kernel_dir",
     "kernel_files",
     "load_source",
@@ -50,6 +62,11 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
 class KernelCompileError(RuntimeError):
     """NVRTC rejected one of the package's kernel sources; the message has the log."""
+
+
+class KernelLaunchError(RuntimeError):
+    """A kernel launch failed; the message names the kernel, its file and the launch
+    configuration, and the driver's error is the ``__cause__``."""
 
 
 def kernel_dir() -> Path:
@@ -101,27 +118,43 @@ def load_source(name: str) -> str:
 
 _lock = threading.Lock()
 _compiled: dict[tuple, object] = {}
-_disk_cache = None
+_from_disk: dict[tuple, bytes] = {}  # memory-cache key -> disk key, for programs read from disk
+_disk_cache: KernelCache | None = None
 _disk_cache_ready = False
+_disk_warned = False
 
 
-def _program_cache():
-    """The shared FileStreamProgramCache, or None when disabled/unavailable."""
+def _disable_disk_cache(reason: str) -> None:
+    """Stop using the disk cache for this process, with one warning in all."""
+    global _disk_cache, _disk_cache_ready, _disk_warned
+    _disk_cache, _disk_cache_ready = None, True
+    if not _disk_warned:
+        _disk_warned = True
+        warnings.warn(
+            f"cublas_grouped cannot use its kernel cache ({reason}); kernels are compiled in memory "
+            f"for this process only (set {_CACHE_ENV} to a writable folder, or to 'off' to silence this)",
+            KernelCacheWarning,
+            stacklevel=5,
+        )
+
+
+def _program_cache() -> KernelCache | None:
+    """The disk cache, or None when disabled or unusable."""
     global _disk_cache, _disk_cache_ready
     if _disk_cache_ready:
         return _disk_cache
-    _disk_cache_ready = True
     location = os.environ.get(_CACHE_ENV)
     if location and location.lower() in ("off", "0", "none"):
+        _disk_cache, _disk_cache_ready = None, True
         return None
-    path = Path(location) if location else Path.home() / ".cache" / "cublas_grouped" / "kernels"
     try:
-        from cuda.core.utils import FileStreamProgramCache
-
-        _disk_cache = FileStreamProgramCache(path, max_size_bytes=256 << 20)
-    except OSError:
-        # An unwritable cache directory must not stop the library: compile in memory.
-        _disk_cache = None
+        root = Path(location) if location else Path.home() / ".cache" / "cublas_grouped" / "kernels"
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"{root} is not a folder")
+    except (OSError, RuntimeError, KeyError) as exc:  # Path.home() without HOME: RuntimeError
+        _disable_disk_cache(f"{type(exc).__name__}: {exc}")
+        return None
+    _disk_cache, _disk_cache_ready = KernelCache(root), True
     return _disk_cache
 
 
@@ -154,12 +187,58 @@ def define_items(defines: Mapping[str, int] | None) -> Defines:
     return tuple(items)
 
 
+def _options(name: str, arch: str, items: Defines):
+    from cuda.core import ProgramOptions
+
+    macros = [(macro, str(value)) for macro, value in items] or None
+    return ProgramOptions(arch=arch, std="c++17", name=f"{name}.cu", define_macro=macros)
+
+
+def _compile(name: str, arch: str, items: Defines, source: str, options):
+    from cuda.core import Program
+
+    try:
+        return Program(source, code_type="c++", options=options).compile("cubin")
+    except Exception as exc:
+        given = ", ".join(f"{macro}={value}" for macro, value in items) or "none"
+        raise KernelCompileError(
+            f"NVRTC failed to compile kernels/{name}.cu for {arch} (defines: {given}):\n{exc}"
+        ) from exc
+
+
+def _store(cache: KernelCache, disk_key: bytes, obj) -> None:
+    try:
+        cache.put(disk_key, bytes(obj.code))
+    except OSError as exc:  # read-only, full, or not a folder: compile in memory from now on
+        _disable_disk_cache(f"writing {cache.path_for(disk_key)}: {type(exc).__name__}: {exc}")
+
+
+def _compile_or_read(name: str, arch: str, items: Defines):
+    """The program from the disk cache when a sound entry is there, else compiled (and stored)."""
+    from cuda.core import ObjectCode
+    from cuda.core.utils import make_program_cache_key
+
+    source, options = load_source(name), _options(name, arch, items)
+    cache = _program_cache()
+    if cache is None:
+        return _compile(name, arch, items, source, options)
+    disk_key = make_program_cache_key(code=source, code_type="c++", options=options, target_type="cubin")
+    cubin = cache.get(disk_key)
+    if cubin is not None:
+        _from_disk[(name, arch, items)] = disk_key
+        return ObjectCode.from_cubin(cubin, name=f"{name}.cu")
+    obj = _compile(name, arch, items, source, options)
+    _store(cache, disk_key, obj)
+    return obj
+
+
 def compile_source(name: str, arch: str, defines: Mapping[str, int] | None = None):
     """Compile ``kernels/<name>.cu`` for ``arch`` and return the ``ObjectCode``.
 
     ``defines`` (name -> int) are passed to NVRTC as ``-D name=value``; they
     are the constants the source shares with its launcher, and part of both
-    cache keys. Needs NVRTC but no GPU. Results are cached in memory and on disk.
+    cache keys. Needs NVRTC but no GPU. Results are cached in memory and on
+    disk (checked before use; see the module notes).
 
     Raises
     ------
@@ -174,39 +253,55 @@ def compile_source(name: str, arch: str, defines: Mapping[str, int] | None = Non
         return obj
     with _lock:
         obj = _compiled.get(key)
-        if obj is not None:
-            return obj
-        from cuda.core import Program, ProgramOptions
-
-        source = load_source(name)
-        macros = [(macro, str(value)) for macro, value in items] or None
-        options = ProgramOptions(arch=arch, std="c++17", name=f"{name}.cu", define_macro=macros)
-        try:
-            program = Program(source, code_type="c++", options=options)
-            cache = _program_cache()
-            if cache is not None:
-                obj = program.compile("cubin", cache=cache)
-            else:
-                obj = program.compile("cubin")
-        except Exception as exc:
-            given = ", ".join(f"{macro}={value}" for macro, value in items) or "none"
-            raise KernelCompileError(
-                f"NVRTC failed to compile kernels/{name}.cu for {arch} (defines: {given}):\n{exc}"
-            ) from exc
-        _compiled[key] = obj
+        if obj is None:
+            obj = _compiled[key] = _compile_or_read(name, arch, items)
         return obj
 
 
 _kernels: dict[tuple, object] = {}
+_labels: dict[int, str] = {}  # id(kernel) -> what a launch error calls it (kernels live forever in _kernels)
+
+
+def _load_fresh(name: str, kernel: str, arch: str, items: Defines, failed: Exception):
+    """After ``failed`` (loading a kernel of a program read from disk): compile
+    afresh and load that; if it loads, the entry was bad and is replaced."""
+    key = (name, arch, items)
+    with _lock:
+        disk_key = _from_disk.get(key)
+        if disk_key is None:
+            raise failed
+        obj = _compile(name, arch, items, load_source(name), _options(name, arch, items))
+        try:
+            found = obj.get_kernel(kernel)
+        except Exception as exc:
+            raise exc from failed  # the fresh build fails too: the entry was not the cause
+        _from_disk.pop(key, None)
+        _compiled[key] = obj
+        cache = _program_cache()
+        if cache is not None:
+            cache.discard(disk_key, f"could not be loaded ({type(failed).__name__}: {failed})")
+            _store(cache, disk_key, obj)
+        return found
 
 
 def get_kernel(name: str, kernel: str, arch: str, *, defines: Mapping[str, int] | None = None):
     """The launchable ``cuda.core.Kernel`` ``kernel`` from ``kernels/<name>.cu``,
-    compiled for ``arch`` with ``defines`` (see :func:`compile_source`)."""
-    key = (name, kernel, arch, define_items(defines))
+    compiled for ``arch`` with ``defines`` (see :func:`compile_source`).
+
+    When the program came from the disk cache and the driver refuses it, it
+    is compiled again and the entry replaced if the new build loads.
+    """
+    items = define_items(defines)
+    key = (name, kernel, arch, items)
     found = _kernels.get(key)
     if found is None:
-        found = compile_source(name, arch, defines).get_kernel(kernel)
+        try:
+            found = compile_source(name, arch, defines).get_kernel(kernel)
+        except KernelCompileError:
+            raise
+        except Exception as exc:
+            found = _load_fresh(name, kernel, arch, items, exc)
+        _labels[id(found)] = f"{kernel} (kernels/{name}.cu, {arch})"
         _kernels[key] = found
     return found
 
@@ -218,17 +313,27 @@ def launch(stream, kernel, grid, block, args, shmem: int = 0) -> None:
     so that each parameter has the width the kernel declares. All-scalar
     argument lists take the cheap driver path of :mod:`.launch`; others
     (tensor maps) go through ``cuda.core``.
+
+    Raises
+    ------
+    KernelLaunchError
+        Naming the kernel, its file, grid, block and shared memory, with the
+        driver's error (its ``__cause__``).
     """
-    handle = stream if isinstance(stream, int) else int(stream.handle)
-    if _fast.launch_scalars(handle, kernel, grid, block, args, shmem):
-        return
-    from cuda.core import LaunchConfig
-    from cuda.core import launch as core_launch
+    try:
+        handle = stream if isinstance(stream, int) else int(stream.handle)
+        if _fast.launch_scalars(handle, kernel, grid, block, args, shmem):
+            return
+        from cuda.core import LaunchConfig, Stream
+        from cuda.core import launch as core_launch
 
-    if isinstance(stream, int):
-        from cuda.core import Stream
-
-        stream = Stream.from_handle(stream)
-
-    config = LaunchConfig(grid=grid, block=block, shmem_size=shmem)
-    core_launch(stream, config, kernel, *args)
+        if isinstance(stream, int):
+            stream = Stream.from_handle(stream)
+        config = LaunchConfig(grid=grid, block=block, shmem_size=shmem)
+        core_launch(stream, config, kernel, *args)
+    except Exception as exc:
+        what = _labels.get(id(kernel), "a kernel")
+        raise KernelLaunchError(
+            f"launch of {what} with grid {grid}, block {block}, {shmem} bytes of shared memory "
+            f"failed: {type(exc).__name__}: {exc}"
+        ) from exc

@@ -213,15 +213,21 @@ def chunked_contiguous(
     ``chunk`` rows run as chunks whose last one overlaps (see :func:`packed_chunks`);
     smaller groups run in one grouped call (``grouped_ok``), else one by one."""
     starts, groups = packed_chunks(plan.sizes, plan.offsets, chunk)
-    if len(starts):
-        arrays = upload_pointers(res, "chunk-pointers", ops, starts, groups)
-        batched(call, plan.dims(chunk), arrays, len(starts))
     small = np.flatnonzero((plan.sizes > 0) & (plan.sizes < chunk))
+    # Both pointer tables are uploaded before the first GEMM, so a failed upload
+    # (out of memory) leaves the output as it was.
+    chunks = upload_pointers(res, "chunk-pointers", ops, starts, groups) if len(starts) else None
+    smalls = (
+        upload_pointers(res, "small-pointers", ops, plan.offsets[small], small)
+        if grouped_ok and len(small)
+        else None
+    )
+    if len(starts):
+        batched(call, plan.dims(chunk), chunks, len(starts))
     if not len(small):
         return
     if grouped_ok:
-        arrays = upload_pointers(res, "small-pointers", ops, plan.offsets[small], small)
-        grouped_call(call, plan, plan.sizes[small], arrays)
+        grouped_call(call, plan, plan.sizes[small], smalls)
     else:
         sequential(call, plan, ops, RowLayout.contiguous(), experts=small)
 

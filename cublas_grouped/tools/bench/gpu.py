@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 
+from ...runtime.oom import GpuOutOfMemoryError, is_out_of_memory, out_of_memory
 from ...runtime.timing import time_ms
 from .workloads import Case, case_seed
 
@@ -61,7 +62,12 @@ def no_gpu_reason() -> str | None:
 
 
 def describe_error(exc: BaseException) -> str:
-    """``"TypeName: first line of the message"``: what a table cell or a progress line shows."""
+    """``"TypeName: first line of the message"``: what a table cell or a progress line shows.
+
+    Out of memory in the benchmark's own allocations (inputs, weights, rotation
+    sets) reads like the library's own reports: bytes, device, CuPy's words."""
+    if is_out_of_memory(exc) and not isinstance(exc, GpuOutOfMemoryError):
+        exc = out_of_memory("the benchmark's buffers", exc)
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
