@@ -124,3 +124,25 @@ def test_public_names():
     for name in ("moe_backward", "MoEContext", "MoEGradients", "MLPGradients"):
         assert name in cg.__all__ and hasattr(cg, name)
     assert MLPContext.__doc__
+
+
+def test_train_example_without_gpu_exits_with_a_message():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import HAS_GPU
+
+    if HAS_GPU:
+        pytest.skip("a GPU is present")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "examples" / "train_moe.py"), "--steps", "1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "This example needs an NVIDIA GPU" in result.stderr and "Traceback" not in result.stderr

@@ -288,3 +288,21 @@ def test_mlp_gradients_router_experts_and_shared():
         check_close(grads.shared_w1, shared["dw1"][0], 1e-5, "shared w1")
         check_close(grads.shared_w2, shared["dw2"][0], 1e-5, "shared w2")
         check_all(grads.experts, exp, 1e-5, f"{scoring} experts")
+
+
+def test_train_example_loss_falls():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "examples" / "train_moe.py")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "OK: the loss fell at least 2.0x" in result.stdout
