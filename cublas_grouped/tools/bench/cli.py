@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of routing and data")
     run.add_argument("--no-torch", action="store_true", help="do not try torch._grouped_mm")
     run.add_argument("--no-layer", action="store_true", help="time the first GEMM only")
+    run.add_argument(
+        "--backward", action="store_true", help="time the layer's backward against its forward (and torch)"
+    )
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", default=None, help="write every number and the environment")
     out.add_argument("--plot", metavar="PATH", default=None, help="bar chart of TFLOP/s (needs matplotlib)")
@@ -238,6 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"cublas_grouped.bench: cannot run: {reason}. The benchmark needs an NVIDIA GPU.", file=sys.stderr
         )
         return 2
+    if args.backward:
+        from .backward import run_backward
+
+        return run_backward(args)
     try:
         api = load_api()
     except ImportError as exc:
