@@ -30,7 +30,12 @@ from cublas_grouped.runtime import nvrtc  # noqa: E402
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 # What each launcher compiles its file with.
-DEFINES = {**_moe_kernels.DEFINES, **_backward_kernels.DEFINES, "pointers": _pointers.DEFINES, "grouped_gemm_sm90": _hopper.DEFINES}
+DEFINES = {
+    **_moe_kernels.DEFINES,
+    **_backward_kernels.DEFINES,
+    "pointers": _pointers.DEFINES,
+    "grouped_gemm_sm90": _hopper.DEFINES,
+}
 ARCHES = ("sm_80", "sm_90")
 # Files that only build for one architecture (wgmma and TMA need sm_90a).
 ARCHES_OF = {"grouped_gemm_sm90.cu": (_hopper.ARCH,)}

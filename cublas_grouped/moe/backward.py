@@ -270,9 +270,10 @@ def moe_backward(ctx: MoEContext, dy, *, stream=None) -> MoEGradients:
         dy_rows = _gather(res, arch, dy, inp)
         # g = G @ W2[e]^T: the forward's down projection, transposed.
         g = _expert_gemm(executor, res, inp, dy_rows, w2, inter, not tb)
-        h = ctx.h
-        if h is None:
-            h = _expert_gemm(executor, res, inp, _gather(res, arch, ctx.x, inp), w1, width, tb)
+        h, x_rows = ctx.h, None
+        if h is None:  # recompute: the first GEMM again, on x gathered again
+            x_rows = _gather(res, arch, ctx.x, inp)
+            h = _expert_gemm(executor, res, inp, x_rows, w1, width, tb)
         rows = dy_rows.shape[0]
         dz = cupy.empty((rows, width), dtype=dy.dtype)
         aw = cupy.empty((rows, inter), dtype=dy.dtype)
@@ -294,7 +295,8 @@ def moe_backward(ctx: MoEContext, dy, *, stream=None) -> MoEGradients:
                 inp.row_to_pair, weights, grads.db2,
             )  # fmt: skip
         del dy_rows, aw
-        x_rows = _gather(res, arch, ctx.x, inp)
+        if x_rows is None:
+            x_rows = _gather(res, arch, ctx.x, inp)
         first = weight_grad_algorithm(executor, inp, width, hidden, dy.dtype, res.device_id)
         grads.dw1 = _weight_grad(executor, res, inp, *((dz, x_rows) if tb else (x_rows, dz)), first)
         del x_rows
