@@ -146,3 +146,9 @@ def test_train_example_without_gpu_exits_with_a_message():
     )
     assert result.returncode != 0
     assert "This example needs an NVIDIA GPU" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_mlp_recompute_needs_return_context(fake):
+    mlp = cg.MoEMLP(fake((H, E)), fake((E, H, 2 * INTER)), fake((E, INTER, H)), K)
+    with pytest.raises(ValueError, match="recompute applies only with return_context=True"):
+        mlp(fake((T, H)), recompute=True)
