@@ -10,9 +10,11 @@ from .gemm.gmm import gmm
 from .gemm.plan import ProblemStats, RowLayout, choose_chunk_rows
 from .gemm.select import select_algorithm
 from .gemm.tables import TuningTable
+from .moe.backward import MoEContext, MoEGradients, moe_backward
 from .moe.dispatch import DispatchPlan, combine_output, expert_gemm, prepare_input, scatter_output
 from .moe.fixed_capacity import FixedCapacityMoE
 from .moe.layer import StageTimer, moe_forward
+from .moe.mlp_backward import MLPGradients
 from .moe.modules import ExpertWeightManager, ExpertWeights, MoEMLP
 from .moe.routing import route
 from .runtime.arrays import SUPPORTED_DTYPES
@@ -38,6 +40,10 @@ __all__ = [
     "DispatchPlan",
     "MissingDependencyError",
     "MoEMLP",
+    "MoEContext",
+    "MoEGradients",
+    "MLPGradients",
+    "moe_backward",
     "StageTimer",
     "FixedCapacityMoE",
     "combine_output",

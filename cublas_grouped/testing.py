@@ -21,9 +21,11 @@ __all__ = [
     "combine_ref",
     "gather_ref",
     "gmm_ref",
+    "moe_backward_ref",
     "moe_forward_ref",
     "plan_ref",
     "rel_error",
+    "route_backward_ref",
     "route_ref",
     "scatter_ref",
 ]
@@ -64,6 +66,17 @@ def _apply_act(z: np.ndarray, name: str) -> np.ndarray:
         return 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))
     # ReLU that keeps NaN a NaN, like the kernel.
     return np.where(z < 0.0, 0.0, z)
+
+
+def _act_grad(z: np.ndarray, name: str) -> np.ndarray:
+    """d act(z) / dz; ReLU's is 0 at 0, and NaN stays NaN."""
+    if name == "silu":
+        with np.errstate(over="ignore"):
+            s = 1.0 / (1.0 + np.exp(-z))
+        return s * (1.0 + z * (1.0 - s))
+    if name == "gelu":
+        return 0.5 * (1.0 + _erf(z / math.sqrt(2.0))) + z * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return np.where(z > 0.0, 1.0, np.where(z <= 0.0, 0.0, z))
 
 
 def route_ref(logits, top_k: int, scoring: str = "softmax", renormalize: bool = True):
@@ -353,6 +366,101 @@ def moe_forward_ref(
             y = y + b2[e]
         np.add.at(out, tok, w[tok, slot, None] * y)
     return out
+
+
+def moe_backward_ref(
+    x,
+    topk_ids,
+    topk_weights,
+    w1,
+    w2,
+    dy,
+    b1=None,
+    b2=None,
+    activation: str = "silu",
+    gated: bool = True,
+) -> dict:
+    """Reference gradients of :func:`moe_forward_ref` for an upstream gradient ``dy`` [T, H].
+
+    Same arguments as :func:`moe_forward_ref`, plus ``dy``. Returns a dict of
+    float64 arrays: ``dx`` [T, H], ``dw1`` (w1's shape), ``dw2``, ``db1``,
+    ``db2`` (None without that bias) and ``d_topk_weights`` [T, k] (None when
+    ``topk_weights`` is None): ``d_w[t, j] = dy[t] . (expert output of pair
+    (t, j), bias included)``. Experts nobody chose get zero gradients.
+    """
+    name = _act_name(activation)
+    x, dy, w1, w2 = _f64(x), _f64(dy), _f64(w1), _f64(w2)
+    ids = np.asarray(topk_ids).astype(np.int64)
+    w = np.ones(ids.shape) if topk_weights is None else _f64(topk_weights).reshape(ids.shape)
+    inter = w2.shape[1]
+    if w1.shape[2] != (2 * inter if gated else inter):
+        raise ValueError(f"w1 has {w1.shape[2]} columns, expected {(2 if gated else 1) * inter}")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have x's shape {x.shape}; got {dy.shape}")
+    b1 = None if b1 is None else _f64(b1)
+    b2 = None if b2 is None else _f64(b2)
+    dx, dw1, dw2 = np.zeros_like(x), np.zeros_like(w1), np.zeros_like(w2)
+    db1 = None if b1 is None else np.zeros_like(b1)
+    db2 = None if b2 is None else np.zeros_like(b2)
+    d_w = np.zeros(ids.shape)
+    for e in range(w2.shape[0]):
+        tok, slot = np.nonzero(ids == e)
+        if tok.size == 0:
+            continue
+        z = x[tok] @ w1[e] + (0.0 if b1 is None else b1[e])
+        v = _apply_act(z[:, :inter], name)
+        a = v * z[:, inter:] if gated else v
+        y = a @ w2[e] + (0.0 if b2 is None else b2[e])
+        d_w[tok, slot] = np.sum(dy[tok] * y, axis=1)
+        dyw = w[tok, slot, None] * dy[tok]
+        dw2[e] = a.T @ dyw
+        da = dyw @ w2[e].T
+        dz = da * _act_grad(z[:, :inter], name)
+        if gated:
+            dz = np.concatenate([dz * z[:, inter:], da * v], axis=1)
+        dw1[e] = x[tok].T @ dz
+        np.add.at(dx, tok, dz @ w1[e].T)
+        if db1 is not None:
+            db1[e] = dz.sum(axis=0)
+        if db2 is not None:
+            db2[e] = dyw.sum(axis=0)
+    return {
+        "dx": dx,
+        "dw1": dw1,
+        "dw2": dw2,
+        "db1": db1,
+        "db2": db2,
+        "d_topk_weights": None if topk_weights is None else d_w,
+    }
+
+
+def route_backward_ref(
+    logits, topk_ids, d_topk_weights, scoring: str = "softmax", renormalize: bool = True
+) -> np.ndarray:
+    """Gradient of :func:`route_ref`'s weights with respect to the logits (float64 [T, E]).
+
+    The choice of experts (``topk_ids`` [T, k]) is held fixed: only the scores
+    the chosen weights are made of carry a gradient.
+    """
+    z = _f64(logits)
+    ids = np.asarray(topk_ids).astype(np.int64)
+    dw = _f64(d_topk_weights).reshape(ids.shape)
+    if scoring == "softmax":
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        scores = e / e.sum(axis=1, keepdims=True)
+    elif scoring == "sigmoid":
+        scores = 1.0 / (1.0 + np.exp(-z))
+    else:
+        raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    chosen = np.take_along_axis(scores, ids, axis=1)
+    if renormalize:
+        total = chosen.sum(axis=1, keepdims=True)
+        dw = (dw - np.sum(dw * chosen / total, axis=1, keepdims=True)) / total
+    d_scores = np.zeros_like(z)
+    np.put_along_axis(d_scores, ids, dw, axis=1)
+    if scoring == "softmax":
+        return scores * (d_scores - np.sum(d_scores * scores, axis=1, keepdims=True))
+    return d_scores * scores * (1.0 - scores)
 
 
 def rel_error(out, ref) -> float:

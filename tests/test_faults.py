@@ -652,6 +652,7 @@ def test_a_failed_launch_names_the_kernel_and_keeps_the_driver_error(monkeypatch
     # Arguments that are not all scalars (a tensor map) go through cuda.core.
     monkeypatch.setattr(cuda.core, "LaunchConfig", lambda **kw: kw)
     monkeypatch.setattr(cuda.core, "launch", refuse)
+
     class Kernel:  # hashable, as cuda.core's are
         handle = 0x1234
 

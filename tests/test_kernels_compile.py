@@ -24,12 +24,18 @@ ProgramOptions = cuda_core.ProgramOptions
 
 from cublas_grouped.gemm import pointers as _pointers  # noqa: E402
 from cublas_grouped.gemm.backends import hopper as _hopper  # noqa: E402
+from cublas_grouped.moe import backward_kernels as _backward_kernels  # noqa: E402
 from cublas_grouped.moe import kernels as _moe_kernels  # noqa: E402
 from cublas_grouped.runtime import nvrtc  # noqa: E402
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 # What each launcher compiles its file with.
-DEFINES = {**_moe_kernels.DEFINES, "pointers": _pointers.DEFINES, "grouped_gemm_sm90": _hopper.DEFINES}
+DEFINES = {
+    **_moe_kernels.DEFINES,
+    **_backward_kernels.DEFINES,
+    "pointers": _pointers.DEFINES,
+    "grouped_gemm_sm90": _hopper.DEFINES,
+}
 ARCHES = ("sm_80", "sm_90")
 # Files that only build for one architecture (wgmma and TMA need sm_90a).
 ARCHES_OF = {"grouped_gemm_sm90.cu": (_hopper.ARCH,)}
@@ -46,6 +52,7 @@ EXPECTED = {
     "pointers.cu": {"build_pointers"},
     "activation.cu": _typed("expert_activation"),
     "combine.cu": _typed("combine_rows", "scatter_rows"),
+    "moe_backward.cu": _typed("expert_activation_backward", "expert_column_sums"),
     "grouped_gemm_sm90.cu": {
         "grouped_tile_offsets",
         "grouped_gemm_nt_bf16",
@@ -156,6 +163,8 @@ def test_a_missing_define_stops_the_compile_and_is_named(name, missing):
         ("routing", {"SCORE_SIGMOID": 0}, "differ"),
         ("pointers", {"POINTER_THREADS": 48}, "a multiple of 32 up to 1024"),
         ("activation", {"ACT_RELU": 0}, "the activation codes must differ"),
+        ("moe_backward", {"ACT_RELU": 0}, "the activation codes must differ"),
+        ("moe_backward", {"COLSUM_SLICES": 64}, "a block of 1 to 1024 threads"),
         ("grouped_gemm_sm90", {"SM90_BLOCK_N": 128}, "wgmma m64n256k16"),
         ("grouped_gemm_sm90", {"SM90_TILE_THREADS": 1000}, "a multiple of 32, at most 1024"),
     ],
@@ -206,6 +215,7 @@ def test_define_values_are_checked(defines, error, message):
         ("dispatch.cu", ["gather_rows_bf16", "gather_rows_f32"]),
         ("combine.cu", ["combine_rows_bf16", "scatter_rows_f16"]),
         ("activation.cu", ["expert_activation_bf16", "expert_activation_f32"]),
+        ("moe_backward.cu", ["expert_activation_backward_bf16", "expert_activation_backward_f32"]),
     ],
 )
 def test_row_kernels_use_128bit_accesses(name, kernels):

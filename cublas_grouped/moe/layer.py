@@ -22,6 +22,7 @@ from ..runtime.arrays import as_cupy
 from ..runtime.device import stream_resources
 from ..runtime.oom import reports_out_of_memory
 from . import kernels as K
+from .backward import check_context_options, forward_with_context
 from .checks import check_layer_args, check_tokens, device_of, executor_or_shared, kernel_arch
 from .dispatch import mark_stage, plan_dispatch, run_expert_gemm
 from .fixed_capacity import cached_chunk_buffers, check_fixed_capacity_args, fixed_capacity_step
@@ -77,6 +78,8 @@ def moe_forward(
     fixed_capacity: bool = False,
     dropped_pairs=None,
     sync_free: bool | None = None,
+    return_context: bool = False,
+    recompute: bool = False,
 ):
     """The MoE expert layer: ``sum_j w[t,j] * (act(x_t @ w1[e] + b1[e]) @ w2[e] + b2[e])``.
 
@@ -109,6 +112,12 @@ def moe_forward(
     sync_free : bool, optional
         Deprecated name of ``fixed_capacity`` (a ``DeprecationWarning``; it
         goes in the next release).
+    return_context : bool
+        Also keep what :func:`cublas_grouped.moe_backward` needs and return
+        ``(out, ctx)`` (not with ``fixed_capacity``).
+    recompute : bool
+        With ``return_context``: the context keeps no first-GEMM output and
+        the backward recomputes it (docs/backward.md: memory each way).
 
     Returns
     -------
@@ -134,6 +143,11 @@ def moe_forward(
             "dropped_pairs applies only with fixed_capacity=True (the synchronizing path raises on bad ids)"
         )
     executor = executor_or_shared(executor)
+    if check_context_options(return_context, recompute, fixed_capacity):
+        return forward_with_context(
+            x_v, shape, topk_ids, topk_weights, (w1, w2, b1, b2), executor=executor,
+            algorithm=algorithm, stream=stream, timer=timer, recompute=recompute,
+        )  # fmt: skip
     import cupy
 
     res = stream_resources(device_of(x_v), stream)

@@ -8,6 +8,7 @@ from ..runtime.arrays import as_cupy, view
 from ..runtime.device import stream_resources
 from .checks import device_of
 from .layer import moe_forward
+from .mlp_backward import mlp_backward, mlp_forward_with_context
 from .routing import route
 
 __all__ = ["ExpertWeights", "ExpertWeightManager", "MoEMLP"]
@@ -128,13 +129,19 @@ class MoEMLP:
         self.scoring, self.renormalize = scoring, renormalize
         self.activation, self.gated = activation, gated
 
-    def __call__(self, x, *, stream=None, algorithm="auto"):
+    def __call__(self, x, *, stream=None, algorithm="auto", return_context=False, recompute=False):
         """Forward ``x`` [T, H] -> [T, H].
 
         All of the call's work (router matmul, routing, experts, shared
         experts and their sum) runs on ``stream`` (``None``: CuPy's current
         stream of x's device), so the result is ready in that stream's order.
+        ``return_context=True`` returns ``(out, ctx)`` for :meth:`backward`
+        (``recompute``: as in :func:`moe_forward`).
         """
+        if return_context or recompute:
+            if not return_context:
+                raise ValueError("recompute applies only with return_context=True")
+            return mlp_forward_with_context(self, x, stream=stream, algorithm=algorithm, recompute=recompute)
         import cupy
 
         device = device_of(view(x, "x"))
@@ -174,3 +181,9 @@ class MoEMLP:
                     stream=res.stream,
                 )
         return out
+
+    def backward(self, ctx, dy, *, stream=None):
+        """Gradients of one ``self(x, return_context=True)`` call for dLoss/dout ``dy``:
+        an :class:`~cublas_grouped.moe.mlp_backward.MLPGradients` (x, router,
+        experts with their biases, shared experts). Deterministic."""
+        return mlp_backward(self, ctx, dy, stream=stream)

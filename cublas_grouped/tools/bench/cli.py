@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also write a cProfile report of each entry point",
     )
+    run.add_argument(
+        "--backward", action="store_true", help="time the layer's backward against its forward (and torch)"
+    )
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", default=None, help="write every number and the environment")
     out.add_argument("--plot", metavar="PATH", default=None, help="bar chart of TFLOP/s (needs matplotlib)")
@@ -248,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"cublas_grouped.bench: cannot run: {reason}. The benchmark needs an NVIDIA GPU.", file=sys.stderr
         )
         return 2
+    if args.backward:
+        from .backward import run_backward
+
+        return run_backward(args)
     try:
         api = load_api()
     except ImportError as exc:
