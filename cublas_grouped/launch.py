@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-__all__ = ["build_parser", "free_port", "rank_env", "launch", "main"]
+__all__ = ["build_parser", "free_port", "rank_env", "launch", "split_argv", "main"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -106,21 +106,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-m", dest="module", default=None, help="run a module (like python -m) instead of a script"
     )
-    p.add_argument("script", nargs="?", help="the script each process runs")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script or module")
+    p.add_argument("script", nargs="?", help="the script each process runs, then its arguments")
     return p
 
 
+_VALUED = ("--nproc", "--master-addr", "--master-port", "--grace")
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the launcher's own arguments, the child's arguments after ``-m MODULE`` or the script).
+
+    Everything after the script (or the module name) belongs to the child,
+    options included, as with ``python`` itself.
+    """
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-m":
+            return argv[: i + 2], argv[i + 2 :]
+        if arg in _VALUED:
+            i += 2
+        elif arg.startswith("-"):
+            i += 1
+        else:
+            return argv[: i + 1], argv[i + 1 :]
+    return argv, []
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Parse the command line, start the ranks, return the exit code."""
+    own, rest = split_argv(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(own)
     if args.nproc < 1:
         print(f"cublas_grouped.launch: --nproc must be >= 1; got {args.nproc}", file=sys.stderr)
         return 2
     if args.module:
-        rest = ([args.script] if args.script else []) + args.args
         command = [sys.executable, "-m", args.module, *rest]
     elif args.script:
-        command = [sys.executable, args.script, *args.args]
+        command = [sys.executable, args.script, *rest]
     else:
         print("cublas_grouped.launch: give a script (or -m module) to run", file=sys.stderr)
         return 2

@@ -286,3 +286,77 @@ def test_layer_refuses_bad_calls_before_any_gpu_work(fake):
         layer.forward(fake((5, 16)), fake((5, 3), np.int32), None)
     with pytest.raises(TypeError, match="topk_ids must be int32"):
         layer.forward(fake((5, 16)), fake((5, 2), np.int64), None)
+
+
+def test_launcher_argument_split():
+    assert launch.split_argv(["--nproc", "2", "s.py", "--nproc", "x"]) == (
+        ["--nproc", "2", "s.py"],
+        ["--nproc", "x"],
+    )
+    assert launch.split_argv(["--nproc", "2", "--grace", "1", "-m", "pkg.mod", "--worker", "-m", "y"]) == (
+        ["--nproc", "2", "--grace", "1", "-m", "pkg.mod"],
+        ["--worker", "-m", "y"],
+    )
+    assert launch.split_argv(["--nproc", "2"]) == (["--nproc", "2"], [])
+
+
+def test_launcher_runs_a_module_with_its_own_options(tmp_path):
+    (tmp_path / "ep_probe_mod.py").write_text(
+        "import os, sys\nprint(os.environ['RANK'], sys.argv[1:], flush=True)\n"
+    )
+    start = time.monotonic()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cublas_grouped.launch",
+            "--nproc",
+            "2",
+            "-m",
+            "ep_probe_mod",
+            "--nproc",
+            "-m",
+        ],
+        cwd=ROOT,
+        env={"PYTHONPATH": f"{ROOT}:{tmp_path}", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == ["0 ['--nproc', '-m']", "1 ['--nproc', '-m']"]
+    assert time.monotonic() - start < 60
+
+
+def test_ep_bench_report_and_targets():
+    from cublas_grouped.tools.ep_bench import format_report
+
+    def run(world, ms, d_ms, c_ms, a2a, experts=256):
+        rows = [
+            {
+                "tokens_per_rank": 4096,
+                "layer_ms": ms,
+                "stage_ms": {"dispatch": d_ms, "combine_exchange": c_ms},
+                "dispatch_bytes": 100e6,
+                "combine_bytes": 100e6,
+                "dispatch_gbs": 100e6 / (d_ms * 1e6) if world > 1 else None,
+                "combine_gbs": 100e6 / (c_ms * 1e6) if world > 1 else None,
+                "alltoall_busbw": a2a,
+                "allreduce_busbw": a2a,
+            }
+        ]
+        return {"world": world, "experts": experts, "requested_experts": 256, "rows": rows}
+
+    # 1 GPU: 10 ms. 2 GPUs: 11 ms -> scaling 1.82x; transfers 200 MB in 0.5 ms = 400 GB/s vs 500 -> 80%.
+    lines = format_report(
+        [run(1, 10.0, 0, 0, None, experts=128), run(2, 11.0, 0.25, 0.25, 500.0), run(4, 14.0, 1, 1, 500.0)]
+    )
+    text = "\n".join(lines)
+    assert (
+        "PASS dispatch+combine at 80% of the all-to-all bus bandwidth (target >= 70%), 2 GPUs, 4096 tokens/rank"
+        in text
+    )
+    assert "PASS tokens/s scaling 1.82x on 2 GPUs (target >= 1.7x), 4096 tokens/rank" in text
+    assert "MISS dispatch+combine at 20% of the all-to-all bus bandwidth" in text
+    assert "MISS tokens/s scaling 2.86x on 4 GPUs (target >= 3.2x)" in text
+    assert "note: E scaled down to 128 (of 256) on 1 GPU(s)" in text

@@ -238,4 +238,30 @@ def init_process_group(
     except StoreTimeoutError:
         store.close()
         raise
-    return ProcessGroup(info.rank, info.world_size, device, comm, store, timeout)
+    group = ProcessGroup(info.rank, info.world_size, device, comm, store, timeout)
+    _warm_up(group)
+    return group
+
+
+def _warm_up(group: ProcessGroup) -> None:
+    """One all-reduce and one byte to and from every peer while all ranks are here.
+
+    NCCL connects peers lazily, inside the host call of the first operation
+    that needs them; a peer missing then would block that host call, out of
+    reach of :meth:`ProcessGroup.wait`'s timeout. Connecting at start-up keeps
+    the first calls of a layer from blocking that way.
+    """
+    import cupy
+
+    stream = cupy.cuda.get_current_stream()
+    one = cupy.ones(1, dtype=cupy.int32)
+    group.all_reduce(one, "sum", stream.ptr)
+    send = cupy.zeros(group.world_size, dtype=cupy.uint8)
+    recv = cupy.empty_like(send)
+    spans = [(peer, 1) for peer in range(group.world_size)]
+    group.exchange(send.data.ptr, spans, recv.data.ptr, spans, stream.ptr)
+    group.wait(stream.record(), "the start-up exchange")
+    if int(one[0]) != group.world_size:
+        raise DistributedError(
+            f"rank {group.rank}: the start-up all-reduce gave {int(one[0])}, not {group.world_size}"
+        )

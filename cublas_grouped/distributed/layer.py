@@ -197,7 +197,8 @@ class ExpertParallelMoE:
         topk_ids : int32 [T, k] global expert ids; topk_weights : float32 [T, k] or None (weight 1)
         router_logits : [T, E] instead of ids and weights: routed with :func:`cublas_grouped.route`
         timer : optional :class:`cublas_grouped.StageTimer` (stages: agree, counts,
-            dispatch, experts, combine_exchange, combine)
+            gather, dispatch, experts, combine_exchange, combine; dispatch and
+            combine_exchange are the NCCL transfers alone)
 
         Returns
         -------
@@ -267,6 +268,7 @@ class ExpertParallelMoE:
 
         # Dispatch: the valid pairs' rows, in send order (bad ids were refused above).
         send_buf = cupy.take(x, order // k, axis=0)
+        mark_stage(timer, "gather", stream)
         recv_buf = cupy.empty((int(recv_offsets[-1]), hidden), dtype=x.dtype)
         group.exchange(
             send_buf.data.ptr,
