@@ -219,7 +219,8 @@ def init_process_group(
 
     if not nccl.available:
         raise DistributedError(
-            "NCCL is not available to CuPy; install the NCCL wheel (the nccl-cu12 / nccl-cu13 extra)"
+            "NCCL is not available to CuPy; install the NCCL wheel with the package's extra: "
+            'pip install "cublas_grouped[cu12,nccl-cu12]" (or "cublas_grouped[cu13,nccl-cu13]")'
         )
     device = info.local_rank if device_id is None else int(device_id)
     count = cupy.cuda.runtime.getDeviceCount()
