@@ -162,7 +162,8 @@ def error_cases(group):
 
 def main(mode: str, out_dir: str) -> int:
     if mode == "stall":
-        group = init_process_group(timeout=3)
+        group = init_process_group(timeout=120)
+        group.timeout = 3.0  # from here on: the layer's waits
         if group.rank == 1:
             time.sleep(8)  # alive but gone from the group's point of view
             os._exit(0)

@@ -44,7 +44,8 @@ WORLDS = [2] + ([4] if _device_count() >= 4 else [])
 
 
 def _launch(nproc: int, mode: str, out_dir: Path, timeout: float):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NCCL_NVLS_ENABLE="0")
+    # AUTOTUNE=0: algorithm choices from tables and rules, nothing measured or written by the ranks.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NCCL_NVLS_ENABLE="0", CUBLAS_GROUPED_AUTOTUNE="0")
     start = time.monotonic()
     proc = subprocess.run(
         [
