@@ -17,7 +17,8 @@ import types
 import numpy as np
 import pytest
 
-from cublas_grouped.distributed import ExpertParallelMoE, dispatch_model
+from cublas_grouped.distributed import ExpertParallelMoE, FixedCapacityExpertParallelMoE, dispatch_model
+from cublas_grouped.distributed import fixed_capacity as fixed_mod
 from cublas_grouped.distributed import layer as layer_mod
 from cublas_grouped.testing import moe_forward_ref
 
@@ -81,7 +82,7 @@ class _Device:
 def _fake_cupy():
     m = types.ModuleType("cupy")
     m.ndarray = Arr
-    for name in ("int32", "int64", "uint8", "float32"):
+    for name in ("int32", "int64", "uint8", "uint64", "float32"):
         setattr(m, name, getattr(np, name))
 
     def wrap(fn):
@@ -97,6 +98,8 @@ def _fake_cupy():
         "concatenate",
         "zeros",
         "ones",
+        "cumsum",
+        "maximum",
     ):
         setattr(m, name, wrap(getattr(np, name)))
     m.argsort = wrap(lambda a: np.argsort(a, kind="stable"))
@@ -157,12 +160,65 @@ def _local_experts(x, ids, weights, w1, w2, **kw):
 
 
 def _combine(stream, arch, y, pair_to_row, weights, ids, bias, tokens, k, out):
+    """combine.cu's contract: row -1 adds nothing; others are weighted and summed in choice order."""
     y, rows = np.asarray(y, np.float64), np.asarray(pair_to_row).reshape(tokens, k)
     w = np.ones((tokens, k)) if weights is None else np.asarray(weights, np.float64)
     acc = np.zeros(out.shape)
     for j in range(k):
-        acc += w[:, j, None] * y[rows[:, j]]
+        take = rows[:, j] >= 0
+        acc[take] += w[take, j, None] * y[rows[take, j]]
     out[...] = acc
+
+
+PAIRS_PER_BLOCK = 4  # small blocks, so that the sort's blocks matter at these sizes
+
+
+def _block_histogram(stream, arch, ids, pairs, experts, blocks):
+    flat = np.asarray(ids).reshape(-1)
+    blocks[...] = 0
+    for p in range(pairs):
+        if 0 <= flat[p] < experts:
+            blocks[p // PAIRS_PER_BLOCK, flat[p]] += 1
+
+
+def _column_scan(stream, arch, blocks, nb, experts, counts):
+    counts[...] = blocks.sum(axis=0)
+    blocks[...] = np.cumsum(blocks, axis=0) - blocks
+
+
+def _assign_rows(stream, arch, ids, pairs, experts, blocks, offsets, p2r, r2p, *, dropped=None):
+    """The kernel's contract (dispatch.cu): row = offsets[e] + earlier pairs of e; -1 when dropped."""
+    flat = np.asarray(ids).reshape(-1)
+    for p in range(pairs):
+        e = flat[p]
+        if 0 <= e < experts:
+            b = p // PAIRS_PER_BLOCK
+            row = offsets[e] + blocks[b, e] + np.count_nonzero(flat[b * PAIRS_PER_BLOCK : p] == e)
+            p2r[p], r2p[row] = row, p
+        else:
+            p2r[p] = -1
+            dropped[0] += 1
+
+
+class _LocalFixed:
+    """FixedCapacityMoE's contract: ids outside [0, E) add nothing (a zero row)."""
+
+    def __init__(self, w1, w2, top_k, max_tokens, **kw):
+        self.w1, self.w2 = np.asarray(w1.host), np.asarray(w2.host)
+        self.out = _arr(np.full((max_tokens, self.w1.shape[1]), np.nan, np.float32))
+
+    def forward(self, x, ids, weights, *, stream=None):
+        rows = np.asarray(x)
+        flat = np.asarray(ids).reshape(-1)
+        for i, e in enumerate(flat):
+            if 0 <= e < self.w1.shape[0]:
+                one = moe_forward_ref(
+                    rows[i : i + 1], np.zeros((1, 1), np.int32), None, self.w1[e : e + 1], self.w2[e : e + 1]
+                )
+                self.out[i] = one[0]
+            else:
+                self.out[i] = 0
+        return self.out[: len(flat)]
 
 
 @pytest.fixture
@@ -175,6 +231,17 @@ def fake_stack(monkeypatch):
     monkeypatch.setattr(layer_mod, "kernel_arch", lambda res: "sm_90")
     monkeypatch.setattr(layer_mod, "moe_forward", _local_experts)
     monkeypatch.setattr(layer_mod, "K", types.SimpleNamespace(combine_rows=_combine))
+    monkeypatch.setattr(fixed_mod, "stream_resources", lambda device, stream: res)
+    monkeypatch.setattr(fixed_mod, "kernel_arch", lambda res: "sm_90")
+    monkeypatch.setattr(fixed_mod, "FixedCapacityMoE", _LocalFixed)
+    kernels = {
+        "combine_rows": _combine,
+        "block_histogram": _block_histogram,
+        "column_scan": _column_scan,
+        "assign_rows": _assign_rows,
+        "num_pair_blocks": lambda pairs: max(1, -(-pairs // PAIRS_PER_BLOCK)),
+    }
+    monkeypatch.setattr(fixed_mod, "K", types.SimpleNamespace(**kernels))
 
 
 def _run(world_size, fn):
@@ -298,3 +365,121 @@ def test_refusals_reach_every_rank(fake_stack):
     assert str(got[0]) == "x has 3 columns; the layer's hidden size is 16"
     for r in (1, 2):
         assert str(got[r]) == f"rank {r}: another rank refused its arguments to ExpertParallelMoE.forward"
+
+
+@pytest.mark.parametrize(
+    "world,tokens,kind", [(2, (12, 5), "skewed"), (4, (0, 1, 9, 6), "uniform"), (1, (7,), "uniform")]
+)
+def test_fixed_capacity_without_overflow_equals_the_one_gpu_layer(fake_stack, world, tokens, kind):
+    rng = np.random.default_rng(world * 7 + sum(tokens))
+    experts, k = 8, 3
+    w1, w2, data = _problem(rng, world, tokens, experts, k, kind=kind)
+    epr, max_tokens = experts // world, max(tokens)
+
+    def rank_fn(group):
+        r = group.rank
+        layer = FixedCapacityExpertParallelMoE(
+            group,
+            Dev(w1[r * epr : (r + 1) * epr]),
+            Dev(w2[r * epr : (r + 1) * epr]),
+            experts,
+            k,
+            capacity=max_tokens * k,  # never overflows
+            max_tokens=max_tokens,
+        )
+        x, ids, w = data[r]
+        outs = [np.array(layer(Dev(x), Dev(ids), Dev(w))) for _ in range(2)]
+        return outs, layer.overflow_pairs(), layer.dropped_pairs()
+
+    for r, got in enumerate(_run(world, rank_fn)):
+        assert not isinstance(got, Exception), f"rank {r}: {got!r}"
+        (first, second), overflow, dropped = got
+        x, ids, w = data[r]
+        np.testing.assert_allclose(first, moe_forward_ref(x, ids, w, w1, w2), rtol=2e-5, atol=2e-6)
+        assert first.tobytes() == second.tobytes() and overflow == 0 and dropped == 0
+
+
+@pytest.mark.parametrize("policy", ["nan", "drop"])
+def test_fixed_capacity_counts_overflow_and_bad_ids(fake_stack, policy):
+    rng = np.random.default_rng(11)
+    world, experts, k, hidden = 2, 4, 2, 16
+    w1, w2, _ = _problem(rng, world, (1,), experts, k, hidden=hidden)
+    # Rank 0: 4 tokens, all to experts 2 and 3 (rank 1's): 8 pairs for rank 1, capacity 5 -> 3 overflow
+    # (the last three in send order: expert 3's tokens 1, 2, 3). Rank 1: one id out of range.
+    ids = [np.array([[2, 3]] * 4, np.int32), np.array([[0, 9], [1, 2]], np.int32)]
+    xs = [
+        rng.standard_normal((4, hidden)).astype(np.float32),
+        rng.standard_normal((2, hidden)).astype(np.float32),
+    ]
+
+    def rank_fn(group):
+        r = group.rank
+        layer = FixedCapacityExpertParallelMoE(
+            group,
+            Dev(w1[2 * r : 2 * r + 2]),
+            Dev(w2[2 * r : 2 * r + 2]),
+            experts,
+            k,
+            capacity=5,
+            max_tokens=4,
+            on_overflow=policy,
+        )
+        out = np.array(layer(Dev(xs[r]), Dev(ids[r]), None))
+        counts = layer.overflow_pairs(), layer.dropped_pairs()
+        try:
+            layer.check_overflow()
+            message = "no error"
+        except ValueError as exc:
+            message = str(exc)
+        return out, counts, message, layer.overflow_pairs(reset=True), layer.overflow_pairs()
+
+    (out0, counts0, msg0, before0, after0), (out1, counts1, msg1, _, _) = _run(world, rank_fn)
+    assert counts0 == (3, 0) and counts1 == (0, 1) and (before0, after0) == (3, 0)
+    assert msg0.startswith(
+        "rank 0: 3 pairs found no slot (capacity 5 rows per rank pair) and 0 named an expert"
+    )
+    assert msg1.startswith(
+        "rank 1: 0 pairs found no slot (capacity 5 rows per rank pair) and 1 named an expert"
+    )
+    ref_full = moe_forward_ref(xs[0], ids[0], None, w1, w2)
+    np.testing.assert_allclose(out0[0], ref_full[0], rtol=2e-5, atol=2e-6)  # token 0 kept both choices
+    only_expert_2 = moe_forward_ref(xs[0], ids[0][:, :1].copy(), None, w1, w2)
+    if policy == "nan":
+        assert np.isnan(out0[1:]).all(axis=1).all()
+    else:
+        np.testing.assert_allclose(out0[1:], only_expert_2[1:], rtol=2e-5, atol=2e-6)
+    # Rank 1: the bad id adds nothing; the rest is exact.
+    keep = moe_forward_ref(xs[1], np.array([[0], [1]], np.int32), None, w1, w2)
+    keep[1] += moe_forward_ref(xs[1][1:], np.array([[2]], np.int32), None, w1, w2)[0]
+    np.testing.assert_allclose(out1, keep, rtol=2e-5, atol=2e-6)
+
+
+def test_fixed_capacity_refuses_bad_construction(fake_stack):
+    rng = np.random.default_rng(1)
+    w1, w2, _ = _problem(rng, 2, (1,), 4, 2)
+
+    def build(group, **kw):
+        r = group.rank
+        args = {"capacity": 4, "max_tokens": 2, **kw}
+        return FixedCapacityExpertParallelMoE(
+            group, Dev(w1[2 * r : 2 * r + 2]), Dev(w2[2 * r : 2 * r + 2]), 4, 2, **args
+        )
+
+    for kw, message in (
+        ({"capacity": 0}, "capacity must be a positive int; got 0"),
+        ({"max_tokens": True}, "max_tokens must be a positive int; got True"),
+        ({"on_overflow": "clip"}, "on_overflow must be one of ['drop', 'nan']; got 'clip'"),
+    ):
+        got = _run(2, lambda g, kw=kw: build(g, **kw))
+        assert all(isinstance(e, ValueError) and str(e) == message for e in got), got
+    got = _run(2, lambda g: build(g, capacity=4 + g.rank))
+    for r, e in enumerate(got):
+        assert isinstance(e, ValueError) and str(e).startswith(
+            f"rank {r}: the ranks' layers or inputs disagree"
+        ), e
+        assert "disagree on capacity per rank pair" in str(e)
+    layer = _run(
+        1, lambda g: FixedCapacityExpertParallelMoE(g, Dev(w1), Dev(w2), 4, 2, capacity=4, max_tokens=2)
+    )[0]
+    with pytest.raises(ValueError, match="x has 3 tokens but this layer was built for max_tokens=2"):
+        layer(Dev(np.zeros((3, 16), np.float32)), Dev(np.zeros((3, 2), np.int32)), None)

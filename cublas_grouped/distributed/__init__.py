@@ -2,10 +2,11 @@
 
 One process per GPU (``python -m cublas_grouped.launch --nproc N script.py``);
 :func:`init_process_group` joins the group, :class:`ExpertParallelMoE` is the
-layer. :mod:`cublas_grouped.distributed.plan` models who sends what to whom in
+layer (:class:`FixedCapacityExpertParallelMoE`: the same without a host copy). :mod:`cublas_grouped.distributed.plan` models who sends what to whom in
 NumPy. Nothing here imports NCCL until a group is created. See docs/distributed.md.
 """
 
+from .fixed_capacity import FixedCapacityExpertParallelMoE
 from .group import (
     CollectiveTimeoutError,
     DistributedError,
@@ -22,6 +23,7 @@ __all__ = [
     "CollectiveTimeoutError",
     "DistributedError",
     "ExpertParallelMoE",
+    "FixedCapacityExpertParallelMoE",
     "LaunchEnv",
     "Placement",
     "ProcessGroup",

@@ -167,8 +167,11 @@ class ExpertParallelMoE:
             )
         return x_v, ids_v
 
-    def _agree(self, signature: np.ndarray, stream) -> None:
-        """All-reduce max of (signature, -signature): every rank learns whether all agree."""
+    def _agree(self, signature: np.ndarray, stream, fields=SIGNATURE_FIELDS) -> None:
+        """All-reduce max of (signature, -signature): every rank learns whether all agree.
+
+        ``fields`` names the entries of ``signature`` (the first is the refusal flag).
+        """
         import cupy
 
         buf = cupy.asarray(np.concatenate([signature, -signature]))
@@ -181,11 +184,11 @@ class ExpertParallelMoE:
             raise ValueError(
                 f"rank {self.group.rank}: another rank refused its arguments to ExpertParallelMoE.forward"
             )
-        differ = [SIGNATURE_FIELDS[i] for i in range(1, n) if high[i] != low[i]]
+        differ = [fields[i] for i in range(1, n) if high[i] != low[i]]
         if differ:
             raise ValueError(
                 f"rank {self.group.rank}: the ranks' layers or inputs disagree on {', '.join(differ)} "
-                f"(this rank: {dict(zip(SIGNATURE_FIELDS[1:], signature[1:].tolist()))})"
+                f"(this rank: {dict(zip(fields[1:], signature[1:].tolist()))})"
             )
 
     def forward(self, x, topk_ids=None, topk_weights=None, *, router_logits=None, timer=None):
