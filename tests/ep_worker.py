@@ -27,8 +27,12 @@ import cublas_grouped as cg
 from cublas_grouped.distributed import (
     CollectiveTimeoutError,
     ExpertParallelMoE,
+    FixedCapacityExpertParallelMoE,
     dispatch_model,
     init_process_group,
+    placement,
+    send_layout,
+    send_order,
 )
 from cublas_grouped.testing import moe_forward_ref, rel_error
 
@@ -160,6 +164,54 @@ def error_cases(group):
     return results
 
 
+def fixed_cases(group):
+    """The fixed-capacity layer: no overflow (against one GPU), then overflow (NaN exactly where the plan says)."""
+    import cupy
+
+    rank, world = group.rank, group.world_size
+    results = {}
+    for name, capacity_of in (
+        ("bf16 decode", lambda t, k: t * k),
+        ("bf16 all to the last rank", lambda t, k: t * k // 2 + 8),
+    ):
+        w1, w2, per_rank, experts, k = _data(name, world)
+        epr = experts // world
+        max_tokens = max(p[0].shape[0] for p in per_rank)
+        capacity = capacity_of(max_tokens, k)
+        x_h, ids_h, w_h = per_rank[rank]
+        x, ids, w = cupy.asarray(x_h), cupy.asarray(ids_h), cupy.asarray(w_h)
+        local = slice(rank * epr, (rank + 1) * epr)
+        layer = FixedCapacityExpertParallelMoE(
+            group,
+            cupy.asarray(w1[local]),
+            cupy.asarray(w2[local]),
+            experts,
+            k,
+            capacity=capacity,
+            max_tokens=max_tokens,
+        )
+        outs = [cupy.asnumpy(layer(x, ids, w)) for _ in range(2)]
+        ref = moe_forward_ref(x_h, ids_h, w_h, w1, w2)
+        # The plan: which of this rank's pairs find no slot (position >= C within their destination's block).
+        order = send_order(ids_h, experts)
+        where = placement(experts, world)
+        rows, offsets = send_layout(np.bincount(ids_h.reshape(-1), minlength=experts), where)
+        over = [order[offsets[d] + capacity : offsets[d + 1]] for d in range(world)]
+        over = np.concatenate(over) if over else np.zeros(0, np.int64)
+        nan_tokens = sorted(set((over // k).tolist()))
+        got = outs[0].astype(np.float64)
+        keep = np.setdiff1d(np.arange(x_h.shape[0]), nan_tokens)
+        results[name] = {
+            "bitwise_repeat": outs[0].tobytes() == outs[1].tobytes(),
+            "overflow": layer.overflow_pairs(),
+            "overflow_expected": int(sum(max(int(r) - capacity, 0) for r in rows)) * 2,  # two calls
+            "nan_rows": np.flatnonzero(np.isnan(got).any(axis=1)).tolist(),
+            "nan_rows_expected": nan_tokens,
+            "err_ref_kept": float(rel_error(got[keep], ref[keep])) if keep.size else 0.0,
+        }
+    return results
+
+
 def main(mode: str, out_dir: str) -> int:
     if mode == "stall":
         group = init_process_group(timeout=120)
@@ -188,6 +240,10 @@ def main(mode: str, out_dir: str) -> int:
             results[name] = run_case(group, name)
         except Exception:
             results[name] = {"exception": traceback.format_exc()}
+    try:
+        results["fixed"] = fixed_cases(group)
+    except Exception:
+        results["fixed"] = {"exception": traceback.format_exc()}
     try:
         results["errors"] = error_cases(group)
     except Exception:

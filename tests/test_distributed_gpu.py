@@ -101,6 +101,24 @@ def test_distributed_layer_equals_one_gpu(results, case):
         assert ranks[0][case]["tokens"] == 0
 
 
+def test_fixed_capacity_layer(results):
+    nproc, ranks = results
+    for rank, got in enumerate(ranks):
+        f = got["fixed"]
+        assert "exception" not in f, f"rank {rank}: {f.get('exception')}"
+        for case, r in f.items():
+            where = f"fixed capacity, {case}, rank {rank} of {nproc}"
+            assert r["bitwise_repeat"], where
+            assert r["overflow"] == r["overflow_expected"], f"{where}: {r}"
+            assert r["nan_rows"] == r["nan_rows_expected"], f"{where}: NaN rows {r}"
+            assert r["err_ref_kept"] <= 2e-2, f"{where}: {r}"
+        assert f["bf16 decode"]["overflow"] == 0
+    # Capacity 72 rows with everything bound for the last rank: ranks with 64 tokens (128 pairs)
+    # overflow, ranks with 17 (34 pairs) do not.
+    over = [got["fixed"]["bf16 all to the last rank"]["overflow"] for got in ranks]
+    assert over[0] == 2 * (128 - 72) and over[1] == 0, over
+
+
 def test_refused_calls_raise_on_every_rank(results):
     nproc, ranks = results
     for rank, got in enumerate(ranks):
