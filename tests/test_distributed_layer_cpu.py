@@ -82,7 +82,7 @@ class _Device:
 def _fake_cupy():
     m = types.ModuleType("cupy")
     m.ndarray = Arr
-    for name in ("int32", "int64", "uint8", "uint64", "float32"):
+    for name in ("int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32"):
         setattr(m, name, getattr(np, name))
 
     def wrap(fn):

@@ -31,7 +31,7 @@ from ..moe.fixed_capacity import FixedCapacityMoE
 from ..moe.routing import route
 from ..runtime.arrays import as_cupy
 from ..runtime.device import stream_resources
-from .layer import SIGNATURE_FIELDS, ExpertParallelMoE
+from .layer import SIGNATURE_FIELDS, ExpertParallelMoE, as_bits
 
 __all__ = ["FixedCapacityExpertParallelMoE", "OVERFLOW_POLICIES"]
 
@@ -115,7 +115,7 @@ class FixedCapacityExpertParallelMoE(ExpertParallelMoE):
             self._recv_ids = cupy.empty(slots, dtype=cupy.int32)
             # The spare row of the returned results is NaN: overflowing pairs read it with "nan".
             self._back = cupy.zeros((slots + 1, hidden), dtype=dtype)
-            self._back[slots] = np.nan
+            self._back[slots].fill(np.nan)
             self._out = cupy.empty((self.max_tokens, hidden), dtype=dtype)
             self._overflow = cupy.zeros(1, dtype=cupy.int64)
             self._dropped = cupy.zeros(1, dtype=cupy.uint64)
@@ -201,7 +201,7 @@ class FixedCapacityExpertParallelMoE(ExpertParallelMoE):
         self._send_ids.fill(-1)
         if tokens:
             self._send_ids[slot] = cupy.where(fits, local, -1).astype(cupy.int32)
-            self._send_rows[slot] = x[cupy.arange(tokens * k) // k]
+            as_bits(self._send_rows)[slot] = as_bits(x)[cupy.arange(tokens * k) // k]
         mark_stage(timer, "gather", stream)
         item = hidden * x.dtype.itemsize
         rows = [(d * cap * item, cap * item) for d in range(world)]

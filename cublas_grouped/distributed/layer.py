@@ -33,7 +33,7 @@ from ..runtime.device import stream_resources
 from .group import ProcessGroup
 from .plan import placement, receive_layout, send_layout
 
-__all__ = ["ExpertParallelMoE", "SIGNATURE_FIELDS"]
+__all__ = ["ExpertParallelMoE", "SIGNATURE_FIELDS", "as_bits"]
 
 #: What every rank's call must agree on, in the order of the signature vector.
 SIGNATURE_FIELDS = (
@@ -50,6 +50,14 @@ SIGNATURE_FIELDS = (
 )
 _DTYPE_CODES = {"float32": 1, "float16": 2, "bfloat16": 3}
 _ACT_CODES = {"silu": 1, "gelu": 2, "relu": 3}
+
+
+def as_bits(a):
+    """``a`` viewed as unsigned integers of its item size: row copies then need no
+    arithmetic support for the dtype (bfloat16 included), and copy bits exactly."""
+    import cupy
+
+    return a.view({2: cupy.uint16, 4: cupy.uint32, 8: cupy.uint64}[a.dtype.itemsize])
 
 
 class ExpertParallelMoE:
@@ -270,7 +278,7 @@ class ExpertParallelMoE:
         item = x.dtype.itemsize * hidden
 
         # Dispatch: the valid pairs' rows, in send order (bad ids were refused above).
-        send_buf = cupy.take(x, order // k, axis=0)
+        send_buf = cupy.take(as_bits(x), order // k, axis=0).view(x.dtype)
         mark_stage(timer, "gather", stream)
         recv_buf = cupy.empty((int(recv_offsets[-1]), hidden), dtype=x.dtype)
         group.exchange(
