@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 __all__ = ["build_parser", "free_port", "rank_env", "launch", "split_argv", "main"]
@@ -47,6 +48,21 @@ def rank_env(base, rank: int, nproc: int, addr: str, port: int) -> dict[str, str
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGTERM when the launcher dies (even by SIGKILL),
+    so no rank outlives it holding a GPU. Best effort: elsewhere nothing happens."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
@@ -55,7 +71,15 @@ def launch(command: list[str], nproc: int, *, addr="127.0.0.1", port=None, grace
     """Run ``command`` (an argv list) ``nproc`` times with rank variables; return the exit code."""
     port = free_port(addr) if port is None else port
     base = os.environ if env is None else env
-    procs = [subprocess.Popen(command, env=rank_env(base, r, nproc, addr, port)) for r in range(nproc)]
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(
+            signal.SIGTERM, _raise_interrupt
+        )  # a terminated launcher stops its ranks too
+    procs = [
+        subprocess.Popen(command, env=rank_env(base, r, nproc, addr, port), preexec_fn=_die_with_parent)
+        for r in range(nproc)
+    ]
     failure = None
     try:
         while failure is None and any(p.poll() is None for p in procs):
@@ -79,6 +103,8 @@ def launch(command: list[str], nproc: int, *, addr="127.0.0.1", port=None, grace
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if failure is None:
         return 0
     rank, code = failure

@@ -360,3 +360,44 @@ def test_ep_bench_report_and_targets():
     assert "MISS dispatch+combine at 20% of the all-to-all bus bandwidth" in text
     assert "MISS tokens/s scaling 2.86x on 4 GPUs (target >= 3.2x)" in text
     assert "note: E scaled down to 128 (of 256) on 1 GPU(s)" in text
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_ranks_do_not_outlive_the_launcher(tmp_path, how):
+    import os
+    import signal
+
+    script = _script(
+        tmp_path,
+        f"""
+        import os, time
+        open(os.path.join({str(tmp_path)!r}, "pid" + os.environ["RANK"]), "w").write(str(os.getpid()))
+        time.sleep(60)
+        """,
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "cublas_grouped.launch", "--nproc", "2", "--grace", "1", script],
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"pid{r}").exists() for r in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.2)  # the pid files are complete
+    pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(2)]
+    launcher.send_signal(getattr(signal, how))
+    launcher.wait(timeout=20)
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # A zombie no one reaps yet counts as gone.
+        status = Path(f"/proc/{pid}/stat")
+        return status.exists() and status.read_text().split()[2] != "Z"
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids), f"ranks {pids} outlived the launcher ({how})"
