@@ -102,7 +102,7 @@ def run_case(group, name):
         single = cupy.asnumpy(cg.moe_forward(x, ids, w, cupy.asarray(w1), cupy.asarray(w2)))
     else:
         single = np.zeros(x_h.shape, x_h.dtype)
-    ref = moe_forward_ref(x_h, ids_h, w_h, w1, w2)
+    ref = moe_forward_ref(x_h.astype(np.float64), ids_h, w_h, w1.astype(np.float64), w2.astype(np.float64))
     model = dispatch_model([p[1] for p in per_rank], experts)[rank]
     got = outs[0].astype(np.float64)
     return {
@@ -191,7 +191,9 @@ def fixed_cases(group):
             max_tokens=max_tokens,
         )
         outs = [cupy.asnumpy(layer(x, ids, w)) for _ in range(2)]
-        ref = moe_forward_ref(x_h, ids_h, w_h, w1, w2)
+        ref = moe_forward_ref(
+            x_h.astype(np.float64), ids_h, w_h, w1.astype(np.float64), w2.astype(np.float64)
+        )
         # The plan: which of this rank's pairs find no slot (position >= C within their destination's block).
         order = send_order(ids_h, experts)
         where = placement(experts, world)
