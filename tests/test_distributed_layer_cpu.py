@@ -106,7 +106,11 @@ def _fake_cupy():
     m.take = wrap(np.take)
     m.asarray = lambda obj, dtype=None: _arr(obj.host if isinstance(obj, Dev) else np.asarray(obj, dtype))
     m.asnumpy = lambda a: np.array(a)
-    m.cuda = types.SimpleNamespace(Device=_Device, get_current_stream=_Stream)
+    m.cuda = types.SimpleNamespace(
+        Device=_Device,
+        get_current_stream=_Stream,
+        runtime=types.SimpleNamespace(streamIsCapturing=lambda s: 0),
+    )
     return m
 
 
@@ -226,7 +230,7 @@ def fake_stack(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy())
-    res = types.SimpleNamespace(cupy_stream=_Stream(), launch_stream=None)
+    res = types.SimpleNamespace(cupy_stream=_Stream(), launch_stream=None, stream=0)
     monkeypatch.setattr(layer_mod, "stream_resources", lambda device, stream: res)
     monkeypatch.setattr(layer_mod, "kernel_arch", lambda res: "sm_90")
     monkeypatch.setattr(layer_mod, "moe_forward", _local_experts)

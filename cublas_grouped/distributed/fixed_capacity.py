@@ -16,11 +16,15 @@ travels to the host. Per call, on the device:
 4. results come back in the same slots and the combine kernel sums each
    token's k rows in choice order.
 
-The ranks' agreement is checked once, at construction. Temporaries are
-allocated per call, so a call is not yet capturable in a CUDA graph.
+The ranks' agreement is checked once, at construction. A call can be
+captured in a CUDA graph (NCCL's operations included) after one eager call
+with the same token count: while capturing, the call's temporaries come
+from a memory pool of the layer's own, which nothing else reuses.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
@@ -60,6 +64,12 @@ class FixedCapacityExpertParallelMoE(ExpertParallelMoE):
     on C, ``max_tokens`` and ``on_overflow``). Calls then never wait on the
     host: a rank that refuses a call raises at once while the others' work
     waits on the GPU; :meth:`synchronize` waits with the group's timeout.
+
+    CUDA graphs: run one eager call with a token count, then capture a call
+    with that count on every rank (each replay runs the NCCL transfers, so
+    every rank replays its graph the same number of times, in the same order
+    as its other calls of the group). Refill the captured input arrays in
+    place between replays.
     """
 
     def __init__(
@@ -118,6 +128,7 @@ class FixedCapacityExpertParallelMoE(ExpertParallelMoE):
             self._back[slots].fill(np.nan)
             self._out = cupy.empty((self.max_tokens, hidden), dtype=dtype)
             self._overflow = cupy.zeros(1, dtype=cupy.int64)
+            self._graph_pool = None  # temporaries of captured calls (see forward)
             self._dropped = cupy.zeros(1, dtype=cupy.uint64)
             stream = cupy.cuda.get_current_stream()
             self._agree(self._signature(False), stream, _FIELDS)
@@ -144,11 +155,20 @@ class FixedCapacityExpertParallelMoE(ExpertParallelMoE):
             )
         res = stream_resources(self.group.device_id, None)
         with cupy.cuda.Device(self.group.device_id), res.cupy_stream:
-            mark_stage(timer, "start", res.cupy_stream)
-            if router_logits is not None:
-                topk_weights, topk_ids = route(router_logits, self.shape.top_k, stream=res.cupy_stream)
-            weights = None if topk_weights is None else as_cupy(topk_weights)
-            return self._step(res, as_cupy(x_v), as_cupy(topk_ids), weights, timer)
+            # A captured graph keeps using the call's temporaries after they are freed: while
+            # capturing, take them from a pool of this layer's own that nothing else draws from.
+            capturing = cupy.cuda.runtime.streamIsCapturing(res.stream) != 0
+            if capturing and self._graph_pool is None:
+                self._graph_pool = cupy.cuda.MemoryPool()
+            memory = (
+                cupy.cuda.using_allocator(self._graph_pool.malloc) if capturing else contextlib.nullcontext()
+            )
+            with memory:
+                mark_stage(timer, "start", res.cupy_stream)
+                if router_logits is not None:
+                    topk_weights, topk_ids = route(router_logits, self.shape.top_k, stream=res.cupy_stream)
+                weights = None if topk_weights is None else as_cupy(topk_weights)
+                return self._step(res, as_cupy(x_v), as_cupy(topk_ids), weights, timer)
 
     def _slots(self, res, ids):
         """(slot of every pair or the spare slot, whether it has one, local expert, valid id) on the device."""
