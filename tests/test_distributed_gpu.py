@@ -108,6 +108,7 @@ def test_fixed_capacity_layer(results):
         assert "exception" not in f, f"rank {rank}: {f.get('exception')}"
         for case, r in f.items():
             where = f"fixed capacity, {case}, rank {rank} of {nproc}"
+            assert "exception" not in r, f"{where}: {r.get('exception')}"
             assert r["bitwise_repeat"], where
             assert r["overflow"] == r["overflow_expected"], f"{where}: {r}"
             assert r["nan_rows"] == r["nan_rows_expected"], f"{where}: NaN rows {r}"
