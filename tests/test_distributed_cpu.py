@@ -360,6 +360,13 @@ def test_ep_bench_report_and_targets():
     assert "MISS dispatch+combine at 20% of the all-to-all bus bandwidth" in text
     assert "MISS tokens/s scaling 2.86x on 4 GPUs (target >= 3.2x)" in text
     assert "note: E scaled down to 128 (of 256) on 1 GPU(s)" in text
+    assert "fixed capacity" not in text  # no decode rows, no section
+    runs = [run(2, 1.0, 0.1, 0.1, 500.0), run(4, 1.0, 0.1, 0.1, 500.0)]
+    runs[0]["rows"][0]["fixed"] = {"capacity": 16, "eager_ms": 0.5, "graph_ms": 0.25, "overflow": 3}
+    runs[1]["rows"][0]["fixed"] = {"capacity": 8, "error": "RuntimeError: capture failed"}
+    text = "\n".join(format_report(runs))
+    assert "  2     4096      16        0.500     0.250            3" in text
+    assert "  4 GPUs, 4096 tokens/rank: RuntimeError: capture failed" in text
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])

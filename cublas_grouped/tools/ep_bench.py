@@ -139,11 +139,9 @@ def worker(args) -> int:
             walls.append((time.perf_counter() - start) * 1e3)
             stages.append(timer.times_ms())
         item = 2 * hidden
-        sent = layer.last_traffic["sent"]
-        off_rank = (
-            int(sent.sum() - sent[rank]) * item
-        )  # the combine brings back as many bytes as were received
-        back = int(layer.last_traffic["received"].sum() - layer.last_traffic["received"][rank]) * item
+        sent, received = layer.last_traffic["sent"], layer.last_traffic["received"]
+        off_rank = int(sent.sum() - sent[rank]) * item
+        back = int(received.sum() - received[rank]) * item  # the combine returns what was received
         stage_ms = {name: statistics.median(s[name] for s in stages) for name in stages[0]}
         bus = _nccl_bus_gbs(group, int(sent.sum()) * item, args.repeat)
         rows.append(
@@ -158,6 +156,8 @@ def worker(args) -> int:
                 **bus,
             }
         )
+        if tokens <= args.fixed_max_tokens:
+            rows[-1]["fixed"] = _fixed_capacity(group, w1, w2, experts, k, x, ids, weights, args)
     if rank == 0:
         info = {"world": world, "experts": experts, "requested_experts": args.experts, **SHAPE, "rows": rows}
         info["experts"] = experts
@@ -165,6 +165,38 @@ def worker(args) -> int:
             json.dump(info, f)
     group.close()
     return 0
+
+
+def _fixed_capacity(group, w1, w2, experts, k, x, ids, weights, args) -> dict:
+    """The fixed-capacity layer on the same decode batch: eager call and CUDA-graph replay, ms."""
+    import cupy
+
+    from cublas_grouped.distributed import FixedCapacityExpertParallelMoE
+
+    tokens, world = x.shape[0], group.world_size
+    capacity = max(1, int(np.ceil(args.capacity_margin * tokens * k / world)))
+    try:
+        layer = FixedCapacityExpertParallelMoE(
+            group, w1, w2, experts, k, capacity=capacity, max_tokens=tokens, on_overflow="drop"
+        )
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            for _ in range(args.warmup):
+                layer(x, ids, weights)
+            eager = _median_event_ms(lambda: layer(x, ids, weights), stream, args.repeat)
+            stream.begin_capture()
+            layer(x, ids, weights)
+            graph = stream.end_capture()
+            graph.launch(stream)
+            replay = _median_event_ms(lambda: graph.launch(stream), stream, args.repeat)
+        return {
+            "capacity": capacity,
+            "eager_ms": eager,
+            "graph_ms": replay,
+            "overflow": layer.overflow_pairs(),
+        }
+    except Exception as exc:  # reported, not fatal: the synchronizing rows above stand
+        return {"capacity": capacity, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _fmt(value, spec=".0f") -> str:
@@ -214,9 +246,24 @@ def format_report(runs: list[dict]) -> list[str]:
         for run in runs
         if run["experts"] != run["requested_experts"]
     ]
-    return (
-        lines + verdicts + notes + ["overlap of transfers with expert compute: not implemented (0% hidden)"]
-    )
+    fixed = [
+        "fixed capacity (no host copy): GPUs  tok/rank  capacity  eager ms  graph replay ms  overflow pairs"
+    ]
+    for run in runs:
+        for r in run["rows"]:
+            f = r.get("fixed")
+            if f is None:
+                continue
+            if "error" in f:
+                fixed.append(f"  {run['world']} GPUs, {r['tokens_per_rank']} tokens/rank: {f['error']}")
+            else:
+                fixed.append(
+                    f"  {run['world']:<5d} {r['tokens_per_rank']:<9d} {f['capacity']:<9d} {f['eager_ms']:<9.3f} "
+                    f"{f['graph_ms']:<16.3f} {f['overflow']}"
+                )
+    fixed = fixed if len(fixed) > 1 else []
+    overlap = ["overlap of transfers with expert compute: not implemented (0% hidden)"]
+    return lines + verdicts + notes + fixed + overlap
 
 
 def main(argv=None) -> int:
@@ -231,6 +278,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", default=None, help="write every run's numbers here")
+    p.add_argument(
+        "--fixed-max-tokens", type=int, default=256, help="also time the fixed-capacity layer up to this T"
+    )
+    p.add_argument(
+        "--capacity-margin", type=float, default=2.0, help="fixed capacity = margin * T * k / R (default 2)"
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.tokens = [int(t) for t in str(args.tokens).split(",")]
@@ -256,7 +309,8 @@ def main(argv=None) -> int:
                 str(args.experts),
             ]
             command += ["--tokens", ",".join(map(str, args.tokens)), "--repeat", str(args.repeat)]
-            command += ["--warmup", str(args.warmup)]
+            command += ["--warmup", str(args.warmup), "--fixed-max-tokens", str(args.fixed_max_tokens)]
+            command += ["--capacity-margin", str(args.capacity_margin)]
             code = subprocess.call(command)
             if code:
                 print(f"the {world}-GPU run failed (exit {code})", file=sys.stderr)
