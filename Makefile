@@ -52,4 +52,4 @@ test-ep:
 	PYTHONPATH=. $(PYTHON) -m pytest -q -m gpu tests/test_distributed_gpu.py
 
 bench-ep:
-	PYTHONPATH=. $(PYTHON) -m cublas_grouped.tools.ep_bench --gpus 1,2,4 --tokens 256,4096 --json $(OUT)/ep_bench.json
+	PYTHONPATH=. $(PYTHON) -m cublas_grouped.tools.ep_bench --gpus 1,2,4 --tokens 64,4096,8192 --json $(OUT)/ep_bench.json

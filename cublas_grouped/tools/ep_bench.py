@@ -273,13 +273,19 @@ def main(argv=None) -> int:
     p.add_argument(
         "--gpus", default="1,2,4", help="GPU counts to run (those above the GPUs present are skipped)"
     )
-    p.add_argument("--tokens", default="256,4096", help="tokens per rank, comma-separated")
+    p.add_argument(
+        "--tokens", default="64,4096,8192", help="tokens per rank, comma-separated (default 64,4096,8192)"
+    )
     p.add_argument("--experts", type=int, default=SHAPE["experts"], help="E (default 256, DeepSeek-V3)")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", default=None, help="write every run's numbers here")
     p.add_argument(
-        "--fixed-max-tokens", type=int, default=256, help="also time the fixed-capacity layer up to this T"
+        "--fixed-max-tokens",
+        type=int,
+        default=64,
+        help="also time the fixed-capacity layer up to this T (default 64: its expert step is sized for "
+        "R * capacity rows, which suits decode, not prefill)",
     )
     p.add_argument(
         "--capacity-margin", type=float, default=2.0, help="fixed capacity = margin * T * k / R (default 2)"
