@@ -53,7 +53,9 @@ class FixedCapacityExpertParallelMoE(ExpertParallelMoE):
     capacity : int
         C, the rows one rank may send another per call. ``max_tokens * top_k``
         never overflows; about ``max_tokens * top_k / R`` times a margin suits
-        balanced routing.
+        balanced routing. The local experts run as a :class:`FixedCapacityMoE`
+        step over R*C rows, whose cost and buffers grow with R*C (not with the
+        rows received): this layer is for decode sizes.
     max_tokens : int
         The most tokens one call accepts (buffers are sized for it here).
     on_overflow : "nan" (default) or "drop"
