@@ -131,6 +131,7 @@ class FixedCapacityExpertParallelMoE(ExpertParallelMoE):
             self._out = cupy.empty((self.max_tokens, hidden), dtype=dtype)
             self._overflow = cupy.zeros(1, dtype=cupy.int64)
             self._graph_pool = None  # temporaries of captured calls (see forward)
+            self._last_stream = None  # where the counters were last updated
             self._dropped = cupy.zeros(1, dtype=cupy.uint64)
             stream = cupy.cuda.get_current_stream()
             self._agree(self._signature(False), stream, _FIELDS)
@@ -140,13 +141,14 @@ class FixedCapacityExpertParallelMoE(ExpertParallelMoE):
         extra = [self.capacity, self.max_tokens, OVERFLOW_POLICIES[self.on_overflow]]
         return np.concatenate([base, np.array(extra, dtype=np.int64)])
 
-    def forward(self, x, topk_ids=None, topk_weights=None, *, router_logits=None, timer=None):
+    def forward(self, x, topk_ids=None, topk_weights=None, *, router_logits=None, timer=None, stream=None):
         """One call, with no host copy: ``x`` [T, H], T <= ``max_tokens`` -> [T, H].
 
         The result is a view of a buffer of this layer, overwritten by the next
         call. Expert ids outside [0, E) add nothing and are counted
         (:meth:`dropped_pairs`); pairs past the capacity are counted
-        (:meth:`overflow_pairs`) and handled as ``on_overflow`` says.
+        (:meth:`overflow_pairs`) and handled as ``on_overflow`` says. ``stream``:
+        as in :meth:`ExpertParallelMoE.forward`.
         """
         import cupy
 
@@ -155,7 +157,8 @@ class FixedCapacityExpertParallelMoE(ExpertParallelMoE):
             raise ValueError(
                 f"x has {x_v.shape[0]} tokens but this layer was built for max_tokens={self.max_tokens}"
             )
-        res = stream_resources(self.group.device_id, None)
+        res = stream_resources(self.group.device_id, stream)
+        self._last_stream = res.cupy_stream
         with cupy.cuda.Device(self.group.device_id), res.cupy_stream:
             # A captured graph keeps using the call's temporaries after they are freed: while
             # capturing, take them from a pool of this layer's own that nothing else draws from.
@@ -245,13 +248,17 @@ class FixedCapacityExpertParallelMoE(ExpertParallelMoE):
         mark_stage(timer, "combine", stream)
         return out
 
-    def synchronize(self, what: str = "the layer's work") -> None:
-        """Wait for this rank's work so far, with the group's timeout and NCCL error checks."""
+    def synchronize(self, what: str = "the layer's work", *, stream=None) -> None:
+        """Wait for this rank's work so far on ``stream`` (default: the stream of the last
+        call, else the current one), with the group's timeout and NCCL error checks."""
         import cupy
 
         with cupy.cuda.Device(self.group.device_id):
-            stream = stream_resources(self.group.device_id, None).cupy_stream
-            self.group.wait(stream.record(), what)
+            if stream is None and self._last_stream is not None:
+                cupy_stream = self._last_stream
+            else:
+                cupy_stream = stream_resources(self.group.device_id, stream).cupy_stream
+            self.group.wait(cupy_stream.record(), what)
 
     def _read(self, counter, reset: bool) -> int:
         import cupy
@@ -259,8 +266,12 @@ class FixedCapacityExpertParallelMoE(ExpertParallelMoE):
         self.synchronize("reading a counter")
         with cupy.cuda.Device(self.group.device_id):
             value = int(cupy.asnumpy(counter)[0])
-            if reset:
-                counter.fill(0)
+            if reset:  # in the order of the layer's calls
+                if self._last_stream is not None:
+                    with self._last_stream:
+                        counter.fill(0)
+                else:
+                    counter.fill(0)
         return value
 
     def overflow_pairs(self, *, reset: bool = False) -> int:

@@ -199,7 +199,7 @@ class ExpertParallelMoE:
                 f"(this rank: {dict(zip(fields[1:], signature[1:].tolist()))})"
             )
 
-    def forward(self, x, topk_ids=None, topk_weights=None, *, router_logits=None, timer=None):
+    def forward(self, x, topk_ids=None, topk_weights=None, *, router_logits=None, timer=None, stream=None):
         """Run the layer on this rank's tokens; every rank of the group must call it.
 
         Parameters
@@ -207,6 +207,7 @@ class ExpertParallelMoE:
         x : GPU array [T, H] on this rank's device (T may differ between ranks, and be 0)
         topk_ids : int32 [T, k] global expert ids; topk_weights : float32 [T, k] or None (weight 1)
         router_logits : [T, E] instead of ids and weights: routed with :func:`cublas_grouped.route`
+        stream : the stream for this call's work and NCCL transfers (default: CuPy's current one)
         timer : optional :class:`cublas_grouped.StageTimer` (stages: agree, counts,
             gather, dispatch, experts, combine_exchange, combine; dispatch and
             combine_exchange are the NCCL transfers alone)
@@ -224,11 +225,12 @@ class ExpertParallelMoE:
             if self.check_shapes:  # tell the others, so they raise instead of waiting for us
                 with cupy.cuda.Device(self.group.device_id):
                     try:
-                        self._agree(self._signature(True), cupy.cuda.get_current_stream())
+                        refused = stream_resources(self.group.device_id, stream).cupy_stream
+                        self._agree(self._signature(True), refused)
                     except ValueError:
                         pass
             raise
-        res = stream_resources(self.group.device_id, None)
+        res = stream_resources(self.group.device_id, stream)
         stream = res.cupy_stream
         with cupy.cuda.Device(self.group.device_id), stream:
             mark_stage(timer, "start", stream)
