@@ -45,3 +45,11 @@ mutation:
 KM_ARGS ?=
 kernel-mutants:
 	$(PYTHON) tools/kernel_mutants.py $(KM_ARGS) --json $(OUT)/kernel_mutants.json
+
+# Expert parallelism on 2+ GPUs of one host (skipped with fewer): tests, then the 1/2/4-GPU benchmark.
+.PHONY: test-ep bench-ep
+test-ep:
+	PYTHONPATH=. $(PYTHON) -m pytest -q -m gpu tests/test_distributed_gpu.py
+
+bench-ep:
+	PYTHONPATH=. $(PYTHON) -m cublas_grouped.tools.ep_bench --gpus 1,2,4 --tokens 64,4096,8192 --json $(OUT)/ep_bench.json
