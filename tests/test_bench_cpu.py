@@ -1141,6 +1141,10 @@ def test_host_section_flags_and_verdicts(monkeypatch, capsys, tmp_path):
         {"name": "gmm tiny, device sizes (auto)", "us": 26.0, "target_us": 25.0, "peer": False},
         {"name": "torch.mm tiny", "us": 16.0, "target_us": None, "peer": True},
     ]
+    text = host.format_host(
+        rows + [{"name": "route", "us": None, "target_us": 15.0, "peer": False, "error": "E"}]
+    )
+    assert text.splitlines()[-1].split() == ["route", "failed", "E"]
     text = host.format_host(rows)
     assert "route T=1 E=128 k=8" in text and "<= 15: PASS" in text
     assert "<= 25: MISS" in text and text.splitlines()[-1].rstrip().endswith("peer")
@@ -1164,3 +1168,23 @@ def test_host_section_flags_and_verdicts(monkeypatch, capsys, tmp_path):
     )
     monkeypatch.setattr(cli, "run_all", lambda cases, args, api: ([], []))
     assert cli.main(["--quick", "--no-host"]) == 0
+
+
+def test_host_section_reports_a_failure_and_goes_on(monkeypatch):
+    from cublas_grouped.tools.bench import host
+
+    def boom():
+        raise MemoryError("no room")
+
+    cases = [
+        host.HostCase("route T=1 E=128 k=8", boom),
+        host.HostCase("cupy.matmul tiny", lambda: None, True),
+    ]
+    monkeypatch.setattr(host, "host_cases", lambda torch_ok: cases)
+    monkeypatch.setattr(host, "time_host_us", lambda fn, repeat: fn() or 7.5)
+    rows = host.run_host_section()
+    assert rows[0]["us"] is None and "no room" in rows[0]["error"] and rows[0]["target_us"] == 15.0
+    assert rows[1]["us"] == 7.5 and "error" not in rows[1]
+    monkeypatch.setattr(host, "host_cases", lambda torch_ok: boom())
+    (only,) = host.run_host_section()
+    assert only["us"] is None and "no room" in only["error"]

@@ -61,7 +61,12 @@ def stream():
     """A fresh non-blocking stream: its per-stream resources start empty."""
     import cupy
 
+    from cublas_grouped.runtime import device as _device
+
     s = cupy.cuda.Stream(non_blocking=True)
+    # The driver hands out the handles of destroyed streams again: drop what the
+    # library keeps for an earlier stream that had this handle.
+    getattr(_device._local, "streams", {}).pop((cupy.cuda.Device().id, s.ptr), None)
     yield s
     s.synchronize()
 
@@ -286,6 +291,8 @@ def test_an_injected_cublas_failure_then_a_correct_call(stream, monkeypatch, alg
 
 
 def test_a_failed_launch_names_the_kernel_then_a_correct_call(stream, monkeypatch):
+    import cupy
+
     rng = np.random.default_rng(7)
     with stream:
         a, b, sizes, expected = _gmm_case(rng, [10, 20, 0, 30])
@@ -294,7 +301,8 @@ def test_a_failed_launch_names_the_kernel_then_a_correct_call(stream, monkeypatc
             cg.KernelLaunchError,
             match=r"^launch of build_pointers \(kernels/pointers\.cu, sm_\d+\) with grid 1, block 2048",
         ):
-            cg.gmm(a, b, sizes, algorithm="cublas_grouped")
+            # Sizes on the device: the pointers are built by the kernel (host sizes upload them).
+            cg.gmm(a, b, cupy.asarray(sizes), algorithm="cublas_grouped")
         monkeypatch.undo()
         out = poisoned((60, 512), BF16)
         cg.gmm(a, b, sizes, out=out, algorithm="cublas_grouped")

@@ -136,17 +136,31 @@ def run_host_section(repeat: int = 300, profile_path: str | None = None, torch_o
     With ``profile_path``, also writes a cProfile text report of each case there."""
     rows = []
     profiles = []
-    for case in host_cases(torch_ok):
-        us = time_host_us(case.fn, repeat=repeat)
-        rows.append(
-            {"name": case.name, "us": us, "target_us": HOST_TARGETS_US.get(case.name), "peer": case.peer}
-        )
-        if profile_path and not case.peer:
-            profiles.append(_profile(case))
+    try:
+        cases = host_cases(torch_ok)
+    except Exception as exc:  # out of memory, say: the section reports it and the run goes on
+        return [
+            {"name": "host-overhead set-up", "us": None, "target_us": None, "peer": False, "error": _why(exc)}
+        ]
+    for case in cases:
+        row = {"name": case.name, "us": None, "target_us": HOST_TARGETS_US.get(case.name), "peer": case.peer}
+        try:
+            row["us"] = time_host_us(case.fn, repeat=repeat)
+            if profile_path and not case.peer:
+                profiles.append(_profile(case))
+        except Exception as exc:
+            row["error"] = _why(exc)
+        rows.append(row)
     if profile_path:
         with open(profile_path, "w") as f:
             f.write("\n\n".join(profiles))
     return rows
+
+
+def _why(exc: BaseException) -> str:
+    from .gpu import describe_error
+
+    return describe_error(exc)
 
 
 def _profile(case: HostCase, calls: int = 300) -> str:
@@ -168,6 +182,9 @@ def format_host(rows: list[dict]) -> str:
     """The host-overhead table with each target's PASS/MISS."""
     lines = ["Host overhead, CPU us per eager call (median of 5 loops):", f"{'call':48s} {'us':>8s}  target"]
     for r in rows:
+        if r["us"] is None:
+            lines.append(f"{r['name']:48s} {'failed':>8s}  {r.get('error', '')}")
+            continue
         target = r["target_us"]
         verdict = "" if target is None else f"<= {target:g}: {'PASS' if r['us'] <= target else 'MISS'}"
         lines.append(f"{r['name']:48s} {r['us']:8.1f}  {'peer' if r['peer'] else verdict}")
