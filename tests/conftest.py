@@ -24,6 +24,10 @@ HAS_GPU = _gpu_count() > 0
 # folder: keep a test run's measurements out of the user's cache (and out of
 # the next run).
 os.environ.setdefault("CUBLAS_GROUPED_TUNING_DIR", tempfile.mkdtemp(prefix="cublas_grouped_tuning_"))
+# JAX takes 75% of the GPU's memory at its first use unless told not to; the
+# interop tests import it in the same process as every other GPU test (and the
+# subprocesses they start inherit this).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 if HAS_GPU and os.environ.get("CUBLAS_GROUPED_TEST_NO_POOL") == "1":
     # Under compute-sanitizer: with CuPy's pool, a write past an array lands in
