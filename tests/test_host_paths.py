@@ -169,3 +169,27 @@ def test_weight_bound_layers_take_one_grouped_call_per_gemm():
     )
     assert Algorithm.CUBLAS_GROUPED not in got, "no grouped GEMM before cuBLAS 12.5"
     S.reset_tuning_cache()
+
+
+def test_timing_keeps_the_collector_off_only_while_timing():
+    import gc
+
+    from cublas_grouped.runtime.timing import no_garbage_collection
+
+    assert gc.isenabled()
+    with no_garbage_collection():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    try:
+        with no_garbage_collection():
+            raise KeyError("x")
+    except KeyError:
+        pass
+    assert gc.isenabled(), "restored after an exception"
+    gc.disable()
+    try:
+        with no_garbage_collection():
+            pass
+        assert not gc.isenabled(), "a caller's disabled collector stays disabled"
+    finally:
+        gc.enable()

@@ -22,6 +22,8 @@ from dataclasses import asdict
 
 import numpy as np
 
+from ...moe.checks import executor_or_shared
+from ...moe.dispatch import choose_algorithms
 from ...runtime.timing import L2_BYTES, rotation_count
 from .gpu import WeightCache, describe_error, free_pool, random_normal
 from .report import GEMM_STAGES, OVERHEAD_STAGES, Result, merge_passes, overhead_pct
@@ -321,12 +323,18 @@ class CaseRunner(SectionRunner):
         fn = lambda i: fwd(xs[i], self.ids, self.wts, w1s[i % len(w1s)], w2s[i % len(w2s)], **kw)
         chosen = None
         if method == "auto":
-            try:  # what AUTO picks for the first GEMM (a label only: the time stands)
-                probe = self.api.prepare_input(
-                    xs[0], (self.wts, self.ids), c.experts, algorithm="auto", gemm_n=c.n1
+            try:  # what AUTO picks for the layer's two GEMMs (a label only: the time stands)
+                executor = executor_or_shared(None)
+                pair = choose_algorithms(
+                    executor,
+                    "auto",
+                    np.asarray(self.counts, np.int64),
+                    c.n1,
+                    c.hidden,
+                    c.dtype,
+                    (c.hidden, c.inter),
                 )
-                chosen = getattr(probe.algorithm, "value", str(probe.algorithm))
-                del probe
+                chosen = "+".join(dict.fromkeys(a.value for a in pair))  # "x" or "x+y"
             except Exception:
                 chosen = None
         finish = lambda t: self.measured(
