@@ -22,7 +22,7 @@ from cublas_grouped.tools.bench import section as bench_section
 # -- arguments and cases -------------------------------------------------------------------------------------
 def test_defaults_cover_every_model_token_count_and_routing():
     args = cli.parse_args([])
-    assert (args.warmup, args.repeat, args.routings) == (5, 30, ["uniform", "skewed"])
+    assert (args.warmup, args.repeat, args.routings) == (5, 100, ["uniform", "skewed"])
     cases = workloads.build_cases(args)
     assert len(cases) == 3 * 4 * 2
     assert {c.model for c in cases} == {"mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3"}

@@ -193,3 +193,45 @@ def test_timing_keeps_the_collector_off_only_while_timing():
         assert not gc.isenabled(), "a caller's disabled collector stays disabled"
     finally:
         gc.enable()
+
+
+def test_layer_pair_is_remembered_per_exact_inputs(monkeypatch):
+    import numpy as np
+
+    from cublas_grouped.gemm import select as S
+    from cublas_grouped.gemm.config import Algorithm, GroupedGemmConfig
+    from cublas_grouped.gemm.executor import GroupedGemmExecutor
+    from cublas_grouped.moe import dispatch
+
+    info = D.DeviceInfo(sm=(9, 0), cublas_version=130100, name="fake H100")
+    asked = []
+
+    def layer_times(executor, device, operands_for, counts, dtype):
+        asked.append(counts.tolist())
+        return (lambda stats, candidates: {a: 1.0 for a in candidates}), ("token",)
+
+    monkeypatch.setattr(dispatch, "layer_times", layer_times)
+    S.reset_tuning_cache()
+    auto = GroupedGemmExecutor(device_info=info)
+    counts = np.array([300, 0, 500, 810], dtype=np.int64)
+    first = dispatch.choose_algorithms(auto, "auto", counts, 512, 256, "bfloat16", (256, 256))
+    again = dispatch.choose_algorithms(auto, "auto", counts.copy(), 512, 256, "bfloat16", [256, 256])
+    assert first == again and len(asked) == 1, "same inputs: remembered"
+    for args in (
+        (np.array([300, 0, 500, 811]), 512, 256, "bfloat16", (256, 256)),
+        (counts.astype(np.int32), 512, 256, "bfloat16", (256, 256)),
+        (counts, 512, 128, "bfloat16", (256, 256)),
+        (counts, 512, 256, "float16", (256, 256)),
+        (counts, 512, 256, "bfloat16", (256, 128)),
+        (counts, 512, 256, "bfloat16", None),
+    ):
+        before = len(asked)
+        dispatch.choose_algorithms(auto, "auto", *args)
+        assert len(asked) == before + 1, args
+    other = GroupedGemmExecutor(device_info=info, config=GroupedGemmConfig(chunk_rows=64))
+    before = len(asked)
+    dispatch.choose_algorithms(other, "auto", counts, 512, 256, "bfloat16", (256, 256))
+    assert len(asked) == before + 1, "another executor configuration decides anew"
+    fixed = dispatch.choose_algorithms(auto, "sequential", counts, 512, 256, "bfloat16", (256, 256))
+    assert fixed == (Algorithm.SEQUENTIAL, Algorithm.SEQUENTIAL)
+    S.reset_tuning_cache()

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..gemm.autotune import layer_times
+from ..gemm.autotune import layer_times, state_token
 from ..gemm.config import Algorithm, coerce_enum
 from ..gemm.executor import GroupedGemmExecutor
 from ..gemm.plan import GemmPlan, Operands, ProblemStats, RowLayout
 from ..gemm.pointers import build_pointers
-from ..gemm.select import choose_layer_algorithms, select_algorithm
+from ..gemm.select import choose_layer_algorithms, remembered, select_algorithm, tuning_state
 from ..runtime.arrays import ArrayView, as_cupy, cuda_dtype, view
 from ..runtime.device import stream_resources
 from . import kernels as K
@@ -144,7 +144,20 @@ def choose_algorithms(
     if algorithm is not Algorithm.AUTO:
         chosen = executor.fallback(algorithm, device_id)
         return chosen, chosen
-    info, name = executor.info_for(device_id), np.dtype(dtype).name
+    info = executor.info_for(device_id)
+    # Every decode step repeats the last step's sizes: remember the pair for
+    # exactly these inputs (the key names all the choice depends on), so the
+    # host, with the GPU idle after the sync, does a dictionary lookup only.
+    second_gemm = None if second_gemm is None else tuple(second_gemm)
+    key = ("layer-pair", executor.config, tuning_state(info), state_token(), dtype, n, k, second_gemm)
+    return remembered(
+        key + (counts.dtype.str, counts.tobytes()),
+        lambda: _choose_auto(executor, counts, n, k, dtype, second_gemm, device_id, info),
+    )
+
+
+def _choose_auto(executor, counts, n, k, dtype, second_gemm, device_id, info) -> tuple[Algorithm, Algorithm]:
+    name = np.dtype(dtype).name
     times, times_key = layer_times(executor, info, Operands.for_plan, counts, dtype)
     if second_gemm is not None:
         first, second = choose_layer_algorithms(
