@@ -355,12 +355,17 @@ from pathlib import Path
 import cublas_grouped
 from cublas_grouped.gemm import pointers
 from cublas_grouped.gemm.backends import hopper
-from cublas_grouped.moe import kernels
+from cublas_grouped.moe import backward_kernels, kernels
 from cublas_grouped.runtime import nvrtc as _kernels
 root = Path(sys.argv[1]).resolve()
 assert Path(cublas_grouped.__file__).resolve().is_relative_to(root), cublas_grouped.__file__
 assert _kernels.kernel_dir().resolve() == root / "kernels", _kernels.kernel_dir()
-defines = {**kernels.DEFINES, "pointers": pointers.DEFINES, "grouped_gemm_sm90": hopper.DEFINES}
+defines = {
+    **kernels.DEFINES,
+    **backward_kernels.DEFINES,
+    "pointers": pointers.DEFINES,
+    "grouped_gemm_sm90": hopper.DEFINES,
+}
 arches = {"grouped_gemm_sm90": hopper.ARCH}  # wgmma and TMA build for sm_90a only
 for name in sys.argv[3:]:
     _kernels.compile_source(name, arches.get(name, sys.argv[2]), defines[name])
