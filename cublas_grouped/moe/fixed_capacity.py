@@ -47,6 +47,7 @@ from .checks import (
     kernel_arch,
     layer_shape,
 )
+from .step_graphs import StepGraphs
 
 __all__ = [
     "CHUNK_ROWS",
@@ -84,6 +85,15 @@ class FixedCapacityMoE:
         Capacity: the most tokens one :meth:`forward` accepts. Buffers that
         hold what any routing of any T <= max_tokens needs are allocated
         here, once (:attr:`nbytes` says how much).
+    graphs : bool
+        Eager :meth:`forward` calls replay a CUDA graph of the step that the
+        layer captures itself on the first call with each token count (on a
+        private stream, ordered with the caller's by events; see
+        :mod:`cublas_grouped.moe.step_graphs`): the inputs are copied into
+        buffers of the layer, then the graph runs, which costs a fraction of
+        the host time of launching the step. Default True; False launches
+        every kernel on every call. Calls made while the caller captures a
+        graph of its own run the step into that capture, as with False.
 
     Notes
     -----
@@ -120,6 +130,7 @@ class FixedCapacityMoE:
         gated: bool = True,
         trans_b: bool = False,
         executor: GroupedGemmExecutor | None = None,
+        graphs: bool = True,
     ):
         import cupy
 
@@ -142,11 +153,21 @@ class FixedCapacityMoE:
             self._out = cupy.empty((max_tokens, shape.hidden), dtype=shape.dtype)
             self._dropped = cupy.zeros(1, dtype=cupy.uint64)
         self._last_stream = None  # (StreamResources, Event) of the last eager step
+        sizes = (max_tokens, shape.hidden, top_k, shape.dtype, self.w1.device.id)
+        workspace = self.executor.config.workspace_mb << 20
+        self._graphs = StepGraphs(self._step, *sizes, workspace) if graphs else None
 
     @property
     def nbytes(self) -> int:
         """GPU memory held by this layer's buffers (weights not included)."""
-        return self._buffers.nbytes + self._out.nbytes + self._dropped.nbytes
+        graphs = 0 if self._graphs is None else self._graphs.nbytes
+        return self._buffers.nbytes + self._out.nbytes + self._dropped.nbytes + graphs
+
+    def _step(self, res, x, ids, weights, out) -> None:
+        params = (self.w1, self.w2, self.b1, self.b2)
+        fixed_capacity_step(
+            res, self.executor, self.shape, self._buffers, x, ids, weights, params, out, dropped=self._dropped
+        )
 
     def forward(self, x, topk_ids, topk_weights=None, *, stream=None):
         """One step: ``x`` [T, H] with T <= max_tokens -> [T, H].
@@ -175,18 +196,15 @@ class FixedCapacityMoE:
                 self._wait_for_last_step(res)
             out = self._out[:tokens]
             if tokens:
-                fixed_capacity_step(
-                    res,
-                    self.executor,
-                    self.shape,
-                    self._buffers,
+                args = (
                     as_cupy(x_v),
                     as_cupy(topk_ids),
                     None if topk_weights is None else as_cupy(topk_weights),
-                    (self.w1, self.w2, self.b1, self.b2),
-                    out,
-                    dropped=self._dropped,
                 )
+                if capturing or self._graphs is None:
+                    self._step(res, *args, out)
+                else:  # replayed from a graph of this layer's own (moe/step_graphs.py)
+                    self._graphs.step(res, lambda handle: resources(res.device_id, handle), *args, out)
             if not capturing:
                 self._mark_step(res)
         return out
@@ -401,6 +419,8 @@ def fixed_capacity_step(
     ``dropped``: a uint64 [1] device counter to which pairs with an expert id
     outside [0, E) are added, or None.
     """
+    import cupy
+
     w1, w2, b1, b2 = params
     arch = kernel_arch(res)
     stream = res.launch_stream
@@ -412,7 +432,8 @@ def fixed_capacity_step(
     nb = K.num_pair_blocks(pairs)
     block_counts = buf.block_counts[:nb]
     pair_to_row, row_to_pair = buf.pair_to_row[:pairs], buf.row_to_pair[:rows]
-    row_to_pair.fill(-1)  # rows of partial chunks stay -1: gathered as zeros
+    # Rows of partial chunks stay -1 (every byte 0xFF): gathered as zeros.
+    cupy.cuda.runtime.memsetAsync(row_to_pair.data.ptr, 0xFF, row_to_pair.nbytes, res.stream)
     K.block_histogram(stream, arch, ids, pairs, e, block_counts, skip_repeats=True)
     K.column_scan(stream, arch, block_counts, nb, e, buf.counts)
     layout = RowLayout.chunk_aligned(chunk)
