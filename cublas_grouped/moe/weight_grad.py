@@ -70,8 +70,9 @@ class WeightGradPath(enum.Enum):
     SEQUENTIAL = "sequential"
 
 
-def _call_us(flops: float, out_bytes: float, tflops: float) -> float:
-    return max(CALL_US, flops / tflops * 1e-6, out_bytes / WRITE_GBPS * 1e-3)
+def _call_us(flops, out_bytes, tflops: float):
+    """Expected microseconds of one call (or of each, for arrays of calls)."""
+    return np.maximum(CALL_US, np.maximum(flops / tflops * 1e-6, out_bytes / WRITE_GBPS * 1e-3))
 
 
 def bucket_experts(blocks: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -107,8 +108,9 @@ def expected_times(layout, sizes: np.ndarray, k: int, n: int, itemsize: int, gro
         )
     if grouped_ok and not layout.stride:
         times[WeightGradPath.GROUPED] = _call_us(per_row * active.sum(), len(active) * out_e, GROUPED_TFLOPS)
-    times[WeightGradPath.SEQUENTIAL] = sum(_call_us(per_row * m, out_e, SEQUENTIAL_TFLOPS) for m in active)
-    return times
+    # One array operation: this runs on the host between launches, once per gradient.
+    times[WeightGradPath.SEQUENTIAL] = float(_call_us(per_row * active, out_e, SEQUENTIAL_TFLOPS).sum())
+    return {path: float(t) for path, t in times.items()}
 
 
 def weight_grad_path(executor, inp, n: int, k: int, dtype, device_id: int) -> WeightGradPath:
