@@ -9,10 +9,7 @@ import numpy as np
 import pytest
 
 import cublas_grouped as cg
-from cublas_grouped.gemm.config import Algorithm
-from cublas_grouped.gemm.executor import GroupedGemmExecutor
-from cublas_grouped.gemm.plan import RowLayout
-from cublas_grouped.moe.backward import MoEContext, weight_grad_algorithm
+from cublas_grouped.moe.backward import MoEContext
 from cublas_grouped.moe.checks import LayerShape
 from cublas_grouped.moe.mlp_backward import MLPContext, mlp_backward
 from cublas_grouped.runtime.device import DeviceInfo
@@ -98,26 +95,6 @@ def test_context_saved_bytes_counts_h_and_the_indices(fake):
     assert ctx.saved_bytes == 1160 and not ctx.recompute
     ctx.h = None
     assert ctx.saved_bytes == 160 and ctx.recompute
-
-
-def _plan(counts, layout):
-    return SimpleNamespace(counts_host=np.asarray(counts, dtype=np.int64), layout=layout)
-
-
-@pytest.mark.parametrize(
-    "counts, layout, cublas, want",
-    [
-        ([1024] * 8, RowLayout.contiguous(), 130100, Algorithm.SEQUENTIAL),  # few, large experts
-        ([64] * 128, RowLayout.contiguous(), 130100, Algorithm.CUBLAS_GROUPED),  # many small ones
-        ([64] * 128, RowLayout.chunk_aligned(64), 130100, Algorithm.CUBLAS_GROUPED),
-        ([64] * 128, RowLayout.padded(64), 130100, Algorithm.SEQUENTIAL),  # no pointer arrays there
-        ([64] * 128, RowLayout.contiguous(), 120400, Algorithm.SEQUENTIAL),  # no grouped GEMM before 12.5
-    ],
-)
-def test_weight_gradient_algorithm(counts, layout, cublas, want):
-    executor = GroupedGemmExecutor(device_info=DeviceInfo(sm=(9, 0), cublas_version=cublas))
-    got = weight_grad_algorithm(executor, _plan(counts, layout), 4096, 4096, np.float32, 0)
-    assert got is want
 
 
 def test_public_names():

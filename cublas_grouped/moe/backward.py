@@ -25,17 +25,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
-
-from ..gemm.config import Algorithm
-from ..gemm.plan import GemmPlan, Operands, ProblemStats
-from ..gemm.select import select_algorithm
 from ..runtime.arrays import as_cupy, view
 from ..runtime.device import stream_resources
 from . import backward_kernels as BK
 from . import kernels as K
 from .checks import LayerShape, device_of, kernel_arch
 from .dispatch import DispatchPlan, mark_stage, plan_dispatch, run_expert_gemm, wait_for_plan
+from .weight_grad import weight_grad, weight_grad_path
 
 __all__ = [
     "MoEContext",
@@ -43,7 +39,6 @@ __all__ = [
     "check_context_options",
     "forward_with_context",
     "moe_backward",
-    "weight_grad_algorithm",
 ]
 
 
@@ -176,46 +171,6 @@ def forward_with_context(
     return out, ctx
 
 
-def weight_grad_algorithm(executor, inp: DispatchPlan, n: int, k: int, dtype, device_id: int) -> Algorithm:
-    """The algorithm of a K-grouped weight-gradient GEMM on ``inp``'s layout.
-
-    cuBLAS's built-in rule of AUTO (no tuning table: the tables time the
-    forward's products): one ``cublasGemmEx`` per expert when experts are
-    few and large, else ``cublasGemmGroupedBatchedEx``; SEQUENTIAL on the
-    padded-capacity layout, which has no pointer arrays. Batched chunks would
-    split each expert's reduction, so they never run here.
-    """
-    if inp.layout.stride:
-        return Algorithm.SEQUENTIAL
-    stats = ProblemStats.from_sizes(inp.counts_host, n, k, np.dtype(dtype).name)
-    info = executor.info_for(device_id)
-    return executor.fallback(select_algorithm(stats, info, table=None), device_id)
-
-
-def _weight_grad(executor, res, inp: DispatchPlan, a, b, algorithm):
-    """``out[e] = a_e^T @ b_e`` over each expert's rows of the layout ([E, K, N],
-    exact zeros for experts without rows)."""
-    import cupy
-
-    sizes = inp.counts_host
-    k, n = a.shape[1], b.shape[1]
-    out = cupy.empty((inp.num_experts, k, n), dtype=a.dtype)
-    active = np.flatnonzero(sizes)
-    offsets = inp.layout.offsets(sizes)
-    # Experts without rows take no part in the GEMM: one memset per run of them.
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], (sizes == 0).astype(np.int8), [0]))))
-    per_expert = out.nbytes // inp.num_experts
-    for start, stop in zip(edges[::2], edges[1::2]):
-        cupy.cuda.runtime.memsetAsync(
-            out.data.ptr + int(start) * per_expert, 0, int(stop - start) * per_expert, res.stream
-        )
-    if len(active) and out.size:
-        plan = GemmPlan(inp.num_experts, a.shape[0], n, k, True, False, sizes, offsets, active)
-        ops = Operands.for_plan(plan, a.data.ptr, b.data.ptr, out.data.ptr, a.dtype.itemsize)
-        executor.run(plan, ops, a.dtype, algorithm, res, layout=inp.layout, sizes_dev=inp.tokens_per_expert)
-    return out
-
-
 def _check_dy(ctx: MoEContext, dy):
     if not isinstance(ctx, MoEContext):
         raise TypeError(
@@ -285,9 +240,11 @@ def moe_backward(ctx: MoEContext, dy, *, stream=None) -> MoEGradients:
                 b1, inp.row_to_pair, ids, weights, dy, b2, dz, aw, grads.d_topk_weights,
             )  # fmt: skip
         del g, h
-        second = weight_grad_algorithm(executor, inp, hidden, inter, dy.dtype, res.device_id)
+        # The weight gradients reduce over padding rows too on padded layouts:
+        # dy_rows, aw, dz and x_rows are all zero there (see weight_grad).
+        second = weight_grad_path(executor, inp, hidden, inter, dy.dtype, res.device_id)
         pair = (dy_rows, aw) if tb else (aw, dy_rows)  # dW2 is [E, H, I] in the nn.Linear layout
-        grads.dw2 = _weight_grad(executor, res, inp, *pair, second)
+        grads.dw2 = weight_grad(executor, res, inp, *pair, second)
         if b2 is not None:
             grads.db2 = cupy.empty(b2.shape, dtype=b2.dtype)
             BK.column_sums(
@@ -297,8 +254,8 @@ def moe_backward(ctx: MoEContext, dy, *, stream=None) -> MoEGradients:
         del dy_rows, aw
         if x_rows is None:
             x_rows = _gather(res, arch, ctx.x, inp)
-        first = weight_grad_algorithm(executor, inp, width, hidden, dy.dtype, res.device_id)
-        grads.dw1 = _weight_grad(executor, res, inp, *((dz, x_rows) if tb else (x_rows, dz)), first)
+        first = weight_grad_path(executor, inp, width, hidden, dy.dtype, res.device_id)
+        grads.dw1 = weight_grad(executor, res, inp, *((dz, x_rows) if tb else (x_rows, dz)), first)
         del x_rows
         if b1 is not None:
             grads.db1 = cupy.empty(b1.shape, dtype=b1.dtype)

@@ -23,6 +23,7 @@ import json
 
 import numpy as np
 
+from ...moe.weight_grad import weight_grad_path
 from ...runtime.timing import time_ms
 from .gpu import describe_error, free_pool, random_normal
 from .workloads import MODELS, ModelShape, case_seed, routing_weights, uniform_routing
@@ -78,6 +79,12 @@ def _ours(api, m: ModelShape, tokens: int, args) -> dict:
     for name, recompute in (("backward", False), ("backward (recompute)", True)):
         _, ctx = api.moe_forward(x, ids, wts, w1, w2, return_context=True, recompute=recompute)
         out[name] = time_ms(lambda i, c=ctx: api.moe_backward(c, dy), **timing)["median"]
+        if not recompute:  # what the backward ran: the layout and the dW1/dW2 paths
+            paths = [
+                weight_grad_path(ctx.executor, ctx.plan, n, k, ctx.shape.dtype, ctx.device_id).value
+                for n, k in ((2 * m.inter, m.hidden), (m.hidden, m.inter))
+            ]
+            out["weight grads"] = f"{ctx.plan.layout.kind}: {'/'.join(paths)}"
         del ctx
     return out
 
@@ -209,7 +216,7 @@ def run_backward(args: argparse.Namespace) -> int:
         verdict = "PASS" if row["ratio"] <= TARGET_RATIO else "MISS"
         lines.append(
             f"  {verdict} {row['model']} T={row['tokens']}: backward {bwd:.3f} ms = {row['ratio']:.2f}x "
-            f"forward {fwd:.3f} ms (target <= {TARGET_RATIO}x)"
+            f"forward {fwd:.3f} ms (target <= {TARGET_RATIO}x); dW1/dW2 on {row.get('weight grads')}"
         )
     print()
     print(f"Targets (backward <= {TARGET_RATIO}x forward):")
