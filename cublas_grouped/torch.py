@@ -4,7 +4,9 @@
 tgale96/grouped_gemm's ``ops.gmm`` (an autograd function whose backward runs
 the two grouped products of the gradients, the weight gradient through the
 K-grouped product ``trans_a=True``), for float32, float16 and bfloat16.
-:func:`moe_forward` and :func:`route` are forward-only: their backward raises.
+:func:`moe_forward` is differentiable through the library's own backward
+(:func:`cublas_grouped.moe_backward`); :func:`route` is forward-only (its
+backward raises).
 
 torch is imported inside the functions, so ``import cublas_grouped`` never
 imports it (install it with the ``torch`` extra). Every call runs on torch's
@@ -16,6 +18,7 @@ library's CuPy results through DLPack (no copy).
 from __future__ import annotations
 
 from .gemm.gmm import gmm as _gmm
+from .moe.backward import moe_backward as _moe_backward
 from .moe.layer import moe_forward as _moe_forward
 from .moe.routing import route as _route
 
@@ -156,43 +159,88 @@ def _as_torch(torch, arr):
     return torch.from_dlpack(arr)
 
 
+def _moe_function():
+    fn = _FUNCTIONS.get("moe_forward")
+    if fn is not None:
+        return fn
+    torch = _torch()
+
+    class MoEForward(torch.autograd.Function):
+        """The layer; its backward is :func:`cublas_grouped.moe_backward` on the
+        context the forward kept (one call's gradients of x, the weights, the
+        biases and the routing weights)."""
+
+        @staticmethod
+        def forward(ctx, options, stream, keep, x, ids, weights, w1, w2, b1, b2):
+            detach = lambda t: None if t is None else t.detach()  # noqa: E731
+            args = [detach(t) for t in (x, ids, weights, w1, w2)]
+            if keep:  # an input requires grad: keep what the backward needs
+                options = {**options, "return_context": True}
+            out = _moe_forward(*args, b1=detach(b1), b2=detach(b2), stream=stream, **options)
+            if keep:
+                out, ctx.layer = out
+            ctx.stream, ctx.has_weights, ctx.biases = (
+                stream,
+                weights is not None,
+                (b1 is not None, b2 is not None),
+            )
+            return _as_torch(torch, out)
+
+        @staticmethod
+        def backward(ctx, dy):
+            if getattr(ctx, "layer", None) is None:
+                raise RuntimeError(
+                    "cublas_grouped.torch.moe_forward kept no context (no input required grad)"
+                )
+            g = _moe_backward(ctx.layer, dy.detach().contiguous(), stream=ctx.stream)
+            t = lambda a: None if a is None else _as_torch(torch, a)  # noqa: E731
+            db1 = t(g.db1) if ctx.biases[0] else None
+            db2 = t(g.db2) if ctx.biases[1] else None
+            dw = t(g.d_topk_weights) if ctx.has_weights else None
+            return None, None, None, t(g.dx), None, dw, t(g.dw1), t(g.dw2), db1, db2
+
+    return _FUNCTIONS.setdefault("moe_forward", MoEForward)
+
+
 def moe_forward(x, topk_ids, topk_weights, w1, w2, *, b1=None, b2=None, **options):
     """:func:`cublas_grouped.moe_forward` on torch tensors, returning a torch tensor.
 
     ``topk_ids`` of any integer dtype (``torch.topk`` gives int64) and
     ``topk_weights`` of any float dtype are converted to the int32 and float32
-    the layer takes (small [T, k] copies); everything else is read in place
-    (weights that require grad included). ``options`` are those of
-    :func:`cublas_grouped.moe_forward` (``trans_b``, ``activation``,
-    ``gated``, ``algorithm``, ``fixed_capacity``...); the call runs on torch's
-    current stream. Forward only: a backward through the result raises
-    ``NotImplementedError``.
+    the layer takes (small [T, k] copies); everything else is read in place.
+    ``options`` are those of :func:`cublas_grouped.moe_forward` (``trans_b``,
+    ``activation``, ``gated``, ``algorithm``, ``recompute``...); the call runs on
+    torch's current stream.
+
+    Differentiable: when an input requires grad, the forward keeps a context
+    (``return_context=True``, see docs/backward.md for its memory) and the
+    backward runs :func:`cublas_grouped.moe_backward`, giving the gradients of
+    ``x``, ``w1``, ``w2``, the biases and ``topk_weights`` (the routing
+    weights' gradient flows on to the router through torch). With
+    ``fixed_capacity=True`` there is no backward: inputs must not require grad.
     """
     torch = _torch()
     _check_gpu(x, "x")
     stream = options.pop("stream", None)
     if stream is None:
         stream = _stream(torch, x)
+    if options.get("fixed_capacity") and torch.is_grad_enabled():
+        needs = [
+            n
+            for n, t in (("x", x), ("w1", w1), ("w2", w2), ("topk_weights", topk_weights))
+            if t is not None and t.requires_grad
+        ]
+        if needs:
+            raise ValueError(f"fixed_capacity=True has no backward, but {', '.join(needs)} require grad")
     ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
     weights = None
     if topk_weights is not None:
         weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.to(torch.float32)
-
-    def run(x, ids, weights, w1, w2, b1, b2):
-        out = _moe_forward(
-            x.detach(),
-            ids.detach(),
-            None if weights is None else weights.detach(),
-            w1.detach(),
-            w2.detach(),
-            b1=None if b1 is None else b1.detach(),
-            b2=None if b2 is None else b2.detach(),
-            stream=stream,
-            **options,
-        )
-        return (_as_torch(torch, out),)
-
-    return _forward_only_function().apply("moe_forward", run, x, ids, weights, w1, w2, b1, b2)
+    # Decided here: inside an autograd Function's forward, grad mode is off.
+    keep = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weights, w1, w2, b1, b2)
+    )
+    return _moe_function().apply(options, stream, keep, x, ids, weights, w1, w2, b1, b2)
 
 
 def route(router_logits, top_k: int, *, scoring: str = "softmax", renormalize: bool = True):

@@ -1,7 +1,7 @@
 """cublas_grouped.torch on the GPU: the cases of tgale96/grouped_gemm's own suite
 (fixed and variable sizes, trans_b, sizes on host and device, zero-size groups,
 K = 0 of the weight gradient), forward and gradients against torch float64
-math; the forward-only MoE functions; the Hugging Face example. Skipped
+math; the MoE layer's forward and its gradients; the Hugging Face example. Skipped
 without torch (and the example without transformers)."""
 
 from __future__ import annotations
@@ -172,8 +172,37 @@ def test_moe_forward_and_route_on_torch_tensors(dtype):
         w2.detach().double().transpose(1, 2).cpu().numpy(),
     )
     assert rel(out, torch.from_numpy(want).cuda()) <= 2 * TOL[dtype]
-    with pytest.raises(NotImplementedError, match="has no backward yet"):
-        out.float().sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_forward_gradients_on_torch_tensors(dtype):
+    """Autograd through the library's backward, against its float64 reference."""
+    from cublas_grouped import testing
+
+    gen = torch.Generator().manual_seed(6)
+    x = randn(40, 64, dtype=dtype, gen=gen).requires_grad_()
+    w1 = torch.nn.Parameter(randn(6, 96, 64, dtype=dtype, gen=gen))  # nn.Linear layout
+    w2 = torch.nn.Parameter(randn(6, 64, 48, dtype=dtype, gen=gen))
+    weights, ids = cgt.route(randn(40, 6, dtype=torch.float32, gen=gen), 2)
+    weights = weights.clone().requires_grad_()
+    out = cgt.moe_forward(x, ids, weights, w1, w2, trans_b=True)
+    dy = randn(40, 64, dtype=dtype, gen=gen)
+    out.backward(dy)
+    to64 = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
+    want = testing.moe_backward_ref(
+        to64(x),
+        ids.cpu().numpy(),
+        to64(weights),
+        to64(w1).transpose(0, 2, 1),
+        to64(w2).transpose(0, 2, 1),
+        to64(dy),
+    )
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    cuda = lambda a: torch.from_numpy(a).cuda()  # noqa: E731
+    assert rel(x.grad, cuda(want["dx"])) <= tol
+    assert rel(w1.grad.transpose(1, 2), cuda(want["dw1"])) <= tol
+    assert rel(w2.grad.transpose(1, 2), cuda(want["dw2"])) <= tol
+    assert rel(weights.grad, cuda(want["d_topk_weights"])) <= tol
 
 
 def test_hf_example_agrees_with_the_blocks():

@@ -79,6 +79,11 @@ def ref_route(logits, top_k, *, scoring="softmax", renormalize=True, stream=None
     return w, i.to(torch.int32)
 
 
+def _ref_moe_or_pair(*args, return_context=False, **kw):
+    out = ref_moe(*args, **kw)
+    return (out, None) if return_context else out
+
+
 @pytest.fixture
 def cpu_torch(monkeypatch):
     """cublas_grouped.torch with its GPU calls replaced by the references above."""
@@ -86,7 +91,8 @@ def cpu_torch(monkeypatch):
     import cublas_grouped.torch as cgt
 
     monkeypatch.setattr(cgt, "_gmm", ref_gmm)
-    monkeypatch.setattr(cgt, "_moe_forward", ref_moe)
+    # A context is asked for when an input requires grad (nn.Parameters do); none is kept here.
+    monkeypatch.setattr(cgt, "_moe_forward", _ref_moe_or_pair)
     monkeypatch.setattr(cgt, "_route", ref_route)
     monkeypatch.setattr(cgt, "_check_gpu", lambda t, name: None)
     monkeypatch.setattr(cgt, "_stream", lambda torch, t: 0)
@@ -132,18 +138,48 @@ def test_gmm_bad_ranks_are_named(cpu_torch):
         cgt.gmm(torch.zeros(2, 4), torch.zeros(4, 5), [1, 1])
 
 
-def test_moe_forward_has_no_silent_backward(cpu_torch):
+def test_moe_forward_backward_is_the_librarys(cpu_torch, monkeypatch):
+    # The autograd wiring: the forward keeps a context only when an input
+    # requires grad, the backward hands it and dy to moe_backward, and each
+    # gradient reaches its own input (the routing weights through torch's cast).
+    from types import SimpleNamespace
+
     torch, cgt = cpu_torch
+    kept, calls = [], []
+
+    def forward(*args, return_context=False, **kw):
+        kept.append(return_context)
+        out = ref_moe(*args, **kw)
+        return (out, "CTX") if return_context else out
+
+    def backward(ctx, dy, stream=None):
+        calls.append(ctx)
+        n = lambda v: torch.full_like(v, float(len(calls)))  # noqa: E731
+        return SimpleNamespace(
+            dx=n(x) + dy.sum(), dw1=n(w1) * 2, dw2=n(w2) * 3, db1=None, db2=None, d_topk_weights=n(wts) * 4
+        )
+
+    monkeypatch.setattr(cgt, "_moe_forward", forward)
+    monkeypatch.setattr(cgt, "_moe_backward", backward)
     x = torch.randn(3, 4, requires_grad=True)
-    w1, w2 = torch.randn(2, 8, 4), torch.randn(2, 4, 4)
+    w1 = torch.randn(2, 8, 4, requires_grad=True)
+    w2 = torch.randn(2, 4, 4, requires_grad=True)
+    wts = torch.ones(3, 1, dtype=torch.float32)
+    gates = torch.ones(3, 1, dtype=torch.bfloat16, requires_grad=True)  # cast to float32 inside
     ids = torch.tensor([[0], [1], [1]])  # int64, as torch.topk gives: converted
-    out = cgt.moe_forward(x, ids, torch.ones(3, 1, dtype=torch.bfloat16), w1, w2, trans_b=True)
-    expected = ref_moe(x.detach(), ids, torch.ones(3, 1), w1, w2, trans_b=True)
-    torch.testing.assert_close(out.detach(), expected)
-    with pytest.raises(NotImplementedError, match=r"^cublas_grouped.torch.moe_forward has no backward yet"):
-        out.sum().backward()
+    out = cgt.moe_forward(x, ids, gates, w1, w2, trans_b=True)
+    torch.testing.assert_close(
+        out.detach(), ref_moe(x.detach(), ids, wts, w1.detach(), w2.detach(), trans_b=True)
+    )
+    out.backward(torch.ones_like(out))
+    assert kept == [True] and calls == ["CTX"]
+    assert (x.grad == 1 + 12).all() and (w1.grad == 2).all() and (w2.grad == 3).all()
+    assert gates.grad.dtype == torch.bfloat16 and (gates.grad == 4).all()
     with torch.no_grad():
         assert not cgt.moe_forward(x, ids, None, w1, w2, trans_b=True).requires_grad
+    assert kept[-1] is False, "no context kept where no gradient can be asked"
+    with pytest.raises(ValueError, match=r"^fixed_capacity=True has no backward, but x, w1, w2 require grad"):
+        cgt.moe_forward(x, ids, None, w1, w2, trans_b=True, fixed_capacity=True)
 
 
 # --------------------------------------------------------------------------- Hugging Face blocks
