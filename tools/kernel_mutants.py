@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TESTS = (
     "tests/test_kernel_edges_gpu.py",
     "tests/test_pointers_gpu.py",
+    "tests/test_sm90_persistent_gpu.py",
     "tests/test_sm90_gpu.py",
     "tests/test_sm90_nn_gpu.py",
     "tests/test_moe_gpu.py",
