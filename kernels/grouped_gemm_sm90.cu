@@ -434,13 +434,15 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
             wgmma_wait<1>();
             if (kt > 0 && (threadIdx.x & 127) == 0) mbarrier_arrive(&empty[(f - 1) % SM90_STAGES]);
         }
+        // Where this tile goes, found while the last stage's MMAs run (the
+        // search's loads wait on nothing the tensor cores do).
+        const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, tile_offsets, num_groups, M, N);
         wgmma_wait<0>();
         // The tile's last stage is read: free it now, so the load thread fills
         // it with the next tile's data while this tile is stored.
         if ((threadIdx.x & 127) == 0) mbarrier_arrive(&empty[(fills + num_k - 1) % SM90_STAGES]);
         fills += num_k;
 
-        const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, tile_offsets, num_groups, M, N);
         const int row_end = t.row_end;
         const int r_top = t.row0 + half * 64 + warp * 16 + (lane >> 2);
         const int c_left = t.n0 + (lane & 3) * 2;
