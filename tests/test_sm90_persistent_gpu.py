@@ -92,6 +92,7 @@ def _tiles_per_cta(sizes, n, grid):
 @pytest.mark.parametrize(
     "sizes, n, k",
     [
+        ([37, 0, 200, 5, 0, 300, 1, 129], 392, 40),  # 1 K stage (a tail): a tile per ring slot
         ([37, 0, 200, 5, 0, 300, 1, 129], 264, 72),  # 2 K stages: half a ring per tile
         ([130, 0, 0, 250, 64, 3], 520, 200),  # 4 K stages: one ring per tile; 3 column tiles
         ([90, 17, 0, 400, 260, 33], 392, 328),  # 6 K stages: phases flip mid-tile

@@ -46,6 +46,7 @@ __all__ = [
     "SCHEDULES",
     "SCHEDULE",
     "CTAS_PER_SM",
+    "GRID_LIMIT",
     "grid_size",
     "MAP_CACHE_SIZE",
     "tensor_map",
