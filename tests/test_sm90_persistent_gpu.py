@@ -76,6 +76,13 @@ def _guarded(rows, n, dtype):
     return buf, out
 
 
+def _sm_count():
+    import cupy
+
+    runtime = cupy.cuda.runtime
+    return runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, cupy.cuda.Device().id)
+
+
 def _tiles_per_cta(sizes, n, grid):
     """For each CTA of a persistent grid, the groups of its tiles (host model)."""
     groups = hopper.tile_schedule(np.asarray(sizes))[:, 0]  # per row tile, in schedule order
@@ -121,9 +128,8 @@ def test_many_tiles_per_cta(sizes, n, k, grid, dtype, layout):
 def test_more_tiles_than_ctas_on_the_real_grid(layout):
     """One CTA per SM, several hundred tiles of 300 groups: every CTA takes tiles
     of several groups."""
-    import cupy
 
-    sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+    sms = _sm_count()
     rng = np.random.default_rng(21)
     sizes = rng.integers(1, 200, 300)
     sizes[rng.random(300) < 0.2] = 0
@@ -140,13 +146,12 @@ def test_more_tiles_than_ctas_on_the_real_grid(layout):
 def test_fewer_tiles_than_ctas(grid):
     """Two tiles on one CTA per SM (or on 200 CTAs, the bound of 200 groups):
     the CTAs without a tile exit before any barrier."""
-    import cupy
 
     hopper.GRID_LIMIT = grid
     rng = np.random.default_rng(22)
     sizes = np.zeros(200, np.int64)
     sizes[[7, 150]] = [5, 3]
-    sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+    sms = _sm_count()
     ctas = hopper.grid_size(hopper.max_tiles(8, 200), sms, limit=grid)
     assert ctas >= min(sms, 200) > 2, ctas
     a, a64, b, b64 = _case(rng, sizes, 256, 200, ml_dtypes.bfloat16, "nn")
