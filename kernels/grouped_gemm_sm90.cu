@@ -46,19 +46,24 @@
 //             bytes), so no load depends on how TMA treats a box with no
 //             element inside the tensor.
 //     All maps fill out-of-bounds elements with zeros (so a K tail adds nothing).
-//     Grid: x = (ceil(M / SM90_BLOCK_M) + E) * ceil(N / SM90_BLOCK_N) CTAs
-//     (the most tiles any sizes summing to M can need; CTAs past them exit). Block SM90_THREADS = 384 threads: warpgroup 0
-//     loads (one thread issues every TMA), warpgroups 1 and 2 multiply 64 rows
-//     each (warp specialization: the loads run ahead while the MMAs run). Dynamic
-//     shared memory: SM90_STAGES * (SM90_BLOCK_M + SM90_BLOCK_N) *
+//     Grid: any x >= 1 CTAs (persistent: CTA x takes tiles x, x + gridDim.x,
+//     ... of the schedule below until they run out). The launcher gives one CTA
+//     per SM ("persistent"), or one per tile that any sizes summing to M can
+//     need, (ceil(M / SM90_BLOCK_M) + E) * ceil(N / SM90_BLOCK_N) ("per_tile":
+//     each CTA's loop runs at most once, as in v5). Block SM90_THREADS = 384
+//     threads: warpgroup 0 loads (one thread issues every TMA), warpgroups 1
+//     and 2 multiply 64 rows each (warp specialization: the loads run ahead
+//     while the MMAs run, and into the next tile while a tile is stored).
+//     Dynamic shared memory: SM90_STAGES * (SM90_BLOCK_M + SM90_BLOCK_N) *
 //     SM90_BLOCK_K * 2 + 1024 bytes (the 1024 align the ring for the swizzle).
-//     CTA x computes, with n_tiles = ceil(N / SM90_BLOCK_N), the tile of
-//     group g with tile_offsets[g] <= x / n_tiles < tile_offsets[g + 1]; with
+//     Schedule: with n_tiles = ceil(N / SM90_BLOCK_N), tile x belongs to group
+//     g with tile_offsets[g] <= x / n_tiles < tile_offsets[g + 1]; with
 //     local = x - tile_offsets[g] * n_tiles and m_g tiles in the group, rows
 //     row_offsets[g] + (local % m_g) * SM90_BLOCK_M and columns
-//     (local / m_g) * SM90_BLOCK_N onwards (M tiles fastest, group by group). Rows of the tile past the group's end (they
-//     belong to the next group) and columns past N are computed but never
-//     stored; no row at or past M is ever stored.
+//     (local / m_g) * SM90_BLOCK_N onwards (M tiles fastest, group by group).
+//     Rows of the tile past the group's end (they belong to the next group)
+//     and columns past N are computed but never stored; no row at or past M
+//     is ever stored.
 //     Every output element is computed by one CTA in a fixed K order:
 //     bitwise deterministic.
 
@@ -262,25 +267,25 @@ __device__ __forceinline__ unsigned pack_pair(f16_t, float lo, float hi) {
     return packed;
 }
 
-// N_MAJOR_B: b is [E, K, N] (nn kernels), else [E, N, K] (nt kernels).
-template <class T, bool N_MAJOR_B>
-__device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const TmaMap* tmap_b,
-                                                     const int* __restrict__ row_offsets,
-                                                     const int* __restrict__ tile_offsets, int num_groups,
-                                                     int M, int N, int K, T* __restrict__ out) {
-    extern __shared__ unsigned char smem_raw[];
-    // full[s]: stage s holds data (one arrival with the TMA byte count);
-    // empty[s]: both math warpgroups are done reading it (one arrival each).
-    __shared__ __align__(8) unsigned long long full[SM90_STAGES];
-    __shared__ __align__(8) unsigned long long empty[SM90_STAGES];
+// One tile of the schedule: its group, rows, columns and what its loads need.
+struct Sm90Tile {
+    int g;             // group
+    int row0;          // first row of the tile (in a and out)
+    int row_end;       // rows from row_end on are not this group's: never stored
+    int n0;            // first column
+    int b_boxes;       // [E, K, N] weights: 64-column boxes that hold columns of N
+    unsigned stage_bytes;  // bytes one stage of this tile receives
+};
 
-    // CTA order: group by group, and within a group the M tiles fastest, so
-    // that CTAs running together share B's column tiles and A's row tiles
-    // (one group's A rows and a band of B's columns fit in L2 together).
-    const int n_tiles = (N + SM90_BLOCK_N - 1) / SM90_BLOCK_N;
-    const long long cta = blockIdx.x;
-    const int tile_row = static_cast<int>(cta / n_tiles);  // which group's tiles: tile_offsets scale
-    if (tile_row >= tile_offsets[num_groups]) return;     // the whole block: before any barrier
+// Tile `tile` of the linearized schedule: group by group, and within a group
+// the M tiles fastest, so that CTAs running together share B's column tiles
+// and A's row tiles (one group's A rows and a band of B's columns fit in L2
+// together). The caller checked tile < tile_offsets[num_groups] * n_tiles.
+template <bool N_MAJOR_B>
+__device__ __forceinline__ Sm90Tile find_tile(long long tile, int n_tiles, const int* __restrict__ row_offsets,
+                                              const int* __restrict__ tile_offsets, int num_groups, int M,
+                                              int N) {
+    const int tile_row = static_cast<int>(tile / n_tiles);  // which group's tiles: tile_offsets scale
     // The group: the last g with tile_offsets[g] <= tile_row (empty groups
     // share their offset with the next one and are skipped).
     int lo = 0, hi = num_groups - 1;
@@ -292,23 +297,59 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
             hi = mid - 1;
         }
     }
-    const int g = lo;
+    Sm90Tile t;
+    t.g = lo;
+    const int g = t.g;
     const int m_tiles = tile_offsets[g + 1] - tile_offsets[g];
-    const long long local = cta - static_cast<long long>(tile_offsets[g]) * n_tiles;
+    const long long local = tile - static_cast<long long>(tile_offsets[g]) * n_tiles;
     const int m_tile = static_cast<int>(local % m_tiles);
     const int n_tile = static_cast<int>(local / m_tiles);
-    const int row0 = row_offsets[g] + m_tile * SM90_BLOCK_M;
-    const int row_end = min(row_offsets[g + 1], M);
-    const int n0 = n_tile * SM90_BLOCK_N;
-    const int b_row0 = g * N + n0;
-    const int num_k = (K + SM90_BLOCK_K - 1) / SM90_BLOCK_K;
+    t.row0 = row_offsets[g] + m_tile * SM90_BLOCK_M;
+    t.row_end = min(row_offsets[g + 1], M);
+    t.n0 = n_tile * SM90_BLOCK_N;
+    const int n0 = t.n0;
     // [E, K, N] weights: the 64-column boxes that hold columns of N (the last
     // tile may need fewer than 4); the stage's byte count follows. Boxes wholly
     // past N are not loaded: their columns of the tile are never stored, and
     // each output column reads only its own column of B.
     const int b_boxes = min(SM90_BLOCK_N / SM90_B_SPAN, (N - n0 + SM90_B_SPAN - 1) / SM90_B_SPAN);
-    const unsigned stage_bytes =
-        N_MAJOR_B ? (SM90_A_STAGE_ELEMS + b_boxes * SM90_B_BOX_ELEMS) * 2 : SM90_STAGE_BYTES;
+    t.b_boxes = b_boxes;
+    t.stage_bytes = N_MAJOR_B ? (SM90_A_STAGE_ELEMS + b_boxes * SM90_B_BOX_ELEMS) * 2 : SM90_STAGE_BYTES;
+    return t;
+}
+
+// N_MAJOR_B: b is [E, K, N] (nn kernels), else [E, N, K] (nt kernels).
+//
+// Persistent: CTA x takes tiles x, x + gridDim.x, x + 2 * gridDim.x, ... of the
+// schedule (find_tile). A grid of one CTA per tile (the launcher's "per_tile"
+// schedule, v5's) runs each CTA's loop once; a grid of one CTA per SM (the
+// "persistent" schedule) walks many tiles per CTA through one ring: the load
+// thread runs on into the next tile's stages while the math warpgroups store
+// the current tile, so a tile's pipeline fill overlaps the tile before.
+//
+// The ring across tiles: every thread role counts the stages it has filled
+// (or consumed) since the CTA began, `fills`, carried from tile to tile; fill
+// f uses stage f % SM90_STAGES in its (f / SM90_STAGES)-th round, whose
+// mbarrier phase parity is that round's parity. Every fill is released
+// exactly once (the last stage of a tile too, after its MMAs), so the load
+// thread and the math warpgroups agree on every phase whatever the tile
+// count and K.
+template <class T, bool N_MAJOR_B>
+__device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const TmaMap* tmap_b,
+                                                     const int* __restrict__ row_offsets,
+                                                     const int* __restrict__ tile_offsets, int num_groups,
+                                                     int M, int N, int K, T* __restrict__ out) {
+    extern __shared__ unsigned char smem_raw[];
+    // full[s]: stage s holds data (one arrival with the TMA byte count);
+    // empty[s]: both math warpgroups are done reading it (one arrival each).
+    __shared__ __align__(8) unsigned long long full[SM90_STAGES];
+    __shared__ __align__(8) unsigned long long empty[SM90_STAGES];
+
+    const int n_tiles = (N + SM90_BLOCK_N - 1) / SM90_BLOCK_N;
+    const long long total_tiles = static_cast<long long>(tile_offsets[num_groups]) * n_tiles;
+    if (static_cast<long long>(blockIdx.x) >= total_tiles) return;  // the whole block: before any barrier
+    const int num_k = (K + SM90_BLOCK_K - 1) / SM90_BLOCK_K;
+    const long long stride = gridDim.x;  // CTA x takes tiles x, x + stride, x + 2 * stride, ...
 
     // The ring starts on a 1024-byte boundary of the shared window: the
     // 128-byte swizzle repeats every 8 rows of 128 bytes.
@@ -332,71 +373,91 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
         // it. A fresh barrier counts as having completed the phase before
         // phase 0, so the first pass over the ring does not wait.
         if (threadIdx.x == 0) {
-            for (int kt = 0; kt < num_k; ++kt) {
-                const int s = kt % SM90_STAGES;
-                mbarrier_wait(&empty[s], ((kt / SM90_STAGES) & 1) ^ 1);
-                mbarrier_expect_bytes(&full[s], stage_bytes);
-                tma_load_2d(sa + s * SM90_A_STAGE_ELEMS, tmap_a, &full[s], kt * SM90_BLOCK_K, row0);
-                if (N_MAJOR_B) {
-                    for (int j = 0; j < b_boxes; ++j) {
-                        tma_load_3d(sb + s * SM90_B_STAGE_ELEMS + j * SM90_B_BOX_ELEMS, tmap_b, &full[s],
-                                    n0 + j * SM90_B_SPAN, kt * SM90_BLOCK_K, g);
+            unsigned fills = 0;
+            for (long long tile = blockIdx.x; tile < total_tiles; tile += stride) {
+                const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, tile_offsets, num_groups, M, N);
+                const int g = t.g, n0 = t.n0, row0 = t.row0, b_boxes = t.b_boxes;
+                const int b_row0 = g * N + n0;
+                for (int kt = 0; kt < num_k; ++kt) {
+                    const unsigned f = fills + kt;
+                    const int s = f % SM90_STAGES;
+                    mbarrier_wait(&empty[s], ((f / SM90_STAGES) & 1) ^ 1);
+                    mbarrier_expect_bytes(&full[s], t.stage_bytes);
+                    tma_load_2d(sa + s * SM90_A_STAGE_ELEMS, tmap_a, &full[s], kt * SM90_BLOCK_K, row0);
+                    if (N_MAJOR_B) {
+                        for (int j = 0; j < b_boxes; ++j) {
+                            tma_load_3d(sb + s * SM90_B_STAGE_ELEMS + j * SM90_B_BOX_ELEMS, tmap_b, &full[s],
+                                        n0 + j * SM90_B_SPAN, kt * SM90_BLOCK_K, g);
+                        }
+                    } else {
+                        tma_load_2d(sb + s * SM90_B_STAGE_ELEMS, tmap_b, &full[s], kt * SM90_BLOCK_K, b_row0);
                     }
-                } else {
-                    tma_load_2d(sb + s * SM90_B_STAGE_ELEMS, tmap_b, &full[s], kt * SM90_BLOCK_K, b_row0);
                 }
+                fills += num_k;
             }
         }
         return;
     }
 
-    // Math warpgroup w (1 or 2) multiplies rows 64 * (w - 1) .. + 63 of the tile.
+    // Math warpgroup w (1 or 2) multiplies rows 64 * (w - 1) .. + 63 of each tile.
     const int half = warpgroup - 1;
-    float acc[SM90_BLOCK_N / 2];
-#pragma unroll
-    for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = 0.0f;
-
-    for (int kt = 0; kt < num_k; ++kt) {
-        const int s = kt % SM90_STAGES;
-        mbarrier_wait(&full[s], (kt / SM90_STAGES) & 1);
-        // 64 rows of 128 bytes further down the A stage: 8 KiB, 1024-aligned.
-        const unsigned long long da = smem_descriptor(sa + s * SM90_A_STAGE_ELEMS + half * 64 * SM90_BLOCK_K);
-        const unsigned long long db = N_MAJOR_B ? smem_descriptor_n_major(sb + s * SM90_B_STAGE_ELEMS)
-                                                : smem_descriptor(sb + s * SM90_B_STAGE_ELEMS);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < SM90_BLOCK_K / 16; ++kk) {
-            // A (and a K-major B): 16 K-elements are 32 bytes further along each
-            // 128-byte row: +2 in the descriptor's address field (units of 16
-            // bytes). An N-major B: 16 K-rows of 128 bytes further down: +128.
-            if (N_MAJOR_B) {
-                wgmma_m64n256k16<1>(T{}, acc, da + 2 * kk, db + 128 * kk, 1);
-            } else {
-                wgmma_m64n256k16<0>(T{}, acc, da + 2 * kk, db + 2 * kk, 1);
-            }
-        }
-        wgmma_commit();
-        // The previous step's MMAs are done: its stage can be refilled while
-        // this step's run.
-        wgmma_wait<1>();
-        if (kt > 0 && (threadIdx.x & 127) == 0) mbarrier_arrive(&empty[(kt - 1) % SM90_STAGES]);
-    }
-    wgmma_wait<0>();
-
     const int warp = (threadIdx.x & 127) >> 5, lane = threadIdx.x & 31;
-    const int r_top = row0 + half * 64 + warp * 16 + (lane >> 2);
-    const int c_left = n0 + (lane & 3) * 2;
+    float acc[SM90_BLOCK_N / 2];
+    unsigned fills = 0;
+    for (long long tile = blockIdx.x; tile < total_tiles; tile += stride) {
 #pragma unroll
-    for (int j = 0; j < SM90_BLOCK_N / 8; ++j) {
-        const int c = c_left + 8 * j;  // even, and N % 8 == 0: (c, c + 1) are both in or both out
-        if (c >= N) continue;
+        for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = 0.0f;
+
+        for (int kt = 0; kt < num_k; ++kt) {
+            const unsigned f = fills + kt;
+            const int s = f % SM90_STAGES;
+            mbarrier_wait(&full[s], (f / SM90_STAGES) & 1);
+            // 64 rows of 128 bytes further down the A stage: 8 KiB, 1024-aligned.
+            const unsigned long long da = smem_descriptor(sa + s * SM90_A_STAGE_ELEMS + half * 64 * SM90_BLOCK_K);
+            const unsigned long long db = N_MAJOR_B ? smem_descriptor_n_major(sb + s * SM90_B_STAGE_ELEMS)
+                                                    : smem_descriptor(sb + s * SM90_B_STAGE_ELEMS);
+            wgmma_fence();
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = r_top + 8 * h;
-            if (r < row_end) {
-                // One 4-byte store of the pair (c, c + 1).
-                *reinterpret_cast<unsigned*>(out + static_cast<long long>(r) * N + c) =
-                    pack_pair(T{}, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            for (int kk = 0; kk < SM90_BLOCK_K / 16; ++kk) {
+                // A (and a K-major B): 16 K-elements are 32 bytes further along each
+                // 128-byte row: +2 in the descriptor's address field (units of 16
+                // bytes). An N-major B: 16 K-rows of 128 bytes further down: +128.
+                if (N_MAJOR_B) {
+                    wgmma_m64n256k16<1>(T{}, acc, da + 2 * kk, db + 128 * kk, 1);
+                } else {
+                    wgmma_m64n256k16<0>(T{}, acc, da + 2 * kk, db + 2 * kk, 1);
+                }
+            }
+            wgmma_commit();
+            // The previous step's MMAs are done: its stage can be refilled while
+            // this step's run.
+            wgmma_wait<1>();
+            if (kt > 0 && (threadIdx.x & 127) == 0) mbarrier_arrive(&empty[(f - 1) % SM90_STAGES]);
+        }
+        // Where this tile goes, found while the last stage's MMAs run (the
+        // search's loads wait on nothing the tensor cores do).
+        const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, tile_offsets, num_groups, M, N);
+        wgmma_wait<0>();
+        // The tile's last stage is read: free it now, so the load thread fills
+        // it with the next tile's data while this tile is stored.
+        if ((threadIdx.x & 127) == 0) mbarrier_arrive(&empty[(fills + num_k - 1) % SM90_STAGES]);
+        fills += num_k;
+
+        const int row_end = t.row_end;
+        const int r_top = t.row0 + half * 64 + warp * 16 + (lane >> 2);
+        const int c_left = t.n0 + (lane & 3) * 2;
+#pragma unroll
+        for (int j = 0; j < SM90_BLOCK_N / 8; ++j) {
+            const int c = c_left + 8 * j;  // even, and N % 8 == 0: (c, c + 1) are both in or both out
+            if (c >= N) continue;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = r_top + 8 * h;
+                if (r < row_end) {
+                    // One 4-byte store of the pair (c, c + 1).
+                    *reinterpret_cast<unsigned*>(out + static_cast<long long>(r) * N + c) =
+                        pack_pair(T{}, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+                }
             }
         }
     }

@@ -199,3 +199,40 @@ def test_tensor_maps_are_cached_per_key_and_bounded(monkeypatch):
     assert hopper.tensor_map(1, (8, 8), (8, 8), bf16, 0) is a and len(built) == count
     hopper.tensor_map(2, (8, 8), (8, 8), bf16, 0)
     assert len(built) == count + 1  # 2 was dropped: built again
+
+
+def test_grid_per_schedule():
+    """per_tile: one CTA per possible tile; persistent: at most CTAS_PER_SM per
+    SM (or the test limit), never more CTAs than tiles, never zero."""
+    assert hopper.SCHEDULE == "persistent" and hopper.GRID_LIMIT is None  # the default the library runs
+    assert hopper.grid_size(1000, 132, "per_tile") == 1000
+    assert hopper.grid_size(1000, 132, "persistent") == 132 * hopper.CTAS_PER_SM
+    assert hopper.grid_size(40, 132, "persistent") == 40  # fewer tiles than SMs: no idle CTAs launched
+    assert hopper.grid_size(1000, 132, "persistent", limit=3) == 3
+    assert hopper.grid_size(2, 132, "persistent", limit=3) == 2
+    assert hopper.grid_size(0, 132, "persistent") == 1 and hopper.grid_size(0, 132, "per_tile") == 1
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        hopper.grid_size(10, 132, "stream_k")
+    with pytest.raises(ValueError, match="at least one CTA"):
+        hopper.grid_size(10, 132, "persistent", limit=0)
+    # One CTA per SM: two would not fit the shared memory (227 KiB) or the
+    # registers (65,536 per SM at 160 per thread of 384).
+    assert hopper.CTAS_PER_SM == 1 and 2 * hopper.SHARED_BYTES > 227 * 1024
+
+
+@pytest.mark.parametrize("grid", [1, 3, 7, 132])
+def test_persistent_walk_covers_every_tile_once_in_order(grid):
+    """The kernel's loop, modelled: CTA x takes tiles x, x + grid, ...; every
+    tile of the schedule (row tiles times column tiles) is taken by exactly one
+    CTA, and each CTA's tiles come in schedule order."""
+    rng = np.random.default_rng(grid)
+    sizes = rng.integers(0, 400, 37)
+    n_tiles = 3
+    total = len(hopper.tile_schedule(sizes)) * n_tiles
+    ctas = hopper.grid_size(hopper.max_tiles(int(sizes.sum()), len(sizes)) * n_tiles, 132, limit=grid)
+    taken = np.zeros(total, np.int64)
+    for cta in range(ctas):
+        mine = list(range(cta, total, ctas))
+        assert mine == sorted(mine)
+        taken[mine] += 1
+    assert (taken == 1).all()

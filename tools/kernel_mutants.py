@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TESTS = (
     "tests/test_kernel_edges_gpu.py",
     "tests/test_pointers_gpu.py",
+    "tests/test_sm90_persistent_gpu.py",
     "tests/test_sm90_gpu.py",
     "tests/test_sm90_nn_gpu.py",
     "tests/test_moe_gpu.py",
@@ -205,8 +206,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-row-mask",
         "grouped_gemm_sm90.cu",
-        "const int row_end = min(row_offsets[g + 1], M);",
-        "const int row_end = min(row_offsets[g + 1] + 1, M);",
+        "t.row_end = min(row_offsets[g + 1], M);",
+        "t.row_end = min(row_offsets[g + 1] + 1, M);",
         "a tile writes the next group's first row with this group's weights",
     ),
     Mutant(
@@ -264,6 +265,46 @@ MUTANTS: tuple[Mutant, ...] = (
         'asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));',
         'asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(lo), "f"(hi));',
         "bf16 output pairs stored swapped: column c gets c + 1's value and back",
+    ),
+    # grouped_gemm_sm90.cu, persistent CTAs (v6): the tile loop and the ring across tiles
+    Mutant(
+        "sm90-persistent-stride",
+        "grouped_gemm_sm90.cu",
+        "const long long stride = gridDim.x;  // CTA x takes tiles x, x + stride, x + 2 * stride, ...",
+        "const long long stride = gridDim.x + 1;",
+        "persistent CTAs step one tile too far: every (grid + 1)-th tile is never computed",
+    ),
+    Mutant(
+        "sm90-acc-once-per-cta",
+        "grouped_gemm_sm90.cu",
+        "for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = 0.0f;",
+        "for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = tile == blockIdx.x ? 0.0f : acc[i];",
+        "accumulators zeroed for a CTA's first tile only: later tiles add the tile before",
+    ),
+    Mutant(
+        "sm90-last-stage-kept",
+        "grouped_gemm_sm90.cu",
+        "if ((threadIdx.x & 127) == 0) mbarrier_arrive(&empty[(fills + num_k - 1) % SM90_STAGES]);",
+        "(void)0;",
+        "a tile's last stage never freed (as in v5, harmless there): the load thread waits forever (a hang)",
+    ),
+    Mutant(
+        "sm90-load-ring-restarts",
+        "grouped_gemm_sm90.cu",
+        "fills += num_k;",
+        "fills = 0;",
+        "the load thread restarts the ring at stage 0, phase 0 on each tile (stages and phases out of step)",
+        count=2,
+        occurrence=1,
+    ),
+    Mutant(
+        "sm90-math-ring-restarts",
+        "grouped_gemm_sm90.cu",
+        "fills += num_k;",
+        "fills = 0;",
+        "the math warpgroups restart the ring at stage 0, phase 0 on each tile",
+        count=2,
+        occurrence=2,
     ),
     # combine.cu: scatter_rows and combine_rows
     Mutant(

@@ -2,7 +2,10 @@
 models, the kernel with [E, N, K] weights (K-major B, "sm90 nt") and with the
 same weights as [E, K, N] (N-major B, "sm90 nn"), timed round-robin against
 the cuBLAS algorithms ([E, N, K]) and a dense GEMM of equal FLOPs; then the
-host cost of a TMA descriptor, built and from the cache. For
+host cost of a TMA descriptor, built and from the cache. Each sm90 row runs
+in both CTA schedules of the same kernel: persistent (v6, one CTA per SM;
+"sm90 nt", "sm90 nn") and one CTA per tile (v5's; "sm90 nt v5", "sm90 nn
+v5"), with the v6 / v5 time ratios printed per case. For
 docs/kernel-notes.md; the benchmark (python -m cublas_grouped.bench) is the
 reference for claims.
 
@@ -28,6 +31,7 @@ def probe(model: str, tokens: int, b, b_kn, dt) -> None:
     import cupy
 
     import cublas_grouped as cg
+    from cublas_grouped.gemm.backends import hopper
     from cublas_grouped.runtime.timing import time_interleaved
 
     experts, top_k, hidden, n1 = MODELS[model]
@@ -39,32 +43,63 @@ def probe(model: str, tokens: int, b, b_kn, dt) -> None:
     flops = 2.0 * m * hidden * n1  # a dense [m, hidden] @ [hidden, n1] has the same
     algorithms = ("sm90_grouped", "cublas_grouped", "sequential", "chunked_batched")
     outs = {alg: cupy.empty((m, n1), dtype=dt) for alg in algorithms}
-    outs["sm90 nn"] = cupy.empty((m, n1), dtype=dt)
+    for label in ("sm90 nn", "sm90 nt v5", "sm90 nn v5"):
+        outs[label] = cupy.empty((m, n1), dtype=dt)
 
     def run(alg):
         return lambda i: cg.gmm(a, b, sizes, trans_b=True, out=outs[alg], algorithm=alg)
 
-    methods = {("sm90 nt" if alg == "sm90_grouped" else alg): run(alg) for alg in algorithms}
-    methods["sm90 nn"] = lambda i: cg.gmm(a, b_kn, sizes, out=outs["sm90 nn"], algorithm="sm90_grouped")
+    def sm90(label, weights, trans_b, schedule):
+        def call(i):
+            hopper.SCHEDULE = schedule  # read at each call: the same kernel, another grid
+            try:
+                cg.gmm(a, weights, sizes, trans_b=trans_b, out=outs[label], algorithm="sm90_grouped")
+            finally:
+                hopper.SCHEDULE = "persistent"
+
+        return call
+
+    methods = {"sm90 nt": sm90("sm90_grouped", b, True, "persistent")}  # first, as through v5
+    methods.update({alg: run(alg) for alg in algorithms if alg != "sm90_grouped"})
+    methods["sm90 nn"] = sm90("sm90 nn", b_kn, False, "persistent")
+    methods["sm90 nt v5"] = sm90("sm90 nt v5", b, True, "per_tile")
+    methods["sm90 nn v5"] = sm90("sm90 nn v5", b_kn, False, "per_tile")
     dense_w = b[0]
     methods["dense"] = lambda i: cupy.matmul(a, dense_w.T)
     results = time_interleaved(list(methods.values()), warmup=3, repeat=20)
     base = outs["cublas_grouped"].astype(cupy.float32)
     errs = {}
-    for label, alg in (("nt", "sm90_grouped"), ("nn", "sm90 nn")):
+    for label, alg in (
+        ("nt", "sm90_grouped"),
+        ("nn", "sm90 nn"),
+        ("nt v5", "sm90 nt v5"),
+        ("nn v5", "sm90 nn v5"),
+    ):
         diff = outs[alg].astype(cupy.float32) - base
         errs[label] = float(cupy.linalg.norm(diff) / cupy.linalg.norm(base))
+    # The schedules must agree bit for bit (each element: one CTA, a fixed K order).
+    same = {
+        layout: bool(cupy.all(outs[v6].view(cupy.uint16) == outs[v5].view(cupy.uint16)))
+        for layout, v6, v5 in (("nt", "sm90_grouped", "sm90 nt v5"), ("nn", "sm90 nn", "sm90 nn v5"))
+    }
     case = f"{model} T={tokens}"
     for label, r in zip(methods, results):
         if isinstance(r, Exception):
             print(f"{case:22} {label:16} error {r}")
         else:
             print(f"{case:22} {label:16} {r['median']:8.3f} {flops / r['median'] / 1e9:8.1f}")
-    print(f"{'':22} vs cublas_grouped: relative difference sm90 nt {errs['nt']:.2e}, nn {errs['nn']:.2e}")
+    diffs = ", ".join(f"{label} {err:.2e}" for label, err in errs.items())
+    print(f"{'':22} vs cublas_grouped: relative difference sm90 {diffs}")
+    print(f"{'':22} v6 == v5 bit for bit: nt {same['nt']}, nn {same['nn']}")
     timed = dict(zip(methods, results))
-    nt, nn = timed["sm90 nt"], timed["sm90 nn"]
-    if not isinstance(nt, Exception) and not isinstance(nn, Exception):
-        print(f"{'':22} sm90 nn / nt time: {nn['median'] / nt['median']:.3f}")
+    for what, top, bottom in (
+        ("sm90 nn / nt time", "sm90 nn", "sm90 nt"),
+        ("sm90 v6 / v5 time, nt", "sm90 nt", "sm90 nt v5"),
+        ("sm90 v6 / v5 time, nn", "sm90 nn", "sm90 nn v5"),
+    ):
+        x, y = timed[top], timed[bottom]
+        if not isinstance(x, Exception) and not isinstance(y, Exception):
+            print(f"{'':22} {what}: {x['median'] / y['median']:.3f}")
 
 
 def host_cost() -> None:

@@ -11,8 +11,10 @@ crosses to the host and the launch sizes depend only on M, N and E.
 
 Where it stands (docs/kernel-notes.md has the measurements): 128 x 256 tiles,
 a load warpgroup filling a ring of shared-memory stages ahead of two math
-warpgroups (warp specialization), one tile per CTA (no persistence yet), one
-tile shape. AUTO does not choose it until the benchmark shows it faster.
+warpgroups (warp specialization), persistent CTAs (one per SM, each walking
+the tile schedule, the next tile's loads running during this tile's stores;
+``SCHEDULE = "per_tile"`` gives the earlier one CTA per tile, for comparison),
+one tile shape. AUTO does not choose it until the benchmark shows it faster.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ __all__ = [
     "weights_layout",
     "b_map_shape",
     "max_tiles",
+    "SCHEDULES",
+    "SCHEDULE",
+    "CTAS_PER_SM",
+    "GRID_LIMIT",
+    "grid_size",
     "MAP_CACHE_SIZE",
     "tensor_map",
     "grouped_contiguous",
@@ -110,6 +117,52 @@ def max_tiles(total_rows: int, num_groups: int) -> int:
     """Tiles of BLOCK_M rows the launch covers: the most any sizes summing to
     ``total_rows`` over ``num_groups`` groups can need (one partial tile per group)."""
     return -(-total_rows // BLOCK_M) + num_groups
+
+
+# How CTAs take tiles (the kernel is the same; only the grid differs; each CTA
+# takes tiles x, x + grid, x + 2 * grid, ... of the schedule):
+#   "persistent": CTAS_PER_SM per SM; a CTA's ring flows from tile to tile, so
+#                 the next tile's loads overlap this tile's stores (v6);
+#   "per_tile":   one CTA per tile, as through v5 (each CTA's loop runs once).
+# A module setting, read at each call, so that a probe can time both in one run.
+SCHEDULES = ("persistent", "per_tile")
+SCHEDULE = "persistent"
+# One CTA per SM: its ring is 193 KiB of the 227 KiB an SM offers, and its 384
+# threads use 160 registers each (61,440 of 65,536); two would need half the
+# stages and registers that 384 threads do not have.
+CTAS_PER_SM = 1
+
+
+def grid_size(tile_bound: int, sm_count: int, schedule: str | None = None, limit: int | None = None) -> int:
+    """CTAs of one launch: ``tile_bound`` (the most tiles the sizes can need,
+    :func:`max_tiles` times the column tiles) for ``"per_tile"``; for
+    ``"persistent"`` at most ``CTAS_PER_SM * sm_count``, and at most ``limit``
+    when given (tests force many tiles per CTA with a small one)."""
+    schedule = SCHEDULE if schedule is None else schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}")
+    if schedule == "per_tile":
+        return max(tile_bound, 1)
+    cap = CTAS_PER_SM * sm_count if limit is None else limit
+    if cap < 1:
+        raise ValueError(f"the persistent grid needs at least one CTA; got {cap}")
+    return max(min(tile_bound, cap), 1)
+
+
+# Tests only: the persistent grid's CTA count instead of CTAS_PER_SM per SM.
+GRID_LIMIT: int | None = None
+_sm_counts: dict[int, int] = {}
+
+
+def _sm_count(device_id: int) -> int:
+    """Multiprocessors of ``device_id`` (asked once per device)."""
+    count = _sm_counts.get(device_id)
+    if count is None:
+        import cupy
+
+        attribute = cupy.cuda.runtime.cudaDevAttrMultiProcessorCount
+        count = _sm_counts[device_id] = int(cupy.cuda.runtime.deviceGetAttribute(attribute, device_id))
+    return count
 
 
 def tile_schedule(sizes: np.ndarray, block_m: int = BLOCK_M) -> np.ndarray:
@@ -263,5 +316,7 @@ def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=N
         np.int32(k),
         np.intp(ops.c),
     )
-    grid = max_tiles(m, e) * -(-n // BLOCK_N)  # one CTA per tile, group by group (see the kernel)
+    # The bound covers any sizes summing to m, so the grid does not depend on
+    # the sizes (they live on the device; a captured graph replays with new ones).
+    grid = grid_size(max_tiles(m, e) * -(-n // BLOCK_N), _sm_count(res.device_id), limit=GRID_LIMIT)
     _kernels.launch(stream, gemm, grid, THREADS, args, shmem=SHARED_BYTES)
