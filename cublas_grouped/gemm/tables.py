@@ -157,7 +157,7 @@ class TuningTable:
         try:
             return cls(gpu, version, data["entries"], data.get("sm"))
         except (ValueError, TypeError, KeyError, OverflowError) as exc:  # whatever entry_problem let by
-            raise ValueError(f"{path}: {type(exc).__name__}: {exc}") from None
+            raise ValueError(f"{path}: {exc}") from None
 
     def to_json(self) -> dict:
         """The table as written to disk."""
