@@ -196,6 +196,21 @@ def test_a_symbolic_link_entry_is_never_followed(cache_dir, monkeypatch, tmp_pat
     assert elsewhere.read_bytes() == kc.frame(_compile(ROUTING))  # the link's target is left alone
 
 
+@posix_only
+def test_a_fifo_entry_neither_blocks_nor_loads(cache_dir, monkeypatch):
+    expected = _compile(DISPATCH)
+    (path,) = _entries(cache_dir)
+    path.unlink()
+    os.mkfifo(path, 0o600)
+    _fresh_process(monkeypatch)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert _compile(DISPATCH) == expected
+    (message,) = _cache_warnings(record)
+    assert f"{path} is not a regular file" in message
+    assert path.read_bytes() == kc.frame(expected)
+
+
 def _untrusted_folder(kind, root: Path, monkeypatch) -> str:
     """Make the cache under ``root`` untrusted in one way; returns what the warning must say."""
     if kind == "foreign-owner":

@@ -22,8 +22,10 @@ that runs in this process. Folders the cache creates are private (mode
 owned by the current user and writable by nobody else (:func:`trust_problem`);
 a folder that fails raises :class:`UntrustedCacheError` (the caller then
 compiles in memory for the process), a file that fails is treated as a
-damaged entry. The folders above the root are trusted as they are. Writes go to a
-temporary file in the entry's folder, are flushed to disk, then
+damaged entry (as is a symbolic link or anything but a regular file). The
+folders above the root are trusted as they are.
+
+Writes go to a temporary file in the entry's folder, are flushed to disk, then
 ``os.replace``-d over the entry: a reader, in this process or another, sees the
 old entry or the new one, never half of one, and writers of the same entry
 (several processes compiling the same kernel at once) each replace it whole.
@@ -191,9 +193,13 @@ class KernelCache:
         The check reads the opened file's own status (``fstat``), so the file
         that is checked is the file that is read; a symbolic link is refused.
         """
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # O_NONBLOCK: a FIFO planted as an entry must not block the open.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(fd, "rb") as f:
-            problem = trust_problem(_fstat(fd), self.uid)
+            st = _fstat(fd)
+            problem = trust_problem(st, self.uid)
+            if problem is None and not stat.S_ISREG(st.st_mode):
+                problem = "is not a regular file"
             return (b"", problem) if problem else (f.read(), None)
 
     def path_for(self, key: bytes) -> Path:
