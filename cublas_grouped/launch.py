@@ -3,7 +3,9 @@
 Each process gets ``RANK`` = ``LOCAL_RANK`` = its index, ``WORLD_SIZE`` = N,
 ``MASTER_ADDR`` (default 127.0.0.1) and ``MASTER_PORT`` (default: a free
 port), and ``NCCL_NVLS_ENABLE=0`` unless the caller set it (NVLink multicast
-stays off). ``-m module`` runs a module instead of a script. When a process
+stays off). Unless ``CUBLAS_GROUPED_STORE_TOKEN`` is set already, every launch
+gives its ranks a fresh random one, so that other users of the host cannot
+join the start-up store on the loopback port. ``-m module`` runs a module instead of a script. When a process
 fails (non-zero exit or a signal), the others are terminated (SIGTERM, then
 SIGKILL after ``--grace`` seconds) and the launcher exits with the first
 failure's code (128 + signal number for a signal); when all succeed, with 0.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -23,7 +26,11 @@ import sys
 import threading
 import time
 
-__all__ = ["build_parser", "free_port", "rank_env", "launch", "split_argv", "main"]
+__all__ = ["build_parser", "free_port", "rank_env", "launch", "split_argv", "main", "STORE_TOKEN_ENV"]
+
+# The store's token variable (cublas_grouped.distributed.store.TOKEN_ENV; named
+# again here so that the launcher imports nothing but the standard library).
+STORE_TOKEN_ENV = "CUBLAS_GROUPED_STORE_TOKEN"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,6 +78,8 @@ def launch(command: list[str], nproc: int, *, addr="127.0.0.1", port=None, grace
     """Run ``command`` (an argv list) ``nproc`` times with rank variables; return the exit code."""
     port = free_port(addr) if port is None else port
     base = os.environ if env is None else env
+    if not base.get(STORE_TOKEN_ENV):
+        base = {**base, STORE_TOKEN_ENV: secrets.token_hex(32)}  # one per launch, shared by its ranks
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(

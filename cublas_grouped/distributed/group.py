@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .store import StoreTimeoutError, TCPStore
+from .store import TOKEN_ENV, StoreTimeoutError, TCPStore
 
 __all__ = [
     "CollectiveTimeoutError",
@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_S = 300.0
+_NCCL_ID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
 
 
 class DistributedError(RuntimeError):
@@ -50,6 +51,7 @@ class LaunchEnv:
     local_rank: int
     master_addr: str
     master_port: int
+    store_token: str | None = field(default=None, repr=False)  # never printed
 
 
 def _env_int(env, name: str, default: int | None = None) -> int:
@@ -71,7 +73,9 @@ def _env_int(env, name: str, default: int | None = None) -> int:
 def read_launch_env(env=None) -> LaunchEnv:
     """Parse the launcher's variables; ``ValueError`` names the one that is missing or wrong.
 
-    ``LOCAL_RANK`` defaults to ``RANK`` (one host), ``MASTER_ADDR`` to 127.0.0.1.
+    ``LOCAL_RANK`` defaults to ``RANK`` (one host), ``MASTER_ADDR`` to 127.0.0.1
+    (an empty one is refused: it would make rank 0 listen on every interface).
+    ``CUBLAS_GROUPED_STORE_TOKEN``, when set, is the store's shared token.
     """
     env = os.environ if env is None else env
     world = _env_int(env, "WORLD_SIZE")
@@ -86,7 +90,10 @@ def read_launch_env(env=None) -> LaunchEnv:
         raise ValueError(f"LOCAL_RANK must be >= 0; got {local}")
     if not 0 < port < 65536:
         raise ValueError(f"MASTER_PORT must be in [1, 65535]; got {port}")
-    return LaunchEnv(rank, world, local, env.get("MASTER_ADDR", "127.0.0.1"), port)
+    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    if not addr:
+        raise ValueError("MASTER_ADDR is empty; name rank 0's address (127.0.0.1 on one host)")
+    return LaunchEnv(rank, world, local, addr, port, env.get(TOKEN_ENV) or None)
 
 
 class ProcessGroup:
@@ -206,6 +213,8 @@ def init_process_group(
     env : mapping read instead of ``os.environ`` (tests).
     device_id : the GPU of this rank; default ``LOCAL_RANK``.
 
+    Rank 0's store binds ``MASTER_ADDR`` and, when ``CUBLAS_GROUPED_STORE_TOKEN``
+    is set, admits only ranks holding the same token (docs/security.md).
     Sets ``NCCL_NVLS_ENABLE=0`` when unset (NVLink multicast off, as the
     launcher does). Raises ``ValueError`` for a bad environment,
     :class:`cublas_grouped.distributed.StoreTimeoutError` when ranks do not meet.
@@ -229,11 +238,16 @@ def init_process_group(
             f"rank {info.rank}: device {device} (LOCAL_RANK) does not exist; {count} GPUs are visible"
         )
     cupy.cuda.Device(device).use()
-    store = TCPStore(info.master_addr, info.master_port, is_server=info.rank == 0, timeout=timeout)
+    store = TCPStore(
+        info.master_addr, info.master_port, is_server=info.rank == 0, timeout=timeout, token=info.store_token
+    )
     try:
         if info.rank == 0:
             store.set("nccl_unique_id", bytes(nccl.get_unique_id()))
         uid = store.get("nccl_unique_id")
+        if len(uid) != _NCCL_ID_BYTES:  # only rank 0 writes it; anything else is not an NCCL id
+            store.close()
+            raise DistributedError(f"rank {info.rank}: the store's NCCL id has {len(uid)} bytes, not 128")
         store.barrier("init", info.rank, info.world_size)
         comm = nccl.NcclCommunicator(info.world_size, uid, info.rank)
     except StoreTimeoutError:

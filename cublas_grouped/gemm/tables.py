@@ -30,6 +30,10 @@ from .plan import ProblemStats
 __all__ = [
     "TuningTable",
     "MAX_TABLE_DISTANCE",
+    "MAX_TABLE_BYTES",
+    "MAX_TABLE_ENTRIES",
+    "MAX_TABLE_COUNT",
+    "MAX_TIME_MS",
     "SHIPPED_TUNING_DIR",
     "AUTOTUNE_SUFFIX",
     "infer_sm",
@@ -50,6 +54,15 @@ MAX_TABLE_DISTANCE = 2.0
 SHIPPED_TUNING_DIR = Path(__file__).resolve().parent.parent / "tuning"
 # Files of measurements made on first sight (.autotune): never a fallback table.
 AUTOTUNE_SUFFIX = ".autotune.json"
+# Bounds of the table schema (:meth:`TuningTable.load`): a file larger than
+# MAX_TABLE_BYTES is not read (the shipped tables are ~100 kB, AUTO's files grow
+# by at most 32 entries per process); counts and sizes stay below 2**31, the
+# bound of every dimension cuBLAS takes; a time is at most MAX_TIME_MS.
+MAX_TABLE_BYTES = 16 * 2**20
+MAX_TABLE_ENTRIES = 100_000
+MAX_TABLE_COUNT = 2**31 - 1
+MAX_TIME_MS = 1e7
+_MAX_NAME_CHARS = 256
 # Hopper parts whose tables may lack ``sm`` (written before it was recorded).
 _HOPPER_NAME = re.compile(r"\bG?H(100|200|800|20)\b")
 
@@ -68,8 +81,10 @@ def _parse_sm(value, gpu: str) -> tuple[int, int] | None:
         return infer_sm(gpu)
     try:
         major, minor = (int(v) for v in (value.split(".") if isinstance(value, str) else value))
-    except (TypeError, ValueError):
-        raise ValueError(f"sm must be [major, minor] like [9, 0]; got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        major = minor = -1
+    if not (0 <= major < 100 and 0 <= minor < 100):
+        raise ValueError(f"sm must be [major, minor] like [9, 0]; got {str(value)[:40]!r}")
     return (major, minor)
 
 
@@ -117,24 +132,32 @@ class TuningTable:
 
     @classmethod
     def load(cls, path: Path) -> TuningTable:
-        """Read a table; a malformed or damaged file raises ValueError naming it and what is wrong.
+        """Read a table; a malformed, damaged or hostile file raises ValueError naming
+        it and what is wrong (``OSError`` when it cannot be read); nothing else escapes.
 
-        Every entry is checked (:func:`entry_problem`), so that a damaged file
-        cannot steer AUTO with, say, a zero or negative time.
+        The file is at most ``MAX_TABLE_BYTES`` of JSON, and every entry is checked (:func:`entry_problem`), so that a
+        damaged file cannot steer AUTO with, say, a zero or negative time, nor
+        a huge number overflow the distance computation.
         """
-        try:
-            data = json.loads(Path(path).read_text())
-        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep
-            raise ValueError(f"{path} is not valid JSON ({type(exc).__name__}: {exc})") from None
+        data = _read_json(Path(path))
         if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
             raise ValueError(f"{path} is not a tuning table (no list of entries)")
-        if not isinstance(data.get("gpu"), str) or _count(data.get("cublas_version"), 0) is None:
-            raise ValueError(f"{path} is not a tuning table (gpu must be a string, cublas_version an int)")
+        gpu, version = data.get("gpu"), _count(data.get("cublas_version"), 0)
+        if not isinstance(gpu, str) or len(gpu) > _MAX_NAME_CHARS or version is None or version >= 10**8:
+            raise ValueError(
+                f"{path} is not a tuning table (gpu must be a string of at most {_MAX_NAME_CHARS} "
+                "characters, cublas_version an int below 10**8)"
+            )
+        if len(data["entries"]) > MAX_TABLE_ENTRIES:
+            raise ValueError(f"{path} has {len(data['entries'])} entries, over {MAX_TABLE_ENTRIES}")
         for i, entry in enumerate(data["entries"]):
             problem = entry_problem(entry)
             if problem is not None:
                 raise ValueError(f"{path}: entry {i} {problem}")
-        return cls(data["gpu"], data["cublas_version"], data["entries"], data.get("sm"))
+        try:
+            return cls(gpu, version, data["entries"], data.get("sm"))
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:  # whatever entry_problem let by
+            raise ValueError(f"{path}: {exc}") from None
 
     def to_json(self) -> dict:
         """The table as written to disk."""
@@ -159,45 +182,65 @@ class TuningTable:
             raise
 
 
-def _count(value, low: int) -> int | None:
-    """``value`` when it is an int (not a bool) of at least ``low``, else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= low else None
+def _read_json(path: Path):
+    """The JSON document in ``path``: at most ``MAX_TABLE_BYTES`` of UTF-8. (NaN and
+    Infinity parse, as Python's json allows; the range checks refuse them.)"""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_TABLE_BYTES + 1)
+    if len(raw) > MAX_TABLE_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_TABLE_BYTES} bytes, the limit for a tuning table")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep
+        raise ValueError(f"{path} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _count(value, low: int, high: int = MAX_TABLE_COUNT) -> int | None:
+    """``value`` when it is an int (not a bool) in ``[low, high]``, else None."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    return value if ok else None
 
 
 def _time(value) -> bool:
-    """Whether ``value`` can be a measured time: a finite number of ms above 0, or None (not measured)."""
+    """Whether ``value`` can be a measured time: a number of ms in (0, MAX_TIME_MS], or None (not measured)."""
     if value is None:
         return True
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_TIME_MS
 
 
 def entry_problem(entry) -> str | None:
     """What is wrong with one table entry (None when nothing is): fields missing,
-    of the wrong type or out of range, an unknown algorithm, a time that is not
-    a positive finite number of milliseconds (or null)."""
+    of the wrong type or out of range (counts and sizes in ``[0, MAX_TABLE_COUNT]``),
+    an unknown algorithm, a time that is not a positive number of milliseconds
+    up to ``MAX_TIME_MS`` (or null), names longer than 256 characters."""
     if not isinstance(entry, dict):
         return f"is a {type(entry).__name__}, not an object"
     experts = _count(entry.get("num_experts"), 1)
     if experts is None or _count(entry.get("active_experts"), 0) is None or entry["active_experts"] > experts:
-        return "needs num_experts >= 1 and 0 <= active_experts <= num_experts"
+        return f"needs num_experts >= 1 (at most {MAX_TABLE_COUNT}) and 0 <= active_experts <= num_experts"
     if _count(entry.get("n"), 1) is None or _count(entry.get("k"), 1) is None:
-        return "needs n and k >= 1"
+        return f"needs n and k >= 1 (at most {MAX_TABLE_COUNT})"
     rows = entry.get("mean_rows")
-    if not isinstance(rows, (int, float)) or isinstance(rows, bool) or not 0 <= rows < math.inf:
-        return f"has mean_rows {rows!r}; it must be a finite number >= 0"
+    if not isinstance(rows, (int, float)) or isinstance(rows, bool) or not 0 <= rows <= MAX_TABLE_COUNT:
+        return f"has mean_rows {repr(rows)[:40]}; it must be a number in [0, {MAX_TABLE_COUNT}]"
     if "max_rows" in entry and _count(entry["max_rows"], 0) is None:
-        return f"has max_rows {entry['max_rows']!r}; it must be an int >= 0"
-    if not isinstance(entry.get("dtype"), str):
+        return f"has max_rows {repr(entry['max_rows'])[:40]}; it must be an int in [0, {MAX_TABLE_COUNT}]"
+    dtype, layout = entry.get("dtype"), entry.get("layout", "")
+    if not isinstance(dtype, str) or len(dtype) > _MAX_NAME_CHARS:
         return "needs a dtype name"
+    if not isinstance(layout, str) or len(layout) > _MAX_NAME_CHARS:
+        return "has a layout that is not a short name"
     times = entry.get("times_ms")
     if not isinstance(times, dict):
         return "needs times_ms, an object of algorithm -> milliseconds"
     known = {a.value for a in Algorithm} - {Algorithm.AUTO.value}
     for name, value in times.items():
         if name not in known:
-            return f"times an unknown algorithm {name!r}"
+            return f"times an unknown algorithm {name[:40]!r}"
         if not _time(value):
-            return f"has a time of {value!r} ms for {name}; it must be a positive finite number or null"
+            return (
+                f"has a time of {repr(value)[:40]} ms for {name}; it must be in (0, {MAX_TIME_MS:g}] or null"
+            )
     return None
 
 

@@ -17,13 +17,15 @@ before use; a damaged one is reported (a ``KernelCacheWarning`` naming the
 file), recompiled and replaced. So is an entry that passes the checks but that
 the driver refuses to load (:func:`get_kernel` then recompiles, and replaces
 the entry only when the fresh build loads). Writes are atomic, so processes
-can share one cache folder.
+of one user can share one cache folder; folders are created private (0700),
+and an entry or folder owned by another user or writable by others is never
+loaded (see :mod:`.kernel_cache`).
 
 The disk cache lives in ``$CUBLAS_GROUPED_CACHE_DIR`` when that is set, else in
 ``~/.cache/cublas_grouped/kernels``. Setting ``CUBLAS_GROUPED_CACHE_DIR=off``
 disables it (compiles then happen once per process). A location that cannot
-be used (no home folder, a path under a regular file, read-only, a full disk)
-gives one ``KernelCacheWarning`` and the process compiles in memory from then on.
+be used (no home folder, a path under a regular file, read-only, a full disk,
+a folder of another user or one that others can write) gives one ``KernelCacheWarning`` and the process compiles in memory from then on.
 
 Kernels are looked up by plain ``extern "C"`` names, so a cached cubin needs no
 C++ name mapping. :func:`launch` names the kernel, grid and block in the
@@ -40,7 +42,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from . import launch as _fast
-from .kernel_cache import KernelCache, KernelCacheWarning
+from .kernel_cache import KernelCache, KernelCacheWarning, UntrustedCacheError
 
 __all__ = [
     "KernelCompileError",
@@ -223,7 +225,11 @@ def _compile_or_read(name: str, arch: str, items: Defines):
     if cache is None:
         return _compile(name, arch, items, source, options)
     disk_key = make_program_cache_key(code=source, code_type="c++", options=options, target_type="cubin")
-    cubin = cache.get(disk_key)
+    try:
+        cubin = cache.get(disk_key)
+    except UntrustedCacheError as exc:  # another user's folder, or one others can write: never load from it
+        _disable_disk_cache(str(exc))
+        return _compile(name, arch, items, source, options)
     if cubin is not None:
         _from_disk[(name, arch, items)] = disk_key
         return ObjectCode.from_cubin(cubin, name=f"{name}.cu")
