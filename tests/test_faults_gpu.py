@@ -33,27 +33,30 @@ TOL = TOLERANCE["bfloat16"]
 
 @pytest.fixture
 def pool_limit():
-    """``set(headroom)`` limits CuPy's pool to what is in use now plus ``headroom``
-    bytes; the limit in force before is put back afterwards, whatever happens."""
+    """``set(headroom)`` makes a fresh CuPy pool the allocator, limited to
+    ``headroom`` bytes; the allocator in force before is put back afterwards,
+    whatever happens. A fresh pool, because the default one keeps free pieces
+    of blocks earlier tests split, from which an allocation can be served
+    without asking for memory, so no limit would bite."""
     import os
 
     import cupy
 
     if os.environ.get("CUBLAS_GROUPED_TEST_NO_POOL") == "1":
         pytest.skip("CuPy's pool is off (CUBLAS_GROUPED_TEST_NO_POOL=1): a pool limit cannot bite")
-    pool = cupy.get_default_memory_pool()
-    before = pool.get_limit()
+    before = cupy.cuda.get_allocator()
 
     def set_headroom(headroom: int) -> None:
         cupy.cuda.Device().synchronize()
-        pool.free_all_blocks()
-        pool.set_limit(size=pool.used_bytes() + headroom)
+        pool = cupy.cuda.MemoryPool()
+        pool.set_limit(size=headroom)
+        cupy.cuda.set_allocator(pool.malloc)
 
     try:
         yield set_headroom
     finally:
-        pool.set_limit(size=before)
-        pool.free_all_blocks()
+        cupy.cuda.set_allocator(before)
+        cupy.get_default_memory_pool().free_all_blocks()
 
 
 @pytest.fixture

@@ -10,9 +10,12 @@ token count, so the layer can capture them once and replay them:
   device-to-device copies on the caller's stream), so one graph serves every
   call with that token count, whatever arrays the caller passes;
 - the first call with a token count runs the step eagerly on the caller's
-  stream, then captures the same step on a private stream of the layer (the
-  legacy default stream cannot capture) once that stream's cuBLAS workspace
-  exists; later calls copy and replay on the caller's stream;
+  stream, then captures the same step on a capture stream (one per thread and
+  device, shared by all layers, with one cuBLAS workspace; the legacy default
+  stream cannot capture) once that stream's workspace exists; later calls
+  copy and replay on the caller's stream. Where the workspace cannot be
+  allocated, the call stays eager and the next one tries again; a capture
+  that fails turns the layer's graphs off, with a warning;
 - graphs are kept per (token count, with or without routing weights), the
   least recently used dropped past :data:`MAX_GRAPHS`.
 
@@ -24,6 +27,8 @@ capturing a graph of its own runs the step eagerly into that capture instead.
 
 from __future__ import annotations
 
+import threading
+import warnings
 from collections import OrderedDict
 
 __all__ = ["StepGraphs", "MAX_GRAPHS"]
@@ -49,7 +54,7 @@ class StepGraphs:
         self._dtype, self._device_id = dtype, device_id
         self._graphs: OrderedDict = OrderedDict()
         self._inputs = None  # (x [max_tokens, H], ids int32 [max_tokens, k], weights f32 [max_tokens, k])
-        self._stream = None  # the private stream steps are captured on
+        self._disabled = False  # set when a capture failed
 
     @property
     def nbytes(self) -> int:
@@ -84,15 +89,30 @@ class StepGraphs:
         # caller's own), then capture the same step on the private stream, whose
         # cuBLAS workspace is allocated first (nothing may be allocated in a capture).
         self._run_step(res, xs, ids_s, ws, out)
-        private = resources_for(self._private_stream().ptr)
-        private.bind(self._workspace_bytes)
-        stream = self._stream
-        stream.begin_capture()
+        if self._disabled:
+            return
+        stream = _capture_stream(self._device_id)
+        private = resources_for(stream.ptr)
         try:
-            with stream:
-                self._run_step(private, xs, ids_s, ws, out)
-        finally:
-            graph = stream.end_capture()
+            private.bind(self._workspace_bytes)
+        except MemoryError:
+            return  # no room for the capture stream's workspace now: this call stays eager
+        try:
+            stream.begin_capture()
+            try:
+                with stream:
+                    self._run_step(private, xs, ids_s, ws, out)
+            finally:
+                graph = stream.end_capture()
+        except Exception as exc:  # the eager result stands; later calls launch every kernel
+            self._disabled = True
+            warnings.warn(
+                f"FixedCapacityMoE could not capture its step ({type(exc).__name__}: {exc}); "
+                "it launches every kernel from now on",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
         if len(self._graphs) >= MAX_GRAPHS:
             self._graphs.popitem(last=False)
         self._graphs[key] = graph
@@ -108,13 +128,24 @@ class StepGraphs:
                     cupy.empty((self._max_tokens, self._top_k), dtype=cupy.float32),
                 )
 
-    def _private_stream(self):
-        import cupy
 
-        if self._stream is None:
-            with cupy.cuda.Device(self._device_id):
-                self._stream = cupy.cuda.Stream(non_blocking=True)
-        return self._stream
+_local = threading.local()
+
+
+def _capture_stream(device_id: int):
+    """The stream this thread captures steps on, one per device: every layer
+    shares it, and with it one cuBLAS workspace (a stream per layer would
+    hold one workspace per layer)."""
+    import cupy
+
+    streams = getattr(_local, "streams", None)
+    if streams is None:
+        streams = _local.streams = {}
+    stream = streams.get(device_id)
+    if stream is None:
+        with cupy.cuda.Device(device_id):
+            stream = streams[device_id] = cupy.cuda.Stream(non_blocking=True)
+    return stream
 
 
 def _copy(dst, src, res) -> None:
