@@ -204,7 +204,7 @@ def test_tensor_maps_are_cached_per_key_and_bounded(monkeypatch):
 def test_grid_per_schedule():
     """per_tile: one CTA per possible tile; persistent: at most CTAS_PER_SM per
     SM (or the test limit), never more CTAs than tiles, never zero."""
-    assert hopper.SCHEDULE == "persistent" and hopper.GRID_LIMIT is None  # the default the library runs
+    assert hopper.SCHEDULE == "per_tile" and hopper.GRID_LIMIT is None  # the default the library runs
     assert hopper.grid_size(1000, 132, "per_tile") == 1000
     assert hopper.grid_size(1000, 132, "persistent") == 132 * hopper.CTAS_PER_SM
     assert hopper.grid_size(40, 132, "persistent") == 40  # fewer tiles than SMs: no idle CTAs launched

@@ -11,10 +11,10 @@ crosses to the host and the launch sizes depend only on M, N and E.
 
 Where it stands (docs/kernel-notes.md has the measurements): 128 x 256 tiles,
 a load warpgroup filling a ring of shared-memory stages ahead of two math
-warpgroups (warp specialization), persistent CTAs (one per SM, each walking
-the tile schedule, the next tile's loads running during this tile's stores;
-``SCHEDULE = "per_tile"`` gives the earlier one CTA per tile, for comparison),
-one tile shape. AUTO does not choose it until the benchmark shows it faster.
+warpgroups (warp specialization), one CTA per tile (``SCHEDULE =
+"persistent"`` runs persistent CTAs instead, one per SM walking the tile
+schedule with the next tile's loads running during this tile's stores: not yet
+faster everywhere, see :data:`SCHEDULE`), one tile shape. AUTO does not choose it until the benchmark shows it faster.
 """
 
 from __future__ import annotations
@@ -126,7 +126,12 @@ def max_tiles(total_rows: int, num_groups: int) -> int:
 #   "per_tile":   one CTA per tile, as through v5 (each CTA's loop runs once).
 # A module setting, read at each call, so that a probe can time both in one run.
 SCHEDULES = ("persistent", "per_tile")
-SCHEDULE = "persistent"
+# One CTA per tile until the persistent walk balances its tiles: measured on an
+# H100 (docs/kernel-notes.md, v6), the static stride over the tiles was 5-6%
+# faster on the 16384-token cases but 9-41% slower where groups are uneven in
+# tiles per CTA (DeepSeek-V3 and Qwen3 at 4096 tokens), where the hardware's
+# CTA scheduler, handing out one-tile CTAs as SMs free up, balances better.
+SCHEDULE = "per_tile"
 # One CTA per SM: its ring is 193 KiB of the 227 KiB an SM offers, and its 384
 # threads use 160 registers each (61,440 of 65,536); two would need half the
 # stages and registers that 384 threads do not have.
