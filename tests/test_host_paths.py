@@ -235,3 +235,46 @@ def test_layer_pair_is_remembered_per_exact_inputs(monkeypatch):
     fixed = dispatch.choose_algorithms(auto, "sequential", counts, 512, 256, "bfloat16", (256, 256))
     assert fixed == (Algorithm.SEQUENTIAL, Algorithm.SEQUENTIAL)
     S.reset_tuning_cache()
+
+
+def test_layer_choice_passes_on_the_calls_device_dtype_and_operands(monkeypatch):
+    # Pins what AUTO's layer choice hands on: layer_times gets the real
+    # Operands.for_plan and the call's dtype, the times source sees stats of
+    # that dtype, and each GEMM's fallback is asked about the call's device.
+    import numpy as np
+
+    from cublas_grouped.gemm import select as S
+    from cublas_grouped.gemm.config import Algorithm
+    from cublas_grouped.gemm.executor import GroupedGemmExecutor
+    from cublas_grouped.gemm.plan import Operands
+    from cublas_grouped.moe import dispatch
+
+    seen, fallbacks = [], []
+
+    def layer_times(executor, device, operands_for, counts, dtype):
+        seen.append(("layer_times", operands_for, dtype))
+
+        def times(stats, candidates):
+            seen.append(("stats", stats.dtype))
+            return {a: (0.5 if a is Algorithm.CUBLAS_GROUPED else 1.0) for a in candidates}
+
+        return times, ("token",)
+
+    class Spy(GroupedGemmExecutor):
+        def fallback(self, algorithm, device_id=None):
+            fallbacks.append((algorithm, device_id))
+            return super().fallback(algorithm, device_id)
+
+    monkeypatch.setattr(dispatch, "layer_times", layer_times)
+    spy = Spy(device_info=D.DeviceInfo(sm=(9, 0), cublas_version=130100, name="fake H100"))
+    counts = np.array([300, 0, 500, 812], dtype=np.int64)
+    for second in ((256, 256), None):
+        S.reset_tuning_cache()
+        seen.clear()
+        fallbacks.clear()
+        pair = dispatch.choose_algorithms(spy, "auto", counts, 512, 256, "float16", second, device_id=3)
+        assert seen[0] == ("layer_times", Operands.for_plan, "float16"), second
+        assert seen[1:] and all(s == ("stats", "float16") for s in seen[1:]), seen
+        assert pair == (Algorithm.CUBLAS_GROUPED, Algorithm.CUBLAS_GROUPED), second
+        assert fallbacks == [(Algorithm.CUBLAS_GROUPED, 3)] * 2, second
+    S.reset_tuning_cache()

@@ -48,13 +48,20 @@ SCOPE = (
     "cublas_grouped.gemm.select.*",
     "cublas_grouped.gemm.tables.*",
     "cublas_grouped.runtime.arrays.*",
+    "cublas_grouped.runtime.files.*",
+    "cublas_grouped.runtime.kernel_cache.*",
+    "cublas_grouped.runtime.launch.*",
     "cublas_grouped.gemm.config.*",
     "cublas_grouped.testing.*",
     "cublas_grouped.moe.checks.x_check_*",
     "cublas_grouped.moe.checks.x_layer_shape__*",
     "cublas_grouped.moe.dispatch.x_check_*",
+    "cublas_grouped.moe.dispatch.x_choose_algorithms__*",
+    "cublas_grouped.moe.dispatch.x__choose_auto__*",
     "cublas_grouped.moe.fixed_capacity.x_check_*",
     "cublas_grouped.moe.routing.x_route__*",
+    "cublas_grouped.moe.weight_grad.*",
+    "cublas_grouped.distributed.plan.*",
 )
 #: Functions that only run with a real GPU array (CuPy), out of scope.
 GPU_ONLY = ("cublas_grouped.runtime.arrays.x_as_cupy",)
@@ -318,6 +325,50 @@ _equivalent(
     "if np.isnan(o).any() or np.isnan(r).any():",
     ["if np.isnan(o).any() and np.isnan(r).any():"],
     "a NaN on one side makes the difference NaN, which the next check turns into inf as well",
+)
+_equivalent(
+    "runtime.launch.xǁ_Packerǁ__init__",
+    "pad = -size % width",
+    ["pad = +size % width"],
+    "the widths are 4 and 8 bytes and every offset is a multiple of 4, so size % width is 0 or 4 "
+    "(the latter only for width 8), where -size % width gives the same",
+)
+_equivalent(
+    "runtime.launch.xǁ_Packerǁ__init__",
+    "self.buffer = ctypes.create_string_buffer(max(size, 8))",
+    ["self.buffer = ctypes.create_string_buffer(max(size, 9))"],
+    "a byte of spare room after the arguments (or in the buffer of no arguments) that nothing reads",
+)
+_equivalent(
+    "runtime.launch.xǁ_Packerǁ__init__",
+    "self.pointers = (ctypes.c_void_p * max(len(codes), 1))(*[base + o for o in offsets])",
+    ["self.pointers = (ctypes.c_void_p * max(len(codes), 2))(*[base + o for o in offsets])"],
+    "a spare null pointer after the arguments' pointers: the driver reads as many as the kernel has parameters",
+)
+_UPLOAD = 'base, _, _ = upload_pointers(res, "weight-grad-pointers", ops, offsets[experts], experts)'
+_equivalent(
+    "moe.weight_grad.x__bucketed",
+    _UPLOAD,
+    [
+        _UPLOAD.replace('"weight-grad-pointers"', "None"),
+        _UPLOAD.replace('"weight-grad-pointers"', '"XXweight-grad-pointersXX"'),
+        _UPLOAD.replace('"weight-grad-pointers"', '"WEIGHT-GRAD-POINTERS"'),
+    ],
+    "the name only keys the resources' upload buffers: any name no other caller uses is the same "
+    "(test_bucketed_calls checks it is none of the forward's)",
+)
+_STATS = "stats = ProblemStats.from_sizes(sizes, n, k, np.dtype(dtype).name)"
+_equivalent(
+    "moe.weight_grad.x_weight_grad_path",
+    _STATS,
+    [
+        _STATS.replace("sizes, n, k", "sizes, None, k"),
+        _STATS.replace("n, k, np", "n, None, np"),
+        _STATS.replace("np.dtype(dtype).name", "None"),
+        _STATS.replace("np.dtype(dtype)", "np.dtype(None)"),
+    ],
+    "with no table and no times select_algorithm decides by its rule, which reads the row counts "
+    "only (test_rule_by_layout checks no table is read)",
 )
 
 STATUS = {
