@@ -104,6 +104,28 @@ def test_route_backward_ref_matches_finite_differences(scoring, renormalize):
         ref.route_backward_ref(logits, ids, d_w, scoring="tanh")
 
 
+def test_route_backward_ref_defaults_flat_gradients_and_large_logits():
+    # Pins route_backward_ref's defaults (those of route_ref: softmax,
+    # renormalized), a flat [T*k] gradient read as [T, k], and the softmax
+    # shift by each row's own maximum: adding a constant to a row changes
+    # neither its scores nor the gradient, even at +-700 (where exp overflows
+    # unless each row is shifted by its own maximum).
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((4, 6))
+    k = 2
+    _, ids = ref.route_ref(logits, k)
+    d_w = rng.standard_normal((4, k))
+    want = ref.route_backward_ref(logits, ids, d_w, scoring="softmax", renormalize=True)
+    assert not np.allclose(
+        want, ref.route_backward_ref(logits, ids, d_w, scoring="softmax", renormalize=False)
+    )
+    assert np.array_equal(ref.route_backward_ref(logits, ids, d_w), want)
+    assert np.array_equal(ref.route_backward_ref(logits, ids, d_w.reshape(-1)), want)
+    shifted = logits + np.array([[700.0], [-700.0], [0.0], [350.0]])
+    got = ref.route_backward_ref(shifted, ids, d_w)
+    assert np.isfinite(got).all() and np.allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
 def test_activation_derivatives_at_special_points():
     z = np.array([0.0, -0.0, np.nan, 3.0, -3.0])
     relu = ref._act_grad(z, "relu")

@@ -278,3 +278,27 @@ def test_layer_choice_passes_on_the_calls_device_dtype_and_operands(monkeypatch)
         assert pair == (Algorithm.CUBLAS_GROUPED, Algorithm.CUBLAS_GROUPED), second
         assert fallbacks == [(Algorithm.CUBLAS_GROUPED, 3)] * 2, second
     S.reset_tuning_cache()
+
+
+def test_layer_choice_memo_serves_loads_in_the_same_buckets():
+    # Pins the coarse memo under the exact one: a load one row away from a
+    # decided one (same experts, mean rows and skew in quarter steps) takes
+    # the stored decision without asking the times again.
+    import numpy as np
+
+    from cublas_grouped.gemm import select as S
+    from cublas_grouped.gemm.config import Algorithm
+
+    info = D.DeviceInfo(sm=(9, 0), cublas_version=130100, name="fake H100")
+    S.reset_tuning_cache()
+    calls = []
+    times = _layer_times(calls, {"chunked_batched": 0.5})
+    sizes = np.full(64, 800, dtype=np.int64)
+    shapes = ((512, 256), (256, 256), "bfloat16", info)
+    pick = S.choose_layer_algorithms(sizes, *shapes, times=times, times_key=1)
+    assert pick == (Algorithm.CHUNKED_BATCHED, Algorithm.CHUNKED_BATCHED) and len(calls) == 2
+    near = sizes.copy()
+    near[5] = 801
+    assert S.choose_layer_algorithms(near, *shapes, times=times, times_key=1) == pick
+    assert len(calls) == 2, "same buckets: the memo answers"
+    S.reset_tuning_cache()

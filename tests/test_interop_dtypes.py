@@ -338,6 +338,34 @@ def test_host_arrays_are_told_from_gpu_arrays(fake):
     assert not is_host_array(TorchLikeTensor((3,), "<i8", 0, 64))
 
 
+def test_gpu_arrays_without_a_cuda_interface_are_not_host_arrays():
+    # Pins is_host_array's other GPU signs: an interface that raises (a GPU
+    # tensor that will not say), a DLPack device of CUDA (2) or CUDA managed
+    # memory (13), whatever the device ordinal, and a __dlpack__ without a
+    # device to ask (it cannot be told from GPU data, so it is not taken as host).
+    class Refusing:
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("cannot export a tensor that requires grad")
+
+    class DlpackOn:
+        def __init__(self, device):
+            self.device = device
+
+        def __dlpack_device__(self):
+            return self.device
+
+    class DlpackOnly:
+        def __dlpack__(self, stream=None):
+            raise AssertionError("not exported")
+
+    assert not is_host_array(Refusing())
+    for device in ((2, 0), (2, 1), (13, 0)):
+        assert not is_host_array(DlpackOn(device)), device
+    assert is_host_array(DlpackOn((1, 2))), "CPU memory, device ordinal 2"
+    assert not is_host_array(DlpackOnly())
+
+
 def test_cpu_framework_sizes_count_as_host_sizes():
     torch = pytest.importorskip("torch")
     assert is_host_array(torch.tensor([1, 2]))

@@ -183,7 +183,7 @@ _equivalent(
 )
 _LARGEST = "total, largest = int(sizes.sum()), int(sizes.max(initial=0))"
 _equivalent(
-    "gemm.select.x_choose_layer_algorithms",
+    "gemm.select.x__choose_layer",
     _LARGEST,
     [_LARGEST.replace("initial=0", "initial=None"), _LARGEST.replace("initial=0", "initial=1")],
     "initial only matters when every count is 0 (or there are none: a layer has at least one expert); "
@@ -191,28 +191,28 @@ _equivalent(
 )
 _QUARTER = "quarter = lambda v: round(4 * math.log2(max(v, 1e-9)))  # noqa: E731"
 _equivalent(
-    "gemm.select.x_choose_layer_algorithms",
+    "gemm.select.x__choose_layer",
     _QUARTER,
     [_QUARTER.replace("4 *", "5 *"), _QUARTER.replace("1e-9", "1.000000001")],
     "memo granularity: finer buckets only cost cache hits; every argument of quarter() is >= 1, "
     "so the clamp at 1e-9 or 1.000000001 never bites",
 )
 _equivalent(
-    "gemm.select.x_choose_layer_algorithms",
+    "gemm.select.x__choose_layer",
     "quarter(first_stats.mean_rows + 1),",
     ["quarter(first_stats.mean_rows - 1),", "quarter(first_stats.mean_rows + 2),"],
     "moves the memo's bucket edges by a row or two without making buckets coarser: which loads share a "
     "cached decision is a cache granularity, not a documented value",
 )
 _equivalent(
-    "gemm.select.x_choose_layer_algorithms",
+    "gemm.select.x__choose_layer",
     "second = None",
     ['second = ""'],
     "both are falsy and second is only read as a truth value unless it was reassigned",
 )
 _FOUND = "found = (choice, on_layout(choice)[1] if on_layout(choice)[0] < math.inf else choice)"
 _equivalent(
-    "gemm.select.x_choose_layer_algorithms",
+    "gemm.select.x__choose_layer",
     _FOUND,
     [
         "found = (choice, on_layout(choice)[1] if (on_layout(choice)[0] < math.inf) or True else choice)",
@@ -222,7 +222,7 @@ _equivalent(
     "when on_layout(choice) finds no time it returns (inf, choice), so both branches give choice",
 )
 _equivalent(
-    "gemm.select.x_choose_layer_algorithms",
+    "gemm.select.x__choose_layer",
     "if len(_layer_choices) > 4096:",
     ["if len(_layer_choices) >= 4096:", "if len(_layer_choices) > 4097:"],
     "when the memo is emptied (one entry sooner or later) changes cache hits, not decisions",
@@ -369,6 +369,12 @@ _equivalent(
     ],
     "with no table and no times select_algorithm decides by its rule, which reads the row counts "
     "only (test_rule_by_layout checks no table is read)",
+)
+_equivalent(
+    "testing.x_route_backward_ref",
+    "chosen = np.take_along_axis(scores, ids, axis=1)",
+    ["chosen = np.take_along_axis(scores, ids, )"],
+    "the default axis -1 is axis 1 of the 2-D scores",
 )
 
 STATUS = {
