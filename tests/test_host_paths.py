@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from cublas_grouped.runtime import device as D
 
 
@@ -261,6 +263,10 @@ def test_layer_choice_passes_on_the_calls_device_dtype_and_operands(monkeypatch)
         return times, ("token",)
 
     class Spy(GroupedGemmExecutor):
+        def info_for(self, device_id=None):
+            fallbacks.append(("info", device_id))
+            return super().info_for(device_id)
+
         def fallback(self, algorithm, device_id=None):
             fallbacks.append((algorithm, device_id))
             return super().fallback(algorithm, device_id)
@@ -276,8 +282,11 @@ def test_layer_choice_passes_on_the_calls_device_dtype_and_operands(monkeypatch)
         assert seen[0] == ("layer_times", Operands.for_plan, "float16"), second
         assert seen[1:] and all(s == ("stats", "float16") for s in seen[1:]), seen
         assert pair == (Algorithm.CUBLAS_GROUPED, Algorithm.CUBLAS_GROUPED), second
-        assert fallbacks == [(Algorithm.CUBLAS_GROUPED, 3)] * 2, second
+        assert all(device == 3 for _, device in fallbacks), fallbacks
+        assert [a for a, _ in fallbacks if a != "info"] == [Algorithm.CUBLAS_GROUPED] * 2, second
     S.reset_tuning_cache()
+    with pytest.raises(ValueError, match="^algorithm must be one of"):
+        dispatch.choose_algorithms(spy, "fastest", counts, 512, 256, "float16", None, device_id=3)
 
 
 def test_layer_choice_memo_serves_loads_in_the_same_buckets():

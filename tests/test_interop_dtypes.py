@@ -184,6 +184,23 @@ def test_the_export_happens_once_per_array_type_and_dtype():
     assert first.exports == [-1] and second.exports == []
 
 
+def test_the_dtype_cache_keys_on_the_array_type_and_skips_unhashable_dtypes():
+    # Pins the cache key of foreign dtypes: another array type with the same
+    # dtype name and typestr asks DLPack itself (here it says float16, not
+    # bfloat16), and arrays whose dtype object cannot be hashed are typed
+    # each on their own, never from another array's entry.
+    class OtherTensor(TorchLikeTensor):
+        pass
+
+    first = TorchLikeTensor((2, 2), "<V2", 4, 16, dtype="torch.x")
+    other = OtherTensor((2, 2), "<V2", 2, 16, dtype="torch.x")
+    assert view(first, "a").dtype == BF16
+    assert view(other, "b").dtype == np.float16 and other.exports == [-1]
+    f4 = TorchLikeTensor((2, 2), "<f4", 2, 32, dtype=["unhashable"])
+    f2 = TorchLikeTensor((2, 2), "<f2", 2, 16, dtype=["unhashable"])
+    assert view(f4, "c").dtype == np.float32 and view(f2, "d").dtype == np.float16
+
+
 def test_interface_marker_types_bfloat16_without_dlpack():
     class MarkedOnly:
         __cuda_array_interface__ = {

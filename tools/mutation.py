@@ -376,6 +376,31 @@ _equivalent(
     ["chosen = np.take_along_axis(scores, ids, )"],
     "the default axis -1 is axis 1 of the 2-D scores",
 )
+_equivalent(
+    "runtime.arrays.x__foreign_dtype",
+    "key = (type(obj), own, typestr, None if descr is None else repr(descr))",
+    ["key = (type(obj), own, typestr, None if (descr is None) and False else repr(descr))"],
+    "an absent descr is keyed as 'None' instead of None: still one key for it, which no descr's repr matches",
+)
+_equivalent(
+    "runtime.arrays.x__foreign_dtype",
+    "dtype = _FOREIGN_DTYPES.get(key) if key is not None else None",
+    ["dtype = _FOREIGN_DTYPES.get(key) if (key is not None) or True else None"],
+    "nothing is ever stored under the key None, so the lookup gives None as the other branch does",
+)
+_PAIR_KEY = (
+    'key = ("layer-pair", executor.config, tuning_state(info), state_token(), dtype, n, k, second_gemm)'
+)
+_equivalent(
+    "moe.dispatch.x_choose_algorithms",
+    _PAIR_KEY,
+    [
+        _PAIR_KEY.replace('"layer-pair"', '"XXlayer-pairXX"'),
+        _PAIR_KEY.replace('"layer-pair"', '"LAYER-PAIR"'),
+    ],
+    "the tag only keeps these remembered choices apart from the other callers' keys, which start "
+    "with no such string",
+)
 
 STATUS = {
     1: "killed",
