@@ -401,6 +401,94 @@ _equivalent(
     "the tag only keeps these remembered choices apart from the other callers' keys, which start "
     "with no such string",
 )
+_equivalent(
+    "distributed.plan.x_receive_layout",
+    "return rows, offsets, np.repeat(local, counts.reshape(-1))",
+    ["return rows, offsets, np.repeat(local, counts.reshape(-2))"],
+    _RESHAPE_WHY,
+)
+_BINCOUNT = (
+    "counts = [np.bincount(np.asarray(ids).reshape(-1), minlength=num_experts) for ids in ids_per_rank]"
+)
+_equivalent("distributed.plan.x_dispatch_model", _BINCOUNT, [_BINCOUNT.replace("(-1)", "(-2)")], _RESHAPE_WHY)
+_equivalent(
+    "distributed.plan.x_dispatch_model",
+    "order = send_order(ids, num_experts)",
+    ["order = send_order(ids, None)"],
+    "send_order does not read num_experts: its key expert * pairs + pair needs only the pair count",
+)
+_W12 = "w1, w2 = np.asarray(w1, np.float64), np.asarray(w2, np.float64)"
+_equivalent(
+    "distributed.plan.x_forward_model",
+    _W12,
+    [
+        _W12.replace("np.asarray(w1, np.float64)", "np.asarray(w1, None)"),
+        _W12.replace("np.asarray(w1, np.float64)", "np.asarray(w1, )"),
+        _W12.replace("np.asarray(w2, np.float64)", "np.asarray(w2, None)"),
+        _W12.replace("np.asarray(w2, np.float64)", "np.asarray(w2, )"),
+    ],
+    "the weights only enter products with float64 rows, which convert them to float64 exactly first",
+)
+_W = "w = np.ones((tokens, k)) if weights_per_rank is None else np.asarray(weights_per_rank[s], np.float64)"
+_equivalent(
+    "distributed.plan.x_forward_model",
+    _W,
+    [
+        _W.replace("np.asarray(weights_per_rank[s], np.float64)", f"np.asarray(weights_per_rank[s], {d})")
+        for d in ("None", "")
+    ],
+    "the routing weights only multiply float64 rows, which converts them to float64 exactly first",
+)
+_equivalent(
+    "distributed.plan.x_forward_model",
+    "gate, up = np.split(h, 2, axis=-1)",
+    ["gate, up = np.split(h, 2, axis=+1)"],
+    "h is always 2-D (one row, [1, 2I]): axis 1 is the last axis",
+)
+_SEND = 'return np.argsort(flat * max(pairs, 1) + np.arange(pairs), kind="stable")'
+_equivalent(
+    "distributed.plan.x_send_order",
+    _SEND,
+    [
+        _SEND.replace('kind="stable"', "kind=None"),
+        _SEND.replace(', kind="stable"', ", "),
+        _SEND.replace('"stable"', '"STABLE"'),
+    ],
+    "the key expert * pairs + pair is unique, so every sort gives the same order",
+)
+_equivalent(
+    "distributed.plan.x_send_order",
+    _SEND,
+    [_SEND.replace("max(pairs, 1)", "max(pairs, 2)")],
+    "differs only with fewer than two pairs, where there is nothing to order",
+)
+_equivalent(
+    "distributed.plan.x_send_order",
+    "flat = np.asarray(topk_ids, dtype=np.int64).reshape(-1)",
+    ["flat = np.asarray(topk_ids, dtype=np.int64).reshape(-2)"],
+    _RESHAPE_WHY,
+)
+_TRAFFIC = "traffic.append(RankTraffic(order, rows, sent, recv_counts, np.zeros((0, 4), np.int64)))"
+_equivalent(
+    "distributed.plan.x_dispatch_model",
+    _TRAFFIC,
+    [
+        _TRAFFIC.replace("np.zeros((0, 4), np.int64)", x)
+        for x in (
+            "None",
+            "np.zeros((0, 4), None)",
+            "np.zeros((0, 4), )",
+            "np.zeros((1, 4), np.int64)",
+            "np.zeros((0, 5), np.int64)",
+        )
+    ],
+    "a placeholder: the loop that follows sets every rank's received rows",
+)
+for _line in (
+    "flat = np.asarray(ids_per_rank[s]).reshape(-1)",
+    "mine.received = np.array(lines, dtype=np.int64).reshape(-1, 4)",
+):
+    _equivalent("distributed.plan.x_dispatch_model", _line, [_line.replace("(-1", "(-2")], _RESHAPE_WHY)
 
 STATUS = {
     1: "killed",
