@@ -47,6 +47,10 @@ def test_placement_blocks_and_errors():
     assert placement(5, 5).experts_per_rank == 1
     with pytest.raises(ValueError, match="num_experts=10 is not divisible by world_size=4"):
         placement(10, 4)
+    with pytest.raises(
+        ValueError, match=r"each rank holds the same number of experts \(E / R\) in one contiguous"
+    ):
+        placement(6, 4)
     with pytest.raises(ValueError, match="num_experts=2 is not divisible by world_size=4"):
         placement(2, 4)
     with pytest.raises(ValueError, match="world_size must be a positive int; got 0"):

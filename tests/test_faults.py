@@ -412,6 +412,25 @@ def test_a_damaged_tuning_table_is_ignored_with_a_warning_naming_it(tmp_path, mo
     assert times == {Algorithm.CUBLAS_GROUPED: 1.0, Algorithm.SEQUENTIAL: 2.0}
 
 
+def test_a_damaged_tuning_file_warns_once_per_file_and_problem(monkeypatch):
+    # Pins warn_ignored_file: one warning per (file, problem), another file or
+    # another problem warns again; the file is named once, in front of a
+    # problem that does not name it already.
+    monkeypatch.setattr(tables, "_warned_files", set())
+    a, b = Path("/t/a.json"), Path("/t/b.json")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for path, problem in ((a, "bad"), (a, "bad"), (b, "bad"), (a, "worse"), (b, "/t/b.json is empty")):
+            tables.warn_ignored_file(path, problem)
+    assert [str(w.message) for w in seen] == [
+        "cublas_grouped ignores a damaged tuning file (/t/a.json: bad)",
+        "cublas_grouped ignores a damaged tuning file (/t/b.json: bad)",
+        "cublas_grouped ignores a damaged tuning file (/t/a.json: worse)",
+        "cublas_grouped ignores a damaged tuning file (/t/b.json is empty)",
+    ]
+    assert all(w.category is RuntimeWarning for w in seen)
+
+
 def _re(text: str) -> str:
     import re
 

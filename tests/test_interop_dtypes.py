@@ -7,6 +7,8 @@ Fakes stand in for GPU tensors; where torch or JAX is installed, their real
 from __future__ import annotations
 
 import ctypes
+import sys
+import types
 
 import ml_dtypes
 import numpy as np
@@ -381,6 +383,19 @@ def test_gpu_arrays_without_a_cuda_interface_are_not_host_arrays():
         assert not is_host_array(DlpackOn(device)), device
     assert is_host_array(DlpackOn((1, 2))), "CPU memory, device ordinal 2"
     assert not is_host_array(DlpackOnly())
+
+
+def test_a_dlpack_array_without_a_device_goes_to_cupy(monkeypatch):
+    # Pins _from_dlpack for a producer that has __dlpack__ but no
+    # __dlpack_device__: nothing says it is host memory, so CuPy imports it.
+    class DlpackOnly:
+        def __dlpack__(self, stream=None):
+            raise AssertionError("exported by CuPy, not here")
+
+    fake_cupy = types.SimpleNamespace(from_dlpack=lambda obj: ("imported", obj))
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    obj = DlpackOnly()
+    assert _arrays._from_dlpack(obj, "x") == ("imported", obj)
 
 
 def test_cpu_framework_sizes_count_as_host_sizes():

@@ -489,6 +489,16 @@ for _line in (
     "mine.received = np.array(lines, dtype=np.int64).reshape(-1, 4)",
 ):
     _equivalent("distributed.plan.x_dispatch_model", _line, [_line.replace("(-1", "(-2")], _RESHAPE_WHY)
+_WARN = (
+    'warnings.warn(f"cublas_grouped ignores a damaged tuning file ({what})", RuntimeWarning, stacklevel=3)'
+)
+_equivalent(
+    "gemm.tables.x_warn_ignored_file",
+    _WARN,
+    [_WARN.replace(", stacklevel=3", ", "), _WARN.replace("stacklevel=3", "stacklevel=4")],
+    "only the frame the warning is attributed to moves, inside the library's table readers either way; "
+    "it is shown once per file and problem by the library's own record, whatever the frame",
+)
 
 STATUS = {
     1: "killed",
