@@ -147,6 +147,25 @@ def test_dtype_read_from_a_capsule(versioned, code, bits, expected):
     assert dlpack_export_dtype(Producer()) == expected
 
 
+def test_capsule_lanes_and_producers_without_the_stream_keyword():
+    # Pins dlpack_export_dtype's two remaining paths: a GPU producer whose
+    # __dlpack__ takes no stream keyword is asked again without it, and the
+    # capsule's lanes are read (two float32 lanes are no NumPy dtype).
+    class OldGpuProducer:
+        def __init__(self, lanes):
+            self.lanes = lanes
+
+        def __dlpack_device__(self):
+            return (2, 0)
+
+        def __dlpack__(self):
+            return make_capsule(2, 32, self.lanes)
+
+    assert dlpack_export_dtype(OldGpuProducer(1)) == np.float32
+    with pytest.raises(TypeError, match=r"code 2, 32 bits, 2 lanes"):
+        dlpack_export_dtype(OldGpuProducer(2))
+
+
 def test_a_producer_that_returns_no_capsule_is_named():
     class Odd:
         def __dlpack__(self):
@@ -385,7 +404,7 @@ def test_gpu_arrays_without_a_cuda_interface_are_not_host_arrays():
     assert not is_host_array(DlpackOnly())
 
 
-def test_a_dlpack_array_without_a_device_goes_to_cupy(monkeypatch):
+def test_a_dlpack_array_without_a_host_device_goes_to_cupy(monkeypatch):
     # Pins _from_dlpack for a producer that has __dlpack__ but no
     # __dlpack_device__: nothing says it is host memory, so CuPy imports it.
     class DlpackOnly:
@@ -396,6 +415,13 @@ def test_a_dlpack_array_without_a_device_goes_to_cupy(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
     obj = DlpackOnly()
     assert _arrays._from_dlpack(obj, "x") == ("imported", obj)
+
+    class OnGpu(DlpackOnly):
+        def __dlpack_device__(self):
+            return (2, 0)
+
+    gpu = OnGpu()
+    assert _arrays._from_dlpack(gpu, "x") == ("imported", gpu)
 
 
 def test_cpu_framework_sizes_count_as_host_sizes():
