@@ -9,10 +9,16 @@ run takes minutes on two cores.
 Scope (issue: tests that catch real bugs): planning and layouts (``gemm.plan``),
 algorithm selection (``gemm.select``) and the tuning lookup (``gemm.tables``),
 array views (``runtime.arrays``), options (``gemm.config``), the float64 references (``testing``),
-and the argument checks of the MoE layer (``moe/``: the ``check_*``
-functions, ``layer_shape`` and ``route`` up to its first GPU step).
+the driver launch's argument packing (``runtime.launch``), the kernel cache
+(``runtime.kernel_cache``), the file lock (``runtime.files``: a decorated
+generator, which mutmut 3 does not mutate), the weight-gradient path rule
+(``moe.weight_grad``), the expert-parallel dispatch plan (``distributed.plan``),
+AUTO's remembered layer pair (``moe.dispatch.choose_algorithms``), and the
+argument checks of the MoE layer (``moe/``: the ``check_*`` functions,
+``layer_shape`` and ``route`` up to its first GPU step).
 What runs on the GPU cannot be judged by CPU tests and is left out: lines of
-``route`` from its ``import cupy`` on, and ``runtime.arrays.as_cupy``.
+``route`` and of the weight-gradient functions from their ``import cupy`` on,
+``runtime.arrays.as_cupy`` and ``runtime.launch.driver`` (loads libcuda).
 
 Equivalent mutants (no input can tell them apart from the original) are listed
 in :data:`EQUIVALENT` with the reason, matched by function and by the exact
@@ -64,9 +70,13 @@ SCOPE = (
     "cublas_grouped.distributed.plan.*",
 )
 #: Functions that only run with a real GPU array (CuPy), out of scope.
-GPU_ONLY = ("cublas_grouped.runtime.arrays.x_as_cupy",)
+GPU_ONLY = (
+    "cublas_grouped.runtime.arrays.x_as_cupy",
+    # Loads libcuda and declares its functions' types; CPU tests stand in a fake driver.
+    "cublas_grouped.runtime.launch.x_driver",
+)
 #: Modules whose functions are cut at their first ``import cupy`` line.
-GPU_CUT_MODULES = ("cublas_grouped.moe.routing",)
+GPU_CUT_MODULES = ("cublas_grouped.moe.routing", "cublas_grouped.moe.weight_grad")
 
 #: (function, original line, mutated line, why no test can kill it). Lines are
 #: stripped; several changed lines are joined with " / ".
