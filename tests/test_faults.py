@@ -461,6 +461,36 @@ def test_entries_at_the_edges_of_sound_still_load(tmp_path, edge):
     assert len(tables.TuningTable.load(path).entries) == 1
 
 
+_LONG = "x" * 100
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"mean_rows": True}, "has mean_rows True; it must be a number in [0, 2147483647]"),
+        ({"mean_rows": _LONG}, f"has mean_rows '{'x' * 39}; it must be a number in [0, 2147483647]"),
+        ({"max_rows": _LONG}, f"has max_rows '{'x' * 39}; it must be an int in [0, 2147483647]"),
+        ({"dtype": "b" * 257}, "needs a dtype name"),
+        ({"layout": "l" * 257}, "has a layout that is not a short name"),
+        ({"times_ms": None}, "needs times_ms, an object of algorithm -> milliseconds"),
+        ({"times_ms": {_LONG: 1.0}}, f"times an unknown algorithm {'x' * 40!r}"),
+        (
+            {"times_ms": {"sequential": _LONG}},
+            f"has a time of '{'x' * 39} ms for sequential; it must be in (0, 1e+07] or null",
+        ),
+    ],
+)
+def test_entry_problems_are_named_and_quote_at_most_40_characters(change, problem):
+    # Pins entry_problem's messages (what the warning about an ignored file
+    # says) and that a hostile value is quoted in 40 characters at most.
+    assert tables.entry_problem({**entry(), **change}) == problem
+
+
+def test_names_of_256_characters_are_short_enough():
+    # Pins the name limit from the sound side: 256 characters pass (257 are refused above).
+    assert tables.entry_problem({**entry(), "dtype": "b" * 256, "layout": "l" * 256}) is None
+
+
 class _Measure:
     def __init__(self, fastest="chunked_batched", fail=None):
         self.calls, self.fastest, self.fail = 0, fastest, fail

@@ -274,6 +274,14 @@ def test_other_interface_errors_propagate():
     with pytest.raises(RuntimeError, match="^boom$"):
         view(Bad(), "x")
 
+    class NoGradFlag:  # not a tensor at all: no requires_grad attribute
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="^boom$"):
+        view(NoGradFlag(), "x")
+
 
 def test_host_dlpack_arrays_are_refused_by_name():
     class HostOnly:
@@ -422,6 +430,55 @@ def test_a_dlpack_array_without_a_host_device_goes_to_cupy(monkeypatch):
 
     gpu = OnGpu()
     assert _arrays._from_dlpack(gpu, "x") == ("imported", gpu)
+
+
+class _FakeCupyArray:
+    """Stands in for cupy.ndarray in view()'s fast path (which reads only these attributes)."""
+
+    def __init__(self, shape, byte_strides, dtype, contiguous):
+        self.shape, self.strides, self.dtype = shape, byte_strides, np.dtype(dtype)
+        self.flags = types.SimpleNamespace(c_contiguous=contiguous)
+        self.data = types.SimpleNamespace(ptr=0x7F0000002000)
+        self.device = types.SimpleNamespace(id=1)
+
+
+def test_the_cupy_fast_path_reads_cupys_own_attributes(monkeypatch):
+    # Pins view()'s CuPy fast path on the CPU: an array of exactly CuPy's type
+    # is described from its own attributes: canonical strides when
+    # C-contiguous (an empty one's zero strides too), byte strides turned into
+    # elements otherwise, strides that are not whole elements refused by name.
+    monkeypatch.setattr(_arrays, "_CUPY_NDARRAY", _FakeCupyArray)
+    arr = _FakeCupyArray((2, 3), (12, 4), np.float32, True)
+    v = view(arr, "x")
+    assert (v.ptr, v.shape, v.strides, v.dtype, v.device, v.obj) == (
+        0x7F0000002000,
+        (2, 3),
+        (3, 1),
+        np.float32,
+        1,
+        arr,
+    )
+    assert view(_FakeCupyArray((0, 3), (0, 0), np.float16, True), "x").strides == (3, 1)
+    sliced = _FakeCupyArray((2, 2), (24, 8), np.float32, False)
+    strides = view(sliced, "x").strides
+    assert strides == (6, 2) and all(type(s) is int for s in strides), "whole elements, as ints"
+    with pytest.raises(ValueError, match=r"^w1 has strides \(6, 4\) that are not whole elements$"):
+        view(_FakeCupyArray((2, 2), (6, 4), np.float32, False), "w1")
+
+
+def test_cupys_array_type_is_found_once_or_stood_in_for(monkeypatch):
+    # Pins _cupy_ndarray: CuPy's ndarray when CuPy imports; else a stand-in
+    # type that no object has, so every array takes the generic path.
+    import cupy
+
+    monkeypatch.setattr(_arrays, "_CUPY_NDARRAY", None)
+    assert _arrays._cupy_ndarray() is cupy.ndarray
+    monkeypatch.setattr(_arrays, "_CUPY_NDARRAY", None)
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy now raises ImportError
+    stand_in = _arrays._cupy_ndarray()
+    assert isinstance(stand_in, type) and stand_in is not cupy.ndarray
+    assert _arrays._cupy_ndarray() is stand_in, "looked up once"
+    assert view(TorchLikeTensor((2, 2), "<f2", 2, 16), "x").dtype == np.float16
 
 
 def test_cpu_framework_sizes_count_as_host_sizes():

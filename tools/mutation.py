@@ -534,6 +534,25 @@ _equivalent(
     ["ids = np.asarray(topk_ids).astype(None)"],
     "float64 ids compare equal to the expert numbers and are only used through np.nonzero and comparisons",
 )
+_equivalent(
+    "runtime.arrays.x__interface",
+    'if not getattr(obj, "requires_grad", False):',
+    ['if not getattr(obj, "requires_grad", None):'],
+    "None and False are both falsy, and the default is only read as a truth value",
+)
+_NO_CUPY = '_CUPY_NDARRAY = type("_NoCupy", (), {})'
+_equivalent(
+    "runtime.arrays.x__cupy_ndarray",
+    _NO_CUPY,
+    [_NO_CUPY.replace('"_NoCupy"', x) for x in ('"XX_NoCupyXX"', '"_nocupy"', '"_NOCUPY"')],
+    "the stand-in type's name is never shown: no object has the type",
+)
+_equivalent(
+    "gemm.tables.x_entry_problem",
+    'dtype, layout = entry.get("dtype"), entry.get("layout", "")',
+    ['dtype, layout = entry.get("dtype"), entry.get("layout", "XXXX")'],
+    "an absent layout is only checked for being a short string, which both defaults are",
+)
 
 STATUS = {
     1: "killed",
