@@ -491,6 +491,52 @@ def test_names_of_256_characters_are_short_enough():
     assert tables.entry_problem({**entry(), "dtype": "b" * 256, "layout": "l" * 256}) is None
 
 
+def test_table_header_limits_from_both_sides(tmp_path):
+    # Pins TuningTable.load's header checks at their limits: cuBLAS version 0
+    # and 10**8 - 1 and a GPU name of 256 characters load; 10**8 and 257
+    # characters are refused with the rule spelled out.
+    path = tmp_path / "t.json"
+    for gpu, version in ((H100, 0), (H100, 10**8 - 1), ("g" * 256, 130100)):
+        path.write_text(_doc([entry()], gpu=gpu, version=version))
+        table = tables.TuningTable.load(path)
+        assert (table.gpu, table.cublas_version) == (gpu, version)
+    rule = (
+        r"is not a tuning table \(gpu must be a string of at most 256 characters, "
+        r"cublas_version an int below 10\*\*8\)$"
+    )
+    for gpu, version in ((H100, 10**8), ("g" * 257, 130100)):
+        path.write_text(_doc([entry()], gpu=gpu, version=version))
+        with pytest.raises(ValueError, match=rule):
+            tables.TuningTable.load(path)
+
+
+def test_a_table_file_is_read_only_one_byte_past_the_limit(tmp_path, monkeypatch):
+    # Pins the bounded read: a hostile multi-gigabyte file costs at most
+    # MAX_TABLE_BYTES + 1 bytes of memory before it is refused.
+    asked = []
+    real_open = open
+
+    class Recording:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def read(self, n=-1):
+            asked.append(n)
+            return self.f.read(n)
+
+    path = tmp_path / "t.json"
+    path.write_text(_doc([entry()]))
+    monkeypatch.setattr(tables, "open", lambda p, mode: Recording(real_open(p, mode)), raising=False)
+    tables.TuningTable.load(path)
+    assert asked == [tables.MAX_TABLE_BYTES + 1]
+
+
 class _Measure:
     def __init__(self, fastest="chunked_batched", fail=None):
         self.calls, self.fastest, self.fail = 0, fastest, fail
