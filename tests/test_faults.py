@@ -537,6 +537,28 @@ def test_a_table_file_is_read_only_one_byte_past_the_limit(tmp_path, monkeypatch
     assert asked == [tables.MAX_TABLE_BYTES + 1]
 
 
+def test_table_sm_limits_from_both_sides():
+    # Pins _parse_sm's range: majors and minors 0..99 (as a list or "M.m"),
+    # 100 or a negative number refused, the bad value quoted in 40 characters.
+    assert tables._parse_sm([0, 0], H100) == (0, 0)
+    assert tables._parse_sm([99, 99], H100) == (99, 99)
+    assert tables._parse_sm("12.1", H100) == (12, 1)
+    for bad in ([100, 0], [0, 100], [-1, 0], [0, -1], "nine"):
+        with pytest.raises(ValueError, match="^sm must be"):
+            tables._parse_sm(bad, H100)
+    with pytest.raises(ValueError, match=f"; got '{'x' * 40}'$"):
+        tables._parse_sm("x" * 100, H100)
+
+
+def test_discarding_an_entry_another_process_removed_only_warns(tmp_path):
+    # Pins discard's best effort: the entry is already gone (another process
+    # discarded it first): the warning is given, nothing is raised.
+    cache = kc.KernelCache(tmp_path / "cache")
+    assert not cache.path_for(b"key").exists()
+    with pytest.warns(kc.KernelCacheWarning, match="is damaged"):
+        cache.discard(b"key", "is damaged (test)")
+
+
 class _Measure:
     def __init__(self, fastest="chunked_batched", fail=None):
         self.calls, self.fastest, self.fail = 0, fastest, fail

@@ -553,6 +553,24 @@ _equivalent(
     ['dtype, layout = entry.get("dtype"), entry.get("layout", "XXXX")'],
     "an absent layout is only checked for being a short string, which both defaults are",
 )
+_equivalent(
+    "gemm.tables.x__parse_sm",
+    "major = minor = -1",
+    ["major = minor = -2"],
+    "any value out of [0, 100) is refused the same way",
+)
+_equivalent(
+    "runtime.kernel_cache.xǁKernelCacheǁdiscard",
+    "stacklevel=4, / )",
+    [")"],
+    "only the frame the warning is attributed to moves, inside the library's kernel loader either way",
+)
+_equivalent(
+    "runtime.kernel_cache.xǁKernelCacheǁdiscard",
+    "stacklevel=4,",
+    ["stacklevel=5,"],
+    "only the frame the warning is attributed to moves, inside the library's kernel loader either way",
+)
 
 STATUS = {
     1: "killed",
