@@ -14,6 +14,7 @@ import json
 import math
 import multiprocessing
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -557,6 +558,43 @@ def test_discarding_an_entry_another_process_removed_only_warns(tmp_path):
     assert not cache.path_for(b"key").exists()
     with pytest.warns(kc.KernelCacheWarning, match="is damaged"):
         cache.discard(b"key", "is damaged (test)")
+
+
+def _elf_header(ei_data=1, ei_version=1, machine=190, phoff=64, shoff=64, shnum=1):
+    """A 64-byte ELF64 header with the given fields (program headers: none)."""
+    head = bytearray(64)
+    head[:4] = b"\x7fELF"
+    head[4], head[5], head[6] = 2, ei_data, ei_version
+    struct.pack_into("<H", head, 18, machine)
+    struct.pack_into("<QQ", head, 32, phoff, shoff)
+    struct.pack_into("<HHHH", head, 54, 56, 0, 64, shnum)
+    return bytes(head)
+
+
+def test_cubin_problems_read_the_header_fields_as_unsigned():
+    # Pins cubin_problem's reading of the ELF header: byte 5 (not 6) says the
+    # byte order; the machine and the table offsets are unsigned, so a
+    # hostile 0xFFFF or 2^64 - 64 is named as such, never taken as negative.
+    assert kc.cubin_problem(_elf_header(ei_data=2)) == "not a 64-bit little-endian ELF file"
+    assert kc.cubin_problem(_elf_header(machine=0xFFFF)) == "ELF machine 65535, not EM_CUDA (190)"
+    huge = 2**64 - 64
+    assert kc.cubin_problem(_elf_header(shoff=huge)) == (
+        f"the section header table ends at byte {huge + 64}, past the end (64)"
+    )
+
+
+def test_unframe_messages_at_the_edges():
+    # Pins _unframe's word on an empty file, on a frame of no code at all
+    # (exactly the trailer's size: a sound frame, but no cubin), and on a
+    # trailer whose length field is 2^64 - 1 (read unsigned).
+    assert kc._unframe(b"") == (None, "empty file")
+    assert kc._unframe(kc.frame(b"")) == (None, "not a cubin: 0 bytes, shorter than an ELF header")
+    forged = bytearray(kc.frame(b"\x00" * 10))
+    struct.pack_into("<Q", forged, 10 + len(kc.MAGIC), 2**64 - 1)
+    assert kc._unframe(bytes(forged)) == (
+        None,
+        f"the trailer gives {2**64 - 1} bytes of code but 10 are there",
+    )
 
 
 class _Measure:

@@ -571,6 +571,13 @@ _equivalent(
     ["stacklevel=5,"],
     "only the frame the warning is attributed to moves, inside the library's kernel loader either way",
 )
+_FRAME = 'return cubin + MAGIC + struct.pack("<Q", len(cubin)) + hashlib.sha256(cubin).digest()'
+_equivalent(
+    "runtime.kernel_cache.x_frame",
+    _FRAME,
+    [_FRAME.replace('"<Q"', '"<q"')],
+    "signed and unsigned 64-bit integers have the same bytes for any length below 2^63",
+)
 
 STATUS = {
     1: "killed",
