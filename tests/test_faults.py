@@ -577,6 +577,12 @@ def test_cubin_problems_read_the_header_fields_as_unsigned():
     # hostile 0xFFFF or 2^64 - 64 is named as such, never taken as negative.
     assert kc.cubin_problem(_elf_header(ei_data=2)) == "not a 64-bit little-endian ELF file"
     assert kc.cubin_problem(_elf_header(machine=0xFFFF)) == "ELF machine 65535, not EM_CUDA (190)"
+    # The smallest sound cubin: the header and one empty (SHT_NULL) section header after it.
+    assert kc.cubin_problem(_elf_header() + bytes(64)) is None
+    assert kc.cubin_problem(_elf_header(shnum=0) + bytes(64)) == "no section header table"
+    assert kc.cubin_problem(_elf_header(shnum=0xFFFF) + bytes(64)) == (
+        f"the section header table ends at byte {64 + 64 * 0xFFFF}, past the end (128)"
+    )
     huge = 2**64 - 64
     assert kc.cubin_problem(_elf_header(shoff=huge)) == (
         f"the section header table ends at byte {huge + 64}, past the end (64)"
