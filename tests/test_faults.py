@@ -560,14 +560,14 @@ def test_discarding_an_entry_another_process_removed_only_warns(tmp_path):
         cache.discard(b"key", "is damaged (test)")
 
 
-def _elf_header(ei_data=1, ei_version=1, machine=190, phoff=64, shoff=64, shnum=1):
-    """A 64-byte ELF64 header with the given fields (program headers: none)."""
+def _elf_header(ei_data=1, ei_version=1, machine=190, phoff=64, shoff=64, shnum=1, phnum=0):
+    """A 64-byte ELF64 header with the given fields (no program headers unless phnum)."""
     head = bytearray(64)
     head[:4] = b"\x7fELF"
     head[4], head[5], head[6] = 2, ei_data, ei_version
     struct.pack_into("<H", head, 18, machine)
     struct.pack_into("<QQ", head, 32, phoff, shoff)
-    struct.pack_into("<HHHH", head, 54, 56, 0, 64, shnum)
+    struct.pack_into("<HHHH", head, 54, 56, phnum, 64, shnum)
     return bytes(head)
 
 
@@ -587,6 +587,41 @@ def test_cubin_problems_read_the_header_fields_as_unsigned():
     assert kc.cubin_problem(_elf_header(shoff=huge)) == (
         f"the section header table ends at byte {huge + 64}, past the end (64)"
     )
+
+
+def _section(sh_type, offset, size):
+    """One 64-byte ELF64 section header (name, flags and address zero)."""
+    return struct.pack("<4xIQQQQ", sh_type, 0, 0, offset, size) + bytes(24)
+
+
+def test_cubin_problems_name_the_table_or_section_past_the_end():
+    # Pins the bounds of the header tables and of each section with contents:
+    # a section may end exactly at the end of the data, not one byte past it,
+    # and offsets are unsigned (2^64 - 1 is past any end, never -1).
+    assert (
+        kc.cubin_problem(_elf_header(phnum=1))
+        == "the program header table ends at byte 120, past the end (64)"
+    )
+    head = _elf_header(shnum=2)
+    assert kc.cubin_problem(head + _section(0, 0, 0) + _section(1, 0, 192)) is None
+    assert kc.cubin_problem(head + _section(0, 0, 0) + _section(1, 0, 193)) == (
+        "section 1 ends at byte 193, past the end (192)"
+    )
+    assert kc.cubin_problem(head + _section(0, 0, 0) + _section(1, 2**64 - 1, 1)) == (
+        f"section 1 ends at byte {2**64}, past the end (192)"
+    )
+
+
+def test_an_entry_is_written_beside_its_final_name(tmp_path, monkeypatch):
+    # Pins put's temporary file: in the entry's own folder (the rename that
+    # publishes it must not cross file systems), then renamed onto the entry.
+    moves = []
+    real_replace = os.replace
+    monkeypatch.setattr(kc.os, "replace", lambda a, b: (moves.append((a, b)), real_replace(a, b)))
+    cache = kc.KernelCache(tmp_path / "cache")
+    path = cache.put(b"key", _elf_header() + bytes(64))
+    ((tmp, final),) = moves
+    assert Path(final) == path and Path(tmp).parent == path.parent and Path(tmp).suffix != ".cubin"
 
 
 def test_unframe_messages_at_the_edges():
