@@ -624,6 +624,25 @@ def test_an_entry_is_written_beside_its_final_name(tmp_path, monkeypatch):
     assert Path(final) == path and Path(tmp).parent == path.parent and Path(tmp).suffix != ".cubin"
 
 
+def test_a_folder_made_meanwhile_by_another_process_is_gone_past(tmp_path, monkeypatch):
+    # Pins _make_folders under a race: the cache root appears between the
+    # check and the mkdir (another process made it); the folders below it are
+    # still made and the entry is stored.
+    real_mkdir = os.mkdir
+    root = tmp_path / "cache"
+
+    def racing_mkdir(folder, mode=0o777):
+        if Path(folder) == root and not root.exists():
+            real_mkdir(folder, 0o700)  # the other process wins
+            raise FileExistsError(folder)
+        real_mkdir(folder, mode)
+
+    monkeypatch.setattr(kc.os, "mkdir", racing_mkdir)
+    cache = kc.KernelCache(root)
+    path = cache.put(b"key", _elf_header() + bytes(64))
+    assert path.is_file() and cache.get(b"key") == _elf_header() + bytes(64)
+
+
 def test_unframe_messages_at_the_edges():
     # Pins _unframe's word on an empty file, on a frame of no code at all
     # (exactly the trailer's size: a sound frame, but no cubin), and on a
