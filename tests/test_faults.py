@@ -657,6 +657,21 @@ def test_unframe_messages_at_the_edges():
     )
 
 
+def test_a_file_that_is_not_json_is_named_with_the_parsers_words(tmp_path):
+    # Pins _read_json's message: the parser's exception type and its words,
+    # cut at 200 characters (a hostile file cannot flood the warning).
+    path = tmp_path / "t.json"
+    path.write_text("{nope")
+    with pytest.raises(ValueError, match=r"is not valid JSON \(JSONDecodeError: Expecting property name"):
+        tables.TuningTable.load(path)
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError) as caught:
+        tables.TuningTable.load(path)
+    words = str(caught.value).split("(UnicodeDecodeError: ", 1)[1]
+    assert words.endswith(")") and len(words) - 1 <= 200
+    assert words[:-1] == str(UnicodeDecodeError("utf-8", b"\xff\xfe", 0, 1, "invalid start byte"))[:200]
+
+
 class _Measure:
     def __init__(self, fastest="chunked_batched", fail=None):
         self.calls, self.fastest, self.fail = 0, fastest, fail

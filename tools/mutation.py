@@ -600,6 +600,20 @@ _equivalent(
     ["with contextlib.suppress(None):"],
     "the temporary file always exists when it is removed (mkstemp made it; only the write or the rename failed)",
 )
+_equivalent(
+    "gemm.tables.x__read_json",
+    'return json.loads(raw.decode("utf-8"))',
+    ['return json.loads(raw.decode("UTF-8"))'],
+    "Python reads codec names case-insensitively",
+)
+_NOT_JSON = 'raise ValueError(f"{path} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None'
+_equivalent(
+    "gemm.tables.x__read_json",
+    _NOT_JSON,
+    [_NOT_JSON.replace("[:200]", "[:201]")],
+    "a guard only: the messages of json's, UTF-8's and the recursion limit's errors are far shorter than 200 "
+    "characters (a line, a column and a byte position at most)",
+)
 
 STATUS = {
     1: "killed",
