@@ -614,6 +614,34 @@ _equivalent(
     "a guard only: the messages of json's, UTF-8's and the recursion limit's errors are far shorter than 200 "
     "characters (a line, a column and a byte position at most)",
 )
+_SEND_COUNTS = (
+    "counts = np.asarray(counts_per_expert, dtype=np.int64).reshape(where.world_size, where.experts_per_rank)"
+)
+_RECV_COUNTS = "counts = np.asarray(recv_counts, dtype=np.int64)"
+_SUM_WHY = (
+    "the counts are integers and only reach the results through sum and cumsum, which NumPy accumulates "
+    "in the platform integer (int64) for smaller integer types (test_layouts_are_int64_whatever_the_counts_type)"
+)
+for _fn, _line in (("x_send_layout", _SEND_COUNTS), ("x_receive_layout", _RECV_COUNTS)):
+    _equivalent(
+        f"distributed.plan.{_fn}",
+        _line,
+        [_line.replace("dtype=np.int64", "dtype=None"), _line.replace(", dtype=np.int64", ", ")],
+        _SUM_WHY,
+    )
+_OPEN = 'fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))'
+_equivalent(
+    "runtime.kernel_cache.xǁKernelCacheǁ_read",
+    _OPEN,
+    [
+        _OPEN.replace('"O_NOFOLLOW", 0', '"O_NOFOLLOW", None'),
+        _OPEN.replace('"O_NOFOLLOW", 0', '"O_NOFOLLOW", '),
+        _OPEN.replace('"O_NOFOLLOW", 0', '"O_NOFOLLOW", 1'),
+        _OPEN.replace('"O_NONBLOCK", 0', '"O_NONBLOCK", None'),
+    ],
+    "on POSIX, where the suite runs, os has both flags and the defaults are never read; they stand in "
+    "only on platforms without them",
+)
 
 STATUS = {
     1: "killed",
