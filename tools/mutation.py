@@ -638,6 +638,7 @@ _equivalent(
         _OPEN.replace('"O_NOFOLLOW", 0', '"O_NOFOLLOW", '),
         _OPEN.replace('"O_NOFOLLOW", 0', '"O_NOFOLLOW", 1'),
         _OPEN.replace('"O_NONBLOCK", 0', '"O_NONBLOCK", None'),
+        _OPEN.replace('"O_NONBLOCK", 0', '"O_NONBLOCK", '),
     ],
     "on POSIX, where the suite runs, os has both flags and the defaults are never read; they stand in "
     "only on platforms without them",
