@@ -4,6 +4,8 @@ that is itself checked."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -102,6 +104,61 @@ def test_route_backward_ref_matches_finite_differences(scoring, renormalize):
     assert ref.rel_error(got, _numeric_grad(loss, logits)) < 1e-6
     with pytest.raises(ValueError, match="scoring must be"):
         ref.route_backward_ref(logits, ids, d_w, scoring="tanh")
+
+
+def test_route_backward_ref_defaults_flat_gradients_and_large_logits():
+    # Pins route_backward_ref's defaults (those of route_ref: softmax,
+    # renormalized), a flat [T*k] gradient read as [T, k], and the softmax
+    # shift by each row's own maximum: adding a constant to a row changes
+    # neither its scores nor the gradient, even at +-700 (where exp overflows
+    # unless each row is shifted by its own maximum).
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((4, 6))
+    k = 2
+    _, ids = ref.route_ref(logits, k)
+    d_w = rng.standard_normal((4, k))
+    want = ref.route_backward_ref(logits, ids, d_w, scoring="softmax", renormalize=True)
+    assert not np.allclose(
+        want, ref.route_backward_ref(logits, ids, d_w, scoring="softmax", renormalize=False)
+    )
+    assert np.array_equal(ref.route_backward_ref(logits, ids, d_w), want)
+    assert np.array_equal(ref.route_backward_ref(logits, ids, d_w.reshape(-1)), want)
+    shifted = logits + np.array([[700.0], [-700.0], [0.0], [350.0]])
+    got = ref.route_backward_ref(shifted, ids, d_w)
+    assert np.isfinite(got).all() and np.allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_moe_backward_ref_idle_expert_between_busy_ones_and_flat_weights():
+    # Pins the expert loop: over all E experts (here E = 5 is not the inter
+    # size 3), past an idle expert (1) to busy ones after it; flat [T*k]
+    # routing weights read as [T, k]; the gated width in the shape error.
+    rng = np.random.default_rng(21)
+    args = _layer(rng, tokens=4, hidden=5, inter=3, experts=5, biases=False)
+    args["topk_ids"] = np.array([[0, 2], [3, 4], [2, 0], [4, 3]], np.int32)
+    dy = rng.standard_normal(args["x"].shape)
+    got = ref.moe_backward_ref(**args, dy=dy)
+
+    def loss():
+        return float(np.sum(dy * ref.moe_forward_ref(**args)))
+
+    for arg in ("w1", "w2"):
+        want = _numeric_grad(loss, args[arg])
+        assert ref.rel_error(got["d" + arg], want) < 1e-6, arg
+        assert not got["d" + arg][1].any() and got["d" + arg][4].any(), arg
+    flat = dict(args, topk_weights=args["topk_weights"].reshape(-1))
+    for name, grad in ref.moe_backward_ref(**flat, dy=dy).items():
+        assert grad is None or np.array_equal(grad, got[name]), name
+    with pytest.raises(ValueError, match="w1 has 5 columns, expected 6"):
+        ref.moe_backward_ref(**dict(args, w1=args["w1"][:, :, :5]), dy=dy)
+
+
+def test_silu_derivative_far_out_raises_no_warning():
+    # Pins the overflow guard: exp(800) overflows to inf, which gives the
+    # right limit (a derivative of -0.0), silently.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ref._act_grad(np.array([-800.0, 800.0]), "silu")
+    assert got.tolist() == [0.0, 1.0]
 
 
 def test_activation_derivatives_at_special_points():

@@ -47,6 +47,10 @@ def test_placement_blocks_and_errors():
     assert placement(5, 5).experts_per_rank == 1
     with pytest.raises(ValueError, match="num_experts=10 is not divisible by world_size=4"):
         placement(10, 4)
+    with pytest.raises(
+        ValueError, match=r"each rank holds the same number of experts \(E / R\) in one contiguous"
+    ):
+        placement(6, 4)
     with pytest.raises(ValueError, match="num_experts=2 is not divisible by world_size=4"):
         placement(2, 4)
     with pytest.raises(ValueError, match="world_size must be a positive int; got 0"):
@@ -182,3 +186,67 @@ def test_forward_model_detects_a_wrong_placement():
     ids_bad = [np.array([[0, 3], [1, 2]], np.int32), np.array([[3, 1]], np.int32)]
     outs = forward_model(xs, ids_bad, None, w1, w2, expert_fn=lambda rows, e: rows * (e + 1))
     assert not np.allclose(outs[1], xs[1] * 5.0)
+
+
+def test_layouts_are_int64_whatever_the_counts_type():
+    # Pins int64 layouts: the layer turns rows and offsets into byte spans
+    # (rows * hidden * itemsize), which pass 2^31 at a few hundred thousand
+    # rows; counts copied from the GPU may be int32.
+    where = placement(4, 2)
+    counts = np.array([150_000, 50_000, 0, 1], dtype=np.int32)
+    rows, offsets = send_layout(counts, where)
+    recv_rows, recv_offsets, local = receive_layout(counts.reshape(2, 2))
+    for got in (rows, offsets, recv_rows, recv_offsets):
+        assert got.dtype == np.int64
+    row_bytes = 7168 * 2  # a DeepSeek-V3 row of bfloat16
+    assert int(offsets[1] * row_bytes) == 200_000 * 14_336 > 2**31
+    assert int(recv_offsets[1] * row_bytes) == 200_000 * 14_336
+    assert local.tolist() == [0] * 150_000 + [1] * 50_000 + [1]
+
+
+def test_forward_model_hands_experts_float64_rows():
+    # Pins the float64 play: rows of float16 inputs reach expert_fn as float64
+    # (300^2 overflows float16, not float64).
+    ids = [np.array([[0], [1]], np.int32)]
+    xs = [np.full((2, 3), 300.0, np.float16)]
+    w1, w2 = np.zeros((2, 3, 2)), np.zeros((2, 1, 3))
+    (out,) = forward_model(xs, ids, None, w1, w2, expert_fn=lambda rows, e: rows * rows)
+    assert out.tolist() == [[90_000.0] * 3] * 2
+
+
+def test_forward_model_checks_the_plan_it_plays(monkeypatch):
+    # Pins forward_model's check of each received row: a row for a local
+    # expert past the rank's block (its owner right) is refused.
+    from cublas_grouped.distributed import plan as plan_module
+
+    real = plan_module.dispatch_model
+
+    def off_by_one(ids_per_rank, num_experts):
+        traffic = real(ids_per_rank, num_experts)
+        traffic[0].received[0, 3] = 2  # rank 0 owns local experts 0 and 1
+        return traffic
+
+    monkeypatch.setattr(plan_module, "dispatch_model", off_by_one)
+    ids = [np.array([[0], [1]], np.int32), np.array([[2]], np.int32)]
+    xs = [np.ones((2, 3)), np.ones((1, 3))]
+    w1, w2 = np.zeros((4, 3, 2)), np.zeros((4, 1, 3))
+    with pytest.raises(AssertionError):
+        forward_model(xs, ids, None, w1, w2, expert_fn=lambda rows, e: rows)
+
+
+def test_send_order_of_int32_ids_past_two_to_the_31():
+    # Pins the int64 sort key expert * pairs + pair: with int32 ids (as the GPU
+    # routes) and 2.2 million pairs, expert 1000's key passes 2^31.
+    pairs = 2_200_000
+    ids = np.zeros(pairs, np.int32)
+    ids[0], ids[1] = 1000, 999
+    order = send_order(ids, 1024)
+    assert order[:3].tolist() == [2, 3, 4] and order[-2:].tolist() == [1, 0]
+
+
+def test_dispatch_model_reports_each_ranks_send_order():
+    rng = np.random.default_rng(5)
+    ids = [_routing(rng, t, 8, 2, "uniform")[0] for t in (5, 0, 3)]
+    ids.append(_routing(rng, 4, 8, 2, "skewed")[0])
+    for r, traffic in enumerate(dispatch_model(ids, 8)):
+        assert traffic.order.tolist() == send_order(ids[r], 8).tolist(), r

@@ -14,6 +14,7 @@ import json
 import math
 import multiprocessing
 import os
+import struct
 import warnings
 from pathlib import Path
 
@@ -412,6 +413,25 @@ def test_a_damaged_tuning_table_is_ignored_with_a_warning_naming_it(tmp_path, mo
     assert times == {Algorithm.CUBLAS_GROUPED: 1.0, Algorithm.SEQUENTIAL: 2.0}
 
 
+def test_a_damaged_tuning_file_warns_once_per_file_and_problem(monkeypatch):
+    # Pins warn_ignored_file: one warning per (file, problem), another file or
+    # another problem warns again; the file is named once, in front of a
+    # problem that does not name it already.
+    monkeypatch.setattr(tables, "_warned_files", set())
+    a, b = Path("/t/a.json"), Path("/t/b.json")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for path, problem in ((a, "bad"), (a, "bad"), (b, "bad"), (a, "worse"), (b, "/t/b.json is empty")):
+            tables.warn_ignored_file(path, problem)
+    assert [str(w.message) for w in seen] == [
+        "cublas_grouped ignores a damaged tuning file (/t/a.json: bad)",
+        "cublas_grouped ignores a damaged tuning file (/t/b.json: bad)",
+        "cublas_grouped ignores a damaged tuning file (/t/a.json: worse)",
+        "cublas_grouped ignores a damaged tuning file (/t/b.json is empty)",
+    ]
+    assert all(w.category is RuntimeWarning for w in seen)
+
+
 def _re(text: str) -> str:
     import re
 
@@ -440,6 +460,216 @@ def test_entries_at_the_edges_of_sound_still_load(tmp_path, edge):
     path.write_text(_doc([{**entry(), **edge}]))
     assert tables.entry_problem({**entry(), **edge}) is None
     assert len(tables.TuningTable.load(path).entries) == 1
+
+
+_LONG = "x" * 100
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"mean_rows": True}, "has mean_rows True; it must be a number in [0, 2147483647]"),
+        ({"mean_rows": _LONG}, f"has mean_rows '{'x' * 39}; it must be a number in [0, 2147483647]"),
+        ({"max_rows": _LONG}, f"has max_rows '{'x' * 39}; it must be an int in [0, 2147483647]"),
+        ({"dtype": "b" * 257}, "needs a dtype name"),
+        ({"layout": "l" * 257}, "has a layout that is not a short name"),
+        ({"times_ms": None}, "needs times_ms, an object of algorithm -> milliseconds"),
+        ({"times_ms": {_LONG: 1.0}}, f"times an unknown algorithm {'x' * 40!r}"),
+        (
+            {"times_ms": {"sequential": _LONG}},
+            f"has a time of '{'x' * 39} ms for sequential; it must be in (0, 1e+07] or null",
+        ),
+    ],
+)
+def test_entry_problems_are_named_and_quote_at_most_40_characters(change, problem):
+    # Pins entry_problem's messages (what the warning about an ignored file
+    # says) and that a hostile value is quoted in 40 characters at most.
+    assert tables.entry_problem({**entry(), **change}) == problem
+
+
+def test_names_of_256_characters_are_short_enough():
+    # Pins the name limit from the sound side: 256 characters pass (257 are refused above).
+    assert tables.entry_problem({**entry(), "dtype": "b" * 256, "layout": "l" * 256}) is None
+
+
+def test_table_header_limits_from_both_sides(tmp_path):
+    # Pins TuningTable.load's header checks at their limits: cuBLAS version 0
+    # and 10**8 - 1 and a GPU name of 256 characters load; 10**8 and 257
+    # characters are refused with the rule spelled out.
+    path = tmp_path / "t.json"
+    for gpu, version in ((H100, 0), (H100, 10**8 - 1), ("g" * 256, 130100)):
+        path.write_text(_doc([entry()], gpu=gpu, version=version))
+        table = tables.TuningTable.load(path)
+        assert (table.gpu, table.cublas_version) == (gpu, version)
+    rule = (
+        r"is not a tuning table \(gpu must be a string of at most 256 characters, "
+        r"cublas_version an int below 10\*\*8\)$"
+    )
+    for gpu, version in ((H100, 10**8), ("g" * 257, 130100)):
+        path.write_text(_doc([entry()], gpu=gpu, version=version))
+        with pytest.raises(ValueError, match=rule):
+            tables.TuningTable.load(path)
+
+
+def test_a_table_file_is_read_only_one_byte_past_the_limit(tmp_path, monkeypatch):
+    # Pins the bounded read: a hostile multi-gigabyte file costs at most
+    # MAX_TABLE_BYTES + 1 bytes of memory before it is refused.
+    asked = []
+    real_open = open
+
+    class Recording:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def read(self, n=-1):
+            asked.append(n)
+            return self.f.read(n)
+
+    path = tmp_path / "t.json"
+    path.write_text(_doc([entry()]))
+    monkeypatch.setattr(tables, "open", lambda p, mode: Recording(real_open(p, mode)), raising=False)
+    tables.TuningTable.load(path)
+    assert asked == [tables.MAX_TABLE_BYTES + 1]
+
+
+def test_table_sm_limits_from_both_sides():
+    # Pins _parse_sm's range: majors and minors 0..99 (as a list or "M.m"),
+    # 100 or a negative number refused, the bad value quoted in 40 characters.
+    assert tables._parse_sm([0, 0], H100) == (0, 0)
+    assert tables._parse_sm([99, 99], H100) == (99, 99)
+    assert tables._parse_sm("12.1", H100) == (12, 1)
+    for bad in ([100, 0], [0, 100], [-1, 0], [0, -1], "nine"):
+        with pytest.raises(ValueError, match="^sm must be"):
+            tables._parse_sm(bad, H100)
+    with pytest.raises(ValueError, match=f"; got '{'x' * 40}'$"):
+        tables._parse_sm("x" * 100, H100)
+
+
+def test_discarding_an_entry_another_process_removed_only_warns(tmp_path):
+    # Pins discard's best effort: the entry is already gone (another process
+    # discarded it first): the warning is given, nothing is raised.
+    cache = kc.KernelCache(tmp_path / "cache")
+    assert not cache.path_for(b"key").exists()
+    with pytest.warns(kc.KernelCacheWarning, match="is damaged"):
+        cache.discard(b"key", "is damaged (test)")
+
+
+def _elf_header(ei_data=1, ei_version=1, machine=190, phoff=64, shoff=64, shnum=1, phnum=0):
+    """A 64-byte ELF64 header with the given fields (no program headers unless phnum)."""
+    head = bytearray(64)
+    head[:4] = b"\x7fELF"
+    head[4], head[5], head[6] = 2, ei_data, ei_version
+    struct.pack_into("<H", head, 18, machine)
+    struct.pack_into("<QQ", head, 32, phoff, shoff)
+    struct.pack_into("<HHHH", head, 54, 56, phnum, 64, shnum)
+    return bytes(head)
+
+
+def test_cubin_problems_read_the_header_fields_as_unsigned():
+    # Pins cubin_problem's reading of the ELF header: byte 5 (not 6) says the
+    # byte order; the machine and the table offsets are unsigned, so a
+    # hostile 0xFFFF or 2^64 - 64 is named as such, never taken as negative.
+    assert kc.cubin_problem(_elf_header(ei_data=2)) == "not a 64-bit little-endian ELF file"
+    assert kc.cubin_problem(_elf_header(machine=0xFFFF)) == "ELF machine 65535, not EM_CUDA (190)"
+    # The smallest sound cubin: the header and one empty (SHT_NULL) section header after it.
+    assert kc.cubin_problem(_elf_header() + bytes(64)) is None
+    assert kc.cubin_problem(_elf_header(shnum=0) + bytes(64)) == "no section header table"
+    assert kc.cubin_problem(_elf_header(shnum=0xFFFF) + bytes(64)) == (
+        f"the section header table ends at byte {64 + 64 * 0xFFFF}, past the end (128)"
+    )
+    huge = 2**64 - 64
+    assert kc.cubin_problem(_elf_header(shoff=huge)) == (
+        f"the section header table ends at byte {huge + 64}, past the end (64)"
+    )
+
+
+def _section(sh_type, offset, size):
+    """One 64-byte ELF64 section header (name, flags and address zero)."""
+    return struct.pack("<4xIQQQQ", sh_type, 0, 0, offset, size) + bytes(24)
+
+
+def test_cubin_problems_name_the_table_or_section_past_the_end():
+    # Pins the bounds of the header tables and of each section with contents:
+    # a section may end exactly at the end of the data, not one byte past it,
+    # and offsets are unsigned (2^64 - 1 is past any end, never -1).
+    assert (
+        kc.cubin_problem(_elf_header(phnum=1))
+        == "the program header table ends at byte 120, past the end (64)"
+    )
+    head = _elf_header(shnum=2)
+    assert kc.cubin_problem(head + _section(0, 0, 0) + _section(1, 0, 192)) is None
+    assert kc.cubin_problem(head + _section(0, 0, 0) + _section(1, 0, 193)) == (
+        "section 1 ends at byte 193, past the end (192)"
+    )
+    assert kc.cubin_problem(head + _section(0, 0, 0) + _section(1, 2**64 - 1, 1)) == (
+        f"section 1 ends at byte {2**64}, past the end (192)"
+    )
+
+
+def test_an_entry_is_written_beside_its_final_name(tmp_path, monkeypatch):
+    # Pins put's temporary file: in the entry's own folder (the rename that
+    # publishes it must not cross file systems), then renamed onto the entry.
+    moves = []
+    real_replace = os.replace
+    monkeypatch.setattr(kc.os, "replace", lambda a, b: (moves.append((a, b)), real_replace(a, b)))
+    cache = kc.KernelCache(tmp_path / "cache")
+    path = cache.put(b"key", _elf_header() + bytes(64))
+    ((tmp, final),) = moves
+    assert Path(final) == path and Path(tmp).parent == path.parent and Path(tmp).suffix != ".cubin"
+
+
+def test_a_folder_made_meanwhile_by_another_process_is_gone_past(tmp_path, monkeypatch):
+    # Pins _make_folders under a race: the cache root appears between the
+    # check and the mkdir (another process made it); the folders below it are
+    # still made and the entry is stored.
+    real_mkdir = os.mkdir
+    root = tmp_path / "cache"
+
+    def racing_mkdir(folder, mode=0o777):
+        if Path(folder) == root and not root.exists():
+            real_mkdir(folder, 0o700)  # the other process wins
+            raise FileExistsError(folder)
+        real_mkdir(folder, mode)
+
+    monkeypatch.setattr(kc.os, "mkdir", racing_mkdir)
+    cache = kc.KernelCache(root)
+    path = cache.put(b"key", _elf_header() + bytes(64))
+    assert path.is_file() and cache.get(b"key") == _elf_header() + bytes(64)
+
+
+def test_unframe_messages_at_the_edges():
+    # Pins _unframe's word on an empty file, on a frame of no code at all
+    # (exactly the trailer's size: a sound frame, but no cubin), and on a
+    # trailer whose length field is 2^64 - 1 (read unsigned).
+    assert kc._unframe(b"") == (None, "empty file")
+    assert kc._unframe(kc.frame(b"")) == (None, "not a cubin: 0 bytes, shorter than an ELF header")
+    forged = bytearray(kc.frame(b"\x00" * 10))
+    struct.pack_into("<Q", forged, 10 + len(kc.MAGIC), 2**64 - 1)
+    assert kc._unframe(bytes(forged)) == (
+        None,
+        f"the trailer gives {2**64 - 1} bytes of code but 10 are there",
+    )
+
+
+def test_a_file_that_is_not_json_is_named_with_the_parsers_words(tmp_path):
+    # Pins _read_json's message: the parser's exception type and its words,
+    # cut at 200 characters (a hostile file cannot flood the warning).
+    path = tmp_path / "t.json"
+    path.write_text("{nope")
+    with pytest.raises(ValueError, match=r"is not valid JSON \(JSONDecodeError: Expecting property name"):
+        tables.TuningTable.load(path)
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError) as caught:
+        tables.TuningTable.load(path)
+    words = str(caught.value).split("(UnicodeDecodeError: ", 1)[1]
+    assert words.endswith(")") and len(words) - 1 <= 200
+    assert words[:-1] == str(UnicodeDecodeError("utf-8", b"\xff\xfe", 0, 1, "invalid start byte"))[:200]
 
 
 class _Measure:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from cublas_grouped.runtime import device as D
 
 
@@ -234,4 +236,78 @@ def test_layer_pair_is_remembered_per_exact_inputs(monkeypatch):
     assert len(asked) == before + 1, "another executor configuration decides anew"
     fixed = dispatch.choose_algorithms(auto, "sequential", counts, 512, 256, "bfloat16", (256, 256))
     assert fixed == (Algorithm.SEQUENTIAL, Algorithm.SEQUENTIAL)
+    S.reset_tuning_cache()
+
+
+def test_layer_choice_passes_on_the_calls_device_dtype_and_operands(monkeypatch):
+    # Pins what AUTO's layer choice hands on: layer_times gets the real
+    # Operands.for_plan and the call's dtype, the times source sees stats of
+    # that dtype, and each GEMM's fallback is asked about the call's device.
+    import numpy as np
+
+    from cublas_grouped.gemm import select as S
+    from cublas_grouped.gemm.config import Algorithm
+    from cublas_grouped.gemm.executor import GroupedGemmExecutor
+    from cublas_grouped.gemm.plan import Operands
+    from cublas_grouped.moe import dispatch
+
+    seen, fallbacks = [], []
+
+    def layer_times(executor, device, operands_for, counts, dtype):
+        seen.append(("layer_times", operands_for, dtype))
+
+        def times(stats, candidates):
+            seen.append(("stats", stats.dtype))
+            return {a: (0.5 if a is Algorithm.CUBLAS_GROUPED else 1.0) for a in candidates}
+
+        return times, ("token",)
+
+    class Spy(GroupedGemmExecutor):
+        def info_for(self, device_id=None):
+            fallbacks.append(("info", device_id))
+            return super().info_for(device_id)
+
+        def fallback(self, algorithm, device_id=None):
+            fallbacks.append((algorithm, device_id))
+            return super().fallback(algorithm, device_id)
+
+    monkeypatch.setattr(dispatch, "layer_times", layer_times)
+    spy = Spy(device_info=D.DeviceInfo(sm=(9, 0), cublas_version=130100, name="fake H100"))
+    counts = np.array([300, 0, 500, 812], dtype=np.int64)
+    for second in ((256, 256), None):
+        S.reset_tuning_cache()
+        seen.clear()
+        fallbacks.clear()
+        pair = dispatch.choose_algorithms(spy, "auto", counts, 512, 256, "float16", second, device_id=3)
+        assert seen[0] == ("layer_times", Operands.for_plan, "float16"), second
+        assert seen[1:] and all(s == ("stats", "float16") for s in seen[1:]), seen
+        assert pair == (Algorithm.CUBLAS_GROUPED, Algorithm.CUBLAS_GROUPED), second
+        assert all(device == 3 for _, device in fallbacks), fallbacks
+        assert [a for a, _ in fallbacks if a != "info"] == [Algorithm.CUBLAS_GROUPED] * 2, second
+    S.reset_tuning_cache()
+    with pytest.raises(ValueError, match="^algorithm must be one of"):
+        dispatch.choose_algorithms(spy, "fastest", counts, 512, 256, "float16", None, device_id=3)
+
+
+def test_layer_choice_memo_serves_loads_in_the_same_buckets():
+    # Pins the coarse memo under the exact one: a load one row away from a
+    # decided one (same experts, mean rows and skew in quarter steps) takes
+    # the stored decision without asking the times again.
+    import numpy as np
+
+    from cublas_grouped.gemm import select as S
+    from cublas_grouped.gemm.config import Algorithm
+
+    info = D.DeviceInfo(sm=(9, 0), cublas_version=130100, name="fake H100")
+    S.reset_tuning_cache()
+    calls = []
+    times = _layer_times(calls, {"chunked_batched": 0.5})
+    sizes = np.full(64, 800, dtype=np.int64)
+    shapes = ((512, 256), (256, 256), "bfloat16", info)
+    pick = S.choose_layer_algorithms(sizes, *shapes, times=times, times_key=1)
+    assert pick == (Algorithm.CHUNKED_BATCHED, Algorithm.CHUNKED_BATCHED) and len(calls) == 2
+    near = sizes.copy()
+    near[5] = 801
+    assert S.choose_layer_algorithms(near, *shapes, times=times, times_key=1) == pick
+    assert len(calls) == 2, "same buckets: the memo answers"
     S.reset_tuning_cache()

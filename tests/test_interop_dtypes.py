@@ -7,6 +7,8 @@ Fakes stand in for GPU tensors; where torch or JAX is installed, their real
 from __future__ import annotations
 
 import ctypes
+import sys
+import types
 
 import ml_dtypes
 import numpy as np
@@ -145,6 +147,25 @@ def test_dtype_read_from_a_capsule(versioned, code, bits, expected):
     assert dlpack_export_dtype(Producer()) == expected
 
 
+def test_capsule_lanes_and_producers_without_the_stream_keyword():
+    # Pins dlpack_export_dtype's two remaining paths: a GPU producer whose
+    # __dlpack__ takes no stream keyword is asked again without it, and the
+    # capsule's lanes are read (two float32 lanes are no NumPy dtype).
+    class OldGpuProducer:
+        def __init__(self, lanes):
+            self.lanes = lanes
+
+        def __dlpack_device__(self):
+            return (2, 0)
+
+        def __dlpack__(self):
+            return make_capsule(2, 32, self.lanes)
+
+    assert dlpack_export_dtype(OldGpuProducer(1)) == np.float32
+    with pytest.raises(TypeError, match=r"code 2, 32 bits, 2 lanes"):
+        dlpack_export_dtype(OldGpuProducer(2))
+
+
 def test_a_producer_that_returns_no_capsule_is_named():
     class Odd:
         def __dlpack__(self):
@@ -182,6 +203,23 @@ def test_the_export_happens_once_per_array_type_and_dtype():
     second = TorchLikeTensor((5, 2), "<V2", 4, 16, dtype="torch.bfloat16")
     assert view(first, "a").dtype == BF16 and view(second, "b").dtype == BF16
     assert first.exports == [-1] and second.exports == []
+
+
+def test_the_dtype_cache_keys_on_the_array_type_and_skips_unhashable_dtypes():
+    # Pins the cache key of foreign dtypes: another array type with the same
+    # dtype name and typestr asks DLPack itself (here it says float16, not
+    # bfloat16), and arrays whose dtype object cannot be hashed are typed
+    # each on their own, never from another array's entry.
+    class OtherTensor(TorchLikeTensor):
+        pass
+
+    first = TorchLikeTensor((2, 2), "<V2", 4, 16, dtype="torch.x")
+    other = OtherTensor((2, 2), "<V2", 2, 16, dtype="torch.x")
+    assert view(first, "a").dtype == BF16
+    assert view(other, "b").dtype == np.float16 and other.exports == [-1]
+    f4 = TorchLikeTensor((2, 2), "<f4", 2, 32, dtype=["unhashable"])
+    f2 = TorchLikeTensor((2, 2), "<f2", 2, 16, dtype=["unhashable"])
+    assert view(f4, "c").dtype == np.float32 and view(f2, "d").dtype == np.float16
 
 
 def test_interface_marker_types_bfloat16_without_dlpack():
@@ -235,6 +273,14 @@ def test_other_interface_errors_propagate():
 
     with pytest.raises(RuntimeError, match="^boom$"):
         view(Bad(), "x")
+
+    class NoGradFlag:  # not a tensor at all: no requires_grad attribute
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="^boom$"):
+        view(NoGradFlag(), "x")
 
 
 def test_host_dlpack_arrays_are_refused_by_name():
@@ -336,6 +382,103 @@ def test_host_arrays_are_told_from_gpu_arrays(fake):
     assert is_host_array([1, 2]) and is_host_array(np.arange(3)) and is_host_array(HostDlpack())
     assert not is_host_array(fake((3,), np.int64))
     assert not is_host_array(TorchLikeTensor((3,), "<i8", 0, 64))
+
+
+def test_gpu_arrays_without_a_cuda_interface_are_not_host_arrays():
+    # Pins is_host_array's other GPU signs: an interface that raises (a GPU
+    # tensor that will not say), a DLPack device of CUDA (2) or CUDA managed
+    # memory (13), whatever the device ordinal, and a __dlpack__ without a
+    # device to ask (it cannot be told from GPU data, so it is not taken as host).
+    class Refusing:
+        @property
+        def __cuda_array_interface__(self):
+            raise RuntimeError("cannot export a tensor that requires grad")
+
+    class DlpackOn:
+        def __init__(self, device):
+            self.device = device
+
+        def __dlpack_device__(self):
+            return self.device
+
+    class DlpackOnly:
+        def __dlpack__(self, stream=None):
+            raise AssertionError("not exported")
+
+    assert not is_host_array(Refusing())
+    for device in ((2, 0), (2, 1), (13, 0)):
+        assert not is_host_array(DlpackOn(device)), device
+    assert is_host_array(DlpackOn((1, 2))), "CPU memory, device ordinal 2"
+    assert not is_host_array(DlpackOnly())
+
+
+def test_a_dlpack_array_without_a_host_device_goes_to_cupy(monkeypatch):
+    # Pins _from_dlpack for a producer that has __dlpack__ but no
+    # __dlpack_device__: nothing says it is host memory, so CuPy imports it.
+    class DlpackOnly:
+        def __dlpack__(self, stream=None):
+            raise AssertionError("exported by CuPy, not here")
+
+    fake_cupy = types.SimpleNamespace(from_dlpack=lambda obj: ("imported", obj))
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    obj = DlpackOnly()
+    assert _arrays._from_dlpack(obj, "x") == ("imported", obj)
+
+    class OnGpu(DlpackOnly):
+        def __dlpack_device__(self):
+            return (2, 0)
+
+    gpu = OnGpu()
+    assert _arrays._from_dlpack(gpu, "x") == ("imported", gpu)
+
+
+class _FakeCupyArray:
+    """Stands in for cupy.ndarray in view()'s fast path (which reads only these attributes)."""
+
+    def __init__(self, shape, byte_strides, dtype, contiguous):
+        self.shape, self.strides, self.dtype = shape, byte_strides, np.dtype(dtype)
+        self.flags = types.SimpleNamespace(c_contiguous=contiguous)
+        self.data = types.SimpleNamespace(ptr=0x7F0000002000)
+        self.device = types.SimpleNamespace(id=1)
+
+
+def test_the_cupy_fast_path_reads_cupys_own_attributes(monkeypatch):
+    # Pins view()'s CuPy fast path on the CPU: an array of exactly CuPy's type
+    # is described from its own attributes: canonical strides when
+    # C-contiguous (an empty one's zero strides too), byte strides turned into
+    # elements otherwise, strides that are not whole elements refused by name.
+    monkeypatch.setattr(_arrays, "_CUPY_NDARRAY", _FakeCupyArray)
+    arr = _FakeCupyArray((2, 3), (12, 4), np.float32, True)
+    v = view(arr, "x")
+    assert (v.ptr, v.shape, v.strides, v.dtype, v.device, v.obj) == (
+        0x7F0000002000,
+        (2, 3),
+        (3, 1),
+        np.float32,
+        1,
+        arr,
+    )
+    assert view(_FakeCupyArray((0, 3), (0, 0), np.float16, True), "x").strides == (3, 1)
+    sliced = _FakeCupyArray((2, 2), (24, 8), np.float32, False)
+    strides = view(sliced, "x").strides
+    assert strides == (6, 2) and all(type(s) is int for s in strides), "whole elements, as ints"
+    with pytest.raises(ValueError, match=r"^w1 has strides \(6, 4\) that are not whole elements$"):
+        view(_FakeCupyArray((2, 2), (6, 4), np.float32, False), "w1")
+
+
+def test_cupys_array_type_is_found_once_or_stood_in_for(monkeypatch):
+    # Pins _cupy_ndarray: CuPy's ndarray when CuPy imports; else a stand-in
+    # type that no object has, so every array takes the generic path.
+    import cupy
+
+    monkeypatch.setattr(_arrays, "_CUPY_NDARRAY", None)
+    assert _arrays._cupy_ndarray() is cupy.ndarray
+    monkeypatch.setattr(_arrays, "_CUPY_NDARRAY", None)
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy now raises ImportError
+    stand_in = _arrays._cupy_ndarray()
+    assert isinstance(stand_in, type) and stand_in is not cupy.ndarray
+    assert _arrays._cupy_ndarray() is stand_in, "looked up once"
+    assert view(TorchLikeTensor((2, 2), "<f2", 2, 16), "x").dtype == np.float16
 
 
 def test_cpu_framework_sizes_count_as_host_sizes():

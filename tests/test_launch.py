@@ -80,3 +80,63 @@ def test_a_refused_launch_names_the_driver_error(monkeypatch):
         L.launch_scalars(0, _FakeKernel(), 9, 32, (np.int32(1),))
     with pytest.raises(L.LaunchError, match="grid 9, block 32"):
         L.launch_scalars(0, _FakeKernel(), 9, 32, (np.int32(1),))
+
+
+def test_shared_memory_defaults_to_zero_and_short_shapes_are_padded_with_ones(monkeypatch):
+    # Pins the default shmem (0 bytes) and how int and short tuple grids and
+    # blocks become the driver's three dimensions (missing ones are 1).
+    fake = _FakeDriver(0)
+    monkeypatch.setattr(L, "driver", lambda: fake)
+    for grid, block, dims in (
+        (5, (64,), (5, 1, 1, 64, 1, 1)),
+        ((5,), (64, 2), (5, 1, 1, 64, 2, 1)),
+        ((5, 6, 7), (8, 4, 2), (5, 6, 7, 8, 4, 2)),
+        (5, 64, (5, 1, 1, 64, 1, 1)),
+    ):
+        fake.calls.clear()
+        assert L.launch_scalars(3, _FakeKernel(), grid, block, (np.int32(1),)) is True
+        (call,) = fake.calls
+        assert call[1:7] == dims, (grid, block)
+        assert call[7] == 0, "no shared memory unless asked"
+
+
+class _CountingKernel:
+    reads = 0
+
+    @property
+    def handle(self):
+        type(self).reads += 1
+        return 0xDEF
+
+
+def test_a_kernels_handle_is_read_once(monkeypatch):
+    # Pins the handle cache: the cuda.core handle lookup is paid on the first
+    # launch of a kernel only, and the cached handle is the one passed on.
+    fake = _FakeDriver(0)
+    monkeypatch.setattr(L, "driver", lambda: fake)
+    kernel = _CountingKernel()
+    for _ in range(3):
+        L.launch_scalars(0, kernel, 1, 32, (np.int32(1),))
+    assert _CountingKernel.reads == 1
+    assert [c[0] for c in fake.calls] == [0xDEF] * 3
+
+
+class _NamingDriver(_FakeDriver):
+    """cuGetErrorName that knows one status and fails (status 500, a name left
+    in the output) for any other, as a driver may."""
+
+    def cuGetErrorName(self, status, out):
+        name = b"CUDA_ERROR_OUT_OF_MEMORY" if status == 2 else b"LEFTOVER"
+        ctypes.cast(out, ctypes.POINTER(ctypes.c_char_p))[0] = name
+        return 0 if status == 2 else 500
+
+
+def test_the_error_name_is_asked_for_the_launchs_status(monkeypatch):
+    # Pins _error_name: the name of the status the launch returned, and the
+    # bare number when the driver cannot name it (whatever it left behind).
+    monkeypatch.setattr(L, "driver", lambda: _NamingDriver(2))
+    with pytest.raises(L.LaunchError, match="CUDA_ERROR_OUT_OF_MEMORY"):
+        L.launch_scalars(0, _FakeKernel(), 1, 32, (np.int32(1),))
+    monkeypatch.setattr(L, "driver", lambda: _NamingDriver(999))
+    with pytest.raises(L.LaunchError, match=r": CUresult 999$"):
+        L.launch_scalars(0, _FakeKernel(), 1, 32, (np.int32(1),))

@@ -59,6 +59,48 @@ def test_rule(counts, layout, cublas, want):
     assert _path(counts, layout, cublas) is want
 
 
+def test_rule_by_layout(monkeypatch):
+    # Pins which layouts take the cost model: chunks of 2 rows already pad
+    # (the model's BUCKETED), grouped-contiguous rows (align 1) keep cuBLAS's
+    # rule of AUTO, from the rows alone and no tuning table. 17 experts of
+    # 4096 rows: the rule says GROUPED (more than 16 experts), the model
+    # SEQUENTIAL (287 TFLOP/s per call beats 270 grouped).
+    assert _path([1024] * 8, RowLayout.chunk_aligned(2)) is P.BUCKETED
+    counts = [4096] * 17
+    times = W.expected_times(RowLayout.contiguous(), np.array(counts), *QWEN3, 2, True)
+    assert min(times, key=times.get) is P.SEQUENTIAL
+    from cublas_grouped.gemm import select
+
+    monkeypatch.setattr(select, "load_tuning_table", lambda device: pytest.fail("no table for this rule"))
+    assert _path(counts, RowLayout.contiguous()) is P.GROUPED
+
+
+class _SpyExecutor(GroupedGemmExecutor):
+    """Records the device ordinal of every capability question."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.asked = []
+
+    def info_for(self, device_id=None):
+        self.asked.append(("info", device_id))
+        return super().info_for(device_id)
+
+    def fallback(self, algorithm, device_id=None):
+        self.asked.append(("fallback", device_id))
+        return super().fallback(algorithm, device_id)
+
+
+def test_rule_asks_the_calls_device():
+    # Pins the device ordinal passed on: capabilities and fallback are those
+    # of the gradient's device, not the current one.
+    spy = _SpyExecutor(device_info=DeviceInfo(sm=(9, 0), cublas_version=130100))
+    W.weight_grad_path(spy, _plan([64] * 8, RowLayout.contiguous()), *QWEN3[::-1], BF16, 3)
+    assert ("info", 3) in spy.asked and ("fallback", 3) in spy.asked
+    W.weight_grad_path(spy, _plan([64] * 8, RowLayout.chunk_aligned(128)), *QWEN3[::-1], BF16, 3)
+    assert all(device == 3 for _, device in spy.asked), spy.asked
+
+
 def test_rule_follows_expected_times():
     counts = _uniform(128, 256, 100, seed=4)
     times = W.expected_times(RowLayout.chunk_aligned(128), counts, *QWEN3, 2, True)
@@ -68,6 +110,25 @@ def test_rule_follows_expected_times():
     padded = W.expected_times(RowLayout.padded(384), counts, *QWEN3, 2, True)
     assert set(padded) == {P.STRIDED, P.SEQUENTIAL}  # no pointer arrays on padded capacity
     assert set(W.expected_times(RowLayout.contiguous(), counts, *QWEN3, 2, False)) == {P.SEQUENTIAL}
+
+
+def test_expected_times_by_hand():
+    # Pins the cost model's arithmetic where the output write bounds the time:
+    # [E, 1024, 1024] of 2-byte values (2 MiB per expert), few rows per expert.
+    # Expert 0 has no rows: the per-expert calls and the grouped call skip it,
+    # the strided call over padded capacity writes it all the same.
+    out_e = 1024 * 1024 * 2
+    write_us = lambda experts: experts * out_e / (W.WRITE_GBPS * 1e3)  # noqa: E731
+    sizes = np.array([0] + [8] * 31)
+    padded = W.expected_times(RowLayout.padded(8), sizes, 1024, 1024, 2, True)
+    assert padded == pytest.approx({P.STRIDED: write_us(32), P.SEQUENTIAL: 31 * W.CALL_US})
+    assert write_us(32) > 20 * (2 * 1024 * 1024 * 32 * 8) / (W.BATCHED_TFLOPS * 1e6), "write-bound"
+    # Chunks of 2 rows (the smallest alignment that pads): 3 rows take blocks of 4, one bucket.
+    sizes = np.array([0] + [3] * 31)
+    aligned = W.expected_times(RowLayout.chunk_aligned(2), sizes, 1024, 1024, 2, True)
+    assert aligned == pytest.approx(
+        {P.BUCKETED: write_us(31), P.GROUPED: write_us(31), P.SEQUENTIAL: 31 * W.CALL_US}
+    )
 
 
 def test_buckets():
@@ -86,29 +147,51 @@ def _k_grouped(counts, layout, k=48, n=40):
 
 def test_bucketed_calls(monkeypatch):
     """Experts 1 and 3 (blocks of 32 rows) share a call, expert 2 (64 rows)
-    has its own; empty experts 0 and 4 take no part; pointers start at each
-    expert's block."""
+    and expert 5 (96 rows) have their own; empty experts 0 and 4 take no part;
+    one upload of every pointer, each at its expert's block; each call reads
+    its own slice of the three arrays (a third bucket pins the running start)."""
     layout = RowLayout.chunk_aligned(32)
-    counts = [0, 5, 40, 32, 0]
+    counts = [0, 5, 40, 32, 0, 70]
     plan, ops = _k_grouped(counts, layout)
     uploads, calls = [], []
 
-    def upload(res, name, ops_, rows, experts):
-        uploads.append((rows.tolist(), experts.tolist()))
-        return 1000, 1000 + 8 * len(rows), 1000 + 16 * len(rows)
+    class FakeRes:  # res.upload(name, host table) -> a device array at address 1000
+        def upload(self, name, table):
+            uploads.append((name, table.tolist()))
+            return SimpleNamespace(data=SimpleNamespace(ptr=1000))
 
-    monkeypatch.setattr(W, "upload_pointers", upload)
-    monkeypatch.setattr(W, "batched", lambda call, d, arrays, count: calls.append((d, arrays, count)))
-    W._bucketed(CublasCall(1, 0, 0), None, plan, ops, layout)
+    call = CublasCall(1, 0, 0)
+    monkeypatch.setattr(W, "batched", lambda c, d, arrays, count: calls.append((c, d, arrays, count)))
+    W._bucketed(call, FakeRes(), plan, ops, layout)
     offsets = layout.offsets(np.asarray(counts))
-    assert offsets.tolist() == [0, 0, 32, 96, 128, 128]
-    assert uploads == [([0, 96, 32], [1, 3, 2])]
-    (d32, arrays32, n32), (d64, arrays64, n64) = calls
-    assert (n32, n64) == (2, 1)
+    assert offsets.tolist() == [0, 0, 32, 96, 128, 128, 224]
+    ((name, table),) = uploads
+    # Its own buffer: the forward's pointer arrays may still be in use.
+    assert name not in ("grouped-pointers", "chunk-pointers", "small-pointers")
+    # Experts in bucket order 1, 3, 2, 5 at rows 0, 96, 32, 128 (itemsize 2, K = 48, N = 40):
+    # a row r at 10_000 + 96 r, b row r at 2_000_000 + 80 r, out[e] at 9_000_000 + 3840 e.
+    assert table == [
+        [10_000, 19_216, 13_072, 22_288],
+        [2_000_000, 2_007_680, 2_002_560, 2_010_240],
+        [9_003_840, 9_011_520, 9_007_680, 9_019_200],
+    ]
+    (c32, d32, arrays32, n32), (c64, d64, arrays64, n64), (c96, d96, arrays96, n96) = calls
+    assert c32 is call and c64 is call and c96 is call
+    assert (n32, n64, n96) == (2, 1, 1)
     # Reduction over the whole block (padding rows are zeros); out_e^T [N, K] = b_e^T @ a_e.
     assert (d32.transa, d32.transb, d32.m, d32.n, d32.k) == (Op.N, Op.T, 40, 48, 32)
-    assert (d32.lda, d32.ldb, d32.ldc) == (40, 48, 40) and d64.k == 64
-    assert arrays32 == (1000, 1024, 1048) and arrays64 == (1016, 1040, 1064)
+    assert (d32.lda, d32.ldb, d32.ldc) == (40, 48, 40) and d64.k == 64 and d96.k == 96
+    assert arrays32 == (1000, 1032, 1064)
+    assert arrays64 == (1016, 1048, 1080)
+    assert arrays96 == (1024, 1056, 1088)
+
+
+def test_blocks_on_padded_capacity():
+    # Pins _blocks for a padded layout: every expert with rows spans the whole
+    # capacity, an expert without rows spans nothing (one row is not none).
+    got = W._blocks(RowLayout.padded(24), np.array([3, 0, 24, 1]))
+    assert got.tolist() == [24, 0, 24, 24]
+    assert W._blocks(RowLayout.chunk_aligned(32), np.array([3, 0, 33])).tolist() == [32, 0, 64]
 
 
 def test_strided_call(monkeypatch):

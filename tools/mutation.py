@@ -9,10 +9,16 @@ run takes minutes on two cores.
 Scope (issue: tests that catch real bugs): planning and layouts (``gemm.plan``),
 algorithm selection (``gemm.select``) and the tuning lookup (``gemm.tables``),
 array views (``runtime.arrays``), options (``gemm.config``), the float64 references (``testing``),
-and the argument checks of the MoE layer (``moe/``: the ``check_*``
-functions, ``layer_shape`` and ``route`` up to its first GPU step).
+the driver launch's argument packing (``runtime.launch``), the kernel cache
+(``runtime.kernel_cache``), the file lock (``runtime.files``: a decorated
+generator, which mutmut 3 does not mutate), the weight-gradient path rule
+(``moe.weight_grad``), the expert-parallel dispatch plan (``distributed.plan``),
+AUTO's remembered layer pair (``moe.dispatch.choose_algorithms``), and the
+argument checks of the MoE layer (``moe/``: the ``check_*`` functions,
+``layer_shape`` and ``route`` up to its first GPU step).
 What runs on the GPU cannot be judged by CPU tests and is left out: lines of
-``route`` from its ``import cupy`` on, and ``runtime.arrays.as_cupy``.
+``route`` and of the weight-gradient functions from their ``import cupy`` on,
+``runtime.arrays.as_cupy`` and ``runtime.launch.driver`` (loads libcuda).
 
 Equivalent mutants (no input can tell them apart from the original) are listed
 in :data:`EQUIVALENT` with the reason, matched by function and by the exact
@@ -48,18 +54,29 @@ SCOPE = (
     "cublas_grouped.gemm.select.*",
     "cublas_grouped.gemm.tables.*",
     "cublas_grouped.runtime.arrays.*",
+    "cublas_grouped.runtime.files.*",
+    "cublas_grouped.runtime.kernel_cache.*",
+    "cublas_grouped.runtime.launch.*",
     "cublas_grouped.gemm.config.*",
     "cublas_grouped.testing.*",
     "cublas_grouped.moe.checks.x_check_*",
     "cublas_grouped.moe.checks.x_layer_shape__*",
     "cublas_grouped.moe.dispatch.x_check_*",
+    "cublas_grouped.moe.dispatch.x_choose_algorithms__*",
+    "cublas_grouped.moe.dispatch.x__choose_auto__*",
     "cublas_grouped.moe.fixed_capacity.x_check_*",
     "cublas_grouped.moe.routing.x_route__*",
+    "cublas_grouped.moe.weight_grad.*",
+    "cublas_grouped.distributed.plan.*",
 )
 #: Functions that only run with a real GPU array (CuPy), out of scope.
-GPU_ONLY = ("cublas_grouped.runtime.arrays.x_as_cupy",)
+GPU_ONLY = (
+    "cublas_grouped.runtime.arrays.x_as_cupy",
+    # Loads libcuda and declares its functions' types; CPU tests stand in a fake driver.
+    "cublas_grouped.runtime.launch.x_driver",
+)
 #: Modules whose functions are cut at their first ``import cupy`` line.
-GPU_CUT_MODULES = ("cublas_grouped.moe.routing",)
+GPU_CUT_MODULES = ("cublas_grouped.moe.routing", "cublas_grouped.moe.weight_grad")
 
 #: (function, original line, mutated line, why no test can kill it). Lines are
 #: stripped; several changed lines are joined with " / ".
@@ -176,7 +193,7 @@ _equivalent(
 )
 _LARGEST = "total, largest = int(sizes.sum()), int(sizes.max(initial=0))"
 _equivalent(
-    "gemm.select.x_choose_layer_algorithms",
+    "gemm.select.x__choose_layer",
     _LARGEST,
     [_LARGEST.replace("initial=0", "initial=None"), _LARGEST.replace("initial=0", "initial=1")],
     "initial only matters when every count is 0 (or there are none: a layer has at least one expert); "
@@ -184,28 +201,28 @@ _equivalent(
 )
 _QUARTER = "quarter = lambda v: round(4 * math.log2(max(v, 1e-9)))  # noqa: E731"
 _equivalent(
-    "gemm.select.x_choose_layer_algorithms",
+    "gemm.select.x__choose_layer",
     _QUARTER,
     [_QUARTER.replace("4 *", "5 *"), _QUARTER.replace("1e-9", "1.000000001")],
     "memo granularity: finer buckets only cost cache hits; every argument of quarter() is >= 1, "
     "so the clamp at 1e-9 or 1.000000001 never bites",
 )
 _equivalent(
-    "gemm.select.x_choose_layer_algorithms",
+    "gemm.select.x__choose_layer",
     "quarter(first_stats.mean_rows + 1),",
     ["quarter(first_stats.mean_rows - 1),", "quarter(first_stats.mean_rows + 2),"],
     "moves the memo's bucket edges by a row or two without making buckets coarser: which loads share a "
     "cached decision is a cache granularity, not a documented value",
 )
 _equivalent(
-    "gemm.select.x_choose_layer_algorithms",
+    "gemm.select.x__choose_layer",
     "second = None",
     ['second = ""'],
     "both are falsy and second is only read as a truth value unless it was reassigned",
 )
 _FOUND = "found = (choice, on_layout(choice)[1] if on_layout(choice)[0] < math.inf else choice)"
 _equivalent(
-    "gemm.select.x_choose_layer_algorithms",
+    "gemm.select.x__choose_layer",
     _FOUND,
     [
         "found = (choice, on_layout(choice)[1] if (on_layout(choice)[0] < math.inf) or True else choice)",
@@ -215,7 +232,7 @@ _equivalent(
     "when on_layout(choice) finds no time it returns (inf, choice), so both branches give choice",
 )
 _equivalent(
-    "gemm.select.x_choose_layer_algorithms",
+    "gemm.select.x__choose_layer",
     "if len(_layer_choices) > 4096:",
     ["if len(_layer_choices) >= 4096:", "if len(_layer_choices) > 4097:"],
     "when the memo is emptied (one entry sooner or later) changes cache hits, not decisions",
@@ -318,6 +335,313 @@ _equivalent(
     "if np.isnan(o).any() or np.isnan(r).any():",
     ["if np.isnan(o).any() and np.isnan(r).any():"],
     "a NaN on one side makes the difference NaN, which the next check turns into inf as well",
+)
+_equivalent(
+    "runtime.launch.xǁ_Packerǁ__init__",
+    "pad = -size % width",
+    ["pad = +size % width"],
+    "the widths are 4 and 8 bytes and every offset is a multiple of 4, so size % width is 0 or 4 "
+    "(the latter only for width 8), where -size % width gives the same",
+)
+_equivalent(
+    "runtime.launch.xǁ_Packerǁ__init__",
+    "self.buffer = ctypes.create_string_buffer(max(size, 8))",
+    ["self.buffer = ctypes.create_string_buffer(max(size, 9))"],
+    "a byte of spare room after the arguments (or in the buffer of no arguments) that nothing reads",
+)
+_equivalent(
+    "runtime.launch.xǁ_Packerǁ__init__",
+    "self.pointers = (ctypes.c_void_p * max(len(codes), 1))(*[base + o for o in offsets])",
+    ["self.pointers = (ctypes.c_void_p * max(len(codes), 2))(*[base + o for o in offsets])"],
+    "a spare null pointer after the arguments' pointers: the driver reads as many as the kernel has parameters",
+)
+_UPLOAD = 'base, _, _ = upload_pointers(res, "weight-grad-pointers", ops, offsets[experts], experts)'
+_equivalent(
+    "moe.weight_grad.x__bucketed",
+    _UPLOAD,
+    [
+        _UPLOAD.replace('"weight-grad-pointers"', "None"),
+        _UPLOAD.replace('"weight-grad-pointers"', '"XXweight-grad-pointersXX"'),
+        _UPLOAD.replace('"weight-grad-pointers"', '"WEIGHT-GRAD-POINTERS"'),
+    ],
+    "the name only keys the resources' upload buffers: any name no other caller uses is the same "
+    "(test_bucketed_calls checks it is none of the forward's)",
+)
+_STATS = "stats = ProblemStats.from_sizes(sizes, n, k, np.dtype(dtype).name)"
+_equivalent(
+    "moe.weight_grad.x_weight_grad_path",
+    _STATS,
+    [
+        _STATS.replace("sizes, n, k", "sizes, None, k"),
+        _STATS.replace("n, k, np", "n, None, np"),
+        _STATS.replace("np.dtype(dtype).name", "None"),
+        _STATS.replace("np.dtype(dtype)", "np.dtype(None)"),
+    ],
+    "with no table and no times select_algorithm decides by its rule, which reads the row counts "
+    "only (test_rule_by_layout checks no table is read)",
+)
+_equivalent(
+    "testing.x_route_backward_ref",
+    "chosen = np.take_along_axis(scores, ids, axis=1)",
+    ["chosen = np.take_along_axis(scores, ids, )"],
+    "the default axis -1 is axis 1 of the 2-D scores",
+)
+_equivalent(
+    "runtime.arrays.x__foreign_dtype",
+    "key = (type(obj), own, typestr, None if descr is None else repr(descr))",
+    ["key = (type(obj), own, typestr, None if (descr is None) and False else repr(descr))"],
+    "an absent descr is keyed as 'None' instead of None: still one key for it, which no descr's repr matches",
+)
+_equivalent(
+    "runtime.arrays.x__foreign_dtype",
+    "dtype = _FOREIGN_DTYPES.get(key) if key is not None else None",
+    ["dtype = _FOREIGN_DTYPES.get(key) if (key is not None) or True else None"],
+    "nothing is ever stored under the key None, so the lookup gives None as the other branch does",
+)
+_PAIR_KEY = (
+    'key = ("layer-pair", executor.config, tuning_state(info), state_token(), dtype, n, k, second_gemm)'
+)
+_equivalent(
+    "moe.dispatch.x_choose_algorithms",
+    _PAIR_KEY,
+    [
+        _PAIR_KEY.replace('"layer-pair"', '"XXlayer-pairXX"'),
+        _PAIR_KEY.replace('"layer-pair"', '"LAYER-PAIR"'),
+    ],
+    "the tag only keeps these remembered choices apart from the other callers' keys, which start "
+    "with no such string",
+)
+_equivalent(
+    "distributed.plan.x_receive_layout",
+    "return rows, offsets, np.repeat(local, counts.reshape(-1))",
+    ["return rows, offsets, np.repeat(local, counts.reshape(-2))"],
+    _RESHAPE_WHY,
+)
+_BINCOUNT = (
+    "counts = [np.bincount(np.asarray(ids).reshape(-1), minlength=num_experts) for ids in ids_per_rank]"
+)
+_equivalent("distributed.plan.x_dispatch_model", _BINCOUNT, [_BINCOUNT.replace("(-1)", "(-2)")], _RESHAPE_WHY)
+_equivalent(
+    "distributed.plan.x_dispatch_model",
+    "order = send_order(ids, num_experts)",
+    ["order = send_order(ids, None)"],
+    "send_order does not read num_experts: its key expert * pairs + pair needs only the pair count",
+)
+_W12 = "w1, w2 = np.asarray(w1, np.float64), np.asarray(w2, np.float64)"
+_equivalent(
+    "distributed.plan.x_forward_model",
+    _W12,
+    [
+        _W12.replace("np.asarray(w1, np.float64)", "np.asarray(w1, None)"),
+        _W12.replace("np.asarray(w1, np.float64)", "np.asarray(w1, )"),
+        _W12.replace("np.asarray(w2, np.float64)", "np.asarray(w2, None)"),
+        _W12.replace("np.asarray(w2, np.float64)", "np.asarray(w2, )"),
+    ],
+    "the weights only enter products with float64 rows, which convert them to float64 exactly first",
+)
+_W = "w = np.ones((tokens, k)) if weights_per_rank is None else np.asarray(weights_per_rank[s], np.float64)"
+_equivalent(
+    "distributed.plan.x_forward_model",
+    _W,
+    [
+        _W.replace("np.asarray(weights_per_rank[s], np.float64)", f"np.asarray(weights_per_rank[s], {d})")
+        for d in ("None", "")
+    ],
+    "the routing weights only multiply float64 rows, which converts them to float64 exactly first",
+)
+_equivalent(
+    "distributed.plan.x_forward_model",
+    "gate, up = np.split(h, 2, axis=-1)",
+    ["gate, up = np.split(h, 2, axis=+1)"],
+    "h is always 2-D (one row, [1, 2I]): axis 1 is the last axis",
+)
+_SEND = 'return np.argsort(flat * max(pairs, 1) + np.arange(pairs), kind="stable")'
+_equivalent(
+    "distributed.plan.x_send_order",
+    _SEND,
+    [
+        _SEND.replace('kind="stable"', "kind=None"),
+        _SEND.replace(', kind="stable"', ", "),
+        _SEND.replace('"stable"', '"STABLE"'),
+    ],
+    "the key expert * pairs + pair is unique, so every sort gives the same order",
+)
+_equivalent(
+    "distributed.plan.x_send_order",
+    _SEND,
+    [_SEND.replace("max(pairs, 1)", "max(pairs, 2)")],
+    "differs only with fewer than two pairs, where there is nothing to order",
+)
+_equivalent(
+    "distributed.plan.x_send_order",
+    "flat = np.asarray(topk_ids, dtype=np.int64).reshape(-1)",
+    ["flat = np.asarray(topk_ids, dtype=np.int64).reshape(-2)"],
+    _RESHAPE_WHY,
+)
+_TRAFFIC = "traffic.append(RankTraffic(order, rows, sent, recv_counts, np.zeros((0, 4), np.int64)))"
+_equivalent(
+    "distributed.plan.x_dispatch_model",
+    _TRAFFIC,
+    [
+        _TRAFFIC.replace("np.zeros((0, 4), np.int64)", x)
+        for x in (
+            "None",
+            "np.zeros((0, 4), None)",
+            "np.zeros((0, 4), )",
+            "np.zeros((1, 4), np.int64)",
+            "np.zeros((0, 5), np.int64)",
+        )
+    ],
+    "a placeholder: the loop that follows sets every rank's received rows",
+)
+for _line in (
+    "flat = np.asarray(ids_per_rank[s]).reshape(-1)",
+    "mine.received = np.array(lines, dtype=np.int64).reshape(-1, 4)",
+):
+    _equivalent("distributed.plan.x_dispatch_model", _line, [_line.replace("(-1", "(-2")], _RESHAPE_WHY)
+_WARN = (
+    'warnings.warn(f"cublas_grouped ignores a damaged tuning file ({what})", RuntimeWarning, stacklevel=3)'
+)
+_equivalent(
+    "gemm.tables.x_warn_ignored_file",
+    _WARN,
+    [_WARN.replace(", stacklevel=3", ", "), _WARN.replace("stacklevel=3", "stacklevel=4")],
+    "only the frame the warning is attributed to moves, inside the library's table readers either way; "
+    "it is shown once per file and problem by the library's own record, whatever the frame",
+)
+_RELU_GRAD = "return np.where(z > 0.0, 1.0, np.where(z <= 0.0, 0.0, z))"
+_equivalent(
+    "testing.x__act_grad",
+    _RELU_GRAD,
+    [_RELU_GRAD.replace("z <= 0.0", "z < 0.0")],
+    "differs only at z = +-0.0, where z itself is the zero the original returns (equal to 0.0)",
+)
+_equivalent(
+    "testing.x__act_grad",
+    _RELU_GRAD,
+    [_RELU_GRAD.replace("z <= 0.0", "z <= 1.0")],
+    "the inner test only sees z <= 0 or NaN (the outer one took z > 0), where <= 0 and <= 1 agree",
+)
+_equivalent(
+    "testing.x_moe_backward_ref",
+    'activation: str = "silu",',
+    ['activation: str = "SILU",'],
+    "activation names are read case-insensitively",
+)
+_equivalent(
+    "testing.x_moe_backward_ref",
+    "ids = np.asarray(topk_ids).astype(np.int64)",
+    ["ids = np.asarray(topk_ids).astype(None)"],
+    "float64 ids compare equal to the expert numbers and are only used through np.nonzero and comparisons",
+)
+_equivalent(
+    "runtime.arrays.x__interface",
+    'if not getattr(obj, "requires_grad", False):',
+    ['if not getattr(obj, "requires_grad", None):'],
+    "None and False are both falsy, and the default is only read as a truth value",
+)
+_NO_CUPY = '_CUPY_NDARRAY = type("_NoCupy", (), {})'
+_equivalent(
+    "runtime.arrays.x__cupy_ndarray",
+    _NO_CUPY,
+    [_NO_CUPY.replace('"_NoCupy"', x) for x in ('"XX_NoCupyXX"', '"_nocupy"', '"_NOCUPY"')],
+    "the stand-in type's name is never shown: no object has the type",
+)
+_equivalent(
+    "gemm.tables.x_entry_problem",
+    'dtype, layout = entry.get("dtype"), entry.get("layout", "")',
+    ['dtype, layout = entry.get("dtype"), entry.get("layout", "XXXX")'],
+    "an absent layout is only checked for being a short string, which both defaults are",
+)
+_equivalent(
+    "gemm.tables.x__parse_sm",
+    "major = minor = -1",
+    ["major = minor = -2"],
+    "any value out of [0, 100) is refused the same way",
+)
+_equivalent(
+    "runtime.kernel_cache.xǁKernelCacheǁdiscard",
+    "stacklevel=4, / )",
+    [")"],
+    "only the frame the warning is attributed to moves, inside the library's kernel loader either way",
+)
+_equivalent(
+    "runtime.kernel_cache.xǁKernelCacheǁdiscard",
+    "stacklevel=4,",
+    ["stacklevel=5,"],
+    "only the frame the warning is attributed to moves, inside the library's kernel loader either way",
+)
+_FRAME = 'return cubin + MAGIC + struct.pack("<Q", len(cubin)) + hashlib.sha256(cubin).digest()'
+_equivalent(
+    "runtime.kernel_cache.x_frame",
+    _FRAME,
+    [_FRAME.replace('"<Q"', '"<q"')],
+    "signed and unsigned 64-bit integers have the same bytes for any length below 2^63",
+)
+_KC_TMP = 'fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:16]}.", suffix=".tmp")'
+_equivalent(
+    "runtime.kernel_cache.xǁKernelCacheǁput",
+    _KC_TMP,
+    [
+        _KC_TMP.replace('prefix=f".{path.stem[:16]}."', "prefix=None"),
+        _KC_TMP.replace('suffix=".tmp"', "suffix=None"),
+        _KC_TMP.replace('prefix=f".{path.stem[:16]}.", ', ""),
+        _KC_TMP.replace(', suffix=".tmp"', ", "),
+        _KC_TMP.replace("[:16]", "[:17]"),
+        _KC_TMP.replace('".tmp"', '"XX.tmpXX"'),
+        _KC_TMP.replace('".tmp"', '".TMP"'),
+    ],
+    "only the temporary file's name changes; it stays in the entry's folder and never ends in .cubin, "
+    "and the cache only ever opens an entry by its exact name (test_an_entry_is_written_beside_its_final_name)",
+)
+_equivalent(
+    "runtime.kernel_cache.xǁKernelCacheǁput",
+    "with contextlib.suppress(OSError):",
+    ["with contextlib.suppress(None):"],
+    "the temporary file always exists when it is removed (mkstemp made it; only the write or the rename failed)",
+)
+_equivalent(
+    "gemm.tables.x__read_json",
+    'return json.loads(raw.decode("utf-8"))',
+    ['return json.loads(raw.decode("UTF-8"))'],
+    "Python reads codec names case-insensitively",
+)
+_NOT_JSON = 'raise ValueError(f"{path} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None'
+_equivalent(
+    "gemm.tables.x__read_json",
+    _NOT_JSON,
+    [_NOT_JSON.replace("[:200]", "[:201]")],
+    "a guard only: the messages of json's, UTF-8's and the recursion limit's errors are far shorter than 200 "
+    "characters (a line, a column and a byte position at most)",
+)
+_SEND_COUNTS = (
+    "counts = np.asarray(counts_per_expert, dtype=np.int64).reshape(where.world_size, where.experts_per_rank)"
+)
+_RECV_COUNTS = "counts = np.asarray(recv_counts, dtype=np.int64)"
+_SUM_WHY = (
+    "the counts are integers and only reach the results through sum and cumsum, which NumPy accumulates "
+    "in the platform integer (int64) for smaller integer types (test_layouts_are_int64_whatever_the_counts_type)"
+)
+for _fn, _line in (("x_send_layout", _SEND_COUNTS), ("x_receive_layout", _RECV_COUNTS)):
+    _equivalent(
+        f"distributed.plan.{_fn}",
+        _line,
+        [_line.replace("dtype=np.int64", "dtype=None"), _line.replace(", dtype=np.int64", ", ")],
+        _SUM_WHY,
+    )
+_OPEN = 'fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))'
+_equivalent(
+    "runtime.kernel_cache.xǁKernelCacheǁ_read",
+    _OPEN,
+    [
+        _OPEN.replace('"O_NOFOLLOW", 0', '"O_NOFOLLOW", None'),
+        _OPEN.replace('"O_NOFOLLOW", 0', '"O_NOFOLLOW", '),
+        _OPEN.replace('"O_NOFOLLOW", 0', '"O_NOFOLLOW", 1'),
+        _OPEN.replace('"O_NONBLOCK", 0', '"O_NONBLOCK", None'),
+        _OPEN.replace('"O_NONBLOCK", 0', '"O_NONBLOCK", '),
+    ],
+    "on POSIX, where the suite runs, os has both flags and the defaults are never read; they stand in "
+    "only on platforms without them",
 )
 
 STATUS = {
