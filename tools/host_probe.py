@@ -9,11 +9,11 @@ import cupy
 import numpy as np
 
 import cublas_grouped as cg
+from cublas_grouped.gemm import pointers
 from cublas_grouped.runtime import cublas as cb
 from cublas_grouped.runtime import device as dev
 from cublas_grouped.runtime import nvrtc
 from cublas_grouped.runtime.arrays import view
-from cublas_grouped.gemm import pointers
 
 
 def t(name, fn, n=2000):
@@ -59,15 +59,14 @@ t(
 )
 t("define_items", lambda: nvrtc.define_items(pointers.DEFINES))
 sizes = cupy.ones(8, dtype=cupy.int32)
-ops = cg.gemm.plan.Operands(0, 0, 0, 0, 0, 0, 0, 0, 0) if hasattr(cg, "gemm") else None
-from cublas_grouped.gemm.plan import Operands, RowLayout
+from cublas_grouped.gemm.plan import Operands, RowLayout  # noqa: E402
 
 ops = Operands(0, 0, 0, 0, 0, 0, 0, 0, 0)
 t(
     "build_pointers (whole)",
     lambda: pointers.build_pointers(res, sizes, ops, RowLayout.contiguous(), arch=arch, num_problems=8),
 )
-from cuda.core import LaunchConfig, launch
+from cuda.core import LaunchConfig, launch  # noqa: E402
 
 cfg = LaunchConfig(grid=1, block=32, shmem_size=0)
 args = (
@@ -102,7 +101,6 @@ args = args[:16] + (
 t("LaunchConfig()", lambda: LaunchConfig(grid=1, block=32, shmem_size=0))
 t("cuda.core launch (cached cfg)", lambda: launch(res.launch_stream, cfg, k, *args))
 # driver launch through cuda.bindings
-from cuda.bindings import driver
 
 handle = k.handle
 print("kernel handle type", type(handle))
@@ -132,7 +130,6 @@ def raw_pack():
 
 
 t("ctypes cuLaunchKernel (pack per call)", raw_pack)
-import struct
 
 fmt = "".join("Q" if np.dtype(type(x)).itemsize == 8 else "i" for x in args)
 print("fmt", fmt)
