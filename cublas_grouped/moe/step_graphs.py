@@ -65,11 +65,10 @@ class StepGraphs:
         """One step of ``x.shape[0]`` tokens on ``res``'s stream, through a graph.
 
         ``resources_for(stream_handle)`` gives the per-stream resources of the
-        layer's device (for the private stream). ``x``, ``ids``, ``weights``
+        layer's device (for the capture stream). ``x``, ``ids``, ``weights``
         (or None) are the caller's CuPy arrays, already checked; ``out`` the
         layer's output rows for this step.
         """
-
         tokens = x.shape[0]
         self._ensure_buffers()
         xs, ids_s, ws = self._inputs
@@ -86,7 +85,7 @@ class StepGraphs:
             return
         # First sight of this token count: step eagerly on the caller's stream
         # (this call's result; it also readies that stream for a capture of the
-        # caller's own), then capture the same step on the private stream, whose
+        # caller's own), then capture the same step on the capture stream, whose
         # cuBLAS workspace is allocated first (nothing may be allocated in a capture).
         self._run_step(res, xs, ids_s, ws, out)
         if self._disabled:
