@@ -25,14 +25,15 @@
 // Kernels:
 //
 //   grouped_tile_offsets(const int* sizes, int num_groups, int* row_offsets,
-//                        int* tile_offsets)
+//                        int* tile_offsets, int* tile_counter)
 //     ONE block of SM90_TILE_THREADS threads (a multiple of 32, at most 1024).
 //     row_offsets [E + 1]: exclusive prefix of max(sizes[g], 0), then the
 //     total; tile_offsets [E + 1]: exclusive prefix of
 //     ceil(max(sizes[g], 0) / SM90_BLOCK_M), then the total. Any E.
+//     *tile_counter = 0: the GEMM launched after it hands out tiles from it.
 //
 //   grouped_gemm_{nt,nn}_{bf16,f16}(tmap_a, tmap_b, row_offsets, tile_offsets,
-//                                   num_groups, M, N, K, out)
+//                                   tile_counter, num_groups, M, N, K, out)
 //     tmap_a: tiled TMA map of a [M, K], box [SM90_BLOCK_M, SM90_BLOCK_K],
 //             128-byte swizzle.
 //     tmap_b, nt: of b as [E * N, K], box [SM90_BLOCK_N, SM90_BLOCK_K],
@@ -46,8 +47,11 @@
 //             bytes), so no load depends on how TMA treats a box with no
 //             element inside the tensor.
 //     All maps fill out-of-bounds elements with zeros (so a K tail adds nothing).
-//     Grid: any x >= 1 CTAs (persistent: CTA x takes tiles x, x + gridDim.x,
-//     ... of the schedule below until they run out). The launcher gives one CTA
+//     tile_counter: one int, zeroed by grouped_tile_offsets just before (on
+//     the same stream), incremented once per tile a CTA takes after its first.
+//     Grid: any x >= 1 CTAs (persistent: CTA x takes tile x first, then
+//     whichever tile of the schedule below is next when it has room for one,
+//     gridDim.x + atomicAdd(tile_counter, 1), until they run out). The launcher gives one CTA
 //     per SM ("persistent"), or one per tile that any sizes summing to M can
 //     need, (ceil(M / SM90_BLOCK_M) + E) * ceil(N / SM90_BLOCK_N) ("per_tile":
 //     each CTA's loop runs at most once, as in v5). Block SM90_THREADS = 384
@@ -55,7 +59,8 @@
 //     and 2 multiply 64 rows each (warp specialization: the loads run ahead
 //     while the MMAs run, and into the next tile while a tile is stored).
 //     Dynamic shared memory: SM90_STAGES * (SM90_BLOCK_M + SM90_BLOCK_N) *
-//     SM90_BLOCK_K * 2 + 1024 bytes (the 1024 align the ring for the swizzle).
+//     SM90_BLOCK_K * 2 (the ring) + 2 * 64 * 72 * 2 (the store's staging
+//     areas) + 1024 bytes (the 1024 align the ring for the swizzle).
 //     Schedule: with n_tiles = ceil(N / SM90_BLOCK_N), tile x belongs to group
 //     g with tile_offsets[g] <= x / n_tiles < tile_offsets[g + 1]; with
 //     local = x - tile_offsets[g] * n_tiles and m_g tiles in the group, rows
@@ -89,10 +94,15 @@
 // 128 bytes that the 128-byte swizzle permutes within.
 #define SM90_B_SPAN 64
 #define SM90_B_BOX_ELEMS (SM90_BLOCK_K * SM90_B_SPAN)
+// The store's staging area, one per math warpgroup, after the ring: 64 rows
+// of 64 columns at a pitch of 72 elements (144 bytes: 16-byte chunks stay
+// aligned, and rows fall 4 banks apart).
+#define SM90_C_PITCH 72
+#define SM90_C_STAGE_ELEMS (64 * SM90_C_PITCH)
 
 extern "C" __global__ void __launch_bounds__(SM90_TILE_THREADS)
     grouped_tile_offsets(const int* __restrict__ sizes, int num_groups, int* __restrict__ row_offsets,
-                         int* __restrict__ tile_offsets) {
+                         int* __restrict__ tile_offsets, int* __restrict__ tile_counter) {
     __shared__ int scratch[SCAN_SCRATCH_INTS];
     int row_carry = 0, tile_carry = 0;
     for (int base = 0; base < num_groups; base += SM90_TILE_THREADS) {
@@ -111,6 +121,7 @@ extern "C" __global__ void __launch_bounds__(SM90_TILE_THREADS)
     if (threadIdx.x == 0) {
         row_offsets[num_groups] = row_carry;
         tile_offsets[num_groups] = tile_carry;
+        *tile_counter = 0;  // the GEMM launched next on this stream hands out tiles from 0
     }
 }
 
@@ -190,6 +201,11 @@ __device__ __forceinline__ unsigned long long smem_descriptor_n_major(const void
     const unsigned long long address = shared_address(tile);
     return ((address & 0x3FFFF) >> 4) | (static_cast<unsigned long long>(SM90_B_BOX_ELEMS * 2 / 16) << 16) |
            (64ull << 32) | (1ull << 62);
+}
+
+// Barrier `id` (1 or 2: 0 is __syncthreads') over one warpgroup's 128 threads.
+__device__ __forceinline__ void named_barrier_sync(int id) {
+    asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory");
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
@@ -320,36 +336,53 @@ __device__ __forceinline__ Sm90Tile find_tile(long long tile, int n_tiles, const
 
 // N_MAJOR_B: b is [E, K, N] (nn kernels), else [E, N, K] (nt kernels).
 //
-// Persistent: CTA x takes tiles x, x + gridDim.x, x + 2 * gridDim.x, ... of the
-// schedule (find_tile). A grid of one CTA per tile (the launcher's "per_tile"
-// schedule, v5's) runs each CTA's loop once; a grid of one CTA per SM (the
-// "persistent" schedule) walks many tiles per CTA through one ring: the load
-// thread runs on into the next tile's stages while the math warpgroups store
-// the current tile, so a tile's pipeline fill overlaps the tile before.
+// Tiles are handed out at run time (v7): CTA x starts with tile x, and each
+// further tile of a CTA is gridDim.x + the next value of *tile_counter (an
+// atomic counter that grouped_tile_offsets zeroed just before), taken by the
+// load thread when it is about to load that tile. So a CTA takes a new tile
+// when it has room for it, wherever it is in the schedule: CTAs slowed by
+// long groups or DRAM contention take fewer tiles, as the hardware's CTA
+// scheduler balanced one-tile CTAs. A grid of one CTA per tile (the
+// launcher's "per_tile" schedule, v5's) runs each CTA's loop once; a grid of
+// one CTA per SM ("persistent") walks many tiles per CTA through one ring:
+// the load thread runs on into the next tile's stages while the math
+// warpgroups store the current tile.
 //
-// The ring across tiles: every thread role counts the stages it has filled
-// (or consumed) since the CTA began, `fills`, carried from tile to tile; fill
-// f uses stage f % SM90_STAGES in its (f / SM90_STAGES)-th round, whose
-// mbarrier phase parity is that round's parity. Every fill is released
+// The load thread tells the math warpgroups which tile comes next through a
+// ring of SM90_SCHED_SLOTS mailboxes in shared memory: next_tile[j % slots]
+// holds the CTA's j-th tile (or -1: no more tiles), published with an
+// arrival on sched_full (release) and freed when all 256 math threads have
+// read it (sched_empty).
+//
+// The stage ring across tiles: every thread role counts the stages it has
+// filled (or consumed) since the CTA began, `fills`, carried from tile to
+// tile; fill f uses stage f % SM90_STAGES in its (f / SM90_STAGES)-th round,
+// whose mbarrier phase parity is that round's parity. Every fill is released
 // exactly once (the last stage of a tile too, after its MMAs), so the load
 // thread and the math warpgroups agree on every phase whatever the tile
 // count and K.
+#define SM90_SCHED_SLOTS 2
 template <class T, bool N_MAJOR_B>
 __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const TmaMap* tmap_b,
                                                      const int* __restrict__ row_offsets,
-                                                     const int* __restrict__ tile_offsets, int num_groups,
-                                                     int M, int N, int K, T* __restrict__ out) {
+                                                     const int* __restrict__ tile_offsets,
+                                                     int* __restrict__ tile_counter, int num_groups, int M, int N,
+                                                     int K, T* __restrict__ out) {
     extern __shared__ unsigned char smem_raw[];
     // full[s]: stage s holds data (one arrival with the TMA byte count);
     // empty[s]: both math warpgroups are done reading it (one arrival each).
     __shared__ __align__(8) unsigned long long full[SM90_STAGES];
     __shared__ __align__(8) unsigned long long empty[SM90_STAGES];
+    // The tile mailboxes (see above): sched_full one arrival (the load
+    // thread), sched_empty one per math thread.
+    __shared__ __align__(8) unsigned long long sched_full[SM90_SCHED_SLOTS];
+    __shared__ __align__(8) unsigned long long sched_empty[SM90_SCHED_SLOTS];
+    __shared__ long long next_tile[SM90_SCHED_SLOTS];
 
     const int n_tiles = (N + SM90_BLOCK_N - 1) / SM90_BLOCK_N;
     const long long total_tiles = static_cast<long long>(tile_offsets[num_groups]) * n_tiles;
     if (static_cast<long long>(blockIdx.x) >= total_tiles) return;  // the whole block: before any barrier
     const int num_k = (K + SM90_BLOCK_K - 1) / SM90_BLOCK_K;
-    const long long stride = gridDim.x;  // CTA x takes tiles x, x + stride, x + 2 * stride, ...
 
     // The ring starts on a 1024-byte boundary of the shared window: the
     // 128-byte swizzle repeats every 8 rows of 128 bytes.
@@ -363,6 +396,11 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
             mbarrier_init(&full[s], 1);
             mbarrier_init(&empty[s], SM90_MATH_WARPGROUPS);
         }
+#pragma unroll
+        for (int s = 0; s < SM90_SCHED_SLOTS; ++s) {
+            mbarrier_init(&sched_full[s], 1);
+            mbarrier_init(&sched_empty[s], 128 * SM90_MATH_WARPGROUPS);
+        }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();  // the last block-wide barrier: the roles split below
@@ -371,10 +409,18 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
     if (warpgroup == 0) {
         // Loads: one thread fills each stage once both math warpgroups freed
         // it. A fresh barrier counts as having completed the phase before
-        // phase 0, so the first pass over the ring does not wait.
+        // phase 0, so the first pass over the ring (and over the mailboxes)
+        // does not wait.
         if (threadIdx.x == 0) {
             unsigned fills = 0;
-            for (long long tile = blockIdx.x; tile < total_tiles; tile += stride) {
+            long long tile = blockIdx.x;
+            for (unsigned j = 0;; ++j) {
+                const int slot = j % SM90_SCHED_SLOTS;
+                mbarrier_wait(&sched_empty[slot], ((j / SM90_SCHED_SLOTS) & 1) ^ 1);
+                const bool done = tile >= total_tiles;
+                next_tile[slot] = done ? -1 : tile;
+                mbarrier_arrive(&sched_full[slot]);  // release: the math threads see next_tile[slot]
+                if (done) break;
                 const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, tile_offsets, num_groups, M, N);
                 const int g = t.g, n0 = t.n0, row0 = t.row0, b_boxes = t.b_boxes;
                 const int b_row0 = g * N + n0;
@@ -385,15 +431,18 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                     mbarrier_expect_bytes(&full[s], t.stage_bytes);
                     tma_load_2d(sa + s * SM90_A_STAGE_ELEMS, tmap_a, &full[s], kt * SM90_BLOCK_K, row0);
                     if (N_MAJOR_B) {
-                        for (int j = 0; j < b_boxes; ++j) {
-                            tma_load_3d(sb + s * SM90_B_STAGE_ELEMS + j * SM90_B_BOX_ELEMS, tmap_b, &full[s],
-                                        n0 + j * SM90_B_SPAN, kt * SM90_BLOCK_K, g);
+                        for (int jb = 0; jb < b_boxes; ++jb) {
+                            tma_load_3d(sb + s * SM90_B_STAGE_ELEMS + jb * SM90_B_BOX_ELEMS, tmap_b, &full[s],
+                                        n0 + jb * SM90_B_SPAN, kt * SM90_BLOCK_K, g);
                         }
                     } else {
                         tma_load_2d(sb + s * SM90_B_STAGE_ELEMS, tmap_b, &full[s], kt * SM90_BLOCK_K, b_row0);
                     }
                 }
                 fills += num_k;
+                // The next tile, taken now that this one's loads are issued:
+                // the ring has room for it as soon as this tile's first stages drain.
+                tile = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);
             }
         }
         return;
@@ -404,7 +453,12 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
     const int warp = (threadIdx.x & 127) >> 5, lane = threadIdx.x & 31;
     float acc[SM90_BLOCK_N / 2];
     unsigned fills = 0;
-    for (long long tile = blockIdx.x; tile < total_tiles; tile += stride) {
+    for (unsigned j = 0;; ++j) {
+        const int slot = j % SM90_SCHED_SLOTS;
+        mbarrier_wait(&sched_full[slot], (j / SM90_SCHED_SLOTS) & 1);  // acquire: next_tile[slot] is written
+        const long long tile = next_tile[slot];
+        mbarrier_arrive(&sched_empty[slot]);
+        if (tile < 0) break;
 #pragma unroll
         for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = 0.0f;
 
@@ -443,22 +497,42 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
         if ((threadIdx.x & 127) == 0) mbarrier_arrive(&empty[(fills + num_k - 1) % SM90_STAGES]);
         fills += num_k;
 
+        // The store, 64 columns at a time (v8): each thread writes its
+        // accumulator pairs into this warpgroup's staging area (64 rows, a
+        // padded pitch: the 8 rows one warp writes at once fall in 8 different
+        // bank quads), the warpgroup syncs, and each thread copies 16-byte
+        // chunks of whole rows out, so a warp writes 4 full 128-byte lines per
+        // instruction (from registers directly, it wrote 8 half-filled sectors).
+        // Rows past the group's end and columns past N are not stored.
+        T* stage = reinterpret_cast<T*>(ring + SM90_STAGES * SM90_STAGE_BYTES) + half * SM90_C_STAGE_ELEMS;
+        const int tid = threadIdx.x & 127;
         const int row_end = t.row_end;
-        const int r_top = t.row0 + half * 64 + warp * 16 + (lane >> 2);
-        const int c_left = t.n0 + (lane & 3) * 2;
+        const int r_first = t.row0 + half * 64;  // this warpgroup's first row
 #pragma unroll
-        for (int j = 0; j < SM90_BLOCK_N / 8; ++j) {
-            const int c = c_left + 8 * j;  // even, and N % 8 == 0: (c, c + 1) are both in or both out
-            if (c >= N) continue;
+        for (int p = 0; p < SM90_BLOCK_N / 64; ++p) {
+            const int c0 = t.n0 + 64 * p;
+            if (c0 >= N) break;  // the same for the whole warpgroup
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int r = r_top + 8 * h;
-                if (r < row_end) {
-                    // One 4-byte store of the pair (c, c + 1).
-                    *reinterpret_cast<unsigned*>(out + static_cast<long long>(r) * N + c) =
-                        pack_pair(T{}, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            for (int jc = 0; jc < 8; ++jc) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int r = warp * 16 + (lane >> 2) + 8 * h;
+                    const int i = 4 * (8 * p + jc) + 2 * h;
+                    *reinterpret_cast<unsigned*>(stage + r * SM90_C_PITCH + 8 * jc + 2 * (lane & 3)) =
+                        pack_pair(T{}, acc[i], acc[i + 1]);
                 }
             }
+            named_barrier_sync(1 + half);  // this warpgroup's pairs are in the stage
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int chunk = tid + 128 * q;  // 64 rows x 8 chunks of 8 columns
+                const int r = chunk >> 3, col = c0 + 8 * (chunk & 7);
+                if (r_first + r < row_end && col < N) {  // N % 8 == 0: a chunk is all in or all out
+                    *reinterpret_cast<uint4*>(out + static_cast<long long>(r_first + r) * N + col) =
+                        *reinterpret_cast<const uint4*>(stage + r * SM90_C_PITCH + 8 * (chunk & 7));
+                }
+            }
+            named_barrier_sync(1 + half);  // the stage is read before the next pass writes it
         }
     }
 }
@@ -466,10 +540,10 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
 #define SM90_GEMM_KERNEL(name, T, N_MAJOR_B)                                                               \
     extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1)                                          \
         name(const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_b,                 \
-             const int* __restrict__ row_offsets, const int* __restrict__ tile_offsets, int num_groups, int M, \
-             int N, int K, T* __restrict__ out) {                                                          \
-        grouped_gemm_impl<T, N_MAJOR_B>(&tmap_a, &tmap_b, row_offsets, tile_offsets, num_groups, M, N, K,  \
-                                        out);                                                              \
+             const int* __restrict__ row_offsets, const int* __restrict__ tile_offsets,                    \
+             int* __restrict__ tile_counter, int num_groups, int M, int N, int K, T* __restrict__ out) {    \
+        grouped_gemm_impl<T, N_MAJOR_B>(&tmap_a, &tmap_b, row_offsets, tile_offsets, tile_counter,        \
+                                        num_groups, M, N, K, out);                                         \
     }
 
 SM90_GEMM_KERNEL(grouped_gemm_nt_bf16, bf16_t, false)

@@ -9,6 +9,7 @@ import pytest
 
 from cublas_grouped.gemm.backends import hopper
 from cublas_grouped.gemm.plan import GemmPlan
+from cublas_grouped.runtime import nvrtc
 
 
 def test_tile_schedule_hand_worked():
@@ -81,7 +82,10 @@ def test_which_plans_it_takes():
 
 
 def test_launch_constants_agree():
-    assert hopper.SHARED_BYTES == hopper.STAGES * (128 + 256) * 64 * 2 + 1024
+    # The ring, two staging areas of 64 rows at the kernel's pitch, the alignment.
+    source = nvrtc.load_source("grouped_gemm_sm90")
+    assert f"#define SM90_C_PITCH {hopper.C_PITCH}\n" in source
+    assert hopper.SHARED_BYTES == hopper.STAGES * (128 + 256) * 64 * 2 + 2 * 64 * hopper.C_PITCH * 2 + 1024
     assert hopper.SHARED_BYTES <= 227 * 1024  # the H100's opt-in limit per block
     assert hopper.DEFINES == {
         "SM90_BLOCK_M": hopper.BLOCK_M,
@@ -204,7 +208,7 @@ def test_tensor_maps_are_cached_per_key_and_bounded(monkeypatch):
 def test_grid_per_schedule():
     """per_tile: one CTA per possible tile; persistent: at most CTAS_PER_SM per
     SM (or the test limit), never more CTAs than tiles, never zero."""
-    assert hopper.SCHEDULE == "per_tile" and hopper.GRID_LIMIT is None  # the default the library runs
+    assert hopper.SCHEDULE == "persistent" and hopper.GRID_LIMIT is None  # the default the library runs
     assert hopper.grid_size(1000, 132, "per_tile") == 1000
     assert hopper.grid_size(1000, 132, "persistent") == 132 * hopper.CTAS_PER_SM
     assert hopper.grid_size(40, 132, "persistent") == 40  # fewer tiles than SMs: no idle CTAs launched
@@ -222,17 +226,41 @@ def test_grid_per_schedule():
 
 @pytest.mark.parametrize("grid", [1, 3, 7, 132])
 def test_persistent_walk_covers_every_tile_once_in_order(grid):
-    """The kernel's loop, modelled: CTA x takes tiles x, x + grid, ...; every
-    tile of the schedule (row tiles times column tiles) is taken by exactly one
-    CTA, and each CTA's tiles come in schedule order."""
+    """The kernel's tile hand-out, modelled: CTA x takes tile x first, then
+    grid + the counter's next value whenever it is free (CTAs free up in a
+    random order here, as on the GPU). Every tile of the schedule (row tiles
+    times column tiles) is taken by exactly one CTA, each CTA's tiles come in
+    schedule order, and the counter ends at the number of tiles."""
     rng = np.random.default_rng(grid)
     sizes = rng.integers(0, 400, 37)
     n_tiles = 3
     total = len(hopper.tile_schedule(sizes)) * n_tiles
     ctas = hopper.grid_size(hopper.max_tiles(int(sizes.sum()), len(sizes)) * n_tiles, 132, limit=grid)
     taken = np.zeros(total, np.int64)
-    for cta in range(ctas):
-        mine = list(range(cta, total, ctas))
-        assert mine == sorted(mine)
-        taken[mine] += 1
+    mine = {cta: [cta] for cta in range(ctas) if cta < total}
+    counter = 0
+    running = list(mine)
+    while running:
+        cta = running[rng.integers(len(running))]  # whichever CTA frees up next
+        tile, counter = ctas + counter, counter + 1
+        if tile < total:
+            mine[cta].append(tile)
+        else:
+            running.remove(cta)
+    for tiles in mine.values():
+        assert tiles == sorted(tiles)
+        taken[tiles] += 1
     assert (taken == 1).all()
+    # One draw per tile loaded (the first tiles included): the counter ends at
+    # the tile count, what the GPU test checks after a launch.
+    assert counter == total
+
+
+def test_misaligned_names_the_operand():
+    """TMA reads and the 16-byte epilogue stores need 16-byte aligned operands."""
+    assert hopper.ALIGNMENT == 16
+    assert hopper.misaligned(0, 256, 1 << 20) is None
+    assert hopper.misaligned(2, 256, 1 << 20) == "needs a at a 16-byte aligned address"
+    assert hopper.misaligned(0, 264, 0) == "needs b at a 16-byte aligned address"
+    assert hopper.misaligned(16, 32, 8) == "needs out at a 16-byte aligned address"
+    assert hopper.misaligned(1, 1, 1).startswith("needs a ")  # the first one named

@@ -1,6 +1,6 @@
-"""Our Hopper kernel's persistent CTAs (SM90_GROUPED, v6) against float64 on an
-SM 9.0 GPU: each CTA walks tiles x, x + grid, ... of the schedule through one
-shared-memory ring, so the ring's stages and mbarrier phases must carry from
+"""Our Hopper kernel's persistent CTAs (SM90_GROUPED, v7) against float64 on an
+SM 9.0 GPU: each CTA takes tile x, then the next tile of a device counter
+whenever it has room, through one shared-memory ring, so the ring's stages and mbarrier phases must carry from
 tile to tile. Grids forced small (1, 3, 7 CTAs) give many tiles per CTA on
 small problems, K with stage counts that do and do not divide the ring,
 tiles of one CTA in several groups, fewer tiles than CTAs, the real grid (one
@@ -83,14 +83,10 @@ def _sm_count():
     return runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, cupy.cuda.Device().id)
 
 
-def _tiles_per_cta(sizes, n, grid):
-    """For each CTA of a persistent grid, the groups of its tiles (host model)."""
+def _tiles_and_groups(sizes, n):
+    """(tiles, groups with tiles) of the kernel's schedule for ``sizes`` and N = ``n``."""
     groups = hopper.tile_schedule(np.asarray(sizes))[:, 0]  # per row tile, in schedule order
-    n_tiles = -(-n // hopper.BLOCK_N)
-    # Tile x of the kernel belongs to the group of row tile x // n_tiles (a
-    # group's tiles are its row tiles times the column tiles, group by group).
-    total = len(groups) * n_tiles
-    return [[int(groups[x // n_tiles]) for x in range(c, total, grid)] for c in range(grid)]
+    return len(groups) * -(-n // hopper.BLOCK_N), len(set(groups.tolist()))
 
 
 @pytest.mark.parametrize("layout", ["nn", "nt"])
@@ -110,9 +106,13 @@ def test_many_tiles_per_cta(sizes, n, k, grid, dtype, layout):
     """A grid of a few CTAs: each takes many tiles, across groups, through one ring."""
     import os
 
-    per_cta = _tiles_per_cta(sizes, n, grid)
-    assert max(len(t) for t in per_cta) >= 3, "the case must give some CTA several tiles"
-    assert any(len(set(t)) > 1 for t in per_cta), "the case must give some CTA tiles of several groups"
+    # Tiles are handed out at run time, so which CTA takes which is not known,
+    # but by counting: more than 2 tiles per CTA means some CTA takes 3 or
+    # more; with 1 or 3 CTAs, more groups than CTAs means some CTA takes
+    # tiles of two groups (with 7 it is likely, not certain).
+    tiles, groups = _tiles_and_groups(sizes, n)
+    assert tiles > 2 * grid, "the case must give some CTA several tiles"
+    assert groups > min(grid, 3), "the case must give some CTA tiles of several groups"
     hopper.GRID_LIMIT = grid
     seed = int.from_bytes(os.urandom(4), "little")  # fresh data each run; the message names it
     a, a64, b, b64 = _case(np.random.default_rng(seed), sizes, n, k, dtype, layout)
@@ -140,6 +140,48 @@ def test_more_tiles_than_ctas_on_the_real_grid(layout):
     out = poisoned((a.shape[0], n), ml_dtypes.bfloat16)
     _gmm(a, b, sizes, out, layout)
     check_close(out, _reference(a64, b64, sizes, layout), TOL, f"{tiles} tiles on {sms} CTAs")
+
+
+@pytest.mark.parametrize("layout", ["nn", "nt"])
+def test_back_to_back_launches_each_take_every_tile(layout):
+    """Three launches in a row on one stream, with different tile counts, on 3
+    CTAs: each launch hands out its tiles from a counter the offsets kernel
+    zeroed just before (a counter left at the last launch's count would skip
+    tiles, which stay NaN)."""
+    hopper.GRID_LIMIT = 3
+    rng = np.random.default_rng(26)
+    for sizes, n, k in (([300, 0, 41, 200], 520, 136), ([5, 3], 264, 72), ([129, 600, 0, 1], 392, 200)):
+        a, a64, b, b64 = _case(rng, sizes, n, k, ml_dtypes.bfloat16, layout)
+        out = poisoned((a.shape[0], n), ml_dtypes.bfloat16)
+        _gmm(a, b, sizes, out, layout)
+        check_close(out, _reference(a64, b64, sizes, layout), TOL, f"{layout} {sizes} after another launch")
+
+
+@pytest.mark.parametrize("grid", [1, 3, 7, None, 100000])
+def test_every_tile_is_taken_once(grid):
+    """After a launch the offsets match the host schedule, and the tile counter
+    equals the number of tiles: one atomic per tile loaded, so no tile was
+    taken twice (a double take computes the same values, which no output
+    check can see)."""
+    import cupy
+
+    from cublas_grouped.runtime.device import resolve_stream, resources
+
+    hopper.GRID_LIMIT = grid
+    rng = np.random.default_rng(27)
+    sizes, n, k = [300, 0, 41, 200, 129, 0, 7], 520, 136
+    a, a64, b, b64 = _case(rng, sizes, n, k, ml_dtypes.bfloat16, "nn")
+    out = poisoned((a.shape[0], n), ml_dtypes.bfloat16)
+    _gmm(a, b, sizes, out, "nn")
+    cupy.cuda.get_current_stream().synchronize()
+    res = resources(cupy.cuda.Device().id, resolve_stream(None))
+    row_offsets, tile_offsets, counter = (x.get() for x in hopper.schedule_buffers(res, len(sizes)))
+    row_tiles = -(-np.asarray(sizes) // hopper.BLOCK_M)
+    np.testing.assert_array_equal(row_offsets, np.concatenate(([0], np.cumsum(sizes))))
+    np.testing.assert_array_equal(tile_offsets, np.concatenate(([0], np.cumsum(row_tiles))))
+    tiles = int(row_tiles.sum()) * -(-n // hopper.BLOCK_N)
+    assert int(counter[0]) == tiles, (int(counter[0]), tiles)
+    check_close(out, _reference(a64, b64, sizes, "nn"), TOL, f"grid={grid}")
 
 
 @pytest.mark.parametrize("grid", [None, 1000])

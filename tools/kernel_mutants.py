@@ -241,7 +241,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-nn-box-column",
         "grouped_gemm_sm90.cu",
-        "n0 + j * SM90_B_SPAN, kt * SM90_BLOCK_K, g);",
+        "n0 + jb * SM90_B_SPAN, kt * SM90_BLOCK_K, g);",
         "n0, kt * SM90_BLOCK_K, g);",
         "every 64-column box of an [E, K, N] tile loads the tile's first 64 columns",
     ),
@@ -255,7 +255,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-nn-group",
         "grouped_gemm_sm90.cu",
-        "n0 + j * SM90_B_SPAN, kt * SM90_BLOCK_K, g);",
+        "n0 + jb * SM90_B_SPAN, kt * SM90_BLOCK_K, g);",
         "n0 + j * SM90_B_SPAN, kt * SM90_BLOCK_K, 0);",
         "every group multiplies by group 0's [E, K, N] weights",
     ),
@@ -268,17 +268,31 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     # grouped_gemm_sm90.cu, persistent CTAs (v6): the tile loop and the ring across tiles
     Mutant(
-        "sm90-persistent-stride",
+        "sm90-counter-not-zeroed",
         "grouped_gemm_sm90.cu",
-        "const long long stride = gridDim.x;  // CTA x takes tiles x, x + stride, x + 2 * stride, ...",
-        "const long long stride = gridDim.x + 1;",
-        "persistent CTAs step one tile too far: every (grid + 1)-th tile is never computed",
+        "*tile_counter = 0;  // the GEMM launched next on this stream hands out tiles from 0",
+        "(void)tile_counter;",
+        "the tile counter keeps the last launch's count: later launches skip their tiles",
+    ),
+    Mutant(
+        "sm90-counter-no-grid-offset",
+        "grouped_gemm_sm90.cu",
+        "tile = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);",
+        "tile = atomicAdd(tile_counter, 1);",
+        "tiles from the counter start at 0, not past the first tiles: those run twice, the last never",
+    ),
+    Mutant(
+        "sm90-mailbox-one-slot",
+        "grouped_gemm_sm90.cu",
+        "mbarrier_wait(&sched_full[slot], (j / SM90_SCHED_SLOTS) & 1);  // acquire: next_tile[slot] is written",
+        "mbarrier_wait(&sched_full[0], (j / SM90_SCHED_SLOTS) & 1);",
+        "the math warpgroups wait on mailbox 0 for every tile: they read tiles before they are posted",
     ),
     Mutant(
         "sm90-acc-once-per-cta",
         "grouped_gemm_sm90.cu",
         "for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = 0.0f;",
-        "for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = tile == blockIdx.x ? 0.0f : acc[i];",
+        "for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = j == 0 ? 0.0f : acc[i];",
         "accumulators zeroed for a CTA's first tile only: later tiles add the tile before",
     ),
     Mutant(
@@ -305,6 +319,28 @@ MUTANTS: tuple[Mutant, ...] = (
         "the math warpgroups restart the ring at stage 0, phase 0 on each tile",
         count=2,
         occurrence=2,
+    ),
+    # grouped_gemm_sm90.cu, the store through the staging area (v8)
+    Mutant(
+        "sm90-store-row-mask",
+        "grouped_gemm_sm90.cu",
+        "if (r_first + r < row_end && col < N) {  // N % 8 == 0: a chunk is all in or all out",
+        "if (col < N) {",
+        "a partial tile's rows past its group's end are stored: the next group's rows, or past M",
+    ),
+    Mutant(
+        "sm90-store-chunk-row",
+        "grouped_gemm_sm90.cu",
+        "const int r = chunk >> 3, col = c0 + 8 * (chunk & 7);",
+        "const int r = chunk & 63, col = c0 + 8 * (chunk >> 6);",
+        "chunks copied out row-major from a column-major count: rows and column chunks swapped",
+    ),
+    Mutant(
+        "sm90-stage-reused-early",
+        "grouped_gemm_sm90.cu",
+        "named_barrier_sync(1 + half);  // the stage is read before the next pass writes it",
+        "(void)0;",
+        "no barrier between copying a pass out and writing the next one in: a race on the stage",
     ),
     # combine.cu: scatter_rows and combine_rows
     Mutant(

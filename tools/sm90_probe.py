@@ -3,13 +3,15 @@ models, the kernel with [E, N, K] weights (K-major B, "sm90 nt") and with the
 same weights as [E, K, N] (N-major B, "sm90 nn"), timed round-robin against
 the cuBLAS algorithms ([E, N, K]) and a dense GEMM of equal FLOPs; then the
 host cost of a TMA descriptor, built and from the cache. Each sm90 row runs
-in both CTA schedules of the same kernel: persistent (v6, one CTA per SM;
-"sm90 nt", "sm90 nn") and one CTA per tile (v5's; "sm90 nt v5", "sm90 nn
-v5"), with the v6 / v5 time ratios printed per case. For
-docs/kernel-notes.md; the benchmark (python -m cublas_grouped.bench) is the
-reference for claims.
+in both CTA schedules of the same kernel: persistent (one CTA per SM taking
+tiles from a device counter, v7; "sm90 nt", "sm90 nn") and one CTA per tile
+(v5's grid; "sm90 nt v5", "sm90 nn v5"), with the persistent / per-tile time
+ratios printed per case. With --baseline FILE, an earlier version of the
+kernel source (same arguments) is timed beside this one too ("sm90 nt base",
+"sm90 nn base", persistent grid). For docs/kernel-notes.md; the benchmark
+(python -m cublas_grouped.bench) is the reference for claims.
 
-    PYTHONPATH=. python tools/sm90_probe.py [--tokens 4096 16384]
+    PYTHONPATH=. python tools/sm90_probe.py [--tokens 4096 16384] [--baseline old.cu]
 """
 
 from __future__ import annotations
@@ -49,13 +51,14 @@ def probe(model: str, tokens: int, b, b_kn, dt) -> None:
     def run(alg):
         return lambda i: cg.gmm(a, b, sizes, trans_b=True, out=outs[alg], algorithm=alg)
 
-    def sm90(label, weights, trans_b, schedule):
+    def sm90(label, weights, trans_b, schedule, source=hopper.SOURCE):
         def call(i):
-            default, hopper.SCHEDULE = hopper.SCHEDULE, schedule  # read at each call: another grid
+            # Both read at each call: another grid, another version of the kernel.
+            default, hopper.SCHEDULE, hopper.SOURCE = (hopper.SCHEDULE, hopper.SOURCE), schedule, source
             try:
                 cg.gmm(a, weights, sizes, trans_b=trans_b, out=outs[label], algorithm="sm90_grouped")
             finally:
-                hopper.SCHEDULE = default
+                hopper.SCHEDULE, hopper.SOURCE = default
 
         return call
 
@@ -64,6 +67,10 @@ def probe(model: str, tokens: int, b, b_kn, dt) -> None:
     methods["sm90 nn"] = sm90("sm90 nn", b_kn, False, "persistent")
     methods["sm90 nt v5"] = sm90("sm90 nt v5", b, True, "per_tile")
     methods["sm90 nn v5"] = sm90("sm90 nn v5", b_kn, False, "per_tile")
+    if BASELINE:
+        for label, weights, trans_b in (("sm90 nt base", b, True), ("sm90 nn base", b_kn, False)):
+            outs[label] = cupy.empty((m, n1), dtype=dt)
+            methods[label] = sm90(label, weights, trans_b, "persistent", BASELINE)
     dense_w = b[0]
     methods["dense"] = lambda i: cupy.matmul(a, dense_w.T)
     results = time_interleaved(list(methods.values()), warmup=3, repeat=20)
@@ -90,12 +97,22 @@ def probe(model: str, tokens: int, b, b_kn, dt) -> None:
             print(f"{case:22} {label:16} {r['median']:8.3f} {flops / r['median'] / 1e9:8.1f}")
     diffs = ", ".join(f"{label} {err:.2e}" for label, err in errs.items())
     print(f"{'':22} vs cublas_grouped: relative difference sm90 {diffs}")
-    print(f"{'':22} v6 == v5 bit for bit: nt {same['nt']}, nn {same['nn']}")
+    print(f"{'':22} persistent == per_tile bit for bit: nt {same['nt']}, nn {same['nn']}")
     timed = dict(zip(methods, results))
+    if BASELINE:
+        same = all(
+            bool(cupy.all(outs[x].view(cupy.uint16) == outs[y].view(cupy.uint16)))
+            for x, y in (("sm90_grouped", "sm90 nt base"), ("sm90 nn", "sm90 nn base"))
+        )
+        print(f"{'':22} this kernel == the baseline bit for bit: {same}")
+    pairs = [("sm90 nn / nt time", "sm90 nn", "sm90 nt")]
+    if BASELINE:
+        pairs += [("this / baseline time, nt", "sm90 nt", "sm90 nt base")]
+        pairs += [("this / baseline time, nn", "sm90 nn", "sm90 nn base")]
     for what, top, bottom in (
-        ("sm90 nn / nt time", "sm90 nn", "sm90 nt"),
-        ("sm90 v6 / v5 time, nt", "sm90 nt", "sm90 nt v5"),
-        ("sm90 v6 / v5 time, nn", "sm90 nn", "sm90 nn v5"),
+        *pairs,
+        ("sm90 persistent / per_tile time, nt", "sm90 nt", "sm90 nt v5"),
+        ("sm90 persistent / per_tile time, nn", "sm90 nn", "sm90 nn v5"),
     ):
         x, y = timed[top], timed[bottom]
         if not isinstance(x, Exception) and not isinstance(y, Exception):
@@ -124,13 +141,29 @@ def host_cost() -> None:
         print(f"TMA descriptor, {label:18} {(time.perf_counter() - start) / 2000 * 1e6:8.2f} us")
 
 
+# The kernel name of an earlier version timed beside this one (--baseline), or None.
+BASELINE = None
+
+
 def main() -> None:
     import cupy
 
+    global BASELINE
     parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--baseline",
+        help="an earlier grouped_gemm_sm90.cu (same arguments) to time beside this one, persistent grid",
+    )
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     args = parser.parse_args()
+    if args.baseline:
+        import shutil
+
+        from cublas_grouped.runtime import nvrtc
+
+        BASELINE = "sm90_probe_baseline"
+        shutil.copyfile(args.baseline, nvrtc.kernel_dir() / f"{BASELINE}.cu")
     dt = ml_dtypes.bfloat16
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     print(f"{name}, bf16, first expert GEMM, uniform routing; ms and TFLOP/s")

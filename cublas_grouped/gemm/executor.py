@@ -258,7 +258,10 @@ class GroupedGemmExecutor:
         res = resources(device_id, resolve_stream(stream, device_id))
         with cupy.cuda.Device(device_id), res.cupy_stream:
             sizes_dev = None
-            if on_device and self._sizes_stay_on_device(algorithm, plan, a_v.dtype, device_id):
+            out_ptr = out_v.ptr if out_v is not None else 0  # a fresh out is aligned
+            if on_device and self._sizes_stay_on_device(
+                algorithm, plan, a_v.dtype, device_id, (a_v.ptr, b_v.ptr, out_ptr)
+            ):
                 # The sm90 kernel reads the sizes where they are: no copy, no sync.
                 if out_v is None:
                     out = cupy.empty(plan.out_shape, dtype=a_v.dtype)
@@ -303,12 +306,17 @@ class GroupedGemmExecutor:
                 _zero_empty_groups(out_v, plan.sizes, res.stream)
         return out
 
-    def _sizes_stay_on_device(self, algorithm: Algorithm, plan: GemmPlan, dtype, device_id: int) -> bool:
+    def _sizes_stay_on_device(
+        self, algorithm: Algorithm, plan: GemmPlan, dtype, device_id: int, pointers
+    ) -> bool:
         """Whether device-resident group sizes can be used without copying them
-        to the host: only by SM90_GROUPED, where it runs. They are then not
+        to the host: only by SM90_GROUPED, where it runs (``pointers``: the
+        addresses of a, b and out). They are then not
         checked (that needs the copy): negative sizes count as 0, no row at or
         past M is written, and rows past the sizes' sum are left as they were."""
         if algorithm is not Algorithm.SM90_GROUPED:
+            return False
+        if _hopper_backend.misaligned(*pointers) is not None:
             return False
         return _hopper_backend.unsupported(self.info_for(device_id).sm, dtype, plan) is None
 
@@ -349,7 +357,9 @@ class GroupedGemmExecutor:
         """
         info = self.info_for(res.device_id)
         if algorithm is Algorithm.SM90_GROUPED:
-            reason = _hopper_backend.unsupported(info.sm, dtype, plan)
+            reason = _hopper_backend.unsupported(info.sm, dtype, plan) or _hopper_backend.misaligned(
+                ops.a, ops.b, ops.c
+            )
             if reason is None:
                 _hopper_backend.grouped_contiguous(res, plan, ops, dtype, sizes_dev=sizes_dev)
                 return

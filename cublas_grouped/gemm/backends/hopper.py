@@ -11,10 +11,10 @@ crosses to the host and the launch sizes depend only on M, N and E.
 
 Where it stands (docs/kernel-notes.md has the measurements): 128 x 256 tiles,
 a load warpgroup filling a ring of shared-memory stages ahead of two math
-warpgroups (warp specialization), one CTA per tile (``SCHEDULE =
-"persistent"`` runs persistent CTAs instead, one per SM walking the tile
-schedule with the next tile's loads running during this tile's stores: not yet
-faster everywhere, see :data:`SCHEDULE`), one tile shape. AUTO does not choose it until the benchmark shows it faster.
+warpgroups (warp specialization), persistent CTAs (one per SM, each taking
+the next tile from a counter on the device when its ring has room, so the
+next tile's loads run during this tile's stores; :data:`SCHEDULE`), one tile
+shape. AUTO does not choose it until the benchmark shows it faster.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ __all__ = [
     "DEFINES",
     "SHARED_BYTES",
     "unsupported",
+    "ALIGNMENT",
+    "misaligned",
     "tile_schedule",
     "weights_layout",
     "b_map_shape",
@@ -50,6 +52,7 @@ __all__ = [
     "grid_size",
     "MAP_CACHE_SIZE",
     "tensor_map",
+    "schedule_buffers",
     "grouped_contiguous",
 ]
 
@@ -72,9 +75,15 @@ DEFINES = {
     "SM90_STAGES": STAGES,
     "SM90_TILE_THREADS": TILE_THREADS,
 }
+# The kernel source (kernels/<SOURCE>.cu), read at each call: a probe can time
+# an earlier version of the kernel beside this one in the same run.
+SOURCE = "grouped_gemm_sm90"
 ARCH = "sm_90a"  # wgmma and TMA need the architecture-specific target
-# The ring, plus 1024 bytes to align it for the 128-byte swizzle.
-SHARED_BYTES = STAGES * (BLOCK_M + BLOCK_N) * BLOCK_K * 2 + 1024
+# The ring, the store's staging areas (per math warpgroup 64 rows of 64
+# columns at a pitch of 72 elements: the kernel's SM90_C_PITCH), plus 1024
+# bytes to align the ring for the 128-byte swizzle.
+C_PITCH = 72
+SHARED_BYTES = STAGES * (BLOCK_M + BLOCK_N) * BLOCK_K * 2 + 2 * 64 * C_PITCH * 2 + 1024
 _SUFFIX = {"bfloat16": "bf16", "float16": "f16"}
 
 
@@ -88,6 +97,22 @@ def unsupported(sm: tuple[int, int], dtype, plan: GemmPlan) -> str | None:
         return "does not run the K-grouped product (trans_a)"
     if plan.k % 8 or plan.n % 8:
         return f"needs K and N to be multiples of 8 (16-byte rows); got K={plan.k}, N={plan.n}"
+    return None
+
+
+# TMA reads global memory from 16-byte aligned addresses only, and the
+# epilogue stores 16-byte chunks of output rows.
+ALIGNMENT = 16
+
+
+def misaligned(a_ptr: int, b_ptr: int, out_ptr: int) -> str | None:
+    """Why the kernel cannot take these addresses (None when it can): each of
+    ``a``, ``b`` and ``out`` must start at a multiple of :data:`ALIGNMENT` bytes
+    (with K and N multiples of 8, every row then does too)."""
+    for name, ptr in (("a", a_ptr), ("b", b_ptr), ("out", out_ptr)):
+        if int(ptr) % ALIGNMENT:
+            # No address in the message: the warning is given once per message.
+            return f"needs {name} at a {ALIGNMENT}-byte aligned address"
     return None
 
 
@@ -119,19 +144,21 @@ def max_tiles(total_rows: int, num_groups: int) -> int:
     return -(-total_rows // BLOCK_M) + num_groups
 
 
-# How CTAs take tiles (the kernel is the same; only the grid differs; each CTA
-# takes tiles x, x + grid, x + 2 * grid, ... of the schedule):
+# How CTAs take tiles (the kernel is the same; only the grid differs; CTA x
+# takes tile x, then whichever tile is next on a counter in device memory
+# when its ring has room for one, v7):
 #   "persistent": CTAS_PER_SM per SM; a CTA's ring flows from tile to tile, so
-#                 the next tile's loads overlap this tile's stores (v6);
+#                 the next tile's loads overlap this tile's stores;
 #   "per_tile":   one CTA per tile, as through v5 (each CTA's loop runs once).
 # A module setting, read at each call, so that a probe can time both in one run.
 SCHEDULES = ("persistent", "per_tile")
-# One CTA per tile until the persistent walk balances its tiles: measured on an
-# H100 (docs/kernel-notes.md, v6), the static stride over the tiles was 5-6%
-# faster on the 16384-token cases but 9-41% slower where groups are uneven in
-# tiles per CTA (DeepSeek-V3 and Qwen3 at 4096 tokens), where the hardware's
-# CTA scheduler, handing out one-tile CTAs as SMs free up, balances better.
-SCHEDULE = "per_tile"
+# Persistent CTAs taking tiles from the device counter (v7): measured on an
+# H100 (docs/kernel-notes.md, v7), 2-5% faster than one CTA per tile on
+# Mixtral, Qwen3 and DeepSeek-V3 at 16384 tokens and on Mixtral and Qwen3 at
+# 4096; 0.6% (nt) and 2.9% (nn) slower on DeepSeek-V3 at 4096, the case
+# bound by reading 15 GB of weights. (v6's fixed stride was 9-41% slower
+# where groups are uneven in tiles per CTA.)
+SCHEDULE = "persistent"
 # One CTA per SM: its ring is 193 KiB of the 227 KiB an SM offers, and its 384
 # threads use 160 registers each (61,440 of 65,536); two would need half the
 # stages and registers that 384 threads do not have.
@@ -279,6 +306,19 @@ def _allow_shared_memory(kernel, device_id: int) -> None:
     _shared_set.add(key)
 
 
+def schedule_buffers(res, num_groups: int):
+    """(row_offsets [E + 1], tile_offsets [E + 1], tile_counter [1]): int32 views
+    of ``res``'s stream buffer that the offsets kernel fills and the GEMM reads.
+    After a launch the counter holds the number of tiles the GEMM took after
+    each CTA's first (one atomic per tile loaded), which equals the launch's
+    tile count when no tile was taken twice."""
+    import cupy
+
+    e = int(num_groups)
+    offsets = res.buffer("sm90-offsets", 4 * (2 * (e + 1) + 1)).view(cupy.int32)
+    return offsets[: e + 1], offsets[e + 1 : 2 * (e + 1)], offsets[2 * (e + 1) : 2 * (e + 1) + 1]
+
+
 def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=None) -> None:
     """SM90_GROUPED: ``plan`` on ``res``'s stream (grouped-contiguous rows,
     ``[E, K, N]`` weights, or ``[E, N, K]`` with ``plan.trans_b``); group sizes from ``sizes_dev`` (int32 on the device)
@@ -286,26 +326,25 @@ def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=N
 
     The caller checked :func:`unsupported`, and that M, N and K are not zero.
     """
-    import cupy
 
     dtype = np.dtype(dtype)
     e, m, n, k = plan.num_experts, plan.total_rows, plan.n, plan.k
     sizes = device_sizes(plan, res, sizes_dev)
-    offsets = res.buffer("sm90-offsets", 8 * (e + 1)).view(cupy.int32)
-    row_offsets, tile_offsets = offsets[: e + 1], offsets[e + 1 : 2 * (e + 1)]
+    row_offsets, tile_offsets, tile_counter = schedule_buffers(res, e)
     stream = res.launch_stream
 
-    scan = _kernels.get_kernel("grouped_gemm_sm90", "grouped_tile_offsets", ARCH, defines=DEFINES)
+    scan = _kernels.get_kernel(SOURCE, "grouped_tile_offsets", ARCH, defines=DEFINES)
     args = (
         np.intp(sizes.data.ptr),
         np.int32(e),
         np.intp(row_offsets.data.ptr),
         np.intp(tile_offsets.data.ptr),
+        np.intp(tile_counter.data.ptr),
     )
     _kernels.launch(stream, scan, 1, TILE_THREADS, args)
 
     name = f"grouped_gemm_{weights_layout(plan)}_{_SUFFIX[dtype.name]}"
-    gemm = _kernels.get_kernel("grouped_gemm_sm90", name, ARCH, defines=DEFINES)
+    gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=DEFINES)
     _allow_shared_memory(gemm, res.device_id)
     element = BFLOAT16 if dtype == BFLOAT16 else dtype
     tmap_a = tensor_map(ops.a, (m, k), (BLOCK_M, BLOCK_K), element, res.device_id)
@@ -315,6 +354,7 @@ def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=N
         tmap_b,
         np.intp(row_offsets.data.ptr),
         np.intp(tile_offsets.data.ptr),
+        np.intp(tile_counter.data.ptr),
         np.int32(e),
         np.int32(m),
         np.int32(n),
