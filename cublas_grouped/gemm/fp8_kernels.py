@@ -59,4 +59,6 @@ def dequantize(stream, arch, q, scales, batch, rows, cols, tile_rows, tile_cols,
         np.int32(tile_cols),
         np.intp(out.data.ptr),
     )
-    _nvrtc.launch(stream, _kernel("dequantize_fp8", arch, out.dtype), _grid(batch * rows), DEQUANT_THREADS, args)
+    _nvrtc.launch(
+        stream, _kernel("dequantize_fp8", arch, out.dtype), _grid(batch * rows), DEQUANT_THREADS, args
+    )
