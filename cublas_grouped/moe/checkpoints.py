@@ -38,6 +38,8 @@ __all__ = [
     "DEFAULT_GGUF_PATTERN",
     "load_fp8_experts",
     "load_gguf_experts",
+    "read_fp8_experts",
+    "read_gguf_experts",
     "read_safetensors_header",
     "dequantize_q8_0",
 ]
@@ -131,9 +133,9 @@ def _to_device(host: np.ndarray, device: int | None):
         return cupy.asarray(np.ascontiguousarray(host))
 
 
-def _fp8_projection(files, names, num_experts: int, device, trans_b: bool) -> FP8ExpertWeights:
+def _fp8_projection(files, names, num_experts: int, trans_b: bool) -> tuple[np.ndarray, np.ndarray]:
     """Experts' ``[N, K]`` FP8 weights and scales of one or more projections,
-    each stacked along N (gate then up), as FP8ExpertWeights."""
+    each stacked along N (gate then up): host ``(values, scales)``."""
     values, scales = [], []
     for e in range(num_experts):
         parts = [(files.get(w, ("F8_E4M3",)), files.get(s, ("F32", "BF16"))) for w, s in names(e)]
@@ -155,7 +157,38 @@ def _fp8_projection(files, names, num_experts: int, device, trans_b: bool) -> FP
     v, s = np.stack(values), np.stack(scales)
     if not trans_b:  # [E, N, K] -> [E, K, N]: blocks transpose with the values
         v, s = v.transpose(0, 2, 1), s.transpose(0, 2, 1)
-    return FP8ExpertWeights(_to_device(v, device), _to_device(s, device), "block128", trans_b)
+    return np.ascontiguousarray(v), np.ascontiguousarray(s)
+
+
+def read_fp8_experts(
+    files,
+    num_experts: int,
+    *,
+    layer: int = 0,
+    pattern: str = DEFAULT_FP8_PATTERN,
+    projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    scale_name: str = "weight_scale_inv",
+    trans_b: bool = True,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """What :func:`load_fp8_experts` puts on the GPU, on the host:
+    ``((w1_values, w1_scales), (w2_values, w2_scales))`` (uint8 e4m3fn codes,
+    float32 block scales). Same arguments, less ``device``."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int; got {num_experts!r}")
+    if len(projections) != 3:
+        raise ValueError(f"projections must name gate, up and down; got {projections!r}")
+    store = _SafetensorsFiles(files)
+
+    def names(*projs):
+        fill = lambda e, p, t: pattern.format(layer=layer, expert=e, proj=p, tensor=t)
+        return lambda e: [(fill(e, p, "weight"), fill(e, p, scale_name)) for p in projs]
+
+    w1 = _fp8_projection(store, names(projections[0], projections[1]), num_experts, trans_b)
+    w2 = _fp8_projection(store, names(projections[2]), num_experts, trans_b)
+    (n1, k1), (n2, k2) = (v.shape[1:] if trans_b else v.shape[:0:-1] for v, _ in (w1, w2))
+    if k1 != n2 or n1 != 2 * k2:
+        raise ValueError(f"gate|up [N, K] = {[n1, k1]} and down [N, K] = {[n2, k2]} do not form one layer")
+    return w1, w2
 
 
 def load_fp8_experts(
@@ -188,20 +221,11 @@ def load_fp8_experts(
     ``(w1, w2)``: FP8ExpertWeights with ``"block128"`` scaling, ``w1`` gate then
     up (I must be a multiple of 128 for their blocks to stay whole).
     """
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive int; got {num_experts!r}")
-    if len(projections) != 3:
-        raise ValueError(f"projections must name gate, up and down; got {projections!r}")
-    store = _SafetensorsFiles(files)
-
-    def names(*projs):
-        fill = lambda e, p, t: pattern.format(layer=layer, expert=e, proj=p, tensor=t)
-        return lambda e: [(fill(e, p, "weight"), fill(e, p, scale_name)) for p in projs]
-
-    w1 = _fp8_projection(store, names(projections[0], projections[1]), num_experts, device, trans_b)
-    w2 = _fp8_projection(store, names(projections[2]), num_experts, device, trans_b)
-    if w1.in_features != w2.out_features or w1.out_features != 2 * w2.in_features:
-        raise ValueError(f"gate|up {w1.shape} and down {w2.shape} do not form one layer")
+    opts = {"layer": layer, "pattern": pattern, "projections": projections, "scale_name": scale_name}
+    host = read_fp8_experts(files, num_experts, trans_b=trans_b, **opts)
+    w1, w2 = (
+        FP8ExpertWeights(_to_device(v, device), _to_device(s, device), "block128", trans_b) for v, s in host
+    )
     return w1, w2
 
 
@@ -233,6 +257,41 @@ def _gguf_tensor(reader, name: str, path) -> np.ndarray:
     raise ValueError(f"tensor {name!r} in {path} is {t.tensor_type.name}; supported: Q8_0, F16, F32")
 
 
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(
+            "reading GGUF files needs the gguf package: pip install gguf (or cublas_grouped[formats])"
+        ) from None
+    return gguf
+
+
+def read_gguf_experts(
+    path,
+    *,
+    layer: int = 0,
+    pattern: str = DEFAULT_GGUF_PATTERN,
+    projections: tuple[str, str, str] = ("gate", "up", "down"),
+    trans_b: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's merged expert tensors as host float32 ``(w1, w2)``: gate|up
+    ``[E, 2I, H]`` and down ``[E, H, I]`` (transposed when not ``trans_b``).
+    ``pattern`` has ``{layer}`` and ``{proj}``. Needs the ``gguf`` package."""
+    reader = _import_gguf().GGUFReader(path)
+    gate, up, down = (_gguf_tensor(reader, pattern.format(layer=layer, proj=p), path) for p in projections)
+    if (
+        gate.ndim != 3
+        or gate.shape != up.shape
+        or down.shape != (gate.shape[0], gate.shape[2], gate.shape[1])
+    ):
+        raise ValueError(f"gate {gate.shape}, up {up.shape} and down {down.shape} do not form one layer")
+    w1, w2 = np.concatenate([gate, up], axis=1), down
+    if not trans_b:
+        w1, w2 = (np.ascontiguousarray(w.transpose(0, 2, 1)) for w in (w1, w2))
+    return w1, w2
+
+
 def load_gguf_experts(
     path,
     *,
@@ -246,7 +305,7 @@ def load_gguf_experts(
 ) -> tuple[ExpertWeights, ExpertWeights]:
     """One layer's merged expert tensors from a GGUF file (needs the ``gguf`` package).
 
-    ``Q8_0``, F16 and F32 tensors ``[E, N, K]`` are dequantized in NumPy, then
+    ``Q8_0``, F16 and F32 tensors ``[E, N, K]`` are read by :func:`read_gguf_experts`, then
     either cast to ``dtype`` (float32, float16 or bfloat16) or, with
     ``quantize="fp8-block128"`` / ``"fp8-channel"``, uploaded as float32 and
     requantized to FP8 on the GPU. ``pattern`` has ``{layer}`` and ``{proj}``.
@@ -257,24 +316,10 @@ def load_gguf_experts(
     dtype = np.dtype(dtype)
     if dtype.name not in ("float32", "float16", "bfloat16"):
         raise TypeError(f"dtype must be float32, float16 or bfloat16; got {dtype}")
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError(
-            "load_gguf_experts needs the gguf package: pip install gguf (or cublas_grouped[formats])"
-        ) from None
-    reader = gguf.GGUFReader(path)
-    gate, up, down = (_gguf_tensor(reader, pattern.format(layer=layer, proj=p), path) for p in projections)
-    if (
-        gate.ndim != 3
-        or gate.shape != up.shape
-        or down.shape != (gate.shape[0], gate.shape[2], gate.shape[1])
-    ):
-        raise ValueError(f"gate {gate.shape}, up {up.shape} and down {down.shape} do not form one layer")
     result = []
-    for host in (np.concatenate([gate, up], axis=1), down):
-        if not trans_b:
-            host = host.transpose(0, 2, 1)
+    for host in read_gguf_experts(
+        path, layer=layer, pattern=pattern, projections=projections, trans_b=trans_b
+    ):
         if quantize is None:
             result.append(ExpertWeights(_to_device(host.astype(dtype), device), trans_b=trans_b))
         else:
