@@ -50,6 +50,8 @@
 #define FP32_MAX __int_as_float(0x7f7fffff)
 #define FP32_MIN_NORMAL __int_as_float(0x00800000)
 
+// ---- conversions: plain C, no CUDA builtin but __uint_as_float / __float_as_uint
+// (tests/test_fp8_cpu.py compiles this part as host C++ and checks it) ----
 __device__ __forceinline__ float e4m3_to_float(unsigned int c) {
     const unsigned int sign = (c & 0x80u) << 24;
     const unsigned int exp = (c >> 3) & 0xFu;
@@ -95,6 +97,8 @@ __device__ __forceinline__ unsigned char float_to_e4m3(float f) {
     }
     return static_cast<unsigned char>(sign | code);
 }
+
+// ---- end of conversions ----
 
 // Largest value over the block; every thread gets it. `red` is 32 floats of
 // shared memory, free to reuse once this returns (the leading barrier

@@ -320,3 +320,78 @@ def test_weight_manager_quantize_modes(fake):
     w1, _ = _layer(fake, trans_b=True)
     with pytest.raises(ValueError, match="FP8 already"):
         cg.ExpertWeightManager.quantize(cg.ExpertWeights(w1, trans_b=True))
+
+
+# -- the kernel's conversion code itself, compiled for the host ---------------------
+
+_HOST_PRELUDE = """
+#include <cstdio>
+#include <cstring>
+#define __device__
+#define __forceinline__ inline
+static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+"""
+_HOST_MAIN = """
+int main() {
+    // Decode all 256 codes, then encode each float32 bit pattern read from stdin.
+    for (unsigned int c = 0; c < 256; ++c) { float v = e4m3_to_float(c); std::fwrite(&v, 4, 1, stdout); }
+    unsigned int u;
+    while (std::fread(&u, 4, 1, stdin) == 1) {
+        unsigned char q = float_to_e4m3(__uint_as_float(u));
+        std::fwrite(&q, 1, 1, stdout);
+    }
+    return 0;
+}
+"""
+
+
+def _hard_float32_inputs() -> np.ndarray:
+    """Bits of float32 values around every rounding point: the dense sweep, every
+    tie between e4m3 values and its neighbours, every bf16 and fp16 value, and
+    random bit patterns."""
+    exps = np.arange(97, 138, dtype=np.uint32)
+    man = (
+        np.arange(1 << 8, dtype=np.uint32)[:, None] << 15
+        | np.array([0, 1, 0x3FFF, 0x4000, 0x4001, 0x7FFF], np.uint32)
+    ).ravel()
+    sweep = (exps[:, None] << 23 | man[None, :]).ravel().view(np.float32)
+    finite = np.unique(np.abs(e4m3_decode(ALL_CODES)[np.isfinite(e4m3_decode(ALL_CODES))]).astype(np.float64))
+    mids = ((finite[1:] + finite[:-1]) / 2).astype(np.float32)
+    ties = np.concatenate([mids, np.nextafter(mids, np.float32(0)), np.nextafter(mids, np.float32(np.inf))])
+    halves = np.arange(1 << 16, dtype=np.uint16)
+    rand = np.random.default_rng(7).integers(0, 1 << 32, size=1 << 20, dtype=np.uint64).astype(np.uint32)
+    parts = [
+        sweep,
+        ties,
+        halves.view(ml_dtypes.bfloat16).astype(np.float32),
+        halves.view(np.float16).astype(np.float32),
+    ]
+    values = np.concatenate([np.concatenate(parts), -np.concatenate(parts)])
+    return np.concatenate([values.view(np.uint32), rand])
+
+
+def test_kernel_conversions_compiled_for_the_host_match_the_model(tmp_path):
+    """The .cu's own conversion functions (as host C++) against the model: all 256
+    decodes, and the encodes of the inputs of :func:`_hard_float32_inputs`."""
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler")
+    src = (nvrtc_kernel_dir() / "fp8.cu").read_text()
+    start, end = src.index("// ---- conversions:"), src.index("// ---- end of conversions ----")
+    (tmp_path / "twin.cpp").write_text(_HOST_PRELUDE + src[start:end] + _HOST_MAIN)
+    subprocess.run([compiler, "-O1", "-o", str(tmp_path / "twin"), str(tmp_path / "twin.cpp")], check=True)
+    bits = _hard_float32_inputs()
+    raw = subprocess.run(
+        [str(tmp_path / "twin")], input=bits.tobytes(), check=True, capture_output=True
+    ).stdout
+    decoded = np.frombuffer(raw[:1024], dtype=np.float32)
+    model = e4m3_decode(ALL_CODES)
+    assert np.array_equal(np.isnan(decoded), np.isnan(model))
+    assert np.array_equal(decoded[~np.isnan(model)].view(np.uint32), model[~np.isnan(model)].view(np.uint32))
+    encoded = np.frombuffer(raw[1024:], dtype=np.uint8)
+    assert encoded.size == bits.size
+    assert np.array_equal(encoded, e4m3_encode(bits.view(np.float32)))
