@@ -183,6 +183,7 @@ def test_fp8_weights_shapes_and_memory(fake):
     assert ch.tile == (300, 1) and view_shape(ch.scales) == (4, 1, 130)
     cht = _fp8(fake, (4, 130, 300), scaling="channel", trans_b=True)
     assert cht.tile == (1, 300) and view_shape(cht.scales) == (4, 130, 1)
+    assert w == w and w != t and len({w, t, w}) == 2  # compared by identity, hashable
 
 
 def view_shape(a):
@@ -246,6 +247,10 @@ def test_gmm_fp8_argument_errors(fake):
         cg.gmm(a, b, [5, 5])
     with pytest.raises(ValueError, match="out"):
         cg.gmm(a, b, [5, 5, 0], out=fake((10, 383), BF16))
+    with pytest.raises(ValueError, match=r"group_sizes must be a 1-D integer array of 3; got int32 \(2,\)"):
+        cg.gmm(a, b, fake((2,), np.int32))
+    with pytest.raises(ValueError, match="group_sizes must be a 1-D integer array"):
+        cg.gmm(a, b, fake((3,), np.float32))
 
 
 def _layer(fake, trans_b=False, e=4, h=256, i=128):

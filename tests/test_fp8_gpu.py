@@ -211,6 +211,11 @@ def test_moe_forward_mixed_fp8_and_bf16_weights():
     y = cg.moe_forward(x, ids, weights, q1, dense[1])
     expected = moe_forward_ref(x64, ids_h, weights64, d1, cupy.asnumpy(dense[1]).astype(np.float64))
     check_close(y, expected, LAYER_TOL, "w1 FP8, w2 bf16")
+    # With a context for the backward: the same forward, gradients of the dequantized weights.
+    y2, ctx = cg.moe_forward(x, ids, weights, q1, dense[1], return_context=True)
+    check_close(y2, expected, LAYER_TOL, "w1 FP8 with return_context")
+    grads = cg.moe_backward(ctx, cupy.ones_like(y2))
+    assert grads.dw1.shape == q1.shape and not bool(cupy.isnan(grads.dw1.astype(cupy.float32)).any())
 
 
 @pytest.mark.parametrize("graphs", [True, False])

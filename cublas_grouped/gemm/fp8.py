@@ -90,7 +90,7 @@ def _float_dtype(dtype, name: str) -> np.dtype:
     return dtype
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: fields are GPU arrays
 class FP8ExpertWeights:
     """One projection of every expert in FP8 (e4m3fn) with fp32 scales.
 

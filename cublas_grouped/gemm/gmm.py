@@ -120,6 +120,12 @@ def _fp8_as_dense(executor: GroupedGemmExecutor, a, b, group_sizes, trans_a, tra
     values = view(b.values, "b.values")
     stand_in = ArrayView(values.ptr, values.shape, values.strides, a_v.dtype, values.device, None)
     sizes = host_group_sizes(group_sizes, b.num_experts) if is_host_array(group_sizes) else None
+    if sizes is None:
+        sizes_v = view(group_sizes, "group_sizes")
+        if sizes_v.ndim != 1 or sizes_v.dtype.kind not in "iu" or sizes_v.shape[0] != b.num_experts:
+            raise ValueError(
+                f"group_sizes must be a 1-D integer array of {b.num_experts}; got {sizes_v.dtype} {sizes_v.shape}"
+            )
     executor._check_out(out, plan_gmm(a_v, stand_in, sizes, trans_a=False, trans_b=trans_b), a_v)
     executor._check_dtype_supported(a_v.dtype, a_v.device if a_v.device is not None else executor.device_id)
     if executor.config.algorithm is Algorithm.PADDED_STRIDED:
