@@ -131,19 +131,21 @@ __device__ __forceinline__ void quantize_fp8_impl(const T* __restrict__ x, long 
         const int nr = min(tile_rows, rows - r0);
         const int nc = min(tile_cols, cols - c0);
         const long long base = (b * rows + r0) * static_cast<long long>(cols) + c0;
-        const long long n = static_cast<long long>(nr) * nc;
+        // A tile is at most 128 x 128 ("block128", rows) or one row or column
+        // of fewer than 2^31 elements ("channel"): its size fits an int.
+        const int n = nr * nc;
 
         float amax = 0.0f;
-        for (long long i = threadIdx.x; i < n; i += blockDim.x) {
-            const long long at = base + (i / nc) * cols + (i % nc);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const long long at = base + static_cast<long long>(i / nc) * cols + (i % nc);
             const float v = fabsf(load_as_float(x + at));
             if (v <= FP32_MAX) amax = fmaxf(amax, v);  // false for NaN and inf
         }
         amax = block_max(amax, red);
         const float scale = amax == 0.0f ? 1.0f : fmaxf(amax / E4M3_MAX, FP32_MIN_NORMAL);
         if (threadIdx.x == 0) scales[t] = scale;
-        for (long long i = threadIdx.x; i < n; i += blockDim.x) {
-            const long long at = base + (i / nc) * cols + (i % nc);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const long long at = base + static_cast<long long>(i / nc) * cols + (i % nc);
             q[at] = float_to_e4m3(load_as_float(x + at) / scale);
         }
     }

@@ -307,3 +307,24 @@ def test_gguf_q8_0_loads_dense_and_requantized(tmp_path):
     codes, scales = quantize_ref(host1, 128, 128)
     assert np.array_equal(cupy.asnumpy(f1.weight.values), codes)
     assert np.array_equal(cupy.asnumpy(f1.weight.scales), scales)
+
+
+def test_fp8_weights_refused_in_a_capture_of_the_per_call_paths():
+    import cupy
+
+    rng = np.random.default_rng(23)
+    _, (q1, q2), _ = _layer(rng, 4, 128, 128, False, "block128")
+    x, _ = device_random(rng, (4, 128), BF16)
+    ids, weights, _, _ = _routing(rng, 4, 4, 2)
+    a = cupy.zeros((4, 128), dtype=BF16)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        cg.moe_forward(x, ids, weights, q1, q2, fixed_capacity=True)  # eager: fine
+        stream.begin_capture()
+        try:
+            with pytest.raises(ValueError, match="cannot run in a CUDA graph capture"):
+                cg.moe_forward(x, ids, weights, q1, q2, fixed_capacity=True)
+            with pytest.raises(ValueError, match="cannot run in a CUDA graph capture"):
+                cg.gmm(a, q1, [1, 1, 1, 1])
+        finally:
+            stream.end_capture()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..runtime.arrays import SUPPORTED_DTYPES, as_cupy, view
-from ..runtime.device import current_device, device_info, stream_resources
+from ..runtime.device import current_device, device_info, resolve_stream, stream_resources
 from ..runtime.nvrtc import arch_for
 from . import fp8_kernels as _k
 
@@ -306,7 +306,17 @@ def dense_weights(w, dtype, stream=None):
 
     Costs one read of the FP8 bytes and one write of a full ``dtype`` copy
     per call; the copy is freed (back to CuPy's pool) when the call drops it.
+    So it is refused while ``stream`` captures a CUDA graph: a replay would
+    read memory the pool has handed on (``FixedCapacityMoE`` keeps its own copy).
     """
     if not is_fp8(w):
         return w
+    import cupy
+
+    device = as_cupy(w.values, "values").device.id
+    if cupy.cuda.runtime.streamIsCapturing(resolve_stream(stream, device)):
+        raise ValueError(
+            "FP8 weights cannot run in a CUDA graph capture here: they are dequantized into a per-call "
+            "copy that a replay would read after it is freed; capture FixedCapacityMoE, which keeps its own copy"
+        )
     return w.dequantize(dtype, stream=stream)
