@@ -250,3 +250,15 @@ def test_gguf_load_arguments_checked_first(tmp_path):
         ck.load_gguf_experts(tmp_path / "none.gguf", quantize="fp8")
     with pytest.raises(TypeError, match="dtype must be float32, float16 or bfloat16"):
         ck.load_gguf_experts(tmp_path / "none.gguf", dtype=np.int8)
+
+
+def test_safetensors_empty_and_bf16_tensors_read(tmp_path, save_file):
+    from cublas_grouped.moe.checkpoints import _SafetensorsFiles
+
+    bf = np.arange(6, dtype=np.float32).reshape(2, 3).astype(ml_dtypes.bfloat16)
+    save_file({"empty": np.zeros((0, 4), np.float32), "bf": bf}, str(tmp_path / "m.safetensors"))
+    files = _SafetensorsFiles(tmp_path / "m.safetensors")
+    assert files.get("empty", ("F32",)).shape == (0, 4)
+    assert np.array_equal(files.get("bf", ("BF16",)), bf)
+    with pytest.raises(ValueError, match="'bf' in .* is BF16; expected F32"):
+        files.get("bf", ("F32",))

@@ -123,6 +123,8 @@ class _SafetensorsFiles:
         path, offset, (dtype, shape, start, _) = self.where[name]
         if dtype not in dtypes:
             raise ValueError(f"tensor {name!r} in {path} is {dtype}; expected {' or '.join(dtypes)}")
+        if math.prod(shape) == 0:
+            return np.empty(shape, dtype=_ST_DTYPES[dtype])  # nothing to map (mmap refuses zero bytes)
         return np.memmap(path, dtype=_ST_DTYPES[dtype], mode="r", offset=offset + start, shape=shape)
 
 
