@@ -400,3 +400,33 @@ def test_kernel_conversions_compiled_for_the_host_match_the_model(tmp_path):
     encoded = np.frombuffer(raw[1024:], dtype=np.uint8)
     assert encoded.size == bits.size
     assert np.array_equal(encoded, e4m3_encode(bits.view(np.float32)))
+
+
+def _ptx_entries(arch: str) -> dict[str, str]:
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+    from cublas_grouped.runtime.nvrtc import load_source
+
+    err, prog = nvrtc.nvrtcCreateProgram(load_source("fp8").encode(), b"fp8.cu", 0, [], [])
+    macros = [f"-D{k}={v}".encode() for k, v in fp8_kernels.DEFINES.items()]
+    opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", *macros]
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    err, size = nvrtc.nvrtcGetPTXSize(prog)
+    ptx = b" " * size
+    nvrtc.nvrtcGetPTX(prog, ptx)
+    nvrtc.nvrtcDestroyProgram(prog)
+    parts = ptx.rstrip(b"\0").decode().split(".entry ")[1:]
+    return {part.split("(", 1)[0]: part for part in parts}
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_kernel_divides_exactly_and_dequantizes_with_vector_accesses(arch):
+    entries = _ptx_entries(arch)
+    for dtype in ("f32", "f16", "bf16"):
+        quantize = entries[f"quantize_fp8_{dtype}"]
+        # The model's bits assume IEEE division (amax / 448, x / scale): no approximate division, no flush to zero.
+        assert "div.rn.f32" in quantize and "div.approx" not in quantize and "div.full" not in quantize
+        assert ".ftz" not in quantize
+        dequantize = entries[f"dequantize_fp8_{dtype}"]
+        assert "ld.global.u32" in dequantize  # four codes per load
+        assert ("st.global.v4.b32" if dtype == "f32" else "st.global.v2.b32") in dequantize
