@@ -165,7 +165,7 @@ class FixedCapacityMoE:
 
     @property
     def nbytes(self) -> int:
-        """GPU memory held by this layer's buffers (weights not included)."""
+        """GPU memory held by this layer's buffers (weights not included; the dense copy of FP8 ones is)."""
         graphs = 0 if self._graphs is None else self._graphs.nbytes
         dense = sum(d.nbytes for _, d in self._fp8)
         return self._buffers.nbytes + self._out.nbytes + self._dropped.nbytes + graphs + dense
