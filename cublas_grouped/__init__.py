@@ -6,11 +6,13 @@ activations, CuPy arrays in and out, no torch dependency.
 
 from .gemm.config import Algorithm, ComputePrecision, GroupedGemmConfig
 from .gemm.executor import GroupedGemmExecutor
+from .gemm.fp8 import FP8ExpertWeights, quantize_fp8, quantize_rows_fp8
 from .gemm.gmm import gmm
 from .gemm.plan import ProblemStats, RowLayout, choose_chunk_rows
 from .gemm.select import select_algorithm
 from .gemm.tables import TuningTable
 from .moe.backward import MoEContext, MoEGradients, moe_backward
+from .moe.checkpoints import load_fp8_experts, load_gguf_experts
 from .moe.dispatch import DispatchPlan, combine_output, expert_gemm, prepare_input, scatter_output
 from .moe.fixed_capacity import FixedCapacityMoE
 from .moe.layer import StageTimer, moe_forward
@@ -36,6 +38,7 @@ __all__ = [
     "DeviceInfo",
     "ExpertWeightManager",
     "ExpertWeights",
+    "FP8ExpertWeights",
     "GpuUnavailableError",
     "DispatchPlan",
     "MissingDependencyError",
@@ -65,6 +68,10 @@ __all__ = [
     "choose_chunk_rows",
     "device_info",
     "gmm",
+    "load_fp8_experts",
+    "load_gguf_experts",
+    "quantize_fp8",
+    "quantize_rows_fp8",
     "select_algorithm",
 ]
 

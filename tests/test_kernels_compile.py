@@ -22,6 +22,7 @@ cuda_core = pytest.importorskip("cuda.core")
 Program = cuda_core.Program
 ProgramOptions = cuda_core.ProgramOptions
 
+from cublas_grouped.gemm import fp8_kernels as _fp8_kernels  # noqa: E402
 from cublas_grouped.gemm import pointers as _pointers  # noqa: E402
 from cublas_grouped.gemm.backends import hopper as _hopper  # noqa: E402
 from cublas_grouped.moe import backward_kernels as _backward_kernels  # noqa: E402
@@ -35,6 +36,7 @@ DEFINES = {
     **_backward_kernels.DEFINES,
     "pointers": _pointers.DEFINES,
     "grouped_gemm_sm90": _hopper.DEFINES,
+    "fp8": _fp8_kernels.DEFINES,
 }
 ARCHES = ("sm_80", "sm_90")
 # Files that only build for one architecture (wgmma and TMA need sm_90a).
@@ -53,6 +55,7 @@ EXPECTED = {
     "activation.cu": _typed("expert_activation"),
     "combine.cu": _typed("combine_rows", "scatter_rows"),
     "moe_backward.cu": _typed("expert_activation_backward", "expert_column_sums"),
+    "fp8.cu": _typed("quantize_fp8", "dequantize_fp8"),
     "grouped_gemm_sm90.cu": {
         "grouped_tile_offsets",
         "grouped_gemm_nt_bf16",
@@ -165,6 +168,7 @@ def test_a_missing_define_stops_the_compile_and_is_named(name, missing):
         ("activation", {"ACT_RELU": 0}, "the activation codes must differ"),
         ("moe_backward", {"ACT_RELU": 0}, "the activation codes must differ"),
         ("moe_backward", {"COLSUM_SLICES": 64}, "a block of 1 to 1024 threads"),
+        ("fp8", {"FP8_THREADS": 48}, "a multiple of 32 up to 1024"),
         ("grouped_gemm_sm90", {"SM90_BLOCK_N": 128}, "wgmma m64n256k16"),
         ("grouped_gemm_sm90", {"SM90_TILE_THREADS": 1000}, "a multiple of 32, at most 1024"),
     ],

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import threading
 
+from ..runtime.arrays import ArrayView, is_host_array, view
 from ..runtime.oom import reports_out_of_memory
 from .config import Algorithm, ComputePrecision, GroupedGemmConfig, coerce_enum
 from .executor import GroupedGemmExecutor
+from .fp8 import check_fp8_operand, dense_weights, is_fp8
+from .plan import host_group_sizes, plan_gmm
 
 __all__ = ["gmm", "shared_executor"]
 
@@ -52,9 +55,13 @@ def gmm(
     a : GPU array [M, K]
         Rows grouped contiguously: group e is ``a[o_e:o_e + m_e]`` with
         ``o_e = sum(group_sizes[:e])``.
-    b : GPU array
+    b : GPU array or FP8ExpertWeights
         ``[E, K, N]`` weights (``[E, N, K]``, the ``nn.Linear`` layout, with
         ``trans_b=True``). With ``trans_a=True``: ``[M, N]`` rows grouped like ``a``.
+        :class:`~cublas_grouped.FP8ExpertWeights` (not with ``trans_a``;
+        ``trans_b`` must be theirs) are dequantized to ``a``'s dtype into a
+        scratch copy for the call, then run like 16-bit weights: correct on
+        every GPU, slower than 16-bit weights (docs/fp8.md).
     group_sizes : sequence of int, NumPy array, or GPU integer array, length E
         Rows per group; zeros allowed anywhere; must sum to M. A GPU array is
         copied to the host (cuBLAS takes sizes there), which waits for the
@@ -96,6 +103,31 @@ def gmm(
     """
     precision = coerce_enum(ComputePrecision, compute if compute is not None else "fp32", "compute")
     algorithm = coerce_enum(Algorithm, algorithm, "algorithm")
-    return shared_executor(precision, algorithm).execute(
-        a, b, group_sizes, trans_a=trans_a, trans_b=trans_b, out=out, stream=stream
-    )
+    executor = shared_executor(precision, algorithm)
+    if is_fp8(b):
+        b = _fp8_as_dense(executor, a, b, group_sizes, trans_a, trans_b, out, stream)
+    return executor.execute(a, b, group_sizes, trans_a=trans_a, trans_b=trans_b, out=out, stream=stream)
+
+
+def _fp8_as_dense(executor: GroupedGemmExecutor, a, b, group_sizes, trans_a, trans_b, out, stream):
+    """FP8 weights ``b`` dequantized to ``a``'s dtype, after the checks ``execute``
+    would make (run here on a stand-in of the dense weights), so a bad call
+    fails before the dequantization."""
+    if trans_a:
+        raise ValueError("b cannot be FP8 weights with trans_a=True: b then holds rows [M, N], not weights")
+    a_v = view(a, "a")
+    check_fp8_operand(b, "b", trans_b, a_v.dtype, "a")
+    values = view(b.values, "b.values")
+    stand_in = ArrayView(values.ptr, values.shape, values.strides, a_v.dtype, values.device, None)
+    sizes = host_group_sizes(group_sizes, b.num_experts) if is_host_array(group_sizes) else None
+    if sizes is None:
+        sizes_v = view(group_sizes, "group_sizes")
+        if sizes_v.ndim != 1 or sizes_v.dtype.kind not in "iu" or sizes_v.shape[0] != b.num_experts:
+            raise ValueError(
+                f"group_sizes must be a 1-D integer array of {b.num_experts}; got {sizes_v.dtype} {sizes_v.shape}"
+            )
+    executor._check_out(out, plan_gmm(a_v, stand_in, sizes, trans_a=False, trans_b=trans_b), a_v)
+    executor._check_dtype_supported(a_v.dtype, a_v.device if a_v.device is not None else executor.device_id)
+    if executor.config.algorithm is Algorithm.PADDED_STRIDED:
+        raise ValueError("algorithm=PADDED_STRIDED needs the MoE layer's padded rows; gmm does not take it")
+    return dense_weights(b, a_v.dtype, stream)

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..gemm.config import Algorithm, ComputePrecision
 from ..gemm.executor import GroupedGemmExecutor
+from ..gemm.fp8 import check_fp8_operand, is_fp8
 from ..gemm.gmm import shared_executor
 from ..runtime.arrays import ArrayView, cuda_dtype, view
 from ..runtime.nvrtc import arch_for
@@ -117,16 +118,21 @@ def check_routing(topk_ids, topk_weights, num_tokens: int | None) -> tuple[Array
 def check_weights(w, name: str, num_experts: int | None, k: int, trans_b: bool, dtype) -> tuple[int, int]:
     """(E, N) of expert weights ``[E, K, N]`` (``[E, N, K]`` with ``trans_b``).
 
-    ``num_experts``: the E they must have, or None to accept any.
+    ``num_experts``: the E they must have, or None to accept any. FP8 weights
+    (dequantized to ``dtype`` when they run) must be in the ``trans_b`` layout.
     """
-    w_v = view(w, name)
-    if w_v.ndim != 3:
-        raise ValueError(f"{name} must be 3-D [E, K, N] ([E, N, K] with trans_b); got shape {w_v.shape}")
-    if not w_v.is_c_contiguous():
-        raise ValueError(f"{name} must be C-contiguous")
-    if w_v.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype} like x; got {w_v.dtype}")
-    e, kk, n = (w_v.shape[0], w_v.shape[2], w_v.shape[1]) if trans_b else w_v.shape
+    if is_fp8(w):
+        check_fp8_operand(w, name, trans_b, dtype, "x")
+        e, kk, n = w.num_experts, w.in_features, w.out_features
+    else:
+        w_v = view(w, name)
+        if w_v.ndim != 3:
+            raise ValueError(f"{name} must be 3-D [E, K, N] ([E, N, K] with trans_b); got shape {w_v.shape}")
+        if not w_v.is_c_contiguous():
+            raise ValueError(f"{name} must be C-contiguous")
+        if w_v.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {dtype} like x; got {w_v.dtype}")
+        e, kk, n = (w_v.shape[0], w_v.shape[2], w_v.shape[1]) if trans_b else w_v.shape
     if num_experts is not None and e != num_experts:
         raise ValueError(f"{name} has {e} experts; expected {num_experts}")
     if kk != k:
@@ -145,17 +151,21 @@ def layer_shape(
     gated: bool = True,
     trans_b: bool = False,
     x: ArrayView | None = None,
+    dtype=None,
 ) -> LayerShape:
     """Check a layer's weights, biases and options; return its :class:`LayerShape`.
 
     With ``x`` (a checked view of the tokens), H and the dtype are x's and the
     weights must match them; without it (a layer built before any tokens), they
-    are ``w1``'s. ``top_k`` is stored as given: callers check it.
+    are ``w1``'s, or with FP8 ``w1``, ``dtype`` (default bfloat16): the
+    activations' dtype. ``top_k`` is stored as given: callers check it.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {activation!r}")
     if x is not None:
         dtype, hidden = x.dtype, x.shape[1]
+    elif is_fp8(w1):
+        dtype, hidden = np.dtype(dtype or "bfloat16"), w1.in_features
     else:
         w1_v = view(w1, "w1")
         # A w1 that is not 3-D has no H: check_weights refuses it before H is read.

@@ -18,6 +18,7 @@ import numpy as np
 from ..gemm.autotune import layer_times, state_token
 from ..gemm.config import Algorithm, coerce_enum
 from ..gemm.executor import GroupedGemmExecutor
+from ..gemm.fp8 import dense_weights
 from ..gemm.plan import GemmPlan, Operands, ProblemStats, RowLayout
 from ..gemm.pointers import build_pointers
 from ..gemm.select import choose_layer_algorithms, remembered, select_algorithm, tuning_state
@@ -375,7 +376,8 @@ def expert_gemm(
         wait_for_plan(inp, res)
         if out is None:
             out = cupy.empty((inp.rows.shape[0], n), dtype=inp.rows.dtype)
-        run_expert_gemm(executor, res, inp, inp.rows, as_cupy(weights), as_cupy(out), trans_b)
+        dense = as_cupy(dense_weights(weights, inp.rows.dtype, res.stream))  # FP8: dequantized (docs/fp8.md)
+        run_expert_gemm(executor, res, inp, inp.rows, dense, as_cupy(out), trans_b)
     return out
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from ..gemm.backends.cublas import batched, bound
 from ..gemm.executor import GroupedGemmExecutor
+from ..gemm.fp8 import dense_scratch, is_fp8
 from ..gemm.plan import GemmPlan, Operands, RowLayout
 from ..gemm.pointers import build_pointers
 from ..runtime.arrays import as_cupy, view
@@ -78,7 +79,9 @@ class FixedCapacityMoE:
     Parameters
     ----------
     w1, w2, b1, b2, activation, gated, trans_b
-        As in :func:`cublas_grouped.moe_forward`.
+        As in :func:`cublas_grouped.moe_forward`. FP8 weights get a dense copy
+        of ``dtype`` (default bfloat16: the tokens' dtype), refilled from
+        them at every step and counted in :attr:`nbytes` (docs/fp8.md).
     top_k : int
         Experts per token.
     max_tokens : int
@@ -131,17 +134,20 @@ class FixedCapacityMoE:
         trans_b: bool = False,
         executor: GroupedGemmExecutor | None = None,
         graphs: bool = True,
+        dtype=None,
     ):
         import cupy
 
-        shape = layer_shape(w1, w2, top_k, b1=b1, b2=b2, activation=activation, gated=gated, trans_b=trans_b)
+        opts = {"activation": activation, "gated": gated, "trans_b": trans_b, "dtype": dtype}
+        shape = layer_shape(w1, w2, top_k, b1=b1, b2=b2, **opts)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= shape.num_experts:
             raise ValueError(f"top_k must be an int in [1, {shape.num_experts}]; got {top_k!r}")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int; got {max_tokens!r}")
         self.shape = shape
         self.capacity = ChunkCapacity.of(shape, max_tokens)  # raises before any GPU work
-        self.w1, self.w2 = as_cupy(w1), as_cupy(w2)
+        self.w1, self.w2 = (dense_scratch(w, shape.dtype) for w in (w1, w2))
+        self._fp8 = [(w, d) for w, d in zip((w1, w2), (self.w1, self.w2)) if is_fp8(w)]
         self.b1, self.b2 = (None if b is None else as_cupy(b) for b in (b1, b2))
         self.top_k, self.max_tokens = top_k, max_tokens
         self.activation, self.gated, self.trans_b = activation, gated, trans_b
@@ -159,11 +165,14 @@ class FixedCapacityMoE:
 
     @property
     def nbytes(self) -> int:
-        """GPU memory held by this layer's buffers (weights not included)."""
+        """GPU memory held by this layer's buffers (weights not included; the dense copy of FP8 ones is)."""
         graphs = 0 if self._graphs is None else self._graphs.nbytes
-        return self._buffers.nbytes + self._out.nbytes + self._dropped.nbytes + graphs
+        dense = sum(d.nbytes for _, d in self._fp8)
+        return self._buffers.nbytes + self._out.nbytes + self._dropped.nbytes + graphs + dense
 
     def _step(self, res, x, ids, weights, out) -> None:
+        for w, dense in self._fp8:  # no allocation: a graph of the step captures this
+            w.dequantize(dense.dtype, out=dense, stream=res.stream)
         params = (self.w1, self.w2, self.b1, self.b2)
         fixed_capacity_step(
             res, self.executor, self.shape, self._buffers, x, ids, weights, params, out, dropped=self._dropped

@@ -18,6 +18,7 @@ import warnings
 
 from ..gemm.config import Algorithm, coerce_enum
 from ..gemm.executor import GroupedGemmExecutor
+from ..gemm.fp8 import dense_weights
 from ..runtime.arrays import as_cupy
 from ..runtime.device import stream_resources
 from ..runtime.oom import reports_out_of_memory
@@ -90,6 +91,9 @@ def moe_forward(
     w1 : [E, H, 2I] packed gate|up (first I columns the gate) when ``gated``, else [E, H, I];
         with ``trans_b`` the ``nn.Linear`` layout [E, 2I, H].
     w2 : [E, I, H] ([E, H, I] with ``trans_b``)
+        Either may be :class:`~cublas_grouped.FP8ExpertWeights` (in the
+        ``trans_b`` layout): dequantized to x's dtype into scratch on every
+        call, then run as 16-bit weights; correct, slower (docs/fp8.md).
     b1, b2 : optional per-expert biases [E, 2I] (or [E, I]) and [E, H]
     activation : "silu" (default), "gelu" (exact, erf) or "relu"
     gated : act(gate) * up when True, act(h) otherwise
@@ -143,6 +147,9 @@ def moe_forward(
             "dropped_pairs applies only with fixed_capacity=True (the synchronizing path raises on bad ids)"
         )
     executor = executor_or_shared(executor)
+    check_context_options(return_context, recompute, fixed_capacity)
+    # FP8ExpertWeights: dequantized to x's dtype for this call (docs/fp8.md); others pass through.
+    w1, w2 = (dense_weights(w, x_v.dtype, stream) for w in (w1, w2))
     if check_context_options(return_context, recompute, fixed_capacity):
         return forward_with_context(
             x_v, shape, topk_ids, topk_weights, (w1, w2, b1, b2), executor=executor,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..gemm.fp8 import SCALINGS, FP8ExpertWeights, is_fp8, quantize_fp8
 from ..runtime.arrays import as_cupy, view
 from ..runtime.device import stream_resources
 from .checks import device_of
@@ -11,7 +12,10 @@ from .layer import moe_forward
 from .mlp_backward import mlp_backward, mlp_forward_with_context
 from .routing import route
 
-__all__ = ["ExpertWeights", "ExpertWeightManager", "MoEMLP"]
+__all__ = ["ExpertWeights", "ExpertWeightManager", "MoEMLP", "QUANTIZE_MODES"]
+
+#: ``ExpertWeightManager.load(quantize=...)`` modes: FP8 (e4m3) with the named scaling.
+QUANTIZE_MODES = tuple(f"fp8-{s}" for s in SCALINGS)
 
 
 @dataclass
@@ -20,8 +24,9 @@ class ExpertWeights:
 
     Attributes
     ----------
-    weight : GPU array [E, K, N] (``[E, N, K]``, the ``nn.Linear`` layout, when ``trans_b``)
-    bias : GPU array [E, N] or None
+    weight : GPU array [E, K, N] (``[E, N, K]``, the ``nn.Linear`` layout, when ``trans_b``),
+        or :class:`~cublas_grouped.FP8ExpertWeights` in the ``trans_b`` layout
+    bias : GPU array [E, N] or None (with FP8 weights: of the activations' dtype)
     trans_b : bool
     """
 
@@ -30,40 +35,66 @@ class ExpertWeights:
     trans_b: bool = False
 
     def __post_init__(self):
-        w = view(self.weight, "weight")
-        if w.ndim != 3 or not w.is_c_contiguous():
-            raise ValueError(f"weight must be a C-contiguous 3-D array [E, K, N]; got shape {w.shape}")
+        if is_fp8(self.weight):
+            if self.weight.trans_b != self.trans_b:
+                raise ValueError(
+                    f"weight is FP8 with trans_b={self.weight.trans_b}; pass trans_b={self.weight.trans_b}"
+                )
+            dtype = None  # the activations' dtype: checked by the layer
+        else:
+            w = view(self.weight, "weight")
+            if w.ndim != 3 or not w.is_c_contiguous():
+                raise ValueError(f"weight must be a C-contiguous 3-D array [E, K, N]; got shape {w.shape}")
+            dtype = w.dtype
         if self.bias is not None:
             b = view(self.bias, "bias")
-            if b.shape != (self.num_experts, self.out_features) or b.dtype != w.dtype:
+            if b.shape != (self.num_experts, self.out_features) or b.dtype != (dtype or b.dtype):
                 raise ValueError(
-                    f"bias must be {w.dtype} [{self.num_experts}, {self.out_features}]; "
+                    f"bias must be {dtype or 'a float array'} [{self.num_experts}, {self.out_features}]; "
                     f"got {b.dtype} {b.shape}"
                 )
 
     @property
+    def shape(self) -> tuple[int, int, int]:
+        """The weight's stored shape."""
+        return self.weight.shape if is_fp8(self.weight) else view(self.weight, "weight").shape
+
+    @property
     def num_experts(self) -> int:
-        return view(self.weight, "weight").shape[0]
+        return self.shape[0]
 
     @property
     def out_features(self) -> int:
-        shape = view(self.weight, "weight").shape
-        return shape[1] if self.trans_b else shape[2]
+        return self.shape[1] if self.trans_b else self.shape[2]
 
     @property
     def in_features(self) -> int:
-        shape = view(self.weight, "weight").shape
-        return shape[2] if self.trans_b else shape[1]
+        return self.shape[2] if self.trans_b else self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """GPU bytes of the weight (values and scales for FP8) and the bias."""
+        weight = self.weight.nbytes if is_fp8(self.weight) else view(self.weight, "weight").nbytes
+        return weight + (0 if self.bias is None else view(self.bias, "bias").nbytes)
 
 
 class ExpertWeightManager:
-    """Packs per-expert arrays into :class:`ExpertWeights`."""
+    """Packs per-expert arrays into :class:`ExpertWeights`, optionally quantized to FP8."""
 
     @staticmethod
-    def load(weights, biases=None, *, trans_b: bool = False) -> ExpertWeights:
+    def load(weights, biases=None, *, trans_b: bool = False, quantize: str | None = None) -> ExpertWeights:
         """Stack a list of per-expert ``[K, N]`` GPU arrays (``[N, K]`` with ``trans_b``)
-        and optional ``[N]`` biases into one contiguous ``[E, K, N]`` array."""
+        and optional ``[N]`` biases into one contiguous ``[E, K, N]`` array.
+
+        ``quantize``: None (keep the dtype), ``"fp8-block128"`` (e4m3, one scale
+        per 128 x 128 block) or ``"fp8-channel"`` (one scale per output channel):
+        the weight is then :class:`~cublas_grouped.FP8ExpertWeights`, whose
+        ``memory_report()`` gives the bytes before and after (docs/fp8.md).
+        """
         import cupy
+
+        if quantize is not None and quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be None or one of {QUANTIZE_MODES}; got {quantize!r}")
 
         if not weights:
             raise ValueError("weights must hold at least one expert")
@@ -79,7 +110,28 @@ class ExpertWeightManager:
             if len(biases) != len(mats):
                 raise ValueError(f"biases has {len(biases)} entries for {len(mats)} experts")
             bias = cupy.stack([as_cupy(b, f"biases[{i}]") for i, b in enumerate(biases)])
-        return ExpertWeights(cupy.ascontiguousarray(cupy.stack(mats)), bias, trans_b)
+        with cupy.cuda.Device(first.device.id):
+            packed = cupy.ascontiguousarray(cupy.stack(mats))
+            if quantize is not None:
+                packed = quantize_fp8(packed, scaling=quantize.removeprefix("fp8-"), trans_b=trans_b)
+        return ExpertWeights(packed, bias, trans_b)
+
+    @staticmethod
+    def quantize(weights: ExpertWeights, mode: str = "fp8-block128") -> ExpertWeights:
+        """``weights`` with their weight quantized (``mode`` as in :meth:`load`'s
+        ``quantize``); the bias is kept. The 16-bit input is left as it was."""
+        if mode not in QUANTIZE_MODES:
+            raise ValueError(f"mode must be one of {QUANTIZE_MODES}; got {mode!r}")
+        if is_fp8(weights.weight):
+            raise ValueError("weights are FP8 already")
+        fp8 = quantize_fp8(weights.weight, scaling=mode.removeprefix("fp8-"), trans_b=weights.trans_b)
+        return ExpertWeights(fp8, weights.bias, weights.trans_b)
+
+
+def _as_expert_weights(w) -> ExpertWeights:
+    if isinstance(w, ExpertWeights):
+        return w
+    return ExpertWeights(w, trans_b=w.trans_b) if isinstance(w, FP8ExpertWeights) else ExpertWeights(w)
 
 
 class MoEMLP:
@@ -88,8 +140,9 @@ class MoEMLP:
     Parameters
     ----------
     router_weight : GPU array [H, E]; logits = x @ router_weight
-    w1 : ExpertWeights or array [E, H, 2I] (gate|up when gated)
-    w2 : ExpertWeights or array [E, I, H]
+    w1 : ExpertWeights, FP8ExpertWeights or array [E, H, 2I] (gate|up when gated)
+    w2 : ExpertWeights, FP8ExpertWeights or array [E, I, H]
+        FP8 weights run through the dequantizing fallback (docs/fp8.md).
     top_k : experts per token
     shared_w1, shared_w2 : optional dense MLP every token goes through
         ([H, 2Is] gate|up and [Is, H]); its output is added to the experts'.
@@ -111,8 +164,7 @@ class MoEMLP:
         activation: str = "silu",
         gated: bool = True,
     ):
-        self.w1 = w1 if isinstance(w1, ExpertWeights) else ExpertWeights(w1)
-        self.w2 = w2 if isinstance(w2, ExpertWeights) else ExpertWeights(w2)
+        self.w1, self.w2 = (_as_expert_weights(w) for w in (w1, w2))
         if self.w1.trans_b != self.w2.trans_b:
             raise ValueError("w1 and w2 must use the same layout (trans_b)")
         r = view(router_weight, "router_weight")

@@ -1,0 +1,64 @@
+"""Launch wrappers of ``kernels/fp8.cu`` (FP8 quantization and dequantization).
+
+No checks happen here: :mod:`.fp8` validates first. :data:`FP8_THREADS` is the
+only copy of the block size; the source refuses to compile without it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..runtime import nvrtc as _nvrtc
+
+__all__ = ["FP8_THREADS", "DEFINES", "quantize", "dequantize"]
+
+FP8_THREADS = 256  # threads per block of quantize_fp8 (one block per tile)
+DEQUANT_THREADS = 256  # dequantize_fp8 takes any block size: the launcher's choice
+# Blocks per launch: both kernels stride over the rest, so this caps the grid
+# without limiting the size of what they cover.
+MAX_GRID = 1 << 20
+
+#: NVRTC defines of kernels/fp8.cu.
+DEFINES: dict[str, int] = {"FP8_THREADS": FP8_THREADS}
+_SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+
+def _kernel(name: str, arch: str, dtype):
+    return _nvrtc.get_kernel("fp8", f"{name}_{_SUFFIX[np.dtype(dtype).name]}", arch, defines=DEFINES)
+
+
+def _grid(n: int) -> int:
+    return max(1, min(n, MAX_GRID))
+
+
+def quantize(stream, arch, x, batch, rows, cols, tile_rows, tile_cols, scales, q) -> None:
+    """``quantize_fp8``: ``x`` [batch, rows, cols] to e4m3 codes ``q`` and one scale per tile."""
+    tiles = batch * -(-rows // tile_rows) * -(-cols // tile_cols)
+    args = (
+        np.intp(x.data.ptr),
+        np.int64(batch),
+        np.int32(rows),
+        np.int32(cols),
+        np.int32(tile_rows),
+        np.int32(tile_cols),
+        np.intp(scales.data.ptr),
+        np.intp(q.data.ptr),
+    )
+    _nvrtc.launch(stream, _kernel("quantize_fp8", arch, x.dtype), _grid(tiles), FP8_THREADS, args)
+
+
+def dequantize(stream, arch, q, scales, batch, rows, cols, tile_rows, tile_cols, out) -> None:
+    """``dequantize_fp8``: e4m3 codes times their tile's scale, into ``out`` (its dtype)."""
+    args = (
+        np.intp(q.data.ptr),
+        np.intp(scales.data.ptr),
+        np.int64(batch),
+        np.int32(rows),
+        np.int32(cols),
+        np.int32(tile_rows),
+        np.int32(tile_cols),
+        np.intp(out.data.ptr),
+    )
+    _nvrtc.launch(
+        stream, _kernel("dequantize_fp8", arch, out.dtype), _grid(batch * rows), DEQUANT_THREADS, args
+    )

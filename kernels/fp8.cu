@@ -1,0 +1,225 @@
+// fp8.cu: FP8 (e4m3fn) quantization with one fp32 scale per tile, and back.
+//
+// The conversions are plain integer arithmetic, not the hardware cvt (which
+// sm_80 lacks), so one source gives the same bits on every architecture.
+// cublas_grouped/testing_fp8.py is the NumPy twin of every function here,
+// step for step; GPU tests compare the two byte for byte.
+//
+// e4m3fn: 1 sign, 4 exponent bits (bias 7), 3 mantissa bits; no infinities;
+// 0x7F / 0xFF are NaN; largest finite 448. float -> e4m3 rounds to nearest
+// even and saturates (finite values and infinities beyond 448 become +-448);
+// NaN stays NaN with its sign.
+//
+// A batch of B matrices [R, C] (row-major, contiguous, B * R * C elements) is
+// cut into tiles of tile_rows x tile_cols (edge tiles partial). Tile t (in
+// row-major order over [B, ceil(R / tile_rows), ceil(C / tile_cols)]) gets
+//   amax  = largest finite |x| of the tile (NaN and +-inf ignored),
+//   scale = amax == 0 ? 1 : max(amax / 448, 2^-126)      (fp32 division),
+//   q     = e4m3(x / scale)                              (fp32 division),
+// and a value reads back as float(e4m3) * scale.
+//
+// Kernels (X = float / f16_t / bf16_t, names suffixed _f32 / _f16 / _bf16):
+//
+//   quantize_fp8_{f32,f16,bf16}(const X* x, long long batch, int rows, int cols,
+//                               int tile_rows, int tile_cols,
+//                               float* scales, unsigned char* q)
+//     scales [B, ceil(R/tile_rows), ceil(C/tile_cols)]; q [B, R, C].
+//     Launch: FP8_THREADS threads per block, one block per tile, grid-stride
+//     over tiles (any grid size). Two passes over the tile: amax, then convert.
+//
+//   dequantize_fp8_{f32,f16,bf16}(const unsigned char* q, const float* scales,
+//                                 long long batch, int rows, int cols,
+//                                 int tile_rows, int tile_cols, X* out)
+//     out [B, R, C] = X(float(q) * scale of the element's tile), rounded to
+//     nearest even. Launch: any block size, one block per row, grid-stride
+//     over the B * R rows (any grid size). Four elements per thread step
+//     when C % 4 == 0 and q, out are aligned for it; one otherwise.
+//
+//   FP8_THREADS is shared with the launcher (cublas_grouped/gemm/fp8_kernels.py),
+//   which passes it as an NVRTC define (required, no default).
+
+#include "common.cuh"
+
+#if !defined(FP8_THREADS)
+#error "FP8_THREADS is not defined: the launcher passes it as an NVRTC define"
+#endif
+#if FP8_THREADS % 32 != 0 || FP8_THREADS < 32 || FP8_THREADS > 1024
+#error "FP8_THREADS must be a multiple of 32 up to 1024"
+#endif
+
+#define E4M3_MAX 448.0f
+#define FP32_MAX __int_as_float(0x7f7fffff)
+#define FP32_MIN_NORMAL __int_as_float(0x00800000)
+
+// ---- conversions: plain C, no CUDA builtin but __uint_as_float / __float_as_uint
+// (tests/test_fp8_cpu.py compiles this part as host C++ and checks it) ----
+__device__ __forceinline__ float e4m3_to_float(unsigned int c) {
+    const unsigned int sign = (c & 0x80u) << 24;
+    const unsigned int exp = (c >> 3) & 0xFu;
+    const unsigned int man = c & 7u;
+    if (exp == 15u && man == 7u) return __uint_as_float(sign | 0x7fc00000u);
+    if (exp == 0u) {
+        // Subnormal: man * 2^-9, exact in fp32.
+        const float v = static_cast<float>(man) * 0.001953125f;
+        return sign ? -v : v;
+    }
+    // Normal: rebias the exponent (7 -> 127) and widen the mantissa (3 -> 23 bits).
+    return __uint_as_float(sign | ((exp + 120u) << 23) | (man << 20));
+}
+
+__device__ __forceinline__ unsigned char float_to_e4m3(float f) {
+    const unsigned int u = __float_as_uint(f);
+    const unsigned int sign = (u >> 24) & 0x80u;
+    const unsigned int a = u & 0x7fffffffu;
+    unsigned int code;
+    if (a > 0x7f800000u) {
+        code = 0x7Fu;  // NaN
+    } else if (a >= 0x43E00000u) {
+        code = 0x7Eu;  // |f| >= 448, infinities included: saturate
+    } else if (a >= 0x3C800000u) {
+        // Normal (|f| >= 2^-6): keep 3 mantissa bits, round to nearest even by
+        // adding just under half an ulp plus the lowest kept bit (a carry
+        // moves into the exponent), then rebias 127 -> 7.
+        code = ((a + 0x7FFFFu + ((a >> 20) & 1u)) >> 20) - (120u << 3);
+    } else {
+        // Subnormal: the code is round(|f| * 2^9). With |f| = mm * 2^(ef - 150)
+        // that is mm >> (141 - ef), rounded to even; below 2^-10 it is 0.
+        const unsigned int ef = a >> 23;
+        const unsigned int mm = (a & 0x7FFFFFu) | (ef ? 0x800000u : 0u);
+        const unsigned int shift = 141u - ef;  // >= 21 here
+        if (shift > 24u) {
+            code = 0u;
+        } else {
+            code = mm >> shift;
+            const unsigned int rem = mm & ((1u << shift) - 1u);
+            const unsigned int half = 1u << (shift - 1u);
+            if (rem > half || (rem == half && (code & 1u))) ++code;
+        }
+    }
+    return static_cast<unsigned char>(sign | code);
+}
+
+// ---- end of conversions ----
+
+// Largest value over the block; every thread gets it. `red` is 32 floats of
+// shared memory, free to reuse once this returns (the leading barrier
+// protects the previous call's readers).
+__device__ __forceinline__ float block_max(float v, float* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float m = 0.0f;
+    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) m = fmaxf(m, red[w]);
+    return m;
+}
+
+template <class T>
+__device__ __forceinline__ void quantize_fp8_impl(const T* __restrict__ x, long long batch, int rows,
+                                                  int cols, int tile_rows, int tile_cols,
+                                                  float* __restrict__ scales,
+                                                  unsigned char* __restrict__ q) {
+    __shared__ float red[32];
+    const long long trows = (rows + tile_rows - 1) / tile_rows;
+    const long long tcols = (cols + tile_cols - 1) / tile_cols;
+    const long long tiles = batch * trows * tcols;
+    for (long long t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const long long b = t / (trows * tcols);
+        const long long within = t - b * trows * tcols;
+        const int r0 = static_cast<int>(within / tcols) * tile_rows;
+        const int c0 = static_cast<int>(within % tcols) * tile_cols;
+        const int nr = min(tile_rows, rows - r0);
+        const int nc = min(tile_cols, cols - c0);
+        const long long base = (b * rows + r0) * static_cast<long long>(cols) + c0;
+        // A tile is at most 128 x 128 ("block128", rows) or one row or column
+        // of fewer than 2^31 elements ("channel"): its size fits an int.
+        const int n = nr * nc;
+
+        float amax = 0.0f;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const long long at = base + static_cast<long long>(i / nc) * cols + (i % nc);
+            const float v = fabsf(load_as_float(x + at));
+            if (v <= FP32_MAX) amax = fmaxf(amax, v);  // false for NaN and inf
+        }
+        amax = block_max(amax, red);
+        const float scale = amax == 0.0f ? 1.0f : fmaxf(amax / E4M3_MAX, FP32_MIN_NORMAL);
+        if (threadIdx.x == 0) scales[t] = scale;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const long long at = base + static_cast<long long>(i / nc) * cols + (i % nc);
+            q[at] = float_to_e4m3(load_as_float(x + at) / scale);
+        }
+    }
+}
+
+// Four consecutive output elements written with one vector store: 16 bytes
+// for float, 8 for the 16-bit types (p aligned to that; the caller checks).
+// Inline PTX because the compiler splits a struct store into scalar ones here.
+__device__ __forceinline__ void store4(float* p, const float* v) {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(__float_as_uint(v[0])),
+                 "r"(__float_as_uint(v[1])), "r"(__float_as_uint(v[2])), "r"(__float_as_uint(v[3]))
+                 : "memory");
+}
+template <class T>
+__device__ __forceinline__ void store4(T* p, const float* v) {
+    unsigned int b[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] = from_float<T>(v[j]).bits;
+    // Little-endian: the element at the lower address is the low half of each word.
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(b[0] | (b[1] << 16)), "r"(b[2] | (b[3] << 16))
+                 : "memory");
+}
+
+template <class T>
+__device__ __forceinline__ void dequantize_fp8_impl(const unsigned char* __restrict__ q,
+                                                    const float* __restrict__ scales,
+                                                    long long batch, int rows, int cols,
+                                                    int tile_rows, int tile_cols,
+                                                    T* __restrict__ out) {
+    const long long tcols = (cols + tile_cols - 1) / tile_cols;
+    const long long trows = (rows + tile_rows - 1) / tile_rows;
+    const long long total_rows = batch * rows;
+    // Four codes per 32-bit load when every row starts aligned for it (the
+    // test is uniform across the launch, so the branch never diverges).
+    const bool vec = (cols & 3) == 0 && (reinterpret_cast<unsigned long long>(q) & 3ull) == 0ull &&
+                     (reinterpret_cast<unsigned long long>(out) & (4ull * sizeof(T) - 1ull)) == 0ull;
+    // Then columns c .. c+3 (c a multiple of 4) share one scale when tiles are 4k wide.
+    const bool one_scale = (tile_cols & 3) == 0;
+    for (long long row = blockIdx.x; row < total_rows; row += gridDim.x) {
+        const long long b = row / rows;
+        const int r = static_cast<int>(row - b * rows);
+        const float* s = scales + (b * trows + r / tile_rows) * tcols;
+        const unsigned char* qr = q + row * cols;
+        T* o = out + row * cols;
+        if (vec) {
+            for (int c = 4 * threadIdx.x; c < cols; c += 4 * blockDim.x) {
+                const unsigned int codes = *reinterpret_cast<const unsigned int*>(qr + c);
+                const float first = s[c / tile_cols];
+                float v[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const float scale = one_scale ? first : s[(c + j) / tile_cols];
+                    // Little-endian: byte j of the word is the code of column c + j.
+                    v[j] = e4m3_to_float((codes >> (8 * j)) & 0xFFu) * scale;
+                }
+                store4(o + c, v);
+            }
+        } else {
+            for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+                store_from_float(o + c, e4m3_to_float(qr[c]) * s[c / tile_cols]);
+            }
+        }
+    }
+}
+
+#define QUANTIZE_FP8_PARAMS(X)                                                             \
+    (const X* x, long long batch, int rows, int cols, int tile_rows, int tile_cols, \
+     float* scales, unsigned char* q)
+DEFINE_KERNEL_3TYPES(quantize_fp8, QUANTIZE_FP8_PARAMS,
+                     (x, batch, rows, cols, tile_rows, tile_cols, scales, q))
+
+#define DEQUANTIZE_FP8_PARAMS(X)                                                         \
+    (const unsigned char* q, const float* scales, long long batch, int rows, int cols, \
+     int tile_rows, int tile_cols, X* out)
+DEFINE_KERNEL_3TYPES(dequantize_fp8, DEQUANTIZE_FP8_PARAMS,
+                     (q, scales, batch, rows, cols, tile_rows, tile_cols, out))
