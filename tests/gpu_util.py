@@ -47,3 +47,31 @@ def check_close(out, ref, tol, what=""):
     err = rel_error(host, ref)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
     return err
+
+
+GUARD_VALUE = 7.0  # exact in every float type; a buffer's elements around a view keep it
+
+
+def one_element_in(which: str, a, b, out):
+    """(a, b, out, buffer): the same operands, but ``which`` ("a", "b" or
+    "out") replaced by a C-contiguous copy (for out: a NaN-filled view) that
+    starts one element into a buffer of GUARD_VALUE, so 2 or 4 bytes past a
+    16-byte boundary; ``buffer`` is that buffer for out, else None."""
+    import cupy
+
+    x = {"a": a, "b": b, "out": out}[which]
+    count = int(np.prod(x.shape))
+    buf = cupy.full(count + 16, GUARD_VALUE, dtype=x.dtype)
+    view = buf[1 : 1 + count].reshape(x.shape)
+    if which == "out":
+        view.fill(np.nan)
+        return a, b, view, buf
+    view[...] = x
+    return (view, b, out, None) if which == "a" else (a, view, out, None)
+
+
+def guard_intact(buf, count: int) -> bool:
+    """Whether the elements of ``buf`` around its one-element-in view of
+    ``count`` elements still hold GUARD_VALUE."""
+    host = buf.get().astype(np.float64)
+    return bool(host[0] == GUARD_VALUE and (host[1 + count :] == GUARD_VALUE).all())

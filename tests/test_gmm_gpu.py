@@ -7,7 +7,15 @@ import threading
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_util import TOLERANCE, check_close, device_random, poisoned, random_sizes
+from gpu_util import (
+    TOLERANCE,
+    check_close,
+    device_random,
+    guard_intact,
+    one_element_in,
+    poisoned,
+    random_sizes,
+)
 
 from cublas_grouped import Algorithm, GroupedGemmExecutor, gmm
 from cublas_grouped.testing import gmm_ref, rel_error
@@ -236,3 +244,36 @@ def test_empty_k_or_n_with_trans_a_and_n_zero():
     # Nothing else was disturbed: a normal call still matches its reference afterwards.
     w, w64 = device_random(rng, (4, 16, 8), np.float32)
     check_close(gmm(a, w, sizes), gmm_ref(cupy.asnumpy(a), w64, sizes), 1e-5, "after empty products")
+
+
+@pytest.mark.parametrize("which", ["a", "b", "out"])
+@pytest.mark.parametrize("algorithm", ["cublas_grouped", "chunked_batched", "auto"])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_operands_off_a_16_byte_boundary(which, algorithm, dtype_name):
+    """An operand one element into its buffer (2 or 4 bytes past a 16-byte
+    boundary): cuBLAS's pointer-array calls fault on such addresses (a sticky
+    error), so they run as SEQUENTIAL, with a warning naming the operand; the
+    result is right and out's neighbours are untouched."""
+    import warnings
+
+    from cublas_grouped.gemm import executor as executor_module
+
+    dtype = DTYPES[dtype_name]
+    rng = np.random.default_rng(31)
+    sizes, n, k = [40, 0, 90, 3], 264, 136
+    m = sum(sizes)
+
+    a, a64 = device_random(rng, (m, k), dtype)
+    b, b64 = device_random(rng, (len(sizes), k, n), dtype, scale=k**-0.5)
+    a, b, out, out_buf = one_element_in(which, a, b, poisoned((m, n), dtype))
+    executor_module._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gmm(a, b, sizes, out=out, algorithm=algorithm)
+    messages = [str(w.message) for w in caught]
+    if algorithm != "auto":  # AUTO may pick SEQUENTIAL itself, with no warning
+        want = f"algorithm {algorithm.upper()} needs {which} at a 16-byte aligned address: running SEQUENTIAL instead"
+        assert want in messages, messages
+    check_close(out, gmm_ref(a64, b64, sizes), TOLERANCE[dtype_name], f"{algorithm} misaligned {which}")
+    if out_buf is not None:
+        assert guard_intact(out_buf, m * n), "out's neighbours were written"

@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import cublas_grouped as cg
 from cublas_grouped.gemm.backends import hopper
 from cublas_grouped.gemm.plan import GemmPlan
 from cublas_grouped.runtime import nvrtc
@@ -264,3 +265,14 @@ def test_misaligned_names_the_operand():
     assert hopper.misaligned(0, 264, 0) == "needs b at a 16-byte aligned address"
     assert hopper.misaligned(16, 32, 8) == "needs out at a 16-byte aligned address"
     assert hopper.misaligned(1, 1, 1).startswith("needs a ")  # the first one named
+
+
+def test_plan_misaligned_is_the_shared_rule():
+    from cublas_grouped.gemm import executor
+    from cublas_grouped.gemm.plan import misaligned
+
+    assert misaligned(0, 16, 32, 16) is None
+    assert misaligned(0, 16, 36, 4) is None
+    assert misaligned(0, 16, 36, 16) == "needs out at a 16-byte aligned address"
+    assert executor.POINTER_ARRAY_ALIGNMENT == 16
+    assert executor._POINTER_ARRAY_ALGORITHMS == {cg.Algorithm.CUBLAS_GROUPED, cg.Algorithm.CHUNKED_BATCHED}

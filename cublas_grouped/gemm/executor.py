@@ -30,6 +30,7 @@ from .plan import (
     check_group_sizes,
     host_group_sizes,
     layout_for,
+    misaligned,
     plan_gmm,
 )
 from .select import select_algorithm
@@ -37,6 +38,18 @@ from .select import select_algorithm
 __all__ = ["GroupedGemmExecutor"]
 
 _warned: set[str] = set()
+
+
+# cuBLAS's grouped and batched calls take their matrices through arrays of
+# device pointers, which it cannot inspect: it picks kernels from the leading
+# dimensions and assumes the pointers are aligned to match. On an H100 with
+# cuBLAS 13.1, bf16 operands 2 bytes past a 16-byte boundary (views one
+# element into a buffer) made CUBLAS_GROUPED and CHUNKED_BATCHED fault with a
+# misaligned address (a sticky error that ends the CUDA context), while
+# SEQUENTIAL (cublasGemmEx, which sees each pointer) gave right results. So
+# those algorithms need 16-byte aligned operands and SEQUENTIAL runs otherwise.
+POINTER_ARRAY_ALIGNMENT = 16
+_POINTER_ARRAY_ALGORITHMS = frozenset({Algorithm.CUBLAS_GROUPED, Algorithm.CHUNKED_BATCHED})
 
 
 def _warn_once(message: str) -> None:
@@ -365,6 +378,11 @@ class GroupedGemmExecutor:
                 return
             _warn_once(f"algorithm SM90_GROUPED {reason}: running CUBLAS_GROUPED instead")
             algorithm = self.fallback(Algorithm.CUBLAS_GROUPED, res.device_id)
+        if algorithm in _POINTER_ARRAY_ALGORITHMS:
+            reason = misaligned(ops.a, ops.b, ops.c, POINTER_ARRAY_ALIGNMENT)
+            if reason is not None:
+                _warn_once(f"algorithm {algorithm.name} {reason}: running SEQUENTIAL instead")
+                algorithm = Algorithm.SEQUENTIAL
         _cublas_backend.run(
             plan,
             ops,

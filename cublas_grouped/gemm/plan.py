@@ -310,6 +310,17 @@ class Operands:
         )
 
 
+def misaligned(a: int, b: int, out: int, alignment: int) -> str | None:
+    """Why these operand addresses do not suit a back end that needs each of
+    ``a``, ``b`` and ``out`` to start at a multiple of ``alignment`` bytes (the
+    first one that does not is named), or None when they all do. No address
+    in the message: callers warn once per message."""
+    for name, ptr in (("a", a), ("b", b), ("out", out)):
+        if int(ptr) % alignment:
+            return f"needs {name} at a {alignment}-byte aligned address"
+    return None
+
+
 def host_group_sizes(group_sizes, num_experts: int) -> np.ndarray:
     """``group_sizes`` given on the host (sequence or NumPy) as int64, validated."""
     try:

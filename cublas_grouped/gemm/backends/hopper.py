@@ -27,6 +27,7 @@ import numpy as np
 from ...runtime import nvrtc as _kernels
 from ...runtime.arrays import BFLOAT16
 from ..plan import GemmPlan, Operands
+from ..plan import misaligned as _misaligned
 from ..pointers import device_sizes
 
 __all__ = [
@@ -109,11 +110,7 @@ def misaligned(a_ptr: int, b_ptr: int, out_ptr: int) -> str | None:
     """Why the kernel cannot take these addresses (None when it can): each of
     ``a``, ``b`` and ``out`` must start at a multiple of :data:`ALIGNMENT` bytes
     (with K and N multiples of 8, every row then does too)."""
-    for name, ptr in (("a", a_ptr), ("b", b_ptr), ("out", out_ptr)):
-        if int(ptr) % ALIGNMENT:
-            # No address in the message: the warning is given once per message.
-            return f"needs {name} at a {ALIGNMENT}-byte aligned address"
-    return None
+    return _misaligned(a_ptr, b_ptr, out_ptr, ALIGNMENT)
 
 
 def weights_layout(plan: GemmPlan) -> str:
