@@ -251,6 +251,8 @@ def test_gmm_fp8_argument_errors(fake):
         cg.gmm(a, b, fake((2,), np.int32))
     with pytest.raises(ValueError, match="group_sizes must be a 1-D integer array"):
         cg.gmm(a, b, fake((3,), np.float32))
+    with pytest.raises(ValueError, match="PADDED_STRIDED needs the MoE layer's padded rows"):
+        cg.gmm(a, b, [5, 5, 0], algorithm="padded_strided")
 
 
 def _layer(fake, trans_b=False, e=4, h=256, i=128):

@@ -115,6 +115,8 @@ def _fp8_as_dense(executor: GroupedGemmExecutor, a, b, group_sizes, trans_a, tra
     fails before the dequantization."""
     if trans_a:
         raise ValueError("b cannot be FP8 weights with trans_a=True: b then holds rows [M, N], not weights")
+    if executor.config.algorithm is Algorithm.PADDED_STRIDED:
+        raise ValueError("algorithm=PADDED_STRIDED needs the MoE layer's padded rows; gmm does not take it")
     a_v = view(a, "a")
     check_fp8_operand(b, "b", trans_b, a_v.dtype, "a")
     values = view(b.values, "b.values")
@@ -128,6 +130,4 @@ def _fp8_as_dense(executor: GroupedGemmExecutor, a, b, group_sizes, trans_a, tra
             )
     executor._check_out(out, plan_gmm(a_v, stand_in, sizes, trans_a=False, trans_b=trans_b), a_v)
     executor._check_dtype_supported(a_v.dtype, a_v.device if a_v.device is not None else executor.device_id)
-    if executor.config.algorithm is Algorithm.PADDED_STRIDED:
-        raise ValueError("algorithm=PADDED_STRIDED needs the MoE layer's padded rows; gmm does not take it")
     return dense_weights(b, a_v.dtype, stream)

@@ -147,10 +147,10 @@ def moe_forward(
             "dropped_pairs applies only with fixed_capacity=True (the synchronizing path raises on bad ids)"
         )
     executor = executor_or_shared(executor)
-    check_context_options(return_context, recompute, fixed_capacity)
+    keep_context = check_context_options(return_context, recompute, fixed_capacity)  # before any GPU work
     # FP8ExpertWeights: dequantized to x's dtype for this call (docs/fp8.md); others pass through.
     w1, w2 = (dense_weights(w, x_v.dtype, stream) for w in (w1, w2))
-    if check_context_options(return_context, recompute, fixed_capacity):
+    if keep_context:
         return forward_with_context(
             x_v, shape, topk_ids, topk_weights, (w1, w2, b1, b2), executor=executor,
             algorithm=algorithm, stream=stream, timer=timer, recompute=recompute,
