@@ -44,7 +44,9 @@ def test_gmm_measures_once_stores_and_stays_right(fresh):
     entries = stored(fresh, "gmm")
     assert len(entries) == 1
     times = entries[0]["times_ms"]
-    assert set(times) == {"cublas_grouped", "sequential", "chunked_batched"}
+    # Our Hopper kernel is a candidate where it can run (SM 9.0, bf16, K and N multiples of 8).
+    own = {"sm90_grouped"} if cg.device_info().sm == (9, 0) else set()
+    assert set(times) == {"cublas_grouped", "sequential", "chunked_batched"} | own
     assert all(0 < t < 1000 for t in times.values())
     # The same shape class again: no new measurement, same result.
     out2 = cg.gmm(a, b, sizes)
@@ -156,3 +158,43 @@ def test_time_candidates_on_a_stream():
 
     times = at.time_candidates(tuple(work), run, stream)
     assert 0 < times[Algorithm.SEQUENTIAL] < times[Algorithm.CUBLAS_GROUPED]
+
+
+def test_auto_runs_the_hopper_kernel_where_a_table_measured_it_fastest(tmp_path, monkeypatch):
+    """A user table that times SM90_GROUPED fastest (past the margin) for this
+    shape: gmm under AUTO runs our kernel (on SM 9.0; a cuBLAS algorithm
+    elsewhere) and the result is right; with the kernel's time above the
+    others' it runs cuBLAS."""
+    from tuning_util import entry, write_table
+
+    from cublas_grouped.gemm import select as _select
+    from cublas_grouped.gemm.backends import hopper
+    from cublas_grouped.gemm.tables import tuning_table_path
+
+    user, _ = isolate_tuning(tmp_path, monkeypatch)
+    info = cg.device_info()
+    rng = np.random.default_rng(4)
+    sizes = random_sizes(rng, 16, 16 * 200)
+    total, k, n = int(sizes.sum()), 512, 384
+    a, a64 = device_random(rng, (total, k), ml_dtypes.bfloat16)
+    b, b64 = device_random(rng, (16, k, n), ml_dtypes.bfloat16, scale=k**-0.5)
+    ran = []
+    real = hopper.grouped_contiguous
+    monkeypatch.setattr(hopper, "grouped_contiguous", lambda *x, **kw: (ran.append(1), real(*x, **kw)))
+    active = int(np.count_nonzero(sizes))
+    shape = dict(n=n, k=k, experts=16, active=active, mean_rows=total / active, max_rows=int(sizes.max()))
+    for sm90_ms, want in ((0.5, info.sm == (9, 0)), (5.0, False)):
+        times = {"cublas_grouped": 1.0, "sequential": 2.0, "chunked_batched": 1.5, "sm90_grouped": sm90_ms}
+        write_table(
+            user,
+            tuning_table_path(info).name,
+            info.name,
+            info.cublas_version,
+            [entry(times=times, **shape)],
+            info.sm,
+        )
+        _select.reset_tuning_cache()  # the table changed: forget tables and remembered choices
+        ran.clear()
+        out = cg.gmm(a, b, sizes, out=poisoned((total, n), ml_dtypes.bfloat16))
+        check_close(out, ref.gmm_ref(a64, b64, sizes), TOLERANCE["bfloat16"], f"AUTO, sm90 at {sm90_ms} ms")
+        assert bool(ran) == want, (sm90_ms, ran)

@@ -790,8 +790,10 @@ def test_run_all_times_every_method_round_robin_on_a_fake_gpu(monkeypatch):
     assert all(r.error == "skipped: sm90_grouped needs an SM 9.0 GPU (this one is SM 8.0)" for r in skipped)
     assert "sm90_grouped" not in fake.log and "layer:sm90_grouped" not in fake.log
     decode = [f"{r.section}:{r.method}" for r in results if r.tokens == 16]
-    gemm1 = [f"gemm1:{m}" for m in (*workloads.ALGORITHMS, *workloads.TIMED_ONLY, "auto", "dense")]
-    layer = [f"layer:{m}" for m in (*workloads.ALGORITHMS, *workloads.TIMED_ONLY, "auto", "fixed-capacity")]
+    gemm1 = [f"gemm1:{m}" for m in (*workloads.ALGORITHMS, *workloads.KERNEL_ALGORITHMS, "auto", "dense")]
+    layer = [
+        f"layer:{m}" for m in (*workloads.ALGORITHMS, *workloads.KERNEL_ALGORITHMS, "auto", "fixed-capacity")
+    ]
     assert decode == gemm1 + layer + ["route:route", "split:auto", "graph:fixed-capacity"]
     prefill = [f"{r.section}:{r.method}" for r in results if r.tokens == 256]
     assert prefill == gemm1 + layer[:-1] + ["route:route", "split:auto"]
@@ -814,7 +816,8 @@ def test_run_all_times_every_method_round_robin_on_a_fake_gpu(monkeypatch):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_the_sm90_kernel_is_timed_on_sm90_in_both_sections(monkeypatch, dtype):
     """On SM 9.0 the sm90 kernel is timed beside the others (gemm1 and layer) for
-    16-bit cases and skipped for float32; AUTO's targets never compare with it."""
+    16-bit cases and skipped for float32; AUTO's targets compare with it (AUTO
+    may choose it there)."""
     from cublas_grouped.tools.bench import runner
 
     fake = _FakeGpu()
@@ -835,11 +838,13 @@ def test_the_sm90_kernel_is_timed_on_sm90_in_both_sections(monkeypatch, dtype):
     assert all(r.error is None and r.ms > 0 for r in sm90.values())
     assert "sm90_grouped" in fake.log and "layer:sm90_grouped" in fake.log
     assert "sm90_grouped" in report.format_table(results)
-    # Make the kernel the fastest of all: AUTO is still judged against the algorithms it can choose.
+    # Make the kernel the fastest of all: AUTO can choose it, so AUTO is judged against it.
     for r in sm90.values():
         r.ms = 1e-6
-    targets = "\n".join(report.evaluate_targets(results, args.hbm_gbs))
-    assert "sm90_grouped" not in targets
+    targets = report.evaluate_targets(results, args.hbm_gbs)
+    for section in ("gemm1", "layer"):
+        block = targets[targets.index(next(t for t in targets if f"({section})" in t)) :]
+        assert "vs best 0.000 ms (sm90_grouped)" in block[1], block[:2]
 
 
 # -- tuner -----------------------------------------------------------------------------------------------

@@ -598,3 +598,99 @@ def test_packed_chunk_boundaries():
         o = offsets
         assert groups.tolist() == [1, 2, 2, 3, 3]
         assert starts.tolist() == [o[1], o[2], o[2] + 1, o[3], o[3] + chunk]
+
+
+def test_own_kernel_is_a_candidate_where_it_can_run():
+    """SM90_GROUPED joins the candidates on SM 9.0 for 16-bit products with K and
+    N multiples of 8, and nowhere else."""
+    base = [Algorithm.CUBLAS_GROUPED, Algorithm.SEQUENTIAL]
+    ampere = DeviceInfo(sm=(8, 0), cublas_version=130100, name="a100")
+    fits = ProblemStats(8, 8, 4096, 600, 1536, 2048, "bfloat16")
+    assert _select.with_own_kernel(base, H100, fits) == [*base, Algorithm.SM90_GROUPED]
+    assert _select.with_own_kernel(base, H100, ProblemStats(8, 8, 4096, 600, 1536, 2048, "float16"))[-1] is (
+        Algorithm.SM90_GROUPED
+    )
+    assert _select.with_own_kernel(base, ampere, fits) == base
+    assert _select.with_own_kernel(base, H100, ProblemStats(8, 8, 4096, 600, 1536, 2048, "float32")) == base
+    assert _select.with_own_kernel(base, H100, ProblemStats(8, 8, 4096, 600, 1540, 2048, "bfloat16")) == base
+    assert _select.with_own_kernel(base, H100, ProblemStats(8, 8, 4096, 600, 1536, 2044, "bfloat16")) == base
+
+
+def _table_with(times: dict, device: DeviceInfo = H100) -> TuningTable:
+    entry = {"dtype": "bfloat16", "num_experts": 8, "active_experts": 8, "mean_rows": 512.0, "max_rows": 600}
+    entry.update({"n": 1536, "k": 2048, "times_ms": times})
+    return TuningTable(device.name, device.cublas_version, [entry], list(device.sm))
+
+
+def test_auto_takes_own_kernel_only_from_measured_times():
+    """Measured fastest, the kernel is chosen on SM 9.0 (gmm's grouped rows and the
+    layer's layouts); never for the K-grouped product, never on another GPU, and
+    never by the built-in rules (no table: a cuBLAS algorithm)."""
+    stats = ProblemStats(8, 8, 4096, 600, 1536, 2048, "bfloat16")
+    times = {"cublas_grouped": 2.0, "sequential": 1.5, "chunked_batched": 1.8, "sm90_grouped": 1.0}
+    table = _table_with(times)
+    assert select_algorithm(stats, H100, table=table) is Algorithm.SM90_GROUPED
+    assert select_algorithm(stats, H100, padded_layouts=True, table=table) is Algorithm.SM90_GROUPED
+    assert select_algorithm(stats, H100, table=table, own_kernel=False) is Algorithm.SEQUENTIAL
+    ampere = DeviceInfo(sm=(8, 0), cublas_version=130100, name=H100.name)
+    assert select_algorithm(stats, ampere, table=_table_with(times, ampere)) is Algorithm.SEQUENTIAL
+    assert select_algorithm(stats, H100, table=None) is not Algorithm.SM90_GROUPED
+    slower = _table_with({**times, "sm90_grouped": 1.6})
+    assert select_algorithm(stats, H100, table=slower) is Algorithm.SEQUENTIAL
+    # A win smaller than the margin is a tie, and a tie goes to cuBLAS.
+    assert _select.OWN_KERNEL_MARGIN == 1.03
+    tie = _table_with({**times, "sm90_grouped": 1.5 / 1.02})
+    assert select_algorithm(stats, H100, table=tie) is Algorithm.SEQUENTIAL
+    clear = _table_with({**times, "sm90_grouped": 1.5 / 1.04})
+    assert select_algorithm(stats, H100, table=clear) is Algorithm.SM90_GROUPED
+
+
+def test_layer_pair_with_own_kernel_first():
+    """The layer's pair: our kernel for the first GEMM runs on grouped-contiguous
+    rows, so the second GEMM is the fastest algorithm of that layout (here our
+    kernel again; CHUNKED_BATCHED, fastest alone, needs another layout), unless
+    the pair on another layout is faster in all."""
+    sizes = np.full(8, 512, dtype=np.int64)
+
+    def times(first_ms, second_ms):
+        def source(stats, candidates):
+            table = first_ms if (stats.n, stats.k) == (1536, 2048) else second_ms
+            return {Algorithm(a): t for a, t in table.items() if Algorithm(a) in candidates}
+
+        return source
+
+    first = {"cublas_grouped": 2.0, "sequential": 2.2, "chunked_batched": 1.9, "sm90_grouped": 1.0}
+    second = {"cublas_grouped": 1.2, "sequential": 1.3, "chunked_batched": 0.5, "sm90_grouped": 1.1}
+    pair = _select.choose_layer_algorithms(
+        sizes, (1536, 2048), (2048, 768), "bfloat16", H100, times=times(first, second), times_key="t1"
+    )
+    assert pair == (Algorithm.SM90_GROUPED, Algorithm.SM90_GROUPED)  # 1.0 + 1.1 < 1.9 + 0.5
+    first["sm90_grouped"] = 1.5  # 1.5 + 1.1 > 1.9 + 0.5: the chunked pair wins in all
+    pair = _select.choose_layer_algorithms(
+        sizes, (1536, 2048), (2048, 768), "bfloat16", H100, times=times(first, second), times_key="t2"
+    )
+    assert pair == (Algorithm.CHUNKED_BATCHED, Algorithm.CHUNKED_BATCHED)
+
+
+def test_layer_pair_on_padded_rows_must_win_by_the_margin():
+    """A pair on padded rows (here CHUNKED_BATCHED's) that beats the best pair on
+    back-to-back rows by less than PADDED_LAYOUT_MARGIN is a tie, and goes to
+    back-to-back rows (SEQUENTIAL here); by more, it is taken."""
+    sizes = np.full(8, 512, dtype=np.int64)
+    assert _select.PADDED_LAYOUT_MARGIN == 1.03
+
+    def pair(chunked_ms, key):
+        first = {"cublas_grouped": 3.0, "sequential": 2.0, "chunked_batched": chunked_ms}
+        second = {"cublas_grouped": 1.5, "sequential": 1.0, "chunked_batched": 1.0}
+
+        def source(stats, candidates):
+            table = first if (stats.n, stats.k) == (1536, 2048) else second
+            return {Algorithm(a): t for a, t in table.items() if Algorithm(a) in candidates}
+
+        return _select.choose_layer_algorithms(
+            sizes, (1536, 2048), (2048, 768), "float32", H100, times=source, times_key=key
+        )
+
+    # Back-to-back rows: 2.0 + 1.0 = 3.0. Chunked: x + 1.0.
+    assert pair(1.95, "tie") == (Algorithm.SEQUENTIAL, Algorithm.SEQUENTIAL)  # 2.95 * 1.03 > 3.0
+    assert pair(1.80, "win") == (Algorithm.CHUNKED_BATCHED, Algorithm.CHUNKED_BATCHED)  # 2.8 * 1.03 < 3.0

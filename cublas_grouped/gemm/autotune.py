@@ -425,7 +425,8 @@ def _choose_gmm(executor, device, plan, ops, dtype, res, sizes_dev, family) -> A
             return time_candidates(candidates, run, res.cupy_stream)
 
     times = lambda s, c: auto_times(s, device, c, family=family, measure=measure, stream=res.stream)  # noqa: E731
-    return select_algorithm(stats, device, packed_chunks=not plan.trans_a, times=times)
+    rows = not plan.trans_a  # grouped rows, not the K-grouped product: chunks and our kernel can run
+    return select_algorithm(stats, device, packed_chunks=rows, times=times, own_kernel=rows)
 
 
 def _measure_layer_gemm(executor, operands_for, counts: np.ndarray, n: int, k: int, dtype, candidates):

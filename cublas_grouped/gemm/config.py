@@ -38,7 +38,8 @@ class Algorithm(str, enum.Enum):
         bfloat16/float16, weights in either layout (``[E, K, N]``, or
         ``[E, N, K]`` with ``trans_b``), K and N multiples of 8; anything else
         (float32, ``trans_a``, other GPUs) runs CUBLAS_GROUPED instead, with
-        a one-time warning. AUTO does not choose it yet.
+        a one-time warning. AUTO takes it where measured at least 3% faster
+        than the best cuBLAS algorithm (``select.OWN_KERNEL_MARGIN``).
     """
 
     AUTO = "auto"

@@ -22,8 +22,9 @@ from collections.abc import Callable
 import numpy as np
 
 from ..runtime.device import DeviceInfo
+from .backends import hopper as _hopper
 from .config import Algorithm
-from .plan import ProblemStats, layout_for
+from .plan import ProblemStats, RowLayout, layout_for
 from .tables import TuningTable, forget_tables, load_tuning_table
 
 __all__ = [
@@ -34,8 +35,11 @@ __all__ = [
     "measured_times",
     "usable_times",
     "allowed_algorithms",
+    "with_own_kernel",
     "reset_tuning_cache",
     "MAX_STRIDED_PADDING",
+    "OWN_KERNEL_MARGIN",
+    "PADDED_LAYOUT_MARGIN",
     "TimesSource",
     "remembered",
     "tuning_state",
@@ -45,6 +49,18 @@ __all__ = [
 # PADDED_STRIDED is taken from measured times only while it computes at most
 # this many times the real rows (tables are measured on even loads).
 MAX_STRIDED_PADDING = 1.5
+# AUTO takes SM90_GROUPED only where it measures at least this much faster
+# than the best other candidate (its time is scaled by this before comparing).
+# In the H100 tables the kernel was fastest on 86 of 244 shapes, on half of
+# them by less than 1.6% (a tie: those choices flipped between the tuner's and
+# the benchmark's runs, one of them 3% the wrong way); a quarter by 5-23%.
+OWN_KERNEL_MARGIN = 1.03
+# A layer pair on padded rows (CHUNKED_BATCHED's chunk-aligned, PADDED_STRIDED's
+# padded capacity) is taken only where its GEMMs measure at least this much
+# faster than the best pair on back-to-back rows: the tables time GEMMs, not
+# the gather, activation and combine over the padding. On an H100, pairs that
+# won by 0.3% in the tables ran the Mixtral layer 5-8% slower than SEQUENTIAL.
+PADDED_LAYOUT_MARGIN = 1.03
 # Sizes for asking which layout an algorithm makes: its kind does not depend on them.
 _ANY_SIZES = np.ones(1, dtype=np.int64)
 
@@ -110,6 +126,20 @@ def allowed_algorithms(
     return allowed
 
 
+def with_own_kernel(allowed: list[Algorithm], device: DeviceInfo, stats: ProblemStats) -> list[Algorithm]:
+    """``allowed`` plus SM90_GROUPED where our Hopper kernel can run ``stats``'s
+    product on ``device`` (SM 9.0, bfloat16 or float16, K and N multiples of 8).
+
+    AUTO acts on it only through measured times (tables or its own
+    measurement), never through the built-in rules: the benchmark showed it
+    faster than every cuBLAS algorithm on skewed prefill layers and slower on
+    most uniform ones (docs/benchmarks.md), so only a measurement can tell.
+    """
+    if _hopper.unsupported_shape(device.sm, stats.dtype, stats.n, stats.k) is None:
+        return [*allowed, Algorithm.SM90_GROUPED]
+    return allowed
+
+
 def _rule(stats: ProblemStats, allowed: list[Algorithm]) -> Algorithm:
     mean = stats.mean_rows
     if Algorithm.SEQUENTIAL in allowed and stats.active_experts <= 16 and mean >= 512:
@@ -129,15 +159,20 @@ def select_algorithm(
     table: TuningTable | None | bool = True,
     packed_chunks: bool = False,
     times: TimesSource | None = None,
+    own_kernel: bool = True,
 ) -> Algorithm:
     """The algorithm to run for ``stats`` on ``device``.
 
     ``table=True`` uses the table :func:`.tables.tuning_table_for` picks (if any); pass
     a :class:`TuningTable`, or ``None``/``False`` for the built-in rules only.
     ``times(stats, candidates)``, when given, replaces the table lookup (AUTO
-    passes one that may measure, see :mod:`.autotune`).
+    passes one that may measure, see :mod:`.autotune`). ``own_kernel``: the
+    product is one our Hopper kernel could run (not the K-grouped one), so it
+    is a candidate where :func:`with_own_kernel` allows.
     """
     allowed = allowed_algorithms(device, padded_layouts=padded_layouts, packed_chunks=packed_chunks)
+    if own_kernel:
+        allowed = with_own_kernel(allowed, device, stats)
     found = (
         times(stats, tuple(allowed)) if times is not None else measured_times(stats, device, allowed, table)
     )
@@ -160,10 +195,16 @@ def measured_times(
 
 def usable_times(measured: dict | None, stats: ProblemStats, candidates) -> dict[Algorithm, float] | None:
     """The times of ``measured`` that AUTO may act on for ``stats``: only ``candidates``,
-    and no PADDED_STRIDED on a load that padding would blow up. None when nothing is left."""
+    no PADDED_STRIDED on a load that padding would blow up, and SM90_GROUPED's
+    time scaled by :data:`OWN_KERNEL_MARGIN`. None when nothing is left."""
     if not measured:
         return None
     times = {alg: t for alg, t in measured.items() if alg in candidates}
+    if Algorithm.SM90_GROUPED in times:
+        # Our kernel must win by a margin: where it measures within a few percent
+        # of a cuBLAS algorithm the two are tied within the noise of one
+        # measurement, and a tie broken either way flips from run to run.
+        times[Algorithm.SM90_GROUPED] *= OWN_KERNEL_MARGIN
     # Padding every expert to the busiest one costs far more on a skewed load
     # than the table's (mostly even) measurements show.
     if stats.padding_ratio > MAX_STRIDED_PADDING:
@@ -255,18 +296,24 @@ def _choose_layer(sizes, first_nk, second_nk, dtype, device, times, times_key) -
     allowed = allowed_algorithms(device, padded_layouts=True)
     if times is None:
         times = lambda stats, candidates: measured_times(stats, device, candidates)  # noqa: E731
-    first = times(first_stats, tuple(allowed))
+    first = times(first_stats, tuple(with_own_kernel(allowed, device, first_stats)))
     second = None
     if first:
         second_stats = ProblemStats(len(sizes), active, total, largest, *second_nk, dtype)
-        second = times(second_stats, tuple(allowed))
+        second = times(second_stats, tuple(with_own_kernel(allowed, device, second_stats)))
     if first and second:
 
         def on_layout(a: Algorithm) -> tuple[float, Algorithm]:
             options = [(second[b], b) for b in algorithms_on_layout_of(a) if b in second]
             return min(options) if options else (math.inf, a)
 
-        choice = min(first, key=lambda a: first[a] + on_layout(a)[0])
+        def pair_ms(a: Algorithm) -> float:
+            pair = first[a] + on_layout(a)[0]
+            # Rows laid out with padding (chunk-aligned, padded capacity) cost the
+            # layer more than its GEMMs show: a near tie goes to back-to-back rows.
+            return pair if layout_for(a, _ANY_SIZES) == RowLayout.contiguous() else pair * PADDED_LAYOUT_MARGIN
+
+        choice = min(first, key=pair_ms)
         found = (choice, on_layout(choice)[1] if on_layout(choice)[0] < math.inf else choice)
     else:
         choice = _rule(first_stats, allowed) if not first else min(first, key=first.get)

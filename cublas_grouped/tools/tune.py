@@ -38,9 +38,11 @@ from .bench.gpu import describe_error, free_pool, no_gpu_reason, random_normal
 from .bench.workloads import (
     ALGORITHMS,
     DTYPE_BYTES,
+    KERNEL_ALGORITHMS,
     MODELS,
     case_seed,
     expert_counts,
+    kernel_unavailable,
     layout_rows,
     routing_weights,
     skewed_routing,
@@ -252,8 +254,12 @@ def _measure(shape: Shape, w, api, args, budget_bytes: int) -> dict:
     # Every algorithm is set up first and then timed round-robin, so a clock
     # that drifts during the shape moves them alike (the table compares them).
     runs, used = {}, w.nbytes
-    for algorithm in ALGORITHMS:
+    sm = tuple(api.device_info().sm)
+    for algorithm in ALGORITHMS + KERNEL_ALGORITHMS:
         times[algorithm] = None
+        if algorithm in KERNEL_ALGORITHMS and (why := kernel_unavailable(algorithm, sm, shape.dtype)):
+            errors[algorithm] = why  # a fallback would time another algorithm under this name
+            continue
         need = layout_rows(algorithm, counts) * (shape.k + shape.n) * itemsize
         if used + need > budget_bytes:
             errors[algorithm] = f"skipped: needs ~{(used + need) / 1e9:.1f} GB with the others"

@@ -14,7 +14,8 @@ a load warpgroup filling a ring of shared-memory stages ahead of two math
 warpgroups (warp specialization), persistent CTAs (one per SM, each taking
 the next tile from a counter on the device when its ring has room, so the
 next tile's loads run during this tile's stores; :data:`SCHEDULE`), one tile
-shape. AUTO does not choose it until the benchmark shows it faster.
+shape. AUTO takes it where measured clearly faster than cuBLAS
+(``select.with_own_kernel``, ``select.OWN_KERNEL_MARGIN``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "DEFINES",
     "SHARED_BYTES",
     "unsupported",
+    "unsupported_shape",
     "ALIGNMENT",
     "misaligned",
     "tile_schedule",
@@ -90,14 +92,21 @@ _SUFFIX = {"bfloat16": "bf16", "float16": "f16"}
 
 def unsupported(sm: tuple[int, int], dtype, plan: GemmPlan) -> str | None:
     """Why this back end cannot run ``plan`` (None when it can)."""
+    return unsupported_shape(sm, dtype, plan.n, plan.k, trans_a=plan.trans_a)
+
+
+def unsupported_shape(sm: tuple[int, int], dtype, n: int, k: int, *, trans_a: bool = False) -> str | None:
+    """Why this back end cannot run an ``[M, K] @ [K, N]`` grouped product of
+    ``dtype`` on an SM ``sm`` GPU (None when it can): what :func:`unsupported`
+    asks of a plan, from the sizes alone (AUTO asks it before any plan)."""
     if tuple(sm) != (9, 0):
         return f"needs an SM 9.0 GPU (Hopper); this one is SM {sm[0]}.{sm[1]}"
     if np.dtype(dtype).name not in _SUFFIX:
         return f"takes bfloat16 or float16; got {np.dtype(dtype).name}"
-    if plan.trans_a:
+    if trans_a:
         return "does not run the K-grouped product (trans_a)"
-    if plan.k % 8 or plan.n % 8:
-        return f"needs K and N to be multiples of 8 (16-byte rows); got K={plan.k}, N={plan.n}"
+    if k % 8 or n % 8:
+        return f"needs K and N to be multiples of 8 (16-byte rows); got K={k}, N={n}"
     return None
 
 

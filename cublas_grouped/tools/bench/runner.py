@@ -30,12 +30,13 @@ from .report import GEMM_STAGES, OVERHEAD_STAGES, Result, merge_passes, overhead
 from .section import SectionRunner, Timed
 from .workloads import (
     ALGORITHMS,
-    TIMED_ONLY,
+    KERNEL_ALGORITHMS,
     Case,
     case_seed,
     expert_counts,
     gemm1_flops,
     gemm1_weight_bytes,
+    kernel_unavailable,
     layer_flops,
     layer_weight_bytes,
     layout_rows,
@@ -117,14 +118,9 @@ class CaseRunner(SectionRunner):
         return None if err <= tol else f"CHECK FAILED rel.err {err:.2g}"
 
     def cannot_run(self, method: str) -> str | None:
-        """Why ``method`` (one of TIMED_ONLY: the sm90 kernel) cannot run on this
+        """Why ``method`` (one of KERNEL_ALGORITHMS: the sm90 kernel) cannot run on this
         GPU and dtype, as a "skipped" error; None when it can."""
-        sm = tuple(self.api.device_info().sm)
-        if sm != (9, 0):
-            return f"skipped: {method} needs an SM 9.0 GPU (this one is SM {sm[0]}.{sm[1]})"
-        if self.case.dtype not in ("bfloat16", "float16"):
-            return f"skipped: {method} takes bfloat16 or float16, not {self.case.dtype}"
-        return None
+        return kernel_unavailable(method, tuple(self.api.device_info().sm), self.case.dtype)
 
     # -- first GEMM ----------------------------------------------------------------------------------------
     def run_gemm1(self) -> None:
@@ -139,7 +135,7 @@ class CaseRunner(SectionRunner):
         flops, nbytes = gemm1_flops(c), gemm1_weight_bytes(c, self.active)
         setups = [
             (m, lambda m=m: self._gemm1_algorithm(m, xs, w1s, flops, nbytes, note))
-            for m in ALGORITHMS + TIMED_ONLY + ("auto",)
+            for m in ALGORITHMS + KERNEL_ALGORITHMS + ("auto",)
         ]
         # The dense GEMM reads one [H, N1] matrix, not every active expert's.
         dense_bytes = c.hidden * c.n1 * c.itemsize
@@ -158,7 +154,7 @@ class CaseRunner(SectionRunner):
 
     def _gemm1_algorithm(self, method, xs, w1s, flops, nbytes, note) -> Timed | Result:
         c = self.case
-        if method in TIMED_ONLY and (why := self.cannot_run(method)):
+        if method in KERNEL_ALGORITHMS and (why := self.cannot_run(method)):
             return self.result("gemm1", method, error=why)
         if method != "auto":
             skip = self.fits(layout_rows(method, self.counts) * (c.hidden + c.n1) * c.itemsize * len(xs))
@@ -290,7 +286,9 @@ class CaseRunner(SectionRunner):
         w1s = [w1] + [w1.copy() for _ in range(sets - 1)] if copy_w else [w1]
         w2s = [w2] + [w2.copy() for _ in range(sets - 1)] if copy_w else [w2]
         note = None if sets == 1 or copy_w else "weights not rotated"
-        methods = ALGORITHMS + TIMED_ONLY + ("auto",) + ((FIXED_CAPACITY,) if c.phase == "decode" else ())
+        methods = (
+            ALGORITHMS + KERNEL_ALGORITHMS + ("auto",) + ((FIXED_CAPACITY,) if c.phase == "decode" else ())
+        )
         setups = [(m, lambda m=m: self._layer(m, xs, w1s, w2s, nbytes, note)) for m in methods]
         held = sum(x.nbytes for x in xs) + sum(w.nbytes for w in w1s[1:] + w2s[1:])
         self.run_section("layer", setups, held=held)
@@ -308,7 +306,7 @@ class CaseRunner(SectionRunner):
 
     def _layer(self, method, xs, w1s, w2s, nbytes, note) -> Timed | Result:
         c = self.case
-        if method in TIMED_ONLY and (why := self.cannot_run(method)):
+        if method in KERNEL_ALGORITHMS and (why := self.cannot_run(method)):
             return self.result("layer", method, error=why)
         if method not in ("auto", FIXED_CAPACITY):
             rows = layout_rows(method, self.counts)

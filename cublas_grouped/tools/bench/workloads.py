@@ -18,7 +18,8 @@ from ...gemm.plan import layout_for
 
 __all__ = [
     "ALGORITHMS",
-    "TIMED_ONLY",
+    "KERNEL_ALGORITHMS",
+    "kernel_unavailable",
     "DTYPE_BYTES",
     "MODELS",
     "ModelShape",
@@ -42,10 +43,20 @@ __all__ = [
 
 # The single algorithms AUTO chooses among (the values of cublas_grouped.Algorithm).
 ALGORITHMS = ("cublas_grouped", "sequential", "chunked_batched", "padded_strided")
-# Algorithms timed beside them where the GPU and dtype allow, that AUTO does not
-# choose (so the AUTO targets do not compare against them): our Hopper kernel,
-# SM 9.0 and bf16/fp16 only; elsewhere each case records it as skipped.
-TIMED_ONLY = ("sm90_grouped",)
+# Our own kernels' algorithms, timed (and tuned, and chosen by AUTO) only where
+# the GPU and dtype allow: the Hopper kernel, SM 9.0 and bf16/fp16; elsewhere
+# each case records it as skipped.
+KERNEL_ALGORITHMS = ("sm90_grouped",)
+
+
+def kernel_unavailable(method: str, sm: tuple[int, int], dtype: str) -> str | None:
+    """Why ``method`` (one of KERNEL_ALGORITHMS) cannot run on an SM ``sm``
+    GPU in ``dtype``, as a "skipped" error; None when it can."""
+    if tuple(sm) != (9, 0):
+        return f"skipped: {method} needs an SM 9.0 GPU (this one is SM {sm[0]}.{sm[1]})"
+    if dtype not in ("bfloat16", "float16"):
+        return f"skipped: {method} takes bfloat16 or float16, not {dtype}"
+    return None
 
 
 @dataclass(frozen=True)
