@@ -8,6 +8,7 @@ from .gemm.config import Algorithm, ComputePrecision, GroupedGemmConfig
 from .gemm.executor import GroupedGemmExecutor
 from .gemm.fp8 import FP8ExpertWeights, quantize_fp8, quantize_rows_fp8
 from .gemm.gmm import gmm
+from .gemm.masked import gmm_masked
 from .gemm.plan import ProblemStats, RowLayout, choose_chunk_rows
 from .gemm.select import select_algorithm
 from .gemm.tables import TuningTable
@@ -57,6 +58,7 @@ __all__ = [
     "scatter_output",
     "GroupedGemmConfig",
     "GroupedGemmExecutor",
+    "gmm_masked",
     "KernelCompileError",
     "KernelCacheWarning",
     "KernelLaunchError",

@@ -6,7 +6,14 @@
 //   out[o_g + r, :] = a[o_g + r, :] @ b[g]^T   for every group g, row r < m_g   (nt kernels)
 //   out[o_g + r, :] = a[o_g + r, :] @ b[g]     for every group g, row r < m_g   (nn kernels)
 //
-//   a    [M, K]      rows grouped contiguously (group g at rows o_g .. o_g + m_g - 1)
+// Two row layouts, both with the group sizes on the device:
+//   grouped-contiguous: o_g = m_0 + ... + m_{g-1} (group after group, no gaps);
+//   masked fixed capacity: a is [E, C, K] and out [E, C, N], o_g = g * C and
+//     m_g = min(sizes[g], C): rows m_g .. C - 1 of each group are neither
+//     computed as tiles of their own nor written (the decode layout: the
+//     launch depends on E and C only, so a CUDA graph replays it with new sizes).
+//
+//   a    [M, K]      rows of group g at o_g .. o_g + m_g - 1
 //   b    nt: [E, N, K], one K-major matrix per group (the nn.Linear layout),
 //            seen by its tensor map as [E * N, K];
 //        nn: [E, K, N], one N-major matrix per group (gmm's default layout),
@@ -24,16 +31,22 @@
 //
 // Kernels:
 //
-//   grouped_tile_offsets(const int* sizes, int num_groups, int* row_offsets,
-//                        int* tile_offsets, int* tile_counter)
+//   grouped_tile_offsets(const int* sizes, int num_groups, int capacity,
+//                        int* row_offsets, int* row_ends, int* tile_offsets,
+//                        int* tile_counter)
 //     ONE block of SM90_TILE_THREADS threads (a multiple of 32, at most 1024).
-//     row_offsets [E + 1]: exclusive prefix of max(sizes[g], 0), then the
-//     total; tile_offsets [E + 1]: exclusive prefix of
-//     ceil(max(sizes[g], 0) / SM90_BLOCK_M), then the total. Any E.
-//     *tile_counter = 0: the GEMM launched after it hands out tiles from it.
+//     With m_g = max(sizes[g], 0), or min(max(sizes[g], 0), capacity) when
+//     capacity > 0 (masked):
+//     row_offsets [E + 1]: the first row o_g of each group, then the end of
+//     the layout (contiguous: the exclusive prefix of m_g, then the total;
+//     masked: g * capacity, then E * capacity); row_ends [E]: o_g + m_g;
+//     tile_offsets [E + 1]: exclusive prefix of ceil(m_g / SM90_BLOCK_M),
+//     then the total. Any E. *tile_counter = 0: the GEMM launched after it
+//     hands out tiles from it.
 //
-//   grouped_gemm_{nt,nn}_{bf16,f16}(tmap_a, tmap_b, row_offsets, tile_offsets,
-//                                   tile_counter, num_groups, M, N, K, out)
+//   grouped_gemm_{nt,nn}_{bf16,f16}(tmap_a, tmap_b, row_offsets, row_ends,
+//                                   tile_offsets, tile_counter, num_groups,
+//                                   M, N, K, out)
 //     tmap_a: tiled TMA map of a [M, K], box [SM90_BLOCK_M, SM90_BLOCK_K],
 //             128-byte swizzle.
 //     tmap_b, nt: of b as [E * N, K], box [SM90_BLOCK_N, SM90_BLOCK_K],
@@ -66,9 +79,9 @@
 //     local = x - tile_offsets[g] * n_tiles and m_g tiles in the group, rows
 //     row_offsets[g] + (local % m_g) * SM90_BLOCK_M and columns
 //     (local / m_g) * SM90_BLOCK_N onwards (M tiles fastest, group by group).
-//     Rows of the tile past the group's end (they belong to the next group)
-//     and columns past N are computed but never stored; no row at or past M
-//     is ever stored.
+//     Rows of the tile at or past row_ends[g] (the next group's rows, or a
+//     masked group's unused ones) and columns past N are computed but never
+//     stored; no row at or past M is ever stored.
 //     Every output element is computed by one CTA in a fixed K order:
 //     bitwise deterministic.
 
@@ -102,25 +115,30 @@
 #define SM90_C_STAGE_ELEMS (64 * SM90_C_PITCH)
 
 extern "C" __global__ void __launch_bounds__(SM90_TILE_THREADS)
-    grouped_tile_offsets(const int* __restrict__ sizes, int num_groups, int* __restrict__ row_offsets,
+    grouped_tile_offsets(const int* __restrict__ sizes, int num_groups, int capacity,
+                         int* __restrict__ row_offsets, int* __restrict__ row_ends,
                          int* __restrict__ tile_offsets, int* __restrict__ tile_counter) {
     __shared__ int scratch[SCAN_SCRATCH_INTS];
+    const bool masked = capacity > 0;
     int row_carry = 0, tile_carry = 0;
     for (int base = 0; base < num_groups; base += SM90_TILE_THREADS) {
         const int g = base + threadIdx.x;
-        const int m = g < num_groups ? max(sizes[g], 0) : 0;
+        int m = g < num_groups ? max(sizes[g], 0) : 0;
+        if (masked) m = min(m, capacity);
         int rows_total, tiles_total;
         const int rows_ex = block_exclusive_scan(m, &rows_total, scratch);
         const int tiles_ex = block_exclusive_scan((m + SM90_BLOCK_M - 1) / SM90_BLOCK_M, &tiles_total, scratch);
         if (g < num_groups) {
-            row_offsets[g] = row_carry + rows_ex;
+            const int first = masked ? g * capacity : row_carry + rows_ex;  // the launcher keeps E * C < 2^31
+            row_offsets[g] = first;
+            row_ends[g] = first + m;
             tile_offsets[g] = tile_carry + tiles_ex;
         }
         row_carry += rows_total;
         tile_carry += tiles_total;
     }
     if (threadIdx.x == 0) {
-        row_offsets[num_groups] = row_carry;
+        row_offsets[num_groups] = masked ? num_groups * capacity : row_carry;
         tile_offsets[num_groups] = tile_carry;
         *tile_counter = 0;  // the GEMM launched next on this stream hands out tiles from 0
     }
@@ -222,6 +240,7 @@ struct Sm90Tile {
 // together). The caller checked tile < tile_offsets[num_groups] * n_tiles.
 template <bool N_MAJOR_B>
 __device__ __forceinline__ Sm90Tile find_tile(long long tile, int n_tiles, const int* __restrict__ row_offsets,
+                                              const int* __restrict__ row_ends,
                                               const int* __restrict__ tile_offsets, int num_groups, int M,
                                               int N) {
     const int tile_row = static_cast<int>(tile / n_tiles);  // which group's tiles: tile_offsets scale
@@ -244,7 +263,7 @@ __device__ __forceinline__ Sm90Tile find_tile(long long tile, int n_tiles, const
     const int m_tile = static_cast<int>(local % m_tiles);
     const int n_tile = static_cast<int>(local / m_tiles);
     t.row0 = row_offsets[g] + m_tile * SM90_BLOCK_M;
-    t.row_end = min(row_offsets[g + 1], M);
+    t.row_end = min(row_ends[g], M);
     t.n0 = n_tile * SM90_BLOCK_N;
     const int n0 = t.n0;
     // [E, K, N] weights: the 64-column boxes that hold columns of N (the last
@@ -288,6 +307,7 @@ __device__ __forceinline__ Sm90Tile find_tile(long long tile, int n_tiles, const
 template <class T, bool N_MAJOR_B>
 __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const TmaMap* tmap_b,
                                                      const int* __restrict__ row_offsets,
+                                                     const int* __restrict__ row_ends,
                                                      const int* __restrict__ tile_offsets,
                                                      int* __restrict__ tile_counter, int num_groups, int M, int N,
                                                      int K, T* __restrict__ out) {
@@ -344,7 +364,7 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                 next_tile[slot] = done ? -1 : tile;
                 mbarrier_arrive(&sched_full[slot]);  // release: the math threads see next_tile[slot]
                 if (done) break;
-                const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, tile_offsets, num_groups, M, N);
+                const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
                 const int g = t.g, n0 = t.n0, row0 = t.row0, b_boxes = t.b_boxes;
                 const int b_row0 = g * N + n0;
                 for (int kt = 0; kt < num_k; ++kt) {
@@ -413,7 +433,7 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
         }
         // Where this tile goes, found while the last stage's MMAs run (the
         // search's loads wait on nothing the tensor cores do).
-        const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, tile_offsets, num_groups, M, N);
+        const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
         wgmma_wait<0>();
         // The tile's last stage is read: free it now, so the load thread fills
         // it with the next tile's data while this tile is stored.
@@ -463,10 +483,11 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
 #define SM90_GEMM_KERNEL(name, T, N_MAJOR_B)                                                               \
     extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1)                                          \
         name(const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_b,                 \
-             const int* __restrict__ row_offsets, const int* __restrict__ tile_offsets,                    \
-             int* __restrict__ tile_counter, int num_groups, int M, int N, int K, T* __restrict__ out) {    \
-        grouped_gemm_impl<T, N_MAJOR_B>(&tmap_a, &tmap_b, row_offsets, tile_offsets, tile_counter,        \
-                                        num_groups, M, N, K, out);                                         \
+             const int* __restrict__ row_offsets, const int* __restrict__ row_ends,                        \
+             const int* __restrict__ tile_offsets, int* __restrict__ tile_counter, int num_groups, int M,  \
+             int N, int K, T* __restrict__ out) {                                                          \
+        grouped_gemm_impl<T, N_MAJOR_B>(&tmap_a, &tmap_b, row_offsets, row_ends, tile_offsets,            \
+                                        tile_counter, num_groups, M, N, K, out);                           \
     }
 
 SM90_GEMM_KERNEL(grouped_gemm_nt_bf16, bf16_t, false)

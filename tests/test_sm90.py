@@ -26,6 +26,19 @@ def test_tile_schedule_hand_worked():
     assert hopper.BLOCK_M == 128  # the kernel's tile (two math warpgroups of 64 rows)
 
 
+def test_masked_tile_schedule_hand_worked():
+    # Capacity 100, 64-row tiles: group 0 has 5 rows at 0 (one tile of 5);
+    # group 1 none; group 2 asks 250 but holds 100, at row 200 (64 + 36);
+    # group 3 has 64 at row 300; negative counts as 0.
+    got = hopper.tile_schedule(np.array([5, 0, 250, 64, -1]), block_m=64, capacity=100)
+    assert got.tolist() == [[0, 0, 5], [2, 200, 64], [2, 264, 36], [3, 300, 64]]
+    # No tile reaches past its group's block, whatever the counts ask.
+    sizes = np.random.default_rng(3).integers(-5, 400, 50)
+    for g, first, rows in hopper.tile_schedule(sizes, capacity=300):
+        assert g * 300 <= first and first + rows <= g * 300 + min(max(sizes[g], 0), 300)
+    assert len(hopper.tile_schedule(sizes, capacity=300)) <= 50 * -(-300 // hopper.BLOCK_M)
+
+
 def _kernel_model(sizes, block_m):
     """The kernel's own steps: prefix sums, then per CTA a search for the last
     group whose tile offset is <= the CTA's tile."""
@@ -125,9 +138,9 @@ def test_weights_layouts_and_their_tensor_maps():
     """[E, N, K] weights: one 2-D map, a box of a tile's N rows; [E, K, N]: a 3-D
     map (a K tail reads zeros, not the next group), boxes of 64 columns."""
     nt, nn = _plan(n=392, k=200), _plan(trans_b=False, n=392, k=200)
-    assert hopper.weights_layout(nt) == "nt" and hopper.weights_layout(nn) == "nn"
-    assert hopper.b_map_shape(nt) == ((4 * 392, 200), (hopper.BLOCK_N, hopper.BLOCK_K))
-    assert hopper.b_map_shape(nn) == ((4, 200, 392), (1, hopper.BLOCK_K, hopper.B_SPAN))
+    assert hopper.weights_layout(nt.trans_b) == "nt" and hopper.weights_layout(nn.trans_b) == "nn"
+    assert hopper.b_map_shape(4, 392, 200, nt.trans_b) == ((4 * 392, 200), (hopper.BLOCK_N, hopper.BLOCK_K))
+    assert hopper.b_map_shape(4, 392, 200, nn.trans_b) == ((4, 200, 392), (1, hopper.BLOCK_K, hopper.B_SPAN))
     # 64 16-bit columns are the 128 bytes of the swizzle; the boxes tile BLOCK_N.
     assert hopper.B_SPAN * 2 == 128 and hopper.BLOCK_N % hopper.B_SPAN == 0
 

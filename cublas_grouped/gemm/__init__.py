@@ -9,5 +9,6 @@
 - :mod:`.pointers`: device pointer arrays for the batched and grouped calls.
 - :mod:`.backends`: how each algorithm runs (``backends.cublas`` now).
 - :mod:`.autotune`: AUTO's measuring on first sight.
-- :mod:`.executor`: checks, choice, dispatch to a back end; :mod:`.gmm`: ``gmm()``.
+- :mod:`.executor`: checks, choice, dispatch to a back end; :mod:`.gmm`: ``gmm()``;
+  :mod:`.masked`: ``gmm_masked()`` on the masked fixed-capacity layout.
 """

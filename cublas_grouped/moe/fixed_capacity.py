@@ -20,20 +20,27 @@ capacity (:class:`ChunkCapacity`), because the need is not monotonic in T
 (the chunk size changes with T). On top of that, the kernels take the length
 of every array they write and never write past it.
 
+On SM 9.0 GPUs (bfloat16/float16 layers the kernel takes, the default
+algorithm) the GEMMs run on our Hopper kernel instead
+(:func:`fixed_capacity_backend`): each expert's rows back to back in T*k
+rows, the kernel reading the counts on the device, so it computes no tile
+past an expert's rows and no chunk left over, and reads each active expert's
+weights once per column tile. Its launches too depend on T alone.
+
 Memory: rows, GEMM 1 output, activation and GEMM 2 output for
-``ChunkCapacity.rows`` rows, plus a few small index arrays.
+``ChunkCapacity.rows`` rows (at least T*k), plus a few small index arrays.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import numpy as np
 
+from ..gemm.backends import hopper
 from ..gemm.backends.cublas import batched, bound
+from ..gemm.config import Algorithm
 from ..gemm.executor import GroupedGemmExecutor
 from ..gemm.fp8 import dense_scratch, is_fp8
-from ..gemm.plan import GemmPlan, Operands, RowLayout
+from ..gemm.plan import Operands, RowLayout
 from ..gemm.pointers import build_pointers
 from ..runtime.arrays import as_cupy, view
 from ..runtime.device import resolve_stream, resources
@@ -48,6 +55,16 @@ from .checks import (
     kernel_arch,
     layer_shape,
 )
+from .chunk_capacity import (
+    CHUNK_ROWS,
+    MAX_FIXED_CAPACITY_TOKENS,
+    ChunkBuffers,
+    ChunkCapacity,
+    cached_chunk_buffers,
+    chunk_gemm_plan,
+    chunk_rows,
+    max_chunks,
+)
 from .step_graphs import StepGraphs
 
 __all__ = [
@@ -61,16 +78,8 @@ __all__ = [
     "cached_chunk_buffers",
     "check_fixed_capacity_args",
     "fixed_capacity_step",
+    "fixed_capacity_backend",
 ]
-
-# Rows per chunk of a fixed-capacity step with many thin experts (see chunk_rows).
-CHUNK_ROWS = 16
-# Kernel arguments and row indices are int32.
-INT32_LIMIT = 2**31
-# Most tokens of one fixed-capacity step. Sizing walks every T up to the
-# capacity (about 1.5 us each); fixed capacity is for decode and small
-# prefill chunks, far below this.
-MAX_FIXED_CAPACITY_TOKENS = 2**18
 
 
 class FixedCapacityMoE:
@@ -262,148 +271,6 @@ class FixedCapacityMoE:
             )
 
 
-def chunk_rows(shape: LayerShape, tokens: int) -> int:
-    """Rows per chunk (C) for a step of ``tokens`` tokens.
-
-    Few, large experts (Mixtral: mean rows per expert ``T*k/E`` above half
-    a chunk, i.e. ``T*k > 8*E``) get one T-row chunk each, so no expert's
-    weights are read twice. Many, thin experts (Qwen3, DeepSeek-V3) get
-    ``min(T, 16)``-row chunks: 16 is the row tile cuBLAS picks for such thin
-    problems on Hopper, and T-row chunks would compute mostly padding
-    (measured: 4-6% faster at T=64).
-    """
-    if tokens * shape.top_k > shape.num_experts * CHUNK_ROWS // 2:
-        return max(1, tokens)
-    return max(1, min(tokens, CHUNK_ROWS))
-
-
-def max_chunks(shape: LayerShape, tokens: int) -> int:
-    """The most chunks any routing of ``tokens`` tokens needs (exact).
-
-    With P = T*k pairs, A = min(E, P) experts that can be active and C
-    rows per chunk: each active expert's first chunk costs at least one
-    row, every further chunk C more, and no expert has more than T rows
-    (repeats share a row), so at most ``A + (P - A) // C`` chunks and at
-    most ``A * ceil(T / C)``. Routings reach the smaller of the two.
-    """
-    pairs, chunk = tokens * shape.top_k, chunk_rows(shape, tokens)
-    active = min(shape.num_experts, pairs)
-    return min(active + (pairs - active) // chunk, active * -(-tokens // chunk))
-
-
-def _gemm_plan(shape: LayerShape, n: int, k: int) -> GemmPlan:
-    """Shape-only plan: the column-major mapping of a GEMM with N=n, K=k."""
-    empty = np.zeros(0, np.int64)
-    return GemmPlan(shape.num_experts, 0, n, k, False, shape.trans_b, empty, np.zeros(1, np.int64), empty)
-
-
-@dataclass(frozen=True)
-class ChunkCapacity:
-    """What a fixed-capacity step's buffers hold: the largest need over every
-    token count up to ``max_tokens`` (the need is not monotonic in T, because
-    the chunk size changes with T)."""
-
-    max_tokens: int
-    pairs: int  # max_tokens * top_k
-    chunks: int  # most chunks (problems of the batched GEMM) of any step
-    rows: int  # most rows (chunks * chunk rows) of any step
-    chunk_rows: int  # largest chunk (the scratch output's rows)
-
-    @classmethod
-    def of(cls, shape: LayerShape, max_tokens: int) -> ChunkCapacity:
-        """Capacity for every step of 1..``max_tokens`` tokens.
-
-        ``ValueError`` above :data:`MAX_FIXED_CAPACITY_TOKENS` tokens or past
-        the int32 limits of the kernels, before any allocation.
-        """
-        pairs = max_tokens * shape.top_k
-        if max_tokens > MAX_FIXED_CAPACITY_TOKENS or pairs >= INT32_LIMIT:
-            raise ValueError(
-                f"max_tokens={max_tokens} is too large: a fixed-capacity step takes at most "
-                f"{MAX_FIXED_CAPACITY_TOKENS} tokens and fewer than 2**31 (token, expert) pairs"
-            )
-        chunks = rows = largest = 0
-        for tokens in range(1, max_tokens + 1):  # every T: the need is not monotonic in T
-            chunk, step_chunks = chunk_rows(shape, tokens), max_chunks(shape, tokens)
-            chunks = max(chunks, step_chunks)
-            rows = max(rows, step_chunks * chunk)
-            largest = max(largest, chunk)
-        if rows >= INT32_LIMIT:
-            raise ValueError(f"max_tokens={max_tokens} needs {rows} rows; rows must stay below 2**31")
-        return cls(max_tokens, pairs, chunks, rows, largest)
-
-    def check_step(self, shape: LayerShape, tokens: int) -> None:
-        """Refuse a step the buffers cannot hold (an internal error: never truncate)."""
-        pairs, chunks, chunk = tokens * shape.top_k, max_chunks(shape, tokens), chunk_rows(shape, tokens)
-        rows = chunks * chunk
-        if pairs > self.pairs or chunks > self.chunks or rows > self.rows or chunk > self.chunk_rows:
-            raise RuntimeError(
-                f"a step of {tokens} tokens needs {pairs} pairs, {chunks} chunks, {rows} rows "
-                f"and {chunk}-row chunks but the buffers hold {self.pairs}, {self.chunks}, "
-                f"{self.rows} and {self.chunk_rows}"
-            )
-
-
-@dataclass
-class ChunkBuffers:
-    """Every intermediate of a fixed-capacity step, sized by a :class:`ChunkCapacity`."""
-
-    capacity: ChunkCapacity
-    block_counts: object
-    counts: object
-    offsets: object
-    pair_to_row: object
-    row_to_pair: object
-    rows: object
-    h: object
-    act: object
-    y: object
-    scratch: object
-    pointers: object  # uint64 [2, 3, chunks]: (GEMM 1, GEMM 2) x (rows, weights, out)
-
-    @classmethod
-    def allocate(cls, shape: LayerShape, capacity: ChunkCapacity) -> ChunkBuffers:
-        """Allocate every buffer on the current device, in ``shape.dtype``."""
-        import cupy
-
-        rows, i32, dtype = capacity.rows, cupy.int32, shape.dtype
-        return cls(
-            capacity,
-            cupy.empty((K.num_pair_blocks(capacity.pairs), shape.num_experts), dtype=i32),
-            cupy.empty(shape.num_experts, dtype=i32),
-            cupy.empty(shape.num_experts + 1, dtype=i32),
-            cupy.empty(capacity.pairs, dtype=i32),
-            cupy.empty(rows, dtype=i32),
-            cupy.empty((rows, shape.hidden), dtype=dtype),
-            cupy.empty((rows, shape.width), dtype=dtype),
-            cupy.empty((rows, shape.inter), dtype=dtype),
-            cupy.empty((rows, shape.hidden), dtype=dtype),
-            cupy.empty((capacity.chunk_rows, max(shape.width, shape.hidden)), dtype=dtype),
-            cupy.empty((2, 3, capacity.chunks), dtype=cupy.uint64),
-        )
-
-    @property
-    def nbytes(self) -> int:
-        """GPU memory of every buffer."""
-        return sum(getattr(self, f.name).nbytes for f in fields(self) if f.name != "capacity")
-
-
-def cached_chunk_buffers(res, shape: LayerShape, tokens: int) -> ChunkBuffers:
-    """Chunk buffers kept on the stream's resources for ``moe_forward(fixed_capacity=True)``.
-
-    One set per layer shape (dtype included) and stream, sized for every step
-    up to the largest T seen, rounded up to a power of two so that slowly
-    rising decode batch sizes reallocate only a few times.
-    """
-    key = ("chunk-buffers", shape)
-    cached = res.buffers.get(key)
-    if cached is None or cached.capacity.max_tokens < tokens:
-        max_tokens = max(tokens, min(1 << (tokens - 1).bit_length(), MAX_FIXED_CAPACITY_TOKENS))
-        cached = ChunkBuffers.allocate(shape, ChunkCapacity.of(shape, max_tokens))
-        res.buffers[key] = cached
-    return cached
-
-
 def check_fixed_capacity_args(tokens: int, dropped_pairs) -> None:
     """Checks of ``moe_forward(fixed_capacity=True)``: the token count and the counter."""
     if tokens > MAX_FIXED_CAPACITY_TOKENS:
@@ -417,6 +284,29 @@ def check_fixed_capacity_args(tokens: int, dropped_pairs) -> None:
             raise ValueError(
                 f"dropped_pairs must be a uint64 or int64 array of shape (1,); got {d_v.dtype} {d_v.shape}"
             )
+
+
+def fixed_capacity_backend(sm, executor, shape: LayerShape, w1, w2) -> str:
+    """Which GEMMs a fixed-capacity step runs: ``"sm90_grouped"`` (our Hopper
+    kernel on grouped-contiguous rows, group sizes read on the device) or
+    ``"chunked_batched"`` (cuBLAS over chunk problems).
+
+    The kernel where the executor's algorithm is AUTO or SM90_GROUPED, the
+    GPU is SM 9.0, and both GEMMs fit it (bfloat16/float16, H, 2I or I and
+    the widths multiples of 8, 16-byte aligned weights): it computes no tile
+    past an expert's rows and reads each active expert's weights once per
+    column tile, where the chunked calls compute every chunk any routing
+    could need. Anything else (other GPUs, float32, a forced cuBLAS
+    algorithm) keeps the chunked calls.
+    """
+    if executor.config.algorithm not in (Algorithm.AUTO, Algorithm.SM90_GROUPED):
+        return "chunked_batched"
+    gemms = ((shape.width, shape.hidden), (shape.hidden, shape.inter))
+    if any(hopper.unsupported_shape(sm, shape.dtype, n, k) is not None for n, k in gemms):
+        return "chunked_batched"
+    if any(w.data.ptr % hopper.ALIGNMENT for w in (w1, w2)):
+        return "chunked_batched"
+    return "sm90_grouped"
 
 
 def fixed_capacity_step(
@@ -445,11 +335,14 @@ def fixed_capacity_step(
     cupy.cuda.runtime.memsetAsync(row_to_pair.data.ptr, 0xFF, row_to_pair.nbytes, res.stream)
     K.block_histogram(stream, arch, ids, pairs, e, block_counts, skip_repeats=True)
     K.column_scan(stream, arch, block_counts, nb, e, buf.counts)
+    if fixed_capacity_backend(executor.info_for(res.device_id).sm, executor, shape, w1, w2) == "sm90_grouped":
+        _sm90_step(res, shape, buf, x, ids, weights, params, out, dropped)
+        return
     layout = RowLayout.chunk_aligned(chunk)
     x_rows, h, act, y = buf.rows[:rows], buf.h[:rows], buf.act[:rows], buf.y[:rows]
 
     def gemm(which, a, w, c, n, kk, offsets=None):
-        plan = _gemm_plan(shape, n, kk)
+        plan = chunk_gemm_plan(shape, n, kk)
         ops = Operands.for_plan(plan, a.data.ptr, w.data.ptr, c.data.ptr, a.dtype.itemsize)
         arrays = build_pointers(
             res,
@@ -496,4 +389,55 @@ def fixed_capacity_step(
         act,
     )
     gemm(1, act, w2, y, shape.hidden, shape.inter)
+    K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
+
+
+def _sm90_step(res, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, params, out, dropped) -> None:
+    """The rest of a fixed-capacity step on our Hopper kernel, after the counts:
+    each expert's rows back to back in T*k rows (no expert has more than T, so
+    they always fit), the GEMMs over the device counts. Rows past the counts'
+    sum are never placed (their row_to_pair stays -1), computed or read back."""
+    w1, w2, b1, b2 = params
+    arch, stream = kernel_arch(res), res.launch_stream
+    tokens, k = ids.shape
+    e, pairs = shape.num_experts, tokens * k
+    block_counts = buf.block_counts[: K.num_pair_blocks(pairs)]
+    pair_to_row, row_to_pair = buf.pair_to_row[:pairs], buf.row_to_pair[:pairs]
+    x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
+    # The kernel's own offsets kernel gives the contiguous row offsets that
+    # assign_rows places pairs by; GEMM 1 then reuses its schedule.
+    offsets = hopper.schedule_offsets(res, buf.counts, e, storage=buf.schedule)
+    K.assign_rows(
+        stream,
+        arch,
+        ids,
+        pairs,
+        e,
+        block_counts,
+        offsets,
+        pair_to_row,
+        row_to_pair,
+        skip_repeats=True,
+        dropped=dropped,
+    )
+    K.gather_rows(stream, arch, x, row_to_pair, k, x_rows)
+    gemm1 = (e, pairs, shape.width, shape.hidden, shape.trans_b, shape.dtype)
+    ptrs1 = (x_rows.data.ptr, w1.data.ptr, h.data.ptr)
+    hopper.grouped_rows(res, gemm1, ptrs1, buf.counts, scanned=True, storage=buf.schedule)
+    K.expert_activation(
+        stream,
+        arch,
+        h,
+        shape.inter,
+        int(shape.gated),
+        K.ACTIVATIONS[shape.activation],
+        b1,
+        row_to_pair,
+        ids,
+        act,
+    )
+    gemm2 = (e, pairs, shape.hidden, shape.inter, shape.trans_b, shape.dtype)
+    ptrs2 = (act.data.ptr, w2.data.ptr, y.data.ptr)
+    # Not scanned: GEMM 1 used up the tile counter, which the offsets kernel zeroes.
+    hopper.grouped_rows(res, gemm2, ptrs2, buf.counts, storage=buf.schedule)
     K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)

@@ -57,6 +57,10 @@ __all__ = [
     "tensor_map",
     "schedule_buffers",
     "grouped_contiguous",
+    "masked_fixed_capacity",
+    "grouped_rows",
+    "schedule_offsets",
+    "schedule_ints",
 ]
 
 # The one source of the kernel's tile shape: kernels/grouped_gemm_sm90.cu gets
@@ -122,14 +126,14 @@ def misaligned(a_ptr: int, b_ptr: int, out_ptr: int) -> str | None:
     return _misaligned(a_ptr, b_ptr, out_ptr, ALIGNMENT)
 
 
-def weights_layout(plan: GemmPlan) -> str:
-    """The kernel family for ``plan``'s weights: ``"nt"`` for ``[E, N, K]``
-    (``trans_b``, K-major), ``"nn"`` for ``[E, K, N]`` (N-major)."""
-    return "nt" if plan.trans_b else "nn"
+def weights_layout(trans_b: bool) -> str:
+    """The kernel family for weights stored ``[E, N, K]`` (``trans_b``, K-major:
+    ``"nt"``) or ``[E, K, N]`` (N-major: ``"nn"``)."""
+    return "nt" if trans_b else "nn"
 
 
-def b_map_shape(plan: GemmPlan) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(shape, box) of the weights' TMA map, outermost first.
+def b_map_shape(e: int, n: int, k: int, trans_b: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, box) of the TMA map of ``E`` groups' weights, outermost first.
 
     ``[E, N, K]``: the 2-D ``[E * N, K]`` with one box of BLOCK_N rows per stage
     (a tile's rows past N read the next group's weights; those columns are
@@ -138,8 +142,7 @@ def b_map_shape(plan: GemmPlan) -> tuple[tuple[int, ...], tuple[int, ...]]:
     K tail reads zeros and not the next group's first rows (a 2-D
     ``[E * K, N]`` map would rely on the zeros of ``a``, and 0 * inf is NaN).
     """
-    e, n, k = plan.num_experts, plan.n, plan.k
-    if plan.trans_b:
+    if trans_b:
         return (e * n, k), (BLOCK_N, BLOCK_K)
     return (e, k, n), (1, BLOCK_K, B_SPAN)
 
@@ -203,19 +206,24 @@ def _sm_count(device_id: int) -> int:
     return count
 
 
-def tile_schedule(sizes: np.ndarray, block_m: int = BLOCK_M) -> np.ndarray:
+def tile_schedule(sizes: np.ndarray, block_m: int = BLOCK_M, capacity: int = 0) -> np.ndarray:
     """The kernel's tile schedule, on the host: one row (group, first row, rows)
     per tile, in tile order (the CTA ``blockIdx.x`` of each), for tests.
 
-    Negative sizes count as 0, as on the device.
+    Negative sizes count as 0, as on the device. ``capacity`` > 0: the masked
+    layout (group g's rows start at g * capacity; sizes past it are cut to it).
     """
     sizes = np.maximum(np.asarray(sizes, dtype=np.int64), 0)
-    row_offsets = np.concatenate(([0], np.cumsum(sizes)))
+    if capacity > 0:
+        sizes = np.minimum(sizes, capacity)
+        starts = np.arange(len(sizes), dtype=np.int64) * capacity
+    else:
+        starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
     tiles = -(-sizes // block_m)
     group = np.repeat(np.arange(len(sizes)), tiles)
     index = np.arange(len(group)) - np.repeat(np.cumsum(tiles) - tiles, tiles)
-    first = row_offsets[group] + index * block_m
-    rows = np.minimum(block_m, row_offsets[group + 1] - first)
+    first = starts[group] + index * block_m
+    rows = np.minimum(block_m, starts[group] + sizes[group] - first)
     return np.stack([group, first, rows], axis=1).astype(np.int64).reshape(-1, 3)
 
 
@@ -312,62 +320,131 @@ def _allow_shared_memory(kernel, device_id: int) -> None:
     _shared_set.add(key)
 
 
-def schedule_buffers(res, num_groups: int):
-    """(row_offsets [E + 1], tile_offsets [E + 1], tile_counter [1]): int32 views
-    of ``res``'s stream buffer that the offsets kernel fills and the GEMM reads.
+def schedule_ints(num_groups: int) -> int:
+    """int32 entries of :func:`schedule_buffers` for ``num_groups`` groups."""
+    return 3 * int(num_groups) + 3
+
+
+def schedule_buffers(res, num_groups: int, storage=None):
+    """(row_offsets [E + 1], row_ends [E], tile_offsets [E + 1], tile_counter [1]):
+    int32 views of ``res``'s stream buffer that the offsets kernel fills and
+    the GEMM reads (the kernel source's header says what each holds).
     After a launch the counter holds the number of tiles the GEMM took after
     each CTA's first (one atomic per tile loaded), which equals the launch's
-    tile count when no tile was taken twice."""
+    tile count when no tile was taken twice.
+
+    ``storage``: an int32 device array of at least :func:`schedule_ints`
+    entries to use instead of the stream's buffer: a caller whose launches
+    are captured in CUDA graphs beside other layers' keeps its own, since the
+    stream's buffer moves when a call with more groups grows it."""
     import cupy
 
     e = int(num_groups)
-    offsets = res.buffer("sm90-offsets", 4 * (2 * (e + 1) + 1)).view(cupy.int32)
-    return offsets[: e + 1], offsets[e + 1 : 2 * (e + 1)], offsets[2 * (e + 1) : 2 * (e + 1) + 1]
+    if storage is not None:
+        offsets = storage
+    else:
+        offsets = res.buffer("sm90-offsets", 4 * schedule_ints(e)).view(cupy.int32)
+    return (
+        offsets[: e + 1],
+        offsets[e + 1 : 2 * e + 1],
+        offsets[2 * e + 1 : 3 * e + 2],
+        offsets[3 * e + 2 : 3 * e + 3],
+    )
 
 
-def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=None) -> None:
-    """SM90_GROUPED: ``plan`` on ``res``'s stream (grouped-contiguous rows,
-    ``[E, K, N]`` weights, or ``[E, N, K]`` with ``plan.trans_b``); group sizes from ``sizes_dev`` (int32 on the device)
-    when given, else the plan's host sizes, uploaded. No host synchronization.
-
-    The caller checked :func:`unsupported`, and that M, N and K are not zero.
-    """
-
-    dtype = np.dtype(dtype)
-    e, m, n, k = plan.num_experts, plan.total_rows, plan.n, plan.k
-    sizes = device_sizes(plan, res, sizes_dev)
-    row_offsets, tile_offsets, tile_counter = schedule_buffers(res, e)
-    stream = res.launch_stream
-
+def schedule_offsets(res, sizes, e: int, capacity: int = 0, *, storage=None):
+    """Run the offsets kernel on ``res``'s stream for ``sizes`` (int32 [E] on the
+    device): fills :func:`schedule_buffers` and zeroes the tile counter.
+    ``capacity`` 0: grouped-contiguous rows; > 0: the masked layout. Returns
+    the row_offsets view [E + 1] (contiguous: the exclusive prefix of the
+    sizes, then their total), which callers placing rows may use.
+    ``storage``: as in :func:`schedule_buffers`."""
+    row_offsets, row_ends, tile_offsets, tile_counter = schedule_buffers(res, e, storage)
     scan = _kernels.get_kernel(SOURCE, "grouped_tile_offsets", ARCH, defines=DEFINES)
     args = (
         np.intp(sizes.data.ptr),
         np.int32(e),
+        np.int32(capacity),
         np.intp(row_offsets.data.ptr),
+        np.intp(row_ends.data.ptr),
         np.intp(tile_offsets.data.ptr),
         np.intp(tile_counter.data.ptr),
     )
-    _kernels.launch(stream, scan, 1, TILE_THREADS, args)
+    _kernels.launch(res.launch_stream, scan, 1, TILE_THREADS, args)
+    return row_offsets
 
-    name = f"grouped_gemm_{weights_layout(plan)}_{_SUFFIX[dtype.name]}"
+
+def _launch(res, sizes, problem, ptrs, *, capacity, tile_bound, scanned=False, storage=None) -> None:
+    """The offsets kernel (unless ``scanned``: :func:`schedule_offsets` ran
+    last on this stream with these sizes), then the GEMM, on ``res``'s stream.
+    ``problem``: (E, M, N, K, trans_b, dtype); ``ptrs``: (a, b, out) addresses.
+    ``capacity`` 0: grouped-contiguous rows; > 0: the masked layout of
+    ``capacity`` rows per group. ``tile_bound``: the most row tiles any sizes
+    can need (the grid, and so a captured launch, depends on it and not on
+    the sizes)."""
+    e, m, n, k, trans_b, dtype = problem
+    dtype = np.dtype(dtype)
+    if not scanned:
+        schedule_offsets(res, sizes, e, capacity, storage=storage)
+    row_offsets, row_ends, tile_offsets, tile_counter = schedule_buffers(res, e, storage)
+    name = f"grouped_gemm_{weights_layout(trans_b)}_{_SUFFIX[dtype.name]}"
     gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=DEFINES)
     _allow_shared_memory(gemm, res.device_id)
     element = BFLOAT16 if dtype == BFLOAT16 else dtype
-    tmap_a = tensor_map(ops.a, (m, k), (BLOCK_M, BLOCK_K), element, res.device_id)
-    tmap_b = tensor_map(ops.b, *b_map_shape(plan), element, res.device_id)
+    tmap_a = tensor_map(ptrs[0], (m, k), (BLOCK_M, BLOCK_K), element, res.device_id)
+    tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b), element, res.device_id)
+    schedule = (row_offsets, row_ends, tile_offsets, tile_counter)
     args = (
         tmap_a,
         tmap_b,
-        np.intp(row_offsets.data.ptr),
-        np.intp(tile_offsets.data.ptr),
-        np.intp(tile_counter.data.ptr),
-        np.int32(e),
-        np.int32(m),
-        np.int32(n),
-        np.int32(k),
-        np.intp(ops.c),
+        *(np.intp(x.data.ptr) for x in schedule),
+        *map(np.int32, (e, m, n, k)),
+        np.intp(ptrs[2]),
     )
-    # The bound covers any sizes summing to m, so the grid does not depend on
-    # the sizes (they live on the device; a captured graph replays with new ones).
-    grid = grid_size(max_tiles(m, e) * -(-n // BLOCK_N), _sm_count(res.device_id), limit=GRID_LIMIT)
-    _kernels.launch(stream, gemm, grid, THREADS, args, shmem=SHARED_BYTES)
+    grid = grid_size(tile_bound * -(-n // BLOCK_N), _sm_count(res.device_id), limit=GRID_LIMIT)
+    _kernels.launch(res.launch_stream, gemm, grid, THREADS, args, shmem=SHARED_BYTES)
+
+
+def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=None) -> None:
+    """SM90_GROUPED: ``plan`` on ``res``'s stream (grouped-contiguous rows,
+    ``[E, K, N]`` weights, or ``[E, N, K]`` with ``plan.trans_b``); group sizes
+    from ``sizes_dev`` (int32 on the device) when given, else the plan's host
+    sizes, uploaded. No host synchronization.
+
+    The caller checked :func:`unsupported`, and that M, N and K are not zero.
+    """
+    problem = (plan.num_experts, plan.total_rows, plan.n, plan.k, plan.trans_b, dtype)
+    grouped_rows(res, problem, (ops.a, ops.b, ops.c), device_sizes(plan, res, sizes_dev))
+
+
+def grouped_rows(res, problem, ptrs, sizes_dev, *, scanned=False, storage=None) -> None:
+    """Grouped-contiguous rows given by addresses: ``problem`` (E, M, N, K,
+    trans_b, dtype), ``ptrs`` (a [M, K], b, out [M, N], C-contiguous),
+    ``sizes_dev`` int32 [E] on the device summing to at most M (rows past
+    their sum are neither computed as tiles of their own nor written).
+    ``scanned``: :func:`schedule_offsets` already ran last on this stream with
+    these sizes; ``storage``: as in :func:`schedule_buffers`. No host sync.
+    The grid covers any sizes summing to M (:func:`max_tiles`), so it does not
+    depend on the sizes: a captured graph replays with new ones. The caller
+    checked what :func:`masked_fixed_capacity` lists.
+    """
+    tile_bound = max_tiles(problem[1], problem[0])
+    _launch(
+        res, sizes_dev, problem, ptrs, capacity=0, tile_bound=tile_bound, scanned=scanned, storage=storage
+    )
+
+
+def masked_fixed_capacity(res, problem, ptrs, counts_dev, capacity: int, *, storage=None) -> None:
+    """The masked fixed-capacity layout on ``res``'s stream: ``problem`` (E, M,
+    N, K, trans_b, dtype) with M = E * C (C = ``capacity``), ``ptrs`` (a
+    [E, C, K], b, out [E, C, N], C-contiguous), ``counts_dev`` int32 [E] on the
+    device: group g's first min(counts[g], C) rows are computed and written,
+    its other rows neither (no tile is spent on them, and they keep what they
+    held). No host sync; the launch depends on E and C only (graph-safe with
+    new counts).
+
+    The caller checked the shapes, dtype and alignment (:func:`unsupported_shape`,
+    :func:`misaligned`), that E, C, N and K are not zero and that E * C < 2**31.
+    """
+    tile_bound = problem[0] * -(-capacity // BLOCK_M)
+    _launch(res, counts_dev, problem, ptrs, capacity=capacity, tile_bound=tile_bound, storage=storage)

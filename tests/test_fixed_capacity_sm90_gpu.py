@@ -1,0 +1,162 @@
+"""Fixed-capacity steps on our Hopper kernel (SM 9.0, bfloat16/float16): every
+token count rising and falling, eager, graph-captured and through
+``moe_forward(fixed_capacity=True)``, against float64 and against the chunked
+cuBLAS step, with every buffer poisoned before each step (the kernel's own
+schedule buffer too)."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from gpu_util import check_close, device_random
+from test_fixed_capacity_gpu import MAX_TOKENS, STEPS, poison, step_routing
+
+import cublas_grouped as cg
+from cublas_grouped import testing as ref
+from cublas_grouped.moe.fixed_capacity import fixed_capacity_backend
+
+pytestmark = pytest.mark.gpu
+
+TOL = 2e-2  # 16-bit inputs and intermediates against float64
+# (name, experts, top_k, hidden, inter, biases, dtype, trans_b)
+LAYERS = [
+    ("few-large", 8, 2, 256, 128, False, ml_dtypes.bfloat16, False),
+    ("many-small", 64, 6, 136, 72, True, ml_dtypes.bfloat16, True),
+    ("many-small-fp16", 32, 4, 128, 64, False, np.float16, False),
+]
+
+
+@pytest.fixture(autouse=True)
+def _hopper_only():
+    import cupy
+
+    if cupy.cuda.Device().compute_capability != "90":
+        pytest.skip("the fixed-capacity kernel path runs on SM 9.0 GPUs only")
+
+
+def _layer(rng, experts, hidden, inter, biases, dtype, trans_b):
+    s1 = (experts, 2 * inter, hidden) if trans_b else (experts, hidden, 2 * inter)
+    s2 = (experts, hidden, inter) if trans_b else (experts, inter, hidden)
+    w1, w1_64 = device_random(rng, s1, dtype, scale=hidden**-0.5)
+    w2, w2_64 = device_random(rng, s2, dtype, scale=inter**-0.5)
+    ref_w = (np.swapaxes(w1_64, 1, 2), np.swapaxes(w2_64, 1, 2)) if trans_b else (w1_64, w2_64)
+    if not biases:
+        return (w1, w2, None, None), (*ref_w, None, None)
+    b1, b1_64 = device_random(rng, (experts, 2 * inter), dtype, scale=0.1)
+    b2, b2_64 = device_random(rng, (experts, hidden), dtype, scale=0.1)
+    return (w1, w2, b1, b2), (*ref_w, b1_64, b2_64)
+
+
+def _poison_all(layer):
+    poison(layer)
+    layer._buffers.schedule.fill(0x3FFFFFFF)  # offsets far out of range, a counter far past every tile
+
+
+def _chunked(w1, w2, k, b1, b2, trans_b):
+    executor = cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm="cublas_grouped"))
+    return cg.FixedCapacityMoE(
+        w1, w2, k, max_tokens=MAX_TOKENS, b1=b1, b2=b2, trans_b=trans_b, executor=executor
+    )
+
+
+@pytest.mark.parametrize("name, experts, k, hidden, inter, biases, dtype, trans_b", LAYERS)
+def test_eager_every_step_size(name, experts, k, hidden, inter, biases, dtype, trans_b):
+    import cupy
+
+    rng = np.random.default_rng(experts + 40)
+    weights, weights64 = _layer(rng, experts, hidden, inter, biases, dtype, trans_b)
+    w1, w2, b1, b2 = weights
+    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=MAX_TOKENS, b1=b1, b2=b2, trans_b=trans_b, graphs=False)
+    chunked = _chunked(w1, w2, k, b1, b2, trans_b)
+    sm = cg.device_info().sm
+    assert fixed_capacity_backend(sm, layer.executor, layer.shape, layer.w1, layer.w2) == "sm90_grouped"
+    assert fixed_capacity_backend(sm, chunked.executor, chunked.shape, w1, w2) == "chunked_batched"
+    for step, tokens in enumerate(STEPS):
+        x, x64 = device_random(rng, (tokens, hidden), dtype)
+        ids, w = step_routing(rng, step, tokens, experts, k)
+        ids_d, w_d = cupy.asarray(ids), cupy.asarray(w)
+        _poison_all(layer)
+        out = layer.forward(x, ids_d, w_d).copy()
+        expected = ref.moe_forward_ref(x64, ids, w, *weights64)
+        check_close(out, expected, TOL, f"{name} eager T={tokens} step {step}")
+        other = chunked.forward(x, ids_d, w_d)
+        check_close(out, cupy.asnumpy(other).astype(np.float64), TOL, f"{name} vs chunked T={tokens}")
+        again = layer.forward(x, ids_d, w_d)
+        assert bool((again.view(cupy.uint16) == out.view(cupy.uint16)).all()), (
+            f"{name} T={tokens}: not bitwise"
+        )
+    assert layer.dropped_pairs() == 0
+
+
+@pytest.mark.parametrize("name, experts, k, hidden, inter, biases, dtype, trans_b", LAYERS[:2])
+def test_graphs_every_step_size(name, experts, k, hidden, inter, biases, dtype, trans_b):
+    """The layer's own graphs (one per T, replayed with new tokens and routing)."""
+    import cupy
+
+    rng = np.random.default_rng(experts + 41)
+    weights, weights64 = _layer(rng, experts, hidden, inter, biases, dtype, trans_b)
+    w1, w2, b1, b2 = weights
+    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=MAX_TOKENS, b1=b1, b2=b2, trans_b=trans_b)
+    for step, tokens in enumerate(STEPS):
+        x, x64 = device_random(rng, (tokens, hidden), dtype)
+        ids, w = step_routing(rng, step, tokens, experts, k)
+        _poison_all(layer)
+        out = layer.forward(x, cupy.asarray(ids), cupy.asarray(w))
+        expected = ref.moe_forward_ref(x64, ids, w, *weights64)
+        check_close(out, expected, TOL, f"{name} graph T={tokens} step {step}")
+
+
+def test_user_capture_of_two_layers_with_different_expert_counts():
+    """Two layers (E = 8 and E = 64) captured in one graph of the caller's, then
+    replayed with new routing: each step keeps its own schedule buffer."""
+    import cupy
+
+    rng = np.random.default_rng(43)
+    layers, refs = [], []
+    for experts in (8, 64):
+        weights, weights64 = _layer(rng, experts, 128, 64, False, ml_dtypes.bfloat16, False)
+        layers.append(cg.FixedCapacityMoE(weights[0], weights[1], 2, max_tokens=16, graphs=False))
+        refs.append(weights64)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    tokens = 16
+    with stream:
+        x = cupy.zeros((tokens, 128), dtype=ml_dtypes.bfloat16)
+        ids = [cupy.zeros((tokens, 2), dtype=cupy.int32) for _ in layers]
+        wts = cupy.ones((tokens, 2), dtype=cupy.float32)
+        for layer, i in zip(layers, ids):
+            i[:, 1] = 1
+            layer.forward(x, i, wts)  # eager first
+        stream.begin_capture()
+        outs = [layer.forward(x, i, wts) for layer, i in zip(layers, ids)]
+        graph = stream.end_capture()
+    for trial in range(3):
+        x_new, x64 = device_random(rng, (tokens, 128), ml_dtypes.bfloat16)
+        routings = [step_routing(rng, trial, tokens, e, 2) for e in (8, 64)]
+        with stream:
+            x[...] = x_new
+            for i, (r, _) in zip(ids, routings):
+                i[...] = cupy.asarray(r)
+            wts[...] = cupy.asarray(routings[0][1])
+            graph.launch(stream)
+        stream.synchronize()
+        for out, (r, _), weights64 in zip(outs, routings, refs):
+            expected = ref.moe_forward_ref(x64, r, routings[0][1], *weights64, None, None)
+            check_close(out, expected, TOL, f"captured pair, trial {trial}")
+
+
+def test_moe_forward_fixed_capacity_runs_the_kernel_path():
+    import cupy
+
+    rng = np.random.default_rng(44)
+    weights, weights64 = _layer(rng, 64, 128, 64, True, ml_dtypes.bfloat16, False)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    for step, tokens in enumerate([1, 2, 17, 64, 3, 33]):
+        x, x64 = device_random(rng, (tokens, 128), ml_dtypes.bfloat16)
+        ids, w = step_routing(rng, step, tokens, 64, 6)
+        ids_d, w_d = cupy.asarray(ids), cupy.asarray(w)
+        cupy.cuda.Device().synchronize()
+        w1, w2, b1, b2 = weights
+        out = cg.moe_forward(x, ids_d, w_d, w1, w2, b1=b1, b2=b2, fixed_capacity=True, stream=stream)
+        stream.synchronize()
+        check_close(out, ref.moe_forward_ref(x64, ids, w, *weights64), TOL, f"moe_forward T={tokens}")
