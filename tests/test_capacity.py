@@ -154,3 +154,41 @@ def test_max_tokens_limits():
     assert ChunkCapacity.of(s, MAX_FIXED_CAPACITY_TOKENS).max_tokens == MAX_FIXED_CAPACITY_TOKENS
     with pytest.raises(ValueError, match="is too large"):
         ChunkCapacity.of(s, MAX_FIXED_CAPACITY_TOKENS + 1)
+
+
+def test_which_gemms_a_step_runs():
+    """The kernel on SM 9.0 for 16-bit layers it fits; chunked elsewhere, for a
+    forced cuBLAS algorithm, and under AUTO for few-expert decode steps."""
+    import ml_dtypes
+
+    from cublas_grouped import Algorithm, GroupedGemmConfig, GroupedGemmExecutor
+    from cublas_grouped.moe.fixed_capacity import (
+        CHUNKED_DECODE_MAX_EXPERTS,
+        CHUNKED_DECODE_MAX_TOKENS,
+        fixed_capacity_backend,
+    )
+
+    class Weights:  # only the address is asked
+        def __init__(self, ptr):
+            self.data = type("Memory", (), {"ptr": ptr})()
+
+    def shape(experts, hidden=2048, inter=768, dtype=ml_dtypes.bfloat16):
+        return LayerShape(experts, hidden, inter, 2 * inter, 8, True, "silu", False, np.dtype(dtype))
+
+    def backend(algorithm, layer, tokens, sm=(9, 0), ptr=1 << 20):
+        executor = GroupedGemmExecutor(device=0, config=GroupedGemmConfig(algorithm=algorithm))
+        return fixed_capacity_backend(sm, executor, layer, Weights(ptr), Weights(1 << 21), tokens)
+
+    auto, kernel = Algorithm.AUTO, Algorithm.SM90_GROUPED
+    assert backend(auto, shape(128), 1) == "sm90_grouped"
+    assert backend(auto, shape(128), 16) == "sm90_grouped"
+    few, decode = CHUNKED_DECODE_MAX_EXPERTS, CHUNKED_DECODE_MAX_TOKENS
+    assert backend(auto, shape(few), decode) == "chunked_batched"
+    assert backend(auto, shape(few), decode + 1) == "sm90_grouped"
+    assert backend(auto, shape(few + 1), 1) == "sm90_grouped"
+    assert backend(kernel, shape(few), 1) == "sm90_grouped"  # forced: the kernel
+    assert backend(Algorithm.CUBLAS_GROUPED, shape(128), 16) == "chunked_batched"
+    assert backend(auto, shape(128), 16, sm=(8, 0)) == "chunked_batched"
+    assert backend(kernel, shape(128, dtype=np.float32), 16) == "chunked_batched"
+    assert backend(auto, shape(128, inter=764), 16) == "chunked_batched"  # I % 8 != 0
+    assert backend(auto, shape(128), 16, ptr=(1 << 20) + 8) == "chunked_batched"  # 8-byte aligned weights

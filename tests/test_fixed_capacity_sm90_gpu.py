@@ -53,6 +53,11 @@ def _poison_all(layer):
     layer._buffers.schedule.fill(0x3FFFFFFF)  # offsets far out of range, a counter far past every tile
 
 
+def _kernel_executor():
+    """SM90_GROUPED: the kernel path for every layer (AUTO keeps few-expert decode chunked)."""
+    return cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm="sm90_grouped"))
+
+
 def _chunked(w1, w2, k, b1, b2, trans_b):
     executor = cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm="cublas_grouped"))
     return cg.FixedCapacityMoE(
@@ -67,11 +72,21 @@ def test_eager_every_step_size(name, experts, k, hidden, inter, biases, dtype, t
     rng = np.random.default_rng(experts + 40)
     weights, weights64 = _layer(rng, experts, hidden, inter, biases, dtype, trans_b)
     w1, w2, b1, b2 = weights
-    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=MAX_TOKENS, b1=b1, b2=b2, trans_b=trans_b, graphs=False)
+    layer = cg.FixedCapacityMoE(
+        w1,
+        w2,
+        k,
+        max_tokens=MAX_TOKENS,
+        b1=b1,
+        b2=b2,
+        trans_b=trans_b,
+        graphs=False,
+        executor=_kernel_executor(),
+    )
     chunked = _chunked(w1, w2, k, b1, b2, trans_b)
     sm = cg.device_info().sm
-    assert fixed_capacity_backend(sm, layer.executor, layer.shape, layer.w1, layer.w2) == "sm90_grouped"
-    assert fixed_capacity_backend(sm, chunked.executor, chunked.shape, w1, w2) == "chunked_batched"
+    assert fixed_capacity_backend(sm, layer.executor, layer.shape, layer.w1, layer.w2, 1) == "sm90_grouped"
+    assert fixed_capacity_backend(sm, chunked.executor, chunked.shape, w1, w2, 1) == "chunked_batched"
     for step, tokens in enumerate(STEPS):
         x, x64 = device_random(rng, (tokens, hidden), dtype)
         ids, w = step_routing(rng, step, tokens, experts, k)
@@ -97,7 +112,9 @@ def test_graphs_every_step_size(name, experts, k, hidden, inter, biases, dtype, 
     rng = np.random.default_rng(experts + 41)
     weights, weights64 = _layer(rng, experts, hidden, inter, biases, dtype, trans_b)
     w1, w2, b1, b2 = weights
-    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=MAX_TOKENS, b1=b1, b2=b2, trans_b=trans_b)
+    layer = cg.FixedCapacityMoE(
+        w1, w2, k, max_tokens=MAX_TOKENS, b1=b1, b2=b2, trans_b=trans_b, executor=_kernel_executor()
+    )
     for step, tokens in enumerate(STEPS):
         x, x64 = device_random(rng, (tokens, hidden), dtype)
         ids, w = step_routing(rng, step, tokens, experts, k)
@@ -116,7 +133,11 @@ def test_user_capture_of_two_layers_with_different_expert_counts():
     layers, refs = [], []
     for experts in (8, 64):
         weights, weights64 = _layer(rng, experts, 128, 64, False, ml_dtypes.bfloat16, False)
-        layers.append(cg.FixedCapacityMoE(weights[0], weights[1], 2, max_tokens=16, graphs=False))
+        layers.append(
+            cg.FixedCapacityMoE(
+                weights[0], weights[1], 2, max_tokens=16, graphs=False, executor=_kernel_executor()
+            )
+        )
         refs.append(weights64)
     stream = cupy.cuda.Stream(non_blocking=True)
     tokens = 16
@@ -141,7 +162,7 @@ def test_user_capture_of_two_layers_with_different_expert_counts():
             graph.launch(stream)
         stream.synchronize()
         for out, (r, _), weights64 in zip(outs, routings, refs):
-            expected = ref.moe_forward_ref(x64, r, routings[0][1], *weights64, None, None)
+            expected = ref.moe_forward_ref(x64, r, routings[0][1], *weights64)
             check_close(out, expected, TOL, f"captured pair, trial {trial}")
 
 

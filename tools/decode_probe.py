@@ -48,6 +48,7 @@ def main() -> None:
         f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}; floor at {args.hbm_gbs:.0f} GB/s"
     )
     chunked_exec = cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm="cublas_grouped"))
+    kernel_exec = cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm="sm90_grouped"))
     print(
         f"{'case':38s} {'chunked us':>10s} {'sm90 us':>9s} {'floor us':>9s} {'chunked %':>9s} {'sm90 %':>7s} {'rel.diff':>9s}"
     )
@@ -66,7 +67,7 @@ def main() -> None:
         for tokens in map(int, args.tokens.split(",")):
             for routing in ("uniform", "skewed"):
                 case = W.Case(model, tokens, s.experts, s.top_k, s.hidden, s.inter, routing)
-                ids, weights = W.make_routing(case, seed=0)
+                weights, ids = W.make_routing(case, seed=0)
                 active = int((W.expert_counts(ids, s.experts) > 0).sum())
                 floor_us = W.layer_weight_bytes(case, active) / (args.hbm_gbs * 1e9) * 1e6
                 x = cupy.asarray(rng.standard_normal((tokens, s.hidden), np.float32).astype(bf16))
@@ -75,11 +76,12 @@ def main() -> None:
                     "chunked": cg.FixedCapacityMoE(
                         w1, w2, s.top_k, tokens, executor=chunked_exec, graphs=False
                     ),
-                    "sm90": cg.FixedCapacityMoE(w1, w2, s.top_k, tokens, graphs=False),
+                    "sm90": cg.FixedCapacityMoE(w1, w2, s.top_k, tokens, executor=kernel_exec, graphs=False),
                 }
                 sm = cg.device_info().sm
                 paths = {
-                    k: fixed_capacity_backend(sm, v.executor, v.shape, v.w1, v.w2) for k, v in layers.items()
+                    k: fixed_capacity_backend(sm, v.executor, v.shape, v.w1, v.w2, tokens)
+                    for k, v in layers.items()
                 }
                 stream = cupy.cuda.Stream(non_blocking=True)
                 graphs = {k: _captured(v, x, ids_d, w_d, stream) for k, v in layers.items()}

@@ -21,7 +21,8 @@ capacity (:class:`ChunkCapacity`), because the need is not monotonic in T
 of every array they write and never write past it.
 
 On SM 9.0 GPUs (bfloat16/float16 layers the kernel takes, the default
-algorithm) the GEMMs run on our Hopper kernel instead
+algorithm; not decode steps of layers with at most 8 experts, measured
+faster chunked) the GEMMs run on our Hopper kernel instead
 (:func:`fixed_capacity_backend`): each expert's rows back to back in T*k
 rows, the kernel reading the counts on the device, so it computes no tile
 past an expert's rows and no chunk left over, and reads each active expert's
@@ -79,6 +80,8 @@ __all__ = [
     "check_fixed_capacity_args",
     "fixed_capacity_step",
     "fixed_capacity_backend",
+    "CHUNKED_DECODE_MAX_EXPERTS",
+    "CHUNKED_DECODE_MAX_TOKENS",
 ]
 
 
@@ -286,20 +289,37 @@ def check_fixed_capacity_args(tokens: int, dropped_pairs) -> None:
             )
 
 
-def fixed_capacity_backend(sm, executor, shape: LayerShape, w1, w2) -> str:
-    """Which GEMMs a fixed-capacity step runs: ``"sm90_grouped"`` (our Hopper
-    kernel on grouped-contiguous rows, group sizes read on the device) or
-    ``"chunked_batched"`` (cuBLAS over chunk problems).
+# Under AUTO, decode steps of layers with few experts keep the chunked calls:
+# measured on an H100 (docs/kernel-notes.md, graph replays of whole steps),
+# Mixtral-8x7B at 16 and 64 tokens reached 82-85% of the bandwidth floor on
+# the kernel against 84-87% chunked, where layers of 128 and 256 experts went
+# from 58-84% to 73-91%. Larger steps of such layers take the kernel (T-row
+# chunks would compute far more rows than the experts have).
+CHUNKED_DECODE_MAX_EXPERTS = 8
+CHUNKED_DECODE_MAX_TOKENS = 64
 
-    The kernel where the executor's algorithm is AUTO or SM90_GROUPED, the
-    GPU is SM 9.0, and both GEMMs fit it (bfloat16/float16, H, 2I or I and
-    the widths multiples of 8, 16-byte aligned weights): it computes no tile
-    past an expert's rows and reads each active expert's weights once per
-    column tile, where the chunked calls compute every chunk any routing
-    could need. Anything else (other GPUs, float32, a forced cuBLAS
-    algorithm) keeps the chunked calls.
+
+def fixed_capacity_backend(sm, executor, shape: LayerShape, w1, w2, tokens: int) -> str:
+    """Which GEMMs a fixed-capacity step of ``tokens`` tokens runs:
+    ``"sm90_grouped"`` (our Hopper kernel on grouped-contiguous rows, group
+    sizes read on the device) or ``"chunked_batched"`` (cuBLAS over chunk
+    problems).
+
+    The kernel where the executor's algorithm is SM90_GROUPED, or AUTO outside
+    the few-expert decode steps above, the GPU is SM 9.0 and both GEMMs fit it
+    (bfloat16/float16, H, 2I or I and the widths multiples of 8, 16-byte
+    aligned weights): it computes no tile past an expert's rows and reads each
+    active expert's weights once per column tile, where the chunked calls
+    compute every chunk any routing could need. Anything else (other GPUs,
+    float32, a forced cuBLAS algorithm) keeps the chunked calls.
     """
-    if executor.config.algorithm not in (Algorithm.AUTO, Algorithm.SM90_GROUPED):
+    algorithm = executor.config.algorithm
+    if algorithm not in (Algorithm.AUTO, Algorithm.SM90_GROUPED):
+        return "chunked_batched"
+    few_expert_decode = (
+        shape.num_experts <= CHUNKED_DECODE_MAX_EXPERTS and tokens <= CHUNKED_DECODE_MAX_TOKENS
+    )
+    if algorithm is Algorithm.AUTO and few_expert_decode:
         return "chunked_batched"
     gemms = ((shape.width, shape.hidden), (shape.hidden, shape.inter))
     if any(hopper.unsupported_shape(sm, shape.dtype, n, k) is not None for n, k in gemms):
@@ -335,7 +355,8 @@ def fixed_capacity_step(
     cupy.cuda.runtime.memsetAsync(row_to_pair.data.ptr, 0xFF, row_to_pair.nbytes, res.stream)
     K.block_histogram(stream, arch, ids, pairs, e, block_counts, skip_repeats=True)
     K.column_scan(stream, arch, block_counts, nb, e, buf.counts)
-    if fixed_capacity_backend(executor.info_for(res.device_id).sm, executor, shape, w1, w2) == "sm90_grouped":
+    sm = executor.info_for(res.device_id).sm
+    if fixed_capacity_backend(sm, executor, shape, w1, w2, tokens) == "sm90_grouped":
         _sm90_step(res, shape, buf, x, ids, weights, params, out, dropped)
         return
     layout = RowLayout.chunk_aligned(chunk)
