@@ -106,8 +106,28 @@ class ChunkCapacity:
             raise ValueError(f"max_tokens={max_tokens} needs {rows} rows; rows must stay below 2**31")
         return cls(max_tokens, pairs, chunks, rows, largest)
 
+    @classmethod
+    def kernel_rows(cls, shape: LayerShape, max_tokens: int) -> ChunkCapacity:
+        """Capacity for steps that run only on the Hopper kernel: T*k rows, no
+        chunk (``chunks == 0``), so any T up to the limit is cheap to size."""
+        pairs = max_tokens * shape.top_k
+        if max_tokens > MAX_FIXED_CAPACITY_TOKENS or pairs >= INT32_LIMIT:
+            raise ValueError(
+                f"max_tokens={max_tokens} is too large: a fixed-capacity step takes at most "
+                f"{MAX_FIXED_CAPACITY_TOKENS} tokens and fewer than 2**31 (token, expert) pairs"
+            )
+        return cls(max_tokens, pairs, 0, pairs, 0)
+
+    def check_kernel_step(self, shape: LayerShape, tokens: int) -> None:
+        """Refuse a kernel step the buffers cannot hold: T*k rows (an internal error)."""
+        if tokens * shape.top_k > min(self.pairs, self.rows):
+            raise RuntimeError(
+                f"a step of {tokens} tokens needs {tokens * shape.top_k} rows but the buffers hold "
+                f"{min(self.pairs, self.rows)}"
+            )
+
     def check_step(self, shape: LayerShape, tokens: int) -> None:
-        """Refuse a step the buffers cannot hold (an internal error: never truncate)."""
+        """Refuse a chunked step the buffers cannot hold (an internal error: never truncate)."""
         pairs, chunks, chunk = tokens * shape.top_k, max_chunks(shape, tokens), chunk_rows(shape, tokens)
         rows = chunks * chunk
         if pairs > self.pairs or chunks > self.chunks or rows > self.rows or chunk > self.chunk_rows:
@@ -164,17 +184,20 @@ class ChunkBuffers:
         return sum(getattr(self, f.name).nbytes for f in fields(self) if f.name != "capacity")
 
 
-def cached_chunk_buffers(res, shape: LayerShape, tokens: int) -> ChunkBuffers:
+def cached_chunk_buffers(res, shape: LayerShape, tokens: int, *, kernel_only: bool = False) -> ChunkBuffers:
     """Chunk buffers kept on the stream's resources for ``moe_forward(fixed_capacity=True)``.
 
     One set per layer shape (dtype included) and stream, sized for every step
     up to the largest T seen, rounded up to a power of two so that slowly
-    rising decode batch sizes reallocate only a few times.
+    rising decode batch sizes reallocate only a few times. ``kernel_only``:
+    a separate set for steps on the Hopper kernel (:meth:`ChunkCapacity.kernel_rows`:
+    T*k rows, where chunks of prefill-sized steps would need many times that).
     """
-    key = ("chunk-buffers", shape)
+    key = ("kernel-rows" if kernel_only else "chunk-buffers", shape)
     cached = res.buffers.get(key)
     if cached is None or cached.capacity.max_tokens < tokens:
         max_tokens = max(tokens, min(1 << (tokens - 1).bit_length(), MAX_FIXED_CAPACITY_TOKENS))
-        cached = ChunkBuffers.allocate(shape, ChunkCapacity.of(shape, max_tokens))
+        capacity = (ChunkCapacity.kernel_rows if kernel_only else ChunkCapacity.of)(shape, max_tokens)
+        cached = ChunkBuffers.allocate(shape, capacity)
         res.buffers[key] = cached
     return cached

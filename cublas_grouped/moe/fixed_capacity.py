@@ -338,27 +338,24 @@ def fixed_capacity_step(
     ``dropped``: a uint64 [1] device counter to which pairs with an expert id
     outside [0, E) are added, or None.
     """
-    import cupy
-
     w1, w2, b1, b2 = params
     arch = kernel_arch(res)
     stream = res.launch_stream
     tokens, k = ids.shape
     e = shape.num_experts
-    buf.capacity.check_step(shape, tokens)
-    pairs, chunks, chunk = tokens * k, max_chunks(shape, tokens), chunk_rows(shape, tokens)
-    rows = chunks * chunk
-    nb = K.num_pair_blocks(pairs)
-    block_counts = buf.block_counts[:nb]
-    pair_to_row, row_to_pair = buf.pair_to_row[:pairs], buf.row_to_pair[:rows]
-    # Rows of partial chunks stay -1 (every byte 0xFF): gathered as zeros.
-    cupy.cuda.runtime.memsetAsync(row_to_pair.data.ptr, 0xFF, row_to_pair.nbytes, res.stream)
-    K.block_histogram(stream, arch, ids, pairs, e, block_counts, skip_repeats=True)
-    K.column_scan(stream, arch, block_counts, nb, e, buf.counts)
-    sm = executor.info_for(res.device_id).sm
-    if fixed_capacity_backend(sm, executor, shape, w1, w2, tokens) == "sm90_grouped":
+    pairs = tokens * k
+    if (
+        fixed_capacity_backend(executor.info_for(res.device_id).sm, executor, shape, w1, w2, tokens)
+        == "sm90_grouped"
+    ):
+        buf.capacity.check_kernel_step(shape, tokens)
+        _count_rows(res, arch, buf, ids, e, pairs)
         _sm90_step(res, shape, buf, x, ids, weights, params, out, dropped)
         return
+    buf.capacity.check_step(shape, tokens)
+    chunks, chunk = max_chunks(shape, tokens), chunk_rows(shape, tokens)
+    rows = chunks * chunk
+    block_counts, pair_to_row, row_to_pair = _count_rows(res, arch, buf, ids, e, pairs, rows)
     layout = RowLayout.chunk_aligned(chunk)
     x_rows, h, act, y = buf.rows[:rows], buf.h[:rows], buf.act[:rows], buf.y[:rows]
 
@@ -411,6 +408,23 @@ def fixed_capacity_step(
     )
     gemm(1, act, w2, y, shape.hidden, shape.inter)
     K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
+
+
+def _count_rows(res, arch, buf: ChunkBuffers, ids, e: int, pairs: int, rows: int | None = None):
+    """Rows per expert into ``buf.counts`` (repeats within a token counted once),
+    and ``row_to_pair[:rows]`` (default T*k) reset to -1, every byte 0xFF, so
+    rows no pair takes read as padding. Returns the views the placement uses:
+    (block counts, pair_to_row, row_to_pair)."""
+    import cupy
+
+    rows = pairs if rows is None else rows
+    nb = K.num_pair_blocks(pairs)
+    block_counts = buf.block_counts[:nb]
+    row_to_pair = buf.row_to_pair[:rows]
+    cupy.cuda.runtime.memsetAsync(row_to_pair.data.ptr, 0xFF, row_to_pair.nbytes, res.stream)
+    K.block_histogram(res.launch_stream, arch, ids, pairs, e, block_counts, skip_repeats=True)
+    K.column_scan(res.launch_stream, arch, block_counts, nb, e, buf.counts)
+    return block_counts, buf.pair_to_row[:pairs], row_to_pair
 
 
 def _sm90_step(res, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, params, out, dropped) -> None:

@@ -26,7 +26,12 @@ from . import kernels as K
 from .backward import check_context_options, forward_with_context
 from .checks import check_layer_args, check_tokens, device_of, executor_or_shared, kernel_arch
 from .dispatch import mark_stage, plan_dispatch, run_expert_gemm
-from .fixed_capacity import cached_chunk_buffers, check_fixed_capacity_args, fixed_capacity_step
+from .fixed_capacity import (
+    cached_chunk_buffers,
+    check_fixed_capacity_args,
+    fixed_capacity_backend,
+    fixed_capacity_step,
+)
 
 __all__ = ["moe_forward", "StageTimer"]
 
@@ -105,7 +110,10 @@ def moe_forward(
         batched call over a fixed number of row chunks, enough for any routing
         (the :class:`FixedCapacityMoE` step, buffers cached on the stream).
         Fastest for decode-sized T (see docs/benchmarks.md); the chunk count
-        grows with ``min(E, T*k)``, so it is not meant for prefill. Expert ids
+        grows with ``min(E, T*k)``, so it is not meant for prefill. On SM 9.0
+        GPUs, where our Hopper kernel takes the layer (16-bit, the default
+        algorithm), both GEMMs read the counts on the device over T*k rows
+        instead: no chunks, fit for prefill too. Expert ids
         are not checked on the host on this path: a pair with an id outside
         [0, E) adds nothing (count them with ``dropped_pairs``). ``algorithm``
         and ``timer`` do not apply.
@@ -163,7 +171,11 @@ def moe_forward(
         with cupy.cuda.Device(res.device_id), res.cupy_stream:
             out = cupy.empty((x_v.shape[0], shape.hidden), dtype=x_v.dtype)
             if x_v.shape[0]:
-                buf = cached_chunk_buffers(res, shape, x_v.shape[0])
+                sm = executor.info_for(res.device_id).sm
+                kernel = (
+                    fixed_capacity_backend(sm, executor, shape, *params[:2], x_v.shape[0]) == "sm90_grouped"
+                )
+                buf = cached_chunk_buffers(res, shape, x_v.shape[0], kernel_only=kernel)
                 weights = None if topk_weights is None else as_cupy(topk_weights)
                 counter = None if dropped_pairs is None else as_cupy(dropped_pairs)
                 fixed_capacity_step(

@@ -1,0 +1,160 @@
+"""Development probe (GPU machine): whole MoE layers, two ways side by side in one run.
+
+``--mode decode`` (default tokens 16,64): a fixed-capacity layer replayed from
+a CUDA graph, the chunked cuBLAS step against the Hopper kernel step, as
+microseconds and as shares of the decode floor (the active experts' w1 + w2
+bytes at ``--hbm-gbs``, default 3350 GB/s, the H100 SXM datasheet figure).
+
+``--mode prefill`` (default tokens 4096,16384): eager ``moe_forward`` under
+AUTO (the per-expert counts copied to the host, the tables' algorithms)
+against ``moe_forward(fixed_capacity=True)`` (on SM 9.0: the kernel over the
+counts on the device, no host copy), as milliseconds and TFLOP/s.
+
+Both: the benchmark's models and routings (uniform, skewed), CUDA events,
+interleaved rounds after warm-up, medians; the two outputs compared first.
+
+    PYTHONPATH=. python3 tools/layer_probe.py --mode prefill [--models a,b] [--rounds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import cupy
+import ml_dtypes
+import numpy as np
+
+import cublas_grouped as cg
+from cublas_grouped.moe.fixed_capacity import fixed_capacity_backend
+from cublas_grouped.testing import rel_error
+from cublas_grouped.tools.bench import workloads as W
+
+REPLAYS = 10  # decode: graph launches back to back per timed round (the GPU never waits for the host)
+WARMUP = 3
+
+
+def _captured(layer, x, ids, weights, stream):
+    """A graph of one step of ``layer`` (built with graphs=False), captured on ``stream``."""
+    with stream:
+        layer.forward(x, ids, weights)  # eager first: compiles, sets up
+        stream.begin_capture()
+        out = layer.forward(x, ids, weights)
+        graph = stream.end_capture()
+    return graph, out
+
+
+def _decode_methods(s, w1, w2, tokens, x, ids, w, stream):
+    """(name -> (one timed round, output)), and the GEMM paths, for decode mode."""
+    chunked = cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm="cublas_grouped"))
+    kernel = cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm="sm90_grouped"))
+    layers = {
+        "chunked": cg.FixedCapacityMoE(w1, w2, s.top_k, tokens, executor=chunked, graphs=False),
+        "sm90": cg.FixedCapacityMoE(w1, w2, s.top_k, tokens, executor=kernel, graphs=False),
+    }
+    sm = cg.device_info().sm
+    paths = {
+        k: fixed_capacity_backend(sm, v.executor, v.shape, v.w1, v.w2, tokens) for k, v in layers.items()
+    }
+    methods = {}
+    for name, layer in layers.items():
+        graph, out = _captured(layer, x, ids, w, stream)
+
+        def run(graph=graph):
+            for _ in range(REPLAYS):
+                graph.launch(stream)
+
+        methods[name] = (run, out, REPLAYS)
+    return methods, paths
+
+
+def _prefill_methods(s, w1, w2, tokens, x, ids, w, stream):
+    def auto():
+        return cg.moe_forward(x, ids, w, w1, w2, stream=stream)
+
+    def fixed():
+        return cg.moe_forward(x, ids, w, w1, w2, fixed_capacity=True, stream=stream)
+
+    return {"auto": (auto, None, 1), "fixed": (fixed, None, 1)}, {}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("decode", "prefill"), default="decode")
+    p.add_argument("--models", default=",".join(W.MODELS))
+    p.add_argument("--tokens", default=None)
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default decode 50, prefill 20)")
+    p.add_argument("--hbm-gbs", type=float, default=3350.0)
+    args = p.parse_args()
+    decode = args.mode == "decode"
+    tokens_list = args.tokens or ("16,64" if decode else "4096,16384")
+    rounds = args.rounds or (50 if decode else 20)
+    print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}; mode {args.mode}")
+    names = ("chunked", "sm90") if decode else ("auto", "fixed")
+    unit = "us" if decode else "ms"
+    print(
+        f"{'case':40s} {names[0] + ' ' + unit:>12s} {names[1] + ' ' + unit:>12s} {'ratio':>6s} extra  rel.diff |out|"
+    )
+    stream = cupy.cuda.Stream(non_blocking=True)
+    bf16 = ml_dtypes.bfloat16
+    for model in args.models.split(","):
+        s = W.MODELS[model]
+        # Random weights made on the GPU (DeepSeek-V3's are 22.5 GB in bf16).
+        w1 = (
+            cupy.random.standard_normal((s.experts, s.hidden, 2 * s.inter), cupy.float32) * s.hidden**-0.5
+        ).astype(bf16)
+        w2 = (
+            cupy.random.standard_normal((s.experts, s.inter, s.hidden), cupy.float32) * s.inter**-0.5
+        ).astype(bf16)
+        cupy.get_default_memory_pool().free_all_blocks()
+        for tokens in map(int, tokens_list.split(",")):
+            for routing in ("uniform", "skewed"):
+                case = W.Case(model, tokens, s.experts, s.top_k, s.hidden, s.inter, routing)
+                weights, ids = W.make_routing(case, seed=0)
+                x = cupy.random.standard_normal((tokens, s.hidden), cupy.float32).astype(bf16)
+                ids_d, w_d = cupy.asarray(ids, dtype=cupy.int32), cupy.asarray(weights, dtype=cupy.float32)
+                make = _decode_methods if decode else _prefill_methods
+                methods, paths = make(s, w1, w2, tokens, x, ids_d, w_d, stream)
+                outs = {}
+                for name, (run, out, _) in methods.items():
+                    with stream:
+                        got = run()
+                    stream.synchronize()
+                    outs[name] = cupy.asnumpy(out if out is not None else got).astype(np.float64)
+                diff = rel_error(outs[names[1]], outs[names[0]])
+                norm = float(np.linalg.norm(outs[names[0]]))
+                times = {k: [] for k in methods}
+                for r in range(rounds + WARMUP):
+                    order = list(methods) if r % 2 == 0 else list(reversed(methods))
+                    for name in order:
+                        run, _, per = methods[name]
+                        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                        start.record(stream)
+                        with stream:
+                            run()
+                        end.record(stream)
+                        end.synchronize()
+                        if r >= WARMUP:
+                            times[name].append(cupy.cuda.get_elapsed_time(start, end) / per)
+                med = {k: float(np.median(v)) * (1e3 if decode else 1.0) for k, v in times.items()}
+                if decode:
+                    active = int((W.expert_counts(ids, s.experts) > 0).sum())
+                    floor = W.layer_weight_bytes(case, active) / (args.hbm_gbs * 1e9) * 1e6
+                    extra = f"floor {floor:.1f} us: {100 * floor / med[names[0]]:.1f}% / {100 * floor / med[names[1]]:.1f}%"
+                    label = f"{case.name} ({paths['chunked'][:7]}/{paths['sm90'][:4]})"
+                else:
+                    flops = W.layer_flops(case)
+                    extra = (
+                        f"{W.tflops(flops, med[names[0]]):.0f} / {W.tflops(flops, med[names[1]]):.0f} TFLOP/s"
+                    )
+                    label = case.name
+                print(
+                    f"{label:40s} {med[names[0]]:12.3f} {med[names[1]]:12.3f} {med[names[0]] / med[names[1]]:6.3f} "
+                    f"{extra}  {diff:.2e} {norm:.3g}",
+                    flush=True,
+                )
+        del w1, w2
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
+if __name__ == "__main__":
+    main()
