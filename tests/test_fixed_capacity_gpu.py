@@ -322,3 +322,39 @@ def test_assign_rows_never_writes_past_its_row_capacity():
     assert int(dropped.get()[0]) == pairs - held
     assert (cupy.asnumpy(row_to_pair[held:]) == -1).all()
     assert cupy.asnumpy(row_to_pair[:held]).tolist() == plan["row_to_pair"][:held].tolist()
+
+
+@pytest.mark.parametrize("algorithm", ["cublas_grouped", "sm90_grouped"])
+@pytest.mark.parametrize("experts, k", [(128, 8), (8, 2)])
+def test_any_int32_ids_are_safe(algorithm, experts, k):
+    """Ids drawn from the whole int32 range and from a few experts with many
+    repeats (as uninitialized memory might hold): every step completes, the
+    output equals float64 of the in-range pairs, the drop count is exact. Both
+    step kinds (the kernel one on SM 9.0 only)."""
+    import cupy
+
+    if algorithm == "sm90_grouped" and cupy.cuda.Device().compute_capability != "90":
+        pytest.skip("the kernel step runs on SM 9.0 only")
+    import ml_dtypes
+
+    rng = np.random.default_rng(experts + k)
+    hidden, inter = 128, 64
+    w1, w1_64 = device_random(rng, (experts, hidden, 2 * inter), ml_dtypes.bfloat16, scale=hidden**-0.5)
+    w2, w2_64 = device_random(rng, (experts, inter, hidden), ml_dtypes.bfloat16, scale=inter**-0.5)
+    executor = cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm=algorithm))
+    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=64, executor=executor, graphs=False)
+    total = 0
+    for step, tokens in enumerate([16, 1, 64, 33, 16, 64]):
+        if step % 2:
+            ids = rng.integers(-(2**31), 2**31, (tokens, k), dtype=np.int64).astype(np.int32)
+            ids[rng.random(ids.shape) < 0.3] = rng.integers(0, experts)
+        else:
+            ids = rng.integers(0, min(experts, 3), (tokens, k)).astype(np.int32)  # heavy repeats
+        bad = (ids < 0) | (ids >= experts)
+        w = rng.random((tokens, k)).astype(np.float32)
+        x, x64 = device_random(rng, (tokens, hidden), ml_dtypes.bfloat16)
+        out = layer.forward(x, cupy.asarray(ids), cupy.asarray(w))
+        expected = ref.moe_forward_ref(x64, np.where(bad, 0, ids), np.where(bad, 0.0, w), w1_64, w2_64)
+        check_close(out, expected, 2e-2, f"{algorithm} E={experts} T={tokens} step {step}")
+        total += int(bad.sum())
+    assert layer.dropped_pairs() == total

@@ -112,6 +112,7 @@ def main() -> None:
                 weights, ids = W.make_routing(case, seed=0)
                 x = cupy.random.standard_normal((tokens, s.hidden), cupy.float32).astype(bf16)
                 ids_d, w_d = cupy.asarray(ids, dtype=cupy.int32), cupy.asarray(weights, dtype=cupy.float32)
+                cupy.cuda.Device().synchronize()  # inputs were made on the default stream
                 make = _decode_methods if decode else _prefill_methods
                 methods, paths = make(s, w1, w2, tokens, x, ids_d, w_d, stream)
                 outs = {}
