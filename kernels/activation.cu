@@ -35,12 +35,6 @@
 #error "the activation codes must differ"
 #endif
 
-__device__ __forceinline__ float apply_act(float z, int act) {
-    if (act == ACT_SILU) return z / (1.0f + expf(-z));
-    if (act == ACT_GELU) return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
-    return z < 0.0f ? 0.0f : z;  // ACT_RELU, written so that NaN stays NaN
-}
-
 template <class T>
 __device__ __forceinline__ void expert_activation_impl(const T* __restrict__ h, int inter, int gated,
                                                        int act, const T* __restrict__ bias,

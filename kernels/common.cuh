@@ -186,6 +186,22 @@ __device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restric
 }
 
 // ---------------------------------------------------------------------------
+// Activations
+// ---------------------------------------------------------------------------
+
+// The activations of the expert layer, for sources compiled with the codes
+// ACT_SILU, ACT_GELU and ACT_RELU (their launchers pass them): SiLU
+// z * sigmoid(z); exact GELU 0.5 z (1 + erf(z / sqrt 2)); ReLU, written so
+// that NaN stays NaN. ``act`` is one of the codes.
+#if defined(ACT_SILU) && defined(ACT_GELU) && defined(ACT_RELU)
+__device__ __forceinline__ float apply_act(float z, int act) {
+    if (act == ACT_SILU) return z / (1.0f + expf(-z));
+    if (act == ACT_GELU) return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
+    return z < 0.0f ? 0.0f : z;  // ACT_RELU
+}
+#endif
+
+// ---------------------------------------------------------------------------
 // Block-wide exclusive scan
 // ---------------------------------------------------------------------------
 

@@ -28,6 +28,8 @@
 //                       type: one row of the 128-byte swizzle)
 //   SM90_STAGES         shared-memory stages of the ring
 //   SM90_TILE_THREADS   threads of grouped_tile_offsets' one block
+//   SM90_EPILOGUE_ACT   optional: an activation code (ACT_SILU, ACT_GELU or
+//                       ACT_RELU, also defined) for the gated epilogue below
 //
 // Kernels:
 //
@@ -46,7 +48,15 @@
 //
 //   grouped_gemm_{nt,nn}_{bf16,f16}(tmap_a, tmap_b, row_offsets, row_ends,
 //                                   tile_offsets, tile_counter, num_groups,
-//                                   M, N, K, out)
+//                                   M, N, K, out, bias)
+//     bias: read only with SM90_EPILOGUE_ACT (null: none).
+//     With SM90_EPILOGUE_ACT (the first expert GEMM with its activation,
+//     gated): b holds [gate | up] packed in blocks of 128 columns, column
+//     block j of 256 = gate columns 128j .. 128j + 127, then up columns
+//     128j .. 128j + 127 (N = 2I, I a multiple of 128); bias is [E, 2I] in
+//     the plain order (gate columns, then up columns) or null; out is
+//     [M, I] = act(gate + bias) * (up + bias), computed from the fp32
+//     accumulators (the [M, 2I] product is never stored).
 //     tmap_a: tiled TMA map of a [M, K], box [SM90_BLOCK_M, SM90_BLOCK_K],
 //             128-byte swizzle.
 //     tmap_b, nt: of b as [E * N, K], box [SM90_BLOCK_N, SM90_BLOCK_K],
@@ -94,6 +104,9 @@
 #endif
 #if SM90_BLOCK_M != 128 || SM90_BLOCK_N != 256 || SM90_BLOCK_K != 64
 #error "this kernel's two math warpgroups issue wgmma m64n256k16 over 64-wide K stages: SM90_BLOCK_M=128, SM90_BLOCK_N=256, SM90_BLOCK_K=64"
+#endif
+#if defined(SM90_EPILOGUE_ACT) && !(defined(ACT_SILU) && defined(ACT_GELU) && defined(ACT_RELU))
+#error "SM90_EPILOGUE_ACT needs the activation codes ACT_SILU, ACT_GELU and ACT_RELU"
 #endif
 #if SM90_TILE_THREADS % 32 != 0 || SM90_TILE_THREADS > 1024
 #error "SM90_TILE_THREADS must be a multiple of 32, at most 1024"
@@ -310,7 +323,7 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                                                      const int* __restrict__ row_ends,
                                                      const int* __restrict__ tile_offsets,
                                                      int* __restrict__ tile_counter, int num_groups, int M, int N,
-                                                     int K, T* __restrict__ out) {
+                                                     int K, T* __restrict__ out, const T* __restrict__ bias) {
     extern __shared__ unsigned char smem_raw[];
     // full[s]: stage s holds data (one arrival with the TMA byte count);
     // empty[s]: both math warpgroups are done reading it (one arrival each).
@@ -446,23 +459,52 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
         // bank quads), the warpgroup syncs, and each thread copies 16-byte
         // chunks of whole rows out, so a warp writes 4 full 128-byte lines per
         // instruction (from registers directly, it wrote 8 half-filled sectors).
-        // Rows past the group's end and columns past N are not stored.
+        // Rows past the group's end and columns past the output's width are not stored.
+        //
+        // With SM90_EPILOGUE_ACT (v9) the tile's columns [0, 128) are the gate
+        // and [128, 256) the up projection of the same 128 output columns (the
+        // first GEMM's weights packed in blocks of 128, see the header), so each
+        // thread holds both halves of each of its columns, acc[i] and acc[i + 64],
+        // and stores act(gate + b) * (up + b): the output is [M, N / 2].
+#ifdef SM90_EPILOGUE_ACT
+        const int out_n = N / 2;
+        const int c_tile = t.n0 / 2;
+        const int passes = 2;
+        const T* bias_g = bias != nullptr ? bias + static_cast<long long>(t.g) * N : nullptr;  // [E, 2I]: gate | up
+#else
+        const int out_n = N;
+        const int c_tile = t.n0;
+        const int passes = SM90_BLOCK_N / 64;
+#endif
         T* stage = reinterpret_cast<T*>(ring + SM90_STAGES * SM90_STAGE_BYTES) + half * SM90_C_STAGE_ELEMS;
         const int tid = threadIdx.x & 127;
         const int row_end = t.row_end;
         const int r_first = t.row0 + half * 64;  // this warpgroup's first row
 #pragma unroll
-        for (int p = 0; p < SM90_BLOCK_N / 64; ++p) {
-            const int c0 = t.n0 + 64 * p;
-            if (c0 >= N) break;  // the same for the whole warpgroup
+        for (int p = 0; p < passes; ++p) {
+            const int c0 = c_tile + 64 * p;
+            if (c0 >= out_n) break;  // the same for the whole warpgroup
 #pragma unroll
             for (int jc = 0; jc < 8; ++jc) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const int r = warp * 16 + (lane >> 2) + 8 * h;
                     const int i = 4 * (8 * p + jc) + 2 * h;
+                    float v0 = acc[i], v1 = acc[i + 1];
+#ifdef SM90_EPILOGUE_ACT
+                    float u0 = acc[i + 64], u1 = acc[i + 65];
+                    if (bias_g != nullptr) {
+                        const int col = c0 + 8 * jc + 2 * (lane & 3);
+                        v0 += to_float(bias_g[col]);
+                        v1 += to_float(bias_g[col + 1]);
+                        u0 += to_float(bias_g[out_n + col]);
+                        u1 += to_float(bias_g[out_n + col + 1]);
+                    }
+                    v0 = apply_act(v0, SM90_EPILOGUE_ACT) * u0;
+                    v1 = apply_act(v1, SM90_EPILOGUE_ACT) * u1;
+#endif
                     *reinterpret_cast<unsigned*>(stage + r * SM90_C_PITCH + 8 * jc + 2 * (lane & 3)) =
-                        pack_pair(T{}, acc[i], acc[i + 1]);
+                        pack_pair(T{}, v0, v1);
                 }
             }
             named_barrier_sync(1 + half);  // this warpgroup's pairs are in the stage
@@ -470,8 +512,8 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
             for (int q = 0; q < 4; ++q) {
                 const int chunk = tid + 128 * q;  // 64 rows x 8 chunks of 8 columns
                 const int r = chunk >> 3, col = c0 + 8 * (chunk & 7);
-                if (r_first + r < row_end && col < N) {  // N % 8 == 0: a chunk is all in or all out
-                    *reinterpret_cast<uint4*>(out + static_cast<long long>(r_first + r) * N + col) =
+                if (r_first + r < row_end && col < out_n) {  // out_n % 8 == 0: a chunk is all in or all out
+                    *reinterpret_cast<uint4*>(out + static_cast<long long>(r_first + r) * out_n + col) =
                         *reinterpret_cast<const uint4*>(stage + r * SM90_C_PITCH + 8 * (chunk & 7));
                 }
             }
@@ -485,9 +527,9 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
         name(const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_b,                 \
              const int* __restrict__ row_offsets, const int* __restrict__ row_ends,                        \
              const int* __restrict__ tile_offsets, int* __restrict__ tile_counter, int num_groups, int M,  \
-             int N, int K, T* __restrict__ out) {                                                          \
+             int N, int K, T* __restrict__ out, const T* __restrict__ bias) {                              \
         grouped_gemm_impl<T, N_MAJOR_B>(&tmap_a, &tmap_b, row_offsets, row_ends, tile_offsets,            \
-                                        tile_counter, num_groups, M, N, K, out);                           \
+                                        tile_counter, num_groups, M, N, K, out, bias);                     \
     }
 
 SM90_GEMM_KERNEL(grouped_gemm_nt_bf16, bf16_t, false)

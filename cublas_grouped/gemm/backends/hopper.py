@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,6 +62,8 @@ __all__ = [
     "grouped_rows",
     "schedule_offsets",
     "schedule_ints",
+    "GatedEpilogue",
+    "GATE_UP_BLOCK",
 ]
 
 # The one source of the kernel's tile shape: kernels/grouped_gemm_sm90.cu gets
@@ -374,21 +377,46 @@ def schedule_offsets(res, sizes, e: int, capacity: int = 0, *, storage=None):
     return row_offsets
 
 
-def _launch(res, sizes, problem, ptrs, *, capacity, tile_bound, scanned=False, storage=None) -> None:
+@dataclass(frozen=True)
+class GatedEpilogue:
+    """The first expert GEMM's activation in the kernel's epilogue (v9):
+    ``out = act(gate + bias) * (up + bias)`` from the fp32 accumulators, with
+    the weights' gate and up columns packed in blocks of :data:`GATE_UP_BLOCK`
+    (the kernel source's header). ``act``: the activation's code,
+    ``codes``: every code by define name (``ACT_SILU`` ...), which the kernel
+    is compiled with; ``bias``: the address of a ``[E, 2I]`` bias in the plain
+    order, or 0."""
+
+    act: int
+    codes: tuple[tuple[str, int], ...]
+    bias: int = 0
+
+
+# Columns of one gate (or up) block of packed first-GEMM weights: half a tile.
+GATE_UP_BLOCK = BLOCK_N // 2
+
+
+def _launch(
+    res, sizes, problem, ptrs, *, capacity, tile_bound, scanned=False, storage=None, epilogue=None
+) -> None:
     """The offsets kernel (unless ``scanned``: :func:`schedule_offsets` ran
     last on this stream with these sizes), then the GEMM, on ``res``'s stream.
     ``problem``: (E, M, N, K, trans_b, dtype); ``ptrs``: (a, b, out) addresses.
     ``capacity`` 0: grouped-contiguous rows; > 0: the masked layout of
     ``capacity`` rows per group. ``tile_bound``: the most row tiles any sizes
     can need (the grid, and so a captured launch, depends on it and not on
-    the sizes)."""
+    the sizes). ``epilogue``: a :class:`GatedEpilogue` (``out`` is then
+    [M, N / 2]), or None for the plain product."""
     e, m, n, k, trans_b, dtype = problem
     dtype = np.dtype(dtype)
     if not scanned:
         schedule_offsets(res, sizes, e, capacity, storage=storage)
     row_offsets, row_ends, tile_offsets, tile_counter = schedule_buffers(res, e, storage)
     name = f"grouped_gemm_{weights_layout(trans_b)}_{_SUFFIX[dtype.name]}"
-    gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=DEFINES)
+    defines = DEFINES
+    if epilogue is not None:
+        defines = {**DEFINES, **dict(epilogue.codes), "SM90_EPILOGUE_ACT": epilogue.act}
+    gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=defines)
     _allow_shared_memory(gemm, res.device_id)
     element = BFLOAT16 if dtype == BFLOAT16 else dtype
     tmap_a = tensor_map(ptrs[0], (m, k), (BLOCK_M, BLOCK_K), element, res.device_id)
@@ -400,6 +428,7 @@ def _launch(res, sizes, problem, ptrs, *, capacity, tile_bound, scanned=False, s
         *(np.intp(x.data.ptr) for x in schedule),
         *map(np.int32, (e, m, n, k)),
         np.intp(ptrs[2]),
+        np.intp(epilogue.bias if epilogue is not None else 0),
     )
     grid = grid_size(tile_bound * -(-n // BLOCK_N), _sm_count(res.device_id), limit=GRID_LIMIT)
     _kernels.launch(res.launch_stream, gemm, grid, THREADS, args, shmem=SHARED_BYTES)
@@ -417,7 +446,7 @@ def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=N
     grouped_rows(res, problem, (ops.a, ops.b, ops.c), device_sizes(plan, res, sizes_dev))
 
 
-def grouped_rows(res, problem, ptrs, sizes_dev, *, scanned=False, storage=None) -> None:
+def grouped_rows(res, problem, ptrs, sizes_dev, *, scanned=False, storage=None, epilogue=None) -> None:
     """Grouped-contiguous rows given by addresses: ``problem`` (E, M, N, K,
     trans_b, dtype), ``ptrs`` (a [M, K], b, out [M, N], C-contiguous),
     ``sizes_dev`` int32 [E] on the device summing to at most M (rows past
@@ -426,12 +455,12 @@ def grouped_rows(res, problem, ptrs, sizes_dev, *, scanned=False, storage=None) 
     these sizes; ``storage``: as in :func:`schedule_buffers`. No host sync.
     The grid covers any sizes summing to M (:func:`max_tiles`), so it does not
     depend on the sizes: a captured graph replays with new ones. The caller
-    checked what :func:`masked_fixed_capacity` lists.
+    checked what :func:`masked_fixed_capacity` lists. ``epilogue``: as in
+    :func:`_launch` (N a multiple of 2 * :data:`GATE_UP_BLOCK`).
     """
     tile_bound = max_tiles(problem[1], problem[0])
-    _launch(
-        res, sizes_dev, problem, ptrs, capacity=0, tile_bound=tile_bound, scanned=scanned, storage=storage
-    )
+    kw = {"scanned": scanned, "storage": storage, "epilogue": epilogue}
+    _launch(res, sizes_dev, problem, ptrs, capacity=0, tile_bound=tile_bound, **kw)
 
 
 def masked_fixed_capacity(res, problem, ptrs, counts_dev, capacity: int, *, storage=None) -> None:
