@@ -16,6 +16,7 @@ from .moe.backward import MoEContext, MoEGradients, moe_backward
 from .moe.checkpoints import load_fp8_experts, load_gguf_experts
 from .moe.dispatch import DispatchPlan, combine_output, expert_gemm, prepare_input, scatter_output
 from .moe.fixed_capacity import FixedCapacityMoE
+from .moe.gate_up import pack_gate_up, unpack_gate_up
 from .moe.layer import StageTimer, moe_forward
 from .moe.mlp_backward import MLPGradients
 from .moe.modules import ExpertWeightManager, ExpertWeights, MoEMLP
@@ -50,6 +51,8 @@ __all__ = [
     "moe_backward",
     "StageTimer",
     "FixedCapacityMoE",
+    "pack_gate_up",
+    "unpack_gate_up",
     "combine_output",
     "expert_gemm",
     "moe_forward",

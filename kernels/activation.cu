@@ -3,13 +3,16 @@
 //
 // Kernel (X = float / f16_t / bf16_t, names suffixed _f32 / _f16 / _bf16):
 //
-//   expert_activation_{f32,f16,bf16}(const X* h, int inter, int gated, int act,
+//   expert_activation_{f32,f16,bf16}(const X* h, int inter, int gated,
+//                                    int gate_up_block, int act,
 //                                    const X* bias, const int* row_to_pair,
 //                                    const int* topk_ids, int num_rows, X* out)
 //     h      [num_rows, W] with W = gated ? 2 * inter : inter (GEMM 1 output;
-//            when gated, columns [0, inter) are the gate, [inter, 2*inter)
-//            the up projection).
-//     bias   [E, W] or null. Expert of row r: e = topk_ids[row_to_pair[r]]
+//            when gated and gate_up_block == 0, columns [0, inter) are the
+//            gate, [inter, 2*inter) the up projection; with gate_up_block B
+//            > 0 (a multiple of 8 dividing inter), block j of 2B columns is
+//            gate columns jB .. jB + B - 1, then up columns jB .. jB + B - 1).
+//     bias   [E, W] or null, gate then up (not blocked). Expert of row r: e = topk_ids[row_to_pair[r]]
 //            (topk_ids is only read when bias is non-null).
 //     act    ACT_SILU: SiLU z * sigmoid(z); ACT_GELU: exact GELU
 //            0.5 z (1 + erf(z / sqrt 2)); ACT_RELU: ReLU (NaN propagates).
@@ -35,9 +38,16 @@
 #error "the activation codes must differ"
 #endif
 
+// Where output column i's gate sits in a row of h, and how far past it its
+// up column is: the halves layout (block 0) or blocks of 2B columns.
+__device__ __forceinline__ long long gate_col(long long i, long long inter, int block) {
+    return block > 0 ? (i / block) * 2 * block + i % block : i;
+}
+__device__ __forceinline__ long long up_offset(long long inter, int block) { return block > 0 ? block : inter; }
+
 template <class T>
 __device__ __forceinline__ void expert_activation_impl(const T* __restrict__ h, int inter, int gated,
-                                                       int act, const T* __restrict__ bias,
+                                                       int gate_up_block, int act, const T* __restrict__ bias,
                                                        const int* __restrict__ row_to_pair,
                                                        const int* __restrict__ topk_ids,
                                                        int num_rows, T* __restrict__ out) {
@@ -61,9 +71,10 @@ __device__ __forceinline__ void expert_activation_impl(const T* __restrict__ h, 
             constexpr int N = Vec16<T>::N;
             for (long long i = static_cast<long long>(threadIdx.x) * N; i < I;
                  i += static_cast<long long>(blockDim.x) * N) {
-                const Vec16<T> g = load_vec16(hr + i);
+                const long long hi = gate_col(i, I, gate_up_block);  // N columns stay in one block
+                const Vec16<T> g = load_vec16(hr + hi);
                 Vec16<T> u, bg, bu, res;
-                if (gated) u = load_vec16(hr + I + i);
+                if (gated) u = load_vec16(hr + hi + up_offset(I, gate_up_block));
                 if (br != nullptr) {
                     bg = load_vec16(br + i);
                     if (gated) bu = load_vec16(br + I + i);
@@ -84,11 +95,12 @@ __device__ __forceinline__ void expert_activation_impl(const T* __restrict__ h, 
             }
         } else {
             for (long long i = threadIdx.x; i < I; i += blockDim.x) {
-                float zg = load_as_float(hr + i);
+                const long long hi = gate_col(i, I, gate_up_block);
+                float zg = load_as_float(hr + hi);
                 if (br != nullptr) zg += load_as_float(br + i);
                 float y = apply_act(zg, act);
                 if (gated) {
-                    float zu = load_as_float(hr + I + i);
+                    float zu = load_as_float(hr + hi + up_offset(I, gate_up_block));
                     if (br != nullptr) zu += load_as_float(br + I + i);
                     y *= zu;
                 }
@@ -99,7 +111,7 @@ __device__ __forceinline__ void expert_activation_impl(const T* __restrict__ h, 
 }
 
 #define EXPERT_ACTIVATION_PARAMS(X)                                                       \
-    (const X* h, int inter, int gated, int act, const X* bias, const int* row_to_pair, \
-     const int* topk_ids, int num_rows, X* out)
+    (const X* h, int inter, int gated, int gate_up_block, int act, const X* bias,                     \
+     const int* row_to_pair, const int* topk_ids, int num_rows, X* out)
 DEFINE_KERNEL_3TYPES(expert_activation, EXPERT_ACTIVATION_PARAMS,
-                     (h, inter, gated, act, bias, row_to_pair, topk_ids, num_rows, out))
+                     (h, inter, gated, gate_up_block, act, bias, row_to_pair, topk_ids, num_rows, out))

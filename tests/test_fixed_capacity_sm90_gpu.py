@@ -181,3 +181,37 @@ def test_moe_forward_fixed_capacity_runs_the_kernel_path():
         out = cg.moe_forward(x, ids_d, w_d, w1, w2, b1=b1, b2=b2, fixed_capacity=True, stream=stream)
         stream.synchronize()
         check_close(out, ref.moe_forward_ref(x64, ids, w, *weights64), TOL, f"moe_forward T={tokens}")
+
+
+@pytest.mark.parametrize(
+    "act, biases, trans_b", [("silu", True, False), ("gelu", False, True), ("relu", True, True)]
+)
+def test_gate_up_blocked_every_path(act, biases, trans_b):
+    """w1 packed by pack_gate_up (w1_layout="gate_up_blocked"): the kernel step
+    with the activation in GEMM 1's epilogue, the chunked step, moe_forward's
+    fixed-capacity and synchronizing paths, all against float64 of the plain
+    weights."""
+    import cupy
+
+    rng = np.random.default_rng(50)
+    experts, k, hidden, inter = 32, 4, 136, 128
+    weights, weights64 = _layer(rng, experts, hidden, inter, biases, ml_dtypes.bfloat16, trans_b)
+    w1, w2, b1, b2 = weights
+    packed = cg.pack_gate_up(w1, trans_b=trans_b)
+    opts = {"b1": b1, "b2": b2, "trans_b": trans_b, "activation": act, "w1_layout": "gate_up_blocked"}
+    kernel = cg.FixedCapacityMoE(packed, w2, k, max_tokens=MAX_TOKENS, executor=_kernel_executor(), **opts)
+    chunked = cg.FixedCapacityMoE(
+        packed, w2, k, max_tokens=MAX_TOKENS, executor=_chunked(w1, w2, k, b1, b2, trans_b).executor, **opts
+    )
+    for step, tokens in enumerate([1, 7, 16, 64, 33]):
+        x, x64 = device_random(rng, (tokens, hidden), ml_dtypes.bfloat16)
+        ids, w = step_routing(rng, step, tokens, experts, k)
+        ids_d, w_d = cupy.asarray(ids), cupy.asarray(w)
+        expected = ref.moe_forward_ref(x64, ids, w, *weights64, activation=act)
+        _poison_all(kernel)
+        check_close(kernel.forward(x, ids_d, w_d), expected, TOL, f"kernel step T={tokens}")
+        check_close(chunked.forward(x, ids_d, w_d), expected, TOL, f"chunked step T={tokens}")
+        got = cg.moe_forward(x, ids_d, w_d, packed, w2, fixed_capacity=True, **opts)
+        check_close(got, expected, TOL, f"moe_forward fixed_capacity T={tokens}")
+        got = cg.moe_forward(x, ids_d, w_d, packed, w2, **opts)
+        check_close(got, expected, TOL, f"moe_forward synchronizing T={tokens}")

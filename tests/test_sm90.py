@@ -145,15 +145,23 @@ def test_weights_layouts_and_their_tensor_maps():
     assert hopper.B_SPAN * 2 == 128 and hopper.BLOCK_N % hopper.B_SPAN == 0
 
 
-def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing():
-    """ptxas's verbose report of every sm90 kernel: no local-memory spills, and no
-    note C7520 (wgmma serialized: each MMA waits for the one before, as a branch
-    on accumulator values in the epilogue once caused in the bf16 kernels)."""
+@pytest.mark.parametrize("act", [None, "silu", "gelu", "relu"])
+def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act):
+    """ptxas's verbose report of every sm90 kernel, plain and with each gated
+    epilogue: no local-memory spills, and no note C7520 (wgmma serialized:
+    each MMA waits for the one before, as a branch on accumulator values in
+    the epilogue once caused in the bf16 kernels)."""
     from cuda.core import Program, ProgramOptions
 
+    from cublas_grouped.moe.kernels import ACTIVATIONS
     from cublas_grouped.runtime import nvrtc
 
-    macros = [(name, str(value)) for name, value in hopper.DEFINES.items()]
+    defines = dict(hopper.DEFINES)
+    if act is not None:
+        defines.update(
+            {f"ACT_{n.upper()}": c for n, c in ACTIVATIONS.items()}, SM90_EPILOGUE_ACT=ACTIVATIONS[act]
+        )
+    macros = [(name, str(value)) for name, value in defines.items()]
     options = ProgramOptions(arch=hopper.ARCH, std="c++17", define_macro=macros, ptxas_options="-v")
     program = Program(nvrtc.load_source("grouped_gemm_sm90"), code_type="c++", options=options)
 

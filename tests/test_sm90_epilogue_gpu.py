@@ -36,7 +36,7 @@ def _act(z, name):
     if name == "gelu":
         from math import erf
 
-        return 0.5 * z * (1.0 + np.vectorize(erf)(z / np.sqrt(2.0)))
+        return 0.5 * z * (1.0 + np.vectorize(erf, otypes=[np.float64])(z / np.sqrt(2.0)))
     return np.maximum(z, 0.0)
 
 

@@ -28,7 +28,8 @@ _records: list[tuple[str, object, object]] = []
 
 def _wrap(name, fn, stream_of):
     def wrapped(*args, **kwargs):
-        stream = cupy.cuda.ExternalStream(stream_of(args))
+        handle = stream_of(args)
+        stream = cupy.cuda.ExternalStream(int(getattr(handle, "handle", handle)))
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
         start.record(stream)
         out = fn(*args, **kwargs)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..gemm.backends.hopper import GATE_UP_BLOCK
 from ..gemm.config import Algorithm, ComputePrecision
 from ..gemm.executor import GroupedGemmExecutor
 from ..gemm.fp8 import check_fp8_operand, is_fp8
@@ -24,6 +25,7 @@ from .kernels import ACTIVATIONS
 
 __all__ = [
     "MAX_EXPERTS",
+    "W1_LAYOUTS",
     "MAX_PAIRS",
     "LayerShape",
     "layer_shape",
@@ -37,6 +39,11 @@ __all__ = [
 ]
 
 MAX_EXPERTS = 1024
+# How a gated layer's w1 orders its 2I output columns: "gate_up", the gate
+# then the up projection; "gate_up_blocked", interleaved in blocks of
+# GATE_UP_BLOCK (pack_gate_up), which lets the Hopper kernel apply the
+# activation before anything is stored.
+W1_LAYOUTS = ("gate_up", "gate_up_blocked")
 # Pairs (T*k) and expert-ordered rows are int32 indices in the kernels.
 MAX_PAIRS = 2**31
 
@@ -60,6 +67,9 @@ class LayerShape:
         The weights are in the ``nn.Linear`` layout (``[E, N, K]``).
     dtype : numpy.dtype
         Of the tokens and every weight and bias.
+    gate_up_block : int
+        0: ``w1``'s gate columns, then its up columns; B > 0: packed in blocks
+        of B (:func:`cublas_grouped.pack_gate_up`, ``w1_layout="gate_up_blocked"``).
     """
 
     num_experts: int
@@ -71,6 +81,7 @@ class LayerShape:
     activation: str
     trans_b: bool
     dtype: np.dtype
+    gate_up_block: int = 0
 
 
 def check_tokens(x) -> ArrayView:
@@ -152,6 +163,7 @@ def layer_shape(
     trans_b: bool = False,
     x: ArrayView | None = None,
     dtype=None,
+    w1_layout: str = "gate_up",
 ) -> LayerShape:
     """Check a layer's weights, biases and options; return its :class:`LayerShape`.
 
@@ -159,7 +171,10 @@ def layer_shape(
     weights must match them; without it (a layer built before any tokens), they
     are ``w1``'s, or with FP8 ``w1``, ``dtype`` (default bfloat16): the
     activations' dtype. ``top_k`` is stored as given: callers check it.
+    ``w1_layout``: one of :data:`W1_LAYOUTS`.
     """
+    if w1_layout not in W1_LAYOUTS:
+        raise ValueError(f"w1_layout must be one of {W1_LAYOUTS}; got {w1_layout!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {activation!r}")
     if x is not None:
@@ -187,13 +202,40 @@ def layer_shape(
                 )
     if num_experts > MAX_EXPERTS:
         raise ValueError(f"at most {MAX_EXPERTS} experts are supported; w1 has {num_experts}")
+    block = 0
+    if w1_layout == "gate_up_blocked":
+        block = GATE_UP_BLOCK
+        if not gated or is_fp8(w1) or inter % block:
+            raise ValueError(
+                f"w1_layout='gate_up_blocked' needs a gated layer with 16-bit w1 and I a multiple of {block}; "
+                f"got gated={gated}, I={inter}{', FP8 w1' if is_fp8(w1) else ''}"
+            )
     return LayerShape(
-        num_experts, hidden, inter, width, top_k, bool(gated), activation, bool(trans_b), np.dtype(dtype)
+        num_experts,
+        hidden,
+        inter,
+        width,
+        top_k,
+        bool(gated),
+        activation,
+        bool(trans_b),
+        np.dtype(dtype),
+        block,
     )
 
 
 def check_layer_args(
-    x_v: ArrayView | None, topk_ids, topk_weights, w1, w2, b1, b2, activation, gated, trans_b
+    x_v: ArrayView | None,
+    topk_ids,
+    topk_weights,
+    w1,
+    w2,
+    b1,
+    b2,
+    activation,
+    gated,
+    trans_b,
+    w1_layout="gate_up",
 ) -> LayerShape:
     """Check one call of the dynamic layer: the routing, then :func:`layer_shape`.
 
@@ -201,7 +243,16 @@ def check_layer_args(
     """
     ids_v, _ = check_routing(topk_ids, topk_weights, x_v.shape[0] if x_v is not None else None)
     return layer_shape(
-        w1, w2, ids_v.shape[1], b1=b1, b2=b2, activation=activation, gated=gated, trans_b=trans_b, x=x_v
+        w1,
+        w2,
+        ids_v.shape[1],
+        b1=b1,
+        b2=b2,
+        activation=activation,
+        gated=gated,
+        trans_b=trans_b,
+        x=x_v,
+        w1_layout=w1_layout,
     )
 
 

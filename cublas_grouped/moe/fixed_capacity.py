@@ -90,7 +90,7 @@ class FixedCapacityMoE:
 
     Parameters
     ----------
-    w1, w2, b1, b2, activation, gated, trans_b
+    w1, w2, b1, b2, activation, gated, trans_b, w1_layout
         As in :func:`cublas_grouped.moe_forward`. FP8 weights get a dense copy
         of ``dtype`` (default bfloat16: the tokens' dtype), refilled from
         them at every step and counted in :attr:`nbytes` (docs/fp8.md).
@@ -147,10 +147,17 @@ class FixedCapacityMoE:
         executor: GroupedGemmExecutor | None = None,
         graphs: bool = True,
         dtype=None,
+        w1_layout: str = "gate_up",
     ):
         import cupy
 
-        opts = {"activation": activation, "gated": gated, "trans_b": trans_b, "dtype": dtype}
+        opts = {
+            "activation": activation,
+            "gated": gated,
+            "trans_b": trans_b,
+            "dtype": dtype,
+            "w1_layout": w1_layout,
+        }
         shape = layer_shape(w1, w2, top_k, b1=b1, b2=b2, **opts)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= shape.num_experts:
             raise ValueError(f"top_k must be an int in [1, {shape.num_experts}]; got {top_k!r}")
@@ -405,6 +412,7 @@ def fixed_capacity_step(
         row_to_pair,
         ids,
         act,
+        shape.gate_up_block,
     )
     gemm(1, act, w2, y, shape.hidden, shape.inter)
     K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
@@ -457,20 +465,28 @@ def _sm90_step(res, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, param
     )
     K.gather_rows(stream, arch, x, row_to_pair, k, x_rows)
     gemm1 = (e, pairs, shape.width, shape.hidden, shape.trans_b, shape.dtype)
-    ptrs1 = (x_rows.data.ptr, w1.data.ptr, h.data.ptr)
-    hopper.grouped_rows(res, gemm1, ptrs1, buf.counts, scanned=True, storage=buf.schedule)
-    K.expert_activation(
-        stream,
-        arch,
-        h,
-        shape.inter,
-        int(shape.gated),
-        K.ACTIVATIONS[shape.activation],
-        b1,
-        row_to_pair,
-        ids,
-        act,
-    )
+    if shape.gate_up_block:
+        # w1 packed in blocks (w1_layout="gate_up_blocked"): the activation
+        # runs in GEMM 1's epilogue and writes act; h is never written.
+        codes = tuple((f"ACT_{name.upper()}", code) for name, code in K.ACTIVATIONS.items())
+        fused = hopper.GatedEpilogue(K.ACTIVATIONS[shape.activation], codes, 0 if b1 is None else b1.data.ptr)
+        ptrs1 = (x_rows.data.ptr, w1.data.ptr, act.data.ptr)
+        hopper.grouped_rows(res, gemm1, ptrs1, buf.counts, scanned=True, storage=buf.schedule, epilogue=fused)
+    else:
+        ptrs1 = (x_rows.data.ptr, w1.data.ptr, h.data.ptr)
+        hopper.grouped_rows(res, gemm1, ptrs1, buf.counts, scanned=True, storage=buf.schedule)
+        K.expert_activation(
+            stream,
+            arch,
+            h,
+            shape.inter,
+            int(shape.gated),
+            K.ACTIVATIONS[shape.activation],
+            b1,
+            row_to_pair,
+            ids,
+            act,
+        )
     gemm2 = (e, pairs, shape.hidden, shape.inter, shape.trans_b, shape.dtype)
     ptrs2 = (act.data.ptr, w2.data.ptr, y.data.ptr)
     # Not scanned: GEMM 1 used up the tile counter, which the offsets kernel zeroes.

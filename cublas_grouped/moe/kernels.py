@@ -167,14 +167,19 @@ def gather_rows(stream, arch, x, row_to_pair, top_k, out) -> None:
     _kernels.launch(stream, kernel, _row_grid(rows), ROW_THREADS, args)
 
 
-def expert_activation(stream, arch, h, inter, gated, act, bias, row_to_pair, ids, out) -> None:
-    """activation.cu ``expert_activation``: optional bias, then the (gated) activation, row by row."""
+def expert_activation(
+    stream, arch, h, inter, gated, act, bias, row_to_pair, ids, out, gate_up_block=0
+) -> None:
+    """activation.cu ``expert_activation``: optional bias, then the (gated) activation, row by row.
+    ``gate_up_block``: 0 when h holds the gate columns then the up columns, B
+    when they are packed in blocks of B (``w1_layout="gate_up_blocked"``)."""
     rows = out.shape[0]
     kernel = _kernel("activation", "expert_activation", arch, h.dtype)
     args = (
         _ptr(h),
         np.int32(inter),
         np.int32(gated),
+        np.int32(gate_up_block),
         np.int32(act),
         _ptr(bias),
         _ptr(row_to_pair),

@@ -86,6 +86,7 @@ def moe_forward(
     sync_free: bool | None = None,
     return_context: bool = False,
     recompute: bool = False,
+    w1_layout: str = "gate_up",
 ):
     """The MoE expert layer: ``sum_j w[t,j] * (act(x_t @ w1[e] + b1[e]) @ w2[e] + b2[e])``.
 
@@ -130,6 +131,14 @@ def moe_forward(
     recompute : bool
         With ``return_context``: the context keeps no first-GEMM output and
         the backward recomputes it (docs/backward.md: memory each way).
+    w1_layout : "gate_up" (default) or "gate_up_blocked"
+        How a gated ``w1`` orders its 2I columns: the gate then the up
+        projection, or packed in blocks of 128 by
+        :func:`cublas_grouped.pack_gate_up` (I a multiple of 128; not with
+        ``return_context``). With the packed layout, the Hopper kernel's
+        fixed-capacity step applies the activation in the first GEMM's
+        epilogue, so the [rows, 2I] product is never stored; every other
+        path gives the same result from the packed columns.
 
     Returns
     -------
@@ -146,7 +155,9 @@ def moe_forward(
         )
         fixed_capacity = fixed_capacity or bool(sync_free)
     x_v = check_tokens(x)
-    shape = check_layer_args(x_v, topk_ids, topk_weights, w1, w2, b1, b2, activation, gated, trans_b)
+    shape = check_layer_args(
+        x_v, topk_ids, topk_weights, w1, w2, b1, b2, activation, gated, trans_b, w1_layout
+    )
     coerce_enum(Algorithm, algorithm, "algorithm")
     if fixed_capacity:
         check_fixed_capacity_args(x_v.shape[0], dropped_pairs)
@@ -156,6 +167,10 @@ def moe_forward(
         )
     executor = executor_or_shared(executor)
     keep_context = check_context_options(return_context, recompute, fixed_capacity)  # before any GPU work
+    if keep_context and shape.gate_up_block:
+        raise ValueError(
+            "return_context=True does not take w1_layout='gate_up_blocked' (the backward reads gate|up)"
+        )
     # FP8ExpertWeights: dequantized to x's dtype for this call (docs/fp8.md); others pass through.
     w1, w2 = (dense_weights(w, x_v.dtype, stream) for w in (w1, w2))
     if keep_context:
@@ -226,6 +241,7 @@ def moe_forward(
                 inp.row_to_pair,
                 ids,
                 act,
+                shape.gate_up_block,
             )
         mark_stage(timer, "activation", res.cupy_stream)
         y = cupy.empty((rows, hidden), dtype=h.dtype)
