@@ -67,14 +67,22 @@ def _decode_methods(s, w1, w2, tokens, x, ids, w, stream):
     return methods, paths
 
 
-def _prefill_methods(s, w1, w2, tokens, x, ids, w, stream):
+def _prefill_methods(s, w1, w2, tokens, x, ids, w, stream, packed=None):
     def auto():
         return cg.moe_forward(x, ids, w, w1, w2, stream=stream)
 
     def fixed():
         return cg.moe_forward(x, ids, w, w1, w2, fixed_capacity=True, stream=stream)
 
-    return {"auto": (auto, None, 1), "fixed": (fixed, None, 1)}, {}
+    def fused():  # w1 packed: the activation in GEMM 1's epilogue
+        return cg.moe_forward(
+            x, ids, w, packed, w2, fixed_capacity=True, stream=stream, w1_layout="gate_up_blocked"
+        )
+
+    methods = {"auto": (auto, None, 1), "fixed": (fixed, None, 1)}
+    if packed is not None:
+        methods["fused"] = (fused, None, 1)
+    return methods, {}
 
 
 def main() -> None:
@@ -89,11 +97,10 @@ def main() -> None:
     tokens_list = args.tokens or ("16,64" if decode else "4096,16384")
     rounds = args.rounds or (50 if decode else 20)
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}; mode {args.mode}")
-    names = ("chunked", "sm90") if decode else ("auto", "fixed")
+    names = ("chunked", "sm90") if decode else ("auto", "fixed", "fused")
     unit = "us" if decode else "ms"
-    print(
-        f"{'case':40s} {names[0] + ' ' + unit:>12s} {names[1] + ' ' + unit:>12s} {'ratio':>6s} extra  rel.diff |out|"
-    )
+    heads = " ".join(f"{n + ' ' + unit:>12s}" for n in names)
+    print(f"{'case':40s} {heads} ratios (first / each) extra  rel.diff (last vs first) |out|")
     stream = cupy.cuda.Stream(non_blocking=True)
     bf16 = ml_dtypes.bfloat16
     for model in args.models.split(","):
@@ -105,6 +112,7 @@ def main() -> None:
         w2 = (
             cupy.random.standard_normal((s.experts, s.inter, s.hidden), cupy.float32) * s.inter**-0.5
         ).astype(bf16)
+        packed = None if decode else cg.pack_gate_up(w1)
         cupy.get_default_memory_pool().free_all_blocks()
         for tokens in map(int, tokens_list.split(",")):
             for routing in ("uniform", "skewed"):
@@ -113,15 +121,17 @@ def main() -> None:
                 x = cupy.random.standard_normal((tokens, s.hidden), cupy.float32).astype(bf16)
                 ids_d, w_d = cupy.asarray(ids, dtype=cupy.int32), cupy.asarray(weights, dtype=cupy.float32)
                 cupy.cuda.Device().synchronize()  # inputs were made on the default stream
-                make = _decode_methods if decode else _prefill_methods
-                methods, paths = make(s, w1, w2, tokens, x, ids_d, w_d, stream)
+                if decode:
+                    methods, paths = _decode_methods(s, w1, w2, tokens, x, ids_d, w_d, stream)
+                else:
+                    methods, paths = _prefill_methods(s, w1, w2, tokens, x, ids_d, w_d, stream, packed)
                 outs = {}
                 for name, (run, out, _) in methods.items():
                     with stream:
                         got = run()
                     stream.synchronize()
                     outs[name] = cupy.asnumpy(out if out is not None else got).astype(np.float64)
-                diff = rel_error(outs[names[1]], outs[names[0]])
+                diff = rel_error(outs[list(methods)[-1]], outs[names[0]])
                 norm = float(np.linalg.norm(outs[names[0]]))
                 times = {k: [] for k in methods}
                 for r in range(rounds + WARMUP):
@@ -144,16 +154,12 @@ def main() -> None:
                     label = f"{case.name} ({paths['chunked'][:7]}/{paths['sm90'][:4]})"
                 else:
                     flops = W.layer_flops(case)
-                    extra = (
-                        f"{W.tflops(flops, med[names[0]]):.0f} / {W.tflops(flops, med[names[1]]):.0f} TFLOP/s"
-                    )
+                    extra = " / ".join(f"{W.tflops(flops, t):.0f}" for t in med.values()) + " TFLOP/s"
                     label = case.name
-                print(
-                    f"{label:40s} {med[names[0]]:12.3f} {med[names[1]]:12.3f} {med[names[0]] / med[names[1]]:6.3f} "
-                    f"{extra}  {diff:.2e} {norm:.3g}",
-                    flush=True,
-                )
-        del w1, w2
+                cols = " ".join(f"{t:12.3f}" for t in med.values())
+                ratios = " ".join(f"{med[names[0]] / t:.3f}" for t in list(med.values())[1:])
+                print(f"{label:40s} {cols} {ratios} {extra}  {diff:.2e} {norm:.3g}", flush=True)
+        del w1, w2, packed
         cupy.get_default_memory_pool().free_all_blocks()
 
 
