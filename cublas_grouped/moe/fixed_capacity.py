@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..gemm.backends import hopper
 from ..gemm.backends.cublas import batched, bound
-from ..gemm.config import Algorithm
 from ..gemm.executor import GroupedGemmExecutor
 from ..gemm.fp8 import dense_scratch, is_fp8
 from ..gemm.plan import Operands, RowLayout
@@ -65,6 +63,13 @@ from .chunk_capacity import (
     chunk_gemm_plan,
     chunk_rows,
     max_chunks,
+)
+from .kernel_step import (
+    CHUNKED_DECODE_MAX_EXPERTS,
+    CHUNKED_DECODE_MAX_TOKENS,
+    count_rows,
+    fixed_capacity_backend,
+    kernel_step,
 )
 from .step_graphs import StepGraphs
 
@@ -296,46 +301,6 @@ def check_fixed_capacity_args(tokens: int, dropped_pairs) -> None:
             )
 
 
-# Under AUTO, decode steps of layers with few experts keep the chunked calls:
-# measured on an H100 (docs/kernel-notes.md, graph replays of whole steps),
-# Mixtral-8x7B at 16 and 64 tokens reached 82-85% of the bandwidth floor on
-# the kernel against 84-87% chunked, where layers of 128 and 256 experts went
-# from 58-84% to 73-91%. Larger steps of such layers take the kernel (T-row
-# chunks would compute far more rows than the experts have).
-CHUNKED_DECODE_MAX_EXPERTS = 8
-CHUNKED_DECODE_MAX_TOKENS = 64
-
-
-def fixed_capacity_backend(sm, executor, shape: LayerShape, w1, w2, tokens: int) -> str:
-    """Which GEMMs a fixed-capacity step of ``tokens`` tokens runs:
-    ``"sm90_grouped"`` (our Hopper kernel on grouped-contiguous rows, group
-    sizes read on the device) or ``"chunked_batched"`` (cuBLAS over chunk
-    problems).
-
-    The kernel where the executor's algorithm is SM90_GROUPED, or AUTO outside
-    the few-expert decode steps above, the GPU is SM 9.0 and both GEMMs fit it
-    (bfloat16/float16, H, 2I or I and the widths multiples of 8, 16-byte
-    aligned weights): it computes no tile past an expert's rows and reads each
-    active expert's weights once per column tile, where the chunked calls
-    compute every chunk any routing could need. Anything else (other GPUs,
-    float32, a forced cuBLAS algorithm) keeps the chunked calls.
-    """
-    algorithm = executor.config.algorithm
-    if algorithm not in (Algorithm.AUTO, Algorithm.SM90_GROUPED):
-        return "chunked_batched"
-    few_expert_decode = (
-        shape.num_experts <= CHUNKED_DECODE_MAX_EXPERTS and tokens <= CHUNKED_DECODE_MAX_TOKENS
-    )
-    if algorithm is Algorithm.AUTO and few_expert_decode:
-        return "chunked_batched"
-    gemms = ((shape.width, shape.hidden), (shape.hidden, shape.inter))
-    if any(hopper.unsupported_shape(sm, shape.dtype, n, k) is not None for n, k in gemms):
-        return "chunked_batched"
-    if any(w.data.ptr % hopper.ALIGNMENT for w in (w1, w2)):
-        return "chunked_batched"
-    return "sm90_grouped"
-
-
 def fixed_capacity_step(
     res, executor, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, params, out, *, dropped=None
 ) -> None:
@@ -356,13 +321,12 @@ def fixed_capacity_step(
         == "sm90_grouped"
     ):
         buf.capacity.check_kernel_step(shape, tokens)
-        _count_rows(res, arch, buf, ids, e, pairs)
-        _sm90_step(res, shape, buf, x, ids, weights, params, out, dropped)
+        kernel_step(res, shape, buf, x, ids, weights, params, out, dropped)
         return
     buf.capacity.check_step(shape, tokens)
     chunks, chunk = max_chunks(shape, tokens), chunk_rows(shape, tokens)
     rows = chunks * chunk
-    block_counts, pair_to_row, row_to_pair = _count_rows(res, arch, buf, ids, e, pairs, rows)
+    block_counts, pair_to_row, row_to_pair = count_rows(res, arch, buf, ids, e, pairs, rows)
     layout = RowLayout.chunk_aligned(chunk)
     x_rows, h, act, y = buf.rows[:rows], buf.h[:rows], buf.act[:rows], buf.y[:rows]
 
@@ -415,80 +379,4 @@ def fixed_capacity_step(
         shape.gate_up_block,
     )
     gemm(1, act, w2, y, shape.hidden, shape.inter)
-    K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
-
-
-def _count_rows(res, arch, buf: ChunkBuffers, ids, e: int, pairs: int, rows: int | None = None):
-    """Rows per expert into ``buf.counts`` (repeats within a token counted once),
-    and ``row_to_pair[:rows]`` (default T*k) reset to -1, every byte 0xFF, so
-    rows no pair takes read as padding. Returns the views the placement uses:
-    (block counts, pair_to_row, row_to_pair)."""
-    import cupy
-
-    rows = pairs if rows is None else rows
-    nb = K.num_pair_blocks(pairs)
-    block_counts = buf.block_counts[:nb]
-    row_to_pair = buf.row_to_pair[:rows]
-    cupy.cuda.runtime.memsetAsync(row_to_pair.data.ptr, 0xFF, row_to_pair.nbytes, res.stream)
-    K.block_histogram(res.launch_stream, arch, ids, pairs, e, block_counts, skip_repeats=True)
-    K.column_scan(res.launch_stream, arch, block_counts, nb, e, buf.counts)
-    return block_counts, buf.pair_to_row[:pairs], row_to_pair
-
-
-def _sm90_step(res, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, params, out, dropped) -> None:
-    """The rest of a fixed-capacity step on our Hopper kernel, after the counts:
-    each expert's rows back to back in T*k rows (no expert has more than T, so
-    they always fit), the GEMMs over the device counts. Rows past the counts'
-    sum are never placed (their row_to_pair stays -1), computed or read back."""
-    w1, w2, b1, b2 = params
-    arch, stream = kernel_arch(res), res.launch_stream
-    tokens, k = ids.shape
-    e, pairs = shape.num_experts, tokens * k
-    block_counts = buf.block_counts[: K.num_pair_blocks(pairs)]
-    pair_to_row, row_to_pair = buf.pair_to_row[:pairs], buf.row_to_pair[:pairs]
-    x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
-    # The kernel's own offsets kernel gives the contiguous row offsets that
-    # assign_rows places pairs by; GEMM 1 then reuses its schedule.
-    offsets = hopper.schedule_offsets(res, buf.counts, e, storage=buf.schedule)
-    K.assign_rows(
-        stream,
-        arch,
-        ids,
-        pairs,
-        e,
-        block_counts,
-        offsets,
-        pair_to_row,
-        row_to_pair,
-        skip_repeats=True,
-        dropped=dropped,
-    )
-    K.gather_rows(stream, arch, x, row_to_pair, k, x_rows)
-    gemm1 = (e, pairs, shape.width, shape.hidden, shape.trans_b, shape.dtype)
-    if shape.gate_up_block:
-        # w1 packed in blocks (w1_layout="gate_up_blocked"): the activation
-        # runs in GEMM 1's epilogue and writes act; h is never written.
-        codes = tuple((f"ACT_{name.upper()}", code) for name, code in K.ACTIVATIONS.items())
-        fused = hopper.GatedEpilogue(K.ACTIVATIONS[shape.activation], codes, 0 if b1 is None else b1.data.ptr)
-        ptrs1 = (x_rows.data.ptr, w1.data.ptr, act.data.ptr)
-        hopper.grouped_rows(res, gemm1, ptrs1, buf.counts, scanned=True, storage=buf.schedule, epilogue=fused)
-    else:
-        ptrs1 = (x_rows.data.ptr, w1.data.ptr, h.data.ptr)
-        hopper.grouped_rows(res, gemm1, ptrs1, buf.counts, scanned=True, storage=buf.schedule)
-        K.expert_activation(
-            stream,
-            arch,
-            h,
-            shape.inter,
-            int(shape.gated),
-            K.ACTIVATIONS[shape.activation],
-            b1,
-            row_to_pair,
-            ids,
-            act,
-        )
-    gemm2 = (e, pairs, shape.hidden, shape.inter, shape.trans_b, shape.dtype)
-    ptrs2 = (act.data.ptr, w2.data.ptr, y.data.ptr)
-    # Not scanned: GEMM 1 used up the tile counter, which the offsets kernel zeroes.
-    hopper.grouped_rows(res, gemm2, ptrs2, buf.counts, storage=buf.schedule)
     K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)

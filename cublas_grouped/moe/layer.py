@@ -27,11 +27,13 @@ from .backward import check_context_options, forward_with_context
 from .checks import check_layer_args, check_tokens, device_of, executor_or_shared, kernel_arch
 from .dispatch import mark_stage, plan_dispatch, run_expert_gemm
 from .fixed_capacity import (
+    MAX_FIXED_CAPACITY_TOKENS,
     cached_chunk_buffers,
     check_fixed_capacity_args,
     fixed_capacity_backend,
     fixed_capacity_step,
 )
+from .kernel_step import kernel_step
 
 __all__ = ["moe_forward", "StageTimer"]
 
@@ -143,8 +145,11 @@ def moe_forward(
     Returns
     -------
     GPU array [T, H] of x's dtype. Deterministic: two runs give identical bits.
-    Without ``fixed_capacity``, one small synchronizing copy (the per-expert
-    counts) happens per call.
+    Without ``fixed_capacity``, one small synchronizing copy happens per
+    call: of the per-expert counts, before the GEMMs (cuBLAS takes sizes on
+    the host); or, on SM 9.0 under AUTO where our Hopper kernel takes the
+    layer, of the number of pairs with an id outside [0, E), after the whole
+    layer was queued (the kernel reads the counts on the device).
     """
     if sync_free is not None:
         warnings.warn(
@@ -206,6 +211,9 @@ def moe_forward(
                     dropped=counter,
                 )
         return out
+    if _default_kernel_step(res, executor, algorithm, shape, w1, w2, x_v.shape[0]):
+        params = tuple(None if p is None else as_cupy(p) for p in (w1, w2, b1, b2))
+        return _kernel_layer(res, shape, as_cupy(x_v), as_cupy(topk_ids), topk_weights, params, timer)
     hidden, inter, width = shape.hidden, shape.inter, shape.width
     with cupy.cuda.Device(res.device_id), res.cupy_stream:
         mark_stage(timer, "start", res.cupy_stream)
@@ -263,4 +271,44 @@ def moe_forward(
                 out,
             )
         mark_stage(timer, "combine", res.cupy_stream)
+    return out
+
+
+def _default_kernel_step(res, executor, algorithm, shape, w1, w2, tokens: int) -> bool:
+    """Whether the default (synchronizing) path runs the Hopper kernel step:
+    under AUTO, where :func:`fixed_capacity_backend` takes the kernel for this
+    T (SM 9.0, a layer the kernel fits). It was measured faster than the
+    counts-on-the-host path on every prefill case of the benchmark's models
+    (docs/kernel-notes.md), and it leaves the GPU no gap for host planning."""
+    if (
+        coerce_enum(Algorithm, algorithm, "algorithm") is not Algorithm.AUTO
+        or tokens > MAX_FIXED_CAPACITY_TOKENS
+    ):
+        return False
+    sm = executor.info_for(res.device_id).sm
+    return fixed_capacity_backend(sm, executor, shape, w1, w2, tokens) == "sm90_grouped"
+
+
+def _kernel_layer(res, shape, x, ids, topk_weights, params, timer):
+    """The default path on the kernel: the sync-free step, then one copy of the
+    pairs dropped for ids outside [0, E) (the call's one sync), raised on as
+    the counts-on-the-host path does. The output is a new array: nothing of
+    the caller's is written before the raise."""
+    import cupy
+
+    tokens = x.shape[0]
+    with cupy.cuda.Device(res.device_id), res.cupy_stream:
+        out = cupy.empty((tokens, shape.hidden), dtype=x.dtype)
+        if not tokens:
+            return out
+        mark_stage(timer, "start", res.cupy_stream)
+        buf = cached_chunk_buffers(res, shape, tokens, kernel_only=True)
+        buf.capacity.check_kernel_step(shape, tokens)
+        dropped = res.buffer("moe-dropped-pairs", 8).view(cupy.uint64)[:1]
+        cupy.cuda.runtime.memsetAsync(dropped.data.ptr, 0, 8, res.stream)
+        weights = None if topk_weights is None else as_cupy(topk_weights)
+        kernel_step(res, shape, buf, x, ids, weights, params, out, dropped, timer)
+        count = int(cupy.asnumpy(dropped, stream=res.cupy_stream)[0])  # the one sync
+    if count:
+        raise ValueError(f"topk_ids holds {count} ids outside [0, {shape.num_experts})")
     return out

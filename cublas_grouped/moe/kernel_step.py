@@ -1,0 +1,156 @@
+"""The sync-free layer step on our Hopper kernel (SM 9.0): every expert's
+rows back to back in T*k rows, both GEMMs reading the per-expert counts on
+the device, nothing copied to the host, every launch's size fixed by T (a
+CUDA graph replays it with new tokens and routing).
+
+Who runs it: :class:`~cublas_grouped.FixedCapacityMoE` and
+``moe_forward(fixed_capacity=True)`` where :func:`fixed_capacity_backend`
+says so, and ``moe_forward``'s default path on SM 9.0 under AUTO (which
+then copies one count, the pairs dropped for ids outside [0, E), to the
+host at the end, to raise on them as the synchronizing path does).
+With ``w1_layout="gate_up_blocked"`` the activation runs in GEMM 1's epilogue.
+"""
+
+from __future__ import annotations
+
+from ..gemm.backends import hopper
+from ..gemm.config import Algorithm
+from . import kernels as K
+from .checks import LayerShape, kernel_arch
+from .chunk_capacity import ChunkBuffers
+from .dispatch import mark_stage
+
+__all__ = [
+    "CHUNKED_DECODE_MAX_EXPERTS",
+    "CHUNKED_DECODE_MAX_TOKENS",
+    "fixed_capacity_backend",
+    "count_rows",
+    "kernel_step",
+]
+
+# Under AUTO, decode steps of layers with few experts keep the chunked calls:
+# measured on an H100 (docs/kernel-notes.md, graph replays of whole steps),
+# Mixtral-8x7B at 16 and 64 tokens reached 82-85% of the bandwidth floor on
+# the kernel against 84-87% chunked, where layers of 128 and 256 experts went
+# from 58-84% to 73-91%. Larger steps of such layers take the kernel (T-row
+# chunks would compute far more rows than the experts have).
+CHUNKED_DECODE_MAX_EXPERTS = 8
+CHUNKED_DECODE_MAX_TOKENS = 64
+
+
+def fixed_capacity_backend(sm, executor, shape: LayerShape, w1, w2, tokens: int) -> str:
+    """Which GEMMs a fixed-capacity step of ``tokens`` tokens runs:
+    ``"sm90_grouped"`` (our Hopper kernel on grouped-contiguous rows, group
+    sizes read on the device) or ``"chunked_batched"`` (cuBLAS over chunk
+    problems).
+
+    The kernel where the executor's algorithm is SM90_GROUPED, or AUTO outside
+    the few-expert decode steps above, the GPU is SM 9.0 and both GEMMs fit it
+    (bfloat16/float16, H, 2I or I and the widths multiples of 8, 16-byte
+    aligned weights): it computes no tile past an expert's rows and reads each
+    active expert's weights once per column tile, where the chunked calls
+    compute every chunk any routing could need. Anything else (other GPUs,
+    float32, a forced cuBLAS algorithm) keeps the chunked calls.
+    """
+    algorithm = executor.config.algorithm
+    if algorithm not in (Algorithm.AUTO, Algorithm.SM90_GROUPED):
+        return "chunked_batched"
+    few_expert_decode = (
+        shape.num_experts <= CHUNKED_DECODE_MAX_EXPERTS and tokens <= CHUNKED_DECODE_MAX_TOKENS
+    )
+    if algorithm is Algorithm.AUTO and few_expert_decode:
+        return "chunked_batched"
+    gemms = ((shape.width, shape.hidden), (shape.hidden, shape.inter))
+    if any(hopper.unsupported_shape(sm, shape.dtype, n, k) is not None for n, k in gemms):
+        return "chunked_batched"
+    if any(w.data.ptr % hopper.ALIGNMENT for w in (w1, w2)):
+        return "chunked_batched"
+    return "sm90_grouped"
+
+
+def count_rows(res, arch, buf: ChunkBuffers, ids, e: int, pairs: int, rows: int | None = None):
+    """Rows per expert into ``buf.counts`` (repeats within a token counted once),
+    and ``row_to_pair[:rows]`` (default T*k) reset to -1, every byte 0xFF, so
+    rows no pair takes read as padding. Returns the views the placement uses:
+    (block counts, pair_to_row, row_to_pair)."""
+    import cupy
+
+    rows = pairs if rows is None else rows
+    nb = K.num_pair_blocks(pairs)
+    block_counts = buf.block_counts[:nb]
+    row_to_pair = buf.row_to_pair[:rows]
+    cupy.cuda.runtime.memsetAsync(row_to_pair.data.ptr, 0xFF, row_to_pair.nbytes, res.stream)
+    K.block_histogram(res.launch_stream, arch, ids, pairs, e, block_counts, skip_repeats=True)
+    K.column_scan(res.launch_stream, arch, block_counts, nb, e, buf.counts)
+    return block_counts, buf.pair_to_row[:pairs], row_to_pair
+
+
+def kernel_step(
+    res, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, params, out, dropped, timer=None
+) -> None:
+    """One layer step on our Hopper kernel on ``res``'s stream: the counts,
+    each expert's rows back to back in T*k rows (no expert has more than T,
+    so they always fit), the GEMMs over the device counts, the combine.
+    Rows past the counts' sum are never placed (their row_to_pair stays -1),
+    computed or read back. ``params`` = (w1, w2, b1, b2) as CuPy arrays;
+    ``dropped``: a uint64 [1] counter to which pairs with an id outside
+    [0, E) are added, or None; ``timer``: a StageTimer (the caller marked
+    "start"). The caller checked that ``buf`` holds T*k rows."""
+    w1, w2, b1, b2 = params
+    arch, stream = kernel_arch(res), res.launch_stream
+    tokens, k = ids.shape
+    e, pairs = shape.num_experts, tokens * k
+    block_counts, pair_to_row, row_to_pair = count_rows(res, arch, buf, ids, e, pairs)
+    x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
+    # The kernel's own offsets kernel gives the contiguous row offsets that
+    # assign_rows places pairs by; GEMM 1 then reuses its schedule.
+    offsets = hopper.schedule_offsets(res, buf.counts, e, storage=buf.schedule)
+    K.assign_rows(
+        stream,
+        arch,
+        ids,
+        pairs,
+        e,
+        block_counts,
+        offsets,
+        pair_to_row,
+        row_to_pair,
+        skip_repeats=True,
+        dropped=dropped,
+    )
+    mark_stage(timer, "plan", res.cupy_stream)
+    K.gather_rows(stream, arch, x, row_to_pair, k, x_rows)
+    mark_stage(timer, "gather", res.cupy_stream)
+    gemm1 = (e, pairs, shape.width, shape.hidden, shape.trans_b, shape.dtype)
+    if shape.gate_up_block:
+        # w1 packed in blocks (w1_layout="gate_up_blocked"): the activation
+        # runs in GEMM 1's epilogue and writes act; h is never written.
+        codes = tuple((f"ACT_{name.upper()}", code) for name, code in K.ACTIVATIONS.items())
+        fused = hopper.GatedEpilogue(K.ACTIVATIONS[shape.activation], codes, 0 if b1 is None else b1.data.ptr)
+        ptrs1 = (x_rows.data.ptr, w1.data.ptr, act.data.ptr)
+        hopper.grouped_rows(res, gemm1, ptrs1, buf.counts, scanned=True, storage=buf.schedule, epilogue=fused)
+        mark_stage(timer, "gemm1", res.cupy_stream)
+    else:
+        ptrs1 = (x_rows.data.ptr, w1.data.ptr, h.data.ptr)
+        hopper.grouped_rows(res, gemm1, ptrs1, buf.counts, scanned=True, storage=buf.schedule)
+        mark_stage(timer, "gemm1", res.cupy_stream)
+        K.expert_activation(
+            stream,
+            arch,
+            h,
+            shape.inter,
+            int(shape.gated),
+            K.ACTIVATIONS[shape.activation],
+            b1,
+            row_to_pair,
+            ids,
+            act,
+        )
+    mark_stage(timer, "activation", res.cupy_stream)  # none when fused: 0 ms
+    gemm2 = (e, pairs, shape.hidden, shape.inter, shape.trans_b, shape.dtype)
+    ptrs2 = (act.data.ptr, w2.data.ptr, y.data.ptr)
+    # Not scanned: GEMM 1 used up the tile counter, which the offsets kernel zeroes.
+    hopper.grouped_rows(res, gemm2, ptrs2, buf.counts, storage=buf.schedule)
+    mark_stage(timer, "gemm2", res.cupy_stream)
+    K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
+    mark_stage(timer, "combine", res.cupy_stream)
