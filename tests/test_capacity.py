@@ -156,7 +156,7 @@ def test_max_tokens_limits():
         ChunkCapacity.of(s, MAX_FIXED_CAPACITY_TOKENS + 1)
 
 
-def test_which_gemms_a_step_runs():
+def test_which_gemms_a_step_runs(fake):
     """The kernel on SM 9.0 for 16-bit layers it fits; chunked elsewhere, for a
     forced cuBLAS algorithm, and under AUTO for few-expert decode steps."""
     import ml_dtypes
@@ -168,16 +168,16 @@ def test_which_gemms_a_step_runs():
         fixed_capacity_backend,
     )
 
-    class Weights:  # only the address is asked
-        def __init__(self, ptr):
-            self.data = type("Memory", (), {"ptr": ptr})()
-
     def shape(experts, hidden=2048, inter=768, dtype=ml_dtypes.bfloat16):
         return LayerShape(experts, hidden, inter, 2 * inter, 8, True, "silu", False, np.dtype(dtype))
 
     def backend(algorithm, layer, tokens, sm=(9, 0), ptr=1 << 20):
         executor = GroupedGemmExecutor(device=0, config=GroupedGemmConfig(algorithm=algorithm))
-        return fixed_capacity_backend(sm, executor, layer, Weights(ptr), Weights(1 << 21), tokens)
+        weights = (
+            fake((4, 8, 8), ml_dtypes.bfloat16, ptr=ptr),
+            fake((4, 8, 8), ml_dtypes.bfloat16, ptr=1 << 21),
+        )
+        return fixed_capacity_backend(sm, executor, layer, *weights, tokens)
 
     auto, kernel = Algorithm.AUTO, Algorithm.SM90_GROUPED
     assert backend(auto, shape(128), 1) == "sm90_grouped"

@@ -403,19 +403,28 @@ def test_moe_forward_interrupted_between_the_gemms_then_correct(stream, monkeypa
     rng = np.random.default_rng(11)
     experts, k, hidden = 16, 4, 256
     (w1, w2), (w1_64, w2_64) = _layer_weights(rng, experts, hidden)
-    real = _layer.run_expert_gemm
-    calls = {"n": 0}
+    from cublas_grouped.gemm.backends import hopper as _hopper
 
-    def second_interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # GEMM 2, after the plan, GEMM 1 and the activation
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    calls = {}
+
+    def interrupt_second(real):
+        """``real``, raising on its second call: GEMM 2, after the plan, GEMM 1
+        and the activation. The layer's GEMMs go through run_expert_gemm, or
+        on SM 9.0 under AUTO through the kernel step's grouped_rows."""
+
+        def wrapped(*args, **kwargs):
+            calls[real] = calls.get(real, 0) + 1
+            if calls[real] == 2:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        return wrapped
 
     with stream:
         x, x64 = device_random(rng, (100, hidden), BF16)
         ids, w, ids_h, w_h = _routing(rng, 100, experts, k)
-        monkeypatch.setattr(_layer, "run_expert_gemm", second_interrupted)
+        monkeypatch.setattr(_layer, "run_expert_gemm", interrupt_second(_layer.run_expert_gemm))
+        monkeypatch.setattr(_hopper, "grouped_rows", interrupt_second(_hopper.grouped_rows))
         with pytest.raises(KeyboardInterrupt):
             cg.moe_forward(x, ids, w, w1, w2, algorithm=algorithm)
         monkeypatch.undo()

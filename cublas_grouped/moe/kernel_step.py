@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ..gemm.backends import hopper
 from ..gemm.config import Algorithm
+from ..runtime.arrays import view
 from . import kernels as K
 from .checks import LayerShape, kernel_arch
 from .chunk_capacity import ChunkBuffers
@@ -63,7 +64,7 @@ def fixed_capacity_backend(sm, executor, shape: LayerShape, w1, w2, tokens: int)
     gemms = ((shape.width, shape.hidden), (shape.hidden, shape.inter))
     if any(hopper.unsupported_shape(sm, shape.dtype, n, k) is not None for n, k in gemms):
         return "chunked_batched"
-    if any(w.data.ptr % hopper.ALIGNMENT for w in (w1, w2)):
+    if any(view(w, name).ptr % hopper.ALIGNMENT for w, name in ((w1, "w1"), (w2, "w2"))):
         return "chunked_batched"
     return "sm90_grouped"
 
