@@ -35,6 +35,7 @@ __all__ = [
     "tile_scales_ref",
     "quantize_ref",
     "dequantize_ref",
+    "grouped_fp8_ref",
 ]
 
 #: Largest finite e4m3fn value.
@@ -130,3 +131,21 @@ def dequantize_ref(codes, scales, tile_rows: int, tile_cols: int) -> np.ndarray:
     if c.ndim == 2:
         return dequantize_ref(c[None], s[None], tile_rows, tile_cols)[0]
     return e4m3_decode(c) * _expand(s, c.shape, tile_rows, tile_cols)
+
+
+def grouped_fp8_ref(a_codes, a_scales, w_codes, w_scales, sizes) -> np.ndarray:
+    """float64 ``out[o_g + r] = A[o_g + r] @ B_g.T`` of the FP8 grouped GEMM:
+    ``A`` = activations dequantized (codes ``[M, K]``, one scale per row per 128
+    columns ``[M, ceil(K/128)]``), ``B_g`` expert g of weights dequantized
+    (codes ``[E, N, K]``, "block128" scales ``[E, ceil(N/128), ceil(K/128)]``).
+    ``sizes``: rows per group, summing to M. What the kernel computes, before
+    its fp32 accumulation and bf16 rounding."""
+    a = dequantize_ref(a_codes, a_scales, 1, 128).astype(np.float64)
+    w = dequantize_ref(w_codes, w_scales, 128, 128).astype(np.float64)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    out = np.zeros((a.shape[0], w.shape[1]), dtype=np.float64)
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    for g in range(len(sizes)):
+        rows = slice(int(offsets[g]), int(offsets[g + 1]))
+        out[rows] = a[rows] @ w[g].T
+    return out

@@ -122,10 +122,8 @@
 #define SM90_B_SPAN 64
 #define SM90_B_BOX_ELEMS (SM90_BLOCK_K * SM90_B_SPAN)
 // The store's staging area, one per math warpgroup, after the ring: 64 rows
-// of 64 columns at a pitch of 72 elements (144 bytes: 16-byte chunks stay
-// aligned, and rows fall 4 banks apart).
-#define SM90_C_PITCH 72
-#define SM90_C_STAGE_ELEMS (64 * SM90_C_PITCH)
+// of 64 columns at a pitch of SM90_C_PITCH = 72 elements (sm90.cuh; 144
+// bytes: 16-byte chunks stay aligned, and rows fall 4 banks apart).
 
 extern "C" __global__ void __launch_bounds__(SM90_TILE_THREADS)
     grouped_tile_offsets(const int* __restrict__ sizes, int num_groups, int capacity,
@@ -220,23 +218,6 @@ __device__ __forceinline__ unsigned long long smem_descriptor_n_major(const void
 SM90_WGMMA_M64N256K16(bf16_t, "bf16.bf16")
 SM90_WGMMA_M64N256K16(f16_t, "f16.f16")
 
-// Two fp32 values as one packed pair of 16-bit ones (lo in the low half), by
-// one hardware conversion (round to nearest even; NaN stays NaN). Branch-free
-// on purpose: a branch on accumulator values (common.cuh's software bf16
-// rounding tests for NaN) made ptxas serialize every wgmma of the bf16
-// kernels (its note C7520: "compiler-inserted WG.AR in divergent path"): each
-// wgmma waited for the one before, and wait_group 1 overlapped nothing.
-__device__ __forceinline__ unsigned pack_pair(bf16_t, float lo, float hi) {
-    unsigned packed;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
-    return packed;
-}
-__device__ __forceinline__ unsigned pack_pair(f16_t, float lo, float hi) {
-    unsigned packed;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
-    return packed;
-}
-
 // One tile of the schedule: its group, rows, columns and what its loads need.
 struct Sm90Tile {
     int g;             // group
@@ -257,19 +238,8 @@ __device__ __forceinline__ Sm90Tile find_tile(long long tile, int n_tiles, const
                                               const int* __restrict__ tile_offsets, int num_groups, int M,
                                               int N) {
     const int tile_row = static_cast<int>(tile / n_tiles);  // which group's tiles: tile_offsets scale
-    // The group: the last g with tile_offsets[g] <= tile_row (empty groups
-    // share their offset with the next one and are skipped).
-    int lo = 0, hi = num_groups - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (tile_offsets[mid] <= tile_row) {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
     Sm90Tile t;
-    t.g = lo;
+    t.g = sm90_find_group(tile_row, tile_offsets, num_groups);
     const int g = t.g;
     const int m_tiles = tile_offsets[g + 1] - tile_offsets[g];
     const long long local = tile - static_cast<long long>(tile_offsets[g]) * n_tiles;
@@ -303,11 +273,10 @@ __device__ __forceinline__ Sm90Tile find_tile(long long tile, int n_tiles, const
 // the load thread runs on into the next tile's stages while the math
 // warpgroups store the current tile.
 //
-// The load thread tells the math warpgroups which tile comes next through a
-// ring of SM90_SCHED_SLOTS mailboxes in shared memory: next_tile[j % slots]
-// holds the CTA's j-th tile (or -1: no more tiles), published with an
-// arrival on sched_full (release) and freed when all 256 math threads have
-// read it (sched_empty).
+// The load thread tells the math warpgroups which tile comes next through
+// sm90.cuh's mailboxes (Sm90Mailboxes): slot j % SM90_SCHED_SLOTS holds the
+// CTA's j-th tile (or -1: no more tiles), freed when all 256 math threads
+// have read it.
 //
 // The stage ring across tiles: every thread role counts the stages it has
 // filled (or consumed) since the CTA began, `fills`, carried from tile to
@@ -316,7 +285,6 @@ __device__ __forceinline__ Sm90Tile find_tile(long long tile, int n_tiles, const
 // exactly once (the last stage of a tile too, after its MMAs), so the load
 // thread and the math warpgroups agree on every phase whatever the tile
 // count and K.
-#define SM90_SCHED_SLOTS 2
 template <class T, bool N_MAJOR_B>
 __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const TmaMap* tmap_b,
                                                      const int* __restrict__ row_offsets,
@@ -329,11 +297,8 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
     // empty[s]: both math warpgroups are done reading it (one arrival each).
     __shared__ __align__(8) unsigned long long full[SM90_STAGES];
     __shared__ __align__(8) unsigned long long empty[SM90_STAGES];
-    // The tile mailboxes (see above): sched_full one arrival (the load
-    // thread), sched_empty one per math thread.
-    __shared__ __align__(8) unsigned long long sched_full[SM90_SCHED_SLOTS];
-    __shared__ __align__(8) unsigned long long sched_empty[SM90_SCHED_SLOTS];
-    __shared__ long long next_tile[SM90_SCHED_SLOTS];
+    // The tile mailboxes (see above): read by every math thread.
+    __shared__ __align__(8) Sm90Mailboxes mail;
 
     const int n_tiles = (N + SM90_BLOCK_N - 1) / SM90_BLOCK_N;
     const long long total_tiles = static_cast<long long>(tile_offsets[num_groups]) * n_tiles;
@@ -352,11 +317,7 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
             mbarrier_init(&full[s], 1);
             mbarrier_init(&empty[s], SM90_MATH_WARPGROUPS);
         }
-#pragma unroll
-        for (int s = 0; s < SM90_SCHED_SLOTS; ++s) {
-            mbarrier_init(&sched_full[s], 1);
-            mbarrier_init(&sched_empty[s], 128 * SM90_MATH_WARPGROUPS);
-        }
+        sm90_mailboxes_init(&mail, 128 * SM90_MATH_WARPGROUPS);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();  // the last block-wide barrier: the roles split below
@@ -371,11 +332,8 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
             unsigned fills = 0;
             long long tile = blockIdx.x;
             for (unsigned j = 0;; ++j) {
-                const int slot = j % SM90_SCHED_SLOTS;
-                mbarrier_wait(&sched_empty[slot], ((j / SM90_SCHED_SLOTS) & 1) ^ 1);
                 const bool done = tile >= total_tiles;
-                next_tile[slot] = done ? -1 : tile;
-                mbarrier_arrive(&sched_full[slot]);  // release: the math threads see next_tile[slot]
+                sm90_mailbox_publish(&mail, j, done ? -1 : tile);
                 if (done) break;
                 const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
                 const int g = t.g, n0 = t.n0, row0 = t.row0, b_boxes = t.b_boxes;
@@ -410,10 +368,7 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
     float acc[SM90_BLOCK_N / 2];
     unsigned fills = 0;
     for (unsigned j = 0;; ++j) {
-        const int slot = j % SM90_SCHED_SLOTS;
-        mbarrier_wait(&sched_full[slot], (j / SM90_SCHED_SLOTS) & 1);  // acquire: next_tile[slot] is written
-        const long long tile = next_tile[slot];
-        mbarrier_arrive(&sched_empty[slot]);
+        const long long tile = sm90_mailbox_take(&mail, j);
         if (tile < 0) break;
 #pragma unroll
         for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = 0.0f;

@@ -1,8 +1,11 @@
 // sm90.cuh: thin PTX wrappers for Hopper (sm_90a) kernels: the TMA
 // descriptor type, mbarriers, TMA bulk-tensor loads, wgmma's shared-memory
 // descriptor of a K-major 128-byte-swizzled tile, named barriers, and
-// wgmma's fence/commit/wait. Shared by every sm_90a kernel source; it
-// defines no kernel.
+// wgmma's fence/commit/wait; and what the grouped GEMM sources share: the
+// bf16x2/f16x2 packing, the group search of the tile schedule, the tile
+// mailboxes of persistent CTAs, and the store of a math warpgroup's rows
+// through shared memory. Shared by every sm_90a kernel source (after
+// common.cuh); it defines no kernel.
 
 // The opaque 128-byte CUtensorMap (NVRTC cannot include cuda.h to get it).
 struct __align__(64) TmaMap {
@@ -80,4 +83,139 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+
+// Two fp32 values as one packed pair of 16-bit ones (lo in the low half), by
+// one hardware conversion (round to nearest even; NaN stays NaN). Branch-free
+// on purpose: a branch on accumulator values (common.cuh's software bf16
+// rounding tests for NaN) made ptxas serialize every wgmma of the bf16
+// kernels (its note C7520: "compiler-inserted WG.AR in divergent path"): each
+// wgmma waited for the one before, and wait_group 1 overlapped nothing.
+__device__ __forceinline__ unsigned pack_pair(bf16_t, float lo, float hi) {
+    unsigned packed;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed;
+}
+__device__ __forceinline__ unsigned pack_pair(f16_t, float lo, float hi) {
+    unsigned packed;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
+    return packed;
+}
+
+// The group of row tile `tile_row` (in grouped_tile_offsets' units): the last
+// g with tile_offsets[g] <= tile_row (empty groups share their offset with the
+// next one and are skipped). The caller checked tile_row < tile_offsets[num_groups].
+__device__ __forceinline__ int sm90_find_group(int tile_row, const int* __restrict__ tile_offsets,
+                                               int num_groups) {
+    int lo = 0, hi = num_groups - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (tile_offsets[mid] <= tile_row) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return lo;
+}
+
+// The tile mailboxes of a persistent CTA: the load thread tells the math
+// warpgroups which tile comes next through a ring of SM90_SCHED_SLOTS slots;
+// tile[j % slots] holds the CTA's j-th tile (or -1: no more tiles), published
+// with an arrival on full (release) and freed when every reader has read it
+// (empty). A fresh barrier counts as having completed the phase before phase
+// 0, so the first pass over the slots does not wait.
+#define SM90_SCHED_SLOTS 2
+struct Sm90Mailboxes {
+    unsigned long long full[SM90_SCHED_SLOTS];
+    unsigned long long empty[SM90_SCHED_SLOTS];
+    long long tile[SM90_SCHED_SLOTS];
+};
+
+// One thread, before the block's barrier: `readers` threads take each tile.
+__device__ __forceinline__ void sm90_mailboxes_init(Sm90Mailboxes* m, unsigned readers) {
+#pragma unroll
+    for (int s = 0; s < SM90_SCHED_SLOTS; ++s) {
+        mbarrier_init(&m->full[s], 1);
+        mbarrier_init(&m->empty[s], readers);
+    }
+}
+
+// The load thread, in two steps (between them it may write more about the
+// tile in shared memory of its own, indexed by the slot j % SM90_SCHED_SLOTS,
+// which the readers see after their sm90_mailbox_read): wait until slot
+// j % SM90_SCHED_SLOTS is free, then post the CTA's j-th tile (-1: none).
+__device__ __forceinline__ void sm90_mailbox_claim(Sm90Mailboxes* m, unsigned j) {
+    mbarrier_wait(&m->empty[j % SM90_SCHED_SLOTS], ((j / SM90_SCHED_SLOTS) & 1) ^ 1);
+}
+__device__ __forceinline__ void sm90_mailbox_post(Sm90Mailboxes* m, unsigned j, long long tile) {
+    const int slot = j % SM90_SCHED_SLOTS;
+    m->tile[slot] = tile;
+    mbarrier_arrive(&m->full[slot]);  // release: the readers see tile[slot] and what was written with it
+}
+// Both steps at once (the bf16 kernels' form, kept as one body: their SASS stays as measured).
+__device__ __forceinline__ void sm90_mailbox_publish(Sm90Mailboxes* m, unsigned j, long long tile) {
+    const int slot = j % SM90_SCHED_SLOTS;
+    mbarrier_wait(&m->empty[slot], ((j / SM90_SCHED_SLOTS) & 1) ^ 1);
+    m->tile[slot] = tile;
+    mbarrier_arrive(&m->full[slot]);  // release: the readers see tile[slot]
+}
+
+// Every reader, in two steps (between them it may read what the load thread
+// wrote with the tile): the CTA's j-th tile (-1: none), then free the slot.
+__device__ __forceinline__ long long sm90_mailbox_read(Sm90Mailboxes* m, unsigned j) {
+    const int slot = j % SM90_SCHED_SLOTS;
+    mbarrier_wait(&m->full[slot], (j / SM90_SCHED_SLOTS) & 1);  // acquire: tile[slot] is written
+    return m->tile[slot];
+}
+__device__ __forceinline__ void sm90_mailbox_release(Sm90Mailboxes* m, unsigned j) {
+    mbarrier_arrive(&m->empty[j % SM90_SCHED_SLOTS]);
+}
+// Both steps at once (the bf16 kernels' form, kept as one body: their SASS stays as measured).
+__device__ __forceinline__ long long sm90_mailbox_take(Sm90Mailboxes* m, unsigned j) {
+    const int slot = j % SM90_SCHED_SLOTS;
+    mbarrier_wait(&m->full[slot], (j / SM90_SCHED_SLOTS) & 1);  // acquire: tile[slot] is written
+    const long long tile = m->tile[slot];
+    mbarrier_arrive(&m->empty[slot]);
+    return tile;
+}
+
+// The store of one math warpgroup's 64 rows, 64 columns at a time: columns
+// c0 .. c0 + 63 are accumulator registers acc[4 * (8 * p + jc) + ...] of the
+// wgmma D fragment (thread t holds rows 16 * (t / 32) + (t % 32) / 4 and that
+// + 8, columns 8 * j + 2 * (t % 4) and that + 1, j = 8 * p + jc). Each thread
+// writes its pairs into the warpgroup's staging area (64 rows, pitch
+// SM90_C_PITCH: the 8 rows one warp writes at once fall in 8 different bank
+// quads), the warpgroup syncs (named barrier `barrier`), and each thread
+// copies 16-byte chunks of whole rows out, so a warp writes 4 full 128-byte
+// lines per instruction (from registers directly it wrote 8 half-filled
+// sectors). Rows at or past row_end (the next group's, or past M) and columns
+// past N are not stored; N % 8 == 0, so a chunk is all in or all out.
+#define SM90_C_PITCH 72
+#define SM90_C_STAGE_ELEMS (64 * SM90_C_PITCH)
+template <class T, int NACC>
+__device__ __forceinline__ void sm90_store_pass(const float (&acc)[NACC], int p, T* stage, T* __restrict__ out,
+                                                int r_first, int row_end, int c0, int N, int barrier) {
+    const int tid = threadIdx.x & 127, warp = tid >> 5, lane = tid & 31;
+#pragma unroll
+    for (int jc = 0; jc < 8; ++jc) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = warp * 16 + (lane >> 2) + 8 * h;
+            const int i = 4 * (8 * p + jc) + 2 * h;
+            *reinterpret_cast<unsigned*>(stage + r * SM90_C_PITCH + 8 * jc + 2 * (lane & 3)) =
+                pack_pair(T{}, acc[i], acc[i + 1]);
+        }
+    }
+    named_barrier_sync(barrier);  // this warpgroup's pairs are in the stage
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int chunk = tid + 128 * q;  // 64 rows x 8 chunks of 8 columns
+        const int r = chunk >> 3, col = c0 + 8 * (chunk & 7);
+        if (r_first + r < row_end && col < N) {
+            *reinterpret_cast<uint4*>(out + static_cast<long long>(r_first + r) * N + col) =
+                *reinterpret_cast<const uint4*>(stage + r * SM90_C_PITCH + 8 * (chunk & 7));
+        }
+    }
+    named_barrier_sync(barrier);  // the stage is read before the next pass writes it
 }

@@ -25,6 +25,7 @@ ProgramOptions = cuda_core.ProgramOptions
 from cublas_grouped.gemm import fp8_kernels as _fp8_kernels  # noqa: E402
 from cublas_grouped.gemm import pointers as _pointers  # noqa: E402
 from cublas_grouped.gemm.backends import hopper as _hopper  # noqa: E402
+from cublas_grouped.gemm.backends import hopper_fp8 as _hopper_fp8  # noqa: E402
 from cublas_grouped.moe import backward_kernels as _backward_kernels  # noqa: E402
 from cublas_grouped.moe import kernels as _moe_kernels  # noqa: E402
 from cublas_grouped.runtime import nvrtc  # noqa: E402
@@ -36,11 +37,12 @@ DEFINES = {
     **_backward_kernels.DEFINES,
     "pointers": _pointers.DEFINES,
     "grouped_gemm_sm90": _hopper.DEFINES,
+    "grouped_gemm_fp8_sm90": _hopper_fp8.DEFINES,
     "fp8": _fp8_kernels.DEFINES,
 }
 ARCHES = ("sm_80", "sm_90")
 # Files that only build for one architecture (wgmma and TMA need sm_90a).
-ARCHES_OF = {"grouped_gemm_sm90.cu": (_hopper.ARCH,)}
+ARCHES_OF = {"grouped_gemm_sm90.cu": (_hopper.ARCH,), "grouped_gemm_fp8_sm90.cu": (_hopper_fp8.ARCH,)}
 DTYPES = ("f32", "f16", "bf16")
 
 
@@ -63,6 +65,7 @@ EXPECTED = {
         "grouped_gemm_nn_bf16",
         "grouped_gemm_nn_f16",
     },
+    "grouped_gemm_fp8_sm90.cu": {"grouped_gemm_fp8_nt_bf16"},
 }
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
@@ -173,6 +176,9 @@ def test_a_missing_define_stops_the_compile_and_is_named(name, missing):
         ("fp8", {"FP8_THREADS": 48}, "a multiple of 32 up to 1024"),
         ("grouped_gemm_sm90", {"SM90_BLOCK_N": 128}, "wgmma m64n256k16"),
         ("grouped_gemm_sm90", {"SM90_TILE_THREADS": 1000}, "a multiple of 32, at most 1024"),
+        ("grouped_gemm_fp8_sm90", {"FP8_BLOCK_N": 256}, "wgmma m64n128k32"),
+        ("grouped_gemm_fp8_sm90", {"FP8_BLOCK_K": 64}, "128-deep K stages"),
+        ("grouped_gemm_fp8_sm90", {"FP8_STAGES": 7}, "FP8_STAGES must be 2 to 6"),
     ],
 )
 def test_inconsistent_defines_do_not_compile(name, defines, message):

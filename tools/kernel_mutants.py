@@ -54,6 +54,7 @@ DEFAULT_TESTS = (
     "tests/test_sm90_persistent_gpu.py",
     "tests/test_sm90_gpu.py",
     "tests/test_sm90_nn_gpu.py",
+    "tests/test_fp8_sm90_gpu.py",
     "tests/test_moe_gpu.py",
     "tests/test_fixed_capacity_gpu.py::test_assign_rows_never_writes_past_its_row_capacity",
     "tests/test_fixed_capacity_gpu.py::test_out_of_range_ids_are_dropped_and_counted",
@@ -198,7 +199,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # grouped_gemm_sm90.cu: the Hopper kernel's schedule, masks and descriptors
     Mutant(
         "sm90-group-search",
-        "grouped_gemm_sm90.cu",
+        "sm90.cuh",
         "if (tile_offsets[mid] <= tile_row) {",
         "if (tile_offsets[mid] < tile_row) {",
         "a tile at its group's first tile is given to the group before",
@@ -206,8 +207,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-row-mask",
         "grouped_gemm_sm90.cu",
-        "t.row_end = min(row_offsets[g + 1], M);",
-        "t.row_end = min(row_offsets[g + 1] + 1, M);",
+        "t.row_end = min(row_ends[g], M);",
+        "t.row_end = min(row_ends[g] + 1, M);",
         "a tile writes the next group's first row with this group's weights",
     ),
     Mutant(
@@ -261,7 +262,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "sm90-pack-order",
-        "grouped_gemm_sm90.cu",
+        "sm90.cuh",
         'asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));',
         'asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(lo), "f"(hi));',
         "bf16 output pairs stored swapped: column c gets c + 1's value and back",
@@ -283,10 +284,21 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "sm90-mailbox-one-slot",
-        "grouped_gemm_sm90.cu",
-        "mbarrier_wait(&sched_full[slot], (j / SM90_SCHED_SLOTS) & 1);  // acquire: next_tile[slot] is written",
-        "mbarrier_wait(&sched_full[0], (j / SM90_SCHED_SLOTS) & 1);",
+        "sm90.cuh",
+        "mbarrier_wait(&m->full[slot], (j / SM90_SCHED_SLOTS) & 1);  // acquire: tile[slot] is written",
+        "mbarrier_wait(&m->full[0], (j / SM90_SCHED_SLOTS) & 1);",
         "the math warpgroups wait on mailbox 0 for every tile: they read tiles before they are posted",
+        count=2,
+        occurrence=2,  # sm90_mailbox_take (the bf16 kernels'); the first is sm90_mailbox_read (the FP8 kernel's)
+    ),
+    Mutant(
+        "fp8-mailbox-one-slot",
+        "sm90.cuh",
+        "mbarrier_wait(&m->full[slot], (j / SM90_SCHED_SLOTS) & 1);  // acquire: tile[slot] is written",
+        "mbarrier_wait(&m->full[0], (j / SM90_SCHED_SLOTS) & 1);",
+        "FP8 kernel: the math warpgroups wait on mailbox 0 for every tile",
+        count=2,
+        occurrence=1,
     ),
     Mutant(
         "sm90-acc-once-per-cta",
@@ -320,11 +332,11 @@ MUTANTS: tuple[Mutant, ...] = (
         count=2,
         occurrence=2,
     ),
-    # grouped_gemm_sm90.cu, the store through the staging area (v8)
+    # grouped_gemm_sm90.cu, the store through the staging area (v8, v9)
     Mutant(
         "sm90-store-row-mask",
         "grouped_gemm_sm90.cu",
-        "if (r_first + r < row_end && col < N) {  // N % 8 == 0: a chunk is all in or all out",
+        "if (r_first + r < row_end && col < out_n) {  // out_n % 8 == 0: a chunk is all in or all out",
         "if (col < N) {",
         "a partial tile's rows past its group's end are stored: the next group's rows, or past M",
     ),
@@ -341,6 +353,77 @@ MUTANTS: tuple[Mutant, ...] = (
         "named_barrier_sync(1 + half);  // the stage is read before the next pass writes it",
         "(void)0;",
         "no barrier between copying a pass out and writing the next one in: a race on the stage",
+    ),
+    # grouped_gemm_fp8_sm90.cu: the FP8 kernel's descriptors, scales and masks
+    Mutant(
+        "fp8-k-step",
+        "grouped_gemm_fp8_sm90.cu",
+        "wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, kk > 0);",
+        "wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db, kk > 0);",
+        "every 32-deep K step multiplies by B's first K step",
+    ),
+    Mutant(
+        "fp8-scale-d",
+        "grouped_gemm_fp8_sm90.cu",
+        "wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, kk > 0);",
+        "wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, 1);",
+        "a stage's first MMA adds to tmp instead of overwriting it: every stage re-adds the ones before",
+    ),
+    Mutant(
+        "fp8-b-scale-block",
+        "grouped_gemm_fp8_sm90.cu",
+        "const float* sbt = sb + (static_cast<long long>(t.g) * n_blocks + t.n0 / FP8_SCALE_BLOCK) * num_k;",
+        "const float* sbt = sb + static_cast<long long>(t.g) * n_blocks * num_k;",
+        "every column tile uses the B scales of the group's first 128 columns",
+    ),
+    Mutant(
+        "fp8-a-scale-row",
+        "grouped_gemm_fp8_sm90.cu",
+        "const float* sa1 = sa + static_cast<long long>(min(r0 + 8, M - 1)) * num_k;",
+        "const float* sa1 = sa + static_cast<long long>(min(r0, M - 1)) * num_k;",
+        "the fragment's second row (r + 8) is scaled with the first row's token scales",
+    ),
+    Mutant(
+        "fp8-scale-prefetch",
+        "grouped_gemm_fp8_sm90.cu",
+        "const int kn = min(kt + 1, num_k - 1);",
+        "const int kn = kt;",
+        "the scales loaded ahead are this stage's again: every stage after the first uses its predecessor's",
+    ),
+    Mutant(
+        "fp8-promote-row",
+        "grouped_gemm_fp8_sm90.cu",
+        "acc[i + 2] = fmaf(tmp[i + 2], s1, acc[i + 2]);",
+        "acc[i + 2] = fmaf(tmp[i + 2], s0, acc[i + 2]);",
+        "one register of each row-(r + 8) pair promoted with row r's scale",
+    ),
+    Mutant(
+        "fp8-row-mask",
+        "grouped_gemm_fp8_sm90.cu",
+        "t.row_end = min(row_ends[t.g], M);",
+        "t.row_end = min(row_ends[t.g] + 1, M);",
+        "a tile writes the next group's first row with this group's weights",
+    ),
+    Mutant(
+        "fp8-store-row-mask",
+        "sm90.cuh",
+        "if (r_first + r < row_end && col < N) {",
+        "if (col < N) {",
+        "FP8 kernel (sm90_store_pass): a partial tile's rows past its group's end are stored",
+    ),
+    Mutant(
+        "fp8-store-pair-order",
+        "sm90.cuh",
+        "pack_pair(T{}, acc[i], acc[i + 1]);",
+        "pack_pair(T{}, acc[i + 1], acc[i]);",
+        "FP8 kernel (sm90_store_pass): each bf16 output pair stored swapped",
+    ),
+    Mutant(
+        "fp8-mailbox-tile",
+        "grouped_gemm_fp8_sm90.cu",
+        "if (tile >= 0) t = mail_tile[j % SM90_SCHED_SLOTS];  // the load thread's search",
+        "if (tile >= 0) t = mail_tile[0];",
+        "the math warpgroups read the tile description of mailbox slot 0 for every tile",
     ),
     # combine.cu: scatter_rows and combine_rows
     Mutant(
@@ -430,8 +513,8 @@ _COMPILE = """
 import sys
 from pathlib import Path
 import cublas_grouped
-from cublas_grouped.gemm import pointers
-from cublas_grouped.gemm.backends import hopper
+from cublas_grouped.gemm import fp8_kernels, pointers
+from cublas_grouped.gemm.backends import hopper, hopper_fp8
 from cublas_grouped.moe import backward_kernels, kernels
 from cublas_grouped.runtime import nvrtc as _kernels
 root = Path(sys.argv[1]).resolve()
@@ -442,8 +525,11 @@ defines = {
     **backward_kernels.DEFINES,
     "pointers": pointers.DEFINES,
     "grouped_gemm_sm90": hopper.DEFINES,
+    "grouped_gemm_fp8_sm90": hopper_fp8.DEFINES,
+    "fp8": fp8_kernels.DEFINES,
 }
-arches = {"grouped_gemm_sm90": hopper.ARCH}  # wgmma and TMA build for sm_90a only
+# wgmma and TMA build for sm_90a only
+arches = {"grouped_gemm_sm90": hopper.ARCH, "grouped_gemm_fp8_sm90": hopper_fp8.ARCH}
 for name in sys.argv[3:]:
     _kernels.compile_source(name, arches.get(name, sys.argv[2]), defines[name])
 """

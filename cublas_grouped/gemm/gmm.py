@@ -6,6 +6,7 @@ import threading
 
 from ..runtime.arrays import ArrayView, is_host_array, view
 from ..runtime.oom import reports_out_of_memory
+from .backends import hopper_fp8 as _hopper_fp8
 from .config import Algorithm, ComputePrecision, GroupedGemmConfig, coerce_enum
 from .executor import GroupedGemmExecutor
 from .fp8 import check_fp8_operand, dense_weights, is_fp8
@@ -59,9 +60,14 @@ def gmm(
         ``[E, K, N]`` weights (``[E, N, K]``, the ``nn.Linear`` layout, with
         ``trans_b=True``). With ``trans_a=True``: ``[M, N]`` rows grouped like ``a``.
         :class:`~cublas_grouped.FP8ExpertWeights` (not with ``trans_a``;
-        ``trans_b`` must be theirs) are dequantized to ``a``'s dtype into a
-        scratch copy for the call, then run like 16-bit weights: correct on
-        every GPU, slower than 16-bit weights (docs/fp8.md).
+        ``trans_b`` must be theirs): on an SM 9.0 GPU, with bfloat16 ``a``,
+        ``[E, N, K]`` weights (``trans_b=True``) with ``"block128"`` scales,
+        K % 16 == 0, N % 8 == 0 and ``algorithm`` "auto" or "sm90_grouped",
+        ``a`` is quantized to FP8 per token per 128 columns and our FP8 kernel
+        multiplies (device group sizes stay on the device); otherwise they are
+        dequantized to ``a``'s dtype into a scratch copy for the call, then
+        run like 16-bit weights: correct on every GPU, slower than 16-bit
+        weights (docs/fp8.md).
     group_sizes : sequence of int, NumPy array, or GPU integer array, length E
         Rows per group; zeros allowed anywhere; must sum to M. A GPU array is
         copied to the host (cuBLAS takes sizes there), which waits for the
@@ -105,14 +111,17 @@ def gmm(
     algorithm = coerce_enum(Algorithm, algorithm, "algorithm")
     executor = shared_executor(precision, algorithm)
     if is_fp8(b):
-        b = _fp8_as_dense(executor, a, b, group_sizes, trans_a, trans_b, out, stream)
+        a_v = _check_fp8_call(executor, a, b, group_sizes, trans_a, trans_b, out)
+        if _fp8_kernel_runs(executor, a_v, b, out, stream):
+            return _hopper_fp8.gmm_fp8(a, b, group_sizes, out=out, stream=stream)
+        b = dense_weights(b, a_v.dtype, stream)
     return executor.execute(a, b, group_sizes, trans_a=trans_a, trans_b=trans_b, out=out, stream=stream)
 
 
-def _fp8_as_dense(executor: GroupedGemmExecutor, a, b, group_sizes, trans_a, trans_b, out, stream):
-    """FP8 weights ``b`` dequantized to ``a``'s dtype, after the checks ``execute``
-    would make (run here on a stand-in of the dense weights), so a bad call
-    fails before the dequantization."""
+def _check_fp8_call(executor: GroupedGemmExecutor, a, b, group_sizes, trans_a, trans_b, out) -> ArrayView:
+    """The checks ``execute`` would make of a call with FP8 weights ``b`` (run
+    here on a stand-in of the dense weights), so a bad call fails before any GPU
+    work, whichever path then runs it; returns ``a``'s view."""
     if trans_a:
         raise ValueError("b cannot be FP8 weights with trans_a=True: b then holds rows [M, N], not weights")
     if executor.config.algorithm is Algorithm.PADDED_STRIDED:
@@ -130,4 +139,17 @@ def _fp8_as_dense(executor: GroupedGemmExecutor, a, b, group_sizes, trans_a, tra
             )
     executor._check_out(out, plan_gmm(a_v, stand_in, sizes, trans_a=False, trans_b=trans_b), a_v)
     executor._check_dtype_supported(a_v.dtype, a_v.device if a_v.device is not None else executor.device_id)
-    return dense_weights(b, a_v.dtype, stream)
+    return a_v
+
+
+def _fp8_kernel_runs(executor: GroupedGemmExecutor, a_v: ArrayView, b, out, stream) -> bool:
+    """Whether the FP8 kernel takes this (checked) call
+    (:func:`.backends.hopper_fp8.kernel_takes`; ``a`` is read by the
+    quantization at any alignment, its FP8 copy is fresh and aligned)."""
+    import cupy
+
+    if not a_v.is_c_contiguous():  # quantize_rows_fp8 reads whole C-contiguous rows
+        return False
+    device = a_v.device if a_v.device is not None else cupy.cuda.Device().id
+    out_ptr = 0 if out is None else view(out, "out").ptr
+    return _hopper_fp8.kernel_takes(b, a_v.dtype, device, executor.config.algorithm, stream, out_ptr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 
+from ..gemm.backends import hopper_fp8
 from ..gemm.config import Algorithm, coerce_enum
 from ..gemm.executor import GroupedGemmExecutor
 from ..gemm.fp8 import dense_weights
@@ -101,7 +102,11 @@ def moe_forward(
     w2 : [E, I, H] ([E, H, I] with ``trans_b``)
         Either may be :class:`~cublas_grouped.FP8ExpertWeights` (in the
         ``trans_b`` layout): dequantized to x's dtype into scratch on every
-        call, then run as 16-bit weights; correct, slower (docs/fp8.md).
+        call, then run as 16-bit weights; correct, slower (docs/fp8.md). On
+        SM 9.0, for bfloat16 x without ``fixed_capacity`` or
+        ``return_context``, FP8 weights the FP8 kernel reads (``trans_b``,
+        "block128"; docs/fp8.md) run through it instead, on rows quantized
+        per token, and both GEMMs use SM90_GROUPED's row layout.
     b1, b2 : optional per-expert biases [E, 2I] (or [E, I]) and [E, H]
     activation : "silu" (default), "gelu" (exact, erf) or "relu"
     gated : act(gate) * up when True, act(h) otherwise
@@ -163,7 +168,7 @@ def moe_forward(
     shape = check_layer_args(
         x_v, topk_ids, topk_weights, w1, w2, b1, b2, activation, gated, trans_b, w1_layout
     )
-    coerce_enum(Algorithm, algorithm, "algorithm")
+    algorithm = coerce_enum(Algorithm, algorithm, "algorithm")
     if fixed_capacity:
         check_fixed_capacity_args(x_v.shape[0], dropped_pairs)
     elif dropped_pairs is not None:
@@ -176,8 +181,13 @@ def moe_forward(
         raise ValueError(
             "return_context=True does not take w1_layout='gate_up_blocked' (the backward reads gate|up)"
         )
-    # FP8ExpertWeights: dequantized to x's dtype for this call (docs/fp8.md); others pass through.
-    w1, w2 = (dense_weights(w, x_v.dtype, stream) for w in (w1, w2))
+    # FP8ExpertWeights: read by the FP8 kernel where it can (SM 9.0, bf16 x, the
+    # synchronizing path), else dequantized to x's dtype for this call
+    # (docs/fp8.md); others pass through.
+    fp8 = _fp8_kernel_weights(x_v, (w1, w2), algorithm, executor, stream, fixed_capacity or keep_context)
+    w1, w2 = (w if fast else dense_weights(w, x_v.dtype, stream) for w, fast in zip((w1, w2), fp8))
+    if any(fp8):
+        algorithm = Algorithm.SM90_GROUPED  # grouped-contiguous rows, what the FP8 kernel reads
     if keep_context:
         return forward_with_context(
             x_v, shape, topk_ids, topk_weights, (w1, w2, b1, b2), executor=executor,
@@ -233,7 +243,10 @@ def moe_forward(
         )
         rows = inp.rows.shape[0]
         h = cupy.empty((rows, width), dtype=inp.rows.dtype)
-        run_expert_gemm(executor, res, inp, inp.rows, as_cupy(w1), h, trans_b)
+        if fp8[0]:
+            hopper_fp8.gmm_fp8(inp.rows, w1, inp.tokens_per_expert, out=h, stream=res.cupy_stream)
+        else:
+            run_expert_gemm(executor, res, inp, inp.rows, as_cupy(w1), h, trans_b)
         mark_stage(timer, "gemm1", res.cupy_stream)
         act = cupy.empty((rows, inter), dtype=h.dtype)
         arch = kernel_arch(res)
@@ -254,7 +267,10 @@ def moe_forward(
         mark_stage(timer, "activation", res.cupy_stream)
         y = cupy.empty((rows, hidden), dtype=h.dtype)
         # The down projection may run another algorithm on the same row layout.
-        run_expert_gemm(executor, res, inp, act, as_cupy(w2), y, trans_b, inp.second_algorithm)
+        if fp8[1]:
+            hopper_fp8.gmm_fp8(act, w2, inp.tokens_per_expert, out=y, stream=res.cupy_stream)
+        else:
+            run_expert_gemm(executor, res, inp, act, as_cupy(w2), y, trans_b, inp.second_algorithm)
         mark_stage(timer, "gemm2", res.cupy_stream)
         out = cupy.empty((inp.num_tokens, hidden), dtype=h.dtype)
         if inp.num_tokens:
@@ -312,3 +328,14 @@ def _kernel_layer(res, shape, x, ids, topk_weights, params, timer):
     if count:
         raise ValueError(f"topk_ids holds {count} ids outside [0, {shape.num_experts})")
     return out
+
+
+def _fp8_kernel_weights(x_v, weights, algorithm, executor, stream, other_path: bool) -> tuple[bool, ...]:
+    """Per weight: whether the FP8 kernel runs it (``hopper_fp8.kernel_takes``
+    with the call's algorithm, or the executor's for AUTO); never on the
+    fixed-capacity or context paths (``other_path``), which keep the fallback."""
+    if other_path:
+        return tuple(False for _ in weights)
+    chosen = executor.config.algorithm if algorithm is Algorithm.AUTO else algorithm
+    device = device_of(x_v)
+    return tuple(hopper_fp8.kernel_takes(w, x_v.dtype, device, chosen, stream) for w in weights)

@@ -231,13 +231,14 @@ def tile_schedule(sizes: np.ndarray, block_m: int = BLOCK_M, capacity: int = 0) 
 
 
 class _Tensor:
-    """A C-contiguous device tensor seen through the CUDA array interface (16-bit
-    elements), so that cuda.core can describe it to TMA from a bare address."""
+    """A C-contiguous device tensor seen through the CUDA array interface
+    (unsigned elements of ``itemsize`` bytes: 2 for the 16-bit kernels, 1 for
+    e4m3 codes), so that cuda.core can describe it to TMA from a bare address."""
 
-    def __init__(self, ptr: int, shape: tuple[int, ...]):
+    def __init__(self, ptr: int, shape: tuple[int, ...], itemsize: int = 2):
         self.__cuda_array_interface__ = {
             "shape": tuple(shape),
-            "typestr": "<u2",
+            "typestr": f"<u{int(itemsize)}",
             "data": (ptr, False),
             "strides": None,
             "version": 3,
@@ -252,7 +253,8 @@ def _tensor_map(ptr: int, shape: tuple[int, ...], box: tuple[int, ...], dtype):
     from cuda.core._tensor_map import TensorMapOOBFill, TensorMapSwizzle
     from cuda.core.utils import StridedMemoryView
 
-    view = StridedMemoryView.from_cuda_array_interface(_Tensor(ptr, shape), stream_ptr=-1)
+    itemsize = np.dtype(dtype).itemsize
+    view = StridedMemoryView.from_cuda_array_interface(_Tensor(ptr, shape, itemsize), stream_ptr=-1)
     return view.as_tensor_map(
         tuple(box),
         data_type=np.dtype(dtype),
@@ -302,9 +304,10 @@ def tensor_map(ptr: int, shape: tuple[int, ...], box: tuple[int, ...], dtype, de
 _shared_set: set[tuple] = set()
 
 
-def _allow_shared_memory(kernel, device_id: int) -> None:
-    """Raise the kernel's dynamic shared memory limit to SHARED_BYTES (once per
-    kernel and device): above 48 KiB a launch needs the opt-in."""
+def _allow_shared_memory(kernel, device_id: int, nbytes: int = SHARED_BYTES) -> None:
+    """Raise the kernel's dynamic shared memory limit to ``nbytes`` (this
+    kernel's SHARED_BYTES unless told; once per kernel and device): above
+    48 KiB a launch needs the opt-in."""
     key = (id(kernel), device_id)
     if key in _shared_set:
         return
@@ -313,13 +316,11 @@ def _allow_shared_memory(kernel, device_id: int) -> None:
     attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     handle = kernel.handle
     if isinstance(handle, driver.CUkernel):
-        (status,) = driver.cuKernelSetAttribute(attribute, SHARED_BYTES, handle, driver.CUdevice(device_id))
+        (status,) = driver.cuKernelSetAttribute(attribute, nbytes, handle, driver.CUdevice(device_id))
     else:
-        (status,) = driver.cuFuncSetAttribute(handle, attribute, SHARED_BYTES)
+        (status,) = driver.cuFuncSetAttribute(handle, attribute, nbytes)
     if status != driver.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(
-            f"could not allow {SHARED_BYTES} bytes of shared memory for the sm90 kernel: {status}"
-        )
+        raise RuntimeError(f"could not allow {nbytes} bytes of shared memory for the sm90 kernel: {status}")
     _shared_set.add(key)
 
 

@@ -1,0 +1,286 @@
+"""Our FP8 Hopper back end: ``kernels/grouped_gemm_fp8_sm90.cu`` (TMA loads, e4m3 wgmma, block scales), for sm_90a.
+
+What it runs: the grouped product on grouped-contiguous rows with FP8 on both
+sides, ``out[o_g + r] = A[o_g + r] @ B_g.T`` where ``A = e4m3(a_q) * sa``
+(activations quantized per token per 128 columns, as
+:func:`~cublas_grouped.gemm.fp8.quantize_rows_fp8` gives them) and ``B_g`` is
+expert g of :class:`~cublas_grouped.gemm.fp8.FP8ExpertWeights` in the
+checkpoint layout (``trans_b=True``, ``[E, N, K]``) with ``"block128"``
+scales; fp32 accumulation (the scales applied in fp32 once per 128 of K),
+bfloat16 out. Group sizes on the host or the device; no host synchronization:
+the tile schedule comes from the 16-bit kernel's ``grouped_tile_offsets``
+(the same 128-row tiles), so the launch sizes depend only on M, N and E and a
+captured CUDA graph replays with new sizes.
+
+Tile shape and why (docs/kernel-notes.md, "FP8 kernel"): 128 x 128 tiles,
+128-deep K stages (one scale block and one 128-byte swizzle row each), 6
+stages of 32 KiB, a load warpgroup and two math warpgroups, persistent CTAs
+taking tiles from a device counter, as in :mod:`.hopper`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...runtime import nvrtc as _kernels
+from ...runtime.arrays import BFLOAT16, as_cupy, view
+from ...runtime.device import device_info, resolve_stream, stream_resources
+from ..config import Algorithm
+from ..fp8 import BLOCK as SCALE_BLOCK
+from ..fp8 import is_fp8, quantize_rows_fp8
+from . import hopper
+
+__all__ = [
+    "ARCH",
+    "BLOCK_M",
+    "BLOCK_N",
+    "BLOCK_K",
+    "STAGES",
+    "THREADS",
+    "DEFINES",
+    "SOURCE",
+    "KERNEL",
+    "SHARED_BYTES",
+    "ALIGNMENT",
+    "unsupported",
+    "misaligned",
+    "check_operands",
+    "grid_size",
+    "GRID_LIMIT",
+    "grouped_fp8",
+    "gmm_fp8",
+    "kernel_takes",
+]
+
+ARCH = hopper.ARCH
+# The one source of the kernel's tile shape (NVRTC defines; the source refuses
+# to compile without them or with other values).
+BLOCK_M = hopper.BLOCK_M  # 128: hopper's grouped_tile_offsets makes this kernel's row and tile offsets
+BLOCK_N = 128  # one B scale block per tile and stage; 64 + 64 fp32 registers (acc + tmp) per thread
+BLOCK_K = 128  # 128 bytes of e4m3: one 128-byte swizzle row and exactly one scale block
+STAGES = 6  # 32 KiB each: 192 KiB of ring, the most that fits beside the store's staging areas
+THREADS = 384  # a load warpgroup and two math warpgroups
+DEFINES = {"FP8_BLOCK_M": BLOCK_M, "FP8_BLOCK_N": BLOCK_N, "FP8_BLOCK_K": BLOCK_K, "FP8_STAGES": STAGES}
+SOURCE = "grouped_gemm_fp8_sm90"
+KERNEL = "grouped_gemm_fp8_nt_bf16"
+# The ring (1-byte elements), the two 64 x 64 bf16 staging areas at the pitch
+# of sm90.cuh's SM90_C_PITCH, and 1024 bytes to align the ring for the swizzle.
+SHARED_BYTES = STAGES * (BLOCK_M + BLOCK_N) * BLOCK_K + 2 * 64 * hopper.C_PITCH * 2 + 1024
+# TMA reads from 16-byte aligned addresses; the store writes 16-byte chunks.
+ALIGNMENT = 16
+
+
+def unsupported(sm: tuple[int, int], weights, dtype, *, trans_a: bool = False) -> str | None:
+    """Why the FP8 kernel cannot multiply ``dtype`` activations by ``weights``
+    on an SM ``sm`` GPU (None when it can). From the sizes and formats alone:
+    no GPU work, no addresses (see :func:`misaligned` for those)."""
+    if tuple(sm) != (9, 0):
+        return f"needs an SM 9.0 GPU (Hopper); this one is SM {sm[0]}.{sm[1]}"
+    if not is_fp8(weights):
+        return "takes FP8ExpertWeights only"
+    if trans_a:
+        return "does not run the K-grouped product (trans_a)"
+    if not weights.trans_b:
+        return (
+            "takes FP8 weights in the [E, N, K] layout (trans_b=True) only: FP8 wgmma reads K-major operands"
+        )
+    if weights.scaling != "block128":
+        return f"takes 'block128' scaling only; got {weights.scaling!r}"
+    if np.dtype(dtype) != BFLOAT16:
+        return f"takes bfloat16 activations (and writes bfloat16); got {np.dtype(dtype).name}"
+    k, n = weights.in_features, weights.out_features
+    if k % 16 or n % 8:
+        return f"needs K % 16 == 0 and N % 8 == 0 (16-byte rows of e4m3 and of bf16); got K={k}, N={n}"
+    return None
+
+
+def misaligned(*ptrs: int) -> str | None:
+    """Why the kernel cannot take these addresses (None when it can): each of
+    the e4m3 rows, the weights' values and ``out`` must start at a multiple of
+    :data:`ALIGNMENT` bytes."""
+    for ptr in ptrs:
+        if int(ptr) % ALIGNMENT:
+            return f"needs {ALIGNMENT}-byte aligned operands; got address {int(ptr):#x}"
+    return None
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def check_operands(a_q, a_scales, weights, out, group_sizes) -> tuple[int, np.ndarray | None]:
+    """Check the operands of :func:`grouped_fp8` before any GPU work; returns
+    ``(M, host sizes or None)`` (None: ``group_sizes`` is on the device)."""
+    from ...runtime.arrays import is_host_array
+
+    _check(is_fp8(weights), f"weights must be FP8ExpertWeights; got {type(weights).__name__}")
+    _check(weights.trans_b, "weights must be in the [E, N, K] layout (trans_b=True)")
+    _check(weights.scaling == "block128", f"weights must have 'block128' scaling; got {weights.scaling!r}")
+    e, n, k = weights.shape
+    a = view(a_q, "a_q")
+    _check(
+        a.ndim == 2 and a.dtype == np.uint8 and a.is_c_contiguous() and a.shape[1] == k,
+        f"a_q must be a C-contiguous uint8 array [M, {k}] of e4m3fn codes; got {a.dtype} {a.shape}",
+    )
+    m = a.shape[0]
+    kb = -(-k // SCALE_BLOCK)
+    s = view(a_scales, "a_scales")
+    _check(
+        s.dtype == np.float32 and s.shape == (m, kb) and s.is_c_contiguous(),
+        f"a_scales must be a C-contiguous float32 array [{m}, {kb}]; got {s.dtype} {s.shape}",
+    )
+    o = view(out, "out")
+    _check(
+        o.dtype == BFLOAT16 and o.shape == (m, n) and o.is_c_contiguous(),
+        f"out must be a C-contiguous bfloat16 array [{m}, {n}]; got {o.dtype} {o.shape}",
+    )
+    _check(k % 16 == 0, f"K must be a multiple of 16 (16-byte rows of e4m3); got K={k}")
+    _check(n % 8 == 0, f"N must be a multiple of 8 (16-byte rows of bf16 out); got N={n}")
+    devices = {
+        d
+        for d in (a.device, s.device, o.device, view(weights.values, "weights.values").device)
+        if d is not None
+    }
+    _check(len(devices) <= 1, f"a_q, a_scales, out and weights must share a device; got {sorted(devices)}")
+    if is_host_array(group_sizes):
+        sizes = np.asarray(group_sizes)
+        _check(
+            sizes.ndim == 1 and sizes.shape[0] == e and (sizes.size == 0 or sizes.dtype.kind in "iu"),
+            f"group_sizes must be {e} integers; got {sizes.dtype} {sizes.shape}",
+        )
+        sizes = sizes.astype(np.int64)
+        _check(bool((sizes >= 0).all()), "group_sizes must not be negative")
+        _check(int(sizes.sum()) == m, f"group_sizes must sum to M={m}; they sum to {int(sizes.sum())}")
+        return m, sizes
+    g = view(group_sizes, "group_sizes")
+    _check(
+        g.ndim == 1 and g.shape[0] == e and g.dtype.kind in "iu",
+        f"group_sizes must be a 1-D integer GPU array of {e}; got {g.dtype} {g.shape}",
+    )
+    return m, None
+
+
+def grid_size(m: int, n: int, e: int, sm_count: int, limit: int | None = None) -> int:
+    """CTAs of one launch: one per SM (at most ``limit`` when given), never more
+    than the most tiles any sizes summing to ``m`` over ``e`` groups can need."""
+    tile_bound = hopper.max_tiles(m, e) * -(-n // BLOCK_N)
+    cap = sm_count if limit is None else limit
+    if cap < 1:
+        raise ValueError(f"the persistent grid needs at least one CTA; got {cap}")
+    return max(min(tile_bound, cap), 1)
+
+
+# Tests only: the grid's CTA count instead of one per SM.
+GRID_LIMIT: int | None = None
+
+
+def grouped_fp8(a_q, a_scales, weights, group_sizes, *, out=None, stream=None):
+    """``out[o_g + r] = (e4m3(a_q) * a_scales)[o_g + r] @ (weights[g]).T`` for
+    every group g and row r < group_sizes[g], in bfloat16, on an SM 9.0 GPU.
+
+    Parameters
+    ----------
+    a_q : GPU array, uint8 [M, K]
+        e4m3fn codes, rows grouped contiguously (group g at rows
+        ``o_g = sum(group_sizes[:g])`` onwards).
+    a_scales : GPU array, float32 [M, ceil(K / 128)]
+        One scale per row per 128 columns (what ``quantize_rows_fp8`` returns).
+    weights : FP8ExpertWeights, ``trans_b=True``, ``"block128"``, ``[E, N, K]``
+    group_sizes : host integers (checked: E of them, not negative, summing to
+        M) or a 1-D integer GPU array of E (read on the device: nothing waits
+        for the host; sizes summing to more than M store no row at or past M,
+        sizes summing to less leave the rows after their sum unwritten).
+    out : GPU array, bfloat16 [M, N], optional (allocated when omitted).
+    stream : optional; ``None`` is the current stream of ``a_q``'s device.
+
+    Requires K % 16 == 0 and N % 8 == 0 and 16-byte aligned ``a_q``, values and
+    ``out``. Bad arguments raise ``ValueError`` naming them before any GPU work.
+    Bitwise deterministic. With caller-owned arrays and device sizes it can be
+    captured in a CUDA graph and replayed with new sizes.
+    """
+    import cupy
+
+    e, n, k = weights.shape if is_fp8(weights) else (0, 0, 0)
+    a = view(a_q, "a_q")
+    device = a.device if a.device is not None else cupy.cuda.Device().id
+    if out is None:
+        _check(a.ndim == 2, f"a_q must be a 2-D array [M, K]; got {a.shape}")
+        with cupy.cuda.Device(device):
+            out = cupy.empty((a.shape[0], n), dtype=BFLOAT16)
+    m, host_sizes = check_operands(a_q, a_scales, weights, out, group_sizes)
+    reason = unsupported(device_info(device).sm, weights, BFLOAT16)
+    _check(reason is None, f"grouped_fp8 {reason}")
+    values, o = as_cupy(weights.values, "weights.values"), as_cupy(out, "out")
+    reason = misaligned(a.ptr, values.data.ptr, o.data.ptr)
+    _check(reason is None, f"grouped_fp8 {reason}")
+    res = stream_resources(device, stream)
+    with cupy.cuda.Device(device), res.cupy_stream:
+        if m == 0 or n == 0:
+            return out
+        if k == 0:
+            o.fill(0)  # an empty sum
+            return out
+        if host_sizes is not None:
+            sizes = res.upload("sizes", host_sizes.astype(np.int32))
+        else:
+            sizes = as_cupy(group_sizes, "group_sizes")
+            sizes = sizes if sizes.dtype == cupy.int32 else sizes.astype(cupy.int32)
+        _launch(res, m, a.ptr, as_cupy(a_scales, "a_scales"), weights, values, o, sizes)
+    return out
+
+
+def _launch(res, m: int, a_ptr: int, a_scales, weights, values, out, sizes) -> None:
+    """The offsets kernel (grouped-contiguous rows), then the FP8 GEMM, on ``res``'s stream."""
+    e, n, k = weights.shape
+    hopper.schedule_offsets(res, sizes, e, 0)
+    schedule = hopper.schedule_buffers(res, e)  # row_offsets, row_ends, tile_offsets, tile_counter
+    stream = res.launch_stream
+    gemm = _kernels.get_kernel(SOURCE, KERNEL, ARCH, defines=DEFINES)
+    hopper._allow_shared_memory(gemm, res.device_id, SHARED_BYTES)
+    tmap_a = hopper.tensor_map(a_ptr, (m, k), (BLOCK_M, BLOCK_K), np.uint8, res.device_id)
+    tmap_b = hopper.tensor_map(values.data.ptr, (e * n, k), (BLOCK_N, BLOCK_K), np.uint8, res.device_id)
+    scales_b = as_cupy(weights.scales, "weights.scales")
+    args = (
+        tmap_a,
+        tmap_b,
+        np.intp(a_scales.data.ptr),
+        np.intp(scales_b.data.ptr),
+        *(np.intp(x.data.ptr) for x in schedule),
+        np.int32(e),
+        np.int32(m),
+        np.int32(n),
+        np.int32(k),
+        np.intp(out.data.ptr),
+    )
+    grid = grid_size(m, n, e, hopper._sm_count(res.device_id), GRID_LIMIT)
+    _kernels.launch(stream, gemm, grid, THREADS, args, shmem=SHARED_BYTES)
+
+
+def gmm_fp8(a, weights, group_sizes, *, out=None, stream=None):
+    """``gmm(a, weights, group_sizes, trans_b=True)`` for bfloat16 ``a`` [M, K]
+    through the FP8 kernel: ``a`` quantized per token per 128 columns
+    (:func:`~cublas_grouped.gemm.fp8.quantize_rows_fp8`, on the device, into a
+    per-call copy), then :func:`grouped_fp8`. The caller (``gmm``) checked the
+    arguments and that the kernel takes them."""
+    a_q, a_scales = quantize_rows_fp8(a, stream=stream)
+    return grouped_fp8(a_q, a_scales, weights, group_sizes, out=out, stream=stream)
+
+
+def kernel_takes(weights, dtype, device: int, algorithm, stream=None, out_ptr: int = 0) -> bool:
+    """Whether ``gmm`` or the MoE layer runs ``dtype`` activations times
+    ``weights`` through the FP8 kernel on ``device``: ``algorithm`` AUTO or
+    SM90_GROUPED, what :func:`unsupported` accepts, 16-byte aligned weight
+    values (and ``out``, when given), and a stream that is not capturing a CUDA
+    graph (the quantized activations are a per-call copy that a replay would
+    read after it is freed). Anything else keeps the dequantizing fallback,
+    which refuses capture itself."""
+    import cupy
+
+    if Algorithm(algorithm) not in (Algorithm.AUTO, Algorithm.SM90_GROUPED) or not is_fp8(weights):
+        return False
+    if unsupported(device_info(device).sm, weights, dtype) is not None:
+        return False
+    if misaligned(view(weights.values, "weights.values").ptr, out_ptr) is not None:
+        return False
+    return not cupy.cuda.runtime.streamIsCapturing(resolve_stream(stream, device))

@@ -1,0 +1,310 @@
+// grouped_gemm_fp8_sm90.cu: the FP8 (e4m3 x e4m3) grouped GEMM for Hopper
+// (sm_90a) with block scales: TMA loads into a shared-memory ring guarded by
+// mbarriers, wgmma .e4m3 into fp32, and the scales applied in fp32 registers
+// once per 128-deep K block ("promotion"). Group sizes are read on the device.
+//
+//   out[o_g + r, n] = sum_k  A(o_g + r, k) * B_g(n, k)    for every group g, row r < m_g
+//   A(i, k)   = e4m3(a_q[i, k]) * sa[i, k / 128]                      (one scale per token per 128 of K)
+//   B_g(n, k) = e4m3(b_q[g, n, k]) * sb[g, n / 128, k / 128]          (one scale per 128 x 128 block)
+//
+//   a_q  [M, K]      uint8 e4m3fn codes, K-major, rows grouped contiguously
+//                    (group g at rows o_g .. o_g + m_g - 1): quantize_rows_fp8's values
+//   sa   [M, KB]     fp32, KB = ceil(K / 128): quantize_rows_fp8's scales as they come
+//   b_q  [E, N, K]   uint8 e4m3fn codes, K-major (the checkpoint layout, trans_b),
+//                    seen by its tensor map as [E * N, K]
+//   sb   [E, NB, KB] fp32, NB = ceil(N / 128): FP8ExpertWeights' "block128" scales
+//   out  [M, N]      bf16, row-major
+//
+// Requirements (the launcher, gemm/backends/hopper_fp8.py, checks them):
+// K % 16 == 0 (TMA needs 16-byte row strides of uint8) and N % 8 == 0 (the
+// store writes 16-byte chunks of bf16 rows); K > 0, N > 0, M > 0.
+//
+// Why the scales are applied outside the tensor cores: Hopper's FP8 wgmma
+// accumulates with fewer mantissa bits than fp32 keeps, and the scales change
+// every 128 of K. So each math warpgroup runs the stage's four m64n128k32 MMAs
+// into a temporary fp32 fragment (the first with scale-d = 0), waits for them,
+// and adds tmp * sa[row][kb] * sb[g][nb][kb] into the real accumulator with
+// FFMAs: every 128-deep partial sum is exact-ish in the tensor core and then
+// summed in full fp32.
+//
+// Why the A scales stay [M, KB] (not transposed): each thread needs the scales
+// of its own two rows (row and row + 8 of the D fragment) and of one B block
+// per stage: 3 floats, loaded from global memory with ld.global.nc one stage
+// ahead (issued right after the stage's MMAs, used after the next stage's), so
+// their latency hides under a stage of MMAs. A row's KB scales are contiguous,
+// so after the first stage most of these loads hit L1. A transposed [KB, M]
+// layout would let TMA bring a stage's 128 scales into shared memory, but
+// needs a transpose pass per call (or M padded to 4) for no fewer bytes.
+//
+// Defines (the launcher is their one source):
+//   FP8_BLOCK_M   rows of a tile: 128 (two math warpgroups of wgmma m64); equal
+//                 to grouped_gemm_sm90.cu's SM90_BLOCK_M, whose
+//                 grouped_tile_offsets kernel makes this kernel's row and tile
+//                 offsets and zeroes its tile counter
+//   FP8_BLOCK_N   columns of a tile: 128. One B scale per tile per stage (N
+//                 blocks of 128 are the scale blocks), and 64 + 64 fp32
+//                 registers per thread for acc + tmp, within the 168 that 384
+//                 threads may each have. (256 would need 256 registers of acc +
+//                 tmp, and two B scales per stage.)
+//   FP8_BLOCK_K   K of one stage: 128 (128 bytes of e4m3: one row of the
+//                 128-byte swizzle, and exactly one scale block)
+//   FP8_STAGES    shared-memory stages of the ring (32 KiB each)
+//
+// Kernel:
+//
+//   grouped_gemm_fp8_nt_bf16(tmap_a, tmap_b, sa, sb, row_offsets, row_ends,
+//                            tile_offsets, tile_counter, num_groups, M, N, K, out)
+//     tmap_a: tiled TMA map of a_q [M, K] (uint8), box [FP8_BLOCK_M, FP8_BLOCK_K],
+//             128-byte swizzle, zero fill.
+//     tmap_b: of b_q as [E * N, K], box [FP8_BLOCK_N, FP8_BLOCK_K], the same.
+//             Zero fill makes a K tail add nothing (its scale block is partial
+//             and has its own scale); rows of a tile past N read the next
+//             group's weights (those columns are never stored).
+//     row_offsets [E + 1], row_ends [E], tile_offsets [E + 1], tile_counter:
+//             from grouped_tile_offsets (grouped_gemm_sm90.cu; capacity 0:
+//             grouped-contiguous rows), launched just before on the same stream.
+//     Grid: any x >= 1 CTAs (persistent: CTA x takes tile x first, then
+//     gridDim.x + atomicAdd(tile_counter, 1) when its ring has room for one).
+//     Block FP8_THREADS = 384: warpgroup 0 loads (one thread issues every
+//     TMA), warpgroups 1 and 2 multiply 64 rows each.
+//     Dynamic shared memory: FP8_STAGES * (FP8_BLOCK_M + FP8_BLOCK_N) *
+//     FP8_BLOCK_K (the ring) + 2 * 64 * SM90_C_PITCH * 2 (the store's staging
+//     areas) + 1024 (to align the ring for the swizzle).
+//     Schedule: that of grouped_gemm_sm90.cu with 128-column tiles: with
+//     n_tiles = ceil(N / FP8_BLOCK_N), tile x belongs to group g with
+//     tile_offsets[g] <= x / n_tiles < tile_offsets[g + 1]; within a group the
+//     M tiles run fastest. Rows at or past row_ends[g] (the next group's) and
+//     columns past N are computed but never stored; no row at or past M is.
+//     Every output element is computed by one CTA in a fixed K order, with no
+//     atomics on data: bitwise deterministic.
+
+#include "common.cuh"
+#include "sm90.cuh"
+
+#if !defined(FP8_BLOCK_M) || !defined(FP8_BLOCK_N) || !defined(FP8_BLOCK_K) || !defined(FP8_STAGES)
+#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K and FP8_STAGES from its launcher"
+#endif
+#if FP8_BLOCK_M != 128 || FP8_BLOCK_N != 128 || FP8_BLOCK_K != 128
+#error "this kernel's two math warpgroups issue wgmma m64n128k32 over 128-deep K stages: FP8_BLOCK_M=128, FP8_BLOCK_N=128, FP8_BLOCK_K=128"
+#endif
+#if FP8_STAGES < 2 || FP8_STAGES > 6
+#error "FP8_STAGES must be 2 to 6 (32 KiB each; the H100 gives a block at most 227 KiB)"
+#endif
+
+#define FP8_MATH_WARPGROUPS 2
+#define FP8_THREADS (128 * (1 + FP8_MATH_WARPGROUPS))
+#define FP8_A_STAGE_BYTES (FP8_BLOCK_M * FP8_BLOCK_K)
+#define FP8_B_STAGE_BYTES (FP8_BLOCK_N * FP8_BLOCK_K)
+#define FP8_STAGE_BYTES (FP8_A_STAGE_BYTES + FP8_B_STAGE_BYTES)
+#define FP8_SCALE_BLOCK 128  // the scale blocks of K (and of B's N): FP8ExpertWeights' "block128"
+
+// D[64 x 128] (+)= A[64 x 32] B[32 x 128], e4m3 both, A and B K-major in
+// shared memory (FP8 wgmma reads K-major operands only: no transpose flags).
+// scale_d = 0 writes A B into D (the stage's first step), 1 adds.
+// D fragment (PTX, wgmma .m64nNk32 with an f32 D, the same as .m64nNk16):
+// thread t of the warpgroup holds rows 16 * (t / 32) + (t % 32) / 4 and that
+// + 8, columns 8 * j + 2 * (t % 4) and that + 1: d[4j] (row, col), d[4j + 1]
+// (row, col + 1), d[4j + 2] (row + 8, col), d[4j + 3] (row + 8, col + 1), j = 0 .. 15.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], unsigned long long desc_a,
+                                                      unsigned long long desc_b, int scale_d) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),
+          "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+          "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),
+          "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+          "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]),
+          "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]),
+          "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// A read-only fp32 load through the non-coherent (texture) path: the scales
+// do not change during the kernel.
+__device__ __forceinline__ float load_scale(const float* p) {
+    float v;
+    asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+// One tile of the schedule (see the header): group, rows, first column.
+struct Fp8Tile {
+    int g;        // group
+    int row0;     // first row of the tile (in a_q, sa and out)
+    int row_end;  // rows from row_end on are not this group's: never stored
+    int n0;       // first column
+};
+
+__device__ __forceinline__ Fp8Tile fp8_find_tile(long long tile, int n_tiles, const int* __restrict__ row_offsets,
+                                                 const int* __restrict__ row_ends,
+                                                 const int* __restrict__ tile_offsets, int num_groups, int M) {
+    Fp8Tile t;
+    t.g = sm90_find_group(static_cast<int>(tile / n_tiles), tile_offsets, num_groups);
+    const int m_tiles = tile_offsets[t.g + 1] - tile_offsets[t.g];
+    const long long local = tile - static_cast<long long>(tile_offsets[t.g]) * n_tiles;
+    t.row0 = row_offsets[t.g] + static_cast<int>(local % m_tiles) * FP8_BLOCK_M;
+    t.row_end = min(row_ends[t.g], M);
+    t.n0 = static_cast<int>(local / m_tiles) * FP8_BLOCK_N;
+    return t;
+}
+
+// The pipeline (as grouped_gemm_sm90.cu's): every role counts the stages it
+// has filled (or consumed) since the CTA began, `fills`, carried from tile to
+// tile; fill f uses stage f % FP8_STAGES with mbarrier parity
+// (f / FP8_STAGES) & 1. Each fill is released once, right after its MMAs, so
+// the load thread runs on into the next tile while a tile is stored.
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
+    grouped_gemm_fp8_nt_bf16(const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_b,
+                             const float* __restrict__ sa, const float* __restrict__ sb,
+                             const int* __restrict__ row_offsets, const int* __restrict__ row_ends,
+                             const int* __restrict__ tile_offsets,
+                             int* __restrict__ tile_counter, int num_groups, int M, int N, int K,
+                             bf16_t* __restrict__ out) {
+    extern __shared__ unsigned char smem_raw[];
+    // full[s]: stage s holds data (one arrival with the TMA byte count);
+    // empty[s]: both math warpgroups are done reading it (one arrival each).
+    __shared__ __align__(8) unsigned long long full[FP8_STAGES];
+    __shared__ __align__(8) unsigned long long empty[FP8_STAGES];
+    __shared__ __align__(8) Sm90Mailboxes mail;
+    // The tile of each mailbox slot as the load thread found it (group, rows,
+    // columns), so that the math warpgroups start a tile without searching.
+    __shared__ Fp8Tile mail_tile[SM90_SCHED_SLOTS];
+
+    const int n_tiles = (N + FP8_BLOCK_N - 1) / FP8_BLOCK_N;
+    const long long total_tiles = static_cast<long long>(tile_offsets[num_groups]) * n_tiles;
+    if (static_cast<long long>(blockIdx.x) >= total_tiles) return;  // the whole block: before any barrier
+    const int num_k = (K + FP8_BLOCK_K - 1) / FP8_BLOCK_K;  // also the scale blocks of K (KB)
+    const int n_blocks = (N + FP8_SCALE_BLOCK - 1) / FP8_SCALE_BLOCK;  // NB
+
+    // The ring starts on a 1024-byte boundary: the 128-byte swizzle repeats
+    // every 8 rows of 128 bytes.
+    unsigned char* ring = smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023);
+    unsigned char* ring_a = ring;
+    unsigned char* ring_b = ring + FP8_STAGES * FP8_A_STAGE_BYTES;
+
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int s = 0; s < FP8_STAGES; ++s) {
+            mbarrier_init(&full[s], 1);
+            mbarrier_init(&empty[s], FP8_MATH_WARPGROUPS);
+        }
+        sm90_mailboxes_init(&mail, 128 * FP8_MATH_WARPGROUPS);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();  // the last block-wide barrier: the roles split below
+
+    const int warpgroup = threadIdx.x / 128;
+    if (warpgroup == 0) {
+        if (threadIdx.x == 0) {
+            unsigned fills = 0;
+            long long tile = blockIdx.x;
+            for (unsigned j = 0;; ++j) {
+                const bool done = tile >= total_tiles;
+                sm90_mailbox_claim(&mail, j);
+                Fp8Tile t;
+                if (!done) {
+                    t = fp8_find_tile(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M);
+                    mail_tile[j % SM90_SCHED_SLOTS] = t;  // seen by the readers through the post's release
+                }
+                sm90_mailbox_post(&mail, j, done ? -1 : tile);
+                if (done) break;
+                const int b_row0 = t.g * N + t.n0;
+                for (int kt = 0; kt < num_k; ++kt) {
+                    const unsigned f = fills + kt;
+                    const int s = f % FP8_STAGES;
+                    mbarrier_wait(&empty[s], ((f / FP8_STAGES) & 1) ^ 1);
+                    // Whole boxes count, zero-filled parts included.
+                    mbarrier_expect_bytes(&full[s], FP8_STAGE_BYTES);
+                    tma_load_2d(ring_a + s * FP8_A_STAGE_BYTES, &tmap_a, &full[s], kt * FP8_BLOCK_K, t.row0);
+                    tma_load_2d(ring_b + s * FP8_B_STAGE_BYTES, &tmap_b, &full[s], kt * FP8_BLOCK_K, b_row0);
+                }
+                fills += num_k;
+                tile = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);
+            }
+        }
+        return;
+    }
+
+    // Math warpgroup w (1 or 2) multiplies rows 64 * (w - 1) .. + 63 of each tile.
+    const int half = warpgroup - 1;
+    const int tid = threadIdx.x & 127;
+    const int frag_row = (tid >> 5) * 16 + ((tid & 31) >> 2);  // this thread's first D row in the 64
+    float acc[64], tmp[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) tmp[i] = 0.0f;  // defined before the first MMA (which ignores it)
+    unsigned fills = 0;
+    for (unsigned j = 0;; ++j) {
+        const long long tile = sm90_mailbox_read(&mail, j);
+        Fp8Tile t;
+        if (tile >= 0) t = mail_tile[j % SM90_SCHED_SLOTS];  // the load thread's search
+        sm90_mailbox_release(&mail, j);
+        if (tile < 0) break;
+        // This thread's two rows' scales (rows past M read row M - 1's: those
+        // rows of a_q are TMA zeros and are never stored) and the tile's B
+        // scale row, one float per K block.
+        const int r0 = t.row0 + half * 64 + frag_row;
+        const float* sa0 = sa + static_cast<long long>(min(r0, M - 1)) * num_k;
+        const float* sa1 = sa + static_cast<long long>(min(r0 + 8, M - 1)) * num_k;
+        const float* sbt = sb + (static_cast<long long>(t.g) * n_blocks + t.n0 / FP8_SCALE_BLOCK) * num_k;
+        float a0 = load_scale(sa0), a1 = load_scale(sa1), b = load_scale(sbt);
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+
+        for (int kt = 0; kt < num_k; ++kt) {
+            const unsigned f = fills + kt;
+            const int s = f % FP8_STAGES;
+            mbarrier_wait(&full[s], (f / FP8_STAGES) & 1);
+            // 64 rows of 128 bytes further down the A stage: 8 KiB, 1024-aligned.
+            const unsigned long long da = smem_descriptor(ring_a + s * FP8_A_STAGE_BYTES + half * 64 * FP8_BLOCK_K);
+            const unsigned long long db = smem_descriptor(ring_b + s * FP8_B_STAGE_BYTES);
+            wgmma_fence();  // tmp was read by the last promotion
+#pragma unroll
+            for (int kk = 0; kk < FP8_BLOCK_K / 32; ++kk) {
+                // 32 e4m3 of K are 32 bytes further along each 128-byte row:
+                // +2 in the descriptor's address field (units of 16 bytes).
+                wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, kk > 0);
+            }
+            wgmma_commit();
+            // The next stage's scales, loaded while this stage's MMAs run (the
+            // last stage reloads its own: harmless, and branch-free).
+            const int kn = min(kt + 1, num_k - 1);
+            const float na0 = load_scale(sa0 + kn), na1 = load_scale(sa1 + kn), nb = load_scale(sbt + kn);
+            wgmma_wait<0>();
+            // The stage is read: the load thread may refill it while we promote.
+            if (tid == 0) mbarrier_arrive(&empty[s]);
+            const float s0 = a0 * b, s1 = a1 * b;  // rows frag_row and frag_row + 8
+#pragma unroll
+            for (int i = 0; i < 64; i += 4) {
+                acc[i] = fmaf(tmp[i], s0, acc[i]);
+                acc[i + 1] = fmaf(tmp[i + 1], s0, acc[i + 1]);
+                acc[i + 2] = fmaf(tmp[i + 2], s1, acc[i + 2]);
+                acc[i + 3] = fmaf(tmp[i + 3], s1, acc[i + 3]);
+            }
+            a0 = na0;
+            a1 = na1;
+            b = nb;
+        }
+        fills += num_k;
+
+        // The store: 2 passes of 64 columns through this warpgroup's staging area.
+        bf16_t* stage = reinterpret_cast<bf16_t*>(ring + FP8_STAGES * FP8_STAGE_BYTES) + half * SM90_C_STAGE_ELEMS;
+        const int r_first = t.row0 + half * 64;
+#pragma unroll
+        for (int p = 0; p < FP8_BLOCK_N / 64; ++p) {
+            const int c0 = t.n0 + 64 * p;
+            if (c0 >= N) break;  // the same for the whole warpgroup
+            sm90_store_pass(acc, p, stage, out, r_first, t.row_end, c0, N, 1 + half);
+        }
+    }
+}
