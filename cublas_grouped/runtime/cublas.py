@@ -44,6 +44,8 @@ __all__ = [
     "gemm_batched_ex",
     "gemm_strided_batched_ex",
     "gemm_grouped_batched_ex",
+    "entry_point",
+    "check_status",
 ]
 
 
@@ -327,6 +329,28 @@ def _call(name: str, *args) -> None:
             f"is version {version()}"
         )
     status = _functions[name](*args)
+    if status != 0:
+        raise CublasError(status, name.removesuffix("_v2"))
+
+
+def entry_point(name: str):
+    """The ctypes function of entry point ``name`` (a key of :data:`PROTOTYPES`),
+    prototype set, for callers that repeat one call many times and want to
+    skip :func:`_call`'s lookups: they must pass its result to :func:`check_status`.
+
+    Raises
+    ------
+    CublasUnavailableError
+        If the loaded library lacks ``name`` (the message names the version needed).
+    """
+    load()
+    if name in _missing:
+        _call(name)  # raises, naming the version needed and the one loaded
+    return _functions[name]
+
+
+def check_status(status: int, name: str) -> None:
+    """Raise :class:`CublasError` for a ``status`` of entry point ``name`` other than success."""
     if status != 0:
         raise CublasError(status, name.removesuffix("_v2"))
 

@@ -45,6 +45,7 @@ __all__ = [
     "padded_strided",
     "batched",
     "grouped_call",
+    "PreparedGrouped",
 ]
 
 
@@ -181,6 +182,52 @@ def grouped_call(call: CublasCall, plan: GemmPlan, rows: np.ndarray, arrays) -> 
         call.handle, h["transa"], h["transb"], h["m"], h["n"], h["k"], h["alpha"], b_arr, t, h["lda"],
         a_arr, t, h["ldb"], h["beta"], c_arr, t, h["ldc"], count, h["group_size"], call.compute,
     )  # fmt: skip
+
+
+class PreparedGrouped:
+    """CUBLAS_GROUPED of one plan on grouped-contiguous rows with host sizes,
+    prepared once (for the plan cache of eager calls, ``gemm.call_cache``): the
+    per-group host arrays, the pointer table's offsets, the types and the entry
+    point. A call adds the three base addresses to the offsets, uploads the
+    table and calls cuBLAS: what :func:`run` does for this case, minus the
+    work that depends only on the plan. Not thread-safe (its table is reused):
+    the plan cache keeps one per thread. ``config.use_tensor_cores`` must be True.
+    """
+
+    def __init__(self, plan: GemmPlan, dtype, config: GroupedGemmConfig):
+        active = plan.active
+        count = len(active)
+        ops = Operands.for_plan(plan, 0, 0, 0, np.dtype(dtype).itemsize)
+        self._offsets = np.array(ops.at(plan.offsets[active], active), dtype=np.uint64)  # [3, count]
+        self._bases = np.zeros((3, 1), dtype=np.uint64)
+        self._table = np.empty((3, count), dtype=np.uint64)
+        self._flat = self._table.reshape(-1)
+        arrays = plan.dims_arrays(plan.sizes[active])
+        arrays["group_size"] = np.ones(count, dtype=np.int32)
+        arrays["alpha"] = np.ones(count, dtype=np.float32)
+        arrays["beta"] = np.zeros(count, dtype=np.float32)
+        self._host = arrays  # cuBLAS reads them during each call: kept alive here
+        h = {name: a.ctypes.data for name, a in arrays.items()}
+        t = cuda_dtype(dtype, "a")
+        compute = compute_type_for(dtype, config.compute_precision, config.use_tensor_cores)
+        self._fn = _cublas.entry_point(_cublas.GROUPED_SYMBOL)
+        self._workspace = config.workspace_mb << 20
+        self._step = 8 * count
+        self._args = (h["transa"], h["transb"], h["m"], h["n"], h["k"], h["alpha"], t, h["lda"], h["ldb"],
+                      h["beta"], h["ldc"], count, h["group_size"], compute)  # fmt: skip
+
+    def __call__(self, res, a: int, b: int, c: int) -> None:
+        """Queue the product of rows at ``a``, weights at ``b``, out at ``c`` on ``res``'s stream."""
+        self._bases[:, 0] = (a, b, c)
+        np.add(self._offsets, self._bases, out=self._table)
+        rows = res.upload_address("grouped-pointers", self._flat)  # rows, weights, out tables
+        weights, out = rows + self._step, rows + 2 * self._step
+        ta, tb, m, n, k, alpha, t, lda, ldb, beta, ldc, count, sizes, compute = self._args
+        handle = res.bind(self._workspace)
+        status = self._fn(
+            handle, ta, tb, m, n, k, alpha, weights, t, lda, rows, t, ldb, beta, out, t, ldc, count, sizes, compute
+        )  # fmt: skip
+        _cublas.check_status(status, _cublas.GROUPED_SYMBOL)
 
 
 def batched(call: CublasCall, d: CublasDims, pointer_arrays, count: int) -> None:
