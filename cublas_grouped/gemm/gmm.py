@@ -35,6 +35,17 @@ def shared_executor(compute: ComputePrecision, algorithm: Algorithm) -> GroupedG
     return executor
 
 
+# (shared_executor, its executor for the default arguments): kept with the
+# function it came from, so that a replaced shared_executor (tests) is asked again.
+_default: tuple = (None, None)
+
+
+def _default_executor() -> GroupedGemmExecutor:
+    global _default
+    _default = (shared_executor, shared_executor(ComputePrecision.FP32, Algorithm.AUTO))
+    return _default[1]
+
+
 @reports_out_of_memory("gmm")
 def gmm(
     a,
@@ -101,9 +112,12 @@ def gmm(
     copy of device-resident ``group_sizes``. Host arrays are refused with ``TypeError``;
     shape, dtype, device and layout errors raise before any GPU work.
     """
-    precision = coerce_enum(ComputePrecision, compute if compute is not None else "fp32", "compute")
-    algorithm = coerce_enum(Algorithm, algorithm, "algorithm")
-    executor = shared_executor(precision, algorithm)
+    if compute is None and algorithm is Algorithm.AUTO:
+        # The common call: no enum coercion, no lookup.
+        executor = _default[1] if _default[0] is shared_executor else _default_executor()
+    else:
+        precision = coerce_enum(ComputePrecision, compute if compute is not None else "fp32", "compute")
+        executor = shared_executor(precision, coerce_enum(Algorithm, algorithm, "algorithm"))
     if is_fp8(b):
         b = _fp8_as_dense(executor, a, b, group_sizes, trans_a, trans_b, out, stream)
     return executor.execute(a, b, group_sizes, trans_a=trans_a, trans_b=trans_b, out=out, stream=stream)

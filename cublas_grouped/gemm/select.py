@@ -317,7 +317,9 @@ def _choose_layer(sizes, first_nk, second_nk, dtype, device, times, times_key) -
             pair = first[a] + on_layout(a)[0]
             # Rows laid out with padding (chunk-aligned, padded capacity) cost the
             # layer more than its GEMMs show: a near tie goes to back-to-back rows.
-            return pair if layout_for(a, _ANY_SIZES) == RowLayout.contiguous() else pair * PADDED_LAYOUT_MARGIN
+            return (
+                pair if layout_for(a, _ANY_SIZES) == RowLayout.contiguous() else pair * PADDED_LAYOUT_MARGIN
+            )
 
         choice = min(first, key=pair_ms)
         found = (choice, on_layout(choice)[1] if on_layout(choice)[0] < math.inf else choice)

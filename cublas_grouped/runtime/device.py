@@ -204,6 +204,16 @@ class StreamResources:
     def upload_address(self, name: str, host) -> int:
         """:meth:`upload` of a 1-D C-contiguous NumPy array, returning the device
         address of the copy (no CuPy view is built: the cheaper form for hot paths)."""
+        dev = self.buffers.get(name)
+        if dev is None or dev.nbytes < host.nbytes:
+            dev = self.buffer(name, host.nbytes)
+        ptr = dev.data.ptr
+        self.copy_to_device(ptr, host)
+        return ptr
+
+    def copy_to_device(self, ptr: int, host) -> None:
+        """Copy the 1-D C-contiguous NumPy array ``host`` to device address ``ptr``
+        on this stream, asynchronously, through the pinned staging ring (see :meth:`upload`)."""
         import cupy
         import numpy as np
 
@@ -218,23 +228,15 @@ class StreamResources:
         if slot[2] < nbytes:
             capacity = max(nbytes, 4096)
             pinned = cupy.cuda.alloc_pinned_memory(capacity)
-            slot[0], slot[2], slot[3] = (
-                pinned,
-                capacity,
-                np.frombuffer(pinned, dtype=np.uint8, count=capacity),
-            )
+            slot[0], slot[2] = pinned, capacity
+            slot[3] = np.frombuffer(pinned, dtype=np.uint8, count=capacity)
         slot[3][:nbytes] = host.view(np.uint8)
-        dev = self.buffers.get(name)
-        if dev is None or dev.nbytes < nbytes:
-            dev = self.buffer(name, nbytes)
-        ptr = dev.data.ptr
         cupy.cuda.runtime.memcpyAsync(
             ptr, slot[0].ptr, nbytes, cupy.cuda.runtime.memcpyHostToDevice, self.stream
         )
         if slot[1] is None:
             slot[1] = cupy.cuda.Event(block=False, disable_timing=True)
         slot[1].record(self.cupy_stream)
-        return ptr
 
     def bind(self, workspace_bytes: int) -> int:
         """Point the cuBLAS handle at this stream and its workspace; return the handle."""

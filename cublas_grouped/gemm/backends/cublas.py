@@ -188,10 +188,13 @@ class PreparedGrouped:
     """CUBLAS_GROUPED of one plan on grouped-contiguous rows with host sizes,
     prepared once (for the plan cache of eager calls, ``gemm.call_cache``): the
     per-group host arrays, the pointer table's offsets, the types and the entry
-    point. A call adds the three base addresses to the offsets, uploads the
-    table and calls cuBLAS: what :func:`run` does for this case, minus the
-    work that depends only on the plan. Not thread-safe (its table is reused):
-    the plan cache keeps one per thread. ``config.use_tensor_cores`` must be True.
+    point. A call adds the three base addresses to the offsets and uploads the
+    table into a device buffer of its own (skipped when the addresses are the
+    last call's: CuPy's pool often hands a decode loop the same blocks), then
+    calls cuBLAS: what :func:`run` does for this case, minus the work that
+    depends only on the plan. Not thread-safe, and bound to one stream (its
+    table is reused, in stream order): the plan cache keys entries by stream
+    and keeps them per thread. ``config.use_tensor_cores`` must be True.
     """
 
     def __init__(self, plan: GemmPlan, dtype, config: GroupedGemmConfig):
@@ -202,6 +205,8 @@ class PreparedGrouped:
         self._bases = np.zeros((3, 1), dtype=np.uint64)
         self._table = np.empty((3, count), dtype=np.uint64)
         self._flat = self._table.reshape(-1)
+        self._device_table = None  # uint64 [3 * count] on the device, made at the first call
+        self._last = None  # the base addresses the device table holds
         arrays = plan.dims_arrays(plan.sizes[active])
         arrays["group_size"] = np.ones(count, dtype=np.int32)
         arrays["alpha"] = np.ones(count, dtype=np.float32)
@@ -217,10 +222,20 @@ class PreparedGrouped:
                       h["beta"], h["ldc"], count, h["group_size"], compute)  # fmt: skip
 
     def __call__(self, res, a: int, b: int, c: int) -> None:
-        """Queue the product of rows at ``a``, weights at ``b``, out at ``c`` on ``res``'s stream."""
-        self._bases[:, 0] = (a, b, c)
-        np.add(self._offsets, self._bases, out=self._table)
-        rows = res.upload_address("grouped-pointers", self._flat)  # rows, weights, out tables
+        """Queue the product of rows at ``a``, weights at ``b``, out at ``c`` on
+        ``res``'s stream (whose device must be current)."""
+        bases = (a, b, c)
+        if bases != self._last:
+            if self._device_table is None:
+                import cupy
+
+                self._device_table = cupy.empty(self._flat.size, dtype=cupy.uint64)
+            self._last = None  # unknown until the copy is queued
+            self._bases[:, 0] = bases
+            np.add(self._offsets, self._bases, out=self._table)
+            res.copy_to_device(self._device_table.data.ptr, self._flat)
+            self._last = bases
+        rows = self._device_table.data.ptr  # the rows, weights and out tables, back to back
         weights, out = rows + self._step, rows + 2 * self._step
         ta, tb, m, n, k, alpha, t, lda, ldb, beta, ldc, count, sizes, compute = self._args
         handle = res.bind(self._workspace)
