@@ -59,6 +59,7 @@ class Recorder:
         self.launches: list[tuple] = []
         self.copies: list[tuple] = []
         self.memsets: list[tuple] = []
+        self.host_values = lambda arr: np.zeros(arr.shape, arr.dtype)
 
     def clear(self):
         for name in ("cublas", "launches", "copies", "memsets"):
@@ -113,6 +114,26 @@ def stub_gpu(monkeypatch, info=None):
         return 0
 
     monkeypatch.setattr(L, "_driver", SimpleNamespace(cuLaunchKernel=launch))
+    # Kernels: compiled nowhere, launched through the stand-in driver above.
+    from cublas_grouped.gemm import pointers as P
+    from cublas_grouped.moe import kernels as K
+    from cublas_grouped.runtime import nvrtc as N
+
+    handles = {}
+
+    class Kernel:
+        def __init__(self, handle):
+            self.handle = handle
+
+    def get_kernel(name, kernel, arch, *, defines=None):
+        return handles.setdefault((name, kernel, arch), Kernel(0x1000 + len(handles)))
+
+    monkeypatch.setattr(N, "get_kernel", get_kernel)
+    monkeypatch.setattr(K, "_found", {})
+    monkeypatch.setattr(P, "_kernel_for", {})
+    monkeypatch.setattr(L, "_handles", {})
+    # Device-to-host copies answer with rec.host_values(array) (default: zeros).
+    monkeypatch.setattr(cupy, "asnumpy", lambda arr, stream=None, **kw: rec.host_values(arr))
 
     def make_resources(device_id, stream):
         res = D.StreamResources(device_id, stream, 0x51)
