@@ -1,0 +1,201 @@
+"""Checked calls of route and moe_forward (CPU, GPU side stubbed: tests/host_stubs.py).
+
+A repeated call skips its checks; every bad call must still raise exactly as
+without the cache, and a hit must queue the same GPU work as the checked call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from host_stubs import count_calls, fake_array, stub_gpu
+
+import cublas_grouped as cg
+from cublas_grouped.moe import layer_cache
+from cublas_grouped.moe import routing as R
+
+E, K, H, I = 16, 4, 64, 48  # noqa: E741
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    monkeypatch.setenv("CUBLAS_GROUPED_AUTOTUNE", "0")
+    with stub_gpu(monkeypatch) as rec:
+        counts = np.zeros(E, np.int32)
+        counts[:K] = 1  # one token, K distinct experts
+
+        rec.host_values = lambda arr: counts.copy() if arr.shape == (E,) else np.zeros(arr.shape, arr.dtype)
+        layer_cache.clear()
+        R._local.calls = {}
+        yield rec
+        layer_cache.clear()
+        R._local.calls = {}
+
+
+def _work(rec):
+    """What was queued, without the addresses (fresh allocations move them)."""
+    launches = [(args[0], args[1:7], args[7]) for args in rec.launches]  # kernel, grid/block, shared memory
+    return launches, [name for name, _ in rec.cublas if name.startswith("cublasGemm")], len(rec.memsets)
+
+
+def _same_work_on_a_hit(rec, call):
+    rec.clear()
+    call()
+    checked = _work(rec)
+    for _ in range(2):
+        rec.clear()
+        call()
+        assert _work(rec) == checked
+    return checked
+
+
+def test_route_hit_queues_the_same_launch(gpu):
+    logits = fake_array((3, E), "float32")
+    launches, _, _ = _same_work_on_a_hit(gpu, lambda: cg.route(logits, K))
+    assert len(launches) == 1
+    weights, ids = cg.route(logits, K)
+    assert weights.shape == ids.shape == (3, K) and weights.dtype == np.float32 and ids.dtype == np.int32
+    assert count_calls(lambda: cg.route(logits, K), repeat=10) <= 25
+
+
+def _route_errors(logits):
+    wide = fake_array((3, 2 * E), "float32")
+    return [
+        lambda: cg.route(fake_array((3, E, 1), "float32"), K),
+        lambda: cg.route(fake_array((3, E), "float64"), K),
+        lambda: cg.route(wide[:, ::2], K),
+        lambda: cg.route(fake_array((3, 2000), "float32"), K),
+        lambda: cg.route(logits, 0),
+        lambda: cg.route(logits, E + 1),
+        lambda: cg.route(logits, True),
+        lambda: cg.route(logits, 2.0),
+        lambda: cg.route(logits, K, scoring="softermax"),
+        lambda: cg.route(logits, K, stream=object()),
+    ]
+
+
+def test_route_errors_still_raise_after_hits(gpu):
+    logits = fake_array((3, E), "float32")
+    expected = []
+    for call in _route_errors(logits):
+        R._local.calls = {}
+        with pytest.raises(Exception) as err:
+            call()
+        expected.append((type(err.value), str(err.value)))
+    cg.route(logits, 1)
+    cg.route(logits, 1)  # top_k=1 is cached: True must not pass as 1
+    for call, want in zip(_route_errors(logits), expected):
+        cg.route(logits, K)
+        cg.route(logits, K)
+        with pytest.raises(Exception) as err:
+            call()
+        assert (type(err.value), str(err.value)) == want
+
+
+def _layer_arrays(dtype="bfloat16"):
+    return dict(
+        x=fake_array((1, H), dtype),
+        ids=fake_array((1, K), "int32"),
+        weights=fake_array((1, K), "float32"),
+        w1=fake_array((E, H, 2 * I), dtype),
+        w2=fake_array((E, I, H), dtype),
+    )
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_moe_hit_queues_the_same_work(gpu, fixed):
+    t = _layer_arrays()
+
+    def call():
+        return cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], fixed_capacity=fixed)
+
+    launches, gemms, _ = _same_work_on_a_hit(gpu, call)
+    assert len(launches) >= 6 and len(gemms) == 2
+    assert call().shape == (1, H)
+
+
+def _layer_errors(t):
+    x, ids, wts, w1, w2 = t["x"], t["ids"], t["weights"], t["w1"], t["w2"]
+    f = cg.moe_forward
+    return [
+        lambda: f(fake_array((1, H, 1)), ids, wts, w1, w2),
+        lambda: f(fake_array((2, 2 * H))[:, ::2], ids, wts, w1, w2),
+        lambda: f(x, fake_array((1, K), "int64"), wts, w1, w2),
+        lambda: f(x, fake_array((2, K), "int32"), wts, w1, w2),
+        lambda: f(x, ids, fake_array((1, K), "float16"), w1, w2),
+        lambda: f(x, ids, fake_array((1, K + 1), "float32"), w1, w2),
+        lambda: f(x, ids, wts, fake_array((E, H, 2 * I), "float16"), w2),
+        lambda: f(x, ids, wts, w1, fake_array((E + 1, I, H))),
+        lambda: f(x, ids, wts, fake_array((E, H, 2 * I + 1)), w2),
+        lambda: f(x, ids, wts, w1, w2, b1=fake_array((E, I))),
+        lambda: f(x, ids, wts, w1, w2, activation="swish"),
+        lambda: f(x, ids, wts, w1, w2, algorithm="fastest"),
+        lambda: f(x, ids, wts, w1, w2, dropped_pairs=fake_array((1,), "uint64")),
+        lambda: f(x, ids, wts, w1, w2, fixed_capacity=True, dropped_pairs=fake_array((2,), "uint64")),
+        lambda: f(x, ids, wts, w1, w2, fixed_capacity=1, dropped_pairs=fake_array((1,), "int32")),
+        lambda: f(x, ids, wts, w1, w2, return_context=1),
+        lambda: f(x, ids, wts, w1, w2, recompute=True),
+        lambda: f(x, ids, wts, w1, w2, fixed_capacity=True, return_context=True),
+        lambda: f(x, ids, wts, w1, w2, stream=object()),
+        lambda: f(x, ids, wts, w1, w2, trans_b=True),
+    ]
+
+
+def test_moe_errors_still_raise_after_hits(gpu):
+    t = _layer_arrays()
+    expected = []
+    for call in _layer_errors(t):
+        layer_cache.clear()
+        with pytest.raises(Exception) as err:
+            call()
+        expected.append((type(err.value), str(err.value)))
+    for call, want in zip(_layer_errors(t), expected):
+        for fixed in (False, True):
+            for _ in range(2):
+                cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], fixed_capacity=fixed)
+        with pytest.raises(Exception) as err:
+            call()
+        assert (type(err.value), str(err.value)) == want
+
+
+def test_moe_key_changes_with_every_keyed_property():
+    t = _layer_arrays()
+    opts = ("silu", True, False, "auto", False)
+    base = (t["x"], t["ids"], t["weights"], t["w1"], t["w2"], None, None)
+
+    def key(arrays=base, options=opts, executor=None, stream=7, dropped=None):
+        return layer_cache.layer_key(*arrays, options, executor, stream, dropped)
+
+    k0 = key()
+    assert k0 is not None and key() == k0
+    other = _layer_arrays()
+    assert key((other["x"], other["ids"], other["weights"], other["w1"], other["w2"], None, None)) == k0
+
+    def swap(i, value):
+        arrays = list(base)
+        arrays[i] = value
+        return key(tuple(arrays))
+
+    variants = [
+        swap(0, fake_array((2, H))),
+        swap(0, fake_array((1, H), "float16")),
+        swap(0, fake_array((1, H), device=1)),
+        swap(1, fake_array((1, K), "int64")),
+        swap(2, None),
+        swap(3, fake_array((E, 2 * I, H))),
+        swap(4, fake_array((E, I, H), "float16")),
+        swap(5, fake_array((E, 2 * I))),
+        swap(6, fake_array((E, H))),
+        key(options=("gelu", True, False, "auto", False)),
+        key(options=("silu", 1, False, "auto", False)),  # 1 == True, but not the same check
+        key(options=("silu", True, True, "auto", False)),
+        key(options=("silu", True, False, "sequential", False)),
+        key(options=("silu", True, False, "auto", True)),
+        key(executor=cg.GroupedGemmExecutor()),
+        key(stream=9),
+        key(dropped=fake_array((1,), "uint64")),
+    ]
+    assert None not in variants and k0 not in variants
+    assert len(set(variants)) == len(variants)
+    assert key(stream=object()) is None
+    assert layer_cache.layer_key(np.zeros((1, H)), *base[1:], opts, None, 7, None) is None
