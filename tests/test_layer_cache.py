@@ -199,3 +199,41 @@ def test_moe_key_changes_with_every_keyed_property():
     assert len(set(variants)) == len(variants)
     assert key(stream=object()) is None
     assert layer_cache.layer_key(np.zeros((1, H)), *base[1:], opts, None, 7, None) is None
+
+
+def test_dispatch_choices_follow_the_counts_and_the_tuning_state(gpu, monkeypatch):
+    from cublas_grouped.gemm import select as S
+    from cublas_grouped.moe import dispatch as Dsp
+
+    asked = []
+    real = Dsp.choose_algorithms
+
+    def counted(*args, **kwargs):
+        asked.append(args[2].tolist())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Dsp, "choose_algorithms", counted)
+    t = _layer_arrays()
+
+    def call():
+        return cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"])
+
+    call()
+    call()
+    assert len(asked) == 1, "the same counts: decided once"
+    spread = np.zeros(E, np.int32)
+    spread[[1, 5, 9, 13]] = 1
+    gpu.host_values = lambda arr: spread.copy() if arr.shape == (E,) else np.zeros(arr.shape, arr.dtype)
+    call()
+    assert len(asked) == 2 and asked[-1] == spread.tolist(), "new counts: decided again"
+    S.reset_tuning_cache()
+    call()
+    assert len(asked) == 3, "a reset tuning state: decided again"
+    monkeypatch.setenv("CUBLAS_GROUPED_TUNING_DIR", "/elsewhere")
+    call()
+    assert len(asked) == 4, "another tuning folder"
+    bad = spread.copy()
+    bad[0] = 5  # more rows than pairs: ids outside [0, E) were counted nowhere else
+    gpu.host_values = lambda arr: bad.copy() if arr.shape == (E,) else np.zeros(arr.shape, arr.dtype)
+    with pytest.raises(ValueError, match="ids outside"):
+        call()

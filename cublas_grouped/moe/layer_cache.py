@@ -1,4 +1,5 @@
-"""Checked calls of ``moe_forward``: a repeated call skips its argument checks.
+"""Checked calls of ``moe_forward``: a repeated call skips its argument checks
+(and, with the same per-expert counts, the dispatch's choices: :func:`dispatch_decision`).
 
 Each decode step calls the layer with the same shapes, dtypes, devices,
 options and stream; its checks (tokens, routing, weights, biases, options)
@@ -19,9 +20,10 @@ from __future__ import annotations
 
 import threading
 
+from ..gemm.call_cache import choice_state
 from ..runtime.arrays import cupy_array_type
 
-__all__ = ["layer_key", "lookup", "store", "clear", "MAX_CACHED_LAYERS"]
+__all__ = ["layer_key", "lookup", "store", "clear", "dispatch_decision", "MAX_CACHED_LAYERS"]
 
 # Checked calls kept per thread (a model's layers share a few shapes per batch size).
 MAX_CACHED_LAYERS = 512
@@ -89,5 +91,33 @@ def store(key, checked) -> None:
 
 
 def clear() -> None:
-    """Forget this thread's checked calls (tests)."""
+    """Forget this thread's checked calls and dispatch decisions (tests)."""
     _local.calls = {}
+    _local.decisions = {}
+
+
+def dispatch_decision(
+    executor, algorithm, counts_host, n: int, k: int, dtype, second_gemm, device_id, decide
+):
+    """``decide()`` (the dispatch's algorithms, row layout and host offsets for
+    these per-expert counts), remembered per thread for exactly these inputs:
+    the executor (its config compared by identity), the ``algorithm`` argument,
+    the counts' values, the GEMM shapes and dtype, the device, and AUTO's
+    tuning state (``gemm.call_cache.choice_state``, taken before deciding, so a
+    measurement made while deciding is seen by the next call)."""
+    key = (executor, algorithm, counts_host.tobytes(), n, k, dtype, second_gemm, device_id)
+    decisions = getattr(_local, "decisions", None)
+    if decisions is None:
+        decisions = _local.decisions = {}
+    state = choice_state()
+    try:
+        found = decisions.get(key)
+    except TypeError:  # an unhashable argument: decide every time
+        return decide()
+    if found is not None and found[0] is executor.config and found[1] == state:
+        return found[2]
+    value = decide()
+    if len(decisions) >= MAX_CACHED_LAYERS:
+        decisions.clear()
+    decisions[key] = (executor.config, state, value)
+    return value

@@ -94,21 +94,47 @@ def run(
     ``res``'s stream; ``sizes_dev`` the row counts on the device when the
     caller has them (else they are uploaded where a kernel needs them).
     """
-    layout = layout or RowLayout.contiguous()
+    layout = layout or _CONTIGUOUS
+    if config.use_tensor_cores:
+        # Nothing to undo afterwards: the handle needs no context manager.
+        call = CublasCall(
+            res.bind(config.workspace_mb << 20), cuda_dtype(dtype, "a"), _compute(dtype, config)
+        )
+        _run(call, plan, ops, algorithm, res, config, info, layout, sizes_dev)
+        return
     with bound(res, dtype, config) as call:
-        if algorithm is Algorithm.SEQUENTIAL:
-            sequential(call, plan, ops, layout)
-        elif algorithm is Algorithm.CUBLAS_GROUPED:
-            grouped(call, plan, ops, layout, res, sizes_dev=sizes_dev, arch=arch_for(info.sm))
-        elif algorithm is Algorithm.CHUNKED_BATCHED and layout.align == 1 and not layout.stride:
-            chunk = config.chunk_rows or choose_chunk_rows(plan.sizes)
-            chunked_contiguous(call, plan, ops, res, chunk, grouped_ok=info.supports_grouped_gemm())
-        elif algorithm is Algorithm.CHUNKED_BATCHED:
-            chunk_aligned_batched(call, plan, ops, layout, res, sizes_dev=sizes_dev, arch=arch_for(info.sm))
-        elif algorithm is Algorithm.PADDED_STRIDED:
-            padded_strided(call, plan, ops, layout)
-        else:
-            raise ValueError(f"cannot run algorithm {algorithm}")
+        _run(call, plan, ops, algorithm, res, config, info, layout, sizes_dev)
+
+
+_CONTIGUOUS = RowLayout.contiguous()
+_compute_types: dict[tuple, int] = {}
+
+
+def _compute(dtype, config: GroupedGemmConfig) -> int:
+    """compute_type_for(dtype, config's precision and math), remembered."""
+    key = (dtype, config.compute_precision, config.use_tensor_cores)
+    compute = _compute_types.get(key)
+    if compute is None:
+        compute = _compute_types[key] = compute_type_for(
+            dtype, config.compute_precision, config.use_tensor_cores
+        )
+    return compute
+
+
+def _run(call, plan, ops, algorithm, res, config, info, layout, sizes_dev) -> None:
+    if algorithm is Algorithm.SEQUENTIAL:
+        sequential(call, plan, ops, layout)
+    elif algorithm is Algorithm.CUBLAS_GROUPED:
+        grouped(call, plan, ops, layout, res, sizes_dev=sizes_dev, arch=arch_for(info.sm))
+    elif algorithm is Algorithm.CHUNKED_BATCHED and layout.align == 1 and not layout.stride:
+        chunk = config.chunk_rows or choose_chunk_rows(plan.sizes)
+        chunked_contiguous(call, plan, ops, res, chunk, grouped_ok=info.supports_grouped_gemm())
+    elif algorithm is Algorithm.CHUNKED_BATCHED:
+        chunk_aligned_batched(call, plan, ops, layout, res, sizes_dev=sizes_dev, arch=arch_for(info.sm))
+    elif algorithm is Algorithm.PADDED_STRIDED:
+        padded_strided(call, plan, ops, layout)
+    else:
+        raise ValueError(f"cannot run algorithm {algorithm}")
 
 
 def _gemm_ex(call: CublasCall, d: CublasDims, a_ptr: int, b_ptr: int, c_ptr: int) -> None:
@@ -163,12 +189,13 @@ def _group_arrays(plan: GemmPlan, rows: np.ndarray) -> dict[str, int]:
         arrays["alpha"] = np.ones(count, dtype=np.float32)
         arrays["beta"] = np.zeros(count, dtype=np.float32)
         # Their addresses, taken once (``ndarray.ctypes`` costs a microsecond each time).
-        arrays = {name: (a, a.ctypes.data) for name, a in arrays.items()}
-        cache[key] = arrays
-    else:
-        # Exactly one of m/n/k carries the group's rows (see GemmPlan.dims_arrays).
-        arrays["k" if plan.trans_a else "n"][0][:] = rows
-    return {name: address for name, (_, address) in arrays.items()}
+        addresses = {name: a.ctypes.data for name, a in arrays.items()}
+        cache[key] = (arrays, addresses)
+        return addresses
+    arrays, addresses = arrays
+    # Exactly one of m/n/k carries the group's rows (see GemmPlan.dims_arrays).
+    arrays["k" if plan.trans_a else "n"][:] = rows
+    return addresses
 
 
 def grouped_call(call: CublasCall, plan: GemmPlan, rows: np.ndarray, arrays) -> None:
