@@ -93,10 +93,17 @@ def build_pointers(
         base = res.buffer("pointers", 3 * 8 * max(capacity, 1)).data.ptr
         a_arr, b_arr, c_arr = base, base + 8 * capacity, base + 16 * capacity
     else:
-        capacity = min(int(p.size) for p in pointer_arrays)
+        shape = getattr(pointer_arrays, "shape", None)
+        if shape is not None and len(shape) == 2 and shape[0] == 3 and pointer_arrays.flags.c_contiguous:
+            # One [3, n] array (the fixed-capacity step's): no per-row views to make.
+            capacity = shape[1]
+            base = pointer_arrays.data.ptr
+            a_arr, b_arr, c_arr = base, base + 8 * capacity, base + 16 * capacity
+        else:
+            capacity = min(int(p.size) for p in pointer_arrays)
+            a_arr, b_arr, c_arr = (int(p.data.ptr) for p in pointer_arrays)
         if capacity < num_entries:
             raise ValueError(f"pointer arrays hold {capacity} entries but {num_entries} problems need them")
-        a_arr, b_arr, c_arr = (int(p.data.ptr) for p in pointer_arrays)
     if arch is None:
         # The device of this call's stream, not whichever device was used first.
         arch = _kernels.arch_for(_device.device_info(res.device_id).sm)

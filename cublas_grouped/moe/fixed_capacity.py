@@ -33,7 +33,7 @@ import numpy as np
 from ..gemm.backends.cublas import batched, bound
 from ..gemm.executor import GroupedGemmExecutor
 from ..gemm.fp8 import dense_scratch, is_fp8
-from ..gemm.plan import GemmPlan, Operands, RowLayout
+from ..gemm.plan import GemmPlan, Operands, RowLayout, shape_plan
 from ..gemm.pointers import build_pointers
 from ..runtime.arrays import as_cupy, view
 from ..runtime.device import resolve_stream, resources
@@ -292,9 +292,8 @@ def max_chunks(shape: LayerShape, tokens: int) -> int:
 
 
 def _gemm_plan(shape: LayerShape, n: int, k: int) -> GemmPlan:
-    """Shape-only plan: the column-major mapping of a GEMM with N=n, K=k."""
-    empty = np.zeros(0, np.int64)
-    return GemmPlan(shape.num_experts, 0, n, k, False, shape.trans_b, empty, np.zeros(1, np.int64), empty)
+    """Shape-only plan: the column-major mapping of a GEMM with N=n, K=k (made once per shape)."""
+    return shape_plan(shape.num_experts, n, k, shape.trans_b)
 
 
 @dataclass(frozen=True)

@@ -398,12 +398,25 @@ def set_math_mode(handle: int, mode: int) -> None:
 
 
 def _scalar(value: float, compute_type: int):
-    """alpha/beta, by reference, in the scale type cuBLAS expects for ``compute_type``."""
+    """alpha/beta, by reference, in the scale type cuBLAS expects for ``compute_type``.
+
+    The common ones (1 and 0) are made once and shared: cuBLAS only reads them."""
+    found = _SCALARS.get((value, compute_type))
+    if found is not None:
+        return found
     if compute_type == ComputeType.C64F:
         return ctypes.byref(c_double(value))
     if compute_type == ComputeType.C16F:
         raise ValueError("16-bit compute (half scale type) is not used by this package")
     return ctypes.byref(ctypes.c_float(value))
+
+
+_SCALARS = {
+    (value, compute): ctypes.byref(c_double(value) if compute == ComputeType.C64F else ctypes.c_float(value))
+    for value in (0.0, 1.0)
+    for compute in (ComputeType.C32F, ComputeType.C32F_PEDANTIC, ComputeType.C32F_FAST_16F,
+                    ComputeType.C32F_FAST_16BF, ComputeType.C32F_FAST_TF32, ComputeType.C64F)
+}  # fmt: skip
 
 
 # cuBLAS picks its own kernel; CUBLAS_GEMM_DEFAULT is the only algo we pass.

@@ -19,9 +19,7 @@ Which layout each algorithm runs on is :func:`.plan.layout_for`'s rule:
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,21 +57,28 @@ class CublasCall:
     compute: int
 
 
-@contextlib.contextmanager
-def bound(res, dtype, config: GroupedGemmConfig) -> Iterator[CublasCall]:
+class bound:
     """``res``'s cuBLAS handle set up for ``config`` (workspace, math mode) and
-    inputs of ``dtype``. Pedantic math (``use_tensor_cores=False``) is undone on
-    exit: the handle is shared by everything on the stream."""
-    handle = res.bind(config.workspace_mb << 20)
-    compute = compute_type_for(dtype, config.compute_precision, config.use_tensor_cores)
-    call = CublasCall(handle, cuda_dtype(dtype, "a"), compute)
-    if not config.use_tensor_cores:
-        _cublas.set_math_mode(handle, _cublas.MathMode.PEDANTIC)
-    try:
-        yield call
-    finally:
-        if not config.use_tensor_cores:
-            _cublas.set_math_mode(handle, _cublas.MathMode.DEFAULT)
+    inputs of ``dtype``, as a context manager yielding a :class:`CublasCall`.
+    Pedantic math (``use_tensor_cores=False``) is undone on exit: the handle is
+    shared by everything on the stream. (A class, not a generator: it is
+    entered on every step of the fixed-capacity layer.)"""
+
+    __slots__ = ("_call", "_pedantic")
+
+    def __init__(self, res, dtype, config: GroupedGemmConfig):
+        handle = res.bind(config.workspace_mb << 20)
+        self._call = CublasCall(handle, cuda_dtype(dtype, "a"), _compute(dtype, config))
+        self._pedantic = not config.use_tensor_cores
+
+    def __enter__(self) -> CublasCall:
+        if self._pedantic:
+            _cublas.set_math_mode(self._call.handle, _cublas.MathMode.PEDANTIC)
+        return self._call
+
+    def __exit__(self, *exc) -> None:
+        if self._pedantic:
+            _cublas.set_math_mode(self._call.handle, _cublas.MathMode.DEFAULT)
 
 
 def run(
