@@ -159,7 +159,8 @@ def launch_signed(stream: int, kernel, grid: int, block: int, signature: str, ar
     if handle is None:
         handle = _handles[kernel] = int(kernel.handle)
     packer.fmt.pack_into(packer.buffer, 0, *args)
-    status = driver().cuLaunchKernel(handle, grid, 1, 1, block, 1, 1, shmem, stream, packer.pointers, None)
+    lib = _driver if _driver is not None else driver()  # loaded: no call to ask for it
+    status = lib.cuLaunchKernel(handle, grid, 1, 1, block, 1, 1, shmem, stream, packer.pointers, None)
     if status != 0:
         raise LaunchError(
             f"cuLaunchKernel failed for a kernel with {len(args)} arguments, grid {grid}, block {block}, "
