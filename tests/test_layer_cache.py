@@ -237,3 +237,52 @@ def test_dispatch_choices_follow_the_counts_and_the_tuning_state(gpu, monkeypatc
     gpu.host_values = lambda arr: bad.copy() if arr.shape == (E,) else np.zeros(arr.shape, arr.dtype)
     with pytest.raises(ValueError, match="ids outside"):
         call()
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("align", [1, 16])
+def test_prepared_device_grouped_call_is_the_executors(gpu, monkeypatch, trans_b, align):
+    import ctypes
+
+    from cublas_grouped.gemm.backends.cublas import PreparedDeviceGrouped
+    from cublas_grouped.gemm.config import Algorithm
+    from cublas_grouped.gemm.plan import GemmPlan, Operands, RowLayout
+    from cublas_grouped.runtime import device as D
+    from cublas_grouped.runtime import nvrtc as N
+
+    launched = []
+    real = N.launch_signed
+    monkeypatch.setattr(N, "launch_signed", lambda *a, **kw: (launched.append((a[1:], kw)), real(*a, **kw)))
+    counts = np.array([3, 0, 17, 1, 0, 9], dtype=np.int64)
+    layout = RowLayout.chunk_aligned(align) if align > 1 else RowLayout.contiguous()
+    offsets = layout.offsets(counts)
+    n, k = 96, 64
+    plan = GemmPlan(6, int(offsets[-1]), n, k, False, trans_b, counts, offsets, np.flatnonzero(counts))
+    ex = cg.GroupedGemmExecutor()
+    res = D.resources(0, 7)
+    sizes_dev = fake_array((6,), "int32")
+    a, b, c = 0x7A0000000000, 0x7B0000000000, 0x7C0000000000
+
+    def record():
+        calls = []
+        for name, args in gpu.cublas:
+            if name.startswith("cublasGemm"):
+                count = args[17]
+                host = [
+                    tuple((ctypes.c_int32 * count).from_address(args[i]))
+                    for i in (1, 2, 3, 4, 5, 9, 12, 16, 18)
+                ]
+                scale = [tuple((ctypes.c_float * count).from_address(args[i])) for i in (6, 13)]
+                calls.append((name, host, scale, args[7], args[10], args[14], args[8], args[19]))
+        out = (list(launched), calls)
+        gpu.clear()
+        launched.clear()
+        return out
+
+    ops = Operands.for_plan(plan, a, b, c, 2)
+    ex.run(plan, ops, np.dtype("bfloat16"), Algorithm.CUBLAS_GROUPED, res, layout=layout, sizes_dev=sizes_dev)
+    want = record()
+    prepared = PreparedDeviceGrouped(plan, layout, np.dtype("bfloat16"), ex.config, "sm_90")
+    prepared(res, sizes_dev, a, b, c)  # (kept alive: cuBLAS reads its host arrays)
+    got = record()
+    assert got == want and len(want[0]) == 1 and len(want[1]) == 1

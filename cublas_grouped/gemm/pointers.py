@@ -17,7 +17,15 @@ from ..runtime import device as _device
 from ..runtime import nvrtc as _kernels
 from .plan import GemmPlan, Operands, RowLayout
 
-__all__ = ["build_pointers", "upload_pointers", "device_sizes", "POINTER_THREADS", "DEFINES", "SIGNATURE"]
+__all__ = [
+    "build_pointers",
+    "upload_pointers",
+    "device_sizes",
+    "pointer_kernel",
+    "POINTER_THREADS",
+    "DEFINES",
+    "SIGNATURE",
+]
 
 # Threads of build_pointers' one block (a multiple of 32, at most 1024). The
 # only copy: kernels/pointers.cu gets it as an NVRTC define.
@@ -29,6 +37,14 @@ _kernel_for: dict[str, object] = {}  # arch -> the build_pointers Kernel (DEFINE
 # address, five int32, then (address uint64, row and expert strides int64) for
 # rows, weights and out, the scratch address, and the four output addresses.
 SIGNATURE = "qiiiii" + "Qqq" * 3 + "Q" + "qqqq"
+
+
+def pointer_kernel(arch: str):
+    """The ``build_pointers`` kernel for ``arch`` (compiled once; DEFINES never change)."""
+    kernel = _kernel_for.get(arch)
+    if kernel is None:
+        kernel = _kernel_for[arch] = _kernels.get_kernel("pointers", "build_pointers", arch, defines=DEFINES)
+    return kernel
 
 
 def device_sizes(plan: GemmPlan, res, sizes_dev=None):
@@ -107,9 +123,7 @@ def build_pointers(
     if arch is None:
         # The device of this call's stream, not whichever device was used first.
         arch = _kernels.arch_for(_device.device_info(res.device_id).sm)
-    kernel = _kernel_for.get(arch)
-    if kernel is None:
-        kernel = _kernel_for[arch] = _kernels.get_kernel("pointers", "build_pointers", arch, defines=DEFINES)
+    kernel = _kernel_for.get(arch) or pointer_kernel(arch)
     args = (
         sizes_dev.data.ptr,
         len(sizes_dev),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..gemm.autotune import layer_times, state_token
+from ..gemm.backends.cublas import PreparedDeviceGrouped
 from ..gemm.config import Algorithm, coerce_enum
 from ..gemm.executor import GroupedGemmExecutor
 from ..gemm.fp8 import dense_weights
@@ -24,6 +25,7 @@ from ..gemm.pointers import build_pointers
 from ..gemm.select import choose_layer_algorithms, remembered, select_algorithm, tuning_state
 from ..runtime.arrays import ArrayView, as_cupy, cuda_dtype, view
 from ..runtime.device import stream_resources
+from ..runtime.nvrtc import arch_for
 from . import kernels as K
 from . import layer_cache as _layers
 from .checks import (
@@ -345,17 +347,23 @@ def run_expert_gemm(executor, res, inp: DispatchPlan, rows, w, out, trans_b: boo
         plan = plans[(r, n, k, trans_b)] = GemmPlan(
             inp.num_experts, r, n, k, False, trans_b, sizes, offsets, active
         )
-    ops = Operands.for_plan(plan, rows.data.ptr, w.data.ptr, out.data.ptr, rows.dtype.itemsize)
-    if len(plan.active):
-        executor.run(
-            plan,
-            ops,
-            rows.dtype,
-            algorithm or inp.algorithm,
-            res,
-            layout=inp.layout,
-            sizes_dev=inp.tokens_per_expert,
-        )
+    if not len(plan.active):
+        return
+    algorithm, a, b, c = algorithm or inp.algorithm, rows.data.ptr, w.data.ptr, out.data.ptr
+    if algorithm is Algorithm.CUBLAS_GROUPED and executor.config.use_tensor_cores and not (a | b | c) & 15:
+        # What executor.run does for aligned operands, prepared once per plan (decode's usual case).
+        found = plans.get(("grouped", r, n, k, trans_b, rows.dtype))
+        if found is None or found[0] is not executor.config:
+            arch = arch_for(executor.info_for(res.device_id).sm)
+            found = (
+                executor.config,
+                PreparedDeviceGrouped(plan, inp.layout, rows.dtype, executor.config, arch),
+            )
+            plans[("grouped", r, n, k, trans_b, rows.dtype)] = found
+        found[1](res, inp.tokens_per_expert, a, b, c)
+        return
+    ops = Operands.for_plan(plan, a, b, c, rows.dtype.itemsize)
+    executor.run(plan, ops, rows.dtype, algorithm, res, layout=inp.layout, sizes_dev=inp.tokens_per_expert)
 
 
 def expert_gemm(

@@ -26,7 +26,7 @@ from . import kernels as K
 from . import layer_cache as _layers
 from .backward import check_context_options, forward_with_context
 from .checks import check_layer_args, check_tokens, device_of, executor_or_shared, kernel_arch
-from .dispatch import mark_stage, plan_dispatch, run_expert_gemm
+from .dispatch import plan_dispatch, run_expert_gemm
 from .fixed_capacity import cached_chunk_buffers, check_fixed_capacity_args, fixed_capacity_step
 
 __all__ = ["moe_forward", "StageTimer"]
@@ -198,14 +198,16 @@ def _forward(res, executor, shape, x, ids, weights, params, algorithm, timer, fi
             fixed_capacity_step(res, executor, shape, buf, x, ids, weights, params, out, dropped=dropped)
         return out
     hidden, inter, width = shape.hidden, shape.inter, shape.width
-    mark_stage(timer, "start", res.cupy_stream)
+    if timer is not None:
+        timer.mark("start", res.cupy_stream)
     inp = plan_dispatch(
         res, executor, x, ids, weights, shape.num_experts, algorithm, width, timer, (hidden, inter)
     )  # fmt: skip
     rows = inp.rows.shape[0]
     h = cupy.ndarray((rows, width), inp.rows.dtype)
     run_expert_gemm(executor, res, inp, inp.rows, w1, h, shape.trans_b)
-    mark_stage(timer, "gemm1", res.cupy_stream)
+    if timer is not None:
+        timer.mark("gemm1", res.cupy_stream)
     act = cupy.ndarray((rows, inter), h.dtype)
     arch = kernel_arch(res)
     if rows:
@@ -213,15 +215,18 @@ def _forward(res, executor, shape, x, ids, weights, params, algorithm, timer, fi
             res.launch_stream, arch, h, inter, int(shape.gated), K.ACTIVATIONS[shape.activation], b1,
             inp.row_to_pair, ids, act,
         )  # fmt: skip
-    mark_stage(timer, "activation", res.cupy_stream)
+    if timer is not None:
+        timer.mark("activation", res.cupy_stream)
     y = cupy.ndarray((rows, hidden), h.dtype)
     # The down projection may run another algorithm on the same row layout.
     run_expert_gemm(executor, res, inp, act, w2, y, shape.trans_b, inp.second_algorithm)
-    mark_stage(timer, "gemm2", res.cupy_stream)
+    if timer is not None:
+        timer.mark("gemm2", res.cupy_stream)
     out = cupy.ndarray((inp.num_tokens, hidden), h.dtype)
     if inp.num_tokens:
         K.combine_rows(
             res.launch_stream, arch, y, inp.pair_to_row, weights, ids, b2, inp.num_tokens, inp.top_k, out
         )  # fmt: skip
-    mark_stage(timer, "combine", res.cupy_stream)
+    if timer is not None:
+        timer.mark("combine", res.cupy_stream)
     return out

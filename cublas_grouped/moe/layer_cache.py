@@ -50,12 +50,12 @@ def layer_key(x, ids, weights, w1, w2, b1, b2, options: tuple, executor, stream,
         arrays = (
             (x.shape, x.strides, x.dtype, x.device.id),
             (ids.shape, ids.strides, ids.dtype, ids.device.id),
-            _optional(weights, nd),
+            None if weights is None else _optional(weights, nd),
             (w1.shape, w1.strides, w1.dtype, w1.device.id),
             (w2.shape, w2.strides, w2.dtype, w2.device.id),
-            _optional(b1, nd),
-            _optional(b2, nd),
-            _optional(dropped_pairs, nd),
+            None if b1 is None else _optional(b1, nd),
+            None if b2 is None else _optional(b2, nd),
+            None if dropped_pairs is None else _optional(dropped_pairs, nd),
         )
         if stream is None:
             import cupy

@@ -25,12 +25,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...runtime import cublas as _cublas
+from ...runtime import nvrtc as _kernels
 from ...runtime.arrays import cuda_dtype
 from ...runtime.device import DeviceInfo
 from ...runtime.nvrtc import arch_for
 from ..config import Algorithm, GroupedGemmConfig, compute_type_for
 from ..plan import CublasDims, GemmPlan, Operands, RowLayout, choose_chunk_rows, packed_chunks
-from ..pointers import build_pointers, device_sizes, upload_pointers
+from ..pointers import (
+    POINTER_THREADS,
+    SIGNATURE,
+    build_pointers,
+    device_sizes,
+    pointer_kernel,
+    upload_pointers,
+)
 
 __all__ = [
     "CublasCall",
@@ -44,6 +52,7 @@ __all__ = [
     "batched",
     "grouped_call",
     "PreparedGrouped",
+    "PreparedDeviceGrouped",
 ]
 
 
@@ -126,16 +135,26 @@ def _compute(dtype, config: GroupedGemmConfig) -> int:
     return compute
 
 
+_arches: dict[tuple, str] = {}
+
+
+def _arch(sm: tuple) -> str:
+    arch = _arches.get(sm)
+    if arch is None:
+        arch = _arches[sm] = arch_for(sm)
+    return arch
+
+
 def _run(call, plan, ops, algorithm, res, config, info, layout, sizes_dev) -> None:
     if algorithm is Algorithm.SEQUENTIAL:
         sequential(call, plan, ops, layout)
     elif algorithm is Algorithm.CUBLAS_GROUPED:
-        grouped(call, plan, ops, layout, res, sizes_dev=sizes_dev, arch=arch_for(info.sm))
+        grouped(call, plan, ops, layout, res, sizes_dev=sizes_dev, arch=_arch(info.sm))
     elif algorithm is Algorithm.CHUNKED_BATCHED and layout.align == 1 and not layout.stride:
         chunk = config.chunk_rows or choose_chunk_rows(plan.sizes)
         chunked_contiguous(call, plan, ops, res, chunk, grouped_ok=info.supports_grouped_gemm())
     elif algorithm is Algorithm.CHUNKED_BATCHED:
-        chunk_aligned_batched(call, plan, ops, layout, res, sizes_dev=sizes_dev, arch=arch_for(info.sm))
+        chunk_aligned_batched(call, plan, ops, layout, res, sizes_dev=sizes_dev, arch=_arch(info.sm))
     elif algorithm is Algorithm.PADDED_STRIDED:
         padded_strided(call, plan, ops, layout)
     else:
@@ -269,6 +288,54 @@ class PreparedGrouped:
             self._last = bases
         rows = self._device_table.data.ptr  # the rows, weights and out tables, back to back
         weights, out = rows + self._step, rows + 2 * self._step
+        ta, tb, m, n, k, alpha, t, lda, ldb, beta, ldc, count, sizes, compute = self._args
+        handle = res.bind(self._workspace)
+        status = self._fn(
+            handle, ta, tb, m, n, k, alpha, weights, t, lda, rows, t, ldb, beta, out, t, ldc, count, sizes, compute
+        )  # fmt: skip
+        _cublas.check_status(status, _cublas.GROUPED_SYMBOL)
+
+
+class PreparedDeviceGrouped:
+    """CUBLAS_GROUPED of one plan with the sizes on the device (the MoE layer's
+    GEMMs: the counts are on both sides), prepared once per plan: the pointer
+    kernel's constant arguments, the per-group host arrays and the entry point.
+    A call launches the pointer kernel (``gemm.pointers.build_pointers``'s work)
+    and calls cuBLAS: what :func:`run` does for this case. ``layout`` is
+    grouped-contiguous or chunk-aligned; ``config.use_tensor_cores`` must be
+    True; the operands must be 16-byte aligned (the caller checks)."""
+
+    def __init__(self, plan: GemmPlan, layout: RowLayout, dtype, config: GroupedGemmConfig, arch: str):
+        active = plan.active
+        self._count = count = len(active)
+        self._kernel = pointer_kernel(arch)
+        itemsize = np.dtype(dtype).itemsize
+        self._strides = Operands.for_plan(plan, 0, 0, 0, itemsize)
+        self._layout = (len(plan.sizes), layout.align)
+        arrays = plan.dims_arrays(plan.sizes[active])
+        arrays["group_size"] = np.ones(count, dtype=np.int32)
+        arrays["alpha"] = np.ones(count, dtype=np.float32)
+        arrays["beta"] = np.zeros(count, dtype=np.float32)
+        self._host = arrays  # cuBLAS reads them during each call: kept alive here
+        h = {name: a.ctypes.data for name, a in arrays.items()}
+        t = cuda_dtype(dtype, "a")
+        self._fn = _cublas.entry_point(_cublas.GROUPED_SYMBOL)
+        self._workspace = config.workspace_mb << 20
+        self._args = (h["transa"], h["transb"], h["m"], h["n"], h["k"], h["alpha"], t, h["lda"], h["ldb"],
+                      h["beta"], h["ldc"], count, h["group_size"], _compute(dtype, config))  # fmt: skip
+
+    def __call__(self, res, sizes_dev, a: int, b: int, c: int) -> None:
+        """Queue the product on ``res``'s stream: rows at ``a``, weights at ``b``,
+        out at ``c``, int32 sizes ``sizes_dev`` (a CuPy array) on the device."""
+        count, s = self._count, self._strides
+        table = res.buffer("pointers", 24 * max(count, 1)).data.ptr
+        rows, weights, out = table, table + 8 * count, table + 16 * count
+        experts, align = self._layout
+        _kernels.launch_signed(
+            res.launch_stream, self._kernel, 1, POINTER_THREADS, SIGNATURE,
+            (sizes_dev.data.ptr, experts, align, 0, 0, count, a, s.a_row_bytes, s.a_expert_bytes,
+             b, s.b_row_bytes, s.b_expert_bytes, c, s.c_row_bytes, s.c_expert_bytes, 0, rows, weights, out, 0),
+        )  # fmt: skip
         ta, tb, m, n, k, alpha, t, lda, ldb, beta, ldc, count, sizes, compute = self._args
         handle = res.bind(self._workspace)
         status = self._fn(
