@@ -365,3 +365,30 @@ def test_hot_path_stays_short(gpu, case):
     fn()
     fn()
     assert count_calls(fn, repeat=20) <= CALL_BUDGETS[case]
+
+
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (False, True), (True, False)])
+def test_prepared_grouped_call_is_the_executors(gpu, tables, trans_a, trans_b):
+    from cublas_grouped.gemm.backends.cublas import PreparedGrouped
+    from cublas_grouped.gemm.config import Algorithm
+    from cublas_grouped.gemm.plan import GemmPlan, Operands, RowLayout
+
+    counts = np.array([3, 0, 17, 1, 0, 9], dtype=np.int64)
+    offsets = RowLayout.contiguous().offsets(counts)
+    plan = GemmPlan(6, int(offsets[-1]), 96, 64, trans_a, trans_b, counts, offsets, np.flatnonzero(counts))
+    ex = GroupedGemmExecutor()
+    res = D.resources(0, 7)
+    bf16 = np.dtype("bfloat16")
+    a, b, c = 0x7A0000000000, 0x7B0000000000, 0x7C0000000000
+    ex.run(plan, Operands.for_plan(plan, a, b, c, 2), bf16, Algorithm.CUBLAS_GROUPED, res)
+    want = _grouped_calls(gpu, tables)
+    gpu.clear()
+    prepared = PreparedGrouped(plan, bf16, ex.config)
+    for bases in ((a, b, c), (a, b, c), (a + 256, b, c + 512)):
+        prepared(res, None, *bases)  # the second call reuses the uploaded table
+        got = _grouped_calls(gpu, tables)
+        gpu.clear()
+        shift = [bases[1] - b, bases[0] - a, bases[2] - c]  # cuBLAS A is the weights, B the rows
+        name, ints, floats, arrays, *rest = want[0]
+        moved = [tuple(p + s for p in t) for t, s in zip(arrays, shift)]
+        assert got == [(name, ints, floats, moved, *rest)]

@@ -18,6 +18,7 @@ import numpy as np
 from ..runtime import device as _device
 from ..runtime.arrays import ArrayView, as_cupy, cuda_dtype, is_host_array, view
 from ..runtime.device import DeviceInfo, resolve_stream, resources
+from ..runtime.nvrtc import arch_for
 from . import call_cache as _cache
 from .autotune import gmm_algorithm
 from .backends import cublas as _cublas_backend
@@ -271,7 +272,7 @@ class GroupedGemmExecutor:
         action = entry.action
         if action is _cache.RUN:
             if entry.prepared is not None:
-                entry.prepared(res, a_ptr, b_ptr, out.data.ptr)
+                entry.prepared(res, sizes_dev, a_ptr, b_ptr, out.data.ptr)
             else:
                 plan = entry.plan
                 ops = Operands.for_plan(plan, a_ptr, b_ptr, out.data.ptr, entry.dtype.itemsize)
@@ -374,15 +375,21 @@ class GroupedGemmExecutor:
 
     def _prepare(self, entry: _cache.CachedCall, a_ptr: int, b_ptr: int, out_ptr: int, sizes_dev):
         """The back end's prepared call for ``entry``, where one exists: CUBLAS_GROUPED
-        on host sizes with aligned operands (what :meth:`run` would do the same way)."""
+        with aligned operands, on host sizes or on int32 device sizes (what
+        :meth:`run` would do the same way)."""
         if (
             entry.algorithm is not Algorithm.CUBLAS_GROUPED
-            or sizes_dev is not None
             or not self.config.use_tensor_cores
             or misaligned(a_ptr, b_ptr, out_ptr, POINTER_ARRAY_ALIGNMENT) is not None
         ):
             return None
-        return _cublas_backend.PreparedGrouped(entry.plan, entry.dtype, self.config)
+        if sizes_dev is None:
+            return _cublas_backend.PreparedGrouped(entry.plan, entry.dtype, self.config)
+        if sizes_dev.dtype != np.int32:
+            return None  # cast on every call by the back end
+        arch = arch_for(self.info_for(entry.device_id).sm)
+        layout = RowLayout.contiguous()
+        return _cublas_backend.PreparedDeviceGrouped(entry.plan, layout, entry.dtype, self.config, arch)
 
     def _sizes_stay_on_device(
         self, algorithm: Algorithm, plan: GemmPlan, dtype, device_id: int, pointers

@@ -321,7 +321,8 @@ def has_symbol(name: str) -> bool:
 
 def _call(name: str, *args) -> None:
     """Call entry point ``name`` with ``args``; raise on any status but success."""
-    load()
+    if _lib is None:
+        load()
     if name in _missing:
         since = PROTOTYPES[name].since
         raise CublasUnavailableError(

@@ -272,9 +272,10 @@ class PreparedGrouped:
         self._args = (h["transa"], h["transb"], h["m"], h["n"], h["k"], h["alpha"], t, h["lda"], h["ldb"],
                       h["beta"], h["ldc"], count, h["group_size"], compute)  # fmt: skip
 
-    def __call__(self, res, a: int, b: int, c: int) -> None:
+    def __call__(self, res, sizes_dev, a: int, b: int, c: int) -> None:
         """Queue the product of rows at ``a``, weights at ``b``, out at ``c`` on
-        ``res``'s stream (whose device must be current)."""
+        ``res``'s stream (whose device must be current); ``sizes_dev`` is unused
+        (the sizes are the plan's), as in :class:`PreparedDeviceGrouped`'s call."""
         bases = (a, b, c)
         if bases != self._last:
             if self._device_table is None:
