@@ -57,20 +57,38 @@ def cases(rec) -> dict:
     return found
 
 
+def _time_us(fn, repeat: int = 2000, batches: int = 5) -> float:
+    import time
+
+    best = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        best.append((time.perf_counter() - start) / repeat * 1e6)
+    return float(np.median(best))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", metavar="NAME", help="print a cProfile of this case")
     parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument(
+        "--time", action="store_true", help="also print us per call on this CPU (stand-ins included: a proxy)"
+    )
     args = parser.parse_args(argv)
     monkeypatch = pytest.MonkeyPatch()
     try:
         with stub_gpu(monkeypatch) as rec:
             found = cases(rec)
-            print(f"{'call':48s} {'calls':>6s}")
+            print(f"{'call':48s} {'calls':>6s}" + (f" {'us here':>8s}" if args.time else ""))
             for name, fn in found.items():
                 fn()
                 fn()  # the second call is the first cached one
-                print(f"{name:48s} {count_calls(fn, repeat=args.repeat):6d}")
+                line = f"{name:48s} {count_calls(fn, repeat=args.repeat):6d}"
+                if args.time:
+                    line += f" {_time_us(fn):8.1f}"
+                print(line)
             if args.profile:
                 import cProfile
                 import pstats

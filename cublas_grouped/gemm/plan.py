@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -58,9 +59,9 @@ _CHUNKS = np.array(CHUNK_CANDIDATES, dtype=np.int64)
 _CHUNK_RATES = np.array([CHUNK_TFLOPS[c] for c in CHUNK_CANDIDATES])
 
 
-@dataclass(frozen=True)
-class CublasDims:
-    """One column-major cuBLAS problem: C = op(A) op(B), A = weights side, B = rows side."""
+class CublasDims(NamedTuple):
+    """One column-major cuBLAS problem: C = op(A) op(B), A = weights side, B = rows side.
+    (A named tuple: made on every per-group call, where a frozen dataclass costs nine calls.)"""
 
     transa: int
     transb: int
