@@ -350,7 +350,8 @@ def run_expert_gemm(executor, res, inp: DispatchPlan, rows, w, out, trans_b: boo
     if not len(plan.active):
         return
     algorithm, a, b, c = algorithm or inp.algorithm, rows.data.ptr, w.data.ptr, out.data.ptr
-    if algorithm is Algorithm.CUBLAS_GROUPED and executor.config.use_tensor_cores and not (a | b | c) & 15:
+    grouped = algorithm is Algorithm.CUBLAS_GROUPED and not inp.layout.stride
+    if grouped and executor.config.use_tensor_cores and not (a | b | c) & 15:
         # What executor.run does for aligned operands, prepared once per plan (decode's usual case).
         found = plans.get(("grouped", r, n, k, trans_b, rows.dtype))
         if found is None or found[0] is not executor.config:
