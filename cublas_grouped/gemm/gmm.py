@@ -46,6 +46,15 @@ def _default_executor() -> GroupedGemmExecutor:
     return _default[1]
 
 
+# (compute, algorithm) as spelled by the caller -> (shared_executor, its executor).
+_by_spelling: dict[tuple, tuple] = {}
+
+
+def _executor_for(compute, algorithm) -> GroupedGemmExecutor:
+    precision = coerce_enum(ComputePrecision, compute if compute is not None else "fp32", "compute")
+    return shared_executor(precision, coerce_enum(Algorithm, algorithm, "algorithm"))
+
+
 @reports_out_of_memory("gmm")
 def gmm(
     a,
@@ -115,9 +124,16 @@ def gmm(
     if compute is None and algorithm is Algorithm.AUTO:
         # The common call: no enum coercion, no lookup.
         executor = _default[1] if _default[0] is shared_executor else _default_executor()
+    elif type(algorithm) is str and (compute is None or type(compute) is str):
+        # Options spelled as strings: their executor by the spelling (a valid one only).
+        found = _by_spelling.get((compute, algorithm))
+        if found is None or found[0] is not shared_executor:
+            found = (shared_executor, _executor_for(compute, algorithm))
+            if len(_by_spelling) < 64:
+                _by_spelling[(compute, algorithm)] = found
+        executor = found[1]
     else:
-        precision = coerce_enum(ComputePrecision, compute if compute is not None else "fp32", "compute")
-        executor = shared_executor(precision, coerce_enum(Algorithm, algorithm, "algorithm"))
+        executor = _executor_for(compute, algorithm)
     if is_fp8(b):
         b = _fp8_as_dense(executor, a, b, group_sizes, trans_a, trans_b, out, stream)
     return executor.execute(a, b, group_sizes, trans_a=trans_a, trans_b=trans_b, out=out, stream=stream)
