@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import struct
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -140,3 +142,20 @@ def test_the_error_name_is_asked_for_the_launchs_status(monkeypatch):
     monkeypatch.setattr(L, "driver", lambda: _NamingDriver(999))
     with pytest.raises(L.LaunchError, match=r": CUresult 999$"):
         L.launch_scalars(0, _FakeKernel(), 1, 32, (np.int32(1),))
+
+
+def test_signed_launch_packs_plain_ints_as_the_scalar_path_does(monkeypatch):
+    fake = _FakeDriver(0)
+    monkeypatch.setattr(L, "_driver", fake)  # the loaded driver, read without a call
+    args = (-7, 2**63 + 5, 3, 1.5, 123456789012, -2.25)
+    L.launch_signed(77, _FakeKernel(), 4, 128, "iQifqd", args, shmem=512)
+    (call,) = fake.calls
+    assert call[:9] == (0xABC, 4, 1, 1, 128, 1, 1, 512, 77)
+    assert _values(SimpleNamespace(pointers=call[9]), "iQifqd") == list(args)
+    scalar = L._packer_for((np.int32, np.uint64, np.int32, np.float32, np.intp, np.float64))
+    assert [p - scalar.pointers[0] for p in scalar.pointers] == [p - call[9][0] for p in call[9]]
+    monkeypatch.setattr(L, "_driver", _FakeDriver(1))
+    with pytest.raises(L.LaunchError, match="grid 4, block 128"):
+        L.launch_signed(0, _FakeKernel(), 4, 128, "i", (1,))
+    with pytest.raises(struct.error):
+        L.launch_signed(0, _FakeKernel(), 4, 128, "i", (2**31,))  # out of range: refused, not wrapped

@@ -18,6 +18,8 @@ import numpy as np
 from ..runtime import device as _device
 from ..runtime.arrays import ArrayView, as_cupy, cuda_dtype, is_host_array, view
 from ..runtime.device import DeviceInfo, resolve_stream, resources
+from ..runtime.nvrtc import arch_for
+from . import call_cache as _cache
 from .autotune import gmm_algorithm
 from .backends import cublas as _cublas_backend
 from .backends import hopper as _hopper_backend
@@ -230,8 +232,60 @@ class GroupedGemmExecutor:
     ):
         """Grouped GEMM on grouped-contiguous rows; see :func:`cublas_grouped.gmm` for the semantics.
 
-        Returns ``out`` (allocated when ``None``).
+        Returns ``out`` (allocated when ``None``). A call whose key (shapes,
+        dtypes, strides, alignment, device, stream, sizes, options) a checked
+        call of this thread had already skips the checks and choices
+        (:mod:`.call_cache` says what is keyed and why that is complete).
         """
+        key, handle = _cache.call_key(self, a, b, group_sizes, trans_a, trans_b, out, stream, algorithm)
+        copied = None
+        if key is not None:
+            entry = _cache.lookup(key, self.config)
+            if entry is not None and entry.action is _cache.COPY_SIZES:
+                import cupy
+
+                # cuBLAS takes sizes on the host: this copy waits for the stream.
+                copied = cupy.asnumpy(group_sizes, stream=resources(entry.device_id, handle).cupy_stream)
+                entry = _cache.lookup((*key, copied.dtype.str, copied.tobytes()), self.config)
+            if entry is not None:
+                return self._run_cached(entry, handle, stream is None, a, b, group_sizes, out)
+        return self._execute_checked(a, b, group_sizes, trans_a, trans_b, out, stream, algorithm, key, copied)
+
+    def _run_cached(self, entry: _cache.CachedCall, handle: int, current: bool, a, b, group_sizes, out):
+        import cupy
+
+        res = resources(entry.device_id, handle)
+        sizes_dev = group_sizes if entry.device_sizes else None
+        if current and cupy.cuda.runtime.getDevice() == entry.device_id:
+            # The caller's current device and stream already: nothing to switch.
+            return self._launch(entry, res, a.data.ptr, b.data.ptr, out, sizes_dev)
+        with cupy.cuda.Device(entry.device_id), res.cupy_stream:
+            return self._launch(entry, res, a.data.ptr, b.data.ptr, out, sizes_dev)
+
+    def _launch(self, entry: _cache.CachedCall, res, a_ptr: int, b_ptr: int, out, sizes_dev):
+        """The GPU work of a checked (or cached) call, on ``res``'s stream and
+        device, which the caller has made current. Returns ``out``."""
+        import cupy
+
+        if out is None:
+            out = cupy.ndarray(entry.out_shape, entry.dtype)
+        action = entry.action
+        if action is _cache.RUN:
+            if entry.prepared is not None:
+                entry.prepared(res, sizes_dev, a_ptr, b_ptr, out.data.ptr)
+            else:
+                plan = entry.plan
+                ops = Operands.for_plan(plan, a_ptr, b_ptr, out.data.ptr, entry.dtype.itemsize)
+                self.run(plan, ops, entry.dtype, entry.algorithm, res, sizes_dev=sizes_dev)
+        elif action is _cache.ZERO:
+            cupy.cuda.runtime.memsetAsync(out.data.ptr, 0, out.nbytes, res.stream)
+        if entry.zero_groups:
+            # After the GEMMs: a call that fails (out of memory) leaves out as it was.
+            _zero_empty_groups(view(out, "out"), entry.plan.sizes, res.stream)
+        return out
+
+    def _execute_checked(self, a, b, group_sizes, trans_a, trans_b, out, stream, algorithm, key, copied):
+        """:meth:`execute` with every check; stores what it decided under ``key``."""
         a_v, b_v = view(a, "a"), view(b, "b")
         cuda_dtype(a_v.dtype, "a")
         cuda_dtype(b_v.dtype, "b")
@@ -268,56 +322,74 @@ class GroupedGemmExecutor:
         # Checks done: GPU work from here on.
         import cupy
 
+        entry = _cache.CachedCall(
+            self.config, _cache.RUN, plan, algorithm, a_v.dtype, device_id, plan.out_shape
+        )
         res = resources(device_id, resolve_stream(stream, device_id))
         with cupy.cuda.Device(device_id), res.cupy_stream:
-            sizes_dev = None
             out_ptr = out_v.ptr if out_v is not None else 0  # a fresh out is aligned
             if on_device and self._sizes_stay_on_device(
                 algorithm, plan, a_v.dtype, device_id, (a_v.ptr, b_v.ptr, out_ptr)
             ):
                 # The sm90 kernel reads the sizes where they are: no copy, no sync.
-                if out_v is None:
-                    out = cupy.empty(plan.out_shape, dtype=a_v.dtype)
-                    out_v = view(out, "out")
-                if out_v.nbytes and plan.zero_product:
-                    cupy.cuda.runtime.memsetAsync(out_v.ptr, 0, out_v.nbytes, res.stream)
-                elif out_v.nbytes:
-                    ops = Operands.for_plan(plan, a_v.ptr, b_v.ptr, out_v.ptr, a_v.itemsize)
-                    sizes_dev = as_cupy(group_sizes, "group_sizes")
-                    self.run(plan, ops, a_v.dtype, algorithm, res, sizes_dev=sizes_dev)
-                return out
+                entry.device_sizes = True
+                entry.action = _cache.ZERO if plan.zero_product else _cache.RUN
+                if 0 in plan.out_shape:
+                    entry.action = _cache.EMPTY
+                _cache.store(key, entry)
+                return self._launch(entry, res, a_v.ptr, b_v.ptr, out, as_cupy(group_sizes, "group_sizes"))
+            sizes_dev = None
             if on_device:
+                _cache.store(key, _cache.CachedCall(self.config, _cache.COPY_SIZES, device_id=device_id))
                 sizes_dev = as_cupy(group_sizes, "group_sizes")
-                # cuBLAS takes sizes on the host: this copy waits for the stream.
-                host = cupy.asnumpy(sizes_dev, stream=res.cupy_stream)  # blocking copy
-                sizes = check_group_sizes(host.astype(np.int64), plan.num_experts, plan.total_rows)
+                if copied is None:
+                    # cuBLAS takes sizes on the host: this copy waits for the stream.
+                    copied = cupy.asnumpy(sizes_dev, stream=res.cupy_stream)  # blocking copy
+                key = None if key is None else (*key, copied.dtype.str, copied.tobytes())
+                sizes = check_group_sizes(copied.astype(np.int64), plan.num_experts, plan.total_rows)
                 plan = plan_gmm(a_v, b_v, sizes, trans_a=trans_a, trans_b=trans_b, num_experts=num_groups)
+                entry.plan, entry.device_sizes = plan, True
             if out_v is None:
-                out = cupy.empty(plan.out_shape, dtype=a_v.dtype)
+                out = cupy.ndarray(plan.out_shape, a_v.dtype)
                 out_v = view(out, "out")
             if out_v.nbytes == 0:
-                return out  # N = 0, M = 0, or K = 0 with trans_a: nothing to write
-            if plan.zero_product:
+                entry.action = _cache.EMPTY  # N = 0, M = 0, or K = 0 with trans_a: nothing to write
+            elif plan.zero_product:
                 # cuBLAS refuses K = 0 (a zero leading dimension); the empty sum is zero.
-                cupy.cuda.runtime.memsetAsync(out_v.ptr, 0, out_v.nbytes, res.stream)
-                return out
-            if len(plan.active) == 0:
-                if plan.trans_a:
-                    _zero_empty_groups(out_v, plan.sizes, res.stream)
-                return out
-            if algorithm is Algorithm.AUTO:
-                # Tables, else (once per shape class) timing the candidates on scratch
-                # before this call, else the rules: see .autotune.
-                ops = Operands.for_plan(plan, a_v.ptr, b_v.ptr, out_v.ptr, a_v.itemsize)
-                info = self.info_for(device_id)
-                algorithm = gmm_algorithm(self, info, plan, ops, a_v.dtype, res, sizes_dev)
-            algorithm = self.fallback(algorithm, device_id)
-            ops = Operands.for_plan(plan, a_v.ptr, b_v.ptr, out_v.ptr, a_v.itemsize)
-            self.run(plan, ops, a_v.dtype, algorithm, res, sizes_dev=sizes_dev)
-            if plan.trans_a and len(plan.active) < plan.num_experts:
-                # After the GEMMs: a call that fails (out of memory) leaves out as it was.
-                _zero_empty_groups(out_v, plan.sizes, res.stream)
-        return out
+                entry.action = _cache.ZERO
+            elif len(plan.active) == 0:
+                entry.action, entry.zero_groups = _cache.SKIP, plan.trans_a
+            else:
+                if algorithm is Algorithm.AUTO:
+                    # Tables, else (once per shape class) timing the candidates on scratch
+                    # before this call, else the rules: see .autotune.
+                    entry.auto_state = _cache.choice_state()  # before choosing: a measurement changes it
+                    ops = Operands.for_plan(plan, a_v.ptr, b_v.ptr, out_v.ptr, a_v.itemsize)
+                    info = self.info_for(device_id)
+                    algorithm = gmm_algorithm(self, info, plan, ops, a_v.dtype, res, sizes_dev)
+                entry.algorithm = self.fallback(algorithm, device_id)
+                entry.zero_groups = plan.trans_a and len(plan.active) < plan.num_experts
+                entry.prepared = self._prepare(entry, a_v.ptr, b_v.ptr, out_v.ptr, sizes_dev)
+            _cache.store(key, entry)
+            return self._launch(entry, res, a_v.ptr, b_v.ptr, out, sizes_dev)
+
+    def _prepare(self, entry: _cache.CachedCall, a_ptr: int, b_ptr: int, out_ptr: int, sizes_dev):
+        """The back end's prepared call for ``entry``, where one exists: CUBLAS_GROUPED
+        with aligned operands, on host sizes or on int32 device sizes (what
+        :meth:`run` would do the same way)."""
+        if (
+            entry.algorithm is not Algorithm.CUBLAS_GROUPED
+            or not self.config.use_tensor_cores
+            or misaligned(a_ptr, b_ptr, out_ptr, POINTER_ARRAY_ALIGNMENT) is not None
+        ):
+            return None
+        if sizes_dev is None:
+            return _cublas_backend.PreparedGrouped(entry.plan, entry.dtype, self.config)
+        if sizes_dev.dtype != np.int32:
+            return None  # cast on every call by the back end
+        arch = arch_for(self.info_for(entry.device_id).sm)
+        layout = RowLayout.contiguous()
+        return _cublas_backend.PreparedDeviceGrouped(entry.plan, layout, entry.dtype, self.config, arch)
 
     def _sizes_stay_on_device(
         self, algorithm: Algorithm, plan: GemmPlan, dtype, device_id: int, pointers

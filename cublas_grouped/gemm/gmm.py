@@ -36,6 +36,26 @@ def shared_executor(compute: ComputePrecision, algorithm: Algorithm) -> GroupedG
     return executor
 
 
+# (shared_executor, its executor for the default arguments): kept with the
+# function it came from, so that a replaced shared_executor (tests) is asked again.
+_default: tuple = (None, None)
+
+
+def _default_executor() -> GroupedGemmExecutor:
+    global _default
+    _default = (shared_executor, shared_executor(ComputePrecision.FP32, Algorithm.AUTO))
+    return _default[1]
+
+
+# (compute, algorithm) as spelled by the caller -> (shared_executor, its executor).
+_by_spelling: dict[tuple, tuple] = {}
+
+
+def _executor_for(compute, algorithm) -> GroupedGemmExecutor:
+    precision = coerce_enum(ComputePrecision, compute if compute is not None else "fp32", "compute")
+    return shared_executor(precision, coerce_enum(Algorithm, algorithm, "algorithm"))
+
+
 @reports_out_of_memory("gmm")
 def gmm(
     a,
@@ -107,9 +127,19 @@ def gmm(
     copy of device-resident ``group_sizes``. Host arrays are refused with ``TypeError``;
     shape, dtype, device and layout errors raise before any GPU work.
     """
-    precision = coerce_enum(ComputePrecision, compute if compute is not None else "fp32", "compute")
-    algorithm = coerce_enum(Algorithm, algorithm, "algorithm")
-    executor = shared_executor(precision, algorithm)
+    if compute is None and algorithm is Algorithm.AUTO:
+        # The common call: no enum coercion, no lookup.
+        executor = _default[1] if _default[0] is shared_executor else _default_executor()
+    elif type(algorithm) is str and (compute is None or type(compute) is str):
+        # Options spelled as strings: their executor by the spelling (a valid one only).
+        found = _by_spelling.get((compute, algorithm))
+        if found is None or found[0] is not shared_executor:
+            found = (shared_executor, _executor_for(compute, algorithm))
+            if len(_by_spelling) < 64:
+                _by_spelling[(compute, algorithm)] = found
+        executor = found[1]
+    else:
+        executor = _executor_for(compute, algorithm)
     if is_fp8(b):
         a_v = _check_fp8_call(executor, a, b, group_sizes, trans_a, trans_b, out)
         if _fp8_kernel_runs(executor, a_v, b, out, stream):

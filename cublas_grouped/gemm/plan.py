@@ -20,8 +20,10 @@ layouts say where expert e's rows start in the rows and out buffers
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,6 +39,7 @@ __all__ = [
     "Operands",
     "layout_for",
     "plan_gmm",
+    "shape_plan",
     "host_group_sizes",
     "check_group_sizes",
     "capacity_for",
@@ -56,9 +59,9 @@ _CHUNKS = np.array(CHUNK_CANDIDATES, dtype=np.int64)
 _CHUNK_RATES = np.array([CHUNK_TFLOPS[c] for c in CHUNK_CANDIDATES])
 
 
-@dataclass(frozen=True)
-class CublasDims:
-    """One column-major cuBLAS problem: C = op(A) op(B), A = weights side, B = rows side."""
+class CublasDims(NamedTuple):
+    """One column-major cuBLAS problem: C = op(A) op(B), A = weights side, B = rows side.
+    (A named tuple: made on every per-group call, where a frozen dataclass costs nine calls.)"""
 
     transa: int
     transb: int
@@ -402,6 +405,16 @@ def plan_gmm(
         check_group_sizes(sizes, num_experts, total)
     offsets = RowLayout.contiguous().offsets(sizes)
     return GemmPlan(num_experts, total, n, k, trans_a, trans_b, sizes, offsets, np.flatnonzero(sizes))
+
+
+@functools.lru_cache(maxsize=256)
+def shape_plan(num_experts: int, n: int, k: int, trans_b: bool) -> GemmPlan:
+    """A plan of shapes only (no rows, no sizes): the column-major mapping of a
+    grouped GEMM with N = ``n``, K = ``k``, for callers that make their own
+    pointer arrays (the fixed-capacity step). Made once per shape and shared:
+    do not write to its arrays."""
+    empty = np.zeros(0, np.int64)
+    return GemmPlan(num_experts, 0, n, k, False, trans_b, empty, np.zeros(1, np.int64), empty)
 
 
 # -- capacities ----------------------------------------------------------------

@@ -17,7 +17,15 @@ from ..runtime import device as _device
 from ..runtime import nvrtc as _kernels
 from .plan import GemmPlan, Operands, RowLayout
 
-__all__ = ["build_pointers", "upload_pointers", "device_sizes", "POINTER_THREADS", "DEFINES"]
+__all__ = [
+    "build_pointers",
+    "upload_pointers",
+    "device_sizes",
+    "pointer_kernel",
+    "POINTER_THREADS",
+    "DEFINES",
+    "SIGNATURE",
+]
 
 # Threads of build_pointers' one block (a multiple of 32, at most 1024). The
 # only copy: kernels/pointers.cu gets it as an NVRTC define.
@@ -25,6 +33,18 @@ POINTER_THREADS = 1024
 #: NVRTC defines of kernels/pointers.cu.
 DEFINES = {"POINTER_THREADS": POINTER_THREADS}
 _kernel_for: dict[str, object] = {}  # arch -> the build_pointers Kernel (DEFINES never change)
+# build_pointers' parameter widths (struct codes, runtime/launch.py): the sizes'
+# address, five int32, then (address uint64, row and expert strides int64) for
+# rows, weights and out, the scratch address, and the four output addresses.
+SIGNATURE = "qiiiii" + "Qqq" * 3 + "Q" + "qqqq"
+
+
+def pointer_kernel(arch: str):
+    """The ``build_pointers`` kernel for ``arch`` (compiled once; DEFINES never change)."""
+    kernel = _kernel_for.get(arch)
+    if kernel is None:
+        kernel = _kernel_for[arch] = _kernels.get_kernel("pointers", "build_pointers", arch, defines=DEFINES)
+    return kernel
 
 
 def device_sizes(plan: GemmPlan, res, sizes_dev=None):
@@ -87,42 +107,46 @@ def build_pointers(
     if pointer_arrays is None:
         capacity = num_entries
         base = res.buffer("pointers", 3 * 8 * max(capacity, 1)).data.ptr
-        a_arr, b_arr, c_arr = (base + i * 8 * capacity for i in range(3))
+        a_arr, b_arr, c_arr = base, base + 8 * capacity, base + 16 * capacity
     else:
-        capacity = min(int(p.size) for p in pointer_arrays)
+        shape = getattr(pointer_arrays, "shape", None)
+        if shape is not None and len(shape) == 2 and shape[0] == 3 and pointer_arrays.flags.c_contiguous:
+            # One [3, n] array (the fixed-capacity step's): no per-row views to make.
+            capacity = shape[1]
+            base = pointer_arrays.data.ptr
+            a_arr, b_arr, c_arr = base, base + 8 * capacity, base + 16 * capacity
+        else:
+            capacity = min(int(p.size) for p in pointer_arrays)
+            a_arr, b_arr, c_arr = (int(p.data.ptr) for p in pointer_arrays)
         if capacity < num_entries:
             raise ValueError(f"pointer arrays hold {capacity} entries but {num_entries} problems need them")
-        a_arr, b_arr, c_arr = (int(p.data.ptr) for p in pointer_arrays)
     if arch is None:
         # The device of this call's stream, not whichever device was used first.
         arch = _kernels.arch_for(_device.device_info(res.device_id).sm)
-    kernel = _kernel_for.get(arch)
-    if kernel is None:
-        kernel = _kernel_for[arch] = _kernels.get_kernel("pointers", "build_pointers", arch, defines=DEFINES)
-    i32, i64, u64 = np.int32, np.int64, np.uint64
+    kernel = _kernel_for.get(arch) or pointer_kernel(arch)
     args = (
-        np.intp(sizes_dev.data.ptr),
-        i32(len(sizes_dev)),
-        i32(layout.align),
-        i32(chunk_rows),
-        i32(num_fixed),
-        i32(capacity),
-        u64(ops.a),
-        i64(ops.a_row_bytes),
-        i64(ops.a_expert_bytes),
-        u64(ops.b),
-        i64(ops.b_row_bytes),
-        i64(ops.b_expert_bytes),
-        u64(ops.c),
-        i64(ops.c_row_bytes),
-        i64(ops.c_expert_bytes),
-        u64(scratch_c),
-        np.intp(a_arr),
-        np.intp(b_arr),
-        np.intp(c_arr),
-        np.intp(row_offsets.data.ptr if row_offsets is not None else 0),
+        sizes_dev.data.ptr,
+        len(sizes_dev),
+        layout.align,
+        int(chunk_rows),
+        int(num_fixed),
+        capacity,
+        ops.a,
+        ops.a_row_bytes,
+        ops.a_expert_bytes,
+        ops.b,
+        ops.b_row_bytes,
+        ops.b_expert_bytes,
+        ops.c,
+        ops.c_row_bytes,
+        ops.c_expert_bytes,
+        int(scratch_c),
+        a_arr,
+        b_arr,
+        c_arr,
+        row_offsets.data.ptr if row_offsets is not None else 0,
     )
-    _kernels.launch(res.launch_stream, kernel, 1, POINTER_THREADS, args)
+    _kernels.launch_signed(res.launch_stream, kernel, 1, POINTER_THREADS, SIGNATURE, args)
     return a_arr, b_arr, c_arr
 
 

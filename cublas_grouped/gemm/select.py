@@ -68,8 +68,14 @@ _ANY_SIZES = np.ones(1, dtype=np.int64)
 TimesSource = Callable[["ProblemStats", tuple], "dict | None"]
 
 
+# Counts reset_tuning_cache calls: the plan cache of eager calls (.call_cache) keys AUTO on it.
+_resets = 0
+
+
 def reset_tuning_cache() -> None:
     """Forget the cached tables and choices (after writing a new table, and in tests)."""
+    global _resets
+    _resets += 1
     forget_tables()
     _layer_choices.clear()
     _exact_choices.clear()

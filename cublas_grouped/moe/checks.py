@@ -19,6 +19,7 @@ from ..gemm.config import Algorithm, ComputePrecision
 from ..gemm.executor import GroupedGemmExecutor
 from ..gemm.fp8 import check_fp8_operand, is_fp8
 from ..gemm.gmm import shared_executor
+from ..runtime import device as _device
 from ..runtime.arrays import ArrayView, cuda_dtype, view
 from ..runtime.nvrtc import arch_for
 from .kernels import ACTIVATIONS
@@ -268,9 +269,16 @@ def device_of(v: ArrayView) -> int:
 
 def kernel_arch(res) -> str:
     """The NVRTC architecture to compile kernels for on ``res``'s device."""
-    from ..runtime.device import device_info  # at call time, as in device_of
+    # device_info looked up on the module at call time, as in device_of (a
+    # faked device is the one seen), without an import statement per call.
+    sm = _device.device_info(res.device_id).sm
+    arch = _ARCHES.get(sm)
+    if arch is None:
+        arch = _ARCHES[sm] = arch_for(sm)
+    return arch
 
-    return arch_for(device_info(res.device_id).sm)
+
+_ARCHES: dict[tuple, str] = {}  # compute capability -> NVRTC architecture
 
 
 def executor_or_shared(executor: GroupedGemmExecutor | None) -> GroupedGemmExecutor:

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-import numpy as np
-
 from ..gemm.backends import hopper
-from ..gemm.plan import GemmPlan
+from ..gemm.plan import GemmPlan, shape_plan
 from . import kernels as K
 from .checks import LayerShape
 
@@ -66,9 +64,8 @@ def max_chunks(shape: LayerShape, tokens: int) -> int:
 
 
 def chunk_gemm_plan(shape: LayerShape, n: int, k: int) -> GemmPlan:
-    """Shape-only plan: the column-major mapping of a GEMM with N=n, K=k."""
-    empty = np.zeros(0, np.int64)
-    return GemmPlan(shape.num_experts, 0, n, k, False, shape.trans_b, empty, np.zeros(1, np.int64), empty)
+    """Shape-only plan: the column-major mapping of a GEMM with N=n, K=k (made once per shape)."""
+    return shape_plan(shape.num_experts, n, k, shape.trans_b)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..gemm.autotune import layer_times, state_token
+from ..gemm.backends.cublas import PreparedDeviceGrouped
 from ..gemm.config import Algorithm, coerce_enum
 from ..gemm.executor import GroupedGemmExecutor
 from ..gemm.fp8 import dense_weights
@@ -24,7 +25,9 @@ from ..gemm.pointers import build_pointers
 from ..gemm.select import choose_layer_algorithms, remembered, select_algorithm, tuning_state
 from ..runtime.arrays import ArrayView, as_cupy, cuda_dtype, view
 from ..runtime.device import stream_resources
+from ..runtime.nvrtc import arch_for
 from . import kernels as K
+from . import layer_cache as _layers
 from .checks import (
     MAX_EXPERTS,
     MAX_PAIRS,
@@ -249,8 +252,8 @@ def plan_dispatch(
     num_tokens, top_k = ids.shape
     pairs = num_tokens * top_k
     nb = K.num_pair_blocks(pairs)
-    block_counts = cupy.empty((nb, num_experts), dtype=cupy.int32)
-    counts = cupy.empty(num_experts, dtype=cupy.int32)
+    block_counts = cupy.ndarray((nb, num_experts), cupy.int32)
+    counts = cupy.ndarray((num_experts,), cupy.int32)
     if pairs:
         K.block_histogram(stream, arch, ids, pairs, num_experts, block_counts)
         K.column_scan(stream, arch, block_counts, nb, num_experts, counts)
@@ -259,44 +262,52 @@ def plan_dispatch(
     counts_host = cupy.asnumpy(counts, stream=res.cupy_stream).astype(np.int64)  # the one sync
     if int(counts_host.sum()) != pairs:
         raise ValueError(f"topk_ids holds {pairs - int(counts_host.sum())} ids outside [0, {num_experts})")
-    chosen, second = choose_algorithms(
-        executor, algorithm, counts_host, gemm_n, x.shape[1], x.dtype, second_gemm, res.device_id
-    )
-    layout = executor.layout_for(chosen, counts_host)
-    offsets_host = layout.offsets(counts_host)
-    total_rows = int(offsets_host[-1])
-    if total_rows >= MAX_PAIRS:
-        raise ValueError(
-            f"the {chosen.value} layout needs {total_rows} rows for {pairs} pairs; rows are int32 "
-            "indices in the kernels: choose another algorithm or fewer tokens"
+
+    def decide():
+        chosen, second = choose_algorithms(
+            executor, algorithm, counts_host, gemm_n, x.shape[1], x.dtype, second_gemm, res.device_id
         )
-    offsets = cupy.empty(num_experts + 1, dtype=cupy.int32)
+        layout = executor.layout_for(chosen, counts_host)
+        offsets_host = layout.offsets(counts_host)
+        total_rows = int(offsets_host[-1])
+        if total_rows >= MAX_PAIRS:
+            raise ValueError(
+                f"the {chosen.value} layout needs {total_rows} rows for {pairs} pairs; rows are int32 "
+                "indices in the kernels: choose another algorithm or fewer tokens"
+            )
+        # The GEMMs' plans on this layout, made by run_expert_gemm: (offsets, active, plans).
+        host_layout = (offsets_host, np.flatnonzero(counts_host), {})
+        return chosen, second, layout, total_rows, host_layout
+
+    # The same counts as a previous call (every decode step of a model): the same choices.
+    second_key = None if second_gemm is None else tuple(second_gemm)
+    chosen, second, layout, total_rows, host_layout = _layers.dispatch_decision(
+        executor, algorithm, counts_host, gemm_n, x.shape[1], x.dtype, second_key, res.device_id, decide
+    )
+    offsets = cupy.ndarray((num_experts + 1,), cupy.int32)
     if layout.stride:
         offsets[:] = cupy.arange(num_experts + 1, dtype=cupy.int32) * layout.stride
     else:
         # build_pointers computes the padded offsets on the device; its pointer
         # output is discarded here (the GEMMs build their own).
+        num_problems = len(host_layout[1])
         build_pointers(
-            res,
-            counts,
-            Operands(0, 0, 0, 0, 0, 0, 0, 0, 0),
-            layout,
-            arch=arch,
-            num_problems=int(np.count_nonzero(counts_host)),
-            row_offsets=offsets,
+            res, counts, _NO_OPERANDS, layout, arch=arch, num_problems=num_problems, row_offsets=offsets
         )
-    pair_to_row = cupy.empty(pairs, dtype=cupy.int32)
-    row_to_pair = cupy.empty(total_rows, dtype=cupy.int32)
+    pair_to_row = cupy.ndarray((pairs,), cupy.int32)
+    row_to_pair = cupy.ndarray((total_rows,), cupy.int32)
     if total_rows != pairs:
         # -1 on padding rows: every byte 0xFF (a memset costs a quarter of cupy's fill kernel on the host).
         cupy.cuda.runtime.memsetAsync(row_to_pair.data.ptr, 0xFF, row_to_pair.nbytes, res.stream)
     if pairs:
         K.assign_rows(stream, arch, ids, pairs, num_experts, block_counts, offsets, pair_to_row, row_to_pair)
-    mark_stage(timer, "plan", res.cupy_stream)
-    rows = cupy.empty((total_rows, x.shape[1]), dtype=x.dtype)
+    if timer is not None:
+        timer.mark("plan", res.cupy_stream)
+    rows = cupy.ndarray((total_rows, x.shape[1]), x.dtype)
     if total_rows:
         K.gather_rows(stream, arch, x, row_to_pair, top_k, rows)
-    mark_stage(timer, "gather", res.cupy_stream)
+    if timer is not None:
+        timer.mark("gather", res.cupy_stream)
     return DispatchPlan(
         rows,
         pair_to_row,
@@ -313,8 +324,12 @@ def plan_dispatch(
         num_experts,
         res.stream,
         second,
-        _host_layout=(offsets_host, np.flatnonzero(counts_host)),
+        _host_layout=host_layout,
     )
+
+
+# Addresses of nothing: the pointer kernel's row offsets are all plan_dispatch wants of it.
+_NO_OPERANDS = Operands(0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def run_expert_gemm(executor, res, inp: DispatchPlan, rows, w, out, trans_b: bool, algorithm=None) -> None:
@@ -324,19 +339,32 @@ def run_expert_gemm(executor, res, inp: DispatchPlan, rows, w, out, trans_b: boo
     n = out.shape[1]
     sizes = inp.counts_host
     if inp._host_layout is None:  # both expert GEMMs of a layer share it
-        inp._host_layout = (inp.layout.offsets(sizes), np.flatnonzero(sizes))
-    plan = GemmPlan(inp.num_experts, r, n, k, False, trans_b, sizes, *inp._host_layout)
-    ops = Operands.for_plan(plan, rows.data.ptr, w.data.ptr, out.data.ptr, rows.dtype.itemsize)
-    if len(plan.active):
-        executor.run(
-            plan,
-            ops,
-            rows.dtype,
-            algorithm or inp.algorithm,
-            res,
-            layout=inp.layout,
-            sizes_dev=inp.tokens_per_expert,
+        inp._host_layout = (inp.layout.offsets(sizes), np.flatnonzero(sizes), {})
+    offsets, active, plans = inp._host_layout
+    # Plans are shared by the calls with the same counts (plan_dispatch's decisions).
+    plan = plans.get((r, n, k, trans_b))
+    if plan is None:
+        plan = plans[(r, n, k, trans_b)] = GemmPlan(
+            inp.num_experts, r, n, k, False, trans_b, sizes, offsets, active
         )
+    if not len(plan.active):
+        return
+    algorithm, a, b, c = algorithm or inp.algorithm, rows.data.ptr, w.data.ptr, out.data.ptr
+    grouped = algorithm is Algorithm.CUBLAS_GROUPED and not inp.layout.stride
+    if grouped and executor.config.use_tensor_cores and not (a | b | c) & 15:
+        # What executor.run does for aligned operands, prepared once per plan (decode's usual case).
+        found = plans.get(("grouped", r, n, k, trans_b, rows.dtype))
+        if found is None or found[0] is not executor.config:
+            arch = arch_for(executor.info_for(res.device_id).sm)
+            found = (
+                executor.config,
+                PreparedDeviceGrouped(plan, inp.layout, rows.dtype, executor.config, arch),
+            )
+            plans[("grouped", r, n, k, trans_b, rows.dtype)] = found
+        found[1](res, inp.tokens_per_expert, a, b, c)
+        return
+    ops = Operands.for_plan(plan, a, b, c, rows.dtype.itemsize)
+    executor.run(plan, ops, rows.dtype, algorithm, res, layout=inp.layout, sizes_dev=inp.tokens_per_expert)
 
 
 def expert_gemm(

@@ -63,9 +63,22 @@ DEFINES: dict[str, dict[str, int]] = {
 _SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
-def _ptr(array) -> np.intp:
-    return np.intp(0 if array is None else array.data.ptr)
+def _ptr(array) -> int:
+    return 0 if array is None else array.data.ptr
 
+
+# Each kernel's parameter widths as struct codes ("q": a pointer or int64, "i":
+# int32), in the order of its CUDA signature: arguments are then plain Python
+# ints, packed without a NumPy scalar per argument (runtime/launch.py).
+_ROUTE_TOPK = "qiiiiiqq"
+_PAIRS = "qiiii"  # the arguments both pair kernels start with (see _pair_args)
+_HISTOGRAM = _PAIRS + "q"
+_COLUMN_SCAN = "qiiq"
+_ASSIGN_ROWS = _PAIRS + "qqiqqq"
+_GATHER_ROWS = "qiqiiq"
+_ACTIVATION = "qiiiiqqqiq"  # h, inter, gated, gate_up_block, act, bias, row_to_pair, ids, rows, out
+_COMBINE_ROWS = "qiqqqqiiq"
+_SCATTER_ROWS = "qiqiq"
 
 # (file, kernel, arch, dtype) -> Kernel: DEFINES are constants, so this skips
 # get_kernel's key building (sorting and checking the defines) on every launch.
@@ -92,36 +105,36 @@ def route_topk(stream, arch, logits, top_k, scoring, renormalize, weights, ids) 
     kernel = _kernel("routing", "route_topk", arch, logits.dtype)
     grid = max(1, -(-tokens // ROUTE_WARPS))
     args = (
-        _ptr(logits),
-        np.int32(tokens),
-        np.int32(experts),
-        np.int32(top_k),
-        np.int32(scoring),
-        np.int32(renormalize),
-        _ptr(weights),
-        _ptr(ids),
+        logits.data.ptr,
+        tokens,
+        experts,
+        int(top_k),
+        int(scoring),
+        int(renormalize),
+        weights.data.ptr,
+        ids.data.ptr,
     )
-    _kernels.launch(stream, kernel, grid, ROUTE_THREADS, args, shmem=ROUTE_WARPS * experts * 4)
+    _kernels.launch_signed(stream, kernel, grid, ROUTE_THREADS, _ROUTE_TOPK, args, ROUTE_WARPS * experts * 4)
 
 
 def _pair_args(ids, num_pairs, num_experts, skip_repeats) -> tuple:
     """The arguments both pair kernels start with (they must agree on which pairs take rows)."""
     flags = SKIP_REPEATS if skip_repeats else 0
-    return (_ptr(ids), np.int32(num_pairs), np.int32(ids.shape[1]), np.int32(num_experts), np.int32(flags))
+    return (ids.data.ptr, int(num_pairs), ids.shape[1], int(num_experts), flags)
 
 
 def block_histogram(stream, arch, ids, num_pairs, num_experts, block_counts, *, skip_repeats=False) -> None:
     """dispatch.cu ``expert_block_histogram``: each expert's pairs in each block of pairs."""
     kernel = _kernel("dispatch", "expert_block_histogram", arch)
-    args = (*_pair_args(ids, num_pairs, num_experts, skip_repeats), _ptr(block_counts))
-    _kernels.launch(stream, kernel, num_pair_blocks(num_pairs), DISPATCH_THREADS, args)
+    args = (*_pair_args(ids, num_pairs, num_experts, skip_repeats), block_counts.data.ptr)
+    _kernels.launch_signed(stream, kernel, num_pair_blocks(num_pairs), DISPATCH_THREADS, _HISTOGRAM, args)
 
 
 def column_scan(stream, arch, block_counts, num_blocks, num_experts, counts) -> None:
     """dispatch.cu ``expert_column_scan``: block counts to block bases in place, and each expert's total."""
     kernel = _kernel("dispatch", "expert_column_scan", arch)
-    args = (_ptr(block_counts), np.int32(num_blocks), np.int32(num_experts), _ptr(counts))
-    _kernels.launch(stream, kernel, num_experts, DISPATCH_THREADS, args)
+    args = (block_counts.data.ptr, int(num_blocks), int(num_experts), counts.data.ptr)
+    _kernels.launch_signed(stream, kernel, int(num_experts), DISPATCH_THREADS, _COLUMN_SCAN, args)
 
 
 def assign_rows(
@@ -144,15 +157,16 @@ def assign_rows(
     kernel = _kernel("dispatch", "assign_rows", arch)
     args = (
         *_pair_args(ids, num_pairs, num_experts, skip_repeats),
-        _ptr(block_base),
-        _ptr(row_offsets),
-        np.int32(row_to_pair.shape[0]),
-        _ptr(pair_to_row),
-        _ptr(row_to_pair),
+        block_base.data.ptr,
+        row_offsets.data.ptr,
+        row_to_pair.shape[0],
+        pair_to_row.data.ptr,
+        row_to_pair.data.ptr,
         _ptr(dropped),
     )
     shmem = (DISPATCH_THREADS // 32 + 1) * num_experts * 4
-    _kernels.launch(stream, kernel, num_pair_blocks(num_pairs), DISPATCH_THREADS, args, shmem=shmem)
+    grid = num_pair_blocks(num_pairs)
+    _kernels.launch_signed(stream, kernel, grid, DISPATCH_THREADS, _ASSIGN_ROWS, args, int(shmem))
 
 
 def _row_grid(rows: int) -> int:
@@ -163,8 +177,8 @@ def gather_rows(stream, arch, x, row_to_pair, top_k, out) -> None:
     """dispatch.cu ``gather_rows``: token rows of ``x`` into expert order (zeros for padding rows)."""
     rows = out.shape[0]
     kernel = _kernel("dispatch", "gather_rows", arch, x.dtype)
-    args = (_ptr(x), np.int32(x.shape[1]), _ptr(row_to_pair), np.int32(top_k), np.int32(rows), _ptr(out))
-    _kernels.launch(stream, kernel, _row_grid(rows), ROW_THREADS, args)
+    args = (x.data.ptr, x.shape[1], row_to_pair.data.ptr, int(top_k), rows, out.data.ptr)
+    _kernels.launch_signed(stream, kernel, _row_grid(rows), ROW_THREADS, _GATHER_ROWS, args)
 
 
 def expert_activation(
@@ -176,40 +190,40 @@ def expert_activation(
     rows = out.shape[0]
     kernel = _kernel("activation", "expert_activation", arch, h.dtype)
     args = (
-        _ptr(h),
-        np.int32(inter),
-        np.int32(gated),
-        np.int32(gate_up_block),
-        np.int32(act),
+        h.data.ptr,
+        int(inter),
+        int(gated),
+        int(gate_up_block),
+        int(act),
         _ptr(bias),
-        _ptr(row_to_pair),
-        _ptr(ids),
-        np.int32(rows),
-        _ptr(out),
+        row_to_pair.data.ptr,
+        ids.data.ptr,
+        rows,
+        out.data.ptr,
     )
-    _kernels.launch(stream, kernel, _row_grid(rows), ROW_THREADS, args)
+    _kernels.launch_signed(stream, kernel, _row_grid(rows), ROW_THREADS, _ACTIVATION, args)
 
 
 def combine_rows(stream, arch, y, pair_to_row, weights, ids, bias, num_tokens, top_k, out) -> None:
     """combine.cu ``combine_rows``: each token's k expert rows, weighted and summed in choice order."""
     kernel = _kernel("combine", "combine_rows", arch, y.dtype)
     args = (
-        _ptr(y),
-        np.int32(y.shape[1]),
-        _ptr(pair_to_row),
+        y.data.ptr,
+        y.shape[1],
+        pair_to_row.data.ptr,
         _ptr(weights),
-        _ptr(ids),
+        ids.data.ptr,
         _ptr(bias),
-        np.int32(num_tokens),
-        np.int32(top_k),
-        _ptr(out),
+        int(num_tokens),
+        int(top_k),
+        out.data.ptr,
     )
-    _kernels.launch(stream, kernel, _row_grid(num_tokens), ROW_THREADS, args)
+    _kernels.launch_signed(stream, kernel, _row_grid(num_tokens), ROW_THREADS, _COMBINE_ROWS, args)
 
 
 def scatter_rows(stream, arch, y, pair_to_row, out) -> None:
     """combine.cu ``scatter_rows``: expert rows back to pair order, unweighted (zeros where dropped)."""
     pairs = out.shape[0]
     kernel = _kernel("combine", "scatter_rows", arch, y.dtype)
-    args = (_ptr(y), np.int32(y.shape[1]), _ptr(pair_to_row), np.int32(pairs), _ptr(out))
-    _kernels.launch(stream, kernel, _row_grid(pairs), ROW_THREADS, args)
+    args = (y.data.ptr, y.shape[1], pair_to_row.data.ptr, pairs, out.data.ptr)
+    _kernels.launch_signed(stream, kernel, _row_grid(pairs), ROW_THREADS, _SCATTER_ROWS, args)

@@ -24,6 +24,7 @@ from ..runtime.arrays import as_cupy
 from ..runtime.device import stream_resources
 from ..runtime.oom import reports_out_of_memory
 from . import kernels as K
+from . import layer_cache as _layers
 from .backward import check_context_options, forward_with_context
 from .checks import check_layer_args, check_tokens, device_of, executor_or_shared, kernel_arch
 from .dispatch import mark_stage, plan_dispatch, run_expert_gemm
@@ -156,6 +157,23 @@ def moe_forward(
     layer, of the number of pairs with an id outside [0, E), after the whole
     layer was queued (the kernel reads the counts on the device).
     """
+    options = (activation, gated, trans_b, algorithm, fixed_capacity, w1_layout)
+    key = None
+    if sync_free is None and return_context is False and recompute is False:
+        key = _layers.layer_key(
+            x, topk_ids, topk_weights, w1, w2, b1, b2, options, executor, stream, dropped_pairs
+        )
+        checked = _layers.lookup(key)
+        if checked is not None:
+            # Checked before with this key: the arrays are CuPy arrays (see layer_cache).
+            import cupy
+
+            shape, executor, res = checked
+            args = (res, executor, shape, x, topk_ids, topk_weights, (w1, w2, b1, b2))
+            if stream is None and cupy.cuda.runtime.getDevice() == res.device_id:
+                return _forward(*args, algorithm, timer, fixed_capacity, dropped_pairs)
+            with cupy.cuda.Device(res.device_id), res.cupy_stream:
+                return _forward(*args, algorithm, timer, fixed_capacity, dropped_pairs)
     if sync_free is not None:
         warnings.warn(
             "moe_forward(sync_free=...) is deprecated; use fixed_capacity=... (the old name goes "
@@ -196,97 +214,79 @@ def moe_forward(
     import cupy
 
     res = stream_resources(device_of(x_v), stream)
-    if fixed_capacity:
-        params = tuple(None if p is None else as_cupy(p) for p in (w1, w2, b1, b2))
-        with cupy.cuda.Device(res.device_id), res.cupy_stream:
-            out = cupy.empty((x_v.shape[0], shape.hidden), dtype=x_v.dtype)
-            if x_v.shape[0]:
-                sm = executor.info_for(res.device_id).sm
-                kernel = (
-                    fixed_capacity_backend(sm, executor, shape, *params[:2], x_v.shape[0]) == "sm90_grouped"
-                )
-                buf = cached_chunk_buffers(res, shape, x_v.shape[0], kernel_only=kernel)
-                weights = None if topk_weights is None else as_cupy(topk_weights)
-                counter = None if dropped_pairs is None else as_cupy(dropped_pairs)
-                fixed_capacity_step(
-                    res,
-                    executor,
-                    shape,
-                    buf,
-                    as_cupy(x_v),
-                    as_cupy(topk_ids),
-                    weights,
-                    params,
-                    out,
-                    dropped=counter,
-                )
-        return out
-    if _default_kernel_step(res, executor, algorithm, shape, w1, w2, x_v.shape[0]):
-        params = tuple(None if p is None else as_cupy(p) for p in (w1, w2, b1, b2))
-        return _kernel_layer(res, shape, as_cupy(x_v), as_cupy(topk_ids), topk_weights, params, timer)
-    hidden, inter, width = shape.hidden, shape.inter, shape.width
+    _layers.store(key, (shape, executor, res))
+    params = tuple(p if p is None or fast else as_cupy(p) for p, fast in zip((w1, w2, b1, b2), (*fp8, 0, 0)))
+    weights = None if topk_weights is None else as_cupy(topk_weights)
+    counter = None if dropped_pairs is None else as_cupy(dropped_pairs)
     with cupy.cuda.Device(res.device_id), res.cupy_stream:
-        mark_stage(timer, "start", res.cupy_stream)
-        ids = as_cupy(topk_ids)
-        weights = None if topk_weights is None else as_cupy(topk_weights)
-        inp = plan_dispatch(
-            res,
-            executor,
-            as_cupy(x_v),
-            ids,
-            weights,
-            shape.num_experts,
-            algorithm,
-            width,
-            timer,
-            (hidden, inter),
-        )
-        rows = inp.rows.shape[0]
-        h = cupy.empty((rows, width), dtype=inp.rows.dtype)
-        if fp8[0]:
-            hopper_fp8.gmm_fp8(inp.rows, w1, inp.tokens_per_expert, out=h, stream=res.cupy_stream)
-        else:
-            run_expert_gemm(executor, res, inp, inp.rows, as_cupy(w1), h, trans_b)
-        mark_stage(timer, "gemm1", res.cupy_stream)
-        act = cupy.empty((rows, inter), dtype=h.dtype)
-        arch = kernel_arch(res)
-        if rows:
-            K.expert_activation(
-                res.launch_stream,
-                arch,
-                h,
-                inter,
-                int(gated),
-                K.ACTIVATIONS[activation],
-                None if b1 is None else as_cupy(b1),
-                inp.row_to_pair,
-                ids,
-                act,
-                shape.gate_up_block,
-            )
-        mark_stage(timer, "activation", res.cupy_stream)
-        y = cupy.empty((rows, hidden), dtype=h.dtype)
-        # The down projection may run another algorithm on the same row layout.
-        if fp8[1]:
-            hopper_fp8.gmm_fp8(act, w2, inp.tokens_per_expert, out=y, stream=res.cupy_stream)
-        else:
-            run_expert_gemm(executor, res, inp, act, as_cupy(w2), y, trans_b, inp.second_algorithm)
-        mark_stage(timer, "gemm2", res.cupy_stream)
-        out = cupy.empty((inp.num_tokens, hidden), dtype=h.dtype)
-        if inp.num_tokens:
-            K.combine_rows(
-                res.launch_stream,
-                arch,
-                y,
-                inp.pair_to_row,
-                weights,
-                ids,
-                None if b2 is None else as_cupy(b2),
-                inp.num_tokens,
-                inp.top_k,
-                out,
-            )
-        mark_stage(timer, "combine", res.cupy_stream)
+        args = (res, executor, shape, as_cupy(x_v), as_cupy(topk_ids), weights, params)
+        return _forward(*args, algorithm, timer, fixed_capacity, counter, fp8)
+
+
+def _forward(
+    res,
+    executor,
+    shape,
+    x,
+    ids,
+    weights,
+    params,
+    algorithm,
+    timer,
+    fixed_capacity,
+    dropped,
+    fp8=(False, False),
+):
+    """The layer on checked CuPy arrays, on ``res``'s stream and device (current).
+    ``fp8``: per weight, whether the FP8 kernel reads it (the weight is then
+    an FP8ExpertWeights; never on a cache hit, which holds CuPy arrays only)."""
+    import cupy
+
+    w1, w2, b1, b2 = params
+    tokens = x.shape[0]
+    if fixed_capacity:
+        out = cupy.ndarray((tokens, shape.hidden), x.dtype)
+        if tokens:
+            sm = executor.info_for(res.device_id).sm
+            kernel = fixed_capacity_backend(sm, executor, shape, w1, w2, tokens) == "sm90_grouped"
+            buf = cached_chunk_buffers(res, shape, tokens, kernel_only=kernel)
+            fixed_capacity_step(res, executor, shape, buf, x, ids, weights, params, out, dropped=dropped)
+        return out
+    if not any(fp8) and _default_kernel_step(res, executor, algorithm, shape, w1, w2, tokens):
+        return _kernel_layer(res, shape, x, ids, weights, params, timer)
+    hidden, inter, width = shape.hidden, shape.inter, shape.width
+    mark_stage(timer, "start", res.cupy_stream)
+    inp = plan_dispatch(
+        res, executor, x, ids, weights, shape.num_experts, algorithm, width, timer, (hidden, inter)
+    )  # fmt: skip
+    rows = inp.rows.shape[0]
+    h = cupy.ndarray((rows, width), inp.rows.dtype)
+    if fp8[0]:
+        hopper_fp8.gmm_fp8(inp.rows, w1, inp.tokens_per_expert, out=h, stream=res.cupy_stream)
+    else:
+        run_expert_gemm(executor, res, inp, inp.rows, w1, h, shape.trans_b)
+    mark_stage(timer, "gemm1", res.cupy_stream)
+    act = cupy.ndarray((rows, inter), h.dtype)
+    arch = kernel_arch(res)
+    if rows:
+        K.expert_activation(
+            res.launch_stream, arch, h, inter, int(shape.gated), K.ACTIVATIONS[shape.activation], b1,
+            inp.row_to_pair, ids, act, shape.gate_up_block,
+        )  # fmt: skip
+    mark_stage(timer, "activation", res.cupy_stream)
+    y = cupy.ndarray((rows, hidden), h.dtype)
+    # The down projection may run another algorithm on the same row layout.
+    if fp8[1]:
+        hopper_fp8.gmm_fp8(act, w2, inp.tokens_per_expert, out=y, stream=res.cupy_stream)
+    else:
+        run_expert_gemm(executor, res, inp, act, w2, y, shape.trans_b, inp.second_algorithm)
+    mark_stage(timer, "gemm2", res.cupy_stream)
+    out = cupy.ndarray((inp.num_tokens, hidden), h.dtype)
+    if inp.num_tokens:
+        K.combine_rows(
+            res.launch_stream, arch, y, inp.pair_to_row, weights, ids, b2, inp.num_tokens, inp.top_k, out
+        )  # fmt: skip
+    mark_stage(timer, "combine", res.cupy_stream)
     return out
 
 
@@ -305,7 +305,7 @@ def _default_kernel_step(res, executor, algorithm, shape, w1, w2, tokens: int) -
     return fixed_capacity_backend(sm, executor, shape, w1, w2, tokens) == "sm90_grouped"
 
 
-def _kernel_layer(res, shape, x, ids, topk_weights, params, timer):
+def _kernel_layer(res, shape, x, ids, weights, params, timer):
     """The default path on the kernel: the sync-free step, then one copy of the
     pairs dropped for ids outside [0, E) (the call's one sync), raised on as
     the counts-on-the-host path does. The output is a new array: nothing of
@@ -322,7 +322,6 @@ def _kernel_layer(res, shape, x, ids, topk_weights, params, timer):
         buf.capacity.check_kernel_step(shape, tokens)
         dropped = res.buffer("moe-dropped-pairs", 8).view(cupy.uint64)[:1]
         cupy.cuda.runtime.memsetAsync(dropped.data.ptr, 0, 8, res.stream)
-        weights = None if topk_weights is None else as_cupy(topk_weights)
         kernel_step(res, shape, buf, x, ids, weights, params, out, dropped, timer)
         count = int(cupy.asnumpy(dropped, stream=res.cupy_stream)[0])  # the one sync
     if count:

@@ -31,6 +31,7 @@ __all__ = [
     "as_cupy",
     "dlpack_dtype",
     "dlpack_export_dtype",
+    "cupy_array_type",
 ]
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -267,6 +268,12 @@ def _cupy_ndarray():
         except Exception:  # no CuPy, or a broken install: the generic path reports it
             _CUPY_NDARRAY = type("_NoCupy", (), {})
     return _CUPY_NDARRAY
+
+
+def cupy_array_type() -> type:
+    """``cupy.ndarray``, or a type no object has when CuPy cannot be imported
+    (hot paths compare ``type(x) is cupy_array_type()``: no import, no isinstance walk)."""
+    return _CUPY_NDARRAY if _CUPY_NDARRAY is not None else _cupy_ndarray()
 
 
 def view(obj, name: str) -> ArrayView:

@@ -44,6 +44,8 @@ __all__ = [
     "gemm_batched_ex",
     "gemm_strided_batched_ex",
     "gemm_grouped_batched_ex",
+    "entry_point",
+    "check_status",
 ]
 
 
@@ -319,7 +321,8 @@ def has_symbol(name: str) -> bool:
 
 def _call(name: str, *args) -> None:
     """Call entry point ``name`` with ``args``; raise on any status but success."""
-    load()
+    if _lib is None:
+        load()
     if name in _missing:
         since = PROTOTYPES[name].since
         raise CublasUnavailableError(
@@ -327,6 +330,28 @@ def _call(name: str, *args) -> None:
             f"is version {version()}"
         )
     status = _functions[name](*args)
+    if status != 0:
+        raise CublasError(status, name.removesuffix("_v2"))
+
+
+def entry_point(name: str):
+    """The ctypes function of entry point ``name`` (a key of :data:`PROTOTYPES`),
+    prototype set, for callers that repeat one call many times and want to
+    skip :func:`_call`'s lookups: they must pass its result to :func:`check_status`.
+
+    Raises
+    ------
+    CublasUnavailableError
+        If the loaded library lacks ``name`` (the message names the version needed).
+    """
+    load()
+    if name in _missing:
+        _call(name)  # raises, naming the version needed and the one loaded
+    return _functions[name]
+
+
+def check_status(status: int, name: str) -> None:
+    """Raise :class:`CublasError` for a ``status`` of entry point ``name`` other than success."""
     if status != 0:
         raise CublasError(status, name.removesuffix("_v2"))
 
@@ -374,12 +399,25 @@ def set_math_mode(handle: int, mode: int) -> None:
 
 
 def _scalar(value: float, compute_type: int):
-    """alpha/beta, by reference, in the scale type cuBLAS expects for ``compute_type``."""
+    """alpha/beta, by reference, in the scale type cuBLAS expects for ``compute_type``.
+
+    The common ones (1 and 0) are made once and shared: cuBLAS only reads them."""
+    found = _SCALARS.get((value, compute_type))
+    if found is not None:
+        return found
     if compute_type == ComputeType.C64F:
         return ctypes.byref(c_double(value))
     if compute_type == ComputeType.C16F:
         raise ValueError("16-bit compute (half scale type) is not used by this package")
     return ctypes.byref(ctypes.c_float(value))
+
+
+_SCALARS = {
+    (value, compute): ctypes.byref(c_double(value) if compute == ComputeType.C64F else ctypes.c_float(value))
+    for value in (0.0, 1.0)
+    for compute in (ComputeType.C32F, ComputeType.C32F_PEDANTIC, ComputeType.C32F_FAST_16F,
+                    ComputeType.C32F_FAST_16BF, ComputeType.C32F_FAST_TF32, ComputeType.C64F)
+}  # fmt: skip
 
 
 # cuBLAS picks its own kernel; CUBLAS_GEMM_DEFAULT is the only algo we pass.

@@ -188,37 +188,55 @@ class StreamResources:
         return buf
 
     def upload(self, name: str, host) -> object:
-        """Copy a small NumPy array to a reusable device buffer, asynchronously.
+        """Copy a small NumPy array to a reusable device buffer, asynchronously;
+        returns the device copy (a CuPy view of buffer ``name``).
 
         The data goes through a ring of pinned host buffers, each guarded by an
         event, so the host waits only if it gets ``STAGING_SLOTS`` uploads ahead
         of the GPU (a plain pageable copy would wait for the stream every time).
         """
-        import cupy
         import numpy as np
 
         host = np.ascontiguousarray(host)
+        self.upload_address(name, host.reshape(-1))
+        return self.buffers[name][: host.nbytes].view(host.dtype)
+
+    def upload_address(self, name: str, host) -> int:
+        """:meth:`upload` of a 1-D C-contiguous NumPy array, returning the device
+        address of the copy (no CuPy view is built: the cheaper form for hot paths)."""
+        dev = self.buffers.get(name)
+        if dev is None or dev.nbytes < host.nbytes:
+            dev = self.buffer(name, host.nbytes)
+        ptr = dev.data.ptr
+        self.copy_to_device(ptr, host)
+        return ptr
+
+    def copy_to_device(self, ptr: int, host) -> None:
+        """Copy the 1-D C-contiguous NumPy array ``host`` to device address ``ptr``
+        on this stream, asynchronously, through the pinned staging ring (see :meth:`upload`)."""
+        import cupy
+        import numpy as np
+
         nbytes = host.nbytes
-        if len(self.staging) < STAGING_SLOTS:
-            self.staging.append([None, None, 0])
-        slot = self.staging[self.next_staging % len(self.staging)]
+        staging = self.staging
+        if len(staging) < STAGING_SLOTS:
+            staging.append([None, None, 0, None])  # pinned memory, event, capacity, its bytes
+        slot = staging[self.next_staging % len(staging)]
         self.next_staging += 1
-        pinned, event, capacity = slot
-        if event is not None:
-            event.synchronize()  # the copy that last read this slot is done
-        if pinned is None or capacity < nbytes:
+        if slot[1] is not None:
+            slot[1].synchronize()  # the copy that last read this slot is done
+        if slot[2] < nbytes:
             capacity = max(nbytes, 4096)
             pinned = cupy.cuda.alloc_pinned_memory(capacity)
             slot[0], slot[2] = pinned, capacity
-        np.frombuffer(pinned, dtype=np.uint8, count=nbytes)[:] = host.view(np.uint8).reshape(-1)
-        dev = self.buffer(name, nbytes)
+            slot[3] = np.frombuffer(pinned, dtype=np.uint8, count=capacity)
+        slot[3][:nbytes] = host.view(np.uint8)
         cupy.cuda.runtime.memcpyAsync(
-            dev.data.ptr, pinned.ptr, nbytes, cupy.cuda.runtime.memcpyHostToDevice, self.stream
+            ptr, slot[0].ptr, nbytes, cupy.cuda.runtime.memcpyHostToDevice, self.stream
         )
         if slot[1] is None:
             slot[1] = cupy.cuda.Event(block=False, disable_timing=True)
         slot[1].record(self.cupy_stream)
-        return dev[:nbytes].view(host.dtype)
 
     def bind(self, workspace_bytes: int) -> int:
         """Point the cuBLAS handle at this stream and its workspace; return the handle."""

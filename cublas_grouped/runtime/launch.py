@@ -24,7 +24,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["launch_scalars", "LaunchError", "driver"]
+__all__ = ["launch_scalars", "launch_signed", "LaunchError", "driver"]
 
 
 class LaunchError(RuntimeError):
@@ -135,3 +135,34 @@ def launch_scalars(stream: int, kernel, grid, block, args, shmem: int = 0) -> bo
             f"{shmem} bytes of shared memory: {_error_name(status)}"
         )
     return True
+
+
+def launch_signed(stream: int, kernel, grid: int, block: int, signature: str, args, shmem: int = 0) -> None:
+    """:func:`launch_scalars` for hot paths: ``signature`` holds the struct code
+    of each parameter (``"q"`` int64 or pointer, ``"i"`` int32, ``"Q"``, ``"I"``,
+    ``"f"``, ``"d"``; a constant of the caller), so ``args`` may be plain Python
+    ints and floats and nothing is inspected per argument. One-dimensional
+    ``grid`` and ``block`` only.
+
+    Raises
+    ------
+    LaunchError
+        If the driver refuses the launch.
+    """
+    packers = getattr(_local, "signed", None)
+    if packers is None:
+        packers = _local.signed = {}
+    packer = packers.get(signature)
+    if packer is None:
+        packer = packers[signature] = _Packer(tuple(signature))
+    handle = _handles.get(kernel)
+    if handle is None:
+        handle = _handles[kernel] = int(kernel.handle)
+    packer.fmt.pack_into(packer.buffer, 0, *args)
+    lib = _driver if _driver is not None else driver()  # loaded: no call to ask for it
+    status = lib.cuLaunchKernel(handle, grid, 1, 1, block, 1, 1, shmem, stream, packer.pointers, None)
+    if status != 0:
+        raise LaunchError(
+            f"cuLaunchKernel failed for a kernel with {len(args)} arguments, grid {grid}, block {block}, "
+            f"{shmem} bytes of shared memory: {_error_name(status)}"
+        )

@@ -55,6 +55,7 @@ __all__ = [
     "compile_source",
     "get_kernel",
     "launch",
+    "launch_signed",
     "arch_for",
 ]
 
@@ -337,6 +338,27 @@ def launch(stream, kernel, grid, block, args, shmem: int = 0) -> None:
             stream = Stream.from_handle(stream)
         config = LaunchConfig(grid=grid, block=block, shmem_size=shmem)
         core_launch(stream, config, kernel, *args)
+    except Exception as exc:
+        what = _labels.get(id(kernel), "a kernel")
+        raise KernelLaunchError(
+            f"launch of {what} with grid {grid}, block {block}, {shmem} bytes of shared memory "
+            f"failed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def launch_signed(stream, kernel, grid: int, block: int, signature: str, args, shmem: int = 0) -> None:
+    """:func:`launch` with the parameters' widths given by ``signature`` (struct
+    codes, see :func:`.launch.launch_signed`), so ``args`` are plain Python
+    ints: the cheapest launch, for the per-call kernels of the MoE layer.
+
+    Raises
+    ------
+    KernelLaunchError
+        As :func:`launch`.
+    """
+    try:
+        _fast.launch_signed(stream if type(stream) is int else int(stream.handle), kernel, grid, block, signature,
+                            args, shmem)  # fmt: skip
     except Exception as exc:
         what = _labels.get(id(kernel), "a kernel")
         raise KernelLaunchError(

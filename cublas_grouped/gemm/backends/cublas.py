@@ -19,20 +19,26 @@ Which layout each algorithm runs on is :func:`.plan.layout_for`'s rule:
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from ...runtime import cublas as _cublas
+from ...runtime import nvrtc as _kernels
 from ...runtime.arrays import cuda_dtype
 from ...runtime.device import DeviceInfo
 from ...runtime.nvrtc import arch_for
 from ..config import Algorithm, GroupedGemmConfig, compute_type_for
 from ..plan import CublasDims, GemmPlan, Operands, RowLayout, choose_chunk_rows, packed_chunks
-from ..pointers import build_pointers, device_sizes, upload_pointers
+from ..pointers import (
+    POINTER_THREADS,
+    SIGNATURE,
+    build_pointers,
+    device_sizes,
+    pointer_kernel,
+    upload_pointers,
+)
 
 __all__ = [
     "CublasCall",
@@ -45,6 +51,8 @@ __all__ = [
     "padded_strided",
     "batched",
     "grouped_call",
+    "PreparedGrouped",
+    "PreparedDeviceGrouped",
 ]
 
 
@@ -58,21 +66,28 @@ class CublasCall:
     compute: int
 
 
-@contextlib.contextmanager
-def bound(res, dtype, config: GroupedGemmConfig) -> Iterator[CublasCall]:
+class bound:
     """``res``'s cuBLAS handle set up for ``config`` (workspace, math mode) and
-    inputs of ``dtype``. Pedantic math (``use_tensor_cores=False``) is undone on
-    exit: the handle is shared by everything on the stream."""
-    handle = res.bind(config.workspace_mb << 20)
-    compute = compute_type_for(dtype, config.compute_precision, config.use_tensor_cores)
-    call = CublasCall(handle, cuda_dtype(dtype, "a"), compute)
-    if not config.use_tensor_cores:
-        _cublas.set_math_mode(handle, _cublas.MathMode.PEDANTIC)
-    try:
-        yield call
-    finally:
-        if not config.use_tensor_cores:
-            _cublas.set_math_mode(handle, _cublas.MathMode.DEFAULT)
+    inputs of ``dtype``, as a context manager yielding a :class:`CublasCall`.
+    Pedantic math (``use_tensor_cores=False``) is undone on exit: the handle is
+    shared by everything on the stream. (A class, not a generator: it is
+    entered on every step of the fixed-capacity layer.)"""
+
+    __slots__ = ("_call", "_pedantic")
+
+    def __init__(self, res, dtype, config: GroupedGemmConfig):
+        handle = res.bind(config.workspace_mb << 20)
+        self._call = CublasCall(handle, cuda_dtype(dtype, "a"), _compute(dtype, config))
+        self._pedantic = not config.use_tensor_cores
+
+    def __enter__(self) -> CublasCall:
+        if self._pedantic:
+            _cublas.set_math_mode(self._call.handle, _cublas.MathMode.PEDANTIC)
+        return self._call
+
+    def __exit__(self, *exc) -> None:
+        if self._pedantic:
+            _cublas.set_math_mode(self._call.handle, _cublas.MathMode.DEFAULT)
 
 
 def run(
@@ -93,21 +108,57 @@ def run(
     ``res``'s stream; ``sizes_dev`` the row counts on the device when the
     caller has them (else they are uploaded where a kernel needs them).
     """
-    layout = layout or RowLayout.contiguous()
+    layout = layout or _CONTIGUOUS
+    if config.use_tensor_cores:
+        # Nothing to undo afterwards: the handle needs no context manager.
+        call = CublasCall(
+            res.bind(config.workspace_mb << 20), cuda_dtype(dtype, "a"), _compute(dtype, config)
+        )
+        _run(call, plan, ops, algorithm, res, config, info, layout, sizes_dev)
+        return
     with bound(res, dtype, config) as call:
-        if algorithm is Algorithm.SEQUENTIAL:
-            sequential(call, plan, ops, layout)
-        elif algorithm is Algorithm.CUBLAS_GROUPED:
-            grouped(call, plan, ops, layout, res, sizes_dev=sizes_dev, arch=arch_for(info.sm))
-        elif algorithm is Algorithm.CHUNKED_BATCHED and layout.align == 1 and not layout.stride:
-            chunk = config.chunk_rows or choose_chunk_rows(plan.sizes)
-            chunked_contiguous(call, plan, ops, res, chunk, grouped_ok=info.supports_grouped_gemm())
-        elif algorithm is Algorithm.CHUNKED_BATCHED:
-            chunk_aligned_batched(call, plan, ops, layout, res, sizes_dev=sizes_dev, arch=arch_for(info.sm))
-        elif algorithm is Algorithm.PADDED_STRIDED:
-            padded_strided(call, plan, ops, layout)
-        else:
-            raise ValueError(f"cannot run algorithm {algorithm}")
+        _run(call, plan, ops, algorithm, res, config, info, layout, sizes_dev)
+
+
+_CONTIGUOUS = RowLayout.contiguous()
+_compute_types: dict[tuple, int] = {}
+
+
+def _compute(dtype, config: GroupedGemmConfig) -> int:
+    """compute_type_for(dtype, config's precision and math), remembered."""
+    key = (dtype, config.compute_precision, config.use_tensor_cores)
+    compute = _compute_types.get(key)
+    if compute is None:
+        compute = _compute_types[key] = compute_type_for(
+            dtype, config.compute_precision, config.use_tensor_cores
+        )
+    return compute
+
+
+_arches: dict[tuple, str] = {}
+
+
+def _arch(sm: tuple) -> str:
+    arch = _arches.get(sm)
+    if arch is None:
+        arch = _arches[sm] = arch_for(sm)
+    return arch
+
+
+def _run(call, plan, ops, algorithm, res, config, info, layout, sizes_dev) -> None:
+    if algorithm is Algorithm.SEQUENTIAL:
+        sequential(call, plan, ops, layout)
+    elif algorithm is Algorithm.CUBLAS_GROUPED:
+        grouped(call, plan, ops, layout, res, sizes_dev=sizes_dev, arch=_arch(info.sm))
+    elif algorithm is Algorithm.CHUNKED_BATCHED and layout.align == 1 and not layout.stride:
+        chunk = config.chunk_rows or choose_chunk_rows(plan.sizes)
+        chunked_contiguous(call, plan, ops, res, chunk, grouped_ok=info.supports_grouped_gemm())
+    elif algorithm is Algorithm.CHUNKED_BATCHED:
+        chunk_aligned_batched(call, plan, ops, layout, res, sizes_dev=sizes_dev, arch=_arch(info.sm))
+    elif algorithm is Algorithm.PADDED_STRIDED:
+        padded_strided(call, plan, ops, layout)
+    else:
+        raise ValueError(f"cannot run algorithm {algorithm}")
 
 
 def _gemm_ex(call: CublasCall, d: CublasDims, a_ptr: int, b_ptr: int, c_ptr: int) -> None:
@@ -162,12 +213,13 @@ def _group_arrays(plan: GemmPlan, rows: np.ndarray) -> dict[str, int]:
         arrays["alpha"] = np.ones(count, dtype=np.float32)
         arrays["beta"] = np.zeros(count, dtype=np.float32)
         # Their addresses, taken once (``ndarray.ctypes`` costs a microsecond each time).
-        arrays = {name: (a, a.ctypes.data) for name, a in arrays.items()}
-        cache[key] = arrays
-    else:
-        # Exactly one of m/n/k carries the group's rows (see GemmPlan.dims_arrays).
-        arrays["k" if plan.trans_a else "n"][0][:] = rows
-    return {name: address for name, (_, address) in arrays.items()}
+        addresses = {name: a.ctypes.data for name, a in arrays.items()}
+        cache[key] = (arrays, addresses)
+        return addresses
+    arrays, addresses = arrays
+    # Exactly one of m/n/k carries the group's rows (see GemmPlan.dims_arrays).
+    arrays["k" if plan.trans_a else "n"][:] = rows
+    return addresses
 
 
 def grouped_call(call: CublasCall, plan: GemmPlan, rows: np.ndarray, arrays) -> None:
@@ -181,6 +233,116 @@ def grouped_call(call: CublasCall, plan: GemmPlan, rows: np.ndarray, arrays) -> 
         call.handle, h["transa"], h["transb"], h["m"], h["n"], h["k"], h["alpha"], b_arr, t, h["lda"],
         a_arr, t, h["ldb"], h["beta"], c_arr, t, h["ldc"], count, h["group_size"], call.compute,
     )  # fmt: skip
+
+
+class PreparedGrouped:
+    """CUBLAS_GROUPED of one plan on grouped-contiguous rows with host sizes,
+    prepared once (for the plan cache of eager calls, ``gemm.call_cache``): the
+    per-group host arrays, the pointer table's offsets, the types and the entry
+    point. A call adds the three base addresses to the offsets and uploads the
+    table into a device buffer of its own (skipped when the addresses are the
+    last call's: CuPy's pool often hands a decode loop the same blocks), then
+    calls cuBLAS: what :func:`run` does for this case, minus the work that
+    depends only on the plan. Not thread-safe, and bound to one stream (its
+    table is reused, in stream order): the plan cache keys entries by stream
+    and keeps them per thread. ``config.use_tensor_cores`` must be True.
+    """
+
+    def __init__(self, plan: GemmPlan, dtype, config: GroupedGemmConfig):
+        active = plan.active
+        count = len(active)
+        ops = Operands.for_plan(plan, 0, 0, 0, np.dtype(dtype).itemsize)
+        self._offsets = np.array(ops.at(plan.offsets[active], active), dtype=np.uint64)  # [3, count]
+        self._bases = np.zeros((3, 1), dtype=np.uint64)
+        self._table = np.empty((3, count), dtype=np.uint64)
+        self._flat = self._table.reshape(-1)
+        self._device_table = None  # uint64 [3 * count] on the device, made at the first call
+        self._last = None  # the base addresses the device table holds
+        arrays = plan.dims_arrays(plan.sizes[active])
+        arrays["group_size"] = np.ones(count, dtype=np.int32)
+        arrays["alpha"] = np.ones(count, dtype=np.float32)
+        arrays["beta"] = np.zeros(count, dtype=np.float32)
+        self._host = arrays  # cuBLAS reads them during each call: kept alive here
+        h = {name: a.ctypes.data for name, a in arrays.items()}
+        t = cuda_dtype(dtype, "a")
+        compute = compute_type_for(dtype, config.compute_precision, config.use_tensor_cores)
+        self._fn = _cublas.entry_point(_cublas.GROUPED_SYMBOL)
+        self._workspace = config.workspace_mb << 20
+        self._step = 8 * count
+        self._args = (h["transa"], h["transb"], h["m"], h["n"], h["k"], h["alpha"], t, h["lda"], h["ldb"],
+                      h["beta"], h["ldc"], count, h["group_size"], compute)  # fmt: skip
+
+    def __call__(self, res, sizes_dev, a: int, b: int, c: int) -> None:
+        """Queue the product of rows at ``a``, weights at ``b``, out at ``c`` on
+        ``res``'s stream (whose device must be current); ``sizes_dev`` is unused
+        (the sizes are the plan's), as in :class:`PreparedDeviceGrouped`'s call."""
+        bases = (a, b, c)
+        if bases != self._last:
+            if self._device_table is None:
+                import cupy
+
+                self._device_table = cupy.empty(self._flat.size, dtype=cupy.uint64)
+            self._last = None  # unknown until the copy is queued
+            self._bases[:, 0] = bases
+            np.add(self._offsets, self._bases, out=self._table)
+            res.copy_to_device(self._device_table.data.ptr, self._flat)
+            self._last = bases
+        rows = self._device_table.data.ptr  # the rows, weights and out tables, back to back
+        weights, out = rows + self._step, rows + 2 * self._step
+        ta, tb, m, n, k, alpha, t, lda, ldb, beta, ldc, count, sizes, compute = self._args
+        handle = res.bind(self._workspace)
+        status = self._fn(
+            handle, ta, tb, m, n, k, alpha, weights, t, lda, rows, t, ldb, beta, out, t, ldc, count, sizes, compute
+        )  # fmt: skip
+        _cublas.check_status(status, _cublas.GROUPED_SYMBOL)
+
+
+class PreparedDeviceGrouped:
+    """CUBLAS_GROUPED of one plan with the sizes on the device (the MoE layer's
+    GEMMs: the counts are on both sides), prepared once per plan: the pointer
+    kernel's constant arguments, the per-group host arrays and the entry point.
+    A call launches the pointer kernel (``gemm.pointers.build_pointers``'s work)
+    and calls cuBLAS: what :func:`run` does for this case. ``layout`` is
+    grouped-contiguous or chunk-aligned; ``config.use_tensor_cores`` must be
+    True; the operands must be 16-byte aligned (the caller checks)."""
+
+    def __init__(self, plan: GemmPlan, layout: RowLayout, dtype, config: GroupedGemmConfig, arch: str):
+        active = plan.active
+        self._count = count = len(active)
+        self._kernel = pointer_kernel(arch)
+        itemsize = np.dtype(dtype).itemsize
+        self._strides = Operands.for_plan(plan, 0, 0, 0, itemsize)
+        self._layout = (len(plan.sizes), layout.align)
+        arrays = plan.dims_arrays(plan.sizes[active])
+        arrays["group_size"] = np.ones(count, dtype=np.int32)
+        arrays["alpha"] = np.ones(count, dtype=np.float32)
+        arrays["beta"] = np.zeros(count, dtype=np.float32)
+        self._host = arrays  # cuBLAS reads them during each call: kept alive here
+        h = {name: a.ctypes.data for name, a in arrays.items()}
+        t = cuda_dtype(dtype, "a")
+        self._fn = _cublas.entry_point(_cublas.GROUPED_SYMBOL)
+        self._workspace = config.workspace_mb << 20
+        self._args = (h["transa"], h["transb"], h["m"], h["n"], h["k"], h["alpha"], t, h["lda"], h["ldb"],
+                      h["beta"], h["ldc"], count, h["group_size"], _compute(dtype, config))  # fmt: skip
+
+    def __call__(self, res, sizes_dev, a: int, b: int, c: int) -> None:
+        """Queue the product on ``res``'s stream: rows at ``a``, weights at ``b``,
+        out at ``c``, int32 sizes ``sizes_dev`` (a CuPy array) on the device."""
+        count, s = self._count, self._strides
+        table = res.buffer("pointers", 24 * max(count, 1)).data.ptr
+        rows, weights, out = table, table + 8 * count, table + 16 * count
+        experts, align = self._layout
+        _kernels.launch_signed(
+            res.launch_stream, self._kernel, 1, POINTER_THREADS, SIGNATURE,
+            (sizes_dev.data.ptr, experts, align, 0, 0, count, a, s.a_row_bytes, s.a_expert_bytes,
+             b, s.b_row_bytes, s.b_expert_bytes, c, s.c_row_bytes, s.c_expert_bytes, 0, rows, weights, out, 0),
+        )  # fmt: skip
+        ta, tb, m, n, k, alpha, t, lda, ldb, beta, ldc, count, sizes, compute = self._args
+        handle = res.bind(self._workspace)
+        status = self._fn(
+            handle, ta, tb, m, n, k, alpha, weights, t, lda, rows, t, ldb, beta, out, t, ldc, count, sizes, compute
+        )  # fmt: skip
+        _cublas.check_status(status, _cublas.GROUPED_SYMBOL)
 
 
 def batched(call: CublasCall, d: CublasDims, pointer_arrays, count: int) -> None:
