@@ -269,16 +269,20 @@ class GroupedGemmExecutor:
 
         if out is None:
             out = cupy.ndarray(entry.out_shape, entry.dtype)
+        # ``out`` may be any GPU array (a torch tensor): its address through the interface.
+        out_v = None if type(out) is cupy.ndarray else view(out, "out")
+        out_ptr = out.data.ptr if out_v is None else out_v.ptr
         action = entry.action
         if action is _cache.RUN:
             if entry.prepared is not None:
-                entry.prepared(res, sizes_dev, a_ptr, b_ptr, out.data.ptr)
+                entry.prepared(res, sizes_dev, a_ptr, b_ptr, out_ptr)
             else:
                 plan = entry.plan
-                ops = Operands.for_plan(plan, a_ptr, b_ptr, out.data.ptr, entry.dtype.itemsize)
+                ops = Operands.for_plan(plan, a_ptr, b_ptr, out_ptr, entry.dtype.itemsize)
                 self.run(plan, ops, entry.dtype, entry.algorithm, res, sizes_dev=sizes_dev)
         elif action is _cache.ZERO:
-            cupy.cuda.runtime.memsetAsync(out.data.ptr, 0, out.nbytes, res.stream)
+            nbytes = out.nbytes if out_v is None else out_v.nbytes
+            cupy.cuda.runtime.memsetAsync(out_ptr, 0, nbytes, res.stream)
         if entry.zero_groups:
             # After the GEMMs: a call that fails (out of memory) leaves out as it was.
             _zero_empty_groups(view(out, "out"), entry.plan.sizes, res.stream)
