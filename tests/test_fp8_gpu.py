@@ -91,13 +91,15 @@ def test_quantize_and_dequantize_match_the_model_bit_for_bit(dtype, scaling, tra
     same_bits(cupy.asnumpy(out), want.astype(BF16), "dequantize into out")
 
 
+@pytest.mark.parametrize("dtype", [BF16, np.float16, np.float32])
 @pytest.mark.parametrize("tokens", [1, 7, 1000])
 @pytest.mark.parametrize("cols", [64, 128, 300])
-def test_quantize_rows_matches_the_model(tokens, cols):
+def test_quantize_rows_matches_the_model(tokens, cols, dtype):
+    """The one-warp-per-tile kernel against the NumPy model, byte for byte."""
     import cupy
 
     rng = np.random.default_rng(tokens * cols)
-    host = hard_values(rng, (tokens, cols), BF16)
+    host = hard_values(rng, (tokens, cols), dtype)
     values, scales = cg.quantize_rows_fp8(cupy.asarray(host))
     codes, want_scales = quantize_ref(host.astype(np.float32), 1, 128)
     assert values.dtype == np.uint8 and scales.shape == (tokens, -(-cols // 128))

@@ -57,7 +57,7 @@ EXPECTED = {
     "activation.cu": _typed("expert_activation"),
     "combine.cu": _typed("combine_rows", "scatter_rows"),
     "moe_backward.cu": _typed("expert_activation_backward", "expert_column_sums"),
-    "fp8.cu": _typed("quantize_fp8", "dequantize_fp8"),
+    "fp8.cu": _typed("quantize_fp8", "quantize_rows_fp8", "dequantize_fp8"),
     "grouped_gemm_sm90.cu": {
         "grouped_tile_offsets",
         "grouped_gemm_nt_bf16",

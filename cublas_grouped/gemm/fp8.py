@@ -272,9 +272,7 @@ def quantize_rows_fp8(x, *, stream=None):
         values = cupy.empty(v.shape, dtype=cupy.uint8)
         scales = cupy.empty((rows, -(-cols // BLOCK)), dtype=cupy.float32)
         if values.size:
-            _k.quantize(
-                res.launch_stream, _arch(res.device_id), as_cupy(v), 1, rows, cols, 1, BLOCK, scales, values
-            )
+            _k.quantize_rows(res.launch_stream, _arch(res.device_id), as_cupy(v), rows, cols, scales, values)
     return values, scales
 
 

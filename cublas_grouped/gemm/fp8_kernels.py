@@ -10,7 +10,7 @@ import numpy as np
 
 from ..runtime import nvrtc as _nvrtc
 
-__all__ = ["FP8_THREADS", "DEFINES", "quantize", "dequantize"]
+__all__ = ["FP8_THREADS", "DEFINES", "quantize", "quantize_rows", "dequantize"]
 
 FP8_THREADS = 256  # threads per block of quantize_fp8 (one block per tile)
 DEQUANT_THREADS = 256  # dequantize_fp8 takes any block size: the launcher's choice
@@ -45,6 +45,24 @@ def quantize(stream, arch, x, batch, rows, cols, tile_rows, tile_cols, scales, q
         np.intp(q.data.ptr),
     )
     _nvrtc.launch(stream, _kernel("quantize_fp8", arch, x.dtype), _grid(tiles), FP8_THREADS, args)
+
+
+ROWS_THREADS = 256  # quantize_rows_fp8: 8 warps per block, one 1 x 128 tile per warp
+
+
+def quantize_rows(stream, arch, x, rows, cols, scales, q) -> None:
+    """``quantize_rows_fp8``: ``x`` [rows, cols] to e4m3 with one scale per row per
+    128 columns (bit for bit ``quantize`` with 1 x 128 tiles)."""
+    tiles = rows * -(-cols // 128)
+    args = (
+        np.intp(x.data.ptr),
+        np.int64(rows),
+        np.int32(cols),
+        np.intp(scales.data.ptr),
+        np.intp(q.data.ptr),
+    )
+    grid = _grid(-(-tiles // (ROWS_THREADS // 32)))
+    _nvrtc.launch(stream, _kernel("quantize_rows_fp8", arch, x.dtype), grid, ROWS_THREADS, args)
 
 
 def dequantize(stream, arch, q, scales, batch, rows, cols, tile_rows, tile_cols, out) -> None:
