@@ -297,3 +297,32 @@ def test_plan_misaligned_is_the_shared_rule():
     assert misaligned(0, 16, 36, 16) == "needs out at a 16-byte aligned address"
     assert executor.POINTER_ARRAY_ALIGNMENT == 16
     assert executor._POINTER_ARRAY_ALGORITHMS == {cg.Algorithm.CUBLAS_GROUPED, cg.Algorithm.CHUNKED_BATCHED}
+
+
+def test_the_streams_schedule_buffer_is_sized_once_for_1024_groups():
+    """gmm's schedule buffer (per stream) is asked at the size of 1024 groups
+    from the first call, so calls with up to 1024 groups never move it under a
+    graph captured before; more groups ask more. A caller's own storage is used
+    as given."""
+    from cublas_grouped.moe.checks import MAX_EXPERTS
+
+    asked = []
+
+    class Buffer:
+        def view(self, dtype):
+            return np.zeros(10_000, np.int32)
+
+    class Res:
+        def buffer(self, name, nbytes):
+            asked.append((name, nbytes))
+            return Buffer()
+
+    assert hopper.STREAM_SCHEDULE_GROUPS == MAX_EXPERTS
+    for e in (1, 8, 1024):
+        hopper.schedule_buffers(Res(), e)
+    hopper.schedule_buffers(Res(), 2000)
+    want = 4 * hopper.schedule_ints(1024)
+    assert asked == [("sm90-offsets", want)] * 3 + [("sm90-offsets", 4 * hopper.schedule_ints(2000))]
+    storage = np.zeros(hopper.schedule_ints(5), np.int32)
+    views = hopper.schedule_buffers(Res(), 5, storage)
+    assert [len(v) for v in views] == [6, 5, 6, 1] and len(asked) == 4

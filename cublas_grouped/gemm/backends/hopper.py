@@ -62,6 +62,7 @@ __all__ = [
     "grouped_rows",
     "schedule_offsets",
     "schedule_ints",
+    "STREAM_SCHEDULE_GROUPS",
     "GatedEpilogue",
     "GATE_UP_BLOCK",
 ]
@@ -324,6 +325,11 @@ def _allow_shared_memory(kernel, device_id: int, nbytes: int = SHARED_BYTES) -> 
     _shared_set.add(key)
 
 
+# Groups the stream's schedule buffer holds from its first use (the MoE
+# layer's limit on experts): see schedule_buffers.
+STREAM_SCHEDULE_GROUPS = 1024
+
+
 def schedule_ints(num_groups: int) -> int:
     """int32 entries of :func:`schedule_buffers` for ``num_groups`` groups."""
     return 3 * int(num_groups) + 3
@@ -347,7 +353,12 @@ def schedule_buffers(res, num_groups: int, storage=None):
     if storage is not None:
         offsets = storage
     else:
-        offsets = res.buffer("sm90-offsets", 4 * schedule_ints(e)).view(cupy.int32)
+        # Sized for at least STREAM_SCHEDULE_GROUPS groups from the first call
+        # (12 KiB): a graph captured on this stream keeps the buffer's address,
+        # and a later call with more groups would move it. Up to that many
+        # groups, it never moves.
+        nbytes = 4 * schedule_ints(max(e, STREAM_SCHEDULE_GROUPS))
+        offsets = res.buffer("sm90-offsets", nbytes).view(cupy.int32)
     return (
         offsets[: e + 1],
         offsets[e + 1 : 2 * e + 1],
