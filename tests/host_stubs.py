@@ -182,7 +182,19 @@ fake_array.counter = 0
 
 
 def count_calls(fn, repeat: int = 1) -> int:
-    """Python and C function calls ``fn()`` makes, per call (the stand-ins' own left out)."""
+    """Python and C function calls ``fn()`` makes, per call (the stand-ins' own left out).
+
+    Under mutation testing (mutmut sets ``MUTANT_UNDER_TEST``, also while it
+    collects which tests call what) every mutated function runs through a
+    trampoline that adds calls, so a budget cannot hold: the caller's test is
+    skipped there. Budgets guard host cost, not behaviour.
+    """
+    import os
+
+    import pytest
+
+    if os.environ.get("MUTANT_UNDER_TEST"):
+        pytest.skip("call budgets do not hold under mutmut's trampolines")
     count = 0
 
     def profile(frame, event, arg):
