@@ -156,11 +156,11 @@ class FakeGroup:
         assert event.done
 
 
-def _local_experts(x, ids, weights, w1, w2, **kw):
+def _local_experts(x, ids, weights, w1, w2, b1=None, b2=None, **kw):
     assert weights is None and ids.shape[1] == 1
-    return _arr(
-        moe_forward_ref(np.asarray(x), np.asarray(ids), None, np.asarray(w1), np.asarray(w2)).astype(x.dtype)
-    )
+    b1, b2 = (None if b is None else np.asarray(b) for b in (b1, b2))
+    out = moe_forward_ref(np.asarray(x), np.asarray(ids), None, np.asarray(w1), np.asarray(w2), b1, b2)
+    return _arr(out.astype(x.dtype))
 
 
 def _combine(stream, arch, y, pair_to_row, weights, ids, bias, tokens, k, out):
@@ -496,3 +496,57 @@ def test_fixed_capacity_refuses_bad_construction(fake_stack):
     )[0]
     with pytest.raises(ValueError, match="x has 3 tokens but this layer was built for max_tokens=2"):
         layer(Dev(np.zeros((3, 16), np.float32)), Dev(np.zeros((3, 2), np.int32)), None)
+
+
+@pytest.mark.parametrize("world,biases", [(2, "both"), (4, "b2"), (4, "b1")])
+def test_biases_equal_the_one_gpu_layer(fake_stack, world, biases):
+    """Each rank passes its experts' biases: the layer equals the one-GPU layer
+    with all biases (b2 weighted with its expert's output, as moe_forward)."""
+    rng = np.random.default_rng(world * 7)
+    experts, k = 8, 2
+    w1, w2, data = _problem(rng, world, (11, 5, 0, 20), experts, k)
+    b1 = rng.standard_normal((experts, w1.shape[2])).astype(np.float32) if biases in ("both", "b1") else None
+    b2 = rng.standard_normal((experts, w1.shape[1])).astype(np.float32) if biases in ("both", "b2") else None
+    epr = experts // world
+
+    def rank_fn(group):
+        r, mine = group.rank, slice(group.rank * epr, (group.rank + 1) * epr)
+        layer = ExpertParallelMoE(
+            group, Dev(w1[mine]), Dev(w2[mine]), experts, k,
+            b1=None if b1 is None else Dev(b1[mine]), b2=None if b2 is None else Dev(b2[mine]),
+        )  # fmt: skip
+        x, ids, w = data[r]
+        return np.array(layer(Dev(x), Dev(ids), Dev(w)))
+
+    for r, got in enumerate(_run(world, rank_fn)):
+        assert not isinstance(got, Exception), f"rank {r}: {got!r}"
+        x, ids, w = data[r]
+        np.testing.assert_allclose(got, moe_forward_ref(x, ids, w, w1, w2, b1, b2), rtol=2e-5, atol=2e-6)
+
+
+def test_ranks_that_disagree_on_biases_refuse(fake_stack):
+    rng = np.random.default_rng(3)
+    experts, k = 4, 2
+    w1, w2, data = _problem(rng, 2, (6, 6), experts, k)
+    b2 = rng.standard_normal((experts, w1.shape[1])).astype(np.float32)
+
+    def rank_fn(group):
+        r, mine = group.rank, slice(group.rank * 2, group.rank * 2 + 2)
+        bias = Dev(b2[mine]) if r == 0 else None  # only rank 0 has b2
+        layer = ExpertParallelMoE(group, Dev(w1[mine]), Dev(w2[mine]), experts, k, b2=bias)
+        x, ids, w = data[r]
+        return layer(Dev(x), Dev(ids), Dev(w))
+
+    for r, got in enumerate(_run(2, rank_fn)):
+        assert isinstance(got, ValueError) and "disagree on biases" in str(got), f"rank {r}: {got!r}"
+
+
+def test_bias_shape_refused_at_construction(fake_stack):
+    w1 = np.zeros((2, 16, 12), np.float32)
+    w2 = np.zeros((2, 6, 16), np.float32)
+
+    def rank_fn(group):
+        return ExpertParallelMoE(group, Dev(w1), Dev(w2), 4, 2, b2=Dev(np.zeros((4, 16), np.float32)))
+
+    got = _run(2, rank_fn)
+    assert all(isinstance(g, ValueError) and "b2 must be" in str(g) for g in got), got

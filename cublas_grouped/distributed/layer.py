@@ -47,6 +47,7 @@ SIGNATURE_FIELDS = (
     "activation",
     "gated",
     "trans_b",
+    "biases (1: b1, 2: b2, 3: both)",
 )
 _DTYPE_CODES = {"float32": 1, "float16": 2, "bfloat16": 3}
 _ACT_CODES = {"silu": 1, "gelu": 2, "relu": 3}
@@ -75,7 +76,11 @@ class ExpertParallelMoE:
         E, over all ranks. ``E % R != 0`` is a ``ValueError``.
     top_k : int
         Experts per token, 1 <= k <= E.
-    activation, gated, trans_b : as in :func:`cublas_grouped.moe_forward` (no biases here).
+    activation, gated, trans_b : as in :func:`cublas_grouped.moe_forward`.
+    b1, b2 : GPU arrays or None
+        This rank's experts' biases, ``[E/R, 2I]`` (``[E/R, I]`` when not
+        gated) and ``[E/R, H]``, as in ``moe_forward``; every rank must give
+        the same ones (each call's agreement check compares which are given).
     algorithm, executor : for the local expert GEMMs, as in ``moe_forward``.
     check_shapes : bool
         Check every call that all ranks agree (one small all-reduce and host
@@ -97,9 +102,13 @@ class ExpertParallelMoE:
         algorithm="auto",
         executor=None,
         check_shapes: bool = True,
+        b1=None,
+        b2=None,
     ):
         self.placement = placement(num_experts, group.world_size)
-        self.shape = layer_shape(w1, w2, top_k, activation=activation, gated=gated, trans_b=trans_b)
+        self.shape = layer_shape(
+            w1, w2, top_k, b1=b1, b2=b2, activation=activation, gated=gated, trans_b=trans_b
+        )
         if self.shape.num_experts != self.placement.experts_per_rank:
             raise ValueError(
                 f"w1 holds {self.shape.num_experts} experts; with num_experts={num_experts} over "
@@ -111,11 +120,14 @@ class ExpertParallelMoE:
             or not 1 <= top_k <= num_experts
         ):
             raise ValueError(f"top_k must be an int in [1, {num_experts}]; got {top_k!r}")
-        for name, w in (("w1", w1), ("w2", w2)):
+        for name, w in (("w1", w1), ("w2", w2), ("b1", b1), ("b2", b2)):
+            if w is None:
+                continue
             device = view(w, name).device
             if device is not None and device != group.device_id:
                 raise ValueError(f"{name} is on device {device}; this rank's device is {group.device_id}")
         self.group, self.w1, self.w2 = group, w1, w2  # CuPy views are made at call time
+        self.b1, self.b2 = b1, b2
         self.algorithm, self.executor = algorithm, executor_or_shared(executor)
         self.check_shapes = bool(check_shapes)
         #: Rows of the last call: ``sent[d]`` to rank d, ``received[s]`` from rank s (host ints).
@@ -146,6 +158,7 @@ class ExpertParallelMoE:
                 _ACT_CODES[s.activation],
                 int(s.gated),
                 int(s.trans_b),
+                int(self.b1 is not None) + 2 * int(self.b2 is not None),
             ],
             dtype=np.int64,
         )
@@ -292,7 +305,8 @@ class ExpertParallelMoE:
         )
         mark_stage(timer, "dispatch", stream)
 
-        # Local experts: one choice per received row, weight 1 (the weights are applied at home).
+        # Local experts: one choice per received row, weight 1 (the weights are applied at home,
+        # to each row with its b2, as moe_forward weights expert output and bias together).
         if recv_buf.shape[0]:
             local = cupy.asarray(local_ids.reshape(-1, 1))
             y = moe_forward(
@@ -301,6 +315,8 @@ class ExpertParallelMoE:
                 None,
                 as_cupy(self.w1),
                 as_cupy(self.w2),
+                b1=None if self.b1 is None else as_cupy(self.b1),
+                b2=None if self.b2 is None else as_cupy(self.b2),
                 activation=self.shape.activation,
                 gated=self.shape.gated,
                 trans_b=self.shape.trans_b,
