@@ -54,11 +54,14 @@ DEFAULT_TESTS = (
     "tests/test_sm90_persistent_gpu.py",
     "tests/test_sm90_gpu.py",
     "tests/test_sm90_nn_gpu.py",
+    "tests/test_masked_gpu.py",
+    "tests/test_sm90_epilogue_gpu.py",
     "tests/test_fp8_sm90_gpu.py",
     "tests/test_moe_gpu.py",
     "tests/test_fixed_capacity_gpu.py::test_assign_rows_never_writes_past_its_row_capacity",
     "tests/test_fixed_capacity_gpu.py::test_out_of_range_ids_are_dropped_and_counted",
     "tests/test_fixed_capacity_gpu.py::test_repeated_ids_count_once_per_choice",
+    "tests/test_fixed_capacity_sm90_gpu.py::test_gate_up_blocked_every_path",
 )
 
 _IGNORE = shutil.ignore_patterns(
@@ -120,16 +123,23 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "activation-up-offset-vec",
         "activation.cu",
-        "if (gated) u = load_vec16(hr + I + i);",
-        "if (gated) u = load_vec16(hr + i);",
-        "16-byte path reads the gate half as the up projection (missing +I offset)",
+        "if (gated) u = load_vec16(hr + hi + up_offset(I, gate_up_block));",
+        "if (gated) u = load_vec16(hr + hi);",
+        "16-byte path reads the gate half as the up projection (missing up offset)",
     ),
     Mutant(
         "activation-up-offset-scalar",
         "activation.cu",
-        "float zu = load_as_float(hr + I + i);",
-        "float zu = load_as_float(hr + i);",
+        "float zu = load_as_float(hr + hi + up_offset(I, gate_up_block));",
+        "float zu = load_as_float(hr + hi);",
         "scalar path (inter * itemsize not a multiple of 16) reads the gate half as the up projection",
+    ),
+    Mutant(
+        "activation-blocked-gate-col",
+        "activation.cu",
+        "return block > 0 ? (i / block) * 2 * block + i % block : i;",
+        "return block > 0 ? (i / block) * block + i % block : i;",
+        "w1_layout='gate_up_blocked': gate columns read as if the blocks were not interleaved",
     ),
     # common.cuh
     Mutant(
@@ -353,6 +363,35 @@ MUTANTS: tuple[Mutant, ...] = (
         "named_barrier_sync(1 + half);  // the stage is read before the next pass writes it",
         "(void)0;",
         "no barrier between copying a pass out and writing the next one in: a race on the stage",
+    ),
+    # grouped_gemm_sm90.cu: the masked fixed-capacity layout and the gated epilogue (v9)
+    Mutant(
+        "sm90-masked-no-clamp",
+        "grouped_gemm_sm90.cu",
+        "if (masked) m = min(m, capacity);",
+        "if (masked) m = m;",
+        "a count above the capacity is not cut: its tiles run into the next group's block",
+    ),
+    Mutant(
+        "sm90-masked-contiguous-end",
+        "grouped_gemm_sm90.cu",
+        "t.row_end = min(row_ends[g], M);",
+        "t.row_end = min(row_offsets[g + 1], M);",
+        "the contiguous end rule under the masked layout: rows past a group's count are stored",
+    ),
+    Mutant(
+        "sm90-epilogue-up-pair",
+        "grouped_gemm_sm90.cu",
+        "float u0 = acc[i + 64], u1 = acc[i + 65];",
+        "float u0 = acc[i + 64], u1 = acc[i + 64];",
+        "the gated epilogue multiplies both columns of a pair by the first one's up value",
+    ),
+    Mutant(
+        "sm90-epilogue-up-bias",
+        "grouped_gemm_sm90.cu",
+        "u0 += to_float(bias_g[out_n + col]);",
+        "u0 += to_float(bias_g[col]);",
+        "the up projection gets the gate's bias",
     ),
     # grouped_gemm_fp8_sm90.cu: the FP8 kernel's descriptors, scales and masks
     Mutant(
