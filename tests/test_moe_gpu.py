@@ -162,14 +162,22 @@ def test_trans_b_weights_and_mlp_with_shared_expert():
     check_close(out, expected, 1e-5, "MoEMLP trans_b + shared")
 
 
-def test_out_of_range_ids_are_refused():
+@pytest.mark.parametrize("dtype, experts", [(np.float32, 8), (ml_dtypes.bfloat16, 16)])
+def test_out_of_range_ids_are_refused(dtype, experts):
+    """Counts on the host (float32), and on SM 9.0 the kernel step (bf16, 16
+    experts), which raises after the layer from one copied count; either way
+    the next good call is right."""
     import cupy
 
     rng = np.random.default_rng(2)
-    (x, w1, w2, _, _), _ = _layer_case(rng, 4, 8, 2, 32, 16, np.float32)
-    ids = cupy.asarray([[0, 1], [2, 9], [3, 4], [5, 6]], dtype=cupy.int32)
-    with pytest.raises(ValueError, match=r"topk_ids holds 1 ids outside \[0, 8\)"):
+    (x, w1, w2, _, _), (x64, w1_64, w2_64, _, _) = _layer_case(rng, 4, experts, 2, 32, 16, dtype)
+    ids = cupy.asarray([[0, 1], [2, experts + 1], [3, -4], [5, 6]], dtype=cupy.int32)
+    with pytest.raises(ValueError, match=rf"topk_ids holds 2 ids outside \[0, {experts}\)"):
         cg.moe_forward(x, ids, None, w1, w2)
+    good = np.array([[0, 1], [2, 3], [3, 4], [5, 6]], dtype=np.int32)
+    out = cg.moe_forward(x, cupy.asarray(good), None, w1, w2)
+    tol = 1e-5 if dtype == np.float32 else 2e-2
+    check_close(out, ref.moe_forward_ref(x64, good, None, w1_64, w2_64), tol, "after refused ids")
 
 
 # -- fixed-capacity decode path -------------------------------------------------------------------
