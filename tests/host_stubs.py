@@ -193,7 +193,7 @@ def count_calls(fn, repeat: int = 1) -> int:
 
     import pytest
 
-    if os.environ.get("MUTANT_UNDER_TEST"):
+    if "MUTANT_UNDER_TEST" in os.environ:  # set (even to "") for every run mutmut makes
         pytest.skip("call budgets do not hold under mutmut's trampolines")
     count = 0
 
