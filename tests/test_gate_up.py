@@ -63,3 +63,16 @@ def test_blocked_column_order():
     for j in range(inter // b):
         assert (packed[2 * b * j : 2 * b * j + b] == np.arange(b * j, b * j + b)).all()
         assert (packed[2 * b * j + b : 2 * b * (j + 1)] == inter + np.arange(b * j, b * j + b)).all()
+
+
+def test_fp8_w1_cannot_take_the_blocked_layout(fake):
+    """FP8 weights are refused with the blocked layout, and the message says so;
+    a 16-bit w1 refused for its width does not mention FP8."""
+    w1 = cg.FP8ExpertWeights(fake((4, 256, 64), np.uint8), fake((4, 2, 1), np.float32), "block128", True)
+    x, ids = fake((2, 64), BF16), fake((2, 1), np.int32)
+    with pytest.raises(ValueError, match=r"got gated=True, I=128, FP8 w1$"):
+        cg.moe_forward(x, ids, None, w1, fake((4, 64, 128), BF16), trans_b=True, w1_layout="gate_up_blocked")
+    with pytest.raises(ValueError, match=r"got gated=True, I=96$"):
+        cg.moe_forward(
+            x, ids, None, fake((4, 64, 192), BF16), fake((4, 96, 64), BF16), w1_layout="gate_up_blocked"
+        )

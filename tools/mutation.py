@@ -87,6 +87,15 @@ def _equivalent(function: str, original: str, mutated: list[str], why: str) -> N
     EQUIVALENT.extend((f"cublas_grouped.{function}", original, m, why) for m in mutated)
 
 
+_equivalent(
+    "gemm.select.x_reset_tuning_cache",
+    "_resets += 1",
+    ["_resets -= 1", "_resets += 2"],
+    "the counter is a generation token: a cached choice is reused only while it equals the value "
+    "taken when the choice was made, and -1 or +2 per reset changes it on every reset as +1 does",
+)
+
+
 _TYPESTR = "if descr and isinstance(descr, (list, tuple)) and descr and descr[0]:"
 _equivalent(
     "runtime.arrays.x__dtype_from_typestr",
