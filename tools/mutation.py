@@ -648,9 +648,27 @@ _equivalent(
         _OPEN.replace('"O_NOFOLLOW", 0', '"O_NOFOLLOW", 1'),
         _OPEN.replace('"O_NONBLOCK", 0', '"O_NONBLOCK", None'),
         _OPEN.replace('"O_NONBLOCK", 0', '"O_NONBLOCK", '),
+        _OPEN.replace('"O_NONBLOCK", 0', '"O_NONBLOCK", 1'),
     ],
     "on POSIX, where the suite runs, os has both flags and the defaults are never read; they stand in "
     "only on platforms without them",
+)
+_LOOP = 'if getattr(os, "O_NOFOLLOW", 0) and exc.errno == errno.ELOOP:'
+_equivalent(
+    "runtime.kernel_cache.xǁKernelCacheǁget",
+    _LOOP,
+    [
+        _LOOP.replace('"O_NOFOLLOW", 0', '"O_NOFOLLOW", None'),
+        _LOOP.replace('"O_NOFOLLOW", 0', '"O_NOFOLLOW", '),
+        _LOOP.replace('"O_NOFOLLOW", 0', '"O_NOFOLLOW", 1'),
+    ],
+    "on POSIX os has O_NOFOLLOW, so the default is never read (the same flag as the open above)",
+)
+_equivalent(
+    "runtime.kernel_cache.xǁKernelCacheǁ_read",
+    'return (b"", problem) if problem else (f.read(), None)',
+    ['return (b"XXXX", problem) if problem else (f.read(), None)'],
+    "with a problem the caller discards the entry and never reads the bytes returned beside it",
 )
 
 STATUS = {
