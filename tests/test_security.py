@@ -751,3 +751,32 @@ def test_no_code_from_data_in_the_package():
                 found.append(f"cublas_grouped/{rel}:{line}: {name}")
     assert not found, "code from data (see docs/security.md):\n" + "\n".join(found)
     assert len(ALLOWED) == 0, "every allowed use needs a reason in docs/security.md"
+
+
+@posix_only
+def test_a_file_where_a_cache_folder_should_be_is_refused(tmp_path):
+    """A regular file (ours, 0600) planted where an entry's folder goes: the
+    folder check names it; nothing is read through it or written beside it."""
+    cache = kc.KernelCache(tmp_path / "kernels")
+    path = cache.path_for(b"key")
+    path.parent.parent.mkdir(parents=True, mode=0o700)
+    path.parent.write_bytes(b"not a folder")
+    os.chmod(path.parent, 0o600)
+    with pytest.raises(
+        kc.UntrustedCacheError, match=f"the kernel cache folder {path.parent} is not a folder$"
+    ):
+        cache.check_folders(path)
+    with pytest.raises(kc.UntrustedCacheError, match="is not a folder"):
+        cache.put(b"key", b"\x7fELF")
+    assert path.parent.read_bytes() == b"not a folder"
+
+
+def test_entries_sit_in_a_folder_named_by_the_first_two_hex_digits(tmp_path):
+    """The entry layout: entries/<first 2 hex digits of SHA-256(key)>/<the other 62>.cubin."""
+    import hashlib
+
+    cache = kc.KernelCache(tmp_path)
+    digest = hashlib.sha256(b"some key").hexdigest()
+    path = cache.path_for(b"some key")
+    assert path.parent.name == digest[:2] and path.name == digest[2:] + ".cubin"
+    assert path.parent.parent == cache.entries

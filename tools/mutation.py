@@ -653,6 +653,12 @@ _equivalent(
     "on POSIX, where the suite runs, os has both flags and the defaults are never read; they stand in "
     "only on platforms without them",
 )
+_equivalent(
+    "runtime.kernel_cache.x__current_uid",
+    'return os.getuid() if hasattr(os, "getuid") else None',
+    ['return os.getuid() if (hasattr(os, "getuid")) or True else None'],
+    "on POSIX, where the suite runs, os has getuid; the None branch stands in only elsewhere",
+)
 _LOOP = 'if getattr(os, "O_NOFOLLOW", 0) and exc.errno == errno.ELOOP:'
 _equivalent(
     "runtime.kernel_cache.xǁKernelCacheǁget",
