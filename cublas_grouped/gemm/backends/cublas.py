@@ -235,6 +235,23 @@ def grouped_call(call: CublasCall, plan: GemmPlan, rows: np.ndarray, arrays) -> 
     )  # fmt: skip
 
 
+def _grouped_host_args(plan: GemmPlan, dtype, config: GroupedGemmConfig):
+    """The host arrays of one grouped call over ``plan``'s active groups (one
+    problem per group), and the call's arguments after the pointer arrays:
+    (arrays, args). The caller keeps ``arrays`` alive: cuBLAS reads them
+    during each call."""
+    count = len(plan.active)
+    arrays = plan.dims_arrays(plan.sizes[plan.active])
+    arrays["group_size"] = np.ones(count, dtype=np.int32)
+    arrays["alpha"] = np.ones(count, dtype=np.float32)
+    arrays["beta"] = np.zeros(count, dtype=np.float32)
+    h = {name: a.ctypes.data for name, a in arrays.items()}
+    t = cuda_dtype(dtype, "a")
+    args = (h["transa"], h["transb"], h["m"], h["n"], h["k"], h["alpha"], t, h["lda"], h["ldb"],
+            h["beta"], h["ldc"], count, h["group_size"], _compute(dtype, config))  # fmt: skip
+    return arrays, args
+
+
 class PreparedGrouped:
     """CUBLAS_GROUPED of one plan on grouped-contiguous rows with host sizes,
     prepared once (for the plan cache of eager calls, ``gemm.call_cache``): the
@@ -258,19 +275,10 @@ class PreparedGrouped:
         self._flat = self._table.reshape(-1)
         self._device_table = None  # uint64 [3 * count] on the device, made at the first call
         self._last = None  # the base addresses the device table holds
-        arrays = plan.dims_arrays(plan.sizes[active])
-        arrays["group_size"] = np.ones(count, dtype=np.int32)
-        arrays["alpha"] = np.ones(count, dtype=np.float32)
-        arrays["beta"] = np.zeros(count, dtype=np.float32)
-        self._host = arrays  # cuBLAS reads them during each call: kept alive here
-        h = {name: a.ctypes.data for name, a in arrays.items()}
-        t = cuda_dtype(dtype, "a")
-        compute = compute_type_for(dtype, config.compute_precision, config.use_tensor_cores)
+        self._host, self._args = _grouped_host_args(plan, dtype, config)
         self._fn = _cublas.entry_point(_cublas.GROUPED_SYMBOL)
         self._workspace = config.workspace_mb << 20
         self._step = 8 * count
-        self._args = (h["transa"], h["transb"], h["m"], h["n"], h["k"], h["alpha"], t, h["lda"], h["ldb"],
-                      h["beta"], h["ldc"], count, h["group_size"], compute)  # fmt: skip
 
     def __call__(self, res, sizes_dev, a: int, b: int, c: int) -> None:
         """Queue the product of rows at ``a``, weights at ``b``, out at ``c`` on
@@ -307,23 +315,14 @@ class PreparedDeviceGrouped:
     True; the operands must be 16-byte aligned (the caller checks)."""
 
     def __init__(self, plan: GemmPlan, layout: RowLayout, dtype, config: GroupedGemmConfig, arch: str):
-        active = plan.active
-        self._count = count = len(active)
+        self._count = len(plan.active)
         self._kernel = pointer_kernel(arch)
         itemsize = np.dtype(dtype).itemsize
         self._strides = Operands.for_plan(plan, 0, 0, 0, itemsize)
         self._layout = (len(plan.sizes), layout.align)
-        arrays = plan.dims_arrays(plan.sizes[active])
-        arrays["group_size"] = np.ones(count, dtype=np.int32)
-        arrays["alpha"] = np.ones(count, dtype=np.float32)
-        arrays["beta"] = np.zeros(count, dtype=np.float32)
-        self._host = arrays  # cuBLAS reads them during each call: kept alive here
-        h = {name: a.ctypes.data for name, a in arrays.items()}
-        t = cuda_dtype(dtype, "a")
+        self._host, self._args = _grouped_host_args(plan, dtype, config)
         self._fn = _cublas.entry_point(_cublas.GROUPED_SYMBOL)
         self._workspace = config.workspace_mb << 20
-        self._args = (h["transa"], h["transb"], h["m"], h["n"], h["k"], h["alpha"], t, h["lda"], h["ldb"],
-                      h["beta"], h["ldc"], count, h["group_size"], _compute(dtype, config))  # fmt: skip
 
     def __call__(self, res, sizes_dev, a: int, b: int, c: int) -> None:
         """Queue the product on ``res``'s stream: rows at ``a``, weights at ``b``,
