@@ -192,3 +192,16 @@ def test_which_gemms_a_step_runs(fake):
     assert backend(kernel, shape(128, dtype=np.float32), 16) == "chunked_batched"
     assert backend(auto, shape(128, inter=764), 16) == "chunked_batched"  # I % 8 != 0
     assert backend(auto, shape(128), 16, ptr=(1 << 20) + 8) == "chunked_batched"  # 8-byte aligned weights
+
+
+def test_kernel_step_capacity_limits():
+    """Buffers for the kernel step hold T*k rows and no chunk; past the token
+    limit they are refused before any allocation; a step past them is an error."""
+    shape = spec(128, 8)
+    cap = ChunkCapacity.kernel_rows(shape, 64)
+    assert (cap.pairs, cap.rows, cap.chunks, cap.chunk_rows) == (512, 512, 0, 0)
+    cap.check_kernel_step(shape, 64)
+    with pytest.raises(RuntimeError, match="a step of 65 tokens needs 520 rows but the buffers hold 512"):
+        cap.check_kernel_step(shape, 65)
+    with pytest.raises(ValueError, match=f"max_tokens={MAX_FIXED_CAPACITY_TOKENS + 1} is too large"):
+        ChunkCapacity.kernel_rows(shape, MAX_FIXED_CAPACITY_TOKENS + 1)

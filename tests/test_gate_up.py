@@ -76,3 +76,14 @@ def test_fp8_w1_cannot_take_the_blocked_layout(fake):
         cg.moe_forward(
             x, ids, None, fake((4, 64, 192), BF16), fake((4, 96, 64), BF16), w1_layout="gate_up_blocked"
         )
+
+
+def test_pack_refuses_before_any_gpu_work(fake):
+    from cublas_grouped.moe.gate_up import pack_gate_up, unpack_gate_up
+
+    with pytest.raises(ValueError, match=r"w1's gate\|up width 2I=192 must be a multiple of 256"):
+        pack_gate_up(fake((2, 16, 192), BF16))
+    with pytest.raises(ValueError, match=r"2I=192 must be a multiple of 256"):
+        pack_gate_up(fake((2, 192, 16), BF16), trans_b=True)
+    with pytest.raises(ValueError, match=r"w1 must be a C-contiguous 3-D array; got shape \(16, 256\)"):
+        unpack_gate_up(fake((16, 256), BF16))
