@@ -26,6 +26,11 @@
 //   SM90_BLOCK_N        columns of a tile: 256 (wgmma n256)
 //   SM90_BLOCK_K        K of one pipeline stage: 64 (128 bytes of a 16-bit
 //                       type: one row of the 128-byte swizzle)
+//   SM90_A_BOX_ROWS     rows of a's small TMA box: 16 (a multiple of 8, at
+//                       most SM90_BLOCK_M). A tile of at most
+//                       SM90_BLOCK_M / 2 rows of its group loads only the
+//                       small boxes holding them (v10); SM90_BLOCK_M gives
+//                       v9's loads (one whole box for every tile)
 //   SM90_STAGES         shared-memory stages of the ring
 //   SM90_TILE_THREADS   threads of grouped_tile_offsets' one block
 //   SM90_EPILOGUE_ACT   optional: an activation code (ACT_SILU, ACT_GELU or
@@ -46,7 +51,7 @@
 //     then the total. Any E. *tile_counter = 0: the GEMM launched after it
 //     hands out tiles from it.
 //
-//   grouped_gemm_{nt,nn}_{bf16,f16}(tmap_a, tmap_b, row_offsets, row_ends,
+//   grouped_gemm_{nt,nn}_{bf16,f16}(tmap_a, tmap_a_rows, tmap_b, row_offsets, row_ends,
 //                                   tile_offsets, tile_counter, num_groups,
 //                                   M, N, K, out, bias)
 //     bias: read only with SM90_EPILOGUE_ACT (null: none).
@@ -58,7 +63,16 @@
 //     [M, I] = act(gate + bias) * (up + bias), computed from the fp32
 //     accumulators (the [M, 2I] product is never stored).
 //     tmap_a: tiled TMA map of a [M, K], box [SM90_BLOCK_M, SM90_BLOCK_K],
-//             128-byte swizzle.
+//             128-byte swizzle; tmap_a_rows: the same with box
+//             [SM90_A_BOX_ROWS, SM90_BLOCK_K]. A tile whose group has r rows
+//             from the tile's first row loads one tmap_a box per stage when
+//             r > SM90_BLOCK_M / 2, else ceil(r / SM90_A_BOX_ROWS) tmap_a_rows
+//             boxes (a decode tile of 4 rows: 2 KiB of a per stage, not 16;
+//             one issuing thread cannot afford 8 loads per stage on full
+//             tiles). The A stage's rows past them keep older data: each
+//             output row reads only its own row of A, and those rows are
+//             never stored; when r <= 64 the second math warpgroup stores
+//             nothing.
 //     tmap_b, nt: of b as [E * N, K], box [SM90_BLOCK_N, SM90_BLOCK_K],
 //             128-byte swizzle (one load per stage).
 //     tmap_b, nn: of b as [E, K, N], box [1, SM90_BLOCK_K, SM90_B_SPAN],
@@ -99,8 +113,11 @@
 #include "sm90.cuh"
 
 #if !defined(SM90_BLOCK_M) || !defined(SM90_BLOCK_N) || !defined(SM90_BLOCK_K) || \
-    !defined(SM90_STAGES) || !defined(SM90_TILE_THREADS)
-#error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES and SM90_TILE_THREADS from its launcher"
+    !defined(SM90_STAGES) || !defined(SM90_TILE_THREADS) || !defined(SM90_A_BOX_ROWS)
+#error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES, SM90_TILE_THREADS and SM90_A_BOX_ROWS from its launcher"
+#endif
+#if SM90_A_BOX_ROWS % 8 != 0 || SM90_A_BOX_ROWS > SM90_BLOCK_M
+#error "SM90_A_BOX_ROWS must be a multiple of 8 (one 1024-byte swizzle atom), at most SM90_BLOCK_M"
 #endif
 #if SM90_BLOCK_M != 128 || SM90_BLOCK_N != 256 || SM90_BLOCK_K != 64
 #error "this kernel's two math warpgroups issue wgmma m64n256k16 over 64-wide K stages: SM90_BLOCK_M=128, SM90_BLOCK_N=256, SM90_BLOCK_K=64"
@@ -117,6 +134,7 @@
 #define SM90_A_STAGE_ELEMS (SM90_BLOCK_M * SM90_BLOCK_K)
 #define SM90_B_STAGE_ELEMS (SM90_BLOCK_N * SM90_BLOCK_K)
 #define SM90_STAGE_BYTES ((SM90_A_STAGE_ELEMS + SM90_B_STAGE_ELEMS) * 2)
+#define SM90_A_BOX_ELEMS (SM90_A_BOX_ROWS * SM90_BLOCK_K)
 // Columns of N in one box of an N-major (nn) B tile: 64 16-bit elements, the
 // 128 bytes that the 128-byte swizzle permutes within.
 #define SM90_B_SPAN 64
@@ -224,6 +242,7 @@ struct Sm90Tile {
     int row0;          // first row of the tile (in a and out)
     int row_end;       // rows from row_end on are not this group's: never stored
     int n0;            // first column
+    int a_rows;        // rows of the group from row0 on, at most SM90_BLOCK_M (what a's loads need)
     int b_boxes;       // [E, K, N] weights: 64-column boxes that hold columns of N
     unsigned stage_bytes;  // bytes one stage of this tile receives
 };
@@ -255,7 +274,15 @@ __device__ __forceinline__ Sm90Tile find_tile(long long tile, int n_tiles, const
     // each output column reads only its own column of B.
     const int b_boxes = min(SM90_BLOCK_N / SM90_B_SPAN, (N - n0 + SM90_B_SPAN - 1) / SM90_B_SPAN);
     t.b_boxes = b_boxes;
-    t.stage_bytes = N_MAJOR_B ? (SM90_A_STAGE_ELEMS + b_boxes * SM90_B_BOX_ELEMS) * 2 : SM90_STAGE_BYTES;
+    // a: one whole box, or the small boxes holding the group's rows (see the
+    // header). row0 < row_end unless the sizes overrun M (then no row of the
+    // tile is stored, and none is loaded).
+    const int a_rows = min(SM90_BLOCK_M, t.row_end - t.row0);
+    t.a_rows = a_rows;
+    const int a_elems = a_rows > SM90_BLOCK_M / 2 ? SM90_A_STAGE_ELEMS
+                        : a_rows > 0              ? (a_rows + SM90_A_BOX_ROWS - 1) / SM90_A_BOX_ROWS * SM90_A_BOX_ELEMS
+                                                  : 0;
+    t.stage_bytes = (a_elems + (N_MAJOR_B ? b_boxes * SM90_B_BOX_ELEMS : SM90_B_STAGE_ELEMS)) * 2;
     return t;
 }
 
@@ -286,7 +313,8 @@ __device__ __forceinline__ Sm90Tile find_tile(long long tile, int n_tiles, const
 // thread and the math warpgroups agree on every phase whatever the tile
 // count and K.
 template <class T, bool N_MAJOR_B>
-__device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const TmaMap* tmap_b,
+__device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const TmaMap* tmap_a_rows,
+                                                     const TmaMap* tmap_b,
                                                      const int* __restrict__ row_offsets,
                                                      const int* __restrict__ row_ends,
                                                      const int* __restrict__ tile_offsets,
@@ -336,14 +364,21 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                 sm90_mailbox_publish(&mail, j, done ? -1 : tile);
                 if (done) break;
                 const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
-                const int g = t.g, n0 = t.n0, row0 = t.row0, b_boxes = t.b_boxes;
+                const int g = t.g, n0 = t.n0, row0 = t.row0, a_rows = t.a_rows, b_boxes = t.b_boxes;
                 const int b_row0 = g * N + n0;
                 for (int kt = 0; kt < num_k; ++kt) {
                     const unsigned f = fills + kt;
                     const int s = f % SM90_STAGES;
                     mbarrier_wait(&empty[s], ((f / SM90_STAGES) & 1) ^ 1);
                     mbarrier_expect_bytes(&full[s], t.stage_bytes);
-                    tma_load_2d(sa + s * SM90_A_STAGE_ELEMS, tmap_a, &full[s], kt * SM90_BLOCK_K, row0);
+                    if (a_rows > SM90_BLOCK_M / 2) {
+                        tma_load_2d(sa + s * SM90_A_STAGE_ELEMS, tmap_a, &full[s], kt * SM90_BLOCK_K, row0);
+                    } else {
+                        for (int ra = 0; ra < a_rows; ra += SM90_A_BOX_ROWS) {
+                            tma_load_2d(sa + s * SM90_A_STAGE_ELEMS + ra * SM90_BLOCK_K, tmap_a_rows, &full[s],
+                                        kt * SM90_BLOCK_K, row0 + ra);
+                        }
+                    }
                     if (N_MAJOR_B) {
                         for (int jb = 0; jb < b_boxes; ++jb) {
                             tma_load_3d(sb + s * SM90_B_STAGE_ELEMS + jb * SM90_B_BOX_ELEMS, tmap_b, &full[s],
@@ -435,10 +470,14 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
         const int tid = threadIdx.x & 127;
         const int row_end = t.row_end;
         const int r_first = t.row0 + half * 64;  // this warpgroup's first row
+        // All of this warpgroup's rows past the group's end (a thin tile): nothing
+        // to store. Its MMAs still ran, on rows of the A stage no box refilled
+        // (a branch around wgmma would make ptxas serialize every MMA: C7520).
+        const bool idle = r_first >= row_end;
 #pragma unroll
         for (int p = 0; p < passes; ++p) {
             const int c0 = c_tile + 64 * p;
-            if (c0 >= out_n) break;  // the same for the whole warpgroup
+            if (idle || c0 >= out_n) break;  // the same for the whole warpgroup
 #pragma unroll
             for (int jc = 0; jc < 8; ++jc) {
 #pragma unroll
@@ -477,14 +516,15 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
     }
 }
 
-#define SM90_GEMM_KERNEL(name, T, N_MAJOR_B)                                                               \
-    extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1)                                          \
-        name(const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_b,                 \
-             const int* __restrict__ row_offsets, const int* __restrict__ row_ends,                        \
-             const int* __restrict__ tile_offsets, int* __restrict__ tile_counter, int num_groups, int M,  \
-             int N, int K, T* __restrict__ out, const T* __restrict__ bias) {                              \
-        grouped_gemm_impl<T, N_MAJOR_B>(&tmap_a, &tmap_b, row_offsets, row_ends, tile_offsets,            \
-                                        tile_counter, num_groups, M, N, K, out, bias);                     \
+#define SM90_GEMM_KERNEL(name, T, N_MAJOR_B)                                                                 \
+    extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1)                                            \
+        name(const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_a_rows,              \
+             const __grid_constant__ TmaMap tmap_b, const int* __restrict__ row_offsets,                     \
+             const int* __restrict__ row_ends, const int* __restrict__ tile_offsets,                         \
+             int* __restrict__ tile_counter, int num_groups, int M, int N, int K, T* __restrict__ out,       \
+             const T* __restrict__ bias) {                                                                   \
+        grouped_gemm_impl<T, N_MAJOR_B>(&tmap_a, &tmap_a_rows, &tmap_b, row_offsets, row_ends, tile_offsets, \
+                                        tile_counter, num_groups, M, N, K, out, bias);                       \
     }
 
 SM90_GEMM_KERNEL(grouped_gemm_nt_bf16, bf16_t, false)

@@ -8,10 +8,17 @@ tiles from a device counter, v7; "sm90 nt", "sm90 nn") and one CTA per tile
 (v5's grid; "sm90 nt v5", "sm90 nn v5"), with the persistent / per-tile time
 ratios printed per case. With --baseline FILE, an earlier version of the
 kernel source (same arguments) is timed beside this one too ("sm90 nt base",
-"sm90 nn base", persistent grid). For docs/kernel-notes.md; the benchmark
+"sm90 nn base", persistent grid). With --define NAME=VALUE (repeatable), the
+same source under those defines is timed beside it ("sm90 nt var", "sm90 nn
+var": a define the launcher also reads, such as SM90_A_BOX_ROWS, changes its
+launch too). Decode sizes (at most 256 tokens) also print the GB/s of the
+active experts' weights; with --graph R they time only the sm90 rows (and
+dense), each as the replay of a CUDA graph of R calls with the group sizes on
+the device, divided by R (no host time inside the timed span: a decode GEMM
+is shorter than an eager call's host work). For docs/kernel-notes.md; the benchmark
 (python -m cublas_grouped.bench) is the reference for claims.
 
-    PYTHONPATH=. python tools/sm90_probe.py [--tokens 4096 16384] [--baseline old.cu]
+    PYTHONPATH=. python tools/sm90_probe.py [--tokens 4096 16384] [--baseline old.cu] [--define SM90_A_BOX_ROWS=128]
 """
 
 from __future__ import annotations
@@ -26,6 +33,24 @@ MODELS = {  # name: (experts, top_k, hidden, 2 * inter)
     "qwen3": (128, 8, 2048, 1536),
     "deepseek": (256, 8, 7168, 4096),
 }
+
+
+def graphed(fn, calls: int, timing_stream):
+    """``fn`` captured ``calls`` times into a CUDA graph on a fresh stream (so
+    each graph owns its stream's schedule buffer); a callable that replays it
+    on ``timing_stream``."""
+    import cupy
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    cupy.cuda.Device().synchronize()  # inputs made on the default stream are ready
+    with stream:
+        fn(0)  # compile, tensor maps, schedule buffers: outside the capture
+        stream.begin_capture()
+        for _ in range(calls):
+            fn(0)
+        graph = stream.end_capture()
+    stream.synchronize()
+    return lambda i: graph.launch(timing_stream)
 
 
 def probe(model: str, tokens: int, b, b_kn, dt) -> None:
@@ -51,14 +76,17 @@ def probe(model: str, tokens: int, b, b_kn, dt) -> None:
     def run(alg):
         return lambda i: cg.gmm(a, b, sizes, trans_b=True, out=outs[alg], algorithm=alg)
 
-    def sm90(label, weights, trans_b, schedule, source=hopper.SOURCE):
+    def sm90(label, weights, trans_b, schedule, source=hopper.SOURCE, defines=None):
+        defines = {**hopper.DEFINES, **(defines or {})}
+
         def call(i):
-            # Both read at each call: another grid, another version of the kernel.
-            default, hopper.SCHEDULE, hopper.SOURCE = (hopper.SCHEDULE, hopper.SOURCE), schedule, source
+            # All read at each call: another grid, another version of the kernel.
+            default = (hopper.SCHEDULE, hopper.SOURCE, hopper.DEFINES)
+            hopper.SCHEDULE, hopper.SOURCE, hopper.DEFINES = schedule, source, defines
             try:
                 cg.gmm(a, weights, sizes, trans_b=trans_b, out=outs[label], algorithm="sm90_grouped")
             finally:
-                hopper.SCHEDULE, hopper.SOURCE = default
+                hopper.SCHEDULE, hopper.SOURCE, hopper.DEFINES = default
 
         return call
 
@@ -71,9 +99,52 @@ def probe(model: str, tokens: int, b, b_kn, dt) -> None:
         for label, weights, trans_b in (("sm90 nt base", b, True), ("sm90 nn base", b_kn, False)):
             outs[label] = cupy.empty((m, n1), dtype=dt)
             methods[label] = sm90(label, weights, trans_b, "persistent", BASELINE)
+    if VARIANT:
+        for label, weights, trans_b in (("sm90 nt var", b, True), ("sm90 nn var", b_kn, False)):
+            outs[label] = cupy.empty((m, n1), dtype=dt)
+            methods[label] = sm90(label, weights, trans_b, "persistent", defines=VARIANT)
     dense_w = b[0]
     methods["dense"] = lambda i: cupy.matmul(a, dense_w.T)
-    results = time_interleaved(list(methods.values()), warmup=3, repeat=20)
+    stream = None
+    if GRAPH and tokens <= 256:
+        # Only the sm90 rows and dense, each one graph of GRAPH calls, sizes on the device.
+        sizes_dev = cupy.asarray(sizes.astype(np.int32))
+
+        def on_device(fn_label, weights, trans_b, defines=None):
+            defines = {**hopper.DEFINES, **(defines or {})}
+
+            def call(i):
+                default, hopper.DEFINES = hopper.DEFINES, defines
+                try:
+                    cg.gmm(
+                        a, weights, sizes_dev, trans_b=trans_b, out=outs[fn_label], algorithm="sm90_grouped"
+                    )
+                finally:
+                    hopper.DEFINES = default
+
+            return call
+
+        plain = {"sm90 nt": ("sm90_grouped", b, True), "sm90 nn": ("sm90 nn", b_kn, False)}
+        if VARIANT:
+            plain["sm90 nt var"] = ("sm90 nt var", b, True, VARIANT)
+            plain["sm90 nn var"] = ("sm90 nn var", b_kn, False, VARIANT)
+        plain["dense"] = None
+        methods = {}
+        stream = cupy.cuda.Stream(non_blocking=True)
+        for label, spec in plain.items():
+            fn = (lambda i: cupy.matmul(a, b[0].T)) if spec is None else on_device(*spec)
+            methods[label] = graphed(fn, GRAPH, stream)
+        # cuBLAS rows are not timed here: fill them for the checks below.
+        for alg in algorithms[1:]:
+            run(alg)(0)
+        run("sm90_grouped")(0)
+        for label in ("sm90 nt v5", "sm90 nn v5"):
+            sm90(label, b if "nt" in label else b_kn, "nt" in label, "per_tile")(0)
+        stream.synchronize()
+        cupy.cuda.Device().synchronize()
+    results = time_interleaved(list(methods.values()), warmup=3, repeat=20, stream=stream)
+    if GRAPH and tokens <= 256:
+        results = [r if isinstance(r, Exception) else {**r, "median": r["median"] / GRAPH} for r in results]
     base = outs["cublas_grouped"].astype(cupy.float32)
     errs = {}
     for label, alg in (
@@ -90,15 +161,23 @@ def probe(model: str, tokens: int, b, b_kn, dt) -> None:
         for layout, v6, v5 in (("nt", "sm90_grouped", "sm90 nt v5"), ("nn", "sm90 nn", "sm90 nn v5"))
     }
     case = f"{model} T={tokens}"
+    active_bytes = int(np.count_nonzero(sizes)) * n1 * hidden * b.dtype.itemsize
     for label, r in zip(methods, results):
         if isinstance(r, Exception):
             print(f"{case:22} {label:16} error {r}")
         else:
-            print(f"{case:22} {label:16} {r['median']:8.3f} {flops / r['median'] / 1e9:8.1f}")
+            gbs = f" {active_bytes / r['median'] / 1e6:8.1f} GB/s of active weights" if tokens <= 256 else ""
+            print(f"{case:22} {label:16} {r['median']:8.3f} {flops / r['median'] / 1e9:8.1f}{gbs}")
     diffs = ", ".join(f"{label} {err:.2e}" for label, err in errs.items())
     print(f"{'':22} vs cublas_grouped: relative difference sm90 {diffs}")
     print(f"{'':22} persistent == per_tile bit for bit: nt {same['nt']}, nn {same['nn']}")
     timed = dict(zip(methods, results))
+    if VARIANT:
+        same = all(
+            bool(cupy.all(outs[x].view(cupy.uint16) == outs[y].view(cupy.uint16)))
+            for x, y in (("sm90_grouped", "sm90 nt var"), ("sm90 nn", "sm90 nn var"))
+        )
+        print(f"{'':22} this kernel == the variant bit for bit: {same}")
     if BASELINE:
         same = all(
             bool(cupy.all(outs[x].view(cupy.uint16) == outs[y].view(cupy.uint16)))
@@ -106,13 +185,18 @@ def probe(model: str, tokens: int, b, b_kn, dt) -> None:
         )
         print(f"{'':22} this kernel == the baseline bit for bit: {same}")
     pairs = [("sm90 nn / nt time", "sm90 nn", "sm90 nt")]
+    per_tile = (
+        [] if GRAPH and tokens <= 256 else [("nt", "sm90 nt", "sm90 nt v5"), ("nn", "sm90 nn", "sm90 nn v5")]
+    )
+    if VARIANT:
+        pairs += [("this / variant time, nt", "sm90 nt", "sm90 nt var")]
+        pairs += [("this / variant time, nn", "sm90 nn", "sm90 nn var")]
     if BASELINE:
         pairs += [("this / baseline time, nt", "sm90 nt", "sm90 nt base")]
         pairs += [("this / baseline time, nn", "sm90 nn", "sm90 nn base")]
     for what, top, bottom in (
         *pairs,
-        ("sm90 persistent / per_tile time, nt", "sm90 nt", "sm90 nt v5"),
-        ("sm90 persistent / per_tile time, nn", "sm90 nn", "sm90 nn v5"),
+        *((f"sm90 persistent / per_tile time, {x}", y, z) for x, y, z in per_tile),
     ):
         x, y = timed[top], timed[bottom]
         if not isinstance(x, Exception) and not isinstance(y, Exception):
@@ -143,12 +227,16 @@ def host_cost() -> None:
 
 # The kernel name of an earlier version timed beside this one (--baseline), or None.
 BASELINE = None
+# Defines of a variant timed beside this one (--define), or None.
+VARIANT = None
+# Calls per CUDA graph for the decode sizes' sm90 rows (--graph), or 0: eager.
+GRAPH = 0
 
 
 def main() -> None:
     import cupy
 
-    global BASELINE
+    global BASELINE, VARIANT, GRAPH
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--baseline",
@@ -156,7 +244,13 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--define", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--graph", type=int, default=0, metavar="R", help="decode sizes: graphs of R calls")
     args = parser.parse_args()
+    GRAPH = args.graph
+    if args.define:
+        VARIANT = {k: int(v) for k, v in (d.split("=", 1) for d in args.define)}
+        print(f"variant: {VARIANT}")
     if args.baseline:
         import shutil
 

@@ -77,6 +77,12 @@ BLOCK_K = 64  # K of one stage: 128 bytes of a 16-bit type, one row of the 128-b
 # (the kernel's SM90_B_SPAN; it is not a define because the swizzle fixes it).
 B_SPAN = 64
 STAGES = 4  # shared-memory stages the load warpgroup fills ahead of the MMAs (48 KiB each)
+# Rows of a's small TMA box: a tile with at most BLOCK_M / 2 rows of its
+# group loads only the small boxes holding them (a decode tile of 4 rows: 2 KiB
+# of a per stage, not 16), others one box of BLOCK_M rows (8 small loads per
+# stage from the one issuing thread cost 6-35% on full tiles, measured).
+# 16 rows: two 1024-byte swizzle atoms.
+A_BOX_ROWS = 16
 TILE_THREADS = 1024  # grouped_tile_offsets' one block
 THREADS = 384  # a load warpgroup and two math warpgroups
 DEFINES = {
@@ -85,6 +91,7 @@ DEFINES = {
     "SM90_BLOCK_K": BLOCK_K,
     "SM90_STAGES": STAGES,
     "SM90_TILE_THREADS": TILE_THREADS,
+    "SM90_A_BOX_ROWS": A_BOX_ROWS,
 }
 # The kernel source (kernels/<SOURCE>.cu), read at each call: a probe can time
 # an earlier version of the kernel beside this one in the same run.
@@ -432,10 +439,12 @@ def _launch(
     _allow_shared_memory(gemm, res.device_id)
     element = BFLOAT16 if dtype == BFLOAT16 else dtype
     tmap_a = tensor_map(ptrs[0], (m, k), (BLOCK_M, BLOCK_K), element, res.device_id)
+    tmap_a_rows = tensor_map(ptrs[0], (m, k), (defines["SM90_A_BOX_ROWS"], BLOCK_K), element, res.device_id)
     tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b), element, res.device_id)
     schedule = (row_offsets, row_ends, tile_offsets, tile_counter)
     args = (
         tmap_a,
+        tmap_a_rows,
         tmap_b,
         *(np.intp(x.data.ptr) for x in schedule),
         *map(np.int32, (e, m, n, k)),
