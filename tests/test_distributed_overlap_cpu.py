@@ -259,3 +259,56 @@ def test_streams_order_the_chunks(fake_stack):  # noqa: F811
         "transfer",
         last_record_before(len(ops), "transfer"),
     )
+
+
+def test_ep_bench_overlap_report():
+    from cublas_grouped.tools.ep_bench import format_report
+
+    def run(world, ms, overlap=None):
+        row = {
+            "tokens_per_rank": 4096,
+            "layer_ms": ms,
+            "stage_ms": {"dispatch": 1.0, "combine_exchange": 1.0} if world > 1 else {},
+            "dispatch_bytes": 1e8,
+            "combine_bytes": 1e8,
+            "dispatch_gbs": 100.0 if world > 1 else None,
+            "combine_gbs": 100.0 if world > 1 else None,
+            "alltoall_busbw": 150.0 if world > 1 else None,
+            "allreduce_busbw": 150.0 if world > 1 else None,
+        }
+        if overlap is not None:
+            row["overlap"] = overlap
+        return {"world": world, "experts": 256, "requested_experts": 256, "rows": [row]}
+
+    faster = [
+        {"chunks": 2, "layer_ms": 10.5, "same_bits": True, "base_ms": 11.0},
+        {"chunks": 4, "layer_ms": 9.8, "same_bits": True, "base_ms": 11.0},
+    ]
+    text = "\n".join(format_report([run(1, 14.0), run(2, 11.0, faster)]))
+    # 1.2 ms of 2.0 ms of transfers hidden; tokens/s with overlap 2 * 4096 / 9.8 ms; scaling 2 * 14 / 9.8.
+    assert (
+        "  2     4096      4       11.00               9.80      2.00         60%     835918    2.86     yes"
+        in text
+    )
+    assert (
+        "PASS overlap faster: 9.80 vs 11.00 ms, 60% of the transfer time hidden with overlap_chunks=4, "
+        "2 GPUs, 4096 tokens/rank" in text
+    )
+    slower = [
+        {"chunks": 2, "layer_ms": 11.4, "same_bits": True, "base_ms": 11.0},
+        {"chunks": 4, "error": "X: y"},
+    ]
+    text = "\n".join(format_report([run(2, 11.0, slower)]))
+    assert (
+        "MISS overlap not faster: 11.40 vs 11.00 ms at best (overlap_chunks=2): keep overlap_chunks=1" in text
+    )
+    assert "  2 GPUs, 4096 tokens/rank, 4 chunks: X: y" in text and "-20%" in text
+    other_bits = [
+        {"chunks": 3, "layer_ms": 9.0, "same_bits": False, "base_ms": 11.0},
+        {"chunks": 2, "layer_ms": 10.95, "same_bits": True, "base_ms": 11.0},  # within the noise margin
+    ]
+    text = "\n".join(format_report([run(2, 11.0, other_bits)]))
+    assert "MISS overlap changed the output's bits (overlap_chunks=3), 2 GPUs, 4096 tokens/rank" in text
+    assert "MISS overlap not faster: 10.95 vs 11.00 ms at best (overlap_chunks=2)" in text
+    assert "PASS overlap" not in text
+    assert "overlap" not in "\n".join(format_report([run(2, 11.0)]))  # not measured: no section

@@ -33,13 +33,17 @@ import numpy as np
 __all__ = ["transfer_stream", "exchange_in_chunks"]
 
 
+# Lower is higher; CUDA clamps a priority outside the device's range to the range's
+# end, so this asks for the highest there is (H100: -5).
+HIGHEST_PRIORITY = -100
+
+
 def transfer_stream(device_id: int):
     """A new non-blocking stream on ``device_id`` with the device's highest priority."""
     import cupy
 
     with cupy.cuda.Device(device_id):
-        _, greatest = cupy.cuda.runtime.deviceGetStreamPriorityRange()
-        return cupy.cuda.Stream(non_blocking=True, priority=greatest)
+        return cupy.cuda.Stream(non_blocking=True, priority=HIGHEST_PRIORITY)
 
 
 def exchange_in_chunks(group, stream, transfer, send_buf, plans, experts, pairs: int):
