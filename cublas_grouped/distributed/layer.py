@@ -18,7 +18,8 @@ One :meth:`ExpertParallelMoE.forward` on every rank (each with its own tokens):
 
 With ``overlap_chunks=N`` > 1, steps 3 to 5's transfers and the local experts
 run in N chunks of local experts on two streams, so that transfers overlap
-compute (:mod:`cublas_grouped.distributed.overlap`), with the same bits.
+compute (:mod:`cublas_grouped.distributed.overlap`); the same bits where the
+local experts compute each row on its own (docs/distributed.md).
 
 Nothing in it depends on timing: two runs give the same bits.
 """
@@ -323,9 +324,7 @@ class ExpertParallelMoE:
         if self.overlap_chunks > 1:
             if self._transfer is None:
                 self._transfer = transfer_stream(group.device_id)
-            plans = chunk_layout(
-                host[0, :, :epr].reshape(world, epr), host[1, :, :epr], self.overlap_chunks
-            )  # fmt: skip
+            plans = chunk_layout(host[0, :, :epr], host[1, :, :epr], self.overlap_chunks)
             experts = lambda rows, local: self._experts(stream, rows, local)  # noqa: E731
             back = exchange_in_chunks(group, stream, self._transfer, send_buf, plans, experts, pairs)
             mark_stage(timer, "overlapped", stream)
