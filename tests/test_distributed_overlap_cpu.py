@@ -21,10 +21,13 @@ from cublas_grouped.distributed import overlap as overlap_mod
 from cublas_grouped.distributed.plan import placement, receive_layout, send_layout
 from cublas_grouped.testing import moe_forward_ref
 
+FIXED_CAPACITY_CALLS = []  # the fixed_capacity flag of every local expert call
 
-def _rowwise_experts(x, ids, weights, w1, w2, b1=None, b2=None, **kw):
+
+def _rowwise_experts(x, ids, weights, w1, w2, b1=None, b2=None, fixed_capacity=False, **kw):
     """The local experts, one row at a time (a row's result cannot depend on the others)."""
     assert weights is None and ids.shape[1] == 1
+    FIXED_CAPACITY_CALLS.append((x.shape[0], fixed_capacity))
     x, ids, w1, w2 = (np.asarray(a) for a in (x, ids, w1, w2))
     b1, b2 = (None if b is None else np.asarray(b) for b in (b1, b2))
     out = np.full(x.shape, np.nan, x.dtype)
@@ -37,6 +40,9 @@ def _rowwise_experts(x, ids, weights, w1, w2, b1=None, b2=None, **kw):
 def overlap_stack(fake_stack, monkeypatch):  # noqa: F811
     monkeypatch.setattr(layer_mod, "moe_forward", _rowwise_experts)
     monkeypatch.setattr(layer_mod, "transfer_stream", lambda device: _Stream())
+    # No GPU to ask: chunks of an even number of rows "run on the kernel" (sync-free call).
+    monkeypatch.setattr(layer_mod, "runs_on_kernel", lambda ex, dev, shape, w1, w2, alg, rows: rows % 2 == 0)
+    FIXED_CAPACITY_CALLS.clear()
 
 
 def test_chunk_bounds():
@@ -125,6 +131,9 @@ def test_overlap_chunks_equal_the_one_gpu_layer_and_one_chunk_bitwise(overlap_st
             assert got[chunks, "traffic"]["received"] == model[r].recv_counts.sum(axis=1).tolist()
     if kind == "last_rank":
         assert all(sum(got[2, "traffic"]["received"]) == 0 for got in _run(world, rank_fn)[:-1])
+    # Chunks went both ways (sync-free where "on the kernel"); one chunk never does.
+    assert {fixed for _, fixed in FIXED_CAPACITY_CALLS} == {True, False}
+    assert all(n % 2 == 0 for n, fixed in FIXED_CAPACITY_CALLS if fixed)
 
 
 def test_all_tokens_to_one_rank_with_biases(overlap_stack):
@@ -217,7 +226,7 @@ def test_streams_order_the_chunks(fake_stack):  # noqa: F811
 
     def experts(rows, local):
         log.ops.append(("compute", "experts", sorted(set(np.asarray(local).reshape(-1).tolist()))))
-        return _arr(np.asarray(rows) * 2)
+        return _arr(np.array(rows))
 
     send = np.array([[2, 0, 1, 3], [1, 1, 0, 2]])  # 2 ranks, 4 local experts
     recv = np.array([[1, 2, 0, 0], [0, 1, 1, 4]])
@@ -312,3 +321,37 @@ def test_ep_bench_overlap_report():
     assert "MISS overlap not faster: 10.95 vs 11.00 ms at best (overlap_chunks=2)" in text
     assert "PASS overlap" not in text
     assert "overlap" not in "\n".join(format_report([run(2, 11.0)]))  # not measured: no section
+
+
+def test_runs_on_kernel_follows_the_default_paths_choice():
+    """Sync-free chunks exactly where moe_forward's default path takes the Hopper kernel
+    step: AUTO, SM 9.0, a 16-bit layer the kernel fits, not a few-expert decode call."""
+    from cublas_grouped.gemm.config import Algorithm
+    from cublas_grouped.moe.checks import layer_shape
+    from cublas_grouped.moe.fixed_capacity import MAX_FIXED_CAPACITY_TOKENS
+
+    class Executor:
+        def __init__(self, sm, algorithm=Algorithm.AUTO):
+            self.sm, self.config = sm, types.SimpleNamespace(algorithm=algorithm)
+
+        def info_for(self, device_id):
+            return types.SimpleNamespace(sm=self.sm)
+
+    def weights(experts, dtype=np.float16, hidden=64, inter=32):
+        return Dev(np.zeros((experts, hidden, 2 * inter), dtype)), Dev(
+            np.zeros((experts, inter, hidden), dtype)
+        )
+
+    def on(executor, experts, rows, algorithm="auto", dtype=np.float16):
+        w1, w2 = weights(experts, dtype)
+        shape = layer_shape(w1, w2, 1)
+        return overlap_mod.runs_on_kernel(executor, 0, shape, w1, w2, algorithm, rows)
+
+    hopper = Executor((9, 0))
+    assert on(hopper, 16, 1) and on(hopper, 16, 4096) and on(hopper, 4, 65)
+    assert on(hopper, 16, MAX_FIXED_CAPACITY_TOKENS) and not on(hopper, 16, MAX_FIXED_CAPACITY_TOKENS + 1)
+    assert not on(hopper, 8, 64) and not on(hopper, 4, 1)  # few-expert decode calls keep cuBLAS
+    assert not on(hopper, 16, 4096, algorithm="sequential")
+    assert not on(hopper, 16, 4096, dtype=np.float32)
+    assert not on(Executor((8, 0)), 16, 4096)
+    assert not on(Executor((9, 0), Algorithm.CUBLAS_GROUPED), 16, 4096)

@@ -36,7 +36,7 @@ from ..moe.routing import route
 from ..runtime.arrays import as_cupy, view
 from ..runtime.device import stream_resources
 from .group import ProcessGroup
-from .overlap import exchange_in_chunks, transfer_stream
+from .overlap import exchange_in_chunks, runs_on_kernel, transfer_stream
 from .plan import chunk_layout, placement, receive_layout, send_layout
 
 __all__ = ["ExpertParallelMoE", "SIGNATURE_FIELDS", "as_bits"]
@@ -325,7 +325,13 @@ class ExpertParallelMoE:
             if self._transfer is None:
                 self._transfer = transfer_stream(group.device_id)
             plans = chunk_layout(host[0, :, :epr], host[1, :, :epr], self.overlap_chunks)
-            experts = lambda rows, local: self._experts(stream, rows, local)  # noqa: E731
+
+            def experts(rows, local):
+                fixed = runs_on_kernel(
+                    self.executor, group.device_id, self.shape, self.w1, self.w2, self.algorithm, rows.shape[0]
+                )  # fmt: skip
+                return self._experts(stream, rows, local, fixed_capacity=fixed)
+
             back = exchange_in_chunks(group, stream, self._transfer, send_buf, plans, experts, pairs)
             mark_stage(timer, "overlapped", stream)
         else:
@@ -354,10 +360,10 @@ class ExpertParallelMoE:
         mark_stage(timer, "combine", stream)
         return out
 
-    def _experts(self, stream, rows, local_ids):
+    def _experts(self, stream, rows, local_ids, fixed_capacity=False):
         """This rank's experts on received rows, one choice each, weight 1: the weights
         are applied at home, to each row with its b2, as moe_forward weights expert
-        output and bias together."""
+        output and bias together. ``fixed_capacity``: see :func:`runs_on_kernel`."""
         return moe_forward(
             rows,
             local_ids,
@@ -372,6 +378,7 @@ class ExpertParallelMoE:
             algorithm=self.algorithm,
             executor=self.executor,
             stream=stream,
+            fixed_capacity=fixed_capacity,
         )
 
     __call__ = forward

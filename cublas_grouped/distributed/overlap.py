@@ -14,9 +14,14 @@ rank's local experts ``lo_c .. hi_c - 1``. Two streams take part:
 
 So chunk c+1's rows travel while chunk c is computed, and chunk c's results
 travel back while chunk c+1 is computed: only the first chunk's dispatch and
-the last chunk's combine stay exposed (about 2/N of the transfer time), plus
-a host gap between chunks where the local experts synchronize (the one-GPU
-layer copies a count to the host at the end of each call).
+the last chunk's combine stay exposed (about 2/N of the transfer time).
+
+Where a chunk's local experts run on the Hopper kernel (:func:`runs_on_kernel`),
+they run through ``moe_forward(fixed_capacity=True)``: the same kernel step
+as the default path, without its closing copy to the host (of the pairs
+dropped for bad ids; received ids are valid by construction), so the host
+queues every chunk at once and the GPU has no gap between them. Elsewhere
+``moe_forward``'s default path copies the counts to the host per chunk.
 
 Same bits as one chunk: every expert's rows lie in one chunk, in the same
 order (source, token, choice), and the local experts compute each row from
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["transfer_stream", "exchange_in_chunks"]
+__all__ = ["transfer_stream", "exchange_in_chunks", "runs_on_kernel"]
 
 
 # Lower is higher; CUDA clamps a priority outside the device's range to the range's
@@ -44,6 +49,23 @@ def transfer_stream(device_id: int):
 
     with cupy.cuda.Device(device_id):
         return cupy.cuda.Stream(non_blocking=True, priority=HIGHEST_PRIORITY)
+
+
+def runs_on_kernel(executor, device_id: int, shape, w1, w2, algorithm, rows: int) -> bool:
+    """Whether ``moe_forward`` on ``rows`` received rows (one choice each) takes the
+    Hopper kernel step by default: AUTO, at most ``MAX_FIXED_CAPACITY_TOKENS`` rows,
+    and :func:`~cublas_grouped.moe.fixed_capacity.fixed_capacity_backend` saying so.
+    There ``fixed_capacity=True`` runs the same step (the same bits) with no host copy."""
+    from ..gemm.config import Algorithm, coerce_enum
+    from ..moe.fixed_capacity import MAX_FIXED_CAPACITY_TOKENS, fixed_capacity_backend
+
+    if (
+        coerce_enum(Algorithm, algorithm, "algorithm") is not Algorithm.AUTO
+        or rows > MAX_FIXED_CAPACITY_TOKENS
+    ):
+        return False
+    sm = executor.info_for(device_id).sm
+    return fixed_capacity_backend(sm, executor, shape, w1, w2, rows) == "sm90_grouped"
 
 
 def exchange_in_chunks(group, stream, transfer, send_buf, plans, experts, pairs: int):
