@@ -5,7 +5,8 @@
 MODE ``cases``: every case below on all ranks; each rank writes
 ``OUT_DIR/rank<r>.json`` with one record per case (errors against the
 single-GPU layer and float64, bitwise repeatability, traffic against the
-NumPy plan, the messages of the refused calls). MODE ``stall``: rank 1 joins
+NumPy plan, the messages of the refused calls, and the same layer with
+``overlap_chunks`` 2 and 3 against one chunk). MODE ``stall``: rank 1 joins
 and then stops taking part; rank 0's layer call must end in a
 ``CollectiveTimeoutError`` within the group's timeout.
 """
@@ -25,6 +26,7 @@ import numpy as np
 
 import cublas_grouped as cg
 from cublas_grouped.distributed import (
+    ChunkPlan,
     CollectiveTimeoutError,
     ExpertParallelMoE,
     FixedCapacityExpertParallelMoE,
@@ -34,6 +36,9 @@ from cublas_grouped.distributed import (
     send_layout,
     send_order,
 )
+from cublas_grouped.distributed.plan import chunk_layout
+from cublas_grouped.moe.checks import executor_or_shared, layer_shape
+from cublas_grouped.moe.kernel_step import fixed_capacity_backend
 from cublas_grouped.testing import moe_forward_ref, rel_error
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -78,6 +83,58 @@ def _data(name, world):
     return w1, w2, per_rank, experts, k
 
 
+def _on_the_kernel(group, w1, w2, chunks: list[ChunkPlan], total_rows: int) -> bool:
+    """Whether every local expert call of this rank (one chunk and each overlap chunk)
+    runs on the Hopper kernel under AUTO, which computes each row from that row and
+    the weights alone: there the overlapped layer must give the same bits."""
+    if total_rows == 0:
+        return False
+    executor = executor_or_shared(None)
+    sm = executor.info_for(group.device_id).sm
+    shape = layer_shape(w1, w2, 1)
+    rows = [total_rows] + [p.rows[1] - p.rows[0] for p in chunks]
+    return all(fixed_capacity_backend(sm, executor, shape, w1, w2, n) == "sm90_grouped" for n in rows if n)
+
+
+def overlap_case(group, name, x, ids, w, w1_local, w2_local, experts, k, base, ref, ids_all):
+    """``overlap_chunks`` 2 and 3 against one chunk, on this rank's part of the case.
+
+    bf16: AUTO, as ``base``; same bits required where every call runs on the kernel.
+    fp32: algorithm="sequential" on both sides (one cuBLAS GEMM per expert with the
+    same rows whatever the chunk), same bits required.
+    """
+    import cupy
+
+    fp32 = x.dtype == np.float32
+    algorithm = "sequential" if fp32 else "auto"
+    if fp32:
+        one = ExpertParallelMoE(group, w1_local, w2_local, experts, k, algorithm=algorithm)
+        base = cupy.asnumpy(one(x, ids, w))
+    rank, world = group.rank, group.world_size
+    epr = experts // world
+    counts = [np.bincount(a.reshape(-1), minlength=experts).reshape(world, epr) for a in ids_all]
+    send, recv = counts[rank], np.stack([c[rank] for c in counts])
+    results = {}
+    for chunks in (2, 3):
+        layer = ExpertParallelMoE(
+            group, w1_local, w2_local, experts, k, algorithm=algorithm, overlap_chunks=chunks
+        )
+        a = cupy.asnumpy(layer(x, ids, w))
+        b = cupy.asnumpy(layer(x, ids, w))
+        cupy.cuda.get_current_stream().synchronize()
+        plans = chunk_layout(send, recv, chunks)
+        results[str(chunks)] = {
+            "same_bits": a.tobytes() == base.tobytes(),
+            "bitwise_repeat": a.tobytes() == b.tobytes(),
+            "err_ref": float(rel_error(a.astype(np.float64), ref)) if ref.size else 0.0,
+            "nan": int(np.isnan(a.astype(np.float64)).sum()),
+            "bits_required": fp32 or _on_the_kernel(group, w1_local, w2_local, plans, int(recv.sum())),
+            "chunks": len(plans),
+            "sm": list(executor_or_shared(None).info_for(group.device_id).sm),
+        }
+    return results
+
+
 def run_case(group, name):
     import cupy
 
@@ -105,7 +162,14 @@ def run_case(group, name):
     ref = moe_forward_ref(x_h.astype(np.float64), ids_h, w_h, w1.astype(np.float64), w2.astype(np.float64))
     model = dispatch_model([p[1] for p in per_rank], experts)[rank]
     got = outs[0].astype(np.float64)
+    try:
+        overlap = overlap_case(
+            group, name, x, ids, w, layer.w1, layer.w2, experts, k, outs[0], ref, [p[1] for p in per_rank]
+        )
+    except Exception:
+        overlap = {"exception": traceback.format_exc()}
     return {
+        "overlap": overlap,
         "tokens": int(x_h.shape[0]),
         "shape_ok": outs[0].shape == ref.shape and outs[0].dtype == x_h.dtype,
         "nan": int(np.isnan(got).sum()),

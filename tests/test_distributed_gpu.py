@@ -1,10 +1,14 @@
-"""Expert parallelism on 2 (and 4) GPUs of one host: the distributed layer,
+"""Expert parallelism on 2 and 4 GPUs of one host: the distributed layer,
 started through the launcher, against single-GPU ``moe_forward`` holding all
-experts and the float64 reference; bitwise repeatable; refused calls raise on
-every rank; a rank that stops taking part ends in a timeout, not a hang.
+experts and the float64 reference; bitwise repeatable; the overlapped
+exchange (``overlap_chunks`` 2 and 3) with the same bits as one chunk;
+refused calls raise on every rank; a rank that stops taking part ends in a
+timeout, not a hang.
 
 Each launch runs every case in one set of processes (tests/ep_worker.py), so
-the whole file takes about a minute on 2 GPUs."""
+the whole file takes about a minute on 2 GPUs. World sizes: 2, and 4 where
+four GPUs are present; ``CUBLAS_GROUPED_EP_WORLDS=2,4`` names them (a size
+with too few GPUs then fails instead of being left out)."""
 
 from __future__ import annotations
 
@@ -40,7 +44,8 @@ def _device_count() -> int:
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_device_count() < 2, reason="needs two GPUs")]
-WORLDS = [2] + ([4] if _device_count() >= 4 else [])
+_NAMED = os.environ.get("CUBLAS_GROUPED_EP_WORLDS")
+WORLDS = [int(w) for w in _NAMED.split(",")] if _NAMED else [2] + ([4] if _device_count() >= 4 else [])
 
 
 def _launch(nproc: int, mode: str, out_dir: Path, timeout: float):
@@ -70,6 +75,9 @@ def _launch(nproc: int, mode: str, out_dir: Path, timeout: float):
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda r: f"{r}gpus")
 def results(request, tmp_path_factory):
     nproc = request.param
+    assert nproc <= _device_count(), (
+        f"{nproc} GPUs named in CUBLAS_GROUPED_EP_WORLDS; {_device_count()} present"
+    )
     out = tmp_path_factory.mktemp(f"ep{nproc}")
     proc, _ = _launch(nproc, "cases", out, timeout=300)
     assert proc.returncode == 0, (
@@ -99,6 +107,28 @@ def test_distributed_layer_equals_one_gpu(results, case):
         assert [got[case]["received"] for got in ranks[:-1]] == [[0] * nproc] * (nproc - 1)
     if case == "fp32 a rank with no tokens":
         assert ranks[0][case]["tokens"] == 0
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_overlap_chunks_give_the_bits_of_one_chunk(results, case):
+    nproc, ranks = results
+    fp32 = case.startswith("fp32")
+    for rank, got in enumerate(ranks):
+        overlap = got[case]["overlap"]
+        assert "exception" not in overlap, f"rank {rank}: {overlap.get('exception')}"
+        assert sorted(overlap) == ["2", "3"]
+        for chunks, r in overlap.items():
+            where = f"{case}, {chunks} chunks, rank {rank} of {nproc}: {r}"
+            assert r["bitwise_repeat"] and r["nan"] == 0, where
+            assert r["err_ref"] <= (1e-5 if fp32 else 2e-2), where
+            if r["bits_required"]:
+                assert r["same_bits"], where
+    # The check above is not vacuous: fp32 always, bf16 prefill on the Hopper kernel (SM 9.0).
+    if case == "fp32 uniform prefill" or (
+        case == "bf16 uniform prefill" and ranks[0][case]["overlap"]["3"]["sm"] == [9, 0]
+    ):
+        assert all(got[case]["overlap"]["3"]["bits_required"] for got in ranks)
+        assert all(got[case]["overlap"]["3"]["chunks"] >= 2 for got in ranks)
 
 
 def test_fixed_capacity_layer(results):

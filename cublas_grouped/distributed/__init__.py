@@ -16,10 +16,22 @@ from .group import (
     read_launch_env,
 )
 from .layer import ExpertParallelMoE
-from .plan import Placement, dispatch_model, forward_model, placement, receive_layout, send_layout, send_order
+from .plan import (
+    ChunkPlan,
+    Placement,
+    chunk_bounds,
+    chunk_layout,
+    dispatch_model,
+    forward_model,
+    placement,
+    receive_layout,
+    send_layout,
+    send_order,
+)
 from .store import StoreTimeoutError, TCPStore
 
 __all__ = [
+    "ChunkPlan",
     "CollectiveTimeoutError",
     "DistributedError",
     "ExpertParallelMoE",
@@ -29,6 +41,8 @@ __all__ = [
     "ProcessGroup",
     "StoreTimeoutError",
     "TCPStore",
+    "chunk_bounds",
+    "chunk_layout",
     "dispatch_model",
     "forward_model",
     "init_process_group",

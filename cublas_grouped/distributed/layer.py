@@ -16,6 +16,11 @@ One :meth:`ExpertParallelMoE.forward` on every rank (each with its own tokens):
 5. the results travel back, and each source combines its tokens' k rows,
    weighted, in choice order, with the single-GPU layer's combine kernel.
 
+With ``overlap_chunks=N`` > 1, steps 3 to 5's transfers and the local experts
+run in N chunks of local experts on two streams, so that transfers overlap
+compute (:mod:`cublas_grouped.distributed.overlap`); the same bits where the
+local experts compute each row on its own (docs/distributed.md).
+
 Nothing in it depends on timing: two runs give the same bits.
 """
 
@@ -31,7 +36,8 @@ from ..moe.routing import route
 from ..runtime.arrays import as_cupy, view
 from ..runtime.device import stream_resources
 from .group import ProcessGroup
-from .plan import placement, receive_layout, send_layout
+from .overlap import exchange_in_chunks, runs_on_kernel, transfer_stream
+from .plan import chunk_layout, placement, receive_layout, send_layout
 
 __all__ = ["ExpertParallelMoE", "SIGNATURE_FIELDS", "as_bits"]
 
@@ -48,6 +54,7 @@ SIGNATURE_FIELDS = (
     "gated",
     "trans_b",
     "biases (1: b1, 2: b2, 3: both)",
+    "overlap chunks",
 )
 _DTYPE_CODES = {"float32": 1, "float16": 2, "bfloat16": 3}
 _ACT_CODES = {"silu": 1, "gelu": 2, "relu": 3}
@@ -86,6 +93,14 @@ class ExpertParallelMoE:
         Check every call that all ranks agree (one small all-reduce and host
         copy). Off saves that step; ranks that disagree then fail in NCCL or hang
         until the group's timeout.
+    overlap_chunks : int
+        1 (default): dispatch, local experts and combine one after the other
+        on the call's stream. N > 1: the exchange and the local experts in
+        ``min(N, E/R)`` chunks of local experts, transfers on a stream of the
+        layer's own, so that one chunk's transfers overlap another's compute
+        (:mod:`cublas_grouped.distributed.overlap`); the same result, bit for
+        bit, where the local experts compute each row independently of the
+        others (docs/distributed.md). Every rank must give the same N.
     """
 
     def __init__(
@@ -104,7 +119,14 @@ class ExpertParallelMoE:
         check_shapes: bool = True,
         b1=None,
         b2=None,
+        overlap_chunks: int = 1,
     ):
+        if (
+            isinstance(overlap_chunks, bool)
+            or not isinstance(overlap_chunks, (int, np.integer))
+            or overlap_chunks < 1
+        ):
+            raise ValueError(f"overlap_chunks must be an int >= 1; got {overlap_chunks!r}")
         self.placement = placement(num_experts, group.world_size)
         self.shape = layer_shape(
             w1, w2, top_k, b1=b1, b2=b2, activation=activation, gated=gated, trans_b=trans_b
@@ -130,6 +152,8 @@ class ExpertParallelMoE:
         self.b1, self.b2 = b1, b2
         self.algorithm, self.executor = algorithm, executor_or_shared(executor)
         self.check_shapes = bool(check_shapes)
+        self.overlap_chunks = int(overlap_chunks)
+        self._transfer = None  # the transfer stream of overlapped calls, made at the first one
         #: Rows of the last call: ``sent[d]`` to rank d, ``received[s]`` from rank s (host ints).
         self.last_traffic: dict[str, np.ndarray] = {}
 
@@ -159,6 +183,7 @@ class ExpertParallelMoE:
                 int(s.gated),
                 int(s.trans_b),
                 int(self.b1 is not None) + 2 * int(self.b2 is not None),
+                self.overlap_chunks,
             ],
             dtype=np.int64,
         )
@@ -223,7 +248,8 @@ class ExpertParallelMoE:
         stream : the stream for this call's work and NCCL transfers (default: CuPy's current one)
         timer : optional :class:`cublas_grouped.StageTimer` (stages: agree, counts,
             gather, dispatch, experts, combine_exchange, combine; dispatch and
-            combine_exchange are the NCCL transfers alone)
+            combine_exchange are the NCCL transfers alone; with overlap_chunks > 1
+            dispatch, experts and combine_exchange are one stage, overlapped)
 
         Returns
         -------
@@ -295,49 +321,34 @@ class ExpertParallelMoE:
         # Dispatch: the valid pairs' rows, in send order (bad ids were refused above).
         send_buf = cupy.take(as_bits(x), order // k, axis=0).view(x.dtype)
         mark_stage(timer, "gather", stream)
-        recv_buf = cupy.empty((int(recv_offsets[-1]), hidden), dtype=x.dtype)
-        group.exchange(
-            send_buf.data.ptr,
-            [(send_offsets[d] * item, sent_rows[d] * item) for d in range(world)],
-            recv_buf.data.ptr,
-            [(recv_offsets[s] * item, recv_rows[s] * item) for s in range(world)],
-            stream.ptr,
-        )
-        mark_stage(timer, "dispatch", stream)
+        if self.overlap_chunks > 1:
+            if self._transfer is None:
+                self._transfer = transfer_stream(group.device_id)
+            plans = chunk_layout(host[0, :, :epr], host[1, :, :epr], self.overlap_chunks)
 
-        # Local experts: one choice per received row, weight 1 (the weights are applied at home,
-        # to each row with its b2, as moe_forward weights expert output and bias together).
-        if recv_buf.shape[0]:
-            local = cupy.asarray(local_ids.reshape(-1, 1))
-            y = moe_forward(
-                recv_buf,
-                local,
-                None,
-                as_cupy(self.w1),
-                as_cupy(self.w2),
-                b1=None if self.b1 is None else as_cupy(self.b1),
-                b2=None if self.b2 is None else as_cupy(self.b2),
-                activation=self.shape.activation,
-                gated=self.shape.gated,
-                trans_b=self.shape.trans_b,
-                algorithm=self.algorithm,
-                executor=self.executor,
-                stream=stream,
-            )
+            def experts(rows, local):
+                fixed = runs_on_kernel(
+                    self.executor, group.device_id, self.shape, self.w1, self.w2, self.algorithm, rows.shape[0]
+                )  # fmt: skip
+                return self._experts(stream, rows, local, fixed_capacity=fixed)
+
+            back = exchange_in_chunks(group, stream, self._transfer, send_buf, plans, experts, pairs)
+            mark_stage(timer, "overlapped", stream)
         else:
+            recv_buf = cupy.empty((int(recv_offsets[-1]), hidden), dtype=x.dtype)
+            sends = [(send_offsets[d] * item, sent_rows[d] * item) for d in range(world)]
+            recvs = [(recv_offsets[s] * item, recv_rows[s] * item) for s in range(world)]
+            group.exchange(send_buf.data.ptr, sends, recv_buf.data.ptr, recvs, stream.ptr)
+            mark_stage(timer, "dispatch", stream)
+            # One choice per received row, weight 1.
             y = recv_buf
-        mark_stage(timer, "experts", stream)
-
-        # Back to the sources, into send order; then each token's k rows in choice order.
-        back = cupy.empty((pairs, hidden), dtype=x.dtype)
-        group.exchange(
-            y.data.ptr,
-            [(recv_offsets[s] * item, recv_rows[s] * item) for s in range(world)],
-            back.data.ptr,
-            [(send_offsets[d] * item, sent_rows[d] * item) for d in range(world)],
-            stream.ptr,
-        )
-        mark_stage(timer, "combine_exchange", stream)
+            if recv_buf.shape[0]:
+                y = self._experts(stream, recv_buf, cupy.asarray(local_ids.reshape(-1, 1)))
+            mark_stage(timer, "experts", stream)
+            # Back to the sources, into send order.
+            back = cupy.empty((pairs, hidden), dtype=x.dtype)
+            group.exchange(y.data.ptr, recvs, back.data.ptr, sends, stream.ptr)
+            mark_stage(timer, "combine_exchange", stream)
         out = cupy.empty((tokens, hidden), dtype=x.dtype)
         if tokens:
             pair_to_row = cupy.empty(pairs, dtype=cupy.int32)
@@ -348,5 +359,26 @@ class ExpertParallelMoE:
             )
         mark_stage(timer, "combine", stream)
         return out
+
+    def _experts(self, stream, rows, local_ids, fixed_capacity=False):
+        """This rank's experts on received rows, one choice each, weight 1: the weights
+        are applied at home, to each row with its b2, as moe_forward weights expert
+        output and bias together. ``fixed_capacity``: see :func:`runs_on_kernel`."""
+        return moe_forward(
+            rows,
+            local_ids,
+            None,
+            as_cupy(self.w1),
+            as_cupy(self.w2),
+            b1=None if self.b1 is None else as_cupy(self.b1),
+            b2=None if self.b2 is None else as_cupy(self.b2),
+            activation=self.shape.activation,
+            gated=self.shape.gated,
+            trans_b=self.shape.trans_b,
+            algorithm=self.algorithm,
+            executor=self.executor,
+            stream=stream,
+            fixed_capacity=fixed_capacity,
+        )
 
     __call__ = forward

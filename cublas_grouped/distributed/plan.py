@@ -14,7 +14,9 @@ sends the results back in the same order, and the source combines each
 token's k rows in choice order.
 
 The helpers :func:`placement`, :func:`send_layout` and :func:`receive_layout`
-are what the GPU layer runs on the host; :func:`dispatch_model` and
+are what the GPU layer runs on the host (:func:`chunk_layout` too, when it
+splits the exchange into chunks of local experts to overlap it with the
+experts' compute); :func:`dispatch_model` and
 :func:`forward_model` play the whole exchange for faked ranks in NumPy, for
 tests.
 """
@@ -31,6 +33,9 @@ __all__ = [
     "send_order",
     "send_layout",
     "receive_layout",
+    "chunk_bounds",
+    "ChunkPlan",
+    "chunk_layout",
     "RankTraffic",
     "dispatch_model",
     "forward_model",
@@ -105,6 +110,69 @@ def receive_layout(recv_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     offsets = np.concatenate([[0], np.cumsum(rows)])
     local = np.tile(np.arange(counts.shape[1], dtype=np.int32), counts.shape[0])
     return rows, offsets, np.repeat(local, counts.reshape(-1))
+
+
+def chunk_bounds(experts_per_rank: int, chunks: int) -> list[tuple[int, int]]:
+    """Local expert ranges ``[lo, hi)`` of the overlap chunks: ``min(chunks, E/R)``
+    non-empty ranges as even as integer division makes them, in order. Every
+    rank holds E/R experts, so every rank cuts the same ranges."""
+    n = min(int(chunks), int(experts_per_rank))
+    edges = [c * experts_per_rank // n for c in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """One chunk of an exchange split by local expert (:func:`chunk_layout`).
+
+    Attributes
+    ----------
+    experts : (lo, hi), the local experts of the chunk on every rank
+    send : per destination d, (row offset, rows) in the send buffer: the rows
+        for d's local experts lo .. hi-1 (one contiguous run of the send order)
+    recv : per source s, (row offset, rows) in the chunk-major receive buffer
+    rows : (start, end) of the chunk in the receive buffer
+    local_ids : int32 [end - start], the local expert of each received row
+    """
+
+    experts: tuple[int, int]
+    send: list
+    recv: list
+    rows: tuple[int, int]
+    local_ids: np.ndarray
+
+
+def chunk_layout(send_counts: np.ndarray, recv_counts: np.ndarray, chunks: int) -> list[ChunkPlan]:
+    """The exchange cut into chunks of local experts, for overlapping it with compute.
+
+    Parameters
+    ----------
+    send_counts : int [R, E/R], rows this rank sends for each (destination, local expert)
+    recv_counts : int [R, E/R], rows it receives for each (source, local expert)
+    chunks : how many chunks (see :func:`chunk_bounds`)
+
+    The receive buffer is chunk-major: chunk 0 from source 0, 1, ..., then
+    chunk 1, ...; within a chunk, rows are in (source, local expert, token,
+    choice) order. So each expert's rows arrive in the same order as without
+    chunks (source, then token, then choice), in one chunk, and the expert
+    computation sees the same rows per expert. With one chunk this is
+    :func:`send_layout` and :func:`receive_layout`.
+    """
+    send = np.asarray(send_counts, dtype=np.int64)
+    recv = np.asarray(recv_counts, dtype=np.int64)
+    world, epr = send.shape
+    starts = np.concatenate([[0], np.cumsum(send.reshape(-1))])  # send offset of (d, e) at d * epr + e
+    plans, at = [], 0
+    for lo, hi in chunk_bounds(epr, chunks):
+        sends = [(int(starts[d * epr + lo]), int(send[d, lo:hi].sum())) for d in range(world)]
+        first, recvs, ids = at, [], []
+        for s in range(world):
+            rows = int(recv[s, lo:hi].sum())
+            recvs.append((at, rows))
+            ids.append(np.repeat(np.arange(lo, hi, dtype=np.int32), recv[s, lo:hi]))
+            at += rows
+        plans.append(ChunkPlan((lo, hi), sends, recvs, (first, at), np.concatenate(ids).astype(np.int32)))
+    return plans
 
 
 @dataclass

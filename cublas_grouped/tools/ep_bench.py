@@ -13,10 +13,16 @@ measures, for each tokens-per-rank count:
   bytes that leave the rank per second, the same measure as NCCL's bus
   bandwidth of an all-to-all;
 - in the same processes, NCCL's all-reduce bus bandwidth (256 MiB) and an
-  equal-split all-to-all of the dispatch's bytes.
+  equal-split all-to-all of the dispatch's bytes;
+- on 2+ GPUs, the same layer with ``overlap_chunks=N`` (``--overlap-chunks``,
+  default 2 and 4) on the same inputs: its layer time, whether its output has
+  the same bits, and the share of the transfer time it hides,
+  ``(layer ms without - layer ms with) / (dispatch + combine ms without)``.
 
 Targets printed: dispatch + combine >= 70% of the all-to-all bus bandwidth
 at 4096+ tokens per rank; tokens/s >= 1.7x on 2 GPUs and >= 3.2x on 4.
+Overlap: PASS where it is faster (and then which N to turn on), MISS where
+not (``overlap_chunks`` stays 1, the default).
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ __all__ = ["main", "worker", "format_report"]
 
 SHAPE = {"hidden": 7168, "inter": 2048, "experts": 256, "top_k": 8}
 ALLREDUCE_BYTES = 256 << 20
+# Overlap counts as faster when it saves at least this share of the layer time
+# (about the spread of the medians of 10 calls).
+OVERLAP_MIN_GAIN = 0.01
 
 
 def _median_event_ms(fn, stream, repeat: int) -> float:
@@ -94,6 +103,45 @@ def _fit_experts(world: int, requested: int, hidden: int, inter: int, tokens: in
     return max(experts - experts % world, world)
 
 
+def _wall_ms(layer, x, ids, weights, stream, args, timer_stages=False):
+    """Median wall time of whole calls (host sync included), and the median stage times."""
+    import cublas_grouped as cg
+
+    for _ in range(args.warmup):
+        layer(x, ids, weights)
+    stream.synchronize()
+    walls, stages = [], []
+    for _ in range(args.repeat):
+        timer = cg.StageTimer() if timer_stages else None
+        start = time.perf_counter()
+        layer(x, ids, weights, timer=timer)
+        stream.synchronize()
+        walls.append((time.perf_counter() - start) * 1e3)
+        if timer is not None:
+            stages.append(timer.times_ms())
+    stage_ms = {name: statistics.median(s[name] for s in stages) for name in stages[0]} if stages else {}
+    return statistics.median(walls), stage_ms
+
+
+def _overlap(group, w1, w2, experts, k, x, ids, weights, stream, args, base_ms, base_out) -> list[dict]:
+    """The layer with each ``overlap_chunks`` N on the same inputs: ms and same bits as without."""
+    import cupy
+
+    from cublas_grouped.distributed import ExpertParallelMoE
+
+    rows = []
+    for chunks in args.overlap_chunks:
+        try:
+            layer = ExpertParallelMoE(group, w1, w2, experts, k, overlap_chunks=chunks)
+            ms, _ = _wall_ms(layer, x, ids, weights, stream, args)
+            out = layer(x, ids, weights)
+            same = bool((out.view(cupy.uint16) == base_out.view(cupy.uint16)).all())
+            rows.append({"chunks": chunks, "layer_ms": ms, "same_bits": same, "base_ms": base_ms})
+        except Exception as exc:  # reported, not fatal: the rows without overlap stand
+            rows.append({"chunks": chunks, "error": f"{type(exc).__name__}: {exc}"})
+    return rows
+
+
 def worker(args) -> int:
     """One rank of the benchmark (started by the driver through the launcher)."""
     import cupy
@@ -127,27 +175,16 @@ def worker(args) -> int:
         x = (rng.standard_normal((tokens, hidden), dtype=cupy.float32)).astype(bf16)
         logits = rng.standard_normal((tokens, experts), dtype=cupy.float32)
         weights, ids = cg.route(logits, k)
-        for _ in range(args.warmup):
-            layer(x, ids, weights)
-        stream.synchronize()
-        walls, stages = [], []
-        for _ in range(args.repeat):
-            timer = cg.StageTimer()
-            start = time.perf_counter()
-            layer(x, ids, weights, timer=timer)
-            stream.synchronize()
-            walls.append((time.perf_counter() - start) * 1e3)
-            stages.append(timer.times_ms())
+        layer_ms, stage_ms = _wall_ms(layer, x, ids, weights, stream, args, timer_stages=True)
         item = 2 * hidden
         sent, received = layer.last_traffic["sent"], layer.last_traffic["received"]
         off_rank = int(sent.sum() - sent[rank]) * item
         back = int(received.sum() - received[rank]) * item  # the combine returns what was received
-        stage_ms = {name: statistics.median(s[name] for s in stages) for name in stages[0]}
         bus = _nccl_bus_gbs(group, int(sent.sum()) * item, args.repeat)
         rows.append(
             {
                 "tokens_per_rank": tokens,
-                "layer_ms": statistics.median(walls),
+                "layer_ms": layer_ms,
                 "stage_ms": stage_ms,
                 "dispatch_bytes": off_rank,
                 "combine_bytes": back,
@@ -156,6 +193,11 @@ def worker(args) -> int:
                 **bus,
             }
         )
+        if world > 1 and args.overlap_chunks:
+            base_out = layer(x, ids, weights)
+            rows[-1]["overlap"] = _overlap(
+                group, w1, w2, experts, k, x, ids, weights, stream, args, layer_ms, base_out
+            )
         if tokens <= args.fixed_max_tokens:
             rows[-1]["fixed"] = _fixed_capacity(group, w1, w2, experts, k, x, ids, weights, args)
     if rank == 0:
@@ -262,8 +304,54 @@ def format_report(runs: list[dict]) -> list[str]:
                     f"{f['graph_ms']:<16.3f} {f['overflow']}"
                 )
     fixed = fixed if len(fixed) > 1 else []
-    overlap = ["overlap of transfers with expert compute: not implemented (0% hidden)"]
-    return lines + verdicts + notes + fixed + overlap
+    return lines + verdicts + notes + fixed + _overlap_report(runs, base)
+
+
+def _overlap_report(runs: list[dict], base: dict) -> list[str]:
+    """The overlap table (``overlap_chunks`` N against 1, same run) and its PASS/MISS lines."""
+    lines = [
+        "overlap (chunks of local experts): GPUs  tok/rank  chunks  layer ms (1 chunk)  layer ms  "
+        "transfer ms  hidden  tokens/s  scaling  same bits"
+    ]
+    verdicts = []
+    for run in runs:
+        world = run["world"]
+        for r in run["rows"]:
+            t, best = r["tokens_per_rank"], None
+            transfer = r["stage_ms"].get("dispatch", 0.0) + r["stage_ms"].get("combine_exchange", 0.0)
+            for o in r.get("overlap", []):
+                if "error" in o:
+                    lines.append(f"  {world} GPUs, {t} tokens/rank, {o['chunks']} chunks: {o['error']}")
+                    continue
+                hidden = (o["base_ms"] - o["layer_ms"]) / transfer if transfer > 0 else None
+                scaling = base[t] / o["layer_ms"] * world if t in base else None
+                lines.append(
+                    f"  {world:<5d} {t:<9d} {o['chunks']:<7d} {o['base_ms']:<19.2f} {o['layer_ms']:<9.2f} "
+                    f"{transfer:<12.2f} {_fmt(hidden, '.0%'):<7} {world * t / (o['layer_ms'] / 1e3):<9.0f} "
+                    f"{_fmt(scaling, '.2f'):<8} {'yes' if o['same_bits'] else 'NO'}"
+                )
+                if not o["same_bits"]:
+                    verdicts.append(
+                        f"MISS overlap changed the output's bits (overlap_chunks={o['chunks']}), {world} GPUs, "
+                        f"{t} tokens/rank"
+                    )
+                elif best is None or o["layer_ms"] < best["layer_ms"]:
+                    best = {**o, "hidden": hidden}
+            if best is None:
+                continue
+            where = f"{world} GPUs, {t} tokens/rank"
+            if best["layer_ms"] < (1 - OVERLAP_MIN_GAIN) * best["base_ms"]:
+                verdicts.append(
+                    f"PASS overlap faster: {best['layer_ms']:.2f} vs {best['base_ms']:.2f} ms, "
+                    f"{_fmt(best['hidden'], '.0%')} of the transfer time hidden with "
+                    f"overlap_chunks={best['chunks']}, {where}"
+                )
+            else:
+                verdicts.append(
+                    f"MISS overlap not faster: {best['layer_ms']:.2f} vs {best['base_ms']:.2f} ms at best "
+                    f"(overlap_chunks={best['chunks']}): keep overlap_chunks=1, {where}"
+                )
+    return lines + verdicts if len(lines) > 1 else []
 
 
 def main(argv=None) -> int:
@@ -290,9 +378,15 @@ def main(argv=None) -> int:
     p.add_argument(
         "--capacity-margin", type=float, default=2.0, help="fixed capacity = margin * T * k / R (default 2)"
     )
+    p.add_argument(
+        "--overlap-chunks",
+        default="2,4",
+        help="also time overlap_chunks=N for each N on 2+ GPUs, comma-separated (default 2,4; 0: none)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.tokens = [int(t) for t in str(args.tokens).split(",")]
+    args.overlap_chunks = [int(n) for n in str(args.overlap_chunks).split(",") if int(n) > 1]
     if args.worker:
         return worker(args)
     import cupy
@@ -317,6 +411,7 @@ def main(argv=None) -> int:
             command += ["--tokens", ",".join(map(str, args.tokens)), "--repeat", str(args.repeat)]
             command += ["--warmup", str(args.warmup), "--fixed-max-tokens", str(args.fixed_max_tokens)]
             command += ["--capacity-margin", str(args.capacity_margin)]
+            command += ["--overlap-chunks", ",".join(map(str, args.overlap_chunks)) or "0"]
             code = subprocess.call(command)
             if code:
                 print(f"the {world}-GPU run failed (exit {code})", file=sys.stderr)
