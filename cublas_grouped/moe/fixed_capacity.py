@@ -28,6 +28,12 @@ rows, the kernel reading the counts on the device, so it computes no tile
 past an expert's rows and no chunk left over, and reads each active expert's
 weights once per column tile. Its launches too depend on T alone.
 
+FP8 expert weights in the checkpoint layout (``trans_b``, "block128") with
+bfloat16 tokens run there on the FP8 kernel (:mod:`.fp8_step`): the rows
+quantized per token on the device before each GEMM, the weights read as they
+are (no dense copy). Other FP8 weights are dequantized into a dense copy of
+the layer's at every step, then run as 16-bit weights.
+
 Memory: rows, GEMM 1 output, activation and GEMM 2 output for
 ``ChunkCapacity.rows`` rows (at least T*k), plus a few small index arrays.
 """
