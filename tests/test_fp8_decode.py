@@ -250,3 +250,38 @@ def test_fixed_capacity_step_refuses_fp8_weights_without_their_rows(fake, monkey
         fixed_capacity.fixed_capacity_step(
             res, None, shape, None, "x", np.zeros((2, 2), np.int32), None, (w1, w2, None, None), "out"
         )
+
+
+# -- the benchmark's FP8 row (--fp8) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sm, dtype, error",
+    [
+        ((8, 0), "bfloat16", "skipped: fp8 needs an SM 9.0 GPU (this one is SM 8.0)"),
+        ((9, 0), "float32", "skipped: fp8 takes bfloat16 or float16, not float32"),
+        ((9, 0), "float16", "skipped: fp8 takes bfloat16 activations, not float16"),
+    ],
+)
+def test_bench_fp8_row_only_with_the_flag_and_says_why_not(monkeypatch, sm, dtype, error):
+    import sys
+
+    from test_bench_cpu import _FakeGpu
+
+    from cublas_grouped.tools.bench import cli, runner, workloads
+
+    fake = _FakeGpu()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    argv = ["--experts", "4", "--topk", "2", "--hidden", "8", "--inter", "16", "--tokens", "16"]
+    argv += ["--routing", "uniform", "--no-torch", "--warmup", "1", "--repeat", "3", "--dtype", dtype]
+    for flag in (False, True):
+        args = cli.parse_args(argv + (["--fp8"] if flag else []))
+        args.hbm_gbs = 3350.0
+        results, _ = runner.run_all(workloads.build_cases(args), args, fake.api(sm=sm))
+        rows = [r for r in results if r.method == "fp8"]
+        if not flag:
+            assert rows == []
+            continue
+        assert [(r.section, r.error) for r in rows] == [("gemm1", error)]
+        gemm1 = [r.method for r in results if r.section == "gemm1"]
+        assert gemm1[-1] == "fp8" and "dense" in gemm1  # after the others; they still run
