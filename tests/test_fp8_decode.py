@@ -285,3 +285,28 @@ def test_bench_fp8_row_only_with_the_flag_and_says_why_not(monkeypatch, sm, dtyp
         assert [(r.section, r.error) for r in rows] == [("gemm1", error)]
         gemm1 = [r.method for r in results if r.section == "gemm1"]
         assert gemm1[-1] == "fp8" and "dense" in gemm1  # after the others; they still run
+
+
+# -- quantize_rows_fp8's vector path --------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_quantize_rows_has_16_byte_loads_and_exact_division(arch):
+    from test_fp8_cpu import _ptx_entries
+
+    entries = _ptx_entries(arch)
+    for dtype, loads in (("f32", 2), ("f16", 1), ("bf16", 1)):
+        body = entries[f"quantize_rows_fp8_{dtype}"]
+        assert body.count("ld.global.v4") == loads, dtype  # 8 elements per lane: 32 or 16 bytes
+        assert "st.global.v2.b32" in body  # 8 codes per store
+        assert "st.global.u8" in body  # the scalar path for other shapes and addresses
+        assert "div.rn.f32" in body and "div.approx" not in body and ".ftz" not in body
+
+
+def test_quantize_rows_grid_covers_two_tiles_per_warp_on_the_vector_path():
+    from cublas_grouped.gemm.fp8_kernels import rows_per_warp
+
+    assert rows_per_warp(2048, 0x1000, 0x2008) == 2
+    assert rows_per_warp(300, 0x1000, 0x2000) == 1  # cols % 8
+    assert rows_per_warp(2048, 0x1002, 0x2000) == 1  # x not 16-byte aligned
+    assert rows_per_warp(2048, 0x1000, 0x2004) == 1  # q not 8-byte aligned
