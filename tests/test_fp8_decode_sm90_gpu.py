@@ -202,9 +202,9 @@ def test_moe_forward_fixed_capacity_matches_the_layer_and_is_captured():
     (q1, q2), _, ref_ops, _ = _layer(rng, experts, hidden, inter, False)
     layer = cg.FixedCapacityMoE(q1, q2, k, max_tokens=64, trans_b=True, graphs=False)
     stream = cupy.cuda.Stream(non_blocking=True)
-    for tokens in (1, 16, 64, 7):
+    for step, tokens in enumerate((1, 16, 64, 7, 33, 2)):
         x = cupy.asarray(rng.standard_normal((tokens, hidden)).astype(BF16))
-        ids, w = step_routing(rng, tokens, tokens, experts, k)
+        ids, w = step_routing(rng, step, tokens, experts, k)  # random, worst case, crowded
         ids_d, w_d = cupy.asarray(ids.astype(np.int32)), cupy.asarray(w)
         counter = cupy.zeros(1, dtype=cupy.uint64)
         got = cg.moe_forward(x, ids_d, w_d, q1, q2, trans_b=True, fixed_capacity=True, dropped_pairs=counter)
