@@ -35,7 +35,9 @@ are (no dense copy). Other FP8 weights are dequantized into a dense copy of
 the layer's at every step, then run as 16-bit weights.
 
 Memory: rows, GEMM 1 output, activation and GEMM 2 output for
-``ChunkCapacity.rows`` rows (at least T*k), plus a few small index arrays.
+``ChunkCapacity.rows`` rows (at least T*k), plus a few small index arrays;
+on the FP8 kernel step T*k rows, plus their e4m3 codes and scales at both
+GEMMs' inputs (:class:`~cublas_grouped.moe.fp8_step.FP8Rows`).
 """
 
 from __future__ import annotations
