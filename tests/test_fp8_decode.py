@@ -310,3 +310,44 @@ def test_quantize_rows_grid_covers_two_tiles_per_warp_on_the_vector_path():
     assert rows_per_warp(300, 0x1000, 0x2000) == 1  # cols % 8
     assert rows_per_warp(2048, 0x1002, 0x2000) == 1  # x not 16-byte aligned
     assert rows_per_warp(2048, 0x1000, 0x2004) == 1  # q not 8-byte aligned
+
+
+# -- moe_forward(fixed_capacity=True): which weights reach the step as they are ----------
+
+
+class _ReachedTheStep(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "sm, algorithm, dequantized",
+    [((9, 0), "auto", []), ((9, 0), "sm90_grouped", []), ((8, 0), "auto", ["w1", "w2"]),
+     ((9, 0), "cublas_grouped", ["w1", "w2"])],
+)  # fmt: skip
+def test_moe_forward_fixed_capacity_keeps_fp8_weights_for_the_fp8_step(
+    fake, monkeypatch, sm, algorithm, dequantized
+):
+    """Up to its first GPU work: on SM 9.0 under AUTO or SM90_GROUPED the FP8
+    weights are not dequantized (the FP8 step reads them); elsewhere both are."""
+    import types
+
+    from cublas_grouped.moe import layer
+
+    seen = []
+
+    def dense_weights(w, dtype, stream=None):
+        seen.append("w1" if w is w1 else "w2")
+        return fake(w.shape, dtype)
+
+    def stop(*args, **kwargs):
+        raise _ReachedTheStep
+
+    monkeypatch.setattr(layer, "dense_weights", dense_weights)
+    monkeypatch.setattr(layer, "stream_resources", stop)
+    w1, w2, _ = _layer(fake)
+    info = types.SimpleNamespace(sm=sm)
+    executor = cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm=algorithm), device_info=info)
+    x, ids = fake((4, 256), BF16), fake((4, 2), np.int32)
+    with pytest.raises(_ReachedTheStep):
+        cg.moe_forward(x, ids, None, w1, w2, trans_b=True, fixed_capacity=True, executor=executor)
+    assert seen == dequantized
