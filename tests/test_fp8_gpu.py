@@ -93,9 +93,11 @@ def test_quantize_and_dequantize_match_the_model_bit_for_bit(dtype, scaling, tra
 
 @pytest.mark.parametrize("dtype", [BF16, np.float16, np.float32])
 @pytest.mark.parametrize("tokens", [1, 7, 1000])
-@pytest.mark.parametrize("cols", [64, 128, 300])
+@pytest.mark.parametrize("cols", [64, 128, 136, 300, 2056])
 def test_quantize_rows_matches_the_model(tokens, cols, dtype):
-    """The one-warp-per-tile kernel against the NumPy model, byte for byte."""
+    """The kernel against the NumPy model, byte for byte: its vector path (cols
+    % 8 == 0; 136 and 2056 end in a partial tile, 2056's 17 tiles per row put
+    a warp's two tiles on two rows) and its scalar path (300)."""
     import cupy
 
     rng = np.random.default_rng(tokens * cols)
@@ -103,6 +105,27 @@ def test_quantize_rows_matches_the_model(tokens, cols, dtype):
     values, scales = cg.quantize_rows_fp8(cupy.asarray(host))
     codes, want_scales = quantize_ref(host.astype(np.float32), 1, 128)
     assert values.dtype == np.uint8 and scales.shape == (tokens, -(-cols // 128))
+    assert np.array_equal(cupy.asnumpy(values), codes)
+    assert np.array_equal(cupy.asnumpy(scales).view(np.uint32), want_scales.view(np.uint32))
+
+
+@pytest.mark.parametrize("offset", [1, 4])
+def test_quantize_rows_off_the_vector_alignment(offset):
+    """x starting 2 (or 8) bytes past a 16-byte boundary, cols % 8 == 0: the
+    scalar path, the same bytes as the model."""
+    import cupy
+
+    rng = np.random.default_rng(offset)
+    tokens, cols = 33, 264
+    host = hard_values(rng, (tokens, cols), BF16)
+    buf = cupy.zeros(tokens * cols + 16, dtype=BF16)
+    x = buf[offset : offset + tokens * cols].reshape(tokens, cols)
+    x.set(host)
+    from cublas_grouped.gemm.fp8_kernels import rows_per_warp
+
+    assert rows_per_warp(cols, x.data.ptr, 0) == 1
+    values, scales = cg.quantize_rows_fp8(x)
+    codes, want_scales = quantize_ref(host.astype(np.float32), 1, 128)
     assert np.array_equal(cupy.asnumpy(values), codes)
     assert np.array_equal(cupy.asnumpy(scales).view(np.uint32), want_scales.view(np.uint32))
 

@@ -19,6 +19,19 @@ against the bf16 product with unquantized activations (the activations'
 quantization: a few percent). For docs/kernel-notes.md ("FP8 kernel").
 
     PYTHONPATH=. python tools/fp8_probe.py [--tokens 16 64 4096 16384] [--models qwen3 deepseek]
+
+``--layer``: the whole decode layer instead (default tokens 16 and 64):
+``FixedCapacityMoE`` with FP8 weights (the FP8 kernel step: rows quantized
+on the device, no dequantized copy) against the same layer with the bf16
+weights of the same (dequantized) values, both under AUTO, each replayed
+from a CUDA graph of one step (``--replays`` launches back to back per
+timed round, rounds interleaved, medians), uniform and skewed routing (the
+benchmark's). Prints microseconds, the bf16 / FP8 time ratio, GB/s of the
+active experts' FP8 weight bytes (values and scales of w1 and w2) and that
+as a share of ``--hbm-gbs`` (default 3350, the H100 SXM datasheet), and the
+relative difference of the two layers' outputs (e4m3 activations: a few %).
+
+    PYTHONPATH=. python tools/fp8_probe.py --layer [--tokens 16 64] [--models qwen3 deepseek]
 """
 
 from __future__ import annotations
@@ -136,16 +149,103 @@ def probe(model: str, tokens: int, wq, w_deq) -> None:
     )
 
 
+LAYER_MODELS = {"qwen3": "qwen3-30b-a3b", "deepseek": "deepseek-v3"}  # names in the benchmark's workloads
+
+
+def _graph_of_step(layer, x, ids, weights, stream):
+    """A CUDA graph of one step of ``layer`` (built with graphs=False) and its output."""
+    with stream:
+        layer.forward(x, ids, weights)  # eager first: compiles, sets up
+        stream.begin_capture()
+        out = layer.forward(x, ids, weights)
+        graph = stream.end_capture()
+    stream.synchronize()
+    return graph, out
+
+
+def decode_layer(model: str, tokens_list, rounds: int, replays: int, hbm_gbs: float) -> None:
+    """The FP8 decode layer against the bf16 one (see the module's docstring)."""
+    import cupy
+
+    import cublas_grouped as cg
+    from cublas_grouped.tools.bench import workloads as W
+
+    s = W.MODELS[LAYER_MODELS[model]]
+    w1 = random_weights(s.experts, 2 * s.inter, s.hidden)  # [E, 2I, H]: trans_b
+    w2 = random_weights(s.experts, s.hidden, s.inter)  # [E, H, I]
+    q1, q2 = cg.quantize_fp8(w1, trans_b=True), cg.quantize_fp8(w2, trans_b=True)
+    q1.dequantize("bfloat16", out=w1)  # the bf16 layer runs the values the FP8 one reads
+    q2.dequantize("bfloat16", out=w2)
+    cupy.get_default_memory_pool().free_all_blocks()
+    per_expert = (q1.nbytes + q2.nbytes) // s.experts
+    stream = cupy.cuda.Stream(non_blocking=True)
+    for tokens in tokens_list:
+        for routing in ("uniform", "skewed"):
+            case = W.Case(LAYER_MODELS[model], tokens, s.experts, s.top_k, s.hidden, s.inter, routing)
+            weights, ids = W.make_routing(case, seed=0)
+            x = cupy.random.standard_normal((tokens, s.hidden), cupy.float32).astype(BF16)
+            ids_d, w_d = cupy.asarray(ids, dtype=cupy.int32), cupy.asarray(weights, dtype=cupy.float32)
+            cupy.cuda.Device().synchronize()  # inputs were made on the default stream
+            fp8 = cg.FixedCapacityMoE(q1, q2, s.top_k, tokens, trans_b=True, graphs=False)
+            bf16 = cg.FixedCapacityMoE(w1, w2, s.top_k, tokens, trans_b=True, graphs=False)
+            assert fp8.fp8_kernel, fp8.fp8_unsupported
+            graphs = {}
+            for name, layer in (("fp8", fp8), ("bf16", bf16)):
+                graphs[name] = _graph_of_step(layer, x, ids_d, w_d, stream)
+            outs = {k: v[1].astype(cupy.float32) for k, v in graphs.items()}
+            diff = float(cupy.linalg.norm(outs["fp8"] - outs["bf16"]) / cupy.linalg.norm(outs["bf16"]))
+            times = {k: [] for k in graphs}
+            for r in range(rounds + 3):
+                for name in graphs if r % 2 == 0 else reversed(list(graphs)):
+                    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+                    start.record(stream)
+                    for _ in range(replays):
+                        graphs[name][0].launch(stream)
+                    end.record(stream)
+                    end.synchronize()
+                    if r >= 3:  # warm-up rounds
+                        times[name].append(cupy.cuda.get_elapsed_time(start, end) * 1e3 / replays)
+            us = {k: float(np.median(v)) for k, v in times.items()}
+            active = int((W.expert_counts(ids, s.experts) > 0).sum())
+            fp8_bytes = active * per_expert
+            gbs = fp8_bytes / us["fp8"] / 1e3
+            bf16_gbs = W.layer_weight_bytes(case, active) / us["bf16"] / 1e3
+            print(
+                f"{case.name:36} fp8 {us['fp8']:9.1f} us  bf16 {us['bf16']:9.1f} us  bf16/fp8 "
+                f"{us['bf16'] / us['fp8']:.2f}x  {active:3d} experts: {fp8_bytes / 1e6:8.1f} MB FP8, "
+                f"{gbs:7.1f} GB/s = {100 * gbs / hbm_gbs:5.1f}% of {hbm_gbs:.0f} (bf16 layer {bf16_gbs:7.1f} GB/s "
+                f"= {100 * bf16_gbs / hbm_gbs:5.1f}%)  rel.diff {diff:.2e}",
+                flush=True,
+            )
+            del fp8, bf16, graphs, outs
+    print(
+        f"{'':36} weights held: FP8 {(q1.nbytes + q2.nbytes) / 2**30:.2f} GiB (values and scales), "
+        f"bf16 {(w1.nbytes + w2.nbytes) / 2**30:.2f} GiB"
+    )
+    del w1, w2, q1, q2
+    cupy.get_default_memory_pool().free_all_blocks()
+
+
 def main() -> None:
     import cupy
 
     import cublas_grouped as cg
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 64, 4096, 16384])
+    parser.add_argument("--tokens", type=int, nargs="+", default=None)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--layer", action="store_true", help="the decode layer (FixedCapacityMoE)")
+    parser.add_argument("--rounds", type=int, default=30, help="--layer: timed rounds")
+    parser.add_argument("--replays", type=int, default=10, help="--layer: graph launches per round")
+    parser.add_argument("--hbm-gbs", type=float, default=3350.0)
     args = parser.parse_args()
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    if args.layer:
+        print(f"{name}; decode layer (FixedCapacityMoE, graph replays), FP8 vs bf16 weights, AUTO")
+        for model in args.models:
+            decode_layer(model, args.tokens or [16, 64], args.rounds, args.replays, args.hbm_gbs)
+        return
+    args.tokens = args.tokens or [16, 64, 4096, 16384]
     print(f"{name}; first expert GEMM, [E, N, K] weights, uniform random routing; ms and TFLOP/s")
     print(f"{'case':20} {'method':11} {'ms':>9} {'TFLOP/s':>8}")
     for model in args.models:

@@ -251,29 +251,56 @@ def quantize_fp8(w, *, scaling: str = "block128", trans_b: bool = False, stream=
     return FP8ExpertWeights(values, scales, scaling, bool(trans_b), v.nbytes)
 
 
-def quantize_rows_fp8(x, *, stream=None):
+def quantize_rows_fp8(x, *, out=None, stream=None):
     """Activations ``x`` [T, K] to e4m3 with one scale per token per 128 columns.
 
     Returns ``(values, scales)``: uint8 ``[T, K]`` e4m3fn codes and float32
     ``[T, ceil(K / 128)]``, ``x ~= e4m3 * scale`` (the last block of a row
-    may be partial). For the FP8 kernels to come; the scale rule is that of
-    :func:`quantize_fp8`.
+    may be partial); what the FP8 kernel reads as its activations. The scale
+    rule is that of :func:`quantize_fp8`.
+
+    ``out``: ``(values, scales)`` of exactly those shapes and dtypes,
+    C-contiguous, on ``x``'s device, to write into (and return) instead of
+    new arrays: with it the call allocates nothing, so a CUDA graph can
+    capture it (the fixed-capacity layer's FP8 step does).
     """
     v = view(x, "x")
     if v.ndim != 2 or not v.is_c_contiguous():
         raise ValueError(f"x must be a C-contiguous 2-D array [T, K]; got {v.shape}")
     _float_dtype(v.dtype, "x")
     _check_sizes(v.shape, "x")
+    rows, cols = v.shape
+    if out is not None:
+        _check_rows_out(out, v)
     import cupy
 
     res = stream_resources(_device(v), stream)
-    rows, cols = v.shape
     with cupy.cuda.Device(res.device_id), res.cupy_stream:
-        values = cupy.empty(v.shape, dtype=cupy.uint8)
-        scales = cupy.empty((rows, -(-cols // BLOCK)), dtype=cupy.float32)
+        if out is None:
+            values = cupy.empty(v.shape, dtype=cupy.uint8)
+            scales = cupy.empty((rows, -(-cols // BLOCK)), dtype=cupy.float32)
+        else:
+            values, scales = as_cupy(out[0], "out[0]"), as_cupy(out[1], "out[1]")
         if values.size:
             _k.quantize_rows(res.launch_stream, _arch(res.device_id), as_cupy(v), rows, cols, scales, values)
     return values, scales
+
+
+def _check_rows_out(out, v) -> None:
+    """``quantize_rows_fp8``'s ``out``: (values uint8 [T, K], scales float32 [T, ceil(K/128)])."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise ValueError(f"out must be a pair (values, scales); got {type(out).__name__}")
+    rows, cols = v.shape
+    wants = (((rows, cols), np.uint8, "values"), ((rows, -(-cols // BLOCK)), np.float32, "scales"))
+    for i, (array, (shape, dtype, what)) in enumerate(zip(out, wants)):
+        o = view(array, f"out[{i}]")
+        if o.shape != shape or o.dtype != dtype or not o.is_c_contiguous():
+            raise ValueError(
+                f"out[{i}] ({what}) must be a C-contiguous {np.dtype(dtype).name} array {shape}; "
+                f"got {o.dtype} {o.shape}"
+            )
+        if o.device is not None and v.device is not None and o.device != v.device:
+            raise ValueError(f"out[{i}] ({what}) is on device {o.device}; x is on device {v.device}")
 
 
 def check_fp8_operand(w: FP8ExpertWeights, name: str, trans_b: bool, dtype, activations: str) -> None:

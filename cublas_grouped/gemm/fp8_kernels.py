@@ -10,7 +10,7 @@ import numpy as np
 
 from ..runtime import nvrtc as _nvrtc
 
-__all__ = ["FP8_THREADS", "DEFINES", "quantize", "quantize_rows", "dequantize"]
+__all__ = ["FP8_THREADS", "DEFINES", "quantize", "quantize_rows", "rows_per_warp", "dequantize"]
 
 FP8_THREADS = 256  # threads per block of quantize_fp8 (one block per tile)
 DEQUANT_THREADS = 256  # dequantize_fp8 takes any block size: the launcher's choice
@@ -47,13 +47,21 @@ def quantize(stream, arch, x, batch, rows, cols, tile_rows, tile_cols, scales, q
     _nvrtc.launch(stream, _kernel("quantize_fp8", arch, x.dtype), _grid(tiles), FP8_THREADS, args)
 
 
-ROWS_THREADS = 256  # quantize_rows_fp8: 8 warps per block, one 1 x 128 tile per warp
+ROWS_THREADS = 256  # quantize_rows_fp8: 8 warps per block
+
+
+def rows_per_warp(cols: int, x_ptr: int, q_ptr: int) -> int:
+    """1 x 128 tiles one warp of ``quantize_rows_fp8`` takes at a time: two on
+    the kernel's vector path (cols % 8 == 0, x 16-byte and q 8-byte aligned:
+    16-byte loads, a half-warp per tile), else one."""
+    return 2 if cols % 8 == 0 and x_ptr % 16 == 0 and q_ptr % 8 == 0 else 1
 
 
 def quantize_rows(stream, arch, x, rows, cols, scales, q) -> None:
     """``quantize_rows_fp8``: ``x`` [rows, cols] to e4m3 with one scale per row per
     128 columns (bit for bit ``quantize`` with 1 x 128 tiles)."""
     tiles = rows * -(-cols // 128)
+    per_warp = rows_per_warp(cols, x.data.ptr, q.data.ptr)
     args = (
         np.intp(x.data.ptr),
         np.int64(rows),
@@ -61,7 +69,7 @@ def quantize_rows(stream, arch, x, rows, cols, scales, q) -> None:
         np.intp(scales.data.ptr),
         np.intp(q.data.ptr),
     )
-    grid = _grid(-(-tiles // (ROWS_THREADS // 32)))
+    grid = _grid(-(-tiles // (per_warp * ROWS_THREADS // 32)))
     _nvrtc.launch(stream, _kernel("quantize_rows_fp8", arch, x.dtype), grid, ROWS_THREADS, args)
 
 

@@ -28,8 +28,16 @@ rows, the kernel reading the counts on the device, so it computes no tile
 past an expert's rows and no chunk left over, and reads each active expert's
 weights once per column tile. Its launches too depend on T alone.
 
+FP8 expert weights in the checkpoint layout (``trans_b``, "block128") with
+bfloat16 tokens run there on the FP8 kernel (:mod:`.fp8_step`): the rows
+quantized per token on the device before each GEMM, the weights read as they
+are (no dense copy). Other FP8 weights are dequantized into a dense copy of
+the layer's at every step, then run as 16-bit weights.
+
 Memory: rows, GEMM 1 output, activation and GEMM 2 output for
-``ChunkCapacity.rows`` rows (at least T*k), plus a few small index arrays.
+``ChunkCapacity.rows`` rows (at least T*k), plus a few small index arrays;
+on the FP8 kernel step T*k rows, plus their e4m3 codes and scales at both
+GEMMs' inputs (:class:`~cublas_grouped.moe.fp8_step.FP8Rows`).
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ from .chunk_capacity import (
     chunk_rows,
     max_chunks,
 )
+from .fp8_step import FP8Rows, fp8_kernel_step, fp8_step_unsupported, has_fp8, layer_weight_nbytes
 from .kernel_step import (
     CHUNKED_DECODE_MAX_EXPERTS,
     CHUNKED_DECODE_MAX_TOKENS,
@@ -96,9 +105,14 @@ class FixedCapacityMoE:
     Parameters
     ----------
     w1, w2, b1, b2, activation, gated, trans_b, w1_layout
-        As in :func:`cublas_grouped.moe_forward`. FP8 weights get a dense copy
-        of ``dtype`` (default bfloat16: the tokens' dtype), refilled from
-        them at every step and counted in :attr:`nbytes` (docs/fp8.md).
+        As in :func:`cublas_grouped.moe_forward`. FP8 weights in the layout
+        the FP8 Hopper kernel reads (``trans_b=True``, "block128"; bfloat16
+        tokens; an SM 9.0 GPU; the executor's algorithm AUTO or SM90_GROUPED)
+        run on it as they are, every step quantizing its activations per row
+        on the device (:attr:`fp8_kernel` is then True; no dense copy). Other
+        FP8 weights get a dense copy of ``dtype`` (default bfloat16: the
+        tokens' dtype), refilled from them at every step and counted in
+        :attr:`nbytes`; :attr:`fp8_unsupported` says why (docs/fp8.md).
     top_k : int
         Experts per token.
     max_tokens : int
@@ -169,38 +183,69 @@ class FixedCapacityMoE:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive int; got {max_tokens!r}")
         self.shape = shape
-        self.capacity = ChunkCapacity.of(shape, max_tokens)  # raises before any GPU work
-        self.w1, self.w2 = (dense_scratch(w, shape.dtype) for w in (w1, w2))
-        self._fp8 = [(w, d) for w, d in zip((w1, w2), (self.w1, self.w2)) if is_fp8(w)]
+        self.executor = executor_or_shared(executor)
+        # FP8 weights the FP8 kernel step takes are kept as they are (no
+        # dense copy); the step then never runs chunked, so T*k rows suffice.
+        self.fp8_unsupported = self._fp8_step_unsupported(shape, w1, w2, max_tokens)
+        self.fp8_kernel = has_fp8(w1, w2) and self.fp8_unsupported is None
+        if self.fp8_kernel:
+            self.capacity = ChunkCapacity.kernel_rows(shape, max_tokens)
+            self.w1, self.w2 = (w if is_fp8(w) else as_cupy(w) for w in (w1, w2))
+        else:
+            self.capacity = ChunkCapacity.of(shape, max_tokens)  # raises before any GPU work
+            self.w1, self.w2 = (dense_scratch(w, shape.dtype) for w in (w1, w2))
+        self._fp8 = [(w, d) for w, d in zip((w1, w2), (self.w1, self.w2)) if is_fp8(w) and not is_fp8(d)]
+        device = _weights_device(self.w1)
         self.b1, self.b2 = (None if b is None else as_cupy(b) for b in (b1, b2))
         self.top_k, self.max_tokens = top_k, max_tokens
         self.activation, self.gated, self.trans_b = activation, gated, trans_b
         self.num_experts, self.hidden = shape.num_experts, shape.hidden
         self.inter, self.width = shape.inter, shape.width
-        self.executor = executor_or_shared(executor)
-        with cupy.cuda.Device(self.w1.device.id):
+        with cupy.cuda.Device(device):
             self._buffers = ChunkBuffers.allocate(shape, self.capacity)
+            self._fp8_rows = FP8Rows.allocate(shape, self.capacity.pairs) if self.fp8_kernel else None
             self._out = cupy.empty((max_tokens, shape.hidden), dtype=shape.dtype)
             self._dropped = cupy.zeros(1, dtype=cupy.uint64)
         self._last_stream = None  # (StreamResources, Event) of the last eager step
-        sizes = (max_tokens, shape.hidden, top_k, shape.dtype, self.w1.device.id)
+        sizes = (max_tokens, shape.hidden, top_k, shape.dtype, device)
         workspace = self.executor.config.workspace_mb << 20
         self._graphs = StepGraphs(self._step, *sizes, workspace) if graphs else None
 
+    def _fp8_step_unsupported(self, shape, w1, w2, max_tokens: int) -> str | None:
+        """Why the FP8 kernel step does not run this layer's FP8 weights
+        (:func:`fp8_step_unsupported`); None when it does or none are FP8."""
+        if not has_fp8(w1, w2):
+            return None
+        ChunkCapacity.kernel_rows(shape, max_tokens)  # the capacity's errors before any device query
+        sm = self.executor.info_for(_weights_device(w1)).sm
+        return fp8_step_unsupported(sm, self.executor.config.algorithm, shape, w1, w2)
+
     @property
     def nbytes(self) -> int:
-        """GPU memory held by this layer's buffers (weights not included; the dense copy of FP8 ones is)."""
+        """GPU memory held by this layer's buffers (weights not included; the
+        dense copy of FP8 ones is, where the layer keeps one; the quantized
+        activations of the FP8 kernel step are)."""
         graphs = 0 if self._graphs is None else self._graphs.nbytes
         dense = sum(d.nbytes for _, d in self._fp8)
-        return self._buffers.nbytes + self._out.nbytes + self._dropped.nbytes + graphs + dense
+        rows8 = 0 if self._fp8_rows is None else self._fp8_rows.nbytes
+        return self._buffers.nbytes + self._out.nbytes + self._dropped.nbytes + graphs + dense + rows8
+
+    @property
+    def weight_nbytes(self) -> int:
+        """GPU bytes of the weights the steps read: FP8 values and scales where
+        the FP8 kernel step runs them (:attr:`fp8_kernel`), the dense 16-bit copy
+        otherwise (FP8 weights on other paths: the copy, which :attr:`nbytes`
+        also counts, the FP8 originals not included)."""
+        return layer_weight_nbytes(self.w1, self.w2)
 
     def _step(self, res, x, ids, weights, out) -> None:
         for w, dense in self._fp8:  # no allocation: a graph of the step captures this
             w.dequantize(dense.dtype, out=dense, stream=res.stream)
         params = (self.w1, self.w2, self.b1, self.b2)
         fixed_capacity_step(
-            res, self.executor, self.shape, self._buffers, x, ids, weights, params, out, dropped=self._dropped
-        )
+            res, self.executor, self.shape, self._buffers, x, ids, weights, params, out,
+            dropped=self._dropped, fp8_rows=self._fp8_rows,
+        )  # fmt: skip
 
     def forward(self, x, topk_ids, topk_weights=None, *, stream=None):
         """One step: ``x`` [T, H] with T <= max_tokens -> [T, H].
@@ -216,8 +261,8 @@ class FixedCapacityMoE:
                 f"x has {tokens} tokens but this FixedCapacityMoE was built for max_tokens="
                 f"{self.max_tokens}; build one with a larger capacity"
             )
-        if x_v.shape[1] != self.hidden or x_v.dtype != self.w1.dtype:
-            raise ValueError(f"x must be {self.w1.dtype} [T, {self.hidden}]; got {x_v.dtype} {x_v.shape}")
+        if x_v.shape[1] != self.hidden or x_v.dtype != self.shape.dtype:
+            raise ValueError(f"x must be {self.shape.dtype} [T, {self.hidden}]; got {x_v.dtype} {x_v.shape}")
         if view(topk_ids, "topk_ids").shape[1] != self.top_k:
             raise ValueError(f"topk_ids must have top_k={self.top_k} columns")
         import cupy
@@ -286,6 +331,11 @@ class FixedCapacityMoE:
             )
 
 
+def _weights_device(w) -> int:
+    """The device of a layer weight (FP8: of its values)."""
+    return device_of(view(w.values if is_fp8(w) else w, "w1"))
+
+
 def check_fixed_capacity_args(tokens: int, dropped_pairs) -> None:
     """Checks of ``moe_forward(fixed_capacity=True)``: the token count and the counter."""
     if tokens > MAX_FIXED_CAPACITY_TOKENS:
@@ -302,11 +352,15 @@ def check_fixed_capacity_args(tokens: int, dropped_pairs) -> None:
 
 
 def fixed_capacity_step(
-    res, executor, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, params, out, *, dropped=None
-) -> None:
+    res, executor, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, params, out, *, dropped=None,
+    fp8_rows: FP8Rows | None = None,
+) -> None:  # fmt: skip
     """One fixed-capacity layer step on ``res``'s stream: fixed sizes for a given T.
 
-    ``params`` = (w1, w2, b1, b2) as CuPy arrays (biases may be None).
+    ``params`` = (w1, w2, b1, b2) as CuPy arrays (biases may be None), or
+    with FP8ExpertWeights among the weights, which only the FP8 kernel step
+    takes (the caller checked :func:`fp8_step_unsupported`; ``fp8_rows``
+    holds its quantized activations for T*k rows).
     ``dropped``: a uint64 [1] device counter to which pairs with an expert id
     outside [0, E) are added, or None.
     """
@@ -316,6 +370,12 @@ def fixed_capacity_step(
     tokens, k = ids.shape
     e = shape.num_experts
     pairs = tokens * k
+    if has_fp8(w1, w2):
+        if fp8_rows is None:
+            raise RuntimeError("the FP8 kernel step needs its quantized-row buffers (fp8_rows)")
+        buf.capacity.check_kernel_step(shape, tokens)
+        fp8_kernel_step(res, shape, buf, fp8_rows, x, ids, weights, params, out, dropped)
+        return
     if (
         fixed_capacity_backend(executor.info_for(res.device_id).sm, executor, shape, w1, w2, tokens)
         == "sm90_grouped"

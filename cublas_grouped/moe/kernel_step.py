@@ -26,6 +26,7 @@ __all__ = [
     "CHUNKED_DECODE_MAX_TOKENS",
     "fixed_capacity_backend",
     "count_rows",
+    "place_rows",
     "kernel_step",
 ]
 
@@ -86,23 +87,16 @@ def count_rows(res, arch, buf: ChunkBuffers, ids, e: int, pairs: int, rows: int 
     return block_counts, buf.pair_to_row[:pairs], row_to_pair
 
 
-def kernel_step(
-    res, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, params, out, dropped, timer=None
-) -> None:
-    """One layer step on our Hopper kernel on ``res``'s stream: the counts,
-    each expert's rows back to back in T*k rows (no expert has more than T,
-    so they always fit), the GEMMs over the device counts, the combine.
-    Rows past the counts' sum are never placed (their row_to_pair stays -1),
-    computed or read back. ``params`` = (w1, w2, b1, b2) as CuPy arrays;
-    ``dropped``: a uint64 [1] counter to which pairs with an id outside
-    [0, E) are added, or None; ``timer``: a StageTimer (the caller marked
-    "start"). The caller checked that ``buf`` holds T*k rows."""
-    w1, w2, b1, b2 = params
+def place_rows(res, shape: LayerShape, buf: ChunkBuffers, x, ids, dropped, timer=None):
+    """The kernel step's first stages on ``res``'s stream: the counts, the
+    kernel's offsets (its schedule in ``buf.schedule``, the tile counter
+    zeroed, so GEMM 1 may pass ``scanned=True``), each pair's row, and the
+    gathered rows in ``buf.rows[:T*k]`` (zeros where no pair was placed).
+    Returns (pair_to_row, row_to_pair). Shared by the 16-bit and FP8 steps."""
     arch, stream = kernel_arch(res), res.launch_stream
     tokens, k = ids.shape
     e, pairs = shape.num_experts, tokens * k
     block_counts, pair_to_row, row_to_pair = count_rows(res, arch, buf, ids, e, pairs)
-    x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
     # The kernel's own offsets kernel gives the contiguous row offsets that
     # assign_rows places pairs by; GEMM 1 then reuses its schedule.
     offsets = hopper.schedule_offsets(res, buf.counts, e, storage=buf.schedule)
@@ -120,8 +114,28 @@ def kernel_step(
         dropped=dropped,
     )
     mark_stage(timer, "plan", res.cupy_stream)
-    K.gather_rows(stream, arch, x, row_to_pair, k, x_rows)
+    K.gather_rows(stream, arch, x, row_to_pair, k, buf.rows[:pairs])
     mark_stage(timer, "gather", res.cupy_stream)
+    return pair_to_row, row_to_pair
+
+
+def kernel_step(
+    res, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, params, out, dropped, timer=None
+) -> None:
+    """One layer step on our Hopper kernel on ``res``'s stream: the counts,
+    each expert's rows back to back in T*k rows (no expert has more than T,
+    so they always fit), the GEMMs over the device counts, the combine.
+    Rows past the counts' sum are never placed (their row_to_pair stays -1),
+    computed or read back. ``params`` = (w1, w2, b1, b2) as CuPy arrays;
+    ``dropped``: a uint64 [1] counter to which pairs with an id outside
+    [0, E) are added, or None; ``timer``: a StageTimer (the caller marked
+    "start"). The caller checked that ``buf`` holds T*k rows."""
+    w1, w2, b1, b2 = params
+    arch, stream = kernel_arch(res), res.launch_stream
+    tokens, k = ids.shape
+    e, pairs = shape.num_experts, tokens * k
+    pair_to_row, row_to_pair = place_rows(res, shape, buf, x, ids, dropped, timer)
+    x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
     gemm1 = (e, pairs, shape.width, shape.hidden, shape.trans_b, shape.dtype)
     if shape.gate_up_block:
         # w1 packed in blocks (w1_layout="gate_up_blocked"): the activation

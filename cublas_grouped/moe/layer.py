@@ -19,7 +19,7 @@ import warnings
 from ..gemm.backends import hopper_fp8
 from ..gemm.config import Algorithm, coerce_enum
 from ..gemm.executor import GroupedGemmExecutor
-from ..gemm.fp8 import dense_weights
+from ..gemm.fp8 import dense_weights, is_fp8
 from ..runtime.arrays import as_cupy
 from ..runtime.device import stream_resources
 from ..runtime.oom import reports_out_of_memory
@@ -35,6 +35,7 @@ from .fixed_capacity import (
     fixed_capacity_backend,
     fixed_capacity_step,
 )
+from .fp8_step import cached_fp8_rows, fp8_step_unsupported, has_fp8
 from .kernel_step import kernel_step
 
 __all__ = ["moe_forward", "StageTimer"]
@@ -104,10 +105,11 @@ def moe_forward(
         Either may be :class:`~cublas_grouped.FP8ExpertWeights` (in the
         ``trans_b`` layout): dequantized to x's dtype into scratch on every
         call, then run as 16-bit weights; correct, slower (docs/fp8.md). On
-        SM 9.0, for bfloat16 x without ``fixed_capacity`` or
-        ``return_context``, FP8 weights the FP8 kernel reads (``trans_b``,
-        "block128"; docs/fp8.md) run through it instead, on rows quantized
-        per token, and both GEMMs use SM90_GROUPED's row layout.
+        SM 9.0, for bfloat16 x without ``return_context``, FP8 weights the
+        FP8 kernel reads (``trans_b``, "block128"; docs/fp8.md) run through
+        it instead, on rows quantized per token, and both GEMMs use
+        SM90_GROUPED's row layout; with ``fixed_capacity`` too (the
+        executor's algorithm AUTO or SM90_GROUPED), with no dequantized copy.
     b1, b2 : optional per-expert biases [E, 2I] (or [E, I]) and [E, H]
     activation : "silu" (default), "gelu" (exact, erf) or "relu"
     gated : act(gate) * up when True, act(h) otherwise
@@ -202,7 +204,10 @@ def moe_forward(
     # FP8ExpertWeights: read by the FP8 kernel where it can (SM 9.0, bf16 x, the
     # synchronizing path), else dequantized to x's dtype for this call
     # (docs/fp8.md); others pass through.
-    fp8 = _fp8_kernel_weights(x_v, (w1, w2), algorithm, executor, stream, fixed_capacity or keep_context)
+    if fixed_capacity and _fp8_fixed_capacity(x_v, shape, w1, w2, executor):
+        fp8 = (is_fp8(w1), is_fp8(w2))  # the FP8 kernel step (moe/fp8_step.py) reads them as they are
+    else:
+        fp8 = _fp8_kernel_weights(x_v, (w1, w2), algorithm, executor, stream, fixed_capacity or keep_context)
     w1, w2 = (w if fast else dense_weights(w, x_v.dtype, stream) for w, fast in zip((w1, w2), fp8))
     if any(fp8):
         algorithm = Algorithm.SM90_GROUPED  # grouped-contiguous rows, what the FP8 kernel reads
@@ -246,7 +251,13 @@ def _forward(
     tokens = x.shape[0]
     if fixed_capacity:
         out = cupy.ndarray((tokens, shape.hidden), x.dtype)
-        if tokens:
+        if tokens and any(fp8):
+            buf = cached_chunk_buffers(res, shape, tokens, kernel_only=True)
+            rows8 = cached_fp8_rows(res, shape, tokens * shape.top_k)
+            fixed_capacity_step(
+                res, executor, shape, buf, x, ids, weights, params, out, dropped=dropped, fp8_rows=rows8
+            )
+        elif tokens:
             sm = executor.info_for(res.device_id).sm
             kernel = fixed_capacity_backend(sm, executor, shape, w1, w2, tokens) == "sm90_grouped"
             buf = cached_chunk_buffers(res, shape, tokens, kernel_only=kernel)
@@ -327,6 +338,16 @@ def _kernel_layer(res, shape, x, ids, weights, params, timer):
     if count:
         raise ValueError(f"topk_ids holds {count} ids outside [0, {shape.num_experts})")
     return out
+
+
+def _fp8_fixed_capacity(x_v, shape, w1, w2, executor) -> bool:
+    """Whether ``fixed_capacity=True`` runs FP8 weights on the FP8 kernel step
+    (:func:`fp8_step_unsupported` with the executor's algorithm) rather than
+    dequantizing them for the call."""
+    if not has_fp8(w1, w2):
+        return False
+    sm = executor.info_for(device_of(x_v)).sm
+    return fp8_step_unsupported(sm, executor.config.algorithm, shape, w1, w2) is None
 
 
 def _fp8_kernel_weights(x_v, weights, algorithm, executor, stream, other_path: bool) -> tuple[bool, ...]:

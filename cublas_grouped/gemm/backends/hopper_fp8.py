@@ -48,6 +48,7 @@ __all__ = [
     "grid_size",
     "GRID_LIMIT",
     "grouped_fp8",
+    "grouped_rows_fp8",
     "gmm_fp8",
     "kernel_takes",
 ]
@@ -226,15 +227,35 @@ def grouped_fp8(a_q, a_scales, weights, group_sizes, *, out=None, stream=None):
         else:
             sizes = as_cupy(group_sizes, "group_sizes")
             sizes = sizes if sizes.dtype == cupy.int32 else sizes.astype(cupy.int32)
-        _launch(res, m, a.ptr, as_cupy(a_scales, "a_scales"), weights, values, o, sizes)
+        scales_ptr = as_cupy(a_scales, "a_scales").data.ptr
+        _launch(res, weights, m, (a.ptr, scales_ptr, o.data.ptr), sizes)
     return out
 
 
-def _launch(res, m: int, a_ptr: int, a_scales, weights, values, out, sizes) -> None:
-    """The offsets kernel (grouped-contiguous rows), then the FP8 GEMM, on ``res``'s stream."""
+def grouped_rows_fp8(res, weights, m: int, ptrs, sizes_dev, *, scanned: bool = False, storage=None) -> None:
+    """The FP8 GEMM on checked operands, on ``res``'s stream, for callers that
+    own every buffer (the fixed-capacity layer's FP8 step): ``ptrs`` = the
+    addresses of (e4m3 rows uint8 [m, K], their scales float32 [m, ceil(K/128)],
+    out bfloat16 [m, N]); ``sizes_dev``: int32 [E] group sizes on the device.
+    ``scanned``: :func:`hopper.schedule_offsets` ran last on this stream with
+    these sizes and ``storage`` (its tile counter still zero), so the offsets
+    kernel is not run again; ``storage``: as in :func:`hopper.schedule_buffers`.
+    Allocates nothing and reads nothing on the host: a CUDA graph can capture
+    it. The caller checked :func:`unsupported` and :func:`misaligned`, and that
+    m, N and K are not zero."""
+    _launch(res, weights, m, ptrs, sizes_dev, scanned=scanned, storage=storage)
+
+
+def _launch(res, weights, m: int, ptrs, sizes, *, scanned: bool = False, storage=None) -> None:
+    """The offsets kernel (grouped-contiguous rows; not when ``scanned``), then
+    the FP8 GEMM, on ``res``'s stream. ``ptrs``: (a_q, a_scales, out) addresses."""
     e, n, k = weights.shape
-    hopper.schedule_offsets(res, sizes, e, 0)
-    schedule = hopper.schedule_buffers(res, e)  # row_offsets, row_ends, tile_offsets, tile_counter
+    a_ptr, scales_ptr, out_ptr = ptrs
+    values = as_cupy(weights.values, "weights.values")
+    if not scanned:
+        hopper.schedule_offsets(res, sizes, e, 0, storage=storage)
+    # row_offsets, row_ends, tile_offsets, tile_counter
+    schedule = hopper.schedule_buffers(res, e, storage)
     stream = res.launch_stream
     gemm = _kernels.get_kernel(SOURCE, KERNEL, ARCH, defines=DEFINES)
     hopper._allow_shared_memory(gemm, res.device_id, SHARED_BYTES)
@@ -244,14 +265,14 @@ def _launch(res, m: int, a_ptr: int, a_scales, weights, values, out, sizes) -> N
     args = (
         tmap_a,
         tmap_b,
-        np.intp(a_scales.data.ptr),
+        np.intp(scales_ptr),
         np.intp(scales_b.data.ptr),
         *(np.intp(x.data.ptr) for x in schedule),
         np.int32(e),
         np.int32(m),
         np.int32(n),
         np.int32(k),
-        np.intp(out.data.ptr),
+        np.intp(out_ptr),
     )
     grid = grid_size(m, n, e, hopper._sm_count(res.device_id), GRID_LIMIT)
     _kernels.launch(stream, gemm, grid, THREADS, args, shmem=SHARED_BYTES)

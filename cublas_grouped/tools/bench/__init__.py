@@ -5,7 +5,8 @@ with CUDA events after warm-up (median of >= 20 calls per method):
 
 - the first expert GEMM alone (gathered rows ``[R, H]`` @ ``w1 [E, H, 2I]``)
   with every algorithm and with AUTO, against a dense GEMM of the same FLOPs
-  (the ceiling) and ``torch._grouped_mm`` when torch is importable;
+  (the ceiling) and ``torch._grouped_mm`` when torch is importable; with
+  ``--fp8`` also through ``gmm`` with FP8 weights (:mod:`.fp8`);
 - the whole layer (``moe_forward``) per algorithm, AUTO and, for decode token
   counts, the fixed-capacity path; the routing kernel separately, and the
   stage split of AUTO, from which the layer's overhead (everything but the

@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of routing and data")
     run.add_argument("--no-torch", action="store_true", help="do not try torch._grouped_mm")
     run.add_argument("--no-layer", action="store_true", help="time the first GEMM only")
+    run.add_argument(
+        "--fp8", action="store_true", help="also time the first GEMM with FP8 weights (bf16 on SM 9.0)"
+    )
     host = p.add_argument_group("host overhead (CPU us per eager call on tiny problems)")
     host.add_argument("--no-host", action="store_true", help="skip the host-overhead section")
     host.add_argument("--host-only", action="store_true", help="run the host-overhead section only")

@@ -25,6 +25,7 @@ import numpy as np
 from ...moe.checks import executor_or_shared
 from ...moe.dispatch import choose_algorithms
 from ...runtime.timing import L2_BYTES, rotation_count
+from .fp8 import FP8_METHOD, gemm1_fp8
 from .gpu import WeightCache, describe_error, free_pool, random_normal
 from .report import GEMM_STAGES, OVERHEAD_STAGES, Result, merge_passes, overhead_pct
 from .section import SectionRunner, Timed
@@ -142,6 +143,8 @@ class CaseRunner(SectionRunner):
         setups.append(("dense", lambda: self._gemm1_dense(sets, w1, flops, dense_bytes)))
         if not self.args.no_torch:
             setups.append(("torch", lambda: self._gemm1_torch(xs, w1, flops, nbytes)))
+        if getattr(self.args, "fp8", False):  # FP8 weights on the FP8 kernel (.fp8)
+            setups.append((FP8_METHOD, lambda: gemm1_fp8(self, xs, w1, flops, note)))
         held = sum(x.nbytes for x in xs) + sum(w.nbytes for w in w1s[1:])
         try:
             # w2 is not needed here: the layer section makes it again if it was dropped for room.

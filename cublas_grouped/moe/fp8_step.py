@@ -1,0 +1,195 @@
+"""The fixed-capacity layer step with FP8 expert weights on our FP8 Hopper kernel (SM 9.0).
+
+The 16-bit kernel step (:mod:`.kernel_step`) with each GEMM whose weights
+are :class:`~cublas_grouped.FP8ExpertWeights` run on the FP8 kernel
+(``kernels/grouped_gemm_fp8_sm90.cu``) instead of on a dequantized copy:
+
+    counts, offsets, rows placed, gather (as the 16-bit step)
+    -> quantize_rows_fp8(rows) -> FP8 GEMM 1 -> activation kernel
+    -> quantize_rows_fp8(act) -> FP8 GEMM 2 -> combine
+
+Both GEMMs read the per-expert counts on the device over the same
+grouped-contiguous T*k rows and the same schedule buffer (the FP8 kernel
+walks the 16-bit kernel's 128-row tiles), and the activations are quantized
+on the device (one e4m3 scale per row per 128 columns) into buffers the
+layer owns (:class:`FP8Rows`): nothing is allocated, nothing copied to the
+host, every launch's size depends on T alone, so a CUDA graph captures it.
+
+The activation between the GEMMs (``act(gate) * up``) stays the separate
+activation kernel: the FP8 kernel has no gated epilogue (the 16-bit one
+does), and its output would be quantized again before GEMM 2 anyway.
+A weight that is not FP8 (one of the two) runs on the 16-bit kernel.
+
+Who takes it (:func:`fp8_step_unsupported`): bfloat16 tokens, FP8 weights in
+the checkpoint layout the kernel reads (``trans_b=True``, ``"block128"``, K a
+multiple of 16, N of 8, 16-byte aligned values), the executor's algorithm
+AUTO or SM90_GROUPED, an SM 9.0 GPU. Unlike the 16-bit layers, few-expert
+decode steps take it too under AUTO: the chunked alternative would
+dequantize every expert's weights at every step. Anything else keeps the
+dequantizing fallback (a dense 16-bit copy of the weights, refilled per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from ..gemm.backends import hopper, hopper_fp8
+from ..gemm.config import Algorithm
+from ..gemm.fp8 import BLOCK, is_fp8, quantize_rows_fp8
+from ..runtime.arrays import BFLOAT16, as_cupy, view
+from . import kernels as K
+from .checks import LayerShape, kernel_arch
+from .chunk_capacity import ChunkBuffers
+from .dispatch import mark_stage
+from .kernel_step import place_rows
+
+__all__ = [
+    "FP8Rows",
+    "fp8_step_unsupported",
+    "has_fp8",
+    "fp8_kernel_step",
+    "cached_fp8_rows",
+    "layer_weight_nbytes",
+]
+
+
+def has_fp8(w1, w2) -> bool:
+    """Whether either weight is :class:`~cublas_grouped.FP8ExpertWeights`."""
+    return is_fp8(w1) or is_fp8(w2)
+
+
+def fp8_step_unsupported(sm, algorithm, shape: LayerShape, w1, w2) -> str | None:
+    """Why the FP8 step cannot run this layer (None when it can): ``sm`` the
+    GPU's (major, minor), ``algorithm`` the executor's. From sizes, formats
+    and weight addresses only: no GPU work. The reason names the weight."""
+    if not has_fp8(w1, w2):
+        return "neither w1 nor w2 is FP8ExpertWeights"
+    if Algorithm(algorithm) not in (Algorithm.AUTO, Algorithm.SM90_GROUPED):
+        return f"the executor's algorithm is {Algorithm(algorithm).value!r}, not auto or sm90_grouped"
+    if np.dtype(shape.dtype) != BFLOAT16:
+        return f"the FP8 kernel takes bfloat16 tokens; the layer's dtype is {np.dtype(shape.dtype).name}"
+    gemms = ((w1, "w1", shape.width, shape.hidden), (w2, "w2", shape.hidden, shape.inter))
+    for w, name, n, k in gemms:
+        if is_fp8(w):
+            reason = hopper_fp8.unsupported(sm, w, shape.dtype) or hopper_fp8.misaligned(
+                view(w.values, f"{name}.values").ptr
+            )
+        else:
+            reason = hopper.unsupported_shape(sm, shape.dtype, n, k)
+            if reason is None and view(w, name).ptr % hopper.ALIGNMENT:
+                reason = f"needs {hopper.ALIGNMENT}-byte aligned weights"
+        if reason is not None:
+            return f"{name}: {reason}"
+    return None
+
+
+@dataclass
+class FP8Rows:
+    """The quantized activations of an FP8 step: the gathered rows ``x`` and
+    the activation ``act``, as e4m3 codes with one float32 scale per row per
+    128 columns, for ``rows`` rows (T*k of the largest step)."""
+
+    x_q: object  # uint8 [rows, H]
+    x_s: object  # float32 [rows, ceil(H / 128)]
+    act_q: object  # uint8 [rows, I]
+    act_s: object  # float32 [rows, ceil(I / 128)]
+
+    @classmethod
+    def allocate(cls, shape: LayerShape, rows: int) -> FP8Rows:
+        """Allocate on the current device."""
+        import cupy
+
+        def pair(cols):
+            return (
+                cupy.empty((rows, cols), dtype=cupy.uint8),
+                cupy.empty((rows, -(-cols // BLOCK)), dtype=cupy.float32),
+            )
+
+        return cls(*pair(shape.hidden), *pair(shape.inter))
+
+    @property
+    def rows(self) -> int:
+        return self.x_q.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """GPU memory of the four arrays."""
+        return sum(getattr(self, f.name).nbytes for f in fields(self))
+
+
+def cached_fp8_rows(res, shape: LayerShape, rows: int) -> FP8Rows:
+    """:class:`FP8Rows` kept on the stream's resources for
+    ``moe_forward(fixed_capacity=True)``, one set per layer shape, grown (to a
+    power of two) when a step needs more rows, as the chunk buffers are."""
+    key = ("fp8-rows", shape)
+    cached = res.buffers.get(key)
+    if cached is None or cached.rows < rows:
+        cached = FP8Rows.allocate(shape, 1 << (rows - 1).bit_length())
+        res.buffers[key] = cached
+    return cached
+
+
+def _gemm(res, shape, buf, w, a, a8, out, n: int, k: int, *, scanned: bool) -> None:
+    """One expert GEMM over ``a``'s rows into ``out`` on the device counts:
+    FP8 weights quantize ``a`` into ``a8`` (codes, scales) and run the FP8
+    kernel; 16-bit ones run the 16-bit kernel."""
+    pairs = a.shape[0]
+    if is_fp8(w):
+        a_q, a_s = a8[0][:pairs], a8[1][:pairs]
+        quantize_rows_fp8(a, out=(a_q, a_s), stream=res.stream)
+        ptrs = (a_q.data.ptr, a_s.data.ptr, out.data.ptr)
+        hopper_fp8.grouped_rows_fp8(res, w, pairs, ptrs, buf.counts, scanned=scanned, storage=buf.schedule)
+    else:
+        problem = (shape.num_experts, pairs, n, k, shape.trans_b, shape.dtype)
+        ptrs = (a.data.ptr, w.data.ptr, out.data.ptr)
+        hopper.grouped_rows(res, problem, ptrs, buf.counts, scanned=scanned, storage=buf.schedule)
+
+
+def fp8_kernel_step(
+    res,
+    shape: LayerShape,
+    buf: ChunkBuffers,
+    rows8: FP8Rows,
+    x,
+    ids,
+    weights,
+    params,
+    out,
+    dropped,
+    timer=None,
+) -> None:
+    """One layer step with FP8 weights on ``res``'s stream (the module's
+    docstring says what runs). ``params`` = (w1, w2, b1, b2): FP8ExpertWeights
+    or CuPy arrays (biases may be None), as :func:`fp8_step_unsupported`
+    accepted; ``rows8`` and ``buf`` hold at least T*k rows (the caller
+    checked ``buf``); ``dropped``, ``timer``: as in :func:`.kernel_step`."""
+    w1, w2, b1, b2 = params
+    if rows8.rows < ids.shape[0] * ids.shape[1]:
+        raise RuntimeError(f"a step of {ids.shape[0]} tokens needs {ids.size} FP8 rows; {rows8.rows} held")
+    arch, stream = kernel_arch(res), res.launch_stream
+    tokens, k = ids.shape
+    pairs = tokens * k
+    pair_to_row, row_to_pair = place_rows(res, shape, buf, x, ids, dropped, timer)
+    x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
+    # A 16-bit w1 packed in gate/up blocks runs the plain 16-bit kernel here and
+    # the activation kernel reads the blocks (FP8 w1 is never packed: layer_shape).
+    # GEMM 1 reuses the schedule place_rows made (scanned): its tile counter is still zero.
+    _gemm(res, shape, buf, w1, x_rows, (rows8.x_q, rows8.x_s), h, shape.width, shape.hidden, scanned=True)
+    mark_stage(timer, "gemm1", res.cupy_stream)
+    K.expert_activation(
+        stream, arch, h, shape.inter, int(shape.gated), K.ACTIVATIONS[shape.activation], b1,
+        row_to_pair, ids, act, shape.gate_up_block,
+    )  # fmt: skip
+    mark_stage(timer, "activation", res.cupy_stream)
+    # Not scanned: GEMM 1 used up the tile counter, which the offsets kernel zeroes.
+    _gemm(res, shape, buf, w2, act, (rows8.act_q, rows8.act_s), y, shape.hidden, shape.inter, scanned=False)
+    mark_stage(timer, "gemm2", res.cupy_stream)
+    K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
+    mark_stage(timer, "combine", res.cupy_stream)
+
+
+def layer_weight_nbytes(w1, w2) -> int:
+    """GPU bytes of a layer's two weights as stored (FP8: values and scales)."""
+    return sum(w.nbytes if is_fp8(w) else as_cupy(w, "weights").nbytes for w in (w1, w2))
