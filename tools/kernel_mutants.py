@@ -364,6 +364,21 @@ MUTANTS: tuple[Mutant, ...] = (
         "(void)0;",
         "no barrier between copying a pass out and writing the next one in: a race on the stage",
     ),
+    # grouped_gemm_sm90.cu: a's loads of thin tiles (v10)
+    Mutant(
+        "sm90-a-box-row",
+        "grouped_gemm_sm90.cu",
+        "kt * SM90_BLOCK_K, row0 + ra);",
+        "kt * SM90_BLOCK_K, row0);",
+        "every 16-row box of a thin tile loads the tile's first 16 rows",
+    ),
+    Mutant(
+        "sm90-a-box-place",
+        "grouped_gemm_sm90.cu",
+        "tma_load_2d(sa + s * SM90_A_STAGE_ELEMS + ra * SM90_BLOCK_K, tmap_a_rows, &full[s],",
+        "tma_load_2d(sa + s * SM90_A_STAGE_ELEMS + ra * SM90_A_BOX_ROWS, tmap_a_rows, &full[s],",
+        "the boxes land at an offset in the wrong unit (rows, not elements): rows 16 on are misplaced",
+    ),
     # grouped_gemm_sm90.cu: the masked fixed-capacity layout and the gated epilogue (v9)
     Mutant(
         "sm90-masked-no-clamp",
@@ -442,6 +457,20 @@ MUTANTS: tuple[Mutant, ...] = (
         "t.row_end = min(row_ends[t.g], M);",
         "t.row_end = min(row_ends[t.g] + 1, M);",
         "a tile writes the next group's first row with this group's weights",
+    ),
+    Mutant(
+        "quant-vec-half-reduce",
+        "fp8.cu",
+        "for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));",
+        "for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));",
+        "vector quantizer: the amax is reduced over the whole warp, mixing its two tiles' scales",
+    ),
+    Mutant(
+        "quant-vec-lane-cols",
+        "fp8.cu",
+        "const int c = (live ? static_cast<int>(t - r * tcols) * 128 : 0) + 8 * lane;",
+        "const int c = (live ? static_cast<int>(t - r * tcols) * 128 : 0) + 4 * lane;",
+        "vector quantizer: lanes step 4 columns while each converts 8: half of a tile is never written",
     ),
     Mutant(
         "fp8-store-row-mask",
