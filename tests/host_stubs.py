@@ -51,6 +51,39 @@ class _Pinned(bytearray):
         return 0x6F0000000000  # never read: the copies are stand-ins too
 
 
+class TensorMapStandIn:
+    """What ``hopper._tensor_map`` would describe to TMA: (address, shape, box, dtype)."""
+
+    def __init__(self, ptr, shape, box, dtype):
+        self.fields = (int(ptr), tuple(shape), tuple(box), np.dtype(dtype).name)
+
+    def __eq__(self, other):
+        return isinstance(other, TensorMapStandIn) and other.fields == self.fields
+
+    __hash__ = None
+
+
+class HolderStandIn:
+    """cuda.core's argument block for a prepared launch: 8 bytes per argument
+    (a tensor map's 8 hold 0; the maps are kept in ``args``), ``ptr`` the
+    address of the pointer array, as ``runtime.launch.FixedLaunch`` reads it."""
+
+    def __init__(self, args):
+        import ctypes
+
+        self.args = args
+        self.values = (ctypes.c_int64 * max(len(args), 1))(
+            *[0 if isinstance(x, TensorMapStandIn) else int(x) for x in args]
+        )
+        base = ctypes.addressof(self.values)
+        self.pointers = (ctypes.c_void_p * max(len(args), 1))(*[base + 8 * i for i in range(len(args))])
+        self.ptr = ctypes.addressof(self.pointers)
+
+
+def _no_opt_in(kernel, device_id, nbytes=0):
+    pass  # the shared-memory opt-in: a driver attribute, nothing on the host
+
+
 class Recorder:
     """What the stand-ins saw: cuBLAS calls (name, args), kernel launches, copies, memsets."""
 
@@ -132,6 +165,27 @@ def stub_gpu(monkeypatch, info=None):
     monkeypatch.setattr(K, "_found", {})
     monkeypatch.setattr(P, "_kernel_for", {})
     monkeypatch.setattr(L, "_handles", {})
+    # The Hopper kernel's host side (SM 9.0 paths): the SM count, the shared
+    # memory opt-in and the TMA descriptors are asked of no driver; a launch
+    # through cuda.core (tensor-map arguments) is recorded like the others.
+    from cublas_grouped.gemm.backends import hopper as H
+
+    monkeypatch.setattr(H, "_sm_counts", {0: info.multiprocessors})
+    monkeypatch.setattr(H, "_shared_set", set())
+    monkeypatch.setattr(H, "_allow_shared_memory", _no_opt_in)
+    monkeypatch.setattr(H, "_tensor_map", TensorMapStandIn)
+    monkeypatch.setattr(H, "_maps", type(H._maps)())
+    monkeypatch.setattr(H, "_scan_kernels", {})
+    monkeypatch.setattr(H, "_local", threading.local())
+    monkeypatch.setattr(L, "param_holder", HolderStandIn)
+    import cuda.core
+
+    def core_launch(stream, config, kernel, *args):
+        rec.launches.append(("core", config.grid, config.block, config.shmem_size, kernel.handle, args))
+
+    monkeypatch.setattr(cuda.core, "launch", core_launch)
+    monkeypatch.setattr(cuda.core, "LaunchConfig", SimpleNamespace)
+    monkeypatch.setattr(cuda.core, "Stream", SimpleNamespace(from_handle=lambda handle: handle))
     # Device-to-host copies answer with rec.host_values(array) (default: zeros).
     monkeypatch.setattr(cupy, "asnumpy", lambda arr, stream=None, **kw: rec.host_values(arr))
 

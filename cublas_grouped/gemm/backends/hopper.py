@@ -26,11 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...runtime import launch as _fast
 from ...runtime import nvrtc as _kernels
 from ...runtime.arrays import BFLOAT16
 from ..plan import GemmPlan, Operands
 from ..plan import misaligned as _misaligned
 from ..pointers import device_sizes
+from .tma import tiled_map as _tensor_map
 
 __all__ = [
     "ARCH",
@@ -231,39 +233,6 @@ def tile_schedule(sizes: np.ndarray, block_m: int = BLOCK_M, capacity: int = 0) 
     return np.stack([group, first, rows], axis=1).astype(np.int64).reshape(-1, 3)
 
 
-class _Tensor:
-    """A C-contiguous device tensor seen through the CUDA array interface
-    (unsigned elements of ``itemsize`` bytes: 2 for the 16-bit kernels, 1 for
-    e4m3 codes), so that cuda.core can describe it to TMA from a bare address."""
-
-    def __init__(self, ptr: int, shape: tuple[int, ...], itemsize: int = 2):
-        self.__cuda_array_interface__ = {
-            "shape": tuple(shape),
-            "typestr": f"<u{int(itemsize)}",
-            "data": (ptr, False),
-            "strides": None,
-            "version": 3,
-        }
-
-
-def _tensor_map(ptr: int, shape: tuple[int, ...], box: tuple[int, ...], dtype):
-    """A tiled TMA descriptor of a C-contiguous tensor of ``shape``: boxes of
-    ``box`` (both outermost first), the 128-byte swizzle wgmma reads, zeros
-    outside the tensor."""
-    # The enums are not re-exported by cuda.core 1.2; their module is.
-    from cuda.core._tensor_map import TensorMapOOBFill, TensorMapSwizzle
-    from cuda.core.utils import StridedMemoryView
-
-    itemsize = np.dtype(dtype).itemsize
-    view = StridedMemoryView.from_cuda_array_interface(_Tensor(ptr, shape, itemsize), stream_ptr=-1)
-    return view.as_tensor_map(
-        tuple(box),
-        data_type=np.dtype(dtype),
-        swizzle=TensorMapSwizzle.SWIZZLE_128B,
-        oob_fill=TensorMapOOBFill.NONE,  # NONE fills zeros (NAN_REQUEST_ZERO_FMA would fill NaN)
-    )
-
-
 # Descriptors kept (least recently used dropped first): a layer's two GEMMs
 # over a few batch shapes and a model's layers need a few dozen; each is 128
 # bytes plus its Python object.
@@ -367,6 +336,29 @@ def schedule_buffers(res, num_groups: int, storage=None):
     )
 
 
+def _schedule_base(res, e: int, storage) -> int:
+    """The device address of :func:`schedule_buffers`' ints (no views built)."""
+    if storage is not None:
+        return storage.data.ptr
+    nbytes = 4 * schedule_ints(max(e, STREAM_SCHEDULE_GROUPS))
+    buf = res.buffers.get("sm90-offsets")
+    return (buf if buf is not None and buf.nbytes >= nbytes else res.buffer("sm90-offsets", nbytes)).data.ptr
+
+
+_scan_kernels: dict = {}  # SOURCE -> the offsets kernel (DEFINES are constants: get_kernel's key is built once)
+
+
+def _scan(res, sizes_ptr: int, e: int, capacity: int, base: int) -> None:
+    """The offsets kernel on ``res``'s stream into the schedule ints at ``base``."""
+    scan = _scan_kernels.get(SOURCE)
+    if scan is None:
+        scan = _scan_kernels[SOURCE] = _kernels.get_kernel(
+            SOURCE, "grouped_tile_offsets", ARCH, defines=DEFINES
+        )
+    args = (sizes_ptr, e, capacity, base, base + 4 * (e + 1), base + 4 * (2 * e + 1), base + 4 * (3 * e + 2))
+    _kernels.launch_signed(res.stream, scan, 1, TILE_THREADS, "qiiqqqq", args)
+
+
 def schedule_offsets(res, sizes, e: int, capacity: int = 0, *, storage=None):
     """Run the offsets kernel on ``res``'s stream for ``sizes`` (int32 [E] on the
     device): fills :func:`schedule_buffers` and zeroes the tile counter.
@@ -374,19 +366,8 @@ def schedule_offsets(res, sizes, e: int, capacity: int = 0, *, storage=None):
     the row_offsets view [E + 1] (contiguous: the exclusive prefix of the
     sizes, then their total), which callers placing rows may use.
     ``storage``: as in :func:`schedule_buffers`."""
-    row_offsets, row_ends, tile_offsets, tile_counter = schedule_buffers(res, e, storage)
-    scan = _kernels.get_kernel(SOURCE, "grouped_tile_offsets", ARCH, defines=DEFINES)
-    args = (
-        np.intp(sizes.data.ptr),
-        np.int32(e),
-        np.int32(capacity),
-        np.intp(row_offsets.data.ptr),
-        np.intp(row_ends.data.ptr),
-        np.intp(tile_offsets.data.ptr),
-        np.intp(tile_counter.data.ptr),
-    )
-    _kernels.launch(res.launch_stream, scan, 1, TILE_THREADS, args)
-    return row_offsets
+    _scan(res, sizes.data.ptr, int(e), int(capacity), _schedule_base(res, int(e), storage))
+    return schedule_buffers(res, e, storage)[0]
 
 
 @dataclass(frozen=True)
@@ -408,6 +389,14 @@ class GatedEpilogue:
 GATE_UP_BLOCK = BLOCK_N // 2
 
 
+# Prepared GEMM launches per thread (runtime.launch.FixedLaunch: tensor maps
+# and arguments packed once), keyed by everything their arguments and grid
+# hold except the output address, which each launch writes in; at most
+# PREPARED_LAUNCHES (then started over). DEFINES are constants: not keyed.
+PREPARED_LAUNCHES = 256
+_local = threading.local()
+
+
 def _launch(
     res, sizes, problem, ptrs, *, capacity, tile_bound, scanned=False, storage=None, epilogue=None
 ) -> None:
@@ -419,31 +408,47 @@ def _launch(
     can need (the grid, and so a captured launch, depends on it and not on
     the sizes). ``epilogue``: a :class:`GatedEpilogue` (``out`` is then
     [M, N / 2]), or None for the plain product."""
+    e = problem[0]
+    base = _schedule_base(res, e, storage)
+    if not scanned:
+        _scan(res, sizes.data.ptr, e, capacity, base)
+    key = (res.device_id, problem, ptrs[0], ptrs[1], base, tile_bound, epilogue, SOURCE, SCHEDULE, GRID_LIMIT)
+    prepared = getattr(_local, "gemms", None)
+    if prepared is None:
+        prepared = _local.gemms = {}
+    gemm = prepared.get(key)
+    if gemm is None:
+        if len(prepared) >= PREPARED_LAUNCHES:
+            prepared.clear()
+        gemm = prepared[key] = _prepare_gemm(res.device_id, problem, ptrs, base, tile_bound, epilogue)
+    gemm(res.stream, ptrs[2])
+
+
+def _prepare_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue):
+    """The GEMM's :class:`FixedLaunch` (the output address its one slot)."""
     e, m, n, k, trans_b, dtype = problem
     dtype = np.dtype(dtype)
-    if not scanned:
-        schedule_offsets(res, sizes, e, capacity, storage=storage)
-    row_offsets, row_ends, tile_offsets, tile_counter = schedule_buffers(res, e, storage)
     name = f"grouped_gemm_{weights_layout(trans_b)}_{_SUFFIX[dtype.name]}"
     defines = DEFINES
     if epilogue is not None:
         defines = {**DEFINES, **dict(epilogue.codes), "SM90_EPILOGUE_ACT": epilogue.act}
     gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=defines)
-    _allow_shared_memory(gemm, res.device_id)
+    _allow_shared_memory(gemm, device_id)
     element = BFLOAT16 if dtype == BFLOAT16 else dtype
-    tmap_a = tensor_map(ptrs[0], (m, k), (BLOCK_M, BLOCK_K), element, res.device_id)
-    tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b), element, res.device_id)
-    schedule = (row_offsets, row_ends, tile_offsets, tile_counter)
+    tmap_a = tensor_map(ptrs[0], (m, k), (BLOCK_M, BLOCK_K), element, device_id)
+    tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b), element, device_id)
+    schedule = (base, base + 4 * (e + 1), base + 4 * (2 * e + 1), base + 4 * (3 * e + 2))
     args = (
         tmap_a,
         tmap_b,
-        *(np.intp(x.data.ptr) for x in schedule),
+        *map(np.intp, schedule),
         *map(np.int32, (e, m, n, k)),
         np.intp(ptrs[2]),
         np.intp(epilogue.bias if epilogue is not None else 0),
     )
-    grid = grid_size(tile_bound * -(-n // BLOCK_N), _sm_count(res.device_id), limit=GRID_LIMIT)
-    _kernels.launch(res.launch_stream, gemm, grid, THREADS, args, shmem=SHARED_BYTES)
+    grid = grid_size(tile_bound * -(-n // BLOCK_N), _sm_count(device_id), limit=GRID_LIMIT)
+    label = f"{name} (kernels/{SOURCE}.cu, {ARCH})"
+    return _fast.FixedLaunch(gemm, grid, THREADS, args, shmem=SHARED_BYTES, slots=(10,), label=label)
 
 
 def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=None) -> None:
