@@ -52,7 +52,7 @@ class _Pinned(bytearray):
 
 
 class TensorMapStandIn:
-    """What ``hopper._tensor_map`` would describe to TMA: (address, shape, box, dtype)."""
+    """What ``tma.tiled_map`` would describe to TMA: (address, shape, box, dtype)."""
 
     def __init__(self, ptr, shape, box, dtype):
         self.fields = (int(ptr), tuple(shape), tuple(box), np.dtype(dtype).name)
@@ -173,8 +173,10 @@ def stub_gpu(monkeypatch, info=None):
     monkeypatch.setattr(H, "_sm_counts", {0: info.multiprocessors})
     monkeypatch.setattr(H, "_shared_set", set())
     monkeypatch.setattr(H, "_allow_shared_memory", _no_opt_in)
-    monkeypatch.setattr(H, "_tensor_map", TensorMapStandIn)
-    monkeypatch.setattr(H, "_maps", type(H._maps)())
+    from cublas_grouped.gemm.backends import tma
+
+    monkeypatch.setattr(tma, "tiled_map", TensorMapStandIn)
+    monkeypatch.setattr(tma, "_maps", type(tma._maps)())
     monkeypatch.setattr(H, "_scan_kernels", {})
     monkeypatch.setattr(H, "_local", threading.local())
     monkeypatch.setattr(L, "param_holder", HolderStandIn)

@@ -21,7 +21,6 @@ shape. AUTO takes it where measured clearly faster than cuBLAS
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,7 @@ from ...runtime.arrays import BFLOAT16
 from ..plan import GemmPlan, Operands
 from ..plan import misaligned as _misaligned
 from ..pointers import device_sizes
-from .tma import tiled_map as _tensor_map
+from .tma import MAP_CACHE_SIZE, tensor_map
 
 __all__ = [
     "ARCH",
@@ -64,6 +63,10 @@ __all__ = [
     "grouped_rows",
     "schedule_offsets",
     "schedule_ints",
+    "schedule_addresses",
+    "offsets_kernel",
+    "prepared_gemm",
+    "PREPARED_LAUNCHES",
     "STREAM_SCHEDULE_GROUPS",
     "GatedEpilogue",
     "GATE_UP_BLOCK",
@@ -233,44 +236,6 @@ def tile_schedule(sizes: np.ndarray, block_m: int = BLOCK_M, capacity: int = 0) 
     return np.stack([group, first, rows], axis=1).astype(np.int64).reshape(-1, 3)
 
 
-# Descriptors kept (least recently used dropped first): a layer's two GEMMs
-# over a few batch shapes and a model's layers need a few dozen; each is 128
-# bytes plus its Python object.
-MAP_CACHE_SIZE = 256
-_maps: OrderedDict[tuple, object] = OrderedDict()
-_maps_lock = threading.Lock()
-
-
-def tensor_map(ptr: int, shape: tuple[int, ...], box: tuple[int, ...], dtype, device_id: int):
-    """The TMA descriptor of :func:`_tensor_map`, built once per key and reused.
-
-    A descriptor is a pure function of the address, shape, strides (C-contiguous
-    here, so given by the shape), element type, box and swizzle (fixed here):
-    the key holds all of them and the device. It holds no reference to the
-    memory, so a reused descriptor of freed memory is only as wrong as the
-    pointer the caller passes; nothing else can go stale. Building one through
-    cuda.core costs host time on every call; a hit is a dictionary lookup.
-    """
-    shape, box, dtype = tuple(map(int, shape)), tuple(map(int, box)), np.dtype(dtype)
-    strides, step = [], dtype.itemsize  # C-contiguous byte strides, innermost first
-    for extent in reversed(shape):
-        strides.append(step)
-        step *= extent
-    key = (int(device_id), int(ptr), shape, tuple(reversed(strides)), dtype.name, box)
-    with _maps_lock:
-        found = _maps.get(key)
-        if found is not None:
-            _maps.move_to_end(key)
-            return found
-    built = _tensor_map(ptr, shape, box, dtype)
-    with _maps_lock:
-        _maps[key] = built
-        _maps.move_to_end(key)
-        while len(_maps) > MAP_CACHE_SIZE:
-            _maps.popitem(last=False)
-    return built
-
-
 _shared_set: set[tuple] = set()
 
 
@@ -348,15 +313,25 @@ def _schedule_base(res, e: int, storage) -> int:
 _scan_kernels: dict = {}  # SOURCE -> the offsets kernel (DEFINES are constants: get_kernel's key is built once)
 
 
-def _scan(res, sizes_ptr: int, e: int, capacity: int, base: int) -> None:
-    """The offsets kernel on ``res``'s stream into the schedule ints at ``base``."""
+def offsets_kernel():
+    """The offsets kernel ``grouped_tile_offsets`` of :data:`SOURCE` (found once)."""
     scan = _scan_kernels.get(SOURCE)
     if scan is None:
         scan = _scan_kernels[SOURCE] = _kernels.get_kernel(
             SOURCE, "grouped_tile_offsets", ARCH, defines=DEFINES
         )
-    args = (sizes_ptr, e, capacity, base, base + 4 * (e + 1), base + 4 * (2 * e + 1), base + 4 * (3 * e + 2))
-    _kernels.launch_signed(res.stream, scan, 1, TILE_THREADS, "qiiqqqq", args)
+    return scan
+
+
+def schedule_addresses(base: int, e: int) -> tuple[int, int, int, int]:
+    """Device addresses of :func:`schedule_buffers`' four arrays in the ints at ``base``."""
+    return (base, base + 4 * (e + 1), base + 4 * (2 * e + 1), base + 4 * (3 * e + 2))
+
+
+def _scan(res, sizes_ptr: int, e: int, capacity: int, base: int) -> None:
+    """The offsets kernel on ``res``'s stream into the schedule ints at ``base``."""
+    args = (sizes_ptr, e, capacity, *schedule_addresses(base, e))
+    _kernels.launch_signed(res.stream, offsets_kernel(), 1, TILE_THREADS, "qiiqqqq", args)
 
 
 def schedule_offsets(res, sizes, e: int, capacity: int = 0, *, storage=None):
@@ -412,7 +387,14 @@ def _launch(
     base = _schedule_base(res, e, storage)
     if not scanned:
         _scan(res, sizes.data.ptr, e, capacity, base)
-    key = (res.device_id, problem, ptrs[0], ptrs[1], base, tile_bound, epilogue, SOURCE, SCHEDULE, GRID_LIMIT)
+    prepared_gemm(res.device_id, problem, ptrs, base, tile_bound, epilogue)(res.stream, ptrs[2])
+
+
+def prepared_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue=None):
+    """The GEMM of :func:`_launch` as a :class:`~cublas_grouped.runtime.launch.FixedLaunch`
+    (call it with the stream and the output address), kept per thread by
+    everything else it holds: ``base`` is the address of the schedule ints."""
+    key = (device_id, problem, ptrs[0], ptrs[1], base, tile_bound, epilogue, SOURCE, SCHEDULE, GRID_LIMIT)
     prepared = getattr(_local, "gemms", None)
     if prepared is None:
         prepared = _local.gemms = {}
@@ -420,8 +402,8 @@ def _launch(
     if gemm is None:
         if len(prepared) >= PREPARED_LAUNCHES:
             prepared.clear()
-        gemm = prepared[key] = _prepare_gemm(res.device_id, problem, ptrs, base, tile_bound, epilogue)
-    gemm(res.stream, ptrs[2])
+        gemm = prepared[key] = _prepare_gemm(device_id, problem, ptrs, base, tile_bound, epilogue)
+    return gemm
 
 
 def _prepare_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue):
@@ -437,11 +419,10 @@ def _prepare_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epi
     element = BFLOAT16 if dtype == BFLOAT16 else dtype
     tmap_a = tensor_map(ptrs[0], (m, k), (BLOCK_M, BLOCK_K), element, device_id)
     tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b), element, device_id)
-    schedule = (base, base + 4 * (e + 1), base + 4 * (2 * e + 1), base + 4 * (3 * e + 2))
     args = (
         tmap_a,
         tmap_b,
-        *map(np.intp, schedule),
+        *map(np.intp, schedule_addresses(base, e)),
         *map(np.int32, (e, m, n, k)),
         np.intp(ptrs[2]),
         np.intp(epilogue.bias if epilogue is not None else 0),
