@@ -12,6 +12,7 @@ slow CPU follows (about 1 us per Python call on the GPU machine's host).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import sys
 import threading
 from types import SimpleNamespace
@@ -69,8 +70,6 @@ class HolderStandIn:
     address of the pointer array, as ``runtime.launch.FixedLaunch`` reads it."""
 
     def __init__(self, args):
-        import ctypes
-
         self.args = args
         self.values = (ctypes.c_int64 * max(len(args), 1))(
             *[0 if isinstance(x, TensorMapStandIn) else int(x) for x in args]
@@ -78,6 +77,28 @@ class HolderStandIn:
         base = ctypes.addressof(self.values)
         self.pointers = (ctypes.c_void_p * max(len(args), 1))(*[base + 8 * i for i in range(len(args))])
         self.ptr = ctypes.addressof(self.pointers)
+        _holders[self.ptr] = self
+
+
+_holders: dict = {}  # the pointer-array address of each HolderStandIn -> it
+
+
+def _argument_values(L, params) -> tuple:
+    """The values a launch passed: from the packer of ``runtime.launch`` whose
+    pointer array ``params`` is (launch_signed, launch_scalars), or from the
+    stand-in argument block at that address (a FixedLaunch; tensor maps as
+    their TensorMapStandIn fields)."""
+    if isinstance(params, ctypes.c_void_p):
+        holder = _holders[params.value]
+        return tuple(
+            x.fields if isinstance(x, TensorMapStandIn) else int(v)
+            for x, v in zip(holder.args, holder.values)
+        )
+    for packers in (getattr(L._local, "signed", {}), getattr(L._local, "packers", {})):
+        for packer in packers.values():
+            if packer.pointers is params:
+                return packer.fmt.unpack_from(packer.buffer)
+    raise AssertionError("a launch with arguments from no known packer")
 
 
 def _no_opt_in(kernel, device_id, nbytes=0):
@@ -92,10 +113,13 @@ class Recorder:
         self.launches: list[tuple] = []
         self.copies: list[tuple] = []
         self.memsets: list[tuple] = []
+        # Every driver launch: (kernel handle, grid and block, shared memory,
+        # stream, the argument values it passed: see _argument_values).
+        self.decoded: list[tuple] = []
         self.host_values = lambda arr: np.zeros(arr.shape, arr.dtype)
 
     def clear(self):
-        for name in ("cublas", "launches", "copies", "memsets"):
+        for name in ("cublas", "launches", "copies", "memsets", "decoded"):
             getattr(self, name).clear()
 
 
@@ -144,6 +168,7 @@ def stub_gpu(monkeypatch, info=None):
 
     def launch(handle, *args):
         rec.launches.append(args)
+        rec.decoded.append((handle, args[:6], args[6], args[7], _argument_values(L, args[8])))
         return 0
 
     monkeypatch.setattr(L, "_driver", SimpleNamespace(cuLaunchKernel=launch))
@@ -217,6 +242,7 @@ def stub_gpu(monkeypatch, info=None):
     try:
         yield rec
     finally:
+        _holders.clear()
         call_cache.clear()
         cupy.cuda.set_allocator(old_allocator)
         D._local = old_local

@@ -424,7 +424,7 @@ def _prepare_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epi
         tmap_b,
         *map(np.intp, schedule_addresses(base, e)),
         *map(np.int32, (e, m, n, k)),
-        np.intp(ptrs[2]),
+        np.intp(0),  # the output: written by each launch (slot 10)
         np.intp(epilogue.bias if epilogue is not None else 0),
     )
     grid = grid_size(tile_bound * -(-n // BLOCK_N), _sm_count(device_id), limit=GRID_LIMIT)
