@@ -296,8 +296,9 @@ def _default_kernel_step(res, executor, algorithm, shape, w1, w2, tokens: int) -
     T (SM 9.0, a layer the kernel fits). It was measured faster than the
     counts-on-the-host path on every prefill case of the benchmark's models
     (docs/kernel-notes.md), and it leaves the GPU no gap for host planning."""
+    auto = algorithm is Algorithm.AUTO or algorithm == "auto"  # the default, spelled either way: no coercion
     if (
-        coerce_enum(Algorithm, algorithm, "algorithm") is not Algorithm.AUTO
+        not (auto or coerce_enum(Algorithm, algorithm, "algorithm") is Algorithm.AUTO)
         or tokens > MAX_FIXED_CAPACITY_TOKENS
     ):
         return False
@@ -320,7 +321,11 @@ def _kernel_layer(res, shape, x, ids, weights, params, timer):
         mark_stage(timer, "start", res.cupy_stream)
         buf = cached_chunk_buffers(res, shape, tokens, kernel_only=True)
         buf.capacity.check_kernel_step(shape, tokens)
-        dropped = res.buffer("moe-dropped-pairs", 8).view(cupy.uint64)[:1]
+        dropped = res.buffers.get("moe-dropped-pairs-u64")  # a view of the stream's 8 bytes, made once
+        if dropped is None:
+            dropped = res.buffers["moe-dropped-pairs-u64"] = res.buffer("moe-dropped-pairs", 8).view(
+                cupy.uint64
+            )[:1]
         cupy.cuda.runtime.memsetAsync(dropped.data.ptr, 0, 8, res.stream)
         kernel_step(res, shape, buf, x, ids, weights, params, out, dropped, timer)
         count = int(cupy.asnumpy(dropped, stream=res.cupy_stream)[0])  # the one sync

@@ -213,8 +213,9 @@ class FixedLaunch:
         LaunchError
             If the driver refuses the launch.
         """
-        for slot, value in zip(self.slots, values):
-            slot.value = value
+        if values:
+            for slot, value in zip(self.slots, values):
+                slot.value = value
         lib = _driver if _driver is not None else driver()
         status = lib.cuLaunchKernel(
             self.handle, self.grid, 1, 1, self.block, 1, 1, self.shmem, stream, self.params, None
