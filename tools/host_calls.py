@@ -55,7 +55,7 @@ def cases(rec) -> dict:
     for alg in ("auto", "cublas_grouped", "sequential", "chunked_batched"):
         found[f"gmm tiny, host sizes ({alg})"] = lambda alg=alg: cg.gmm(a, b, sizes, algorithm=alg)
     found["gmm tiny, host sizes, out= (auto)"] = lambda: cg.gmm(a, b, sizes, out=out)
-    sizes_dev, b_t = fake_array((4,), "int32"), fake_array((4, 256, 256))
+    sizes_dev, b_t = fake_array((4,), "int64"), fake_array((4, 256, 256))
     found["gmm tiny, device sizes (auto)"] = lambda: cg.gmm(a, b, sizes_dev)
     found["gmm tiny, device sizes (sm90_grouped, trans_b)"] = lambda: cg.gmm(
         a, b_t, sizes_dev, trans_b=True, algorithm="sm90_grouped"

@@ -20,8 +20,9 @@ What is keyed (everything the checks, the plan and the choice read):
 - ``trans_a``, ``trans_b``, the ``algorithm`` argument, the executor (its
   ``config`` is compared by identity on each hit), the resolved stream handle;
 - for AUTO, the tuning state (:func:`choice_state`: a measurement or a
-  ``reset_tuning_cache`` since, ``CUBLAS_GROUPED_AUTOTUNE`` and
-  ``CUBLAS_GROUPED_TUNING_DIR``), compared on each hit.
+  ``reset_tuning_cache`` since, ``CUBLAS_GROUPED_AUTOTUNE``,
+  ``CUBLAS_GROUPED_TUNING_DIR`` and ``CUBLAS_GROUPED_CHECK_DEVICE_SIZES``),
+  compared on each hit.
 
 Not keyed, and why: the full addresses (no check reads more than their
 alignment; each call's own addresses are used), device-resident sizes that
@@ -45,6 +46,7 @@ from ..runtime.arrays import cupy_array_type
 from ..runtime.device import resolve_stream
 from . import autotune as _autotune
 from . import select as _select
+from .backends.hopper_sizes import CHECK_ENV as _CHECK_SIZES_ENV
 from .config import Algorithm
 from .plan import GemmPlan
 
@@ -81,9 +83,9 @@ _local = threading.local()
 _ENVIRON = getattr(os.environ, "_data", None)
 _AUTOTUNE_ENV, _TUNING_DIR_ENV = "CUBLAS_GROUPED_AUTOTUNE", "CUBLAS_GROUPED_TUNING_DIR"
 if isinstance(_ENVIRON, dict) and all(isinstance(k, bytes) for k in list(_ENVIRON)[:1]):
-    _ENV_KEYS = (_AUTOTUNE_ENV.encode(), _TUNING_DIR_ENV.encode())
+    _ENV_KEYS = (_AUTOTUNE_ENV.encode(), _TUNING_DIR_ENV.encode(), _CHECK_SIZES_ENV.encode())
 else:  # another platform's environ: the public way
-    _ENVIRON, _ENV_KEYS = os.environ, (_AUTOTUNE_ENV, _TUNING_DIR_ENV)
+    _ENVIRON, _ENV_KEYS = os.environ, (_AUTOTUNE_ENV, _TUNING_DIR_ENV, _CHECK_SIZES_ENV)
 
 
 @dataclass(eq=False)
@@ -119,13 +121,15 @@ class CachedCall:
 
 def choice_state() -> tuple:
     """What AUTO's choice depends on besides the call's shapes and sizes: new
-    measurements, tuning-cache resets and the two environment variables."""
+    measurements, tuning-cache resets and three environment variables (the
+    tuning ones, and whether device sizes are to be checked)."""
     env = _ENVIRON
     return (
         _autotune._generation,
         _select._resets,
         env.get(_ENV_KEYS[0]),
         env.get(_ENV_KEYS[1]),
+        env.get(_ENV_KEYS[2]),
     )
 
 

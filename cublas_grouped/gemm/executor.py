@@ -23,6 +23,8 @@ from . import call_cache as _cache
 from .autotune import gmm_algorithm
 from .backends import cublas as _cublas_backend
 from .backends import hopper as _hopper_backend
+from .backends.hopper_device import PreparedDeviceSizes
+from .backends.hopper_sizes import checks_device_sizes
 from .config import Algorithm, GroupedGemmConfig, compute_type_for
 from .plan import (
     GemmPlan,
@@ -335,11 +337,16 @@ class GroupedGemmExecutor:
             if on_device and self._sizes_stay_on_device(
                 algorithm, plan, a_v.dtype, device_id, (a_v.ptr, b_v.ptr, out_ptr)
             ):
-                # The sm90 kernel reads the sizes where they are: no copy, no sync.
-                entry.device_sizes = True
+                # The sm90 kernel reads the sizes where they are: no copy, no sync
+                # (backends/hopper_sizes.py: what is guaranteed without a check).
+                if algorithm is Algorithm.AUTO:
+                    entry.auto_state = _cache.choice_state()  # CUBLAS_GROUPED_CHECK_DEVICE_SIZES among it
+                entry.algorithm, entry.device_sizes = Algorithm.SM90_GROUPED, True
                 entry.action = _cache.ZERO if plan.zero_product else _cache.RUN
                 if 0 in plan.out_shape:
                     entry.action = _cache.EMPTY
+                elif entry.action is _cache.RUN:
+                    entry.prepared = PreparedDeviceSizes(plan, a_v.dtype)
                 _cache.store(key, entry)
                 return self._launch(entry, res, a_v.ptr, b_v.ptr, out, as_cupy(group_sizes, "group_sizes"))
             sizes_dev = None
@@ -400,10 +407,15 @@ class GroupedGemmExecutor:
     ) -> bool:
         """Whether device-resident group sizes can be used without copying them
         to the host: only by SM90_GROUPED, where it runs (``pointers``: the
-        addresses of a, b and out). They are then not
+        addresses of a, b and out), asked for or chosen by AUTO (unless
+        ``CUBLAS_GROUPED_CHECK_DEVICE_SIZES`` is set). They are then not
         checked (that needs the copy): negative sizes count as 0, no row at or
-        past M is written, and rows past the sizes' sum are left as they were."""
-        if algorithm is not Algorithm.SM90_GROUPED:
+        past M is read or written, and rows past the sizes' sum are left as
+        they were (backends/hopper_sizes.py)."""
+        if algorithm is Algorithm.AUTO:
+            if checks_device_sizes() or plan.trans_a:
+                return False
+        elif algorithm is not Algorithm.SM90_GROUPED:
             return False
         if _hopper_backend.misaligned(*pointers) is not None:
             return False

@@ -31,6 +31,7 @@ from ...runtime.arrays import BFLOAT16
 from ..plan import GemmPlan, Operands
 from ..plan import misaligned as _misaligned
 from ..pointers import device_sizes
+from .hopper_sizes import clamped_sizes
 from .tma import MAP_CACHE_SIZE, tensor_map
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "schedule_offsets",
     "schedule_ints",
     "schedule_addresses",
+    "schedule_base",
     "offsets_kernel",
     "prepared_gemm",
     "PREPARED_LAUNCHES",
@@ -301,8 +303,9 @@ def schedule_buffers(res, num_groups: int, storage=None):
     )
 
 
-def _schedule_base(res, e: int, storage) -> int:
-    """The device address of :func:`schedule_buffers`' ints (no views built)."""
+def schedule_base(res, e: int, storage=None) -> int:
+    """The device address of :func:`schedule_buffers`' ints (no views built;
+    ``storage`` as there)."""
     if storage is not None:
         return storage.data.ptr
     nbytes = 4 * schedule_ints(max(e, STREAM_SCHEDULE_GROUPS))
@@ -341,7 +344,7 @@ def schedule_offsets(res, sizes, e: int, capacity: int = 0, *, storage=None):
     the row_offsets view [E + 1] (contiguous: the exclusive prefix of the
     sizes, then their total), which callers placing rows may use.
     ``storage``: as in :func:`schedule_buffers`."""
-    _scan(res, sizes.data.ptr, int(e), int(capacity), _schedule_base(res, int(e), storage))
+    _scan(res, sizes.data.ptr, int(e), int(capacity), schedule_base(res, int(e), storage))
     return schedule_buffers(res, e, storage)[0]
 
 
@@ -384,9 +387,9 @@ def _launch(
     the sizes). ``epilogue``: a :class:`GatedEpilogue` (``out`` is then
     [M, N / 2]), or None for the plain product."""
     e = problem[0]
-    base = _schedule_base(res, e, storage)
+    base = schedule_base(res, e, storage)
     if not scanned:
-        _scan(res, sizes.data.ptr, e, capacity, base)
+        _scan(res, sizes if type(sizes) is int else sizes.data.ptr, e, capacity, base)
     prepared_gemm(res.device_id, problem, ptrs, base, tile_bound, epilogue)(res.stream, ptrs[2])
 
 
@@ -435,20 +438,25 @@ def _prepare_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epi
 def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=None) -> None:
     """SM90_GROUPED: ``plan`` on ``res``'s stream (grouped-contiguous rows,
     ``[E, K, N]`` weights, or ``[E, N, K]`` with ``plan.trans_b``); group sizes
-    from ``sizes_dev`` (int32 on the device) when given, else the plan's host
-    sizes, uploaded. No host synchronization.
+    from ``sizes_dev`` (an integer array on the device, unchecked: made safe
+    on the device by :func:`.hopper_sizes.clamped_sizes`) when given, else
+    the plan's host sizes, uploaded. No host synchronization.
 
     The caller checked :func:`unsupported`, and that M, N and K are not zero.
     """
     problem = (plan.num_experts, plan.total_rows, plan.n, plan.k, plan.trans_b, dtype)
-    grouped_rows(res, problem, (ops.a, ops.b, ops.c), device_sizes(plan, res, sizes_dev))
+    if sizes_dev is None:
+        sizes = device_sizes(plan, res)
+    else:
+        sizes = clamped_sizes(res, sizes_dev, plan.num_experts, plan.total_rows, ARCH)
+    grouped_rows(res, problem, (ops.a, ops.b, ops.c), sizes)
 
 
 def grouped_rows(res, problem, ptrs, sizes_dev, *, scanned=False, storage=None, epilogue=None) -> None:
     """Grouped-contiguous rows given by addresses: ``problem`` (E, M, N, K,
     trans_b, dtype), ``ptrs`` (a [M, K], b, out [M, N], C-contiguous),
-    ``sizes_dev`` int32 [E] on the device summing to at most M (rows past
-    their sum are neither computed as tiles of their own nor written).
+    ``sizes_dev`` int32 [E] on the device (or its address) summing to at most M
+    (rows past their sum are neither computed as tiles of their own nor written).
     ``scanned``: :func:`schedule_offsets` already ran last on this stream with
     these sizes; ``storage``: as in :func:`schedule_buffers`. No host sync.
     The grid covers any sizes summing to M (:func:`max_tiles`), so it does not
