@@ -310,6 +310,10 @@ class GroupedGemmExecutor:
                 group_sizes, num_groups if num_groups is not None else len(group_sizes)
             )
         plan = plan_gmm(a_v, b_v, host_sizes, trans_a=trans_a, trans_b=trans_b, num_experts=num_groups)
+        if (
+            on_device and num_groups != plan.num_experts
+        ):  # the length needs no copy: checked here for every path
+            raise ValueError(f"group_sizes has {num_groups} entries but b has {plan.num_experts} groups")
         out_v = self._check_out(out, plan, a_v)
         # The call's device: its capabilities decide, not those of the device used first.
         device_id = a_v.device if a_v.device is not None else self.device_id
@@ -351,7 +355,10 @@ class GroupedGemmExecutor:
                 return self._launch(entry, res, a_v.ptr, b_v.ptr, out, as_cupy(group_sizes, "group_sizes"))
             sizes_dev = None
             if on_device:
-                _cache.store(key, _cache.CachedCall(self.config, _cache.COPY_SIZES, device_id=device_id))
+                copy = _cache.CachedCall(self.config, _cache.COPY_SIZES, device_id=device_id)
+                if algorithm is Algorithm.AUTO:  # AUTO may not copy once the check variable is unset
+                    copy.auto_state = _cache.choice_state()
+                _cache.store(key, copy)
                 sizes_dev = as_cupy(group_sizes, "group_sizes")
                 if copied is None:
                     # cuBLAS takes sizes on the host: this copy waits for the stream.
