@@ -241,3 +241,14 @@ def test_clamp_reference_hand_worked():
     assert clamp_reference([2**40, 5], 16).tolist() == [16, 0]  # huge: no overflow
     assert clamp_reference([3, 3], 16).tolist() == [3, 3]  # short of M: unchanged (rows past 6 unwritten)
     assert clamp_reference([], 16).tolist() == []
+
+
+def test_strided_device_sizes_are_copied(gpu):
+    """The kernels read E consecutive sizes: a strided view of sizes takes the copy."""
+    a, b = _operands()
+    sizes = fake_array((2 * E,), "int32")[::2]
+    gpu.sizes = np.array([4, 4, 4, 3])
+    with pytest.raises(ValueError, match=r"sum\(group_sizes\) = 15"):
+        cg.gmm(a, b, sizes, algorithm="sm90_grouped")
+    with pytest.raises(ValueError, match=r"sum\(group_sizes\) = 15"):
+        cg.gmm(a, b, sizes)

@@ -134,7 +134,7 @@ def choice_state() -> tuple:
 
 
 def _array_key(x) -> tuple:
-    return (x.shape, x.strides, x.dtype, x.data.ptr & 15, x.device.id)
+    return (x.shape, x.strides, x.dtype, x.data.ptr & 15, x.data.device_id)
 
 
 def call_key(executor, a, b, group_sizes, trans_a, trans_b, out, stream, algorithm):
@@ -159,9 +159,9 @@ def call_key(executor, a, b, group_sizes, trans_a, trans_b, out, stream, algorit
         else:
             return None, None
         # Inline rather than _array_key: two calls fewer on every call.
-        device = a.device.id
+        device = a.data.device_id
         a_key = (a.shape, a.strides, a.dtype, a.data.ptr & 15, device)
-        b_key = (b.shape, b.strides, b.dtype, b.data.ptr & 15, b.device.id)
+        b_key = (b.shape, b.strides, b.dtype, b.data.ptr & 15, b.data.device_id)
         if stream is None:
             import cupy
 

@@ -338,8 +338,12 @@ class GroupedGemmExecutor:
         res = resources(device_id, resolve_stream(stream, device_id))
         with cupy.cuda.Device(device_id), res.cupy_stream:
             out_ptr = out_v.ptr if out_v is not None else 0  # a fresh out is aligned
-            if on_device and self._sizes_stay_on_device(
-                algorithm, plan, a_v.dtype, device_id, (a_v.ptr, b_v.ptr, out_ptr)
+            if (
+                on_device
+                and sizes_v.is_c_contiguous()  # the kernels read E consecutive sizes
+                and self._sizes_stay_on_device(
+                    algorithm, plan, a_v.dtype, device_id, (a_v.ptr, b_v.ptr, out_ptr)
+                )
             ):
                 # The sm90 kernel reads the sizes where they are: no copy, no sync
                 # (backends/hopper_sizes.py: what is guaranteed without a check).
@@ -412,13 +416,9 @@ class GroupedGemmExecutor:
     def _sizes_stay_on_device(
         self, algorithm: Algorithm, plan: GemmPlan, dtype, device_id: int, pointers
     ) -> bool:
-        """Whether device-resident group sizes can be used without copying them
-        to the host: only by SM90_GROUPED, where it runs (``pointers``: the
-        addresses of a, b and out), asked for or chosen by AUTO (unless
-        ``CUBLAS_GROUPED_CHECK_DEVICE_SIZES`` is set). They are then not
-        checked (that needs the copy): negative sizes count as 0, no row at or
-        past M is read or written, and rows past the sizes' sum are left as
-        they were (backends/hopper_sizes.py)."""
+        """Whether device sizes can stay on the device, unchecked (backends/hopper_sizes.py
+        says what holds then): by SM90_GROUPED where it runs (``pointers``: a, b,
+        out), asked for or taken by AUTO unless ``CUBLAS_GROUPED_CHECK_DEVICE_SIZES``."""
         if algorithm is Algorithm.AUTO:
             if checks_device_sizes() or plan.trans_a:
                 return False
