@@ -13,6 +13,8 @@ With ``w1_layout="gate_up_blocked"`` the activation runs in GEMM 1's epilogue.
 
 from __future__ import annotations
 
+from threading import get_ident
+
 from ..gemm.backends import hopper
 from ..gemm.config import Algorithm
 from ..runtime.arrays import cupy_array_type, view
@@ -135,6 +137,7 @@ def kernel_step(
             w2.data.ptr,
             0 if b1 is None else b1.data.ptr,
             0 if b2 is None else b2.data.ptr,
+            get_ident(),  # a step's slots are written before each launch: one per thread
         )
         step = buf.launches.get(key)
         if step is None:
