@@ -314,21 +314,20 @@ def _kernel_layer(res, shape, x, ids, weights, params, timer):
     import cupy
 
     tokens = x.shape[0]
-    with cupy.cuda.Device(res.device_id), res.cupy_stream:
-        out = cupy.empty((tokens, shape.hidden), dtype=x.dtype)
-        if not tokens:
-            return out
-        mark_stage(timer, "start", res.cupy_stream)
-        buf = cached_chunk_buffers(res, shape, tokens, kernel_only=True)
-        buf.capacity.check_kernel_step(shape, tokens)
-        dropped = res.buffers.get("moe-dropped-pairs-u64")  # a view of the stream's 8 bytes, made once
-        if dropped is None:
-            dropped = res.buffers["moe-dropped-pairs-u64"] = res.buffer("moe-dropped-pairs", 8).view(
-                cupy.uint64
-            )[:1]
-        cupy.cuda.runtime.memsetAsync(dropped.data.ptr, 0, 8, res.stream)
-        kernel_step(res, shape, buf, x, ids, weights, params, out, dropped, timer)
-        count = int(cupy.asnumpy(dropped, stream=res.cupy_stream)[0])  # the one sync
+    # Called on res's device and stream, made current by moe_forward (see _forward).
+    out = cupy.empty((tokens, shape.hidden), dtype=x.dtype)
+    if not tokens:
+        return out
+    mark_stage(timer, "start", res.cupy_stream)
+    buf = cached_chunk_buffers(res, shape, tokens, kernel_only=True)
+    buf.capacity.check_kernel_step(shape, tokens)
+    dropped = res.buffers.get("moe-dropped-pairs-u64")  # a view of the stream's 8 bytes, made once
+    if dropped is None:
+        counter = res.buffer("moe-dropped-pairs", 8).view(cupy.uint64)[:1]
+        dropped = res.buffers["moe-dropped-pairs-u64"] = counter
+    cupy.cuda.runtime.memsetAsync(dropped.data.ptr, 0, 8, res.stream)
+    kernel_step(res, shape, buf, x, ids, weights, params, out, dropped, timer)
+    count = int(cupy.asnumpy(dropped, stream=res.cupy_stream)[0])  # the one sync
     if count:
         raise ValueError(f"topk_ids holds {count} ids outside [0, {shape.num_experts})")
     return out
