@@ -12,6 +12,7 @@ slow CPU follows (about 1 us per Python call on the GPU machine's host).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import sys
 import threading
 from types import SimpleNamespace
@@ -51,6 +52,59 @@ class _Pinned(bytearray):
         return 0x6F0000000000  # never read: the copies are stand-ins too
 
 
+class TensorMapStandIn:
+    """What ``tma.tiled_map`` would describe to TMA: (address, shape, box, dtype)."""
+
+    def __init__(self, ptr, shape, box, dtype):
+        self.fields = (int(ptr), tuple(shape), tuple(box), np.dtype(dtype).name)
+
+    def __eq__(self, other):
+        return isinstance(other, TensorMapStandIn) and other.fields == self.fields
+
+    __hash__ = None
+
+
+class HolderStandIn:
+    """cuda.core's argument block for a prepared launch: 8 bytes per argument
+    (a tensor map's 8 hold 0; the maps are kept in ``args``), ``ptr`` the
+    address of the pointer array, as ``runtime.launch.FixedLaunch`` reads it."""
+
+    def __init__(self, args):
+        self.args = args
+        self.values = (ctypes.c_int64 * max(len(args), 1))(
+            *[0 if isinstance(x, TensorMapStandIn) else int(x) for x in args]
+        )
+        base = ctypes.addressof(self.values)
+        self.pointers = (ctypes.c_void_p * max(len(args), 1))(*[base + 8 * i for i in range(len(args))])
+        self.ptr = ctypes.addressof(self.pointers)
+        _holders[self.ptr] = self
+
+
+_holders: dict = {}  # the pointer-array address of each HolderStandIn -> it
+
+
+def _argument_values(L, params) -> tuple:
+    """The values a launch passed: from the packer of ``runtime.launch`` whose
+    pointer array ``params`` is (launch_signed, launch_scalars), or from the
+    stand-in argument block at that address (a FixedLaunch; tensor maps as
+    their TensorMapStandIn fields)."""
+    if isinstance(params, ctypes.c_void_p):
+        holder = _holders[params.value]
+        return tuple(
+            x.fields if isinstance(x, TensorMapStandIn) else int(v)
+            for x, v in zip(holder.args, holder.values)
+        )
+    for packers in (getattr(L._local, "signed", {}), getattr(L._local, "packers", {})):
+        for packer in packers.values():
+            if packer.pointers is params:
+                return packer.fmt.unpack_from(packer.buffer)
+    raise AssertionError("a launch with arguments from no known packer")
+
+
+def _no_opt_in(kernel, device_id, nbytes=0):
+    pass  # the shared-memory opt-in: a driver attribute, nothing on the host
+
+
 class Recorder:
     """What the stand-ins saw: cuBLAS calls (name, args), kernel launches, copies, memsets."""
 
@@ -59,10 +113,13 @@ class Recorder:
         self.launches: list[tuple] = []
         self.copies: list[tuple] = []
         self.memsets: list[tuple] = []
+        # Every driver launch: (kernel handle, grid and block, shared memory,
+        # stream, the argument values it passed: see _argument_values).
+        self.decoded: list[tuple] = []
         self.host_values = lambda arr: np.zeros(arr.shape, arr.dtype)
 
     def clear(self):
-        for name in ("cublas", "launches", "copies", "memsets"):
+        for name in ("cublas", "launches", "copies", "memsets", "decoded"):
             getattr(self, name).clear()
 
 
@@ -111,6 +168,7 @@ def stub_gpu(monkeypatch, info=None):
 
     def launch(handle, *args):
         rec.launches.append(args)
+        rec.decoded.append((handle, args[:6], args[6], args[7], _argument_values(L, args[8])))
         return 0
 
     monkeypatch.setattr(L, "_driver", SimpleNamespace(cuLaunchKernel=launch))
@@ -132,6 +190,32 @@ def stub_gpu(monkeypatch, info=None):
     monkeypatch.setattr(K, "_found", {})
     monkeypatch.setattr(P, "_kernel_for", {})
     monkeypatch.setattr(L, "_handles", {})
+    # The Hopper kernel's host side (SM 9.0 paths): the SM count, the shared
+    # memory opt-in and the TMA descriptors are asked of no driver; a launch
+    # through cuda.core (tensor-map arguments) is recorded like the others.
+    from cublas_grouped.gemm.backends import hopper as H
+
+    monkeypatch.setattr(H, "_sm_counts", {0: info.multiprocessors})
+    monkeypatch.setattr(H, "_shared_set", set())
+    monkeypatch.setattr(H, "_allow_shared_memory", _no_opt_in)
+    from cublas_grouped.gemm.backends import tma
+
+    monkeypatch.setattr(tma, "tiled_map", TensorMapStandIn)
+    monkeypatch.setattr(tma, "_maps", type(tma._maps)())
+    monkeypatch.setattr(H, "_scan_kernels", {})
+    from cublas_grouped.gemm.backends import hopper_sizes
+
+    monkeypatch.setattr(hopper_sizes, "_found", {})
+    monkeypatch.setattr(H, "_local", threading.local())
+    monkeypatch.setattr(L, "param_holder", HolderStandIn)
+    import cuda.core
+
+    def core_launch(stream, config, kernel, *args):
+        rec.launches.append(("core", config.grid, config.block, config.shmem_size, kernel.handle, args))
+
+    monkeypatch.setattr(cuda.core, "launch", core_launch)
+    monkeypatch.setattr(cuda.core, "LaunchConfig", SimpleNamespace)
+    monkeypatch.setattr(cuda.core, "Stream", SimpleNamespace(from_handle=lambda handle: handle))
     # Device-to-host copies answer with rec.host_values(array) (default: zeros).
     monkeypatch.setattr(cupy, "asnumpy", lambda arr, stream=None, **kw: rec.host_values(arr))
 
@@ -161,6 +245,7 @@ def stub_gpu(monkeypatch, info=None):
     try:
         yield rec
     finally:
+        _holders.clear()
         call_cache.clear()
         cupy.cuda.set_allocator(old_allocator)
         D._local = old_local

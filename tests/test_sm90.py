@@ -195,8 +195,10 @@ def test_tensor_maps_are_cached_per_key_and_bounded(monkeypatch):
         built.append((ptr, shape, box, np.dtype(dtype).name))
         return object()
 
-    monkeypatch.setattr(hopper, "_tensor_map", fake)
-    monkeypatch.setattr(hopper, "_maps", OrderedDict())
+    from cublas_grouped.gemm.backends import tma
+
+    monkeypatch.setattr(tma, "tiled_map", fake)
+    monkeypatch.setattr(tma, "_maps", OrderedDict())
     bf16 = ml_dtypes.bfloat16
     first = hopper.tensor_map(0x1000, (300, 512), (128, 64), bf16, 0)
     assert hopper.tensor_map(0x1000, [300, 512], (128, 64), bf16, 0) is first  # a hit builds nothing
@@ -214,14 +216,14 @@ def test_tensor_maps_are_cached_per_key_and_bounded(monkeypatch):
     assert len(built) == 1 + len(changed)
     assert len({id(m) for m in [first, *maps]}) == 1 + len(changed)
     # The bound: filling the cache drops the least recently used entry first.
-    monkeypatch.setattr(hopper, "MAP_CACHE_SIZE", 3)
-    monkeypatch.setattr(hopper, "_maps", OrderedDict())
+    monkeypatch.setattr(tma, "MAP_CACHE_SIZE", 3)
+    monkeypatch.setattr(tma, "_maps", OrderedDict())
     a = hopper.tensor_map(1, (8, 8), (8, 8), bf16, 0)
     hopper.tensor_map(2, (8, 8), (8, 8), bf16, 0)
     hopper.tensor_map(3, (8, 8), (8, 8), bf16, 0)
     assert hopper.tensor_map(1, (8, 8), (8, 8), bf16, 0) is a  # 1 is now the most recent
     hopper.tensor_map(4, (8, 8), (8, 8), bf16, 0)  # drops 2
-    assert len(hopper._maps) == 3
+    assert len(tma._maps) == 3
     count = len(built)
     assert hopper.tensor_map(1, (8, 8), (8, 8), bf16, 0) is a and len(built) == count
     hopper.tensor_map(2, (8, 8), (8, 8), bf16, 0)

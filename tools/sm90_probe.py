@@ -217,12 +217,12 @@ def host_cost() -> None:
 
     import cupy
 
-    from cublas_grouped.gemm.backends import hopper
+    from cublas_grouped.gemm.backends import hopper, tma
 
     x = cupy.empty((4096, 7168), dtype=ml_dtypes.bfloat16)
     args = (x.data.ptr, (4096, 7168), (hopper.BLOCK_M, hopper.BLOCK_K), ml_dtypes.bfloat16)
     for label, fn in (
-        ("built (cuda.core)", lambda: hopper._tensor_map(*args)),
+        ("built (cuda.core)", lambda: tma.tiled_map(*args)),
         ("cached (hit)", lambda: hopper.tensor_map(*args, 0)),
     ):
         fn()

@@ -20,8 +20,9 @@ What is keyed (everything the checks, the plan and the choice read):
 - ``trans_a``, ``trans_b``, the ``algorithm`` argument, the executor (its
   ``config`` is compared by identity on each hit), the resolved stream handle;
 - for AUTO, the tuning state (:func:`choice_state`: a measurement or a
-  ``reset_tuning_cache`` since, ``CUBLAS_GROUPED_AUTOTUNE`` and
-  ``CUBLAS_GROUPED_TUNING_DIR``), compared on each hit.
+  ``reset_tuning_cache`` since, ``CUBLAS_GROUPED_AUTOTUNE``,
+  ``CUBLAS_GROUPED_TUNING_DIR`` and ``CUBLAS_GROUPED_CHECK_DEVICE_SIZES``),
+  compared on each hit.
 
 Not keyed, and why: the full addresses (no check reads more than their
 alignment; each call's own addresses are used), device-resident sizes that
@@ -45,6 +46,7 @@ from ..runtime.arrays import cupy_array_type
 from ..runtime.device import resolve_stream
 from . import autotune as _autotune
 from . import select as _select
+from .backends.hopper_sizes import CHECK_ENV as _CHECK_SIZES_ENV
 from .config import Algorithm
 from .plan import GemmPlan
 
@@ -81,9 +83,9 @@ _local = threading.local()
 _ENVIRON = getattr(os.environ, "_data", None)
 _AUTOTUNE_ENV, _TUNING_DIR_ENV = "CUBLAS_GROUPED_AUTOTUNE", "CUBLAS_GROUPED_TUNING_DIR"
 if isinstance(_ENVIRON, dict) and all(isinstance(k, bytes) for k in list(_ENVIRON)[:1]):
-    _ENV_KEYS = (_AUTOTUNE_ENV.encode(), _TUNING_DIR_ENV.encode())
+    _ENV_KEYS = (_AUTOTUNE_ENV.encode(), _TUNING_DIR_ENV.encode(), _CHECK_SIZES_ENV.encode())
 else:  # another platform's environ: the public way
-    _ENVIRON, _ENV_KEYS = os.environ, (_AUTOTUNE_ENV, _TUNING_DIR_ENV)
+    _ENVIRON, _ENV_KEYS = os.environ, (_AUTOTUNE_ENV, _TUNING_DIR_ENV, _CHECK_SIZES_ENV)
 
 
 @dataclass(eq=False)
@@ -119,18 +121,20 @@ class CachedCall:
 
 def choice_state() -> tuple:
     """What AUTO's choice depends on besides the call's shapes and sizes: new
-    measurements, tuning-cache resets and the two environment variables."""
+    measurements, tuning-cache resets and three environment variables (the
+    tuning ones, and whether device sizes are to be checked)."""
     env = _ENVIRON
     return (
         _autotune._generation,
         _select._resets,
         env.get(_ENV_KEYS[0]),
         env.get(_ENV_KEYS[1]),
+        env.get(_ENV_KEYS[2]),
     )
 
 
 def _array_key(x) -> tuple:
-    return (x.shape, x.strides, x.dtype, x.data.ptr & 15, x.device.id)
+    return (x.shape, x.strides, x.dtype, x.data.ptr & 15, x.data.device_id)
 
 
 def call_key(executor, a, b, group_sizes, trans_a, trans_b, out, stream, algorithm):
@@ -155,9 +159,9 @@ def call_key(executor, a, b, group_sizes, trans_a, trans_b, out, stream, algorit
         else:
             return None, None
         # Inline rather than _array_key: two calls fewer on every call.
-        device = a.device.id
+        device = a.data.device_id
         a_key = (a.shape, a.strides, a.dtype, a.data.ptr & 15, device)
-        b_key = (b.shape, b.strides, b.dtype, b.data.ptr & 15, b.device.id)
+        b_key = (b.shape, b.strides, b.dtype, b.data.ptr & 15, b.data.device_id)
         if stream is None:
             import cupy
 

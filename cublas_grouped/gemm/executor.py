@@ -23,6 +23,8 @@ from . import call_cache as _cache
 from .autotune import gmm_algorithm
 from .backends import cublas as _cublas_backend
 from .backends import hopper as _hopper_backend
+from .backends.hopper_device import PreparedDeviceSizes
+from .backends.hopper_sizes import checks_device_sizes
 from .config import Algorithm, GroupedGemmConfig, compute_type_for
 from .plan import (
     GemmPlan,
@@ -308,6 +310,10 @@ class GroupedGemmExecutor:
                 group_sizes, num_groups if num_groups is not None else len(group_sizes)
             )
         plan = plan_gmm(a_v, b_v, host_sizes, trans_a=trans_a, trans_b=trans_b, num_experts=num_groups)
+        if (
+            on_device and num_groups != plan.num_experts
+        ):  # the length needs no copy: checked here for every path
+            raise ValueError(f"group_sizes has {num_groups} entries but b has {plan.num_experts} groups")
         out_v = self._check_out(out, plan, a_v)
         # The call's device: its capabilities decide, not those of the device used first.
         device_id = a_v.device if a_v.device is not None else self.device_id
@@ -332,19 +338,31 @@ class GroupedGemmExecutor:
         res = resources(device_id, resolve_stream(stream, device_id))
         with cupy.cuda.Device(device_id), res.cupy_stream:
             out_ptr = out_v.ptr if out_v is not None else 0  # a fresh out is aligned
-            if on_device and self._sizes_stay_on_device(
-                algorithm, plan, a_v.dtype, device_id, (a_v.ptr, b_v.ptr, out_ptr)
+            if (
+                on_device
+                and sizes_v.is_c_contiguous()  # the kernels read E consecutive sizes
+                and self._sizes_stay_on_device(
+                    algorithm, plan, a_v.dtype, device_id, (a_v.ptr, b_v.ptr, out_ptr)
+                )
             ):
-                # The sm90 kernel reads the sizes where they are: no copy, no sync.
-                entry.device_sizes = True
+                # The sm90 kernel reads the sizes where they are: no copy, no sync
+                # (backends/hopper_sizes.py: what is guaranteed without a check).
+                if algorithm is Algorithm.AUTO:
+                    entry.auto_state = _cache.choice_state()  # CUBLAS_GROUPED_CHECK_DEVICE_SIZES among it
+                entry.algorithm, entry.device_sizes = Algorithm.SM90_GROUPED, True
                 entry.action = _cache.ZERO if plan.zero_product else _cache.RUN
                 if 0 in plan.out_shape:
                     entry.action = _cache.EMPTY
+                elif entry.action is _cache.RUN:
+                    entry.prepared = PreparedDeviceSizes(plan, a_v.dtype)
                 _cache.store(key, entry)
                 return self._launch(entry, res, a_v.ptr, b_v.ptr, out, as_cupy(group_sizes, "group_sizes"))
             sizes_dev = None
             if on_device:
-                _cache.store(key, _cache.CachedCall(self.config, _cache.COPY_SIZES, device_id=device_id))
+                copy = _cache.CachedCall(self.config, _cache.COPY_SIZES, device_id=device_id)
+                if algorithm is Algorithm.AUTO:  # AUTO may not copy once the check variable is unset
+                    copy.auto_state = _cache.choice_state()
+                _cache.store(key, copy)
                 sizes_dev = as_cupy(group_sizes, "group_sizes")
                 if copied is None:
                     # cuBLAS takes sizes on the host: this copy waits for the stream.
@@ -398,12 +416,13 @@ class GroupedGemmExecutor:
     def _sizes_stay_on_device(
         self, algorithm: Algorithm, plan: GemmPlan, dtype, device_id: int, pointers
     ) -> bool:
-        """Whether device-resident group sizes can be used without copying them
-        to the host: only by SM90_GROUPED, where it runs (``pointers``: the
-        addresses of a, b and out). They are then not
-        checked (that needs the copy): negative sizes count as 0, no row at or
-        past M is written, and rows past the sizes' sum are left as they were."""
-        if algorithm is not Algorithm.SM90_GROUPED:
+        """Whether device sizes can stay on the device, unchecked (backends/hopper_sizes.py
+        says what holds then): by SM90_GROUPED where it runs (``pointers``: a, b,
+        out), asked for or taken by AUTO unless ``CUBLAS_GROUPED_CHECK_DEVICE_SIZES``."""
+        if algorithm is Algorithm.AUTO:
+            if checks_device_sizes() or plan.trans_a:
+                return False
+        elif algorithm is not Algorithm.SM90_GROUPED:
             return False
         if _hopper_backend.misaligned(*pointers) is not None:
             return False

@@ -92,6 +92,13 @@ def gmm(
         Rows per group; zeros allowed anywhere; must sum to M. A GPU array is
         copied to the host (cuBLAS takes sizes there), which waits for the
         stream's earlier work: pass host sizes to avoid that synchronization.
+        On SM 9.0, where our Hopper kernel takes the call under "auto" or
+        "sm90_grouped" (16-bit, K and N multiples of 8, aligned operands),
+        GPU sizes stay on the GPU and are not checked: negative sizes count
+        as 0, sizes are cut where their sum reaches M (no row at or past M is
+        read or written), and rows past a sum short of M are not written.
+        ``CUBLAS_GROUPED_CHECK_DEVICE_SIZES=1`` makes "auto" copy and check
+        them instead (``gemm/backends/hopper_sizes.py``).
     trans_a : bool
         K-grouped product for weight gradients: ``out[e] = a_e.T @ b_e``,
         ``out`` is ``[E, K, N]``; empty groups give zeros.

@@ -5,7 +5,7 @@ token capacity (:mod:`cublas_grouped.moe.fixed_capacity` runs the steps).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from ..gemm.backends import hopper
 from ..gemm.plan import GemmPlan, shape_plan
@@ -152,6 +152,9 @@ class ChunkBuffers:
     scratch: object
     pointers: object  # uint64 [2, 3, chunks]: (GEMM 1, GEMM 2) x (rows, weights, out)
     schedule: object  # int32: the Hopper kernel's offsets and tile counter (SM 9.0 steps), owned so graphs keep them
+    # Prepared launches of kernel steps on these buffers (moe.kernel_step), by
+    # T and the weights: they hold these buffers' addresses, so they live here.
+    launches: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def allocate(cls, shape: LayerShape, capacity: ChunkCapacity) -> ChunkBuffers:
@@ -178,7 +181,9 @@ class ChunkBuffers:
     @property
     def nbytes(self) -> int:
         """GPU memory of every buffer."""
-        return sum(getattr(self, f.name).nbytes for f in fields(self) if f.name != "capacity")
+        return sum(
+            getattr(self, f.name).nbytes for f in fields(self) if f.name not in ("capacity", "launches")
+        )
 
 
 def cached_chunk_buffers(res, shape: LayerShape, tokens: int, *, kernel_only: bool = False) -> ChunkBuffers:

@@ -46,7 +46,7 @@ import numpy as np
 
 from ..gemm.backends.cublas import batched, bound
 from ..gemm.executor import GroupedGemmExecutor
-from ..gemm.fp8 import dense_scratch, is_fp8
+from ..gemm.fp8 import FP8ExpertWeights, dense_scratch, is_fp8
 from ..gemm.plan import Operands, RowLayout
 from ..gemm.pointers import build_pointers
 from ..runtime.arrays import as_cupy, view
@@ -370,7 +370,7 @@ def fixed_capacity_step(
     tokens, k = ids.shape
     e = shape.num_experts
     pairs = tokens * k
-    if has_fp8(w1, w2):
+    if fp8_rows is not None or isinstance(w1, FP8ExpertWeights) or isinstance(w2, FP8ExpertWeights):
         if fp8_rows is None:
             raise RuntimeError("the FP8 kernel step needs its quantized-row buffers (fp8_rows)")
         buf.capacity.check_kernel_step(shape, tokens)

@@ -13,13 +13,24 @@ With ``w1_layout="gate_up_blocked"`` the activation runs in GEMM 1's epilogue.
 
 from __future__ import annotations
 
+from threading import get_ident
+
 from ..gemm.backends import hopper
 from ..gemm.config import Algorithm
-from ..runtime.arrays import view
+from ..runtime.arrays import cupy_array_type, view
 from . import kernels as K
 from .checks import LayerShape, kernel_arch
 from .chunk_capacity import ChunkBuffers
 from .dispatch import mark_stage
+
+# Prepared steps kept per buffers (then started over): one per T and weights,
+# so a model's layers on one stream share the buffers and need one each.
+MAX_PREPARED_STEPS = 512
+
+
+def _ptr(array) -> int:
+    return 0 if array is None else array.data.ptr
+
 
 __all__ = [
     "CHUNKED_DECODE_MAX_EXPERTS",
@@ -28,6 +39,9 @@ __all__ = [
     "count_rows",
     "place_rows",
     "kernel_step",
+    "step_launches",
+    "StepLaunches",
+    "MAX_PREPARED_STEPS",
 ]
 
 # Under AUTO, decode steps of layers with few experts keep the chunked calls:
@@ -62,12 +76,27 @@ def fixed_capacity_backend(sm, executor, shape: LayerShape, w1, w2, tokens: int)
     )
     if algorithm is Algorithm.AUTO and few_expert_decode:
         return "chunked_batched"
-    gemms = ((shape.width, shape.hidden), (shape.hidden, shape.inter))
-    if any(hopper.unsupported_shape(sm, shape.dtype, n, k) is not None for n, k in gemms):
-        return "chunked_batched"
-    if any(view(w, name).ptr % hopper.ALIGNMENT for w, name in ((w1, "w1"), (w2, "w2"))):
-        return "chunked_batched"
-    return "sm90_grouped"
+    # The rest reads the GPU, the shape and the weights' alignment only:
+    # remembered per exactly those (a dictionary lookup per call after the first).
+    aligned = (_address(w1, "w1") % hopper.ALIGNMENT == 0, _address(w2, "w2") % hopper.ALIGNMENT == 0)
+    key = (sm, shape, aligned)
+    found = _kernel_fits.get(key)
+    if found is None:
+        gemms = ((shape.width, shape.hidden), (shape.hidden, shape.inter))
+        fits = all(hopper.unsupported_shape(sm, shape.dtype, n, k) is None for n, k in gemms)
+        if len(_kernel_fits) >= MAX_PREPARED_STEPS:
+            _kernel_fits.clear()
+        found = _kernel_fits[key] = "sm90_grouped" if fits and all(aligned) else "chunked_batched"
+    return found
+
+
+_kernel_fits: dict = {}  # (sm, shape, weights aligned) -> fixed_capacity_backend's answer past the algorithm
+
+
+def _address(w, name: str) -> int:
+    if type(w) is cupy_array_type():
+        return w.data.ptr  # every cached call: no view to build
+    return view(w, name).ptr
 
 
 def count_rows(res, arch, buf: ChunkBuffers, ids, e: int, pairs: int, rows: int | None = None):
@@ -129,8 +158,28 @@ def kernel_step(
     computed or read back. ``params`` = (w1, w2, b1, b2) as CuPy arrays;
     ``dropped``: a uint64 [1] counter to which pairs with an id outside
     [0, E) are added, or None; ``timer``: a StageTimer (the caller marked
-    "start"). The caller checked that ``buf`` holds T*k rows."""
+    "start"). The caller checked that ``buf`` holds T*k rows.
+
+    Without a ``timer``, the launches are those of :func:`step_launches`,
+    prepared once per buffers, T and weights, then replayed."""
     w1, w2, b1, b2 = params
+    if timer is None:
+        key = (
+            ids.shape,
+            w1.data.ptr,
+            w2.data.ptr,
+            0 if b1 is None else b1.data.ptr,
+            0 if b2 is None else b2.data.ptr,
+            get_ident(),  # a step's slots are written before each launch: one per thread
+        )
+        step = buf.launches.get(key)
+        if step is None:
+            if len(buf.launches) >= MAX_PREPARED_STEPS:
+                buf.launches.clear()
+            step = buf.launches[key] = step_launches(res, shape, buf, x, ids, weights, params, out, dropped)
+        w_ptr, d_ptr = 0 if weights is None else weights.data.ptr, 0 if dropped is None else dropped.data.ptr
+        step(res.stream, x.data.ptr, ids.data.ptr, w_ptr, out.data.ptr, d_ptr)
+        return
     arch, stream = kernel_arch(res), res.launch_stream
     tokens, k = ids.shape
     e, pairs = shape.num_experts, tokens * k
@@ -169,3 +218,110 @@ def kernel_step(
     mark_stage(timer, "gemm2", res.cupy_stream)
     K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
     mark_stage(timer, "combine", res.cupy_stream)
+
+
+class StepLaunches:
+    """The launches of one kernel step (see :func:`kernel_step`), arguments
+    packed once: calling it queues the step for new inputs (x, ids, weights,
+    out, dropped given by address) at the cost of one driver call per launch."""
+
+    def __init__(self, memset, launches, gemm_outs):
+        self.memset = memset  # (address, bytes): row_to_pair, reset to -1
+        self.histogram, self.column_scan, self.scan, self.assign, self.gather = launches[:5]
+        self.gemm1, self.activation, self.gemm2, self.combine = launches[5:]
+        self.gemm1_out, self.gemm2_out = gemm_outs
+
+    def __call__(self, stream: int, x: int, ids: int, weights: int, out: int, dropped: int) -> None:
+        """Queue the step on the raw stream handle ``stream``."""
+        import cupy
+
+        cupy.cuda.runtime.memsetAsync(self.memset[0], 0xFF, self.memset[1], stream)
+        self.histogram(stream, ids)
+        self.column_scan(stream)
+        self.scan(stream)
+        self.assign(stream, ids, dropped)
+        self.gather(stream, x)
+        self.gemm1(stream, self.gemm1_out)
+        if self.activation is not None:
+            self.activation(stream, ids)
+        self.scan(stream)  # GEMM 1 used up the tile counter, which the offsets kernel zeroes
+        self.gemm2(stream, self.gemm2_out)
+        self.combine(stream, weights, ids, out)
+
+
+def step_launches(
+    res, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, params, out, dropped
+) -> StepLaunches:
+    """The launches :func:`kernel_step` makes with a timer, prepared
+    (:class:`~cublas_grouped.moe.kernels.Prepare`): every argument but the
+    addresses of x, ids, weights, out and dropped is fixed by the buffers, T
+    and the weights (``params``); the slots below name where those go in each
+    kernel's parameters (moe/kernels.py's signatures)."""
+    w1, w2, b1, b2 = params
+    arch = kernel_arch(res)
+    tokens, k = ids.shape
+    e, pairs = shape.num_experts, tokens * k
+    nb = K.num_pair_blocks(pairs)
+    block_counts, pair_to_row, row_to_pair = (
+        buf.block_counts[:nb],
+        buf.pair_to_row[:pairs],
+        buf.row_to_pair[:pairs],
+    )
+    x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
+    prep = K.Prepare()
+    prep.slots = (0,)  # ids
+    histogram = K.block_histogram(prep, arch, ids, pairs, e, block_counts, skip_repeats=True)
+    prep.slots = ()
+    column_scan = K.column_scan(prep, arch, block_counts, nb, e, buf.counts)
+    base = buf.schedule.data.ptr
+    scan_args = (buf.counts.data.ptr, e, 0, *hopper.schedule_addresses(base, e))
+    scan = prep.fixed(hopper.offsets_kernel(), 1, hopper.TILE_THREADS, "qiiqqqq", scan_args)
+    offsets = buf.schedule[: e + 1]  # row_offsets: the first of the schedule's arrays
+    prep.slots = (0, 10)  # ids, dropped
+    assign = K.assign_rows(
+        prep,
+        arch,
+        ids,
+        pairs,
+        e,
+        block_counts,
+        offsets,
+        pair_to_row,
+        row_to_pair,
+        skip_repeats=True,
+        dropped=dropped,
+    )
+    prep.slots = (0,)  # x
+    gather = K.gather_rows(prep, arch, x, row_to_pair, k, x_rows)
+    gemm1 = (e, pairs, shape.width, shape.hidden, shape.trans_b, shape.dtype)
+    tile_bound = hopper.max_tiles(pairs, e)
+    activation = None
+    if shape.gate_up_block:
+        codes = tuple((f"ACT_{name.upper()}", code) for name, code in K.ACTIVATIONS.items())
+        fused = hopper.GatedEpilogue(K.ACTIVATIONS[shape.activation], codes, _ptr(b1))
+        first = hopper.prepared_gemm(
+            res.device_id, gemm1, (x_rows.data.ptr, w1.data.ptr), base, tile_bound, fused
+        )
+        first_out = act.data.ptr
+    else:
+        first = hopper.prepared_gemm(res.device_id, gemm1, (x_rows.data.ptr, w1.data.ptr), base, tile_bound)
+        first_out = h.data.ptr
+        prep.slots = (7,)  # ids
+        activation = K.expert_activation(
+            prep,
+            arch,
+            h,
+            shape.inter,
+            int(shape.gated),
+            K.ACTIVATIONS[shape.activation],
+            b1,
+            row_to_pair,
+            ids,
+            act,
+        )
+    gemm2 = (e, pairs, shape.hidden, shape.inter, shape.trans_b, shape.dtype)
+    second = hopper.prepared_gemm(res.device_id, gemm2, (act.data.ptr, w2.data.ptr), base, tile_bound)
+    prep.slots = (3, 4, 8)  # weights, ids, out
+    combine = K.combine_rows(prep, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
+    launches = (histogram, column_scan, scan, assign, gather, first, activation, second, combine)
+    return StepLaunches((row_to_pair.data.ptr, row_to_pair.nbytes), launches, (first_out, y.data.ptr))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..runtime import launch as _fast
 from ..runtime import nvrtc as _kernels
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "combine_rows",
     "scatter_rows",
     "num_pair_blocks",
+    "Prepare",
 ]
 
 DISPATCH_THREADS = 256  # threads per block of dispatch.cu's three sort kernels
@@ -94,6 +96,23 @@ def _kernel(file: str, name: str, arch: str, dtype=None):
     return kernel
 
 
+class Prepare:
+    """Passed as the ``stream`` of a launcher below: instead of launching, the
+    launcher returns the launch as a :class:`~cublas_grouped.runtime.launch.FixedLaunch`
+    (arguments packed once; set :attr:`slots` first to the indices of the
+    pointer arguments that change from call to call)."""
+
+    __slots__ = ("slots",)
+
+    def __init__(self):
+        self.slots = ()
+
+    def fixed(self, kernel, grid, block, signature, args, shmem=0):
+        """The FixedLaunch of one launcher's launch (its arguments typed by ``signature``)."""
+        typed = [np.int32(a) if code == "i" else np.int64(a) for code, a in zip(signature, args)]
+        return _fast.FixedLaunch(kernel, grid, block, typed, shmem=int(shmem), slots=self.slots)
+
+
 def num_pair_blocks(num_pairs: int) -> int:
     """Blocks of ``PAIRS_PER_BLOCK`` pairs the sort kernels run over (at least one)."""
     return max(1, -(-num_pairs // PAIRS_PER_BLOCK))
@@ -127,6 +146,8 @@ def block_histogram(stream, arch, ids, num_pairs, num_experts, block_counts, *, 
     """dispatch.cu ``expert_block_histogram``: each expert's pairs in each block of pairs."""
     kernel = _kernel("dispatch", "expert_block_histogram", arch)
     args = (*_pair_args(ids, num_pairs, num_experts, skip_repeats), block_counts.data.ptr)
+    if type(stream) is Prepare:
+        return stream.fixed(kernel, num_pair_blocks(num_pairs), DISPATCH_THREADS, _HISTOGRAM, args)
     _kernels.launch_signed(stream, kernel, num_pair_blocks(num_pairs), DISPATCH_THREADS, _HISTOGRAM, args)
 
 
@@ -134,6 +155,8 @@ def column_scan(stream, arch, block_counts, num_blocks, num_experts, counts) -> 
     """dispatch.cu ``expert_column_scan``: block counts to block bases in place, and each expert's total."""
     kernel = _kernel("dispatch", "expert_column_scan", arch)
     args = (block_counts.data.ptr, int(num_blocks), int(num_experts), counts.data.ptr)
+    if type(stream) is Prepare:
+        return stream.fixed(kernel, int(num_experts), DISPATCH_THREADS, _COLUMN_SCAN, args)
     _kernels.launch_signed(stream, kernel, int(num_experts), DISPATCH_THREADS, _COLUMN_SCAN, args)
 
 
@@ -166,6 +189,8 @@ def assign_rows(
     )
     shmem = (DISPATCH_THREADS // 32 + 1) * num_experts * 4
     grid = num_pair_blocks(num_pairs)
+    if type(stream) is Prepare:
+        return stream.fixed(kernel, grid, DISPATCH_THREADS, _ASSIGN_ROWS, args, int(shmem))
     _kernels.launch_signed(stream, kernel, grid, DISPATCH_THREADS, _ASSIGN_ROWS, args, int(shmem))
 
 
@@ -178,6 +203,8 @@ def gather_rows(stream, arch, x, row_to_pair, top_k, out) -> None:
     rows = out.shape[0]
     kernel = _kernel("dispatch", "gather_rows", arch, x.dtype)
     args = (x.data.ptr, x.shape[1], row_to_pair.data.ptr, int(top_k), rows, out.data.ptr)
+    if type(stream) is Prepare:
+        return stream.fixed(kernel, _row_grid(rows), ROW_THREADS, _GATHER_ROWS, args)
     _kernels.launch_signed(stream, kernel, _row_grid(rows), ROW_THREADS, _GATHER_ROWS, args)
 
 
@@ -201,6 +228,8 @@ def expert_activation(
         rows,
         out.data.ptr,
     )
+    if type(stream) is Prepare:
+        return stream.fixed(kernel, _row_grid(rows), ROW_THREADS, _ACTIVATION, args)
     _kernels.launch_signed(stream, kernel, _row_grid(rows), ROW_THREADS, _ACTIVATION, args)
 
 
@@ -218,6 +247,8 @@ def combine_rows(stream, arch, y, pair_to_row, weights, ids, bias, num_tokens, t
         int(top_k),
         out.data.ptr,
     )
+    if type(stream) is Prepare:
+        return stream.fixed(kernel, _row_grid(num_tokens), ROW_THREADS, _COMBINE_ROWS, args)
     _kernels.launch_signed(stream, kernel, _row_grid(num_tokens), ROW_THREADS, _COMBINE_ROWS, args)
 
 

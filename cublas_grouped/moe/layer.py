@@ -19,7 +19,7 @@ import warnings
 from ..gemm.backends import hopper_fp8
 from ..gemm.config import Algorithm, coerce_enum
 from ..gemm.executor import GroupedGemmExecutor
-from ..gemm.fp8 import dense_weights, is_fp8
+from ..gemm.fp8 import FP8ExpertWeights, dense_weights, is_fp8
 from ..runtime.arrays import as_cupy
 from ..runtime.device import stream_resources
 from ..runtime.oom import reports_out_of_memory
@@ -35,7 +35,7 @@ from .fixed_capacity import (
     fixed_capacity_backend,
     fixed_capacity_step,
 )
-from .fp8_step import cached_fp8_rows, fp8_step_unsupported, has_fp8
+from .fp8_step import cached_fp8_rows, fp8_step_unsupported
 from .kernel_step import kernel_step
 
 __all__ = ["moe_forward", "StageTimer"]
@@ -204,7 +204,9 @@ def moe_forward(
     # FP8ExpertWeights: read by the FP8 kernel where it can (SM 9.0, bf16 x, the
     # synchronizing path), else dequantized to x's dtype for this call
     # (docs/fp8.md); others pass through.
-    if fixed_capacity and _fp8_fixed_capacity(x_v, shape, w1, w2, executor):
+    # isinstance inline, not has_fp8: this runs on every fixed-capacity call (hot-path budget).
+    fp8_given = fixed_capacity and (isinstance(w1, FP8ExpertWeights) or isinstance(w2, FP8ExpertWeights))
+    if fp8_given and _fp8_fixed_capacity(x_v, shape, w1, w2, executor):
         fp8 = (is_fp8(w1), is_fp8(w2))  # the FP8 kernel step (moe/fp8_step.py) reads them as they are
     else:
         fp8 = _fp8_kernel_weights(x_v, (w1, w2), algorithm, executor, stream, fixed_capacity or keep_context)
@@ -251,7 +253,7 @@ def _forward(
     tokens = x.shape[0]
     if fixed_capacity:
         out = cupy.ndarray((tokens, shape.hidden), x.dtype)
-        if tokens and any(fp8):
+        if tokens and (fp8[0] or fp8[1]):
             buf = cached_chunk_buffers(res, shape, tokens, kernel_only=True)
             rows8 = cached_fp8_rows(res, shape, tokens * shape.top_k)
             fixed_capacity_step(
@@ -307,8 +309,9 @@ def _default_kernel_step(res, executor, algorithm, shape, w1, w2, tokens: int) -
     T (SM 9.0, a layer the kernel fits). It was measured faster than the
     counts-on-the-host path on every prefill case of the benchmark's models
     (docs/kernel-notes.md), and it leaves the GPU no gap for host planning."""
+    auto = algorithm is Algorithm.AUTO or algorithm == "auto"  # the default, spelled either way: no coercion
     if (
-        coerce_enum(Algorithm, algorithm, "algorithm") is not Algorithm.AUTO
+        not (auto or coerce_enum(Algorithm, algorithm, "algorithm") is Algorithm.AUTO)
         or tokens > MAX_FIXED_CAPACITY_TOKENS
     ):
         return False
@@ -324,28 +327,30 @@ def _kernel_layer(res, shape, x, ids, weights, params, timer):
     import cupy
 
     tokens = x.shape[0]
-    with cupy.cuda.Device(res.device_id), res.cupy_stream:
-        out = cupy.empty((tokens, shape.hidden), dtype=x.dtype)
-        if not tokens:
-            return out
-        mark_stage(timer, "start", res.cupy_stream)
-        buf = cached_chunk_buffers(res, shape, tokens, kernel_only=True)
-        buf.capacity.check_kernel_step(shape, tokens)
-        dropped = res.buffer("moe-dropped-pairs", 8).view(cupy.uint64)[:1]
-        cupy.cuda.runtime.memsetAsync(dropped.data.ptr, 0, 8, res.stream)
-        kernel_step(res, shape, buf, x, ids, weights, params, out, dropped, timer)
-        count = int(cupy.asnumpy(dropped, stream=res.cupy_stream)[0])  # the one sync
+    # Called on res's device and stream, made current by moe_forward (see _forward).
+    out = cupy.empty((tokens, shape.hidden), dtype=x.dtype)
+    if not tokens:
+        return out
+    mark_stage(timer, "start", res.cupy_stream)
+    buf = cached_chunk_buffers(res, shape, tokens, kernel_only=True)
+    buf.capacity.check_kernel_step(shape, tokens)
+    dropped = res.buffers.get("moe-dropped-pairs-u64")  # a view of the stream's 8 bytes, made once
+    if dropped is None:
+        counter = res.buffer("moe-dropped-pairs", 8).view(cupy.uint64)[:1]
+        dropped = res.buffers["moe-dropped-pairs-u64"] = counter
+    cupy.cuda.runtime.memsetAsync(dropped.data.ptr, 0, 8, res.stream)
+    kernel_step(res, shape, buf, x, ids, weights, params, out, dropped, timer)
+    count = int(cupy.asnumpy(dropped, stream=res.cupy_stream)[0])  # the one sync
     if count:
         raise ValueError(f"topk_ids holds {count} ids outside [0, {shape.num_experts})")
     return out
 
 
 def _fp8_fixed_capacity(x_v, shape, w1, w2, executor) -> bool:
-    """Whether ``fixed_capacity=True`` runs FP8 weights on the FP8 kernel step
+    """Whether ``fixed_capacity=True`` runs its FP8 weights (the caller saw
+    one) on the FP8 kernel step
     (:func:`fp8_step_unsupported` with the executor's algorithm) rather than
     dequantizing them for the call."""
-    if not has_fp8(w1, w2):
-        return False
     sm = executor.info_for(device_of(x_v)).sm
     return fp8_step_unsupported(sm, executor.config.algorithm, shape, w1, w2) is None
 

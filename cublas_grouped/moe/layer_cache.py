@@ -35,7 +35,7 @@ def _optional(x, nd):
         return None
     if type(x) is not nd:
         raise TypeError  # not cacheable: the caller gives up
-    return (x.shape, x.strides, x.dtype, x.device.id)
+    return (x.shape, x.strides, x.dtype, x.data.device_id)  # data.device_id: .device builds a Device
 
 
 def layer_key(x, ids, weights, w1, w2, b1, b2, options: tuple, executor, stream, dropped_pairs):
@@ -48,11 +48,11 @@ def layer_key(x, ids, weights, w1, w2, b1, b2, options: tuple, executor, stream,
         return None
     try:
         arrays = (
-            (x.shape, x.strides, x.dtype, x.device.id),
-            (ids.shape, ids.strides, ids.dtype, ids.device.id),
+            (x.shape, x.strides, x.dtype, x.data.device_id),
+            (ids.shape, ids.strides, ids.dtype, ids.data.device_id),
             None if weights is None else _optional(weights, nd),
-            (w1.shape, w1.strides, w1.dtype, w1.device.id),
-            (w2.shape, w2.strides, w2.dtype, w2.device.id),
+            (w1.shape, w1.strides, w1.dtype, w1.data.device_id),
+            (w2.shape, w2.strides, w2.dtype, w2.data.device_id),
             None if b1 is None else _optional(b1, nd),
             None if b2 is None else _optional(b2, nd),
             None if dropped_pairs is None else _optional(dropped_pairs, nd),
@@ -60,7 +60,7 @@ def layer_key(x, ids, weights, w1, w2, b1, b2, options: tuple, executor, stream,
         if stream is None:
             import cupy
 
-            handle = cupy.cuda.get_current_stream(x.device.id).ptr
+            handle = cupy.cuda.get_current_stream(x.data.device_id).ptr
         elif type(stream) is int and stream >= 0:
             handle = stream
         else:

@@ -24,7 +24,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["launch_scalars", "launch_signed", "LaunchError", "driver"]
+__all__ = ["launch_scalars", "launch_signed", "LaunchError", "driver", "param_holder", "FixedLaunch"]
 
 
 class LaunchError(RuntimeError):
@@ -166,3 +166,62 @@ def launch_signed(stream: int, kernel, grid: int, block: int, signature: str, ar
             f"cuLaunchKernel failed for a kernel with {len(args)} arguments, grid {grid}, block {block}, "
             f"{shmem} bytes of shared memory: {_error_name(status)}"
         )
+
+
+def param_holder(args):
+    """cuda.core's kernel-argument block for ``args`` (NumPy scalars, tensor
+    maps...): the array of pointers ``cuLaunchKernel`` takes is at its ``ptr``,
+    and it keeps every value (and the objects they came from) alive.
+    The one place that names cuda.core's (private) argument packer: cuda.core's
+    own launch packs its arguments with it, so a block built here holds the
+    bytes that launch would pass."""
+    from cuda.core._kernel_arg_handler import ParamHolder
+
+    return ParamHolder(args)
+
+
+class FixedLaunch:
+    """A kernel launch whose arguments are packed once (tensor maps included)
+    and replayed by one ``cuLaunchKernel`` call: for hot paths whose launches
+    repeat with the same arguments (a cached layer's or call's GEMMs).
+
+    ``args`` as for ``cuda.core.launch`` (typed: NumPy scalars, tensor maps);
+    ``slots``: indices of 64-bit arguments (pointers) that change from call
+    to call: :meth:`__call__` writes their values into the block before the
+    launch (the driver copies the block during the call, so the next write
+    cannot reach a queued launch). Not thread-safe: keep one per thread.
+    """
+
+    __slots__ = ("handle", "grid", "block", "shmem", "params", "holder", "slots", "label")
+
+    def __init__(
+        self, kernel, grid: int, block: int, args, *, shmem: int = 0, slots=(), label: str = "a kernel"
+    ):
+        self.handle = int(kernel.handle)
+        self.grid, self.block, self.shmem = int(grid), int(block), int(shmem)
+        self.holder = param_holder(tuple(args))
+        self.params = ctypes.c_void_p(self.holder.ptr)
+        pointers = (ctypes.c_void_p * max(len(args), 1)).from_address(self.holder.ptr)
+        self.slots = tuple(ctypes.c_int64.from_address(pointers[i]) for i in slots)
+        self.label = label
+
+    def __call__(self, stream: int, *values) -> None:
+        """Launch on the raw stream handle ``stream``, with ``values`` in the slots (in order).
+
+        Raises
+        ------
+        LaunchError
+            If the driver refuses the launch.
+        """
+        if values:
+            for slot, value in zip(self.slots, values):
+                slot.value = value
+        lib = _driver if _driver is not None else driver()
+        status = lib.cuLaunchKernel(
+            self.handle, self.grid, 1, 1, self.block, 1, 1, self.shmem, stream, self.params, None
+        )
+        if status != 0:
+            raise LaunchError(
+                f"cuLaunchKernel failed for {self.label}, grid {self.grid}, block {self.block}, "
+                f"{self.shmem} bytes of shared memory: {_error_name(status)}"
+            )

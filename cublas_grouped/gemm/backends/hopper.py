@@ -21,16 +21,18 @@ shape. AUTO takes it where measured clearly faster than cuBLAS
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
+from ...runtime import launch as _fast
 from ...runtime import nvrtc as _kernels
 from ...runtime.arrays import BFLOAT16
 from ..plan import GemmPlan, Operands
 from ..plan import misaligned as _misaligned
 from ..pointers import device_sizes
+from .hopper_sizes import clamped_sizes
+from .tma import MAP_CACHE_SIZE, tensor_map
 
 __all__ = [
     "ARCH",
@@ -62,6 +64,11 @@ __all__ = [
     "grouped_rows",
     "schedule_offsets",
     "schedule_ints",
+    "schedule_addresses",
+    "schedule_base",
+    "offsets_kernel",
+    "prepared_gemm",
+    "PREPARED_LAUNCHES",
     "STREAM_SCHEDULE_GROUPS",
     "GatedEpilogue",
     "GATE_UP_BLOCK",
@@ -238,77 +245,6 @@ def tile_schedule(sizes: np.ndarray, block_m: int = BLOCK_M, capacity: int = 0) 
     return np.stack([group, first, rows], axis=1).astype(np.int64).reshape(-1, 3)
 
 
-class _Tensor:
-    """A C-contiguous device tensor seen through the CUDA array interface
-    (unsigned elements of ``itemsize`` bytes: 2 for the 16-bit kernels, 1 for
-    e4m3 codes), so that cuda.core can describe it to TMA from a bare address."""
-
-    def __init__(self, ptr: int, shape: tuple[int, ...], itemsize: int = 2):
-        self.__cuda_array_interface__ = {
-            "shape": tuple(shape),
-            "typestr": f"<u{int(itemsize)}",
-            "data": (ptr, False),
-            "strides": None,
-            "version": 3,
-        }
-
-
-def _tensor_map(ptr: int, shape: tuple[int, ...], box: tuple[int, ...], dtype):
-    """A tiled TMA descriptor of a C-contiguous tensor of ``shape``: boxes of
-    ``box`` (both outermost first), the 128-byte swizzle wgmma reads, zeros
-    outside the tensor."""
-    # The enums are not re-exported by cuda.core 1.2; their module is.
-    from cuda.core._tensor_map import TensorMapOOBFill, TensorMapSwizzle
-    from cuda.core.utils import StridedMemoryView
-
-    itemsize = np.dtype(dtype).itemsize
-    view = StridedMemoryView.from_cuda_array_interface(_Tensor(ptr, shape, itemsize), stream_ptr=-1)
-    return view.as_tensor_map(
-        tuple(box),
-        data_type=np.dtype(dtype),
-        swizzle=TensorMapSwizzle.SWIZZLE_128B,
-        oob_fill=TensorMapOOBFill.NONE,  # NONE fills zeros (NAN_REQUEST_ZERO_FMA would fill NaN)
-    )
-
-
-# Descriptors kept (least recently used dropped first): a layer's two GEMMs
-# over a few batch shapes and a model's layers need a few dozen; each is 128
-# bytes plus its Python object.
-MAP_CACHE_SIZE = 256
-_maps: OrderedDict[tuple, object] = OrderedDict()
-_maps_lock = threading.Lock()
-
-
-def tensor_map(ptr: int, shape: tuple[int, ...], box: tuple[int, ...], dtype, device_id: int):
-    """The TMA descriptor of :func:`_tensor_map`, built once per key and reused.
-
-    A descriptor is a pure function of the address, shape, strides (C-contiguous
-    here, so given by the shape), element type, box and swizzle (fixed here):
-    the key holds all of them and the device. It holds no reference to the
-    memory, so a reused descriptor of freed memory is only as wrong as the
-    pointer the caller passes; nothing else can go stale. Building one through
-    cuda.core costs host time on every call; a hit is a dictionary lookup.
-    """
-    shape, box, dtype = tuple(map(int, shape)), tuple(map(int, box)), np.dtype(dtype)
-    strides, step = [], dtype.itemsize  # C-contiguous byte strides, innermost first
-    for extent in reversed(shape):
-        strides.append(step)
-        step *= extent
-    key = (int(device_id), int(ptr), shape, tuple(reversed(strides)), dtype.name, box)
-    with _maps_lock:
-        found = _maps.get(key)
-        if found is not None:
-            _maps.move_to_end(key)
-            return found
-    built = _tensor_map(ptr, shape, box, dtype)
-    with _maps_lock:
-        _maps[key] = built
-        _maps.move_to_end(key)
-        while len(_maps) > MAP_CACHE_SIZE:
-            _maps.popitem(last=False)
-    return built
-
-
 _shared_set: set[tuple] = set()
 
 
@@ -374,6 +310,40 @@ def schedule_buffers(res, num_groups: int, storage=None):
     )
 
 
+def schedule_base(res, e: int, storage=None) -> int:
+    """The device address of :func:`schedule_buffers`' ints (no views built;
+    ``storage`` as there)."""
+    if storage is not None:
+        return storage.data.ptr
+    nbytes = 4 * schedule_ints(max(e, STREAM_SCHEDULE_GROUPS))
+    buf = res.buffers.get("sm90-offsets")
+    return (buf if buf is not None and buf.nbytes >= nbytes else res.buffer("sm90-offsets", nbytes)).data.ptr
+
+
+_scan_kernels: dict = {}  # SOURCE -> the offsets kernel (DEFINES are constants: get_kernel's key is built once)
+
+
+def offsets_kernel():
+    """The offsets kernel ``grouped_tile_offsets`` of :data:`SOURCE` (found once)."""
+    scan = _scan_kernels.get(SOURCE)
+    if scan is None:
+        scan = _scan_kernels[SOURCE] = _kernels.get_kernel(
+            SOURCE, "grouped_tile_offsets", ARCH, defines=DEFINES
+        )
+    return scan
+
+
+def schedule_addresses(base: int, e: int) -> tuple[int, int, int, int]:
+    """Device addresses of :func:`schedule_buffers`' four arrays in the ints at ``base``."""
+    return (base, base + 4 * (e + 1), base + 4 * (2 * e + 1), base + 4 * (3 * e + 2))
+
+
+def _scan(res, sizes_ptr: int, e: int, capacity: int, base: int) -> None:
+    """The offsets kernel on ``res``'s stream into the schedule ints at ``base``."""
+    args = (sizes_ptr, e, capacity, *schedule_addresses(base, e))
+    _kernels.launch_signed(res.stream, offsets_kernel(), 1, TILE_THREADS, "qiiqqqq", args)
+
+
 def schedule_offsets(res, sizes, e: int, capacity: int = 0, *, storage=None):
     """Run the offsets kernel on ``res``'s stream for ``sizes`` (int32 [E] on the
     device): fills :func:`schedule_buffers` and zeroes the tile counter.
@@ -381,19 +351,8 @@ def schedule_offsets(res, sizes, e: int, capacity: int = 0, *, storage=None):
     the row_offsets view [E + 1] (contiguous: the exclusive prefix of the
     sizes, then their total), which callers placing rows may use.
     ``storage``: as in :func:`schedule_buffers`."""
-    row_offsets, row_ends, tile_offsets, tile_counter = schedule_buffers(res, e, storage)
-    scan = _kernels.get_kernel(SOURCE, "grouped_tile_offsets", ARCH, defines=DEFINES)
-    args = (
-        np.intp(sizes.data.ptr),
-        np.int32(e),
-        np.int32(capacity),
-        np.intp(row_offsets.data.ptr),
-        np.intp(row_ends.data.ptr),
-        np.intp(tile_offsets.data.ptr),
-        np.intp(tile_counter.data.ptr),
-    )
-    _kernels.launch(res.launch_stream, scan, 1, TILE_THREADS, args)
-    return row_offsets
+    _scan(res, sizes.data.ptr, int(e), int(capacity), schedule_base(res, int(e), storage))
+    return schedule_buffers(res, e, storage)[0]
 
 
 @dataclass(frozen=True)
@@ -415,6 +374,14 @@ class GatedEpilogue:
 GATE_UP_BLOCK = BLOCK_N // 2
 
 
+# Prepared GEMM launches per thread (runtime.launch.FixedLaunch: tensor maps
+# and arguments packed once), keyed by everything their arguments and grid
+# hold except the output address, which each launch writes in; at most
+# PREPARED_LAUNCHES (then started over). DEFINES are constants: not keyed.
+PREPARED_LAUNCHES = 256
+_local = threading.local()
+
+
 def _launch(
     res, sizes, problem, ptrs, *, capacity, tile_bound, scanned=False, storage=None, epilogue=None
 ) -> None:
@@ -426,52 +393,79 @@ def _launch(
     can need (the grid, and so a captured launch, depends on it and not on
     the sizes). ``epilogue``: a :class:`GatedEpilogue` (``out`` is then
     [M, N / 2]), or None for the plain product."""
+    e = problem[0]
+    base = schedule_base(res, e, storage)
+    if not scanned:
+        _scan(res, sizes if type(sizes) is int else sizes.data.ptr, e, capacity, base)
+    prepared_gemm(res.device_id, problem, ptrs, base, tile_bound, epilogue)(res.stream, ptrs[2])
+
+
+def prepared_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue=None):
+    """The GEMM of :func:`_launch` as a :class:`~cublas_grouped.runtime.launch.FixedLaunch`
+    (call it with the stream and the output address), kept per thread by
+    everything else it holds: ``base`` is the address of the schedule ints."""
+    key = (device_id, problem, ptrs[0], ptrs[1], base, tile_bound, epilogue, SOURCE, SCHEDULE, GRID_LIMIT)
+    prepared = getattr(_local, "gemms", None)
+    if prepared is None:
+        prepared = _local.gemms = {}
+    gemm = prepared.get(key)
+    if gemm is None:
+        if len(prepared) >= PREPARED_LAUNCHES:
+            prepared.clear()
+        gemm = prepared[key] = _prepare_gemm(device_id, problem, ptrs, base, tile_bound, epilogue)
+    return gemm
+
+
+def _prepare_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue):
+    """The GEMM's :class:`FixedLaunch` (the output address its one slot)."""
     e, m, n, k, trans_b, dtype = problem
     dtype = np.dtype(dtype)
-    if not scanned:
-        schedule_offsets(res, sizes, e, capacity, storage=storage)
-    row_offsets, row_ends, tile_offsets, tile_counter = schedule_buffers(res, e, storage)
     name = f"grouped_gemm_{weights_layout(trans_b)}_{_SUFFIX[dtype.name]}"
     defines = DEFINES
     if epilogue is not None:
         defines = {**DEFINES, **dict(epilogue.codes), "SM90_EPILOGUE_ACT": epilogue.act}
     gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=defines)
-    _allow_shared_memory(gemm, res.device_id)
+    _allow_shared_memory(gemm, device_id)
     element = BFLOAT16 if dtype == BFLOAT16 else dtype
-    tmap_a = tensor_map(ptrs[0], (m, k), (BLOCK_M, BLOCK_K), element, res.device_id)
-    tmap_a_rows = tensor_map(ptrs[0], (m, k), (defines["SM90_A_BOX_ROWS"], BLOCK_K), element, res.device_id)
-    tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b), element, res.device_id)
-    schedule = (row_offsets, row_ends, tile_offsets, tile_counter)
+    tmap_a = tensor_map(ptrs[0], (m, k), (BLOCK_M, BLOCK_K), element, device_id)
+    tmap_a_rows = tensor_map(ptrs[0], (m, k), (defines["SM90_A_BOX_ROWS"], BLOCK_K), element, device_id)
+    tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b), element, device_id)
     args = (
         tmap_a,
         tmap_a_rows,
         tmap_b,
-        *(np.intp(x.data.ptr) for x in schedule),
+        *map(np.intp, schedule_addresses(base, e)),
         *map(np.int32, (e, m, n, k)),
-        np.intp(ptrs[2]),
+        np.intp(0),  # the output: written by each launch (slot 11)
         np.intp(epilogue.bias if epilogue is not None else 0),
     )
-    grid = grid_size(tile_bound * -(-n // BLOCK_N), _sm_count(res.device_id), limit=GRID_LIMIT)
-    _kernels.launch(res.launch_stream, gemm, grid, THREADS, args, shmem=SHARED_BYTES)
+    grid = grid_size(tile_bound * -(-n // BLOCK_N), _sm_count(device_id), limit=GRID_LIMIT)
+    label = f"{name} (kernels/{SOURCE}.cu, {ARCH})"
+    return _fast.FixedLaunch(gemm, grid, THREADS, args, shmem=SHARED_BYTES, slots=(11,), label=label)
 
 
 def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=None) -> None:
     """SM90_GROUPED: ``plan`` on ``res``'s stream (grouped-contiguous rows,
     ``[E, K, N]`` weights, or ``[E, N, K]`` with ``plan.trans_b``); group sizes
-    from ``sizes_dev`` (int32 on the device) when given, else the plan's host
-    sizes, uploaded. No host synchronization.
+    from ``sizes_dev`` (an integer array on the device, unchecked: made safe
+    on the device by :func:`.hopper_sizes.clamped_sizes`) when given, else
+    the plan's host sizes, uploaded. No host synchronization.
 
     The caller checked :func:`unsupported`, and that M, N and K are not zero.
     """
     problem = (plan.num_experts, plan.total_rows, plan.n, plan.k, plan.trans_b, dtype)
-    grouped_rows(res, problem, (ops.a, ops.b, ops.c), device_sizes(plan, res, sizes_dev))
+    if sizes_dev is None:
+        sizes = device_sizes(plan, res)
+    else:
+        sizes = clamped_sizes(res, sizes_dev, plan.num_experts, plan.total_rows, ARCH)
+    grouped_rows(res, problem, (ops.a, ops.b, ops.c), sizes)
 
 
 def grouped_rows(res, problem, ptrs, sizes_dev, *, scanned=False, storage=None, epilogue=None) -> None:
     """Grouped-contiguous rows given by addresses: ``problem`` (E, M, N, K,
     trans_b, dtype), ``ptrs`` (a [M, K], b, out [M, N], C-contiguous),
-    ``sizes_dev`` int32 [E] on the device summing to at most M (rows past
-    their sum are neither computed as tiles of their own nor written).
+    ``sizes_dev`` int32 [E] on the device (or its address) summing to at most M
+    (rows past their sum are neither computed as tiles of their own nor written).
     ``scanned``: :func:`schedule_offsets` already ran last on this stream with
     these sizes; ``storage``: as in :func:`schedule_buffers`. No host sync.
     The grid covers any sizes summing to M (:func:`max_tiles`), so it does not

@@ -1,0 +1,254 @@
+"""gmm with group sizes on the device, on SM 9.0 (CPU, GPU side stubbed:
+tests/host_stubs.py): AUTO runs our kernel without copying the sizes, through
+the clamp of backends/hopper_sizes.py, with prepared launches that pass what
+the unprepared path passes; CUBLAS_GROUPED_CHECK_DEVICE_SIZES brings the copy
+and its checks back; every bad call still raises after hits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from host_stubs import H100, count_calls, fake_array, stub_gpu
+
+import cublas_grouped as cg
+from cublas_grouped.gemm.backends import hopper_sizes
+
+A100 = dict(sm=(8, 0), cublas_version=130100, name="NVIDIA A100-SXM4-80GB", multiprocessors=108)
+E, M, N, K = 4, 16, 256, 256
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    monkeypatch.setenv("CUBLAS_GROUPED_AUTOTUNE", "0")
+    monkeypatch.delenv(hopper_sizes.CHECK_ENV, raising=False)
+    with stub_gpu(monkeypatch, info=H100) as rec:
+        yield _with_copies(rec)
+
+
+@pytest.fixture
+def a100(monkeypatch):
+    monkeypatch.setenv("CUBLAS_GROUPED_AUTOTUNE", "0")
+    with stub_gpu(monkeypatch, info=A100) as rec:
+        yield _with_copies(rec)
+
+
+def _with_copies(rec):
+    """Device-to-host copies answer with ``rec.sizes`` and are counted in ``rec.sizes_copies``."""
+    rec.sizes, rec.sizes_copies = np.array([4, 4, 4, 4]), []
+
+    def host_values(arr):
+        rec.sizes_copies.append(arr.shape)
+        return rec.sizes.astype(arr.dtype)
+
+    rec.host_values = host_values
+    return rec
+
+
+def _operands(trans_b=False):
+    return fake_array((M, K)), fake_array((E, N, K) if trans_b else (E, K, N))
+
+
+def _queued(rec, out):
+    def name(v):
+        return "out" if v == out.data.ptr else v
+
+    return [(h, gb, shm, st, tuple(map(name, vals))) for h, gb, shm, st, vals in rec.decoded]
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64"])
+@pytest.mark.parametrize("algorithm", ["auto", "sm90_grouped"])
+def test_device_sizes_run_the_kernel_without_a_copy(gpu, dtype, algorithm):
+    """Three launches, no copy: the clamp of the caller's sizes into the
+    stream's int32 buffer, the offsets kernel reading that buffer, the GEMM;
+    a hit queues the same, and the unprepared path (executor.run) too."""
+    from host_stubs import STREAM
+
+    from cublas_grouped.gemm.backends import hopper
+    from cublas_grouped.gemm.config import Algorithm
+    from cublas_grouped.gemm.plan import Operands, plan_gmm
+    from cublas_grouped.runtime import device as D
+    from cublas_grouped.runtime.arrays import view
+
+    a, b = _operands()
+    sizes = fake_array((E,), dtype)
+    gpu.clear()
+    out = cg.gmm(a, b, sizes, algorithm=algorithm)
+    first = _queued(gpu, out)
+    assert gpu.sizes_copies == [] and gpu.cublas == []
+    clamp, scan, gemm = first
+    assert clamp[4][:3] == (sizes.data.ptr, E, M)
+    assert scan[4][:3] == (clamp[4][3], E, 0), "the offsets kernel reads what the clamp wrote"
+    assert gemm[4][11] == "out" and gemm[1] == (
+        hopper.grid_size(hopper.max_tiles(M, E), 132),
+        1,
+        1,
+        384,
+        1,
+        1,
+    )
+    for _ in range(2):
+        gpu.clear()
+        assert _queued(gpu, cg.gmm(a, b, sizes, algorithm=algorithm, out=out)) == first
+    # The unprepared path of the same plan: the same launches, value for value.
+    plan = plan_gmm(view(a, "a"), view(b, "b"), None, trans_a=False, trans_b=False, num_experts=E)
+    ops = Operands.for_plan(plan, a.data.ptr, b.data.ptr, out.data.ptr, 2)
+    gpu.clear()
+    cg.GroupedGemmExecutor().run(
+        plan, ops, a.dtype, Algorithm.SM90_GROUPED, D.resources(0, STREAM), sizes_dev=sizes
+    )
+    assert _queued(gpu, out) == first
+
+
+def test_new_operands_and_a_grown_buffer_prepare_anew(gpu):
+    """The prepared launches hold a and b's TMA maps and the stream buffers'
+    addresses: other operands, or a buffer grown by a call with more groups,
+    must give launches with the new addresses, never the old ones."""
+    from host_stubs import STREAM
+
+    from cublas_grouped.runtime import device as D
+
+    a, b = _operands()
+    sizes = fake_array((E,), "int32")
+    cg.gmm(a, b, sizes)
+    a2 = fake_array((M, K))
+    gpu.clear()
+    out = cg.gmm(a2, b, sizes)
+    assert _queued(gpu, out)[2][4][0][0] == a2.data.ptr, "the GEMM's A map is a2's"
+    res = D.resources(0, STREAM)
+    old = res.buffers["sm90-sizes"].data.ptr
+    res.buffer("sm90-sizes", 10**6)  # grown, as a call with many groups would
+    gpu.clear()
+    out = cg.gmm(a2, b, sizes)
+    launches = _queued(gpu, out)
+    assert launches[0][4][3] == res.buffers["sm90-sizes"].data.ptr != old
+    assert launches[1][4][0] == launches[0][4][3]
+
+
+def test_the_check_env_brings_the_copy_and_its_errors_back(gpu, monkeypatch):
+    a, b = _operands()
+    sizes = fake_array((E,), "int32")
+    cg.gmm(a, b, sizes)
+    cg.gmm(a, b, sizes)
+    gpu.sizes = np.array([4, 4, 4, 3])
+    cg.gmm(a, b, sizes)  # unchecked: no copy, no error
+    assert gpu.sizes_copies == []
+    monkeypatch.setenv(hopper_sizes.CHECK_ENV, "1")
+    with pytest.raises(ValueError, match=r"sum\(group_sizes\) = 15 but a has 16 rows"):
+        cg.gmm(a, b, sizes)  # a hit of the unchecked entry: the variable is part of AUTO's state
+    gpu.sizes = np.array([4, -1, 9, 4])
+    with pytest.raises(ValueError, match="negative"):
+        cg.gmm(a, b, sizes)
+    gpu.sizes = np.array([4, 4, 4, 4])
+    gpu.clear()
+    cg.gmm(a, b, sizes)
+    assert gpu.sizes_copies and gpu.cublas, "checked on the host, run on cuBLAS"
+    monkeypatch.setenv(hopper_sizes.CHECK_ENV, "0")
+    gpu.sizes_copies.clear()
+    gpu.clear()
+    cg.gmm(a, b, sizes)
+    assert gpu.sizes_copies == [] and gpu.cublas == []
+
+
+def test_other_gpus_still_copy_and_check(a100):
+    a, b = _operands()
+    sizes = fake_array((E,), "int32")
+    cg.gmm(a, b, sizes)
+    cg.gmm(a, b, sizes)
+    assert len(a100.sizes_copies) == 2
+    a100.sizes = np.array([4, 4, 4, 3])
+    with pytest.raises(ValueError, match=r"sum\(group_sizes\) = 15"):
+        cg.gmm(a, b, sizes)
+
+
+def test_what_the_kernel_cannot_take_still_copies_and_checks(gpu):
+    """float32, trans_a and misaligned operands keep the copy under AUTO."""
+    sizes = fake_array((E,), "int32")
+    gpu.sizes = np.array([4, 4, 4, 3])
+    with pytest.raises(ValueError, match=r"sum\(group_sizes\) = 15"):
+        cg.gmm(fake_array((M, K), "float32"), fake_array((E, K, N), "float32"), sizes)
+    base = fake_array((M * K + 8,))
+    misaligned = base[1 : M * K + 1].reshape(M, K)  # 2 bytes in: not 16-byte aligned
+    with pytest.raises(ValueError, match=r"sum\(group_sizes\) = 15"):
+        cg.gmm(misaligned, fake_array((E, K, N)), sizes)
+
+
+def _bad_calls(a, b, sizes):
+    return [
+        lambda: cg.gmm(a, b, fake_array((E, 1), "int32")),
+        lambda: cg.gmm(a, b, fake_array((E,), "float32")),
+        lambda: cg.gmm(a, b, fake_array((E + 1,), "int32")),
+        lambda: cg.gmm(fake_array((M, K + 8)), b, sizes),
+        lambda: cg.gmm(fake_array((M, K), "float16"), b, sizes),
+        lambda: cg.gmm(a, b, sizes, out=fake_array((M, N + 8))),
+        lambda: cg.gmm(a, b, sizes, out=fake_array((M, N), "float16")),
+        lambda: cg.gmm(a, b, sizes, algorithm="padded_strided"),
+        lambda: cg.gmm(a, b, sizes, algorithm="fastest"),
+        lambda: cg.gmm(a, b, sizes, stream=object()),
+        lambda: cg.gmm(a, b, np.array([4, 4, 4, 3])),
+    ]
+
+
+def test_every_error_still_raises_after_hits(gpu):
+    from cublas_grouped.gemm import call_cache
+
+    a, b = _operands()
+    sizes = fake_array((E,), "int64")
+    expected = []
+    for call in _bad_calls(a, b, sizes):
+        call_cache.clear()
+        with pytest.raises(Exception) as err:
+            call()
+        expected.append((type(err.value), str(err.value)))
+    for call, want in zip(_bad_calls(a, b, sizes), expected):
+        cg.gmm(a, b, sizes)
+        cg.gmm(a, b, sizes)
+        with pytest.raises(Exception) as err:
+            call()
+        assert (type(err.value), str(err.value)) == want
+
+
+# Python and C calls of a repeated gmm with device sizes on SM 9.0 (counted
+# 2026-11-26: 30 under AUTO with int64 sizes, 27 with sm90_grouped; before:
+# 40 under AUTO plus the blocking copy, cuBLAS's grouped call and its
+# pointer kernel, and 96 with sm90_grouped).
+BUDGETS = {"auto": 34, "sm90_grouped": 31}
+
+
+@pytest.mark.parametrize("algorithm", sorted(BUDGETS))
+def test_hot_path_stays_short(gpu, algorithm):
+    a, b = _operands(trans_b=algorithm != "auto")
+    sizes = fake_array((E,), "int64")
+
+    def call():
+        return cg.gmm(a, b, sizes, trans_b=algorithm != "auto", algorithm=algorithm)
+
+    call()
+    call()
+    assert count_calls(call, repeat=10) <= BUDGETS[algorithm]
+
+
+def clamp_reference(sizes, total_rows: int) -> np.ndarray:
+    """What kernels/group_sizes.cu computes (int64 NumPy): each size clamped to
+    [0, M], then cut where the running sum passes M."""
+    m = np.clip(np.asarray(sizes, dtype=np.int64), 0, max(total_rows, 0))
+    ends = np.cumsum(m)
+    return (np.minimum(ends, total_rows) - np.minimum(ends - m, total_rows)).astype(np.int32)
+
+
+def test_clamp_reference_hand_worked():
+    assert clamp_reference([4, 4, 4, 4], 16).tolist() == [4, 4, 4, 4]  # valid sizes pass unchanged
+    assert clamp_reference([4, -3, 20, 4], 16).tolist() == [4, 0, 12, 0]  # negative: 0; cut at M
+    assert clamp_reference([2**40, 5], 16).tolist() == [16, 0]  # huge: no overflow
+    assert clamp_reference([3, 3], 16).tolist() == [3, 3]  # short of M: unchanged (rows past 6 unwritten)
+    assert clamp_reference([], 16).tolist() == []
+
+
+def test_strided_device_sizes_are_copied(gpu):
+    """The kernels read E consecutive sizes: a strided view of sizes takes the copy."""
+    a, b = _operands()
+    sizes = fake_array((2 * E,), "int32")[::2]
+    gpu.sizes = np.array([4, 4, 4, 3])
+    with pytest.raises(ValueError, match=r"sum\(group_sizes\) = 15"):
+        cg.gmm(a, b, sizes, algorithm="sm90_grouped")
+    with pytest.raises(ValueError, match=r"sum\(group_sizes\) = 15"):
+        cg.gmm(a, b, sizes)
