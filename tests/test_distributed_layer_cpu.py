@@ -10,6 +10,7 @@ checks and refusals) against the single-GPU float64 layer, with no GPU.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import threading
 import types
@@ -157,10 +158,16 @@ class FakeGroup:
 
     def wait(self, event, what, timeout=None):
         assert event.done
+        STEPS[threading.get_ident()].append(what)
+
+
+# Per rank thread: the group's waits and the local experts' calls, in order.
+STEPS = collections.defaultdict(list)
 
 
 def _local_experts(x, ids, weights, w1, w2, b1=None, b2=None, **kw):
     assert weights is None and ids.shape[1] == 1
+    STEPS[threading.get_ident()].append("experts")
     b1, b2 = (None if b is None else np.asarray(b) for b in (b1, b2))
     out = moe_forward_ref(np.asarray(x), np.asarray(ids), None, np.asarray(w1), np.asarray(w2), b1, b2)
     return _arr(out.astype(x.dtype))
@@ -553,3 +560,30 @@ def test_bias_shape_refused_at_construction(fake_stack):
 
     got = _run(2, rank_fn)
     assert all(isinstance(g, ValueError) and "b2 must be" in str(g) for g in got), got
+
+
+def test_experts_wait_for_the_dispatch_with_the_group_timeout(fake_stack):
+    """The local experts' moe_forward synchronizes without a timeout: before it
+    the layer waits for the dispatch through the group (which polls NCCL's
+    error and times out), so a peer lost after the counts exchange raises."""
+    rng = np.random.default_rng(17)
+    experts, k, world = 8, 2, 2
+    w1, w2, data = _problem(rng, world, (12, 7), experts, k)
+    epr = experts // world
+    STEPS.clear()
+
+    def rank_fn(group):
+        r = group.rank
+        layer = ExpertParallelMoE(
+            group, Dev(w1[r * epr : (r + 1) * epr]), Dev(w2[r * epr : (r + 1) * epr]), experts, k
+        )
+        x, ids, w = data[r]
+        layer(Dev(x), Dev(ids), Dev(w))
+        return list(STEPS[threading.get_ident()])
+
+    for r, steps in enumerate(_run(world, rank_fn)):
+        assert not isinstance(steps, Exception), f"rank {r}: {steps!r}"
+        assert "experts" in steps, steps
+        first = steps.index("experts")
+        assert "the dispatch exchange" in steps[:first], steps
+        assert steps.index("the counts exchange") < steps.index("the dispatch exchange"), steps

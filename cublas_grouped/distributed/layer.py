@@ -330,6 +330,8 @@ class ExpertParallelMoE:
                 fixed = runs_on_kernel(
                     self.executor, group.device_id, self.shape, self.w1, self.w2, self.algorithm, rows.shape[0]
                 )  # fmt: skip
+                if not fixed:  # moe_forward then synchronizes: wait for the chunk as below, with the timeout
+                    group.wait(stream.record(), "a chunk's dispatch exchange")
                 return self._experts(stream, rows, local, fixed_capacity=fixed)
 
             back = exchange_in_chunks(group, stream, self._transfer, send_buf, plans, experts, pairs)
@@ -343,6 +345,12 @@ class ExpertParallelMoE:
             # One choice per received row, weight 1.
             y = recv_buf
             if recv_buf.shape[0]:
+                # moe_forward synchronizes once (a count to the host) with no
+                # timeout: a peer gone after the counts exchange would leave it
+                # blocked behind this receive. Waiting here polls NCCL's error
+                # and ends with CollectiveTimeoutError instead (the host waits
+                # about as long: the experts' GPU work follows the receive).
+                group.wait(stream.record(), "the dispatch exchange")
                 y = self._experts(stream, recv_buf, cupy.asarray(local_ids.reshape(-1, 1)))
             mark_stage(timer, "experts", stream)
             # Back to the sources, into send order.
