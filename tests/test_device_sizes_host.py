@@ -252,3 +252,34 @@ def test_strided_device_sizes_are_copied(gpu):
         cg.gmm(a, b, sizes, algorithm="sm90_grouped")
     with pytest.raises(ValueError, match=r"sum\(group_sizes\) = 15"):
         cg.gmm(a, b, sizes)
+
+
+@pytest.mark.parametrize(
+    "value, checks",
+    [
+        (None, False),
+        ("", False),
+        ("0", False),
+        (" 0 ", False),
+        ("false", False),
+        ("FALSE", False),
+        ("no", False),
+        ("No", False),
+        ("off", False),
+        ("OFF", False),
+        ("1", True),
+        ("true", True),
+        ("yes", True),
+        ("on", True),
+    ],
+)
+def test_check_variable_values(monkeypatch, value, checks):
+    """CUBLAS_GROUPED_CHECK_DEVICE_SIZES: unset, empty, 0, false, no and off
+    (any case, spaces around) leave device sizes unchecked; anything else checks."""
+    from cublas_grouped.gemm.backends import hopper_sizes
+
+    if value is None:
+        monkeypatch.delenv(hopper_sizes.CHECK_ENV, raising=False)
+    else:
+        monkeypatch.setenv(hopper_sizes.CHECK_ENV, value)
+    assert hopper_sizes.checks_device_sizes() is checks

@@ -351,3 +351,25 @@ def test_moe_forward_fixed_capacity_keeps_fp8_weights_for_the_fp8_step(
     with pytest.raises(_ReachedTheStep):
         cg.moe_forward(x, ids, None, w1, w2, trans_b=True, fixed_capacity=True, executor=executor)
     assert seen == dequantized
+
+
+def test_a_16_bit_w1_beside_fp8_w2(fake):
+    """Either weight may be the FP8 one: a 16-bit w1 with FP8 w2 is taken, and
+    the 16-bit w1 must fit the 16-bit kernel (its address, its shape)."""
+    _, w2, _ = _layer(fake)
+    dense = fake((8, 256, 256), BF16)
+    shape = layer_shape(dense, w2, 2, trans_b=True)
+    assert fp8_step.fp8_step_unsupported(HOPPER, Algorithm.AUTO, shape, dense, w2) is None
+    odd = fake((8, 256, 256), BF16, ptr=PTR + 2)
+    got = fp8_step.fp8_step_unsupported(HOPPER, Algorithm.AUTO, shape, odd, w2)
+    assert got == "w1: needs 16-byte aligned weights"
+
+
+def test_a_16_bit_weight_of_a_shape_the_16_bit_kernel_refuses(fake):
+    """FP8 w1 (N = 2I = 136, K = 256: the FP8 kernel takes it) beside a 16-bit
+    w2 whose K = I = 68 is no multiple of 8: the 16-bit kernel's refusal, named."""
+    w1, _, _ = _layer(fake, i=68)
+    dense = fake((8, 256, 68), BF16)
+    shape = layer_shape(w1, dense, 2, trans_b=True)
+    got = fp8_step.fp8_step_unsupported(HOPPER, Algorithm.AUTO, shape, w1, dense)
+    assert got is not None and got.startswith("w2: "), got

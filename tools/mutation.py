@@ -679,6 +679,52 @@ _equivalent(
     "with a problem the caller discards the entry and never reads the bytes returned beside it",
 )
 
+_equivalent(
+    "distributed.plan.x_chunk_layout",
+    "send = np.asarray(send_counts, dtype=np.int64)",
+    ["send = np.asarray(send_counts, dtype=None)", "send = np.asarray(send_counts, )"],
+    "the counts are integers: their sums are taken in the platform integer either way (NumPy widens "
+    "int32 sums), and no count total reaches 2**31",
+)
+_equivalent(
+    "distributed.plan.x_chunk_layout",
+    "recv = np.asarray(recv_counts, dtype=np.int64)",
+    ["recv = np.asarray(recv_counts, dtype=None)", "recv = np.asarray(recv_counts, )"],
+    "as for send: integer counts, summed in the platform integer either way",
+)
+_equivalent(
+    "distributed.plan.x_chunk_layout",
+    "starts = np.concatenate([[0], np.cumsum(send.reshape(-1))])  # send offset of (d, e) at d * epr + e",
+    [
+        "starts = np.concatenate([[0], np.cumsum(send.reshape(None))])  # send offset of (d, e) at d * epr + e",
+        "starts = np.concatenate([[0], np.cumsum(send.reshape(-2))])  # send offset of (d, e) at d * epr + e",
+    ],
+    "np.cumsum without an axis flattens its input whatever its shape; reshape(None) and reshape(-2) "
+    "leave the values in the same order",
+)
+_equivalent(
+    "distributed.plan.x_chunk_layout",
+    "ids.append(np.repeat(np.arange(lo, hi, dtype=np.int32), recv[s, lo:hi]))",
+    [
+        "ids.append(np.repeat(np.arange(lo, hi, dtype=None), recv[s, lo:hi]))",
+        "ids.append(np.repeat(np.arange(lo, hi, ), recv[s, lo:hi]))",
+    ],
+    "the concatenated ids are cast to int32 at the end (.astype(np.int32)); expert indices fit any integer type",
+)
+_equivalent(
+    "moe.fp8_step.x_fp8_step_unsupported",
+    'view(w.values, f"{name}.values").ptr',
+    ["view(w.values, None).ptr"],
+    "the name only labels view's refusal of a value that is not an array, and FP8ExpertWeights "
+    "refuses such values at construction: the call cannot reach that refusal",
+)
+_equivalent(
+    "moe.fp8_step.x_fp8_step_unsupported",
+    "if reason is None and view(w, name).ptr % hopper.ALIGNMENT:",
+    ["if reason is None and view(w, None).ptr % hopper.ALIGNMENT:"],
+    "as above: the name labels a refusal of non-arrays, and layer_shape refused those before",
+)
+
 STATUS = {
     1: "killed",
     3: "killed",
