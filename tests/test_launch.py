@@ -159,3 +159,44 @@ def test_signed_launch_packs_plain_ints_as_the_scalar_path_does(monkeypatch):
         L.launch_signed(0, _FakeKernel(), 4, 128, "i", (1,))
     with pytest.raises(struct.error):
         L.launch_signed(0, _FakeKernel(), 4, 128, "i", (2**31,))  # out of range: refused, not wrapped
+
+
+def test_a_fixed_launch_writes_its_slots_and_passes_the_launch_as_built(monkeypatch):
+    """FixedLaunch on cuda.core's real argument block (host packing only): the
+    slot's new value is what the block holds at the launch; grid, block, shared
+    memory, stream and the block's pointer array go to cuLaunchKernel with its
+    trailing extra argument None; the loaded driver is used without asking again."""
+    fake = _FakeDriver(0)
+    monkeypatch.setattr(L, "_driver", fake)
+    monkeypatch.setattr(L, "driver", lambda: pytest.fail("a loaded driver is not looked up again"))
+    launch = L.FixedLaunch(_FakeKernel(), 3, 128, (np.int64(7), np.int32(2)), shmem=64, slots=(0,), label="k")
+    launch(55, 0x1234)
+    (call,) = fake.calls
+    assert len(call) == 11 and call[10] is None
+    assert call[:9] == (0xABC, 3, 1, 1, 128, 1, 1, 64, 55)
+    pointers = (ctypes.c_void_p * 2).from_address(call[9].value)
+    assert ctypes.c_int64.from_address(pointers[0]).value == 0x1234, (
+        "the slot's value, written before the launch"
+    )
+    assert ctypes.c_int32.from_address(pointers[1]).value == 2, "a fixed argument as built"
+    # No driver loaded yet: it is asked for.
+    monkeypatch.setattr(L, "_driver", None)
+    monkeypatch.setattr(L, "driver", lambda: fake)
+    launch(56, 0x5678)
+    assert fake.calls[-1][8] == 56
+
+
+def test_a_refused_fixed_launch_names_its_kernel_and_the_driver_error(monkeypatch):
+    monkeypatch.setattr(L, "_driver", _FakeDriver(1))
+    launch = L.FixedLaunch(
+        _FakeKernel(), 9, 384, (np.int32(1),), shmem=4096, label="gemm (kernels/x.cu, sm_90a)"
+    )
+    message = (
+        "cuLaunchKernel failed for gemm (kernels/x.cu, sm_90a), grid 9, block 384, "
+        "4096 bytes of shared memory: CUDA_ERROR_INVALID_VALUE"
+    )
+    with pytest.raises(L.LaunchError) as refused:
+        launch(0)
+    assert str(refused.value) == message
+    with pytest.raises(L.LaunchError, match="^cuLaunchKernel failed for a kernel, grid 2,"):
+        L.FixedLaunch(_FakeKernel(), 2, 32, (np.int32(1),))(0)

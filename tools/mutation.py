@@ -724,6 +724,13 @@ _equivalent(
     ["if reason is None and view(w, None).ptr % hopper.ALIGNMENT:"],
     "as above: the name labels a refusal of non-arrays, and layer_shape refused those before",
 )
+_equivalent(
+    "runtime.launch.xǁFixedLaunchǁ__init__",
+    "pointers = (ctypes.c_void_p * max(len(args), 1)).from_address(self.holder.ptr)",
+    ["pointers = (ctypes.c_void_p * max(len(args), 2)).from_address(self.holder.ptr)"],
+    "the array type only bounds which entries may be read, and only the slots' entries are read, "
+    "each below len(args): no read changes",
+)
 
 STATUS = {
     1: "killed",
