@@ -187,13 +187,13 @@ def test_a_fixed_launch_writes_its_slots_and_passes_the_launch_as_built(monkeypa
 
 
 def test_a_refused_fixed_launch_names_its_kernel_and_the_driver_error(monkeypatch):
-    monkeypatch.setattr(L, "_driver", _FakeDriver(1))
+    monkeypatch.setattr(L, "_driver", _NamingDriver(2))  # names status 2 only: the launch's own
     launch = L.FixedLaunch(
         _FakeKernel(), 9, 384, (np.int32(1),), shmem=4096, label="gemm (kernels/x.cu, sm_90a)"
     )
     message = (
         "cuLaunchKernel failed for gemm (kernels/x.cu, sm_90a), grid 9, block 384, "
-        "4096 bytes of shared memory: CUDA_ERROR_INVALID_VALUE"
+        "4096 bytes of shared memory: CUDA_ERROR_OUT_OF_MEMORY"
     )
     with pytest.raises(L.LaunchError) as refused:
         launch(0)
