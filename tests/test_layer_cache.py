@@ -148,6 +148,12 @@ def _layer_errors(t):
 
 
 def test_moe_errors_still_raise_after_hits(gpu):
+    check_errors_still_raise_after_hits()
+
+
+def check_errors_still_raise_after_hits():
+    """Each of :func:`_layer_errors`' bad calls raises the same, type and
+    message, after good calls have filled the caches (both step kinds)."""
     t = _layer_arrays()
     expected = []
     for call in _layer_errors(t):

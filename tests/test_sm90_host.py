@@ -102,22 +102,9 @@ def test_prepared_step_queues_what_the_timed_step_does(gpu, variant):
 def test_layer_errors_still_raise_after_hits(gpu):
     """On SM 9.0 a cached call replays prepared launches: every bad call must
     still raise exactly as it does uncached (tests/test_layer_cache.py's list)."""
-    from test_layer_cache import _layer_arrays, _layer_errors
+    from test_layer_cache import check_errors_still_raise_after_hits
 
-    t = _layer_arrays()
-    expected = []
-    for call in _layer_errors(t):
-        layer_cache.clear()
-        with pytest.raises(Exception) as err:
-            call()
-        expected.append((type(err.value), str(err.value)))
-    for call, want in zip(_layer_errors(t), expected):
-        for fixed in (False, True):
-            for _ in range(2):
-                cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], fixed_capacity=fixed)
-        with pytest.raises(Exception) as err:
-            call()
-        assert (type(err.value), str(err.value)) == want
+    check_errors_still_raise_after_hits()
 
 
 def test_ids_outside_the_experts_raise_after_hits(gpu):
