@@ -203,9 +203,6 @@ def stub_gpu(monkeypatch, info=None):
     monkeypatch.setattr(tma, "tiled_map", TensorMapStandIn)
     monkeypatch.setattr(tma, "_maps", type(tma._maps)())
     monkeypatch.setattr(H, "_scan_kernels", {})
-    from cublas_grouped.gemm.backends import hopper_sizes
-
-    monkeypatch.setattr(hopper_sizes, "_found", {})
     monkeypatch.setattr(H, "_local", threading.local())
     monkeypatch.setattr(L, "param_holder", HolderStandIn)
     import cuda.core

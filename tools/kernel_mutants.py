@@ -52,6 +52,7 @@ DEFAULT_TESTS = (
     "tests/test_kernel_edges_gpu.py",
     "tests/test_pointers_gpu.py",
     "tests/test_sm90_persistent_gpu.py",
+    "tests/test_step_launches_gpu.py",
     "tests/test_sm90_gpu.py",
     "tests/test_sm90_nn_gpu.py",
     "tests/test_masked_gpu.py",
@@ -281,9 +282,23 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-counter-not-zeroed",
         "grouped_gemm_sm90.cu",
-        "*tile_counter = 0;  // the GEMM launched next on this stream hands out tiles from 0",
-        "(void)tile_counter;",
+        "tile_counters[0] = 0;",
+        "(void)tile_counters;",
         "the tile counter keeps the last launch's count: later launches skip their tiles",
+    ),
+    Mutant(
+        "sm90-second-counter-not-zeroed",
+        "grouped_gemm_sm90.cu",
+        "tile_counters[1] = 0;",
+        "(void)tile_counters;",
+        "a layer step's GEMM 2 starts from the last step's count on counter 1: it skips its tiles",
+    ),
+    Mutant(
+        "sm90-offsets-no-cut-at-m",
+        "grouped_gemm_sm90.cu",
+        "const long long lo = min(before, rows_cap), hi = min(before + m, rows_cap);",
+        "const long long lo = before, hi = before + m;",
+        "device sizes summing past M are not cut: the GEMM reads and writes rows past M",
     ),
     Mutant(
         "sm90-counter-no-grid-offset",
@@ -383,7 +398,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-masked-no-clamp",
         "grouped_gemm_sm90.cu",
-        "if (masked) m = min(m, capacity);",
+        "if (masked) m = min(m, static_cast<long long>(capacity));",
         "if (masked) m = m;",
         "a count above the capacity is not cut: its tiles run into the next group's block",
     ),

@@ -118,8 +118,9 @@ def count_rows(res, arch, buf: ChunkBuffers, ids, e: int, pairs: int, rows: int 
 
 def place_rows(res, shape: LayerShape, buf: ChunkBuffers, x, ids, dropped, timer=None):
     """The kernel step's first stages on ``res``'s stream: the counts, the
-    kernel's offsets (its schedule in ``buf.schedule``, the tile counter
-    zeroed, so GEMM 1 may pass ``scanned=True``), each pair's row, and the
+    kernel's offsets (its schedule in ``buf.schedule``, both tile counters
+    zeroed, so GEMM 1 (counter 0) and GEMM 2 (counter 1) pass
+    ``scanned=True``), each pair's row, and the
     gathered rows in ``buf.rows[:T*k]`` (zeros where no pair was placed).
     Returns (pair_to_row, row_to_pair). Shared by the 16-bit and FP8 steps."""
     arch, stream = kernel_arch(res), res.launch_stream
@@ -128,7 +129,7 @@ def place_rows(res, shape: LayerShape, buf: ChunkBuffers, x, ids, dropped, timer
     block_counts, pair_to_row, row_to_pair = count_rows(res, arch, buf, ids, e, pairs)
     # The kernel's own offsets kernel gives the contiguous row offsets that
     # assign_rows places pairs by; GEMM 1 then reuses its schedule.
-    offsets = hopper.schedule_offsets(res, buf.counts, e, storage=buf.schedule)
+    offsets = hopper.schedule_offsets(res, buf.counts, e, pairs, storage=buf.schedule)
     K.assign_rows(
         stream,
         arch,
@@ -213,8 +214,9 @@ def kernel_step(
     mark_stage(timer, "activation", res.cupy_stream)  # none when fused: 0 ms
     gemm2 = (e, pairs, shape.hidden, shape.inter, shape.trans_b, shape.dtype)
     ptrs2 = (act.data.ptr, w2.data.ptr, y.data.ptr)
-    # Not scanned: GEMM 1 used up the tile counter, which the offsets kernel zeroes.
-    hopper.grouped_rows(res, gemm2, ptrs2, buf.counts, storage=buf.schedule)
+    # Scanned too: GEMM 1 used up tile counter 0; counter 1, zeroed by the same
+    # offsets launch, is GEMM 2's.
+    hopper.grouped_rows(res, gemm2, ptrs2, buf.counts, scanned=True, storage=buf.schedule, counter=1)
     mark_stage(timer, "gemm2", res.cupy_stream)
     K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
     mark_stage(timer, "combine", res.cupy_stream)
@@ -244,8 +246,7 @@ class StepLaunches:
         self.gemm1(stream, self.gemm1_out)
         if self.activation is not None:
             self.activation(stream, ids)
-        self.scan(stream)  # GEMM 1 used up the tile counter, which the offsets kernel zeroes
-        self.gemm2(stream, self.gemm2_out)
+        self.gemm2(stream, self.gemm2_out)  # tile counter 1: no second offsets launch
         self.combine(stream, weights, ids, out)
 
 
@@ -274,8 +275,8 @@ def step_launches(
     prep.slots = ()
     column_scan = K.column_scan(prep, arch, block_counts, nb, e, buf.counts)
     base = buf.schedule.data.ptr
-    scan_args = (buf.counts.data.ptr, e, 0, *hopper.schedule_addresses(base, e))
-    scan = prep.fixed(hopper.offsets_kernel(), 1, hopper.TILE_THREADS, "qiiqqqq", scan_args)
+    scan_args = hopper.offsets_args(buf.counts.data.ptr, e, pairs, 0, base)
+    scan = prep.fixed(hopper.offsets_kernel(), 1, hopper.TILE_THREADS, hopper.OFFSETS_SIGNATURE, scan_args)
     offsets = buf.schedule[: e + 1]  # row_offsets: the first of the schedule's arrays
     prep.slots = (0, 10)  # ids, dropped
     assign = K.assign_rows(
@@ -320,7 +321,9 @@ def step_launches(
             act,
         )
     gemm2 = (e, pairs, shape.hidden, shape.inter, shape.trans_b, shape.dtype)
-    second = hopper.prepared_gemm(res.device_id, gemm2, (act.data.ptr, w2.data.ptr), base, tile_bound)
+    second = hopper.prepared_gemm(
+        res.device_id, gemm2, (act.data.ptr, w2.data.ptr), base, tile_bound, counter=1
+    )
     prep.slots = (3, 4, 8)  # weights, ids, out
     combine = K.combine_rows(prep, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
     launches = (histogram, column_scan, scan, assign, gather, first, activation, second, combine)
