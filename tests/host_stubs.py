@@ -151,6 +151,7 @@ def stub_gpu(monkeypatch, info=None):
     monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 0)
     monkeypatch.setattr(cupy.cuda.runtime, "memcpyAsync", lambda *a: rec.copies.append(a))
     monkeypatch.setattr(cupy.cuda.runtime, "memsetAsync", lambda *a: rec.memsets.append(a))
+    monkeypatch.setattr(cupy.cuda.runtime, "streamIsCapturing", lambda stream: 0)  # no graph is captured
 
     def fake_function(name):
         def call(*args):

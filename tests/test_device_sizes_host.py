@@ -280,3 +280,111 @@ def test_tile_schedule_cuts_where_the_offsets_kernel_does():
     # The masked layout ignores total_rows: each size is cut to the capacity alone.
     masked = hopper.tile_schedule([300, -1, 5], capacity=200, total_rows=1)
     assert masked.tolist() == [[0, 0, 128], [0, 128, 72], [2, 400, 5]]
+
+
+# Host sizes on SM 9.0 (the AUTO host-sizes regression): SM90_GROUPED uploads
+# the sizes once per cache entry (whose key holds their values) and then
+# replays the same two prepared launches as device sizes, with no copy.
+
+
+def test_sm90_host_sizes_upload_once_then_replay_two_launches(gpu):
+    from host_stubs import STREAM
+
+    from cublas_grouped.gemm import call_cache
+    from cublas_grouped.gemm.backends import hopper
+    from cublas_grouped.gemm.backends.hopper_device import PreparedHostSizes
+    from cublas_grouped.gemm.config import Algorithm
+    from cublas_grouped.gemm.plan import Operands, plan_gmm
+    from cublas_grouped.runtime import device as D
+    from cublas_grouped.runtime.arrays import view
+
+    a, b = _operands()
+    sizes = np.array([4, 4, 4, 4])
+    out = fake_array((M, N))
+    gpu.clear()
+    cg.gmm(a, b, sizes, algorithm="sm90_grouped", out=out)
+    (entry,) = [e for e in call_cache._local.calls.values() if e.algorithm is Algorithm.SM90_GROUPED]
+    assert isinstance(entry.prepared, PreparedHostSizes)
+    owned = entry.prepared.sizes.data.ptr
+    uploads = [c for c in gpu.copies if c[0] == owned]
+    assert len(uploads) == 1 and uploads[0][2] == 4 * E, "the sizes, once, as int32"
+    first = _queued(gpu, out)
+    scan, gemm = first
+    assert scan[4][:4] == (owned, E, M, 0) and scan[0] == hopper.offsets_kernel(np.int32).handle
+    assert gemm[4][11] == "out"
+    for _ in range(2):  # hits: the same launches, nothing copied
+        gpu.clear()
+        assert _queued(gpu, cg.gmm(a, b, sizes, algorithm="sm90_grouped", out=out)) == first
+        assert gpu.copies == [] and gpu.cublas == []
+    # The unprepared path of the same plan: the same launches but for where the sizes were uploaded.
+    plan = plan_gmm(view(a, "a"), view(b, "b"), sizes, trans_a=False, trans_b=False, num_experts=E)
+    ops = Operands.for_plan(plan, a.data.ptr, b.data.ptr, out.data.ptr, 2)
+    gpu.clear()
+    cg.GroupedGemmExecutor().run(plan, ops, a.dtype, Algorithm.SM90_GROUPED, D.resources(0, STREAM))
+    plain = _queued(gpu, out)
+    assert plain[1] == gemm and plain[0][:4] == scan[:4] and plain[0][4][1:] == scan[4][1:]
+    assert plain[0][4][0] != owned
+    # Other sizes: another entry, its own upload.
+    gpu.clear()
+    cg.gmm(a, b, np.array([8, 0, 4, 4]), algorithm="sm90_grouped", out=out)
+    assert len(gpu.copies) == 1 and gpu.copies[0][0] != owned
+    assert _queued(gpu, out)[0][4][0] == gpu.copies[0][0]
+
+
+def test_sm90_host_sizes_are_not_prepared_while_capturing(gpu, monkeypatch):
+    """A checked call inside a graph capture keeps the unprepared path (an
+    upload then would be captured, not done)."""
+    import cupy
+
+    from cublas_grouped.gemm import call_cache
+
+    monkeypatch.setattr(cupy.cuda.runtime, "streamIsCapturing", lambda stream: 1)
+    a, b = _operands()
+    cg.gmm(a, b, np.array([4, 4, 4, 4]), algorithm="sm90_grouped")
+    (entry,) = call_cache._local.calls.values()
+    assert entry.prepared is None
+
+
+def test_auto_on_host_sizes_measured_for_sm90_takes_the_prepared_path(gpu, monkeypatch, tmp_path):
+    """AUTO with measuring on (CUBLAS_GROUPED_AUTOTUNE=1): where its event
+    timing finds SM90_GROUPED fastest (on a tiny problem the spans hold host
+    time: the kernel path's is the shorter), the repeated call replays the
+    prepared launches: two launches, no copy, no cuBLAS, within the budget of
+    device sizes."""
+    import contextlib
+
+    from cublas_grouped.gemm import autotune
+    from cublas_grouped.gemm.config import Algorithm
+
+    monkeypatch.setenv("CUBLAS_GROUPED_AUTOTUNE", "1")
+    monkeypatch.setenv("CUBLAS_GROUPED_TUNING_DIR", str(tmp_path))
+    autotune.reset_measurements()
+
+    @contextlib.contextmanager
+    def scratch(nbytes):
+        yield 0x7D0000000000
+
+    timed = []
+
+    def time_candidates(candidates, run, stream):
+        timed.append(tuple(candidates))
+        for algorithm in candidates:
+            run(algorithm)
+        return {a: (0.004 if a is Algorithm.SM90_GROUPED else 0.02) for a in candidates}
+
+    monkeypatch.setattr(autotune, "_scratch", scratch)
+    monkeypatch.setattr(autotune, "time_candidates", time_candidates)
+    a, b = _operands()
+    sizes = np.array([4, 4, 4, 4])
+
+    def call():
+        return cg.gmm(a, b, sizes)
+
+    call()
+    assert len(timed) == 1 and Algorithm.SM90_GROUPED in timed[0]
+    call()
+    gpu.clear()
+    call()
+    assert len(gpu.decoded) == 2 and gpu.copies == [] and gpu.cublas == []
+    assert count_calls(call, repeat=10) <= BUDGETS["auto"]
+    autotune.reset_measurements()

@@ -241,3 +241,62 @@ def test_layer_graphs_equal_eager_steps_bitwise():
         want = eager.forward(x, ids, w).copy()
         got = graphed.forward(x, ids, w)
         assert bool((got.view(cupy.uint16) == want.view(cupy.uint16)).all()), f"T={tokens}: not bitwise"
+
+
+def test_sm90_host_sizes_prepared_against_float64():
+    """SM90_GROUPED on host sizes: the sizes uploaded once per cache entry,
+    then two prepared launches per hit; every hit matches float64 with a
+    NaN-poisoned output, for several sizes interleaved (each its own entry
+    and upload), and a graph captured on a hit replays it."""
+    import cupy
+
+    rng = np.random.default_rng(11)
+    m, k, n, e = 300, 128, 256, 6
+    a, a64 = device_random(rng, (m, k), BF16)
+    b, b64 = device_random(rng, (e, k, n), BF16, scale=k**-0.5)
+    cases = [np.array(c) for c in ([50, 0, 129, 1, 120, 0], [300, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 295])]
+    wants = [ref.gmm_ref(a64, b64, s) for s in cases]
+    for step in range(3):
+        for sizes, want in zip(cases, wants):
+            out = poisoned((m, n), BF16)
+            cg.gmm(a, b, sizes, out=out, algorithm="sm90_grouped")
+            check_close(out, want, 1e-2, f"step {step} sizes {sizes}")
+    stream = cupy.cuda.Stream(non_blocking=True)
+    out = poisoned((m, n), BF16)
+    with stream:
+        cg.gmm(a, b, cases[0], out=out, algorithm="sm90_grouped")
+        cg.gmm(a, b, cases[0], out=out, algorithm="sm90_grouped")  # a hit: prepared, uploaded
+        stream.synchronize()
+        stream.begin_capture()
+        cg.gmm(a, b, cases[0], out=out, algorithm="sm90_grouped")
+        graph = stream.end_capture()
+        out.fill(np.nan)
+        cg.gmm(a, b, cases[1], out=poisoned((m, n), BF16), algorithm="sm90_grouped")  # another entry between
+        graph.launch(stream)
+    stream.synchronize()
+    check_close(out, wants[0], 1e-2, "graph replay of a host-sizes hit")
+
+
+def test_auto_choice_for_the_tiny_host_sizes_case(capsys):
+    """The host benchmark's `gmm tiny, host sizes (auto)` case (E=4, 16 x 256
+    x 256 bf16, sizes 4, 4, 4, 4): prints what AUTO chose (with the
+    environment's CUBLAS_GROUPED_AUTOTUNE) and whether the entry is prepared;
+    the result must match float64 whatever it chose."""
+    import cupy
+
+    from cublas_grouped.gemm import call_cache
+
+    rng = np.random.default_rng(12)
+    a, a64 = device_random(rng, (16, 256), BF16)
+    b, b64 = device_random(rng, (4, 256, 256), BF16, scale=256**-0.5)
+    sizes = np.array([4, 4, 4, 4], dtype=np.int64)
+    call_cache.clear()
+    for _ in range(3):
+        out = cg.gmm(a, b, sizes)
+    check_close(out, ref.gmm_ref(a64, b64, sizes), 1e-2, "gmm tiny, host sizes (auto)")
+    entries = [x for x in call_cache._local.calls.values() if x.algorithm is not None]
+    with capsys.disabled():
+        for x in entries:
+            print(f"\nAUTO chose {x.algorithm.value}; prepared: {type(x.prepared).__name__}")
+    cupy.cuda.get_current_stream().synchronize()
+    assert entries

@@ -1,7 +1,9 @@
-"""Checked ``gmm`` calls on our Hopper kernel with device-resident group sizes,
-prepared: the two launches (the offsets kernel, which reads the caller's
-sizes in place and makes them safe, ``backends/hopper_sizes.py``; the GEMM)
-packed once per operands and replayed.
+"""Checked ``gmm`` calls on our Hopper kernel, prepared: the two launches (the
+offsets kernel, which reads the sizes in place and makes them safe,
+``backends/hopper_sizes.py``; the GEMM) packed once per operands and
+replayed, for device-resident sizes (:class:`PreparedDeviceSizes`) and for
+host sizes (:class:`PreparedHostSizes`: uploaded once per cache entry, whose
+key holds their values, so a hit copies nothing).
 
 A call cache entry (``gemm/call_cache.py``) holds one :class:`PreparedDeviceSizes`
 for the plan it checked; the launches it keeps depend on the addresses of
@@ -19,7 +21,7 @@ from ...runtime import launch as _fast
 from . import hopper
 from .hopper_sizes import READ_DTYPES
 
-__all__ = ["PreparedDeviceSizes", "MAX_PREPARED_OPERANDS"]
+__all__ = ["PreparedDeviceSizes", "PreparedHostSizes", "MAX_PREPARED_OPERANDS"]
 
 # Operand pairs kept per entry (then started over): a decode loop reuses one.
 MAX_PREPARED_OPERANDS = 16
@@ -59,3 +61,43 @@ class PreparedDeviceSizes:
         scan = _fast.FixedLaunch(hopper.offsets_kernel(dtype), 1, hopper.TILE_THREADS, typed, slots=(0,))
         gemm = hopper.prepared_gemm(device_id, self.problem, (a, b), base, self.tile_bound)
         return scan, gemm
+
+
+class PreparedHostSizes:
+    """SM90_GROUPED for one checked plan on host sizes: ``(res, None, a, b, out)``
+    queues the offsets kernel over this object's own int32 copy of the plan's
+    sizes, then the GEMM (:class:`PreparedDeviceSizes` on that copy).
+
+    The call cache keys host sizes by every value, so the sizes of an entry
+    never change: they are uploaded once, when the entry is prepared, and not
+    on every call through the stream's upload buffer (a pinned copy and an
+    unprepared launch per call: 61 Python and C calls against 25, counted on
+    the stubs, which AUTO paid where its measurement chose this kernel for a
+    tiny host-sized call). The copy keeps its address, so a graph captured on
+    a hit replays it."""
+
+    def __init__(self, res, plan, dtype):
+        import cupy
+
+        host = np.ascontiguousarray(plan.sizes, dtype=np.int32)
+        self.sizes = cupy.empty(host.shape, dtype=np.int32)
+        res.copy_to_device(self.sizes.data.ptr, host)  # on the call's stream, before its launches
+        self.device = PreparedDeviceSizes(plan, dtype)
+
+    def __call__(self, res, sizes_dev, a: int, b: int, out: int) -> None:
+        self.device(res, self.sizes, a, b, out)
+
+    @classmethod
+    def for_call(cls, res, plan, dtype, sm, ptrs):
+        """One for ``plan`` on ``res``'s stream where the kernel runs it as
+        ``hopper.grouped_contiguous`` would (GPU ``sm``, ``ptrs`` = a, b, out
+        addresses), else None (the executor's fallback then warns as before);
+        None too while the stream captures a graph (the upload would be
+        captured, not run now)."""
+        import cupy
+
+        if hopper.unsupported(sm, dtype, plan) is not None or hopper.misaligned(*ptrs) is not None:
+            return None
+        if cupy.cuda.runtime.streamIsCapturing(res.stream):
+            return None
+        return cls(res, plan, dtype)
