@@ -32,10 +32,14 @@
 // Kernels:
 //
 //   expert_block_histogram(const int* topk_ids, int num_pairs, int top_k,
-//                          int num_experts, int flags, int* block_counts)
+//                          int num_experts, int flags, int* block_counts,
+//                          int* reset_rows, int num_reset)
 //     grid nb, block DISPATCH_THREADS, no dynamic shared memory.
 //     block_counts [nb, E]: every entry written (zeros included):
 //     block_counts[b, e] = #{p in block b taking a row : topk_ids[p] == e}.
+//     reset_rows[0 .. num_reset - 1] = -1 (grid-stride: any num_reset; none
+//     when num_reset is 0): a row_to_pair that assign_rows fills next, reset
+//     here rather than by a memset launch of its own (the same bytes, 0xFF).
 //
 //   expert_column_scan(int* block_counts, int num_blocks, int num_experts,
 //                      int* counts)
@@ -119,8 +123,13 @@ __device__ __forceinline__ int pair_expert(const int* __restrict__ topk_ids, lon
 
 extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
     expert_block_histogram(const int* __restrict__ topk_ids, int num_pairs, int top_k,
-                           int num_experts, int flags, int* __restrict__ block_counts) {
+                           int num_experts, int flags, int* __restrict__ block_counts,
+                           int* __restrict__ reset_rows, int num_reset) {
     __shared__ int hist[HIST_CHUNK];
+    for (long long r = static_cast<long long>(blockIdx.x) * DISPATCH_THREADS + threadIdx.x; r < num_reset;
+         r += static_cast<long long>(gridDim.x) * DISPATCH_THREADS) {
+        reset_rows[r] = -1;
+    }
     const long long first = static_cast<long long>(blockIdx.x) * PAIRS_PER_BLOCK;
     // Each thread loads its pairs once (coalesced: consecutive threads read
     // consecutive ids) and reuses them for every expert chunk.

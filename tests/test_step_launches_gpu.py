@@ -300,3 +300,39 @@ def test_auto_choice_for_the_tiny_host_sizes_case(capsys):
             print(f"\nAUTO chose {x.algorithm.value}; prepared: {type(x.prepared).__name__}")
     cupy.cuda.get_current_stream().synchronize()
     assert entries
+
+
+@pytest.mark.parametrize("tokens, extra_rows", [(1, 0), (70, 0), (300, 5000), (4096, 0)])
+def test_histogram_resets_rows_and_counts_as_before(tokens, extra_rows):
+    """The histogram kernel resets row_to_pair (the memset it replaces: every
+    byte 0xFF) over exactly the rows asked, grid-stride past its pair blocks,
+    and its block counts stay those of the pairs that take a row (ids outside
+    [0, E) and repeats skipped)."""
+    import cupy
+
+    from cublas_grouped.moe import kernels as K
+    from cublas_grouped.runtime.nvrtc import arch_for
+
+    rng = np.random.default_rng(tokens)
+    e, k = 40, 4
+    ids = rng.integers(-2, e + 2, (tokens, k)).astype(np.int32)  # out of range and repeats included
+    pairs = tokens * k
+    rows = pairs + extra_rows
+    nb = K.num_pair_blocks(pairs)
+    guard = cupy.full(rows + 64, 12345, dtype=cupy.int32)
+    counts = cupy.full((nb, e), -7, dtype=cupy.int32)
+    stream = cupy.cuda.get_current_stream()
+    arch = arch_for(cg.device_info().sm)
+    K.block_histogram(
+        stream.ptr, arch, cupy.asarray(ids), pairs, e, counts, skip_repeats=True, reset=guard[:rows]
+    )
+    stream.synchronize()
+    host = guard.get()
+    assert (host[:rows] == -1).all() and (host[rows:] == 12345).all()
+    flat = ids.reshape(-1)
+    want = np.zeros((nb, e), np.int32)
+    for p, x in enumerate(flat):
+        j = p % k
+        if 0 <= x < e and x not in flat[p - j : p]:
+            want[p // K.PAIRS_PER_BLOCK, x] += 1
+    np.testing.assert_array_equal(counts.get(), want)

@@ -287,6 +287,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "the tile counter keeps the last launch's count: later launches skip their tiles",
     ),
     Mutant(
+        "dispatch-reset-rows",
+        "dispatch.cu",
+        "reset_rows[r] = -1;",
+        "reset_rows[r] = 0;",
+        "rows no pair takes read as pair 0 instead of padding (the memset the histogram replaced)",
+    ),
+    Mutant(
         "sm90-second-counter-not-zeroed",
         "grouped_gemm_sm90.cu",
         "tile_counters[1] = 0;",

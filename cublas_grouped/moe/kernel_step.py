@@ -102,16 +102,16 @@ def _address(w, name: str) -> int:
 def count_rows(res, arch, buf: ChunkBuffers, ids, e: int, pairs: int, rows: int | None = None):
     """Rows per expert into ``buf.counts`` (repeats within a token counted once),
     and ``row_to_pair[:rows]`` (default T*k) reset to -1, every byte 0xFF, so
-    rows no pair takes read as padding. Returns the views the placement uses:
-    (block counts, pair_to_row, row_to_pair)."""
-    import cupy
-
+    rows no pair takes read as padding (by the histogram kernel: no memset
+    launch). Returns the views the placement uses: (block counts, pair_to_row,
+    row_to_pair)."""
     rows = pairs if rows is None else rows
     nb = K.num_pair_blocks(pairs)
     block_counts = buf.block_counts[:nb]
     row_to_pair = buf.row_to_pair[:rows]
-    cupy.cuda.runtime.memsetAsync(row_to_pair.data.ptr, 0xFF, row_to_pair.nbytes, res.stream)
-    K.block_histogram(res.launch_stream, arch, ids, pairs, e, block_counts, skip_repeats=True)
+    K.block_histogram(
+        res.launch_stream, arch, ids, pairs, e, block_counts, skip_repeats=True, reset=row_to_pair
+    )
     K.column_scan(res.launch_stream, arch, block_counts, nb, e, buf.counts)
     return block_counts, buf.pair_to_row[:pairs], row_to_pair
 
@@ -227,18 +227,14 @@ class StepLaunches:
     packed once: calling it queues the step for new inputs (x, ids, weights,
     out, dropped given by address) at the cost of one driver call per launch."""
 
-    def __init__(self, memset, launches, gemm_outs):
-        self.memset = memset  # (address, bytes): row_to_pair, reset to -1
+    def __init__(self, launches, gemm_outs):
         self.histogram, self.column_scan, self.scan, self.assign, self.gather = launches[:5]
         self.gemm1, self.activation, self.gemm2, self.combine = launches[5:]
         self.gemm1_out, self.gemm2_out = gemm_outs
 
     def __call__(self, stream: int, x: int, ids: int, weights: int, out: int, dropped: int) -> None:
         """Queue the step on the raw stream handle ``stream``."""
-        import cupy
-
-        cupy.cuda.runtime.memsetAsync(self.memset[0], 0xFF, self.memset[1], stream)
-        self.histogram(stream, ids)
+        self.histogram(stream, ids)  # also resets row_to_pair to -1
         self.column_scan(stream)
         self.scan(stream)
         self.assign(stream, ids, dropped)
@@ -271,7 +267,9 @@ def step_launches(
     x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
     prep = K.Prepare()
     prep.slots = (0,)  # ids
-    histogram = K.block_histogram(prep, arch, ids, pairs, e, block_counts, skip_repeats=True)
+    histogram = K.block_histogram(
+        prep, arch, ids, pairs, e, block_counts, skip_repeats=True, reset=row_to_pair
+    )
     prep.slots = ()
     column_scan = K.column_scan(prep, arch, block_counts, nb, e, buf.counts)
     base = buf.schedule.data.ptr
@@ -327,4 +325,4 @@ def step_launches(
     prep.slots = (3, 4, 8)  # weights, ids, out
     combine = K.combine_rows(prep, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
     launches = (histogram, column_scan, scan, assign, gather, first, activation, second, combine)
-    return StepLaunches((row_to_pair.data.ptr, row_to_pair.nbytes), launches, (first_out, y.data.ptr))
+    return StepLaunches(launches, (first_out, y.data.ptr))
