@@ -218,8 +218,8 @@ def test_every_error_still_raises_after_hits(gpu):
 
 # Python and C calls of a repeated gmm with device sizes on SM 9.0 (counted
 # 2026-11-26: 30 under AUTO with int64 sizes, 27 with sm90_grouped, three
-# launches; with the clamp inside the offsets kernel, two launches: 28 and
-# 25; before the prepared launches: 40 under AUTO plus the blocking copy,
+# launches; with the clamp inside the offsets kernel, two launches: 27 and
+# 24; before the prepared launches: 40 under AUTO plus the blocking copy,
 # cuBLAS's grouped call and its pointer kernel, and 96 with sm90_grouped).
 BUDGETS = {"auto": 30, "sm90_grouped": 27}
 

@@ -143,8 +143,24 @@ def test_gmm_device_sizes_against_float64(dtype, case, trans_b):
 
 
 def _old_order(monkeypatch):
-    """The step as it ran before: the offsets kernel again before GEMM 2, which
-    then takes its tiles from counter 0 (the timed path's grouped_rows)."""
+    """The step as it ran before (on the timed path): a memset of row_to_pair,
+    the histogram and the column scan launched apart, and the offsets kernel
+    again before GEMM 2, which then takes its tiles from counter 0."""
+    import cupy
+
+    from cublas_grouped.moe import kernel_step
+    from cublas_grouped.moe import kernels as K
+
+    def count_rows(res, arch, buf, ids, e, pairs, rows=None):
+        rows = pairs if rows is None else rows
+        nb = K.num_pair_blocks(pairs)
+        block_counts, row_to_pair = buf.block_counts[:nb], buf.row_to_pair[:rows]
+        cupy.cuda.runtime.memsetAsync(row_to_pair.data.ptr, 0xFF, row_to_pair.nbytes, res.stream)
+        K.block_histogram(res.launch_stream, arch, ids, pairs, e, block_counts, skip_repeats=True)
+        K.column_scan(res.launch_stream, arch, block_counts, nb, e, buf.counts)
+        return block_counts, buf.pair_to_row[:pairs], row_to_pair
+
+    monkeypatch.setattr(kernel_step, "count_rows", count_rows)
     real = hopper.grouped_rows
 
     def grouped_rows(res, problem, ptrs, sizes, *, counter=0, scanned=False, **kw):
@@ -159,8 +175,9 @@ def _old_order(monkeypatch):
 @pytest.mark.parametrize("tokens", [*range(1, 71), 4096])
 def test_step_bitwise_equal_to_two_offsets_launches(monkeypatch, tokens, layout):
     """moe_forward on the kernel step (AUTO, 32 experts): the prepared step
-    (one offsets launch) and the timed one equal, bit for bit, the step with
-    the offsets kernel rerun before GEMM 2; all match float64."""
+    (one offsets launch, no memset, no column scan for one block of pairs)
+    and the timed one equal, bit for bit, the step as it ran before
+    (:func:`_old_order`); all match float64."""
     import cupy
 
     rng = np.random.default_rng(tokens)
@@ -307,7 +324,8 @@ def test_histogram_resets_rows_and_counts_as_before(tokens, extra_rows):
     """The histogram kernel resets row_to_pair (the memset it replaces: every
     byte 0xFF) over exactly the rows asked, grid-stride past its pair blocks,
     and its block counts stay those of the pairs that take a row (ids outside
-    [0, E) and repeats skipped)."""
+    [0, E) and repeats skipped); with one block of pairs, the column scan's
+    results it writes itself equal the scan kernel's, bit for bit."""
     import cupy
 
     from cublas_grouped.moe import kernels as K
@@ -323,9 +341,8 @@ def test_histogram_resets_rows_and_counts_as_before(tokens, extra_rows):
     counts = cupy.full((nb, e), -7, dtype=cupy.int32)
     stream = cupy.cuda.get_current_stream()
     arch = arch_for(cg.device_info().sm)
-    K.block_histogram(
-        stream.ptr, arch, cupy.asarray(ids), pairs, e, counts, skip_repeats=True, reset=guard[:rows]
-    )
+    ids_d = cupy.asarray(ids)
+    K.block_histogram(stream.ptr, arch, ids_d, pairs, e, counts, skip_repeats=True, reset=guard[:rows])
     stream.synchronize()
     host = guard.get()
     assert (host[:rows] == -1).all() and (host[rows:] == 12345).all()
@@ -336,3 +353,14 @@ def test_histogram_resets_rows_and_counts_as_before(tokens, extra_rows):
         if 0 <= x < e and x not in flat[p - j : p]:
             want[p // K.PAIRS_PER_BLOCK, x] += 1
     np.testing.assert_array_equal(counts.get(), want)
+    # The column scan's results, from the scan kernel and (one block of pairs:
+    # decode) from the histogram itself: equal.
+    totals = cupy.full(e, -7, dtype=cupy.int32)
+    K.column_scan(stream.ptr, arch, counts, nb, e, totals)
+    if nb == 1:
+        bases, totals1 = cupy.full((1, e), -7, dtype=cupy.int32), cupy.full(e, -7, dtype=cupy.int32)
+        K.block_histogram(stream.ptr, arch, ids_d, pairs, e, bases, skip_repeats=True, counts=totals1)
+        stream.synchronize()
+        assert (bases.get() == counts.get()).all() and (totals1.get() == totals.get()).all()
+    stream.synchronize()
+    np.testing.assert_array_equal(totals.get(), want.sum(axis=0))

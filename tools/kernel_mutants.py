@@ -294,6 +294,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "rows no pair takes read as pair 0 instead of padding (the memset the histogram replaced)",
     ),
     Mutant(
+        "dispatch-hist-one-block-base",
+        "dispatch.cu",
+        "out[base + e] = 0;  // the one block's base: what expert_column_scan would write",
+        "out[base + e] = hist[e];",
+        "one block of pairs: the block base is its count, not 0 (the column scan's result): rows shift",
+    ),
+    Mutant(
         "sm90-second-counter-not-zeroed",
         "grouped_gemm_sm90.cu",
         "tile_counters[1] = 0;",

@@ -109,10 +109,14 @@ def count_rows(res, arch, buf: ChunkBuffers, ids, e: int, pairs: int, rows: int 
     nb = K.num_pair_blocks(pairs)
     block_counts = buf.block_counts[:nb]
     row_to_pair = buf.row_to_pair[:rows]
+    # One block of pairs (decode): the histogram writes the column scan's results itself.
+    totals = buf.counts if nb == 1 else None
+    stream = res.launch_stream
     K.block_histogram(
-        res.launch_stream, arch, ids, pairs, e, block_counts, skip_repeats=True, reset=row_to_pair
+        stream, arch, ids, pairs, e, block_counts, skip_repeats=True, reset=row_to_pair, counts=totals
     )
-    K.column_scan(res.launch_stream, arch, block_counts, nb, e, buf.counts)
+    if nb > 1:
+        K.column_scan(stream, arch, block_counts, nb, e, buf.counts)
     return block_counts, buf.pair_to_row[:pairs], row_to_pair
 
 
@@ -235,7 +239,8 @@ class StepLaunches:
     def __call__(self, stream: int, x: int, ids: int, weights: int, out: int, dropped: int) -> None:
         """Queue the step on the raw stream handle ``stream``."""
         self.histogram(stream, ids)  # also resets row_to_pair to -1
-        self.column_scan(stream)
+        if self.column_scan is not None:  # one block of pairs: the histogram did its work
+            self.column_scan(stream)
         self.scan(stream)
         self.assign(stream, ids, dropped)
         self.gather(stream, x)
@@ -267,11 +272,12 @@ def step_launches(
     x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
     prep = K.Prepare()
     prep.slots = (0,)  # ids
+    totals = buf.counts if nb == 1 else None  # as count_rows: no column scan for one block
     histogram = K.block_histogram(
-        prep, arch, ids, pairs, e, block_counts, skip_repeats=True, reset=row_to_pair
+        prep, arch, ids, pairs, e, block_counts, skip_repeats=True, reset=row_to_pair, counts=totals
     )
     prep.slots = ()
-    column_scan = K.column_scan(prep, arch, block_counts, nb, e, buf.counts)
+    column_scan = K.column_scan(prep, arch, block_counts, nb, e, buf.counts) if nb > 1 else None
     base = buf.schedule.data.ptr
     scan_args = hopper.offsets_args(buf.counts.data.ptr, e, pairs, 0, base)
     scan = prep.fixed(hopper.offsets_kernel(), 1, hopper.TILE_THREADS, hopper.OFFSETS_SIGNATURE, scan_args)
