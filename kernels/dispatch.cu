@@ -32,10 +32,19 @@
 // Kernels:
 //
 //   expert_block_histogram(const int* topk_ids, int num_pairs, int top_k,
-//                          int num_experts, int flags, int* block_counts)
+//                          int num_experts, int flags, int* block_counts,
+//                          int* reset_rows, int num_reset, int* counts)
 //     grid nb, block DISPATCH_THREADS, no dynamic shared memory.
 //     block_counts [nb, E]: every entry written (zeros included):
 //     block_counts[b, e] = #{p in block b taking a row : topk_ids[p] == e}.
+//     counts non-null and nb == 1 (all pairs in one block: T*k at most
+//     PAIRS_PER_BLOCK, decode): the column scan's results instead, written
+//     here so that expert_column_scan is not launched: block_counts[0, e] =
+//     0 (the one block's base) and counts[e] = that block's count, the values
+//     expert_column_scan would write. Ignored (null or nb > 1) otherwise.
+//     reset_rows[0 .. num_reset - 1] = -1 (grid-stride: any num_reset; none
+//     when num_reset is 0): a row_to_pair that assign_rows fills next, reset
+//     here rather than by a memset launch of its own (the same bytes, 0xFF).
 //
 //   expert_column_scan(int* block_counts, int num_blocks, int num_experts,
 //                      int* counts)
@@ -119,8 +128,13 @@ __device__ __forceinline__ int pair_expert(const int* __restrict__ topk_ids, lon
 
 extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
     expert_block_histogram(const int* __restrict__ topk_ids, int num_pairs, int top_k,
-                           int num_experts, int flags, int* __restrict__ block_counts) {
+                           int num_experts, int flags, int* __restrict__ block_counts,
+                           int* __restrict__ reset_rows, int num_reset, int* __restrict__ counts) {
     __shared__ int hist[HIST_CHUNK];
+    for (long long r = static_cast<long long>(blockIdx.x) * DISPATCH_THREADS + threadIdx.x; r < num_reset;
+         r += static_cast<long long>(gridDim.x) * DISPATCH_THREADS) {
+        reset_rows[r] = -1;
+    }
     const long long first = static_cast<long long>(blockIdx.x) * PAIRS_PER_BLOCK;
     // Each thread loads its pairs once (coalesced: consecutive threads read
     // consecutive ids) and reuses them for every expert chunk.
@@ -143,7 +157,14 @@ extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
             if (e >= 0 && e < n) atomicAdd(&hist[e], 1);
         }
         __syncthreads();
-        for (int e = threadIdx.x; e < n; e += DISPATCH_THREADS) out[base + e] = hist[e];
+        if (counts != nullptr && gridDim.x == 1) {
+            for (int e = threadIdx.x; e < n; e += DISPATCH_THREADS) {
+                out[base + e] = 0;  // the one block's base: what expert_column_scan would write
+                counts[base + e] = hist[e];
+            }
+        } else {
+            for (int e = threadIdx.x; e < n; e += DISPATCH_THREADS) out[base + e] = hist[e];
+        }
         __syncthreads();  // hist is cleared again by the next chunk
     }
 }

@@ -38,18 +38,30 @@
 //
 // Kernels:
 //
-//   grouped_tile_offsets(const int* sizes, int num_groups, int capacity,
-//                        int* row_offsets, int* row_ends, int* tile_offsets,
-//                        int* tile_counter)
+//   grouped_tile_offsets{,_i64}(const S* sizes, int num_groups, int total_rows,
+//                               int capacity, int* row_offsets, int* row_ends,
+//                               int* tile_offsets, int* tile_counters)
+//     S = int (grouped_tile_offsets) or long long (_i64): the caller's sizes
+//     read where they are, with no cast or clamp kernel before.
 //     ONE block of SM90_TILE_THREADS threads (a multiple of 32, at most 1024).
-//     With m_g = max(sizes[g], 0), or min(max(sizes[g], 0), capacity) when
-//     capacity > 0 (masked):
+//     Each size is read as signed and negative ones count as 0. Then
+//     contiguous (capacity 0), with M = max(total_rows, 0): m_g =
+//     min(P_g, M) - min(P_g - s_g, M), where s_g = min(max(sizes[g], 0), M)
+//     and P_g = s_0 + ... + s_g in 64 bits (no overflow for any int32 or int64
+//     sizes): the rows of group g inside [0, M) when the groups lie back to
+//     back, so every m_g >= 0, they sum to at most M, no row at or past M is
+//     read or written and no int32 offset overflows; sizes that are valid
+//     (non-negative, summing to M) come out unchanged (the clamp that
+//     group_sizes.cu ran as a launch of its own before). Masked (capacity
+//     > 0): m_g = min(max(sizes[g], 0), capacity); total_rows is not read.
 //     row_offsets [E + 1]: the first row o_g of each group, then the end of
 //     the layout (contiguous: the exclusive prefix of m_g, then the total;
 //     masked: g * capacity, then E * capacity); row_ends [E]: o_g + m_g;
 //     tile_offsets [E + 1]: exclusive prefix of ceil(m_g / SM90_BLOCK_M),
-//     then the total. Any E. *tile_counter = 0: the GEMM launched after it
-//     hands out tiles from it.
+//     then the total. Any E. tile_counters[0] = tile_counters[1] = 0: the
+//     GEMM launched next after it hands out tiles from the first, and a second
+//     GEMM over the same sizes (a layer's GEMM 2) from the second, so the
+//     offsets are not computed twice.
 //
 //   grouped_gemm_{nt,nn}_{bf16,f16}(tmap_a, tmap_a_rows, tmap_b, row_offsets, row_ends,
 //                                   tile_offsets, tile_counter, num_groups,
@@ -84,8 +96,9 @@
 //             bytes), so no load depends on how TMA treats a box with no
 //             element inside the tensor.
 //     All maps fill out-of-bounds elements with zeros (so a K tail adds nothing).
-//     tile_counter: one int, zeroed by grouped_tile_offsets just before (on
-//     the same stream), incremented once per tile a CTA takes after its first.
+//     tile_counter: one int, zeroed by grouped_tile_offsets (one of its two
+//     tile_counters) before, on the same stream, with no other launch using
+//     it in between; incremented once per tile a CTA takes after its first.
 //     Grid: any x >= 1 CTAs (persistent: CTA x takes tile x first, then
 //     whichever tile of the schedule below is next when it has room for one,
 //     gridDim.x + atomicAdd(tile_counter, 1), until they run out). The launcher gives one CTA
@@ -143,34 +156,104 @@
 // of 64 columns at a pitch of SM90_C_PITCH = 72 elements (sm90.cuh; 144
 // bytes: 16-byte chunks stay aligned, and rows fall 4 banks apart).
 
-extern "C" __global__ void __launch_bounds__(SM90_TILE_THREADS)
-    grouped_tile_offsets(const int* __restrict__ sizes, int num_groups, int capacity,
-                         int* __restrict__ row_offsets, int* __restrict__ row_ends,
-                         int* __restrict__ tile_offsets, int* __restrict__ tile_counter) {
+// Exclusive prefix sum of one 64-bit value per thread across the block
+// (block_exclusive_scan of common.cuh for long long: the sizes' running sum
+// before the cut at M may pass 2^31). Same calling rules; `scratch` is
+// SCAN_SCRATCH_INTS long longs of shared memory.
+__device__ __forceinline__ long long block_exclusive_scan_ll(long long v, long long* total, long long* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = blockDim.x >> 5;
+    long long inc = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const long long n = __shfl_up_sync(0xffffffffu, inc, o);
+        if (lane >= o) inc += n;
+    }
+    __syncthreads();  // earlier readers of scratch are done
+    if (lane == 31) scratch[warp] = inc;
+    __syncthreads();
+    if (warp == 0) {
+        const long long s = lane < nwarps ? scratch[lane] : 0;
+        long long si = s;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const long long n = __shfl_up_sync(0xffffffffu, si, o);
+            if (lane >= o) si += n;
+        }
+        if (lane < nwarps) scratch[lane] = si - s;  // exclusive offset of each warp
+        if (lane == 31) scratch[32] = si;           // block total
+    }
+    __syncthreads();
+    *total = scratch[32];
+    return scratch[warp] + inc - v;
+}
+
+template <class S>
+__device__ __forceinline__ void tile_offsets_impl(const S* __restrict__ sizes, int num_groups, int total_rows,
+                                                  int capacity, int* __restrict__ row_offsets,
+                                                  int* __restrict__ row_ends, int* __restrict__ tile_offsets,
+                                                  int* __restrict__ tile_counters) {
     __shared__ int scratch[SCAN_SCRATCH_INTS];
+    __shared__ long long scratch_ll[SCAN_SCRATCH_INTS];
     const bool masked = capacity > 0;
-    int row_carry = 0, tile_carry = 0;
+    const long long rows_cap = total_rows > 0 ? total_rows : 0;  // M
+    long long row_carry = 0;  // rows of every group before this pass, before the cut at M
+    int tile_carry = 0;
     for (int base = 0; base < num_groups; base += SM90_TILE_THREADS) {
         const int g = base + threadIdx.x;
-        int m = g < num_groups ? max(sizes[g], 0) : 0;
-        if (masked) m = min(m, capacity);
-        int rows_total, tiles_total;
-        const int rows_ex = block_exclusive_scan(m, &rows_total, scratch);
-        const int tiles_ex = block_exclusive_scan((m + SM90_BLOCK_M - 1) / SM90_BLOCK_M, &tiles_total, scratch);
+        const long long s = g < num_groups ? static_cast<long long>(sizes[g]) : 0;
+        long long m = s > 0 ? s : 0;  // negative: 0
+        if (masked) m = min(m, static_cast<long long>(capacity));
+        int first;
+        if (masked) {
+            first = g * capacity;  // the launcher keeps E * C < 2^31
+        } else {
+            // group_sizes.cu's clamp, in place: each size at most M, then the
+            // groups cut where their running sum (64-bit: no overflow) reaches M.
+            m = min(m, rows_cap);
+            long long pass_total;
+            const long long before = row_carry + block_exclusive_scan_ll(m, &pass_total, scratch_ll);
+            const long long lo = min(before, rows_cap), hi = min(before + m, rows_cap);
+            first = static_cast<int>(lo);
+            m = hi - lo;
+            row_carry += pass_total;
+        }
+        int tiles_total;
+        const int tiles_ex =
+            block_exclusive_scan(static_cast<int>((m + SM90_BLOCK_M - 1) / SM90_BLOCK_M), &tiles_total, scratch);
         if (g < num_groups) {
-            const int first = masked ? g * capacity : row_carry + rows_ex;  // the launcher keeps E * C < 2^31
             row_offsets[g] = first;
-            row_ends[g] = first + m;
+            row_ends[g] = first + static_cast<int>(m);
             tile_offsets[g] = tile_carry + tiles_ex;
         }
-        row_carry += rows_total;
         tile_carry += tiles_total;
     }
     if (threadIdx.x == 0) {
-        row_offsets[num_groups] = masked ? num_groups * capacity : row_carry;
+        row_offsets[num_groups] = masked ? num_groups * capacity : static_cast<int>(min(row_carry, rows_cap));
         tile_offsets[num_groups] = tile_carry;
-        *tile_counter = 0;  // the GEMM launched next on this stream hands out tiles from 0
+        // The two GEMMs launched next on this stream hand out tiles from 0:
+        // the first from tile_counters[0], the second (a layer's GEMM 2 over
+        // the same sizes) from tile_counters[1], with no second scan.
+        tile_counters[0] = 0;
+        tile_counters[1] = 0;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(SM90_TILE_THREADS)
+    grouped_tile_offsets(const int* __restrict__ sizes, int num_groups, int total_rows, int capacity,
+                         int* __restrict__ row_offsets, int* __restrict__ row_ends,
+                         int* __restrict__ tile_offsets, int* __restrict__ tile_counters) {
+    tile_offsets_impl<int>(sizes, num_groups, total_rows, capacity, row_offsets, row_ends, tile_offsets,
+                           tile_counters);
+}
+
+extern "C" __global__ void __launch_bounds__(SM90_TILE_THREADS)
+    grouped_tile_offsets_i64(const long long* __restrict__ sizes, int num_groups, int total_rows, int capacity,
+                             int* __restrict__ row_offsets, int* __restrict__ row_ends,
+                             int* __restrict__ tile_offsets, int* __restrict__ tile_counters) {
+    tile_offsets_impl<long long>(sizes, num_groups, total_rows, capacity, row_offsets, row_ends, tile_offsets,
+                                 tile_counters);
 }
 
 // The descriptor of an N-major (MN-major) B tile with the 128-byte swizzle:

@@ -151,6 +151,7 @@ def stub_gpu(monkeypatch, info=None):
     monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 0)
     monkeypatch.setattr(cupy.cuda.runtime, "memcpyAsync", lambda *a: rec.copies.append(a))
     monkeypatch.setattr(cupy.cuda.runtime, "memsetAsync", lambda *a: rec.memsets.append(a))
+    monkeypatch.setattr(cupy.cuda.runtime, "streamIsCapturing", lambda stream: 0)  # no graph is captured
 
     def fake_function(name):
         def call(*args):
@@ -203,9 +204,6 @@ def stub_gpu(monkeypatch, info=None):
     monkeypatch.setattr(tma, "tiled_map", TensorMapStandIn)
     monkeypatch.setattr(tma, "_maps", type(tma._maps)())
     monkeypatch.setattr(H, "_scan_kernels", {})
-    from cublas_grouped.gemm.backends import hopper_sizes
-
-    monkeypatch.setattr(hopper_sizes, "_found", {})
     monkeypatch.setattr(H, "_local", threading.local())
     monkeypatch.setattr(L, "param_holder", HolderStandIn)
     import cuda.core

@@ -1,8 +1,9 @@
-"""Device-resident group sizes on SM 9.0 (GPU): the clamp kernel
-(kernels/group_sizes.cu) against its host reference, gmm under AUTO with sizes
+"""Device-resident group sizes on SM 9.0 (GPU): gmm under AUTO with sizes
 on the device (no copy) against float64 with NaN-poisoned outputs, sizes that
 are not valid (what the documented guarantee says happens), the opt-in check,
-and the prepared layer step replayed with new inputs."""
+and the prepared layer step replayed with new inputs. The offsets kernel
+that makes device sizes safe is checked against its reference in
+test_step_launches_gpu.py."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 from gpu_util import check_close, device_random, poisoned, random_sizes
-from test_device_sizes_host import clamp_reference
 
 import cublas_grouped as cg
 from cublas_grouped import testing as ref
-from cublas_grouped.gemm.backends import hopper, hopper_sizes
+from cublas_grouped.gemm.backends import hopper_sizes
 
 pytestmark = pytest.mark.gpu
 BF16 = ml_dtypes.bfloat16
@@ -27,43 +27,6 @@ def _hopper_only(monkeypatch):
     if cupy.cuda.Device().compute_capability != "90":
         pytest.skip("the no-copy path of device sizes runs on SM 9.0 GPUs only")
     monkeypatch.delenv(hopper_sizes.CHECK_ENV, raising=False)
-
-
-def _clamped(sizes_dev, e: int, m: int) -> np.ndarray:
-    import cupy
-
-    from cublas_grouped.runtime.device import stream_resources
-
-    res = stream_resources(0, None)
-    at = hopper_sizes.clamped_sizes(res, sizes_dev, e, m, hopper.ARCH)
-    assert at == res.buffers["sm90-sizes"].data.ptr
-    cupy.cuda.get_current_stream().synchronize()
-    return cupy.asnumpy(res.buffers["sm90-sizes"][: 4 * e].view(cupy.int32))
-
-
-@pytest.mark.parametrize("dtype", ["int32", "int64", "int16", "uint8"])
-@pytest.mark.parametrize("experts", [1, 5, 256, 300, 2000])
-def test_clamp_matches_its_reference(dtype, experts):
-    import cupy
-
-    rng = np.random.default_rng(experts)
-    info = np.iinfo(dtype)
-    m = 1000
-    cases = [
-        random_sizes(rng, experts, m),  # valid: unchanged
-        rng.integers(max(info.min, -50), min(info.max, 60), experts),  # negatives, sums past and short of m
-        np.zeros(experts, np.int64),
-    ]
-    if dtype == "int64":
-        cases.append(rng.integers(0, 2**40, experts))  # each past M, sum past 2**63 / 2**31: no overflow
-    if dtype == "int32":
-        cases.append(np.full(experts, 2**31 - 1))
-    for sizes in cases:
-        host = np.asarray(sizes).astype(dtype)
-        got = _clamped(cupy.asarray(host), experts, m)
-        want = clamp_reference(host.astype(np.int64), m)
-        assert (got == want).all(), f"{dtype} E={experts}: {got[:8]} vs {want[:8]}"
-        assert got.sum() <= m and (got >= 0).all()
 
 
 @pytest.mark.parametrize("trans_b", [False, True])

@@ -1,8 +1,10 @@
 """gmm with group sizes on the device, on SM 9.0 (CPU, GPU side stubbed:
-tests/host_stubs.py): AUTO runs our kernel without copying the sizes, through
-the clamp of backends/hopper_sizes.py, with prepared launches that pass what
-the unprepared path passes; CUBLAS_GROUPED_CHECK_DEVICE_SIZES brings the copy
-and its checks back; every bad call still raises after hits."""
+tests/host_stubs.py): AUTO runs our kernel without copying the sizes, in two
+launches (the offsets kernel reads the caller's int32 or int64 sizes in place
+and makes them safe, backends/hopper_sizes.py; the GEMM), with prepared
+launches that pass what the unprepared path passes;
+CUBLAS_GROUPED_CHECK_DEVICE_SIZES brings the copy and its checks back; every
+bad call still raises after hits."""
 
 from __future__ import annotations
 
@@ -58,9 +60,10 @@ def _queued(rec, out):
 @pytest.mark.parametrize("dtype", ["int32", "int64"])
 @pytest.mark.parametrize("algorithm", ["auto", "sm90_grouped"])
 def test_device_sizes_run_the_kernel_without_a_copy(gpu, dtype, algorithm):
-    """Three launches, no copy: the clamp of the caller's sizes into the
-    stream's int32 buffer, the offsets kernel reading that buffer, the GEMM;
-    a hit queues the same, and the unprepared path (executor.run) too."""
+    """Two launches, no copy: the offsets kernel of the sizes' dtype reading
+    the caller's sizes in place (with M, so it cuts them there), the GEMM
+    reading its schedule and tile counter 0; a hit queues the same, and the
+    unprepared path (executor.run) too."""
     from host_stubs import STREAM
 
     from cublas_grouped.gemm.backends import hopper
@@ -75,9 +78,15 @@ def test_device_sizes_run_the_kernel_without_a_copy(gpu, dtype, algorithm):
     out = cg.gmm(a, b, sizes, algorithm=algorithm)
     first = _queued(gpu, out)
     assert gpu.sizes_copies == [] and gpu.cublas == []
-    clamp, scan, gemm = first
-    assert clamp[4][:3] == (sizes.data.ptr, E, M)
-    assert scan[4][:3] == (clamp[4][3], E, 0), "the offsets kernel reads what the clamp wrote"
+    scan, gemm = first
+    assert scan[0] == hopper.offsets_kernel(np.dtype(dtype)).handle, "the entry point of the sizes' dtype"
+    assert hopper.offsets_kernel(np.int32).handle != hopper.offsets_kernel(np.int64).handle
+    assert scan[4][:4] == (sizes.data.ptr, E, M, 0), "the caller's sizes, E, M (the cut), contiguous"
+    assert scan[1] == (1, 1, 1, hopper.TILE_THREADS, 1, 1)
+    base = D.resources(0, STREAM).buffers["sm90-offsets"].data.ptr
+    assert scan[4][4:] == hopper.schedule_addresses(base, E)
+    assert gemm[4][3:7] == hopper.schedule_addresses(base, E, 0), "the schedule and tile counter 0"
+    assert gemm[4][7:11] == (E, M, N, K)
     assert gemm[4][11] == "out" and gemm[1] == (
         hopper.grid_size(hopper.max_tiles(M, E), 132),
         1,
@@ -113,15 +122,15 @@ def test_new_operands_and_a_grown_buffer_prepare_anew(gpu):
     a2 = fake_array((M, K))
     gpu.clear()
     out = cg.gmm(a2, b, sizes)
-    assert _queued(gpu, out)[2][4][0][0] == a2.data.ptr, "the GEMM's A map is a2's"
+    assert _queued(gpu, out)[1][4][0][0] == a2.data.ptr, "the GEMM's A map is a2's"
     res = D.resources(0, STREAM)
-    old = res.buffers["sm90-sizes"].data.ptr
-    res.buffer("sm90-sizes", 10**6)  # grown, as a call with many groups would
+    old = res.buffers["sm90-offsets"].data.ptr
+    res.buffer("sm90-offsets", 10**6)  # grown, as a call with many groups would
     gpu.clear()
     out = cg.gmm(a2, b, sizes)
-    launches = _queued(gpu, out)
-    assert launches[0][4][3] == res.buffers["sm90-sizes"].data.ptr != old
-    assert launches[1][4][0] == launches[0][4][3]
+    scan, gemm = _queued(gpu, out)
+    assert scan[4][4] == res.buffers["sm90-offsets"].data.ptr != old
+    assert gemm[4][3:7] == scan[4][4:8], "the GEMM reads the schedule the offsets kernel wrote"
 
 
 def test_the_check_env_brings_the_copy_and_its_errors_back(gpu, monkeypatch):
@@ -208,10 +217,11 @@ def test_every_error_still_raises_after_hits(gpu):
 
 
 # Python and C calls of a repeated gmm with device sizes on SM 9.0 (counted
-# 2026-11-26: 30 under AUTO with int64 sizes, 27 with sm90_grouped; before:
-# 40 under AUTO plus the blocking copy, cuBLAS's grouped call and its
-# pointer kernel, and 96 with sm90_grouped).
-BUDGETS = {"auto": 34, "sm90_grouped": 31}
+# 2026-11-26: 30 under AUTO with int64 sizes, 27 with sm90_grouped, three
+# launches; with the clamp inside the offsets kernel, two launches: 27 and
+# 24; before the prepared launches: 40 under AUTO plus the blocking copy,
+# cuBLAS's grouped call and its pointer kernel, and 96 with sm90_grouped).
+BUDGETS = {"auto": 30, "sm90_grouped": 27}
 
 
 @pytest.mark.parametrize("algorithm", sorted(BUDGETS))
@@ -228,8 +238,9 @@ def test_hot_path_stays_short(gpu, algorithm):
 
 
 def clamp_reference(sizes, total_rows: int) -> np.ndarray:
-    """What kernels/group_sizes.cu computes (int64 NumPy): each size clamped to
-    [0, M], then cut where the running sum passes M."""
+    """The sizes the offsets kernel (grouped_tile_offsets) schedules on the
+    contiguous layout (int64 NumPy): each size clamped to [0, M], then cut
+    where the running sum passes M."""
     m = np.clip(np.asarray(sizes, dtype=np.int64), 0, max(total_rows, 0))
     ends = np.cumsum(m)
     return (np.minimum(ends, total_rows) - np.minimum(ends - m, total_rows)).astype(np.int32)
@@ -283,3 +294,128 @@ def test_check_variable_values(monkeypatch, value, checks):
     else:
         monkeypatch.setenv(hopper_sizes.CHECK_ENV, value)
     assert hopper_sizes.checks_device_sizes() is checks
+
+
+def test_tile_schedule_cuts_where_the_offsets_kernel_does():
+    """hopper.tile_schedule(total_rows=M), the GPU tests' model of the offsets
+    kernel, schedules exactly the clamped sizes."""
+    from cublas_grouped.gemm.backends import hopper
+
+    assert hopper.tile_schedule([5, -3, 300, 4], total_rows=16).tolist() == [[0, 0, 5], [2, 5, 11]]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        sizes = rng.integers(-40, 400, rng.integers(1, 20))
+        m = int(rng.integers(0, 1000))
+        want = hopper.tile_schedule(clamp_reference(sizes, m))
+        np.testing.assert_array_equal(hopper.tile_schedule(sizes, total_rows=m), want)
+    # The masked layout ignores total_rows: each size is cut to the capacity alone.
+    masked = hopper.tile_schedule([300, -1, 5], capacity=200, total_rows=1)
+    assert masked.tolist() == [[0, 0, 128], [0, 128, 72], [2, 400, 5]]
+
+
+# Host sizes on SM 9.0 (the AUTO host-sizes regression): SM90_GROUPED uploads
+# the sizes once per cache entry (whose key holds their values) and then
+# replays the same two prepared launches as device sizes, with no copy.
+
+
+def test_sm90_host_sizes_upload_once_then_replay_two_launches(gpu):
+    from host_stubs import STREAM
+
+    from cublas_grouped.gemm import call_cache
+    from cublas_grouped.gemm.backends import hopper
+    from cublas_grouped.gemm.backends.hopper_device import PreparedHostSizes
+    from cublas_grouped.gemm.config import Algorithm
+    from cublas_grouped.gemm.plan import Operands, plan_gmm
+    from cublas_grouped.runtime import device as D
+    from cublas_grouped.runtime.arrays import view
+
+    a, b = _operands()
+    sizes = np.array([4, 4, 4, 4])
+    out = fake_array((M, N))
+    gpu.clear()
+    cg.gmm(a, b, sizes, algorithm="sm90_grouped", out=out)
+    (entry,) = [e for e in call_cache._local.calls.values() if e.algorithm is Algorithm.SM90_GROUPED]
+    assert isinstance(entry.prepared, PreparedHostSizes)
+    owned = entry.prepared.sizes.data.ptr
+    uploads = [c for c in gpu.copies if c[0] == owned]
+    assert len(uploads) == 1 and uploads[0][2] == 4 * E, "the sizes, once, as int32"
+    first = _queued(gpu, out)
+    scan, gemm = first
+    assert scan[4][:4] == (owned, E, M, 0) and scan[0] == hopper.offsets_kernel(np.int32).handle
+    assert gemm[4][11] == "out"
+    for _ in range(2):  # hits: the same launches, nothing copied
+        gpu.clear()
+        assert _queued(gpu, cg.gmm(a, b, sizes, algorithm="sm90_grouped", out=out)) == first
+        assert gpu.copies == [] and gpu.cublas == []
+    # The unprepared path of the same plan: the same launches but for where the sizes were uploaded.
+    plan = plan_gmm(view(a, "a"), view(b, "b"), sizes, trans_a=False, trans_b=False, num_experts=E)
+    ops = Operands.for_plan(plan, a.data.ptr, b.data.ptr, out.data.ptr, 2)
+    gpu.clear()
+    cg.GroupedGemmExecutor().run(plan, ops, a.dtype, Algorithm.SM90_GROUPED, D.resources(0, STREAM))
+    plain = _queued(gpu, out)
+    assert plain[1] == gemm and plain[0][:4] == scan[:4] and plain[0][4][1:] == scan[4][1:]
+    assert plain[0][4][0] != owned
+    # Other sizes: another entry, its own upload.
+    gpu.clear()
+    cg.gmm(a, b, np.array([8, 0, 4, 4]), algorithm="sm90_grouped", out=out)
+    assert len(gpu.copies) == 1 and gpu.copies[0][0] != owned
+    assert _queued(gpu, out)[0][4][0] == gpu.copies[0][0]
+
+
+def test_sm90_host_sizes_are_not_prepared_while_capturing(gpu, monkeypatch):
+    """A checked call inside a graph capture keeps the unprepared path (an
+    upload then would be captured, not done)."""
+    import cupy
+
+    from cublas_grouped.gemm import call_cache
+
+    monkeypatch.setattr(cupy.cuda.runtime, "streamIsCapturing", lambda stream: 1)
+    a, b = _operands()
+    cg.gmm(a, b, np.array([4, 4, 4, 4]), algorithm="sm90_grouped")
+    (entry,) = call_cache._local.calls.values()
+    assert entry.prepared is None
+
+
+def test_auto_on_host_sizes_measured_for_sm90_takes_the_prepared_path(gpu, monkeypatch, tmp_path):
+    """AUTO with measuring on (CUBLAS_GROUPED_AUTOTUNE=1): where its event
+    timing finds SM90_GROUPED fastest (on a tiny problem the spans hold host
+    time: the kernel path's is the shorter), the repeated call replays the
+    prepared launches: two launches, no copy, no cuBLAS, within the budget of
+    device sizes."""
+    import contextlib
+
+    from cublas_grouped.gemm import autotune
+    from cublas_grouped.gemm.config import Algorithm
+
+    monkeypatch.setenv("CUBLAS_GROUPED_AUTOTUNE", "1")
+    monkeypatch.setenv("CUBLAS_GROUPED_TUNING_DIR", str(tmp_path))
+    autotune.reset_measurements()
+
+    @contextlib.contextmanager
+    def scratch(nbytes):
+        yield 0x7D0000000000
+
+    timed = []
+
+    def time_candidates(candidates, run, stream):
+        timed.append(tuple(candidates))
+        for algorithm in candidates:
+            run(algorithm)
+        return {a: (0.004 if a is Algorithm.SM90_GROUPED else 0.02) for a in candidates}
+
+    monkeypatch.setattr(autotune, "_scratch", scratch)
+    monkeypatch.setattr(autotune, "time_candidates", time_candidates)
+    a, b = _operands()
+    sizes = np.array([4, 4, 4, 4])
+
+    def call():
+        return cg.gmm(a, b, sizes)
+
+    call()
+    assert len(timed) == 1 and Algorithm.SM90_GROUPED in timed[0]
+    call()
+    gpu.clear()
+    call()
+    assert len(gpu.decoded) == 2 and gpu.copies == [] and gpu.cublas == []
+    assert count_calls(call, repeat=10) <= BUDGETS["auto"]
+    autotune.reset_measurements()

@@ -158,11 +158,11 @@ def _record(monkeypatch):
         calls.append(("quantize", a.ptr, a.shape, out[0].ptr, out[0].shape, out[1].ptr, out[1].shape))
         return out
 
-    def fp8_gemm(res, w, m, ptrs, sizes, *, scanned, storage):
-        calls.append(("fp8_gemm", w, m, ptrs, sizes, scanned, storage))
+    def fp8_gemm(res, w, m, ptrs, sizes, *, scanned, storage, counter):
+        calls.append(("fp8_gemm", w, m, ptrs, sizes, scanned, storage, counter))
 
-    def bf16_gemm(res, problem, ptrs, sizes, *, scanned, storage):
-        calls.append(("bf16_gemm", problem, ptrs, sizes, scanned, storage))
+    def bf16_gemm(res, problem, ptrs, sizes, *, scanned, storage, counter):
+        calls.append(("bf16_gemm", problem, ptrs, sizes, scanned, storage, counter))
 
     monkeypatch.setattr(fp8_step, "place_rows", place_rows)
     monkeypatch.setattr(fp8_step, "quantize_rows_fp8", quantize)
@@ -200,11 +200,12 @@ def test_step_quantizes_before_each_fp8_gemm_and_reuses_the_schedule(fake, monke
     ]  # fmt: skip
     q1, g1, act, q2, g2 = calls[1:6]
     assert q1 == ("quantize", 0x1000, (10, 256), 0x10000, (10, 256), 0x20000, (10, 2))
-    assert g1 == ("fp8_gemm", w1, 10, (0x10000, 0x20000, 0x2000), "counts", True, "schedule")
+    assert g1 == ("fp8_gemm", w1, 10, (0x10000, 0x20000, 0x2000), "counts", True, "schedule", 0)
     assert act == ("activation", 0x2000, 0x3000, 0)  # h -> act, gate|up not blocked
     assert q2 == ("quantize", 0x3000, (10, 384), 0x30000, (10, 384), 0x40000, (10, 3))
-    # Not scanned: GEMM 1 used the tile counter up; the offsets kernel runs again.
-    assert g2 == ("fp8_gemm", w2, 10, (0x30000, 0x40000, 0x4000), "counts", False, "schedule")
+    # Scanned too: GEMM 1 used tile counter 0 up; GEMM 2 takes counter 1 of the
+    # same offsets launch (place_rows'), so the offsets kernel does not run again.
+    assert g2 == ("fp8_gemm", w2, 10, (0x30000, 0x40000, 0x4000), "counts", True, "schedule", 1)
     assert calls[-1] == ("combine", 0x4000)
 
 
@@ -227,7 +228,7 @@ def test_step_runs_a_16_bit_weight_on_the_16_bit_kernel(fake, monkeypatch):
         "combine",
     ]
     problem = (8, 6, 256, 128, True, np.dtype(BF16))
-    assert calls[4] == ("bf16_gemm", problem, (0x3000, 0x9000, 0x4000), "counts", False, "schedule")
+    assert calls[4] == ("bf16_gemm", problem, (0x3000, 0x9000, 0x4000), "counts", True, "schedule", 1)
 
 
 def test_step_refuses_too_few_fp8_rows(fake, monkeypatch):

@@ -26,7 +26,6 @@ from cublas_grouped.gemm import fp8_kernels as _fp8_kernels  # noqa: E402
 from cublas_grouped.gemm import pointers as _pointers  # noqa: E402
 from cublas_grouped.gemm.backends import hopper as _hopper  # noqa: E402
 from cublas_grouped.gemm.backends import hopper_fp8 as _hopper_fp8  # noqa: E402
-from cublas_grouped.gemm.backends import hopper_sizes as _hopper_sizes  # noqa: E402
 from cublas_grouped.moe import backward_kernels as _backward_kernels  # noqa: E402
 from cublas_grouped.moe import kernels as _moe_kernels  # noqa: E402
 from cublas_grouped.runtime import nvrtc  # noqa: E402
@@ -40,7 +39,6 @@ DEFINES = {
     "grouped_gemm_sm90": _hopper.DEFINES,
     "grouped_gemm_fp8_sm90": _hopper_fp8.DEFINES,
     "fp8": _fp8_kernels.DEFINES,
-    "group_sizes": _hopper_sizes.DEFINES,
 }
 ARCHES = ("sm_80", "sm_90")
 # Files that only build for one architecture (wgmma and TMA need sm_90a).
@@ -62,13 +60,13 @@ EXPECTED = {
     "fp8.cu": _typed("quantize_fp8", "quantize_rows_fp8", "dequantize_fp8"),
     "grouped_gemm_sm90.cu": {
         "grouped_tile_offsets",
+        "grouped_tile_offsets_i64",
         "grouped_gemm_nt_bf16",
         "grouped_gemm_nt_f16",
         "grouped_gemm_nn_bf16",
         "grouped_gemm_nn_f16",
     },
     "grouped_gemm_fp8_sm90.cu": {"grouped_gemm_fp8_nt_bf16"},
-    "group_sizes.cu": {"clamp_group_sizes_i32", "clamp_group_sizes_i64"},
 }
 
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
@@ -177,7 +175,6 @@ def test_a_missing_define_stops_the_compile_and_is_named(name, missing):
         ("moe_backward", {"ACT_RELU": 0}, "the activation codes must differ"),
         ("moe_backward", {"COLSUM_SLICES": 64}, "a block of 1 to 1024 threads"),
         ("fp8", {"FP8_THREADS": 48}, "a multiple of 32 up to 1024"),
-        ("group_sizes", {"SIZES_THREADS": 48}, "a multiple of 32, at most 1024"),
         ("grouped_gemm_sm90", {"SM90_BLOCK_N": 128}, "wgmma m64n256k16"),
         ("grouped_gemm_sm90", {"SM90_TILE_THREADS": 1000}, "a multiple of 32, at most 1024"),
         ("grouped_gemm_fp8_sm90", {"FP8_BLOCK_N": 256}, "wgmma m64n128k32"),

@@ -328,4 +328,8 @@ def test_the_streams_schedule_buffer_is_sized_once_for_1024_groups():
     assert asked == [("sm90-offsets", want)] * 3 + [("sm90-offsets", 4 * hopper.schedule_ints(2000))]
     storage = np.zeros(hopper.schedule_ints(5), np.int32)
     views = hopper.schedule_buffers(Res(), 5, storage)
-    assert [len(v) for v in views] == [6, 5, 6, 1] and len(asked) == 4
+    assert [len(v) for v in views] == [6, 5, 6, 2] and len(asked) == 4
+    assert hopper.schedule_ints(5) == 19 == sum(len(v) for v in views), "two tile counters at the end"
+    base = 0x1000
+    assert hopper.schedule_addresses(base, 5) == (base, base + 24, base + 44, base + 68)
+    assert hopper.schedule_addresses(base, 5, 1)[3] == base + 72 == base + 4 * (hopper.schedule_ints(5) - 1)

@@ -5,7 +5,9 @@ function calls it makes (about 1 us each there), which can be counted on any
 machine: this runs the cases of ``python -m cublas_grouped.bench --host-only``
 with the GPU side replaced by the stand-ins of ``tests/host_stubs.py`` (CuPy's
 allocator, cuBLAS, the driver launch and the copies do nothing), after a
-warm-up that fills the caches, and prints the calls per call of each.
+warm-up that fills the caches, and prints the calls per call of each, and
+what one call queues: kernel launches and memsets (``launches``), host-device
+copies (``copies``) and cuBLAS calls (``cublas``).
 ``--profile NAME`` prints a cProfile of one case (by call count).
 
     PYTHONPATH=. python3 tools/host_calls.py [--profile "moe_forward T=1 qwen3 (auto)"]
@@ -52,7 +54,7 @@ def cases(rec) -> dict:
     x, w1, w2 = fake_array((1, h)), fake_array((e, h, 2 * inter)), fake_array((e, inter, h))
     ids, weights = fake_array((1, k), "int32"), fake_array((1, k), "float32")
     found = {}
-    for alg in ("auto", "cublas_grouped", "sequential", "chunked_batched"):
+    for alg in ("auto", "cublas_grouped", "sequential", "chunked_batched", "sm90_grouped"):
         found[f"gmm tiny, host sizes ({alg})"] = lambda alg=alg: cg.gmm(a, b, sizes, algorithm=alg)
     found["gmm tiny, host sizes, out= (auto)"] = lambda: cg.gmm(a, b, sizes, out=out)
     sizes_dev, b_t = fake_array((4,), "int64"), fake_array((4, 256, 256))
@@ -96,11 +98,15 @@ def main(argv=None) -> int:
     try:
         with stub_gpu(monkeypatch) as rec:
             found = cases(rec)
-            print(f"{'call':48s} {'calls':>6s}" + (f" {'us here':>8s}" if args.time else ""))
+            head = f"{'call':48s} {'calls':>6s} {'launches':>8s} {'copies':>6s} {'cublas':>6s}"
+            print(head + (f" {'us here':>8s}" if args.time else ""))
             for name, fn in found.items():
                 fn()
                 fn()  # the second call is the first cached one
-                line = f"{name:48s} {count_calls(fn, repeat=args.repeat):6d}"
+                rec.clear()
+                fn()
+                queued = (len(rec.launches) + len(rec.memsets), len(rec.copies), len(rec.cublas))
+                line = f"{name:48s} {count_calls(fn, repeat=args.repeat):6d} {queued[0]:8d} {queued[1]:6d} {queued[2]:6d}"
                 if args.time:
                     line += f" {_time_us(fn):8.1f}"
                 print(line)

@@ -23,7 +23,7 @@ from . import call_cache as _cache
 from .autotune import gmm_algorithm
 from .backends import cublas as _cublas_backend
 from .backends import hopper as _hopper_backend
-from .backends.hopper_device import PreparedDeviceSizes
+from .backends.hopper_device import PreparedDeviceSizes, PreparedHostSizes
 from .backends.hopper_sizes import checks_device_sizes
 from .config import Algorithm, GroupedGemmConfig, compute_type_for
 from .plan import (
@@ -391,14 +391,17 @@ class GroupedGemmExecutor:
                     algorithm = gmm_algorithm(self, info, plan, ops, a_v.dtype, res, sizes_dev)
                 entry.algorithm = self.fallback(algorithm, device_id)
                 entry.zero_groups = plan.trans_a and len(plan.active) < plan.num_experts
-                entry.prepared = self._prepare(entry, a_v.ptr, b_v.ptr, out_v.ptr, sizes_dev)
+                entry.prepared = self._prepare(entry, res, a_v.ptr, b_v.ptr, out_v.ptr, sizes_dev)
             _cache.store(key, entry)
             return self._launch(entry, res, a_v.ptr, b_v.ptr, out, sizes_dev)
 
-    def _prepare(self, entry: _cache.CachedCall, a_ptr: int, b_ptr: int, out_ptr: int, sizes_dev):
+    def _prepare(self, entry: _cache.CachedCall, res, a_ptr: int, b_ptr: int, out_ptr: int, sizes_dev):
         """The back end's prepared call for ``entry``, where one exists: CUBLAS_GROUPED
         with aligned operands, on host sizes or on int32 device sizes (what
-        :meth:`run` would do the same way)."""
+        :meth:`run` would do the same way); SM90_GROUPED on host sizes."""
+        if entry.algorithm is Algorithm.SM90_GROUPED and sizes_dev is None:
+            sm = self.info_for(entry.device_id).sm
+            return PreparedHostSizes.for_call(res, entry.plan, entry.dtype, sm, (a_ptr, b_ptr, out_ptr))
         if (
             entry.algorithm is not Algorithm.CUBLAS_GROUPED
             or not self.config.use_tensor_cores

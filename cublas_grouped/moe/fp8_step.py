@@ -131,20 +131,25 @@ def cached_fp8_rows(res, shape: LayerShape, rows: int) -> FP8Rows:
     return cached
 
 
-def _gemm(res, shape, buf, w, a, a8, out, n: int, k: int, *, scanned: bool) -> None:
-    """One expert GEMM over ``a``'s rows into ``out`` on the device counts:
-    FP8 weights quantize ``a`` into ``a8`` (codes, scales) and run the FP8
-    kernel; 16-bit ones run the 16-bit kernel."""
+def _gemm(res, shape, buf, w, a, a8, out, n: int, k: int, *, counter: int) -> None:
+    """One expert GEMM over ``a``'s rows into ``out`` on the device counts
+    (the schedule :func:`.kernel_step.place_rows` made, taking its tiles from
+    tile counter ``counter``): FP8 weights quantize ``a`` into ``a8`` (codes,
+    scales) and run the FP8 kernel; 16-bit ones run the 16-bit kernel."""
     pairs = a.shape[0]
     if is_fp8(w):
         a_q, a_s = a8[0][:pairs], a8[1][:pairs]
         quantize_rows_fp8(a, out=(a_q, a_s), stream=res.stream)
         ptrs = (a_q.data.ptr, a_s.data.ptr, out.data.ptr)
-        hopper_fp8.grouped_rows_fp8(res, w, pairs, ptrs, buf.counts, scanned=scanned, storage=buf.schedule)
+        hopper_fp8.grouped_rows_fp8(
+            res, w, pairs, ptrs, buf.counts, scanned=True, storage=buf.schedule, counter=counter
+        )
     else:
         problem = (shape.num_experts, pairs, n, k, shape.trans_b, shape.dtype)
         ptrs = (a.data.ptr, w.data.ptr, out.data.ptr)
-        hopper.grouped_rows(res, problem, ptrs, buf.counts, scanned=scanned, storage=buf.schedule)
+        hopper.grouped_rows(
+            res, problem, ptrs, buf.counts, scanned=True, storage=buf.schedule, counter=counter
+        )
 
 
 def fp8_kernel_step(
@@ -175,16 +180,16 @@ def fp8_kernel_step(
     x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
     # A 16-bit w1 packed in gate/up blocks runs the plain 16-bit kernel here and
     # the activation kernel reads the blocks (FP8 w1 is never packed: layer_shape).
-    # GEMM 1 reuses the schedule place_rows made (scanned): its tile counter is still zero.
-    _gemm(res, shape, buf, w1, x_rows, (rows8.x_q, rows8.x_s), h, shape.width, shape.hidden, scanned=True)
+    # Both GEMMs reuse the schedule place_rows made: GEMM 1 takes its tiles from
+    # tile counter 0, GEMM 2 from counter 1 (both zeroed by that offsets launch).
+    _gemm(res, shape, buf, w1, x_rows, (rows8.x_q, rows8.x_s), h, shape.width, shape.hidden, counter=0)
     mark_stage(timer, "gemm1", res.cupy_stream)
     K.expert_activation(
         stream, arch, h, shape.inter, int(shape.gated), K.ACTIVATIONS[shape.activation], b1,
         row_to_pair, ids, act, shape.gate_up_block,
     )  # fmt: skip
     mark_stage(timer, "activation", res.cupy_stream)
-    # Not scanned: GEMM 1 used up the tile counter, which the offsets kernel zeroes.
-    _gemm(res, shape, buf, w2, act, (rows8.act_q, rows8.act_s), y, shape.hidden, shape.inter, scanned=False)
+    _gemm(res, shape, buf, w2, act, (rows8.act_q, rows8.act_s), y, shape.hidden, shape.inter, counter=1)
     mark_stage(timer, "gemm2", res.cupy_stream)
     K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
     mark_stage(timer, "combine", res.cupy_stream)

@@ -102,24 +102,29 @@ def _address(w, name: str) -> int:
 def count_rows(res, arch, buf: ChunkBuffers, ids, e: int, pairs: int, rows: int | None = None):
     """Rows per expert into ``buf.counts`` (repeats within a token counted once),
     and ``row_to_pair[:rows]`` (default T*k) reset to -1, every byte 0xFF, so
-    rows no pair takes read as padding. Returns the views the placement uses:
-    (block counts, pair_to_row, row_to_pair)."""
-    import cupy
-
+    rows no pair takes read as padding (by the histogram kernel: no memset
+    launch). Returns the views the placement uses: (block counts, pair_to_row,
+    row_to_pair)."""
     rows = pairs if rows is None else rows
     nb = K.num_pair_blocks(pairs)
     block_counts = buf.block_counts[:nb]
     row_to_pair = buf.row_to_pair[:rows]
-    cupy.cuda.runtime.memsetAsync(row_to_pair.data.ptr, 0xFF, row_to_pair.nbytes, res.stream)
-    K.block_histogram(res.launch_stream, arch, ids, pairs, e, block_counts, skip_repeats=True)
-    K.column_scan(res.launch_stream, arch, block_counts, nb, e, buf.counts)
+    # One block of pairs (decode): the histogram writes the column scan's results itself.
+    totals = buf.counts if nb == 1 else None
+    stream = res.launch_stream
+    K.block_histogram(
+        stream, arch, ids, pairs, e, block_counts, skip_repeats=True, reset=row_to_pair, counts=totals
+    )
+    if nb > 1:
+        K.column_scan(stream, arch, block_counts, nb, e, buf.counts)
     return block_counts, buf.pair_to_row[:pairs], row_to_pair
 
 
 def place_rows(res, shape: LayerShape, buf: ChunkBuffers, x, ids, dropped, timer=None):
     """The kernel step's first stages on ``res``'s stream: the counts, the
-    kernel's offsets (its schedule in ``buf.schedule``, the tile counter
-    zeroed, so GEMM 1 may pass ``scanned=True``), each pair's row, and the
+    kernel's offsets (its schedule in ``buf.schedule``, both tile counters
+    zeroed, so GEMM 1 (counter 0) and GEMM 2 (counter 1) pass
+    ``scanned=True``), each pair's row, and the
     gathered rows in ``buf.rows[:T*k]`` (zeros where no pair was placed).
     Returns (pair_to_row, row_to_pair). Shared by the 16-bit and FP8 steps."""
     arch, stream = kernel_arch(res), res.launch_stream
@@ -128,7 +133,7 @@ def place_rows(res, shape: LayerShape, buf: ChunkBuffers, x, ids, dropped, timer
     block_counts, pair_to_row, row_to_pair = count_rows(res, arch, buf, ids, e, pairs)
     # The kernel's own offsets kernel gives the contiguous row offsets that
     # assign_rows places pairs by; GEMM 1 then reuses its schedule.
-    offsets = hopper.schedule_offsets(res, buf.counts, e, storage=buf.schedule)
+    offsets = hopper.schedule_offsets(res, buf.counts, e, pairs, storage=buf.schedule)
     K.assign_rows(
         stream,
         arch,
@@ -213,8 +218,9 @@ def kernel_step(
     mark_stage(timer, "activation", res.cupy_stream)  # none when fused: 0 ms
     gemm2 = (e, pairs, shape.hidden, shape.inter, shape.trans_b, shape.dtype)
     ptrs2 = (act.data.ptr, w2.data.ptr, y.data.ptr)
-    # Not scanned: GEMM 1 used up the tile counter, which the offsets kernel zeroes.
-    hopper.grouped_rows(res, gemm2, ptrs2, buf.counts, storage=buf.schedule)
+    # Scanned too: GEMM 1 used up tile counter 0; counter 1, zeroed by the same
+    # offsets launch, is GEMM 2's.
+    hopper.grouped_rows(res, gemm2, ptrs2, buf.counts, scanned=True, storage=buf.schedule, counter=1)
     mark_stage(timer, "gemm2", res.cupy_stream)
     K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
     mark_stage(timer, "combine", res.cupy_stream)
@@ -225,27 +231,23 @@ class StepLaunches:
     packed once: calling it queues the step for new inputs (x, ids, weights,
     out, dropped given by address) at the cost of one driver call per launch."""
 
-    def __init__(self, memset, launches, gemm_outs):
-        self.memset = memset  # (address, bytes): row_to_pair, reset to -1
+    def __init__(self, launches, gemm_outs):
         self.histogram, self.column_scan, self.scan, self.assign, self.gather = launches[:5]
         self.gemm1, self.activation, self.gemm2, self.combine = launches[5:]
         self.gemm1_out, self.gemm2_out = gemm_outs
 
     def __call__(self, stream: int, x: int, ids: int, weights: int, out: int, dropped: int) -> None:
         """Queue the step on the raw stream handle ``stream``."""
-        import cupy
-
-        cupy.cuda.runtime.memsetAsync(self.memset[0], 0xFF, self.memset[1], stream)
-        self.histogram(stream, ids)
-        self.column_scan(stream)
+        self.histogram(stream, ids)  # also resets row_to_pair to -1
+        if self.column_scan is not None:  # one block of pairs: the histogram did its work
+            self.column_scan(stream)
         self.scan(stream)
         self.assign(stream, ids, dropped)
         self.gather(stream, x)
         self.gemm1(stream, self.gemm1_out)
         if self.activation is not None:
             self.activation(stream, ids)
-        self.scan(stream)  # GEMM 1 used up the tile counter, which the offsets kernel zeroes
-        self.gemm2(stream, self.gemm2_out)
+        self.gemm2(stream, self.gemm2_out)  # tile counter 1: no second offsets launch
         self.combine(stream, weights, ids, out)
 
 
@@ -270,12 +272,15 @@ def step_launches(
     x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
     prep = K.Prepare()
     prep.slots = (0,)  # ids
-    histogram = K.block_histogram(prep, arch, ids, pairs, e, block_counts, skip_repeats=True)
+    totals = buf.counts if nb == 1 else None  # as count_rows: no column scan for one block
+    histogram = K.block_histogram(
+        prep, arch, ids, pairs, e, block_counts, skip_repeats=True, reset=row_to_pair, counts=totals
+    )
     prep.slots = ()
-    column_scan = K.column_scan(prep, arch, block_counts, nb, e, buf.counts)
+    column_scan = K.column_scan(prep, arch, block_counts, nb, e, buf.counts) if nb > 1 else None
     base = buf.schedule.data.ptr
-    scan_args = (buf.counts.data.ptr, e, 0, *hopper.schedule_addresses(base, e))
-    scan = prep.fixed(hopper.offsets_kernel(), 1, hopper.TILE_THREADS, "qiiqqqq", scan_args)
+    scan_args = hopper.offsets_args(buf.counts.data.ptr, e, pairs, 0, base)
+    scan = prep.fixed(hopper.offsets_kernel(), 1, hopper.TILE_THREADS, hopper.OFFSETS_SIGNATURE, scan_args)
     offsets = buf.schedule[: e + 1]  # row_offsets: the first of the schedule's arrays
     prep.slots = (0, 10)  # ids, dropped
     assign = K.assign_rows(
@@ -320,8 +325,10 @@ def step_launches(
             act,
         )
     gemm2 = (e, pairs, shape.hidden, shape.inter, shape.trans_b, shape.dtype)
-    second = hopper.prepared_gemm(res.device_id, gemm2, (act.data.ptr, w2.data.ptr), base, tile_bound)
+    second = hopper.prepared_gemm(
+        res.device_id, gemm2, (act.data.ptr, w2.data.ptr), base, tile_bound, counter=1
+    )
     prep.slots = (3, 4, 8)  # weights, ids, out
     combine = K.combine_rows(prep, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
     launches = (histogram, column_scan, scan, assign, gather, first, activation, second, combine)
-    return StepLaunches((row_to_pair.data.ptr, row_to_pair.nbytes), launches, (first_out, y.data.ptr))
+    return StepLaunches(launches, (first_out, y.data.ptr))

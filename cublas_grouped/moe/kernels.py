@@ -74,7 +74,7 @@ def _ptr(array) -> int:
 # ints, packed without a NumPy scalar per argument (runtime/launch.py).
 _ROUTE_TOPK = "qiiiiiqq"
 _PAIRS = "qiiii"  # the arguments both pair kernels start with (see _pair_args)
-_HISTOGRAM = _PAIRS + "q"
+_HISTOGRAM = _PAIRS + "qqiq"
 _COLUMN_SCAN = "qiiq"
 _ASSIGN_ROWS = _PAIRS + "qqiqqq"
 _GATHER_ROWS = "qiqiiq"
@@ -142,10 +142,19 @@ def _pair_args(ids, num_pairs, num_experts, skip_repeats) -> tuple:
     return (ids.data.ptr, int(num_pairs), ids.shape[1], int(num_experts), flags)
 
 
-def block_histogram(stream, arch, ids, num_pairs, num_experts, block_counts, *, skip_repeats=False) -> None:
-    """dispatch.cu ``expert_block_histogram``: each expert's pairs in each block of pairs."""
+def block_histogram(
+    stream, arch, ids, num_pairs, num_experts, block_counts, *, skip_repeats=False, reset=None, counts=None
+) -> None:
+    """dispatch.cu ``expert_block_histogram``: each expert's pairs in each block of
+    pairs; every entry of ``reset`` (an int32 array, e.g. a row_to_pair) set to -1.
+    ``counts`` (only where :func:`num_pair_blocks` is 1): the column scan's
+    results written too, so :func:`column_scan` is not to be launched."""
     kernel = _kernel("dispatch", "expert_block_histogram", arch)
-    args = (*_pair_args(ids, num_pairs, num_experts, skip_repeats), block_counts.data.ptr)
+    resets = (0, 0) if reset is None else (reset.data.ptr, reset.size)
+    if counts is not None and num_pair_blocks(num_pairs) != 1:
+        raise ValueError(f"counts from the histogram needs one block of pairs; {num_pairs} pairs take more")
+    totals = 0 if counts is None else counts.data.ptr
+    args = (*_pair_args(ids, num_pairs, num_experts, skip_repeats), block_counts.data.ptr, *resets, totals)
     if type(stream) is Prepare:
         return stream.fixed(kernel, num_pair_blocks(num_pairs), DISPATCH_THREADS, _HISTOGRAM, args)
     _kernels.launch_signed(stream, kernel, num_pair_blocks(num_pairs), DISPATCH_THREADS, _HISTOGRAM, args)

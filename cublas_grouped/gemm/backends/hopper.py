@@ -31,7 +31,17 @@ from ...runtime.arrays import BFLOAT16
 from ..plan import GemmPlan, Operands
 from ..plan import misaligned as _misaligned
 from ..pointers import device_sizes
-from .hopper_sizes import clamped_sizes
+from .hopper_schedule import (
+    OFFSETS_SIGNATURE,
+    STREAM_SCHEDULE_GROUPS,
+    TILE_COUNTERS,
+    offsets_args,
+    schedule_addresses,
+    schedule_base,
+    schedule_buffers,
+    schedule_ints,
+)
+from .hopper_sizes import READ_DTYPES
 from .tma import MAP_CACHE_SIZE, tensor_map
 
 __all__ = [
@@ -67,6 +77,10 @@ __all__ = [
     "schedule_addresses",
     "schedule_base",
     "offsets_kernel",
+    "offsets_args",
+    "OFFSETS_KERNELS",
+    "OFFSETS_SIGNATURE",
+    "TILE_COUNTERS",
     "prepared_gemm",
     "PREPARED_LAUNCHES",
     "STREAM_SCHEDULE_GROUPS",
@@ -224,14 +238,22 @@ def _sm_count(device_id: int) -> int:
     return count
 
 
-def tile_schedule(sizes: np.ndarray, block_m: int = BLOCK_M, capacity: int = 0) -> np.ndarray:
+def tile_schedule(
+    sizes: np.ndarray, block_m: int = BLOCK_M, capacity: int = 0, total_rows: int | None = None
+) -> np.ndarray:
     """The kernel's tile schedule, on the host: one row (group, first row, rows)
     per tile, in tile order (the CTA ``blockIdx.x`` of each), for tests.
 
     Negative sizes count as 0, as on the device. ``capacity`` > 0: the masked
     layout (group g's rows start at g * capacity; sizes past it are cut to it).
+    ``total_rows`` (contiguous layout): M, where the offsets kernel cuts the
+    sizes' running sum (None: sizes already within it).
     """
     sizes = np.maximum(np.asarray(sizes, dtype=np.int64), 0)
+    if capacity <= 0 and total_rows is not None:
+        cap = max(int(total_rows), 0)
+        ends = np.cumsum(np.minimum(sizes, cap))
+        sizes = np.minimum(ends, cap) - np.minimum(ends - np.minimum(sizes, cap), cap)
     if capacity > 0:
         sizes = np.minimum(sizes, capacity)
         starts = np.arange(len(sizes), dtype=np.int64) * capacity
@@ -268,90 +290,47 @@ def _allow_shared_memory(kernel, device_id: int, nbytes: int = SHARED_BYTES) -> 
     _shared_set.add(key)
 
 
-# Groups the stream's schedule buffer holds from its first use (the MoE
-# layer's limit on experts): see schedule_buffers.
-STREAM_SCHEDULE_GROUPS = 1024
+_scan_kernels: dict = {}  # (SOURCE, sizes' dtype) -> the offsets kernel (DEFINES are constants)
+# The offsets kernel's entry point per sizes' dtype it reads in place (others are cast to int64 first).
+OFFSETS_KERNELS = {np.dtype(np.int32): "grouped_tile_offsets", np.dtype(np.int64): "grouped_tile_offsets_i64"}
 
 
-def schedule_ints(num_groups: int) -> int:
-    """int32 entries of :func:`schedule_buffers` for ``num_groups`` groups."""
-    return 3 * int(num_groups) + 3
-
-
-def schedule_buffers(res, num_groups: int, storage=None):
-    """(row_offsets [E + 1], row_ends [E], tile_offsets [E + 1], tile_counter [1]):
-    int32 views of ``res``'s stream buffer that the offsets kernel fills and
-    the GEMM reads (the kernel source's header says what each holds).
-    After a launch the counter holds the number of tiles the GEMM took after
-    each CTA's first (one atomic per tile loaded), which equals the launch's
-    tile count when no tile was taken twice.
-
-    ``storage``: an int32 device array of at least :func:`schedule_ints`
-    entries to use instead of the stream's buffer: a caller whose launches
-    are captured in CUDA graphs beside other layers' keeps its own, since the
-    stream's buffer moves when a call with more groups grows it."""
-    import cupy
-
-    e = int(num_groups)
-    if storage is not None:
-        offsets = storage
-    else:
-        # Sized for at least STREAM_SCHEDULE_GROUPS groups from the first call
-        # (12 KiB): a graph captured on this stream keeps the buffer's address,
-        # and a later call with more groups would move it. Up to that many
-        # groups, it never moves.
-        nbytes = 4 * schedule_ints(max(e, STREAM_SCHEDULE_GROUPS))
-        offsets = res.buffer("sm90-offsets", nbytes).view(cupy.int32)
-    return (
-        offsets[: e + 1],
-        offsets[e + 1 : 2 * e + 1],
-        offsets[2 * e + 1 : 3 * e + 2],
-        offsets[3 * e + 2 : 3 * e + 3],
-    )
-
-
-def schedule_base(res, e: int, storage=None) -> int:
-    """The device address of :func:`schedule_buffers`' ints (no views built;
-    ``storage`` as there)."""
-    if storage is not None:
-        return storage.data.ptr
-    nbytes = 4 * schedule_ints(max(e, STREAM_SCHEDULE_GROUPS))
-    buf = res.buffers.get("sm90-offsets")
-    return (buf if buf is not None and buf.nbytes >= nbytes else res.buffer("sm90-offsets", nbytes)).data.ptr
-
-
-_scan_kernels: dict = {}  # SOURCE -> the offsets kernel (DEFINES are constants: get_kernel's key is built once)
-
-
-def offsets_kernel():
-    """The offsets kernel ``grouped_tile_offsets`` of :data:`SOURCE` (found once)."""
-    scan = _scan_kernels.get(SOURCE)
+def offsets_kernel(dtype=np.int32):
+    """The offsets kernel of :data:`SOURCE` reading sizes of ``dtype`` (int32:
+    ``grouped_tile_offsets``, int64: ``grouped_tile_offsets_i64``; found once)."""
+    scan = _scan_kernels.get((SOURCE, dtype))
     if scan is None:
-        scan = _scan_kernels[SOURCE] = _kernels.get_kernel(
-            SOURCE, "grouped_tile_offsets", ARCH, defines=DEFINES
-        )
+        name = OFFSETS_KERNELS[np.dtype(dtype)]
+        scan = _scan_kernels[(SOURCE, dtype)] = _kernels.get_kernel(SOURCE, name, ARCH, defines=DEFINES)
     return scan
 
 
-def schedule_addresses(base: int, e: int) -> tuple[int, int, int, int]:
-    """Device addresses of :func:`schedule_buffers`' four arrays in the ints at ``base``."""
-    return (base, base + 4 * (e + 1), base + 4 * (2 * e + 1), base + 4 * (3 * e + 2))
-
-
-def _scan(res, sizes_ptr: int, e: int, capacity: int, base: int) -> None:
+def _scan(res, sizes_ptr: int, e: int, total_rows: int, capacity: int, base: int, dtype=np.int32) -> None:
     """The offsets kernel on ``res``'s stream into the schedule ints at ``base``."""
-    args = (sizes_ptr, e, capacity, *schedule_addresses(base, e))
-    _kernels.launch_signed(res.stream, offsets_kernel(), 1, TILE_THREADS, "qiiqqqq", args)
+    args = offsets_args(sizes_ptr, e, total_rows, capacity, base)
+    _kernels.launch_signed(res.stream, offsets_kernel(dtype), 1, TILE_THREADS, OFFSETS_SIGNATURE, args)
 
 
-def schedule_offsets(res, sizes, e: int, capacity: int = 0, *, storage=None):
-    """Run the offsets kernel on ``res``'s stream for ``sizes`` (int32 [E] on the
-    device): fills :func:`schedule_buffers` and zeroes the tile counter.
-    ``capacity`` 0: grouped-contiguous rows; > 0: the masked layout. Returns
-    the row_offsets view [E + 1] (contiguous: the exclusive prefix of the
-    sizes, then their total), which callers placing rows may use.
+def _readable(sizes):
+    """``sizes`` (a CuPy integer array) as the offsets kernel reads it: int32
+    and int64 as they are, other integer dtypes cast to int64 (a cast kernel)."""
+    return sizes if sizes.dtype in READ_DTYPES else sizes.astype(np.int64)
+
+
+def schedule_offsets(res, sizes, e: int, total_rows: int, capacity: int = 0, *, storage=None):
+    """Run the offsets kernel on ``res``'s stream for ``sizes`` (an integer
+    [E] array on the device; int32 and int64 read in place): fills
+    :func:`schedule_buffers` and zeroes both tile counters.
+    ``capacity`` 0: grouped-contiguous rows over ``total_rows`` (M) rows,
+    sizes made safe on the device (negative ones count as 0, cut where their
+    sum reaches M; valid sizes unchanged); > 0: the masked layout (each size
+    cut to the capacity; ``total_rows`` not read). Returns the row_offsets
+    view [E + 1] (contiguous: the exclusive prefix of the sizes, then their
+    total), which callers placing rows may use.
     ``storage``: as in :func:`schedule_buffers`."""
-    _scan(res, sizes.data.ptr, int(e), int(capacity), schedule_base(res, int(e), storage))
+    sizes = _readable(sizes)
+    e = int(e)
+    _scan(res, sizes.data.ptr, e, int(total_rows), int(capacity), schedule_base(res, e, storage), sizes.dtype)
     return schedule_buffers(res, e, storage)[0]
 
 
@@ -383,28 +362,47 @@ _local = threading.local()
 
 
 def _launch(
-    res, sizes, problem, ptrs, *, capacity, tile_bound, scanned=False, storage=None, epilogue=None
+    res, sizes, problem, ptrs, *, capacity, tile_bound, scanned=False, storage=None, epilogue=None, counter=0
 ) -> None:
     """The offsets kernel (unless ``scanned``: :func:`schedule_offsets` ran
-    last on this stream with these sizes), then the GEMM, on ``res``'s stream.
+    on this stream with these sizes, and no GEMM since used tile counter
+    ``counter``), then the GEMM taking its tiles from that counter, on ``res``'s stream.
     ``problem``: (E, M, N, K, trans_b, dtype); ``ptrs``: (a, b, out) addresses.
     ``capacity`` 0: grouped-contiguous rows; > 0: the masked layout of
     ``capacity`` rows per group. ``tile_bound``: the most row tiles any sizes
     can need (the grid, and so a captured launch, depends on it and not on
     the sizes). ``epilogue``: a :class:`GatedEpilogue` (``out`` is then
-    [M, N / 2]), or None for the plain product."""
+    [M, N / 2]), or None for the plain product. ``sizes``: an integer CuPy
+    array, or the address of int32 sizes."""
     e = problem[0]
     base = schedule_base(res, e, storage)
     if not scanned:
-        _scan(res, sizes if type(sizes) is int else sizes.data.ptr, e, capacity, base)
-    prepared_gemm(res.device_id, problem, ptrs, base, tile_bound, epilogue)(res.stream, ptrs[2])
+        if type(sizes) is int:
+            _scan(res, sizes, e, problem[1], capacity, base)
+        else:
+            sizes = _readable(sizes)
+            _scan(res, sizes.data.ptr, e, problem[1], capacity, base, sizes.dtype)
+    prepared_gemm(res.device_id, problem, ptrs, base, tile_bound, epilogue, counter)(res.stream, ptrs[2])
 
 
-def prepared_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue=None):
+def prepared_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue=None, counter: int = 0):
     """The GEMM of :func:`_launch` as a :class:`~cublas_grouped.runtime.launch.FixedLaunch`
     (call it with the stream and the output address), kept per thread by
-    everything else it holds: ``base`` is the address of the schedule ints."""
-    key = (device_id, problem, ptrs[0], ptrs[1], base, tile_bound, epilogue, SOURCE, SCHEDULE, GRID_LIMIT)
+    everything else it holds: ``base`` is the address of the schedule ints,
+    ``counter`` which of its tile counters (0 or 1) the GEMM takes tiles from."""
+    key = (
+        device_id,
+        problem,
+        ptrs[0],
+        ptrs[1],
+        base,
+        tile_bound,
+        epilogue,
+        counter,
+        SOURCE,
+        SCHEDULE,
+        GRID_LIMIT,
+    )
     prepared = getattr(_local, "gemms", None)
     if prepared is None:
         prepared = _local.gemms = {}
@@ -412,11 +410,11 @@ def prepared_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epi
     if gemm is None:
         if len(prepared) >= PREPARED_LAUNCHES:
             prepared.clear()
-        gemm = prepared[key] = _prepare_gemm(device_id, problem, ptrs, base, tile_bound, epilogue)
+        gemm = prepared[key] = _prepare_gemm(device_id, problem, ptrs, base, tile_bound, epilogue, counter)
     return gemm
 
 
-def _prepare_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue):
+def _prepare_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue, counter: int):
     """The GEMM's :class:`FixedLaunch` (the output address its one slot)."""
     e, m, n, k, trans_b, dtype = problem
     dtype = np.dtype(dtype)
@@ -434,7 +432,7 @@ def _prepare_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epi
         tmap_a,
         tmap_a_rows,
         tmap_b,
-        *map(np.intp, schedule_addresses(base, e)),
+        *map(np.intp, schedule_addresses(base, e, counter)),
         *map(np.int32, (e, m, n, k)),
         np.intp(0),  # the output: written by each launch (slot 11)
         np.intp(epilogue.bias if epilogue is not None else 0),
@@ -448,33 +446,36 @@ def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=N
     """SM90_GROUPED: ``plan`` on ``res``'s stream (grouped-contiguous rows,
     ``[E, K, N]`` weights, or ``[E, N, K]`` with ``plan.trans_b``); group sizes
     from ``sizes_dev`` (an integer array on the device, unchecked: made safe
-    on the device by :func:`.hopper_sizes.clamped_sizes`) when given, else
-    the plan's host sizes, uploaded. No host synchronization.
+    on the device by the offsets kernel, ``backends/hopper_sizes.py``) when
+    given, else the plan's host sizes, uploaded. No host synchronization.
 
     The caller checked :func:`unsupported`, and that M, N and K are not zero.
     """
     problem = (plan.num_experts, plan.total_rows, plan.n, plan.k, plan.trans_b, dtype)
-    if sizes_dev is None:
-        sizes = device_sizes(plan, res)
-    else:
-        sizes = clamped_sizes(res, sizes_dev, plan.num_experts, plan.total_rows, ARCH)
+    sizes = device_sizes(plan, res) if sizes_dev is None else sizes_dev
     grouped_rows(res, problem, (ops.a, ops.b, ops.c), sizes)
 
 
-def grouped_rows(res, problem, ptrs, sizes_dev, *, scanned=False, storage=None, epilogue=None) -> None:
+def grouped_rows(
+    res, problem, ptrs, sizes_dev, *, scanned=False, storage=None, epilogue=None, counter=0
+) -> None:
     """Grouped-contiguous rows given by addresses: ``problem`` (E, M, N, K,
     trans_b, dtype), ``ptrs`` (a [M, K], b, out [M, N], C-contiguous),
-    ``sizes_dev`` int32 [E] on the device (or its address) summing to at most M
-    (rows past their sum are neither computed as tiles of their own nor written).
-    ``scanned``: :func:`schedule_offsets` already ran last on this stream with
-    these sizes; ``storage``: as in :func:`schedule_buffers`. No host sync.
+    ``sizes_dev`` an integer [E] array on the device (or the address of int32
+    sizes): the offsets kernel counts negative sizes as 0 and cuts them where
+    their sum reaches M (rows past their sum are neither computed as tiles of
+    their own nor written).
+    ``scanned``: :func:`schedule_offsets` already ran on this stream with
+    these sizes and ``storage``, and no GEMM since took tiles from counter
+    ``counter`` (0 or 1: a layer's GEMM 1 takes 0, its GEMM 2 then 1, with
+    one offsets launch for both); ``storage``: as in :func:`schedule_buffers`. No host sync.
     The grid covers any sizes summing to M (:func:`max_tiles`), so it does not
     depend on the sizes: a captured graph replays with new ones. The caller
     checked what :func:`masked_fixed_capacity` lists. ``epilogue``: as in
     :func:`_launch` (N a multiple of 2 * :data:`GATE_UP_BLOCK`).
     """
     tile_bound = max_tiles(problem[1], problem[0])
-    kw = {"scanned": scanned, "storage": storage, "epilogue": epilogue}
+    kw = {"scanned": scanned, "storage": storage, "epilogue": epilogue, "counter": counter}
     _launch(res, sizes_dev, problem, ptrs, capacity=0, tile_bound=tile_bound, **kw)
 
 

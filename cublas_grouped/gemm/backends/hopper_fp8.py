@@ -225,37 +225,42 @@ def grouped_fp8(a_q, a_scales, weights, group_sizes, *, out=None, stream=None):
         if host_sizes is not None:
             sizes = res.upload("sizes", host_sizes.astype(np.int32))
         else:
-            sizes = as_cupy(group_sizes, "group_sizes")
-            sizes = sizes if sizes.dtype == cupy.int32 else sizes.astype(cupy.int32)
+            sizes = as_cupy(group_sizes, "group_sizes")  # int32 and int64 read in place by the offsets kernel
         scales_ptr = as_cupy(a_scales, "a_scales").data.ptr
         _launch(res, weights, m, (a.ptr, scales_ptr, o.data.ptr), sizes)
     return out
 
 
-def grouped_rows_fp8(res, weights, m: int, ptrs, sizes_dev, *, scanned: bool = False, storage=None) -> None:
+def grouped_rows_fp8(
+    res, weights, m: int, ptrs, sizes_dev, *, scanned: bool = False, storage=None, counter: int = 0
+) -> None:
     """The FP8 GEMM on checked operands, on ``res``'s stream, for callers that
     own every buffer (the fixed-capacity layer's FP8 step): ``ptrs`` = the
     addresses of (e4m3 rows uint8 [m, K], their scales float32 [m, ceil(K/128)],
-    out bfloat16 [m, N]); ``sizes_dev``: int32 [E] group sizes on the device.
-    ``scanned``: :func:`hopper.schedule_offsets` ran last on this stream with
-    these sizes and ``storage`` (its tile counter still zero), so the offsets
-    kernel is not run again; ``storage``: as in :func:`hopper.schedule_buffers`.
+    out bfloat16 [m, N]); ``sizes_dev``: integer [E] group sizes on the device.
+    ``scanned``: :func:`hopper.schedule_offsets` ran on this stream with
+    these sizes and ``storage``, and no GEMM since took tiles from tile
+    counter ``counter`` (0 or 1), so the offsets kernel is not run again;
+    ``storage``: as in :func:`hopper.schedule_buffers`.
     Allocates nothing and reads nothing on the host: a CUDA graph can capture
     it. The caller checked :func:`unsupported` and :func:`misaligned`, and that
     m, N and K are not zero."""
-    _launch(res, weights, m, ptrs, sizes_dev, scanned=scanned, storage=storage)
+    _launch(res, weights, m, ptrs, sizes_dev, scanned=scanned, storage=storage, counter=counter)
 
 
-def _launch(res, weights, m: int, ptrs, sizes, *, scanned: bool = False, storage=None) -> None:
-    """The offsets kernel (grouped-contiguous rows; not when ``scanned``), then
-    the FP8 GEMM, on ``res``'s stream. ``ptrs``: (a_q, a_scales, out) addresses."""
+def _launch(
+    res, weights, m: int, ptrs, sizes, *, scanned: bool = False, storage=None, counter: int = 0
+) -> None:
+    """The offsets kernel (grouped-contiguous rows over ``m``; not when
+    ``scanned``), then the FP8 GEMM taking its tiles from tile counter
+    ``counter``, on ``res``'s stream. ``ptrs``: (a_q, a_scales, out) addresses."""
     e, n, k = weights.shape
     a_ptr, scales_ptr, out_ptr = ptrs
     values = as_cupy(weights.values, "weights.values")
     if not scanned:
-        hopper.schedule_offsets(res, sizes, e, 0, storage=storage)
-    # row_offsets, row_ends, tile_offsets, tile_counter
-    schedule = hopper.schedule_buffers(res, e, storage)
+        hopper.schedule_offsets(res, sizes, e, m, 0, storage=storage)
+    # row_offsets, row_ends, tile_offsets, tile counter `counter`
+    schedule = hopper.schedule_addresses(hopper.schedule_base(res, e, storage), e, counter)
     stream = res.launch_stream
     gemm = _kernels.get_kernel(SOURCE, KERNEL, ARCH, defines=DEFINES)
     hopper._allow_shared_memory(gemm, res.device_id, SHARED_BYTES)
@@ -267,7 +272,7 @@ def _launch(res, weights, m: int, ptrs, sizes, *, scanned: bool = False, storage
         tmap_b,
         np.intp(scales_ptr),
         np.intp(scales_b.data.ptr),
-        *(np.intp(x.data.ptr) for x in schedule),
+        *map(np.intp, schedule),
         np.int32(e),
         np.int32(m),
         np.int32(n),
