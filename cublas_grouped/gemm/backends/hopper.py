@@ -21,7 +21,6 @@ shape. AUTO takes it where measured clearly faster than cuBLAS
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,6 +31,7 @@ from ..plan import GemmPlan, Operands
 from ..plan import misaligned as _misaligned
 from ..pointers import device_sizes
 from .hopper_sizes import clamped_sizes
+from .hopper_variants import GatedEpilogue, RowGather, variant_defines
 from .tma import MAP_CACHE_SIZE, tensor_map
 
 __all__ = [
@@ -71,6 +71,7 @@ __all__ = [
     "PREPARED_LAUNCHES",
     "STREAM_SCHEDULE_GROUPS",
     "GatedEpilogue",
+    "RowGather",
     "GATE_UP_BLOCK",
 ]
 
@@ -355,21 +356,6 @@ def schedule_offsets(res, sizes, e: int, capacity: int = 0, *, storage=None):
     return schedule_buffers(res, e, storage)[0]
 
 
-@dataclass(frozen=True)
-class GatedEpilogue:
-    """The first expert GEMM's activation in the kernel's epilogue (v9):
-    ``out = act(gate + bias) * (up + bias)`` from the fp32 accumulators, with
-    the weights' gate and up columns packed in blocks of :data:`GATE_UP_BLOCK`
-    (the kernel source's header). ``act``: the activation's code,
-    ``codes``: every code by define name (``ACT_SILU`` ...), which the kernel
-    is compiled with; ``bias``: the address of a ``[E, 2I]`` bias in the plain
-    order, or 0."""
-
-    act: int
-    codes: tuple[tuple[str, int], ...]
-    bias: int = 0
-
-
 # Columns of one gate (or up) block of packed first-GEMM weights: half a tile.
 GATE_UP_BLOCK = BLOCK_N // 2
 
@@ -383,7 +369,7 @@ _local = threading.local()
 
 
 def _launch(
-    res, sizes, problem, ptrs, *, capacity, tile_bound, scanned=False, storage=None, epilogue=None
+    res, sizes, problem, ptrs, *, capacity, tile_bound, scanned, storage, epilogue=None, gather=None
 ) -> None:
     """The offsets kernel (unless ``scanned``: :func:`schedule_offsets` ran
     last on this stream with these sizes), then the GEMM, on ``res``'s stream.
@@ -392,19 +378,25 @@ def _launch(
     ``capacity`` rows per group. ``tile_bound``: the most row tiles any sizes
     can need (the grid, and so a captured launch, depends on it and not on
     the sizes). ``epilogue``: a :class:`GatedEpilogue` (``out`` is then
-    [M, N / 2]), or None for the plain product."""
+    [M, N / 2]), or None for the plain product. ``gather``: a :class:`RowGather`
+    (``ptrs[0]`` is then x, [gather.rows, K]), or None."""
     e = problem[0]
     base = schedule_base(res, e, storage)
     if not scanned:
         _scan(res, sizes if type(sizes) is int else sizes.data.ptr, e, capacity, base)
-    prepared_gemm(res.device_id, problem, ptrs, base, tile_bound, epilogue)(res.stream, ptrs[2])
+    if gather is None:
+        prepared_gemm(res.device_id, problem, ptrs, base, tile_bound, epilogue)(res.stream, ptrs[2])
+    else:  # x is a slot of the launch, not a key
+        gemm = prepared_gemm(res.device_id, problem, (0, ptrs[1]), base, tile_bound, epilogue, gather)
+        gemm(res.stream, ptrs[2], ptrs[0])
 
 
-def prepared_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue=None):
+def prepared_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue=None, gather=None):
     """The GEMM of :func:`_launch` as a :class:`~cublas_grouped.runtime.launch.FixedLaunch`
-    (call it with the stream and the output address), kept per thread by
-    everything else it holds: ``base`` is the address of the schedule ints."""
-    key = (device_id, problem, ptrs[0], ptrs[1], base, tile_bound, epilogue, SOURCE, SCHEDULE, GRID_LIMIT)
+    (call it with the stream and the output address, and with a ``gather``
+    the address of x after it), kept per thread by everything else it holds:
+    ``base`` is the address of the schedule ints."""
+    key = (device_id, problem, *ptrs[:2], base, tile_bound, epilogue, gather, SOURCE, SCHEDULE, GRID_LIMIT)
     prepared = getattr(_local, "gemms", None)
     if prepared is None:
         prepared = _local.gemms = {}
@@ -412,24 +404,26 @@ def prepared_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epi
     if gemm is None:
         if len(prepared) >= PREPARED_LAUNCHES:
             prepared.clear()
-        gemm = prepared[key] = _prepare_gemm(device_id, problem, ptrs, base, tile_bound, epilogue)
+        gemm = prepared[key] = _prepare_gemm(device_id, problem, ptrs, base, tile_bound, epilogue, gather)
     return gemm
 
 
-def _prepare_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue):
-    """The GEMM's :class:`FixedLaunch` (the output address its one slot)."""
+def _prepare_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue, gather=None):
+    """The GEMM's :class:`FixedLaunch` (slots: the output address; with a
+    ``gather``, x's address after it)."""
     e, m, n, k, trans_b, dtype = problem
     dtype = np.dtype(dtype)
     name = f"grouped_gemm_{weights_layout(trans_b)}_{_SUFFIX[dtype.name]}"
-    defines = DEFINES
-    if epilogue is not None:
-        defines = {**DEFINES, **dict(epilogue.codes), "SM90_EPILOGUE_ACT": epilogue.act}
+    defines = variant_defines(DEFINES, epilogue, gather)
     gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=defines)
     _allow_shared_memory(gemm, device_id)
     element = BFLOAT16 if dtype == BFLOAT16 else dtype
-    tmap_a = tensor_map(ptrs[0], (m, k), (BLOCK_M, BLOCK_K), element, device_id)
-    tmap_a_rows = tensor_map(ptrs[0], (m, k), (defines["SM90_A_BOX_ROWS"], BLOCK_K), element, device_id)
     tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b), element, device_id)
+    if gather is None:
+        tmap_a = tensor_map(ptrs[0], (m, k), (BLOCK_M, BLOCK_K), element, device_id)
+        tmap_a_rows = tensor_map(ptrs[0], (m, k), (defines["SM90_A_BOX_ROWS"], BLOCK_K), element, device_id)
+    else:  # a is read by cp.async: its maps are not read (b's stands in)
+        tmap_a = tmap_a_rows = tmap_b
     args = (
         tmap_a,
         tmap_a_rows,
@@ -439,9 +433,12 @@ def _prepare_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epi
         np.intp(0),  # the output: written by each launch (slot 11)
         np.intp(epilogue.bias if epilogue is not None else 0),
     )
+    if gather is not None:  # x (slot 13: written by each launch), src, top_k, x's rows
+        args += (np.intp(0), np.intp(gather.src), np.int32(gather.top_k), np.int32(gather.rows))
     grid = grid_size(tile_bound * -(-n // BLOCK_N), _sm_count(device_id), limit=GRID_LIMIT)
     label = f"{name} (kernels/{SOURCE}.cu, {ARCH})"
-    return _fast.FixedLaunch(gemm, grid, THREADS, args, shmem=SHARED_BYTES, slots=(11,), label=label)
+    slots = (11,) if gather is None else (11, 13)
+    return _fast.FixedLaunch(gemm, grid, THREADS, args, shmem=SHARED_BYTES, slots=slots, label=label)
 
 
 def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=None) -> None:
@@ -461,7 +458,9 @@ def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=N
     grouped_rows(res, problem, (ops.a, ops.b, ops.c), sizes)
 
 
-def grouped_rows(res, problem, ptrs, sizes_dev, *, scanned=False, storage=None, epilogue=None) -> None:
+def grouped_rows(
+    res, problem, ptrs, sizes_dev, *, scanned=False, storage=None, epilogue=None, gather=None
+) -> None:
     """Grouped-contiguous rows given by addresses: ``problem`` (E, M, N, K,
     trans_b, dtype), ``ptrs`` (a [M, K], b, out [M, N], C-contiguous),
     ``sizes_dev`` int32 [E] on the device (or its address) summing to at most M
@@ -471,10 +470,14 @@ def grouped_rows(res, problem, ptrs, sizes_dev, *, scanned=False, storage=None, 
     The grid covers any sizes summing to M (:func:`max_tiles`), so it does not
     depend on the sizes: a captured graph replays with new ones. The caller
     checked what :func:`masked_fixed_capacity` lists. ``epilogue``: as in
-    :func:`_launch` (N a multiple of 2 * :data:`GATE_UP_BLOCK`).
+    :func:`_launch` (N a multiple of 2 * :data:`GATE_UP_BLOCK`). ``gather``: a
+    :class:`RowGather`: ``ptrs[0]`` is then x ``[gather.rows, K]`` (16-byte
+    aligned) and a's rows are read through ``gather.src`` (v11).
     """
+    if gather is not None and ptrs[0] % ALIGNMENT:
+        raise ValueError(f"gather: x must start at a multiple of {ALIGNMENT} bytes; got address {ptrs[0]:#x}")
     tile_bound = max_tiles(problem[1], problem[0])
-    kw = {"scanned": scanned, "storage": storage, "epilogue": epilogue}
+    kw = {"scanned": scanned, "storage": storage, "epilogue": epilogue, "gather": gather}
     _launch(res, sizes_dev, problem, ptrs, capacity=0, tile_bound=tile_bound, **kw)
 
 
@@ -491,4 +494,5 @@ def masked_fixed_capacity(res, problem, ptrs, counts_dev, capacity: int, *, stor
     :func:`misaligned`), that E, C, N and K are not zero and that E * C < 2**31.
     """
     tile_bound = problem[0] * -(-capacity // BLOCK_M)
-    _launch(res, counts_dev, problem, ptrs, capacity=capacity, tile_bound=tile_bound, storage=storage)
+    kw = {"scanned": False, "storage": storage}
+    _launch(res, counts_dev, problem, ptrs, capacity=capacity, tile_bound=tile_bound, **kw)
