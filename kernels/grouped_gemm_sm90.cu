@@ -56,7 +56,9 @@
 //
 //   grouped_gemm_{nt,nn}_{bf16,f16}(tmap_a, tmap_a_rows, tmap_b, row_offsets, row_ends,
 //                                   tile_offsets, tile_counter, num_groups,
-//                                   M, N, K, out, bias)
+//                                   M, N, K, out, bias
+//                                   [, gather_x, gather_src, gather_top_k,
+//                                   gather_x_rows: with SM90_GATHER_A only])
 //     bias: read only with SM90_EPILOGUE_ACT (null: none).
 //     With SM90_EPILOGUE_ACT (the first expert GEMM with its activation,
 //     gated): b holds [gate | up] packed in blocks of 128 columns, column
