@@ -35,6 +35,9 @@
 //   SM90_TILE_THREADS   threads of grouped_tile_offsets' one block
 //   SM90_EPILOGUE_ACT   optional: an activation code (ACT_SILU, ACT_GELU or
 //                       ACT_RELU, also defined) for the gated epilogue below
+//   SM90_GATHER_A       optional (v11): a's rows are read through an index
+//                       array instead of from a gathered copy (see "Gathered
+//                       a" below); the kernels take four more arguments
 //
 // Kernels:
 //
@@ -65,7 +68,9 @@
 //
 //   grouped_gemm_{nt,nn}_{bf16,f16}(tmap_a, tmap_a_rows, tmap_b, row_offsets, row_ends,
 //                                   tile_offsets, tile_counter, num_groups,
-//                                   M, N, K, out, bias)
+//                                   M, N, K, out, bias
+//                                   [, gather_x, gather_src, gather_top_k,
+//                                   gather_x_rows: with SM90_GATHER_A only])
 //     bias: read only with SM90_EPILOGUE_ACT (null: none).
 //     With SM90_EPILOGUE_ACT (the first expert GEMM with its activation,
 //     gated): b holds [gate | up] packed in blocks of 128 columns, column
@@ -121,6 +126,33 @@
 //     stored; no row at or past M is ever stored.
 //     Every output element is computed by one CTA in a fixed K order:
 //     bitwise deterministic.
+//
+// Gathered a (SM90_GATHER_A, v11: the first expert GEMM reading the tokens
+// themselves, so the MoE step writes no gathered copy of them). The GEMM
+// kernels take, after bias:
+//     gather_x [T, K] (the tokens), gather_src int32 [M], gather_top_k,
+//     gather_x_rows (T),
+//   and row r of the layout above is a[r] = gather_x[gather_src[r] / gather_top_k]
+//   (the MoE step passes its row_to_pair and k: the pair's token; top_k 1
+//   makes gather_src a plain row index), zeros where gather_src[r] < 0 or the
+//   token is >= gather_x_rows. gather_x must be 16-byte aligned (K % 8 == 0:
+//   so is every row). tmap_a and tmap_a_rows are not read (the launcher
+//   passes b's map there). b stays on TMA; a's stage is written by all 128
+//   threads of the load warpgroup with cp.async, 16 bytes each, in the layout
+//   the 128-byte-swizzled TMA box gives (swizzle_128b_offset in sm90.cuh), so
+//   the math warpgroups' descriptors are unchanged. Thread t copies chunk t % 8
+//   of rows t / 8 + 16 i (i = 0 .. 7): a warp writes 4 whole 128-byte rows
+//   per instruction. Only the rows the group holds are written (v10's rule:
+//   the others keep older data and are never stored); chunks past K and
+//   missing rows are written as zeros (src-size 0). Each thread then arrives
+//   on the stage's full barrier through cp.async.mbarrier.arrive.noinc (the
+//   arrival lands when its copies have), so full[s] counts 1 + 128 arrivals:
+//   the TMA thread's arrive.expect_tx of b's bytes and the 128 copiers'. The
+//   load warpgroup's thread 0 still takes the tiles from the counter; the
+//   other 127 read them from the mailboxes the math warpgroups read (which
+//   then count 256 + 127 readers). The math warpgroups order their reads of
+//   a stage after its copies with fence.proxy.async (cp.async writes through
+//   the generic proxy; wgmma reads through the async proxy).
 
 #include "common.cuh"
 #include "sm90.cuh"
@@ -143,6 +175,20 @@
 #endif
 
 #define SM90_MATH_WARPGROUPS 2
+#ifdef SM90_GATHER_A
+// full[s]: the TMA thread's arrive.expect_tx (b) and one cp.async arrival per load thread (a).
+#define SM90_FULL_ARRIVALS (1 + 128)
+// Readers of the tile mailboxes: the math threads and the load threads but the one posting.
+#define SM90_MAIL_READERS (128 * SM90_MATH_WARPGROUPS + 127)
+#define SM90_GATHER_PARAMS(T) \
+    , const T *__restrict__ gather_x, const int *__restrict__ gather_src, int gather_top_k, int gather_x_rows
+#define SM90_GATHER_ARGS , gather_x, gather_src, gather_top_k, gather_x_rows
+#else
+#define SM90_FULL_ARRIVALS 1
+#define SM90_MAIL_READERS (128 * SM90_MATH_WARPGROUPS)
+#define SM90_GATHER_PARAMS(T)
+#define SM90_GATHER_ARGS
+#endif
 #define SM90_THREADS (128 * (1 + SM90_MATH_WARPGROUPS))
 #define SM90_A_STAGE_ELEMS (SM90_BLOCK_M * SM90_BLOCK_K)
 #define SM90_B_STAGE_ELEMS (SM90_BLOCK_N * SM90_BLOCK_K)
@@ -369,6 +415,88 @@ __device__ __forceinline__ Sm90Tile find_tile(long long tile, int n_tiles, const
     return t;
 }
 
+#ifdef SM90_GATHER_A
+// The load warpgroup of the gathered-a kernels (all 128 threads; see "Gathered
+// a" in the header): the same tiles, stages and phases as the one TMA thread
+// of the plain kernels, a's rows copied by cp.async. Thread 0 takes the tiles
+// and posts them; the others read each from the mailboxes.
+template <class T, bool N_MAJOR_B>
+__device__ __forceinline__ void sm90_gather_loads(T* sa, T* sb, unsigned long long* full, unsigned long long* empty,
+                                                  Sm90Mailboxes* mail, const TmaMap* tmap_b,
+                                                  const int* __restrict__ row_offsets,
+                                                  const int* __restrict__ row_ends,
+                                                  const int* __restrict__ tile_offsets,
+                                                  int* __restrict__ tile_counter, int num_groups, int M, int N,
+                                                  int K, long long total_tiles, int n_tiles, int num_k,
+                                                  const T* __restrict__ gather_x,
+                                                  const int* __restrict__ gather_src, int gather_top_k,
+                                                  int gather_x_rows) {
+    const int tid = threadIdx.x;  // 0 .. 127
+    const int chunk = tid & 7;    // this thread's 16-byte chunk of each of its rows
+    const int row_in = tid >> 3;  // its rows: row_in + 16 * i, i = 0 .. 7
+    constexpr int ROWS = SM90_BLOCK_M / 16;
+    // Where the chunk lands in row_in's 128 bytes; rows 16 apart share the
+    // atom row (row & 7), so the same swizzled offset + 2 KiB per i.
+    const unsigned dst_in = swizzle_128b_offset(row_in, chunk);
+    unsigned fills = 0;
+    long long tile = blockIdx.x;
+    for (unsigned j = 0;; ++j) {
+        if (tid == 0) {
+            if (tile >= total_tiles) tile = -1;
+            sm90_mailbox_publish(mail, j, tile);
+        } else {
+            tile = sm90_mailbox_take(mail, j);
+        }
+        if (tile < 0) break;
+        const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
+        // Each of this thread's rows: -2 not the group's (not written), -1 a
+        // zero row, else the token whose row it copies.
+        int token[ROWS];
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i) {
+            const int row = t.row0 + row_in + 16 * i;
+            token[i] = -2;
+            if (row < t.row_end) {
+                const int p = gather_src[row];
+                const int x_row = p >= 0 ? p / gather_top_k : -1;
+                token[i] = x_row < gather_x_rows ? x_row : -1;
+            }
+        }
+        // b's bytes only: a's arrive through the copiers' cp.async arrivals.
+        const unsigned b_bytes = (N_MAJOR_B ? t.b_boxes * SM90_B_BOX_ELEMS : SM90_B_STAGE_ELEMS) * 2;
+        for (int kt = 0; kt < num_k; ++kt) {
+            const unsigned f = fills + kt;
+            const int s = f % SM90_STAGES;
+            mbarrier_wait(&empty[s], ((f / SM90_STAGES) & 1) ^ 1);
+            if (tid == 0) {
+                mbarrier_expect_bytes(&full[s], b_bytes);
+                if (N_MAJOR_B) {
+                    for (int jb = 0; jb < t.b_boxes; ++jb) {
+                        tma_load_3d(sb + s * SM90_B_STAGE_ELEMS + jb * SM90_B_BOX_ELEMS, tmap_b, &full[s],
+                                    t.n0 + jb * SM90_B_SPAN, kt * SM90_BLOCK_K, t.g);
+                    }
+                } else {
+                    tma_load_2d(sb + s * SM90_B_STAGE_ELEMS, tmap_b, &full[s], kt * SM90_BLOCK_K, t.g * N + t.n0);
+                }
+            }
+            const int col = kt * SM90_BLOCK_K + 8 * chunk;  // K % 8 == 0: a chunk is all in or all out
+            const unsigned dst = shared_address(sa + s * SM90_A_STAGE_ELEMS) + dst_in;
+#pragma unroll
+            for (int i = 0; i < ROWS; ++i) {
+                if (token[i] == -2) continue;
+                const bool real = token[i] >= 0 && col < K;
+                const T* src = real ? gather_x + static_cast<long long>(token[i]) * K + col : gather_x;
+                cp_async_16(dst + i * 16 * 128, src, real ? 16u : 0u);
+            }
+            cp_async_arrive_noinc(&full[s]);
+        }
+        fills += num_k;
+        if (tid == 0) tile = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);
+    }
+    cp_async_wait_all();  // no copy outlives its thread
+}
+#endif
+
 // N_MAJOR_B: b is [E, K, N] (nn kernels), else [E, N, K] (nt kernels).
 //
 // Tiles are handed out at run time (v7): CTA x starts with tile x, and each
@@ -402,7 +530,8 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                                                      const int* __restrict__ row_ends,
                                                      const int* __restrict__ tile_offsets,
                                                      int* __restrict__ tile_counter, int num_groups, int M, int N,
-                                                     int K, T* __restrict__ out, const T* __restrict__ bias) {
+                                                     int K, T* __restrict__ out,
+                                                     const T* __restrict__ bias SM90_GATHER_PARAMS(T)) {
     extern __shared__ unsigned char smem_raw[];
     // full[s]: stage s holds data (one arrival with the TMA byte count);
     // empty[s]: both math warpgroups are done reading it (one arrival each).
@@ -425,15 +554,23 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
     if (threadIdx.x == 0) {
 #pragma unroll
         for (int s = 0; s < SM90_STAGES; ++s) {
-            mbarrier_init(&full[s], 1);
+            mbarrier_init(&full[s], SM90_FULL_ARRIVALS);
             mbarrier_init(&empty[s], SM90_MATH_WARPGROUPS);
         }
-        sm90_mailboxes_init(&mail, 128 * SM90_MATH_WARPGROUPS);
+        sm90_mailboxes_init(&mail, SM90_MAIL_READERS);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();  // the last block-wide barrier: the roles split below
 
     const int warpgroup = threadIdx.x / 128;
+#ifdef SM90_GATHER_A
+    if (warpgroup == 0) {
+        sm90_gather_loads<T, N_MAJOR_B>(sa, sb, full, empty, &mail, tmap_b, row_offsets, row_ends, tile_offsets,
+                                        tile_counter, num_groups, M, N, K, total_tiles, n_tiles, num_k,
+                                        gather_x, gather_src, gather_top_k, gather_x_rows);
+        return;
+    }
+#endif
     if (warpgroup == 0) {
         // Loads: one thread fills each stage once both math warpgroups freed
         // it. A fresh barrier counts as having completed the phase before
@@ -491,10 +628,17 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
 #pragma unroll
         for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = 0.0f;
 
+#ifdef SM90_GATHER_A
+        // The plain kernels' unrolling (ptxas chose 4 there; the fence below made it choose 2 here).
+#pragma unroll 4
+#endif
         for (int kt = 0; kt < num_k; ++kt) {
             const unsigned f = fills + kt;
             const int s = f % SM90_STAGES;
             mbarrier_wait(&full[s], (f / SM90_STAGES) & 1);
+#ifdef SM90_GATHER_A
+            fence_proxy_async_shared();  // a's rows came by cp.async (generic proxy); wgmma reads them as async
+#endif
             // 64 rows of 128 bytes further down the A stage: 8 KiB, 1024-aligned.
             const unsigned long long da = smem_descriptor(sa + s * SM90_A_STAGE_ELEMS + half * 64 * SM90_BLOCK_K);
             const unsigned long long db = N_MAJOR_B ? smem_descriptor_n_major(sb + s * SM90_B_STAGE_ELEMS)
@@ -605,9 +749,9 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
              const __grid_constant__ TmaMap tmap_b, const int* __restrict__ row_offsets,                     \
              const int* __restrict__ row_ends, const int* __restrict__ tile_offsets,                         \
              int* __restrict__ tile_counter, int num_groups, int M, int N, int K, T* __restrict__ out,       \
-             const T* __restrict__ bias) {                                                                   \
+             const T* __restrict__ bias SM90_GATHER_PARAMS(T)) {                                             \
         grouped_gemm_impl<T, N_MAJOR_B>(&tmap_a, &tmap_a_rows, &tmap_b, row_offsets, row_ends, tile_offsets, \
-                                        tile_counter, num_groups, M, N, K, out, bias);                       \
+                                        tile_counter, num_groups, M, N, K, out, bias SM90_GATHER_ARGS);      \
     }
 
 SM90_GEMM_KERNEL(grouped_gemm_nt_bf16, bf16_t, false)

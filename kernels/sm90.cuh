@@ -1,5 +1,6 @@
 // sm90.cuh: thin PTX wrappers for Hopper (sm_90a) kernels: the TMA
-// descriptor type, mbarriers, TMA bulk-tensor loads, wgmma's shared-memory
+// descriptor type, mbarriers, TMA bulk-tensor loads, cp.async with mbarrier
+// arrivals and the 128-byte swizzle's address, wgmma's shared-memory
 // descriptor of a K-major 128-byte-swizzled tile, named barriers, and
 // wgmma's fence/commit/wait; and what the grouped GEMM sources share: the
 // bf16x2/f16x2 packing, the group search of the tile schedule, the tile
@@ -61,6 +62,40 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const TmaMap* map, unsign
         "[%5];" ::"r"(shared_address(dst)),
         "l"(reinterpret_cast<unsigned long long>(map)), "r"(x), "r"(y), "r"(z), "r"(shared_address(bar))
         : "memory");
+}
+
+// 16 bytes from global to shared memory by cp.async, through L2 only (.cg);
+// src_bytes 0 reads nothing and writes 16 zero bytes (a missing row, a K
+// tail). dst: a shared-window address.
+__device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, unsigned src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes)
+                 : "memory");
+}
+
+// An arrival of this thread on ``bar`` once every cp.async it issued before
+// has landed. .noinc: the arrival is one of those the barrier's init
+// counted (without it the pending count is raised by one first, a net zero).
+__device__ __forceinline__ void cp_async_arrive_noinc(unsigned long long* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(shared_address(bar)) : "memory");
+}
+
+// Wait until every cp.async this thread issued has landed.
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Byte offset of 16-byte chunk ``chunk`` (0..7) of row ``row`` in a tile of
+// 128-byte rows written with TMA's 128-byte swizzle (from a 1024-byte aligned
+// base): within each 1024-byte atom of 8 rows, the chunk index is XORed with
+// the row's index in the atom (address bits 4-6 XOR bits 7-9). wgmma's
+// 128-byte-swizzle descriptors (below) read this layout.
+__device__ __forceinline__ unsigned swizzle_128b_offset(int row, int chunk) {
+    return static_cast<unsigned>(row * 128 + ((chunk ^ (row & 7)) << 4));
+}
+
+// Order this thread's earlier reads of shared memory written by the generic
+// proxy (cp.async, plain stores) before its later async-proxy accesses
+// (wgmma's operand reads, TMA).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
 // wgmma's shared-memory matrix descriptor of a K-major tile written by TMA

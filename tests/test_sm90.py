@@ -146,12 +146,17 @@ def test_weights_layouts_and_their_tensor_maps():
     assert hopper.B_SPAN * 2 == 128 and hopper.BLOCK_N % hopper.B_SPAN == 0
 
 
+@pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("act", [None, "silu", "gelu", "relu"])
-def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act):
+def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act, gather):
     """ptxas's verbose report of every sm90 kernel, plain and with each gated
-    epilogue: no local-memory spills, and no note C7520 (wgmma serialized:
-    each MMA waits for the one before, as a branch on accumulator values in
-    the epilogue once caused in the bf16 kernels)."""
+    epilogue, with a's rows from TMA and gathered by cp.async (SM90_GATHER_A):
+    no local-memory spills, no note C7520 (wgmma serialized: each MMA waits
+    for the one before, as a branch on accumulator values in the epilogue
+    once caused in the bf16 kernels), and at most 168 registers (384
+    threads in one CTA per SM)."""
+    import re
+
     from cuda.core import Program, ProgramOptions
 
     from cublas_grouped.moe.kernels import ACTIVATIONS
@@ -162,6 +167,8 @@ def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act):
         defines.update(
             {f"ACT_{n.upper()}": c for n, c in ACTIVATIONS.items()}, SM90_EPILOGUE_ACT=ACTIVATIONS[act]
         )
+    if gather:
+        defines["SM90_GATHER_A"] = 1
     macros = [(name, str(value)) for name, value in defines.items()]
     options = ProgramOptions(arch=hopper.ARCH, std="c++17", define_macro=macros, ptxas_options="-v")
     program = Program(nvrtc.load_source("grouped_gemm_sm90"), code_type="c++", options=options)
@@ -182,6 +189,9 @@ def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act):
         "spill" in line and not line.strip().endswith("0 bytes spill stores, 0 bytes spill loads")
         for line in report.splitlines()
     ), report
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", report)]
+    # Four GEMMs and the offsets kernel for int32 and int64 sizes.
+    assert len(registers) == 6 and max(registers) <= 168, report
 
 
 def test_tensor_maps_are_cached_per_key_and_bounded(monkeypatch):

@@ -359,8 +359,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "fills += num_k;",
         "fills = 0;",
         "the load thread restarts the ring at stage 0, phase 0 on each tile (stages and phases out of step)",
-        count=2,
-        occurrence=1,
+        count=3,  # the gathering loads (1), the TMA load thread (2), the math warpgroups (3)
+        occurrence=2,
     ),
     Mutant(
         "sm90-math-ring-restarts",
@@ -368,8 +368,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "fills += num_k;",
         "fills = 0;",
         "the math warpgroups restart the ring at stage 0, phase 0 on each tile",
-        count=2,
-        occurrence=2,
+        count=3,
+        occurrence=3,
     ),
     # grouped_gemm_sm90.cu, the store through the staging area (v8, v9)
     Mutant(

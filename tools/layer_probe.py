@@ -14,6 +14,10 @@ Both: the benchmark's models and routings (uniform, skewed), CUDA events,
 interleaved rounds after warm-up, medians; the two outputs compared first.
 
     PYTHONPATH=. python3 tools/layer_probe.py --mode prefill [--models a,b] [--rounds 20]
+
+``--gather`` (prefill): also the sync-free steps with GEMM 1 reading the
+tokens itself (``kernel_step.GATHER_IN_GEMM1`` on during their calls and
+captures; columns "fixed+g" and "fused+g"), in the same rounds.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import ml_dtypes
 import numpy as np
 
 import cublas_grouped as cg
+from cublas_grouped.moe import kernel_step
 from cublas_grouped.moe.fixed_capacity import fixed_capacity_backend
 from cublas_grouped.testing import rel_error
 from cublas_grouped.tools.bench import workloads as W
@@ -67,7 +72,20 @@ def _decode_methods(s, w1, w2, tokens, x, ids, w, stream):
     return methods, paths
 
 
-def _prefill_methods(s, w1, w2, tokens, x, ids, w, stream, packed=None, graphs=False):
+def _gathering(call):
+    """``call`` with GEMM 1 gathering the tokens (the step's module constant on meanwhile)."""
+
+    def run():
+        kernel_step.GATHER_IN_GEMM1 = True
+        try:
+            return call()
+        finally:
+            kernel_step.GATHER_IN_GEMM1 = False
+
+    return run
+
+
+def _prefill_methods(s, w1, w2, tokens, x, ids, w, stream, packed=None, graphs=False, gather=False):
     def auto():
         return cg.moe_forward(x, ids, w, w1, w2, stream=stream)
 
@@ -82,8 +100,11 @@ def _prefill_methods(s, w1, w2, tokens, x, ids, w, stream, packed=None, graphs=F
     methods = {"auto": (auto, None, 1), "fixed": (fixed, None, 1)}
     if packed is not None:
         methods["fused"] = (fused, None, 1)
+    if gather:
+        for name in [n for n in ("fixed", "fused") if n in methods]:
+            methods[name + "+g"] = (_gathering(methods[name][0]), None, 1)
     if graphs:  # GPU time only: the sync-free calls replayed from graphs (AUTO copies to the host: eager)
-        for name in ("fixed", "fused"):
+        for name in ("fixed", "fused", "fixed+g", "fused+g"):
             if name in methods:
                 call = methods[name][0]
                 with stream:
@@ -105,12 +126,17 @@ def main() -> None:
     p.add_argument(
         "--graphs", action="store_true", help="prefill: replay the sync-free calls from CUDA graphs"
     )
+    p.add_argument(
+        "--gather", action="store_true", help="prefill: also the sync-free steps gathering inside GEMM 1"
+    )
     args = p.parse_args()
     decode = args.mode == "decode"
     tokens_list = args.tokens or ("16,64" if decode else "4096,16384")
     rounds = args.rounds or (50 if decode else 20)
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}; mode {args.mode}")
     names = ("chunked", "sm90") if decode else ("auto", "fixed", "fused")
+    if args.gather and not decode:
+        names += ("fixed+g", "fused+g")
     unit = "us" if decode else "ms"
     heads = " ".join(f"{n + ' ' + unit:>12s}" for n in names)
     print(f"{'case':40s} {heads} ratios (first / each) extra  rel.diff (last vs first) |out|")
@@ -138,7 +164,7 @@ def main() -> None:
                     methods, paths = _decode_methods(s, w1, w2, tokens, x, ids_d, w_d, stream)
                 else:
                     methods, paths = _prefill_methods(
-                        s, w1, w2, tokens, x, ids_d, w_d, stream, packed, args.graphs
+                        s, w1, w2, tokens, x, ids_d, w_d, stream, packed, args.graphs, args.gather
                     )
                 outs = {}
                 for name, (run, out, _) in methods.items():
@@ -147,6 +173,9 @@ def main() -> None:
                     stream.synchronize()
                     outs[name] = cupy.asnumpy(out if out is not None else got).astype(np.float64)
                 diff = rel_error(outs[list(methods)[-1]], outs[names[0]])
+                for name in [n for n in ("fixed", "fused") if n + "+g" in outs]:  # same products: same bits
+                    same = np.array_equal(outs[name], outs[name + "+g"], equal_nan=True)
+                    print(f"{model} T={tokens} {routing}: {name}+g == {name} bit for bit: {same}")
                 norm = float(np.linalg.norm(outs[names[0]]))
                 times = {k: [] for k in methods}
                 for r in range(rounds + WARMUP):

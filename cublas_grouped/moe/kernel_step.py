@@ -9,6 +9,7 @@ says so, and ``moe_forward``'s default path on SM 9.0 under AUTO (which
 then copies one count, the pairs dropped for ids outside [0, E), to the
 host at the end, to raise on them as the synchronizing path does).
 With ``w1_layout="gate_up_blocked"`` the activation runs in GEMM 1's epilogue.
+With :data:`GATHER_IN_GEMM1`, GEMM 1 reads the tokens' rows itself (v11).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def _ptr(array) -> int:
 
 
 __all__ = [
+    "GATHER_IN_GEMM1",
+    "gather_in_gemm1",
     "CHUNKED_DECODE_MAX_EXPERTS",
     "CHUNKED_DECODE_MAX_TOKENS",
     "fixed_capacity_backend",
@@ -52,6 +55,15 @@ __all__ = [
 # chunks would compute far more rows than the experts have).
 CHUNKED_DECODE_MAX_EXPERTS = 8
 CHUNKED_DECODE_MAX_TOKENS = 64
+
+# GEMM 1 reads each row's token from x through row_to_pair (the kernel's
+# SM90_GATHER_A variant, v11: row r is x[row_to_pair[r] // k]) instead of
+# from the gathered copy that gather_rows writes, which the step then skips.
+# The kernel takes row_to_pair and k (not a token array written by
+# assign_rows): no new buffer and no change to the placement. Off until
+# measured on a GPU (docs/kernel-notes.md, v11); an x that does not start on
+# a 16-byte boundary keeps the copy either way. Read at each call.
+GATHER_IN_GEMM1 = False
 
 
 def fixed_capacity_backend(sm, executor, shape: LayerShape, w1, w2, tokens: int) -> str:
@@ -120,12 +132,13 @@ def count_rows(res, arch, buf: ChunkBuffers, ids, e: int, pairs: int, rows: int 
     return block_counts, buf.pair_to_row[:pairs], row_to_pair
 
 
-def place_rows(res, shape: LayerShape, buf: ChunkBuffers, x, ids, dropped, timer=None):
+def place_rows(res, shape: LayerShape, buf: ChunkBuffers, x, ids, dropped, timer=None, copy=True):
     """The kernel step's first stages on ``res``'s stream: the counts, the
     kernel's offsets (its schedule in ``buf.schedule``, both tile counters
     zeroed, so GEMM 1 (counter 0) and GEMM 2 (counter 1) pass
-    ``scanned=True``), each pair's row, and the
-    gathered rows in ``buf.rows[:T*k]`` (zeros where no pair was placed).
+    ``scanned=True``), each pair's row, and (unless not ``copy``: GEMM 1
+    gathers them) the gathered rows in ``buf.rows[:T*k]`` (zeros where no
+    pair was placed).
     Returns (pair_to_row, row_to_pair). Shared by the 16-bit and FP8 steps."""
     arch, stream = kernel_arch(res), res.launch_stream
     tokens, k = ids.shape
@@ -148,8 +161,9 @@ def place_rows(res, shape: LayerShape, buf: ChunkBuffers, x, ids, dropped, timer
         dropped=dropped,
     )
     mark_stage(timer, "plan", res.cupy_stream)
-    K.gather_rows(stream, arch, x, row_to_pair, k, buf.rows[:pairs])
-    mark_stage(timer, "gather", res.cupy_stream)
+    if copy:
+        K.gather_rows(stream, arch, x, row_to_pair, k, buf.rows[:pairs])
+    mark_stage(timer, "gather", res.cupy_stream)  # none when GEMM 1 gathers: 0 ms
     return pair_to_row, row_to_pair
 
 
@@ -168,8 +182,10 @@ def kernel_step(
     Without a ``timer``, the launches are those of :func:`step_launches`,
     prepared once per buffers, T and weights, then replayed."""
     w1, w2, b1, b2 = params
+    gather = gather_in_gemm1(x)
     if timer is None:
         key = (
+            gather,
             ids.shape,
             w1.data.ptr,
             w2.data.ptr,
@@ -181,27 +197,34 @@ def kernel_step(
         if step is None:
             if len(buf.launches) >= MAX_PREPARED_STEPS:
                 buf.launches.clear()
-            step = buf.launches[key] = step_launches(res, shape, buf, x, ids, weights, params, out, dropped)
+            step = buf.launches[key] = step_launches(
+                res, shape, buf, x, ids, weights, params, out, dropped, gather
+            )
         w_ptr, d_ptr = 0 if weights is None else weights.data.ptr, 0 if dropped is None else dropped.data.ptr
         step(res.stream, x.data.ptr, ids.data.ptr, w_ptr, out.data.ptr, d_ptr)
         return
     arch, stream = kernel_arch(res), res.launch_stream
     tokens, k = ids.shape
     e, pairs = shape.num_experts, tokens * k
-    pair_to_row, row_to_pair = place_rows(res, shape, buf, x, ids, dropped, timer)
+    pair_to_row, row_to_pair = place_rows(res, shape, buf, x, ids, dropped, timer, copy=not gather)
     x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
     gemm1 = (e, pairs, shape.width, shape.hidden, shape.trans_b, shape.dtype)
+    # GEMM 1's a: the gathered copy, or x itself read through row_to_pair.
+    a1, rows1 = (
+        (x.data.ptr, hopper.RowGather(row_to_pair.data.ptr, k, tokens)) if gather else (x_rows.data.ptr, None)
+    )
     if shape.gate_up_block:
         # w1 packed in blocks (w1_layout="gate_up_blocked"): the activation
         # runs in GEMM 1's epilogue and writes act; h is never written.
         codes = tuple((f"ACT_{name.upper()}", code) for name, code in K.ACTIVATIONS.items())
         fused = hopper.GatedEpilogue(K.ACTIVATIONS[shape.activation], codes, 0 if b1 is None else b1.data.ptr)
-        ptrs1 = (x_rows.data.ptr, w1.data.ptr, act.data.ptr)
-        hopper.grouped_rows(res, gemm1, ptrs1, buf.counts, scanned=True, storage=buf.schedule, epilogue=fused)
+        ptrs1 = (a1, w1.data.ptr, act.data.ptr)
+        kw = {"epilogue": fused, "gather": rows1}
+        hopper.grouped_rows(res, gemm1, ptrs1, buf.counts, scanned=True, storage=buf.schedule, **kw)
         mark_stage(timer, "gemm1", res.cupy_stream)
     else:
-        ptrs1 = (x_rows.data.ptr, w1.data.ptr, h.data.ptr)
-        hopper.grouped_rows(res, gemm1, ptrs1, buf.counts, scanned=True, storage=buf.schedule)
+        ptrs1 = (a1, w1.data.ptr, h.data.ptr)
+        hopper.grouped_rows(res, gemm1, ptrs1, buf.counts, scanned=True, storage=buf.schedule, gather=rows1)
         mark_stage(timer, "gemm1", res.cupy_stream)
         K.expert_activation(
             stream,
@@ -243,8 +266,9 @@ class StepLaunches:
             self.column_scan(stream)
         self.scan(stream)
         self.assign(stream, ids, dropped)
-        self.gather(stream, x)
-        self.gemm1(stream, self.gemm1_out)
+        if self.gather is not None:  # None: GEMM 1 reads x through row_to_pair
+            self.gather(stream, x)
+        self.gemm1(stream, self.gemm1_out, x)  # x: a slot of the gathering GEMM only (zip stops at the slots)
         if self.activation is not None:
             self.activation(stream, ids)
         self.gemm2(stream, self.gemm2_out)  # tile counter 1: no second offsets launch
@@ -252,13 +276,14 @@ class StepLaunches:
 
 
 def step_launches(
-    res, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, params, out, dropped
+    res, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, params, out, dropped, gather=False
 ) -> StepLaunches:
     """The launches :func:`kernel_step` makes with a timer, prepared
     (:class:`~cublas_grouped.moe.kernels.Prepare`): every argument but the
     addresses of x, ids, weights, out and dropped is fixed by the buffers, T
     and the weights (``params``); the slots below name where those go in each
-    kernel's parameters (moe/kernels.py's signatures)."""
+    kernel's parameters (moe/kernels.py's signatures). ``gather``: GEMM 1
+    reads x through row_to_pair (:func:`gather_in_gemm1`), no gather launch."""
     w1, w2, b1, b2 = params
     arch = kernel_arch(res)
     tokens, k = ids.shape
@@ -297,19 +322,21 @@ def step_launches(
         dropped=dropped,
     )
     prep.slots = (0,)  # x
-    gather = K.gather_rows(prep, arch, x, row_to_pair, k, x_rows)
+    copy = None if gather else K.gather_rows(prep, arch, x, row_to_pair, k, x_rows)
     gemm1 = (e, pairs, shape.width, shape.hidden, shape.trans_b, shape.dtype)
     tile_bound = hopper.max_tiles(pairs, e)
+    # GEMM 1's a: the copy's address, or (gathering) x, a slot of the launch.
+    a1, rows1 = (0, hopper.RowGather(row_to_pair.data.ptr, k, tokens)) if gather else (x_rows.data.ptr, None)
     activation = None
     if shape.gate_up_block:
         codes = tuple((f"ACT_{name.upper()}", code) for name, code in K.ACTIVATIONS.items())
         fused = hopper.GatedEpilogue(K.ACTIVATIONS[shape.activation], codes, _ptr(b1))
         first = hopper.prepared_gemm(
-            res.device_id, gemm1, (x_rows.data.ptr, w1.data.ptr), base, tile_bound, fused
+            res.device_id, gemm1, (a1, w1.data.ptr), base, tile_bound, fused, gather=rows1
         )
         first_out = act.data.ptr
     else:
-        first = hopper.prepared_gemm(res.device_id, gemm1, (x_rows.data.ptr, w1.data.ptr), base, tile_bound)
+        first = hopper.prepared_gemm(res.device_id, gemm1, (a1, w1.data.ptr), base, tile_bound, gather=rows1)
         first_out = h.data.ptr
         prep.slots = (7,)  # ids
         activation = K.expert_activation(
@@ -330,5 +357,11 @@ def step_launches(
     )
     prep.slots = (3, 4, 8)  # weights, ids, out
     combine = K.combine_rows(prep, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
-    launches = (histogram, column_scan, scan, assign, gather, first, activation, second, combine)
+    launches = (histogram, column_scan, scan, assign, copy, first, activation, second, combine)
     return StepLaunches(launches, (first_out, y.data.ptr))
+
+
+def gather_in_gemm1(x) -> bool:
+    """Whether this step's GEMM 1 reads x through row_to_pair (:data:`GATHER_IN_GEMM1`
+    and x 16-byte aligned: the kernel copies 16-byte chunks of its rows)."""
+    return GATHER_IN_GEMM1 and x.data.ptr % hopper.ALIGNMENT == 0

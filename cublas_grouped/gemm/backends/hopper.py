@@ -21,7 +21,6 @@ shape. AUTO takes it where measured clearly faster than cuBLAS
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,7 +40,9 @@ from .hopper_schedule import (
     schedule_buffers,
     schedule_ints,
 )
+from .hopper_schedule import tile_schedule as host_tile_schedule
 from .hopper_sizes import READ_DTYPES
+from .hopper_variants import GatedEpilogue, RowGather, variant_defines
 from .tma import MAP_CACHE_SIZE, tensor_map
 
 __all__ = [
@@ -85,6 +86,7 @@ __all__ = [
     "PREPARED_LAUNCHES",
     "STREAM_SCHEDULE_GROUPS",
     "GatedEpilogue",
+    "RowGather",
     "GATE_UP_BLOCK",
 ]
 
@@ -241,30 +243,9 @@ def _sm_count(device_id: int) -> int:
 def tile_schedule(
     sizes: np.ndarray, block_m: int = BLOCK_M, capacity: int = 0, total_rows: int | None = None
 ) -> np.ndarray:
-    """The kernel's tile schedule, on the host: one row (group, first row, rows)
-    per tile, in tile order (the CTA ``blockIdx.x`` of each), for tests.
-
-    Negative sizes count as 0, as on the device. ``capacity`` > 0: the masked
-    layout (group g's rows start at g * capacity; sizes past it are cut to it).
-    ``total_rows`` (contiguous layout): M, where the offsets kernel cuts the
-    sizes' running sum (None: sizes already within it).
-    """
-    sizes = np.maximum(np.asarray(sizes, dtype=np.int64), 0)
-    if capacity <= 0 and total_rows is not None:
-        cap = max(int(total_rows), 0)
-        ends = np.cumsum(np.minimum(sizes, cap))
-        sizes = np.minimum(ends, cap) - np.minimum(ends - np.minimum(sizes, cap), cap)
-    if capacity > 0:
-        sizes = np.minimum(sizes, capacity)
-        starts = np.arange(len(sizes), dtype=np.int64) * capacity
-    else:
-        starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
-    tiles = -(-sizes // block_m)
-    group = np.repeat(np.arange(len(sizes)), tiles)
-    index = np.arange(len(group)) - np.repeat(np.cumsum(tiles) - tiles, tiles)
-    first = starts[group] + index * block_m
-    rows = np.minimum(block_m, starts[group] + sizes[group] - first)
-    return np.stack([group, first, rows], axis=1).astype(np.int64).reshape(-1, 3)
+    """:func:`~.hopper_schedule.tile_schedule` (the NumPy model of the offsets
+    kernel's schedule, for tests) with this kernel's BLOCK_M by default."""
+    return host_tile_schedule(sizes, block_m, capacity, total_rows)
 
 
 _shared_set: set[tuple] = set()
@@ -334,21 +315,6 @@ def schedule_offsets(res, sizes, e: int, total_rows: int, capacity: int = 0, *, 
     return schedule_buffers(res, e, storage)[0]
 
 
-@dataclass(frozen=True)
-class GatedEpilogue:
-    """The first expert GEMM's activation in the kernel's epilogue (v9):
-    ``out = act(gate + bias) * (up + bias)`` from the fp32 accumulators, with
-    the weights' gate and up columns packed in blocks of :data:`GATE_UP_BLOCK`
-    (the kernel source's header). ``act``: the activation's code,
-    ``codes``: every code by define name (``ACT_SILU`` ...), which the kernel
-    is compiled with; ``bias``: the address of a ``[E, 2I]`` bias in the plain
-    order, or 0."""
-
-    act: int
-    codes: tuple[tuple[str, int], ...]
-    bias: int = 0
-
-
 # Columns of one gate (or up) block of packed first-GEMM weights: half a tile.
 GATE_UP_BLOCK = BLOCK_N // 2
 
@@ -362,7 +328,18 @@ _local = threading.local()
 
 
 def _launch(
-    res, sizes, problem, ptrs, *, capacity, tile_bound, scanned=False, storage=None, epilogue=None, counter=0
+    res,
+    sizes,
+    problem,
+    ptrs,
+    *,
+    capacity,
+    tile_bound,
+    scanned=False,
+    storage=None,
+    epilogue=None,
+    counter=0,
+    gather=None,
 ) -> None:
     """The offsets kernel (unless ``scanned``: :func:`schedule_offsets` ran
     on this stream with these sizes, and no GEMM since used tile counter
@@ -372,8 +349,9 @@ def _launch(
     ``capacity`` rows per group. ``tile_bound``: the most row tiles any sizes
     can need (the grid, and so a captured launch, depends on it and not on
     the sizes). ``epilogue``: a :class:`GatedEpilogue` (``out`` is then
-    [M, N / 2]), or None for the plain product. ``sizes``: an integer CuPy
-    array, or the address of int32 sizes."""
+    [M, N / 2]), or None for the plain product. ``gather``: a :class:`RowGather`
+    (``ptrs[0]`` is then x, [gather.rows, K]), or None. ``sizes``: an integer
+    CuPy array, or the address of int32 sizes."""
     e = problem[0]
     base = schedule_base(res, e, storage)
     if not scanned:
@@ -382,23 +360,32 @@ def _launch(
         else:
             sizes = _readable(sizes)
             _scan(res, sizes.data.ptr, e, problem[1], capacity, base, sizes.dtype)
-    prepared_gemm(res.device_id, problem, ptrs, base, tile_bound, epilogue, counter)(res.stream, ptrs[2])
+    if gather is None:
+        prepared_gemm(res.device_id, problem, ptrs, base, tile_bound, epilogue, counter)(res.stream, ptrs[2])
+    else:  # x is a slot of the launch, not a key
+        gemm = prepared_gemm(
+            res.device_id, problem, (0, ptrs[1]), base, tile_bound, epilogue, counter, gather
+        )
+        gemm(res.stream, ptrs[2], ptrs[0])
 
 
-def prepared_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue=None, counter: int = 0):
+def prepared_gemm(
+    device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue=None, counter: int = 0, gather=None
+):
     """The GEMM of :func:`_launch` as a :class:`~cublas_grouped.runtime.launch.FixedLaunch`
-    (call it with the stream and the output address), kept per thread by
-    everything else it holds: ``base`` is the address of the schedule ints,
-    ``counter`` which of its tile counters (0 or 1) the GEMM takes tiles from."""
+    (call it with the stream and the output address, and with a ``gather``
+    the address of x after it), kept per thread by everything else it holds:
+    ``base`` is the address of the schedule ints, ``counter`` which of its
+    tile counters (0 or 1) the GEMM takes tiles from."""
     key = (
         device_id,
         problem,
-        ptrs[0],
-        ptrs[1],
+        *ptrs[:2],
         base,
         tile_bound,
         epilogue,
         counter,
+        gather,
         SOURCE,
         SCHEDULE,
         GRID_LIMIT,
@@ -410,24 +397,30 @@ def prepared_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epi
     if gemm is None:
         if len(prepared) >= PREPARED_LAUNCHES:
             prepared.clear()
-        gemm = prepared[key] = _prepare_gemm(device_id, problem, ptrs, base, tile_bound, epilogue, counter)
+        gemm = prepared[key] = _prepare_gemm(
+            device_id, problem, ptrs, base, tile_bound, epilogue, counter, gather
+        )
     return gemm
 
 
-def _prepare_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue, counter: int):
-    """The GEMM's :class:`FixedLaunch` (the output address its one slot)."""
+def _prepare_gemm(
+    device_id: int, problem, ptrs, base: int, tile_bound: int, epilogue, counter: int, gather=None
+):
+    """The GEMM's :class:`FixedLaunch` (slots: the output address; with a
+    ``gather``, x's address after it)."""
     e, m, n, k, trans_b, dtype = problem
     dtype = np.dtype(dtype)
     name = f"grouped_gemm_{weights_layout(trans_b)}_{_SUFFIX[dtype.name]}"
-    defines = DEFINES
-    if epilogue is not None:
-        defines = {**DEFINES, **dict(epilogue.codes), "SM90_EPILOGUE_ACT": epilogue.act}
+    defines = variant_defines(DEFINES, epilogue, gather)
     gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=defines)
     _allow_shared_memory(gemm, device_id)
     element = BFLOAT16 if dtype == BFLOAT16 else dtype
-    tmap_a = tensor_map(ptrs[0], (m, k), (BLOCK_M, BLOCK_K), element, device_id)
-    tmap_a_rows = tensor_map(ptrs[0], (m, k), (defines["SM90_A_BOX_ROWS"], BLOCK_K), element, device_id)
     tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b), element, device_id)
+    if gather is None:
+        tmap_a = tensor_map(ptrs[0], (m, k), (BLOCK_M, BLOCK_K), element, device_id)
+        tmap_a_rows = tensor_map(ptrs[0], (m, k), (defines["SM90_A_BOX_ROWS"], BLOCK_K), element, device_id)
+    else:  # a is read by cp.async: its maps are not read (b's stands in)
+        tmap_a = tmap_a_rows = tmap_b
     args = (
         tmap_a,
         tmap_a_rows,
@@ -437,9 +430,12 @@ def _prepare_gemm(device_id: int, problem, ptrs, base: int, tile_bound: int, epi
         np.intp(0),  # the output: written by each launch (slot 11)
         np.intp(epilogue.bias if epilogue is not None else 0),
     )
+    if gather is not None:  # x (slot 13: written by each launch), src, top_k, x's rows
+        args += (np.intp(0), np.intp(gather.src), np.int32(gather.top_k), np.int32(gather.rows))
     grid = grid_size(tile_bound * -(-n // BLOCK_N), _sm_count(device_id), limit=GRID_LIMIT)
     label = f"{name} (kernels/{SOURCE}.cu, {ARCH})"
-    return _fast.FixedLaunch(gemm, grid, THREADS, args, shmem=SHARED_BYTES, slots=(11,), label=label)
+    slots = (11,) if gather is None else (11, 13)
+    return _fast.FixedLaunch(gemm, grid, THREADS, args, shmem=SHARED_BYTES, slots=slots, label=label)
 
 
 def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=None) -> None:
@@ -457,7 +453,7 @@ def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=N
 
 
 def grouped_rows(
-    res, problem, ptrs, sizes_dev, *, scanned=False, storage=None, epilogue=None, counter=0
+    res, problem, ptrs, sizes_dev, *, scanned=False, storage=None, epilogue=None, counter=0, gather=None
 ) -> None:
     """Grouped-contiguous rows given by addresses: ``problem`` (E, M, N, K,
     trans_b, dtype), ``ptrs`` (a [M, K], b, out [M, N], C-contiguous),
@@ -472,10 +468,14 @@ def grouped_rows(
     The grid covers any sizes summing to M (:func:`max_tiles`), so it does not
     depend on the sizes: a captured graph replays with new ones. The caller
     checked what :func:`masked_fixed_capacity` lists. ``epilogue``: as in
-    :func:`_launch` (N a multiple of 2 * :data:`GATE_UP_BLOCK`).
+    :func:`_launch` (N a multiple of 2 * :data:`GATE_UP_BLOCK`). ``gather``: a
+    :class:`RowGather`: ``ptrs[0]`` is then x ``[gather.rows, K]`` (16-byte
+    aligned) and a's rows are read through ``gather.src`` (v11).
     """
+    if gather is not None and ptrs[0] % ALIGNMENT:
+        raise ValueError(f"gather: x must start at a multiple of {ALIGNMENT} bytes; got address {ptrs[0]:#x}")
     tile_bound = max_tiles(problem[1], problem[0])
-    kw = {"scanned": scanned, "storage": storage, "epilogue": epilogue, "counter": counter}
+    kw = {"scanned": scanned, "storage": storage, "epilogue": epilogue, "counter": counter, "gather": gather}
     _launch(res, sizes_dev, problem, ptrs, capacity=0, tile_bound=tile_bound, **kw)
 
 
@@ -492,4 +492,5 @@ def masked_fixed_capacity(res, problem, ptrs, counts_dev, capacity: int, *, stor
     :func:`misaligned`), that E, C, N and K are not zero and that E * C < 2**31.
     """
     tile_bound = problem[0] * -(-capacity // BLOCK_M)
-    _launch(res, counts_dev, problem, ptrs, capacity=capacity, tile_bound=tile_bound, storage=storage)
+    kw = {"scanned": False, "storage": storage}
+    _launch(res, counts_dev, problem, ptrs, capacity=capacity, tile_bound=tile_bound, **kw)

@@ -14,6 +14,8 @@ its own, since the stream's buffer moves when it grows).
 
 from __future__ import annotations
 
+import numpy as np
+
 __all__ = [
     "STREAM_SCHEDULE_GROUPS",
     "TILE_COUNTERS",
@@ -23,6 +25,7 @@ __all__ = [
     "schedule_addresses",
     "offsets_args",
     "OFFSETS_SIGNATURE",
+    "tile_schedule",
 ]
 
 # Groups the stream's schedule buffer holds from its first use (the MoE
@@ -96,3 +99,30 @@ def offsets_args(sizes_ptr: int, e: int, total_rows: int, capacity: int, base: i
     ``sizes_ptr``, E, ``total_rows`` (M: contiguous sizes are cut where their
     sum reaches it), ``capacity`` (0: contiguous), the schedule ints at ``base``."""
     return (sizes_ptr, e, total_rows, capacity, *schedule_addresses(base, e))
+
+
+def tile_schedule(sizes, block_m: int, capacity: int = 0, total_rows: int | None = None) -> np.ndarray:
+    """The kernel's tile schedule, on the host: one row (group, first row, rows)
+    per tile of ``block_m`` rows, in tile order (the CTA ``blockIdx.x`` of each), for tests.
+
+    Negative sizes count as 0, as on the device. ``capacity`` > 0: the masked
+    layout (group g's rows start at g * capacity; sizes past it are cut to it).
+    ``total_rows`` (contiguous layout): M, where the offsets kernel cuts the
+    sizes' running sum (None: sizes already within it).
+    """
+    sizes = np.maximum(np.asarray(sizes, dtype=np.int64), 0)
+    if capacity <= 0 and total_rows is not None:
+        cap = max(int(total_rows), 0)
+        ends = np.cumsum(np.minimum(sizes, cap))
+        sizes = np.minimum(ends, cap) - np.minimum(ends - np.minimum(sizes, cap), cap)
+    if capacity > 0:
+        sizes = np.minimum(sizes, capacity)
+        starts = np.arange(len(sizes), dtype=np.int64) * capacity
+    else:
+        starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+    tiles = -(-sizes // block_m)
+    group = np.repeat(np.arange(len(sizes)), tiles)
+    index = np.arange(len(group)) - np.repeat(np.cumsum(tiles) - tiles, tiles)
+    first = starts[group] + index * block_m
+    rows = np.minimum(block_m, starts[group] + sizes[group] - first)
+    return np.stack([group, first, rows], axis=1).astype(np.int64).reshape(-1, 3)
