@@ -611,7 +611,7 @@ import sys
 from pathlib import Path
 import cublas_grouped
 from cublas_grouped.gemm import fp8_kernels, pointers
-from cublas_grouped.gemm.backends import hopper, hopper_fp8, hopper_sizes
+from cublas_grouped.gemm.backends import hopper, hopper_fp8
 from cublas_grouped.moe import backward_kernels, kernels
 from cublas_grouped.runtime import nvrtc as _kernels
 root = Path(sys.argv[1]).resolve()
@@ -624,7 +624,6 @@ defines = {
     "grouped_gemm_sm90": hopper.DEFINES,
     "grouped_gemm_fp8_sm90": hopper_fp8.DEFINES,
     "fp8": fp8_kernels.DEFINES,
-    "group_sizes": hopper_sizes.DEFINES,
 }
 # wgmma and TMA build for sm_90a only
 arches = {"grouped_gemm_sm90": hopper.ARCH, "grouped_gemm_fp8_sm90": hopper_fp8.ARCH}
