@@ -32,10 +32,6 @@
 //                       small boxes holding them (v10); SM90_BLOCK_M gives
 //                       v9's loads (one whole box for every tile)
 //   SM90_STAGES         shared-memory stages of the ring
-//   SM90_SKIP_IDLE      1: the second math warpgroup of a thin tile (at most
-//                       SM90_BLOCK_M / 2 rows of its group) runs no MMAs and
-//                       only releases the stages (v12); 0: it multiplies
-//                       stale rows it never stores (v10, v11)
 //   SM90_TILE_THREADS   threads of grouped_tile_offsets' one block
 //   SM90_EPILOGUE_ACT   optional: an activation code (ACT_SILU, ACT_GELU or
 //                       ACT_RELU, also defined) for the gated epilogue below
@@ -162,8 +158,8 @@
 #include "sm90.cuh"
 
 #if !defined(SM90_BLOCK_M) || !defined(SM90_BLOCK_N) || !defined(SM90_BLOCK_K) || \
-    !defined(SM90_STAGES) || !defined(SM90_TILE_THREADS) || !defined(SM90_A_BOX_ROWS) || !defined(SM90_SKIP_IDLE)
-#error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES, SM90_TILE_THREADS, SM90_A_BOX_ROWS and SM90_SKIP_IDLE from its launcher"
+    !defined(SM90_STAGES) || !defined(SM90_TILE_THREADS) || !defined(SM90_A_BOX_ROWS)
+#error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES, SM90_TILE_THREADS and SM90_A_BOX_ROWS from its launcher"
 #endif
 #if SM90_A_BOX_ROWS % 8 != 0 || SM90_A_BOX_ROWS > SM90_BLOCK_M
 #error "SM90_A_BOX_ROWS must be a multiple of 8 (one 1024-byte swizzle atom), at most SM90_BLOCK_M"
@@ -179,9 +175,6 @@
 #endif
 
 #define SM90_MATH_WARPGROUPS 2
-// Set in a posted tile whose rows all lie in the first math warpgroup's half
-// (at most SM90_BLOCK_M / 2 rows of its group): bit 61, above any tile index.
-#define SM90_THIN_TILE (1LL << 61)
 #ifdef SM90_GATHER_A
 // full[s]: the TMA thread's arrive.expect_tx (b) and one cp.async arrival per load thread (a).
 #define SM90_FULL_ARRIVALS (1 + 128)
@@ -588,14 +581,9 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
             long long tile = blockIdx.x;
             for (unsigned j = 0;; ++j) {
                 const bool done = tile >= total_tiles;
-                if (done) {
-                    sm90_mailbox_publish(&mail, j, -1);
-                    break;
-                }
+                sm90_mailbox_publish(&mail, j, done ? -1 : tile);
+                if (done) break;
                 const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
-                // Posted after the search, marked when the second math
-                // warpgroup's rows are all past the group's end (a thin tile).
-                sm90_mailbox_publish(&mail, j, t.a_rows > SM90_BLOCK_M / 2 ? tile : tile | SM90_THIN_TILE);
                 const int g = t.g, n0 = t.n0, row0 = t.row0, a_rows = t.a_rows, b_boxes = t.b_boxes;
                 const int b_row0 = g * N + n0;
                 for (int kt = 0; kt < num_k; ++kt) {
@@ -635,28 +623,8 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
     float acc[SM90_BLOCK_N / 2];
     unsigned fills = 0;
     for (unsigned j = 0;; ++j) {
-        const long long word = sm90_mailbox_take(&mail, j);
-        if (word < 0) break;
-        const long long tile = word & ~SM90_THIN_TILE;
-#if SM90_SKIP_IDLE
-        if (half == 1 && (word & SM90_THIN_TILE) != 0) {
-            // A thin tile (v12): this warpgroup's 64 rows hold none of the
-            // group's, so it runs no MMAs and stores nothing, and the other
-            // warpgroup has the tensor cores to itself. It still releases
-            // each stage once the stage has filled (a stage freed before its
-            // loads land could be refilled under them), the whole warpgroup
-            // past each wait before the release, so that no thread falls a
-            // phase behind the barrier it waits on.
-            for (int kt = 0; kt < num_k; ++kt) {
-                const unsigned f = fills + kt;
-                mbarrier_wait(&full[f % SM90_STAGES], (f / SM90_STAGES) & 1);
-                named_barrier_sync(1 + half);
-                if ((threadIdx.x & 127) == 0) mbarrier_arrive(&empty[f % SM90_STAGES]);
-            }
-            fills += num_k;
-            continue;
-        }
-#endif
+        const long long tile = sm90_mailbox_take(&mail, j);
+        if (tile < 0) break;
 #pragma unroll
         for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = 0.0f;
 

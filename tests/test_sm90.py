@@ -108,7 +108,6 @@ def test_launch_constants_agree():
         "SM90_STAGES": hopper.STAGES,
         "SM90_TILE_THREADS": hopper.TILE_THREADS,
         "SM90_A_BOX_ROWS": hopper.A_BOX_ROWS,
-        "SM90_SKIP_IDLE": hopper.SKIP_IDLE,
     }
 
 

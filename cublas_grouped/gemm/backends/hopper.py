@@ -106,9 +106,6 @@ STAGES = 4  # shared-memory stages the load warpgroup fills ahead of the MMAs (4
 # stage from the one issuing thread cost 6-35% on full tiles, measured).
 # 16 rows: two 1024-byte swizzle atoms.
 A_BOX_ROWS = 16
-# A thin tile's second math warpgroup runs no MMAs (v12): the first then has
-# the tensor cores to itself. 0 gives v11's MMAs on stale rows (a probe's A/B).
-SKIP_IDLE = 1
 TILE_THREADS = 1024  # grouped_tile_offsets' one block
 THREADS = 384  # a load warpgroup and two math warpgroups
 DEFINES = {
@@ -118,7 +115,6 @@ DEFINES = {
     "SM90_STAGES": STAGES,
     "SM90_TILE_THREADS": TILE_THREADS,
     "SM90_A_BOX_ROWS": A_BOX_ROWS,
-    "SM90_SKIP_IDLE": SKIP_IDLE,
 }
 # The kernel source (kernels/<SOURCE>.cu), read at each call: a probe can time
 # an earlier version of the kernel beside this one in the same run.
