@@ -168,7 +168,7 @@ def test_auto_runs_the_hopper_kernel_where_a_table_measured_it_fastest(tmp_path,
     from tuning_util import entry, write_table
 
     from cublas_grouped.gemm import select as _select
-    from cublas_grouped.gemm.backends import hopper
+    from cublas_grouped.gemm.backends import hopper, hopper_device
     from cublas_grouped.gemm.tables import tuning_table_path
 
     user, _ = isolate_tuning(tmp_path, monkeypatch)
@@ -181,6 +181,12 @@ def test_auto_runs_the_hopper_kernel_where_a_table_measured_it_fastest(tmp_path,
     ran = []
     real = hopper.grouped_contiguous
     monkeypatch.setattr(hopper, "grouped_contiguous", lambda *x, **kw: (ran.append(1), real(*x, **kw)))
+    # A repeated call with host sizes replays a prepared launch instead (the
+    # sizes uploaded once per call-cache entry): spy on those too.
+    for prepared in (hopper_device.PreparedHostSizes, hopper_device.PreparedDeviceSizes):
+        monkeypatch.setattr(
+            prepared, "__call__", lambda self, *x, real=prepared.__call__: (ran.append(1), real(self, *x))
+        )
     active = int(np.count_nonzero(sizes))
     shape = dict(n=n, k=k, experts=16, active=active, mean_rows=total / active, max_rows=int(sizes.max()))
     for sm90_ms, want in ((0.5, info.sm == (9, 0)), (5.0, False)):
