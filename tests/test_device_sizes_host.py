@@ -311,6 +311,12 @@ def test_tile_schedule_cuts_where_the_offsets_kernel_does():
     # The masked layout ignores total_rows: each size is cut to the capacity alone.
     masked = hopper.tile_schedule([300, -1, 5], capacity=200, total_rows=1)
     assert masked.tolist() == [[0, 0, 128], [0, 128, 72], [2, 400, 5]]
+    # A capacity of 1 is the masked layout too (groups g * 1 apart, total_rows unread)...
+    assert hopper.tile_schedule([3, 2], capacity=1, total_rows=1).tolist() == [[0, 0, 1], [1, 1, 1]]
+    assert hopper.tile_schedule([0, 1], capacity=1).tolist() == [[1, 1, 1]]
+    # ...and M <= 0 schedules nothing in the contiguous layout.
+    for m in (0, -3):
+        assert hopper.tile_schedule([5, 7], total_rows=m).shape == (0, 3)
 
 
 # Host sizes on SM 9.0 (the AUTO host-sizes regression): SM90_GROUPED uploads

@@ -181,7 +181,16 @@ def test_row_gather_refuses_bad_values():
         hopper.RowGather(16, 0, 5)
     with pytest.raises(ValueError, match="gather: rows .* got -1"):
         hopper.RowGather(16, 1, -1)
+    assert hopper.RowGather(16, 1, 0).rows == 0  # T = 0: no rows of x, none read
+    with pytest.raises(ValueError) as error:
+        hopper.RowGather(0, 2, 5)
+    assert str(error.value) == "gather: src must be the address of an int32 [M] array on the device; got 0"
     assert variant_defines(hopper.DEFINES, None, None) is hopper.DEFINES
+    codes = (("ACT_SILU", 0), ("ACT_GELU", 1), ("ACT_RELU", 2))
+    epilogue = hopper.GatedEpilogue(1, codes)
+    want = {**hopper.DEFINES, "ACT_SILU": 0, "ACT_GELU": 1, "ACT_RELU": 2, "SM90_EPILOGUE_ACT": 1}
+    assert variant_defines(hopper.DEFINES, epilogue, None) == want
+    assert variant_defines(hopper.DEFINES, epilogue, _row_gather()) == {**want, "SM90_GATHER_A": 1}
     assert variant_defines(hopper.DEFINES, None, _row_gather()) == {**hopper.DEFINES, "SM90_GATHER_A": 1}
 
 

@@ -70,6 +70,11 @@ SCOPE = (
     "cublas_grouped.distributed.plan.*",
     "cublas_grouped.moe.fp8_step.x_fp8_step_unsupported*",
     "cublas_grouped.gemm.backends.hopper_sizes.x_checks_device_sizes*",
+    "cublas_grouped.gemm.backends.hopper_schedule.x_schedule_ints*",
+    "cublas_grouped.gemm.backends.hopper_schedule.x_schedule_addresses*",
+    "cublas_grouped.gemm.backends.hopper_schedule.x_offsets_args*",
+    "cublas_grouped.gemm.backends.hopper_schedule.x_tile_schedule*",
+    "cublas_grouped.gemm.backends.hopper_variants.*",
 )
 #: Functions that only run with a real GPU array (CuPy), out of scope.
 GPU_ONLY = (
@@ -95,6 +100,36 @@ _equivalent(
     ["_resets -= 1", "_resets += 2"],
     "the counter is a generation token: a cached choice is reused only while it equals the value "
     "taken when the choice was made, and -1 or +2 per reset changes it on every reset as +1 does",
+)
+
+
+_INT_ONLY = (
+    "NumPy gives int64 for the integer sizes the model is called with (Linux, 64-bit): the dtype "
+    "only differs for float sizes, which no caller passes"
+)
+_equivalent(
+    "gemm.backends.hopper_schedule.x_tile_schedule",
+    "sizes = np.maximum(np.asarray(sizes, dtype=np.int64), 0)",
+    ["sizes = np.maximum(np.asarray(sizes, dtype=None), 0)", "sizes = np.maximum(np.asarray(sizes, ), 0)"],
+    _INT_ONLY,
+)
+_equivalent(
+    "gemm.backends.hopper_schedule.x_tile_schedule",
+    "starts = np.arange(len(sizes), dtype=np.int64) * capacity",
+    ["starts = np.arange(len(sizes), dtype=None) * capacity", "starts = np.arange(len(sizes), ) * capacity"],
+    _INT_ONLY,
+)
+_equivalent(
+    "gemm.backends.hopper_schedule.x_tile_schedule",
+    "starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)",
+    ["starts = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(None)"],
+    "astype(None) is float64, and the result is cast to int64 at the end: the same integers below 2**53",
+)
+_equivalent(
+    "gemm.backends.hopper_schedule.x_tile_schedule",
+    "return np.stack([group, first, rows], axis=1).astype(np.int64).reshape(-1, 3)",
+    ["return np.stack([group, first, rows], axis=1).astype(np.int64).reshape(-2, 3)"],
+    "NumPy reads any negative size in reshape as 'the rest', as -1",
 )
 
 

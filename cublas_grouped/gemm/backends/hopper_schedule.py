@@ -101,7 +101,7 @@ def offsets_args(sizes_ptr: int, e: int, total_rows: int, capacity: int, base: i
     return (sizes_ptr, e, total_rows, capacity, *schedule_addresses(base, e))
 
 
-def tile_schedule(sizes, block_m: int, capacity: int = 0, total_rows: int | None = None) -> np.ndarray:
+def tile_schedule(sizes, block_m: int, capacity: int, total_rows: int | None) -> np.ndarray:
     """The kernel's tile schedule, on the host: one row (group, first row, rows)
     per tile of ``block_m`` rows, in tile order (the CTA ``blockIdx.x`` of each), for tests.
 
