@@ -173,6 +173,12 @@
 #if SM90_TILE_THREADS % 32 != 0 || SM90_TILE_THREADS > 1024
 #error "SM90_TILE_THREADS must be a multiple of 32, at most 1024"
 #endif
+#ifndef SM90_CLUSTER_B
+#define SM90_CLUSTER_B 1
+#endif
+#if SM90_CLUSTER_B != 1 && SM90_CLUSTER_B != 2
+#error "SM90_CLUSTER_B must be 1 (one CTA per tile) or 2 (2-CTA clusters sharing B, sm90_cluster.cuh)"
+#endif
 
 #define SM90_MATH_WARPGROUPS 2
 #ifdef SM90_GATHER_A
@@ -743,15 +749,24 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
     }
 }
 
+#include "sm90_cluster.cuh"
+#if SM90_CLUSTER_B == 2
+#define SM90_KERNEL_ATTRS __cluster_dims__(2, 1, 1)
+#define SM90_GEMM_IMPL grouped_gemm_cluster_impl
+#else
+#define SM90_KERNEL_ATTRS
+#define SM90_GEMM_IMPL grouped_gemm_impl
+#endif
+
 #define SM90_GEMM_KERNEL(name, T, N_MAJOR_B)                                                                 \
-    extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1)                                            \
+    extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) SM90_KERNEL_ATTRS                          \
         name(const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_a_rows,              \
              const __grid_constant__ TmaMap tmap_b, const int* __restrict__ row_offsets,                     \
              const int* __restrict__ row_ends, const int* __restrict__ tile_offsets,                         \
              int* __restrict__ tile_counter, int num_groups, int M, int N, int K, T* __restrict__ out,       \
              const T* __restrict__ bias SM90_GATHER_PARAMS(T)) {                                             \
-        grouped_gemm_impl<T, N_MAJOR_B>(&tmap_a, &tmap_a_rows, &tmap_b, row_offsets, row_ends, tile_offsets, \
-                                        tile_counter, num_groups, M, N, K, out, bias SM90_GATHER_ARGS);      \
+        SM90_GEMM_IMPL<T, N_MAJOR_B>(&tmap_a, &tmap_a_rows, &tmap_b, row_offsets, row_ends, tile_offsets,    \
+                                     tile_counter, num_groups, M, N, K, out, bias SM90_GATHER_ARGS);         \
     }
 
 SM90_GEMM_KERNEL(grouped_gemm_nt_bf16, bf16_t, false)
