@@ -176,7 +176,7 @@ def test_the_variant_keeps_the_wgmma_pipeline(act, tmp_path):
     report = log.text
     for kernel in ("nt_bf16", "nt_f16", "nn_bf16", "nn_f16"):
         assert f"Compiling entry function 'grouped_gemm_{kernel}'" in report
-    assert "C7520" not in report, report
+    assert "C7520" not in report and "warning" not in report.lower(), report
     assert not any(
         "spill" in line and not line.strip().endswith("0 bytes spill stores, 0 bytes spill loads")
         for line in report.splitlines()
@@ -205,11 +205,9 @@ def test_the_variant_keeps_the_wgmma_pipeline(act, tmp_path):
         assert multicast >= 1, counts
 
 
-def test_the_default_define_is_todays_kernel():
-    """SM90_CLUSTER_B 1 compiles to the same cubin as no define (today's
-    kernel; the source's default), and 2 with SM90_GATHER_A is refused."""
-    plain = {k: v for k, v in hopper.DEFINES.items() if k != "SM90_CLUSTER_B"}
-    assert bytes(_compile(hopper.DEFINES).code) == bytes(_compile(plain).code)
+def test_bad_cluster_defines_are_refused():
+    """2 with SM90_GATHER_A is refused, and any value but 1 or 2 (a missing
+    define is test_kernels_compile's case)."""
     with pytest.raises(Exception, match="does not take SM90_GATHER_A"):
         _compile({**CLUSTER, "SM90_GATHER_A": 1})
     with pytest.raises(Exception, match="SM90_CLUSTER_B must be 1"):
