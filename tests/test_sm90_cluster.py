@@ -214,6 +214,15 @@ def test_bad_cluster_defines_are_refused():
         _compile({**hopper.DEFINES, "SM90_CLUSTER_B": 4})
 
 
+def test_the_host_refuses_gather_with_clusters():
+    from cublas_grouped.gemm.backends.hopper_variants import RowGather, variant_defines
+
+    gather = RowGather(0x1000, 8, 10)
+    assert variant_defines(hopper.DEFINES, None, gather)["SM90_GATHER_A"] == 1
+    with pytest.raises(ValueError, match="SM90_GATHER_A.*need SM90_CLUSTER_B 1"):
+        variant_defines(CLUSTER, None, gather)
+
+
 E, M, N, K = 4, 300, 392, 256
 
 

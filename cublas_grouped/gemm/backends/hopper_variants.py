@@ -65,6 +65,8 @@ def variant_defines(defines: dict, epilogue: GatedEpilogue | None, gather: RowGa
     if epilogue is not None:
         out.update(dict(epilogue.codes), SM90_EPILOGUE_ACT=epilogue.act)
     if gather is not None:
+        if out.get("SM90_CLUSTER_B", 1) != 1:  # the kernel source refuses it too (#error)
+            raise ValueError("gather: a's rows gathered in the GEMM (SM90_GATHER_A) need SM90_CLUSTER_B 1")
         out["SM90_GATHER_A"] = 1
     return out
 
