@@ -32,10 +32,6 @@
 //                       small boxes holding them (v10); SM90_BLOCK_M gives
 //                       v9's loads (one whole box for every tile)
 //   SM90_STAGES         shared-memory stages of the ring
-//   SM90_CLUSTER_B      1: one CTA per tile (the kernels below); 2: CTAs in
-//                       clusters of two sharing each B stage by TMA multicast
-//                       (v13, sm90_cluster.cuh: same arguments, an even grid,
-//                       tmap_b of nt weights with half a tile's rows per box)
 //   SM90_TILE_THREADS   threads of grouped_tile_offsets' one block
 //   SM90_EPILOGUE_ACT   optional: an activation code (ACT_SILU, ACT_GELU or
 //                       ACT_RELU, also defined) for the gated epilogue below
@@ -162,8 +158,8 @@
 #include "sm90.cuh"
 
 #if !defined(SM90_BLOCK_M) || !defined(SM90_BLOCK_N) || !defined(SM90_BLOCK_K) || \
-    !defined(SM90_STAGES) || !defined(SM90_TILE_THREADS) || !defined(SM90_A_BOX_ROWS) || !defined(SM90_CLUSTER_B)
-#error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES, SM90_TILE_THREADS, SM90_A_BOX_ROWS and SM90_CLUSTER_B from its launcher"
+    !defined(SM90_STAGES) || !defined(SM90_TILE_THREADS) || !defined(SM90_A_BOX_ROWS)
+#error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES, SM90_TILE_THREADS and SM90_A_BOX_ROWS from its launcher"
 #endif
 #if SM90_A_BOX_ROWS % 8 != 0 || SM90_A_BOX_ROWS > SM90_BLOCK_M
 #error "SM90_A_BOX_ROWS must be a multiple of 8 (one 1024-byte swizzle atom), at most SM90_BLOCK_M"
@@ -176,9 +172,6 @@
 #endif
 #if SM90_TILE_THREADS % 32 != 0 || SM90_TILE_THREADS > 1024
 #error "SM90_TILE_THREADS must be a multiple of 32, at most 1024"
-#endif
-#if SM90_CLUSTER_B != 1 && SM90_CLUSTER_B != 2
-#error "SM90_CLUSTER_B must be 1 (one CTA per tile) or 2 (2-CTA clusters sharing B, sm90_cluster.cuh)"
 #endif
 
 #define SM90_MATH_WARPGROUPS 2
@@ -750,24 +743,15 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
     }
 }
 
-#include "sm90_cluster.cuh"
-#if SM90_CLUSTER_B == 2
-#define SM90_KERNEL_ATTRS __cluster_dims__(2, 1, 1)
-#define SM90_GEMM_IMPL grouped_gemm_cluster_impl
-#else
-#define SM90_KERNEL_ATTRS
-#define SM90_GEMM_IMPL grouped_gemm_impl
-#endif
-
 #define SM90_GEMM_KERNEL(name, T, N_MAJOR_B)                                                                 \
-    extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) SM90_KERNEL_ATTRS                          \
+    extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1)                                            \
         name(const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_a_rows,              \
              const __grid_constant__ TmaMap tmap_b, const int* __restrict__ row_offsets,                     \
              const int* __restrict__ row_ends, const int* __restrict__ tile_offsets,                         \
              int* __restrict__ tile_counter, int num_groups, int M, int N, int K, T* __restrict__ out,       \
              const T* __restrict__ bias SM90_GATHER_PARAMS(T)) {                                             \
-        SM90_GEMM_IMPL<T, N_MAJOR_B>(&tmap_a, &tmap_a_rows, &tmap_b, row_offsets, row_ends, tile_offsets,    \
-                                     tile_counter, num_groups, M, N, K, out, bias SM90_GATHER_ARGS);         \
+        grouped_gemm_impl<T, N_MAJOR_B>(&tmap_a, &tmap_a_rows, &tmap_b, row_offsets, row_ends, tile_offsets, \
+                                        tile_counter, num_groups, M, N, K, out, bias SM90_GATHER_ARGS);      \
     }
 
 SM90_GEMM_KERNEL(grouped_gemm_nt_bf16, bf16_t, false)

@@ -117,11 +117,9 @@ def test_every_source_is_covered():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_only_local_common_include(name):
-    # Local headers only: common.cuh everywhere, sm90.cuh (Hopper PTX wrappers) in sm_90a sources,
-    # sm90_cluster.cuh (the 2-CTA cluster variant, v13) in grouped_gemm_sm90.cu.
-    allowed = {'#include "common.cuh"', '#include "sm90.cuh"', '#include "sm90_cluster.cuh"'}
-    headers = ("common.cuh", "sm90.cuh", "sm90_cluster.cuh")
-    for path in (KERNEL_DIR / name, *(KERNEL_DIR / h for h in headers)):
+    # Local headers only: common.cuh everywhere, sm90.cuh (Hopper PTX wrappers) in sm_90a sources.
+    allowed = {'#include "common.cuh"', '#include "sm90.cuh"'}
+    for path in (KERNEL_DIR / name, KERNEL_DIR / "common.cuh", KERNEL_DIR / "sm90.cuh"):
         for line in _ANY_INCLUDE.findall(path.read_text()):
             assert line.strip() in allowed, f"{path.name}: {line.strip()}"
     assert not _ANY_INCLUDE.findall(inline_includes(KERNEL_DIR / name))

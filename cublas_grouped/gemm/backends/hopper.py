@@ -9,10 +9,13 @@ The group sizes are read on the device: a tiny kernel turns them into row and
 tile offsets, and the GEMM's CTAs find their tile's group there, so nothing
 crosses to the host and the launch sizes depend only on M, N and E.
 
-Where it stands (docs/kernel-notes.md): 128 x 256 tiles, a load warpgroup
-filling a ring of stages ahead of two math warpgroups, persistent CTAs taking
-tiles from a device counter (:data:`SCHEDULE`). AUTO takes it where measured
-clearly faster than cuBLAS (``select.with_own_kernel``).
+Where it stands (docs/kernel-notes.md has the measurements): 128 x 256 tiles,
+a load warpgroup filling a ring of shared-memory stages ahead of two math
+warpgroups (warp specialization), persistent CTAs (one per SM, each taking
+the next tile from a counter on the device when its ring has room, so the
+next tile's loads run during this tile's stores; :data:`SCHEDULE`), one tile
+shape. AUTO takes it where measured clearly faster than cuBLAS
+(``select.with_own_kernel``, ``select.OWN_KERNEL_MARGIN``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .hopper_schedule import (
 )
 from .hopper_schedule import tile_schedule as host_tile_schedule
 from .hopper_sizes import READ_DTYPES
-from .hopper_variants import GatedEpilogue, RowGather, defines_key, variant_defines
+from .hopper_variants import GatedEpilogue, RowGather, variant_defines
 from .tma import MAP_CACHE_SIZE, tensor_map
 
 __all__ = [
@@ -64,7 +67,6 @@ __all__ = [
     "CTAS_PER_SM",
     "GRID_LIMIT",
     "grid_size",
-    "CLUSTER_B",
     "MAP_CACHE_SIZE",
     "tensor_map",
     "schedule_buffers",
@@ -106,9 +108,6 @@ STAGES = 4  # shared-memory stages the load warpgroup fills ahead of the MMAs (4
 A_BOX_ROWS = 16
 TILE_THREADS = 1024  # grouped_tile_offsets' one block
 THREADS = 384  # a load warpgroup and two math warpgroups
-# CTAs per cluster sharing each B stage by TMA multicast (v13, kernels/sm90_cluster.cuh):
-# 1 is v11's kernel (same SASS); 2 pairs m-tiles 2q, 2q + 1. 1 until a GPU run shows 2 faster.
-CLUSTER_B = 1
 DEFINES = {
     "SM90_BLOCK_M": BLOCK_M,
     "SM90_BLOCK_N": BLOCK_N,
@@ -116,7 +115,6 @@ DEFINES = {
     "SM90_STAGES": STAGES,
     "SM90_TILE_THREADS": TILE_THREADS,
     "SM90_A_BOX_ROWS": A_BOX_ROWS,
-    "SM90_CLUSTER_B": CLUSTER_B,
 }
 # The kernel source (kernels/<SOURCE>.cu), read at each call: a probe can time
 # an earlier version of the kernel beside this one in the same run.
@@ -168,20 +166,18 @@ def weights_layout(trans_b: bool) -> str:
     return "nt" if trans_b else "nn"
 
 
-def b_map_shape(
-    e: int, n: int, k: int, trans_b: bool, cluster: int = 1
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def b_map_shape(e: int, n: int, k: int, trans_b: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(shape, box) of the TMA map of ``E`` groups' weights, outermost first.
 
     ``[E, N, K]``: the 2-D ``[E * N, K]`` with one box of BLOCK_N rows per stage
-    (a tile's rows past N read the next group's weights, never stored), or of
-    half that with ``cluster`` 2 (SM90_CLUSTER_B: each CTA of a pair loads one).
-    ``[E, K, N]``: the 3-D ``[E, K, N]``, boxes of BLOCK_K rows by B_SPAN
-    columns, BLOCK_N / B_SPAN per stage; 3-D so that a K tail reads zeros, not
-    the next group's first rows (0 * inf is NaN).
+    (a tile's rows past N read the next group's weights; those columns are
+    never stored). ``[E, K, N]``: the 3-D ``[E, K, N]`` with boxes of BLOCK_K
+    rows by B_SPAN columns, BLOCK_N / B_SPAN of them per stage; 3-D so that a
+    K tail reads zeros and not the next group's first rows (a 2-D
+    ``[E * K, N]`` map would rely on the zeros of ``a``, and 0 * inf is NaN).
     """
     if trans_b:
-        return (e * n, k), (BLOCK_N // cluster, BLOCK_K)
+        return (e * n, k), (BLOCK_N, BLOCK_K)
     return (e, k, n), (1, BLOCK_K, B_SPAN)
 
 
@@ -212,17 +208,11 @@ SCHEDULE = "persistent"
 CTAS_PER_SM = 1
 
 
-def grid_size(
-    tile_bound: int, sm_count: int, schedule: str | None = None, limit: int | None = None, cluster: int = 1
-) -> int:
+def grid_size(tile_bound: int, sm_count: int, schedule: str | None = None, limit: int | None = None) -> int:
     """CTAs of one launch: ``tile_bound`` (the most tiles the sizes can need,
     :func:`max_tiles` times the column tiles) for ``"per_tile"``; for
     ``"persistent"`` at most ``CTAS_PER_SM * sm_count``, and at most ``limit``
-    when given (tests force many tiles per CTA with a small one). ``cluster`` 2
-    (SM90_CLUSTER_B): two CTAs per cluster so counted over half the SMs and ``limit``."""
-    if cluster == 2:
-        half = None if limit is None else max(limit // 2, 1)
-        return 2 * grid_size(tile_bound, sm_count // 2, schedule, half)
+    when given (tests force many tiles per CTA with a small one)."""
     schedule = SCHEDULE if schedule is None else schedule
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}")
@@ -387,8 +377,19 @@ def prepared_gemm(
     the address of x after it), kept per thread by everything else it holds:
     ``base`` is the address of the schedule ints, ``counter`` which of its
     tile counters (0 or 1) the GEMM takes tiles from."""
-    key = (device_id, problem, *ptrs[:2], base, tile_bound, epilogue, counter, gather)
-    key += (SOURCE, SCHEDULE, GRID_LIMIT, defines_key(DEFINES))  # what a probe swaps between calls
+    key = (
+        device_id,
+        problem,
+        *ptrs[:2],
+        base,
+        tile_bound,
+        epilogue,
+        counter,
+        gather,
+        SOURCE,
+        SCHEDULE,
+        GRID_LIMIT,
+    )
     prepared = getattr(_local, "gemms", None)
     if prepared is None:
         prepared = _local.gemms = {}
@@ -414,8 +415,7 @@ def _prepare_gemm(
     gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=defines)
     _allow_shared_memory(gemm, device_id)
     element = BFLOAT16 if dtype == BFLOAT16 else dtype
-    cluster = defines.get("SM90_CLUSTER_B", 1)
-    tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b, cluster), element, device_id)
+    tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b), element, device_id)
     if gather is None:
         tmap_a = tensor_map(ptrs[0], (m, k), (BLOCK_M, BLOCK_K), element, device_id)
         tmap_a_rows = tensor_map(ptrs[0], (m, k), (defines["SM90_A_BOX_ROWS"], BLOCK_K), element, device_id)
@@ -432,7 +432,7 @@ def _prepare_gemm(
     )
     if gather is not None:  # x (slot 13: written by each launch), src, top_k, x's rows
         args += (np.intp(0), np.intp(gather.src), np.int32(gather.top_k), np.int32(gather.rows))
-    grid = grid_size(tile_bound * -(-n // BLOCK_N), _sm_count(device_id), limit=GRID_LIMIT, cluster=cluster)
+    grid = grid_size(tile_bound * -(-n // BLOCK_N), _sm_count(device_id), limit=GRID_LIMIT)
     label = f"{name} (kernels/{SOURCE}.cu, {ARCH})"
     slots = (11,) if gather is None else (11, 13)
     return _fast.FixedLaunch(gemm, grid, THREADS, args, shmem=SHARED_BYTES, slots=slots, label=label)
@@ -458,13 +458,16 @@ def grouped_rows(
     """Grouped-contiguous rows given by addresses: ``problem`` (E, M, N, K,
     trans_b, dtype), ``ptrs`` (a [M, K], b, out [M, N], C-contiguous),
     ``sizes_dev`` an integer [E] array on the device (or the address of int32
-    sizes; negative ones count as 0, cut where their sum reaches M).
+    sizes): the offsets kernel counts negative sizes as 0 and cuts them where
+    their sum reaches M (rows past their sum are neither computed as tiles of
+    their own nor written).
     ``scanned``: :func:`schedule_offsets` already ran on this stream with
     these sizes and ``storage``, and no GEMM since took tiles from counter
-    ``counter`` (a layer's GEMM 1 takes 0, its GEMM 2 then 1); ``storage``: as
-    in :func:`schedule_buffers`. No host sync. The grid covers any sizes
-    summing to M (:func:`max_tiles`): a captured graph replays with new ones.
-    The caller checked what :func:`masked_fixed_capacity` lists. ``epilogue``: as in
+    ``counter`` (0 or 1: a layer's GEMM 1 takes 0, its GEMM 2 then 1, with
+    one offsets launch for both); ``storage``: as in :func:`schedule_buffers`. No host sync.
+    The grid covers any sizes summing to M (:func:`max_tiles`), so it does not
+    depend on the sizes: a captured graph replays with new ones. The caller
+    checked what :func:`masked_fixed_capacity` lists. ``epilogue``: as in
     :func:`_launch` (N a multiple of 2 * :data:`GATE_UP_BLOCK`). ``gather``: a
     :class:`RowGather`: ``ptrs[0]`` is then x ``[gather.rows, K]`` (16-byte
     aligned) and a's rows are read through ``gather.src`` (v11).
@@ -481,8 +484,9 @@ def masked_fixed_capacity(res, problem, ptrs, counts_dev, capacity: int, *, stor
     N, K, trans_b, dtype) with M = E * C (C = ``capacity``), ``ptrs`` (a
     [E, C, K], b, out [E, C, N], C-contiguous), ``counts_dev`` int32 [E] on the
     device: group g's first min(counts[g], C) rows are computed and written,
-    its other rows neither (no tile is spent on them). No host sync; the
-    launch depends on E and C only (graph-safe with new counts).
+    its other rows neither (no tile is spent on them, and they keep what they
+    held). No host sync; the launch depends on E and C only (graph-safe with
+    new counts).
 
     The caller checked the shapes, dtype and alignment (:func:`unsupported_shape`,
     :func:`misaligned`), that E, C, N and K are not zero and that E * C < 2**31.

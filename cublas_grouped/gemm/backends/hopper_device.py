@@ -41,8 +41,7 @@ class PreparedDeviceSizes:
         if sizes_dev.dtype not in READ_DTYPES:
             sizes_dev = sizes_dev.astype(np.int64)  # int8/16, unsigned: a cast kernel first
         base = hopper.schedule_base(res, e)
-        # The defines too: a probe swaps them (SM90_CLUSTER_B) between calls on the same operands.
-        key = (a, b, base, sizes_dev.dtype, res.device_id, hopper.defines_key(hopper.DEFINES))
+        key = (a, b, base, sizes_dev.dtype, res.device_id)
         launches = self.launches.get(key)
         if launches is None:
             if len(self.launches) >= MAX_PREPARED_OPERANDS:

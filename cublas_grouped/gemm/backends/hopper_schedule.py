@@ -10,12 +10,6 @@ the offsets kernel zeroed (a counter left at a launch's count would make the
 next launch skip its tiles). The array is the stream's buffer, or a caller's
 own (``storage``: a layer captured in CUDA graphs beside other layers keeps
 its own, since the stream's buffer moves when it grows).
-
-The 2-CTA cluster variant (``SM90_CLUSTER_B`` 2, ``kernels/sm90_cluster.cuh``)
-reads these same ints: a tile of the schedule whose m-tile index in its group
-is even is a pair slot (the cluster's ranks 0 and 1 take m-tiles 2q and
-2q + 1), an odd one a hole that rank 0 draws past; :func:`pair_schedule` is
-its model.
 """
 
 from __future__ import annotations
@@ -32,7 +26,6 @@ __all__ = [
     "offsets_args",
     "OFFSETS_SIGNATURE",
     "tile_schedule",
-    "pair_schedule",
 ]
 
 # Groups the stream's schedule buffer holds from its first use (the MoE
@@ -133,29 +126,3 @@ def tile_schedule(sizes, block_m: int, capacity: int, total_rows: int | None) ->
     first = starts[group] + index * block_m
     rows = np.minimum(block_m, starts[group] + sizes[group] - first)
     return np.stack([group, first, rows], axis=1).astype(np.int64).reshape(-1, 3)
-
-
-def pair_schedule(
-    sizes, block_m: int, n_tiles: int, capacity: int = 0, total_rows: int | None = None
-) -> np.ndarray:
-    """The 2-CTA cluster kernel's pairs, on the host (tests): one row (slot,
-    group, column tile, first row, rows of rank 0, rows of rank 1) per pair,
-    in slot order. ``slot`` is the pair's tile in the plain kernel's schedule
-    of ``n_tiles`` column tiles (group by group, m-tiles fastest within each
-    column tile): its m-tile 2q; rank 1 takes m-tile 2q + 1 from ``block_m``
-    rows further on (0 rows when the group has no such tile: an odd count).
-    Other arguments as :func:`tile_schedule`.
-    """
-    tiles = tile_schedule(sizes, block_m, capacity, total_rows)
-    rows = []
-    first_tile = 0  # the group's first row tile (tile_offsets[g])
-    for g in np.unique(tiles[:, 0]):
-        mine = tiles[tiles[:, 0] == g]
-        m_tiles = len(mine)
-        for n in range(n_tiles):
-            for q in range(0, m_tiles, 2):
-                second = mine[q + 1, 2] if q + 1 < m_tiles else 0
-                slot = first_tile * n_tiles + n * m_tiles + q
-                rows.append([slot, g, n, mine[q, 1], mine[q, 2], second])
-        first_tile += m_tiles
-    return np.array(rows, dtype=np.int64).reshape(-1, 6)

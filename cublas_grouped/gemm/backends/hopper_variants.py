@@ -3,8 +3,6 @@ the defines that select them (``kernels/grouped_gemm_sm90.cu``'s header):
 
 - :class:`GatedEpilogue` (v9, ``SM90_EPILOGUE_ACT``): the first expert GEMM's
   gated activation in the epilogue;
-- ``SM90_CLUSTER_B`` 2 (v13, ``hopper.CLUSTER_B``): 2-CTA clusters sharing
-  each B stage by TMA multicast (``kernels/sm90_cluster.cuh``);
 - :class:`RowGather` (v11, ``SM90_GATHER_A``): a's rows read through an index
   array (``a[r] = x[src[r] // top_k]``), so no gathered copy of the tokens is
   written. The load warpgroup copies them into the stage with cp.async in the
@@ -16,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["GatedEpilogue", "RowGather", "variant_defines", "defines_key", "swizzle_128b_offset"]
+__all__ = ["GatedEpilogue", "RowGather", "variant_defines", "swizzle_128b_offset"]
 
 
 @dataclass(frozen=True)
@@ -65,17 +63,8 @@ def variant_defines(defines: dict, epilogue: GatedEpilogue | None, gather: RowGa
     if epilogue is not None:
         out.update(dict(epilogue.codes), SM90_EPILOGUE_ACT=epilogue.act)
     if gather is not None:
-        if out.get("SM90_CLUSTER_B", 1) != 1:  # the kernel source refuses it too (#error)
-            raise ValueError("gather: a's rows gathered in the GEMM (SM90_GATHER_A) need SM90_CLUSTER_B 1")
         out["SM90_GATHER_A"] = 1
     return out
-
-
-def defines_key(defines: dict) -> tuple:
-    """``defines`` (the launcher's DEFINES) as part of a prepared launch's key:
-    a probe swaps them between calls (``SM90_CLUSTER_B``, ``SM90_A_BOX_ROWS``),
-    and a launch prepared under others would run the other kernel and grid."""
-    return tuple(defines.items())
 
 
 def swizzle_128b_offset(row: int, chunk: int) -> int:
