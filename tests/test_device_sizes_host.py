@@ -425,3 +425,29 @@ def test_auto_on_host_sizes_measured_for_sm90_takes_the_prepared_path(gpu, monke
     assert len(gpu.decoded) == 2 and gpu.copies == [] and gpu.cublas == []
     assert count_calls(call, repeat=10) <= BUDGETS["auto"]
     autotune.reset_measurements()
+
+
+@pytest.mark.parametrize("sizes_on", ["host", "device"])
+def test_prepared_launches_follow_the_defines(gpu, monkeypatch, sizes_on):
+    """A probe swaps hopper.DEFINES between calls on the same operands (an A/B of
+    a define): the call must then run a launch prepared under the new defines
+    (its kernel and its tensor map of a's rows), not replay the old one."""
+    from cublas_grouped.gemm.backends import hopper
+
+    a, b = _operands()
+    sizes = np.array([4, 4, 4, 4]) if sizes_on == "host" else fake_array((E,), "int32")
+    out = fake_array((M, N))
+    prepared = []
+    real = hopper._prepare_gemm
+    monkeypatch.setattr(
+        hopper, "_prepare_gemm", lambda *x: (prepared.append(dict(hopper.DEFINES)), real(*x))[1]
+    )
+    gpu.clear()
+    first = _queued(gpu, cg.gmm(a, b, sizes, algorithm="sm90_grouped", out=out))
+    gpu.clear()
+    assert _queued(gpu, cg.gmm(a, b, sizes, algorithm="sm90_grouped", out=out)) == first  # a hit
+    variant = {**hopper.DEFINES, "SM90_A_BOX_ROWS": hopper.BLOCK_M}
+    monkeypatch.setattr(hopper, "DEFINES", variant)
+    gpu.clear()
+    cg.gmm(a, b, sizes, algorithm="sm90_grouped", out=out)
+    assert [d["SM90_A_BOX_ROWS"] for d in prepared] == [hopper.A_BOX_ROWS, hopper.BLOCK_M]

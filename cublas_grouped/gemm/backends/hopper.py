@@ -322,7 +322,9 @@ GATE_UP_BLOCK = BLOCK_N // 2
 # Prepared GEMM launches per thread (runtime.launch.FixedLaunch: tensor maps
 # and arguments packed once), keyed by everything their arguments and grid
 # hold except the output address, which each launch writes in; at most
-# PREPARED_LAUNCHES (then started over). DEFINES are constants: not keyed.
+# PREPARED_LAUNCHES (then started over). DEFINES are keyed too: a probe swaps
+# them between calls (``--define``), and a launch prepared under others would
+# replay the other kernel (every probe A/B by define before 2026-11-27 did).
 PREPARED_LAUNCHES = 256
 _local = threading.local()
 
@@ -377,19 +379,8 @@ def prepared_gemm(
     the address of x after it), kept per thread by everything else it holds:
     ``base`` is the address of the schedule ints, ``counter`` which of its
     tile counters (0 or 1) the GEMM takes tiles from."""
-    key = (
-        device_id,
-        problem,
-        *ptrs[:2],
-        base,
-        tile_bound,
-        epilogue,
-        counter,
-        gather,
-        SOURCE,
-        SCHEDULE,
-        GRID_LIMIT,
-    )
+    key = (device_id, problem, *ptrs[:2], base, tile_bound, epilogue, counter, gather)
+    key += (SOURCE, SCHEDULE, GRID_LIMIT, tuple(DEFINES.items()))  # what a probe swaps between calls
     prepared = getattr(_local, "gemms", None)
     if prepared is None:
         prepared = _local.gemms = {}

@@ -41,7 +41,7 @@ class PreparedDeviceSizes:
         if sizes_dev.dtype not in READ_DTYPES:
             sizes_dev = sizes_dev.astype(np.int64)  # int8/16, unsigned: a cast kernel first
         base = hopper.schedule_base(res, e)
-        key = (a, b, base, sizes_dev.dtype, res.device_id)
+        key = (a, b, base, sizes_dev.dtype, res.device_id, tuple(hopper.DEFINES.items()))  # as prepared_gemm
         launches = self.launches.get(key)
         if launches is None:
             if len(self.launches) >= MAX_PREPARED_OPERANDS:
