@@ -271,7 +271,7 @@ def _allow_shared_memory(kernel, device_id: int, nbytes: int = SHARED_BYTES) -> 
     _shared_set.add(key)
 
 
-_scan_kernels: dict = {}  # (SOURCE, sizes' dtype) -> the offsets kernel (DEFINES are constants)
+_scan_kernels: dict = {}  # (SOURCE, sizes' dtype) -> the offsets kernel (reads no define a probe swaps)
 # The offsets kernel's entry point per sizes' dtype it reads in place (others are cast to int64 first).
 OFFSETS_KERNELS = {np.dtype(np.int32): "grouped_tile_offsets", np.dtype(np.int64): "grouped_tile_offsets_i64"}
 
