@@ -25,7 +25,10 @@
 // into a temporary fp32 fragment (the first with scale-d = 0), waits for them,
 // and adds tmp * sa[row][kb] * sb[g][nb][kb] into the real accumulator with
 // FFMAs: every 128-deep partial sum is exact-ish in the tensor core and then
-// summed in full fp32.
+// summed in full fp32. With FP8_OVERLAP (the default) there are two temporary
+// fragments: the next stage's MMAs run into one while this stage's sums in the
+// other are promoted (both math warpgroups reach their promotions together, so
+// with one fragment the tensor cores idled through every promotion).
 //
 // Why the A scales stay [M, KB] (not transposed): each thread needs the scales
 // of its own two rows (row and row + 8 of the D fragment) and of one B block
@@ -42,13 +45,19 @@
 //                 grouped_tile_offsets kernel makes this kernel's row and tile
 //                 offsets and zeroes its tile counter
 //   FP8_BLOCK_N   columns of a tile: 128. One B scale per tile per stage (N
-//                 blocks of 128 are the scale blocks), and 64 + 64 fp32
-//                 registers per thread for acc + tmp, within the 168 that 384
-//                 threads may each have. (256 would need 256 registers of acc +
-//                 tmp, and two B scales per stage.)
+//                 blocks of 128 are the scale blocks), and 64 fp32 registers
+//                 per thread for acc and for each tmp: 128 serial, within the
+//                 168 that 384 threads may each have; 192 overlapped, within
+//                 the 232 the math warpgroups take (setmaxnreg). (256 would
+//                 need 256 registers of acc + tmp, and two B scales per stage.)
 //   FP8_BLOCK_K   K of one stage: 128 (128 bytes of e4m3: one row of the
 //                 128-byte swizzle, and exactly one scale block)
 //   FP8_STAGES    shared-memory stages of the ring (32 KiB each)
+//   FP8_OVERLAP   1: two temporary fragments, stage kt + 1's MMAs running while
+//                 stage kt's partial sums are promoted, the load warpgroup
+//                 giving registers to the math ones (setmaxnreg 40 / 232);
+//                 0: one fragment, each stage's MMAs waited for, then promoted
+//                 (the form before 2026-11-27). Both give the same bits.
 //
 // Kernel:
 //
@@ -81,8 +90,9 @@
 #include "common.cuh"
 #include "sm90.cuh"
 
-#if !defined(FP8_BLOCK_M) || !defined(FP8_BLOCK_N) || !defined(FP8_BLOCK_K) || !defined(FP8_STAGES)
-#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K and FP8_STAGES from its launcher"
+#if !defined(FP8_BLOCK_M) || !defined(FP8_BLOCK_N) || !defined(FP8_BLOCK_K) || !defined(FP8_STAGES) || \
+    !defined(FP8_OVERLAP)
+#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES and FP8_OVERLAP from its launcher"
 #endif
 #if FP8_BLOCK_M != 128 || FP8_BLOCK_N != 128 || FP8_BLOCK_K != 128
 #error "this kernel's two math warpgroups issue wgmma m64n128k32 over 128-deep K stages: FP8_BLOCK_M=128, FP8_BLOCK_N=128, FP8_BLOCK_K=128"
@@ -136,6 +146,48 @@ __device__ __forceinline__ float load_scale(const float* p) {
     float v;
     asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(v) : "l"(p));
     return v;
+}
+
+// One stage's MMAs into the temporary fragment d: wait for fill f, then the
+// four m64n128k32 steps over its 128 bytes of K (the first with scale-d = 0),
+// committed as one group. wgmma.fence first: d was read by a promotion.
+__device__ __forceinline__ void fp8_issue_stage(float (&d)[64], unsigned long long* full, unsigned f,
+                                                const unsigned char* ring_a, const unsigned char* ring_b,
+                                                int half) {
+    const int s = f % FP8_STAGES;
+    mbarrier_wait(&full[s], (f / FP8_STAGES) & 1);
+    // 64 rows of 128 bytes further down the A stage: 8 KiB, 1024-aligned.
+    const unsigned long long da = smem_descriptor(ring_a + s * FP8_A_STAGE_BYTES + half * 64 * FP8_BLOCK_K);
+    const unsigned long long db = smem_descriptor(ring_b + s * FP8_B_STAGE_BYTES);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < FP8_BLOCK_K / 32; ++kk) {
+        // 32 e4m3 of K are 32 bytes further along each 128-byte row: +2 in
+        // the descriptor's address field (units of 16 bytes).
+        wgmma_m64n128k32_e4m3(d, da + 2 * kk, db + 2 * kk, kk > 0);
+    }
+    wgmma_commit();
+}
+
+// Pins d's registers at this point of the program: the compiler may not move
+// a read or write of them across it (an empty volatile asm that "changes"
+// each one; volatile asms keep their order). Placed after a wgmma wait, it
+// keeps the promotion's reads of d after the wait: a read of a fragment whose
+// MMAs may still run makes ptxas serialize every wgmma (note C7514).
+__device__ __forceinline__ void fp8_pin(float (&d)[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// acc += d * scale, with s0 for the fragment's row frag_row and s1 for row + 8.
+__device__ __forceinline__ void fp8_promote(float (&acc)[64], const float (&d)[64], float s0, float s1) {
+#pragma unroll
+    for (int i = 0; i < 64; i += 4) {
+        acc[i] = fmaf(d[i], s0, acc[i]);
+        acc[i + 1] = fmaf(d[i + 1], s0, acc[i + 1]);
+        acc[i + 2] = fmaf(d[i + 2], s1, acc[i + 2]);
+        acc[i + 3] = fmaf(d[i + 3], s1, acc[i + 3]);
+    }
 }
 
 // One tile of the schedule (see the header): group, rows, first column.
@@ -206,6 +258,11 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
 
     const int warpgroup = threadIdx.x / 128;
     if (warpgroup == 0) {
+#if FP8_OVERLAP
+        // The load warpgroup gives registers to the math warpgroups' second
+        // fragment: 128 x 40 + 256 x 232 = 64,512 of the SM's 65,536.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+#endif
         if (threadIdx.x == 0) {
             unsigned fills = 0;
             long long tile = blockIdx.x;
@@ -237,12 +294,26 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
     }
 
     // Math warpgroup w (1 or 2) multiplies rows 64 * (w - 1) .. + 63 of each tile.
+#if FP8_OVERLAP
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+#endif
     const int half = warpgroup - 1;
     const int tid = threadIdx.x & 127;
     const int frag_row = (tid >> 5) * 16 + ((tid & 31) >> 2);  // this thread's first D row in the 64
+#if FP8_OVERLAP
+    // Two temporary fragments: stage kt + 1's MMAs run into one while stage
+    // kt's partial sums in the other are promoted, so the tensor cores are
+    // not idle during the FFMAs (the serial form waits for its MMAs, then
+    // promotes: ncu put the tensor pipe at 49-51% active on Qwen3 16384 and
+    // Mixtral 4096, its warps waiting at the wgmma wait).
+    float acc[64], tmp0[64], tmp1[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) tmp0[i] = tmp1[i] = 0.0f;  // defined before the first MMAs (which ignore them)
+#else
     float acc[64], tmp[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) tmp[i] = 0.0f;  // defined before the first MMA (which ignores it)
+#endif
     unsigned fills = 0;
     for (unsigned j = 0;; ++j) {
         const long long tile = sm90_mailbox_read(&mail, j);
@@ -261,40 +332,67 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
 #pragma unroll
         for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
 
+#if FP8_OVERLAP
+        // Stages alternate between tmp0 (even kt) and tmp1 (odd kt): stage
+        // kt + 1's MMAs are issued before stage kt's partial sums are
+        // promoted. Each stage's scales are loaded when its MMAs are issued
+        // and used one stage later. Every path keeps one group in flight
+        // through the loop and none after the tail: where ptxas cannot tell
+        // which fragment is in flight, it serializes every wgmma (C7514).
+        fp8_issue_stage(tmp0, full, fills, ring_a, ring_b, half);
+        int kt = 0;
+        float na0, na1, nb;
+        for (; kt + 2 < num_k; kt += 2) {  // stages kt + 1 and kt + 2 exist
+            fp8_issue_stage(tmp1, full, fills + kt + 1, ring_a, ring_b, half);
+            na0 = load_scale(sa0 + kt + 1), na1 = load_scale(sa1 + kt + 1), nb = load_scale(sbt + kt + 1);
+            wgmma_wait<1>();  // stage kt's group is done; kt + 1's runs on
+            fp8_pin(tmp0);
+            if (tid == 0) mbarrier_arrive(&empty[(fills + kt) % FP8_STAGES]);  // stage kt is read
+            fp8_promote(acc, tmp0, a0 * b, a1 * b);
+            a0 = na0, a1 = na1, b = nb;
+            fp8_issue_stage(tmp0, full, fills + kt + 2, ring_a, ring_b, half);
+            na0 = load_scale(sa0 + kt + 2), na1 = load_scale(sa1 + kt + 2), nb = load_scale(sbt + kt + 2);
+            wgmma_wait<1>();
+            fp8_pin(tmp1);
+            if (tid == 0) mbarrier_arrive(&empty[(fills + kt + 1) % FP8_STAGES]);
+            fp8_promote(acc, tmp1, a0 * b, a1 * b);
+            a0 = na0, a1 = na1, b = nb;
+        }
+        // The tail: stage kt is in tmp0, in flight; one more stage or none.
+        if (kt + 1 < num_k) {
+            fp8_issue_stage(tmp1, full, fills + kt + 1, ring_a, ring_b, half);
+            na0 = load_scale(sa0 + kt + 1), na1 = load_scale(sa1 + kt + 1), nb = load_scale(sbt + kt + 1);
+            wgmma_wait<1>();
+            fp8_pin(tmp0);
+            if (tid == 0) mbarrier_arrive(&empty[(fills + kt) % FP8_STAGES]);
+            fp8_promote(acc, tmp0, a0 * b, a1 * b);
+            wgmma_wait<0>();
+            fp8_pin(tmp1);
+            if (tid == 0) mbarrier_arrive(&empty[(fills + kt + 1) % FP8_STAGES]);
+            fp8_promote(acc, tmp1, na0 * nb, na1 * nb);
+        } else {
+            wgmma_wait<0>();
+            fp8_pin(tmp0);
+            if (tid == 0) mbarrier_arrive(&empty[(fills + kt) % FP8_STAGES]);
+            fp8_promote(acc, tmp0, a0 * b, a1 * b);
+        }
+#else
         for (int kt = 0; kt < num_k; ++kt) {
             const unsigned f = fills + kt;
-            const int s = f % FP8_STAGES;
-            mbarrier_wait(&full[s], (f / FP8_STAGES) & 1);
-            // 64 rows of 128 bytes further down the A stage: 8 KiB, 1024-aligned.
-            const unsigned long long da = smem_descriptor(ring_a + s * FP8_A_STAGE_BYTES + half * 64 * FP8_BLOCK_K);
-            const unsigned long long db = smem_descriptor(ring_b + s * FP8_B_STAGE_BYTES);
-            wgmma_fence();  // tmp was read by the last promotion
-#pragma unroll
-            for (int kk = 0; kk < FP8_BLOCK_K / 32; ++kk) {
-                // 32 e4m3 of K are 32 bytes further along each 128-byte row:
-                // +2 in the descriptor's address field (units of 16 bytes).
-                wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, kk > 0);
-            }
-            wgmma_commit();
+            fp8_issue_stage(tmp, full, f, ring_a, ring_b, half);
             // The next stage's scales, loaded while this stage's MMAs run (the
             // last stage reloads its own: harmless, and branch-free).
             const int kn = min(kt + 1, num_k - 1);
             const float na0 = load_scale(sa0 + kn), na1 = load_scale(sa1 + kn), nb = load_scale(sbt + kn);
             wgmma_wait<0>();
             // The stage is read: the load thread may refill it while we promote.
-            if (tid == 0) mbarrier_arrive(&empty[s]);
-            const float s0 = a0 * b, s1 = a1 * b;  // rows frag_row and frag_row + 8
-#pragma unroll
-            for (int i = 0; i < 64; i += 4) {
-                acc[i] = fmaf(tmp[i], s0, acc[i]);
-                acc[i + 1] = fmaf(tmp[i + 1], s0, acc[i + 1]);
-                acc[i + 2] = fmaf(tmp[i + 2], s1, acc[i + 2]);
-                acc[i + 3] = fmaf(tmp[i + 3], s1, acc[i + 3]);
-            }
+            if (tid == 0) mbarrier_arrive(&empty[f % FP8_STAGES]);
+            fp8_promote(acc, tmp, a0 * b, a1 * b);  // rows frag_row and frag_row + 8
             a0 = na0;
             a1 = na1;
             b = nb;
         }
+#endif
         fills += num_k;
 
         // The store: 2 passes of 64 columns through this warpgroup's staging area.

@@ -295,19 +295,24 @@ def test_bench_fp8_row_only_with_the_flag_and_says_why_not(monkeypatch, sm, dtyp
 def test_quantize_rows_has_16_byte_loads_and_exact_division(arch):
     from test_fp8_cpu import _ptx_entries
 
+    from cublas_grouped.gemm.fp8_kernels import QROWS_PAIRS
+
     entries = _ptx_entries(arch)
     for dtype, loads in (("f32", 2), ("f16", 1), ("bf16", 1)):
         body = entries[f"quantize_rows_fp8_{dtype}"]
-        assert body.count("ld.global.v4") == loads, dtype  # 8 elements per lane: 32 or 16 bytes
+        # 8 elements per lane (32 or 16 bytes) for each of the pass's tile pairs, all issued first.
+        assert body.count("ld.global.v4") == loads * QROWS_PAIRS, dtype
         assert "st.global.v2.b32" in body  # 8 codes per store
         assert "st.global.u8" in body  # the scalar path for other shapes and addresses
         assert "div.rn.f32" in body and "div.approx" not in body and ".ftz" not in body
+        # The hardware conversion from SM 8.9 on (e4m3_code), the software routine before.
+        assert ("cvt.rn.satfinite.e4m3x2.f32" in body) == (arch == "sm_90"), (arch, dtype)
 
 
-def test_quantize_rows_grid_covers_two_tiles_per_warp_on_the_vector_path():
-    from cublas_grouped.gemm.fp8_kernels import rows_per_warp
+def test_quantize_rows_grid_covers_the_tiles_of_a_warp_pass_on_the_vector_path():
+    from cublas_grouped.gemm.fp8_kernels import QROWS_PAIRS, rows_per_warp
 
-    assert rows_per_warp(2048, 0x1000, 0x2008) == 2
+    assert rows_per_warp(2048, 0x1000, 0x2008) == 2 * QROWS_PAIRS == 8
     assert rows_per_warp(300, 0x1000, 0x2000) == 1  # cols % 8
     assert rows_per_warp(2048, 0x1002, 0x2000) == 1  # x not 16-byte aligned
     assert rows_per_warp(2048, 0x1000, 0x2004) == 1  # q not 8-byte aligned

@@ -109,6 +109,24 @@ def test_quantize_rows_matches_the_model(tokens, cols, dtype):
     assert np.array_equal(cupy.asnumpy(scales).view(np.uint32), want_scales.view(np.uint32))
 
 
+@pytest.mark.parametrize("cols", [64, 2056])
+def test_quantize_rows_one_block_walks_every_tile(cols, monkeypatch):
+    """A grid of one block: each warp takes many passes of 2 * QROWS_PAIRS
+    tiles (the grid stride, and the row stepping across passes), the same
+    bytes as the model."""
+    import cupy
+
+    from cublas_grouped.gemm import fp8_kernels
+
+    monkeypatch.setattr(fp8_kernels, "MAX_GRID", 1)
+    rng = np.random.default_rng(cols)
+    host = hard_values(rng, (777, cols), BF16)
+    values, scales = cg.quantize_rows_fp8(cupy.asarray(host))
+    codes, want_scales = quantize_ref(host.astype(np.float32), 1, 128)
+    assert np.array_equal(cupy.asnumpy(values), codes)
+    assert np.array_equal(cupy.asnumpy(scales).view(np.uint32), want_scales.view(np.uint32))
+
+
 @pytest.mark.parametrize("offset", [1, 4])
 def test_quantize_rows_off_the_vector_alignment(offset):
     """x starting 2 (or 8) bytes past a 16-byte boundary, cols % 8 == 0: the

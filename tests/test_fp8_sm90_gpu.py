@@ -103,6 +103,7 @@ def _check(out, ref, what):
         ([300], 128, 128),  # all rows in one group, one K block (E = 1)
         ([37, 0, 64, 65, 1], 264, 144),  # K = 128 + 16: a partial last scale block
         ([129, 127, 0, 256], 392, 400),  # K = 3 * 128 + 16, N = 3 * 128 + 8
+        ([3, 130, 0, 77], 200, 528),  # K = 4 * 128 + 16: five stages, an odd count above one
         ([8] * 8, 8, 16),  # the smallest sizes the kernel takes
     ],
 )
@@ -154,6 +155,21 @@ def test_many_tiles_per_cta_and_every_tile_taken_once(monkeypatch):
     tiles = len(hopper.tile_schedule(sizes)) * -(-264 // hopper_fp8.BLOCK_N)
     counter = hopper.schedule_buffers(stream_resources(cupy.cuda.Device().id, None), len(sizes))[3]
     assert int(counter.get()[0]) == tiles
+
+
+@pytest.mark.parametrize("k", [128, 400, 528, 2048])
+def test_overlapped_promotion_gives_the_serial_forms_bits(k, monkeypatch):
+    """FP8_OVERLAP=1 (two temporary fragments) changes when each stage is
+    promoted, not what is added in which order: the same bits as the serial
+    form for one, an even and an odd number of K stages."""
+    rng = np.random.default_rng(k)
+    sizes = [0, 3, 200, 129]
+    a_q, a_s, wq, _ = _case(rng, sizes, 264, k)
+    outs = []
+    for overlap in (1, 0):
+        monkeypatch.setattr(hopper_fp8, "DEFINES", {**hopper_fp8.DEFINES, "FP8_OVERLAP": overlap})
+        outs.append(hopper_fp8.grouped_fp8(a_q, a_s, wq, sizes, out=poisoned((a_q.shape[0], 264), BF16)))
+    assert bool((outs[0].view(np.uint16) == outs[1].view(np.uint16)).all())
 
 
 def test_bitwise_repeatable():

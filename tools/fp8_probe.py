@@ -20,6 +20,10 @@ quantization: a few percent). For docs/kernel-notes.md ("FP8 kernel").
 
     PYTHONPATH=. python tools/fp8_probe.py [--tokens 16 64 4096 16384] [--models qwen3 deepseek]
 
+``--define NAME=VALUE`` (repeatable): the FP8 kernel under those defines too
+("fp8 var", e.g. ``--define FP8_OVERLAP=0`` for the serial promotion), with
+the time ratio and whether the two kernels' outputs agree bit for bit.
+
 ``--layer``: the whole decode layer instead (default tokens 16 and 64):
 ``FixedCapacityMoE`` with FP8 weights (the FP8 kernel step: rows quantized
 on the device, no dequantized copy) against the same layer with the bf16
@@ -98,7 +102,7 @@ def probe(model: str, tokens: int, wq, w_deq) -> None:
     x = cupy.random.standard_normal((m, k), dtype=cupy.float32).astype(BF16)
     a_q, a_s = cg.quantize_rows_fp8(x)
     flops = 2.0 * m * k * n
-    labels = ("fp8 kernel", "fp8 gmm", "bf16 sm90", "fp8 dequant")
+    labels = ("fp8 kernel", "fp8 gmm", "bf16 sm90", "fp8 dequant", "fp8 var")
     outs = {label: cupy.empty((m, n), dtype=BF16) for label in labels}
     dense_w = w_deq[0]
     methods = {
@@ -112,6 +116,16 @@ def probe(model: str, tokens: int, wq, w_deq) -> None:
         ),
         "dense bf16": lambda i: cupy.matmul(x, dense_w.T),
     }
+    if VARIANT:
+
+        def variant(i):
+            default, hopper_fp8.DEFINES = hopper_fp8.DEFINES, {**hopper_fp8.DEFINES, **VARIANT}
+            try:
+                hopper_fp8.grouped_fp8(a_q, a_s, wq, sizes_dev, out=outs["fp8 var"])
+            finally:
+                hopper_fp8.DEFINES = default
+
+        methods["fp8 var"] = variant
     results = dict(zip(methods, time_interleaved(list(methods.values()), warmup=3, repeat=20)))
     case = f"{model} T={tokens}"
     active = int((sizes > 0).sum())
@@ -128,6 +142,9 @@ def probe(model: str, tokens: int, wq, w_deq) -> None:
             line += f"   {2 * active * n * k / ms / 1e6:7.1f} GB/s of their bf16 weights"
         print(line)
     t = {label: r["median"] for label, r in results.items() if not isinstance(r, Exception)}
+    if VARIANT and {"fp8 kernel", "fp8 var"} <= set(t):
+        same = bool(cupy.all(outs["fp8 kernel"].view(cupy.uint16) == outs["fp8 var"].view(cupy.uint16)))
+        print(f"{'':20} fp8 kernel / variant time {t['fp8 kernel'] / t['fp8 var']:.3f}; bit for bit: {same}")
     if {"fp8 kernel", "bf16 sm90", "dense bf16", "fp8 gmm", "fp8 dequant"} <= set(t):
         print(
             f"{'':20} fp8 kernel speed-up over bf16 sm90 {t['bf16 sm90'] / t['fp8 kernel']:.2f}x, "
@@ -226,8 +243,14 @@ def decode_layer(model: str, tokens_list, rounds: int, replays: int, hbm_gbs: fl
     cupy.get_default_memory_pool().free_all_blocks()
 
 
+# Defines of an FP8 kernel variant timed beside the kernel (--define), or None.
+VARIANT = None
+
+
 def main() -> None:
     import cupy
+
+    global VARIANT
 
     import cublas_grouped as cg
 
@@ -238,7 +261,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30, help="--layer: timed rounds")
     parser.add_argument("--replays", type=int, default=10, help="--layer: graph launches per round")
     parser.add_argument("--hbm-gbs", type=float, default=3350.0)
+    parser.add_argument("--define", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
+    if args.define:
+        VARIANT = {k: int(v) for k, v in (d.split("=", 1) for d in args.define)}
+        print(f"variant: {VARIANT}")
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     if args.layer:
         print(f"{name}; decode layer (FixedCapacityMoE, graph replays), FP8 vs bf16 weights, AUTO")

@@ -441,15 +441,15 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "fp8-k-step",
         "grouped_gemm_fp8_sm90.cu",
-        "wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, kk > 0);",
-        "wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db, kk > 0);",
+        "wgmma_m64n128k32_e4m3(d, da + 2 * kk, db + 2 * kk, kk > 0);",
+        "wgmma_m64n128k32_e4m3(d, da + 2 * kk, db, kk > 0);",
         "every 32-deep K step multiplies by B's first K step",
     ),
     Mutant(
         "fp8-scale-d",
         "grouped_gemm_fp8_sm90.cu",
-        "wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, kk > 0);",
-        "wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, 1);",
+        "wgmma_m64n128k32_e4m3(d, da + 2 * kk, db + 2 * kk, kk > 0);",
+        "wgmma_m64n128k32_e4m3(d, da + 2 * kk, db + 2 * kk, 1);",
         "a stage's first MMA adds to tmp instead of overwriting it: every stage re-adds the ones before",
     ),
     Mutant(
@@ -469,15 +469,22 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "fp8-scale-prefetch",
         "grouped_gemm_fp8_sm90.cu",
-        "const int kn = min(kt + 1, num_k - 1);",
-        "const int kn = kt;",
-        "the scales loaded ahead are this stage's again: every stage after the first uses its predecessor's",
+        "na0 = load_scale(sa0 + kt + 2), na1 = load_scale(sa1 + kt + 2), nb = load_scale(sbt + kt + 2);",
+        "na0 = load_scale(sa0 + kt + 1), na1 = load_scale(sa1 + kt + 1), nb = load_scale(sbt + kt + 1);",
+        "overlapped promotion: each even stage after the first is promoted with its predecessor's scales",
+    ),
+    Mutant(
+        "fp8-tail-scales",
+        "grouped_gemm_fp8_sm90.cu",
+        "fp8_promote(acc, tmp1, na0 * nb, na1 * nb);",
+        "fp8_promote(acc, tmp1, a0 * b, a1 * b);",
+        "overlapped promotion: a tile's last stage, of an even count, is promoted with its predecessor's scales",
     ),
     Mutant(
         "fp8-promote-row",
         "grouped_gemm_fp8_sm90.cu",
-        "acc[i + 2] = fmaf(tmp[i + 2], s1, acc[i + 2]);",
-        "acc[i + 2] = fmaf(tmp[i + 2], s0, acc[i + 2]);",
+        "acc[i + 2] = fmaf(d[i + 2], s1, acc[i + 2]);",
+        "acc[i + 2] = fmaf(d[i + 2], s0, acc[i + 2]);",
         "one register of each row-(r + 8) pair promoted with row r's scale",
     ),
     Mutant(
@@ -497,9 +504,23 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "quant-vec-lane-cols",
         "fp8.cu",
-        "const int c = (live ? static_cast<int>(t - r * tcols) * 128 : 0) + 8 * lane;",
-        "const int c = (live ? static_cast<int>(t - r * tcols) * 128 : 0) + 4 * lane;",
+        "const int c = (live[u] ? static_cast<int>(ct_step) * 128 : 0) + 8 * lane;",
+        "const int c = (live[u] ? static_cast<int>(ct_step) * 128 : 0) + 4 * lane;",
         "vector quantizer: lanes step 4 columns while each converts 8: half of a tile is never written",
+    ),
+    Mutant(
+        "quant-vec-step-row",
+        "fp8.cu",
+        "while (ct_step >= tcols) ct_step -= tcols, ++r_step;",
+        "while (ct_step >= tcols) ct_step -= tcols;",
+        "vector quantizer: a pass's later tiles past the end of a row are taken from the same row again",
+    ),
+    Mutant(
+        "quant-hw-byte",
+        "fp8.cu",
+        "return static_cast<unsigned char>(d & 0xFFu);  // b, the second operand, lands in the low byte",
+        "return static_cast<unsigned char>(d >> 8);",
+        "hardware e4m3 conversion: the code of the other operand (0.0) is returned",
     ),
     Mutant(
         "fp8-store-row-mask",

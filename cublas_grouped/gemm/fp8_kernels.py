@@ -19,7 +19,10 @@ DEQUANT_THREADS = 256  # dequantize_fp8 takes any block size: the launcher's cho
 MAX_GRID = 1 << 20
 
 #: NVRTC defines of kernels/fp8.cu.
-DEFINES: dict[str, int] = {"FP8_THREADS": FP8_THREADS}
+# quantize_rows_fp8's vector path: tile pairs one warp loads before it reduces
+# any (4: four 16-byte loads in flight per thread; one left it latency-bound).
+QROWS_PAIRS = 4
+DEFINES: dict[str, int] = {"FP8_THREADS": FP8_THREADS, "QROWS_PAIRS": QROWS_PAIRS}
 _SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
@@ -51,10 +54,10 @@ ROWS_THREADS = 256  # quantize_rows_fp8: 8 warps per block
 
 
 def rows_per_warp(cols: int, x_ptr: int, q_ptr: int) -> int:
-    """1 x 128 tiles one warp of ``quantize_rows_fp8`` takes at a time: two on
-    the kernel's vector path (cols % 8 == 0, x 16-byte and q 8-byte aligned:
-    16-byte loads, a half-warp per tile), else one."""
-    return 2 if cols % 8 == 0 and x_ptr % 16 == 0 and q_ptr % 8 == 0 else 1
+    """1 x 128 tiles one warp of ``quantize_rows_fp8`` takes per pass: 2 *
+    QROWS_PAIRS on the kernel's vector path (cols % 8 == 0, x 16-byte and q
+    8-byte aligned: 16-byte loads, a half-warp per tile), else one."""
+    return 2 * QROWS_PAIRS if cols % 8 == 0 and x_ptr % 16 == 0 and q_ptr % 8 == 0 else 1
 
 
 def quantize_rows(stream, arch, x, rows, cols, scales, q) -> None:

@@ -15,7 +15,8 @@ captured CUDA graph replays with new sizes.
 Tile shape and why (docs/kernel-notes.md, "FP8 kernel"): 128 x 128 tiles,
 128-deep K stages (one scale block and one 128-byte swizzle row each), 6
 stages of 32 KiB, a load warpgroup and two math warpgroups, persistent CTAs
-taking tiles from a device counter, as in :mod:`.hopper`.
+taking tiles from a device counter, as in :mod:`.hopper`; each stage's scales
+applied while the next stage's MMAs run (:data:`OVERLAP`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "BLOCK_N",
     "BLOCK_K",
     "STAGES",
+    "OVERLAP",
     "THREADS",
     "DEFINES",
     "SOURCE",
@@ -61,7 +63,16 @@ BLOCK_N = 128  # one B scale block per tile and stage; 64 + 64 fp32 registers (a
 BLOCK_K = 128  # 128 bytes of e4m3: one 128-byte swizzle row and exactly one scale block
 STAGES = 6  # 32 KiB each: 192 KiB of ring, the most that fits beside the store's staging areas
 THREADS = 384  # a load warpgroup and two math warpgroups
-DEFINES = {"FP8_BLOCK_M": BLOCK_M, "FP8_BLOCK_N": BLOCK_N, "FP8_BLOCK_K": BLOCK_K, "FP8_STAGES": STAGES}
+# Stage kt + 1's MMAs overlap stage kt's promotion (two temporary fragments;
+# docs/kernel-notes.md, "FP8: the promotion overlapped"). 0: the serial form.
+OVERLAP = 1
+DEFINES = {
+    "FP8_BLOCK_M": BLOCK_M,
+    "FP8_BLOCK_N": BLOCK_N,
+    "FP8_BLOCK_K": BLOCK_K,
+    "FP8_STAGES": STAGES,
+    "FP8_OVERLAP": OVERLAP,
+}
 SOURCE = "grouped_gemm_fp8_sm90"
 KERNEL = "grouped_gemm_fp8_nt_bf16"
 # The ring (1-byte elements), the two 64 x 64 bf16 staging areas at the pitch
