@@ -23,7 +23,10 @@
 //
 // Defines (the launcher, gemm/backends/hopper.py, is their one source):
 //   SM90_BLOCK_M        rows of a tile: 128, two math warpgroups of 64 rows (wgmma m64)
-//   SM90_BLOCK_N        columns of a tile: 256 (wgmma n256)
+//   SM90_BLOCK_N        columns of a tile: 256 (wgmma n256) or 128 (n128: half the
+//                       accumulators, twice the tiles: finer tails where a
+//                       tile's weights take long to stream, as at decode; not
+//                       with SM90_EPILOGUE_ACT)
 //   SM90_BLOCK_K        K of one pipeline stage: 64 (128 bytes of a 16-bit
 //                       type: one row of the 128-byte swizzle)
 //   SM90_A_BOX_ROWS     rows of a's small TMA box: 16 (a multiple of 8, at
@@ -164,8 +167,11 @@
 #if SM90_A_BOX_ROWS % 8 != 0 || SM90_A_BOX_ROWS > SM90_BLOCK_M
 #error "SM90_A_BOX_ROWS must be a multiple of 8 (one 1024-byte swizzle atom), at most SM90_BLOCK_M"
 #endif
-#if SM90_BLOCK_M != 128 || SM90_BLOCK_N != 256 || SM90_BLOCK_K != 64
-#error "this kernel's two math warpgroups issue wgmma m64n256k16 over 64-wide K stages: SM90_BLOCK_M=128, SM90_BLOCK_N=256, SM90_BLOCK_K=64"
+#if SM90_BLOCK_M != 128 || (SM90_BLOCK_N != 256 && SM90_BLOCK_N != 128) || SM90_BLOCK_K != 64
+#error "this kernel's two math warpgroups issue wgmma m64n256k16 (or m64n128k16) over 64-wide K stages: SM90_BLOCK_M=128, SM90_BLOCK_N=256 or 128, SM90_BLOCK_K=64"
+#endif
+#if defined(SM90_EPILOGUE_ACT) && SM90_BLOCK_N != 256
+#error "SM90_EPILOGUE_ACT needs SM90_BLOCK_N=256: a tile holds the gate and the up columns of the same 128 outputs"
 #endif
 #if defined(SM90_EPILOGUE_ACT) && !(defined(ACT_SILU) && defined(ACT_GELU) && defined(ACT_RELU))
 #error "SM90_EPILOGUE_ACT needs the activation codes ACT_SILU, ACT_GELU and ACT_RELU"
@@ -364,6 +370,50 @@ __device__ __forceinline__ unsigned long long smem_descriptor_n_major(const void
 
 SM90_WGMMA_M64N256K16(bf16_t, "bf16.bf16")
 SM90_WGMMA_M64N256K16(f16_t, "f16.f16")
+
+// The same for 128-column tiles (SM90_BLOCK_N = 128): D is [64 x 128], 64
+// registers per thread, j = 0 .. 15 in the layout above.
+#define SM90_WGMMA_M64N128K16(TAG, TYPES)                                                                     \
+    template <int TRANS_B>                                                                                    \
+    __device__ __forceinline__ void wgmma_m64n128k16(TAG, float (&d)[64], unsigned long long desc_a,          \
+                                                     unsigned long long desc_b, int scale_d) {                \
+        asm volatile(                                                                                         \
+            "{\n"                                                                                             \
+            ".reg .pred p;\n"                                                                                 \
+            "setp.ne.b32 p, %66, 0;\n"                                                                        \
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPES " "                                          \
+            "{"                                                                                               \
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                \
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                \
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"                  \
+            "}, %64, %65, p, 1, 1, 0, %67;\n"                                                                 \
+            "}\n"                                                                                             \
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),        \
+              "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),      \
+              "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),      \
+              "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),      \
+              "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),      \
+              "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),      \
+              "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),      \
+              "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])       \
+            : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));                                         \
+    }
+
+SM90_WGMMA_M64N128K16(bf16_t, "bf16.bf16")
+SM90_WGMMA_M64N128K16(f16_t, "f16.f16")
+
+// The tile's MMA for one 16-deep K step, by the tile width.
+template <int TRANS_B, class T>
+__device__ __forceinline__ void wgmma_tile(T tag, float (&d)[SM90_BLOCK_N / 2], unsigned long long desc_a,
+                                           unsigned long long desc_b) {
+#if SM90_BLOCK_N == 256
+    wgmma_m64n256k16<TRANS_B>(tag, d, desc_a, desc_b, 1);
+#else
+    wgmma_m64n128k16<TRANS_B>(tag, d, desc_a, desc_b, 1);
+#endif
+}
 
 // One tile of the schedule: its group, rows, columns and what its loads need.
 struct Sm90Tile {
@@ -650,9 +700,9 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                 // 128-byte row: +2 in the descriptor's address field (units of 16
                 // bytes). An N-major B: 16 K-rows of 128 bytes further down: +128.
                 if (N_MAJOR_B) {
-                    wgmma_m64n256k16<1>(T{}, acc, da + 2 * kk, db + 128 * kk, 1);
+                    wgmma_tile<1>(T{}, acc, da + 2 * kk, db + 128 * kk);
                 } else {
-                    wgmma_m64n256k16<0>(T{}, acc, da + 2 * kk, db + 2 * kk, 1);
+                    wgmma_tile<0>(T{}, acc, da + 2 * kk, db + 2 * kk);
                 }
             }
             wgmma_commit();

@@ -451,3 +451,33 @@ def test_prepared_launches_follow_the_defines(gpu, monkeypatch, sizes_on):
     gpu.clear()
     cg.gmm(a, b, sizes, algorithm="sm90_grouped", out=out)
     assert [d["SM90_A_BOX_ROWS"] for d in prepared] == [hopper.A_BOX_ROWS, hopper.BLOCK_M]
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_narrow_tiles_launch_with_their_grid_shared_memory_and_box(gpu, monkeypatch, trans_b):
+    """Under SM90_BLOCK_N=128 (and 6 stages) the GEMM's launch is built for
+    them: twice the column tiles in its grid, the ring's shared memory, and
+    for [E, N, K] weights a tensor-map box of 128 rows."""
+    from cublas_grouped.gemm.backends import hopper
+
+    a, b = _operands(trans_b)
+    out = fake_array((M, N))
+    boxes = []
+    real_map = hopper.tensor_map
+    monkeypatch.setattr(hopper, "tensor_map", lambda *x: (boxes.append(x[2]), real_map(*x))[1])
+    launches = {}
+    for block_n, stages in ((256, 4), (128, 6)):
+        monkeypatch.setattr(
+            hopper, "DEFINES", {**hopper.DEFINES, "SM90_BLOCK_N": block_n, "SM90_STAGES": stages}
+        )
+        gpu.clear()
+        cg.gmm(a, b, np.array([4, 4, 4, 4]), trans_b=trans_b, algorithm="sm90_grouped", out=out)
+        gemm = [q for q in _queued(gpu, out) if q[2] > 0]  # the launch with dynamic shared memory
+        assert len(gemm) == 1
+        launches[block_n] = gemm[0]
+    tiles = hopper.max_tiles(M, E)
+    assert launches[256][2] == hopper.shared_bytes(4, 256) == hopper.SHARED_BYTES
+    assert launches[128][2] == hopper.shared_bytes(6, 128)
+    assert launches[256][1][0] == tiles * 1 and launches[128][1][0] == tiles * 2  # N = 256
+    if trans_b:
+        assert (256, hopper.BLOCK_K) in boxes and (128, hopper.BLOCK_K) in boxes

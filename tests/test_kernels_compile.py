@@ -175,7 +175,7 @@ def test_a_missing_define_stops_the_compile_and_is_named(name, missing):
         ("moe_backward", {"ACT_RELU": 0}, "the activation codes must differ"),
         ("moe_backward", {"COLSUM_SLICES": 64}, "a block of 1 to 1024 threads"),
         ("fp8", {"FP8_THREADS": 48}, "a multiple of 32 up to 1024"),
-        ("grouped_gemm_sm90", {"SM90_BLOCK_N": 128}, "wgmma m64n256k16"),
+        ("grouped_gemm_sm90", {"SM90_BLOCK_N": 192}, "SM90_BLOCK_N=256 or 128"),
         ("grouped_gemm_sm90", {"SM90_TILE_THREADS": 1000}, "a multiple of 32, at most 1024"),
         ("grouped_gemm_fp8_sm90", {"FP8_BLOCK_N": 256}, "wgmma m64n128k32"),
         ("grouped_gemm_fp8_sm90", {"FP8_BLOCK_K": 64}, "128-deep K stages"),

@@ -146,11 +146,15 @@ def test_weights_layouts_and_their_tensor_maps():
     assert hopper.B_SPAN * 2 == 128 and hopper.BLOCK_N % hopper.B_SPAN == 0
 
 
-@pytest.mark.parametrize("gather", [False, True])
-@pytest.mark.parametrize("act", [None, "silu", "gelu", "relu"])
-def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act, gather):
+@pytest.mark.parametrize(
+    "act, gather, block_n",
+    [(act, gather, 256) for act in (None, "silu", "gelu", "relu") for gather in (False, True)]
+    + [(None, False, 128), (None, True, 128)],
+)
+def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act, gather, block_n):
     """ptxas's verbose report of every sm90 kernel, plain and with each gated
-    epilogue, with a's rows from TMA and gathered by cp.async (SM90_GATHER_A):
+    epilogue, with a's rows from TMA and gathered by cp.async (SM90_GATHER_A),
+    and the 128-column tiles (SM90_BLOCK_N=128, 6 stages: wgmma n128):
     no local-memory spills, no note C7520 (wgmma serialized: each MMA waits
     for the one before, as a branch on accumulator values in the epilogue
     once caused in the bf16 kernels), and at most 168 registers (384
@@ -169,6 +173,8 @@ def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act, gather):
         )
     if gather:
         defines["SM90_GATHER_A"] = 1
+    if block_n != hopper.BLOCK_N:
+        defines.update(SM90_BLOCK_N=block_n, SM90_STAGES=6)
     macros = [(name, str(value)) for name, value in defines.items()]
     options = ProgramOptions(arch=hopper.ARCH, std="c++17", define_macro=macros, ptxas_options="-v")
     program = Program(nvrtc.load_source("grouped_gemm_sm90"), code_type="c++", options=options)
@@ -192,6 +198,29 @@ def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act, gather):
     registers = [int(n) for n in re.findall(r"Used (\d+) registers", report)]
     # Four GEMMs and the offsets kernel for int32 and int64 sizes.
     assert len(registers) == 6 and max(registers) <= 168, report
+
+
+def test_narrow_tiles_issue_n128_and_refuse_the_fused_epilogue():
+    """SM90_BLOCK_N=128 selects the m64n128k16 MMA (its own wrapper) and the
+    source refuses it with the gated epilogue, which needs 256-column tiles
+    (gate and up of the same 128 outputs in one tile)."""
+    from cuda.core import Program, ProgramOptions
+
+    from cublas_grouped.moe.kernels import ACTIVATIONS
+    from cublas_grouped.runtime import nvrtc
+
+    src = nvrtc.load_source("grouped_gemm_sm90")
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32." in src
+    assert "#if defined(SM90_EPILOGUE_ACT) && SM90_BLOCK_N != 256" in src
+    assert hopper.shared_bytes(6, 128) <= 227 * 1024 < hopper.shared_bytes(6, 256)
+    assert hopper.b_map_shape(4, 392, 200, True, 128) == ((4 * 392, 200), (128, hopper.BLOCK_K))
+    defines = {**hopper.DEFINES, "SM90_BLOCK_N": 128, "SM90_STAGES": 6}
+    defines.update({f"ACT_{n.upper()}": c for n, c in ACTIVATIONS.items()}, SM90_EPILOGUE_ACT=1)
+    options = ProgramOptions(
+        arch=hopper.ARCH, std="c++17", define_macro=[(k, str(v)) for k, v in defines.items()]
+    )
+    with pytest.raises(Exception, match="needs SM90_BLOCK_N=256"):
+        Program(src, code_type="c++", options=options).compile("cubin")
 
 
 def test_tensor_maps_are_cached_per_key_and_bounded(monkeypatch):

@@ -225,22 +225,22 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-k-step",
         "grouped_gemm_sm90.cu",
-        "wgmma_m64n256k16<0>(T{}, acc, da + 2 * kk, db + 2 * kk, 1);",
-        "wgmma_m64n256k16<0>(T{}, acc, da + 2 * kk, db, 1);",
+        "wgmma_tile<0>(T{}, acc, da + 2 * kk, db + 2 * kk);",
+        "wgmma_tile<0>(T{}, acc, da + 2 * kk, db);",
         "every 16-wide K step multiplies by the first K step of B ([E, N, K] weights)",
     ),
     Mutant(
         "sm90-nn-k-step",
         "grouped_gemm_sm90.cu",
-        "wgmma_m64n256k16<1>(T{}, acc, da + 2 * kk, db + 128 * kk, 1);",
-        "wgmma_m64n256k16<1>(T{}, acc, da + 2 * kk, db + 2 * kk, 1);",
+        "wgmma_tile<1>(T{}, acc, da + 2 * kk, db + 128 * kk);",
+        "wgmma_tile<1>(T{}, acc, da + 2 * kk, db + 2 * kk);",
         "[E, K, N] weights: the K step advances along a row (K-major) instead of 16 rows down",
     ),
     Mutant(
         "sm90-nn-not-transposed",
         "grouped_gemm_sm90.cu",
-        "wgmma_m64n256k16<1>(T{}, acc, da + 2 * kk, db + 128 * kk, 1);",
-        "wgmma_m64n256k16<0>(T{}, acc, da + 2 * kk, db + 128 * kk, 1);",
+        "wgmma_tile<1>(T{}, acc, da + 2 * kk, db + 128 * kk);",
+        "wgmma_tile<0>(T{}, acc, da + 2 * kk, db + 128 * kk);",
         "[E, K, N] weights read as K-major (imm-trans-b 0): B transposed within each 64 x 64 box",
     ),
     Mutant(

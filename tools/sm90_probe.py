@@ -1,7 +1,8 @@
 """Development probe of the sm90 kernel: first-GEMM shapes of the benchmark's
-models, the kernel with [E, N, K] weights (K-major B, "sm90 nt") and with the
-same weights as [E, K, N] (N-major B, "sm90 nn"), timed round-robin against
-the cuBLAS algorithms ([E, N, K]) and a dense GEMM of equal FLOPs; then the
+models (second-GEMM shapes with ``--models qwen3-g2 ...``), the kernel with
+[E, N, K] weights (K-major B, "sm90 nt") and with the same weights as
+[E, K, N] (N-major B, "sm90 nn"), timed round-robin against the cuBLAS
+algorithms ([E, N, K]) and a dense GEMM of equal FLOPs; then the
 host cost of a TMA descriptor, built and from the cache. Each sm90 row runs
 in both CTA schedules of the same kernel: persistent (one CTA per SM taking
 tiles from a device counter, v7; "sm90 nt", "sm90 nn") and one CTA per tile
@@ -28,11 +29,16 @@ import argparse
 import ml_dtypes
 import numpy as np
 
-MODELS = {  # name: (experts, top_k, hidden, 2 * inter)
+MODELS = {  # name: (experts, top_k, K, N): the first GEMM (K = hidden, N = 2 * inter) ...
     "mixtral": (8, 2, 4096, 28672),
     "qwen3": (128, 8, 2048, 1536),
     "deepseek": (256, 8, 7168, 4096),
+    # ... and the second (K = inter, N = hidden), with --models
+    "mixtral-g2": (8, 2, 14336, 4096),
+    "qwen3-g2": (128, 8, 768, 2048),
+    "deepseek-g2": (256, 8, 2048, 7168),
 }
+FIRST_GEMMS = ("mixtral", "qwen3", "deepseek")
 
 
 def graphed(fn, calls: int, timing_stream):
@@ -250,7 +256,7 @@ def main() -> None:
         help="an earlier grouped_gemm_sm90.cu (same arguments) to time beside this one, persistent grid",
     )
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(FIRST_GEMMS), choices=list(MODELS))
     parser.add_argument("--define", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--graph", type=int, default=0, metavar="R", help="decode sizes: graphs of R calls")
     args = parser.parse_args()

@@ -54,6 +54,7 @@ __all__ = [
     "STAGES",
     "DEFINES",
     "SHARED_BYTES",
+    "shared_bytes",
     "unsupported",
     "unsupported_shape",
     "ALIGNMENT",
@@ -124,7 +125,14 @@ ARCH = "sm_90a"  # wgmma and TMA need the architecture-specific target
 # columns at a pitch of 72 elements: the kernel's SM90_C_PITCH), plus 1024
 # bytes to align the ring for the 128-byte swizzle.
 C_PITCH = 72
-SHARED_BYTES = STAGES * (BLOCK_M + BLOCK_N) * BLOCK_K * 2 + 2 * 64 * C_PITCH * 2 + 1024
+
+
+def shared_bytes(stages: int = STAGES, block_n: int = BLOCK_N) -> int:
+    """Dynamic shared memory of the kernel with ``stages`` stages of ``block_n``-column tiles."""
+    return stages * (BLOCK_M + block_n) * BLOCK_K * 2 + 2 * 64 * C_PITCH * 2 + 1024
+
+
+SHARED_BYTES = shared_bytes()
 _SUFFIX = {"bfloat16": "bf16", "float16": "f16"}
 
 
@@ -166,18 +174,21 @@ def weights_layout(trans_b: bool) -> str:
     return "nt" if trans_b else "nn"
 
 
-def b_map_shape(e: int, n: int, k: int, trans_b: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(shape, box) of the TMA map of ``E`` groups' weights, outermost first.
+def b_map_shape(
+    e: int, n: int, k: int, trans_b: bool, block_n: int = BLOCK_N
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, box) of the TMA map of ``E`` groups' weights, outermost first,
+    for tiles of ``block_n`` columns.
 
-    ``[E, N, K]``: the 2-D ``[E * N, K]`` with one box of BLOCK_N rows per stage
+    ``[E, N, K]``: the 2-D ``[E * N, K]`` with one box of ``block_n`` rows per stage
     (a tile's rows past N read the next group's weights; those columns are
     never stored). ``[E, K, N]``: the 3-D ``[E, K, N]`` with boxes of BLOCK_K
-    rows by B_SPAN columns, BLOCK_N / B_SPAN of them per stage; 3-D so that a
+    rows by B_SPAN columns, ``block_n`` / B_SPAN of them per stage; 3-D so that a
     K tail reads zeros and not the next group's first rows (a 2-D
     ``[E * K, N]`` map would rely on the zeros of ``a``, and 0 * inf is NaN).
     """
     if trans_b:
-        return (e * n, k), (BLOCK_N, BLOCK_K)
+        return (e * n, k), (block_n, BLOCK_K)
     return (e, k, n), (1, BLOCK_K, B_SPAN)
 
 
@@ -404,9 +415,11 @@ def _prepare_gemm(
     name = f"grouped_gemm_{weights_layout(trans_b)}_{_SUFFIX[dtype.name]}"
     defines = variant_defines(DEFINES, epilogue, gather)
     gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=defines)
-    _allow_shared_memory(gemm, device_id)
+    # The tile width and ring depth as compiled (a probe's variant may change them).
+    block_n, shmem = defines["SM90_BLOCK_N"], shared_bytes(defines["SM90_STAGES"], defines["SM90_BLOCK_N"])
+    _allow_shared_memory(gemm, device_id, shmem)
     element = BFLOAT16 if dtype == BFLOAT16 else dtype
-    tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b), element, device_id)
+    tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b, block_n), element, device_id)
     if gather is None:
         tmap_a = tensor_map(ptrs[0], (m, k), (BLOCK_M, BLOCK_K), element, device_id)
         tmap_a_rows = tensor_map(ptrs[0], (m, k), (defines["SM90_A_BOX_ROWS"], BLOCK_K), element, device_id)
@@ -423,10 +436,10 @@ def _prepare_gemm(
     )
     if gather is not None:  # x (slot 13: written by each launch), src, top_k, x's rows
         args += (np.intp(0), np.intp(gather.src), np.int32(gather.top_k), np.int32(gather.rows))
-    grid = grid_size(tile_bound * -(-n // BLOCK_N), _sm_count(device_id), limit=GRID_LIMIT)
+    grid = grid_size(tile_bound * -(-n // block_n), _sm_count(device_id), limit=GRID_LIMIT)
     label = f"{name} (kernels/{SOURCE}.cu, {ARCH})"
     slots = (11,) if gather is None else (11, 13)
-    return _fast.FixedLaunch(gemm, grid, THREADS, args, shmem=SHARED_BYTES, slots=slots, label=label)
+    return _fast.FixedLaunch(gemm, grid, THREADS, args, shmem=shmem, slots=slots, label=label)
 
 
 def grouped_contiguous(res, plan: GemmPlan, ops: Operands, dtype, *, sizes_dev=None) -> None:
