@@ -457,27 +457,50 @@ def test_prepared_launches_follow_the_defines(gpu, monkeypatch, sizes_on):
 def test_narrow_tiles_launch_with_their_grid_shared_memory_and_box(gpu, monkeypatch, trans_b):
     """Under SM90_BLOCK_N=128 (and 6 stages) the GEMM's launch is built for
     them: twice the column tiles in its grid, the ring's shared memory, and
-    for [E, N, K] weights a tensor-map box of 128 rows."""
-    from cublas_grouped.gemm.backends import hopper
+    for [E, N, K] weights a tensor-map box of 128 rows. Under the default
+    defines the choice follows NARROW_MAX_ROWS_PER_GROUP: these 4 rows per
+    group take the narrow tiles with [E, N, K] weights only."""
+    from cublas_grouped.gemm.backends import hopper, hopper_variants
 
     a, b = _operands(trans_b)
     out = fake_array((M, N))
     boxes = []
     real_map = hopper.tensor_map
     monkeypatch.setattr(hopper, "tensor_map", lambda *x: (boxes.append(x[2]), real_map(*x))[1])
+    default = dict(hopper.DEFINES)
     launches = {}
-    for block_n, stages in ((256, 4), (128, 6)):
-        monkeypatch.setattr(
-            hopper, "DEFINES", {**hopper.DEFINES, "SM90_BLOCK_N": block_n, "SM90_STAGES": stages}
+    for label, widths, threshold in (("wide", (256, 4), 0), ("narrow", (128, 6), 0), ("chosen", None, 16)):
+        defines = (
+            default if widths is None else {**default, "SM90_BLOCK_N": widths[0], "SM90_STAGES": widths[1]}
         )
+        monkeypatch.setattr(hopper, "DEFINES", defines)
+        monkeypatch.setattr(hopper_variants, "NARROW_MAX_ROWS_PER_GROUP", threshold)
         gpu.clear()
         cg.gmm(a, b, np.array([4, 4, 4, 4]), trans_b=trans_b, algorithm="sm90_grouped", out=out)
         gemm = [q for q in _queued(gpu, out) if q[2] > 0]  # the launch with dynamic shared memory
         assert len(gemm) == 1
-        launches[block_n] = gemm[0]
+        launches[label] = gemm[0]
     tiles = hopper.max_tiles(M, E)
-    assert launches[256][2] == hopper.shared_bytes(4, 256) == hopper.SHARED_BYTES
-    assert launches[128][2] == hopper.shared_bytes(6, 128)
-    assert launches[256][1][0] == tiles * 1 and launches[128][1][0] == tiles * 2  # N = 256
+    assert launches["wide"][2] == hopper.shared_bytes(4, 256) == hopper.SHARED_BYTES
+    assert launches["narrow"][2] == hopper.shared_bytes(6, 128)
+    assert launches["wide"][1][0] == tiles * 1 and launches["narrow"][1][0] == tiles * 2  # N = 256
+    assert launches["chosen"][:3] == launches["narrow" if trans_b else "wide"][:3]
     if trans_b:
         assert (256, hopper.BLOCK_K) in boxes and (128, hopper.BLOCK_K) in boxes
+
+
+def test_narrow_tiles_are_chosen_by_layout_rows_per_group_and_epilogue(monkeypatch):
+    from cublas_grouped.gemm.backends import hopper, hopper_variants
+
+    narrow = {**hopper.DEFINES, "SM90_BLOCK_N": 128, "SM90_STAGES": 6}
+    limit = hopper_variants.NARROW_MAX_ROWS_PER_GROUP
+    choose = hopper_variants.tile_defines
+    assert limit == 16
+    assert choose(hopper.DEFINES, True, 16 * 8, 8, None) == narrow  # decode-sized groups, [E, N, K]
+    assert choose(hopper.DEFINES, True, 16 * 8 + 1, 8, None) is hopper.DEFINES  # more rows per group
+    assert choose(hopper.DEFINES, False, 8, 8, None) is hopper.DEFINES  # [E, K, N]: slower there
+    epilogue = hopper_variants.GatedEpilogue(act=1, codes=(("ACT_SILU", 1),))
+    assert choose(hopper.DEFINES, True, 8, 8, epilogue) is hopper.DEFINES  # gate | up need 256 columns
+    assert choose(narrow, True, 10**6, 8, None) is narrow  # a probe's variant stays as it is
+    monkeypatch.setattr(hopper_variants, "NARROW_MAX_ROWS_PER_GROUP", 0)
+    assert choose(hopper.DEFINES, True, 8, 8, None) is hopper.DEFINES  # off

@@ -42,7 +42,7 @@ from .hopper_schedule import (
 )
 from .hopper_schedule import tile_schedule as host_tile_schedule
 from .hopper_sizes import READ_DTYPES
-from .hopper_variants import GatedEpilogue, RowGather, variant_defines
+from .hopper_variants import GatedEpilogue, RowGather, choice_key, tile_defines, variant_defines
 from .tma import MAP_CACHE_SIZE, tensor_map
 
 __all__ = [
@@ -391,7 +391,7 @@ def prepared_gemm(
     ``base`` is the address of the schedule ints, ``counter`` which of its
     tile counters (0 or 1) the GEMM takes tiles from."""
     key = (device_id, problem, *ptrs[:2], base, tile_bound, epilogue, counter, gather)
-    key += (SOURCE, SCHEDULE, GRID_LIMIT, tuple(DEFINES.items()))  # what a probe swaps between calls
+    key += (SOURCE, SCHEDULE, GRID_LIMIT, choice_key(DEFINES))  # what a probe swaps between calls
     prepared = getattr(_local, "gemms", None)
     if prepared is None:
         prepared = _local.gemms = {}
@@ -413,7 +413,7 @@ def _prepare_gemm(
     e, m, n, k, trans_b, dtype = problem
     dtype = np.dtype(dtype)
     name = f"grouped_gemm_{weights_layout(trans_b)}_{_SUFFIX[dtype.name]}"
-    defines = variant_defines(DEFINES, epilogue, gather)
+    defines = variant_defines(tile_defines(DEFINES, trans_b, m, e, epilogue), epilogue, gather)
     gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=defines)
     # The tile width and ring depth as compiled (a probe's variant may change them).
     block_n, shmem = defines["SM90_BLOCK_N"], shared_bytes(defines["SM90_STAGES"], defines["SM90_BLOCK_N"])

@@ -20,6 +20,7 @@ import numpy as np
 from ...runtime import launch as _fast
 from . import hopper
 from .hopper_sizes import READ_DTYPES
+from .hopper_variants import choice_key
 
 __all__ = ["PreparedDeviceSizes", "PreparedHostSizes", "MAX_PREPARED_OPERANDS"]
 
@@ -41,7 +42,7 @@ class PreparedDeviceSizes:
         if sizes_dev.dtype not in READ_DTYPES:
             sizes_dev = sizes_dev.astype(np.int64)  # int8/16, unsigned: a cast kernel first
         base = hopper.schedule_base(res, e)
-        key = (a, b, base, sizes_dev.dtype, res.device_id, tuple(hopper.DEFINES.items()))  # as prepared_gemm
+        key = (a, b, base, sizes_dev.dtype, res.device_id, choice_key(hopper.DEFINES))  # as prepared_gemm
         launches = self.launches.get(key)
         if launches is None:
             if len(self.launches) >= MAX_PREPARED_OPERANDS:

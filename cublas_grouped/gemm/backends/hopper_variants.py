@@ -3,6 +3,8 @@ the defines that select them (``kernels/grouped_gemm_sm90.cu``'s header):
 
 - :class:`GatedEpilogue` (v9, ``SM90_EPILOGUE_ACT``): the first expert GEMM's
   gated activation in the epilogue;
+- 128-column tiles (``SM90_BLOCK_N=128``, 6 stages): :func:`tile_defines`
+  chooses them where they measured faster;
 - :class:`RowGather` (v11, ``SM90_GATHER_A``): a's rows read through an index
   array (``a[r] = x[src[r] // top_k]``), so no gathered copy of the tokens is
   written. The load warpgroup copies them into the stage with cp.async in the
@@ -14,7 +16,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["GatedEpilogue", "RowGather", "variant_defines", "swizzle_128b_offset"]
+__all__ = [
+    "GatedEpilogue",
+    "RowGather",
+    "NARROW_MAX_ROWS_PER_GROUP",
+    "tile_defines",
+    "choice_key",
+    "variant_defines",
+    "swizzle_128b_offset",
+]
+
+# 128-column tiles where they measured faster than 256-column ones: weights
+# [E, N, K] (K-major B) with few rows per group, as at decode: 2.0-3.6% at
+# 16 and 64 tokens on Qwen3, DeepSeek-V3 and Mixtral shapes (every such case
+# measured had at most 16 rows per group on average). Slower with [E, K, N]
+# weights at decode (up to 5%) and at prefill in both layouts (10-26%)
+# (docs/kernel-notes.md, "128-column tiles"). 0 turns the choice off.
+NARROW_MAX_ROWS_PER_GROUP = 16
+_NARROW = {"SM90_BLOCK_N": 128, "SM90_STAGES": 6}
 
 
 @dataclass(frozen=True)
@@ -53,6 +72,27 @@ class RowGather:
             raise ValueError(f"gather: top_k must be at least 1; got {self.top_k}")
         if self.rows < 0:
             raise ValueError(f"gather: rows (of x) must not be negative; got {self.rows}")
+
+
+def tile_defines(
+    defines: dict, trans_b: bool, rows: int, groups: int, epilogue: GatedEpilogue | None
+) -> dict:
+    """``defines`` with 128-column tiles where :data:`NARROW_MAX_ROWS_PER_GROUP`
+    says they are faster (``rows`` over ``groups`` groups of ``[E, N, K]``
+    weights); as they are otherwise, and always where they already name a
+    width other than 256 (a probe's variant) or with the gated epilogue, whose
+    tiles hold gate and up of 128 outputs."""
+    wide = defines["SM90_BLOCK_N"] == 256
+    if not (NARROW_MAX_ROWS_PER_GROUP and trans_b and wide and epilogue is None):
+        return defines
+    return {**defines, **_NARROW} if rows <= NARROW_MAX_ROWS_PER_GROUP * groups else defines
+
+
+def choice_key(defines: dict) -> tuple:
+    """What decides which kernel a launch runs that a probe may change
+    between calls (the defines, the narrow tiles' threshold): part of the
+    keys of prepared launches, so that a change prepares a new one."""
+    return tuple(defines.items()), NARROW_MAX_ROWS_PER_GROUP
 
 
 def variant_defines(defines: dict, epilogue: GatedEpilogue | None, gather: RowGather | None) -> dict:
