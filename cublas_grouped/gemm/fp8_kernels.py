@@ -18,10 +18,11 @@ DEQUANT_THREADS = 256  # dequantize_fp8 takes any block size: the launcher's cho
 # without limiting the size of what they cover.
 MAX_GRID = 1 << 20
 
-#: NVRTC defines of kernels/fp8.cu.
 # quantize_rows_fp8's vector path: tile pairs one warp loads before it reduces
-# any (4: four 16-byte loads in flight per thread; one left it latency-bound).
+# any (four 16-byte loads in flight per thread; measured 3-11% faster than one,
+# docs/kernel-notes.md, "The row quantizer").
 QROWS_PAIRS = 4
+#: NVRTC defines of kernels/fp8.cu.
 DEFINES: dict[str, int] = {"FP8_THREADS": FP8_THREADS, "QROWS_PAIRS": QROWS_PAIRS}
 _SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 

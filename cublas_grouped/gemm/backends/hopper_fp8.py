@@ -59,7 +59,7 @@ ARCH = hopper.ARCH
 # The one source of the kernel's tile shape (NVRTC defines; the source refuses
 # to compile without them or with other values).
 BLOCK_M = hopper.BLOCK_M  # 128: hopper's grouped_tile_offsets makes this kernel's row and tile offsets
-BLOCK_N = 128  # one B scale block per tile and stage; 64 + 64 fp32 registers (acc + tmp) per thread
+BLOCK_N = 128  # one B scale block per tile and stage; 64 fp32 registers per fragment (acc, tmp0, tmp1)
 BLOCK_K = 128  # 128 bytes of e4m3: one 128-byte swizzle row and exactly one scale block
 STAGES = 6  # 32 KiB each: 192 KiB of ring, the most that fits beside the store's staging areas
 THREADS = 384  # a load warpgroup and two math warpgroups
