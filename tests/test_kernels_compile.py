@@ -175,6 +175,8 @@ def test_a_missing_define_stops_the_compile_and_is_named(name, missing):
         ("moe_backward", {"ACT_RELU": 0}, "the activation codes must differ"),
         ("moe_backward", {"COLSUM_SLICES": 64}, "a block of 1 to 1024 threads"),
         ("fp8", {"FP8_THREADS": 48}, "a multiple of 32 up to 1024"),
+        ("fp8", {"QROWS_PAIRS": 0}, "QROWS_PAIRS"),
+        ("fp8", {"QROWS_PAIRS": 9}, "QROWS_PAIRS"),
         ("grouped_gemm_sm90", {"SM90_BLOCK_N": 192}, "SM90_BLOCK_N=256 or 128"),
         ("grouped_gemm_sm90", {"SM90_TILE_THREADS": 1000}, "a multiple of 32, at most 1024"),
         ("grouped_gemm_fp8_sm90", {"FP8_BLOCK_N": 256}, "wgmma m64n128k32"),
@@ -185,6 +187,12 @@ def test_a_missing_define_stops_the_compile_and_is_named(name, missing):
 def test_inconsistent_defines_do_not_compile(name, defines, message):
     with pytest.raises(nvrtc.KernelCompileError, match=message):
         nvrtc.compile_source(name, "sm_90", {**DEFINES[name], **defines})
+
+
+def test_the_fp8_kernel_needs_its_overlap_define():
+    defines = {k: v for k, v in DEFINES["grouped_gemm_fp8_sm90"].items() if k != "FP8_OVERLAP"}
+    with pytest.raises(nvrtc.KernelCompileError, match="FP8_STAGES and FP8_OVERLAP from its launcher"):
+        nvrtc.compile_source("grouped_gemm_fp8_sm90", "sm_90", defines)
 
 
 def test_defines_key_both_caches(tmp_path, monkeypatch):
