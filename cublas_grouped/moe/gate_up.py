@@ -16,7 +16,18 @@ from __future__ import annotations
 from ..gemm.backends.hopper import GATE_UP_BLOCK
 from ..runtime.arrays import as_cupy, view
 
-__all__ = ["pack_gate_up", "unpack_gate_up", "GATE_UP_BLOCK"]
+__all__ = ["pack_gate_up", "unpack_gate_up", "gate_up_width_error", "GATE_UP_BLOCK"]
+
+
+def gate_up_width_error(width: int, name: str = "w1") -> str | None:
+    """Why a gate|up width ``2I`` cannot be packed in blocks (None if it can):
+    it must be a multiple of ``2 * GATE_UP_BLOCK``. ``name`` names the array."""
+    if width % (2 * GATE_UP_BLOCK) == 0:
+        return None
+    return (
+        f"{name}'s gate|up width 2I={width} must be a multiple of {2 * GATE_UP_BLOCK} to pack it "
+        f"in blocks of {GATE_UP_BLOCK} (I a multiple of {GATE_UP_BLOCK})"
+    )
 
 
 def _blocks(w1, trans_b: bool):
@@ -24,11 +35,9 @@ def _blocks(w1, trans_b: bool):
     if v.ndim != 3 or not v.is_c_contiguous():
         raise ValueError(f"w1 must be a C-contiguous 3-D array; got shape {v.shape}")
     width = v.shape[1] if trans_b else v.shape[2]
-    if width % (2 * GATE_UP_BLOCK):
-        raise ValueError(
-            f"w1's gate|up width 2I={width} must be a multiple of {2 * GATE_UP_BLOCK} to pack it "
-            f"in blocks of {GATE_UP_BLOCK} (I a multiple of {GATE_UP_BLOCK})"
-        )
+    error = gate_up_width_error(width)
+    if error:
+        raise ValueError(error)
     return v.shape, width // (2 * GATE_UP_BLOCK)
 
 

@@ -91,7 +91,8 @@ def mlp_forward_with_context(module, x, *, stream, algorithm, recompute: bool):
         opts = {"activation": module.activation, "gated": module.gated, "stream": res.stream}
         out, experts = moe_forward(
             x, ids, weights, module.w1.weight, module.w2.weight, b1=module.w1.bias, b2=module.w2.bias,
-            trans_b=module.w1.trans_b, algorithm=algorithm, return_context=True, recompute=recompute, **opts,
+            trans_b=module.w1.trans_b, algorithm=algorithm, return_context=True, recompute=recompute,
+            w1_layout=module.w1.w1_layout, **opts,
         )  # fmt: skip
         shared = None
         if module.shared is not None:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from ..gemm.fp8 import SCALINGS, FP8ExpertWeights, is_fp8, quantize_fp8
 from ..runtime.arrays import as_cupy, view
 from ..runtime.device import stream_resources
-from .checks import device_of
+from . import gate_up
+from .checks import W1_LAYOUTS, device_of
 from .layer import moe_forward
 from .mlp_backward import mlp_backward, mlp_forward_with_context
 from .routing import route
@@ -28,11 +29,22 @@ class ExpertWeights:
         or :class:`~cublas_grouped.FP8ExpertWeights` in the ``trans_b`` layout
     bias : GPU array [E, N] or None (with FP8 weights: of the activations' dtype)
     trans_b : bool
+    w1_layout : str
+        How a gated first-GEMM weight orders its N = 2I output columns, as
+        :func:`~cublas_grouped.moe_forward`'s ``w1_layout``: ``"gate_up"``
+        (default; the gate's I columns, then the up projection's) or
+        ``"gate_up_blocked"`` (packed in blocks of 128 by
+        :func:`~cublas_grouped.pack_gate_up`; not FP8, N a multiple of 256),
+        with which the Hopper kernel applies the activation in the first
+        GEMM's epilogue (bfloat16/float16 layers). The bias stays in the
+        plain gate|up order either way: the kernels read it so. Only a
+        first-GEMM weight may be blocked, and only for the forward.
     """
 
     weight: object
     bias: object = None
     trans_b: bool = False
+    w1_layout: str = "gate_up"
 
     def __post_init__(self):
         if is_fp8(self.weight):
@@ -53,6 +65,16 @@ class ExpertWeights:
                     f"bias must be {dtype or 'a float array'} [{self.num_experts}, {self.out_features}]; "
                     f"got {b.dtype} {b.shape}"
                 )
+        if self.w1_layout not in W1_LAYOUTS:
+            raise ValueError(f"w1_layout must be one of {W1_LAYOUTS}; got {self.w1_layout!r}")
+        if self.w1_layout == "gate_up_blocked":
+            if is_fp8(self.weight):
+                raise ValueError(
+                    "w1_layout='gate_up_blocked' needs a 16-bit weight; FP8 weights take only 'gate_up'"
+                )
+            error = gate_up.gate_up_width_error(self.out_features, "weight")
+            if error:
+                raise ValueError(f"w1_layout='gate_up_blocked': {error}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -82,7 +104,14 @@ class ExpertWeightManager:
     """Packs per-expert arrays into :class:`ExpertWeights`, optionally quantized to FP8."""
 
     @staticmethod
-    def load(weights, biases=None, *, trans_b: bool = False, quantize: str | None = None) -> ExpertWeights:
+    def load(
+        weights,
+        biases=None,
+        *,
+        trans_b: bool = False,
+        quantize: str | None = None,
+        w1_layout: str = "gate_up",
+    ) -> ExpertWeights:
         """Stack a list of per-expert ``[K, N]`` GPU arrays (``[N, K]`` with ``trans_b``)
         and optional ``[N]`` biases into one contiguous ``[E, K, N]`` array.
 
@@ -90,31 +119,61 @@ class ExpertWeightManager:
         per 128 x 128 block) or ``"fp8-channel"`` (one scale per output channel):
         the weight is then :class:`~cublas_grouped.FP8ExpertWeights`, whose
         ``memory_report()`` gives the bytes before and after (docs/fp8.md).
+
+        ``w1_layout``: for a gated first-GEMM weight, whose N = 2I columns are
+        the gate's then the up projection's. ``"gate_up"`` (default) keeps
+        that order; ``"gate_up_blocked"`` stores them packed in blocks of 128
+        (:func:`~cublas_grouped.pack_gate_up`; N a multiple of 256, not with
+        ``quantize``), which lets the Hopper kernel apply the activation in
+        the first GEMM's epilogue. The biases keep the plain order.
         """
         import cupy
 
         if quantize is not None and quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be None or one of {QUANTIZE_MODES}; got {quantize!r}")
+        if w1_layout not in W1_LAYOUTS:
+            raise ValueError(f"w1_layout must be one of {W1_LAYOUTS}; got {w1_layout!r}")
+        blocked = w1_layout == "gate_up_blocked"
+        if blocked and quantize is not None:
+            raise ValueError(
+                f"w1_layout='gate_up_blocked' does not go with quantize={quantize!r}: "
+                "FP8 weights take only w1_layout='gate_up'"
+            )
 
         if not weights:
             raise ValueError("weights must hold at least one expert")
-        mats = [as_cupy(w, f"weights[{i}]") for i, w in enumerate(weights)]
-        first = mats[0]
-        for i, m in enumerate(mats):
-            if m.shape != first.shape or m.dtype != first.dtype or m.ndim != 2:
+        # Shapes are checked on views, so that a bad list is refused before any GPU work.
+        views = [view(w, f"weights[{i}]") for i, w in enumerate(weights)]
+        first = views[0]
+        for i, v in enumerate(views):
+            if v.shape != first.shape or v.dtype != first.dtype or v.ndim != 2:
                 raise ValueError(
-                    f"weights[{i}] is {m.dtype} {m.shape}; expected 2-D {first.dtype} {first.shape}"
+                    f"weights[{i}] is {v.dtype} {v.shape}; expected 2-D {first.dtype} {first.shape}"
                 )
+        if blocked:
+            error = gate_up.gate_up_width_error(first.shape[0 if trans_b else 1], "weights[i]")
+            if error:
+                raise ValueError(f"w1_layout='gate_up_blocked': {error}")
+        mats = [as_cupy(v, f"weights[{i}]") for i, v in enumerate(views)]
         bias = None
         if biases is not None:
             if len(biases) != len(mats):
                 raise ValueError(f"biases has {len(biases)} entries for {len(mats)} experts")
             bias = cupy.stack([as_cupy(b, f"biases[{i}]") for i, b in enumerate(biases)])
-        with cupy.cuda.Device(first.device.id):
-            packed = cupy.ascontiguousarray(cupy.stack(mats))
+        with cupy.cuda.Device(mats[0].device.id):
+            if blocked:
+                # Each expert is packed on its own, by pack_gate_up itself (one
+                # definition of the order), straight into its slot: one
+                # expert-sized temporary at a time rather than a stacked plain
+                # copy alive next to its packed copy (twice the layer's size).
+                packed = cupy.empty((len(mats), *mats[0].shape), dtype=mats[0].dtype)
+                for e, m in enumerate(mats):
+                    packed[e] = gate_up.pack_gate_up(cupy.ascontiguousarray(m)[None], trans_b=trans_b)[0]
+            else:
+                packed = cupy.ascontiguousarray(cupy.stack(mats))
             if quantize is not None:
                 packed = quantize_fp8(packed, scaling=quantize.removeprefix("fp8-"), trans_b=trans_b)
-        return ExpertWeights(packed, bias, trans_b)
+        return ExpertWeights(packed, bias, trans_b, w1_layout)
 
     @staticmethod
     def quantize(weights: ExpertWeights, mode: str = "fp8-block128") -> ExpertWeights:
@@ -124,8 +183,40 @@ class ExpertWeightManager:
             raise ValueError(f"mode must be one of {QUANTIZE_MODES}; got {mode!r}")
         if is_fp8(weights.weight):
             raise ValueError("weights are FP8 already")
+        if weights.w1_layout != "gate_up":
+            raise ValueError(
+                f"weights have w1_layout={weights.w1_layout!r}; FP8 weights take only 'gate_up': "
+                "quantize ExpertWeightManager.unpack_gate_up(weights)"
+            )
         fp8 = quantize_fp8(weights.weight, scaling=mode.removeprefix("fp8-"), trans_b=weights.trans_b)
         return ExpertWeights(fp8, weights.bias, weights.trans_b)
+
+    @staticmethod
+    def pack_gate_up(weights: ExpertWeights) -> ExpertWeights:
+        """``weights`` (a gated first-GEMM weight in the ``"gate_up"`` layout)
+        with ``w1_layout="gate_up_blocked"``: a new array packed by
+        :func:`~cublas_grouped.pack_gate_up`; the input is left as it was.
+        The bias is the same array: the kernels read it in the plain gate|up
+        order whatever the weight's layout."""
+        if weights.w1_layout != "gate_up":
+            raise ValueError(f"weights have w1_layout={weights.w1_layout!r} already")
+        if is_fp8(weights.weight):
+            raise ValueError("w1_layout='gate_up_blocked' needs a 16-bit weight; these weights are FP8")
+        error = gate_up.gate_up_width_error(weights.out_features, "weights")
+        if error:
+            raise ValueError(f"w1_layout='gate_up_blocked': {error}")
+        packed = gate_up.pack_gate_up(weights.weight, trans_b=weights.trans_b)
+        return ExpertWeights(packed, weights.bias, weights.trans_b, "gate_up_blocked")
+
+    @staticmethod
+    def unpack_gate_up(weights: ExpertWeights) -> ExpertWeights:
+        """The inverse of :meth:`pack_gate_up`: ``weights`` (``"gate_up_blocked"``)
+        as a new array in the ``"gate_up"`` layout, the bias the same array.
+        What training (``MoEMLP(..., return_context=True)``) and FP8 need."""
+        if weights.w1_layout != "gate_up_blocked":
+            raise ValueError(f"weights have w1_layout={weights.w1_layout!r}; only 'gate_up_blocked' unpacks")
+        plain = gate_up.unpack_gate_up(weights.weight, trans_b=weights.trans_b)
+        return ExpertWeights(plain, weights.bias, weights.trans_b)
 
 
 def _as_expert_weights(w) -> ExpertWeights:
@@ -141,6 +232,10 @@ class MoEMLP:
     ----------
     router_weight : GPU array [H, E]; logits = x @ router_weight
     w1 : ExpertWeights, FP8ExpertWeights or array [E, H, 2I] (gate|up when gated)
+        An :class:`ExpertWeights` with ``w1_layout="gate_up_blocked"`` (see
+        :meth:`ExpertWeightManager.load`) makes the Hopper kernel apply the
+        activation in the first GEMM's epilogue; it is forward-only
+        (``return_context`` refuses it).
     w2 : ExpertWeights, FP8ExpertWeights or array [E, I, H]
         FP8 weights run through the dequantizing fallback (docs/fp8.md).
     top_k : experts per token
@@ -167,6 +262,12 @@ class MoEMLP:
         self.w1, self.w2 = (_as_expert_weights(w) for w in (w1, w2))
         if self.w1.trans_b != self.w2.trans_b:
             raise ValueError("w1 and w2 must use the same layout (trans_b)")
+        if self.w2.w1_layout != "gate_up":
+            raise ValueError(
+                f"w2 has w1_layout={self.w2.w1_layout!r}; only the first GEMM's weight (w1) may be blocked"
+            )
+        if self.w1.w1_layout == "gate_up_blocked" and not gated:
+            raise ValueError("w1_layout='gate_up_blocked' needs gated=True (it packs gate and up columns)")
         r = view(router_weight, "router_weight")
         if r.ndim != 2 or r.shape[1] != self.w1.num_experts:
             raise ValueError(f"router_weight must be [H, {self.w1.num_experts}]; got {r.shape}")
@@ -188,11 +289,18 @@ class MoEMLP:
         experts and their sum) runs on ``stream`` (``None``: CuPy's current
         stream of x's device), so the result is ready in that stream's order.
         ``return_context=True`` returns ``(out, ctx)`` for :meth:`backward`
-        (``recompute``: as in :func:`moe_forward`).
+        (``recompute``: as in :func:`moe_forward`); it needs ``w1`` in the
+        ``"gate_up"`` layout.
         """
         if return_context or recompute:
             if not return_context:
                 raise ValueError("recompute applies only with return_context=True")
+            if self.w1.w1_layout != "gate_up":
+                raise ValueError(
+                    f"return_context=True needs w1 in the 'gate_up' layout (the backward reads gate|up); "
+                    f"this MoEMLP's w1 has w1_layout={self.w1.w1_layout!r}: train a MoEMLP built with "
+                    "ExpertWeightManager.unpack_gate_up(w1) (or cublas_grouped.unpack_gate_up of its weight)"
+                )
             return mlp_forward_with_context(self, x, stream=stream, algorithm=algorithm, recompute=recompute)
         import cupy
 
@@ -218,6 +326,7 @@ class MoEMLP:
                 trans_b=self.w1.trans_b,
                 algorithm=algorithm,
                 stream=res.stream,
+                w1_layout=self.w1.w1_layout,
             )
             if self.shared is not None:
                 tokens = out.shape[0]
