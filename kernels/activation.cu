@@ -51,6 +51,7 @@ __device__ __forceinline__ void expert_activation_impl(const T* __restrict__ h, 
                                                        const int* __restrict__ row_to_pair,
                                                        const int* __restrict__ topk_ids,
                                                        int num_rows, T* __restrict__ out) {
+    follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
     const long long I = inter;
     const long long W = gated ? 2 * I : I;
     // Row starts of h are multiples of W = I or 2I elements, and the up half

@@ -48,6 +48,7 @@ __device__ __forceinline__ void combine_rows_impl(const T* __restrict__ y, int h
                                                   const int* __restrict__ topk_ids,
                                                   const T* __restrict__ bias, int num_tokens,
                                                   int top_k, T* __restrict__ out) {
+    follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
     const long long H = hidden;
     const bool vec = rows_vectorizable<T>(H, y, out, bias);
 

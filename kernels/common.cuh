@@ -18,12 +18,49 @@
 //   - copy_row: copy (or zero) one row, vectorized when alignment allows.
 //   - Block-wide exclusive scan (warp shuffles + shared memory) that a single
 //     block can loop over arbitrarily long arrays.
+//   - wait_for_previous_grid / allow_next_grid: programmatic dependent
+//     launch (SM 9.0+), for kernels the launcher may start before the
+//     previous kernel in the stream has finished.
 //   - DEFINE_KERNEL_3TYPES: stamps out the _f32/_f16/_bf16 extern "C" entry
 //     points of a templated kernel, so the loader can look kernels up by plain
 //     (unmangled) names.
 
 #ifndef CUBLAS_GROUPED_COMMON_CUH
 #define CUBLAS_GROUPED_COMMON_CUH
+
+// ---------------------------------------------------------------------------
+// Programmatic dependent launch
+// ---------------------------------------------------------------------------
+//
+// A kernel launched with the programmatic-serialization attribute
+// (runtime/launch.py, FixedLaunch.launch_overlapped) may start while the
+// previous kernel in the stream still runs. Such a kernel calls
+// wait_for_previous_grid() before it reads or writes anything an earlier
+// kernel reads or writes: it returns once the previous grid has completed
+// and its memory is visible. Then allow_next_grid() lets the next kernel,
+// if launched the same way, start its blocks (it fires once every block of
+// this grid has called it or exited). Calling it only after the wait keeps
+// the chain safe: when kernel i + 1 starts, kernel i - 1 has completed.
+// Without the attribute both are no-ops (the wait returns at once), so a
+// kernel may always call them. Before SM 9.0 they compile to nothing.
+
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Both, at a kernel's start: what every kernel of the MoE step does first.
+__device__ __forceinline__ void follow_previous_grid() {
+    wait_for_previous_grid();
+    allow_next_grid();
+}
 
 // ---------------------------------------------------------------------------
 // Element types

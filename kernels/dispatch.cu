@@ -130,6 +130,7 @@ extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
     expert_block_histogram(const int* __restrict__ topk_ids, int num_pairs, int top_k,
                            int num_experts, int flags, int* __restrict__ block_counts,
                            int* __restrict__ reset_rows, int num_reset, int* __restrict__ counts) {
+    follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
     __shared__ int hist[HIST_CHUNK];
     for (long long r = static_cast<long long>(blockIdx.x) * DISPATCH_THREADS + threadIdx.x; r < num_reset;
          r += static_cast<long long>(gridDim.x) * DISPATCH_THREADS) {
@@ -172,6 +173,7 @@ extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
 extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
     expert_column_scan(int* __restrict__ block_counts, int num_blocks, int num_experts,
                        int* __restrict__ counts) {
+    follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
     __shared__ int scratch[SCAN_SCRATCH_INTS];
     const int e = blockIdx.x;
     if (e >= num_experts) return;
@@ -187,6 +189,7 @@ extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
                 int flags, const int* __restrict__ block_base, const int* __restrict__ row_offsets,
                 int num_rows, int* __restrict__ pair_to_row, int* __restrict__ row_to_pair,
                 unsigned long long* __restrict__ dropped) {
+    follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
     // Shared layout (ints): next_row[E] | warp_counts[DISPATCH_WARPS][E].
     //   next_row[e]       first row of the next pair of expert e in this
     //                     block (global row, so no addition needed later).
@@ -259,6 +262,7 @@ template <class T>
 __device__ __forceinline__ void gather_rows_impl(const T* __restrict__ x, int hidden,
                                                  const int* __restrict__ row_to_pair, int top_k,
                                                  int num_rows, T* __restrict__ out) {
+    follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
     const bool vec = rows_vectorizable<T>(hidden, x, out);
     for (int r = blockIdx.x; r < num_rows; r += gridDim.x) {
         const int p = row_to_pair[r];

@@ -35,6 +35,11 @@
 //                       small boxes holding them (v10); SM90_BLOCK_M gives
 //                       v9's loads (one whole box for every tile)
 //   SM90_STAGES         shared-memory stages of the ring
+//   SM90_SKIP_IDLE      optional, 1: the second math warpgroup of a thin tile (at most
+//                       SM90_BLOCK_M / 2 rows of its group) runs no MMAs and
+//                       only releases the stages (v12); 0 or undefined
+//                       (the default): it multiplies stale rows it never
+//                       stores (v10, v11)
 //   SM90_TILE_THREADS   threads of grouped_tile_offsets' one block
 //   SM90_EPILOGUE_ACT   optional: an activation code (ACT_SILU, ACT_GELU or
 //                       ACT_RELU, also defined) for the gated epilogue below
@@ -181,6 +186,9 @@
 #endif
 
 #define SM90_MATH_WARPGROUPS 2
+// Set in a posted tile whose rows all lie in the first math warpgroup's half
+// (at most SM90_BLOCK_M / 2 rows of its group): bit 61, above any tile index.
+#define SM90_THIN_TILE (1LL << 61)
 #ifdef SM90_GATHER_A
 // full[s]: the TMA thread's arrive.expect_tx (b) and one cp.async arrival per load thread (a).
 #define SM90_FULL_ARRIVALS (1 + 128)
@@ -246,6 +254,7 @@ __device__ __forceinline__ void tile_offsets_impl(const S* __restrict__ sizes, i
                                                   int capacity, int* __restrict__ row_offsets,
                                                   int* __restrict__ row_ends, int* __restrict__ tile_offsets,
                                                   int* __restrict__ tile_counters) {
+    follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
     __shared__ int scratch[SCAN_SCRATCH_INTS];
     __shared__ long long scratch_ll[SCAN_SCRATCH_INTS];
     const bool masked = capacity > 0;
@@ -494,6 +503,7 @@ __device__ __forceinline__ void sm90_gather_loads(T* sa, T* sb, unsigned long lo
         if (tid == 0) {
             if (tile >= total_tiles) tile = -1;
             sm90_mailbox_publish(mail, j, tile);
+            if (tile < 0) allow_next_grid();  // this CTA's last loads are issued
         } else {
             tile = sm90_mailbox_take(mail, j);
         }
@@ -582,6 +592,11 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                                                      int* __restrict__ tile_counter, int num_groups, int M, int N,
                                                      int K, T* __restrict__ out,
                                                      const T* __restrict__ bias SM90_GATHER_PARAMS(T)) {
+    // Before anything an earlier kernel writes (the schedule, a): the step's
+    // launches may overlap (common.cuh). The next kernel may start once each
+    // CTA's load thread has run out of tiles (allow_next_grid below): its
+    // blocks then take the SMs this GEMM's CTAs leave, during the last tiles.
+    wait_for_previous_grid();
     extern __shared__ unsigned char smem_raw[];
     // full[s]: stage s holds data (one arrival with the TMA byte count);
     // empty[s]: both math warpgroups are done reading it (one arrival each).
@@ -631,9 +646,15 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
             long long tile = blockIdx.x;
             for (unsigned j = 0;; ++j) {
                 const bool done = tile >= total_tiles;
-                sm90_mailbox_publish(&mail, j, done ? -1 : tile);
-                if (done) break;
+                if (done) {
+                    sm90_mailbox_publish(&mail, j, -1);
+                    allow_next_grid();  // this CTA's last loads are issued
+                    break;
+                }
                 const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
+                // Posted after the search, marked when the second math
+                // warpgroup's rows are all past the group's end (a thin tile).
+                sm90_mailbox_publish(&mail, j, t.a_rows > SM90_BLOCK_M / 2 ? tile : tile | SM90_THIN_TILE);
                 const int g = t.g, n0 = t.n0, row0 = t.row0, a_rows = t.a_rows, b_boxes = t.b_boxes;
                 const int b_row0 = g * N + n0;
                 for (int kt = 0; kt < num_k; ++kt) {
@@ -673,8 +694,28 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
     float acc[SM90_BLOCK_N / 2];
     unsigned fills = 0;
     for (unsigned j = 0;; ++j) {
-        const long long tile = sm90_mailbox_take(&mail, j);
-        if (tile < 0) break;
+        const long long word = sm90_mailbox_take(&mail, j);
+        if (word < 0) break;
+        const long long tile = word & ~SM90_THIN_TILE;
+#if defined(SM90_SKIP_IDLE) && SM90_SKIP_IDLE
+        if (half == 1 && (word & SM90_THIN_TILE) != 0) {
+            // A thin tile (v12): this warpgroup's 64 rows hold none of the
+            // group's, so it runs no MMAs and stores nothing, and the other
+            // warpgroup has the tensor cores to itself. It still releases
+            // each stage once the stage has filled (a stage freed before its
+            // loads land could be refilled under them), the whole warpgroup
+            // past each wait before the release, so that no thread falls a
+            // phase behind the barrier it waits on.
+            for (int kt = 0; kt < num_k; ++kt) {
+                const unsigned f = fills + kt;
+                mbarrier_wait(&full[f % SM90_STAGES], (f / SM90_STAGES) & 1);
+                named_barrier_sync(1 + half);
+                if ((threadIdx.x & 127) == 0) mbarrier_arrive(&empty[f % SM90_STAGES]);
+            }
+            fills += num_k;
+            continue;
+        }
+#endif
 #pragma unroll
         for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = 0.0f;
 

@@ -116,10 +116,13 @@ class Recorder:
         # Every driver launch: (kernel handle, grid and block, shared memory,
         # stream, the argument values it passed: see _argument_values).
         self.decoded: list[tuple] = []
+        # Indices into launches/decoded of the programmatic dependent launches
+        # (cuLaunchKernelEx with the serialization attribute).
+        self.overlapped: list[int] = []
         self.host_values = lambda arr: np.zeros(arr.shape, arr.dtype)
 
     def clear(self):
-        for name in ("cublas", "launches", "copies", "memsets", "decoded"):
+        for name in ("cublas", "launches", "copies", "memsets", "decoded", "overlapped"):
             getattr(self, name).clear()
 
 
@@ -172,7 +175,15 @@ def stub_gpu(monkeypatch, info=None):
         rec.decoded.append((handle, args[:6], args[6], args[7], _argument_values(L, args[8])))
         return 0
 
-    monkeypatch.setattr(L, "_driver", SimpleNamespace(cuLaunchKernel=launch))
+    def launch_ex(config, handle, params, extra):
+        # cuLaunchKernelEx: recorded as the cuLaunchKernel call it stands for.
+        c = config._obj
+        attrs = [c.attrs[i] for i in range(c.num_attrs)]
+        assert [(a.id, a.value[0]) for a in attrs] == [(6, 1)], "only the programmatic attribute is used"
+        rec.overlapped.append(len(rec.launches))
+        return launch(handle, *c.grid, *c.block, c.shared_bytes, c.stream or 0, params, extra)
+
+    monkeypatch.setattr(L, "_driver", SimpleNamespace(cuLaunchKernel=launch, cuLaunchKernelEx=launch_ex))
     # Kernels: compiled nowhere, launched through the stand-in driver above.
     from cublas_grouped.gemm import pointers as P
     from cublas_grouped.moe import kernels as K

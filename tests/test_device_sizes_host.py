@@ -492,15 +492,40 @@ def test_narrow_tiles_launch_with_their_grid_shared_memory_and_box(gpu, monkeypa
 def test_narrow_tiles_are_chosen_by_layout_rows_per_group_and_epilogue(monkeypatch):
     from cublas_grouped.gemm.backends import hopper, hopper_variants
 
-    narrow = {**hopper.DEFINES, "SM90_BLOCK_N": 128, "SM90_STAGES": 6}
+    base = {**hopper.DEFINES, "SM90_SKIP_IDLE": 0}  # v12's choice made: this test is about the width
+    narrow = {**base, "SM90_BLOCK_N": 128, "SM90_STAGES": 6}
     limit = hopper_variants.NARROW_MAX_ROWS_PER_GROUP
     choose = hopper_variants.tile_defines
     assert limit == 16
-    assert choose(hopper.DEFINES, True, 16 * 8, 8, None) == narrow  # decode-sized groups, [E, N, K]
-    assert choose(hopper.DEFINES, True, 16 * 8 + 1, 8, None) is hopper.DEFINES  # more rows per group
-    assert choose(hopper.DEFINES, False, 8, 8, None) is hopper.DEFINES  # [E, K, N]: slower there
+    assert choose(base, True, 16 * 8, 8, None) == narrow  # decode-sized groups, [E, N, K]
+    assert choose(base, True, 16 * 8 + 1, 8, None) is base  # more rows per group
+    assert choose(base, False, 8, 8, None) is base  # [E, K, N]: slower there
     epilogue = hopper_variants.GatedEpilogue(act=1, codes=(("ACT_SILU", 1),))
-    assert choose(hopper.DEFINES, True, 8, 8, epilogue) is hopper.DEFINES  # gate | up need 256 columns
+    assert choose(base, True, 8, 8, epilogue) is base  # gate | up need 256 columns
     assert choose(narrow, True, 10**6, 8, None) is narrow  # a probe's variant stays as it is
     monkeypatch.setattr(hopper_variants, "NARROW_MAX_ROWS_PER_GROUP", 0)
-    assert choose(hopper.DEFINES, True, 8, 8, None) is hopper.DEFINES  # off
+    assert choose(base, True, 8, 8, None) is base  # off
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_idle_warpgroup_skip_is_chosen_for_small_groups(monkeypatch, trans_b):
+    """v12 (SM90_SKIP_IDLE=1) where groups average at most 512 rows, in both
+    layouts and with the gated epilogue; never where the defines name it (a
+    probe's A/B); and part of the prepared launches' key."""
+    from cublas_grouped.gemm.backends import hopper, hopper_variants
+
+    choose = hopper_variants.tile_defines
+    limit = hopper_variants.SKIP_IDLE_MAX_ROWS_PER_GROUP
+    assert limit == 512
+    rows = 2000  # past the narrow tiles' limit: only v12's choice is left
+    epilogue = hopper_variants.GatedEpilogue(act=1, codes=(("ACT_SILU", 1),))
+    for e in (epilogue, None):
+        assert choose(hopper.DEFINES, trans_b, limit * 8, 8, e) == {**hopper.DEFINES, "SM90_SKIP_IDLE": 1}
+        assert choose(hopper.DEFINES, trans_b, limit * 8 + 1, 8, e) is hopper.DEFINES
+    assert choose(hopper.DEFINES, trans_b, rows, 8, None)["SM90_SKIP_IDLE"] == 1
+    forced = {**hopper.DEFINES, "SM90_SKIP_IDLE": 0}
+    assert choose(forced, trans_b, rows, 8, None)["SM90_SKIP_IDLE"] == 0
+    key = hopper_variants.choice_key(hopper.DEFINES)
+    monkeypatch.setattr(hopper_variants, "SKIP_IDLE_MAX_ROWS_PER_GROUP", 0)
+    assert choose(hopper.DEFINES, trans_b, rows, 8, None) is hopper.DEFINES  # off
+    assert hopper_variants.choice_key(hopper.DEFINES) != key

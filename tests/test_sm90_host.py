@@ -94,10 +94,19 @@ def test_prepared_step_queues_what_the_timed_step_does(gpu, variant):
                 mp.setattr(module, "kernel_step", timed)
             gpu.clear()
             want = _queued(gpu, call(x, ids))
+            assert gpu.overlapped == []  # the timed step launches plainly
         for _ in range(2):  # prepared, then a hit
             gpu.clear()
             got = _queued(gpu, call(x, ids))
             assert got == want
+            # Every launch of a prepared step of at most OVERLAP_MAX_PAIRS pairs is
+            # overlapped (kernel_step.OVERLAP_LAUNCHES), none of a larger one.
+            small = x.shape[0] * K <= S.OVERLAP_MAX_PAIRS
+            assert gpu.overlapped == (list(range(len(got[0]))) if small else [])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(S, "OVERLAP_LAUNCHES", False)
+            gpu.clear()
+            assert _queued(gpu, call(x, ids)) == want and gpu.overlapped == []
         # 8 launches with the activation in GEMM 1's epilogue, else 9 (one offsets
         # launch), one fewer with one block of pairs (no column scan); no memset
         # of row_to_pair (the histogram resets it), only the default path's one
@@ -173,7 +182,8 @@ def test_ids_outside_the_experts_raise_after_hits(gpu):
 
 
 # Python and C calls of a repeated moe_forward at T=1 on SM 9.0 (counted
-# 2026-11-26 on this file's shapes: 47 and 58 (default, fixed_capacity) with
+# 2026-11-27 with the step's launches overlapped: 48 and 58; 2026-11-26 on
+# this file's shapes: 47 and 58 (default, fixed_capacity) with
 # one offsets launch per step, no memset and, for one block of pairs, no
 # column scan launch; 49 and 60 before those; earlier the same day 45 and 53;
 # 80 and 101 before the backend choice was remembered, 182 and 203 before the

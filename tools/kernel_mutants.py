@@ -359,7 +359,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "fills += num_k;",
         "fills = 0;",
         "the load thread restarts the ring at stage 0, phase 0 on each tile (stages and phases out of step)",
-        count=3,  # the gathering loads (1), the TMA load thread (2), the math warpgroups (3)
+        count=4,  # the gathering loads (1), the TMA load thread (2), v12's idle warpgroup (3), the MMAs (4)
         occurrence=2,
     ),
     Mutant(
@@ -368,8 +368,31 @@ MUTANTS: tuple[Mutant, ...] = (
         "fills += num_k;",
         "fills = 0;",
         "the math warpgroups restart the ring at stage 0, phase 0 on each tile",
-        count=3,
+        count=4,
+        occurrence=4,
+    ),
+    Mutant(
+        "sm90-idle-ring-restarts",
+        "grouped_gemm_sm90.cu",
+        "fills += num_k;",
+        "fills = 0;",
+        "a thin tile's idle warpgroup restarts the ring at stage 0, phase 0 (v12)",
+        count=4,
         occurrence=3,
+    ),
+    Mutant(
+        "sm90-thin-mark-all",
+        "grouped_gemm_sm90.cu",
+        "sm90_mailbox_publish(&mail, j, t.a_rows > SM90_BLOCK_M / 2 ? tile : tile | SM90_THIN_TILE);",
+        "sm90_mailbox_publish(&mail, j, t.a_rows > SM90_BLOCK_M ? tile : tile | SM90_THIN_TILE);",
+        "every tile is marked thin: the second warpgroup's rows of full tiles are never computed (v12)",
+    ),
+    Mutant(
+        "sm90-skip-ignores-mark",
+        "grouped_gemm_sm90.cu",
+        "if (half == 1 && (word & SM90_THIN_TILE) != 0) {",
+        "if (half == 1 && (word & SM90_THIN_TILE) == 0) {",
+        "the second warpgroup skips the full tiles and multiplies the thin ones (v12)",
     ),
     # grouped_gemm_sm90.cu, the store through the staging area (v8, v9)
     Mutant(

@@ -18,6 +18,11 @@ interleaved rounds after warm-up, medians; the two outputs compared first.
 ``--gather`` (prefill): also the sync-free steps with GEMM 1 reading the
 tokens itself (``kernel_step.GATHER_IN_GEMM1`` on during their calls and
 captures; columns "fixed+g" and "fused+g"), in the same rounds.
+
+``--plain`` (both modes): also the Hopper kernel steps with plain launches
+(``kernel_step.OVERLAP_LAUNCHES`` off while they are prepared and captured;
+columns "sm90-plain", "fixed-plain", "fused-plain"), against the default
+programmatic dependent launches, and whether their outputs agree bit for bit.
 """
 
 from __future__ import annotations
@@ -48,7 +53,20 @@ def _captured(layer, x, ids, weights, stream):
     return graph, out
 
 
-def _decode_methods(s, w1, w2, tokens, x, ids, w, stream):
+def _plain(call):
+    """``call`` with the kernel step's launches plain (not overlapped) meanwhile."""
+
+    def run():
+        kernel_step.OVERLAP_LAUNCHES = False
+        try:
+            return call()
+        finally:
+            kernel_step.OVERLAP_LAUNCHES = True
+
+    return run
+
+
+def _decode_methods(s, w1, w2, tokens, x, ids, w, stream, plain=False):
     """(name -> (one timed round, output)), and the GEMM paths, for decode mode."""
     chunked = cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm="cublas_grouped"))
     kernel = cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm="sm90_grouped"))
@@ -56,13 +74,16 @@ def _decode_methods(s, w1, w2, tokens, x, ids, w, stream):
         "chunked": cg.FixedCapacityMoE(w1, w2, s.top_k, tokens, executor=chunked, graphs=False),
         "sm90": cg.FixedCapacityMoE(w1, w2, s.top_k, tokens, executor=kernel, graphs=False),
     }
+    if plain:
+        layers["sm90-plain"] = cg.FixedCapacityMoE(w1, w2, s.top_k, tokens, executor=kernel, graphs=False)
     sm = cg.device_info().sm
     paths = {
         k: fixed_capacity_backend(sm, v.executor, v.shape, v.w1, v.w2, tokens) for k, v in layers.items()
     }
     methods = {}
     for name, layer in layers.items():
-        graph, out = _captured(layer, x, ids, w, stream)
+        capture = lambda layer=layer: _captured(layer, x, ids, w, stream)
+        graph, out = _plain(capture)() if name.endswith("-plain") else capture()
 
         def run(graph=graph):
             for _ in range(REPLAYS):
@@ -85,7 +106,9 @@ def _gathering(call):
     return run
 
 
-def _prefill_methods(s, w1, w2, tokens, x, ids, w, stream, packed=None, graphs=False, gather=False):
+def _prefill_methods(
+    s, w1, w2, tokens, x, ids, w, stream, packed=None, graphs=False, gather=False, plain=False
+):
     def auto():
         return cg.moe_forward(x, ids, w, w1, w2, stream=stream)
 
@@ -103,15 +126,22 @@ def _prefill_methods(s, w1, w2, tokens, x, ids, w, stream, packed=None, graphs=F
     if gather:
         for name in [n for n in ("fixed", "fused") if n in methods]:
             methods[name + "+g"] = (_gathering(methods[name][0]), None, 1)
+    if plain:
+        for name in [n for n in ("fixed", "fused") if n in methods]:
+            methods[name + "-plain"] = (_plain(methods[name][0]), None, 1)
     if graphs:  # GPU time only: the sync-free calls replayed from graphs (AUTO copies to the host: eager)
-        for name in ("fixed", "fused", "fixed+g", "fused+g"):
+        for name in ("fixed", "fused", "fixed+g", "fused+g", "fixed-plain", "fused-plain"):
             if name in methods:
                 call = methods[name][0]
-                with stream:
-                    call()  # eager first: compiles, sizes the buffers
-                    stream.begin_capture()
-                    out = call()
-                    graph = stream.end_capture()
+
+                def capture(call=call):
+                    with stream:
+                        call()  # eager first: compiles, sizes the buffers
+                        stream.begin_capture()
+                        out = call()
+                        return stream.end_capture(), out
+
+                graph, out = _plain(capture)() if name.endswith("-plain") else capture()
                 methods[name] = (lambda graph=graph: graph.launch(stream), out, 1)
     return methods, {}
 
@@ -129,6 +159,7 @@ def main() -> None:
     p.add_argument(
         "--gather", action="store_true", help="prefill: also the sync-free steps gathering inside GEMM 1"
     )
+    p.add_argument("--plain", action="store_true", help="also the kernel steps with plain launches")
     args = p.parse_args()
     decode = args.mode == "decode"
     tokens_list = args.tokens or ("16,64" if decode else "4096,16384")
@@ -137,6 +168,8 @@ def main() -> None:
     names = ("chunked", "sm90") if decode else ("auto", "fixed", "fused")
     if args.gather and not decode:
         names += ("fixed+g", "fused+g")
+    if args.plain:
+        names += ("sm90-plain",) if decode else ("fixed-plain", "fused-plain")
     unit = "us" if decode else "ms"
     heads = " ".join(f"{n + ' ' + unit:>12s}" for n in names)
     print(f"{'case':40s} {heads} ratios (first / each) extra  rel.diff (last vs first) |out|")
@@ -161,10 +194,10 @@ def main() -> None:
                 ids_d, w_d = cupy.asarray(ids, dtype=cupy.int32), cupy.asarray(weights, dtype=cupy.float32)
                 cupy.cuda.Device().synchronize()  # inputs were made on the default stream
                 if decode:
-                    methods, paths = _decode_methods(s, w1, w2, tokens, x, ids_d, w_d, stream)
+                    methods, paths = _decode_methods(s, w1, w2, tokens, x, ids_d, w_d, stream, args.plain)
                 else:
                     methods, paths = _prefill_methods(
-                        s, w1, w2, tokens, x, ids_d, w_d, stream, packed, args.graphs, args.gather
+                        s, w1, w2, tokens, x, ids_d, w_d, stream, packed, args.graphs, args.gather, args.plain
                     )
                 outs = {}
                 for name, (run, out, _) in methods.items():
@@ -173,9 +206,10 @@ def main() -> None:
                     stream.synchronize()
                     outs[name] = cupy.asnumpy(out if out is not None else got).astype(np.float64)
                 diff = rel_error(outs[list(methods)[-1]], outs[names[0]])
-                for name in [n for n in ("fixed", "fused") if n + "+g" in outs]:  # same products: same bits
-                    same = np.array_equal(outs[name], outs[name + "+g"], equal_nan=True)
-                    print(f"{model} T={tokens} {routing}: {name}+g == {name} bit for bit: {same}")
+                for name, other in [(n, n + t) for n in ("fixed", "fused", "sm90") for t in ("+g", "-plain")]:
+                    if other in outs:  # same products: same bits
+                        same = np.array_equal(outs[name], outs[other], equal_nan=True)
+                        print(f"{model} T={tokens} {routing}: {other} == {name} bit for bit: {same}")
                 norm = float(np.linalg.norm(outs[names[0]]))
                 times = {k: [] for k in methods}
                 for r in range(rounds + WARMUP):

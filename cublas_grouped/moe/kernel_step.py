@@ -35,6 +35,8 @@ def _ptr(array) -> int:
 
 __all__ = [
     "GATHER_IN_GEMM1",
+    "OVERLAP_LAUNCHES",
+    "OVERLAP_MAX_PAIRS",
     "gather_in_gemm1",
     "CHUNKED_DECODE_MAX_EXPERTS",
     "CHUNKED_DECODE_MAX_TOKENS",
@@ -64,6 +66,21 @@ CHUNKED_DECODE_MAX_TOKENS = 64
 # measured on a GPU (docs/kernel-notes.md, v11); an x that does not start on
 # a 16-byte boundary keeps the copy either way. Read at each call.
 GATHER_IN_GEMM1 = False
+
+# The prepared step's launches are programmatic dependent launches
+# (runtime/launch.py, kernels/common.cuh): the driver starts each kernel's
+# blocks while the previous kernel drains, and each kernel waits on the
+# device (griddepcontrol.wait) before it touches what earlier kernels wrote.
+# Every kernel of the step does so first thing (the GEMMs let the next kernel
+# start when they run out of tiles). The step runs on SM 9.0 only, where the
+# instructions exist. Only for steps of at most OVERLAP_MAX_PAIRS pairs:
+# measured on an H200 (docs/kernel-notes.md, "Overlapped launches"), graph
+# replays of decode steps (32-512 pairs) took 0.971-1.001 of the plain
+# launches' time, but Qwen3 at 4096 tokens (32768 pairs) 1.003-1.013; other
+# sizes are not measured. False: plain launches (a probe's A/B). Both are
+# read when a step is prepared (part of the prepared steps' key).
+OVERLAP_LAUNCHES = True
+OVERLAP_MAX_PAIRS = 1024
 
 
 def fixed_capacity_backend(sm, executor, shape: LayerShape, w1, w2, tokens: int) -> str:
@@ -192,6 +209,7 @@ def kernel_step(
             0 if b1 is None else b1.data.ptr,
             0 if b2 is None else b2.data.ptr,
             get_ident(),  # a step's slots are written before each launch: one per thread
+            OVERLAP_LAUNCHES and ids.size <= OVERLAP_MAX_PAIRS,
         )
         step = buf.launches.get(key)
         if step is None:
@@ -252,9 +270,13 @@ def kernel_step(
 class StepLaunches:
     """The launches of one kernel step (see :func:`kernel_step`), arguments
     packed once: calling it queues the step for new inputs (x, ids, weights,
-    out, dropped given by address) at the cost of one driver call per launch."""
+    out, dropped given by address) at the cost of one driver call per launch.
+    ``overlap``: each launch a programmatic dependent launch
+    (:data:`OVERLAP_LAUNCHES`)."""
 
-    def __init__(self, launches, gemm_outs):
+    def __init__(self, launches, gemm_outs, overlap: bool = False):
+        if overlap:
+            launches = tuple(None if f is None else f.launch_overlapped for f in launches)
         self.histogram, self.column_scan, self.scan, self.assign, self.gather = launches[:5]
         self.gemm1, self.activation, self.gemm2, self.combine = launches[5:]
         self.gemm1_out, self.gemm2_out = gemm_outs
@@ -358,7 +380,8 @@ def step_launches(
     prep.slots = (3, 4, 8)  # weights, ids, out
     combine = K.combine_rows(prep, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
     launches = (histogram, column_scan, scan, assign, copy, first, activation, second, combine)
-    return StepLaunches(launches, (first_out, y.data.ptr))
+    overlap = OVERLAP_LAUNCHES and pairs <= OVERLAP_MAX_PAIRS
+    return StepLaunches(launches, (first_out, y.data.ptr), overlap=overlap)
 
 
 def gather_in_gemm1(x) -> bool:

@@ -14,6 +14,17 @@ the values during the call, so reusing the buffer for the next launch is safe.
 Launches with any other argument (a tensor map, say) go through
 ``cuda.core``. The kernel runs in the driver's current context, as with
 ``cuda.core``: the callers make it the device's primary context.
+
+Programmatic dependent launch (SM 9.0+; :meth:`FixedLaunch.launch_overlapped`):
+``cuLaunchKernelEx`` with the attribute
+``CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`` lets the driver
+start the kernel's blocks before the previous kernel in the stream has
+finished, once every block of that kernel has run ``griddepcontrol.
+launch_dependents`` (``allow_next_grid`` in kernels/common.cuh) or exited.
+Such a kernel must run ``griddepcontrol.wait`` (``wait_for_previous_grid``)
+before it touches memory an earlier kernel writes or reads: the wait returns
+once the previous kernel has completed and its writes are visible. A CUDA
+graph captured from such launches keeps the overlap (a programmatic edge).
 """
 
 from __future__ import annotations
@@ -45,6 +56,8 @@ def driver():
                 lib.cuLaunchKernel.restype = ctypes.c_int
                 lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
                 lib.cuGetErrorName.restype = ctypes.c_int
+                lib.cuLaunchKernelEx.restype = ctypes.c_int
+                lib.cuLaunchKernelEx.argtypes = [ctypes.c_void_p] * 4
                 _driver = lib
     return _driver
 
@@ -180,6 +193,37 @@ def param_holder(args):
     return ParamHolder(args)
 
 
+# cuda.h's CUlaunchAttribute (an id, padding to 8 bytes, a 64-byte value
+# union) and CUlaunchConfig, for cuLaunchKernelEx.
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [
+        ("grid", ctypes.c_uint * 3),
+        ("block", ctypes.c_uint * 3),
+        ("shared_bytes", ctypes.c_uint),
+        ("stream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(_LaunchAttribute)),
+        ("num_attrs", ctypes.c_uint),
+    ]
+
+
+def _overlapped_config(grid: int, block: int, shmem: int) -> _LaunchConfig:
+    """A 1-D launch's CUlaunchConfig with the programmatic-serialization
+    attribute on (the stream is set per launch)."""
+    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value[0] = 1  # programmaticStreamSerializationAllowed
+    config = _LaunchConfig(grid=(grid, 1, 1), block=(block, 1, 1), shared_bytes=shmem, num_attrs=1)
+    config.attrs = ctypes.pointer(attr)
+    config._attr = attr  # kept alive with the config
+    return config
+
+
 class FixedLaunch:
     """A kernel launch whose arguments are packed once (tensor maps included)
     and replayed by one ``cuLaunchKernel`` call: for hot paths whose launches
@@ -192,7 +236,7 @@ class FixedLaunch:
     cannot reach a queued launch). Not thread-safe: keep one per thread.
     """
 
-    __slots__ = ("handle", "grid", "block", "shmem", "params", "holder", "slots", "label")
+    __slots__ = ("handle", "grid", "block", "shmem", "params", "holder", "slots", "label", "_config")
 
     def __init__(
         self, kernel, grid: int, block: int, args, *, shmem: int = 0, slots=(), label: str = "a kernel"
@@ -204,6 +248,7 @@ class FixedLaunch:
         pointers = (ctypes.c_void_p * max(len(args), 1)).from_address(self.holder.ptr)
         self.slots = tuple(ctypes.c_int64.from_address(pointers[i]) for i in slots)
         self.label = label
+        self._config = None  # launch_overlapped's (config, reference), made at its first call
 
     def __call__(self, stream: int, *values) -> None:
         """Launch on the raw stream handle ``stream``, with ``values`` in the slots (in order).
@@ -224,4 +269,31 @@ class FixedLaunch:
             raise LaunchError(
                 f"cuLaunchKernel failed for {self.label}, grid {self.grid}, block {self.block}, "
                 f"{self.shmem} bytes of shared memory: {_error_name(status)}"
+            )
+
+    def launch_overlapped(self, stream: int, *values) -> None:
+        """As a call, but as a programmatic dependent launch (the module
+        docstring): the kernel may start while the previous kernel in the
+        stream still runs. Only for kernels that run ``griddepcontrol.wait``
+        before touching memory an earlier kernel uses; SM 9.0 and later.
+
+        Raises
+        ------
+        LaunchError
+            If the driver refuses the launch.
+        """
+        if values:
+            for slot, value in zip(self.slots, values):
+                slot.value = value
+        config = self._config
+        if config is None:  # (the config, a reference to it): made once, at the first launch
+            made = _overlapped_config(self.grid, self.block, self.shmem)
+            config = self._config = (made, ctypes.byref(made))
+        config[0].stream = stream
+        lib = _driver if _driver is not None else driver()
+        status = lib.cuLaunchKernelEx(config[1], self.handle, self.params, None)
+        if status != 0:
+            raise LaunchError(
+                f"cuLaunchKernelEx (programmatic dependent launch) failed for {self.label}, grid "
+                f"{self.grid}, block {self.block}, {self.shmem} bytes of shared memory: {_error_name(status)}"
             )

@@ -5,6 +5,8 @@ the defines that select them (``kernels/grouped_gemm_sm90.cu``'s header):
   gated activation in the epilogue;
 - 128-column tiles (``SM90_BLOCK_N=128``, 6 stages): :func:`tile_defines`
   chooses them where they measured faster;
+- v12 (``SM90_SKIP_IDLE``): a thin tile's second math warpgroup runs no
+  MMAs; :func:`tile_defines` chooses it for small groups;
 - :class:`RowGather` (v11, ``SM90_GATHER_A``): a's rows read through an index
   array (``a[r] = x[src[r] // top_k]``), so no gathered copy of the tokens is
   written. The load warpgroup copies them into the stage with cp.async in the
@@ -20,6 +22,7 @@ __all__ = [
     "GatedEpilogue",
     "RowGather",
     "NARROW_MAX_ROWS_PER_GROUP",
+    "SKIP_IDLE_MAX_ROWS_PER_GROUP",
     "tile_defines",
     "choice_key",
     "variant_defines",
@@ -34,6 +37,15 @@ __all__ = [
 # (docs/kernel-notes.md, "128-column tiles"). 0 turns the choice off.
 NARROW_MAX_ROWS_PER_GROUP = 16
 _NARROW = {"SM90_BLOCK_N": 128, "SM90_STAGES": 6}
+
+# v12 where groups average at most this many rows: there a large share of
+# tiles hold at most 64 rows of their group (thin), whose second warpgroup
+# then skips its MMAs. Measured (docs/kernel-notes.md, v12 and "Overlapped
+# launches"): H200, 4096 tokens, Qwen3 (256 rows per group) 3.6-4.8% faster,
+# DeepSeek-V3 (128) 1.3-4.2%; H100: decode up to 1.5%, Qwen3 4096 1.6-1.9%,
+# DeepSeek-V3 16384 (512) 0.1-2.8%; but Mixtral at 1024 and 2048 rows per
+# group 3.7-5.1% slower and Qwen3 16384 (1024) -1.1 to +0.6%. 0 turns it off.
+SKIP_IDLE_MAX_ROWS_PER_GROUP = 512
 
 
 @dataclass(frozen=True)
@@ -77,11 +89,17 @@ class RowGather:
 def tile_defines(
     defines: dict, trans_b: bool, rows: int, groups: int, epilogue: GatedEpilogue | None
 ) -> dict:
-    """``defines`` with 128-column tiles where :data:`NARROW_MAX_ROWS_PER_GROUP`
-    says they are faster (``rows`` over ``groups`` groups of ``[E, N, K]``
-    weights); as they are otherwise, and always where they already name a
-    width other than 256 (a probe's variant) or with the gated epilogue, whose
-    tiles hold gate and up of 128 outputs."""
+    """``defines`` with v12's idle-warpgroup skip where groups average at most
+    :data:`SKIP_IDLE_MAX_ROWS_PER_GROUP` rows (unless ``defines`` name
+    ``SM90_SKIP_IDLE`` already), and with 128-column tiles where
+    :data:`NARROW_MAX_ROWS_PER_GROUP` says they are faster (``rows`` over
+    ``groups`` groups of ``[E, N, K]`` weights); the width as it is
+    otherwise, and always where the defines already name a width other than
+    256 (a probe's variant) or with the gated epilogue, whose tiles hold gate
+    and up of 128 outputs."""
+    if SKIP_IDLE_MAX_ROWS_PER_GROUP and "SM90_SKIP_IDLE" not in defines:  # a probe's value stands
+        if rows <= SKIP_IDLE_MAX_ROWS_PER_GROUP * groups:
+            defines = {**defines, "SM90_SKIP_IDLE": 1}
     wide = defines["SM90_BLOCK_N"] == 256
     if not (NARROW_MAX_ROWS_PER_GROUP and trans_b and wide and epilogue is None):
         return defines
@@ -92,7 +110,7 @@ def choice_key(defines: dict) -> tuple:
     """What decides which kernel a launch runs that a probe may change
     between calls (the defines, the narrow tiles' threshold): part of the
     keys of prepared launches, so that a change prepares a new one."""
-    return tuple(defines.items()), NARROW_MAX_ROWS_PER_GROUP
+    return tuple(defines.items()), NARROW_MAX_ROWS_PER_GROUP, SKIP_IDLE_MAX_ROWS_PER_GROUP
 
 
 def variant_defines(defines: dict, epilogue: GatedEpilogue | None, gather: RowGather | None) -> dict:

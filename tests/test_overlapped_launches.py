@@ -1,0 +1,129 @@
+"""Programmatic dependent launches of the MoE kernel step (CPU: NVRTC and ctypes only).
+
+The prepared step launches every kernel with the programmatic-serialization
+attribute (``FixedLaunch.launch_overlapped``): a kernel's blocks may start
+while the previous kernel still runs. That is safe only if each of them
+waits (``griddepcontrol.wait``) before its first access to global memory,
+and lets the next one start only after that wait. These tests read the PTX
+NVRTC makes for SM 9.0 and check exactly that order for every kernel the
+step launches; and the ctypes mirror of ``CUlaunchConfig`` against cuda.h's
+layout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+
+import pytest
+
+from cublas_grouped.gemm.backends import hopper
+from cublas_grouped.moe import kernel_step
+from cublas_grouped.moe import kernels as K
+from cublas_grouped.runtime import launch
+
+# Every kernel a prepared step launches (kernel_step.step_launches), by source.
+STEP_KERNELS = {
+    "dispatch": (
+        "expert_block_histogram",
+        "expert_column_scan",
+        "assign_rows",
+        "gather_rows_bf16",
+        "gather_rows_f16",
+    ),
+    "activation": ("expert_activation_bf16", "expert_activation_f16"),
+    "combine": ("combine_rows_bf16", "combine_rows_f16"),
+    "grouped_gemm_sm90": (
+        "grouped_tile_offsets",
+        "grouped_gemm_nt_bf16",
+        "grouped_gemm_nn_bf16",
+        "grouped_gemm_nt_f16",
+        "grouped_gemm_nn_f16",
+    ),
+}
+# Instructions that touch global memory (or start a copy from it).
+GLOBAL_ACCESS = re.compile(
+    r"^\s*(ld\.global|st\.global|atom\.|red\.|cp\.async|ld\.volatile\.global|ld\.relaxed)"
+)
+
+
+def _ptx(source: str, arch: str, defines: dict) -> str:
+    """NVRTC's PTX of kernels/<source>.cu for ``arch`` (cuda.bindings directly:
+    cuda.core's PTX target loads the driver, which CI has not)."""
+    from cuda.bindings import nvrtc as N
+
+    from cublas_grouped.runtime import nvrtc
+
+    _, prog = N.nvrtcCreateProgram(nvrtc.load_source(source).encode(), f"{source}.cu".encode(), 0, [], [])
+    opts = [f"--gpu-architecture={arch.replace('sm_', 'compute_')}".encode(), b"-std=c++17"]
+    opts += [f"-D{name}={value}".encode() for name, value in defines.items()]
+    (status,) = N.nvrtcCompileProgram(prog, len(opts), opts)
+    assert status == N.nvrtcResult.NVRTC_SUCCESS, f"{source}.cu does not compile for {arch}: {status}"
+    _, size = N.nvrtcGetPTXSize(prog)
+    ptx = b" " * size
+    N.nvrtcGetPTX(prog, ptx)
+    N.nvrtcDestroyProgram(prog)
+    return ptx.rstrip(b"\0 ").decode()
+
+
+def _entries(ptx: str) -> dict[str, list[str]]:
+    """Each entry function's PTX lines (from its .entry line to the next)."""
+    out: dict[str, list[str]] = {}
+    name = None
+    for line in ptx.splitlines():
+        m = re.match(r"\s*\.visible \.entry (\w+)\(", line)
+        if m:
+            name = m.group(1)
+            out[name] = []
+        elif name is not None:
+            out[name].append(line)
+    return out
+
+
+@pytest.fixture(scope="module")
+def step_ptx():
+    pytest.importorskip("cuda.bindings")
+    defines = {"grouped_gemm_sm90": hopper.DEFINES, **K.DEFINES}
+    arch = {"grouped_gemm_sm90": hopper.ARCH}
+    return {s: _entries(_ptx(s, arch.get(s, "sm_90"), defines[s])) for s in STEP_KERNELS}
+
+
+@pytest.mark.parametrize("source", sorted(STEP_KERNELS))
+def test_every_step_kernel_waits_before_touching_global_memory(step_ptx, source):
+    """In each kernel the step launches overlapped, ``griddepcontrol.wait``
+    comes before the first global load, store, atomic or async copy, and
+    ``griddepcontrol.launch_dependents`` after the wait (PTX order: both sit
+    at the kernel's start, before any branch)."""
+    entries = step_ptx[source]
+    for name in STEP_KERNELS[source]:
+        lines = entries.get(name)
+        assert lines is not None, f"{source}.cu has no entry {name}: {sorted(entries)}"
+        wait = next((i for i, s in enumerate(lines) if "griddepcontrol.wait" in s), None)
+        allow = next((i for i, s in enumerate(lines) if "griddepcontrol.launch_dependents" in s), None)
+        first = next((i for i, s in enumerate(lines) if GLOBAL_ACCESS.match(s)), None)
+        assert wait is not None, f"{name}: no griddepcontrol.wait"
+        assert allow is not None and allow > wait, f"{name}: launch_dependents missing or before the wait"
+        assert first is None or first > wait, f"{name}: global access before the wait: {lines[first]}"
+        # The wait may not sit in a branch that some threads skip: no branch before it.
+        assert not any(re.match(r"\s*(@%p\d+ )?bra", s) for s in lines[:wait]), (
+            f"{name}: a branch before the wait"
+        )
+
+
+def test_the_step_overlaps_its_launches_by_default():
+    assert kernel_step.OVERLAP_LAUNCHES is True
+
+
+def test_launch_config_mirrors_cuda_h():
+    """cuda.h (CUDA 12 and 13): CUlaunchAttribute is an int id, 4 bytes of
+    padding and a 64-byte value union (72 bytes); CUlaunchConfig is seven
+    unsigned ints, the stream, the attribute pointer and their count (56
+    bytes on 64-bit hosts, the stream at 32, attrs at 40, numAttrs at 48)."""
+    assert ctypes.sizeof(launch._LaunchAttribute) == 72
+    assert launch._LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(launch._LaunchConfig) == 56
+    assert (launch._LaunchConfig.stream.offset, launch._LaunchConfig.attrs.offset) == (32, 40)
+    assert launch._LaunchConfig.num_attrs.offset == 48
+    config = launch._overlapped_config(7, 128, 1024)
+    assert (list(config.grid), list(config.block), config.shared_bytes) == ([7, 1, 1], [128, 1, 1], 1024)
+    assert config.num_attrs == 1 and config.attrs[0].id == 6 and config.attrs[0].value[0] == 1
