@@ -19,12 +19,21 @@
 //                  is owned by one thread: no atomics, bitwise deterministic.
 //     out may not overlap y.
 //
+//   sum_rows_{f32,f16,bf16}(const X* y, int hidden, const int* pair_to_row,
+//                           int num_tokens, int top_k, X* out)
+//     The combine after a GEMM 2 whose epilogue applied the routing weights
+//     and b2 (each row already holds w * (row @ W2 + b2), its token's repeats
+//     of the expert added into its weight): out[t] = sum_{j = 0..k-1, in
+//     order} y[pair_to_row[t*k + j]], where pair_to_row[t*k + j] >= 0;
+//     dropped pairs and repeats (negative entries) add nothing. fp32
+//     accumulation, one rounding, no atomics: bitwise deterministic.
+//
 //   scatter_rows_{f32,f16,bf16}(const X* y, int hidden, const int* pair_to_row,
 //                               int num_pairs, X* out)
 //     out [num_pairs, hidden]: out[p] = y[pair_to_row[p]] bit for bit, zeros
 //     where pair_to_row[p] < 0.
 //
-//   Launch (both): one block per output row, grid-stride over rows; any grid
+//   Launch (all three): one block per output row, grid-stride over rows; any grid
 //   size and any block size work. 16-byte loads/stores when
 //   hidden * sizeof(X) % 16 == 0 and y, out and bias (if given) are 16-byte
 //   aligned; scalar otherwise.
@@ -41,8 +50,10 @@ __device__ __forceinline__ int choice_row(const int* __restrict__ pair_to_row, l
     return first < j ? pair_to_row[pair0 + first] : -1;
 }
 
-template <class T>
-__device__ __forceinline__ void combine_rows_impl(const T* __restrict__ y, int hidden,
+// WEIGHTED: combine_rows (weights, bias, repeats read through their alias);
+// else sum_rows (rows taken as they are, negative entries add nothing).
+template <class T, bool WEIGHTED>
+__device__ __forceinline__ void combine_impl(const T* __restrict__ y, int hidden,
                                                   const int* __restrict__ pair_to_row,
                                                   const float* __restrict__ topk_weights,
                                                   const int* __restrict__ topk_ids,
@@ -65,11 +76,11 @@ __device__ __forceinline__ void combine_rows_impl(const T* __restrict__ y, int h
 #pragma unroll
                 for (int k = 0; k < N; ++k) acc[k] = 0.0f;
                 for (int j = 0; j < top_k; ++j) {
-                    const int row = choice_row(pair_to_row, pair0, j);
+                    const int row = WEIGHTED ? choice_row(pair_to_row, pair0, j) : pair_to_row[pair0 + j];
                     if (row < 0) continue;
-                    const float w = topk_weights != nullptr ? topk_weights[pair0 + j] : 1.0f;
+                    const float w = WEIGHTED && topk_weights != nullptr ? topk_weights[pair0 + j] : 1.0f;
                     const Vec16<T> v = load_vec16(y + row * H + i);
-                    if (bias != nullptr) {
+                    if (WEIGHTED && bias != nullptr) {
                         const Vec16<T> b = load_vec16(bias + topk_ids[pair0 + j] * H + i);
 #pragma unroll
                         for (int k = 0; k < N; ++k) acc[k] += w * (to_float(v.e[k]) + to_float(b.e[k]));
@@ -87,11 +98,11 @@ __device__ __forceinline__ void combine_rows_impl(const T* __restrict__ y, int h
             for (long long i = threadIdx.x; i < H; i += blockDim.x) {
                 float acc = 0.0f;
                 for (int j = 0; j < top_k; ++j) {
-                    const int row = choice_row(pair_to_row, pair0, j);
+                    const int row = WEIGHTED ? choice_row(pair_to_row, pair0, j) : pair_to_row[pair0 + j];
                     if (row < 0) continue;
-                    const float w = topk_weights != nullptr ? topk_weights[pair0 + j] : 1.0f;
+                    const float w = WEIGHTED && topk_weights != nullptr ? topk_weights[pair0 + j] : 1.0f;
                     float v = load_as_float(y + row * H + i);
-                    if (bias != nullptr) v += load_as_float(bias + topk_ids[pair0 + j] * H + i);
+                    if (WEIGHTED && bias != nullptr) v += load_as_float(bias + topk_ids[pair0 + j] * H + i);
                     acc += w * v;
                 }
                 store_from_float(o + i, acc);
@@ -115,8 +126,28 @@ __device__ __forceinline__ void scatter_rows_impl(const T* __restrict__ y, int h
 #define COMBINE_ROWS_PARAMS(X)                                                         \
     (const X* y, int hidden, const int* pair_to_row, const float* topk_weights,        \
      const int* topk_ids, const X* bias, int num_tokens, int top_k, X* out)
+template <class T>
+__device__ __forceinline__ void combine_rows_impl(const T* __restrict__ y, int hidden,
+                                                  const int* __restrict__ pair_to_row,
+                                                  const float* __restrict__ topk_weights,
+                                                  const int* __restrict__ topk_ids,
+                                                  const T* __restrict__ bias, int num_tokens, int top_k,
+                                                  T* __restrict__ out) {
+    combine_impl<T, true>(y, hidden, pair_to_row, topk_weights, topk_ids, bias, num_tokens, top_k, out);
+}
+
+template <class T>
+__device__ __forceinline__ void sum_rows_impl(const T* __restrict__ y, int hidden,
+                                              const int* __restrict__ pair_to_row, int num_tokens, int top_k,
+                                              T* __restrict__ out) {
+    combine_impl<T, false>(y, hidden, pair_to_row, nullptr, nullptr, nullptr, num_tokens, top_k, out);
+}
+
 DEFINE_KERNEL_3TYPES(combine_rows, COMBINE_ROWS_PARAMS,
                      (y, hidden, pair_to_row, topk_weights, topk_ids, bias, num_tokens, top_k, out))
+
+#define SUM_ROWS_PARAMS(X) (const X* y, int hidden, const int* pair_to_row, int num_tokens, int top_k, X* out)
+DEFINE_KERNEL_3TYPES(sum_rows, SUM_ROWS_PARAMS, (y, hidden, pair_to_row, num_tokens, top_k, out))
 
 #define SCATTER_ROWS_PARAMS(X) (const X* y, int hidden, const int* pair_to_row, int num_pairs, X* out)
 DEFINE_KERNEL_3TYPES(scatter_rows, SCATTER_ROWS_PARAMS, (y, hidden, pair_to_row, num_pairs, out))

@@ -55,7 +55,8 @@
 //   assign_rows(const int* topk_ids, int num_pairs, int top_k, int num_experts,
 //               int flags, const int* block_base, const int* row_offsets,
 //               int num_rows, int* pair_to_row, int* row_to_pair,
-//               unsigned long long* dropped)
+//               unsigned long long* dropped, const float* topk_weights,
+//               float* row_weights)
 //     grid nb, block DISPATCH_THREADS.
 //     Dynamic shared memory: (DISPATCH_THREADS / 32 + 1) * num_experts * 4
 //     bytes (with 256 threads: 36 KiB for E = 1024; above 48 KiB the caller
@@ -74,6 +75,13 @@
 //     dropped (skipped when null): the number of dropped pairs is added to
 //     *dropped (one atomic add per warp; the count is order-independent).
 //     Rows never assigned keep what the caller put there (-1).
+//     row_weights (skipped when null; then topk_weights is not read): the
+//     routing weight each row carries, for an epilogue that applies it (GEMM
+//     2 of the Hopper kernel step): row_weights[row] = the sum, in choice
+//     order, of topk_weights[t, j'] (1 each when topk_weights is null) over
+//     the pair's own choice j and, with SKIP_REPEATS, every later choice j'
+//     of its token that names the same expert (the repeats aliasing this
+//     row, which then add nothing of their own).
 //
 //   gather_rows_{f32,f16,bf16}(const X* x, int hidden, const int* row_to_pair,
 //                              int top_k, int num_rows, X* out)
@@ -120,6 +128,21 @@ __device__ __forceinline__ int pair_expert(const int* __restrict__ topk_ids, lon
         }
     }
     return e;
+}
+
+// The routing weight of the row that pair p (its token's first choice of
+// expert e) takes: its own weight plus, with SKIP_REPEATS, those of the later
+// choices of the same expert, added in choice order (deterministic).
+__device__ __forceinline__ float row_weight(const int* __restrict__ topk_ids, const float* __restrict__ topk_weights,
+                                            long long p, int top_k, int e, int flags) {
+    float w = topk_weights != nullptr ? topk_weights[p] : 1.0f;
+    if (flags & SKIP_REPEATS) {
+        const int j = static_cast<int>(p % top_k);
+        for (int i = j + 1; i < top_k; ++i) {
+            if (topk_ids[p - j + i] == e) w += topk_weights != nullptr ? topk_weights[p - j + i] : 1.0f;
+        }
+    }
+    return w;
 }
 
 // The histogram keeps one counter per expert in static shared memory; more
@@ -188,7 +211,8 @@ extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
     assign_rows(const int* __restrict__ topk_ids, int num_pairs, int top_k, int num_experts,
                 int flags, const int* __restrict__ block_base, const int* __restrict__ row_offsets,
                 int num_rows, int* __restrict__ pair_to_row, int* __restrict__ row_to_pair,
-                unsigned long long* __restrict__ dropped) {
+                unsigned long long* __restrict__ dropped, const float* __restrict__ topk_weights,
+                float* __restrict__ row_weights) {
     follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
     // Shared layout (ints): next_row[E] | warp_counts[DISPATCH_WARPS][E].
     //   next_row[e]       first row of the next pair of expert e in this
@@ -236,6 +260,7 @@ extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
             if (row < num_rows) {
                 pair_to_row[p] = row;
                 row_to_pair[row] = static_cast<int>(p);
+                if (row_weights != nullptr) row_weights[row] = row_weight(topk_ids, topk_weights, p, top_k, e, flags);
             } else {
                 pair_to_row[p] = -1;  // past the caller's capacity: never written
                 drop = true;

@@ -46,6 +46,11 @@
 //   SM90_GATHER_A       optional (v11): a's rows are read through an index
 //                       array instead of from a gathered copy (see "Gathered
 //                       a" below); the kernels take four more arguments
+//   SM90_EPILOGUE_ROW_SCALE  optional, 1: the weighting epilogue (a layer's
+//                       GEMM 2): out[r, c] = row_scale[r] * (acc + bias[g, c]),
+//                       the product in fp32, rounded once; the kernels take
+//                       one more argument, row_scale (fp32 [M]). Not with
+//                       SM90_EPILOGUE_ACT or SM90_GATHER_A.
 //
 // Kernels:
 //
@@ -78,8 +83,10 @@
 //                                   tile_offsets, tile_counter, num_groups,
 //                                   M, N, K, out, bias
 //                                   [, gather_x, gather_src, gather_top_k,
-//                                   gather_x_rows: with SM90_GATHER_A only])
-//     bias: read only with SM90_EPILOGUE_ACT (null: none).
+//                                   gather_x_rows: with SM90_GATHER_A only]
+//                                   [, row_scale: with SM90_EPILOGUE_ROW_SCALE only])
+//     bias: read only with SM90_EPILOGUE_ACT ([E, N]: gate | up in the plain
+//     order) or SM90_EPILOGUE_ROW_SCALE ([E, N]) (null: none).
 //     With SM90_EPILOGUE_ACT (the first expert GEMM with its activation,
 //     gated): b holds [gate | up] packed in blocks of 128 columns, column
 //     block j of 256 = gate columns 128j .. 128j + 127, then up columns
@@ -185,6 +192,10 @@
 #error "SM90_TILE_THREADS must be a multiple of 32, at most 1024"
 #endif
 
+#if defined(SM90_EPILOGUE_ROW_SCALE) && (defined(SM90_EPILOGUE_ACT) || defined(SM90_GATHER_A))
+#error "SM90_EPILOGUE_ROW_SCALE is GEMM 2's epilogue: not with SM90_EPILOGUE_ACT or SM90_GATHER_A"
+#endif
+
 #define SM90_MATH_WARPGROUPS 2
 // Set in a posted tile whose rows all lie in the first math warpgroup's half
 // (at most SM90_BLOCK_M / 2 rows of its group): bit 61, above any tile index.
@@ -202,6 +213,13 @@
 #define SM90_MAIL_READERS (128 * SM90_MATH_WARPGROUPS)
 #define SM90_GATHER_PARAMS(T)
 #define SM90_GATHER_ARGS
+#endif
+#ifdef SM90_EPILOGUE_ROW_SCALE
+#define SM90_ROW_SCALE_PARAMS , const float *__restrict__ row_scale
+#define SM90_ROW_SCALE_ARGS , row_scale
+#else
+#define SM90_ROW_SCALE_PARAMS
+#define SM90_ROW_SCALE_ARGS
 #endif
 #define SM90_THREADS (128 * (1 + SM90_MATH_WARPGROUPS))
 #define SM90_A_STAGE_ELEMS (SM90_BLOCK_M * SM90_BLOCK_K)
@@ -591,7 +609,8 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                                                      const int* __restrict__ tile_offsets,
                                                      int* __restrict__ tile_counter, int num_groups, int M, int N,
                                                      int K, T* __restrict__ out,
-                                                     const T* __restrict__ bias SM90_GATHER_PARAMS(T)) {
+                                                     const T* __restrict__ bias SM90_GATHER_PARAMS(T)
+                                                         SM90_ROW_SCALE_PARAMS) {
     // Before anything an earlier kernel writes (the schedule, a): the step's
     // launches may overlap (common.cuh). The next kernel may start once each
     // CTA's load thread has run out of tiles (allow_next_grid below): its
@@ -784,6 +803,17 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
         const int c_tile = t.n0;
         const int passes = SM90_BLOCK_N / 64;
 #endif
+#ifdef SM90_EPILOGUE_ROW_SCALE
+        const T* bias_g = bias != nullptr ? bias + static_cast<long long>(t.g) * N : nullptr;  // [E, N]
+        // The scales of this thread's two accumulator rows (warp * 16 + lane / 4,
+        // and 8 below), read once per tile; rows past the group's end are never stored.
+        float row_w[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = t.row0 + half * 64 + warp * 16 + (lane >> 2) + 8 * h;
+            row_w[h] = r < t.row_end ? row_scale[r] : 0.0f;
+        }
+#endif
         T* stage = reinterpret_cast<T*>(ring + SM90_STAGES * SM90_STAGE_BYTES) + half * SM90_C_STAGE_ELEMS;
         const int tid = threadIdx.x & 127;
         const int row_end = t.row_end;
@@ -815,6 +845,15 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                     v0 = apply_act(v0, SM90_EPILOGUE_ACT) * u0;
                     v1 = apply_act(v1, SM90_EPILOGUE_ACT) * u1;
 #endif
+#ifdef SM90_EPILOGUE_ROW_SCALE
+                    const int col = c0 + 8 * jc + 2 * (lane & 3);  // even, and out_n is: both or neither in
+                    if (bias_g != nullptr && col < out_n) {
+                        v0 += to_float(bias_g[col]);
+                        v1 += to_float(bias_g[col + 1]);
+                    }
+                    v0 *= row_w[h];
+                    v1 *= row_w[h];
+#endif
                     *reinterpret_cast<unsigned*>(stage + r * SM90_C_PITCH + 8 * jc + 2 * (lane & 3)) =
                         pack_pair(T{}, v0, v1);
                 }
@@ -840,9 +879,10 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
              const __grid_constant__ TmaMap tmap_b, const int* __restrict__ row_offsets,                     \
              const int* __restrict__ row_ends, const int* __restrict__ tile_offsets,                         \
              int* __restrict__ tile_counter, int num_groups, int M, int N, int K, T* __restrict__ out,       \
-             const T* __restrict__ bias SM90_GATHER_PARAMS(T)) {                                             \
+             const T* __restrict__ bias SM90_GATHER_PARAMS(T) SM90_ROW_SCALE_PARAMS) {                       \
         grouped_gemm_impl<T, N_MAJOR_B>(&tmap_a, &tmap_a_rows, &tmap_b, row_offsets, row_ends, tile_offsets, \
-                                        tile_counter, num_groups, M, N, K, out, bias SM90_GATHER_ARGS);      \
+                                        tile_counter, num_groups, M, N, K, out,                              \
+                                        bias SM90_GATHER_ARGS SM90_ROW_SCALE_ARGS);                          \
     }
 
 SM90_GEMM_KERNEL(grouped_gemm_nt_bf16, bf16_t, false)

@@ -32,7 +32,7 @@ STEP_KERNELS = {
         "gather_rows_f16",
     ),
     "activation": ("expert_activation_bf16", "expert_activation_f16"),
-    "combine": ("combine_rows_bf16", "combine_rows_f16"),
+    "combine": ("combine_rows_bf16", "combine_rows_f16", "sum_rows_bf16", "sum_rows_f16"),
     "grouped_gemm_sm90": (
         "grouped_tile_offsets",
         "grouped_gemm_nt_bf16",

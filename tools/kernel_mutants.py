@@ -394,6 +394,30 @@ MUTANTS: tuple[Mutant, ...] = (
         "if (half == 1 && (word & SM90_THIN_TILE) == 0) {",
         "the second warpgroup skips the full tiles and multiplies the thin ones (v12)",
     ),
+    # The routing weight in GEMM 2's epilogue (the kernel step): the placement's
+    # row weights, the epilogue's product, the plain-sum combine.
+    Mutant(
+        "dispatch-row-weight-repeats",
+        "dispatch.cu",
+        "if (topk_ids[p - j + i] == e) w += topk_weights != nullptr ? topk_weights[p - j + i] : 1.0f;",
+        "if (topk_ids[p - j + i] != e) w += topk_weights != nullptr ? topk_weights[p - j + i] : 1.0f;",
+        "a row's weight adds the token's other experts' weights instead of its repeats'",
+    ),
+    Mutant(
+        "sm90-row-scale-dropped",
+        "grouped_gemm_sm90.cu",
+        "v1 *= row_w[h];",
+        "v1 *= row_w[0];",
+        "the odd columns of a thread's second row take its first row's weight",
+    ),
+    Mutant(
+        "combine-sum-follows-repeats",
+        "combine.cu",
+        "const int row = WEIGHTED ? choice_row(pair_to_row, pair0, j) : pair_to_row[pair0 + j];",
+        "const int row = choice_row(pair_to_row, pair0, j);",
+        "the plain sum adds a repeat's aliased row again (its weight is already in the row)",
+        count=2,
+    ),
     # grouped_gemm_sm90.cu, the store through the staging area (v8, v9)
     Mutant(
         "sm90-store-row-mask",
@@ -577,8 +601,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "combine-weight-index",
         "combine.cu",
-        "const float w = topk_weights != nullptr ? topk_weights[pair0 + j] : 1.0f;",
-        "const float w = topk_weights != nullptr ? topk_weights[pair0] : 1.0f;",
+        "const float w = WEIGHTED && topk_weights != nullptr ? topk_weights[pair0 + j] : 1.0f;",
+        "const float w = WEIGHTED && topk_weights != nullptr ? topk_weights[pair0] : 1.0f;",
         "combine (16-byte path) weighs every choice with the first choice's weight",
         count=2,
         occurrence=1,

@@ -145,6 +145,7 @@ class ChunkBuffers:
     offsets: object
     pair_to_row: object
     row_to_pair: object
+    row_weights: object  # float32 [rows]: each row's routing weight, for GEMM 2's epilogue (kernel steps)
     rows: object
     h: object
     act: object
@@ -169,6 +170,7 @@ class ChunkBuffers:
             cupy.empty(shape.num_experts + 1, dtype=i32),
             cupy.empty(capacity.pairs, dtype=i32),
             cupy.empty(rows, dtype=i32),
+            cupy.empty(rows, dtype=cupy.float32),
             cupy.empty((rows, shape.hidden), dtype=dtype),
             cupy.empty((rows, shape.width), dtype=dtype),
             cupy.empty((rows, shape.inter), dtype=dtype),

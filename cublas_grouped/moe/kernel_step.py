@@ -17,6 +17,7 @@ from __future__ import annotations
 from threading import get_ident
 
 from ..gemm.backends import hopper
+from ..gemm.backends.hopper_variants import RowScaleEpilogue
 from ..gemm.config import Algorithm
 from ..runtime.arrays import cupy_array_type, view
 from . import kernels as K
@@ -149,13 +150,25 @@ def count_rows(res, arch, buf: ChunkBuffers, ids, e: int, pairs: int, rows: int 
     return block_counts, buf.pair_to_row[:pairs], row_to_pair
 
 
-def place_rows(res, shape: LayerShape, buf: ChunkBuffers, x, ids, dropped, timer=None, copy=True):
+def place_rows(
+    res,
+    shape: LayerShape,
+    buf: ChunkBuffers,
+    x,
+    ids,
+    dropped,
+    timer=None,
+    copy=True,
+    weights=None,
+    row_weights=False,
+):
     """The kernel step's first stages on ``res``'s stream: the counts, the
     kernel's offsets (its schedule in ``buf.schedule``, both tile counters
     zeroed, so GEMM 1 (counter 0) and GEMM 2 (counter 1) pass
-    ``scanned=True``), each pair's row, and (unless not ``copy``: GEMM 1
-    gathers them) the gathered rows in ``buf.rows[:T*k]`` (zeros where no
-    pair was placed).
+    ``scanned=True``), each pair's row, (with ``row_weights``) each row's
+    routing weight from ``weights`` in ``buf.row_weights``, and (unless not
+    ``copy``: GEMM 1 gathers them) the gathered rows in ``buf.rows[:T*k]``
+    (zeros where no pair was placed).
     Returns (pair_to_row, row_to_pair). Shared by the 16-bit and FP8 steps."""
     arch, stream = kernel_arch(res), res.launch_stream
     tokens, k = ids.shape
@@ -176,6 +189,8 @@ def place_rows(res, shape: LayerShape, buf: ChunkBuffers, x, ids, dropped, timer
         row_to_pair,
         skip_repeats=True,
         dropped=dropped,
+        weights=weights if row_weights else None,
+        row_weights=buf.row_weights[:pairs] if row_weights else None,
     )
     mark_stage(timer, "plan", res.cupy_stream)
     if copy:
@@ -224,7 +239,9 @@ def kernel_step(
     arch, stream = kernel_arch(res), res.launch_stream
     tokens, k = ids.shape
     e, pairs = shape.num_experts, tokens * k
-    pair_to_row, row_to_pair = place_rows(res, shape, buf, x, ids, dropped, timer, copy=not gather)
+    pair_to_row, row_to_pair = place_rows(
+        res, shape, buf, x, ids, dropped, timer, copy=not gather, weights=weights, row_weights=True
+    )
     x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
     gemm1 = (e, pairs, shape.width, shape.hidden, shape.trans_b, shape.dtype)
     # GEMM 1's a: the gathered copy, or x itself read through row_to_pair.
@@ -260,11 +277,19 @@ def kernel_step(
     gemm2 = (e, pairs, shape.hidden, shape.inter, shape.trans_b, shape.dtype)
     ptrs2 = (act.data.ptr, w2.data.ptr, y.data.ptr)
     # Scanned too: GEMM 1 used up tile counter 0; counter 1, zeroed by the same
-    # offsets launch, is GEMM 2's.
-    hopper.grouped_rows(res, gemm2, ptrs2, buf.counts, scanned=True, storage=buf.schedule, counter=1)
+    # offsets launch, is GEMM 2's. Its epilogue weights each row and adds b2.
+    kw = {"scanned": True, "storage": buf.schedule, "counter": 1, "epilogue": _weighting(buf, b2)}
+    hopper.grouped_rows(res, gemm2, ptrs2, buf.counts, **kw)
     mark_stage(timer, "gemm2", res.cupy_stream)
-    K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
+    K.sum_rows(stream, arch, y, pair_to_row, tokens, k, out)
     mark_stage(timer, "combine", res.cupy_stream)
+
+
+def _weighting(buf: ChunkBuffers, b2) -> RowScaleEpilogue:
+    """GEMM 2's epilogue in the step: each row times its routing weight
+    (``buf.row_weights``, written by the placement), b2 added first; the
+    combine is then a plain sum of each token's rows (``sum_rows``)."""
+    return RowScaleEpilogue(buf.row_weights.data.ptr, _ptr(b2))
 
 
 class StepLaunches:
@@ -287,14 +312,14 @@ class StepLaunches:
         if self.column_scan is not None:  # one block of pairs: the histogram did its work
             self.column_scan(stream)
         self.scan(stream)
-        self.assign(stream, ids, dropped)
+        self.assign(stream, ids, dropped, weights)
         if self.gather is not None:  # None: GEMM 1 reads x through row_to_pair
             self.gather(stream, x)
         self.gemm1(stream, self.gemm1_out, x)  # x: a slot of the gathering GEMM only (zip stops at the slots)
         if self.activation is not None:
             self.activation(stream, ids)
         self.gemm2(stream, self.gemm2_out)  # tile counter 1: no second offsets launch
-        self.combine(stream, weights, ids, out)
+        self.combine(stream, out)
 
 
 def step_launches(
@@ -329,7 +354,7 @@ def step_launches(
     scan_args = hopper.offsets_args(buf.counts.data.ptr, e, pairs, 0, base)
     scan = prep.fixed(hopper.offsets_kernel(), 1, hopper.TILE_THREADS, hopper.OFFSETS_SIGNATURE, scan_args)
     offsets = buf.schedule[: e + 1]  # row_offsets: the first of the schedule's arrays
-    prep.slots = (0, 10)  # ids, dropped
+    prep.slots = (0, 10, 11)  # ids, dropped, weights
     assign = K.assign_rows(
         prep,
         arch,
@@ -342,6 +367,8 @@ def step_launches(
         row_to_pair,
         skip_repeats=True,
         dropped=dropped,
+        weights=weights,
+        row_weights=buf.row_weights[:pairs],
     )
     prep.slots = (0,)  # x
     copy = None if gather else K.gather_rows(prep, arch, x, row_to_pair, k, x_rows)
@@ -375,10 +402,10 @@ def step_launches(
         )
     gemm2 = (e, pairs, shape.hidden, shape.inter, shape.trans_b, shape.dtype)
     second = hopper.prepared_gemm(
-        res.device_id, gemm2, (act.data.ptr, w2.data.ptr), base, tile_bound, counter=1
+        res.device_id, gemm2, (act.data.ptr, w2.data.ptr), base, tile_bound, _weighting(buf, b2), counter=1
     )
-    prep.slots = (3, 4, 8)  # weights, ids, out
-    combine = K.combine_rows(prep, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
+    prep.slots = (5,)  # out
+    combine = K.sum_rows(prep, arch, y, pair_to_row, tokens, k, out)
     launches = (histogram, column_scan, scan, assign, copy, first, activation, second, combine)
     overlap = OVERLAP_LAUNCHES and pairs <= OVERLAP_MAX_PAIRS
     return StepLaunches(launches, (first_out, y.data.ptr), overlap=overlap)

@@ -27,6 +27,7 @@ __all__ = [
     "gather_rows",
     "expert_activation",
     "combine_rows",
+    "sum_rows",
     "scatter_rows",
     "num_pair_blocks",
     "Prepare",
@@ -76,10 +77,11 @@ _ROUTE_TOPK = "qiiiiiqq"
 _PAIRS = "qiiii"  # the arguments both pair kernels start with (see _pair_args)
 _HISTOGRAM = _PAIRS + "qqiq"
 _COLUMN_SCAN = "qiiq"
-_ASSIGN_ROWS = _PAIRS + "qqiqqq"
+_ASSIGN_ROWS = _PAIRS + "qqiqqqqq"
 _GATHER_ROWS = "qiqiiq"
 _ACTIVATION = "qiiiiqqqiq"  # h, inter, gated, gate_up_block, act, bias, row_to_pair, ids, rows, out
 _COMBINE_ROWS = "qiqqqqiiq"
+_SUM_ROWS = "qiqiiq"
 _SCATTER_ROWS = "qiqiq"
 
 # (file, kernel, arch, dtype) -> Kernel: DEFINES are constants, so this skips
@@ -182,10 +184,14 @@ def assign_rows(
     *,
     skip_repeats=False,
     dropped=None,
+    weights=None,
+    row_weights=None,
 ) -> None:
     """dispatch.cu ``assign_rows``: rows for every pair; ``row_to_pair``'s length is the
     row capacity the kernel respects, and ``dropped`` (uint64 [1] or None) counts pairs
-    that got none."""
+    that got none. ``row_weights`` (float32, ``row_to_pair``'s length, or None): each
+    row's routing weight from ``weights`` (float32 [T, k], or None for 1), repeats
+    added to their first choice's row (for GEMM 2's weighting epilogue)."""
     kernel = _kernel("dispatch", "assign_rows", arch)
     args = (
         *_pair_args(ids, num_pairs, num_experts, skip_repeats),
@@ -195,6 +201,8 @@ def assign_rows(
         pair_to_row.data.ptr,
         row_to_pair.data.ptr,
         _ptr(dropped),
+        _ptr(weights),
+        _ptr(row_weights),
     )
     shmem = (DISPATCH_THREADS // 32 + 1) * num_experts * 4
     grid = num_pair_blocks(num_pairs)
@@ -259,6 +267,16 @@ def combine_rows(stream, arch, y, pair_to_row, weights, ids, bias, num_tokens, t
     if type(stream) is Prepare:
         return stream.fixed(kernel, _row_grid(num_tokens), ROW_THREADS, _COMBINE_ROWS, args)
     _kernels.launch_signed(stream, kernel, _row_grid(num_tokens), ROW_THREADS, _COMBINE_ROWS, args)
+
+
+def sum_rows(stream, arch, y, pair_to_row, num_tokens, top_k, out) -> None:
+    """combine.cu ``sum_rows``: each token's k expert rows summed in choice order, as
+    they are (their weights applied by GEMM 2's epilogue; repeats add nothing)."""
+    kernel = _kernel("combine", "sum_rows", arch, y.dtype)
+    args = (y.data.ptr, y.shape[1], pair_to_row.data.ptr, int(num_tokens), int(top_k), out.data.ptr)
+    if type(stream) is Prepare:
+        return stream.fixed(kernel, _row_grid(num_tokens), ROW_THREADS, _SUM_ROWS, args)
+    _kernels.launch_signed(stream, kernel, _row_grid(num_tokens), ROW_THREADS, _SUM_ROWS, args)
 
 
 def scatter_rows(stream, arch, y, pair_to_row, out) -> None:

@@ -42,7 +42,7 @@ from .hopper_schedule import (
 )
 from .hopper_schedule import tile_schedule as host_tile_schedule
 from .hopper_sizes import READ_DTYPES
-from .hopper_variants import GatedEpilogue, RowGather, choice_key, tile_defines, variant_defines
+from .hopper_variants import GatedEpilogue, RowGather, choice_key, epilogue_args, kernel_defines
 from .tma import MAP_CACHE_SIZE, tensor_map
 
 __all__ = [
@@ -361,8 +361,8 @@ def _launch(
     ``capacity`` 0: grouped-contiguous rows; > 0: the masked layout of
     ``capacity`` rows per group. ``tile_bound``: the most row tiles any sizes
     can need (the grid, and so a captured launch, depends on it and not on
-    the sizes). ``epilogue``: a :class:`GatedEpilogue` (``out`` is then
-    [M, N / 2]), or None for the plain product. ``gather``: a :class:`RowGather`
+    the sizes). ``epilogue``: a :class:`GatedEpilogue` (``out`` is then [M, N /
+    2]), a ``RowScaleEpilogue`` or None (the plain product). ``gather``: a :class:`RowGather`
     (``ptrs[0]`` is then x, [gather.rows, K]), or None. ``sizes``: an integer
     CuPy array, or the address of int32 sizes."""
     e = problem[0]
@@ -413,7 +413,7 @@ def _prepare_gemm(
     e, m, n, k, trans_b, dtype = problem
     dtype = np.dtype(dtype)
     name = f"grouped_gemm_{weights_layout(trans_b)}_{_SUFFIX[dtype.name]}"
-    defines = variant_defines(tile_defines(DEFINES, trans_b, m, e, epilogue), epilogue, gather)
+    defines = kernel_defines(DEFINES, trans_b, m, e, epilogue, gather)
     gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=defines)
     # The tile width and ring depth as compiled (a probe's variant may change them).
     block_n, shmem = defines["SM90_BLOCK_N"], shared_bytes(defines["SM90_STAGES"], defines["SM90_BLOCK_N"])
@@ -432,7 +432,7 @@ def _prepare_gemm(
         *map(np.intp, schedule_addresses(base, e, counter)),
         *map(np.int32, (e, m, n, k)),
         np.intp(0),  # the output: written by each launch (slot 11)
-        np.intp(epilogue.bias if epilogue is not None else 0),
+        *epilogue_args(epilogue),  # the bias (0: none), and a row-scale epilogue's scales
     )
     if gather is not None:  # x (slot 13: written by each launch), src, top_k, x's rows
         args += (np.intp(0), np.intp(gather.src), np.int32(gather.top_k), np.int32(gather.rows))

@@ -3,6 +3,8 @@ the defines that select them (``kernels/grouped_gemm_sm90.cu``'s header):
 
 - :class:`GatedEpilogue` (v9, ``SM90_EPILOGUE_ACT``): the first expert GEMM's
   gated activation in the epilogue;
+- :class:`RowScaleEpilogue` (``SM90_EPILOGUE_ROW_SCALE``): the second expert
+  GEMM's routing weight per row and bias in the epilogue;
 - 128-column tiles (``SM90_BLOCK_N=128``, 6 stages): :func:`tile_defines`
   chooses them where they measured faster;
 - v12 (``SM90_SKIP_IDLE``): a thin tile's second math warpgroup runs no
@@ -18,14 +20,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 __all__ = [
     "GatedEpilogue",
+    "RowScaleEpilogue",
+    "epilogue_args",
     "RowGather",
     "NARROW_MAX_ROWS_PER_GROUP",
     "SKIP_IDLE_MAX_ROWS_PER_GROUP",
     "tile_defines",
     "choice_key",
     "variant_defines",
+    "kernel_defines",
     "swizzle_128b_offset",
 ]
 
@@ -64,6 +71,24 @@ class GatedEpilogue:
 
 
 @dataclass(frozen=True)
+class RowScaleEpilogue:
+    """The second expert GEMM's epilogue: ``out[r, c] = scale[r] * (acc[r, c] +
+    bias[g, c])`` in fp32, rounded once (the routing weight of each row, so
+    that the combine is a plain sum). ``scale``: the address of a float32
+    ``[M]`` on the device (the MoE step's row weights); ``bias``: of a
+    ``[E, N]`` bias of the output's dtype, or 0."""
+
+    scale: int
+    bias: int = 0
+
+    def __post_init__(self):
+        if not self.scale:
+            raise ValueError(
+                "row scale: scale must be the address of a float32 [M] array on the device; got 0"
+            )
+
+
+@dataclass(frozen=True)
 class RowGather:
     """a's rows gathered inside the GEMM (v11): row ``r`` of the grouped rows
     is ``x[src[r] // top_k]``, zeros where ``src[r] < 0`` or that row is ``>=
@@ -86,9 +111,7 @@ class RowGather:
             raise ValueError(f"gather: rows (of x) must not be negative; got {self.rows}")
 
 
-def tile_defines(
-    defines: dict, trans_b: bool, rows: int, groups: int, epilogue: GatedEpilogue | None
-) -> dict:
+def tile_defines(defines: dict, trans_b: bool, rows: int, groups: int, epilogue=None) -> dict:
     """``defines`` with v12's idle-warpgroup skip where groups average at most
     :data:`SKIP_IDLE_MAX_ROWS_PER_GROUP` rows (unless ``defines`` name
     ``SM90_SKIP_IDLE`` already), and with 128-column tiles where
@@ -101,7 +124,7 @@ def tile_defines(
         if rows <= SKIP_IDLE_MAX_ROWS_PER_GROUP * groups:
             defines = {**defines, "SM90_SKIP_IDLE": 1}
     wide = defines["SM90_BLOCK_N"] == 256
-    if not (NARROW_MAX_ROWS_PER_GROUP and trans_b and wide and epilogue is None):
+    if not (NARROW_MAX_ROWS_PER_GROUP and trans_b and wide and not isinstance(epilogue, GatedEpilogue)):
         return defines
     return {**defines, **_NARROW} if rows <= NARROW_MAX_ROWS_PER_GROUP * groups else defines
 
@@ -113,16 +136,38 @@ def choice_key(defines: dict) -> tuple:
     return tuple(defines.items()), NARROW_MAX_ROWS_PER_GROUP, SKIP_IDLE_MAX_ROWS_PER_GROUP
 
 
-def variant_defines(defines: dict, epilogue: GatedEpilogue | None, gather: RowGather | None) -> dict:
-    """``defines`` (the plain kernel's) with those of ``epilogue`` and ``gather``."""
+def variant_defines(defines: dict, epilogue, gather: RowGather | None) -> dict:
+    """``defines`` (the plain kernel's) with those of ``epilogue`` (a
+    :class:`GatedEpilogue`, a :class:`RowScaleEpilogue` or None) and ``gather``."""
     if epilogue is None and gather is None:
         return defines
+    if isinstance(epilogue, RowScaleEpilogue) and gather is not None:
+        raise ValueError("the row-scale epilogue (GEMM 2) does not take a row gather (GEMM 1)")
     out = dict(defines)
-    if epilogue is not None:
+    if isinstance(epilogue, RowScaleEpilogue):
+        out["SM90_EPILOGUE_ROW_SCALE"] = 1
+    elif epilogue is not None:
         out.update(dict(epilogue.codes), SM90_EPILOGUE_ACT=epilogue.act)
     if gather is not None:
         out["SM90_GATHER_A"] = 1
     return out
+
+
+def kernel_defines(defines: dict, trans_b: bool, rows: int, groups: int, epilogue, gather) -> dict:
+    """The defines a launch compiles its kernel with: :func:`tile_defines`'s
+    choices for the problem, then :func:`variant_defines`'s."""
+    return variant_defines(tile_defines(defines, trans_b, rows, groups, epilogue), epilogue, gather)
+
+
+def epilogue_args(epilogue) -> tuple:
+    """The kernel arguments an epilogue adds after the output: the bias (0:
+    none; the plain product reads none), then, for a :class:`RowScaleEpilogue`,
+    its scales."""
+    if epilogue is None:
+        return (np.intp(0),)
+    if isinstance(epilogue, RowScaleEpilogue):
+        return np.intp(epilogue.bias), np.intp(epilogue.scale)
+    return (np.intp(epilogue.bias),)
 
 
 def swizzle_128b_offset(row: int, chunk: int) -> int:
