@@ -422,23 +422,27 @@ def test_moe_forward_interrupted_between_the_gemms_then_correct(stream, monkeypa
 
     from cublas_grouped.runtime import launch as _launch
 
-    real_launch = _launch.FixedLaunch.__call__
+    def interrupt_second_gemm(real_launch):
+        # On SM 9.0 the kernel step replays prepared launches (FixedLaunch),
+        # plain or overlapped (small steps): the second GEMM's launch raises,
+        # after GEMM 1 and the activation.
+        def launch(self, *args):
+            if self.label.startswith("grouped_gemm_"):
+                calls["gemm"] = calls.get("gemm", 0) + 1
+                if calls["gemm"] == 2:
+                    raise KeyboardInterrupt
+            return real_launch(self, *args)
 
-    def interrupt_second_gemm(self, *args):
-        # On SM 9.0 the kernel step replays prepared launches (FixedLaunch):
-        # the second GEMM's launch raises, after GEMM 1 and the activation.
-        if self.label.startswith("grouped_gemm_"):
-            calls["gemm"] = calls.get("gemm", 0) + 1
-            if calls["gemm"] == 2:
-                raise KeyboardInterrupt
-        return real_launch(self, *args)
+        return launch
 
     with stream:
         x, x64 = device_random(rng, (100, hidden), BF16)
         ids, w, ids_h, w_h = _routing(rng, 100, experts, k)
         monkeypatch.setattr(_layer, "run_expert_gemm", interrupt_second(_layer.run_expert_gemm))
         monkeypatch.setattr(_hopper, "grouped_rows", interrupt_second(_hopper.grouped_rows))
-        monkeypatch.setattr(_launch.FixedLaunch, "__call__", interrupt_second_gemm)
+        for name in ("__call__", "launch_overlapped"):
+            real_launch = getattr(_launch.FixedLaunch, name)
+            monkeypatch.setattr(_launch.FixedLaunch, name, interrupt_second_gemm(real_launch))
         with pytest.raises(KeyboardInterrupt):
             cg.moe_forward(x, ids, w, w1, w2, algorithm=algorithm)
         monkeypatch.undo()
