@@ -828,6 +828,16 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
             if (idle || c0 >= out_n) break;  // the same for the whole warpgroup
 #pragma unroll
             for (int jc = 0; jc < 8; ++jc) {
+#ifdef SM90_EPILOGUE_ROW_SCALE
+                // b2 of this thread's two columns, read once for both of its rows
+                // (the branch is the same for the whole warpgroup but at N's end).
+                float bias0 = 0.0f, bias1 = 0.0f;
+                const int bcol = c0 + 8 * jc + 2 * (lane & 3);  // even, and out_n is: both or neither in
+                if (bias_g != nullptr && bcol < out_n) {
+                    bias0 = to_float(bias_g[bcol]);
+                    bias1 = to_float(bias_g[bcol + 1]);
+                }
+#endif
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const int r = warp * 16 + (lane >> 2) + 8 * h;
@@ -846,13 +856,8 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                     v1 = apply_act(v1, SM90_EPILOGUE_ACT) * u1;
 #endif
 #ifdef SM90_EPILOGUE_ROW_SCALE
-                    const int col = c0 + 8 * jc + 2 * (lane & 3);  // even, and out_n is: both or neither in
-                    if (bias_g != nullptr && col < out_n) {
-                        v0 += to_float(bias_g[col]);
-                        v1 += to_float(bias_g[col + 1]);
-                    }
-                    v0 *= row_w[h];
-                    v1 *= row_w[h];
+                    v0 = (v0 + bias0) * row_w[h];
+                    v1 = (v1 + bias1) * row_w[h];
 #endif
                     *reinterpret_cast<unsigned*>(stage + r * SM90_C_PITCH + 8 * jc + 2 * (lane & 3)) =
                         pack_pair(T{}, v0, v1);

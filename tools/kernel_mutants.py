@@ -406,8 +406,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-row-scale-dropped",
         "grouped_gemm_sm90.cu",
-        "v1 *= row_w[h];",
-        "v1 *= row_w[0];",
+        "v1 = (v1 + bias1) * row_w[h];",
+        "v1 = (v1 + bias1) * row_w[0];",
         "the odd columns of a thread's second row take its first row's weight",
     ),
     Mutant(
