@@ -60,6 +60,12 @@ class _FakeDriver:
         self.calls.append(args)
         return self.status
 
+    def cuLaunchKernelEx(self, config, handle, params, extra):
+        c = config._obj  # the CUlaunchConfig a byref points at
+        attrs = [(c.attrs[i].id, c.attrs[i].value[0]) for i in range(c.num_attrs)]
+        self.calls.append(("ex", tuple(c.grid), tuple(c.block), c.shared_bytes, c.stream, attrs, handle))
+        return self.status
+
     def cuGetErrorName(self, status, out):
         ctypes.cast(out, ctypes.POINTER(ctypes.c_char_p))[0] = b"CUDA_ERROR_INVALID_VALUE"
         return 0
@@ -200,3 +206,31 @@ def test_a_refused_fixed_launch_names_its_kernel_and_the_driver_error(monkeypatc
     assert str(refused.value) == message
     with pytest.raises(L.LaunchError, match="^cuLaunchKernel failed for a kernel, grid 2,"):
         L.FixedLaunch(_FakeKernel(), 2, 32, (np.int32(1),))(0)
+
+
+def test_overlapped_launch_passes_the_programmatic_attribute_and_the_stream(monkeypatch):
+    """launch_overlapped: cuLaunchKernelEx with the grid, block, shared memory,
+    the call's stream and one attribute, programmatic stream serialization
+    (id 6) on; the slots written first, as a plain call writes them; the
+    config built once and reused with each call's stream."""
+    fake = _FakeDriver(0)
+    monkeypatch.setattr(L, "_driver", fake)
+    launch = L.FixedLaunch(_FakeKernel(), 5, 256, (np.int64(7), np.int32(2)), shmem=96, slots=(0,))
+    launch.launch_overlapped(41, 0x4321)
+    launch.launch_overlapped(42, 0x8765)
+    first, second = fake.calls
+    assert first == ("ex", (5, 1, 1), (256, 1, 1), 96, 41, [(6, 1)], 0xABC)
+    assert second[4] == 42
+    pointers = (ctypes.c_void_p * 2).from_address(launch.params.value)
+    assert ctypes.c_int64.from_address(pointers[0]).value == 0x8765
+
+
+def test_a_refused_overlapped_launch_names_the_call_its_kernel_and_the_error(monkeypatch):
+    monkeypatch.setattr(L, "_driver", _NamingDriver(2))
+    launch = L.FixedLaunch(_FakeKernel(), 9, 384, (np.int32(1),), shmem=4096, label="gemm")
+    with pytest.raises(L.LaunchError) as refused:
+        launch.launch_overlapped(0)
+    assert str(refused.value) == (
+        "cuLaunchKernelEx (programmatic dependent launch) failed for gemm, grid 9, block 384, "
+        "4096 bytes of shared memory: CUDA_ERROR_OUT_OF_MEMORY"
+    )

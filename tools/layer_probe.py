@@ -53,17 +53,28 @@ def _captured(layer, x, ids, weights, stream):
     return graph, out
 
 
-def _plain(call):
-    """``call`` with the kernel step's launches plain (not overlapped) meanwhile."""
+def _with_step_setting(name: str, value, call):
+    """``call`` with the kernel step's module constant ``name`` set to ``value`` meanwhile."""
 
     def run():
-        kernel_step.OVERLAP_LAUNCHES = False
+        saved = getattr(kernel_step, name)
+        setattr(kernel_step, name, value)
         try:
             return call()
         finally:
-            kernel_step.OVERLAP_LAUNCHES = True
+            setattr(kernel_step, name, saved)
 
     return run
+
+
+def _plain(call):
+    """``call`` with the kernel step's launches plain (not overlapped)."""
+    return _with_step_setting("OVERLAP_LAUNCHES", False, call)
+
+
+def _gathering(call):
+    """``call`` with GEMM 1 gathering the tokens."""
+    return _with_step_setting("GATHER_IN_GEMM1", True, call)
 
 
 def _decode_methods(s, w1, w2, tokens, x, ids, w, stream, plain=False):
@@ -91,19 +102,6 @@ def _decode_methods(s, w1, w2, tokens, x, ids, w, stream, plain=False):
 
         methods[name] = (run, out, REPLAYS)
     return methods, paths
-
-
-def _gathering(call):
-    """``call`` with GEMM 1 gathering the tokens (the step's module constant on meanwhile)."""
-
-    def run():
-        kernel_step.GATHER_IN_GEMM1 = True
-        try:
-            return call()
-        finally:
-            kernel_step.GATHER_IN_GEMM1 = False
-
-    return run
 
 
 def _prefill_methods(

@@ -266,10 +266,7 @@ class FixedLaunch:
             self.handle, self.grid, 1, 1, self.block, 1, 1, self.shmem, stream, self.params, None
         )
         if status != 0:
-            raise LaunchError(
-                f"cuLaunchKernel failed for {self.label}, grid {self.grid}, block {self.block}, "
-                f"{self.shmem} bytes of shared memory: {_error_name(status)}"
-            )
+            raise self._error("cuLaunchKernel", status)
 
     def launch_overlapped(self, stream: int, *values) -> None:
         """As a call, but as a programmatic dependent launch (the module
@@ -293,7 +290,11 @@ class FixedLaunch:
         lib = _driver if _driver is not None else driver()
         status = lib.cuLaunchKernelEx(config[1], self.handle, self.params, None)
         if status != 0:
-            raise LaunchError(
-                f"cuLaunchKernelEx (programmatic dependent launch) failed for {self.label}, grid "
-                f"{self.grid}, block {self.block}, {self.shmem} bytes of shared memory: {_error_name(status)}"
-            )
+            raise self._error("cuLaunchKernelEx (programmatic dependent launch)", status)
+
+    def _error(self, call: str, status: int) -> LaunchError:
+        """The error of a refused launch: the driver call, the kernel, its shape, the CUresult."""
+        return LaunchError(
+            f"{call} failed for {self.label}, grid {self.grid}, block {self.block}, "
+            f"{self.shmem} bytes of shared memory: {_error_name(status)}"
+        )
