@@ -160,12 +160,12 @@ def place_rows(
     timer=None,
     copy=True,
     weights=None,
-    row_weights=False,
+    weigh_rows=False,
 ):
     """The kernel step's first stages on ``res``'s stream: the counts, the
     kernel's offsets (its schedule in ``buf.schedule``, both tile counters
     zeroed, so GEMM 1 (counter 0) and GEMM 2 (counter 1) pass
-    ``scanned=True``), each pair's row, (with ``row_weights``) each row's
+    ``scanned=True``), each pair's row, (with ``weigh_rows``) each row's
     routing weight from ``weights`` in ``buf.row_weights``, and (unless not
     ``copy``: GEMM 1 gathers them) the gathered rows in ``buf.rows[:T*k]``
     (zeros where no pair was placed).
@@ -189,8 +189,8 @@ def place_rows(
         row_to_pair,
         skip_repeats=True,
         dropped=dropped,
-        weights=weights if row_weights else None,
-        row_weights=buf.row_weights[:pairs] if row_weights else None,
+        weights=weights if weigh_rows else None,
+        row_weights=buf.row_weights[:pairs] if weigh_rows else None,
     )
     mark_stage(timer, "plan", res.cupy_stream)
     if copy:
@@ -240,7 +240,7 @@ def kernel_step(
     tokens, k = ids.shape
     e, pairs = shape.num_experts, tokens * k
     pair_to_row, row_to_pair = place_rows(
-        res, shape, buf, x, ids, dropped, timer, copy=not gather, weights=weights, row_weights=True
+        res, shape, buf, x, ids, dropped, timer, copy=not gather, weights=weights, weigh_rows=True
     )
     x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
     gemm1 = (e, pairs, shape.width, shape.hidden, shape.trans_b, shape.dtype)
