@@ -54,11 +54,11 @@ __device__ __forceinline__ int choice_row(const int* __restrict__ pair_to_row, l
 // else sum_rows (rows taken as they are, negative entries add nothing).
 template <class T, bool WEIGHTED>
 __device__ __forceinline__ void combine_impl(const T* __restrict__ y, int hidden,
-                                                  const int* __restrict__ pair_to_row,
-                                                  const float* __restrict__ topk_weights,
-                                                  const int* __restrict__ topk_ids,
-                                                  const T* __restrict__ bias, int num_tokens,
-                                                  int top_k, T* __restrict__ out) {
+                                             const int* __restrict__ pair_to_row,
+                                             const float* __restrict__ topk_weights,
+                                             const int* __restrict__ topk_ids,
+                                             const T* __restrict__ bias, int num_tokens,
+                                             int top_k, T* __restrict__ out) {
     follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
     const long long H = hidden;
     const bool vec = rows_vectorizable<T>(H, y, out, bias);
