@@ -217,9 +217,15 @@ def test_overlapped_launch_passes_the_programmatic_attribute_and_the_stream(monk
     monkeypatch.setattr(L, "_driver", fake)
     launch = L.FixedLaunch(_FakeKernel(), 5, 256, (np.int64(7), np.int32(2)), shmem=96, slots=(0,))
     launch.launch_overlapped(41, 0x4321)
+    config = launch._config
     launch.launch_overlapped(42, 0x8765)
+    assert launch._config is config, "the config is built once"
     first, second = fake.calls
     assert first == ("ex", (5, 1, 1), (256, 1, 1), 96, 41, [(6, 1)], 0xABC)
+    import gc
+
+    gc.collect()  # the attribute lives as long as the config, with no reference of its own
+    assert config[0].attrs[0].id == 6 and config[0].attrs[0].value[0] == 1
     assert second[4] == 42
     pointers = (ctypes.c_void_p * 2).from_address(launch.params.value)
     assert ctypes.c_int64.from_address(pointers[0]).value == 0x8765

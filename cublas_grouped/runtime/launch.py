@@ -219,8 +219,7 @@ def _overlapped_config(grid: int, block: int, shmem: int) -> _LaunchConfig:
     attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
     attr.value[0] = 1  # programmaticStreamSerializationAllowed
     config = _LaunchConfig(grid=(grid, 1, 1), block=(block, 1, 1), shared_bytes=shmem, num_attrs=1)
-    config.attrs = ctypes.pointer(attr)
-    config._attr = attr  # kept alive with the config
+    config.attrs = ctypes.pointer(attr)  # ctypes keeps attr alive with the config (its _objects)
     return config
 
 
