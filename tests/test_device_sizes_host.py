@@ -529,3 +529,35 @@ def test_idle_warpgroup_skip_is_chosen_for_small_groups(monkeypatch, trans_b):
     monkeypatch.setattr(hopper_variants, "SKIP_IDLE_MAX_ROWS_PER_GROUP", 0)
     assert choose(hopper.DEFINES, trans_b, rows, 8, None) is hopper.DEFINES  # off
     assert hopper_variants.choice_key(hopper.DEFINES) != key
+
+
+def test_row_scale_epilogue_defines_arguments_and_refusals():
+    """The weighting epilogue: a zero scale address refused by name; its
+    define; refused with a row gather (GEMM 2 never gathers); its kernel
+    arguments after the output (b2, then the scales) against the gated
+    epilogue's and the plain product's; kernel_defines passes the epilogue
+    to both choices (the gated one keeps 256-column tiles, the row-scale
+    one takes the narrow tiles at decode with [E, N, K] weights)."""
+    import numpy as np
+
+    from cublas_grouped.gemm.backends import hopper, hopper_variants as V
+
+    with pytest.raises(ValueError, match=r"^row scale: scale must be the address of a float32 \[M\] array"):
+        V.RowScaleEpilogue(0, 0x100)
+    scale = V.RowScaleEpilogue(0x2000, 0x3000)
+    gated = V.GatedEpilogue(act=1, codes=(("ACT_SILU", 1),), bias=0x4000)
+    gather = V.RowGather(0x5000, 4, 10)
+    base = {**hopper.DEFINES, "SM90_SKIP_IDLE": 0}
+    assert V.variant_defines(base, scale, None) == {**base, "SM90_EPILOGUE_ROW_SCALE": 1}
+    with pytest.raises(ValueError, match=r"^the row-scale epilogue \(GEMM 2\) does not take a row gather"):
+        V.variant_defines(base, scale, gather)
+    assert V.variant_defines(base, None, gather) == {**base, "SM90_GATHER_A": 1}
+    assert V.epilogue_args(None) == (0,) and V.epilogue_args(gated) == (0x4000,)
+    assert V.epilogue_args(scale) == (0x3000, 0x2000)
+    assert all(isinstance(a, np.intp) for a in V.epilogue_args(scale))
+    decode = (True, 16, 8)  # [E, N, K] weights, 2 rows per group: narrow tiles unless gated
+    narrow = V.kernel_defines(base, *decode, scale, None)
+    assert narrow == {**base, "SM90_BLOCK_N": 128, "SM90_STAGES": 6, "SM90_EPILOGUE_ROW_SCALE": 1}
+    wide = V.kernel_defines(base, *decode, gated, None)
+    assert wide["SM90_BLOCK_N"] == 256 and wide["SM90_EPILOGUE_ACT"] == 1
+    assert V.kernel_defines(base, *decode, None, gather)["SM90_GATHER_A"] == 1

@@ -218,3 +218,59 @@ def test_histogram_counts_need_one_block_of_pairs(gpu):
     gpu.clear()
     Kn.block_histogram(0x5000, "sm_90a", ids[:256], 1024, E, blocks[:1], counts=counts)  # one block: taken
     assert gpu.decoded[0][4][-1] == counts.data.ptr
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+@pytest.mark.parametrize("bias, weights", [(True, True), (False, False)])
+def test_gemm2_weighs_the_rows_the_placement_weighed(gpu, monkeypatch, prepared, bias, weights):
+    """The step's placement (assign_rows) gets the routing weights and writes
+    row weights into a buffer; GEMM 2 gets b2 and that same buffer (its
+    row-scale epilogue, compiled with SM90_EPILOGUE_ROW_SCALE); the combine
+    is sum_rows, with no weights, ids or bias of its own. Timed and prepared."""
+    from cublas_grouped.moe import fixed_capacity as F
+    from cublas_grouped.moe import kernel_step as S
+    from cublas_grouped.moe import layer as L
+
+    from cublas_grouped.runtime import nvrtc
+
+    class Kernel:  # hashable, as the launchers' caches need
+        def __init__(self, handle):
+            self.handle = handle
+
+    t = _arrays(5, bias, weights)
+    kernels, made = {}, {}  # handle -> (kernel, defines); (kernel, defines) -> a stand-in with its own handle
+
+    def get_kernel(name, kernel, arch, *, defines=None):
+        key = (kernel, tuple(sorted((defines or {}).items())))
+        if key not in made:
+            made[key] = Kernel(0x9000 + len(made))
+            kernels[made[key].handle] = (kernel, dict(defines or {}))
+        return made[key]
+
+    monkeypatch.setattr(nvrtc, "get_kernel", get_kernel)
+
+    def timed(res, shape, buf, x, ids, weights, params, out, dropped, timer=None):
+        S.kernel_step(res, shape, buf, x, ids, weights, params, out, dropped, timer or cg.StageTimer())
+
+    with pytest.MonkeyPatch.context() as mp:
+        if not prepared:
+            for module in (F, L):
+                mp.setattr(module, "kernel_step", timed)
+        cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], b2=t.get("b2"))
+        gpu.clear()
+        cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], b2=t.get("b2"))
+    by_name = {}
+    for handle, _, _, _, values in gpu.decoded:
+        name, defines = kernels.get(handle, (None, {}))
+        by_name.setdefault(name, []).append((values, defines))
+    ((assign, _),) = by_name["assign_rows"]
+    gemms = by_name["grouped_gemm_nn_bf16"]
+    assert len(gemms) == 2
+    (gemm1, defines1), (gemm2, defines2) = gemms
+    weights_ptr = t["weights"].data.ptr if weights else 0
+    assert assign[11] == weights_ptr and assign[12] != 0, "assign_rows gets the weights and a row-weight buffer"
+    assert "SM90_EPILOGUE_ROW_SCALE" not in defines1 and defines2["SM90_EPILOGUE_ROW_SCALE"] == 1
+    assert len(gemm1) == 13 and len(gemm2) == 14
+    assert gemm2[12:] == ((t["b2"].data.ptr if bias else 0), assign[12]), "GEMM 2: b2, then the row weights"
+    ((combine, _),) = by_name["sum_rows_bf16"]
+    assert combine[4] == K and "combine_rows_bf16" not in by_name
