@@ -540,7 +540,8 @@ def test_row_scale_epilogue_defines_arguments_and_refusals():
     one takes the narrow tiles at decode with [E, N, K] weights)."""
     import numpy as np
 
-    from cublas_grouped.gemm.backends import hopper, hopper_variants as V
+    from cublas_grouped.gemm.backends import hopper
+    from cublas_grouped.gemm.backends import hopper_variants as V
 
     with pytest.raises(ValueError, match=r"^row scale: scale must be the address of a float32 \[M\] array"):
         V.RowScaleEpilogue(0, 0x100)

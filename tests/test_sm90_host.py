@@ -230,7 +230,6 @@ def test_gemm2_weighs_the_rows_the_placement_weighed(gpu, monkeypatch, prepared,
     from cublas_grouped.moe import fixed_capacity as F
     from cublas_grouped.moe import kernel_step as S
     from cublas_grouped.moe import layer as L
-
     from cublas_grouped.runtime import nvrtc
 
     class Kernel:  # hashable, as the launchers' caches need
@@ -268,7 +267,9 @@ def test_gemm2_weighs_the_rows_the_placement_weighed(gpu, monkeypatch, prepared,
     assert len(gemms) == 2
     (gemm1, defines1), (gemm2, defines2) = gemms
     weights_ptr = t["weights"].data.ptr if weights else 0
-    assert assign[11] == weights_ptr and assign[12] != 0, "assign_rows gets the weights and a row-weight buffer"
+    assert assign[11] == weights_ptr and assign[12] != 0, (
+        "assign_rows gets the weights and a row-weight buffer"
+    )
     assert "SM90_EPILOGUE_ROW_SCALE" not in defines1 and defines2["SM90_EPILOGUE_ROW_SCALE"] == 1
     assert len(gemm1) == 13 and len(gemm2) == 14
     assert gemm2[12:] == ((t["b2"].data.ptr if bias else 0), assign[12]), "GEMM 2: b2, then the row weights"
