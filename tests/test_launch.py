@@ -215,6 +215,7 @@ def test_overlapped_launch_passes_the_programmatic_attribute_and_the_stream(monk
     config built once and reused with each call's stream."""
     fake = _FakeDriver(0)
     monkeypatch.setattr(L, "_driver", fake)
+    monkeypatch.setattr(L, "driver", lambda: pytest.fail("a loaded driver is not looked up again"))
     launch = L.FixedLaunch(_FakeKernel(), 5, 256, (np.int64(7), np.int32(2)), shmem=96, slots=(0,))
     launch.launch_overlapped(41, 0x4321)
     config = launch._config
@@ -229,6 +230,11 @@ def test_overlapped_launch_passes_the_programmatic_attribute_and_the_stream(monk
     assert second[4] == 42
     pointers = (ctypes.c_void_p * 2).from_address(launch.params.value)
     assert ctypes.c_int64.from_address(pointers[0]).value == 0x8765
+    # No driver loaded yet: it is asked for.
+    monkeypatch.setattr(L, "_driver", None)
+    monkeypatch.setattr(L, "driver", lambda: fake)
+    launch.launch_overlapped(43)
+    assert fake.calls[-1][4] == 43
 
 
 def test_a_refused_overlapped_launch_names_the_call_its_kernel_and_the_error(monkeypatch):
