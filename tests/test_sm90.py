@@ -372,3 +372,26 @@ def test_the_streams_schedule_buffer_is_sized_once_for_1024_groups():
     base = 0x1000
     assert hopper.schedule_addresses(base, 5) == (base, base + 24, base + 44, base + 68)
     assert hopper.schedule_addresses(base, 5, 1)[3] == base + 72 == base + 4 * (hopper.schedule_ints(5) - 1)
+
+
+@pytest.mark.parametrize("other", ["SM90_EPILOGUE_ACT", "SM90_GATHER_A"])
+def test_row_scale_epilogue_refuses_the_first_gemms_variants(other):
+    """SM90_EPILOGUE_ROW_SCALE (GEMM 2's weighting epilogue) does not compile
+    with the gated epilogue or the row gather (GEMM 1's), with its message;
+    alone it compiles."""
+    from cuda.core import Program, ProgramOptions
+
+    from cublas_grouped.moe.kernels import ACTIVATIONS
+    from cublas_grouped.runtime import nvrtc
+
+    src = nvrtc.load_source("grouped_gemm_sm90")
+    acts = {f"ACT_{n.upper()}": c for n, c in ACTIVATIONS.items()}
+
+    def compile_with(defines):
+        macros = [(k, str(v)) for k, v in {**hopper.DEFINES, **acts, **defines}.items()]
+        options = ProgramOptions(arch=hopper.ARCH, std="c++17", define_macro=macros)
+        return Program(src, code_type="c++", options=options).compile("cubin")
+
+    with pytest.raises(Exception, match="SM90_EPILOGUE_ROW_SCALE is GEMM 2's epilogue"):
+        compile_with({"SM90_EPILOGUE_ROW_SCALE": 1, other: 1})
+    assert compile_with({"SM90_EPILOGUE_ROW_SCALE": 1}) is not None

@@ -278,6 +278,8 @@ class FixedLaunch:
         LaunchError
             If the driver refuses the launch.
         """
+        # The slots are written inline, as in __call__: a shared method would add
+        # a Python call to every launch of the hot paths (their call budgets).
         if values:
             for slot, value in zip(self.slots, values):
                 slot.value = value
