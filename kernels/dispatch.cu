@@ -83,6 +83,28 @@
 //     of its token that names the same expert (the repeats aliasing this
 //     row, which then add nothing of their own).
 //
+//   place_one_block_{f32,f16,bf16}(const int* topk_ids, int num_pairs, int top_k,
+//                     int num_experts, int flags, const float* topk_weights,
+//                     const X* x, int hidden, int tile_rows, int* counts,
+//                     int* row_offsets, int* row_ends, int* tile_offsets,
+//                     int* tile_counters, int* pair_to_row, int* row_to_pair,
+//                     float* row_weights, unsigned long long* dropped, X* rows)
+//     The decode step's whole placement in one launch, for num_pairs at most
+//     PAIRS_PER_BLOCK: what expert_block_histogram (with counts),
+//     grouped_tile_offsets (grouped_gemm_sm90.cu, contiguous, M = num_pairs,
+//     tiles of tile_rows rows), assign_rows (num_rows = num_pairs) and
+//     gather_rows write, the same values: counts [E], the Hopper kernel's
+//     schedule (row_offsets [E + 1], row_ends [E], tile_offsets [E + 1],
+//     tile_counters[0..1] = 0), pair_to_row [num_pairs], row_to_pair
+//     [num_pairs] (-1 past the rows taken), row_weights (skipped when null),
+//     *dropped (skipped when null), and rows [num_pairs, hidden] (skipped when
+//     null: a GEMM that gathers itself).
+//     Any grid of blocks of DISPATCH_THREADS: every block ranks all the pairs
+//     (a few KiB of ids, read by each block: no grid-wide barrier), block 0
+//     writes every index array, and block b gathers rows b, b + gridDim.x, ...
+//     Dynamic shared memory: (DISPATCH_WARPS + 2) * num_experts * 4 +
+//     PAIRS_PER_BLOCK * 4 bytes (44 KiB for E = 1024 with 256 threads).
+//
 //   gather_rows_{f32,f16,bf16}(const X* x, int hidden, const int* row_to_pair,
 //                              int top_k, int num_rows, X* out)
 //     out[r, :] = x[row_to_pair[r] / top_k, :], zeros when row_to_pair[r] < 0.
@@ -299,3 +321,130 @@ __device__ __forceinline__ void gather_rows_impl(const T* __restrict__ x, int hi
 #define GATHER_ROWS_PARAMS(X) \
     (const X* x, int hidden, const int* row_to_pair, int top_k, int num_rows, X* out)
 DEFINE_KERNEL_3TYPES(gather_rows, GATHER_ROWS_PARAMS, (x, hidden, row_to_pair, top_k, num_rows, out))
+
+// place_one_block: see the header. The ranking is assign_rows' (rounds of
+// DISPATCH_THREADS pairs, a warp's peers by __match_any_sync, earlier warps'
+// counts from shared memory), run from zero, so that the counts are what the
+// ranks leave behind and no histogram pass comes first.
+template <class T>
+__device__ __forceinline__ void place_one_block_impl(
+    const int* __restrict__ topk_ids, int num_pairs, int top_k, int num_experts, int flags,
+    const float* __restrict__ topk_weights, const T* __restrict__ x, int hidden, int tile_rows,
+    int* __restrict__ counts, int* __restrict__ row_offsets, int* __restrict__ row_ends,
+    int* __restrict__ tile_offsets, int* __restrict__ tile_counters, int* __restrict__ pair_to_row,
+    int* __restrict__ row_to_pair, float* __restrict__ row_weights, unsigned long long* __restrict__ dropped,
+    T* __restrict__ rows) {
+    follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
+    // Shared layout (ints): taken[E] | first_row[E] | warp_counts[DISPATCH_WARPS][E] | pair_of_row[PAIRS_PER_BLOCK].
+    extern __shared__ int place_smem[];
+    __shared__ int scratch[SCAN_SCRATCH_INTS];
+    const int E = num_experts;
+    int* taken = place_smem;        // rows of each expert ranked so far, then its count
+    int* first_row = taken + E;        // each expert's first row (the exclusive prefix of counts)
+    int* warp_counts = first_row + E;  // pairs of expert e in warp w in the current round
+    int* pair_of_row = warp_counts + DISPATCH_WARPS * E;
+    const bool writer = blockIdx.x == 0;
+
+    for (int e = threadIdx.x; e < E; e += DISPATCH_THREADS) taken[e] = 0;
+    for (int i = threadIdx.x; i < DISPATCH_WARPS * E; i += DISPATCH_THREADS) warp_counts[i] = 0;
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const unsigned lanes_below = (1u << lane) - 1u;
+    int expert[PAIRS_PER_THREAD], rank[PAIRS_PER_THREAD], repeat_of[PAIRS_PER_THREAD];
+#pragma unroll
+    for (int round = 0; round < PAIRS_PER_THREAD; ++round) {
+        const int p = round * DISPATCH_THREADS + threadIdx.x;
+        repeat_of[round] = -1;
+        const int e = p < num_pairs ? pair_expert(topk_ids, p, top_k, num_experts, flags, &repeat_of[round]) : -1;
+        const unsigned peers = __match_any_sync(0xffffffffu, e);
+        const int r = __popc(peers & lanes_below);
+        if (e >= 0 && r == 0) warp_counts[warp * E + e] = __popc(peers);
+        __syncthreads();
+        int before = 0;
+        if (e >= 0) {
+            before = taken[e] + r;
+            for (int w = 0; w < warp; ++w) before += warp_counts[w * E + e];
+        }
+        __syncthreads();  // every read of taken done before it moves on
+        if (e >= 0 && r == 0) {
+            atomicAdd(&taken[e], __popc(peers));  // integer adds: order-free
+            warp_counts[warp * E + e] = 0;
+        }
+        expert[round] = e;
+        rank[round] = before;
+        __syncthreads();
+    }
+
+    // Each expert's first row and tile: the offsets kernel's contiguous layout
+    // (the counts sum to at most num_pairs = M, so its cut at M changes nothing).
+    int row_carry = 0, tile_carry = 0;
+    for (int base = 0; base < E; base += DISPATCH_THREADS) {
+        const int e = base + threadIdx.x;
+        const int m = e < E ? taken[e] : 0;
+        int rows_total, tiles_total;
+        const int row_ex = block_exclusive_scan(m, &rows_total, scratch);
+        const int tile_ex = block_exclusive_scan((m + tile_rows - 1) / tile_rows, &tiles_total, scratch);
+        if (e < E) {
+            first_row[e] = row_carry + row_ex;
+            if (writer) {
+                counts[e] = m;
+                row_offsets[e] = row_carry + row_ex;
+                row_ends[e] = row_carry + row_ex + m;
+                tile_offsets[e] = tile_carry + tile_ex;
+            }
+        }
+        row_carry += rows_total;
+        tile_carry += tiles_total;
+    }
+    if (writer && threadIdx.x == 0) {
+        row_offsets[E] = row_carry;
+        tile_offsets[E] = tile_carry;
+        tile_counters[0] = 0;  // the two GEMMs after this launch hand out tiles from 0
+        tile_counters[1] = 0;
+    }
+    __syncthreads();  // first_row is complete
+
+#pragma unroll
+    for (int round = 0; round < PAIRS_PER_THREAD; ++round) {
+        const int p = round * DISPATCH_THREADS + threadIdx.x;
+        const int e = expert[round];
+        if (e >= 0) {
+            const int row = first_row[e] + rank[round];
+            pair_of_row[row] = p;
+            if (writer) {
+                pair_to_row[p] = row;
+                row_to_pair[row] = p;
+                if (row_weights != nullptr) row_weights[row] = row_weight(topk_ids, topk_weights, p, top_k, e, flags);
+            }
+        } else if (writer && p < num_pairs) {
+            pair_to_row[p] = repeat_of[round] >= 0 ? -2 - repeat_of[round] : -1;
+        }
+        const bool drop = p < num_pairs && e < 0 && repeat_of[round] < 0;  // an id outside [0, E)
+        const unsigned drops = __ballot_sync(0xffffffffu, drop);
+        if (writer && dropped != nullptr && lane == 0 && drops != 0u) {
+            atomicAdd(dropped, static_cast<unsigned long long>(__popc(drops)));
+        }
+    }
+    if (writer) {
+        for (int r = row_carry + threadIdx.x; r < num_pairs; r += DISPATCH_THREADS) row_to_pair[r] = -1;
+    }
+    if (rows == nullptr) return;
+    __syncthreads();  // pair_of_row is complete
+    const bool vec = rows_vectorizable<T>(hidden, x, rows);
+    for (int r = blockIdx.x; r < num_pairs; r += gridDim.x) {
+        const T* src = r < row_carry ? x + static_cast<long long>(pair_of_row[r] / top_k) * hidden : nullptr;
+        copy_row(rows + static_cast<long long>(r) * hidden, src, hidden, vec);
+    }
+}
+
+#define PLACE_ONE_BLOCK_PARAMS(X)                                                                           \
+    (const int* topk_ids, int num_pairs, int top_k, int num_experts, int flags, const float* topk_weights,  \
+     const X* x, int hidden, int tile_rows, int* counts, int* row_offsets, int* row_ends, int* tile_offsets, \
+     int* tile_counters, int* pair_to_row, int* row_to_pair, float* row_weights, unsigned long long* dropped, \
+     X* rows)
+DEFINE_KERNEL_3TYPES(place_one_block, PLACE_ONE_BLOCK_PARAMS,
+                     (topk_ids, num_pairs, top_k, num_experts, flags, topk_weights, x, hidden, tile_rows, counts,
+                      row_offsets, row_ends, tile_offsets, tile_counters, pair_to_row, row_to_pair, row_weights,
+                      dropped, rows))

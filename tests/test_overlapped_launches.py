@@ -30,6 +30,8 @@ STEP_KERNELS = {
         "assign_rows",
         "gather_rows_bf16",
         "gather_rows_f16",
+        "place_one_block_bf16",
+        "place_one_block_f16",
     ),
     "activation": ("expert_activation_bf16", "expert_activation_f16"),
     "combine": ("combine_rows_bf16", "combine_rows_f16", "sum_rows_bf16", "sum_rows_f16"),

@@ -25,6 +25,9 @@ __all__ = [
     "column_scan",
     "assign_rows",
     "gather_rows",
+    "place_one_block",
+    "PLACE_MAX_EXPERTS",
+    "PLACE_MAX_GRID",
     "expert_activation",
     "combine_rows",
     "sum_rows",
@@ -36,6 +39,12 @@ __all__ = [
 DISPATCH_THREADS = 256  # threads per block of dispatch.cu's three sort kernels
 PAIRS_PER_BLOCK = 1024  # (token, choice) pairs per block of those kernels
 SKIP_REPEATS = 1  # dispatch.cu's flag: a token's repeated expert id aliases its first row
+# place_one_block keeps a counter per expert per warp in shared memory: at most
+# this many experts stay under the 48 KiB a launch gets without an opt-in.
+PLACE_MAX_EXPERTS = 1024
+# Its blocks each rank every pair (a few KiB of ids), then gather their share
+# of the rows: about two blocks per SM of an H100 or H200, all in one wave.
+PLACE_MAX_GRID = 256
 ROUTE_THREADS = 128  # routing.cu: one warp per token, so 4 tokens per block
 ROUTE_WARPS = ROUTE_THREADS // 32
 # The row kernels (gather, activation, combine, scatter) take any block and
@@ -79,6 +88,7 @@ _HISTOGRAM = _PAIRS + "qqiq"
 _COLUMN_SCAN = "qiiq"
 _ASSIGN_ROWS = _PAIRS + "qqiqqqqq"
 _GATHER_ROWS = "qiqiiq"
+_PLACE_ONE_BLOCK = _PAIRS + "qqii" + "q" * 10
 _ACTIVATION = "qiiiiqqqiq"  # h, inter, gated, gate_up_block, act, bias, row_to_pair, ids, rows, out
 _COMBINE_ROWS = "qiqqqqiiq"
 _SUM_ROWS = "qiqiiq"
@@ -223,6 +233,54 @@ def gather_rows(stream, arch, x, row_to_pair, top_k, out) -> None:
     if type(stream) is Prepare:
         return stream.fixed(kernel, _row_grid(rows), ROW_THREADS, _GATHER_ROWS, args)
     _kernels.launch_signed(stream, kernel, _row_grid(rows), ROW_THREADS, _GATHER_ROWS, args)
+
+
+def place_one_block(
+    stream,
+    arch,
+    ids,
+    num_experts,
+    weights,
+    x,
+    tile_rows,
+    counts,
+    schedule,
+    pair_to_row,
+    row_to_pair,
+    *,
+    row_weights=None,
+    dropped=None,
+    rows=None,
+):
+    """dispatch.cu ``place_one_block``: the decode step's whole placement in one
+    launch (T*k at most ``PAIRS_PER_BLOCK``, E at most :data:`PLACE_MAX_EXPERTS`,
+    repeats skipped): ``counts``, the Hopper kernel's schedule (``schedule``:
+    the addresses of its row_offsets, row_ends, tile_offsets and first tile
+    counter, both counters zeroed; tiles of ``tile_rows`` rows), ``pair_to_row``
+    and ``row_to_pair`` (T*k each), ``row_weights`` (or None: not written; then
+    ``weights`` is not read), ``dropped`` (uint64 [1] or None) and the gathered
+    ``rows`` (T*k rows of x, or None: GEMM 1 gathers)."""
+    num_pairs = ids.size
+    kernel = _kernel("dispatch", "place_one_block", arch, x.dtype)
+    args = (
+        *_pair_args(ids, num_pairs, num_experts, True),
+        _ptr(weights),
+        x.data.ptr,
+        x.shape[1],
+        int(tile_rows),
+        counts.data.ptr,
+        *schedule,
+        pair_to_row.data.ptr,
+        row_to_pair.data.ptr,
+        _ptr(row_weights),
+        _ptr(dropped),
+        _ptr(rows),
+    )
+    shmem = ((DISPATCH_THREADS // 32 + 2) * num_experts + PAIRS_PER_BLOCK) * 4
+    grid = 1 if rows is None else max(1, min(num_pairs, PLACE_MAX_GRID))
+    if type(stream) is Prepare:
+        return stream.fixed(kernel, grid, DISPATCH_THREADS, _PLACE_ONE_BLOCK, args, shmem)
+    _kernels.launch_signed(stream, kernel, grid, DISPATCH_THREADS, _PLACE_ONE_BLOCK, args, shmem)
 
 
 def expert_activation(
