@@ -40,6 +40,10 @@
 
 #include "common.cuh"
 
+// Choices whose rows the vector path loads together (registers: two 16-byte
+// vectors each, for the row and its bias).
+#define COMBINE_BATCH 8
+
 // Row of the choice j of the token whose first pair is pair0, following a
 // repeat's alias to the row of its first choice; negative when the pair
 // adds nothing.
@@ -75,18 +79,43 @@ __device__ __forceinline__ void combine_impl(const T* __restrict__ y, int hidden
                 float acc[N];
 #pragma unroll
                 for (int k = 0; k < N; ++k) acc[k] = 0.0f;
-                for (int j = 0; j < top_k; ++j) {
-                    const int row = WEIGHTED ? choice_row(pair_to_row, pair0, j) : pair_to_row[pair0 + j];
-                    if (row < 0) continue;
-                    const float w = WEIGHTED && topk_weights != nullptr ? topk_weights[pair0 + j] : 1.0f;
-                    const Vec16<T> v = load_vec16(y + row * H + i);
-                    if (WEIGHTED && bias != nullptr) {
-                        const Vec16<T> b = load_vec16(bias + topk_ids[pair0 + j] * H + i);
+                // COMBINE_BATCH choices at a time: their indices first, then all
+                // their rows' loads, then the adds in choice order (the same
+                // arithmetic as one choice at a time). Loading a row only after
+                // the previous one was added cost a memory latency per choice
+                // (sum_rows at 16 tokens x 8 choices: 10.5 us under ncu, H200).
+                for (int j0 = 0; j0 < top_k; j0 += COMBINE_BATCH) {
+                    int rows[COMBINE_BATCH];
+                    float ws[COMBINE_BATCH];
 #pragma unroll
-                        for (int k = 0; k < N; ++k) acc[k] += w * (to_float(v.e[k]) + to_float(b.e[k]));
-                    } else {
+                    for (int jj = 0; jj < COMBINE_BATCH; ++jj) {
+                        const int j = j0 + jj;
+                        rows[jj] = -1;
+                        ws[jj] = 1.0f;
+                        if (j < top_k) {
+                            const int row = WEIGHTED ? choice_row(pair_to_row, pair0, j) : pair_to_row[pair0 + j];
+                            rows[jj] = row;
+                            if (WEIGHTED && topk_weights != nullptr) ws[jj] = topk_weights[pair0 + j];
+                        }
+                    }
+                    Vec16<T> v[COMBINE_BATCH], b[COMBINE_BATCH];
 #pragma unroll
-                        for (int k = 0; k < N; ++k) acc[k] += w * to_float(v.e[k]);
+                    for (int jj = 0; jj < COMBINE_BATCH; ++jj) {
+                        if (rows[jj] < 0) continue;
+                        v[jj] = load_vec16(y + rows[jj] * H + i);
+                        if (WEIGHTED && bias != nullptr) b[jj] = load_vec16(bias + topk_ids[pair0 + j0 + jj] * H + i);
+                    }
+#pragma unroll
+                    for (int jj = 0; jj < COMBINE_BATCH; ++jj) {
+                        if (rows[jj] < 0) continue;
+                        const float w = ws[jj];
+                        if (WEIGHTED && bias != nullptr) {
+#pragma unroll
+                            for (int k = 0; k < N; ++k) acc[k] += w * (to_float(v[jj].e[k]) + to_float(b[jj].e[k]));
+                        } else {
+#pragma unroll
+                            for (int k = 0; k < N; ++k) acc[k] += w * to_float(v[jj].e[k]);
+                        }
                     }
                 }
                 Vec16<T> res;

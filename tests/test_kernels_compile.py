@@ -258,5 +258,8 @@ def test_row_kernels_use_128bit_accesses(name, kernels):
         start = ptx.index(f".entry {kernel}(")
         end = ptx.find(".entry", start + 1)
         body = ptx[start : end if end > 0 else len(ptx)]
-        assert re.search(r"ld\.global(\.nc)?\.v4\.", body), f"{kernel}: no 128-bit load"
+        # 16 bytes as four 32-bit or two 64-bit lanes (both one LDG.E.128 in SASS)
+        assert re.search(r"ld\.global(\.nc)?\.(v4\.[bfsu]32|v2\.[bfsu]64)", body), (
+            f"{kernel}: no 128-bit load"
+        )
         assert re.search(r"st\.global\.v4\.", body), f"{kernel}: no 128-bit store"
