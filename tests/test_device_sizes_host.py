@@ -481,8 +481,9 @@ def test_narrow_tiles_launch_with_their_grid_shared_memory_and_box(gpu, monkeypa
         assert len(gemm) == 1
         launches[label] = gemm[0]
     tiles = hopper.max_tiles(M, E)
-    assert launches["wide"][2] == hopper.shared_bytes(4, 256) == hopper.SHARED_BYTES
-    assert launches["narrow"][2] == hopper.shared_bytes(6, 128)
+    # The ring and staging areas, and E's schedule table (v14).
+    assert launches["wide"][2] == hopper.shared_bytes(4, 256, E) == hopper.SHARED_BYTES + 4 * (3 * E + 1)
+    assert launches["narrow"][2] == hopper.shared_bytes(6, 128, E)
     assert launches["wide"][1][0] == tiles * 1 and launches["narrow"][1][0] == tiles * 2  # N = 256
     assert launches["chosen"][:3] == launches["narrow" if trans_b else "wide"][:3]
     if trans_b:

@@ -101,6 +101,11 @@ def test_launch_constants_agree():
     assert f"#define SM90_C_PITCH {hopper.C_PITCH}\n" in source
     assert hopper.SHARED_BYTES == hopper.STAGES * (128 + 256) * 64 * 2 + 2 * 64 * hopper.C_PITCH * 2 + 1024
     assert hopper.SHARED_BYTES <= 227 * 1024  # the H100's opt-in limit per block
+    # With the largest schedule table (v14), the wide and the narrow tiles still fit.
+    table = 4 * (3 * hopper.TABLE_MAX_GROUPS + 1)
+    assert hopper.shared_bytes(4, 256, hopper.TABLE_MAX_GROUPS) == hopper.SHARED_BYTES + table <= 227 * 1024
+    assert hopper.shared_bytes(6, 128, hopper.TABLE_MAX_GROUPS) <= 227 * 1024
+    assert hopper.shared_bytes(4, 256, hopper.TABLE_MAX_GROUPS + 1) == hopper.SHARED_BYTES  # no table
     assert hopper.DEFINES == {
         "SM90_BLOCK_M": hopper.BLOCK_M,
         "SM90_BLOCK_N": hopper.BLOCK_N,
@@ -108,6 +113,7 @@ def test_launch_constants_agree():
         "SM90_STAGES": hopper.STAGES,
         "SM90_TILE_THREADS": hopper.TILE_THREADS,
         "SM90_A_BOX_ROWS": hopper.A_BOX_ROWS,
+        "SM90_TABLE_MAX_GROUPS": hopper.TABLE_MAX_GROUPS,
     }
 
 

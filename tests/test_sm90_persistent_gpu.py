@@ -125,6 +125,29 @@ def test_many_tiles_per_cta(sizes, n, k, grid, dtype, layout):
 
 
 @pytest.mark.parametrize("layout", ["nn", "nt"])
+@pytest.mark.parametrize("extra", [0, 1, 700])
+def test_schedule_in_shared_memory_and_past_its_limit(extra, layout):
+    """v14: the GEMM copies the schedule of up to TABLE_MAX_GROUPS groups into
+    shared memory and searches it there; with more groups it searches the
+    global arrays. At the limit and past it (1024, 1025 and 1724 groups, many
+    empty, a few CTAs so each searches many tiles), against float64, and the
+    rows past the sizes' sum stay poisoned."""
+    groups = hopper.TABLE_MAX_GROUPS + extra
+    rng = np.random.default_rng(groups)
+    sizes = rng.integers(0, 3, groups)
+    sizes[rng.random(groups) < 0.5] = 0
+    sizes[-1] = 5  # the last group's tiles use tile_offsets[E]
+    n, k = 136, 200
+    hopper.GRID_LIMIT = 5
+    a, a64, b, b64 = _case(rng, sizes, n, k, ml_dtypes.bfloat16, layout)
+    out = poisoned((a.shape[0] + 3, n), ml_dtypes.bfloat16)
+    _gmm(a, b, sizes, out[: a.shape[0]], layout)
+    what = f"{groups} groups {layout}"
+    check_close(out[: a.shape[0]], _reference(a64, b64, sizes, layout), TOL, what)
+    assert np.isnan(out[a.shape[0] :].get().astype(np.float64)).all(), f"{what}: a row past M was written"
+
+
+@pytest.mark.parametrize("layout", ["nn", "nt"])
 def test_more_tiles_than_ctas_on_the_real_grid(layout):
     """One CTA per SM, several hundred tiles of 300 groups: every CTA takes tiles
     of several groups."""

@@ -116,17 +116,18 @@ def probe(model: str, tokens: int, b, b_kn, dt) -> None:
         # Only the sm90 rows and dense, each one graph of GRAPH calls, sizes on the device.
         sizes_dev = cupy.asarray(sizes.astype(np.int32))
 
-        def on_device(fn_label, weights, trans_b, defines=None):
+        def on_device(fn_label, weights, trans_b, defines=None, source=hopper.SOURCE):
             defines = {**hopper.DEFINES, **(defines or {})}
 
             def call(i):
-                default, hopper.DEFINES = hopper.DEFINES, defines
+                default = (hopper.DEFINES, hopper.SOURCE)
+                hopper.DEFINES, hopper.SOURCE = defines, source
                 try:
                     cg.gmm(
                         a, weights, sizes_dev, trans_b=trans_b, out=outs[fn_label], algorithm="sm90_grouped"
                     )
                 finally:
-                    hopper.DEFINES = default
+                    hopper.DEFINES, hopper.SOURCE = default
 
             return call
 
@@ -134,6 +135,9 @@ def probe(model: str, tokens: int, b, b_kn, dt) -> None:
         if VARIANT:
             plain["sm90 nt var"] = ("sm90 nt var", b, True, VARIANT)
             plain["sm90 nn var"] = ("sm90 nn var", b_kn, False, VARIANT)
+        if BASELINE:
+            plain["sm90 nt base"] = ("sm90 nt base", b, True, None, BASELINE)
+            plain["sm90 nn base"] = ("sm90 nn base", b_kn, False, None, BASELINE)
         methods = {}
         stream = cupy.cuda.Stream(non_blocking=True)
         for label, spec in plain.items():

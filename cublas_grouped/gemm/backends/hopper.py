@@ -9,13 +9,12 @@ The group sizes are read on the device: a tiny kernel turns them into row and
 tile offsets, and the GEMM's CTAs find their tile's group there, so nothing
 crosses to the host and the launch sizes depend only on M, N and E.
 
-Where it stands (docs/kernel-notes.md has the measurements): 128 x 256 tiles,
-a load warpgroup filling a ring of shared-memory stages ahead of two math
-warpgroups (warp specialization), persistent CTAs (one per SM, each taking
-the next tile from a counter on the device when its ring has room, so the
-next tile's loads run during this tile's stores; :data:`SCHEDULE`), one tile
-shape. AUTO takes it where measured clearly faster than cuBLAS
-(``select.with_own_kernel``, ``select.OWN_KERNEL_MARGIN``).
+Where it stands (docs/kernel-notes.md has the measurements): 128 x 256 tiles
+(128 x 128 for thin groups of [E, N, K] weights), a load warpgroup filling a
+ring of shared-memory stages ahead of two math warpgroups, persistent CTAs
+taking tiles from a device counter (:data:`SCHEDULE`) and searching the
+schedule in shared memory. AUTO takes it where measured clearly faster than
+cuBLAS (``select.with_own_kernel``, ``select.OWN_KERNEL_MARGIN``).
 """
 
 from __future__ import annotations
@@ -96,18 +95,17 @@ __all__ = [
 BLOCK_M = 128  # rows of a tile: two math warpgroups of wgmma m64
 BLOCK_N = 256  # columns of a tile: wgmma n256 (128 fp32 accumulators per thread)
 BLOCK_K = 64  # K of one stage: 128 bytes of a 16-bit type, one row of the 128-byte swizzle
-# Columns of N in one TMA box of [E, K, N] weights: 64 16-bit elements are the
-# 128 bytes the swizzle works in, so a 256-column tile is 4 boxes per stage
-# (the kernel's SM90_B_SPAN; it is not a define because the swizzle fixes it).
+# Columns of N in one TMA box of [E, K, N] weights (the kernel's SM90_B_SPAN, fixed
+# by the 128-byte swizzle): a 256-column tile is 4 boxes per stage.
 B_SPAN = 64
 STAGES = 4  # shared-memory stages the load warpgroup fills ahead of the MMAs (48 KiB each)
-# Rows of a's small TMA box: a tile with at most BLOCK_M / 2 rows of its
-# group loads only the small boxes holding them (a decode tile of 4 rows: 2 KiB
-# of a per stage, not 16), others one box of BLOCK_M rows (8 small loads per
-# stage from the one issuing thread cost 6-35% on full tiles, measured).
-# 16 rows: two 1024-byte swizzle atoms.
+# Rows of a's small TMA box (two 1024-byte swizzle atoms): a tile with at most
+# BLOCK_M / 2 rows of its group loads only the small boxes holding them (a
+# decode tile of 4 rows: 2 KiB of a per stage, not 16), others one box of
+# BLOCK_M rows (8 small loads per stage cost 6-35% on full tiles, measured).
 A_BOX_ROWS = 16
 TILE_THREADS = 1024  # grouped_tile_offsets' one block
+TABLE_MAX_GROUPS = 1024  # schedules copied into shared memory (v14): 4 * (3E + 1) bytes, within 227 KiB
 THREADS = 384  # a load warpgroup and two math warpgroups
 DEFINES = {
     "SM90_BLOCK_M": BLOCK_M,
@@ -116,20 +114,22 @@ DEFINES = {
     "SM90_STAGES": STAGES,
     "SM90_TILE_THREADS": TILE_THREADS,
     "SM90_A_BOX_ROWS": A_BOX_ROWS,
+    "SM90_TABLE_MAX_GROUPS": TABLE_MAX_GROUPS,
 }
 # The kernel source (kernels/<SOURCE>.cu), read at each call: a probe can time
 # an earlier version of the kernel beside this one in the same run.
 SOURCE = "grouped_gemm_sm90"
 ARCH = "sm_90a"  # wgmma and TMA need the architecture-specific target
-# The ring, the store's staging areas (per math warpgroup 64 rows of 64
-# columns at a pitch of 72 elements: the kernel's SM90_C_PITCH), plus 1024
-# bytes to align the ring for the 128-byte swizzle.
+# The store's staging areas: per math warpgroup 64 rows of 64 columns at a
+# pitch of 72 elements (the kernel's SM90_C_PITCH).
 C_PITCH = 72
 
 
-def shared_bytes(stages: int = STAGES, block_n: int = BLOCK_N) -> int:
-    """Dynamic shared memory of the kernel with ``stages`` stages of ``block_n``-column tiles."""
-    return stages * (BLOCK_M + block_n) * BLOCK_K * 2 + 2 * 64 * C_PITCH * 2 + 1024
+def shared_bytes(stages: int = STAGES, block_n: int = BLOCK_N, groups: int = 0) -> int:
+    """Dynamic shared memory: the ring (``stages`` of ``block_n``-column tiles), the staging
+    areas, 1024 bytes to align the ring, the schedule of ``groups`` <= :data:`TABLE_MAX_GROUPS`."""
+    table = 4 * (3 * groups + 1) if 0 < groups <= TABLE_MAX_GROUPS else 0
+    return stages * (BLOCK_M + block_n) * BLOCK_K * 2 + 2 * 64 * C_PITCH * 2 + 1024 + table
 
 
 SHARED_BYTES = shared_bytes()
@@ -415,9 +415,9 @@ def _prepare_gemm(
     name = f"grouped_gemm_{weights_layout(trans_b)}_{_SUFFIX[dtype.name]}"
     defines = kernel_defines(DEFINES, trans_b, m, e, epilogue, gather)
     gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=defines)
-    # The tile width and ring depth as compiled (a probe's variant may change them).
-    block_n, shmem = defines["SM90_BLOCK_N"], shared_bytes(defines["SM90_STAGES"], defines["SM90_BLOCK_N"])
-    _allow_shared_memory(gemm, device_id, shmem)
+    # Width and ring as compiled (a probe may change them); the opt-in: the most any E asks, set once.
+    block_n, shmem = defines["SM90_BLOCK_N"], shared_bytes(defines["SM90_STAGES"], defines["SM90_BLOCK_N"], e)
+    _allow_shared_memory(gemm, device_id, shared_bytes(defines["SM90_STAGES"], block_n, TABLE_MAX_GROUPS))
     element = BFLOAT16 if dtype == BFLOAT16 else dtype
     tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b, block_n), element, device_id)
     if gather is None:
