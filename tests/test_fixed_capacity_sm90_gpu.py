@@ -166,6 +166,44 @@ def test_user_capture_of_two_layers_with_different_expert_counts():
             check_close(out, expected, TOL, f"captured pair, trial {trial}")
 
 
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_repeated_ids_on_the_kernel_step(trans_b):
+    """A token naming one expert more than once, on the kernel step: its
+    weights are added into the first choice's row (the GEMM 2 epilogue weighs
+    it once) and the plain-sum combine must not add that row again for the
+    repeats. Eager, graph replay and moe_forward's default path, against
+    float64 (which sums every choice on its own)."""
+    import cupy
+
+    rng = np.random.default_rng(51 + trans_b)
+    experts, k, hidden, inter, tokens = 16, 4, 136, 64, 48
+    weights, weights64 = _layer(rng, experts, hidden, inter, True, ml_dtypes.bfloat16, trans_b)
+    w1, w2, b1, b2 = weights
+    kw = dict(b1=b1, b2=b2, trans_b=trans_b, executor=_kernel_executor())
+    eager = cg.FixedCapacityMoE(w1, w2, k, max_tokens=tokens, graphs=False, **kw)
+    graphed = cg.FixedCapacityMoE(w1, w2, k, max_tokens=tokens, **kw)
+    crowded = np.zeros((tokens, k), dtype=np.int32)  # one expert named k times by every token
+    mixed = np.stack([rng.choice(experts, k) for _ in range(tokens)]).astype(np.int32)
+    pairs = np.stack([rng.choice(experts, 2, replace=False)[[0, 1, 0, 1]] for _ in range(tokens)])
+    for name, ids in (("crowded", crowded), ("mixed", mixed), ("pairs", pairs.astype(np.int32))):
+        assert any(len(set(row)) < k for row in ids.tolist())
+        for t in (1, 7, tokens):
+            x, x64 = device_random(rng, (t, hidden), ml_dtypes.bfloat16)
+            w = rng.random((t, k)).astype(np.float32) + 0.05
+            expected = ref.moe_forward_ref(x64, ids[:t], w, *weights64)
+            args = (x, cupy.asarray(ids[:t]), cupy.asarray(w))
+            for layer in (eager, graphed):
+                _poison_all(layer)
+                check_close(layer.forward(*args), expected, TOL, f"{name} T={t} repeats")
+            check_close(
+                cg.moe_forward(*args, w1, w2, b1=b1, b2=b2, trans_b=trans_b),
+                expected,
+                TOL,
+                f"{name} T={t} moe_forward repeats",
+            )
+    assert eager.dropped_pairs() == 0 and graphed.dropped_pairs() == 0
+
+
 def test_moe_forward_fixed_capacity_runs_the_kernel_path():
     import cupy
 
@@ -186,13 +224,22 @@ def test_moe_forward_fixed_capacity_runs_the_kernel_path():
 @pytest.mark.parametrize(
     "act, biases, trans_b", [("silu", True, False), ("gelu", False, True), ("relu", True, True)]
 )
-def test_gate_up_blocked_every_path(act, biases, trans_b):
+@pytest.mark.parametrize("epilogue", ["at every size", "past decode sizes"])
+def test_gate_up_blocked_every_path(monkeypatch, act, biases, trans_b, epilogue):
     """w1 packed by pack_gate_up (w1_layout="gate_up_blocked"): the kernel step
-    with the activation in GEMM 1's epilogue, the chunked step, moe_forward's
-    fixed-capacity and synchronizing paths, all against float64 of the plain
-    weights."""
+    with the activation in GEMM 1's epilogue (forced at these decode sizes),
+    or (the default here) GEMM 1 then the activation kernel reading the packed
+    columns, the chunked step, moe_forward's fixed-capacity and synchronizing
+    paths, all against float64 of the plain weights. Without the epilogue the
+    kernel step equals, bit for bit, the same step on the plain weights (the
+    same products, columns moved)."""
     import cupy
 
+    from cublas_grouped.moe import kernel_step
+
+    forced = epilogue == "at every size"
+    if forced:
+        monkeypatch.setattr(kernel_step, "GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 0)
     rng = np.random.default_rng(50)
     experts, k, hidden, inter = 32, 4, 136, 128
     weights, weights64 = _layer(rng, experts, hidden, inter, biases, ml_dtypes.bfloat16, trans_b)
@@ -203,13 +250,21 @@ def test_gate_up_blocked_every_path(act, biases, trans_b):
     chunked = cg.FixedCapacityMoE(
         packed, w2, k, max_tokens=MAX_TOKENS, executor=_chunked(w1, w2, k, b1, b2, trans_b).executor, **opts
     )
+    plain = cg.FixedCapacityMoE(
+        w1, w2, k, max_tokens=MAX_TOKENS, executor=_kernel_executor(), **{**opts, "w1_layout": "gate_up"}
+    )
     for step, tokens in enumerate([1, 7, 16, 64, 33]):
+        assert kernel_step.gated_epilogue(kernel.shape, tokens * k) == forced
         x, x64 = device_random(rng, (tokens, hidden), ml_dtypes.bfloat16)
         ids, w = step_routing(rng, step, tokens, experts, k)
         ids_d, w_d = cupy.asarray(ids), cupy.asarray(w)
         expected = ref.moe_forward_ref(x64, ids, w, *weights64, activation=act)
         _poison_all(kernel)
-        check_close(kernel.forward(x, ids_d, w_d), expected, TOL, f"kernel step T={tokens}")
+        got = kernel.forward(x, ids_d, w_d).copy()
+        check_close(got, expected, TOL, f"kernel step T={tokens}")
+        if not forced:
+            same = plain.forward(x, ids_d, w_d)
+            assert bool((same.view(cupy.uint16) == got.view(cupy.uint16)).all()), f"T={tokens}: not bitwise"
         check_close(chunked.forward(x, ids_d, w_d), expected, TOL, f"chunked step T={tokens}")
         got = cg.moe_forward(x, ids_d, w_d, packed, w2, fixed_capacity=True, **opts)
         check_close(got, expected, TOL, f"moe_forward fixed_capacity T={tokens}")

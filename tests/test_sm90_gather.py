@@ -271,8 +271,12 @@ def _step_call(layout="gate_up", x=None, fixed=False):
 
 
 def _copies(rec, x) -> bool:
-    """Whether the step launched gather_rows on x (its arguments: x, hidden, row_to_pair, k, rows, out)."""
-    return any(len(v[4]) == 6 and v[4][0] == x.data.ptr and v[4][1] == H for v in rec.decoded)
+    """Whether the step gathered x's rows: a gather_rows launch (its arguments:
+    x, hidden, row_to_pair, k, rows, out), or place_one_block's with x (its
+    7th argument) and a rows buffer (its last)."""
+    gather = any(len(v[4]) == 6 and v[4][0] == x.data.ptr and v[4][1] == H for v in rec.decoded)
+    place = any(len(v[4]) == 19 and v[4][6] == x.data.ptr and v[4][18] != 0 for v in rec.decoded)
+    return gather or place
 
 
 def _gemm1(rec):
@@ -281,17 +285,21 @@ def _gemm1(rec):
     return next(v[4] for v in rec.decoded if v[4] and isinstance(v[4][0], tuple))
 
 
+@pytest.mark.parametrize("one_launch", [True, False])
 @pytest.mark.parametrize("layout", ["gate_up", "gate_up_blocked"])
 @pytest.mark.parametrize("fixed", [False, True])
-def test_the_step_gathers_in_gemm1_when_asked(gpu, monkeypatch, layout, fixed):
-    """GATHER_IN_GEMM1 off (the default): gather_rows, then GEMM 1 on the copy.
-    On: no gather_rows; GEMM 1 gets x, row_to_pair, k and T, the same on the
-    prepared replay as on the first call, and the step queues one launch fewer.
+def test_the_step_gathers_in_gemm1_when_asked(gpu, monkeypatch, layout, fixed, one_launch):
+    """GATHER_IN_GEMM1 off (the default): the rows gathered (by gather_rows, or
+    with the placement in one launch by place_one_block), then GEMM 1 on the
+    copy. On: no copy; GEMM 1 gets x, row_to_pair, k and T, the same on the
+    prepared replay as on the first call, and the step queues one launch fewer
+    (with four placement launches; the one launch stays, without rows).
     An x off a 16-byte boundary keeps the copy."""
     from cublas_grouped.moe import fixed_capacity as F
     from cublas_grouped.moe import layer as L
 
     assert S.GATHER_IN_GEMM1 is False
+    monkeypatch.setattr(S, "PLACE_IN_ONE_LAUNCH", one_launch)
     gpu.clear()
     x = fake_array((3, H))
     _step_call(layout, x=x, fixed=fixed)
@@ -319,7 +327,7 @@ def test_the_step_gathers_in_gemm1_when_asked(gpu, monkeypatch, layout, fixed):
         assert values[0] == values[2]  # b's map stands in for a's
         timed.append((values[14], len(gpu.decoded)))
     assert timed[0] == timed[1] == timed[2]  # the same row_to_pair, the same launches
-    assert timed[0][1] == off_launches - 1
+    assert timed[0][1] == off_launches - (0 if one_launch else 1)
 
     gpu.clear()
     x = _misaligned_x()

@@ -56,6 +56,7 @@ VARIANTS = {
     "plain": dict(),
     "biases, no weights": dict(bias=True, weights=False),
     "fused gate_up_blocked": dict(bias=True, layout="gate_up_blocked"),
+    "fused gate_up_blocked, epilogue at every size": dict(bias=True, layout="gate_up_blocked", epi=True),
     "fixed_capacity": dict(fixed=True),
     "fixed_capacity, dropped_pairs, 5 tokens": dict(fixed=True, dropped=True, tokens=5),
     "300 tokens (two blocks of pairs)": dict(tokens=300),
@@ -63,17 +64,54 @@ VARIANTS = {
 }
 
 
+def _places_once(monkeypatch, one_launch: bool, pairs: int) -> bool:
+    """Set kernel_step.PLACE_IN_ONE_LAUNCH; whether a step of ``pairs`` pairs
+    over this file's E experts then places its rows in one launch (only at
+    one block of pairs: a larger step keeps the four launches either way)."""
+    from cublas_grouped.moe import kernel_step as S
+
+    monkeypatch.setattr(S, "PLACE_IN_ONE_LAUNCH", one_launch)
+    once = S.places_in_one_launch(E, pairs)
+    assert once == (one_launch and pairs <= 1024)
+    return once
+
+
+def _gated_epilogue(monkeypatch, opts) -> bool:
+    """With ``opts["epi"]``, kernel_step's gated epilogue at every size; whether
+    the step (this file's T = ``opts["tokens"]``, E and K) then runs it: at
+    decode sizes only when forced, w1 packed either way."""
+    from cublas_grouped.moe import kernel_step as S
+
+    rows = opts.get("tokens", 1) * K
+    # This file's packed variants are decode-sized: the epilogue only when forced.
+    assert not opts.get("layout") or rows <= S.GATED_EPILOGUE_MIN_ROWS_PER_GROUP * E
+    if opts.get("epi"):
+        monkeypatch.setattr(S, "GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 0)
+    return bool(opts.get("layout")) and rows > S.GATED_EPILOGUE_MIN_ROWS_PER_GROUP * E
+
+
+def _handles(name: str) -> set:
+    """The handles of moe.kernels' kernel ``name`` (any dtype) looked up so far."""
+    from cublas_grouped.moe import kernels as Kn
+
+    return {kernel.handle for key, kernel in Kn._found.items() if key[1] == name}
+
+
+@pytest.mark.parametrize("one_launch", [True, False])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_prepared_step_queues_what_the_timed_step_does(gpu, variant):
+def test_prepared_step_queues_what_the_timed_step_does(gpu, monkeypatch, variant, one_launch):
     """The kernel step without a timer replays prepared launches; with one it
     launches each kernel afresh: both must pass every kernel the same values
     (a wrong slot or a stale address differs here), on the first call and on
-    hits, for new inputs too."""
+    hits, for new inputs too; with the decode placement in one launch
+    (place_one_block) and in four."""
     from cublas_grouped.moe import fixed_capacity as F
     from cublas_grouped.moe import kernel_step as S
     from cublas_grouped.moe import layer as L
 
     opts = VARIANTS[variant]
+    once = _places_once(monkeypatch, one_launch, opts.get("tokens", 1) * K)
+    epilogue = _gated_epilogue(monkeypatch, opts)
     t = _arrays(opts.get("tokens", 1), opts.get("bias", False), opts.get("weights", True))
     kw = dict(b1=t.get("b1"), b2=t.get("b2"), w1_layout=opts.get("layout", "gate_up"))
     if opts.get("fixed"):
@@ -107,22 +145,29 @@ def test_prepared_step_queues_what_the_timed_step_does(gpu, variant):
             mp.setattr(S, "OVERLAP_LAUNCHES", False)
             gpu.clear()
             assert _queued(gpu, call(x, ids)) == want and gpu.overlapped == []
-        # 8 launches with the activation in GEMM 1's epilogue, else 9 (one offsets
-        # launch), one fewer with one block of pairs (no column scan); no memset
-        # of row_to_pair (the histogram resets it), only the default path's one
-        # of its dropped-ids counter.
+        # 8 launches with the activation in GEMM 1's epilogue (w1 packed, past
+        # decode sizes or forced), else 9 (one offsets
+        # launch), one fewer with one block of pairs (no column scan), 3 fewer
+        # again placed in one launch (histogram, offsets, assign_rows and
+        # gather_rows in one); no memset of row_to_pair (the histogram or the
+        # one launch writes it all), only the default path's one of its
+        # dropped-ids counter.
         one_block = x.shape[0] * K <= 1024
-        assert len(want[0]) == (8 if opts.get("layout") else 9) - one_block
+        assert len(want[0]) == (8 if epilogue else 9) - one_block - 3 * once
         assert len(want[1]) == (0 if opts.get("fixed") else 1)
+        placements = [sum(h in _handles(n) for h, *_ in want[0]) for n in ("place_one_block", "assign_rows")]
+        assert placements == ([1, 0] if once else [0, 1])
 
 
+@pytest.mark.parametrize("one_launch", [True, False])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_one_offsets_launch_and_a_tile_counter_per_gemm(gpu, variant):
-    """The step runs the offsets kernel once, before both GEMMs (over T*k rows,
-    so valid counts are never cut); GEMM 1 takes its tiles from tile counter 0
-    and GEMM 2 from counter 1 of the same schedule, which that one launch
-    zeroed: a GEMM 2 reading counter 0 would find GEMM 1's count and skip its
-    tiles."""
+def test_one_offsets_launch_and_a_tile_counter_per_gemm(gpu, monkeypatch, variant, one_launch):
+    """The step writes the GEMMs' schedule once, before both GEMMs (the offsets
+    kernel over T*k rows, so valid counts are never cut, or place_one_block
+    with T*k pairs and tiles of BLOCK_M rows); GEMM 1 takes its tiles from
+    tile counter 0 and GEMM 2 from counter 1 of that same schedule, which
+    that one launch zeroed: a GEMM 2 reading counter 0 would find GEMM 1's
+    count and skip its tiles. The placement's pair_to_row is the combine's."""
     from cublas_grouped.gemm.backends import hopper
 
     opts = VARIANTS[variant]
@@ -130,32 +175,52 @@ def test_one_offsets_launch_and_a_tile_counter_per_gemm(gpu, variant):
     kw = dict(b1=t.get("b1"), b2=t.get("b2"), w1_layout=opts.get("layout", "gate_up"))
     if opts.get("fixed"):
         kw["fixed_capacity"] = True
+    tokens = t["x"].shape[0]
+    once = _places_once(monkeypatch, one_launch, tokens * K)
     for _ in range(3):  # first call, prepared, a hit
         gpu.clear()
         cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], **kw)
         handles = [d[0] for d in gpu.decoded]
         scan = hopper.offsets_kernel().handle
-        assert handles.count(scan) == 1
-        scan_args = gpu.decoded[handles.index(scan)][4]
         gemms = [i for i, d in enumerate(gpu.decoded) if isinstance(d[4][0], tuple)]  # tensor-map arguments
-        assert len(gemms) == 2 and handles.index(scan) < gemms[0]
-        tokens = t["x"].shape[0]
-        assert scan_args[1:4] == (E, tokens * K, 0), "E, M = T*k (no valid count is cut), contiguous"
-        base = scan_args[4]
+        assert len(gemms) == 2
         first, second = (gpu.decoded[i][4] for i in gemms)
+        (combine,) = [d[4] for d in gpu.decoded if d[0] in _handles("sum_rows")]
+        if once:
+            # No offsets, histogram or assign_rows launch: place_one_block, the
+            # step's first launch, writes what they would.
+            assert scan not in handles and not set(handles) & (
+                _handles("assign_rows") | _handles("expert_block_histogram")
+            )
+            assert handles[0] in _handles("place_one_block") and gemms[0] > 0
+            place = gpu.decoded[0][4]
+            assert place[1:4] == (tokens * K, K, E) and place[8] == hopper.BLOCK_M
+            base = first[3]  # the schedule's first array, row_offsets
+            assert place[10:14] == hopper.schedule_addresses(base, E, 0)
+            # GEMM 1 (not gathering) reads the rows the one launch gathered.
+            assert place[18] != 0 and first[0][0] == first[1][0] == place[18]
+            assert combine[2] == place[14]
+        else:
+            assert handles.count(scan) == 1
+            scan_args = gpu.decoded[handles.index(scan)][4]
+            assert handles.index(scan) < gemms[0]
+            assert scan_args[1:4] == (E, tokens * K, 0), "E, M = T*k (no valid count is cut), contiguous"
+            base = scan_args[4]
+            # The histogram (the step's first launch) resets row_to_pair, all T*k
+            # rows of it, which assign_rows then fills; with one block of pairs it
+            # writes the counts the offsets kernel reads (no column scan launch),
+            # else the column scan does.
+            one_block = tokens * K <= 1024
+            histogram, assign = gpu.decoded[0][4], gpu.decoded[2 if one_block else 3][4]
+            assert histogram[-3:-1] == (assign[9], tokens * K) and assign[7] == tokens * K
+            assert histogram[-1] == (scan_args[0] if one_block else 0)
+            if not one_block:
+                assert gpu.decoded[1][4][-1] == scan_args[0], "the column scan writes the counts"
+            (gather,) = [d[4] for d in gpu.decoded if d[0] in _handles("gather_rows")]
+            assert combine[2] == assign[8] and first[0][0] == first[1][0] == gather[5] != 0
         assert first[3:7] == hopper.schedule_addresses(base, E, 0)
         assert second[3:7] == hopper.schedule_addresses(base, E, 1)
         assert second[6] == first[6] + 4
-        # The histogram (the step's first launch) resets row_to_pair, all T*k
-        # rows of it, which assign_rows then fills; with one block of pairs it
-        # writes the counts the offsets kernel reads (no column scan launch),
-        # else the column scan does.
-        one_block = tokens * K <= 1024
-        histogram, assign = gpu.decoded[0][4], gpu.decoded[2 if one_block else 3][4]
-        assert histogram[-3:-1] == (assign[9], tokens * K) and assign[7] == tokens * K
-        assert histogram[-1] == (scan_args[0] if one_block else 0)
-        if not one_block:
-            assert gpu.decoded[1][4][-1] == scan_args[0], "the column scan writes the counts"
 
 
 def test_layer_errors_still_raise_after_hits(gpu):
@@ -220,13 +285,16 @@ def test_histogram_counts_need_one_block_of_pairs(gpu):
     assert gpu.decoded[0][4][-1] == counts.data.ptr
 
 
+@pytest.mark.parametrize("one_launch", [True, False])
 @pytest.mark.parametrize("prepared", [False, True])
 @pytest.mark.parametrize("bias, weights", [(True, True), (False, False)])
-def test_gemm2_weighs_the_rows_the_placement_weighed(gpu, monkeypatch, prepared, bias, weights):
-    """The step's placement (assign_rows) gets the routing weights and writes
-    row weights into a buffer; GEMM 2 gets b2 and that same buffer (its
-    row-scale epilogue, compiled with SM90_EPILOGUE_ROW_SCALE); the combine
-    is sum_rows, with no weights, ids or bias of its own. Timed and prepared."""
+def test_gemm2_weighs_the_rows_the_placement_weighed(gpu, monkeypatch, prepared, bias, weights, one_launch):
+    """The step's placement (assign_rows, or at decode place_one_block) gets
+    the routing weights and writes row weights into a buffer; GEMM 2 gets b2
+    and that same buffer (its row-scale epilogue, compiled with
+    SM90_EPILOGUE_ROW_SCALE); the combine is sum_rows, with no weights, ids
+    or bias of its own. Timed and prepared, the placement in one launch and in
+    four."""
     from cublas_grouped.moe import fixed_capacity as F
     from cublas_grouped.moe import kernel_step as S
     from cublas_grouped.moe import layer as L
@@ -237,6 +305,7 @@ def test_gemm2_weighs_the_rows_the_placement_weighed(gpu, monkeypatch, prepared,
             self.handle = handle
 
     t = _arrays(5, bias, weights)
+    assert _places_once(monkeypatch, one_launch, 5 * K) == one_launch
     kernels, made = {}, {}  # handle -> (kernel, defines); (kernel, defines) -> a stand-in with its own handle
 
     def get_kernel(name, kernel, arch, *, defines=None):
@@ -262,16 +331,23 @@ def test_gemm2_weighs_the_rows_the_placement_weighed(gpu, monkeypatch, prepared,
     for handle, _, _, _, values in gpu.decoded:
         name, defines = kernels.get(handle, (None, {}))
         by_name.setdefault(name, []).append((values, defines))
-    ((assign, _),) = by_name["assign_rows"]
     gemms = by_name["grouped_gemm_nn_bf16"]
     assert len(gemms) == 2
     (gemm1, defines1), (gemm2, defines2) = gemms
     weights_ptr = t["weights"].data.ptr if weights else 0
-    assert assign[11] == weights_ptr and assign[12] != 0, (
-        "assign_rows gets the weights and a row-weight buffer"
-    )
+    if one_launch:
+        assert "assign_rows" not in by_name
+        ((place, _),) = by_name["place_one_block_bf16"]
+        given, row_weights = place[5], place[16]
+        # It gathers too: GEMM 1 (not gathering) reads its rows.
+        assert place[18] != 0 and gemm1[0][0] == place[18]
+    else:
+        assert "place_one_block_bf16" not in by_name
+        ((assign, _),) = by_name["assign_rows"]
+        given, row_weights = assign[11], assign[12]
+    assert given == weights_ptr and row_weights != 0, "the placement gets the weights and a row-weight buffer"
     assert "SM90_EPILOGUE_ROW_SCALE" not in defines1 and defines2["SM90_EPILOGUE_ROW_SCALE"] == 1
     assert len(gemm1) == 13 and len(gemm2) == 14
-    assert gemm2[12:] == ((t["b2"].data.ptr if bias else 0), assign[12]), "GEMM 2: b2, then the row weights"
+    assert gemm2[12:] == ((t["b2"].data.ptr if bias else 0), row_weights), "GEMM 2: b2, then the row weights"
     ((combine, _),) = by_name["sum_rows_bf16"]
     assert combine[4] == K and "combine_rows_bf16" not in by_name

@@ -143,7 +143,8 @@ def test_gmm_device_sizes_against_float64(dtype, case, trans_b):
 
 
 def _old_order(monkeypatch):
-    """The step as it ran before (on the timed path): a memset of row_to_pair,
+    """The step as it ran before (on the timed path): the placement in four
+    launches at every T, a memset of row_to_pair,
     the histogram and the column scan launched apart, and the offsets kernel
     again before GEMM 2, which then takes its tiles from counter 0."""
     import cupy
@@ -161,6 +162,7 @@ def _old_order(monkeypatch):
         return block_counts, buf.pair_to_row[:pairs], row_to_pair
 
     monkeypatch.setattr(kernel_step, "count_rows", count_rows)
+    monkeypatch.setattr(kernel_step, "PLACE_IN_ONE_LAUNCH", False)  # decode's one launch: four again
     real = hopper.grouped_rows
 
     def grouped_rows(res, problem, ptrs, sizes, *, counter=0, scanned=False, **kw):

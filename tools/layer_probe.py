@@ -72,13 +72,33 @@ def _plain(call):
     return _with_step_setting("OVERLAP_LAUNCHES", False, call)
 
 
+def _four_launches(call):
+    """``call`` with the decode placement in four launches (not place_one_block)."""
+    return _with_step_setting("PLACE_IN_ONE_LAUNCH", False, call)
+
+
+def _epilogue_always(call):
+    """``call`` with GEMM 1's gated epilogue at every size (w1 packed)."""
+    return _with_step_setting("GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 0, call)
+
+
+# Layers captured under a setting, by the suffix of their name.
+_SETTINGS = {"-plain": _plain, "-four": _four_launches, "-epi": _epilogue_always}
+
+
+def _setting(name: str):
+    return next((f for suffix, f in _SETTINGS.items() if name.endswith(suffix)), None)
+
+
 def _gathering(call):
     """``call`` with GEMM 1 gathering the tokens."""
     return _with_step_setting("GATHER_IN_GEMM1", True, call)
 
 
-def _decode_methods(s, w1, w2, tokens, x, ids, w, stream, plain=False):
-    """(name -> (one timed round, output)), and the GEMM paths, for decode mode."""
+def _decode_methods(s, w1, w2, tokens, x, ids, w, stream, plain=False, four=False, packed=None, epi=False):
+    """(name -> (one timed round, output)), and the GEMM paths, for decode mode.
+    ``packed``: w1 packed by pack_gate_up, for a kernel step with the
+    activation in GEMM 1's epilogue ("sm90-packed")."""
     chunked = cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm="cublas_grouped"))
     kernel = cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm="sm90_grouped"))
     layers = {
@@ -87,6 +107,16 @@ def _decode_methods(s, w1, w2, tokens, x, ids, w, stream, plain=False):
     }
     if plain:
         layers["sm90-plain"] = cg.FixedCapacityMoE(w1, w2, s.top_k, tokens, executor=kernel, graphs=False)
+    if four:
+        layers["sm90-four"] = cg.FixedCapacityMoE(w1, w2, s.top_k, tokens, executor=kernel, graphs=False)
+    if packed is not None:
+        layers["sm90-packed"] = cg.FixedCapacityMoE(
+            packed, w2, s.top_k, tokens, executor=kernel, graphs=False, w1_layout="gate_up_blocked"
+        )
+        if epi:
+            layers["sm90-packed-epi"] = cg.FixedCapacityMoE(
+                packed, w2, s.top_k, tokens, executor=kernel, graphs=False, w1_layout="gate_up_blocked"
+            )
     sm = cg.device_info().sm
     paths = {
         k: fixed_capacity_backend(sm, v.executor, v.shape, v.w1, v.w2, tokens) for k, v in layers.items()
@@ -94,7 +124,8 @@ def _decode_methods(s, w1, w2, tokens, x, ids, w, stream, plain=False):
     methods = {}
     for name, layer in layers.items():
         capture = lambda layer=layer: _captured(layer, x, ids, w, stream)
-        graph, out = _plain(capture)() if name.endswith("-plain") else capture()
+        setting = _setting(name)
+        graph, out = setting(capture)() if setting else capture()
 
         def run(graph=graph):
             for _ in range(REPLAYS):
@@ -105,7 +136,7 @@ def _decode_methods(s, w1, w2, tokens, x, ids, w, stream, plain=False):
 
 
 def _prefill_methods(
-    s, w1, w2, tokens, x, ids, w, stream, packed=None, graphs=False, gather=False, plain=False
+    s, w1, w2, tokens, x, ids, w, stream, packed=None, graphs=False, gather=False, plain=False, epi=False
 ):
     def auto():
         return cg.moe_forward(x, ids, w, w1, w2, stream=stream)
@@ -127,8 +158,10 @@ def _prefill_methods(
     if plain:
         for name in [n for n in ("fixed", "fused") if n in methods]:
             methods[name + "-plain"] = (_plain(methods[name][0]), None, 1)
+    if epi and "fused" in methods:
+        methods["fused-epi"] = (_epilogue_always(fused), None, 1)
     if graphs:  # GPU time only: the sync-free calls replayed from graphs (AUTO copies to the host: eager)
-        for name in ("fixed", "fused", "fixed+g", "fused+g", "fixed-plain", "fused-plain"):
+        for name in ("fixed", "fused", "fixed+g", "fused+g", "fixed-plain", "fused-plain", "fused-epi"):
             if name in methods:
                 call = methods[name][0]
 
@@ -139,7 +172,8 @@ def _prefill_methods(
                         out = call()
                         return stream.end_capture(), out
 
-                graph, out = _plain(capture)() if name.endswith("-plain") else capture()
+                setting = _setting(name)
+                graph, out = setting(capture)() if setting else capture()
                 methods[name] = (lambda graph=graph: graph.launch(stream), out, 1)
     return methods, {}
 
@@ -158,6 +192,11 @@ def main() -> None:
         "--gather", action="store_true", help="prefill: also the sync-free steps gathering inside GEMM 1"
     )
     p.add_argument("--plain", action="store_true", help="also the kernel steps with plain launches")
+    p.add_argument("--four", action="store_true", help="decode: also the placement in four launches")
+    p.add_argument("--packed", action="store_true", help="decode: also the step with w1 packed")
+    p.add_argument(
+        "--epi", action="store_true", help="also w1 packed with GEMM 1's gated epilogue at every size"
+    )
     args = p.parse_args()
     decode = args.mode == "decode"
     tokens_list = args.tokens or ("16,64" if decode else "4096,16384")
@@ -168,6 +207,12 @@ def main() -> None:
         names += ("fixed+g", "fused+g")
     if args.plain:
         names += ("sm90-plain",) if decode else ("fixed-plain", "fused-plain")
+    if decode and args.four:
+        names += ("sm90-four",)
+    if decode and args.packed:
+        names += ("sm90-packed", "sm90-packed-epi") if args.epi else ("sm90-packed",)
+    if args.epi and not decode:
+        names += ("fused-epi",)
     unit = "us" if decode else "ms"
     heads = " ".join(f"{n + ' ' + unit:>12s}" for n in names)
     print(f"{'case':40s} {heads} ratios (first / each) extra  rel.diff (last vs first) |out|")
@@ -182,7 +227,7 @@ def main() -> None:
         w2 = (
             cupy.random.standard_normal((s.experts, s.inter, s.hidden), cupy.float32) * s.inter**-0.5
         ).astype(bf16)
-        packed = None if decode else cg.pack_gate_up(w1)
+        packed = cg.pack_gate_up(w1) if not decode or args.packed else None
         cupy.get_default_memory_pool().free_all_blocks()
         for tokens in map(int, tokens_list.split(",")):
             for routing in ("uniform", "skewed"):
@@ -192,10 +237,24 @@ def main() -> None:
                 ids_d, w_d = cupy.asarray(ids, dtype=cupy.int32), cupy.asarray(weights, dtype=cupy.float32)
                 cupy.cuda.Device().synchronize()  # inputs were made on the default stream
                 if decode:
-                    methods, paths = _decode_methods(s, w1, w2, tokens, x, ids_d, w_d, stream, args.plain)
+                    methods, paths = _decode_methods(
+                        s, w1, w2, tokens, x, ids_d, w_d, stream, args.plain, args.four, packed, args.epi
+                    )
                 else:
                     methods, paths = _prefill_methods(
-                        s, w1, w2, tokens, x, ids_d, w_d, stream, packed, args.graphs, args.gather, args.plain
+                        s,
+                        w1,
+                        w2,
+                        tokens,
+                        x,
+                        ids_d,
+                        w_d,
+                        stream,
+                        packed,
+                        args.graphs,
+                        args.gather,
+                        args.plain,
+                        args.epi,
                     )
                 outs = {}
                 for name, (run, out, _) in methods.items():
@@ -204,7 +263,8 @@ def main() -> None:
                     stream.synchronize()
                     outs[name] = cupy.asnumpy(out if out is not None else got).astype(np.float64)
                 diff = rel_error(outs[list(methods)[-1]], outs[names[0]])
-                for name, other in [(n, n + t) for n in ("fixed", "fused", "sm90") for t in ("+g", "-plain")]:
+                suffixes = ("+g", "-plain", "-four", "-epi")
+                for name, other in [(n, n + t) for n in ("fixed", "fused", "sm90") for t in suffixes]:
                     if other in outs:  # same products: same bits
                         same = np.array_equal(outs[name], outs[other], equal_nan=True)
                         print(f"{model} T={tokens} {routing}: {other} == {name} bit for bit: {same}")
@@ -226,7 +286,8 @@ def main() -> None:
                 if decode:
                     active = int((W.expert_counts(ids, s.experts) > 0).sum())
                     floor = W.layer_weight_bytes(case, active) / (args.hbm_gbs * 1e9) * 1e6
-                    extra = f"floor {floor:.1f} us: {100 * floor / med[names[0]]:.1f}% / {100 * floor / med[names[1]]:.1f}%"
+                    shares = " / ".join(f"{100 * floor / t:.1f}%" for t in med.values())
+                    extra = f"floor {floor:.1f} us: {shares}"
                     label = f"{case.name} ({paths['chunked'][:7]}/{paths['sm90'][:4]})"
                 else:
                     flops = W.layer_flops(case)

@@ -8,7 +8,8 @@ Who runs it: :class:`~cublas_grouped.FixedCapacityMoE` and
 says so, and ``moe_forward``'s default path on SM 9.0 under AUTO (which
 then copies one count, the pairs dropped for ids outside [0, E), to the
 host at the end, to raise on them as the synchronizing path does).
-With ``w1_layout="gate_up_blocked"`` the activation runs in GEMM 1's epilogue.
+With ``w1_layout="gate_up_blocked"`` the activation runs in GEMM 1's epilogue
+(beyond decode sizes: :data:`GATED_EPILOGUE_MIN_ROWS_PER_GROUP`).
 With :data:`GATHER_IN_GEMM1`, GEMM 1 reads the tokens' rows itself (v11).
 """
 
@@ -18,12 +19,15 @@ from threading import get_ident
 
 from ..gemm.backends import hopper
 from ..gemm.backends.hopper_variants import RowScaleEpilogue
-from ..gemm.config import Algorithm
-from ..runtime.arrays import cupy_array_type, view
 from . import kernels as K
 from .checks import LayerShape, kernel_arch
 from .chunk_capacity import ChunkBuffers
 from .dispatch import mark_stage
+from .step_backend import (  # where they were first: kept importable from here
+    CHUNKED_DECODE_MAX_EXPERTS,
+    CHUNKED_DECODE_MAX_TOKENS,
+    fixed_capacity_backend,
+)
 
 # Prepared steps kept per buffers (then started over): one per T and weights,
 # so a model's layers on one stream share the buffers and need one each.
@@ -38,6 +42,10 @@ __all__ = [
     "GATHER_IN_GEMM1",
     "OVERLAP_LAUNCHES",
     "OVERLAP_MAX_PAIRS",
+    "PLACE_IN_ONE_LAUNCH",
+    "places_in_one_launch",
+    "GATED_EPILOGUE_MIN_ROWS_PER_GROUP",
+    "gated_epilogue",
     "gather_in_gemm1",
     "CHUNKED_DECODE_MAX_EXPERTS",
     "CHUNKED_DECODE_MAX_TOKENS",
@@ -49,15 +57,6 @@ __all__ = [
     "StepLaunches",
     "MAX_PREPARED_STEPS",
 ]
-
-# Under AUTO, decode steps of layers with few experts keep the chunked calls:
-# measured on an H100 (docs/kernel-notes.md, graph replays of whole steps),
-# Mixtral-8x7B at 16 and 64 tokens reached 82-85% of the bandwidth floor on
-# the kernel against 84-87% chunked, where layers of 128 and 256 experts went
-# from 58-84% to 73-91%. Larger steps of such layers take the kernel (T-row
-# chunks would compute far more rows than the experts have).
-CHUNKED_DECODE_MAX_EXPERTS = 8
-CHUNKED_DECODE_MAX_TOKENS = 64
 
 # GEMM 1 reads each row's token from x through row_to_pair (the kernel's
 # SM90_GATHER_A variant, v11: row r is x[row_to_pair[r] // k]) instead of
@@ -83,50 +82,40 @@ GATHER_IN_GEMM1 = False
 OVERLAP_LAUNCHES = True
 OVERLAP_MAX_PAIRS = 1024
 
-
-def fixed_capacity_backend(sm, executor, shape: LayerShape, w1, w2, tokens: int) -> str:
-    """Which GEMMs a fixed-capacity step of ``tokens`` tokens runs:
-    ``"sm90_grouped"`` (our Hopper kernel on grouped-contiguous rows, group
-    sizes read on the device) or ``"chunked_batched"`` (cuBLAS over chunk
-    problems).
-
-    The kernel where the executor's algorithm is SM90_GROUPED, or AUTO outside
-    the few-expert decode steps above, the GPU is SM 9.0 and both GEMMs fit it
-    (bfloat16/float16, H, 2I or I and the widths multiples of 8, 16-byte
-    aligned weights): it computes no tile past an expert's rows and reads each
-    active expert's weights once per column tile, where the chunked calls
-    compute every chunk any routing could need. Anything else (other GPUs,
-    float32, a forced cuBLAS algorithm) keeps the chunked calls.
-    """
-    algorithm = executor.config.algorithm
-    if algorithm not in (Algorithm.AUTO, Algorithm.SM90_GROUPED):
-        return "chunked_batched"
-    few_expert_decode = (
-        shape.num_experts <= CHUNKED_DECODE_MAX_EXPERTS and tokens <= CHUNKED_DECODE_MAX_TOKENS
-    )
-    if algorithm is Algorithm.AUTO and few_expert_decode:
-        return "chunked_batched"
-    # The rest reads the GPU, the shape and the weights' alignment only:
-    # remembered per exactly those (a dictionary lookup per call after the first).
-    aligned = (_address(w1, "w1") % hopper.ALIGNMENT == 0, _address(w2, "w2") % hopper.ALIGNMENT == 0)
-    key = (sm, shape, aligned)
-    found = _kernel_fits.get(key)
-    if found is None:
-        gemms = ((shape.width, shape.hidden), (shape.hidden, shape.inter))
-        fits = all(hopper.unsupported_shape(sm, shape.dtype, n, k) is None for n, k in gemms)
-        if len(_kernel_fits) >= MAX_PREPARED_STEPS:
-            _kernel_fits.clear()
-        found = _kernel_fits[key] = "sm90_grouped" if fits and all(aligned) else "chunked_batched"
-    return found
+# Steps of one block of pairs (T*k <= kernels.PAIRS_PER_BLOCK: decode) with at
+# most kernels.PLACE_MAX_EXPERTS experts place their rows in one launch
+# (dispatch.cu's place_one_block: counts, the GEMMs' schedule, each pair's row
+# and weight, and the gathered rows), where the other steps take four (the
+# histogram, the offsets kernel, assign_rows, gather_rows): the same values,
+# bit for bit. False: four launches everywhere (a probe's A/B, and the tests
+# that compare both). Read when a step is prepared (part of its key).
+PLACE_IN_ONE_LAUNCH = True
 
 
-_kernel_fits: dict = {}  # (sm, shape, weights aligned) -> fixed_capacity_backend's answer past the algorithm
+# With w1 packed (w1_layout="gate_up_blocked"), GEMM 1 computes the gated
+# activation in its epilogue only where the experts average more than this
+# many rows; below it, GEMM 1 writes h (in the packed column order) and the
+# activation kernel reads it in that order. Measured on an H200
+# (docs/kernel-notes.md, "The decode step's kernels on the H200"): at Qwen3
+# decode (1-4 rows per expert) the epilogue's GEMM 1 took 167 us where the
+# plain one took 133 and the activation kernel 4: the epilogue's act() over a
+# tile's whole accumulator runs in one warp per scheduler after the tile's last
+# MMAs, longer than the 4 loaded stages ahead of it last. At 4096 tokens (256
+# rows per expert) the epilogue wins 2-3%. Read at each call (the prepared
+# steps' key holds the choice). 0: the epilogue at every size.
+GATED_EPILOGUE_MIN_ROWS_PER_GROUP = 16
 
 
-def _address(w, name: str) -> int:
-    if type(w) is cupy_array_type():
-        return w.data.ptr  # every cached call: no view to build
-    return view(w, name).ptr
+def gated_epilogue(shape: LayerShape, pairs: int) -> bool:
+    """Whether a step of ``pairs`` pairs runs the activation in GEMM 1's
+    epilogue (w1 packed, and :data:`GATED_EPILOGUE_MIN_ROWS_PER_GROUP`)."""
+    return bool(shape.gate_up_block) and pairs > GATED_EPILOGUE_MIN_ROWS_PER_GROUP * shape.num_experts
+
+
+def places_in_one_launch(num_experts: int, pairs: int) -> bool:
+    """Whether a step of ``pairs`` pairs over ``num_experts`` experts places its
+    rows with the one-launch kernel (:data:`PLACE_IN_ONE_LAUNCH`)."""
+    return PLACE_IN_ONE_LAUNCH and pairs <= K.PAIRS_PER_BLOCK and num_experts <= K.PLACE_MAX_EXPERTS
 
 
 def count_rows(res, arch, buf: ChunkBuffers, ids, e: int, pairs: int, rows: int | None = None):
@@ -168,11 +157,33 @@ def place_rows(
     ``scanned=True``), each pair's row, (with ``weigh_rows``) each row's
     routing weight from ``weights`` in ``buf.row_weights``, and (unless not
     ``copy``: GEMM 1 gathers them) the gathered rows in ``buf.rows[:T*k]``
-    (zeros where no pair was placed).
+    (zeros where no pair was placed). One launch where
+    :func:`places_in_one_launch`, else four.
     Returns (pair_to_row, row_to_pair). Shared by the 16-bit and FP8 steps."""
     arch, stream = kernel_arch(res), res.launch_stream
     tokens, k = ids.shape
     e, pairs = shape.num_experts, tokens * k
+    if places_in_one_launch(e, pairs):
+        pair_to_row, row_to_pair = buf.pair_to_row[:pairs], buf.row_to_pair[:pairs]
+        K.place_one_block(
+            stream,
+            arch,
+            ids,
+            e,
+            weights if weigh_rows else None,
+            x,
+            hopper.BLOCK_M,
+            buf.counts,
+            hopper.schedule_addresses(buf.schedule.data.ptr, e),
+            pair_to_row,
+            row_to_pair,
+            row_weights=buf.row_weights[:pairs] if weigh_rows else None,
+            dropped=dropped,
+            rows=buf.rows[:pairs] if copy else None,
+        )
+        mark_stage(timer, "plan", res.cupy_stream)
+        mark_stage(timer, "gather", res.cupy_stream)  # in the same launch: 0 ms
+        return pair_to_row, row_to_pair
     block_counts, pair_to_row, row_to_pair = count_rows(res, arch, buf, ids, e, pairs)
     # The kernel's own offsets kernel gives the contiguous row offsets that
     # assign_rows places pairs by; GEMM 1 then reuses its schedule.
@@ -225,6 +236,8 @@ def kernel_step(
             0 if b2 is None else b2.data.ptr,
             get_ident(),  # a step's slots are written before each launch: one per thread
             OVERLAP_LAUNCHES and ids.size <= OVERLAP_MAX_PAIRS,
+            places_in_one_launch(shape.num_experts, ids.size),
+            gated_epilogue(shape, ids.size),
         )
         step = buf.launches.get(key)
         if step is None:
@@ -248,7 +261,7 @@ def kernel_step(
     a1, rows1 = (
         (x.data.ptr, hopper.RowGather(row_to_pair.data.ptr, k, tokens)) if gather else (x_rows.data.ptr, None)
     )
-    if shape.gate_up_block:
+    if gated_epilogue(shape, pairs):
         # w1 packed in blocks (w1_layout="gate_up_blocked"): the activation
         # runs in GEMM 1's epilogue and writes act; h is never written.
         codes = tuple((f"ACT_{name.upper()}", code) for name, code in K.ACTIVATIONS.items())
@@ -272,6 +285,7 @@ def kernel_step(
             row_to_pair,
             ids,
             act,
+            shape.gate_up_block,
         )
     mark_stage(timer, "activation", res.cupy_stream)  # none when fused: 0 ms
     gemm2 = (e, pairs, shape.hidden, shape.inter, shape.trans_b, shape.dtype)
@@ -302,19 +316,22 @@ class StepLaunches:
     def __init__(self, launches, gemm_outs, overlap: bool = False):
         if overlap:
             launches = tuple(None if f is None else f.launch_overlapped for f in launches)
-        self.histogram, self.column_scan, self.scan, self.assign, self.gather = launches[:5]
-        self.gemm1, self.activation, self.gemm2, self.combine = launches[5:]
+        self.place, self.histogram, self.column_scan, self.scan, self.assign, self.gather = launches[:6]
+        self.gemm1, self.activation, self.gemm2, self.combine = launches[6:]
         self.gemm1_out, self.gemm2_out = gemm_outs
 
     def __call__(self, stream: int, x: int, ids: int, weights: int, out: int, dropped: int) -> None:
         """Queue the step on the raw stream handle ``stream``."""
-        self.histogram(stream, ids)  # also resets row_to_pair to -1
-        if self.column_scan is not None:  # one block of pairs: the histogram did its work
-            self.column_scan(stream)
-        self.scan(stream)
-        self.assign(stream, ids, dropped, weights)
-        if self.gather is not None:  # None: GEMM 1 reads x through row_to_pair
-            self.gather(stream, x)
+        if self.place is not None:  # the whole placement in one launch (places_in_one_launch)
+            self.place(stream, ids, weights, x, dropped)
+        else:
+            self.histogram(stream, ids)  # also resets row_to_pair to -1
+            if self.column_scan is not None:  # one block of pairs: the histogram did its work
+                self.column_scan(stream)
+            self.scan(stream)
+            self.assign(stream, ids, dropped, weights)
+            if self.gather is not None:  # None: GEMM 1 reads x through row_to_pair
+                self.gather(stream, x)
         self.gemm1(stream, self.gemm1_out, x)  # x: a slot of the gathering GEMM only (zip stops at the slots)
         if self.activation is not None:
             self.activation(stream, ids)
@@ -335,49 +352,37 @@ def step_launches(
     arch = kernel_arch(res)
     tokens, k = ids.shape
     e, pairs = shape.num_experts, tokens * k
-    nb = K.num_pair_blocks(pairs)
-    block_counts, pair_to_row, row_to_pair = (
-        buf.block_counts[:nb],
-        buf.pair_to_row[:pairs],
-        buf.row_to_pair[:pairs],
-    )
+    pair_to_row, row_to_pair = buf.pair_to_row[:pairs], buf.row_to_pair[:pairs]
     x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
     prep = K.Prepare()
-    prep.slots = (0,)  # ids
-    totals = buf.counts if nb == 1 else None  # as count_rows: no column scan for one block
-    histogram = K.block_histogram(
-        prep, arch, ids, pairs, e, block_counts, skip_repeats=True, reset=row_to_pair, counts=totals
-    )
-    prep.slots = ()
-    column_scan = K.column_scan(prep, arch, block_counts, nb, e, buf.counts) if nb > 1 else None
     base = buf.schedule.data.ptr
-    scan_args = hopper.offsets_args(buf.counts.data.ptr, e, pairs, 0, base)
-    scan = prep.fixed(hopper.offsets_kernel(), 1, hopper.TILE_THREADS, hopper.OFFSETS_SIGNATURE, scan_args)
-    offsets = buf.schedule[: e + 1]  # row_offsets: the first of the schedule's arrays
-    prep.slots = (0, 10, 11)  # ids, dropped, weights
-    assign = K.assign_rows(
-        prep,
-        arch,
-        ids,
-        pairs,
-        e,
-        block_counts,
-        offsets,
-        pair_to_row,
-        row_to_pair,
-        skip_repeats=True,
-        dropped=dropped,
-        weights=weights,
-        row_weights=buf.row_weights[:pairs],
-    )
-    prep.slots = (0,)  # x
-    copy = None if gather else K.gather_rows(prep, arch, x, row_to_pair, k, x_rows)
+    if places_in_one_launch(e, pairs):
+        prep.slots = (0, 5, 6, 17)  # ids, weights, x, dropped
+        place = K.place_one_block(
+            prep,
+            arch,
+            ids,
+            e,
+            weights,
+            x,
+            hopper.BLOCK_M,
+            buf.counts,
+            hopper.schedule_addresses(base, e),
+            pair_to_row,
+            row_to_pair,
+            row_weights=buf.row_weights[:pairs],
+            dropped=dropped,
+            rows=None if gather else x_rows,
+        )
+        four = (None, None, None, None, None)
+    else:
+        place, four = None, _four_placement_launches(prep, arch, buf, x, ids, weights, dropped, e, gather)
     gemm1 = (e, pairs, shape.width, shape.hidden, shape.trans_b, shape.dtype)
     tile_bound = hopper.max_tiles(pairs, e)
     # GEMM 1's a: the copy's address, or (gathering) x, a slot of the launch.
     a1, rows1 = (0, hopper.RowGather(row_to_pair.data.ptr, k, tokens)) if gather else (x_rows.data.ptr, None)
     activation = None
-    if shape.gate_up_block:
+    if gated_epilogue(shape, pairs):
         codes = tuple((f"ACT_{name.upper()}", code) for name, code in K.ACTIVATIONS.items())
         fused = hopper.GatedEpilogue(K.ACTIVATIONS[shape.activation], codes, _ptr(b1))
         first = hopper.prepared_gemm(
@@ -399,6 +404,7 @@ def step_launches(
             row_to_pair,
             ids,
             act,
+            shape.gate_up_block,
         )
     gemm2 = (e, pairs, shape.hidden, shape.inter, shape.trans_b, shape.dtype)
     second = hopper.prepared_gemm(
@@ -406,9 +412,51 @@ def step_launches(
     )
     prep.slots = (5,)  # out
     combine = K.sum_rows(prep, arch, y, pair_to_row, tokens, k, out)
-    launches = (histogram, column_scan, scan, assign, copy, first, activation, second, combine)
+    launches = (place, *four, first, activation, second, combine)
     overlap = OVERLAP_LAUNCHES and pairs <= OVERLAP_MAX_PAIRS
     return StepLaunches(launches, (first_out, y.data.ptr), overlap=overlap)
+
+
+def _four_placement_launches(prep, arch, buf: ChunkBuffers, x, ids, weights, dropped, e: int, gather: bool):
+    """The placement as four prepared launches (histogram, column scan or
+    None, offsets, assign, gather or None), for the steps
+    :func:`places_in_one_launch` leaves out; ``prep``'s slots are set here."""
+    pairs = ids.size
+    nb = K.num_pair_blocks(pairs)
+    block_counts, pair_to_row, row_to_pair = (
+        buf.block_counts[:nb],
+        buf.pair_to_row[:pairs],
+        buf.row_to_pair[:pairs],
+    )
+    prep.slots = (0,)  # ids
+    totals = buf.counts if nb == 1 else None  # as count_rows: no column scan for one block
+    histogram = K.block_histogram(
+        prep, arch, ids, pairs, e, block_counts, skip_repeats=True, reset=row_to_pair, counts=totals
+    )
+    prep.slots = ()
+    column_scan = K.column_scan(prep, arch, block_counts, nb, e, buf.counts) if nb > 1 else None
+    scan_args = hopper.offsets_args(buf.counts.data.ptr, e, pairs, 0, buf.schedule.data.ptr)
+    scan = prep.fixed(hopper.offsets_kernel(), 1, hopper.TILE_THREADS, hopper.OFFSETS_SIGNATURE, scan_args)
+    offsets = buf.schedule[: e + 1]  # row_offsets: the first of the schedule's arrays
+    prep.slots = (0, 10, 11)  # ids, dropped, weights
+    assign = K.assign_rows(
+        prep,
+        arch,
+        ids,
+        pairs,
+        e,
+        block_counts,
+        offsets,
+        pair_to_row,
+        row_to_pair,
+        skip_repeats=True,
+        dropped=dropped,
+        weights=weights,
+        row_weights=buf.row_weights[:pairs],
+    )
+    prep.slots = (0,)  # x
+    copy = None if gather else K.gather_rows(prep, arch, x, row_to_pair, ids.shape[1], buf.rows[:pairs])
+    return histogram, column_scan, scan, assign, copy
 
 
 def gather_in_gemm1(x) -> bool:
