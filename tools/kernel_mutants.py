@@ -53,6 +53,7 @@ DEFAULT_TESTS = (
     "tests/test_pointers_gpu.py",
     "tests/test_sm90_persistent_gpu.py",
     "tests/test_step_launches_gpu.py",
+    "tests/test_place_one_block_gpu.py",
     "tests/test_sm90_gpu.py",
     "tests/test_sm90_nn_gpu.py",
     "tests/test_masked_gpu.py",
@@ -300,6 +301,64 @@ MUTANTS: tuple[Mutant, ...] = (
         "out[base + e] = hist[e];",
         "one block of pairs: the block base is its count, not 0 (the column scan's result): rows shift",
     ),
+    # dispatch.cu: place_one_block (the decode placement in one launch)
+    Mutant(
+        "place-rank-ignores-rounds",
+        "dispatch.cu",
+        "before = taken[e] + r;",
+        "before = r;",
+        "a pair's rank ignores its expert's pairs from earlier rounds: rows collide past 256 pairs",
+    ),
+    Mutant(
+        "place-tiles-round-down",
+        "dispatch.cu",
+        "const int tile_ex = block_exclusive_scan((m + tile_rows - 1) / tile_rows, &tiles_total, scratch);",
+        "const int tile_ex = block_exclusive_scan(m / tile_rows, &tiles_total, scratch);",
+        "each expert's partial last tile missing from the schedule: its last rows are never computed",
+    ),
+    Mutant(
+        "place-reset-taken-rows",
+        "dispatch.cu",
+        "for (int r = row_carry + threadIdx.x; r < num_pairs; r += DISPATCH_THREADS) row_to_pair[r] = -1;",
+        "for (int r = threadIdx.x; r < num_pairs; r += DISPATCH_THREADS) row_to_pair[r] = -1;",
+        "the reset of rows no pair takes covers the taken rows too, racing their writes",
+    ),
+    Mutant(
+        "place-gather-padding-row",
+        "dispatch.cu",
+        "const T* src = r < row_carry ? x + static_cast<long long>(pair_of_row[r] / top_k) * hidden : nullptr;",
+        "const T* src = r <= row_carry && r < num_pairs ? x + static_cast<long long>(pair_of_row[r] / top_k) * hidden : nullptr;",
+        "the first row past the taken ones is gathered from a stale shared entry instead of zeroed",
+    ),
+    Mutant(
+        "place-dropped-every-block",
+        "dispatch.cu",
+        "if (writer && dropped != nullptr && lane == 0 && drops != 0u) {",
+        "if (dropped != nullptr && lane == 0 && drops != 0u) {",
+        "every block adds the dropped pairs: the count is multiplied by the grid",
+    ),
+    # grouped_gemm_sm90.cu: the schedule in shared memory, the next tile taken early (v14)
+    Mutant(
+        "sm90-table-row-ends-shifted",
+        "grouped_gemm_sm90.cu",
+        "table[2 * num_groups + 1 + i] = row_ends[i];",
+        "table[2 * num_groups + i] = row_ends[i];",
+        "the shared copy of row_ends one entry early: each group ends where the previous one did",
+    ),
+    Mutant(
+        "sm90-table-last-tile-offset",
+        "grouped_gemm_sm90.cu",
+        "for (int i = threadIdx.x; i <= num_groups; i += SM90_THREADS) table[i] = tile_offsets[i];",
+        "for (int i = threadIdx.x; i < num_groups; i += SM90_THREADS) table[i] = tile_offsets[i];",
+        "tile_offsets[E] not copied: the last group's tile count is read from uninitialized shared memory",
+    ),
+    Mutant(
+        "sm90-next-tile-taken-twice",
+        "grouped_gemm_sm90.cu",
+        "if (kt == take_at) next = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);",
+        "if (kt <= take_at) next = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);",
+        "the counter advanced at every stage up to the take: tiles skipped, never computed",
+    ),
     Mutant(
         "sm90-second-counter-not-zeroed",
         "grouped_gemm_sm90.cu",
@@ -317,8 +376,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-counter-no-grid-offset",
         "grouped_gemm_sm90.cu",
-        "tile = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);",
-        "tile = atomicAdd(tile_counter, 1);",
+        "if (kt == take_at) next = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);",
+        "if (kt == take_at) next = atomicAdd(tile_counter, 1);",
         "tiles from the counter start at 0, not past the first tiles: those run twice, the last never",
     ),
     Mutant(
@@ -601,11 +660,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "combine-weight-index",
         "combine.cu",
-        "const float w = WEIGHTED && topk_weights != nullptr ? topk_weights[pair0 + j] : 1.0f;",
-        "const float w = WEIGHTED && topk_weights != nullptr ? topk_weights[pair0] : 1.0f;",
+        "if (WEIGHTED && topk_weights != nullptr) ws[jj] = topk_weights[pair0 + j];",
+        "if (WEIGHTED && topk_weights != nullptr) ws[jj] = topk_weights[pair0];",
         "combine (16-byte path) weighs every choice with the first choice's weight",
-        count=2,
-        occurrence=1,
     ),
     # pointers.cu
     Mutant(
