@@ -91,8 +91,8 @@
 #include "sm90.cuh"
 
 #if !defined(FP8_BLOCK_M) || !defined(FP8_BLOCK_N) || !defined(FP8_BLOCK_K) || !defined(FP8_STAGES) || \
-    !defined(FP8_OVERLAP)
-#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES and FP8_OVERLAP from its launcher"
+    !defined(FP8_OVERLAP) || !defined(FP8_TABLE_MAX_GROUPS)
+#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP and FP8_TABLE_MAX_GROUPS from its launcher"
 #endif
 #if FP8_BLOCK_M != 128 || FP8_BLOCK_N != 128 || FP8_BLOCK_K != 128
 #error "this kernel's two math warpgroups issue wgmma m64n128k32 over 128-deep K stages: FP8_BLOCK_M=128, FP8_BLOCK_N=128, FP8_BLOCK_K=128"
@@ -254,6 +254,20 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
         sm90_mailboxes_init(&mail, 128 * FP8_MATH_WARPGROUPS);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
+    // The schedule in shared memory where it fits (as grouped_gemm_sm90.cu's
+    // v14), after the staging areas: the load thread's search per tile then
+    // waits on no global load.
+    if (num_groups <= FP8_TABLE_MAX_GROUPS) {
+        int* table = reinterpret_cast<int*>(ring + FP8_STAGES * FP8_STAGE_BYTES + 2 * SM90_C_STAGE_ELEMS * 2);
+        for (int i = threadIdx.x; i <= num_groups; i += FP8_THREADS) table[i] = tile_offsets[i];
+        for (int i = threadIdx.x; i < num_groups; i += FP8_THREADS) {
+            table[num_groups + 1 + i] = row_offsets[i];
+            table[2 * num_groups + 1 + i] = row_ends[i];
+        }
+        tile_offsets = table;
+        row_offsets = table + num_groups + 1;
+        row_ends = table + 2 * num_groups + 1;
+    }
     __syncthreads();  // the last block-wide barrier: the roles split below
 
     const int warpgroup = threadIdx.x / 128;
@@ -277,7 +291,12 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
                 sm90_mailbox_post(&mail, j, done ? -1 : tile);
                 if (done) break;
                 const int b_row0 = t.g * N + t.n0;
+                // The next tile taken FP8_STAGES stages before this one's last
+                // loads: the atomic's latency hides behind their waits.
+                const int take_at = num_k > FP8_STAGES ? num_k - FP8_STAGES : 0;
+                long long next = 0;
                 for (int kt = 0; kt < num_k; ++kt) {
+                    if (kt == take_at) next = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);
                     const unsigned f = fills + kt;
                     const int s = f % FP8_STAGES;
                     mbarrier_wait(&empty[s], ((f / FP8_STAGES) & 1) ^ 1);
@@ -287,7 +306,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
                     tma_load_2d(ring_b + s * FP8_B_STAGE_BYTES, &tmap_b, &full[s], kt * FP8_BLOCK_K, b_row0);
                 }
                 fills += num_k;
-                tile = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);
+                tile = next;
             }
         }
         return;

@@ -87,6 +87,10 @@ def test_launch_constants_agree():
     assert hopper_fp8.BLOCK_N == 128
     assert hopper_fp8.SHARED_BYTES == 6 * 256 * 128 + 2 * 64 * 72 * 2 + 1024
     assert hopper_fp8.SHARED_BYTES <= 227 * 1024  # the H100's opt-in limit per block
+    # With the schedule table of the most groups kept in shared memory: still within it.
+    table = 4 * (3 * hopper.TABLE_MAX_GROUPS + 1)
+    assert hopper_fp8.shared_bytes(hopper.TABLE_MAX_GROUPS) == hopper_fp8.SHARED_BYTES + table <= 227 * 1024
+    assert hopper_fp8.shared_bytes(hopper.TABLE_MAX_GROUPS + 1) == hopper_fp8.SHARED_BYTES
     assert "#define SM90_C_PITCH 72\n" in nvrtc.load_source(hopper_fp8.SOURCE) and hopper.C_PITCH == 72
     assert hopper_fp8.DEFINES == {
         "FP8_BLOCK_M": 128,
@@ -94,6 +98,7 @@ def test_launch_constants_agree():
         "FP8_BLOCK_K": 128,
         "FP8_STAGES": hopper_fp8.STAGES,
         "FP8_OVERLAP": 1,
+        "FP8_TABLE_MAX_GROUPS": hopper.TABLE_MAX_GROUPS,
     }
 
 

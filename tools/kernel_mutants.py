@@ -360,6 +360,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "the counter advanced at every stage up to the take: tiles skipped, never computed",
     ),
     Mutant(
+        "fp8-table-row-ends-shifted",
+        "grouped_gemm_fp8_sm90.cu",
+        "table[2 * num_groups + 1 + i] = row_ends[i];",
+        "table[2 * num_groups + i] = row_ends[i];",
+        "the FP8 kernel's shared copy of row_ends one entry early: each group ends where the previous one did",
+    ),
+    Mutant(
         "sm90-second-counter-not-zeroed",
         "grouped_gemm_sm90.cu",
         "tile_counters[1] = 0;",

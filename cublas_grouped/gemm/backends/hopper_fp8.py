@@ -72,12 +72,22 @@ DEFINES = {
     "FP8_BLOCK_K": BLOCK_K,
     "FP8_STAGES": STAGES,
     "FP8_OVERLAP": OVERLAP,
+    "FP8_TABLE_MAX_GROUPS": hopper.TABLE_MAX_GROUPS,
 }
 SOURCE = "grouped_gemm_fp8_sm90"
 KERNEL = "grouped_gemm_fp8_nt_bf16"
 # The ring (1-byte elements), the two 64 x 64 bf16 staging areas at the pitch
 # of sm90.cuh's SM90_C_PITCH, and 1024 bytes to align the ring for the swizzle.
 SHARED_BYTES = STAGES * (BLOCK_M + BLOCK_N) * BLOCK_K + 2 * 64 * hopper.C_PITCH * 2 + 1024
+
+
+def shared_bytes(groups: int) -> int:
+    """The launch's dynamic shared memory: :data:`SHARED_BYTES` and the
+    schedule table of ``groups`` groups (as the bf16 kernel's, v14), where
+    the kernel keeps one (at most hopper.TABLE_MAX_GROUPS)."""
+    return SHARED_BYTES + (4 * (3 * groups + 1) if 0 < groups <= hopper.TABLE_MAX_GROUPS else 0)
+
+
 # TMA reads from 16-byte aligned addresses; the store writes 16-byte chunks.
 ALIGNMENT = 16
 
@@ -274,7 +284,9 @@ def _launch(
     schedule = hopper.schedule_addresses(hopper.schedule_base(res, e, storage), e, counter)
     stream = res.launch_stream
     gemm = _kernels.get_kernel(SOURCE, KERNEL, ARCH, defines=DEFINES)
-    hopper._allow_shared_memory(gemm, res.device_id, SHARED_BYTES)
+    hopper._allow_shared_memory(
+        gemm, res.device_id, shared_bytes(hopper.TABLE_MAX_GROUPS)
+    )  # the most any E asks
     tmap_a = hopper.tensor_map(a_ptr, (m, k), (BLOCK_M, BLOCK_K), np.uint8, res.device_id)
     tmap_b = hopper.tensor_map(values.data.ptr, (e * n, k), (BLOCK_N, BLOCK_K), np.uint8, res.device_id)
     scales_b = as_cupy(weights.scales, "weights.scales")
@@ -291,7 +303,7 @@ def _launch(
         np.intp(out_ptr),
     )
     grid = grid_size(m, n, e, hopper._sm_count(res.device_id), GRID_LIMIT)
-    _kernels.launch(stream, gemm, grid, THREADS, args, shmem=SHARED_BYTES)
+    _kernels.launch(stream, gemm, grid, THREADS, args, shmem=shared_bytes(e))
 
 
 def gmm_fp8(a, weights, group_sizes, *, out=None, stream=None):
