@@ -191,7 +191,9 @@ def test_inconsistent_defines_do_not_compile(name, defines, message):
 
 def test_the_fp8_kernel_needs_its_overlap_define():
     defines = {k: v for k, v in DEFINES["grouped_gemm_fp8_sm90"].items() if k != "FP8_OVERLAP"}
-    with pytest.raises(nvrtc.KernelCompileError, match="FP8_OVERLAP and FP8_TABLE_MAX_GROUPS from its launcher"):
+    with pytest.raises(
+        nvrtc.KernelCompileError, match="FP8_OVERLAP and FP8_TABLE_MAX_GROUPS from its launcher"
+    ):
         nvrtc.compile_source("grouped_gemm_fp8_sm90", "sm_90", defines)
 
 

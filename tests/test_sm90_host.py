@@ -119,23 +119,44 @@ def test_prepared_step_queues_what_the_timed_step_does(gpu, monkeypatch, variant
     if opts.get("dropped"):
         kw["dropped_pairs"] = fake_array((1,), "uint64")
 
-    def call(x, ids):
-        return cg.moe_forward(x, ids, t["weights"], t["w1"], t["w2"], **kw)
+    def call(x, ids, weights, dropped, biases):
+        if dropped is not None:
+            kw["dropped_pairs"] = dropped
+        kw["b1"], kw["b2"] = biases
+        return cg.moe_forward(x, ids, weights, t["w1"], t["w2"], **kw)
 
     def timed(res, shape, buf, x, ids, weights, params, out, dropped, timer=None):
         S.kernel_step(res, shape, buf, x, ids, weights, params, out, dropped, timer or cg.StageTimer())
 
-    inputs = [(t["x"], t["ids"]), (fake_array(t["x"].shape), fake_array(t["ids"].shape, "int32"))]
-    for x, ids in inputs:
+    # The second inputs are all new arrays (x, ids, weights, the dropped counter):
+    # each goes in a slot of the prepared launches, which must write it there.
+    new_weights = fake_array(t["weights"].shape, "float32") if t["weights"] is not None else None
+    new_dropped = fake_array((1,), "uint64") if opts.get("dropped") else None
+    # New biases too: their addresses are fixed in the prepared launches, so
+    # they key the prepared steps (a step prepared for the old ones must not run);
+    # b1 changes first alone, then b2 alone: each must key the prepared steps.
+    b1, b2 = (fake_array((E, 2 * I)), fake_array((E, H))) if opts.get("bias") else (None, None)
+    inputs = [
+        (t["x"], t["ids"], t["weights"], kw.get("dropped_pairs"), (t.get("b1"), t.get("b2"))),
+        (
+            fake_array(t["x"].shape),
+            fake_array(t["ids"].shape, "int32"),
+            new_weights,
+            new_dropped,
+            (b1, t.get("b2")),
+        ),
+        (fake_array(t["x"].shape), fake_array(t["ids"].shape, "int32"), new_weights, new_dropped, (b1, b2)),
+    ]
+    for x, ids, weights, dropped, biases in inputs:
         with pytest.MonkeyPatch.context() as mp:
             for module in (F, L):
                 mp.setattr(module, "kernel_step", timed)
             gpu.clear()
-            want = _queued(gpu, call(x, ids))
+            want = _queued(gpu, call(x, ids, weights, dropped, biases))
             assert gpu.overlapped == []  # the timed step launches plainly
         for _ in range(2):  # prepared, then a hit
             gpu.clear()
-            got = _queued(gpu, call(x, ids))
+            got = _queued(gpu, call(x, ids, weights, dropped, biases))
             assert got == want
             # Every launch of a prepared step of at most OVERLAP_MAX_PAIRS pairs is
             # overlapped (kernel_step.OVERLAP_LAUNCHES), none of a larger one.
@@ -144,7 +165,7 @@ def test_prepared_step_queues_what_the_timed_step_does(gpu, monkeypatch, variant
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(S, "OVERLAP_LAUNCHES", False)
             gpu.clear()
-            assert _queued(gpu, call(x, ids)) == want and gpu.overlapped == []
+            assert _queued(gpu, call(x, ids, weights, dropped, biases)) == want and gpu.overlapped == []
         # 8 launches with the activation in GEMM 1's epilogue (w1 packed, past
         # decode sizes or forced), else 9 (one offsets
         # launch), one fewer with one block of pairs (no column scan), 3 fewer
@@ -285,6 +306,89 @@ def test_histogram_counts_need_one_block_of_pairs(gpu):
     assert gpu.decoded[0][4][-1] == counts.data.ptr
 
 
+def _named_kernels(monkeypatch) -> dict:
+    """Stand-in kernels, one per (kernel, defines), so that each recorded launch
+    can be named with the defines it was compiled with: handle -> (name, defines)."""
+    from cublas_grouped.runtime import nvrtc
+
+    class Kernel:  # hashable, as the launchers' caches need
+        def __init__(self, handle):
+            self.handle = handle
+
+    kernels, made = {}, {}
+
+    def get_kernel(name, kernel, arch, *, defines=None):
+        key = (kernel, tuple(sorted((defines or {}).items())))
+        if key not in made:
+            made[key] = Kernel(0x9000 + len(made))
+            kernels[made[key].handle] = (kernel, dict(defines or {}))
+        return made[key]
+
+    monkeypatch.setattr(nvrtc, "get_kernel", get_kernel)
+    return kernels
+
+
+def _second_call(gpu, prepared: bool, call) -> None:
+    """``call`` twice on the kernel step, timed (launched afresh) or prepared
+    (replayed); only the second call's launches stay recorded."""
+    from cublas_grouped.moe import fixed_capacity as F
+    from cublas_grouped.moe import kernel_step as S
+    from cublas_grouped.moe import layer as L
+
+    def timed(res, shape, buf, x, ids, weights, params, out, dropped, timer=None):
+        S.kernel_step(res, shape, buf, x, ids, weights, params, out, dropped, timer or cg.StageTimer())
+
+    with pytest.MonkeyPatch.context() as mp:
+        if not prepared:
+            for module in (F, L):
+                mp.setattr(module, "kernel_step", timed)
+        call()
+        gpu.clear()
+        call()
+
+
+def _by_name(gpu, kernels) -> dict:
+    """The recorded launches' argument values and defines, by kernel name."""
+    by_name = {}
+    for handle, _, _, _, values in gpu.decoded:
+        name, defines = kernels.get(handle, (None, {}))
+        by_name.setdefault(name, []).append((values, defines))
+    return by_name
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+@pytest.mark.parametrize("forced", [False, True])
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_packed_w1_runs_the_gated_epilogue_only_where_it_pays(gpu, monkeypatch, prepared, forced, activation):
+    """w1 packed, at decode sizes: GEMM 1 is the plain kernel, and the
+    activation kernel reads h in the packed column order (gate_up_block 128)
+    with b1. With the epilogue forced (GATED_EPILOGUE_MIN_ROWS_PER_GROUP 0),
+    GEMM 1 is compiled with SM90_EPILOGUE_ACT = the layer's activation and
+    the three activation codes, gets b1, and no activation kernel runs. Timed
+    and prepared."""
+    from cublas_grouped.moe import kernel_step as S
+    from cublas_grouped.moe import kernels as Kn
+
+    if forced:
+        monkeypatch.setattr(S, "GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 0)
+    kernels = _named_kernels(monkeypatch)
+    t = _arrays(5, bias=True)
+    kw = dict(b1=t["b1"], b2=t["b2"], w1_layout="gate_up_blocked", activation=activation)
+    _second_call(
+        gpu, prepared, lambda: cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], **kw)
+    )
+    by_name = _by_name(gpu, kernels)
+    (gemm1, defines1), _ = by_name["grouped_gemm_nn_bf16"]
+    if forced:
+        assert defines1["SM90_EPILOGUE_ACT"] == Kn.ACTIVATIONS[activation]
+        assert all(defines1[f"ACT_{name.upper()}"] == code for name, code in Kn.ACTIVATIONS.items())
+        assert gemm1[12] == t["b1"].data.ptr and "expert_activation_bf16" not in by_name
+    else:
+        assert "SM90_EPILOGUE_ACT" not in defines1 and gemm1[12] == 0
+        ((act, _),) = by_name["expert_activation_bf16"]
+        assert act[1:6] == (I, 1, 128, Kn.ACTIVATIONS[activation], t["b1"].data.ptr)
+
+
 @pytest.mark.parametrize("one_launch", [True, False])
 @pytest.mark.parametrize("prepared", [False, True])
 @pytest.mark.parametrize("bias, weights", [(True, True), (False, False)])
@@ -295,42 +399,15 @@ def test_gemm2_weighs_the_rows_the_placement_weighed(gpu, monkeypatch, prepared,
     SM90_EPILOGUE_ROW_SCALE); the combine is sum_rows, with no weights, ids
     or bias of its own. Timed and prepared, the placement in one launch and in
     four."""
-    from cublas_grouped.moe import fixed_capacity as F
-    from cublas_grouped.moe import kernel_step as S
-    from cublas_grouped.moe import layer as L
-    from cublas_grouped.runtime import nvrtc
-
-    class Kernel:  # hashable, as the launchers' caches need
-        def __init__(self, handle):
-            self.handle = handle
-
     t = _arrays(5, bias, weights)
     assert _places_once(monkeypatch, one_launch, 5 * K) == one_launch
-    kernels, made = {}, {}  # handle -> (kernel, defines); (kernel, defines) -> a stand-in with its own handle
-
-    def get_kernel(name, kernel, arch, *, defines=None):
-        key = (kernel, tuple(sorted((defines or {}).items())))
-        if key not in made:
-            made[key] = Kernel(0x9000 + len(made))
-            kernels[made[key].handle] = (kernel, dict(defines or {}))
-        return made[key]
-
-    monkeypatch.setattr(nvrtc, "get_kernel", get_kernel)
-
-    def timed(res, shape, buf, x, ids, weights, params, out, dropped, timer=None):
-        S.kernel_step(res, shape, buf, x, ids, weights, params, out, dropped, timer or cg.StageTimer())
-
-    with pytest.MonkeyPatch.context() as mp:
-        if not prepared:
-            for module in (F, L):
-                mp.setattr(module, "kernel_step", timed)
-        cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], b2=t.get("b2"))
-        gpu.clear()
-        cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], b2=t.get("b2"))
-    by_name = {}
-    for handle, _, _, _, values in gpu.decoded:
-        name, defines = kernels.get(handle, (None, {}))
-        by_name.setdefault(name, []).append((values, defines))
+    kernels = _named_kernels(monkeypatch)
+    _second_call(
+        gpu,
+        prepared,
+        lambda: cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], b2=t.get("b2")),
+    )
+    by_name = _by_name(gpu, kernels)
     gemms = by_name["grouped_gemm_nn_bf16"]
     assert len(gemms) == 2
     (gemm1, defines1), (gemm2, defines2) = gemms
@@ -351,3 +428,22 @@ def test_gemm2_weighs_the_rows_the_placement_weighed(gpu, monkeypatch, prepared,
     assert gemm2[12:] == ((t["b2"].data.ptr if bias else 0), row_weights), "GEMM 2: b2, then the row weights"
     ((combine, _),) = by_name["sum_rows_bf16"]
     assert combine[4] == K and "combine_rows_bf16" not in by_name
+
+
+@pytest.mark.parametrize("layout", ["gate_up", "gate_up_blocked"])
+@pytest.mark.parametrize("one_launch", [True, False])
+def test_the_timed_step_marks_each_stage_in_order(gpu, monkeypatch, one_launch, layout):
+    """moe_forward with a StageTimer on the kernel step marks each stage's end
+    (what the benchmark's stage split reads), in both placement forms, and with
+    w1 packed and GEMM 1's gated epilogue forced; an empty stage (the gather
+    inside the one placement launch, the activation inside GEMM 1) is still
+    marked, so the split's columns stay the same."""
+    from cublas_grouped.moe import kernel_step as S
+
+    _places_once(monkeypatch, one_launch, K)
+    monkeypatch.setattr(S, "GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 0)  # the epilogue where w1 is packed
+    t = _arrays(1)
+    timer = cg.StageTimer()
+    cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], timer=timer, w1_layout=layout)
+    names = [name for name, _ in timer._marks]
+    assert names[-6:] == ["plan", "gather", "gemm1", "activation", "gemm2", "combine"], names
