@@ -59,6 +59,7 @@ VARIANTS = {
     "fused gate_up_blocked, epilogue at every size": dict(bias=True, layout="gate_up_blocked", epi=True),
     "fixed_capacity": dict(fixed=True),
     "fixed_capacity, dropped_pairs, 5 tokens": dict(fixed=True, dropped=True, tokens=5),
+    "256 tokens (1024 pairs: one block, overlapped)": dict(tokens=256),
     "300 tokens (two blocks of pairs)": dict(tokens=300),
     "fixed_capacity, 300 tokens": dict(fixed=True, tokens=300),
 }
@@ -358,8 +359,10 @@ def _by_name(gpu, kernels) -> dict:
 
 @pytest.mark.parametrize("prepared", [False, True])
 @pytest.mark.parametrize("forced", [False, True])
-@pytest.mark.parametrize("activation", ["silu", "gelu"])
-def test_packed_w1_runs_the_gated_epilogue_only_where_it_pays(gpu, monkeypatch, prepared, forced, activation):
+@pytest.mark.parametrize("activation, bias", [("silu", True), ("gelu", True), ("silu", False)])
+def test_packed_w1_runs_the_gated_epilogue_only_where_it_pays(
+    gpu, monkeypatch, prepared, forced, activation, bias
+):
     """w1 packed, at decode sizes: GEMM 1 is the plain kernel, and the
     activation kernel reads h in the packed column order (gate_up_block 128)
     with b1. With the epilogue forced (GATED_EPILOGUE_MIN_ROWS_PER_GROUP 0),
@@ -372,8 +375,9 @@ def test_packed_w1_runs_the_gated_epilogue_only_where_it_pays(gpu, monkeypatch, 
     if forced:
         monkeypatch.setattr(S, "GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 0)
     kernels = _named_kernels(monkeypatch)
-    t = _arrays(5, bias=True)
-    kw = dict(b1=t["b1"], b2=t["b2"], w1_layout="gate_up_blocked", activation=activation)
+    t = _arrays(5, bias=bias)
+    kw = dict(b1=t.get("b1"), b2=t.get("b2"), w1_layout="gate_up_blocked", activation=activation)
+    b1 = t["b1"].data.ptr if bias else 0
     _second_call(
         gpu, prepared, lambda: cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], **kw)
     )
@@ -382,11 +386,11 @@ def test_packed_w1_runs_the_gated_epilogue_only_where_it_pays(gpu, monkeypatch, 
     if forced:
         assert defines1["SM90_EPILOGUE_ACT"] == Kn.ACTIVATIONS[activation]
         assert all(defines1[f"ACT_{name.upper()}"] == code for name, code in Kn.ACTIVATIONS.items())
-        assert gemm1[12] == t["b1"].data.ptr and "expert_activation_bf16" not in by_name
+        assert gemm1[12] == b1 and "expert_activation_bf16" not in by_name
     else:
         assert "SM90_EPILOGUE_ACT" not in defines1 and gemm1[12] == 0
         ((act, _),) = by_name["expert_activation_bf16"]
-        assert act[1:6] == (I, 1, 128, Kn.ACTIVATIONS[activation], t["b1"].data.ptr)
+        assert act[1:6] == (I, 1, 128, Kn.ACTIVATIONS[activation], b1)
 
 
 @pytest.mark.parametrize("one_launch", [True, False])
