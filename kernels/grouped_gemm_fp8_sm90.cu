@@ -53,6 +53,9 @@
 //   FP8_BLOCK_K   K of one stage: 128 (128 bytes of e4m3: one row of the
 //                 128-byte swizzle, and exactly one scale block)
 //   FP8_STAGES    shared-memory stages of the ring (32 KiB each)
+//   FP8_A_BOX_ROWS rows of a's small TMA box: 16 (a multiple of 8, at most
+//                 FP8_BLOCK_M; FP8_BLOCK_M gives the one-box load of every
+//                 tile, the form before 2026-11-27 noon, for A/B runs)
 //   FP8_OVERLAP   1: two temporary fragments, stage kt + 1's MMAs running while
 //                 stage kt's partial sums are promoted, the load warpgroup
 //                 giving registers to the math ones (setmaxnreg 40 / 232);
@@ -61,10 +64,19 @@
 //
 // Kernel:
 //
-//   grouped_gemm_fp8_nt_bf16(tmap_a, tmap_b, sa, sb, row_offsets, row_ends,
-//                            tile_offsets, tile_counter, num_groups, M, N, K, out)
+//   grouped_gemm_fp8_nt_bf16(tmap_a, tmap_a_rows, tmap_b, sa, sb, row_offsets,
+//                            row_ends, tile_offsets, tile_counter, num_groups,
+//                            M, N, K, out)
 //     tmap_a: tiled TMA map of a_q [M, K] (uint8), box [FP8_BLOCK_M, FP8_BLOCK_K],
-//             128-byte swizzle, zero fill.
+//             128-byte swizzle, zero fill. tmap_a_rows: the same with box
+//             [FP8_A_BOX_ROWS, FP8_BLOCK_K]. As in grouped_gemm_sm90.cu (v10):
+//             a tile whose group has r rows from its first row loads one
+//             tmap_a box per stage when r > FP8_BLOCK_M / 2, else
+//             ceil(r / FP8_A_BOX_ROWS) tmap_a_rows boxes (a decode tile of 2
+//             rows: 2 KiB of a per stage beside 16 KiB of weights, not 16).
+//             The A stage's rows past them keep older bytes (any codes, NaN
+//             included): each output row reads only its own row of a, and
+//             those rows are never stored.
 //     tmap_b: of b_q as [E * N, K], box [FP8_BLOCK_N, FP8_BLOCK_K], the same.
 //             Zero fill makes a K tail add nothing (its scale block is partial
 //             and has its own scale); rows of a tile past N read the next
@@ -91,8 +103,11 @@
 #include "sm90.cuh"
 
 #if !defined(FP8_BLOCK_M) || !defined(FP8_BLOCK_N) || !defined(FP8_BLOCK_K) || !defined(FP8_STAGES) || \
-    !defined(FP8_OVERLAP) || !defined(FP8_TABLE_MAX_GROUPS)
-#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP and FP8_TABLE_MAX_GROUPS from its launcher"
+    !defined(FP8_OVERLAP) || !defined(FP8_TABLE_MAX_GROUPS) || !defined(FP8_A_BOX_ROWS)
+#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP, FP8_TABLE_MAX_GROUPS and FP8_A_BOX_ROWS from its launcher"
+#endif
+#if FP8_A_BOX_ROWS % 8 != 0 || FP8_A_BOX_ROWS > FP8_BLOCK_M
+#error "FP8_A_BOX_ROWS must be a multiple of 8 (one 1024-byte swizzle atom), at most FP8_BLOCK_M"
 #endif
 #if FP8_BLOCK_M != 128 || FP8_BLOCK_N != 128 || FP8_BLOCK_K != 128
 #error "this kernel's two math warpgroups issue wgmma m64n128k32 over 128-deep K stages: FP8_BLOCK_M=128, FP8_BLOCK_N=128, FP8_BLOCK_K=128"
@@ -106,6 +121,7 @@
 #define FP8_A_STAGE_BYTES (FP8_BLOCK_M * FP8_BLOCK_K)
 #define FP8_B_STAGE_BYTES (FP8_BLOCK_N * FP8_BLOCK_K)
 #define FP8_STAGE_BYTES (FP8_A_STAGE_BYTES + FP8_B_STAGE_BYTES)
+#define FP8_A_BOX_BYTES (FP8_A_BOX_ROWS * FP8_BLOCK_K)
 #define FP8_SCALE_BLOCK 128  // the scale blocks of K (and of B's N): FP8ExpertWeights' "block128"
 
 // D[64 x 128] (+)= A[64 x 32] B[32 x 128], e4m3 both, A and B K-major in
@@ -196,6 +212,7 @@ struct Fp8Tile {
     int row0;     // first row of the tile (in a_q, sa and out)
     int row_end;  // rows from row_end on are not this group's: never stored
     int n0;       // first column
+    int a_rows;   // the group's rows from row0 on, at most FP8_BLOCK_M (0 when the sizes overrun M)
 };
 
 __device__ __forceinline__ Fp8Tile fp8_find_tile(long long tile, int n_tiles, const int* __restrict__ row_offsets,
@@ -208,7 +225,15 @@ __device__ __forceinline__ Fp8Tile fp8_find_tile(long long tile, int n_tiles, co
     t.row0 = row_offsets[t.g] + static_cast<int>(local % m_tiles) * FP8_BLOCK_M;
     t.row_end = min(row_ends[t.g], M);
     t.n0 = static_cast<int>(local / m_tiles) * FP8_BLOCK_N;
+    t.a_rows = max(0, min(FP8_BLOCK_M, t.row_end - t.row0));
     return t;
+}
+
+// The bytes one stage of tile t brings: b's box and a's (see the header).
+__device__ __forceinline__ int fp8_stage_bytes(const Fp8Tile& t) {
+    const int a_bytes = t.a_rows > FP8_BLOCK_M / 2 ? FP8_A_STAGE_BYTES
+                                                   : (t.a_rows + FP8_A_BOX_ROWS - 1) / FP8_A_BOX_ROWS * FP8_A_BOX_BYTES;
+    return a_bytes + FP8_B_STAGE_BYTES;
 }
 
 // The pipeline (as grouped_gemm_sm90.cu's): every role counts the stages it
@@ -217,12 +242,17 @@ __device__ __forceinline__ Fp8Tile fp8_find_tile(long long tile, int n_tiles, co
 // (f / FP8_STAGES) & 1. Each fill is released once, right after its MMAs, so
 // the load thread runs on into the next tile while a tile is stored.
 extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
-    grouped_gemm_fp8_nt_bf16(const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_b,
+    grouped_gemm_fp8_nt_bf16(const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_a_rows,
+                             const __grid_constant__ TmaMap tmap_b,
                              const float* __restrict__ sa, const float* __restrict__ sb,
                              const int* __restrict__ row_offsets, const int* __restrict__ row_ends,
                              const int* __restrict__ tile_offsets,
                              int* __restrict__ tile_counter, int num_groups, int M, int N, int K,
                              bf16_t* __restrict__ out) {
+    // Before anything an earlier kernel writes (the schedule, a's codes and
+    // scales): the MoE step's launches may overlap (common.cuh). The next
+    // kernel may start once each CTA's load thread has run out of tiles.
+    wait_for_previous_grid();
     extern __shared__ unsigned char smem_raw[];
     // full[s]: stage s holds data (one arrival with the TMA byte count);
     // empty[s]: both math warpgroups are done reading it (one arrival each).
@@ -289,7 +319,11 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
                     mail_tile[j % SM90_SCHED_SLOTS] = t;  // seen by the readers through the post's release
                 }
                 sm90_mailbox_post(&mail, j, done ? -1 : tile);
-                if (done) break;
+                if (done) {
+                    allow_next_grid();  // this CTA's last loads are issued
+                    break;
+                }
+                const int stage_bytes = fp8_stage_bytes(t);
                 const int b_row0 = t.g * N + t.n0;
                 // The next tile taken FP8_STAGES stages before this one's last
                 // loads: the atomic's latency hides behind their waits.
@@ -301,8 +335,15 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
                     const int s = f % FP8_STAGES;
                     mbarrier_wait(&empty[s], ((f / FP8_STAGES) & 1) ^ 1);
                     // Whole boxes count, zero-filled parts included.
-                    mbarrier_expect_bytes(&full[s], FP8_STAGE_BYTES);
-                    tma_load_2d(ring_a + s * FP8_A_STAGE_BYTES, &tmap_a, &full[s], kt * FP8_BLOCK_K, t.row0);
+                    mbarrier_expect_bytes(&full[s], stage_bytes);
+                    if (t.a_rows > FP8_BLOCK_M / 2) {
+                        tma_load_2d(ring_a + s * FP8_A_STAGE_BYTES, &tmap_a, &full[s], kt * FP8_BLOCK_K, t.row0);
+                    } else {
+                        for (int ra = 0; ra < t.a_rows; ra += FP8_A_BOX_ROWS) {
+                            tma_load_2d(ring_a + s * FP8_A_STAGE_BYTES + ra * FP8_BLOCK_K, &tmap_a_rows, &full[s],
+                                        kt * FP8_BLOCK_K, t.row0 + ra);
+                        }
+                    }
                     tma_load_2d(ring_b + s * FP8_B_STAGE_BYTES, &tmap_b, &full[s], kt * FP8_BLOCK_K, b_row0);
                 }
                 fills += num_k;

@@ -53,10 +53,11 @@ class _Pinned(bytearray):
 
 
 class TensorMapStandIn:
-    """What ``tma.tiled_map`` would describe to TMA: (address, shape, box, dtype)."""
+    """What ``tma.tiled_map`` would describe to TMA: (address, shape, box,
+    dtype, L2 promotion)."""
 
-    def __init__(self, ptr, shape, box, dtype):
-        self.fields = (int(ptr), tuple(shape), tuple(box), np.dtype(dtype).name)
+    def __init__(self, ptr, shape, box, dtype, promotion=0):
+        self.fields = (int(ptr), tuple(shape), tuple(box), np.dtype(dtype).name, int(promotion))
 
     def __eq__(self, other):
         return isinstance(other, TensorMapStandIn) and other.fields == self.fields

@@ -99,6 +99,7 @@ def test_launch_constants_agree():
         "FP8_STAGES": hopper_fp8.STAGES,
         "FP8_OVERLAP": 1,
         "FP8_TABLE_MAX_GROUPS": hopper.TABLE_MAX_GROUPS,
+        "FP8_A_BOX_ROWS": 16,
     }
 
 

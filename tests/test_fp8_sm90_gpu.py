@@ -105,6 +105,10 @@ def _check(out, ref, what):
         ([129, 127, 0, 256], 392, 400),  # K = 3 * 128 + 16, N = 3 * 128 + 8
         ([3, 130, 0, 77], 200, 528),  # K = 4 * 128 + 16: five stages, an odd count above one
         ([8] * 8, 8, 16),  # the smallest sizes the kernel takes
+        # a's small boxes (16 rows) around their limits, stale rows beside
+        # them: tiles of 1-64 rows load ceil(r / 16) boxes, 65 and more one
+        # whole box; 192 and 193 rows end in a second tile of 64 and 65.
+        ([16, 17, 33, 2, 48, 63, 64, 65, 0, 15, 192, 193, 129], 256, 512),
     ],
 )
 def test_matches_float64_of_the_dequantized_operands(sizes, n, k):

@@ -189,12 +189,20 @@ def test_inconsistent_defines_do_not_compile(name, defines, message):
         nvrtc.compile_source(name, "sm_90", {**DEFINES[name], **defines})
 
 
-def test_the_fp8_kernel_needs_its_overlap_define():
-    defines = {k: v for k, v in DEFINES["grouped_gemm_fp8_sm90"].items() if k != "FP8_OVERLAP"}
+@pytest.mark.parametrize("missing", ["FP8_OVERLAP", "FP8_A_BOX_ROWS"])
+def test_the_fp8_kernel_needs_its_defines(missing):
+    defines = {k: v for k, v in DEFINES["grouped_gemm_fp8_sm90"].items() if k != missing}
     with pytest.raises(
-        nvrtc.KernelCompileError, match="FP8_OVERLAP and FP8_TABLE_MAX_GROUPS from its launcher"
+        nvrtc.KernelCompileError, match="FP8_TABLE_MAX_GROUPS and FP8_A_BOX_ROWS from its launcher"
     ):
         nvrtc.compile_source("grouped_gemm_fp8_sm90", "sm_90", defines)
+
+
+@pytest.mark.parametrize("rows", [12, 256])
+def test_the_fp8_kernel_refuses_a_box_it_cannot_swizzle(rows):
+    defines = {**DEFINES["grouped_gemm_fp8_sm90"], "FP8_A_BOX_ROWS": rows}
+    with pytest.raises(nvrtc.KernelCompileError, match="FP8_A_BOX_ROWS must be a multiple of 8"):
+        nvrtc.compile_source("grouped_gemm_fp8_sm90", "sm_90a", defines)
 
 
 def test_defines_key_both_caches(tmp_path, monkeypatch):

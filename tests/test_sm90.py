@@ -236,8 +236,8 @@ def test_tensor_maps_are_cached_per_key_and_bounded(monkeypatch):
 
     built = []
 
-    def fake(ptr, shape, box, dtype):
-        built.append((ptr, shape, box, np.dtype(dtype).name))
+    def fake(ptr, shape, box, dtype, promotion):
+        built.append((ptr, shape, box, np.dtype(dtype).name, promotion))
         return object()
 
     from cublas_grouped.gemm.backends import tma
@@ -247,7 +247,7 @@ def test_tensor_maps_are_cached_per_key_and_bounded(monkeypatch):
     bf16 = ml_dtypes.bfloat16
     first = hopper.tensor_map(0x1000, (300, 512), (128, 64), bf16, 0)
     assert hopper.tensor_map(0x1000, [300, 512], (128, 64), bf16, 0) is first  # a hit builds nothing
-    assert built == [(0x1000, (300, 512), (128, 64), "bfloat16")]
+    assert built == [(0x1000, (300, 512), (128, 64), "bfloat16", tma.L2_PROMOTION)]
     changed = [
         (0x2000, (300, 512), (128, 64), bf16, 0),  # another pointer
         (0x1000, (301, 512), (128, 64), bf16, 0),  # another shape (rows)
@@ -258,8 +258,15 @@ def test_tensor_maps_are_cached_per_key_and_bounded(monkeypatch):
         (0x1000, (1, 300, 512), (1, 64, 64), bf16, 0),  # another rank
     ]
     maps = [hopper.tensor_map(*args) for args in changed]
-    assert len(built) == 1 + len(changed)
-    assert len({id(m) for m in [first, *maps]}) == 1 + len(changed)
+    # Another L2 promotion is another descriptor, built with it.
+    default = tma.L2_PROMOTION
+    other = next(p for p in tma.L2_PROMOTIONS if p != default)
+    monkeypatch.setattr(tma, "L2_PROMOTION", other)
+    maps.append(hopper.tensor_map(0x1000, (300, 512), (128, 64), bf16, 0))
+    assert built[-1] == (0x1000, (300, 512), (128, 64), "bfloat16", other)
+    monkeypatch.setattr(tma, "L2_PROMOTION", default)
+    assert len(built) == 2 + len(changed)
+    assert len({id(m) for m in [first, *maps]}) == 2 + len(changed)
     # The bound: filling the cache drops the least recently used entry first.
     monkeypatch.setattr(tma, "MAP_CACHE_SIZE", 3)
     monkeypatch.setattr(tma, "_maps", OrderedDict())
@@ -401,3 +408,14 @@ def test_row_scale_epilogue_refuses_the_first_gemms_variants(other):
     with pytest.raises(Exception, match="SM90_EPILOGUE_ROW_SCALE is GEMM 2's epilogue"):
         compile_with({"SM90_EPILOGUE_ROW_SCALE": 1, other: 1})
     assert compile_with({"SM90_EPILOGUE_ROW_SCALE": 1}) is not None
+
+
+def test_l2_promotion_names_its_bytes():
+    """The map builder takes only the promotions TMA has, and says which."""
+    from cuda.core._tensor_map import TensorMapL2Promotion as P
+
+    from cublas_grouped.gemm.backends import tma
+
+    assert [tma._promotion(P, b) for b in tma.L2_PROMOTIONS] == [P.NONE, P.L2_64B, P.L2_128B, P.L2_256B]
+    with pytest.raises(ValueError, match=r"L2 promotion must be one of \(0, 64, 128, 256\) bytes; got 512"):
+        tma._promotion(P, 512)

@@ -367,6 +367,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "the FP8 kernel's shared copy of row_ends one entry early: each group ends where the previous one did",
     ),
     Mutant(
+        "fp8-a-small-box-row",
+        "grouped_gemm_fp8_sm90.cu",
+        "kt * FP8_BLOCK_K, t.row0 + ra);",
+        "kt * FP8_BLOCK_K, t.row0);",
+        "the FP8 kernel's small boxes of a all load the tile's first 16 rows: rows 17-64 of a thin tile read wrong rows",
+    ),
+    Mutant(
         "sm90-second-counter-not-zeroed",
         "grouped_gemm_sm90.cu",
         "tile_counters[1] = 0;",

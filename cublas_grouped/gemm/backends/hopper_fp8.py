@@ -39,6 +39,7 @@ __all__ = [
     "STAGES",
     "OVERLAP",
     "THREADS",
+    "A_BOX_ROWS",
     "DEFINES",
     "SOURCE",
     "KERNEL",
@@ -63,6 +64,10 @@ BLOCK_N = 128  # one B scale block per tile and stage; 64 fp32 registers per fra
 BLOCK_K = 128  # 128 bytes of e4m3: one 128-byte swizzle row and exactly one scale block
 STAGES = 6  # 32 KiB each: 192 KiB of ring, the most that fits beside the store's staging areas
 THREADS = 384  # a load warpgroup and two math warpgroups
+# Rows of a's small TMA box: a tile whose group has at most 64 rows loads only
+# the 16-row boxes that hold them (decode: 2 KiB of a per stage, not 16 KiB),
+# as the bf16 kernel's SM90_A_BOX_ROWS. BLOCK_M gives the one-box load.
+A_BOX_ROWS = 16
 # Stage kt + 1's MMAs overlap stage kt's promotion (two temporary fragments;
 # docs/kernel-notes.md, "FP8: the promotion overlapped"). 0: the serial form.
 OVERLAP = 1
@@ -73,6 +78,7 @@ DEFINES = {
     "FP8_STAGES": STAGES,
     "FP8_OVERLAP": OVERLAP,
     "FP8_TABLE_MAX_GROUPS": hopper.TABLE_MAX_GROUPS,
+    "FP8_A_BOX_ROWS": A_BOX_ROWS,
 }
 SOURCE = "grouped_gemm_fp8_sm90"
 KERNEL = "grouped_gemm_fp8_nt_bf16"
@@ -288,10 +294,14 @@ def _launch(
         gemm, res.device_id, shared_bytes(hopper.TABLE_MAX_GROUPS)
     )  # the most any E asks
     tmap_a = hopper.tensor_map(a_ptr, (m, k), (BLOCK_M, BLOCK_K), np.uint8, res.device_id)
+    # The box the source was compiled for (a probe may vary the define).
+    box_rows = DEFINES["FP8_A_BOX_ROWS"]
+    tmap_a_rows = hopper.tensor_map(a_ptr, (m, k), (box_rows, BLOCK_K), np.uint8, res.device_id)
     tmap_b = hopper.tensor_map(values.data.ptr, (e * n, k), (BLOCK_N, BLOCK_K), np.uint8, res.device_id)
     scales_b = as_cupy(weights.scales, "weights.scales")
     args = (
         tmap_a,
+        tmap_a_rows,
         tmap_b,
         np.intp(scales_ptr),
         np.intp(scales_b.data.ptr),
