@@ -105,6 +105,20 @@
 //     Dynamic shared memory: (DISPATCH_WARPS + 2) * num_experts * 4 +
 //     PAIRS_PER_BLOCK * 4 bytes (44 KiB for E = 1024 with 256 threads).
 //
+//   place_one_block_fp8_{f32,f16,bf16}(the same parameters but the last,
+//                     ..., unsigned long long* dropped, unsigned char* rows_q,
+//                     float* rows_s)
+//     place_one_block with the gathered rows written as the FP8 GEMM's A
+//     operand instead of as X: rows_q [num_pairs, hidden] e4m3 codes and
+//     rows_s [num_pairs, ceil(hidden / 128)] fp32 scales, bit for bit what
+//     quantize_rows_fp8 (fp8.cu) writes for the rows place_one_block
+//     gathers (padding rows: codes 0, scales 1). Saves the FP8 step the
+//     quantize launch before GEMM 1. Same launch, every other output the
+//     same. A warp quantizes two 128-column blocks of a row per pass (a
+//     half-warp each, 16-byte loads, 8-byte code stores) when hidden % 8 ==
+//     0, x is 16-byte aligned and rows_q 8-byte aligned; one block (one
+//     element per access) otherwise.
+//
 //   gather_rows_{f32,f16,bf16}(const X* x, int hidden, const int* row_to_pair,
 //                              int top_k, int num_rows, X* out)
 //     out[r, :] = x[row_to_pair[r] / top_k, :], zeros when row_to_pair[r] < 0.
@@ -114,6 +128,7 @@
 //     out are 16-byte aligned; element copies otherwise. Bit-exact copy.
 
 #include "common.cuh"
+#include "fp8.cuh"
 
 #ifndef DISPATCH_THREADS
 #error "DISPATCH_THREADS is not defined: the launcher passes it as an NVRTC define"
@@ -322,18 +337,21 @@ __device__ __forceinline__ void gather_rows_impl(const T* __restrict__ x, int hi
     (const X* x, int hidden, const int* row_to_pair, int top_k, int num_rows, X* out)
 DEFINE_KERNEL_3TYPES(gather_rows, GATHER_ROWS_PARAMS, (x, hidden, row_to_pair, top_k, num_rows, out))
 
-// place_one_block: see the header. The ranking is assign_rows' (rounds of
-// DISPATCH_THREADS pairs, a warp's peers by __match_any_sync, earlier warps'
-// counts from shared memory), run from zero, so that the counts are what the
-// ranks leave behind and no histogram pass comes first.
+// place_one_block and place_one_block_fp8: see the header. The ranking is
+// assign_rows' (rounds of DISPATCH_THREADS pairs, a warp's peers by
+// __match_any_sync, earlier warps' counts from shared memory), run from
+// zero, so that the counts are what the ranks leave behind and no histogram
+// pass comes first. The gathered rows go to `rows` (X) or, as e4m3, to
+// rows_q and rows_s: each entry point passes null constants for the other,
+// so each compiles to its own gather alone.
 template <class T>
-__device__ __forceinline__ void place_one_block_impl(
+__device__ __forceinline__ void place_one_block_body(
     const int* __restrict__ topk_ids, int num_pairs, int top_k, int num_experts, int flags,
     const float* __restrict__ topk_weights, const T* __restrict__ x, int hidden, int tile_rows,
     int* __restrict__ counts, int* __restrict__ row_offsets, int* __restrict__ row_ends,
     int* __restrict__ tile_offsets, int* __restrict__ tile_counters, int* __restrict__ pair_to_row,
     int* __restrict__ row_to_pair, float* __restrict__ row_weights, unsigned long long* __restrict__ dropped,
-    T* __restrict__ rows) {
+    T* __restrict__ rows, unsigned char* __restrict__ rows_q, float* __restrict__ rows_s) {
     follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
     // Shared layout (ints): taken[E] | first_row[E] | warp_counts[DISPATCH_WARPS][E] | pair_of_row[PAIRS_PER_BLOCK].
     extern __shared__ int place_smem[];
@@ -430,8 +448,32 @@ __device__ __forceinline__ void place_one_block_impl(
     if (writer) {
         for (int r = row_carry + threadIdx.x; r < num_pairs; r += DISPATCH_THREADS) row_to_pair[r] = -1;
     }
-    if (rows == nullptr) return;
+    if (rows == nullptr && rows_q == nullptr) return;
     __syncthreads();  // pair_of_row is complete
+    if (rows_q != nullptr) {
+        // Eight columns per lane: every row of x starts 16-byte aligned when
+        // hidden % 8 == 0 and x is, every row of codes 8-byte aligned when
+        // rows_q is. Uniform across the launch.
+        const bool vec8 = (hidden & 7) == 0 && is_aligned16(x) &&
+                          (reinterpret_cast<unsigned long long>(rows_q) & 7ull) == 0ull;
+        const long long scales_per_row = (hidden + 127) / 128;
+        for (int r = blockIdx.x; r < num_pairs; r += gridDim.x) {
+            // No pair on this row: zeros, as place_one_block gathers them (codes 0, scales 1).
+            const T* src = r < row_carry ? x + static_cast<long long>(pair_of_row[r] / top_k) * hidden : nullptr;
+            auto eight = [&](int c, float* v) {
+                if (src != nullptr) {
+                    unpack8(load_raw8(src + c), v);
+                } else {
+#pragma unroll
+                    for (int k = 0; k < 8; ++k) v[k] = 0.0f;
+                }
+            };
+            auto one = [&](int c) -> float { return src != nullptr ? load_as_float(src + c) : 0.0f; };
+            fp8_row_by_block(hidden, vec8, rows_s + r * scales_per_row, rows_q + static_cast<long long>(r) * hidden,
+                             eight, one);
+        }
+        return;
+    }
     const bool vec = rows_vectorizable<T>(hidden, x, rows);
     for (int r = blockIdx.x; r < num_pairs; r += gridDim.x) {
         const T* src = r < row_carry ? x + static_cast<long long>(pair_of_row[r] / top_k) * hidden : nullptr;
@@ -439,12 +481,26 @@ __device__ __forceinline__ void place_one_block_impl(
     }
 }
 
-#define PLACE_ONE_BLOCK_PARAMS(X)                                                                           \
-    (const int* topk_ids, int num_pairs, int top_k, int num_experts, int flags, const float* topk_weights,  \
-     const X* x, int hidden, int tile_rows, int* counts, int* row_offsets, int* row_ends, int* tile_offsets, \
-     int* tile_counters, int* pair_to_row, int* row_to_pair, float* row_weights, unsigned long long* dropped, \
-     X* rows)
-DEFINE_KERNEL_3TYPES(place_one_block, PLACE_ONE_BLOCK_PARAMS,
-                     (topk_ids, num_pairs, top_k, num_experts, flags, topk_weights, x, hidden, tile_rows, counts,
-                      row_offsets, row_ends, tile_offsets, tile_counters, pair_to_row, row_to_pair, row_weights,
-                      dropped, rows))
+// The parameters both entry points share (all but the gathered rows' outputs).
+#define PLACE_ONE_BLOCK_COMMON_PARAMS(X)                                                                    \
+    const int* topk_ids, int num_pairs, int top_k, int num_experts, int flags, const float* topk_weights,  \
+        const X* x, int hidden, int tile_rows, int* counts, int* row_offsets, int* row_ends, int* tile_offsets, \
+        int* tile_counters, int* pair_to_row, int* row_to_pair, float* row_weights, unsigned long long* dropped
+#define PLACE_ONE_BLOCK_COMMON_ARGS                                                                            \
+    topk_ids, num_pairs, top_k, num_experts, flags, topk_weights, x, hidden, tile_rows, counts, row_offsets, \
+        row_ends, tile_offsets, tile_counters, pair_to_row, row_to_pair, row_weights, dropped
+
+template <class T>
+__device__ __forceinline__ void place_one_block_impl(PLACE_ONE_BLOCK_COMMON_PARAMS(T), T* rows) {
+    place_one_block_body<T>(PLACE_ONE_BLOCK_COMMON_ARGS, rows, nullptr, nullptr);
+}
+template <class T>
+__device__ __forceinline__ void place_one_block_fp8_impl(PLACE_ONE_BLOCK_COMMON_PARAMS(T), unsigned char* rows_q,
+                                                         float* rows_s) {
+    place_one_block_body<T>(PLACE_ONE_BLOCK_COMMON_ARGS, nullptr, rows_q, rows_s);
+}
+
+#define PLACE_ONE_BLOCK_PARAMS(X) (PLACE_ONE_BLOCK_COMMON_PARAMS(X), X* rows)
+DEFINE_KERNEL_3TYPES(place_one_block, PLACE_ONE_BLOCK_PARAMS, (PLACE_ONE_BLOCK_COMMON_ARGS, rows))
+#define PLACE_ONE_BLOCK_FP8_PARAMS(X) (PLACE_ONE_BLOCK_COMMON_PARAMS(X), unsigned char* rows_q, float* rows_s)
+DEFINE_KERNEL_3TYPES(place_one_block_fp8, PLACE_ONE_BLOCK_FP8_PARAMS, (PLACE_ONE_BLOCK_COMMON_ARGS, rows_q, rows_s))

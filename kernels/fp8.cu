@@ -1,7 +1,10 @@
 // fp8.cu: FP8 (e4m3fn) quantization with one fp32 scale per tile, and back.
 //
-// The conversions are plain integer arithmetic, not the hardware cvt (which
-// sm_80 lacks), so one source gives the same bits on every architecture.
+// The format, its conversions and the scale rule are in fp8.cuh, shared with
+// the kernels that write FP8 activations themselves (activation.cu's
+// expert_activation_fp8, dispatch.cu's place_one_block_fp8), so that their
+// codes and scales are quantize_rows_fp8's bit for bit. The conversions give
+// the same bits on every architecture (fp8.cuh: e4m3_code).
 // cublas_grouped/testing_fp8.py is the NumPy twin of every function here,
 // step for step; GPU tests compare the two byte for byte.
 //
@@ -39,6 +42,7 @@
 //   which passes it as an NVRTC define (required, no default).
 
 #include "common.cuh"
+#include "fp8.cuh"
 
 #if !defined(FP8_THREADS)
 #error "FP8_THREADS is not defined: the launcher passes it as an NVRTC define"
@@ -49,78 +53,6 @@
 #if !defined(QROWS_PAIRS) || QROWS_PAIRS < 1 || QROWS_PAIRS > 8
 #error "QROWS_PAIRS (tile pairs per warp pass of quantize_rows_fp8's vector path, 1 to 8) comes from the launcher"
 #endif
-
-#define E4M3_MAX 448.0f
-#define FP32_MAX __int_as_float(0x7f7fffff)
-#define FP32_MIN_NORMAL __int_as_float(0x00800000)
-
-// ---- conversions: plain C, no CUDA builtin but __uint_as_float / __float_as_uint
-// (tests/test_fp8_cpu.py compiles this part as host C++ and checks it) ----
-__device__ __forceinline__ float e4m3_to_float(unsigned int c) {
-    const unsigned int sign = (c & 0x80u) << 24;
-    const unsigned int exp = (c >> 3) & 0xFu;
-    const unsigned int man = c & 7u;
-    if (exp == 15u && man == 7u) return __uint_as_float(sign | 0x7fc00000u);
-    if (exp == 0u) {
-        // Subnormal: man * 2^-9, exact in fp32.
-        const float v = static_cast<float>(man) * 0.001953125f;
-        return sign ? -v : v;
-    }
-    // Normal: rebias the exponent (7 -> 127) and widen the mantissa (3 -> 23 bits).
-    return __uint_as_float(sign | ((exp + 120u) << 23) | (man << 20));
-}
-
-__device__ __forceinline__ unsigned char float_to_e4m3(float f) {
-    const unsigned int u = __float_as_uint(f);
-    const unsigned int sign = (u >> 24) & 0x80u;
-    const unsigned int a = u & 0x7fffffffu;
-    unsigned int code;
-    if (a > 0x7f800000u) {
-        code = 0x7Fu;  // NaN
-    } else if (a >= 0x43E00000u) {
-        code = 0x7Eu;  // |f| >= 448, infinities included: saturate
-    } else if (a >= 0x3C800000u) {
-        // Normal (|f| >= 2^-6): keep 3 mantissa bits, round to nearest even by
-        // adding just under half an ulp plus the lowest kept bit (a carry
-        // moves into the exponent), then rebias 127 -> 7.
-        code = ((a + 0x7FFFFu + ((a >> 20) & 1u)) >> 20) - (120u << 3);
-    } else {
-        // Subnormal: the code is round(|f| * 2^9). With |f| = mm * 2^(ef - 150)
-        // that is mm >> (141 - ef), rounded to even; below 2^-10 it is 0.
-        const unsigned int ef = a >> 23;
-        const unsigned int mm = (a & 0x7FFFFFu) | (ef ? 0x800000u : 0u);
-        const unsigned int shift = 141u - ef;  // >= 21 here
-        if (shift > 24u) {
-            code = 0u;
-        } else {
-            code = mm >> shift;
-            const unsigned int rem = mm & ((1u << shift) - 1u);
-            const unsigned int half = 1u << (shift - 1u);
-            if (rem > half || (rem == half && (code & 1u))) ++code;
-        }
-    }
-    return static_cast<unsigned char>(sign | code);
-}
-
-// ---- end of conversions ----
-
-// The code of f as the kernels write it: the hardware conversion where the GPU
-// has one (SM 8.9 on: cvt.rn.satfinite.e4m3x2, round to nearest even,
-// saturating at +-448, infinities included), else float_to_e4m3 above; the
-// same bits, but for NaN's sign, which the hardware drops (float_to_e4m3
-// keeps it, as ml_dtypes does), so NaN takes the software path. About a
-// tenth of the software routine's instructions: the row quantizer was bound
-// by them (1.5 TB/s).
-__device__ __forceinline__ unsigned char e4m3_code(float f) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    if (f != f) return float_to_e4m3(f);
-    unsigned short d;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(0.0f), "f"(f));
-    return static_cast<unsigned char>(d & 0xFFu);  // b, the second operand, lands in the low byte
-#else
-    return float_to_e4m3(f);
-#endif
-}
 
 // Largest value over the block; every thread gets it. `red` is 32 floats of
 // shared memory, free to reuse once this returns (the leading barrier
@@ -160,11 +92,10 @@ __device__ __forceinline__ void quantize_fp8_impl(const T* __restrict__ x, long 
         float amax = 0.0f;
         for (int i = threadIdx.x; i < n; i += blockDim.x) {
             const long long at = base + static_cast<long long>(i / nc) * cols + (i % nc);
-            const float v = fabsf(load_as_float(x + at));
-            if (v <= FP32_MAX) amax = fmaxf(amax, v);  // false for NaN and inf
+            amax = fp8_amax(amax, load_as_float(x + at));
         }
         amax = block_max(amax, red);
-        const float scale = amax == 0.0f ? 1.0f : fmaxf(amax / E4M3_MAX, FP32_MIN_NORMAL);
+        const float scale = fp8_scale(amax);
         if (threadIdx.x == 0) scales[t] = scale;
         for (int i = threadIdx.x; i < n; i += blockDim.x) {
             const long long at = base + static_cast<long long>(i / nc) * cols + (i % nc);
@@ -255,39 +186,6 @@ DEFINE_KERNEL_3TYPES(quantize_fp8, QUANTIZE_FP8_PARAMS,
 // Both take the amax over the same finite values and divide the same way,
 // so their codes and scales are the same bits.
 
-// Eight consecutive elements' raw bits (p 16-byte aligned: the caller checks):
-// two 16-byte words for float, one for the 16-bit types. Loaded for all of a
-// pass's tiles before any is unpacked, so the loads are in flight together.
-template <class T>
-struct Raw8 {
-    uint4 w[sizeof(T) == 4 ? 2 : 1];
-};
-template <class T>
-__device__ __forceinline__ Raw8<T> load_raw8(const T* p) {
-    Raw8<T> r;
-#pragma unroll
-    for (int i = 0; i < (sizeof(T) == 4 ? 2 : 1); ++i) r.w[i] = reinterpret_cast<const uint4*>(p)[i];
-    return r;
-}
-__device__ __forceinline__ void unpack8(const Raw8<float>& r, float* v) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        v[4 * i] = __uint_as_float(r.w[i].x), v[4 * i + 1] = __uint_as_float(r.w[i].y);
-        v[4 * i + 2] = __uint_as_float(r.w[i].z), v[4 * i + 3] = __uint_as_float(r.w[i].w);
-    }
-}
-template <class T>
-__device__ __forceinline__ void unpack8(const Raw8<T>& r, float* v) {
-    const unsigned int w[4] = {r.w[0].x, r.w[0].y, r.w[0].z, r.w[0].w};
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        // Little-endian: the element at the lower address is the low half of each word.
-        T e;
-        e.bits = static_cast<unsigned short>((w[j >> 1] >> (16 * (j & 1))) & 0xFFFFu);
-        v[j] = to_float(e);
-    }
-}
-
 template <class T>
 __device__ __forceinline__ void quantize_rows_fp8_vec(const T* __restrict__ x, long long rows, int cols,
                                                       float* __restrict__ scales,
@@ -329,25 +227,8 @@ __device__ __forceinline__ void quantize_rows_fp8_vec(const T* __restrict__ x, l
         for (int u = 0; u < QROWS_PAIRS; ++u) {
             float v[8];
             unpack8(raw[u], v);
-            float amax = 0.0f;
-            if (mine[u]) {
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const float a = fabsf(v[j]);
-                    if (a <= FP32_MAX) amax = fmaxf(amax, a);  // false for NaN and inf
-                }
-            }
-#pragma unroll
-            for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-            const float scale = amax == 0.0f ? 1.0f : fmaxf(amax / E4M3_MAX, FP32_MIN_NORMAL);
+            const float scale = fp8_tile_by_half_warp(v, mine[u], q + at[u]);
             if (live[u] && lane == 0) scales[t0 + 2 * u + half] = scale;
-            if (mine[u]) {
-                unsigned int b[2] = {0u, 0u};
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    b[j >> 2] |= static_cast<unsigned int>(e4m3_code(v[j] / scale)) << (8 * (j & 3));
-                asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(q + at[u]), "r"(b[0]), "r"(b[1]) : "memory");
-            }
         }
     }
 }
@@ -371,23 +252,13 @@ __device__ __forceinline__ void quantize_rows_fp8_impl(const T* __restrict__ x, 
         const int c0 = static_cast<int>(t - r * tcols) * 128;
         const T* xr = x + r * cols;
         float v[4];
-        float amax = 0.0f;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int c = c0 + lane + 32 * j;
             v[j] = c < cols ? load_as_float(xr + c) : 0.0f;
-            const float a = fabsf(v[j]);
-            if (a <= FP32_MAX) amax = fmaxf(amax, a);  // false for NaN and inf
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        const float scale = amax == 0.0f ? 1.0f : fmaxf(amax / E4M3_MAX, FP32_MIN_NORMAL);
+        const float scale = fp8_tile_by_warp(v, cols - c0, q + r * cols + c0);
         if (lane == 0) scales[t] = scale;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int c = c0 + lane + 32 * j;
-            if (c < cols) q[r * cols + c] = e4m3_code(v[j] / scale);
-        }
     }
 }
 

@@ -56,6 +56,17 @@
 //   FP8_A_BOX_ROWS rows of a's small TMA box: 16 (a multiple of 8, at most
 //                 FP8_BLOCK_M; FP8_BLOCK_M gives the one-box load of every
 //                 tile, the form before 2026-11-27 noon, for A/B runs)
+//   FP8_THIN      0: tiles of 128 rows x 128 columns, math warpgroup w
+//                 multiplying rows 64 (w - 1) .. + 63 (prefill). 1: thin
+//                 tiles for decode, 64 rows x 256 columns, math warpgroup w
+//                 multiplying columns 128 (w - 1) .. + 127 of the same 64
+//                 rows: a stage is 8 KiB of a and 32 KiB of b, so the ring
+//                 keeps more weight bytes in flight (5 stages: 160 KiB of b,
+//                 where 6 stages of the 128-row tiles keep 96 KiB), and at 1-64
+//                 rows per group no MMA is spent on rows past the group. A
+//                 schedule tile (128 rows) with more than 64 of the group's
+//                 rows runs as two passes of 64, each streaming the tile's
+//                 band of b again: right for decode, wrong for prefill.
 //   FP8_OVERLAP   1: two temporary fragments, stage kt + 1's MMAs running while
 //                 stage kt's partial sums are promoted, the load warpgroup
 //                 giving registers to the math ones (setmaxnreg 40 / 232);
@@ -87,14 +98,18 @@
 //     Grid: any x >= 1 CTAs (persistent: CTA x takes tile x first, then
 //     gridDim.x + atomicAdd(tile_counter, 1) when its ring has room for one).
 //     Block FP8_THREADS = 384: warpgroup 0 loads (one thread issues every
-//     TMA), warpgroups 1 and 2 multiply 64 rows each.
-//     Dynamic shared memory: FP8_STAGES * (FP8_BLOCK_M + FP8_BLOCK_N) *
+//     TMA), warpgroups 1 and 2 multiply 64 rows each (thin tiles: 128 of the
+//     columns each).
+//     Dynamic shared memory: FP8_STAGES * (FP8_TILE_M + FP8_TILE_N) *
 //     FP8_BLOCK_K (the ring) + 2 * 64 * SM90_C_PITCH * 2 (the store's staging
-//     areas) + 1024 (to align the ring for the swizzle).
-//     Schedule: that of grouped_gemm_sm90.cu with 128-column tiles: with
-//     n_tiles = ceil(N / FP8_BLOCK_N), tile x belongs to group g with
+//     areas) + 1024 (to align the ring for the swizzle) + the schedule table
+//     4 * (3E + 1) when E <= FP8_TABLE_MAX_GROUPS.
+//     Schedule: that of grouped_gemm_sm90.cu with FP8_TILE_N-column tiles
+//     (128; thin tiles 256): with n_tiles = ceil(N / FP8_TILE_N), schedule
+//     tile x belongs to group g with
 //     tile_offsets[g] <= x / n_tiles < tile_offsets[g + 1]; within a group the
-//     M tiles run fastest. Rows at or past row_ends[g] (the next group's) and
+//     M tiles run fastest (a thin tile's 128 rows in one or two passes of 64).
+//     Rows at or past row_ends[g] (the next group's) and
 //     columns past N are computed but never stored; no row at or past M is.
 //     Every output element is computed by one CTA in a fixed K order, with no
 //     atomics on data: bitwise deterministic.
@@ -103,8 +118,11 @@
 #include "sm90.cuh"
 
 #if !defined(FP8_BLOCK_M) || !defined(FP8_BLOCK_N) || !defined(FP8_BLOCK_K) || !defined(FP8_STAGES) || \
-    !defined(FP8_OVERLAP) || !defined(FP8_TABLE_MAX_GROUPS) || !defined(FP8_A_BOX_ROWS)
-#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP, FP8_TABLE_MAX_GROUPS and FP8_A_BOX_ROWS from its launcher"
+    !defined(FP8_OVERLAP) || !defined(FP8_TABLE_MAX_GROUPS) || !defined(FP8_A_BOX_ROWS) || !defined(FP8_THIN)
+#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP, FP8_TABLE_MAX_GROUPS, FP8_A_BOX_ROWS and FP8_THIN from its launcher"
+#endif
+#if FP8_THIN && FP8_A_BOX_ROWS > 64
+#error "thin tiles (FP8_THIN) load a's 64 rows in boxes of FP8_A_BOX_ROWS: at most 64"
 #endif
 #if FP8_A_BOX_ROWS % 8 != 0 || FP8_A_BOX_ROWS > FP8_BLOCK_M
 #error "FP8_A_BOX_ROWS must be a multiple of 8 (one 1024-byte swizzle atom), at most FP8_BLOCK_M"
@@ -118,8 +136,17 @@
 
 #define FP8_MATH_WARPGROUPS 2
 #define FP8_THREADS (128 * (1 + FP8_MATH_WARPGROUPS))
-#define FP8_A_STAGE_BYTES (FP8_BLOCK_M * FP8_BLOCK_K)
-#define FP8_B_STAGE_BYTES (FP8_BLOCK_N * FP8_BLOCK_K)
+// A tile (one pass of the math warpgroups) and its stage: FP8_THIN above.
+#if FP8_THIN
+#define FP8_TILE_M 64
+#define FP8_TILE_N (2 * FP8_BLOCK_N)
+#else
+#define FP8_TILE_M FP8_BLOCK_M
+#define FP8_TILE_N FP8_BLOCK_N
+#endif
+#define FP8_A_STAGE_BYTES (FP8_TILE_M * FP8_BLOCK_K)
+#define FP8_B_STAGE_BYTES (FP8_TILE_N * FP8_BLOCK_K)
+#define FP8_B_BOX_BYTES (FP8_BLOCK_N * FP8_BLOCK_K)
 #define FP8_STAGE_BYTES (FP8_A_STAGE_BYTES + FP8_B_STAGE_BYTES)
 #define FP8_A_BOX_BYTES (FP8_A_BOX_ROWS * FP8_BLOCK_K)
 #define FP8_SCALE_BLOCK 128  // the scale blocks of K (and of B's N): FP8ExpertWeights' "block128"
@@ -172,9 +199,16 @@ __device__ __forceinline__ void fp8_issue_stage(float (&d)[64], unsigned long lo
                                                 int half) {
     const int s = f % FP8_STAGES;
     mbarrier_wait(&full[s], (f / FP8_STAGES) & 1);
+#if FP8_THIN
+    // Both warpgroups read the stage's 64 rows of a; each its own 128 rows
+    // of b (16 KiB further for the second, 1024-aligned).
+    const unsigned long long da = smem_descriptor(ring_a + s * FP8_A_STAGE_BYTES);
+    const unsigned long long db = smem_descriptor(ring_b + s * FP8_B_STAGE_BYTES + half * FP8_B_BOX_BYTES);
+#else
     // 64 rows of 128 bytes further down the A stage: 8 KiB, 1024-aligned.
     const unsigned long long da = smem_descriptor(ring_a + s * FP8_A_STAGE_BYTES + half * 64 * FP8_BLOCK_K);
     const unsigned long long db = smem_descriptor(ring_b + s * FP8_B_STAGE_BYTES);
+#endif
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < FP8_BLOCK_K / 32; ++kk) {
@@ -213,19 +247,23 @@ struct Fp8Tile {
     int row_end;  // rows from row_end on are not this group's: never stored
     int n0;       // first column
     int a_rows;   // the group's rows from row0 on, at most FP8_BLOCK_M (0 when the sizes overrun M)
+    int b_boxes;  // boxes of b per stage: FP8_TILE_N / FP8_BLOCK_N, less where the tile ends past N
 };
 
 __device__ __forceinline__ Fp8Tile fp8_find_tile(long long tile, int n_tiles, const int* __restrict__ row_offsets,
                                                  const int* __restrict__ row_ends,
-                                                 const int* __restrict__ tile_offsets, int num_groups, int M) {
+                                                 const int* __restrict__ tile_offsets, int num_groups, int M,
+                                                 int N) {
     Fp8Tile t;
-    t.g = sm90_find_group(static_cast<int>(tile / n_tiles), tile_offsets, num_groups);
+    t.g = sm90_find_group(static_cast<int>(tile / n_tiles), tile_offsets, num_groups);  // n_tiles of FP8_TILE_N
     const int m_tiles = tile_offsets[t.g + 1] - tile_offsets[t.g];
     const long long local = tile - static_cast<long long>(tile_offsets[t.g]) * n_tiles;
     t.row0 = row_offsets[t.g] + static_cast<int>(local % m_tiles) * FP8_BLOCK_M;
     t.row_end = min(row_ends[t.g], M);
-    t.n0 = static_cast<int>(local / m_tiles) * FP8_BLOCK_N;
+    t.n0 = static_cast<int>(local / m_tiles) * FP8_TILE_N;
     t.a_rows = max(0, min(FP8_BLOCK_M, t.row_end - t.row0));
+    // Boxes wholly past N are not loaded: their columns are never stored.
+    t.b_boxes = min(FP8_TILE_N / FP8_BLOCK_N, (N - t.n0 + FP8_BLOCK_N - 1) / FP8_BLOCK_N);
     return t;
 }
 
@@ -233,7 +271,7 @@ __device__ __forceinline__ Fp8Tile fp8_find_tile(long long tile, int n_tiles, co
 __device__ __forceinline__ int fp8_stage_bytes(const Fp8Tile& t) {
     const int a_bytes = t.a_rows > FP8_BLOCK_M / 2 ? FP8_A_STAGE_BYTES
                                                    : (t.a_rows + FP8_A_BOX_ROWS - 1) / FP8_A_BOX_ROWS * FP8_A_BOX_BYTES;
-    return a_bytes + FP8_B_STAGE_BYTES;
+    return a_bytes + t.b_boxes * FP8_B_BOX_BYTES;
 }
 
 // The pipeline (as grouped_gemm_sm90.cu's): every role counts the stages it
@@ -263,11 +301,10 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
     // columns), so that the math warpgroups start a tile without searching.
     __shared__ Fp8Tile mail_tile[SM90_SCHED_SLOTS];
 
-    const int n_tiles = (N + FP8_BLOCK_N - 1) / FP8_BLOCK_N;
+    const int n_tiles = (N + FP8_TILE_N - 1) / FP8_TILE_N;
     const long long total_tiles = static_cast<long long>(tile_offsets[num_groups]) * n_tiles;
     if (static_cast<long long>(blockIdx.x) >= total_tiles) return;  // the whole block: before any barrier
     const int num_k = (K + FP8_BLOCK_K - 1) / FP8_BLOCK_K;  // also the scale blocks of K (KB)
-    const int n_blocks = (N + FP8_SCALE_BLOCK - 1) / FP8_SCALE_BLOCK;  // NB
 
     // The ring starts on a 1024-byte boundary: the 128-byte swizzle repeats
     // every 8 rows of 128 bytes.
@@ -310,54 +347,87 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
         if (threadIdx.x == 0) {
             unsigned fills = 0;
             long long tile = blockIdx.x;
+            // A thin tile's 128 rows run as one pass of 64 rows, or two when
+            // the group has more: each pass is one work item (j), and
+            // `second` marks the item of a tile's second pass.
+            bool second = false;
             for (unsigned j = 0;; ++j) {
-                const bool done = tile >= total_tiles;
+                const int slot = j % SM90_SCHED_SLOTS;
+                const bool done = !second && tile >= total_tiles;
                 sm90_mailbox_claim(&mail, j);
-                Fp8Tile t;
                 if (!done) {
-                    t = fp8_find_tile(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M);
-                    mail_tile[j % SM90_SCHED_SLOTS] = t;  // seen by the readers through the post's release
+                    Fp8Tile w;
+                    if (second) {
+                        // The first pass's item, still in its slot (only the
+                        // claim of item j - 1 + SM90_SCHED_SLOTS reuses it),
+                        // moved down 64 rows: no second search, and the load
+                        // thread stays within its 40 registers.
+                        w = mail_tile[(j - 1) % SM90_SCHED_SLOTS];
+                        w.row0 += FP8_TILE_M;
+                    } else {
+                        w = fp8_find_tile(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
+                    }
+                    w.a_rows = max(0, min(FP8_TILE_M, w.row_end - w.row0));
+                    mail_tile[slot] = w;  // seen by the readers through the post's release
                 }
                 sm90_mailbox_post(&mail, j, done ? -1 : tile);
                 if (done) {
                     allow_next_grid();  // this CTA's last loads are issued
                     break;
                 }
-                const int stage_bytes = fp8_stage_bytes(t);
-                const int b_row0 = t.g * N + t.n0;
-                // The next tile taken FP8_STAGES stages before this one's last
-                // loads: the atomic's latency hides behind their waits.
-                const int take_at = num_k > FP8_STAGES ? num_k - FP8_STAGES : 0;
-                long long next = 0;
-                for (int kt = 0; kt < num_k; ++kt) {
-                    if (kt == take_at) next = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);
-                    const unsigned f = fills + kt;
-                    const int s = f % FP8_STAGES;
-                    mbarrier_wait(&empty[s], ((f / FP8_STAGES) & 1) ^ 1);
-                    // Whole boxes count, zero-filled parts included.
-                    mbarrier_expect_bytes(&full[s], stage_bytes);
-                    if (t.a_rows > FP8_BLOCK_M / 2) {
-                        tma_load_2d(ring_a + s * FP8_A_STAGE_BYTES, &tmap_a, &full[s], kt * FP8_BLOCK_K, t.row0);
-                    } else {
-                        for (int ra = 0; ra < t.a_rows; ra += FP8_A_BOX_ROWS) {
-                            tma_load_2d(ring_a + s * FP8_A_STAGE_BYTES + ra * FP8_BLOCK_K, &tmap_a_rows, &full[s],
-                                        kt * FP8_BLOCK_K, t.row0 + ra);
+                {
+                    const Fp8Tile w = mail_tile[slot];  // read back after the post's memory clobber
+                    const bool more = FP8_THIN && !second && w.row_end - w.row0 > FP8_TILE_M;
+                    const int stage_bytes = fp8_stage_bytes(w);
+                    const int b_row0 = w.g * N + w.n0;
+                    // The next tile taken FP8_STAGES stages before the last
+                    // pass's last loads: the atomic's latency hides behind
+                    // their waits.
+                    const int take_at = more ? -1 : num_k > FP8_STAGES ? num_k - FP8_STAGES : 0;
+                    long long next = tile;
+                    for (int kt = 0; kt < num_k; ++kt) {
+                        if (kt == take_at) next = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);
+                        const unsigned f = fills + kt;
+                        const int s = f % FP8_STAGES;
+                        mbarrier_wait(&empty[s], ((f / FP8_STAGES) & 1) ^ 1);
+                        // Whole boxes count, zero-filled parts included.
+                        mbarrier_expect_bytes(&full[s], stage_bytes);
+                        if (w.a_rows > FP8_BLOCK_M / 2) {  // never in a thin pass (at most 64 rows)
+                            tma_load_2d(ring_a + s * FP8_A_STAGE_BYTES, &tmap_a, &full[s], kt * FP8_BLOCK_K, w.row0);
+                        } else {
+                            for (int ra = 0; ra < w.a_rows; ra += FP8_A_BOX_ROWS) {
+                                tma_load_2d(ring_a + s * FP8_A_STAGE_BYTES + ra * FP8_BLOCK_K, &tmap_a_rows,
+                                            &full[s], kt * FP8_BLOCK_K, w.row0 + ra);
+                            }
+                        }
+                        for (int jb = 0; jb < w.b_boxes; ++jb) {
+                            tma_load_2d(ring_b + s * FP8_B_STAGE_BYTES + jb * FP8_B_BOX_BYTES, &tmap_b, &full[s],
+                                        kt * FP8_BLOCK_K, b_row0 + jb * FP8_BLOCK_N);
                         }
                     }
-                    tma_load_2d(ring_b + s * FP8_B_STAGE_BYTES, &tmap_b, &full[s], kt * FP8_BLOCK_K, b_row0);
+                    fills += num_k;
+                    tile = next;
+                    second = more;
                 }
-                fills += num_k;
-                tile = next;
             }
         }
         return;
     }
 
-    // Math warpgroup w (1 or 2) multiplies rows 64 * (w - 1) .. + 63 of each tile.
+    // Math warpgroup w (1 or 2) multiplies rows 64 * (w - 1) .. + 63 of each
+    // tile, or (thin tiles) columns 128 * (w - 1) .. + 127 of its 64 rows.
 #if FP8_OVERLAP
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
 #endif
     const int half = warpgroup - 1;
+    // NB, computed after setmaxnreg: computed before the role split, ptxas kept
+    // it across the register change in local memory (thin tiles).
+    const int n_blocks = (N + FP8_SCALE_BLOCK - 1) / FP8_SCALE_BLOCK;
+#if FP8_THIN
+    const int row_in = 0, col_in = half * FP8_BLOCK_N;  // this warpgroup's rows and columns in the tile
+#else
+    const int row_in = half * 64, col_in = 0;
+#endif
     const int tid = threadIdx.x & 127;
     const int frag_row = (tid >> 5) * 16 + ((tid & 31) >> 2);  // this thread's first D row in the 64
 #if FP8_OVERLAP
@@ -384,10 +454,13 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
         // This thread's two rows' scales (rows past M read row M - 1's: those
         // rows of a_q are TMA zeros and are never stored) and the tile's B
         // scale row, one float per K block.
-        const int r0 = t.row0 + half * 64 + frag_row;
+        const int r0 = t.row0 + row_in + frag_row;
         const float* sa0 = sa + static_cast<long long>(min(r0, M - 1)) * num_k;
         const float* sa1 = sa + static_cast<long long>(min(r0 + 8, M - 1)) * num_k;
-        const float* sbt = sb + (static_cast<long long>(t.g) * n_blocks + t.n0 / FP8_SCALE_BLOCK) * num_k;
+        // (A thin tile's second half may lie wholly past N: its columns are
+        // never stored, and its scale row is the last one, not past it.)
+        const int nb_row = min((t.n0 + col_in) / FP8_SCALE_BLOCK, n_blocks - 1);
+        const float* sbt = sb + (static_cast<long long>(t.g) * n_blocks + nb_row) * num_k;
         float a0 = load_scale(sa0), a1 = load_scale(sa1), b = load_scale(sbt);
 #pragma unroll
         for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
@@ -457,11 +530,15 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
 
         // The store: 2 passes of 64 columns through this warpgroup's staging area.
         bf16_t* stage = reinterpret_cast<bf16_t*>(ring + FP8_STAGES * FP8_STAGE_BYTES) + half * SM90_C_STAGE_ELEMS;
-        const int r_first = t.row0 + half * 64;
+        const int r_first = t.row0 + row_in;
 #pragma unroll
         for (int p = 0; p < FP8_BLOCK_N / 64; ++p) {
-            const int c0 = t.n0 + 64 * p;
+            const int c0 = t.n0 + col_in + 64 * p;
+#if !FP8_THIN
             if (c0 >= N) break;  // the same for the whole warpgroup
+#endif
+            // (Thin tiles store every pass: the store skips columns past N
+            // itself, and the early exit made ptxas spill the math loop.)
             sm90_store_pass(acc, p, stage, out, r_first, t.row_end, c0, N, 1 + half);
         }
     }

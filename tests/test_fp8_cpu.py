@@ -149,7 +149,8 @@ def test_kernel_compiles_with_integer_conversions(arch):
 
 
 def test_format_facts_agree_between_model_and_kernel_source():
-    src = (nvrtc_kernel_dir() / "fp8.cu").read_text()
+    # fp8.cuh: the format and the rule, shared by every kernel that writes e4m3.
+    src = (nvrtc_kernel_dir() / "fp8.cuh").read_text()
     assert "#define E4M3_MAX 448.0f" in src and E4M3_MAX == 448.0
     assert "0x43E00000u" in src and np.float32(448).view(np.uint32) == 0x43E00000
     assert "0x3C800000u" in src and np.float32(2.0**-6).view(np.uint32) == 0x3C800000
@@ -164,6 +165,13 @@ def test_format_facts_agree_between_model_and_kernel_source():
         "cvt.rn.satfinite"
         not in src[: src.index("unsigned char e4m3_code(float f)")].split("end of conversions")[0]
     )
+    # One copy: the kernels that write e4m3 (fp8.cu, and the activation and
+    # the gather that quantize their own output) include it, none has its own.
+    for path in sorted(nvrtc_kernel_dir().glob("*.cu")):
+        text = path.read_text()
+        assert "cvt.rn.satfinite" not in text and "E4M3_MAX" not in text, path.name
+    for name in ("fp8.cu", "activation.cu", "dispatch.cu"):
+        assert '#include "fp8.cuh"' in (nvrtc_kernel_dir() / name).read_text(), name
 
 
 def nvrtc_kernel_dir():
@@ -397,7 +405,7 @@ def test_kernel_conversions_compiled_for_the_host_match_the_model(tmp_path):
     compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
         pytest.skip("no host C++ compiler")
-    src = (nvrtc_kernel_dir() / "fp8.cu").read_text()
+    src = (nvrtc_kernel_dir() / "fp8.cuh").read_text()
     start, end = src.index("// ---- conversions:"), src.index("// ---- end of conversions ----")
     (tmp_path / "twin.cpp").write_text(_HOST_PRELUDE + src[start:end] + _HOST_MAIN)
     subprocess.run([compiler, "-O1", "-o", str(tmp_path / "twin"), str(tmp_path / "twin.cpp")], check=True)

@@ -1,12 +1,14 @@
 """The fixed-capacity layer's FP8 step on the CPU: which layers it takes and why
 not (the reason names the weight), ``quantize_rows_fp8``'s ``out`` refusals,
 the capacity refusal before any device query, and the step's launch sequence
-(quantize before each FP8 GEMM into the layer's own buffers, the schedule made
-once for GEMM 1 and again for GEMM 2, the 16-bit kernel for a 16-bit weight),
-recorded on stand-ins without a GPU."""
+(each FP8 GEMM's rows quantized into the layer's own buffers: by the placement
+and the activation kernel themselves where they can, else by a quantize launch;
+the schedule made once for GEMM 1 and again for GEMM 2, the 16-bit kernel for
+a 16-bit weight), recorded on stand-ins without a GPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import ml_dtypes
@@ -150,8 +152,12 @@ def _record(monkeypatch):
     monkeypatch.setattr(fp8_step, "kernel_arch", lambda res: "sm_90a")
     monkeypatch.setattr(fp8_step, "mark_stage", lambda *a: None)
 
-    def place_rows(res, shape, buf, x, ids, dropped, timer=None):
-        calls.append(("place_rows",))
+    def place_rows(res, shape, buf, x, ids, dropped, timer=None, quantized=None):
+        if quantized is None:
+            calls.append(("place_rows",))
+        else:  # the placement writes the rows as e4m3 (place_one_block_fp8)
+            codes, scales = quantized
+            calls.append(("place_rows", codes.ptr, codes.shape, scales.ptr, scales.shape))
         return "pair_to_row", "row_to_pair"
 
     def quantize(a, *, out, stream=None):
@@ -171,6 +177,15 @@ def _record(monkeypatch):
     monkeypatch.setattr(
         fp8_step.K, "expert_activation", lambda *a: calls.append(("activation", a[2].ptr, a[9].ptr, a[10]))
     )
+
+    def activation_fp8(stream, arch, h, inter, gated, act, bias, row_to_pair, ids, out, gate_up_block=0):
+        codes, scales = out
+        calls.append(
+            ("activation_fp8", h.ptr, codes.ptr, codes.shape, scales.ptr, scales.shape, gate_up_block)
+        )
+        assert (inter, gated, row_to_pair) == (codes.shape[1], 1, "row_to_pair")
+
+    monkeypatch.setattr(fp8_step.K, "expert_activation_fp8", activation_fp8)
     monkeypatch.setattr(fp8_step.K, "combine_rows", lambda *a: calls.append(("combine", a[2].ptr)))
     return calls
 
@@ -189,6 +204,9 @@ def _buffers(rows, h, i):
 
 
 def test_step_quantizes_before_each_fp8_gemm_and_reuses_the_schedule(fake, monkeypatch):
+    """FUSE_QUANTIZE off: a quantize launch before each FP8 GEMM (the old
+    sequence, which the GPU test compares the fused one against)."""
+    monkeypatch.setattr(fp8_step, "FUSE_QUANTIZE", False)
     calls = _record(monkeypatch)
     w1, w2, shape = _layer(fake, h=256, i=384)
     buf, rows8 = _buffers(48, 256, 384)
@@ -209,7 +227,11 @@ def test_step_quantizes_before_each_fp8_gemm_and_reuses_the_schedule(fake, monke
     assert calls[-1] == ("combine", 0x4000)
 
 
-def test_step_runs_a_16_bit_weight_on_the_16_bit_kernel(fake, monkeypatch):
+@pytest.mark.parametrize("fuse", [True, False])
+def test_step_runs_a_16_bit_weight_on_the_16_bit_kernel(fake, monkeypatch, fuse):
+    """FP8 w1, 16-bit w2: GEMM 1's rows quantized (by the placement when
+    fused), the plain activation kernel (bf16 act, which the 16-bit GEMM 2 reads)."""
+    monkeypatch.setattr(fp8_step, "FUSE_QUANTIZE", fuse)
     calls = _record(monkeypatch)
     w1, _, _ = _layer(fake, h=256, i=128)
     dense = fake((8, 256, 128), BF16)
@@ -219,16 +241,91 @@ def test_step_runs_a_16_bit_weight_on_the_16_bit_kernel(fake, monkeypatch):
     res = type("Res", (), {"stream": 7, "launch_stream": 7, "cupy_stream": None})()
     w2 = _Arr((8, 256, 128), 0x9000)
     fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None)
-    assert [c[0] for c in calls] == [
-        "place_rows",
-        "quantize",
-        "fp8_gemm",
-        "activation",
-        "bf16_gemm",
-        "combine",
-    ]
+    if fuse:
+        assert [c[0] for c in calls] == ["place_rows", "fp8_gemm", "activation", "bf16_gemm", "combine"]
+        assert calls[0] == ("place_rows", 0x10000, (6, 256), 0x20000, (6, 2))
+    else:
+        assert [c[0] for c in calls] == [
+            "place_rows", "quantize", "fp8_gemm", "activation", "bf16_gemm", "combine"
+        ]  # fmt: skip
+        assert calls[0] == ("place_rows",)
+    gemm1 = calls[-4]
+    assert gemm1 == ("fp8_gemm", w1, 6, (0x10000, 0x20000, 0x2000), "counts", True, "schedule", 0)
+    assert calls[-3] == ("activation", 0x2000, 0x3000, 0)
     problem = (8, 6, 256, 128, True, np.dtype(BF16))
-    assert calls[4] == ("bf16_gemm", problem, (0x3000, 0x9000, 0x4000), "counts", True, "schedule", 1)
+    assert calls[-2] == ("bf16_gemm", problem, (0x3000, 0x9000, 0x4000), "counts", True, "schedule", 1)
+
+
+def test_fused_step_has_no_quantize_launch(fake, monkeypatch):
+    """Decode (one placement launch), both weights FP8: the placement writes
+    GEMM 1's codes and scales (the layer's x_q, x_s for T*k rows) and no bf16
+    rows, the activation kernel writes GEMM 2's (act_q, act_s), and each FP8
+    GEMM reads the buffers written for it, with no quantize launch between."""
+    assert fp8_step.FUSE_QUANTIZE is True  # the default
+    calls = _record(monkeypatch)
+    w1, w2, shape = _layer(fake, h=256, i=384)
+    buf, rows8 = _buffers(48, 256, 384)
+    ids = np.zeros((5, 2), np.int32)  # 10 pairs of the 48 rows held
+    res = type("Res", (), {"stream": 7, "launch_stream": 7, "cupy_stream": None})()
+    fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None)
+    assert [c[0] for c in calls] == ["place_rows", "fp8_gemm", "activation_fp8", "fp8_gemm", "combine"]
+    place, g1, act, g2, combine = calls
+    assert place == ("place_rows", 0x10000, (10, 256), 0x20000, (10, 2))
+    assert g1 == ("fp8_gemm", w1, 10, (0x10000, 0x20000, 0x2000), "counts", True, "schedule", 0)
+    assert act == ("activation_fp8", 0x2000, 0x30000, (10, 384), 0x40000, (10, 3), 0)  # h -> act_q, act_s
+    assert g2 == ("fp8_gemm", w2, 10, (0x30000, 0x40000, 0x4000), "counts", True, "schedule", 1)
+    assert combine == ("combine", 0x4000)
+
+
+@pytest.mark.parametrize("case", ["1032 pairs", "one launch off"])
+def test_four_launch_placement_keeps_gemm1_quantize_launch(fake, monkeypatch, case):
+    """Where place_one_block does not run (more than 1024 pairs, or
+    PLACE_IN_ONE_LAUNCH off; the layer takes at most the 1024 experts it
+    takes), the placement gathers bf16 rows and GEMM 1's quantize launch
+    stays; the activation still writes GEMM 2's codes."""
+    from cublas_grouped.moe import kernel_step
+
+    calls = _record(monkeypatch)
+    tokens = 129  # k = 8: 1032 pairs
+    if case == "one launch off":
+        tokens = 5
+        monkeypatch.setattr(kernel_step, "PLACE_IN_ONE_LAUNCH", False)
+    w1, w2, shape = _layer(fake, h=256, i=384)
+    pairs = tokens * 8
+    buf, rows8 = _buffers(pairs, 256, 384)
+    ids = np.zeros((tokens, 8), np.int32)
+    res = type("Res", (), {"stream": 7, "launch_stream": 7, "cupy_stream": None})()
+    fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None)
+    names = [c[0] for c in calls]
+    assert names == ["place_rows", "quantize", "fp8_gemm", "activation_fp8", "fp8_gemm", "combine"]
+    assert calls[0] == ("place_rows",)  # bf16 rows into buf.rows
+    assert calls[1] == ("quantize", 0x1000, (pairs, 256), 0x10000, (pairs, 256), 0x20000, (pairs, 2))
+    assert calls[3] == ("activation_fp8", 0x2000, 0x30000, (pairs, 384), 0x40000, (pairs, 3), 0)
+    assert calls[4] == ("fp8_gemm", w2, pairs, (0x30000, 0x40000, 0x4000), "counts", True, "schedule", 1)
+
+
+@pytest.mark.parametrize("block", [0, 128])
+def test_16_bit_w1_beside_fp8_w2_fuses_only_the_activation(fake, monkeypatch, block):
+    """16-bit w1 (gate|up plain, or packed in blocks: the activation kernel
+    reads them so), FP8 w2: the placement gathers bf16 rows for the 16-bit
+    GEMM 1, and the activation writes GEMM 2's codes and scales."""
+    calls = _record(monkeypatch)
+    _, w2, _ = _layer(fake, h=256, i=128)
+    dense = fake((8, 256, 256), BF16)
+    shape = layer_shape(dense, w2, 2, trans_b=True)
+    if block:
+        shape = dataclasses.replace(shape, gate_up_block=block)
+    buf, rows8 = _buffers(16, 256, 128)
+    ids = np.zeros((3, 2), np.int32)
+    res = type("Res", (), {"stream": 7, "launch_stream": 7, "cupy_stream": None})()
+    w1 = _Arr((8, 256, 256), 0x9000)
+    fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None)
+    assert [c[0] for c in calls] == ["place_rows", "bf16_gemm", "activation_fp8", "fp8_gemm", "combine"]
+    assert calls[0] == ("place_rows",)
+    problem = (8, 6, 256, 256, True, np.dtype(BF16))
+    assert calls[1] == ("bf16_gemm", problem, (0x1000, 0x9000, 0x2000), "counts", True, "schedule", 0)
+    assert calls[2] == ("activation_fp8", 0x2000, 0x30000, (6, 128), 0x40000, (6, 1), block)
+    assert calls[3] == ("fp8_gemm", w2, 6, (0x30000, 0x40000, 0x4000), "counts", True, "schedule", 1)
 
 
 def test_step_refuses_too_few_fp8_rows(fake, monkeypatch):

@@ -17,10 +17,10 @@ from cublas_grouped.testing_fp8 import dequantize_ref, grouped_fp8_ref, quantize
 BF16 = ml_dtypes.bfloat16
 
 
-def _ptxas_report() -> str:
+def _ptxas_report(defines=None) -> str:
     from cuda.core import Program, ProgramOptions
 
-    macros = [(name, str(value)) for name, value in hopper_fp8.DEFINES.items()]
+    macros = [(name, str(value)) for name, value in (defines or hopper_fp8.DEFINES).items()]
     options = ProgramOptions(arch=hopper_fp8.ARCH, std="c++17", define_macro=macros, ptxas_options="-v")
     program = Program(nvrtc.load_source(hopper_fp8.SOURCE), code_type="c++", options=options)
 
@@ -35,14 +35,15 @@ def _ptxas_report() -> str:
     return log.text
 
 
-def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget():
+@pytest.mark.parametrize("thin", [False, True], ids=["128x128", "thin"])
+def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin):
     """384 threads of one CTA per SM start with 168 registers each (65,536 /
     384, rounded down to 8: what ptxas reports); the math warpgroups then take
-    232 (setmaxnreg) for acc + tmp0 + tmp1, 192 of them. A spill, or a note
-    that wgmma was serialized or a wait added, would cost the kernel its
-    speed, not its results."""
+    232 (setmaxnreg) for acc + tmp0 + tmp1, 192 of them, and the load thread
+    keeps 40. A spill, or a note that wgmma was serialized or a wait added,
+    would cost the kernel its speed, not its results. Both tile shapes."""
     pytest.importorskip("cuda.core")
-    report = _ptxas_report()
+    report = _ptxas_report(hopper_fp8.launch_defines(thin))
     assert f"Compiling entry function '{hopper_fp8.KERNEL}'" in report
     # C7520/C7510/C7514: wgmma serialized; C7517: a wait ptxas had to add.
     assert not any(note in report for note in ("C7520", "C7510", "C7514", "C7517")), report
@@ -100,7 +101,42 @@ def test_launch_constants_agree():
         "FP8_OVERLAP": 1,
         "FP8_TABLE_MAX_GROUPS": hopper.TABLE_MAX_GROUPS,
         "FP8_A_BOX_ROWS": 16,
+        "FP8_THIN": 0,
     }
+    # Thin tiles: 5 stages of 64 rows of a and 256 of b, the table as large as fits.
+    thin = hopper_fp8.launch_defines(True)
+    assert {k: v for k, v in thin.items() if hopper_fp8.DEFINES[k] != v} == {
+        "FP8_THIN": 1,
+        "FP8_STAGES": 5,
+        "FP8_TABLE_MAX_GROUPS": 597,
+    }
+    assert hopper_fp8.launch_defines(False) is hopper_fp8.DEFINES
+    assert hopper_fp8.THIN_SHARED_BYTES == 5 * (64 + 256) * 128 + 2 * 64 * 72 * 2 + 1024
+    most = hopper_fp8.THIN_TABLE_MAX_GROUPS
+    # Within 227 KiB with 1 KiB left for the static barriers and mailboxes
+    # (the opt-in failed on an H200 at 232,444 bytes of dynamic memory).
+    limit = 227 * 1024 - 1024
+    assert hopper_fp8.shared_bytes(most, thin=True) <= limit < hopper_fp8.shared_bytes(most, True) + 12
+    assert hopper_fp8.shared_bytes(hopper.TABLE_MAX_GROUPS) <= limit
+    assert hopper_fp8.shared_bytes(most + 1, thin=True) == hopper_fp8.THIN_SHARED_BYTES
+
+
+def test_thin_tiles_where_groups_average_at_most_16_rows(monkeypatch):
+    """The tile shape is a rule of M and E alone (a captured graph replays with
+    any sizes): decode steps take thin tiles, prefill the 128 x 128 ones."""
+    assert hopper_fp8.thin_tiles(16 * 8, 128)  # Qwen3 at 16 tokens: 128 pairs over 128 experts
+    assert hopper_fp8.thin_tiles(16 * 128, 128) and not hopper_fp8.thin_tiles(16 * 128 + 1, 128)
+    assert hopper_fp8.thin_tiles(64 * 2, 8)  # Mixtral at 64 tokens
+    assert not hopper_fp8.thin_tiles(4096 * 8, 256)  # DeepSeek-V3 prefill
+    monkeypatch.setattr(hopper_fp8, "THIN", False)
+    assert not hopper_fp8.thin_tiles(1, 128)
+
+
+def test_grid_counts_tiles_of_the_launch_width():
+    # 3 rows over 2 groups: at most 3 schedule tiles of 128 rows (hopper's
+    # bound); N = 1024 is 8 column tiles of 128 or 4 thin ones.
+    assert hopper_fp8.grid_size(3, 1024, 2, 132) == 24
+    assert hopper_fp8.grid_size(3, 1024, 2, 132, tile_n=hopper_fp8.THIN_TILE_N) == 12
 
 
 def _w(fake, e=4, n=256, k=512, trans_b=True, scaling="block128", ptr=0x7F0000000000):

@@ -190,11 +190,11 @@ def test_bitwise_repeatable():
     assert bool(cupy.all(first.view(cupy.uint16) == second.view(cupy.uint16)))
 
 
-def test_captured_with_device_sizes_and_replayed_with_new_ones():
+def _replay_with_new_sizes(rng, experts, m, n, k, size_sets):
+    """The kernel captured in a CUDA graph with device sizes, then replayed
+    with each of ``size_sets`` (each summing to m), checked against float64."""
     import cupy
 
-    rng = np.random.default_rng(5)
-    experts, m, n, k = 16, 2048, 256, 512
     a_q, a_s, wq, _ = _case(rng, [m // experts] * experts, n, k)
     sizes_dev = cupy.zeros(experts, dtype=cupy.int32)
     out = cupy.empty((m, n), dtype=BF16)
@@ -206,14 +206,18 @@ def test_captured_with_device_sizes_and_replayed_with_new_ones():
         hopper_fp8.grouped_fp8(a_q, a_s, wq, sizes_dev, out=out, stream=stream)
         graph = stream.end_capture()
     a_host, s_host, v_host, ws_host = a_q.get(), a_s.get(), wq.values.get(), wq.scales.get()
-    for _ in range(3):
-        sizes = random_sizes(rng, experts, m)
+    for sizes in size_sets:
         with stream:
-            sizes_dev.set(sizes.astype(np.int32), stream=stream)
+            sizes_dev.set(np.asarray(sizes, dtype=np.int32), stream=stream)
             out.fill(np.nan)
             graph.launch(stream)
         stream.synchronize()
-        _check(out, grouped_fp8_ref(a_host, s_host, v_host, ws_host, sizes), f"replay {sizes.tolist()}")
+        _check(out, grouped_fp8_ref(a_host, s_host, v_host, ws_host, sizes), f"replay {list(sizes)}")
+
+
+def test_captured_with_device_sizes_and_replayed_with_new_ones():
+    rng = np.random.default_rng(5)
+    _replay_with_new_sizes(rng, 16, 2048, 256, 512, [random_sizes(rng, 16, 2048) for _ in range(3)])
 
 
 @pytest.mark.parametrize("device_sizes", [False, True])
@@ -302,3 +306,73 @@ def test_moe_forward_fp8_kernel_path():
     assert err <= 3e-2 and diff <= 0.1
     again = cg.moe_forward(x, cupy.asarray(ids), cupy.asarray(weights), q1, q2, trans_b=True)
     assert bool(cupy.all(again.view(cupy.uint16) == y.view(cupy.uint16)))
+
+
+def _force_tiles(monkeypatch, thin: bool) -> None:
+    """Every launch on thin tiles (64 x 256) or on 128 x 128 tiles, whatever M and E."""
+    monkeypatch.setattr(hopper_fp8, "THIN", thin)
+    monkeypatch.setattr(hopper_fp8, "THIN_MAX_ROWS_PER_GROUP", 1 << 30)
+
+
+@pytest.mark.parametrize(
+    "sizes, n, k",
+    [
+        ([1, 2, 3, 0, 5, 16, 17, 64], 256, 2048),  # decode: one pass per tile
+        ([65, 100, 128, 129, 192, 193, 0, 257], 512, 400),  # two passes where a tile has 65-128 rows
+        ([3, 70, 0, 9], 136, 7168),  # N = 128 + 8: the second warpgroup's half barely in
+        ([3, 70, 0, 9], 128, 528),  # N = 128: the second half wholly past N (its b not loaded)
+        ([5, 40, 1], 392, 144),  # N = 3 * 128 + 8: the last thin tile one half partly in
+        ([300], 264, 128),  # one group, one K stage
+    ],
+)
+def test_thin_tiles_match_float64_and_the_wide_tiles_bits(sizes, n, k, monkeypatch):
+    """Thin tiles (the decode shape) against float64, and bit for bit against
+    the 128 x 128 tiles: each output element sums the same K stages in the
+    same order whichever tile holds it. Both with host and device sizes."""
+    import cupy
+
+    rng = np.random.default_rng(sum(sizes) + n + k)
+    a_q, a_s, wq, ref = _case(rng, sizes, n, k)
+    outs = {}
+    for thin in (True, False):
+        _force_tiles(monkeypatch, thin)
+        for device in (False, True):
+            out = poisoned((a_q.shape[0], n), BF16)
+            group_sizes = cupy.asarray(sizes, dtype=cupy.int32) if device else sizes
+            hopper_fp8.grouped_fp8(a_q, a_s, wq, group_sizes, out=out)
+            _check(out, ref, f"fp8 thin={thin} device={device} {sizes} N={n} K={k}")
+            outs[thin, device] = out
+    first = outs[True, False].view(cupy.uint16)
+    assert all(bool(cupy.all(o.view(cupy.uint16) == first)) for o in outs.values())
+
+
+@pytest.mark.parametrize(
+    "experts", [1, 128, hopper_fp8.THIN_TABLE_MAX_GROUPS, hopper_fp8.THIN_TABLE_MAX_GROUPS + 1]
+)
+def test_thin_tiles_with_many_groups_and_few_ctas(experts, monkeypatch):
+    """Thin tiles keep the schedule in shared memory up to
+    THIN_TABLE_MAX_GROUPS groups (less room beside their ring), global memory
+    past it; three CTAs walk every tile, first passes and second passes."""
+    import cupy
+
+    _force_tiles(monkeypatch, True)
+    monkeypatch.setattr(hopper_fp8, "GRID_LIMIT", 3)
+    rng = np.random.default_rng(experts + 7)
+    sizes = random_sizes(rng, experts, 3 * experts + 150)
+    a_q, a_s, wq, ref = _case(rng, sizes, 256, 256)
+    out = poisoned((a_q.shape[0], 256), BF16)
+    hopper_fp8.grouped_fp8(a_q, a_s, wq, cupy.asarray(sizes, dtype=cupy.int32), out=out)
+    _check(out, ref, f"fp8 thin E={experts}")
+
+
+def test_thin_tiles_captured_and_replayed_with_new_sizes():
+    """A decode-sized launch (M <= 16 E: thin tiles by the rule) captured with
+    device sizes and replayed with sizes that put 160 rows in two groups
+    (second passes) and none in the others."""
+    rng = np.random.default_rng(15)
+    experts, m = 32, 320
+    assert hopper_fp8.thin_tiles(m, experts)
+    skewed = np.zeros(experts, dtype=np.int64)
+    skewed[[3, 17]] = 160
+    sets = [random_sizes(rng, experts, m), skewed, random_sizes(rng, experts, m)]
+    _replay_with_new_sizes(rng, experts, m, 256, 1024, sets)

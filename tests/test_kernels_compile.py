@@ -52,9 +52,10 @@ def _typed(*names: str) -> set[str]:
 
 EXPECTED = {
     "routing.cu": _typed("route_topk"),
-    "dispatch.cu": {"expert_block_histogram", "expert_column_scan", "assign_rows"} | _typed("gather_rows"),
+    "dispatch.cu": {"expert_block_histogram", "expert_column_scan", "assign_rows"}
+    | _typed("gather_rows", "place_one_block", "place_one_block_fp8"),
     "pointers.cu": {"build_pointers"},
-    "activation.cu": _typed("expert_activation"),
+    "activation.cu": _typed("expert_activation", "expert_activation_fp8"),
     "combine.cu": _typed("combine_rows", "scatter_rows"),
     "moe_backward.cu": _typed("expert_activation_backward", "expert_column_sums"),
     "fp8.cu": _typed("quantize_fp8", "quantize_rows_fp8", "dequantize_fp8"),
@@ -109,17 +110,22 @@ def elf_function_symbols(blob: bytes) -> set[str]:
     return names
 
 
+# Headers: common.cuh everywhere, sm90.cuh (Hopper PTX wrappers) in sm_90a
+# sources, fp8.cuh (the e4m3 format and scale rule) where kernels write FP8.
+HEADERS = ("common.cuh", "sm90.cuh", "fp8.cuh")
+
+
 def test_every_source_is_covered():
     assert sorted(p.name for p in KERNEL_DIR.glob("*.cu")) == sorted(EXPECTED)
     assert sorted(f"{name}.cu" for name in DEFINES) == sorted(EXPECTED)
-    assert (KERNEL_DIR / "common.cuh").is_file()
+    assert sorted(p.name for p in KERNEL_DIR.glob("*.cuh")) == sorted(HEADERS)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_only_local_common_include(name):
-    # Local headers only: common.cuh everywhere, sm90.cuh (Hopper PTX wrappers) in sm_90a sources.
-    allowed = {'#include "common.cuh"', '#include "sm90.cuh"'}
-    for path in (KERNEL_DIR / name, KERNEL_DIR / "common.cuh", KERNEL_DIR / "sm90.cuh"):
+    # Local headers only (HEADERS).
+    allowed = {f'#include "{header}"' for header in HEADERS}
+    for path in (KERNEL_DIR / name, *(KERNEL_DIR / header for header in HEADERS)):
         for line in _ANY_INCLUDE.findall(path.read_text()):
             assert line.strip() in allowed, f"{path.name}: {line.strip()}"
     assert not _ANY_INCLUDE.findall(inline_includes(KERNEL_DIR / name))
@@ -189,19 +195,24 @@ def test_inconsistent_defines_do_not_compile(name, defines, message):
         nvrtc.compile_source(name, "sm_90", {**DEFINES[name], **defines})
 
 
-@pytest.mark.parametrize("missing", ["FP8_OVERLAP", "FP8_A_BOX_ROWS"])
+@pytest.mark.parametrize("missing", ["FP8_OVERLAP", "FP8_A_BOX_ROWS", "FP8_THIN"])
 def test_the_fp8_kernel_needs_its_defines(missing):
     defines = {k: v for k, v in DEFINES["grouped_gemm_fp8_sm90"].items() if k != missing}
-    with pytest.raises(
-        nvrtc.KernelCompileError, match="FP8_TABLE_MAX_GROUPS and FP8_A_BOX_ROWS from its launcher"
-    ):
+    with pytest.raises(nvrtc.KernelCompileError, match="FP8_A_BOX_ROWS and FP8_THIN from its launcher"):
         nvrtc.compile_source("grouped_gemm_fp8_sm90", "sm_90", defines)
 
 
-@pytest.mark.parametrize("rows", [12, 256])
-def test_the_fp8_kernel_refuses_a_box_it_cannot_swizzle(rows):
-    defines = {**DEFINES["grouped_gemm_fp8_sm90"], "FP8_A_BOX_ROWS": rows}
-    with pytest.raises(nvrtc.KernelCompileError, match="FP8_A_BOX_ROWS must be a multiple of 8"):
+@pytest.mark.parametrize(
+    "rows, thin, match",
+    [
+        (12, 0, "FP8_A_BOX_ROWS must be a multiple of 8"),
+        (256, 0, "FP8_A_BOX_ROWS must be a multiple of 8"),
+        (128, 1, "thin tiles .* at most 64"),
+    ],
+)
+def test_the_fp8_kernel_refuses_a_box_it_cannot_swizzle(rows, thin, match):
+    defines = {**DEFINES["grouped_gemm_fp8_sm90"], "FP8_A_BOX_ROWS": rows, "FP8_THIN": thin}
+    with pytest.raises(nvrtc.KernelCompileError, match=match):
         nvrtc.compile_source("grouped_gemm_fp8_sm90", "sm_90a", defines)
 
 

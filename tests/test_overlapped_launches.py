@@ -22,7 +22,9 @@ from cublas_grouped.moe import kernel_step
 from cublas_grouped.moe import kernels as K
 from cublas_grouped.runtime import launch
 
-# Every kernel a prepared step launches (kernel_step.step_launches), by source.
+# Every kernel a prepared step launches (kernel_step.step_launches), by source,
+# and the FP8 step's own (fp8_step.FUSE_QUANTIZE: its placement and activation
+# writing e4m3), which follow the previous grid in the same way.
 STEP_KERNELS = {
     "dispatch": (
         "expert_block_histogram",
@@ -32,8 +34,9 @@ STEP_KERNELS = {
         "gather_rows_f16",
         "place_one_block_bf16",
         "place_one_block_f16",
+        "place_one_block_fp8_bf16",
     ),
-    "activation": ("expert_activation_bf16", "expert_activation_f16"),
+    "activation": ("expert_activation_bf16", "expert_activation_f16", "expert_activation_fp8_bf16"),
     "combine": ("combine_rows_bf16", "combine_rows_f16", "sum_rows_bf16", "sum_rows_f16"),
     "grouped_gemm_sm90": (
         "grouped_tile_offsets",

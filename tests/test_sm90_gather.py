@@ -233,7 +233,7 @@ def test_gathering_launch_arguments(gpu):
         hopper.grouped_rows(_res(), problem, (x.data.ptr, b.data.ptr, out.data.ptr), sizes, gather=gather)
         scan, gemm = gpu.decoded
         values = gemm[4]
-        b_map = (b.data.ptr, (e, k, n), (1, hopper.BLOCK_K, hopper.B_SPAN), "bfloat16")
+        b_map = (b.data.ptr, (e, k, n), (1, hopper.BLOCK_K, hopper.B_SPAN), "bfloat16", 0)  # no L2 promotion
         assert values[:3] == (b_map, b_map, b_map)
         assert values[7:11] == (e, m, n, k)
         assert values[11:] == (out.data.ptr, 0, x.data.ptr, src.data.ptr, 4, t)

@@ -59,6 +59,7 @@ DEFAULT_TESTS = (
     "tests/test_masked_gpu.py",
     "tests/test_sm90_epilogue_gpu.py",
     "tests/test_fp8_sm90_gpu.py",
+    "tests/test_fp8_fused_quantize_gpu.py",
     "tests/test_moe_gpu.py",
     "tests/test_fixed_capacity_gpu.py::test_assign_rows_never_writes_past_its_row_capacity",
     "tests/test_fixed_capacity_gpu.py::test_out_of_range_ids_are_dropped_and_counted",
@@ -135,6 +136,23 @@ MUTANTS: tuple[Mutant, ...] = (
         "float zu = load_as_float(hr + hi + up_offset(I, gate_up_block));",
         "float zu = load_as_float(hr + hi);",
         "scalar path (inter * itemsize not a multiple of 16) reads the gate half as the up projection",
+        count=2,  # the second: expert_activation_fp8's scalar path
+    ),
+    Mutant(
+        "activation-fp8-up-offset-scalar",
+        "activation.cu",
+        "float zu = load_as_float(hr + hi + up_offset(I, gate_up_block));",
+        "float zu = load_as_float(hr + hi);",
+        "the FP8 activation's scalar path (inter % 8 != 0) reads the gate half as the up projection",
+        count=2,
+        occurrence=2,
+    ),
+    Mutant(
+        "activation-fp8-not-rounded",
+        "activation.cu",
+        "return to_float(from_float<T>(y));",
+        "return y;",
+        "the FP8 activation quantizes the fp32 value, not the 16-bit one expert_activation stores",
     ),
     Mutant(
         "activation-blocked-gate-col",
@@ -329,6 +347,16 @@ MUTANTS: tuple[Mutant, ...] = (
         "const T* src = r < row_carry ? x + static_cast<long long>(pair_of_row[r] / top_k) * hidden : nullptr;",
         "const T* src = r <= row_carry && r < num_pairs ? x + static_cast<long long>(pair_of_row[r] / top_k) * hidden : nullptr;",
         "the first row past the taken ones is gathered from a stale shared entry instead of zeroed",
+        count=2,  # the first: place_one_block_fp8's gather
+        occurrence=2,
+    ),
+    Mutant(
+        "place-fp8-gather-padding-row",
+        "dispatch.cu",
+        "const T* src = r < row_carry ? x + static_cast<long long>(pair_of_row[r] / top_k) * hidden : nullptr;",
+        "const T* src = r <= row_carry && r < num_pairs ? x + static_cast<long long>(pair_of_row[r] / top_k) * hidden : nullptr;",
+        "the FP8 gather quantizes the first row past the taken ones from a stale shared entry instead of zeros",
+        count=2,
     ),
     Mutant(
         "place-dropped-every-block",
@@ -369,9 +397,30 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "fp8-a-small-box-row",
         "grouped_gemm_fp8_sm90.cu",
-        "kt * FP8_BLOCK_K, t.row0 + ra);",
-        "kt * FP8_BLOCK_K, t.row0);",
+        "&full[s], kt * FP8_BLOCK_K, w.row0 + ra);",
+        "&full[s], kt * FP8_BLOCK_K, w.row0);",
         "the FP8 kernel's small boxes of a all load the tile's first 16 rows: rows 17-64 of a thin tile read wrong rows",
+    ),
+    Mutant(
+        "fp8-thin-second-pass-rows",
+        "grouped_gemm_fp8_sm90.cu",
+        "w.row0 += FP8_TILE_M;",
+        "w.row0 += 0;",
+        "a thin tile's second pass multiplies the first 64 rows again: rows 65-128 of a group's tile never stored",
+    ),
+    Mutant(
+        "fp8-thin-b-half",
+        "grouped_gemm_fp8_sm90.cu",
+        "const unsigned long long db = smem_descriptor(ring_b + s * FP8_B_STAGE_BYTES + half * FP8_B_BOX_BYTES);",
+        "const unsigned long long db = smem_descriptor(ring_b + s * FP8_B_STAGE_BYTES);",
+        "both math warpgroups of a thin tile read the first 128 columns' weights",
+    ),
+    Mutant(
+        "fp8-thin-scale-half",
+        "grouped_gemm_fp8_sm90.cu",
+        "const int nb_row = min((t.n0 + col_in) / FP8_SCALE_BLOCK, n_blocks - 1);",
+        "const int nb_row = min(t.n0 / FP8_SCALE_BLOCK, n_blocks - 1);",
+        "a thin tile's second 128 columns use the first block's weight scales",
     ),
     Mutant(
         "sm90-second-counter-not-zeroed",
@@ -575,7 +624,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "fp8-b-scale-block",
         "grouped_gemm_fp8_sm90.cu",
-        "const float* sbt = sb + (static_cast<long long>(t.g) * n_blocks + t.n0 / FP8_SCALE_BLOCK) * num_k;",
+        "const float* sbt = sb + (static_cast<long long>(t.g) * n_blocks + nb_row) * num_k;",
         "const float* sbt = sb + static_cast<long long>(t.g) * n_blocks * num_k;",
         "every column tile uses the B scales of the group's first 128 columns",
     ),
@@ -616,7 +665,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "quant-vec-half-reduce",
-        "fp8.cu",
+        "fp8.cuh",
         "for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));",
         "for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));",
         "vector quantizer: the amax is reduced over the whole warp, mixing its two tiles' scales",
@@ -637,10 +686,18 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "quant-hw-byte",
-        "fp8.cu",
+        "fp8.cuh",
         "return static_cast<unsigned char>(d & 0xFFu);  // b, the second operand, lands in the low byte",
         "return static_cast<unsigned char>(d >> 8);",
         "hardware e4m3 conversion: the code of the other operand (0.0) is returned",
+    ),
+    Mutant(
+        "fp8-row-scale-past-row",
+        "fp8.cuh",
+        "if (t < tcols && lane == 0) s_row[t] = scale;",
+        "if (lane == 0) s_row[t] = scale;",
+        "a row quantized by a block (the FP8 gather and activation) with an odd number of 128-column "
+        "blocks writes a scale past its end: the next row's first",
     ),
     Mutant(
         "fp8-store-row-mask",

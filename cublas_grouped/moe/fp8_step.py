@@ -8,6 +8,11 @@ are :class:`~cublas_grouped.FP8ExpertWeights` run on the FP8 kernel
     -> quantize_rows_fp8(rows) -> FP8 GEMM 1 -> activation kernel
     -> quantize_rows_fp8(act) -> FP8 GEMM 2 -> combine
 
+with both quantizations inside the kernel before them
+(:data:`FUSE_QUANTIZE`): the activation kernel writes GEMM 2's codes and
+scales itself, and at decode (one placement launch) so does the gather for
+GEMM 1.
+
 Both GEMMs read the per-expert counts on the device over the same
 grouped-contiguous T*k rows and the same schedule buffer (the FP8 kernel
 walks the 16-bit kernel's 128-row tiles), and the activations are quantized
@@ -17,7 +22,8 @@ host, every launch's size depends on T alone, so a CUDA graph captures it.
 
 The activation between the GEMMs (``act(gate) * up``) stays the separate
 activation kernel: the FP8 kernel has no gated epilogue (the 16-bit one
-does), and its output would be quantized again before GEMM 2 anyway.
+does), and GEMM 2 reads the activation quantized anyway (written so by the
+activation kernel).
 A weight that is not FP8 (one of the two) runs on the 16-bit kernel.
 
 Who takes it (:func:`fp8_step_unsupported`): bfloat16 tokens, FP8 weights in
@@ -43,9 +49,10 @@ from . import kernels as K
 from .checks import LayerShape, kernel_arch
 from .chunk_capacity import ChunkBuffers
 from .dispatch import mark_stage
-from .kernel_step import place_rows
+from .kernel_step import place_rows, places_in_one_launch
 
 __all__ = [
+    "FUSE_QUANTIZE",
     "FP8Rows",
     "fp8_step_unsupported",
     "has_fp8",
@@ -53,6 +60,19 @@ __all__ = [
     "cached_fp8_rows",
     "layer_weight_nbytes",
 ]
+
+# Each FP8 GEMM's rows quantized by the kernel that writes them, not by a
+# quantize_rows_fp8 launch of their own: GEMM 2's by the activation kernel
+# (expert_activation_fp8, any step size), GEMM 1's by the gather where one
+# launch places the rows (place_one_block_fp8: decode; the four-launch
+# placement keeps the quantize launch). The same codes and scales bit for
+# bit, so the same outputs. At Qwen3-30B-A3B decode (H200, ncu) each quantize
+# launch took about 6 us; the layer's graph replays (H200, 2026-11-27, the
+# same FP8 GEMM both ways) went from 48.8 to 42.3 us at T=1, 133.1 to 124.8 at
+# T=16 and 190.5 to 181.6 at T=64. False: the separate launches (the GPU test
+# that compares both). Read at each step; a layer's CUDA graphs keep what
+# they captured.
+FUSE_QUANTIZE = True
 
 
 def has_fp8(w1, w2) -> bool:
@@ -131,16 +151,18 @@ def cached_fp8_rows(res, shape: LayerShape, rows: int) -> FP8Rows:
     return cached
 
 
-def _gemm(res, shape, buf, w, a, a8, out, n: int, k: int, *, counter: int) -> None:
-    """One expert GEMM over ``a``'s rows into ``out`` on the device counts
-    (the schedule :func:`.kernel_step.place_rows` made, taking its tiles from
-    tile counter ``counter``): FP8 weights quantize ``a`` into ``a8`` (codes,
-    scales) and run the FP8 kernel; 16-bit ones run the 16-bit kernel."""
-    pairs = a.shape[0]
+def _gemm(res, shape, buf, w, a, a8, out, n: int, k: int, *, counter: int, quantized: bool = False) -> None:
+    """One expert GEMM over ``out``'s rows on the device counts (the
+    schedule :func:`.kernel_step.place_rows` made, taking its tiles from
+    tile counter ``counter``): FP8 weights run the FP8 kernel on ``a8``
+    (codes, scales: ``a`` quantized into them here, unless ``quantized``
+    says the kernel before did it); 16-bit ones run the 16-bit kernel on
+    ``a``."""
+    pairs = out.shape[0]
     if is_fp8(w):
-        a_q, a_s = a8[0][:pairs], a8[1][:pairs]
-        quantize_rows_fp8(a, out=(a_q, a_s), stream=res.stream)
-        ptrs = (a_q.data.ptr, a_s.data.ptr, out.data.ptr)
+        if not quantized:
+            quantize_rows_fp8(a, out=a8, stream=res.stream)
+        ptrs = (a8[0].data.ptr, a8[1].data.ptr, out.data.ptr)
         hopper_fp8.grouped_rows_fp8(
             res, w, pairs, ptrs, buf.counts, scanned=True, storage=buf.schedule, counter=counter
         )
@@ -176,20 +198,30 @@ def fp8_kernel_step(
     arch, stream = kernel_arch(res), res.launch_stream
     tokens, k = ids.shape
     pairs = tokens * k
-    pair_to_row, row_to_pair = place_rows(res, shape, buf, x, ids, dropped, timer)
+    x8 = (rows8.x_q[:pairs], rows8.x_s[:pairs])
+    act8 = (rows8.act_q[:pairs], rows8.act_s[:pairs])
+    # Which GEMM's rows the kernel before it quantizes (FUSE_QUANTIZE): GEMM
+    # 1's only where one launch places the rows (place_one_block_fp8), which
+    # then writes no bf16 rows; GEMM 2's wherever w2 is FP8.
+    fused1 = FUSE_QUANTIZE and is_fp8(w1) and places_in_one_launch(shape.num_experts, pairs)
+    fused2 = FUSE_QUANTIZE and is_fp8(w2)
+    pair_to_row, row_to_pair = place_rows(
+        res, shape, buf, x, ids, dropped, timer, quantized=x8 if fused1 else None
+    )
     x_rows, h, act, y = buf.rows[:pairs], buf.h[:pairs], buf.act[:pairs], buf.y[:pairs]
     # A 16-bit w1 packed in gate/up blocks runs the plain 16-bit kernel here and
     # the activation kernel reads the blocks (FP8 w1 is never packed: layer_shape).
     # Both GEMMs reuse the schedule place_rows made: GEMM 1 takes its tiles from
     # tile counter 0, GEMM 2 from counter 1 (both zeroed by that offsets launch).
-    _gemm(res, shape, buf, w1, x_rows, (rows8.x_q, rows8.x_s), h, shape.width, shape.hidden, counter=0)
+    _gemm(res, shape, buf, w1, x_rows, x8, h, shape.width, shape.hidden, counter=0, quantized=fused1)
     mark_stage(timer, "gemm1", res.cupy_stream)
-    K.expert_activation(
+    activation = K.expert_activation_fp8 if fused2 else K.expert_activation
+    activation(
         stream, arch, h, shape.inter, int(shape.gated), K.ACTIVATIONS[shape.activation], b1,
-        row_to_pair, ids, act, shape.gate_up_block,
+        row_to_pair, ids, act8 if fused2 else act, shape.gate_up_block,
     )  # fmt: skip
     mark_stage(timer, "activation", res.cupy_stream)
-    _gemm(res, shape, buf, w2, act, (rows8.act_q, rows8.act_s), y, shape.hidden, shape.inter, counter=1)
+    _gemm(res, shape, buf, w2, act, act8, y, shape.hidden, shape.inter, counter=1, quantized=fused2)
     mark_stage(timer, "gemm2", res.cupy_stream)
     K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
     mark_stage(timer, "combine", res.cupy_stream)

@@ -150,6 +150,7 @@ def place_rows(
     copy=True,
     weights=None,
     weigh_rows=False,
+    quantized=None,
 ):
     """The kernel step's first stages on ``res``'s stream: the counts, the
     kernel's offsets (its schedule in ``buf.schedule``, both tile counters
@@ -159,6 +160,10 @@ def place_rows(
     ``copy``: GEMM 1 gathers them) the gathered rows in ``buf.rows[:T*k]``
     (zeros where no pair was placed). One launch where
     :func:`places_in_one_launch`, else four.
+    ``quantized`` (the FP8 step): (codes, scales) of T*k rows; where one
+    launch places the rows, it writes them there as e4m3
+    (``quantize_rows_fp8``'s bits) and not into ``buf.rows``; the four
+    launches ignore it (the caller quantizes ``buf.rows``).
     Returns (pair_to_row, row_to_pair). Shared by the 16-bit and FP8 steps."""
     arch, stream = kernel_arch(res), res.launch_stream
     tokens, k = ids.shape
@@ -179,7 +184,8 @@ def place_rows(
             row_to_pair,
             row_weights=buf.row_weights[:pairs] if weigh_rows else None,
             dropped=dropped,
-            rows=buf.rows[:pairs] if copy else None,
+            rows=buf.rows[:pairs] if copy and quantized is None else None,
+            quantized=quantized,
         )
         mark_stage(timer, "plan", res.cupy_stream)
         mark_stage(timer, "gather", res.cupy_stream)  # in the same launch: 0 ms

@@ -29,6 +29,7 @@ __all__ = [
     "PLACE_MAX_EXPERTS",
     "PLACE_MAX_GRID",
     "expert_activation",
+    "expert_activation_fp8",
     "combine_rows",
     "sum_rows",
     "scatter_rows",
@@ -48,7 +49,8 @@ PLACE_MAX_GRID = 256
 ROUTE_THREADS = 128  # routing.cu: one warp per token, so 4 tokens per block
 ROUTE_WARPS = ROUTE_THREADS // 32
 # The row kernels (gather, activation, combine, scatter) take any block and
-# grid size: these two are the launcher's choice alone.
+# grid size (expert_activation_fp8 any multiple of 32 threads: its warps
+# reduce each 128-column block's amax): these two are the launcher's choice.
 ROW_THREADS = 128
 MAX_GRID = 65535
 
@@ -89,7 +91,9 @@ _COLUMN_SCAN = "qiiq"
 _ASSIGN_ROWS = _PAIRS + "qqiqqqqq"
 _GATHER_ROWS = "qiqiiq"
 _PLACE_ONE_BLOCK = _PAIRS + "qqii" + "q" * 10
+_PLACE_ONE_BLOCK_FP8 = _PLACE_ONE_BLOCK + "q"  # the rows' codes and scales in place of the rows
 _ACTIVATION = "qiiiiqqqiq"  # h, inter, gated, gate_up_block, act, bias, row_to_pair, ids, rows, out
+_ACTIVATION_FP8 = _ACTIVATION + "q"  # out: the codes, then the scales
 _COMBINE_ROWS = "qiqqqqiiq"
 _SUM_ROWS = "qiqiiq"
 _SCATTER_ROWS = "qiqiq"
@@ -251,6 +255,7 @@ def place_one_block(
     row_weights=None,
     dropped=None,
     rows=None,
+    quantized=None,
 ):
     """dispatch.cu ``place_one_block``: the decode step's whole placement in one
     launch (T*k at most ``PAIRS_PER_BLOCK``, E at most :data:`PLACE_MAX_EXPERTS`,
@@ -259,9 +264,13 @@ def place_one_block(
     counter, both counters zeroed; tiles of ``tile_rows`` rows), ``pair_to_row``
     and ``row_to_pair`` (T*k each), ``row_weights`` (or None: not written; then
     ``weights`` is not read), ``dropped`` (uint64 [1] or None) and the gathered
-    ``rows`` (T*k rows of x, or None: GEMM 1 gathers)."""
+    ``rows`` (T*k rows of x, or None: GEMM 1 gathers).
+    ``quantized``: (codes uint8 [T*k, H], scales float32 [T*k, ceil(H/128)]):
+    ``place_one_block_fp8`` instead, which writes the gathered rows there as
+    ``quantize_rows_fp8`` would quantize them, and not as ``rows`` (ignored)."""
     num_pairs = ids.size
-    kernel = _kernel("dispatch", "place_one_block", arch, x.dtype)
+    fp8 = quantized is not None
+    kernel = _kernel("dispatch", "place_one_block_fp8" if fp8 else "place_one_block", arch, x.dtype)
     args = (
         *_pair_args(ids, num_pairs, num_experts, True),
         _ptr(weights),
@@ -274,13 +283,14 @@ def place_one_block(
         row_to_pair.data.ptr,
         _ptr(row_weights),
         _ptr(dropped),
-        _ptr(rows),
+        *((quantized[0].data.ptr, quantized[1].data.ptr) if fp8 else (_ptr(rows),)),
     )
+    signature = _PLACE_ONE_BLOCK_FP8 if fp8 else _PLACE_ONE_BLOCK
     shmem = ((DISPATCH_THREADS // 32 + 2) * num_experts + PAIRS_PER_BLOCK) * 4
-    grid = 1 if rows is None else max(1, min(num_pairs, PLACE_MAX_GRID))
+    grid = 1 if rows is None and not fp8 else max(1, min(num_pairs, PLACE_MAX_GRID))
     if type(stream) is Prepare:
-        return stream.fixed(kernel, grid, DISPATCH_THREADS, _PLACE_ONE_BLOCK, args, shmem)
-    _kernels.launch_signed(stream, kernel, grid, DISPATCH_THREADS, _PLACE_ONE_BLOCK, args, shmem)
+        return stream.fixed(kernel, grid, DISPATCH_THREADS, signature, args, shmem)
+    _kernels.launch_signed(stream, kernel, grid, DISPATCH_THREADS, signature, args, shmem)
 
 
 def expert_activation(
@@ -289,8 +299,29 @@ def expert_activation(
     """activation.cu ``expert_activation``: optional bias, then the (gated) activation, row by row.
     ``gate_up_block``: 0 when h holds the gate columns then the up columns, B
     when they are packed in blocks of B (``w1_layout="gate_up_blocked"``)."""
-    rows = out.shape[0]
-    kernel = _kernel("activation", "expert_activation", arch, h.dtype)
+    args = (h, inter, gated, act, bias, row_to_pair, ids, gate_up_block)
+    return _activation(stream, arch, "expert_activation", _ACTIVATION, args, out.shape[0], (out.data.ptr,))
+
+
+def expert_activation_fp8(
+    stream, arch, h, inter, gated, act, bias, row_to_pair, ids, out, gate_up_block=0
+) -> None:
+    """activation.cu ``expert_activation_fp8``: :func:`expert_activation` written
+    as the FP8 GEMM's operand: ``out`` = (codes uint8 [rows, inter], scales
+    float32 [rows, ceil(inter/128)]), bit for bit ``quantize_rows_fp8`` of
+    what :func:`expert_activation` writes, without its bf16 rows or a launch
+    of the quantizer."""
+    codes, scales = out
+    args = (h, inter, gated, act, bias, row_to_pair, ids, gate_up_block)
+    ptrs = (codes.data.ptr, scales.data.ptr)
+    return _activation(stream, arch, "expert_activation_fp8", _ACTIVATION_FP8, args, codes.shape[0], ptrs)
+
+
+def _activation(stream, arch, name, signature, params, rows, out_ptrs):
+    """Launch (or, under :class:`Prepare`, prepare) activation kernel ``name``
+    over ``rows`` rows writing ``out_ptrs``: the two kernels' common arguments."""
+    h, inter, gated, act, bias, row_to_pair, ids, gate_up_block = params
+    kernel = _kernel("activation", name, arch, h.dtype)
     args = (
         h.data.ptr,
         int(inter),
@@ -301,11 +332,11 @@ def expert_activation(
         row_to_pair.data.ptr,
         ids.data.ptr,
         rows,
-        out.data.ptr,
+        *out_ptrs,
     )
     if type(stream) is Prepare:
-        return stream.fixed(kernel, _row_grid(rows), ROW_THREADS, _ACTIVATION, args)
-    _kernels.launch_signed(stream, kernel, _row_grid(rows), ROW_THREADS, _ACTIVATION, args)
+        return stream.fixed(kernel, _row_grid(rows), ROW_THREADS, signature, args)
+    _kernels.launch_signed(stream, kernel, _row_grid(rows), ROW_THREADS, signature, args)
 
 
 def combine_rows(stream, arch, y, pair_to_row, weights, ids, bias, num_tokens, top_k, out) -> None:

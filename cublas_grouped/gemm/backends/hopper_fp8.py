@@ -16,7 +16,8 @@ Tile shape and why (docs/kernel-notes.md, "FP8 kernel"): 128 x 128 tiles,
 128-deep K stages (one scale block and one 128-byte swizzle row each), 6
 stages of 32 KiB, a load warpgroup and two math warpgroups, persistent CTAs
 taking tiles from a device counter, as in :mod:`.hopper`; each stage's scales
-applied while the next stage's MMAs run (:data:`OVERLAP`).
+applied while the next stage's MMAs run (:data:`OVERLAP`). At decode sizes
+(:func:`thin_tiles`) thin tiles of 64 x 256 keep more weight bytes in flight.
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ __all__ = [
     "SOURCE",
     "KERNEL",
     "SHARED_BYTES",
+    "SHARED_LIMIT",
+    "THIN",
+    "THIN_MAX_ROWS_PER_GROUP",
+    "THIN_TILE_N",
+    "THIN_STAGES",
+    "THIN_SHARED_BYTES",
+    "THIN_TABLE_MAX_GROUPS",
+    "thin_tiles",
+    "launch_defines",
+    "shared_bytes",
     "ALIGNMENT",
     "unsupported",
     "misaligned",
@@ -79,19 +90,62 @@ DEFINES = {
     "FP8_OVERLAP": OVERLAP,
     "FP8_TABLE_MAX_GROUPS": hopper.TABLE_MAX_GROUPS,
     "FP8_A_BOX_ROWS": A_BOX_ROWS,
+    "FP8_THIN": 0,
 }
 SOURCE = "grouped_gemm_fp8_sm90"
 KERNEL = "grouped_gemm_fp8_nt_bf16"
 # The ring (1-byte elements), the two 64 x 64 bf16 staging areas at the pitch
 # of sm90.cuh's SM90_C_PITCH, and 1024 bytes to align the ring for the swizzle.
 SHARED_BYTES = STAGES * (BLOCK_M + BLOCK_N) * BLOCK_K + 2 * 64 * hopper.C_PITCH * 2 + 1024
+# The most shared memory a block may have on SM 9.0 (227 KiB), less 1 KiB
+# for the kernel's static part (barriers, mailboxes: 176-192 bytes by ptxas),
+# which counts against it: the dynamic opt-in may not exceed the rest.
+SHARED_LIMIT = 227 * 1024 - 1024
+
+# Thin tiles (FP8_THIN, the decode shape): 64 rows x 256 columns, each math
+# warpgroup 128 of the columns, 5 stages of 8 KiB of a and 32 KiB of b: 160
+# KiB of weights in flight per SM where the 128 x 128 tiles keep 96 KiB (the
+# measured bound of decode, docs/kernel-notes.md "FP8 thin tiles"). A group's
+# 128-row schedule tile with more than 64 rows runs as two passes, each
+# streaming its band of b: chosen only where groups average at most
+# THIN_MAX_ROWS_PER_GROUP rows (M <= that times E: a rule of M and E alone,
+# so a captured graph replays with any sizes).
+THIN = True  # False: 128 x 128 tiles everywhere (a probe's A/B)
+THIN_MAX_ROWS_PER_GROUP = 16
+THIN_TILE_N = 2 * BLOCK_N
+THIN_STAGES = 5
+THIN_SHARED_BYTES = THIN_STAGES * (64 + THIN_TILE_N) * BLOCK_K + 2 * 64 * hopper.C_PITCH * 2 + 1024
+# The schedule table (4 * (3E + 1) bytes) fits beside the thin ring up to this E.
+THIN_TABLE_MAX_GROUPS = (SHARED_LIMIT - THIN_SHARED_BYTES - 4) // 12
 
 
-def shared_bytes(groups: int) -> int:
-    """The launch's dynamic shared memory: :data:`SHARED_BYTES` and the
-    schedule table of ``groups`` groups (as the bf16 kernel's, v14), where
-    the kernel keeps one (at most hopper.TABLE_MAX_GROUPS)."""
-    return SHARED_BYTES + (4 * (3 * groups + 1) if 0 < groups <= hopper.TABLE_MAX_GROUPS else 0)
+def thin_tiles(m: int, e: int) -> bool:
+    """Whether a launch of ``m`` rows over ``e`` groups runs thin tiles (see :data:`THIN`)."""
+    return THIN and m <= THIN_MAX_ROWS_PER_GROUP * e
+
+
+def launch_defines(thin: bool) -> dict:
+    """The kernel's defines for 128 x 128 tiles (:data:`DEFINES`, read at
+    each call: a probe may vary them) or for thin tiles."""
+    if not thin:
+        return DEFINES
+    return {
+        **DEFINES,
+        "FP8_THIN": 1,
+        "FP8_STAGES": THIN_STAGES,
+        "FP8_TABLE_MAX_GROUPS": THIN_TABLE_MAX_GROUPS,
+    }
+
+
+def shared_bytes(groups: int, thin: bool = False) -> int:
+    """The launch's dynamic shared memory: :data:`SHARED_BYTES` (thin tiles:
+    :data:`THIN_SHARED_BYTES`) and the schedule table of ``groups`` groups (as
+    the bf16 kernel's, v14), where the kernel keeps one (at most
+    hopper.TABLE_MAX_GROUPS; :data:`THIN_TABLE_MAX_GROUPS` for thin tiles)."""
+    base, most = (
+        (THIN_SHARED_BYTES, THIN_TABLE_MAX_GROUPS) if thin else (SHARED_BYTES, hopper.TABLE_MAX_GROUPS)
+    )
+    return base + (4 * (3 * groups + 1) if 0 < groups <= most else 0)
 
 
 # TMA reads from 16-byte aligned addresses; the store writes 16-byte chunks.
@@ -189,10 +243,11 @@ def check_operands(a_q, a_scales, weights, out, group_sizes) -> tuple[int, np.nd
     return m, None
 
 
-def grid_size(m: int, n: int, e: int, sm_count: int, limit: int | None = None) -> int:
+def grid_size(m: int, n: int, e: int, sm_count: int, limit: int | None = None, tile_n: int = BLOCK_N) -> int:
     """CTAs of one launch: one per SM (at most ``limit`` when given), never more
-    than the most tiles any sizes summing to ``m`` over ``e`` groups can need."""
-    tile_bound = hopper.max_tiles(m, e) * -(-n // BLOCK_N)
+    than the most tiles of ``tile_n`` columns any sizes summing to ``m`` over
+    ``e`` groups can need."""
+    tile_bound = hopper.max_tiles(m, e) * -(-n // tile_n)
     cap = sm_count if limit is None else limit
     if cap < 1:
         raise ValueError(f"the persistent grid needs at least one CTA; got {cap}")
@@ -289,13 +344,14 @@ def _launch(
     # row_offsets, row_ends, tile_offsets, tile counter `counter`
     schedule = hopper.schedule_addresses(hopper.schedule_base(res, e, storage), e, counter)
     stream = res.launch_stream
-    gemm = _kernels.get_kernel(SOURCE, KERNEL, ARCH, defines=DEFINES)
-    hopper._allow_shared_memory(
-        gemm, res.device_id, shared_bytes(hopper.TABLE_MAX_GROUPS)
-    )  # the most any E asks
+    thin = thin_tiles(m, e)
+    defines = launch_defines(thin)
+    gemm = _kernels.get_kernel(SOURCE, KERNEL, ARCH, defines=defines)
+    most = defines["FP8_TABLE_MAX_GROUPS"]
+    hopper._allow_shared_memory(gemm, res.device_id, shared_bytes(most, thin))  # the most any E asks
     tmap_a = hopper.tensor_map(a_ptr, (m, k), (BLOCK_M, BLOCK_K), np.uint8, res.device_id)
     # The box the source was compiled for (a probe may vary the define).
-    box_rows = DEFINES["FP8_A_BOX_ROWS"]
+    box_rows = defines["FP8_A_BOX_ROWS"]
     tmap_a_rows = hopper.tensor_map(a_ptr, (m, k), (box_rows, BLOCK_K), np.uint8, res.device_id)
     tmap_b = hopper.tensor_map(values.data.ptr, (e * n, k), (BLOCK_N, BLOCK_K), np.uint8, res.device_id)
     scales_b = as_cupy(weights.scales, "weights.scales")
@@ -312,8 +368,9 @@ def _launch(
         np.int32(k),
         np.intp(out_ptr),
     )
-    grid = grid_size(m, n, e, hopper._sm_count(res.device_id), GRID_LIMIT)
-    _kernels.launch(stream, gemm, grid, THREADS, args, shmem=shared_bytes(e))
+    tile_n = THIN_TILE_N if thin else BLOCK_N
+    grid = grid_size(m, n, e, hopper._sm_count(res.device_id), GRID_LIMIT, tile_n)
+    _kernels.launch(stream, gemm, grid, THREADS, args, shmem=shared_bytes(e, thin))
 
 
 def gmm_fp8(a, weights, group_sizes, *, out=None, stream=None):
