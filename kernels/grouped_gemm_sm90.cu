@@ -40,6 +40,22 @@
 //                       only releases the stages (v12); 0 or undefined
 //                       (the default): it multiplies stale rows it never
 //                       stores (v10, v11)
+//   SM90_THIN           0: tiles of SM90_BLOCK_M rows, math warpgroup w
+//                       multiplying rows 64 (w - 1) .. + 63 over all the
+//                       tile's columns. 1 (thin tiles, for decode): math
+//                       warpgroup w multiplies columns 128 (w - 1) .. + 127
+//                       of the same 64 rows (wgmma m64n128; SM90_BLOCK_N =
+//                       256), so a stage is 8 KiB of a and 32 KiB of b and
+//                       the ring holds one more stage of weights (5 stages:
+//                       160 KiB of b in flight, where 4 stages of 128-row
+//                       tiles hold 128 KiB). The schedule keeps its tiles of
+//                       SM90_BLOCK_M rows (grouped_tile_offsets is shared
+//                       with the other GEMMs of a step); one with more than
+//                       64 of its group's rows runs as two passes of 64, each
+//                       streaming the tile's band of b again: right for
+//                       decode, wrong for prefill. Not with
+//                       SM90_EPILOGUE_ACT (gate and up would lie in
+//                       different warpgroups), SM90_GATHER_A or SM90_SKIP_IDLE.
 //   SM90_TILE_THREADS   threads of grouped_tile_offsets' one block
 //   SM90_TABLE_MAX_GROUPS  the most groups whose schedule the GEMMs copy into
 //                       shared memory (v14); the launcher's dynamic shared
@@ -131,8 +147,8 @@
 //     threads: warpgroup 0 loads (one thread issues every TMA), warpgroups 1
 //     and 2 multiply 64 rows each (warp specialization: the loads run ahead
 //     while the MMAs run, and into the next tile while a tile is stored).
-//     Dynamic shared memory: SM90_STAGES * (SM90_BLOCK_M + SM90_BLOCK_N) *
-//     SM90_BLOCK_K * 2 (the ring) + 2 * 64 * 72 * 2 (the store's staging
+//     Dynamic shared memory: SM90_STAGES * (SM90_TILE_M + SM90_BLOCK_N) *
+//     SM90_BLOCK_K * 2 (the ring; SM90_TILE_M: 64 with SM90_THIN, else SM90_BLOCK_M) + 2 * 64 * 72 * 2 (the store's staging
 //     areas) + 1024 bytes (the 1024 align the ring for the swizzle).
 //     Schedule: with n_tiles = ceil(N / SM90_BLOCK_N), tile x belongs to group
 //     g with tile_offsets[g] <= x / n_tiles < tile_offsets[g + 1]; with
@@ -177,8 +193,12 @@
 
 #if !defined(SM90_BLOCK_M) || !defined(SM90_BLOCK_N) || !defined(SM90_BLOCK_K) || \
     !defined(SM90_STAGES) || !defined(SM90_TILE_THREADS) || !defined(SM90_A_BOX_ROWS) || \
-    !defined(SM90_TABLE_MAX_GROUPS)
-#error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES, SM90_TILE_THREADS, SM90_A_BOX_ROWS and SM90_TABLE_MAX_GROUPS from its launcher"
+    !defined(SM90_TABLE_MAX_GROUPS) || !defined(SM90_THIN)
+#error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES, SM90_TILE_THREADS, SM90_A_BOX_ROWS, SM90_TABLE_MAX_GROUPS and SM90_THIN from its launcher"
+#endif
+#if SM90_THIN && (SM90_BLOCK_N != 256 || SM90_A_BOX_ROWS > 64 || defined(SM90_EPILOGUE_ACT) || \
+                  defined(SM90_GATHER_A) || (defined(SM90_SKIP_IDLE) && SM90_SKIP_IDLE))
+#error "thin tiles (SM90_THIN) need SM90_BLOCK_N=256 and SM90_A_BOX_ROWS <= 64, and take no SM90_EPILOGUE_ACT, SM90_GATHER_A or SM90_SKIP_IDLE"
 #endif
 #if SM90_A_BOX_ROWS % 8 != 0 || SM90_A_BOX_ROWS > SM90_BLOCK_M
 #error "SM90_A_BOX_ROWS must be a multiple of 8 (one 1024-byte swizzle atom), at most SM90_BLOCK_M"
@@ -204,6 +224,16 @@
 // Set in a posted tile whose rows all lie in the first math warpgroup's half
 // (at most SM90_BLOCK_M / 2 rows of its group): bit 61, above any tile index.
 #define SM90_THIN_TILE (1LL << 61)
+// Set in a posted tile (thin tiles) for its second pass of 64 rows: bit 62.
+#define SM90_SECOND_PASS (1LL << 62)
+// One pass of the math warpgroups: SM90_TILE_M rows, SM90_WG_N columns each.
+#if SM90_THIN
+#define SM90_TILE_M 64
+#define SM90_WG_N (SM90_BLOCK_N / 2)
+#else
+#define SM90_TILE_M SM90_BLOCK_M
+#define SM90_WG_N SM90_BLOCK_N
+#endif
 #ifdef SM90_GATHER_A
 // full[s]: the TMA thread's arrive.expect_tx (b) and one cp.async arrival per load thread (a).
 #define SM90_FULL_ARRIVALS (1 + 128)
@@ -226,7 +256,7 @@
 #define SM90_ROW_SCALE_ARGS
 #endif
 #define SM90_THREADS (128 * (1 + SM90_MATH_WARPGROUPS))
-#define SM90_A_STAGE_ELEMS (SM90_BLOCK_M * SM90_BLOCK_K)
+#define SM90_A_STAGE_ELEMS (SM90_TILE_M * SM90_BLOCK_K)
 #define SM90_B_STAGE_ELEMS (SM90_BLOCK_N * SM90_BLOCK_K)
 #define SM90_STAGE_BYTES ((SM90_A_STAGE_ELEMS + SM90_B_STAGE_ELEMS) * 2)
 #define SM90_A_BOX_ELEMS (SM90_A_BOX_ROWS * SM90_BLOCK_K)
@@ -435,11 +465,11 @@ SM90_WGMMA_M64N256K16(f16_t, "f16.f16")
 SM90_WGMMA_M64N128K16(bf16_t, "bf16.bf16")
 SM90_WGMMA_M64N128K16(f16_t, "f16.f16")
 
-// The tile's MMA for one 16-deep K step, by the tile width.
+// A math warpgroup's MMA for one 16-deep K step, by its width.
 template <int TRANS_B, class T>
-__device__ __forceinline__ void wgmma_tile(T tag, float (&d)[SM90_BLOCK_N / 2], unsigned long long desc_a,
+__device__ __forceinline__ void wgmma_tile(T tag, float (&d)[SM90_WG_N / 2], unsigned long long desc_a,
                                            unsigned long long desc_b) {
-#if SM90_BLOCK_N == 256
+#if SM90_WG_N == 256
     wgmma_m64n256k16<TRANS_B>(tag, d, desc_a, desc_b, 1);
 #else
     wgmma_m64n128k16<TRANS_B>(tag, d, desc_a, desc_b, 1);
@@ -452,17 +482,23 @@ struct Sm90Tile {
     int row0;          // first row of the tile (in a and out)
     int row_end;       // rows from row_end on are not this group's: never stored
     int n0;            // first column
-    int a_rows;        // rows of the group from row0 on, at most SM90_BLOCK_M (what a's loads need)
+    int a_rows;        // rows of the group from row0 on, at most SM90_TILE_M (what a's loads need)
     int b_boxes;       // [E, K, N] weights: 64-column boxes that hold columns of N
     unsigned stage_bytes;  // bytes one stage of this tile receives
 };
 
+// Whether a's stage is one box of SM90_BLOCK_M rows (tmap_a), else the small
+// boxes holding the group's a_rows rows (tmap_a_rows): see the header.
+__device__ __forceinline__ bool a_in_one_box(int a_rows) { return !SM90_THIN && a_rows > SM90_BLOCK_M / 2; }
+
 // Tile `tile` of the linearized schedule: group by group, and within a group
 // the M tiles fastest, so that CTAs running together share B's column tiles
 // and A's row tiles (one group's A rows and a band of B's columns fit in L2
-// together). The caller checked tile < tile_offsets[num_groups] * n_tiles.
+// together); `second`: its second pass of 64 rows (thin tiles). The caller
+// checked tile < tile_offsets[num_groups] * n_tiles.
 template <bool N_MAJOR_B>
-__device__ __forceinline__ Sm90Tile find_tile(long long tile, int n_tiles, const int* __restrict__ row_offsets,
+__device__ __forceinline__ Sm90Tile find_tile(long long tile, bool second, int n_tiles,
+                                              const int* __restrict__ row_offsets,
                                               const int* __restrict__ row_ends,
                                               const int* __restrict__ tile_offsets, int num_groups, int M,
                                               int N) {
@@ -474,7 +510,7 @@ __device__ __forceinline__ Sm90Tile find_tile(long long tile, int n_tiles, const
     const long long local = tile - static_cast<long long>(tile_offsets[g]) * n_tiles;
     const int m_tile = static_cast<int>(local % m_tiles);
     const int n_tile = static_cast<int>(local / m_tiles);
-    t.row0 = row_offsets[g] + m_tile * SM90_BLOCK_M;
+    t.row0 = row_offsets[g] + m_tile * SM90_BLOCK_M + (second ? SM90_TILE_M : 0);
     t.row_end = min(row_ends[g], M);
     t.n0 = n_tile * SM90_BLOCK_N;
     const int n0 = t.n0;
@@ -487,9 +523,9 @@ __device__ __forceinline__ Sm90Tile find_tile(long long tile, int n_tiles, const
     // a: one whole box, or the small boxes holding the group's rows (see the
     // header). row0 < row_end unless the sizes overrun M (then no row of the
     // tile is stored, and none is loaded).
-    const int a_rows = min(SM90_BLOCK_M, t.row_end - t.row0);
+    const int a_rows = min(SM90_TILE_M, t.row_end - t.row0);
     t.a_rows = a_rows;
-    const int a_elems = a_rows > SM90_BLOCK_M / 2 ? SM90_A_STAGE_ELEMS
+    const int a_elems = a_in_one_box(a_rows) ? SM90_A_STAGE_ELEMS
                         : a_rows > 0              ? (a_rows + SM90_A_BOX_ROWS - 1) / SM90_A_BOX_ROWS * SM90_A_BOX_ELEMS
                                                   : 0;
     t.stage_bytes = (a_elems + (N_MAJOR_B ? b_boxes * SM90_B_BOX_ELEMS : SM90_B_STAGE_ELEMS)) * 2;
@@ -530,7 +566,8 @@ __device__ __forceinline__ void sm90_gather_loads(T* sa, T* sb, unsigned long lo
             tile = sm90_mailbox_take(mail, j);
         }
         if (tile < 0) break;
-        const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
+        const Sm90Tile t =
+            find_tile<N_MAJOR_B>(tile, false, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
         // Each of this thread's rows: -2 not the group's (not written), -1 a
         // zero row, else the token whose row it copies.
         int token[ROWS];
@@ -683,31 +720,42 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
         if (threadIdx.x == 0) {
             unsigned fills = 0;
             long long tile = blockIdx.x;
+            // Thin tiles: a schedule tile with more than 64 of its group's
+            // rows runs as two work items (j), `second` marking the second.
+            bool second = false;
             for (unsigned j = 0;; ++j) {
-                const bool done = tile >= total_tiles;
+                const bool done = !second && tile >= total_tiles;
                 if (done) {
                     sm90_mailbox_publish(&mail, j, -1);
                     allow_next_grid();  // this CTA's last loads are issued
                     break;
                 }
-                const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
+                const Sm90Tile t =
+                    find_tile<N_MAJOR_B>(tile, second, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
+#if SM90_THIN
+                const bool more = !second && t.row_end - t.row0 > SM90_TILE_M;
+                sm90_mailbox_publish(&mail, j, second ? tile | SM90_SECOND_PASS : tile);
+#else
                 // Posted after the search, marked when the second math
                 // warpgroup's rows are all past the group's end (a thin tile).
+                const bool more = false;
                 sm90_mailbox_publish(&mail, j, t.a_rows > SM90_BLOCK_M / 2 ? tile : tile | SM90_THIN_TILE);
+#endif
                 const int g = t.g, n0 = t.n0, row0 = t.row0, a_rows = t.a_rows, b_boxes = t.b_boxes;
                 const int b_row0 = g * N + n0;
                 // The next tile is taken SM90_STAGES stages before this one's
                 // last loads (v14): the atomic's result is first read after
-                // them, so its latency hides behind their waits for free stages.
-                const int take_at = num_k > SM90_STAGES ? num_k - SM90_STAGES : 0;
-                long long next = 0;
+                // them, so its latency hides behind their waits for free
+                // stages. Not before a second pass (the same tile again).
+                const int take_at = more ? -1 : num_k > SM90_STAGES ? num_k - SM90_STAGES : 0;
+                long long next = tile;
                 for (int kt = 0; kt < num_k; ++kt) {
                     if (kt == take_at) next = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);
                     const unsigned f = fills + kt;
                     const int s = f % SM90_STAGES;
                     mbarrier_wait(&empty[s], ((f / SM90_STAGES) & 1) ^ 1);
                     mbarrier_expect_bytes(&full[s], t.stage_bytes);
-                    if (a_rows > SM90_BLOCK_M / 2) {
+                    if (a_in_one_box(a_rows)) {
                         tma_load_2d(sa + s * SM90_A_STAGE_ELEMS, tmap_a, &full[s], kt * SM90_BLOCK_K, row0);
                     } else {
                         for (int ra = 0; ra < a_rows; ra += SM90_A_BOX_ROWS) {
@@ -726,20 +774,28 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                 }
                 fills += num_k;
                 tile = next;
+                second = more;
             }
         }
         return;
     }
 
-    // Math warpgroup w (1 or 2) multiplies rows 64 * (w - 1) .. + 63 of each tile.
+    // Math warpgroup w (1 or 2) multiplies rows 64 * (w - 1) .. + 63 of each
+    // tile, or (thin tiles) columns 128 * (w - 1) .. + 127 of its 64 rows.
     const int half = warpgroup - 1;
+#if SM90_THIN
+    const int row_in = 0, col_in = half * SM90_WG_N;  // this warpgroup's rows and columns in the tile
+#else
+    const int row_in = half * 64, col_in = 0;
+#endif
     const int warp = (threadIdx.x & 127) >> 5, lane = threadIdx.x & 31;
-    float acc[SM90_BLOCK_N / 2];
+    float acc[SM90_WG_N / 2];
     unsigned fills = 0;
     for (unsigned j = 0;; ++j) {
         const long long word = sm90_mailbox_take(&mail, j);
         if (word < 0) break;
-        const long long tile = word & ~SM90_THIN_TILE;
+        const long long tile = word & ~(SM90_THIN_TILE | SM90_SECOND_PASS);
+        const bool second = (word & SM90_SECOND_PASS) != 0;
 #if defined(SM90_SKIP_IDLE) && SM90_SKIP_IDLE
         if (half == 1 && (word & SM90_THIN_TILE) != 0) {
             // A thin tile (v12): this warpgroup's 64 rows hold none of the
@@ -760,7 +816,7 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
         }
 #endif
 #pragma unroll
-        for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = 0.0f;
+        for (int i = 0; i < SM90_WG_N / 2; ++i) acc[i] = 0.0f;
 
 #ifdef SM90_GATHER_A
         // The plain kernels' unrolling (ptxas chose 4 there; the fence below made it choose 2 here).
@@ -773,10 +829,13 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
 #ifdef SM90_GATHER_A
             fence_proxy_async_shared();  // a's rows came by cp.async (generic proxy); wgmma reads them as async
 #endif
-            // 64 rows of 128 bytes further down the A stage: 8 KiB, 1024-aligned.
-            const unsigned long long da = smem_descriptor(sa + s * SM90_A_STAGE_ELEMS + half * 64 * SM90_BLOCK_K);
-            const unsigned long long db = N_MAJOR_B ? smem_descriptor_n_major(sb + s * SM90_B_STAGE_ELEMS)
-                                                    : smem_descriptor(sb + s * SM90_B_STAGE_ELEMS);
+            // This warpgroup's 64 rows of a (row_in rows of 128 bytes further
+            // down: 8 KiB, 1024-aligned) and its columns of b (thin tiles: 128
+            // further, 16 KiB in both layouts: 128 K-major rows of 128 bytes,
+            // or two N-major boxes of 8 KiB).
+            const unsigned long long da = smem_descriptor(sa + s * SM90_A_STAGE_ELEMS + row_in * SM90_BLOCK_K);
+            const T* b_stage = sb + s * SM90_B_STAGE_ELEMS + col_in * SM90_BLOCK_K;
+            const unsigned long long db = N_MAJOR_B ? smem_descriptor_n_major(b_stage) : smem_descriptor(b_stage);
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < SM90_BLOCK_K / 16; ++kk) {
@@ -797,7 +856,8 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
         }
         // Where this tile goes, found while the last stage's MMAs run (the
         // search's loads wait on nothing the tensor cores do).
-        const Sm90Tile t = find_tile<N_MAJOR_B>(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
+        const Sm90Tile t =
+            find_tile<N_MAJOR_B>(tile, second, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
         wgmma_wait<0>();
         // The tile's last stage is read: free it now, so the load thread fills
         // it with the next tile's data while this tile is stored.
@@ -824,8 +884,8 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
         const T* bias_g = bias != nullptr ? bias + static_cast<long long>(t.g) * N : nullptr;  // [E, 2I]: gate | up
 #else
         const int out_n = N;
-        const int c_tile = t.n0;
-        const int passes = SM90_BLOCK_N / 64;
+        const int c_tile = t.n0 + col_in;
+        const int passes = SM90_WG_N / 64;
 #endif
 #ifdef SM90_EPILOGUE_ROW_SCALE
         const T* bias_g = bias != nullptr ? bias + static_cast<long long>(t.g) * N : nullptr;  // [E, N]
@@ -834,14 +894,14 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
         float row_w[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int r = t.row0 + half * 64 + warp * 16 + (lane >> 2) + 8 * h;
+            const int r = t.row0 + row_in + warp * 16 + (lane >> 2) + 8 * h;
             row_w[h] = r < t.row_end ? row_scale[r] : 0.0f;
         }
 #endif
         T* stage = reinterpret_cast<T*>(ring + SM90_STAGES * SM90_STAGE_BYTES) + half * SM90_C_STAGE_ELEMS;
         const int tid = threadIdx.x & 127;
         const int row_end = t.row_end;
-        const int r_first = t.row0 + half * 64;  // this warpgroup's first row
+        const int r_first = t.row0 + row_in;  // this warpgroup's first row
         // All of this warpgroup's rows past the group's end (a thin tile): nothing
         // to store. Its MMAs still ran, on rows of the A stage no box refilled
         // (a branch around wgmma would make ptxas serialize every MMA: C7520).

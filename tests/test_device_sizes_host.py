@@ -459,9 +459,11 @@ def test_narrow_tiles_launch_with_their_grid_shared_memory_and_box(gpu, monkeypa
     them: twice the column tiles in its grid, the ring's shared memory, and
     for [E, N, K] weights a tensor-map box of 128 rows. Under the default
     defines the choice follows NARROW_MAX_ROWS_PER_GROUP: these 4 rows per
-    group take the narrow tiles with [E, N, K] weights only."""
+    group take the narrow tiles with [E, N, K] weights only (thin tiles off:
+    the next test has them)."""
     from cublas_grouped.gemm.backends import hopper, hopper_variants
 
+    monkeypatch.setattr(hopper_variants, "THIN_MAX_ROWS_PER_GROUP", 0)
     a, b = _operands(trans_b)
     out = fake_array((M, N))
     boxes = []
@@ -490,8 +492,77 @@ def test_narrow_tiles_launch_with_their_grid_shared_memory_and_box(gpu, monkeypa
         assert (256, hopper.BLOCK_K) in boxes and (128, hopper.BLOCK_K) in boxes
 
 
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_thin_tiles_launch_with_their_grid_shared_memory_and_box(gpu, monkeypatch, trans_b):
+    """4 rows per group (at most THIN_MAX_ROWS_PER_GROUP): the thin tiles
+    (asked for with [E, K, N] weights, which the rule leaves out), built for
+    them: the 256-column tiles' grid (the schedule keeps its 128-row tiles)
+    and b's box, and a ring of 5 stages of 64 + 256 rows; with the choice
+    off, the tiles chosen before."""
+    from cublas_grouped.gemm.backends import hopper, hopper_variants
+
+    if not trans_b:
+        monkeypatch.setattr(hopper, "DEFINES", {**hopper.DEFINES, "SM90_THIN": 1})
+    a, b = _operands(trans_b)
+    out = fake_array((M, N))
+    boxes = []
+    real_map = hopper.tensor_map
+    monkeypatch.setattr(hopper, "tensor_map", lambda *x: (boxes.append(x[2]), real_map(*x))[1])
+    launches = {}
+    for label, threshold in (("thin", 16), ("off", 0)):
+        monkeypatch.setattr(hopper_variants, "THIN_MAX_ROWS_PER_GROUP", threshold)
+        if label == "off":
+            monkeypatch.setattr(hopper, "DEFINES", {**hopper.DEFINES, "SM90_THIN": 0})
+        gpu.clear()
+        cg.gmm(a, b, np.array([4, 4, 4, 4]), trans_b=trans_b, algorithm="sm90_grouped", out=out)
+        gemm = [q for q in _queued(gpu, out) if q[2] > 0]
+        assert len(gemm) == 1
+        launches[label] = gemm[0]
+    ring = hopper.shared_bytes(5, 256, E, thin=1, table_max=hopper_variants.THIN_TABLE_MAX_GROUPS)
+    assert launches["thin"][2] == ring == 5 * (64 + 256) * 64 * 2 + 2 * 64 * 72 * 2 + 1024 + 4 * (3 * E + 1)
+    assert launches["thin"][1][0] == hopper.max_tiles(M, E)  # N = 256: one column tile
+    assert launches["off"][2] != ring
+    if trans_b:
+        assert boxes[0] == (256, hopper.BLOCK_K)  # the thin launch's b: a tile's 256 rows of [E * N, K]
+
+
+def test_thin_tiles_are_chosen_by_rows_per_group_and_variant(monkeypatch):
+    """Thin tiles (5 stages, their own schedule-table limit) where groups of
+    [E, N, K] weights average at most 16 rows, with the row-scale epilogue
+    too; not by the rule with [E, K, N] weights (measured slower there);
+    where a probe asks for them (SM90_THIN=1) at any size; never in 128-column
+    tiles, with the gated epilogue, a row gather or v12 named by the defines
+    (the kernel refuses those); the threshold is part of the launches' key."""
+    from cublas_grouped.gemm.backends import hopper
+    from cublas_grouped.gemm.backends import hopper_variants as V
+
+    choose, base = V.tile_defines, hopper.DEFINES
+    thin = {**base, "SM90_THIN": 1, "SM90_STAGES": 5, "SM90_TABLE_MAX_GROUPS": 597}
+    assert V.THIN_MAX_ROWS_PER_GROUP == 16
+    assert choose(base, True, 16 * 8, 8) == thin
+    assert choose(base, True, 16 * 8 + 1, 8)["SM90_THIN"] == 0
+    assert choose(base, False, 16 * 8, 8)["SM90_THIN"] == 0  # [E, K, N]: not by the rule
+    for trans_b in (False, True):
+        assert choose({**base, "SM90_THIN": 1}, trans_b, 10**6, 8) == thin  # a probe's: any size, any layout
+    scale = V.RowScaleEpilogue(0x2000)
+    assert V.kernel_defines(base, True, 16, 8, scale, None) == {**thin, "SM90_EPILOGUE_ROW_SCALE": 1}
+    gated = V.GatedEpilogue(act=1, codes=(("ACT_SILU", 1),))
+    gather = V.RowGather(0x5000, 4, 10)
+    asked = {**base, "SM90_THIN": 1}
+    assert choose(asked, True, 8, 8, gated)["SM90_THIN"] == 0
+    assert choose(asked, True, 8, 8, None, gather)["SM90_THIN"] == 0
+    assert choose({**asked, "SM90_SKIP_IDLE": 1}, True, 8, 8)["SM90_THIN"] == 0
+    assert choose({**asked, "SM90_BLOCK_N": 128}, True, 8, 8)["SM90_THIN"] == 0
+    key = V.choice_key(base)
+    monkeypatch.setattr(V, "THIN_MAX_ROWS_PER_GROUP", 0)
+    assert choose(base, True, 8, 8)["SM90_THIN"] == 0  # off
+    assert V.choice_key(base) != key
+
+
 def test_narrow_tiles_are_chosen_by_layout_rows_per_group_and_epilogue(monkeypatch):
     from cublas_grouped.gemm.backends import hopper, hopper_variants
+
+    monkeypatch.setattr(hopper_variants, "THIN_MAX_ROWS_PER_GROUP", 0)  # the tiles chosen before them
 
     base = {**hopper.DEFINES, "SM90_SKIP_IDLE": 0}  # v12's choice made: this test is about the width
     narrow = {**base, "SM90_BLOCK_N": 128, "SM90_STAGES": 6}
@@ -538,7 +609,7 @@ def test_row_scale_epilogue_defines_arguments_and_refusals():
     arguments after the output (b2, then the scales) against the gated
     epilogue's and the plain product's; kernel_defines passes the epilogue
     to both choices (the gated one keeps 256-column tiles, the row-scale
-    one takes the narrow tiles at decode with [E, N, K] weights)."""
+    one takes the thin tiles at decode)."""
     import numpy as np
 
     from cublas_grouped.gemm.backends import hopper
@@ -557,9 +628,15 @@ def test_row_scale_epilogue_defines_arguments_and_refusals():
     assert V.epilogue_args(None) == (0,) and V.epilogue_args(gated) == (0x4000,)
     assert V.epilogue_args(scale) == (0x3000, 0x2000)
     assert all(isinstance(a, np.intp) for a in V.epilogue_args(scale))
-    decode = (True, 16, 8)  # [E, N, K] weights, 2 rows per group: narrow tiles unless gated
-    narrow = V.kernel_defines(base, *decode, scale, None)
-    assert narrow == {**base, "SM90_BLOCK_N": 128, "SM90_STAGES": 6, "SM90_EPILOGUE_ROW_SCALE": 1}
+    decode = (True, 16, 8)  # [E, N, K] weights, 2 rows per group: thin tiles unless gated
+    thin = V.kernel_defines(base, *decode, scale, None)
+    assert thin == {
+        **base,
+        "SM90_THIN": 1,
+        "SM90_STAGES": 5,
+        "SM90_TABLE_MAX_GROUPS": 597,
+        "SM90_EPILOGUE_ROW_SCALE": 1,
+    }
     wide = V.kernel_defines(base, *decode, gated, None)
     assert wide["SM90_BLOCK_N"] == 256 and wide["SM90_EPILOGUE_ACT"] == 1
     assert V.kernel_defines(base, *decode, None, gather)["SM90_GATHER_A"] == 1

@@ -114,6 +114,7 @@ def test_launch_constants_agree():
         "SM90_TILE_THREADS": hopper.TILE_THREADS,
         "SM90_A_BOX_ROWS": hopper.A_BOX_ROWS,
         "SM90_TABLE_MAX_GROUPS": hopper.TABLE_MAX_GROUPS,
+        "SM90_THIN": 0,
     }
 
 
@@ -155,12 +156,13 @@ def test_weights_layouts_and_their_tensor_maps():
 @pytest.mark.parametrize(
     "act, gather, block_n",
     [(act, gather, 256) for act in (None, "silu", "gelu", "relu") for gather in (False, True)]
-    + [(None, False, 128), (None, True, 128)],
+    + [(None, False, 128), (None, True, 128), ("thin", False, 256), ("thin-row-scale", False, 256)],
 )
 def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act, gather, block_n):
     """ptxas's verbose report of every sm90 kernel, plain and with each gated
     epilogue, with a's rows from TMA and gathered by cp.async (SM90_GATHER_A),
-    and the 128-column tiles (SM90_BLOCK_N=128, 6 stages: wgmma n128):
+    the 128-column tiles (SM90_BLOCK_N=128, 6 stages: wgmma n128), and the
+    thin tiles (SM90_THIN, plain and with the row-scale epilogue):
     no local-memory spills, no note C7520 (wgmma serialized: each MMA waits
     for the one before, as a branch on accumulator values in the epilogue
     once caused in the bf16 kernels), and at most 168 registers (384
@@ -173,7 +175,11 @@ def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act, gather, block_n)
     from cublas_grouped.runtime import nvrtc
 
     defines = dict(hopper.DEFINES)
-    if act is not None:
+    if act is not None and act.startswith("thin"):
+        defines.update(SM90_THIN=1, SM90_STAGES=5, SM90_TABLE_MAX_GROUPS=597)
+        if act == "thin-row-scale":
+            defines["SM90_EPILOGUE_ROW_SCALE"] = 1
+    elif act is not None:
         defines.update(
             {f"ACT_{n.upper()}": c for n, c in ACTIVATIONS.items()}, SM90_EPILOGUE_ACT=ACTIVATIONS[act]
         )
@@ -204,6 +210,36 @@ def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act, gather, block_n)
     registers = [int(n) for n in re.findall(r"Used (\d+) registers", report)]
     # Four GEMMs and the offsets kernel for int32 and int64 sizes.
     assert len(registers) == 6 and max(registers) <= 168, report
+
+
+def test_thin_tiles_fit_their_shared_memory_and_refuse_what_they_do_not_take():
+    """The thin tiles' ring, staging areas and largest schedule table fit the
+    227 KiB opt-in less 1 KiB for the kernel's static shared memory (one group
+    more does not); the source refuses them with the gated epilogue, a row
+    gather, v12 or 128-column tiles."""
+    from cuda.core import Program, ProgramOptions
+
+    from cublas_grouped.gemm.backends import hopper_variants as V
+    from cublas_grouped.moe.kernels import ACTIVATIONS
+    from cublas_grouped.runtime import nvrtc
+
+    limit = 227 * 1024 - 1024
+    table_max = V.THIN_TABLE_MAX_GROUPS
+    ring = {"thin": 1, "table_max": table_max + 1}
+    assert hopper.shared_bytes(V.THIN_STAGES, 256, table_max, **ring) <= limit
+    assert hopper.shared_bytes(V.THIN_STAGES, 256, table_max + 1, **ring) > limit
+    thin = {**hopper.DEFINES, "SM90_THIN": 1, "SM90_STAGES": 5, "SM90_TABLE_MAX_GROUPS": table_max}
+    codes = {f"ACT_{n.upper()}": c for n, c in ACTIVATIONS.items()}
+    for extra in (
+        {**codes, "SM90_EPILOGUE_ACT": 1},
+        {"SM90_GATHER_A": 1},
+        {"SM90_SKIP_IDLE": 1},
+        {"SM90_BLOCK_N": 128},
+    ):
+        macros = [(k, str(v)) for k, v in {**thin, **extra}.items()]
+        options = ProgramOptions(arch=hopper.ARCH, std="c++17", define_macro=macros)
+        with pytest.raises(Exception, match=r"thin tiles \(SM90_THIN\) need SM90_BLOCK_N=256"):
+            Program(nvrtc.load_source("grouped_gemm_sm90"), code_type="c++", options=options).compile("cubin")
 
 
 def test_narrow_tiles_issue_n128_and_refuse_the_fused_epilogue():

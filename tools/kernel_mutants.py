@@ -464,8 +464,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-acc-once-per-cta",
         "grouped_gemm_sm90.cu",
-        "for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = 0.0f;",
-        "for (int i = 0; i < SM90_BLOCK_N / 2; ++i) acc[i] = j == 0 ? 0.0f : acc[i];",
+        "for (int i = 0; i < SM90_WG_N / 2; ++i) acc[i] = 0.0f;",
+        "for (int i = 0; i < SM90_WG_N / 2; ++i) acc[i] = j == 0 ? 0.0f : acc[i];",
         "accumulators zeroed for a CTA's first tile only: later tiles add the tile before",
     ),
     Mutant(
@@ -605,6 +605,35 @@ MUTANTS: tuple[Mutant, ...] = (
         "u0 += to_float(bias_g[out_n + col]);",
         "u0 += to_float(bias_g[col]);",
         "the up projection gets the gate's bias",
+    ),
+    # grouped_gemm_sm90.cu: thin tiles (SM90_THIN), killed by test_sm90_thin_gpu.py
+    Mutant(
+        "sm90-thin-second-pass-rows",
+        "grouped_gemm_sm90.cu",
+        "t.row0 = row_offsets[g] + m_tile * SM90_BLOCK_M + (second ? SM90_TILE_M : 0);",
+        "t.row0 = row_offsets[g] + m_tile * SM90_BLOCK_M + (second ? 0 : 0);",
+        "a thin tile's second pass multiplies the first 64 rows again: rows 65-128 of a schedule tile never stored",
+    ),
+    Mutant(
+        "sm90-thin-no-second-pass",
+        "grouped_gemm_sm90.cu",
+        "const bool more = !second && t.row_end - t.row0 > SM90_TILE_M;",
+        "const bool more = !second && t.row_end - t.row0 > SM90_BLOCK_M;",
+        "a schedule tile of 65-128 rows of its group runs one pass of 64: its other rows never computed",
+    ),
+    Mutant(
+        "sm90-thin-b-half",
+        "grouped_gemm_sm90.cu",
+        "const T* b_stage = sb + s * SM90_B_STAGE_ELEMS + col_in * SM90_BLOCK_K;",
+        "const T* b_stage = sb + s * SM90_B_STAGE_ELEMS;",
+        "both math warpgroups of a thin tile read the first 128 columns' weights",
+    ),
+    Mutant(
+        "sm90-thin-store-half",
+        "grouped_gemm_sm90.cu",
+        "const int c_tile = t.n0 + col_in;",
+        "const int c_tile = t.n0;",
+        "both math warpgroups of a thin tile store into the tile's first 128 columns",
     ),
     # grouped_gemm_fp8_sm90.cu: the FP8 kernel's descriptors, scales and masks
     Mutant(

@@ -11,8 +11,12 @@ stage ("fp8-box128"); each under every TMA L2 promotion asked for
 the active experts' weights and their share of 4.8 TB/s (the H200's
 datasheet), or TFLOP/s, and whether the variants' outputs agree bit for bit.
 
+``nt-off`` and ``nn-off``: the bf16 kernel with its thin tiles off (the
+tiles chosen before them).
+
 ``--layers``: the decode layer (``FixedCapacityMoE``, one step captured in a
-graph, 10 replays per round, median of 30) with bf16 weights, FP8 weights
+graph, 10 replays per round, median of 30) with bf16 weights (and their thin
+tiles off, "bf16-off"), FP8 weights
 ("fp8") and FP8 with thin tiles off ("fp8-wide"), Qwen3-30B-A3B and
 DeepSeek-V3, uniform and skewed routing. The thin / wide bitwise line
 compares outputs allocated inside the capture, which layers of one shape on
@@ -30,7 +34,7 @@ import ml_dtypes
 import numpy as np
 
 import cublas_grouped as cg
-from cublas_grouped.gemm.backends import hopper_fp8, tma
+from cublas_grouped.gemm.backends import hopper_fp8, hopper_variants, tma
 from cublas_grouped.runtime.timing import time_interleaved
 
 BF16 = ml_dtypes.bfloat16
@@ -61,10 +65,12 @@ KINDS = (
 )
 
 
-def graphed(fn, calls, stream, promo, defines=None, thin=True):
+def graphed(fn, calls, stream, promo, defines=None, thin=True, bf16_thin=True):
     old_p, old_d, old_t = tma.L2_PROMOTION, hopper_fp8.DEFINES, hopper_fp8.THIN
+    old_b = hopper_variants.THIN_MAX_ROWS_PER_GROUP
     tma.L2_PROMOTION = promo
     hopper_fp8.THIN = thin
+    hopper_variants.THIN_MAX_ROWS_PER_GROUP = old_b if bf16_thin else 0
     if defines:
         hopper_fp8.DEFINES = {**hopper_fp8.DEFINES, **defines}
     try:
@@ -77,6 +83,7 @@ def graphed(fn, calls, stream, promo, defines=None, thin=True):
         stream.synchronize()
     finally:
         tma.L2_PROMOTION, hopper_fp8.DEFINES, hopper_fp8.THIN = old_p, old_d, old_t
+        hopper_variants.THIN_MAX_ROWS_PER_GROUP = old_b
     return lambda i: g.launch(stream)
 
 
@@ -103,7 +110,7 @@ def gemms(case, tokens):
     methods, outs, nbytes = {}, {}, {}
     stream = cupy.cuda.Stream(non_blocking=True)
     calls = 10 if tokens <= 256 else 3
-    if "nn" in KINDS:
+    if "nn" in KINDS or "nn-off" in KINDS:
         w_kn = cupy.ascontiguousarray(w.transpose(0, 2, 1))
     if any(kind.startswith("fp8") for kind in KINDS):
         wq = cg.quantize_fp8(w, trans_b=True)
@@ -113,11 +120,11 @@ def gemms(case, tokens):
             label = f"{kind} p{promo}"
             out = cupy.empty((m, N), dtype=BF16)
             outs[label] = out
-            if kind == "nt":
+            if kind in ("nt", "nt-off"):
                 fn = lambda out=out: cg.gmm(a, w, sizes_dev, trans_b=True, out=out, algorithm="sm90_grouped")
                 nbytes[label] = active * N * K * 2
                 defs = None
-            elif kind == "nn":
+            elif kind in ("nn", "nn-off"):
                 fn = lambda out=out: cg.gmm(
                     a, w_kn, sizes_dev, trans_b=False, out=out, algorithm="sm90_grouped"
                 )
@@ -127,7 +134,9 @@ def gemms(case, tokens):
                 fn = lambda out=out: hopper_fp8.grouped_fp8(a_q, a_s, wq, sizes_dev, out=out)
                 nbytes[label] = active * (N * K + -(-N // 128) * -(-K // 128) * 4)
                 defs = {"FP8_A_BOX_ROWS": 128} if kind == "fp8-box128" else None
-            methods[label] = graphed(fn, calls, stream, promo, defs, thin=kind == "fp8")
+            methods[label] = graphed(
+                fn, calls, stream, promo, defs, thin=kind == "fp8", bf16_thin="off" not in kind
+            )
     cupy.cuda.Device().synchronize()
     res = time_interleaved(list(methods.values()), warmup=3, repeat=25, stream=stream)
     t = {}
@@ -153,13 +162,13 @@ def gemms(case, tokens):
                 print(
                     f"{'':12} {'':7} {label} / {base}: {t[label] / t[base]:.3f}  bitwise {same}", flush=True
                 )
-    for other in ("fp8-box128", "fp8-wide"):
+    for first, other in (("fp8", "fp8-box128"), ("fp8", "fp8-wide"), ("nt", "nt-off"), ("nn", "nn-off")):
         for promo in PROMOS:
-            a_, b_ = f"fp8 p{promo}", f"{other} p{promo}"
+            a_, b_ = f"{first} p{promo}", f"{other} p{promo}"
             if a_ in t and b_ in t:
                 same = bool(cupy.all(outs[a_].view(cupy.uint16) == outs[b_].view(cupy.uint16)))
                 print(
-                    f"{'':12} {'':7} fp8 / {other} (p{promo}): {t[a_] / t[b_]:.3f}  bitwise {same}",
+                    f"{'':12} {'':7} {first} / {other} (p{promo}): {t[a_] / t[b_]:.3f}  bitwise {same}",
                     flush=True,
                 )
     cupy.get_default_memory_pool().free_all_blocks()
@@ -195,6 +204,7 @@ def layers(model, tokens_list):
             methods, outs = {}, {}
             for kind, (a1, a2), _per in (
                 ("bf16", (w1, w2), per_expert_bf16),
+                ("bf16-off", (w1, w2), per_expert_bf16),
                 ("fp8", (q1, q2), per_expert_fp8),
                 ("fp8-wide", (q1, q2), per_expert_fp8),
             ):
@@ -206,7 +216,9 @@ def layers(model, tokens_list):
                     def fn(layer=layer, holder=holder, x=x, ids_d=ids_d, w_d=w_d):
                         holder["out"] = layer.forward(x, ids_d, w_d)
 
-                    methods[label] = graphed(fn, 1, stream, promo, thin=kind == "fp8")
+                    methods[label] = graphed(
+                        fn, 1, stream, promo, thin=kind == "fp8", bf16_thin=kind != "bf16-off"
+                    )
                     outs[label] = holder
             res = time_interleaved(
                 [lambda i, f=f: [f(i) for _ in range(10)] for f in methods.values()],
@@ -247,6 +259,8 @@ def layers(model, tokens_list):
                         cupy.all(outs[base]["out"].view(cupy.uint16) == outs[label]["out"].view(cupy.uint16))
                     )
                     print(f"{'':36} {label} / {base}: {t[label] / t[base]:.3f}  bitwise {same}", flush=True)
+            if "bf16 p0" in t and "bf16-off p0" in t:
+                print(f"{'':36} bf16 thin / off (p0): {t['bf16 p0'] / t['bf16-off p0']:.3f}", flush=True)
             if "fp8 p0" in t and "bf16 p0" in t:
                 print(f"{'':36} bf16 / fp8 (p0) {t['bf16 p0'] / t['fp8 p0']:.2f}x", flush=True)
     del w1, w2, q1, q2

@@ -18,7 +18,7 @@ from __future__ import annotations
 from threading import get_ident
 
 from ..gemm.backends import hopper
-from ..gemm.backends.hopper_variants import RowScaleEpilogue
+from ..gemm.backends.hopper_variants import RowScaleEpilogue, choice_key
 from . import kernels as K
 from .checks import LayerShape, kernel_arch
 from .chunk_capacity import ChunkBuffers
@@ -244,6 +244,8 @@ def kernel_step(
             OVERLAP_LAUNCHES and ids.size <= OVERLAP_MAX_PAIRS,
             places_in_one_launch(shape.num_experts, ids.size),
             gated_epilogue(shape, ids.size),
+            hopper.SOURCE,  # what a probe swaps between steps (the kernel, its defines and choices)
+            choice_key(hopper.DEFINES),
         )
         step = buf.launches.get(key)
         if step is None:

@@ -10,11 +10,11 @@ tile offsets, and the GEMM's CTAs find their tile's group there, so nothing
 crosses to the host and the launch sizes depend only on M, N and E.
 
 Where it stands (docs/kernel-notes.md has the measurements): 128 x 256 tiles
-(128 x 128 for thin groups of [E, N, K] weights), a load warpgroup filling a
-ring of shared-memory stages ahead of two math warpgroups, persistent CTAs
-taking tiles from a device counter (:data:`SCHEDULE`) and searching the
-schedule in shared memory. AUTO takes it where measured clearly faster than
-cuBLAS (``select.with_own_kernel``, ``select.OWN_KERNEL_MARGIN``).
+(thin 64 x 256 tiles at decode sizes, ``hopper_variants``), a load warpgroup
+filling a ring of shared-memory stages ahead of two math warpgroups,
+persistent CTAs taking tiles from a device counter (:data:`SCHEDULE`) and
+searching the schedule in shared memory. AUTO takes it where measured faster
+than cuBLAS (``select.with_own_kernel``, ``select.OWN_KERNEL_MARGIN``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .hopper_schedule import (
 )
 from .hopper_schedule import tile_schedule as host_tile_schedule
 from .hopper_sizes import READ_DTYPES
-from .hopper_variants import GatedEpilogue, RowGather, choice_key, epilogue_args, kernel_defines
+from .hopper_variants import THIN_TILE_M, GatedEpilogue, RowGather, choice_key, epilogue_args, kernel_defines
 from .tma import MAP_CACHE_SIZE, tensor_map
 
 __all__ = [
@@ -115,6 +115,7 @@ DEFINES = {
     "SM90_TILE_THREADS": TILE_THREADS,
     "SM90_A_BOX_ROWS": A_BOX_ROWS,
     "SM90_TABLE_MAX_GROUPS": TABLE_MAX_GROUPS,
+    "SM90_THIN": 0,  # thin tiles: chosen per launch (hopper_variants.tile_defines)
 }
 # The kernel source (kernels/<SOURCE>.cu), read at each call: a probe can time
 # an earlier version of the kernel beside this one in the same run.
@@ -125,11 +126,13 @@ ARCH = "sm_90a"  # wgmma and TMA need the architecture-specific target
 C_PITCH = 72
 
 
-def shared_bytes(stages: int = STAGES, block_n: int = BLOCK_N, groups: int = 0) -> int:
-    """Dynamic shared memory: the ring (``stages`` of ``block_n``-column tiles), the staging
-    areas, 1024 bytes to align the ring, the schedule of ``groups`` <= :data:`TABLE_MAX_GROUPS`."""
-    table = 4 * (3 * groups + 1) if 0 < groups <= TABLE_MAX_GROUPS else 0
-    return stages * (BLOCK_M + block_n) * BLOCK_K * 2 + 2 * 64 * C_PITCH * 2 + 1024 + table
+def shared_bytes(stages=STAGES, block_n=BLOCK_N, groups=0, *, thin=0, table_max=TABLE_MAX_GROUPS) -> int:
+    """Dynamic shared memory: the ring (``stages`` of ``block_n``-column tiles of
+    BLOCK_M rows, or THIN_TILE_M with ``thin``), the staging areas, 1024 bytes to
+    align the ring, the schedule of ``groups`` <= ``table_max``."""
+    table = 4 * (3 * groups + 1) if 0 < groups <= table_max else 0
+    tile_m = THIN_TILE_M if thin else BLOCK_M
+    return stages * (tile_m + block_n) * BLOCK_K * 2 + 2 * 64 * C_PITCH * 2 + 1024 + table
 
 
 SHARED_BYTES = shared_bytes()
@@ -174,9 +177,7 @@ def weights_layout(trans_b: bool) -> str:
     return "nt" if trans_b else "nn"
 
 
-def b_map_shape(
-    e: int, n: int, k: int, trans_b: bool, block_n: int = BLOCK_N
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def b_map_shape(e: int, n: int, k: int, trans_b: bool, block_n: int = BLOCK_N) -> tuple[tuple, tuple]:
     """(shape, box) of the TMA map of ``E`` groups' weights, outermost first,
     for tiles of ``block_n`` columns.
 
@@ -213,9 +214,8 @@ SCHEDULES = ("persistent", "per_tile")
 # bound by reading 15 GB of weights. (v6's fixed stride was 9-41% slower
 # where groups are uneven in tiles per CTA.)
 SCHEDULE = "persistent"
-# One CTA per SM: its ring is 193 KiB of the 227 KiB an SM offers, and its 384
-# threads use 160 registers each (61,440 of 65,536); two would need half the
-# stages and registers that 384 threads do not have.
+# One CTA per SM: its ring takes most of the 227 KiB an SM offers, and its 384
+# threads up to 168 registers each; two would need what one SM does not have.
 CTAS_PER_SM = 1
 
 
@@ -251,9 +251,7 @@ def _sm_count(device_id: int) -> int:
     return count
 
 
-def tile_schedule(
-    sizes: np.ndarray, block_m: int = BLOCK_M, capacity: int = 0, total_rows: int | None = None
-) -> np.ndarray:
+def tile_schedule(sizes: np.ndarray, block_m=BLOCK_M, capacity=0, total_rows: int | None = None):
     """:func:`~.hopper_schedule.tile_schedule` (the NumPy model of the offsets
     kernel's schedule, for tests) with this kernel's BLOCK_M by default."""
     return host_tile_schedule(sizes, block_m, capacity, total_rows)
@@ -263,9 +261,8 @@ _shared_set: set[tuple] = set()
 
 
 def _allow_shared_memory(kernel, device_id: int, nbytes: int = SHARED_BYTES) -> None:
-    """Raise the kernel's dynamic shared memory limit to ``nbytes`` (this
-    kernel's SHARED_BYTES unless told; once per kernel and device): above
-    48 KiB a launch needs the opt-in."""
+    """Raise the kernel's dynamic shared memory limit to ``nbytes`` (once per
+    kernel and device): above 48 KiB a launch needs the opt-in."""
     key = (id(kernel), device_id)
     if key in _shared_set:
         return
@@ -416,8 +413,10 @@ def _prepare_gemm(
     defines = kernel_defines(DEFINES, trans_b, m, e, epilogue, gather)
     gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=defines)
     # Width and ring as compiled (a probe may change them); the opt-in: the most any E asks, set once.
-    block_n, shmem = defines["SM90_BLOCK_N"], shared_bytes(defines["SM90_STAGES"], defines["SM90_BLOCK_N"], e)
-    _allow_shared_memory(gemm, device_id, shared_bytes(defines["SM90_STAGES"], block_n, TABLE_MAX_GROUPS))
+    block_n, table_max = defines["SM90_BLOCK_N"], defines["SM90_TABLE_MAX_GROUPS"]
+    ring = {"thin": defines["SM90_THIN"], "table_max": table_max}
+    shmem = shared_bytes(defines["SM90_STAGES"], block_n, e, **ring)
+    _allow_shared_memory(gemm, device_id, shared_bytes(defines["SM90_STAGES"], block_n, table_max, **ring))
     element = BFLOAT16 if dtype == BFLOAT16 else dtype
     tmap_b = tensor_map(ptrs[1], *b_map_shape(e, n, k, trans_b, block_n), element, device_id)
     if gather is None:

@@ -9,6 +9,10 @@ the defines that select them (``kernels/grouped_gemm_sm90.cu``'s header):
   chooses them where they measured faster;
 - v12 (``SM90_SKIP_IDLE``): a thin tile's second math warpgroup runs no
   MMAs; :func:`tile_defines` chooses it for small groups;
+- thin tiles (``SM90_THIN``, 5 stages): both math warpgroups on the same 64
+  rows, 128 columns each, so the ring holds 160 KiB of weights where the
+  128-row tiles hold 128 (96 for the 128-column ones); :func:`tile_defines`
+  chooses them at decode sizes;
 - :class:`RowGather` (v11, ``SM90_GATHER_A``): a's rows read through an index
   array (``a[r] = x[src[r] // top_k]``), so no gathered copy of the tokens is
   written. The load warpgroup copies them into the stage with cp.async in the
@@ -29,6 +33,10 @@ __all__ = [
     "RowGather",
     "NARROW_MAX_ROWS_PER_GROUP",
     "SKIP_IDLE_MAX_ROWS_PER_GROUP",
+    "THIN_MAX_ROWS_PER_GROUP",
+    "THIN_TILE_M",
+    "THIN_STAGES",
+    "THIN_TABLE_MAX_GROUPS",
     "tile_defines",
     "choice_key",
     "variant_defines",
@@ -53,6 +61,26 @@ _NARROW = {"SM90_BLOCK_N": 128, "SM90_STAGES": 6}
 # DeepSeek-V3 16384 (512) 0.1-2.8%; but Mixtral at 1024 and 2048 rows per
 # group 3.7-5.1% slower and Qwen3 16384 (1024) -1.1 to +0.6%. 0 turns it off.
 SKIP_IDLE_MAX_ROWS_PER_GROUP = 512
+
+# Thin tiles (SM90_THIN) for [E, N, K] weights where groups average at most
+# this many rows: the decode sizes, where the stream of weights is the whole
+# cost (the rule is the FP8 kernel's, of M and E alone, so a captured graph
+# replays with any sizes). Measured on an H200 (docs/kernel-notes.md, "Thin
+# tiles in the bf16 kernel"): against the 128-column tiles chosen there
+# before, decode GEMMs 0.953-1.033 of the time (Mixtral T=64 0.953,
+# DeepSeek-V3 GEMM 2 0.970-0.973) and decode layers 0.971-0.996; with
+# [E, K, N] weights 0.998-1.022 against the 128 x 256 tiles: not chosen
+# there. A schedule tile with more than THIN_TILE_M of its group's rows runs
+# as two passes, each streaming its band of weights again, so the rule stays
+# at decode sizes. 0 turns the choice off.
+THIN_MAX_ROWS_PER_GROUP = 16
+THIN_TILE_M = 64  # rows of a thin tile's pass
+THIN_STAGES = 5  # 5 x (8 + 32) KiB: the ring; the staging areas take 18 KiB more
+# The most groups whose schedule a thin launch copies into shared memory
+# (4 * (3E + 1) bytes): the rest of 226 KiB (the 227 KiB opt-in limit less
+# 1 KiB for the kernel's static shared memory, which counts against it).
+THIN_TABLE_MAX_GROUPS = 597
+_THIN = {"SM90_THIN": 1, "SM90_STAGES": THIN_STAGES, "SM90_TABLE_MAX_GROUPS": THIN_TABLE_MAX_GROUPS}
 
 
 @dataclass(frozen=True)
@@ -111,15 +139,33 @@ class RowGather:
             raise ValueError(f"gather: rows (of x) must not be negative; got {self.rows}")
 
 
-def tile_defines(defines: dict, trans_b: bool, rows: int, groups: int, epilogue=None) -> dict:
-    """``defines`` with v12's idle-warpgroup skip where groups average at most
+def tile_defines(
+    defines: dict, trans_b: bool, rows: int, groups: int, epilogue=None, gather: RowGather | None = None
+) -> dict:
+    """``defines`` with thin tiles where groups of ``[E, N, K]`` weights
+    average at most :data:`THIN_MAX_ROWS_PER_GROUP` rows (``rows`` over
+    ``groups`` groups) or ``defines`` ask for them (``SM90_THIN=1``: a
+    probe's, either layout), in 256-column
+    tiles without the gated epilogue, a row gather or v12 named by ``defines``,
+    which they do not take.
+    Else v12's idle-warpgroup skip where groups average at most
     :data:`SKIP_IDLE_MAX_ROWS_PER_GROUP` rows (unless ``defines`` name
-    ``SM90_SKIP_IDLE`` already), and with 128-column tiles where
-    :data:`NARROW_MAX_ROWS_PER_GROUP` says they are faster (``rows`` over
-    ``groups`` groups of ``[E, N, K]`` weights); the width as it is
-    otherwise, and always where the defines already name a width other than
-    256 (a probe's variant) or with the gated epilogue, whose tiles hold gate
-    and up of 128 outputs."""
+    ``SM90_SKIP_IDLE`` already), and 128-column tiles where
+    :data:`NARROW_MAX_ROWS_PER_GROUP` says they are faster (``[E, N, K]``
+    weights); the width as it is otherwise, and always where the defines
+    already name a width other than 256 (a probe's variant) or with the gated
+    epilogue, whose tiles hold gate and up of 128 outputs."""
+    thin_fits = (
+        defines["SM90_BLOCK_N"] == 256
+        and not defines.get("SM90_SKIP_IDLE")
+        and not isinstance(epilogue, GatedEpilogue)
+        and gather is None
+    )
+    by_rule = trans_b and THIN_MAX_ROWS_PER_GROUP and rows <= THIN_MAX_ROWS_PER_GROUP * groups
+    if thin_fits and (defines["SM90_THIN"] or by_rule):
+        return {**defines, **_THIN}
+    if defines["SM90_THIN"]:  # asked for where thin tiles do not go
+        defines = {**defines, "SM90_THIN": 0}
     if SKIP_IDLE_MAX_ROWS_PER_GROUP and "SM90_SKIP_IDLE" not in defines:  # a probe's value stands
         if rows <= SKIP_IDLE_MAX_ROWS_PER_GROUP * groups:
             defines = {**defines, "SM90_SKIP_IDLE": 1}
@@ -133,7 +179,12 @@ def choice_key(defines: dict) -> tuple:
     """What decides which kernel a launch runs that a probe may change
     between calls (the defines, the narrow tiles' threshold): part of the
     keys of prepared launches, so that a change prepares a new one."""
-    return tuple(defines.items()), NARROW_MAX_ROWS_PER_GROUP, SKIP_IDLE_MAX_ROWS_PER_GROUP
+    return (
+        tuple(defines.items()),
+        NARROW_MAX_ROWS_PER_GROUP,
+        SKIP_IDLE_MAX_ROWS_PER_GROUP,
+        THIN_MAX_ROWS_PER_GROUP,
+    )
 
 
 def variant_defines(defines: dict, epilogue, gather: RowGather | None) -> dict:
@@ -156,7 +207,7 @@ def variant_defines(defines: dict, epilogue, gather: RowGather | None) -> dict:
 def kernel_defines(defines: dict, trans_b: bool, rows: int, groups: int, epilogue, gather) -> dict:
     """The defines a launch compiles its kernel with: :func:`tile_defines`'s
     choices for the problem, then :func:`variant_defines`'s."""
-    return variant_defines(tile_defines(defines, trans_b, rows, groups, epilogue), epilogue, gather)
+    return variant_defines(tile_defines(defines, trans_b, rows, groups, epilogue, gather), epilogue, gather)
 
 
 def epilogue_args(epilogue) -> tuple:
