@@ -29,10 +29,9 @@ import numpy as np
 from ...runtime import launch as _fast
 from ...runtime import nvrtc as _kernels
 from ...runtime.arrays import BFLOAT16, as_cupy, view
-from ...runtime.device import device_info, resolve_stream, stream_resources
-from ..config import Algorithm
+from ...runtime.device import device_info, stream_resources
 from ..fp8 import BLOCK as SCALE_BLOCK
-from ..fp8 import is_fp8, quantize_rows_fp8
+from ..fp8 import is_fp8
 from . import hopper, tma
 
 __all__ = [
@@ -66,8 +65,6 @@ __all__ = [
     "GRID_LIMIT",
     "grouped_fp8",
     "grouped_rows_fp8",
-    "gmm_fp8",
-    "kernel_takes",
     "launch_choice",
     "prepared_fp8_gemm",
     "PREPARED_LAUNCHES",
@@ -423,32 +420,3 @@ def _prepare_gemm(device_id: int, shape, values_ptr: int, scales_ptr: int, m: in
     grid = grid_size(m, n, e, hopper._sm_count(device_id), GRID_LIMIT, tile_n)
     label = f"{KERNEL} (kernels/{SOURCE}.cu, {ARCH})"
     return _fast.FixedLaunch(gemm, grid, THREADS, args, shmem=shared_bytes(e, thin), slots=(13,), label=label)
-
-
-def gmm_fp8(a, weights, group_sizes, *, out=None, stream=None):
-    """``gmm(a, weights, group_sizes, trans_b=True)`` for bfloat16 ``a`` [M, K]
-    through the FP8 kernel: ``a`` quantized per token per 128 columns
-    (:func:`~cublas_grouped.gemm.fp8.quantize_rows_fp8`, on the device, into a
-    per-call copy), then :func:`grouped_fp8`. The caller (``gmm``) checked the
-    arguments and that the kernel takes them."""
-    a_q, a_scales = quantize_rows_fp8(a, stream=stream)
-    return grouped_fp8(a_q, a_scales, weights, group_sizes, out=out, stream=stream)
-
-
-def kernel_takes(weights, dtype, device: int, algorithm, stream=None, out_ptr: int = 0) -> bool:
-    """Whether ``gmm`` or the MoE layer runs ``dtype`` activations times
-    ``weights`` through the FP8 kernel on ``device``: ``algorithm`` AUTO or
-    SM90_GROUPED, what :func:`unsupported` accepts, 16-byte aligned weight
-    values (and ``out``, when given), and a stream that is not capturing a CUDA
-    graph (the quantized activations are a per-call copy that a replay would
-    read after it is freed). Anything else keeps the dequantizing fallback,
-    which refuses capture itself."""
-    import cupy
-
-    if Algorithm(algorithm) not in (Algorithm.AUTO, Algorithm.SM90_GROUPED) or not is_fp8(weights):
-        return False
-    if unsupported(device_info(device).sm, weights, dtype) is not None:
-        return False
-    if misaligned(view(weights.values, "weights.values").ptr, out_ptr) is not None:
-        return False
-    return not cupy.cuda.runtime.streamIsCapturing(resolve_stream(stream, device))
