@@ -237,6 +237,9 @@ template <class T>
 __device__ __forceinline__ void quantize_rows_fp8_impl(const T* __restrict__ x, long long rows, int cols,
                                                        float* __restrict__ scales,
                                                        unsigned char* __restrict__ q) {
+    // The FP8 step may launch it overlapped with the kernel before (its rows'
+    // gather) and the GEMM after (common.cuh); a plain launch's wait returns at once.
+    follow_previous_grid();
     if ((cols & 7) == 0 && (reinterpret_cast<unsigned long long>(x) & 15ull) == 0ull &&
         (reinterpret_cast<unsigned long long>(q) & 7ull) == 0ull) {
         quantize_rows_fp8_vec(x, rows, cols, scales, q);

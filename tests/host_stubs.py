@@ -217,6 +217,9 @@ def stub_gpu(monkeypatch, info=None):
     monkeypatch.setattr(tma, "_maps", type(tma._maps)())
     monkeypatch.setattr(H, "_scan_kernels", {})
     monkeypatch.setattr(H, "_local", threading.local())
+    from cublas_grouped.gemm.backends import hopper_fp8 as H8
+
+    monkeypatch.setattr(H8, "_local", threading.local())
     monkeypatch.setattr(L, "param_holder", HolderStandIn)
     import cuda.core
 

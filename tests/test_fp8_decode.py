@@ -23,6 +23,10 @@ from cublas_grouped.moe.checks import layer_shape
 BF16 = ml_dtypes.bfloat16
 HOPPER = (9, 0)
 PTR = 0x7F0000000000
+# Any timer: fp8_kernel_step then launches each kernel afresh through the
+# functions _record stands in for (without one it replays prepared launches:
+# tests/test_fp8_step_launches.py compares the two).
+TIMED = "a timer"
 
 
 def _fp8(fake, shape, scaling="block128", ptr=PTR):
@@ -212,7 +216,7 @@ def test_step_quantizes_before_each_fp8_gemm_and_reuses_the_schedule(fake, monke
     buf, rows8 = _buffers(48, 256, 384)
     ids = np.zeros((5, 2), np.int32)  # T = 5, k = 2: 10 rows of the 48 held
     res = type("Res", (), {"stream": 7, "launch_stream": 7, "cupy_stream": None})()
-    fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None)
+    fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None, TIMED)
     assert [c[0] for c in calls] == [
         "place_rows", "quantize", "fp8_gemm", "activation", "quantize", "fp8_gemm", "combine"
     ]  # fmt: skip
@@ -240,7 +244,7 @@ def test_step_runs_a_16_bit_weight_on_the_16_bit_kernel(fake, monkeypatch, fuse)
     ids = np.zeros((3, 2), np.int32)
     res = type("Res", (), {"stream": 7, "launch_stream": 7, "cupy_stream": None})()
     w2 = _Arr((8, 256, 128), 0x9000)
-    fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None)
+    fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None, TIMED)
     if fuse:
         assert [c[0] for c in calls] == ["place_rows", "fp8_gemm", "activation", "bf16_gemm", "combine"]
         assert calls[0] == ("place_rows", 0x10000, (6, 256), 0x20000, (6, 2))
@@ -267,7 +271,7 @@ def test_fused_step_has_no_quantize_launch(fake, monkeypatch):
     buf, rows8 = _buffers(48, 256, 384)
     ids = np.zeros((5, 2), np.int32)  # 10 pairs of the 48 rows held
     res = type("Res", (), {"stream": 7, "launch_stream": 7, "cupy_stream": None})()
-    fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None)
+    fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None, TIMED)
     assert [c[0] for c in calls] == ["place_rows", "fp8_gemm", "activation_fp8", "fp8_gemm", "combine"]
     place, g1, act, g2, combine = calls
     assert place == ("place_rows", 0x10000, (10, 256), 0x20000, (10, 2))
@@ -295,7 +299,7 @@ def test_four_launch_placement_keeps_gemm1_quantize_launch(fake, monkeypatch, ca
     buf, rows8 = _buffers(pairs, 256, 384)
     ids = np.zeros((tokens, 8), np.int32)
     res = type("Res", (), {"stream": 7, "launch_stream": 7, "cupy_stream": None})()
-    fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None)
+    fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None, TIMED)
     names = [c[0] for c in calls]
     assert names == ["place_rows", "quantize", "fp8_gemm", "activation_fp8", "fp8_gemm", "combine"]
     assert calls[0] == ("place_rows",)  # bf16 rows into buf.rows
@@ -319,7 +323,7 @@ def test_16_bit_w1_beside_fp8_w2_fuses_only_the_activation(fake, monkeypatch, bl
     ids = np.zeros((3, 2), np.int32)
     res = type("Res", (), {"stream": 7, "launch_stream": 7, "cupy_stream": None})()
     w1 = _Arr((8, 256, 256), 0x9000)
-    fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None)
+    fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None, TIMED)
     assert [c[0] for c in calls] == ["place_rows", "bf16_gemm", "activation_fp8", "fp8_gemm", "combine"]
     assert calls[0] == ("place_rows",)
     problem = (8, 6, 256, 256, True, np.dtype(BF16))
@@ -335,7 +339,9 @@ def test_step_refuses_too_few_fp8_rows(fake, monkeypatch):
     ids = np.zeros((5, 2), np.int32)
     res = type("Res", (), {"stream": 7, "launch_stream": 7, "cupy_stream": None})()
     with pytest.raises(RuntimeError, match="a step of 5 tokens needs 10 FP8 rows; 8 held"):
-        fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None)
+        fp8_step.fp8_kernel_step(
+            res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None, TIMED
+        )
 
 
 def test_fixed_capacity_step_refuses_fp8_weights_without_their_rows(fake, monkeypatch):

@@ -236,6 +236,7 @@ def test_grid_is_one_cta_per_sm_at_most_and_never_more_than_tiles():
 def test_gmm_takes_the_kernel_only_where_it_can(fake, monkeypatch):
     """gmm's choice between the FP8 kernel and the dequantizing fallback, with
     the GPU questions answered by stand-ins."""
+    from cublas_grouped.gemm import fp8_gmm
     from cublas_grouped.gemm import gmm as gmm_mod
     from cublas_grouped.gemm.config import Algorithm
 
@@ -243,14 +244,14 @@ def test_gmm_takes_the_kernel_only_where_it_can(fake, monkeypatch):
     import cupy
 
     sm = {"value": (9, 0)}
-    monkeypatch.setattr(hopper_fp8, "device_info", lambda d: type("Info", (), {"sm": sm["value"]})())
+    monkeypatch.setattr(fp8_gmm, "device_info", lambda d: type("Info", (), {"sm": sm["value"]})())
     monkeypatch.setattr(cupy.cuda.runtime, "streamIsCapturing", lambda s: False)
-    monkeypatch.setattr(hopper_fp8, "resolve_stream", lambda stream, device: 0)
+    monkeypatch.setattr(fp8_gmm, "resolve_stream", lambda stream, device: 0)
     a = cg.runtime.arrays.view(fake((300, 512), BF16), "a")
 
     def runs(w, algorithm=Algorithm.AUTO, out=None, a_v=a):
         executor = gmm_mod.shared_executor(cg.ComputePrecision.FP32, algorithm)
-        return gmm_mod._fp8_kernel_runs(executor, a_v, w, out, None)
+        return fp8_gmm.fp8_kernel_runs(executor, a_v, w, out, None)
 
     assert runs(_w(fake))
     assert runs(_w(fake), Algorithm.SM90_GROUPED)

@@ -17,14 +17,16 @@ import re
 
 import pytest
 
-from cublas_grouped.gemm.backends import hopper
+from cublas_grouped.gemm import fp8_kernels
+from cublas_grouped.gemm.backends import hopper, hopper_fp8
 from cublas_grouped.moe import kernel_step
 from cublas_grouped.moe import kernels as K
 from cublas_grouped.runtime import launch
 
-# Every kernel a prepared step launches (kernel_step.step_launches), by source,
-# and the FP8 step's own (fp8_step.FUSE_QUANTIZE: its placement and activation
-# writing e4m3), which follow the previous grid in the same way.
+# Every kernel a prepared step launches (kernel_step.step_launches), by build
+# (a source and its defines), and the FP8 step's own (fp8_step_launches: its
+# placement and activation writing e4m3, the row quantizer where they do not,
+# the FP8 GEMM in both tile shapes), which follow the previous grid in the same way.
 STEP_KERNELS = {
     "dispatch": (
         "expert_block_histogram",
@@ -45,6 +47,18 @@ STEP_KERNELS = {
         "grouped_gemm_nt_f16",
         "grouped_gemm_nn_f16",
     ),
+    "fp8": ("quantize_rows_fp8_bf16",),
+    "grouped_gemm_fp8_sm90": (hopper_fp8.KERNEL,),
+    "grouped_gemm_fp8_sm90 thin": (hopper_fp8.KERNEL,),
+}
+# Each build's (source, arch, defines): the sources of the table above, the
+# FP8 GEMM compiled as each tile shape launches it.
+BUILDS = {
+    **{name: (name, "sm_90", defines) for name, defines in K.DEFINES.items()},
+    "grouped_gemm_sm90": ("grouped_gemm_sm90", hopper.ARCH, hopper.DEFINES),
+    "fp8": ("fp8", "sm_90", fp8_kernels.DEFINES),
+    "grouped_gemm_fp8_sm90": (hopper_fp8.SOURCE, hopper_fp8.ARCH, hopper_fp8.launch_defines(False)),
+    "grouped_gemm_fp8_sm90 thin": (hopper_fp8.SOURCE, hopper_fp8.ARCH, hopper_fp8.launch_defines(True)),
 }
 # Instructions that touch global memory (or start a copy from it).
 GLOBAL_ACCESS = re.compile(
@@ -88,21 +102,19 @@ def _entries(ptx: str) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def step_ptx():
     pytest.importorskip("cuda.bindings")
-    defines = {"grouped_gemm_sm90": hopper.DEFINES, **K.DEFINES}
-    arch = {"grouped_gemm_sm90": hopper.ARCH}
-    return {s: _entries(_ptx(s, arch.get(s, "sm_90"), defines[s])) for s in STEP_KERNELS}
+    return {build: _entries(_ptx(*BUILDS[build])) for build in STEP_KERNELS}
 
 
-@pytest.mark.parametrize("source", sorted(STEP_KERNELS))
-def test_every_step_kernel_waits_before_touching_global_memory(step_ptx, source):
+@pytest.mark.parametrize("build", sorted(STEP_KERNELS))
+def test_every_step_kernel_waits_before_touching_global_memory(step_ptx, build):
     """In each kernel the step launches overlapped, ``griddepcontrol.wait``
     comes before the first global load, store, atomic or async copy, and
     ``griddepcontrol.launch_dependents`` after the wait (PTX order: both sit
     at the kernel's start, before any branch)."""
-    entries = step_ptx[source]
-    for name in STEP_KERNELS[source]:
+    entries = step_ptx[build]
+    for name in STEP_KERNELS[build]:
         lines = entries.get(name)
-        assert lines is not None, f"{source}.cu has no entry {name}: {sorted(entries)}"
+        assert lines is not None, f"{build}: no entry {name}: {sorted(entries)}"
         wait = next((i for i, s in enumerate(lines) if "griddepcontrol.wait" in s), None)
         allow = next((i for i, s in enumerate(lines) if "griddepcontrol.launch_dependents" in s), None)
         first = next((i for i, s in enumerate(lines) if GLOBAL_ACCESS.match(s)), None)

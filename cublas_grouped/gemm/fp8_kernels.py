@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..runtime import launch as _launch
 from ..runtime import nvrtc as _nvrtc
 
-__all__ = ["FP8_THREADS", "DEFINES", "quantize", "quantize_rows", "rows_per_warp", "dequantize"]
+__all__ = [
+    "FP8_THREADS",
+    "DEFINES",
+    "quantize",
+    "quantize_rows",
+    "prepared_quantize_rows",
+    "rows_per_warp",
+    "dequantize",
+]
 
 FP8_THREADS = 256  # threads per block of quantize_fp8 (one block per tile)
 DEQUANT_THREADS = 256  # dequantize_fp8 takes any block size: the launcher's choice
@@ -64,17 +73,27 @@ def rows_per_warp(cols: int, x_ptr: int, q_ptr: int) -> int:
 def quantize_rows(stream, arch, x, rows, cols, scales, q) -> None:
     """``quantize_rows_fp8``: ``x`` [rows, cols] to e4m3 with one scale per row per
     128 columns (bit for bit ``quantize`` with 1 x 128 tiles)."""
+    kernel, grid, args = _rows_launch(arch, x.data.ptr, rows, cols, scales.data.ptr, q.data.ptr, x.dtype)
+    _nvrtc.launch(stream, kernel, grid, ROWS_THREADS, args)
+
+
+def prepared_quantize_rows(arch, x_ptr: int, rows: int, cols: int, scales_ptr: int, q_ptr: int, dtype):
+    """:func:`quantize_rows` of the ``dtype`` rows at ``x_ptr`` as a
+    :class:`~cublas_grouped.runtime.launch.FixedLaunch` (arguments packed
+    once; one slot, x's address: a new x of the same alignment class, since
+    the grid depends on it, :func:`rows_per_warp`)."""
+    kernel, grid, args = _rows_launch(arch, x_ptr, rows, cols, scales_ptr, q_ptr, dtype)
+    label = f"quantize_rows_fp8 (kernels/fp8.cu, {arch})"
+    return _launch.FixedLaunch(kernel, grid, ROWS_THREADS, args, slots=(0,), label=label)
+
+
+def _rows_launch(arch, x_ptr: int, rows: int, cols: int, scales_ptr: int, q_ptr: int, dtype):
+    """(kernel, grid, typed arguments) of one ``quantize_rows_fp8`` launch."""
     tiles = rows * -(-cols // 128)
-    per_warp = rows_per_warp(cols, x.data.ptr, q.data.ptr)
-    args = (
-        np.intp(x.data.ptr),
-        np.int64(rows),
-        np.int32(cols),
-        np.intp(scales.data.ptr),
-        np.intp(q.data.ptr),
-    )
+    per_warp = rows_per_warp(cols, x_ptr, q_ptr)
+    args = (np.intp(x_ptr), np.int64(rows), np.int32(cols), np.intp(scales_ptr), np.intp(q_ptr))
     grid = _grid(-(-tiles // (per_warp * ROWS_THREADS // 32)))
-    _nvrtc.launch(stream, _kernel("quantize_rows_fp8", arch, x.dtype), grid, ROWS_THREADS, args)
+    return _kernel("quantize_rows_fp8", arch, dtype), grid, args
 
 
 def dequantize(stream, arch, q, scales, batch, rows, cols, tile_rows, tile_cols, out) -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import threading
 
-from ..runtime.arrays import ArrayView, is_host_array, view
+from ..runtime.arrays import view
 from ..runtime.oom import reports_out_of_memory
-from .backends import hopper_fp8 as _hopper_fp8
 from .config import Algorithm, ComputePrecision, GroupedGemmConfig, coerce_enum
 from .executor import GroupedGemmExecutor
-from .fp8 import check_fp8_operand, dense_weights, is_fp8
-from .plan import host_group_sizes, plan_gmm
+from .fp8 import dense_weights, is_fp8
+from .fp8_gmm import gmm_fp8_weights
 
 __all__ = ["gmm", "shared_executor"]
 
@@ -148,45 +147,9 @@ def gmm(
     else:
         executor = _executor_for(compute, algorithm)
     if is_fp8(b):
-        a_v = _check_fp8_call(executor, a, b, group_sizes, trans_a, trans_b, out)
-        if _fp8_kernel_runs(executor, a_v, b, out, stream):
-            return _hopper_fp8.gmm_fp8(a, b, group_sizes, out=out, stream=stream)
-        b = dense_weights(b, a_v.dtype, stream)
+        # The FP8 kernel (its calls cached as the 16-bit ones are), else the checked fallback.
+        result = gmm_fp8_weights(executor, a, b, group_sizes, trans_a, trans_b, out, stream)
+        if result is not None:
+            return result
+        b = dense_weights(b, view(a, "a").dtype, stream)
     return executor.execute(a, b, group_sizes, trans_a=trans_a, trans_b=trans_b, out=out, stream=stream)
-
-
-def _check_fp8_call(executor: GroupedGemmExecutor, a, b, group_sizes, trans_a, trans_b, out) -> ArrayView:
-    """The checks ``execute`` would make of a call with FP8 weights ``b`` (run
-    here on a stand-in of the dense weights), so a bad call fails before any GPU
-    work, whichever path then runs it; returns ``a``'s view."""
-    if trans_a:
-        raise ValueError("b cannot be FP8 weights with trans_a=True: b then holds rows [M, N], not weights")
-    if executor.config.algorithm is Algorithm.PADDED_STRIDED:
-        raise ValueError("algorithm=PADDED_STRIDED needs the MoE layer's padded rows; gmm does not take it")
-    a_v = view(a, "a")
-    check_fp8_operand(b, "b", trans_b, a_v.dtype, "a")
-    values = view(b.values, "b.values")
-    stand_in = ArrayView(values.ptr, values.shape, values.strides, a_v.dtype, values.device, None)
-    sizes = host_group_sizes(group_sizes, b.num_experts) if is_host_array(group_sizes) else None
-    if sizes is None:
-        sizes_v = view(group_sizes, "group_sizes")
-        if sizes_v.ndim != 1 or sizes_v.dtype.kind not in "iu" or sizes_v.shape[0] != b.num_experts:
-            raise ValueError(
-                f"group_sizes must be a 1-D integer array of {b.num_experts}; got {sizes_v.dtype} {sizes_v.shape}"
-            )
-    executor._check_out(out, plan_gmm(a_v, stand_in, sizes, trans_a=False, trans_b=trans_b), a_v)
-    executor._check_dtype_supported(a_v.dtype, a_v.device if a_v.device is not None else executor.device_id)
-    return a_v
-
-
-def _fp8_kernel_runs(executor: GroupedGemmExecutor, a_v: ArrayView, b, out, stream) -> bool:
-    """Whether the FP8 kernel takes this (checked) call
-    (:func:`.backends.hopper_fp8.kernel_takes`; ``a`` is read by the
-    quantization at any alignment, its FP8 copy is fresh and aligned)."""
-    import cupy
-
-    if not a_v.is_c_contiguous():  # quantize_rows_fp8 reads whole C-contiguous rows
-        return False
-    device = a_v.device if a_v.device is not None else cupy.cuda.Device().id
-    out_ptr = 0 if out is None else view(out, "out").ptr
-    return _hopper_fp8.kernel_takes(b, a_v.dtype, device, executor.config.algorithm, stream, out_ptr)

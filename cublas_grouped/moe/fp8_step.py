@@ -38,10 +38,12 @@ dequantizing fallback (a dense 16-bit copy of the weights, refilled per step).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from threading import get_ident
 
 import numpy as np
 
 from ..gemm.backends import hopper, hopper_fp8
+from ..gemm.backends.hopper_variants import choice_key
 from ..gemm.config import Algorithm
 from ..gemm.fp8 import BLOCK, is_fp8, quantize_rows_fp8
 from ..runtime.arrays import BFLOAT16, as_cupy, view
@@ -49,7 +51,8 @@ from . import kernels as K
 from .checks import LayerShape, kernel_arch
 from .chunk_capacity import ChunkBuffers
 from .dispatch import mark_stage
-from .kernel_step import place_rows, places_in_one_launch
+from .fp8_step_launches import fp8_step_launches
+from .kernel_step import MAX_PREPARED_STEPS, overlapped, place_rows, places_in_one_launch
 
 __all__ = [
     "FUSE_QUANTIZE",
@@ -191,20 +194,37 @@ def fp8_kernel_step(
     docstring says what runs). ``params`` = (w1, w2, b1, b2): FP8ExpertWeights
     or CuPy arrays (biases may be None), as :func:`fp8_step_unsupported`
     accepted; ``rows8`` and ``buf`` hold at least T*k rows (the caller
-    checked ``buf``); ``dropped``, ``timer``: as in :func:`.kernel_step`."""
+    checked ``buf``); ``dropped``, ``timer``: as in :func:`.kernel_step`.
+
+    Without a ``timer``, the launches are those of
+    :func:`.fp8_step_launches.fp8_step_launches`, prepared once per buffers,
+    T, weights and kernel choice (:func:`_prepared_key`), then replayed, each
+    overlapped with the one before where :func:`.kernel_step.overlapped` says
+    so (the 16-bit step's rule)."""
     w1, w2, b1, b2 = params
     if rows8.rows < ids.shape[0] * ids.shape[1]:
         raise RuntimeError(f"a step of {ids.shape[0]} tokens needs {ids.size} FP8 rows; {rows8.rows} held")
-    arch, stream = kernel_arch(res), res.launch_stream
     tokens, k = ids.shape
     pairs = tokens * k
-    x8 = (rows8.x_q[:pairs], rows8.x_s[:pairs])
-    act8 = (rows8.act_q[:pairs], rows8.act_s[:pairs])
     # Which GEMM's rows the kernel before it quantizes (FUSE_QUANTIZE): GEMM
     # 1's only where one launch places the rows (place_one_block_fp8), which
     # then writes no bf16 rows; GEMM 2's wherever w2 is FP8.
     fused1 = FUSE_QUANTIZE and is_fp8(w1) and places_in_one_launch(shape.num_experts, pairs)
     fused2 = FUSE_QUANTIZE and is_fp8(w2)
+    if timer is None:
+        key = _prepared_key(shape, rows8, ids, params, (fused1, fused2))
+        step = buf.launches.get(key)
+        if step is None:
+            if len(buf.launches) >= MAX_PREPARED_STEPS:
+                buf.launches.clear()
+            step = buf.launches[key] = fp8_step_launches(
+                res, shape, buf, rows8, x, ids, weights, params, out, dropped, (fused1, fused2)
+            )
+        step(res.stream, x.data.ptr, ids.data.ptr, _ptr(weights), out.data.ptr, _ptr(dropped))
+        return
+    arch, stream = kernel_arch(res), res.launch_stream
+    x8 = (rows8.x_q[:pairs], rows8.x_s[:pairs])
+    act8 = (rows8.act_q[:pairs], rows8.act_s[:pairs])
     pair_to_row, row_to_pair = place_rows(
         res, shape, buf, x, ids, dropped, timer, quantized=x8 if fused1 else None
     )
@@ -225,6 +245,50 @@ def fp8_kernel_step(
     mark_stage(timer, "gemm2", res.cupy_stream)
     K.combine_rows(stream, arch, y, pair_to_row, weights, ids, b2, tokens, k, out)
     mark_stage(timer, "combine", res.cupy_stream)
+
+
+def _ptr(array) -> int:
+    return 0 if array is None else array.data.ptr
+
+
+def _addresses(w) -> tuple[int, int] | int:
+    """What a prepared launch holds of a weight: FP8 values' and scales'
+    addresses (in the B tensor map and an argument), or the 16-bit array's."""
+    if is_fp8(w):
+        return as_cupy(w.values, "values").data.ptr, as_cupy(w.scales, "scales").data.ptr
+    return w.data.ptr
+
+
+def _prepared_key(shape: LayerShape, rows8: FP8Rows, ids, params, fused) -> tuple:
+    """The key of an FP8 step's prepared launches in its buffers'
+    ``launches`` (beside the 16-bit steps': the first entry tells them
+    apart): T and k, every address a launch holds (weights, biases, the
+    quantized rows), the thread (a step's slots are written before each
+    launch), the overlap, the placement and the fused quantization, and what
+    picks each GEMM's kernel, as the prepared GEMMs key it
+    (``hopper_fp8.launch_choice``: tile shape, defines, grid limit, L2
+    promotion; ``hopper``'s defines, schedule and grid limit for a 16-bit
+    weight): a probe that changes one between steps gets new launches."""
+    w1, w2, b1, b2 = params
+    e, pairs = shape.num_experts, ids.size
+    return (
+        "fp8",
+        ids.shape,
+        _addresses(w1),
+        _addresses(w2),
+        _ptr(b1),
+        _ptr(b2),
+        rows8.x_q.data.ptr,
+        rows8.x_s.data.ptr,
+        rows8.act_q.data.ptr,
+        rows8.act_s.data.ptr,
+        get_ident(),
+        overlapped(pairs),
+        places_in_one_launch(e, pairs),
+        fused,
+        hopper_fp8.launch_choice(pairs, e),
+        (hopper.SOURCE, hopper.SCHEDULE, hopper.GRID_LIMIT, choice_key(hopper.DEFINES)),
+    )
 
 
 def layer_weight_nbytes(w1, w2) -> int:

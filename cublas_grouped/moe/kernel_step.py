@@ -42,6 +42,7 @@ __all__ = [
     "GATHER_IN_GEMM1",
     "OVERLAP_LAUNCHES",
     "OVERLAP_MAX_PAIRS",
+    "overlapped",
     "PLACE_IN_ONE_LAUNCH",
     "places_in_one_launch",
     "GATED_EPILOGUE_MIN_ROWS_PER_GROUP",
@@ -55,6 +56,7 @@ __all__ = [
     "kernel_step",
     "step_launches",
     "StepLaunches",
+    "four_placement_launches",
     "MAX_PREPARED_STEPS",
 ]
 
@@ -81,6 +83,14 @@ GATHER_IN_GEMM1 = False
 # read when a step is prepared (part of the prepared steps' key).
 OVERLAP_LAUNCHES = True
 OVERLAP_MAX_PAIRS = 1024
+
+
+def overlapped(pairs: int) -> bool:
+    """Whether a prepared step of ``pairs`` pairs overlaps its launches (the
+    16-bit and the FP8 step alike): :data:`OVERLAP_LAUNCHES`, at most
+    :data:`OVERLAP_MAX_PAIRS` pairs."""
+    return OVERLAP_LAUNCHES and pairs <= OVERLAP_MAX_PAIRS
+
 
 # Steps of one block of pairs (T*k <= kernels.PAIRS_PER_BLOCK: decode) with at
 # most kernels.PLACE_MAX_EXPERTS experts place their rows in one launch
@@ -241,7 +251,7 @@ def kernel_step(
             0 if b1 is None else b1.data.ptr,
             0 if b2 is None else b2.data.ptr,
             get_ident(),  # a step's slots are written before each launch: one per thread
-            OVERLAP_LAUNCHES and ids.size <= OVERLAP_MAX_PAIRS,
+            OVERLAP_LAUNCHES and ids.size <= OVERLAP_MAX_PAIRS,  # overlapped(), inline: the hot path
             places_in_one_launch(shape.num_experts, ids.size),
             gated_epilogue(shape, ids.size),
             hopper.SOURCE,  # what a probe swaps between steps (the kernel, its defines and choices)
@@ -384,7 +394,7 @@ def step_launches(
         )
         four = (None, None, None, None, None)
     else:
-        place, four = None, _four_placement_launches(prep, arch, buf, x, ids, weights, dropped, e, gather)
+        place, four = None, four_placement_launches(prep, arch, buf, x, ids, weights, dropped, e, gather)
     gemm1 = (e, pairs, shape.width, shape.hidden, shape.trans_b, shape.dtype)
     tile_bound = hopper.max_tiles(pairs, e)
     # GEMM 1's a: the copy's address, or (gathering) x, a slot of the launch.
@@ -421,14 +431,18 @@ def step_launches(
     prep.slots = (5,)  # out
     combine = K.sum_rows(prep, arch, y, pair_to_row, tokens, k, out)
     launches = (place, *four, first, activation, second, combine)
-    overlap = OVERLAP_LAUNCHES and pairs <= OVERLAP_MAX_PAIRS
-    return StepLaunches(launches, (first_out, y.data.ptr), overlap=overlap)
+    return StepLaunches(launches, (first_out, y.data.ptr), overlap=overlapped(pairs))
 
 
-def _four_placement_launches(prep, arch, buf: ChunkBuffers, x, ids, weights, dropped, e: int, gather: bool):
+def four_placement_launches(
+    prep, arch, buf: ChunkBuffers, x, ids, weights, dropped, e: int, gather: bool, weigh: bool = True
+):
     """The placement as four prepared launches (histogram, column scan or
     None, offsets, assign, gather or None), for the steps
-    :func:`places_in_one_launch` leaves out; ``prep``'s slots are set here."""
+    :func:`places_in_one_launch` leaves out; ``prep``'s slots are set here.
+    ``weigh``: assign_rows writes each row's routing weight (the 16-bit
+    step's GEMM 2 epilogue reads them; the FP8 step's combine weighs instead,
+    and its assign launch then reads no weights: its slot 11 stays 0)."""
     pairs = ids.size
     nb = K.num_pair_blocks(pairs)
     block_counts, pair_to_row, row_to_pair = (
@@ -459,8 +473,8 @@ def _four_placement_launches(prep, arch, buf: ChunkBuffers, x, ids, weights, dro
         row_to_pair,
         skip_repeats=True,
         dropped=dropped,
-        weights=weights,
-        row_weights=buf.row_weights[:pairs],
+        weights=weights if weigh else None,
+        row_weights=buf.row_weights[:pairs] if weigh else None,
     )
     prep.slots = (0,)  # x
     copy = None if gather else K.gather_rows(prep, arch, x, row_to_pair, ids.shape[1], buf.rows[:pairs])

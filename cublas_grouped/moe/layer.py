@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 
-from ..gemm.backends import hopper_fp8
+from ..gemm import fp8_gmm
 from ..gemm.config import Algorithm, coerce_enum
 from ..gemm.executor import GroupedGemmExecutor
 from ..gemm.fp8 import FP8ExpertWeights, dense_weights, is_fp8
@@ -275,7 +275,7 @@ def _forward(
     rows = inp.rows.shape[0]
     h = cupy.ndarray((rows, width), inp.rows.dtype)
     if fp8[0]:
-        hopper_fp8.gmm_fp8(inp.rows, w1, inp.tokens_per_expert, out=h, stream=res.cupy_stream)
+        fp8_gmm.gmm_fp8(inp.rows, w1, inp.tokens_per_expert, out=h, stream=res.cupy_stream)
     else:
         run_expert_gemm(executor, res, inp, inp.rows, w1, h, shape.trans_b)
     mark_stage(timer, "gemm1", res.cupy_stream)
@@ -290,7 +290,7 @@ def _forward(
     y = cupy.ndarray((rows, hidden), h.dtype)
     # The down projection may run another algorithm on the same row layout.
     if fp8[1]:
-        hopper_fp8.gmm_fp8(act, w2, inp.tokens_per_expert, out=y, stream=res.cupy_stream)
+        fp8_gmm.gmm_fp8(act, w2, inp.tokens_per_expert, out=y, stream=res.cupy_stream)
     else:
         run_expert_gemm(executor, res, inp, act, w2, y, shape.trans_b, inp.second_algorithm)
     mark_stage(timer, "gemm2", res.cupy_stream)
@@ -356,11 +356,11 @@ def _fp8_fixed_capacity(x_v, shape, w1, w2, executor) -> bool:
 
 
 def _fp8_kernel_weights(x_v, weights, algorithm, executor, stream, other_path: bool) -> tuple[bool, ...]:
-    """Per weight: whether the FP8 kernel runs it (``hopper_fp8.kernel_takes``
+    """Per weight: whether the FP8 kernel runs it (``fp8_gmm.kernel_takes``
     with the call's algorithm, or the executor's for AUTO); never on the
     fixed-capacity or context paths (``other_path``), which keep the fallback."""
     if other_path:
         return tuple(False for _ in weights)
     chosen = executor.config.algorithm if algorithm is Algorithm.AUTO else algorithm
     device = device_of(x_v)
-    return tuple(hopper_fp8.kernel_takes(w, x_v.dtype, device, chosen, stream) for w in weights)
+    return tuple(fp8_gmm.kernel_takes(w, x_v.dtype, device, chosen, stream) for w in weights)

@@ -22,7 +22,7 @@ from . import hopper
 from .hopper_sizes import READ_DTYPES
 from .hopper_variants import choice_key
 
-__all__ = ["PreparedDeviceSizes", "PreparedHostSizes", "MAX_PREPARED_OPERANDS"]
+__all__ = ["PreparedDeviceSizes", "PreparedHostSizes", "MAX_PREPARED_OPERANDS", "offsets_launch"]
 
 # Operand pairs kept per entry (then started over): a decode loop reuses one.
 MAX_PREPARED_OPERANDS = 16
@@ -55,13 +55,19 @@ class PreparedDeviceSizes:
 
     def _prepare(self, device_id: int, dtype, a: int, b: int, base: int):
         e, m = self.problem[0], self.problem[1]
-        args = hopper.offsets_args(0, e, m, 0, base)  # the sizes' address: slot 0
-        typed = [
-            np.int32(x) if code == "i" else np.int64(x) for code, x in zip(hopper.OFFSETS_SIGNATURE, args)
-        ]
-        scan = _fast.FixedLaunch(hopper.offsets_kernel(dtype), 1, hopper.TILE_THREADS, typed, slots=(0,))
+        scan = offsets_launch(e, m, base, dtype)
         gemm = hopper.prepared_gemm(device_id, self.problem, (a, b), base, self.tile_bound)
         return scan, gemm
+
+
+def offsets_launch(e: int, m: int, base: int, dtype):
+    """The offsets kernel over ``dtype`` sizes (int32 or int64: read in place)
+    of ``e`` groups on grouped-contiguous rows of ``m``, writing the schedule
+    ints at ``base``, as a :class:`~cublas_grouped.runtime.launch.FixedLaunch`
+    whose one slot is the sizes' address."""
+    args = hopper.offsets_args(0, e, m, 0, base)  # the sizes' address: slot 0
+    typed = [np.int32(x) if code == "i" else np.int64(x) for code, x in zip(hopper.OFFSETS_SIGNATURE, args)]
+    return _fast.FixedLaunch(hopper.offsets_kernel(dtype), 1, hopper.TILE_THREADS, typed, slots=(0,))
 
 
 class PreparedHostSizes:

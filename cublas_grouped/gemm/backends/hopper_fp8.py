@@ -22,15 +22,17 @@ applied while the next stage's MMAs run (:data:`OVERLAP`). At decode sizes
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
+from ...runtime import launch as _fast
 from ...runtime import nvrtc as _kernels
 from ...runtime.arrays import BFLOAT16, as_cupy, view
-from ...runtime.device import device_info, resolve_stream, stream_resources
-from ..config import Algorithm
+from ...runtime.device import device_info, stream_resources
 from ..fp8 import BLOCK as SCALE_BLOCK
-from ..fp8 import is_fp8, quantize_rows_fp8
-from . import hopper
+from ..fp8 import is_fp8
+from . import hopper, tma
 
 __all__ = [
     "ARCH",
@@ -63,8 +65,9 @@ __all__ = [
     "GRID_LIMIT",
     "grouped_fp8",
     "grouped_rows_fp8",
-    "gmm_fp8",
-    "kernel_takes",
+    "launch_choice",
+    "prepared_fp8_gemm",
+    "PREPARED_LAUNCHES",
 ]
 
 ARCH = hopper.ARCH
@@ -336,67 +339,84 @@ def _launch(
     """The offsets kernel (grouped-contiguous rows over ``m``; not when
     ``scanned``), then the FP8 GEMM taking its tiles from tile counter
     ``counter``, on ``res``'s stream. ``ptrs``: (a_q, a_scales, out) addresses."""
-    e, n, k = weights.shape
-    a_ptr, scales_ptr, out_ptr = ptrs
-    values = as_cupy(weights.values, "weights.values")
+    e = weights.shape[0]
     if not scanned:
         hopper.schedule_offsets(res, sizes, e, m, 0, storage=storage)
-    # row_offsets, row_ends, tile_offsets, tile counter `counter`
-    schedule = hopper.schedule_addresses(hopper.schedule_base(res, e, storage), e, counter)
-    stream = res.launch_stream
+    base = hopper.schedule_base(res, e, storage)
+    prepared_fp8_gemm(res.device_id, weights, m, ptrs[:2], base, counter)(res.stream, ptrs[2])
+
+
+# Prepared FP8 GEMM launches per thread (runtime.launch.FixedLaunch: the three
+# tensor maps and the arguments packed once), as hopper.prepared_gemm keeps the
+# 16-bit kernel's: building the maps and the argument block took most of an
+# eager call's host time (docs/kernel-notes.md, "The eager FP8 gmm's host
+# path"). At most PREPARED_LAUNCHES (then started over).
+PREPARED_LAUNCHES = 256
+_local = threading.local()
+
+
+def launch_choice(m: int, e: int) -> tuple:
+    """What picks the kernel and grid of an FP8 launch of ``m`` rows over ``e``
+    groups besides its operands, and what a probe may change between calls:
+    the tile shape (:func:`thin_tiles`: :data:`THIN` and its threshold), the
+    defines compiled (:func:`launch_defines`, read at each call), the grid
+    limit of tests and the maps' L2 promotion. Part of every prepared FP8
+    launch's key, so that a change prepares new ones."""
+    thin = thin_tiles(m, e)
+    return thin, tuple(launch_defines(thin).items()), GRID_LIMIT, tma.L2_PROMOTION
+
+
+def prepared_fp8_gemm(device_id: int, weights, m: int, a_ptrs, base: int, counter: int = 0):
+    """The FP8 GEMM of :func:`_launch` as a :class:`~cublas_grouped.runtime.launch.FixedLaunch`
+    (call it with the stream and the output address: its one slot), kept per
+    thread by everything else it holds: ``a_ptrs`` = the addresses of the
+    e4m3 rows and their scales, ``base`` the schedule ints' address,
+    ``counter`` the tile counter (0 or 1) it takes tiles from."""
+    values = as_cupy(weights.values, "weights.values")
+    scales_b = as_cupy(weights.scales, "weights.scales")
+    choice = launch_choice(m, weights.shape[0])
+    key = (device_id, weights.shape, values.data.ptr, scales_b.data.ptr, m, *a_ptrs, base, counter, choice)
+    prepared = getattr(_local, "gemms", None)
+    if prepared is None:
+        prepared = _local.gemms = {}
+    gemm = prepared.get(key)
+    if gemm is None:
+        if len(prepared) >= PREPARED_LAUNCHES:
+            prepared.clear()
+        gemm = prepared[key] = _prepare_gemm(
+            device_id, weights.shape, values.data.ptr, scales_b.data.ptr, m, a_ptrs, base, counter
+        )
+    return gemm
+
+
+def _prepare_gemm(device_id: int, shape, values_ptr: int, scales_ptr: int, m: int, a_ptrs, base, counter):
+    """The FP8 GEMM's :class:`FixedLaunch` (slot: the output address, argument 13)."""
+    e, n, k = shape
+    a_ptr, a_scales_ptr = a_ptrs
     thin = thin_tiles(m, e)
     defines = launch_defines(thin)
     gemm = _kernels.get_kernel(SOURCE, KERNEL, ARCH, defines=defines)
     most = defines["FP8_TABLE_MAX_GROUPS"]
-    hopper._allow_shared_memory(gemm, res.device_id, shared_bytes(most, thin))  # the most any E asks
-    tmap_a = hopper.tensor_map(a_ptr, (m, k), (BLOCK_M, BLOCK_K), np.uint8, res.device_id)
+    hopper._allow_shared_memory(gemm, device_id, shared_bytes(most, thin))  # the most any E asks
+    tmap_a = hopper.tensor_map(a_ptr, (m, k), (BLOCK_M, BLOCK_K), np.uint8, device_id)
     # The box the source was compiled for (a probe may vary the define).
     box_rows = defines["FP8_A_BOX_ROWS"]
-    tmap_a_rows = hopper.tensor_map(a_ptr, (m, k), (box_rows, BLOCK_K), np.uint8, res.device_id)
-    tmap_b = hopper.tensor_map(values.data.ptr, (e * n, k), (BLOCK_N, BLOCK_K), np.uint8, res.device_id)
-    scales_b = as_cupy(weights.scales, "weights.scales")
+    tmap_a_rows = hopper.tensor_map(a_ptr, (m, k), (box_rows, BLOCK_K), np.uint8, device_id)
+    tmap_b = hopper.tensor_map(values_ptr, (e * n, k), (BLOCK_N, BLOCK_K), np.uint8, device_id)
     args = (
         tmap_a,
         tmap_a_rows,
         tmap_b,
+        np.intp(a_scales_ptr),
         np.intp(scales_ptr),
-        np.intp(scales_b.data.ptr),
-        *map(np.intp, schedule),
+        *map(np.intp, hopper.schedule_addresses(base, e, counter)),
         np.int32(e),
         np.int32(m),
         np.int32(n),
         np.int32(k),
-        np.intp(out_ptr),
+        np.intp(0),  # the output: written by each launch (slot 13)
     )
     tile_n = THIN_TILE_N if thin else BLOCK_N
-    grid = grid_size(m, n, e, hopper._sm_count(res.device_id), GRID_LIMIT, tile_n)
-    _kernels.launch(stream, gemm, grid, THREADS, args, shmem=shared_bytes(e, thin))
-
-
-def gmm_fp8(a, weights, group_sizes, *, out=None, stream=None):
-    """``gmm(a, weights, group_sizes, trans_b=True)`` for bfloat16 ``a`` [M, K]
-    through the FP8 kernel: ``a`` quantized per token per 128 columns
-    (:func:`~cublas_grouped.gemm.fp8.quantize_rows_fp8`, on the device, into a
-    per-call copy), then :func:`grouped_fp8`. The caller (``gmm``) checked the
-    arguments and that the kernel takes them."""
-    a_q, a_scales = quantize_rows_fp8(a, stream=stream)
-    return grouped_fp8(a_q, a_scales, weights, group_sizes, out=out, stream=stream)
-
-
-def kernel_takes(weights, dtype, device: int, algorithm, stream=None, out_ptr: int = 0) -> bool:
-    """Whether ``gmm`` or the MoE layer runs ``dtype`` activations times
-    ``weights`` through the FP8 kernel on ``device``: ``algorithm`` AUTO or
-    SM90_GROUPED, what :func:`unsupported` accepts, 16-byte aligned weight
-    values (and ``out``, when given), and a stream that is not capturing a CUDA
-    graph (the quantized activations are a per-call copy that a replay would
-    read after it is freed). Anything else keeps the dequantizing fallback,
-    which refuses capture itself."""
-    import cupy
-
-    if Algorithm(algorithm) not in (Algorithm.AUTO, Algorithm.SM90_GROUPED) or not is_fp8(weights):
-        return False
-    if unsupported(device_info(device).sm, weights, dtype) is not None:
-        return False
-    if misaligned(view(weights.values, "weights.values").ptr, out_ptr) is not None:
-        return False
-    return not cupy.cuda.runtime.streamIsCapturing(resolve_stream(stream, device))
+    grid = grid_size(m, n, e, hopper._sm_count(device_id), GRID_LIMIT, tile_n)
+    label = f"{KERNEL} (kernels/{SOURCE}.cu, {ARCH})"
+    return _fast.FixedLaunch(gemm, grid, THREADS, args, shmem=shared_bytes(e, thin), slots=(13,), label=label)
