@@ -349,14 +349,16 @@ def test_fp8_layer_fused_and_unfused_give_the_same_bits(
     w1, w2, b1, b2 = _weights(rng, experts, hidden, inter, biases, fp8)
     layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=max(STEPS), b1=b1, b2=b2, trans_b=True, graphs=False)
     assert layer.fp8_kernel and layer.fp8_unsupported is None
-    quantized = []
-    real = fp8_step.quantize_rows_fp8
+    from cublas_grouped.moe import fp8_step_launches
 
-    def counted(a, *, out, stream=None):
-        quantized.append(a.shape)
-        return real(a, out=out, stream=stream)
+    quantized = []  # the quantize launches of each step the layer replays (prepared launches)
+    real = fp8_step_launches.FP8StepLaunches.__call__
 
-    monkeypatch.setattr(fp8_step, "quantize_rows_fp8", counted)
+    def counted(self, *args):
+        quantized.extend(q for q in (self.quantize1, self.quantize2) if q is not None)
+        return real(self, *args)
+
+    monkeypatch.setattr(fp8_step_launches.FP8StepLaunches, "__call__", counted)
     fp8_w1, fp8_w2 = fp8 in ("both", "w1"), fp8 in ("both", "w2")
     for step, tokens in enumerate(STEPS):
         x = cupy.asarray((rng.standard_normal((tokens, hidden)) * 2).astype(BF16))

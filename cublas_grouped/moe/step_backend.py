@@ -15,14 +15,18 @@ __all__ = ["CHUNKED_DECODE_MAX_EXPERTS", "CHUNKED_DECODE_MAX_TOKENS", "fixed_cap
 # Prepared choices kept (then started over): one per GPU, shape and alignment.
 MAX_CHOICES = 512
 
-# Under AUTO, decode steps of layers with few experts keep the chunked calls:
-# measured on an H100 (docs/kernel-notes.md, graph replays of whole steps),
-# Mixtral-8x7B at 16 and 64 tokens reached 82-85% of the bandwidth floor on
-# the kernel against 84-87% chunked, where layers of 128 and 256 experts went
-# from 58-84% to 73-91%. Larger steps of such layers take the kernel (T-row
-# chunks would compute far more rows than the experts have).
+# Under AUTO, the smallest decode steps of layers with few experts keep the
+# chunked calls. Measured on an H200 (docs/kernel-notes.md, "Mixtral decode
+# on the kernel step", graph replays of whole steps, tools/layer_probe.py,
+# 2026-11-27, with the kernel's thin tiles): Mixtral-8x7B at 1 token, chunked
+# 196 us against the kernel's 250 (2 experts: GEMM 2's 32 column tiles keep
+# 32 of 132 SMs busy); from 4 tokens the kernel is faster, 1.01-1.41x (at 16
+# and 64 tokens 89-90% of the bandwidth floor, against 75-89% chunked). The
+# H100 rule before (chunked up to 64 tokens) came from the kernel before
+# v14 and its thin tiles. Larger steps take the kernel (T-row chunks would
+# compute far more rows than the experts have).
 CHUNKED_DECODE_MAX_EXPERTS = 8
-CHUNKED_DECODE_MAX_TOKENS = 64
+CHUNKED_DECODE_MAX_TOKENS = 1
 
 
 def fixed_capacity_backend(sm, executor, shape: LayerShape, w1, w2, tokens: int) -> str:
