@@ -465,8 +465,10 @@ def test_fixed_capacity_step_interrupted_then_correct(stream, monkeypatch):
             raise _cublas.CublasError(13, "cublasGemmBatchedEx")
         return real(*args, **kwargs)
 
+    # The chunked cuBLAS step (forced: AUTO takes the kernel step on SM 9.0 here).
+    chunked = cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm="cublas_grouped"))
     with stream:
-        layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=32)
+        layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=32, executor=chunked)
         x, x64 = device_random(rng, (20, hidden), BF16)
         ids, w, ids_h, w_h = _routing(rng, 20, experts, k)
         monkeypatch.setattr(_fixed, "batched", second_fails)

@@ -21,8 +21,8 @@ capacity (:class:`ChunkCapacity`), because the need is not monotonic in T
 of every array they write and never write past it.
 
 On SM 9.0 GPUs (bfloat16/float16 layers the kernel takes, the default
-algorithm; not decode steps of layers with at most 8 experts, measured
-faster chunked) the GEMMs run on our Hopper kernel instead
+algorithm; not single-token steps of layers with at most 8 experts,
+measured faster chunked) the GEMMs run on our Hopper kernel instead
 (:func:`fixed_capacity_backend`): each expert's rows back to back in T*k
 rows, the kernel reading the counts on the device, so it computes no tile
 past an expert's rows and no chunk left over, and reads each active expert's

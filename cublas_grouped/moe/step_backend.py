@@ -20,8 +20,9 @@ MAX_CHOICES = 512
 # on the kernel step", graph replays of whole steps, tools/layer_probe.py,
 # 2026-11-27, with the kernel's thin tiles): Mixtral-8x7B at 1 token, chunked
 # 196 us against the kernel's 250 (2 experts: GEMM 2's 32 column tiles keep
-# 32 of 132 SMs busy); from 4 tokens the kernel is faster, 1.01-1.41x (at 16
-# and 64 tokens 89-90% of the bandwidth floor, against 75-89% chunked). The
+# 32 of 132 SMs busy); from 2 tokens the kernel is faster, 1.01-1.41x (2: 1.10,
+# 3: 1.12, 4: 1.11-1.41, 16: 1.01, 32: 1.30, 64: 1.18; at 16 and 64 tokens
+# 89-90% of the bandwidth floor, against 75-89% chunked). The
 # H100 rule before (chunked up to 64 tokens) came from the kernel before
 # v14 and its thin tiles. Larger steps take the kernel (T-row chunks would
 # compute far more rows than the experts have).
