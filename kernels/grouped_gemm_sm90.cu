@@ -753,23 +753,24 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                     if (kt == take_at) next = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);
                     const unsigned f = fills + kt;
                     const int s = f % SM90_STAGES;
+                    const int k0 = kt * SM90_BLOCK_K;  // the stage's K columns (a and b alike)
                     mbarrier_wait(&empty[s], ((f / SM90_STAGES) & 1) ^ 1);
                     mbarrier_expect_bytes(&full[s], t.stage_bytes);
                     if (a_in_one_box(a_rows)) {
-                        tma_load_2d(sa + s * SM90_A_STAGE_ELEMS, tmap_a, &full[s], kt * SM90_BLOCK_K, row0);
+                        tma_load_2d(sa + s * SM90_A_STAGE_ELEMS, tmap_a, &full[s], k0, row0);
                     } else {
                         for (int ra = 0; ra < a_rows; ra += SM90_A_BOX_ROWS) {
                             tma_load_2d(sa + s * SM90_A_STAGE_ELEMS + ra * SM90_BLOCK_K, tmap_a_rows, &full[s],
-                                        kt * SM90_BLOCK_K, row0 + ra);
+                                        k0, row0 + ra);
                         }
                     }
                     if (N_MAJOR_B) {
                         for (int jb = 0; jb < b_boxes; ++jb) {
                             tma_load_3d(sb + s * SM90_B_STAGE_ELEMS + jb * SM90_B_BOX_ELEMS, tmap_b, &full[s],
-                                        n0 + jb * SM90_B_SPAN, kt * SM90_BLOCK_K, g);
+                                        n0 + jb * SM90_B_SPAN, k0, g);
                         }
                     } else {
-                        tma_load_2d(sb + s * SM90_B_STAGE_ELEMS, tmap_b, &full[s], kt * SM90_BLOCK_K, b_row0);
+                        tma_load_2d(sb + s * SM90_B_STAGE_ELEMS, tmap_b, &full[s], k0, b_row0);
                     }
                 }
                 fills += num_k;

@@ -272,8 +272,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-nn-box-column",
         "grouped_gemm_sm90.cu",
-        "n0 + jb * SM90_B_SPAN, kt * SM90_BLOCK_K, g);",
-        "n0, kt * SM90_BLOCK_K, g);",
+        "n0 + jb * SM90_B_SPAN, k0, g);",
+        "n0, k0, g);",
         "every 64-column box of an [E, K, N] tile loads the tile's first 64 columns",
     ),
     Mutant(
@@ -286,8 +286,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-nn-group",
         "grouped_gemm_sm90.cu",
-        "n0 + jb * SM90_B_SPAN, kt * SM90_BLOCK_K, g);",
-        "n0 + j * SM90_B_SPAN, kt * SM90_BLOCK_K, 0);",
+        "n0 + jb * SM90_B_SPAN, k0, g);",
+        "n0 + jb * SM90_B_SPAN, k0, 0);",
         "every group multiplies by group 0's [E, K, N] weights",
     ),
     Mutant(
@@ -566,8 +566,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-a-box-row",
         "grouped_gemm_sm90.cu",
-        "kt * SM90_BLOCK_K, row0 + ra);",
-        "kt * SM90_BLOCK_K, row0);",
+        "k0, row0 + ra);",
+        "k0, row0);",
         "every 16-row box of a thin tile loads the tile's first 16 rows",
     ),
     Mutant(

@@ -12,7 +12,9 @@ the active experts' weights and their share of 4.8 TB/s (the H200's
 datasheet), or TFLOP/s, and whether the variants' outputs agree bit for bit.
 
 ``nt-off`` and ``nn-off``: the bf16 kernel with its thin tiles off (the
-tiles chosen before them).
+tiles chosen before them). ``--bf16-define NAME=VALUE``: the bf16 kinds
+compiled with that define too, beside the plain ones (``nt-def``, ``nn-def``:
+the K-rotation probe of docs/kernel-notes.md ran so, from a patched kernel).
 
 ``--layers``: the decode layer (``FixedCapacityMoE``, one step captured in a
 graph, 10 replays per round, median of 30) with bf16 weights (and their thin
@@ -34,7 +36,7 @@ import ml_dtypes
 import numpy as np
 
 import cublas_grouped as cg
-from cublas_grouped.gemm.backends import hopper_fp8, hopper_variants, tma
+from cublas_grouped.gemm.backends import hopper, hopper_fp8, hopper_variants, tma
 from cublas_grouped.runtime.timing import time_interleaved
 
 BF16 = ml_dtypes.bfloat16
@@ -57,6 +59,11 @@ TOKENS = [
         else ["16", "64", "4096"]
     )
 ]
+BF16_DEFINE = (
+    dict([tuple(sys.argv[sys.argv.index("--bf16-define") + 1].split("="))])
+    if "--bf16-define" in sys.argv
+    else {}
+)
 CASES = sys.argv[sys.argv.index("--cases") + 1].split(",") if "--cases" in sys.argv else list(SHAPES)
 KINDS = (
     sys.argv[sys.argv.index("--kinds") + 1].split(",")
@@ -65,9 +72,11 @@ KINDS = (
 )
 
 
-def graphed(fn, calls, stream, promo, defines=None, thin=True, bf16_thin=True):
+def graphed(fn, calls, stream, promo, defines=None, thin=True, bf16_thin=True, bf16_defines=None):
     old_p, old_d, old_t = tma.L2_PROMOTION, hopper_fp8.DEFINES, hopper_fp8.THIN
-    old_b = hopper_variants.THIN_MAX_ROWS_PER_GROUP
+    old_b, old_bd = hopper_variants.THIN_MAX_ROWS_PER_GROUP, hopper.DEFINES
+    if bf16_defines:
+        hopper.DEFINES = {**hopper.DEFINES, **bf16_defines}
     tma.L2_PROMOTION = promo
     hopper_fp8.THIN = thin
     hopper_variants.THIN_MAX_ROWS_PER_GROUP = old_b if bf16_thin else 0
@@ -83,7 +92,7 @@ def graphed(fn, calls, stream, promo, defines=None, thin=True, bf16_thin=True):
         stream.synchronize()
     finally:
         tma.L2_PROMOTION, hopper_fp8.DEFINES, hopper_fp8.THIN = old_p, old_d, old_t
-        hopper_variants.THIN_MAX_ROWS_PER_GROUP = old_b
+        hopper_variants.THIN_MAX_ROWS_PER_GROUP, hopper.DEFINES = old_b, old_bd
     return lambda i: g.launch(stream)
 
 
@@ -110,7 +119,7 @@ def gemms(case, tokens):
     methods, outs, nbytes = {}, {}, {}
     stream = cupy.cuda.Stream(non_blocking=True)
     calls = 10 if tokens <= 256 else 3
-    if "nn" in KINDS or "nn-off" in KINDS:
+    if any(kind.startswith("nn") for kind in KINDS):
         w_kn = cupy.ascontiguousarray(w.transpose(0, 2, 1))
     if any(kind.startswith("fp8") for kind in KINDS):
         wq = cg.quantize_fp8(w, trans_b=True)
@@ -120,11 +129,11 @@ def gemms(case, tokens):
             label = f"{kind} p{promo}"
             out = cupy.empty((m, N), dtype=BF16)
             outs[label] = out
-            if kind in ("nt", "nt-off"):
+            if kind in ("nt", "nt-off", "nt-def"):
                 fn = lambda out=out: cg.gmm(a, w, sizes_dev, trans_b=True, out=out, algorithm="sm90_grouped")
                 nbytes[label] = active * N * K * 2
                 defs = None
-            elif kind in ("nn", "nn-off"):
+            elif kind in ("nn", "nn-off", "nn-def"):
                 fn = lambda out=out: cg.gmm(
                     a, w_kn, sizes_dev, trans_b=False, out=out, algorithm="sm90_grouped"
                 )
@@ -134,8 +143,16 @@ def gemms(case, tokens):
                 fn = lambda out=out: hopper_fp8.grouped_fp8(a_q, a_s, wq, sizes_dev, out=out)
                 nbytes[label] = active * (N * K + -(-N // 128) * -(-K // 128) * 4)
                 defs = {"FP8_A_BOX_ROWS": 128} if kind == "fp8-box128" else None
+            extra = BF16_DEFINE if kind.endswith("-def") else None
             methods[label] = graphed(
-                fn, calls, stream, promo, defs, thin=kind == "fp8", bf16_thin="off" not in kind
+                fn,
+                calls,
+                stream,
+                promo,
+                defs,
+                thin=kind == "fp8",
+                bf16_thin="off" not in kind,
+                bf16_defines=extra,
             )
     cupy.cuda.Device().synchronize()
     res = time_interleaved(list(methods.values()), warmup=3, repeat=25, stream=stream)
@@ -162,7 +179,8 @@ def gemms(case, tokens):
                 print(
                     f"{'':12} {'':7} {label} / {base}: {t[label] / t[base]:.3f}  bitwise {same}", flush=True
                 )
-    for first, other in (("fp8", "fp8-box128"), ("fp8", "fp8-wide"), ("nt", "nt-off"), ("nn", "nn-off")):
+    pairs = [("fp8", "fp8-box128"), ("fp8", "fp8-wide"), ("nt", "nt-off"), ("nn", "nn-off")]
+    for first, other in [*pairs, ("nt-def", "nt"), ("nn-def", "nn")]:
         for promo in PROMOS:
             a_, b_ = f"{first} p{promo}", f"{other} p{promo}"
             if a_ in t and b_ in t:
