@@ -62,6 +62,17 @@ __device__ __forceinline__ void follow_previous_grid() {
     allow_next_grid();
 }
 
+// The other order, for the kernel before a step's GEMM 2 (the activation):
+// GEMM 2's blocks may then start while this kernel and the one before it
+// (GEMM 1's last tiles) still run, and prefetch their first weights
+// (SM90_PREFETCH_B), reading only the schedule, complete before this kernel
+// started. Whatever follows still waits before touching what this kernel
+// writes; the chain's rule above then holds one kernel later.
+__device__ __forceinline__ void lead_next_grid() {
+    allow_next_grid();
+    wait_for_previous_grid();
+}
+
 // ---------------------------------------------------------------------------
 // Element types
 // ---------------------------------------------------------------------------

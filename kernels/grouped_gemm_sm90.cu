@@ -56,6 +56,14 @@
 //                       decode, wrong for prefill. Not with
 //                       SM90_EPILOGUE_ACT (gate and up would lie in
 //                       different warpgroups), SM90_GATHER_A or SM90_SKIP_IDLE.
+//   SM90_PREFETCH_B     optional, 1: the launch's schedule was complete before the
+//                       previous kernel started (a step's GEMM 2, whose
+//                       offsets came before GEMM 1): each CTA reads it and
+//                       prefetches its first tile's first SM90_STAGES stages
+//                       of b into L2 before griddepcontrol.wait, so the
+//                       weights stream while the previous kernel (the
+//                       activation, which lets this one launch early) runs.
+//                       0 or undefined: the wait first, as every other launch.
 //   SM90_TILE_THREADS   threads of grouped_tile_offsets' one block
 //   SM90_TABLE_MAX_GROUPS  the most groups whose schedule the GEMMs copy into
 //                       shared memory (v14); the launcher's dynamic shared
@@ -195,6 +203,12 @@
     !defined(SM90_STAGES) || !defined(SM90_TILE_THREADS) || !defined(SM90_A_BOX_ROWS) || \
     !defined(SM90_TABLE_MAX_GROUPS) || !defined(SM90_THIN)
 #error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES, SM90_TILE_THREADS, SM90_A_BOX_ROWS, SM90_TABLE_MAX_GROUPS and SM90_THIN from its launcher"
+#endif
+#ifndef SM90_PREFETCH_B
+#define SM90_PREFETCH_B 0
+#endif
+#if SM90_PREFETCH_B && defined(SM90_GATHER_A)
+#error "SM90_PREFETCH_B is for a step's GEMM 2 (its schedule written before the previous kernel), never gathered"
 #endif
 #if SM90_THIN && (SM90_BLOCK_N != 256 || SM90_A_BOX_ROWS > 64 || defined(SM90_EPILOGUE_ACT) || \
                   defined(SM90_GATHER_A) || (defined(SM90_SKIP_IDLE) && SM90_SKIP_IDLE))
@@ -656,7 +670,11 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
     // launches may overlap (common.cuh). The next kernel may start once each
     // CTA's load thread has run out of tiles (allow_next_grid below): its
     // blocks then take the SMs this GEMM's CTAs leave, during the last tiles.
+    // With SM90_PREFETCH_B the schedule is older than the previous kernel:
+    // the wait comes after the first tile's weights are asked for (below).
+#if !SM90_PREFETCH_B
     wait_for_previous_grid();
+#endif
     extern __shared__ unsigned char smem_raw[];
     // full[s]: stage s holds data (one arrival with the TMA byte count);
     // empty[s]: both math warpgroups are done reading it (one arrival each).
@@ -702,6 +720,25 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
         row_ends = table + 2 * num_groups + 1;
     }
     __syncthreads();  // the last block-wide barrier: the roles split below
+#if SM90_PREFETCH_B
+    // The first tile's first SM90_STAGES stages of b into L2 while the
+    // previous kernel (the activation) and the one before it (GEMM 1's last
+    // tiles) still run: the weights are constant and the schedule was
+    // complete before the previous kernel started, so nothing read here can
+    // change; everything else waits.
+    if (threadIdx.x == 0) {
+        const Sm90Tile t =
+            find_tile<N_MAJOR_B>(blockIdx.x, false, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
+        for (int kt = 0; kt < min(num_k, SM90_STAGES); ++kt) {
+            if (N_MAJOR_B) {
+                for (int jb = 0; jb < t.b_boxes; ++jb) tma_prefetch_3d(tmap_b, t.n0 + jb * SM90_B_SPAN, kt * SM90_BLOCK_K, t.g);
+            } else {
+                tma_prefetch_2d(tmap_b, kt * SM90_BLOCK_K, t.g * N + t.n0);
+            }
+        }
+    }
+    wait_for_previous_grid();
+#endif
 
     const int warpgroup = threadIdx.x / 128;
 #ifdef SM90_GATHER_A

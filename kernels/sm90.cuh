@@ -64,6 +64,22 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const TmaMap* map, unsign
         : "memory");
 }
 
+// The same boxes prefetched into L2 only (no shared memory, no barrier):
+// a hint, so coordinates past the tensor read nothing and fault nothing.
+__device__ __forceinline__ void tma_prefetch_2d(const TmaMap* map, int x, int y) {
+    asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"(
+                     reinterpret_cast<unsigned long long>(map)),
+                 "r"(x), "r"(y)
+                 : "memory");
+}
+
+__device__ __forceinline__ void tma_prefetch_3d(const TmaMap* map, int x, int y, int z) {
+    asm volatile("cp.async.bulk.prefetch.tensor.3d.L2.global.tile [%0, {%1, %2, %3}];" ::"l"(
+                     reinterpret_cast<unsigned long long>(map)),
+                 "r"(x), "r"(y), "r"(z)
+                 : "memory");
+}
+
 // 16 bytes from global to shared memory by cp.async, through L2 only (.cg);
 // src_bytes 0 reads nothing and writes 16 zero bytes (a missing row, a K
 // tail). dst: a shared-window address.

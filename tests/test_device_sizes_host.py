@@ -640,3 +640,24 @@ def test_row_scale_epilogue_defines_arguments_and_refusals():
     wide = V.kernel_defines(base, *decode, gated, None)
     assert wide["SM90_BLOCK_N"] == 256 and wide["SM90_EPILOGUE_ACT"] == 1
     assert V.kernel_defines(base, *decode, None, gather)["SM90_GATHER_A"] == 1
+
+
+def test_gemm2_prefetches_its_weights_before_it_waits(monkeypatch):
+    """A layer's GEMM 2 (tile counter 1: its schedule written before GEMM 1)
+    compiles with SM90_PREFETCH_B (FP8: FP8_PREFETCH_B), any tile shape or
+    epilogue; GEMM 1 (counter 0) and a row gather never; PREFETCH_B False
+    turns it off, and is part of the prepared launches' keys."""
+    from cublas_grouped.gemm.backends import hopper, hopper_fp8
+    from cublas_grouped.gemm.backends import hopper_variants as V
+
+    scale = V.RowScaleEpilogue(0x2000)
+    for rows in (16, 4096):  # thin and 128-row tiles
+        assert V.kernel_defines(hopper.DEFINES, True, rows, 8, scale, None, 1)["SM90_PREFETCH_B"] == 1
+        assert "SM90_PREFETCH_B" not in V.kernel_defines(hopper.DEFINES, True, rows, 8, scale, None, 0)
+    gather = V.RowGather(0x5000, 4, 10)
+    assert "SM90_PREFETCH_B" not in V.kernel_defines(hopper.DEFINES, True, 16, 8, None, gather, 1)
+    key, fp8_key = V.choice_key(hopper.DEFINES), hopper_fp8.launch_choice(16, 8)
+    monkeypatch.setattr(V, "PREFETCH_B", False)
+    assert "SM90_PREFETCH_B" not in V.kernel_defines(hopper.DEFINES, True, 16, 8, scale, None, 1)
+    assert "FP8_PREFETCH_B" not in hopper_fp8.launch_defines(True, 1)
+    assert V.choice_key(hopper.DEFINES) != key and hopper_fp8.launch_choice(16, 8) != fp8_key

@@ -51,6 +51,19 @@ STEP_KERNELS = {
     "grouped_gemm_fp8_sm90": (hopper_fp8.KERNEL,),
     "grouped_gemm_fp8_sm90 thin": (hopper_fp8.KERNEL,),
 }
+# Kernels that let the next one start before their own wait (lead_next_grid:
+# the activation, so that a step's GEMM 2 prefetches its weights early).
+LEAD_NEXT = {"expert_activation_bf16", "expert_activation_f16", "expert_activation_fp8_bf16"}
+# A step's GEMM 2 as it launches with SM90_PREFETCH_B (thin tiles, the
+# row-scale epilogue): it reads its schedule and prefetches b before waiting.
+PREFETCH_DEFINES = {
+    **hopper.DEFINES,
+    "SM90_THIN": 1,
+    "SM90_STAGES": 5,
+    "SM90_TABLE_MAX_GROUPS": 597,
+    "SM90_EPILOGUE_ROW_SCALE": 1,
+    "SM90_PREFETCH_B": 1,
+}
 # Each build's (source, arch, defines): the sources of the table above, the
 # FP8 GEMM compiled as each tile shape launches it.
 BUILDS = {
@@ -109,8 +122,9 @@ def step_ptx():
 def test_every_step_kernel_waits_before_touching_global_memory(step_ptx, build):
     """In each kernel the step launches overlapped, ``griddepcontrol.wait``
     comes before the first global load, store, atomic or async copy, and
-    ``griddepcontrol.launch_dependents`` after the wait (PTX order: both sit
-    at the kernel's start, before any branch)."""
+    ``griddepcontrol.launch_dependents`` after the wait, or before it for the
+    activation kernels (:data:`LEAD_NEXT`) (PTX order: both sit at the
+    kernel's start, before any branch)."""
     entries = step_ptx[build]
     for name in STEP_KERNELS[build]:
         lines = entries.get(name)
@@ -119,12 +133,42 @@ def test_every_step_kernel_waits_before_touching_global_memory(step_ptx, build):
         allow = next((i for i, s in enumerate(lines) if "griddepcontrol.launch_dependents" in s), None)
         first = next((i for i, s in enumerate(lines) if GLOBAL_ACCESS.match(s)), None)
         assert wait is not None, f"{name}: no griddepcontrol.wait"
-        assert allow is not None and allow > wait, f"{name}: launch_dependents missing or before the wait"
+        assert allow is not None, f"{name}: no launch_dependents"
+        assert (allow < wait) == (name in LEAD_NEXT), (
+            f"{name}: launch_dependents on the wrong side of the wait"
+        )
         assert first is None or first > wait, f"{name}: global access before the wait: {lines[first]}"
         # The wait may not sit in a branch that some threads skip: no branch before it.
         assert not any(re.match(r"\s*(@%p\d+ )?bra", s) for s in lines[:wait]), (
             f"{name}: a branch before the wait"
         )
+
+
+def test_gemm2_prefetching_b_writes_nothing_and_loads_nothing_into_shared_memory_before_its_wait():
+    """With SM90_PREFETCH_B the GEMM reads its schedule and prefetches b into
+    L2 before ``griddepcontrol.wait``: before it, no global store, atomic or
+    copy into shared memory (only ``cp.async.bulk.prefetch``); its
+    ``launch_dependents`` stays after the wait; without the define the
+    prefetch is not compiled at all."""
+    pytest.importorskip("cuda.bindings")
+    prefetching = _entries(_ptx("grouped_gemm_sm90", hopper.ARCH, PREFETCH_DEFINES))
+    plain = _entries(_ptx("grouped_gemm_sm90", hopper.ARCH, {**PREFETCH_DEFINES, "SM90_PREFETCH_B": 0}))
+    for thin in (False, True):  # the FP8 kernel's GEMM 2, both tile shapes
+        fp8 = hopper_fp8.launch_defines(thin, 1)
+        prefetching[f"fp8 {thin}"] = _entries(_ptx(hopper_fp8.SOURCE, hopper_fp8.ARCH, fp8))[
+            hopper_fp8.KERNEL
+        ]
+        fp8 = hopper_fp8.launch_defines(thin, 0)
+        plain[f"fp8 {thin}"] = _entries(_ptx(hopper_fp8.SOURCE, hopper_fp8.ARCH, fp8))[hopper_fp8.KERNEL]
+    writes = re.compile(r"^\s*(st\.global|atom\.|red\.|cp\.async\.bulk\.tensor|cp\.async\.ca|cp\.async\.cg)")
+    for name in ("grouped_gemm_nt_bf16", "grouped_gemm_nn_bf16", "fp8 False", "fp8 True"):
+        lines = prefetching[name]
+        wait = next(i for i, s in enumerate(lines) if "griddepcontrol.wait" in s)
+        allow = next(i for i, s in enumerate(lines) if "griddepcontrol.launch_dependents" in s)
+        assert allow > wait, name
+        assert any("cp.async.bulk.prefetch.tensor" in s for s in lines[:wait]), name
+        assert not any(writes.match(s) for s in lines[:wait]), name
+        assert not any("cp.async.bulk.prefetch" in s for s in plain[name]), name
 
 
 def test_the_step_overlaps_its_launches_by_default():

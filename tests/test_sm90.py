@@ -156,13 +156,15 @@ def test_weights_layouts_and_their_tensor_maps():
 @pytest.mark.parametrize(
     "act, gather, block_n",
     [(act, gather, 256) for act in (None, "silu", "gelu", "relu") for gather in (False, True)]
-    + [(None, False, 128), (None, True, 128), ("thin", False, 256), ("thin-row-scale", False, 256)],
+    + [(None, False, 128), (None, True, 128), ("thin", False, 256), ("thin-row-scale", False, 256)]
+    + [("thin-row-scale-prefetch", False, 256), ("row-scale-prefetch", False, 256)],
 )
 def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act, gather, block_n):
     """ptxas's verbose report of every sm90 kernel, plain and with each gated
     epilogue, with a's rows from TMA and gathered by cp.async (SM90_GATHER_A),
     the 128-column tiles (SM90_BLOCK_N=128, 6 stages: wgmma n128), and the
-    thin tiles (SM90_THIN, plain and with the row-scale epilogue):
+    thin tiles (SM90_THIN, plain and with the row-scale epilogue), and a
+    layer's GEMM 2 prefetching its weights before it waits (SM90_PREFETCH_B):
     no local-memory spills, no note C7520 (wgmma serialized: each MMA waits
     for the one before, as a branch on accumulator values in the epilogue
     once caused in the bf16 kernels), and at most 168 registers (384
@@ -175,10 +177,13 @@ def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act, gather, block_n)
     from cublas_grouped.runtime import nvrtc
 
     defines = dict(hopper.DEFINES)
-    if act is not None and act.startswith("thin"):
-        defines.update(SM90_THIN=1, SM90_STAGES=5, SM90_TABLE_MAX_GROUPS=597)
-        if act == "thin-row-scale":
+    if act is not None and ("thin" in act or "prefetch" in act):
+        if act.startswith("thin"):
+            defines.update(SM90_THIN=1, SM90_STAGES=5, SM90_TABLE_MAX_GROUPS=597)
+        if "row-scale" in act:
             defines["SM90_EPILOGUE_ROW_SCALE"] = 1
+        if act.endswith("prefetch"):
+            defines["SM90_PREFETCH_B"] = 1
     elif act is not None:
         defines.update(
             {f"ACT_{n.upper()}": c for n, c in ACTIVATIONS.items()}, SM90_EPILOGUE_ACT=ACTIVATIONS[act]

@@ -410,7 +410,7 @@ def _prepare_gemm(
     e, m, n, k, trans_b, dtype = problem
     dtype = np.dtype(dtype)
     name = f"grouped_gemm_{weights_layout(trans_b)}_{_SUFFIX[dtype.name]}"
-    defines = kernel_defines(DEFINES, trans_b, m, e, epilogue, gather)
+    defines = kernel_defines(DEFINES, trans_b, m, e, epilogue, gather, counter)
     gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=defines)
     # Width and ring as compiled (a probe may change them); the opt-in: the most any E asks, set once.
     block_n, table_max = defines["SM90_BLOCK_N"], defines["SM90_TABLE_MAX_GROUPS"]

@@ -13,6 +13,8 @@ the defines that select them (``kernels/grouped_gemm_sm90.cu``'s header):
   rows, 128 columns each, so the ring holds 160 KiB of weights where the
   128-row tiles hold 128 (96 for the 128-column ones); :func:`tile_defines`
   chooses them at decode sizes;
+- ``SM90_PREFETCH_B``: a step's GEMM 2 prefetches its first weights before
+  it waits on the previous kernel (:func:`prefetch_b`);
 - :class:`RowGather` (v11, ``SM90_GATHER_A``): a's rows read through an index
   array (``a[r] = x[src[r] // top_k]``), so no gathered copy of the tokens is
   written. The load warpgroup copies them into the stage with cp.async in the
@@ -37,6 +39,8 @@ __all__ = [
     "THIN_TILE_M",
     "THIN_STAGES",
     "THIN_TABLE_MAX_GROUPS",
+    "PREFETCH_B",
+    "prefetch_b",
     "tile_defines",
     "choice_key",
     "variant_defines",
@@ -80,6 +84,22 @@ THIN_STAGES = 5  # 5 x (8 + 32) KiB: the ring; the staging areas take 18 KiB mor
 # (4 * (3E + 1) bytes): the rest of 226 KiB (the 227 KiB opt-in limit less
 # 1 KiB for the kernel's static shared memory, which counts against it).
 THIN_TABLE_MAX_GROUPS = 597
+# A layer's GEMM 2 (the launch taking tiles from tile counter 1, whose
+# schedule the offsets launch before GEMM 1 wrote) asks for its first tile's
+# first stages of weights (into L2) before it waits on the previous kernel,
+# and the activation kernel before it lets it start early (lead_next_grid in
+# kernels/common.cuh): the weights then stream during the activation and
+# GEMM 1's last tiles. Both kernels (SM90_PREFETCH_B, FP8_PREFETCH_B). False
+# turns it off (the launches before 2026-11-27, 09:00 UTC).
+PREFETCH_B = True
+
+
+def prefetch_b(counter: int) -> bool:
+    """Whether a launch taking tiles from tile counter ``counter`` prefetches
+    its weights before waiting: a layer's GEMM 2 (counter 1), under :data:`PREFETCH_B`."""
+    return PREFETCH_B and counter == 1
+
+
 _THIN = {"SM90_THIN": 1, "SM90_STAGES": THIN_STAGES, "SM90_TABLE_MAX_GROUPS": THIN_TABLE_MAX_GROUPS}
 
 
@@ -184,6 +204,7 @@ def choice_key(defines: dict) -> tuple:
         NARROW_MAX_ROWS_PER_GROUP,
         SKIP_IDLE_MAX_ROWS_PER_GROUP,
         THIN_MAX_ROWS_PER_GROUP,
+        PREFETCH_B,
     )
 
 
@@ -204,10 +225,14 @@ def variant_defines(defines: dict, epilogue, gather: RowGather | None) -> dict:
     return out
 
 
-def kernel_defines(defines: dict, trans_b: bool, rows: int, groups: int, epilogue, gather) -> dict:
+def kernel_defines(
+    defines: dict, trans_b: bool, rows: int, groups: int, epilogue, gather, counter: int = 0
+) -> dict:
     """The defines a launch compiles its kernel with: :func:`tile_defines`'s
-    choices for the problem, then :func:`variant_defines`'s."""
-    return variant_defines(tile_defines(defines, trans_b, rows, groups, epilogue, gather), epilogue, gather)
+    choices for the problem, then :func:`variant_defines`'s, and the early
+    prefetch of a layer's GEMM 2 (:func:`prefetch_b` of its tile ``counter``)."""
+    out = variant_defines(tile_defines(defines, trans_b, rows, groups, epilogue, gather), epilogue, gather)
+    return {**out, "SM90_PREFETCH_B": 1} if prefetch_b(counter) and gather is None else out
 
 
 def epilogue_args(epilogue) -> tuple:
