@@ -348,9 +348,9 @@ def test_runs_on_kernel_follows_the_default_paths_choice():
         return overlap_mod.runs_on_kernel(executor, 0, shape, w1, w2, algorithm, rows)
 
     hopper = Executor((9, 0))
-    assert on(hopper, 16, 1) and on(hopper, 16, 4096) and on(hopper, 4, 65)
+    assert on(hopper, 16, 1) and on(hopper, 16, 4096) and on(hopper, 4, 65) and on(hopper, 8, 64)
     assert on(hopper, 16, MAX_FIXED_CAPACITY_TOKENS) and not on(hopper, 16, MAX_FIXED_CAPACITY_TOKENS + 1)
-    assert not on(hopper, 8, 64) and not on(hopper, 4, 1)  # few-expert decode calls keep cuBLAS
+    assert not on(hopper, 8, 1) and not on(hopper, 4, 1)  # few-expert single-row calls keep cuBLAS
     assert not on(hopper, 16, 4096, algorithm="sequential")
     assert not on(hopper, 16, 4096, dtype=np.float32)
     assert not on(Executor((8, 0)), 16, 4096)

@@ -72,9 +72,12 @@ KINDS = (
 )
 
 
-def graphed(fn, calls, stream, promo, defines=None, thin=True, bf16_thin=True, bf16_defines=None):
+def graphed(
+    fn, calls, stream, promo, defines=None, thin=True, bf16_thin=True, bf16_defines=None, prefetch=True
+):
     old_p, old_d, old_t = tma.L2_PROMOTION, hopper_fp8.DEFINES, hopper_fp8.THIN
     old_b, old_bd = hopper_variants.THIN_MAX_ROWS_PER_GROUP, hopper.DEFINES
+    old_pf, hopper_variants.PREFETCH_B = hopper_variants.PREFETCH_B, prefetch
     if bf16_defines:
         hopper.DEFINES = {**hopper.DEFINES, **bf16_defines}
     tma.L2_PROMOTION = promo
@@ -93,6 +96,7 @@ def graphed(fn, calls, stream, promo, defines=None, thin=True, bf16_thin=True, b
     finally:
         tma.L2_PROMOTION, hopper_fp8.DEFINES, hopper_fp8.THIN = old_p, old_d, old_t
         hopper_variants.THIN_MAX_ROWS_PER_GROUP, hopper.DEFINES = old_b, old_bd
+        hopper_variants.PREFETCH_B = old_pf
     return lambda i: g.launch(stream)
 
 
@@ -223,7 +227,9 @@ def layers(model, tokens_list):
             for kind, (a1, a2), _per in (
                 ("bf16", (w1, w2), per_expert_bf16),
                 ("bf16-off", (w1, w2), per_expert_bf16),
+                ("bf16-nopf", (w1, w2), per_expert_bf16),
                 ("fp8", (q1, q2), per_expert_fp8),
+                ("fp8-nopf", (q1, q2), per_expert_fp8),
                 ("fp8-wide", (q1, q2), per_expert_fp8),
             ):
                 for promo in PROMOS:
@@ -235,7 +241,13 @@ def layers(model, tokens_list):
                         holder["out"] = layer.forward(x, ids_d, w_d)
 
                     methods[label] = graphed(
-                        fn, 1, stream, promo, thin=kind == "fp8", bf16_thin=kind != "bf16-off"
+                        fn,
+                        1,
+                        stream,
+                        promo,
+                        thin=kind in ("fp8", "fp8-nopf"),
+                        bf16_thin=kind != "bf16-off",
+                        prefetch=not kind.endswith("-nopf"),
                     )
                     outs[label] = holder
             res = time_interleaved(
@@ -277,6 +289,10 @@ def layers(model, tokens_list):
                         cupy.all(outs[base]["out"].view(cupy.uint16) == outs[label]["out"].view(cupy.uint16))
                     )
                     print(f"{'':36} {label} / {base}: {t[label] / t[base]:.3f}  bitwise {same}", flush=True)
+            for kind in ("bf16", "fp8"):
+                if f"{kind} p0" in t and f"{kind}-nopf p0" in t:
+                    ratio = t[f"{kind} p0"] / t[f"{kind}-nopf p0"]
+                    print(f"{'':36} {kind} prefetch / none (p0): {ratio:.3f}", flush=True)
             if "bf16 p0" in t and "bf16-off p0" in t:
                 print(f"{'':36} bf16 thin / off (p0): {t['bf16 p0'] / t['bf16-off p0']:.3f}", flush=True)
             if "fp8 p0" in t and "bf16 p0" in t:
