@@ -157,7 +157,7 @@ __device__ __forceinline__ void expert_activation_fp8_impl(const T* __restrict__
                                                            const int* __restrict__ topk_ids, int num_rows,
                                                            unsigned char* __restrict__ out_q,
                                                            float* __restrict__ out_s) {
-    lead_next_grid();  // the MoE step's launches overlap; GEMM 2 may start early (common.cuh)
+    follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
     const long long I = inter;
     const long long W = gated ? 2 * I : I;
     const long long scales_per_row = (I + 127) / 128;

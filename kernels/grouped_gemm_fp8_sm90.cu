@@ -121,9 +121,6 @@
     !defined(FP8_OVERLAP) || !defined(FP8_TABLE_MAX_GROUPS) || !defined(FP8_A_BOX_ROWS) || !defined(FP8_THIN)
 #error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP, FP8_TABLE_MAX_GROUPS, FP8_A_BOX_ROWS and FP8_THIN from its launcher"
 #endif
-#ifndef FP8_PREFETCH_B
-#define FP8_PREFETCH_B 0  // 1: a step's GEMM 2 (see the bf16 kernel's SM90_PREFETCH_B)
-#endif
 #if FP8_THIN && FP8_A_BOX_ROWS > 64
 #error "thin tiles (FP8_THIN) load a's 64 rows in boxes of FP8_A_BOX_ROWS: at most 64"
 #endif
@@ -293,11 +290,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
     // Before anything an earlier kernel writes (the schedule, a's codes and
     // scales): the MoE step's launches may overlap (common.cuh). The next
     // kernel may start once each CTA's load thread has run out of tiles.
-    // With FP8_PREFETCH_B the wait comes after the first tile's weights are
-    // asked for (below), as in the bf16 kernel's SM90_PREFETCH_B.
-#if !FP8_PREFETCH_B
     wait_for_previous_grid();
-#endif
     extern __shared__ unsigned char smem_raw[];
     // full[s]: stage s holds data (one arrival with the TMA byte count);
     // empty[s]: both math warpgroups are done reading it (one arrival each).
@@ -343,18 +336,6 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
         row_ends = table + 2 * num_groups + 1;
     }
     __syncthreads();  // the last block-wide barrier: the roles split below
-#if FP8_PREFETCH_B
-    // The first tile's first FP8_STAGES stages of b into L2 before the wait:
-    // the weights are constant and the schedule was complete before the
-    // previous kernel started (a step's GEMM 2); everything else waits.
-    if (threadIdx.x == 0) {
-        const Fp8Tile t = fp8_find_tile(blockIdx.x, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
-        for (int kt = 0; kt < min(num_k, FP8_STAGES); ++kt) {
-            for (int jb = 0; jb < t.b_boxes; ++jb) tma_prefetch_2d(&tmap_b, kt * FP8_BLOCK_K, t.g * N + t.n0 + jb * FP8_BLOCK_N);
-        }
-    }
-    wait_for_previous_grid();
-#endif
 
     const int warpgroup = threadIdx.x / 128;
     if (warpgroup == 0) {

@@ -644,9 +644,9 @@ def test_row_scale_epilogue_defines_arguments_and_refusals():
 
 def test_gemm2_prefetches_its_weights_before_it_waits(monkeypatch):
     """A layer's GEMM 2 (tile counter 1: its schedule written before GEMM 1)
-    compiles with SM90_PREFETCH_B (FP8: FP8_PREFETCH_B), any tile shape or
-    epilogue; GEMM 1 (counter 0) and a row gather never; PREFETCH_B False
-    turns it off, and is part of the prepared launches' keys."""
+    compiles with SM90_PREFETCH_B, any tile shape or epilogue; GEMM 1
+    (counter 0) and a row gather never; PREFETCH_B False turns it off, and
+    is part of the prepared launches' keys. The FP8 kernel has none."""
     from cublas_grouped.gemm.backends import hopper, hopper_fp8
     from cublas_grouped.gemm.backends import hopper_variants as V
 
@@ -656,8 +656,8 @@ def test_gemm2_prefetches_its_weights_before_it_waits(monkeypatch):
         assert "SM90_PREFETCH_B" not in V.kernel_defines(hopper.DEFINES, True, rows, 8, scale, None, 0)
     gather = V.RowGather(0x5000, 4, 10)
     assert "SM90_PREFETCH_B" not in V.kernel_defines(hopper.DEFINES, True, 16, 8, None, gather, 1)
-    key, fp8_key = V.choice_key(hopper.DEFINES), hopper_fp8.launch_choice(16, 8)
+    assert not any("PREFETCH" in name for thin in (False, True) for name in hopper_fp8.launch_defines(thin))
+    key = V.choice_key(hopper.DEFINES)
     monkeypatch.setattr(V, "PREFETCH_B", False)
     assert "SM90_PREFETCH_B" not in V.kernel_defines(hopper.DEFINES, True, 16, 8, scale, None, 1)
-    assert "FP8_PREFETCH_B" not in hopper_fp8.launch_defines(True, 1)
-    assert V.choice_key(hopper.DEFINES) != key and hopper_fp8.launch_choice(16, 8) != fp8_key
+    assert V.choice_key(hopper.DEFINES) != key

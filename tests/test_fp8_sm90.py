@@ -35,20 +35,15 @@ def _ptxas_report(defines=None) -> str:
     return log.text
 
 
-@pytest.mark.parametrize(
-    "thin, counter",
-    [(False, 0), (True, 0), (False, 1), (True, 1)],
-    ids=["128x128", "thin", "128x128-gemm2", "thin-gemm2"],
-)
-def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin, counter):
+@pytest.mark.parametrize("thin", [False, True], ids=["128x128", "thin"])
+def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin):
     """384 threads of one CTA per SM start with 168 registers each (65,536 /
     384, rounded down to 8: what ptxas reports); the math warpgroups then take
     232 (setmaxnreg) for acc + tmp0 + tmp1, 192 of them, and the load thread
     keeps 40. A spill, or a note that wgmma was serialized or a wait added,
-    would cost the kernel its speed, not its results. Both tile shapes, and
-    as a layer's GEMM 2 (tile counter 1: FP8_PREFETCH_B)."""
+    would cost the kernel its speed, not its results. Both tile shapes."""
     pytest.importorskip("cuda.core")
-    report = _ptxas_report(hopper_fp8.launch_defines(thin, counter))
+    report = _ptxas_report(hopper_fp8.launch_defines(thin))
     assert f"Compiling entry function '{hopper_fp8.KERNEL}'" in report
     # C7520/C7510/C7514: wgmma serialized; C7517: a wait ptxas had to add.
     assert not any(note in report for note in ("C7520", "C7510", "C7514", "C7517")), report
@@ -116,9 +111,6 @@ def test_launch_constants_agree():
         "FP8_TABLE_MAX_GROUPS": 597,
     }
     assert hopper_fp8.launch_defines(False) is hopper_fp8.DEFINES
-    # A layer's GEMM 2 (tile counter 1) prefetches its first weights before it waits.
-    assert hopper_fp8.launch_defines(True, 1) == {**thin, "FP8_PREFETCH_B": 1}
-    assert hopper_fp8.launch_defines(False, 1) == {**hopper_fp8.DEFINES, "FP8_PREFETCH_B": 1}
     assert hopper_fp8.THIN_SHARED_BYTES == 5 * (64 + 256) * 128 + 2 * 64 * 72 * 2 + 1024
     most = hopper_fp8.THIN_TABLE_MAX_GROUPS
     # Within 227 KiB with 1 KiB left for the static barriers and mailboxes

@@ -1,9 +1,10 @@
 """A layer's GEMM 2 prefetching its first weights before it waits on the
-activation kernel (SM90_PREFETCH_B / FP8_PREFETCH_B, with the activation
-letting it start early) on an SM 9.0 GPU: the fixed-capacity step with
-16-bit and FP8 weights, eager and replayed from its CUDA graphs with new
-routing at every step, gives the same bits with the prefetch on and off,
-and float64 within tolerance."""
+activation kernel (SM90_PREFETCH_B, with the activation letting it start
+early) on an SM 9.0 GPU: the fixed-capacity step with 16-bit weights (and
+FP8 ones, whose kernel has no prefetch: the switch must change nothing
+there), eager and replayed from its CUDA graphs with new routing at every
+step, gives the same bits with the prefetch on and off, and float64 within
+tolerance."""
 
 from __future__ import annotations
 

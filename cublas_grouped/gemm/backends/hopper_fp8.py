@@ -32,8 +32,7 @@ from ...runtime.arrays import BFLOAT16, as_cupy, view
 from ...runtime.device import device_info, stream_resources
 from ..fp8 import BLOCK as SCALE_BLOCK
 from ..fp8 import is_fp8
-from . import hopper, hopper_variants, tma
-from .hopper_variants import prefetch_b
+from . import hopper, tma
 
 __all__ = [
     "ARCH",
@@ -128,20 +127,19 @@ def thin_tiles(m: int, e: int) -> bool:
     return THIN and m <= THIN_MAX_ROWS_PER_GROUP * e
 
 
-def launch_defines(thin: bool, counter: int = 0) -> dict:
+def launch_defines(thin: bool) -> dict:
     """The kernel's defines for 128 x 128 tiles (:data:`DEFINES`, read at
-    each call: a probe may vary them) or for thin tiles, with a layer's GEMM
-    2 (tile ``counter`` 1) prefetching its first weights before it waits
-    (``FP8_PREFETCH_B``: ``hopper_variants.prefetch_b``)."""
-    out = DEFINES
-    if thin:
-        out = {
-            **DEFINES,
-            "FP8_THIN": 1,
-            "FP8_STAGES": THIN_STAGES,
-            "FP8_TABLE_MAX_GROUPS": THIN_TABLE_MAX_GROUPS,
-        }
-    return {**out, "FP8_PREFETCH_B": 1} if prefetch_b(counter) else out
+    each call: a probe may vary them) or for thin tiles. (No early prefetch of
+    a layer's GEMM 2, unlike the bf16 kernel's ``SM90_PREFETCH_B``: measured
+    1.04-1.19x slower on Qwen3-30B-A3B decode layers, docs/kernel-notes.md.)"""
+    if not thin:
+        return DEFINES
+    return {
+        **DEFINES,
+        "FP8_THIN": 1,
+        "FP8_STAGES": THIN_STAGES,
+        "FP8_TABLE_MAX_GROUPS": THIN_TABLE_MAX_GROUPS,
+    }
 
 
 def shared_bytes(groups: int, thin: bool = False) -> int:
@@ -367,7 +365,7 @@ def launch_choice(m: int, e: int) -> tuple:
     limit of tests and the maps' L2 promotion. Part of every prepared FP8
     launch's key, so that a change prepares new ones."""
     thin = thin_tiles(m, e)
-    return thin, tuple(launch_defines(thin).items()), GRID_LIMIT, tma.L2_PROMOTION, hopper_variants.PREFETCH_B
+    return thin, tuple(launch_defines(thin).items()), GRID_LIMIT, tma.L2_PROMOTION
 
 
 def prepared_fp8_gemm(device_id: int, weights, m: int, a_ptrs, base: int, counter: int = 0):
@@ -398,7 +396,7 @@ def _prepare_gemm(device_id: int, shape, values_ptr: int, scales_ptr: int, m: in
     e, n, k = shape
     a_ptr, a_scales_ptr = a_ptrs
     thin = thin_tiles(m, e)
-    defines = launch_defines(thin, counter)
+    defines = launch_defines(thin)
     gemm = _kernels.get_kernel(SOURCE, KERNEL, ARCH, defines=defines)
     most = defines["FP8_TABLE_MAX_GROUPS"]
     hopper._allow_shared_memory(gemm, device_id, shared_bytes(most, thin))  # the most any E asks
