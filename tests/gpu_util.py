@@ -75,3 +75,22 @@ def guard_intact(buf, count: int) -> bool:
     ``count`` elements still hold GUARD_VALUE."""
     host = buf.get().astype(np.float64)
     return bool(host[0] == GUARD_VALUE and (host[1 + count :] == GUARD_VALUE).all())
+
+
+def guarded_rows(shape, dtype):
+    """(buffer, out): a NaN-filled ``[M, N]`` output with a row of GUARD_VALUE
+    before and after it in one buffer, so a write one row past either end
+    shows (:func:`guard_rows_intact`)."""
+    import cupy
+
+    m, n = shape
+    buf = cupy.full(((m + 2) * n,), GUARD_VALUE, dtype=dtype)
+    out = buf[n : (m + 1) * n].reshape(m, n)
+    out.fill(np.nan)
+    return buf, out
+
+
+def guard_rows_intact(buf, n: int) -> bool:
+    """Whether the guard rows of a :func:`guarded_rows` buffer of rows of ``n`` still hold GUARD_VALUE."""
+    host = buf.get().astype(np.float64)
+    return bool((host[:n] == GUARD_VALUE).all() and (host[-n:] == GUARD_VALUE).all())

@@ -243,7 +243,7 @@ def test_gathering_launch_arguments(gpu):
         "grouped_gemm_nn_bf16",
         {**hopper.DEFINES, "SM90_GATHER_A": 1, "SM90_SKIP_IDLE": 1},
     ) in gpu.kernels
-    assert len(hopper._local.gemms) == 1  # two x addresses, one prepared launch
+    assert len(hopper._local.prepared) == 1  # two x addresses, one prepared launch
     # The plain launch of the same problem: a's two maps, no gather arguments.
     gpu.clear()
     a = fake_array((m, k))

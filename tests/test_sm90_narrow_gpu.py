@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_util import check_close, device_random, poisoned, random_sizes
+from gpu_util import check_close, device_random, guard_rows_intact, guarded_rows, poisoned, random_sizes
 
 import cublas_grouped as cg
 from cublas_grouped import testing as ref
@@ -19,7 +19,6 @@ pytestmark = pytest.mark.gpu
 
 DTYPES = [ml_dtypes.bfloat16, np.float16]
 TOL = 1e-2
-GUARD = 7.0  # the rows around the output: any write past it shows
 NARROW = {"SM90_BLOCK_N": 128, "SM90_STAGES": 6}
 
 
@@ -64,18 +63,11 @@ def test_matches_float64_and_the_wide_tiles(sizes, n, k, dtype, trans_b, monkeyp
     wide = poisoned((m, n), dtype)
     cg.gmm(a, b, sizes, trans_b=trans_b, out=wide, algorithm="sm90_grouped")
     monkeypatch.setattr(hopper, "DEFINES", {**hopper.DEFINES, **NARROW})
-    import cupy
-
-    buf = cupy.full(((m + 2) * n,), GUARD, dtype=dtype)  # a guard row before and after
-    out = buf[n : (m + 1) * n].reshape(m, n)
-    out.fill(np.nan)
+    buf, out = guarded_rows((m, n), dtype)
     cg.gmm(a, b, sizes, trans_b=trans_b, out=out, algorithm="sm90_grouped")
     what = f"sm90 n128 {'nt' if trans_b else 'nn'} {sizes} N={n} K={k}"
     check_close(out, ref.gmm_ref(a64, b64, sizes, trans_b=trans_b), TOL, what)
-    host = cupy.asnumpy(buf).astype(np.float64)
-    assert (host[:n] == GUARD).all() and (host[(m + 1) * n :] == GUARD).all(), (
-        f"{what}: a guard row was written"
-    )
+    assert guard_rows_intact(buf, n), f"{what}: a guard row was written"
     # Each output element sums the same 16-deep K steps in the same order.
     assert bool((out.view(np.uint16) == wide.view(np.uint16)).all()), what
 

@@ -35,7 +35,15 @@ import threading
 
 import numpy as np
 
-__all__ = ["launch_scalars", "launch_signed", "LaunchError", "driver", "param_holder", "FixedLaunch"]
+__all__ = [
+    "launch_scalars",
+    "launch_signed",
+    "LaunchError",
+    "driver",
+    "param_holder",
+    "FixedLaunch",
+    "prepared_per_thread",
+]
 
 
 class LaunchError(RuntimeError):
@@ -179,6 +187,20 @@ def launch_signed(stream: int, kernel, grid: int, block: int, signature: str, ar
             f"cuLaunchKernel failed for a kernel with {len(args)} arguments, grid {grid}, block {block}, "
             f"{shmem} bytes of shared memory: {_error_name(status)}"
         )
+
+
+def prepared_per_thread(local, key, build, limit: int):
+    """What ``build()`` returns (a prepared launch), kept under ``key`` in this
+    thread's ``prepared`` dict on ``local`` (a ``threading.local``): a
+    prepared launch's slots are written before each call, so threads never
+    share one. At most ``limit`` entries, then the dict starts over."""
+    prepared = local.__dict__.setdefault("prepared", {})
+    found = prepared.get(key)
+    if found is None:
+        if len(prepared) >= limit:
+            prepared.clear()
+        found = prepared[key] = build()
+    return found
 
 
 def param_holder(args):

@@ -389,17 +389,11 @@ def prepared_gemm(
     tile counters (0 or 1) the GEMM takes tiles from."""
     key = (device_id, problem, *ptrs[:2], base, tile_bound, epilogue, counter, gather)
     key += (SOURCE, SCHEDULE, GRID_LIMIT, choice_key(DEFINES))  # what a probe swaps between calls
-    prepared = getattr(_local, "gemms", None)
-    if prepared is None:
-        prepared = _local.gemms = {}
-    gemm = prepared.get(key)
-    if gemm is None:
-        if len(prepared) >= PREPARED_LAUNCHES:
-            prepared.clear()
-        gemm = prepared[key] = _prepare_gemm(
-            device_id, problem, ptrs, base, tile_bound, epilogue, counter, gather
-        )
-    return gemm
+
+    def build():
+        return _prepare_gemm(device_id, problem, ptrs, base, tile_bound, epilogue, counter, gather)
+
+    return _fast.prepared_per_thread(_local, key, build, PREPARED_LAUNCHES)
 
 
 def _prepare_gemm(

@@ -378,17 +378,13 @@ def prepared_fp8_gemm(device_id: int, weights, m: int, a_ptrs, base: int, counte
     scales_b = as_cupy(weights.scales, "weights.scales")
     choice = launch_choice(m, weights.shape[0])
     key = (device_id, weights.shape, values.data.ptr, scales_b.data.ptr, m, *a_ptrs, base, counter, choice)
-    prepared = getattr(_local, "gemms", None)
-    if prepared is None:
-        prepared = _local.gemms = {}
-    gemm = prepared.get(key)
-    if gemm is None:
-        if len(prepared) >= PREPARED_LAUNCHES:
-            prepared.clear()
-        gemm = prepared[key] = _prepare_gemm(
+
+    def build():
+        return _prepare_gemm(
             device_id, weights.shape, values.data.ptr, scales_b.data.ptr, m, a_ptrs, base, counter
         )
-    return gemm
+
+    return _fast.prepared_per_thread(_local, key, build, PREPARED_LAUNCHES)
 
 
 def _prepare_gemm(device_id: int, shape, values_ptr: int, scales_ptr: int, m: int, a_ptrs, base, counter):
