@@ -247,6 +247,19 @@ __device__ __forceinline__ float apply_act(float z, int act) {
     if (act == ACT_GELU) return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
     return z < 0.0f ? 0.0f : z;  // ACT_RELU
 }
+
+// apply_act with SiLU from the fast intrinsics (ex2.approx and rcp.approx:
+// about 2 ulp of float32, far below the 16-bit rounding that follows), for
+// the GEMM epilogues, where the activation sits between a tile's last MMAs
+// and the next tile's first ones. The IEEE division of apply_act compiles to
+// a reciprocal with a guarded call to a slow path per element (64 calls and
+// 2x the instructions in the bf16 kernel's gated epilogue). For z below
+// about -87, 1 + exp(-z) passes 2^126 and __fdividef gives 0, where SiLU is
+// below 1e-36 in magnitude; NaN stays NaN.
+__device__ __forceinline__ float apply_act_fast(float z, int act) {
+    if (act == ACT_SILU) return __fdividef(z, 1.0f + __expf(-z));
+    return apply_act(z, act);
+}
 #endif
 
 // ---------------------------------------------------------------------------

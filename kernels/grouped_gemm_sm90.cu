@@ -70,6 +70,8 @@
 //                       memory then holds 4 * (3E + 1) bytes more
 //   SM90_EPILOGUE_ACT   optional: an activation code (ACT_SILU, ACT_GELU or
 //                       ACT_RELU, also defined) for the gated epilogue below
+//   SM90_FAST_ACT       optional, default 1: the epilogue's SiLU from fast
+//                       intrinsics (common.cuh, apply_act_fast); 0: IEEE
 //   SM90_GATHER_A       optional (v11): a's rows are read through an index
 //                       array instead of from a gathered copy (see "Gathered
 //                       a" below); the kernels take four more arguments
@@ -206,6 +208,17 @@
 #endif
 #ifndef SM90_PREFETCH_B
 #define SM90_PREFETCH_B 0
+#endif
+// The gated epilogue's activation: SiLU from the fast intrinsics
+// (apply_act_fast, the default), or 0: apply_act's IEEE form, as the
+// activation kernel computes it (a probe's A/B: docs/kernel-notes.md).
+#ifndef SM90_FAST_ACT
+#define SM90_FAST_ACT 1
+#endif
+#if SM90_FAST_ACT
+#define SM90_ACT apply_act_fast
+#else
+#define SM90_ACT apply_act
 #endif
 #if SM90_PREFETCH_B && defined(SM90_GATHER_A)
 #error "SM90_PREFETCH_B is for a step's GEMM 2 (its schedule written before the previous kernel), never gathered"
@@ -974,8 +987,8 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                         u0 += to_float(bias_g[out_n + col]);
                         u1 += to_float(bias_g[out_n + col + 1]);
                     }
-                    v0 = apply_act(v0, SM90_EPILOGUE_ACT) * u0;
-                    v1 = apply_act(v1, SM90_EPILOGUE_ACT) * u1;
+                    v0 = SM90_ACT(v0, SM90_EPILOGUE_ACT) * u0;
+                    v1 = SM90_ACT(v1, SM90_EPILOGUE_ACT) * u1;
 #endif
 #ifdef SM90_EPILOGUE_ROW_SCALE
                     v0 = (v0 + bias0) * row_w[h];

@@ -737,8 +737,11 @@ class _FakeGpu(_FakeClock):
                 out[starts[e] : starts[e] + m] = (rows @ w[e].astype(np.float32)).astype(out.dtype)
             return out
 
-        def moe_forward(x, ids, wts, w1, w2, algorithm="auto", timer=None, fixed_capacity=False):
-            gpu_self.call("fixed-capacity" if fixed_capacity else f"layer:{algorithm}")
+        def moe_forward(
+            x, ids, wts, w1, w2, algorithm="auto", timer=None, fixed_capacity=False, w1_layout="gate_up"
+        ):
+            packed = "+packed" if w1_layout == "gate_up_blocked" else ""
+            gpu_self.call(("fixed-capacity" if fixed_capacity else f"layer:{algorithm}") + packed)
             return np.zeros_like(x)
 
         class StageTimer:
@@ -784,19 +787,23 @@ def test_run_all_times_every_method_round_robin_on_a_fake_gpu(monkeypatch):
     cases = workloads.build_cases(args)
     results, stats = runner.run_all(cases, args, fake.api())
     assert [s["name"] for s in stats] == [c.name for c in cases]
-    # Not an SM 9.0 GPU: the sm90 kernel is recorded as skipped, nothing else fails.
+    # Not an SM 9.0 GPU: the sm90 kernel and the fused layer are recorded as skipped, nothing else fails.
     skipped = [r for r in results if r.error]
-    assert {(r.section, r.method) for r in skipped} == {("gemm1", "sm90_grouped"), ("layer", "sm90_grouped")}
-    assert all(r.error == "skipped: sm90_grouped needs an SM 9.0 GPU (this one is SM 8.0)" for r in skipped)
+    kernel_rows = {("gemm1", "sm90_grouped"), ("layer", "sm90_grouped"), ("layer", "fused")}
+    assert {(r.section, r.method) for r in skipped} == kernel_rows
+    assert all(
+        r.error.startswith("skipped: ") and "needs an SM 9.0 GPU (this one is SM 8.0)" in r.error
+        for r in skipped
+    )
     assert "sm90_grouped" not in fake.log and "layer:sm90_grouped" not in fake.log
+    assert not any("packed" in call for call in fake.log)
     decode = [f"{r.section}:{r.method}" for r in results if r.tokens == 16]
     gemm1 = [f"gemm1:{m}" for m in (*workloads.ALGORITHMS, *workloads.KERNEL_ALGORITHMS, "auto", "dense")]
-    layer = [
-        f"layer:{m}" for m in (*workloads.ALGORITHMS, *workloads.KERNEL_ALGORITHMS, "auto", "fixed-capacity")
-    ]
-    assert decode == gemm1 + layer + ["route:route", "split:auto", "graph:fixed-capacity"]
+    layer = [f"layer:{m}" for m in (*workloads.ALGORITHMS, *workloads.KERNEL_ALGORITHMS, "auto")]
+    decode_layer = layer + ["layer:fixed-capacity", "layer:fused"]
+    assert decode == gemm1 + decode_layer + ["route:route", "split:auto", "graph:fixed-capacity"]
     prefill = [f"{r.section}:{r.method}" for r in results if r.tokens == 256]
-    assert prefill == gemm1 + layer[:-1] + ["route:route", "split:auto"]
+    assert prefill == gemm1 + layer + ["layer:fused", "route:route", "split:auto"]
     assert all(r.note is None or "CHECK FAILED" not in r.note for r in results)
     # The first GEMM of the first case: one checked call per method at setup (padded
     # last), then warm-up and timed rounds, each calling every method once.
@@ -845,6 +852,123 @@ def test_the_sm90_kernel_is_timed_on_sm90_in_both_sections(monkeypatch, dtype):
     for section in ("gemm1", "layer"):
         block = targets[targets.index(next(t for t in targets if f"({section})" in t)) :]
         assert "vs best 0.000 ms (sm90_grouped)" in block[1], block[:2]
+
+
+def test_the_fused_layer_rows_on_sm90(monkeypatch):
+    """On SM 9.0, a gated layer with I a multiple of 128 gets the fused rows: the
+    eager layer with w1 packed (timed with the layer section), its stage split,
+    and at prefill its graph replays; at decode the fixed-capacity graph stays
+    the graph row. The packed w1 is made once per model and dropped first when
+    a later first-GEMM section needs room."""
+    from cublas_grouped.tools.bench import runner
+
+    fake = _FakeGpu()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    packs = []
+    monkeypatch.setattr(gpu, "packed_w1", lambda w1: packs.append(w1.shape) or w1.copy())
+    args = cli.parse_args(
+        ["--experts", "4", "--topk", "2", "--hidden", "8", "--inter", "128", "--tokens", "16,256"]
+        + ["--routing", "uniform", "--no-torch", "--warmup", "1", "--repeat", "3"]
+    )
+    args.hbm_gbs = 3350.0
+    results, _ = runner.run_all(workloads.build_cases(args), args, fake.api(sm=(9, 0)))
+    assert packs == [(4, 8, 256)]  # one packed copy for both cases of the model
+    rows = {(r.tokens, r.section, r.method): r for r in results}
+    assert not [r for r in results if r.error], [(r.method, r.error) for r in results if r.error]
+    for tokens in (16, 256):
+        fused = rows[(tokens, "layer", "fused")]
+        assert fused.ms > 0 and fused.algorithm == "sm90_grouped"
+        assert "rel.err 0 vs moe_forward" in fused.note  # checked against the unpacked layer
+        assert rows[(tokens, "split", "fused")].extra["gemm_ms"] == pytest.approx(1.5)
+    assert (256, "graph", "fused") in rows and (16, "graph", "fused") not in rows
+    assert (16, "graph", "fixed-capacity") in rows and (256, "graph", "fixed-capacity") not in rows
+    assert "layer:auto+packed" in fake.log  # the fused row calls moe_forward with the packed layout
+    text = report.format_split(results)
+    assert " fused " in text and " auto " in text and "non-GEMM%" in text
+
+
+def test_fused_rows_skip_where_w1_cannot_be_packed(monkeypatch):
+    from cublas_grouped.tools.bench import runner
+
+    fake = _FakeGpu()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    args = cli.parse_args(
+        ["--experts", "4", "--topk", "2", "--hidden", "8", "--inter", "96", "--tokens", "256"]
+        + ["--routing", "uniform", "--no-torch", "--warmup", "1", "--repeat", "3"]
+    )
+    args.hbm_gbs = 3350.0
+    results, _ = runner.run_all(workloads.build_cases(args), args, fake.api(sm=(9, 0)))
+    fused = [r for r in results if r.method == "fused"]
+    assert [(r.section, r.error) for r in fused] == [
+        ("layer", "skipped: fused packs a gated w1 in blocks of 128 columns (I = 96)")
+    ]
+
+
+def test_torch_block_is_the_layer_math():
+    """The torch peer computes the layer: float64 NumPy reference, empty experts,
+    a token naming one expert twice, rows in (token, choice) order."""
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch without _grouped_mm")
+    from cublas_grouped.tools.bench.fused_layer import torch_block
+
+    rng = np.random.default_rng(7)
+    tokens, k, e, h, inter = 9, 3, 5, 16, 32
+    ids = rng.integers(0, e - 2, size=(tokens, k)).astype(np.int32)  # experts 3 and 4 stay empty
+    ids[0] = [1, 1, 2]
+    x = rng.standard_normal((tokens, h))
+    w1 = rng.standard_normal((e, h, 2 * inter)) / 4
+    w2 = rng.standard_normal((e, inter, h)) / 6
+    wts = rng.random((tokens, k))
+    ref = np.zeros((tokens, h))
+    for t in range(tokens):
+        for j in range(k):
+            hh = x[t] @ w1[ids[t, j]]
+            gate, up = hh[:inter], hh[inter:]
+            ref[t] += wts[t, j] * ((gate / (1 + np.exp(-gate)) * up) @ w2[ids[t, j]])
+    as_t = lambda a: torch.from_numpy(a).to(torch.bfloat16)  # noqa: E731
+    bounds = torch.arange(1, e + 1, dtype=torch.int32)
+    got = torch_block(torch, as_t(x), torch.from_numpy(ids), as_t(wts), as_t(w1), as_t(w2), bounds, inter)
+    got = got.float().numpy()
+    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert err < 2e-2, err
+    # A wrong offset or a missed reorder is far off: swap two tokens' rows.
+    assert np.linalg.norm(got[[1, 0]] - ref[:2]) / np.linalg.norm(ref[:2]) > 0.3
+
+
+def test_fused_targets_pass_miss_and_skip():
+    pre, big = "qwen3-30b-a3b/T4096/uniform", "qwen3-30b-a3b/T16384/skewed"
+    split = {"gemm_ms": 0.6, "non_gemm_ms": 0.2, "stages_ms": {}, "route_ms": 0.04}
+    results = [
+        _r(pre, "layer", "fused", 0.8, tflops=300.0),
+        _r(pre, "layer", "torch-block", 1.3),
+        _r(pre, "split", "fused", 0.76, extra=split),
+        _r(big, "layer", "fused", 2.5, tflops=520.0),
+        _r(big, "layer", "torch-block", error="n/a: torch not importable (x)"),
+        _r(big, "graph", "fused", 2.4, tflops=541.7),
+        _r("qwen3-30b-a3b/T16/uniform", "layer", "fused", 0.3, tflops=1.0),  # decode: not judged
+        _r("deepseek-v3/T4096/uniform", "layer", "fused", error="skipped: fused needs an SM 9.0 GPU"),
+    ]
+    text = "\n".join(report.evaluate_targets(results))
+    assert "fused layer >= 1.5x the torch eager block (prefill): 1/1 PASS" in text
+    assert "PASS qwen3-30b-a3b/T4096/uniform: 1.62x (0.800 vs torch block 1.300 ms)" in text
+    assert "SKIP qwen3-30b-a3b/T16384/skewed: torch block n/a (n/a: torch not importable (x))" in text
+    assert "fused layer TFLOP/s (eager; the graph replay beside it): 1/1 PASS" in text
+    assert "PASS qwen3-30b-a3b/T16384/skewed: 520.0 TFLOP/s, graph 541.7 (target 500)" in text
+    assert "fused layer non-GEMM share <= 20% at 4096 tokens: 0/1 PASS" in text
+    assert "MISS qwen3-30b-a3b/T4096/uniform: 25.0% (non-GEMM 0.200 ms of 0.800 ms, route included)" in text
+    assert "deepseek" not in text and "T16/" not in text
+    # A fused layer that failed misses every target of its case.
+    failed = [_r(pre, "layer", "fused", error="RuntimeError: boom")]
+    lines = report.fused_targets(report._by_case(failed))
+    assert (
+        sum(line.startswith("  MISS") for line in lines) == 2
+    )  # speed and share (no TFLOP/s target at 4096)
+
+
+def test_non_gemm_share_by_hand():
+    assert report.non_gemm_share_pct({"gemm_ms": 3.0, "non_gemm_ms": 1.0}) == pytest.approx(25.0)
+    assert report.non_gemm_share_pct({"gemm_ms": 0.0, "non_gemm_ms": 1.0}) is None
 
 
 # -- tuner -----------------------------------------------------------------------------------------------

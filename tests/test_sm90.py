@@ -460,3 +460,30 @@ def test_l2_promotion_names_its_bytes():
     assert [tma._promotion(P, b) for b in tma.L2_PROMOTIONS] == [P.NONE, P.L2_64B, P.L2_128B, P.L2_256B]
     with pytest.raises(ValueError, match=r"L2 promotion must be one of \(0, 64, 128, 256\) bytes; got 512"):
         tma._promotion(P, 512)
+
+
+@pytest.mark.parametrize("fast", [None, 1, 0])
+def test_the_gated_epilogue_takes_silu_from_fast_intrinsics(fast):
+    """The gated epilogue's SiLU uses ex2.approx and an approximate division by
+    default (SM90_FAST_ACT unset or 1), the IEEE division only with
+    SM90_FAST_ACT=0: in the bf16 kernel that division compiled to a guarded
+    slow-path call per element and made GEMM 1 12-25% slower at prefill
+    (docs/kernel-notes.md). Read from NVRTC's PTX of every GEMM entry."""
+    pytest.importorskip("cuda.bindings")
+    from test_overlapped_launches import _entries, _ptx
+
+    from cublas_grouped.moe.kernels import ACTIVATIONS
+
+    defines = {**hopper.DEFINES, **{f"ACT_{n.upper()}": c for n, c in ACTIVATIONS.items()}}
+    defines["SM90_EPILOGUE_ACT"] = ACTIVATIONS["silu"]
+    defines.pop("SM90_FAST_ACT", None)
+    if fast is not None:
+        defines["SM90_FAST_ACT"] = fast
+    entries = _entries(_ptx("grouped_gemm_sm90", hopper.ARCH, defines))
+    gemms = {name: "\n".join(lines) for name, lines in entries.items() if name.startswith("grouped_gemm_")}
+    assert len(gemms) == 4
+    for name, body in gemms.items():
+        if fast == 0:
+            assert "div.rn.f32" in body, name
+        else:
+            assert "div.rn.f32" not in body and "ex2.approx" in body and "div.approx.f32" in body, name

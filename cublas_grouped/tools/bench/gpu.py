@@ -24,6 +24,7 @@ __all__ = [
     "random_normal",
     "free_pool",
     "WeightCache",
+    "packed_w1",
     "datasheet_hbm_gbs",
     "copy_gbs",
     "measure_copy_gbs",
@@ -117,6 +118,25 @@ def free_pool() -> None:
     cupy.get_default_pinned_memory_pool().free_all_blocks()
 
 
+# Experts packed at a time by packed_w1 (DeepSeek-V3's w1 is 15 GB: a
+# transposed temporary of the whole would not fit beside it and its copy).
+EXPERTS_PER_PACK = 16
+
+
+def packed_w1(w1):
+    """``w1`` [E, H, 2I] with gate and up packed in blocks of 128 columns
+    (:func:`cublas_grouped.pack_gate_up`), a few experts at a time."""
+    import cupy
+
+    import cublas_grouped as cg
+
+    out = cupy.empty_like(w1)
+    for e0 in range(0, w1.shape[0], EXPERTS_PER_PACK):
+        e1 = min(e0 + EXPERTS_PER_PACK, w1.shape[0])
+        out[e0:e1] = cg.pack_gate_up(w1[e0:e1])
+    return out
+
+
 class WeightCache:
     """The current model's ``w1``/``w2``, kept across its cases (regenerated when dropped)."""
 
@@ -126,11 +146,14 @@ class WeightCache:
         self._arrays: dict[str, object] = {}
 
     def get(self, case: Case, which: str):
-        """``w1`` ``[E, H, N1]`` or ``w2`` ``[E, I, H]`` of ``case``'s model, made on first use."""
+        """``w1`` ``[E, H, N1]``, ``w2`` ``[E, I, H]`` or ``w1_packed`` (``w1`` with
+        gate and up packed in blocks of 128 columns) of ``case``'s model, made on first use."""
         key = (case.model, case.experts, case.hidden, case.inter, case.dtype, case.gated)
         if key != self._key:
             self.clear()
             self._key = key
+        if which == "w1_packed" and which not in self._arrays:
+            self._arrays[which] = packed_w1(self.get(case, "w1"))
         if which not in self._arrays:
             seed = case_seed(f"{case.model}:{which}", self._seed)
             if which == "w1":

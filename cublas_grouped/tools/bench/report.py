@@ -19,7 +19,9 @@ __all__ = [
     "format_table",
     "format_split",
     "overhead_pct",
+    "non_gemm_share_pct",
     "evaluate_targets",
+    "fused_targets",
     "write_json",
     "plot",
     "merge_passes",
@@ -35,6 +37,12 @@ AUTO_TOLERANCE = 0.05
 DECODE_HBM_TARGET_PCT = 85.0
 OVERHEAD_TARGET_PCT = 15.0
 OVERHEAD_TOKENS = 4096
+# The fused layer's (w1 packed, eager): over the torch eager block of the same
+# math on every prefill case; whole-layer TFLOP/s by (model, tokens); its
+# non-GEMM stages' share of the layer at OVERHEAD_TOKENS.
+FUSED_OVER_TORCH = 1.5
+FUSED_TFLOPS = {("qwen3-30b-a3b", 16384): 500.0, ("deepseek-v3", 4096): 550.0, ("deepseek-v3", 16384): 550.0}
+FUSED_NON_GEMM_PCT = 20.0
 
 
 # -- results -----------------------------------------------------------------------------------------------
@@ -144,19 +152,24 @@ def format_split(results: Sequence[Result]) -> str:
     if not split:
         return ""
     stages = ("route",) + OVERHEAD_STAGES[:2] + ("gemm1", "activation", "gemm2", "combine")
-    header = ("case", "tokens", "routing") + stages + ("overhead%",)
+    header = ("case", "tokens", "routing", "method") + stages + ("overhead%", "non-GEMM%")
     rows = []
     for r in split:
         times = r.extra.get("stages_ms", {})
-        cells = [r.model, str(r.tokens), r.routing]
+        cells = [r.model, str(r.tokens), r.routing, r.method]
         cells += [_fmt(r.extra.get("route_ms") if s == "route" else times.get(s), 3) for s in stages]
-        cells.append(_fmt(r.extra.get("overhead_pct"), 1))
+        cells += [_fmt(r.extra.get("overhead_pct"), 1), _fmt(non_gemm_share_pct(r.extra), 1)]
         rows.append(cells)
     widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(
-        c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        c.rjust(w) if i > 3 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
     ).rstrip()
-    lines = ["Layer stage split, AUTO (ms, median of the timed runs):", fmt(header)]
+    lines = [
+        "Layer stage split (ms, median of the timed runs; auto = the layer as AUTO runs it, "
+        "fused = w1 packed; overhead% = non-GEMM / GEMM time, non-GEMM% = its share of the layer, "
+        "route included):",
+        fmt(header),
+    ]
     lines += [fmt(row) for row in rows]
     return "\n".join(lines)
 
@@ -168,6 +181,15 @@ def overhead_pct(stages_ms: dict[str, float], route_ms: float | None) -> float |
         return None
     rest = sum(stages_ms.get(s, 0.0) for s in OVERHEAD_STAGES) + (route_ms or 0.0)
     return 100.0 * rest / gemm
+
+
+def non_gemm_share_pct(extra: dict) -> float | None:
+    """The non-GEMM stages' share of the whole layer (route included), in
+    percent, from a split row's ``extra``; None without a GEMM time."""
+    gemm, rest = extra.get("gemm_ms"), extra.get("non_gemm_ms")
+    if not gemm or rest is None:
+        return None
+    return 100.0 * rest / (gemm + rest)
 
 
 def _by_case(results: Sequence[Result]) -> dict[str, dict[tuple[str, str], Result]]:
@@ -187,7 +209,8 @@ def evaluate_targets(results: Sequence[Result], hbm_gbs: float = 3350.0) -> list
     Targets: AUTO within 5% of the best single algorithm (first GEMM and
     layer) per case; AUTO at least as fast as ``torch._grouped_mm`` on prefill;
     decode at >= 85% of HBM bandwidth (first GEMM under AUTO, and the
-    CUDA-graph layer against its floor); layer overhead <= 15% at 4096 tokens.
+    CUDA-graph layer against its floor); layer overhead <= 15% at 4096 tokens;
+    then the fused layer's (:func:`fused_targets`).
 
     Returns
     -------
@@ -196,14 +219,7 @@ def evaluate_targets(results: Sequence[Result], hbm_gbs: float = 3350.0) -> list
     """
     cases = _by_case(results)
     lines: list[str] = []
-
-    def block(title: str, items: list[tuple[str, str]]) -> None:
-        passed = sum(1 for verdict, _ in items if verdict == "PASS")
-        judged = sum(1 for verdict, _ in items if verdict in ("PASS", "MISS"))
-        lines.append(f"{title}: {passed}/{judged} PASS")
-        lines.extend(f"  {verdict:4s} {text}" for verdict, text in items)
-        if not items:
-            lines.append("  (no cases)")
+    block = lambda title, items: _block(lines, title, items)  # noqa: E731
 
     for section in ("gemm1", "layer"):
         items = []
@@ -287,6 +303,70 @@ def evaluate_targets(results: Sequence[Result], hbm_gbs: float = 3350.0) -> list
             )
         )
     block(f"layer overhead <= {OVERHEAD_TARGET_PCT:.0f}% at {OVERHEAD_TOKENS} tokens", items)
+    return lines + fused_targets(cases)
+
+
+def _block(lines: list[str], title: str, items: list[tuple[str, str]]) -> None:
+    """Append one target's heading (passes over judged cases) and its lines to ``lines``."""
+    passed = sum(1 for verdict, _ in items if verdict == "PASS")
+    judged = sum(1 for verdict, _ in items if verdict in ("PASS", "MISS"))
+    lines.append(f"{title}: {passed}/{judged} PASS")
+    lines.extend(f"  {verdict:4s} {text}" for verdict, text in items)
+    if not items:
+        lines.append("  (no cases)")
+
+
+def fused_targets(cases: dict[str, dict[tuple[str, str], Result]]) -> list[str]:
+    """The fused layer's targets (``fused``: w1 packed, eager, as a user calls
+    it), per prefill case: at least :data:`FUSED_OVER_TORCH` times the torch
+    eager block, the whole-layer TFLOP/s of :data:`FUSED_TFLOPS`, and a
+    non-GEMM share of the layer of at most :data:`FUSED_NON_GEMM_PCT` at
+    :data:`OVERHEAD_TOKENS` tokens. Cases where the fused layer cannot run
+    (not SM 9.0) are left out; a fused layer that failed is a MISS."""
+    lines: list[str] = []
+    speed, rate, share = [], [], []
+    for name, rs in cases.items():
+        fused = rs.get(("layer", "fused"))
+        if fused is None or fused.phase != "prefill" or (fused.error or "").startswith("skipped"):
+            continue
+        target = FUSED_TFLOPS.get((fused.model, fused.tokens))
+        if not _ok(fused):  # a miss of each target that applies to the case
+            failed = ("MISS", f"{name}: the fused layer has no time ({_clip(fused.error or '', 80)})")
+            applies = (True, target is not None, fused.tokens == OVERHEAD_TOKENS)
+            for items, judged in zip((speed, rate, share), applies):
+                if judged:
+                    items.append(failed)
+            continue
+        graph = rs.get(("graph", "fused"))
+        graph_text = f", graph {graph.tflops:.1f}" if _ok(graph) and graph.tflops else ""
+        torch_r = rs.get(("layer", "torch-block"))
+        if _ok(torch_r):
+            ratio = torch_r.ms / fused.ms
+            verdict = "PASS" if ratio >= FUSED_OVER_TORCH else "MISS"
+            speed.append(
+                (verdict, f"{name}: {ratio:.2f}x ({fused.ms:.3f} vs torch block {torch_r.ms:.3f} ms)")
+            )
+        else:
+            why = torch_r.error if torch_r is not None and torch_r.error else "not run"
+            speed.append(("SKIP", f"{name}: torch block n/a ({_clip(why, 80)})"))
+        if target is not None:
+            verdict = "PASS" if fused.tflops >= target else "MISS"
+            rate.append((verdict, f"{name}: {fused.tflops:.1f} TFLOP/s{graph_text} (target {target:.0f})"))
+        split = rs.get(("split", "fused"))
+        if fused.tokens == OVERHEAD_TOKENS:
+            pct = non_gemm_share_pct(split.extra) if split is not None and split.error is None else None
+            if pct is None:
+                share.append(("MISS", f"{name}: no stage split of the fused layer"))
+            else:
+                verdict = "PASS" if pct <= FUSED_NON_GEMM_PCT else "MISS"
+                e = split.extra
+                text = f"non-GEMM {e['non_gemm_ms']:.3f} ms of {e['non_gemm_ms'] + e['gemm_ms']:.3f} ms"
+                share.append((verdict, f"{name}: {pct:.1f}% ({text}, route included)"))
+    _block(lines, f"fused layer >= {FUSED_OVER_TORCH:g}x the torch eager block (prefill)", speed)
+    _block(lines, "fused layer TFLOP/s (eager; the graph replay beside it)", rate)
+    _block(
+        lines, f"fused layer non-GEMM share <= {FUSED_NON_GEMM_PCT:.0f}% at {OVERHEAD_TOKENS} tokens", share
+    )
     return lines
 
 

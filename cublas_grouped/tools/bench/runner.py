@@ -2,11 +2,12 @@
 
 Per case: the first expert GEMM (every algorithm, AUTO, a dense GEMM of the
 same FLOPs, ``torch._grouped_mm``), then the whole layer (every algorithm,
-AUTO and, for decode, the fixed-capacity path), each section's methods set up
-side by side and timed together (:mod:`.section`); then the routing kernel,
-AUTO's stage split and the fixed-capacity layer replayed from a CUDA graph,
-each timed on its own. Every failure of one (case, method) is recorded and
-the run goes on.
+AUTO, the fused layer, a torch eager block and, for decode, the
+fixed-capacity path), each section's methods set up side by side and timed
+together (:mod:`.section`); then the routing kernel, the stage splits of
+AUTO and the fused layer, and the sync-free layer replayed from CUDA graphs
+(:mod:`.fused_layer`), each timed on its own. Every failure of one (case,
+method) is recorded and the run goes on.
 """
 
 from __future__ import annotations
@@ -22,10 +23,21 @@ from dataclasses import asdict
 
 import numpy as np
 
-from ...moe.checks import executor_or_shared
+from ...moe.checks import check_layer_args, check_tokens, executor_or_shared
 from ...moe.dispatch import choose_algorithms
+from ...moe.step_backend import fixed_capacity_backend
 from ...runtime.timing import L2_BYTES, rotation_count
 from .fp8 import FP8_METHOD, gemm1_fp8
+from .fused_layer import (
+    FIXED_CAPACITY,
+    FUSED_METHOD,
+    TORCH_BLOCK_METHOD,
+    fixed_capacity_graph,
+    fused_graph,
+    fused_unavailable,
+    layer_fused,
+    layer_torch_block,
+)
 from .gpu import WeightCache, describe_error, free_pool, random_normal
 from .report import GEMM_STAGES, OVERHEAD_STAGES, Result, merge_passes, overhead_pct
 from .section import SectionRunner, Timed
@@ -45,9 +57,6 @@ from .workloads import (
 )
 
 __all__ = ["load_api", "CaseRunner", "run_all", "FIXED_CAPACITY"]
-
-# The method label of the fixed-capacity layer: eager in the layer section, a CUDA graph in "graph".
-FIXED_CAPACITY = "fixed-capacity"
 
 
 def load_api() -> types.SimpleNamespace:
@@ -147,13 +156,10 @@ class CaseRunner(SectionRunner):
             setups.append((FP8_METHOD, lambda: gemm1_fp8(self, xs, w1, flops, note)))
         held = sum(x.nbytes for x in xs) + sum(w.nbytes for w in w1s[1:])
         try:
-            # w2 is not needed here: the layer section makes it again if it was dropped for room.
-            self.run_section("gemm1", setups, held=held, spare=("w2",))
+            # w2 and the packed w1 are not needed here: the layer section makes them again if dropped.
+            self.run_section("gemm1", setups, held=held, spare=("w2", "w1_packed"))
         finally:
-            torch = sys.modules.get("torch")
-            if torch is not None:
-                # torch's own caching allocator still holds the outputs (and any w1 copy).
-                torch.cuda.empty_cache()
+            _free_torch_cache()
 
     def _gemm1_algorithm(self, method, xs, w1s, flops, nbytes, note) -> Timed | Result:
         c = self.case
@@ -293,8 +299,25 @@ class CaseRunner(SectionRunner):
             ALGORITHMS + KERNEL_ALGORITHMS + ("auto",) + ((FIXED_CAPACITY,) if c.phase == "decode" else ())
         )
         setups = [(m, lambda m=m: self._layer(m, xs, w1s, w2s, nbytes, note)) for m in methods]
+        packed = []  # w1 packed for GEMM 1's gated epilogue (.fused_layer), made by the fused row
+
+        def fused() -> Timed | Result:
+            why = fused_unavailable(self) or (
+                None if self.weights.holds("w1_packed") else self.fits(w1.nbytes)
+            )
+            if why:
+                return self.result("layer", FUSED_METHOD, error=why)
+            packed.append(self.weights.get(c, "w1_packed"))
+            return layer_fused(self, xs, w1, packed[0], w2s, nbytes, note)
+
+        setups.append((FUSED_METHOD, fused))
+        if not self.args.no_torch:
+            setups.append((TORCH_BLOCK_METHOD, lambda: layer_torch_block(self, xs, w1, w2, nbytes, note)))
         held = sum(x.nbytes for x in xs) + sum(w.nbytes for w in w1s[1:] + w2s[1:])
-        self.run_section("layer", setups, held=held)
+        try:
+            self.run_section("layer", setups, held=held)
+        finally:
+            _free_torch_cache()
         route_ms: list[float | None] = [None]
 
         def route() -> Result:
@@ -304,8 +327,14 @@ class CaseRunner(SectionRunner):
 
         self.guarded("route", "route", route)
         self.guarded("split", "auto", lambda: self._split(xs, w1s, w2s, route_ms[0]))
+        if packed:
+            self.guarded(
+                "split", FUSED_METHOD, lambda: self._split(xs, packed, w2s, route_ms[0], FUSED_METHOD)
+            )
         if c.phase == "decode":
-            self.guarded("graph", FIXED_CAPACITY, lambda: self._graph(xs, w1, w2, nbytes))
+            self.guarded("graph", FIXED_CAPACITY, lambda: fixed_capacity_graph(self, xs, w1, w2, nbytes))
+        elif packed:
+            self.guarded("graph", FUSED_METHOD, lambda: fused_graph(self, xs, packed[0], w2, nbytes))
 
     def _layer(self, method, xs, w1s, w2s, nbytes, note) -> Timed | Result:
         c = self.case
@@ -322,27 +351,31 @@ class CaseRunner(SectionRunner):
         else:
             kw = {"algorithm": method}
         fn = lambda i: fwd(xs[i], self.ids, self.wts, w1s[i % len(w1s)], w2s[i % len(w2s)], **kw)
-        chosen = None
-        if method == "auto":
-            try:  # what AUTO picks for the layer's two GEMMs (a label only: the time stands)
-                executor = executor_or_shared(None)
-                pair = choose_algorithms(
-                    executor,
-                    "auto",
-                    np.asarray(self.counts, np.int64),
-                    c.n1,
-                    c.hidden,
-                    c.dtype,
-                    (c.hidden, c.inter),
-                )
-                chosen = "+".join(dict.fromkeys(a.value for a in pair))  # "x" or "x+y"
-            except Exception:
-                chosen = None
+        chosen = self._auto_label(xs[0], w1s[0], w2s[0]) if method == "auto" else None
         finish = lambda t: self.measured(
             "layer", method, t, layer_flops(c), nbytes, algorithm=chosen, note=note
         )
         # moe_forward's buffers live for one call: the pool hands them to the next method's call.
         return Timed(method, fn, len(xs), finish, 0)
+
+    def _auto_label(self, x, w1, w2) -> str | None:
+        """What AUTO's layer runs (a label only: the time stands): on SM 9.0 where
+        our kernel takes the layer, its sync-free step ("sm90_grouped step"); else
+        the cuBLAS pair AUTO chooses after its one sync ("x" or "x+y")."""
+        c = self.case
+        try:
+            executor = executor_or_shared(None)
+            sm = executor.info_for(self.cp.cuda.Device().id).sm
+            shape = check_layer_args(
+                check_tokens(x), self.ids, self.wts, w1, w2, None, None, "silu", c.gated, False
+            )
+            if fixed_capacity_backend(sm, executor, shape, w1, w2, c.tokens) == "sm90_grouped":
+                return "sm90_grouped step"
+            counts = np.asarray(self.counts, np.int64)
+            pair = choose_algorithms(executor, "auto", counts, c.n1, c.hidden, c.dtype, (c.hidden, c.inter))
+            return "+".join(dict.fromkeys(a.value for a in pair))
+        except Exception:
+            return None
 
     def _route(self, sets: int) -> Result:
         c = self.case
@@ -353,15 +386,16 @@ class CaseRunner(SectionRunner):
         t = self.time_one(lambda i: self.api.route(logits[i], c.top_k), sets)
         return self.measured("route", "route", t, None, None)
 
-    def _split(self, xs, w1s, w2s, route_ms: float | None) -> Result:
+    def _split(self, xs, w1s, w2s, route_ms: float | None, method: str = "auto") -> Result:
+        """The stages of AUTO's layer, or (``method`` "fused") of the layer with w1 packed."""
         cp = self.cp
         runs = []
+        layout = "gate_up_blocked" if method == FUSED_METHOD else "gate_up"
         for i in range(max(10, min(self.args.repeat, 20))):
             timer = self.api.StageTimer()
             s = i % len(xs)
-            self.api.moe_forward(
-                xs[s], self.ids, self.wts, w1s[s % len(w1s)], w2s[s % len(w2s)], algorithm="auto", timer=timer
-            )
+            w1, w2 = w1s[s % len(w1s)], w2s[s % len(w2s)]
+            self.api.moe_forward(xs[s], self.ids, self.wts, w1, w2, timer=timer, w1_layout=layout)
             cp.cuda.runtime.deviceSynchronize()
             runs.append(dict(timer.times_ms()))
         stages = list(runs[0])
@@ -371,7 +405,7 @@ class CaseRunner(SectionRunner):
         missing = [s for s in OVERHEAD_STAGES + GEMM_STAGES if s not in median]
         return self.result(
             "split",
-            "auto",
+            method,
             ms=sum(median.values()),
             extra={
                 "stages_ms": median,
@@ -384,30 +418,13 @@ class CaseRunner(SectionRunner):
             note=f"missing stages {missing}" if missing else None,
         )
 
-    def _graph(self, xs, w1, w2, nbytes) -> Result:
-        cp, c = self.cp, self.case
-        layer = self.api.FixedCapacityMoE(w1, w2, c.top_k, c.tokens, gated=c.gated, activation="silu")
-        stream = cp.cuda.Stream(non_blocking=True)
-        with stream:
-            layer.forward(xs[0], self.ids, self.wts)  # compiles and allocates outside the capture
-            stream.synchronize()
-            graphs = []
-            for x in xs:
-                stream.begin_capture()
-                layer.forward(x, self.ids, self.wts)
-                graphs.append(stream.end_capture())
-            t = self.time_one(lambda i: graphs[i].launch(stream), len(graphs))
-        floor_ms = nbytes / (self.args.hbm_gbs * 1e9) * 1e3
-        r = self.measured(
-            "graph",
-            FIXED_CAPACITY,
-            t,
-            layer_flops(c),
-            nbytes,
-            note=f"floor {floor_ms:.3f} ms = {100 * floor_ms / t['median']:.0f}% of it",
-        )
-        r.extra.update(floor_ms=floor_ms, floor_ratio=floor_ms / t["median"])
-        return r
+
+def _free_torch_cache() -> None:
+    """Hand back what torch's own caching allocator holds (the torch rows'
+    outputs and copies), so the next sections get the memory."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.cuda.empty_cache()
 
 
 def _case_error(case: Case, section: str, message: str) -> Result:

@@ -108,6 +108,23 @@ class SectionRunner:
         """Time a method that is compared with no other (the routing kernel, the graph)."""
         return time_ms(fn, rotate=sets, **self.timing_kwargs())
 
+    def time_graphs(self, call: Callable[[object], object], inputs: Sequence) -> dict:
+        """Time ``call(x)`` replayed from CUDA graphs, one captured per input set,
+        on a stream of its own. One eager call first compiles and allocates
+        outside the capture."""
+        import cupy
+
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            call(inputs[0])
+            stream.synchronize()
+            graphs = []
+            for x in inputs:
+                stream.begin_capture()
+                call(x)
+                graphs.append(stream.end_capture())
+            return self.time_one(lambda i: graphs[i].launch(stream), len(graphs))
+
     def time_methods(self, ready: Sequence[Timed]) -> list[dict | Exception]:
         """Time the set-up methods of one section together."""
         fns, sets = [t.fn for t in ready], [t.sets for t in ready]
