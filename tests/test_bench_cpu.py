@@ -756,7 +756,7 @@ class _FakeGpu(_FakeClock):
                 }
 
         class FixedCapacityMoE:
-            def __init__(self, w1, w2, top_k, max_tokens, gated=True, activation="silu"):
+            def __init__(self, w1, w2, top_k, max_tokens, gated=True, activation="silu", w1_layout="gate_up"):
                 pass
 
             def forward(self, x, ids, wts):
@@ -880,7 +880,9 @@ def test_the_fused_layer_rows_on_sm90(monkeypatch):
         assert fused.ms > 0 and fused.algorithm == "sm90_grouped"
         assert "rel.err 0 vs moe_forward" in fused.note  # checked against the unpacked layer
         assert rows[(tokens, "split", "fused")].extra["gemm_ms"] == pytest.approx(1.5)
-    assert (256, "graph", "fused") in rows and (16, "graph", "fused") not in rows
+    # Graphs: the fused layer at both sizes (at decode the FixedCapacityMoE step
+    # with w1 packed, beside the plain one, with the floor), fixed capacity at decode.
+    assert (256, "graph", "fused") in rows and rows[(16, "graph", "fused")].extra["floor_ratio"] > 0
     assert (16, "graph", "fixed-capacity") in rows and (256, "graph", "fixed-capacity") not in rows
     assert "layer:auto+packed" in fake.log  # the fused row calls moe_forward with the packed layout
     text = report.format_split(results)
@@ -946,7 +948,15 @@ def test_fused_targets_pass_miss_and_skip():
         _r(big, "layer", "fused", 2.5, tflops=520.0),
         _r(big, "layer", "torch-block", error="n/a: torch not importable (x)"),
         _r(big, "graph", "fused", 2.4, tflops=541.7),
-        _r("qwen3-30b-a3b/T16/uniform", "layer", "fused", 0.3, tflops=1.0),  # decode: not judged
+        _r("qwen3-30b-a3b/T16/uniform", "layer", "fused", 0.3, tflops=1.0),  # decode: judged by its graph
+        _r(
+            "qwen3-30b-a3b/T16/uniform",
+            "graph",
+            "fused",
+            0.2,
+            extra={"floor_ratio": 0.912, "floor_ms": 0.1824},
+        ),
+        _r("qwen3-30b-a3b/T64/uniform", "graph", "fused", error="RuntimeError: capture"),
         _r("deepseek-v3/T4096/uniform", "layer", "fused", error="skipped: fused needs an SM 9.0 GPU"),
     ]
     text = "\n".join(report.evaluate_targets(results))
@@ -957,7 +967,16 @@ def test_fused_targets_pass_miss_and_skip():
     assert "PASS qwen3-30b-a3b/T16384/skewed: 520.0 TFLOP/s, graph 541.7 (target 500)" in text
     assert "fused layer non-GEMM share <= 20% at 4096 tokens: 0/1 PASS" in text
     assert "MISS qwen3-30b-a3b/T4096/uniform: 25.0% (non-GEMM 0.200 ms of 0.800 ms, route included)" in text
-    assert "deepseek" not in text and "T16/" not in text
+    # With the prefill graph: its share beside the verdict, (0.70 + 0.04 - 0.6) / 0.74.
+    graph = _r(pre, "graph", "fused", 0.70, tflops=340.0)
+    text = "\n".join(report.evaluate_targets([*results, graph]))
+    assert (
+        "MISS qwen3-30b-a3b/T4096/uniform: 25.0% (non-GEMM 0.200 ms of 0.800 ms; graph replay 18.9%" in text
+    )
+    assert "fused decode graph >= 90% of the floor (w1 + w2 bytes): 1/2 PASS" in text
+    assert "PASS qwen3-30b-a3b/T16/uniform: 91.2% (0.200 ms, floor 0.182 ms)" in text
+    assert "MISS qwen3-30b-a3b/T64/uniform: no graph time (RuntimeError: capture)" in text
+    assert "deepseek" not in text and "T16/uniform: 1.0" not in text
     # A fused layer that failed misses every target of its case.
     failed = [_r(pre, "layer", "fused", error="RuntimeError: boom")]
     lines = report.fused_targets(report._by_case(failed))

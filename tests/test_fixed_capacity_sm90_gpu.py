@@ -224,22 +224,24 @@ def test_moe_forward_fixed_capacity_runs_the_kernel_path():
 @pytest.mark.parametrize(
     "act, biases, trans_b", [("silu", True, False), ("gelu", False, True), ("relu", True, True)]
 )
-@pytest.mark.parametrize("epilogue", ["at every size", "past decode sizes"])
+@pytest.mark.parametrize("epilogue", ["at every size", "past 16 rows per expert"])
 def test_gate_up_blocked_every_path(monkeypatch, act, biases, trans_b, epilogue):
     """w1 packed by pack_gate_up (w1_layout="gate_up_blocked"): the kernel step
-    with the activation in GEMM 1's epilogue (forced at these decode sizes),
-    or (the default here) GEMM 1 then the activation kernel reading the packed
-    columns, the chunked step, moe_forward's fixed-capacity and synchronizing
-    paths, all against float64 of the plain weights. Without the epilogue the
-    kernel step equals, bit for bit, the same step on the plain weights (the
-    same products, columns moved)."""
+    with the activation in GEMM 1's epilogue (the default rule, at every
+    size), or, with the rule set to 16 rows per expert, GEMM 1 then the
+    activation kernel reading the packed columns at these decode sizes; the
+    chunked step, moe_forward's fixed-capacity and synchronizing paths, all
+    against float64 of the plain weights. Without the epilogue the kernel step
+    equals, bit for bit, the same step on the plain weights (the same
+    products, columns moved)."""
     import cupy
 
     from cublas_grouped.moe import kernel_step
 
     forced = epilogue == "at every size"
-    if forced:
-        monkeypatch.setattr(kernel_step, "GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 0)
+    assert kernel_step.GATED_EPILOGUE_MIN_ROWS_PER_GROUP == 0
+    if not forced:
+        monkeypatch.setattr(kernel_step, "GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 16)
     rng = np.random.default_rng(50)
     experts, k, hidden, inter = 32, 4, 136, 128
     weights, weights64 = _layer(rng, experts, hidden, inter, biases, ml_dtypes.bfloat16, trans_b)

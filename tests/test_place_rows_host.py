@@ -155,9 +155,13 @@ def test_more_than_one_block_of_pairs_takes_four_launches(recorded):
     assert not S.places_in_one_launch(S.K.PLACE_MAX_EXPERTS + 1, 8)
 
 
-def test_the_gated_epilogue_only_past_its_rows_per_expert():
+@pytest.mark.parametrize("per_expert", [None, 16])
+def test_the_gated_epilogue_only_past_its_rows_per_expert(monkeypatch, per_expert):
     """w1 packed: the epilogue where the experts average more than
-    GATED_EPILOGUE_MIN_ROWS_PER_GROUP rows (not at it); never with w1 plain."""
+    GATED_EPILOGUE_MIN_ROWS_PER_GROUP rows (not at it: with the default 0,
+    every step with a pair); never with w1 plain."""
+    if per_expert is not None:
+        monkeypatch.setattr(S, "GATED_EPILOGUE_MIN_ROWS_PER_GROUP", per_expert)
     rows = S.GATED_EPILOGUE_MIN_ROWS_PER_GROUP * E
     packed = type("Shape", (), {"num_experts": E, "gate_up_block": 128})()
     plain = type("Shape", (), {"num_experts": E, "gate_up_block": 0})()

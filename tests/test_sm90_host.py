@@ -78,16 +78,19 @@ def _places_once(monkeypatch, one_launch: bool, pairs: int) -> bool:
 
 
 def _gated_epilogue(monkeypatch, opts) -> bool:
-    """With ``opts["epi"]``, kernel_step's gated epilogue at every size; whether
-    the step (this file's T = ``opts["tokens"]``, E and K) then runs it: at
-    decode sizes only when forced, w1 packed either way."""
+    """Whether the step (this file's T = ``opts["tokens"]``, E and K) runs
+    GEMM 1's gated epilogue, w1 packed: at every size with ``opts["epi"]`` (the
+    default rule); the packed variants without it set the rule's rows per
+    expert to 16, so these decode-sized steps run GEMM 1 and then the
+    activation kernel on the packed columns (the other form of the step)."""
     from cublas_grouped.moe import kernel_step as S
 
     rows = opts.get("tokens", 1) * K
-    # This file's packed variants are decode-sized: the epilogue only when forced.
-    assert not opts.get("layout") or rows <= S.GATED_EPILOGUE_MIN_ROWS_PER_GROUP * E
     if opts.get("epi"):
-        monkeypatch.setattr(S, "GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 0)
+        assert S.GATED_EPILOGUE_MIN_ROWS_PER_GROUP == 0
+    else:
+        monkeypatch.setattr(S, "GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 16)
+        assert not opts.get("layout") or rows <= 16 * E
     return bool(opts.get("layout")) and rows > S.GATED_EPILOGUE_MIN_ROWS_PER_GROUP * E
 
 
@@ -365,17 +368,19 @@ def _by_name(gpu, kernels) -> dict:
 def test_packed_w1_runs_the_gated_epilogue_only_where_it_pays(
     gpu, monkeypatch, prepared, forced, activation, bias
 ):
-    """w1 packed, at decode sizes: GEMM 1 is the plain kernel, and the
-    activation kernel reads h in the packed column order (gate_up_block 128)
-    with b1. With the epilogue forced (GATED_EPILOGUE_MIN_ROWS_PER_GROUP 0),
-    GEMM 1 is compiled with SM90_EPILOGUE_ACT = the layer's activation and
-    the three activation codes, gets b1, and no activation kernel runs. Timed
-    and prepared."""
+    """w1 packed, at decode sizes: by the default rule
+    (GATED_EPILOGUE_MIN_ROWS_PER_GROUP 0) GEMM 1 is compiled with
+    SM90_EPILOGUE_ACT = the layer's activation and the three activation
+    codes, gets b1, and no activation kernel runs. With the rule at 16 rows
+    per expert (not "forced"), GEMM 1 is the plain kernel and the activation
+    kernel reads h in the packed column order (gate_up_block 128) with b1.
+    Timed and prepared."""
     from cublas_grouped.moe import kernel_step as S
     from cublas_grouped.moe import kernels as Kn
 
-    if forced:
-        monkeypatch.setattr(S, "GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 0)
+    assert S.GATED_EPILOGUE_MIN_ROWS_PER_GROUP == 0
+    if not forced:
+        monkeypatch.setattr(S, "GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 16)
     kernels = _named_kernels(monkeypatch)
     t = _arrays(5, bias=bias)
     kw = dict(b1=t.get("b1"), b2=t.get("b2"), w1_layout="gate_up_blocked", activation=activation)

@@ -18,7 +18,8 @@ fixed-capacity step at decode) and the torch block they are compared with.
   offsets run on the GPU without a host copy. Its output is checked against
   ``moe_forward``'s.
 - ``fixed-capacity`` graph (decode): the :class:`FixedCapacityMoE` step
-  replayed from CUDA graphs, beside its weight-bandwidth floor.
+  replayed from CUDA graphs, beside its weight-bandwidth floor; at decode the
+  ``fused`` graph row is the same step with ``w1`` packed.
 
 All count the layer's useful FLOPs. The packed ``w1`` is made once per model
 (:func:`.gpu.packed_w1`, kept beside ``w1``: 2 bytes x E x H x 2I more on the GPU).
@@ -79,15 +80,20 @@ def layer_fused(runner, xs, w1, w1p, w2s, nbytes: int, note: str | None) -> Time
     return Timed(FUSED_METHOD, fn, len(xs), finish, 0)
 
 
-def fixed_capacity_graph(runner, xs, w1, w2, nbytes: int):
+def fixed_capacity_graph(runner, xs, w1, w2, nbytes: int, method: str = FIXED_CAPACITY):
     """Decode: the :class:`FixedCapacityMoE` step replayed from CUDA graphs,
-    with its share of the weight-bandwidth floor (w1 + w2 of the active experts)."""
+    with its share of the weight-bandwidth floor (w1 + w2 of the active
+    experts); ``method`` :data:`FUSED_METHOD`: ``w1`` packed (the activation in
+    GEMM 1's epilogue)."""
     c = runner.case
-    layer = runner.api.FixedCapacityMoE(w1, w2, c.top_k, c.tokens, gated=c.gated, activation="silu")
+    layout = "gate_up_blocked" if method == FUSED_METHOD else "gate_up"
+    layer = runner.api.FixedCapacityMoE(
+        w1, w2, c.top_k, c.tokens, gated=c.gated, activation="silu", w1_layout=layout
+    )
     t = runner.time_graphs(lambda x: layer.forward(x, runner.ids, runner.wts), xs)
     floor_ms = nbytes / (runner.args.hbm_gbs * 1e9) * 1e3
     note = f"floor {floor_ms:.3f} ms = {100 * floor_ms / t['median']:.0f}% of it"
-    r = runner.measured("graph", FIXED_CAPACITY, t, layer_flops(c), nbytes, note=note)
+    r = runner.measured("graph", method, t, layer_flops(c), nbytes, note=note)
     r.extra.update(floor_ms=floor_ms, floor_ratio=floor_ms / t["median"])
     return r
 

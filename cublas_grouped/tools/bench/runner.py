@@ -20,6 +20,7 @@ import time
 import types
 from collections.abc import Sequence
 from dataclasses import asdict
+from functools import partial
 
 import numpy as np
 
@@ -333,8 +334,9 @@ class CaseRunner(SectionRunner):
             )
         if c.phase == "decode":
             self.guarded("graph", FIXED_CAPACITY, lambda: fixed_capacity_graph(self, xs, w1, w2, nbytes))
-        elif packed:
-            self.guarded("graph", FUSED_METHOD, lambda: fused_graph(self, xs, packed[0], w2, nbytes))
+        graph = fused_graph if c.phase == "prefill" else partial(fixed_capacity_graph, method=FUSED_METHOD)
+        if packed:
+            self.guarded("graph", FUSED_METHOD, lambda: graph(self, xs, packed[0], w2, nbytes))
 
     def _layer(self, method, xs, w1s, w2s, nbytes, note) -> Timed | Result:
         c = self.case
