@@ -60,7 +60,7 @@ TOKENS = [
     )
 ]
 BF16_DEFINE = (
-    dict([tuple(sys.argv[sys.argv.index("--bf16-define") + 1].split("="))])
+    {name: int(value) for name, value in [sys.argv[sys.argv.index("--bf16-define") + 1].split("=")]}
     if "--bf16-define" in sys.argv
     else {}
 )
