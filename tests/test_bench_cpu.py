@@ -774,18 +774,25 @@ class _FakeGpu(_FakeClock):
         )
 
 
-def test_run_all_times_every_method_round_robin_on_a_fake_gpu(monkeypatch):
+def _run_on_fake_gpu(monkeypatch, tokens: str, inter: str = "16", sm=(8, 0), extra=()):
+    """The benchmark's runner over the custom case (4 experts, k 2, H 8) on
+    :class:`_FakeGpu`: the fake, the arguments, the results and the stats."""
     from cublas_grouped.tools.bench import runner
 
     fake = _FakeGpu()
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
     args = cli.parse_args(
-        ["--experts", "4", "--topk", "2", "--hidden", "8", "--inter", "16", "--tokens", "16,256"]
-        + ["--routing", "uniform", "--no-torch", "--warmup", "1", "--repeat", "3"]
+        ["--experts", "4", "--topk", "2", "--hidden", "8", "--inter", inter, "--tokens", tokens]
+        + ["--routing", "uniform", "--no-torch", "--warmup", "1", "--repeat", "3", *extra]
     )
     args.hbm_gbs = 3350.0
+    results, stats = runner.run_all(workloads.build_cases(args), args, fake.api(sm=sm))
+    return fake, args, results, stats
+
+
+def test_run_all_times_every_method_round_robin_on_a_fake_gpu(monkeypatch):
+    fake, args, results, stats = _run_on_fake_gpu(monkeypatch, "16,256")
     cases = workloads.build_cases(args)
-    results, stats = runner.run_all(cases, args, fake.api())
     assert [s["name"] for s in stats] == [c.name for c in cases]
     # Not an SM 9.0 GPU: the sm90 kernel and the fused layer are recorded as skipped, nothing else fails.
     skipped = [r for r in results if r.error]
@@ -825,16 +832,7 @@ def test_the_sm90_kernel_is_timed_on_sm90_in_both_sections(monkeypatch, dtype):
     """On SM 9.0 the sm90 kernel is timed beside the others (gemm1 and layer) for
     16-bit cases and skipped for float32; AUTO's targets compare with it (AUTO
     may choose it there)."""
-    from cublas_grouped.tools.bench import runner
-
-    fake = _FakeGpu()
-    monkeypatch.setitem(sys.modules, "cupy", fake.module)
-    args = cli.parse_args(
-        ["--experts", "4", "--topk", "2", "--hidden", "8", "--inter", "16", "--tokens", "256"]
-        + ["--routing", "uniform", "--no-torch", "--warmup", "1", "--repeat", "3", "--dtype", dtype]
-    )
-    args.hbm_gbs = 3350.0
-    results, _ = runner.run_all(workloads.build_cases(args), args, fake.api(sm=(9, 0)))
+    fake, args, results, _ = _run_on_fake_gpu(monkeypatch, "256", sm=(9, 0), extra=("--dtype", dtype))
     sm90 = {r.section: r for r in results if r.method == "sm90_grouped"}
     assert set(sm90) == {"gemm1", "layer"}
     if dtype == "float32":
@@ -860,18 +858,9 @@ def test_the_fused_layer_rows_on_sm90(monkeypatch):
     and at prefill its graph replays; at decode the fixed-capacity graph stays
     the graph row. The packed w1 is made once per model and dropped first when
     a later first-GEMM section needs room."""
-    from cublas_grouped.tools.bench import runner
-
-    fake = _FakeGpu()
-    monkeypatch.setitem(sys.modules, "cupy", fake.module)
     packs = []
     monkeypatch.setattr(gpu, "packed_w1", lambda w1: packs.append(w1.shape) or w1.copy())
-    args = cli.parse_args(
-        ["--experts", "4", "--topk", "2", "--hidden", "8", "--inter", "128", "--tokens", "16,256"]
-        + ["--routing", "uniform", "--no-torch", "--warmup", "1", "--repeat", "3"]
-    )
-    args.hbm_gbs = 3350.0
-    results, _ = runner.run_all(workloads.build_cases(args), args, fake.api(sm=(9, 0)))
+    fake, _, results, _ = _run_on_fake_gpu(monkeypatch, "16,256", inter="128", sm=(9, 0))
     assert packs == [(4, 8, 256)]  # one packed copy for both cases of the model
     rows = {(r.tokens, r.section, r.method): r for r in results}
     assert not [r for r in results if r.error], [(r.method, r.error) for r in results if r.error]
@@ -890,16 +879,7 @@ def test_the_fused_layer_rows_on_sm90(monkeypatch):
 
 
 def test_fused_rows_skip_where_w1_cannot_be_packed(monkeypatch):
-    from cublas_grouped.tools.bench import runner
-
-    fake = _FakeGpu()
-    monkeypatch.setitem(sys.modules, "cupy", fake.module)
-    args = cli.parse_args(
-        ["--experts", "4", "--topk", "2", "--hidden", "8", "--inter", "96", "--tokens", "256"]
-        + ["--routing", "uniform", "--no-torch", "--warmup", "1", "--repeat", "3"]
-    )
-    args.hbm_gbs = 3350.0
-    results, _ = runner.run_all(workloads.build_cases(args), args, fake.api(sm=(9, 0)))
+    _, _, results, _ = _run_on_fake_gpu(monkeypatch, "256", inter="96", sm=(9, 0))
     fused = [r for r in results if r.method == "fused"]
     assert [(r.section, r.error) for r in fused] == [
         ("layer", "skipped: fused packs a gated w1 in blocks of 128 columns (I = 96)")
