@@ -3,9 +3,8 @@ fixed-capacity step at decode) and the torch block they are compared with.
 
 - ``fused`` (layer section, SM 9.0): ``moe_forward`` as a user calls it by
   default, with ``w1`` packed by :func:`cublas_grouped.pack_gate_up`
-  (``w1_layout="gate_up_blocked"``), so that above 16 rows per expert the
-  activation runs in GEMM 1's epilogue and the [rows, 2I] product is never
-  stored. Eager: the one synchronizing copy of each call (the count of ids
+  (``w1_layout="gate_up_blocked"``), so that the activation runs in GEMM
+  1's epilogue and the [rows, 2I] product is never stored. Eager: the one synchronizing copy of each call (the count of ids
   outside [0, E)) is in its time. Its stage split is a "split" row of the
   same name, and at prefill a "graph" row times the same layer with
   ``fixed_capacity=True`` replayed from CUDA graphs (GPU time only, nothing
@@ -27,9 +26,7 @@ All count the layer's useful FLOPs. The packed ``w1`` is made once per model
 
 from __future__ import annotations
 
-import contextlib
-
-from .gpu import describe_error
+from .gpu import describe_error, torch_on_cupy_stream
 from .section import Timed
 from .workloads import kernel_unavailable, layer_flops
 
@@ -110,14 +107,6 @@ def fused_graph(runner, xs, w1p, w2, nbytes: int):
     return runner.measured("graph", FUSED_METHOD, t, flops, nbytes, note="fixed_capacity=True")
 
 
-def _torch_on_cupy_stream(torch, cp):
-    """A context running torch on CuPy's current stream, so the benchmark's CUDA
-    events bracket torch's kernels too."""
-    ptr = cp.cuda.get_current_stream().ptr
-    external = torch.cuda.ExternalStream(ptr) if ptr else None
-    return lambda: torch.cuda.stream(external) if external else contextlib.nullcontext()
-
-
 def torch_block(torch, x, ids, weights, w1, w2, bounds, inter: int):
     """One eager torch MoE block (the module docstring): x [T, H], ids [T, k]
     int32, weights [T, k] in x's dtype, w1 [E, H, 2I], w2 [E, I, H], bounds
@@ -155,7 +144,7 @@ def layer_torch_block(runner, xs, w1, w2, nbytes: int, note: str | None):
     skip = runner.fits(c.pairs * (2 * c.hidden + c.n1 + c.inter + c.hidden) * c.itemsize)
     if skip:
         return runner.result("layer", TORCH_BLOCK_METHOD, error=skip)
-    on_stream = _torch_on_cupy_stream(torch, cp)
+    on_stream = torch_on_cupy_stream(torch, cp)
     tx = [torch.from_dlpack(x) for x in xs]
     ids = torch.from_dlpack(runner.ids)
     weights = torch.from_dlpack(runner.wts).to(tx[0].dtype)

@@ -9,6 +9,7 @@ the functions, so importing this module needs no GPU.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -25,6 +26,7 @@ __all__ = [
     "free_pool",
     "WeightCache",
     "packed_w1",
+    "torch_on_cupy_stream",
     "datasheet_hbm_gbs",
     "copy_gbs",
     "measure_copy_gbs",
@@ -116,6 +118,15 @@ def free_pool() -> None:
 
     cupy.get_default_memory_pool().free_all_blocks()
     cupy.get_default_pinned_memory_pool().free_all_blocks()
+
+
+def torch_on_cupy_stream(torch, cp):
+    """A context factory running torch on CuPy's current stream, so the
+    benchmark's CUDA events bracket torch's kernels too (the default stream,
+    where torch runs anyway, needs no switch)."""
+    ptr = cp.cuda.get_current_stream().ptr
+    external = torch.cuda.ExternalStream(ptr) if ptr else None
+    return lambda: torch.cuda.stream(external) if external else contextlib.nullcontext()
 
 
 # Experts packed at a time by packed_w1 (DeepSeek-V3's w1 is 15 GB: a

@@ -13,7 +13,6 @@ method) is recorded and the run goes on.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -39,7 +38,7 @@ from .fused_layer import (
     layer_fused,
     layer_torch_block,
 )
-from .gpu import WeightCache, describe_error, free_pool, random_normal
+from .gpu import WeightCache, describe_error, free_pool, random_normal, torch_on_cupy_stream
 from .report import GEMM_STAGES, OVERHEAD_STAGES, Result, merge_passes, overhead_pct
 from .section import SectionRunner, Timed
 from .workloads import (
@@ -238,11 +237,7 @@ class CaseRunner(SectionRunner):
         b = torch.from_dlpack(w1)
         held = sum(inp.rows.nbytes for inp in inps) + c.pairs * c.n1 * c.itemsize * len(xs)
         note = "row-major w1"
-        stream_ptr = cp.cuda.get_current_stream().ptr
-        # On CuPy's current stream, so the CUDA events bracket torch's kernels too
-        # (the default stream, where torch runs anyway, needs no switch per call).
-        external = torch.cuda.ExternalStream(stream_ptr) if stream_ptr else None
-        on_stream = lambda: torch.cuda.stream(external) if external else contextlib.nullcontext()
+        on_stream = torch_on_cupy_stream(torch, cp)
         with on_stream():
             try:
                 out0 = torch._grouped_mm(mats[0], b, offs=offs)
