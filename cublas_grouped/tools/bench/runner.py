@@ -323,14 +323,17 @@ class CaseRunner(SectionRunner):
 
         self.guarded("route", "route", route)
         self.guarded("split", "auto", lambda: self._split(xs, w1s, w2s, route_ms[0]))
-        if packed:
+        if c.phase == "decode":
+            self.guarded("graph", FIXED_CAPACITY, lambda: fixed_capacity_graph(self, xs, w1, w2, nbytes))
+        if (
+            packed
+        ):  # the fused layer's split, then its graph (prefill: moe_forward's; decode: FixedCapacityMoE's)
             self.guarded(
                 "split", FUSED_METHOD, lambda: self._split(xs, packed, w2s, route_ms[0], FUSED_METHOD)
             )
-        if c.phase == "decode":
-            self.guarded("graph", FIXED_CAPACITY, lambda: fixed_capacity_graph(self, xs, w1, w2, nbytes))
-        graph = fused_graph if c.phase == "prefill" else partial(fixed_capacity_graph, method=FUSED_METHOD)
-        if packed:
+            graph = (
+                fused_graph if c.phase == "prefill" else partial(fixed_capacity_graph, method=FUSED_METHOD)
+            )
             self.guarded("graph", FUSED_METHOD, lambda: graph(self, xs, packed[0], w2, nbytes))
 
     def _layer(self, method, xs, w1s, w2s, nbytes, note) -> Timed | Result:
