@@ -72,6 +72,29 @@
 //                 giving registers to the math ones (setmaxnreg 40 / 232);
 //                 0: one fragment, each stage's MMAs waited for, then promoted
 //                 (the form before 2026-11-27). Both give the same bits.
+//   FP8_CLUSTER   1: one CTA per tile. 2 (not with FP8_THIN): clusters of two
+//                 CTAs computing the same 128 rows over two neighbouring
+//                 128-column bands (rank r: columns 256 q + 128 r onwards),
+//                 so that both need the same a stage: each CTA loads half of
+//                 it (64 rows; tmap_a's box is then 64 rows) or, for a tile
+//                 of at most 64 rows, every other 16-row box, and multicasts
+//                 it into both CTAs; its own b box it loads alone. L2 reads
+//                 per CTA and stage: 8 KiB of a and 16 of b instead of 16 and
+//                 16. Measured (docs/kernel-notes.md, "FP8 CTA pairs"): L2
+//                 reads 22% fewer, time 1.00-1.09x of one CTA per tile, so
+//                 the launcher's default is 1; kept for probes and wider
+//                 tiles. Why the pair shares a and not b: N / 128 is even on
+//                 the models we serve, so no rank idles, where pairing
+//                 m-tiles leaves the second rank idle in every group with an
+//                 odd tile count.
+//                 Each math warpgroup releases a stage in both CTAs (a stage
+//                 is refilled only when neither still reads it: empty counts
+//                 4 arrivals); rank 0's load thread takes each schedule slot
+//                 from the tile counter and posts it to rank 1's
+//                 (sm90_cluster.cuh's PairMailbox), FP8_STAGES stages before
+//                 the slot's loads begin; every thread of both CTAs passes a
+//                 cluster barrier before exit. The same bits as 1: each
+//                 output element sums the same K stages in the same order.
 //
 // Kernel:
 //
@@ -96,7 +119,9 @@
 //             from grouped_tile_offsets (grouped_gemm_sm90.cu; capacity 0:
 //             grouped-contiguous rows), launched just before on the same stream.
 //     Grid: any x >= 1 CTAs (persistent: CTA x takes tile x first, then
-//     gridDim.x + atomicAdd(tile_counter, 1) when its ring has room for one).
+//     gridDim.x + atomicAdd(tile_counter, 1) when its ring has room for one);
+//     with FP8_CLUSTER 2 an even x, and cluster c (of x / 2) takes schedule
+//     slot c first, then x / 2 + atomicAdd(tile_counter, 1).
 //     Block FP8_THREADS = 384: warpgroup 0 loads (one thread issues every
 //     TMA), warpgroups 1 and 2 multiply 64 rows each (thin tiles: 128 of the
 //     columns each).
@@ -104,8 +129,9 @@
 //     FP8_BLOCK_K (the ring) + 2 * 64 * SM90_C_PITCH * 2 (the store's staging
 //     areas) + 1024 (to align the ring for the swizzle) + the schedule table
 //     4 * (3E + 1) when E <= FP8_TABLE_MAX_GROUPS.
-//     Schedule: that of grouped_gemm_sm90.cu with FP8_TILE_N-column tiles
-//     (128; thin tiles 256): with n_tiles = ceil(N / FP8_TILE_N), schedule
+//     Schedule: that of grouped_gemm_sm90.cu with FP8_SLOT_N-column slots
+//     (FP8_CLUSTER * FP8_TILE_N: 128, thin tiles 256, pairs 2 x 128): with
+//     n_tiles = ceil(N / FP8_SLOT_N), schedule
 //     tile x belongs to group g with
 //     tile_offsets[g] <= x / n_tiles < tile_offsets[g + 1]; within a group the
 //     M tiles run fastest (a thin tile's 128 rows in one or two passes of 64).
@@ -116,10 +142,17 @@
 
 #include "common.cuh"
 #include "sm90.cuh"
+#if FP8_CLUSTER == 2
+#include "sm90_cluster.cuh"
+#define FP8_CLUSTER_DIMS __cluster_dims__(2, 1, 1)
+#else
+#define FP8_CLUSTER_DIMS
+#endif
 
 #if !defined(FP8_BLOCK_M) || !defined(FP8_BLOCK_N) || !defined(FP8_BLOCK_K) || !defined(FP8_STAGES) || \
-    !defined(FP8_OVERLAP) || !defined(FP8_TABLE_MAX_GROUPS) || !defined(FP8_A_BOX_ROWS) || !defined(FP8_THIN)
-#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP, FP8_TABLE_MAX_GROUPS, FP8_A_BOX_ROWS and FP8_THIN from its launcher"
+    !defined(FP8_OVERLAP) || !defined(FP8_TABLE_MAX_GROUPS) || !defined(FP8_A_BOX_ROWS) || !defined(FP8_THIN) || \
+    !defined(FP8_CLUSTER)
+#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP, FP8_TABLE_MAX_GROUPS, FP8_A_BOX_ROWS, FP8_THIN and FP8_CLUSTER from its launcher"
 #endif
 #if FP8_THIN && FP8_A_BOX_ROWS > 64
 #error "thin tiles (FP8_THIN) load a's 64 rows in boxes of FP8_A_BOX_ROWS: at most 64"
@@ -133,6 +166,12 @@
 #if FP8_STAGES < 2 || FP8_STAGES > 6
 #error "FP8_STAGES must be 2 to 6 (32 KiB each; the H100 gives a block at most 227 KiB)"
 #endif
+#if FP8_CLUSTER != 1 && FP8_CLUSTER != 2
+#error "FP8_CLUSTER must be 1 (one CTA per tile) or 2 (CTA pairs sharing each a stage)"
+#endif
+#if FP8_CLUSTER == 2 && (FP8_THIN || FP8_A_BOX_ROWS > 32)
+#error "FP8_CLUSTER 2 takes no FP8_THIN, and splits a's stage between the pair: FP8_A_BOX_ROWS at most 32"
+#endif
 
 #define FP8_MATH_WARPGROUPS 2
 #define FP8_THREADS (128 * (1 + FP8_MATH_WARPGROUPS))
@@ -144,6 +183,8 @@
 #define FP8_TILE_M FP8_BLOCK_M
 #define FP8_TILE_N FP8_BLOCK_N
 #endif
+// Columns of one schedule slot: the cluster's tiles side by side.
+#define FP8_SLOT_N (FP8_CLUSTER * FP8_TILE_N)
 #define FP8_A_STAGE_BYTES (FP8_TILE_M * FP8_BLOCK_K)
 #define FP8_B_STAGE_BYTES (FP8_TILE_N * FP8_BLOCK_K)
 #define FP8_B_BOX_BYTES (FP8_BLOCK_N * FP8_BLOCK_K)
@@ -250,21 +291,35 @@ struct Fp8Tile {
     int b_boxes;  // boxes of b per stage: FP8_TILE_N / FP8_BLOCK_N, less where the tile ends past N
 };
 
+// Slot `tile` of the schedule as CTA `rank` of its cluster computes it (rank
+// 0 without clusters): the slot's rows, and the rank's FP8_TILE_N columns of
+// its FP8_SLOT_N.
 __device__ __forceinline__ Fp8Tile fp8_find_tile(long long tile, int n_tiles, const int* __restrict__ row_offsets,
                                                  const int* __restrict__ row_ends,
                                                  const int* __restrict__ tile_offsets, int num_groups, int M,
-                                                 int N) {
+                                                 int N, int rank) {
     Fp8Tile t;
-    t.g = sm90_find_group(static_cast<int>(tile / n_tiles), tile_offsets, num_groups);  // n_tiles of FP8_TILE_N
+    t.g = sm90_find_group(static_cast<int>(tile / n_tiles), tile_offsets, num_groups);  // n_tiles of FP8_SLOT_N
     const int m_tiles = tile_offsets[t.g + 1] - tile_offsets[t.g];
     const long long local = tile - static_cast<long long>(tile_offsets[t.g]) * n_tiles;
     t.row0 = row_offsets[t.g] + static_cast<int>(local % m_tiles) * FP8_BLOCK_M;
     t.row_end = min(row_ends[t.g], M);
-    t.n0 = static_cast<int>(local / m_tiles) * FP8_TILE_N;
+    t.n0 = static_cast<int>(local / m_tiles) * FP8_SLOT_N + rank * FP8_TILE_N;
     t.a_rows = max(0, min(FP8_BLOCK_M, t.row_end - t.row0));
-    // Boxes wholly past N are not loaded: their columns are never stored.
-    t.b_boxes = min(FP8_TILE_N / FP8_BLOCK_N, (N - t.n0 + FP8_BLOCK_N - 1) / FP8_BLOCK_N);
+    // Boxes wholly past N are not loaded: their columns are never stored (a
+    // pair's second tile may lie wholly past N: none loaded, nothing stored).
+    t.b_boxes = max(0, min(FP8_TILE_N / FP8_BLOCK_N, (N - t.n0 + FP8_BLOCK_N - 1) / FP8_BLOCK_N));
     return t;
+}
+
+// A stage is read by this math warpgroup (its MMAs finished): one arrival on
+// empty[s], in both CTAs of a pair (either CTA's loads may refill it).
+__device__ __forceinline__ void fp8_release(unsigned long long* empty) {
+#if FP8_CLUSTER == 2
+    mbarrier_arrive_pair(empty);
+#else
+    mbarrier_arrive(empty);
+#endif
 }
 
 // The bytes one stage of tile t brings: b's box and a's (see the header).
@@ -279,7 +334,7 @@ __device__ __forceinline__ int fp8_stage_bytes(const Fp8Tile& t) {
 // tile; fill f uses stage f % FP8_STAGES with mbarrier parity
 // (f / FP8_STAGES) & 1. Each fill is released once, right after its MMAs, so
 // the load thread runs on into the next tile while a tile is stored.
-extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
     grouped_gemm_fp8_nt_bf16(const __grid_constant__ TmaMap tmap_a, const __grid_constant__ TmaMap tmap_a_rows,
                              const __grid_constant__ TmaMap tmap_b,
                              const float* __restrict__ sa, const float* __restrict__ sb,
@@ -300,10 +355,25 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
     // The tile of each mailbox slot as the load thread found it (group, rows,
     // columns), so that the math warpgroups start a tile without searching.
     __shared__ Fp8Tile mail_tile[SM90_SCHED_SLOTS];
+#if FP8_CLUSTER == 2
+    // Rank 0's load thread posts each slot after the first to rank 1's.
+    __shared__ __align__(8) PairMailbox pairs;
+    // Slots are drawn per cluster. (Read from the special registers where
+    // used: values computed here and live past the load warpgroup's
+    // setmaxnreg go to local memory.)
+#define FP8_FIRST_TILE static_cast<long long>(cluster_index())
+#define FP8_TILE_STRIDE cluster_count()
+#define FP8_RANK static_cast<int>(cluster_rank())
+#else
+#define FP8_FIRST_TILE static_cast<long long>(blockIdx.x)
+#define FP8_TILE_STRIDE gridDim.x
+#define FP8_RANK 0
+#endif
 
-    const int n_tiles = (N + FP8_TILE_N - 1) / FP8_TILE_N;
+    const int n_tiles = (N + FP8_SLOT_N - 1) / FP8_SLOT_N;
     const long long total_tiles = static_cast<long long>(tile_offsets[num_groups]) * n_tiles;
-    if (static_cast<long long>(blockIdx.x) >= total_tiles) return;  // the whole block: before any barrier
+    // The whole block (with clusters: both blocks of the pair) before any barrier.
+    if (FP8_FIRST_TILE >= total_tiles) return;
     const int num_k = (K + FP8_BLOCK_K - 1) / FP8_BLOCK_K;  // also the scale blocks of K (KB)
 
     // The ring starts on a 1024-byte boundary: the 128-byte swizzle repeats
@@ -316,9 +386,12 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
 #pragma unroll
         for (int s = 0; s < FP8_STAGES; ++s) {
             mbarrier_init(&full[s], 1);
-            mbarrier_init(&empty[s], FP8_MATH_WARPGROUPS);
+            mbarrier_init(&empty[s], FP8_MATH_WARPGROUPS * FP8_CLUSTER);
         }
         sm90_mailboxes_init(&mail, 128 * FP8_MATH_WARPGROUPS);
+#if FP8_CLUSTER == 2
+        pair_mailbox_init(&pairs);
+#endif
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     // The schedule in shared memory where it fits (as grouped_gemm_sm90.cu's
@@ -336,6 +409,9 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
         row_ends = table + 2 * num_groups + 1;
     }
     __syncthreads();  // the last block-wide barrier: the roles split below
+#if FP8_CLUSTER == 2
+    cluster_sync();  // the partner's barriers are initialized before any multicast or remote arrival
+#endif
 
     const int warpgroup = threadIdx.x / 128;
     if (warpgroup == 0) {
@@ -345,13 +421,17 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
 #endif
         if (threadIdx.x == 0) {
+            const int rank = FP8_RANK;
             unsigned fills = 0;
-            long long tile = blockIdx.x;
+            long long tile = FP8_FIRST_TILE;
             // A thin tile's 128 rows run as one pass of 64 rows, or two when
             // the group has more: each pass is one work item (j), and
             // `second` marks the item of a tile's second pass.
             bool second = false;
             for (unsigned j = 0;; ++j) {
+#if FP8_CLUSTER == 2
+                if (rank == 1 && j > 0) tile = pair_mailbox_take(&pairs, j - 1);  // rank 0's draw
+#endif
                 const int slot = j % SM90_SCHED_SLOTS;
                 const bool done = !second && tile >= total_tiles;
                 sm90_mailbox_claim(&mail, j);
@@ -365,7 +445,8 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
                         w = mail_tile[(j - 1) % SM90_SCHED_SLOTS];
                         w.row0 += FP8_TILE_M;
                     } else {
-                        w = fp8_find_tile(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
+                        w = fp8_find_tile(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N,
+                                          rank);
                     }
                     w.a_rows = max(0, min(FP8_TILE_M, w.row_end - w.row0));
                     mail_tile[slot] = w;  // seen by the readers through the post's release
@@ -382,16 +463,36 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
                     const int b_row0 = w.g * N + w.n0;
                     // The next tile taken FP8_STAGES stages before the last
                     // pass's last loads: the atomic's latency hides behind
-                    // their waits.
+                    // their waits (and, with clusters, the post's behind
+                    // rank 1's last loads).
                     const int take_at = more ? -1 : num_k > FP8_STAGES ? num_k - FP8_STAGES : 0;
                     long long next = tile;
                     for (int kt = 0; kt < num_k; ++kt) {
-                        if (kt == take_at) next = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);
+                        if (kt == take_at && rank == 0) {
+                            next = static_cast<long long>(FP8_TILE_STRIDE) + atomicAdd(tile_counter, 1);
+#if FP8_CLUSTER == 2
+                            pair_mailbox_post(&pairs, j, next);
+#endif
+                        }
                         const unsigned f = fills + kt;
                         const int s = f % FP8_STAGES;
                         mbarrier_wait(&empty[s], ((f / FP8_STAGES) & 1) ^ 1);
                         // Whole boxes count, zero-filled parts included.
                         mbarrier_expect_bytes(&full[s], stage_bytes);
+#if FP8_CLUSTER == 2
+                        // a into both CTAs: this rank's 64 rows (tmap_a's box), or every other small box.
+                        if (w.a_rows > FP8_BLOCK_M / 2) {
+                            // (The rank read again here: hoisted, its products spilled the 40 registers.)
+                            const int half_rows = FP8_RANK * (FP8_BLOCK_M / 2);
+                            tma_load_2d_pair(ring_a + s * FP8_A_STAGE_BYTES + half_rows * FP8_BLOCK_K, &tmap_a,
+                                             &full[s], kt * FP8_BLOCK_K, w.row0 + half_rows);
+                        } else {
+                            for (int ra = FP8_RANK * FP8_A_BOX_ROWS; ra < w.a_rows; ra += 2 * FP8_A_BOX_ROWS) {
+                                tma_load_2d_pair(ring_a + s * FP8_A_STAGE_BYTES + ra * FP8_BLOCK_K, &tmap_a_rows,
+                                                 &full[s], kt * FP8_BLOCK_K, w.row0 + ra);
+                            }
+                        }
+#else
                         if (w.a_rows > FP8_BLOCK_M / 2) {  // never in a thin pass (at most 64 rows)
                             tma_load_2d(ring_a + s * FP8_A_STAGE_BYTES, &tmap_a, &full[s], kt * FP8_BLOCK_K, w.row0);
                         } else {
@@ -400,6 +501,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
                                             &full[s], kt * FP8_BLOCK_K, w.row0 + ra);
                             }
                         }
+#endif
                         for (int jb = 0; jb < w.b_boxes; ++jb) {
                             tma_load_2d(ring_b + s * FP8_B_STAGE_BYTES + jb * FP8_B_BOX_BYTES, &tmap_b, &full[s],
                                         kt * FP8_BLOCK_K, b_row0 + jb * FP8_BLOCK_N);
@@ -411,6 +513,9 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
                 }
             }
         }
+#if FP8_CLUSTER == 2
+        cluster_sync();  // see the end of the kernel
+#endif
         return;
     }
 
@@ -480,14 +585,14 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
             na0 = load_scale(sa0 + kt + 1), na1 = load_scale(sa1 + kt + 1), nb = load_scale(sbt + kt + 1);
             wgmma_wait<1>();  // stage kt's group is done; kt + 1's runs on
             fp8_pin(tmp0);
-            if (tid == 0) mbarrier_arrive(&empty[(fills + kt) % FP8_STAGES]);  // stage kt is read
+            if (tid == 0) fp8_release(&empty[(fills + kt) % FP8_STAGES]);  // stage kt is read
             fp8_promote(acc, tmp0, a0 * b, a1 * b);
             a0 = na0, a1 = na1, b = nb;
             fp8_issue_stage(tmp0, full, fills + kt + 2, ring_a, ring_b, half);
             na0 = load_scale(sa0 + kt + 2), na1 = load_scale(sa1 + kt + 2), nb = load_scale(sbt + kt + 2);
             wgmma_wait<1>();
             fp8_pin(tmp1);
-            if (tid == 0) mbarrier_arrive(&empty[(fills + kt + 1) % FP8_STAGES]);
+            if (tid == 0) fp8_release(&empty[(fills + kt + 1) % FP8_STAGES]);
             fp8_promote(acc, tmp1, a0 * b, a1 * b);
             a0 = na0, a1 = na1, b = nb;
         }
@@ -497,16 +602,16 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
             na0 = load_scale(sa0 + kt + 1), na1 = load_scale(sa1 + kt + 1), nb = load_scale(sbt + kt + 1);
             wgmma_wait<1>();
             fp8_pin(tmp0);
-            if (tid == 0) mbarrier_arrive(&empty[(fills + kt) % FP8_STAGES]);
+            if (tid == 0) fp8_release(&empty[(fills + kt) % FP8_STAGES]);
             fp8_promote(acc, tmp0, a0 * b, a1 * b);
             wgmma_wait<0>();
             fp8_pin(tmp1);
-            if (tid == 0) mbarrier_arrive(&empty[(fills + kt + 1) % FP8_STAGES]);
+            if (tid == 0) fp8_release(&empty[(fills + kt + 1) % FP8_STAGES]);
             fp8_promote(acc, tmp1, na0 * nb, na1 * nb);
         } else {
             wgmma_wait<0>();
             fp8_pin(tmp0);
-            if (tid == 0) mbarrier_arrive(&empty[(fills + kt) % FP8_STAGES]);
+            if (tid == 0) fp8_release(&empty[(fills + kt) % FP8_STAGES]);
             fp8_promote(acc, tmp0, a0 * b, a1 * b);
         }
 #else
@@ -519,7 +624,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
             const float na0 = load_scale(sa0 + kn), na1 = load_scale(sa1 + kn), nb = load_scale(sbt + kn);
             wgmma_wait<0>();
             // The stage is read: the load thread may refill it while we promote.
-            if (tid == 0) mbarrier_arrive(&empty[f % FP8_STAGES]);
+            if (tid == 0) fp8_release(&empty[f % FP8_STAGES]);
             fp8_promote(acc, tmp, a0 * b, a1 * b);  // rows frag_row and frag_row + 8
             a0 = na0;
             a1 = na1;
@@ -542,4 +647,9 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1)
             sm90_store_pass(acc, p, stage, out, r_first, t.row_end, c0, N, 1 + half);
         }
     }
+#if FP8_CLUSTER == 2
+    // No CTA of a pair exits while the other may still multicast into its
+    // shared memory or arrive on its barriers (every thread of both CTAs).
+    cluster_sync();
+#endif
 }

@@ -35,15 +35,19 @@ def _ptxas_report(defines=None) -> str:
     return log.text
 
 
-@pytest.mark.parametrize("thin", [False, True], ids=["128x128", "thin"])
-def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin):
+@pytest.mark.parametrize(
+    "thin, cluster", [(False, 2), (False, 1), (True, 1)], ids=["pairs", "128x128", "thin"]
+)
+def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin, cluster):
     """384 threads of one CTA per SM start with 168 registers each (65,536 /
     384, rounded down to 8: what ptxas reports); the math warpgroups then take
     232 (setmaxnreg) for acc + tmp0 + tmp1, 192 of them, and the load thread
-    keeps 40. A spill, or a note that wgmma was serialized or a wait added,
-    would cost the kernel its speed, not its results. Both tile shapes."""
+    keeps 40 (CTA pairs: with the pair's mailbox; the rank is read again where
+    used, or its products spill). A spill, or a note that wgmma was serialized
+    or a wait added, would cost the kernel its speed, not its results. Each
+    tile shape, with and without CTA pairs."""
     pytest.importorskip("cuda.core")
-    report = _ptxas_report(hopper_fp8.launch_defines(thin))
+    report = _ptxas_report({**hopper_fp8.launch_defines(thin), "FP8_CLUSTER": cluster})
     assert f"Compiling entry function '{hopper_fp8.KERNEL}'" in report
     # C7520/C7510/C7514: wgmma serialized; C7517: a wait ptxas had to add.
     assert not any(note in report for note in ("C7520", "C7510", "C7514", "C7517")), report
@@ -56,23 +60,23 @@ def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin):
     assert registers <= 168, used
 
 
-def test_ptx_has_the_e4m3_wgmma_and_2d_tma():
+def _ptx(defines) -> str:
     nvrtc_api = pytest.importorskip("cuda.bindings.nvrtc")
     src = nvrtc.load_source(hopper_fp8.SOURCE).encode()
     err, prog = nvrtc_api.nvrtcCreateProgram(src, b"fp8.cu", 0, [], [])
     assert err == nvrtc_api.nvrtcResult.NVRTC_SUCCESS
-    opts = [
-        b"--gpu-architecture=sm_90a",
-        b"-std=c++17",
-        *(f"-D{k}={v}".encode() for k, v in hopper_fp8.DEFINES.items()),
-    ]
+    opts = [b"--gpu-architecture=sm_90a", b"-std=c++17", *(f"-D{k}={v}".encode() for k, v in defines.items())]
     (err,) = nvrtc_api.nvrtcCompileProgram(prog, len(opts), opts)
     assert err == nvrtc_api.nvrtcResult.NVRTC_SUCCESS
     err, size = nvrtc_api.nvrtcGetPTXSize(prog)
     ptx = b" " * size
     (err,) = nvrtc_api.nvrtcGetPTX(prog, ptx)
     nvrtc_api.nvrtcDestroyProgram(prog)
-    text = ptx.rstrip(b"\0").decode()
+    return ptx.rstrip(b"\0").decode()
+
+
+def test_ptx_has_the_e4m3_wgmma_and_2d_tma():
+    text = _ptx(hopper_fp8.DEFINES)
     # Four steps per stage, issued at four places (a tile's first stage, the
     # two of each loop pass, the tail) by the overlapped promotion, which
     # waits for all but the newest group and trades registers between roles.
@@ -80,6 +84,19 @@ def test_ptx_has_the_e4m3_wgmma_and_2d_tma():
     assert "wgmma.wait_group.sync.aligned 1;" in text
     assert "setmaxnreg.dec.sync.aligned.u32 40;" in text and "setmaxnreg.inc.sync.aligned.u32 232;" in text
     assert "cp.async.bulk.tensor.2d" in text and "ld.global.nc.f32" in text
+    assert ".multicast::cluster" not in text and "barrier.cluster" not in text  # one CTA per tile
+
+
+def test_ptx_of_cta_pairs():
+    """FP8_CLUSTER 2: a multicast into both CTAs, releases in both, the pair's
+    mailbox, the barrier both CTAs pass before they exit, and the cluster
+    shape in the entry's directives (a plain launch then runs pairs)."""
+    text = _ptx({**hopper_fp8.DEFINES, "FP8_CLUSTER": 2})
+    assert text.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 4 * 4
+    assert ".multicast::cluster" in text and "mbarrier.arrive.shared::cluster.b64" in text
+    assert "mapa.shared::cluster.u32" in text and "st.shared::cluster.b64" in text
+    assert "barrier.cluster.arrive.release;" in text
+    assert ".explicitcluster" in text and ".reqnctapercluster 2, 1, 1" in text
 
 
 def test_launch_constants_agree():
@@ -102,9 +119,12 @@ def test_launch_constants_agree():
         "FP8_TABLE_MAX_GROUPS": hopper.TABLE_MAX_GROUPS,
         "FP8_A_BOX_ROWS": 16,
         "FP8_THIN": 0,
+        "FP8_CLUSTER": 1,  # CTA pairs measured slower (hopper_fp8.CLUSTER)
     }
-    # Thin tiles: 5 stages of 64 rows of a and 256 of b, the table as large as fits.
+    # Thin tiles: 5 stages of 64 rows of a and 256 of b, the table as large as
+    # fits, always one CTA per tile (the source refuses pairs of thin tiles).
     thin = hopper_fp8.launch_defines(True)
+    assert thin["FP8_CLUSTER"] == 1
     assert {k: v for k, v in thin.items() if hopper_fp8.DEFINES[k] != v} == {
         "FP8_THIN": 1,
         "FP8_STAGES": 5,
@@ -137,6 +157,13 @@ def test_grid_counts_tiles_of_the_launch_width():
     # bound); N = 1024 is 8 column tiles of 128 or 4 thin ones.
     assert hopper_fp8.grid_size(3, 1024, 2, 132) == 24
     assert hopper_fp8.grid_size(3, 1024, 2, 132, tile_n=hopper_fp8.THIN_TILE_N) == 12
+    # CTA pairs: a pair per slot of 256 columns (3 x 4 slots), an even count.
+    assert hopper_fp8.grid_size(3, 1024, 2, 132, cluster=2) == 24
+    assert hopper_fp8.grid_size(3, 1152, 2, 132, cluster=2) == 30  # 9 bands: 5 slots, the last half past N
+    assert hopper_fp8.grid_size(16384, 1536, 128, 132, cluster=2) == 132
+    assert hopper_fp8.grid_size(16384, 1536, 128, 131, cluster=2) == 130  # pairs only
+    assert hopper_fp8.grid_size(16384, 1536, 128, 132, limit=3, cluster=2) == 2
+    assert hopper_fp8.grid_size(16, 128, 1, 132, cluster=2) == 4  # 2 row tiles x 1 slot
 
 
 def _w(fake, e=4, n=256, k=512, trans_b=True, scaling="block128", ptr=0x7F0000000000):

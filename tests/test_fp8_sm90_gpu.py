@@ -159,9 +159,10 @@ def test_many_tiles_per_cta_and_every_tile_taken_once(monkeypatch):
     out = poisoned((a_q.shape[0], 264), BF16)
     hopper_fp8.grouped_fp8(a_q, a_s, wq, sizes, out=out)
     _check(out, ref, "fp8, 3 CTAs")
-    tiles = len(hopper.tile_schedule(sizes)) * -(-264 // hopper_fp8.BLOCK_N)
+    # One draw per schedule slot (CTA pairs: slots of 256 columns, so 3 here, the last half past N).
+    slots = len(hopper.tile_schedule(sizes)) * -(-264 // (hopper_fp8.BLOCK_N * hopper_fp8.CLUSTER))
     counter = hopper.schedule_buffers(stream_resources(cupy.cuda.Device().id, None), len(sizes))[3]
-    assert int(counter.get()[0]) == tiles
+    assert int(counter.get()[0]) == slots
 
 
 @pytest.mark.parametrize("k", [128, 400, 528, 2048])
@@ -177,6 +178,51 @@ def test_overlapped_promotion_gives_the_serial_forms_bits(k, monkeypatch):
         monkeypatch.setattr(hopper_fp8, "DEFINES", {**hopper_fp8.DEFINES, "FP8_OVERLAP": overlap})
         outs.append(hopper_fp8.grouped_fp8(a_q, a_s, wq, sizes, out=poisoned((a_q.shape[0], 264), BF16)))
     assert bool((outs[0].view(np.uint16) == outs[1].view(np.uint16)).all())
+
+
+@pytest.mark.parametrize(
+    "sizes, n, k",
+    [
+        ([0, 1, 5, 219, 2246], 256, 2048),  # one slot of two bands per row tile
+        ([37, 0, 64, 65, 1], 264, 144),  # 3 bands: the last pair's second CTA wholly past N
+        ([129, 127, 0, 256], 392, 400),  # 4 bands, the last partly past N; an odd stage count
+        # a's small boxes split between the pair (rank r loads boxes r, r + 2):
+        # 1-64 rows in 1-4 boxes, 65 and more two 64-row halves.
+        ([16, 17, 33, 2, 48, 63, 64, 65, 0, 15, 192, 193, 129], 512, 512),
+        ([300], 136, 7168),  # N = 128 + 8: the second band 8 columns wide
+        ([8] * 8, 8, 16),  # the smallest sizes: the second CTA of every pair past N
+    ],
+)
+@pytest.mark.parametrize("limit", [None, 3])
+def test_cta_pairs_give_one_ctas_bits(sizes, n, k, limit, monkeypatch):
+    """FP8_CLUSTER 2 (two CTAs of a cluster over neighbouring 128-column bands,
+    a's stages multicast into both) against float64 and bit for bit against
+    one CTA per tile: each output element sums the same K stages in the same
+    order. With every SM's grid and with one pair walking every slot (limit 3:
+    the ring, the pair's mailbox and the tile counter over many slots); host
+    and device sizes."""
+    import cupy
+
+    from cublas_grouped.runtime.device import stream_resources
+
+    rng = np.random.default_rng(sum(sizes) + n + k)
+    a_q, a_s, wq, ref = _case(rng, sizes, n, k)
+    monkeypatch.setattr(hopper_fp8, "GRID_LIMIT", limit)
+    outs = []
+    for cluster in (2, 1):
+        monkeypatch.setattr(hopper_fp8, "DEFINES", {**hopper_fp8.DEFINES, "FP8_CLUSTER": cluster})
+        for device in (False, True):
+            out = poisoned((a_q.shape[0], n), BF16)
+            group_sizes = cupy.asarray(sizes, dtype=cupy.int32) if device else sizes
+            hopper_fp8.grouped_fp8(a_q, a_s, wq, group_sizes, out=out)
+            _check(out, ref, f"fp8 cluster={cluster} device={device} {sizes} N={n} K={k} limit={limit}")
+            outs.append(out.view(cupy.uint16))
+        if cluster == 2 and limit is not None:
+            # One draw per slot of 256 columns: rank 0 drew them all, rank 1 none.
+            slots = len(hopper.tile_schedule(sizes)) * -(-n // (2 * hopper_fp8.BLOCK_N))
+            res = stream_resources(cupy.cuda.Device().id, None)
+            assert int(hopper.schedule_buffers(res, len(sizes))[3].get()[0]) == slots
+    assert all(bool(cupy.all(o == outs[0])) for o in outs[1:])
 
 
 def test_bitwise_repeatable():

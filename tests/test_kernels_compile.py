@@ -111,8 +111,9 @@ def elf_function_symbols(blob: bytes) -> set[str]:
 
 
 # Headers: common.cuh everywhere, sm90.cuh (Hopper PTX wrappers) in sm_90a
-# sources, fp8.cuh (the e4m3 format and scale rule) where kernels write FP8.
-HEADERS = ("common.cuh", "sm90.cuh", "fp8.cuh")
+# sources, sm90_cluster.cuh (CTA pairs) in the FP8 GEMM, fp8.cuh (the e4m3
+# format and scale rule) where kernels write FP8.
+HEADERS = ("common.cuh", "sm90.cuh", "sm90_cluster.cuh", "fp8.cuh")
 
 
 def test_every_source_is_covered():
@@ -195,10 +196,10 @@ def test_inconsistent_defines_do_not_compile(name, defines, message):
         nvrtc.compile_source(name, "sm_90", {**DEFINES[name], **defines})
 
 
-@pytest.mark.parametrize("missing", ["FP8_OVERLAP", "FP8_A_BOX_ROWS", "FP8_THIN"])
+@pytest.mark.parametrize("missing", ["FP8_OVERLAP", "FP8_A_BOX_ROWS", "FP8_THIN", "FP8_CLUSTER"])
 def test_the_fp8_kernel_needs_its_defines(missing):
     defines = {k: v for k, v in DEFINES["grouped_gemm_fp8_sm90"].items() if k != missing}
-    with pytest.raises(nvrtc.KernelCompileError, match="FP8_A_BOX_ROWS and FP8_THIN from its launcher"):
+    with pytest.raises(nvrtc.KernelCompileError, match="FP8_THIN and FP8_CLUSTER from its launcher"):
         nvrtc.compile_source("grouped_gemm_fp8_sm90", "sm_90", defines)
 
 
@@ -211,9 +212,26 @@ def test_the_fp8_kernel_needs_its_defines(missing):
     ],
 )
 def test_the_fp8_kernel_refuses_a_box_it_cannot_swizzle(rows, thin, match):
-    defines = {**DEFINES["grouped_gemm_fp8_sm90"], "FP8_A_BOX_ROWS": rows, "FP8_THIN": thin}
+    defines = {**DEFINES["grouped_gemm_fp8_sm90"], "FP8_A_BOX_ROWS": rows, "FP8_THIN": thin, "FP8_CLUSTER": 1}
     with pytest.raises(nvrtc.KernelCompileError, match=match):
         nvrtc.compile_source("grouped_gemm_fp8_sm90", "sm_90a", defines)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"FP8_CLUSTER": 3}, "FP8_CLUSTER must be 1"),
+        ({"FP8_CLUSTER": 2, "FP8_THIN": 1, "FP8_STAGES": 5}, "FP8_CLUSTER 2 takes no FP8_THIN"),
+        ({"FP8_CLUSTER": 2, "FP8_A_BOX_ROWS": 64}, "FP8_A_BOX_ROWS at most 32"),
+    ],
+)
+def test_the_fp8_kernel_refuses_pairs_it_cannot_split(change, match):
+    """CTA pairs split a's stage (64 rows, or every other small box) and
+    do not run thin tiles."""
+    with pytest.raises(nvrtc.KernelCompileError, match=match):
+        nvrtc.compile_source(
+            "grouped_gemm_fp8_sm90", "sm_90a", {**DEFINES["grouped_gemm_fp8_sm90"], **change}
+        )
 
 
 def test_defines_key_both_caches(tmp_path, monkeypatch):

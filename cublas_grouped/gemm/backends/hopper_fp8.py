@@ -48,6 +48,7 @@ __all__ = [
     "KERNEL",
     "SHARED_BYTES",
     "SHARED_LIMIT",
+    "CLUSTER",
     "THIN",
     "THIN_MAX_ROWS_PER_GROUP",
     "THIN_TILE_N",
@@ -80,11 +81,19 @@ STAGES = 6  # 32 KiB each: 192 KiB of ring, the most that fits beside the store'
 THREADS = 384  # a load warpgroup and two math warpgroups
 # Rows of a's small TMA box: a tile whose group has at most 64 rows loads only
 # the 16-row boxes that hold them (decode: 2 KiB of a per stage, not 16 KiB),
-# as the bf16 kernel's SM90_A_BOX_ROWS. BLOCK_M gives the one-box load.
+# as the bf16 kernel's SM90_A_BOX_ROWS. BLOCK_M gives the one-box load (with
+# CLUSTER 1 only: a CTA pair splits the 128 rows, and takes boxes of at most 32).
 A_BOX_ROWS = 16
 # Stage kt + 1's MMAs overlap stage kt's promotion (two temporary fragments;
 # docs/kernel-notes.md, "FP8: the promotion overlapped"). 0: the serial form.
 OVERLAP = 1
+# CTAs per cluster (FP8_CLUSTER). 1: one CTA per tile (the default). 2: each
+# schedule slot of 256 columns on a CTA pair that shares each stage of a by
+# TMA multicast, so each CTA reads 24 KiB from L2 per stage instead of 32.
+# Correct and bit for bit the same, but measured 1.00-1.09x slower on an H200
+# (docs/kernel-notes.md, "FP8 CTA pairs"): L2 was not what bound the kernel.
+# Kept for probes and for wider tiles. Thin tiles always run 1.
+CLUSTER = 1
 DEFINES = {
     "FP8_BLOCK_M": BLOCK_M,
     "FP8_BLOCK_N": BLOCK_N,
@@ -94,6 +103,7 @@ DEFINES = {
     "FP8_TABLE_MAX_GROUPS": hopper.TABLE_MAX_GROUPS,
     "FP8_A_BOX_ROWS": A_BOX_ROWS,
     "FP8_THIN": 0,
+    "FP8_CLUSTER": CLUSTER,
 }
 SOURCE = "grouped_gemm_fp8_sm90"
 KERNEL = "grouped_gemm_fp8_nt_bf16"
@@ -137,6 +147,7 @@ def launch_defines(thin: bool) -> dict:
     return {
         **DEFINES,
         "FP8_THIN": 1,
+        "FP8_CLUSTER": 1,
         "FP8_STAGES": THIN_STAGES,
         "FP8_TABLE_MAX_GROUPS": THIN_TABLE_MAX_GROUPS,
     }
@@ -248,15 +259,47 @@ def check_operands(a_q, a_scales, weights, out, group_sizes) -> tuple[int, np.nd
     return m, None
 
 
-def grid_size(m: int, n: int, e: int, sm_count: int, limit: int | None = None, tile_n: int = BLOCK_N) -> int:
+def grid_size(
+    m: int, n: int, e: int, sm_count: int, limit: int | None = None, tile_n: int = BLOCK_N, cluster: int = 1
+) -> int:
     """CTAs of one launch: one per SM (at most ``limit`` when given), never more
     than the most tiles of ``tile_n`` columns any sizes summing to ``m`` over
-    ``e`` groups can need."""
+    ``e`` groups can need. ``cluster`` 2 (CTA pairs): an even count, a pair
+    per schedule slot of ``2 * tile_n`` columns; ``sm_count`` is then the
+    most CTAs in pairs the GPU runs at once (:func:`_pair_ctas`)."""
+    if cluster == 2:
+        half = None if limit is None else max(limit // 2, 1)
+        return 2 * grid_size(m, n, e, sm_count // 2, half, 2 * tile_n)
     tile_bound = hopper.max_tiles(m, e) * -(-n // tile_n)
     cap = sm_count if limit is None else limit
     if cap < 1:
         raise ValueError(f"the persistent grid needs at least one CTA; got {cap}")
     return max(min(tile_bound, cap), 1)
+
+
+_pair_counts: dict = {}
+
+
+def _pair_ctas(gemm, device_id: int, shmem: int) -> int:
+    """The most CTAs of ``gemm`` (compiled with FP8_CLUSTER 2) that the GPU
+    runs at once, in pairs: twice the driver's count of co-resident clusters
+    (a persistent grid larger than that would leave pairs waiting for the
+    first ones to finish: a whole slot's time at the end), asked once per
+    kernel and device; every SM's when the driver cannot say."""
+    key = (id(gemm), device_id)
+    count = _pair_counts.get(key)
+    if count is None:
+        count = hopper._sm_count(device_id)
+        try:
+            from cuda.core import Device, LaunchConfig
+
+            device = Device(device_id)
+            config = LaunchConfig(grid=2, cluster=2, block=THREADS, shmem_size=shmem)
+            count = 2 * int(gemm.occupancy.max_active_clusters(config, stream=device.default_stream))
+        except Exception:  # an older cuda.core or driver: one pair per two SMs
+            pass
+        _pair_counts[key] = count = max(min(count, hopper._sm_count(device_id)), 2)
+    return count
 
 
 # Tests only: the grid's CTA count instead of one per SM.
@@ -396,7 +439,9 @@ def _prepare_gemm(device_id: int, shape, values_ptr: int, scales_ptr: int, m: in
     gemm = _kernels.get_kernel(SOURCE, KERNEL, ARCH, defines=defines)
     most = defines["FP8_TABLE_MAX_GROUPS"]
     hopper._allow_shared_memory(gemm, device_id, shared_bytes(most, thin))  # the most any E asks
-    tmap_a = hopper.tensor_map(a_ptr, (m, k), (BLOCK_M, BLOCK_K), np.uint8, device_id)
+    cluster = defines["FP8_CLUSTER"]
+    # With CTA pairs each CTA loads half of a's 128-row box (and multicasts it).
+    tmap_a = hopper.tensor_map(a_ptr, (m, k), (BLOCK_M // cluster, BLOCK_K), np.uint8, device_id)
     # The box the source was compiled for (a probe may vary the define).
     box_rows = defines["FP8_A_BOX_ROWS"]
     tmap_a_rows = hopper.tensor_map(a_ptr, (m, k), (box_rows, BLOCK_K), np.uint8, device_id)
@@ -415,6 +460,7 @@ def _prepare_gemm(device_id: int, shape, values_ptr: int, scales_ptr: int, m: in
         np.intp(0),  # the output: written by each launch (slot 13)
     )
     tile_n = THIN_TILE_N if thin else BLOCK_N
-    grid = grid_size(m, n, e, hopper._sm_count(device_id), GRID_LIMIT, tile_n)
+    ctas = _pair_ctas(gemm, device_id, shared_bytes(e, thin)) if cluster == 2 else hopper._sm_count(device_id)
+    grid = grid_size(m, n, e, ctas, GRID_LIMIT, tile_n, cluster)
     label = f"{KERNEL} (kernels/{SOURCE}.cu, {ARCH})"
     return _fast.FixedLaunch(gemm, grid, THREADS, args, shmem=shared_bytes(e, thin), slots=(13,), label=label)
