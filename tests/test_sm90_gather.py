@@ -320,6 +320,7 @@ def test_the_step_gathers_in_gemm1_when_asked(gpu, monkeypatch, layout, fixed, o
             if not prepared:
                 for module in (F, L):
                     mp.setattr(module, "kernel_step", with_timer)
+                mp.setattr(S, "TIME_PREPARED", False)  # the timed step launches afresh
             _step_call(layout, x=x, fixed=fixed)
         assert not _copies(gpu, x)
         values = _gemm1(gpu)

@@ -155,6 +155,7 @@ def test_prepared_step_queues_what_the_timed_step_does(gpu, monkeypatch, variant
         with pytest.MonkeyPatch.context() as mp:
             for module in (F, L):
                 mp.setattr(module, "kernel_step", timed)
+            mp.setattr(S, "TIME_PREPARED", False)  # the timed step launches afresh
             gpu.clear()
             want = _queued(gpu, call(x, ids, weights, dropped, biases))
             assert gpu.overlapped == []  # the timed step launches plainly
@@ -168,6 +169,13 @@ def test_prepared_step_queues_what_the_timed_step_does(gpu, monkeypatch, variant
             assert gpu.overlapped == (list(range(len(got[0]))) if small else [])
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(S, "OVERLAP_LAUNCHES", False)
+            gpu.clear()
+            assert _queued(gpu, call(x, ids, weights, dropped, biases)) == want and gpu.overlapped == []
+        with pytest.MonkeyPatch.context() as mp:
+            # Timed with TIME_PREPARED (the benchmark's split): the prepared
+            # launches, plainly (a timer's mark ends each stage), the same values.
+            for module in (F, L):
+                mp.setattr(module, "kernel_step", timed)
             gpu.clear()
             assert _queued(gpu, call(x, ids, weights, dropped, biases)) == want and gpu.overlapped == []
         # 8 launches with the activation in GEMM 1's epilogue (w1 packed, past
@@ -348,6 +356,7 @@ def _second_call(gpu, prepared: bool, call) -> None:
         if not prepared:
             for module in (F, L):
                 mp.setattr(module, "kernel_step", timed)
+            mp.setattr(S, "TIME_PREPARED", False)  # the timed step launches afresh
         call()
         gpu.clear()
         call()
@@ -441,16 +450,19 @@ def test_gemm2_weighs_the_rows_the_placement_weighed(gpu, monkeypatch, prepared,
     assert combine[4] == K and "combine_rows_bf16" not in by_name
 
 
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "afresh"])
 @pytest.mark.parametrize("layout", ["gate_up", "gate_up_blocked"])
 @pytest.mark.parametrize("one_launch", [True, False])
-def test_the_timed_step_marks_each_stage_in_order(gpu, monkeypatch, one_launch, layout):
+def test_the_timed_step_marks_each_stage_in_order(gpu, monkeypatch, one_launch, layout, prepared):
     """moe_forward with a StageTimer on the kernel step marks each stage's end
     (what the benchmark's stage split reads), in both placement forms, and with
     w1 packed and GEMM 1's gated epilogue forced; an empty stage (the gather
     inside the one placement launch, the activation inside GEMM 1) is still
-    marked, so the split's columns stay the same."""
+    marked, so the split's columns stay the same. The same marks whether the
+    timed step replays its prepared launches (TIME_PREPARED) or not."""
     from cublas_grouped.moe import kernel_step as S
 
+    monkeypatch.setattr(S, "TIME_PREPARED", prepared)
     _places_once(monkeypatch, one_launch, K)
     monkeypatch.setattr(S, "GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 0)  # the epilogue where w1 is packed
     t = _arrays(1)

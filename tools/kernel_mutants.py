@@ -400,6 +400,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "&full[s], kt * FP8_BLOCK_K, w.row0 + ra);",
         "&full[s], kt * FP8_BLOCK_K, w.row0);",
         "the FP8 kernel's small boxes of a all load the tile's first 16 rows: rows 17-64 of a thin tile read wrong rows",
+        count=2,  # one CTA per tile, and CTA pairs (FP8_CLUSTER 2)
     ),
     Mutant(
         "fp8-thin-second-pass-rows",

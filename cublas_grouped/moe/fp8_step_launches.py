@@ -23,7 +23,8 @@ from ..gemm.fp8 import is_fp8
 from . import kernels as K
 from .checks import LayerShape, kernel_arch
 from .chunk_capacity import ChunkBuffers
-from .kernel_step import four_placement_launches, overlapped, places_in_one_launch
+from .kernel_step import overlapped, places_in_one_launch
+from .placement_launches import four_placement_launches
 
 __all__ = ["FP8StepLaunches", "fp8_step_launches"]
 

@@ -23,6 +23,7 @@ from . import kernels as K
 from .checks import LayerShape, kernel_arch
 from .chunk_capacity import ChunkBuffers
 from .dispatch import mark_stage
+from .placement_launches import four_placement_launches  # where it was first: kept importable from here
 from .step_backend import (  # where they were first: kept importable from here
     CHUNKED_DECODE_MAX_EXPERTS,
     CHUNKED_DECODE_MAX_TOKENS,
@@ -44,6 +45,7 @@ __all__ = [
     "OVERLAP_MAX_PAIRS",
     "overlapped",
     "PLACE_IN_ONE_LAUNCH",
+    "TIME_PREPARED",
     "places_in_one_launch",
     "GATED_EPILOGUE_MIN_ROWS_PER_GROUP",
     "gated_epilogue",
@@ -100,6 +102,16 @@ def overlapped(pairs: int) -> bool:
 # bit for bit. False: four launches everywhere (a probe's A/B, and the tests
 # that compare both). Read when a step is prepared (part of its key).
 PLACE_IN_ONE_LAUNCH = True
+
+# With a timer (the benchmark's stage split), the step replays its prepared
+# launches too, with the timer's marks between them, and plainly (not
+# overlapped: a mark ends each stage). Launched afresh, as before 2026-11-27,
+# the split timed the host building each launch as much as the GPU running
+# it: at Qwen3-30B-A3B's 4096 tokens its placement stage read 0.10-0.14 ms
+# where the graph of the same step spends about 0.03 (docs/benchmarks.md).
+# False: each kernel launched afresh with a timer (the tests check the
+# prepared launches against those).
+TIME_PREPARED = True
 
 
 # With w1 packed (w1_layout="gate_up_blocked"), GEMM 1 computes the gated
@@ -238,11 +250,13 @@ def kernel_step(
     [0, E) are added, or None; ``timer``: a StageTimer (the caller marked
     "start"). The caller checked that ``buf`` holds T*k rows.
 
-    Without a ``timer``, the launches are those of :func:`step_launches`,
-    prepared once per buffers, T and weights, then replayed."""
+    The launches are those of :func:`step_launches`, prepared once per
+    buffers, T and weights, then replayed; with a ``timer``, with its marks
+    between stages (or, without :data:`TIME_PREPARED`, launched afresh)."""
     w1, w2, b1, b2 = params
     gather = gather_in_gemm1(x)
-    if timer is None:
+    if timer is None or TIME_PREPARED:
+        overlap = timer is None and OVERLAP_LAUNCHES and ids.size <= OVERLAP_MAX_PAIRS  # overlapped(), inline
         key = (
             gather,
             ids.shape,
@@ -251,7 +265,7 @@ def kernel_step(
             0 if b1 is None else b1.data.ptr,
             0 if b2 is None else b2.data.ptr,
             get_ident(),  # a step's slots are written before each launch: one per thread
-            OVERLAP_LAUNCHES and ids.size <= OVERLAP_MAX_PAIRS,  # overlapped(), inline: the hot path
+            overlap,
             places_in_one_launch(shape.num_experts, ids.size),
             gated_epilogue(shape, ids.size),
             hopper.SOURCE,  # what a probe swaps between steps (the kernel, its defines and choices)
@@ -262,10 +276,11 @@ def kernel_step(
             if len(buf.launches) >= MAX_PREPARED_STEPS:
                 buf.launches.clear()
             step = buf.launches[key] = step_launches(
-                res, shape, buf, x, ids, weights, params, out, dropped, gather
+                res, shape, buf, x, ids, weights, params, out, dropped, gather, overlap
             )
         w_ptr, d_ptr = 0 if weights is None else weights.data.ptr, 0 if dropped is None else dropped.data.ptr
-        step(res.stream, x.data.ptr, ids.data.ptr, w_ptr, out.data.ptr, d_ptr)
+        mark = None if timer is None else lambda name: mark_stage(timer, name, res.cupy_stream)
+        step(res.stream, x.data.ptr, ids.data.ptr, w_ptr, out.data.ptr, d_ptr, mark)
         return
     arch, stream = kernel_arch(res), res.launch_stream
     tokens, k = ids.shape
@@ -338,8 +353,12 @@ class StepLaunches:
         self.gemm1, self.activation, self.gemm2, self.combine = launches[6:]
         self.gemm1_out, self.gemm2_out = gemm_outs
 
-    def __call__(self, stream: int, x: int, ids: int, weights: int, out: int, dropped: int) -> None:
-        """Queue the step on the raw stream handle ``stream``."""
+    def __call__(
+        self, stream: int, x: int, ids: int, weights: int, out: int, dropped: int, mark=None
+    ) -> None:
+        """Queue the step on the raw stream handle ``stream``; ``mark``: called
+        with each stage's name after its launches (a timer's marks, as the step
+        launched afresh makes them; an empty stage is marked too)."""
         if self.place is not None:  # the whole placement in one launch (places_in_one_launch)
             self.place(stream, ids, weights, x, dropped)
         else:
@@ -348,24 +367,49 @@ class StepLaunches:
                 self.column_scan(stream)
             self.scan(stream)
             self.assign(stream, ids, dropped, weights)
+            if mark is not None:
+                mark("plan")
             if self.gather is not None:  # None: GEMM 1 reads x through row_to_pair
                 self.gather(stream, x)
+        if mark is not None:  # (one test per stage, no call: the hot path's count of calls is held)
+            if self.place is not None:
+                mark("plan")
+            mark("gather")
         self.gemm1(stream, self.gemm1_out, x)  # x: a slot of the gathering GEMM only (zip stops at the slots)
+        if mark is not None:
+            mark("gemm1")
         if self.activation is not None:
             self.activation(stream, ids)
+        if mark is not None:
+            mark("activation")
         self.gemm2(stream, self.gemm2_out)  # tile counter 1: no second offsets launch
+        if mark is not None:
+            mark("gemm2")
         self.combine(stream, out)
+        if mark is not None:
+            mark("combine")
 
 
 def step_launches(
-    res, shape: LayerShape, buf: ChunkBuffers, x, ids, weights, params, out, dropped, gather=False
+    res,
+    shape: LayerShape,
+    buf: ChunkBuffers,
+    x,
+    ids,
+    weights,
+    params,
+    out,
+    dropped,
+    gather=False,
+    overlap=None,
 ) -> StepLaunches:
-    """The launches :func:`kernel_step` makes with a timer, prepared
+    """The launches :func:`kernel_step` makes afresh with a timer, prepared
     (:class:`~cublas_grouped.moe.kernels.Prepare`): every argument but the
     addresses of x, ids, weights, out and dropped is fixed by the buffers, T
     and the weights (``params``); the slots below name where those go in each
     kernel's parameters (moe/kernels.py's signatures). ``gather``: GEMM 1
-    reads x through row_to_pair (:func:`gather_in_gemm1`), no gather launch."""
+    reads x through row_to_pair (:func:`gather_in_gemm1`), no gather launch.
+    ``overlap``: programmatic dependent launches (None: :func:`overlapped`)."""
     w1, w2, b1, b2 = params
     arch = kernel_arch(res)
     tokens, k = ids.shape
@@ -431,54 +475,8 @@ def step_launches(
     prep.slots = (5,)  # out
     combine = K.sum_rows(prep, arch, y, pair_to_row, tokens, k, out)
     launches = (place, *four, first, activation, second, combine)
-    return StepLaunches(launches, (first_out, y.data.ptr), overlap=overlapped(pairs))
-
-
-def four_placement_launches(
-    prep, arch, buf: ChunkBuffers, x, ids, weights, dropped, e: int, gather: bool, weigh: bool = True
-):
-    """The placement as four prepared launches (histogram, column scan or
-    None, offsets, assign, gather or None), for the steps
-    :func:`places_in_one_launch` leaves out; ``prep``'s slots are set here.
-    ``weigh``: assign_rows writes each row's routing weight (the 16-bit
-    step's GEMM 2 epilogue reads them; the FP8 step's combine weighs instead,
-    and its assign launch then reads no weights: its slot 11 stays 0)."""
-    pairs = ids.size
-    nb = K.num_pair_blocks(pairs)
-    block_counts, pair_to_row, row_to_pair = (
-        buf.block_counts[:nb],
-        buf.pair_to_row[:pairs],
-        buf.row_to_pair[:pairs],
-    )
-    prep.slots = (0,)  # ids
-    totals = buf.counts if nb == 1 else None  # as count_rows: no column scan for one block
-    histogram = K.block_histogram(
-        prep, arch, ids, pairs, e, block_counts, skip_repeats=True, reset=row_to_pair, counts=totals
-    )
-    prep.slots = ()
-    column_scan = K.column_scan(prep, arch, block_counts, nb, e, buf.counts) if nb > 1 else None
-    scan_args = hopper.offsets_args(buf.counts.data.ptr, e, pairs, 0, buf.schedule.data.ptr)
-    scan = prep.fixed(hopper.offsets_kernel(), 1, hopper.TILE_THREADS, hopper.OFFSETS_SIGNATURE, scan_args)
-    offsets = buf.schedule[: e + 1]  # row_offsets: the first of the schedule's arrays
-    prep.slots = (0, 10, 11)  # ids, dropped, weights
-    assign = K.assign_rows(
-        prep,
-        arch,
-        ids,
-        pairs,
-        e,
-        block_counts,
-        offsets,
-        pair_to_row,
-        row_to_pair,
-        skip_repeats=True,
-        dropped=dropped,
-        weights=weights if weigh else None,
-        row_weights=buf.row_weights[:pairs] if weigh else None,
-    )
-    prep.slots = (0,)  # x
-    copy = None if gather else K.gather_rows(prep, arch, x, row_to_pair, ids.shape[1], buf.rows[:pairs])
-    return histogram, column_scan, scan, assign, copy
+    overlap = overlapped(pairs) if overlap is None else overlap
+    return StepLaunches(launches, (first_out, y.data.ptr), overlap=overlap)
 
 
 def gather_in_gemm1(x) -> bool:
