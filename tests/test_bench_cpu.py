@@ -873,6 +873,12 @@ def test_the_fused_layer_rows_on_sm90(monkeypatch):
     # with w1 packed, beside the plain one, with the floor), fixed capacity at decode.
     assert (256, "graph", "fused") in rows and rows[(16, "graph", "fused")].extra["floor_ratio"] > 0
     assert (16, "graph", "fixed-capacity") in rows and (256, "graph", "fixed-capacity") not in rows
+    # At prefill the graph replays are timed round-robin with the eager layers
+    # (the same power state for both), not alone after them.
+    assert "timed with the layer section" in rows[(256, "graph", "fused")].note
+    launches = [i for i, name in enumerate(fake.log) if name == "graph"]
+    eager = [i for i, name in enumerate(fake.log) if name == "layer:auto+packed"]
+    assert launches and eager and launches[0] < eager[-1] and eager[0] < launches[-1]
     assert "layer:auto+packed" in fake.log  # the fused row calls moe_forward with the packed layout
     text = report.format_split(results)
     assert " fused " in text and " auto " in text and "non-GEMM%" in text

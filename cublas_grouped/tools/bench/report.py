@@ -324,9 +324,9 @@ def fused_targets(cases: dict[str, dict[tuple[str, str], Result]]) -> list[str]:
     weight-bandwidth floor or more; per prefill case at least :data:`FUSED_OVER_TORCH` times the torch
     eager block, the whole-layer TFLOP/s of :data:`FUSED_TFLOPS`, and a
     non-GEMM share of the layer of at most :data:`FUSED_NON_GEMM_PCT` at
-    :data:`OVERHEAD_TOKENS` tokens, judged on the eager split (its small
-    stages hold the host's launch time of the timed, unprepared launches; the
-    graph replay's share, beside it, has none). Cases where the fused layer
+    :data:`OVERHEAD_TOKENS` tokens, judged on the eager split (on SM 9.0 the
+    prepared launches with a mark between stages, ``kernel_step.TIME_PREPARED``;
+    the graph replay's share is printed beside it). Cases where the fused layer
     cannot run (not SM 9.0) are left out; a fused layer that failed is a MISS."""
     lines: list[str] = []
     speed, rate, share, decode = [], [], [], []

@@ -30,6 +30,7 @@ from ...runtime.timing import L2_BYTES, rotation_count
 from .fp8 import FP8_METHOD, gemm1_fp8
 from .fused_layer import (
     FIXED_CAPACITY,
+    FUSED_GRAPH_SETUP,
     FUSED_METHOD,
     TORCH_BLOCK_METHOD,
     fixed_capacity_graph,
@@ -307,6 +308,14 @@ class CaseRunner(SectionRunner):
             return layer_fused(self, xs, w1, packed[0], w2s, nbytes, note)
 
         setups.append((FUSED_METHOD, fused))
+        if c.phase == "prefill" and fused_unavailable(self) is None:
+            # After the fused row's setup (which packs w1), timed round-robin with the eager layers.
+            def graph() -> Timed | Result:
+                if not packed:
+                    return self.result("graph", FUSED_METHOD, error="skipped: the packed w1 did not fit")
+                return fused_graph(self, xs, packed[0], w2, nbytes)
+
+            setups.append((FUSED_GRAPH_SETUP, graph))
         if not self.args.no_torch:
             setups.append((TORCH_BLOCK_METHOD, lambda: layer_torch_block(self, xs, w1, w2, nbytes, note)))
         held = sum(x.nbytes for x in xs) + sum(w.nbytes for w in w1s[1:] + w2s[1:])
@@ -325,16 +334,13 @@ class CaseRunner(SectionRunner):
         self.guarded("split", "auto", lambda: self._split(xs, w1s, w2s, route_ms[0]))
         if c.phase == "decode":
             self.guarded("graph", FIXED_CAPACITY, lambda: fixed_capacity_graph(self, xs, w1, w2, nbytes))
-        if (
-            packed
-        ):  # the fused layer's split, then its graph (prefill: moe_forward's; decode: FixedCapacityMoE's)
+        if packed:  # the fused layer's split, then (decode) its FixedCapacityMoE graph
             self.guarded(
                 "split", FUSED_METHOD, lambda: self._split(xs, packed, w2s, route_ms[0], FUSED_METHOD)
             )
-            graph = (
-                fused_graph if c.phase == "prefill" else partial(fixed_capacity_graph, method=FUSED_METHOD)
-            )
-            self.guarded("graph", FUSED_METHOD, lambda: graph(self, xs, packed[0], w2, nbytes))
+            if c.phase == "decode":
+                graph = partial(fixed_capacity_graph, method=FUSED_METHOD)
+                self.guarded("graph", FUSED_METHOD, lambda: graph(self, xs, packed[0], w2, nbytes))
 
     def _layer(self, method, xs, w1s, w2s, nbytes, note) -> Timed | Result:
         c = self.case

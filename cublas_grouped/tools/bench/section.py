@@ -108,10 +108,10 @@ class SectionRunner:
         """Time a method that is compared with no other (the routing kernel, the graph)."""
         return time_ms(fn, rotate=sets, **self.timing_kwargs())
 
-    def time_graphs(self, call: Callable[[object], object], inputs: Sequence) -> dict:
-        """Time ``call(x)`` replayed from CUDA graphs, one captured per input set,
-        on a stream of its own. One eager call first compiles and allocates
-        outside the capture."""
+    def capture_graphs(self, call: Callable[[object], object], inputs: Sequence) -> tuple[list, object]:
+        """``call(x)`` captured in a CUDA graph per input set, on a stream of
+        its own: (the graphs, that stream). One eager call first compiles and
+        allocates outside the capture."""
         import cupy
 
         stream = cupy.cuda.Stream(non_blocking=True)
@@ -123,6 +123,13 @@ class SectionRunner:
                 stream.begin_capture()
                 call(x)
                 graphs.append(stream.end_capture())
+        return graphs, stream
+
+    def time_graphs(self, call: Callable[[object], object], inputs: Sequence) -> dict:
+        """Time ``call(x)`` replayed from CUDA graphs (:meth:`capture_graphs`),
+        alone, on the capture's stream."""
+        graphs, stream = self.capture_graphs(call, inputs)
+        with stream:
             return self.time_one(lambda i: graphs[i].launch(stream), len(graphs))
 
     def time_methods(self, ready: Sequence[Timed]) -> list[dict | Exception]:
