@@ -459,14 +459,34 @@ def test_the_timed_step_marks_each_stage_in_order(gpu, monkeypatch, one_launch, 
     w1 packed and GEMM 1's gated epilogue forced; an empty stage (the gather
     inside the one placement launch, the activation inside GEMM 1) is still
     marked, so the split's columns stay the same. The same marks whether the
-    timed step replays its prepared launches (TIME_PREPARED) or not."""
+    timed step replays its prepared launches (TIME_PREPARED) or not, each
+    right after its stage's last launch."""
     from cublas_grouped.moe import kernel_step as S
 
     monkeypatch.setattr(S, "TIME_PREPARED", prepared)
     _places_once(monkeypatch, one_launch, K)
     monkeypatch.setattr(S, "GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 0)  # the epilogue where w1 is packed
     t = _arrays(1)
-    timer = cg.StageTimer()
+    after = {}  # stage: (launches queued so far, the last one's kernel handle)
+
+    class Timer(cg.StageTimer):
+        def mark(self, name, stream):
+            after[name] = (len(gpu.decoded), gpu.decoded[-1][0] if gpu.decoded else None)
+            super().mark(name, stream)
+
+    timer = Timer()
     cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], timer=timer, w1_layout=layout)
     names = [name for name, _ in timer._marks]
     assert names[-6:] == ["plan", "gather", "gemm1", "activation", "gemm2", "combine"], names
+    ours = set().union(*(_handles(n) for n in ("place_one_block", "assign_rows", "gather_rows")))
+    ours |= _handles("expert_activation") | _handles("sum_rows")
+    fused = layout == "gate_up_blocked"
+    assert after["plan"][1] in _handles("place_one_block" if one_launch else "assign_rows")
+    assert after["gather"][1] in _handles("place_one_block" if one_launch else "gather_rows")
+    assert after["gemm1"][0] == after["gather"][0] + 1 and after["gemm1"][1] not in ours  # GEMM 1
+    assert after["activation"][0] == after["gemm1"][0] + (0 if fused else 1)
+    assert fused or after["activation"][1] in _handles("expert_activation")
+    assert after["gemm2"][0] == after["activation"][0] + 1 and after["gemm2"][1] not in ours  # GEMM 2
+    assert after["combine"] == (len(gpu.decoded), gpu.decoded[-1][0]) and after["combine"][1] in _handles(
+        "sum_rows"
+    )
