@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .clocks import format_clocks
 from .gpu import describe_error, hbm_lines, measure_copy_gbs, no_gpu_reason, resolve_hbm
 from .host import format_host, run_host_section
 from .report import evaluate_targets, format_split, format_table, plot, write_json
@@ -306,6 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = format_split(results)
     if split:
         print(split)
+        print()
+    clocks = format_clocks(results)
+    if clocks:
+        print(clocks)
         print()
     print(
         f"{env.get('gpu', '?')}, cuBLAS {env.get('cublas_version', '?')}, {args.dtype}; "

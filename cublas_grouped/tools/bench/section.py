@@ -4,7 +4,8 @@
 budget (``--mem-gb``; the weights, the section's inputs and every method set
 up so far count against it, since all of them stay allocated while the
 methods are timed together), the timing (round-robin by default, see
-:mod:`.timing`) and the recording of results, failures included. The
+:mod:`.timing`; each timing carries the SM clock it ran at, :mod:`.clocks`)
+and the recording of results, failures included. The
 benchmark's methods themselves are set up by :class:`.runner.CaseRunner`.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ...runtime.timing import time_interleaved, time_ms, time_sequential
+from .clocks import ClockSampler, summarize
 from .gpu import WeightCache, describe_error, free_pool
 from .report import Result
 from .workloads import Case, gbs, tflops
@@ -55,6 +57,7 @@ class SectionRunner:
         self.held = 0  # bytes the section's set-up methods hold
         self.spare: tuple[str, ...] = ()  # weights the section may drop to make room
         self.budget = int(args.mem_gb * 1e9)
+        self.clock = _clock_sampler()
 
     # -- results and memory ------------------------------------------------------------------------------
     def result(self, section: str, method: str, **kw) -> Result:
@@ -68,6 +71,7 @@ class SectionRunner:
         """The result of a timing: median, spread, and the rates it implies."""
         ms = t["median"]
         bw = gbs(nbytes, ms) if (self.case.phase == "decode" and nbytes) else None
+        extra = {**kw.pop("extra", {}), **({"clock": t["clock"]} if t.get("clock") else {})}
         return self.result(
             section,
             method,
@@ -78,6 +82,7 @@ class SectionRunner:
             gbs=bw,
             pct_hbm=100.0 * bw / self.args.hbm_gbs if bw is not None else None,
             samples=t["samples"],
+            extra=extra,
             **kw,
         )
 
@@ -106,7 +111,9 @@ class SectionRunner:
 
     def time_one(self, fn: Callable[[int], object], sets: int) -> dict:
         """Time a method that is compared with no other (the routing kernel, the graph)."""
-        return time_ms(fn, rotate=sets, **self.timing_kwargs())
+        with self.clock.sampling() as samples:
+            t = time_ms(fn, rotate=sets, **self.timing_kwargs())
+        return _with_clock([t], samples)[0]
 
     def capture_graphs(self, call: Callable[[object], object], inputs: Sequence) -> tuple[list, object]:
         """``call(x)`` captured in a CUDA graph per input set, on a stream of
@@ -135,10 +142,13 @@ class SectionRunner:
     def time_methods(self, ready: Sequence[Timed]) -> list[dict | Exception]:
         """Time the set-up methods of one section together."""
         fns, sets = [t.fn for t in ready], [t.sets for t in ready]
-        if self.args.timing == "sequential":
-            order = range(len(ready) - 1, -1, -1) if self.reverse else range(len(ready))
-            return time_sequential(fns, sets=sets, order=order, **self.timing_kwargs())
-        return time_interleaved(fns, sets=sets, **self.timing_kwargs())
+        with self.clock.sampling() as samples:
+            if self.args.timing == "sequential":
+                order = range(len(ready) - 1, -1, -1) if self.reverse else range(len(ready))
+                times = time_sequential(fns, sets=sets, order=order, **self.timing_kwargs())
+            else:
+                times = time_interleaved(fns, sets=sets, **self.timing_kwargs())
+        return _with_clock(times, samples)
 
     def run_section(
         self,
@@ -198,3 +208,28 @@ class SectionRunner:
             self.results.append(self.result(section, method, error=describe_error(exc)))
         finally:
             free_pool()
+
+
+_samplers: dict[str | None, ClockSampler] = {}
+
+
+def _clock_sampler() -> ClockSampler:
+    """The clock sampler of the current GPU (one per device and process); one
+    that samples nothing where the device has no PCI bus id to ask NVML by."""
+    try:
+        import cupy
+
+        bus = cupy.cuda.Device().pci_bus_id
+    except Exception:  # a stand-in GPU, or no CuPy
+        bus = None
+    sampler = _samplers.get(bus)
+    if sampler is None:
+        sampler = _samplers[bus] = ClockSampler(bus)
+    return sampler
+
+
+def _with_clock(times: list, samples) -> list:
+    """Each timing of ``times`` (dicts; an exception stays as it is) with the
+    clock summary of ``samples`` under "clock" (none without samples)."""
+    clock = summarize(samples)
+    return [{**t, "clock": clock} if isinstance(t, dict) and clock else t for t in times]
