@@ -1322,3 +1322,16 @@ def test_host_section_reports_a_failure_and_goes_on(monkeypatch):
     monkeypatch.setattr(host, "host_cases", lambda torch_ok: boom())
     (only,) = host.run_host_section()
     assert only["us"] is None and "no room" in only["error"]
+
+
+def test_the_fused_graph_is_skipped_where_the_packed_w1_does_not_fit(monkeypatch):
+    """At prefill on SM 9.0, when the fused row cannot make room for the packed
+    w1, its graph row says why instead of running without it."""
+    from cublas_grouped.tools.bench import section
+
+    monkeypatch.setattr(section.SectionRunner, "fits", lambda self, extra_bytes: "skipped: no room (test)")
+    _, _, results, _ = _run_on_fake_gpu(monkeypatch, "256", inter="128", sm=(9, 0))
+    rows = {(r.section, r.method): r for r in results}
+    assert rows[("layer", "fused")].error == "skipped: no room (test)"
+    assert rows[("graph", "fused")].error == "skipped: the packed w1 did not fit"
+    assert ("split", "fused") not in rows
