@@ -72,6 +72,14 @@
 //                 giving registers to the math ones (setmaxnreg 40 / 232);
 //                 0: one fragment, each stage's MMAs waited for, then promoted
 //                 (the form before 2026-11-27). Both give the same bits.
+//   FP8_LOADERS   optional, default 1: the load warpgroup's thread 0 issues
+//                 every TMA. 2 (not with FP8_CLUSTER 2): thread 0 takes the
+//                 tiles, posts them and loads a; thread 32 (the next warp)
+//                 reads each tile from the mailboxes and loads b into the
+//                 same stages (thread 0's arrive.expect_tx counts both). Why:
+//                 ncu's source view put 44% of the stalled samples on the
+//                 math warpgroups' full-stage waits while the one load thread
+//                 was seldom waiting for a free stage (docs/kernel-notes.md).
 //   FP8_CLUSTER   1: one CTA per tile. 2 (not with FP8_THIN): clusters of two
 //                 CTAs computing the same 128 rows over two neighbouring
 //                 128-column bands (rank r: columns 256 q + 128 r onwards),
@@ -165,6 +173,12 @@
 #endif
 #if FP8_STAGES < 2 || FP8_STAGES > 6
 #error "FP8_STAGES must be 2 to 6 (32 KiB each; the H100 gives a block at most 227 KiB)"
+#endif
+#ifndef FP8_LOADERS
+#define FP8_LOADERS 1
+#endif
+#if FP8_LOADERS != 1 && (FP8_LOADERS != 2 || FP8_CLUSTER == 2)
+#error "FP8_LOADERS must be 1, or 2 with one CTA per tile (FP8_CLUSTER 1)"
 #endif
 #if FP8_CLUSTER != 1 && FP8_CLUSTER != 2
 #error "FP8_CLUSTER must be 1 (one CTA per tile) or 2 (CTA pairs sharing each a stage)"
@@ -388,7 +402,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
             mbarrier_init(&full[s], 1);
             mbarrier_init(&empty[s], FP8_MATH_WARPGROUPS * FP8_CLUSTER);
         }
-        sm90_mailboxes_init(&mail, 128 * FP8_MATH_WARPGROUPS);
+        sm90_mailboxes_init(&mail, 128 * FP8_MATH_WARPGROUPS + FP8_LOADERS - 1);  // the b loader reads them too
 #if FP8_CLUSTER == 2
         pair_mailbox_init(&pairs);
 #endif
@@ -502,10 +516,12 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
                             }
                         }
 #endif
+#if FP8_LOADERS == 1
                         for (int jb = 0; jb < w.b_boxes; ++jb) {
                             tma_load_2d(ring_b + s * FP8_B_STAGE_BYTES + jb * FP8_B_BOX_BYTES, &tmap_b, &full[s],
                                         kt * FP8_BLOCK_K, b_row0 + jb * FP8_BLOCK_N);
                         }
+#endif
                     }
                     fills += num_k;
                     tile = next;
@@ -513,6 +529,33 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
                 }
             }
         }
+#if FP8_LOADERS == 2
+        else if (threadIdx.x == 32) {
+            // The b loader: each work item's b boxes into the stages thread 0
+            // fills with a (same fills, same empty waits; thread 0's
+            // arrive.expect_tx counts these bytes too, and a phase cannot
+            // complete before that arrival).
+            unsigned fills = 0;
+            for (unsigned j = 0;; ++j) {
+                const long long tile = sm90_mailbox_read(&mail, j);
+                Fp8Tile w;
+                if (tile >= 0) w = mail_tile[j % SM90_SCHED_SLOTS];
+                sm90_mailbox_release(&mail, j);
+                if (tile < 0) break;
+                const int b_row0 = w.g * N + w.n0;
+                for (int kt = 0; kt < num_k; ++kt) {
+                    const unsigned f = fills + kt;
+                    const int s = f % FP8_STAGES;
+                    mbarrier_wait(&empty[s], ((f / FP8_STAGES) & 1) ^ 1);
+                    for (int jb = 0; jb < w.b_boxes; ++jb) {
+                        tma_load_2d(ring_b + s * FP8_B_STAGE_BYTES + jb * FP8_B_BOX_BYTES, &tmap_b, &full[s],
+                                    kt * FP8_BLOCK_K, b_row0 + jb * FP8_BLOCK_N);
+                    }
+                }
+                fills += num_k;
+            }
+        }
+#endif
 #if FP8_CLUSTER == 2
         cluster_sync();  // see the end of the kernel
 #endif

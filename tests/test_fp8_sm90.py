@@ -36,9 +36,11 @@ def _ptxas_report(defines=None) -> str:
 
 
 @pytest.mark.parametrize(
-    "thin, cluster", [(False, 2), (False, 1), (True, 1)], ids=["pairs", "128x128", "thin"]
+    "thin, cluster, loaders",
+    [(False, 2, 1), (False, 1, 1), (True, 1, 1), (False, 1, 2), (True, 1, 2)],
+    ids=["pairs", "128x128", "thin", "128x128, two loaders", "thin, two loaders"],
 )
-def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin, cluster):
+def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin, cluster, loaders):
     """384 threads of one CTA per SM start with 168 registers each (65,536 /
     384, rounded down to 8: what ptxas reports); the math warpgroups then take
     232 (setmaxnreg) for acc + tmp0 + tmp1, 192 of them, and the load thread
@@ -47,7 +49,9 @@ def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin, c
     or a wait added, would cost the kernel its speed, not its results. Each
     tile shape, with and without CTA pairs."""
     pytest.importorskip("cuda.core")
-    report = _ptxas_report({**hopper_fp8.launch_defines(thin), "FP8_CLUSTER": cluster})
+    report = _ptxas_report(
+        {**hopper_fp8.launch_defines(thin), "FP8_CLUSTER": cluster, "FP8_LOADERS": loaders}
+    )
     assert f"Compiling entry function '{hopper_fp8.KERNEL}'" in report
     # C7520/C7510/C7514: wgmma serialized; C7517: a wait ptxas had to add.
     assert not any(note in report for note in ("C7520", "C7510", "C7514", "C7517")), report

@@ -225,6 +225,41 @@ def test_cta_pairs_give_one_ctas_bits(sizes, n, k, limit, monkeypatch):
     assert all(bool(cupy.all(o == outs[0])) for o in outs[1:])
 
 
+@pytest.mark.parametrize(
+    "sizes, n, k",
+    [
+        ([0, 1, 5, 219, 2246], 256, 2048),
+        ([37, 0, 64, 65, 1], 264, 144),  # a tile's b partly past N
+        (
+            [16, 17, 33, 2, 48, 63, 64, 65, 0, 15, 192, 193, 129],
+            512,
+            528,
+        ),  # small boxes of a, odd stage count
+        ([8] * 8, 8, 16),
+    ],
+)
+@pytest.mark.parametrize("limit", [None, 3])
+@pytest.mark.parametrize("thin", [False, True])
+def test_two_loaders_give_one_loaders_bits(sizes, n, k, limit, thin, monkeypatch):
+    """FP8_LOADERS 2 (a loaded by thread 0, b by thread 32 from the mailboxes)
+    against float64 and bit for bit against one load thread, on 128 x 128 and
+    thin tiles, every SM's grid and three CTAs walking every tile."""
+    import cupy
+
+    rng = np.random.default_rng(sum(sizes) + n + k + 1)
+    a_q, a_s, wq, ref = _case(rng, sizes, n, k)
+    monkeypatch.setattr(hopper_fp8, "GRID_LIMIT", limit)
+    _force_tiles(monkeypatch, thin)
+    outs = []
+    for loaders in (2, 1):
+        monkeypatch.setattr(hopper_fp8, "DEFINES", {**hopper_fp8.DEFINES, "FP8_LOADERS": loaders})
+        out = poisoned((a_q.shape[0], n), BF16)
+        hopper_fp8.grouped_fp8(a_q, a_s, wq, cupy.asarray(sizes, dtype=cupy.int32), out=out)
+        _check(out, ref, f"fp8 loaders={loaders} thin={thin} {sizes} N={n} K={k} limit={limit}")
+        outs.append(out.view(cupy.uint16))
+    assert bool(cupy.all(outs[0] == outs[1]))
+
+
 def test_bitwise_repeatable():
     import cupy
 

@@ -223,6 +223,8 @@ def test_the_fp8_kernel_refuses_a_box_it_cannot_swizzle(rows, thin, match):
         ({"FP8_CLUSTER": 3}, "FP8_CLUSTER must be 1"),
         ({"FP8_CLUSTER": 2, "FP8_THIN": 1, "FP8_STAGES": 5}, "FP8_CLUSTER 2 takes no FP8_THIN"),
         ({"FP8_CLUSTER": 2, "FP8_A_BOX_ROWS": 64}, "FP8_A_BOX_ROWS at most 32"),
+        ({"FP8_CLUSTER": 2, "FP8_LOADERS": 2}, "FP8_LOADERS must be 1, or 2 with one CTA per tile"),
+        ({"FP8_LOADERS": 3}, "FP8_LOADERS must be 1, or 2 with one CTA per tile"),
     ],
 )
 def test_the_fp8_kernel_refuses_pairs_it_cannot_split(change, match):
