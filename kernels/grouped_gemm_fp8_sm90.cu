@@ -72,8 +72,8 @@
 //                 giving registers to the math ones (setmaxnreg 40 / 232);
 //                 0: one fragment, each stage's MMAs waited for, then promoted
 //                 (the form before 2026-11-27). Both give the same bits.
-//   FP8_LOADERS   optional, default 1: the load warpgroup's thread 0 issues
-//                 every TMA. 2 (not with FP8_CLUSTER 2): thread 0 takes the
+//   FP8_LOADERS   1: the load warpgroup's thread 0 issues every TMA.
+//                 2 (not with FP8_CLUSTER 2): thread 0 takes the
 //                 tiles, posts them and loads a; thread 32 (the next warp)
 //                 reads each tile from the mailboxes and loads b into the
 //                 same stages (thread 0's arrive.expect_tx counts both). Why:
@@ -159,8 +159,8 @@
 
 #if !defined(FP8_BLOCK_M) || !defined(FP8_BLOCK_N) || !defined(FP8_BLOCK_K) || !defined(FP8_STAGES) || \
     !defined(FP8_OVERLAP) || !defined(FP8_TABLE_MAX_GROUPS) || !defined(FP8_A_BOX_ROWS) || !defined(FP8_THIN) || \
-    !defined(FP8_CLUSTER)
-#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP, FP8_TABLE_MAX_GROUPS, FP8_A_BOX_ROWS, FP8_THIN and FP8_CLUSTER from its launcher"
+    !defined(FP8_CLUSTER) || !defined(FP8_LOADERS)
+#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP, FP8_TABLE_MAX_GROUPS, FP8_A_BOX_ROWS, FP8_THIN, FP8_CLUSTER and FP8_LOADERS from its launcher"
 #endif
 #if FP8_THIN && FP8_A_BOX_ROWS > 64
 #error "thin tiles (FP8_THIN) load a's 64 rows in boxes of FP8_A_BOX_ROWS: at most 64"
@@ -173,9 +173,6 @@
 #endif
 #if FP8_STAGES < 2 || FP8_STAGES > 6
 #error "FP8_STAGES must be 2 to 6 (32 KiB each; the H100 gives a block at most 227 KiB)"
-#endif
-#ifndef FP8_LOADERS
-#define FP8_LOADERS 1
 #endif
 #if FP8_LOADERS != 1 && (FP8_LOADERS != 2 || FP8_CLUSTER == 2)
 #error "FP8_LOADERS must be 1, or 2 with one CTA per tile (FP8_CLUSTER 1)"
@@ -343,6 +340,15 @@ __device__ __forceinline__ int fp8_stage_bytes(const Fp8Tile& t) {
     return a_bytes + t.b_boxes * FP8_B_BOX_BYTES;
 }
 
+// Stage kt of tile w's b: its boxes of FP8_BLOCK_N rows of [E * N, K] that
+// hold columns of N.
+__device__ __forceinline__ void fp8_load_b(unsigned char* stage, const TmaMap* tmap_b, unsigned long long* full,
+                                           const Fp8Tile& w, int kt, int N) {
+    for (int jb = 0; jb < w.b_boxes; ++jb) {
+        tma_load_2d(stage + jb * FP8_B_BOX_BYTES, tmap_b, full, kt * FP8_BLOCK_K, w.g * N + w.n0 + jb * FP8_BLOCK_N);
+    }
+}
+
 // The pipeline (as grouped_gemm_sm90.cu's): every role counts the stages it
 // has filled (or consumed) since the CTA began, `fills`, carried from tile to
 // tile; fill f uses stage f % FP8_STAGES with mbarrier parity
@@ -474,7 +480,6 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
                     const Fp8Tile w = mail_tile[slot];  // read back after the post's memory clobber
                     const bool more = FP8_THIN && !second && w.row_end - w.row0 > FP8_TILE_M;
                     const int stage_bytes = fp8_stage_bytes(w);
-                    const int b_row0 = w.g * N + w.n0;
                     // The next tile taken FP8_STAGES stages before the last
                     // pass's last loads: the atomic's latency hides behind
                     // their waits (and, with clusters, the post's behind
@@ -517,10 +522,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
                         }
 #endif
 #if FP8_LOADERS == 1
-                        for (int jb = 0; jb < w.b_boxes; ++jb) {
-                            tma_load_2d(ring_b + s * FP8_B_STAGE_BYTES + jb * FP8_B_BOX_BYTES, &tmap_b, &full[s],
-                                        kt * FP8_BLOCK_K, b_row0 + jb * FP8_BLOCK_N);
-                        }
+                        fp8_load_b(ring_b + s * FP8_B_STAGE_BYTES, &tmap_b, &full[s], w, kt, N);
 #endif
                     }
                     fills += num_k;
@@ -542,15 +544,11 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
                 if (tile >= 0) w = mail_tile[j % SM90_SCHED_SLOTS];
                 sm90_mailbox_release(&mail, j);
                 if (tile < 0) break;
-                const int b_row0 = w.g * N + w.n0;
                 for (int kt = 0; kt < num_k; ++kt) {
                     const unsigned f = fills + kt;
                     const int s = f % FP8_STAGES;
                     mbarrier_wait(&empty[s], ((f / FP8_STAGES) & 1) ^ 1);
-                    for (int jb = 0; jb < w.b_boxes; ++jb) {
-                        tma_load_2d(ring_b + s * FP8_B_STAGE_BYTES + jb * FP8_B_BOX_BYTES, &tmap_b, &full[s],
-                                    kt * FP8_BLOCK_K, b_row0 + jb * FP8_BLOCK_N);
-                    }
+                    fp8_load_b(ring_b + s * FP8_B_STAGE_BYTES, &tmap_b, &full[s], w, kt, N);
                 }
                 fills += num_k;
             }

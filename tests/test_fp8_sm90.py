@@ -95,7 +95,7 @@ def test_ptx_of_cta_pairs():
     """FP8_CLUSTER 2: a multicast into both CTAs, releases in both, the pair's
     mailbox, the barrier both CTAs pass before they exit, and the cluster
     shape in the entry's directives (a plain launch then runs pairs)."""
-    text = _ptx({**hopper_fp8.DEFINES, "FP8_CLUSTER": 2})
+    text = _ptx({**hopper_fp8.DEFINES, "FP8_CLUSTER": 2, "FP8_LOADERS": 1})
     assert text.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 4 * 4
     assert ".multicast::cluster" in text and "mbarrier.arrive.shared::cluster.b64" in text
     assert "mapa.shared::cluster.u32" in text and "st.shared::cluster.b64" in text
@@ -124,6 +124,7 @@ def test_launch_constants_agree():
         "FP8_A_BOX_ROWS": 16,
         "FP8_THIN": 0,
         "FP8_CLUSTER": 1,  # CTA pairs measured slower (hopper_fp8.CLUSTER)
+        "FP8_LOADERS": 2,  # a and b issued by two threads: measured faster (hopper_fp8.LOADERS)
     }
     # Thin tiles: 5 stages of 64 rows of a and 256 of b, the table as large as
     # fits, always one CTA per tile (the source refuses pairs of thin tiles).

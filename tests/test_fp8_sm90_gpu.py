@@ -200,7 +200,8 @@ def test_cta_pairs_give_one_ctas_bits(sizes, n, k, limit, monkeypatch):
     one CTA per tile: each output element sums the same K stages in the same
     order. With every SM's grid and with one pair walking every slot (limit 3:
     the ring, the pair's mailbox and the tile counter over many slots); host
-    and device sizes."""
+    and device sizes. (Pairs take one load thread; one CTA per tile runs its
+    default two.)"""
     import cupy
 
     from cublas_grouped.runtime.device import stream_resources
@@ -210,7 +211,9 @@ def test_cta_pairs_give_one_ctas_bits(sizes, n, k, limit, monkeypatch):
     monkeypatch.setattr(hopper_fp8, "GRID_LIMIT", limit)
     outs = []
     for cluster in (2, 1):
-        monkeypatch.setattr(hopper_fp8, "DEFINES", {**hopper_fp8.DEFINES, "FP8_CLUSTER": cluster})
+        monkeypatch.setattr(
+            hopper_fp8, "DEFINES", {**hopper_fp8.DEFINES, "FP8_CLUSTER": cluster, "FP8_LOADERS": 3 - cluster}
+        )
         for device in (False, True):
             out = poisoned((a_q.shape[0], n), BF16)
             group_sizes = cupy.asarray(sizes, dtype=cupy.int32) if device else sizes

@@ -196,10 +196,12 @@ def test_inconsistent_defines_do_not_compile(name, defines, message):
         nvrtc.compile_source(name, "sm_90", {**DEFINES[name], **defines})
 
 
-@pytest.mark.parametrize("missing", ["FP8_OVERLAP", "FP8_A_BOX_ROWS", "FP8_THIN", "FP8_CLUSTER"])
+@pytest.mark.parametrize(
+    "missing", ["FP8_OVERLAP", "FP8_A_BOX_ROWS", "FP8_THIN", "FP8_CLUSTER", "FP8_LOADERS"]
+)
 def test_the_fp8_kernel_needs_its_defines(missing):
     defines = {k: v for k, v in DEFINES["grouped_gemm_fp8_sm90"].items() if k != missing}
-    with pytest.raises(nvrtc.KernelCompileError, match="FP8_THIN and FP8_CLUSTER from its launcher"):
+    with pytest.raises(nvrtc.KernelCompileError, match="FP8_CLUSTER and FP8_LOADERS from its launcher"):
         nvrtc.compile_source("grouped_gemm_fp8_sm90", "sm_90", defines)
 
 
@@ -221,8 +223,11 @@ def test_the_fp8_kernel_refuses_a_box_it_cannot_swizzle(rows, thin, match):
     "change, match",
     [
         ({"FP8_CLUSTER": 3}, "FP8_CLUSTER must be 1"),
-        ({"FP8_CLUSTER": 2, "FP8_THIN": 1, "FP8_STAGES": 5}, "FP8_CLUSTER 2 takes no FP8_THIN"),
-        ({"FP8_CLUSTER": 2, "FP8_A_BOX_ROWS": 64}, "FP8_A_BOX_ROWS at most 32"),
+        (
+            {"FP8_CLUSTER": 2, "FP8_LOADERS": 1, "FP8_THIN": 1, "FP8_STAGES": 5},
+            "FP8_CLUSTER 2 takes no FP8_THIN",
+        ),
+        ({"FP8_CLUSTER": 2, "FP8_LOADERS": 1, "FP8_A_BOX_ROWS": 64}, "FP8_A_BOX_ROWS at most 32"),
         ({"FP8_CLUSTER": 2, "FP8_LOADERS": 2}, "FP8_LOADERS must be 1, or 2 with one CTA per tile"),
         ({"FP8_LOADERS": 3}, "FP8_LOADERS must be 1, or 2 with one CTA per tile"),
     ],

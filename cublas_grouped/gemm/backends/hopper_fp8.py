@@ -49,6 +49,7 @@ __all__ = [
     "SHARED_BYTES",
     "SHARED_LIMIT",
     "CLUSTER",
+    "LOADERS",
     "THIN",
     "THIN_MAX_ROWS_PER_GROUP",
     "THIN_TILE_N",
@@ -94,6 +95,12 @@ OVERLAP = 1
 # (docs/kernel-notes.md, "FP8 CTA pairs"): L2 was not what bound the kernel.
 # Kept for probes and for wider tiles. Thin tiles always run 1.
 CLUSTER = 1
+# Load threads (FP8_LOADERS). 2: thread 0 of the load warpgroup takes the
+# tiles and loads a, thread 32 loads b. Measured 1.13-1.26x faster than one
+# thread issuing both at prefill on an H200 (Qwen3 and DeepSeek-V3, 4096 and
+# 16384 tokens), 1.00-1.03x at decode, bit for bit the same
+# (docs/kernel-notes.md, "FP8 with two load threads"). CTA pairs take 1.
+LOADERS = 2 if CLUSTER == 1 else 1
 DEFINES = {
     "FP8_BLOCK_M": BLOCK_M,
     "FP8_BLOCK_N": BLOCK_N,
@@ -104,6 +111,7 @@ DEFINES = {
     "FP8_A_BOX_ROWS": A_BOX_ROWS,
     "FP8_THIN": 0,
     "FP8_CLUSTER": CLUSTER,
+    "FP8_LOADERS": LOADERS,
 }
 SOURCE = "grouped_gemm_fp8_sm90"
 KERNEL = "grouped_gemm_fp8_nt_bf16"
