@@ -52,6 +52,25 @@
 //     shared memory. In place: block_counts[b, e] becomes
 //     sum_{b' < b} block_counts[b', e]; counts[e] = column total.
 //
+//   expert_histogram_schedule(const int* topk_ids, int num_pairs, int top_k,
+//                             int num_experts, int flags, int* block_counts,
+//                             int* reset_rows, int num_reset, int tile_rows,
+//                             int* counts, int* row_offsets, int* row_ends,
+//                             int* tile_offsets, int* tile_counters,
+//                             unsigned* ticket)
+//     grid nb, block DISPATCH_THREADS, no dynamic shared memory (40 KiB
+//     static). What expert_block_histogram (without counts),
+//     expert_column_scan and grouped_tile_offsets (grouped_gemm_sm90.cu,
+//     contiguous, M = num_pairs, tiles of tile_rows rows) write, the same
+//     values, in one launch: each block its histogram row, then the last
+//     block to finish (a ticket taken after a __threadfence) scans every
+//     column (block bases in place, counts) and writes the schedule
+//     (row_offsets [E + 1], row_ends [E], tile_offsets [E + 1],
+//     tile_counters[0..1] = 0). *ticket must be 0 at the launch; the last
+//     block sets it to 0 again, so a graph replays it. Why: at prefill the
+//     step's launches do not overlap (moe/kernel_step.py OVERLAP_MAX_PAIRS),
+//     so each of the two launches this saves cost its start and drain.
+//
 //   assign_rows(const int* topk_ids, int num_pairs, int top_k, int num_experts,
 //               int flags, const int* block_base, const int* row_offsets,
 //               int num_rows, int* pair_to_row, int* row_to_pair,
@@ -186,12 +205,13 @@ __device__ __forceinline__ float row_weight(const int* __restrict__ topk_ids, co
 // experts than this are handled in several passes over the block's pairs.
 #define HIST_CHUNK 2048
 
-extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
-    expert_block_histogram(const int* __restrict__ topk_ids, int num_pairs, int top_k,
-                           int num_experts, int flags, int* __restrict__ block_counts,
-                           int* __restrict__ reset_rows, int num_reset, int* __restrict__ counts) {
-    follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
-    __shared__ int hist[HIST_CHUNK];
+// The histogram of one block of pairs (expert_block_histogram and
+// expert_histogram_schedule; see the header): block_counts' row blockIdx.x,
+// or with `counts` and one block the column scan's results; reset_rows' share.
+__device__ __forceinline__ void block_histogram_body(const int* __restrict__ topk_ids, int num_pairs, int top_k,
+                                                     int num_experts, int flags, int* __restrict__ block_counts,
+                                                     int* __restrict__ reset_rows, int num_reset,
+                                                     int* __restrict__ counts, int* hist) {
     for (long long r = static_cast<long long>(blockIdx.x) * DISPATCH_THREADS + threadIdx.x; r < num_reset;
          r += static_cast<long long>(gridDim.x) * DISPATCH_THREADS) {
         reset_rows[r] = -1;
@@ -228,6 +248,115 @@ extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
         }
         __syncthreads();  // hist is cleared again by the next chunk
     }
+}
+
+extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
+    expert_block_histogram(const int* __restrict__ topk_ids, int num_pairs, int top_k,
+                           int num_experts, int flags, int* __restrict__ block_counts,
+                           int* __restrict__ reset_rows, int num_reset, int* __restrict__ counts) {
+    follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
+    __shared__ int hist[HIST_CHUNK];
+    block_histogram_body(topk_ids, num_pairs, top_k, num_experts, flags, block_counts, reset_rows, num_reset, counts,
+                         hist);
+}
+
+// The offsets kernel's contiguous schedule (grouped_tile_offsets of
+// grouped_gemm_sm90.cu with M = the pairs, capacity 0: the counts sum to at
+// most M, so its cut at M changes nothing) of the counts m_of[0 .. E - 1],
+// by the whole block: row_offsets, row_ends, tile_offsets and both tile
+// counters zeroed where `writer`, counts[e] = m_of[e] too where counts is
+// not null, and each expert's first row into first_row (shared) where it is
+// not null. Returns the rows of all experts.
+__device__ __forceinline__ int contiguous_schedule(const int* m_of, int E, int tile_rows, bool writer,
+                                                    int* __restrict__ counts, int* __restrict__ row_offsets,
+                                                    int* __restrict__ row_ends, int* __restrict__ tile_offsets,
+                                                    int* __restrict__ tile_counters, int* first_row,
+                                                    int* scratch) {
+    int row_carry = 0, tile_carry = 0;
+    for (int base = 0; base < E; base += DISPATCH_THREADS) {
+        const int e = base + threadIdx.x;
+        const int m = e < E ? m_of[e] : 0;
+        int rows_total, tiles_total;
+        const int row_ex = block_exclusive_scan(m, &rows_total, scratch);
+        const int tile_ex = block_exclusive_scan((m + tile_rows - 1) / tile_rows, &tiles_total, scratch);
+        if (e < E) {
+            if (first_row != nullptr) first_row[e] = row_carry + row_ex;
+            if (writer) {
+                if (counts != nullptr) counts[e] = m;
+                row_offsets[e] = row_carry + row_ex;
+                row_ends[e] = row_carry + row_ex + m;
+                tile_offsets[e] = tile_carry + tile_ex;
+            }
+        }
+        row_carry += rows_total;
+        tile_carry += tiles_total;
+    }
+    if (writer && threadIdx.x == 0) {
+        row_offsets[E] = row_carry;
+        tile_offsets[E] = tile_carry;
+        tile_counters[0] = 0;  // the two GEMMs after this launch hand out tiles from 0
+        tile_counters[1] = 0;
+    }
+    return row_carry;
+}
+
+// The last block's column scan stages this many ints of block_counts at a
+// time (nb rows of a chunk of experts) in shared memory.
+#define SCHEDULE_STAGE_INTS 8192
+
+extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
+    expert_histogram_schedule(const int* __restrict__ topk_ids, int num_pairs, int top_k, int num_experts,
+                              int flags, int* __restrict__ block_counts, int* __restrict__ reset_rows,
+                              int num_reset, int tile_rows, int* __restrict__ counts,
+                              int* __restrict__ row_offsets, int* __restrict__ row_ends,
+                              int* __restrict__ tile_offsets, int* __restrict__ tile_counters,
+                              unsigned* __restrict__ ticket) {
+    follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
+    __shared__ int hist[HIST_CHUNK];
+    __shared__ int stage[SCHEDULE_STAGE_INTS];
+    __shared__ int scratch[SCAN_SCRATCH_INTS];
+    __shared__ bool last;
+    block_histogram_body(topk_ids, num_pairs, top_k, num_experts, flags, block_counts, reset_rows, num_reset,
+                         nullptr, hist);
+    // The last block to finish its row scans them all (the pattern of CUDA's
+    // threadFenceReduction sample): every block's row is visible device-wide
+    // before its ticket, and the last one reads them after its own.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int E = num_experts, nb = gridDim.x;
+    // expert_column_scan's results, a chunk of experts at a time: the chunk's
+    // nb x chunk counts into shared memory (many loads in flight at once),
+    // each expert's column scanned there by one thread, written back as bases.
+    const int chunk = max(1, min(E, SCHEDULE_STAGE_INTS / nb));
+    for (int e0 = 0; e0 < E; e0 += chunk) {
+        const int n = min(chunk, E - e0);
+        for (int i = threadIdx.x; i < nb * n; i += DISPATCH_THREADS) {
+            stage[i] = __ldcg(block_counts + static_cast<long long>(i / n) * E + e0 + i % n);
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < n; e += DISPATCH_THREADS) {
+            int total = 0;
+            for (int b = 0; b < nb; ++b) {
+                const int c = stage[b * n + e];
+                stage[b * n + e] = total;
+                total += c;
+            }
+            counts[e0 + e] = total;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < nb * n; i += DISPATCH_THREADS) {
+            block_counts[static_cast<long long>(i / n) * E + e0 + i % n] = stage[i];
+        }
+        __syncthreads();  // stage is refilled by the next chunk
+    }
+    // counts is this block's own writes, seen by all its threads after the barrier above.
+    contiguous_schedule(counts, E, tile_rows, true, nullptr, row_offsets, row_ends, tile_offsets, tile_counters,
+                        nullptr, scratch);
+    if (threadIdx.x == 0) *ticket = 0u;  // every block has taken its ticket: ready for the next launch
 }
 
 extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
@@ -397,31 +526,8 @@ __device__ __forceinline__ void place_one_block_body(
 
     // Each expert's first row and tile: the offsets kernel's contiguous layout
     // (the counts sum to at most num_pairs = M, so its cut at M changes nothing).
-    int row_carry = 0, tile_carry = 0;
-    for (int base = 0; base < E; base += DISPATCH_THREADS) {
-        const int e = base + threadIdx.x;
-        const int m = e < E ? taken[e] : 0;
-        int rows_total, tiles_total;
-        const int row_ex = block_exclusive_scan(m, &rows_total, scratch);
-        const int tile_ex = block_exclusive_scan((m + tile_rows - 1) / tile_rows, &tiles_total, scratch);
-        if (e < E) {
-            first_row[e] = row_carry + row_ex;
-            if (writer) {
-                counts[e] = m;
-                row_offsets[e] = row_carry + row_ex;
-                row_ends[e] = row_carry + row_ex + m;
-                tile_offsets[e] = tile_carry + tile_ex;
-            }
-        }
-        row_carry += rows_total;
-        tile_carry += tiles_total;
-    }
-    if (writer && threadIdx.x == 0) {
-        row_offsets[E] = row_carry;
-        tile_offsets[E] = tile_carry;
-        tile_counters[0] = 0;  // the two GEMMs after this launch hand out tiles from 0
-        tile_counters[1] = 0;
-    }
+    const int row_carry = contiguous_schedule(taken, E, tile_rows, writer, counts, row_offsets, row_ends,
+                                              tile_offsets, tile_counters, first_row, scratch);
     __syncthreads();  // first_row is complete
 
 #pragma unroll

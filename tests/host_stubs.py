@@ -155,6 +155,9 @@ def stub_gpu(monkeypatch, info=None):
     monkeypatch.setattr(cupy.cuda.runtime, "getDevice", lambda: 0)
     monkeypatch.setattr(cupy.cuda.runtime, "memcpyAsync", lambda *a: rec.copies.append(a))
     monkeypatch.setattr(cupy.cuda.runtime, "memsetAsync", lambda *a: rec.memsets.append(a))
+    # cupy.zeros memsets through cupy's own stream state, which no stand-in
+    # reaches: allocated as empty here (the host code reads no device values).
+    monkeypatch.setattr(cupy, "zeros", lambda shape, dtype=float, order="C": cupy.empty(shape, dtype, order))
     monkeypatch.setattr(cupy.cuda.runtime, "streamIsCapturing", lambda stream: 0)  # no graph is captured
 
     def fake_function(name):

@@ -18,7 +18,7 @@ from host_stubs import H100, count_calls, fake_array, stub_gpu
 import cublas_grouped as cg
 from cublas_grouped.gemm.backends import hopper_fp8
 from cublas_grouped.moe import fixed_capacity as F
-from cublas_grouped.moe import fp8_step, layer_cache
+from cublas_grouped.moe import fp8_step, layer_cache, placement_launches
 from cublas_grouped.moe import kernel_step as S
 from cublas_grouped.moe import routing as R
 
@@ -78,6 +78,10 @@ CASES = {
     "both FP8, 5 tokens, four placement launches": dict(tokens=5, one_launch=False),
     "both FP8, 256 tokens (1024 pairs: overlapped)": dict(tokens=256),
     "both FP8, 300 tokens (1200 pairs: plain)": dict(tokens=300),
+    "both FP8, 300 tokens, the histogram, column scan and offsets apart": dict(tokens=300, schedule=False),
+    "both FP8, 5 tokens, four placement launches, schedule apart": dict(
+        tokens=5, one_launch=False, schedule=False
+    ),
     "FP8 w1, 16-bit w2": dict(tokens=5, kind="w1"),
     "16-bit w1, FP8 w2, unfused": dict(tokens=5, kind="w2", fuse=False),
     "both FP8, wide tiles": dict(tokens=5, thin=False),
@@ -88,6 +92,7 @@ CASES = {
 def test_prepared_fp8_step_queues_what_the_timed_step_does(gpu, monkeypatch, case):
     opts = CASES[case]
     monkeypatch.setattr(S, "PLACE_IN_ONE_LAUNCH", opts.get("one_launch", True))
+    monkeypatch.setattr(placement_launches, "HISTOGRAM_SCHEDULE", opts.get("schedule", True))
     monkeypatch.setattr(fp8_step, "FUSE_QUANTIZE", opts.get("fuse", True))
     monkeypatch.setattr(hopper_fp8, "THIN", opts.get("thin", True))
     tokens = opts["tokens"]
@@ -128,9 +133,11 @@ def test_prepared_fp8_step_queues_what_the_timed_step_does(gpu, monkeypatch, cas
     quantizes = (fp8 in ("both", "w1") and not fused1) + (
         fp8 in ("both", "w2") and not opts.get("fuse", True)
     )
-    # place (or histogram, column scan, offsets, assign, gather), the quantize
-    # launches, GEMM 1, the activation, GEMM 2, the combine.
-    assert len(want) == (1 if once else 5 - one_block) + quantizes + 4
+    # place (or the histogram with the schedule, or the histogram, column scan
+    # and offsets; assign, gather), the quantize launches, GEMM 1, the
+    # activation, GEMM 2, the combine.
+    apart = 5 - one_block if not opts.get("schedule", True) else 3
+    assert len(want) == (1 if once else apart) + quantizes + 4
 
 
 def test_a_probes_change_of_the_kernel_choice_prepares_anew(gpu, monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 
 from cublas_grouped.gemm.backends import hopper
 from cublas_grouped.moe import kernel_step as S
+from cublas_grouped.moe import placement_launches as P
 
 E, K = 16, 4
 
@@ -32,7 +33,7 @@ def _buffers(rows):
     buf = type("Buf", (), {})()
     for n, name in enumerate(("rows", "pair_to_row", "row_to_pair", "row_weights", "block_counts")):
         setattr(buf, name, Arr((rows, 8), 0x1000 * (n + 1)))
-    buf.counts, buf.schedule = Arr((E,), 0x9000), Arr((64,), 0xA000)
+    buf.counts, buf.schedule, buf.ticket = Arr((E,), 0x9000), Arr((64,), 0xA000), Arr((1,), 0xD000)
     return buf
 
 
@@ -52,8 +53,18 @@ def recorded(monkeypatch):
     def recorder(name):
         return lambda *a, **kw: calls.append((name, a, kw))
 
-    for name in ("place_one_block", "block_histogram", "column_scan", "assign_rows", "gather_rows"):
+    for name in (
+        "place_one_block",
+        "block_histogram",
+        "column_scan",
+        "histogram_schedule",
+        "assign_rows",
+        "gather_rows",
+    ):
         monkeypatch.setattr(S.K, name, recorder(name))
+    # The launches apart (histogram, column scan, offsets kernel) unless a test
+    # asks for the histogram with the schedule.
+    monkeypatch.setattr(P, "HISTOGRAM_SCHEDULE", False)
 
     def offsets(res, sizes, e, total_rows, capacity=0, *, storage=None):
         calls.append(("offsets", (sizes.data.ptr, e, total_rows, capacity, storage.data.ptr), {}))
@@ -134,6 +145,29 @@ def test_rows_quantized_where_one_launch_places_them(recorded, monkeypatch, one_
         assert [c[0] for c in recorded] == ["block_histogram", "offsets", "assign_rows", "gather_rows"]
         gather = recorded[3][1]
         assert gather[2] is x and (gather[5].data.ptr, gather[5].shape[0]) == (0x1000, 20)
+
+
+@pytest.mark.parametrize("tokens", [5, S.K.PAIRS_PER_BLOCK // K + 1])
+def test_the_histogram_with_the_schedule_replaces_three_launches(recorded, monkeypatch, tokens):
+    """placement_launches.HISTOGRAM_SCHEDULE (the default): past one launch
+    (turned off, or past one block of pairs), the histogram, the column scan
+    and the offsets kernel are one launch, expert_histogram_schedule, with the
+    buffers and schedule the three took; assign_rows and the gather follow."""
+    monkeypatch.setattr(P, "HISTOGRAM_SCHEDULE", True)
+    monkeypatch.setattr(S, "PLACE_IN_ONE_LAUNCH", tokens > 5)
+    buf, ids, x, timer, _ = _place(tokens)
+    pairs = tokens * K
+    assert [c[0] for c in recorded] == ["histogram_schedule", "assign_rows", "gather_rows"]
+    assert timer.names == ["plan", "gather"]
+    args = recorded[0][1]
+    assert args[:5] == (7, "sm_90a", ids, pairs, E)
+    assert (args[5].data.ptr, args[5].shape[0]) == (0x5000, S.K.num_pair_blocks(pairs))  # block counts
+    assert (args[6].data.ptr, args[6].shape[0]) == (0x3000, pairs)  # row_to_pair, reset
+    assert args[7] == hopper.BLOCK_M and args[8] is buf.counts
+    assert args[9] == hopper.schedule_addresses(0xA000, E) and args[10] is buf.ticket
+    assign = recorded[1][1]
+    assert assign[5] is args[5] or assign[5].data.ptr == 0x5000  # the bases assign_rows reads
+    assert assign[6].data.ptr == 0xA000  # row_offsets: the schedule's first array
 
 
 def test_more_than_one_block_of_pairs_takes_four_launches(recorded):

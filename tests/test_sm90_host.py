@@ -65,13 +65,16 @@ VARIANTS = {
 }
 
 
-def _places_once(monkeypatch, one_launch: bool, pairs: int) -> bool:
-    """Set kernel_step.PLACE_IN_ONE_LAUNCH; whether a step of ``pairs`` pairs
-    over this file's E experts then places its rows in one launch (only at
-    one block of pairs: a larger step keeps the four launches either way)."""
+def _places_once(monkeypatch, one_launch: bool, pairs: int, schedule: bool = True) -> bool:
+    """Set kernel_step.PLACE_IN_ONE_LAUNCH (and placement_launches.HISTOGRAM_SCHEDULE
+    to ``schedule``); whether a step of ``pairs`` pairs over this file's E
+    experts then places its rows in one launch (only at one block of pairs: a
+    larger step keeps the launches apart either way)."""
     from cublas_grouped.moe import kernel_step as S
+    from cublas_grouped.moe import placement_launches as P
 
     monkeypatch.setattr(S, "PLACE_IN_ONE_LAUNCH", one_launch)
+    monkeypatch.setattr(P, "HISTOGRAM_SCHEDULE", schedule)
     once = S.places_in_one_launch(E, pairs)
     assert once == (one_launch and pairs <= 1024)
     return once
@@ -101,9 +104,13 @@ def _handles(name: str) -> set:
     return {kernel.handle for key, kernel in Kn._found.items() if key[1] == name}
 
 
-@pytest.mark.parametrize("one_launch", [True, False])
+@pytest.mark.parametrize(
+    "one_launch, schedule",
+    [(True, True), (False, True), (False, False)],
+    ids=["one launch", "histogram with the schedule", "histogram, column scan, offsets"],
+)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_prepared_step_queues_what_the_timed_step_does(gpu, monkeypatch, variant, one_launch):
+def test_prepared_step_queues_what_the_timed_step_does(gpu, monkeypatch, variant, one_launch, schedule):
     """The kernel step without a timer replays prepared launches; with one it
     launches each kernel afresh: both must pass every kernel the same values
     (a wrong slot or a stale address differs here), on the first call and on
@@ -114,7 +121,7 @@ def test_prepared_step_queues_what_the_timed_step_does(gpu, monkeypatch, variant
     from cublas_grouped.moe import layer as L
 
     opts = VARIANTS[variant]
-    once = _places_once(monkeypatch, one_launch, opts.get("tokens", 1) * K)
+    once = _places_once(monkeypatch, one_launch, opts.get("tokens", 1) * K, schedule)
     epilogue = _gated_epilogue(monkeypatch, opts)
     t = _arrays(opts.get("tokens", 1), opts.get("bias", False), opts.get("weights", True))
     kw = dict(b1=t.get("b1"), b2=t.get("b2"), w1_layout=opts.get("layout", "gate_up"))
@@ -182,19 +189,25 @@ def test_prepared_step_queues_what_the_timed_step_does(gpu, monkeypatch, variant
         # decode sizes or forced), else 9 (one offsets
         # launch), one fewer with one block of pairs (no column scan), 3 fewer
         # again placed in one launch (histogram, offsets, assign_rows and
-        # gather_rows in one); no memset of row_to_pair (the histogram or the
-        # one launch writes it all), only the default path's one of its
-        # dropped-ids counter.
+        # gather_rows in one); with the histogram writing the schedule, 2
+        # fewer than 9 (no column scan, no offsets launch) at any size; no
+        # memset of row_to_pair (the histogram or the one launch writes it
+        # all), only the default path's one of its dropped-ids counter.
         one_block = x.shape[0] * K <= 1024
-        assert len(want[0]) == (8 if epilogue else 9) - one_block - 3 * once
+        fewer = 2 if schedule and not once else one_block + 3 * once
+        assert len(want[0]) == (8 if epilogue else 9) - fewer
         assert len(want[1]) == (0 if opts.get("fixed") else 1)
         placements = [sum(h in _handles(n) for h, *_ in want[0]) for n in ("place_one_block", "assign_rows")]
         assert placements == ([1, 0] if once else [0, 1])
 
 
-@pytest.mark.parametrize("one_launch", [True, False])
+@pytest.mark.parametrize(
+    "one_launch, schedule",
+    [(True, True), (False, True), (False, False)],
+    ids=["one launch", "histogram with the schedule", "histogram, column scan, offsets"],
+)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_one_offsets_launch_and_a_tile_counter_per_gemm(gpu, monkeypatch, variant, one_launch):
+def test_one_offsets_launch_and_a_tile_counter_per_gemm(gpu, monkeypatch, variant, one_launch, schedule):
     """The step writes the GEMMs' schedule once, before both GEMMs (the offsets
     kernel over T*k rows, so valid counts are never cut, or place_one_block
     with T*k pairs and tiles of BLOCK_M rows); GEMM 1 takes its tiles from
@@ -209,7 +222,7 @@ def test_one_offsets_launch_and_a_tile_counter_per_gemm(gpu, monkeypatch, varian
     if opts.get("fixed"):
         kw["fixed_capacity"] = True
     tokens = t["x"].shape[0]
-    once = _places_once(monkeypatch, one_launch, tokens * K)
+    once = _places_once(monkeypatch, one_launch, tokens * K, schedule)
     for _ in range(3):  # first call, prepared, a hit
         gpu.clear()
         cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], **kw)
@@ -233,6 +246,22 @@ def test_one_offsets_launch_and_a_tile_counter_per_gemm(gpu, monkeypatch, varian
             # GEMM 1 (not gathering) reads the rows the one launch gathered.
             assert place[18] != 0 and first[0][0] == first[1][0] == place[18]
             assert combine[2] == place[14]
+        elif schedule:
+            # The histogram, the step's first launch, writes the counts, the
+            # block bases and the schedule (no column scan, no offsets
+            # launch); assign_rows, next, places by them.
+            assert scan not in handles and not set(handles) & _handles("expert_column_scan")
+            assert handles[0] in _handles("expert_histogram_schedule")
+            histogram, assign = gpu.decoded[0][4], gpu.decoded[1][4]
+            assert handles[1] in _handles("assign_rows")
+            assert histogram[1:4] == (tokens * K, K, E) and histogram[8] == hopper.BLOCK_M
+            base = first[3]  # the schedule's first array, row_offsets
+            assert histogram[10:14] == hopper.schedule_addresses(base, E, 0) and assign[6] == base
+            # block_counts become the bases assign_rows reads; row_to_pair, all T*k rows, reset.
+            assert histogram[5] == assign[5] and histogram[6:8] == (assign[9], tokens * K)
+            assert histogram[14] != 0 and histogram[14] not in (histogram[9], *histogram[10:14])  # the ticket
+            (gather,) = [d[4] for d in gpu.decoded if d[0] in _handles("gather_rows")]
+            assert combine[2] == assign[8] and first[0][0] == first[1][0] == gather[5] != 0
         else:
             assert handles.count(scan) == 1
             scan_args = gpu.decoded[handles.index(scan)][4]

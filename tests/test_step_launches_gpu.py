@@ -11,7 +11,10 @@ counters it zeroed.
 - the layer step (one offsets launch, two counters) bit for bit equal to the
   step as it ran before (the offsets kernel again before GEMM 2, counter 0),
   T = 1 .. 70 and 4096, and against float64;
-- gmm with device sizes and the layer's own graphs replayed with new sizes.
+- gmm with device sizes and the layer's own graphs replayed with new sizes;
+- the histogram with the schedule (one launch for the histogram, column scan
+  and offsets kernel) against a NumPy model and the three launches, at sizes
+  where its staging of the columns changes shape, and replayed from a graph.
 """
 
 from __future__ import annotations
@@ -369,3 +372,129 @@ def test_histogram_resets_rows_and_counts_as_before(tokens, extra_rows):
         assert (bases.get() == counts.get()).all() and (totals1.get() == totals.get()).all()
     stream.synchronize()
     np.testing.assert_array_equal(totals.get(), want.sum(axis=0))
+
+
+def _pair_counts(ids: np.ndarray, e: int, nb: int) -> np.ndarray:
+    """[nb, E]: each block of pairs' count per expert, ids outside [0, E) and repeats skipped."""
+    from cublas_grouped.moe import kernels as K
+
+    flat, k = ids.reshape(-1), ids.shape[1]
+    want = np.zeros((nb, e), np.int64)
+    for p, x in enumerate(flat):
+        j = p % k
+        if 0 <= x < e and x not in flat[p - j : p]:
+            want[p // K.PAIRS_PER_BLOCK, x] += 1
+    return want
+
+
+@pytest.mark.parametrize(
+    "tokens, experts, k",
+    [
+        (1, 40, 4),  # one block of pairs
+        (300, 40, 4),  # two blocks
+        (4096, 128, 8),  # Qwen3 at prefill: 32 blocks, the columns staged at once
+        (16384, 128, 8),  # 128 blocks: the columns staged in two chunks of experts
+        (2048, 1000, 8),  # a last chunk of fewer experts
+        (65536, 8, 2),  # 128 blocks of few experts
+        (9000, 3000, 8),  # more experts than the histogram's shared counters: several passes
+    ],
+)
+def test_histogram_schedule_writes_what_its_three_launches_write(tokens, experts, k):
+    """expert_histogram_schedule (the step's histogram, column scan and offsets
+    kernel in one launch) against a NumPy model and bit for bit against the
+    three launches, from poisoned buffers, row_to_pair reset to its end and
+    not past it; launched three times in a row (the ticket set back to 0
+    each time) and replayed from a graph with new ids."""
+    import cupy
+
+    from cublas_grouped.moe import kernels as K
+    from cublas_grouped.runtime.device import stream_resources
+    from cublas_grouped.runtime.nvrtc import arch_for
+
+    rng = np.random.default_rng(tokens + experts)
+    pairs = tokens * k
+    nb = K.num_pair_blocks(pairs)
+    arch = arch_for(cg.device_info().sm)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        ticket = cupy.zeros(1, dtype=cupy.uint32)
+        ids_d = cupy.empty((tokens, k), dtype=cupy.int32)
+
+    def outputs():
+        return (
+            cupy.full((nb, experts), POISON, dtype=cupy.int32),  # block counts, then bases
+            cupy.full(pairs + 64, 12345, dtype=cupy.int32),  # row_to_pair and a guard
+            cupy.full(experts, POISON, dtype=cupy.int32),  # counts
+            cupy.full(hopper.schedule_ints(experts), POISON, dtype=cupy.int32),
+        )
+
+    def launch(out):
+        blocks, rows, counts, schedule = out
+        K.histogram_schedule(
+            stream.ptr,
+            arch,
+            ids_d,
+            pairs,
+            experts,
+            blocks,
+            rows[:pairs],
+            hopper.BLOCK_M,
+            counts,
+            hopper.schedule_addresses(schedule.data.ptr, experts),
+            ticket,
+        )
+
+    def check(ids, out, what):
+        blocks, rows, counts, schedule = (a.get() for a in out)
+        per_block = _pair_counts(ids, experts, nb)
+        want_counts = per_block.sum(axis=0)
+        bases = np.cumsum(per_block, axis=0) - per_block
+        np.testing.assert_array_equal(blocks, bases, err_msg=f"{what}: block bases")
+        np.testing.assert_array_equal(counts, want_counts, err_msg=f"{what}: counts")
+        assert (rows[:pairs] == -1).all() and (rows[pairs:] == 12345).all(), f"{what}: row_to_pair reset"
+        row_offsets, row_ends, tile_offsets = _schedule_reference(want_counts, pairs, 0)
+        e = experts
+        np.testing.assert_array_equal(schedule[: e + 1], row_offsets, err_msg=f"{what}: row_offsets")
+        np.testing.assert_array_equal(schedule[e + 1 : 2 * e + 1], row_ends, err_msg=f"{what}: row_ends")
+        np.testing.assert_array_equal(schedule[2 * e + 1 : 3 * e + 2], tile_offsets, err_msg=f"{what}: tiles")
+        assert (schedule[3 * e + 2 :] == 0).all(), f"{what}: tile counters"
+        assert int(ticket.get()[0]) == 0, f"{what}: ticket left at {int(ticket.get()[0])}"
+
+    def new_ids():
+        ids = rng.integers(-1, experts + 1, (tokens, k)).astype(np.int32)  # out of range and repeats too
+        ids_d.set(ids, stream=stream)
+        return ids
+
+    with stream:  # every fill and copy on the one stream
+        for i in range(3):
+            ids = new_ids()
+            out = outputs()
+            stream.synchronize()
+            launch(out)
+            stream.synchronize()
+            check(ids, out, f"T={tokens} E={experts} launch {i}")
+        # The three launches it replaces write the same bits.
+        blocks, _, counts, schedule = out
+        old = outputs()
+        K.block_histogram(
+            stream.ptr, arch, ids_d, pairs, experts, old[0], skip_repeats=True, reset=old[1][:pairs]
+        )
+        K.column_scan(stream.ptr, arch, old[0], nb, experts, old[2])
+        res = stream_resources(cupy.cuda.Device().id, stream)
+        hopper.schedule_offsets(res, old[2], experts, pairs, storage=old[3])
+        stream.synchronize()
+        for name, a, b in zip(
+            ("bases", "counts", "schedule"), (blocks, counts, schedule), (old[0], old[2], old[3])
+        ):
+            assert bool((a == b).all()), f"T={tokens} E={experts}: {name} differ from the three launches'"
+        # A graph of the launch, replayed with new ids.
+        out = outputs()
+        stream.synchronize()
+        stream.begin_capture()
+        launch(out)
+        graph = stream.end_capture()
+        for i in range(2):
+            ids = new_ids()
+            graph.launch(stream)
+            stream.synchronize()
+            check(ids, out, f"T={tokens} E={experts} replay {i}")

@@ -19,6 +19,10 @@ interleaved rounds after warm-up, medians; the two outputs compared first.
 tokens itself (``kernel_step.GATHER_IN_GEMM1`` on during their calls and
 captures; columns "fixed+g" and "fused+g"), in the same rounds.
 
+``--apart`` (prefill): also the fused layer with the histogram, column scan
+and offsets kernel as three launches (``placement_launches.HISTOGRAM_SCHEDULE``
+off; column "fused-apart"), against their one launch.
+
 ``--plain`` (both modes): also the Hopper kernel steps with plain launches
 (``kernel_step.OVERLAP_LAUNCHES`` off while they are prepared and captured;
 columns "sm90-plain", "fixed-plain", "fused-plain"), against the default
@@ -34,7 +38,7 @@ import ml_dtypes
 import numpy as np
 
 import cublas_grouped as cg
-from cublas_grouped.moe import kernel_step
+from cublas_grouped.moe import kernel_step, placement_launches
 from cublas_grouped.moe.fixed_capacity import fixed_capacity_backend
 from cublas_grouped.testing import rel_error
 from cublas_grouped.tools.bench import workloads as W
@@ -53,16 +57,16 @@ def _captured(layer, x, ids, weights, stream):
     return graph, out
 
 
-def _with_step_setting(name: str, value, call):
-    """``call`` with the kernel step's module constant ``name`` set to ``value`` meanwhile."""
+def _with_step_setting(name: str, value, call, module=kernel_step):
+    """``call`` with the kernel step's module constant ``name`` (of ``module``) set to ``value`` meanwhile."""
 
     def run():
-        saved = getattr(kernel_step, name)
-        setattr(kernel_step, name, value)
+        saved = getattr(module, name)
+        setattr(module, name, value)
         try:
             return call()
         finally:
-            setattr(kernel_step, name, saved)
+            setattr(module, name, saved)
 
     return run
 
@@ -82,8 +86,14 @@ def _epilogue_always(call):
     return _with_step_setting("GATED_EPILOGUE_MIN_ROWS_PER_GROUP", 0, call)
 
 
+def _apart(call):
+    """``call`` with the histogram, column scan and offsets kernel as three
+    launches (placement_launches.HISTOGRAM_SCHEDULE off)."""
+    return _with_step_setting("HISTOGRAM_SCHEDULE", False, call, placement_launches)
+
+
 # Layers captured under a setting, by the suffix of their name.
-_SETTINGS = {"-plain": _plain, "-four": _four_launches, "-epi": _epilogue_always}
+_SETTINGS = {"-plain": _plain, "-four": _four_launches, "-epi": _epilogue_always, "-apart": _apart}
 
 
 def _setting(name: str):
@@ -136,7 +146,20 @@ def _decode_methods(s, w1, w2, tokens, x, ids, w, stream, plain=False, four=Fals
 
 
 def _prefill_methods(
-    s, w1, w2, tokens, x, ids, w, stream, packed=None, graphs=False, gather=False, plain=False, epi=False
+    s,
+    w1,
+    w2,
+    tokens,
+    x,
+    ids,
+    w,
+    stream,
+    packed=None,
+    graphs=False,
+    gather=False,
+    plain=False,
+    epi=False,
+    apart=False,
 ):
     def auto():
         return cg.moe_forward(x, ids, w, w1, w2, stream=stream)
@@ -160,8 +183,19 @@ def _prefill_methods(
             methods[name + "-plain"] = (_plain(methods[name][0]), None, 1)
     if epi and "fused" in methods:
         methods["fused-epi"] = (_epilogue_always(fused), None, 1)
+    if apart and "fused" in methods:
+        methods["fused-apart"] = (_apart(fused), None, 1)
     if graphs:  # GPU time only: the sync-free calls replayed from graphs (AUTO copies to the host: eager)
-        for name in ("fixed", "fused", "fixed+g", "fused+g", "fixed-plain", "fused-plain", "fused-epi"):
+        for name in (
+            "fixed",
+            "fused",
+            "fixed+g",
+            "fused+g",
+            "fixed-plain",
+            "fused-plain",
+            "fused-epi",
+            "fused-apart",
+        ):
             if name in methods:
                 call = methods[name][0]
 
@@ -193,6 +227,11 @@ def main() -> None:
     )
     p.add_argument("--plain", action="store_true", help="also the kernel steps with plain launches")
     p.add_argument("--four", action="store_true", help="decode: also the placement in four launches")
+    p.add_argument(
+        "--apart",
+        action="store_true",
+        help="prefill: also the fused layer with its schedule in three launches",
+    )
     p.add_argument("--packed", action="store_true", help="decode: also the step with w1 packed")
     p.add_argument(
         "--epi", action="store_true", help="also w1 packed with GEMM 1's gated epilogue at every size"
@@ -213,6 +252,8 @@ def main() -> None:
         names += ("sm90-packed", "sm90-packed-epi") if args.epi else ("sm90-packed",)
     if args.epi and not decode:
         names += ("fused-epi",)
+    if args.apart and not decode:
+        names += ("fused-apart",)
     unit = "us" if decode else "ms"
     heads = " ".join(f"{n + ' ' + unit:>12s}" for n in names)
     print(f"{'case':40s} {heads} ratios (first / each) extra  rel.diff (last vs first) |out|")
@@ -255,6 +296,7 @@ def main() -> None:
                         args.gather,
                         args.plain,
                         args.epi,
+                        args.apart,
                     )
                 outs = {}
                 for name, (run, out, _) in methods.items():
@@ -263,7 +305,7 @@ def main() -> None:
                     stream.synchronize()
                     outs[name] = cupy.asnumpy(out if out is not None else got).astype(np.float64)
                 diff = rel_error(outs[list(methods)[-1]], outs[names[0]])
-                suffixes = ("+g", "-plain", "-four", "-epi")
+                suffixes = ("+g", "-plain", "-four", "-epi", "-apart")
                 for name, other in [(n, n + t) for n in ("fixed", "fused", "sm90") for t in suffixes]:
                     if other in outs:  # same products: same bits
                         same = np.array_equal(outs[name], outs[other], equal_nan=True)

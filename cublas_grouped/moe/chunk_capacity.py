@@ -153,6 +153,9 @@ class ChunkBuffers:
     scratch: object
     pointers: object  # uint64 [2, 3, chunks]: (GEMM 1, GEMM 2) x (rows, weights, out)
     schedule: object  # int32: the Hopper kernel's offsets and tile counter (SM 9.0 steps), owned so graphs keep them
+    # uint32 [1], zero between launches: the last-block ticket of the kernel
+    # steps' histogram-and-schedule launch (moe/placement_launches.py).
+    ticket: object
     # Prepared launches of kernel steps on these buffers (moe.kernel_step), by
     # T and the weights: they hold these buffers' addresses, so they live here.
     launches: dict = field(default_factory=dict, repr=False, compare=False)
@@ -178,6 +181,7 @@ class ChunkBuffers:
             cupy.empty((capacity.chunk_rows, max(shape.width, shape.hidden)), dtype=dtype),
             cupy.empty((2, 3, capacity.chunks), dtype=cupy.uint64),
             cupy.empty(hopper.schedule_ints(shape.num_experts), dtype=i32),
+            cupy.zeros(1, dtype=cupy.uint32),
         )
 
     @property

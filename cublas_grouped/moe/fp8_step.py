@@ -48,6 +48,7 @@ from ..gemm.config import Algorithm
 from ..gemm.fp8 import BLOCK, is_fp8, quantize_rows_fp8
 from ..runtime.arrays import BFLOAT16, as_cupy, view
 from . import kernels as K
+from . import placement_launches
 from .checks import LayerShape, kernel_arch
 from .chunk_capacity import ChunkBuffers
 from .dispatch import mark_stage
@@ -285,6 +286,7 @@ def _prepared_key(shape: LayerShape, rows8: FP8Rows, ids, params, fused) -> tupl
         get_ident(),
         overlapped(pairs),
         places_in_one_launch(e, pairs),
+        placement_launches.HISTOGRAM_SCHEDULE,
         fused,
         hopper_fp8.launch_choice(pairs, e),
         (hopper.SOURCE, hopper.SCHEDULE, hopper.GRID_LIMIT, choice_key(hopper.DEFINES)),

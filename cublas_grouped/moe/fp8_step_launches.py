@@ -24,7 +24,7 @@ from . import kernels as K
 from .checks import LayerShape, kernel_arch
 from .chunk_capacity import ChunkBuffers
 from .kernel_step import overlapped, places_in_one_launch
-from .placement_launches import four_placement_launches
+from .placement_launches import placement_launches
 
 __all__ = ["FP8StepLaunches", "fp8_step_launches"]
 
@@ -55,7 +55,8 @@ class FP8StepLaunches:
             self.histogram(stream, ids)
             if self.column_scan is not None:
                 self.column_scan(stream)
-            self.scan(stream)
+            if self.scan is not None:  # None: the histogram launch wrote the schedule
+                self.scan(stream)
             self.assign(stream, ids, dropped)  # no routing weights: the combine weighs
             self.gather(stream, x)
         if self.quantize1 is not None:  # GEMM 1's rows, where the placement did not quantize them
@@ -96,7 +97,7 @@ def fp8_step_launches(
         )  # fmt: skip
         placement = (place, None, None, None, None, None)
     else:
-        placement = (None, *four_placement_launches(prep, arch, buf, x, ids, None, dropped, e, False, False))
+        placement = (None, *placement_launches(prep, arch, buf, x, ids, None, dropped, e, False, False))
     quantize = tuple(
         _q.prepared_quantize_rows(
             arch, a.data.ptr, pairs, a.shape[1], a8[1].data.ptr, a8[0].data.ptr, a.dtype

@@ -20,10 +20,11 @@ from threading import get_ident
 from ..gemm.backends import hopper
 from ..gemm.backends.hopper_variants import RowScaleEpilogue, choice_key
 from . import kernels as K
+from . import placement_launches as _placement
 from .checks import LayerShape, kernel_arch
 from .chunk_capacity import ChunkBuffers
 from .dispatch import mark_stage
-from .placement_launches import four_placement_launches  # where it was first: kept importable from here
+from .placement_launches import placement_launches
 from .step_backend import (  # where they were first: kept importable from here
     CHUNKED_DECODE_MAX_EXPERTS,
     CHUNKED_DECODE_MAX_TOKENS,
@@ -58,7 +59,7 @@ __all__ = [
     "kernel_step",
     "step_launches",
     "StepLaunches",
-    "four_placement_launches",
+    "placement_launches",
     "MAX_PREPARED_STEPS",
 ]
 
@@ -212,10 +213,15 @@ def place_rows(
         mark_stage(timer, "plan", res.cupy_stream)
         mark_stage(timer, "gather", res.cupy_stream)  # in the same launch: 0 ms
         return pair_to_row, row_to_pair
-    block_counts, pair_to_row, row_to_pair = count_rows(res, arch, buf, ids, e, pairs)
-    # The kernel's own offsets kernel gives the contiguous row offsets that
-    # assign_rows places pairs by; GEMM 1 then reuses its schedule.
-    offsets = hopper.schedule_offsets(res, buf.counts, e, pairs, storage=buf.schedule)
+    if _placement.HISTOGRAM_SCHEDULE:  # one launch for the counts and the schedule, as the prepared step's
+        _placement.histogram_schedule(stream, arch, buf, ids, e)
+        block_counts, offsets = buf.block_counts[: K.num_pair_blocks(pairs)], buf.schedule[: e + 1]
+        pair_to_row, row_to_pair = buf.pair_to_row[:pairs], buf.row_to_pair[:pairs]
+    else:
+        block_counts, pair_to_row, row_to_pair = count_rows(res, arch, buf, ids, e, pairs)
+        # The kernel's own offsets kernel gives the contiguous row offsets that
+        # assign_rows places pairs by; GEMM 1 then reuses its schedule.
+        offsets = hopper.schedule_offsets(res, buf.counts, e, pairs, storage=buf.schedule)
     K.assign_rows(
         stream,
         arch,
@@ -267,6 +273,7 @@ def kernel_step(
             get_ident(),  # a step's slots are written before each launch: one per thread
             overlap,
             places_in_one_launch(shape.num_experts, ids.size),
+            _placement.HISTOGRAM_SCHEDULE,
             gated_epilogue(shape, ids.size),
             hopper.SOURCE,  # what a probe swaps between steps (the kernel, its defines and choices)
             choice_key(hopper.DEFINES),
@@ -365,7 +372,8 @@ class StepLaunches:
             self.histogram(stream, ids)  # also resets row_to_pair to -1
             if self.column_scan is not None:  # one block of pairs: the histogram did its work
                 self.column_scan(stream)
-            self.scan(stream)
+            if self.scan is not None:  # None: the histogram launch wrote the schedule
+                self.scan(stream)
             self.assign(stream, ids, dropped, weights)
             if mark is not None:
                 mark("plan")
@@ -438,7 +446,7 @@ def step_launches(
         )
         four = (None, None, None, None, None)
     else:
-        place, four = None, four_placement_launches(prep, arch, buf, x, ids, weights, dropped, e, gather)
+        place, four = None, placement_launches(prep, arch, buf, x, ids, weights, dropped, e, gather)
     gemm1 = (e, pairs, shape.width, shape.hidden, shape.trans_b, shape.dtype)
     tile_bound = hopper.max_tiles(pairs, e)
     # GEMM 1's a: the copy's address, or (gathering) x, a slot of the launch.

@@ -23,6 +23,7 @@ __all__ = [
     "route_topk",
     "block_histogram",
     "column_scan",
+    "histogram_schedule",
     "assign_rows",
     "gather_rows",
     "place_one_block",
@@ -88,6 +89,7 @@ _ROUTE_TOPK = "qiiiiiqq"
 _PAIRS = "qiiii"  # the arguments both pair kernels start with (see _pair_args)
 _HISTOGRAM = _PAIRS + "qqiq"
 _COLUMN_SCAN = "qiiq"
+_HISTOGRAM_SCHEDULE = _PAIRS + "qqiiq" + "qqqq" + "q"  # ..., counts, the schedule's four addresses, ticket
 _ASSIGN_ROWS = _PAIRS + "qqiqqqqq"
 _GATHER_ROWS = "qiqiiq"
 _PLACE_ONE_BLOCK = _PAIRS + "qqii" + "q" * 10
@@ -183,6 +185,33 @@ def column_scan(stream, arch, block_counts, num_blocks, num_experts, counts) -> 
     if type(stream) is Prepare:
         return stream.fixed(kernel, int(num_experts), DISPATCH_THREADS, _COLUMN_SCAN, args)
     _kernels.launch_signed(stream, kernel, int(num_experts), DISPATCH_THREADS, _COLUMN_SCAN, args)
+
+
+def histogram_schedule(
+    stream, arch, ids, num_pairs, num_experts, block_counts, reset, tile_rows, counts, schedule, ticket
+) -> None:
+    """dispatch.cu ``expert_histogram_schedule``: :func:`block_histogram` (repeats
+    skipped, ``reset`` set to -1), :func:`column_scan` and the Hopper offsets
+    kernel's contiguous schedule in one launch (``schedule``: the addresses of
+    its row_offsets, row_ends, tile_offsets and first tile counter, both
+    counters zeroed; tiles of ``tile_rows`` rows; ``counts`` each expert's
+    rows). ``ticket``: a uint32 [1] on the device, 0 before the launch and
+    after it (the launch's last block counts on it; one per stream of steps)."""
+    kernel = _kernel("dispatch", "expert_histogram_schedule", arch)
+    args = (
+        *_pair_args(ids, num_pairs, num_experts, True),
+        block_counts.data.ptr,
+        reset.data.ptr,
+        reset.size,
+        int(tile_rows),
+        counts.data.ptr,
+        *schedule,
+        ticket.data.ptr,
+    )
+    grid = num_pair_blocks(num_pairs)
+    if type(stream) is Prepare:
+        return stream.fixed(kernel, grid, DISPATCH_THREADS, _HISTOGRAM_SCHEDULE, args)
+    _kernels.launch_signed(stream, kernel, grid, DISPATCH_THREADS, _HISTOGRAM_SCHEDULE, args)
 
 
 def assign_rows(
