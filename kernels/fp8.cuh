@@ -105,6 +105,18 @@ __device__ __forceinline__ unsigned char e4m3_code(float f) {
 }
 
 
+// The codes of two values neither of which is NaN, a's in the low byte and
+// b's in the next: one conversion for both from SM 8.9 on.
+__device__ __forceinline__ unsigned int e4m3x2_code(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    unsigned short d;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(b), "f"(a));
+    return d;
+#else
+    return float_to_e4m3(a) | (static_cast<unsigned int>(float_to_e4m3(b)) << 8);
+#endif
+}
+
 // |v| folded into a tile's amax when finite: NaN and +-inf leave it as it is.
 __device__ __forceinline__ float fp8_amax(float amax, float v) {
     const float a = fabsf(v);
@@ -116,6 +128,38 @@ __device__ __forceinline__ float fp8_amax(float amax, float v) {
 // that x / scale of a tile of tiny values cannot overflow).
 __device__ __forceinline__ float fp8_scale(float amax) {
     return amax == 0.0f ? 1.0f : fmaxf(amax / E4M3_MAX, FP32_MIN_NORMAL);
+}
+
+// Eight codes e4m3(v[j] / scale), packed little-endian into b, with
+// div.rn.f32's quotients. Where all eight are finite and non-zero and the
+// scale at least 2^-90 (every tile but those of tiny, zero, infinite or NaN
+// values), each quotient takes three instructions from rcp =
+// __frcp_rn(scale), one per tile, instead of a reciprocal, a check and a
+// refinement of its own: q0 = x * rcp is within an ulp of x / scale, its
+// remainder x - q0 * scale is exact in an fma (the scale's bound keeps it
+// above fp32's subnormal step for every quotient of 2^-11 or more), and one
+// more fma rounds the quotient correctly (Markstein's theorem); a quotient
+// under 2^-11 codes to a signed 0 however it is rounded. Otherwise the
+// division itself, for the same bits as ever.
+__device__ __forceinline__ void fp8_codes8(const float* v, float scale, unsigned int* b) {
+    bool plain = scale >= 0x1p-90f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) plain = plain && v[j] != 0.0f && fabsf(v[j]) <= FP32_MAX;
+    b[0] = b[1] = 0u;
+    if (plain) {
+        const float rcp = __frcp_rn(scale);
+        float q[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float q0 = v[j] * rcp;
+            q[j] = fmaf(fmaf(-q0, scale, v[j]), rcp, q0);  // finite: no NaN to convert
+        }
+        b[0] = e4m3x2_code(q[0], q[1]) | (e4m3x2_code(q[2], q[3]) << 16);
+        b[1] = e4m3x2_code(q[4], q[5]) | (e4m3x2_code(q[6], q[7]) << 16);
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) b[j >> 2] |= static_cast<unsigned int>(e4m3_code(v[j] / scale)) << (8 * (j & 3));
+    }
 }
 
 // Eight consecutive elements' raw bits (p 16-byte aligned: the caller checks):
@@ -171,9 +215,8 @@ __device__ __forceinline__ float fp8_tile_by_half_warp(const float* v, bool mine
     for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     const float scale = fp8_scale(amax);
     if (mine) {
-        unsigned int b[2] = {0u, 0u};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) b[j >> 2] |= static_cast<unsigned int>(e4m3_code(v[j] / scale)) << (8 * (j & 3));
+        unsigned int b[2];
+        fp8_codes8(v, scale, b);
         asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(q), "r"(b[0]), "r"(b[1]) : "memory");
     }
     return scale;

@@ -155,12 +155,18 @@ def test_format_facts_agree_between_model_and_kernel_source():
     assert "0x43E00000u" in src and np.float32(448).view(np.uint32) == 0x43E00000
     assert "0x3C800000u" in src and np.float32(2.0**-6).view(np.uint32) == 0x3C800000
     # The hardware conversion only inside e4m3_code, from SM 8.9 on, NaN kept on
-    # the integer routine (whose sign the hardware drops): the same bits on
-    # every GPU (the GPU tests compare the kernels' codes with the model's).
-    assert src.count("cvt.rn.satfinite") == 2  # the comment and the one asm
+    # the integer routine (whose sign the hardware drops), and inside
+    # e4m3x2_code, for two values that are not NaN (the row quantizer's
+    # quotients of finite values): the same bits on every GPU (the GPU tests
+    # compare the kernels' codes with the model's).
+    assert src.count("cvt.rn.satfinite") == 3  # the comment and the two asm
     body = src[src.index("unsigned char e4m3_code(float f)") :]
     body = body[: body.index("\n}\n")]
     assert "__CUDA_ARCH__ >= 890" in body and "if (f != f) return float_to_e4m3(f);" in body
+    pair = src[src.index("unsigned int e4m3x2_code(float a, float b)") :]
+    pair = pair[: pair.index("\n}\n")]
+    assert "__CUDA_ARCH__ >= 890" in pair and "float_to_e4m3(a)" in pair and "float_to_e4m3(b)" in pair
+    assert src.count("e4m3x2_code(") == 5  # its definition and the four calls of the finite quotients
     assert (
         "cvt.rn.satfinite"
         not in src[: src.index("unsigned char e4m3_code(float f)")].split("end of conversions")[0]

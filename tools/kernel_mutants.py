@@ -722,6 +722,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "hardware e4m3 conversion: the code of the other operand (0.0) is returned",
     ),
     Mutant(
+        "quant-pair-order",
+        "fp8.cuh",
+        'asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(b), "f"(a));',
+        'asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(a), "f"(b));',
+        "the paired conversion of the quantizer's quotients: each pair of neighbouring codes swapped",
+    ),
+    Mutant(
         "fp8-row-scale-past-row",
         "fp8.cuh",
         "if (t < tcols && lane == 0) s_row[t] = scale;",
