@@ -213,30 +213,15 @@ def place_rows(
         mark_stage(timer, "plan", res.cupy_stream)
         mark_stage(timer, "gather", res.cupy_stream)  # in the same launch: 0 ms
         return pair_to_row, row_to_pair
+    pair_to_row, row_to_pair = buf.pair_to_row[:pairs], buf.row_to_pair[:pairs]
     if _placement.HISTOGRAM_SCHEDULE:  # one launch for the counts and the schedule, as the prepared step's
         _placement.histogram_schedule(stream, arch, buf, ids, e)
-        block_counts, offsets = buf.block_counts[: K.num_pair_blocks(pairs)], buf.schedule[: e + 1]
-        pair_to_row, row_to_pair = buf.pair_to_row[:pairs], buf.row_to_pair[:pairs]
     else:
-        block_counts, pair_to_row, row_to_pair = count_rows(res, arch, buf, ids, e, pairs)
+        count_rows(res, arch, buf, ids, e, pairs)
         # The kernel's own offsets kernel gives the contiguous row offsets that
-        # assign_rows places pairs by; GEMM 1 then reuses its schedule.
-        offsets = hopper.schedule_offsets(res, buf.counts, e, pairs, storage=buf.schedule)
-    K.assign_rows(
-        stream,
-        arch,
-        ids,
-        pairs,
-        e,
-        block_counts,
-        offsets,
-        pair_to_row,
-        row_to_pair,
-        skip_repeats=True,
-        dropped=dropped,
-        weights=weights if weigh_rows else None,
-        row_weights=buf.row_weights[:pairs] if weigh_rows else None,
-    )
+        # assign_rows places pairs by (in buf.schedule); GEMM 1 then reuses its schedule.
+        hopper.schedule_offsets(res, buf.counts, e, pairs, storage=buf.schedule)
+    _placement.assign_rows(stream, arch, buf, ids, e, dropped, weights, weigh_rows)
     mark_stage(timer, "plan", res.cupy_stream)
     if copy:
         K.gather_rows(stream, arch, x, row_to_pair, k, buf.rows[:pairs])

@@ -10,7 +10,7 @@ from ..gemm.backends import hopper
 from . import kernels as K
 from .chunk_capacity import ChunkBuffers
 
-__all__ = ["HISTOGRAM_SCHEDULE", "histogram_schedule", "placement_launches"]
+__all__ = ["HISTOGRAM_SCHEDULE", "histogram_schedule", "assign_rows", "placement_launches"]
 
 # The histogram, the column scan and the offsets kernel as one launch
 # (dispatch.cu's expert_histogram_schedule: the last block of the histogram
@@ -45,6 +45,30 @@ def histogram_schedule(stream, arch, buf: ChunkBuffers, ids, e: int):
     )
 
 
+def assign_rows(stream, arch, buf: ChunkBuffers, ids, e: int, dropped, weights, weigh: bool):
+    """The step's assign_rows on ``stream`` (or prepared, where it is a
+    :class:`~.kernels.Prepare`): each pair's row by the block bases in
+    ``buf.block_counts`` and the row offsets at the start of ``buf.schedule``
+    (repeats skipped, ``dropped`` counted), and with ``weigh`` each row's
+    routing weight from ``weights`` in ``buf.row_weights``."""
+    pairs = ids.size
+    return K.assign_rows(
+        stream,
+        arch,
+        ids,
+        pairs,
+        e,
+        buf.block_counts[: K.num_pair_blocks(pairs)],
+        buf.schedule[: e + 1],  # row_offsets: the first of the schedule's arrays
+        buf.pair_to_row[:pairs],
+        buf.row_to_pair[:pairs],
+        skip_repeats=True,
+        dropped=dropped,
+        weights=weights if weigh else None,
+        row_weights=buf.row_weights[:pairs] if weigh else None,
+    )
+
+
 def placement_launches(
     prep, arch, buf: ChunkBuffers, x, ids, weights, dropped, e: int, gather: bool, weigh: bool = True
 ):
@@ -58,11 +82,7 @@ def placement_launches(
     and its assign launch then reads no weights: its slot 11 stays 0)."""
     pairs = ids.size
     nb = K.num_pair_blocks(pairs)
-    block_counts, pair_to_row, row_to_pair = (
-        buf.block_counts[:nb],
-        buf.pair_to_row[:pairs],
-        buf.row_to_pair[:pairs],
-    )
+    block_counts, row_to_pair = buf.block_counts[:nb], buf.row_to_pair[:pairs]
     prep.slots = (0,)  # ids
     if HISTOGRAM_SCHEDULE:
         histogram, column_scan, scan = histogram_schedule(prep, arch, buf, ids, e), None, None
@@ -77,23 +97,8 @@ def placement_launches(
         scan = prep.fixed(
             hopper.offsets_kernel(), 1, hopper.TILE_THREADS, hopper.OFFSETS_SIGNATURE, scan_args
         )
-    offsets = buf.schedule[: e + 1]  # row_offsets: the first of the schedule's arrays
     prep.slots = (0, 10, 11)  # ids, dropped, weights
-    assign = K.assign_rows(
-        prep,
-        arch,
-        ids,
-        pairs,
-        e,
-        block_counts,
-        offsets,
-        pair_to_row,
-        row_to_pair,
-        skip_repeats=True,
-        dropped=dropped,
-        weights=weights if weigh else None,
-        row_weights=buf.row_weights[:pairs] if weigh else None,
-    )
+    assign = assign_rows(prep, arch, buf, ids, e, dropped, weights, weigh)
     prep.slots = (0,)  # x
     copy = None if gather else K.gather_rows(prep, arch, x, row_to_pair, ids.shape[1], buf.rows[:pairs])
     return histogram, column_scan, scan, assign, copy
