@@ -44,12 +44,21 @@
 //                 to grouped_gemm_sm90.cu's SM90_BLOCK_M, whose
 //                 grouped_tile_offsets kernel makes this kernel's row and tile
 //                 offsets and zeroes its tile counter
-//   FP8_BLOCK_N   columns of a tile: 128. One B scale per tile per stage (N
-//                 blocks of 128 are the scale blocks), and 64 fp32 registers
-//                 per thread for acc and for each tmp: 128 serial, within the
-//                 168 that 384 threads may each have; 192 overlapped, within
-//                 the 232 the math warpgroups take (setmaxnreg). (256 would
-//                 need 256 registers of acc + tmp, and two B scales per stage.)
+//   FP8_BLOCK_N   columns of a tile: 128 (the launcher's default) or 192.
+//                 128: one B scale per tile per stage (N blocks of 128 are
+//                 the scale blocks), and 64 fp32 registers per thread for acc
+//                 and for each tmp: 128 serial, within the 168 that 384
+//                 threads may each have; 192 overlapped, within the 232 the
+//                 math warpgroups take (setmaxnreg). (256 would need 256
+//                 registers of acc + tmp, and two B scales per stage.)
+//                 192 ("wide tiles", no FP8_THIN, FP8_CLUSTER 1): 1.2x the
+//                 MMA per byte of a and b; each math warpgroup's 64 x 192 as
+//                 two m64n96 halves (tmp 48 + 48, acc 96: 192 registers, so
+//                 the roles trade registers as with FP8_OVERLAP), the
+//                 promotion serial whatever FP8_OVERLAP says (fp8_wide_k_loop
+//                 says why), and two B scale blocks per tile (a tile starts
+//                 on one or 64 columns past one). The same bits as 128.
+//                 Measured 0.89-0.98x the speed of 128 (docs/kernel-notes.md).
 //   FP8_BLOCK_K   K of one stage: 128 (128 bytes of e4m3: one row of the
 //                 128-byte swizzle, and exactly one scale block)
 //   FP8_STAGES    shared-memory stages of the ring (32 KiB each)
@@ -168,11 +177,11 @@
 #if FP8_A_BOX_ROWS % 8 != 0 || FP8_A_BOX_ROWS > FP8_BLOCK_M
 #error "FP8_A_BOX_ROWS must be a multiple of 8 (one 1024-byte swizzle atom), at most FP8_BLOCK_M"
 #endif
-#if FP8_BLOCK_M != 128 || FP8_BLOCK_N != 128 || FP8_BLOCK_K != 128
-#error "this kernel's two math warpgroups issue wgmma m64n128k32 over 128-deep K stages: FP8_BLOCK_M=128, FP8_BLOCK_N=128, FP8_BLOCK_K=128"
+#if FP8_BLOCK_M != 128 || (FP8_BLOCK_N != 128 && FP8_BLOCK_N != 192) || FP8_BLOCK_K != 128
+#error "this kernel's two math warpgroups issue wgmma m64n128k32 (or two m64n96k32) over 128-deep K stages: FP8_BLOCK_M=128, FP8_BLOCK_N=128 or 192, FP8_BLOCK_K=128"
 #endif
-#if FP8_STAGES < 2 || FP8_STAGES > 6
-#error "FP8_STAGES must be 2 to 6 (32 KiB each; the H100 gives a block at most 227 KiB)"
+#if FP8_BLOCK_N == 192 && (FP8_THIN || FP8_CLUSTER != 1)
+#error "FP8_BLOCK_N 192 (wide tiles) runs one CTA per tile and no thin tiles"
 #endif
 #if FP8_LOADERS != 1 && (FP8_LOADERS != 2 || FP8_CLUSTER == 2)
 #error "FP8_LOADERS must be 1, or 2 with one CTA per tile (FP8_CLUSTER 1)"
@@ -196,6 +205,9 @@
 #endif
 // Columns of one schedule slot: the cluster's tiles side by side.
 #define FP8_SLOT_N (FP8_CLUSTER * FP8_TILE_N)
+#if FP8_STAGES < 2 || FP8_STAGES * (FP8_TILE_M + FP8_TILE_N) * FP8_BLOCK_K > 200 * 1024
+#error "FP8_STAGES must be at least 2, and the ring at most 200 KiB (the H100 gives a block at most 227 KiB, the store's staging areas take 18)"
+#endif
 #define FP8_A_STAGE_BYTES (FP8_TILE_M * FP8_BLOCK_K)
 #define FP8_B_STAGE_BYTES (FP8_TILE_N * FP8_BLOCK_K)
 #define FP8_B_BOX_BYTES (FP8_BLOCK_N * FP8_BLOCK_K)
@@ -232,6 +244,31 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], unsigned l
           "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]),
           "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]),
           "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// The same over 96 columns (wide tiles: each math warpgroup's 64 x 192 is
+// two of these, one per temporary half; the D fragment's layout as above,
+// j = 0 .. 11).
+__device__ __forceinline__ void wgmma_m64n96k32_e4m3(float (&d)[48], unsigned long long desc_a,
+                                                     unsigned long long desc_b, int scale_d) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %50, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3 "
+        "{"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, "
+        "%48, %49, p, 1, 1;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
         : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
@@ -276,9 +313,10 @@ __device__ __forceinline__ void fp8_issue_stage(float (&d)[64], unsigned long lo
 // each one; volatile asms keep their order). Placed after a wgmma wait, it
 // keeps the promotion's reads of d after the wait: a read of a fragment whose
 // MMAs may still run makes ptxas serialize every wgmma (note C7514).
-__device__ __forceinline__ void fp8_pin(float (&d)[64]) {
+template <int NREG>
+__device__ __forceinline__ void fp8_pin(float (&d)[NREG]) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+    for (int i = 0; i < NREG; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // acc += d * scale, with s0 for the fragment's row frag_row and s1 for row + 8.
@@ -289,6 +327,46 @@ __device__ __forceinline__ void fp8_promote(float (&acc)[64], const float (&d)[6
         acc[i + 1] = fmaf(d[i + 1], s0, acc[i + 1]);
         acc[i + 2] = fmaf(d[i + 2], s1, acc[i + 2]);
         acc[i + 3] = fmaf(d[i + 3], s1, acc[i + 3]);
+    }
+}
+
+// Wide tiles (FP8_BLOCK_N 192): half H of stage f's MMAs (H = 0: the tile's
+// columns 0 .. 95, 1: 96 .. 191) into the temporary half d, the four
+// m64n96k32 steps committed as one group. Half 0 waits for the fill; half 1
+// follows it on the same stage. b's rows of a half are 96 x 128 bytes =
+// 12 KiB further (1024-aligned, so the swizzle's phase is the stage's).
+template <int H>
+__device__ __forceinline__ void fp8_issue_half(float (&d)[48], unsigned long long* full, unsigned f,
+                                               const unsigned char* ring_a, const unsigned char* ring_b,
+                                               int half) {
+    const int s = f % FP8_STAGES;
+    if (H == 0) mbarrier_wait(&full[s], (f / FP8_STAGES) & 1);
+    const unsigned long long da = smem_descriptor(ring_a + s * FP8_A_STAGE_BYTES + half * 64 * FP8_BLOCK_K);
+    const unsigned long long db = smem_descriptor(ring_b + s * FP8_B_STAGE_BYTES + H * 96 * FP8_BLOCK_K);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < FP8_BLOCK_K / 32; ++kk) {
+        wgmma_m64n96k32_e4m3(d, da + 2 * kk, db + 2 * kk, kk > 0);
+    }
+    wgmma_commit();
+}
+
+// Wide tiles: acc[BASE + i] += d[i] * scale over one half's 12 column groups
+// j (columns 8 j .. 8 j + 7 of the half). A 192-column tile starts at 0 or 64
+// past a 128-column scale block, so it spans two B scale blocks: groups
+// j < SPLIT take the first (lo0 for the thread's row, lo1 for row + 8), the
+// rest the next (hi0, hi1). SPLIT is a constant, so each FFMA's scale is a
+// register chosen at compile time.
+template <int BASE, int SPLIT>
+__device__ __forceinline__ void fp8_promote_half(float (&acc)[96], const float (&d)[48], float lo0, float lo1,
+                                                 float hi0, float hi1) {
+#pragma unroll
+    for (int j = 0; j < 12; ++j) {
+        const float s0 = j < SPLIT ? lo0 : hi0, s1 = j < SPLIT ? lo1 : hi1;
+        acc[BASE + 4 * j] = fmaf(d[4 * j], s0, acc[BASE + 4 * j]);
+        acc[BASE + 4 * j + 1] = fmaf(d[4 * j + 1], s0, acc[BASE + 4 * j + 1]);
+        acc[BASE + 4 * j + 2] = fmaf(d[4 * j + 2], s1, acc[BASE + 4 * j + 2]);
+        acc[BASE + 4 * j + 3] = fmaf(d[4 * j + 3], s1, acc[BASE + 4 * j + 3]);
     }
 }
 
@@ -346,6 +424,42 @@ __device__ __forceinline__ void fp8_load_b(unsigned char* stage, const TmaMap* t
                                            const Fp8Tile& w, int kt, int N) {
     for (int jb = 0; jb < w.b_boxes; ++jb) {
         tma_load_2d(stage + jb * FP8_B_BOX_BYTES, tmap_b, full, kt * FP8_BLOCK_K, w.g * N + w.n0 + jb * FP8_BLOCK_N);
+    }
+}
+
+// A wide tile's K walk for one math warpgroup (FP8_BLOCK_N 192): its 64 x 192
+// as two 64 x 96 halves (two groups of MMAs per stage), each stage waited
+// for and then promoted: the serial form. (The 128-column tiles' overlap
+// needs a second whole temporary fragment, 96 more registers than the 232;
+// overlapping one half's promotion with the other half's MMAs made ptxas
+// serialize every wgmma, C7514, in each loop shape tried: docs/kernel-notes.md.)
+// EVEN: the tile starts on a scale block (columns 0 .. 127 take the first B
+// block, 128 .. 191 the next); else 64 past one (columns 0 .. 63 the first,
+// 64 .. 191 the next). Each output sums its stages' tmp * (sa * sb) in K
+// order with one fmaf each, as the 128-column tiles do.
+template <bool EVEN>
+__device__ __forceinline__ void fp8_wide_k_loop(float (&acc)[96], float (&ta)[48], float (&tb)[48],
+                                                unsigned long long* full, unsigned long long* empty,
+                                                unsigned fills, int num_k, const unsigned char* ring_a,
+                                                const unsigned char* ring_b, int half, int tid,
+                                                const float* sa0, const float* sa1, const float* sb_lo,
+                                                const float* sb_hi) {
+    constexpr int SPLIT_A = EVEN ? 12 : 8, SPLIT_B = EVEN ? 4 : 0;
+    float a0 = load_scale(sa0), a1 = load_scale(sa1), lo = load_scale(sb_lo), hi = load_scale(sb_hi);
+    for (int kt = 0; kt < num_k; ++kt) {
+        fp8_issue_half<0>(ta, full, fills + kt, ring_a, ring_b, half);
+        fp8_issue_half<1>(tb, full, fills + kt, ring_a, ring_b, half);
+        // The next stage's scales while the MMAs run (the last stage reloads its own).
+        const int kn = min(kt + 1, num_k - 1);
+        const float na0 = load_scale(sa0 + kn), na1 = load_scale(sa1 + kn);
+        const float nlo = load_scale(sb_lo + kn), nhi = load_scale(sb_hi + kn);
+        wgmma_wait<0>();
+        fp8_pin(ta);
+        fp8_pin(tb);
+        if (tid == 0) fp8_release(&empty[(fills + kt) % FP8_STAGES]);  // stage kt is read
+        fp8_promote_half<0, SPLIT_A>(acc, ta, a0 * lo, a1 * lo, a0 * hi, a1 * hi);
+        fp8_promote_half<48, SPLIT_B>(acc, tb, a0 * lo, a1 * lo, a0 * hi, a1 * hi);
+        a0 = na0, a1 = na1, lo = nlo, hi = nhi;
     }
 }
 
@@ -435,7 +549,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
 
     const int warpgroup = threadIdx.x / 128;
     if (warpgroup == 0) {
-#if FP8_OVERLAP
+#if FP8_OVERLAP || FP8_BLOCK_N == 192
         // The load warpgroup gives registers to the math warpgroups' second
         // fragment: 128 x 40 + 256 x 232 = 64,512 of the SM's 65,536.
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
@@ -562,7 +676,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
 
     // Math warpgroup w (1 or 2) multiplies rows 64 * (w - 1) .. + 63 of each
     // tile, or (thin tiles) columns 128 * (w - 1) .. + 127 of its 64 rows.
-#if FP8_OVERLAP
+#if FP8_OVERLAP || FP8_BLOCK_N == 192
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
 #endif
     const int half = warpgroup - 1;
@@ -576,7 +690,13 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
 #endif
     const int tid = threadIdx.x & 127;
     const int frag_row = (tid >> 5) * 16 + ((tid & 31) >> 2);  // this thread's first D row in the 64
-#if FP8_OVERLAP
+#if FP8_BLOCK_N == 192
+    // Wide tiles: two temporary halves (fp8_wide_k_loop): 192 registers with
+    // acc, within the 232 the math warpgroups take (setmaxnreg).
+    float acc[96], tmpa[48], tmpb[48];
+#pragma unroll
+    for (int i = 0; i < 48; ++i) tmpa[i] = tmpb[i] = 0.0f;  // defined before the first MMAs (which ignore them)
+#elif FP8_OVERLAP
     // Two temporary fragments: stage kt + 1's MMAs run into one while stage
     // kt's partial sums in the other are promoted, so the tensor cores are
     // not idle during the FFMAs (the serial form waits for its MMAs, then
@@ -603,6 +723,22 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
         const int r0 = t.row0 + row_in + frag_row;
         const float* sa0 = sa + static_cast<long long>(min(r0, M - 1)) * num_k;
         const float* sa1 = sa + static_cast<long long>(min(r0 + 8, M - 1)) * num_k;
+#if FP8_BLOCK_N == 192
+        // The tile's two B scale rows (the second clamped: a tile past the
+        // last block stores no column there).
+        const int nb_lo = min(t.n0 / FP8_SCALE_BLOCK, n_blocks - 1);
+        const float* sb_lo = sb + (static_cast<long long>(t.g) * n_blocks + nb_lo) * num_k;
+        const float* sb_hi = sb + (static_cast<long long>(t.g) * n_blocks + min(nb_lo + 1, n_blocks - 1)) * num_k;
+#pragma unroll
+        for (int i = 0; i < 96; ++i) acc[i] = 0.0f;
+        if (t.n0 % FP8_SCALE_BLOCK == 0) {
+            fp8_wide_k_loop<true>(acc, tmpa, tmpb, full, empty, fills, num_k, ring_a, ring_b, half, tid, sa0, sa1,
+                                  sb_lo, sb_hi);
+        } else {
+            fp8_wide_k_loop<false>(acc, tmpa, tmpb, full, empty, fills, num_k, ring_a, ring_b, half, tid, sa0, sa1,
+                                   sb_lo, sb_hi);
+        }
+#else
         // (A thin tile's second half may lie wholly past N: its columns are
         // never stored, and its scale row is the last one, not past it.)
         const int nb_row = min((t.n0 + col_in) / FP8_SCALE_BLOCK, n_blocks - 1);
@@ -672,9 +808,10 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
             b = nb;
         }
 #endif
+#endif  // FP8_BLOCK_N == 192
         fills += num_k;
 
-        // The store: 2 passes of 64 columns through this warpgroup's staging area.
+        // The store: 2 passes (wide tiles 3) of 64 columns through this warpgroup's staging area.
         bf16_t* stage = reinterpret_cast<bf16_t*>(ring + FP8_STAGES * FP8_STAGE_BYTES) + half * SM90_C_STAGE_ELEMS;
         const int r_first = t.row0 + row_in;
 #pragma unroll

@@ -36,11 +36,27 @@ def _ptxas_report(defines=None) -> str:
 
 
 @pytest.mark.parametrize(
-    "thin, cluster, loaders",
-    [(False, 2, 1), (False, 1, 1), (True, 1, 1), (False, 1, 2), (True, 1, 2)],
-    ids=["pairs", "128x128", "thin", "128x128, two loaders", "thin, two loaders"],
+    "thin, cluster, loaders, wide",
+    [
+        (False, 2, 1, False),
+        (False, 1, 1, False),
+        (True, 1, 1, False),
+        (False, 1, 2, False),
+        (True, 1, 2, False),
+        (False, 1, 2, True),
+        (False, 1, 1, True),
+    ],
+    ids=[
+        "pairs",
+        "128x128",
+        "thin",
+        "128x128, two loaders",
+        "thin, two loaders",
+        "128x192, two loaders",
+        "128x192",
+    ],
 )
-def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin, cluster, loaders):
+def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin, cluster, loaders, wide):
     """384 threads of one CTA per SM start with 168 registers each (65,536 /
     384, rounded down to 8: what ptxas reports); the math warpgroups then take
     232 (setmaxnreg) for acc + tmp0 + tmp1, 192 of them, and the load thread
@@ -49,9 +65,8 @@ def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin, c
     or a wait added, would cost the kernel its speed, not its results. Each
     tile shape, with and without CTA pairs."""
     pytest.importorskip("cuda.core")
-    report = _ptxas_report(
-        {**hopper_fp8.launch_defines(thin), "FP8_CLUSTER": cluster, "FP8_LOADERS": loaders}
-    )
+    base = hopper_fp8.WIDE_DEFINES if wide else hopper_fp8.launch_defines(thin)
+    report = _ptxas_report({**base, "FP8_CLUSTER": cluster, "FP8_LOADERS": loaders})
     assert f"Compiling entry function '{hopper_fp8.KERNEL}'" in report
     # C7520/C7510/C7514: wgmma serialized; C7517: a wait ptxas had to add.
     assert not any(note in report for note in ("C7520", "C7510", "C7514", "C7517")), report
@@ -89,6 +104,17 @@ def test_ptx_has_the_e4m3_wgmma_and_2d_tma():
     assert "setmaxnreg.dec.sync.aligned.u32 40;" in text and "setmaxnreg.inc.sync.aligned.u32 232;" in text
     assert "cp.async.bulk.tensor.2d" in text and "ld.global.nc.f32" in text
     assert ".multicast::cluster" not in text and "barrier.cluster" not in text  # one CTA per tile
+
+
+def test_ptx_of_wide_tiles():
+    """FP8_BLOCK_N 192: each stage as two m64n96 groups (issued in the two
+    instantiations of the K walk, a tile on or 64 past a scale block), each
+    stage waited for (the serial promotion), registers traded between roles."""
+    text = _ptx(hopper_fp8.WIDE_DEFINES)
+    assert "m64n128k32" not in text
+    assert text.count("wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3") == 2 * 2 * 4
+    assert "wgmma.wait_group.sync.aligned 0;" in text and "wgmma.wait_group.sync.aligned 1;" not in text
+    assert "setmaxnreg.dec.sync.aligned.u32 40;" in text and "setmaxnreg.inc.sync.aligned.u32 232;" in text
 
 
 def test_ptx_of_cta_pairs():
@@ -144,6 +170,35 @@ def test_launch_constants_agree():
     assert hopper_fp8.shared_bytes(most, thin=True) <= limit < hopper_fp8.shared_bytes(most, True) + 12
     assert hopper_fp8.shared_bytes(hopper.TABLE_MAX_GROUPS) <= limit
     assert hopper_fp8.shared_bytes(most + 1, thin=True) == hopper_fp8.THIN_SHARED_BYTES
+    # Wide tiles: 5 stages of 128 rows of a and 192 of b, the table as large as fits.
+    wide = hopper_fp8.WIDE_DEFINES
+    assert {k: v for k, v in wide.items() if hopper_fp8.DEFINES[k] != v} == {
+        "FP8_BLOCK_N": 192,
+        "FP8_STAGES": 5,
+        "FP8_TABLE_MAX_GROUPS": 597,
+    }
+    assert hopper_fp8.WIDE_SHARED_BYTES == 5 * (128 + 192) * 128 + 2 * 64 * 72 * 2 + 1024
+    assert (
+        hopper_fp8.shared_bytes(597, defines=wide) <= limit < hopper_fp8.shared_bytes(597, defines=wide) + 12
+    )
+    assert hopper_fp8.shared_bytes(598, defines=wide) == hopper_fp8.WIDE_SHARED_BYTES
+    assert (
+        hopper_fp8.tile_n(wide) == 192
+        and hopper_fp8.tile_n(thin) == 256
+        and hopper_fp8.tile_n(hopper_fp8.DEFINES) == 128
+    )
+
+
+def test_wide_tiles_only_where_asked(monkeypatch):
+    """WIDE (off: measured slower) picks the wide tiles for prefill only;
+    decode keeps its thin tiles either way."""
+    assert hopper_fp8.launch_defines(False)["FP8_BLOCK_N"] == 128
+    monkeypatch.setattr(hopper_fp8, "WIDE", True)
+    assert hopper_fp8.launch_defines(False) is hopper_fp8.WIDE_DEFINES
+    assert (
+        hopper_fp8.launch_defines(True)["FP8_BLOCK_N"] == 128
+        and hopper_fp8.launch_defines(True)["FP8_THIN"] == 1
+    )
 
 
 def test_thin_tiles_where_groups_average_at_most_16_rows(monkeypatch):

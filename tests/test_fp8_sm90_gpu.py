@@ -263,6 +263,46 @@ def test_two_loaders_give_one_loaders_bits(sizes, n, k, limit, thin, monkeypatch
     assert bool(cupy.all(outs[0] == outs[1]))
 
 
+@pytest.mark.parametrize(
+    "sizes, n, k",
+    [
+        ([0, 1, 5, 219, 2246], 1536, 2048),  # Qwen3's N: 8 tiles, starting on and 64 past scale blocks
+        ([37, 0, 64, 65, 1], 264, 144),  # the second tile 64 past block 1, 72 columns, past N
+        ([129, 127, 0, 256], 392, 400),  # 4 stages; the second tile's second scale row clamped
+        ([3, 130, 0, 77], 200, 528),  # 5 stages; the second tile 8 columns wide
+        ([16, 17, 33, 2, 48, 63, 64, 65, 0, 15, 192, 193, 129], 512, 512),  # a's small boxes
+        ([300], 136, 7168),  # one tile, N < 192: both scale rows in range
+        ([300], 128, 128),  # one scale block of N: the second row clamped to it
+        ([8] * 8, 8, 16),  # the smallest sizes
+    ],
+)
+@pytest.mark.parametrize("limit", [None, 3])
+@pytest.mark.parametrize("loaders", [2, 1])
+def test_wide_tiles_give_the_128_column_tiles_bits(sizes, n, k, limit, loaders, monkeypatch):
+    """FP8_BLOCK_N 192 (wide tiles: two m64n96 halves per math warpgroup, two
+    B scale blocks per tile) against float64 and bit for bit against the
+    128 x 128 tiles: each output element sums the same stages' products in
+    the same order with the same scales. Every SM's grid and three CTAs
+    walking every tile, with one and two load threads."""
+    import cupy
+
+    rng = np.random.default_rng(sum(sizes) + n + k + 7)
+    a_q, a_s, wq, ref = _case(rng, sizes, n, k)
+    monkeypatch.setattr(hopper_fp8, "GRID_LIMIT", limit)
+    _force_tiles(monkeypatch, False)
+    outs = []
+    for wide in (True, False):
+        monkeypatch.setattr(hopper_fp8, "WIDE", wide)
+        monkeypatch.setattr(hopper_fp8, "WIDE_DEFINES", {**hopper_fp8.WIDE_DEFINES, "FP8_LOADERS": loaders})
+        monkeypatch.setattr(hopper_fp8, "DEFINES", {**hopper_fp8.DEFINES, "FP8_LOADERS": loaders})
+        assert hopper_fp8.launch_defines(False)["FP8_BLOCK_N"] == (192 if wide else 128)
+        out = poisoned((a_q.shape[0], n), BF16)
+        hopper_fp8.grouped_fp8(a_q, a_s, wq, cupy.asarray(sizes, dtype=cupy.int32), out=out)
+        _check(out, ref, f"fp8 wide={wide} loaders={loaders} {sizes} N={n} K={k} limit={limit}")
+        outs.append(out.view(cupy.uint16))
+    assert bool(cupy.all(outs[0] == outs[1]))
+
+
 def test_bitwise_repeatable():
     import cupy
 

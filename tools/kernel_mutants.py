@@ -680,6 +680,20 @@ MUTANTS: tuple[Mutant, ...] = (
         "overlapped promotion: a tile's last stage, of an even count, is promoted with its predecessor's scales",
     ),
     Mutant(
+        "fp8-wide-split",
+        "grouped_gemm_fp8_sm90.cu",
+        "constexpr int SPLIT_A = EVEN ? 12 : 8, SPLIT_B = EVEN ? 4 : 0;",
+        "constexpr int SPLIT_A = EVEN ? 12 : 8, SPLIT_B = EVEN ? 0 : 0;",
+        "wide tiles: a tile on a scale block promotes its columns 96-127 with the next block's B scale",
+    ),
+    Mutant(
+        "fp8-wide-hi-row",
+        "grouped_gemm_fp8_sm90.cu",
+        "const float* sb_hi = sb + (static_cast<long long>(t.g) * n_blocks + min(nb_lo + 1, n_blocks - 1)) * num_k;",
+        "const float* sb_hi = sb_lo;",
+        "wide tiles: the second B scale row is the first one again",
+    ),
+    Mutant(
         "fp8-promote-row",
         "grouped_gemm_fp8_sm90.cu",
         "acc[i + 2] = fmaf(d[i + 2], s1, acc[i + 2]);",

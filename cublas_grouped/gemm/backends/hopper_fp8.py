@@ -56,7 +56,12 @@ __all__ = [
     "THIN_STAGES",
     "THIN_SHARED_BYTES",
     "THIN_TABLE_MAX_GROUPS",
+    "WIDE",
+    "WIDE_SHARED_BYTES",
+    "WIDE_TABLE_MAX_GROUPS",
+    "WIDE_DEFINES",
     "thin_tiles",
+    "tile_n",
     "launch_defines",
     "shared_bytes",
     "ALIGNMENT",
@@ -145,13 +150,23 @@ def thin_tiles(m: int, e: int) -> bool:
     return THIN and m <= THIN_MAX_ROWS_PER_GROUP * e
 
 
+# Wide tiles (FP8_BLOCK_N 192, 5 stages of 40 KiB; True: prefill runs them):
+# 1.2x the MMA per byte of a and b, but the promotion serial. Bit for bit the
+# 128 x 128 tiles' results, measured 0.89-0.98x their speed on an H200
+# (docs/kernel-notes.md, "FP8 wide tiles"), so off; kept for probes.
+WIDE = False
+WIDE_SHARED_BYTES = 5 * (BLOCK_M + 192) * BLOCK_K + 2 * 64 * hopper.C_PITCH * 2 + 1024
+WIDE_TABLE_MAX_GROUPS = (SHARED_LIMIT - WIDE_SHARED_BYTES - 4) // 12
+WIDE_DEFINES = {**DEFINES, "FP8_BLOCK_N": 192, "FP8_STAGES": 5, "FP8_TABLE_MAX_GROUPS": WIDE_TABLE_MAX_GROUPS}
+
+
 def launch_defines(thin: bool) -> dict:
     """The kernel's defines for 128 x 128 tiles (:data:`DEFINES`, read at
     each call: a probe may vary them) or for thin tiles. (No early prefetch of
     a layer's GEMM 2, unlike the bf16 kernel's ``SM90_PREFETCH_B``: measured
     1.04-1.19x slower on Qwen3-30B-A3B decode layers, docs/kernel-notes.md.)"""
     if not thin:
-        return DEFINES
+        return WIDE_DEFINES if WIDE else DEFINES
     return {
         **DEFINES,
         "FP8_THIN": 1,
@@ -161,15 +176,22 @@ def launch_defines(thin: bool) -> dict:
     }
 
 
-def shared_bytes(groups: int, thin: bool = False) -> int:
-    """The launch's dynamic shared memory: :data:`SHARED_BYTES` (thin tiles:
-    :data:`THIN_SHARED_BYTES`) and the schedule table of ``groups`` groups (as
-    the bf16 kernel's, v14), where the kernel keeps one (at most
-    hopper.TABLE_MAX_GROUPS; :data:`THIN_TABLE_MAX_GROUPS` for thin tiles)."""
-    base, most = (
-        (THIN_SHARED_BYTES, THIN_TABLE_MAX_GROUPS) if thin else (SHARED_BYTES, hopper.TABLE_MAX_GROUPS)
-    )
-    return base + (4 * (3 * groups + 1) if 0 < groups <= most else 0)
+def tile_n(defines: dict) -> int:
+    """Columns of one CTA's tile under ``defines`` (thin tiles: two boxes of b)."""
+    return defines["FP8_BLOCK_N"] * (2 if defines["FP8_THIN"] else 1)
+
+
+def shared_bytes(groups: int, thin: bool = False, defines: dict | None = None) -> int:
+    """The launch's dynamic shared memory under ``defines`` (default
+    :func:`launch_defines` of ``thin``): the ring, the store's two staging
+    areas and 1024 bytes of alignment (:data:`SHARED_BYTES`,
+    :data:`THIN_SHARED_BYTES`, :data:`WIDE_SHARED_BYTES`), and the schedule
+    table of ``groups`` groups (as the bf16 kernel's, v14) where the kernel
+    keeps one (at most the defines' ``FP8_TABLE_MAX_GROUPS``)."""
+    d = launch_defines(thin) if defines is None else defines
+    tile_m = 64 if d["FP8_THIN"] else BLOCK_M
+    base = d["FP8_STAGES"] * (tile_m + tile_n(d)) * BLOCK_K + 2 * 64 * hopper.C_PITCH * 2 + 1024
+    return base + (4 * (3 * groups + 1) if 0 < groups <= d["FP8_TABLE_MAX_GROUPS"] else 0)
 
 
 # TMA reads from 16-byte aligned addresses; the store writes 16-byte chunks.
@@ -446,14 +468,14 @@ def _prepare_gemm(device_id: int, shape, values_ptr: int, scales_ptr: int, m: in
     defines = launch_defines(thin)
     gemm = _kernels.get_kernel(SOURCE, KERNEL, ARCH, defines=defines)
     most = defines["FP8_TABLE_MAX_GROUPS"]
-    hopper._allow_shared_memory(gemm, device_id, shared_bytes(most, thin))  # the most any E asks
+    hopper._allow_shared_memory(gemm, device_id, shared_bytes(most, thin, defines))  # the most any E asks
     cluster = defines["FP8_CLUSTER"]
     # With CTA pairs each CTA loads half of a's 128-row box (and multicasts it).
     tmap_a = hopper.tensor_map(a_ptr, (m, k), (BLOCK_M // cluster, BLOCK_K), np.uint8, device_id)
     # The box the source was compiled for (a probe may vary the define).
     box_rows = defines["FP8_A_BOX_ROWS"]
     tmap_a_rows = hopper.tensor_map(a_ptr, (m, k), (box_rows, BLOCK_K), np.uint8, device_id)
-    tmap_b = hopper.tensor_map(values_ptr, (e * n, k), (BLOCK_N, BLOCK_K), np.uint8, device_id)
+    tmap_b = hopper.tensor_map(values_ptr, (e * n, k), (defines["FP8_BLOCK_N"], BLOCK_K), np.uint8, device_id)
     args = (
         tmap_a,
         tmap_a_rows,
@@ -467,8 +489,8 @@ def _prepare_gemm(device_id: int, shape, values_ptr: int, scales_ptr: int, m: in
         np.int32(k),
         np.intp(0),  # the output: written by each launch (slot 13)
     )
-    tile_n = THIN_TILE_N if thin else BLOCK_N
-    ctas = _pair_ctas(gemm, device_id, shared_bytes(e, thin)) if cluster == 2 else hopper._sm_count(device_id)
-    grid = grid_size(m, n, e, ctas, GRID_LIMIT, tile_n, cluster)
+    shmem = shared_bytes(e, thin, defines)
+    ctas = _pair_ctas(gemm, device_id, shmem) if cluster == 2 else hopper._sm_count(device_id)
+    grid = grid_size(m, n, e, ctas, GRID_LIMIT, tile_n(defines), cluster)
     label = f"{KERNEL} (kernels/{SOURCE}.cu, {ARCH})"
-    return _fast.FixedLaunch(gemm, grid, THREADS, args, shmem=shared_bytes(e, thin), slots=(13,), label=label)
+    return _fast.FixedLaunch(gemm, grid, THREADS, args, shmem=shmem, slots=(13,), label=label)
