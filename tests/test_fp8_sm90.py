@@ -39,6 +39,7 @@ def _ptxas_report(defines=None) -> str:
     "thin, cluster, loaders, wide",
     [
         (False, 2, 1, False),
+        (False, 2, 2, False),
         (False, 1, 1, False),
         (True, 1, 1, False),
         (False, 1, 2, False),
@@ -48,6 +49,7 @@ def _ptxas_report(defines=None) -> str:
     ],
     ids=[
         "pairs",
+        "pairs, two loaders",
         "128x128",
         "thin",
         "128x128, two loaders",

@@ -200,8 +200,8 @@ def test_cta_pairs_give_one_ctas_bits(sizes, n, k, limit, monkeypatch):
     one CTA per tile: each output element sums the same K stages in the same
     order. With every SM's grid and with one pair walking every slot (limit 3:
     the ring, the pair's mailbox and the tile counter over many slots); host
-    and device sizes. (Pairs take one load thread; one CTA per tile runs its
-    default two.)"""
+    and device sizes. Pairs with two load threads (each CTA's thread 32
+    loading its own b) and with one, against one CTA per tile with two."""
     import cupy
 
     from cublas_grouped.runtime.device import stream_resources
@@ -210,15 +210,18 @@ def test_cta_pairs_give_one_ctas_bits(sizes, n, k, limit, monkeypatch):
     a_q, a_s, wq, ref = _case(rng, sizes, n, k)
     monkeypatch.setattr(hopper_fp8, "GRID_LIMIT", limit)
     outs = []
-    for cluster in (2, 1):
+    for cluster, loaders in ((2, 2), (2, 1), (1, 2)):
         monkeypatch.setattr(
-            hopper_fp8, "DEFINES", {**hopper_fp8.DEFINES, "FP8_CLUSTER": cluster, "FP8_LOADERS": 3 - cluster}
+            hopper_fp8, "DEFINES", {**hopper_fp8.DEFINES, "FP8_CLUSTER": cluster, "FP8_LOADERS": loaders}
         )
         for device in (False, True):
             out = poisoned((a_q.shape[0], n), BF16)
             group_sizes = cupy.asarray(sizes, dtype=cupy.int32) if device else sizes
             hopper_fp8.grouped_fp8(a_q, a_s, wq, group_sizes, out=out)
-            _check(out, ref, f"fp8 cluster={cluster} device={device} {sizes} N={n} K={k} limit={limit}")
+            what = (
+                f"fp8 cluster={cluster} loaders={loaders} device={device} {sizes} N={n} K={k} limit={limit}"
+            )
+            _check(out, ref, what)
             outs.append(out.view(cupy.uint16))
         if cluster == 2 and limit is not None:
             # One draw per slot of 256 columns: rank 0 drew them all, rank 1 none.

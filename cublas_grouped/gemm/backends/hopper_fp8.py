@@ -97,15 +97,15 @@ OVERLAP = 1
 # schedule slot of 256 columns on a CTA pair that shares each stage of a by
 # TMA multicast, so each CTA reads 24 KiB from L2 per stage instead of 32.
 # Correct and bit for bit the same, but measured 1.00-1.09x slower on an H200
-# (docs/kernel-notes.md, "FP8 CTA pairs"): L2 was not what bound the kernel.
-# Kept for probes and for wider tiles. Thin tiles always run 1.
+# with one load thread, 1.01-1.10x with two (docs/kernel-notes.md, "FP8 CTA
+# pairs"): L2 does not bind the kernel. Kept for probes. Thin tiles run 1.
 CLUSTER = 1
 # Load threads (FP8_LOADERS). 2: thread 0 of the load warpgroup takes the
 # tiles and loads a, thread 32 loads b. Measured 1.13-1.26x faster than one
 # thread issuing both at prefill on an H200 (Qwen3 and DeepSeek-V3, 4096 and
 # 16384 tokens), 1.00-1.03x at decode, bit for bit the same
-# (docs/kernel-notes.md, "FP8 with two load threads"). CTA pairs take 1.
-LOADERS = 2 if CLUSTER == 1 else 1
+# (docs/kernel-notes.md, "FP8 with two load threads"); CTA pairs too.
+LOADERS = 2
 DEFINES = {
     "FP8_BLOCK_M": BLOCK_M,
     "FP8_BLOCK_N": BLOCK_N,
