@@ -54,11 +54,11 @@
 //                 192 ("wide tiles", no FP8_THIN, FP8_CLUSTER 1): 1.2x the
 //                 MMA per byte of a and b; each math warpgroup's 64 x 192 as
 //                 two m64n96 halves (tmp 48 + 48, acc 96: 192 registers, so
-//                 the roles trade registers as with FP8_OVERLAP), the
-//                 promotion serial whatever FP8_OVERLAP says (fp8_wide_k_loop
-//                 says why), and two B scale blocks per tile (a tile starts
-//                 on one or 64 columns past one). The same bits as 128.
-//                 Measured 0.89-0.98x the speed of 128 (docs/kernel-notes.md).
+//                 the roles trade registers whatever FP8_OVERLAP says), one
+//                 half promoted while the other's MMAs run (FP8_OVERLAP; 0:
+//                 serial), and two B scale blocks per tile (a tile starts on
+//                 one or 64 columns past one). The same bits as 128.
+//                 Measured: docs/kernel-notes.md, "FP8 wide tiles".
 //   FP8_BLOCK_K   K of one stage: 128 (128 bytes of e4m3: one row of the
 //                 128-byte swizzle, and exactly one scale block)
 //   FP8_STAGES    shared-memory stages of the ring (32 KiB each)
@@ -430,15 +430,23 @@ __device__ __forceinline__ void fp8_load_b(unsigned char* stage, const TmaMap* t
 }
 
 // A wide tile's K walk for one math warpgroup (FP8_BLOCK_N 192): its 64 x 192
-// as two 64 x 96 halves (two groups of MMAs per stage), each stage waited
-// for and then promoted: the serial form. (The 128-column tiles' overlap
-// needs a second whole temporary fragment, 96 more registers than the 232;
-// overlapping one half's promotion with the other half's MMAs made ptxas
-// serialize every wgmma, C7514, in each loop shape tried: docs/kernel-notes.md.)
-// EVEN: the tile starts on a scale block (columns 0 .. 127 take the first B
-// block, 128 .. 191 the next); else 64 past one (columns 0 .. 63 the first,
-// 64 .. 191 the next). Each output sums its stages' tmp * (sa * sb) in K
-// order with one fmaf each, as the 128-column tiles do.
+// as two 64 x 96 halves (two groups of MMAs per stage), each half in its own
+// temporary fragment. With FP8_OVERLAP one half's partial sums are promoted
+// while the other half's MMAs run: stage kt's half 0 while its half 1 runs,
+// its half 1 while stage kt + 1's half 0 runs (the 128-column tiles' overlap
+// needs a second whole fragment, 96 more registers than the 232). Without
+// it, each stage's two groups are waited for, then promoted (the serial
+// form). EVEN: the tile starts on a scale block (columns 0 .. 127 take the
+// first B block, 128 .. 191 the next); else 64 past one (columns 0 .. 63 the
+// first, 64 .. 191 the next). Each output sums its stages' tmp * (sa * sb)
+// in K order with one fmaf each, as the 128-column tiles do: the same bits.
+// The column groups j (of each half's 12) that take the tile's first B scale
+// block: j < A in half 0, j < B in half 1 (fp8_promote_half's SPLIT).
+template <bool EVEN>
+struct Fp8WideSplit {
+    static constexpr int A = EVEN ? 12 : 8, B = EVEN ? 4 : 0;
+};
+#if !FP8_OVERLAP
 template <bool EVEN>
 __device__ __forceinline__ void fp8_wide_k_loop(float (&acc)[96], float (&ta)[48], float (&tb)[48],
                                                 unsigned long long* full, unsigned long long* empty,
@@ -446,7 +454,7 @@ __device__ __forceinline__ void fp8_wide_k_loop(float (&acc)[96], float (&ta)[48
                                                 const unsigned char* ring_b, int half, int tid,
                                                 const float* sa0, const float* sa1, const float* sb_lo,
                                                 const float* sb_hi) {
-    constexpr int SPLIT_A = EVEN ? 12 : 8, SPLIT_B = EVEN ? 4 : 0;
+    constexpr int SPLIT_A = Fp8WideSplit<EVEN>::A, SPLIT_B = Fp8WideSplit<EVEN>::B;
     float a0 = load_scale(sa0), a1 = load_scale(sa1), lo = load_scale(sb_lo), hi = load_scale(sb_hi);
     for (int kt = 0; kt < num_k; ++kt) {
         fp8_issue_half<0>(ta, full, fills + kt, ring_a, ring_b, half);
@@ -464,6 +472,55 @@ __device__ __forceinline__ void fp8_wide_k_loop(float (&acc)[96], float (&ta)[48
         a0 = na0, a1 = na1, lo = nlo, hi = nhi;
     }
 }
+
+#else
+template <bool EVEN>
+__device__ __forceinline__ void fp8_wide_k_loop(float (&acc)[96], float (&ta)[48], float (&tb)[48],
+                                                unsigned long long* full, unsigned long long* empty,
+                                                unsigned fills, int num_k, const unsigned char* ring_a,
+                                                const unsigned char* ring_b, int half, int tid,
+                                                const float* sa0, const float* sa1, const float* sb_lo,
+                                                const float* sb_hi) {
+    constexpr int SPLIT_A = Fp8WideSplit<EVEN>::A, SPLIT_B = Fp8WideSplit<EVEN>::B;
+    float a0 = load_scale(sa0), a1 = load_scale(sa1), lo = load_scale(sb_lo), hi = load_scale(sb_hi);
+    // At the loop's head stage kt's half 0 is the one group in flight.
+    fp8_issue_half<0>(ta, full, fills, ring_a, ring_b, half);
+    int kt = 0;
+    for (; kt + 1 < num_k; ++kt) {
+        fp8_issue_half<1>(tb, full, fills + kt, ring_a, ring_b, half);
+        wgmma_wait<1>();  // stage kt's half 0 is done; its half 1 runs on
+        fp8_pin(ta);
+        fp8_promote_half<0, SPLIT_A>(acc, ta, a0 * lo, a1 * lo, a0 * hi, a1 * hi);
+        fp8_issue_half<0>(ta, full, fills + kt + 1, ring_a, ring_b, half);
+        const float na0 = load_scale(sa0 + kt + 1), na1 = load_scale(sa1 + kt + 1);
+        const float nlo = load_scale(sb_lo + kt + 1), nhi = load_scale(sb_hi + kt + 1);
+        wgmma_wait<1>();  // stage kt's half 1 is done; stage kt + 1's half 0 runs on
+        fp8_pin(tb);
+        if (tid == 0) fp8_release(&empty[(fills + kt) % FP8_STAGES]);  // stage kt is read
+        fp8_promote_half<48, SPLIT_B>(acc, tb, a0 * lo, a1 * lo, a0 * hi, a1 * hi);
+        a0 = na0, a1 = na1, lo = nlo, hi = nhi;
+    }
+    // The last stage. The second path below is never taken (num_k >= 1; the
+    // test goes through an asm copy, so the compiler cannot drop it): with
+    // one path out of the loop, whatever the loop's shape, ptxas serialized
+    // every wgmma (C7514); with two, as the 128-column tiles' tail has, it
+    // pipelines them (found by bisection offline; the reason is not known).
+    int k_left;
+    asm("mov.b32 %0, %1;" : "=r"(k_left) : "r"(num_k));
+    if (k_left > 0) {
+        fp8_issue_half<1>(tb, full, fills + kt, ring_a, ring_b, half);
+        wgmma_wait<1>();
+        fp8_pin(ta);
+        fp8_promote_half<0, SPLIT_A>(acc, ta, a0 * lo, a1 * lo, a0 * hi, a1 * hi);
+        wgmma_wait<0>();
+        fp8_pin(tb);
+        if (tid == 0) fp8_release(&empty[(fills + kt) % FP8_STAGES]);
+        fp8_promote_half<48, SPLIT_B>(acc, tb, a0 * lo, a1 * lo, a0 * hi, a1 * hi);
+    } else {
+        wgmma_wait<0>();
+    }
+}
+#endif
 
 // The pipeline (as grouped_gemm_sm90.cu's): every role counts the stages it
 // has filled (or consumed) since the CTA began, `fills`, carried from tile to

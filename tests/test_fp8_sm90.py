@@ -46,6 +46,7 @@ def _ptxas_report(defines=None) -> str:
         (True, 1, 2, False),
         (False, 1, 2, True),
         (False, 1, 1, True),
+        (False, 1, 2, "serial"),
     ],
     ids=[
         "pairs",
@@ -56,6 +57,7 @@ def _ptxas_report(defines=None) -> str:
         "thin, two loaders",
         "128x192, two loaders",
         "128x192",
+        "128x192 serial",
     ],
 )
 def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin, cluster, loaders, wide):
@@ -68,6 +70,8 @@ def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin, c
     tile shape, with and without CTA pairs."""
     pytest.importorskip("cuda.core")
     base = hopper_fp8.WIDE_DEFINES if wide else hopper_fp8.launch_defines(thin)
+    if wide == "serial":
+        base = {**base, "FP8_OVERLAP": 0}
     report = _ptxas_report({**base, "FP8_CLUSTER": cluster, "FP8_LOADERS": loaders})
     assert f"Compiling entry function '{hopper_fp8.KERNEL}'" in report
     # C7520/C7510/C7514: wgmma serialized; C7517: a wait ptxas had to add.
@@ -108,14 +112,19 @@ def test_ptx_has_the_e4m3_wgmma_and_2d_tma():
     assert ".multicast::cluster" not in text and "barrier.cluster" not in text  # one CTA per tile
 
 
-def test_ptx_of_wide_tiles():
-    """FP8_BLOCK_N 192: each stage as two m64n96 groups (issued in the two
-    instantiations of the K walk, a tile on or 64 past a scale block), each
-    stage waited for (the serial promotion), registers traded between roles."""
-    text = _ptx(hopper_fp8.WIDE_DEFINES)
+@pytest.mark.parametrize("overlap", [1, 0])
+def test_ptx_of_wide_tiles(overlap):
+    """FP8_BLOCK_N 192: each stage as two m64n96 groups, in the two
+    instantiations of the K walk (a tile on or 64 past a scale block).
+    Overlapped: issued at four places each (the first half 0, the loop's two,
+    the tail's half 1), waiting for all but the newest group; serial: two
+    places, each stage waited for. Registers traded between roles in both."""
+    text = _ptx({**hopper_fp8.WIDE_DEFINES, "FP8_OVERLAP": overlap})
     assert "m64n128k32" not in text
-    assert text.count("wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3") == 2 * 2 * 4
-    assert "wgmma.wait_group.sync.aligned 0;" in text and "wgmma.wait_group.sync.aligned 1;" not in text
+    places = 4 if overlap else 2
+    assert text.count("wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3") == 2 * places * 4
+    assert "wgmma.wait_group.sync.aligned 0;" in text
+    assert ("wgmma.wait_group.sync.aligned 1;" in text) == bool(overlap)
     assert "setmaxnreg.dec.sync.aligned.u32 40;" in text and "setmaxnreg.inc.sync.aligned.u32 232;" in text
 
 

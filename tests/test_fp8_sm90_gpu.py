@@ -283,27 +283,32 @@ def test_two_loaders_give_one_loaders_bits(sizes, n, k, limit, thin, monkeypatch
 @pytest.mark.parametrize("loaders", [2, 1])
 def test_wide_tiles_give_the_128_column_tiles_bits(sizes, n, k, limit, loaders, monkeypatch):
     """FP8_BLOCK_N 192 (wide tiles: two m64n96 halves per math warpgroup, two
-    B scale blocks per tile) against float64 and bit for bit against the
-    128 x 128 tiles: each output element sums the same stages' products in
-    the same order with the same scales. Every SM's grid and three CTAs
-    walking every tile, with one and two load threads."""
+    B scale blocks per tile), its halves' promotion overlapped and serial,
+    against float64 and bit for bit against the 128 x 128 tiles: each output
+    element sums the same stages' products in the same order with the same
+    scales. One stage (K = 16, 128, 144 in one block and a tail), even and odd
+    stage counts; every SM's grid and three CTAs walking every tile; one and
+    two load threads."""
     import cupy
 
     rng = np.random.default_rng(sum(sizes) + n + k + 7)
     a_q, a_s, wq, ref = _case(rng, sizes, n, k)
     monkeypatch.setattr(hopper_fp8, "GRID_LIMIT", limit)
     _force_tiles(monkeypatch, False)
+    wide_defines, defines = hopper_fp8.WIDE_DEFINES, hopper_fp8.DEFINES
     outs = []
-    for wide in (True, False):
+    for wide, overlap in ((True, 1), (True, 0), (False, 1)):
         monkeypatch.setattr(hopper_fp8, "WIDE", wide)
-        monkeypatch.setattr(hopper_fp8, "WIDE_DEFINES", {**hopper_fp8.WIDE_DEFINES, "FP8_LOADERS": loaders})
-        monkeypatch.setattr(hopper_fp8, "DEFINES", {**hopper_fp8.DEFINES, "FP8_LOADERS": loaders})
+        change = {"FP8_LOADERS": loaders, "FP8_OVERLAP": overlap}
+        monkeypatch.setattr(hopper_fp8, "WIDE_DEFINES", {**wide_defines, **change})
+        monkeypatch.setattr(hopper_fp8, "DEFINES", {**defines, **change})
         assert hopper_fp8.launch_defines(False)["FP8_BLOCK_N"] == (192 if wide else 128)
         out = poisoned((a_q.shape[0], n), BF16)
         hopper_fp8.grouped_fp8(a_q, a_s, wq, cupy.asarray(sizes, dtype=cupy.int32), out=out)
-        _check(out, ref, f"fp8 wide={wide} loaders={loaders} {sizes} N={n} K={k} limit={limit}")
+        what = f"fp8 wide={wide} overlap={overlap} loaders={loaders} {sizes} N={n} K={k} limit={limit}"
+        _check(out, ref, what)
         outs.append(out.view(cupy.uint16))
-    assert bool(cupy.all(outs[0] == outs[1]))
+    assert all(bool(cupy.all(o == outs[-1])) for o in outs[:-1])
 
 
 def test_bitwise_repeatable():

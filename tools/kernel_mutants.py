@@ -682,8 +682,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "fp8-wide-split",
         "grouped_gemm_fp8_sm90.cu",
-        "constexpr int SPLIT_A = EVEN ? 12 : 8, SPLIT_B = EVEN ? 4 : 0;",
-        "constexpr int SPLIT_A = EVEN ? 12 : 8, SPLIT_B = EVEN ? 0 : 0;",
+        "static constexpr int A = EVEN ? 12 : 8, B = EVEN ? 4 : 0;",
+        "static constexpr int A = EVEN ? 12 : 8, B = EVEN ? 0 : 0;",
         "wide tiles: a tile on a scale block promotes its columns 96-127 with the next block's B scale",
     ),
     Mutant(
