@@ -151,9 +151,9 @@ def thin_tiles(m: int, e: int) -> bool:
 
 
 # Wide tiles (FP8_BLOCK_N 192, 5 stages of 40 KiB; True: prefill runs them):
-# 1.2x the MMA per byte of a and b, but the promotion serial. Bit for bit the
-# 128 x 128 tiles' results, measured 0.89-0.98x their speed on an H200
-# (docs/kernel-notes.md, "FP8 wide tiles"), so off; kept for probes.
+# 1.2x the MMA per byte of a and b from L2. Bit for bit the 128 x 128 tiles'
+# results, measured 0.95-0.98x their speed on an H200 (0.89-0.98x serial;
+# docs/kernel-notes.md, "FP8 wide tiles"), so off; kept for probes.
 WIDE = False
 WIDE_SHARED_BYTES = 5 * (BLOCK_M + 192) * BLOCK_K + 2 * 64 * hopper.C_PITCH * 2 + 1024
 WIDE_TABLE_MAX_GROUPS = (SHARED_LIMIT - WIDE_SHARED_BYTES - 4) // 12
