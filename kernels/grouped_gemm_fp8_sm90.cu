@@ -170,11 +170,8 @@
 
 #if !defined(FP8_BLOCK_M) || !defined(FP8_BLOCK_N) || !defined(FP8_BLOCK_K) || !defined(FP8_STAGES) || \
     !defined(FP8_OVERLAP) || !defined(FP8_TABLE_MAX_GROUPS) || !defined(FP8_A_BOX_ROWS) || !defined(FP8_THIN) || \
-    !defined(FP8_CLUSTER) || !defined(FP8_LOADERS) || !defined(FP8_STORE_WARPS)
-#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP, FP8_TABLE_MAX_GROUPS, FP8_A_BOX_ROWS, FP8_THIN, FP8_CLUSTER, FP8_LOADERS and FP8_STORE_WARPS from its launcher"
-#endif
-#if FP8_STORE_WARPS && (FP8_THIN || FP8_BLOCK_N != 128)
-#error "FP8_STORE_WARPS takes 128 x 128 tiles (no FP8_THIN, FP8_BLOCK_N 128)"
+    !defined(FP8_CLUSTER) || !defined(FP8_LOADERS)
+#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP, FP8_TABLE_MAX_GROUPS, FP8_A_BOX_ROWS, FP8_THIN, FP8_CLUSTER and FP8_LOADERS from its launcher"
 #endif
 #if FP8_THIN && FP8_A_BOX_ROWS > 64
 #error "thin tiles (FP8_THIN) load a's 64 rows in boxes of FP8_A_BOX_ROWS: at most 64"
@@ -219,16 +216,6 @@
 #define FP8_STAGE_BYTES (FP8_A_STAGE_BYTES + FP8_B_STAGE_BYTES)
 #define FP8_A_BOX_BYTES (FP8_A_BOX_ROWS * FP8_BLOCK_K)
 #define FP8_SCALE_BLOCK 128  // the scale blocks of K (and of B's N): FP8ExpertWeights' "block128"
-// The store's staging areas, one per math warpgroup, after the ring. With
-// FP8_STORE_WARPS a whole 64 x 128 share of the tile at a pitch of 136 (the
-// 8 rows a warp writes at once fall in 8 different bank quads, as with
-// SM90_C_PITCH); else sm90_store_pass's 64 x 64 at SM90_C_PITCH.
-#if FP8_STORE_WARPS
-#define FP8_C_PITCH (FP8_BLOCK_N + 8)
-#else
-#define FP8_C_PITCH SM90_C_PITCH
-#endif
-#define FP8_C_AREA_ELEMS (64 * FP8_C_PITCH)
 
 // D[64 x 128] (+)= A[64 x 32] B[32 x 128], e4m3 both, A and B K-major in
 // shared memory (FP8 wgmma reads K-major operands only: no transpose flags).
@@ -535,69 +522,6 @@ __device__ __forceinline__ void fp8_wide_k_loop(float (&acc)[96], float (&ta)[48
 }
 #endif
 
-#if FP8_STORE_WARPS
-// What a store warp needs of a staged share of a tile (written by the math
-// warpgroup's thread 0 before its store_full arrival): its first row, the
-// group's row end (-1: no more tiles) and the first column.
-struct Fp8Staged {
-    int r_first;
-    int row_end;
-    int c0;
-};
-
-// A math warpgroup's 64 x 128 accumulators into its staging area as bf16
-// pairs (the D fragment's layout: sm90_store_pass's first half for all 16
-// column groups at once), after the area's store warp has read the last
-// tile's: then four arrivals on store_full (one per warp, after __syncwarp,
-// so the release covers the whole warp's writes) hand it over.
-__device__ __forceinline__ void fp8_stage_tile(const float (&acc)[64], bf16_t* area, unsigned long long* full,
-                                               unsigned long long* empty, unsigned stores, Fp8Staged* info,
-                                               Fp8Staged what) {
-    const int tid = threadIdx.x & 127, warp = tid >> 5, lane = tid & 31;
-    mbarrier_wait(empty, (stores & 1) ^ 1);
-    if (what.row_end >= 0) {
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int r = warp * 16 + (lane >> 2) + 8 * h;
-                *reinterpret_cast<unsigned*>(area + r * FP8_C_PITCH + 8 * j + 2 * (lane & 3)) =
-                    pack_pair(bf16_t{}, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-            }
-        }
-    }
-    if (tid == 0) *info = what;
-    __syncwarp();
-    if (lane == 0) mbarrier_arrive(full);
-}
-
-// A store warp: each staged share of a tile out to global memory in 16-byte
-// chunks of whole rows (a warp writes two 256-byte row pieces per
-// instruction), rows at or past row_end and columns past N skipped, then the
-// area handed back. Runs beside the math warpgroups, which meanwhile start
-// the next tile: the store no longer holds the tensor cores.
-__device__ __forceinline__ void fp8_store_warp(const bf16_t* area, unsigned long long* full,
-                                               unsigned long long* empty, const Fp8Staged* info,
-                                               bf16_t* __restrict__ out, int N) {
-    const int lane = threadIdx.x & 31;
-    for (unsigned u = 0;; ++u) {
-        mbarrier_wait(full, u & 1);
-        const Fp8Staged t = *info;
-        if (t.row_end < 0) break;
-        for (int i = 0; i < 64 * FP8_BLOCK_N / 8 / 32; ++i) {
-            const int chunk = lane + 32 * i, r = chunk / (FP8_BLOCK_N / 8), c = chunk % (FP8_BLOCK_N / 8);
-            const int col = t.c0 + 8 * c;
-            if (t.r_first + r < t.row_end && col < N) {
-                *reinterpret_cast<uint4*>(out + static_cast<long long>(t.r_first + r) * N + col) =
-                    *reinterpret_cast<const uint4*>(area + r * FP8_C_PITCH + 8 * c);
-            }
-        }
-        __syncwarp();
-        if (lane == 0) mbarrier_arrive(empty);
-    }
-}
-#endif
-
 // The pipeline (as grouped_gemm_sm90.cu's): every role counts the stages it
 // has filled (or consumed) since the CTA began, `fills`, carried from tile to
 // tile; fill f uses stage f % FP8_STAGES with mbarrier parity
@@ -621,13 +545,6 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
     __shared__ __align__(8) unsigned long long full[FP8_STAGES];
     __shared__ __align__(8) unsigned long long empty[FP8_STAGES];
     __shared__ __align__(8) Sm90Mailboxes mail;
-#if FP8_STORE_WARPS
-    // store_full[w]: math warpgroup w's staged tile is ready (4 arrivals,
-    // one per warp); store_empty[w]: its store warp has read it (1).
-    __shared__ __align__(8) unsigned long long store_full[FP8_MATH_WARPGROUPS];
-    __shared__ __align__(8) unsigned long long store_empty[FP8_MATH_WARPGROUPS];
-    __shared__ Fp8Staged staged[FP8_MATH_WARPGROUPS];
-#endif
     // The tile of each mailbox slot as the load thread found it (group, rows,
     // columns), so that the math warpgroups start a tile without searching.
     __shared__ Fp8Tile mail_tile[SM90_SCHED_SLOTS];
@@ -665,12 +582,6 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
             mbarrier_init(&empty[s], FP8_MATH_WARPGROUPS * FP8_CLUSTER);
         }
         sm90_mailboxes_init(&mail, 128 * FP8_MATH_WARPGROUPS + FP8_LOADERS - 1);  // the b loader reads them too
-#if FP8_STORE_WARPS
-        for (int w = 0; w < FP8_MATH_WARPGROUPS; ++w) {
-            mbarrier_init(&store_full[w], 4);
-            mbarrier_init(&store_empty[w], 1);
-        }
-#endif
 #if FP8_CLUSTER == 2
         pair_mailbox_init(&pairs);
 #endif
@@ -680,7 +591,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
     // v14), after the staging areas: the load thread's search per tile then
     // waits on no global load.
     if (num_groups <= FP8_TABLE_MAX_GROUPS) {
-        int* table = reinterpret_cast<int*>(ring + FP8_STAGES * FP8_STAGE_BYTES + 2 * FP8_C_AREA_ELEMS * 2);
+        int* table = reinterpret_cast<int*>(ring + FP8_STAGES * FP8_STAGE_BYTES + 2 * SM90_C_STAGE_ELEMS * 2);
         for (int i = threadIdx.x; i <= num_groups; i += FP8_THREADS) table[i] = tile_offsets[i];
         for (int i = threadIdx.x; i < num_groups; i += FP8_THREADS) {
             table[num_groups + 1 + i] = row_offsets[i];
@@ -816,14 +727,6 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
             }
         }
 #endif
-#if FP8_STORE_WARPS
-        else if (threadIdx.x >= 64) {
-            // Warps 2 and 3 store math warpgroups 1 and 2's tiles.
-            const int w = (threadIdx.x - 64) / 32;
-            fp8_store_warp(reinterpret_cast<const bf16_t*>(ring + FP8_STAGES * FP8_STAGE_BYTES) + w * FP8_C_AREA_ELEMS,
-                           &store_full[w], &store_empty[w], &staged[w], out, N);
-        }
-#endif
 #if FP8_CLUSTER == 2
         cluster_sync();  // see the end of the kernel
 #endif
@@ -867,9 +770,6 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
     for (int i = 0; i < 64; ++i) tmp[i] = 0.0f;  // defined before the first MMA (which ignores it)
 #endif
     unsigned fills = 0;
-#if FP8_STORE_WARPS
-    unsigned stores = 0;  // tiles this warpgroup has staged
-#endif
     for (unsigned j = 0;; ++j) {
         const long long tile = sm90_mailbox_read(&mail, j);
         Fp8Tile t;
@@ -971,12 +871,8 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
         fills += num_k;
 
         // The store: 2 passes (wide tiles 3) of 64 columns through this warpgroup's staging area.
-        bf16_t* stage = reinterpret_cast<bf16_t*>(ring + FP8_STAGES * FP8_STAGE_BYTES) + half * FP8_C_AREA_ELEMS;
+        bf16_t* stage = reinterpret_cast<bf16_t*>(ring + FP8_STAGES * FP8_STAGE_BYTES) + half * SM90_C_STAGE_ELEMS;
         const int r_first = t.row0 + row_in;
-#if FP8_STORE_WARPS
-        fp8_stage_tile(acc, stage, &store_full[half], &store_empty[half], stores++, &staged[half],
-                       Fp8Staged{r_first, t.row_end, t.n0});
-#else
 #pragma unroll
         for (int p = 0; p < FP8_BLOCK_N / 64; ++p) {
             const int c0 = t.n0 + col_in + 64 * p;
@@ -987,13 +883,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
             // itself, and the early exit made ptxas spill the math loop.)
             sm90_store_pass(acc, p, stage, out, r_first, t.row_end, c0, N, 1 + half);
         }
-#endif
     }
-#if FP8_STORE_WARPS
-    // No more tiles: the store warp's sentinel, once it has read the last tile.
-    fp8_stage_tile(acc, reinterpret_cast<bf16_t*>(ring + FP8_STAGES * FP8_STAGE_BYTES) + half * FP8_C_AREA_ELEMS,
-                   &store_full[half], &store_empty[half], stores, &staged[half], Fp8Staged{0, -1, 0});
-#endif
 #if FP8_CLUSTER == 2
     // No CTA of a pair exits while the other may still multicast into its
     // shared memory or arrive on its barriers (every thread of both CTAs).

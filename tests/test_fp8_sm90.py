@@ -47,7 +47,6 @@ def _ptxas_report(defines=None) -> str:
         (False, 1, 2, True),
         (False, 1, 1, True),
         (False, 1, 2, "serial"),
-        (False, 1, 2, "store warps"),
     ],
     ids=[
         "pairs",
@@ -59,7 +58,6 @@ def _ptxas_report(defines=None) -> str:
         "128x192, two loaders",
         "128x192",
         "128x192 serial",
-        "128x128, store warps",
     ],
 )
 def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin, cluster, loaders, wide):
@@ -74,8 +72,6 @@ def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin, c
     base = hopper_fp8.WIDE_DEFINES if wide else hopper_fp8.launch_defines(thin)
     if wide == "serial":
         base = {**base, "FP8_OVERLAP": 0}
-    if wide == "store warps":
-        base = {**hopper_fp8.DEFINES, "FP8_STORE_WARPS": 1, "FP8_STAGES": 5}
     report = _ptxas_report({**base, "FP8_CLUSTER": cluster, "FP8_LOADERS": loaders})
     assert f"Compiling entry function '{hopper_fp8.KERNEL}'" in report
     # C7520/C7510/C7514: wgmma serialized; C7517: a wait ptxas had to add.
@@ -166,7 +162,6 @@ def test_launch_constants_agree():
         "FP8_THIN": 0,
         "FP8_CLUSTER": 1,  # CTA pairs measured slower (hopper_fp8.CLUSTER)
         "FP8_LOADERS": 2,  # a and b issued by two threads: measured faster (hopper_fp8.LOADERS)
-        "FP8_STORE_WARPS": 0,  # hopper_fp8.STORE_WARPS
     }
     # Thin tiles: 5 stages of 64 rows of a and 256 of b, the table as large as
     # fits, always one CTA per tile (the source refuses pairs of thin tiles).

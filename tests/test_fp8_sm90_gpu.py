@@ -311,42 +311,6 @@ def test_wide_tiles_give_the_128_column_tiles_bits(sizes, n, k, limit, loaders, 
     assert all(bool(cupy.all(o == outs[-1])) for o in outs[:-1])
 
 
-@pytest.mark.parametrize(
-    "sizes, n, k",
-    [
-        ([0, 1, 5, 219, 2246], 256, 2048),
-        ([37, 0, 64, 65, 1], 264, 144),  # a tile partly past N; groups ending inside tiles
-        ([129, 127, 0, 256], 392, 400),
-        ([3, 130, 0, 77], 136, 528),  # N = 128 + 8: the second tile one chunk wide
-        ([16, 17, 33, 2, 48, 63, 64, 65, 0, 15, 192, 193, 129], 512, 512),  # a's small boxes
-        ([8] * 8, 8, 16),  # the smallest sizes
-    ],
-)
-@pytest.mark.parametrize("limit", [None, 3])
-def test_store_warps_give_the_same_bits(sizes, n, k, limit, monkeypatch):
-    """FP8_STORE_WARPS 1 (each math warpgroup stages its 64 x 128 and goes on;
-    warps 2 and 3 of the load warpgroup store) against float64 and bit for
-    bit against the math warpgroups' own store: every SM's grid and three
-    CTAs walking every tile (the staging areas handed back and forth over
-    many tiles); rows past each group's end and columns past N unwritten."""
-    import cupy
-
-    rng = np.random.default_rng(sum(sizes) + n + k + 11)
-    a_q, a_s, wq, ref = _case(rng, sizes, n, k)
-    monkeypatch.setattr(hopper_fp8, "GRID_LIMIT", limit)
-    _force_tiles(monkeypatch, False)
-    defines, outs = hopper_fp8.DEFINES, []
-    for store_warps in (1, 0):
-        stages = 5 if store_warps else defines["FP8_STAGES"]
-        change = {"FP8_STORE_WARPS": store_warps, "FP8_STAGES": stages}
-        monkeypatch.setattr(hopper_fp8, "DEFINES", {**defines, **change})
-        out = poisoned((a_q.shape[0], n), BF16)
-        hopper_fp8.grouped_fp8(a_q, a_s, wq, cupy.asarray(sizes, dtype=cupy.int32), out=out)
-        _check(out, ref, f"fp8 store_warps={store_warps} {sizes} N={n} K={k} limit={limit}")
-        outs.append(out.view(cupy.uint16))
-    assert bool(cupy.all(outs[0] == outs[1]))
-
-
 def test_bitwise_repeatable():
     import cupy
 

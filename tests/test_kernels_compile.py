@@ -192,11 +192,6 @@ def test_a_missing_define_stops_the_compile_and_is_named(name, missing):
         ("grouped_gemm_fp8_sm90", {"FP8_STAGES": 1}, "FP8_STAGES must be at least 2"),
         ("grouped_gemm_fp8_sm90", {"FP8_BLOCK_N": 192, "FP8_STAGES": 6}, "the ring at most 200 KiB"),
         ("grouped_gemm_fp8_sm90", {"FP8_BLOCK_N": 192, "FP8_STAGES": 5, "FP8_THIN": 1}, "no thin tiles"),
-        (
-            "grouped_gemm_fp8_sm90",
-            {"FP8_STORE_WARPS": 1, "FP8_THIN": 1, "FP8_STAGES": 5},
-            "FP8_STORE_WARPS takes",
-        ),
     ],
 )
 def test_inconsistent_defines_do_not_compile(name, defines, message):
@@ -205,11 +200,11 @@ def test_inconsistent_defines_do_not_compile(name, defines, message):
 
 
 @pytest.mark.parametrize(
-    "missing", ["FP8_OVERLAP", "FP8_A_BOX_ROWS", "FP8_THIN", "FP8_CLUSTER", "FP8_LOADERS", "FP8_STORE_WARPS"]
+    "missing", ["FP8_OVERLAP", "FP8_A_BOX_ROWS", "FP8_THIN", "FP8_CLUSTER", "FP8_LOADERS"]
 )
 def test_the_fp8_kernel_needs_its_defines(missing):
     defines = {k: v for k, v in DEFINES["grouped_gemm_fp8_sm90"].items() if k != missing}
-    with pytest.raises(nvrtc.KernelCompileError, match="FP8_LOADERS and FP8_STORE_WARPS from its launcher"):
+    with pytest.raises(nvrtc.KernelCompileError, match="FP8_CLUSTER and FP8_LOADERS from its launcher"):
         nvrtc.compile_source("grouped_gemm_fp8_sm90", "sm_90", defines)
 
 

@@ -50,7 +50,6 @@ __all__ = [
     "SHARED_LIMIT",
     "CLUSTER",
     "LOADERS",
-    "STORE_WARPS",
     "THIN",
     "THIN_MAX_ROWS_PER_GROUP",
     "THIN_TILE_N",
@@ -107,12 +106,6 @@ CLUSTER = 1
 # 16384 tokens), 1.00-1.03x at decode, bit for bit the same
 # (docs/kernel-notes.md, "FP8 with two load threads"); CTA pairs too.
 LOADERS = 2
-# Store warps (FP8_STORE_WARPS, 128 x 128 tiles only). 1: each math warpgroup
-# stages its whole 64 x 128 share of a tile in shared memory and goes on to
-# the next tile; warps 2 and 3 of the load warpgroup write the stages out.
-# Needs 34 KiB of staging (18 KiB without): 5 stages. 0: the math warpgroups
-# store through sm90_store_pass while the tensor cores wait.
-STORE_WARPS = 0
 DEFINES = {
     "FP8_BLOCK_M": BLOCK_M,
     "FP8_BLOCK_N": BLOCK_N,
@@ -124,7 +117,6 @@ DEFINES = {
     "FP8_THIN": 0,
     "FP8_CLUSTER": CLUSTER,
     "FP8_LOADERS": LOADERS,
-    "FP8_STORE_WARPS": STORE_WARPS,
 }
 SOURCE = "grouped_gemm_fp8_sm90"
 KERNEL = "grouped_gemm_fp8_nt_bf16"
@@ -165,13 +157,7 @@ def thin_tiles(m: int, e: int) -> bool:
 WIDE = False
 WIDE_SHARED_BYTES = 5 * (BLOCK_M + 192) * BLOCK_K + 2 * 64 * hopper.C_PITCH * 2 + 1024
 WIDE_TABLE_MAX_GROUPS = (SHARED_LIMIT - WIDE_SHARED_BYTES - 4) // 12
-WIDE_DEFINES = {
-    **DEFINES,
-    "FP8_BLOCK_N": 192,
-    "FP8_STAGES": 5,
-    "FP8_TABLE_MAX_GROUPS": WIDE_TABLE_MAX_GROUPS,
-    "FP8_STORE_WARPS": 0,
-}
+WIDE_DEFINES = {**DEFINES, "FP8_BLOCK_N": 192, "FP8_STAGES": 5, "FP8_TABLE_MAX_GROUPS": WIDE_TABLE_MAX_GROUPS}
 
 
 def launch_defines(thin: bool) -> dict:
@@ -185,7 +171,6 @@ def launch_defines(thin: bool) -> dict:
         **DEFINES,
         "FP8_THIN": 1,
         "FP8_CLUSTER": 1,
-        "FP8_STORE_WARPS": 0,
         "FP8_STAGES": THIN_STAGES,
         "FP8_TABLE_MAX_GROUPS": THIN_TABLE_MAX_GROUPS,
     }
@@ -205,8 +190,7 @@ def shared_bytes(groups: int, thin: bool = False, defines: dict | None = None) -
     keeps one (at most the defines' ``FP8_TABLE_MAX_GROUPS``)."""
     d = launch_defines(thin) if defines is None else defines
     tile_m = 64 if d["FP8_THIN"] else BLOCK_M
-    pitch = tile_n(d) + 8 if d["FP8_STORE_WARPS"] else hopper.C_PITCH  # the source's FP8_C_PITCH
-    base = d["FP8_STAGES"] * (tile_m + tile_n(d)) * BLOCK_K + 2 * 64 * pitch * 2 + 1024
+    base = d["FP8_STAGES"] * (tile_m + tile_n(d)) * BLOCK_K + 2 * 64 * hopper.C_PITCH * 2 + 1024
     return base + (4 * (3 * groups + 1) if 0 < groups <= d["FP8_TABLE_MAX_GROUPS"] else 0)
 
 
