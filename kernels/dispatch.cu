@@ -449,51 +449,16 @@ extern "C" __global__ void __launch_bounds__(DISPATCH_THREADS)
     }
 }
 
-// Chunks of 16 bytes each lane of gather_rows loads before it stores any:
-// a row's loads in flight together (a Qwen3 row, 4 KiB, is 8 per lane).
-#define GATHER_CHUNKS_PER_LANE 8
-
-// One warp per row (rows r = global warp index, then every warp count
-// further on), so a block of ROW_THREADS copies ROW_THREADS / 32 rows. Why
-// not a block per row: each block then moved 4 KiB with two dependent
-// 16-byte copies per thread, and at 32,768 rows (Qwen3 at 4096 tokens) the
-// kernel ran at 2.75 TB/s of writes, bound by the blocks' turnover and their
-// chains of latency (ncu, docs/kernel-notes.md); here each lane has up to
-// GATHER_CHUNKS_PER_LANE loads in flight before its stores.
 template <class T>
 __device__ __forceinline__ void gather_rows_impl(const T* __restrict__ x, int hidden,
                                                  const int* __restrict__ row_to_pair, int top_k,
                                                  int num_rows, T* __restrict__ out) {
     follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
     const bool vec = rows_vectorizable<T>(hidden, x, out);
-    const int lane = threadIdx.x & 31, warps = blockDim.x / 32;
-    const long long nv = hidden / Vec16<T>::N;
-    for (long long r = static_cast<long long>(blockIdx.x) * warps + threadIdx.x / 32; r < num_rows;
-         r += static_cast<long long>(gridDim.x) * warps) {
+    for (int r = blockIdx.x; r < num_rows; r += gridDim.x) {
         const int p = row_to_pair[r];
         const T* src = p >= 0 ? x + static_cast<long long>(p / top_k) * hidden : nullptr;
-        T* dst = out + r * hidden;
-        if (vec) {
-            const Raw16* s = reinterpret_cast<const Raw16*>(src);
-            Raw16* d = reinterpret_cast<Raw16*>(dst);
-            for (long long i0 = lane; i0 < nv; i0 += 32 * GATHER_CHUNKS_PER_LANE) {
-                Raw16 v[GATHER_CHUNKS_PER_LANE];
-#pragma unroll
-                for (int u = 0; u < GATHER_CHUNKS_PER_LANE; ++u) {
-                    const long long i = i0 + 32 * u;
-                    if (i < nv) v[u] = s != nullptr ? s[i] : Raw16{0u, 0u, 0u, 0u};
-                }
-#pragma unroll
-                for (int u = 0; u < GATHER_CHUNKS_PER_LANE; ++u) {
-                    const long long i = i0 + 32 * u;
-                    if (i < nv) d[i] = v[u];
-                }
-            }
-        } else {
-            // All-zero bits are +0 in every supported type.
-            const T z = from_float<T>(0.0f);
-            for (long long i = lane; i < hidden; i += 32) dst[i] = src != nullptr ? src[i] : z;
-        }
+        copy_row(out + static_cast<long long>(r) * hidden, src, hidden, vec);
     }
 }
 

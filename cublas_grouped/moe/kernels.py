@@ -259,15 +259,13 @@ def _row_grid(rows: int) -> int:
 
 
 def gather_rows(stream, arch, x, row_to_pair, top_k, out) -> None:
-    """dispatch.cu ``gather_rows``: token rows of ``x`` into expert order
-    (zeros for padding rows), one warp per row."""
+    """dispatch.cu ``gather_rows``: token rows of ``x`` into expert order (zeros for padding rows)."""
     rows = out.shape[0]
     kernel = _kernel("dispatch", "gather_rows", arch, x.dtype)
     args = (x.data.ptr, x.shape[1], row_to_pair.data.ptr, int(top_k), rows, out.data.ptr)
-    grid = _row_grid(-(-rows // (ROW_THREADS // 32)))
     if type(stream) is Prepare:
-        return stream.fixed(kernel, grid, ROW_THREADS, _GATHER_ROWS, args)
-    _kernels.launch_signed(stream, kernel, grid, ROW_THREADS, _GATHER_ROWS, args)
+        return stream.fixed(kernel, _row_grid(rows), ROW_THREADS, _GATHER_ROWS, args)
+    _kernels.launch_signed(stream, kernel, _row_grid(rows), ROW_THREADS, _GATHER_ROWS, args)
 
 
 def place_one_block(
