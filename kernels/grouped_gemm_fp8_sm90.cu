@@ -446,7 +446,6 @@ template <bool EVEN>
 struct Fp8WideSplit {
     static constexpr int A = EVEN ? 12 : 8, B = EVEN ? 4 : 0;
 };
-#if !FP8_OVERLAP
 template <bool EVEN>
 __device__ __forceinline__ void fp8_wide_k_loop(float (&acc)[96], float (&ta)[48], float (&tb)[48],
                                                 unsigned long long* full, unsigned long long* empty,
@@ -456,6 +455,7 @@ __device__ __forceinline__ void fp8_wide_k_loop(float (&acc)[96], float (&ta)[48
                                                 const float* sb_hi) {
     constexpr int SPLIT_A = Fp8WideSplit<EVEN>::A, SPLIT_B = Fp8WideSplit<EVEN>::B;
     float a0 = load_scale(sa0), a1 = load_scale(sa1), lo = load_scale(sb_lo), hi = load_scale(sb_hi);
+#if !FP8_OVERLAP
     for (int kt = 0; kt < num_k; ++kt) {
         fp8_issue_half<0>(ta, full, fills + kt, ring_a, ring_b, half);
         fp8_issue_half<1>(tb, full, fills + kt, ring_a, ring_b, half);
@@ -471,18 +471,7 @@ __device__ __forceinline__ void fp8_wide_k_loop(float (&acc)[96], float (&ta)[48
         fp8_promote_half<48, SPLIT_B>(acc, tb, a0 * lo, a1 * lo, a0 * hi, a1 * hi);
         a0 = na0, a1 = na1, lo = nlo, hi = nhi;
     }
-}
-
 #else
-template <bool EVEN>
-__device__ __forceinline__ void fp8_wide_k_loop(float (&acc)[96], float (&ta)[48], float (&tb)[48],
-                                                unsigned long long* full, unsigned long long* empty,
-                                                unsigned fills, int num_k, const unsigned char* ring_a,
-                                                const unsigned char* ring_b, int half, int tid,
-                                                const float* sa0, const float* sa1, const float* sb_lo,
-                                                const float* sb_hi) {
-    constexpr int SPLIT_A = Fp8WideSplit<EVEN>::A, SPLIT_B = Fp8WideSplit<EVEN>::B;
-    float a0 = load_scale(sa0), a1 = load_scale(sa1), lo = load_scale(sb_lo), hi = load_scale(sb_hi);
     // At the loop's head stage kt's half 0 is the one group in flight.
     fp8_issue_half<0>(ta, full, fills, ring_a, ring_b, half);
     int kt = 0;
@@ -519,8 +508,8 @@ __device__ __forceinline__ void fp8_wide_k_loop(float (&acc)[96], float (&ta)[48
     } else {
         wgmma_wait<0>();
     }
-}
 #endif
+}
 
 // The pipeline (as grouped_gemm_sm90.cu's): every role counts the stages it
 // has filled (or consumed) since the CTA began, `fills`, carried from tile to
