@@ -154,6 +154,8 @@ def thin_tiles(m: int, e: int) -> bool:
 # 1.2x the MMA per byte of a and b from L2. Bit for bit the 128 x 128 tiles'
 # results, measured 0.95-0.98x their speed on an H200 (0.89-0.98x serial;
 # docs/kernel-notes.md, "FP8 wide tiles"), so off; kept for probes.
+# WIDE_DEFINES is DEFINES at import with the wide changes: a probe that
+# changes DEFINES for wide tiles changes WIDE_DEFINES too.
 WIDE = False
 WIDE_SHARED_BYTES = 5 * (BLOCK_M + 192) * BLOCK_K + 2 * 64 * hopper.C_PITCH * 2 + 1024
 WIDE_TABLE_MAX_GROUPS = (SHARED_LIMIT - WIDE_SHARED_BYTES - 4) // 12
