@@ -192,6 +192,11 @@ def test_a_missing_define_stops_the_compile_and_is_named(name, missing):
         ("grouped_gemm_fp8_sm90", {"FP8_STAGES": 1}, "FP8_STAGES must be at least 2"),
         ("grouped_gemm_fp8_sm90", {"FP8_BLOCK_N": 192, "FP8_STAGES": 6}, "the ring at most 200 KiB"),
         ("grouped_gemm_fp8_sm90", {"FP8_BLOCK_N": 192, "FP8_STAGES": 5, "FP8_THIN": 1}, "no thin tiles"),
+        (
+            "grouped_gemm_fp8_sm90",
+            {"FP8_BLOCK_N": 192, "FP8_STAGES": 5, "FP8_CLUSTER": 2, "FP8_A_BOX_ROWS": 16},
+            "runs one CTA per tile",
+        ),
     ],
 )
 def test_inconsistent_defines_do_not_compile(name, defines, message):
