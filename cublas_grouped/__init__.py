@@ -15,6 +15,7 @@ from .gemm.tables import TuningTable
 from .moe.backward import MoEContext, MoEGradients, moe_backward
 from .moe.checkpoints import load_fp8_experts, load_gguf_experts
 from .moe.dispatch import DispatchPlan, combine_output, expert_gemm, prepare_input, scatter_output
+from .moe.dropped_pairs import check_expert_ids
 from .moe.fixed_capacity import FixedCapacityMoE
 from .moe.gate_up import pack_gate_up, unpack_gate_up
 from .moe.layer import StageTimer, moe_forward
@@ -56,6 +57,7 @@ __all__ = [
     "combine_output",
     "expert_gemm",
     "moe_forward",
+    "check_expert_ids",
     "prepare_input",
     "route",
     "scatter_output",

@@ -145,6 +145,19 @@
 //     size work.
 //     Uses 16-byte loads/stores when hidden * sizeof(X) % 16 == 0 and x and
 //     out are 16-byte aligned; element copies otherwise. Bit-exact copy.
+//
+//   gather_rows_fp8_{f32,f16,bf16}(const X* x, int hidden, const int* row_to_pair,
+//                                  int top_k, int num_rows, unsigned char* rows_q,
+//                                  float* rows_s)
+//     gather_rows' rows written as the FP8 GEMM's A operand instead (the FP8
+//     step's GEMM 1 above decode sizes, where place_one_block_fp8 does not
+//     run): rows_q [num_rows, hidden] e4m3 codes and rows_s [num_rows,
+//     ceil(hidden / 128)] fp32 scales, bit for bit what quantize_rows_fp8
+//     (fp8.cu) writes for the rows gather_rows gathers (a row with no pair:
+//     codes 0, scales 1). The bf16 rows are never stored, and no quantize
+//     launch reads them back. One block per row, grid-stride over rows (any
+//     grid; blockDim.x a multiple of 32); the row's tiles as
+//     place_one_block_fp8 takes them (fp8_gathered_row below).
 
 #include "common.cuh"
 #include "fp8.cuh"
@@ -466,6 +479,52 @@ __device__ __forceinline__ void gather_rows_impl(const T* __restrict__ x, int hi
     (const X* x, int hidden, const int* row_to_pair, int top_k, int num_rows, X* out)
 DEFINE_KERNEL_3TYPES(gather_rows, GATHER_ROWS_PARAMS, (x, hidden, row_to_pair, top_k, num_rows, out))
 
+// One gathered row (src: the token's row of x, or null for zeros) quantized
+// into its scales at s_row and codes at q_row by the block's threads, as
+// quantize_rows_fp8 quantizes the row gather_rows would write (fp8.cuh's
+// fp8_row_by_block). vec8: hidden % 8 == 0, x 16-byte aligned and the codes
+// 8-byte aligned (uniform across the launch: the caller checks once).
+template <class T>
+__device__ __forceinline__ void fp8_gathered_row(const T* __restrict__ src, int hidden, bool vec8,
+                                                 float* __restrict__ s_row, unsigned char* __restrict__ q_row) {
+    auto eight = [&](int c, float* v) {
+        if (src != nullptr) {
+            unpack8(load_raw8(src + c), v);
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; ++k) v[k] = 0.0f;
+        }
+    };
+    auto one = [&](int c) -> float { return src != nullptr ? load_as_float(src + c) : 0.0f; };
+    fp8_row_by_block(hidden, vec8, s_row, q_row, eight, one);
+}
+
+template <class T>
+__device__ __forceinline__ bool fp8_rows_vectorizable(int hidden, const T* x, const unsigned char* rows_q) {
+    return (hidden & 7) == 0 && is_aligned16(x) && (reinterpret_cast<unsigned long long>(rows_q) & 7ull) == 0ull;
+}
+
+template <class T>
+__device__ __forceinline__ void gather_rows_fp8_impl(const T* __restrict__ x, int hidden,
+                                                     const int* __restrict__ row_to_pair, int top_k, int num_rows,
+                                                     unsigned char* __restrict__ rows_q,
+                                                     float* __restrict__ rows_s) {
+    follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
+    const bool vec8 = fp8_rows_vectorizable<T>(hidden, x, rows_q);
+    const long long scales_per_row = (hidden + 127) / 128;
+    for (int r = blockIdx.x; r < num_rows; r += gridDim.x) {
+        const int p = row_to_pair[r];
+        const T* src = p >= 0 ? x + static_cast<long long>(p / top_k) * hidden : nullptr;
+        fp8_gathered_row(src, hidden, vec8, rows_s + r * scales_per_row, rows_q + static_cast<long long>(r) * hidden);
+    }
+}
+
+#define GATHER_ROWS_FP8_PARAMS(X)                                                                    \
+    (const X* x, int hidden, const int* row_to_pair, int top_k, int num_rows, unsigned char* rows_q, \
+     float* rows_s)
+DEFINE_KERNEL_3TYPES(gather_rows_fp8, GATHER_ROWS_FP8_PARAMS,
+                     (x, hidden, row_to_pair, top_k, num_rows, rows_q, rows_s))
+
 // place_one_block and place_one_block_fp8: see the header. The ranking is
 // assign_rows' (rounds of DISPATCH_THREADS pairs, a warp's peers by
 // __match_any_sync, earlier warps' counts from shared memory), run from
@@ -560,23 +619,12 @@ __device__ __forceinline__ void place_one_block_body(
         // Eight columns per lane: every row of x starts 16-byte aligned when
         // hidden % 8 == 0 and x is, every row of codes 8-byte aligned when
         // rows_q is. Uniform across the launch.
-        const bool vec8 = (hidden & 7) == 0 && is_aligned16(x) &&
-                          (reinterpret_cast<unsigned long long>(rows_q) & 7ull) == 0ull;
+        const bool vec8 = fp8_rows_vectorizable<T>(hidden, x, rows_q);
         const long long scales_per_row = (hidden + 127) / 128;
         for (int r = blockIdx.x; r < num_pairs; r += gridDim.x) {
             // No pair on this row: zeros, as place_one_block gathers them (codes 0, scales 1).
             const T* src = r < row_carry ? x + static_cast<long long>(pair_of_row[r] / top_k) * hidden : nullptr;
-            auto eight = [&](int c, float* v) {
-                if (src != nullptr) {
-                    unpack8(load_raw8(src + c), v);
-                } else {
-#pragma unroll
-                    for (int k = 0; k < 8; ++k) v[k] = 0.0f;
-                }
-            };
-            auto one = [&](int c) -> float { return src != nullptr ? load_as_float(src + c) : 0.0f; };
-            fp8_row_by_block(hidden, vec8, rows_s + r * scales_per_row, rows_q + static_cast<long long>(r) * hidden,
-                             eight, one);
+            fp8_gathered_row(src, hidden, vec8, rows_s + r * scales_per_row, rows_q + static_cast<long long>(r) * hidden);
         }
         return;
     }

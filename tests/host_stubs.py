@@ -121,9 +121,11 @@ class Recorder:
         # (cuLaunchKernelEx with the serialization attribute).
         self.overlapped: list[int] = []
         self.host_values = lambda arr: np.zeros(arr.shape, arr.dtype)
+        # Streams the host waited for (a StreamResources' cupy_stream.synchronize()).
+        self.syncs: list[int] = []
 
     def clear(self):
-        for name in ("cublas", "launches", "copies", "memsets", "decoded", "overlapped"):
+        for name in ("cublas", "launches", "copies", "memsets", "decoded", "overlapped", "syncs"):
             getattr(self, name).clear()
 
 
@@ -237,7 +239,10 @@ def stub_gpu(monkeypatch, info=None):
 
     def make_resources(device_id, stream):
         res = D.StreamResources(device_id, stream, 0x51)
+        # A context manager (made current by the library) whose waits are recorded.
         res.cupy_stream = _Context()
+        res.cupy_stream.synchronize = lambda: rec.syncs.append(stream)
+        res.cupy_stream.ptr = stream  # what a CuPy stream's handle reads as
         res.launch_stream = stream
         return res
 

@@ -703,6 +703,8 @@ class _FakeGpu(_FakeClock):
         m.linalg = np.linalg
         m.random = types.SimpleNamespace(default_rng=Rng)
         m.get_default_memory_pool = m.get_default_pinned_memory_pool = lambda: pool
+        # The split's hold of the stream (gpu.hold_stream): logged as "hold".
+        m.RawKernel = lambda source, name: lambda grid, block, args: gpu_self.call("hold", ms=0.0)
 
     def call(self, what, ms=1.0):
         if not self.capturing:
@@ -882,6 +884,14 @@ def test_the_fused_layer_rows_on_sm90(monkeypatch):
     assert "layer:auto+packed" in fake.log  # the fused row calls moe_forward with the packed layout
     text = report.format_split(results)
     assert " fused " in text and " auto " in text and "non-GEMM%" in text
+    # The fused split alternates runs behind a hold of the stream (judged) with
+    # runs as the host paces them (beside it); AUTO's split holds nothing.
+    for tokens in (16, 256):
+        split = rows[(tokens, "split", "fused")]
+        assert len(split.extra["runs"]) == 10 and split.extra["unheld"]["gemm_ms"] == pytest.approx(1.5)
+        assert "unheld" not in rows[(tokens, "split", "auto")].extra
+    holds = [i for i, name in enumerate(fake.log) if name == "hold"]
+    assert len(holds) == 20 and all(fake.log[i + 1] == "layer:auto+packed" for i in holds)
 
 
 def test_fused_rows_skip_where_w1_cannot_be_packed(monkeypatch):
@@ -959,6 +969,10 @@ def test_fused_targets_pass_miss_and_skip():
     assert (
         "MISS qwen3-30b-a3b/T4096/uniform: 25.0% (non-GEMM 0.200 ms of 0.800 ms; graph replay 18.9%" in text
     )
+    # With the split as the host paces it (no hold): beside the verdict, not judged.
+    split["unheld"] = {"gemm_ms": 0.6, "non_gemm_ms": 0.3}
+    text = "\n".join(report.evaluate_targets([*results, graph]))
+    assert "; graph replay 18.9%; host-paced split 33.3%, route included)" in text
     assert "fused decode graph >= 90% of the floor (w1 + w2 bytes): 1/2 PASS" in text
     assert "PASS qwen3-30b-a3b/T16/uniform: 91.2% (0.200 ms, floor 0.182 ms)" in text
     assert "MISS qwen3-30b-a3b/T64/uniform: no graph time (RuntimeError: capture)" in text
@@ -1335,3 +1349,23 @@ def test_the_fused_graph_is_skipped_where_the_packed_w1_does_not_fit(monkeypatch
     assert rows[("layer", "fused")].error == "skipped: no room (test)"
     assert rows[("graph", "fused")].error == "skipped: the packed w1 did not fit"
     assert ("split", "fused") not in rows
+
+
+def test_the_split_hold_kernel_compiles_and_waits_on_the_global_timer():
+    """gpu.hold_stream's kernel (CuPy compiles it with NVRTC on the GPU
+    machine): it builds for sm_90 and sm_80 here, and its loop reads
+    %globaltimer and sleeps (a wait of wall time, not of a clock count that
+    the SM clock would scale)."""
+    from cuda.bindings import nvrtc as N
+
+    for arch in ("compute_90", "compute_80"):
+        _, prog = N.nvrtcCreateProgram(gpu._HOLD_SOURCE.encode(), b"hold.cu", 0, [], [])
+        opts = [f"--gpu-architecture={arch}".encode()]
+        (status,) = N.nvrtcCompileProgram(prog, len(opts), opts)
+        assert status == N.nvrtcResult.NVRTC_SUCCESS, arch
+        _, size = N.nvrtcGetPTXSize(prog)
+        ptx = b" " * size
+        N.nvrtcGetPTX(prog, ptx)
+        N.nvrtcDestroyProgram(prog)
+        text = ptx.decode()
+        assert ".entry hold_stream" in text and "%globaltimer" in text and "nanosleep" in text

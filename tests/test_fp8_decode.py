@@ -159,7 +159,7 @@ def _record(monkeypatch):
     def place_rows(res, shape, buf, x, ids, dropped, timer=None, quantized=None):
         if quantized is None:
             calls.append(("place_rows",))
-        else:  # the placement writes the rows as e4m3 (place_one_block_fp8)
+        else:  # the placement writes the rows as e4m3 (place_one_block_fp8 or gather_rows_fp8)
             codes, scales = quantized
             calls.append(("place_rows", codes.ptr, codes.shape, scales.ptr, scales.shape))
         return "pair_to_row", "row_to_pair"
@@ -282,11 +282,13 @@ def test_fused_step_has_no_quantize_launch(fake, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["1032 pairs", "one launch off"])
-def test_four_launch_placement_keeps_gemm1_quantize_launch(fake, monkeypatch, case):
+def test_four_launch_placement_quantizes_in_its_gather(fake, monkeypatch, case):
     """Where place_one_block does not run (more than 1024 pairs, or
     PLACE_IN_ONE_LAUNCH off; the layer takes at most the 1024 experts it
-    takes), the placement gathers bf16 rows and GEMM 1's quantize launch
-    stays; the activation still writes GEMM 2's codes."""
+    takes), place_rows gets GEMM 1's codes and scales all the same (its
+    gather launch writes them: gather_rows_fp8), so no quantize launch runs;
+    the activation still writes GEMM 2's codes. With FUSE_QUANTIZE off the
+    quantize launch is back."""
     from cublas_grouped.moe import kernel_step
 
     calls = _record(monkeypatch)
@@ -300,12 +302,18 @@ def test_four_launch_placement_keeps_gemm1_quantize_launch(fake, monkeypatch, ca
     ids = np.zeros((tokens, 8), np.int32)
     res = type("Res", (), {"stream": 7, "launch_stream": 7, "cupy_stream": None})()
     fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None, TIMED)
+    assert [c[0] for c in calls] == ["place_rows", "fp8_gemm", "activation_fp8", "fp8_gemm", "combine"]
+    assert calls[0] == ("place_rows", 0x10000, (pairs, 256), 0x20000, (pairs, 2))
+    assert calls[1] == ("fp8_gemm", w1, pairs, (0x10000, 0x20000, 0x2000), "counts", True, "schedule", 0)
+    assert calls[2] == ("activation_fp8", 0x2000, 0x30000, (pairs, 384), 0x40000, (pairs, 3), 0)
+    assert calls[3] == ("fp8_gemm", w2, pairs, (0x30000, 0x40000, 0x4000), "counts", True, "schedule", 1)
+    calls.clear()
+    monkeypatch.setattr(fp8_step, "FUSE_QUANTIZE", False)
+    fp8_step.fp8_kernel_step(res, shape, buf, rows8, "x", ids, None, (w1, w2, None, None), "out", None, TIMED)
     names = [c[0] for c in calls]
-    assert names == ["place_rows", "quantize", "fp8_gemm", "activation_fp8", "fp8_gemm", "combine"]
+    assert names == ["place_rows", "quantize", "fp8_gemm", "activation", "quantize", "fp8_gemm", "combine"]
     assert calls[0] == ("place_rows",)  # bf16 rows into buf.rows
     assert calls[1] == ("quantize", 0x1000, (pairs, 256), 0x10000, (pairs, 256), 0x20000, (pairs, 2))
-    assert calls[3] == ("activation_fp8", 0x2000, 0x30000, (pairs, 384), 0x40000, (pairs, 3), 0)
-    assert calls[4] == ("fp8_gemm", w2, pairs, (0x30000, 0x40000, 0x4000), "counts", True, "schedule", 1)
 
 
 @pytest.mark.parametrize("block", [0, 128])

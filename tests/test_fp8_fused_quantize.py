@@ -1,7 +1,8 @@
 """The FP8 step's fused quantization on the CPU (NVRTC only, no GPU): the
-placement and the activation kernel that write e4m3 codes and scales
-themselves (dispatch.cu's ``place_one_block_fp8``, activation.cu's
-``expert_activation_fp8``, both on fp8.cuh's rule): they build for sm_90 and
+placement, the gather and the activation kernel that write e4m3 codes and
+scales themselves (dispatch.cu's ``place_one_block_fp8`` and
+``gather_rows_fp8``, activation.cu's ``expert_activation_fp8``, all on
+fp8.cuh's rule): they build for sm_90 and
 sm_90a, their launchers' signatures are the kernels' parameters, their PTX has
 the quantizer's vector accesses, exact divisions and the hardware conversion,
 the plain kernels stay free of it, and the launchers pass the buffers given.
@@ -22,6 +23,7 @@ DTYPES = ("bf16", "f16", "f32")
 # (source, fused kernel, its launcher's signature, the plain kernel, its signature)
 FUSED = [
     ("dispatch", "place_one_block_fp8", K._PLACE_ONE_BLOCK_FP8, "place_one_block", K._PLACE_ONE_BLOCK),
+    ("dispatch", "gather_rows_fp8", K._GATHER_ROWS_FP8, "gather_rows", K._GATHER_ROWS),
     ("activation", "expert_activation_fp8", K._ACTIVATION_FP8, "expert_activation", K._ACTIVATION),
 ]
 
@@ -163,3 +165,24 @@ def test_expert_activation_fp8_gets_the_codes_and_scales(launched):
     assert sig == K._ACTIVATION_FP8 and len(args) == len(sig)
     assert args[:-2] == plain[4][:-1] and args[-2:] == (0x300, 0x400)
     assert (grid, block) == (rows, K.ROW_THREADS) and K.ROW_THREADS % 32 == 0
+
+
+@pytest.mark.parametrize("rows", [1, 4096, 131_072])
+def test_gather_rows_fp8_gets_the_codes_and_scales(launched, rows):
+    """``quantized`` picks gather_rows_fp8: gather_rows' arguments with the
+    codes and scales in place of the rows (``out`` unused, None here), as
+    many rows as the codes have, the same grid (a block of ROW_THREADS per
+    row, at most MAX_GRID, striding on) and block."""
+    import ml_dtypes
+
+    hidden = 7168
+    x, r2p = _Arr((rows // 8 + 1, hidden), 0x200, ml_dtypes.bfloat16), _Arr((rows,), 0x600, np.int32)
+    codes, scales = _Arr((rows, hidden), 0x300, np.uint8), _Arr((rows, 56), 0x400)
+    K.gather_rows(7, "sm_90", x, r2p, 8, None, (codes, scales))
+    K.gather_rows(7, "sm_90", x, r2p, 8, _Arr((rows, hidden), 0x500, ml_dtypes.bfloat16))
+    (kernel, grid, block, sig, args, _), plain = launched
+    assert kernel == ("dispatch", "gather_rows_fp8_bf16", "sm_90")
+    assert plain[0] == ("dispatch", "gather_rows_bf16", "sm_90")
+    assert sig == K._GATHER_ROWS_FP8 and len(args) == len(sig)
+    assert args[:-2] == plain[4][:-1] and args[-2:] == (0x300, 0x400) and plain[4][-1] == 0x500
+    assert args[4] == rows and (grid, block) == (plain[1], plain[2]) == (min(rows, K.MAX_GRID), K.ROW_THREADS)

@@ -6,10 +6,11 @@ what ``expert_activation`` and ``place_one_block`` write, byte for byte
 bias, gate|up in blocks, widths with a partial last 128-column block, 1 to
 1024 rows, both access paths (vector and scalar), NaN, infinities and values
 past bf16's range; every output buffer poisoned, with spare rows past the
-step's that must stay so. Then the FP8 decode layer (``FixedCapacityMoE``
-with FP8 weights) with ``fp8_step.FUSE_QUANTIZE`` on and off: the same output
-bits, no quantize launch where fused, and no bf16 rows gathered for an FP8
-GEMM 1 at decode."""
+step's that must stay so; and dispatch.cu's ``gather_rows_fp8`` against
+``quantize_rows_fp8`` of ``gather_rows``' rows. Then the FP8 layer
+(``FixedCapacityMoE`` with FP8 weights) with ``fp8_step.FUSE_QUANTIZE`` on
+and off: the same output bits, no quantize launch where fused, and no bf16
+rows gathered for an FP8 GEMM 1."""
 
 from __future__ import annotations
 
@@ -95,6 +96,18 @@ def _values(rng, shape, dtype, specials):
         return v.astype(dtype)
 
 
+def _on_device(host, misaligned: bool):
+    """``host`` copied to the GPU; ``misaligned``: starting one element past a
+    16-byte boundary (which forces the fused kernels' scalar path)."""
+    import cupy
+
+    if not misaligned:
+        return cupy.asarray(host)
+    out = cupy.zeros(host.size + 1, dtype=host.dtype)[1:].reshape(host.shape)
+    out[...] = cupy.asarray(host)
+    return out
+
+
 def _activation_both_ways(
     rng, rows, inter, act, gated, bias, *, block=0, dtype=BF16, specials=False, offset=""
 ):
@@ -106,12 +119,7 @@ def _activation_both_ways(
 
     experts = 6
     width = 2 * inter if gated else inter
-    h_host = _values(rng, (rows, width), dtype, specials)
-    if offset == "h":
-        h = cupy.zeros(rows * width + 1, dtype=dtype)[1:].reshape(rows, width)
-        h[...] = cupy.asarray(h_host)
-    else:
-        h = cupy.asarray(h_host)
+    h = _on_device(_values(rng, (rows, width), dtype, specials), offset == "h")
     b = cupy.asarray((rng.standard_normal((experts, width)) * 0.5).astype(dtype)) if bias else None
     ids = cupy.asarray(rng.integers(0, experts, (rows, 1)).astype(np.int32))  # pair p is row p's token
     r2p = rng.permutation(rows).astype(np.int32)
@@ -224,12 +232,7 @@ def _gather_both_ways(rng, experts, k, tokens, kind, hidden, *, dtype=BF16, offs
     ids_host = _routing(rng, tokens, k, experts, kind)
     ids = cupy.asarray(ids_host)
     weights = cupy.asarray(rng.random((tokens, k)).astype(np.float32) + 0.05)
-    x_host = _values(rng, (tokens, hidden), dtype, specials)
-    if offset == "x":
-        x = cupy.zeros(tokens * hidden + 1, dtype=dtype)[1:].reshape(tokens, hidden)
-        x[...] = cupy.asarray(x_host)
-    else:
-        x = cupy.asarray(x_host)
+    x = _on_device(_values(rng, (tokens, hidden), dtype, specials), offset == "x")
     pairs = tokens * k
     rows = cupy.full((pairs, hidden), np.nan, dtype=dtype)
     plain = _place(ids, experts, weights, x, rows=rows)
@@ -266,6 +269,60 @@ def test_place_one_block_fp8_special_values_and_element_types(dtype):
         _assert_same_bits(got, ref, pairs, f"{np.dtype(dtype).name} H={hidden}")
 
 
+# -- the gather above decode sizes: gather_rows_fp8 ---------------------------------------
+
+# (rows, tokens, k, hidden): 2048 is Qwen3-30B-A3B's hidden size, 7168
+# DeepSeek-V3's; 136 and 200 end in a partial 128-column block; 100 is no
+# multiple of 8 (the scalar path); 70,000 rows pass the grid's 65,535 blocks.
+ROW_GATHERS = [(1, 1, 1, 2048), (1032, 129, 8, 2048), (333, 60, 6, 136), (700, 100, 7, 200),
+               (4096, 512, 8, 7168), (257, 40, 8, 100), (70_000, 8750, 8, 136)]  # fmt: skip
+
+
+def _gather_rows_both_ways(rng, rows, tokens, k, hidden, *, dtype=BF16, offset="", specials=False):
+    """(gather_rows_fp8's codes and scales, quantize_rows_fp8 of what
+    gather_rows writes) for the same x and row_to_pair: a permutation of the
+    pairs with about 15% of the rows empty (-1: zeros). ``offset`` "x" puts x
+    1 element off a 16-byte boundary, "q" the codes 1 byte off 8."""
+    import cupy
+
+    x = _on_device(_values(rng, (tokens, hidden), dtype, specials), offset == "x")
+    r2p = rng.permutation(max(rows, tokens * k))[:rows].astype(np.int32)
+    r2p[r2p >= tokens * k] = -1
+    if rows > 1:
+        r2p[rng.random(rows) < 0.15] = -1
+    r2p = cupy.asarray(r2p)
+    plain = cupy.full((rows, hidden), np.nan, dtype=dtype)
+    K.gather_rows(_stream(), _arch(), x, r2p, k, plain)
+    ref = cg.quantize_rows_fp8(plain)
+    codes, scales = _poisoned_fp8(rows, hidden, 1 if offset == "q" else 0)
+    K.gather_rows(_stream(), _arch(), x, r2p, k, None, (codes[:rows], scales[:rows]))
+    cupy.cuda.get_current_stream().synchronize()
+    return (codes, scales), ref
+
+
+@pytest.mark.parametrize("rows, tokens, k, hidden", ROW_GATHERS)
+def test_gather_rows_fp8_is_the_quantized_gather(rows, tokens, k, hidden):
+    rng = np.random.default_rng(rows + hidden)
+    got, ref = _gather_rows_both_ways(rng, rows, tokens, k, hidden)
+    _assert_same_bits(got, ref, rows, f"rows={rows} T={tokens} k={k} H={hidden}")
+
+
+@pytest.mark.parametrize("offset", ["x", "q"])
+@pytest.mark.parametrize("hidden", [2048, 136])
+def test_gather_rows_fp8_scalar_path_on_misaligned_operands(offset, hidden):
+    rng = np.random.default_rng(hidden + 1)
+    got, ref = _gather_rows_both_ways(rng, 300, 50, 8, hidden, offset=offset)
+    _assert_same_bits(got, ref, 300, f"{offset} misaligned, H={hidden}")
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.float16, np.float32])
+def test_gather_rows_fp8_special_values_and_element_types(dtype):
+    rng = np.random.default_rng(12)
+    for hidden in (200, 100):
+        got, ref = _gather_rows_both_ways(rng, 150, 33, 4, hidden, dtype=dtype, specials=True)
+        _assert_same_bits(got, ref, 150, f"{np.dtype(dtype).name} H={hidden}")
+
+
 # -- the FP8 decode layer, fused and not ----------------------------------------------
 
 # (name, experts, k, hidden, inter, biases, which weights are FP8)
@@ -275,8 +332,8 @@ LAYERS = [
     ("fp8 w1 only", 16, 8, 256, 256, True, "w1"),
     ("fp8 w2 only", 16, 4, 256, 256, True, "w2"),
 ]
-# T up to 129 with k = 8: 1032 pairs, past one block: the four-launch placement,
-# which keeps GEMM 1's quantize launch.
+# T up to 129 with k = 8: 1032 pairs, past one block: the four-launch
+# placement, whose gather quantizes GEMM 1's rows (gather_rows_fp8).
 STEPS = [1, 2, 7, 16, 33, 64, 128, 129, 16, 1]
 
 
@@ -340,9 +397,9 @@ def test_fp8_layer_fused_and_unfused_give_the_same_bits(
     _hopper, monkeypatch, name, experts, k, hidden, inter, biases, fp8
 ):
     """One eager layer, FUSE_QUANTIZE toggled between two calls on the same
-    inputs: the same output bits; the quantize launches that remain (GEMM 1's
-    where the rows take four launches to place, none else when fused, one per
-    FP8 GEMM when not); at decode with FP8 w1 no bf16 row gathered."""
+    inputs: the same output bits; no quantize launch when fused (the gather,
+    in one placement launch or after four, and the activation write e4m3),
+    one per FP8 GEMM when not; with FP8 w1 no bf16 row gathered when fused."""
     import cupy
 
     rng = np.random.default_rng(experts + hidden + inter)
@@ -371,10 +428,9 @@ def test_fp8_layer_fused_and_unfused_give_the_same_bits(
             _poison(layer)
             outs[fuse] = layer.forward(x, ids_d, w_d).copy()
             cupy.cuda.get_current_stream().synchronize()
-            one_launch = tokens * k <= K.PAIRS_PER_BLOCK
             if fuse:
-                assert len(quantized) == int(fp8_w1 and not one_launch), (name, tokens, quantized)
-                if fp8_w1 and one_launch:
+                assert quantized == [], (name, tokens, quantized)
+                if fp8_w1:
                     assert _nan_bf16(layer._buffers.rows[: tokens * k]), (
                         f"{name} T={tokens}: bf16 rows gathered"
                     )

@@ -129,7 +129,7 @@ def test_prepared_fp8_step_queues_what_the_timed_step_does(gpu, monkeypatch, cas
     one_block = tokens * K <= 1024
     once = opts.get("one_launch", True) and one_block
     fp8 = opts.get("kind", "both")
-    fused1 = opts.get("fuse", True) and once and fp8 in ("both", "w1")
+    fused1 = opts.get("fuse", True) and fp8 in ("both", "w1")  # the placement's gather writes e4m3, any size
     quantizes = (fp8 in ("both", "w1") and not fused1) + (
         fp8 in ("both", "w2") and not opts.get("fuse", True)
     )
@@ -203,3 +203,46 @@ def test_the_fp8_step_shares_the_16_bit_steps_overlap_rule(monkeypatch):
     assert S.overlapped(S.OVERLAP_MAX_PAIRS) and not S.overlapped(S.OVERLAP_MAX_PAIRS + 1)
     monkeypatch.setattr(S, "OVERLAP_LAUNCHES", False)
     assert not S.overlapped(1)
+
+
+@pytest.mark.parametrize("kind", ["both", "w1", "w2"])
+def test_the_default_path_runs_the_fp8_step_and_never_waits(gpu, kind):
+    """On SM 9.0 under AUTO, moe_forward with FP8 weights (no timer, no
+    fixed_capacity) queues what the FP8 kernel step with fixed_capacity=True
+    queues, counting dropped pairs into the stream's counter, then one 8-byte
+    copy of that counter to pinned memory; it reads nothing back and waits
+    for nothing. With algorithm="sm90_grouped" it keeps the counts-on-the-host
+    path (one copy of the counts)."""
+    import numpy as np
+
+    from cublas_grouped.moe.dropped_pairs import stream_dropped_pairs
+    from cublas_grouped.runtime.device import stream_resources
+
+    w1, w2 = _weights(kind)
+    x, ids, weights, _ = _inputs(5, False)
+    copied = []
+
+    def no_wait(arr):
+        copied.append(arr.shape)
+        counts = np.zeros(arr.shape, arr.dtype)
+        counts[:10] = 2  # 5 tokens x 4 choices on 10 experts
+        return counts
+
+    gpu.host_values = no_wait
+    for _ in range(2):  # the first call makes the stream's counter; then a hit
+        cg.moe_forward(x, ids, weights, w1, w2, trans_b=True)
+    state = stream_dropped_pairs(stream_resources(0, None))
+    gpu.clear()
+    want = _queued(
+        gpu,
+        cg.moe_forward(
+            x, ids, weights, w1, w2, trans_b=True, fixed_capacity=True, dropped_pairs=state.device
+        ),
+    )
+    gpu.clear()
+    got = _queued(gpu, cg.moe_forward(x, ids, weights, w1, w2, trans_b=True))
+    assert got == want and copied == [] and gpu.syncs == []
+    assert [c[2] for c in gpu.copies if c[3] == 2] == [8]  # cudaMemcpyDeviceToHost: the counter's copy
+    gpu.clear()
+    cg.moe_forward(x, ids, weights, w1, w2, trans_b=True, algorithm="sm90_grouped")
+    assert copied == [(E,)], "another algorithm: the counts come to the host"

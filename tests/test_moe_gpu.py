@@ -164,20 +164,40 @@ def test_trans_b_weights_and_mlp_with_shared_expert():
 
 @pytest.mark.parametrize("dtype, experts", [(np.float32, 8), (ml_dtypes.bfloat16, 16)])
 def test_out_of_range_ids_are_refused(dtype, experts):
-    """Counts on the host (float32), and on SM 9.0 the kernel step (bf16, 16
-    experts), which raises after the layer from one copied count; either way
-    the next good call is right."""
+    """Counts on the host (float32, and bf16 off SM 9.0): the call raises. On
+    SM 9.0 the bf16 layer takes the sync-free kernel step: the call leaves
+    the bad pairs out (its output is the layer of the good ones), then
+    check_expert_ids raises with their count, once; unchecked, the next call
+    raises once the count has reached the host. Either way the next good
+    call is right."""
     import cupy
 
     rng = np.random.default_rng(2)
     (x, w1, w2, _, _), (x64, w1_64, w2_64, _, _) = _layer_case(rng, 4, experts, 2, 32, 16, dtype)
-    ids = cupy.asarray([[0, 1], [2, experts + 1], [3, -4], [5, 6]], dtype=cupy.int32)
-    with pytest.raises(ValueError, match=rf"topk_ids holds 2 ids outside \[0, {experts}\)"):
-        cg.moe_forward(x, ids, None, w1, w2)
+    bad = np.array([[0, 1], [2, experts + 1], [3, -4], [5, 6]], dtype=np.int32)
+    ids = cupy.asarray(bad)
     good = np.array([[0, 1], [2, 3], [3, 4], [5, 6]], dtype=np.int32)
-    out = cg.moe_forward(x, cupy.asarray(good), None, w1, w2)
     tol = 1e-5 if dtype == np.float32 else 2e-2
+    sync_free = dtype != np.float32 and tuple(cg.device_info().sm) == (9, 0)
+    message = rf"2 ids outside \[0, {experts}\)" if not sync_free else r"held 2 ids outside \[0, E\)"
+    if not sync_free:
+        with pytest.raises(ValueError, match=message):
+            cg.moe_forward(x, ids, None, w1, w2)
+    else:
+        out = cg.moe_forward(x, ids, None, w1, w2)
+        kept = (bad >= 0) & (bad < experts)
+        expected = ref.moe_forward_ref(x64, np.where(kept, bad, 0), kept.astype(np.float64), w1_64, w2_64)
+        check_close(out, expected, tol, "the good pairs of a call with bad ids")
+        with pytest.raises(ValueError, match=message + " in moe_forward calls on this stream"):
+            cg.check_expert_ids()
+        cg.check_expert_ids()  # reported once
+        cg.moe_forward(x, ids, None, w1, w2)
+        cupy.cuda.get_current_stream().synchronize()  # the count's copy has landed
+        with pytest.raises(ValueError, match=message + " in earlier moe_forward calls"):
+            cg.moe_forward(x, cupy.asarray(good), None, w1, w2)
+    out = cg.moe_forward(x, cupy.asarray(good), None, w1, w2)
     check_close(out, ref.moe_forward_ref(x64, good, None, w1_64, w2_64), tol, "after refused ids")
+    cg.check_expert_ids()
 
 
 # -- fixed-capacity decode path -------------------------------------------------------------------

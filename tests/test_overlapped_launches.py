@@ -25,7 +25,7 @@ from cublas_grouped.runtime import launch
 
 # Every kernel a prepared step launches (kernel_step.step_launches), by build
 # (a source and its defines), and the FP8 step's own (fp8_step_launches: its
-# placement and activation writing e4m3, the row quantizer where they do not,
+# placement, gather and activation writing e4m3, the row quantizer where they do not,
 # the FP8 GEMM in both tile shapes), which follow the previous grid in the same way.
 STEP_KERNELS = {
     "dispatch": (
@@ -37,6 +37,7 @@ STEP_KERNELS = {
         "place_one_block_bf16",
         "place_one_block_f16",
         "place_one_block_fp8_bf16",
+        "gather_rows_fp8_bf16",
     ),
     "activation": ("expert_activation_bf16", "expert_activation_f16", "expert_activation_fp8_bf16"),
     "combine": ("combine_rows_bf16", "combine_rows_f16", "sum_rows_bf16", "sum_rows_f16"),

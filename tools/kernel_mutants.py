@@ -183,6 +183,24 @@ MUTANTS: tuple[Mutant, ...] = (
         "const T* src = p >= 0 ? x + static_cast<long long>(p / top_k) * hidden : nullptr;",
         "const T* src = p >= 0 ? x + static_cast<long long>(p % top_k) * hidden : nullptr;",
         "gather reads token p % k instead of p / k (wrong index)",
+        count=2,  # the second: gather_rows_fp8's
+    ),
+    Mutant(
+        "gather-fp8-token-index",
+        "dispatch.cu",
+        "const T* src = p >= 0 ? x + static_cast<long long>(p / top_k) * hidden : nullptr;",
+        "const T* src = p >= 0 ? x + static_cast<long long>(p % top_k) * hidden : nullptr;",
+        "the FP8 gather (gather_rows_fp8) quantizes token p % k's row instead of p / k's",
+        count=2,
+        occurrence=2,
+    ),
+    Mutant(
+        "gather-fp8-scale-row",
+        "dispatch.cu",
+        "fp8_gathered_row(src, hidden, vec8, rows_s + r * scales_per_row, rows_q + static_cast<long long>(r) * hidden);",
+        "fp8_gathered_row(src, hidden, vec8, rows_s + r, rows_q + static_cast<long long>(r) * hidden);",
+        "the FP8 gather writes each row's scales one float past the last row's first, not a row of scales past",
+        count=2,  # the first: gather_rows_fp8's (the second: place_one_block_fp8's)
     ),
     Mutant(
         "gather-grid-stride",
@@ -190,6 +208,16 @@ MUTANTS: tuple[Mutant, ...] = (
         "for (int r = blockIdx.x; r < num_rows; r += gridDim.x) {",
         "for (int r = blockIdx.x; r < num_rows; r += 2 * gridDim.x) {",
         "grid-stride loop step doubled: rows past the grid are skipped every other sweep (T*k > 65535)",
+        count=2,  # the second: gather_rows_fp8's
+    ),
+    Mutant(
+        "gather-fp8-grid-stride",
+        "dispatch.cu",
+        "for (int r = blockIdx.x; r < num_rows; r += gridDim.x) {",
+        "for (int r = blockIdx.x; r < num_rows; r += 2 * gridDim.x) {",
+        "the FP8 gather's grid-stride step doubled: rows past the grid are never quantized (T*k > 65535)",
+        count=2,
+        occurrence=2,
     ),
     Mutant(
         "dispatch-warp-prefix",

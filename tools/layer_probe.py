@@ -40,6 +40,7 @@ import numpy as np
 import cublas_grouped as cg
 from cublas_grouped.moe import kernel_step, placement_launches
 from cublas_grouped.moe.fixed_capacity import fixed_capacity_backend
+from cublas_grouped.runtime.timing import time_each_alone
 from cublas_grouped.testing import rel_error
 from cublas_grouped.tools.bench import workloads as W
 
@@ -311,20 +312,13 @@ def main() -> None:
                         same = np.array_equal(outs[name], outs[other], equal_nan=True)
                         print(f"{model} T={tokens} {routing}: {other} == {name} bit for bit: {same}")
                 norm = float(np.linalg.norm(outs[names[0]]))
-                times = {k: [] for k in methods}
-                for r in range(rounds + WARMUP):
-                    order = list(methods) if r % 2 == 0 else list(reversed(methods))
-                    for name in order:
-                        run, _, per = methods[name]
-                        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-                        start.record(stream)
-                        with stream:
-                            run()
-                        end.record(stream)
-                        end.synchronize()
-                        if r >= WARMUP:
-                            times[name].append(cupy.cuda.get_elapsed_time(start, end) / per)
-                med = {k: float(np.median(v)) * (1e3 if decode else 1.0) for k, v in times.items()}
+                runs = [run for run, _, _ in methods.values()]
+                samples = time_each_alone(runs, rounds=rounds, warmup=WARMUP, stream=stream)
+                scale = 1e3 if decode else 1.0
+                med = {
+                    k: float(np.median(v)) / per * scale
+                    for (k, (_, _, per)), v in zip(methods.items(), samples)
+                }
                 if decode:
                     active = int((W.expert_counts(ids, s.experts) > 0).sum())
                     floor = W.layer_weight_bytes(case, active) / (args.hbm_gbs * 1e9) * 1e6

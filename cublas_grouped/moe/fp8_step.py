@@ -10,8 +10,8 @@ are :class:`~cublas_grouped.FP8ExpertWeights` run on the FP8 kernel
 
 with both quantizations inside the kernel before them
 (:data:`FUSE_QUANTIZE`): the activation kernel writes GEMM 2's codes and
-scales itself, and at decode (one placement launch) so does the gather for
-GEMM 1.
+scales itself, and the gather those of GEMM 1 (``place_one_block_fp8`` at
+decode, where one launch places the rows; ``gather_rows_fp8`` above).
 
 Both GEMMs read the per-expert counts on the device over the same
 grouped-contiguous T*k rows and the same schedule buffer (the FP8 kernel
@@ -67,9 +67,10 @@ __all__ = [
 
 # Each FP8 GEMM's rows quantized by the kernel that writes them, not by a
 # quantize_rows_fp8 launch of their own: GEMM 2's by the activation kernel
-# (expert_activation_fp8, any step size), GEMM 1's by the gather where one
-# launch places the rows (place_one_block_fp8: decode; the four-launch
-# placement keeps the quantize launch). The same codes and scales bit for
+# (expert_activation_fp8, any step size), GEMM 1's by the gather
+# (place_one_block_fp8 where one launch places the rows, at decode;
+# gather_rows_fp8 after the placement's other launches, since 2026-11-27
+# evening: docs/benchmarks.md). The same codes and scales bit for
 # bit, so the same outputs. At Qwen3-30B-A3B decode (H200, ncu) each quantize
 # launch took about 6 us; the layer's graph replays (H200, 2026-11-27, the
 # same FP8 GEMM both ways) went from 48.8 to 42.3 us at T=1, 133.1 to 124.8 at
@@ -208,9 +209,10 @@ def fp8_kernel_step(
     tokens, k = ids.shape
     pairs = tokens * k
     # Which GEMM's rows the kernel before it quantizes (FUSE_QUANTIZE): GEMM
-    # 1's only where one launch places the rows (place_one_block_fp8), which
-    # then writes no bf16 rows; GEMM 2's wherever w2 is FP8.
-    fused1 = FUSE_QUANTIZE and is_fp8(w1) and places_in_one_launch(shape.num_experts, pairs)
+    # 1's wherever w1 is FP8 (the placement in one launch, place_one_block_fp8,
+    # or the gather after the four, gather_rows_fp8), which then writes no
+    # bf16 rows; GEMM 2's wherever w2 is FP8.
+    fused1 = FUSE_QUANTIZE and is_fp8(w1)
     fused2 = FUSE_QUANTIZE and is_fp8(w2)
     if timer is None:
         key = _prepared_key(shape, rows8, ids, params, (fused1, fused2))

@@ -97,7 +97,12 @@ def fp8_step_launches(
         )  # fmt: skip
         placement = (place, None, None, None, None, None)
     else:
-        placement = (None, *placement_launches(prep, arch, buf, x, ids, None, dropped, e, False, False))
+        placement = (
+            None,
+            *placement_launches(
+                prep, arch, buf, x, ids, None, dropped, e, False, False, x8 if fused[0] else None
+            ),
+        )
     quantize = tuple(
         _q.prepared_quantize_rows(
             arch, a.data.ptr, pairs, a.shape[1], a8[1].data.ptr, a8[0].data.ptr, a.dtype

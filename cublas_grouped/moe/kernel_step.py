@@ -6,8 +6,8 @@ CUDA graph replays it with new tokens and routing).
 Who runs it: :class:`~cublas_grouped.FixedCapacityMoE` and
 ``moe_forward(fixed_capacity=True)`` where :func:`fixed_capacity_backend`
 says so, and ``moe_forward``'s default path on SM 9.0 under AUTO (which
-then copies one count, the pairs dropped for ids outside [0, E), to the
-host at the end, to raise on them as the synchronizing path does).
+counts the pairs dropped for ids outside [0, E) on the device and raises on
+them later, without waiting: moe/dropped_pairs.py).
 With ``w1_layout="gate_up_blocked"`` the activation runs in GEMM 1's epilogue
 (:data:`GATED_EPILOGUE_MIN_ROWS_PER_GROUP`).
 With :data:`GATHER_IN_GEMM1`, GEMM 1 reads the tokens' rows itself (v11).
@@ -183,10 +183,10 @@ def place_rows(
     ``copy``: GEMM 1 gathers them) the gathered rows in ``buf.rows[:T*k]``
     (zeros where no pair was placed). One launch where
     :func:`places_in_one_launch`, else four.
-    ``quantized`` (the FP8 step): (codes, scales) of T*k rows; where one
-    launch places the rows, it writes them there as e4m3
-    (``quantize_rows_fp8``'s bits) and not into ``buf.rows``; the four
-    launches ignore it (the caller quantizes ``buf.rows``).
+    ``quantized`` (the FP8 step): (codes, scales) of T*k rows; the launch
+    that gathers the rows (the one placement launch, or the gather after
+    the others) writes them there as e4m3 (``quantize_rows_fp8``'s bits)
+    and not into ``buf.rows``.
     Returns (pair_to_row, row_to_pair). Shared by the 16-bit and FP8 steps."""
     arch, stream = kernel_arch(res), res.launch_stream
     tokens, k = ids.shape
@@ -223,8 +223,9 @@ def place_rows(
         hopper.schedule_offsets(res, buf.counts, e, pairs, storage=buf.schedule)
     _placement.assign_rows(stream, arch, buf, ids, e, dropped, weights, weigh_rows)
     mark_stage(timer, "plan", res.cupy_stream)
-    if copy:
-        K.gather_rows(stream, arch, x, row_to_pair, k, buf.rows[:pairs])
+    if copy:  # with quantized (the FP8 step): the gather writes e4m3 rows, not buf.rows
+        rows = None if quantized is not None else buf.rows[:pairs]
+        K.gather_rows(stream, arch, x, row_to_pair, k, rows, quantized)
     mark_stage(timer, "gather", res.cupy_stream)  # none when GEMM 1 gathers: 0 ms
     return pair_to_row, row_to_pair
 

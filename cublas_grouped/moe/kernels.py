@@ -92,6 +92,7 @@ _COLUMN_SCAN = "qiiq"
 _HISTOGRAM_SCHEDULE = _PAIRS + "qqiiq" + "qqqq" + "q"  # ..., counts, the schedule's four addresses, ticket
 _ASSIGN_ROWS = _PAIRS + "qqiqqqqq"
 _GATHER_ROWS = "qiqiiq"
+_GATHER_ROWS_FP8 = _GATHER_ROWS + "q"  # the rows' codes and scales in place of the rows
 _PLACE_ONE_BLOCK = _PAIRS + "qqii" + "q" * 10
 _PLACE_ONE_BLOCK_FP8 = _PLACE_ONE_BLOCK + "q"  # the rows' codes and scales in place of the rows
 _ACTIVATION = "qiiiiqqqiq"  # h, inter, gated, gate_up_block, act, bias, row_to_pair, ids, rows, out
@@ -258,14 +259,23 @@ def _row_grid(rows: int) -> int:
     return max(1, min(rows, MAX_GRID))
 
 
-def gather_rows(stream, arch, x, row_to_pair, top_k, out) -> None:
-    """dispatch.cu ``gather_rows``: token rows of ``x`` into expert order (zeros for padding rows)."""
-    rows = out.shape[0]
-    kernel = _kernel("dispatch", "gather_rows", arch, x.dtype)
-    args = (x.data.ptr, x.shape[1], row_to_pair.data.ptr, int(top_k), rows, out.data.ptr)
+def gather_rows(stream, arch, x, row_to_pair, top_k, out, quantized=None) -> None:
+    """dispatch.cu ``gather_rows``: token rows of ``x`` into expert order
+    (zeros for padding rows), one row of ``out`` per entry of ``row_to_pair``.
+    ``quantized``: (codes uint8 [rows, H], scales float32 [rows, ceil(H/128)]):
+    ``gather_rows_fp8`` instead, which writes the rows there as
+    ``quantize_rows_fp8`` would quantize them; ``out`` is then not written
+    (None is fine)."""
+    rows = (out if quantized is None else quantized[0]).shape[0]
+    name, signature = (
+        ("gather_rows", _GATHER_ROWS) if quantized is None else ("gather_rows_fp8", _GATHER_ROWS_FP8)
+    )
+    kernel = _kernel("dispatch", name, arch, x.dtype)
+    outs = (out.data.ptr,) if quantized is None else (quantized[0].data.ptr, quantized[1].data.ptr)
+    args = (x.data.ptr, x.shape[1], row_to_pair.data.ptr, int(top_k), rows, *outs)
     if type(stream) is Prepare:
-        return stream.fixed(kernel, _row_grid(rows), ROW_THREADS, _GATHER_ROWS, args)
-    _kernels.launch_signed(stream, kernel, _row_grid(rows), ROW_THREADS, _GATHER_ROWS, args)
+        return stream.fixed(kernel, _row_grid(rows), ROW_THREADS, signature, args)
+    _kernels.launch_signed(stream, kernel, _row_grid(rows), ROW_THREADS, signature, args)
 
 
 def place_one_block(

@@ -28,6 +28,7 @@ from . import layer_cache as _layers
 from .backward import check_context_options, forward_with_context
 from .checks import check_layer_args, check_tokens, device_of, executor_or_shared, kernel_arch
 from .dispatch import mark_stage, plan_dispatch, run_expert_gemm
+from .dropped_pairs import DROPPED_PAIRS_KEY, stream_dropped_pairs
 from .fixed_capacity import (
     MAX_FIXED_CAPACITY_TOKENS,
     cached_chunk_buffers,
@@ -107,9 +108,12 @@ def moe_forward(
         call, then run as 16-bit weights; correct, slower (docs/fp8.md). On
         SM 9.0, for bfloat16 x without ``return_context``, FP8 weights the
         FP8 kernel reads (``trans_b``, "block128"; docs/fp8.md) run through
-        it instead, on rows quantized per token, and both GEMMs use
-        SM90_GROUPED's row layout; with ``fixed_capacity`` too (the
-        executor's algorithm AUTO or SM90_GROUPED), with no dequantized copy.
+        it instead, on rows quantized per token, with no dequantized copy:
+        as the FP8 kernel step, which waits for nothing, with
+        ``fixed_capacity`` (the executor's algorithm AUTO or SM90_GROUPED)
+        and under AUTO without a ``timer`` (ids outside [0, E) then raise as
+        on the 16-bit kernel path, below); else on the counts-on-the-host
+        path, both GEMMs on SM90_GROUPED's row layout.
     b1, b2 : optional per-expert biases [E, 2I] (or [E, I]) and [E, H]
     activation : "silu" (default), "gelu" (exact, erf) or "relu"
     gated : act(gate) * up when True, act(h) otherwise
@@ -153,11 +157,16 @@ def moe_forward(
     Returns
     -------
     GPU array [T, H] of x's dtype. Deterministic: two runs give identical bits.
-    Without ``fixed_capacity``, one small synchronizing copy happens per
-    call: of the per-expert counts, before the GEMMs (cuBLAS takes sizes on
-    the host); or, on SM 9.0 under AUTO where our Hopper kernel takes the
-    layer, of the number of pairs with an id outside [0, E), after the whole
-    layer was queued (the kernel reads the counts on the device).
+    Without ``fixed_capacity``, on the cuBLAS paths, one small synchronizing
+    copy happens per call: of the per-expert counts, before the GEMMs (cuBLAS
+    takes sizes on the host); ids outside [0, E) raise ``ValueError`` there.
+    On SM 9.0 under AUTO, where our Hopper kernel takes the layer (it reads
+    the counts on the device), nothing waits for the GPU: a pair with an id
+    outside [0, E) adds nothing and is counted on the GPU, and the count
+    raises ``ValueError`` at a later call on the same stream (once an 8-byte
+    copy of it has landed in pinned memory) or at once in
+    :func:`cublas_grouped.check_expert_ids`, which waits for the stream.
+    That path can be captured in a CUDA graph.
     """
     options = (activation, gated, trans_b, algorithm, fixed_capacity, w1_layout)
     key = None
@@ -201,13 +210,27 @@ def moe_forward(
         raise ValueError(
             "return_context=True does not take w1_layout='gate_up_blocked' (the backward reads gate|up)"
         )
-    # FP8ExpertWeights: read by the FP8 kernel where it can (SM 9.0, bf16 x, the
-    # synchronizing path), else dequantized to x's dtype for this call
-    # (docs/fp8.md); others pass through.
+    # FP8ExpertWeights: read by the FP8 kernel where it can (SM 9.0, bf16 x),
+    # else dequantized to x's dtype for this call (docs/fp8.md); others pass
+    # through. The FP8 kernel step (moe/fp8_step.py) runs the layer with
+    # fixed_capacity, and on the default path under AUTO where the 16-bit
+    # default takes its kernel step (no timer, no context, T within the
+    # fixed-capacity bound): nothing waits for the GPU, and on an H200 it was
+    # 1.00-1.67x faster than the counts-on-the-host path with the FP8 gmm,
+    # its outputs equal bit for bit (docs/benchmarks.md).
     # isinstance inline, not has_fp8: this runs on every fixed-capacity call (hot-path budget).
-    fp8_given = fixed_capacity and (isinstance(w1, FP8ExpertWeights) or isinstance(w2, FP8ExpertWeights))
-    if fp8_given and _fp8_fixed_capacity(x_v, shape, w1, w2, executor):
-        fp8 = (is_fp8(w1), is_fp8(w2))  # the FP8 kernel step (moe/fp8_step.py) reads them as they are
+    fp8_given = isinstance(w1, FP8ExpertWeights) or isinstance(w2, FP8ExpertWeights)
+    fp8_step = (
+        fp8_given
+        and not keep_context
+        and (
+            fixed_capacity
+            or (timer is None and algorithm is Algorithm.AUTO and x_v.shape[0] <= MAX_FIXED_CAPACITY_TOKENS)
+        )
+        and _fp8_fixed_capacity(x_v, shape, w1, w2, executor)
+    )
+    if fp8_step:
+        fp8 = (is_fp8(w1), is_fp8(w2))  # the FP8 kernel step reads them as they are
     else:
         fp8 = _fp8_kernel_weights(x_v, (w1, w2), algorithm, executor, stream, fixed_capacity or keep_context)
     w1, w2 = (w if fast else dense_weights(w, x_v.dtype, stream) for w, fast in zip((w1, w2), fp8))
@@ -227,7 +250,7 @@ def moe_forward(
     counter = None if dropped_pairs is None else as_cupy(dropped_pairs)
     with cupy.cuda.Device(res.device_id), res.cupy_stream:
         args = (res, executor, shape, as_cupy(x_v), as_cupy(topk_ids), weights, params)
-        return _forward(*args, algorithm, timer, fixed_capacity, counter, fp8)
+        return _forward(*args, algorithm, timer, fixed_capacity, counter, fp8, fp8_step)
 
 
 def _forward(
@@ -243,10 +266,12 @@ def _forward(
     fixed_capacity,
     dropped,
     fp8=(False, False),
+    fp8_step=False,
 ):
     """The layer on checked CuPy arrays, on ``res``'s stream and device (current).
     ``fp8``: per weight, whether the FP8 kernel reads it (the weight is then
-    an FP8ExpertWeights; never on a cache hit, which holds CuPy arrays only)."""
+    an FP8ExpertWeights; never on a cache hit, which holds CuPy arrays only);
+    ``fp8_step``: the FP8 kernel step runs the layer (moe_forward's rule)."""
     import cupy
 
     w1, w2, b1, b2 = params
@@ -265,6 +290,8 @@ def _forward(
             buf = cached_chunk_buffers(res, shape, tokens, kernel_only=kernel)
             fixed_capacity_step(res, executor, shape, buf, x, ids, weights, params, out, dropped=dropped)
         return out
+    if fp8_step:
+        return _kernel_layer(res, shape, x, ids, weights, params, None, fp8_executor=executor)
     if not any(fp8) and _default_kernel_step(res, executor, algorithm, shape, w1, w2, tokens):
         return _kernel_layer(res, shape, x, ids, weights, params, timer)
     hidden, inter, width = shape.hidden, shape.inter, shape.width
@@ -319,13 +346,21 @@ def _default_kernel_step(res, executor, algorithm, shape, w1, w2, tokens: int) -
     return fixed_capacity_backend(sm, executor, shape, w1, w2, tokens) == "sm90_grouped"
 
 
-def _kernel_layer(res, shape, x, ids, weights, params, timer):
-    """The default path on the kernel: the sync-free step, then one copy of the
-    pairs dropped for ids outside [0, E) (the call's one sync), raised on as
-    the counts-on-the-host path does. The output is a new array: nothing of
-    the caller's is written before the raise."""
+def _kernel_layer(res, shape, x, ids, weights, params, timer, fp8_executor=None):
+    """The default path on the kernel: the sync-free step, nothing copied to
+    the host in a way that waits. Pairs with ids outside [0, E) add nothing
+    and are counted on the device; this call raises on the count earlier
+    calls left, once their copy of it has landed (moe/dropped_pairs.py), and
+    :func:`~cublas_grouped.check_expert_ids` waits and raises at once. The
+    output is a new array: nothing of the caller's is written. With
+    ``fp8_executor`` (FP8 weights, no timer) the FP8 kernel step runs it."""
     import cupy
 
+    dropped = res.buffers.get(DROPPED_PAIRS_KEY)  # inline: this runs on every call (hot-path budget)
+    if dropped is None:
+        dropped = stream_dropped_pairs(res)
+    elif dropped.host[0]:  # earlier calls' bad ids, read from pinned memory (no wait)
+        dropped.report(res, before_call=True)  # raises before any GPU work
     tokens = x.shape[0]
     # Called on res's device and stream, made current by moe_forward (see _forward).
     out = cupy.empty((tokens, shape.hidden), dtype=x.dtype)
@@ -333,16 +368,25 @@ def _kernel_layer(res, shape, x, ids, weights, params, timer):
         return out
     mark_stage(timer, "start", res.cupy_stream)
     buf = cached_chunk_buffers(res, shape, tokens, kernel_only=True)
-    buf.capacity.check_kernel_step(shape, tokens)
-    dropped = res.buffers.get("moe-dropped-pairs-u64")  # a view of the stream's 8 bytes, made once
-    if dropped is None:
-        counter = res.buffer("moe-dropped-pairs", 8).view(cupy.uint64)[:1]
-        dropped = res.buffers["moe-dropped-pairs-u64"] = counter
-    cupy.cuda.runtime.memsetAsync(dropped.data.ptr, 0, 8, res.stream)
-    kernel_step(res, shape, buf, x, ids, weights, params, out, dropped, timer)
-    count = int(cupy.asnumpy(dropped, stream=res.cupy_stream)[0])  # the one sync
-    if count:
-        raise ValueError(f"topk_ids holds {count} ids outside [0, {shape.num_experts})")
+    if fp8_executor is not None:
+        rows8 = cached_fp8_rows(res, shape, tokens * shape.top_k)
+        fixed_capacity_step(
+            res,
+            fp8_executor,
+            shape,
+            buf,
+            x,
+            ids,
+            weights,
+            params,
+            out,
+            dropped=dropped.device,
+            fp8_rows=rows8,
+        )
+    else:
+        buf.capacity.check_kernel_step(shape, tokens)
+        kernel_step(res, shape, buf, x, ids, weights, params, out, dropped.device, timer)
+    dropped.publish(res, shape.num_experts)  # the running count's copy, queued behind the step
     return out
 
 

@@ -70,8 +70,9 @@ def assign_rows(stream, arch, buf: ChunkBuffers, ids, e: int, dropped, weights, 
 
 
 def placement_launches(
-    prep, arch, buf: ChunkBuffers, x, ids, weights, dropped, e: int, gather: bool, weigh: bool = True
-):
+    prep, arch, buf: ChunkBuffers, x, ids, weights, dropped, e: int, gather: bool, weigh: bool = True,
+    quantized=None,
+):  # fmt: skip
     """The placement as prepared launches (histogram, column scan or None,
     offsets or None, assign, gather or None), for the steps
     :func:`~.kernel_step.places_in_one_launch` leaves out; ``prep``'s slots
@@ -79,7 +80,10 @@ def placement_launches(
     scans and writes the schedule (the next two None).
     ``weigh``: assign_rows writes each row's routing weight (the 16-bit
     step's GEMM 2 epilogue reads them; the FP8 step's combine weighs instead,
-    and its assign launch then reads no weights: its slot 11 stays 0)."""
+    and its assign launch then reads no weights: its slot 11 stays 0).
+    ``quantized``: (codes, scales) of T*k rows: the gather writes the rows
+    there as e4m3 (``gather_rows_fp8``, the FP8 step's GEMM 1), not into
+    ``buf.rows``."""
     pairs = ids.size
     nb = K.num_pair_blocks(pairs)
     block_counts, row_to_pair = buf.block_counts[:nb], buf.row_to_pair[:pairs]
@@ -100,5 +104,6 @@ def placement_launches(
     prep.slots = (0, 10, 11)  # ids, dropped, weights
     assign = assign_rows(prep, arch, buf, ids, e, dropped, weights, weigh)
     prep.slots = (0,)  # x
-    copy = None if gather else K.gather_rows(prep, arch, x, row_to_pair, ids.shape[1], buf.rows[:pairs])
+    rows = None if quantized is not None else buf.rows[:pairs]
+    copy = None if gather else K.gather_rows(prep, arch, x, row_to_pair, ids.shape[1], rows, quantized)
     return histogram, column_scan, scan, assign, copy

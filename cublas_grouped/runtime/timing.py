@@ -14,7 +14,9 @@ from round to round, each call between its own pair of CUDA events; a
 method's time is its median over the rounds, and drift moves every method's
 samples alike. The benchmark, the tuner and AUTO's measurements compare
 algorithms this way. :func:`time_sequential` is the earlier scheme (all calls
-of one method, then the next).
+of one method, then the next). :func:`time_each_alone` waits for every call
+before the next, so each starts on an idle GPU (what one call alone costs,
+its host work before the first launch included; the development probes).
 
 Rotation: small problems would otherwise be served from the 50 MB L2 cache on
 every repeat, which no real layer enjoys. Callers build several input sets
@@ -39,6 +41,7 @@ __all__ = [
     "time_sequential",
     "no_garbage_collection",
     "L2_BYTES",
+    "time_each_alone",
 ]
 
 # H100 L2 size; rotating through at least twice this evicts a set before it returns.
@@ -329,3 +332,30 @@ def time_sequential(
         except Exception as exc:
             out[m] = exc
     return out
+
+
+def time_each_alone(
+    fns: Sequence[Callable[[], object]], *, rounds: int, warmup: int, stream
+) -> list[list[float]]:
+    """Per method, the milliseconds of each timed round: ``fns`` called in
+    turns (the order reversed every other round), each call between two
+    events on ``stream`` (a CuPy stream, made current for it) and waited for
+    before the next, after ``warmup`` untimed rounds. Unlike
+    :func:`time_interleaved`, nothing queues behind a call: each starts on
+    an idle GPU, so a call's host work before its first launch is in its
+    time (as a synchronizing call's is in a model's step)."""
+    import cupy
+
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds + warmup):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for m in order:
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            with stream:
+                fns[m]()
+            end.record(stream)
+            end.synchronize()
+            if r >= warmup:
+                times[m].append(cupy.cuda.get_elapsed_time(start, end))
+    return times

@@ -4,8 +4,9 @@ fixed-capacity step at decode) and the torch block they are compared with.
 - ``fused`` (layer section, SM 9.0): ``moe_forward`` as a user calls it by
   default, with ``w1`` packed by :func:`cublas_grouped.pack_gate_up`
   (``w1_layout="gate_up_blocked"``), so that the activation runs in GEMM
-  1's epilogue and the [rows, 2I] product is never stored. Eager: the one synchronizing copy of each call (the count of ids
-  outside [0, E)) is in its time. Its stage split is a "split" row of the
+  1's epilogue and the [rows, 2I] product is never stored. Eager: nothing in
+  the call waits for the GPU (since 2026-11-27; before, each call waited for
+  its count of ids outside [0, E), and its time held the host's next call). Its stage split is a "split" row of the
   same name, and at prefill a "graph" row times the same layer with
   ``fixed_capacity=True`` replayed from CUDA graphs (GPU time only, nothing
   copied to the host), round-robin with the layer section's methods.

@@ -35,6 +35,7 @@ __all__ = [
     "FALLBACK_HBM_GBS",
     "COPY_BYTES",
     "COPY_REPEAT",
+    "hold_stream",
 ]
 
 # HBM bandwidth by GPU name, GB/s from the datasheets: (name pattern, GB/s, part).
@@ -264,3 +265,30 @@ def hbm_lines(
     elif copy_error:
         lines.append(f"device-to-device copy not measured: {copy_error}")
     return lines
+
+
+# A one-thread kernel that keeps its stream busy for a given time (the GPU's
+# globaltimer, in ns), so that whatever the host queues behind it meanwhile
+# then runs back to back: the stage split of a call that never waits for the
+# GPU times the GPU's stages, not the host's pace of launching them.
+_HOLD_SOURCE = r"""
+extern "C" __global__ void hold_stream(unsigned long long ns) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        __nanosleep(1000);
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < ns);
+}
+"""
+_hold_kernels: dict = {}  # id(the cupy module) -> its compiled kernel
+
+
+def hold_stream(ms: float) -> None:
+    """Queue ``ms`` milliseconds of one waiting GPU thread on CuPy's current stream."""
+    import cupy
+
+    kernel = _hold_kernels.get(id(cupy))
+    if kernel is None:
+        kernel = _hold_kernels[id(cupy)] = cupy.RawKernel(_HOLD_SOURCE, "hold_stream")
+    kernel((1,), (1,), (np.uint64(int(ms * 1e6)),))

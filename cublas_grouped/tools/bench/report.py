@@ -325,8 +325,10 @@ def fused_targets(cases: dict[str, dict[tuple[str, str], Result]]) -> list[str]:
     eager block, the whole-layer TFLOP/s of :data:`FUSED_TFLOPS`, and a
     non-GEMM share of the layer of at most :data:`FUSED_NON_GEMM_PCT` at
     :data:`OVERHEAD_TOKENS` tokens, judged on the eager split (on SM 9.0 the
-    prepared launches with a mark between stages, ``kernel_step.TIME_PREPARED``;
-    the graph replay's share is printed beside it). Cases where the fused layer
+    prepared launches with a mark between stages, ``kernel_step.TIME_PREPARED``,
+    queued behind a hold of the stream so that each stage is the GPU's time;
+    the graph replay's share and the split as the host paces it, without the
+    hold, are printed beside it). Cases where the fused layer
     cannot run (not SM 9.0) are left out; a fused layer that failed is a MISS."""
     lines: list[str] = []
     speed, rate, share, decode = [], [], [], []
@@ -377,6 +379,9 @@ def fused_targets(cases: dict[str, dict[tuple[str, str], Result]]) -> list[str]:
                 if _ok(graph):  # beside it (not judged): the graph replay less the split's GEMMs
                     whole = graph.ms + (e.get("route_ms") or 0.0)
                     text += f"; graph replay {100.0 * (whole - e['gemm_ms']) / whole:.1f}%"
+                unheld = non_gemm_share_pct(e["unheld"]) if "unheld" in e else None
+                if unheld is not None:  # beside it (not judged): the split as the host paces it
+                    text += f"; host-paced split {unheld:.1f}%"
                 share.append((verdict, f"{name}: {pct:.1f}% ({text}, route included)"))
     floor_title = f"fused decode graph >= {FUSED_DECODE_FLOOR_PCT:.0f}% of the floor (w1 + w2 bytes)"
     _block(lines, floor_title, decode)

@@ -40,8 +40,9 @@ from .fused_layer import (
     layer_torch_block,
 )
 from .gpu import WeightCache, describe_error, free_pool, random_normal, torch_on_cupy_stream
-from .report import GEMM_STAGES, OVERHEAD_STAGES, Result, merge_passes, overhead_pct
+from .report import Result, merge_passes
 from .section import SectionRunner, Timed
+from .split import time_split
 from .workloads import (
     ALGORITHMS,
     KERNEL_ALGORITHMS,
@@ -393,36 +394,8 @@ class CaseRunner(SectionRunner):
         return self.measured("route", "route", t, None, None)
 
     def _split(self, xs, w1s, w2s, route_ms: float | None, method: str = "auto") -> Result:
-        """The stages of AUTO's layer, or (``method`` "fused") of the layer with w1 packed."""
-        cp = self.cp
-        runs = []
-        layout = "gate_up_blocked" if method == FUSED_METHOD else "gate_up"
-        for i in range(max(10, min(self.args.repeat, 20))):
-            timer = self.api.StageTimer()
-            s = i % len(xs)
-            w1, w2 = w1s[s % len(w1s)], w2s[s % len(w2s)]
-            self.api.moe_forward(xs[s], self.ids, self.wts, w1, w2, timer=timer, w1_layout=layout)
-            cp.cuda.runtime.deviceSynchronize()
-            runs.append(dict(timer.times_ms()))
-        stages = list(runs[0])
-        median = {s: float(np.median([r.get(s, 0.0) for r in runs])) for s in stages}
-        gemm = sum(median.get(s, 0.0) for s in GEMM_STAGES)
-        rest = sum(median.get(s, 0.0) for s in OVERHEAD_STAGES) + (route_ms or 0.0)
-        missing = [s for s in OVERHEAD_STAGES + GEMM_STAGES if s not in median]
-        return self.result(
-            "split",
-            method,
-            ms=sum(median.values()),
-            extra={
-                "stages_ms": median,
-                "route_ms": route_ms,
-                "overhead_pct": overhead_pct(median, route_ms),
-                "gemm_ms": gemm,
-                "non_gemm_ms": rest,
-                "runs": runs,
-            },
-            note=f"missing stages {missing}" if missing else None,
-        )
+        """The stages of AUTO's layer, or (``method`` "fused") of the layer with w1 packed (:mod:`.split`)."""
+        return time_split(self, xs, w1s, w2s, route_ms, method)
 
 
 def _free_torch_cache() -> None:
