@@ -343,6 +343,16 @@ def test_ids_outside_the_experts_raise_at_a_later_call(gpu):
     with pytest.raises(ValueError, match=r"held 2 ids outside .* in moe_forward calls on this stream"):
         check_expert_ids()
     check_expert_ids()  # zeroed by the report
+    # The stream as a raw handle (any device it was used on, or the one named);
+    # a stream no call used: nothing to check.
+    for kw in ({"stream": STREAM}, {"stream": STREAM, "device": 0}, {"device": 0}):
+        state.host[0] = 4
+        with pytest.raises(ValueError, match="held 4 ids outside"):
+            check_expert_ids(**kw)
+    state.host[0] = 4
+    check_expert_ids(stream=STREAM + 1)
+    check_expert_ids(stream=STREAM, device=1)
+    assert state.host[0] == 4, "another stream or device: this stream's count stays"
 
 
 # Python and C calls of a repeated moe_forward at T=1 on SM 9.0 (48 for the

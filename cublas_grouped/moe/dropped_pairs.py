@@ -101,21 +101,24 @@ def stream_dropped_pairs(res) -> StreamDroppedPairs:
 
 
 def check_expert_ids(stream=None, device: int | None = None) -> None:
-    """Wait for ``stream`` (default: the current stream of ``device``, default
-    the current device) and raise ``ValueError`` if ``moe_forward`` calls this
-    thread queued on it since the last check named expert ids outside
-    ``[0, E)``.
+    """Wait for ``stream`` and raise ``ValueError`` if ``moe_forward`` calls
+    this thread queued on it since the last check named expert ids outside
+    ``[0, E)``. ``stream``: a stream object or raw handle, default the
+    current stream of ``device`` (default the current device); the calls
+    checked are those on that stream, on ``device`` if given, else on any
+    device that stream handle was used on.
 
-    Only the sync-free default path on SM 9.0 (the Hopper kernel step) needs
+    Only the sync-free default path on SM 9.0 (the Hopper kernel steps) needs
     this: it adds nothing for such pairs and counts them on the GPU without
     waiting, and a later ``moe_forward`` call on the same stream raises once
     it sees the count (the cuBLAS paths raise in the call itself, and
     ``fixed_capacity=True`` counts into ``dropped_pairs``). Cheap: one
     synchronization and an 8-byte read. Does nothing if no such call was made.
     """
-    from ..runtime.device import current_device, stream_resources
+    from ..runtime.device import known_resources, resolve_stream
 
-    res = stream_resources(current_device() if device is None else int(device), stream)
-    state = res.buffers.get(DROPPED_PAIRS_KEY)
-    if state is not None:
-        state.report(res)
+    handle = resolve_stream(stream, None if device is None else int(device))
+    for res in known_resources(handle):
+        state = res.buffers.get(DROPPED_PAIRS_KEY)
+        if state is not None and (device is None or res.device_id == int(device)):
+            state.report(res)

@@ -26,6 +26,7 @@ __all__ = [
     "resolve_stream",
     "resources",
     "stream_resources",
+    "known_resources",
     "StreamResources",
 ]
 
@@ -310,6 +311,13 @@ def resources(device_id: int, stream: int) -> StreamResources:
             res.cupy_stream = cupy.cuda.ExternalStream(stream, device_id)
         per_stream[key] = res
     return res
+
+
+def known_resources(stream: int) -> list[StreamResources]:
+    """This thread's :class:`StreamResources` made so far for the raw stream
+    handle ``stream``, on any device (none are created here)."""
+    per_stream = getattr(_local, "streams", None) or {}
+    return [res for (_, handle), res in list(per_stream.items()) if handle == stream]
 
 
 @atexit.register
