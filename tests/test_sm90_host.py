@@ -353,6 +353,18 @@ def test_ids_outside_the_experts_raise_at_a_later_call(gpu):
     check_expert_ids(stream=STREAM + 1)
     check_expert_ids(stream=STREAM, device=1)
     assert state.host[0] == 4, "another stream or device: this stream's count stays"
+    # Inside a capture of the stream: no wait (the capture forbids it); the
+    # mirror's count raises as read and stays, for the check after the capture.
+    with pytest.MonkeyPatch.context() as mp:
+        import cupy
+
+        mp.setattr(cupy.cuda.runtime, "streamIsCapturing", lambda stream: 1)
+        gpu.clear()
+        with pytest.raises(ValueError, match="held 4 ids outside .* in earlier moe_forward"):
+            call()
+        assert gpu.syncs == [] and gpu.launches == [] and state.host[0] == 4
+    with pytest.raises(ValueError, match="held 4 ids outside"):
+        check_expert_ids()
 
 
 # Python and C calls of a repeated moe_forward at T=1 on SM 9.0 (48 for the
