@@ -100,7 +100,17 @@ def fp8_step_launches(
         placement = (
             None,
             *placement_launches(
-                prep, arch, buf, x, ids, None, dropped, e, False, False, x8 if fused[0] else None
+                prep,
+                arch,
+                buf,
+                x,
+                ids,
+                None,
+                dropped,
+                e,
+                False,
+                weigh=False,
+                quantized=x8 if fused[0] else None,
             ),
         )
     quantize = tuple(

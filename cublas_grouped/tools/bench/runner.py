@@ -332,12 +332,12 @@ class CaseRunner(SectionRunner):
             return r
 
         self.guarded("route", "route", route)
-        self.guarded("split", "auto", lambda: self._split(xs, w1s, w2s, route_ms[0]))
+        self.guarded("split", "auto", lambda: time_split(self, xs, w1s, w2s, route_ms[0]))
         if c.phase == "decode":
             self.guarded("graph", FIXED_CAPACITY, lambda: fixed_capacity_graph(self, xs, w1, w2, nbytes))
         if packed:  # the fused layer's split, then (decode) its FixedCapacityMoE graph
             self.guarded(
-                "split", FUSED_METHOD, lambda: self._split(xs, packed, w2s, route_ms[0], FUSED_METHOD)
+                "split", FUSED_METHOD, lambda: time_split(self, xs, packed, w2s, route_ms[0], FUSED_METHOD)
             )
             if c.phase == "decode":
                 graph = partial(fixed_capacity_graph, method=FUSED_METHOD)
@@ -392,10 +392,6 @@ class CaseRunner(SectionRunner):
         ]
         t = self.time_one(lambda i: self.api.route(logits[i], c.top_k), sets)
         return self.measured("route", "route", t, None, None)
-
-    def _split(self, xs, w1s, w2s, route_ms: float | None, method: str = "auto") -> Result:
-        """The stages of AUTO's layer, or (``method`` "fused") of the layer with w1 packed (:mod:`.split`)."""
-        return time_split(self, xs, w1s, w2s, route_ms, method)
 
 
 def _free_torch_cache() -> None:
