@@ -75,6 +75,27 @@
 //   SM90_GATHER_A       optional (v11): a's rows are read through an index
 //                       array instead of from a gathered copy (see "Gathered
 //                       a" below); the kernels take four more arguments
+//   SM90_FOLD_ROWS      v15: 0 (off) or SM90_A_BOX_ROWS: a
+//                       group whose rows end at most SM90_FOLD_ROWS past a
+//                       whole tile has those last rows (its "fold") computed
+//                       by the tile before them, not as a tile of their own
+//                       that would stream the same band of b again for a few
+//                       rows. The schedule is unchanged (grouped_tile_offsets
+//                       and the placement kernels stay the only writers of
+//                       it, shared with the FP8 kernel): the load thread
+//                       skips such a tail tile when it takes it, and the
+//                       tile before it loads the fold's rows (one
+//                       tmap_a_rows box a stage, into a region of the ring
+//                       after b's stages) and multiplies them as a swapped
+//                       product: b's stage as wgmma's a (64 columns of the
+//                       tile at a time, K-major or, for [E, K, N] weights,
+//                       transposed), the fold's rows as its b (m64n16k16);
+//                       each math warpgroup computes two 64-column blocks of
+//                       the fold (half and half + 2: for the gated epilogue
+//                       the gate and up columns of the same outputs) into 16
+//                       more accumulators, which the load warpgroup's
+//                       registers pay for (setmaxnreg 40 / 232). Not with
+//                       SM90_THIN or SM90_GATHER_A; SM90_BLOCK_N 256 only.
 //   SM90_EPILOGUE_ROW_SCALE  optional, 1: the weighting epilogue (a layer's
 //                       GEMM 2): out[r, c] = row_scale[r] * (acc + bias[g, c]),
 //                       the product in fp32, rounded once; the kernels take
@@ -203,8 +224,8 @@
 
 #if !defined(SM90_BLOCK_M) || !defined(SM90_BLOCK_N) || !defined(SM90_BLOCK_K) || \
     !defined(SM90_STAGES) || !defined(SM90_TILE_THREADS) || !defined(SM90_A_BOX_ROWS) || \
-    !defined(SM90_TABLE_MAX_GROUPS) || !defined(SM90_THIN)
-#error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES, SM90_TILE_THREADS, SM90_A_BOX_ROWS, SM90_TABLE_MAX_GROUPS and SM90_THIN from its launcher"
+    !defined(SM90_TABLE_MAX_GROUPS) || !defined(SM90_THIN) || !defined(SM90_FOLD_ROWS)
+#error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES, SM90_TILE_THREADS, SM90_A_BOX_ROWS, SM90_TABLE_MAX_GROUPS, SM90_THIN and SM90_FOLD_ROWS from its launcher"
 #endif
 #ifndef SM90_PREFETCH_B
 #define SM90_PREFETCH_B 0
@@ -219,6 +240,10 @@
 #define SM90_ACT apply_act_fast
 #else
 #define SM90_ACT apply_act
+#endif
+#if SM90_FOLD_ROWS && (SM90_FOLD_ROWS != SM90_A_BOX_ROWS || SM90_FOLD_ROWS != 16 || SM90_THIN || \
+                       SM90_BLOCK_N != 256 || defined(SM90_GATHER_A))
+#error "SM90_FOLD_ROWS (v15) must equal SM90_A_BOX_ROWS = 16 (one box, wgmma n16), with SM90_BLOCK_N=256, not SM90_THIN or SM90_GATHER_A"
 #endif
 #if SM90_PREFETCH_B && defined(SM90_GATHER_A)
 #error "SM90_PREFETCH_B is for a step's GEMM 2 (its schedule written before the previous kernel), never gathered"
@@ -285,7 +310,11 @@
 #define SM90_THREADS (128 * (1 + SM90_MATH_WARPGROUPS))
 #define SM90_A_STAGE_ELEMS (SM90_TILE_M * SM90_BLOCK_K)
 #define SM90_B_STAGE_ELEMS (SM90_BLOCK_N * SM90_BLOCK_K)
-#define SM90_STAGE_BYTES ((SM90_A_STAGE_ELEMS + SM90_B_STAGE_ELEMS) * 2)
+// A stage's fold rows (SM90_FOLD_ROWS): after all stages of a and of b.
+#define SM90_FOLD_STAGE_ELEMS (SM90_FOLD_ROWS * SM90_BLOCK_K)
+#define SM90_STAGE_BYTES ((SM90_A_STAGE_ELEMS + SM90_B_STAGE_ELEMS + SM90_FOLD_STAGE_ELEMS) * 2)
+// Set in a posted tile that also computes its group's fold (SM90_FOLD_ROWS): bit 60.
+#define SM90_FOLD_TILE (1LL << 60)
 #define SM90_A_BOX_ELEMS (SM90_A_BOX_ROWS * SM90_BLOCK_K)
 // Columns of N in one box of an N-major (nn) B tile: 64 16-bit elements, the
 // 128 bytes that the 128-byte swizzle permutes within.
@@ -492,6 +521,37 @@ SM90_WGMMA_M64N256K16(f16_t, "f16.f16")
 SM90_WGMMA_M64N128K16(bf16_t, "bf16.bf16")
 SM90_WGMMA_M64N128K16(f16_t, "f16.f16")
 
+// The fold's swapped product (SM90_FOLD_ROWS): D[64 x 16] += A[64 x 16] B[16 x 16],
+// A = 64 columns of the tile's b stage (K-major, or N-major with TRANS_A = 1,
+// wgmma's imm-trans-a), B = the fold's 16 rows of a (K-major). D row i is
+// the tile column, D column j the fold's row j (the layout above, j = 0 .. 1).
+#define SM90_WGMMA_M64N16K16(TAG, TYPES)                                                                     \
+    template <int TRANS_A>                                                                                   \
+    __device__ __forceinline__ void wgmma_m64n16k16(TAG, float (&d)[8], unsigned long long desc_a,           \
+                                                    unsigned long long desc_b) {                             \
+        asm volatile(                                                                                        \
+            "{\n"                                                                                            \
+            ".reg .pred p;\n"                                                                                \
+            "setp.ne.b32 p, %10, 0;\n"                                                                       \
+            "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPES " "                                          \
+            "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, %11, 0;\n"                                  \
+            "}\n"                                                                                            \
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
+            : "l"(desc_a), "l"(desc_b), "r"(1), "n"(TRANS_A));                                               \
+    }
+
+SM90_WGMMA_M64N16K16(bf16_t, "bf16.bf16")
+SM90_WGMMA_M64N16K16(f16_t, "f16.f16")
+
+// The fold's blocks a math thread stores (SM90_FOLD_ROWS): with the gated
+// epilogue one (gate and up of the same outputs make one), else two.
+#ifdef SM90_EPILOGUE_ACT
+#define SM90_FOLD_BLOCKS 1
+#else
+#define SM90_FOLD_BLOCKS 2
+#endif
+
+
 // A math warpgroup's MMA for one 16-deep K step, by its width.
 template <int TRANS_B, class T>
 __device__ __forceinline__ void wgmma_tile(T tag, float (&d)[SM90_WG_N / 2], unsigned long long desc_a,
@@ -512,6 +572,8 @@ struct Sm90Tile {
     int a_rows;        // rows of the group from row0 on, at most SM90_TILE_M (what a's loads need)
     int b_boxes;       // [E, K, N] weights: 64-column boxes that hold columns of N
     unsigned stage_bytes;  // bytes one stage of this tile receives
+    int fold_rows;     // SM90_FOLD_ROWS: the group's rows after this tile's SM90_BLOCK_M that it computes too (else 0)
+    bool skip;         // SM90_FOLD_ROWS: a tail tile the tile before computed as its fold
 };
 
 // Whether a's stage is one box of SM90_BLOCK_M rows (tmap_a), else the small
@@ -556,6 +618,19 @@ __device__ __forceinline__ Sm90Tile find_tile(long long tile, bool second, int n
                         : a_rows > 0              ? (a_rows + SM90_A_BOX_ROWS - 1) / SM90_A_BOX_ROWS * SM90_A_BOX_ELEMS
                                                   : 0;
     t.stage_bytes = (a_elems + (N_MAJOR_B ? b_boxes * SM90_B_BOX_ELEMS : SM90_B_STAGE_ELEMS)) * 2;
+    t.fold_rows = 0;
+    t.skip = false;
+#if SM90_FOLD_ROWS
+    // v15: the group ends 1 .. SM90_FOLD_ROWS rows past this tile's last row:
+    // this tile computes them; the next tile of the group (those rows alone)
+    // is skipped. Both decided from the rows, so the two agree.
+    const int rows_left = t.row_end - t.row0;
+    if (rows_left > SM90_BLOCK_M && rows_left <= SM90_BLOCK_M + SM90_FOLD_ROWS) {
+        t.fold_rows = rows_left - SM90_BLOCK_M;
+        t.stage_bytes += SM90_FOLD_STAGE_ELEMS * 2;
+    }
+    t.skip = m_tile > 0 && rows_left > 0 && rows_left <= SM90_FOLD_ROWS;
+#endif
     return t;
 }
 
@@ -643,6 +718,82 @@ __device__ __forceinline__ void sm90_gather_loads(T* sa, T* sb, unsigned long lo
 }
 #endif
 
+// One tile's walk over its K stages on a math warpgroup (`half`: 0 or 1):
+// each stage's MMAs into acc, and with FOLD (v15) the fold's swapped product
+// into fold_acc beside them, each stage released once its MMAs are done but
+// the last, whose MMAs are left in flight (the caller finds the next tile
+// while they run, then waits). The kernel runs one of two whole loops per
+// tile, never a branch around the fold's wgmmas inside one (ptxas would
+// serialize every wgmma of a loop with one in a divergent path: note C7520),
+// and waits inside each branch, so that no MMA is in flight where the two
+// join (ptxas serialized every wgmma there: note C7515).
+template <bool FOLD, bool N_MAJOR_B, class T>
+__device__ __forceinline__ void sm90_k_walk(float (&acc)[SM90_WG_N / 2], float (&fold_acc)[2][8], const T* sa,
+                                            const T* sb, const T* sf, unsigned long long* full,
+                                            unsigned long long* empty, unsigned fills, int num_k, int row_in,
+                                            int col_in, int half) {
+#ifdef SM90_GATHER_A
+    // The plain kernels' unrolling (ptxas chose 4 there; the fence below made it choose 2 here).
+#pragma unroll 4
+#endif
+    for (int kt = 0; kt < num_k; ++kt) {
+        const unsigned f = fills + kt;
+        const int s = f % SM90_STAGES;
+        mbarrier_wait(&full[s], (f / SM90_STAGES) & 1);
+#ifdef SM90_GATHER_A
+        fence_proxy_async_shared();  // a's rows came by cp.async (generic proxy); wgmma reads them as async
+#endif
+        // This warpgroup's 64 rows of a (row_in rows of 128 bytes further
+        // down: 8 KiB, 1024-aligned) and its columns of b (thin tiles: 128
+        // further, 16 KiB in both layouts: 128 K-major rows of 128 bytes,
+        // or two N-major boxes of 8 KiB).
+        const unsigned long long da = smem_descriptor(sa + s * SM90_A_STAGE_ELEMS + row_in * SM90_BLOCK_K);
+        const T* b_stage = sb + s * SM90_B_STAGE_ELEMS + col_in * SM90_BLOCK_K;
+        const unsigned long long db = N_MAJOR_B ? smem_descriptor_n_major(b_stage) : smem_descriptor(b_stage);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < SM90_BLOCK_K / 16; ++kk) {
+            // A (and a K-major B): 16 K-elements are 32 bytes further along each
+            // 128-byte row: +2 in the descriptor's address field (units of 16
+            // bytes). An N-major B: 16 K-rows of 128 bytes further down: +128.
+            if (N_MAJOR_B) {
+                wgmma_tile<1>(T{}, acc, da + 2 * kk, db + 128 * kk);
+            } else {
+                wgmma_tile<0>(T{}, acc, da + 2 * kk, db + 2 * kk);
+            }
+        }
+        if constexpr (FOLD) {
+            // b's stage as wgmma's a: this warpgroup's two 64-column
+            // blocks of the tile (half and half + 2: with the gated
+            // epilogue the gate and up columns of the same outputs),
+            // K-major rows of 128 bytes or N-major boxes of 64 columns.
+            const T* b_all = sb + s * SM90_B_STAGE_ELEMS;
+            const unsigned long long dfold = smem_descriptor(sf + s * SM90_FOLD_STAGE_ELEMS);
+#pragma unroll
+            for (int kk = 0; kk < SM90_BLOCK_K / 16; ++kk) {
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const int jb = half + 2 * q;
+                    if (N_MAJOR_B) {
+                        wgmma_m64n16k16<1>(T{}, fold_acc[q],
+                                           smem_descriptor_n_major(b_all + jb * SM90_B_BOX_ELEMS) + 128 * kk,
+                                           dfold + 2 * kk);
+                    } else {
+                        wgmma_m64n16k16<0>(T{}, fold_acc[q],
+                                           smem_descriptor(b_all + jb * 64 * SM90_BLOCK_K) + 2 * kk,
+                                           dfold + 2 * kk);
+                    }
+                }
+            }
+        }
+        wgmma_commit();
+        // The previous step's MMAs are done: its stage can be refilled while
+        // this step's run.
+        wgmma_wait<1>();
+        if (kt > 0 && (threadIdx.x & 127) == 0) mbarrier_arrive(&empty[(f - 1) % SM90_STAGES]);
+    }
+}
+
 // N_MAJOR_B: b is [E, K, N] (nn kernels), else [E, N, K] (nt kernels).
 //
 // Tiles are handed out at run time (v7): CTA x starts with tile x, and each
@@ -706,6 +857,8 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
     unsigned char* ring = smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023);
     T* sa = reinterpret_cast<T*>(ring);
     T* sb = reinterpret_cast<T*>(ring + SM90_STAGES * SM90_A_STAGE_ELEMS * 2);
+    // The fold's rows (SM90_FOLD_ROWS; 16 rows of 128 bytes, 2 KiB a stage: 1024-aligned).
+    T* sf = reinterpret_cast<T*>(ring + SM90_STAGES * (SM90_A_STAGE_ELEMS + SM90_B_STAGE_ELEMS) * 2);
 
     if (threadIdx.x == 0) {
 #pragma unroll
@@ -763,6 +916,11 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
     }
 #endif
     if (warpgroup == 0) {
+#if SM90_FOLD_ROWS
+        // The fold's 16 accumulators a math thread are paid for by the load
+        // warpgroup: 128 x 40 + 256 x 232 = 64,512 of the SM's 65,536.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+#endif
         // Loads: one thread fills each stage once both math warpgroups freed
         // it. A fresh barrier counts as having completed the phase before
         // phase 0, so the first pass over the ring (and over the mailboxes)
@@ -774,14 +932,29 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
             // rows runs as two work items (j), `second` marking the second.
             bool second = false;
             for (unsigned j = 0;; ++j) {
-                const bool done = !second && tile >= total_tiles;
+                bool done = !second && tile >= total_tiles;
+                Sm90Tile t;
+                if (!done) {
+                    t = find_tile<N_MAJOR_B>(tile, second, n_tiles, row_offsets, row_ends, tile_offsets, num_groups,
+                                             M, N);
+                }
+#if SM90_FOLD_ROWS
+                // A tail tile whose rows the tile before computed (its fold):
+                // nothing to load or post; the next tile instead.
+                while (!done && t.skip) {
+                    tile = static_cast<long long>(gridDim.x) + atomicAdd(tile_counter, 1);
+                    done = tile >= total_tiles;
+                    if (!done) {
+                        t = find_tile<N_MAJOR_B>(tile, false, n_tiles, row_offsets, row_ends, tile_offsets,
+                                                 num_groups, M, N);
+                    }
+                }
+#endif
                 if (done) {
                     sm90_mailbox_publish(&mail, j, -1);
                     allow_next_grid();  // this CTA's last loads are issued
                     break;
                 }
-                const Sm90Tile t =
-                    find_tile<N_MAJOR_B>(tile, second, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
 #if SM90_THIN
                 const bool more = !second && t.row_end - t.row0 > SM90_TILE_M;
                 sm90_mailbox_publish(&mail, j, second ? tile | SM90_SECOND_PASS : tile);
@@ -789,9 +962,12 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                 // Posted after the search, marked when the second math
                 // warpgroup's rows are all past the group's end (a thin tile).
                 const bool more = false;
-                sm90_mailbox_publish(&mail, j, t.a_rows > SM90_BLOCK_M / 2 ? tile : tile | SM90_THIN_TILE);
+                sm90_mailbox_publish(&mail, j,
+                                     (t.a_rows > SM90_BLOCK_M / 2 ? tile : tile | SM90_THIN_TILE) |
+                                         (t.fold_rows > 0 ? SM90_FOLD_TILE : 0));
 #endif
                 const int g = t.g, n0 = t.n0, row0 = t.row0, a_rows = t.a_rows, b_boxes = t.b_boxes;
+                const bool fold = t.fold_rows > 0;
                 const int b_row0 = g * N + n0;
                 // The next tile is taken SM90_STAGES stages before this one's
                 // last loads (v14): the atomic's result is first read after
@@ -822,6 +998,11 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
                     } else {
                         tma_load_2d(sb + s * SM90_B_STAGE_ELEMS, tmap_b, &full[s], k0, b_row0);
                     }
+                    // The fold's rows: one small box (its rows past the group's
+                    // end are multiplied, never stored).
+                    if (SM90_FOLD_ROWS && fold) {
+                        tma_load_2d(sf + s * SM90_FOLD_STAGE_ELEMS, tmap_a_rows, &full[s], k0, row0 + SM90_BLOCK_M);
+                    }
                 }
                 fills += num_k;
                 tile = next;
@@ -833,6 +1014,9 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
 
     // Math warpgroup w (1 or 2) multiplies rows 64 * (w - 1) .. + 63 of each
     // tile, or (thin tiles) columns 128 * (w - 1) .. + 127 of its 64 rows.
+#if SM90_FOLD_ROWS
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+#endif
     const int half = warpgroup - 1;
 #if SM90_THIN
     const int row_in = 0, col_in = half * SM90_WG_N;  // this warpgroup's rows and columns in the tile
@@ -841,11 +1025,12 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
 #endif
     const int warp = (threadIdx.x & 127) >> 5, lane = threadIdx.x & 31;
     float acc[SM90_WG_N / 2];
+    float fold_acc[2][8];  // SM90_FOLD_ROWS: the fold's two 64 x 16 blocks (columns half, half + 2)
     unsigned fills = 0;
     for (unsigned j = 0;; ++j) {
         const long long word = sm90_mailbox_take(&mail, j);
         if (word < 0) break;
-        const long long tile = word & ~(SM90_THIN_TILE | SM90_SECOND_PASS);
+        const long long tile = word & ~(SM90_THIN_TILE | SM90_SECOND_PASS | SM90_FOLD_TILE);
         const bool second = (word & SM90_SECOND_PASS) != 0;
 #if defined(SM90_SKIP_IDLE) && SM90_SKIP_IDLE
         if (half == 1 && (word & SM90_THIN_TILE) != 0) {
@@ -868,48 +1053,34 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
 #endif
 #pragma unroll
         for (int i = 0; i < SM90_WG_N / 2; ++i) acc[i] = 0.0f;
-
-#ifdef SM90_GATHER_A
-        // The plain kernels' unrolling (ptxas chose 4 there; the fence below made it choose 2 here).
-#pragma unroll 4
+#if SM90_FOLD_ROWS
+        const bool fold = (word & SM90_FOLD_TILE) != 0;
 #endif
-        for (int kt = 0; kt < num_k; ++kt) {
-            const unsigned f = fills + kt;
-            const int s = f % SM90_STAGES;
-            mbarrier_wait(&full[s], (f / SM90_STAGES) & 1);
-#ifdef SM90_GATHER_A
-            fence_proxy_async_shared();  // a's rows came by cp.async (generic proxy); wgmma reads them as async
-#endif
-            // This warpgroup's 64 rows of a (row_in rows of 128 bytes further
-            // down: 8 KiB, 1024-aligned) and its columns of b (thin tiles: 128
-            // further, 16 KiB in both layouts: 128 K-major rows of 128 bytes,
-            // or two N-major boxes of 8 KiB).
-            const unsigned long long da = smem_descriptor(sa + s * SM90_A_STAGE_ELEMS + row_in * SM90_BLOCK_K);
-            const T* b_stage = sb + s * SM90_B_STAGE_ELEMS + col_in * SM90_BLOCK_K;
-            const unsigned long long db = N_MAJOR_B ? smem_descriptor_n_major(b_stage) : smem_descriptor(b_stage);
-            wgmma_fence();
+        // The walk, then where this tile goes, found while the last stage's
+        // MMAs run (the search's loads wait on nothing the tensor cores do),
+        // then the wait for them (see sm90_k_walk).
+#if SM90_FOLD_ROWS
+        Sm90Tile t;
+        if (fold) {
 #pragma unroll
-            for (int kk = 0; kk < SM90_BLOCK_K / 16; ++kk) {
-                // A (and a K-major B): 16 K-elements are 32 bytes further along each
-                // 128-byte row: +2 in the descriptor's address field (units of 16
-                // bytes). An N-major B: 16 K-rows of 128 bytes further down: +128.
-                if (N_MAJOR_B) {
-                    wgmma_tile<1>(T{}, acc, da + 2 * kk, db + 128 * kk);
-                } else {
-                    wgmma_tile<0>(T{}, acc, da + 2 * kk, db + 2 * kk);
-                }
+            for (int q = 0; q < 2; ++q) {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) fold_acc[q][i] = 0.0f;
             }
-            wgmma_commit();
-            // The previous step's MMAs are done: its stage can be refilled while
-            // this step's run.
-            wgmma_wait<1>();
-            if (kt > 0 && (threadIdx.x & 127) == 0) mbarrier_arrive(&empty[(f - 1) % SM90_STAGES]);
+            sm90_k_walk<true, N_MAJOR_B>(acc, fold_acc, sa, sb, sf, full, empty, fills, num_k, row_in, col_in, half);
+            t = find_tile<N_MAJOR_B>(tile, second, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
+            wgmma_wait<0>();
+        } else {
+            sm90_k_walk<false, N_MAJOR_B>(acc, fold_acc, sa, sb, sf, full, empty, fills, num_k, row_in, col_in, half);
+            t = find_tile<N_MAJOR_B>(tile, second, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
+            wgmma_wait<0>();
         }
-        // Where this tile goes, found while the last stage's MMAs run (the
-        // search's loads wait on nothing the tensor cores do).
+#else
+        sm90_k_walk<false, N_MAJOR_B>(acc, fold_acc, sa, sb, sf, full, empty, fills, num_k, row_in, col_in, half);
         const Sm90Tile t =
             find_tile<N_MAJOR_B>(tile, second, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N);
         wgmma_wait<0>();
+#endif
         // The tile's last stage is read: free it now, so the load thread fills
         // it with the next tile's data while this tile is stored.
         if ((threadIdx.x & 127) == 0) mbarrier_arrive(&empty[(fills + num_k - 1) % SM90_STAGES]);
@@ -1010,6 +1181,61 @@ __device__ __forceinline__ void grouped_gemm_impl(const TmaMap* tmap_a, const Tm
             }
             named_barrier_sync(1 + half);  // the stage is read before the next pass writes it
         }
+#if SM90_FOLD_ROWS
+        if (fold) {
+            // The fold's rows (v15): fold_acc[q][4 jn + 2 h + e] is tile column
+            // 64 (half + 2 q) + wr + 8 h of the fold's row 8 jn + 2 (lane % 4) + e.
+            // Lanes l and l ^ 4 hold neighbouring columns of the same rows: each
+            // hands the other one value, so that each stores a pair of columns
+            // of one row (4 bytes): an even column's thread its row 2 (lane % 4)
+            // + 8 jn, the odd one's the row after.
+            const int fold_row0 = t.row0 + SM90_BLOCK_M;
+            const int wr = warp * 16 + (lane >> 2);
+            const bool even = ((lane >> 2) & 1) == 0;
+#pragma unroll
+            for (int jn = 0; jn < 2; ++jn) {
+                const int ra = fold_row0 + 8 * jn + 2 * (lane & 3);  // this thread's two rows: ra, ra + 1
+#ifdef SM90_EPILOGUE_ROW_SCALE
+                const float wa = ra < row_end ? row_scale[ra] : 0.0f;
+                const float wb = ra + 1 < row_end ? row_scale[ra + 1] : 0.0f;
+#endif
+#pragma unroll
+                for (int q = 0; q < SM90_FOLD_BLOCKS; ++q) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int i = 4 * jn + 2 * h;
+                        float va = fold_acc[q][i], vb = fold_acc[q][i + 1];
+#ifdef SM90_EPILOGUE_ACT
+                        const int col = t.n0 / 2 + 64 * half + wr + 8 * h;  // gate (q = 0) and up (fold_acc[1]) of it
+                        float ua = fold_acc[1][i], ub = fold_acc[1][i + 1];
+                        if (bias_g != nullptr && col < out_n) {
+                            const float bg = to_float(bias_g[col]), bu = to_float(bias_g[out_n + col]);
+                            va += bg;
+                            vb += bg;
+                            ua += bu;
+                            ub += bu;
+                        }
+                        va = SM90_ACT(va, SM90_EPILOGUE_ACT) * ua;
+                        vb = SM90_ACT(vb, SM90_EPILOGUE_ACT) * ub;
+#else
+                        const int col = t.n0 + 64 * (half + 2 * q) + wr + 8 * h;
+#endif
+#ifdef SM90_EPILOGUE_ROW_SCALE
+                        const float b2 = bias_g != nullptr && col < out_n ? to_float(bias_g[col]) : 0.0f;
+                        va = (va + b2) * wa;
+                        vb = (vb + b2) * wb;
+#endif
+                        const float got = __shfl_xor_sync(0xffffffffu, even ? vb : va, 4);
+                        const int row = even ? ra : ra + 1, c = even ? col : col - 1;
+                        if (row < row_end && c < out_n) {  // out_n is even: both columns or neither
+                            *reinterpret_cast<unsigned*>(out + static_cast<long long>(row) * out_n + c) =
+                                even ? pack_pair(T{}, va, got) : pack_pair(T{}, got, vb);
+                        }
+                    }
+                }
+            }
+        }
+#endif
     }
 }
 

@@ -115,6 +115,7 @@ def test_launch_constants_agree():
         "SM90_A_BOX_ROWS": hopper.A_BOX_ROWS,
         "SM90_TABLE_MAX_GROUPS": hopper.TABLE_MAX_GROUPS,
         "SM90_THIN": 0,
+        "SM90_FOLD_ROWS": 0,  # set per launch where the fold pays
     }
 
 
@@ -169,12 +170,7 @@ def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act, gather, block_n)
     for the one before, as a branch on accumulator values in the epilogue
     once caused in the bf16 kernels), and at most 168 registers (384
     threads in one CTA per SM)."""
-    import re
-
-    from cuda.core import Program, ProgramOptions
-
     from cublas_grouped.moe.kernels import ACTIVATIONS
-    from cublas_grouped.runtime import nvrtc
 
     defines = dict(hopper.DEFINES)
     if act is not None and ("thin" in act or "prefetch" in act):
@@ -192,6 +188,19 @@ def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act, gather, block_n)
         defines["SM90_GATHER_A"] = 1
     if block_n != hopper.BLOCK_N:
         defines.update(SM90_BLOCK_N=block_n, SM90_STAGES=6)
+    _assert_pipeline_kept(defines)
+
+
+def _assert_pipeline_kept(defines):
+    """Compile the kernel source under ``defines`` and read ptxas's report:
+    every GEMM entry compiled, no note C7520 or C7515 (wgmma serialized), no
+    spills, at most 168 registers a thread."""
+    import re
+
+    from cuda.core import Program, ProgramOptions
+
+    from cublas_grouped.runtime import nvrtc
+
     macros = [(name, str(value)) for name, value in defines.items()]
     options = ProgramOptions(arch=hopper.ARCH, std="c++17", define_macro=macros, ptxas_options="-v")
     program = Program(nvrtc.load_source("grouped_gemm_sm90"), code_type="c++", options=options)
@@ -207,7 +216,7 @@ def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act, gather, block_n)
     report = log.text
     for kernel in ("nt_bf16", "nt_f16", "nn_bf16", "nn_f16"):
         assert f"Compiling entry function 'grouped_gemm_{kernel}'" in report
-    assert "C7520" not in report, report
+    assert "C7520" not in report and "C7515" not in report, report
     assert "spill stores" in report and not any(
         "spill" in line and not line.strip().endswith("0 bytes spill stores, 0 bytes spill loads")
         for line in report.splitlines()
@@ -215,6 +224,67 @@ def test_ptxas_keeps_the_wgmma_pipeline_and_spills_nothing(act, gather, block_n)
     registers = [int(n) for n in re.findall(r"Used (\d+) registers", report)]
     # Four GEMMs and the offsets kernel for int32 and int64 sizes.
     assert len(registers) == 6 and max(registers) <= 168, report
+
+
+@pytest.mark.parametrize("variant", ["plain", "skip-idle-silu", "row-scale-prefetch"])
+def test_the_fold_keeps_the_wgmma_pipeline(variant):
+    """v15's fold (SM90_FOLD_ROWS=16: two forms of the K walk, the fold's
+    m64n16 wgmmas, setmaxnreg 40 / 232) under the defines the layer's GEMMs
+    take at prefill: ptxas serializes no wgmma and spills nothing (the first
+    draft, with an MMA in flight where the two walks joined, drew note C7515
+    on every GEMM)."""
+    from cublas_grouped.gemm.backends import hopper_variants as V
+    from cublas_grouped.moe.kernels import ACTIVATIONS
+
+    defines = V.fold_defines(hopper.DEFINES, None, 256, 1)
+    assert defines["SM90_FOLD_ROWS"] == V.FOLD_ROWS == hopper.A_BOX_ROWS
+    if variant == "skip-idle-silu":
+        codes = {f"ACT_{n.upper()}": c for n, c in ACTIVATIONS.items()}
+        defines.update(codes, SM90_SKIP_IDLE=1, SM90_EPILOGUE_ACT=ACTIVATIONS["silu"])
+    elif variant == "row-scale-prefetch":
+        defines.update(SM90_EPILOGUE_ROW_SCALE=1, SM90_PREFETCH_B=1, SM90_SKIP_IDLE=1)
+    _assert_pipeline_kept(defines)
+
+
+def test_the_fold_fits_its_shared_memory_and_goes_only_where_it_is_taken():
+    """The fold's ring (16 rows of a more a stage), staging areas and largest
+    table fit 226 KiB (one group more does not); fold_defines keeps it for
+    128-row tiles of 256 columns and drops it for thin or 128-column tiles and
+    a row gather; the source refuses it there and at another row count."""
+    from cuda.core import Program, ProgramOptions
+
+    from cublas_grouped.gemm.backends import hopper_variants as V
+    from cublas_grouped.runtime import nvrtc
+
+    limit = 227 * 1024 - 1024
+    most = V.FOLD_TABLE_MAX_GROUPS
+    ring = {"table_max": most + 1, "fold": 16}
+    assert hopper.shared_bytes(4, 256, most, **ring) <= limit < hopper.shared_bytes(4, 256, most + 1, **ring)
+    base = hopper.DEFINES
+    rule = V.FOLD_MAX_ROWS_PER_GROUP
+    assert rule > 0 and base["SM90_FOLD_ROWS"] == 0
+    kept = V.fold_defines(base, None, rule * 8, 8)  # groups averaging the rule's rows: folded
+    assert kept["SM90_FOLD_ROWS"] == 16 and kept["SM90_TABLE_MAX_GROUPS"] == most
+    gather = V.RowGather(src=1, top_k=2, rows=3)
+    for left in (
+        V.fold_defines(base, None, rule * 8 + 1, 8),  # one row more: not folded
+        V.fold_defines(base, None, V.FOLD_MIN_ROWS_PER_GROUP * 8 - 1, 8),  # less than a tile a group
+        V.fold_defines({**base, "SM90_THIN": 1}, None, 64, 8),
+        V.fold_defines({**base, "SM90_BLOCK_N": 128}, None, 64, 8),
+        V.fold_defines(base, gather, 64, 8),
+    ):
+        assert left["SM90_FOLD_ROWS"] == 0
+    # The layer's prefill launches at 4096 tokens take it (Qwen3-30B-A3B, DeepSeek-V3), 16384 not.
+    assert V.kernel_defines(base, False, 4096 * 8, 128, None, None)["SM90_FOLD_ROWS"] == 16
+    assert V.kernel_defines(base, False, 16384 * 8, 128, None, None)["SM90_FOLD_ROWS"] == 0
+    # The thin tiles a decode launch chooses drop it before they compile.
+    thin = V.kernel_defines(base, True, 16, 8, None, None)
+    assert thin["SM90_THIN"] == 1 and thin["SM90_FOLD_ROWS"] == 0
+    for extra in ({"SM90_THIN": 1, "SM90_STAGES": 5}, {"SM90_GATHER_A": 1}, {"SM90_FOLD_ROWS": 8}):
+        macros = [(k, str(v)) for k, v in {**kept, **extra}.items()]
+        options = ProgramOptions(arch=hopper.ARCH, std="c++17", define_macro=macros)
+        with pytest.raises(Exception, match=r"SM90_FOLD_ROWS \(v15\) must equal SM90_A_BOX_ROWS"):
+            Program(nvrtc.load_source("grouped_gemm_sm90"), code_type="c++", options=options).compile("cubin")
 
 
 def test_thin_tiles_fit_their_shared_memory_and_refuse_what_they_do_not_take():

@@ -56,6 +56,7 @@ DEFAULT_TESTS = (
     "tests/test_place_one_block_gpu.py",
     "tests/test_sm90_gpu.py",
     "tests/test_sm90_nn_gpu.py",
+    "tests/test_sm90_fold_gpu.py",
     "tests/test_masked_gpu.py",
     "tests/test_sm90_epilogue_gpu.py",
     "tests/test_fp8_sm90_gpu.py",
@@ -534,8 +535,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "sm90-thin-mark-all",
         "grouped_gemm_sm90.cu",
-        "sm90_mailbox_publish(&mail, j, t.a_rows > SM90_BLOCK_M / 2 ? tile : tile | SM90_THIN_TILE);",
-        "sm90_mailbox_publish(&mail, j, t.a_rows > SM90_BLOCK_M ? tile : tile | SM90_THIN_TILE);",
+        "(t.a_rows > SM90_BLOCK_M / 2 ? tile : tile | SM90_THIN_TILE) |",
+        "(t.a_rows > SM90_BLOCK_M ? tile : tile | SM90_THIN_TILE) |",
         "every tile is marked thin: the second warpgroup's rows of full tiles are never computed (v12)",
     ),
     Mutant(
@@ -544,6 +545,42 @@ MUTANTS: tuple[Mutant, ...] = (
         "if (half == 1 && (word & SM90_THIN_TILE) != 0) {",
         "if (half == 1 && (word & SM90_THIN_TILE) == 0) {",
         "the second warpgroup skips the full tiles and multiplies the thin ones (v12)",
+    ),
+    # v15's fold: a group's last 1 .. 16 rows computed by the tile before them.
+    Mutant(
+        "sm90-fold-skips-a-first-tile",
+        "grouped_gemm_sm90.cu",
+        "t.skip = m_tile > 0 && rows_left > 0 && rows_left <= SM90_FOLD_ROWS;",
+        "t.skip = rows_left > 0 && rows_left <= SM90_FOLD_ROWS;",
+        "a group of at most 16 rows (its first and only tile) is skipped as if another tile folded it",
+    ),
+    Mutant(
+        "sm90-fold-one-row-short",
+        "grouped_gemm_sm90.cu",
+        "if (rows_left > SM90_BLOCK_M && rows_left <= SM90_BLOCK_M + SM90_FOLD_ROWS) {",
+        "if (rows_left > SM90_BLOCK_M && rows_left <= SM90_BLOCK_M + SM90_FOLD_ROWS - 1) {",
+        "a 16-row fold is not computed, while its tail tile is still skipped",
+    ),
+    Mutant(
+        "sm90-fold-box-row",
+        "grouped_gemm_sm90.cu",
+        "tma_load_2d(sf + s * SM90_FOLD_STAGE_ELEMS, tmap_a_rows, &full[s], k0, row0 + SM90_BLOCK_M);",
+        "tma_load_2d(sf + s * SM90_FOLD_STAGE_ELEMS, tmap_a_rows, &full[s], k0, row0 + SM90_BLOCK_M - 16);",
+        "the fold's box loads the tile's last 16 rows instead of the 16 after them",
+    ),
+    Mutant(
+        "sm90-fold-odd-lane-row",
+        "grouped_gemm_sm90.cu",
+        "const int row = even ? ra : ra + 1, c = even ? col : col - 1;",
+        "const int row = ra, c = even ? col : col - 1;",
+        "the odd-column threads store their pair into the even threads' row",
+    ),
+    Mutant(
+        "sm90-fold-column-block",
+        "grouped_gemm_sm90.cu",
+        "const int jb = half + 2 * q;",
+        "const int jb = half + q;",
+        "the fold's second block multiplies the neighbouring 64 columns of b, not its own",
     ),
     # The routing weight in GEMM 2's epilogue (the kernel step): the placement's
     # row weights, the epilogue's product, the plain-sum combine.
@@ -886,7 +923,7 @@ import sys
 from pathlib import Path
 import cublas_grouped
 from cublas_grouped.gemm import fp8_kernels, pointers
-from cublas_grouped.gemm.backends import hopper, hopper_fp8
+from cublas_grouped.gemm.backends import hopper, hopper_fp8, hopper_variants
 from cublas_grouped.moe import backward_kernels, kernels
 from cublas_grouped.runtime import nvrtc as _kernels
 root = Path(sys.argv[1]).resolve()
@@ -900,6 +937,8 @@ defines = {
     "grouped_gemm_fp8_sm90": hopper_fp8.DEFINES,
     "fp8": fp8_kernels.DEFINES,
 }
+# The Hopper kernel as a launch with v15's fold compiles it (its mutants too).
+defines["grouped_gemm_sm90"] = hopper_variants.fold_defines(hopper.DEFINES, None, 256, 1)
 # wgmma and TMA build for sm_90a only
 arches = {"grouped_gemm_sm90": hopper.ARCH, "grouped_gemm_fp8_sm90": hopper_fp8.ARCH}
 for name in sys.argv[3:]:

@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 import cublas_grouped as cg
+from cublas_grouped.runtime.timing import time_each_alone
 from cublas_grouped.tools.bench import workloads as W
 
 E, K, N, TOP_K, TOKENS = 128, 2048, 1536, 8, 4096
@@ -60,18 +61,9 @@ def main() -> None:
             for _ in range(CALLS):
                 cupy.matmul(a, dense_b, out=dense_out)
 
-        methods = {"ours": ours, "dense": dense}
-        times = {k: [] for k in methods}
-        for r in range(ROUNDS + 3):
-            for key in list(methods) if r % 2 == 0 else list(reversed(methods)):
-                start, end = cupy.cuda.Event(), cupy.cuda.Event()
-                start.record()
-                methods[key]()
-                end.record()
-                end.synchronize()
-                if r >= 3:
-                    times[key].append(cupy.cuda.get_elapsed_time(start, end) / CALLS)
-        t = {k: float(np.median(v)) for k, v in times.items()}
+        stream = cupy.cuda.get_current_stream()
+        runs = time_each_alone([ours, dense], rounds=ROUNDS, warmup=3, stream=stream)
+        t = {k: float(np.median(v)) / CALLS for k, v in zip(("ours", "dense"), runs)}
         flops = 2.0 * m * K * N
         computed = 2.0 * float((-(-sizes // 64) * 64).sum()) * K * N
         print(

@@ -116,6 +116,7 @@ DEFINES = {
     "SM90_A_BOX_ROWS": A_BOX_ROWS,
     "SM90_TABLE_MAX_GROUPS": TABLE_MAX_GROUPS,
     "SM90_THIN": 0,  # thin tiles: chosen per launch (hopper_variants.tile_defines)
+    "SM90_FOLD_ROWS": 0,  # v15's fold: set per launch (hopper_variants.fold_defines)
 }
 # The kernel source (kernels/<SOURCE>.cu), read at each call: a probe can time
 # an earlier version of the kernel beside this one in the same run.
@@ -126,13 +127,16 @@ ARCH = "sm_90a"  # wgmma and TMA need the architecture-specific target
 C_PITCH = 72
 
 
-def shared_bytes(stages=STAGES, block_n=BLOCK_N, groups=0, *, thin=0, table_max=TABLE_MAX_GROUPS) -> int:
+def shared_bytes(
+    stages=STAGES, block_n=BLOCK_N, groups=0, *, thin=0, table_max=TABLE_MAX_GROUPS, fold=0
+) -> int:
     """Dynamic shared memory: the ring (``stages`` of ``block_n``-column tiles of
-    BLOCK_M rows, or THIN_TILE_M with ``thin``), the staging areas, 1024 bytes to
-    align the ring, the schedule of ``groups`` <= ``table_max``."""
+    BLOCK_M rows, or THIN_TILE_M with ``thin``, and ``fold`` rows more per
+    stage with v15's fold), the staging areas, 1024 bytes to align the ring,
+    the schedule of ``groups`` <= ``table_max``."""
     table = 4 * (3 * groups + 1) if 0 < groups <= table_max else 0
     tile_m = THIN_TILE_M if thin else BLOCK_M
-    return stages * (tile_m + block_n) * BLOCK_K * 2 + 2 * 64 * C_PITCH * 2 + 1024 + table
+    return stages * (tile_m + block_n + fold) * BLOCK_K * 2 + 2 * 64 * C_PITCH * 2 + 1024 + table
 
 
 SHARED_BYTES = shared_bytes()
@@ -408,7 +412,7 @@ def _prepare_gemm(
     gemm = _kernels.get_kernel(SOURCE, name, ARCH, defines=defines)
     # Width and ring as compiled (a probe may change them); the opt-in: the most any E asks, set once.
     block_n, table_max = defines["SM90_BLOCK_N"], defines["SM90_TABLE_MAX_GROUPS"]
-    ring = {"thin": defines["SM90_THIN"], "table_max": table_max}
+    ring = {"thin": defines["SM90_THIN"], "table_max": table_max, "fold": defines["SM90_FOLD_ROWS"]}
     shmem = shared_bytes(defines["SM90_STAGES"], block_n, e, **ring)
     _allow_shared_memory(gemm, device_id, shared_bytes(defines["SM90_STAGES"], block_n, table_max, **ring))
     element = BFLOAT16 if dtype == BFLOAT16 else dtype

@@ -15,6 +15,9 @@ the defines that select them (``kernels/grouped_gemm_sm90.cu``'s header):
   chooses them at decode sizes;
 - ``SM90_PREFETCH_B``: a step's GEMM 2 prefetches its first weights before
   it waits on the previous kernel (:func:`prefetch_b`);
+- v15's fold (``SM90_FOLD_ROWS``): a group's last 1 .. 16 rows past a whole
+  tile computed by the tile before them, their own tail tile skipped;
+  :func:`fold_defines` keeps it where groups are small enough for it to pay;
 - :class:`RowGather` (v11, ``SM90_GATHER_A``): a's rows read through an index
   array (``a[r] = x[src[r] // top_k]``), so no gathered copy of the tokens is
   written. The load warpgroup copies them into the stage with cp.async in the
@@ -42,6 +45,11 @@ __all__ = [
     "PREFETCH_B",
     "prefetch_b",
     "tile_defines",
+    "FOLD_TABLE_MAX_GROUPS",
+    "FOLD_MAX_ROWS_PER_GROUP",
+    "FOLD_MIN_ROWS_PER_GROUP",
+    "FOLD_ROWS",
+    "fold_defines",
     "choice_key",
     "variant_defines",
     "kernel_defines",
@@ -103,6 +111,43 @@ def prefetch_b(counter: int) -> bool:
 
 
 _THIN = {"SM90_THIN": 1, "SM90_STAGES": THIN_STAGES, "SM90_TABLE_MAX_GROUPS": THIN_TABLE_MAX_GROUPS}
+# v15's fold (SM90_FOLD_ROWS, 16 rows of a more per stage: 8 KiB over the
+# ring): the groups whose schedule a launch with it copies into shared memory
+# (the rest of 226 KiB, as for THIN_TABLE_MAX_GROUPS).
+FOLD_TABLE_MAX_GROUPS = 597
+# The fold's rows (SM90_FOLD_ROWS when a launch takes it): one small box of a
+# (hopper.A_BOX_ROWS), one wgmma n16.
+FOLD_ROWS = 16
+# The fold where groups average at most this many rows (M over E: the rule
+# depends on the launch's shape alone, so a captured graph replays with any
+# sizes). Measured on an H200 (docs/kernel-notes.md, v15), fold / plain time
+# of the first GEMM: 128 rows a group (DeepSeek-V3 at 4096 tokens) 0.875-0.905
+# uniform, 0.978-0.985 skewed; 256 (Qwen3 4096) 0.941-0.969 uniform,
+# 1.023-1.026 skewed; 512-4096 (16384 tokens, Mixtral) 0.99-1.03 either way:
+# a folded tile costs about 1.3 tiles (its MMAs read the band of b from shared
+# memory once more), which pays only where many groups end in a tail tile.
+# 0 turns the fold off (a probe's way to time without it). Nor below a whole
+# tile a group on average (FOLD_MIN_ROWS_PER_GROUP, BLOCK_M), where few groups
+# pass one and decode launches would compile the fold for nothing.
+FOLD_MAX_ROWS_PER_GROUP = 256
+FOLD_MIN_ROWS_PER_GROUP = 128
+
+
+def fold_defines(defines: dict, gather, rows: int, groups: int) -> dict:
+    """``defines`` as a launch of ``rows`` rows over ``groups`` groups takes
+    v15's fold: ``SM90_FOLD_ROWS`` set to :data:`FOLD_ROWS` (and the table's
+    limit lowered to :data:`FOLD_TABLE_MAX_GROUPS`) for 128-row tiles of 256
+    columns without a row gather where groups average at most
+    :data:`FOLD_MAX_ROWS_PER_GROUP` rows and at least
+    :data:`FOLD_MIN_ROWS_PER_GROUP`; else ``defines`` as they are."""
+    if not (FOLD_ROWS and FOLD_MAX_ROWS_PER_GROUP) or rows > FOLD_MAX_ROWS_PER_GROUP * groups:
+        return defines
+    if rows < FOLD_MIN_ROWS_PER_GROUP * groups:
+        return defines
+    if defines["SM90_THIN"] or defines["SM90_BLOCK_N"] != 256 or gather is not None:
+        return defines
+    most = min(defines["SM90_TABLE_MAX_GROUPS"], FOLD_TABLE_MAX_GROUPS)
+    return {**defines, "SM90_FOLD_ROWS": FOLD_ROWS, "SM90_TABLE_MAX_GROUPS": most}
 
 
 @dataclass(frozen=True)
@@ -207,6 +252,9 @@ def choice_key(defines: dict) -> tuple:
         SKIP_IDLE_MAX_ROWS_PER_GROUP,
         THIN_MAX_ROWS_PER_GROUP,
         PREFETCH_B,
+        FOLD_MAX_ROWS_PER_GROUP,
+        FOLD_MIN_ROWS_PER_GROUP,
+        FOLD_ROWS,
     )
 
 
@@ -233,7 +281,8 @@ def kernel_defines(
     """The defines a launch compiles its kernel with: :func:`tile_defines`'s
     choices for the problem, then :func:`variant_defines`'s, and the early
     prefetch of a layer's GEMM 2 (:func:`prefetch_b` of its tile ``counter``)."""
-    out = variant_defines(tile_defines(defines, trans_b, rows, groups, epilogue, gather), epilogue, gather)
+    tiles = fold_defines(tile_defines(defines, trans_b, rows, groups, epilogue, gather), gather, rows, groups)
+    out = variant_defines(tiles, epilogue, gather)
     return {**out, "SM90_PREFETCH_B": 1} if prefetch_b(counter) and gather is None else out
 
 
