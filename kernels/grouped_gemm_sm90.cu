@@ -551,7 +551,6 @@ SM90_WGMMA_M64N16K16(f16_t, "f16.f16")
 #define SM90_FOLD_BLOCKS 2
 #endif
 
-
 // A math warpgroup's MMA for one 16-deep K step, by its width.
 template <int TRANS_B, class T>
 __device__ __forceinline__ void wgmma_tile(T tag, float (&d)[SM90_WG_N / 2], unsigned long long desc_a,
