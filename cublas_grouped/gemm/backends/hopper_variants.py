@@ -126,9 +126,9 @@ FOLD_ROWS = 16
 # 1.023-1.026 skewed; 512-4096 (16384 tokens, Mixtral) 0.99-1.03 either way:
 # a folded tile costs about 1.3 tiles (its MMAs read the band of b from shared
 # memory once more), which pays only where many groups end in a tail tile.
-# 0 turns the fold off (a probe's way to time without it). Nor below a whole
-# tile a group on average (FOLD_MIN_ROWS_PER_GROUP, BLOCK_M), where few groups
-# pass one and decode launches would compile the fold for nothing.
+# 0 turns the fold off (a probe's way to time without it). Nor is it taken
+# below a whole tile (BLOCK_M rows) a group on average: few groups pass one
+# there, and decode launches would compile the fold for nothing.
 FOLD_MAX_ROWS_PER_GROUP = 256
 FOLD_MIN_ROWS_PER_GROUP = 128
 
@@ -140,11 +140,13 @@ def fold_defines(defines: dict, gather, rows: int, groups: int) -> dict:
     columns without a row gather where groups average at most
     :data:`FOLD_MAX_ROWS_PER_GROUP` rows and at least
     :data:`FOLD_MIN_ROWS_PER_GROUP`; else ``defines`` as they are."""
-    if not (FOLD_ROWS and FOLD_MAX_ROWS_PER_GROUP) or rows > FOLD_MAX_ROWS_PER_GROUP * groups:
-        return defines
-    if rows < FOLD_MIN_ROWS_PER_GROUP * groups:
-        return defines
-    if defines["SM90_THIN"] or defines["SM90_BLOCK_N"] != 256 or gather is not None:
+    pays = (
+        FOLD_ROWS
+        and FOLD_MAX_ROWS_PER_GROUP
+        and FOLD_MIN_ROWS_PER_GROUP * groups <= rows <= FOLD_MAX_ROWS_PER_GROUP * groups
+    )
+    takes = not defines["SM90_THIN"] and defines["SM90_BLOCK_N"] == 256 and gather is None
+    if not (pays and takes):
         return defines
     most = min(defines["SM90_TABLE_MAX_GROUPS"], FOLD_TABLE_MAX_GROUPS)
     return {**defines, "SM90_FOLD_ROWS": FOLD_ROWS, "SM90_TABLE_MAX_GROUPS": most}
