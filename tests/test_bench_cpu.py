@@ -444,6 +444,24 @@ def test_time_ms_budget_never_drops_below_min_repeat(monkeypatch):
     assert len(out["samples"]) == 30
 
 
+def test_time_ms_hold_comes_once_after_warm_up_and_is_not_timed(monkeypatch):
+    fake = _FakeClock()
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    log = []
+
+    def fn(i):
+        log.append("call")
+        fake.now += 2.0
+
+    def hold():
+        log.append("hold")
+        fake.now += 50.0  # the stream kept busy: no timed call may include this
+
+    out = _timing.time_ms(fn, warmup=3, repeat=4, hold=hold)
+    assert log == ["call"] * 3 + ["hold"] + ["call"] * 4
+    assert out["samples"] == [2.0] * 4
+
+
 # -- round-robin timing ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 7])
 def test_round_order_balances_places_and_predecessors(count):
@@ -890,8 +908,11 @@ def test_the_fused_layer_rows_on_sm90(monkeypatch):
         split = rows[(tokens, "split", "fused")]
         assert len(split.extra["runs"]) == 10 and split.extra["unheld"]["gemm_ms"] == pytest.approx(1.5)
         assert "unheld" not in rows[(tokens, "split", "auto")].extra
+    # The route row is timed behind a hold too (its GPU time, as the split's
+    # other stages), once per case, right before its timed calls.
     holds = [i for i, name in enumerate(fake.log) if name == "hold"]
-    assert len(holds) == 20 and all(fake.log[i + 1] == "layer:auto+packed" for i in holds)
+    after = [fake.log[i + 1] for i in holds]
+    assert after.count("layer:auto+packed") == 20 and after.count("route") == 2 and len(holds) == 22
 
 
 def test_fused_rows_skip_where_w1_cannot_be_packed(monkeypatch):

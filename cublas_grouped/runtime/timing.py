@@ -119,6 +119,7 @@ def time_ms(
     min_repeat: int | None = None,
     budget_ms: float | None = None,
     stream=None,
+    hold: Callable[[], object] | None = None,
 ) -> dict:
     """Time ``fn(i)`` with CUDA events on ``stream`` (default: the current CuPy stream).
 
@@ -140,6 +141,12 @@ def time_ms(
         without dropping below a trustworthy sample count.
     stream : cupy.cuda.Stream, optional
         The stream ``fn`` enqueues its work on; the events are recorded there.
+    hold : callable, optional
+        Called once before the timed calls, to queue GPU work that keeps
+        ``stream`` busy while the host queues them: then each call's time is
+        its GPU time even where the host takes longer to launch it than the
+        GPU to run it (a short kernel behind a Python call). Without it, such
+        a call's time is the host's pace.
 
     Returns
     -------
@@ -174,6 +181,8 @@ def time_ms(
     # One event pair per call: the spread (p10/p90) is real, not an average.
     events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(repeat)]
     with no_garbage_collection():
+        if hold is not None:
+            hold()
         for start, end in events:
             start.record(stream)
             fn(call % sets)

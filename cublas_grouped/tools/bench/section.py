@@ -109,10 +109,11 @@ class SectionRunner:
             warmup=args.warmup, repeat=args.repeat, min_repeat=min(20, args.repeat), budget_ms=BUDGET_MS
         )
 
-    def time_one(self, fn: Callable[[int], object], sets: int) -> dict:
-        """Time a method that is compared with no other (the routing kernel, the graph)."""
+    def time_one(self, fn: Callable[[int], object], sets: int, hold=None) -> dict:
+        """Time a method that is compared with no other (the routing kernel, the
+        graph); ``hold`` as :func:`~cublas_grouped.runtime.timing.time_ms` takes it."""
         with self.clock.sampling() as samples:
-            t = time_ms(fn, rotate=sets, **self.timing_kwargs())
+            t = time_ms(fn, rotate=sets, hold=hold, **self.timing_kwargs())
         return _with_clock([t], samples)[0]
 
     def capture_graphs(self, call: Callable[[object], object], inputs: Sequence) -> tuple[list, object]:
