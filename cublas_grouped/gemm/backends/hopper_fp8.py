@@ -30,9 +30,9 @@ from ...runtime import launch as _fast
 from ...runtime import nvrtc as _kernels
 from ...runtime.arrays import BFLOAT16, as_cupy, view
 from ...runtime.device import device_info, stream_resources
-from ..fp8 import BLOCK as SCALE_BLOCK
 from ..fp8 import is_fp8
 from . import hopper, tma
+from .hopper_fp8_checks import ALIGNMENT, check, check_operands, misaligned, unsupported
 
 __all__ = [
     "ARCH",
@@ -196,101 +196,6 @@ def shared_bytes(groups: int, thin: bool = False, defines: dict | None = None) -
     return base + (4 * (3 * groups + 1) if 0 < groups <= d["FP8_TABLE_MAX_GROUPS"] else 0)
 
 
-# TMA reads from 16-byte aligned addresses; the store writes 16-byte chunks.
-ALIGNMENT = 16
-
-
-def unsupported(sm: tuple[int, int], weights, dtype, *, trans_a: bool = False) -> str | None:
-    """Why the FP8 kernel cannot multiply ``dtype`` activations by ``weights``
-    on an SM ``sm`` GPU (None when it can). From the sizes and formats alone:
-    no GPU work, no addresses (see :func:`misaligned` for those)."""
-    if tuple(sm) != (9, 0):
-        return f"needs an SM 9.0 GPU (Hopper); this one is SM {sm[0]}.{sm[1]}"
-    if not is_fp8(weights):
-        return "takes FP8ExpertWeights only"
-    if trans_a:
-        return "does not run the K-grouped product (trans_a)"
-    if not weights.trans_b:
-        return (
-            "takes FP8 weights in the [E, N, K] layout (trans_b=True) only: FP8 wgmma reads K-major operands"
-        )
-    if weights.scaling != "block128":
-        return f"takes 'block128' scaling only; got {weights.scaling!r}"
-    if np.dtype(dtype) != BFLOAT16:
-        return f"takes bfloat16 activations (and writes bfloat16); got {np.dtype(dtype).name}"
-    k, n = weights.in_features, weights.out_features
-    if k % 16 or n % 8:
-        return f"needs K % 16 == 0 and N % 8 == 0 (16-byte rows of e4m3 and of bf16); got K={k}, N={n}"
-    return None
-
-
-def misaligned(*ptrs: int) -> str | None:
-    """Why the kernel cannot take these addresses (None when it can): each of
-    the e4m3 rows, the weights' values and ``out`` must start at a multiple of
-    :data:`ALIGNMENT` bytes."""
-    for ptr in ptrs:
-        if int(ptr) % ALIGNMENT:
-            return f"needs {ALIGNMENT}-byte aligned operands; got address {int(ptr):#x}"
-    return None
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
-
-
-def check_operands(a_q, a_scales, weights, out, group_sizes) -> tuple[int, np.ndarray | None]:
-    """Check the operands of :func:`grouped_fp8` before any GPU work; returns
-    ``(M, host sizes or None)`` (None: ``group_sizes`` is on the device)."""
-    from ...runtime.arrays import is_host_array
-
-    _check(is_fp8(weights), f"weights must be FP8ExpertWeights; got {type(weights).__name__}")
-    _check(weights.trans_b, "weights must be in the [E, N, K] layout (trans_b=True)")
-    _check(weights.scaling == "block128", f"weights must have 'block128' scaling; got {weights.scaling!r}")
-    e, n, k = weights.shape
-    a = view(a_q, "a_q")
-    _check(
-        a.ndim == 2 and a.dtype == np.uint8 and a.is_c_contiguous() and a.shape[1] == k,
-        f"a_q must be a C-contiguous uint8 array [M, {k}] of e4m3fn codes; got {a.dtype} {a.shape}",
-    )
-    m = a.shape[0]
-    kb = -(-k // SCALE_BLOCK)
-    s = view(a_scales, "a_scales")
-    _check(
-        s.dtype == np.float32 and s.shape == (m, kb) and s.is_c_contiguous(),
-        f"a_scales must be a C-contiguous float32 array [{m}, {kb}]; got {s.dtype} {s.shape}",
-    )
-    o = view(out, "out")
-    _check(
-        o.dtype == BFLOAT16 and o.shape == (m, n) and o.is_c_contiguous(),
-        f"out must be a C-contiguous bfloat16 array [{m}, {n}]; got {o.dtype} {o.shape}",
-    )
-    _check(k % 16 == 0, f"K must be a multiple of 16 (16-byte rows of e4m3); got K={k}")
-    _check(n % 8 == 0, f"N must be a multiple of 8 (16-byte rows of bf16 out); got N={n}")
-    devices = {
-        d
-        for d in (a.device, s.device, o.device, view(weights.values, "weights.values").device)
-        if d is not None
-    }
-    _check(len(devices) <= 1, f"a_q, a_scales, out and weights must share a device; got {sorted(devices)}")
-    if is_host_array(group_sizes):
-        sizes = np.asarray(group_sizes)
-        _check(
-            sizes.ndim == 1 and sizes.shape[0] == e and (sizes.size == 0 or sizes.dtype.kind in "iu"),
-            f"group_sizes must be {e} integers; got {sizes.dtype} {sizes.shape}",
-        )
-        sizes = sizes.astype(np.int64)
-        _check(bool((sizes >= 0).all()), "group_sizes must not be negative")
-        _check(int(sizes.sum()) == m, f"group_sizes must sum to M={m}; they sum to {int(sizes.sum())}")
-        return m, sizes
-    g = view(group_sizes, "group_sizes")
-    _check(
-        g.ndim == 1 and g.shape[0] == e and g.dtype.kind in "iu",
-        f"group_sizes must be a 1-D integer GPU array of {e}; got {g.dtype} {g.shape}",
-    )
-    return m, None
-
-
 def grid_size(
     m: int, n: int, e: int, sm_count: int, limit: int | None = None, tile_n: int = BLOCK_N, cluster: int = 1
 ) -> int:
@@ -368,15 +273,15 @@ def grouped_fp8(a_q, a_scales, weights, group_sizes, *, out=None, stream=None):
     a = view(a_q, "a_q")
     device = a.device if a.device is not None else cupy.cuda.Device().id
     if out is None:
-        _check(a.ndim == 2, f"a_q must be a 2-D array [M, K]; got {a.shape}")
+        check(a.ndim == 2, f"a_q must be a 2-D array [M, K]; got {a.shape}")
         with cupy.cuda.Device(device):
             out = cupy.empty((a.shape[0], n), dtype=BFLOAT16)
     m, host_sizes = check_operands(a_q, a_scales, weights, out, group_sizes)
     reason = unsupported(device_info(device).sm, weights, BFLOAT16)
-    _check(reason is None, f"grouped_fp8 {reason}")
+    check(reason is None, f"grouped_fp8 {reason}")
     values, o = as_cupy(weights.values, "weights.values"), as_cupy(out, "out")
     reason = misaligned(a.ptr, values.data.ptr, o.data.ptr)
-    _check(reason is None, f"grouped_fp8 {reason}")
+    check(reason is None, f"grouped_fp8 {reason}")
     res = stream_resources(device, stream)
     with cupy.cuda.Device(device), res.cupy_stream:
         if m == 0 or n == 0:
