@@ -114,6 +114,23 @@
 //                 the slot's loads begin; every thread of both CTAs passes a
 //                 cluster barrier before exit. The same bits as 1: each
 //                 output element sums the same K stages in the same order.
+//   FP8_FOLD_ROWS 0 (off) or 16 (= FP8_A_BOX_ROWS; 128 x 128 tiles, one CTA
+//                 per tile, FP8_OVERLAP): the bf16 kernel's v15 fold. A
+//                 group whose rows end 1 .. 16 past one of its whole tiles
+//                 has those rows computed by that tile: each stage also
+//                 brings them (one tmap_a_rows box, 2 KiB, in the stage's
+//                 fold area after all of a's and b's stages), and each math
+//                 warpgroup multiplies them as a swapped product, its 64
+//                 columns of the b stage as wgmma's a and the 16 rows as its b
+//                 (m64n16k32: D row = tile column, D column = the fold's
+//                 row), promoted per stage with each row's own scale as the
+//                 tile's rows are. The group's tail tile is skipped by the
+//                 load thread, which takes the next tile instead. Why: such a
+//                 tail tile streams a whole band of b for a few rows and costs
+//                 most of a tile (docs/kernel-notes.md, "v15"). The fold's
+//                 MMAs of stage kt + 1 are issued after stage kt's promotion,
+//                 as a commit group of their own, so one 8-register fragment
+//                 serves every stage.
 //
 // Kernel:
 //
@@ -170,8 +187,12 @@
 
 #if !defined(FP8_BLOCK_M) || !defined(FP8_BLOCK_N) || !defined(FP8_BLOCK_K) || !defined(FP8_STAGES) || \
     !defined(FP8_OVERLAP) || !defined(FP8_TABLE_MAX_GROUPS) || !defined(FP8_A_BOX_ROWS) || !defined(FP8_THIN) || \
-    !defined(FP8_CLUSTER) || !defined(FP8_LOADERS)
-#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP, FP8_TABLE_MAX_GROUPS, FP8_A_BOX_ROWS, FP8_THIN, FP8_CLUSTER and FP8_LOADERS from its launcher"
+    !defined(FP8_CLUSTER) || !defined(FP8_LOADERS) || !defined(FP8_FOLD_ROWS)
+#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP, FP8_TABLE_MAX_GROUPS, FP8_A_BOX_ROWS, FP8_THIN, FP8_CLUSTER, FP8_LOADERS and FP8_FOLD_ROWS from its launcher"
+#endif
+#if FP8_FOLD_ROWS && (FP8_FOLD_ROWS != 16 || FP8_A_BOX_ROWS != 16 || FP8_THIN || FP8_CLUSTER != 1 || \
+                      FP8_BLOCK_N != 128 || !FP8_OVERLAP)
+#error "FP8_FOLD_ROWS must be 16 (= FP8_A_BOX_ROWS: one box, wgmma n16), with 128 x 128 tiles, FP8_CLUSTER 1 and FP8_OVERLAP"
 #endif
 #if FP8_THIN && FP8_A_BOX_ROWS > 64
 #error "thin tiles (FP8_THIN) load a's 64 rows in boxes of FP8_A_BOX_ROWS: at most 64"
@@ -207,13 +228,15 @@
 #endif
 // Columns of one schedule slot: the cluster's tiles side by side.
 #define FP8_SLOT_N (FP8_CLUSTER * FP8_TILE_N)
-#if FP8_STAGES < 2 || FP8_STAGES * (FP8_TILE_M + FP8_TILE_N) * FP8_BLOCK_K > 200 * 1024
-#error "FP8_STAGES must be at least 2, and the ring at most 200 KiB (the H100 gives a block at most 227 KiB, the store's staging areas take 18)"
+#if FP8_STAGES < 2 || FP8_STAGES * (FP8_TILE_M + FP8_TILE_N + FP8_FOLD_ROWS) * FP8_BLOCK_K > 204 * 1024
+#error "FP8_STAGES must be at least 2, and the ring at most 204 KiB (the H100 gives a block at most 227 KiB, the store's staging areas take 18)"
 #endif
 #define FP8_A_STAGE_BYTES (FP8_TILE_M * FP8_BLOCK_K)
 #define FP8_B_STAGE_BYTES (FP8_TILE_N * FP8_BLOCK_K)
 #define FP8_B_BOX_BYTES (FP8_BLOCK_N * FP8_BLOCK_K)
-#define FP8_STAGE_BYTES (FP8_A_STAGE_BYTES + FP8_B_STAGE_BYTES)
+// A stage's fold rows (FP8_FOLD_ROWS): after all stages of a and of b.
+#define FP8_FOLD_STAGE_BYTES (FP8_FOLD_ROWS * FP8_BLOCK_K)
+#define FP8_STAGE_BYTES (FP8_A_STAGE_BYTES + FP8_B_STAGE_BYTES + FP8_FOLD_STAGE_BYTES)
 #define FP8_A_BOX_BYTES (FP8_A_BOX_ROWS * FP8_BLOCK_K)
 #define FP8_SCALE_BLOCK 128  // the scale blocks of K (and of B's N): FP8ExpertWeights' "block128"
 
@@ -271,6 +294,23 @@ __device__ __forceinline__ void wgmma_m64n96k32_e4m3(float (&d)[48], unsigned lo
           "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
           "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// The fold's swapped product (FP8_FOLD_ROWS): D[64 x 16] (+)= A[64 x 32] B[32 x 16],
+// A = 64 rows of the tile's b stage, B = the fold's 16 rows of a, both
+// K-major. D row i is the tile column, D column j the fold's row j (the
+// fragment layout above, j = 0 .. 1).
+__device__ __forceinline__ void wgmma_m64n16k32_e4m3(float (&d)[8], unsigned long long desc_a,
+                                                     unsigned long long desc_b, int scale_d) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
         : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
@@ -372,6 +412,55 @@ __device__ __forceinline__ void fp8_promote_half(float (&acc)[96], const float (
     }
 }
 
+// The fold's MMAs of fill f (FP8_FOLD_ROWS) into d, committed as a group of
+// their own: this warpgroup's 64 columns of the b stage (64 rows of 128
+// bytes further: 8 KiB, 1024-aligned) times the stage's 16 fold rows. The
+// stage's own MMAs waited for its fill.
+__device__ __forceinline__ void fp8_issue_fold(float (&d)[8], unsigned f, const unsigned char* ring_b,
+                                               const unsigned char* ring_f, int half) {
+    const int s = f % FP8_STAGES;
+    const unsigned long long da = smem_descriptor(ring_b + s * FP8_B_STAGE_BYTES + half * 64 * FP8_BLOCK_K);
+    const unsigned long long db = smem_descriptor(ring_f + s * FP8_FOLD_STAGE_BYTES);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < FP8_BLOCK_K / 32; ++kk) {
+        wgmma_m64n16k32_e4m3(d, da + 2 * kk, db + 2 * kk, kk > 0);
+    }
+    wgmma_commit();
+}
+
+// facc += d * scale for the fold's fragment: d[4 j + 2 h + e] is tile column
+// frag_row + 8 h of the fold's row 8 j + 2 (tid % 4) + e, so s0, s1 are the
+// scales of rows 2 (tid % 4) and + 1, s8, s9 of rows 8 + 2 (tid % 4) and + 1.
+__device__ __forceinline__ void fp8_promote_fold(float (&facc)[8], const float (&d)[8], float s0, float s1, float s8,
+                                                 float s9) {
+    facc[0] = fmaf(d[0], s0, facc[0]);
+    facc[1] = fmaf(d[1], s1, facc[1]);
+    facc[2] = fmaf(d[2], s0, facc[2]);
+    facc[3] = fmaf(d[3], s1, facc[3]);
+    facc[4] = fmaf(d[4], s8, facc[4]);
+    facc[5] = fmaf(d[5], s9, facc[5]);
+    facc[6] = fmaf(d[6], s8, facc[6]);
+    facc[7] = fmaf(d[7], s9, facc[7]);
+}
+
+// The scales of stage kt of the thread's four fold rows, fq, fq + 1, fq + 8
+// and fq + 9 (sf: row fq's scales in sa; left: the group's rows from fq on),
+// each loaded only for a row of the group (0 for the others, whose outputs
+// are never stored). One pointer and one count for the four: registers are
+// what the fold is short of.
+struct Fp8FoldScales {
+    float s0, s1, s8, s9;
+};
+__device__ __forceinline__ Fp8FoldScales fp8_fold_scales(const float* sf, int left, int num_k, int kt) {
+    Fp8FoldScales r;
+    r.s0 = left > 0 ? load_scale(sf + kt) : 0.0f;
+    r.s1 = left > 1 ? load_scale(sf + num_k + kt) : 0.0f;
+    r.s8 = left > 8 ? load_scale(sf + 8 * num_k + kt) : 0.0f;
+    r.s9 = left > 9 ? load_scale(sf + 9 * num_k + kt) : 0.0f;
+    return r;
+}
+
 // One tile of the schedule (see the header): group, rows, first column.
 struct Fp8Tile {
     int g;        // group
@@ -380,6 +469,10 @@ struct Fp8Tile {
     int n0;       // first column
     int a_rows;   // the group's rows from row0 on, at most FP8_BLOCK_M (0 when the sizes overrun M)
     int b_boxes;  // boxes of b per stage: FP8_TILE_N / FP8_BLOCK_N, less where the tile ends past N
+#if FP8_FOLD_ROWS
+    int fold_rows;  // the group's rows after this tile's FP8_BLOCK_M that it computes too (else 0)
+    bool skip;      // a tail tile the tile before computes as its fold
+#endif
 };
 
 // Slot `tile` of the schedule as CTA `rank` of its cluster computes it (rank
@@ -400,6 +493,13 @@ __device__ __forceinline__ Fp8Tile fp8_find_tile(long long tile, int n_tiles, co
     // Boxes wholly past N are not loaded: their columns are never stored (a
     // pair's second tile may lie wholly past N: none loaded, nothing stored).
     t.b_boxes = max(0, min(FP8_TILE_N / FP8_BLOCK_N, (N - t.n0 + FP8_BLOCK_N - 1) / FP8_BLOCK_N));
+#if FP8_FOLD_ROWS
+    // The fold, as grouped_gemm_sm90.cu's find_tile decides it: both from
+    // the rows, so the folding tile and the skipped one agree.
+    const int rows_left = t.row_end - t.row0;
+    t.fold_rows = rows_left > FP8_BLOCK_M && rows_left <= FP8_BLOCK_M + FP8_FOLD_ROWS ? rows_left - FP8_BLOCK_M : 0;
+    t.skip = t.row0 > row_offsets[t.g] && rows_left > 0 && rows_left <= FP8_FOLD_ROWS;
+#endif
     return t;
 }
 
@@ -417,7 +517,11 @@ __device__ __forceinline__ void fp8_release(unsigned long long* empty) {
 __device__ __forceinline__ int fp8_stage_bytes(const Fp8Tile& t) {
     const int a_bytes = t.a_rows > FP8_BLOCK_M / 2 ? FP8_A_STAGE_BYTES
                                                    : (t.a_rows + FP8_A_BOX_ROWS - 1) / FP8_A_BOX_ROWS * FP8_A_BOX_BYTES;
+#if FP8_FOLD_ROWS
+    return a_bytes + t.b_boxes * FP8_B_BOX_BYTES + (t.fold_rows > 0 ? FP8_FOLD_STAGE_BYTES : 0);
+#else
     return a_bytes + t.b_boxes * FP8_B_BOX_BYTES;
+#endif
 }
 
 // Stage kt of tile w's b: its boxes of FP8_BLOCK_N rows of [E * N, K] that
@@ -511,6 +615,91 @@ __device__ __forceinline__ void fp8_wide_k_loop(float (&acc)[96], float (&ta)[48
 #endif
 }
 
+// A 128 x 128 tile's K walk on one math warpgroup with FP8_OVERLAP: stages
+// alternate between tmp0 (even kt) and tmp1 (odd kt), stage kt + 1's MMAs
+// issued before stage kt's partial sums are promoted. Each stage's scales
+// are loaded when its MMAs are issued and used one stage later. Every path
+// keeps one group of the tile's MMAs in flight through the loop and none
+// after the tail: where ptxas cannot tell which fragment is in flight, it
+// serializes every wgmma (C7514).
+//
+// FOLD (FP8_FOLD_ROWS): a tile that computes its group's last rows too walks
+// K in the serial form: each stage's MMAs and its fold's (fp8_issue_fold,
+// in tmp0 and ftmp) are waited for, then both promoted, the next stage's
+// scales loaded while they run. Why not overlapped: the overlapped walk
+// holds 192 fp32 registers of fragments, and the fold's 16 more made ptxas
+// spill 28-92 bytes in the loop in every arrangement tried (2026-11-28);
+// the serial walk holds 144. The kernel runs one of the two whole walks per
+// tile, each ending with no MMA in flight (a branch around the fold's
+// wgmmas inside one loop serializes them: C7520 in the bf16 kernel).
+template <bool FOLD>
+__device__ __forceinline__ void fp8_k_walk(float (&acc)[64], float (&tmp0)[64], float (&tmp1)[64], float (&facc)[8],
+                                           float (&ftmp)[8], unsigned long long* full, unsigned long long* empty,
+                                           unsigned fills, int num_k, const unsigned char* ring_a,
+                                           const unsigned char* ring_b, const unsigned char* ring_f, int half,
+                                           int tid, const float* sa0, const float* sa1, const float* sbt,
+                                           const float* sf, int left) {
+    float a0 = load_scale(sa0), a1 = load_scale(sa1), b = load_scale(sbt);
+    if constexpr (!FOLD) {
+        fp8_issue_stage(tmp0, full, fills, ring_a, ring_b, half);
+        int kt = 0;
+        float na0, na1, nb;
+        for (; kt + 2 < num_k; kt += 2) {  // stages kt + 1 and kt + 2 exist
+            fp8_issue_stage(tmp1, full, fills + kt + 1, ring_a, ring_b, half);
+            na0 = load_scale(sa0 + kt + 1), na1 = load_scale(sa1 + kt + 1), nb = load_scale(sbt + kt + 1);
+            wgmma_wait<1>();  // stage kt's group is done; kt + 1's runs on
+            fp8_pin(tmp0);
+            if (tid == 0) fp8_release(&empty[(fills + kt) % FP8_STAGES]);  // stage kt is read
+            fp8_promote(acc, tmp0, a0 * b, a1 * b);
+            a0 = na0, a1 = na1, b = nb;
+            fp8_issue_stage(tmp0, full, fills + kt + 2, ring_a, ring_b, half);
+            na0 = load_scale(sa0 + kt + 2), na1 = load_scale(sa1 + kt + 2), nb = load_scale(sbt + kt + 2);
+            wgmma_wait<1>();
+            fp8_pin(tmp1);
+            if (tid == 0) fp8_release(&empty[(fills + kt + 1) % FP8_STAGES]);
+            fp8_promote(acc, tmp1, a0 * b, a1 * b);
+            a0 = na0, a1 = na1, b = nb;
+        }
+        // The tail: stage kt is in tmp0, in flight; one more stage or none.
+        if (kt + 1 < num_k) {
+            fp8_issue_stage(tmp1, full, fills + kt + 1, ring_a, ring_b, half);
+            na0 = load_scale(sa0 + kt + 1), na1 = load_scale(sa1 + kt + 1), nb = load_scale(sbt + kt + 1);
+            wgmma_wait<1>();
+            fp8_pin(tmp0);
+            if (tid == 0) fp8_release(&empty[(fills + kt) % FP8_STAGES]);
+            fp8_promote(acc, tmp0, a0 * b, a1 * b);
+            wgmma_wait<0>();
+            fp8_pin(tmp1);
+            if (tid == 0) fp8_release(&empty[(fills + kt + 1) % FP8_STAGES]);
+            fp8_promote(acc, tmp1, na0 * nb, na1 * nb);
+        } else {
+            wgmma_wait<0>();
+            fp8_pin(tmp0);
+            if (tid == 0) fp8_release(&empty[(fills + kt) % FP8_STAGES]);
+            fp8_promote(acc, tmp0, a0 * b, a1 * b);
+        }
+    } else {
+        Fp8FoldScales fs = fp8_fold_scales(sf, left, num_k, 0);
+        for (int kt = 0; kt < num_k; ++kt) {
+            const unsigned f = fills + kt;
+            fp8_issue_stage(tmp0, full, f, ring_a, ring_b, half);
+            fp8_issue_fold(ftmp, f, ring_b, ring_f, half);
+            // The next stage's scales while the MMAs run (the last stage reloads its own).
+            const int kn = min(kt + 1, num_k - 1);
+            const float na0 = load_scale(sa0 + kn), na1 = load_scale(sa1 + kn), nb = load_scale(sbt + kn);
+            const Fp8FoldScales nfs = fp8_fold_scales(sf, left, num_k, kn);
+            wgmma_wait<0>();
+            fp8_pin(tmp0);
+            fp8_pin(ftmp);
+            if (tid == 0) fp8_release(&empty[f % FP8_STAGES]);  // stage kt is read
+            fp8_promote(acc, tmp0, a0 * b, a1 * b);
+            fp8_promote_fold(facc, ftmp, fs.s0 * b, fs.s1 * b, fs.s8 * b, fs.s9 * b);
+            a0 = na0, a1 = na1, b = nb;
+            fs = nfs;
+        }
+    }
+}
+
 // The pipeline (as grouped_gemm_sm90.cu's): every role counts the stages it
 // has filled (or consumed) since the CTA began, `fills`, carried from tile to
 // tile; fill f uses stage f % FP8_STAGES with mbarrier parity
@@ -563,6 +752,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
     unsigned char* ring = smem_raw + ((1024 - (shared_address(smem_raw) & 1023)) & 1023);
     unsigned char* ring_a = ring;
     unsigned char* ring_b = ring + FP8_STAGES * FP8_A_STAGE_BYTES;
+    unsigned char* ring_f = ring_b + FP8_STAGES * FP8_B_STAGE_BYTES;  // FP8_FOLD_ROWS: 2 KiB a stage
 
     if (threadIdx.x == 0) {
 #pragma unroll
@@ -615,7 +805,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
                 if (rank == 1 && j > 0) tile = pair_mailbox_take(&pairs, j - 1);  // rank 0's draw
 #endif
                 const int slot = j % SM90_SCHED_SLOTS;
-                const bool done = !second && tile >= total_tiles;
+                bool done = !second && tile >= total_tiles;
                 sm90_mailbox_claim(&mail, j);
                 if (!done) {
                     Fp8Tile w;
@@ -629,6 +819,18 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
                     } else {
                         w = fp8_find_tile(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M, N,
                                           rank);
+#if FP8_FOLD_ROWS
+                        // A tail tile whose rows the tile before computes (its
+                        // fold): nothing to load or post; the next tile instead.
+                        while (w.skip && !done) {
+                            tile = static_cast<long long>(FP8_TILE_STRIDE) + atomicAdd(tile_counter, 1);
+                            done = tile >= total_tiles;
+                            if (!done) {
+                                w = fp8_find_tile(tile, n_tiles, row_offsets, row_ends, tile_offsets, num_groups, M,
+                                                  N, rank);
+                            }
+                        }
+#endif
                     }
                     w.a_rows = max(0, min(FP8_TILE_M, w.row_end - w.row0));
                     mail_tile[slot] = w;  // seen by the readers through the post's release
@@ -682,6 +884,14 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
                                             &full[s], kt * FP8_BLOCK_K, w.row0 + ra);
                             }
                         }
+#if FP8_FOLD_ROWS
+                        // The fold's rows: one small box (its rows past the
+                        // group's end are multiplied, never stored).
+                        if (w.fold_rows > 0) {
+                            tma_load_2d(ring_f + s * FP8_FOLD_STAGE_BYTES, &tmap_a_rows, &full[s], kt * FP8_BLOCK_K,
+                                        w.row0 + FP8_BLOCK_M);
+                        }
+#endif
 #endif
 #if FP8_LOADERS == 1
                         fp8_load_b(ring_b + s * FP8_B_STAGE_BYTES, &tmap_b, &full[s], w, kt, N);
@@ -753,6 +963,10 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
     float acc[64], tmp0[64], tmp1[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) tmp0[i] = tmp1[i] = 0.0f;  // defined before the first MMAs (which ignore them)
+    // The fold's sums and its stage fragment (FP8_FOLD_ROWS; unused without it).
+    float facc[8], ftmp[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) facc[i] = ftmp[i] = 0.0f;
 #else
     float acc[64], tmp[64];
 #pragma unroll
@@ -791,55 +1005,28 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
         // never stored, and its scale row is the last one, not past it.)
         const int nb_row = min((t.n0 + col_in) / FP8_SCALE_BLOCK, n_blocks - 1);
         const float* sbt = sb + (static_cast<long long>(t.g) * n_blocks + nb_row) * num_k;
-        float a0 = load_scale(sa0), a1 = load_scale(sa1), b = load_scale(sbt);
 #pragma unroll
         for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
 
 #if FP8_OVERLAP
-        // Stages alternate between tmp0 (even kt) and tmp1 (odd kt): stage
-        // kt + 1's MMAs are issued before stage kt's partial sums are
-        // promoted. Each stage's scales are loaded when its MMAs are issued
-        // and used one stage later. Every path keeps one group in flight
-        // through the loop and none after the tail: where ptxas cannot tell
-        // which fragment is in flight, it serializes every wgmma (C7514).
-        fp8_issue_stage(tmp0, full, fills, ring_a, ring_b, half);
-        int kt = 0;
-        float na0, na1, nb;
-        for (; kt + 2 < num_k; kt += 2) {  // stages kt + 1 and kt + 2 exist
-            fp8_issue_stage(tmp1, full, fills + kt + 1, ring_a, ring_b, half);
-            na0 = load_scale(sa0 + kt + 1), na1 = load_scale(sa1 + kt + 1), nb = load_scale(sbt + kt + 1);
-            wgmma_wait<1>();  // stage kt's group is done; kt + 1's runs on
-            fp8_pin(tmp0);
-            if (tid == 0) fp8_release(&empty[(fills + kt) % FP8_STAGES]);  // stage kt is read
-            fp8_promote(acc, tmp0, a0 * b, a1 * b);
-            a0 = na0, a1 = na1, b = nb;
-            fp8_issue_stage(tmp0, full, fills + kt + 2, ring_a, ring_b, half);
-            na0 = load_scale(sa0 + kt + 2), na1 = load_scale(sa1 + kt + 2), nb = load_scale(sbt + kt + 2);
-            wgmma_wait<1>();
-            fp8_pin(tmp1);
-            if (tid == 0) fp8_release(&empty[(fills + kt + 1) % FP8_STAGES]);
-            fp8_promote(acc, tmp1, a0 * b, a1 * b);
-            a0 = na0, a1 = na1, b = nb;
-        }
-        // The tail: stage kt is in tmp0, in flight; one more stage or none.
-        if (kt + 1 < num_k) {
-            fp8_issue_stage(tmp1, full, fills + kt + 1, ring_a, ring_b, half);
-            na0 = load_scale(sa0 + kt + 1), na1 = load_scale(sa1 + kt + 1), nb = load_scale(sbt + kt + 1);
-            wgmma_wait<1>();
-            fp8_pin(tmp0);
-            if (tid == 0) fp8_release(&empty[(fills + kt) % FP8_STAGES]);
-            fp8_promote(acc, tmp0, a0 * b, a1 * b);
-            wgmma_wait<0>();
-            fp8_pin(tmp1);
-            if (tid == 0) fp8_release(&empty[(fills + kt + 1) % FP8_STAGES]);
-            fp8_promote(acc, tmp1, na0 * nb, na1 * nb);
+#if FP8_FOLD_ROWS
+        if (t.fold_rows > 0) {
+            // The thread's first fold row (fq; fp8_fold_scales has the others).
+            const int fq = t.row0 + FP8_BLOCK_M + 2 * (tid & 3);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) facc[i] = 0.0f;
+            fp8_k_walk<true>(acc, tmp0, tmp1, facc, ftmp, full, empty, fills, num_k, ring_a, ring_b, ring_f, half,
+                             tid, sa0, sa1, sbt, sa + static_cast<long long>(fq) * num_k, t.row_end - fq);
         } else {
-            wgmma_wait<0>();
-            fp8_pin(tmp0);
-            if (tid == 0) fp8_release(&empty[(fills + kt) % FP8_STAGES]);
-            fp8_promote(acc, tmp0, a0 * b, a1 * b);
+            fp8_k_walk<false>(acc, tmp0, tmp1, facc, ftmp, full, empty, fills, num_k, ring_a, ring_b, ring_f, half,
+                              tid, sa0, sa1, sbt, sa, 0);
         }
 #else
+        fp8_k_walk<false>(acc, tmp0, tmp1, facc, ftmp, full, empty, fills, num_k, ring_a, ring_b, ring_f, half, tid,
+                          sa0, sa1, sbt, sa, 0);
+#endif
+#else
+        float a0 = load_scale(sa0), a1 = load_scale(sa1), b = load_scale(sbt);
         for (int kt = 0; kt < num_k; ++kt) {
             const unsigned f = fills + kt;
             fp8_issue_stage(tmp, full, f, ring_a, ring_b, half);
@@ -872,6 +1059,32 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
             // itself, and the early exit made ptxas spill the math loop.)
             sm90_store_pass(acc, p, stage, out, r_first, t.row_end, c0, N, 1 + half);
         }
+#if FP8_FOLD_ROWS
+        if (t.fold_rows > 0) {
+            // The fold's rows, from the registers: facc[4 jn + 2 h + e] is tile
+            // column 64 half + frag_row + 8 h of the fold's row 8 jn + 2 (lane
+            // % 4) + e. Lanes l and l ^ 4 hold neighbouring columns of the
+            // same rows: each hands the other one value, so that each stores
+            // a pair of columns of one row (4 bytes), as the bf16 kernel's fold.
+            const int lane = tid & 31, fold_row0 = t.row0 + FP8_BLOCK_M;
+            const bool even = ((lane >> 2) & 1) == 0;
+#pragma unroll
+            for (int jn = 0; jn < 2; ++jn) {
+                const int ra = fold_row0 + 8 * jn + 2 * (lane & 3);  // this thread's two rows: ra, ra + 1
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int i = 4 * jn + 2 * h, col = t.n0 + 64 * half + frag_row + 8 * h;
+                    const float va = facc[i], vb = facc[i + 1];
+                    const float got = __shfl_xor_sync(0xffffffffu, even ? vb : va, 4);
+                    const int row = even ? ra : ra + 1, c = even ? col : col - 1;
+                    if (row < t.row_end && c < N) {  // N is even: both columns or neither
+                        *reinterpret_cast<unsigned*>(out + static_cast<long long>(row) * N + c) =
+                            even ? pack_pair(bf16_t{}, va, got) : pack_pair(bf16_t{}, got, vb);
+                    }
+                }
+            }
+        }
+#endif
     }
 #if FP8_CLUSTER == 2
     // No CTA of a pair exits while the other may still multicast into its

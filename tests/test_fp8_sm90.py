@@ -38,6 +38,7 @@ def _ptxas_report(defines=None) -> str:
 @pytest.mark.parametrize(
     "thin, cluster, loaders, wide",
     [
+        (False, 1, 2, "fold"),
         (False, 2, 1, False),
         (False, 2, 2, False),
         (False, 1, 1, False),
@@ -49,6 +50,7 @@ def _ptxas_report(defines=None) -> str:
         (False, 1, 2, "serial"),
     ],
     ids=[
+        "128x128 with the fold, two loaders",
         "pairs",
         "pairs, two loaders",
         "128x128",
@@ -69,7 +71,9 @@ def test_ptxas_report_no_spills_no_serialization_and_registers_in_budget(thin, c
     or a wait added, would cost the kernel its speed, not its results. Each
     tile shape, with and without CTA pairs."""
     pytest.importorskip("cuda.core")
-    base = hopper_fp8.WIDE_DEFINES if wide else hopper_fp8.launch_defines(thin)
+    base = hopper_fp8.WIDE_DEFINES if wide is True or wide == "serial" else hopper_fp8.launch_defines(thin)
+    if wide == "fold":  # 128 x 128 tiles with the fold (its walk serial, its ring 12 KiB larger)
+        base = hopper_fp8.launch_defines(False, fold=True)
     if wide == "serial":
         base = {**base, "FP8_OVERLAP": 0}
     report = _ptxas_report({**base, "FP8_CLUSTER": cluster, "FP8_LOADERS": loaders})
@@ -162,6 +166,7 @@ def test_launch_constants_agree():
         "FP8_THIN": 0,
         "FP8_CLUSTER": 1,  # CTA pairs measured slower (hopper_fp8.CLUSTER)
         "FP8_LOADERS": 2,  # a and b issued by two threads: measured faster (hopper_fp8.LOADERS)
+        "FP8_FOLD_ROWS": 0,  # the fold's launches set it (hopper_fp8.fold_tiles)
     }
     # Thin tiles: 5 stages of 64 rows of a and 256 of b, the table as large as
     # fits, always one CTA per tile (the source refuses pairs of thin tiles).
@@ -431,3 +436,56 @@ def test_kernel_model_matches_the_float64_reference(sizes, n, k):
     )
     if m:
         assert np.linalg.norm(ref - exact) / np.linalg.norm(exact) < 0.08
+
+
+def test_the_fold_fits_its_shared_memory_and_goes_only_where_it_is_taken(monkeypatch):
+    """The fold's ring (16 rows of a more a stage), staging areas and largest
+    table fit 226 KiB (one group more does not); fold_tiles takes it where
+    groups average 128 to 256 rows on 128 x 128 tiles only; the source
+    refuses it with thin tiles, CTA pairs, wide tiles, the serial walk or
+    another box, and compiles the fold's swapped m64n16k32 product."""
+    limit = 227 * 1024 - 1024
+    fold = hopper_fp8.launch_defines(False, fold=True)
+    assert {k: v for k, v in fold.items() if hopper_fp8.DEFINES[k] != v} == {
+        "FP8_FOLD_ROWS": 16,
+        "FP8_TABLE_MAX_GROUPS": hopper_fp8.FOLD_TABLE_MAX_GROUPS,
+    }
+    most = hopper_fp8.FOLD_TABLE_MAX_GROUPS
+    assert hopper_fp8.FOLD_SHARED_BYTES == 6 * (128 + 128 + 16) * 128 + 2 * 64 * 72 * 2 + 1024
+    assert (
+        hopper_fp8.shared_bytes(most, defines=fold)
+        <= limit
+        < hopper_fp8.shared_bytes(most, defines=fold) + 12
+    )
+    assert hopper_fp8.shared_bytes(most + 1, defines=fold) == hopper_fp8.FOLD_SHARED_BYTES
+    # Where: Qwen3-30B-A3B (128 experts) and DeepSeek-V3 (256) at 4096 tokens (8 pairs each).
+    assert hopper_fp8.fold_tiles(32768, 128) and hopper_fp8.fold_tiles(32768, 256)
+    assert not hopper_fp8.fold_tiles(131072, 128)  # 16384 tokens: 1024 rows a group
+    assert not hopper_fp8.fold_tiles(16 * 8, 128)  # decode: thin tiles
+    assert hopper_fp8.launch_defines(True, fold=True)["FP8_FOLD_ROWS"] == 0  # thin tiles never fold
+    monkeypatch.setattr(hopper_fp8, "WIDE", True)
+    assert not hopper_fp8.fold_tiles(32768, 128)
+    monkeypatch.setattr(hopper_fp8, "WIDE", False)
+    monkeypatch.setattr(hopper_fp8, "FOLD", False)
+    assert not hopper_fp8.fold_tiles(32768, 128)
+    text = _ptx(fold)
+    # The plain walk's 16 issues of the tile's MMAs, the fold walk's 4 more
+    # (one loop, serial), and its 4 steps of the swapped product.
+    assert text.count("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3") == 4 * 4 + 4
+    assert text.count("wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3") == 4
+    nvrtc_api = pytest.importorskip("cuda.bindings.nvrtc")
+    src = nvrtc.load_source(hopper_fp8.SOURCE).encode()
+    for change in (
+        {"FP8_THIN": 1, "FP8_STAGES": 5},
+        {"FP8_CLUSTER": 2, "FP8_A_BOX_ROWS": 16},
+        {"FP8_BLOCK_N": 192, "FP8_STAGES": 5},
+        {"FP8_OVERLAP": 0},
+        {"FP8_A_BOX_ROWS": 32},
+        {"FP8_FOLD_ROWS": 8},
+    ):
+        err, prog = nvrtc_api.nvrtcCreateProgram(src, b"fp8.cu", 0, [], [])
+        opts = [b"--gpu-architecture=sm_90a", b"-std=c++17"]
+        opts += [f"-D{k}={v}".encode() for k, v in {**fold, **change}.items()]
+        (err,) = nvrtc_api.nvrtcCompileProgram(prog, len(opts), opts)
+        nvrtc_api.nvrtcDestroyProgram(prog)
+        assert err != nvrtc_api.nvrtcResult.NVRTC_SUCCESS, change

@@ -24,6 +24,11 @@ quantization: a few percent). For docs/kernel-notes.md ("FP8 kernel").
 ("fp8 var", e.g. ``--define FP8_OVERLAP=0`` for the serial promotion), with
 the time ratio and whether the two kernels' outputs agree bit for bit.
 
+``--set NAME=VALUE`` (repeatable): the same with module constants of
+``hopper_fp8`` set for the variant instead, e.g. ``--set FOLD=0`` for the
+kernel without its fold. ``--routing skewed`` takes the benchmark's skewed
+routing (``tools.bench.workloads``) instead of uniform random routing.
+
 ``--layer``: the whole decode layer instead (default tokens 16 and 64):
 ``FixedCapacityMoE`` with FP8 weights (the FP8 kernel step: rows quantized
 on the device, no dequantized copy) against the same layer with the bf16
@@ -86,7 +91,7 @@ def rel(x, y) -> float:
     return float(cupy.linalg.norm(d) / cupy.linalg.norm(y.astype(cupy.float32)))
 
 
-def probe(model: str, tokens: int, wq, w_deq) -> None:
+def probe(model: str, tokens: int, wq, w_deq, routing: str = "random") -> None:
     import cupy
 
     import cublas_grouped as cg
@@ -94,8 +99,16 @@ def probe(model: str, tokens: int, wq, w_deq) -> None:
     from cublas_grouped.runtime.timing import time_interleaved
 
     experts, top_k, k, n = MODELS[model]
-    rng = np.random.default_rng(tokens)
-    ids = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(tokens)])
+    if routing == "random":
+        rng = np.random.default_rng(tokens)
+        ids = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(tokens)])
+    else:  # the benchmark's routing of this model and token count
+        from cublas_grouped.tools.bench import workloads as W
+
+        name = {"qwen3": "qwen3-30b-a3b", "deepseek": "deepseek-v3"}[model]
+        shape = W.MODELS[name]
+        case = W.Case(name, tokens, shape.experts, shape.top_k, shape.hidden, shape.inter, routing)
+        ids = W.make_routing(case, seed=0)[1]
     sizes = np.bincount(ids.ravel(), minlength=experts)
     m = int(sizes.sum())
     sizes_dev = cupy.asarray(sizes, dtype=cupy.int32)
@@ -116,33 +129,38 @@ def probe(model: str, tokens: int, wq, w_deq) -> None:
         ),
         "dense bf16": lambda i: cupy.matmul(x, dense_w.T),
     }
-    if VARIANT:
+    if VARIANT or VARIANT_ATTRS:
 
         def variant(i):
-            default, hopper_fp8.DEFINES = hopper_fp8.DEFINES, {**hopper_fp8.DEFINES, **VARIANT}
+            saved = {name: getattr(hopper_fp8, name) for name in VARIANT_ATTRS}
+            default, hopper_fp8.DEFINES = hopper_fp8.DEFINES, {**hopper_fp8.DEFINES, **(VARIANT or {})}
             try:
+                for name, value in VARIANT_ATTRS.items():
+                    setattr(hopper_fp8, name, value)
                 hopper_fp8.grouped_fp8(a_q, a_s, wq, sizes_dev, out=outs["fp8 var"])
             finally:
                 hopper_fp8.DEFINES = default
+                for name, value in saved.items():
+                    setattr(hopper_fp8, name, value)
 
         methods["fp8 var"] = variant
     results = dict(zip(methods, time_interleaved(list(methods.values()), warmup=3, repeat=20)))
-    case = f"{model} T={tokens}"
+    case = f"{model} T={tokens}" + ("" if routing == "random" else f" {routing}")
     active = int((sizes > 0).sum())
     fp8_bytes = active * (n * k + -(-n // 128) * -(-k // 128) * 4)
     for label, r in results.items():
         if isinstance(r, Exception):
-            print(f"{case:20} {label:11} error {r}")
+            print(f"{case:28} {label:11} error {r}")
             continue
         ms = r["median"]
-        line = f"{case:20} {label:11} {ms:9.4f} {flops / ms / 1e9:8.1f}"
+        line = f"{case:28} {label:11} {ms:9.4f} {flops / ms / 1e9:8.1f}"
         if tokens <= 64 and label in ("fp8 kernel", "fp8 gmm"):
             line += f"   {fp8_bytes / ms / 1e6:7.1f} GB/s of {active} experts' FP8 weights"
         if tokens <= 64 and label == "bf16 sm90":
             line += f"   {2 * active * n * k / ms / 1e6:7.1f} GB/s of their bf16 weights"
         print(line)
     t = {label: r["median"] for label, r in results.items() if not isinstance(r, Exception)}
-    if VARIANT and {"fp8 kernel", "fp8 var"} <= set(t):
+    if (VARIANT or VARIANT_ATTRS) and {"fp8 kernel", "fp8 var"} <= set(t):
         same = bool(cupy.all(outs["fp8 kernel"].view(cupy.uint16) == outs["fp8 var"].view(cupy.uint16)))
         print(f"{'':20} fp8 kernel / variant time {t['fp8 kernel'] / t['fp8 var']:.3f}; bit for bit: {same}")
     if {"fp8 kernel", "bf16 sm90", "dense bf16", "fp8 gmm", "fp8 dequant"} <= set(t):
@@ -243,8 +261,10 @@ def decode_layer(model: str, tokens_list, rounds: int, replays: int, hbm_gbs: fl
     cupy.get_default_memory_pool().free_all_blocks()
 
 
-# Defines of an FP8 kernel variant timed beside the kernel (--define), or None.
+# Defines of an FP8 kernel variant timed beside the kernel (--define), or None;
+# hopper_fp8's constants set for it (--set).
 VARIANT = None
+VARIANT_ATTRS: dict = {}
 
 
 def main() -> None:
@@ -262,7 +282,14 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=10, help="--layer: graph launches per round")
     parser.add_argument("--hbm-gbs", type=float, default=3350.0)
     parser.add_argument("--define", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--routing", nargs="+", default=["random"], choices=["random", "uniform", "skewed"])
     args = parser.parse_args()
+    for item in args.set:
+        name, value = item.split("=", 1)
+        VARIANT_ATTRS[name] = int(value)
+    if VARIANT_ATTRS:
+        print(f"variant constants: {VARIANT_ATTRS}")
     if args.define:
         VARIANT = {k: int(v) for k, v in (d.split("=", 1) for d in args.define)}
         print(f"variant: {VARIANT}")
@@ -282,8 +309,9 @@ def main() -> None:
         wq.dequantize("bfloat16", out=w)  # the bf16 kernels run the same weights the FP8 one reads
         cupy.get_default_memory_pool().free_all_blocks()
         for tokens in args.tokens:
-            probe(model, tokens, wq, w)
-            cupy.get_default_memory_pool().free_all_blocks()
+            for routing in args.routing:
+                probe(model, tokens, wq, w, routing)
+                cupy.get_default_memory_pool().free_all_blocks()
         del w, wq
         cupy.get_default_memory_pool().free_all_blocks()
 

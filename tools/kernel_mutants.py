@@ -60,6 +60,7 @@ DEFAULT_TESTS = (
     "tests/test_masked_gpu.py",
     "tests/test_sm90_epilogue_gpu.py",
     "tests/test_fp8_sm90_gpu.py",
+    "tests/test_fp8_fold_gpu.py",
     "tests/test_fp8_fused_quantize_gpu.py",
     "tests/test_moe_gpu.py",
     "tests/test_fixed_capacity_gpu.py::test_assign_rows_never_writes_past_its_row_capacity",
@@ -582,6 +583,42 @@ MUTANTS: tuple[Mutant, ...] = (
         "const int jb = half + q;",
         "the fold's second block multiplies the neighbouring 64 columns of b, not its own",
     ),
+    # The fold in the FP8 kernel (FP8_FOLD_ROWS).
+    Mutant(
+        "fp8-fold-skips-a-first-tile",
+        "grouped_gemm_fp8_sm90.cu",
+        "t.skip = t.row0 > row_offsets[t.g] && rows_left > 0 && rows_left <= FP8_FOLD_ROWS;",
+        "t.skip = rows_left > 0 && rows_left <= FP8_FOLD_ROWS;",
+        "a group of at most 16 rows (its first and only tile) is skipped as if another tile folded it",
+    ),
+    Mutant(
+        "fp8-fold-box-row",
+        "grouped_gemm_fp8_sm90.cu",
+        "w.row0 + FP8_BLOCK_M);",
+        "w.row0 + FP8_BLOCK_M - 16);",
+        "the fold's box loads the tile's last 16 rows instead of the 16 after them",
+    ),
+    Mutant(
+        "fp8-fold-row-scale",
+        "grouped_gemm_fp8_sm90.cu",
+        "r.s1 = left > 1 ? load_scale(sf + num_k + kt) : 0.0f;",
+        "r.s1 = left > 1 ? load_scale(sf + kt) : 0.0f;",
+        "the fold's odd rows are promoted with the even rows' scales",
+    ),
+    Mutant(
+        "fp8-fold-stage-scale",
+        "grouped_gemm_fp8_sm90.cu",
+        "fp8_promote_fold(facc, ftmp, fs.s0 * b, fs.s1 * b, fs.s8 * b, fs.s9 * b);",
+        "fp8_promote_fold(facc, ftmp, fs.s0 * nb, fs.s1 * nb, fs.s8 * nb, fs.s9 * nb);",
+        "the fold's partial sums take the next stage's weight scale",
+    ),
+    Mutant(
+        "fp8-fold-columns",
+        "grouped_gemm_fp8_sm90.cu",
+        "const int i = 4 * jn + 2 * h, col = t.n0 + 64 * half + frag_row + 8 * h;",
+        "const int i = 4 * jn + 2 * h, col = t.n0 + 64 * half + frag_row + 8 * jn;",
+        "the fold's second eight columns of each thread are stored over its first",
+    ),
     # The routing weight in GEMM 2's epilogue (the kernel step): the placement's
     # row weights, the epilogue's product, the plain-sum combine.
     Mutant(
@@ -937,8 +974,9 @@ defines = {
     "grouped_gemm_fp8_sm90": hopper_fp8.DEFINES,
     "fp8": fp8_kernels.DEFINES,
 }
-# The Hopper kernel as a launch with v15's fold compiles it (its mutants too).
+# The Hopper kernels as launches with the fold compile them (their mutants too).
 defines["grouped_gemm_sm90"] = hopper_variants.fold_defines(hopper.DEFINES, None, 256, 1)
+defines["grouped_gemm_fp8_sm90"] = hopper_fp8.launch_defines(False, fold=True)
 # wgmma and TMA build for sm_90a only
 arches = {"grouped_gemm_sm90": hopper.ARCH, "grouped_gemm_fp8_sm90": hopper_fp8.ARCH}
 for name in sys.argv[3:]:

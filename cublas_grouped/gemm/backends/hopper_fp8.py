@@ -18,6 +18,8 @@ stages of 32 KiB, a load warpgroup and two math warpgroups, persistent CTAs
 taking tiles from a device counter, as in :mod:`.hopper`; each stage's scales
 applied while the next stage's MMAs run (:data:`OVERLAP`). At decode sizes
 (:func:`thin_tiles`) thin tiles of 64 x 256 keep more weight bytes in flight.
+Where groups average 128 to 256 rows (:func:`fold_tiles`) a group's last
+1 .. 16 rows are computed by the tile before them (the bf16 kernel's v15 fold).
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ __all__ = [
     "THIN_MAX_ROWS_PER_GROUP",
     "THIN_TILE_N",
     "THIN_STAGES",
+    "FOLD",
+    "FOLD_ROWS",
+    "FOLD_MIN_ROWS_PER_GROUP",
+    "FOLD_MAX_ROWS_PER_GROUP",
+    "FOLD_SHARED_BYTES",
+    "FOLD_TABLE_MAX_GROUPS",
+    "fold_tiles",
     "THIN_SHARED_BYTES",
     "THIN_TABLE_MAX_GROUPS",
     "WIDE",
@@ -117,6 +126,7 @@ DEFINES = {
     "FP8_THIN": 0,
     "FP8_CLUSTER": CLUSTER,
     "FP8_LOADERS": LOADERS,
+    "FP8_FOLD_ROWS": 0,  # the fold's launches set it (fold_tiles, launch_defines)
 }
 SOURCE = "grouped_gemm_fp8_sm90"
 KERNEL = "grouped_gemm_fp8_nt_bf16"
@@ -162,11 +172,46 @@ WIDE_TABLE_MAX_GROUPS = (SHARED_LIMIT - WIDE_SHARED_BYTES - 4) // 12
 WIDE_DEFINES = {**DEFINES, "FP8_BLOCK_N": 192, "FP8_STAGES": 5, "FP8_TABLE_MAX_GROUPS": WIDE_TABLE_MAX_GROUPS}
 
 
-def launch_defines(thin: bool) -> dict:
+# The bf16 kernel's v15 fold in the FP8 kernel (FP8_FOLD_ROWS): a group's
+# last 1 .. 16 rows past a whole tile computed by the tile before them (16
+# rows of a more a stage: 2 KiB, 12 KiB over the ring), their own tail tile
+# skipped; the folding tile walks K in the serial form (the kernel's header
+# says why). Taken where groups average FOLD_MIN_ROWS_PER_GROUP to
+# FOLD_MAX_ROWS_PER_GROUP rows (M over E: a rule of the launch's shape, so a
+# captured graph replays with any sizes), on 128 x 128 tiles: the bf16
+# kernel's range, where many groups end in a tail tile (docs/kernel-notes.md,
+# "v15" and "The fold in the FP8 kernel"). False turns it off (a probe's A/B).
+FOLD = True
+FOLD_ROWS = 16
+FOLD_MIN_ROWS_PER_GROUP = 128
+FOLD_MAX_ROWS_PER_GROUP = 256
+FOLD_SHARED_BYTES = STAGES * (BLOCK_M + BLOCK_N + FOLD_ROWS) * BLOCK_K + 2 * 64 * hopper.C_PITCH * 2 + 1024
+# The schedule table fits beside the fold's ring up to this E (255: DeepSeek-V3's
+# 256 groups search the schedule in global memory when folded).
+FOLD_TABLE_MAX_GROUPS = (SHARED_LIMIT - FOLD_SHARED_BYTES - 4) // 12
+
+
+def fold_tiles(m: int, e: int) -> bool:
+    """Whether a launch of ``m`` rows over ``e`` groups folds (see :data:`FOLD`):
+    128 x 128 tiles, not thin, not wide, one CTA per tile."""
+    return (
+        FOLD
+        and not thin_tiles(m, e)
+        and not WIDE
+        and DEFINES["FP8_CLUSTER"] == 1
+        and DEFINES["FP8_OVERLAP"] == 1
+        and FOLD_MIN_ROWS_PER_GROUP * e <= m <= FOLD_MAX_ROWS_PER_GROUP * e
+    )
+
+
+def launch_defines(thin: bool, fold: bool = False) -> dict:
     """The kernel's defines for 128 x 128 tiles (:data:`DEFINES`, read at
-    each call: a probe may vary them) or for thin tiles. (No early prefetch of
+    each call: a probe may vary them), with the fold when ``fold``
+    (:func:`fold_tiles`), or for thin tiles. (No early prefetch of
     a layer's GEMM 2, unlike the bf16 kernel's ``SM90_PREFETCH_B``: measured
     1.04-1.19x slower on Qwen3-30B-A3B decode layers, docs/kernel-notes.md.)"""
+    if not thin and fold:
+        return {**DEFINES, "FP8_FOLD_ROWS": FOLD_ROWS, "FP8_TABLE_MAX_GROUPS": FOLD_TABLE_MAX_GROUPS}
     if not thin:
         return WIDE_DEFINES if WIDE else DEFINES
     return {
@@ -192,7 +237,8 @@ def shared_bytes(groups: int, thin: bool = False, defines: dict | None = None) -
     keeps one (at most the defines' ``FP8_TABLE_MAX_GROUPS``)."""
     d = launch_defines(thin) if defines is None else defines
     tile_m = 64 if d["FP8_THIN"] else BLOCK_M
-    base = d["FP8_STAGES"] * (tile_m + tile_n(d)) * BLOCK_K + 2 * 64 * hopper.C_PITCH * 2 + 1024
+    ring = d["FP8_STAGES"] * (tile_m + tile_n(d) + d["FP8_FOLD_ROWS"]) * BLOCK_K
+    base = ring + 2 * 64 * hopper.C_PITCH * 2 + 1024
     return base + (4 * (3 * groups + 1) if 0 < groups <= d["FP8_TABLE_MAX_GROUPS"] else 0)
 
 
@@ -344,8 +390,8 @@ def launch_choice(m: int, e: int) -> tuple:
     defines compiled (:func:`launch_defines`, read at each call), the grid
     limit of tests and the maps' L2 promotion. Part of every prepared FP8
     launch's key, so that a change prepares new ones."""
-    thin = thin_tiles(m, e)
-    return thin, tuple(launch_defines(thin).items()), GRID_LIMIT, tma.L2_PROMOTION
+    thin, fold = thin_tiles(m, e), fold_tiles(m, e)
+    return thin, tuple(launch_defines(thin, fold).items()), GRID_LIMIT, tma.L2_PROMOTION
 
 
 def prepared_fp8_gemm(device_id: int, weights, m: int, a_ptrs, base: int, counter: int = 0):
@@ -372,7 +418,7 @@ def _prepare_gemm(device_id: int, shape, values_ptr: int, scales_ptr: int, m: in
     e, n, k = shape
     a_ptr, a_scales_ptr = a_ptrs
     thin = thin_tiles(m, e)
-    defines = launch_defines(thin)
+    defines = launch_defines(thin, fold_tiles(m, e))
     gemm = _kernels.get_kernel(SOURCE, KERNEL, ARCH, defines=defines)
     most = defines["FP8_TABLE_MAX_GROUPS"]
     hopper._allow_shared_memory(gemm, device_id, shared_bytes(most, thin, defines))  # the most any E asks
