@@ -27,7 +27,7 @@ from ...moe.checks import check_layer_args, check_tokens, executor_or_shared
 from ...moe.dispatch import choose_algorithms
 from ...moe.step_backend import fixed_capacity_backend
 from ...runtime.timing import L2_BYTES, rotation_count
-from .fp8 import FP8_METHOD, gemm1_fp8
+from .fp8 import FP8_METHOD, FP8_ROWS_METHOD, gemm1_fp8, gemm1_fp8_rows
 from .fused_layer import (
     FIXED_CAPACITY,
     FUSED_GRAPH_SETUP,
@@ -161,6 +161,7 @@ class CaseRunner(SectionRunner):
             setups.append(("torch", lambda: self._gemm1_torch(xs, w1, flops, nbytes)))
         if getattr(self.args, "fp8", False):  # FP8 weights on the FP8 kernel (.fp8)
             setups.append((FP8_METHOD, lambda: gemm1_fp8(self, xs, w1, flops, note)))
+            setups.append((FP8_ROWS_METHOD, lambda: gemm1_fp8_rows(self, xs, w1, flops, note)))
         held = sum(x.nbytes for x in xs) + sum(w.nbytes for w in w1s[1:])
         try:
             # w2 and the packed w1 are not needed here: the layer section makes them again if dropped.
