@@ -35,7 +35,6 @@ def _fold_at_any_size(monkeypatch):
     if cupy.cuda.Device().compute_capability != "90":
         pytest.skip("the FP8 kernel runs on SM 9.0 GPUs only")
     monkeypatch.setattr(hopper_fp8, "FOLD_MIN_ROWS_PER_GROUP", 0)
-    monkeypatch.setattr(hopper_fp8, "FOLD_MAX_ROWS_PER_GROUP", 1 << 40)
 
 
 def _run(a_q, a_s, wq, sizes, n, fold: bool, monkeypatch):

@@ -441,7 +441,7 @@ def test_kernel_model_matches_the_float64_reference(sizes, n, k):
 def test_the_fold_fits_its_shared_memory_and_goes_only_where_it_is_taken(monkeypatch):
     """The fold's ring (16 rows of a more a stage), staging areas and largest
     table fit 226 KiB (one group more does not); fold_tiles takes it where
-    groups average 128 to 256 rows on 128 x 128 tiles only; the source
+    groups average at least 128 rows, on 128 x 128 tiles only; the source
     refuses it with thin tiles, CTA pairs, wide tiles, the serial walk or
     another box, and compiles the fold's swapped m64n16k32 product."""
     limit = 227 * 1024 - 1024
@@ -458,10 +458,13 @@ def test_the_fold_fits_its_shared_memory_and_goes_only_where_it_is_taken(monkeyp
         < hopper_fp8.shared_bytes(most, defines=fold) + 12
     )
     assert hopper_fp8.shared_bytes(most + 1, defines=fold) == hopper_fp8.FOLD_SHARED_BYTES
-    # Where: Qwen3-30B-A3B (128 experts) and DeepSeek-V3 (256) at 4096 tokens (8 pairs each).
+    # Where: Qwen3-30B-A3B (128 experts) and DeepSeek-V3 (256) at 4096 and
+    # 16384 tokens (8 pairs each), Mixtral (8 experts, 2 pairs) at 16384; not
+    # below 128 rows a group, nor at decode (thin tiles).
     assert hopper_fp8.fold_tiles(32768, 128) and hopper_fp8.fold_tiles(32768, 256)
-    assert not hopper_fp8.fold_tiles(131072, 128)  # 16384 tokens: 1024 rows a group
-    assert not hopper_fp8.fold_tiles(16 * 8, 128)  # decode: thin tiles
+    assert hopper_fp8.fold_tiles(131072, 128) and hopper_fp8.fold_tiles(32768, 8)
+    assert not hopper_fp8.fold_tiles(128 * 256 - 1, 256)
+    assert not hopper_fp8.fold_tiles(16 * 8, 128)
     assert hopper_fp8.launch_defines(True, fold=True)["FP8_FOLD_ROWS"] == 0  # thin tiles never fold
     monkeypatch.setattr(hopper_fp8, "WIDE", True)
     assert not hopper_fp8.fold_tiles(32768, 128)

@@ -14,6 +14,9 @@ rounding: another MMA shape sums them). With ``--layer``, the fused layer
 the fold too.
 
     PYTHONPATH=. python3 tools/fold_probe.py [--models qwen3-30b-a3b deepseek-v3] [--tokens 4096] [--layer]
+
+``--seeds N``: N routings per case (seed 0 is the benchmark's), for the spread
+of fold / plain over routings of the same shape.
 """
 
 from __future__ import annotations
@@ -55,10 +58,12 @@ def _with_fold(rows: int, fn):
     return call
 
 
-def gemm_case(model: str, tokens: int, routing: str, second: bool, trans_b: bool, rounds: int) -> None:
+def gemm_case(
+    model: str, tokens: int, routing: str, second: bool, trans_b: bool, rounds: int, seed: int = 0
+) -> None:
     shape = W.MODELS[model]
     case = W.Case(model, tokens, shape.experts, shape.top_k, shape.hidden, shape.inter, routing)
-    _, ids = W.make_routing(case, seed=0)
+    _, ids = W.make_routing(case, seed=seed)
     sizes = W.expert_counts(ids, shape.experts)
     k, n = (shape.inter, shape.hidden) if second else (shape.hidden, 2 * shape.inter)
     m, e = int(sizes.sum()), shape.experts
@@ -91,6 +96,7 @@ def gemm_case(model: str, tokens: int, routing: str, second: bool, trans_b: bool
     folded = float(((sizes > hopper.BLOCK_M) & (tails > 0) & (tails <= 16)).mean())
     flops = 2.0 * m * k * n
     name = f"{model} {'g2' if second else 'g1'} {'nt' if trans_b else 'nn'} T={tokens} {routing}"
+    name += f" seed {seed}" if seed else ""
     print(
         f"{name:44s} plain {t['plain']:8.4f} fold {t['fold']:8.4f} dense {t['dense']:8.4f} ms | "
         f"fold/plain {t['fold'] / t['plain']:.3f} | of dense {100 * t['dense'] / t['plain']:5.1f}% -> "
@@ -143,6 +149,7 @@ def main() -> None:
     p.add_argument("--nt", action="store_true", help="[E, N, K] weights too")
     p.add_argument("--second", action="store_true", help="the second GEMM too")
     p.add_argument("--layer", action="store_true", help="the fused layer too")
+    p.add_argument("--seeds", type=int, default=1, help="routings drawn per case (the benchmark's is seed 0)")
     args = p.parse_args()
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
     for model in args.models:
@@ -150,7 +157,8 @@ def main() -> None:
             for routing in args.routings:
                 for second in (False, True) if args.second else (False,):
                     for trans_b in (False, True) if args.nt else (False,):
-                        gemm_case(model, tokens, routing, second, trans_b, args.rounds)
+                        for seed in range(args.seeds):
+                            gemm_case(model, tokens, routing, second, trans_b, args.rounds, seed)
                 if args.layer:
                     layer_case(model, tokens, routing, args.rounds)
 

@@ -53,6 +53,7 @@ import numpy as np
 MODELS = {  # name: (experts, top_k, hidden = K, 2 * inter = N)
     "qwen3": (128, 8, 2048, 1536),
     "deepseek": (256, 8, 7168, 4096),
+    "mixtral": (8, 2, 4096, 28672),
 }
 BF16 = ml_dtypes.bfloat16
 
@@ -105,7 +106,7 @@ def probe(model: str, tokens: int, wq, w_deq, routing: str = "random") -> None:
     else:  # the benchmark's routing of this model and token count
         from cublas_grouped.tools.bench import workloads as W
 
-        name = {"qwen3": "qwen3-30b-a3b", "deepseek": "deepseek-v3"}[model]
+        name = {"qwen3": "qwen3-30b-a3b", "deepseek": "deepseek-v3", "mixtral": "mixtral-8x7b"}[model]
         shape = W.MODELS[name]
         case = W.Case(name, tokens, shape.experts, shape.top_k, shape.hidden, shape.inter, routing)
         ids = W.make_routing(case, seed=0)[1]
@@ -276,7 +277,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, nargs="+", default=None)
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["qwen3", "deepseek"], choices=list(MODELS))
     parser.add_argument("--layer", action="store_true", help="the decode layer (FixedCapacityMoE)")
     parser.add_argument("--rounds", type=int, default=30, help="--layer: timed rounds")
     parser.add_argument("--replays", type=int, default=10, help="--layer: graph launches per round")
