@@ -75,12 +75,19 @@ def gemm1_fp8(runner, xs, w1, flops: int, note: str | None, quantized: bool = Fa
         ]
         outs = [cp.empty((inp.rows.shape[0], c.n1), dtype=inp.rows.dtype) for inp in inps]
         if quantized:
-            from ...gemm.backends.hopper_fp8 import grouped_fp8
+            # The call the FP8 layer's step makes (prepared launches: the
+            # schedule's offsets kernel, then the GEMM), so that decode sizes
+            # time the GPU's work, not the checks of an unprepared call.
+            from ...gemm.backends.hopper_fp8 import grouped_rows_fp8
+            from ...runtime.device import stream_resources
 
             rows_q = [cg.quantize_rows_fp8(inp.rows) for inp in inps]
+            res = stream_resources(cp.cuda.Device().id, None)
 
             def fn(i: int) -> None:
-                grouped_fp8(*rows_q[i], wq, inps[i].tokens_per_expert, out=outs[i])
+                (a_q, a_s), m = rows_q[i], rows_q[i][0].shape[0]
+                ptrs = (a_q.data.ptr, a_s.data.ptr, outs[i].data.ptr)
+                grouped_rows_fp8(res, wq, m, ptrs, inps[i].tokens_per_expert)
 
         else:
 
