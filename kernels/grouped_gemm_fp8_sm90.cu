@@ -127,10 +127,8 @@
 //                 tile's rows are. The group's tail tile is skipped by the
 //                 load thread, which takes the next tile instead. Why: such a
 //                 tail tile streams a whole band of b for a few rows and costs
-//                 most of a tile (docs/kernel-notes.md, "v15"). The fold's
-//                 MMAs of stage kt + 1 are issued after stage kt's promotion,
-//                 as a commit group of their own, so one 8-register fragment
-//                 serves every stage.
+//                 most of a tile (docs/kernel-notes.md, "v15"). A folding
+//                 tile walks K in the serial form (fp8_k_walk says why).
 //
 // Kernel:
 //
@@ -161,8 +159,8 @@
 //     Block FP8_THREADS = 384: warpgroup 0 loads (one thread issues every
 //     TMA), warpgroups 1 and 2 multiply 64 rows each (thin tiles: 128 of the
 //     columns each).
-//     Dynamic shared memory: FP8_STAGES * (FP8_TILE_M + FP8_TILE_N) *
-//     FP8_BLOCK_K (the ring) + 2 * 64 * SM90_C_PITCH * 2 (the store's staging
+//     Dynamic shared memory: FP8_STAGES * (FP8_TILE_M + FP8_TILE_N +
+//     FP8_FOLD_ROWS) * FP8_BLOCK_K (the ring) + 2 * 64 * SM90_C_PITCH * 2 (the store's staging
 //     areas) + 1024 (to align the ring for the swizzle) + the schedule table
 //     4 * (3E + 1) when E <= FP8_TABLE_MAX_GROUPS.
 //     Schedule: that of grouped_gemm_sm90.cu with FP8_SLOT_N-column slots

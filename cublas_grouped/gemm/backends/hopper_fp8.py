@@ -18,7 +18,7 @@ stages of 32 KiB, a load warpgroup and two math warpgroups, persistent CTAs
 taking tiles from a device counter, as in :mod:`.hopper`; each stage's scales
 applied while the next stage's MMAs run (:data:`OVERLAP`). At decode sizes
 (:func:`thin_tiles`) thin tiles of 64 x 256 keep more weight bytes in flight.
-Where groups average 128 to 256 rows (:func:`fold_tiles`) a group's last
+Where groups average at least 128 rows (:func:`fold_tiles`) a group's last
 1 .. 16 rows are computed by the tile before them (the bf16 kernel's v15 fold).
 """
 

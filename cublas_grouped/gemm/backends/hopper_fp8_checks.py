@@ -54,6 +54,7 @@ def misaligned(*ptrs: int) -> str | None:
 
 
 def check(cond: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``cond``: the refusals name the argument."""
     if not cond:
         raise ValueError(message)
 
