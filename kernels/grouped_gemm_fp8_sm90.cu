@@ -65,6 +65,12 @@
 //   FP8_A_BOX_ROWS rows of a's small TMA box: 16 (a multiple of 8, at most
 //                 FP8_BLOCK_M; FP8_BLOCK_M gives the one-box load of every
 //                 tile, the form before 2026-11-27 noon, for A/B runs)
+//   FP8_SMALL_A_ROWS  0 .. FP8_BLOCK_M / 2: on 128 x 128 tiles of one CTA, a
+//                 tile with at most this many rows of its group loads them in
+//                 small boxes, one with more loads a's whole box (see tmap_a
+//                 below). Why not always small boxes up to 64 rows: four of
+//                 them a stage made a 64-row tile cost more than a full one
+//                 (docs/kernel-notes.md, "What an FP8 tail tile costs").
 //   FP8_THIN      0: tiles of 128 rows x 128 columns, math warpgroup w
 //                 multiplying rows 64 (w - 1) .. + 63 (prefill). 1: thin
 //                 tiles for decode, 64 rows x 256 columns, math warpgroup w
@@ -139,9 +145,10 @@
 //             128-byte swizzle, zero fill. tmap_a_rows: the same with box
 //             [FP8_A_BOX_ROWS, FP8_BLOCK_K]. As in grouped_gemm_sm90.cu (v10):
 //             a tile whose group has r rows from its first row loads one
-//             tmap_a box per stage when r > FP8_BLOCK_M / 2, else
-//             ceil(r / FP8_A_BOX_ROWS) tmap_a_rows boxes (a decode tile of 2
-//             rows: 2 KiB of a per stage beside 16 KiB of weights, not 16).
+//             tmap_a box per stage when r > FP8_SMALL_A_ROWS (thin tiles and
+//             CTA pairs: FP8_BLOCK_M / 2), else ceil(r / FP8_A_BOX_ROWS)
+//             tmap_a_rows boxes (a decode tile of 2 rows: 2 KiB of a per
+//             stage beside 16 KiB of weights, not 16).
 //             The A stage's rows past them keep older bytes (any codes, NaN
 //             included): each output row reads only its own row of a, and
 //             those rows are never stored.
@@ -185,8 +192,11 @@
 
 #if !defined(FP8_BLOCK_M) || !defined(FP8_BLOCK_N) || !defined(FP8_BLOCK_K) || !defined(FP8_STAGES) || \
     !defined(FP8_OVERLAP) || !defined(FP8_TABLE_MAX_GROUPS) || !defined(FP8_A_BOX_ROWS) || !defined(FP8_THIN) || \
-    !defined(FP8_CLUSTER) || !defined(FP8_LOADERS) || !defined(FP8_FOLD_ROWS)
-#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP, FP8_TABLE_MAX_GROUPS, FP8_A_BOX_ROWS, FP8_THIN, FP8_CLUSTER, FP8_LOADERS and FP8_FOLD_ROWS from its launcher"
+    !defined(FP8_CLUSTER) || !defined(FP8_LOADERS) || !defined(FP8_FOLD_ROWS) || !defined(FP8_SMALL_A_ROWS)
+#error "grouped_gemm_fp8_sm90.cu needs FP8_BLOCK_M, FP8_BLOCK_N, FP8_BLOCK_K, FP8_STAGES, FP8_OVERLAP, FP8_TABLE_MAX_GROUPS, FP8_A_BOX_ROWS, FP8_THIN, FP8_CLUSTER, FP8_LOADERS, FP8_FOLD_ROWS and FP8_SMALL_A_ROWS from its launcher"
+#endif
+#if FP8_SMALL_A_ROWS < 0 || FP8_SMALL_A_ROWS > FP8_BLOCK_M / 2
+#error "FP8_SMALL_A_ROWS must be 0 .. FP8_BLOCK_M / 2"
 #endif
 #if FP8_FOLD_ROWS && (FP8_FOLD_ROWS != 16 || FP8_A_BOX_ROWS != 16 || FP8_THIN || FP8_CLUSTER != 1 || \
                       FP8_BLOCK_N != 128 || !FP8_OVERLAP)
@@ -237,6 +247,14 @@
 #define FP8_STAGE_BYTES (FP8_A_STAGE_BYTES + FP8_B_STAGE_BYTES + FP8_FOLD_STAGE_BYTES)
 #define FP8_A_BOX_BYTES (FP8_A_BOX_ROWS * FP8_BLOCK_K)
 #define FP8_SCALE_BLOCK 128  // the scale blocks of K (and of B's N): FP8ExpertWeights' "block128"
+// Whether a tile with `rows` rows of its group loads a's whole box (else its
+// small boxes): FP8_SMALL_A_ROWS on 128 x 128 tiles of one CTA; thin tiles
+// (at most 64 rows a pass) never, CTA pairs (half a box each) past 64.
+#if FP8_THIN || FP8_CLUSTER == 2
+#define FP8_WHOLE_A(rows) ((rows) > FP8_BLOCK_M / 2)
+#else
+#define FP8_WHOLE_A(rows) ((rows) > FP8_SMALL_A_ROWS)
+#endif
 
 // D[64 x 128] (+)= A[64 x 32] B[32 x 128], e4m3 both, A and B K-major in
 // shared memory (FP8 wgmma reads K-major operands only: no transpose flags).
@@ -513,8 +531,8 @@ __device__ __forceinline__ void fp8_release(unsigned long long* empty) {
 
 // The bytes one stage of tile t brings: b's box and a's (see the header).
 __device__ __forceinline__ int fp8_stage_bytes(const Fp8Tile& t) {
-    const int a_bytes = t.a_rows > FP8_BLOCK_M / 2 ? FP8_A_STAGE_BYTES
-                                                   : (t.a_rows + FP8_A_BOX_ROWS - 1) / FP8_A_BOX_ROWS * FP8_A_BOX_BYTES;
+    const int a_bytes = FP8_WHOLE_A(t.a_rows) ? FP8_A_STAGE_BYTES
+                                              : (t.a_rows + FP8_A_BOX_ROWS - 1) / FP8_A_BOX_ROWS * FP8_A_BOX_BYTES;
 #if FP8_FOLD_ROWS
     return a_bytes + t.b_boxes * FP8_B_BOX_BYTES + (t.fold_rows > 0 ? FP8_FOLD_STAGE_BYTES : 0);
 #else
@@ -874,7 +892,7 @@ extern "C" __global__ void __launch_bounds__(FP8_THREADS, 1) FP8_CLUSTER_DIMS
                             }
                         }
 #else
-                        if (w.a_rows > FP8_BLOCK_M / 2) {  // never in a thin pass (at most 64 rows)
+                        if (FP8_WHOLE_A(w.a_rows)) {  // never in a thin pass (at most 64 rows)
                             tma_load_2d(ring_a + s * FP8_A_STAGE_BYTES, &tmap_a, &full[s], kt * FP8_BLOCK_K, w.row0);
                         } else {
                             for (int ra = 0; ra < w.a_rows; ra += FP8_A_BOX_ROWS) {

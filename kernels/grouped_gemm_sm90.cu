@@ -34,6 +34,12 @@
 //                       SM90_BLOCK_M / 2 rows of its group loads only the
 //                       small boxes holding them (v10); SM90_BLOCK_M gives
 //                       v9's loads (one whole box for every tile)
+//   SM90_SMALL_A_ROWS   0 .. SM90_BLOCK_M / 2: a 128-row tile with at most
+//                       this many rows of its group loads them in small boxes,
+//                       one with more a's whole box (thin tiles: always the
+//                       small boxes). Small boxes save bytes at decode; several
+//                       a stage cost more than one whole box
+//                       (docs/kernel-notes.md, "What an FP8 tail tile costs")
 //   SM90_STAGES         shared-memory stages of the ring
 //   SM90_SKIP_IDLE      optional, 1: the second math warpgroup of a thin tile (at most
 //                       SM90_BLOCK_M / 2 rows of its group) runs no MMAs and
@@ -224,8 +230,11 @@
 
 #if !defined(SM90_BLOCK_M) || !defined(SM90_BLOCK_N) || !defined(SM90_BLOCK_K) || \
     !defined(SM90_STAGES) || !defined(SM90_TILE_THREADS) || !defined(SM90_A_BOX_ROWS) || \
-    !defined(SM90_TABLE_MAX_GROUPS) || !defined(SM90_THIN) || !defined(SM90_FOLD_ROWS)
-#error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES, SM90_TILE_THREADS, SM90_A_BOX_ROWS, SM90_TABLE_MAX_GROUPS, SM90_THIN and SM90_FOLD_ROWS from its launcher"
+    !defined(SM90_TABLE_MAX_GROUPS) || !defined(SM90_THIN) || !defined(SM90_FOLD_ROWS) || !defined(SM90_SMALL_A_ROWS)
+#error "grouped_gemm_sm90.cu needs SM90_BLOCK_M, SM90_BLOCK_N, SM90_BLOCK_K, SM90_STAGES, SM90_TILE_THREADS, SM90_A_BOX_ROWS, SM90_TABLE_MAX_GROUPS, SM90_THIN, SM90_FOLD_ROWS and SM90_SMALL_A_ROWS from its launcher"
+#endif
+#if SM90_SMALL_A_ROWS < 0 || SM90_SMALL_A_ROWS > SM90_BLOCK_M / 2
+#error "SM90_SMALL_A_ROWS must be 0 .. SM90_BLOCK_M / 2"
 #endif
 #ifndef SM90_PREFETCH_B
 #define SM90_PREFETCH_B 0
@@ -577,7 +586,7 @@ struct Sm90Tile {
 
 // Whether a's stage is one box of SM90_BLOCK_M rows (tmap_a), else the small
 // boxes holding the group's a_rows rows (tmap_a_rows): see the header.
-__device__ __forceinline__ bool a_in_one_box(int a_rows) { return !SM90_THIN && a_rows > SM90_BLOCK_M / 2; }
+__device__ __forceinline__ bool a_in_one_box(int a_rows) { return !SM90_THIN && a_rows > SM90_SMALL_A_ROWS; }
 
 // Tile `tile` of the linearized schedule: group by group, and within a group
 // the M tiles fastest, so that CTAs running together share B's column tiles

@@ -167,6 +167,7 @@ def test_launch_constants_agree():
         "FP8_CLUSTER": 1,  # CTA pairs measured slower (hopper_fp8.CLUSTER)
         "FP8_LOADERS": 2,  # a and b issued by two threads: measured faster (hopper_fp8.LOADERS)
         "FP8_FOLD_ROWS": 0,  # the fold's launches set it (hopper_fp8.fold_tiles)
+        "FP8_SMALL_A_ROWS": hopper_fp8.SMALL_A_ROWS,  # a's small boxes up to this many rows
     }
     # Thin tiles: 5 stages of 64 rows of a and 256 of b, the table as large as
     # fits, always one CTA per tile (the source refuses pairs of thin tiles).

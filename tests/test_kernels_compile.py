@@ -205,11 +205,22 @@ def test_inconsistent_defines_do_not_compile(name, defines, message):
 
 
 @pytest.mark.parametrize(
-    "missing", ["FP8_OVERLAP", "FP8_A_BOX_ROWS", "FP8_THIN", "FP8_CLUSTER", "FP8_LOADERS", "FP8_FOLD_ROWS"]
+    "missing",
+    [
+        "FP8_OVERLAP",
+        "FP8_A_BOX_ROWS",
+        "FP8_THIN",
+        "FP8_CLUSTER",
+        "FP8_LOADERS",
+        "FP8_FOLD_ROWS",
+        "FP8_SMALL_A_ROWS",
+    ],
 )
 def test_the_fp8_kernel_needs_its_defines(missing):
     defines = {k: v for k, v in DEFINES["grouped_gemm_fp8_sm90"].items() if k != missing}
-    with pytest.raises(nvrtc.KernelCompileError, match="FP8_LOADERS and FP8_FOLD_ROWS from its launcher"):
+    with pytest.raises(
+        nvrtc.KernelCompileError, match="FP8_FOLD_ROWS and FP8_SMALL_A_ROWS from its launcher"
+    ):
         nvrtc.compile_source("grouped_gemm_fp8_sm90", "sm_90", defines)
 
 

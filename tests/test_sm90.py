@@ -116,6 +116,7 @@ def test_launch_constants_agree():
         "SM90_TABLE_MAX_GROUPS": hopper.TABLE_MAX_GROUPS,
         "SM90_THIN": 0,
         "SM90_FOLD_ROWS": 0,  # set per launch where the fold pays
+        "SM90_SMALL_A_ROWS": hopper.SMALL_A_ROWS,  # a's small boxes up to this many rows
     }
 
 
@@ -265,6 +266,8 @@ def test_the_fold_fits_its_shared_memory_and_goes_only_where_it_is_taken():
     assert rule > 0 and base["SM90_FOLD_ROWS"] == 0
     kept = V.fold_defines(base, None, rule * 8, 8)  # groups averaging the rule's rows: folded
     assert kept["SM90_FOLD_ROWS"] == 16 and kept["SM90_TABLE_MAX_GROUPS"] == most
+    # Where it folds, a tile of more than 16 rows of its group loads a's whole box.
+    assert kept["SM90_SMALL_A_ROWS"] == V.FOLD_SMALL_A_ROWS == 16 and base["SM90_SMALL_A_ROWS"] == 64
     gather = V.RowGather(src=1, top_k=2, rows=3)
     for left in (
         V.fold_defines(base, None, rule * 8 + 1, 8),  # one row more: not folded
@@ -273,7 +276,7 @@ def test_the_fold_fits_its_shared_memory_and_goes_only_where_it_is_taken():
         V.fold_defines({**base, "SM90_BLOCK_N": 128}, None, 64, 8),
         V.fold_defines(base, gather, 64, 8),
     ):
-        assert left["SM90_FOLD_ROWS"] == 0
+        assert left["SM90_FOLD_ROWS"] == 0 and left["SM90_SMALL_A_ROWS"] == 64
     # The layer's prefill launches at 4096 tokens take it (Qwen3-30B-A3B, DeepSeek-V3), 16384 not.
     assert V.kernel_defines(base, False, 4096 * 8, 128, None, None)["SM90_FOLD_ROWS"] == 16
     assert V.kernel_defines(base, False, 16384 * 8, 128, None, None)["SM90_FOLD_ROWS"] == 0

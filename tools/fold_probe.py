@@ -15,6 +15,10 @@ the fold too.
 
     PYTHONPATH=. python3 tools/fold_probe.py [--models qwen3-30b-a3b deepseek-v3] [--tokens 4096] [--layer]
 
+``--equal ROWS ...``: groups of ROWS rows each instead of the benchmark's
+routings. ``--define NAME=VALUE``: the "fold" column is the kernel as the
+library runs it under those defines (``hopper.DEFINES``), "plain" as it runs.
+
 ``--seeds N``: N routings per case (seed 0 is the benchmark's), for the spread
 of fold / plain over routings of the same shape.
 """
@@ -58,13 +62,34 @@ def _with_fold(rows: int, fn):
     return call
 
 
+# --define NAME=VALUE: the kernel's defines for the "fold" column instead of the fold.
+VARIANT: dict = {}
+
+
+def _with_defines(extra: dict, fn):
+    """``fn`` run with the bf16 kernel's defines updated by ``extra``."""
+
+    def call():
+        saved = hopper.DEFINES
+        hopper.DEFINES = {**saved, **extra}
+        try:
+            fn()
+        finally:
+            hopper.DEFINES = saved
+
+    return call
+
+
 def gemm_case(
     model: str, tokens: int, routing: str, second: bool, trans_b: bool, rounds: int, seed: int = 0
 ) -> None:
     shape = W.MODELS[model]
-    case = W.Case(model, tokens, shape.experts, shape.top_k, shape.hidden, shape.inter, routing)
-    _, ids = W.make_routing(case, seed=seed)
-    sizes = W.expert_counts(ids, shape.experts)
+    if routing.startswith("equal"):  # --equal: every group the same rows
+        sizes = np.full(shape.experts, int(routing[5:]), dtype=np.int64)
+    else:
+        case = W.Case(model, tokens, shape.experts, shape.top_k, shape.hidden, shape.inter, routing)
+        _, ids = W.make_routing(case, seed=seed)
+        sizes = W.expert_counts(ids, shape.experts)
     k, n = (shape.inter, shape.hidden) if second else (shape.hidden, 2 * shape.inter)
     m, e = int(sizes.sum()), shape.experts
     bf16 = ml_dtypes.bfloat16
@@ -88,7 +113,14 @@ def gemm_case(
         for _ in range(CALLS):
             cupy.matmul(a, dense_b, out=dense_out)
 
-    methods = {"plain": _with_fold(0, ours("plain")), "fold": _with_fold(16, ours("fold")), "dense": dense}
+    if VARIANT:  # the library's choice ("plain") against it under --define ("fold")
+        methods = {"plain": ours("plain"), "fold": _with_defines(VARIANT, ours("fold")), "dense": dense}
+    else:
+        methods = {
+            "plain": _with_fold(0, ours("plain")),
+            "fold": _with_fold(16, ours("fold")),
+            "dense": dense,
+        }
     t = _timed(methods, rounds)
     diff = float(cupy.abs(outs["fold"].astype(cupy.float32) - outs["plain"].astype(cupy.float32)).max())
     scale = float(cupy.abs(outs["plain"].astype(cupy.float32)).max())
@@ -150,7 +182,18 @@ def main() -> None:
     p.add_argument("--second", action="store_true", help="the second GEMM too")
     p.add_argument("--layer", action="store_true", help="the fused layer too")
     p.add_argument("--seeds", type=int, default=1, help="routings drawn per case (the benchmark's is seed 0)")
+    p.add_argument(
+        "--equal", type=int, nargs="+", default=[], help="groups of these rows each, for --routings"
+    )
+    p.add_argument(
+        "--define", action="append", default=[], metavar="NAME=VALUE", help="the fold column's defines"
+    )
     args = p.parse_args()
+    VARIANT.update({k: int(v) for k, v in (d.split("=", 1) for d in args.define)})
+    if VARIANT:
+        print(f"'fold' below: the library's kernel under {VARIANT}; 'plain': as the library runs it")
+    if args.equal:
+        args.routings = [f"equal{rows}" for rows in args.equal]
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
     for model in args.models:
         for tokens in args.tokens:

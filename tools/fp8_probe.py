@@ -29,6 +29,9 @@ the time ratio and whether the two kernels' outputs agree bit for bit.
 kernel without its fold. ``--routing skewed`` takes the benchmark's skewed
 routing (``tools.bench.workloads``) instead of uniform random routing.
 
+``--equal ROWS ...``: every group ROWS rows instead (e.g. 256 against 257,
+272, 273 and 320 for what a tail tile and a fold cost).
+
 ``--layer``: the whole decode layer instead (default tokens 16 and 64):
 ``FixedCapacityMoE`` with FP8 weights (the FP8 kernel step: rows quantized
 on the device, no dequantized copy) against the same layer with the bf16
@@ -100,7 +103,9 @@ def probe(model: str, tokens: int, wq, w_deq, routing: str = "random") -> None:
     from cublas_grouped.runtime.timing import time_interleaved
 
     experts, top_k, k, n = MODELS[model]
-    if routing == "random":
+    if routing.startswith("equal"):  # every group the same rows (--equal); tokens is unused
+        ids = np.repeat(np.arange(experts), int(routing[5:]))
+    elif routing == "random":
         rng = np.random.default_rng(tokens)
         ids = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(tokens)])
     else:  # the benchmark's routing of this model and token count
@@ -285,6 +290,14 @@ def main() -> None:
     parser.add_argument("--define", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--routing", nargs="+", default=["random"], choices=["random", "uniform", "skewed"])
+    parser.add_argument(
+        "--equal",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="ROWS",
+        help="groups of ROWS rows each, in place of --tokens",
+    )
     args = parser.parse_args()
     for item in args.set:
         name, value = item.split("=", 1)
@@ -309,10 +322,12 @@ def main() -> None:
         wq = cg.quantize_fp8(w, trans_b=True)
         wq.dequantize("bfloat16", out=w)  # the bf16 kernels run the same weights the FP8 one reads
         cupy.get_default_memory_pool().free_all_blocks()
-        for tokens in args.tokens:
-            for routing in args.routing:
-                probe(model, tokens, wq, w, routing)
-                cupy.get_default_memory_pool().free_all_blocks()
+        cases = [(rows * experts, f"equal{rows}") for rows in args.equal] or [
+            (tokens, routing) for tokens in args.tokens for routing in args.routing
+        ]
+        for tokens, routing in cases:
+            probe(model, tokens, wq, w, routing)
+            cupy.get_default_memory_pool().free_all_blocks()
         del w, wq
         cupy.get_default_memory_pool().free_all_blocks()
 

@@ -100,10 +100,11 @@ BLOCK_K = 64  # K of one stage: 128 bytes of a 16-bit type, one row of the 128-b
 B_SPAN = 64
 STAGES = 4  # shared-memory stages the load warpgroup fills ahead of the MMAs (48 KiB each)
 # Rows of a's small TMA box (two 1024-byte swizzle atoms): a tile with at most
-# BLOCK_M / 2 rows of its group loads only the small boxes holding them (a
+# SMALL_A_ROWS rows of its group loads only the small boxes holding them (a
 # decode tile of 4 rows: 2 KiB of a per stage, not 16), others one box of
 # BLOCK_M rows (8 small loads per stage cost 6-35% on full tiles, measured).
 A_BOX_ROWS = 16
+SMALL_A_ROWS = 64  # SM90_SMALL_A_ROWS (docs/kernel-notes.md, "What an FP8 tail tile costs")
 TILE_THREADS = 1024  # grouped_tile_offsets' one block
 TABLE_MAX_GROUPS = 1024  # schedules copied into shared memory (v14): 4 * (3E + 1) bytes, within 227 KiB
 THREADS = 384  # a load warpgroup and two math warpgroups
@@ -114,6 +115,7 @@ DEFINES = {
     "SM90_STAGES": STAGES,
     "SM90_TILE_THREADS": TILE_THREADS,
     "SM90_A_BOX_ROWS": A_BOX_ROWS,
+    "SM90_SMALL_A_ROWS": SMALL_A_ROWS,
     "SM90_TABLE_MAX_GROUPS": TABLE_MAX_GROUPS,
     "SM90_THIN": 0,  # thin tiles: chosen per launch (hopper_variants.tile_defines)
     "SM90_FOLD_ROWS": 0,  # v15's fold: set per launch (hopper_variants.fold_defines)

@@ -98,6 +98,14 @@ THREADS = 384  # a load warpgroup and two math warpgroups
 # as the bf16 kernel's SM90_A_BOX_ROWS. BLOCK_M gives the one-box load (with
 # CLUSTER 1 only: a CTA pair splits the 128 rows, and takes boxes of at most 32).
 A_BOX_ROWS = 16
+# At most this many rows of its group, a 128 x 128 tile loads them in those
+# small boxes; more, a's whole box (FP8_SMALL_A_ROWS; thin tiles always use
+# the small boxes). Measured on an H200 against 64 (docs/kernel-notes.md,
+# "What an FP8 tail tile costs"): groups ending in a 64-row tile 1.06-1.11x
+# faster, the benchmark's routings at 1024-16384 tokens 1.000-1.036x; 16
+# lost 2% on DeepSeek-V3 at 1024 tokens (32 rows a group), where the kernel
+# streams weights and the whole box reads more of a.
+SMALL_A_ROWS = 32
 # Stage kt + 1's MMAs overlap stage kt's promotion (two temporary fragments;
 # docs/kernel-notes.md, "FP8: the promotion overlapped"). 0: the serial form.
 OVERLAP = 1
@@ -126,6 +134,7 @@ DEFINES = {
     "FP8_CLUSTER": CLUSTER,
     "FP8_LOADERS": LOADERS,
     "FP8_FOLD_ROWS": 0,  # the fold's launches set it (fold_tiles, launch_defines)
+    "FP8_SMALL_A_ROWS": SMALL_A_ROWS,
 }
 SOURCE = "grouped_gemm_fp8_sm90"
 KERNEL = "grouped_gemm_fp8_nt_bf16"

@@ -48,6 +48,7 @@ __all__ = [
     "FOLD_TABLE_MAX_GROUPS",
     "FOLD_MAX_ROWS_PER_GROUP",
     "FOLD_MIN_ROWS_PER_GROUP",
+    "FOLD_SMALL_A_ROWS",
     "FOLD_ROWS",
     "fold_defines",
     "choice_key",
@@ -131,6 +132,15 @@ FOLD_ROWS = 16
 # there, and decode launches would compile the fold for nothing.
 FOLD_MAX_ROWS_PER_GROUP = 256
 FOLD_MIN_ROWS_PER_GROUP = 128
+# The launches that fold also load a's whole box for any tile of more than
+# this many rows of its group (SM90_SMALL_A_ROWS; 64 elsewhere): a tail of 17
+# .. 64 rows in four small boxes a stage cost more than a whole tile's one.
+# Measured on an H200 (docs/kernel-notes.md, "What an FP8 tail tile costs"),
+# time against 64: Qwen3-30B-A3B at 4096 tokens 0.975 / 0.955 (uniform /
+# skewed), DeepSeek-V3 0.997 / 0.999; equal groups ending in 34- and 64-row
+# tiles 0.91-0.96; but 1.00-1.016 at 1024 and 16384 tokens (32 and 512-1024
+# rows a group), so only here.
+FOLD_SMALL_A_ROWS = 16
 
 
 def fold_defines(defines: dict, gather, rows: int, groups: int) -> dict:
@@ -149,7 +159,8 @@ def fold_defines(defines: dict, gather, rows: int, groups: int) -> dict:
     if not (pays and takes):
         return defines
     most = min(defines["SM90_TABLE_MAX_GROUPS"], FOLD_TABLE_MAX_GROUPS)
-    return {**defines, "SM90_FOLD_ROWS": FOLD_ROWS, "SM90_TABLE_MAX_GROUPS": most}
+    small = min(defines["SM90_SMALL_A_ROWS"], FOLD_SMALL_A_ROWS)
+    return {**defines, "SM90_FOLD_ROWS": FOLD_ROWS, "SM90_TABLE_MAX_GROUPS": most, "SM90_SMALL_A_ROWS": small}
 
 
 @dataclass(frozen=True)
@@ -257,6 +268,7 @@ def choice_key(defines: dict) -> tuple:
         FOLD_MAX_ROWS_PER_GROUP,
         FOLD_MIN_ROWS_PER_GROUP,
         FOLD_ROWS,
+        FOLD_SMALL_A_ROWS,
     )
 
 
