@@ -59,7 +59,9 @@ def gemm1_fp8(runner, xs, w1, flops: int, note: str | None, quantized: bool = Fa
         why = f"skipped: {FP8_METHOD} takes bfloat16 activations, not {c.dtype}"
     if why:
         return runner.result("gemm1", method, error=why)
-    skip = runner.fits(c.experts * c.hidden * c.n1 + len(xs) * c.pairs * (3 * c.hidden + 2 * c.n1))
+    # bf16 rows and outputs per set, and (fp8-rows) the rows' e4m3 codes too.
+    per_pair = (2 + int(quantized)) * c.hidden + 2 * c.n1
+    skip = runner.fits(c.experts * c.hidden * c.n1 + len(xs) * c.pairs * per_pair)
     if skip:
         return runner.result("gemm1", method, error=skip)
     try:
