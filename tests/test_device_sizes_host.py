@@ -575,6 +575,8 @@ def test_narrow_tiles_are_chosen_by_layout_rows_per_group_and_epilogue(monkeypat
     epilogue = hopper_variants.GatedEpilogue(act=1, codes=(("ACT_SILU", 1),))
     assert choose(base, True, 8, 8, epilogue) is base  # gate | up need 256 columns
     assert choose(narrow, True, 10**6, 8, None) is narrow  # a probe's variant stays as it is
+    probe = {**base, "SM90_BLOCK_N": 128, "SM90_STAGES": 5}
+    assert choose(probe, True, 8, 8, None) is probe  # ... where the rule would take narrow tiles too
     monkeypatch.setattr(hopper_variants, "NARROW_MAX_ROWS_PER_GROUP", 0)
     assert choose(base, True, 8, 8, None) is base  # off
 

@@ -269,6 +269,9 @@ def test_what_it_takes(fake):
     assert "16-byte aligned" in hopper_fp8.misaligned(0x1000, 0x2008)
 
 
+P = 0x7F0000000000  # FakeGpuArray's default address
+
+
 def _operands(fake, m=300, e=4, n=256, k=512):
     kb = -(-k // 128)
     return fake((m, k), np.uint8), fake((m, kb), np.float32), _w(fake, e, n, k), fake((m, n), BF16)
@@ -281,6 +284,11 @@ def _operands(fake, m=300, e=4, n=256, k=512):
         ({"a_q": ((300, 256), np.uint8)}, "a_q must be a C-contiguous uint8 array \\[M, 512\\]"),
         ({"a_scales": ((300, 3), np.float32)}, "a_scales must be a C-contiguous float32 array \\[300, 4\\]"),
         ({"a_scales": ((300, 4), np.float16)}, "a_scales must be"),
+        # Rows with a pitch (views of wider arrays): the kernel reads and writes
+        # whole rows back to back, so it would read or write past each row.
+        ({"a_q": ((300, 512), np.uint8, P, (1024, 1))}, "a_q must be a C-contiguous uint8 array"),
+        ({"a_scales": ((300, 4), np.float32, P, (32, 4))}, "a_scales must be a C-contiguous float32"),
+        ({"out": ((300, 256), BF16, P, (1024, 2))}, "out must be a C-contiguous bfloat16 array"),
         ({"out": ((300, 256), np.float16)}, "out must be a C-contiguous bfloat16 array \\[300, 256\\]"),
         ({"out": ((299, 256), BF16)}, "out must be"),
         ({"sizes": [100, 100, 100]}, "group_sizes must be 4 integers"),
@@ -324,6 +332,10 @@ def test_grouped_fp8_refuses_weights_it_cannot_read(fake):
         hopper_fp8.grouped_fp8(a_q, a_s, _w(fake, n=260), [300, 0, 0, 0], out=fake((300, 260), BF16))
     with pytest.raises(ValueError, match="share a device"):
         hopper_fp8.grouped_fp8(a_q, a_s, _w(fake), [300, 0, 0, 0], out=fake((300, 256), BF16, device=1))
+    values = fake((4, 256, 512), np.uint8, device=1)
+    elsewhere = cg.FP8ExpertWeights(values, fake((4, 2, 4), np.float32, device=1), "block128", True)
+    with pytest.raises(ValueError, match="share a device"):  # the weights on another GPU
+        hopper_fp8.grouped_fp8(a_q, a_s, elsewhere, [300, 0, 0, 0], out=out)
 
 
 def test_grid_is_one_cta_per_sm_at_most_and_never_more_than_tiles():
@@ -442,7 +454,8 @@ def test_kernel_model_matches_the_float64_reference(sizes, n, k):
 def test_the_fold_fits_its_shared_memory_and_goes_only_where_it_is_taken(monkeypatch):
     """The fold's ring (16 rows of a more a stage), staging areas and largest
     table fit 226 KiB (one group more does not); fold_tiles takes it where
-    groups average at least 128 rows, on 128 x 128 tiles only; the source
+    groups average at least 128 rows, on 128 x 128 tiles of one CTA with the
+    overlapped promotion only, and launch_choice carries it; the source
     refuses it with thin tiles, CTA pairs, wide tiles, the serial walk or
     another box, and compiles the fold's swapped m64n16k32 product."""
     limit = 227 * 1024 - 1024
@@ -467,11 +480,22 @@ def test_the_fold_fits_its_shared_memory_and_goes_only_where_it_is_taken(monkeyp
     assert not hopper_fp8.fold_tiles(128 * 256 - 1, 256)
     assert not hopper_fp8.fold_tiles(16 * 8, 128)
     assert hopper_fp8.launch_defines(True, fold=True)["FP8_FOLD_ROWS"] == 0  # thin tiles never fold
-    monkeypatch.setattr(hopper_fp8, "WIDE", True)
-    assert not hopper_fp8.fold_tiles(32768, 128)
-    monkeypatch.setattr(hopper_fp8, "WIDE", False)
+    assert hopper_fp8.fold_tiles(128 * 256, 256)  # exactly 128 rows a group
+    # A prepared launch's key holds the fold's defines, so that FOLD's A/B prepares anew.
+    assert ("FP8_FOLD_ROWS", 16) in hopper_fp8.launch_choice(32768, 128)[1]
+    assert ("FP8_FOLD_ROWS", 0) in hopper_fp8.launch_choice(16 * 8, 128)[1]
+    # Not with the other forms of the kernel a probe may choose (each refused by the
+    # source), nor where a probe's thin-tile bound reaches these rows.
+    for name, value in (("WIDE", True), ("THIN_MAX_ROWS_PER_GROUP", 256), ("FOLD", False)):
+        with monkeypatch.context() as m:
+            m.setattr(hopper_fp8, name, value)
+            assert not hopper_fp8.fold_tiles(32768, 128), name
+    for define, value in (("FP8_OVERLAP", 0), ("FP8_CLUSTER", 2)):
+        with monkeypatch.context() as m:
+            m.setitem(hopper_fp8.DEFINES, define, value)
+            assert not hopper_fp8.fold_tiles(32768, 128), define
     monkeypatch.setattr(hopper_fp8, "FOLD", False)
-    assert not hopper_fp8.fold_tiles(32768, 128)
+    assert ("FP8_FOLD_ROWS", 0) in hopper_fp8.launch_choice(32768, 128)[1]
     text = _ptx(fold)
     # The plain walk's 16 issues of the tile's MMAs, the fold walk's 4 more
     # (one loop, serial), and its 4 steps of the swapped product.

@@ -250,8 +250,10 @@ def test_the_fold_keeps_the_wgmma_pipeline(variant):
 def test_the_fold_fits_its_shared_memory_and_goes_only_where_it_is_taken():
     """The fold's ring (16 rows of a more a stage), staging areas and largest
     table fit 226 KiB (one group more does not); fold_defines keeps it for
-    128-row tiles of 256 columns and drops it for thin or 128-column tiles and
-    a row gather; the source refuses it there and at another row count."""
+    128-row tiles of 256 columns from the rule's lower to its upper end,
+    keeps a probe's lower limits, and drops it for thin or 128-column tiles
+    and a row gather at rows it would fold; each of the rule's constants is
+    part of choice_key; the source refuses it there and at another row count."""
     from cuda.core import Program, ProgramOptions
 
     from cublas_grouped.gemm.backends import hopper_variants as V
@@ -268,15 +270,31 @@ def test_the_fold_fits_its_shared_memory_and_goes_only_where_it_is_taken():
     assert kept["SM90_FOLD_ROWS"] == 16 and kept["SM90_TABLE_MAX_GROUPS"] == most
     # Where it folds, a tile of more than 16 rows of its group loads a's whole box.
     assert kept["SM90_SMALL_A_ROWS"] == V.FOLD_SMALL_A_ROWS == 16 and base["SM90_SMALL_A_ROWS"] == 64
+    lowest = V.fold_defines(base, None, V.FOLD_MIN_ROWS_PER_GROUP * 8, 8)  # the rule's lower end: folded
+    assert lowest["SM90_FOLD_ROWS"] == 16
+    # A probe's lower table limit or smaller boxes' bound stays (the fold only lowers them).
+    probe = V.fold_defines({**base, "SM90_TABLE_MAX_GROUPS": 100, "SM90_SMALL_A_ROWS": 0}, None, rule * 8, 8)
+    assert (
+        probe["SM90_FOLD_ROWS"] == 16
+        and probe["SM90_TABLE_MAX_GROUPS"] == 100
+        and probe["SM90_SMALL_A_ROWS"] == 0
+    )
     gather = V.RowGather(src=1, top_k=2, rows=3)
     for left in (
         V.fold_defines(base, None, rule * 8 + 1, 8),  # one row more: not folded
         V.fold_defines(base, None, V.FOLD_MIN_ROWS_PER_GROUP * 8 - 1, 8),  # less than a tile a group
-        V.fold_defines({**base, "SM90_THIN": 1}, None, 64, 8),
-        V.fold_defines({**base, "SM90_BLOCK_N": 128}, None, 64, 8),
-        V.fold_defines(base, gather, 64, 8),
+        # Rows the rule folds, in tiles the fold does not take.
+        V.fold_defines({**base, "SM90_THIN": 1}, None, rule * 8, 8),
+        V.fold_defines({**base, "SM90_BLOCK_N": 128}, None, rule * 8, 8),
+        V.fold_defines(base, gather, rule * 8, 8),
     ):
         assert left["SM90_FOLD_ROWS"] == 0 and left["SM90_SMALL_A_ROWS"] == 64
+    # Each of the rule's constants is part of the prepared launches' key (a probe's A/B prepares anew).
+    key = V.choice_key(base)
+    for name in ("FOLD_MAX_ROWS_PER_GROUP", "FOLD_MIN_ROWS_PER_GROUP", "FOLD_ROWS", "FOLD_SMALL_A_ROWS"):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(V, name, getattr(V, name) + 1)
+            assert V.choice_key(base) != key, name
     # The layer's prefill launches at 4096 tokens take it (Qwen3-30B-A3B, DeepSeek-V3), 16384 not.
     assert V.kernel_defines(base, False, 4096 * 8, 128, None, None)["SM90_FOLD_ROWS"] == 16
     assert V.kernel_defines(base, False, 16384 * 8, 128, None, None)["SM90_FOLD_ROWS"] == 0
