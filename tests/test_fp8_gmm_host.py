@@ -20,6 +20,7 @@ from host_stubs import H100, count_calls, fake_array, stub_gpu
 import cublas_grouped as cg
 from cublas_grouped.gemm import call_cache, fp8_gmm
 from cublas_grouped.gemm.backends import hopper_fp8
+from cublas_grouped.runtime.arrays import BFLOAT16
 
 E, N, K = 16, 256, 512
 
@@ -165,6 +166,17 @@ def test_an_explicit_cublas_algorithm_keeps_the_fallback(gpu, monkeypatch):
         with pytest.raises(ZeroDivisionError):
             cg.gmm(a, w, sizes, trans_b=True, out=out, algorithm="cublas_grouped")
     assert len(dequantized) == 2
+
+
+def test_the_kernel_takes_fp8_weights_only_under_auto_or_its_own_algorithm(gpu):
+    """kernel_takes (gmm's and the MoE layer's test for the FP8 kernel) says
+    no to any algorithm but AUTO and SM90_GROUPED, on a GPU where it says yes
+    to those two."""
+    w = _w()
+    for algorithm in ("auto", "sm90_grouped"):
+        assert fp8_gmm.kernel_takes(w, BFLOAT16, 0, algorithm)
+    for algorithm in ("cublas_grouped", "sequential", "chunked_batched"):
+        assert not fp8_gmm.kernel_takes(w, BFLOAT16, 0, algorithm), algorithm
 
 
 def test_the_stream_row_buffer_layout():
