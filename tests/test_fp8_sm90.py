@@ -269,7 +269,7 @@ def test_what_it_takes(fake):
     assert "16-byte aligned" in hopper_fp8.misaligned(0x1000, 0x2008)
 
 
-P = 0x7F0000000000  # FakeGpuArray's default address
+FAKE_PTR = 0x7F0000000000  # FakeGpuArray's default address
 
 
 def _operands(fake, m=300, e=4, n=256, k=512):
@@ -286,9 +286,9 @@ def _operands(fake, m=300, e=4, n=256, k=512):
         ({"a_scales": ((300, 4), np.float16)}, "a_scales must be"),
         # Rows with a pitch (views of wider arrays): the kernel reads and writes
         # whole rows back to back, so it would read or write past each row.
-        ({"a_q": ((300, 512), np.uint8, P, (1024, 1))}, "a_q must be a C-contiguous uint8 array"),
-        ({"a_scales": ((300, 4), np.float32, P, (32, 4))}, "a_scales must be a C-contiguous float32"),
-        ({"out": ((300, 256), BF16, P, (1024, 2))}, "out must be a C-contiguous bfloat16 array"),
+        ({"a_q": ((300, 512), np.uint8, FAKE_PTR, (1024, 1))}, "a_q must be a C-contiguous uint8 array"),
+        ({"a_scales": ((300, 4), np.float32, FAKE_PTR, (32, 4))}, "a_scales must be a C-contiguous float32"),
+        ({"out": ((300, 256), BF16, FAKE_PTR, (1024, 2))}, "out must be a C-contiguous bfloat16 array"),
         ({"out": ((300, 256), np.float16)}, "out must be a C-contiguous bfloat16 array \\[300, 256\\]"),
         ({"out": ((299, 256), BF16)}, "out must be"),
         ({"sizes": [100, 100, 100]}, "group_sizes must be 4 integers"),
