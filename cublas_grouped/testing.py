@@ -23,6 +23,7 @@ __all__ = [
     "gmm_ref",
     "moe_backward_ref",
     "moe_forward_ref",
+    "pair_to_row_of",
     "plan_ref",
     "rel_error",
     "route_backward_ref",
@@ -166,6 +167,17 @@ def gather_ref(x, row_to_pair, top_k: int) -> np.ndarray:
     out = np.zeros((r2p.size, x.shape[1]), dtype=np.float64)
     valid = r2p >= 0
     out[valid] = x[r2p[valid] // top_k]
+    return out
+
+
+def pair_to_row_of(row_to_pair, num_pairs: int) -> np.ndarray:
+    """The inverse of ``row_to_pair``, as assign_rows writes both: ``[num_pairs]``
+    int32, the row of each pair, -1 for a pair no row names (what the
+    by-token gather, ``gather_rows_by_token``, reads beside ``row_to_pair``)."""
+    r2p = np.asarray(row_to_pair).astype(np.int64).reshape(-1)
+    out = np.full(num_pairs, -1, dtype=np.int32)
+    rows = np.flatnonzero(r2p >= 0)
+    out[r2p[rows]] = rows
     return out
 
 

@@ -168,8 +168,9 @@ def test_expert_activation_fp8_gets_the_codes_and_scales(launched):
 
 
 @pytest.mark.parametrize("rows", [1, 4096, 131_072])
-def test_gather_rows_fp8_gets_the_codes_and_scales(launched, rows):
-    """``quantized`` picks gather_rows_fp8: gather_rows' arguments with the
+def test_gather_rows_fp8_gets_the_codes_and_scales(launched, monkeypatch, rows):
+    """``quantized`` picks gather_rows_fp8 (row order, whatever
+    GATHER_BY_TOKEN says): the row-order gather_rows' arguments with the
     codes and scales in place of the rows (``out`` unused, None here), as
     many rows as the codes have, the same grid (a block of ROW_THREADS per
     row, at most MAX_GRID, striding on) and block."""
@@ -177,12 +178,60 @@ def test_gather_rows_fp8_gets_the_codes_and_scales(launched, rows):
 
     hidden = 7168
     x, r2p = _Arr((rows // 8 + 1, hidden), 0x200, ml_dtypes.bfloat16), _Arr((rows,), 0x600, np.int32)
+    p2r = _Arr((rows,), 0x700, np.int32)
     codes, scales = _Arr((rows, hidden), 0x300, np.uint8), _Arr((rows, 56), 0x400)
-    K.gather_rows(7, "sm_90", x, r2p, 8, None, (codes, scales))
-    K.gather_rows(7, "sm_90", x, r2p, 8, _Arr((rows, hidden), 0x500, ml_dtypes.bfloat16))
+    K.gather_rows(7, "sm_90", x, p2r, r2p, 8, None, (codes, scales))
+    monkeypatch.setattr(K, "GATHER_BY_TOKEN", False)
+    K.gather_rows(7, "sm_90", x, p2r, r2p, 8, _Arr((rows, hidden), 0x500, ml_dtypes.bfloat16))
     (kernel, grid, block, sig, args, _), plain = launched
     assert kernel == ("dispatch", "gather_rows_fp8_bf16", "sm_90")
     assert plain[0] == ("dispatch", "gather_rows_bf16", "sm_90")
     assert sig == K._GATHER_ROWS_FP8 and len(args) == len(sig)
     assert args[:-2] == plain[4][:-1] and args[-2:] == (0x300, 0x400) and plain[4][-1] == 0x500
     assert args[4] == rows and (grid, block) == (plain[1], plain[2]) == (min(rows, K.MAX_GRID), K.ROW_THREADS)
+
+
+@pytest.mark.parametrize(
+    "tokens, k, rows, hidden, dtype, grid",
+    [
+        (1, 1, 1, 2048, "bfloat16", 1),  # 256 chunks: one work item of 512 per token
+        (4096, 8, 32768, 7168, "bfloat16", 4096 * 2),  # 896 chunks: two work items per token
+        (16384, 8, 131072, 7168, "bfloat16", 32768),
+        (40000, 8, 320000, 7168, "bfloat16", K.MAX_GRID),  # 80,000 items: the grid's cap, striding on
+        (300, 6, 2000, 100, "float32", 300),  # 25 chunks (or 100 elements): one item
+        (5, 2, 0, 4096, "float16", 5),  # no rows: the tokens' items still launch (their rows all -1)
+    ],
+)
+def test_gather_rows_by_token_launch(launched, tokens, k, rows, hidden, dtype, grid):
+    """The 16-bit gather by default: gather_rows_by_token with (x, H,
+    pair_to_row, row_to_pair, k, T, rows, out), T from pair_to_row's length,
+    a block of ROW_THREADS, one per (token, GATHER_UNITS * ROW_THREADS
+    16-byte chunks of its row), at most MAX_GRID."""
+    import ml_dtypes
+
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    x = _Arr((tokens, hidden), 0x200, dt)
+    p2r, r2p, out = (
+        _Arr((tokens * k,), 0x300, np.int32),
+        _Arr((rows,), 0x400, np.int32),
+        _Arr((rows, hidden), 0x500, dt),
+    )
+    assert K.GATHER_BY_TOKEN
+    K.gather_rows(7, "sm_90", x, p2r, r2p, k, out)
+    ((kernel, g, block, sig, args, shmem),) = launched
+    suffix = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}[dtype]
+    assert kernel == ("dispatch", f"gather_rows_by_token_{suffix}", "sm_90")
+    assert sig == K._GATHER_ROWS_BY_TOKEN and len(args) == len(sig)
+    assert args == (0x200, hidden, 0x300, 0x400, k, tokens, rows, 0x500)
+    assert (g, block, shmem) == (grid, K.ROW_THREADS, 0)
+
+
+def test_gather_rows_by_token_signature_is_its_parameters(ptx):
+    """The by-token gather's launcher signature matches its PTX parameters,
+    width for width, in every element type."""
+    widths = {".u64": "q", ".u32": "i", ".s32": "i"}
+    for dtype in DTYPES:
+        lines = ptx[("dispatch", "sm_90")][f"gather_rows_by_token_{dtype}"]
+        params = [line for line in lines if line.lstrip().startswith(".param")]
+        got = "".join(widths[re.search(r"\.param (\.[a-z]\d+)", line).group(1)] for line in params)
+        assert got == K._GATHER_ROWS_BY_TOKEN, (dtype, got)

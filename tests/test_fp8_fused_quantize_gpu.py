@@ -23,6 +23,7 @@ import cublas_grouped as cg
 from cublas_grouped.gemm.backends import hopper
 from cublas_grouped.moe import fp8_step
 from cublas_grouped.moe import kernels as K
+from cublas_grouped.testing import pair_to_row_of
 
 pytestmark = pytest.mark.gpu
 
@@ -290,12 +291,13 @@ def _gather_rows_both_ways(rng, rows, tokens, k, hidden, *, dtype=BF16, offset="
     r2p[r2p >= tokens * k] = -1
     if rows > 1:
         r2p[rng.random(rows) < 0.15] = -1
+    p2r = cupy.asarray(pair_to_row_of(r2p, tokens * k))
     r2p = cupy.asarray(r2p)
     plain = cupy.full((rows, hidden), np.nan, dtype=dtype)
-    K.gather_rows(_stream(), _arch(), x, r2p, k, plain)
+    K.gather_rows(_stream(), _arch(), x, p2r, r2p, k, plain)
     ref = cg.quantize_rows_fp8(plain)
     codes, scales = _poisoned_fp8(rows, hidden, 1 if offset == "q" else 0)
-    K.gather_rows(_stream(), _arch(), x, r2p, k, None, (codes[:rows], scales[:rows]))
+    K.gather_rows(_stream(), _arch(), x, p2r, r2p, k, None, (codes[:rows], scales[:rows]))
     cupy.cuda.get_current_stream().synchronize()
     return (codes, scales), ref
 

@@ -53,7 +53,9 @@ def _typed(*names: str) -> set[str]:
 EXPECTED = {
     "routing.cu": _typed("route_topk"),
     "dispatch.cu": {"expert_block_histogram", "expert_column_scan", "assign_rows"}
-    | _typed("gather_rows", "gather_rows_fp8", "place_one_block", "place_one_block_fp8"),
+    | _typed(
+        "gather_rows", "gather_rows_by_token", "gather_rows_fp8", "place_one_block", "place_one_block_fp8"
+    ),
     "pointers.cu": {"build_pointers"},
     "activation.cu": _typed("expert_activation", "expert_activation_fp8"),
     "combine.cu": _typed("combine_rows", "scatter_rows"),
@@ -300,7 +302,10 @@ def test_define_values_are_checked(defines, error, message):
 @pytest.mark.parametrize(
     "name,kernels",
     [
-        ("dispatch.cu", ["gather_rows_bf16", "gather_rows_f32"]),
+        (
+            "dispatch.cu",
+            ["gather_rows_bf16", "gather_rows_f32", "gather_rows_by_token_bf16", "gather_rows_by_token_f32"],
+        ),
         ("combine.cu", ["combine_rows_bf16", "scatter_rows_f16"]),
         ("activation.cu", ["expert_activation_bf16", "expert_activation_f32"]),
         ("moe_backward.cu", ["expert_activation_backward_bf16", "expert_activation_backward_f32"]),

@@ -34,6 +34,8 @@ STEP_KERNELS = {
         "assign_rows",
         "gather_rows_bf16",
         "gather_rows_f16",
+        "gather_rows_by_token_bf16",
+        "gather_rows_by_token_f16",
         "place_one_block_bf16",
         "place_one_block_f16",
         "place_one_block_fp8_bf16",

@@ -105,7 +105,8 @@ def test_defaults_gather_the_rows_and_weigh_nothing(recorded, monkeypatch, one_l
         kw = recorded[2][2]
         assert kw["weights"] is None and kw["row_weights"] is None and kw["dropped"] == "dropped"
         gather = recorded[3][1]
-        assert gather[2] is x and gather[4] == K and (gather[5].data.ptr, gather[5].shape[0]) == (0x1000, 20)
+        assert gather[2] is x and gather[5] == K and (gather[6].data.ptr, gather[6].shape[0]) == (0x1000, 20)
+        assert (gather[3].data.ptr, gather[4].data.ptr) == (0x2000, 0x3000)  # pair_to_row, row_to_pair
 
 
 @pytest.mark.parametrize("one_launch", [True, False])
@@ -145,7 +146,7 @@ def test_rows_quantized_by_the_launch_that_gathers_them(recorded, monkeypatch, o
     else:
         assert [c[0] for c in recorded] == ["block_histogram", "offsets", "assign_rows", "gather_rows"]
         gather = recorded[3][1]
-        assert gather[2] is x and gather[5] is None and gather[6] == (codes, scales)
+        assert gather[2] is x and gather[6] is None and gather[7] == (codes, scales)
 
 
 @pytest.mark.parametrize("tokens", [5, S.K.PAIRS_PER_BLOCK // K + 1])

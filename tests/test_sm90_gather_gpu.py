@@ -71,7 +71,8 @@ def _gemm1_both_ways(res, x, r2p, counts, w, k, problem, out_cols, epilogue=None
     m = problem[1]
     r2p_d = cupy.asarray(r2p)
     rows = cupy.full((m, x.shape[1]), np.nan, dtype=x.dtype)
-    K.gather_rows(res.launch_stream, kernel_arch(res), x, r2p_d, k, rows)
+    p2r_d = cupy.asarray(ref.pair_to_row_of(r2p, tokens * k))
+    K.gather_rows(res.launch_stream, kernel_arch(res), x, p2r_d, r2p_d, k, rows)
     counts_d = cupy.asarray(counts)
     outs = []
     for a, gather in ((rows, None), (x, hopper.RowGather(r2p_d.data.ptr, k, tokens))):

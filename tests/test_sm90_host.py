@@ -267,8 +267,9 @@ def test_one_offsets_launch_and_a_tile_counter_per_gemm(gpu, monkeypatch, varian
             # block_counts become the bases assign_rows reads; row_to_pair, all T*k rows, reset.
             assert histogram[5] == assign[5] and histogram[6:8] == (assign[9], tokens * K)
             assert histogram[14] != 0 and histogram[14] not in (histogram[9], *histogram[10:14])  # the ticket
-            (gather,) = [d[4] for d in gpu.decoded if d[0] in _handles("gather_rows")]
-            assert combine[2] == assign[8] and first[0][0] == first[1][0] == gather[5] != 0
+            (gather,) = [d[4] for d in gpu.decoded if d[0] in _handles("gather_rows_by_token")]
+            assert combine[2] == assign[8] and first[0][0] == first[1][0] == gather[7] != 0
+            assert gather[2:4] == (assign[8], assign[9]), "the gather walks assign_rows' pair_to_row"
         else:
             assert handles.count(scan) == 1
             scan_args = gpu.decoded[handles.index(scan)][4]
@@ -285,8 +286,9 @@ def test_one_offsets_launch_and_a_tile_counter_per_gemm(gpu, monkeypatch, varian
             assert histogram[-1] == (scan_args[0] if one_block else 0)
             if not one_block:
                 assert gpu.decoded[1][4][-1] == scan_args[0], "the column scan writes the counts"
-            (gather,) = [d[4] for d in gpu.decoded if d[0] in _handles("gather_rows")]
-            assert combine[2] == assign[8] and first[0][0] == first[1][0] == gather[5] != 0
+            (gather,) = [d[4] for d in gpu.decoded if d[0] in _handles("gather_rows_by_token")]
+            assert combine[2] == assign[8] and first[0][0] == first[1][0] == gather[7] != 0
+            assert gather[2:4] == (assign[8], assign[9]), "the gather walks assign_rows' pair_to_row"
         assert first[3:7] == hopper.schedule_addresses(base, E, 0)
         assert second[3:7] == hopper.schedule_addresses(base, E, 1)
         assert second[6] == first[6] + 4
@@ -569,11 +571,11 @@ def test_the_timed_step_marks_each_stage_in_order(gpu, monkeypatch, one_launch, 
     cg.moe_forward(t["x"], t["ids"], t["weights"], t["w1"], t["w2"], timer=timer, w1_layout=layout)
     names = [name for name, _ in timer._marks]
     assert names[-6:] == ["plan", "gather", "gemm1", "activation", "gemm2", "combine"], names
-    ours = set().union(*(_handles(n) for n in ("place_one_block", "assign_rows", "gather_rows")))
+    ours = set().union(*(_handles(n) for n in ("place_one_block", "assign_rows", "gather_rows_by_token")))
     ours |= _handles("expert_activation") | _handles("sum_rows")
     fused = layout == "gate_up_blocked"
     assert after["plan"][1] in _handles("place_one_block" if one_launch else "assign_rows")
-    assert after["gather"][1] in _handles("place_one_block" if one_launch else "gather_rows")
+    assert after["gather"][1] in _handles("place_one_block" if one_launch else "gather_rows_by_token")
     assert after["gemm1"][0] == after["gather"][0] + 1 and after["gemm1"][1] not in ours  # GEMM 1
     assert after["activation"][0] == after["gemm1"][0] + (0 if fused else 1)
     assert fused or after["activation"][1] in _handles("expert_activation")

@@ -114,7 +114,7 @@ def _gather(res, arch, x, inp: DispatchPlan):
 
     rows = cupy.empty((inp.row_to_pair.shape[0], x.shape[1]), dtype=x.dtype)
     if rows.shape[0]:
-        K.gather_rows(res.launch_stream, arch, x, inp.row_to_pair, inp.top_k, rows)
+        K.gather_rows(res.launch_stream, arch, x, inp.pair_to_row, inp.row_to_pair, inp.top_k, rows)
     return rows
 
 

@@ -305,7 +305,7 @@ def plan_dispatch(
         timer.mark("plan", res.cupy_stream)
     rows = cupy.ndarray((total_rows, x.shape[1]), x.dtype)
     if total_rows:
-        K.gather_rows(stream, arch, x, row_to_pair, top_k, rows)
+        K.gather_rows(stream, arch, x, pair_to_row, row_to_pair, top_k, rows)
     if timer is not None:
         timer.mark("gather", res.cupy_stream)
     return DispatchPlan(

@@ -420,7 +420,7 @@ def fixed_capacity_step(
                 skip_repeats=True,
                 dropped=dropped,
             )
-            K.gather_rows(stream, arch, x, row_to_pair, k, x_rows)
+            K.gather_rows(stream, arch, x, pair_to_row, row_to_pair, k, x_rows)
         with bound(res, a.dtype, executor.config) as call:
             batched(call, plan.dims(chunk), arrays, chunks)
 

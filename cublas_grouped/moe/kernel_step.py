@@ -225,7 +225,7 @@ def place_rows(
     mark_stage(timer, "plan", res.cupy_stream)
     if copy:  # with quantized (the FP8 step): the gather writes e4m3 rows, not buf.rows
         rows = None if quantized is not None else buf.rows[:pairs]
-        K.gather_rows(stream, arch, x, row_to_pair, k, rows, quantized)
+        K.gather_rows(stream, arch, x, pair_to_row, row_to_pair, k, rows, quantized)
     mark_stage(timer, "gather", res.cupy_stream)  # none when GEMM 1 gathers: 0 ms
     return pair_to_row, row_to_pair
 
@@ -260,6 +260,7 @@ def kernel_step(
             overlap,
             places_in_one_launch(shape.num_experts, ids.size),
             _placement.HISTOGRAM_SCHEDULE,
+            K.GATHER_BY_TOKEN,
             gated_epilogue(shape, ids.size),
             hopper.SOURCE,  # what a probe swaps between steps (the kernel, its defines and choices)
             choice_key(hopper.DEFINES),

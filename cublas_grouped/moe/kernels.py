@@ -54,6 +54,15 @@ ROUTE_WARPS = ROUTE_THREADS // 32
 # reduce each 128-column block's amax): these two are the launcher's choice.
 ROW_THREADS = 128
 MAX_GRID = 65535
+#: The 16-bit gather walks tokens (dispatch.cu ``gather_rows_by_token``): each
+#: token's row of x is read once and written to its k rows. In row order
+#: (``gather_rows``, what False restores) a token's row is read k times, from
+#: HBM once x outgrows L2, so the gather read as many bytes as it wrote
+#: (docs/kernel-notes.md, "The gather walked by token"). The same bits.
+GATHER_BY_TOKEN = True
+# 16-byte chunks (or elements) each thread of gather_rows_by_token carries
+# (dispatch.cu's GATHER_UNITS): a work item is ROW_THREADS * this many.
+GATHER_UNITS = 4
 
 #: The ``act`` argument of activation.cu and the ``scoring`` one of routing.cu.
 ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}
@@ -93,6 +102,7 @@ _HISTOGRAM_SCHEDULE = _PAIRS + "qqiiq" + "qqqq" + "q"  # ..., counts, the schedu
 _ASSIGN_ROWS = _PAIRS + "qqiqqqqq"
 _GATHER_ROWS = "qiqiiq"
 _GATHER_ROWS_FP8 = _GATHER_ROWS + "q"  # the rows' codes and scales in place of the rows
+_GATHER_ROWS_BY_TOKEN = "qiqqiiiq"
 _PLACE_ONE_BLOCK = _PAIRS + "qqii" + "q" * 10
 _PLACE_ONE_BLOCK_FP8 = _PLACE_ONE_BLOCK + "q"  # the rows' codes and scales in place of the rows
 _ACTIVATION = "qiiiiqqqiq"  # h, inter, gated, gate_up_block, act, bias, row_to_pair, ids, rows, out
@@ -259,23 +269,35 @@ def _row_grid(rows: int) -> int:
     return max(1, min(rows, MAX_GRID))
 
 
-def gather_rows(stream, arch, x, row_to_pair, top_k, out, quantized=None) -> None:
+def gather_rows(stream, arch, x, pair_to_row, row_to_pair, top_k, out, quantized=None) -> None:
     """dispatch.cu ``gather_rows``: token rows of ``x`` into expert order
-    (zeros for padding rows), one row of ``out`` per entry of ``row_to_pair``.
+    (zeros for padding rows), one row of ``out`` per entry of ``row_to_pair``;
+    ``pair_to_row`` ([T * top_k], its inverse) lets the 16-bit gather walk
+    tokens instead (``gather_rows_by_token``, :data:`GATHER_BY_TOKEN`).
     ``quantized``: (codes uint8 [rows, H], scales float32 [rows, ceil(H/128)]):
-    ``gather_rows_fp8`` instead, which writes the rows there as
+    ``gather_rows_fp8`` instead (row order), which writes the rows there as
     ``quantize_rows_fp8`` would quantize them; ``out`` is then not written
     (None is fine)."""
     rows = (out if quantized is None else quantized[0]).shape[0]
-    name, signature = (
-        ("gather_rows", _GATHER_ROWS) if quantized is None else ("gather_rows_fp8", _GATHER_ROWS_FP8)
-    )
-    kernel = _kernel("dispatch", name, arch, x.dtype)
-    outs = (out.data.ptr,) if quantized is None else (quantized[0].data.ptr, quantized[1].data.ptr)
-    args = (x.data.ptr, x.shape[1], row_to_pair.data.ptr, int(top_k), rows, *outs)
+    if quantized is None and GATHER_BY_TOKEN:
+        tokens = pair_to_row.shape[0] // top_k
+        kernel = _kernel("dispatch", "gather_rows_by_token", arch, x.dtype)
+        args = (x.data.ptr, x.shape[1], pair_to_row.data.ptr, row_to_pair.data.ptr, int(top_k), tokens, rows)
+        args += (out.data.ptr,)
+        per_item = ROW_THREADS * GATHER_UNITS * 16 // x.dtype.itemsize  # elements of a work item
+        grid = max(1, min(tokens * -(-x.shape[1] // per_item), MAX_GRID))
+        signature = _GATHER_ROWS_BY_TOKEN
+    else:
+        name, signature = (
+            ("gather_rows", _GATHER_ROWS) if quantized is None else ("gather_rows_fp8", _GATHER_ROWS_FP8)
+        )
+        kernel = _kernel("dispatch", name, arch, x.dtype)
+        outs = (out.data.ptr,) if quantized is None else (quantized[0].data.ptr, quantized[1].data.ptr)
+        args = (x.data.ptr, x.shape[1], row_to_pair.data.ptr, int(top_k), rows, *outs)
+        grid = _row_grid(rows)
     if type(stream) is Prepare:
-        return stream.fixed(kernel, _row_grid(rows), ROW_THREADS, signature, args)
-    _kernels.launch_signed(stream, kernel, _row_grid(rows), ROW_THREADS, signature, args)
+        return stream.fixed(kernel, grid, ROW_THREADS, signature, args)
+    _kernels.launch_signed(stream, kernel, grid, ROW_THREADS, signature, args)
 
 
 def place_one_block(

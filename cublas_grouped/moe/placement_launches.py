@@ -105,5 +105,9 @@ def placement_launches(
     assign = assign_rows(prep, arch, buf, ids, e, dropped, weights, weigh)
     prep.slots = (0,)  # x
     rows = None if quantized is not None else buf.rows[:pairs]
-    copy = None if gather else K.gather_rows(prep, arch, x, row_to_pair, ids.shape[1], rows, quantized)
+    copy = (
+        None
+        if gather
+        else K.gather_rows(prep, arch, x, buf.pair_to_row[:pairs], row_to_pair, ids.shape[1], rows, quantized)
+    )
     return histogram, column_scan, scan, assign, copy

@@ -1,0 +1,138 @@
+"""Development probe (GPU machine): the 16-bit gather walked by token
+(``kernels.GATHER_BY_TOKEN``, dispatch.cu ``gather_rows_by_token``) against
+the row-order ``gather_rows``, on the benchmark's models and routings.
+
+Per case: the two gather kernels on the same rows (the placement's row map,
+``testing.plan_ref``), ten calls between two events, round-robin, median of
+``--rounds``; their outputs compared byte for byte. Printed: ms, the bytes
+written per second, by-token / row-order time. With ``--layer``: the default
+eager ``moe_forward`` under each setting (ten calls back to back, round-robin),
+its time ratio and TFLOP/s, the two outputs compared byte for byte.
+
+    PYTHONPATH=. python3 tools/gather_probe.py [--models deepseek-v3] [--tokens 4096 16384] [--layer]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import cupy
+import ml_dtypes
+import numpy as np
+
+import cublas_grouped as cg
+from cublas_grouped import testing as ref
+from cublas_grouped.moe import kernels as K
+from cublas_grouped.runtime.timing import time_each_alone
+from cublas_grouped.tools.bench import workloads as W
+
+CALLS = 10
+BF16 = ml_dtypes.bfloat16
+
+
+def _timed(methods: dict, rounds: int) -> dict:
+    stream = cupy.cuda.get_current_stream()
+    times = time_each_alone(list(methods.values()), rounds=rounds, warmup=2, stream=stream)
+    return {k: float(np.median(v)) / CALLS for k, v in zip(methods, times)}
+
+
+def _setting(by_token: bool, fn):
+    def call():
+        saved = K.GATHER_BY_TOKEN
+        K.GATHER_BY_TOKEN = by_token
+        try:
+            fn()
+        finally:
+            K.GATHER_BY_TOKEN = saved
+
+    return call
+
+
+def _weights(shape) -> cupy.ndarray:
+    """Random bf16 weights [E, K, N] scaled by K^-1/2, an expert at a time (a
+    float32 copy of DeepSeek-V3's w1 would not fit beside the rest)."""
+    w = cupy.empty(shape, BF16)
+    for e in range(shape[0]):
+        w[e] = (cupy.random.standard_normal(shape[1:], cupy.float32) * shape[1] ** -0.5).astype(BF16)
+    return w
+
+
+def case(model: str, tokens: int, routing: str, rounds: int, layer: bool) -> None:
+    shape = W.MODELS[model]
+    c = W.Case(model, tokens, shape.experts, shape.top_k, shape.hidden, shape.inter, routing)
+    weights, ids = W.make_routing(c, seed=0)
+    ids = ids.astype(np.int32)
+    k, h, e = shape.top_k, shape.hidden, shape.experts
+    plan = ref.plan_ref(ids, e)
+    p2r, r2p = cupy.asarray(plan["pair_to_row"]), cupy.asarray(plan["row_to_pair"])
+    rows = int(plan["row_to_pair"].size)
+    x = cupy.random.standard_normal((tokens, h), cupy.float32).astype(BF16)
+    outs = {key: cupy.empty((rows, h), BF16) for key in ("row", "token")}
+    stream = cupy.cuda.get_current_stream().ptr
+    arch = "sm_" + cupy.cuda.Device().compute_capability
+
+    def gather(key):
+        def run():
+            for _ in range(CALLS):
+                K.gather_rows(stream, arch, x, p2r, r2p, k, outs[key])
+
+        return run
+
+    t = _timed({"row": _setting(False, gather("row")), "token": _setting(True, gather("token"))}, rounds)
+    same = bool((outs["row"].view(cupy.uint16) == outs["token"].view(cupy.uint16)).all())
+    written = rows * h * 2
+    name = f"{model} gather T={tokens} {routing}"
+    print(
+        f"{name:40s} row {t['row']:8.4f} token {t['token']:8.4f} ms | token/row {t['token'] / t['row']:.3f} | "
+        f"writes TB/s {written / t['row'] / 1e9:5.2f} -> {written / t['token'] / 1e9:5.2f} | same bits {same}",
+        flush=True,
+    )
+    if not layer:
+        return
+    outs.clear()
+    cupy.get_default_memory_pool().free_all_blocks()
+    w1, w2 = _weights((e, h, 2 * shape.inter)), _weights((e, shape.inter, h))
+    ids_d, w_d = cupy.asarray(ids), cupy.asarray(weights.astype(np.float32))
+    results = {}
+
+    def run_layer(key):
+        def run():
+            for _ in range(CALLS):
+                results[key] = cg.moe_forward(x, ids_d, w_d, w1, w2)
+
+        return run
+
+    t = _timed(
+        {"row": _setting(False, run_layer("row")), "token": _setting(True, run_layer("token"))}, rounds
+    )
+    for key, by_token in (("row", False), ("token", True)):
+        _setting(by_token, run_layer(key))()
+        results[key] = results[key].copy()
+    same = bool((results["row"].view(cupy.uint16) == results["token"].view(cupy.uint16)).all())
+    flops = 2.0 * tokens * k * h * 3 * shape.inter
+    name = f"{model} layer T={tokens} {routing}"
+    print(
+        f"{name:40s} row {t['row']:8.4f} token {t['token']:8.4f} ms | token/row {t['token'] / t['row']:.3f} | "
+        f"TFLOP/s {flops / t['row'] / 1e9:6.1f} -> {flops / t['token'] / 1e9:6.1f} | same bits {same}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3", "mixtral-8x7b"])
+    p.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
+    p.add_argument("--routings", nargs="+", default=["uniform", "skewed"])
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--layer", action="store_true", help="the default layer under each setting too")
+    args = p.parse_args()
+    print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
+    for model in args.models:
+        for tokens in args.tokens:
+            for routing in args.routings:
+                case(model, tokens, routing, args.rounds, args.layer)
+                cupy.get_default_memory_pool().free_all_blocks()
+
+
+if __name__ == "__main__":
+    main()
