@@ -173,6 +173,17 @@
 //     launch reads them back. One block per row, grid-stride over rows (any
 //     grid; blockDim.x a multiple of 32); the row's tiles as
 //     place_one_block_fp8 takes them (fp8_gathered_row below).
+//
+//   gather_rows_fp8_by_token_{f32,f16,bf16}(the parameters of gather_rows_by_token
+//                                           but the last, ..., unsigned char* rows_q,
+//                                           float* rows_s)
+//     gather_rows_fp8's output, bit for bit, walked by token as
+//     gather_rows_by_token walks: a block per token (grid-strided) reads its
+//     row once, and each half-warp quantizes a 128-column block of it once
+//     and stores the codes and the scale to each of the token's rows; then
+//     the rows with row_to_pair[r] < 0 get codes 0 and scales 1. (Rows not
+//     vectorizable, see gather_rows_fp8: each of the token's rows quantized
+//     afresh, one element per access.)
 
 #include "common.cuh"
 #include "fp8.cuh"
@@ -601,6 +612,64 @@ __device__ __forceinline__ void gather_rows_fp8_impl(const T* __restrict__ x, in
      float* rows_s)
 DEFINE_KERNEL_3TYPES(gather_rows_fp8, GATHER_ROWS_FP8_PARAMS,
                      (x, hidden, row_to_pair, top_k, num_rows, rows_q, rows_s))
+
+// gather_rows_fp8_by_token: see the header. The vector path is fp8_row_by_block's
+// (fp8.cuh), each tile's codes computed once and stored once per row.
+template <class T>
+__device__ __forceinline__ void gather_rows_fp8_by_token_impl(const T* __restrict__ x, int hidden,
+                                                              const int* __restrict__ pair_to_row,
+                                                              const int* __restrict__ row_to_pair, int top_k,
+                                                              int num_tokens, int num_rows,
+                                                              unsigned char* __restrict__ rows_q,
+                                                              float* __restrict__ rows_s) {
+    follow_previous_grid();  // the MoE step's launches may overlap (common.cuh)
+    const bool vec8 = fp8_rows_vectorizable<T>(hidden, x, rows_q);
+    const int tcols = (hidden + 127) / 128;
+    const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int lane = threadIdx.x & 15, half = (threadIdx.x >> 4) & 1;
+    for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+        const T* src = x + static_cast<long long>(t) * hidden;
+        const int* rows = pair_to_row + static_cast<long long>(t) * top_k;
+        if (!vec8) {
+            for (int j = 0; j < top_k; ++j) {
+                const int r = rows[j];
+                if (r < 0 || r >= num_rows) continue;
+                fp8_gathered_row(src, hidden, false, rows_s + static_cast<long long>(r) * tcols,
+                                 rows_q + static_cast<long long>(r) * hidden);
+            }
+            continue;
+        }
+        // The bound is the same for both halves of a warp: all 32 lanes reach the shuffles.
+        for (int t0 = 2 * warp; t0 < tcols; t0 += 2 * warps) {
+            const int tile = t0 + half;
+            const int c = tile * 128 + 8 * lane;
+            const bool mine = tile < tcols && c < hidden;  // hidden % 8 == 0: all 8 columns are in the row
+            float v[8] = {};
+            if (mine) unpack8(load_raw8(src + c), v);
+            unsigned int b[2];
+            const float scale = fp8_codes_by_half_warp(v, mine, b);
+            for (int j = 0; j < top_k; ++j) {
+                const int r = rows[j];
+                if (r < 0 || r >= num_rows) continue;  // no row (dropped or a repeat's alias)
+                if (mine) store_codes8(rows_q + static_cast<long long>(r) * hidden + c, b);
+                if (tile < tcols && lane == 0) rows_s[static_cast<long long>(r) * tcols + tile] = scale;
+            }
+        }
+    }
+    // Rows no pair fills: codes 0, scales 1, as gather_rows_fp8 writes them.
+    for (int r = blockIdx.x; r < num_rows; r += gridDim.x) {
+        if (row_to_pair[r] < 0) {
+            fp8_gathered_row(static_cast<const T*>(nullptr), hidden, vec8,
+                             rows_s + static_cast<long long>(r) * tcols, rows_q + static_cast<long long>(r) * hidden);
+        }
+    }
+}
+
+#define GATHER_ROWS_FP8_BY_TOKEN_PARAMS(X)                                                              \
+    (const X* x, int hidden, const int* pair_to_row, const int* row_to_pair, int top_k, int num_tokens, \
+     int num_rows, unsigned char* rows_q, float* rows_s)
+DEFINE_KERNEL_3TYPES(gather_rows_fp8_by_token, GATHER_ROWS_FP8_BY_TOKEN_PARAMS,
+                     (x, hidden, pair_to_row, row_to_pair, top_k, num_tokens, num_rows, rows_q, rows_s))
 
 // place_one_block and place_one_block_fp8: see the header. The ranking is
 // assign_rows' (rounds of DISPATCH_THREADS pairs, a warp's peers by

@@ -205,7 +205,9 @@ __device__ __forceinline__ void unpack8(const Raw8<T>& r, float* v) {
 // with another tile, or none). Returns the tile's scale, the same in every
 // lane of the half; each lane with columns stores their 8 codes at q
 // (8-byte aligned) with one 8-byte store. The caller stores the scale.
-__device__ __forceinline__ float fp8_tile_by_half_warp(const float* v, bool mine, unsigned char* q) {
+// fp8_codes_by_half_warp is the same without the store: the codes in b (of
+// lanes with columns), for a caller that stores them in several places.
+__device__ __forceinline__ float fp8_codes_by_half_warp(const float* v, bool mine, unsigned int* b) {
     float amax = 0.0f;
     if (mine) {
 #pragma unroll
@@ -214,11 +216,18 @@ __device__ __forceinline__ float fp8_tile_by_half_warp(const float* v, bool mine
 #pragma unroll
     for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     const float scale = fp8_scale(amax);
-    if (mine) {
-        unsigned int b[2];
-        fp8_codes8(v, scale, b);
-        asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(q), "r"(b[0]), "r"(b[1]) : "memory");
-    }
+    if (mine) fp8_codes8(v, scale, b);
+    return scale;
+}
+
+__device__ __forceinline__ void store_codes8(unsigned char* q, const unsigned int* b) {
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(q), "r"(b[0]), "r"(b[1]) : "memory");
+}
+
+__device__ __forceinline__ float fp8_tile_by_half_warp(const float* v, bool mine, unsigned char* q) {
+    unsigned int b[2];
+    const float scale = fp8_codes_by_half_warp(v, mine, b);
+    if (mine) store_codes8(q, b);
     return scale;
 }
 

@@ -24,6 +24,13 @@ DTYPES = ("bf16", "f16", "f32")
 FUSED = [
     ("dispatch", "place_one_block_fp8", K._PLACE_ONE_BLOCK_FP8, "place_one_block", K._PLACE_ONE_BLOCK),
     ("dispatch", "gather_rows_fp8", K._GATHER_ROWS_FP8, "gather_rows", K._GATHER_ROWS),
+    (
+        "dispatch",
+        "gather_rows_fp8_by_token",
+        K._GATHER_ROWS_FP8_BY_TOKEN,
+        "gather_rows_by_token",
+        K._GATHER_ROWS_BY_TOKEN,
+    ),
     ("activation", "expert_activation_fp8", K._ACTIVATION_FP8, "expert_activation", K._ACTIVATION),
 ]
 
@@ -169,19 +176,19 @@ def test_expert_activation_fp8_gets_the_codes_and_scales(launched):
 
 @pytest.mark.parametrize("rows", [1, 4096, 131_072])
 def test_gather_rows_fp8_gets_the_codes_and_scales(launched, monkeypatch, rows):
-    """``quantized`` picks gather_rows_fp8 (row order, whatever
-    GATHER_BY_TOKEN says): the row-order gather_rows' arguments with the
-    codes and scales in place of the rows (``out`` unused, None here), as
-    many rows as the codes have, the same grid (a block of ROW_THREADS per
-    row, at most MAX_GRID, striding on) and block."""
+    """In row order (GATHER_BY_TOKEN off), ``quantized`` picks
+    gather_rows_fp8: gather_rows' arguments with the codes and scales in
+    place of the rows (``out`` unused, None here), as many rows as the codes
+    have, the same grid (a block of ROW_THREADS per row, at most MAX_GRID,
+    striding on) and block."""
     import ml_dtypes
 
     hidden = 7168
     x, r2p = _Arr((rows // 8 + 1, hidden), 0x200, ml_dtypes.bfloat16), _Arr((rows,), 0x600, np.int32)
     p2r = _Arr((rows,), 0x700, np.int32)
     codes, scales = _Arr((rows, hidden), 0x300, np.uint8), _Arr((rows, 56), 0x400)
-    K.gather_rows(7, "sm_90", x, p2r, r2p, 8, None, (codes, scales))
     monkeypatch.setattr(K, "GATHER_BY_TOKEN", False)
+    K.gather_rows(7, "sm_90", x, p2r, r2p, 8, None, (codes, scales))
     K.gather_rows(7, "sm_90", x, p2r, r2p, 8, _Arr((rows, hidden), 0x500, ml_dtypes.bfloat16))
     (kernel, grid, block, sig, args, _), plain = launched
     assert kernel == ("dispatch", "gather_rows_fp8_bf16", "sm_90")
@@ -226,12 +233,20 @@ def test_gather_rows_by_token_launch(launched, tokens, k, rows, hidden, dtype, g
     assert (g, block, shmem) == (grid, K.ROW_THREADS, 0)
 
 
-def test_gather_rows_by_token_signature_is_its_parameters(ptx):
-    """The by-token gather's launcher signature matches its PTX parameters,
-    width for width, in every element type."""
-    widths = {".u64": "q", ".u32": "i", ".s32": "i"}
-    for dtype in DTYPES:
-        lines = ptx[("dispatch", "sm_90")][f"gather_rows_by_token_{dtype}"]
-        params = [line for line in lines if line.lstrip().startswith(".param")]
-        got = "".join(widths[re.search(r"\.param (\.[a-z]\d+)", line).group(1)] for line in params)
-        assert got == K._GATHER_ROWS_BY_TOKEN, (dtype, got)
+@pytest.mark.parametrize("tokens, grid", [(1, 1), (4096, 4096), (70_000, K.MAX_GRID)])
+def test_gather_rows_fp8_by_token_launch(launched, tokens, grid):
+    """With ``quantized``, the default gather is gather_rows_fp8_by_token:
+    the by-token arguments with the codes and scales in place of the rows
+    (``out`` unused), a block of ROW_THREADS per token, at most MAX_GRID."""
+    import ml_dtypes
+
+    k, hidden, rows = 8, 7168, tokens * 8
+    x = _Arr((tokens, hidden), 0x200, ml_dtypes.bfloat16)
+    p2r, r2p = _Arr((tokens * k,), 0x300, np.int32), _Arr((rows,), 0x400, np.int32)
+    codes, scales = _Arr((rows, hidden), 0x500, np.uint8), _Arr((rows, 56), 0x600)
+    K.gather_rows(7, "sm_90", x, p2r, r2p, k, None, (codes, scales))
+    ((kernel, g, block, sig, args, shmem),) = launched
+    assert kernel == ("dispatch", "gather_rows_fp8_by_token_bf16", "sm_90")
+    assert sig == K._GATHER_ROWS_FP8_BY_TOKEN and len(args) == len(sig)
+    assert args == (0x200, hidden, 0x300, 0x400, k, tokens, rows, 0x500, 0x600)
+    assert (g, block, shmem) == (grid, K.ROW_THREADS, 0)

@@ -106,3 +106,47 @@ def test_by_token_is_the_row_order_gather_bit_for_bit(
     want[placed] = host[r2p[placed] // k]
     assert (got.view(np.uint8) == want.view(np.uint8)).all(), "not x's rows (zeros on padding)"
     assert np.allclose(got.astype(np.float64), ref.gather_ref(host, r2p, k), equal_nan=True)
+
+
+def _gather_fp8(x, p2r, r2p, k, rows, by_token, monkeypatch):
+    """The FP8 gather (codes and scales) between guard rows, all poisoned:
+    (codes' bytes, scales' bytes), guard rows included."""
+    import cupy
+
+    hidden = x.shape[1]
+    tiles = -(-hidden // 128)
+    codes = cupy.empty((rows + 2, hidden), dtype=cupy.uint8)
+    scales = cupy.empty((rows + 2, tiles), dtype=cupy.float32)
+    codes.fill(GUARD)
+    scales.view(cupy.uint8).fill(GUARD)
+    monkeypatch.setattr(K, "GATHER_BY_TOKEN", by_token)
+    stream = cupy.cuda.get_current_stream().ptr
+    arch = "sm_" + cupy.cuda.Device().compute_capability
+    quantized = (codes[1 : rows + 1], scales[1 : rows + 1])
+    K.gather_rows(stream, arch, x, cupy.asarray(p2r), cupy.asarray(r2p), k, None, quantized)
+    cupy.cuda.get_current_stream().synchronize()
+    return cupy.asnumpy(codes), cupy.asnumpy(scales).view(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "tokens, k, rows, hidden, dtype, misaligned",
+    [c for c in CASES if c[3] % 8 == 0 and c[0] < 10_000] + [(120, 8, 1000, 100, BF16, False)],
+)
+def test_fp8_by_token_is_the_row_order_fp8_gather_bit_for_bit(
+    monkeypatch, tokens, k, rows, hidden, dtype, misaligned
+):
+    """gather_rows_fp8_by_token writes gather_rows_fp8's codes and scales,
+    byte for byte (vector path, the scalar one on x one element off or rows
+    not a multiple of 8), codes 0 and scales 1 on unplaced rows, guard rows
+    untouched."""
+    rng = np.random.default_rng(tokens * 17 + hidden)
+    p2r, r2p = _row_map(rng, tokens, k, rows)
+    x, _ = _x(rng, tokens, hidden, dtype, misaligned)
+    codes, scales = _gather_fp8(x, p2r, r2p, k, rows, True, monkeypatch)
+    want_codes, want_scales = _gather_fp8(x, p2r, r2p, k, rows, False, monkeypatch)
+    for got in (codes, scales):
+        assert (got[0] == GUARD).all() and (got[-1] == GUARD).all(), "a guard row was written"
+    assert (codes == want_codes).all() and (scales == want_scales).all()
+    unplaced = np.flatnonzero(r2p < 0) + 1
+    assert (codes[unplaced] == 0).all()
+    assert (scales[unplaced].view(np.float32) == 1).all()

@@ -53,9 +53,8 @@ def _typed(*names: str) -> set[str]:
 EXPECTED = {
     "routing.cu": _typed("route_topk"),
     "dispatch.cu": {"expert_block_histogram", "expert_column_scan", "assign_rows"}
-    | _typed(
-        "gather_rows", "gather_rows_by_token", "gather_rows_fp8", "place_one_block", "place_one_block_fp8"
-    ),
+    | _typed("gather_rows", "gather_rows_by_token", "gather_rows_fp8", "gather_rows_fp8_by_token")
+    | _typed("place_one_block", "place_one_block_fp8"),
     "pointers.cu": {"build_pointers"},
     "activation.cu": _typed("expert_activation", "expert_activation_fp8"),
     "combine.cu": _typed("combine_rows", "scatter_rows"),

@@ -40,6 +40,7 @@ STEP_KERNELS = {
         "place_one_block_f16",
         "place_one_block_fp8_bf16",
         "gather_rows_fp8_bf16",
+        "gather_rows_fp8_by_token_bf16",
     ),
     "activation": ("expert_activation_bf16", "expert_activation_f16", "expert_activation_fp8_bf16"),
     "combine": ("combine_rows_bf16", "combine_rows_f16", "sum_rows_bf16", "sum_rows_f16"),

@@ -7,7 +7,9 @@ Per case: the two gather kernels on the same rows (the placement's row map,
 ``--rounds``; their outputs compared byte for byte. Printed: ms, the bytes
 written per second, by-token / row-order time. With ``--layer``: the default
 eager ``moe_forward`` under each setting (ten calls back to back, round-robin),
-its time ratio and TFLOP/s, the two outputs compared byte for byte.
+its time ratio and TFLOP/s, the two outputs compared byte for byte. With
+``--fp8``: the FP8 gathers (``gather_rows_fp8_by_token`` against
+``gather_rows_fp8``) the same way.
 
     PYTHONPATH=. python3 tools/gather_probe.py [--models deepseek-v3] [--tokens 4096 16384] [--layer]
 """
@@ -57,7 +59,7 @@ def _weights(shape) -> cupy.ndarray:
     return w
 
 
-def case(model: str, tokens: int, routing: str, rounds: int, layer: bool) -> None:
+def case(model: str, tokens: int, routing: str, rounds: int, layer: bool, fp8: bool = False) -> None:
     shape = W.MODELS[model]
     c = W.Case(model, tokens, shape.experts, shape.top_k, shape.hidden, shape.inter, routing)
     weights, ids = W.make_routing(c, seed=0)
@@ -87,6 +89,30 @@ def case(model: str, tokens: int, routing: str, rounds: int, layer: bool) -> Non
         f"writes TB/s {written / t['row'] / 1e9:5.2f} -> {written / t['token'] / 1e9:5.2f} | same bits {same}",
         flush=True,
     )
+    if fp8:
+        tiles = -(-h // 128)
+        quant = {
+            key: (cupy.empty((rows, h), cupy.uint8), cupy.empty((rows, tiles), cupy.float32)) for key in outs
+        }
+
+        def gather_fp8(key):
+            def run():
+                for _ in range(CALLS):
+                    K.gather_rows(stream, arch, x, p2r, r2p, k, None, quant[key])
+
+            return run
+
+        t = _timed(
+            {"row": _setting(False, gather_fp8("row")), "token": _setting(True, gather_fp8("token"))}, rounds
+        )
+        same = all(bool((a == b).all()) for a, b in zip(quant["row"], quant["token"]))
+        name = f"{model} fp8 gather T={tokens} {routing}"
+        print(
+            f"{name:40s} row {t['row']:8.4f} token {t['token']:8.4f} ms | token/row {t['token'] / t['row']:.3f} | "
+            f"same bits {same}",
+            flush=True,
+        )
+        del quant
     if not layer:
         return
     outs.clear()
@@ -125,12 +151,13 @@ def main() -> None:
     p.add_argument("--routings", nargs="+", default=["uniform", "skewed"])
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--layer", action="store_true", help="the default layer under each setting too")
+    p.add_argument("--fp8", action="store_true", help="the FP8 gathers (e4m3 codes and scales) too")
     args = p.parse_args()
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
     for model in args.models:
         for tokens in args.tokens:
             for routing in args.routings:
-                case(model, tokens, routing, args.rounds, args.layer)
+                case(model, tokens, routing, args.rounds, args.layer, args.fp8)
                 cupy.get_default_memory_pool().free_all_blocks()
 
 

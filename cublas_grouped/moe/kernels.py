@@ -54,11 +54,13 @@ ROUTE_WARPS = ROUTE_THREADS // 32
 # reduce each 128-column block's amax): these two are the launcher's choice.
 ROW_THREADS = 128
 MAX_GRID = 65535
-#: The 16-bit gather walks tokens (dispatch.cu ``gather_rows_by_token``): each
-#: token's row of x is read once and written to its k rows. In row order
-#: (``gather_rows``, what False restores) a token's row is read k times, from
-#: HBM once x outgrows L2, so the gather read as many bytes as it wrote
-#: (docs/kernel-notes.md, "The gather walked by token"). The same bits.
+#: The gathers walk tokens (dispatch.cu ``gather_rows_by_token``, and
+#: ``gather_rows_fp8_by_token`` for the FP8 step's e4m3 rows): each token's
+#: row of x is read (and quantized) once and written to its k rows. In row
+#: order (``gather_rows`` / ``gather_rows_fp8``, what False restores) a
+#: token's row is read k times, from HBM once x outgrows L2, so the gather
+#: read as many bytes as it wrote (docs/kernel-notes.md, "The gather walked
+#: by token"). The same bits either way.
 GATHER_BY_TOKEN = True
 # 16-byte chunks (or elements) each thread of gather_rows_by_token carries
 # (dispatch.cu's GATHER_UNITS): a work item is ROW_THREADS * this many.
@@ -103,6 +105,7 @@ _ASSIGN_ROWS = _PAIRS + "qqiqqqqq"
 _GATHER_ROWS = "qiqiiq"
 _GATHER_ROWS_FP8 = _GATHER_ROWS + "q"  # the rows' codes and scales in place of the rows
 _GATHER_ROWS_BY_TOKEN = "qiqqiiiq"
+_GATHER_ROWS_FP8_BY_TOKEN = _GATHER_ROWS_BY_TOKEN + "q"  # the rows' codes and scales in place of the rows
 _PLACE_ONE_BLOCK = _PAIRS + "qqii" + "q" * 10
 _PLACE_ONE_BLOCK_FP8 = _PLACE_ONE_BLOCK + "q"  # the rows' codes and scales in place of the rows
 _ACTIVATION = "qiiiiqqqiq"  # h, inter, gated, gate_up_block, act, bias, row_to_pair, ids, rows, out
@@ -275,24 +278,28 @@ def gather_rows(stream, arch, x, pair_to_row, row_to_pair, top_k, out, quantized
     ``pair_to_row`` ([T * top_k], its inverse) lets the 16-bit gather walk
     tokens instead (``gather_rows_by_token``, :data:`GATHER_BY_TOKEN`).
     ``quantized``: (codes uint8 [rows, H], scales float32 [rows, ceil(H/128)]):
-    ``gather_rows_fp8`` instead (row order), which writes the rows there as
-    ``quantize_rows_fp8`` would quantize them; ``out`` is then not written
-    (None is fine)."""
+    ``gather_rows_fp8_by_token`` (``gather_rows_fp8`` in row order) instead,
+    which writes the rows there as ``quantize_rows_fp8`` would quantize them;
+    ``out`` is then not written (None is fine)."""
     rows = (out if quantized is None else quantized[0]).shape[0]
-    if quantized is None and GATHER_BY_TOKEN:
+    outs = (out.data.ptr,) if quantized is None else (quantized[0].data.ptr, quantized[1].data.ptr)
+    if GATHER_BY_TOKEN:
         tokens = pair_to_row.shape[0] // top_k
-        kernel = _kernel("dispatch", "gather_rows_by_token", arch, x.dtype)
         args = (x.data.ptr, x.shape[1], pair_to_row.data.ptr, row_to_pair.data.ptr, int(top_k), tokens, rows)
-        args += (out.data.ptr,)
-        per_item = ROW_THREADS * GATHER_UNITS * 16 // x.dtype.itemsize  # elements of a work item
-        grid = max(1, min(tokens * -(-x.shape[1] // per_item), MAX_GRID))
-        signature = _GATHER_ROWS_BY_TOKEN
+        args += outs
+        if quantized is None:  # work items: (token, ROW_THREADS * GATHER_UNITS 16-byte chunks of its row)
+            name, signature = "gather_rows_by_token", _GATHER_ROWS_BY_TOKEN
+            per_item = ROW_THREADS * GATHER_UNITS * 16 // x.dtype.itemsize
+            grid = max(1, min(tokens * -(-x.shape[1] // per_item), MAX_GRID))
+        else:  # a block per token
+            name, signature = "gather_rows_fp8_by_token", _GATHER_ROWS_FP8_BY_TOKEN
+            grid = max(1, min(tokens, MAX_GRID))
+        kernel = _kernel("dispatch", name, arch, x.dtype)
     else:
         name, signature = (
             ("gather_rows", _GATHER_ROWS) if quantized is None else ("gather_rows_fp8", _GATHER_ROWS_FP8)
         )
         kernel = _kernel("dispatch", name, arch, x.dtype)
-        outs = (out.data.ptr,) if quantized is None else (quantized[0].data.ptr, quantized[1].data.ptr)
         args = (x.data.ptr, x.shape[1], row_to_pair.data.ptr, int(top_k), rows, *outs)
         grid = _row_grid(rows)
     if type(stream) is Prepare:
