@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: stops at the first failure, so a killed mutant costs little).
 DEFAULT_TESTS = (
     "tests/test_kernel_edges_gpu.py",
+    "tests/test_gather_by_token_gpu.py",
     "tests/test_pointers_gpu.py",
     "tests/test_sm90_persistent_gpu.py",
     "tests/test_step_launches_gpu.py",
@@ -210,7 +211,42 @@ MUTANTS: tuple[Mutant, ...] = (
         "for (int r = blockIdx.x; r < num_rows; r += gridDim.x) {",
         "for (int r = blockIdx.x; r < num_rows; r += 2 * gridDim.x) {",
         "grid-stride loop step doubled: rows past the grid are skipped every other sweep (T*k > 65535)",
-        count=2,  # the second: gather_rows_fp8's
+        count=4,  # the first: gather_rows' (the second and fourth: the by-token kernels' zeroing passes)
+    ),
+    Mutant(
+        "gather-by-token-token",
+        "dispatch.cu",
+        "const long long t = w / slices;",
+        "const long long t = w % slices;",
+        "the by-token gather takes the work item's slice for its token (wrong token, wrong rows)",
+    ),
+    Mutant(
+        "gather-by-token-slices",
+        "dispatch.cu",
+        "const long long slices = (row_units + per_slice - 1) / per_slice;",
+        "const long long slices = row_units / per_slice;",
+        "the by-token gather rounds a row's slices down: a partial last slice (or a short row) is never copied",
+    ),
+    Mutant(
+        "gather-by-token-last-unit",
+        "dispatch.cu",
+        "if (i < row_units) dst[i] = v[u];",
+        "if (i + 1 < row_units) dst[i] = v[u];",
+        "the by-token gather's stores stop one 16-byte chunk (or element) short of the row's end",
+    ),
+    Mutant(
+        "gather-by-token-no-zeros",
+        "dispatch.cu",
+        "if (row_to_pair[r] < 0) copy_row(out + static_cast<long long>(r) * hidden, static_cast<const T*>(nullptr), hidden, vec);",
+        "if (row_to_pair[r] < -1) copy_row(out + static_cast<long long>(r) * hidden, static_cast<const T*>(nullptr), hidden, vec);",
+        "the by-token gather leaves padding rows (row_to_pair -1) unwritten instead of zeroed",
+    ),
+    Mutant(
+        "gather-fp8-by-token-scale",
+        "dispatch.cu",
+        "if (tile < tcols && lane == 0) rows_s[static_cast<long long>(r) * tcols + tile] = scale;",
+        "if (tile < tcols && lane == 0) rows_s[static_cast<long long>(r) * tcols] = scale;",
+        "the FP8 by-token gather stores every 128-column block's scale in the row's first scale",
     ),
     Mutant(
         "gather-fp8-grid-stride",
@@ -218,8 +254,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "for (int r = blockIdx.x; r < num_rows; r += gridDim.x) {",
         "for (int r = blockIdx.x; r < num_rows; r += 2 * gridDim.x) {",
         "the FP8 gather's grid-stride step doubled: rows past the grid are never quantized (T*k > 65535)",
-        count=2,
-        occurrence=2,
+        count=4,
+        occurrence=3,  # gather_rows_fp8's (the second and fourth: the by-token kernels' zeroing passes)
     ),
     Mutant(
         "dispatch-warp-prefix",
