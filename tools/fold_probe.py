@@ -172,12 +172,23 @@ def layer_case(model: str, tokens: int, routing: str, rounds: int) -> None:
     )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def case_arguments(doc: str) -> argparse.ArgumentParser:
+    """The prefill probes' parser: the benchmark's models, token counts and
+    routings to walk, and the timed rounds (tools/gather_probe.py shares it)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3", "mixtral-8x7b"])
     p.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
     p.add_argument("--routings", nargs="+", default=["uniform", "skewed"])
     p.add_argument("--rounds", type=int, default=9)
+    return p
+
+
+def print_gpu() -> None:
+    print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
+
+
+def main() -> None:
+    p = case_arguments(__doc__)
     p.add_argument("--nt", action="store_true", help="[E, N, K] weights too")
     p.add_argument("--second", action="store_true", help="the second GEMM too")
     p.add_argument("--layer", action="store_true", help="the fused layer too")
@@ -194,7 +205,7 @@ def main() -> None:
         print(f"'fold' below: the library's kernel under {VARIANT}; 'plain': as the library runs it")
     if args.equal:
         args.routings = [f"equal{rows}" for rows in args.equal]
-    print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
+    print_gpu()
     for model in args.models:
         for tokens in args.tokens:
             for routing in args.routings:

@@ -16,26 +16,17 @@ its time ratio and TFLOP/s, the two outputs compared byte for byte. With
 
 from __future__ import annotations
 
-import argparse
-
 import cupy
 import ml_dtypes
 import numpy as np
+from fold_probe import CALLS, _timed, case_arguments, print_gpu  # this script's folder is on the path
 
 import cublas_grouped as cg
 from cublas_grouped import testing as ref
 from cublas_grouped.moe import kernels as K
-from cublas_grouped.runtime.timing import time_each_alone
 from cublas_grouped.tools.bench import workloads as W
 
-CALLS = 10
 BF16 = ml_dtypes.bfloat16
-
-
-def _timed(methods: dict, rounds: int) -> dict:
-    stream = cupy.cuda.get_current_stream()
-    times = time_each_alone(list(methods.values()), rounds=rounds, warmup=2, stream=stream)
-    return {k: float(np.median(v)) / CALLS for k, v in zip(methods, times)}
 
 
 def _setting(by_token: bool, fn):
@@ -145,15 +136,11 @@ def case(model: str, tokens: int, routing: str, rounds: int, layer: bool, fp8: b
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3", "mixtral-8x7b"])
-    p.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
-    p.add_argument("--routings", nargs="+", default=["uniform", "skewed"])
-    p.add_argument("--rounds", type=int, default=9)
+    p = case_arguments(__doc__)
     p.add_argument("--layer", action="store_true", help="the default layer under each setting too")
     p.add_argument("--fp8", action="store_true", help="the FP8 gathers (e4m3 codes and scales) too")
     args = p.parse_args()
-    print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
+    print_gpu()
     for model in args.models:
         for tokens in args.tokens:
             for routing in args.routings:
