@@ -19,6 +19,9 @@
 //   PAIRS_PER_BLOCK    pairs per block (kernels 1 and 3; a multiple of
 //                      DISPATCH_THREADS)
 //   SKIP_REPEATS       the bit of `flags` that turns repeat detection on
+//   GATHER_UNITS       16-byte chunks (or elements) each thread of
+//                      gather_rows_by_token carries: the launcher sizes the
+//                      grid by it
 //
 // Which pairs take a row. A pair takes no row when its id is outside
 // [0, E) (a "dropped" pair) or, with SKIP_REPEATS set in `flags`, when its
@@ -193,6 +196,12 @@
 #endif
 #ifndef PAIRS_PER_BLOCK
 #error "PAIRS_PER_BLOCK is not defined: the launcher passes it as an NVRTC define"
+#endif
+#ifndef GATHER_UNITS
+#error "GATHER_UNITS is not defined: the launcher passes it as an NVRTC define"
+#endif
+#if GATHER_UNITS < 1 || GATHER_UNITS > 16
+#error "GATHER_UNITS must be 1 .. 16 (registers a thread of gather_rows_by_token holds)"
 #endif
 #ifndef SKIP_REPEATS
 #error "SKIP_REPEATS is not defined: the launcher passes it as an NVRTC define"
@@ -508,7 +517,6 @@ DEFINE_KERNEL_3TYPES(gather_rows, GATHER_ROWS_PARAMS, (x, hidden, row_to_pair, t
 // gather_rows_by_token: see the header. Each thread loads up to
 // GATHER_UNITS units (16-byte chunks, or elements) of the token's row before it
 // stores any, so that several loads are in flight per thread.
-#define GATHER_UNITS 4
 
 template <class U>
 __device__ __forceinline__ void scatter_token_units(const U* __restrict__ src, U* __restrict__ out,

@@ -176,6 +176,8 @@ def test_a_missing_define_stops_the_compile_and_is_named(name, missing):
     [
         ("dispatch", {"DISPATCH_THREADS": 100}, "a multiple of 32"),
         ("dispatch", {"PAIRS_PER_BLOCK": 1000}, "divide PAIRS_PER_BLOCK"),
+        ("dispatch", {"GATHER_UNITS": 0}, "GATHER_UNITS must be 1 .. 16"),
+        ("dispatch", {"GATHER_UNITS": 17}, "GATHER_UNITS must be 1 .. 16"),
         ("routing", {"ROUTE_THREADS": 2048}, "a multiple of 32 up to 1024"),
         ("routing", {"SCORE_SIGMOID": 0}, "differ"),
         ("pointers", {"POINTER_THREADS": 48}, "a multiple of 32 up to 1024"),

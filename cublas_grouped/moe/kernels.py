@@ -63,7 +63,7 @@ MAX_GRID = 65535
 #: by token"). The same bits either way.
 GATHER_BY_TOKEN = True
 # 16-byte chunks (or elements) each thread of gather_rows_by_token carries
-# (dispatch.cu's GATHER_UNITS): a work item is ROW_THREADS * this many.
+# (dispatch.cu's GATHER_UNITS define): a work item is ROW_THREADS * this many.
 GATHER_UNITS = 4
 
 #: The ``act`` argument of activation.cu and the ``scoring`` one of routing.cu.
@@ -82,6 +82,7 @@ DEFINES: dict[str, dict[str, int]] = {
         "DISPATCH_THREADS": DISPATCH_THREADS,
         "PAIRS_PER_BLOCK": PAIRS_PER_BLOCK,
         "SKIP_REPEATS": SKIP_REPEATS,
+        "GATHER_UNITS": GATHER_UNITS,
     },
     "activation": {f"ACT_{name.upper()}": code for name, code in ACTIVATIONS.items()},
     "combine": {},
