@@ -271,10 +271,11 @@ def _step_call(layout="gate_up", x=None, fixed=False):
 
 
 def _copies(rec, x) -> bool:
-    """Whether the step gathered x's rows: a gather_rows launch (its arguments:
-    x, hidden, row_to_pair, k, rows, out), or place_one_block's with x (its
-    7th argument) and a rows buffer (its last)."""
-    gather = any(len(v[4]) == 6 and v[4][0] == x.data.ptr and v[4][1] == H for v in rec.decoded)
+    """Whether the step gathered x's rows: a gather launch (gather_rows_by_token's
+    arguments: x, hidden, pair_to_row, row_to_pair, k, tokens, rows, out; or
+    gather_rows': x, hidden, row_to_pair, k, rows, out), or place_one_block's
+    with x (its 7th argument) and a rows buffer (its last)."""
+    gather = any(len(v[4]) in (6, 8) and v[4][0] == x.data.ptr and v[4][1] == H for v in rec.decoded)
     place = any(len(v[4]) == 19 and v[4][6] == x.data.ptr and v[4][18] != 0 for v in rec.decoded)
     return gather or place
 
