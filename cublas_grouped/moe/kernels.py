@@ -276,8 +276,8 @@ def _row_grid(rows: int) -> int:
 def gather_rows(stream, arch, x, pair_to_row, row_to_pair, top_k, out, quantized=None) -> None:
     """dispatch.cu ``gather_rows``: token rows of ``x`` into expert order
     (zeros for padding rows), one row of ``out`` per entry of ``row_to_pair``;
-    ``pair_to_row`` ([T * top_k], its inverse) lets the 16-bit gather walk
-    tokens instead (``gather_rows_by_token``, :data:`GATHER_BY_TOKEN`).
+    ``pair_to_row`` ([T * top_k], its inverse) lets the gather walk tokens
+    instead (``gather_rows_by_token``, :data:`GATHER_BY_TOKEN`).
     ``quantized``: (codes uint8 [rows, H], scales float32 [rows, ceil(H/128)]):
     ``gather_rows_fp8_by_token`` (``gather_rows_fp8`` in row order) instead,
     which writes the rows there as ``quantize_rows_fp8`` would quantize them;
@@ -295,14 +295,13 @@ def gather_rows(stream, arch, x, pair_to_row, row_to_pair, top_k, out, quantized
         else:  # a block per token
             name, signature = "gather_rows_fp8_by_token", _GATHER_ROWS_FP8_BY_TOKEN
             grid = max(1, min(tokens, MAX_GRID))
-        kernel = _kernel("dispatch", name, arch, x.dtype)
     else:
         name, signature = (
             ("gather_rows", _GATHER_ROWS) if quantized is None else ("gather_rows_fp8", _GATHER_ROWS_FP8)
         )
-        kernel = _kernel("dispatch", name, arch, x.dtype)
         args = (x.data.ptr, x.shape[1], row_to_pair.data.ptr, int(top_k), rows, *outs)
         grid = _row_grid(rows)
+    kernel = _kernel("dispatch", name, arch, x.dtype)
     if type(stream) is Prepare:
         return stream.fixed(kernel, grid, ROW_THREADS, signature, args)
     _kernels.launch_signed(stream, kernel, grid, ROW_THREADS, signature, args)
