@@ -293,11 +293,14 @@ def graph_case(group):
     x_h, ids_h, w_h = per_rank[rank]
     tokens = x_h.shape[0]
     capacity = max(p[0].shape[0] for p in per_rank) * k  # the same on every rank: never overflows
+    stream = cupy.cuda.Stream(non_blocking=True)
+    w1_local, w2_local = cupy.asarray(w1[local]), cupy.asarray(w2[local])
+    # The weights' copies were queued on the null stream, which a non-blocking stream does not wait for.
+    stream.wait_event(cupy.cuda.get_current_stream().record())
     layer = FixedCapacityExpertParallelMoE(
-        group, cupy.asarray(w1[local]), cupy.asarray(w2[local]), experts, k, capacity=capacity, max_tokens=8
+        group, w1_local, w2_local, experts, k, capacity=capacity, max_tokens=8
     )
     rng = np.random.default_rng(100 + rank)
-    stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         x, ids, w = cupy.asarray(x_h), cupy.asarray(ids_h), cupy.asarray(w_h)
         eager = layer(x, ids, w).copy()  # the eager call before capture

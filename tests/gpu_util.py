@@ -39,6 +39,31 @@ def poisoned(shape, dtype):
     return out
 
 
+def wait_for_current_stream(*streams):
+    """Make each of ``streams`` wait, on the device, for the work queued so far
+    on CuPy's current stream (outside any ``with stream:``, the legacy null
+    stream); returns nothing and blocks nothing on the host.
+
+    Test data is made on the current stream: ``cupy.asarray`` of host data
+    (:func:`device_random`, the routing helpers) is an asynchronous copy
+    through pinned memory there, and ``fill`` (:func:`poisoned`),
+    arithmetic, ``astype`` and copies are kernels there. A
+    ``cupy.cuda.Stream(non_blocking=True)`` does not synchronize with the
+    legacy null stream, so work queued on it (a graph launched on it
+    included) may read such an array before it is written: on a loaded GPU
+    it reads what the pool's block held before, often an earlier step's
+    data. Call this after making the inputs and before queuing work on
+    ``streams`` that reads them (or make the inputs inside ``with stream:``).
+    Keep such arrays referenced until that work is done: CuPy's pool hands a
+    freed block on to the next allocation on the stream that allocated it,
+    without waiting for other streams."""
+    import cupy
+
+    event = cupy.cuda.get_current_stream().record()
+    for stream in streams:
+        stream.wait_event(event)
+
+
 def check_close(out, ref, tol, what=""):
     import cupy
 

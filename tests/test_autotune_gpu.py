@@ -8,7 +8,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_util import TOLERANCE, check_close, device_random, poisoned, random_sizes
+from gpu_util import TOLERANCE, check_close, device_random, poisoned, random_sizes, wait_for_current_stream
 from tuning_util import isolate_tuning
 
 import cublas_grouped as cg
@@ -115,6 +115,7 @@ def test_no_measuring_inside_graph_capture(fresh):
     b, b64 = device_random(rng, (4, k, n), np.float32)
     out = cupy.zeros((total, n), dtype=np.float32)
     stream = cupy.cuda.Stream(non_blocking=True)
+    wait_for_current_stream(stream)  # a, b and out's zeros were made on the null stream
     executor = cg.GroupedGemmExecutor()
     with stream:
         # The cuBLAS handle and workspace of this stream, made outside the capture.
@@ -124,7 +125,9 @@ def test_no_measuring_inside_graph_capture(fresh):
         executor.execute(a, b, sizes, out=out, stream=stream)  # AUTO: rules, nothing timed
         graph = stream.end_capture()
     assert stored(fresh, "gmm-fp32") == []
-    out.fill(0)
+    # Cleared on the graph's stream: a fill on the null stream could land after the replay's writes.
+    with stream:
+        out.fill(0)
     graph.launch(stream)
     stream.synchronize()
     check_close(out, ref.gmm_ref(a64, b64, sizes), TOLERANCE["float32"], "captured AUTO")
@@ -147,8 +150,9 @@ def test_switched_off_measures_nothing(fresh, monkeypatch):
 def test_time_candidates_on_a_stream():
     import cupy
 
-    x = cupy.ones((2048, 2048), dtype=cupy.float32)
     stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:  # made on the stream whose products read it
+        x = cupy.ones((2048, 2048), dtype=cupy.float32)
     work = {Algorithm.SEQUENTIAL: 1, Algorithm.CUBLAS_GROUPED: 8}
 
     def run(algorithm):

@@ -168,8 +168,9 @@ def test_gmm_out_of_memory_in_its_scratch_leaves_out_untouched(pool_limit, strea
 def test_moe_forward_out_of_memory_then_a_smaller_call(pool_limit, stream):
     rng = np.random.default_rng(3)
     experts, k, hidden = 8, 2, 256
-    (w1, w2), (w1_64, w2_64) = _layer_weights(rng, experts, hidden)
     with stream:
+        # The weights made on the stream that reads them (not the null stream).
+        (w1, w2), (w1_64, w2_64) = _layer_weights(rng, experts, hidden)
         x, x64 = device_random(rng, (64, hidden), BF16)
         ids, w, ids_h, w_h = _routing(rng, 64, experts, k)
         cg.moe_forward(x, ids, w, w1, w2, algorithm="cublas_grouped")
@@ -189,8 +190,9 @@ def test_moe_forward_out_of_memory_then_a_smaller_call(pool_limit, stream):
 def test_fixed_capacity_construction_out_of_memory_then_a_smaller_layer(pool_limit, stream):
     rng = np.random.default_rng(4)
     experts, k, hidden = 8, 2, 256
-    (w1, w2), (w1_64, w2_64) = _layer_weights(rng, experts, hidden)
     with stream:
+        # The weights made on the stream that reads them (not the null stream).
+        (w1, w2), (w1_64, w2_64) = _layer_weights(rng, experts, hidden)
         warm = cg.FixedCapacityMoE(w1, w2, k, max_tokens=8)
         x, _ = device_random(rng, (8, hidden), BF16)
         ids, w, _, _ = _routing(rng, 8, experts, k)
@@ -402,7 +404,6 @@ def test_moe_forward_interrupted_between_the_gemms_then_correct(stream, monkeypa
 
     rng = np.random.default_rng(11)
     experts, k, hidden = 16, 4, 256
-    (w1, w2), (w1_64, w2_64) = _layer_weights(rng, experts, hidden)
     from cublas_grouped.gemm.backends import hopper as _hopper
 
     calls = {}
@@ -436,6 +437,8 @@ def test_moe_forward_interrupted_between_the_gemms_then_correct(stream, monkeypa
         return launch
 
     with stream:
+        # The weights made on the stream that reads them (not the null stream).
+        (w1, w2), (w1_64, w2_64) = _layer_weights(rng, experts, hidden)
         x, x64 = device_random(rng, (100, hidden), BF16)
         ids, w, ids_h, w_h = _routing(rng, 100, experts, k)
         monkeypatch.setattr(_layer, "run_expert_gemm", interrupt_second(_layer.run_expert_gemm))
@@ -455,7 +458,6 @@ def test_moe_forward_interrupted_between_the_gemms_then_correct(stream, monkeypa
 def test_fixed_capacity_step_interrupted_then_correct(stream, monkeypatch):
     rng = np.random.default_rng(12)
     experts, k, hidden = 8, 2, 256
-    (w1, w2), (w1_64, w2_64) = _layer_weights(rng, experts, hidden)
     real = _fixed.batched
     calls = {"n": 0}
 
@@ -468,6 +470,8 @@ def test_fixed_capacity_step_interrupted_then_correct(stream, monkeypatch):
     # The chunked cuBLAS step (forced: AUTO takes the kernel step on SM 9.0 here).
     chunked = cg.GroupedGemmExecutor(config=cg.GroupedGemmConfig(algorithm="cublas_grouped"))
     with stream:
+        # The weights made on the stream that reads them (not the null stream).
+        (w1, w2), (w1_64, w2_64) = _layer_weights(rng, experts, hidden)
         layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=32, executor=chunked)
         x, x64 = device_random(rng, (20, hidden), BF16)
         ids, w, ids_h, w_h = _routing(rng, 20, experts, k)

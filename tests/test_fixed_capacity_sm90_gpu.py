@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_util import check_close, device_random
+from gpu_util import check_close, device_random, wait_for_current_stream
 from test_fixed_capacity_gpu import MAX_TOKENS, STEPS, poison, step_routing
 
 import cublas_grouped as cg
@@ -130,16 +130,17 @@ def test_user_capture_of_two_layers_with_different_expert_counts():
     import cupy
 
     rng = np.random.default_rng(43)
+    stream = cupy.cuda.Stream(non_blocking=True)
     layers, refs = [], []
     for experts in (8, 64):
         weights, weights64 = _layer(rng, experts, 128, 64, False, ml_dtypes.bfloat16, False)
+        wait_for_current_stream(stream)  # the weights were made on the null stream
         layers.append(
             cg.FixedCapacityMoE(
                 weights[0], weights[1], 2, max_tokens=16, graphs=False, executor=_kernel_executor()
             )
         )
         refs.append(weights64)
-    stream = cupy.cuda.Stream(non_blocking=True)
     tokens = 16
     with stream:
         x = cupy.zeros((tokens, 128), dtype=ml_dtypes.bfloat16)
@@ -152,9 +153,9 @@ def test_user_capture_of_two_layers_with_different_expert_counts():
         outs = [layer.forward(x, i, wts) for layer, i in zip(layers, ids)]
         graph = stream.end_capture()
     for trial in range(3):
-        x_new, x64 = device_random(rng, (tokens, 128), ml_dtypes.bfloat16)
-        routings = [step_routing(rng, trial, tokens, e, 2) for e in (8, 64)]
-        with stream:
+        with stream:  # x_new copied in on the stream that reads it (not the null stream)
+            x_new, x64 = device_random(rng, (tokens, 128), ml_dtypes.bfloat16)
+            routings = [step_routing(rng, trial, tokens, e, 2) for e in (8, 64)]
             x[...] = x_new
             for i, (r, _) in zip(ids, routings):
                 i[...] = cupy.asarray(r)

@@ -212,10 +212,11 @@ def test_moe_forward_fixed_capacity_matches_the_layer_and_is_captured():
         assert _bits_equal(got, layer.forward(x, ids_d, w_d)), f"T={tokens}: not the layer's bits"
         assert int(counter.get()[0]) == 0
     tokens = 16
-    x = cupy.zeros((tokens, hidden), dtype=BF16)
-    ids_d = cupy.zeros((tokens, k), dtype=cupy.int32)
-    w_d = cupy.ones((tokens, k), dtype=cupy.float32)
+    # The graph's inputs made on its stream: a fill on the null stream could land after a refill.
     with stream:
+        x = cupy.zeros((tokens, hidden), dtype=BF16)
+        ids_d = cupy.zeros((tokens, k), dtype=cupy.int32)
+        w_d = cupy.ones((tokens, k), dtype=cupy.float32)
         cg.moe_forward(x, ids_d, w_d, q1, q2, trans_b=True, fixed_capacity=True)  # eager first
         stream.begin_capture()
         out = cg.moe_forward(x, ids_d, w_d, q1, q2, trans_b=True, fixed_capacity=True)

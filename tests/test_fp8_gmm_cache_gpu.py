@@ -21,7 +21,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_util import poisoned, random_sizes
+from gpu_util import poisoned, random_sizes, wait_for_current_stream
 from test_fp8_sm90_gpu import _check
 
 import cublas_grouped as cg
@@ -74,15 +74,16 @@ def test_cached_calls_equal_the_unprepared_path_bitwise(name, e, n, k, kind):
     rng = np.random.default_rng(e + n + k)
     wq = _weights(rng, e, n, k)
     stream = cupy.cuda.Stream(non_blocking=True)
+    wait_for_current_stream(stream)  # wq was made on the null stream
     call_cache.clear()
     cases = []
     for round_ in range(2):  # the second round: every call again, a hit of its entry
         for i, tokens in enumerate((16, 64, 16, 40, 64, 16)):
             m = tokens * (8 if e >= 64 else 2)
             sizes = random_sizes(np.random.default_rng(1000 * i + m), e, m) if i != 2 else np.full(e, m // e)
-            x = cupy.asarray(rng.standard_normal((m, k)).astype(BF16))
             given = i % 2 == 0
-            with stream:
+            with stream:  # x copied in on the stream that reads it (and frees it)
+                x = cupy.asarray(rng.standard_normal((m, k)).astype(BF16))
                 out = poisoned((m, n), BF16) if given else None
                 got = cg.gmm(x, wq, _sizes_arg(sizes, kind), trans_b=True, out=out, stream=stream)
                 want, quantized = _direct(x, wq, sizes, stream)
@@ -104,14 +105,15 @@ def test_two_streams_each_with_its_own_row_buffer():
     e, n, k = 128, 256, 384
     wq = _weights(rng, e, n, k)
     streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(2)]
+    wait_for_current_stream(*streams)  # wq was made on the null stream
     calls = []
     for step in range(8):
         stream = streams[step % 2]
         m = (16 if step % 2 else 64) * 8 + step
         sizes = random_sizes(np.random.default_rng(step), e, m)
-        x = cupy.asarray(rng.standard_normal((m, k)).astype(BF16))
-        device_sizes = cupy.asarray(sizes, dtype=cupy.int32)
-        with stream:
+        with stream:  # x and the sizes copied in on the stream that reads them
+            x = cupy.asarray(rng.standard_normal((m, k)).astype(BF16))
+            device_sizes = cupy.asarray(sizes, dtype=cupy.int32)
             out = poisoned((m, n), BF16)
             calls.append((x, sizes, cg.gmm(x, wq, device_sizes, trans_b=True, out=out, stream=stream)))
     for stream in streams:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_util import check_close, device_random, poisoned, random_sizes
+from gpu_util import check_close, device_random, poisoned, random_sizes, wait_for_current_stream
 
 import cublas_grouped as cg
 from cublas_grouped.moe.checkpoints import read_gguf_experts
@@ -385,6 +385,7 @@ def test_fp8_weights_refused_in_a_capture_of_the_per_call_paths():
     ids, weights, _, _ = _routing(rng, 4, 4, 2)
     a = cupy.zeros((4, 128), dtype=BF16)
     stream = cupy.cuda.Stream(non_blocking=True)
+    wait_for_current_stream(stream)  # the inputs were made on the null stream
     with stream:
         cg.moe_forward(x, ids, weights, q1, q2, fixed_capacity=True)  # eager: fine
         stream.begin_capture()

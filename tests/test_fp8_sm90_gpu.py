@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_util import poisoned, random_sizes
+from gpu_util import poisoned, random_sizes, wait_for_current_stream
 
 import cublas_grouped as cg
 from cublas_grouped.gemm.backends import hopper, hopper_fp8
@@ -331,6 +331,7 @@ def _replay_with_new_sizes(rng, experts, m, n, k, size_sets):
     sizes_dev = cupy.zeros(experts, dtype=cupy.int32)
     out = cupy.empty((m, n), dtype=BF16)
     stream = cupy.cuda.Stream(non_blocking=True)
+    wait_for_current_stream(stream)  # a, b, the sizes and out were made on the null stream
     with stream:
         sizes_dev[...] = m // experts
         hopper_fp8.grouped_fp8(a_q, a_s, wq, sizes_dev, out=out, stream=stream)  # compiles, outside

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_util import check_close
+from gpu_util import check_close, wait_for_current_stream
 from test_fixed_capacity_gpu import step_routing
 from test_fp8_decode_sm90_gpu import BF16, TOL, _bits_equal, _layer, _poison, fp8_step_ref
 
@@ -86,6 +86,7 @@ def test_overlapped_fp8_steps_equal_plain_steps_bitwise(
         inputs.append((cupy.asarray(x), cupy.asarray(ids), cupy.asarray(w)))
         host.append((x.astype(np.float64), ids, w))
     stream = cupy.cuda.Stream(non_blocking=True)
+    wait_for_current_stream(stream)  # the weights and inputs were made on the null stream
     opts = dict(b1=b1, b2=b2, trans_b=True, graphs=graphs)
     layers = [cg.FixedCapacityMoE(q1, q2, k, max_tokens=tokens, **opts) for _ in range(2)]
     assert all(layer.fp8_kernel for layer in layers)

@@ -86,6 +86,7 @@ def test_device_group_sizes_and_streams():
     core_stream = Device().create_stream()
     for stream in (cupy_stream, core_stream, int(cupy_stream.ptr), None):
         out = poisoned((300, 32), np.float32)
+        cupy.cuda.get_current_stream().synchronize()  # the NaN fill lands before gmm writes out on `stream`
         gmm(a, b, sizes, out=out, stream=stream)
         cupy.cuda.runtime.deviceSynchronize()
         check_close(out, ref, 1e-5, f"stream {type(stream).__name__}")
@@ -160,6 +161,7 @@ def test_threads_on_their_own_streams():
         a, a64 = device_random(rng, (int(sizes.sum()), 128), np.float32)
         b, b64 = device_random(rng, (24, 128, 96), np.float32)
         problems.append((sizes, a, b, gmm_ref(a64, b64, sizes)))
+    cupy.cuda.get_current_stream().synchronize()  # a and b (copied in on the null stream) ready for every stream
     executor = GroupedGemmExecutor(config={"algorithm": Algorithm.CUBLAS_GROUPED})
 
     def work(i):

@@ -58,8 +58,9 @@ def test_gmm_alternating_streams_uses_each_stream_and_its_workspace():
     for step in range(12):
         stream = streams[step % 3]
         alg = ("cublas_grouped", "sequential", "chunked_batched", "auto")[step % 4]
-        out = cupy.full((a.shape[0], n), cupy.nan, dtype=cupy.float32)
         with cupy.cuda.Stream.null if stream is None else stream:
+            # NaN-filled on the stream gmm writes it on (a fill on the null stream could land after gmm's writes).
+            out = cupy.full((a.shape[0], n), cupy.nan, dtype=cupy.float32)
             got = cg.gmm(a, b, sizes, algorithm=alg, out=out, stream=stream)
         (stream or cupy.cuda.Stream.null).synchronize()
         assert rel_error(got.get(), ref) < 1e-5, (step, alg)

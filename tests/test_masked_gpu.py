@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_util import check_close, device_random
+from gpu_util import check_close, device_random, wait_for_current_stream
 
 import cublas_grouped as cg
 from cublas_grouped.gemm.backends import hopper
@@ -122,6 +122,7 @@ def test_graph_replays_with_new_counts():
     counts = cupy.zeros(e, dtype=cupy.int32)
     out = _guarded(e, c, n, ml_dtypes.bfloat16)
     stream = cupy.cuda.Stream(non_blocking=True)
+    wait_for_current_stream(stream)  # a, b, counts and out were made on the null stream
     with stream:
         cg.gmm_masked(a, b, counts, trans_b=True, out=out)  # eager first: compile, maps
         stream.begin_capture()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_util import check_close, device_random
+from gpu_util import check_close, device_random, wait_for_current_stream
 
 import cublas_grouped as cg
 from cublas_grouped import testing as ref
@@ -212,24 +212,25 @@ def test_fixed_capacity_graph_replay_matches_reference(tokens, experts, k):
     (x, w1, w2, _, _), (_, w1_64, w2_64, _, _) = _layer_case(
         rng, tokens, experts, k, hidden, inter, ml_dtypes.bfloat16
     )
-    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=64)
     stream = cupy.cuda.Stream(non_blocking=True)
-    x_buf = cupy.empty_like(x)
-    ids_buf = cupy.empty((tokens, k), dtype=cupy.int32)
-    w_buf = cupy.empty((tokens, k), dtype=cupy.float32)
-    ids, w, _, _ = routing(rng, tokens, experts, k)
-    x_buf[...] = x
-    ids_buf[...] = ids
-    w_buf[...] = w
-    with stream:
+    wait_for_current_stream(stream)  # x, w1 and w2 were copied in on the null stream
+    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=64)
+    with stream:  # the buffers and what fills them made on the stream that reads them
+        x_buf = cupy.empty_like(x)
+        ids_buf = cupy.empty((tokens, k), dtype=cupy.int32)
+        w_buf = cupy.empty((tokens, k), dtype=cupy.float32)
+        ids, w, _, _ = routing(rng, tokens, experts, k)
+        x_buf[...] = x
+        ids_buf[...] = ids
+        w_buf[...] = w
         layer.forward(x_buf, ids_buf, w_buf)  # eager warm-up: compiles, sets the workspace
         stream.begin_capture()
         out = layer.forward(x_buf, ids_buf, w_buf)
         graph = stream.end_capture()
     for step in range(100):
-        ids, w, ids_h, w64 = routing(rng, tokens, experts, k, skew_zero=step % 3)
-        new_x, x64 = device_random(rng, (tokens, hidden), ml_dtypes.bfloat16)
-        with stream:
+        with stream:  # new inputs copied in on this stream: the copies below must not outrun them
+            ids, w, ids_h, w64 = routing(rng, tokens, experts, k, skew_zero=step % 3)
+            new_x, x64 = device_random(rng, (tokens, hidden), ml_dtypes.bfloat16)
             x_buf[...] = new_x
             ids_buf[...] = ids
             w_buf[...] = w
@@ -306,6 +307,7 @@ def test_fixed_capacity_layer_can_be_captured():
     (x, w1, w2, _, _), (x64, w1_64, w2_64, _, _) = _layer_case(rng, 16, 32, 4, 64, 32, ml_dtypes.bfloat16)
     ids, w, ids_h, w64 = routing(rng, 16, 32, 4)
     stream = cupy.cuda.Stream(non_blocking=True)
+    wait_for_current_stream(stream)  # the inputs were copied in on the null stream
     with stream:
         cg.moe_forward(x, ids, w, w1, w2, fixed_capacity=True)  # warm-up outside the capture
         stream.begin_capture()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_util import check_close, device_random
+from gpu_util import check_close, device_random, wait_for_current_stream
 
 import cublas_grouped as cg
 from cublas_grouped import testing as ref
@@ -77,6 +77,7 @@ def test_overlapped_steps_equal_plain_steps_bitwise(tokens, layout, graphs):
         inputs.append((x, cupy.asarray(ids), cupy.asarray(w)))
         host.append((x64, ids, w))
     stream = cupy.cuda.Stream(non_blocking=True)
+    wait_for_current_stream(stream)  # the weights and inputs were made on the null stream
     layers = [
         cg.FixedCapacityMoE(
             w1_run, w2, k, max_tokens=tokens, executor=executor, graphs=graphs, w1_layout=layout

@@ -10,7 +10,15 @@ import warnings
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_util import check_close, device_random, guard_intact, one_element_in, poisoned, random_sizes
+from gpu_util import (
+    check_close,
+    device_random,
+    guard_intact,
+    one_element_in,
+    poisoned,
+    random_sizes,
+    wait_for_current_stream,
+)
 
 import cublas_grouped as cg
 from cublas_grouped import testing as ref
@@ -94,6 +102,7 @@ def test_captured_with_device_sizes_and_replayed_with_new_ones():
     sizes_dev = cupy.zeros(experts, dtype=cupy.int32)
     out = cupy.empty((m, n), dtype=ml_dtypes.bfloat16)
     stream = cupy.cuda.Stream(non_blocking=True)
+    wait_for_current_stream(stream)  # a, b, the sizes and out were made on the null stream
     with stream:
         sizes_dev[...] = m // experts
         cg.gmm(a, b, sizes_dev, trans_b=True, out=out, algorithm="sm90_grouped")  # compiles, outside

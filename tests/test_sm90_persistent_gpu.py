@@ -15,7 +15,7 @@ import warnings
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_util import check_close, device_random, poisoned, random_sizes
+from gpu_util import check_close, device_random, poisoned, random_sizes, wait_for_current_stream
 
 import cublas_grouped as cg
 from cublas_grouped import testing as ref
@@ -272,6 +272,7 @@ def test_captured_on_a_small_grid_and_replayed_with_new_sizes(dtype):
     sizes_dev = cupy.zeros(experts, dtype=cupy.int32)
     out = cupy.empty((m, n), dtype=dtype)
     stream = cupy.cuda.Stream(non_blocking=True)
+    wait_for_current_stream(stream)  # a, b, the sizes and out were made on the null stream
     with stream:
         sizes_dev[...] = m // experts
         cg.gmm(a, b, sizes_dev, out=out, algorithm="sm90_grouped")  # compiles, outside

@@ -12,7 +12,15 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_util import check_close, device_random, guard_rows_intact, guarded_rows, poisoned, random_sizes
+from gpu_util import (
+    check_close,
+    device_random,
+    guard_rows_intact,
+    guarded_rows,
+    poisoned,
+    random_sizes,
+    wait_for_current_stream,
+)
 
 import cublas_grouped as cg
 from cublas_grouped import testing as ref
@@ -117,6 +125,7 @@ def test_captured_by_the_rule_and_replayed_with_sizes_that_need_second_passes(tr
     sizes_dev = cupy.zeros(experts, dtype=cupy.int32)
     out = cupy.empty((m, n), dtype=ml_dtypes.bfloat16)
     stream = cupy.cuda.Stream(non_blocking=True)
+    wait_for_current_stream(stream)  # a, b, the sizes and out were made on the null stream
     with stream:
         sizes_dev[...] = m // experts
         cg.gmm(a, b, sizes_dev, trans_b=trans_b, out=out, algorithm="sm90_grouped")  # compiles, outside

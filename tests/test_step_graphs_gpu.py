@@ -37,13 +37,16 @@ def test_replayed_steps_equal_launched_steps_bit_for_bit():
     replay, launch, _, (w1_64, w2_64) = _layers(rng)
     streams = [None, cupy.cuda.Stream(non_blocking=True)]
     for step, tokens in enumerate(STEPS):
-        x, x64 = device_random(rng, (tokens, H), np.float32)  # fresh arrays every call
-        ids, w = _routing(rng, tokens)
-        ids_d, w_d = cupy.asarray(ids), cupy.asarray(w)
-        weights = None if step % 4 == 3 else w_d
         stream = streams[step % 2]
-        a = replay.forward(x, ids_d, weights, stream=stream).copy()
-        b = launch.forward(x, ids_d, weights, stream=stream).copy()
+        # Inputs made and outputs copied on the calls' stream: a non-blocking
+        # stream is not ordered with the null stream.
+        with cupy.cuda.Stream.null if stream is None else stream:
+            x, x64 = device_random(rng, (tokens, H), np.float32)  # fresh arrays every call
+            ids, w = _routing(rng, tokens)
+            ids_d, w_d = cupy.asarray(ids), cupy.asarray(w)
+            weights = None if step % 4 == 3 else w_d
+            a = replay.forward(x, ids_d, weights, stream=stream).copy()
+            b = launch.forward(x, ids_d, weights, stream=stream).copy()
         cupy.cuda.Device().synchronize()
         assert (a.view(np.uint32) == b.view(np.uint32)).all(), (step, tokens)
         expected = ref.moe_forward_ref(x64, ids, None if weights is None else w, w1_64, w2_64)

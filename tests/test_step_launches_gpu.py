@@ -22,7 +22,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_util import check_close, device_random, poisoned, random_sizes
+from gpu_util import check_close, device_random, poisoned, random_sizes, wait_for_current_stream
 from test_device_sizes_host import clamp_reference
 
 import cublas_grouped as cg
@@ -226,6 +226,7 @@ def test_gmm_graph_replays_new_device_sizes(dtype):
     sizes_dev = cupy.asarray(np.array([64, 64, 64, 64], dtype=dtype))
     out = poisoned((m, n), BF16)
     stream = cupy.cuda.Stream(non_blocking=True)
+    wait_for_current_stream(stream)  # a, b, the sizes and out's NaN were made on the null stream
     with stream:
         cg.gmm(a, b, sizes_dev, out=out)  # the checked call: prepared before capture
         stream.synchronize()
@@ -287,8 +288,8 @@ def test_sm90_host_sizes_prepared_against_float64():
             cg.gmm(a, b, sizes, out=out, algorithm="sm90_grouped")
             check_close(out, want, 1e-2, f"step {step} sizes {sizes}")
     stream = cupy.cuda.Stream(non_blocking=True)
-    out = poisoned((m, n), BF16)
     with stream:
+        out = poisoned((m, n), BF16)  # its NaN fill on the stream that then writes it
         cg.gmm(a, b, cases[0], out=out, algorithm="sm90_grouped")
         cg.gmm(a, b, cases[0], out=out, algorithm="sm90_grouped")  # a hit: prepared, uploaded
         stream.synchronize()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_util import check_close, device_random, poisoned
+from gpu_util import check_close, device_random, poisoned, wait_for_current_stream
 
 import cublas_grouped as cg
 from cublas_grouped import testing as ref
@@ -88,6 +88,9 @@ def test_later_steps_on_another_stream_wait_for_prepare_input(monkeypatch, algor
     side = cupy.cuda.Stream(non_blocking=True)
     # Compile every kernel on other data first (stale buffers must not hold the answer).
     warm, _ = device_random(rng, (tokens, hidden), np.float32)
+    # The test's own setup: what the null stream copied in is ready on `prep`
+    # (the ordering under test is prep -> side, below).
+    wait_for_current_stream(prep)
     inp = cg.prepare_input(warm, (w, ids), experts, algorithm=algorithm, stream=prep)
     h = cg.expert_gemm(inp, w1, stream=prep)
     cg.scatter_output(h, inp, stream=prep)
