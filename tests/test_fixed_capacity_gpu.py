@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu_util import check_close, device_random
+from gpu_util import check_close, device_random, wait_for_current_stream
 from test_capacity import routing_with_counts, worst_counts
 
 import cublas_grouped as cg
@@ -94,8 +94,9 @@ def test_fixed_capacity_graphs_every_step_size(name, experts, k, hidden, inter, 
     rng = np.random.default_rng(experts + 1)
     weights, weights64 = make_layer(rng, experts, hidden, inter, biases)
     w1, w2, b1, b2 = weights
-    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=MAX_TOKENS, b1=b1, b2=b2)
     stream = cupy.cuda.Stream(non_blocking=True)
+    wait_for_current_stream(stream)  # the weights were made on the null stream
+    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=MAX_TOKENS, b1=b1, b2=b2)
     graphs = {}
     with stream:
         for tokens in STEPS[:MAX_TOKENS]:  # one graph per T, captured on buffers refilled in place
@@ -109,9 +110,9 @@ def test_fixed_capacity_graphs_every_step_size(name, experts, k, hidden, inter, 
             graphs[tokens] = (stream.end_capture(), x_buf, ids_buf, w_buf, out)
     for step, tokens in enumerate(STEPS):
         graph, x_buf, ids_buf, w_buf, out = graphs[tokens]
-        x, x64 = device_random(rng, (tokens, hidden), np.float32)
-        ids, w = step_routing(rng, step, tokens, experts, k)
-        with stream:
+        with stream:  # x copied in on the stream that reads it (not the null stream)
+            x, x64 = device_random(rng, (tokens, hidden), np.float32)
+            ids, w = step_routing(rng, step, tokens, experts, k)
             poison(layer)
             x_buf[...] = x
             ids_buf[...] = cupy.asarray(ids)
@@ -272,6 +273,56 @@ def test_steps_on_two_streams_are_ordered():
         check_close(
             copy, ref.moe_forward_ref(x2_64, ids2, w2_, *weights64), 1e-5, f"second stream step {step}"
         )
+
+
+def _hold_current_stream(milliseconds: float) -> None:
+    """Queue a kernel that spins for about ``milliseconds`` on the current stream."""
+    import cupy
+
+    spin = cupy.RawKernel(
+        r"""extern "C" __global__ void spin(long long ns) {
+            unsigned long long t0, t;
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+            do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < (unsigned long long)ns);
+        }""",
+        "spin",
+    )
+    spin((1,), (1,), (np.int64(milliseconds * 1e6),))
+
+
+def test_first_step_on_another_stream_waits_for_the_construction():
+    """The layer is built on the legacy default stream while it is busy (its
+    counters' zeros queued behind 200 ms of work), and its first step runs at
+    once on a non-blocking stream, which does not wait for that stream: the
+    step must still see the zeros (the dropped pairs it counts survive, its
+    output is right). Before ``runtime.device.finish_setup_work`` the zeros
+    landed after the step and erased its count."""
+    import cupy
+
+    rng = np.random.default_rng(9)
+    experts, k, hidden, inter, tokens = 16, 4, 64, 32, 24
+    weights, weights64 = make_layer(rng, experts, hidden, inter, False)
+    w1, w2, _, _ = weights
+    ids, bad = _bad_ids(rng, tokens, experts, k)
+    w = rng.random((tokens, k)).astype(np.float32)
+    x, x64 = device_random(rng, (tokens, hidden), np.float32)
+    cupy.cuda.Device().synchronize()  # the test's data is in place
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        ids_d, w_d = cupy.asarray(ids), cupy.asarray(w)
+    # Kernels compiled and launches prepared first: the timed step's host work is short.
+    cg.FixedCapacityMoE(w1, w2, k, max_tokens=tokens, graphs=False).forward(x, ids_d, w_d, stream=stream)
+    stream.synchronize()
+    _hold_current_stream(200)
+    layer = cg.FixedCapacityMoE(w1, w2, k, max_tokens=tokens, graphs=False)
+    out = layer.forward(x, ids_d, w_d, stream=stream)
+    with stream:
+        got = out.copy()
+    stream.synchronize()
+    ids_ok, w_ok = np.where(bad, 0, ids), np.where(bad, 0.0, w)
+    check_close(got, ref.moe_forward_ref(x64, ids_ok, w_ok, *weights64), 1e-5, "first step")
+    assert bad.sum() > 0 and layer.dropped_pairs() == int(bad.sum())
+    cupy.cuda.Device().synchronize()
 
 
 def test_assign_rows_never_writes_past_its_row_capacity():

@@ -34,7 +34,7 @@ from ..moe.dispatch import mark_stage
 from ..moe.fixed_capacity import FixedCapacityMoE
 from ..moe.routing import route
 from ..runtime.arrays import as_cupy
-from ..runtime.device import stream_resources
+from ..runtime.device import finish_setup_work, stream_resources
 from .layer import SIGNATURE_FIELDS, ExpertParallelMoE, as_bits
 
 __all__ = ["FixedCapacityExpertParallelMoE", "OVERFLOW_POLICIES"]
@@ -135,6 +135,7 @@ class FixedCapacityExpertParallelMoE(ExpertParallelMoE):
             self._dropped = cupy.zeros(1, dtype=cupy.uint64)
             stream = cupy.cuda.get_current_stream()
             self._agree(self._signature(False), stream, _FIELDS)
+            finish_setup_work()  # the zeros and the NaN row land before a step on another stream
 
     def _signature(self, refused: bool, x_v=None, ids_v=None) -> np.ndarray:
         base = super()._signature(refused, x_v, ids_v)

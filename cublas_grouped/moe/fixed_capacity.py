@@ -50,7 +50,7 @@ from ..gemm.fp8 import FP8ExpertWeights, dense_scratch, is_fp8
 from ..gemm.plan import Operands, RowLayout
 from ..gemm.pointers import build_pointers
 from ..runtime.arrays import as_cupy, view
-from ..runtime.device import resolve_stream, resources
+from ..runtime.device import finish_setup_work, resolve_stream, resources
 from ..runtime.oom import reports_out_of_memory
 from . import kernels as K
 from .checks import (
@@ -143,6 +143,13 @@ class FixedCapacityMoE:
     expert twice gets that expert's output twice, weighted, as in
     :func:`cublas_grouped.moe_forward`.
 
+    The constructor waits for the current stream (unless it is capturing),
+    where it zeroes the layer's counters: a first step on any other stream,
+    one made with ``non_blocking=True`` included, then finds them zeroed,
+    and finds in place whatever was queued on that stream before (the
+    weights' copies, when they were made there). Inputs of a step are the
+    caller's to order: make them on the step's stream, or make it wait.
+
     The layer's buffers belong to one step at a time. Eager calls on
     different streams are ordered (each waits for the previous call's work
     through an event), but a graph replay is not: do not replay a captured
@@ -206,6 +213,7 @@ class FixedCapacityMoE:
             self._fp8_rows = FP8Rows.allocate(shape, self.capacity.pairs) if self.fp8_kernel else None
             self._out = cupy.empty((max_tokens, shape.hidden), dtype=shape.dtype)
             self._dropped = cupy.zeros(1, dtype=cupy.uint64)
+            finish_setup_work()  # the zeros above land before a step on another stream reads them
         self._last_stream = None  # (StreamResources, Event) of the last eager step
         sizes = (max_tokens, shape.hidden, top_k, shape.dtype, device)
         workspace = self.executor.config.workspace_mb << 20

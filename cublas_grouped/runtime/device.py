@@ -130,6 +130,22 @@ def resolve_stream(stream, device_id: int | None = None) -> int:
     )
 
 
+def finish_setup_work() -> None:
+    """Wait for the device work a constructor queued on the current stream
+    (buffers zeroed, counters set), unless that stream is capturing a graph.
+
+    Why: the object's calls may run on any stream, and one made with
+    ``non_blocking=True`` does not wait for the legacy default stream, where
+    construction usually runs: its first step could read a counter before
+    its zeros landed. Objects are built once, so the wait costs little.
+    """
+    import cupy
+
+    stream = cupy.cuda.get_current_stream()
+    if cupy.cuda.runtime.streamIsCapturing(stream.ptr) == 0:
+        stream.synchronize()
+
+
 def stream_resources(device_id: int, stream) -> StreamResources:
     """:func:`resources` for a call on ``device_id`` with the caller's ``stream``
     (``None``: that device's current stream, whichever device is current)."""
