@@ -201,12 +201,12 @@ def test_gather_rows_fp8_gets_the_codes_and_scales(launched, monkeypatch, rows):
 @pytest.mark.parametrize(
     "tokens, k, rows, hidden, dtype, grid",
     [
-        (1, 1, 1, 2048, "bfloat16", 1),  # 256 chunks: one work item of 512 per token
-        (4096, 8, 32768, 7168, "bfloat16", 4096 * 2),  # 896 chunks: two work items per token
-        (16384, 8, 131072, 7168, "bfloat16", 32768),
-        (40000, 8, 320000, 7168, "bfloat16", K.MAX_GRID),  # 80,000 items: the grid's cap, striding on
+        (1, 1, 1, 2048, "bfloat16", 1),  # 256 chunks: one work item of 256 per token
+        (4096, 8, 32768, 7168, "bfloat16", 4096 * 4),  # 896 chunks: four work items per token
+        (16384, 8, 131072, 7168, "bfloat16", K.MAX_GRID),  # 65,536 items: one over the cap
+        (40000, 8, 320000, 7168, "bfloat16", K.MAX_GRID),  # 160,000 items: the grid's cap, striding on
         (300, 6, 2000, 100, "float32", 300),  # 25 chunks (or 100 elements): one item
-        (5, 2, 0, 4096, "float16", 5),  # no rows: the tokens' items still launch (their rows all -1)
+        (5, 2, 0, 4096, "float16", 10),  # no rows: the tokens' items still launch (their rows all -1)
     ],
 )
 def test_gather_rows_by_token_launch(launched, tokens, k, rows, hidden, dtype, grid):

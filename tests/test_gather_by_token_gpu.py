@@ -76,9 +76,9 @@ CASES = [
     # tokens, k, rows, hidden, dtype, x misaligned
     (1, 1, 1, 2048, BF16, False),
     (1, 8, 12, 7168, BF16, False),
-    (129, 8, 1200, 2048, BF16, False),  # one work item per token (256 chunks)
-    (513, 8, 4500, 7168, BF16, False),  # 896 chunks: a whole item and a partial one
-    (64, 6, 500, 4096, np.float16, False),  # exactly one item (512 chunks)
+    (129, 8, 1200, 2048, BF16, False),  # 256 chunks: one work item per token (GATHER_UNITS 2)
+    (513, 8, 4500, 7168, BF16, False),  # 896 chunks: three whole items and a partial one
+    (64, 6, 500, 4096, np.float16, False),  # 512 chunks: exactly two items
     (200, 4, 900, 136, BF16, False),  # 17 chunks
     (150, 8, 1300, 100, BF16, False),  # 200 bytes a row: the scalar path
     (150, 8, 1300, 2048, BF16, True),  # x one element off: the scalar path

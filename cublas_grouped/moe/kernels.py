@@ -64,7 +64,10 @@ MAX_GRID = 65535
 GATHER_BY_TOKEN = True
 # 16-byte chunks (or elements) each thread of gather_rows_by_token carries
 # (dispatch.cu's GATHER_UNITS define): a work item is ROW_THREADS * this many.
-GATHER_UNITS = 4
+# 2 measured 0.968 of 4's time at Qwen3 4096 and 0.993-0.997 on the other
+# prefill cases (H200; 256 and 512 threads a block were slower:
+# docs/kernel-notes.md, "The gather's two knobs").
+GATHER_UNITS = 2
 
 #: The ``act`` argument of activation.cu and the ``scoring`` one of routing.cu.
 ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}
