@@ -23,6 +23,11 @@ captures; columns "fixed+g" and "fused+g"), in the same rounds.
 and offsets kernel as three launches (``placement_launches.HISTOGRAM_SCHEDULE``
 off; column "fused-apart"), against their one launch.
 
+``--define NAME=VALUE`` (decode, repeatable): also the kernel step with the
+Hopper kernel compiled under those defines (``hopper.DEFINES`` updated
+while the layer is prepared and captured; column "sm90-var"), and whether
+its output agrees bit for bit.
+
 ``--plain`` (both modes): also the Hopper kernel steps with plain launches
 (``kernel_step.OVERLAP_LAUNCHES`` off while they are prepared and captured;
 columns "sm90-plain", "fixed-plain", "fused-plain"), against the default
@@ -38,6 +43,7 @@ import ml_dtypes
 import numpy as np
 
 import cublas_grouped as cg
+from cublas_grouped.gemm.backends import hopper
 from cublas_grouped.moe import kernel_step, placement_launches
 from cublas_grouped.moe.fixed_capacity import fixed_capacity_backend
 from cublas_grouped.runtime.timing import time_each_alone
@@ -93,8 +99,22 @@ def _apart(call):
     return _with_step_setting("HISTOGRAM_SCHEDULE", False, call, placement_launches)
 
 
+_VARIANT: dict = {}  # --define's: the Hopper kernel's defines of the "sm90-var" layer
+
+
+def _variant(call):
+    """``call`` with the Hopper kernel's defines updated by :data:`_VARIANT`."""
+    return _with_step_setting("DEFINES", {**hopper.DEFINES, **_VARIANT}, call, hopper)
+
+
 # Layers captured under a setting, by the suffix of their name.
-_SETTINGS = {"-plain": _plain, "-four": _four_launches, "-epi": _epilogue_always, "-apart": _apart}
+_SETTINGS = {
+    "-plain": _plain,
+    "-four": _four_launches,
+    "-epi": _epilogue_always,
+    "-apart": _apart,
+    "-var": _variant,
+}
 
 
 def _setting(name: str):
@@ -120,6 +140,8 @@ def _decode_methods(s, w1, w2, tokens, x, ids, w, stream, plain=False, four=Fals
         layers["sm90-plain"] = cg.FixedCapacityMoE(w1, w2, s.top_k, tokens, executor=kernel, graphs=False)
     if four:
         layers["sm90-four"] = cg.FixedCapacityMoE(w1, w2, s.top_k, tokens, executor=kernel, graphs=False)
+    if _VARIANT:
+        layers["sm90-var"] = cg.FixedCapacityMoE(w1, w2, s.top_k, tokens, executor=kernel, graphs=False)
     if packed is not None:
         layers["sm90-packed"] = cg.FixedCapacityMoE(
             packed, w2, s.top_k, tokens, executor=kernel, graphs=False, w1_layout="gate_up_blocked"
@@ -235,6 +257,13 @@ def main() -> None:
     )
     p.add_argument("--packed", action="store_true", help="decode: also the step with w1 packed")
     p.add_argument(
+        "--define",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="decode: also the kernel under these",
+    )
+    p.add_argument(
         "--epi", action="store_true", help="also w1 packed with GEMM 1's gated epilogue at every size"
     )
     args = p.parse_args()
@@ -249,6 +278,9 @@ def main() -> None:
         names += ("sm90-plain",) if decode else ("fixed-plain", "fused-plain")
     if decode and args.four:
         names += ("sm90-four",)
+    _VARIANT.update((k, int(v)) for k, v in (d.split("=", 1) for d in args.define))
+    if decode and _VARIANT:
+        names += ("sm90-var",)
     if decode and args.packed:
         names += ("sm90-packed", "sm90-packed-epi") if args.epi else ("sm90-packed",)
     if args.epi and not decode:
@@ -306,7 +338,7 @@ def main() -> None:
                     stream.synchronize()
                     outs[name] = cupy.asnumpy(out if out is not None else got).astype(np.float64)
                 diff = rel_error(outs[list(methods)[-1]], outs[names[0]])
-                suffixes = ("+g", "-plain", "-four", "-epi", "-apart")
+                suffixes = ("+g", "-plain", "-four", "-epi", "-apart", "-var")
                 for name, other in [(n, n + t) for n in ("fixed", "fused", "sm90") for t in suffixes]:
                     if other in outs:  # same products: same bits
                         same = np.array_equal(outs[name], outs[other], equal_nan=True)
